@@ -1,0 +1,75 @@
+"""Configuration from the environment (and a `.env` file in the working folder).
+
+Every tunable default of Offload lives here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8001
+STOP_GRACE_S = 3.0  # terminate, wait this long, then kill what is left
+SUPERVISOR_INTERVAL_S = 0.25  # longest sleep between supervisor passes
+LEADER_RETRY_S = 1.0  # how often a non-leader tries to become the supervisor
+PRUNE_INTERVAL_S = 300.0
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    host: str = Field(DEFAULT_HOST, validation_alias=_env("OFFLOAD_HOST"))
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535, validation_alias=_env("OFFLOAD_PORT"))
+    data_dir: Path = Field(Path("var"), validation_alias=_env("OFFLOAD_DATA_DIR"))
+    max_concurrent: int = Field(8, ge=1, le=1024, validation_alias=_env("OFFLOAD_MAX_CONCURRENT"))
+    job_timeout_s: float = Field(120.0, gt=0, validation_alias=_env("OFFLOAD_JOB_TIMEOUT_S"))
+    retention_hours: float = Field(72.0, ge=0, validation_alias=_env("OFFLOAD_RETENTION_HOURS"))
+    api_token: SecretStr | None = Field(None, validation_alias=_env("OFFLOAD_API_TOKEN"))
+    openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
+    openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
+    llm_model: str | None = Field(None, validation_alias=_env("OFFLOAD_LLM_MODEL"))
+    stop_grace_s: float = Field(STOP_GRACE_S, gt=0, validation_alias=_env("OFFLOAD_STOP_GRACE_S"))
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Runners get absolute paths, whatever folder they run in.
+        return value.expanduser().resolve()
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def host_is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def runner_env(self) -> dict[str, str]:
+        """LLM settings a runner needs, passed through its environment only."""
+        env: dict[str, str] = {}
+        if self.openai_base_url:
+            env["OPENAI_BASE_URL"] = self.openai_base_url
+        if self.openai_api_key:
+            env["OPENAI_API_KEY"] = self.openai_api_key.get_secret_value()
+        if self.llm_model:
+            env["OFFLOAD_LLM_MODEL"] = self.llm_model
+        return env
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,423 @@
+"""The supervisor: launches queued jobs under the cap, enforces deadlines, acts on
+cancel requests, reaps finished or lost runners and prunes old jobs.
+
+Exactly one per data folder, across processes: whoever holds the OS file lock
+`<data>/supervisor.lock`. The others retry now and then, so when the leader dies a
+survivor takes over and adopts the runners it left.
+
+`tick()` is synchronous and does one pass; `run()` drives it from asyncio in a worker
+thread, so the event loop never waits on a spawn, a file write or a kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from jobs import launcher
+from jobs import protocol as p
+from jobs.kinds import KINDS
+from jobs.settings import (
+    LEADER_RETRY_S,
+    PRUNE_INTERVAL_S,
+    SUPERVISOR_INTERVAL_S,
+    Settings,
+)
+from jobs.store import JobStore
+
+log = logging.getLogger(__name__)
+
+_ADOPT_START_TOLERANCE_S = 5.0
+_TMP_MAX_AGE_S = 3600.0
+
+
+@dataclass
+class _Tracked:
+    runner: launcher.Runner
+    job_file: Path
+    deadline: float | None  # time.monotonic() value
+    stopping: str | None = None  # the reason, once a stop has begun
+
+
+class Supervisor:
+    def __init__(
+        self,
+        jobs_dir: Path,
+        max_concurrent: int = 8,
+        retention_s: float = 72 * 3600,
+        grace_s: float = 3.0,
+        runner_env: dict[str, str] | None = None,
+        kinds: dict[str, str] | None = None,
+    ) -> None:
+        self.dir = jobs_dir
+        self.store = JobStore(jobs_dir)
+        self.max_concurrent = max_concurrent
+        self.retention_s = retention_s
+        self.grace_s = grace_s
+        self.runner_env = runner_env or {}
+        self.kinds = kinds or KINDS
+        self._lock = FileLock(str(jobs_dir.parent / "supervisor.lock"), thread_local=False)
+        self.is_leader = False
+        self._queued: dict[str, tuple[str, str]] = {}  # id -> (created_at, id), FIFO key
+        self._running: dict[str, _Tracked] = {}
+        self._final: set[str] = set()
+        self._next_prune = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._stoppers: list[threading.Thread] = []
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Supervisor:
+        return cls(
+            settings.jobs_dir, max_concurrent=settings.max_concurrent,
+            retention_s=settings.retention_hours * 3600, grace_s=settings.stop_grace_s,
+            runner_env=settings.runner_env(),
+        )
+
+    # -- driving -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until cancelled. Runners keep running when this stops."""
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        try:
+            while True:
+                self._event.clear()
+                try:
+                    await asyncio.to_thread(self.tick)
+                except Exception:
+                    log.exception("supervisor pass failed; retrying")
+                delay = SUPERVISOR_INTERVAL_S if self.is_leader else LEADER_RETRY_S
+                try:
+                    await asyncio.wait_for(self._event.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self.release()
+
+    def wake(self) -> None:
+        """Ask for a pass now (a job was submitted, cancelled, or a runner exited)."""
+        loop, event = self._loop, self._event
+        if loop is None or event is None or loop.is_closed():
+            return
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if current is loop:
+            event.set()
+        else:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass  # the loop closed meanwhile
+
+    def release(self) -> None:
+        if self.is_leader:
+            self._lock.release()
+            self.is_leader = False
+            log.info("supervisor released %s", self.dir)
+
+    def wait_for_stoppers(self, timeout: float | None = None) -> None:
+        for thread in list(self._stoppers):
+            thread.join(timeout)
+
+    # -- one pass ------------------------------------------------------------------
+
+    def tick(self) -> None:
+        if not self.is_leader and not self._try_lead():
+            return
+        job_ids, stop_ids = self._scan()
+        self._discover(job_ids)
+        self._handle_stops(stop_ids)
+        self._reap()
+        self._enforce_deadlines()
+        self._launch()
+        self._maybe_prune()
+
+    def _try_lead(self) -> bool:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        except OSError as exc:
+            log.warning("cannot take the supervisor lock: %s", exc)
+            return False
+        self.is_leader = True
+        log.info("supervisor leads %s (pid %s)", self.dir, os.getpid())
+        return True
+
+    def _scan(self) -> tuple[set[str], set[str]]:
+        jobs: set[str] = set()
+        stops: set[str] = set()
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return jobs, stops
+        for name in names:
+            stem, dot, suffix = name.partition(".")
+            if not dot or not p.is_valid_id(stem):
+                continue
+            if suffix == "json":
+                jobs.add(stem)
+            elif suffix == "stop":
+                stops.add(stem)
+        return jobs, stops
+
+    def _discover(self, job_ids: set[str]) -> None:
+        for gone in set(self._queued) - job_ids:
+            del self._queued[gone]  # deleted from disk while queued
+        self._final &= job_ids
+        new = job_ids - self._final - self._queued.keys() - self._running.keys()
+        for job_id in new:
+            try:
+                data = p.read_json(self._file(job_id))
+            except p.CorruptJobFile:
+                self._final.add(job_id)  # reads as failed/corrupt; nothing to run
+                continue
+            if data is None:
+                continue
+            state = data.get(p.F_STATE)
+            if state in p.FINAL_STATES:
+                self._final.add(job_id)
+            elif state == p.QUEUED and not p.sibling(self._file(job_id), p.RUN_SUFFIX).exists():
+                if data.get(p.F_KIND) not in self.kinds:
+                    self._finish(job_id, p.FAILED, p.ERR_RUNNER,
+                                 f"unknown job kind {data.get(p.F_KIND)!r}")
+                    continue
+                self._queued[job_id] = (str(data.get(p.F_CREATED_AT)), job_id)
+            else:
+                self._adopt(job_id, data)
+
+    def _adopt(self, job_id: str, data: dict[str, Any]) -> None:
+        """A job launched by an earlier supervisor: watch it if alive, else it is lost."""
+        job_file = self._file(job_id)
+        try:
+            record = p.read_json(p.sibling(job_file, p.RUN_SUFFIX)) or {}
+        except p.CorruptJobFile:
+            record = {}
+        pid = record.get("pid") or data.get(p.F_PID)
+        create_time = record.get("create_time")
+        runner = launcher.Runner(job_id, int(pid), create_time) if isinstance(pid, int) else None
+        if runner is not None and create_time is None:
+            runner.create_time = _create_time_near(runner.pid, data.get(p.F_STARTED_AT))
+        if runner is None or runner.create_time is None or not launcher.is_alive(runner):
+            log.info("job %s: runner gone while no supervisor watched it", job_id)
+            self._finalize(_Tracked(runner or launcher.Runner(job_id, 0, None), job_file, None))
+            return
+        deadline = None
+        timeout = data.get(p.F_TIMEOUT_S)
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            started = runner.create_time
+            deadline = time.monotonic() + (started + float(timeout) - time.time())
+        log.info("job %s: adopted runner pid %s", job_id, runner.pid)
+        self._running[job_id] = _Tracked(runner, job_file, deadline)
+
+    def _handle_stops(self, stop_ids: set[str]) -> None:
+        for job_id in stop_ids:
+            if job_id in self._queued:
+                del self._queued[job_id]
+                self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED,
+                             "cancelled before it started")
+            elif job_id in self._running:
+                tracked = self._running[job_id]
+                if tracked.stopping is None:
+                    self._start_stop(tracked, p.stop_reason(tracked.job_file) or p.CANCELLED)
+
+    def _reap(self) -> None:
+        for job_id, tracked in list(self._running.items()):
+            if not launcher.is_alive(tracked.runner):
+                del self._running[job_id]
+                self._finalize(tracked)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for tracked in self._running.values():
+            if tracked.stopping is None and tracked.deadline is not None and now > tracked.deadline:
+                try:
+                    p.request_stop(tracked.job_file, p.TIMEOUT)
+                except OSError as exc:
+                    log.warning("job %s: cannot write the stop request: %s",
+                                tracked.runner.job_id, exc)
+                self._start_stop(tracked, p.TIMEOUT)
+
+    def _launch(self) -> None:
+        while self._queued and len(self._running) < self.max_concurrent:
+            job_id = min(self._queued, key=self._queued.__getitem__)
+            del self._queued[job_id]
+            self._launch_one(job_id)
+
+    def _launch_one(self, job_id: str) -> None:
+        job_file = self._file(job_id)
+        try:
+            data = p.read_json(job_file)
+        except p.CorruptJobFile:
+            data = None
+        if data is None or data.get(p.F_STATE) != p.QUEUED:
+            return
+        if p.sibling(job_file, p.STOP_SUFFIX).exists():
+            self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED, "cancelled before it started")
+            return
+        run_file = p.sibling(job_file, p.RUN_SUFFIX)
+        try:
+            # Claim first: a supervisor that dies right here leaves a job that is lost,
+            # never one that runs twice.
+            p.write_json(run_file, {"pid": None, "claimed_by": os.getpid()})
+            runner = launcher.spawn(self.kinds[data[p.F_KIND]], job_file, self.runner_env)
+            p.write_json(run_file, runner.record())
+        except OSError as exc:
+            log.error("job %s: cannot start its runner: %s", job_id, exc)
+            self._finish(job_id, p.FAILED, p.ERR_RUNNER, f"cannot start the runner: {exc}")
+            return
+        timeout = data.get(p.F_TIMEOUT_S)
+        deadline = None
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            deadline = time.monotonic() + float(timeout)
+        self._running[job_id] = _Tracked(runner, job_file, deadline)
+        if runner.popen is not None:
+            threading.Thread(target=self._wait_exit, args=(runner,), daemon=True,
+                             name=f"wait-{job_id[:8]}").start()
+
+    def _wait_exit(self, runner: launcher.Runner) -> None:
+        assert runner.popen is not None
+        runner.popen.wait()
+        self.wake()
+
+    def _start_stop(self, tracked: _Tracked, reason: str) -> None:
+        tracked.stopping = reason
+        thread = threading.Thread(target=self._stop_worker, args=(tracked,), daemon=True,
+                                  name=f"stop-{tracked.runner.job_id[:8]}")
+        self._stoppers = [t for t in self._stoppers if t.is_alive()]
+        self._stoppers.append(thread)
+        thread.start()
+
+    def _stop_worker(self, tracked: _Tracked) -> None:
+        try:
+            launcher.stop_tree(tracked.runner, self.grace_s)
+        except Exception:
+            log.exception("job %s: stopping its runner failed", tracked.runner.job_id)
+        self.wake()
+
+    # -- writing final states (only for runners that could not) ---------------------
+
+    def _finalize(self, tracked: _Tracked) -> None:
+        runner = tracked.runner
+        code = launcher.exit_code(runner)
+        if runner.pid:
+            launcher.kill_group(runner)
+        job_id = runner.job_id
+        try:
+            data = p.read_json(tracked.job_file)
+        except p.CorruptJobFile:
+            data = None
+        self._final.add(job_id)
+        if data is None or data.get(p.F_STATE) in p.FINAL_STATES:
+            return  # the runner said how it ended, or the file is gone
+        reason = tracked.stopping or p.stop_reason(tracked.job_file)
+        if reason == p.TIMEOUT:
+            message = f"stopped after its deadline of {data.get(p.F_TIMEOUT_S)} s"
+            self._finish(job_id, p.TIMEOUT, p.ERR_TIMEOUT, message, data, code)
+        elif reason is not None:
+            self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED, "cancelled on request", data, code)
+        else:
+            tail = p.log_tail(tracked.job_file)
+            message = f"the runner exited without a final state ({launcher.describe_exit(code)})"
+            if tail:
+                message += f"; last log line: {tail.splitlines()[-1][:300]}"
+            self._finish(job_id, p.FAILED, p.ERR_LOST, message, data, code, tail)
+
+    def _finish(self, job_id: str, state: str, error_type: str, message: str,
+                data: dict[str, Any] | None = None, code: int | None = None,
+                tail: str | None = None) -> None:
+        job_file = self._file(job_id)
+        if data is None:
+            try:
+                data = p.read_json(job_file)
+            except p.CorruptJobFile:
+                return
+            if data is None:
+                return
+        error: dict[str, Any] = {"type": error_type, "message": message}
+        if tail:
+            error["log_tail"] = tail
+        data.update({p.F_STATE: state, p.F_FINISHED_AT: p.now_iso(), p.F_ERROR: error,
+                     p.F_EXIT_CODE: code})
+        try:
+            p.write_json(job_file, data)
+        except OSError as exc:
+            log.error("job %s: cannot write its final state: %s", job_id, exc)
+            return
+        self._final.add(job_id)
+        log.info("job %s: %s (%s)", job_id, state, message)
+
+    # -- housekeeping --------------------------------------------------------------
+
+    def _maybe_prune(self) -> None:
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_INTERVAL_S
+        removed = self.store.prune(self.retention_s)
+        if removed:
+            log.info("pruned %d finished jobs older than %.0f h", removed, self.retention_s / 3600)
+        self._remove_stale_temp_files()
+
+    def _remove_stale_temp_files(self) -> None:
+        cutoff = time.time() - _TMP_MAX_AGE_S
+        try:
+            entries = list(os.scandir(self.dir))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.startswith(".") and entry.name.endswith(p.TMP_SUFFIX):
+                try:
+                    if entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                except OSError:
+                    pass  # a writer renamed or removed it meanwhile; fine
+
+    def _file(self, job_id: str) -> Path:
+        return p.job_path(self.dir, job_id)
+
+
+def _create_time_near(pid: int, started_at: object) -> float | None:
+    """Without a launch record: accept the pid only if it started with the job."""
+    if not isinstance(started_at, str):
+        return None
+    try:
+        started = p.parse_iso(started_at)
+    except ValueError:
+        return None
+    proc = launcher.find(pid, None)
+    if proc is None:
+        return None
+    try:
+        created = proc.create_time()
+    except Exception:
+        return None
+    return created if abs(created - started) < _ADOPT_START_TOLERANCE_S else None
+
+
+def main() -> None:
+    """`python -m jobs.supervisor`: run a supervisor in the foreground."""
+    from jobs.settings import get_settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    supervisor = Supervisor.from_settings(get_settings())
+    try:
+        asyncio.run(supervisor.run())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

