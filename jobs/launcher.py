@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class Runner:
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def record(self) -> dict[str, object]:
-        return {"pid": self.pid, "create_time": self.create_time}
+        return {"pid": self.pid, "create_time": self.create_time, "launched_ns": time.time_ns()}
 
 
 def command(module: str, job_file: Path) -> list[str]:

@@ -58,11 +58,12 @@ F_PID = "pid"
 F_EXIT_CODE = "exit_code"
 F_RESOURCES = "resources"
 F_INPUT = "input"
+F_CREATED_NS = "created_ns"  # FIFO order; created_at has only millisecond resolution
 
 JOB_FIELDS = (
     F_ID, F_KIND, F_STATE, F_CREATED_AT, F_STARTED_AT, F_FINISHED_AT, F_TIMEOUT_S,
     F_QUEUE_POSITION, F_PROGRESS, F_OUTPUT, F_RESULT, F_ERROR, F_PID, F_EXIT_CODE,
-    F_RESOURCES, F_INPUT,
+    F_RESOURCES, F_INPUT, F_CREATED_NS,
 )
 
 JOB_SUFFIX = ".json"
@@ -82,6 +83,16 @@ class CorruptJobFile(Exception):
 
 def is_valid_id(job_id: str) -> bool:
     return _ID_RE.fullmatch(job_id) is not None
+
+
+_last_ns = 0
+
+
+def unique_ns() -> int:
+    """Nanoseconds since the epoch, strictly increasing within this process."""
+    global _last_ns
+    _last_ns = max(time.time_ns(), _last_ns + 1)
+    return _last_ns
 
 
 def now_iso() -> str:
@@ -116,9 +127,20 @@ def new_job(job_id: str, kind: str, job_input: dict[str, Any], timeout_s: float)
     job: dict[str, Any] = dict.fromkeys(JOB_FIELDS)
     job.update({
         F_ID: job_id, F_KIND: kind, F_STATE: QUEUED, F_CREATED_AT: now_iso(),
-        F_TIMEOUT_S: timeout_s, F_INPUT: job_input, F_OUTPUT: "",
+        F_TIMEOUT_S: timeout_s, F_INPUT: job_input, F_OUTPUT: "", F_CREATED_NS: unique_ns(),
     })
     return job
+
+
+def fifo_key(job: dict[str, Any]) -> tuple[int, str]:
+    """Submission order: by creation time, ties broken by id."""
+    created = job.get(F_CREATED_NS)
+    if not isinstance(created, int):
+        try:
+            created = int(parse_iso(str(job.get(F_CREATED_AT))) * 1e9)
+        except ValueError:
+            created = 0
+    return (created, str(job.get(F_ID)))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -178,8 +178,8 @@ class JobStore:
         self._cache.pop(job_id, None)
 
 
-def _created_key(job: dict[str, Any]) -> tuple[str, str]:
-    return (str(job.get(p.F_CREATED_AT) or ""), str(job.get(p.F_ID)))
+def _created_key(job: dict[str, Any]) -> tuple[int, str]:
+    return p.fifo_key(job)
 
 
 def _corrupt(job_id: str, path: Path, detail: str) -> dict[str, Any]:

@@ -66,7 +66,7 @@ class Supervisor:
         self.kinds = kinds or KINDS
         self._lock = FileLock(str(jobs_dir.parent / "supervisor.lock"), thread_local=False)
         self.is_leader = False
-        self._queued: dict[str, tuple[str, str]] = {}  # id -> (created_at, id), FIFO key
+        self._queued: dict[str, tuple[int, str]] = {}  # id -> FIFO key
         self._running: dict[str, _Tracked] = {}
         self._final: set[str] = set()
         self._next_prune = 0.0
@@ -194,7 +194,7 @@ class Supervisor:
                     self._finish(job_id, p.FAILED, p.ERR_RUNNER,
                                  f"unknown job kind {data.get(p.F_KIND)!r}")
                     continue
-                self._queued[job_id] = (str(data.get(p.F_CREATED_AT)), job_id)
+                self._queued[job_id] = p.fifo_key(data)
             else:
                 self._adopt(job_id, data)
 

@@ -99,17 +99,31 @@ class Job:
 
 
 def resources() -> dict[str, float] | None:
-    """CPU seconds and peak RSS of this runner and the children it waited for."""
+    """CPU seconds and peak RSS of this runner (and the children it waited for)."""
     try:
         import resource
     except ImportError:  # Windows
         return _resources_psutil()
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    peak = max(own.ru_maxrss, kids.ru_maxrss) * unit / 2**20
     cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    peak = _peak_rss_linux()
+    if peak is None:
+        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
+        peak = own.ru_maxrss * unit / 2**20
     return {"cpu_s": round(cpu, 3), "peak_rss_mb": round(peak, 1)}
+
+
+def _peak_rss_linux() -> float | None:
+    # VmHWM restarts at exec; ru_maxrss would still count the API's pages from the fork.
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _resources_psutil() -> dict[str, float] | None:

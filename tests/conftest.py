@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+
+from jobs import protocol as p
+from jobs.settings import get_settings
+from jobs.store import JobStore
+from jobs.supervisor import Supervisor
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Every test gets its own data folder, and no LLM settings leak in from outside."""
+    folder = tmp_path / "data"
+    monkeypatch.setenv("OFFLOAD_DATA_DIR", str(folder))
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "OFFLOAD_LLM_MODEL", "OFFLOAD_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    yield folder
+    get_settings.cache_clear()
+    _kill_leftover_runners(folder / "jobs")
+
+
+def _kill_leftover_runners(jobs_dir: Path) -> None:
+    """Whatever a failed test left running must not outlive it."""
+    if not jobs_dir.exists():
+        return
+    for run_file in jobs_dir.glob("*.run"):
+        with contextlib.suppress(Exception):
+            pid = (p.read_json(run_file) or {}).get("pid")
+            if isinstance(pid, int) and psutil.pid_exists(pid):
+                proc = psutil.Process(pid)
+                if "runners." in " ".join(proc.cmdline()):
+                    for each in [*proc.children(recursive=True), proc]:
+                        each.kill()
+
+
+def wait_for(predicate: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.02,
+             what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class RunningSupervisor:
+    """A supervisor driven by its own event loop in a background thread, as the API runs it."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.store = JobStore(supervisor.dir)
+        self._loop = asyncio.new_event_loop()
+        self._task: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._started = threading.Event()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._task = self._loop.create_task(self.supervisor.run())
+        self._loop.call_soon(self._started.set)
+        with contextlib.suppress(asyncio.CancelledError):
+            self._loop.run_until_complete(self._task)
+        self._loop.close()
+
+    def start(self) -> RunningSupervisor:
+        self._thread.start()
+        self._started.wait(5)
+        return self
+
+    def stop(self) -> None:
+        if self._task is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(10)
+        self.supervisor.wait_for_stoppers(10)
+
+    def submit(self, kind: str = "sleep", timeout_s: float = 60, **job_input: Any) -> str:
+        job_id = str(self.store.create(kind, job_input, timeout_s)["id"])
+        self.supervisor.wake()
+        return job_id
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.store.read(job_id)
+
+    def wait_state(self, job_id: str, *states: str, timeout: float = 20.0) -> dict[str, Any]:
+        def check() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            return job if job["state"] in states else None
+
+        return wait_for(check, timeout, what=f"job {job_id} to reach {states}")
+
+    def wait_final(self, job_id: str, timeout: float = 20.0) -> dict[str, Any]:
+        return self.wait_state(job_id, *p.FINAL_STATES, timeout=timeout)
+
+
+@pytest.fixture
+def make_supervisor(data_dir: Path) -> Iterator[Callable[..., RunningSupervisor]]:
+    started: list[RunningSupervisor] = []
+
+    def factory(**options: Any) -> RunningSupervisor:
+        options.setdefault("grace_s", 2.0)
+        running = RunningSupervisor(Supervisor(data_dir / "jobs", **options)).start()
+        started.append(running)
+        return running
+
+    yield factory
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def supervisor(make_supervisor: Callable[..., RunningSupervisor]) -> RunningSupervisor:
+    return make_supervisor(max_concurrent=4)
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_process(args: list[str], env: dict[str, str] | None = None,
+                  log: Path | None = None) -> subprocess.Popen[bytes]:
+    with open(log or os.devnull, "ab") as out:
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT,
+                                env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

@@ -1,0 +1,55 @@
+"""A supervisor that dies leaves its runners running; the next one adopts them."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from jobs.store import JobStore
+from tests.conftest import RunningSupervisor, start_process, stop_process, wait_for
+
+
+def test_second_supervisor_adopts_runners_of_a_killed_one(
+        data_dir: Path, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    store = JobStore(data_dir / "jobs")
+    first = start_process(["-m", "jobs.supervisor"], log=data_dir.parent / "supervisor.log",
+                          env={"OFFLOAD_DATA_DIR": str(data_dir), "OFFLOAD_MAX_CONCURRENT": "3"})
+    try:
+        ids = [store.create("sleep", {"seconds": 3, "steps": 3}, 60)["id"] for _ in range(3)]
+        running = wait_for(lambda: (jobs := [store.read(i) for i in ids])
+                           and all(j["state"] == "running" for j in jobs) and jobs,
+                           timeout=30, what="all three running under the first supervisor")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    pids = {j["id"]: j["pid"] for j in running}
+
+    # While nobody supervises: one runner dies, and a new job is submitted.
+    os.kill(pids[ids[2]], signal.SIGKILL)
+    late = store.create("sleep", {"seconds": 0}, 60)["id"]
+
+    second = make_supervisor(max_concurrent=3)
+    for job_id in ids[:2]:
+        final = second.wait_final(job_id)
+        assert final["state"] == "completed", final
+        assert final["pid"] == pids[job_id], "adopted, never started twice"
+    lost = second.wait_final(ids[2])
+    assert lost["state"] == "failed"
+    assert lost["error"]["type"] == "lost"
+    assert lost["exit_code"] is None
+    assert "earlier API process" in lost["error"]["message"]
+    assert second.wait_final(late)["state"] == "completed"
+
+
+def test_standalone_supervisor_process_runs_jobs(data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    proc = start_process(["-m", "jobs.supervisor"], env={"OFFLOAD_DATA_DIR": str(data_dir)})
+    try:
+        job_id = store.create("sleep", {"seconds": 0.2}, 30)["id"]
+        final = wait_for(lambda: (j := store.read(job_id))["state"] == "completed" and j,
+                         timeout=20, what="completed")
+        assert final["result"]["slept_s"] == 0.2
+    finally:
+        stop_process(proc)

@@ -1,0 +1,127 @@
+"""Job files: atomic writes, tolerant reads, ids that never reach the disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs import protocol as p
+from jobs.store import JobNotFound, JobStore
+from tests.conftest import ROOT
+
+WRITER = """
+import sys, itertools
+from pathlib import Path
+from jobs import protocol as p
+path = Path(sys.argv[1])
+for i in itertools.count():
+    # sizes vary from a few bytes to ~200 kB so a torn read would show
+    p.write_json(path, {"n": i, "output": "x" * (i * 7919 % 200_000)})
+"""
+
+
+def test_reads_during_concurrent_rewrites_never_see_a_torn_file(tmp_path: Path) -> None:
+    path = tmp_path / ("a" * 32 + ".json")
+    p.write_json(path, {"n": -1, "output": ""})
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=ROOT)
+               for _ in range(2)]
+    try:
+        seen = set()
+        for _ in range(10_000):
+            # A raw read, no retries: atomic replace alone must guarantee a whole file.
+            with open(path, "rb") as f:
+                data = json.loads(f.read())
+            assert set(data) == {"n", "output"}
+            assert len(data["output"]) == data["n"] * 7919 % 200_000 or data["n"] == -1
+            seen.add(data["n"])
+        assert len(seen) > 100, "the writers should have rewritten the file many times"
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait()
+    leftovers = [f.name for f in tmp_path.iterdir() if f.name.endswith(p.TMP_SUFFIX)]
+    assert len(leftovers) <= 2  # at most the temp file each killed writer was writing
+
+
+def test_read_json_missing_and_corrupt(tmp_path: Path) -> None:
+    assert p.read_json(tmp_path / "none.json") is None
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"state": "runn')
+    with pytest.raises(p.CorruptJobFile):
+        p.read_json(bad)
+    bad.write_text("[1, 2]")
+    with pytest.raises(p.CorruptJobFile):
+        p.read_json(bad)
+
+
+def test_corrupt_job_file_reads_as_failed_and_listing_keeps_working(data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    good = store.create("sleep", {}, 10)["id"]
+    broken = "b" * 32
+    (data_dir / "jobs" / f"{broken}.json").write_text("{not json")
+    job = store.get(broken)
+    assert job.state.value == "failed"
+    assert job.error is not None and job.error.type.value == "corrupt"
+    assert {j["id"] for j in store.list()} == {good, broken}
+
+
+@pytest.fixture
+def opened_paths() -> Iterator[list[str]]:
+    """Every path Python opens, stats or lists, through the interpreter's audit hooks."""
+    seen: list[str] = []
+    active = [True]
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if active[0] and event in ("open", "os.listdir", "os.scandir", "os.remove", "os.rename"):
+            seen.append(str(args[0]))
+
+    sys.addaudithook(hook)
+    yield seen
+    active[0] = False
+
+
+BAD_IDS = ["../x", "..%2Fx", "..\\x", "A" * 32, "a" * 31, "a" * 33, "g" * 32, "",
+           "a" * 31 + "/", "%2e%2e%2f" + "a" * 23, "a" * 32 + ".json", "a" * 32 + "\x00"]
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_bad_ids_never_reach_the_file_system(data_dir: Path, bad: str,
+                                             opened_paths: list[str]) -> None:
+    # A real job file where a traversal would land, to prove it is not read.
+    (data_dir / "x.json").parent.mkdir(parents=True, exist_ok=True)
+    (data_dir / "x.json").write_text(json.dumps(p.new_job("c" * 32, "sleep", {}, 1)))
+    store = JobStore(data_dir / "jobs")
+    opened_paths.clear()
+    with pytest.raises(JobNotFound):
+        store.get(bad)
+    with pytest.raises(JobNotFound):
+        store.request_cancel(bad)
+    with pytest.raises(JobNotFound):
+        store.remove(bad)
+    assert opened_paths == []
+    with pytest.raises(ValueError):
+        p.job_path(data_dir, bad)
+
+
+def test_valid_ids_do_reach_the_file_system(data_dir: Path, opened_paths: list[str]) -> None:
+    # The control for the test above: the hook does see a good id's file being read.
+    store = JobStore(data_dir / "jobs")
+    job_id = store.create("sleep", {}, 10)["id"]
+    opened_paths.clear()
+    store.get(job_id)
+    assert any(job_id in path for path in opened_paths)
+
+
+def test_new_job_has_every_contract_field() -> None:
+    job = p.new_job("d" * 32, "chat", {"messages": []}, 120)
+    assert set(job) >= {"id", "kind", "state", "created_at", "started_at", "finished_at",
+                        "timeout_s", "queue_position", "progress", "output", "result",
+                        "error", "pid", "exit_code", "resources"}
+    assert job["state"] == "queued"
+    assert job["created_at"].endswith("Z")

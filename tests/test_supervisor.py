@@ -1,0 +1,188 @@
+"""The job core end to end: real runners, real files, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+
+from jobs import protocol as p
+from jobs.supervisor import Supervisor
+from tests.conftest import RunningSupervisor, process_gone, wait_for
+
+
+def test_lifecycle_queued_running_completed(supervisor: RunningSupervisor) -> None:
+    job_id = supervisor.store.create("sleep", {"seconds": 1.0, "steps": 5, "tag": "x"}, 30)["id"]
+    assert supervisor.job(job_id)["state"] == "queued"
+    supervisor.supervisor.wake()
+
+    running = supervisor.wait_state(job_id, "running")
+    assert running["pid"] and running["started_at"]
+    fractions = set()
+    while (job := supervisor.job(job_id))["state"] == "running":
+        if job["progress"] and job["progress"]["fraction"] is not None:
+            fractions.add(job["progress"]["fraction"])
+        time.sleep(0.05)
+    assert job["state"] == "completed", job
+    assert job["result"]["echo"] == {"seconds": 1.0, "steps": 5, "tag": "x"}
+    assert job["exit_code"] == 0
+    assert job["error"] is None
+    assert job["finished_at"] >= job["started_at"] >= job["created_at"]
+    assert job["resources"]["peak_rss_mb"] > 0
+    assert len(fractions) >= 2, "progress should be visible while it runs"
+    wait_for(lambda: process_gone(running["pid"]), 10, what="the runner to exit")
+
+
+def test_cap_and_fifo(make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    cap = 3
+    sup = make_supervisor(max_concurrent=cap)
+    ids = [sup.store.create("sleep", {"seconds": 0.6, "steps": 2}, 30)["id"]
+           for _ in range(cap + 5)]
+    sup.supervisor.wake()
+    peak = 0
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        jobs = [sup.job(i) for i in ids]
+        alive = sum(1 for j in jobs if j["pid"] and not process_gone(j["pid"]))
+        peak = max(peak, alive)
+        assert alive <= cap
+        if all(j["state"] in p.FINAL_STATES for j in jobs):
+            break
+        time.sleep(0.01)
+    jobs = [sup.job(i) for i in ids]
+    assert [j["state"] for j in jobs] == ["completed"] * len(ids)
+    assert peak == cap, "the cap should be used fully"
+    launched = [p.read_json(sup.supervisor.dir / f"{i}.run")["launched_ns"] for i in ids]
+    assert launched == sorted(launched), "runners start in the order jobs were submitted"
+    started = [j["started_at"] for j in jobs]
+    assert max(started[:cap]) <= min(started[cap:]), "later jobs waited for a free slot"
+
+
+def test_cancel_queued_job_never_starts(make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    sup = make_supervisor(max_concurrent=1)
+    blocker = sup.submit(seconds=30)
+    queued = sup.submit(seconds=0)
+    sup.wait_state(blocker, "running")
+    assert sup.job(queued)["state"] == "queued"
+
+    sup.store.request_cancel(queued)
+    sup.supervisor.wake()
+    job = sup.wait_final(queued)
+    assert job["state"] == "cancelled"
+    assert job["error"]["type"] == "cancelled"
+    assert job["started_at"] is None and job["pid"] is None
+    jobs_dir = sup.supervisor.dir
+    assert not (jobs_dir / f"{queued}.log").exists(), "a cancelled queued job never ran"
+
+    sup.store.request_cancel(blocker)
+    sup.supervisor.wake()
+    assert sup.wait_final(blocker)["state"] == "cancelled"
+
+
+def test_cancel_running_job_stops_its_whole_tree(supervisor: RunningSupervisor) -> None:
+    job_id = supervisor.submit(seconds=60, spawn_child=True)
+    job = wait_for(lambda: (j := supervisor.job(job_id)).get("child_pid") and j, what="child")
+    runner_pid, child_pid = job["pid"], job["child_pid"]
+    assert psutil.Process(child_pid).ppid() == runner_pid
+
+    supervisor.store.request_cancel(job_id)
+    supervisor.supervisor.wake()
+    final = supervisor.wait_final(job_id)
+    assert final["state"] == "cancelled"
+    assert final["error"]["type"] == "cancelled"
+    wait_for(lambda: process_gone(runner_pid) and process_gone(child_pid), 10,
+             what="runner and child to be gone")
+
+
+def test_timeout_kills_the_tree(supervisor: RunningSupervisor) -> None:
+    job_id = supervisor.submit(seconds=60, spawn_child=True, timeout_s=1.5)
+    job = wait_for(lambda: (j := supervisor.job(job_id)).get("child_pid") and j, what="child")
+    final = supervisor.wait_final(job_id)
+    assert final["state"] == "timeout", final
+    assert final["error"]["type"] == "timeout"
+    assert "deadline" in final["error"]["message"]
+    wait_for(lambda: process_gone(job["pid"]) and process_gone(job["child_pid"]), 10,
+             what="runner and child to be gone")
+
+
+def test_runner_ignoring_sigterm_is_killed_after_grace(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    sup = make_supervisor(grace_s=0.5)
+    job_id = sup.submit(seconds=60, ignore_sigterm=True)
+    job = sup.wait_state(job_id, "running")
+    time.sleep(0.5)  # let it install SIG_IGN
+    sup.store.request_cancel(job_id)
+    sup.supervisor.wake()
+    final = sup.wait_final(job_id, timeout=10)
+    assert final["state"] == "cancelled"
+    assert process_gone(job["pid"])
+
+
+def test_runner_killed_from_outside_is_lost_with_exit_code(supervisor: RunningSupervisor) -> None:
+    job_id = supervisor.submit(seconds=60)
+    job = supervisor.wait_state(job_id, "running")
+    os.kill(job["pid"], signal.SIGKILL)
+    killed_at = time.monotonic()
+    final = supervisor.wait_final(job_id, timeout=5)
+    assert time.monotonic() - killed_at < 2.0
+    assert final["state"] == "failed"
+    assert final["error"]["type"] == "lost"
+    assert final["exit_code"] == -signal.SIGKILL
+    assert "SIGKILL" in final["error"]["message"]
+
+
+def test_runner_exiting_without_final_state_is_lost_with_log_tail(
+        supervisor: RunningSupervisor) -> None:
+    job_id = supervisor.submit(exit_code=7)
+    final = supervisor.wait_final(job_id)
+    assert final["state"] == "failed"
+    assert final["error"]["type"] == "lost"
+    assert final["exit_code"] == 7
+    assert "exit code 7" in final["error"]["message"]
+
+
+def test_runner_error_is_failed_with_one_line(supervisor: RunningSupervisor) -> None:
+    job_id = supervisor.submit(fail="the input makes no sense")
+    final = supervisor.wait_final(job_id)
+    assert final["state"] == "failed"
+    assert final["error"] == {"type": "runner", "message": "the input makes no sense"}
+    assert final["exit_code"] == 1
+
+
+def test_only_one_supervisor_leads_a_data_folder(data_dir: Path) -> None:
+    first = Supervisor(data_dir / "jobs")
+    second = Supervisor(data_dir / "jobs")
+    try:
+        first.tick()
+        second.tick()
+        assert first.is_leader and not second.is_leader
+        first.release()
+        second.tick()
+        assert second.is_leader
+    finally:
+        first.release()
+        second.release()
+
+
+def test_prune_removes_old_finished_jobs_only(supervisor: RunningSupervisor) -> None:
+    done = supervisor.submit(seconds=0)
+    supervisor.wait_final(done)
+    waiting = supervisor.store.create("sleep", {}, 10)["id"]  # queued, never woken
+    assert supervisor.store.prune(retention_s=3600) == 0
+    removed = supervisor.store.prune(retention_s=0, now=time.time() + 1)
+    assert removed == 1
+    jobs_dir = supervisor.supervisor.dir
+    assert not list(jobs_dir.glob(f"{done}.*"))
+    assert (jobs_dir / f"{waiting}.json").exists()
+
+
+def test_unknown_kind_is_refused(supervisor: RunningSupervisor) -> None:
+    from jobs.store import UnknownKind
+
+    with pytest.raises(UnknownKind, match="known kinds: chat, sleep"):
+        supervisor.store.create("nope", {}, 10)
