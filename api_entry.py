@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
               "network could run jobs. Set OFFLOAD_API_TOKEN or listen on 127.0.0.1.",
               file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
 

@@ -21,7 +21,7 @@ from jobs import protocol as p
 
 log = logging.getLogger(__name__)
 
-_CREATE_TIME_TOLERANCE_S = 0.05
+_TOLERANCE_S = 0.05  # create times compared to this precision
 IS_WINDOWS = sys.platform == "win32"
 
 
@@ -85,7 +85,7 @@ def find(pid: int, create_time: float | None) -> psutil.Process | None:
     """The live process with this pid and create time, or None."""
     try:
         proc = psutil.Process(pid)
-        if create_time is not None and abs(proc.create_time() - create_time) > _CREATE_TIME_TOLERANCE_S:
+        if create_time is not None and abs(proc.create_time() - create_time) > _TOLERANCE_S:
             return None  # the pid was reused by another process
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -146,7 +145,7 @@ def fifo_key(job: dict[str, Any]) -> tuple[int, str]:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically replace `path`: a reader sees the old file or the new one, never half."""
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
             f.write(payload)

@@ -70,7 +70,8 @@ class JobStore:
             self.ensure_dir()
             p.write_json(self.path(job_id), data)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot store the job in {self.dir}: {exc.strerror or exc}") from exc
+            reason = exc.strerror or exc
+            raise StoreUnavailable(f"cannot store the job in {self.dir}: {reason}") from exc
         return data
 
     def read(self, job_id: str) -> dict[str, Any]:
@@ -94,7 +95,8 @@ class JobStore:
         try:
             p.request_stop(path, p.CANCELLED)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot record the cancel request: {exc.strerror or exc}") from exc
+            reason = exc.strerror or exc
+            raise StoreUnavailable(f"cannot record the cancel request: {reason}") from exc
 
     def scan(self) -> Iterator[dict[str, Any]]:
         """Every job on disk, re-reading only the files that changed since the last scan."""

@@ -9,12 +9,14 @@ Environment: OPENAI_BASE_URL (".../v1"), OPENAI_API_KEY, OFFLOAD_LLM_MODEL.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runners import base, llm_client
+
+if TYPE_CHECKING:
+    import argparse
 
 
 def execute(job: base.Job) -> dict[str, Any]:

@@ -57,9 +57,11 @@ def stream_chat(config: Config, messages: list[dict[str, Any]], on_text: Callabl
     response, conn = _post(config, "/chat/completions", body)
     reply = Reply()
     parts: list[str] = []
+    finished = False
     try:
         for event in _events(response):
             if event == "[DONE]":
+                finished = True
                 break
             try:
                 chunk = json.loads(event)
@@ -79,6 +81,9 @@ def stream_chat(config: Config, messages: list[dict[str, Any]], on_text: Callabl
                           p.ERR_PROVIDER) from exc
     finally:
         conn.close()
+    if not finished and reply.finish_reason is None:
+        raise RunnerError(f"the LLM server's stream ended before the reply was complete "
+                          f"(after {len(parts)} pieces)", p.ERR_PROVIDER)
     reply.text = "".join(parts)
     return reply
 
@@ -89,7 +94,9 @@ def _post(config: Config, path: str,
     if url.scheme not in ("http", "https") or not url.hostname:
         raise RunnerError(f"OPENAI_BASE_URL is not an http(s) URL: {config.base_url!r}",
                           p.ERR_PROVIDER)
-    conn_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    conn_class: type[http.client.HTTPConnection] = http.client.HTTPConnection
+    if url.scheme == "https":
+        conn_class = http.client.HTTPSConnection
     conn = conn_class(url.hostname, url.port, timeout=CONNECT_TIMEOUT_S)
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if config.api_key:
@@ -109,13 +116,16 @@ def _post(config: Config, path: str,
     if response.status != 200:
         detail = response.read(2000).decode("utf-8", errors="replace")
         conn.close()
+        if config.api_key:
+            detail = detail.replace(config.api_key, "[redacted]")  # some servers echo it
         raise RunnerError(_status_message(response.status, where, detail), p.ERR_PROVIDER)
     return response, conn
 
 
 def _status_message(status: int, where: str, detail: str) -> str:
     if status in (401, 403):
-        return f"the LLM server at {where} rejected the API key (HTTP {status}); check OPENAI_API_KEY"
+        return (f"the LLM server at {where} rejected the API key (HTTP {status}); "
+                "check OPENAI_API_KEY")
     try:
         message = json.loads(detail).get("error", {})
         message = message.get("message") if isinstance(message, dict) else str(message)

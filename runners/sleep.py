@@ -8,14 +8,15 @@ Input: {"seconds": float, "steps": int (progress updates, default 10),
 
 from __future__ import annotations
 
-import argparse
 import os
-import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runners import base
+
+if TYPE_CHECKING:
+    import argparse
 
 
 def execute(job: base.Job) -> dict[str, Any]:
@@ -23,6 +24,8 @@ def execute(job: base.Job) -> dict[str, Any]:
     steps = max(1, int(job.input.get("steps", 10)))
     child = None
     if job.input.get("spawn_child"):
+        import subprocess
+
         # A grandchild of the supervisor that must die with this runner.
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"],
                                  stdin=subprocess.DEVNULL)

@@ -6,6 +6,7 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jobs.store import JobStore
 from tests.conftest import RunningSupervisor, start_process, stop_process, wait_for
@@ -18,9 +19,12 @@ def test_second_supervisor_adopts_runners_of_a_killed_one(
                           env={"OFFLOAD_DATA_DIR": str(data_dir), "OFFLOAD_MAX_CONCURRENT": "3"})
     try:
         ids = [store.create("sleep", {"seconds": 3, "steps": 3}, 60)["id"] for _ in range(3)]
-        running = wait_for(lambda: (jobs := [store.read(i) for i in ids])
-                           and all(j["state"] == "running" for j in jobs) and jobs,
-                           timeout=30, what="all three running under the first supervisor")
+
+        def all_running() -> list[dict[str, Any]] | None:
+            jobs = [store.read(i) for i in ids]
+            return jobs if all(j["state"] == "running" for j in jobs) else None
+
+        running = wait_for(all_running, timeout=30, what="all three running under the first one")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(10)

@@ -57,7 +57,7 @@ def test_cap_and_fifo(make_supervisor: Callable[..., RunningSupervisor]) -> None
     jobs = [sup.job(i) for i in ids]
     assert [j["state"] for j in jobs] == ["completed"] * len(ids)
     assert peak == cap, "the cap should be used fully"
-    launched = [p.read_json(sup.supervisor.dir / f"{i}.run")["launched_ns"] for i in ids]
+    launched = [(p.read_json(sup.supervisor.dir / f"{i}.run") or {})["launched_ns"] for i in ids]
     assert launched == sorted(launched), "runners start in the order jobs were submitted"
     started = [j["started_at"] for j in jobs]
     assert max(started[:cap]) <= min(started[cap:]), "later jobs waited for a free slot"

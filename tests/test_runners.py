@@ -1,0 +1,139 @@
+"""Runners by hand, as a developer debugs them, and the secrets they must keep."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from jobs import protocol as p
+from jobs.store import JobStore
+from tests.conftest import ROOT, RunningSupervisor, wait_for
+from tests.fake_llm import FakeLLM
+
+SENTINEL = "sk-sentinel-3f9a1c0d5e7b4a2f"
+
+
+def run(args: list[str], env: dict[str, str] | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_job_file_runs_in_the_foreground(data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    job_id = store.create("sleep", {"seconds": 0.2, "steps": 2}, 30)["id"]
+    done = run(["-m", "runners.sleep", "--job-file", str(store.path(job_id))])
+    assert done.returncode == 0, done.stderr
+    job = store.read(job_id)
+    assert job["state"] == "completed"
+    assert job["result"]["slept_s"] == 0.2
+
+    again = run(["-m", "runners.sleep", "--job-file", str(store.path(job_id))])
+    assert again.returncode == 2
+    assert "already finished" in again.stderr and "--force" in again.stderr
+    forced = run(["-m", "runners.sleep", "--job-file", str(store.path(job_id)), "--force"])
+    assert forced.returncode == 0
+    assert store.read(job_id)["pid"] != job["pid"]
+
+
+def test_missing_job_file_is_a_clear_error(tmp_path: Path) -> None:
+    done = run(["-m", "runners.sleep", "--job-file", str(tmp_path / "nope.json")])
+    assert done.returncode == 2
+    assert "no job file" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_direct_form_prints_progress_and_result() -> None:
+    done = run(["-m", "runners.sleep", "0.3", "--steps", "3"])
+    assert done.returncode == 0, done.stderr
+    assert "100.0%" in done.stderr and "step 3/3" in done.stderr
+    assert '"slept_s": 0.3' in done.stdout
+
+
+def test_sigterm_to_a_foreground_runner_writes_cancelled(data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    job_id = store.create("sleep", {"seconds": 60}, 120)["id"]
+    proc = subprocess.Popen([sys.executable, "-m", "runners.sleep", "--job-file",
+                             str(store.path(job_id))], cwd=ROOT)
+    wait_for(lambda: store.read(job_id)["state"] == "running", what="running")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 3
+    job = store.read(job_id)
+    assert job["state"] == "cancelled"
+    assert job["exit_code"] == 3
+
+
+def test_runner_own_deadline_writes_timeout(data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    job_id = store.create("sleep", {"seconds": 60}, 0.5)["id"]
+    done = run(["-m", "runners.sleep", "--job-file", str(store.path(job_id))], timeout=20)
+    assert done.returncode == 3
+    job = store.read(job_id)
+    assert job["state"] == "timeout"
+    assert job["error"]["type"] == "timeout"
+
+
+def test_chat_cli_without_a_server_says_what_to_do() -> None:
+    done = run(["-m", "runners.chat", "hello?"], env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    assert done.returncode == 1
+    assert "LLM server not reachable at http://127.0.0.1:9" in done.stderr
+    assert "Traceback" not in done.stderr
+    usage = run(["-m", "runners.chat"])
+    assert usage.returncode == 2
+    assert "give a question" in usage.stderr
+
+
+def test_chat_streams_into_output_against_a_scripted_server(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    with FakeLLM(pieces=["one ", "two ", "three ", "four"], delay_s=0.4) as llm:
+        sup = make_supervisor(runner_env={"OPENAI_BASE_URL": llm.base_url})
+        job_id = sup.submit("chat", messages=[{"role": "user", "content": "count"}])
+        seen = set()
+        while (job := sup.job(job_id))["state"] not in p.FINAL_STATES:
+            if job["output"]:
+                seen.add(job["output"])
+            time.sleep(0.05)
+    assert job["state"] == "completed", job
+    assert job["output"] == "one two three four"
+    assert job["result"]["reply"] == "one two three four"
+    assert len(seen) >= 2, f"output should grow while streaming, saw {seen}"
+
+
+def test_api_key_never_reaches_job_file_log_or_command_line(
+        make_supervisor: Callable[..., RunningSupervisor], data_dir: Path) -> None:
+    with FakeLLM(delay_s=0.3) as llm:
+        sup = make_supervisor(runner_env={"OPENAI_BASE_URL": llm.base_url,
+                                          "OPENAI_API_KEY": SENTINEL})
+        job_id = sup.submit("chat", messages=[{"role": "user", "content": "hi"}])
+        job = sup.wait_state(job_id, "running")
+        cmdline = " ".join(psutil.Process(job["pid"]).cmdline())
+        final = sup.wait_final(job_id)
+        assert llm.requests[0]["headers"]["Authorization"] == f"Bearer {SENTINEL}"
+    assert final["state"] == "completed"
+    assert SENTINEL not in cmdline
+    for path in (data_dir / "jobs").iterdir():
+        assert SENTINEL not in path.read_text(errors="replace"), path.name
+
+
+def test_rejected_key_is_explained_and_not_echoed(
+        make_supervisor: Callable[..., RunningSupervisor], data_dir: Path) -> None:
+    body = '{"error": {"message": "Incorrect API key provided: ' + SENTINEL + '"}}'
+    for status in (401, 400):
+        with FakeLLM(status=status, error_body=body) as llm:
+            sup = make_supervisor(runner_env={"OPENAI_BASE_URL": llm.base_url,
+                                              "OPENAI_API_KEY": SENTINEL})
+            final = sup.wait_final(sup.submit("chat", messages=[{"role": "user", "content": "x"}]))
+            sup.stop()
+        assert final["state"] == "failed"
+        assert final["error"]["type"] == "provider"
+        assert f"HTTP {status}" in final["error"]["message"]
+        assert SENTINEL not in final["error"]["message"]
+    for path in (data_dir / "jobs").iterdir():
+        assert SENTINEL not in path.read_text(errors="replace"), path.name
