@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any
+
+# Runners import this module: no typing, pathlib, re or datetime at run time (each costs
+# start-up milliseconds in every subprocess).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TypeAlias
+
+    StrPath: TypeAlias = str | os.PathLike[str]
 
 # States (the API's `JobState` enum mirrors these strings).
 QUEUED = "queued"
@@ -71,7 +75,7 @@ STOP_SUFFIX = ".stop"
 RUN_SUFFIX = ".run"
 TMP_SUFFIX = ".tmp"
 
-_ID_RE = re.compile(r"[0-9a-f]{32}")
+_HEX = frozenset("0123456789abcdef")
 _REPLACE_RETRY_S = 1.0  # Windows: a reader holding the file makes os.replace fail briefly
 _READ_RETRIES = 5
 
@@ -81,7 +85,7 @@ class CorruptJobFile(Exception):
 
 
 def is_valid_id(job_id: str) -> bool:
-    return _ID_RE.fullmatch(job_id) is not None
+    return len(job_id) == 32 and _HEX.issuperset(job_id)
 
 
 _last_ns = 0
@@ -94,32 +98,37 @@ def unique_ns() -> int:
     return _last_ns
 
 
+def iso(timestamp: float) -> str:
+    """A POSIX timestamp as ISO 8601 UTC with milliseconds: 2026-01-31T12:00:00.123Z."""
+    whole = int(timestamp)
+    millis = min(999, int(round((timestamp - whole) * 1000)))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(time.time())
 
 
 def parse_iso(value: str) -> float:
-    """ISO 8601 (as written by `now_iso`) to a POSIX timestamp."""
+    """ISO 8601 (as written by `iso`) to a POSIX timestamp."""
+    from datetime import datetime
+
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def jobs_dir(data_dir: str | os.PathLike[str]) -> Path:
-    return Path(data_dir) / "jobs"
-
-
-def job_path(folder: Path, job_id: str) -> Path:
+def job_path(folder: StrPath, job_id: str) -> str:
     if not is_valid_id(job_id):
         raise ValueError(f"not a job id: {job_id!r}")
-    return folder / f"{job_id}{JOB_SUFFIX}"
+    return os.path.join(folder, f"{job_id}{JOB_SUFFIX}")
 
 
-def sibling(job_file: Path, suffix: str) -> Path:
+def sibling(job_file: StrPath, suffix: str) -> str:
     """The log, stop or run file that belongs to a job file."""
-    return job_file.with_suffix(suffix)
+    return os.path.splitext(os.fspath(job_file))[0] + suffix
 
 
-def id_of(job_file: Path) -> str:
-    return job_file.stem
+def id_of(job_file: StrPath) -> str:
+    return os.path.splitext(os.path.basename(job_file))[0]
 
 
 def new_job(job_id: str, kind: str, job_input: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -142,10 +151,11 @@ def fifo_key(job: dict[str, Any]) -> tuple[int, str]:
     return (created, str(job.get(F_ID)))
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: StrPath, data: dict[str, Any]) -> None:
     """Atomically replace `path`: a reader sees the old file or the new one, never half."""
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}")
+    folder, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
             f.write(payload)
@@ -158,7 +168,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def _replace(src: Path, dst: Path) -> None:
+def _replace(src: StrPath, dst: StrPath) -> None:
     deadline = time.monotonic() + _REPLACE_RETRY_S
     delay = 0.001
     while True:
@@ -173,7 +183,7 @@ def _replace(src: Path, dst: Path) -> None:
             delay = min(delay * 2, 0.05)
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: StrPath) -> dict[str, Any] | None:
     """Read a JSON object; None when the file does not exist.
 
     Retries briefly on the transient failures of a concurrent replace (Windows denies
@@ -198,15 +208,15 @@ def read_json(path: Path) -> dict[str, Any] | None:
                     return data
                 last_error = ValueError("not a JSON object")
         time.sleep(0.002 * (attempt + 1))
-    raise CorruptJobFile(f"{path.name}: {last_error}")
+    raise CorruptJobFile(f"{os.path.basename(path)}: {last_error}")
 
 
-def request_stop(job_file: Path, reason: str) -> None:
+def request_stop(job_file: StrPath, reason: str) -> None:
     """Leave a stop request for a runner (or a queued job) to find."""
     write_json(sibling(job_file, STOP_SUFFIX), {"reason": reason, "at": now_iso()})
 
 
-def stop_reason(job_file: Path) -> str | None:
+def stop_reason(job_file: StrPath) -> str | None:
     try:
         data = read_json(sibling(job_file, STOP_SUFFIX))
     except CorruptJobFile:
@@ -217,7 +227,7 @@ def stop_reason(job_file: Path) -> str | None:
     return reason if reason in (CANCELLED, TIMEOUT) else CANCELLED
 
 
-def log_tail(job_file: Path, max_lines: int = 20, max_bytes: int = 4096) -> str:
+def log_tail(job_file: StrPath, max_lines: int = 20, max_bytes: int = 4096) -> str:
     """The last lines of a job's log, for error messages."""
     try:
         with open(sibling(job_file, LOG_SUFFIX), "rb") as f:

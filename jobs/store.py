@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +175,7 @@ class JobStore:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                log.warning("could not remove %s: %s", p.sibling(path, suffix).name, exc)
+                log.warning("could not remove %s%s: %s", job_id, suffix, exc)
         self._cache.pop(job_id, None)
 
 
@@ -186,8 +185,7 @@ def _created_key(job: dict[str, Any]) -> tuple[int, str]:
 
 def _corrupt(job_id: str, path: Path, detail: str) -> dict[str, Any]:
     try:
-        created = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
-        created_at = created.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        created_at = p.iso(path.stat().st_mtime)
     except OSError:
         created_at = p.now_iso()
     data = p.new_job(job_id, "unknown", {}, 0)

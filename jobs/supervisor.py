@@ -189,7 +189,7 @@ class Supervisor:
             state = data.get(p.F_STATE)
             if state in p.FINAL_STATES:
                 self._final.add(job_id)
-            elif state == p.QUEUED and not p.sibling(self._file(job_id), p.RUN_SUFFIX).exists():
+            elif state == p.QUEUED and not self._launched(job_id):
                 if data.get(p.F_KIND) not in self.kinds:
                     self._finish(job_id, p.FAILED, p.ERR_RUNNER,
                                  f"unknown job kind {data.get(p.F_KIND)!r}")
@@ -264,7 +264,7 @@ class Supervisor:
             data = None
         if data is None or data.get(p.F_STATE) != p.QUEUED:
             return
-        if p.sibling(job_file, p.STOP_SUFFIX).exists():
+        if os.path.exists(p.sibling(job_file, p.STOP_SUFFIX)):
             self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED, "cancelled before it started")
             return
         run_file = p.sibling(job_file, p.RUN_SUFFIX)
@@ -385,8 +385,11 @@ class Supervisor:
                 except OSError:
                     pass  # a writer renamed or removed it meanwhile; fine
 
+    def _launched(self, job_id: str) -> bool:
+        return os.path.exists(p.sibling(self._file(job_id), p.RUN_SUFFIX))
+
     def _file(self, job_id: str) -> Path:
-        return p.job_path(self.dir, job_id)
+        return Path(p.job_path(self.dir, job_id))
 
 
 def _create_time_near(pid: int, started_at: object) -> float | None:

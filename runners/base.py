@@ -15,15 +15,20 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Any
 
 from jobs import protocol as p
 
+# Every runner pays for its imports at start: typing and pathlib stay out of run time.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable, Sequence
+    from types import FrameType
+    from typing import Any, TypeAlias
+
+    Execute: TypeAlias = Callable[["Job"], "dict[str, Any] | None"]
+    DirectParser: TypeAlias = Callable[[argparse.ArgumentParser], None]
+    DirectInput: TypeAlias = Callable[[argparse.Namespace], dict[str, Any]]
 
 WRITE_INTERVAL_S = 0.2  # at most five job-file writes a second while running
 
@@ -147,7 +152,7 @@ def _resources_psutil() -> dict[str, float] | None:
 class FileSink(Sink):
     """Writes the job file: throttled while running, always at the end."""
 
-    def __init__(self, path: Path, echo: bool) -> None:
+    def __init__(self, path: str, echo: bool) -> None:
         self.path = path
         self._echo = echo  # also print output when a developer runs this in a terminal
         self._echoed = 0
@@ -253,7 +258,7 @@ def _progress_line(progress: dict[str, Any]) -> str:
 class _Stopper:
     """Turns SIGTERM / CTRL_BREAK / the runner's own deadline into `StopRequested`."""
 
-    def __init__(self, job_file: Path | None) -> None:
+    def __init__(self, job_file: str | None) -> None:
         self.job_file = job_file
         self.finishing = False
         self.deadline_passed = False
@@ -298,10 +303,6 @@ class _Stopper:
         return p.CANCELLED
 
 
-Execute = Callable[[Job], "dict[str, Any] | None"]
-DirectParser = Callable[["argparse.ArgumentParser"], None]
-DirectInput = Callable[["argparse.Namespace"], "dict[str, Any]"]
-
 
 def main(
     kind: str,
@@ -313,11 +314,11 @@ def main(
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 2 and argv[0] == "--job-file":
         # The launcher's exact form: skip argparse, every millisecond of start counts.
-        return run_job_file(Path(argv[1]), execute)
+        return run_job_file(argv[1], execute)
     import argparse
 
     parser = argparse.ArgumentParser(prog=f"python -m runners.{kind}")
-    parser.add_argument("--job-file", type=Path, help="run this job file in the foreground")
+    parser.add_argument("--job-file", help="run this job file in the foreground")
     parser.add_argument("--force", action="store_true",
                         help="with --job-file: run it again even if it has finished")
     parser.add_argument("--timeout", type=float, default=None, help="seconds (direct mode)")
@@ -333,7 +334,7 @@ def main(
     return _run(Job(data, ConsoleSink()), execute, _Stopper(None), args.timeout)
 
 
-def run_job_file(path: Path, execute: Execute, force: bool = False) -> int:
+def run_job_file(path: str, execute: Execute, force: bool = False) -> int:
     try:
         data = p.read_json(path)
     except p.CorruptJobFile as exc:
@@ -343,7 +344,7 @@ def run_job_file(path: Path, execute: Execute, force: bool = False) -> int:
         print(f"error: no job file at {path}", file=sys.stderr)
         return EXIT_USAGE
     if data.get(p.F_STATE) in p.FINAL_STATES and not force:
-        print(f"error: job {path.stem} has already finished ({data.get(p.F_STATE)}); "
+        print(f"error: job {p.id_of(path)} has already finished ({data.get(p.F_STATE)}); "
               "pass --force to run it again", file=sys.stderr)
         return EXIT_USAGE
     stopper = _Stopper(path)

@@ -10,23 +10,31 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urlsplit
 
 from jobs import protocol as p
 from runners.base import RunnerError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
+
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 120.0
 
 
-@dataclass(frozen=True)
 class Config:
-    base_url: str
-    api_key: str | None = field(default=None, repr=False)  # never printed, never stored
-    model: str | None = None
+    __slots__ = ("base_url", "api_key", "model")
+
+    def __init__(self, base_url: str, api_key: str | None = None,
+                 model: str | None = None) -> None:
+        self.base_url = base_url
+        self.api_key = api_key  # never printed, never stored
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"Config(base_url={self.base_url!r}, model={self.model!r})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Config:
@@ -41,12 +49,12 @@ class Config:
                    env.get("OFFLOAD_LLM_MODEL") or None)
 
 
-@dataclass
 class Reply:
-    text: str = ""
-    model: str | None = None
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
+    def __init__(self) -> None:
+        self.text = ""
+        self.model: str | None = None
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
 
 
 def stream_chat(config: Config, messages: list[dict[str, Any]], on_text: Callable[[str], None],

@@ -1,0 +1,45 @@
+"""`python -m bench [suite ...]`: run the benchmarks, write bench/results/<suite>.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import core
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SUITES: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
+    "core": (core.run, core.report),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("suites", nargs="*", help=f"any of: {', '.join(SUITES)} (default: all)")
+    args = parser.parse_args(argv)
+    unknown = set(args.suites) - SUITES.keys()
+    if unknown:
+        parser.error(f"unknown suite(s) {', '.join(sorted(unknown))}; known: {', '.join(SUITES)}")
+    RESULTS.mkdir(exist_ok=True)
+    machine = f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    for name in args.suites or list(SUITES):
+        run, report = SUITES[name]
+        print(f"running {name} ...", file=sys.stderr)
+        results = run()
+        table = report(results)
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        text = f"# Benchmark: {name}\n\n{stamp}, {machine}\n\n{table}\n"
+        (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
+        (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
