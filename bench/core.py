@@ -8,48 +8,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
+from jobs.background import SupervisorThread
 from jobs.store import JobStore
 from jobs.supervisor import Supervisor
-
-
-class _Driver:
-    """A supervisor on its own event loop in a thread, as the API runs it."""
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
-        self.loop = asyncio.new_event_loop()
-        self.task: asyncio.Task[None] | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.task = self.loop.create_task(self.supervisor.run())
-        with contextlib.suppress(asyncio.CancelledError):
-            self.loop.run_until_complete(self.task)
-
-    def __enter__(self) -> _Driver:
-        self.thread.start()
-        while self.supervisor._event is None:  # noqa: SLF001 - wait for run() to start
-            time.sleep(0.001)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.task is not None
-        self.loop.call_soon_threadsafe(self.task.cancel)
-        self.thread.join(10)
 
 
 @contextlib.contextmanager
@@ -60,7 +32,7 @@ def _supervised(max_concurrent: int, runner_env: dict[str, str] | None = None
         supervisor = Supervisor(jobs_dir, max_concurrent=max_concurrent, runner_env=runner_env)
         store = JobStore(jobs_dir)
         store.ensure_dir()
-        with _Driver(supervisor):
+        with SupervisorThread(supervisor):
             yield store, supervisor
 
 

@@ -1,13 +1,11 @@
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ import psutil
 import pytest
 
 from jobs import protocol as p
+from jobs.background import SupervisorThread
 from jobs.settings import get_settings
 from jobs.store import JobStore
 from jobs.supervisor import Supervisor
@@ -64,35 +63,12 @@ def wait_for(predicate: Callable[[], T | None], timeout: float = 20.0, interval:
         time.sleep(interval)
 
 
-class RunningSupervisor:
-    """A supervisor driven by its own event loop in a background thread, as the API runs it."""
+class RunningSupervisor(SupervisorThread):
+    """A supervisor as the API runs it, plus helpers to submit and wait."""
 
     def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
+        super().__init__(supervisor)
         self.store = JobStore(supervisor.dir)
-        self._loop = asyncio.new_event_loop()
-        self._task: asyncio.Task[None] | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._started = threading.Event()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._task = self._loop.create_task(self.supervisor.run())
-        self._loop.call_soon(self._started.set)
-        with contextlib.suppress(asyncio.CancelledError):
-            self._loop.run_until_complete(self._task)
-        self._loop.close()
-
-    def start(self) -> RunningSupervisor:
-        self._thread.start()
-        self._started.wait(5)
-        return self
-
-    def stop(self) -> None:
-        if self._task is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join(10)
-        self.supervisor.wait_for_stoppers(10)
 
     def submit(self, kind: str = "sleep", timeout_s: float = 60, **job_input: Any) -> str:
         job_id = str(self.store.create(kind, job_input, timeout_s)["id"])
@@ -119,7 +95,8 @@ def make_supervisor(data_dir: Path) -> Iterator[Callable[..., RunningSupervisor]
 
     def factory(**options: Any) -> RunningSupervisor:
         options.setdefault("grace_s", 2.0)
-        running = RunningSupervisor(Supervisor(data_dir / "jobs", **options)).start()
+        running = RunningSupervisor(Supervisor(data_dir / "jobs", **options))
+        running.start()
         started.append(running)
         return running
 
