@@ -9,22 +9,29 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from jobs import routes
+from jobs import http_errors, routes_chat, routes_jobs, routes_status
+from jobs.guards import BodyLimit
 from jobs.lifespan import lifespan
-from jobs.settings import get_settings
+from jobs.settings import MAX_BODY_BYTES, get_settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="Offload", version=routes.VERSION, lifespan=lifespan)
-    app.include_router(routes.router)
+    app = FastAPI(title="Offload", version=routes_status.VERSION, lifespan=lifespan,
+                  description="Slow jobs in short-lived subprocesses; the API never blocks.")
+    app.include_router(routes_chat.router)
+    app.include_router(routes_jobs.router)
+    app.include_router(routes_status.router)  # last: it ends with the /api catch-all
+    http_errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     return app
 
@@ -40,11 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
     args = parser.parse_args(argv)
-    if not settings.api_token and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"refusing to listen on {args.host} without OFFLOAD_API_TOKEN: anyone on the "
-              "network could run jobs. Set OFFLOAD_API_TOKEN or listen on 127.0.0.1.",
-              file=sys.stderr)
-        return 2
+    os.environ["OFFLOAD_HOST"] = args.host  # the app checks the token rule against it
+    get_settings.cache_clear()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(app, host=args.host, port=args.port)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import protocol as p
+from jobs.settings import MAX_TIMEOUT_S
 
 
 class JobState(str, Enum):
@@ -69,3 +70,61 @@ class Job(BaseModel):
     exit_code: int | None = None
     resources: Resources | None = None
     input: dict[str, Any] | None = None
+
+
+# -- requests ---------------------------------------------------------------------------
+
+MAX_MESSAGES = 200
+MAX_CONTENT_CHARS = 100_000
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_CONTENT_CHARS)
+
+
+class ChatInput(BaseModel):
+    """What a chat job needs (the seed's request body, plus optional model options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    session_id: str | None = Field(None, max_length=200)
+    max_tokens: int | None = Field(None, ge=1, le=32_768)
+    temperature: float | None = Field(None, ge=0, le=2)
+
+
+class SleepInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(0, ge=0, le=3600)
+    steps: int = Field(10, ge=1, le=10_000)
+    spawn_child: bool = False
+    ignore_sigterm: bool = False
+    exit_code: int | None = Field(None, ge=0, le=255)
+    fail: str | None = Field(None, max_length=1000)
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(max_length=64, examples=["chat", "sleep"])
+    input: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
+
+
+class Submitted(BaseModel):
+    job_id: str
+    status: Literal["processing"] = "processing"
+
+
+class ChatResult(BaseModel):
+    status: Literal["processing", "completed", "error", "not_found"]
+    reply: str | None = None
+    message: str | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[Job]

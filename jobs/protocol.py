@@ -84,6 +84,13 @@ class CorruptJobFile(Exception):
     """A job file exists but does not hold a JSON object."""
 
 
+def new_id() -> str:
+    """32 lowercase hex characters, random (a uuid4)."""
+    import uuid
+
+    return uuid.uuid4().hex
+
+
 def is_valid_id(job_id: str) -> bool:
     return len(job_id) == 32 and _HEX.issuperset(job_id)
 

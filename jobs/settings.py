@@ -17,7 +17,25 @@ DEFAULT_PORT = 8001
 STOP_GRACE_S = 3.0  # terminate, wait this long, then kill what is left
 SUPERVISOR_INTERVAL_S = 0.25  # longest sleep between supervisor passes
 LEADER_RETRY_S = 1.0  # how often a non-leader tries to become the supervisor
+WAKE_POLL_S = 0.05  # how often the leader looks for a poke from another worker
 PRUNE_INTERVAL_S = 300.0
+MAX_BODY_BYTES = 1_000_000  # a request body larger than this is refused with 413
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_EVENT_STREAMS = 256  # open /events connections per worker
+EVENT_POLL_S = 0.04  # how often an event stream looks at its job file
+KEEPALIVE_S = 15.0
+CANCEL_WAIT_S = 10.0  # DELETE waits this long for the runner to stop
+HISTORY_SAMPLE_S = 1.0
+HISTORY_KEEP_S = 3 * 3600.0  # the metrics series kept on disk
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _env(name: str) -> AliasChoices:
@@ -51,12 +69,7 @@ class Settings(BaseSettings):
 
     @property
     def host_is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(self.host)
 
     def runner_env(self) -> dict[str, str]:
         """LLM settings a runner needs, passed through its environment only."""

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,7 @@ class JobStore:
     def __init__(self, jobs_dir: Path) -> None:
         self.dir = jobs_dir
         self._cache: dict[str, _Cached] = {}
+        self._scan_lock = threading.Lock()  # routes scan from several worker threads
 
     def ensure_dir(self) -> None:
         try:
@@ -60,10 +61,11 @@ class JobStore:
             raise JobNotFound(job_id)
         return self.dir / f"{job_id}{p.JOB_SUFFIX}"
 
-    def create(self, kind: str, job_input: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    def create(self, kind: str, job_input: dict[str, Any], timeout_s: float,
+               job_id: str | None = None) -> dict[str, Any]:
         if kind not in KINDS:
             raise UnknownKind(kind)
-        job_id = uuid.uuid4().hex
+        job_id = job_id or p.new_id()
         data = p.new_job(job_id, kind, job_input, timeout_s)
         try:
             self.ensure_dir()
@@ -97,8 +99,12 @@ class JobStore:
             reason = exc.strerror or exc
             raise StoreUnavailable(f"cannot record the cancel request: {reason}") from exc
 
-    def scan(self) -> Iterator[dict[str, Any]]:
+    def scan(self) -> list[dict[str, Any]]:
         """Every job on disk, re-reading only the files that changed since the last scan."""
+        with self._scan_lock:
+            return list(self._scan())
+
+    def _scan(self) -> Iterator[dict[str, Any]]:
         seen: set[str] = set()
         try:
             entries = list(os.scandir(self.dir))
@@ -116,7 +122,7 @@ class JobStore:
                 seen.add(job_id)
                 yield data
         for gone in self._cache.keys() - seen:
-            del self._cache[gone]
+            self._cache.pop(gone, None)
 
     def _cached_read(self, job_id: str, entry: os.DirEntry[str]) -> dict[str, Any] | None:
         try:
@@ -138,9 +144,8 @@ class JobStore:
     def list(self, state: str | None = None, kind: str | None = None,
              limit: int = 100) -> list[dict[str, Any]]:
         """Newest first, with queue positions filled in for queued jobs."""
-        jobs = list(self.scan())
-        queued = sorted((j for j in jobs if j.get(p.F_STATE) == p.QUEUED), key=_created_key)
-        positions = {j[p.F_ID]: i for i, j in enumerate(queued)}
+        jobs = self.scan()
+        positions = _queue_positions(jobs)
         selected = [
             dict(j, **{p.F_QUEUE_POSITION: positions.get(j[p.F_ID])})
             for j in jobs
@@ -150,11 +155,22 @@ class JobStore:
         selected.sort(key=_created_key, reverse=True)
         return selected[:limit]
 
+    def queue_position(self, job_id: str) -> int | None:
+        return _queue_positions(self.scan()).get(job_id)
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(p.STATES, 0)
+        for job in self.scan():
+            state = job.get(p.F_STATE)
+            if state in counts:
+                counts[str(state)] += 1
+        return counts
+
     def prune(self, retention_s: float, now: float | None = None) -> int:
         """Delete finished jobs (and their log, stop and run files) older than retention."""
         cutoff = (now if now is not None else time.time()) - retention_s
         removed = 0
-        for job in list(self.scan()):
+        for job in self.scan():
             if job.get(p.F_STATE) not in p.FINAL_STATES:
                 continue
             finished = job.get(p.F_FINISHED_AT) or job.get(p.F_CREATED_AT)
@@ -177,6 +193,11 @@ class JobStore:
             except OSError as exc:
                 log.warning("could not remove %s%s: %s", job_id, suffix, exc)
         self._cache.pop(job_id, None)
+
+
+def _queue_positions(jobs: list[dict[str, Any]]) -> dict[str, int]:
+    queued = sorted((j for j in jobs if j.get(p.F_STATE) == p.QUEUED), key=_created_key)
+    return {str(j[p.F_ID]): i for i, j in enumerate(queued)}
 
 
 def _created_key(job: dict[str, Any]) -> tuple[int, str]:

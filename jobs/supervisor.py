@@ -29,6 +29,7 @@ from jobs.settings import (
     LEADER_RETRY_S,
     PRUNE_INTERVAL_S,
     SUPERVISOR_INTERVAL_S,
+    WAKE_POLL_S,
     Settings,
 )
 from jobs.store import JobStore
@@ -65,6 +66,7 @@ class Supervisor:
         self.runner_env = runner_env or {}
         self.kinds = kinds or KINDS
         self._lock = FileLock(str(jobs_dir.parent / "supervisor.lock"), thread_local=False)
+        self._wake_file = jobs_dir.parent / "supervisor.wake"
         self.is_leader = False
         self._queued: dict[str, tuple[int, str]] = {}  # id -> FIFO key
         self._running: dict[str, _Tracked] = {}
@@ -95,13 +97,36 @@ class Supervisor:
                     await asyncio.to_thread(self.tick)
                 except Exception:
                     log.exception("supervisor pass failed; retrying")
-                delay = SUPERVISOR_INTERVAL_S if self.is_leader else LEADER_RETRY_S
-                try:
-                    await asyncio.wait_for(self._event.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                await self._sleep(SUPERVISOR_INTERVAL_S if self.is_leader else LEADER_RETRY_S)
         finally:
             self.release()
+
+    async def _sleep(self, delay: float) -> None:
+        """Until `delay` passes, `wake()` is called, or another process pokes us."""
+        assert self._event is not None
+        deadline = time.monotonic() + delay
+        poked = _mtime_ns(self._wake_file)
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._event.wait(), min(left, WAKE_POLL_S))
+                return
+            except asyncio.TimeoutError:
+                pass
+            if self.is_leader and _mtime_ns(self._wake_file) != poked:
+                return  # a job was submitted or cancelled through another worker
+
+    def poke(self) -> None:
+        """Wake the leading supervisor, whichever process it lives in."""
+        if self.is_leader:
+            self.wake()
+            return
+        try:
+            with open(self._wake_file, "ab") as f:
+                f.write(b".")
+            if os.path.getsize(self._wake_file) > 4096:
+                os.truncate(self._wake_file, 0)
+        except OSError as exc:
+            log.debug("cannot poke the supervisor: %s", exc)
 
     def wake(self) -> None:
         """Ask for a pass now (a job was submitted, cancelled, or a runner exited)."""
@@ -390,6 +415,13 @@ class Supervisor:
 
     def _file(self, job_id: str) -> Path:
         return Path(p.job_path(self.dir, job_id))
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
 
 
 def _create_time_near(pid: int, started_at: object) -> float | None:

@@ -140,3 +140,22 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+@pytest.fixture
+def make_server(data_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start a real server (uvicorn by default) on a free loopback port; stopped at the end."""
+    from tests.server import Server
+
+    servers: list[Server] = []
+
+    def factory(env: dict[str, str] | None = None, workers: int = 1,
+                gunicorn: bool = False) -> Server:
+        log = tmp_path / f"server-{len(servers)}.log"
+        server = Server(data_dir, log, env, workers, gunicorn)
+        servers.append(server)
+        return server.start()
+
+    yield factory
+    for server in servers:
+        server.stop()

@@ -1,0 +1,121 @@
+"""Machine metrics for the dashboard: sampled about once a second, kept on disk.
+
+One process records (the one whose supervisor leads), appending a JSON line per
+sample to `<data>/history/metrics.jsonl`; every worker reads that file incrementally,
+so any worker answers `/api/history`, and the series survives restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from jobs import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+class MetricsRecorder:
+    def __init__(self, path: Path, keep_s: float, interval_s: float) -> None:
+        self.path = path
+        self.keep_s = keep_s
+        self.interval_s = interval_s
+        self._appended = 0
+        psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it
+
+    def sample(self) -> dict[str, float]:
+        mem = psutil.virtual_memory()
+        return {"t": round(time.time(), 3), "cpu": psutil.cpu_percent(interval=None),
+                "mem": mem.percent, "mem_used_mb": round(mem.used / 2**20, 1)}
+
+    def record(self) -> dict[str, float]:
+        """Take a sample and append it; now and then drop what is older than `keep_s`."""
+        sample = self.sample()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(sample, separators=(",", ":")) + "\n")
+        self._appended += 1
+        if self._appended % 600 == 0:
+            self._compact(sample["t"] - self.keep_s)
+        return sample
+
+    def _compact(self, cutoff: float) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                lines = f.readlines()
+        except OSError:
+            return
+        kept = [line for line in lines if _time_of(line) >= cutoff]
+        if len(kept) == len(lines):
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def _time_of(line: str) -> float:
+    try:
+        return float(json.loads(line)["t"])
+    except (ValueError, KeyError, TypeError):
+        return 0.0
+
+
+class MetricsReader:
+    """Reads only what was appended since the last call; starts over after a compaction."""
+
+    def __init__(self, path: Path, keep_s: float, interval_s: float) -> None:
+        self.path = path
+        self._samples: deque[dict[str, Any]] = deque(maxlen=int(keep_s / interval_s) + 60)
+        self._offset = 0
+        self._inode: int | None = None
+        self._partial = b""
+        self._lock = threading.Lock()  # read from several worker threads
+
+    def read(self, seconds: float) -> list[dict[str, Any]]:
+        cutoff = time.time() - seconds
+        with self._lock:
+            self._catch_up()
+            return [s for s in self._samples if s["t"] >= cutoff]
+
+    def _catch_up(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if st.st_ino != self._inode or st.st_size < self._offset:
+            self._samples.clear()
+            self._offset, self._inode, self._partial = 0, st.st_ino, b""
+        if st.st_size == self._offset:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = self._partial + f.read()
+            self._offset = f.tell()
+        *lines, self._partial = data.split(b"\n")
+        for line in lines:
+            try:
+                sample = json.loads(line)
+            except ValueError:
+                continue  # a torn line after a crash; skip it
+            if isinstance(sample, dict) and isinstance(sample.get("t"), (int, float)):
+                self._samples.append(sample)
+
+
+def short_job(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as the dashboard's recent-jobs list shows it."""
+    error = job.get(p.F_ERROR) or {}
+    return {
+        "id": job.get(p.F_ID), "kind": job.get(p.F_KIND), "state": job.get(p.F_STATE),
+        "created_at": job.get(p.F_CREATED_AT), "started_at": job.get(p.F_STARTED_AT),
+        "finished_at": job.get(p.F_FINISHED_AT), "queue_position": job.get(p.F_QUEUE_POSITION),
+        "progress": job.get(p.F_PROGRESS), "error_type": error.get("type"),
+        "resources": job.get(p.F_RESOURCES),
+    }

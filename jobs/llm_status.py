@@ -1,0 +1,45 @@
+"""Which LLM server chats go to, and whether it answers (for /api/health)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from typing import Any
+
+from jobs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LLMStatus:
+    def __init__(self, settings: Settings) -> None:
+        self.provider = "openai-compatible" if settings.openai_base_url else "embedded"
+        self.base_url = (settings.openai_base_url or "").rstrip("/")
+        self.model = settings.llm_model or ""
+        self.ready = False
+        self.detail = "not checked yet"
+        self._key = settings.openai_api_key
+
+    def probe(self) -> bool:
+        """GET {base_url}/models; blocking, so call it from a worker thread."""
+        if not self.base_url:
+            self.ready, self.detail = False, "no LLM server configured or started"
+            return False
+        request = urllib.request.Request(f"{self.base_url}/models")
+        if self._key is not None:
+            request.add_header("Authorization", f"Bearer {self._key.get_secret_value()}")
+        try:
+            with urllib.request.urlopen(request, timeout=3) as response:
+                models = json.load(response).get("data") or []
+        except (OSError, ValueError) as exc:
+            self.ready, self.detail = False, f"not reachable at {self.base_url}: {exc}"
+            return False
+        if not self.model and models and isinstance(models[0], dict):
+            self.model = str(models[0].get("id", ""))
+        self.ready, self.detail = True, "ok"
+        return True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"provider": self.provider, "base_url": self.base_url, "model": self.model,
+                "ready": self.ready, "detail": self.detail}

@@ -1,0 +1,54 @@
+"""What the dashboard polls: /api/history and /api/health."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from jobs import protocol as p
+from jobs.guards import require_token
+from jobs.history import MetricsReader, short_job
+from jobs.llm_status import LLMStatus
+from jobs.routes_jobs import Service
+from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S
+
+VERSION = "0.2.0"
+
+router = APIRouter(prefix="/api", tags=["status"], dependencies=[Depends(require_token)])
+
+
+@router.get("/history")
+async def history(request: Request, service: Service,
+                  seconds: Annotated[float, Query(gt=0, le=HISTORY_KEEP_S)] = 300,
+                  jobs: Annotated[int, Query(ge=0, le=200)] = 20) -> dict[str, Any]:
+    """Machine metrics (CPU and memory, about one sample a second), recent jobs, counts."""
+    reader: MetricsReader = request.app.state.metrics
+    samples = await run_in_threadpool(reader.read, seconds)
+    recent = await service.list(None, None, jobs) if jobs else []
+    return {
+        "metrics": {"interval_s": HISTORY_SAMPLE_S, "samples": samples},
+        "jobs": [short_job(job) for job in recent],
+        "counts": await service.counts(),
+    }
+
+
+@router.get("/health")
+async def health(request: Request, service: Service) -> dict[str, Any]:
+    counts = await service.counts()
+    llm: LLMStatus = request.app.state.llm
+    return {
+        "status": "ok", "version": VERSION,
+        "running": counts[p.RUNNING], "queued": counts[p.QUEUED],
+        "max_concurrent": service.settings.max_concurrent,
+        "supervisor": "here" if service.supervisor.is_leader else "another worker",
+        "llm": llm.as_dict(),
+    }
+
+
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                  include_in_schema=False)
+async def unknown_route(rest: str) -> None:
+    """Anything else under /api is a 404 in JSON (never the dashboard's static files)."""
+    raise HTTPException(404, f"no API route /api/{rest[:100]}; see /docs for the routes")

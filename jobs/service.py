@@ -1,0 +1,176 @@
+"""What the routes ask of the job system, with every disk touch in a worker thread.
+
+Knows the store, the supervisor and idempotency; nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from jobs import protocol as p
+from jobs.kinds import REGISTRY
+from jobs.settings import CANCEL_WAIT_S, Settings
+from jobs.store import JobNotFound, JobStore, StoreUnavailable, UnknownKind
+from jobs.supervisor import Supervisor
+
+LOG_MAX_BYTES = 1_000_000  # /log returns at most the last megabyte
+
+
+class InvalidInput(ValueError):
+    """The job's input does not fit its kind."""
+
+
+class AlreadyFinished(Exception):
+    def __init__(self, job: dict[str, Any]) -> None:
+        super().__init__(f"job {job[p.F_ID]} has already finished ({job[p.F_STATE]})")
+        self.job = job
+
+
+class IdempotencyConflict(ValueError):
+    pass
+
+
+class JobService:
+    def __init__(self, settings: Settings, store: JobStore, supervisor: Supervisor) -> None:
+        self.settings = settings
+        self.store = store
+        self.supervisor = supervisor
+        self._idem_dir = settings.data_dir / "idempotency"
+
+    # -- submit ------------------------------------------------------------------------
+
+    async def submit(self, kind: str, job_input: dict[str, Any], timeout_s: float | None,
+                     idempotency_key: str | None = None) -> dict[str, Any]:
+        job_input = validate_input(kind, job_input)
+        timeout = timeout_s or self.settings.job_timeout_s
+        job = await run_in_threadpool(self._submit, kind, job_input, timeout, idempotency_key)
+        self.supervisor.poke()
+        return job
+
+    def _submit(self, kind: str, job_input: dict[str, Any], timeout_s: float,
+                key: str | None) -> dict[str, Any]:
+        if key is None:
+            return self.store.create(kind, job_input, timeout_s)
+        fingerprint = _fingerprint(kind, job_input, timeout_s)
+        key_file = self._idem_dir / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+        try:
+            self._idem_dir.mkdir(parents=True, exist_ok=True)
+            # O_EXCL: across every worker, exactly one request claims the key.
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return self._existing(key_file, fingerprint)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot record the Idempotency-Key: {exc.strerror}") from exc
+        job_id = p.new_id()
+        with os.fdopen(fd, "w") as f:
+            json.dump({"job_id": job_id, "fingerprint": fingerprint}, f)
+        return self.store.create(kind, job_input, timeout_s, job_id=job_id)
+
+    def _existing(self, key_file: Path, fingerprint: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                record = p.read_json(key_file) or {}
+            except p.CorruptJobFile:
+                record = {}  # being written by the request that claimed it
+            job_id = record.get("job_id")
+            if isinstance(job_id, str):
+                if record.get("fingerprint") != fingerprint:
+                    raise IdempotencyConflict(
+                        "this Idempotency-Key was already used with a different request "
+                        "body; use a new key for a new job")
+                try:
+                    return self.store.read(job_id)
+                except JobNotFound:
+                    pass  # the first request is still writing its job file
+            if time.monotonic() > deadline:
+                raise StoreUnavailable("the job for this Idempotency-Key was never stored; "
+                                       "retry with a new key")
+            time.sleep(0.01)
+
+    # -- read --------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        return await run_in_threadpool(self._get, job_id)
+
+    def _get(self, job_id: str) -> dict[str, Any]:
+        job = self.store.read(job_id)
+        if job.get(p.F_STATE) == p.QUEUED:
+            job[p.F_QUEUE_POSITION] = self.store.queue_position(job_id)
+        return job
+
+    async def list(self, state: str | None, kind: str | None, limit: int) -> list[dict[str, Any]]:
+        return await run_in_threadpool(self.store.list, state, kind, limit)
+
+    async def counts(self) -> dict[str, int]:
+        return await run_in_threadpool(self.store.counts)
+
+    async def log(self, job_id: str) -> str:
+        return await run_in_threadpool(self._log, job_id)
+
+    def _log(self, job_id: str) -> str:
+        path = self.store.path(job_id)
+        if not path.exists():
+            raise JobNotFound(job_id)
+        try:
+            with open(p.sibling(path, p.LOG_SUFFIX), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                size = f.tell()
+                f.seek(max(0, size - LOG_MAX_BYTES))
+                data = f.read()
+        except FileNotFoundError:
+            return ""
+        text = data.decode("utf-8", errors="replace")
+        return text if size <= LOG_MAX_BYTES else "[... earlier output cut ...]\n" + text
+
+    # -- cancel ------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask for the stop and wait (without blocking) until the job is final."""
+        job = await run_in_threadpool(self.store.read, job_id)
+        if job.get(p.F_STATE) in p.FINAL_STATES:
+            raise AlreadyFinished(job)
+        await run_in_threadpool(self.store.request_cancel, job_id)
+        self.supervisor.poke()
+        deadline = time.monotonic() + self.settings.stop_grace_s + CANCEL_WAIT_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            job = await run_in_threadpool(self.store.read, job_id)
+            if job.get(p.F_STATE) in p.FINAL_STATES:
+                break
+        return job
+
+
+def validate_input(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
+    spec = REGISTRY.get(kind)
+    if spec is None:
+        raise UnknownKind(kind)
+    if spec.input_model is None:
+        return job_input
+    try:
+        model = spec.input_model.model_validate(job_input)
+    except ValidationError as exc:
+        raise InvalidInput(_explain(kind, exc)) from exc
+    return model.model_dump(mode="json", exclude_unset=True)
+
+
+def _explain(kind: str, exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error["loc"]) or "input"
+        problems.append(f"input.{where}: {error['msg']}")
+    return f"invalid input for a {kind!r} job: " + "; ".join(problems)
+
+
+def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float) -> str:
+    body = json.dumps([kind, job_input, timeout_s], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(body.encode()).hexdigest()

@@ -1,0 +1,311 @@
+"""The HTTP API end to end, against a real uvicorn server."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from jobs import protocol as p
+from tests.conftest import process_gone, wait_for
+from tests.fake_llm import FakeLLM
+from tests.server import Server
+
+MakeServer = Callable[..., Server]
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeLLM]:
+    with FakeLLM(pieces=["The ", "CPU ", "is ", "fine."], delay_s=0.4) as fake:
+        yield fake
+
+
+@pytest.fixture
+def server(make_server: MakeServer, llm: FakeLLM) -> Server:
+    return make_server(env={"OPENAI_BASE_URL": llm.base_url, "OFFLOAD_MAX_CONCURRENT": "4"})
+
+
+def wait_job(client: httpx.Client, job_id: str, *states: str,
+             timeout: float = 30) -> dict[str, Any]:
+    wanted = states or tuple(p.FINAL_STATES)
+
+    def check() -> dict[str, Any] | None:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] in wanted else None
+
+    return wait_for(check, timeout, 0.05, f"job {job_id} in {wanted}")
+
+
+def test_seed_frontend_flow(server: Server) -> None:
+    """POST /api/ai_chat_async, then poll once a second until `completed`, as the seed does."""
+    with server.client() as client:
+        started = time.perf_counter()
+        answer = client.post("/api/ai_chat_async", json={
+            "messages": [{"role": "user", "content": "How is the CPU?"}], "session_id": "s1"})
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body["status"] == "processing" and p.is_valid_id(body["job_id"])
+        assert time.perf_counter() - started < 2.0
+        seen = []
+        for _ in range(30):
+            result = client.get(f"/api/ai_chat_result/{body['job_id']}").json()
+            seen.append(result["status"])
+            if result["status"] in ("completed", "error"):
+                break
+            time.sleep(1)
+    assert result == {"status": "completed", "reply": "The CPU is fine.", "message": None}
+    assert seen[0] == "processing"
+
+
+def test_chat_result_errors_and_unknown_ids(make_server: MakeServer) -> None:
+    server = make_server(env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    with server.client() as client:
+        job_id = client.post("/api/ai_chat_async", json={
+            "messages": [{"role": "user", "content": "hi"}]}).json()["job_id"]
+        result = wait_for(lambda: (r := client.get(f"/api/ai_chat_result/{job_id}").json())
+                          ["status"] != "processing" and r, 30)
+        assert result["status"] == "error"
+        assert "LLM server not reachable at http://127.0.0.1:9" in result["message"]
+        assert client.get(f"/api/ai_chat_result/{'0' * 32}").json() == {
+            "status": "not_found", "reply": None, "message": None}
+        bad = client.get("/api/ai_chat_result/not-an-id")
+        assert bad.status_code == 404 and bad.json()["status"] == "not_found"
+        empty = client.post("/api/ai_chat_async", json={"messages": []})
+        assert empty.status_code == 422
+        assert "messages" in empty.json()["detail"]
+
+
+def test_submit_get_list_and_log(server: Server) -> None:
+    with server.client() as client:
+        answer = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0.5}})
+        assert answer.status_code == 202
+        job = answer.json()
+        assert answer.headers["location"] == f"/api/jobs/{job['id']}"
+        assert job["state"] == "queued" and job["input"] == {"seconds": 0.5}
+        final = wait_job(client, job["id"])
+        assert final["state"] == "completed"
+        assert final["result"]["slept_s"] == 0.5
+        client.post("/api/jobs", json={"kind": "sleep", "input": {"fail": "bad luck"}})
+        listed = client.get("/api/jobs", params={"kind": "sleep"}).json()["jobs"]
+        assert listed[-1]["id"] == job["id"], "newest first"
+        failed = wait_for(lambda: client.get("/api/jobs", params={"state": "failed"})
+                          .json()["jobs"], 30)
+        assert failed[0]["error"]["message"] == "bad luck"
+        log = client.get(f"/api/jobs/{failed[0]['id']}/log")
+        assert log.status_code == 200 and log.headers["content-type"].startswith("text/plain")
+        assert "error: bad luck" in log.text
+
+
+def test_cancel_running_queued_and_finished(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1"})
+    with server.client() as client:
+        running = client.post("/api/jobs", json={
+            "kind": "sleep", "input": {"seconds": 60, "spawn_child": True}}).json()
+        queued = client.post("/api/jobs", json={"kind": "sleep", "input": {}}).json()
+        job = wait_for(lambda: (j := client.get(f"/api/jobs/{running['id']}").json())
+                       .get("pid") and j["progress"] and j, 30)
+        assert client.get(f"/api/jobs/{queued['id']}").json()["queue_position"] == 0
+
+        answer = client.delete(f"/api/jobs/{queued['id']}")
+        assert answer.status_code == 200 and answer.json()["state"] == "cancelled"
+        answer = client.delete(f"/api/jobs/{running['id']}")
+        assert answer.status_code == 200 and answer.json()["state"] == "cancelled"
+        wait_for(lambda: process_gone(job["pid"]), 10)
+        again = client.delete(f"/api/jobs/{running['id']}")
+        assert again.status_code == 409
+        assert "already finished" in again.json()["detail"]
+        assert client.get(f"/api/jobs/{queued['id']}").json()["started_at"] is None
+
+
+def test_events_stream_every_change_and_close(server: Server) -> None:
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"kind": "sleep",
+                                             "input": {"seconds": 1.5, "steps": 5}}).json()
+        events = []
+        with client.stream("GET", f"/api/jobs/{job['id']}/events") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+    states = [e["state"] for e in events]
+    assert states[-1] == "completed", "the stream closes after the final state"
+    assert "running" in states
+    fractions = [e["progress"]["fraction"] for e in events if e["progress"]]
+    assert len(set(fractions)) >= 4, f"every progress write should reach the stream: {fractions}"
+    assert fractions == sorted(fractions)
+
+
+def test_chat_output_streams_over_events(server: Server) -> None:
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"kind": "chat", "input": {
+            "messages": [{"role": "user", "content": "cpu?"}]}}).json()
+        outputs = []
+        with client.stream("GET", f"/api/jobs/{job['id']}/events") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    outputs.append(json.loads(line[6:])["output"])
+    assert outputs[-1] == "The CPU is fine."
+    assert len({o for o in outputs if o}) >= 3, f"partial output should stream: {outputs}"
+
+
+BAD_PATHS = ["/api/jobs/..%2F..%2Fetc%2Fpasswd", "/api/jobs/ABCDEF" + "0" * 26,
+             "/api/jobs/" + "a" * 31, "/api/jobs/" + "a" * 33, "/api/jobs/%2e%2e",
+             "/api/jobs/" + "a" * 32 + "%00"]
+
+
+@pytest.mark.parametrize("path", BAD_PATHS)
+def test_bad_ids_are_404_for_every_job_route(server: Server, path: str) -> None:
+    with server.client() as client:
+        for method, suffix in [("GET", ""), ("DELETE", ""), ("GET", "/log"),
+                               ("GET", "/events")]:
+            answer = client.request(method, path + suffix)
+            assert answer.status_code == 404, (method, path + suffix, answer.text)
+            assert "detail" in answer.json()
+
+
+def test_bad_bodies_get_clear_4xx(server: Server) -> None:
+    with server.client() as client:
+        cases: list[tuple[Any, int, str]] = [
+            ({"kind": "nope"}, 422, "known kinds: chat, sleep"),
+            ({"kind": "sleep", "input": {"seconds": "x"}}, 422, "input.seconds"),
+            ({"kind": "sleep", "timeout_s": -1}, 422, "timeout_s"),
+            ({"kind": "sleep", "extra": 1}, 422, "extra"),
+            ({"kind": "chat", "input": {"messages": [{"role": "robot", "content": "x"}]}},
+             422, "role"),
+            ("not json", 422, "invalid request"),
+        ]
+        for body, status, needle in cases:
+            if isinstance(body, str):
+                answer = client.post("/api/jobs", content=body,
+                                     headers={"content-type": "application/json"})
+            else:
+                answer = client.post("/api/jobs", json=body)
+            assert answer.status_code == status, (body, answer.text)
+            assert needle in answer.json()["detail"], (body, answer.text)
+        huge = {"kind": "sleep", "input": {"fail": "x" * 2_000_000}}
+        answer = client.post("/api/jobs", json=huge)
+        assert answer.status_code == 413
+        assert "too large" in answer.json()["detail"]
+
+        def chunks() -> Iterator[bytes]:
+            yield b'{"kind": "sleep", "input": {"fail": "'
+            for _ in range(300):
+                yield b"x" * 10_000
+            yield b'"}}'
+
+        chunked = client.post("/api/jobs", content=chunks(),
+                              headers={"content-type": "application/json"})
+        assert chunked.status_code == 413
+    assert not list((server.data_dir / "jobs").glob("*.json")), "nothing was stored"
+
+
+def test_idempotency_key_returns_the_first_job(server: Server) -> None:
+    with server.client() as client:
+        body = {"kind": "sleep", "input": {"seconds": 0.1}}
+        first = client.post("/api/jobs", json=body, headers={"Idempotency-Key": "abc-1"})
+        second = client.post("/api/jobs", json=body, headers={"Idempotency-Key": "abc-1"})
+        assert first.status_code == second.status_code == 202
+        assert first.json()["id"] == second.json()["id"]
+        other = client.post("/api/jobs", json={**body, "input": {"seconds": 0.2}},
+                            headers={"Idempotency-Key": "abc-1"})
+        assert other.status_code == 422
+        assert "Idempotency-Key" in other.json()["detail"]
+        assert len(client.get("/api/jobs").json()["jobs"]) == 1
+
+
+def test_token_required_on_every_api_route(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_API_TOKEN": "s3cret-token"})
+    job_path = f"/api/jobs/{'0' * 32}"
+    routes = [("GET", "/api/health"), ("GET", "/api/history"), ("GET", "/api/jobs"),
+              ("POST", "/api/jobs"), ("GET", job_path), ("DELETE", job_path),
+              ("GET", job_path + "/log"), ("GET", job_path + "/events"),
+              ("POST", "/api/ai_chat_async"), ("GET", f"/api/ai_chat_result/{'0' * 32}")]
+    with server.client() as client:
+        for method, path in routes:
+            for headers in ({}, {"Authorization": "Bearer wrong"},
+                            {"Authorization": "s3cret-token"}):
+                answer = client.request(method, path, headers=headers)
+                assert answer.status_code == 401, (method, path, headers)
+                assert "OFFLOAD_API_TOKEN" in answer.json()["detail"]
+                assert "s3cret" not in answer.text
+        ok = client.get("/api/health", headers={"Authorization": "Bearer s3cret-token"})
+        assert ok.status_code == 200
+        assert client.get("/docs").status_code == 200
+
+
+def test_unwritable_data_folder_answers_503(server: Server) -> None:
+    import subprocess
+
+    jobs_dir = server.data_dir / "jobs"
+    with server.client() as client:
+        kept = client.post("/api/jobs", json={"kind": "sleep"}).json()
+        wait_job(client, kept["id"])
+        before = {f.name: f.read_bytes() for f in jobs_dir.iterdir()}
+        subprocess.run(["chattr", "+i", str(jobs_dir)], check=True)
+        try:
+            answer = client.post("/api/jobs", json={"kind": "sleep"})
+            assert answer.status_code == 503
+            assert "data folder" in answer.json()["detail"]
+            chat = client.post("/api/ai_chat_async",
+                               json={"messages": [{"role": "user", "content": "x"}]})
+            assert chat.status_code == 503
+            assert client.get(f"/api/jobs/{kept['id']}").json()["state"] == "completed"
+            assert client.get("/api/jobs").status_code == 200
+        finally:
+            subprocess.run(["chattr", "-i", str(jobs_dir)], check=True)
+        assert {f.name: f.read_bytes() for f in jobs_dir.iterdir()} == before
+        again = client.post("/api/jobs", json={"kind": "sleep"})
+        assert again.status_code == 202
+
+
+def test_history_and_health(server: Server) -> None:
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"kind": "sleep"}).json()
+        wait_job(client, job["id"])
+        history = wait_for(lambda: (h := client.get("/api/history").json())
+                           ["metrics"]["samples"][2:] and h, 15)
+        sample = history["metrics"]["samples"][-1]
+        assert 0 <= sample["cpu"] <= 100 and 0 < sample["mem"] < 100
+        assert sample["t"] == pytest.approx(time.time(), abs=5)
+        assert history["jobs"][0]["id"] == job["id"]
+        assert history["counts"]["completed"] == 1
+        health = client.get("/api/health").json()
+        assert health["status"] == "ok" and health["max_concurrent"] == 4
+        assert health["running"] == 0 and health["queued"] == 0
+        assert health["llm"]["provider"] == "openai-compatible"
+        assert health["llm"]["ready"] is True
+
+
+def test_history_survives_a_restart(make_server: MakeServer) -> None:
+    first = make_server()
+    with first.client() as client:
+        samples = wait_for(lambda: client.get("/api/history").json()["metrics"]["samples"][2:],
+                           15)
+    first.stop()
+    second = make_server()
+    with second.client() as client:
+        after = client.get("/api/history").json()["metrics"]["samples"]
+    assert samples[0] in after
+
+
+def test_stopping_the_api_leaves_runners_and_next_start_adopts_them(
+        make_server: MakeServer, data_dir: Path) -> None:
+    first = make_server()
+    with first.client() as client:
+        ids = [client.post("/api/jobs", json={"kind": "sleep",
+                                              "input": {"seconds": 3}}).json()["id"]
+               for _ in range(3)]
+        jobs = [wait_job(client, i, "running") for i in ids]
+    first.stop()
+    assert all(psutil.pid_exists(j["pid"]) for j in jobs), "runners outlive the API"
+    second = make_server()
+    with second.client() as client:
+        finals = [wait_job(client, i) for i in ids]
+    assert [f["state"] for f in finals] == ["completed"] * 3
+    assert [f["pid"] for f in finals] == [j["pid"] for j in jobs], "adopted, not restarted"
