@@ -185,7 +185,7 @@ def main(argv: list[str]) -> int:
         STAMP.unlink(missing_ok=True)
     ensure_venv()
     if argv[:1] == ["test"]:
-        install({"test", "llm"})
+        install({"test", "bench", "llm"})
         cmd = [str(venv_python()), "-m", "pytest", *argv[1:]]
         return subprocess.call(cmd, cwd=ROOT)
     install({"llm"})

@@ -107,10 +107,17 @@ class SleepInput(BaseModel):
     fail: str | None = Field(None, max_length=1000)
 
 
+def _known_kinds(schema: dict[str, Any]) -> None:
+    from jobs.kinds import REGISTRY  # late: the registry imports these models
+
+    # Documented as an enum; checked in the service, whose 422 lists the known kinds.
+    schema["enum"] = sorted(REGISTRY)
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(max_length=64, examples=["chat", "sleep"])
+    kind: str = Field(max_length=64, json_schema_extra=_known_kinds)
     input: dict[str, Any] = Field(default_factory=dict)
     timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
 
