@@ -3,13 +3,18 @@
 Standard library only: runners import this module and nothing else of `jobs`, so
 they start fast. Field names, state names and file names live here, once.
 
-A job's files, all in one folder:
-  <id>.json  the job (state, progress, output, result); one writer at a time
-  <id>.log   the runner's stdout and stderr
-  <id>.stop  a stop request: {"reason": "cancelled" | "timeout"}; written by the API
+Each job has a folder of its own, `<data>/jobs/<id>/`:
+  job.json   the job (state, progress, output, result); one writer at a time
+  job.log    the runner's stdout and stderr
+  stop.json  a stop request: {"reason": "cancelled" | "timeout"}; written by the API
              or the supervisor, read by the runner when it is signalled
-  <id>.run   the launch record: {"pid": ..., "create_time": ...}; written by the
+  run.json   the launch record: {"pid": ..., "create_time": ...}; written by the
              supervisor only, so an adopting supervisor knows what was launched
+
+A folder per job, not all files in one: every atomic write renames inside the folder
+it writes, and a rename locks its folder. With all jobs in one folder, listing it
+waited for the renames of fifty low-priority runners (200-600 ms measured here, the
+kernel's directory lock inverting their priority); with a folder each it takes 0.1 ms.
 """
 
 from __future__ import annotations
@@ -69,10 +74,10 @@ JOB_FIELDS = (
     F_RESOURCES, F_INPUT, F_CREATED_NS,
 )
 
-JOB_SUFFIX = ".json"
-LOG_SUFFIX = ".log"
-STOP_SUFFIX = ".stop"
-RUN_SUFFIX = ".run"
+JOB_FILE = "job.json"
+LOG_FILE = "job.log"
+STOP_FILE = "stop.json"
+RUN_FILE = "run.json"
 TMP_SUFFIX = ".tmp"
 
 _HEX = frozenset("0123456789abcdef")
@@ -123,19 +128,20 @@ def parse_iso(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def job_path(folder: StrPath, job_id: str) -> str:
+def job_path(jobs_folder: StrPath, job_id: str) -> str:
+    """`<jobs>/<id>/job.json`; raises ValueError for anything that is not a job id."""
     if not is_valid_id(job_id):
         raise ValueError(f"not a job id: {job_id!r}")
-    return os.path.join(folder, f"{job_id}{JOB_SUFFIX}")
+    return os.path.join(jobs_folder, job_id, JOB_FILE)
 
 
-def sibling(job_file: StrPath, suffix: str) -> str:
+def sibling(job_file: StrPath, name: str) -> str:
     """The log, stop or run file that belongs to a job file."""
-    return os.path.splitext(os.fspath(job_file))[0] + suffix
+    return os.path.join(os.path.dirname(os.fspath(job_file)), name)
 
 
 def id_of(job_file: StrPath) -> str:
-    return os.path.splitext(os.path.basename(job_file))[0]
+    return os.path.basename(os.path.dirname(os.path.abspath(job_file)))
 
 
 def new_job(job_id: str, kind: str, job_input: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -220,12 +226,12 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
 
 def request_stop(job_file: StrPath, reason: str) -> None:
     """Leave a stop request for a runner (or a queued job) to find."""
-    write_json(sibling(job_file, STOP_SUFFIX), {"reason": reason, "at": now_iso()})
+    write_json(sibling(job_file, STOP_FILE), {"reason": reason, "at": now_iso()})
 
 
 def stop_reason(job_file: StrPath) -> str | None:
     try:
-        data = read_json(sibling(job_file, STOP_SUFFIX))
+        data = read_json(sibling(job_file, STOP_FILE))
     except CorruptJobFile:
         return CANCELLED
     if data is None:
@@ -237,7 +243,7 @@ def stop_reason(job_file: StrPath) -> str | None:
 def log_tail(job_file: StrPath, max_lines: int = 20, max_bytes: int = 4096) -> str:
     """The last lines of a job's log, for error messages."""
     try:
-        with open(sibling(job_file, LOG_SUFFIX), "rb") as f:
+        with open(sibling(job_file, LOG_FILE), "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - max_bytes))

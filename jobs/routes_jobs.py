@@ -45,7 +45,7 @@ async def list_jobs(service: Service, state: JobState | None = None,
                     kind: Annotated[str | None, Query(max_length=64)] = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
     """Jobs, newest first."""
-    jobs = await service.list(state.value if state else None, kind, limit)
+    jobs = await service.list_jobs(state.value if state else None, kind, limit)
     return {"jobs": jobs}
 
 

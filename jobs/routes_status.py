@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from jobs import protocol as p
 from jobs.guards import require_token
 from jobs.history import MetricsReader, short_job
+from jobs.keeper import SupervisorKeeper
 from jobs.llm_status import LLMStatus
 from jobs.routes_jobs import Service
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S
@@ -26,11 +27,11 @@ async def history(request: Request, service: Service,
     """Machine metrics (CPU and memory, about one sample a second), recent jobs, counts."""
     reader: MetricsReader = request.app.state.metrics
     samples = await run_in_threadpool(reader.read, seconds)
-    recent = await service.list(None, None, jobs) if jobs else []
+    recent, counts = await service.overview(jobs)
     return {
         "metrics": {"interval_s": HISTORY_SAMPLE_S, "samples": samples},
         "jobs": [short_job(job) for job in recent],
-        "counts": await service.counts(),
+        "counts": counts,
     }
 
 
@@ -38,11 +39,12 @@ async def history(request: Request, service: Service,
 async def health(request: Request, service: Service) -> dict[str, Any]:
     counts = await service.counts()
     llm: LLMStatus = request.app.state.llm
+    keeper: SupervisorKeeper = request.app.state.keeper
     return {
         "status": "ok", "version": VERSION,
         "running": counts[p.RUNNING], "queued": counts[p.QUEUED],
         "max_concurrent": service.settings.max_concurrent,
-        "supervisor": "here" if service.supervisor.is_leader else "another worker",
+        "supervisor": "running" if await run_in_threadpool(keeper.led) else "starting",
         "llm": llm.as_dict(),
     }
 

@@ -20,7 +20,7 @@ from jobs import protocol as p
 from jobs.kinds import REGISTRY
 from jobs.settings import CANCEL_WAIT_S, Settings
 from jobs.store import JobNotFound, JobStore, StoreUnavailable, UnknownKind
-from jobs.supervisor import Supervisor
+from jobs.supervisor import poke
 
 LOG_MAX_BYTES = 1_000_000  # /log returns at most the last megabyte
 
@@ -40,10 +40,9 @@ class IdempotencyConflict(ValueError):
 
 
 class JobService:
-    def __init__(self, settings: Settings, store: JobStore, supervisor: Supervisor) -> None:
+    def __init__(self, settings: Settings, store: JobStore) -> None:
         self.settings = settings
         self.store = store
-        self.supervisor = supervisor
         self._idem_dir = settings.data_dir / "idempotency"
 
     # -- submit ------------------------------------------------------------------------
@@ -53,7 +52,7 @@ class JobService:
         job_input = validate_input(kind, job_input)
         timeout = timeout_s or self.settings.job_timeout_s
         job = await run_in_threadpool(self._submit, kind, job_input, timeout, idempotency_key)
-        self.supervisor.poke()
+        poke(self.store.dir)
         return job
 
     def _submit(self, kind: str, job_input: dict[str, Any], timeout_s: float,
@@ -108,11 +107,20 @@ class JobService:
             job[p.F_QUEUE_POSITION] = self.store.queue_position(job_id)
         return job
 
-    async def list(self, state: str | None, kind: str | None, limit: int) -> list[dict[str, Any]]:
-        return await run_in_threadpool(self.store.list, state, kind, limit)
+    async def list_jobs(self, state: str | None, kind: str | None,
+                        limit: int) -> list[dict[str, Any]]:
+        return await run_in_threadpool(self.store.list_jobs, state, kind, limit)
 
     async def counts(self) -> dict[str, int]:
         return await run_in_threadpool(self.store.counts)
+
+    async def overview(self, limit: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """The newest jobs and the counts by state, from one look at the folder."""
+        return await run_in_threadpool(self._overview, limit)
+
+    def _overview(self, limit: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        jobs = self.store.scan()
+        return self.store.list_jobs(limit=limit, jobs=jobs), self.store.counts(jobs)
 
     async def log(self, job_id: str) -> str:
         return await run_in_threadpool(self._log, job_id)
@@ -122,7 +130,7 @@ class JobService:
         if not path.exists():
             raise JobNotFound(job_id)
         try:
-            with open(p.sibling(path, p.LOG_SUFFIX), "rb") as f:
+            with open(p.sibling(path, p.LOG_FILE), "rb") as f:
                 f.seek(0, os.SEEK_END)
                 size = f.tell()
                 f.seek(max(0, size - LOG_MAX_BYTES))
@@ -140,7 +148,7 @@ class JobService:
         if job.get(p.F_STATE) in p.FINAL_STATES:
             raise AlreadyFinished(job)
         await run_in_threadpool(self.store.request_cancel, job_id)
-        self.supervisor.poke()
+        poke(self.store.dir)
         deadline = time.monotonic() + self.settings.stop_grace_s + CANCEL_WAIT_S
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -59,7 +60,7 @@ class JobStore:
     def path(self, job_id: str) -> Path:
         if not p.is_valid_id(job_id):
             raise JobNotFound(job_id)
-        return self.dir / f"{job_id}{p.JOB_SUFFIX}"
+        return self.dir / job_id / p.JOB_FILE
 
     def create(self, kind: str, job_input: dict[str, Any], timeout_s: float,
                job_id: str | None = None) -> dict[str, Any]:
@@ -67,9 +68,11 @@ class JobStore:
             raise UnknownKind(kind)
         job_id = job_id or p.new_id()
         data = p.new_job(job_id, kind, job_input, timeout_s)
+        path = self.path(job_id)
         try:
             self.ensure_dir()
-            p.write_json(self.path(job_id), data)
+            path.parent.mkdir()
+            p.write_json(path, data)
         except OSError as exc:
             reason = exc.strerror or exc
             raise StoreUnavailable(f"cannot store the job in {self.dir}: {reason}") from exc
@@ -111,40 +114,37 @@ class JobStore:
         except FileNotFoundError:
             entries = []
         for entry in entries:
-            name = entry.name
-            if not name.endswith(p.JOB_SUFFIX) or name.startswith("."):
-                continue
-            job_id = name[: -len(p.JOB_SUFFIX)]
+            job_id = entry.name
             if not p.is_valid_id(job_id):
                 continue
-            data = self._cached_read(job_id, entry)
+            data = self._cached_read(job_id, os.path.join(entry.path, p.JOB_FILE))
             if data is not None:
                 seen.add(job_id)
                 yield data
         for gone in self._cache.keys() - seen:
             self._cache.pop(gone, None)
 
-    def _cached_read(self, job_id: str, entry: os.DirEntry[str]) -> dict[str, Any] | None:
+    def _cached_read(self, job_id: str, path: str) -> dict[str, Any] | None:
         try:
-            st = entry.stat()
-        except FileNotFoundError:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
             return None
         cached = self._cache.get(job_id)
         if cached and cached.mtime_ns == st.st_mtime_ns and cached.size == st.st_size:
             return cached.data
         try:
-            data = p.read_json(Path(entry.path))
+            data = p.read_json(path)
         except p.CorruptJobFile as exc:
-            data = _corrupt(job_id, Path(entry.path), str(exc))
+            data = _corrupt(job_id, Path(path), str(exc))
         if data is None:
             return None
         self._cache[job_id] = _Cached(st.st_mtime_ns, st.st_size, data)
         return data
 
-    def list(self, state: str | None = None, kind: str | None = None,
-             limit: int = 100) -> list[dict[str, Any]]:
+    def list_jobs(self, state: str | None = None, kind: str | None = None, limit: int = 100,
+             jobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Newest first, with queue positions filled in for queued jobs."""
-        jobs = self.scan()
+        jobs = self.scan() if jobs is None else jobs
         positions = _queue_positions(jobs)
         selected = [
             dict(j, **{p.F_QUEUE_POSITION: positions.get(j[p.F_ID])})
@@ -158,9 +158,9 @@ class JobStore:
     def queue_position(self, job_id: str) -> int | None:
         return _queue_positions(self.scan()).get(job_id)
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, jobs: list[dict[str, Any]] | None = None) -> dict[str, int]:
         counts = dict.fromkeys(p.STATES, 0)
-        for job in self.scan():
+        for job in self.scan() if jobs is None else jobs:
             state = job.get(p.F_STATE)
             if state in counts:
                 counts[str(state)] += 1
@@ -184,14 +184,14 @@ class JobStore:
         return removed
 
     def remove(self, job_id: str) -> None:
-        path = self.path(job_id)
-        for suffix in (p.LOG_SUFFIX, p.STOP_SUFFIX, p.RUN_SUFFIX, p.JOB_SUFFIX):
-            try:
-                os.unlink(p.sibling(path, suffix))
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("could not remove %s%s: %s", job_id, suffix, exc)
+        """Delete the job's folder: job file, log, stop and run records."""
+        folder = self.path(job_id).parent
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove job %s: %s", job_id, exc)
         self._cache.pop(job_id, None)
 
 

@@ -12,6 +12,7 @@ thread, so the event loop never waits on a spawn, a file write or a kill.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -37,7 +38,6 @@ from jobs.store import JobStore
 log = logging.getLogger(__name__)
 
 _ADOPT_START_TOLERANCE_S = 5.0
-_TMP_MAX_AGE_S = 3600.0
 
 
 @dataclass
@@ -65,8 +65,8 @@ class Supervisor:
         self.grace_s = grace_s
         self.runner_env = runner_env or {}
         self.kinds = kinds or KINDS
-        self._lock = FileLock(str(jobs_dir.parent / "supervisor.lock"), thread_local=False)
-        self._wake_file = jobs_dir.parent / "supervisor.wake"
+        self._lock = FileLock(str(lock_file(jobs_dir)), thread_local=False)
+        self._wake_file = wake_file(jobs_dir)
         self.is_leader = False
         self._queued: dict[str, tuple[int, str]] = {}  # id -> FIFO key
         self._running: dict[str, _Tracked] = {}
@@ -86,20 +86,35 @@ class Supervisor:
 
     # -- driving -------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Run until cancelled. Runners keep running when this stops."""
+    async def run(self, lead_within_s: float | None = None) -> None:
+        """Run until cancelled (runners keep running when this stops). With
+        `lead_within_s`, return if another supervisor still leads after that long."""
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
+        give_up_at = None if lead_within_s is None else time.monotonic() + lead_within_s
         try:
             while True:
+                if give_up_at is not None and not self.is_leader and time.monotonic() > give_up_at:
+                    log.info("another supervisor leads %s; leaving", self.dir)
+                    return
                 self._event.clear()
-                try:
-                    await asyncio.to_thread(self.tick)
-                except Exception:
-                    log.exception("supervisor pass failed; retrying")
+                await self._pass()
                 await self._sleep(SUPERVISOR_INTERVAL_S if self.is_leader else LEADER_RETRY_S)
         finally:
             self.release()
+
+    async def _pass(self) -> None:
+        """One tick in a worker thread. Cancelled meanwhile, it still waits for the tick
+        to end, so a stopped supervisor never launches after it released the lock."""
+        tick = asyncio.get_running_loop().run_in_executor(None, self.tick)
+        try:
+            await asyncio.shield(tick)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await tick
+            raise
+        except Exception:
+            log.exception("supervisor pass failed; retrying")
 
     async def _sleep(self, delay: float) -> None:
         """Until `delay` passes, `wake()` is called, or another process pokes us."""
@@ -119,14 +134,8 @@ class Supervisor:
         """Wake the leading supervisor, whichever process it lives in."""
         if self.is_leader:
             self.wake()
-            return
-        try:
-            with open(self._wake_file, "ab") as f:
-                f.write(b".")
-            if os.path.getsize(self._wake_file) > 4096:
-                os.truncate(self._wake_file, 0)
-        except OSError as exc:
-            log.debug("cannot poke the supervisor: %s", exc)
+        else:
+            poke(self.dir)
 
     def wake(self) -> None:
         """Ask for a pass now (a job was submitted, cancelled, or a runner exited)."""
@@ -182,20 +191,14 @@ class Supervisor:
         return True
 
     def _scan(self) -> tuple[set[str], set[str]]:
-        jobs: set[str] = set()
-        stops: set[str] = set()
+        """The jobs on disk, and which of the live ones have a stop request."""
         try:
-            names = os.listdir(self.dir)
+            jobs = {name for name in os.listdir(self.dir) if p.is_valid_id(name)}
         except FileNotFoundError:
-            return jobs, stops
-        for name in names:
-            stem, dot, suffix = name.partition(".")
-            if not dot or not p.is_valid_id(stem):
-                continue
-            if suffix == "json":
-                jobs.add(stem)
-            elif suffix == "stop":
-                stops.add(stem)
+            return set(), set()
+        live = (self._queued.keys() | self._running.keys()) & jobs
+        stops = {job_id for job_id in live
+                 if os.path.exists(p.sibling(self._file(job_id), p.STOP_FILE))}
         return jobs, stops
 
     def _discover(self, job_ids: set[str]) -> None:
@@ -227,7 +230,7 @@ class Supervisor:
         """A job launched by an earlier supervisor: watch it if alive, else it is lost."""
         job_file = self._file(job_id)
         try:
-            record = p.read_json(p.sibling(job_file, p.RUN_SUFFIX)) or {}
+            record = p.read_json(p.sibling(job_file, p.RUN_FILE)) or {}
         except p.CorruptJobFile:
             record = {}
         pid = record.get("pid") or data.get(p.F_PID)
@@ -289,10 +292,10 @@ class Supervisor:
             data = None
         if data is None or data.get(p.F_STATE) != p.QUEUED:
             return
-        if os.path.exists(p.sibling(job_file, p.STOP_SUFFIX)):
+        if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
             self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED, "cancelled before it started")
             return
-        run_file = p.sibling(job_file, p.RUN_SUFFIX)
+        run_file = p.sibling(job_file, p.RUN_FILE)
         try:
             # Claim first: a supervisor that dies right here leaves a job that is lost,
             # never one that runs twice.
@@ -308,13 +311,13 @@ class Supervisor:
         if isinstance(timeout, (int, float)) and timeout > 0:
             deadline = time.monotonic() + float(timeout)
         self._running[job_id] = _Tracked(runner, job_file, deadline)
-        if runner.popen is not None:
+        if runner.child is not None:
             threading.Thread(target=self._wait_exit, args=(runner,), daemon=True,
                              name=f"wait-{job_id[:8]}").start()
 
     def _wait_exit(self, runner: launcher.Runner) -> None:
-        assert runner.popen is not None
-        runner.popen.wait()
+        assert runner.child is not None
+        runner.child.wait()
         self.wake()
 
     def _start_stop(self, tracked: _Tracked, reason: str) -> None:
@@ -394,27 +397,32 @@ class Supervisor:
         removed = self.store.prune(self.retention_s)
         if removed:
             log.info("pruned %d finished jobs older than %.0f h", removed, self.retention_s / 3600)
-        self._remove_stale_temp_files()
-
-    def _remove_stale_temp_files(self) -> None:
-        cutoff = time.time() - _TMP_MAX_AGE_S
-        try:
-            entries = list(os.scandir(self.dir))
-        except OSError:
-            return
-        for entry in entries:
-            if entry.name.startswith(".") and entry.name.endswith(p.TMP_SUFFIX):
-                try:
-                    if entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
-                except OSError:
-                    pass  # a writer renamed or removed it meanwhile; fine
 
     def _launched(self, job_id: str) -> bool:
-        return os.path.exists(p.sibling(self._file(job_id), p.RUN_SUFFIX))
+        return os.path.exists(p.sibling(self._file(job_id), p.RUN_FILE))
 
     def _file(self, job_id: str) -> Path:
         return Path(p.job_path(self.dir, job_id))
+
+
+def wake_file(jobs_dir: Path) -> Path:
+    return jobs_dir.parent / "supervisor.wake"
+
+
+def lock_file(jobs_dir: Path) -> Path:
+    return jobs_dir.parent / "supervisor.lock"
+
+
+def poke(jobs_dir: Path) -> None:
+    """Wake the leading supervisor from any process: it watches this file's mtime."""
+    path = wake_file(jobs_dir)
+    try:
+        with open(path, "ab") as f:
+            f.write(b".")
+            if f.tell() > 4096:
+                f.truncate(0)
+    except OSError as exc:
+        log.debug("cannot poke the supervisor: %s", exc)
 
 
 def _mtime_ns(path: Path) -> int:
@@ -440,19 +448,3 @@ def _create_time_near(pid: int, started_at: object) -> float | None:
     except Exception:
         return None
     return created if abs(created - started) < _ADOPT_START_TOLERANCE_S else None
-
-
-def main() -> None:
-    """`python -m jobs.supervisor`: run a supervisor in the foreground."""
-    from jobs.settings import get_settings
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    supervisor = Supervisor.from_settings(get_settings())
-    try:
-        asyncio.run(supervisor.run())
-    except KeyboardInterrupt:
-        pass
-
-
-if __name__ == "__main__":
-    main()

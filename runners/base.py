@@ -348,6 +348,9 @@ def run_job_file(path: str, execute: Execute, force: bool = False) -> int:
               "pass --force to run it again", file=sys.stderr)
         return EXIT_USAGE
     stopper = _Stopper(path)
+    if hasattr(signal, "SIGHUP"):
+        # The API's terminal closing must not end the job (it is not a new session).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     timeout = data.get(p.F_TIMEOUT_S)
     stopper.install(float(timeout) if isinstance(timeout, (int, float)) else None)
     data.update({

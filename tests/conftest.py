@@ -41,7 +41,7 @@ def _kill_leftover_runners(jobs_dir: Path) -> None:
     """Whatever a failed test left running must not outlive it."""
     if not jobs_dir.exists():
         return
-    for run_file in jobs_dir.glob("*.run"):
+    for run_file in jobs_dir.glob("*/run.json"):
         with contextlib.suppress(Exception):
             pid = (p.read_json(run_file) or {}).get("pid")
             if isinstance(pid, int) and psutil.pid_exists(pid):

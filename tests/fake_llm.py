@@ -10,9 +10,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # a burst of 50 chats connects at once
+
+
 class FakeLLM:
     def __init__(self, pieces: list[str] | None = None, delay_s: float = 0.05,
-                 status: int = 200, error_body: str = "") -> None:
+                 status: int = 200, error_body: str = "", port: int = 0) -> None:
         self.pieces = pieces or ["Hello", ", ", "world", "."]
         self.delay_s = delay_s
         self.status = status
@@ -56,8 +61,7 @@ class FakeLLM:
                 done = {"model": "fake", "choices": [{"delta": {}, "finish_reason": "stop"}]}
                 self.wfile.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -71,3 +75,20 @@ class FakeLLM:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def main() -> None:
+    """`python -m tests.fake_llm --port P`: serve until killed (benchmarks use it)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--pieces", type=int, default=40)
+    parser.add_argument("--delay", type=float, default=0.1)
+    args = parser.parse_args()
+    fake = FakeLLM(pieces=["tok "] * args.pieces, delay_s=args.delay, port=args.port)
+    fake.server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -202,7 +202,7 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
         chunked = client.post("/api/jobs", content=chunks(),
                               headers={"content-type": "application/json"})
         assert chunked.status_code == 413
-    assert not list((server.data_dir / "jobs").glob("*.json")), "nothing was stored"
+    assert not list((server.data_dir / "jobs").glob("*/job.json")), "nothing was stored"
 
 
 def test_idempotency_key_returns_the_first_job(server: Server) -> None:
@@ -246,7 +246,7 @@ def test_unwritable_data_folder_answers_503(server: Server) -> None:
     with server.client() as client:
         kept = client.post("/api/jobs", json={"kind": "sleep"}).json()
         wait_job(client, kept["id"])
-        before = {f.name: f.read_bytes() for f in jobs_dir.iterdir()}
+        before = {f: f.read_bytes() for f in jobs_dir.rglob("*") if f.is_file()}
         subprocess.run(["chattr", "+i", str(jobs_dir)], check=True)
         try:
             answer = client.post("/api/jobs", json={"kind": "sleep"})
@@ -259,7 +259,7 @@ def test_unwritable_data_folder_answers_503(server: Server) -> None:
             assert client.get("/api/jobs").status_code == 200
         finally:
             subprocess.run(["chattr", "-i", str(jobs_dir)], check=True)
-        assert {f.name: f.read_bytes() for f in jobs_dir.iterdir()} == before
+        assert {f: f.read_bytes() for f in jobs_dir.rglob("*") if f.is_file()} == before
         again = client.post("/api/jobs", json={"kind": "sleep"})
         assert again.status_code == 202
 

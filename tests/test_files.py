@@ -64,11 +64,12 @@ def test_corrupt_job_file_reads_as_failed_and_listing_keeps_working(data_dir: Pa
     store = JobStore(data_dir / "jobs")
     good = store.create("sleep", {}, 10)["id"]
     broken = "b" * 32
-    (data_dir / "jobs" / f"{broken}.json").write_text("{not json")
+    (data_dir / "jobs" / broken).mkdir()
+    (data_dir / "jobs" / broken / p.JOB_FILE).write_text("{not json")
     job = store.get(broken)
     assert job.state.value == "failed"
     assert job.error is not None and job.error.type.value == "corrupt"
-    assert {j["id"] for j in store.list()} == {good, broken}
+    assert {j["id"] for j in store.list_jobs()} == {good, broken}
 
 
 @pytest.fixture
@@ -94,8 +95,8 @@ BAD_IDS = ["../x", "..%2Fx", "..\\x", "A" * 32, "a" * 31, "a" * 33, "g" * 32, ""
 def test_bad_ids_never_reach_the_file_system(data_dir: Path, bad: str,
                                              opened_paths: list[str]) -> None:
     # A real job file where a traversal would land, to prove it is not read.
-    (data_dir / "x.json").parent.mkdir(parents=True, exist_ok=True)
-    (data_dir / "x.json").write_text(json.dumps(p.new_job("c" * 32, "sleep", {}, 1)))
+    (data_dir / "x").mkdir(parents=True, exist_ok=True)
+    (data_dir / "x" / p.JOB_FILE).write_text(json.dumps(p.new_job("c" * 32, "sleep", {}, 1)))
     store = JobStore(data_dir / "jobs")
     opened_paths.clear()
     with pytest.raises(JobNotFound):

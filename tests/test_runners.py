@@ -118,8 +118,9 @@ def test_api_key_never_reaches_job_file_log_or_command_line(
         assert llm.requests[0]["headers"]["Authorization"] == f"Bearer {SENTINEL}"
     assert final["state"] == "completed"
     assert SENTINEL not in cmdline
-    for path in (data_dir / "jobs").iterdir():
-        assert SENTINEL not in path.read_text(errors="replace"), path.name
+    for path in (data_dir / "jobs").rglob("*"):
+        if path.is_file():
+            assert SENTINEL not in path.read_text(errors="replace"), path.name
 
 
 def test_rejected_key_is_explained_and_not_echoed(
@@ -135,5 +136,6 @@ def test_rejected_key_is_explained_and_not_echoed(
         assert final["error"]["type"] == "provider"
         assert f"HTTP {status}" in final["error"]["message"]
         assert SENTINEL not in final["error"]["message"]
-    for path in (data_dir / "jobs").iterdir():
-        assert SENTINEL not in path.read_text(errors="replace"), path.name
+    for path in (data_dir / "jobs").rglob("*"):
+        if path.is_file():
+            assert SENTINEL not in path.read_text(errors="replace"), path.name

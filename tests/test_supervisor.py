@@ -57,7 +57,8 @@ def test_cap_and_fifo(make_supervisor: Callable[..., RunningSupervisor]) -> None
     jobs = [sup.job(i) for i in ids]
     assert [j["state"] for j in jobs] == ["completed"] * len(ids)
     assert peak == cap, "the cap should be used fully"
-    launched = [(p.read_json(sup.supervisor.dir / f"{i}.run") or {})["launched_ns"] for i in ids]
+    launched = [(p.read_json(sup.supervisor.dir / i / p.RUN_FILE) or {})["launched_ns"]
+                for i in ids]
     assert launched == sorted(launched), "runners start in the order jobs were submitted"
     started = [j["started_at"] for j in jobs]
     assert max(started[:cap]) <= min(started[cap:]), "later jobs waited for a free slot"
@@ -77,7 +78,7 @@ def test_cancel_queued_job_never_starts(make_supervisor: Callable[..., RunningSu
     assert job["error"]["type"] == "cancelled"
     assert job["started_at"] is None and job["pid"] is None
     jobs_dir = sup.supervisor.dir
-    assert not (jobs_dir / f"{queued}.log").exists(), "a cancelled queued job never ran"
+    assert not (jobs_dir / queued / p.LOG_FILE).exists(), "a cancelled queued job never ran"
 
     sup.store.request_cancel(blocker)
     sup.supervisor.wake()
@@ -177,8 +178,8 @@ def test_prune_removes_old_finished_jobs_only(supervisor: RunningSupervisor) -> 
     removed = supervisor.store.prune(retention_s=0, now=time.time() + 1)
     assert removed == 1
     jobs_dir = supervisor.supervisor.dir
-    assert not list(jobs_dir.glob(f"{done}.*"))
-    assert (jobs_dir / f"{waiting}.json").exists()
+    assert not (jobs_dir / done).exists()
+    assert (jobs_dir / waiting / p.JOB_FILE).exists()
 
 
 def test_unknown_kind_is_refused(supervisor: RunningSupervisor) -> None:

@@ -1,0 +1,220 @@
+"""Does the dashboard stay responsive while chats run? Three designs, one run.
+
+Each design is a real uvicorn server talking to the same slow streaming
+OpenAI-compatible server (a separate process). For each: `/api/history` latency while
+idle, then a burst of 50 chat submissions and the 50 chats running; the latency of each
+submission; the history latency over time, plotted.
+
+- seed-inline: the seed's original design, the LLM call inside the async handler;
+- seed-threads: the seed's sketch, an in-process dict and a thread-pool background task;
+- offload: this project.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.core import stats
+
+ROOT = Path(__file__).resolve().parent.parent
+CHATS = 50
+IDLE_S = 5.0
+LOAD_MAX_S = 25.0
+POLL_S = 0.05
+PIECES, PIECE_DELAY_S = 40, 0.1  # each chat streams for about 4 s
+DESIGNS = {
+    "seed-inline": "bench.baselines.seed_inline:app",
+    "seed-threads": "bench.baselines.seed_threads:app",
+    "offload": "api_entry:app",
+}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited")
+        time.sleep(0.1)
+    raise RuntimeError(f"{url}: server did not start")
+
+
+@contextlib.contextmanager
+def _process(args: list[str], env: dict[str, str], url: str) -> Iterator[None]:
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=open("/tmp/srv.err","ab"),
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_up(url, proc)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        proc.wait(10)
+
+
+def _poll_history(url: str, stop: threading.Event, out: list[tuple[float, float]],
+                  t0: float) -> None:
+    with httpx.Client(timeout=30) as client:
+        while not stop.is_set():
+            started = time.perf_counter()
+            try:
+                client.get(f"{url}/api/history").raise_for_status()
+            except httpx.HTTPError:
+                continue
+            elapsed = time.perf_counter() - started
+            out.append((started - t0, elapsed))
+            time.sleep(max(0.0, POLL_S - elapsed))
+
+
+def _submit(client: httpx.Client, url: str) -> tuple[float, str | None]:
+    started = time.perf_counter()
+    try:
+        answer = client.post(f"{url}/api/ai_chat_async", json={
+            "messages": [{"role": "user", "content": "How is the CPU doing?"}]}, timeout=60)
+        job_id = answer.json().get("job_id")
+    except httpx.HTTPError:
+        job_id = None
+    return time.perf_counter() - started, job_id
+
+
+def _all_done(url: str, ids: list[str | None]) -> bool:
+    with httpx.Client(timeout=10) as client:
+        for job_id in ids:
+            if job_id is None:
+                return False
+            try:
+                if client.get(f"{url}/api/ai_chat_result/{job_id}").json()["status"] in (
+                        "processing", "not_found"):
+                    return False
+            except httpx.HTTPError:
+                return False
+    return True
+
+
+def measure(name: str, llm_url: str) -> dict[str, Any]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="offload-bench-api-") as tmp:
+        env = {"OPENAI_BASE_URL": llm_url, "OFFLOAD_DATA_DIR": str(Path(tmp) / "var"),
+               "OFFLOAD_MAX_CONCURRENT": str(CHATS + 14)}
+        args = ["-m", "uvicorn", DESIGNS[name], "--host", "127.0.0.1", "--port", str(port),
+                "--log-level", "warning"]
+        with _process(args, env, f"{url}/api/history"):
+            series: list[tuple[float, float]] = []
+            stop = threading.Event()
+            t0 = time.perf_counter()
+            poller = threading.Thread(target=_poll_history, args=(url, stop, series, t0))
+            poller.start()
+            time.sleep(IDLE_S)
+            burst_at = time.perf_counter() - t0
+            with httpx.Client(limits=httpx.Limits(max_connections=CHATS)) as client, \
+                    ThreadPoolExecutor(CHATS) as pool:
+                futures = [pool.submit(_submit, client, url) for _ in range(CHATS)]
+                deadline = time.monotonic() + LOAD_MAX_S
+                while time.monotonic() < deadline and not all(f.done() for f in futures):
+                    time.sleep(0.1)
+                submits = [f.result() for f in futures if f.done()]
+                ids = [job_id for _, job_id in submits]
+                while time.monotonic() < deadline and not _all_done(url, ids):
+                    time.sleep(0.2)
+                load_end = time.perf_counter() - t0
+                stop.set()
+                poller.join()
+                completed = _all_done(url, ids) and len(ids) == CHATS
+    idle = [lat for t, lat in series if t < burst_at]
+    load = [lat for t, lat in series if burst_at <= t <= load_end]
+    return {
+        "design": name, "idle": stats(idle), "load": stats(load or [float("nan")]),
+        "submit": stats([lat for lat, _ in submits] or [float("nan")]),
+        "submitted": len(submits), "completed": completed, "load_s": load_end - burst_at,
+        "series": series, "burst_at": burst_at,
+    }
+
+
+def run() -> dict[str, Any]:
+    port = _free_port()
+    llm_url = f"http://127.0.0.1:{port}/v1"
+    args = ["-m", "tests.fake_llm", "--port", str(port), "--pieces", str(PIECES),
+            "--delay", str(PIECE_DELAY_S)]
+    with _process(args, {}, f"{llm_url}/models"):
+        results = [measure(name, llm_url) for name in DESIGNS]
+    return {"designs": results}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for result in results["designs"]:
+        series = result["series"]
+        ax.plot([t - result["burst_at"] for t, _ in series], [lat * 1000 for _, lat in series],
+                label=result["design"], linewidth=1)
+    ax.axvline(0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"seconds since the burst of {CHATS} chat submissions")
+    ax.set_ylabel("/api/history latency (ms, log)")
+    ax.set_title("Dashboard latency while chats run")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: dict[str, Any]) -> str:
+    def ms(value: float) -> str:
+        return f"{value * 1000:.1f}"
+
+    rows = ["| design | history idle p50 / p99 (ms) | history under load p50 / p99 / max (ms) "
+            "| load p99 / idle p99 | load max / idle p99 | submit p50 / p99 (ms) "
+            "| chats done |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["designs"]:
+        idle, load, submit = r["idle"], r["load"], r["submit"]
+        rows.append(
+            f"| {r['design']} | {ms(idle['median'])} / {ms(idle['p99'])} "
+            f"| {ms(load['median'])} / {ms(load['p99'])} / {ms(load['max'])} "
+            f"| {load['p99'] / idle['p99']:.2f}x | {load['max'] / idle['p99']:.2f}x "
+            f"| {ms(submit['median'])} / {ms(submit['p99'])} "
+            f"| {'all ' + str(CHATS) if r['completed'] else 'no'} |")
+    rows.append("")
+    rows.append("Goals for offload: load p99 <= 1.5x idle p99, load max <= 3x idle p99, "
+                "submit p99 <= 10 ms.")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    results = run()
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    plot(results, out / "api_history_latency.png")
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

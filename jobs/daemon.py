@@ -1,0 +1,92 @@
+"""The supervisor process: `python -m jobs.daemon [--parent PID]`.
+
+Everything that starts, watches or kills processes runs here, outside the API's
+processes: the supervisor, the metrics recorder (and the embedded model's server).
+So a burst of spawns never competes with a request for the API's interpreter.
+
+Each API worker keeps one alive (`jobs.keeper`); the supervisor's file lock lets one
+lead. With `--parent`, it leaves when that process is gone, and gives up at once if
+another supervisor already leads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from jobs.history import MetricsRecorder
+from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, Settings, get_settings
+from jobs.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+PARENT_CHECK_S = 1.0
+LEAD_WITHIN_S = 3.0
+
+
+async def serve(settings: Settings, parent: int | None = None) -> None:
+    supervisor = Supervisor.from_settings(settings)
+    recorder = MetricsRecorder(settings.data_dir / "history" / "metrics.jsonl",
+                               HISTORY_KEEP_S, HISTORY_SAMPLE_S)
+    lead_within = LEAD_WITHIN_S if parent is not None else None
+    main = asyncio.create_task(supervisor.run(lead_within), name="supervisor")
+    with contextlib.suppress(NotImplementedError, AttributeError):  # Windows: no such handler
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+    helpers = [asyncio.create_task(record_metrics(recorder, supervisor), name="metrics")]
+    if parent is not None:
+        helpers.append(asyncio.create_task(_watch_parent(parent), name="parent"))
+    try:
+        await asyncio.wait([main, *helpers], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in [main, *helpers]:
+            task.cancel()
+        for task in [main, *helpers]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.to_thread(supervisor.wait_for_stoppers, 10)
+
+
+async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> None:
+    """Only the leader records, so one series is written however many workers run."""
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    while True:
+        if supervisor.is_leader:
+            try:
+                await asyncio.to_thread(recorder.record)
+            except OSError as exc:
+                log.warning("cannot record metrics: %s", exc)
+        next_at = max(next_at + recorder.interval_s, loop.time())
+        await asyncio.sleep(next_at - loop.time())
+
+
+async def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        await asyncio.sleep(PARENT_CHECK_S)
+    log.info("the API process %s is gone; the supervisor leaves (runners keep running)",
+             parent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.daemon")
+    parser.add_argument("--parent", type=int, default=None,
+                        help="leave when this process is gone (the API worker that started it)")
+    args = parser.parse_args(argv)
+    if os.environ.get("OFFLOAD_DAEMON_NICE"):
+        os.nice(int(os.environ["OFFLOAD_DAEMON_NICE"]))
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(get_settings(), args.parent))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

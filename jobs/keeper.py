@@ -1,0 +1,76 @@
+"""Each API worker keeps a supervisor process alive (`python -m jobs.daemon`).
+
+Once a second it looks at the supervisor lock; when nobody holds it, it starts one.
+With several workers several may start one at once: the lock lets one lead and the
+others leave. Stopping the worker stops its supervisor, never the runners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from jobs.settings import Settings
+from jobs.supervisor import lock_file
+
+log = logging.getLogger(__name__)
+
+CHECK_S = 1.0
+STOP_WAIT_S = 5.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class SupervisorKeeper:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock_path = lock_file(settings.jobs_dir)
+        self._child: subprocess.Popen[bytes] | None = None
+
+    def led(self) -> bool:
+        """Whether some supervisor holds the lock (blocking: call it from a thread)."""
+        probe = FileLock(str(self._lock_path), thread_local=False)
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            return True
+        except OSError:
+            return False
+        probe.release()
+        return False
+
+    async def run(self) -> None:
+        while True:
+            if (self._child is None or self._child.poll() is not None) and not await (
+                    asyncio.to_thread(self.led)):
+                await asyncio.to_thread(self._start)
+            await asyncio.sleep(CHECK_S)
+
+    def _start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.settings.data_dir / "supervisor.log"
+        env = dict(os.environ, OFFLOAD_DATA_DIR=str(self.settings.data_dir))
+        with open(log_path, "ab") as log_file:
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "jobs.daemon", "--parent", str(os.getpid())],
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=subprocess.STDOUT)
+        log.info("started a supervisor process (pid %s)", self._child.pid)
+
+    async def stop(self) -> None:
+        child = self._child
+        if child is None or child.poll() is not None:
+            return
+        child.terminate()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(child.wait), STOP_WAIT_S)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(OSError):
+                child.kill()
+            await asyncio.to_thread(child.wait)
