@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 PARENT_CHECK_S = 1.0
 LEAD_WITHIN_S = 3.0
+DAEMON_NICE = 10
 
 
 async def serve(settings: Settings, parent: int | None = None) -> None:
@@ -72,13 +73,25 @@ async def _watch_parent(parent: int) -> None:
              parent)
 
 
+def _lower_priority() -> None:
+    """Launching and reaping can wait a few milliseconds; a request to the API cannot."""
+    try:
+        if hasattr(os, "nice"):
+            os.nice(DAEMON_NICE)
+        else:  # Windows
+            import psutil
+
+            psutil.Process().nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)  # type: ignore[attr-defined,unused-ignore]
+    except OSError as exc:
+        log.debug("could not lower the supervisor's priority: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.daemon")
     parser.add_argument("--parent", type=int, default=None,
                         help="leave when this process is gone (the API worker that started it)")
     args = parser.parse_args(argv)
-    if os.environ.get("OFFLOAD_DAEMON_NICE"):
-        os.nice(int(os.environ["OFFLOAD_DAEMON_NICE"]))
+    _lower_priority()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
