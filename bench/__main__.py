@@ -11,11 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import core
+from bench import api, core
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SUITES: dict[str, tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
-    "core": (core.run, core.report),
+Run = Callable[[], dict[str, Any]]
+Report = Callable[[dict[str, Any]], str]
+Plot = Callable[[dict[str, Any], Path], None]
+SUITES: dict[str, tuple[Run, Report, Plot | None]] = {
+    "core": (core.run, core.report, None),
+    "api": (api.run, api.report, api.plot),
 }
 
 
@@ -29,10 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     machine = f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
     for name in args.suites or list(SUITES):
-        run, report = SUITES[name]
+        run, report, plot = SUITES[name]
         print(f"running {name} ...", file=sys.stderr)
         results = run()
         table = report(results)
+        if plot is not None:
+            plot(results, RESULTS / f"{name}.png")
+            table += f"\n\n![{name}]({name}.png)"
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         text = f"# Benchmark: {name}\n\n{stamp}, {machine}\n\n{table}\n"
         (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 PARENT_CHECK_S = 1.0
 LEAD_WITHIN_S = 3.0
-DAEMON_NICE = 10
+DAEMON_NICE = int(os.environ.get("OFFLOAD_SUPERVISOR_NICE", "10"))
 
 
 async def serve(settings: Settings, parent: int | None = None) -> None:

@@ -23,6 +23,7 @@ from jobs.store import JobNotFound, JobStore, StoreUnavailable, UnknownKind
 from jobs.supervisor import poke
 
 LOG_MAX_BYTES = 1_000_000  # /log returns at most the last megabyte
+OVERVIEW_MAX_AGE_S = 0.25  # /api/history and /api/health may be this stale; a job read never
 
 
 class InvalidInput(ValueError):
@@ -112,14 +113,14 @@ class JobService:
         return await run_in_threadpool(self.store.list_jobs, state, kind, limit)
 
     async def counts(self) -> dict[str, int]:
-        return await run_in_threadpool(self.store.counts)
+        return (await self.overview(0))[1]
 
     async def overview(self, limit: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
         """The newest jobs and the counts by state, from one look at the folder."""
         return await run_in_threadpool(self._overview, limit)
 
     def _overview(self, limit: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        jobs = self.store.scan()
+        jobs = self.store.scan(max_age_s=OVERVIEW_MAX_AGE_S)
         return self.store.list_jobs(limit=limit, jobs=jobs), self.store.counts(jobs)
 
     async def log(self, job_id: str) -> str:

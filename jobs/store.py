@@ -50,6 +50,7 @@ class JobStore:
         self.dir = jobs_dir
         self._cache: dict[str, _Cached] = {}
         self._scan_lock = threading.Lock()  # routes scan from several worker threads
+        self._last_scan: tuple[float, list[dict[str, Any]]] | None = None
 
     def ensure_dir(self) -> None:
         try:
@@ -102,10 +103,17 @@ class JobStore:
             reason = exc.strerror or exc
             raise StoreUnavailable(f"cannot record the cancel request: {reason}") from exc
 
-    def scan(self) -> list[dict[str, Any]]:
-        """Every job on disk, re-reading only the files that changed since the last scan."""
+    def scan(self, max_age_s: float = 0.0) -> list[dict[str, Any]]:
+        """Every job on disk, re-reading only the files that changed since the last scan.
+
+        With `max_age_s`, a scan that recent is answered again: overviews polled many
+        times a second then cost one look at the folder, not one each.
+        """
         with self._scan_lock:
-            return list(self._scan())
+            now = time.monotonic()
+            if self._last_scan is None or now - self._last_scan[0] > max_age_s:
+                self._last_scan = (now, list(self._scan()))
+            return self._last_scan[1]
 
     def _scan(self) -> Iterator[dict[str, Any]]:
         seen: set[str] = set()

@@ -4,6 +4,7 @@ record the headers it was sent, answer an error, stream slowly."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -85,7 +86,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--pieces", type=int, default=40)
     parser.add_argument("--delay", type=float, default=0.1)
+    parser.add_argument("--nice", type=int, default=0)
     args = parser.parse_args()
+    if args.nice and hasattr(os, "nice"):
+        os.nice(args.nice)
     fake = FakeLLM(pieces=["tok "] * args.pieces, delay_s=args.delay, port=args.port)
     fake.server.serve_forever()
 
