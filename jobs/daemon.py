@@ -20,6 +20,7 @@ import signal
 import sys
 
 from jobs.history import MetricsRecorder
+from jobs.llm_server import EmbeddedServer
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, Settings, get_settings
 from jobs.supervisor import Supervisor
 
@@ -39,6 +40,8 @@ async def serve(settings: Settings, parent: int | None = None) -> None:
     with contextlib.suppress(NotImplementedError, AttributeError):  # Windows: no such handler
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     helpers = [asyncio.create_task(record_metrics(recorder, supervisor), name="metrics")]
+    if not settings.openai_base_url:
+        helpers.append(asyncio.create_task(_embedded_model(settings, supervisor), name="llm"))
     if parent is not None:
         helpers.append(asyncio.create_task(_watch_parent(parent), name="parent"))
     try:
@@ -64,6 +67,13 @@ async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> N
                 log.warning("cannot record metrics: %s", exc)
         next_at = max(next_at + recorder.interval_s, loop.time())
         await asyncio.sleep(next_at - loop.time())
+
+
+async def _embedded_model(settings: Settings, supervisor: Supervisor) -> None:
+    """The leader runs the embedded model's server, loaded once for every chat."""
+    while not supervisor.is_leader:
+        await asyncio.sleep(0.2)
+    await EmbeddedServer(settings.data_dir).run()
 
 
 async def _watch_parent(parent: int) -> None:

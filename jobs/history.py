@@ -119,3 +119,21 @@ def short_job(job: dict[str, Any]) -> dict[str, Any]:
         "progress": job.get(p.F_PROGRESS), "error_type": error.get("type"),
         "resources": job.get(p.F_RESOURCES),
     }
+
+
+def summary(samples: list[dict[str, Any]], counts: dict[str, int]) -> str:
+    """A few lines on the recent history, for the chat expert's system prompt."""
+    lines = []
+    if samples:
+        cpu = [float(s["cpu"]) for s in samples]
+        mem = [float(s["mem"]) for s in samples]
+        minutes = max(1, round((samples[-1]["t"] - samples[0]["t"]) / 60))
+        lines.append(f"CPU over the last {minutes} min: average {sum(cpu) / len(cpu):.0f}%, "
+                     f"peak {max(cpu):.0f}%, now {cpu[-1]:.0f}%.")
+        lines.append(f"Memory: now {mem[-1]:.0f}% used ({samples[-1].get('mem_used_mb', 0):.0f} "
+                     f"MB), peak {max(mem):.0f}%.")
+    else:
+        lines.append("No machine metrics recorded yet.")
+    active = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+    lines.append(f"Jobs: {active or 'none'}.")
+    return "\n".join(lines)

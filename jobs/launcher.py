@@ -179,6 +179,16 @@ def _popen(argv: list[str], log_path: str, env: dict[str, str]) -> subprocess.Po
             close_fds=True, env=env, cwd=str(ROOT), **kwargs)
 
 
+def lower_priority_of(pid: int) -> None:
+    """For helpers such as the embedded model's server: SCHED_IDLE where there is one."""
+    try:
+        _lower_priority(psutil.Process(pid))
+        if hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    except (psutil.Error, OSError) as exc:
+        log.debug("could not lower priority of %s: %s", pid, exc)
+
+
 def _lower_priority(proc: psutil.Process) -> None:
     """The API must always win the CPU; runners take what it leaves.
 

@@ -24,8 +24,6 @@ from jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
-LLM_PROBE_S = 15.0
-
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -35,10 +33,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                            "anyone on the network could run jobs. Set OFFLOAD_API_TOKEN or "
                            "listen on 127.0.0.1.")
     keeper = SupervisorKeeper(settings)
+    metrics = MetricsReader(settings.data_dir / "history" / "metrics.jsonl",
+                            HISTORY_KEEP_S, HISTORY_SAMPLE_S)
     app.state.settings = settings
-    app.state.service = JobService(settings, JobStore(settings.jobs_dir))
-    app.state.metrics = MetricsReader(settings.data_dir / "history" / "metrics.jsonl",
-                                      HISTORY_KEEP_S, HISTORY_SAMPLE_S)
+    app.state.service = JobService(settings, JobStore(settings.jobs_dir), metrics)
+    app.state.metrics = metrics
     app.state.llm = LLMStatus(settings)
     app.state.keeper = keeper
     tasks = [
@@ -59,4 +58,4 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _probe_llm(status: LLMStatus) -> None:
     while True:
         await asyncio.to_thread(status.probe)
-        await asyncio.sleep(LLM_PROBE_S)
+        await asyncio.sleep(status.probe_every_s)

@@ -7,6 +7,7 @@ import logging
 import urllib.request
 from typing import Any
 
+from jobs import embedded
 from jobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -14,6 +15,7 @@ log = logging.getLogger(__name__)
 
 class LLMStatus:
     def __init__(self, settings: Settings) -> None:
+        self.data_dir = settings.data_dir
         self.provider = "openai-compatible" if settings.openai_base_url else "embedded"
         self.base_url = (settings.openai_base_url or "").rstrip("/")
         self.model = settings.llm_model or ""
@@ -21,8 +23,20 @@ class LLMStatus:
         self.detail = "not checked yet"
         self._key = settings.openai_api_key
 
+    @property
+    def probe_every_s(self) -> float:
+        return 2.0 if self.provider == "embedded" else 15.0
+
     def probe(self) -> bool:
-        """GET {base_url}/models; blocking, so call it from a worker thread."""
+        """Blocking, so call it from a worker thread. The embedded model: what the
+        supervisor running it wrote; another server: GET {base_url}/models."""
+        if self.provider == "embedded":
+            status = embedded.read_status(str(self.data_dir)) or {}
+            self.base_url = str(status.get("base_url") or "")
+            self.model = str(status.get("model") or "")
+            self.ready = bool(status.get("ready"))
+            self.detail = str(status.get("detail") or "the supervisor is starting")
+            return self.ready
         if not self.base_url:
             self.ready, self.detail = False, "no LLM server configured or started"
             return False

@@ -92,6 +92,10 @@ class ChatInput(BaseModel):
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     session_id: str | None = Field(None, max_length=200)
+    context: str | None = Field(None, max_length=20_000,
+                                description="what the expert is told about the dashboard; "
+                                            "by default a summary of the last ten minutes")
+    expert: bool | None = Field(None, description="false: no dashboard-expert system prompt")
     max_tokens: int | None = Field(None, ge=1, le=32_768)
     temperature: float | None = Field(None, ge=0, le=2)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
 from jobs.guards import require_token
@@ -21,6 +22,14 @@ async def ai_chat_async(body: ChatInput, service: Service) -> dict[str, Any]:
     """Start a chat; answers at once with the job id to poll."""
     job = await service.submit("chat", body.model_dump(mode="json", exclude_none=True), None)
     return {"job_id": job[p.F_ID], "status": "processing"}
+
+
+@router.get("/sessions/{session_id}")
+async def chat_session(session_id: Annotated[str, Path(max_length=200)],
+                       service: Service) -> dict[str, Any]:
+    """A chat session's turns, oldest first, so a reloaded page shows the conversation."""
+    turns = await run_in_threadpool(service.session, session_id)
+    return {"session_id": session_id, "turns": turns}
 
 
 @router.get("/ai_chat_result/{job_id}", response_model=ChatResult,

@@ -17,12 +17,14 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
+from jobs.history import MetricsReader, summary
 from jobs.kinds import REGISTRY
 from jobs.settings import CANCEL_WAIT_S, Settings
 from jobs.store import JobNotFound, JobStore, StoreUnavailable, UnknownKind
 from jobs.supervisor import poke
 
 LOG_MAX_BYTES = 1_000_000  # /log returns at most the last megabyte
+CONTEXT_WINDOW_S = 600.0  # the chat expert sees a summary of the last ten minutes
 OVERVIEW_MAX_AGE_S = 0.25  # /api/history and /api/health may be this stale; a job read never
 
 
@@ -41,9 +43,11 @@ class IdempotencyConflict(ValueError):
 
 
 class JobService:
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, store: JobStore,
+                 metrics: MetricsReader | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.metrics = metrics
         self._idem_dir = settings.data_dir / "idempotency"
 
     # -- submit ------------------------------------------------------------------------
@@ -58,9 +62,10 @@ class JobService:
 
     def _submit(self, kind: str, job_input: dict[str, Any], timeout_s: float,
                 key: str | None) -> dict[str, Any]:
+        fingerprint = _fingerprint(kind, job_input, timeout_s)
+        job_input = self._with_context(kind, job_input)
         if key is None:
             return self.store.create(kind, job_input, timeout_s)
-        fingerprint = _fingerprint(kind, job_input, timeout_s)
         key_file = self._idem_dir / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
         try:
             self._idem_dir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +79,31 @@ class JobService:
         with os.fdopen(fd, "w") as f:
             json.dump({"job_id": job_id, "fingerprint": fingerprint}, f)
         return self.store.create(kind, job_input, timeout_s, job_id=job_id)
+
+    def _with_context(self, kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
+        """A chat for the dashboard's expert gets a summary of the recent history."""
+        if kind != "chat" or "context" in job_input or job_input.get("expert") is False:
+            return job_input
+        samples = self.metrics.read(CONTEXT_WINDOW_S) if self.metrics else []
+        counts = self.store.counts(self.store.scan(max_age_s=OVERVIEW_MAX_AGE_S))
+        return {**job_input, "context": summary(samples, counts)}
+
+    def session(self, session_id: str) -> list[dict[str, Any]]:
+        """A chat session's turns, oldest first, from its jobs (kept until pruned)."""
+        jobs = [job for job in self.store.scan()
+                if job.get(p.F_KIND) == "chat"
+                and (job.get(p.F_INPUT) or {}).get("session_id") == session_id]
+        jobs.sort(key=p.fifo_key)
+        turns = []
+        for job in jobs:
+            messages = (job.get(p.F_INPUT) or {}).get("messages") or [{}]
+            error = job.get(p.F_ERROR) or {}
+            turns.append({"job_id": job[p.F_ID], "state": job.get(p.F_STATE),
+                          "created_at": job.get(p.F_CREATED_AT),
+                          "question": messages[-1].get("content"),
+                          "reply": job.get(p.F_OUTPUT) or "",
+                          "error": error.get("message")})
+        return turns
 
     def _existing(self, key_file: Path, fingerprint: str) -> dict[str, Any]:
         deadline = time.monotonic() + 2.0

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
     openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
     llm_model: str | None = Field(None, validation_alias=_env("OFFLOAD_LLM_MODEL"))
+    llm_max_tokens: int | None = Field(None, ge=1, validation_alias=_env("OFFLOAD_LLM_MAX_TOKENS"))
+    llm_temperature: float | None = Field(None, ge=0, le=2,
+                                          validation_alias=_env("OFFLOAD_LLM_TEMPERATURE"))
+    llm_first_token_s: float | None = Field(None, gt=0,
+                                            validation_alias=_env("OFFLOAD_LLM_FIRST_TOKEN_S"))
     stop_grace_s: float = Field(STOP_GRACE_S, gt=0, validation_alias=_env("OFFLOAD_STOP_GRACE_S"))
 
     @field_validator("data_dir")
@@ -80,6 +85,11 @@ class Settings(BaseSettings):
             env["OPENAI_API_KEY"] = self.openai_api_key.get_secret_value()
         if self.llm_model:
             env["OFFLOAD_LLM_MODEL"] = self.llm_model
+        for name, value in (("OFFLOAD_LLM_MAX_TOKENS", self.llm_max_tokens),
+                            ("OFFLOAD_LLM_TEMPERATURE", self.llm_temperature),
+                            ("OFFLOAD_LLM_FIRST_TOKEN_S", self.llm_first_token_s)):
+            if value is not None:
+                env[name] = str(value)
         return env
 
 

@@ -23,12 +23,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
+    from contextlib import AbstractContextManager
     from types import FrameType
     from typing import Any, TypeAlias
 
     Execute: TypeAlias = Callable[["Job"], "dict[str, Any] | None"]
     DirectParser: TypeAlias = Callable[[argparse.ArgumentParser], None]
     DirectInput: TypeAlias = Callable[[argparse.Namespace], dict[str, Any]]
+    DirectContext: TypeAlias = Callable[[argparse.Namespace], AbstractContextManager[Any]]
 
 WRITE_INTERVAL_S = 0.2  # at most five job-file writes a second while running
 
@@ -68,8 +70,9 @@ class Sink:
 class Job:
     """The running job as a runner sees it: its input, and ways to report."""
 
-    def __init__(self, data: dict[str, Any], sink: Sink) -> None:
+    def __init__(self, data: dict[str, Any], sink: Sink, data_dir: str | None = None) -> None:
         self.data = data
+        self.data_dir = data_dir  # Offload's data folder; None when run without a job file
         self._sink = sink
         self._chunks: list[str] = [data.get(p.F_OUTPUT) or ""]
         self.lock = threading.Lock()
@@ -310,7 +313,10 @@ def main(
     add_arguments: DirectParser,
     direct_input: DirectInput,
     argv: Sequence[str] | None = None,
+    direct_context: DirectContext | None = None,
 ) -> int:
+    """`direct_context(args)`: a context manager around a run by hand (the chat runner
+    starts a model server in it when none is configured)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 2 and argv[0] == "--job-file":
         # The launcher's exact form: skip argparse, every millisecond of start counts.
@@ -331,7 +337,14 @@ def main(
     except ValueError as exc:
         parser.error(str(exc))
     data = p.new_job("0" * 32, kind, job_input, args.timeout or 0)
-    return _run(Job(data, ConsoleSink()), execute, _Stopper(None), args.timeout)
+    if direct_context is None:
+        return _run(Job(data, ConsoleSink()), execute, _Stopper(None), args.timeout)
+    try:
+        with direct_context(args):
+            return _run(Job(data, ConsoleSink()), execute, _Stopper(None), args.timeout)
+    except RunnerError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def run_job_file(path: str, execute: Execute, force: bool = False) -> int:
@@ -359,7 +372,8 @@ def run_job_file(path: str, execute: Execute, force: bool = False) -> int:
         p.F_OUTPUT: "", p.F_PROGRESS: None,
     })
     sink = FileSink(path, echo=sys.stdout.isatty())
-    job = Job(data, sink)
+    # <data>/jobs/<id>/job.json
+    job = Job(data, sink, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
     try:
         sink.start(job)
     except StopRequested as stop:

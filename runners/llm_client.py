@@ -1,8 +1,12 @@
-"""A small streaming client for OpenAI-compatible chat completions (standard library).
+"""A small client for OpenAI-compatible chat completions (standard library only).
 
 OpenAI, Ollama, LM Studio, vLLM and llama.cpp's server all speak this: POST
 `{base_url}/chat/completions` with `"stream": true`, answered by server-sent events
 whose `data:` lines carry `choices[0].delta.content`, ending with `data: [DONE]`.
+A server that does not stream gets the same request without `stream`.
+
+Every failure becomes a `RunnerError` whose message says what happened and what to
+do; the API key is never part of one.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 from urllib.parse import urlsplit
 
 from jobs import protocol as p
@@ -17,36 +22,41 @@ from runners.base import RunnerError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterator, Mapping
     from typing import Any
 
 CONNECT_TIMEOUT_S = 10.0
-READ_TIMEOUT_S = 120.0
+FIRST_TOKEN_TIMEOUT_S = 60.0  # from request sent to the first piece of the reply
+STALL_TIMEOUT_S = 60.0  # between two pieces of a streaming reply
+RETRIES = 3  # for 429 and 5xx answers
+RETRY_BASE_S = 1.0
+RETRY_MAX_S = 30.0
 
 
 class Config:
-    __slots__ = ("base_url", "api_key", "model")
+    __slots__ = ("base_url", "api_key", "model", "first_token_s")
 
-    def __init__(self, base_url: str, api_key: str | None = None,
-                 model: str | None = None) -> None:
-        self.base_url = base_url
+    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None,
+                 first_token_s: float = FIRST_TOKEN_TIMEOUT_S) -> None:
+        self.base_url = base_url.rstrip("/")
         self.api_key = api_key  # never printed, never stored
         self.model = model
+        self.first_token_s = first_token_s
 
     def __repr__(self) -> str:
         return f"Config(base_url={self.base_url!r}, model={self.model!r})"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Config:
-        base_url = env.get("OPENAI_BASE_URL", "").strip()
-        if not base_url:
+    def from_env(cls, env: Mapping[str, str], base_url: str | None = None) -> Config:
+        url = (base_url or env.get("OPENAI_BASE_URL", "")).strip()
+        if not url:
             raise RunnerError(
                 "no LLM server configured: set OPENAI_BASE_URL to an OpenAI-compatible "
-                "server (for example http://127.0.0.1:11434/v1 for Ollama)",
-                p.ERR_PROVIDER,
-            )
-        return cls(base_url.rstrip("/"), env.get("OPENAI_API_KEY") or None,
-                   env.get("OFFLOAD_LLM_MODEL") or None)
+                "server (for example http://127.0.0.1:11434/v1 for Ollama), or start "
+                "Offload with the embedded model", p.ERR_PROVIDER)
+        first = env.get("OFFLOAD_LLM_FIRST_TOKEN_S")
+        return cls(url, env.get("OPENAI_API_KEY") or None, env.get("OFFLOAD_LLM_MODEL") or None,
+                   float(first) if first else FIRST_TOKEN_TIMEOUT_S)
 
 
 class Reply:
@@ -55,14 +65,99 @@ class Reply:
         self.model: str | None = None
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
+        self.streamed = True
 
 
-def stream_chat(config: Config, messages: list[dict[str, Any]], on_text: Callable[[str], None],
-                **options: Any) -> Reply:
+def _fail(message: str) -> RunnerError:
+    return RunnerError(message, p.ERR_PROVIDER)
+
+
+def chat(config: Config, messages: list[dict[str, Any]], on_text: Callable[[str], None],
+         **options: Any) -> Reply:
+    """One chat completion, streamed into `on_text` when the server streams."""
     body: dict[str, Any] = {"messages": messages, "stream": True, **options}
     if config.model:
         body["model"] = config.model
-    response, conn = _post(config, "/chat/completions", body)
+    response, conn = _request_with_retries(config, body)
+    try:
+        if "text/event-stream" not in (response.getheader("Content-Type") or ""):
+            return _whole(response, on_text)  # a server that ignored "stream"
+        return _stream(config, response, on_text)
+    finally:
+        conn.close()
+
+
+def _request_with_retries(config: Config, body: dict[str, Any]
+                          ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
+    attempt = 0
+    while True:
+        attempt += 1
+        conn = _connect(config)
+        response = _send(config, conn, body)
+        status = response.status
+        if status == 200:
+            return response, conn
+        detail = _redact(response.read(4000).decode("utf-8", errors="replace"), config)
+        retry_after = response.getheader("Retry-After")
+        conn.close()
+        if status in (400, 422) and body.get("stream") and "stream" in detail.lower():
+            body = {k: v for k, v in body.items() if k != "stream"}  # it cannot stream
+            continue
+        if (status == 429 or status >= 500) and attempt < RETRIES:
+            time.sleep(_backoff(attempt, retry_after))
+            continue
+        raise _fail(_status_message(config, status, detail, attempt))
+
+
+def _backoff(attempt: int, retry_after: str | None) -> float:
+    if retry_after:
+        try:
+            return min(RETRY_MAX_S, max(0.0, float(retry_after)))
+        except ValueError:
+            pass  # an HTTP date: fall back to our own backoff
+    return float(min(RETRY_MAX_S, RETRY_BASE_S * 2.0 ** (attempt - 1)))
+
+
+def _connect(config: Config) -> http.client.HTTPConnection:
+    url = urlsplit(config.base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise _fail(f"OPENAI_BASE_URL is not an http(s) URL: {config.base_url!r}")
+    conn_class: type[http.client.HTTPConnection] = http.client.HTTPConnection
+    if url.scheme == "https":
+        conn_class = http.client.HTTPSConnection
+    conn = conn_class(url.hostname, url.port, timeout=CONNECT_TIMEOUT_S)
+    try:
+        conn.connect()
+    except OSError as exc:
+        conn.close()
+        raise _fail(f"LLM server not reachable at {_where(config)}: {_reason(exc)}") from exc
+    return conn
+
+
+def _send(config: Config, conn: http.client.HTTPConnection,
+          body: dict[str, Any]) -> http.client.HTTPResponse:
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if config.api_key:
+        headers["Authorization"] = f"Bearer {config.api_key}"
+    path = urlsplit(config.base_url).path.rstrip("/") + "/chat/completions"
+    try:
+        if conn.sock is not None:
+            conn.sock.settimeout(config.first_token_s)
+        conn.request("POST", path, json.dumps(body).encode(), headers)
+        return conn.getresponse()
+    except TimeoutError as exc:
+        conn.close()
+        raise _fail(f"the LLM server at {_where(config)} sent nothing within "
+                    f"{config.first_token_s:g} s; it may be overloaded or still loading "
+                    "its model (OFFLOAD_LLM_FIRST_TOKEN_S sets this limit)") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise _fail(f"the LLM server at {_where(config)} closed the connection before "
+                    f"answering: {_reason(exc)}") from exc
+
+
+def _stream(config: Config, response: http.client.HTTPResponse,
+            on_text: Callable[[str], None]) -> Reply:
     reply = Reply()
     parts: list[str] = []
     finished = False
@@ -71,78 +166,67 @@ def stream_chat(config: Config, messages: list[dict[str, Any]], on_text: Callabl
             if event == "[DONE]":
                 finished = True
                 break
-            try:
-                chunk = json.loads(event)
-            except ValueError as exc:
-                raise RunnerError(f"the LLM server sent malformed data: {event[:80]!r}",
-                                  p.ERR_PROVIDER) from exc
+            chunk = _parse(event)
+            if "error" in chunk:
+                raise _fail(f"the LLM server reported an error mid-reply: "
+                            f"{_error_text(chunk['error'])}")
             reply.model = chunk.get("model") or reply.model
             reply.usage = chunk.get("usage") or reply.usage
             for choice in chunk.get("choices") or []:
                 text = (choice.get("delta") or {}).get("content")
                 if text:
+                    if not parts and response.fp is not None:
+                        _set_timeout(response, STALL_TIMEOUT_S)
                     parts.append(text)
                     on_text(text)
                 reply.finish_reason = choice.get("finish_reason") or reply.finish_reason
+    except TimeoutError as exc:
+        if not parts:
+            raise _fail(f"no first token from the LLM server at {_where(config)} within "
+                        f"{config.first_token_s:g} s (OFFLOAD_LLM_FIRST_TOKEN_S sets this "
+                        "limit)") from exc
+        raise _fail(f"the LLM server stopped sending for {STALL_TIMEOUT_S:g} s after "
+                    f"{len(parts)} pieces; the partial reply is kept") from exc
     except (OSError, http.client.HTTPException) as exc:
-        raise RunnerError(f"the LLM server's stream was cut after {len(parts)} pieces: {exc}",
-                          p.ERR_PROVIDER) from exc
-    finally:
-        conn.close()
+        raise _fail(f"the LLM server's stream was cut after {len(parts)} pieces "
+                    f"({_reason(exc)}); the partial reply is kept") from exc
     if not finished and reply.finish_reason is None:
-        raise RunnerError(f"the LLM server's stream ended before the reply was complete "
-                          f"(after {len(parts)} pieces)", p.ERR_PROVIDER)
+        raise _fail(f"the LLM server's stream ended before the reply was complete (after "
+                    f"{len(parts)} pieces); the partial reply is kept")
     reply.text = "".join(parts)
     return reply
 
 
-def _post(config: Config, path: str,
-          body: dict[str, Any]) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
-    url = urlsplit(config.base_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise RunnerError(f"OPENAI_BASE_URL is not an http(s) URL: {config.base_url!r}",
-                          p.ERR_PROVIDER)
-    conn_class: type[http.client.HTTPConnection] = http.client.HTTPConnection
-    if url.scheme == "https":
-        conn_class = http.client.HTTPSConnection
-    conn = conn_class(url.hostname, url.port, timeout=CONNECT_TIMEOUT_S)
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-    if config.api_key:
-        headers["Authorization"] = f"Bearer {config.api_key}"
-    where = f"{url.scheme}://{url.netloc}"
+def _whole(response: http.client.HTTPResponse, on_text: Callable[[str], None]) -> Reply:
+    """The non-streaming answer: one JSON chat completion."""
     try:
-        conn.connect()
-        if conn.sock is not None:
-            conn.sock.settimeout(READ_TIMEOUT_S)
-        conn.request("POST", url.path.rstrip("/") + path, json.dumps(body).encode(), headers)
-        response = conn.getresponse()
-    except (ConnectionRefusedError, socket.gaierror, TimeoutError, OSError) as exc:
-        conn.close()
-        reason = exc.strerror or str(exc) if isinstance(exc, OSError) else str(exc)
-        raise RunnerError(f"LLM server not reachable at {where}: {reason}",
-                          p.ERR_PROVIDER) from exc
-    if response.status != 200:
-        detail = response.read(2000).decode("utf-8", errors="replace")
-        conn.close()
-        if config.api_key:
-            detail = detail.replace(config.api_key, "[redacted]")  # some servers echo it
-        raise RunnerError(_status_message(response.status, where, detail), p.ERR_PROVIDER)
-    return response, conn
+        data = _parse(response.read().decode("utf-8", errors="replace"))
+        choice = (data.get("choices") or [{}])[0]
+        text = (choice.get("message") or {}).get("content") or ""
+    except (OSError, http.client.HTTPException, AttributeError, IndexError) as exc:
+        raise _fail(f"the LLM server's answer could not be read: {_reason(exc)}") from exc
+    reply = Reply()
+    reply.streamed = False
+    reply.text = text
+    reply.model = data.get("model")
+    reply.usage = data.get("usage")
+    reply.finish_reason = choice.get("finish_reason")
+    if text:
+        on_text(text)
+    return reply
 
 
-def _status_message(status: int, where: str, detail: str) -> str:
-    if status in (401, 403):
-        return (f"the LLM server at {where} rejected the API key (HTTP {status}); "
-                "check OPENAI_API_KEY")
+def _parse(text: str) -> dict[str, Any]:
     try:
-        message = json.loads(detail).get("error", {})
-        message = message.get("message") if isinstance(message, dict) else str(message)
-    except (ValueError, AttributeError):
-        message = detail.strip()
-    return f"the LLM server at {where} answered HTTP {status}: {(message or '')[:300]}"
+        data = json.loads(text)
+    except ValueError as exc:
+        raise _fail(f"the LLM server sent malformed data (not JSON): {text[:80]!r}") from exc
+    if not isinstance(data, dict):
+        raise _fail(f"the LLM server sent malformed data (not a JSON object): {text[:80]!r}")
+    return data
 
 
-def _events(response: http.client.HTTPResponse) -> Any:
+def _events(response: http.client.HTTPResponse) -> Iterator[str]:
     """The `data:` payloads of a server-sent event stream."""
     data: list[str] = []
     while True:
@@ -158,3 +242,85 @@ def _events(response: http.client.HTTPResponse) -> Any:
                 data = []
         elif line.startswith("data:"):
             data.append(line[5:].lstrip(" "))
+        elif not line.startswith((":", "event:", "id:", "retry:")):
+            raise _fail(f"the LLM server sent malformed server-sent events: {line[:80]!r}")
+
+
+def _set_timeout(response: http.client.HTTPResponse, seconds: float) -> None:
+    sock = getattr(getattr(response.fp, "raw", None), "_sock", None)
+    if isinstance(sock, socket.socket):
+        sock.settimeout(seconds)
+
+
+def list_models(config: Config) -> list[str]:
+    """The model ids the server offers (empty when it will not say)."""
+    try:
+        conn = _connect(config)
+    except RunnerError:
+        return []
+    try:
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+        conn.request("GET", urlsplit(config.base_url).path.rstrip("/") + "/models",
+                     headers=headers)
+        response = conn.getresponse()
+        if response.status != 200:
+            return []
+        data = json.loads(response.read())
+        return [str(m.get("id")) for m in data.get("data", []) if isinstance(m, dict)]
+    except (OSError, ValueError, AttributeError, http.client.HTTPException):
+        return []
+    finally:
+        conn.close()
+
+
+def _status_message(config: Config, status: int, detail: str, attempts: int) -> str:
+    where = _where(config)
+    if status in (401, 403):
+        return (f"the LLM server at {where} rejected the API key (HTTP {status}); "
+                "check OPENAI_API_KEY")
+    text = _error_text(_json_error(detail) or detail.strip())[:300]
+    if status == 404 and config.model:
+        offered = list_models(config)
+        hint = f"; it offers: {', '.join(offered[:10])}" if offered else ""
+        return (f"the LLM server at {where} does not know the model {config.model!r} "
+                f"(HTTP 404){hint}; set OFFLOAD_LLM_MODEL to one it has")
+    if status == 429 or status >= 500:
+        kind = "is overloaded" if status == 429 else "failed"
+        return (f"the LLM server at {where} {kind} (HTTP {status}) on {attempts} attempts: "
+                f"{text}; try again later")
+    return f"the LLM server at {where} refused the request (HTTP {status}): {text}"
+
+
+def _json_error(detail: str) -> Any:
+    try:
+        data = json.loads(detail)
+    except ValueError:
+        return None
+    return data.get("error", data.get("detail")) if isinstance(data, dict) else None
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)
+
+
+def _redact(text: str, config: Config) -> str:
+    return text.replace(config.api_key, "[redacted]") if config.api_key else text
+
+
+def _where(config: Config) -> str:
+    url = urlsplit(config.base_url)
+    return f"{url.scheme}://{url.netloc}"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the server running?)"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -1,5 +1,5 @@
 """A scripted OpenAI-compatible server, for what a real one will not do on demand:
-record the headers it was sent, answer an error, stream slowly."""
+record what it was sent, answer errors, retry-later, hang, cut or garble a stream."""
 
 from __future__ import annotations
 
@@ -14,55 +14,119 @@ from typing import Any
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # a burst of 50 chats connects at once
+    fake: FakeLLM
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None,
+              ) -> None:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        fake = self.server.fake
+        if not self.path.endswith("/models"):
+            self._json(404, {"error": {"message": "no such route"}})
+            return
+        self._json(200, {"object": "list", "data": [
+            {"id": m, "object": "model"} for m in fake.models]})
+
+    def do_POST(self) -> None:
+        fake = self.server.fake
+        length = int(self.headers.get("Content-Length", 0))
+        body = json.loads(self.rfile.read(length) or b"{}")
+        fake.requests.append({"path": self.path, "headers": dict(self.headers),
+                              "body": body})
+        fake.request_times.append(time.monotonic())
+        failing = fake.status != 200 and (
+            fake.fail_times is None or len(fake.requests) <= fake.fail_times)
+        if failing:
+            headers = {"Retry-After": fake.retry_after} if fake.retry_after else {}
+            self._json(fake.status, fake.error_body.encode(), headers)
+            return
+        if fake.known_model and body.get("model") != fake.known_model:
+            self._json(404, {"error": {"message": f"model {body.get('model')} "
+                                                  "not found"}})
+            return
+        if fake.rejects_stream and body.get("stream"):
+            self._json(400, {"error": {"message": "stream is not supported"}})
+            return
+        time.sleep(fake.hang_s)
+        if fake.non_streaming or not body.get("stream"):
+            self._json(200, {"model": "fake-model", "choices": [{
+                "message": {"role": "assistant", "content": "".join(fake.pieces)},
+                "finish_reason": "stop"}]})
+            return
+        self._stream()
+
+    def _stream(self) -> None:
+        fake = self.server.fake
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for i, piece in enumerate(fake.pieces):
+            if fake.cut_after is not None and i == fake.cut_after:
+                self.wfile.flush()
+                self.connection.shutdown(2)  # cut midway: no [DONE]
+                return
+            if fake.malformed == "json" and i == 1:
+                self.wfile.write(b"data: {\"choices\": [oops\n\n")
+                continue
+            if fake.malformed == "sse" and i == 1:
+                self.wfile.write(b"this is not server-sent events\n\n")
+                continue
+            chunk = {"model": "fake-model", "choices": [{"delta": {"content": piece}}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+            if i == 0:
+                fake.first_piece_sent.append(time.monotonic())
+            time.sleep(fake.delay_s)
+        done = {"model": "fake-model", "choices": [{"delta": {}, "finish_reason": "stop"}]}
+        self.wfile.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+        self.wfile.flush()
+        self.close_connection = True
 
 
 class FakeLLM:
     def __init__(self, pieces: list[str] | None = None, delay_s: float = 0.05,
-                 status: int = 200, error_body: str = "", port: int = 0) -> None:
+                 status: int = 200, error_body: str = "", port: int = 0,
+                 fail_times: int | None = None, retry_after: str | None = None,
+                 cut_after: int | None = None, malformed: str | None = None,
+                 hang_s: float = 0.0, non_streaming: bool = False,
+                 rejects_stream: bool = False, models: list[str] | None = None,
+                 known_model: str | None = None) -> None:
         self.pieces = pieces or ["Hello", ", ", "world", "."]
         self.delay_s = delay_s
         self.status = status
         self.error_body = error_body
+        self.fail_times = fail_times  # None: the error status every time
+        self.retry_after = retry_after
+        self.cut_after = cut_after
+        self.malformed = malformed  # "json" or "sse"
+        self.hang_s = hang_s
+        self.non_streaming = non_streaming
+        self.rejects_stream = rejects_stream
+        self.models = models or ["fake-model"]
+        self.known_model = known_model
         self.requests: list[dict[str, Any]] = []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                payload = json.dumps({"object": "list", "data": [
-                    {"id": "fake-model", "object": "model"}]}).encode()
-                self.send_response(200 if self.path.endswith("/models") else 404)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
-                fake.requests.append({"path": self.path, "headers": dict(self.headers),
-                                      "body": body})
-                if fake.status != 200:
-                    payload = fake.error_body.encode()
-                    self.send_response(fake.status)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()
-                for piece in fake.pieces:
-                    chunk = {"model": "fake", "choices": [{"delta": {"content": piece}}]}
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                    self.wfile.flush()
-                    time.sleep(fake.delay_s)
-                done = {"model": "fake", "choices": [{"delta": {}, "finish_reason": "stop"}]}
-                self.wfile.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
-
-        self.server = _Server(("127.0.0.1", port), Handler)
+        self.request_times: list[float] = []
+        self.first_piece_sent: list[float] = []
+        self.server = _Server(("127.0.0.1", port), _Handler)
+        self.server.fake = self
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property

@@ -1,0 +1,148 @@
+"""Runs the embedded model's server for the leading supervisor: start it on a free
+loopback port, check its health, restart it with backoff when it dies, stop it with the
+supervisor. Its state goes to `<data>/llm.json` for the API and the chat runners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from jobs import embedded
+from jobs import protocol as p
+from jobs.launcher import lower_priority_of
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 180.0
+HEALTH_EVERY_S = 5.0
+BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+UNAVAILABLE_RECHECK_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedServer:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base_url: str | None = None
+        self.restarts = 0
+
+    def _write(self, ready: bool, detail: str, **extra: Any) -> None:
+        status = {"ready": ready, "detail": detail, "base_url": self.base_url or "",
+                  "pid": self.proc.pid if self.proc else None, "restarts": self.restarts,
+                  "updated_at": p.now_iso(), **extra}
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            p.write_json(embedded.status_path(str(self.data_dir)), status)
+        except OSError as exc:
+            log.warning("cannot write the LLM status: %s", exc)
+
+    async def run(self, on_ready: Any = None) -> None:
+        """Keep the server up until cancelled; `on_ready(base_url, model)` on each start."""
+        await asyncio.to_thread(self._stop_stale)
+        try:
+            while True:
+                reason = embedded.unavailable_reason()
+                if reason is not None:
+                    self._write(False, reason, available=False)
+                    log.warning("%s", reason)
+                    await asyncio.sleep(UNAVAILABLE_RECHECK_S)
+                    continue
+                model = embedded.model_path()
+                assert model is not None
+                await self._serve_once(model, on_ready)
+                delay = BACKOFF_S[min(self.restarts, len(BACKOFF_S) - 1)]
+                self.restarts += 1
+                self._write(False, f"the embedded model server stopped; restarting in "
+                                   f"{delay:g} s", available=True)
+                await asyncio.sleep(delay)
+        finally:
+            await asyncio.to_thread(self.stop)
+            self._write(False, "the embedded model server is stopped (Offload is not running)")
+
+    async def _serve_once(self, model: str, on_ready: Any) -> None:
+        port = free_port()
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self._write(False, "loading the embedded model", available=True,
+                    model=embedded.model_name(model))
+        log_path = self.data_dir / "llm-server.log"
+        with open(log_path, "ab") as out:
+            # In the supervisor's process group: it goes when the supervisor goes.
+            self.proc = subprocess.Popen(
+                embedded.server_command(model, port), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT)
+        lower_priority_of(self.proc.pid)
+        started = time.monotonic()
+        while not await asyncio.to_thread(self._healthy):
+            if self.proc.poll() is not None:
+                log.error("the embedded model server exited (%s); see %s",
+                          self.proc.returncode, log_path)
+                return
+            if time.monotonic() - started > START_TIMEOUT_S:
+                log.error("the embedded model server did not answer in %s s", START_TIMEOUT_S)
+                await asyncio.to_thread(self.stop)
+                return
+            await asyncio.sleep(0.25)
+        name = embedded.model_name(model)
+        self._write(True, "ok", available=True, model=name,
+                    load_s=round(time.monotonic() - started, 2))
+        log.info("embedded model %s ready at %s", name, self.base_url)
+        if on_ready is not None:
+            on_ready(self.base_url, name)
+        self.restarts = 0
+        while self.proc.poll() is None:
+            await asyncio.sleep(HEALTH_EVERY_S)
+            if self.proc.poll() is None and not await asyncio.to_thread(self._healthy):
+                log.warning("the embedded model server stopped answering; restarting it")
+                await asyncio.to_thread(self.stop)
+        log.warning("the embedded model server exited (%s)", self.proc.returncode)
+
+    def _stop_stale(self) -> None:
+        """A server left by a supervisor that was killed outright: stop it."""
+        status = embedded.read_status(str(self.data_dir)) or {}
+        pid = status.get("pid")
+        if not isinstance(pid, int):
+            return
+        try:
+            proc = psutil.Process(pid)
+            if "llama_cpp.server" in " ".join(proc.cmdline()):
+                log.info("stopping a stale embedded model server (pid %s)", pid)
+                proc.terminate()
+                proc.wait(10)
+        except psutil.Error:
+            pass  # gone already, or not ours
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/models", timeout=3) as response:
+                return bool(json.load(response).get("data"))
+        except (OSError, ValueError):
+            return False
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait(10)

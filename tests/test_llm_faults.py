@@ -1,0 +1,150 @@
+"""Every way an LLM server can fail, each explained in words a user can act on.
+
+A scripted server (tests/fake_llm.py) produces the faults a real one will not on demand.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.conftest import RunningSupervisor
+from tests.fake_llm import FakeLLM
+
+SECRET = "sk-fault-test-secret-0042"
+QUESTION: dict[str, Any] = {"messages": [{"role": "user", "content": "How is the CPU?"}]}
+
+
+def run_chat(make_supervisor: Callable[..., RunningSupervisor], base_url: str,
+             timeout_s: float = 60, **env: str) -> dict[str, Any]:
+    sup = make_supervisor(runner_env={"OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": SECRET,
+                                      **env})
+    job_id = sup.submit("chat", timeout_s=timeout_s, **QUESTION)
+    job = sup.wait_final(job_id, timeout=90)
+    sup.stop()
+    assert SECRET not in str(job), "the key never appears in a job"
+    return job
+
+
+def failed_with(job: dict[str, Any], *needles: str) -> None:
+    assert job["state"] == "failed", job
+    assert job["error"]["type"] == "provider", job["error"]
+    for needle in needles:
+        assert needle in job["error"]["message"], (needle, job["error"]["message"])
+
+
+def test_connection_refused(make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    job = run_chat(make_supervisor, "http://127.0.0.1:9/v1")
+    failed_with(job, "LLM server not reachable at http://127.0.0.1:9", "connection refused")
+
+
+def test_host_that_does_not_resolve(make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    job = run_chat(make_supervisor, "http://offload-test.invalid:8080/v1")
+    failed_with(job, "not reachable at http://offload-test.invalid:8080",
+                "cannot resolve the host name")
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_rejected_key(make_supervisor: Callable[..., RunningSupervisor], status: int) -> None:
+    body = '{"error": {"message": "Incorrect API key provided: ' + SECRET + '"}}'
+    with FakeLLM(status=status, error_body=body) as llm:
+        job = run_chat(make_supervisor, llm.base_url)
+    failed_with(job, f"rejected the API key (HTTP {status})", "OPENAI_API_KEY")
+
+
+def test_unknown_model_is_named_with_what_the_server_offers(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    with FakeLLM(known_model="llama3", models=["llama3", "qwen2"]) as llm:
+        job = run_chat(make_supervisor, llm.base_url, OFFLOAD_LLM_MODEL="gpt-9")
+    failed_with(job, "does not know the model 'gpt-9'", "llama3, qwen2", "OFFLOAD_LLM_MODEL")
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_overloaded_server_is_retried_honouring_retry_after(
+        make_supervisor: Callable[..., RunningSupervisor], status: int) -> None:
+    with FakeLLM(status=status, fail_times=2, retry_after="1",
+                 error_body='{"error": {"message": "slow down"}}') as llm:
+        job = run_chat(make_supervisor, llm.base_url)
+        gaps = [b - a for a, b in zip(llm.request_times, llm.request_times[1:], strict=False)]
+    assert job["state"] == "completed", job
+    assert job["output"] == "Hello, world."
+    assert len(gaps) == 2 and all(gap >= 0.9 for gap in gaps), gaps
+
+
+def test_server_failing_every_time_gives_up(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    with FakeLLM(status=500, retry_after="0",
+                 error_body='{"error": {"message": "CUDA out of memory"}}') as llm:
+        job = run_chat(make_supervisor, llm.base_url)
+        attempts = len(llm.requests)
+    failed_with(job, "HTTP 500", "on 3 attempts", "CUDA out of memory", "try again later")
+    assert attempts == 3
+
+
+def test_stream_cut_midway_keeps_the_partial_reply(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    with FakeLLM(pieces=["one ", "two ", "three ", "four"], cut_after=2) as llm:
+        job = run_chat(make_supervisor, llm.base_url)
+    failed_with(job, "ended before the reply was complete", "partial reply is kept")
+    assert job["output"] == "one two "
+
+
+@pytest.mark.parametrize("kind", ["json", "sse"])
+def test_malformed_stream(make_supervisor: Callable[..., RunningSupervisor], kind: str) -> None:
+    with FakeLLM(malformed=kind) as llm:
+        job = run_chat(make_supervisor, llm.base_url)
+    failed_with(job, "malformed")
+    assert job["output"] == "Hello", "what came before the garbage is kept"
+
+
+def test_no_first_token_within_the_limit(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    with FakeLLM(hang_s=5) as llm:
+        started = time.monotonic()
+        job = run_chat(make_supervisor, llm.base_url, OFFLOAD_LLM_FIRST_TOKEN_S="1")
+    failed_with(job, "within 1 s", "OFFLOAD_LLM_FIRST_TOKEN_S")
+    assert time.monotonic() - started < 5
+
+
+def test_job_deadline_stops_a_slow_reply(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    with FakeLLM(pieces=["a "] * 100, delay_s=0.1) as llm:
+        job = run_chat(make_supervisor, llm.base_url, timeout_s=1.5)
+    assert job["state"] == "timeout"
+    assert job["error"]["type"] == "timeout"
+    assert job["output"].startswith("a a "), "the partial reply is kept"
+
+
+def test_server_that_does_not_stream(make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    with FakeLLM(non_streaming=True) as llm:
+        job = run_chat(make_supervisor, llm.base_url)
+    assert job["state"] == "completed"
+    assert job["result"]["reply"] == "Hello, world." and job["result"]["streamed"] is False
+
+
+def test_server_that_refuses_streaming_gets_a_plain_request(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    with FakeLLM(rejects_stream=True) as llm:
+        job = run_chat(make_supervisor, llm.base_url)
+        sent = [r["body"].get("stream") for r in llm.requests]
+    assert job["state"] == "completed", job
+    assert job["output"] == "Hello, world."
+    assert sent == [True, None]
+
+
+def test_expert_prompt_and_context_reach_the_server(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    with FakeLLM() as llm:
+        sup = make_supervisor(runner_env={"OPENAI_BASE_URL": llm.base_url,
+                                          "OFFLOAD_LLM_MAX_TOKENS": "77"})
+        job_id = sup.submit("chat", context="CPU average 12%.", temperature=0.3, **QUESTION)
+        assert sup.wait_final(job_id)["state"] == "completed"
+        body = llm.requests[0]["body"]
+    system = body["messages"][0]
+    assert system["role"] == "system" and "expert" in system["content"]
+    assert "CPU average 12%." in system["content"]
+    assert body["messages"][1] == QUESTION["messages"][0]
+    assert body["max_tokens"] == 77 and body["temperature"] == 0.3
