@@ -90,6 +90,10 @@ class Job:
     def output(self) -> str:
         return "".join(self._chunks)
 
+    @property
+    def has_output(self) -> bool:
+        return len(self._chunks) > 1 or bool(self._chunks[0])
+
     def progress(self, fraction: float | None = None, message: str | None = None) -> None:
         if fraction is not None:
             fraction = min(1.0, max(0.0, float(fraction)))
@@ -163,6 +167,7 @@ class FileSink(Sink):
         self._dirty = False
         self._closed = False
         self._last_write = 0.0
+        self._wrote_output = False
         self._job: Job | None = None
         self._thread = threading.Thread(target=self._flush_loop, name="job-file", daemon=True)
 
@@ -176,8 +181,11 @@ class FileSink(Sink):
             self._echo_output(job)
         with self._cond:
             self._dirty = True
-            if time.monotonic() - self._last_write >= WRITE_INTERVAL_S:
+            # The first piece of output goes out at once: it is what a user waits for.
+            first_output = not self._wrote_output and job.has_output
+            if first_output or time.monotonic() - self._last_write >= WRITE_INTERVAL_S:
                 self._write_locked(job)
+                self._wrote_output = self._wrote_output or first_output
             else:
                 self._cond.notify()
 

@@ -51,6 +51,7 @@ class _Handler(BaseHTTPRequestHandler):
         fake.requests.append({"path": self.path, "headers": dict(self.headers),
                               "body": body})
         fake.request_times.append(time.monotonic())
+        fake.request_wall.append(time.time())
         failing = fake.status != 200 and (
             fake.fail_times is None or len(fake.requests) <= fake.fail_times)
         if failing:
@@ -93,9 +94,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
             if i == 0:
-                fake.first_piece_sent.append(time.monotonic())
-            time.sleep(fake.delay_s)
+                fake.first_piece_sent.append(time.time())
+            if i < len(fake.pieces) - 1:
+                time.sleep(fake.delay_s)
         done = {"model": "fake-model", "choices": [{"delta": {}, "finish_reason": "stop"}]}
+        fake.last_piece_sent.append(time.time())
         self.wfile.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
         self.wfile.flush()
         self.close_connection = True
@@ -124,7 +127,9 @@ class FakeLLM:
         self.known_model = known_model
         self.requests: list[dict[str, Any]] = []
         self.request_times: list[float] = []
-        self.first_piece_sent: list[float] = []
+        self.first_piece_sent: list[float] = []  # time.time() of each stream's first piece
+        self.last_piece_sent: list[float] = []
+        self.request_wall: list[float] = []
         self.server = _Server(("127.0.0.1", port), _Handler)
         self.server.fake = self
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

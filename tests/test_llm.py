@@ -109,7 +109,8 @@ def test_embedded_model_out_of_the_box(make_server: Callable[..., Any]) -> None:
         assert llm["base_url"].startswith("http://127.0.0.1:")
 
         answer = client.post("/api/ai_chat_async", json={
-            "messages": [{"role": "user", "content": "What is a CPU?"}], "session_id": "s-1"})
+            "messages": [{"role": "user", "content": "Explain what a CPU does, briefly."}],
+            "session_id": "s-1"})
         job_id = answer.json()["job_id"]
         outputs = []
         with client.stream("GET", f"/api/jobs/{job_id}/events") as stream:
@@ -121,7 +122,8 @@ def test_embedded_model_out_of_the_box(make_server: Callable[..., Any]) -> None:
         assert len({o for o in outputs if o}) >= 2, "the reply streams in"
         turns = client.get("/api/sessions/s-1").json()["turns"]
         assert [t["job_id"] for t in turns] == [job_id]
-        assert turns[0]["question"] == "What is a CPU?" and turns[0]["reply"] == result["reply"]
+        assert turns[0]["question"].startswith("Explain what a CPU does")
+        assert turns[0]["reply"] == result["reply"]
 
         status = json.loads((server.data_dir / "llm.json").read_text())
         os.kill(status["pid"], signal.SIGKILL)

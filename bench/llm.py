@@ -1,0 +1,191 @@
+"""The chat path, measured.
+
+1. Which client library a chat runner should use: the standard library's http.client,
+   httpx, or the openai SDK. Import cost, and a fresh interpreter's start until its
+   first request reaches the server.
+2. A chat job's own overhead beyond the model's time: runner start -> request sent,
+   last token sent -> final state written.
+3. First token visible on `/api/jobs/{id}/events` after the server sent it.
+4. `/api/history` latency while 4 chats run on the embedded model (CPU-bound).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.api import ROOT, _free_port, _process
+from bench.core import _supervised, _wait_final, stats
+from jobs import protocol as p
+from tests.fake_llm import FakeLLM
+
+CLIENT_SCRIPTS = {
+    "stdlib http.client": """
+import http.client, json
+c = http.client.HTTPConnection("127.0.0.1", {port})
+c.request("POST", "/v1/chat/completions", json.dumps({{"messages": [], "stream": True}}),
+          {{"Content-Type": "application/json"}})
+c.getresponse().read()
+""",
+    "httpx": """
+import httpx
+with httpx.stream("POST", "http://127.0.0.1:{port}/v1/chat/completions",
+                  json={{"messages": [], "stream": True}}) as r:
+    r.read()
+""",
+    "openai SDK": """
+import openai
+client = openai.OpenAI(base_url="http://127.0.0.1:{port}/v1", api_key="none")
+for _ in client.chat.completions.create(model="m", messages=[], stream=True):
+    pass
+""",
+}
+IMPORTS = {"stdlib http.client": "import http.client, json", "httpx": "import httpx",
+           "openai SDK": "import openai"}
+
+
+def _median_run(args: list[str], rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def clients(rounds: int = 15) -> dict[str, Any]:
+    bare = _median_run(["-c", "pass"], rounds)
+    out: dict[str, Any] = {"bare_s": bare, "clients": {}}
+    with FakeLLM(pieces=["x"], delay_s=0) as llm:
+        port = int(llm.base_url.split(":")[2].split("/")[0])
+        for name, script in CLIENT_SCRIPTS.items():
+            import_s = _median_run(["-c", IMPORTS[name]], rounds) - bare
+            to_request = []
+            for _ in range(rounds):
+                before = len(llm.request_wall)
+                started = time.time()
+                subprocess.run([sys.executable, "-c", script.format(port=port)], check=True,
+                               capture_output=True)
+                to_request.append(llm.request_wall[before] - started)
+            out["clients"][name] = {"import_s": import_s,
+                                    "start_to_request_s": statistics.median(to_request)}
+    return out
+
+
+def overhead(rounds: int = 20) -> dict[str, Any]:
+    """Sequential chats, so each job lines up with the server's records."""
+    start_to_request, last_to_final = [], []
+    with FakeLLM(pieces=["a ", "b ", "c"], delay_s=0.05) as llm, \
+            _supervised(4, {"OPENAI_BASE_URL": llm.base_url}) as (store, supervisor):
+        for _ in range(rounds):
+            before = len(llm.request_wall)
+            job = store.create("chat", {"messages": [{"role": "user", "content": "hi"}],
+                                        "expert": False}, 30)
+            supervisor.wake()
+            final = _wait_final(store, job["id"])
+            assert final[p.F_STATE] == p.COMPLETED, final
+            run = p.read_json(store.path(job["id"]).parent / p.RUN_FILE) or {}
+            # launched_ns: taken right after the spawn (psutil's create time is only
+            # accurate to the boot time's whole second).
+            start_to_request.append(llm.request_wall[before] - run["launched_ns"] / 1e9)
+            last_to_final.append(p.parse_iso(final[p.F_FINISHED_AT]) - llm.last_piece_sent[-1])
+    return {"start_to_request": stats(start_to_request), "last_to_final": stats(last_to_final)}
+
+
+def first_token_on_events(rounds: int = 15) -> dict[str, Any]:
+    delays = []
+    with FakeLLM(pieces=["first ", "second"], delay_s=0.3) as llm, \
+            tempfile.TemporaryDirectory() as tmp:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {"OPENAI_BASE_URL": llm.base_url, "OFFLOAD_DATA_DIR": str(Path(tmp) / "var")}
+        with _process(["-m", "uvicorn", "api_entry:app", "--port", str(port),
+                       "--log-level", "warning"], env, f"{url}/api/health"), \
+                httpx.Client(base_url=url, timeout=30) as client:
+            for _ in range(rounds):
+                before = len(llm.first_piece_sent)
+                job = client.post("/api/jobs", json={"kind": "chat", "input": {
+                    "messages": [{"role": "user", "content": "hi"}]}}).json()
+                with client.stream("GET", f"/api/jobs/{job['id']}/events") as stream:
+                    for line in stream.iter_lines():
+                        if line.startswith("data: ") and json.loads(line[6:])["output"]:
+                            delays.append(time.time() - llm.first_piece_sent[before])
+                            break
+    return {"first_token_visible": stats(delays)}
+
+
+def embedded_history(chats: int = 4, idle_s: float = 5.0) -> dict[str, Any]:
+    """History latency while chats run on the embedded model (CPU-bound)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        series_file = Path(tmp) / "series.jsonl"
+        env = {"OFFLOAD_DATA_DIR": str(Path(tmp) / "var"), "OPENAI_BASE_URL": ""}
+        with _process(["-m", "uvicorn", "api_entry:app", "--port", str(port),
+                       "--log-level", "warning"], env, f"{url}/api/health"), \
+                httpx.Client(base_url=url, timeout=30) as client:
+            deadline = time.monotonic() + 180
+            while not client.get("/api/health").json()["llm"]["ready"]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the embedded model did not load")
+                time.sleep(0.5)
+            with _process(["-m", "bench.poller", f"{url}/api/history", str(series_file),
+                           "0.05"], {}, None):
+                time.sleep(idle_s)
+                burst = time.time()
+                ids = [client.post("/api/ai_chat_async", json={
+                    "messages": [{"role": "user", "content": "Explain CPU load in detail."}],
+                }).json()["job_id"] for _ in range(chats)]
+                while any(client.get(f"/api/ai_chat_result/{i}").json()["status"] ==
+                          "processing" for i in ids):
+                    time.sleep(0.5)
+                end = time.time()
+        series = [json.loads(line) for line in series_file.read_text().splitlines()]
+    idle = [lat for t, lat, status in series if t < burst and status == 200]
+    load = [lat for t, lat, status in series if burst <= t <= end and status == 200]
+    return {"idle": stats(idle), "load": stats(load), "load_s": end - burst, "chats": chats}
+
+
+def run() -> dict[str, Any]:
+    return {"clients": clients(), "overhead": overhead(), "events": first_token_on_events(),
+            "embedded": embedded_history()}
+
+
+def report(results: dict[str, Any]) -> str:
+    c = results["clients"]
+    rows = ["Client library (fresh interpreter; bare start "
+            f"{c['bare_s'] * 1000:.1f} ms):", "",
+            "| client | import cost (ms) | process start -> request at server (ms) |",
+            "| --- | --- | --- |"]
+    for name, r in c["clients"].items():
+        rows.append(f"| {name} | {r['import_s'] * 1000:.1f} "
+                    f"| {r['start_to_request_s'] * 1000:.1f} |")
+    o, e, m = results["overhead"], results["events"]["first_token_visible"], results["embedded"]
+
+    def ms(s: dict[str, float]) -> str:
+        return f"{s['median'] * 1000:.1f} / {s['p90'] * 1000:.1f} / {s['max'] * 1000:.1f}"
+
+    rows += ["", "| measure | median / p90 / max (ms) | goal |", "| --- | --- | --- |",
+             f"| chat runner start -> request sent | {ms(o['start_to_request'])} "
+             "| median <= 100 ms |",
+             f"| last token sent -> final state written | {ms(o['last_to_final'])} "
+             "| median <= 100 ms |",
+             f"| first token sent -> visible on /events | {ms(e)} | <= 150 ms |",
+             f"| /api/history idle (embedded model loaded) | {ms(m['idle'])} | baseline |",
+             f"| /api/history while {m['chats']} chats run on the embedded model "
+             f"({m['load_s']:.0f} s) | {ms(m['load'])} "
+             f"| p99 {m['load']['p99'] / m['idle']['p99']:.2f}x idle p99 (goal <= 1.5x), "
+             f"max {m['load']['max'] / m['idle']['p99']:.2f}x (goal <= 3x) |"]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(report(run()))
