@@ -1,12 +1,30 @@
-"""The job kinds the API accepts: the runner module of each and the model of its input."""
+"""The job kinds the API accepts: the runner module of each and the model of its input.
+
+Add your own kind without touching this file, in either of two ways:
+- a package's entry point in the group `offload.kinds`:
+  `[project.entry-points."offload.kinds"] resize = "mypkg.resize"`
+- the environment: `OFFLOAD_KINDS="resize=mypkg.resize,report=tools.report"`
+The module must run as `python -m <module> --job-file F` (see runners/base.py); its
+input is any JSON object, checked by the runner itself.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 from pydantic import BaseModel
 
-from jobs.models import ChatInput, SleepInput
+from jobs.models import ChatInput, SleepInput, TrainInput
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "offload.kinds"
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 @dataclass(frozen=True)
@@ -15,10 +33,34 @@ class Kind:
     input_model: type[BaseModel] | None = None  # None: any JSON object
 
 
-REGISTRY: dict[str, Kind] = {
+BUILT_IN: dict[str, Kind] = {
     "chat": Kind("runners.chat", ChatInput),
     "sleep": Kind("runners.sleep", SleepInput),
+    "train": Kind("runners.train", TrainInput),
 }
+
+
+def discover(env: str | None = None) -> dict[str, Kind]:
+    """Built-in kinds, then entry points, then OFFLOAD_KINDS (later ones win)."""
+    kinds = dict(BUILT_IN)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        _add(kinds, point.name, point.value, f"entry point {point.value!r}")
+    spec = os.environ.get("OFFLOAD_KINDS", "") if env is None else env
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, module = item.partition("=")
+        _add(kinds, name.strip(), module.strip(), "OFFLOAD_KINDS")
+    return kinds
+
+
+def _add(kinds: dict[str, Kind], name: str, module: str, source: str) -> None:
+    if not _NAME.fullmatch(name) or not _MODULE.fullmatch(module):
+        log.warning("ignoring job kind %r = %r from %s: not a kind name and a module path",
+                    name, module, source)
+        return
+    kinds[name] = Kind(module)
+
+
+REGISTRY: dict[str, Kind] = discover()
 
 # kind -> runner module, for the supervisor
 KINDS: dict[str, str] = {name: kind.module for name, kind in REGISTRY.items()}

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from jobs.history import MetricsReader
 from jobs.keeper import SupervisorKeeper
 from jobs.llm_status import LLMStatus
+from jobs.predictor import Predictor
 from jobs.service import JobService
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, get_settings
 from jobs.store import JobStore
@@ -38,6 +39,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.settings = settings
     app.state.service = JobService(settings, JobStore(settings.jobs_dir), metrics)
     app.state.metrics = metrics
+    app.state.predictor = Predictor(settings.data_dir, metrics)
     app.state.llm = LLMStatus(settings)
     app.state.keeper = keeper
     tasks = [

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 180.0
 HEALTH_EVERY_S = 5.0
+HEALTH_FAILURES = 3  # in a row, before a live but silent server is restarted
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 UNAVAILABLE_RECHECK_S = 60.0
 
@@ -106,9 +107,13 @@ class EmbeddedServer:
         if on_ready is not None:
             on_ready(self.base_url, name)
         self.restarts = 0
+        failures = 0
         while self.proc.poll() is None:
             await asyncio.sleep(HEALTH_EVERY_S)
-            if self.proc.poll() is None and not await asyncio.to_thread(self._healthy):
+            # Connecting, not /models: the server answers /models only between chats
+            # (one lock guards the model), and a long chat is no reason to restart it.
+            failures = 0 if await asyncio.to_thread(self._accepts, port) else failures + 1
+            if failures >= HEALTH_FAILURES and self.proc.poll() is None:
                 log.warning("the embedded model server stopped answering; restarting it")
                 await asyncio.to_thread(self.stop)
         log.warning("the embedded model server exited (%s)", self.proc.returncode)
@@ -127,6 +132,14 @@ class EmbeddedServer:
                 proc.wait(10)
         except psutil.Error:
             pass  # gone already, or not ours
+
+    @staticmethod
+    def _accepts(port: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                return True
+        except OSError:
+            return False
 
     def _healthy(self) -> bool:
         try:

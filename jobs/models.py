@@ -70,6 +70,7 @@ class Job(BaseModel):
     exit_code: int | None = None
     resources: Resources | None = None
     input: dict[str, Any] | None = None
+    loss_curve: list[float] | None = None  # training: the loss of each epoch so far
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -116,6 +117,16 @@ def _known_kinds(schema: dict[str, Any]) -> None:
 
     # Documented as an enum; checked in the service, whose 422 lists the known kinds.
     schema["enum"] = sorted(REGISTRY)
+
+
+class TrainInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(60, ge=1, le=10_000)
+    lags: int = Field(30, ge=1, le=600)
+    seconds: float = Field(0, ge=0, description="learn from the last N seconds; 0: all")
+    learning_rate: float = Field(0.05, gt=0, le=1)
+    validation: float = Field(0.2, ge=0.05, le=0.5)
 
 
 class JobCreate(BaseModel):

@@ -12,6 +12,7 @@ from jobs.guards import require_token
 from jobs.history import MetricsReader, short_job
 from jobs.keeper import SupervisorKeeper
 from jobs.llm_status import LLMStatus
+from jobs.predictor import NoModel, Predictor
 from jobs.routes_jobs import Service
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S
 
@@ -33,6 +34,17 @@ async def history(request: Request, service: Service,
         "jobs": [short_job(job) for job in recent],
         "counts": counts,
     }
+
+
+@router.get("/predict", responses={409: {"description": "no model trained yet"}})
+async def predict(request: Request,
+                  horizon: Annotated[int, Query(ge=1, le=3600)] = 60) -> dict[str, Any]:
+    """CPU and memory forecast for the next `horizon` samples (about a second each)."""
+    predictor: Predictor = request.app.state.predictor
+    try:
+        return await run_in_threadpool(predictor.predict, horizon)
+    except NoModel as exc:
+        raise HTTPException(409, str(exc)) from None
 
 
 @router.get("/health")

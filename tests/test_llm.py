@@ -118,7 +118,7 @@ def test_embedded_model_out_of_the_box(make_server: Callable[..., Any]) -> None:
                 if line.startswith("data: "):
                     outputs.append(json.loads(line[6:])["output"])
         result = client.get(f"/api/ai_chat_result/{job_id}").json()
-        assert result["status"] == "completed" and result["reply"].strip()
+        assert result["status"] == "completed" and result["reply"].strip(), result
         assert len({o for o in outputs if o}) >= 2, "the reply streams in"
         turns = client.get("/api/sessions/s-1").json()["turns"]
         assert [t["job_id"] for t in turns] == [job_id]

@@ -1,0 +1,148 @@
+"""Train kind: a forecasting model of the machine metrics the dashboard records.
+
+Input: {"epochs": int (default 60), "lags": int (default 30), "seconds": history
+        window to learn from (default all), "learning_rate": float (default 0.05),
+        "validation": fraction held out, the most recent (default 0.2)}
+Result: training and validation error (RMSE, in percentage points) per series, against
+a naive "no change" forecast, and the model's version.
+
+    python -m runners.train --job-file var/jobs/<id>/job.json
+    python -m runners.train [--epochs N] [--lags N] [--data-dir var]   # a progress bar
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from runners import base
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
+    import numpy as np
+
+MIN_SAMPLES = 60
+BATCH = 64
+
+
+def execute(job: base.Job) -> dict[str, Any]:
+    import numpy as np  # the one heavy import, and only this kind pays for it
+
+    from jobs import forecast
+
+    options = _options(job.input)
+    data_dir = job.data_dir or str(job.input.get("data_dir") or "var")
+    samples = forecast.load_samples(data_dir)
+    if options["seconds"]:
+        cutoff = samples[-1]["t"] - options["seconds"] if samples else 0
+        samples = [s for s in samples if s["t"] >= cutoff]
+    lags = options["lags"]
+    if len(samples) < max(MIN_SAMPLES, lags * 3):
+        raise base.RunnerError(
+            f"not enough history to learn from yet: {len(samples)} samples, need at least "
+            f"{max(MIN_SAMPLES, lags * 3)} (about one a second); let the dashboard run a "
+            "few minutes, or lower 'lags'")
+    series = {name: np.asarray([s[name] for s in samples], dtype=float)
+              for name in forecast.SERIES}
+    model: dict[str, Any] = {"kind": "autoregressive-linear", "lags": lags,
+                             "trained_on": len(samples), "series": {}}
+    scores: dict[str, Any] = {}
+    fits = {name: _Fit(values, lags, options["validation"]) for name, values in series.items()}
+    epochs = options["epochs"]
+    rng = np.random.default_rng(0)
+    for epoch in range(1, epochs + 1):
+        losses = [fit.epoch(options["learning_rate"], rng) for fit in fits.values()]
+        job.progress(epoch / epochs, f"epoch {epoch}/{epochs} loss {sum(losses) / 2:.4f}")
+        job.data["loss_curve"] = [*job.data.get("loss_curve", []), round(sum(losses) / 2, 5)]
+    for name, fit in fits.items():
+        model["series"][name] = fit.params()
+        scores[name] = fit.scores()
+    version = forecast.save(data_dir, model)
+    return {"version": version, "samples": len(samples), "lags": lags, "epochs": epochs,
+            "error": scores}
+
+
+class _Fit:
+    """One series: standardise, window, fit weights by mini-batch gradient descent."""
+
+    def __init__(self, values: np.ndarray, lags: int, validation: float) -> None:
+        import numpy as np
+
+        from jobs import forecast
+
+        self.np = np
+        self.mean = float(values.mean())
+        self.std = float(values.std()) or 1.0
+        x, y = forecast.windows((values - self.mean) / self.std, lags)
+        split = int(len(y) * (1 - validation))
+        self.x_train, self.y_train = x[:split], y[:split]
+        self.x_val, self.y_val = x[split:], y[split:]
+        self.weights = np.zeros(lags + 1)
+        self.weights[lags - 1] = 1.0  # start from "tomorrow is like today"
+
+    def epoch(self, rate: float, rng: Any) -> float:
+        np = self.np
+        order = rng.permutation(len(self.y_train))
+        for start in range(0, len(order), BATCH):
+            batch = order[start:start + BATCH]
+            x, y = self.x_train[batch], self.y_train[batch]
+            error = x @ self.weights[:-1] + self.weights[-1] - y
+            grad = np.append(x.T @ error, error.sum()) / len(batch)
+            self.weights -= rate * grad
+        return float(np.mean((self._predict(self.x_train) - self.y_train) ** 2))
+
+    def _predict(self, x: np.ndarray) -> np.ndarray:
+        predicted: np.ndarray = x @ self.weights[:-1] + self.weights[-1]
+        return predicted
+
+    def _rmse(self, x: np.ndarray, y: np.ndarray) -> float:
+        if len(y) == 0:
+            return float("nan")
+        return float(self.np.sqrt(self.np.mean((self._predict(x) - y) ** 2)) * self.std)
+
+    def scores(self) -> dict[str, float]:
+        naive = self.np.sqrt(self.np.mean((self.x_val[:, -1] - self.y_val) ** 2)) * self.std
+        return {"train_rmse": round(self._rmse(self.x_train, self.y_train), 4),
+                "validation_rmse": round(self._rmse(self.x_val, self.y_val), 4),
+                "naive_validation_rmse": round(float(naive), 4)}
+
+    def params(self) -> dict[str, Any]:
+        return {"weights": [float(w) for w in self.weights], "mean": self.mean, "std": self.std}
+
+
+def _options(job_input: dict[str, Any]) -> dict[str, Any]:
+    def number(key: str, default: float, low: float, high: float) -> float:
+        value = job_input.get(key, default)
+        if not isinstance(value, (int, float)) or not low <= value <= high:
+            raise base.RunnerError(f"'{key}' must be a number from {low:g} to {high:g}")
+        return float(value)
+
+    return {"epochs": int(number("epochs", 60, 1, 10_000)),
+            "lags": int(number("lags", 30, 1, 600)),
+            "seconds": number("seconds", 0, 0, 10 ** 7),
+            "learning_rate": number("learning_rate", 0.05, 1e-6, 1.0),
+            "validation": number("validation", 0.2, 0.05, 0.5)}
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--lags", type=int, default=30)
+    parser.add_argument("--seconds", type=float, default=0, help="learn from the last N s")
+    parser.add_argument("--data-dir", default=os.environ.get("OFFLOAD_DATA_DIR", "var"),
+                        help="Offload's data folder (its history/metrics.jsonl)")
+
+
+def _direct_input(args: argparse.Namespace) -> dict[str, Any]:
+    return {"epochs": args.epochs, "lags": args.lags, "seconds": args.seconds,
+            "data_dir": args.data_dir}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return base.main("train", execute, _add_arguments, _direct_input, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

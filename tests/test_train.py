@@ -1,0 +1,156 @@
+"""Training and prediction as jobs, and kinds of one's own."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs import forecast
+from jobs.kinds import discover
+from tests.conftest import ROOT, RunningSupervisor, wait_for
+from tests.server import Server
+
+
+def record_history(data_dir: Path, seconds: int = 900) -> None:
+    """A recorded metrics series: CPU swings with a one-minute period, memory creeps up."""
+    rng = random.Random(7)
+    now = time.time()
+    lines = []
+    for i in range(seconds):
+        t = now - seconds + i
+        cpu = 50 + 20 * math.sin(2 * math.pi * i / 60) + rng.gauss(0, 2)
+        mem = 40 + 0.01 * i + rng.gauss(0, 0.3)
+        lines.append(json.dumps({"t": t, "cpu": cpu, "mem": mem, "mem_used_mb": 1000}))
+    folder = data_dir / "history"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_training_job_learns_the_recorded_history(
+        data_dir: Path, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    record_history(data_dir)
+    sup = make_supervisor()
+    job_id = sup.submit("train", epochs=1500)
+    fractions = set()
+    while (job := sup.job(job_id))["state"] in ("queued", "running"):
+        if job["progress"] and job["progress"]["fraction"]:
+            fractions.add(job["progress"]["fraction"])
+        time.sleep(0.02)
+    assert job["state"] == "completed", job
+    result = job["result"]
+    assert result["version"] == 1 and result["samples"] == 900
+    for name in ("cpu", "mem"):
+        error = result["error"][name]
+        assert error["validation_rmse"] < error["naive_validation_rmse"], (name, error)
+    assert result["error"]["cpu"]["validation_rmse"] < 4.0
+    assert len(job["loss_curve"]) == 1500 and job["loss_curve"][-1] <= job["loss_curve"][0]
+    assert len(fractions) >= 2, "progress is visible while it trains"
+    model = forecast.load_latest(str(data_dir))
+    assert model is not None and model["version"] == 1 and model["lags"] == 30
+
+
+def test_too_little_history_says_so(data_dir: Path,
+                                    make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    record_history(data_dir, seconds=20)
+    sup = make_supervisor()
+    job = sup.wait_final(sup.submit("train"))
+    assert job["state"] == "failed"
+    assert "not enough history" in job["error"]["message"]
+    assert forecast.load_latest(str(data_dir)) is None
+
+
+def _train(client: Any, **options: Any) -> dict[str, Any]:
+    job = client.post("/api/jobs", json={"kind": "train", "input": options}).json()
+
+    def finished() -> dict[str, Any] | None:
+        current: dict[str, Any] = client.get(f"/api/jobs/{job['id']}").json()
+        return None if current["state"] in ("queued", "running") else current
+
+    return wait_for(finished, 120)
+
+
+def test_predict_serves_the_latest_model(data_dir: Path,
+                                         make_server: Callable[..., Server]) -> None:
+    record_history(data_dir)
+    server = make_server()
+    with server.client() as client:
+        none = client.get("/api/predict")
+        assert none.status_code == 409 and "train" in none.json()["detail"]
+        assert client.get("/api/predict", params={"horizon": 0}).status_code == 422
+        assert client.get("/api/predict", params={"horizon": "x"}).status_code == 422
+
+        assert _train(client, epochs=20)["state"] == "completed"
+        first = client.get("/api/predict", params={"horizon": 30}).json()
+        assert first["version"] == 1 and len(first["cpu"]) == 30 and len(first["mem"]) == 30
+        assert all(0 <= v <= 100 for v in first["cpu"] + first["mem"])
+
+        assert _train(client, epochs=5, lags=5)["state"] == "completed"
+        second = client.get("/api/predict", params={"horizon": 30}).json()
+        assert second["version"] == 2
+        assert second["cpu"] != first["cpu"], "the new model's forecast is served"
+
+
+def test_cancelling_a_training_keeps_the_previous_model(
+        data_dir: Path, make_server: Callable[..., Server]) -> None:
+    record_history(data_dir)
+    server = make_server()
+    with server.client() as client:
+        assert _train(client, epochs=10)["state"] == "completed"
+        long = client.post("/api/jobs", json={"kind": "train",
+                                              "input": {"epochs": 10_000}}).json()
+        wait_for(lambda: (client.get(f"/api/jobs/{long['id']}").json()["progress"] or {})
+                 .get("fraction"), 60)
+        cancelled = client.delete(f"/api/jobs/{long['id']}").json()
+        assert cancelled["state"] == "cancelled"
+        served = client.get("/api/predict").json()
+        assert served["version"] == 1
+    assert forecast.latest_version(str(data_dir)) == 1
+    assert sorted(p.name for p in (data_dir / "models").iterdir()) == [
+        "forecast-v1.json", "latest.json"]
+
+
+def test_direct_cli_trains_and_prints_progress(data_dir: Path) -> None:
+    record_history(data_dir)
+    done = subprocess.run([sys.executable, "-m", "runners.train", "--epochs", "15",
+                           "--data-dir", str(data_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "epoch 15/15" in done.stderr and "100.0%" in done.stderr
+    assert json.loads(done.stdout)["version"] == 1
+
+
+def test_kinds_of_ones_own() -> None:
+    kinds = discover(env="echo=runners.sleep, bad name=x, worse=not a module")
+    assert kinds["echo"].module == "runners.sleep" and kinds["echo"].input_model is None
+    assert {"chat", "sleep", "train", "echo"} <= set(kinds)
+    assert "bad name" not in kinds and "worse" not in kinds
+
+
+def test_own_kind_runs_through_the_api(make_server: Callable[..., Server]) -> None:
+    server = make_server(env={"OFFLOAD_KINDS": "echo=runners.sleep"})
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"kind": "echo", "input": {"seconds": 0.1}}).json()
+        final = wait_for(lambda: (j := client.get(f"/api/jobs/{job['id']}").json())
+                         ["state"] == "completed" and j, 30)
+        assert final["result"]["echo"] == {"seconds": 0.1}
+        unknown = client.post("/api/jobs", json={"kind": "nope"})
+        assert unknown.status_code == 422
+        assert "chat, echo, sleep, train" in unknown.json()["detail"]
+
+
+@pytest.mark.parametrize("options", [{"epochs": 0}, {"lags": "many"}, {"extra": 1}])
+def test_bad_training_options_are_422(make_server: Callable[..., Server],
+                                      options: dict[str, Any]) -> None:
+    server = make_server()
+    with server.client() as client:
+        answer = client.post("/api/jobs", json={"kind": "train", "input": options})
+        assert answer.status_code == 422 and "input." in answer.json()["detail"]
