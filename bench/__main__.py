@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import api, core, llm
+from bench import api, core, llm, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Run = Callable[[], dict[str, Any]]
@@ -21,6 +21,7 @@ SUITES: dict[str, tuple[Run, Report, Plot | None]] = {
     "core": (core.run, core.report, None),
     "api": (api.run, api.report, api.plot),
     "llm": (llm.run, llm.report, None),
+    "train": (train.run, train.report, None),
 }
 
 
