@@ -47,7 +47,9 @@ class LLMStatus:
             with urllib.request.urlopen(request, timeout=3) as response:
                 models = json.load(response).get("data") or []
         except (OSError, ValueError) as exc:
-            self.ready, self.detail = False, f"not reachable at {self.base_url}: {exc}"
+            reason = getattr(exc, "reason", None) or exc  # URLError wraps the socket error
+            reason = getattr(reason, "strerror", None) or reason
+            self.ready, self.detail = False, f"not reachable at {self.base_url}: {reason}"
             return False
         if not self.model and models and isinstance(models[0], dict):
             self.model = str(models[0].get("id", ""))

@@ -1,0 +1,207 @@
+// api.js — every call to the Offload API goes through here.
+// Adds the bearer token (kept in sessionStorage), asks for it when a call answers
+// 401, reports network trouble in #net-error, and reads event streams with fetch().
+
+const TOKEN_KEY = "offload-token";
+
+/** Current token, or "" when none has been given. */
+function getToken() {
+  try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch { return ""; }
+}
+
+function setToken(value) {
+  try { sessionStorage.setItem(TOKEN_KEY, value); } catch { /* storage disabled */ }
+}
+
+function authHeaders(extra = {}) {
+  const token = getToken();
+  return token ? { ...extra, Authorization: `Bearer ${token}` } : { ...extra };
+}
+
+// ---- token dialog -------------------------------------------------------
+// Several pollers may hit 401 at the same moment: they all wait on one shared
+// promise, so the form is shown only once at a time.
+let tokenPromise = null;
+
+function askForToken(rejected) {
+  if (tokenPromise) return tokenPromise;
+  const dialog = document.getElementById("token-dialog");
+  const form = document.getElementById("token-form");
+  const input = document.getElementById("token-input");
+  const note = document.getElementById("token-note");
+  if (!dialog || !form || !input) return Promise.resolve(false);
+  tokenPromise = new Promise((resolve) => {
+    note.textContent = rejected
+      ? "That token was not accepted. Please enter the API token again."
+      : "This server needs an API token.";
+    input.value = "";
+    const finish = (ok) => {
+      form.removeEventListener("submit", onSubmit);
+      dialog.removeEventListener("cancel", onCancel);
+      if (dialog.open) dialog.close();
+      else dialog.removeAttribute("open");
+      tokenPromise = null;
+      resolve(ok);
+    };
+    const onSubmit = (ev) => {
+      ev.preventDefault();
+      const value = input.value.trim();
+      if (!value) { input.focus(); return; }
+      setToken(value);
+      finish(true);
+    };
+    // Escape closes the dialog: stop asking, calls keep failing with 401.
+    const onCancel = () => finish(false);
+    form.addEventListener("submit", onSubmit);
+    dialog.addEventListener("cancel", onCancel);
+    if (typeof dialog.showModal === "function") {
+      try { dialog.showModal(); } catch { dialog.setAttribute("open", ""); }
+    } else {
+      dialog.setAttribute("open", "");
+    }
+    input.focus();
+  });
+  return tokenPromise;
+}
+
+// ---- network error banner -------------------------------------------------
+// Each poller reports under its own key; the banner shows while any key fails.
+const failures = new Map();
+
+function renderNetError() {
+  const el = document.getElementById("net-error");
+  if (!el) return;
+  if (failures.size === 0) {
+    el.hidden = true;
+    el.textContent = "";
+  } else {
+    el.hidden = false;
+    el.textContent = [...failures.values()][0];
+  }
+}
+
+export function reportFailure(source, message) {
+  failures.set(source, message);
+  renderNetError();
+}
+
+export function reportOk(source) {
+  if (failures.delete(source)) renderNetError();
+}
+
+// ---- requests --------------------------------------------------------------
+
+/**
+ * fetch() with the token; on 401 asks for a token once and retries once.
+ * Throws only on network failure (TypeError) or abort.
+ */
+export async function apiFetch(path, options = {}) {
+  const send = () => fetch(path, { ...options, headers: authHeaders(options.headers || {}) });
+  let hadToken = Boolean(getToken());
+  let res = await send();
+  if (res.status === 401) {
+    const ok = await askForToken(hadToken);
+    if (ok) res = await send();
+  }
+  return res;
+}
+
+/** Pull a readable message out of an error response ({"detail": ...}). */
+export async function errorDetail(res) {
+  try {
+    const body = await res.json();
+    if (body && body.detail !== undefined) {
+      return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    }
+  } catch { /* not JSON */ }
+  return `HTTP ${res.status}`;
+}
+
+/**
+ * JSON request that never throws. Returns {ok, status, data, error}.
+ * `source` names the caller for the #net-error banner (optional).
+ */
+export async function apiJSON(path, { method = "GET", body, source, signal } = {}) {
+  const options = { method, signal };
+  if (body !== undefined) {
+    options.body = JSON.stringify(body);
+    options.headers = { "Content-Type": "application/json" };
+  }
+  try {
+    const res = await apiFetch(path, options);
+    if (source) reportOk(source);
+    if (!res.ok) {
+      return { ok: false, status: res.status, data: null, error: await errorDetail(res) };
+    }
+    let data = null;
+    try { data = await res.json(); } catch { data = null; }
+    return { ok: true, status: res.status, data, error: null };
+  } catch (err) {
+    if (err && err.name === "AbortError") {
+      return { ok: false, status: 0, data: null, error: "aborted" };
+    }
+    if (source) reportFailure(source, `Cannot reach the server (${source}). Retrying…`);
+    return { ok: false, status: 0, data: null, error: "network error" };
+  }
+}
+
+/** Plain-text GET that never throws. */
+export async function apiText(path) {
+  try {
+    const res = await apiFetch(path);
+    if (!res.ok) return { ok: false, status: res.status, text: await errorDetail(res) };
+    return { ok: true, status: res.status, text: await res.text() };
+  } catch {
+    return { ok: false, status: 0, text: "Network error: could not load." };
+  }
+}
+
+/**
+ * Read a text/event-stream with fetch so the Authorization header can be sent.
+ * Calls onData(parsedJSON) for every "data:" event, onActivity() for every chunk
+ * (keep-alives included). Resolves with "closed" when the server ends the stream,
+ * "aborted" on abort; rejects on HTTP or network errors so callers can fall back.
+ */
+export async function readEventStream(path, { onData, onActivity, signal } = {}) {
+  const res = await apiFetch(path, { signal, headers: { Accept: "text/event-stream" } });
+  if (!res.ok || !res.body) throw new Error(`stream HTTP ${res.status}`);
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  let dataLines = [];
+
+  const dispatch = () => {
+    if (dataLines.length === 0) return;
+    const payload = dataLines.join("\n");
+    dataLines = [];
+    let parsed;
+    try { parsed = JSON.parse(payload); } catch { return; } // ignore malformed events
+    if (onData) onData(parsed);
+  };
+
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      if (onActivity) onActivity();
+      buffer += decoder.decode(value, { stream: true });
+      let nl;
+      while ((nl = buffer.indexOf("\n")) >= 0) {
+        let line = buffer.slice(0, nl);
+        buffer = buffer.slice(nl + 1);
+        if (line.endsWith("\r")) line = line.slice(0, -1);
+        if (line === "") dispatch();                 // blank line ends an event
+        else if (line.startsWith(":")) continue;     // keep-alive comment
+        else if (line.startsWith("data:")) dataLines.push(line.slice(5).replace(/^ /, ""));
+        // other fields (event:, id:, retry:) are not used by this API
+      }
+    }
+    dispatch();
+    return "closed";
+  } catch (err) {
+    if (err && err.name === "AbortError") return "aborted";
+    throw err;
+  }
+}
+
+export const FINAL_STATES = new Set(["completed", "failed", "cancelled", "timeout"]);

@@ -1,0 +1,296 @@
+// chat.js — the AI expert chat: sends the conversation, streams the reply token by
+// token from the job's event stream (falls back to polling), supports cancel, and
+// restores earlier turns of this browser's session on load.
+
+import { apiJSON, readEventStream, FINAL_STATES } from "./api.js";
+
+const SESSION_KEY = "offload-session";
+const STALL_MS = 120_000;   // give up waiting after this long with nothing new
+const POLL_MS = 1000;
+
+const history = [];         // [{role, content}] sent with every new message
+let pending = null;         // the reply currently awaited (one at a time)
+
+let form, input, sendBtn, cancelBtn, log;
+
+function newId() {
+  if (window.crypto && typeof crypto.randomUUID === "function") return crypto.randomUUID();
+  return `s-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`;
+}
+
+let sessionExisted = false;  // a new session has no turns to restore (skip the 404)
+
+function sessionId() {
+  let id = null;
+  try { id = localStorage.getItem(SESSION_KEY); } catch { /* storage disabled */ }
+  sessionExisted = Boolean(id);
+  if (!id) {
+    id = newId();
+    try { localStorage.setItem(SESSION_KEY, id); } catch { /* keep in memory only */ }
+  }
+  return id;
+}
+let SESSION = "";
+
+// ---- rendering -------------------------------------------------------------
+
+function addUser(text) {
+  const li = document.createElement("li");
+  li.className = "msg user";
+  const body = document.createElement("span");
+  body.className = "text";
+  body.textContent = text;
+  li.append(body);
+  log.append(li);
+  li.scrollIntoView({ block: "nearest" });
+  return li;
+}
+
+/** Assistant bubble: .text (the reply), .elapsed (while waiting), .note (status). */
+function addAssistant(jobId) {
+  const li = document.createElement("li");
+  li.className = "msg assistant";
+  if (jobId) li.dataset.jobId = jobId;
+  const body = document.createElement("span");
+  body.className = "text";
+  const elapsed = document.createElement("span");
+  elapsed.className = "elapsed";
+  const note = document.createElement("span");
+  note.className = "note";
+  li.append(body, elapsed, note);
+  log.append(li);
+  li.scrollIntoView({ block: "nearest" });
+  return li;
+}
+
+const part = (li, cls) => li.querySelector(`.${cls}`);
+
+function setFinal(li, state, text, note) {
+  li.dataset.state = state;
+  li.setAttribute("aria-busy", "false");
+  part(li, "text").textContent = text;
+  part(li, "note").textContent = note || "";
+  const el = part(li, "elapsed");
+  if (el) el.remove();
+  if (state === "failed" || state === "timeout") li.classList.add("error");
+}
+
+// ---- waiting for a reply ---------------------------------------------------
+
+/** Follow one chat job until it reaches a final state (or stalls). */
+function follow(li, jobId, userText) {
+  const started = Date.now();
+  const controller = new AbortController();
+  const p = {
+    jobId, li, userText, controller, done: false,
+    lastActivity: Date.now(), output: "", state: "queued",
+  };
+  pending = p;
+  li.setAttribute("aria-busy", "true");
+  updateButtons();
+
+  const tick = () => {
+    if (p.done) return;
+    const secs = Math.floor((Date.now() - started) / 1000);
+    const el = part(li, "elapsed");
+    if (el) el.textContent = `${p.state === "queued" ? "queued" : "thinking"}… ${secs}s`;
+    if (Date.now() - p.lastActivity > STALL_MS) {
+      finish("stalled", part(li, "text").textContent,
+        "No answer after 120 s; the job may still finish — see Jobs");
+    }
+  };
+  const timer = setInterval(tick, 500);
+  tick();
+
+  function finish(state, text, note) {
+    if (p.done) return;
+    p.done = true;
+    clearInterval(timer);
+    controller.abort();
+    if (state === "stalled") {
+      // Not a job state: leave data-state unset, mark the bubble instead.
+      li.classList.add("stalled");
+      li.setAttribute("aria-busy", "false");
+      part(li, "note").textContent = note;
+      const el = part(li, "elapsed");
+      if (el) el.remove();
+    } else {
+      setFinal(li, state, text, note);
+    }
+    if (state === "completed" && userText !== null) {
+      history.push({ role: "user", content: userText }, { role: "assistant", content: text });
+    }
+    if (pending === p) pending = null;
+    updateButtons();
+  }
+  p.finish = finish;
+
+  /** Apply one job snapshot from the event stream. */
+  function onJob(job) {
+    if (p.done || !job) return;
+    p.lastActivity = Date.now();
+    if (job.state) p.state = job.state;
+    if (typeof job.output === "string" && job.output !== p.output) {
+      p.output = job.output;
+      part(li, "text").textContent = job.output;
+    }
+    if (FINAL_STATES.has(job.state)) finishFromJob(job);
+  }
+
+  function finishFromJob(job) {
+    const out = typeof job.output === "string" ? job.output : "";
+    const reply = out || replyFromResult(job.result);
+    if (job.state === "completed") {
+      finish("completed", reply, "");
+    } else if (job.state === "cancelled") {
+      finish("cancelled", reply, "Cancelled.");
+    } else {
+      const msg = (job.error && job.error.message) ||
+        (job.state === "timeout" ? "the job ran out of time" : "the job failed");
+      finish(job.state, `Error: ${msg}`, "");
+    }
+  }
+
+  async function poll() {
+    while (!p.done) {
+      const r = await apiJSON(`/api/ai_chat_result/${encodeURIComponent(jobId)}`, { source: "chat" });
+      if (p.done) return;
+      if (r.ok && r.data) {
+        const d = r.data;
+        if (d.status === "completed") {
+          finish("completed", d.reply || "", "");
+          return;
+        }
+        if (d.status === "error") {
+          // Find out which final state it was (failed, cancelled, timeout).
+          const j = await apiJSON(`/api/jobs/${encodeURIComponent(jobId)}`);
+          const state = j.ok && j.data && FINAL_STATES.has(j.data.state) ? j.data.state : "failed";
+          if (state === "cancelled") finish("cancelled", p.output, "Cancelled.");
+          else finish(state, `Error: ${d.message || "the job failed"}`, "");
+          return;
+        }
+        if (d.status === "not_found") {
+          finish("failed", "Error: the job was not found on the server", "");
+          return;
+        }
+      }
+      await new Promise((res) => setTimeout(res, POLL_MS));
+    }
+  }
+
+  (async () => {
+    try {
+      await readEventStream(`/api/jobs/${encodeURIComponent(jobId)}/events`, {
+        onData: onJob,
+        signal: controller.signal,
+      });
+    } catch {
+      /* stream failed: fall through to polling */
+    }
+    if (!p.done) await poll();
+  })().catch(() => { /* never surface to the console */ });
+}
+
+function replyFromResult(result) {
+  if (!result) return "";
+  if (typeof result === "string") return result;
+  return result.reply || result.text || result.content || "";
+}
+
+function updateButtons() {
+  const busy = Boolean(pending);
+  cancelBtn.hidden = !busy;
+  cancelBtn.disabled = !busy;
+  sendBtn.disabled = busy;
+}
+
+// ---- actions ----------------------------------------------------------------
+
+async function send(text) {
+  addUser(text);
+  const messages = [...history, { role: "user", content: text }];
+  const li = addAssistant(null);
+  part(li, "elapsed").textContent = "sending…";
+  pending = { placeholder: true };
+  updateButtons();
+  const r = await apiJSON("/api/ai_chat_async", {
+    method: "POST",
+    body: { messages, session_id: SESSION },
+    source: "chat",
+  });
+  pending = null;
+  if (!r.ok || !r.data || !r.data.job_id) {
+    setFinal(li, "failed", `Error: ${r.error || "no job id returned"}`, "");
+    updateButtons();
+    return;
+  }
+  li.dataset.jobId = r.data.job_id;
+  follow(li, r.data.job_id, text);
+}
+
+async function cancel() {
+  if (!pending || !pending.jobId) return;
+  const p = pending;
+  cancelBtn.disabled = true;
+  const r = await apiJSON(`/api/jobs/${encodeURIComponent(p.jobId)}`, { method: "DELETE", source: "chat" });
+  if (r.ok && r.data && r.data.state === "cancelled" && !p.done) {
+    // The stream will normally report it too; finishing here is idempotent.
+    p.finish("cancelled", p.output, "Cancelled.");
+  } else if (!p.done) {
+    cancelBtn.disabled = false; // 409: already finished; the stream will tell
+  }
+}
+
+/** Re-render the earlier turns of this session (oldest first). */
+async function restore() {
+  const r = await apiJSON(`/api/sessions/${encodeURIComponent(SESSION)}`);
+  if (!r.ok || !r.data || !Array.isArray(r.data.turns)) return;
+  for (const turn of r.data.turns) {
+    const q = turn.question || "";
+    if (q) addUser(q);
+    const li = addAssistant(turn.job_id);
+    if (FINAL_STATES.has(turn.state)) {
+      if (turn.state === "completed") {
+        setFinal(li, "completed", turn.reply || "", "");
+        if (q) history.push({ role: "user", content: q }, { role: "assistant", content: turn.reply || "" });
+      } else if (turn.state === "cancelled") {
+        setFinal(li, "cancelled", turn.reply || "", "Cancelled.");
+      } else {
+        const msg = turn.error && (turn.error.message || turn.error);
+        setFinal(li, turn.state, `Error: ${typeof msg === "string" ? msg : "the job failed"}`, "");
+      }
+    } else if (turn.job_id && !pending) {
+      follow(li, turn.job_id, q);         // still running: resume streaming it
+    } else {
+      part(li, "note").textContent = `(${turn.state || "unknown"})`;
+    }
+  }
+}
+
+export function initChat() {
+  form = document.getElementById("chat-form");
+  input = document.getElementById("chat-input");
+  sendBtn = document.getElementById("chat-send");
+  cancelBtn = document.getElementById("chat-cancel");
+  log = document.getElementById("chat-log");
+  SESSION = sessionId();
+  updateButtons();
+
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = input.value.trim();
+    if (!text || pending) return;
+    input.value = "";
+    send(text).catch(() => { /* errors are rendered in the bubble */ });
+  });
+  // Enter sends, Shift+Enter inserts a newline (IME composition is left alone).
+  input.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+      ev.preventDefault();
+      if (typeof form.requestSubmit === "function") form.requestSubmit();
+      else form.dispatchEvent(new Event("submit", { cancelable: true }));
+    }
+  });
+  cancelBtn.addEventListener("click", () => { cancel().catch(() => {}); });
+  if (sessionExisted) restore().catch(() => {});
+}

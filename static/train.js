@@ -1,0 +1,127 @@
+// train.js — start a training job, follow its progress and loss curve, and fetch
+// the forecast once a model exists.
+
+import { apiJSON, readEventStream, FINAL_STATES } from "./api.js";
+import { drawLoss } from "./chart.js";
+
+let startBtn, progressEl, statusEl, lossCanvas;
+let lossCurve = [];
+let following = null;       // id of the training job being followed
+let onForecast = () => {};
+
+export function redrawLoss() {
+  if (lossCanvas) drawLoss(lossCanvas, lossCurve);
+}
+
+/**
+ * GET /api/predict. `quiet` (page load, periodic refresh): say nothing on 409.
+ * Returns the forecast or null.
+ */
+export async function fetchForecast(quiet) {
+  const r = await apiJSON("/api/predict?horizon=60", { source: quiet ? undefined : "train" });
+  if (r.ok && r.data && Array.isArray(r.data.cpu)) {
+    onForecast(r.data);
+    return r.data;
+  }
+  if (!quiet) {
+    if (r.status === 409) statusEl.textContent = r.error;
+    else statusEl.textContent = `${statusEl.textContent} (forecast unavailable: ${r.error})`;
+  }
+  return null;
+}
+
+function applyJob(job) {
+  if (!job) return;
+  const prog = job.progress || null;
+  if (prog && typeof prog.fraction === "number") progressEl.value = Math.max(0, Math.min(1, prog.fraction));
+  if (prog && prog.message && !FINAL_STATES.has(job.state)) statusEl.textContent = prog.message;
+  else if (job.state === "queued") statusEl.textContent = `queued${job.queue_position != null ? ` (position ${job.queue_position})` : ""}`;
+  if (Array.isArray(job.loss_curve) && job.loss_curve.length !== lossCurve.length) {
+    lossCurve = job.loss_curve.slice();
+    redrawLoss();
+  }
+}
+
+async function finishJob(job) {
+  following = null;
+  startBtn.disabled = false;
+  progressEl.removeAttribute("aria-busy");
+  if (job.state === "completed") {
+    progressEl.value = 1;
+    statusEl.textContent = "completed";
+    await fetchForecast(false);
+  } else if (job.state === "cancelled") {
+    statusEl.textContent = "cancelled";
+  } else {
+    const msg = job.error && job.error.message ? job.error.message : job.state;
+    statusEl.textContent = `${job.state}: ${msg}`;
+  }
+}
+
+/** Follow a training job by its event stream, falling back to polling the job. */
+async function follow(jobId) {
+  following = jobId;
+  startBtn.disabled = true;
+  let final = null;
+  const onData = (job) => {
+    applyJob(job);
+    if (FINAL_STATES.has(job.state)) final = job;
+  };
+  try {
+    await readEventStream(`/api/jobs/${encodeURIComponent(jobId)}/events`, { onData });
+  } catch { /* fall back to polling below */ }
+  while (!final && following === jobId) {
+    const r = await apiJSON(`/api/jobs/${encodeURIComponent(jobId)}`, { source: "train" });
+    if (r.ok && r.data) {
+      applyJob(r.data);
+      if (FINAL_STATES.has(r.data.state)) final = r.data;
+    } else if (r.status === 404) {
+      final = { state: "failed", error: { message: "the job disappeared" } };
+    }
+    if (!final) await new Promise((res) => setTimeout(res, 1000));
+  }
+  if (final) await finishJob(final);
+}
+
+async function start() {
+  startBtn.disabled = true;
+  lossCurve = [];
+  redrawLoss();
+  progressEl.value = 0;
+  statusEl.textContent = "starting…";
+  const r = await apiJSON("/api/jobs", {
+    method: "POST",
+    body: { kind: "train", input: { epochs: 200 } },
+    source: "train",
+  });
+  if (!r.ok || !r.data || !r.data.id) {
+    statusEl.textContent = `Error: ${r.error || "no job id returned"}`;
+    startBtn.disabled = false;
+    return;
+  }
+  statusEl.textContent = "queued";
+  await follow(r.data.id);
+}
+
+export function initTrain(options = {}) {
+  if (options.onForecast) onForecast = options.onForecast;
+  startBtn = document.getElementById("train-start");
+  progressEl = document.getElementById("train-progress");
+  statusEl = document.getElementById("train-status");
+  lossCanvas = document.getElementById("loss-chart");
+  startBtn.addEventListener("click", () => { start().catch(() => { startBtn.disabled = false; }); });
+  redrawLoss();
+
+  // On load: resume a training job that is still active, and show an existing model.
+  (async () => {
+    const r = await apiJSON("/api/jobs?limit=50");
+    const jobs = r.ok && r.data && Array.isArray(r.data.jobs) ? r.data.jobs : [];
+    const active = jobs.find((j) => j.kind === "train" && (j.state === "queued" || j.state === "running"));
+    if (active && !following) await follow(active.id);
+    // Only ask for a forecast when a model may exist (avoids a 409 on every load).
+    // (a full page of 50 may hide an older training job, so ask then too).
+    else if (jobs.length >= 50 || jobs.some((j) => j.kind === "train" && j.state === "completed")) {
+      await fetchForecast(true);
+    }
+  })().catch(() => {});
+}

@@ -1,0 +1,208 @@
+"""The dashboard in a real browser: Debian's Chromium, driven by Playwright."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+from tests.fake_llm import FakeLLM
+from tests.server import Server
+from tests.test_train import record_history
+
+pytestmark = pytest.mark.browser
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"]
+REPLY = ["The ", "CPU ", "is ", "busy ", "but ", "fine ", "right ", "now."]
+
+
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("OFFLOAD_CHROMIUM"), "chromium", "chromium-browser",
+                      "google-chrome"):
+        if candidate and (found := shutil.which(candidate)):
+            return found
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    path = chromium_path()
+    if path is None:
+        if os.environ.get("CI"):
+            raise AssertionError("no Chromium on this machine: .ci/run installs Debian's")
+        pytest.skip("no system Chromium here (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Any, request: pytest.FixtureRequest) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    context.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeLLM]:
+    with FakeLLM(pieces=REPLY, delay_s=0.25) as fake:
+        yield fake
+
+
+@pytest.fixture
+def server(make_server: Callable[..., Server], llm: FakeLLM) -> Server:
+    return make_server(env={"OPENAI_BASE_URL": llm.base_url})
+
+
+def updates(page: Any) -> int:
+    return int(page.get_attribute("#history-chart", "data-updates") or 0)
+
+
+def test_history_chart_stays_live_while_five_chats_stream(page: Any, server: Server) -> None:
+    page.goto(server.url)
+    page.wait_for_function("Number(document.querySelector('#history-chart')"
+                           ".dataset.updates || 0) >= 1", timeout=15_000)
+    with ThreadPoolExecutor(5) as pool:
+        ids = list(pool.map(lambda _: httpx.post(
+            f"{server.url}/api/ai_chat_async",
+            json={"messages": [{"role": "user", "content": "hi"}]}).json()["job_id"],
+            range(5)))
+    before = updates(page)
+    time.sleep(6)
+    assert updates(page) - before >= 5, "the chart keeps updating once a second"
+    assert "late" not in (page.get_attribute("#history-age", "class") or "")
+    assert len(ids) == 5
+
+
+def test_chat_reply_appears_token_by_token(page: Any, server: Server) -> None:
+    page.goto(server.url)
+    page.fill("#chat-input", "How is the CPU?")
+    page.press("#chat-input", "Enter")
+    reply = page.locator("#chat-log li.msg.assistant").last
+    seen: set[str] = set()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and reply.get_attribute("data-state") != "completed":
+        seen.add(reply.inner_text())
+        time.sleep(0.05)
+    assert reply.get_attribute("data-state") == "completed"
+    assert "The CPU is busy but fine right now." in reply.inner_text()
+    growing = {text for text in seen if text.strip() and "now." not in text}
+    assert len(growing) >= 3, f"the reply should appear piece by piece: {seen}"
+    page.reload()
+    page.wait_for_selector("#chat-log li.msg.assistant")
+    assert "The CPU is busy" in page.inner_text("#chat-log"), "kept across a reload"
+
+
+def test_cancel_stops_a_chat(page: Any, make_server: Callable[..., Server]) -> None:
+    with FakeLLM(pieces=["word "] * 200, delay_s=0.1) as slow:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        reply = page.locator("#chat-log li.msg.assistant").last
+        page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                               "?.textContent.includes('word')", timeout=20_000)
+        page.click("#chat-cancel")
+        page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                               "?.dataset.state === 'cancelled'", timeout=20_000)
+        job_id = reply.get_attribute("data-job-id")
+        job = httpx.get(f"{server.url}/api/jobs/{job_id}").json()
+    assert job["state"] == "cancelled"
+
+
+def test_training_shows_progress_then_a_forecast(page: Any, data_dir: Path,
+                                                 make_server: Callable[..., Server]) -> None:
+    record_history(data_dir, seconds=10_800)  # three hours: a few seconds of training
+    server = make_server(env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    page.goto(server.url)
+    page.click("#train-start")
+    fractions = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        value = page.eval_on_selector("#train-progress", "el => el.value")
+        fractions.add(round(float(value or 0), 2))
+        if page.get_attribute("#history-chart", "data-forecast"):
+            break
+        time.sleep(0.05)
+    assert page.get_attribute("#history-chart", "data-forecast") == "1"
+    assert any(0 < f < 1 for f in fractions), f"progress should show on the way: {fractions}"
+    assert "completed" in page.inner_text("#train-status").lower()
+
+
+def test_seed_frontend_snippet_gets_its_reply(page: Any, server: Server) -> None:
+    """The seed's frontend code, run as it is in the page (its `this` given an
+    _appendMessage that records what it shows)."""
+    page.goto(server.url)
+    result = page.evaluate("""async () => {
+        const shown = [];
+        const self = {_appendMessage: (role, text) => shown.push([role, text])};
+        const messages = [{role: 'user', content: 'How is the CPU?'}];
+        const session_id = 'seed-test';
+        await (async function () {
+            // 1. 發送請求，立即獲得 job_id
+            const {job_id} = await fetch('/api/ai_chat_async', {
+                method: 'POST',
+                headers: {'Content-Type': 'application/json'},
+                body: JSON.stringify({messages, session_id})
+            }).then(r => r.json());
+            // 2. 輪詢結果
+            await new Promise(resolve => {
+                const pollInterval = setInterval(async () => {
+                    const result = await fetch(`/api/ai_chat_result/${job_id}`).then(r => r.json());
+                    if (result.status === 'completed') {
+                        clearInterval(pollInterval);
+                        this._appendMessage('assistant', result.reply);
+                        resolve();
+                    } else if (result.status === 'error') {
+                        clearInterval(pollInterval);
+                        this._appendMessage('assistant', '❌ ' + result.message);
+                        resolve();
+                    }
+                }, 1000);
+                setTimeout(() => { clearInterval(pollInterval); resolve(); }, 30000);
+            });
+        }).call(self);
+        return shown;
+    }""")
+    assert result == [["assistant", "The CPU is busy but fine right now."]]
+
+
+def test_phone_width_and_dark_mode(browser: Any, server: Server) -> None:
+    context = browser.new_context(viewport={"width": 375, "height": 800},
+                                  color_scheme="dark")
+    page = context.new_page()
+    page.goto(server.url)
+    page.wait_for_function("Number(document.querySelector('#history-chart')"
+                           ".dataset.updates || 0) >= 1", timeout=15_000)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "phone_dark.png"), full_page=True)
+    labels = page.evaluate("""[...document.querySelectorAll('input, textarea, select')]
+        .filter(el => el.type !== 'hidden')
+        .filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label'))
+        .map(el => el.id || el.name)""")
+    context.close()
+    assert width <= 375, "no sideways scrolling on a phone"
+    rgb = [int(x) for x in background[background.index("(") + 1:-1].split(",")[:3]]
+    assert sum(rgb) < 3 * 100, f"dark mode should darken the page: {background}"
+    assert labels == [], f"inputs without labels: {labels}"
