@@ -206,3 +206,30 @@ def test_phone_width_and_dark_mode(browser: Any, server: Server) -> None:
     rgb = [int(x) for x in background[background.index("(") + 1:-1].split(",")[:3]]
     assert sum(rgb) < 3 * 100, f"dark mode should darken the page: {background}"
     assert labels == [], f"inputs without labels: {labels}"
+
+
+def test_jobs_table_shows_a_failed_job_and_its_log(page: Any, server: Server) -> None:
+    job = httpx.post(f"{server.url}/api/jobs",
+                     json={"kind": "sleep", "input": {"fail": "disk on fire"}}).json()
+    page.goto(server.url)
+    row = f"#jobs-table tr[data-job-id='{job['id']}']"
+    page.wait_for_selector(f"{row}[data-state='failed']", timeout=20_000)
+    page.click(f"{row} button.show-log")
+    page.wait_for_function("document.querySelector('#log-viewer').textContent"
+                           ".includes('disk on fire')", timeout=10_000)
+    assert page.is_visible("#log-dialog")
+
+
+def test_token_is_asked_once_and_kept_for_the_tab(page: Any,
+                                                  make_server: Callable[..., Server]) -> None:
+    server = make_server(env={"OFFLOAD_API_TOKEN": "tab-secret-1"})
+    page.goto(server.url)
+    page.wait_for_selector("#token-input", state="visible", timeout=15_000)
+    page.fill("#token-input", "tab-secret-1")
+    page.press("#token-input", "Enter")
+    page.wait_for_function("Number(document.querySelector('#history-chart')"
+                           ".dataset.updates || 0) >= 2", timeout=15_000)
+    page.reload()
+    page.wait_for_function("Number(document.querySelector('#history-chart')"
+                           ".dataset.updates || 0) >= 1", timeout=15_000)
+    assert not page.is_visible("#token-input"), "asked once per tab"
