@@ -25,6 +25,7 @@ from jobs.supervisor import poke
 
 LOG_MAX_BYTES = 1_000_000  # /log returns at most the last megabyte
 CONTEXT_WINDOW_S = 600.0  # the chat expert sees a summary of the last ten minutes
+LOOP_SUMMARY_MAX_JOBS = 1000  # above this, sorting the listing is done in a thread
 OVERVIEW_MAX_AGE_S = 0.25  # /api/history and /api/health may be this stale; a job read never
 
 
@@ -146,8 +147,15 @@ class JobService:
         return (await self.overview(0))[1]
 
     async def overview(self, limit: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        """The newest jobs and the counts by state, from one look at the folder."""
-        return await run_in_threadpool(self._overview, limit)
+        """The newest jobs and the counts by state, from one look at the folder.
+
+        A recent enough listing is summarised right here: no disk, and no hop to a
+        worker thread, which under load can wait several milliseconds to be scheduled.
+        """
+        jobs = self.store.recent_scan(OVERVIEW_MAX_AGE_S)
+        if jobs is None or len(jobs) > LOOP_SUMMARY_MAX_JOBS:
+            return await run_in_threadpool(self._overview, limit)
+        return self.store.list_jobs(limit=limit, jobs=jobs), self.store.counts(jobs)
 
     def _overview(self, limit: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
         jobs = self.store.scan(max_age_s=OVERVIEW_MAX_AGE_S)

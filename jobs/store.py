@@ -115,6 +115,13 @@ class JobStore:
                 self._last_scan = (now, list(self._scan()))
             return self._last_scan[1]
 
+    def recent_scan(self, max_age_s: float) -> list[dict[str, Any]] | None:
+        """The last scan if it is that recent, else None; never touches the disk."""
+        last = self._last_scan
+        if last is not None and time.monotonic() - last[0] <= max_age_s:
+            return last[1]
+        return None
+
     def _scan(self) -> Iterator[dict[str, Any]]:
         seen: set[str] = set()
         try:
