@@ -14,10 +14,12 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import webbrowser
 from pathlib import Path
@@ -156,8 +158,19 @@ def serve(args: list[str]) -> int:
     no_browser = "--no-browser" in args
     args = [a for a in args if a != "--no-browser"]
     host = _option(args, "--host") or os.environ.get("OFFLOAD_HOST", "127.0.0.1")
-    port = _option(args, "--port") or os.environ.get("OFFLOAD_PORT", "8001")
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    port = int(_option(args, "--port") or os.environ.get("OFFLOAD_PORT", "8001"))
+    browse_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    url = f"http://{browse_host}:{port}"
+    if offload_answers(url):
+        say(f"Offload is already running at {url}; opening it")
+        if not no_browser:
+            webbrowser.open(url)
+        return 0
+    if not port_free(host, port):
+        taken, port = port, next_free_port(host, port + 1)
+        say(f"port {taken} is taken by another program; using port {port} instead")
+        args = _without_option(args, "--port") + ["--port", str(port)]
+        url = f"http://{browse_host}:{port}"
     if not no_browser:
         threading.Thread(target=open_browser_when_up, args=(url,), daemon=True).start()
     say(f"starting the dashboard on {url} (Ctrl+C stops it)")
@@ -166,6 +179,48 @@ def serve(args: list[str]) -> int:
         return proc.wait()
     except KeyboardInterrupt:
         return proc.wait()
+
+
+def offload_answers(url: str) -> bool:
+    """Is an Offload server (not some other program) answering there?"""
+    try:
+        with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
+            return bool(json.load(response).get("status") == "ok")
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401 and b"OFFLOAD_API_TOKEN" in exc.read()  # a token-guarded one
+    except (OSError, ValueError):
+        return False
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        if os.name != "nt":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def next_free_port(host: str, start: int) -> int:
+    for port in range(start, min(start + 100, 65536)):
+        if port_free(host, port):
+            return port
+    sys.exit(f"[offload] no free port from {start - 1} to {start + 99}; pass --port")
+
+
+def _without_option(args: list[str], name: str) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
 
 
 def _option(args: list[str], name: str) -> str | None:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 _TOLERANCE_S = 0.05  # create times compared to this precision
 ROOT = Path(__file__).resolve().parent.parent
-_CAN_SPAWN_IDLE = hasattr(os, "posix_spawn") and hasattr(os, "SCHED_IDLE")
+_CAN_SPAWN_IDLE = sys.platform == "linux"
 RUNNER_NICE = 19  # the API must always win the CPU; runners take what it leaves
 IS_WINDOWS = sys.platform == "win32"
 
@@ -132,6 +132,8 @@ class _IdleSpawner:
         return _Spawned(done.result())
 
     def _serve(self) -> None:
+        if sys.platform == "win32":
+            return  # never started there (Linux only)
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # this thread only
         except OSError as exc:
@@ -145,6 +147,8 @@ class _IdleSpawner:
 
 
 def _posix_spawn(argv: list[str], log_path: str, env: dict[str, str]) -> int:
+    if sys.platform == "win32":
+        raise OSError("posix_spawn is not on Windows")
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         return os.posix_spawn(
@@ -165,6 +169,8 @@ def _popen(argv: list[str], log_path: str, env: dict[str, str]) -> subprocess.Po
         kwargs["creationflags"] = (
             subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW  # type: ignore[attr-defined,unused-ignore]
         )
+    elif sys.platform == "win32":
+        pass  # unreachable: IS_WINDOWS above; tells the type checker
     elif sys.version_info >= (3, 11):
         # Its own process group: Ctrl+C in the API's terminal does not reach it, it
         # outlives the API, and killpg stops it with its children. Not a new session:
@@ -183,7 +189,7 @@ def lower_priority_of(pid: int) -> None:
     """For helpers such as the embedded model's server: SCHED_IDLE where there is one."""
     try:
         _lower_priority(psutil.Process(pid))
-        if hasattr(os, "SCHED_IDLE"):
+        if sys.platform == "linux":
             os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
     except (psutil.Error, OSError) as exc:
         log.debug("could not lower priority of %s: %s", pid, exc)

@@ -118,10 +118,10 @@ class Job:
 
 def resources() -> dict[str, float] | None:
     """CPU seconds and peak RSS of this runner (and the children it waited for)."""
-    try:
-        import resource
-    except ImportError:  # Windows
+    if sys.platform == "win32":
         return _resources_psutil()
+    import resource
+
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
@@ -280,7 +280,7 @@ class _Stopper:
             if sig is not None:
                 signal.signal(sig, self._on_signal)
         if timeout_s and timeout_s > 0:
-            if hasattr(signal, "setitimer"):
+            if sys.platform != "win32":
                 signal.signal(signal.SIGALRM, self._on_deadline)
                 signal.setitimer(signal.ITIMER_REAL, timeout_s)
             else:
@@ -429,7 +429,7 @@ def _stop_error(reason: str, data: dict[str, Any]) -> dict[str, Any]:
 def _finish(job: Job, sink: Sink, state: str, result: dict[str, Any] | None,
             error: dict[str, Any] | None, code: int, stopper: _Stopper) -> int:
     stopper.finishing = True
-    if hasattr(signal, "setitimer"):
+    if sys.platform != "win32":
         signal.setitimer(signal.ITIMER_REAL, 0)
     with job.lock:
         job.data.update({

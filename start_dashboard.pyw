@@ -1,0 +1,29 @@
+"""Start Offload without a console window (double-click on Windows: pythonw runs it).
+
+Everything `launch.py` prints goes to var/launch.log; the browser opens by itself.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    log_dir = ROOT / "var"
+    log_dir.mkdir(exist_ok=True)
+    python = Path(sys.executable)
+    if python.name.lower() == "pythonw.exe":  # launch.py's output needs a console-less python
+        python = python.with_name("python.exe")
+    flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+    with open(log_dir / "launch.log", "ab") as log:
+        return subprocess.call([str(python), str(ROOT / "launch.py"), *sys.argv[1:]],
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, creationflags=flags)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The launchers: a path with spaces and non-ASCII characters, a second start, a busy
+port, and the Windows files (their line endings and the commands they call)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, free_port, stop_process, wait_for
+
+
+def test_bat_file_is_crlf_and_calls_what_exists() -> None:
+    raw = (ROOT / "start_dashboard.bat").read_bytes()
+    assert raw.count(b"\r\n") == raw.count(b"\n") > 10, "every line ends with CRLF"
+    text = raw.decode("ascii")
+    assert "py -3 launch.py" in text and "python launch.py" in text
+    assert (ROOT / "launch.py").is_file()
+    assert "pause" in text, "the window stays open when something fails"
+    assert "python.org/downloads" in text, "no Python: it says where to get it"
+
+
+def test_pyw_starts_launch_py_without_a_console() -> None:
+    source = (ROOT / "start_dashboard.pyw").read_text()
+    compile(source, "start_dashboard.pyw", "exec")
+    assert "launch.py" in source and "CREATE_NO_WINDOW" in source
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_launch_from_a_path_with_spaces_and_non_ascii(tmp_path: Path) -> None:
+    home = tmp_path / "My Dashboard 桌面" / "offload copy"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    for name in tracked:
+        (home / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, home / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    env["OPENAI_BASE_URL"] = "http://127.0.0.1:9/v1"  # no model server for this test
+    port = free_port()
+    log = tmp_path / "launch.log"
+    with open(log, "ab") as out:
+        first = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port",
+                                  str(port)], cwd=home, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: _health(port), 600, 0.5, f"the server on {port}: {log}")
+        assert (home / ".venv").is_dir()
+        wait_for(lambda: (home / "var" / "jobs").is_dir(), 30, 0.2,
+                 "the supervisor to set up the data folder in the copy")
+
+        again = subprocess.run([sys.executable, "launch.py", "--no-browser", "--port",
+                                str(port)], cwd=home, env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert again.returncode == 0
+        assert f"already running at http://127.0.0.1:{port}" in again.stdout
+
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            taken = busy.getsockname()[1]
+            with open(log, "ab") as out:
+                moved = subprocess.Popen([sys.executable, "launch.py", "--no-browser",
+                                          "--port", str(taken)], cwd=home, env=env,
+                                         stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+            try:
+                wait_for(lambda: f"port {taken} is taken" in log.read_text(errors="replace"),
+                         120, 0.2, "the busy-port message")
+                text = log.read_text(errors="replace")
+                new_port = int(text.split(f"port {taken} is taken")[1].split("using port ")[1]
+                               .split()[0])
+                wait_for(lambda: _health(new_port), 120, 0.3, "the server on the next port")
+            finally:
+                stop_process(moved)
+    finally:
+        stop_process(first)
+        time.sleep(0.5)
+
+
+def _health(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
