@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -126,3 +127,27 @@ def test_new_job_has_every_contract_field() -> None:
                         "error", "pid", "exit_code", "resources"}
     assert job["state"] == "queued"
     assert job["created_at"].endswith("Z")
+
+
+def test_replace_retries_while_a_reader_holds_the_file(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows: os.replace fails with PermissionError while another process has the
+    target open; the write retries briefly instead of failing (or tearing the file)."""
+    real_replace = os.replace
+    failures = [PermissionError(13, "Access is denied")] * 3
+
+    def flaky_replace(src: Any, dst: Any) -> None:
+        if failures:
+            raise failures.pop()
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky_replace)
+    target = tmp_path / "job.json"
+    p.write_json(target, {"n": 1})
+    assert json.loads(target.read_text()) == {"n": 1} and not failures
+
+    failures.extend([PermissionError(13, "Access is denied")] * 10_000)
+    with pytest.raises(PermissionError):
+        p.write_json(target, {"n": 2})
+    assert json.loads(target.read_text()) == {"n": 1}, "the old file is intact"
+    assert [f.name for f in tmp_path.iterdir()] == ["job.json"], "no temp file left behind"
