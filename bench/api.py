@@ -66,7 +66,7 @@ def _wait_up(url: str | None, proc: subprocess.Popen[bytes], timeout: float = 60
 @contextlib.contextmanager
 def _process(args: list[str], env: dict[str, str], url: str | None) -> Iterator[None]:
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **env},
-                            stdout=subprocess.DEVNULL, stderr=open("/tmp/srv.err","ab"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_up(url, proc)

@@ -130,13 +130,6 @@ class Supervisor:
             if self.is_leader and _mtime_ns(self._wake_file) != poked:
                 return  # a job was submitted or cancelled through another worker
 
-    def poke(self) -> None:
-        """Wake the leading supervisor, whichever process it lives in."""
-        if self.is_leader:
-            self.wake()
-        else:
-            poke(self.dir)
-
     def wake(self) -> None:
         """Ask for a pass now (a job was submitted, cancelled, or a runner exited)."""
         loop, event = self._loop, self._event
