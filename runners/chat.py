@@ -31,6 +31,7 @@ EXPERT_PROMPT = (
     "and memory charts and its background jobs show, and what to do about it. Answer "
     "briefly and concretely; when the data does not say, say so.")
 EMBEDDED_WAIT_S = 120.0  # a chat sent while the embedded model loads waits this long
+EMBEDDED_MAX_TOKENS = 512
 
 
 def execute(job: base.Job) -> dict[str, Any]:
@@ -38,6 +39,7 @@ def execute(job: base.Job) -> dict[str, Any]:
     if not isinstance(messages, list) or not messages:
         raise base.RunnerError("the job input has no messages to send")
     config = _config(job)
+    embedded_used = not os.environ.get("OPENAI_BASE_URL")
     options: dict[str, Any] = {key: job.input[key] for key in ("max_tokens", "temperature")
                                if key in job.input}
     for key, env in (("max_tokens", "OFFLOAD_LLM_MAX_TOKENS"),
@@ -45,6 +47,9 @@ def execute(job: base.Job) -> dict[str, Any]:
         if key not in options and os.environ.get(env):
             options[key] = float(os.environ[env]) if key == "temperature" else int(
                 os.environ[env])
+    if embedded_used and "max_tokens" not in options:
+        # The small embedded model tends to ramble until its context is full.
+        options["max_tokens"] = EMBEDDED_MAX_TOKENS
     job.progress(None, f"asking {config.model or 'the model'} at {config.base_url}")
     reply = llm_client.chat(config, _with_expert(job.input, messages), job.emit, **options)
     job.progress(1.0, "reply complete")
