@@ -88,6 +88,11 @@ def _lower_priority() -> None:
     try:
         if hasattr(os, "nice"):
             os.nice(DAEMON_NICE)
+            try:  # Linux: lower its autogroup too (it is a session of its own)
+                with open("/proc/self/autogroup", "w") as f:
+                    f.write(str(DAEMON_NICE))
+            except OSError:
+                pass  # no autogroups here: the nice value is what counts
         else:  # Windows
             import psutil
 

@@ -60,7 +60,10 @@ class SupervisorKeeper:
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "jobs.daemon", "--parent", str(os.getpid())],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                stderr=subprocess.STDOUT)
+                # A session of its own is, on Linux, an autogroup of its own, which the
+                # supervisor lowers: its bursts of launching then weigh little against
+                # the API. It still leaves with the API (it watches its parent).
+                stderr=subprocess.STDOUT, start_new_session=True)
         log.info("started a supervisor process (pid %s)", self._child.pid)
 
     async def stop(self) -> None:
