@@ -9,8 +9,11 @@ The leading supervisor runs the server (`jobs.llm_server`) and writes
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import socket
 import sys
+import urllib.request
 
 from jobs import protocol as p
 
@@ -68,6 +71,21 @@ def server_command(model: str, port: int, n_ctx: int = 2048) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
             # Queue concurrent chats; by default a new request cuts the one streaming.
             "--interrupt_requests", "False"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def answers(base_url: str, timeout: float = 3.0) -> bool:
+    """Does an OpenAI-compatible server there list at least one model?"""
+    try:
+        with urllib.request.urlopen(f"{base_url}/models", timeout=timeout) as response:
+            return bool(json.load(response).get("data"))
+    except (OSError, ValueError):
+        return False
 
 
 def status_path(data_dir: str) -> str:

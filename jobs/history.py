@@ -56,9 +56,7 @@ class MetricsRecorder:
         kept = [line for line in lines if _time_of(line) >= cutoff]
         if len(kept) == len(lines):
             return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        p.write_atomic(self.path, "".join(kept).encode("utf-8"))
 
 
 def _time_of(line: str) -> float:

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +27,6 @@ HEALTH_EVERY_S = 5.0
 HEALTH_FAILURES = 3  # in a row, before a live but silent server is restarted
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 UNAVAILABLE_RECHECK_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class EmbeddedServer:
@@ -78,7 +70,7 @@ class EmbeddedServer:
             self._write(False, "the embedded model server is stopped (Offload is not running)")
 
     async def _serve_once(self, model: str, on_ready: Any) -> None:
-        port = free_port()
+        port = embedded.free_port()
         self.base_url = f"http://127.0.0.1:{port}/v1"
         self._write(False, "loading the embedded model", available=True,
                     model=embedded.model_name(model))
@@ -90,7 +82,7 @@ class EmbeddedServer:
                 stderr=subprocess.STDOUT)
         lower_priority_of(self.proc.pid)
         started = time.monotonic()
-        while not await asyncio.to_thread(self._healthy):
+        while not await asyncio.to_thread(embedded.answers, self.base_url):
             if self.proc.poll() is not None:
                 log.error("the embedded model server exited (%s); see %s",
                           self.proc.returncode, log_path)
@@ -139,13 +131,6 @@ class EmbeddedServer:
             with socket.create_connection(("127.0.0.1", port), timeout=5):
                 return True
         except OSError:
-            return False
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.base_url}/models", timeout=3) as response:
-                return bool(json.load(response).get("data"))
-        except (OSError, ValueError):
             return False
 
     def stop(self) -> None:

@@ -166,7 +166,11 @@ def fifo_key(job: dict[str, Any]) -> tuple[int, str]:
 
 def write_json(path: StrPath, data: dict[str, Any]) -> None:
     """Atomically replace `path`: a reader sees the old file or the new one, never half."""
-    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    write_atomic(path, json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def write_atomic(path: StrPath, payload: bytes) -> None:
+    """Write a temp file in the same folder, then replace `path` with it."""
     folder, name = os.path.split(os.fspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}")
     try:

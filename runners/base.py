@@ -386,14 +386,13 @@ def run_job_file(path: str, execute: Execute, force: bool = False) -> int:
         sink.start(job)
     except StopRequested as stop:
         # Stopped before it could even say it runs: record that, then leave.
-        return _finish(job, sink, p.CANCELLED if stop.reason == p.CANCELLED else stop.reason,
-                       None, _stop_error(stop.reason, data), EXIT_STOPPED, stopper)
-    return _run(job, execute, stopper, None, sink)
+        return _finish(job, sink, stop.reason, None, _stop_error(stop.reason, data),
+                       EXIT_STOPPED, stopper)
+    return _run(job, execute, stopper, None)
 
 
-def _run(job: Job, execute: Execute, stopper: _Stopper, timeout: float | None,
-         sink: Sink | None = None) -> int:
-    sink = sink or job._sink
+def _run(job: Job, execute: Execute, stopper: _Stopper, timeout: float | None) -> int:
+    sink = job._sink
     if timeout is not None and stopper.job_file is None:
         stopper.install(timeout)
     try:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 from jobs import embedded
 from runners.base import RunnerError
@@ -21,19 +18,11 @@ if TYPE_CHECKING:
 START_TIMEOUT_S = 180.0
 
 
-def _answers(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base_url}/models", timeout=2) as response:
-            return bool(json.load(response).get("data"))
-    except (OSError, ValueError):
-        return False
-
-
 @contextlib.contextmanager
 def temporary_server() -> Iterator[str]:
     data_dir = os.environ.get("OFFLOAD_DATA_DIR", "var")
     status = embedded.read_status(data_dir) or {}
-    if status.get("ready") and status.get("base_url") and _answers(str(status["base_url"])):
+    if status.get("ready") and status.get("base_url") and embedded.answers(str(status["base_url"])):
         yield str(status["base_url"])  # the running Offload's model
         return
     reason = embedded.unavailable_reason()
@@ -43,9 +32,7 @@ def temporary_server() -> Iterator[str]:
                                          "the embedded model is unavailable"))
     model = embedded.model_path()
     assert model is not None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = embedded.free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     print(f"starting the embedded model ({embedded.model_name(model)}) for this question...",
           file=sys.stderr)
@@ -53,7 +40,7 @@ def temporary_server() -> Iterator[str]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers(base_url):
+        while not embedded.answers(base_url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RunnerError("the embedded model server did not start; run "
                                   f"`{' '.join(embedded.server_command(model, port))}` "
