@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from jobs import http_errors, routes_chat, routes_jobs, routes_status
@@ -32,6 +33,11 @@ def create_app() -> FastAPI:
     app.include_router(routes_status.router)  # last: it ends with the /api catch-all
     http_errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    origins = get_settings().cors_origin_list
+    if origins:  # closed unless configured: other sites' pages cannot call the API
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key"])
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     return app
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import api, core, llm, train
+from bench import api, core, llm, scale, soak, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Run = Callable[[], dict[str, Any]]
@@ -22,6 +22,8 @@ SUITES: dict[str, tuple[Run, Report, Plot | None]] = {
     "api": (api.run, api.report, api.plot),
     "llm": (llm.run, llm.report, None),
     "train": (train.run, train.report, None),
+    "scale": (scale.run, scale.report, None),
+    "soak": (soak.run, soak.report, soak.plot),
 }
 
 
@@ -47,7 +49,25 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
         (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         print(text)
+    write_report()
     return 0
+
+
+def write_report() -> Path:
+    """bench/results/report.md: every suite's latest table on one page."""
+    parts = ["# Offload benchmark report",
+             "Made by `python -m bench`; each section is that suite's latest run "
+             "(`python -m bench <suite>` runs one again)."]
+    for name in SUITES:
+        path = RESULTS / f"{name}.md"
+        if path.exists():
+            body = path.read_text(encoding="utf-8").split("\n", 1)[1]
+            parts.append(f"## {name}\n{body.strip()}")
+        else:
+            parts.append(f"## {name}\n\nnot run yet: `python -m bench {name}`")
+    report = RESULTS / "report.md"
+    report.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+    return report
 
 
 if __name__ == "__main__":

@@ -47,9 +47,12 @@ class SupervisorKeeper:
 
     async def run(self) -> None:
         while True:
-            if (self._child is None or self._child.poll() is not None) and not await (
-                    asyncio.to_thread(self.led)):
-                await asyncio.to_thread(self._start)
+            try:
+                if (self._child is None or self._child.poll() is not None) and not await (
+                        asyncio.to_thread(self.led)):
+                    await asyncio.to_thread(self._start)
+            except OSError as exc:  # an unwritable data folder: try again later
+                log.warning("cannot start a supervisor process: %s", exc)
             await asyncio.sleep(CHECK_S)
 
     def _start(self) -> None:

@@ -59,7 +59,10 @@ class EmbeddedServer:
                     continue
                 model = embedded.model_path()
                 assert model is not None
-                await self._serve_once(model, on_ready)
+                try:
+                    await self._serve_once(model, on_ready)
+                except OSError as exc:  # say, its log cannot be opened: the folder is read-only
+                    log.warning("cannot run the embedded model server: %s", exc)
                 delay = BACKOFF_S[min(self.restarts, len(BACKOFF_S) - 1)]
                 self.restarts += 1
                 self._write(False, f"the embedded model server stopped; restarting in "

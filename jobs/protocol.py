@@ -255,3 +255,28 @@ def log_tail(job_file: StrPath, max_lines: int = 20, max_bytes: int = 4096) -> s
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-max_lines:])
+
+
+def cap_log(path: StrPath, max_bytes: int) -> int:
+    """Shrink a log over `max_bytes` in place to its head, a note of what was dropped,
+    and its latest output; returns the bytes dropped. The runner appends (O_APPEND), so
+    it goes on writing at the new end; what it writes during the cut may be lost."""
+    try:
+        size = os.path.getsize(path)
+        if size <= max_bytes:
+            return 0
+        head, tail = max_bytes // 4, max_bytes // 2
+        with open(path, "r+b") as f:
+            f.seek(max(head, size - tail))
+            kept = f.read()
+            note = (f"\n[... log capped at {max_bytes} bytes: older output dropped, its start "
+                    f"and its latest output kept ...]\n").encode()
+            f.seek(head)
+            f.write(note)
+            f.write(kept)
+            f.truncate()
+            dropped = size - head - len(kept)
+    except OSError:
+        return 0
+    return dropped
+

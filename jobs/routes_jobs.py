@@ -17,7 +17,7 @@ from jobs import protocol as p
 from jobs.guards import require_token
 from jobs.models import Job, JobCreate, JobList, JobState
 from jobs.service import JobService
-from jobs.settings import EVENT_POLL_S, KEEPALIVE_S, MAX_EVENT_STREAMS
+from jobs.settings import EVENT_POLL_S, KEEPALIVE_S
 
 router = APIRouter(prefix="/api", tags=["jobs"], dependencies=[Depends(require_token)])
 
@@ -67,12 +67,10 @@ async def job_log(job_id: str, service: Service) -> str:
 
 
 class _StreamSlots:
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.open = 0
+    open = 0  # event streams open in this worker
 
 
-_slots = _StreamSlots(MAX_EVENT_STREAMS)
+_slots = _StreamSlots()
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
@@ -81,8 +79,9 @@ async def job_events(job_id: str, service: Service) -> StreamingResponse:
     """One `data:` line of job JSON on every change; closes after the final state."""
     path = service.store.path(job_id)
     first = await service.get(job_id)  # 404 before the stream starts
-    if _slots.open >= _slots.limit:
-        raise HTTPException(503, f"too many open event streams ({_slots.limit}); "
+    limit = service.settings.max_event_streams
+    if _slots.open >= limit:
+        raise HTTPException(503, f"too many open event streams ({limit}); "
                                  "poll GET /api/jobs/{id} instead, or retry later")
     return StreamingResponse(_follow(service, job_id, str(path), first),
                              media_type="text/event-stream",

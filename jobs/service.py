@@ -25,7 +25,6 @@ from jobs.supervisor import poke
 
 LOG_MAX_BYTES = 1_000_000  # /log returns at most the last megabyte
 CONTEXT_WINDOW_S = 600.0  # the chat expert sees a summary of the last ten minutes
-LOOP_SUMMARY_MAX_JOBS = 1000  # above this, sorting the listing is done in a thread
 OVERVIEW_MAX_AGE_S = 0.25  # /api/history and /api/health may be this stale; a job read never
 
 
@@ -86,17 +85,15 @@ class JobService:
         if kind != "chat" or "context" in job_input or job_input.get("expert") is False:
             return job_input
         samples = self.metrics.read(CONTEXT_WINDOW_S) if self.metrics else []
-        counts = self.store.counts(self.store.scan(max_age_s=OVERVIEW_MAX_AGE_S))
+        counts = self.store.counts(max_age_s=OVERVIEW_MAX_AGE_S)
         return {**job_input, "context": summary(samples, counts)}
 
     def session(self, session_id: str) -> list[dict[str, Any]]:
         """A chat session's turns, oldest first, from its jobs (kept until pruned)."""
-        jobs = [job for job in self.store.scan()
-                if job.get(p.F_KIND) == "chat"
-                and (job.get(p.F_INPUT) or {}).get("session_id") == session_id]
-        jobs.sort(key=p.fifo_key)
         turns = []
-        for job in jobs:
+        for job in self.store.session_jobs(session_id):
+            if job.get(p.F_KIND) != "chat":
+                continue
             messages = (job.get(p.F_INPUT) or {}).get("messages") or [{}]
             error = job.get(p.F_ERROR) or {}
             turns.append({"job_id": job[p.F_ID], "state": job.get(p.F_STATE),
@@ -152,14 +149,10 @@ class JobService:
         A recent enough listing is summarised right here: no disk, and no hop to a
         worker thread, which under load can wait several milliseconds to be scheduled.
         """
-        jobs = self.store.recent_scan(OVERVIEW_MAX_AGE_S)
-        if jobs is None or len(jobs) > LOOP_SUMMARY_MAX_JOBS:
-            return await run_in_threadpool(self._overview, limit)
-        return self.store.list_jobs(limit=limit, jobs=jobs), self.store.counts(jobs)
-
-    def _overview(self, limit: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        jobs = self.store.scan(max_age_s=OVERVIEW_MAX_AGE_S)
-        return self.store.list_jobs(limit=limit, jobs=jobs), self.store.counts(jobs)
+        cached = self.store.cached_overview(limit, OVERVIEW_MAX_AGE_S)
+        if cached is not None:
+            return cached
+        return await run_in_threadpool(self.store.overview, limit, OVERVIEW_MAX_AGE_S)
 
     async def log(self, job_id: str) -> str:
         return await run_in_threadpool(self._log, job_id)

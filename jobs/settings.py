@@ -19,9 +19,10 @@ SUPERVISOR_INTERVAL_S = 0.25  # longest sleep between supervisor passes
 LEADER_RETRY_S = 1.0  # how often a non-leader tries to become the supervisor
 WAKE_POLL_S = 0.02  # how often the leader looks for a poke from another process
 PRUNE_INTERVAL_S = 300.0
+PRUNE_OVER_CAP_S = 5.0  # how soon pruning runs again while more jobs than the cap are kept
 MAX_BODY_BYTES = 1_000_000  # a request body larger than this is refused with 413
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
-MAX_EVENT_STREAMS = 256  # open /events connections per worker
+MAX_EVENT_STREAMS = 256  # open /events connections per worker, by default
 EVENT_POLL_S = 0.04  # how often an event stream looks at its job file
 KEEPALIVE_S = 15.0
 CANCEL_WAIT_S = 10.0  # DELETE waits this long for the runner to stop
@@ -51,6 +52,11 @@ class Settings(BaseSettings):
     max_concurrent: int = Field(8, ge=1, le=1024, validation_alias=_env("OFFLOAD_MAX_CONCURRENT"))
     job_timeout_s: float = Field(120.0, gt=0, validation_alias=_env("OFFLOAD_JOB_TIMEOUT_S"))
     retention_hours: float = Field(72.0, ge=0, validation_alias=_env("OFFLOAD_RETENTION_HOURS"))
+    max_jobs: int = Field(10_000, ge=1, validation_alias=_env("OFFLOAD_MAX_JOBS"))
+    cors_origins: str = Field("", validation_alias=_env("OFFLOAD_CORS_ORIGINS"))
+    max_event_streams: int = Field(MAX_EVENT_STREAMS, ge=1,
+                                   validation_alias=_env("OFFLOAD_MAX_EVENT_STREAMS"))
+    log_max_mb: float = Field(10.0, ge=0.01, validation_alias=_env("OFFLOAD_LOG_MAX_MB"))
     api_token: SecretStr | None = Field(None, validation_alias=_env("OFFLOAD_API_TOKEN"))
     openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
     openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
@@ -71,6 +77,10 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
     @property
     def host_is_loopback(self) -> bool:

@@ -5,13 +5,14 @@ Every id is validated (32 lowercase hex) before it is turned into a path.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,11 @@ from jobs.kinds import KINDS
 from jobs.models import Job
 
 log = logging.getLogger(__name__)
+
+SETTLE_S = 5.0  # a finished job file this long unchanged is never looked at again
+DIR_SETTLE_S = 0.1  # a folder listing is trusted once the folder's mtime is this old
+RELIST_S = 10.0  # and listed again at least this often anyway
+RECENT_KEPT = 256  # finished jobs kept whole in memory, most recently read
 
 
 class JobNotFound(Exception):
@@ -38,19 +44,84 @@ class StoreUnavailable(Exception):
     """The data folder cannot be written (disk full, read-only, permissions)."""
 
 
-@dataclass
-class _Cached:
-    mtime_ns: int
-    size: int
-    data: dict[str, Any]
+class _Entry:
+    """What the index keeps of one job: enough to list, count and prune it."""
+
+    __slots__ = ("mtime_ns", "size", "state", "kind", "key", "finished_ts", "session", "data")
+
+    def __init__(self, job_id: str, mtime_ns: int, size: int, data: dict[str, Any]) -> None:
+        self.mtime_ns = mtime_ns
+        self.size = size
+        # Interned: thousands of entries share one string per state and kind.
+        self.state = sys.intern(str(data.get(p.F_STATE)))
+        self.kind = sys.intern(str(data.get(p.F_KIND)))
+        self.key = (p.fifo_key(data)[0], job_id)
+        finished = data.get(p.F_FINISHED_AT) or data.get(p.F_CREATED_AT)
+        try:
+            self.finished_ts = p.parse_iso(str(finished))
+        except ValueError:
+            self.finished_ts = 0.0
+        job_input = data.get(p.F_INPUT)
+        session = job_input.get("session_id") if isinstance(job_input, dict) else None
+        self.session = session if isinstance(session, str) else None
+        self.data: dict[str, Any] | None = data
+
+
+class DirListing:
+    """The job ids in a folder, listed again only when the folder changed.
+
+    A folder's mtime moves when an entry is added or removed, but in coarse ticks: a
+    listing is trusted only once the mtime it saw is older than DIR_SETTLE_S, and
+    never for longer than RELIST_S (file systems that do not keep folder mtimes).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.names: set[str] = set()
+        self._mtime_ns: int | None = None
+        self._stable = False
+        self._listed_at = 0.0
+
+    def refresh(self) -> bool:
+        """Bring `names` up to date; True if it was listed again."""
+        try:
+            st = os.stat(self.folder)
+        except FileNotFoundError:
+            changed = bool(self.names) or self._mtime_ns is None
+            self.names, self._mtime_ns, self._stable = set(), -1, True
+            return changed
+        now = time.monotonic()
+        if self._stable and st.st_mtime_ns == self._mtime_ns and now - self._listed_at < RELIST_S:
+            return False
+        # Interned: a listing again yields the same string objects the index holds.
+        self.names = {sys.intern(name) for name in os.listdir(self.folder) if p.is_valid_id(name)}
+        self._mtime_ns = st.st_mtime_ns
+        self._stable = time.time() - st.st_mtime > DIR_SETTLE_S
+        self._listed_at = now
+        return True
 
 
 class JobStore:
+    """Job files, with an in-memory index for listing, counting and pruning.
+
+    The index keeps a few fields of every job and the whole job only for live ones
+    and the most recently read finished ones, so memory stays flat at any number of
+    jobs. A refresh lists the folder only when it changed and reads only the files
+    of live jobs that changed: finished job files are never rewritten.
+    """
+
     def __init__(self, jobs_dir: Path) -> None:
         self.dir = jobs_dir
-        self._cache: dict[str, _Cached] = {}
-        self._scan_lock = threading.Lock()  # routes scan from several worker threads
-        self._last_scan: tuple[float, list[dict[str, Any]]] | None = None
+        self._lock = threading.Lock()  # routes use the store from several worker threads
+        self._listing = DirListing(jobs_dir)
+        self._entries: dict[str, _Entry] = {}
+        self._order: list[tuple[int, str]] = []  # every entry's FIFO key, ascending
+        self._order_dirty = False
+        self._counts = dict.fromkeys(p.STATES, 0)
+        self._unsettled: set[str] = set()  # live or just finished: looked at every refresh
+        self._missing: set[str] = set()  # a folder without its job file (yet)
+        self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # settled jobs read
+        self._refreshed_at: float | None = None
 
     def ensure_dir(self) -> None:
         try:
@@ -103,100 +174,83 @@ class JobStore:
             reason = exc.strerror or exc
             raise StoreUnavailable(f"cannot record the cancel request: {reason}") from exc
 
-    def scan(self, max_age_s: float = 0.0) -> list[dict[str, Any]]:
-        """Every job on disk, re-reading only the files that changed since the last scan.
+    # -- queries -------------------------------------------------------------------
 
-        With `max_age_s`, a scan that recent is answered again: overviews polled many
-        times a second then cost one look at the folder, not one each.
-        """
-        with self._scan_lock:
-            now = time.monotonic()
-            if self._last_scan is None or now - self._last_scan[0] > max_age_s:
-                self._last_scan = (now, list(self._scan()))
-            return self._last_scan[1]
-
-    def recent_scan(self, max_age_s: float) -> list[dict[str, Any]] | None:
-        """The last scan if it is that recent, else None; never touches the disk."""
-        last = self._last_scan
-        if last is not None and time.monotonic() - last[0] <= max_age_s:
-            return last[1]
-        return None
-
-    def _scan(self) -> Iterator[dict[str, Any]]:
-        seen: set[str] = set()
-        try:
-            entries = list(os.scandir(self.dir))
-        except FileNotFoundError:
-            entries = []
-        for entry in entries:
-            job_id = entry.name
-            if not p.is_valid_id(job_id):
-                continue
-            data = self._cached_read(job_id, os.path.join(entry.path, p.JOB_FILE))
-            if data is not None:
-                seen.add(job_id)
-                yield data
-        for gone in self._cache.keys() - seen:
-            self._cache.pop(gone, None)
-
-    def _cached_read(self, job_id: str, path: str) -> dict[str, Any] | None:
-        try:
-            st = os.stat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        cached = self._cache.get(job_id)
-        if cached and cached.mtime_ns == st.st_mtime_ns and cached.size == st.st_size:
-            return cached.data
-        try:
-            data = p.read_json(path)
-        except p.CorruptJobFile as exc:
-            data = _corrupt(job_id, Path(path), str(exc))
-        if data is None:
-            return None
-        self._cache[job_id] = _Cached(st.st_mtime_ns, st.st_size, data)
-        return data
-
-    def list_jobs(self, state: str | None = None, kind: str | None = None, limit: int = 100,
-             jobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    def list_jobs(self, state: str | None = None, kind: str | None = None,
+                  limit: int = 100, max_age_s: float = 0.0) -> list[dict[str, Any]]:
         """Newest first, with queue positions filled in for queued jobs."""
-        jobs = self.scan() if jobs is None else jobs
-        positions = _queue_positions(jobs)
-        selected = [
-            dict(j, **{p.F_QUEUE_POSITION: positions.get(j[p.F_ID])})
-            for j in jobs
-            if (state is None or j.get(p.F_STATE) == state)
-            and (kind is None or j.get(p.F_KIND) == kind)
-        ]
-        selected.sort(key=_created_key, reverse=True)
-        return selected[:limit]
+        with self._lock:
+            self._refresh(max_age_s)
+            return self._newest(state, kind, limit, from_disk=True) or []
+
+    def counts(self, max_age_s: float = 0.0) -> dict[str, int]:
+        with self._lock:
+            self._refresh(max_age_s)
+            return dict(self._counts)
+
+    def overview(self, limit: int, max_age_s: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """The newest jobs and the counts by state."""
+        with self._lock:
+            self._refresh(max_age_s)
+            return self._newest(None, None, limit, from_disk=True) or [], dict(self._counts)
+
+    def cached_overview(self, limit: int, max_age_s: float
+                        ) -> tuple[list[dict[str, Any]], dict[str, int]] | None:
+        """`overview` if it can be answered from memory at once, else None; never
+        touches the disk and never waits for the lock (it is meant for the event loop)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._refreshed_at is None or time.monotonic() - self._refreshed_at > max_age_s:
+                return None
+            jobs = self._newest(None, None, limit, from_disk=False)
+            return None if jobs is None else (jobs, dict(self._counts))
+        finally:
+            self._lock.release()
 
     def queue_position(self, job_id: str) -> int | None:
-        return _queue_positions(self.scan()).get(job_id)
+        with self._lock:
+            self._refresh(0.0)
+            return self._queue_positions().get(job_id)
 
-    def counts(self, jobs: list[dict[str, Any]] | None = None) -> dict[str, int]:
-        counts = dict.fromkeys(p.STATES, 0)
-        for job in self.scan() if jobs is None else jobs:
-            state = job.get(p.F_STATE)
-            if state in counts:
-                counts[str(state)] += 1
-        return counts
+    def session_jobs(self, session_id: str) -> list[dict[str, Any]]:
+        """A chat session's jobs, oldest first."""
+        with self._lock:
+            self._refresh(0.0)
+            found = sorted(e.key for e in self._entries.values() if e.session == session_id)
+            jobs = (self._data(key[1], self._entries[key[1]], from_disk=True) for key in found)
+            return [job for job in jobs if job is not None]
 
-    def prune(self, retention_s: float, now: float | None = None) -> int:
-        """Delete finished jobs (and their log, stop and run files) older than retention."""
+    def __len__(self) -> int:
+        with self._lock:
+            self._refresh(0.0)
+            return len(self._entries)
+
+    # -- pruning -------------------------------------------------------------------
+
+    def prune(self, retention_s: float, max_jobs: int | None = None,
+              now: float | None = None) -> int:
+        """Delete finished jobs (with their log, stop and run files) older than the
+        retention, then the oldest finished ones beyond `max_jobs` jobs in all."""
         cutoff = (now if now is not None else time.time()) - retention_s
-        removed = 0
-        for job in self.scan():
-            if job.get(p.F_STATE) not in p.FINAL_STATES:
-                continue
-            finished = job.get(p.F_FINISHED_AT) or job.get(p.F_CREATED_AT)
-            try:
-                finished_ts = p.parse_iso(str(finished))
-            except ValueError:
-                finished_ts = 0.0
-            if finished_ts < cutoff:
-                self.remove(job[p.F_ID])
-                removed += 1
-        return removed
+        with self._lock:
+            self._refresh(0.0)
+            self._sort()
+            finished = [key[1] for key in self._order
+                        if self._entries[key[1]].state in p.FINAL_STATES]
+            doomed = {job_id for job_id in finished
+                      if self._entries[job_id].finished_ts < cutoff}
+            if max_jobs is not None:
+                excess = len(self._entries) - len(doomed) - max_jobs
+                for job_id in finished:
+                    if excess <= 0:
+                        break
+                    if job_id not in doomed:
+                        doomed.add(job_id)
+                        excess -= 1
+        for job_id in doomed:
+            self.remove(job_id)
+        return len(doomed)
 
     def remove(self, job_id: str) -> None:
         """Delete the job's folder: job file, log, stop and run records."""
@@ -207,16 +261,147 @@ class JobStore:
             pass
         except OSError as exc:
             log.warning("could not remove job %s: %s", job_id, exc)
-        self._cache.pop(job_id, None)
+            return
+        with self._lock:
+            self._drop(job_id)
 
+    # -- the index -----------------------------------------------------------------
 
-def _queue_positions(jobs: list[dict[str, Any]]) -> dict[str, int]:
-    queued = sorted((j for j in jobs if j.get(p.F_STATE) == p.QUEUED), key=_created_key)
-    return {str(j[p.F_ID]): i for i, j in enumerate(queued)}
+    def _refresh(self, max_age_s: float) -> None:
+        now = time.monotonic()
+        if self._refreshed_at is not None and now - self._refreshed_at <= max_age_s:
+            return
+        if self._listing.refresh():
+            names = self._listing.names
+            for gone in (self._entries.keys() | self._missing) - names:
+                self._drop(gone)
+            self._missing |= names - self._entries.keys()
+        for job_id in list(self._missing):
+            self._load(job_id)
+        wall = time.time()
+        for job_id in list(self._unsettled):
+            self._check(job_id, wall)
+        self._refreshed_at = now
 
+    def _load(self, job_id: str) -> None:
+        path = os.path.join(self.dir, job_id, p.JOB_FILE)
+        try:
+            st = os.stat(path)
+            data = p.read_json(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except p.CorruptJobFile as exc:
+            data = _corrupt(job_id, Path(path), str(exc))
+        if data is None:
+            return
+        self._missing.discard(job_id)
+        self._put(job_id, _Entry(job_id, st.st_mtime_ns, st.st_size, data))
 
-def _created_key(job: dict[str, Any]) -> tuple[int, str]:
-    return p.fifo_key(job)
+    def _check(self, job_id: str, wall: float) -> None:
+        entry = self._entries[job_id]
+        path = os.path.join(self.dir, job_id, p.JOB_FILE)
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            self._drop(job_id)
+            self._missing.add(job_id)
+            return
+        if st.st_mtime_ns != entry.mtime_ns or st.st_size != entry.size:
+            self._load(job_id)
+        elif entry.state in p.FINAL_STATES and wall - st.st_mtime > SETTLE_S:
+            if entry.data is not None:
+                self._remember(job_id, entry.data)
+            self._settle(job_id, entry)
+
+    def _settle(self, job_id: str, entry: _Entry) -> None:
+        """Finished and quiet: never looked at again, and kept small (its whole job is
+        read again on demand), so memory grows by little more than the id per job."""
+        self._unsettled.discard(job_id)
+        entry.data = None
+        entry.mtime_ns = entry.size = 0
+
+    def _put(self, job_id: str, entry: _Entry) -> None:
+        old = self._entries.get(job_id)
+        if old is not None:
+            self._counts[old.state] = self._counts.get(old.state, 0) - 1
+            if old.key != entry.key:
+                self._order_dirty = True
+        elif not self._order_dirty:
+            bisect.insort(self._order, entry.key)
+        self._entries[job_id] = entry
+        self._counts[entry.state] = self._counts.get(entry.state, 0) + 1
+        settled = (entry.state in p.FINAL_STATES
+                   and time.time() - entry.mtime_ns / 1e9 > SETTLE_S)
+        if settled:
+            self._settle(job_id, entry)
+        else:
+            self._unsettled.add(job_id)
+
+    def _drop(self, job_id: str) -> None:
+        self._missing.discard(job_id)
+        self._unsettled.discard(job_id)
+        self._recent.pop(job_id, None)
+        entry = self._entries.pop(job_id, None)
+        if entry is not None:
+            self._counts[entry.state] -= 1
+            self._order_dirty = True
+
+    def _sort(self) -> None:
+        if self._order_dirty:
+            self._order = sorted(e.key for e in self._entries.values())
+            self._order_dirty = False
+
+    def _remember(self, job_id: str, data: dict[str, Any]) -> None:
+        self._recent[job_id] = data
+        self._recent.move_to_end(job_id)
+        while len(self._recent) > RECENT_KEPT:
+            self._recent.popitem(last=False)
+
+    def _data(self, job_id: str, entry: _Entry, from_disk: bool) -> dict[str, Any] | None:
+        if entry.data is not None:
+            return entry.data
+        data = self._recent.get(job_id)
+        if data is not None:
+            self._recent.move_to_end(job_id)
+            return data
+        if not from_disk:
+            return None
+        path = os.path.join(self.dir, job_id, p.JOB_FILE)
+        try:
+            data = p.read_json(path)
+        except p.CorruptJobFile as exc:
+            data = _corrupt(job_id, Path(path), str(exc))
+        if data is not None:
+            self._remember(job_id, data)
+        return data
+
+    def _newest(self, state: str | None, kind: str | None, limit: int,
+                from_disk: bool) -> list[dict[str, Any]] | None:
+        """Up to `limit` jobs, newest first; None if one is not in memory and
+        `from_disk` is false."""
+        self._sort()
+        positions = self._queue_positions()
+        selected: list[dict[str, Any]] = []
+        for key in reversed(self._order):
+            if len(selected) >= limit:
+                break
+            job_id = key[1]
+            entry = self._entries[job_id]
+            if (state is not None and entry.state != state) or (kind is not None
+                                                                and entry.kind != kind):
+                continue
+            data = self._data(job_id, entry, from_disk)
+            if data is None:
+                if not from_disk:
+                    return None
+                continue
+            selected.append(dict(data, **{p.F_QUEUE_POSITION: positions.get(job_id)}))
+        return selected
+
+    def _queue_positions(self) -> dict[str, int]:
+        queued = sorted(self._entries[i].key for i in self._unsettled
+                        if self._entries[i].state == p.QUEUED)
+        return {key[1]: n for n, key in enumerate(queued)}
 
 
 def _corrupt(job_id: str, path: Path, detail: str) -> dict[str, Any]:

@@ -29,11 +29,12 @@ from jobs.kinds import KINDS
 from jobs.settings import (
     LEADER_RETRY_S,
     PRUNE_INTERVAL_S,
+    PRUNE_OVER_CAP_S,
     SUPERVISOR_INTERVAL_S,
     WAKE_POLL_S,
     Settings,
 )
-from jobs.store import JobStore
+from jobs.store import DirListing, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class Supervisor:
         jobs_dir: Path,
         max_concurrent: int = 8,
         retention_s: float = 72 * 3600,
+        max_jobs: int | None = None,
+        log_max_bytes: int | None = None,
         grace_s: float = 3.0,
         runner_env: dict[str, str] | None = None,
         kinds: dict[str, str] | None = None,
@@ -62,8 +65,13 @@ class Supervisor:
         self.store = JobStore(jobs_dir)
         self.max_concurrent = max_concurrent
         self.retention_s = retention_s
+        self.max_jobs = max_jobs
+        self.log_max_bytes = log_max_bytes
+        self._listing = DirListing(jobs_dir)
         self.grace_s = grace_s
-        self.runner_env = runner_env or {}
+        self.runner_env = dict(runner_env or {})
+        if log_max_bytes is not None:
+            self.runner_env["OFFLOAD_LOG_MAX_BYTES"] = str(log_max_bytes)
         self.kinds = kinds or KINDS
         self._lock = FileLock(str(lock_file(jobs_dir)), thread_local=False)
         self._wake_file = wake_file(jobs_dir)
@@ -71,7 +79,11 @@ class Supervisor:
         self._queued: dict[str, tuple[int, str]] = {}  # id -> FIFO key
         self._running: dict[str, _Tracked] = {}
         self._final: set[str] = set()
+        # Final states that could not be written (an unwritable data folder), retried.
+        self._unwritten: dict[str, tuple[str, str, str, int | None, str | None]] = {}
+        self._blocked = False  # the last launch could not write to the data folder
         self._next_prune = 0.0
+        self._pruned_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
         self._stoppers: list[threading.Thread] = []
@@ -80,7 +92,9 @@ class Supervisor:
     def from_settings(cls, settings: Settings) -> Supervisor:
         return cls(
             settings.jobs_dir, max_concurrent=settings.max_concurrent,
-            retention_s=settings.retention_hours * 3600, grace_s=settings.stop_grace_s,
+            retention_s=settings.retention_hours * 3600, max_jobs=settings.max_jobs,
+            log_max_bytes=int(settings.log_max_mb * 2**20),
+            grace_s=settings.stop_grace_s,
             runner_env=settings.runner_env(),
         )
 
@@ -164,9 +178,11 @@ class Supervisor:
             return
         job_ids, stop_ids = self._scan()
         self._discover(job_ids)
+        self._retry_unwritten(job_ids)
         self._handle_stops(stop_ids)
         self._reap()
         self._enforce_deadlines()
+        self._cap_logs()
         self._launch()
         self._maybe_prune()
 
@@ -185,10 +201,8 @@ class Supervisor:
 
     def _scan(self) -> tuple[set[str], set[str]]:
         """The jobs on disk, and which of the live ones have a stop request."""
-        try:
-            jobs = {name for name in os.listdir(self.dir) if p.is_valid_id(name)}
-        except FileNotFoundError:
-            return set(), set()
+        self._listing.refresh()
+        jobs = self._listing.names
         live = (self._queued.keys() | self._running.keys()) & jobs
         stops = {job_id for job_id in live
                  if os.path.exists(p.sibling(self._file(job_id), p.STOP_FILE))}
@@ -198,7 +212,8 @@ class Supervisor:
         for gone in set(self._queued) - job_ids:
             del self._queued[gone]  # deleted from disk while queued
         self._final &= job_ids
-        new = job_ids - self._final - self._queued.keys() - self._running.keys()
+        new = (job_ids - self._final - self._queued.keys() - self._running.keys()
+               - self._unwritten.keys())
         for job_id in new:
             try:
                 data = p.read_json(self._file(job_id))
@@ -275,30 +290,44 @@ class Supervisor:
         while self._queued and len(self._running) < self.max_concurrent:
             job_id = min(self._queued, key=self._queued.__getitem__)
             del self._queued[job_id]
-            self._launch_one(job_id)
+            if not self._launch_one(job_id):
+                break
 
-    def _launch_one(self, job_id: str) -> None:
+    def _launch_one(self, job_id: str) -> bool:
+        """Start one queued job; False if the data folder cannot be written now (the
+        job stays queued and launching waits for the next pass)."""
         job_file = self._file(job_id)
         try:
             data = p.read_json(job_file)
         except p.CorruptJobFile:
             data = None
         if data is None or data.get(p.F_STATE) != p.QUEUED:
-            return
+            return True
         if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
             self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED, "cancelled before it started")
-            return
+            return True
         run_file = p.sibling(job_file, p.RUN_FILE)
         try:
             # Claim first: a supervisor that dies right here leaves a job that is lost,
             # never one that runs twice.
             p.write_json(run_file, {"pid": None, "claimed_by": os.getpid()})
+        except OSError as exc:
+            if not self._blocked:
+                log.warning("jobs wait: cannot write to the data folder (%s)", exc)
+            self._blocked = True
+            self._queued[job_id] = p.fifo_key(data)
+            return False
+        self._blocked = False
+        try:
             runner = launcher.spawn(self.kinds[data[p.F_KIND]], job_file, self.runner_env)
-            p.write_json(run_file, runner.record())
         except OSError as exc:
             log.error("job %s: cannot start its runner: %s", job_id, exc)
             self._finish(job_id, p.FAILED, p.ERR_RUNNER, f"cannot start the runner: {exc}")
-            return
+            return True
+        try:
+            p.write_json(run_file, runner.record())
+        except OSError as exc:  # only a later supervisor's adoption needs the record
+            log.warning("job %s: cannot write its launch record: %s", job_id, exc)
         timeout = data.get(p.F_TIMEOUT_S)
         deadline = None
         if isinstance(timeout, (int, float)) and timeout > 0:
@@ -307,6 +336,7 @@ class Supervisor:
         if runner.child is not None:
             threading.Thread(target=self._wait_exit, args=(runner,), daemon=True,
                              name=f"wait-{job_id[:8]}").start()
+        return True
 
     def _wait_exit(self, runner: launcher.Runner) -> None:
         assert runner.child is not None
@@ -367,6 +397,10 @@ class Supervisor:
                 return
             if data is None:
                 return
+            if data.get(p.F_STATE) in p.FINAL_STATES:  # it landed after all
+                self._unwritten.pop(job_id, None)
+                self._final.add(job_id)
+                return
         error: dict[str, Any] = {"type": error_type, "message": message}
         if tail:
             error["log_tail"] = tail
@@ -375,21 +409,45 @@ class Supervisor:
         try:
             p.write_json(job_file, data)
         except OSError as exc:
-            log.error("job %s: cannot write its final state: %s", job_id, exc)
+            if job_id not in self._unwritten:
+                log.error("job %s: cannot write its final state (%s); retrying", job_id, exc)
+            self._unwritten[job_id] = (state, error_type, message, code, tail)
             return
+        self._unwritten.pop(job_id, None)
         self._final.add(job_id)
         log.info("job %s: %s (%s)", job_id, state, message)
 
+    def _retry_unwritten(self, job_ids: set[str]) -> None:
+        for job_id, (state, error_type, message, code, tail) in list(self._unwritten.items()):
+            if job_id not in job_ids:
+                del self._unwritten[job_id]  # deleted meanwhile
+            else:
+                self._finish(job_id, state, error_type, message, code=code, tail=tail)
+
     # -- housekeeping --------------------------------------------------------------
+
+    def _cap_logs(self) -> None:
+        """A runner printing without end: its log keeps its head and its latest output."""
+        if self.log_max_bytes is None or launcher.IS_WINDOWS:
+            # Windows: a runner's inherited log handle is not an append handle, so a
+            # cut would leave it writing past the new end; logs are not capped there.
+            return
+        for tracked in self._running.values():
+            dropped = p.cap_log(p.sibling(tracked.job_file, p.LOG_FILE), self.log_max_bytes)
+            if dropped:
+                log.info("job %s: log capped (%d bytes dropped)", tracked.runner.job_id, dropped)
 
     def _maybe_prune(self) -> None:
         now = time.monotonic()
-        if now < self._next_prune:
+        over_cap = self.max_jobs is not None and len(self._listing.names) > self.max_jobs
+        if now < self._next_prune and not (over_cap and now > self._pruned_at + PRUNE_OVER_CAP_S):
             return
         self._next_prune = now + PRUNE_INTERVAL_S
-        removed = self.store.prune(self.retention_s)
+        self._pruned_at = now
+        removed = self.store.prune(self.retention_s, self.max_jobs)
         if removed:
-            log.info("pruned %d finished jobs older than %.0f h", removed, self.retention_s / 3600)
+            log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs)",
+                     removed, self.retention_s / 3600, self.max_jobs)
 
     def _launched(self, job_id: str) -> bool:
         return os.path.exists(p.sibling(self._file(job_id), p.RUN_FILE))

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from contextlib import AbstractContextManager
     from types import FrameType
-    from typing import Any, TypeAlias
+    from typing import Any, TextIO, TypeAlias
 
     Execute: TypeAlias = Callable[["Job"], "dict[str, Any] | None"]
     DirectParser: TypeAlias = Callable[[argparse.ArgumentParser], None]
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     DirectContext: TypeAlias = Callable[[argparse.Namespace], AbstractContextManager[Any]]
 
 WRITE_INTERVAL_S = 0.2  # at most five job-file writes a second while running
+FINAL_WRITE_PATIENCE_S = 600.0  # how long the final state waits for an unwritable folder
+FINAL_RETRY_S = 0.5
+LOG_CHECK_BYTES = 64 * 1024  # a runner with a capped log looks at its size this often
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -168,6 +171,7 @@ class FileSink(Sink):
         self._closed = False
         self._last_write = 0.0
         self._wrote_output = False
+        self._failing = False
         self._job: Job | None = None
         self._thread = threading.Thread(target=self._flush_loop, name="job-file", daemon=True)
 
@@ -184,27 +188,50 @@ class FileSink(Sink):
             # The first piece of output goes out at once: it is what a user waits for.
             first_output = not self._wrote_output and job.has_output
             if first_output or time.monotonic() - self._last_write >= WRITE_INTERVAL_S:
-                self._write_locked(job)
-                self._wrote_output = self._wrote_output or first_output
+                wrote = self._write_locked(job)
+                self._wrote_output = self._wrote_output or (first_output and wrote)
             else:
                 self._cond.notify()
 
     def finish(self, job: Job) -> None:
+        """The final state, written whatever it takes: an unwritable data folder is
+        waited for (FINAL_WRITE_PATIENCE_S), so the result lands once it is writable."""
         if self._echo:
             self._echo_output(job)
         with self._cond:
             self._closed = True
-            self._write_locked(job)
             self._cond.notify()
+        give_up_at = time.monotonic() + FINAL_WRITE_PATIENCE_S
+        while True:
+            with self._cond:
+                if self._write_locked(job):
+                    return
+            if time.monotonic() > give_up_at:
+                raise OSError(f"cannot write the final state to {self.path}")
+            time.sleep(FINAL_RETRY_S)
 
     def _write(self, job: Job) -> None:
         with self._cond:
             self._write_locked(job)
 
-    def _write_locked(self, job: Job) -> None:
-        p.write_json(self.path, job.snapshot())
+    def _write_locked(self, job: Job) -> bool:
+        """One write; when the data folder cannot be written the job goes on and the
+        write is tried again after the usual interval."""
+        try:
+            p.write_json(self.path, job.snapshot())
+        except OSError as exc:
+            if not self._failing:
+                _say(f"cannot write the job file ({exc.strerror or exc}); retrying")
+            self._failing = True
+            self._last_write = time.monotonic()
+            self._dirty = True
+            return False
+        if self._failing:
+            _say("the job file is written again")
+            self._failing = False
         self._last_write = time.monotonic()
         self._dirty = False
+        return True
 
     def _flush_loop(self) -> None:
         with self._cond:
@@ -223,6 +250,53 @@ class FileSink(Sink):
         sys.stdout.write(text[self._echoed:])
         sys.stdout.flush()
         self._echoed = len(text)
+
+
+def _say(text: str) -> None:
+    """A line for the job's log, which may itself be unwritable."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+class _CappedOutput:
+    """A runner's sys.stdout or sys.stderr when its log is capped: after every
+    LOG_CHECK_BYTES of output the log is cut in place past the cap (its start, a
+    note, its latest output), so a runner printing without end cannot fill the disk."""
+
+    def __init__(self, stream: TextIO, log_path: str, max_bytes: int,
+                 written: list[int]) -> None:
+        self._stream = stream
+        self._log_path = log_path
+        self._max_bytes = max_bytes
+        self._written = written  # shared by stdout and stderr: one log file
+
+    def write(self, text: str) -> int:
+        n = self._stream.write(text)
+        self._written[0] += len(text)
+        if self._written[0] >= LOG_CHECK_BYTES:
+            self._written[0] = 0
+            self._stream.flush()
+            p.cap_log(self._log_path, self._max_bytes)
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _cap_output(job_file: str) -> None:
+    try:
+        max_bytes = int(os.environ.get("OFFLOAD_LOG_MAX_BYTES", ""))
+    except ValueError:
+        return
+    if max_bytes <= 0 or sys.stdout is None or sys.stdout.isatty():
+        return
+    log_path = p.sibling(job_file, p.LOG_FILE)
+    written = [0]
+    sys.stdout = _CappedOutput(sys.stdout, log_path, max_bytes, written)
+    if sys.stderr is not None:
+        sys.stderr = _CappedOutput(sys.stderr, log_path, max_bytes, written)
 
 
 class ConsoleSink(Sink):
@@ -368,6 +442,7 @@ def run_job_file(path: str, execute: Execute, force: bool = False) -> int:
         print(f"error: job {p.id_of(path)} has already finished ({data.get(p.F_STATE)}); "
               "pass --force to run it again", file=sys.stderr)
         return EXIT_USAGE
+    _cap_output(path)
     stopper = _Stopper(path)
     if hasattr(signal, "SIGHUP"):
         # The API's terminal closing must not end the job (it is not a new session).

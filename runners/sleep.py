@@ -3,7 +3,8 @@
 Input: {"seconds": float, "steps": int (progress updates, default 10),
         "spawn_child": bool (start a child process that outlives nothing: tests use it),
         "exit_code": int (exit abruptly with this code, without a final state),
-        "fail": str (raise an error with this message)}
+        "fail": str (raise an error with this message),
+        "spew": bool (print lines to the log as fast as it can for the whole time)}
 """
 
 from __future__ import annotations
@@ -40,11 +41,27 @@ def execute(job: base.Job) -> dict[str, Any]:
         os._exit(int(job.input["exit_code"]))
     if job.input.get("fail"):
         raise base.RunnerError(str(job.input["fail"]))
-    if seconds > 0:
+    if job.input.get("spew"):
+        _spew(job, seconds)
+    elif seconds > 0:
         for step in range(1, steps + 1):
             time.sleep(seconds / steps)
             job.progress(step / steps, f"step {step}/{steps}")
     return {"slept_s": seconds, "echo": job.input, "child_pid": child.pid if child else None}
+
+
+def _spew(job: base.Job, seconds: float) -> None:
+    """A runner printing without end: the supervisor must cap its log."""
+    line = "spew " + "x" * 95 + "\n"
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        sys.stdout.write(f"{n:>10} {line}" * 100)
+        n += 100
+        if n % 100_000 == 0:
+            job.progress(1 - (end - time.monotonic()) / seconds, f"{n} lines")
+    sys.stdout.flush()
+    print(f"spewed {n} lines", flush=True)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

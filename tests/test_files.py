@@ -61,6 +61,7 @@ def test_read_json_missing_and_corrupt(tmp_path: Path) -> None:
         p.read_json(bad)
 
 
+@pytest.mark.faults
 def test_corrupt_job_file_reads_as_failed_and_listing_keeps_working(data_dir: Path) -> None:
     store = JobStore(data_dir / "jobs")
     good = store.create("sleep", {}, 10)["id"]

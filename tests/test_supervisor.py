@@ -85,6 +85,7 @@ def test_cancel_queued_job_never_starts(make_supervisor: Callable[..., RunningSu
     assert sup.wait_final(blocker)["state"] == "cancelled"
 
 
+@pytest.mark.faults
 def test_cancel_running_job_stops_its_whole_tree(supervisor: RunningSupervisor) -> None:
     job_id = supervisor.submit(seconds=60, spawn_child=True)
     job = wait_for(lambda: (j := supervisor.job(job_id)).get("child_pid") and j, what="child")
@@ -100,6 +101,7 @@ def test_cancel_running_job_stops_its_whole_tree(supervisor: RunningSupervisor) 
              what="runner and child to be gone")
 
 
+@pytest.mark.faults
 def test_timeout_kills_the_tree(supervisor: RunningSupervisor) -> None:
     job_id = supervisor.submit(seconds=60, spawn_child=True, timeout_s=1.5)
     job = wait_for(lambda: (j := supervisor.job(job_id)).get("child_pid") and j, what="child")
@@ -111,6 +113,7 @@ def test_timeout_kills_the_tree(supervisor: RunningSupervisor) -> None:
              what="runner and child to be gone")
 
 
+@pytest.mark.faults
 def test_runner_ignoring_sigterm_is_killed_after_grace(
         make_supervisor: Callable[..., RunningSupervisor]) -> None:
     sup = make_supervisor(grace_s=0.5)
@@ -124,6 +127,7 @@ def test_runner_ignoring_sigterm_is_killed_after_grace(
     assert process_gone(job["pid"])
 
 
+@pytest.mark.faults
 def test_runner_killed_from_outside_is_lost_with_exit_code(supervisor: RunningSupervisor) -> None:
     job_id = supervisor.submit(seconds=60)
     job = supervisor.wait_state(job_id, "running")

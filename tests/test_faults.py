@@ -1,0 +1,218 @@
+"""Faults tried on purpose: what users of job systems complain about elsewhere (jobs
+lost on restart, stuck "running" forever, logs that fill the disk, a listing that
+crawls with many jobs) must not happen here.
+
+Runner SIGKILL, SIGTERM ignored and the whole tree at a deadline are in
+test_supervisor.py; a corrupt job file in test_files.py (all marked `faults` too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.scale import write_finished_jobs
+from jobs import protocol as p
+from jobs.store import JobStore
+from tests.conftest import RunningSupervisor, wait_for
+from tests.fake_llm import FakeLLM
+from tests.server import Server
+
+pytestmark = pytest.mark.faults
+MakeServer = Callable[..., Server]
+
+
+def _final(client: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] in p.FINAL_STATES else None
+
+    return wait_for(check, timeout, 0.1, f"job {job_id} to finish")
+
+
+@pytest.mark.slow
+def test_api_killed_with_50_chats_in_flight_all_complete_once(make_server: MakeServer) -> None:
+    with FakeLLM(pieces=["word "] * 15, delay_s=0.1) as llm:  # each chat streams ~1.5 s
+        env = {"OPENAI_BASE_URL": llm.base_url, "OFFLOAD_MAX_CONCURRENT": "12"}
+        first = make_server(env=env)
+        with first.client() as client:
+            ids = [client.post("/api/ai_chat_async", json={"messages": [
+                {"role": "user", "content": f"question {i}"}]}).json()["job_id"]
+                for i in range(50)]
+            wait_for(lambda: len(llm.requests) >= 10, 30, what="chats to be streaming")
+        first.stop(signal.SIGKILL)  # no shutdown at all: the API process just vanishes
+        with first.client() as client, contextlib.suppress(httpx.TransportError):
+            client.get("/api/health")
+            raise AssertionError("the API still answers after SIGKILL")
+        second = make_server(env=env)
+        with second.client() as client:
+            finals = [_final(client, job_id, 120) for job_id in ids]
+            replies = [client.get(f"/api/ai_chat_result/{job_id}").json() for job_id in ids]
+    assert [f["state"] for f in finals] == ["completed"] * 50, [
+        (f["state"], f["error"]) for f in finals if f["state"] != "completed"]
+    assert all((r["status"], r["reply"]) == ("completed", "word " * 15) for r in replies), replies
+    asked = sorted(body["messages"][-1]["content"] for body in
+                   (r["body"] for r in llm.requests))
+    assert asked == sorted(f"question {i}" for i in range(50))  # each exactly once
+
+
+def _immutable(folder: Path, on: bool) -> None:
+    """Make every folder and file under `folder` unwritable, even for root."""
+    subprocess.run(["chattr", "-R", "+i" if on else "-i", str(folder)], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def can_freeze(tmp_path: Path) -> None:
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    if shutil.which("chattr") is None:
+        pytest.skip("needs chattr (Linux) to make a folder unwritable for root")
+    try:
+        _immutable(probe, True)
+    except subprocess.CalledProcessError:
+        pytest.skip("this file system has no immutable attribute")
+    _immutable(probe, False)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("can_freeze")
+def test_data_folder_read_only_mid_run_then_recovers(make_server: MakeServer) -> None:
+    server = make_server()
+    data = server.data_dir
+    with server.client() as client:
+        done = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        _final(client, done["id"])
+        running = client.post("/api/jobs", json={"kind": "sleep",
+                                                 "input": {"seconds": 2, "steps": 20}}).json()
+        wait_for(lambda: client.get(f"/api/jobs/{running['id']}").json()["state"] == "running",
+                 what="the job to run")
+        stored = {f: f.read_bytes() for f in (data / "jobs" / done["id"]).iterdir()}
+        _immutable(data, True)
+        try:
+            refused = client.post("/api/jobs", json={"kind": "sleep"})
+            assert refused.status_code == 503
+            assert "cannot store the job" in refused.json()["detail"]
+            time.sleep(3)  # the runner finishes its work; its final state cannot be written
+            job = client.get(f"/api/jobs/{running['id']}").json()
+            assert job["state"] == "running" and (job["progress"] or {}).get("fraction", 0) < 1
+            assert client.get("/api/jobs").status_code == 200
+            assert client.get("/api/history").status_code == 200
+            cancel = client.delete(f"/api/jobs/{running['id']}")
+            assert cancel.status_code == 503
+        finally:
+            _immutable(data, False)
+        final = _final(client, running["id"])
+        assert final["state"] == "completed", final
+        assert final["result"]["slept_s"] == 2
+        assert {f: f.read_bytes() for f in (data / "jobs" / done["id"]).iterdir()} == stored
+        again = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}})
+        assert again.status_code == 202
+        assert _final(client, again.json()["id"])["state"] == "completed"
+
+
+@pytest.mark.usefixtures("can_freeze")
+def test_jobs_wait_while_the_folder_is_unwritable(
+        make_supervisor: Callable[..., RunningSupervisor], data_dir: Path) -> None:
+    supervisor = make_supervisor(max_concurrent=2)
+    store = supervisor.store
+    waiting = [store.create("sleep", {"seconds": 0}, 30)["id"] for _ in range(3)]
+    _immutable(data_dir, True)
+    try:
+        supervisor.supervisor.wake()
+        time.sleep(1.5)
+        assert [store.read(j)["state"] for j in waiting] == ["queued"] * 3
+    finally:
+        _immutable(data_dir, False)
+    supervisor.supervisor.wake()
+    assert [supervisor.wait_final(j)["state"] for j in waiting] == ["completed"] * 3
+
+
+@pytest.mark.usefixtures("can_freeze")
+def test_final_state_of_a_killed_runner_lands_once_writable(
+        make_supervisor: Callable[..., RunningSupervisor], data_dir: Path) -> None:
+    supervisor = make_supervisor()
+    job_id = supervisor.submit(seconds=30)
+    pid = supervisor.wait_state(job_id, "running")["pid"]
+    _immutable(data_dir, True)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1)
+        assert supervisor.job(job_id)["state"] == "running"  # nothing could be written
+    finally:
+        _immutable(data_dir, False)
+    final = supervisor.wait_final(job_id)
+    assert final["state"] == "failed" and final["error"]["type"] == "lost"
+    assert final["exit_code"] == -signal.SIGKILL
+
+
+def test_runaway_log_is_capped(make_supervisor: Callable[..., RunningSupervisor],
+                               data_dir: Path) -> None:
+    cap = 1_000_000
+    supervisor = make_supervisor(log_max_bytes=cap)
+    job_id = supervisor.submit(seconds=3, spew=True)
+    log = data_dir / "jobs" / job_id / p.LOG_FILE
+    sizes = []
+    while supervisor.job(job_id)["state"] not in p.FINAL_STATES:
+        with contextlib.suppress(FileNotFoundError):
+            sizes.append(log.stat().st_size)
+        time.sleep(0.01)
+    assert supervisor.job(job_id)["state"] == "completed"
+    text = log.read_text()
+    lines = int(text.rsplit("spewed ", 1)[1].split()[0])
+    assert lines * 111 > 10 * cap  # uncapped, the log would be over ten times the cap
+    assert max(sizes) <= cap + 128 * 1024, max(sizes)
+    assert text.startswith("         0 spew xxx")  # its start is kept
+    assert f"log capped at {cap} bytes" in text
+    assert text.endswith(f"spewed {lines} lines\n")  # and its latest output
+
+
+@pytest.fixture
+def many_jobs(data_dir: Path) -> Iterator[list[str]]:
+    yield write_finished_jobs(data_dir / "jobs", 20_000)
+
+
+@pytest.mark.slow
+def test_20000_job_files_list_count_and_prune(make_server: MakeServer,
+                                              many_jobs: list[str]) -> None:
+    server = make_server(env={"OFFLOAD_MAX_JOBS": "20000"})
+    with server.client() as client:
+        newest = client.get("/api/jobs", params={"limit": 5}).json()["jobs"]
+        assert [j["id"] for j in newest] == many_jobs[:-6:-1]
+        history = client.get("/api/history").json()
+        assert history["counts"]["completed"] == 20_000
+        assert [j["id"] for j in history["jobs"][:3]] == many_jobs[:-4:-1]
+        assert client.get("/api/jobs", params={"state": "queued"}).json()["jobs"] == []
+        job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        assert _final(client, job["id"])["state"] == "completed"
+        assert client.get("/api/jobs", params={"limit": 1}).json()["jobs"][0]["id"] == job["id"]
+    server.stop()
+    # Over the cap: the oldest finished jobs go, the newest stay.
+    pruned = make_server(env={"OFFLOAD_MAX_JOBS": "5000"})
+    jobs_dir = pruned.data_dir / "jobs"
+    wait_for(lambda: len(os.listdir(jobs_dir)) <= 5000, 60, 0.5, "pruning")
+    kept = set(os.listdir(jobs_dir))
+    assert job["id"] in kept and set(many_jobs[-4999:]) <= kept
+    with pruned.client() as client:
+        assert client.get("/api/history").json()["counts"]["completed"] == 5000
+
+
+def test_a_job_created_right_after_a_listing_is_listed(data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    for _ in range(200):
+        job_id = store.create("sleep", {}, 10)["id"]
+        assert store.list_jobs(limit=1)[0]["id"] == job_id
+    assert store.counts()["queued"] == 200
+    store.remove(job_id)
+    assert store.counts()["queued"] == 199
+    assert job_id not in {j["id"] for j in store.list_jobs(limit=500)}

@@ -1,0 +1,165 @@
+"""Security: the token on every route, CORS closed, traversal, secrets, bounds."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from jobs import protocol as p
+from tests.conftest import wait_for
+from tests.fake_llm import FakeLLM
+from tests.server import Server
+
+MakeServer = Callable[..., Server]
+SENTINEL = "sk-sentinel-7c41e9b2a05d4f68"
+TOKEN = "t0ken-9d3f2c1b"
+
+
+def _api_routes(client: httpx.Client) -> list[tuple[str, str]]:
+    """Every /api route of the OpenAPI schema, with its path parameters filled in."""
+    paths = client.get("/openapi.json").json()["paths"]
+    routes = []
+    for path, operations in paths.items():
+        if path.startswith("/api"):
+            concrete = re.sub(r"\{[^}]+\}", "0" * 32, path)
+            routes += [(method.upper(), concrete) for method in operations]
+    return routes
+
+
+def test_token_checked_on_every_api_route(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_API_TOKEN": TOKEN})
+    with server.client() as client:
+        routes = _api_routes(client) + [("GET", "/api/no-such-route")]
+        assert len(routes) >= 12  # the schema really was read
+        for method, path in routes:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                            {"Authorization": f"Basic {TOKEN}"}):
+                answer = client.request(method, path, headers=headers)
+                assert answer.status_code == 401, (method, path, headers, answer.text)
+                assert TOKEN not in answer.text
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.get("/api/health", headers=good).status_code == 200
+
+
+def test_cors_is_closed_unless_configured(make_server: MakeServer) -> None:
+    preflight = {"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    closed = make_server()
+    with closed.client() as client:
+        answer = client.options("/api/jobs", headers=preflight)
+        assert "access-control-allow-origin" not in answer.headers
+        simple = client.get("/api/health", headers={"Origin": "http://elsewhere.example"})
+        assert simple.status_code == 200
+        assert "access-control-allow-origin" not in simple.headers
+    opened = make_server(env={"OFFLOAD_CORS_ORIGINS": "http://dash.example"})
+    with opened.client() as client:
+        allowed = client.options("/api/jobs", headers={**preflight,
+                                                       "Origin": "http://dash.example"})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "http://dash.example"
+        refused = client.options("/api/jobs", headers=preflight)
+        assert "access-control-allow-origin" not in refused.headers
+
+
+TRAVERSALS = ["/..%2F..%2Fpyproject.toml", "/%2e%2e/%2e%2e/pyproject.toml",
+              "/static/../pyproject.toml", "/..\\..\\pyproject.toml", "/....//pyproject.toml",
+              "/api/sessions/..%2F..%2Fjobs", "/api/sessions/%2e%2e",
+              "/api/jobs/..%252F..%252Fpyproject.toml", "/api/ai_chat_result/..%2F..%2Fx",
+              "/api/jobs/" + "a" * 32 + "%2F..%2F..%2F..%2Fpyproject.toml"]
+
+
+@pytest.fixture
+def server(make_server: MakeServer) -> Server:
+    return make_server()
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+def test_traversal_tricks_reach_nothing(server: Server, path: str) -> None:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        answer = client.get(path)
+    assert answer.status_code in (200, 404, 422), answer.status_code
+    assert "[project]" not in answer.text and "job.json" not in answer.text
+    if path.startswith("/api/sessions/"):  # a session id is a label, never a path
+        assert answer.status_code in (404, 422) or answer.json()["turns"] == []
+    elif path.startswith("/api/"):
+        assert answer.status_code in (404, 422) or answer.json() == {"status": "not_found"}
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeLLM]:
+    with FakeLLM(pieces=["All ", "good."], delay_s=0.05) as fake:
+        yield fake
+
+
+def test_api_key_never_shows(make_server: MakeServer, llm: FakeLLM, data_dir: Path) -> None:
+    server = make_server(env={"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": SENTINEL,
+                              "OFFLOAD_API_TOKEN": TOKEN})
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with server.client(headers=auth) as client:
+        job = client.post("/api/jobs", json={"kind": "chat", "input": {
+            "messages": [{"role": "user", "content": "hi"}], "session_id": "s1"}}).json()
+        seen_in_ps = []
+
+        def watch_processes() -> None:  # while the runner lives
+            for proc in psutil.process_iter(["cmdline"]):
+                seen_in_ps.append(" ".join(proc.info["cmdline"] or []))
+
+        def finished() -> bool:
+            watch_processes()
+            return client.get(f"/api/jobs/{job['id']}").json()["state"] in p.FINAL_STATES
+
+        wait_for(finished, 30, what="the chat")
+        assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "completed"
+        assert llm.requests[0]["headers"]["Authorization"] == f"Bearer {SENTINEL}"
+        answers = [client.get(path).text for path in (
+            "/api/health", "/api/history", "/api/jobs", f"/api/jobs/{job['id']}",
+            f"/api/jobs/{job['id']}/log", f"/api/jobs/{job['id']}/events",
+            f"/api/ai_chat_result/{job['id']}", "/api/sessions/s1", "/openapi.json", "/")]
+    assert any("runners.chat" in line for line in seen_in_ps)  # the runner was seen
+    assert not [line for line in seen_in_ps if SENTINEL in line]
+    assert all(SENTINEL not in text for text in answers)
+    files = [f for f in data_dir.rglob("*") if f.is_file()] + [server.log]
+    assert len(files) > 3
+    for path in files:
+        assert SENTINEL not in path.read_text(errors="replace"), path
+
+
+def test_event_streams_are_bounded(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_MAX_EVENT_STREAMS": "2"})
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 60}}).json()
+        path = f"/api/jobs/{job['id']}/events"
+        opened = threading.Event()
+        release = threading.Event()
+
+        def hold() -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as own, \
+                    own.stream("GET", path) as stream:
+                assert stream.status_code == 200
+                lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+                assert next(lines).startswith("data: ")
+                opened.set()
+                release.wait(30)
+
+        holders = [threading.Thread(target=hold) for _ in range(2)]
+        try:
+            for holder in holders:
+                opened.clear()
+                holder.start()
+                assert opened.wait(20)
+            third = client.get(path)
+            assert third.status_code == 503
+            assert "too many open event streams (2)" in third.json()["detail"]
+        finally:
+            release.set()
+            for holder in holders:
+                holder.join(30)
+        with client.stream("GET", path) as again:  # a slot is free again
+            assert again.status_code == 200
+        client.delete(f"/api/jobs/{job['id']}")
