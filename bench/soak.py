@@ -19,6 +19,7 @@ import httpx
 import psutil
 
 from bench.api import _free_port, _process
+from jobs.store import SETTLE_S
 
 WAVE = 250
 WARMUP_JOBS = 200
@@ -64,6 +65,13 @@ def _wave(client: httpx.Client, n: int, deadline_s: float = 300) -> list[str]:
     raise TimeoutError("the wave did not finish")
 
 
+def _settle(client: httpx.Client) -> None:
+    """Past the store's settle time, then one listing: finished jobs leave memory."""
+    time.sleep(SETTLE_S + 1)
+    client.get("/api/jobs").raise_for_status()
+    time.sleep(0.5)
+
+
 def soak(n: int = 10_000) -> dict[str, Any]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -75,7 +83,7 @@ def soak(n: int = 10_000) -> dict[str, Any]:
                       f"{url}/api/health"), httpx.Client(base_url=url, timeout=60) as client:
             api = psutil.Process(_server_pid(port))
             _wave(client, WARMUP_JOBS)
-            time.sleep(6)  # past the store's settle time: finished jobs leave memory
+            _settle(client)
             supervisor = _supervisor(api)
             first = {"api": _sample(api), "supervisor": _sample(supervisor)}
             samples = [{"jobs": 0, **first}]
@@ -84,7 +92,7 @@ def soak(n: int = 10_000) -> dict[str, Any]:
                 ids += _wave(client, min(WAVE, n - len(ids)))
                 samples.append({"jobs": len(ids), "api": _sample(api),
                                 "supervisor": _sample(supervisor)})
-            time.sleep(6)
+            _settle(client)
             last = {"api": _sample(api), "supervisor": _sample(supervisor)}
             samples.append({"jobs": len(ids), **last})
             states: dict[str, int] = {}

@@ -12,6 +12,7 @@ import shutil
 import sys
 import threading
 import time
+from array import array
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -44,18 +45,26 @@ class StoreUnavailable(Exception):
     """The data folder cannot be written (disk full, read-only, permissions)."""
 
 
-class _Entry:
-    """What the index keeps of one job: enough to list, count and prune it."""
+class _Live:
+    """What only a live (or just finished) job needs: its file's signature and data."""
 
-    __slots__ = ("mtime_ns", "size", "state", "kind", "key", "finished_ts", "session", "data")
+    __slots__ = ("mtime_ns", "size", "data")
 
-    def __init__(self, job_id: str, mtime_ns: int, size: int, data: dict[str, Any]) -> None:
+    def __init__(self, mtime_ns: int, size: int, data: dict[str, Any]) -> None:
         self.mtime_ns = mtime_ns
         self.size = size
-        # Interned: thousands of entries share one string per state and kind.
+        self.data = data
+
+
+class _Entry:
+    """What the index keeps of one job: enough to list, count and prune it. A settled
+    job's entry is a few pointers (its strings are shared), so thousands cost little."""
+
+    __slots__ = ("state", "kind", "finished_ts", "session", "live")
+
+    def __init__(self, data: dict[str, Any], live: _Live | None) -> None:
         self.state = sys.intern(str(data.get(p.F_STATE)))
         self.kind = sys.intern(str(data.get(p.F_KIND)))
-        self.key = (p.fifo_key(data)[0], job_id)
         finished = data.get(p.F_FINISHED_AT) or data.get(p.F_CREATED_AT)
         try:
             self.finished_ts = p.parse_iso(str(finished))
@@ -64,7 +73,7 @@ class _Entry:
         job_input = data.get(p.F_INPUT)
         session = job_input.get("session_id") if isinstance(job_input, dict) else None
         self.session = session if isinstance(session, str) else None
-        self.data: dict[str, Any] | None = data
+        self.live = live
 
 
 class DirListing:
@@ -77,28 +86,25 @@ class DirListing:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.names: set[str] = set()
         self._mtime_ns: int | None = None
         self._stable = False
         self._listed_at = 0.0
 
-    def refresh(self) -> bool:
-        """Bring `names` up to date; True if it was listed again."""
+    def changed(self) -> set[str] | None:
+        """The ids in the folder if it may have changed since the last call, else None."""
         try:
             st = os.stat(self.folder)
         except FileNotFoundError:
-            changed = bool(self.names) or self._mtime_ns is None
-            self.names, self._mtime_ns, self._stable = set(), -1, True
-            return changed
+            self._mtime_ns, self._stable = None, False
+            return set()
         now = time.monotonic()
         if self._stable and st.st_mtime_ns == self._mtime_ns and now - self._listed_at < RELIST_S:
-            return False
-        # Interned: a listing again yields the same string objects the index holds.
-        self.names = {sys.intern(name) for name in os.listdir(self.folder) if p.is_valid_id(name)}
+            return None
+        names = {name for name in os.listdir(self.folder) if p.is_valid_id(name)}
         self._mtime_ns = st.st_mtime_ns
         self._stable = time.time() - st.st_mtime > DIR_SETTLE_S
         self._listed_at = now
-        return True
+        return names
 
 
 class JobStore:
@@ -115,7 +121,10 @@ class JobStore:
         self._lock = threading.Lock()  # routes use the store from several worker threads
         self._listing = DirListing(jobs_dir)
         self._entries: dict[str, _Entry] = {}
-        self._order: list[tuple[int, str]] = []  # every entry's FIFO key, ascending
+        # Submission order: ids and their creation times, ascending (removed ids linger
+        # until the next _sort).
+        self._order_ns = array("q")
+        self._order_ids: list[str] = []
         self._order_dirty = False
         self._counts = dict.fromkeys(p.STATES, 0)
         self._unsettled: set[str] = set()  # live or just finished: looked at every refresh
@@ -217,8 +226,9 @@ class JobStore:
         """A chat session's jobs, oldest first."""
         with self._lock:
             self._refresh(0.0)
-            found = sorted(e.key for e in self._entries.values() if e.session == session_id)
-            jobs = (self._data(key[1], self._entries[key[1]], from_disk=True) for key in found)
+            self._sort()
+            found = [i for i in self._order_ids if self._entries[i].session == session_id]
+            jobs = (self._data(i, self._entries[i], from_disk=True) for i in found)
             return [job for job in jobs if job is not None]
 
     def __len__(self) -> int:
@@ -236,8 +246,7 @@ class JobStore:
         with self._lock:
             self._refresh(0.0)
             self._sort()
-            finished = [key[1] for key in self._order
-                        if self._entries[key[1]].state in p.FINAL_STATES]
+            finished = [i for i in self._order_ids if self._entries[i].state in p.FINAL_STATES]
             doomed = {job_id for job_id in finished
                       if self._entries[job_id].finished_ts < cutoff}
             if max_jobs is not None:
@@ -271,8 +280,8 @@ class JobStore:
         now = time.monotonic()
         if self._refreshed_at is not None and now - self._refreshed_at <= max_age_s:
             return
-        if self._listing.refresh():
-            names = self._listing.names
+        names = self._listing.changed()
+        if names is not None:
             for gone in (self._entries.keys() | self._missing) - names:
                 self._drop(gone)
             self._missing |= names - self._entries.keys()
@@ -295,10 +304,11 @@ class JobStore:
         if data is None:
             return
         self._missing.discard(job_id)
-        self._put(job_id, _Entry(job_id, st.st_mtime_ns, st.st_size, data))
+        self._put(job_id, data, _Live(st.st_mtime_ns, st.st_size, data))
 
     def _check(self, job_id: str, wall: float) -> None:
-        entry = self._entries[job_id]
+        live = self._entries[job_id].live
+        assert live is not None
         path = os.path.join(self.dir, job_id, p.JOB_FILE)
         try:
             st = os.stat(path)
@@ -306,36 +316,34 @@ class JobStore:
             self._drop(job_id)
             self._missing.add(job_id)
             return
-        if st.st_mtime_ns != entry.mtime_ns or st.st_size != entry.size:
+        if st.st_mtime_ns != live.mtime_ns or st.st_size != live.size:
             self._load(job_id)
-        elif entry.state in p.FINAL_STATES and wall - st.st_mtime > SETTLE_S:
-            if entry.data is not None:
-                self._remember(job_id, entry.data)
-            self._settle(job_id, entry)
+        elif self._entries[job_id].state in p.FINAL_STATES and wall - st.st_mtime > SETTLE_S:
+            self._remember(job_id, live.data)
+            self._settle(job_id)
 
-    def _settle(self, job_id: str, entry: _Entry) -> None:
-        """Finished and quiet: never looked at again, and kept small (its whole job is
-        read again on demand), so memory grows by little more than the id per job."""
+    def _settle(self, job_id: str) -> None:
+        """Finished and quiet: never looked at again, and kept small (the whole job is
+        read again on demand)."""
         self._unsettled.discard(job_id)
-        entry.data = None
-        entry.mtime_ns = entry.size = 0
+        self._entries[job_id].live = None
 
-    def _put(self, job_id: str, entry: _Entry) -> None:
+    def _put(self, job_id: str, data: dict[str, Any], live: _Live) -> None:
+        entry = _Entry(data, live)
         old = self._entries.get(job_id)
         if old is not None:
             self._counts[old.state] = self._counts.get(old.state, 0) - 1
-            if old.key != entry.key:
-                self._order_dirty = True
-        elif not self._order_dirty:
-            bisect.insort(self._order, entry.key)
+        else:
+            self._sort()  # a dropped id that comes back must not be listed twice
+            created_ns = p.fifo_key(data)[0]
+            at = bisect.bisect_right(self._order_ns, created_ns)
+            self._order_ns.insert(at, created_ns)
+            self._order_ids.insert(at, job_id)
         self._entries[job_id] = entry
         self._counts[entry.state] = self._counts.get(entry.state, 0) + 1
-        settled = (entry.state in p.FINAL_STATES
-                   and time.time() - entry.mtime_ns / 1e9 > SETTLE_S)
-        if settled:
-            self._settle(job_id, entry)
-        else:
-            self._unsettled.add(job_id)
+        self._unsettled.add(job_id)
+        if entry.state in p.FINAL_STATES and time.time() - live.mtime_ns / 1e9 > SETTLE_S:
+            self._settle(job_id)
 
     def _drop(self, job_id: str) -> None:
         self._missing.discard(job_id)
@@ -347,8 +355,12 @@ class JobStore:
             self._order_dirty = True
 
     def _sort(self) -> None:
+        """Forget removed ids in the submission order."""
         if self._order_dirty:
-            self._order = sorted(e.key for e in self._entries.values())
+            kept = [(ns, i) for ns, i in zip(self._order_ns, self._order_ids, strict=True)
+                    if i in self._entries]
+            self._order_ns = array("q", (ns for ns, _ in kept))
+            self._order_ids = [i for _, i in kept]
             self._order_dirty = False
 
     def _remember(self, job_id: str, data: dict[str, Any]) -> None:
@@ -358,8 +370,8 @@ class JobStore:
             self._recent.popitem(last=False)
 
     def _data(self, job_id: str, entry: _Entry, from_disk: bool) -> dict[str, Any] | None:
-        if entry.data is not None:
-            return entry.data
+        if entry.live is not None:
+            return entry.live.data
         data = self._recent.get(job_id)
         if data is not None:
             self._recent.move_to_end(job_id)
@@ -382,10 +394,9 @@ class JobStore:
         self._sort()
         positions = self._queue_positions()
         selected: list[dict[str, Any]] = []
-        for key in reversed(self._order):
+        for job_id in reversed(self._order_ids):
             if len(selected) >= limit:
                 break
-            job_id = key[1]
             entry = self._entries[job_id]
             if (state is not None and entry.state != state) or (kind is not None
                                                                 and entry.kind != kind):
@@ -399,9 +410,10 @@ class JobStore:
         return selected
 
     def _queue_positions(self) -> dict[str, int]:
-        queued = sorted(self._entries[i].key for i in self._unsettled
-                        if self._entries[i].state == p.QUEUED)
-        return {key[1]: n for n, key in enumerate(queued)}
+        queued = sorted(p.fifo_key(live.data) for i in self._unsettled
+                        if (live := self._entries[i].live) is not None
+                        and self._entries[i].state == p.QUEUED)
+        return {job_id: n for n, (_, job_id) in enumerate(queued)}
 
 
 def _corrupt(job_id: str, path: Path, detail: str) -> dict[str, Any]:

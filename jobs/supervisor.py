@@ -68,6 +68,7 @@ class Supervisor:
         self.max_jobs = max_jobs
         self.log_max_bytes = log_max_bytes
         self._listing = DirListing(jobs_dir)
+        self._names: set[str] = set()  # the job ids on disk, as last listed
         self.grace_s = grace_s
         self.runner_env = dict(runner_env or {})
         if log_max_bytes is not None:
@@ -201,8 +202,10 @@ class Supervisor:
 
     def _scan(self) -> tuple[set[str], set[str]]:
         """The jobs on disk, and which of the live ones have a stop request."""
-        self._listing.refresh()
-        jobs = self._listing.names
+        names = self._listing.changed()
+        if names is not None:
+            self._names = names
+        jobs = self._names
         live = (self._queued.keys() | self._running.keys()) & jobs
         stops = {job_id for job_id in live
                  if os.path.exists(p.sibling(self._file(job_id), p.STOP_FILE))}
@@ -439,7 +442,7 @@ class Supervisor:
 
     def _maybe_prune(self) -> None:
         now = time.monotonic()
-        over_cap = self.max_jobs is not None and len(self._listing.names) > self.max_jobs
+        over_cap = self.max_jobs is not None and len(self._names) > self.max_jobs
         if now < self._next_prune and not (over_cap and now > self._pruned_at + PRUNE_OVER_CAP_S):
             return
         self._next_prune = now + PRUNE_INTERVAL_S

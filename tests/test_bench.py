@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from bench import core
+from pathlib import Path
+
+import pytest
+
+from bench import core, scale
 
 
 def test_core_benchmark_runs_and_reports() -> None:
@@ -12,3 +16,21 @@ def test_core_benchmark_runs_and_reports() -> None:
     assert results["throughput"]["completed"] == 10
     table = core.report(results)
     assert "lifecycle / bare start" in table and "jobs/s" in table
+
+
+def test_scale_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scale, "REQUESTS", 5)
+    results = {"sizes": [scale.measure(10), scale.measure(300)]}
+    assert results["sizes"][1]["/api/jobs"]["n"] == 5
+    table = scale.report(results)
+    assert "| `/api/history` | 300 |" in table and "p99 <= 50 ms" in table
+
+
+def test_report_gathers_every_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import __main__ as bench_main
+
+    monkeypatch.setattr(bench_main, "RESULTS", tmp_path)
+    (tmp_path / "core.md").write_text("# Benchmark: core\n\nstamp\n\n| a | b |\n")
+    report = bench_main.write_report().read_text()
+    assert "## core\nstamp\n\n| a | b |" in report
+    assert "## soak\n\nnot run yet: `python -m bench soak`" in report
