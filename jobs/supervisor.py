@@ -23,9 +23,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from jobs import launcher
 from jobs import protocol as p
 from jobs.kinds import KINDS
+from jobs.launchers import Launcher, LocalLauncher, Run
 from jobs.settings import (
     LEADER_RETRY_S,
     PRUNE_INTERVAL_S,
@@ -37,12 +37,10 @@ from jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
-_ADOPT_START_TOLERANCE_S = 5.0
-
 
 @dataclass
 class _Tracked:
-    runner: launcher.Runner
+    run: Run
     job_file: Path
     deadline: float | None  # time.monotonic() value
     stopping: str | None = None  # the reason, once a stop has begun
@@ -57,6 +55,7 @@ class Supervisor:
         grace_s: float = 3.0,
         runner_env: dict[str, str] | None = None,
         kinds: dict[str, str] | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
         self.dir = jobs_dir
         self.store = JobStore(jobs_dir)
@@ -65,6 +64,9 @@ class Supervisor:
         self.grace_s = grace_s
         self.runner_env = runner_env or {}
         self.kinds = kinds or KINDS
+        # New jobs go to `launcher`; adopted ones to the launcher their run.json names.
+        self.launcher = launcher or LocalLauncher(self.runner_env)
+        self._launchers: dict[str, Launcher] = {self.launcher.name: self.launcher}
         self._lock = FileLock(str(lock_file(jobs_dir)), thread_local=False)
         self._wake_file = wake_file(jobs_dir)
         self.is_leader = False
@@ -81,7 +83,7 @@ class Supervisor:
         return cls(
             settings.jobs_dir, max_concurrent=settings.max_concurrent,
             retention_s=settings.retention_hours * 3600, grace_s=settings.stop_grace_s,
-            runner_env=settings.runner_env(),
+            runner_env=settings.runner_env(), launcher=make_launcher(settings),
         )
 
     # -- driving -------------------------------------------------------------------
@@ -148,6 +150,8 @@ class Supervisor:
                 pass  # the loop closed meanwhile
 
     def release(self) -> None:
+        for each in self._launchers.values():
+            each.close()
         if self.is_leader:
             self._lock.release()
             self.is_leader = False
@@ -226,22 +230,30 @@ class Supervisor:
             record = p.read_json(p.sibling(job_file, p.RUN_FILE)) or {}
         except p.CorruptJobFile:
             record = {}
-        pid = record.get("pid") or data.get(p.F_PID)
-        create_time = record.get("create_time")
-        runner = launcher.Runner(job_id, int(pid), create_time) if isinstance(pid, int) else None
-        if runner is not None and create_time is None:
-            runner.create_time = _create_time_near(runner.pid, data.get(p.F_STARTED_AT))
-        if runner is None or runner.create_time is None or not launcher.is_alive(runner):
+        try:
+            launcher = self._launcher_for(record)
+            run = launcher.adopt(job_file, record, data, self.wake)
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: cannot adopt its runner: %s", job_id, exc)
+            launcher = self._launcher_for({})
+            run = launcher.adopt(job_file, {}, {}, self.wake)  # nothing to find: lost
+        if not launcher.is_alive(run):
             log.info("job %s: runner gone while no supervisor watched it", job_id)
-            self._finalize(_Tracked(runner or launcher.Runner(job_id, 0, None), job_file, None))
+            self._finalize(_Tracked(run, job_file, None))
             return
         deadline = None
         timeout = data.get(p.F_TIMEOUT_S)
-        if isinstance(timeout, (int, float)) and timeout > 0:
-            started = runner.create_time
-            deadline = time.monotonic() + (started + float(timeout) - time.time())
-        log.info("job %s: adopted runner pid %s", job_id, runner.pid)
-        self._running[job_id] = _Tracked(runner, job_file, deadline)
+        if isinstance(timeout, (int, float)) and timeout > 0 and run.started is not None:
+            deadline = time.monotonic() + (run.started + float(timeout) - time.time())
+        log.info("job %s: adopted its %s runner", job_id, run.launcher)
+        self._running[job_id] = _Tracked(run, job_file, deadline)
+
+    def _launcher_for(self, record: dict[str, Any]) -> Launcher:
+        name = str(record.get("launcher") or p.LOCAL)
+        found = self._launchers.get(name)
+        if found is None:
+            found = self._launchers[name] = adopting_launcher(record, self.runner_env)
+        return found
 
     def _handle_stops(self, stop_ids: set[str]) -> None:
         for job_id in stop_ids:
@@ -256,7 +268,7 @@ class Supervisor:
 
     def _reap(self) -> None:
         for job_id, tracked in list(self._running.items()):
-            if not launcher.is_alive(tracked.runner):
+            if not self._launcher_of(tracked).is_alive(tracked.run):
                 del self._running[job_id]
                 self._finalize(tracked)
 
@@ -268,7 +280,7 @@ class Supervisor:
                     p.request_stop(tracked.job_file, p.TIMEOUT)
                 except OSError as exc:
                     log.warning("job %s: cannot write the stop request: %s",
-                                tracked.runner.job_id, exc)
+                                tracked.run.job_id, exc)
                 self._start_stop(tracked, p.TIMEOUT)
 
     def _launch(self) -> None:
@@ -288,13 +300,8 @@ class Supervisor:
         if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
             self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED, "cancelled before it started")
             return
-        run_file = p.sibling(job_file, p.RUN_FILE)
         try:
-            # Claim first: a supervisor that dies right here leaves a job that is lost,
-            # never one that runs twice.
-            p.write_json(run_file, {"pid": None, "claimed_by": os.getpid()})
-            runner = launcher.spawn(self.kinds[data[p.F_KIND]], job_file, self.runner_env)
-            p.write_json(run_file, runner.record())
+            run = self.launcher.start(self.kinds[data[p.F_KIND]], job_file, data, self.wake)
         except OSError as exc:
             log.error("job %s: cannot start its runner: %s", job_id, exc)
             self._finish(job_id, p.FAILED, p.ERR_RUNNER, f"cannot start the runner: {exc}")
@@ -303,39 +310,37 @@ class Supervisor:
         deadline = None
         if isinstance(timeout, (int, float)) and timeout > 0:
             deadline = time.monotonic() + float(timeout)
-        self._running[job_id] = _Tracked(runner, job_file, deadline)
-        if runner.child is not None:
-            threading.Thread(target=self._wait_exit, args=(runner,), daemon=True,
-                             name=f"wait-{job_id[:8]}").start()
-
-    def _wait_exit(self, runner: launcher.Runner) -> None:
-        assert runner.child is not None
-        runner.child.wait()
-        self.wake()
+        self._running[job_id] = _Tracked(run, job_file, deadline)
 
     def _start_stop(self, tracked: _Tracked, reason: str) -> None:
         tracked.stopping = reason
         thread = threading.Thread(target=self._stop_worker, args=(tracked,), daemon=True,
-                                  name=f"stop-{tracked.runner.job_id[:8]}")
+                                  name=f"stop-{tracked.run.job_id[:8]}")
         self._stoppers = [t for t in self._stoppers if t.is_alive()]
         self._stoppers.append(thread)
         thread.start()
 
     def _stop_worker(self, tracked: _Tracked) -> None:
         try:
-            launcher.stop_tree(tracked.runner, self.grace_s)
+            self._launcher_of(tracked).stop(tracked.run, self.grace_s)
         except Exception:
-            log.exception("job %s: stopping its runner failed", tracked.runner.job_id)
+            log.exception("job %s: stopping its runner failed", tracked.run.job_id)
         self.wake()
 
     # -- writing final states (only for runners that could not) ---------------------
 
     def _finalize(self, tracked: _Tracked) -> None:
-        runner = tracked.runner
-        code = launcher.exit_code(runner)
-        if runner.pid:
-            launcher.kill_group(runner)
-        job_id = runner.job_id
+        """The runner has ended: write the final state it could not, then release it."""
+        launcher = self._launcher_of(tracked)
+        try:
+            self._write_final(tracked, launcher)
+        finally:
+            launcher.release(tracked.run)
+
+    def _write_final(self, tracked: _Tracked, launcher: Launcher) -> None:
+        run = tracked.run
+        code = launcher.exit_code(run)
+        job_id = run.job_id
         try:
             data = p.read_json(tracked.job_file)
         except p.CorruptJobFile:
@@ -351,7 +356,7 @@ class Supervisor:
             self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED, "cancelled on request", data, code)
         else:
             tail = p.log_tail(tracked.job_file)
-            message = f"the runner exited without a final state ({launcher.describe_exit(code)})"
+            message = f"the runner exited without a final state ({launcher.describe_exit(run)})"
             if tail:
                 message += f"; last log line: {tail.splitlines()[-1][:300]}"
             self._finish(job_id, p.FAILED, p.ERR_LOST, message, data, code, tail)
@@ -391,6 +396,9 @@ class Supervisor:
         if removed:
             log.info("pruned %d finished jobs older than %.0f h", removed, self.retention_s / 3600)
 
+    def _launcher_of(self, tracked: _Tracked) -> Launcher:
+        return self._launchers[tracked.run.launcher]
+
     def _launched(self, job_id: str) -> bool:
         return os.path.exists(p.sibling(self._file(job_id), p.RUN_FILE))
 
@@ -425,19 +433,21 @@ def _mtime_ns(path: Path) -> int:
         return 0
 
 
-def _create_time_near(pid: int, started_at: object) -> float | None:
-    """Without a launch record: accept the pid only if it started with the job."""
-    if not isinstance(started_at, str):
-        return None
-    try:
-        started = p.parse_iso(started_at)
-    except ValueError:
-        return None
-    proc = launcher.find(pid, None)
-    if proc is None:
-        return None
-    try:
-        created = proc.create_time()
-    except Exception:
-        return None
-    return created if abs(created - started) < _ADOPT_START_TOLERANCE_S else None
+def make_launcher(settings: Settings) -> Launcher:
+    """The launcher `OFFLOAD_LAUNCHER` names."""
+    if settings.launcher == p.RAY:
+        from jobs.ray_launcher import RayLauncher
+
+        return RayLauncher.from_settings(settings)
+    return LocalLauncher(settings.runner_env())
+
+
+def adopting_launcher(record: dict[str, Any], runner_env: dict[str, str]) -> Launcher:
+    """The launcher for a job that another configuration started (its run.json says)."""
+    if record.get("launcher") in (None, p.LOCAL):
+        return LocalLauncher(runner_env)
+    if record.get("launcher") == p.RAY:
+        from jobs.ray_launcher import RayLauncher
+
+        return RayLauncher(str(record.get("address") or ""), runner_env)
+    raise ValueError(f"unknown launcher {record.get('launcher')!r} in the launch record")
