@@ -29,7 +29,7 @@ from typing import Any
 
 from jobs import protocol as p
 from jobs.launchers import Launcher, OnExit, Run
-from jobs.ray_client import RayError, RayJob, RayJobNotFound, RayJobsClient, RayUnavailable
+from jobs.ray_client import RayError, RayJob, RayJobNotFound, RayJobsClient
 from jobs.settings import (
     RAY_POLL_S,
     RAY_UNREACHABLE_S,
@@ -131,7 +131,11 @@ class RayLauncher(Launcher):
             self.client.stop(remote.submission_id)
         except RayJobNotFound:
             return  # gone already; its poller says how it ended
-        remote.ended.wait(grace_s + 10)  # Ray: SIGTERM, then SIGKILL after its own grace
+        # Ray: SIGTERM, then SIGKILL after its own grace; its poller sees the end.
+        deadline = time.monotonic() + grace_s + 10
+        while not remote.ended.wait(0.05) and not self._closing.is_set():
+            if time.monotonic() > deadline:
+                break
 
     def exit_code(self, run: Run) -> int | None:
         return _remote(run).code
@@ -223,11 +227,13 @@ class RayLauncher(Launcher):
             self.client.submit(sid, entrypoint, env_vars=self.env, num_cpus=self.num_cpus,
                                num_gpus=gpus, metadata={"offload_job_id": str(data.get(p.F_ID)),
                                                         "kind": str(data.get(p.F_KIND))})
-        except RayUnavailable:
-            raise
-        except RayError:
-            if self._lookup(sid) is None:  # the answer was lost, not the job
-                raise
+        except RayError as exc:
+            try:
+                found = self._lookup(sid)  # the answer may be lost, not the job
+            except RayError:
+                found = None
+            if found is None:
+                raise exc from None
 
 def _remote(run: Run) -> RemoteRun:
     assert isinstance(run, RemoteRun), run

@@ -159,3 +159,19 @@ def make_server(data_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield factory
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[Any]:
+    """One real Ray head for the session (loopback only), stopped at the end."""
+    from tests.ray_head import SUPPORTED, RayHead, ray_cli
+
+    if ray_cli() is None:
+        reason = ("Ray is not installed in this environment (`pip install 'offload[ray]'`; "
+                  "`python launch.py test` installs it where Ray has wheels)")
+        if SUPPORTED and os.environ.get("CI"):
+            pytest.fail(f"{reason}: Ray supports this platform, so CI must run these tests")
+        pytest.skip(reason)
+    head = RayHead(num_cpus=2).start()
+    yield head
+    head.stop()

@@ -6,6 +6,7 @@ Started with Ray's own CLI from this interpreter's environment (`pip install
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -65,9 +66,12 @@ class RayHead:
 
     def _wait_for_jobs_api(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
+        probe = json.dumps({"entrypoint": "true", "submission_id": "offload-probe"}).encode()
         while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.address}/api/jobs/", timeout=5):
+            try:  # a job submitted: its agent is up too, not only the dashboard
+                request = urllib.request.Request(f"{self.address}/api/jobs/", probe,
+                                                 {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30):
                     return
             except OSError:
                 time.sleep(0.5)
