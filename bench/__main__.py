@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import api, core, llm, train
+from bench import api, core, llm, ray, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Run = Callable[[], dict[str, Any]]
@@ -22,6 +22,7 @@ SUITES: dict[str, tuple[Run, Report, Plot | None]] = {
     "api": (api.run, api.report, api.plot),
     "llm": (llm.run, llm.report, None),
     "train": (train.run, train.report, None),
+    "ray": (ray.run, ray.report, None),
 }
 
 
