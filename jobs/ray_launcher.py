@@ -29,7 +29,7 @@ from typing import Any
 
 from jobs import protocol as p
 from jobs.launchers import Launcher, OnExit, Run
-from jobs.ray_client import RayError, RayJob, RayJobNotFound, RayJobsClient
+from jobs.ray_client import RayError, RayJob, RayJobNotFound, RayJobsClient, RayUnavailable
 from jobs.settings import (
     RAY_POLL_S,
     RAY_UNREACHABLE_S,
@@ -57,6 +57,7 @@ class RemoteRun(Run):
     consumed: int = 0  # characters of Ray's log already parsed
     log_text: list[str] = field(default_factory=list)  # the log without snapshot lines
     ended: threading.Event = field(default_factory=threading.Event)
+    to_submit: tuple[str, dict[str, Any]] | None = None  # (module, job) until submitted
     code: int | None = None
     how: str = ""
 
@@ -80,6 +81,8 @@ class RayLauncher(Launcher):
         if self.local_head:
             self.env["PYTHONPATH"] = str(ROOT)  # the project, wherever Ray starts the job
         self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._runs: dict[str, RemoteRun] = {}  # watched here, by job id
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RayLauncher:
@@ -89,20 +92,32 @@ class RayLauncher(Launcher):
     # -- the launcher interface -----------------------------------------------------
 
     def start(self, module: str, job_file: Path, data: dict[str, Any], on_exit: OnExit) -> Run:
+        """Claims the job in run.json; its poller submits it (a submission takes Ray a
+        few hundred milliseconds: the supervisor's pass does not wait for it)."""
         job_id = p.id_of(job_file)
-        sid = submission_id(job_id)
-        p.write_json(p.sibling(job_file, p.RUN_FILE), self._record(sid))
-        if self._lookup(sid) is None:
-            self._submit(sid, module, data)
-        return self._watch(RemoteRun(job_id, job_file, self.name, time.time(), sid), on_exit)
+        with self._lock:
+            watched = self._runs.get(job_id)
+            if watched is not None and not watched.ended.is_set():
+                return watched
+            sid = submission_id(job_id)
+            p.write_json(p.sibling(job_file, p.RUN_FILE), self._record(sid))
+            run = RemoteRun(job_id, job_file, self.name, time.time(), sid,
+                            to_submit=(module, data))
+            self._runs[job_id] = run
+        return self._watch(run, on_exit)
 
     def adopt(self, job_file: Path, record: dict[str, Any], data: dict[str, Any],
               on_exit: OnExit) -> Run:
         job_id = p.id_of(job_file)
         launched = record.get("launched_ns")
-        run = RemoteRun(job_id, job_file, self.name,
-                        launched / 1e9 if isinstance(launched, int) else None,
-                        str(record.get("submission_id") or submission_id(job_id)))
+        with self._lock:
+            watched = self._runs.get(job_id)
+            if watched is not None and not watched.ended.is_set():
+                return watched
+            run = RemoteRun(job_id, job_file, self.name,
+                            launched / 1e9 if isinstance(launched, int) else None,
+                            str(record.get("submission_id") or submission_id(job_id)))
+            self._runs[job_id] = run
         # Its poller reads Ray's whole log again: the log file is rebuilt, and the
         # latest snapshot rewritten (the newest there is, never an older one).
         return self._watch(run, on_exit)
@@ -113,6 +128,11 @@ class RayLauncher(Launcher):
     def sync(self, run: Run) -> None:
         """One look at Ray: new snapshots into the job file, new text into its log."""
         remote = _remote(run)
+        if remote.to_submit is not None:
+            module, data = remote.to_submit
+            if self._lookup(remote.submission_id) is None:  # idempotent: look up first
+                self._submit(remote.submission_id, module, data)
+            remote.to_submit = None
         try:
             info = self.client.info(remote.submission_id)
         except RayJobNotFound:
@@ -145,6 +165,8 @@ class RayLauncher(Launcher):
 
     def release(self, run: Run) -> None:
         sid = _remote(run).submission_id
+        with self._lock:
+            self._runs.pop(run.job_id, None)
         try:
             self.client.delete(sid)
         except RayError as exc:
@@ -166,12 +188,16 @@ class RayLauncher(Launcher):
             try:
                 self.sync(run)
                 failing_since = None
-            except (RayError, OSError) as exc:
-                failing_since = failing_since or time.monotonic()
-                if time.monotonic() - failing_since > RAY_UNREACHABLE_S:
-                    self._end(run, None, f"{exc}; for more than {RAY_UNREACHABLE_S:.0f} s")
+            except OSError as exc:  # RayError too; a local write may also fail
+                if run.to_submit is not None and isinstance(exc, RayError) \
+                        and not isinstance(exc, RayUnavailable):
+                    self._end(run, None, f"never started: {exc}")  # Ray refused the job
                 else:
-                    log.warning("job %s: %s", run.job_id, exc)
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > RAY_UNREACHABLE_S:
+                        self._end(run, None, f"{exc}; for more than {RAY_UNREACHABLE_S:.0f} s")
+                    else:
+                        log.warning("job %s: %s", run.job_id, exc)
             if run.ended.is_set():
                 on_exit()
                 return

@@ -175,3 +175,8 @@ def ray_head() -> Iterator[Any]:
     head = RayHead(num_cpus=2).start()
     yield head
     head.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the Ray head run last, so its processes idle beside no other test."""
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)

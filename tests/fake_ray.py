@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
+
+from tests.http_fake import JSONHandler
 
 
 class _Server(ThreadingHTTPServer):
@@ -14,20 +16,8 @@ class _Server(ThreadingHTTPServer):
     fake: FakeRay
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONHandler):
     server: _Server
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _answer(self, status: int, body: Any) -> None:
-        raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
 
     def _handle(self, method: str) -> None:
         fake = self.server.fake
@@ -37,9 +27,9 @@ class _Handler(BaseHTTPRequestHandler):
             fake.requests.append((method, self.path, body))
             scripted = fake.scripted.get((method, self.path))
             if scripted is not None:
-                self._answer(*scripted)
+                self._json(*scripted)
                 return
-            self._answer(*fake.route(method, self.path, body))
+            self._json(*fake.route(method, self.path, body))
 
     def do_GET(self) -> None:
         self._handle("GET")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -191,3 +192,32 @@ def test_the_api_process_never_imports_ray(tmp_path: Path) -> None:
                               "OFFLOAD_DATA_DIR": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_job_ray_refuses_fails_with_ray_s_reason(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    fake.scripted[("POST", "/api/jobs/")] = (
+        400, "Traceback (most recent call last):\nValueError: entrypoint_num_gpus: no GPUs")
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    final = sup.wait_final(sup.submit(seconds=1))
+    assert final["state"] == "failed"
+    assert "never started" in final["error"]["message"]
+    assert "ValueError: entrypoint_num_gpus: no GPUs" in final["error"]["message"]
+
+
+def test_starting_twice_submits_once(fake: FakeRay,
+                                     make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    sup = make_supervisor()
+    sup.stop()
+    launcher = RayLauncher(fake.address, poll_s=0.02)
+    job_id = sup.store.create("sleep", {"seconds": 1}, 60)["id"]
+    job_file = sup.supervisor.dir / job_id / p.JOB_FILE
+    try:
+        first = launcher.start("runners.sleep", job_file, sup.job(job_id), lambda: None)
+        second = launcher.start("runners.sleep", job_file, sup.job(job_id), lambda: None)
+        assert first is second, "one poller, one writer"
+        wait_for(lambda: submission_id(job_id) in fake.jobs, what="submitted")
+        time.sleep(0.2)
+        assert [m for m, path, _ in fake.requests if m == "POST"] == ["POST"]
+    finally:
+        launcher.close()
