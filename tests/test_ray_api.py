@@ -38,10 +38,11 @@ def test_api_runs_cancels_and_streams_jobs_on_ray(
 
         job_id = long.json()["id"]
         job = wait_for(lambda: (j := client.get(f"/api/jobs/{job_id}").json())
-                       .get("child_pid") and j, 60, what="the grandchild started")
+                       .get("progress") and j, 60, what="the grandchild started")
+        child_pid = int(job["progress"]["message"].split()[1])  # "child <pid> started"
         answer = client.delete(f"/api/jobs/{job_id}")
         assert answer.status_code == 200 and answer.json()["state"] == "cancelled"
-        wait_for(lambda: process_gone(job["pid"]) and process_gone(job["child_pid"]), 15,
+        wait_for(lambda: process_gone(job["pid"]) and process_gone(child_pid), 15,
                  what="runner and grandchild gone")
         log = client.get(f"/api/jobs/{job_id}/log")
         assert log.status_code == 200 and "@@offload" not in log.text
