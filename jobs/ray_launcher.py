@@ -58,6 +58,7 @@ class RemoteRun(Run):
     log_text: list[str] = field(default_factory=list)  # the log without snapshot lines
     ended: threading.Event = field(default_factory=threading.Event)
     to_submit: tuple[str, dict[str, Any]] | None = None  # (module, job) until submitted
+    stop_asked: bool = False
     code: int | None = None
     how: str = ""
 
@@ -129,10 +130,15 @@ class RayLauncher(Launcher):
         """One look at Ray: new snapshots into the job file, new text into its log."""
         remote = _remote(run)
         if remote.to_submit is not None:
+            if remote.stop_asked:
+                self._end(remote, None, "stopped before it was sent to Ray")
+                return
             module, data = remote.to_submit
             if self._lookup(remote.submission_id) is None:  # idempotent: look up first
                 self._submit(remote.submission_id, module, data)
             remote.to_submit = None
+            if remote.stop_asked:  # asked while it was being submitted
+                self.client.stop(remote.submission_id)
         try:
             info = self.client.info(remote.submission_id)
         except RayJobNotFound:
@@ -147,10 +153,11 @@ class RayLauncher(Launcher):
 
     def stop(self, run: Run, grace_s: float) -> None:
         remote = _remote(run)
+        remote.stop_asked = True  # not submitted yet: its poller will not, or stops it
         try:
             self.client.stop(remote.submission_id)
         except RayJobNotFound:
-            return  # gone already; its poller says how it ended
+            pass  # not submitted yet, or gone already: its poller says how it ended
         # Ray: SIGTERM, then SIGKILL after its own grace; its poller sees the end.
         deadline = time.monotonic() + grace_s + 10
         while not remote.ended.wait(0.05) and not self._closing.is_set():

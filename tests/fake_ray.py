@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import ThreadingHTTPServer
 from typing import Any
 
@@ -25,6 +26,9 @@ class _Handler(JSONHandler):
         body = json.loads(self.rfile.read(length)) if length else None
         with fake.lock:
             fake.requests.append((method, self.path, body))
+        if method == "POST" and self.path == "/api/jobs/":
+            time.sleep(fake.submit_delay_s)  # a slow cluster: the submission in flight
+        with fake.lock:
             scripted = fake.scripted.get((method, self.path))
             if scripted is not None:
                 self._json(*scripted)
@@ -52,6 +56,7 @@ class FakeRay:
         self.lock = threading.Lock()
         self.stopped: set[str] = set()  # stop asked for
         self.stop_ends_job = True  # False: the test says when the job has stopped
+        self.submit_delay_s = 0.0
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fake = self
         self.address = f"http://127.0.0.1:{self._server.server_address[1]}"

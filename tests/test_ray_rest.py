@@ -221,3 +221,18 @@ def test_starting_twice_submits_once(fake: FakeRay,
         assert [m for m, path, _ in fake.requests if m == "POST"] == ["POST"]
     finally:
         launcher.close()
+
+
+def test_a_job_cancelled_before_ray_has_it_never_runs(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    fake.submit_delay_s = 1.0
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    job_id = sup.submit(seconds=60)
+    sid = submission_id(job_id)
+    wait_for(lambda: any(m == "POST" for m, _, _ in list(fake.requests)), what="submitting")
+    assert sid not in fake.jobs
+    sup.store.request_cancel(job_id)  # while the submission is in flight
+    sup.supervisor.wake()
+    final = sup.wait_final(job_id)
+    assert final["state"] == "cancelled", final
+    assert sid in fake.stopped
