@@ -55,7 +55,7 @@ class RayJobsClient:
             raise ValueError(f"not a Ray dashboard address (http://host:port): {address!r}")
         self.address = address.rstrip("/")
         self._https = parts.scheme == "https"
-        self._host = parts.hostname
+        self.host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
         self._base = parts.path.rstrip("/")
         self.timeout_s = timeout_s
@@ -106,7 +106,7 @@ class RayJobsClient:
 
     def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=self.timeout_s)
+        conn = cls(self.host, self._port, timeout=self.timeout_s)
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         try:

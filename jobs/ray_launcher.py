@@ -29,7 +29,14 @@ from typing import Any
 
 from jobs import protocol as p
 from jobs.launchers import Launcher, OnExit, Run
-from jobs.ray_client import RayError, RayJob, RayJobNotFound, RayJobsClient, RayUnavailable
+from jobs.ray_client import (
+    PENDING,
+    RayError,
+    RayJob,
+    RayJobNotFound,
+    RayJobsClient,
+    RayUnavailable,
+)
 from jobs.settings import (
     RAY_POLL_S,
     RAY_UNREACHABLE_S,
@@ -71,7 +78,7 @@ class RayLauncher(Launcher):
                  poll_s: float = RAY_POLL_S) -> None:
         self.client = RayJobsClient(address)
         self.address = self.client.address
-        self.local_head = is_loopback(self.client._host)
+        self.local_head = is_loopback(self.client.host)
         # On a head of this machine, this very interpreter; on a cluster, the nodes' own.
         self.python = python or (sys.executable if self.local_head else "python3")
         self.num_cpus = num_cpus
@@ -146,7 +153,7 @@ class RayLauncher(Launcher):
                                     f"{remote.submission_id}: its head restarted (which loses "
                                     "job records and logs) or the job was deleted there")
             return
-        if info.status != "PENDING":
+        if info.status != PENDING:
             self._apply_log(remote, self.client.logs(remote.submission_id))
         if info.terminal:
             self._end(remote, info.exit_code, _describe(info))
