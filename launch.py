@@ -75,16 +75,17 @@ def install(extras: set[str]) -> None:
     if extras <= have and stamp.get("hash") == current:
         return
     wanted = sorted(extras | have)
-    base = [e for e in wanted if e != "llm"]
+    base = [e for e in wanted if e not in OPTIONAL]
     target = f".[{','.join(base)}]" if base else "."
     say(f"installing Offload ({target})")
     # "compat": a plain path entry; the default editable finder costs every start ~10 ms.
     if pip("install", "-q", "-e", target, "--config-settings", "editable_mode=compat") != 0:
         sys.exit("[offload] installing the project failed; see the pip output above")
-    llm = stamp.get("llm") if stamp.get("hash") == current else None
-    if "llm" in extras and llm != "ok":
-        llm = install_llm()
-    STAMP.write_text(json.dumps({"hash": current, "extras": wanted, "llm": llm}), encoding="utf-8")
+    done = {name: stamp.get(name) if stamp.get("hash") == current else None for name in OPTIONAL}
+    for name in sorted(extras & OPTIONAL.keys()):
+        if done[name] != "ok":
+            done[name] = OPTIONAL[name]()
+    STAMP.write_text(json.dumps({"hash": current, "extras": wanted, **done}), encoding="utf-8")
 
 
 def wheel_cache() -> Path:
@@ -141,6 +142,21 @@ def install_llm() -> str:
         "OPENAI_BASE_URL (e.g. http://127.0.0.1:11434/v1), or install a C/C++ compiler "
         "(on Windows: Visual Studio Build Tools) and run `python launch.py --reinstall`.")
     return "failed"
+
+
+def install_ray() -> str:
+    """Ray, to run the Ray launcher's tests and benchmark against a head on this machine
+    (the API itself only speaks HTTP to a cluster). Optional: where Ray has no wheels,
+    its tests skip."""
+    if pip("install", "-q", "-e", ".[ray]", "--config-settings", "editable_mode=compat") == 0:
+        return "ok"
+    say("Ray could not be installed here (it has no wheels for every platform); the Ray "
+        "launcher's tests will skip. Offload itself does not need it.")
+    return "failed"
+
+
+# Extras installed as separate steps whose failure never stops the launch.
+OPTIONAL = {"llm": install_llm, "ray": install_ray}
 
 
 def open_browser_when_up(url: str, timeout_s: float = 60.0) -> None:
@@ -240,7 +256,7 @@ def main(argv: list[str]) -> int:
         STAMP.unlink(missing_ok=True)
     ensure_venv()
     if argv[:1] == ["test"]:
-        install({"test", "bench", "llm"})
+        install({"test", "bench", "llm", "ray"})
         cmd = [str(venv_python()), "-m", "pytest", *argv[1:]]
         return subprocess.call(cmd, cwd=ROOT)
     install({"llm"})

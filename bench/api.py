@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.core import stats
 
@@ -72,9 +73,18 @@ def _process(args: list[str], env: dict[str, str], url: str | None) -> Iterator[
         _wait_up(url, proc)
         yield
     finally:
+        # Its supervisor process (a session of its own) and runners too, before the
+        # caller removes the data folder they write to.
+        family: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            family = psutil.Process(proc.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
         proc.wait(10)
+        for child in family:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        psutil.wait_procs(family, timeout=10)
 
 
 def _submit(client: httpx.Client, url: str) -> tuple[float, str | None]:

@@ -71,6 +71,8 @@ class Job(BaseModel):
     resources: Resources | None = None
     input: dict[str, Any] | None = None
     loss_curve: list[float] | None = None  # training: the loss of each epoch so far
+    launcher: Literal["local", "ray"] | None = None  # where it ran (null until it starts)
+    host: str | None = None  # the machine its runner ran on
 
 
 # -- requests ---------------------------------------------------------------------------

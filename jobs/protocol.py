@@ -67,17 +67,25 @@ F_EXIT_CODE = "exit_code"
 F_RESOURCES = "resources"
 F_INPUT = "input"
 F_CREATED_NS = "created_ns"  # FIFO order; created_at has only millisecond resolution
+F_LAUNCHER = "launcher"  # where it ran: "local" or "ray"
+F_HOST = "host"  # the machine the runner ran on
 
 JOB_FIELDS = (
     F_ID, F_KIND, F_STATE, F_CREATED_AT, F_STARTED_AT, F_FINISHED_AT, F_TIMEOUT_S,
     F_QUEUE_POSITION, F_PROGRESS, F_OUTPUT, F_RESULT, F_ERROR, F_PID, F_EXIT_CODE,
-    F_RESOURCES, F_INPUT, F_CREATED_NS,
+    F_RESOURCES, F_INPUT, F_CREATED_NS, F_LAUNCHER, F_HOST,
 )
 
 JOB_FILE = "job.json"
 LOG_FILE = "job.log"
 STOP_FILE = "stop.json"
 RUN_FILE = "run.json"
+
+# A runner without the API's disk (on a Ray node) prints each job snapshot on stdout as
+# one line `@@offload <seq> <job JSON>`; the API side reads them from the engine's log.
+SNAPSHOT_TAG = "@@offload"
+LOCAL = "local"
+RAY = "ray"
 TMP_SUFFIX = ".tmp"
 
 _HEX = frozenset("0123456789abcdef")
@@ -280,3 +288,26 @@ def cap_log(path: StrPath, max_bytes: int) -> int:
         return 0
     return dropped
 
+
+def snapshot_line(seq: int, data: dict[str, Any]) -> str:
+    """One snapshot as a line of stdout (ASCII only: the log may be decoded as anything)."""
+    return f"{SNAPSHOT_TAG} {seq} {json.dumps(data, separators=(',', ':'))}\n"
+
+
+def split_snapshots(text: str) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    """Complete lines of a runner's log: its snapshots (seq, job) and the other text.
+    A malformed snapshot line counts as other text."""
+    snapshots: list[tuple[int, dict[str, Any]]] = []
+    plain: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith(SNAPSHOT_TAG + " "):
+            seq, _, payload = line[len(SNAPSHOT_TAG) + 1:].partition(" ")
+            try:
+                data = json.loads(payload)
+                if isinstance(data, dict) and seq.isdigit():
+                    snapshots.append((int(seq), data))
+                    continue
+            except ValueError:
+                pass
+        plain.append(line)
+    return snapshots, "".join(plain)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,13 @@ KEEPALIVE_S = 15.0
 CANCEL_WAIT_S = 10.0  # DELETE waits this long for the runner to stop
 HISTORY_SAMPLE_S = 1.0
 HISTORY_KEEP_S = 3 * 3600.0  # the metrics series kept on disk
+DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"  # a Ray head's dashboard (Jobs REST API)
+RAY_POLL_S = 0.2  # how often a remote job's poller asks Ray (the runner writes 5 a second)
+RAY_UNREACHABLE_S = 60.0  # a remote job whose Ray stays unreachable this long is lost
+RAY_HTTP_TIMEOUT_S = 10.0
+# Never sent to Ray: its job records keep runtime_env and entrypoint, and its dashboard
+# shows them. Cluster nodes need these in their own environment.
+SECRET_ENV = frozenset({"OPENAI_API_KEY"})
 
 
 def is_loopback(host: str) -> bool:
@@ -37,6 +45,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
         return False
+
+
+def normalize_ray_address(value: str) -> str:
+    """The Ray dashboard's HTTP address: `host:port` gets `http://`; `ray://` is refused."""
+    value = value.strip().rstrip("/")
+    if "://" not in value:
+        value = f"http://{value}"
+    scheme = value.split("://", 1)[0].lower()
+    if scheme not in ("http", "https") or not value.split("://", 1)[1]:
+        raise ValueError(f"OFFLOAD_RAY_ADDRESS must be the Ray dashboard's HTTP address "
+                         f"(e.g. {DEFAULT_RAY_ADDRESS}), not {value!r}")
+    return value
 
 
 def _env(name: str) -> AliasChoices:
@@ -67,12 +87,22 @@ class Settings(BaseSettings):
     llm_first_token_s: float | None = Field(None, gt=0,
                                             validation_alias=_env("OFFLOAD_LLM_FIRST_TOKEN_S"))
     stop_grace_s: float = Field(STOP_GRACE_S, gt=0, validation_alias=_env("OFFLOAD_STOP_GRACE_S"))
+    launcher: Literal["local", "ray"] = Field("local", validation_alias=_env("OFFLOAD_LAUNCHER"))
+    ray_address: str = Field(DEFAULT_RAY_ADDRESS, validation_alias=_env("OFFLOAD_RAY_ADDRESS"))
+    ray_python: str | None = Field(None, min_length=1, validation_alias=_env("OFFLOAD_RAY_PYTHON"))
+    ray_num_cpus: float = Field(1.0, ge=1, le=1024, validation_alias=_env("OFFLOAD_RAY_NUM_CPUS"))
+    ray_train_gpus: float = Field(0.0, ge=0, le=64, validation_alias=_env("OFFLOAD_RAY_TRAIN_GPUS"))
 
     @field_validator("data_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         # Runners get absolute paths, whatever folder they run in.
         return value.expanduser().resolve()
+
+    @field_validator("ray_address")
+    @classmethod
+    def _http_address(cls, value: str) -> str:
+        return normalize_ray_address(value)
 
     @property
     def jobs_dir(self) -> Path:

@@ -23,9 +23,10 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from jobs import launcher
 from jobs import protocol as p
 from jobs.kinds import KINDS
+from jobs.launcher import IS_WINDOWS
+from jobs.launchers import ClaimFailed, Launcher, LocalLauncher, Run
 from jobs.settings import (
     LEADER_RETRY_S,
     PRUNE_INTERVAL_S,
@@ -38,12 +39,10 @@ from jobs.store import DirListing, JobStore
 
 log = logging.getLogger(__name__)
 
-_ADOPT_START_TOLERANCE_S = 5.0
-
 
 @dataclass
 class _Tracked:
-    runner: launcher.Runner
+    run: Run
     job_file: Path
     deadline: float | None  # time.monotonic() value
     stopping: str | None = None  # the reason, once a stop has begun
@@ -60,6 +59,7 @@ class Supervisor:
         grace_s: float = 3.0,
         runner_env: dict[str, str] | None = None,
         kinds: dict[str, str] | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
         self.dir = jobs_dir
         self.store = JobStore(jobs_dir)
@@ -74,6 +74,9 @@ class Supervisor:
         if log_max_bytes is not None:
             self.runner_env["OFFLOAD_LOG_MAX_BYTES"] = str(log_max_bytes)
         self.kinds = kinds or KINDS
+        # New jobs go to `launcher`; adopted ones to the launcher their run.json names.
+        self.launcher = launcher or LocalLauncher(self.runner_env)
+        self._launchers: dict[str, Launcher] = {self.launcher.name: self.launcher}
         self._lock = FileLock(str(lock_file(jobs_dir)), thread_local=False)
         self._wake_file = wake_file(jobs_dir)
         self.is_leader = False
@@ -83,6 +86,7 @@ class Supervisor:
         # Final states that could not be written (an unwritable data folder), retried.
         self._unwritten: dict[str, tuple[str, str, str, int | None, str | None]] = {}
         self._blocked = False  # the last launch could not write to the data folder
+        self._unreleased: dict[str, tuple[Launcher, Run]] = {}  # ended, final not yet written
         self._next_prune = 0.0
         self._pruned_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -94,9 +98,8 @@ class Supervisor:
         return cls(
             settings.jobs_dir, max_concurrent=settings.max_concurrent,
             retention_s=settings.retention_hours * 3600, max_jobs=settings.max_jobs,
-            log_max_bytes=int(settings.log_max_mb * 2**20),
-            grace_s=settings.stop_grace_s,
-            runner_env=settings.runner_env(),
+            log_max_bytes=int(settings.log_max_mb * 2**20), grace_s=settings.stop_grace_s,
+            runner_env=settings.runner_env(), launcher=make_launcher(settings),
         )
 
     # -- driving -------------------------------------------------------------------
@@ -163,6 +166,8 @@ class Supervisor:
                 pass  # the loop closed meanwhile
 
     def release(self) -> None:
+        for each in self._launchers.values():
+            each.close()
         if self.is_leader:
             self._lock.release()
             self.is_leader = False
@@ -244,22 +249,30 @@ class Supervisor:
             record = p.read_json(p.sibling(job_file, p.RUN_FILE)) or {}
         except p.CorruptJobFile:
             record = {}
-        pid = record.get("pid") or data.get(p.F_PID)
-        create_time = record.get("create_time")
-        runner = launcher.Runner(job_id, int(pid), create_time) if isinstance(pid, int) else None
-        if runner is not None and create_time is None:
-            runner.create_time = _create_time_near(runner.pid, data.get(p.F_STARTED_AT))
-        if runner is None or runner.create_time is None or not launcher.is_alive(runner):
+        try:
+            launcher = self._launcher_for(record)
+            run = launcher.adopt(job_file, record, data, self.wake)
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: cannot adopt its runner: %s", job_id, exc)
+            launcher = self._launcher_for({})
+            run = launcher.adopt(job_file, {}, {}, self.wake)  # nothing to find: lost
+        if not launcher.is_alive(run):
             log.info("job %s: runner gone while no supervisor watched it", job_id)
-            self._finalize(_Tracked(runner or launcher.Runner(job_id, 0, None), job_file, None))
+            self._finalize(_Tracked(run, job_file, None))
             return
         deadline = None
         timeout = data.get(p.F_TIMEOUT_S)
-        if isinstance(timeout, (int, float)) and timeout > 0:
-            started = runner.create_time
-            deadline = time.monotonic() + (started + float(timeout) - time.time())
-        log.info("job %s: adopted runner pid %s", job_id, runner.pid)
-        self._running[job_id] = _Tracked(runner, job_file, deadline)
+        if isinstance(timeout, (int, float)) and timeout > 0 and run.started is not None:
+            deadline = time.monotonic() + (run.started + float(timeout) - time.time())
+        log.info("job %s: adopted its %s runner", job_id, run.launcher)
+        self._running[job_id] = _Tracked(run, job_file, deadline)
+
+    def _launcher_for(self, record: dict[str, Any]) -> Launcher:
+        name = str(record.get("launcher") or p.LOCAL)
+        found = self._launchers.get(name)
+        if found is None:
+            found = self._launchers[name] = adopting_launcher(record, self.runner_env)
+        return found
 
     def _handle_stops(self, stop_ids: set[str]) -> None:
         for job_id in stop_ids:
@@ -274,7 +287,7 @@ class Supervisor:
 
     def _reap(self) -> None:
         for job_id, tracked in list(self._running.items()):
-            if not launcher.is_alive(tracked.runner):
+            if not self._launcher_of(tracked).is_alive(tracked.run):
                 del self._running[job_id]
                 self._finalize(tracked)
 
@@ -286,7 +299,7 @@ class Supervisor:
                     p.request_stop(tracked.job_file, p.TIMEOUT)
                 except OSError as exc:
                     log.warning("job %s: cannot write the stop request: %s",
-                                tracked.runner.job_id, exc)
+                                tracked.run.job_id, exc)
                 self._start_stop(tracked, p.TIMEOUT)
 
     def _launch(self) -> None:
@@ -309,66 +322,57 @@ class Supervisor:
         if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
             self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED, "cancelled before it started")
             return True
-        run_file = p.sibling(job_file, p.RUN_FILE)
         try:
-            # Claim first: a supervisor that dies right here leaves a job that is lost,
-            # never one that runs twice.
-            p.write_json(run_file, {"pid": None, "claimed_by": os.getpid()})
-        except OSError as exc:
+            run = self.launcher.start(self.kinds[data[p.F_KIND]], job_file, data, self.wake)
+        except ClaimFailed as exc:
             if not self._blocked:
                 log.warning("jobs wait: cannot write to the data folder (%s)", exc)
             self._blocked = True
             self._queued[job_id] = p.fifo_key(data)
             return False
-        self._blocked = False
-        try:
-            runner = launcher.spawn(self.kinds[data[p.F_KIND]], job_file, self.runner_env)
         except OSError as exc:
             log.error("job %s: cannot start its runner: %s", job_id, exc)
             self._finish(job_id, p.FAILED, p.ERR_RUNNER, f"cannot start the runner: {exc}")
             return True
-        try:
-            p.write_json(run_file, runner.record())
-        except OSError as exc:  # only a later supervisor's adoption needs the record
-            log.warning("job %s: cannot write its launch record: %s", job_id, exc)
         timeout = data.get(p.F_TIMEOUT_S)
         deadline = None
         if isinstance(timeout, (int, float)) and timeout > 0:
             deadline = time.monotonic() + float(timeout)
-        self._running[job_id] = _Tracked(runner, job_file, deadline)
-        if runner.child is not None:
-            threading.Thread(target=self._wait_exit, args=(runner,), daemon=True,
-                             name=f"wait-{job_id[:8]}").start()
+        self._running[job_id] = _Tracked(run, job_file, deadline)
         return True
-
-    def _wait_exit(self, runner: launcher.Runner) -> None:
-        assert runner.child is not None
-        runner.child.wait()
-        self.wake()
 
     def _start_stop(self, tracked: _Tracked, reason: str) -> None:
         tracked.stopping = reason
         thread = threading.Thread(target=self._stop_worker, args=(tracked,), daemon=True,
-                                  name=f"stop-{tracked.runner.job_id[:8]}")
+                                  name=f"stop-{tracked.run.job_id[:8]}")
         self._stoppers = [t for t in self._stoppers if t.is_alive()]
         self._stoppers.append(thread)
         thread.start()
 
     def _stop_worker(self, tracked: _Tracked) -> None:
         try:
-            launcher.stop_tree(tracked.runner, self.grace_s)
+            self._launcher_of(tracked).stop(tracked.run, self.grace_s)
         except Exception:
-            log.exception("job %s: stopping its runner failed", tracked.runner.job_id)
+            log.exception("job %s: stopping its runner failed", tracked.run.job_id)
         self.wake()
 
     # -- writing final states (only for runners that could not) ---------------------
 
     def _finalize(self, tracked: _Tracked) -> None:
-        runner = tracked.runner
-        code = launcher.exit_code(runner)
-        if runner.pid:
-            launcher.kill_group(runner)
-        job_id = runner.job_id
+        """The runner has ended: write the final state it could not, then release it."""
+        launcher = self._launcher_of(tracked)
+        try:
+            self._write_final(tracked, launcher)
+        finally:
+            if tracked.run.job_id in self._unwritten:  # released once it is written
+                self._unreleased[tracked.run.job_id] = (launcher, tracked.run)
+            else:
+                launcher.release(tracked.run)
+
+    def _write_final(self, tracked: _Tracked, launcher: Launcher) -> None:
+        run = tracked.run
+        code = launcher.exit_code(run)
+        job_id = run.job_id
         try:
             data = p.read_json(tracked.job_file)
         except p.CorruptJobFile:
@@ -384,7 +388,7 @@ class Supervisor:
             self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED, "cancelled on request", data, code)
         else:
             tail = p.log_tail(tracked.job_file)
-            message = f"the runner exited without a final state ({launcher.describe_exit(code)})"
+            message = f"the runner exited without a final state ({launcher.describe_exit(run)})"
             if tail:
                 message += f"; last log line: {tail.splitlines()[-1][:300]}"
             self._finish(job_id, p.FAILED, p.ERR_LOST, message, data, code, tail)
@@ -403,6 +407,7 @@ class Supervisor:
             if data.get(p.F_STATE) in p.FINAL_STATES:  # it landed after all
                 self._unwritten.pop(job_id, None)
                 self._final.add(job_id)
+                self._release_later(job_id)
                 return
         error: dict[str, Any] = {"type": error_type, "message": message}
         if tail:
@@ -419,11 +424,18 @@ class Supervisor:
         self._unwritten.pop(job_id, None)
         self._final.add(job_id)
         log.info("job %s: %s (%s)", job_id, state, message)
+        self._release_later(job_id)
+
+    def _release_later(self, job_id: str) -> None:
+        pending = self._unreleased.pop(job_id, None)
+        if pending is not None:
+            pending[0].release(pending[1])
 
     def _retry_unwritten(self, job_ids: set[str]) -> None:
         for job_id, (state, error_type, message, code, tail) in list(self._unwritten.items()):
             if job_id not in job_ids:
                 del self._unwritten[job_id]  # deleted meanwhile
+                self._release_later(job_id)
             else:
                 self._finish(job_id, state, error_type, message, code=code, tail=tail)
 
@@ -431,14 +443,16 @@ class Supervisor:
 
     def _cap_logs(self) -> None:
         """A runner printing without end: its log keeps its head and its latest output."""
-        if self.log_max_bytes is None or launcher.IS_WINDOWS:
+        if self.log_max_bytes is None or IS_WINDOWS:
             # Windows: a runner's inherited log handle is not an append handle, so a
             # cut would leave it writing past the new end; logs are not capped there.
             return
         for tracked in self._running.values():
+            if tracked.run.launcher != p.LOCAL:
+                continue  # a remote job's log is Ray's; the local copy is rebuilt from it
             dropped = p.cap_log(p.sibling(tracked.job_file, p.LOG_FILE), self.log_max_bytes)
             if dropped:
-                log.info("job %s: log capped (%d bytes dropped)", tracked.runner.job_id, dropped)
+                log.info("job %s: log capped (%d bytes dropped)", tracked.run.job_id, dropped)
 
     def _maybe_prune(self) -> None:
         now = time.monotonic()
@@ -451,6 +465,9 @@ class Supervisor:
         if removed:
             log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs)",
                      removed, self.retention_s / 3600, self.max_jobs)
+
+    def _launcher_of(self, tracked: _Tracked) -> Launcher:
+        return self._launchers[tracked.run.launcher]
 
     def _launched(self, job_id: str) -> bool:
         return os.path.exists(p.sibling(self._file(job_id), p.RUN_FILE))
@@ -486,19 +503,21 @@ def _mtime_ns(path: Path) -> int:
         return 0
 
 
-def _create_time_near(pid: int, started_at: object) -> float | None:
-    """Without a launch record: accept the pid only if it started with the job."""
-    if not isinstance(started_at, str):
-        return None
-    try:
-        started = p.parse_iso(started_at)
-    except ValueError:
-        return None
-    proc = launcher.find(pid, None)
-    if proc is None:
-        return None
-    try:
-        created = proc.create_time()
-    except Exception:
-        return None
-    return created if abs(created - started) < _ADOPT_START_TOLERANCE_S else None
+def make_launcher(settings: Settings) -> Launcher:
+    """The launcher `OFFLOAD_LAUNCHER` names."""
+    if settings.launcher == p.RAY:
+        from jobs.ray_launcher import RayLauncher
+
+        return RayLauncher.from_settings(settings)
+    return LocalLauncher(settings.runner_env())
+
+
+def adopting_launcher(record: dict[str, Any], runner_env: dict[str, str]) -> Launcher:
+    """The launcher for a job that another configuration started (its run.json says)."""
+    if record.get("launcher") in (None, p.LOCAL):
+        return LocalLauncher(runner_env)
+    if record.get("launcher") == p.RAY:
+        from jobs.ray_launcher import RayLauncher
+
+        return RayLauncher(str(record.get("address") or ""), runner_env)
+    raise ValueError(f"unknown launcher {record.get('launcher')!r} in the launch record")

@@ -36,6 +36,7 @@ WRITE_INTERVAL_S = 0.2  # at most five job-file writes a second while running
 FINAL_WRITE_PATIENCE_S = 600.0  # how long the final state waits for an unwritable folder
 FINAL_RETRY_S = 0.5
 LOG_CHECK_BYTES = 64 * 1024  # a runner with a capped log looks at its size this often
+REMOTE_FLAG = "--remote-job"  # python -m runners.<kind> --remote-job <encoded job pieces>
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -162,9 +163,11 @@ def _resources_psutil() -> dict[str, float] | None:
 class FileSink(Sink):
     """Writes the job file: throttled while running, always at the end."""
 
-    def __init__(self, path: str, echo: bool) -> None:
+    def __init__(self, path: str, echo: bool, emit: bool = False) -> None:
         self.path = path
         self._echo = echo  # also print output when a developer runs this in a terminal
+        self._emit = emit  # also print each snapshot on stdout (a runner on a Ray node)
+        self._seq = 0
         self._echoed = 0
         self._cond = threading.Condition()
         self._dirty = False
@@ -215,10 +218,16 @@ class FileSink(Sink):
             self._write_locked(job)
 
     def _write_locked(self, job: Job) -> bool:
-        """One write; when the data folder cannot be written the job goes on and the
-        write is tried again after the usual interval."""
+        """One write (and, with `emit`, one snapshot line on stdout); when the data
+        folder cannot be written the job goes on and the write is tried again after the
+        usual interval."""
+        snapshot = job.snapshot()
+        if self._emit:
+            self._seq += 1
+            sys.stdout.write(p.snapshot_line(self._seq, snapshot))
+            sys.stdout.flush()
         try:
-            p.write_json(self.path, job.snapshot())
+            p.write_json(self.path, snapshot)
         except OSError as exc:
             if not self._failing:
                 _say(f"cannot write the job file ({exc.strerror or exc}); retrying")
@@ -403,6 +412,8 @@ def main(
     if len(argv) == 2 and argv[0] == "--job-file":
         # The launcher's exact form: skip argparse, every millisecond of start counts.
         return run_job_file(argv[1], execute)
+    if argv[:1] == [REMOTE_FLAG]:
+        return run_remote(argv[1:], execute)
     import argparse
 
     parser = argparse.ArgumentParser(prog=f"python -m runners.{kind}")
@@ -429,7 +440,70 @@ def main(
         return EXIT_FAILED
 
 
-def run_job_file(path: str, execute: Execute, force: bool = False) -> int:
+def run_remote(pieces: Sequence[str], execute: Execute) -> int:
+    """A job sent by the Ray launcher: its JSON travels on the command line (see
+    `encode_job`), its snapshots go back on stdout, and a scratch job file on this node
+    keeps the usual machinery (stop reason, data folder) working."""
+    try:
+        data = decode_job(pieces)
+    except ValueError as exc:
+        print(f"error: cannot read the job from the command line: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    # The node's own data folder when it has one (a shared disk for training data),
+    # else a scratch folder; never the jobs/ folder an API there may own.
+    root = os.environ.get("OFFLOAD_DATA_DIR") or os.path.join(_temp_dir(), "offload")
+    folder = os.path.join(root, "remote", data[p.F_ID])
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, p.JOB_FILE)
+    p.write_json(path, data)
+    try:
+        return run_job_file(path, execute, force=True, emit=True)
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def encode_job(data: dict[str, Any], piece_chars: int = 100_000) -> list[str]:
+    """A job as shell-safe command-line arguments: JSON, zlib, URL-safe base64, cut into
+    pieces (Linux refuses any single argument over 128 KiB). Inputs hold no secrets."""
+    import base64
+    import json
+    import zlib
+
+    raw = zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6)
+    text = base64.urlsafe_b64encode(raw).decode("ascii")
+    return [text[i:i + piece_chars] for i in range(0, len(text), piece_chars)] or [""]
+
+
+def decode_job(pieces: Sequence[str]) -> dict[str, Any]:
+    import base64
+    import binascii
+    import json
+    import zlib
+
+    try:
+        data = json.loads(zlib.decompress(base64.urlsafe_b64decode("".join(pieces))))
+    except (binascii.Error, zlib.error, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc)) from exc
+    if not isinstance(data, dict) or not p.is_valid_id(str(data.get(p.F_ID))):
+        raise ValueError("not a job")
+    return data
+
+
+def _temp_dir() -> str:
+    import tempfile
+
+    return tempfile.gettempdir()
+
+
+def _host() -> str:
+    if sys.platform == "win32":
+        return os.environ.get("COMPUTERNAME", "")
+    return os.uname().nodename
+
+
+def run_job_file(path: str, execute: Execute, force: bool = False, emit: bool = False) -> int:
     try:
         data = p.read_json(path)
     except p.CorruptJobFile as exc:
@@ -452,9 +526,10 @@ def run_job_file(path: str, execute: Execute, force: bool = False) -> int:
     data.update({
         p.F_STATE: p.RUNNING, p.F_STARTED_AT: p.now_iso(), p.F_FINISHED_AT: None,
         p.F_PID: os.getpid(), p.F_EXIT_CODE: None, p.F_ERROR: None, p.F_RESULT: None,
-        p.F_OUTPUT: "", p.F_PROGRESS: None,
+        p.F_OUTPUT: "", p.F_PROGRESS: None, p.F_HOST: _host(),
+        p.F_LAUNCHER: p.RAY if emit else p.LOCAL,
     })
-    sink = FileSink(path, echo=sys.stdout.isatty())
+    sink = FileSink(path, echo=sys.stdout.isatty() and not emit, emit=emit)
     # <data>/jobs/<id>/job.json
     job = Job(data, sink, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
     try:

@@ -28,6 +28,12 @@ function num(v, digits) {
   return typeof v === "number" && Number.isFinite(v) ? v.toFixed(digits) : "—";
 }
 
+/** Where the job ran: its launcher ("local" or "ray") and the runner's machine. */
+export function where(job) {
+  if (!job.launcher) return "—";
+  return job.host ? `${job.launcher} · ${job.host}` : job.launcher;
+}
+
 function cells(job) {
   const now = Date.now();
   const created = toMs(job.created_at);
@@ -39,6 +45,7 @@ function cells(job) {
   return [
     job.kind || "—",
     job.state || "—",
+    where(job),
     created === null ? "—" : `${fmtDuration((now - created) / 1000)} ago`,
     fmtDuration(duration),
     num(res.cpu_s, 1),
@@ -76,8 +83,8 @@ function updateRow(tr, job) {
     // Only rebuild the buttons when the state changes (keeps focus stable).
     const hadFocus = tr.contains(document.activeElement);
     tr.dataset.state = job.state;
-    renderActions(tds[7], job);
-    if (hadFocus) tds[7].querySelector("button").focus();
+    renderActions(tds[8], job);
+    if (hadFocus) tds[8].querySelector("button").focus();
   }
 }
 
@@ -88,7 +95,7 @@ function render(jobs) {
     if (!tr) {
       tr = document.createElement("tr");
       tr.dataset.jobId = job.id;
-      for (let i = 0; i < 8; i++) tr.append(document.createElement("td"));
+      for (let i = 0; i < 9; i++) tr.append(document.createElement("td"));
     }
     existing.delete(job.id);
     updateRow(tr, job);
@@ -101,7 +108,7 @@ function render(jobs) {
       const tr = document.createElement("tr");
       tr.className = "empty";
       const td = document.createElement("td");
-      td.colSpan = 8;
+      td.colSpan = 9;
       td.textContent = "No jobs yet.";
       tr.append(td);
       tbody.append(tr);

@@ -159,3 +159,28 @@ def make_server(data_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield factory
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[Any]:
+    """One real Ray head for the session (loopback only), stopped at the end."""
+    from tests.ray_head import SUPPORTED, RayHead, ray_cli
+
+    if not SUPPORTED:
+        pytest.skip("these tests start a Ray head, which Ray supports on Linux and on macOS "
+                    "on Apple silicon (the Ray launcher itself is plain HTTP, tested "
+                    "everywhere in test_ray_rest.py)")
+    if ray_cli() is None:
+        reason = ("Ray is not installed in this environment (`pip install 'offload[ray]'`; "
+                  "`python launch.py test` installs it where Ray has wheels)")
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: Ray supports this platform, so CI must run these tests")
+        pytest.skip(reason)
+    head = RayHead(num_cpus=2).start()
+    yield head
+    head.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the Ray head run last, so its processes idle beside no other test."""
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,3 +35,11 @@ def test_report_gathers_every_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     report = bench_main.write_report().read_text()
     assert "## core\nstamp\n\n| a | b |" in report
     assert "## soak\n\nnot run yet: `python -m bench soak`" in report
+@pytest.mark.ray
+def test_ray_benchmark_runs_and_reports(ray_head: Any) -> None:
+    from bench import ray
+
+    results = ray.run(rounds=2, address=ray_head.address)
+    assert results["ray"]["lifecycle"]["n"] == 2
+    table = ray.report(results)
+    assert "Ray launcher" in table and "dispatch" in table

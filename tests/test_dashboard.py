@@ -214,6 +214,8 @@ def test_jobs_table_shows_a_failed_job_and_its_log(page: Any, server: Server) ->
     page.goto(server.url)
     row = f"#jobs-table tr[data-job-id='{job['id']}']"
     page.wait_for_selector(f"{row}[data-state='failed']", timeout=20_000)
+    where = page.text_content(f"{row} td:nth-child(3)") or ""
+    assert where.startswith("local · "), f"the row says where the job ran: {where!r}"
     page.click(f"{row} button.show-log")
     page.wait_for_function("document.querySelector('#log-viewer').textContent"
                            ".includes('disk on fire')", timeout=10_000)

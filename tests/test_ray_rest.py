@@ -1,0 +1,238 @@
+"""The Ray launcher's side of Ray's Jobs REST API against a scripted server: parsing,
+errors, duplicates, a head that forgets its jobs, what is sent. Runs everywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from jobs import protocol as p
+from jobs.ray_client import RayError, RayJobsClient, RayUnavailable
+from jobs.ray_launcher import RayLauncher, submission_id
+from jobs.settings import Settings
+from runners.base import decode_job, encode_job
+from tests.conftest import ROOT, RunningSupervisor, free_port, wait_for
+from tests.fake_ray import FakeRay
+
+TRACEBACK_500 = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                 "RuntimeError: GCS unavailable")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeRay]:
+    with FakeRay() as server:
+        yield server
+
+
+def test_job_details_are_parsed(fake: FakeRay) -> None:
+    fake.jobs["s1"] = {"submission_id": "s1", "status": "FAILED", "driver_exit_code": 7,
+                       "message": "Job entrypoint command failed with exit code 7",
+                       "start_time": 1_700_000_000_500}
+    info = RayJobsClient(fake.address).info("s1")
+    assert (info.status, info.exit_code, info.terminal) == ("FAILED", 7, True)
+    assert info.start_time == 1_700_000_000.5
+
+
+def test_duplicate_submission_counts_as_submitted(fake: FakeRay) -> None:
+    client = RayJobsClient(fake.address)
+    kwargs = {"env_vars": {}, "num_cpus": 1.0, "num_gpus": 0.0, "metadata": {}}
+    assert client.submit("s1", "true", **kwargs) is True  # type: ignore[arg-type]
+    assert client.submit("s1", "true", **kwargs) is False  # type: ignore[arg-type]
+    assert [r[0] for r in fake.requests] == ["POST", "POST"]
+
+
+def test_errors_say_what_went_wrong(fake: FakeRay) -> None:
+    client = RayJobsClient(fake.address)
+    fake.scripted[("GET", "/api/jobs/s1")] = (500, TRACEBACK_500)
+    with pytest.raises(RayError, match="answered GET /api/jobs/s1 with 500: RuntimeError: GCS"):
+        client.info("s1")
+    fake.scripted[("GET", "/api/jobs/s2")] = (200, "<html>a proxy page</html>")
+    with pytest.raises(RayError, match="not JSON"):
+        client.info("s2")
+    fake.scripted[("GET", "/api/jobs/s3")] = (200, {"submission_id": "s3"})
+    with pytest.raises(RayError, match="without a status"):
+        client.info("s3")
+    fake.scripted[("GET", "/api/jobs/")] = (200, {"not": "a list"})
+    with pytest.raises(RayError, match="listed jobs as dict"):
+        client.jobs()
+    with pytest.raises(RayUnavailable, match="connection refused"):
+        RayJobsClient(f"http://127.0.0.1:{free_port()}").version()
+    with pytest.raises(ValueError, match="not a Ray dashboard address"):
+        RayJobsClient("ray://127.0.0.1:10001")
+
+
+def test_address_setting_is_the_dashboards_http_address() -> None:
+    assert Settings(OFFLOAD_RAY_ADDRESS="head:8265").ray_address == "http://head:8265"
+    with pytest.raises(ValidationError, match="dashboard's HTTP address"):
+        Settings(OFFLOAD_RAY_ADDRESS="ray://head:10001")
+    with pytest.raises(ValidationError):
+        Settings(OFFLOAD_LAUNCHER="kubernetes")
+
+
+def test_secrets_never_reach_ray(fake: FakeRay,
+                                 make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    secret = "sk-never-in-ray-0123456789"
+    env = {"OPENAI_API_KEY": secret, "OPENAI_BASE_URL": "http://llm.example/v1"}
+    sup = make_supervisor(launcher=RayLauncher(fake.address, env))
+    job_id = sup.submit(seconds=1)
+    sid = submission_id(job_id)
+    sent = wait_for(lambda: next((body for method, _, body in list(fake.requests)
+                                  if method == "POST"), None), what="the job submitted")
+    assert sent["submission_id"] == sid
+    assert sent["entrypoint_num_cpus"] >= 1
+    assert sent["runtime_env"]["env_vars"]["OPENAI_BASE_URL"] == "http://llm.example/v1"
+    assert "OPENAI_API_KEY" not in sent["runtime_env"]["env_vars"]
+    assert secret not in json.dumps(fake.requests)
+    # The entrypoint is the runner's command, with the job (and no secret) encoded in it.
+    entry = sent["entrypoint"].split()
+    assert entry[1:4] == ["-m", "runners.sleep", "--remote-job"]
+    assert decode_job(entry[4:])["id"] == job_id
+
+
+def _running_snapshot(job_id: str, seq: int, state: str = p.RUNNING,
+                      **fields: object) -> str:
+    data = p.new_job(job_id, "sleep", {}, 60)
+    data.update({p.F_STATE: state, p.F_STARTED_AT: p.now_iso(), p.F_PID: 4242, **fields})
+    return p.snapshot_line(seq, data)
+
+
+def test_poller_writes_snapshots_and_log_then_a_forgotten_job_is_lost(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    job_id = sup.submit(seconds=60)
+    sid = submission_id(job_id)
+    wait_for(lambda: sid in fake.jobs, what="the job submitted")
+    with fake.lock:
+        fake.jobs[sid]["status"] = "RUNNING"
+        fake.logs[sid] = ("starting\n" + _running_snapshot(job_id, 1, progress={"fraction": 0.1})
+                          + _running_snapshot(job_id, 2, progress={"fraction": 0.2})
+                          + "half a li")  # a line still being written is left for later
+    job = sup.wait_state(job_id, "running")
+    assert job["progress"]["fraction"] == 0.2 and job["launcher"] == "ray"
+    log_file = Path(sup.supervisor.dir) / job_id / p.LOG_FILE
+    assert log_file.read_text() == "starting\n"
+    with fake.lock:
+        fake.logs[sid] += "ne\n"
+    wait_for(lambda: log_file.read_text() == "starting\nhalf a line\n", what="the whole line")
+    with fake.lock:
+        del fake.jobs[sid]  # the head restarted: its job records and logs are gone
+    final = sup.wait_final(job_id)
+    assert final["state"] == "failed" and final["error"]["type"] == "lost"
+    assert "no longer knows" in final["error"]["message"]
+    assert "head restarted" in final["error"]["message"]
+    assert final["progress"]["fraction"] == 0.2, "what was seen is kept"
+
+
+def test_final_snapshot_wins_and_a_deadline_reads_as_timeout(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    fake.stop_ends_job = False
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    job_id = sup.submit(seconds=60, timeout_s=0.5)
+    sid = submission_id(job_id)
+    wait_for(lambda: sid in fake.jobs, what="the job submitted")
+    with fake.lock:
+        fake.jobs[sid]["status"] = "RUNNING"
+        fake.logs[sid] = _running_snapshot(job_id, 1)
+    sup.wait_state(job_id, "running")
+    # The deadline passes: Offload asks Ray to stop it; the runner, signalled, says
+    # "cancelled" (it cannot know why); the poller knows it was the deadline.
+    wait_for(lambda: sid in fake.stopped, what="a stop sent")
+    with fake.lock:
+        fake.logs[sid] += _running_snapshot(job_id, 2, p.CANCELLED, exit_code=3, output="part")
+        fake.jobs[sid].update(status="STOPPED", driver_exit_code=3)
+    final = sup.wait_final(job_id)
+    assert final["state"] == "timeout", final
+    assert final["error"]["type"] == "timeout" and final["output"] == "part"
+    wait_for(lambda: sid not in fake.jobs, what="Ray's record deleted after the final state")
+
+
+def test_remote_job_travels_on_the_command_line_whatever_its_size(tmp_path: Path) -> None:
+    big = os.urandom(150_000).hex()  # more than one argument may hold on Linux (128 KiB)
+    job = p.new_job("b" * 32, "sleep", {"seconds": 0, "tag": big, "fail": None}, 30)
+    pieces = encode_job(job)
+    assert len(pieces) > 1 and all(len(piece) <= 100_000 for piece in pieces)
+    out = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job", *pieces],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "", "OFFLOAD_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    snapshots, plain = p.split_snapshots(out.stdout)
+    seqs = [seq for seq, _ in snapshots]
+    assert seqs == sorted(seqs) and seqs[0] == 1
+    final = snapshots[-1][1]
+    assert final["state"] == "completed" and final["result"]["echo"]["tag"] == big
+    assert final["launcher"] == "ray"
+    assert not (tmp_path / "remote" / ("b" * 32)).exists(), "the scratch folder is removed"
+    assert not (tmp_path / "jobs").exists(), "never the jobs folder of an API"
+
+    bad = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job", "garbage!"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert "cannot read the job from the command line" in bad.stderr
+
+
+def test_the_api_process_never_imports_ray(tmp_path: Path) -> None:
+    code = ("import sys, api_entry\n"
+            "from jobs.settings import get_settings\n"
+            "from jobs.supervisor import make_launcher\n"
+            "launcher = make_launcher(get_settings())\n"
+            "assert launcher.name == 'ray', launcher\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60,
+                         env={"PATH": "", "OFFLOAD_LAUNCHER": "ray",
+                              "OFFLOAD_RAY_ADDRESS": "127.0.0.1:1",
+                              "OFFLOAD_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_job_ray_refuses_fails_with_ray_s_reason(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    fake.scripted[("POST", "/api/jobs/")] = (
+        400, "Traceback (most recent call last):\nValueError: entrypoint_num_gpus: no GPUs")
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    final = sup.wait_final(sup.submit(seconds=1))
+    assert final["state"] == "failed"
+    assert "never started" in final["error"]["message"]
+    assert "ValueError: entrypoint_num_gpus: no GPUs" in final["error"]["message"]
+
+
+def test_starting_twice_submits_once(fake: FakeRay,
+                                     make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    sup = make_supervisor()
+    sup.stop()
+    launcher = RayLauncher(fake.address, poll_s=0.02)
+    job_id = sup.store.create("sleep", {"seconds": 1}, 60)["id"]
+    job_file = sup.supervisor.dir / job_id / p.JOB_FILE
+    try:
+        first = launcher.start("runners.sleep", job_file, sup.job(job_id), lambda: None)
+        second = launcher.start("runners.sleep", job_file, sup.job(job_id), lambda: None)
+        assert first is second, "one poller, one writer"
+        wait_for(lambda: submission_id(job_id) in fake.jobs, what="submitted")
+        time.sleep(0.2)
+        assert [m for m, path, _ in fake.requests if m == "POST"] == ["POST"]
+    finally:
+        launcher.close()
+
+
+def test_a_job_cancelled_before_ray_has_it_never_runs(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    fake.submit_delay_s = 1.0
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    job_id = sup.submit(seconds=60)
+    sid = submission_id(job_id)
+    wait_for(lambda: any(m == "POST" for m, _, _ in list(fake.requests)), what="submitting")
+    assert sid not in fake.jobs
+    sup.store.request_cancel(job_id)  # while the submission is in flight
+    sup.supervisor.wake()
+    final = sup.wait_final(job_id)
+    assert final["state"] == "cancelled", final
+    assert sid in fake.stopped
