@@ -19,7 +19,7 @@ import httpx
 import psutil
 
 from bench.api import _free_port, _process
-from jobs.store import SETTLE_S
+from jobs.index import SETTLE_S
 
 WAVE = 250
 WARMUP_JOBS = 200

@@ -20,6 +20,7 @@ from typing import Any
 
 from jobs import launcher
 from jobs import protocol as p
+from jobs.settings import Settings
 
 OnExit = Callable[[], None]
 _ADOPT_START_TOLERANCE_S = 5.0
@@ -174,3 +175,23 @@ def _create_time_near(pid: int, started_at: object) -> float | None:
     except Exception:
         return None
     return created if abs(created - started) < _ADOPT_START_TOLERANCE_S else None
+
+
+def make_launcher(settings: Settings) -> Launcher:
+    """The launcher `OFFLOAD_LAUNCHER` names."""
+    if settings.launcher == p.RAY:
+        from jobs.ray_launcher import RayLauncher
+
+        return RayLauncher.from_settings(settings)
+    return LocalLauncher(settings.runner_env())
+
+
+def adopting_launcher(record: dict[str, Any], runner_env: dict[str, str]) -> Launcher:
+    """The launcher for a job that another configuration started (its run.json says)."""
+    if record.get("launcher") in (None, p.LOCAL):
+        return LocalLauncher(runner_env)
+    if record.get("launcher") == p.RAY:
+        from jobs.ray_launcher import RayLauncher
+
+        return RayLauncher(str(record.get("address") or ""), runner_env)
+    raise ValueError(f"unknown launcher {record.get('launcher')!r} in the launch record")

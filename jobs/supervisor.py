@@ -24,9 +24,18 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from jobs import protocol as p
+from jobs.finals import Finals
+from jobs.index import DirListing
 from jobs.kinds import KINDS
 from jobs.launcher import IS_WINDOWS
-from jobs.launchers import ClaimFailed, Launcher, LocalLauncher, Run
+from jobs.launchers import (
+    ClaimFailed,
+    Launcher,
+    LocalLauncher,
+    Run,
+    adopting_launcher,
+    make_launcher,
+)
 from jobs.settings import (
     LEADER_RETRY_S,
     PRUNE_INTERVAL_S,
@@ -35,7 +44,7 @@ from jobs.settings import (
     WAKE_POLL_S,
     Settings,
 )
-from jobs.store import DirListing, JobStore
+from jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +91,8 @@ class Supervisor:
         self.is_leader = False
         self._queued: dict[str, tuple[int, str]] = {}  # id -> FIFO key
         self._running: dict[str, _Tracked] = {}
-        self._final: set[str] = set()
-        # Final states that could not be written (an unwritable data folder), retried.
-        self._unwritten: dict[str, tuple[str, str, str, int | None, str | None]] = {}
+        self._finals = Finals(jobs_dir)
         self._blocked = False  # the last launch could not write to the data folder
-        self._unreleased: dict[str, tuple[Launcher, Run]] = {}  # ended, final not yet written
         self._next_prune = 0.0
         self._pruned_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -184,7 +190,7 @@ class Supervisor:
             return
         job_ids, stop_ids = self._scan()
         self._discover(job_ids)
-        self._retry_unwritten(job_ids)
+        self._finals.retry(job_ids)
         self._handle_stops(stop_ids)
         self._reap()
         self._enforce_deadlines()
@@ -219,23 +225,23 @@ class Supervisor:
     def _discover(self, job_ids: set[str]) -> None:
         for gone in set(self._queued) - job_ids:
             del self._queued[gone]  # deleted from disk while queued
-        self._final &= job_ids
-        new = (job_ids - self._final - self._queued.keys() - self._running.keys()
-               - self._unwritten.keys())
+        self._finals.done &= job_ids
+        new = (job_ids - self._finals.done - self._queued.keys() - self._running.keys()
+               - self._finals.pending())
         for job_id in new:
             try:
                 data = p.read_json(self._file(job_id))
             except p.CorruptJobFile:
-                self._final.add(job_id)  # reads as failed/corrupt; nothing to run
+                self._finals.done.add(job_id)  # reads as failed/corrupt; nothing to run
                 continue
             if data is None:
                 continue
             state = data.get(p.F_STATE)
             if state in p.FINAL_STATES:
-                self._final.add(job_id)
+                self._finals.done.add(job_id)
             elif state == p.QUEUED and not self._launched(job_id):
                 if data.get(p.F_KIND) not in self.kinds:
-                    self._finish(job_id, p.FAILED, p.ERR_RUNNER,
+                    self._finals.finish(job_id, p.FAILED, p.ERR_RUNNER,
                                  f"unknown job kind {data.get(p.F_KIND)!r}")
                     continue
                 self._queued[job_id] = p.fifo_key(data)
@@ -278,7 +284,7 @@ class Supervisor:
         for job_id in stop_ids:
             if job_id in self._queued:
                 del self._queued[job_id]
-                self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED,
+                self._finals.finish(job_id, p.CANCELLED, p.ERR_CANCELLED,
                              "cancelled before it started")
             elif job_id in self._running:
                 tracked = self._running[job_id]
@@ -320,7 +326,7 @@ class Supervisor:
         if data is None or data.get(p.F_STATE) != p.QUEUED:
             return True
         if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
-            self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED, "cancelled before it started")
+            self._finals.finish(job_id, p.CANCELLED, p.ERR_CANCELLED, "cancelled before it started")
             return True
         try:
             run = self.launcher.start(self.kinds[data[p.F_KIND]], job_file, data, self.wake)
@@ -332,7 +338,7 @@ class Supervisor:
             return False
         except OSError as exc:
             log.error("job %s: cannot start its runner: %s", job_id, exc)
-            self._finish(job_id, p.FAILED, p.ERR_RUNNER, f"cannot start the runner: {exc}")
+            self._finals.finish(job_id, p.FAILED, p.ERR_RUNNER, f"cannot start the runner: {exc}")
             return True
         timeout = data.get(p.F_TIMEOUT_S)
         deadline = None
@@ -356,88 +362,9 @@ class Supervisor:
             log.exception("job %s: stopping its runner failed", tracked.run.job_id)
         self.wake()
 
-    # -- writing final states (only for runners that could not) ---------------------
-
     def _finalize(self, tracked: _Tracked) -> None:
-        """The runner has ended: write the final state it could not, then release it."""
-        launcher = self._launcher_of(tracked)
-        try:
-            self._write_final(tracked, launcher)
-        finally:
-            if tracked.run.job_id in self._unwritten:  # released once it is written
-                self._unreleased[tracked.run.job_id] = (launcher, tracked.run)
-            else:
-                launcher.release(tracked.run)
-
-    def _write_final(self, tracked: _Tracked, launcher: Launcher) -> None:
-        run = tracked.run
-        code = launcher.exit_code(run)
-        job_id = run.job_id
-        try:
-            data = p.read_json(tracked.job_file)
-        except p.CorruptJobFile:
-            data = None
-        self._final.add(job_id)
-        if data is None or data.get(p.F_STATE) in p.FINAL_STATES:
-            return  # the runner said how it ended, or the file is gone
-        reason = tracked.stopping or p.stop_reason(tracked.job_file)
-        if reason == p.TIMEOUT:
-            message = f"stopped after its deadline of {data.get(p.F_TIMEOUT_S)} s"
-            self._finish(job_id, p.TIMEOUT, p.ERR_TIMEOUT, message, data, code)
-        elif reason is not None:
-            self._finish(job_id, p.CANCELLED, p.ERR_CANCELLED, "cancelled on request", data, code)
-        else:
-            tail = p.log_tail(tracked.job_file)
-            message = f"the runner exited without a final state ({launcher.describe_exit(run)})"
-            if tail:
-                message += f"; last log line: {tail.splitlines()[-1][:300]}"
-            self._finish(job_id, p.FAILED, p.ERR_LOST, message, data, code, tail)
-
-    def _finish(self, job_id: str, state: str, error_type: str, message: str,
-                data: dict[str, Any] | None = None, code: int | None = None,
-                tail: str | None = None) -> None:
-        job_file = self._file(job_id)
-        if data is None:
-            try:
-                data = p.read_json(job_file)
-            except p.CorruptJobFile:
-                return
-            if data is None:
-                return
-            if data.get(p.F_STATE) in p.FINAL_STATES:  # it landed after all
-                self._unwritten.pop(job_id, None)
-                self._final.add(job_id)
-                self._release_later(job_id)
-                return
-        error: dict[str, Any] = {"type": error_type, "message": message}
-        if tail:
-            error["log_tail"] = tail
-        data.update({p.F_STATE: state, p.F_FINISHED_AT: p.now_iso(), p.F_ERROR: error,
-                     p.F_EXIT_CODE: code})
-        try:
-            p.write_json(job_file, data)
-        except OSError as exc:
-            if job_id not in self._unwritten:
-                log.error("job %s: cannot write its final state (%s); retrying", job_id, exc)
-            self._unwritten[job_id] = (state, error_type, message, code, tail)
-            return
-        self._unwritten.pop(job_id, None)
-        self._final.add(job_id)
-        log.info("job %s: %s (%s)", job_id, state, message)
-        self._release_later(job_id)
-
-    def _release_later(self, job_id: str) -> None:
-        pending = self._unreleased.pop(job_id, None)
-        if pending is not None:
-            pending[0].release(pending[1])
-
-    def _retry_unwritten(self, job_ids: set[str]) -> None:
-        for job_id, (state, error_type, message, code, tail) in list(self._unwritten.items()):
-            if job_id not in job_ids:
-                del self._unwritten[job_id]  # deleted meanwhile
-                self._release_later(job_id)
-            else:
-                self._finish(job_id, state, error_type, message, code=code, tail=tail)
+        self._finals.finalize(tracked.run, tracked.job_file, tracked.stopping,
+                              self._launcher_of(tracked))
 
     # -- housekeeping --------------------------------------------------------------
 
@@ -501,23 +428,3 @@ def _mtime_ns(path: Path) -> int:
         return os.stat(path).st_mtime_ns
     except OSError:
         return 0
-
-
-def make_launcher(settings: Settings) -> Launcher:
-    """The launcher `OFFLOAD_LAUNCHER` names."""
-    if settings.launcher == p.RAY:
-        from jobs.ray_launcher import RayLauncher
-
-        return RayLauncher.from_settings(settings)
-    return LocalLauncher(settings.runner_env())
-
-
-def adopting_launcher(record: dict[str, Any], runner_env: dict[str, str]) -> Launcher:
-    """The launcher for a job that another configuration started (its run.json says)."""
-    if record.get("launcher") in (None, p.LOCAL):
-        return LocalLauncher(runner_env)
-    if record.get("launcher") == p.RAY:
-        from jobs.ray_launcher import RayLauncher
-
-        return RayLauncher(str(record.get("address") or ""), runner_env)
-    raise ValueError(f"unknown launcher {record.get('launcher')!r} in the launch record")

@@ -181,7 +181,7 @@ def test_remote_job_travels_on_the_command_line_whatever_its_size(tmp_path: Path
 def test_the_api_process_never_imports_ray(tmp_path: Path) -> None:
     code = ("import sys, api_entry\n"
             "from jobs.settings import get_settings\n"
-            "from jobs.supervisor import make_launcher\n"
+            "from jobs.launchers import make_launcher\n"
             "launcher = make_launcher(get_settings())\n"
             "assert launcher.name == 'ray', launcher\n"
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n")
