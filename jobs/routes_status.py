@@ -16,7 +16,7 @@ from jobs.predictor import NoModel, Predictor
 from jobs.routes_jobs import Service
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S
 
-VERSION = "0.3.0"
+VERSION = "0.5.0"
 
 router = APIRouter(prefix="/api", tags=["status"], dependencies=[Depends(require_token)])
 
@@ -59,6 +59,7 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
         "running": counts[p.RUNNING], "queued": counts[p.QUEUED],
         "max_concurrent": service.settings.max_concurrent,
         "supervisor": "running" if await run_in_threadpool(keeper.led) else "starting",
+        "launcher": service.settings.launcher,
         "llm": llm.as_dict(),
     }
 

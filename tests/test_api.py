@@ -278,6 +278,7 @@ def test_history_and_health(server: Server) -> None:
         health = client.get("/api/health").json()
         assert health["status"] == "ok" and health["max_concurrent"] == 4
         assert health["running"] == 0 and health["queued"] == 0
+        assert health["launcher"] == "local"
         assert health["llm"]["provider"] == "openai-compatible"
         assert health["llm"]["ready"] is True
 

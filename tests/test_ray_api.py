@@ -48,3 +48,4 @@ def test_api_runs_cancels_and_streams_jobs_on_ray(
         assert log.status_code == 200 and "@@offload" not in log.text
         listed = client.get("/api/jobs", params={"state": "completed"}).json()["jobs"]
         assert [j["launcher"] for j in listed] == ["ray"]
+        assert client.get("/api/health").json()["launcher"] == "ray"
