@@ -24,6 +24,7 @@ SETTLE_S = 5.0  # a finished job file this long unchanged is never looked at aga
 DIR_SETTLE_S = 0.1  # a folder listing is trusted once the folder's mtime is this old
 RELIST_S = 10.0  # and listed again at least this often anyway
 RECENT_KEPT = 256  # finished jobs kept whole in memory, most recently read
+SNAPSHOT_JOBS = 50  # newest jobs in the snapshot that `refresh` leaves for the event loop
 
 
 class _Live:
@@ -107,6 +108,7 @@ class JobIndex:
         self._missing: set[str] = set()  # a folder without its job file (yet)
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # settled jobs read
         self._refreshed_at: float | None = None
+        self._snapshot: tuple[float, list[dict[str, Any]], dict[str, int]] | None = None
 
     # -- queries -------------------------------------------------------------------
 
@@ -128,10 +130,22 @@ class JobIndex:
             self._refresh(max_age_s)
             return self._newest(None, None, limit, from_disk=True) or [], dict(self._counts)
 
+    def refresh(self) -> None:
+        """Bring the index up to date, and keep a snapshot of the newest jobs and the
+        counts that `cached_overview` answers from without taking the lock."""
+        with self._lock:
+            self._refresh(0.0)
+            jobs = self._newest(None, None, SNAPSHOT_JOBS, from_disk=True) or []
+            self._snapshot = (time.monotonic(), jobs, dict(self._counts))
+
     def cached_overview(self, limit: int, max_age_s: float
                         ) -> tuple[list[dict[str, Any]], dict[str, int]] | None:
         """`overview` if it can be answered from memory at once, else None; never
         touches the disk and never waits for the lock (it is meant for the event loop)."""
+        snapshot = self._snapshot
+        if (snapshot is not None and limit <= SNAPSHOT_JOBS
+                and time.monotonic() - snapshot[0] <= max_age_s):
+            return snapshot[1][:limit], dict(snapshot[2])
         if not self._lock.acquire(blocking=False):
             return None
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -20,7 +21,13 @@ from jobs.keeper import SupervisorKeeper
 from jobs.llm_status import LLMStatus
 from jobs.predictor import Predictor
 from jobs.service import JobService
-from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, get_settings
+from jobs.settings import (
+    GIL_SWITCH_S,
+    HISTORY_KEEP_S,
+    HISTORY_SAMPLE_S,
+    INDEX_REFRESH_S,
+    get_settings,
+)
 from jobs.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise RuntimeError(f"refusing to serve on {settings.host} without OFFLOAD_API_TOKEN: "
                            "anyone on the network could run jobs. Set OFFLOAD_API_TOKEN or "
                            "listen on 127.0.0.1.")
+    # A worker thread doing Python work (reading job files, say) holds the GIL for up to
+    # the switch interval before the event loop gets it back: 5 ms by default.
+    sys.setswitchinterval(GIL_SWITCH_S)
     keeper = SupervisorKeeper(settings)
     metrics = MetricsReader(settings.data_dir / "history" / "metrics.jsonl",
                             HISTORY_KEEP_S, HISTORY_SAMPLE_S)
@@ -45,6 +55,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(keeper.run(), name="offload-supervisor-keeper"),
         asyncio.create_task(_probe_llm(app.state.llm), name="offload-llm-probe"),
+        asyncio.create_task(_keep_index_fresh(app.state.service.store), name="offload-index"),
     ]
     try:
         yield
@@ -55,6 +66,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await keeper.stop()
+
+
+async def _keep_index_fresh(store: JobStore) -> None:
+    """The job index refreshed in a worker thread several times a second, so that
+    `/api/history` and `/api/health` answer from its snapshot and never wait for a
+    refresh (under load one reads dozens of changed job files)."""
+    while True:
+        try:
+            await asyncio.to_thread(store.refresh)
+        except Exception:
+            log.exception("refreshing the job index failed; retrying")
+        await asyncio.sleep(INDEX_REFRESH_S)
 
 
 async def _probe_llm(status: LLMStatus) -> None:
