@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,17 @@ def test_replace_retries_while_a_reader_holds_the_file(tmp_path: Path,
         p.write_json(target, {"n": 2})
     assert json.loads(target.read_text()) == {"n": 1}, "the old file is intact"
     assert [f.name for f in tmp_path.iterdir()] == ["job.json"], "no temp file left behind"
+
+
+def test_overview_answers_from_the_snapshot_while_the_index_is_busy(data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    ids = [store.create("sleep", {}, 10)["id"] for _ in range(3)]
+    assert store.cached_overview(2, max_age_s=1.0) is None  # never refreshed: no answer
+    store.refresh()
+    with store._lock:  # a refresh in progress in another thread holds it
+        answer = store.cached_overview(2, max_age_s=1.0)
+    assert answer is not None
+    jobs, counts = answer
+    assert [j["id"] for j in jobs] == ids[:0:-1] and counts["queued"] == 3
+    time.sleep(0.05)
+    assert store.cached_overview(2, max_age_s=0.01) is None  # too old: the caller reads
