@@ -117,7 +117,7 @@ class JobIndex:
         """Newest first, with queue positions filled in for queued jobs."""
         with self._lock:
             self._refresh(max_age_s)
-            return self._newest(state, kind, limit, from_disk=True) or []
+            return self._newest(state, kind, limit)
 
     def counts(self, max_age_s: float = 0.0) -> dict[str, int]:
         with self._lock:
@@ -128,33 +128,25 @@ class JobIndex:
         """The newest jobs and the counts by state."""
         with self._lock:
             self._refresh(max_age_s)
-            return self._newest(None, None, limit, from_disk=True) or [], dict(self._counts)
+            return self._newest(None, None, limit), dict(self._counts)
 
     def refresh(self) -> None:
         """Bring the index up to date, and keep a snapshot of the newest jobs and the
         counts that `cached_overview` answers from without taking the lock."""
         with self._lock:
             self._refresh(0.0)
-            jobs = self._newest(None, None, SNAPSHOT_JOBS, from_disk=True) or []
+            jobs = self._newest(None, None, SNAPSHOT_JOBS)
             self._snapshot = (time.monotonic(), jobs, dict(self._counts))
 
     def cached_overview(self, limit: int, max_age_s: float
                         ) -> tuple[list[dict[str, Any]], dict[str, int]] | None:
-        """`overview` if it can be answered from memory at once, else None; never
+        """`overview` from the last `refresh` if it is recent enough, else None; never
         touches the disk and never waits for the lock (it is meant for the event loop)."""
         snapshot = self._snapshot
-        if (snapshot is not None and limit <= SNAPSHOT_JOBS
-                and time.monotonic() - snapshot[0] <= max_age_s):
-            return snapshot[1][:limit], dict(snapshot[2])
-        if not self._lock.acquire(blocking=False):
+        if (snapshot is None or limit > SNAPSHOT_JOBS
+                or time.monotonic() - snapshot[0] > max_age_s):
             return None
-        try:
-            if self._refreshed_at is None or time.monotonic() - self._refreshed_at > max_age_s:
-                return None
-            jobs = self._newest(None, None, limit, from_disk=False)
-            return None if jobs is None else (jobs, dict(self._counts))
-        finally:
-            self._lock.release()
+        return snapshot[1][:limit], dict(snapshot[2])
 
     def queue_position(self, job_id: str) -> int | None:
         with self._lock:
@@ -167,13 +159,8 @@ class JobIndex:
             self._refresh(0.0)
             self._sort()
             found = [i for i in self._order_ids if self._entries[i].session == session_id]
-            jobs = (self._data(i, self._entries[i], from_disk=True) for i in found)
+            jobs = (self._data(i, self._entries[i]) for i in found)
             return [job for job in jobs if job is not None]
-
-    def __len__(self) -> int:
-        with self._lock:
-            self._refresh(0.0)
-            return len(self._entries)
 
     def prunable(self, cutoff: float, max_jobs: int | None) -> set[str]:
         """Finished jobs that finished before `cutoff`, then the oldest finished ones
@@ -220,11 +207,9 @@ class JobIndex:
         path = os.path.join(self.dir, job_id, p.JOB_FILE)
         try:
             st = os.stat(path)
-            data = p.read_json(path)
         except (FileNotFoundError, NotADirectoryError):
             return
-        except p.CorruptJobFile as exc:
-            data = corrupt_job(job_id, Path(path), str(exc))
+        data = read_job(job_id, path)
         if data is None:
             return
         self._missing.discard(job_id)
@@ -293,28 +278,20 @@ class JobIndex:
         while len(self._recent) > RECENT_KEPT:
             self._recent.popitem(last=False)
 
-    def _data(self, job_id: str, entry: _Entry, from_disk: bool) -> dict[str, Any] | None:
+    def _data(self, job_id: str, entry: _Entry) -> dict[str, Any] | None:
         if entry.live is not None:
             return entry.live.data
         data = self._recent.get(job_id)
         if data is not None:
             self._recent.move_to_end(job_id)
             return data
-        if not from_disk:
-            return None
-        path = os.path.join(self.dir, job_id, p.JOB_FILE)
-        try:
-            data = p.read_json(path)
-        except p.CorruptJobFile as exc:
-            data = corrupt_job(job_id, Path(path), str(exc))
+        data = read_job(job_id, os.path.join(self.dir, job_id, p.JOB_FILE))
         if data is not None:
             self._remember(job_id, data)
         return data
 
-    def _newest(self, state: str | None, kind: str | None, limit: int,
-                from_disk: bool) -> list[dict[str, Any]] | None:
-        """Up to `limit` jobs, newest first; None if one is not in memory and
-        `from_disk` is false."""
+    def _newest(self, state: str | None, kind: str | None, limit: int) -> list[dict[str, Any]]:
+        """Up to `limit` jobs, newest first."""
         self._sort()
         positions = self._queue_positions()
         selected: list[dict[str, Any]] = []
@@ -325,10 +302,8 @@ class JobIndex:
             if (state is not None and entry.state != state) or (kind is not None
                                                                 and entry.kind != kind):
                 continue
-            data = self._data(job_id, entry, from_disk)
+            data = self._data(job_id, entry)
             if data is None:
-                if not from_disk:
-                    return None
                 continue
             selected.append(dict(data, **{p.F_QUEUE_POSITION: positions.get(job_id)}))
         return selected
@@ -338,6 +313,15 @@ class JobIndex:
                         if (live := self._entries[i].live) is not None
                         and self._entries[i].state == p.QUEUED)
         return {job_id: n for n, (_, job_id) in enumerate(queued)}
+
+
+def read_job(job_id: str, path: str | Path) -> dict[str, Any] | None:
+    """A job file's data, None if there is none; a damaged one reads as a failed job
+    that says so."""
+    try:
+        return p.read_json(path)
+    except p.CorruptJobFile as exc:
+        return corrupt_job(job_id, Path(path), str(exc))
 
 
 def corrupt_job(job_id: str, path: Path, detail: str) -> dict[str, Any]:

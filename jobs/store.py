@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
-from jobs.index import JobIndex, corrupt_job
+from jobs.index import JobIndex, read_job
 from jobs.kinds import KINDS
 from jobs.models import Job
 
@@ -67,11 +67,7 @@ class JobStore(JobIndex):
 
     def read(self, job_id: str) -> dict[str, Any]:
         """The raw job dict; a corrupt file reads as a failed job that says so."""
-        path = self.path(job_id)
-        try:
-            data = p.read_json(path)
-        except p.CorruptJobFile as exc:
-            return corrupt_job(job_id, path, str(exc))
+        data = read_job(job_id, self.path(job_id))
         if data is None:
             raise JobNotFound(job_id)
         return data

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-from tests.http_fake import JSONHandler
+from tests.http_fake import JSONHandler, ScriptedServer
 
 
 class _Server(ThreadingHTTPServer):
@@ -90,7 +89,7 @@ class _Handler(JSONHandler):
         self.close_connection = True
 
 
-class FakeLLM:
+class FakeLLM(ScriptedServer):
     def __init__(self, pieces: list[str] | None = None, delay_s: float = 0.05,
                  status: int = 200, error_body: str = "", port: int = 0,
                  fail_times: int | None = None, retry_after: str | None = None,
@@ -116,21 +115,11 @@ class FakeLLM:
         self.first_piece_sent: list[float] = []  # time.time() of each stream's first piece
         self.last_piece_sent: list[float] = []
         self.request_wall: list[float] = []
-        self.server = _Server(("127.0.0.1", port), _Handler)
-        self.server.fake = self
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(_Server(("127.0.0.1", port), _Handler))
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> FakeLLM:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return f"http://127.0.0.1:{self.port}/v1"
 
 
 def main() -> None:

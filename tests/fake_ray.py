@@ -9,7 +9,7 @@ import time
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-from tests.http_fake import JSONHandler
+from tests.http_fake import JSONHandler, ScriptedServer
 
 
 class _Server(ThreadingHTTPServer):
@@ -45,7 +45,7 @@ class _Handler(JSONHandler):
         self._handle("DELETE")
 
 
-class FakeRay:
+class FakeRay(ScriptedServer):
     """Jobs live in `jobs` (submission id -> details) and `logs`; tests change both."""
 
     def __init__(self) -> None:
@@ -57,10 +57,8 @@ class FakeRay:
         self.stopped: set[str] = set()  # stop asked for
         self.stop_ends_job = True  # False: the test says when the job has stopped
         self.submit_delay_s = 0.0
-        self._server = _Server(("127.0.0.1", 0), _Handler)
-        self._server.fake = self
-        self.address = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(_Server(("127.0.0.1", 0), _Handler))
+        self.address = f"http://127.0.0.1:{self.port}"
 
     def route(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         parts = path.strip("/").split("/")  # api, jobs, [sid, [logs|stop]]
@@ -92,11 +90,3 @@ class FakeRay:
             del self.jobs[sid]
             return 200, {"deleted": True}
         return 404, "no such route"
-
-    def __enter__(self) -> FakeRay:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()

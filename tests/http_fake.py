@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
-from http.server import BaseHTTPRequestHandler
-from typing import Any
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, TypeVar
+
+S = TypeVar("S", bound="ScriptedServer")
 
 
 class JSONHandler(BaseHTTPRequestHandler):
@@ -26,3 +29,25 @@ class JSONHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
+
+
+class ScriptedServer:
+    """A scripted server on a loopback port, served from a thread: `with` starts and
+    stops it. Its handler reaches it as `self.server.fake`."""
+
+    def __init__(self, server: ThreadingHTTPServer) -> None:
+        self.server = server
+        server.fake = self  # type: ignore[attr-defined]
+        self.thread = threading.Thread(target=server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def __enter__(self: S) -> S:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
