@@ -30,8 +30,8 @@ from bench.core import stats
 
 ROOT = Path(__file__).resolve().parent.parent
 CHATS = 50
-ROUNDS = 3
-IDLE_S = 5.0
+ROUNDS = 5  # pooled: a p99 needs hundreds of samples, not one round's hundred
+IDLE_S = 10.0
 LOAD_MAX_S = 25.0
 POLL_S = 0.05
 PIECES, PIECE_DELAY_S = 40, 0.1  # each chat streams for about 4 s

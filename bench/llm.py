@@ -122,7 +122,7 @@ def first_token_on_events(rounds: int = 15) -> dict[str, Any]:
     return {"first_token_visible": stats(delays)}
 
 
-def embedded_history(chats: int = 4, idle_s: float = 5.0) -> dict[str, Any]:
+def embedded_history(chats: int = 4, idle_s: float = 20.0) -> dict[str, Any]:
     """History latency while chats run on the embedded model (CPU-bound)."""
     with tempfile.TemporaryDirectory() as tmp:
         port = _free_port()

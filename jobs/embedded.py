@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import sys
-import urllib.request
 
 from jobs import protocol as p
 
@@ -81,6 +80,10 @@ def free_port() -> int:
 
 def answers(base_url: str, timeout: float = 3.0) -> bool:
     """Does an OpenAI-compatible server there list at least one model?"""
+    # Imported here: every chat runner imports this module, and urllib.request (with
+    # ssl, hashlib, email) was two thirds of a chat runner's start-up imports.
+    import urllib.request
+
     try:
         with urllib.request.urlopen(f"{base_url}/models", timeout=timeout) as response:
             return bool(json.load(response).get("data"))

@@ -85,7 +85,10 @@ class JobService:
         if kind != "chat" or "context" in job_input or job_input.get("expert") is False:
             return job_input
         samples = self.metrics.read(CONTEXT_WINDOW_S) if self.metrics else []
-        counts = self.store.counts(max_age_s=OVERVIEW_MAX_AGE_S)
+        # The refresh snapshot when there is one: the index's lock may be held for
+        # milliseconds by a refresh reading dozens of changed job files.
+        cached = self.store.cached_overview(0, OVERVIEW_MAX_AGE_S)
+        counts = cached[1] if cached else self.store.counts(max_age_s=OVERVIEW_MAX_AGE_S)
         return {**job_input, "context": summary(samples, counts)}
 
     def session(self, session_id: str) -> list[dict[str, Any]]:
