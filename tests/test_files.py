@@ -167,3 +167,46 @@ def test_overview_answers_from_the_snapshot_while_the_index_is_busy(data_dir: Pa
     assert [j["id"] for j in jobs] == ids[:0:-1] and counts["queued"] == 3
     time.sleep(0.05)
     assert store.cached_overview(2, max_age_s=0.01) is None  # too old: the caller reads
+
+
+def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import threading
+
+    from jobs import service as service_module
+    from jobs.service import JobService
+    from jobs.settings import get_settings
+
+    store = JobStore(data_dir / "jobs")
+    service = JobService(get_settings(), store)
+    writers: list[str] = []
+    create = store.create
+
+    def spied_create(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        writers.append("loop" if threading.current_thread() is threading.main_thread()
+                       else "worker")
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(store, "create", spied_create)
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+
+    async def submit() -> dict[str, Any]:
+        return await service.submit("chat", dict(chat), None)
+
+    first = asyncio.run(submit())  # no index snapshot yet: never wait for the index lock
+    store.refresh()
+    second = asyncio.run(submit())  # a fresh snapshot: written right on the event loop
+    assert writers == ["worker", "loop"]
+    # The expert's context counted the jobs from the snapshot: the first one, queued.
+    assert second["input"]["context"].endswith("Jobs: 1 queued.")
+    assert {first["id"], second["id"]} <= {job["id"] for job in store.list_jobs()}
+
+    monkeypatch.setattr(service_module, "INLINE_WRITE_MAX_S", 0.0)  # every write is "slow"
+    store.refresh()
+    asyncio.run(submit())
+    store.refresh()
+    asyncio.run(submit())  # a slow disk sends submissions to worker threads for a while
+    assert writers[2:] == ["loop", "worker"]
+    assert "job files are written from worker threads" in caplog.text
+    assert all(store.read(job["id"])[p.F_STATE] == p.QUEUED for job in store.list_jobs())
