@@ -11,7 +11,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
 from jobs.guards import require_token
@@ -100,7 +99,7 @@ async def _follow(service: JobService, job_id: str, path: str,
             signature = _signature(path)  # one stat: microseconds, fine on the loop
             if signature != last_seen:
                 last_seen = signature
-                job = await run_in_threadpool(service.store.read, job_id)
+                job = await service.read(job_id)
                 yield _event(job)
                 last_sent = time.monotonic()
             elif time.monotonic() - last_sent > KEEPALIVE_S:

@@ -7,13 +7,16 @@ Knows the store, the supervisor and idempotency; nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -28,10 +31,50 @@ from jobs.supervisor import poke
 LOG_MAX_BYTES = 1_000_000  # /log returns at most the last megabyte
 CONTEXT_WINDOW_S = 600.0  # the chat expert sees a summary of the last ten minutes
 OVERVIEW_MAX_AGE_S = 0.25  # /api/history and /api/health may be this stale; a job read never
-INLINE_WRITE_MAX_S = 0.005  # a submission written on the event loop must take less than this
-INLINE_PAUSE_S = 60.0  # after one that took longer, submissions use worker threads this long
+INLINE_MAX_S = 0.005  # a file operation run on the event loop must take less than this
+INLINE_PAUSE_S = 60.0  # after one that took longer, worker threads for this long
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class SmallIO:
+    """Runs a small file operation right on the event loop while such operations take
+    well under a millisecond, and in worker threads for a while after one that did not.
+
+    Writing a job (a folder and a 1 KB file) takes ~0.1 ms here, p99 0.8 ms; reading one
+    less. The hop to a worker thread and back costs two thread wake-ups: on a virtual
+    machine after an idle spell they took 18-27 ms, and under a burst of 50 submissions
+    the hop made their p99 12 ms instead of 8. A slow or remote disk (an operation over
+    INLINE_MAX_S) sends these operations to worker threads for INLINE_PAUSE_S.
+    """
+
+    def __init__(self) -> None:
+        # Monotonic time from which operations may run inline. Never on Windows: a file
+        # being replaced there refuses readers for a moment (read_json sleeps and retries),
+        # and virus scanners make opening a file slow.
+        self._inline_from = 0.0 if os.name == "posix" else math.inf
+
+    def inline(self) -> bool:
+        return time.monotonic() >= self._inline_from
+
+    @contextlib.contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - started
+            if took > INLINE_MAX_S:
+                self._inline_from = time.monotonic() + INLINE_PAUSE_S
+                log.warning("%s took %.1f ms; the API touches job files from worker "
+                            "threads for the next %.0f s", what, took * 1000, INLINE_PAUSE_S)
+
+    async def run(self, what: str, func: Callable[..., T], *args: Any) -> T:
+        if not self.inline():
+            return await run_in_threadpool(func, *args)
+        with self.timed(what):
+            return func(*args)
 
 
 class InvalidInput(ValueError):
@@ -55,36 +98,21 @@ class JobService:
         self.store = store
         self.metrics = metrics
         self._idem_dir = settings.data_dir / "idempotency"
-        self._inline_from = 0.0  # monotonic time from which submissions may write inline
+        self.small_io = SmallIO()
 
     # -- submit ------------------------------------------------------------------------
 
     async def submit(self, kind: str, job_input: dict[str, Any], timeout_s: float | None,
                      idempotency_key: str | None = None) -> dict[str, Any]:
-        """Store a new job and wake the supervisor.
-
-        The job file is written right here on the event loop while that measures well
-        under a millisecond (a folder and a 1 KB file: ~0.1 ms, p99 0.8 ms here): the hop
-        to a worker thread and back costs two thread wake-ups, which on a virtual
-        machine after an idle spell took 18-27 ms, and under a burst of submissions made
-        their p99 12 ms instead of 8. A write slower than INLINE_WRITE_MAX_S (a slow or
-        remote disk) sends submissions to worker threads for INLINE_PAUSE_S.
-        """
+        """Store a new job (on the event loop while the disk is quick; see `SmallIO`)
+        and wake the supervisor."""
         job_input = validate_input(kind, job_input)
         timeout = timeout_s or self.settings.job_timeout_s
         # Inline only with the index snapshot's counts: never wait for the index lock here.
         cached = self.store.cached_overview(0, OVERVIEW_MAX_AGE_S)
-        if cached is not None and time.monotonic() >= self._inline_from:
-            started = time.perf_counter()
-            try:
+        if cached is not None and self.small_io.inline():
+            with self.small_io.timed("storing a job"):
                 job = self._submit(kind, job_input, timeout, idempotency_key, cached[1])
-            finally:
-                took = time.perf_counter() - started
-                if took > INLINE_WRITE_MAX_S:
-                    self._inline_from = time.monotonic() + INLINE_PAUSE_S
-                    log.warning("storing a job took %.1f ms; job files are written from "
-                                "worker threads for the next %.0f s", took * 1000,
-                                INLINE_PAUSE_S)
         else:
             job = await run_in_threadpool(self._submit, kind, job_input, timeout,
                                           idempotency_key)
@@ -161,13 +189,15 @@ class JobService:
     # -- read --------------------------------------------------------------------------
 
     async def get(self, job_id: str) -> dict[str, Any]:
-        return await run_in_threadpool(self._get, job_id)
-
-    def _get(self, job_id: str) -> dict[str, Any]:
-        job = self.store.read(job_id)
-        if job.get(p.F_STATE) == p.QUEUED:
-            job[p.F_QUEUE_POSITION] = self.store.queue_position(job_id)
+        job = await self.read(job_id)
+        if job.get(p.F_STATE) == p.QUEUED:  # the index's lock: a worker thread
+            job[p.F_QUEUE_POSITION] = await run_in_threadpool(self.store.queue_position,
+                                                              job_id)
         return job
+
+    async def read(self, job_id: str) -> dict[str, Any]:
+        """The job file as it is now (see `SmallIO`)."""
+        return await self.small_io.run("reading a job", self.store.read, job_id)
 
     async def list_jobs(self, state: str | None, kind: str | None,
                         limit: int) -> list[dict[str, Any]]:

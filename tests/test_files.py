@@ -169,6 +169,7 @@ def test_overview_answers_from_the_snapshot_while_the_index_is_busy(data_dir: Pa
     assert store.cached_overview(2, max_age_s=0.01) is None  # too old: the caller reads
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows: always worker threads")
 def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
         data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import asyncio
@@ -202,11 +203,22 @@ def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
     assert second["input"]["context"].endswith("Jobs: 1 queued.")
     assert {first["id"], second["id"]} <= {job["id"] for job in store.list_jobs()}
 
-    monkeypatch.setattr(service_module, "INLINE_WRITE_MAX_S", 0.0)  # every write is "slow"
+    readers: list[str] = []
+    read = store.read
+
+    def spied_read(job_id: str) -> dict[str, Any]:
+        readers.append("loop" if threading.current_thread() is threading.main_thread()
+                       else "worker")
+        return read(job_id)
+
+    monkeypatch.setattr(store, "read", spied_read)
+    assert asyncio.run(service.get(first["id"]))[p.F_QUEUE_POSITION] == 0
+    monkeypatch.setattr(service_module, "INLINE_MAX_S", 0.0)  # now every operation is "slow"
     store.refresh()
     asyncio.run(submit())
     store.refresh()
-    asyncio.run(submit())  # a slow disk sends submissions to worker threads for a while
-    assert writers[2:] == ["loop", "worker"]
-    assert "job files are written from worker threads" in caplog.text
+    asyncio.run(submit())  # a slow disk sends file operations to worker threads for a while
+    assert asyncio.run(service.get(first["id"]))[p.F_ID] == first["id"]
+    assert writers[2:] == ["loop", "worker"] and readers == ["loop", "worker"]
+    assert "the API touches job files from worker threads" in caplog.text
     assert all(store.read(job["id"])[p.F_STATE] == p.QUEUED for job in store.list_jobs())
