@@ -22,6 +22,7 @@ from typing import Protocol
 import psutil
 
 from jobs import protocol as p
+from jobs.forkserver import ForkServer, ForkServerError
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,23 @@ def runner_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def spawn(module: str, job_file: Path, env: dict[str, str] | None = None) -> Runner:
-    """Start a detached, low-priority runner whose output goes to the job's log."""
+def spawn(module: str, job_file: Path, env: dict[str, str] | None = None,
+          forker: ForkServer | None = None) -> Runner:
+    """Start a detached, low-priority runner whose output goes to the job's log: forked
+    by `forker` when there is one (Linux), else a new interpreter."""
     argv = command(module, job_file)
     log_path = p.sibling(job_file, p.LOG_FILE)
-    if _CAN_SPAWN_IDLE:
-        child: Child = _idle_spawner.spawn(argv, log_path, runner_env(env))
+    child: Child | None = None
+    if forker is not None:
+        try:
+            child = forker.spawn(module, job_file, log_path)
+        except ForkServerError as exc:
+            log.warning("job %s: %s; starting its runner as a new interpreter",
+                        p.id_of(job_file), exc)
+    if child is not None:
+        pass
+    elif _CAN_SPAWN_IDLE:
+        child = _idle_spawner.spawn(argv, log_path, runner_env(env))
     else:
         child = _popen(argv, log_path, runner_env(env))
     runner = Runner(p.id_of(job_file), child.pid, None, child)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs import launcher
+from jobs import forkserver, launcher
 from jobs import protocol as p
 from jobs.settings import Settings
 
@@ -97,8 +97,13 @@ class LocalRun(Run):
 class LocalLauncher(Launcher):
     name = p.LOCAL
 
-    def __init__(self, runner_env: dict[str, str] | None = None) -> None:
+    def __init__(self, runner_env: dict[str, str] | None = None,
+                 fork_server: bool | None = None) -> None:
         self.runner_env = runner_env or {}
+        if fork_server is None:
+            fork_server = forkserver.AVAILABLE and os.environ.get("OFFLOAD_FORK_SERVER") != "0"
+        self._fork_server = fork_server
+        self._forker: forkserver.ForkServer | None = None  # started with the first runner
 
     def start(self, module: str, job_file: Path, data: dict[str, Any], on_exit: OnExit) -> Run:
         run_file = p.sibling(job_file, p.RUN_FILE)
@@ -108,7 +113,9 @@ class LocalLauncher(Launcher):
         # Claim first: a supervisor that dies right here leaves a job that is lost,
         # never one that runs twice.
         claim(run_file, {"pid": None, "claimed_by": os.getpid()})
-        runner = launcher.spawn(module, job_file, self.runner_env)
+        if self._fork_server and self._forker is None:
+            self._forker = forkserver.ForkServer(launcher.runner_env(self.runner_env))
+        runner = launcher.spawn(module, job_file, self.runner_env, self._forker)
         try:
             p.write_json(run_file, runner.record())
         except OSError as exc:  # only a later supervisor's adoption needs the record
@@ -146,6 +153,10 @@ class LocalLauncher(Launcher):
     def release(self, run: Run) -> None:
         if _runner(run).pid:
             launcher.kill_group(_runner(run))  # grandchildren that outlived the runner
+
+    def close(self) -> None:
+        if self._forker is not None:
+            self._forker.close()
 
 
 def _runner(run: Run) -> launcher.Runner:
