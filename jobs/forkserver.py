@@ -157,10 +157,11 @@ def _become_runner(request: dict[str, Any], log_fd: int, server_fds: tuple[int, 
     if sys.platform == "win32":
         raise OSError("no fork on Windows")  # never started there; tells the type checker
     os.setpgid(0, 0)  # its own process group, as a spawned runner: killpg stops its tree
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:
-        pass  # the launcher lowers its nice value as well
+    if sys.platform == "linux":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass  # the launcher lowers its nice value as well
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)

@@ -80,9 +80,13 @@ class EmbeddedServer:
         log_path = self.data_dir / "llm-server.log"
         with open(log_path, "ab") as out:
             # In the supervisor's process group: it goes when the supervisor goes.
+            cpus = embedded.model_cpus()
             self.proc = subprocess.Popen(
-                embedded.server_command(model, port), stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT)
+                embedded.server_command(model, port, cpus=cpus), stdin=subprocess.DEVNULL,
+                stdout=out, stderr=subprocess.STDOUT)
+        # At once, before the interpreter has loaded llama.cpp: the threads it starts for
+        # the model inherit both.
+        embedded.keep_to(self.proc.pid, cpus)
         lower_priority_of(self.proc.pid)
         started = time.monotonic()
         while not await asyncio.to_thread(embedded.answers, self.base_url):

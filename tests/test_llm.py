@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from jobs import embedded
@@ -126,6 +127,11 @@ def test_embedded_model_out_of_the_box(make_server: Callable[..., Any]) -> None:
         assert turns[0]["reply"] == result["reply"]
 
         status = json.loads((server.data_dir / "llm.json").read_text())
+        cpus = embedded.model_cpus()
+        if cpus is not None:  # every thread of the model's server, those it started too
+            threads = psutil.Process(status["pid"]).threads()
+            assert len(threads) > 1
+            assert all(os.sched_getaffinity(t.id) == cpus for t in threads), cpus
         os.kill(status["pid"], signal.SIGKILL)
         wait_for(lambda: (s := json.loads((server.data_dir / "llm.json").read_text()))
                  ["ready"] and s["pid"] != status["pid"] and s, 120, 0.2, "a restarted server")
