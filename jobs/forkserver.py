@@ -59,6 +59,7 @@ def main() -> int:
     # The protocol leaves fds 0 and 1, so a stray print cannot corrupt it.
     requests, replies = os.dup(0), os.dup(1)
     os.dup2(2, 1)
+    _send(replies, {"ready": os.getpid()})
     request = _serve(requests, replies, _project_files())
     if request is None:
         return 0
@@ -264,7 +265,10 @@ class ForkServer:
     def spawn(self, module: str, job_file: Path, log_path: str) -> Forked:
         request = {"module": module, "job_file": str(job_file), "log": log_path}
         with self._lock:
-            proc = self._ensure_started()
+            try:
+                proc = self._ensure_started()
+            except OSError as exc:
+                raise ForkServerError(f"cannot start the fork server: {exc}") from exc
             with self._changed:
                 self._reply = None
             assert proc.stdin is not None
@@ -283,6 +287,14 @@ class ForkServer:
         if "pid" not in reply:
             raise ForkServerError(str(reply.get("error", reply)))
         return Forked(int(reply["pid"]), self, generation)
+
+    def ensure_started(self) -> None:
+        """Start the server now if it is not running (a spawn would do it too)."""
+        with self._lock:
+            try:
+                self._ensure_started()
+            except OSError as exc:
+                log.warning("cannot start the fork server: %s", exc)
 
     def wait_exit(self, pid: int, generation: int) -> int:
         with self._changed:
@@ -306,16 +318,26 @@ class ForkServer:
                 return self._proc
             _close_stdin(self._proc)
         # Room for a child's command line: the kernel keeps the arguments' space.
-        self._proc = subprocess.Popen(
+        proc = self._proc = subprocess.Popen(
             [sys.executable, "-m", "jobs.forkserver", " " * TITLE_ROOM],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env, cwd=str(ROOT),
             close_fds=True)
         with self._changed:
             self._generation += 1
-            self._alive.add(self._generation)
-        threading.Thread(target=self._read, args=(self._proc, self._generation), daemon=True,
+            generation = self._generation
+            self._alive.add(generation)
+            self._reply = None
+        threading.Thread(target=self._read, args=(proc, generation), daemon=True,
                          name="fork-server").start()
-        return self._proc
+        with self._changed:  # ready once it has imported the runners
+            self._changed.wait_for(
+                lambda: self._reply is not None or generation not in self._alive,
+                REPLY_TIMEOUT_S)
+            ready, self._reply = self._reply is not None, None
+        if not ready:
+            self._kill(proc)
+            raise OSError("the fork server did not start")
+        return proc
 
     def _read(self, proc: subprocess.Popen[bytes], generation: int) -> None:
         assert proc.stdout is not None

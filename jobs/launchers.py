@@ -110,11 +110,15 @@ class LocalLauncher(Launcher):
         record = p.read_json(run_file)
         if record is not None:
             return self.adopt(job_file, record, data, on_exit)  # claimed before: never twice
+        if self._fork_server:
+            if self._forker is None:
+                self._forker = forkserver.ForkServer(launcher.runner_env(self.runner_env))
+            # Before the claim: between claim and spawn nothing slow may happen (the
+            # folder can become unwritable meanwhile, and the job would fail, not wait).
+            self._forker.ensure_started()
         # Claim first: a supervisor that dies right here leaves a job that is lost,
         # never one that runs twice.
         claim(run_file, {"pid": None, "claimed_by": os.getpid()})
-        if self._fork_server and self._forker is None:
-            self._forker = forkserver.ForkServer(launcher.runner_env(self.runner_env))
         runner = launcher.spawn(module, job_file, self.runner_env, self._forker)
         try:
             p.write_json(run_file, runner.record())
