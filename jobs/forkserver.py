@@ -11,10 +11,11 @@ and a process group of its own, sends its output to the job's log, shows
 `python -m` would. If a file of the project changed since this server started, the
 child execs a fresh interpreter instead, so an edited runner always runs as edited.
 
-Protocol, JSON lines: the supervisor writes `{"module", "job_file", "log"}` to its
-stdin; it answers `{"pid": n}` or `{"error": "..."}`, and later `{"exit": pid,
-"code": n}` when that child ends. It exits when its stdin closes (the supervisor is
-gone); its children run on, and a later supervisor adopts them like any runner.
+Protocol, JSON lines: it says `{"ready": pid}` once it has imported the runners; the
+supervisor writes `{"module", "job_file", "log"}` to its stdin; it answers `{"pid": n}`
+or `{"error": "..."}`, and later `{"exit": pid, "code": n}` when that child ends. It
+exits when its stdin closes (the supervisor is gone); its children run on, and a later
+supervisor adopts them like any runner.
 """
 
 from __future__ import annotations
