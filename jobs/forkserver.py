@@ -270,21 +270,16 @@ class ForkServer:
                 proc = self._ensure_started()
             except OSError as exc:
                 raise ForkServerError(f"cannot start the fork server: {exc}") from exc
-            with self._changed:
-                self._reply = None
+            generation = self._generation
             assert proc.stdin is not None
             try:
                 proc.stdin.write((json.dumps(request) + "\n").encode())
                 proc.stdin.flush()
             except (OSError, ValueError) as exc:  # ValueError: closed meanwhile
                 raise ForkServerError(f"the fork server is gone: {exc}") from exc
-            with self._changed:
-                if not self._changed.wait_for(lambda: self._reply is not None,
-                                              REPLY_TIMEOUT_S):
-                    self._kill(proc)
-                    raise ForkServerError("the fork server did not answer")
-                reply, generation = self._reply, self._generation
-        assert reply is not None
+            reply = self._next_reply(proc, generation)
+        if reply is None:
+            raise ForkServerError("the fork server did not answer")
         if "pid" not in reply:
             raise ForkServerError(str(reply.get("error", reply)))
         return Forked(int(reply["pid"]), self, generation)
@@ -327,18 +322,24 @@ class ForkServer:
             self._generation += 1
             generation = self._generation
             self._alive.add(generation)
-            self._reply = None
         threading.Thread(target=self._read, args=(proc, generation), daemon=True,
                          name="fork-server").start()
-        with self._changed:  # ready once it has imported the runners
+        if self._next_reply(proc, generation) is None:  # ready once it has imported
+            raise OSError("the fork server did not start")
+        return proc
+
+    def _next_reply(self, proc: subprocess.Popen[bytes], generation: int
+                    ) -> dict[str, Any] | None:
+        """The server's next answer; None if it ended first or stayed silent (then it
+        is killed)."""
+        with self._changed:
             self._changed.wait_for(
                 lambda: self._reply is not None or generation not in self._alive,
                 REPLY_TIMEOUT_S)
-            ready, self._reply = self._reply is not None, None
-        if not ready:
-            self._kill(proc)
-            raise OSError("the fork server did not start")
-        return proc
+            reply, self._reply = self._reply, None
+        if reply is None:
+            proc.kill()
+        return reply
 
     def _read(self, proc: subprocess.Popen[bytes], generation: int) -> None:
         assert proc.stdout is not None
@@ -359,9 +360,6 @@ class ForkServer:
             self._alive.discard(generation)
             self._changed.notify_all()
 
-    def _kill(self, proc: subprocess.Popen[bytes]) -> None:
-        proc.kill()
-
 
 def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
     if proc.stdin is not None:
@@ -372,12 +370,9 @@ def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _running(pid: int) -> bool:
-    import psutil
+    from jobs.launcher import find  # which imports this module
 
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+    return find(pid, None) is not None
 
 
 if __name__ == "__main__":

@@ -101,12 +101,9 @@ def spawn(module: str, job_file: Path, env: dict[str, str] | None = None,
         except ForkServerError as exc:
             log.warning("job %s: %s; starting its runner as a new interpreter",
                         p.id_of(job_file), exc)
-    if child is not None:
-        pass
-    elif _CAN_SPAWN_IDLE:
-        child = _idle_spawner.spawn(argv, log_path, runner_env(env))
-    else:
-        child = _popen(argv, log_path, runner_env(env))
+    if child is None:
+        child = (_idle_spawner.spawn(argv, log_path, runner_env(env)) if _CAN_SPAWN_IDLE
+                 else _popen(argv, log_path, runner_env(env)))
     runner = Runner(p.id_of(job_file), child.pid, None, child)
     try:
         proc = psutil.Process(child.pid)

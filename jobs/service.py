@@ -1,5 +1,6 @@
 """What the routes ask of the job system, with every disk touch in a worker thread
-but one: the job file a submission writes (see `JobService.submit`).
+but a job's own file, written on submission and read by its GET and event stream,
+which `SmallIO` touches on the event loop while that stays quick.
 
 Knows the store, the supervisor and idempotency; nothing of HTTP.
 """
@@ -7,14 +8,13 @@ Knows the store, the supervisor and idempotency; nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,26 +55,18 @@ class SmallIO:
         # and virus scanners make opening a file slow.
         self._inline_from = 0.0 if os.name == "posix" else math.inf
 
-    def inline(self) -> bool:
-        return time.monotonic() >= self._inline_from
-
-    @contextlib.contextmanager
-    def timed(self, what: str) -> Iterator[None]:
+    async def run(self, what: str, func: Callable[..., T], *args: Any) -> T:
+        if time.monotonic() < self._inline_from:
+            return await run_in_threadpool(func, *args)
         started = time.perf_counter()
         try:
-            yield
+            return func(*args)
         finally:
             took = time.perf_counter() - started
             if took > INLINE_MAX_S:
                 self._inline_from = time.monotonic() + INLINE_PAUSE_S
                 log.warning("%s took %.1f ms; the API touches job files from worker "
                             "threads for the next %.0f s", what, took * 1000, INLINE_PAUSE_S)
-
-    async def run(self, what: str, func: Callable[..., T], *args: Any) -> T:
-        if not self.inline():
-            return await run_in_threadpool(func, *args)
-        with self.timed(what):
-            return func(*args)
 
 
 class InvalidInput(ValueError):
@@ -108,14 +100,15 @@ class JobService:
         and wake the supervisor."""
         job_input = validate_input(kind, job_input)
         timeout = timeout_s or self.settings.job_timeout_s
-        # Inline only with the index snapshot's counts: never wait for the index lock here.
+        # On the event loop only with the index snapshot's counts: never wait for the
+        # index lock there.
         cached = self.store.cached_overview(0, OVERVIEW_MAX_AGE_S)
-        if cached is not None and self.small_io.inline():
-            with self.small_io.timed("storing a job"):
-                job = self._submit(kind, job_input, timeout, idempotency_key, cached[1])
-        else:
+        if cached is None:
             job = await run_in_threadpool(self._submit, kind, job_input, timeout,
                                           idempotency_key)
+        else:
+            job = await self.small_io.run("storing a job", self._submit, kind, job_input,
+                                          timeout, idempotency_key, cached[1])
         poke(self.store.dir)
         return job
 
