@@ -12,10 +12,14 @@ and a process group of its own, sends its output to the job's log, shows
 child execs a fresh interpreter instead, so an edited runner always runs as edited.
 
 Protocol, JSON lines: it says `{"ready": pid}` once it has imported the runners; the
-supervisor writes `{"module", "job_file", "log"}` to its stdin; it answers `{"pid": n}`
-or `{"error": "..."}`, and later `{"exit": pid, "code": n}` when that child ends. It
-exits when its stdin closes (the supervisor is gone); its children run on, and a later
-supervisor adopts them like any runner.
+supervisor writes `{"module", "job_file", "log"}` to its stdin; the answer is
+`{"error": "..."}` from the server if it cannot fork, else `{"pid": n}` from the child
+itself, before it runs anything of the job; later the server says `{"exit": pid,
+"code": n}` when that child ends. So a server that dies or stalls right after a fork
+loses no runner: until a child has answered it holds the reply pipe open, and the
+supervisor starts a job another way only once that pipe has closed unanswered. The
+server exits when its stdin closes (the supervisor is gone); its children run on, and a
+later supervisor adopts them like any runner.
 """
 
 from __future__ import annotations
@@ -41,11 +45,23 @@ ROOT = Path(__file__).resolve().parent.parent
 PRELOAD = ("runners.chat", "runners.sleep")  # train imports numpy: forked fresh instead
 TITLE_ROOM = 1024  # bytes of command line a child can show (its job file's path)
 REPLY_TIMEOUT_S = 10.0
+EXIT_POLL_S = 1.0  # how often a runner's waiter checks it without the server's word
 AVAILABLE = sys.platform == "linux"
+# Fault injection for the tests only; the product never sets it. `die_after_fork`: the
+# server exits right after a fork, before it says anything; `stall_after_fork`: it goes
+# on reading requests but never answers again. Real servers do this only by accident
+# (the OOM killer, a stopped process), so a test cannot wait for one.
+TEST_FAULT_ENV = "OFFLOAD_TEST_FORKSERVER_FAULT"
 
 
 class ForkServerError(RuntimeError):
-    """The fork server could not start a runner; the caller starts it with exec."""
+    """The fork server started no runner for this request; the caller starts it with
+    exec."""
+
+
+class ForkInDoubt(OSError):
+    """The fork server went silent and could not be stopped: it may have forked the
+    runner, so none is started again (the job fails instead of running twice)."""
 
 
 # -- the server (its own process) ------------------------------------------------------
@@ -124,16 +140,29 @@ def _serve(requests: int, replies: int, files: dict[str, int]) -> dict[str, Any]
             line, pending = pending.split(b"\n", 1)
             request: dict[str, Any] = json.loads(line)
             try:
-                pid = _fork(request, files, (requests, replies, wake_r, wake_w))
+                pid = _fork(request, files, replies, (requests, replies, wake_r, wake_w))
             except OSError as exc:
                 _send(replies, {"error": str(exc)})
                 continue
             if pid == 0:
                 return request
-            _send(replies, {"pid": pid})
+            _test_fault(requests)  # the child has answered, or will
 
 
-def _fork(request: dict[str, Any], files: dict[str, int], server_fds: tuple[int, ...]) -> int:
+def _test_fault(requests: int) -> None:
+    fault = os.environ.get(TEST_FAULT_ENV)
+    if fault in ("die_after_fork", "stall_after_fork"):
+        print(f"fork server: test fault {fault}", file=sys.stderr, flush=True)
+    if fault == "die_after_fork":
+        os._exit(1)
+    if fault == "stall_after_fork":
+        while os.read(requests, 65536):
+            pass  # never answers; leaves when the supervisor does
+        os._exit(0)
+
+
+def _fork(request: dict[str, Any], files: dict[str, int], replies: int,
+          server_fds: tuple[int, ...]) -> int:
     if sys.platform == "win32":
         raise OSError("no fork on Windows")
     stale = _project_files() != files
@@ -147,18 +176,21 @@ def _fork(request: dict[str, Any], files: dict[str, int], server_fds: tuple[int,
         os.close(log_fd)
         return pid
     try:
-        _become_runner(request, log_fd, server_fds, stale)
+        _become_runner(request, log_fd, replies, server_fds, stale)
     except BaseException as exc:  # never back into the server's loop
         os.write(2, f"fork server: cannot start the runner: {exc!r}\n".encode())
         os._exit(70)
     return 0
 
 
-def _become_runner(request: dict[str, Any], log_fd: int, server_fds: tuple[int, ...],
-                   stale: bool) -> None:
+def _become_runner(request: dict[str, Any], log_fd: int, replies: int,
+                   server_fds: tuple[int, ...], stale: bool) -> None:
     if sys.platform == "win32":
         raise OSError("no fork on Windows")  # never started there; tells the type checker
     os.setpgid(0, 0)  # its own process group, as a spawned runner: killpg stops its tree
+    # The answer comes from here, not from the server: a server that dies or stalls now
+    # cannot leave a runner that the supervisor does not know.
+    _send(replies, {"pid": os.getpid()})
     if sys.platform == "linux":
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
@@ -234,18 +266,22 @@ def _show_command_line(argv: list[str]) -> None:
 
 
 class Forked:
-    """A runner the fork server started; `wait()` returns its exit code (-1 if the fork
-    server ended before it and the code was lost)."""
+    """A runner the fork server started; `wait()` returns its exit code, or -1 with
+    `lost` set if the server died or stalled before it could say."""
 
     def __init__(self, pid: int, server: ForkServer, generation: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        self.lost = False
+        self._create_time = _create_time(pid)
         self._server = server
         self._generation = generation
 
     def wait(self) -> int:
         if self.returncode is None:
-            self.returncode = self._server.wait_exit(self.pid, self._generation)
+            code = self._server.wait_exit(self.pid, self._create_time, self._generation)
+            self.lost = code is None
+            self.returncode = -1 if code is None else code
         return self.returncode
 
 
@@ -258,7 +294,7 @@ class ForkServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # one request at a time
         self._changed = threading.Condition()
-        self._reply: dict[str, Any] | None = None
+        self._replies: dict[int, dict[str, Any]] = {}  # generation -> its unread answer
         self._exits: dict[int, int] = {}
         self._generation = 0  # which server a child belongs to
         self._alive: set[int] = set()  # generations still running
@@ -276,10 +312,9 @@ class ForkServer:
                 proc.stdin.write((json.dumps(request) + "\n").encode())
                 proc.stdin.flush()
             except (OSError, ValueError) as exc:  # ValueError: closed meanwhile
+                # No whole request line reached it, so it forked nothing.
                 raise ForkServerError(f"the fork server is gone: {exc}") from exc
-            reply = self._next_reply(proc, generation)
-        if reply is None:
-            raise ForkServerError("the fork server did not answer")
+            reply = self._answer(proc, generation)
         if "pid" not in reply:
             raise ForkServerError(str(reply.get("error", reply)))
         return Forked(int(reply["pid"]), self, generation)
@@ -292,15 +327,28 @@ class ForkServer:
             except OSError as exc:
                 log.warning("cannot start the fork server: %s", exc)
 
-    def wait_exit(self, pid: int, generation: int) -> int:
+    def wait_exit(self, pid: int, create_time: float | None, generation: int) -> int | None:
+        """The runner's exit code as the server reports it; None (once the runner is
+        gone) if the server ended or stalled first."""
+        def told() -> bool:
+            return pid in self._exits or generation not in self._alive
+
+        while True:
+            with self._changed:
+                if self._changed.wait_for(told, EXIT_POLL_S):
+                    break
+            if not _running(pid, create_time):  # a stalled server never reaps it
+                with self._changed:
+                    self._changed.wait_for(told, REPLY_TIMEOUT_S)
+                break
         with self._changed:
-            self._changed.wait_for(lambda: pid in self._exits or generation not in self._alive)
             if pid in self._exits:
                 return self._exits.pop(pid)
-        log.warning("runner %s: its fork server ended first; its exit code is lost", pid)
-        while _running(pid):
+        log.warning("runner %s: its fork server ended or stalled first; its exit code is "
+                    "lost", pid)
+        while _running(pid, create_time):
             time.sleep(0.1)
-        return -1
+        return None
 
     def close(self) -> None:
         """Stop the server (its runners run on)."""
@@ -324,22 +372,41 @@ class ForkServer:
             self._alive.add(generation)
         threading.Thread(target=self._read, args=(proc, generation), daemon=True,
                          name="fork-server").start()
-        if self._next_reply(proc, generation) is None:  # ready once it has imported
+        if self._next_reply(generation) is None:  # ready once it has imported
+            proc.kill()
             raise OSError("the fork server did not start")
         return proc
 
-    def _next_reply(self, proc: subprocess.Popen[bytes], generation: int
-                    ) -> dict[str, Any] | None:
-        """The server's next answer; None if it ended first or stayed silent (then it
-        is killed)."""
+    def _answer(self, proc: subprocess.Popen[bytes], generation: int) -> dict[str, Any]:
+        """The answer to a request. A child answers before it runs anything of the job
+        and holds the reply pipe until then, so only a pipe closed at every end without
+        an answer means that no runner of this request exists."""
+        reply = self._next_reply(generation)
+        if reply is None:  # silent or gone: stop it, then hear out a child it forked
+            proc.kill()
+            reply = self._next_reply(generation)
+        if reply is not None:
+            return reply
+        if not self._ended(generation):
+            _close_stdin(proc)
+            self._proc = None  # a new server for the next job
+            raise ForkInDoubt("the fork server stopped answering and could not be stopped; "
+                              "it may have started this job's runner")
+        raise ForkServerError("the fork server ended without starting the runner")
+
+    def _next_reply(self, generation: int) -> dict[str, Any] | None:
+        """The server's (or its child's) next answer; None if the reply pipe closed
+        first or nothing came for REPLY_TIMEOUT_S."""
         with self._changed:
             self._changed.wait_for(
-                lambda: self._reply is not None or generation not in self._alive,
+                lambda: generation in self._replies or generation not in self._alive,
                 REPLY_TIMEOUT_S)
-            reply, self._reply = self._reply, None
-        if reply is None:
-            proc.kill()
-        return reply
+            return self._replies.pop(generation, None)
+
+    def _ended(self, generation: int) -> bool:
+        """Its reply pipe is closed at every end: neither it nor a child can answer."""
+        with self._changed:
+            return generation not in self._alive
 
     def _read(self, proc: subprocess.Popen[bytes], generation: int) -> None:
         assert proc.stdout is not None
@@ -353,7 +420,7 @@ class ForkServer:
                     if "exit" in message:
                         self._exits[int(message["exit"])] = int(message["code"])
                     else:
-                        self._reply = message
+                        self._replies[generation] = message
                     self._changed.notify_all()
         proc.wait()
         with self._changed:
@@ -369,10 +436,19 @@ def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
             pass  # the server is gone: nothing to tell it
 
 
-def _running(pid: int) -> bool:
+def _running(pid: int, create_time: float | None) -> bool:
     from jobs.launcher import find  # which imports this module
 
-    return find(pid, None) is not None
+    return find(pid, create_time) is not None
+
+
+def _create_time(pid: int) -> float | None:
+    import psutil  # the supervisor's side only
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None  # gone already (its server died, and init reaped it)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Protocol
 import psutil
 
 from jobs import protocol as p
-from jobs.forkserver import ForkServer, ForkServerError
+from jobs.forkserver import Forked, ForkServer, ForkServerError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,9 @@ def runner_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def spawn(module: str, job_file: Path, env: dict[str, str] | None = None,
           forker: ForkServer | None = None) -> Runner:
     """Start a detached, low-priority runner whose output goes to the job's log: forked
-    by `forker` when there is one (Linux), else a new interpreter."""
+    by `forker` when there is one (Linux), else a new interpreter. A new interpreter
+    replaces a fork only when the fork server says it started none (ForkServerError);
+    if it cannot tell, ForkInDoubt (an OSError) fails the job: never two runners."""
     argv = command(module, job_file)
     log_path = p.sibling(job_file, p.LOG_FILE)
     child: Child | None = None
@@ -243,7 +245,7 @@ def is_alive(runner: Runner) -> bool:
 
 def exit_code(runner: Runner) -> int | None:
     """The exit code when we started it (negative: killed by that signal), else None."""
-    if runner.child is None:
+    if runner.child is None or (isinstance(runner.child, Forked) and runner.child.lost):
         return None
     return runner.child.returncode
 
@@ -311,7 +313,8 @@ def kill_group(runner: Runner) -> None:
 
 def describe_exit(code: int | None) -> str:
     if code is None:
-        return "exit code unknown (it was started by an earlier API process)"
+        return ("exit code unknown (it was started by an earlier API process, or by a "
+                "fork server that ended first)")
     if code < 0:
         try:
             name = signal.Signals(-code).name

@@ -3,6 +3,7 @@ of a runner started as a new interpreter."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 
@@ -146,3 +148,114 @@ def test_without_the_fork_server_runners_start_as_new_interpreters(
     assert psutil.Process(run.runner.pid).ppid() == os.getpid()
     assert ended.wait(30)
     each.close()
+
+
+class Runners:
+    """Every process that shows a job file on its command line (a runner of that job),
+    sampled from submission until `stop()`."""
+
+    def __init__(self, job_file: Path) -> None:
+        self.job_file = str(job_file)
+        self.seen: set[tuple[int, float]] = set()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def alive(self) -> list[psutil.Process]:
+        return [proc for proc in psutil.process_iter(["cmdline", "create_time"])
+                if self.job_file in (proc.info["cmdline"] or [])]
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.seen.update((proc.pid, proc.info["create_time"]) for proc in self.alive())
+            self._done.wait(0.02)
+
+    def stop(self) -> set[tuple[int, float]]:
+        self._done.set()
+        self._thread.join(10)
+        return self.seen
+
+
+def submit(client: httpx.Client, jobs_dir: Path, **job_input: Any) -> tuple[str, Runners]:
+    job = client.post("/api/jobs", json={"kind": "sleep", "input": job_input}).json()
+    return job["id"], Runners(jobs_dir / job["id"] / p.JOB_FILE)
+
+
+def launched(jobs_dir: Path, job_id: str) -> None:
+    """Until the supervisor's spawn has returned (it then records the runner's pid)."""
+    run_file = jobs_dir / job_id / p.RUN_FILE
+    wait_for(lambda: (p.read_json(run_file) or {}).get("pid"), 60, 0.05, "the launch record")
+
+
+def final(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        job: dict[str, Any] = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] in p.FINAL_STATES else None
+
+    return wait_for(check, 60, 0.1, f"job {job_id} to finish")
+
+
+def ran_once(runners: Runners, job: dict[str, Any]) -> None:
+    """Exactly one runner ran the job, and none is left (killed here if one is)."""
+    with contextlib.suppress(AssertionError):
+        wait_for(lambda: not runners.alive(), 30, 0.1, "no runner of the job left")
+    survivors = runners.alive()
+    for proc in survivors:
+        proc.kill()
+    seen = runners.stop()
+    assert not survivors, f"runners left after the job ended: {survivors}"
+    assert len(seen) == 1, f"{len(seen)} runners of one job: {sorted(seen)}"
+    assert [pid for pid, _ in seen] == [job["pid"]]
+
+
+FAULTS = ["die_after_fork", pytest.param("stall_after_fork", marks=pytest.mark.slow)]
+
+
+def faulty_server(make_server: Callable[..., Any], fault: str) -> tuple[Any, Path]:
+    server = make_server(env={forkserver.TEST_FAULT_ENV: fault})
+    return server, server.data_dir / "jobs"
+
+
+def fault_happened(server: Any, fault: str) -> bool:
+    return f"test fault {fault}" in (server.data_dir / "supervisor.log").read_text()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_fork_server_lost_after_forking_runs_the_job_once(
+        make_server: Callable[..., Any], fault: str) -> None:
+    server, jobs_dir = faulty_server(make_server, fault)
+    with server.client() as client:
+        # Forked by a fresh server, which then fails: the runner ends without a final
+        # state, and its exit code went with the server.
+        job_id, _ = submit(client, jobs_dir, exit_code=7)
+        job = final(client, job_id)
+        assert job["state"] == p.FAILED and job["error"]["type"] == p.ERR_LOST, job
+        assert job["exit_code"] is None and "exit code unknown" in job["error"]["message"]
+        # die: forked by the next server, which dies too; stall: the stalled server
+        # answers nothing and is stopped, so it is started as a new interpreter, once.
+        job_id, runners = submit(client, jobs_dir, seconds=2, steps=2)
+        launched(jobs_dir, job_id)
+        job = final(client, job_id)
+        assert job["state"] == p.COMPLETED, job
+        ran_once(runners, job)
+        assert client.get(f"/api/jobs/{job_id}").json()["finished_at"] == job["finished_at"]
+    assert fault_happened(server, fault)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_fork_server_lost_after_forking_leaves_no_runner_after_a_cancel(
+        make_server: Callable[..., Any], fault: str) -> None:
+    server, jobs_dir = faulty_server(make_server, fault)
+    with server.client() as client:
+        job_id, runners = submit(client, jobs_dir, seconds=60, steps=60)
+        launched(jobs_dir, job_id)
+        wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["state"] == p.RUNNING,
+                 30, 0.1, "the job to run")
+        assert client.delete(f"/api/jobs/{job_id}").status_code == 200
+        job = final(client, job_id)
+        assert job["state"] == p.CANCELLED, job
+        ran_once(runners, job)  # nothing survives to overwrite the cancelled state
+        assert client.get(f"/api/jobs/{job_id}").json()["state"] == p.CANCELLED
+    assert fault_happened(server, fault)
