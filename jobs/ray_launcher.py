@@ -270,9 +270,9 @@ class RayLauncher(Launcher):
         entrypoint = " ".join([shlex.quote(self.python), "-m", module, REMOTE_FLAG,
                                *encode_job(data)])
         gpus = self.train_gpus if data.get(p.F_KIND) == "train" else 0.0
+        env = {**self.env, p.SNAPSHOT_KEY_ENV: key}
         try:
-            self.client.submit(sid, entrypoint, env_vars={**self.env, p.SNAPSHOT_KEY_ENV: key},
-                               num_cpus=self.num_cpus,
+            self.client.submit(sid, entrypoint, env_vars=env, num_cpus=self.num_cpus,
                                num_gpus=gpus, metadata={"offload_job_id": str(data.get(p.F_ID)),
                                                         "kind": str(data.get(p.F_KIND))})
         except RayError as exc:

@@ -174,7 +174,7 @@ def test_bad_ids_are_404_for_every_job_route(server: Server, path: str) -> None:
 def test_bad_bodies_get_clear_4xx(server: Server) -> None:
     with server.client() as client:
         cases: list[tuple[Any, int, str]] = [
-            ({"kind": "nope"}, 422, "known kinds: chat, sleep"),
+            ({"kind": "nope"}, 422, "known kinds: chat, probe, sleep"),
             ({"kind": "sleep", "input": {"seconds": "x"}}, 422, "input.seconds"),
             ({"kind": "sleep", "timeout_s": -1}, 422, "timeout_s"),
             ({"kind": "sleep", "extra": 1}, 422, "extra"),

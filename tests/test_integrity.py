@@ -139,14 +139,14 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
         wait_for(lambda: client.get(f"/api/jobs/{good['id']}").json()["state"] == "completed",
                  30, what="a good job done")
         valid = client.get(f"/api/jobs/{good['id']}").json()
-        forged, *others = (p.new_id() for _ in range(6))
-        bad = {
-            forged: {"id": forged, "state": "completed", "progress": "x"},  # the issue's
-            **{job_id: {**valid, "id": job_id, **change} for job_id, change in zip(others, [
-                {"state": "done"}, {"created_at": "yesterday"}, {"error": "a string"},
-                {"result": [1, 2]}, {"id": good["id"]},  # another job's: not this folder's
-            ], strict=True)},
-        }
+        changes: list[dict[str, Any]] = [
+            {"state": "done"}, {"created_at": "yesterday"}, {"error": "a string"},
+            {"result": [1, 2]}, {"id": good["id"]},  # another job's id: not this folder's
+        ]
+        bad = {job_id: {**valid, "id": job_id, **change}
+               for job_id, change in ((p.new_id(), change) for change in changes)}
+        forged = p.new_id()  # the record the forged line of the issue left behind
+        bad[forged] = {"id": forged, "state": "completed", "progress": "x"}
         for job_id, data in bad.items():
             _write_job(server.data_dir, job_id, data)
         listing = client.get("/api/jobs")
@@ -159,7 +159,7 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
             one = client.get(f"/api/jobs/{job_id}")
             assert one.status_code == 200 and one.json()["error"]["type"] == "corrupt"
             assert "not a valid job" in one.json()["error"]["message"]
-        with client.stream("GET", f"/api/jobs/{next(iter(bad))}/events") as stream:
+        with client.stream("GET", f"/api/jobs/{forged}/events") as stream:
             events = [json.loads(line[5:]) for line in stream.iter_lines()
                       if line.startswith("data:")]
         assert [e["error"]["type"] for e in events] == ["corrupt"]
@@ -174,8 +174,9 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
 
 def test_sleep_takes_seconds_and_steps_only(make_server: MakeServer) -> None:
     server = make_server()
-    knobs = [{"spawn_child": True}, {"ignore_sigterm": True}, {"exit_code": 7},
-             {"fail": "x"}, {"spew": True}, {"anything": 1}]
+    knobs: list[dict[str, Any]] = [{"spawn_child": True}, {"ignore_sigterm": True},
+                                   {"exit_code": 7}, {"fail": "x"}, {"spew": True},
+                                   {"anything": 1}]
     with server.client() as client:
         for knob in knobs:
             answer = client.post("/api/jobs", json={"kind": "sleep", "input": knob})
