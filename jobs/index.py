@@ -18,7 +18,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from jobs import protocol as p
+from jobs.models import Job
 
 SETTLE_S = 5.0  # a finished job file this long unchanged is never looked at again
 DIR_SETTLE_S = 0.1  # a folder listing is trusted once the folder's mtime is this old
@@ -316,12 +319,32 @@ class JobIndex:
 
 
 def read_job(job_id: str, path: str | Path) -> dict[str, Any] | None:
-    """A job file's data, None if there is none; a damaged one reads as a failed job
-    that says so."""
+    """A job file's data, None if there is none; a damaged one, or JSON that is not a
+    job, reads as a failed job that says so (a listing must never fail on one file)."""
     try:
-        return p.read_json(path)
+        data = p.read_json(path)
     except p.CorruptJobFile as exc:
         return corrupt_job(job_id, Path(path), str(exc))
+    if data is None:
+        return None
+    problem = _not_a_job(job_id, data)
+    if problem is not None:
+        return corrupt_job(job_id, Path(path), f"{p.JOB_FILE}: not a valid job: {problem}")
+    return data
+
+
+def _not_a_job(job_id: str, data: dict[str, Any]) -> str | None:
+    """What makes `data` no job the API can show (its model), or None; every job file
+    read is checked once (reads are cached), a few microseconds each."""
+    if data.get(p.F_ID) != job_id:
+        return f"its id is {str(data.get(p.F_ID))[:40]!r}, not its folder's"
+    try:
+        Job.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "job"
+        return f"{where}: {error['msg']}"
+    return None
 
 
 def corrupt_job(job_id: str, path: Path, detail: str) -> dict[str, Any]:

@@ -6,6 +6,9 @@ Add your own kind without touching this file, in either of two ways:
 - the environment: `OFFLOAD_KINDS="resize=mypkg.resize,report=tools.report"`
 The module must run as `python -m <module> --job-file F` (see runners/base.py); its
 input is any JSON object, checked by the runner itself.
+
+A name defined twice (a built-in kind, an entry point, OFFLOAD_KINDS) stops the API and
+the supervisor at start: an installed package must never silently replace `chat`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 class Kind:
     module: str  # run as `python -m <module> --job-file F`
     input_model: type[BaseModel] | None = None  # None: any JSON object
+    source: str = "built in"  # where it was defined, for the clash message
+
+
+class KindClash(ValueError):
+    """Two sources define the same job kind."""
 
 
 BUILT_IN: dict[str, Kind] = {
@@ -41,14 +49,17 @@ BUILT_IN: dict[str, Kind] = {
 
 
 def discover(env: str | None = None) -> dict[str, Kind]:
-    """Built-in kinds, then entry points, then OFFLOAD_KINDS (later ones win)."""
+    """Built-in kinds, entry points and OFFLOAD_KINDS; a name defined twice raises
+    `KindClash` naming both sources."""
     kinds = dict(BUILT_IN)
     for point in entry_points(group=ENTRY_POINT_GROUP):
-        _add(kinds, point.name, point.value, f"entry point {point.value!r}")
+        dist = f"{point.dist.name} {point.dist.version}" if point.dist else "unknown"
+        _add(kinds, point.name, point.value,
+             f"the entry point {point.name} = {point.value} of the package {dist}")
     spec = os.environ.get("OFFLOAD_KINDS", "") if env is None else env
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, module = item.partition("=")
-        _add(kinds, name.strip(), module.strip(), "OFFLOAD_KINDS")
+        _add(kinds, name.strip(), module.strip(), f"OFFLOAD_KINDS ({item})")
     return kinds
 
 
@@ -57,7 +68,12 @@ def _add(kinds: dict[str, Kind], name: str, module: str, source: str) -> None:
         log.warning("ignoring job kind %r = %r from %s: not a kind name and a module path",
                     name, module, source)
         return
-    kinds[name] = Kind(module)
+    known = kinds.get(name)
+    if known is not None:
+        first = f"built in ({known.module})" if known.source == "built in" else known.source
+        raise KindClash(f"job kind {name!r} is defined twice: {first} and {source}. "
+                        "Remove one of them or register yours under another name.")
+    kinds[name] = Kind(module, source=source)
 
 
 REGISTRY: dict[str, Kind] = discover()

@@ -104,14 +104,11 @@ class ChatInput(BaseModel):
 
 
 class SleepInput(BaseModel):
+    # Public: nothing here may make a runner misbehave (the tests' knobs are their own kind).
     model_config = ConfigDict(extra="forbid")
 
     seconds: float = Field(0, ge=0, le=3600)
     steps: int = Field(10, ge=1, le=10_000)
-    spawn_child: bool = False
-    ignore_sigterm: bool = False
-    exit_code: int | None = Field(None, ge=0, le=255)
-    fail: str | None = Field(None, max_length=1000)
 
 
 def _known_kinds(schema: dict[str, Any]) -> None:

@@ -82,8 +82,12 @@ STOP_FILE = "stop.json"
 RUN_FILE = "run.json"
 
 # A runner without the API's disk (on a Ray node) prints each job snapshot on stdout as
-# one line `@@offload <seq> <job JSON>`; the API side reads them from the engine's log.
+# one line `@@offload <key> <seq> <job JSON>`; the API side reads them from the engine's
+# log. The key is a secret of that launch, given to the runner in this environment
+# variable: the job's own output (its input, a model's reply) cannot know it, so it
+# cannot print a line that passes for a snapshot.
 SNAPSHOT_TAG = "@@offload"
+SNAPSHOT_KEY_ENV = "OFFLOAD_SNAPSHOT_KEY"
 LOCAL = "local"
 RAY = "ray"
 TMP_SUFFIX = ".tmp"
@@ -289,25 +293,27 @@ def cap_log(path: StrPath, max_bytes: int) -> int:
     return dropped
 
 
-def snapshot_line(seq: int, data: dict[str, Any]) -> str:
+def snapshot_line(seq: int, data: dict[str, Any], key: str) -> str:
     """One snapshot as a line of stdout (ASCII only: the log may be decoded as anything)."""
-    return f"{SNAPSHOT_TAG} {seq} {json.dumps(data, separators=(',', ':'))}\n"
+    return f"{SNAPSHOT_TAG} {key} {seq} {json.dumps(data, separators=(',', ':'))}\n"
 
 
-def split_snapshots(text: str) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+def split_snapshots(text: str, key: str) -> tuple[list[tuple[int, dict[str, Any]]], str]:
     """Complete lines of a runner's log: its snapshots (seq, job) and the other text.
-    A malformed snapshot line counts as other text."""
+    Only a line with the launch's key is a snapshot; any other line holding the key (one
+    cut by output from another thread) is dropped, so the key is never shown."""
+    prefix = f"{SNAPSHOT_TAG} {key} "
     snapshots: list[tuple[int, dict[str, Any]]] = []
     plain: list[str] = []
     for line in text.splitlines(keepends=True):
-        if line.startswith(SNAPSHOT_TAG + " "):
-            seq, _, payload = line[len(SNAPSHOT_TAG) + 1:].partition(" ")
+        if not key or key not in line:
+            plain.append(line)
+        elif line.startswith(prefix):
+            seq, _, payload = line[len(prefix):].partition(" ")
             try:
                 data = json.loads(payload)
-                if isinstance(data, dict) and seq.isdigit():
-                    snapshots.append((int(seq), data))
-                    continue
             except ValueError:
-                pass
-        plain.append(line)
+                continue
+            if isinstance(data, dict) and seq.isdigit():
+                snapshots.append((int(seq), data))
     return snapshots, "".join(plain)

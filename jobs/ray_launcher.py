@@ -6,6 +6,9 @@ cluster through its Jobs REST API (`jobs.ray_client`; no `import ray` here).
 - The job's JSON travels on the command line (`runners.base.encode_job`; inputs hold
   no secrets). The runner prints each snapshot of its job as one tagged line on stdout
   (`jobs.protocol.snapshot_line`), throttled like its file writes, the final one always.
+  Each launch has its own random key, sent in the job's environment and kept in its
+  launch record (for an adopting supervisor): only lines with it are snapshots, so
+  nothing the job prints (its input, a model's reply) can stand in for its state.
 - One poller thread per remote job reads the job's status and log from Ray and is the
   only writer of the local job file and log while the job runs. When Ray reports the
   job ended without a final snapshot, the supervisor writes its final state from
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shlex
 import sys
 import threading
@@ -60,6 +64,7 @@ def submission_id(job_id: str) -> str:
 @dataclass
 class RemoteRun(Run):
     submission_id: str = ""
+    key: str = ""  # the launch's snapshot key: lines without it are the job's output
     seq: int = 0  # the last snapshot written to the local job file
     consumed: int = 0  # characters of Ray's log already parsed
     log_text: list[str] = field(default_factory=list)  # the log without snapshot lines
@@ -107,9 +112,9 @@ class RayLauncher(Launcher):
             watched = self._runs.get(job_id)
             if watched is not None and not watched.ended.is_set():
                 return watched
-            sid = submission_id(job_id)
-            claim(p.sibling(job_file, p.RUN_FILE), self._record(sid))
-            run = RemoteRun(job_id, job_file, self.name, time.time(), sid,
+            sid, key = submission_id(job_id), secrets.token_hex(16)
+            claim(p.sibling(job_file, p.RUN_FILE), self._record(sid, key))
+            run = RemoteRun(job_id, job_file, self.name, time.time(), sid, key,
                             to_submit=(module, data))
             self._runs[job_id] = run
         return self._watch(run, on_exit)
@@ -124,7 +129,8 @@ class RayLauncher(Launcher):
                 return watched
             run = RemoteRun(job_id, job_file, self.name,
                             launched / 1e9 if isinstance(launched, int) else None,
-                            str(record.get("submission_id") or submission_id(job_id)))
+                            str(record.get("submission_id") or submission_id(job_id)),
+                            str(record.get("snapshot_key") or ""))
             self._runs[job_id] = run
         # Its poller reads Ray's whole log again: the log file is rebuilt, and the
         # latest snapshot rewritten (the newest there is, never an older one).
@@ -142,7 +148,7 @@ class RayLauncher(Launcher):
                 return
             module, data = remote.to_submit
             if self._lookup(remote.submission_id) is None:  # idempotent: look up first
-                self._submit(remote.submission_id, module, data)
+                self._submit(remote.submission_id, remote.key, module, data)
             remote.to_submit = None
             if remote.stop_asked:  # asked while it was being submitted
                 self.client.stop(remote.submission_id)
@@ -221,7 +227,7 @@ class RayLauncher(Launcher):
         end = text.rfind("\n", run.consumed) + 1  # complete lines only
         if end <= run.consumed:
             return
-        snapshots, plain = p.split_snapshots(text[run.consumed:end])
+        snapshots, plain = p.split_snapshots(text[run.consumed:end], run.key)
         run.consumed = end
         # Ray echoes the entrypoint, encoded job and all: noise in the job's log.
         plain = "".join(line for line in plain.splitlines(keepends=True)
@@ -249,9 +255,10 @@ class RayLauncher(Launcher):
 
     # -- submitting -----------------------------------------------------------------
 
-    def _record(self, sid: str) -> dict[str, Any]:
+    def _record(self, sid: str, key: str) -> dict[str, Any]:
         return {"launcher": self.name, "submission_id": sid, "address": self.address,
-                "claimed_by": os.getpid(), "launched_ns": time.time_ns()}
+                "claimed_by": os.getpid(), "launched_ns": time.time_ns(),
+                "snapshot_key": key}
 
     def _lookup(self, sid: str) -> RayJob | None:
         try:
@@ -259,12 +266,13 @@ class RayLauncher(Launcher):
         except RayJobNotFound:
             return None
 
-    def _submit(self, sid: str, module: str, data: dict[str, Any]) -> None:
+    def _submit(self, sid: str, key: str, module: str, data: dict[str, Any]) -> None:
         entrypoint = " ".join([shlex.quote(self.python), "-m", module, REMOTE_FLAG,
                                *encode_job(data)])
         gpus = self.train_gpus if data.get(p.F_KIND) == "train" else 0.0
+        env = {**self.env, p.SNAPSHOT_KEY_ENV: key}
         try:
-            self.client.submit(sid, entrypoint, env_vars=self.env, num_cpus=self.num_cpus,
+            self.client.submit(sid, entrypoint, env_vars=env, num_cpus=self.num_cpus,
                                num_gpus=gpus, metadata={"offload_job_id": str(data.get(p.F_ID)),
                                                         "kind": str(data.get(p.F_KIND))})
         except RayError as exc:

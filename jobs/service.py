@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
@@ -255,16 +255,19 @@ def validate_input(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
     try:
         model = spec.input_model.model_validate(job_input)
     except ValidationError as exc:
-        raise InvalidInput(_explain(kind, exc)) from exc
+        raise InvalidInput(_explain(kind, exc, spec.input_model)) from exc
     return model.model_dump(mode="json", exclude_unset=True)
 
 
-def _explain(kind: str, exc: ValidationError) -> str:
+def _explain(kind: str, exc: ValidationError, model: type[BaseModel]) -> str:
     problems = []
     for error in exc.errors()[:5]:
         where = ".".join(str(part) for part in error["loc"]) or "input"
         problems.append(f"input.{where}: {error['msg']}")
-    return f"invalid input for a {kind!r} job: " + "; ".join(problems)
+    message = f"invalid input for a {kind!r} job: " + "; ".join(problems)
+    if any(e["type"] == "extra_forbidden" and len(e["loc"]) == 1 for e in exc.errors()):
+        message += f" (a {kind!r} job takes only: {', '.join(model.model_fields)})"
+    return message
 
 
 def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float) -> str:

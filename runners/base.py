@@ -163,10 +163,10 @@ def _resources_psutil() -> dict[str, float] | None:
 class FileSink(Sink):
     """Writes the job file: throttled while running, always at the end."""
 
-    def __init__(self, path: str, echo: bool, emit: bool = False) -> None:
+    def __init__(self, path: str, echo: bool, emit_key: str | None = None) -> None:
         self.path = path
         self._echo = echo  # also print output when a developer runs this in a terminal
-        self._emit = emit  # also print each snapshot on stdout (a runner on a Ray node)
+        self._emit_key = emit_key  # also print each snapshot on stdout (on a Ray node)
         self._seq = 0
         self._echoed = 0
         self._cond = threading.Condition()
@@ -218,13 +218,13 @@ class FileSink(Sink):
             self._write_locked(job)
 
     def _write_locked(self, job: Job) -> bool:
-        """One write (and, with `emit`, one snapshot line on stdout); when the data
+        """One write (and, with `emit_key`, one snapshot line on stdout); when the data
         folder cannot be written the job goes on and the write is tried again after the
         usual interval."""
         snapshot = job.snapshot()
-        if self._emit:
+        if self._emit_key:
             self._seq += 1
-            sys.stdout.write(p.snapshot_line(self._seq, snapshot))
+            sys.stdout.write(p.snapshot_line(self._seq, snapshot, self._emit_key))
             sys.stdout.flush()
         try:
             p.write_json(self.path, snapshot)
@@ -444,6 +444,14 @@ def run_remote(pieces: Sequence[str], execute: Execute) -> int:
     """A job sent by the Ray launcher: its JSON travels on the command line (see
     `encode_job`), its snapshots go back on stdout, and a scratch job file on this node
     keeps the usual machinery (stop reason, data folder) working."""
+    # The launch's secret for its snapshot lines; out of the environment the job's own
+    # child processes inherit.
+    key = os.environ.pop(p.SNAPSHOT_KEY_ENV, "")
+    if not key:
+        print(f"error: {p.SNAPSHOT_KEY_ENV} is not set: the launcher that sent this job "
+              "gives each launch its own key, and snapshots are only read with it",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         data = decode_job(pieces)
     except ValueError as exc:
@@ -457,7 +465,7 @@ def run_remote(pieces: Sequence[str], execute: Execute) -> int:
     path = os.path.join(folder, p.JOB_FILE)
     p.write_json(path, data)
     try:
-        return run_job_file(path, execute, force=True, emit=True)
+        return run_job_file(path, execute, force=True, emit_key=key)
     finally:
         import shutil
 
@@ -503,7 +511,8 @@ def _host() -> str:
     return os.uname().nodename
 
 
-def run_job_file(path: str, execute: Execute, force: bool = False, emit: bool = False) -> int:
+def run_job_file(path: str, execute: Execute, force: bool = False,
+                 emit_key: str | None = None) -> int:
     try:
         data = p.read_json(path)
     except p.CorruptJobFile as exc:
@@ -527,9 +536,9 @@ def run_job_file(path: str, execute: Execute, force: bool = False, emit: bool = 
         p.F_STATE: p.RUNNING, p.F_STARTED_AT: p.now_iso(), p.F_FINISHED_AT: None,
         p.F_PID: os.getpid(), p.F_EXIT_CODE: None, p.F_ERROR: None, p.F_RESULT: None,
         p.F_OUTPUT: "", p.F_PROGRESS: None, p.F_HOST: _host(),
-        p.F_LAUNCHER: p.RAY if emit else p.LOCAL,
+        p.F_LAUNCHER: p.RAY if emit_key else p.LOCAL,
     })
-    sink = FileSink(path, echo=sys.stdout.isatty() and not emit, emit=emit)
+    sink = FileSink(path, echo=sys.stdout.isatty() and not emit_key, emit_key=emit_key)
     # <data>/jobs/<id>/job.json
     job = Job(data, sink, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
     try:

@@ -69,7 +69,8 @@ class FakeRay(ScriptedServer):
                              f"with submission_id {sid} already exists. Please use a "
                              "different submission_id.")
             self.jobs[sid] = {"submission_id": sid, "status": "PENDING", "message": "",
-                              "entrypoint": body["entrypoint"], "start_time": 0}
+                              "entrypoint": body["entrypoint"], "start_time": 0,
+                              "runtime_env": body["runtime_env"]}
             return 200, {"submission_id": sid, "job_id": None}
         if method == "GET" and parts == ["api", "jobs"]:
             return 200, list(self.jobs.values())

@@ -91,9 +91,11 @@ def test_submit_get_list_and_log(server: Server) -> None:
         final = wait_job(client, job["id"])
         assert final["state"] == "completed"
         assert final["result"]["slept_s"] == 0.5
-        client.post("/api/jobs", json={"kind": "sleep", "input": {"fail": "bad luck"}})
-        listed = client.get("/api/jobs", params={"kind": "sleep"}).json()["jobs"]
+        client.post("/api/jobs", json={"kind": "probe", "input": {"fail": "bad luck"}})
+        listed = client.get("/api/jobs").json()["jobs"]
         assert listed[-1]["id"] == job["id"], "newest first"
+        sleeps = client.get("/api/jobs", params={"kind": "sleep"}).json()["jobs"]
+        assert [each["id"] for each in sleeps] == [job["id"]]
         failed = wait_for(lambda: client.get("/api/jobs", params={"state": "failed"})
                           .json()["jobs"], 30)
         assert failed[0]["error"]["message"] == "bad luck"
@@ -106,7 +108,7 @@ def test_cancel_running_queued_and_finished(make_server: MakeServer) -> None:
     server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1"})
     with server.client() as client:
         running = client.post("/api/jobs", json={
-            "kind": "sleep", "input": {"seconds": 60, "spawn_child": True}}).json()
+            "kind": "probe", "input": {"seconds": 60, "spawn_child": True}}).json()
         queued = client.post("/api/jobs", json={"kind": "sleep", "input": {}}).json()
         job = wait_for(lambda: (j := client.get(f"/api/jobs/{running['id']}").json())
                        .get("pid") and j["progress"] and j, 30)
@@ -172,7 +174,7 @@ def test_bad_ids_are_404_for_every_job_route(server: Server, path: str) -> None:
 def test_bad_bodies_get_clear_4xx(server: Server) -> None:
     with server.client() as client:
         cases: list[tuple[Any, int, str]] = [
-            ({"kind": "nope"}, 422, "known kinds: chat, sleep"),
+            ({"kind": "nope"}, 422, "known kinds: chat, probe, sleep"),
             ({"kind": "sleep", "input": {"seconds": "x"}}, 422, "input.seconds"),
             ({"kind": "sleep", "timeout_s": -1}, 422, "timeout_s"),
             ({"kind": "sleep", "extra": 1}, 422, "extra"),
@@ -188,13 +190,13 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
                 answer = client.post("/api/jobs", json=body)
             assert answer.status_code == status, (body, answer.text)
             assert needle in answer.json()["detail"], (body, answer.text)
-        huge = {"kind": "sleep", "input": {"fail": "x" * 2_000_000}}
+        huge = {"kind": "probe", "input": {"fail": "x" * 2_000_000}}
         answer = client.post("/api/jobs", json=huge)
         assert answer.status_code == 413
         assert "too large" in answer.json()["detail"]
 
         def chunks() -> Iterator[bytes]:
-            yield b'{"kind": "sleep", "input": {"fail": "'
+            yield b'{"kind": "probe", "input": {"fail": "'
             for _ in range(300):
                 yield b"x" * 10_000
             yield b'"}}'

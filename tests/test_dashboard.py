@@ -210,7 +210,7 @@ def test_phone_width_and_dark_mode(browser: Any, server: Server) -> None:
 
 def test_jobs_table_shows_a_failed_job_and_its_log(page: Any, server: Server) -> None:
     job = httpx.post(f"{server.url}/api/jobs",
-                     json={"kind": "sleep", "input": {"fail": "disk on fire"}}).json()
+                     json={"kind": "probe", "input": {"fail": "disk on fire"}}).json()
     page.goto(server.url)
     row = f"#jobs-table tr[data-job-id='{job['id']}']"
     page.wait_for_selector(f"{row}[data-state='failed']", timeout=20_000)

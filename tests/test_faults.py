@@ -160,7 +160,7 @@ def test_runaway_log_is_capped(make_supervisor: Callable[..., RunningSupervisor]
                                data_dir: Path) -> None:
     cap = 1_000_000
     supervisor = make_supervisor(log_max_bytes=cap)
-    job_id = supervisor.submit(seconds=3, spew=True)
+    job_id = supervisor.submit("probe", seconds=3, spew=True)
     log = data_dir / "jobs" / job_id / p.LOG_FILE
     sizes = []
     while supervisor.job(job_id)["state"] not in p.FINAL_STATES:

@@ -17,6 +17,7 @@ import pytest
 
 from jobs import forkserver
 from jobs import protocol as p
+from jobs.kinds import KINDS
 from jobs.launchers import LocalLauncher, LocalRun
 from jobs.store import JobStore
 from tests.conftest import ROOT, process_gone, wait_for
@@ -37,11 +38,12 @@ def launcher() -> Iterator[LocalLauncher]:
 def start(data_dir: Path, launcher: LocalLauncher) -> Start:
     store = JobStore(data_dir / "jobs")
 
-    def start_job(**job_input: Any) -> tuple[LocalRun, Path, threading.Event]:
-        job = store.create("sleep", job_input, 60)
+    def start_job(kind: str = "sleep",
+                  **job_input: Any) -> tuple[LocalRun, Path, threading.Event]:
+        job = store.create(kind, job_input, 60)
         job_file = store.path(job["id"])
         ended = threading.Event()
-        run = launcher.start("runners.sleep", job_file, job, ended.set)
+        run = launcher.start(KINDS[kind], job_file, job, ended.set)
         assert isinstance(run, LocalRun)
         return run, job_file, ended
 
@@ -80,7 +82,7 @@ def test_a_forked_runner_looks_and_behaves_like_a_started_one(start: Start) -> N
     job = p.read_json(job_file)
     assert job is not None and job[p.F_STATE] == p.COMPLETED
     assert "Warning" not in Path(p.sibling(job_file, p.LOG_FILE)).read_text()
-    crashing, _, ended = start(exit_code=7)
+    crashing, _, ended = start("probe", exit_code=7)
     assert ended.wait(30)
     assert crashing.runner.child is not None and crashing.runner.child.returncode == 7
 

@@ -82,7 +82,7 @@ def test_running_then_completed_with_rising_progress(launched: MakeLaunched,
 
 def test_stop_mid_run_cancels_and_ends_runner_and_grandchild(launched: MakeLaunched) -> None:
     sup = launched(max_concurrent=2)
-    job_id = sup.submit(seconds=60, spawn_child=True)
+    job_id = sup.submit("probe", seconds=60, spawn_child=True)
     job = wait_for(lambda: (j := sup.job(job_id)).get("child_pid") and j, 60, what="child")
     runner_pid, child_pid = job["pid"], job["child_pid"]
     assert psutil.Process(child_pid).ppid() == runner_pid
@@ -134,7 +134,7 @@ def test_passed_deadline_is_timeout(launched: MakeLaunched) -> None:
 
 def test_crashing_runner_is_failed_with_its_exit_code(launched: MakeLaunched) -> None:
     sup = launched(max_concurrent=2)
-    job_id = sup.submit(exit_code=7)
+    job_id = sup.submit("probe", exit_code=7)
     final = sup.wait_final(job_id, timeout=60)
     assert final["state"] == "failed", final
     assert final["error"]["type"] == "lost"

@@ -22,7 +22,7 @@ def test_api_runs_cancels_and_streams_jobs_on_ray(
     with server.client() as client:
         done = client.post("/api/jobs", json={"kind": "sleep",
                                               "input": {"seconds": 1, "steps": 4}}).json()
-        long = client.post("/api/jobs", json={"kind": "sleep",
+        long = client.post("/api/jobs", json={"kind": "probe",
                                               "input": {"seconds": 60, "spawn_child": True}})
         assert long.status_code == 202
         events: list[dict[str, Any]] = []

@@ -97,11 +97,13 @@ def test_secrets_never_reach_ray(fake: FakeRay,
     assert decode_job(entry[4:])["id"] == job_id
 
 
-def _running_snapshot(job_id: str, seq: int, state: str = p.RUNNING,
+def _running_snapshot(fake: FakeRay, job_id: str, seq: int, state: str = p.RUNNING,
                       **fields: object) -> str:
+    """A snapshot line as the runner prints it, with the key its launch was given."""
+    key = fake.jobs[submission_id(job_id)]["runtime_env"]["env_vars"][p.SNAPSHOT_KEY_ENV]
     data = p.new_job(job_id, "sleep", {}, 60)
     data.update({p.F_STATE: state, p.F_STARTED_AT: p.now_iso(), p.F_PID: 4242, **fields})
-    return p.snapshot_line(seq, data)
+    return p.snapshot_line(seq, data, key)
 
 
 def test_poller_writes_snapshots_and_log_then_a_forgotten_job_is_lost(
@@ -112,8 +114,9 @@ def test_poller_writes_snapshots_and_log_then_a_forgotten_job_is_lost(
     wait_for(lambda: sid in fake.jobs, what="the job submitted")
     with fake.lock:
         fake.jobs[sid]["status"] = "RUNNING"
-        fake.logs[sid] = ("starting\n" + _running_snapshot(job_id, 1, progress={"fraction": 0.1})
-                          + _running_snapshot(job_id, 2, progress={"fraction": 0.2})
+        fake.logs[sid] = ("starting\n"
+                          + _running_snapshot(fake, job_id, 1, progress={"fraction": 0.1})
+                          + _running_snapshot(fake, job_id, 2, progress={"fraction": 0.2})
                           + "half a li")  # a line still being written is left for later
     job = sup.wait_state(job_id, "running")
     assert job["progress"]["fraction"] == 0.2 and job["launcher"] == "ray"
@@ -140,13 +143,14 @@ def test_final_snapshot_wins_and_a_deadline_reads_as_timeout(
     wait_for(lambda: sid in fake.jobs, what="the job submitted")
     with fake.lock:
         fake.jobs[sid]["status"] = "RUNNING"
-        fake.logs[sid] = _running_snapshot(job_id, 1)
+        fake.logs[sid] = _running_snapshot(fake, job_id, 1)
     sup.wait_state(job_id, "running")
     # The deadline passes: Offload asks Ray to stop it; the runner, signalled, says
     # "cancelled" (it cannot know why); the poller knows it was the deadline.
     wait_for(lambda: sid in fake.stopped, what="a stop sent")
     with fake.lock:
-        fake.logs[sid] += _running_snapshot(job_id, 2, p.CANCELLED, exit_code=3, output="part")
+        fake.logs[sid] += _running_snapshot(fake, job_id, 2, p.CANCELLED, exit_code=3,
+                                            output="part")
         fake.jobs[sid].update(status="STOPPED", driver_exit_code=3)
     final = sup.wait_final(job_id)
     assert final["state"] == "timeout", final
@@ -159,11 +163,13 @@ def test_remote_job_travels_on_the_command_line_whatever_its_size(tmp_path: Path
     job = p.new_job("b" * 32, "sleep", {"seconds": 0, "tag": big, "fail": None}, 30)
     pieces = encode_job(job)
     assert len(pieces) > 1 and all(len(piece) <= 100_000 for piece in pieces)
+    key = "k" * 32
     out = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job", *pieces],
                          cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={"PATH": "", "OFFLOAD_DATA_DIR": str(tmp_path)})
+                         env={"PATH": "", "OFFLOAD_DATA_DIR": str(tmp_path),
+                              p.SNAPSHOT_KEY_ENV: key})
     assert out.returncode == 0, out.stderr
-    snapshots, plain = p.split_snapshots(out.stdout)
+    snapshots, plain = p.split_snapshots(out.stdout, key)
     seqs = [seq for seq, _ in snapshots]
     assert seqs == sorted(seqs) and seqs[0] == 1
     final = snapshots[-1][1]
@@ -173,7 +179,8 @@ def test_remote_job_travels_on_the_command_line_whatever_its_size(tmp_path: Path
     assert not (tmp_path / "jobs").exists(), "never the jobs folder of an API"
 
     bad = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job", "garbage!"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, p.SNAPSHOT_KEY_ENV: key})
     assert bad.returncode == 2
     assert "cannot read the job from the command line" in bad.stderr
 

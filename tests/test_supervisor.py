@@ -87,7 +87,7 @@ def test_cancel_queued_job_never_starts(make_supervisor: Callable[..., RunningSu
 
 @pytest.mark.faults
 def test_cancel_running_job_stops_its_whole_tree(supervisor: RunningSupervisor) -> None:
-    job_id = supervisor.submit(seconds=60, spawn_child=True)
+    job_id = supervisor.submit("probe", seconds=60, spawn_child=True)
     job = wait_for(lambda: (j := supervisor.job(job_id)).get("child_pid") and j, what="child")
     runner_pid, child_pid = job["pid"], job["child_pid"]
     assert psutil.Process(child_pid).ppid() == runner_pid
@@ -103,7 +103,7 @@ def test_cancel_running_job_stops_its_whole_tree(supervisor: RunningSupervisor) 
 
 @pytest.mark.faults
 def test_timeout_kills_the_tree(supervisor: RunningSupervisor) -> None:
-    job_id = supervisor.submit(seconds=60, spawn_child=True, timeout_s=1.5)
+    job_id = supervisor.submit("probe", seconds=60, spawn_child=True, timeout_s=1.5)
     job = wait_for(lambda: (j := supervisor.job(job_id)).get("child_pid") and j, what="child")
     final = supervisor.wait_final(job_id)
     assert final["state"] == "timeout", final
@@ -117,7 +117,7 @@ def test_timeout_kills_the_tree(supervisor: RunningSupervisor) -> None:
 def test_runner_ignoring_sigterm_is_killed_after_grace(
         make_supervisor: Callable[..., RunningSupervisor]) -> None:
     sup = make_supervisor(grace_s=0.5)
-    job_id = sup.submit(seconds=60, ignore_sigterm=True)
+    job_id = sup.submit("probe", seconds=60, ignore_sigterm=True)
     job = sup.wait_state(job_id, "running")
     time.sleep(0.5)  # let it install SIG_IGN
     sup.store.request_cancel(job_id)
@@ -143,7 +143,7 @@ def test_runner_killed_from_outside_is_lost_with_exit_code(supervisor: RunningSu
 
 def test_runner_exiting_without_final_state_is_lost_with_log_tail(
         supervisor: RunningSupervisor) -> None:
-    job_id = supervisor.submit(exit_code=7)
+    job_id = supervisor.submit("probe", exit_code=7)
     final = supervisor.wait_final(job_id)
     assert final["state"] == "failed"
     assert final["error"]["type"] == "lost"
@@ -152,7 +152,7 @@ def test_runner_exiting_without_final_state_is_lost_with_log_tail(
 
 
 def test_runner_error_is_failed_with_one_line(supervisor: RunningSupervisor) -> None:
-    job_id = supervisor.submit(fail="the input makes no sense")
+    job_id = supervisor.submit("probe", fail="the input makes no sense")
     final = supervisor.wait_final(job_id)
     assert final["state"] == "failed"
     assert final["error"] == {"type": "runner", "message": "the input makes no sense"}
@@ -189,5 +189,5 @@ def test_prune_removes_old_finished_jobs_only(supervisor: RunningSupervisor) -> 
 def test_unknown_kind_is_refused(supervisor: RunningSupervisor) -> None:
     from jobs.store import UnknownKind
 
-    with pytest.raises(UnknownKind, match="known kinds: chat, sleep"):
+    with pytest.raises(UnknownKind, match="known kinds: chat, probe, sleep"):
         supervisor.store.create("nope", {}, 10)

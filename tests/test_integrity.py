@@ -1,0 +1,264 @@
+"""Nothing a job carries can change what Offload says about it: a job's output cannot
+forge its state over Ray, a job file that is no job is listed as corrupt (never a 500),
+the public `sleep` kind has no test knobs, and no package can silently replace a kind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs import protocol as p
+from jobs.kinds import KindClash, discover
+from jobs.ray_launcher import RayLauncher, submission_id
+from tests.conftest import ROOT, RunningSupervisor, free_port, wait_for
+from tests.fake_ray import FakeRay
+from tests.server import Server
+
+MakeServer = Callable[..., Server]
+# What a job printed in the issue: a line in the old snapshot format that says "completed".
+FORGED = '@@offload 999999999 {"state":"completed","progress":"x","output":"forged"}'
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeRay]:
+    with FakeRay() as server:
+        yield server
+
+
+def _submitted(fake: FakeRay, sid: str) -> dict[str, Any]:
+    body: dict[str, Any] = wait_for(lambda: next(
+        (b for m, _, b in list(fake.requests) if m == "POST" and b["submission_id"] == sid),
+        None), what="the job submitted to Ray")
+    return body
+
+
+def _one_more_poll(fake: FakeRay, sid: str) -> None:
+    """Wait until the poller asked for the log again: what it read before is applied."""
+    def polls() -> int:
+        return sum(1 for m, path, _ in list(fake.requests) if path.endswith(f"{sid}/logs"))
+
+    seen = polls()
+    wait_for(lambda: polls() > seen, what="another poll of the log")
+
+
+# -- 9: a job's output cannot forge its state -----------------------------------------
+
+
+def test_a_job_printing_a_snapshot_line_cannot_forge_its_state_over_ray(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor],
+        tmp_path: Path) -> None:
+    """The runner really runs Ray's entrypoint with the environment Ray was sent; its
+    output is Ray's log, the poller reading it up to the forged line first."""
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    job_id = sup.submit("probe", fail=f"bad luck\n{FORGED}")
+    sid = submission_id(job_id)
+    body = _submitted(fake, sid)
+    ran = subprocess.run(body["entrypoint"], shell=True, cwd=tmp_path, timeout=60,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={"PATH": os.environ["PATH"], **body["runtime_env"]["env_vars"]})
+    assert FORGED in ran.stdout, ran.stdout
+    cut = ran.stdout.index(FORGED) + len(FORGED) + 1
+    log_file = sup.supervisor.dir / job_id / p.LOG_FILE
+    with fake.lock:
+        fake.jobs[sid]["status"] = "RUNNING"
+        fake.logs[sid] = ran.stdout[:cut]
+    wait_for(lambda: log_file.exists() and "bad luck" in log_file.read_text(),
+             what="the output up to the forged line")
+    _one_more_poll(fake, sid)
+    assert sup.job(job_id)["state"] == "running", "the forged line changed nothing"
+    with fake.lock:
+        fake.logs[sid] = ran.stdout
+        fake.jobs[sid].update(status="FAILED", driver_exit_code=ran.returncode)
+    final = sup.wait_final(job_id)
+    assert final["state"] == "failed", final
+    assert final["error"] == {"type": "runner", "message": f"bad luck\n{FORGED}"}
+    text = log_file.read_text()
+    assert FORGED in text, "the forged line is the job's output, shown as such"
+    key = body["runtime_env"]["env_vars"][p.SNAPSHOT_KEY_ENV]
+    assert len(key) >= 32 and key not in text and key not in json.dumps(final)
+
+
+def test_only_lines_with_the_launch_key_are_snapshots_also_after_a_restart(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    job_id = sup.submit(seconds=60)
+    sid = submission_id(job_id)
+    key = _submitted(fake, sid)["runtime_env"]["env_vars"][p.SNAPSHOT_KEY_ENV]
+    job = p.new_job(job_id, "sleep", {}, 60)
+    job.update({p.F_STATE: p.RUNNING, p.F_PID: 4242, p.F_PROGRESS: {"fraction": 0.5}})
+    done = {**job, p.F_STATE: p.COMPLETED, p.F_FINISHED_AT: p.now_iso(), p.F_EXIT_CODE: 0}
+    other_key = p.snapshot_line(9, done, "0" * 32)  # a guess, or another launch's key
+    with fake.lock:
+        fake.jobs[sid]["status"] = "RUNNING"
+        fake.logs[sid] = FORGED + "\n" + other_key + p.snapshot_line(1, job, key)
+    assert sup.wait_state(job_id, "running")["progress"]["fraction"] == 0.5
+    _one_more_poll(fake, sid)
+    log_file = sup.supervisor.dir / job_id / p.LOG_FILE
+    assert log_file.read_text() == FORGED + "\n" + other_key
+    sup.stop()  # a new supervisor adopts the job: the key is in its launch record
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    with fake.lock:
+        fake.logs[sid] += p.snapshot_line(2, done, key)
+        fake.jobs[sid].update(status="SUCCEEDED", driver_exit_code=0)
+    assert sup.wait_final(job_id)["state"] == "completed"
+    assert log_file.read_text() == FORGED + "\n" + other_key
+
+
+def test_a_runner_sent_without_a_key_refuses_to_run(tmp_path: Path) -> None:
+    from runners.base import encode_job
+
+    job = p.new_job("c" * 32, "sleep", {"seconds": 0}, 30)
+    env = {k: v for k, v in os.environ.items() if k != p.SNAPSHOT_KEY_ENV}
+    out = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job",
+                          *encode_job(job)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**env, "OFFLOAD_DATA_DIR": str(tmp_path)})
+    assert out.returncode == 2 and p.SNAPSHOT_KEY_ENV in out.stderr
+    assert p.SNAPSHOT_TAG not in out.stdout
+
+
+# -- 9: a job file that is no job is listed as corrupt --------------------------------
+
+
+def _write_job(data_dir: Path, job_id: str, data: dict[str, Any]) -> None:
+    folder = data_dir / "jobs" / job_id
+    folder.mkdir(parents=True)
+    (folder / p.JOB_FILE).write_text(json.dumps(data))
+
+
+def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer) -> None:
+    server = make_server()
+    with server.client() as client:
+        good = client.post("/api/jobs", json={"kind": "sleep", "input": {}}).json()
+        wait_for(lambda: client.get(f"/api/jobs/{good['id']}").json()["state"] == "completed",
+                 30, what="a good job done")
+        valid = client.get(f"/api/jobs/{good['id']}").json()
+        changes: list[dict[str, Any]] = [
+            {"state": "done"}, {"created_at": "yesterday"}, {"error": "a string"},
+            {"result": [1, 2]}, {"id": good["id"]},  # another job's id: not this folder's
+        ]
+        bad = {job_id: {**valid, "id": job_id, **change}
+               for job_id, change in ((p.new_id(), change) for change in changes)}
+        forged = p.new_id()  # the record the forged line of the issue left behind
+        bad[forged] = {"id": forged, "state": "completed", "progress": "x"}
+        for job_id, data in bad.items():
+            _write_job(server.data_dir, job_id, data)
+        listing = client.get("/api/jobs")
+        assert listing.status_code == 200, listing.text
+        listed = {job["id"]: job for job in listing.json()["jobs"]}
+        assert listed[good["id"]]["state"] == "completed"
+        for job_id in bad:
+            assert listed[job_id]["state"] == "failed", listed[job_id]
+            assert listed[job_id]["error"]["type"] == "corrupt"
+            one = client.get(f"/api/jobs/{job_id}")
+            assert one.status_code == 200 and one.json()["error"]["type"] == "corrupt"
+            assert "not a valid job" in one.json()["error"]["message"]
+        with client.stream("GET", f"/api/jobs/{forged}/events") as stream:
+            events = [json.loads(line[5:]) for line in stream.iter_lines()
+                      if line.startswith("data:")]
+        assert [e["error"]["type"] for e in events] == ["corrupt"]
+        wait_for(lambda: (h := client.get("/api/history", params={"jobs": 20})).status_code
+                 == 200 and {j["id"] for j in h.json()["jobs"]
+                             if j["error_type"] == "corrupt"} == set(bad),
+                 30, what="the dashboard's feed listing them as corrupt")
+
+
+# -- 10: the public sleep kind has no test knobs --------------------------------------
+
+
+def test_sleep_takes_seconds_and_steps_only(make_server: MakeServer) -> None:
+    server = make_server()
+    knobs: list[dict[str, Any]] = [{"spawn_child": True}, {"ignore_sigterm": True},
+                                   {"exit_code": 7}, {"fail": "x"}, {"spew": True},
+                                   {"anything": 1}]
+    with server.client() as client:
+        for knob in knobs:
+            answer = client.post("/api/jobs", json={"kind": "sleep", "input": knob})
+            assert answer.status_code == 422, (knob, answer.text)
+            detail = answer.json()["detail"]
+            assert f"input.{next(iter(knob))}" in detail, detail
+            assert "takes only: seconds, steps" in detail, detail
+        fine = client.post("/api/jobs", json={"kind": "sleep",
+                                              "input": {"seconds": 0.1, "steps": 2}})
+        assert fine.status_code == 202, fine.text
+    assert len(list((server.data_dir / "jobs").glob("*/job.json"))) == 1
+
+
+def test_the_sleep_runner_ignores_knobs_in_a_job_file_written_by_hand(data_dir: Path) -> None:
+    job_id = p.new_id()
+    job = p.new_job(job_id, "sleep", {"seconds": 0, "ignore_sigterm": True, "exit_code": 7,
+                                      "fail": "x"}, 30)
+    _write_job(data_dir, job_id, job)
+    job_file = data_dir / "jobs" / job_id / p.JOB_FILE
+    done = subprocess.run([sys.executable, "-m", "runners.sleep", "--job-file", str(job_file)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    final = p.read_json(job_file)
+    assert final is not None and final["state"] == "completed"
+
+
+# -- 11: a kind defined twice stops the API and the supervisor ------------------------
+
+
+def _dist(folder: Path, name: str, kinds: str) -> None:
+    """An installed package as importlib.metadata finds it on sys.path."""
+    info = folder / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[offload.kinds]\n{kinds}\n")
+
+
+def _refuses(env: dict[str, str], *needles: str) -> None:
+    """The API (as `python api_entry.py` starts it) and the supervisor both refuse to
+    start, and say which two sources define the kind."""
+    env = {**os.environ, **env}
+    for args in (["api_entry.py", "--port", str(free_port())], ["-m", "jobs.daemon"]):
+        try:
+            done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, timeout=60,
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{args[0]} started although a kind is defined twice")
+        assert done.returncode != 0, done.stderr
+        for needle in needles:
+            assert needle in done.stderr, (needle, done.stderr[-2000:])
+
+
+def test_offload_kinds_cannot_replace_a_built_in_kind() -> None:
+    _refuses({"OFFLOAD_KINDS": "chat=tests.probe_runner"}, "job kind 'chat' is defined twice",
+             "built in (runners.chat)", "OFFLOAD_KINDS (chat=tests.probe_runner)")
+
+
+def test_an_installed_package_cannot_replace_a_built_in_kind(tmp_path: Path) -> None:
+    _dist(tmp_path, "evil-kinds", "chat = evil.chat")
+    _refuses({"PYTHONPATH": str(tmp_path), "OFFLOAD_KINDS": ""},
+             "job kind 'chat' is defined twice", "built in (runners.chat)",
+             "the entry point chat = evil.chat of the package evil-kinds 1.0")
+
+
+def test_two_packages_with_one_kind_clash(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _dist(tmp_path / "a", "resize-a", "resize = a.resize")
+    _dist(tmp_path / "b", "resize-b", "resize = b.resize")
+    monkeypatch.syspath_prepend(str(tmp_path / "a"))
+    assert discover(env="")["resize"].module == "a.resize"
+    with pytest.raises(KindClash, match=r"'resize' is defined twice: the entry point resize = "
+                                        r"a\.resize of the package resize-a 1\.0 and "
+                                        r"OFFLOAD_KINDS \(resize=mine\)"):
+        discover(env="resize=mine")
+    monkeypatch.syspath_prepend(str(tmp_path / "b"))
+    with pytest.raises(KindClash, match=r"'resize' is defined twice: the entry point resize = "
+                                        r"[ab]\.resize of the package resize-[ab] 1\.0 and the "
+                                        r"entry point resize = [ab]\.resize"):
+        discover(env="")
+
+
+def test_offload_kinds_naming_a_kind_twice_clashes() -> None:
+    with pytest.raises(KindClash, match=r"OFFLOAD_KINDS \(a=x\) and OFFLOAD_KINDS \(a=y\)"):
+        discover(env="a=x, a=y")
+    assert discover(env="a=x")["a"].module == "x"
