@@ -178,8 +178,9 @@ class Runners:
         return self.seen
 
 
-def submit(client: httpx.Client, jobs_dir: Path, **job_input: Any) -> tuple[str, Runners]:
-    job = client.post("/api/jobs", json={"kind": "sleep", "input": job_input}).json()
+def submit(client: httpx.Client, jobs_dir: Path, kind: str = "sleep",
+           **job_input: Any) -> tuple[str, Runners]:
+    job = client.post("/api/jobs", json={"kind": kind, "input": job_input}).json()
     return job["id"], Runners(jobs_dir / job["id"] / p.JOB_FILE)
 
 
@@ -230,7 +231,7 @@ def test_a_fork_server_lost_after_forking_runs_the_job_once(
     with server.client() as client:
         # Forked by a fresh server, which then fails: the runner ends without a final
         # state, and its exit code went with the server.
-        job_id, _ = submit(client, jobs_dir, exit_code=7)
+        job_id, _ = submit(client, jobs_dir, "probe", exit_code=7)
         job = final(client, job_id)
         assert job["state"] == p.FAILED and job["error"]["type"] == p.ERR_LOST, job
         assert job["exit_code"] is None and "exit code unknown" in job["error"]["message"]
