@@ -7,6 +7,10 @@ So a burst of spawns never competes with a request for the API's interpreter.
 Each API worker keeps one alive (`jobs.keeper`); the supervisor's file lock lets one
 lead. With `--parent`, it leaves when that process is gone, and gives up at once if
 another supervisor already leads.
+
+Its log records go to `<data>/supervisor.log`, rotated at `OFFLOAD_LOG_MAX_MB`; its
+stdout and stderr (`supervisor.out`) and the model server's output (`llm-server.log`)
+are written through inherited handles, so the leader cuts those in place now and then.
 """
 
 from __future__ import annotations
@@ -19,10 +23,22 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from logging.handlers import RotatingFileHandler
 
+from jobs import llm_server
+from jobs import protocol as p
 from jobs.history import MetricsRecorder
+from jobs.keeper import OUTPUT_FILE
+from jobs.launcher import IS_WINDOWS
 from jobs.llm_server import EmbeddedServer
-from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, Settings, get_settings
+from jobs.settings import (
+    HISTORY_KEEP_S,
+    HISTORY_SAMPLE_S,
+    LOG_BACKUPS,
+    OUTPUT_CAP_S,
+    Settings,
+    get_settings,
+)
 from jobs.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -31,6 +47,8 @@ PARENT_CHECK_S = 1.0
 LEAD_WITHIN_S = 3.0
 HELPER_RESTART_S = 5.0
 DAEMON_NICE = int(os.environ.get("OFFLOAD_SUPERVISOR_NICE", "10"))
+LOG_FILE = "supervisor.log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 async def serve(settings: Settings, parent: int | None = None) -> None:
@@ -46,6 +64,9 @@ async def serve(settings: Settings, parent: int | None = None) -> None:
     if not settings.openai_base_url:
         helpers.append(asyncio.create_task(_resilient("embedded model", lambda: _embedded_model(
             settings, supervisor)), name="llm"))
+    if not IS_WINDOWS:  # there an inherited handle does not append: cut only before a start
+        helpers.append(asyncio.create_task(_resilient("output caps", lambda: cap_outputs(
+            settings, supervisor)), name="output caps"))
     if parent is not None:
         helpers.append(asyncio.create_task(_watch_parent(parent), name="parent"))
     try:
@@ -85,10 +106,26 @@ async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> N
         await asyncio.sleep(next_at - loop.time())
 
 
+async def cap_outputs(settings: Settings, supervisor: Supervisor) -> None:
+    """Cut the outputs other processes write through an inherited handle, as runner logs
+    are cut: opened to append, so their writers go on at the new end."""
+    paths = [settings.data_dir / OUTPUT_FILE, settings.data_dir / llm_server.LOG_FILE]
+    while True:
+        if supervisor.is_leader:
+            for path in paths:
+                dropped = await asyncio.to_thread(p.cap_log, path, settings.log_max_bytes)
+                if dropped:
+                    log.info("%s capped (%d bytes dropped)", path.name, dropped)
+        await asyncio.sleep(OUTPUT_CAP_S)
+
+
 async def _embedded_model(settings: Settings, supervisor: Supervisor) -> None:
     """The leader runs the embedded model's server, loaded once for every chat."""
     while not supervisor.is_leader:
         await asyncio.sleep(0.2)
+    # Before its server writes to it (each load writes some 200 KB): bounded on Windows too.
+    await asyncio.to_thread(p.cap_log, settings.data_dir / llm_server.LOG_FILE,
+                            settings.log_max_bytes)
     await EmbeddedServer(settings.data_dir).run()
 
 
@@ -117,16 +154,31 @@ def _lower_priority() -> None:
         log.debug("could not lower the supervisor's priority: %s", exc)
 
 
+def _log_to_file(settings: Settings) -> None:
+    """Log records to a rotated supervisor.log (stderr if it cannot be opened)."""
+    handler: logging.Handler
+    problem = None
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        handler = RotatingFileHandler(settings.data_dir / LOG_FILE, encoding="utf-8",
+                                      maxBytes=settings.log_max_bytes, backupCount=LOG_BACKUPS)
+    except OSError as exc:
+        handler, problem = logging.StreamHandler(), exc
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=[handler])
+    if problem is not None:
+        log.warning("cannot open %s (%s); logging to stderr", LOG_FILE, problem)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.daemon")
     parser.add_argument("--parent", type=int, default=None,
                         help="leave when this process is gone (the API worker that started it)")
     args = parser.parse_args(argv)
     _lower_priority()
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    _log_to_file(settings)
     try:
-        asyncio.run(serve(get_settings(), args.parent))
+        asyncio.run(serve(settings, args.parent))
     except KeyboardInterrupt:
         pass
     return 0

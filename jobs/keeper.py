@@ -17,6 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from jobs import protocol as p
 from jobs.settings import Settings
 from jobs.supervisor import lock_file
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 CHECK_S = 1.0
 STOP_WAIT_S = 5.0
+# The supervisor's stdout and stderr: what is not a log record (a crash's traceback, the
+# fork server's complaints). Its log records go to supervisor.log (`jobs.daemon`).
+OUTPUT_FILE = "supervisor.out"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -57,12 +61,15 @@ class SupervisorKeeper:
 
     def _start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.settings.data_dir / "supervisor.log"
+        out_path = self.settings.data_dir / OUTPUT_FILE
+        # Cut before a supervisor writes to it: the one moment Windows allows (its
+        # handles do not append); the leader also cuts it while it runs elsewhere.
+        p.cap_log(out_path, self.settings.log_max_bytes)
         env = dict(os.environ, OFFLOAD_DATA_DIR=str(self.settings.data_dir))
-        with open(log_path, "ab") as log_file:
+        with open(out_path, "ab") as out:
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "jobs.daemon", "--parent", str(os.getpid())],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
                 # A session of its own is, on Linux, an autogroup of its own, which the
                 # supervisor lowers: its bursts of launching then weigh little against
                 # the API. It still leaves with the API (it watches its parent).

@@ -201,12 +201,14 @@ def make_launcher(settings: Settings) -> Launcher:
     return LocalLauncher(settings.runner_env())
 
 
-def adopting_launcher(record: dict[str, Any], runner_env: dict[str, str]) -> Launcher:
+def adopting_launcher(record: dict[str, Any], runner_env: dict[str, str],
+                      log_max_bytes: int | None = None) -> Launcher:
     """The launcher for a job that another configuration started (its run.json says)."""
     if record.get("launcher") in (None, p.LOCAL):
         return LocalLauncher(runner_env)
     if record.get("launcher") == p.RAY:
         from jobs.ray_launcher import RayLauncher
 
-        return RayLauncher(str(record.get("address") or ""), runner_env)
+        return RayLauncher(str(record.get("address") or ""), runner_env,
+                           log_max_bytes=log_max_bytes)
     raise ValueError(f"unknown launcher {record.get('launcher')!r} in the launch record")

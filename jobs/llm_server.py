@@ -27,6 +27,7 @@ HEALTH_EVERY_S = 5.0
 HEALTH_FAILURES = 3  # in a row, before a live but silent server is restarted
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 UNAVAILABLE_RECHECK_S = 60.0
+LOG_FILE = "llm-server.log"  # the server's output, in the data folder; the supervisor caps it
 
 
 class EmbeddedServer:
@@ -77,7 +78,7 @@ class EmbeddedServer:
         self.base_url = f"http://127.0.0.1:{port}/v1"
         self._write(False, "loading the embedded model", available=True,
                     model=embedded.model_name(model))
-        log_path = self.data_dir / "llm-server.log"
+        log_path = self.data_dir / LOG_FILE
         with open(log_path, "ab") as out:
             # In the supervisor's process group: it goes when the supervisor goes.
             cpus = embedded.model_cpus()

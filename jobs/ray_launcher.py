@@ -10,7 +10,10 @@ cluster through its Jobs REST API (`jobs.ray_client`; no `import ray` here).
   launch record (for an adopting supervisor): only lines with it are snapshots, so
   nothing the job prints (its input, a model's reply) can stand in for its state.
 - One poller thread per remote job reads the job's status and log from Ray and is the
-  only writer of the local job file and log while the job runs. When Ray reports the
+  only writer of the local job file and log while the job runs. Ray's Jobs API serves
+  a log only whole (`GET /api/jobs/<id>/logs`: no offset; its tail is a WebSocket), so
+  the poller parses only what is new since its last look and appends that to the
+  local log, which it caps as a local runner's is capped. When Ray reports the
   job ended without a final snapshot, the supervisor writes its final state from
   Ray's status and exit code, as for a local runner that died, and then releases
   (deletes) Ray's record.
@@ -67,7 +70,7 @@ class RemoteRun(Run):
     key: str = ""  # the launch's snapshot key: lines without it are the job's output
     seq: int = 0  # the last snapshot written to the local job file
     consumed: int = 0  # characters of Ray's log already parsed
-    log_text: list[str] = field(default_factory=list)  # the log without snapshot lines
+    logged: bool = False  # this poller has written the local log (later writes append)
     ended: threading.Event = field(default_factory=threading.Event)
     to_submit: tuple[str, dict[str, Any]] | None = None  # (module, job) until submitted
     stop_asked: bool = False
@@ -80,7 +83,7 @@ class RayLauncher(Launcher):
 
     def __init__(self, address: str, runner_env: dict[str, str] | None = None, *,
                  python: str | None = None, num_cpus: float = 1.0, train_gpus: float = 0.0,
-                 poll_s: float = RAY_POLL_S) -> None:
+                 poll_s: float = RAY_POLL_S, log_max_bytes: int | None = None) -> None:
         self.client = RayJobsClient(address)
         self.address = self.client.address
         self.local_head = is_loopback(self.client.host)
@@ -89,6 +92,7 @@ class RayLauncher(Launcher):
         self.num_cpus = num_cpus
         self.train_gpus = train_gpus
         self.poll_s = poll_s
+        self.log_max_bytes = log_max_bytes  # of the local copy of a job's log
         self.env = {k: v for k, v in (runner_env or {}).items() if k not in SECRET_ENV}
         self.env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
         if self.local_head:
@@ -100,7 +104,8 @@ class RayLauncher(Launcher):
     @classmethod
     def from_settings(cls, settings: Settings) -> RayLauncher:
         return cls(settings.ray_address, settings.runner_env(), python=settings.ray_python,
-                   num_cpus=settings.ray_num_cpus, train_gpus=settings.ray_train_gpus)
+                   num_cpus=settings.ray_num_cpus, train_gpus=settings.ray_train_gpus,
+                   log_max_bytes=settings.log_max_bytes)
 
     # -- the launcher interface -----------------------------------------------------
 
@@ -228,17 +233,25 @@ class RayLauncher(Launcher):
         if end <= run.consumed:
             return
         snapshots, plain = p.split_snapshots(text[run.consumed:end], run.key)
-        run.consumed = end
         # Ray echoes the entrypoint, encoded job and all: noise in the job's log.
         plain = "".join(line for line in plain.splitlines(keepends=True)
                         if not line.startswith(_RAY_ECHO))
         if plain:
-            run.log_text.append(plain)
-            p.write_atomic(p.sibling(run.job_file, p.LOG_FILE), "".join(run.log_text).encode())
+            self._append_log(run, plain)  # if it fails, the next poll reads these lines again
+        run.consumed = end
         fresh = [(seq, data) for seq, data in snapshots if seq > run.seq]
         if fresh:
             run.seq, latest = fresh[-1]
             p.write_json(run.job_file, self._local_view(run, latest))
+
+    def _append_log(self, run: RemoteRun, text: str) -> None:
+        path = p.sibling(run.job_file, p.LOG_FILE)
+        # Its first write replaces the file: an adopted job's log is rebuilt from Ray's.
+        with open(path, "ab" if run.logged else "wb") as f:
+            f.write(text.encode())
+        run.logged = True
+        if self.log_max_bytes is not None:
+            p.cap_log(path, self.log_max_bytes)
 
     def _local_view(self, run: RemoteRun, data: dict[str, Any]) -> dict[str, Any]:
         data[p.F_LAUNCHER] = self.name

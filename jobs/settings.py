@@ -35,6 +35,8 @@ DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"  # a Ray head's dashboard (Jobs RE
 RAY_POLL_S = 0.2  # how often a remote job's poller asks Ray (the runner writes 5 a second)
 RAY_UNREACHABLE_S = 60.0  # a remote job whose Ray stays unreachable this long is lost
 RAY_HTTP_TIMEOUT_S = 10.0
+LOG_BACKUPS = 3  # supervisor.log rotates at OFFLOAD_LOG_MAX_MB; this many older files kept
+OUTPUT_CAP_S = 5.0  # how often the supervisor cuts the outputs of its helper processes
 # Never sent to Ray: its job records keep runtime_env and entrypoint, and its dashboard
 # shows them. Cluster nodes need these in their own environment.
 SECRET_ENV = frozenset({"OPENAI_API_KEY"})
@@ -118,9 +120,15 @@ class Settings(BaseSettings):
     def host_is_loopback(self) -> bool:
         return is_loopback(self.host)
 
+    @property
+    def log_max_bytes(self) -> int:
+        """The size any one log file Offload writes is kept under (`OFFLOAD_LOG_MAX_MB`)."""
+        return int(self.log_max_mb * 2**20)
+
     def runner_env(self) -> dict[str, str]:
-        """LLM settings a runner needs, passed through its environment only."""
-        env: dict[str, str] = {}
+        """What a runner needs of the settings, passed through its environment only: every
+        launcher (exec, fork server, Ray) starts its runners with this."""
+        env: dict[str, str] = {"OFFLOAD_LOG_MAX_BYTES": str(self.log_max_bytes)}
         if self.openai_base_url:
             env["OPENAI_BASE_URL"] = self.openai_base_url
         if self.openai_api_key:

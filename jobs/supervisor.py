@@ -79,9 +79,9 @@ class Supervisor:
         self._listing = DirListing(jobs_dir)
         self._names: set[str] = set()  # the job ids on disk, as last listed
         self.grace_s = grace_s
+        # Runners cap their own logs when this says so (Settings.runner_env); the
+        # supervisor's check each pass is for output that bypasses them.
         self.runner_env = dict(runner_env or {})
-        if log_max_bytes is not None:
-            self.runner_env["OFFLOAD_LOG_MAX_BYTES"] = str(log_max_bytes)
         self.kinds = kinds or KINDS
         # New jobs go to `launcher`; adopted ones to the launcher their run.json names.
         self.launcher = launcher or LocalLauncher(self.runner_env)
@@ -104,7 +104,7 @@ class Supervisor:
         return cls(
             settings.jobs_dir, max_concurrent=settings.max_concurrent,
             retention_s=settings.retention_hours * 3600, max_jobs=settings.max_jobs,
-            log_max_bytes=int(settings.log_max_mb * 2**20), grace_s=settings.stop_grace_s,
+            log_max_bytes=settings.log_max_bytes, grace_s=settings.stop_grace_s,
             runner_env=settings.runner_env(), launcher=make_launcher(settings),
         )
 
@@ -277,7 +277,8 @@ class Supervisor:
         name = str(record.get("launcher") or p.LOCAL)
         found = self._launchers.get(name)
         if found is None:
-            found = self._launchers[name] = adopting_launcher(record, self.runner_env)
+            found = self._launchers[name] = adopting_launcher(record, self.runner_env,
+                                                              self.log_max_bytes)
         return found
 
     def _handle_stops(self, stop_ids: set[str]) -> None:
@@ -376,7 +377,7 @@ class Supervisor:
             return
         for tracked in self._running.values():
             if tracked.run.launcher != p.LOCAL:
-                continue  # a remote job's log is Ray's; the local copy is rebuilt from it
+                continue  # a remote job's local copy is written and capped by its poller
             dropped = p.cap_log(p.sibling(tracked.job_file, p.LOG_FILE), self.log_max_bytes)
             if dropped:
                 log.info("job %s: log capped (%d bytes dropped)", tracked.run.job_id, dropped)
