@@ -24,7 +24,7 @@ from jobs import protocol as p
 
 PENDING_S = 2.0  # a key file younger than this whose job is missing is still being stored
 RELEASE_LOCK_S = 10.0  # releasing waits this long for another release
-KEY_LINK = "idempotency"  # in a job's folder: the name of its key's file
+KEY_LINK = "idempotency-key"  # in a job's folder: the name of its key's file
 _LOCK_FILE = ".release.lock"
 _HEX = frozenset("0123456789abcdef")
 

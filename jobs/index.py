@@ -160,7 +160,7 @@ class JobIndex:
         with self._lock:
             self._refresh(0.0)
             jobs = self._newest(None, None, SNAPSHOT_JOBS)
-            # Copying the finish times is a memcpy: 80 KB at 10,000 jobs.
+            # Copying the finish times is a memcpy: about 20 microseconds at 20,000 jobs.
             load = Load(dict(self._counts), self._finished[:])
             self._snapshot = (time.monotonic(), jobs, load)
 

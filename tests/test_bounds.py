@@ -6,6 +6,7 @@ itself and is pruned with its job."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import threading
 import time
@@ -144,6 +145,31 @@ def test_the_job_cap_never_prunes_a_fresh_result(make_server: MakeServer,
         assert accepted.status_code == 202, accepted.text
 
 
+def test_the_index_knows_what_may_be_pruned(data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    old = write_finished_jobs(store.dir, 3)  # an hour ago
+    fresh = write_finished_jobs(store.dir, 2, age_s=1)
+    live = store.create("sleep", {}, 10)["id"]
+    store.refresh()
+    load = store.cached_load(60)
+    assert load is not None and load.total == 6
+    assert load.finished_before(time.time() - 600) == 3
+    job = store.read(live)
+    job.update({p.F_STATE: p.COMPLETED, p.F_FINISHED_AT: p.now_iso()})
+    p.write_json(store.path(live), job)  # finishes now
+    assert len(store.load().finished) == 6
+    job[p.F_OUTPUT] = "rewritten"
+    p.write_json(store.path(live), job)  # a finished job file written again: read again
+    assert len(store.load().finished) == 6
+    store.remove(old[0])
+    load = store.load()
+    assert (load.total, len(load.finished), load.finished_before(time.time() - 600)) == (5, 5, 2)
+    # Over the cap, pruning takes the old ones only; the fresh ones stay.
+    assert store.prune(retention_s=3600 * 24, max_jobs=1, min_retention_s=600) == 2
+    assert {j["id"] for j in store.list_jobs()} == {*fresh, live}
+    assert store.load().finished_before(time.time()) == 3
+
+
 # -- item 6: idempotency keys ----------------------------------------------------------
 
 
@@ -178,6 +204,20 @@ def test_a_key_in_flight_does_not_block_the_worker(make_server: MakeServer,
         assert _final(client, response.json()["id"])["state"] == "completed"
         again = client.post("/api/jobs", json=QUICK, headers={"Idempotency-Key": key})
         assert again.json()["id"] == response.json()["id"]
+
+
+def test_a_claim_that_never_ages_is_a_409(make_server: MakeServer, data_dir: Path) -> None:
+    server = make_server()
+    key_file = _key_file(data_dir, "future-1")
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_bytes(b"")
+    future = time.time() + 3600  # written under a clock an hour ahead
+    os.utime(key_file, (future, future))
+    with server.client() as client:
+        busy = client.post("/api/jobs", json=QUICK, headers={"Idempotency-Key": "future-1"})
+        assert busy.status_code == 409, busy.text
+        assert "retry" in busy.json()["detail"] and busy.headers["Retry-After"]
+        assert client.get("/api/jobs").json()["jobs"] == []
 
 
 def test_a_key_whose_job_is_gone_creates_the_job_again(make_server: MakeServer,
