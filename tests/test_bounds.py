@@ -65,7 +65,7 @@ def test_a_full_queue_answers_429_and_loses_nothing(make_server: MakeServer) -> 
     server = make_server(env={"OFFLOAD_MAX_QUEUED": "3", "OFFLOAD_MAX_CONCURRENT": "1"})
     with server.client() as client:
         long = client.post("/api/jobs", json={"kind": "sleep",
-                                              "input": {"seconds": 8, "steps": 8}}).json()
+                                              "input": {"seconds": 10, "steps": 10}}).json()
         wait_for(lambda: client.get(f"/api/jobs/{long['id']}").json()["state"] == "running",
                  30, what="the long job to run")
         queued = [client.post("/api/jobs", json=QUICK) for _ in range(3)]
