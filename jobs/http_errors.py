@@ -10,7 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jobs.service import AlreadyFinished, IdempotencyConflict, InvalidInput
+from jobs.service import (
+    AlreadyFinished,
+    IdempotencyConflict,
+    InvalidInput,
+    KeyInFlight,
+    Overloaded,
+)
 from jobs.store import JobNotFound, StoreUnavailable, UnknownKind
 
 log = logging.getLogger(__name__)
@@ -32,6 +38,17 @@ async def _unprocessable(request: Request, exc: Exception) -> JSONResponse:
 async def _conflict(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AlreadyFinished)
     return _detail(409, f"{exc}: there is nothing to cancel", job=exc.job)
+
+
+async def _key_in_flight(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=409, headers={"Retry-After": "1"})
+
+
+async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Overloaded)
+    log.info("submission refused: %s", exc)
+    return JSONResponse({"detail": f"{exc}. The job was not stored."}, status_code=429,
+                        headers={"Retry-After": str(exc.retry_after_s)})
 
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -67,6 +84,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(InvalidInput, _unprocessable)
     app.add_exception_handler(IdempotencyConflict, _unprocessable)
     app.add_exception_handler(AlreadyFinished, _conflict)
+    app.add_exception_handler(KeyInFlight, _key_in_flight)
+    app.add_exception_handler(Overloaded, _overloaded)
     app.add_exception_handler(StoreUnavailable, _unavailable)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)

@@ -9,12 +9,14 @@ changed: finished job files are never rewritten.
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import sys
 import threading
 import time
 from array import array
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,22 @@ class _Entry:
         session = job_input.get("session_id") if isinstance(job_input, dict) else None
         self.session = session if isinstance(session, str) else None
         self.live = live
+
+
+@dataclass(frozen=True)
+class Load:
+    """What admitting a submission needs: the jobs by state, and when the finished ones
+    finished (POSIX times, ascending)."""
+
+    counts: dict[str, int]
+    finished: array[float]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def finished_before(self, cutoff: float) -> int:
+        return bisect.bisect_left(self.finished, cutoff)
 
 
 class DirListing:
@@ -107,11 +125,12 @@ class JobIndex:
         self._order_ids: list[str] = []
         self._order_dirty = False
         self._counts = dict.fromkeys(p.STATES, 0)
+        self._finished = array("d")  # the finish times of finished jobs, ascending
         self._unsettled: set[str] = set()  # live or just finished: looked at every refresh
         self._missing: set[str] = set()  # a folder without its job file (yet)
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # settled jobs read
         self._refreshed_at: float | None = None
-        self._snapshot: tuple[float, list[dict[str, Any]], dict[str, int]] | None = None
+        self._snapshot: tuple[float, list[dict[str, Any]], Load] | None = None
 
     # -- queries -------------------------------------------------------------------
 
@@ -133,13 +152,20 @@ class JobIndex:
             self._refresh(max_age_s)
             return self._newest(None, None, limit), dict(self._counts)
 
+    def load(self, max_age_s: float = 0.0) -> Load:
+        with self._lock:
+            self._refresh(max_age_s)
+            return Load(dict(self._counts), self._finished[:])
+
     def refresh(self) -> None:
         """Bring the index up to date, and keep a snapshot of the newest jobs and the
-        counts that `cached_overview` answers from without taking the lock."""
+        load that `cached_overview` and `cached_load` answer from without the lock."""
         with self._lock:
             self._refresh(0.0)
             jobs = self._newest(None, None, SNAPSHOT_JOBS)
-            self._snapshot = (time.monotonic(), jobs, dict(self._counts))
+            # Copying the finish times is a memcpy: about 20 microseconds at 20,000 jobs.
+            load = Load(dict(self._counts), self._finished[:])
+            self._snapshot = (time.monotonic(), jobs, load)
 
     def cached_overview(self, limit: int, max_age_s: float
                         ) -> tuple[list[dict[str, Any]], dict[str, int]] | None:
@@ -149,7 +175,15 @@ class JobIndex:
         if (snapshot is None or limit > SNAPSHOT_JOBS
                 or time.monotonic() - snapshot[0] > max_age_s):
             return None
-        return snapshot[1][:limit], dict(snapshot[2])
+        return snapshot[1][:limit], dict(snapshot[2].counts)
+
+    def cached_load(self, max_age_s: float) -> Load | None:
+        """`load` from the last `refresh` if it is recent enough, else None (like
+        `cached_overview`: for the event loop)."""
+        snapshot = self._snapshot
+        if snapshot is None or time.monotonic() - snapshot[0] > max_age_s:
+            return None
+        return snapshot[2]
 
     def queue_position(self, job_id: str) -> int | None:
         with self._lock:
@@ -165,13 +199,15 @@ class JobIndex:
             jobs = (self._data(i, self._entries[i]) for i in found)
             return [job for job in jobs if job is not None]
 
-    def prunable(self, cutoff: float, max_jobs: int | None) -> set[str]:
+    def prunable(self, cutoff: float, max_jobs: int | None,
+                 young: float = math.inf) -> set[str]:
         """Finished jobs that finished before `cutoff`, then the oldest finished ones
-        beyond `max_jobs` jobs in all."""
+        beyond `max_jobs` jobs in all; never one that finished at `young` or later."""
         with self._lock:
             self._refresh(0.0)
             self._sort()
-            finished = [i for i in self._order_ids if self._entries[i].state in p.FINAL_STATES]
+            finished = [i for i in self._order_ids if self._entries[i].state in p.FINAL_STATES
+                        and self._entries[i].finished_ts < young]
             doomed = {job_id for job_id in finished
                       if self._entries[job_id].finished_ts < cutoff}
             if max_jobs is not None:
@@ -245,6 +281,7 @@ class JobIndex:
         old = self._entries.get(job_id)
         if old is not None:
             self._counts[old.state] = self._counts.get(old.state, 0) - 1
+            self._unfinish(old)
         else:
             self._sort()  # a dropped id that comes back must not be listed twice
             created_ns = p.fifo_key(data)[0]
@@ -253,6 +290,9 @@ class JobIndex:
             self._order_ids.insert(at, job_id)
         self._entries[job_id] = entry
         self._counts[entry.state] = self._counts.get(entry.state, 0) + 1
+        if entry.state in p.FINAL_STATES:
+            self._finished.insert(bisect.bisect(self._finished, entry.finished_ts),
+                                  entry.finished_ts)
         self._unsettled.add(job_id)
         if entry.state in p.FINAL_STATES and time.time() - live.mtime_ns / 1e9 > SETTLE_S:
             self._settle(job_id)
@@ -264,7 +304,14 @@ class JobIndex:
         entry = self._entries.pop(job_id, None)
         if entry is not None:
             self._counts[entry.state] -= 1
+            self._unfinish(entry)
             self._order_dirty = True
+
+    def _unfinish(self, entry: _Entry) -> None:
+        if entry.state in p.FINAL_STATES:
+            at = bisect.bisect_left(self._finished, entry.finished_ts)
+            if at < len(self._finished) and self._finished[at] == entry.finished_ts:
+                del self._finished[at]
 
     def _sort(self) -> None:
         """Forget removed ids in the submission order."""

@@ -11,13 +11,13 @@ from starlette.concurrency import run_in_threadpool
 from jobs import protocol as p
 from jobs.guards import require_token
 from jobs.models import ChatInput, ChatResult, Submitted
-from jobs.routes_jobs import Service
+from jobs.routes_jobs import REFUSED, Service
 from jobs.store import JobNotFound
 
 router = APIRouter(prefix="/api", tags=["chat"], dependencies=[Depends(require_token)])
 
 
-@router.post("/ai_chat_async", response_model=Submitted)
+@router.post("/ai_chat_async", response_model=Submitted, responses=REFUSED)
 async def ai_chat_async(body: ChatInput, service: Service) -> dict[str, Any]:
     """Start a chat; answers at once with the job id to poll."""
     job = await service.submit("chat", body.model_dump(mode="json", exclude_none=True), None)

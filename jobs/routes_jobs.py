@@ -28,12 +28,15 @@ def get_service(request: Request) -> JobService:
 
 Service = Annotated[JobService, Depends(get_service)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+REFUSED: dict[int | str, dict[str, Any]] = {
+    429: {"description": "too many jobs queued or kept; retry after `Retry-After` seconds"}}
 
 
-@router.post("/jobs", status_code=202, response_model=Job)
+@router.post("/jobs", status_code=202, response_model=Job, responses=REFUSED)
 async def submit_job(body: JobCreate, service: Service, response: Response,
                      idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
-    """Start a job; it waits `queued` while the cap is reached."""
+    """Start a job; it waits `queued` while the cap is reached. 429 (with `Retry-After`)
+    beyond OFFLOAD_MAX_QUEUED queued jobs, or OFFLOAD_MAX_JOBS kept ones."""
     job = await service.submit(body.kind, body.input, body.timeout_s, idempotency_key)
     response.headers["Location"] = f"/api/jobs/{job[p.F_ID]}"
     return job

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -23,8 +23,10 @@ from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
 from jobs.history import MetricsReader, summary
+from jobs.idempotency import PENDING_S, Claim, key_name
+from jobs.index import Load
 from jobs.kinds import REGISTRY
-from jobs.settings import CANCEL_WAIT_S, Settings
+from jobs.settings import CANCEL_WAIT_S, RETRY_AFTER_S, Settings
 from jobs.store import JobNotFound, JobStore, StoreUnavailable, UnknownKind
 from jobs.supervisor import poke
 
@@ -33,6 +35,8 @@ CONTEXT_WINDOW_S = 600.0  # the chat expert sees a summary of the last ten minut
 OVERVIEW_MAX_AGE_S = 0.25  # /api/history and /api/health may be this stale; a job read never
 INLINE_MAX_S = 0.005  # a file operation run on the event loop must take less than this
 INLINE_PAUSE_S = 60.0  # after one that took longer, worker threads for this long
+KEY_POLL_S = 0.05  # how often a request waits on a key whose job is being stored
+KEY_WAIT_S = 3 * PENDING_S  # and gives up after this long (a claim that never ages)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,13 +87,30 @@ class IdempotencyConflict(ValueError):
     pass
 
 
+class KeyInFlight(Exception):
+    """Another request with the same Idempotency-Key is still storing its job."""
+
+
+class Overloaded(Exception):
+    """Too much work is waiting or kept: try again after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+
+
+@dataclass(frozen=True)
+class _Key:
+    name: str  # the key file's name: a hash of the key, which is never stored
+    fingerprint: str  # of the request's body
+
+
 class JobService:
     def __init__(self, settings: Settings, store: JobStore,
                  metrics: MetricsReader | None = None) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
-        self._idem_dir = settings.data_dir / "idempotency"
         self.small_io = SmallIO()
 
     # -- submit ------------------------------------------------------------------------
@@ -100,46 +121,117 @@ class JobService:
         and wake the supervisor."""
         job_input = validate_input(kind, job_input)
         timeout = timeout_s or self.settings.job_timeout_s
-        # On the event loop only with the index snapshot's counts: never wait for the
-        # index lock there.
-        cached = self.store.cached_overview(0, OVERVIEW_MAX_AGE_S)
-        if cached is None:
-            job = await run_in_threadpool(self._submit, kind, job_input, timeout,
-                                          idempotency_key)
-        else:
-            job = await self.small_io.run("storing a job", self._submit, kind, job_input,
-                                          timeout, idempotency_key, cached[1])
+        key = None if idempotency_key is None else _Key(
+            key_name(idempotency_key), _fingerprint(kind, job_input, timeout))
+        give_up_at = time.monotonic() + KEY_WAIT_S
+        while True:
+            # On the event loop only with the index snapshot's counts: never wait for the
+            # index lock there.
+            load = self.store.cached_load(OVERVIEW_MAX_AGE_S)
+            if load is None:
+                outcome = await run_in_threadpool(self._submit, kind, job_input, timeout,
+                                                  key, None)
+            else:
+                outcome = await self.small_io.run("storing a job", self._submit, kind,
+                                                  job_input, timeout, key, load)
+            if not isinstance(outcome, Claim):
+                break
+            assert key is not None
+            await self._unblock(key, outcome, give_up_at)
         poke(self.store.dir)
-        return job
+        return outcome
 
     def _submit(self, kind: str, job_input: dict[str, Any], timeout_s: float,
-                key: str | None, counts: dict[str, int] | None = None) -> dict[str, Any]:
-        fingerprint = _fingerprint(kind, job_input, timeout_s)
-        job_input = self._with_context(kind, job_input, counts)
+                key: _Key | None, load: Load | None) -> dict[str, Any] | Claim:
+        """The new job; with a key, the job it already created, or its claim when that
+        job is not there (see `_unblock`)."""
+        if key is not None and (found := self._find(key)) is not None:
+            return found
+        if load is None:
+            load = self.store.load(OVERVIEW_MAX_AGE_S)
+        self._admit(load)
+        job_input = self._with_context(kind, job_input, load.counts)
         if key is None:
             return self.store.create(kind, job_input, timeout_s)
-        key_file = self._idem_dir / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
-        try:
-            self._idem_dir.mkdir(parents=True, exist_ok=True)
-            # O_EXCL: across every worker, exactly one request claims the key.
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return self._existing(key_file, fingerprint)
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot record the Idempotency-Key: {exc.strerror}") from exc
         job_id = p.new_id()
-        with os.fdopen(fd, "w") as f:
-            json.dump({"job_id": job_id, "fingerprint": fingerprint}, f)
-        return self.store.create(kind, job_input, timeout_s, job_id=job_id)
+        try:
+            claimed = self.store.keys.claim(key.name, job_id, key.fingerprint)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot record the Idempotency-Key: {exc}") from exc
+        if not claimed:  # another request claimed it a moment ago
+            return self._find(key) or Claim(None, None, 0.0)
+        try:
+            return self.store.create(kind, job_input, timeout_s, job_id=job_id,
+                                     key_name=key.name)
+        except StoreUnavailable:
+            self.store.keys.drop_own(key.name)
+            raise
+
+    def _find(self, key: _Key) -> dict[str, Any] | Claim | None:
+        """The job the key created; its claim if that job is not there; None if unclaimed."""
+        try:
+            claim = self.store.keys.read(key.name)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot read the Idempotency-Key's record: {exc}") from exc
+        if claim is None or claim.job_id is None:
+            return claim
+        if claim.fingerprint != key.fingerprint:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was already used with a different request "
+                "body; use a new key for a new job")
+        try:
+            return self.store.read(claim.job_id)
+        except JobNotFound:
+            return claim
+
+    async def _unblock(self, key: _Key, claim: Claim, give_up_at: float) -> None:
+        """A key whose job is not there: wait (without blocking) while its claimer may
+        still be storing the job; after that its job was never stored or was deleted,
+        and the key is released so that this request creates the job."""
+        if time.monotonic() > give_up_at:
+            raise KeyInFlight("another request with this Idempotency-Key is still storing "
+                              "its job; retry in a moment")
+        if claim.age_s < PENDING_S:
+            await asyncio.sleep(KEY_POLL_S)
+            return
+        try:
+            await run_in_threadpool(self.store.keys.release, key.name, claim.job_id)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot release the Idempotency-Key of a job that is "
+                                   f"gone: {exc}") from exc
+
+    def _admit(self, load: Load) -> None:
+        """Refuse a job beyond OFFLOAD_MAX_QUEUED queued, or beyond OFFLOAD_MAX_JOBS kept
+        when not enough finished jobs may be pruned to make room. The counts are the
+        index snapshot's: several workers (or a burst within a snapshot) may overshoot
+        a little."""
+        settings = self.settings
+        queued = load.counts.get(p.QUEUED, 0)
+        if queued >= settings.max_queued:
+            raise Overloaded(
+                f"{queued} jobs are waiting to start and OFFLOAD_MAX_QUEUED is "
+                f"{settings.max_queued}: retry after Retry-After seconds, when some have "
+                "started, or raise OFFLOAD_MAX_QUEUED", RETRY_AFTER_S)
+        must_go = load.total - settings.max_jobs + 1  # prunable jobs needed to make room
+        now = time.time()
+        if must_go <= 0 or load.finished_before(now - settings.min_retention_s) >= must_go:
+            return
+        wait: float = RETRY_AFTER_S  # live jobs must finish first
+        if len(load.finished) >= must_go:
+            wait = load.finished[must_go - 1] + settings.min_retention_s - now
+        raise Overloaded(
+            f"{load.total} jobs are kept and OFFLOAD_MAX_JOBS is {settings.max_jobs}, and "
+            "none may be pruned to make room yet: a queued or running job never is, a "
+            f"finished one only OFFLOAD_MIN_RETENTION_S ({settings.min_retention_s:g} s) "
+            "after it finished, so that its result can be read. Retry after Retry-After "
+            "seconds, or raise OFFLOAD_MAX_JOBS", wait)
 
     def _with_context(self, kind: str, job_input: dict[str, Any],
-                      counts: dict[str, int] | None) -> dict[str, Any]:
+                      counts: dict[str, int]) -> dict[str, Any]:
         """A chat for the dashboard's expert gets a summary of the recent history."""
         if kind != "chat" or "context" in job_input or job_input.get("expert") is False:
             return job_input
         samples = self.metrics.read(CONTEXT_WINDOW_S) if self.metrics else []
-        if counts is None:
-            counts = self.store.counts(max_age_s=OVERVIEW_MAX_AGE_S)
         return {**job_input, "context": summary(samples, counts)}
 
     def session(self, session_id: str) -> list[dict[str, Any]]:
@@ -156,28 +248,6 @@ class JobService:
                           "reply": job.get(p.F_OUTPUT) or "",
                           "error": error.get("message")})
         return turns
-
-    def _existing(self, key_file: Path, fingerprint: str) -> dict[str, Any]:
-        deadline = time.monotonic() + 2.0
-        while True:
-            try:
-                record = p.read_json(key_file) or {}
-            except p.CorruptJobFile:
-                record = {}  # being written by the request that claimed it
-            job_id = record.get("job_id")
-            if isinstance(job_id, str):
-                if record.get("fingerprint") != fingerprint:
-                    raise IdempotencyConflict(
-                        "this Idempotency-Key was already used with a different request "
-                        "body; use a new key for a new job")
-                try:
-                    return self.store.read(job_id)
-                except JobNotFound:
-                    pass  # the first request is still writing its job file
-            if time.monotonic() > deadline:
-                raise StoreUnavailable("the job for this Idempotency-Key was never stored; "
-                                       "retry with a new key")
-            time.sleep(0.01)
 
     # -- read --------------------------------------------------------------------------
 

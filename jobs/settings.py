@@ -21,6 +21,8 @@ LEADER_RETRY_S = 1.0  # how often a non-leader tries to become the supervisor
 WAKE_POLL_S = 0.02  # how often the leader looks for a poke from another process
 PRUNE_INTERVAL_S = 300.0
 PRUNE_OVER_CAP_S = 5.0  # how soon pruning runs again while more jobs than the cap are kept
+RETRY_AFTER_S = 5  # a refused submission's Retry-After when no better guess is at hand
+MIN_RETENTION_S = 600.0  # no finished job younger than this is pruned, even over the cap
 MAX_BODY_BYTES = 1_000_000  # a request body larger than this is refused with 413
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_EVENT_STREAMS = 256  # open /events connections per worker, by default
@@ -77,6 +79,9 @@ class Settings(BaseSettings):
     job_timeout_s: float = Field(120.0, gt=0, validation_alias=_env("OFFLOAD_JOB_TIMEOUT_S"))
     retention_hours: float = Field(72.0, ge=0, validation_alias=_env("OFFLOAD_RETENTION_HOURS"))
     max_jobs: int = Field(10_000, ge=1, validation_alias=_env("OFFLOAD_MAX_JOBS"))
+    max_queued: int = Field(1000, ge=1, validation_alias=_env("OFFLOAD_MAX_QUEUED"))
+    min_retention_s: float = Field(MIN_RETENTION_S, ge=0,
+                                   validation_alias=_env("OFFLOAD_MIN_RETENTION_S"))
     cors_origins: str = Field("", validation_alias=_env("OFFLOAD_CORS_ORIGINS"))
     max_event_streams: int = Field(MAX_EVENT_STREAMS, ge=1,
                                    validation_alias=_env("OFFLOAD_MAX_EVENT_STREAMS"))

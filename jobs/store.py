@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
+from jobs.idempotency import Keys
 from jobs.index import JobIndex, read_job
 from jobs.kinds import KINDS
 from jobs.models import Job
@@ -49,8 +51,15 @@ class JobStore(JobIndex):
             raise JobNotFound(job_id)
         return self.dir / job_id / p.JOB_FILE
 
+    @cached_property
+    def keys(self) -> Keys:
+        """The data folder's idempotency keys."""
+        return Keys(self.dir.parent / "idempotency")
+
     def create(self, kind: str, job_input: dict[str, Any], timeout_s: float,
-               job_id: str | None = None) -> dict[str, Any]:
+               job_id: str | None = None, key_name: str | None = None) -> dict[str, Any]:
+        """Store a new job; `key_name`: the idempotency key that claimed it, released
+        when the job is removed."""
         if kind not in KINDS:
             raise UnknownKind(kind)
         job_id = job_id or p.new_id()
@@ -59,6 +68,8 @@ class JobStore(JobIndex):
         try:
             self.ensure_dir()
             path.parent.mkdir()
+            if key_name is not None:
+                Keys.link(path.parent, key_name)
             p.write_json(path, data)
         except OSError as exc:
             reason = exc.strerror or exc
@@ -88,18 +99,21 @@ class JobStore(JobIndex):
     # -- pruning -------------------------------------------------------------------
 
     def prune(self, retention_s: float, max_jobs: int | None = None,
-              now: float | None = None) -> int:
+              now: float | None = None, min_retention_s: float = 0.0) -> int:
         """Delete finished jobs (with their log, stop and run files) older than the
-        retention, then the oldest finished ones beyond `max_jobs` jobs in all."""
-        cutoff = (now if now is not None else time.time()) - retention_s
-        doomed = self.prunable(cutoff, max_jobs)
+        retention, then the oldest finished ones beyond `max_jobs` jobs in all; never
+        one that finished less than `min_retention_s` ago (its client may be polling)."""
+        now = now if now is not None else time.time()
+        doomed = self.prunable(now - retention_s, max_jobs, now - min_retention_s)
         for job_id in doomed:
             self.remove(job_id)
         return len(doomed)
 
     def remove(self, job_id: str) -> None:
-        """Delete the job's folder: job file, log, stop and run records."""
+        """Delete the job's folder (job file, log, stop and run records) and release
+        the idempotency key that created it."""
         folder = self.path(job_id).parent
+        key_name = Keys.linked(folder)
         try:
             shutil.rmtree(folder)
         except FileNotFoundError:
@@ -108,4 +122,9 @@ class JobStore(JobIndex):
             log.warning("could not remove job %s: %s", job_id, exc)
             return
         self.forget(job_id)
+        if key_name is not None:
+            try:
+                self.keys.release(key_name, job_id)
+            except OSError as exc:  # a retry with this key releases it then
+                log.warning("could not release the Idempotency-Key of job %s: %s", job_id, exc)
 

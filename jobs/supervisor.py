@@ -38,6 +38,7 @@ from jobs.launchers import (
 )
 from jobs.settings import (
     LEADER_RETRY_S,
+    MIN_RETENTION_S,
     PRUNE_INTERVAL_S,
     PRUNE_OVER_CAP_S,
     SUPERVISOR_INTERVAL_S,
@@ -69,8 +70,10 @@ class Supervisor:
         runner_env: dict[str, str] | None = None,
         kinds: dict[str, str] | None = None,
         launcher: Launcher | None = None,
+        min_retention_s: float = MIN_RETENTION_S,
     ) -> None:
         self.dir = jobs_dir
+        self.min_retention_s = min_retention_s
         self.store = JobStore(jobs_dir)
         self.max_concurrent = max_concurrent
         self.retention_s = retention_s
@@ -106,6 +109,7 @@ class Supervisor:
             retention_s=settings.retention_hours * 3600, max_jobs=settings.max_jobs,
             log_max_bytes=settings.log_max_bytes, grace_s=settings.stop_grace_s,
             runner_env=settings.runner_env(), launcher=make_launcher(settings),
+            min_retention_s=settings.min_retention_s,
         )
 
     # -- driving -------------------------------------------------------------------
@@ -389,10 +393,12 @@ class Supervisor:
             return
         self._next_prune = now + PRUNE_INTERVAL_S
         self._pruned_at = now
-        removed = self.store.prune(self.retention_s, self.max_jobs)
+        removed = self.store.prune(self.retention_s, self.max_jobs,
+                                   min_retention_s=self.min_retention_s)
         if removed:
-            log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs)",
-                     removed, self.retention_s / 3600, self.max_jobs)
+            log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs; none "
+                     "younger than %.0f s)", removed, self.retention_s / 3600, self.max_jobs,
+                     self.min_retention_s)
 
     def _launcher_of(self, tracked: _Tracked) -> Launcher:
         return self._launchers[tracked.run.launcher]

@@ -1,0 +1,122 @@
+"""Idempotency keys, one file each: `<data>/idempotency/<sha256 of the key>.json` names
+the job the key created and a fingerprint of its request.
+
+A request claims a key by creating its file (O_EXCL: across every worker exactly one
+does), then stores the job. A key file whose job is not there once the file is older
+than PENDING_S (the request failed or died before storing it, or the job was deleted)
+is released, so the retry creates the job. The job's folder names its key file
+(`KEY_LINK`), so removing the job (pruning) releases its key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from jobs import protocol as p
+
+PENDING_S = 2.0  # a key file younger than this whose job is missing is still being stored
+RELEASE_LOCK_S = 10.0  # releasing waits this long for another release
+KEY_LINK = "idempotency-key"  # in a job's folder: the name of its key's file
+_LOCK_FILE = ".release.lock"
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a key file says; `job_id` is None while it is being written, or if damaged."""
+
+    job_id: str | None
+    fingerprint: str | None
+    age_s: float
+
+
+def key_name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Keys:
+    """The key files of one data folder. Every method raises OSError when the disk fails."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.json"
+
+    def read(self, name: str) -> Claim | None:
+        """The key's claim, None if nobody holds it. Never waits (unlike `p.read_json`,
+        which retries): it runs on the event loop."""
+        try:
+            with open(self.path(name), "rb") as f:
+                raw = f.read()
+                age_s = time.time() - os.fstat(f.fileno()).st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            record = None  # still being written by its claimer, or damaged
+        if not isinstance(record, dict):
+            return Claim(None, None, age_s)
+        job_id, fingerprint = record.get("job_id"), record.get("fingerprint")
+        return Claim(job_id if isinstance(job_id, str) and p.is_valid_id(job_id) else None,
+                     fingerprint if isinstance(fingerprint, str) else None, age_s)
+
+    def claim(self, name: str, job_id: str, fingerprint: str) -> bool:
+        """Claim the key for a new job; False if somebody holds it. When its file cannot
+        be written, raises and leaves no claim behind."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps({"job_id": job_id, "fingerprint": fingerprint}).encode())
+        except OSError:
+            self.drop_own(name)
+            raise
+        return True
+
+    def drop_own(self, name: str) -> None:
+        """Undo this request's own claim, whose job was not stored. Without the lock:
+        nobody else deletes a claim this young that names a job never stored."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.path(name))
+
+    def release(self, name: str, job_id: str | None) -> bool:
+        """Delete the key file if it still names `job_id` (None: an unfinished or damaged
+        one, then only once older than PENDING_S). Under a lock, so that two requests
+        releasing the same stale claim never delete the new claim one of them made
+        meanwhile. Blocks: call it from a worker thread."""
+        with FileLock(str(self.folder / _LOCK_FILE), timeout=RELEASE_LOCK_S):
+            claim = self.read(name)
+            if claim is None or claim.job_id != job_id:
+                return False
+            if job_id is None and claim.age_s < PENDING_S:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path(name))
+        return True
+
+    @staticmethod
+    def link(job_folder: Path, name: str) -> None:
+        """Record in a new job's folder which key created it."""
+        (job_folder / KEY_LINK).write_text(name, encoding="ascii")
+
+    @staticmethod
+    def linked(job_folder: Path) -> str | None:
+        try:
+            name = (job_folder / KEY_LINK).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return name if len(name) == 64 and _HEX.issuperset(name) else None

@@ -1,0 +1,296 @@
+"""Bounds on work and on idempotency keys, through the real API (uvicorn and its real
+supervisor process): a full queue and a full store answer 429 and lose nothing, the
+job cap never prunes a fresh result, and a key never blocks a worker, never poisons
+itself and is pruned with its job."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.scale import write_finished_jobs
+from jobs import protocol as p
+from jobs.settings import PRUNE_OVER_CAP_S
+from jobs.store import JobStore
+from tests.conftest import wait_for
+from tests.server import Server
+
+pytestmark = pytest.mark.faults
+MakeServer = Callable[..., Server]
+QUICK = {"kind": "sleep", "input": {"seconds": 0}}
+CHAT = {"messages": [{"role": "user", "content": "hello"}]}
+
+
+def _final(client: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] in p.FINAL_STATES else None
+
+    return wait_for(check, timeout, 0.1, f"job {job_id} to finish")
+
+
+def _counted(client: httpx.Client, check: Callable[[dict[str, int]], bool]) -> None:
+    """Wait until the API's own counts (its index snapshot) satisfy `check`."""
+    wait_for(lambda: check(client.get("/api/history", params={"seconds": 1}).json()["counts"]),
+             30, 0.05, "the API's counts")
+
+
+def _key_file(data_dir: Path, key: str) -> Path:
+    return data_dir / "idempotency" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+def _assert_429(response: httpx.Response, *words: str) -> int:
+    assert response.status_code == 429, (response.status_code, response.text)
+    detail = response.json()["detail"]
+    for word in words:
+        assert word in detail, detail
+    retry_after = int(response.headers["Retry-After"])
+    assert retry_after >= 1
+    return retry_after
+
+
+# -- item 5: bounded work --------------------------------------------------------------
+
+
+def test_a_full_queue_answers_429_and_loses_nothing(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_MAX_QUEUED": "3", "OFFLOAD_MAX_CONCURRENT": "1"})
+    with server.client() as client:
+        long = client.post("/api/jobs", json={"kind": "sleep",
+                                              "input": {"seconds": 10, "steps": 10}}).json()
+        wait_for(lambda: client.get(f"/api/jobs/{long['id']}").json()["state"] == "running",
+                 30, what="the long job to run")
+        queued = [client.post("/api/jobs", json=QUICK) for _ in range(3)]
+        assert [r.status_code for r in queued] == [202] * 3
+        _counted(client, lambda counts: counts["queued"] == 3)
+        refused = client.post("/api/jobs", json=QUICK)
+        _assert_429(refused, "OFFLOAD_MAX_QUEUED", "retry")
+        _assert_429(client.post("/api/ai_chat_async", json=CHAT), "OFFLOAD_MAX_QUEUED")
+        assert client.get(f"/api/jobs/{long['id']}").json()["state"] == "running", (
+            "the long job ended before the check: the queue was not full")
+        finals = [_final(client, job["id"]) for job in [long, *(r.json() for r in queued)]]
+        assert [f["state"] for f in finals] == ["completed"] * 4
+        assert len(client.get("/api/jobs").json()["jobs"]) == 4  # the refused were not stored
+        again = client.post("/api/jobs", json=QUICK)  # room again
+        assert again.status_code == 202
+        assert _final(client, again.json()["id"])["state"] == "completed"
+
+
+def test_cap_reached_with_nothing_prunable_answers_429(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_MAX_JOBS": "3", "OFFLOAD_MIN_RETENTION_S": "10"})
+    with server.client() as client:
+        kept = [client.post("/api/jobs", json=QUICK).json()["id"] for _ in range(3)]
+        for job_id in kept:
+            _final(client, job_id)
+        _counted(client, lambda counts: sum(counts.values()) == 3)
+        refused = client.post("/api/jobs", json=QUICK)
+        retry_after = _assert_429(refused, "OFFLOAD_MAX_JOBS", "OFFLOAD_MIN_RETENTION_S")
+        assert retry_after <= 11
+        _assert_429(client.post("/api/ai_chat_async", json=CHAT), "OFFLOAD_MAX_JOBS")
+        # Nothing accepted is lost: all three stay readable over the prune interval.
+        until = time.monotonic() + PRUNE_OVER_CAP_S + 1
+        while time.monotonic() < until:
+            assert [client.get(f"/api/jobs/{j}").status_code for j in kept] == [200] * 3
+            time.sleep(0.2)
+        time.sleep(retry_after)  # the oldest may be pruned now: there is room
+        accepted = client.post("/api/jobs", json=QUICK)
+        assert accepted.status_code == 202, accepted.text
+        assert _final(client, accepted.json()["id"])["state"] == "completed"
+        wait_for(lambda: client.get(f"/api/jobs/{kept[0]}").status_code == 404, 30, 0.2,
+                 "the oldest job to be pruned to the cap")
+        assert [client.get(f"/api/jobs/{j}").status_code for j in kept[1:]] == [200] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_job_cap_never_prunes_a_fresh_result(make_server: MakeServer,
+                                                  data_dir: Path) -> None:
+    jobs_dir = data_dir / "jobs"
+    old = write_finished_jobs(jobs_dir, 2)  # finished an hour ago
+    first = make_server()
+    with first.client() as client:
+        fresh = [client.post("/api/jobs", json=QUICK).json()["id"] for _ in range(4)]
+        finished_at = max(p.parse_iso(_final(client, j)["finished_at"]) for j in fresh)
+    first.stop()
+    retention = 30.0
+    # Restarted with a cap below what is kept: six jobs, cap two.
+    second = make_server(env={"OFFLOAD_MAX_JOBS": "2",
+                              "OFFLOAD_MIN_RETENTION_S": str(int(retention))})
+    with second.client() as client:
+        wait_for(lambda: not any((jobs_dir / j).exists() for j in old), 30, 0.1,
+                 "the old jobs to be pruned")
+        # Still over the cap, and the fresh results stay readable over prune passes.
+        polled_from = time.monotonic()
+        until = min(polled_from + 2 * PRUNE_OVER_CAP_S + 1,
+                    time.monotonic() + finished_at + retention - 3 - time.time())
+        assert until - polled_from > PRUNE_OVER_CAP_S, "too slow to see a prune pass"
+        while time.monotonic() < until:
+            codes = [client.get(f"/api/jobs/{j}").status_code for j in fresh]
+            assert codes == [200] * 4, codes
+            time.sleep(0.2)
+        _assert_429(client.post("/api/jobs", json=QUICK), "OFFLOAD_MAX_JOBS")
+        # Once older than the minimum retention, they are pruned to the cap, oldest first.
+        wait_for(lambda: sum((jobs_dir / j).exists() for j in fresh) == 2, 60, 0.2,
+                 "the fresh jobs, grown old, to be pruned to the cap")
+        assert [(jobs_dir / j).exists() for j in fresh] == [False, False, True, True]
+        accepted = client.post("/api/jobs", json=QUICK)
+        assert accepted.status_code == 202, accepted.text
+
+
+def test_the_index_knows_what_may_be_pruned(data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    old = write_finished_jobs(store.dir, 3)  # an hour ago
+    fresh = write_finished_jobs(store.dir, 2, age_s=1)
+    live = store.create("sleep", {}, 10)["id"]
+    store.refresh()
+    load = store.cached_load(60)
+    assert load is not None and load.total == 6
+    assert load.finished_before(time.time() - 600) == 3
+    job = store.read(live)
+    job.update({p.F_STATE: p.COMPLETED, p.F_FINISHED_AT: p.now_iso()})
+    p.write_json(store.path(live), job)  # finishes now
+    assert len(store.load().finished) == 6
+    job[p.F_OUTPUT] = "rewritten"
+    p.write_json(store.path(live), job)  # a finished job file written again: read again
+    assert len(store.load().finished) == 6
+    store.remove(old[0])
+    load = store.load()
+    assert (load.total, len(load.finished), load.finished_before(time.time() - 600)) == (5, 5, 2)
+    # Over the cap, pruning takes the old ones only; the fresh ones stay.
+    assert store.prune(retention_s=3600 * 24, max_jobs=1, min_retention_s=600) == 2
+    assert {j["id"] for j in store.list_jobs()} == {*fresh, live}
+    assert store.load().finished_before(time.time()) == 3
+
+
+# -- item 6: idempotency keys ----------------------------------------------------------
+
+
+def test_a_key_in_flight_does_not_block_the_worker(make_server: MakeServer,
+                                                   data_dir: Path) -> None:
+    server = make_server()
+    key = "in-flight-1"
+    key_file = _key_file(data_dir, key)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_bytes(b"")  # claimed by a request that has not written its job yet
+    answers: list[tuple[str, float, httpx.Response]] = []
+
+    def keyed() -> None:
+        with server.client() as client:
+            response = client.post("/api/jobs", json=QUICK, headers={"Idempotency-Key": key})
+            answers.append(("keyed", time.monotonic(), response))
+
+    thread = threading.Thread(target=keyed)
+    thread.start()
+    time.sleep(0.5)  # the keyed request waits for its key's job by now
+    with server.client() as client:
+        while thread.is_alive() and len(answers) < 20:
+            answers.append(("other", time.monotonic(), client.get("/api/health")))
+    thread.join(30)
+    order = [name for name, _, _ in sorted(answers, key=lambda a: a[1])]
+    assert order.index("keyed") >= 3, f"the worker answered nothing else meanwhile: {order}"
+    assert all(r.status_code == 200 for name, _, r in answers if name == "other")
+    response = next(r for name, _, r in answers if name == "keyed")
+    # The claim never got its job: the key was released and the job created.
+    assert response.status_code == 202, response.text
+    with server.client() as client:
+        assert _final(client, response.json()["id"])["state"] == "completed"
+        again = client.post("/api/jobs", json=QUICK, headers={"Idempotency-Key": key})
+        assert again.json()["id"] == response.json()["id"]
+
+
+def test_a_claim_that_never_ages_is_a_409(make_server: MakeServer, data_dir: Path) -> None:
+    server = make_server()
+    key_file = _key_file(data_dir, "future-1")
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_bytes(b"")
+    future = time.time() + 3600  # written under a clock an hour ahead
+    os.utime(key_file, (future, future))
+    with server.client() as client:
+        busy = client.post("/api/jobs", json=QUICK, headers={"Idempotency-Key": "future-1"})
+        assert busy.status_code == 409, busy.text
+        assert "retry" in busy.json()["detail"] and busy.headers["Retry-After"]
+        assert client.get("/api/jobs").json()["jobs"] == []
+
+
+def test_a_key_whose_job_is_gone_creates_the_job_again(make_server: MakeServer,
+                                                       data_dir: Path) -> None:
+    server = make_server()
+    headers = {"Idempotency-Key": "gone-1"}
+    with server.client() as client:
+        first = client.post("/api/jobs", json=QUICK, headers=headers).json()
+        _final(client, first["id"])
+        shutil.rmtree(data_dir / "jobs" / first["id"])  # deleted by hand
+        retry = client.post("/api/jobs", json=QUICK, headers=headers)
+        assert retry.status_code == 202, retry.text
+        assert retry.json()["id"] != first["id"]
+        assert client.post("/api/jobs", json=QUICK,
+                           headers=headers).json()["id"] == retry.json()["id"]
+        _final(client, retry.json()["id"])
+        JobStore(data_dir / "jobs").remove(retry.json()["id"])  # what pruning does
+        assert not _key_file(data_dir, "gone-1").exists()
+        third = client.post("/api/jobs", json=QUICK, headers=headers)
+        assert third.status_code == 202, third.text
+        assert third.json()["id"] not in (first["id"], retry.json()["id"])
+        assert _final(client, third.json()["id"])["state"] == "completed"
+
+
+def test_a_key_folder_that_is_a_file_is_a_503(make_server: MakeServer,
+                                              data_dir: Path) -> None:
+    server = make_server()
+    headers = {"Idempotency-Key": "blocked-1"}
+    blocker = data_dir / "idempotency"
+    blocker.write_bytes(b"")  # a file where the keys' folder should be
+    with server.client() as client:
+        refused = client.post("/api/jobs", json=QUICK, headers=headers)
+        assert refused.status_code == 503, refused.text
+        assert "Idempotency-Key" in refused.json()["detail"]
+        assert client.get("/api/jobs").json()["jobs"] == []
+        blocker.unlink()
+        accepted = client.post("/api/jobs", json=QUICK, headers=headers)
+        assert accepted.status_code == 202, accepted.text
+
+
+def test_a_key_file_write_that_fails_is_a_503(make_server: MakeServer) -> None:
+    resource = pytest.importorskip("resource")
+    if not hasattr(resource, "prlimit"):
+        pytest.skip("needs prlimit (Linux) to make the API's writes fail")
+    server = make_server()
+    assert server.proc is not None
+    headers = {"Idempotency-Key": "efbig-1"}
+    soft, hard = resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE)
+    # The API process may write at most 16 bytes into a file: the key file's write fails
+    # after it was created (EFBIG, as a full disk fails with ENOSPC).
+    resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (16, hard))
+    with server.client() as client:
+        try:
+            refused = client.post("/api/jobs", json=QUICK, headers=headers)
+        finally:
+            resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
+        assert refused.status_code == 503, refused.text
+        assert "Idempotency-Key" in refused.json()["detail"]
+        accepted = client.post("/api/jobs", json=QUICK, headers=headers)
+        assert accepted.status_code == 202, accepted.text
+        assert _final(client, accepted.json()["id"])["state"] == "completed"
+
+
+def test_keys_are_pruned_with_their_jobs(make_server: MakeServer, data_dir: Path) -> None:
+    server = make_server(env={"OFFLOAD_MAX_JOBS": "1", "OFFLOAD_MIN_RETENTION_S": "1"})
+    with server.client() as client:
+        first = client.post("/api/jobs", json=QUICK, headers={"Idempotency-Key": "k-1"}).json()
+        _final(client, first["id"])
+        time.sleep(1.5)  # older than the minimum retention
+        second = client.post("/api/jobs", json=QUICK, headers={"Idempotency-Key": "k-2"})
+        assert second.status_code == 202, second.text
+        _final(client, second.json()["id"])
+        wait_for(lambda: not (data_dir / "jobs" / first["id"]).exists(), 30, 0.2,
+                 "the first job to be pruned (over the cap)")
+        assert not _key_file(data_dir, "k-1").exists()
+        assert _key_file(data_dir, "k-2").exists()
