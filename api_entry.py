@@ -16,9 +16,10 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from jobs import http_errors, routes_chat, routes_jobs, routes_status
-from jobs.guards import BodyLimit
+from jobs.guards import BodyLimit, HostOriginGuard
 from jobs.lifespan import lifespan
 from jobs.settings import MAX_BODY_BYTES, get_settings
 
@@ -26,18 +27,23 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="Offload", version=routes_status.VERSION, lifespan=lifespan,
-                  description="Slow jobs in short-lived subprocesses; the API never blocks.")
+    settings = get_settings()  # refuses a weak OFFLOAD_API_TOKEN, however the app is served
+    # /docs from files installed with the app: no CDN, no third-party script beside the
+    # token. No /redoc: ReDoc loads its logo from its CDN, whatever its options.
+    app = FastAPIOffline(title="Offload", version=routes_status.VERSION, lifespan=lifespan,
+                         description="Slow jobs in short-lived subprocesses; the API never "
+                                     "blocks.", redoc_url=None)
     app.include_router(routes_chat.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_status.router)  # last: it ends with the /api catch-all
     http_errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
-    origins = get_settings().cors_origin_list
+    origins = settings.cors_origin_list
     if origins:  # closed unless configured: other sites' pages cannot call the API
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"])
+    app.add_middleware(HostOriginGuard, settings=settings)  # outermost: every path
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     return app
 

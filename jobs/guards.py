@@ -1,15 +1,17 @@
-"""Request guards: the API token and the body size limit."""
+"""Request guards: the API token, the Host and Origin checks, the body size limit."""
 
 from __future__ import annotations
 
 import hmac
 import json
-from typing import Any
 
 from fastapi import HTTPException, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jobs.settings import Settings, is_loopback
+from jobs.settings import Settings, host_name, is_loopback
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 
 async def require_token(request: Request) -> None:
@@ -31,6 +33,67 @@ async def require_token(request: Request) -> None:
             401, "missing or wrong API token: send the header "
                  "'Authorization: Bearer <token>' with the server's OFFLOAD_API_TOKEN",
             headers={"WWW-Authenticate": "Bearer"})
+
+
+class HostOriginGuard:
+    """On every path (API, page, /docs): without a token only a Host naming loopback or
+    listed in OFFLOAD_ALLOWED_HOSTS is answered, so a rebound DNS name reaches nothing
+    (421); a state-changing request from another site's page is refused (403)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.check_host = settings.api_token is None  # with a token, the token protects
+        self.allowed_hosts = frozenset(settings.allowed_host_list)
+        self.origins = frozenset(o.lower() for o in settings.cors_origin_list)
+        self._host_ok: dict[bytes, bool] = {}  # verdicts by Host header, bounded below
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = origin = b""
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+            elif name == b"origin":
+                origin = value
+        if self.check_host and not self._host_allowed(host):
+            await _send_detail(send, 421, (
+                "this server has no OFFLOAD_API_TOKEN, so it answers only requests for "
+                f"localhost, 127.0.0.1 or [::1], not for {host.decode('latin-1')[:100]!r}; "
+                "add that name to OFFLOAD_ALLOWED_HOSTS to serve it (or set OFFLOAD_API_TOKEN)"))
+            return
+        if origin and scope["method"] not in SAFE_METHODS and not self._origin_allowed(
+                scope["scheme"], host.decode("latin-1"), origin.decode("latin-1")):
+            await _send_detail(send, 403, (
+                f"refused: a page from {origin.decode('latin-1')[:100]!r} may not change "
+                "anything here; list its origin in OFFLOAD_CORS_ORIGINS to allow it"))
+            return
+        await self.app(scope, receive, send)
+
+    def _host_allowed(self, host: bytes) -> bool:
+        verdict = self._host_ok.get(host)
+        if verdict is None:
+            name = host_name(host.decode("latin-1"))
+            verdict = is_loopback(name) or name in self.allowed_hosts
+            if len(self._host_ok) < 256:  # any Host header can be sent: keep the cache small
+                self._host_ok[host] = verdict
+        return verdict
+
+    def _origin_allowed(self, scheme: str, host: str, origin: str) -> bool:
+        origin, host = origin.lower().rstrip("/"), host.lower()
+        default = DEFAULT_PORTS.get(scheme, "")
+        if default and host.endswith(default):  # a browser's Origin leaves it out
+            host = host[:-len(default)]
+        return origin == f"{scheme}://{host}" or origin in self.origins
+
+
+async def _send_detail(send: Send, status: int, detail: str) -> None:
+    payload = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _declared_length(scope: Scope) -> int:
@@ -92,9 +155,4 @@ class BodyLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body: dict[str, Any] = {"detail": _too_large(self.max_bytes)}
-        payload = json.dumps(body).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode())]})
-        await send({"type": "http.response.body", "body": payload})
+        await _send_detail(send, 413, _too_large(self.max_bytes))

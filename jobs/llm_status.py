@@ -9,6 +9,7 @@ from typing import Any
 
 from jobs import embedded
 from jobs.settings import Settings
+from runners import llm_client
 
 log = logging.getLogger(__name__)
 
@@ -17,11 +18,13 @@ class LLMStatus:
     def __init__(self, settings: Settings) -> None:
         self.data_dir = settings.data_dir
         self.provider = "openai-compatible" if settings.openai_base_url else "embedded"
-        self.base_url = (settings.openai_base_url or "").rstrip("/")
+        key = settings.openai_api_key
+        self._server = llm_client.Config(settings.openai_base_url or "",
+                                         key.get_secret_value() if key else None)
+        self.base_url = self._server.base_url  # without the credentials it may carry
         self.model = settings.llm_model or ""
         self.ready = False
         self.detail = "not checked yet"
-        self._key = settings.openai_api_key
 
     @property
     def probe_every_s(self) -> float:
@@ -40,9 +43,8 @@ class LLMStatus:
         if not self.base_url:
             self.ready, self.detail = False, "no LLM server configured or started"
             return False
-        request = urllib.request.Request(f"{self.base_url}/models")
-        if self._key is not None:
-            request.add_header("Authorization", f"Bearer {self._key.get_secret_value()}")
+        request = urllib.request.Request(f"{self.base_url}/models",
+                                         headers=self._server.headers())
         try:
             with urllib.request.urlopen(request, timeout=3) as response:
                 models = json.load(response).get("data") or []

@@ -47,9 +47,9 @@ from jobs.ray_client import (
 from jobs.settings import (
     RAY_POLL_S,
     RAY_UNREACHABLE_S,
-    SECRET_ENV,
     Settings,
     is_loopback,
+    is_secret_env,
 )
 from runners.base import REMOTE_FLAG, encode_job
 
@@ -93,7 +93,7 @@ class RayLauncher(Launcher):
         self.train_gpus = train_gpus
         self.poll_s = poll_s
         self.log_max_bytes = log_max_bytes  # of the local copy of a job's log
-        self.env = {k: v for k, v in (runner_env or {}).items() if k not in SECRET_ENV}
+        self.env = {k: v for k, v in (runner_env or {}).items() if not is_secret_env(k, v)}
         self.env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
         if self.local_head:
             self.env["PYTHONPATH"] = str(ROOT)  # the project, wherever Ray starts the job

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from runners.llm_client import public_url
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001
 STOP_GRACE_S = 3.0  # terminate, wait this long, then kill what is left
@@ -40,8 +42,11 @@ RAY_HTTP_TIMEOUT_S = 10.0
 LOG_BACKUPS = 3  # supervisor.log rotates at OFFLOAD_LOG_MAX_MB; this many older files kept
 OUTPUT_CAP_S = 5.0  # how often the supervisor cuts the outputs of its helper processes
 # Never sent to Ray: its job records keep runtime_env and entrypoint, and its dashboard
-# shows them. Cluster nodes need these in their own environment.
+# shows them. Cluster nodes need these (and an OPENAI_BASE_URL with credentials in it)
+# in their own environment.
 SECRET_ENV = frozenset({"OPENAI_API_KEY"})
+MIN_TOKEN_CHARS = 16
+MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
 def is_loopback(host: str) -> bool:
@@ -51,6 +56,19 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
         return False
+
+
+def host_name(host: str) -> str:
+    """A Host header's name: 'Example.org:8001' -> 'example.org', '[::1]:8001' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.partition(":")[0]
+
+
+def is_secret_env(name: str, value: str) -> bool:
+    """A runner's variable that must not leave this machine (see SECRET_ENV)."""
+    return name in SECRET_ENV or (name == "OPENAI_BASE_URL" and public_url(value) != value)
 
 
 def normalize_ray_address(value: str) -> str:
@@ -70,7 +88,9 @@ def _env(name: str) -> AliasChoices:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # hide_input_in_errors: a refused OFFLOAD_API_TOKEN is never printed.
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True,
+                                      hide_input_in_errors=True)
 
     host: str = Field(DEFAULT_HOST, validation_alias=_env("OFFLOAD_HOST"))
     port: int = Field(DEFAULT_PORT, ge=1, le=65535, validation_alias=_env("OFFLOAD_PORT"))
@@ -83,6 +103,7 @@ class Settings(BaseSettings):
     min_retention_s: float = Field(MIN_RETENTION_S, ge=0,
                                    validation_alias=_env("OFFLOAD_MIN_RETENTION_S"))
     cors_origins: str = Field("", validation_alias=_env("OFFLOAD_CORS_ORIGINS"))
+    allowed_hosts: str = Field("", validation_alias=_env("OFFLOAD_ALLOWED_HOSTS"))
     max_event_streams: int = Field(MAX_EVENT_STREAMS, ge=1,
                                    validation_alias=_env("OFFLOAD_MAX_EVENT_STREAMS"))
     log_max_mb: float = Field(10.0, ge=0.01, validation_alias=_env("OFFLOAD_LOG_MAX_MB"))
@@ -108,6 +129,21 @@ class Settings(BaseSettings):
         # Runners get absolute paths, whatever folder they run in.
         return value.expanduser().resolve()
 
+    @field_validator("api_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token (an unset variable in a compose file) matched an empty header.
+        if value is None:
+            return None
+        token = value.get_secret_value().strip()
+        if len(token) < MIN_TOKEN_CHARS:
+            what = f"{len(token)} characters" if token else "empty or blank"
+            raise ValueError(
+                f"OFFLOAD_API_TOKEN is too weak ({what}; at least {MIN_TOKEN_CHARS} needed). "
+                f"Make one with: {MAKE_TOKEN} (or unset OFFLOAD_API_TOKEN to serve on "
+                "127.0.0.1 only)")
+        return SecretStr(token)
+
     @field_validator("ray_address")
     @classmethod
     def _http_address(cls, value: str) -> str:
@@ -120,6 +156,11 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        """Host names (any port) served without a token besides loopback ones."""
+        return [host_name(h) for h in self.allowed_hosts.split(",") if h.strip()]
 
     @property
     def host_is_loopback(self) -> bool:

@@ -6,16 +6,18 @@ whose `data:` lines carry `choices[0].delta.content`, ending with `data: [DONE]`
 A server that does not stream gets the same request without `stream`.
 
 Every failure becomes a `RunnerError` whose message says what happened and what to
-do; the API key is never part of one.
+do; the API key is never part of one, nor are credentials in the URL
+(`https://user:password@host/v1`), which are sent as HTTP Basic authentication.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import socket
 import time
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from jobs import protocol as p
 from runners.base import RunnerError
@@ -33,15 +35,39 @@ RETRY_BASE_S = 1.0
 RETRY_MAX_S = 30.0
 
 
+def public_url(url: str) -> str:
+    """`url` without the `user:password@` it may carry: what may be shown, logged or stored."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = urlsplit("")
+    if "@" not in parts.netloc:  # none; or not a URL: then keep no part that may be one
+        return url if parts.netloc else url.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 class Config:
-    __slots__ = ("base_url", "api_key", "model", "first_token_s")
+    __slots__ = ("base_url", "api_key", "model", "first_token_s", "_secret", "_basic")
 
     def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None,
                  first_token_s: float = FIRST_TOKEN_TIMEOUT_S) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_url = public_url(base_url).rstrip("/")  # shown in progress and errors
         self.api_key = api_key  # never printed, never stored
         self.model = model
         self.first_token_s = first_token_s
+        self._secret, self._basic = _userinfo(base_url)
+
+    def headers(self) -> dict[str, str]:
+        """The API key as a bearer token, else the URL's user and password (HTTP Basic)."""
+        if self.api_key:
+            return {"Authorization": f"Bearer {self.api_key}"}
+        return {"Authorization": f"Basic {self._basic}"} if self._basic else {}
+
+    def redact(self, text: str) -> str:
+        for secret in (self.api_key, self._secret):
+            if secret:
+                text = text.replace(secret, "[redacted]")
+        return text
 
     def __repr__(self) -> str:
         return f"Config(base_url={self.base_url!r}, model={self.model!r})"
@@ -57,6 +83,19 @@ class Config:
         first = env.get("OFFLOAD_LLM_FIRST_TOKEN_S")
         return cls(url, env.get("OPENAI_API_KEY") or None, env.get("OFFLOAD_LLM_MODEL") or None,
                    float(first) if first else FIRST_TOKEN_TIMEOUT_S)
+
+
+def _userinfo(url: str) -> tuple[str | None, str | None]:
+    """The secret in `url`'s `user:password@` (the password, else a user that is a token)
+    and the pair in base64, for HTTP Basic; (None, None) without one."""
+    try:
+        parts = urlsplit(url)
+        user, password = unquote(parts.username or ""), unquote(parts.password or "")
+    except ValueError:
+        return None, None
+    if not user and not password:
+        return None, None
+    return password or user, base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 class Reply:
@@ -97,7 +136,7 @@ def _request_with_retries(config: Config, body: dict[str, Any]
         status = response.status
         if status == 200:
             return response, conn
-        detail = _redact(response.read(4000).decode("utf-8", errors="replace"), config)
+        detail = config.redact(response.read(4000).decode("utf-8", errors="replace"))
         retry_after = response.getheader("Retry-After")
         conn.close()
         if status in (400, 422) and body.get("stream") and "stream" in detail.lower():
@@ -136,9 +175,8 @@ def _connect(config: Config) -> http.client.HTTPConnection:
 
 def _send(config: Config, conn: http.client.HTTPConnection,
           body: dict[str, Any]) -> http.client.HTTPResponse:
-    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-    if config.api_key:
-        headers["Authorization"] = f"Bearer {config.api_key}"
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+               **config.headers()}
     path = urlsplit(config.base_url).path.rstrip("/") + "/chat/completions"
     try:
         if conn.sock is not None:
@@ -259,9 +297,8 @@ def list_models(config: Config) -> list[str]:
     except RunnerError:
         return []
     try:
-        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
         conn.request("GET", urlsplit(config.base_url).path.rstrip("/") + "/models",
-                     headers=headers)
+                     headers=config.headers())
         response = conn.getresponse()
         if response.status != 200:
             return []
@@ -277,7 +314,7 @@ def _status_message(config: Config, status: int, detail: str, attempts: int) -> 
     where = _where(config)
     if status in (401, 403):
         return (f"the LLM server at {where} rejected the API key (HTTP {status}); "
-                "check OPENAI_API_KEY")
+                "check OPENAI_API_KEY (or the user and password in OPENAI_BASE_URL)")
     text = _error_text(_json_error(detail) or detail.strip())[:300]
     if status == 404 and config.model:
         offered = list_models(config)
@@ -303,10 +340,6 @@ def _error_text(error: Any) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error)
     return str(error)
-
-
-def _redact(text: str, config: Config) -> str:
-    return text.replace(config.api_key, "[redacted]") if config.api_key else text
 
 
 def _where(config: Config) -> str:

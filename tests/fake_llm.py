@@ -23,6 +23,8 @@ class _Handler(JSONHandler):
 
     def do_GET(self) -> None:
         fake = self.server.fake
+        if not self._authorized():
+            return
         if not self.path.endswith("/models"):
             self._json(404, {"error": {"message": "no such route"}})
             return
@@ -37,6 +39,8 @@ class _Handler(JSONHandler):
                               "body": body})
         fake.request_times.append(time.monotonic())
         fake.request_wall.append(time.time())
+        if not self._authorized():
+            return
         failing = fake.status != 200 and (
             fake.fail_times is None or len(fake.requests) <= fake.fail_times)
         if failing:
@@ -57,6 +61,13 @@ class _Handler(JSONHandler):
                 "finish_reason": "stop"}]})
             return
         self._stream()
+
+    def _authorized(self) -> bool:
+        fake = self.server.fake
+        if fake.auth is None or self.headers.get("Authorization") == fake.auth:
+            return True
+        self._json(401, {"error": {"message": "missing or wrong credentials"}})
+        return False
 
     def _stream(self) -> None:
         fake = self.server.fake
@@ -96,7 +107,7 @@ class FakeLLM(ScriptedServer):
                  cut_after: int | None = None, malformed: str | None = None,
                  hang_s: float = 0.0, non_streaming: bool = False,
                  rejects_stream: bool = False, models: list[str] | None = None,
-                 known_model: str | None = None) -> None:
+                 known_model: str | None = None, auth: str | None = None) -> None:
         self.pieces = pieces or ["Hello", ", ", "world", "."]
         self.delay_s = delay_s
         self.status = status
@@ -110,6 +121,7 @@ class FakeLLM(ScriptedServer):
         self.rejects_stream = rejects_stream
         self.models = models or ["fake-model"]
         self.known_model = known_model
+        self.auth = auth  # the Authorization header every request must carry, else 401
         self.requests: list[dict[str, Any]] = []
         self.request_times: list[float] = []
         self.first_piece_sent: list[float] = []  # time.time() of each stream's first piece

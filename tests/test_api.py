@@ -222,7 +222,7 @@ def test_idempotency_key_returns_the_first_job(server: Server) -> None:
 
 
 def test_token_required_on_every_api_route(make_server: MakeServer) -> None:
-    server = make_server(env={"OFFLOAD_API_TOKEN": "s3cret-token"})
+    server = make_server(env={"OFFLOAD_API_TOKEN": "s3cret-token-5d8e1f"})
     job_path = f"/api/jobs/{'0' * 32}"
     routes = [("GET", "/api/health"), ("GET", "/api/history"), ("GET", "/api/jobs"),
               ("POST", "/api/jobs"), ("GET", job_path), ("DELETE", job_path),
@@ -231,12 +231,12 @@ def test_token_required_on_every_api_route(make_server: MakeServer) -> None:
     with server.client() as client:
         for method, path in routes:
             for headers in ({}, {"Authorization": "Bearer wrong"},
-                            {"Authorization": "s3cret-token"}):
+                            {"Authorization": "s3cret-token-5d8e1f"}):
                 answer = client.request(method, path, headers=headers)
                 assert answer.status_code == 401, (method, path, headers)
                 assert "OFFLOAD_API_TOKEN" in answer.json()["detail"]
                 assert "s3cret" not in answer.text
-        ok = client.get("/api/health", headers={"Authorization": "Bearer s3cret-token"})
+        ok = client.get("/api/health", headers={"Authorization": "Bearer s3cret-token-5d8e1f"})
         assert ok.status_code == 200
         assert client.get("/docs").status_code == 200
 

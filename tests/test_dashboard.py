@@ -224,10 +224,10 @@ def test_jobs_table_shows_a_failed_job_and_its_log(page: Any, server: Server) ->
 
 def test_token_is_asked_once_and_kept_for_the_tab(page: Any,
                                                   make_server: Callable[..., Server]) -> None:
-    server = make_server(env={"OFFLOAD_API_TOKEN": "tab-secret-1"})
+    server = make_server(env={"OFFLOAD_API_TOKEN": "tab-secret-1-8f3a7c"})
     page.goto(server.url)
     page.wait_for_selector("#token-input", state="visible", timeout=15_000)
-    page.fill("#token-input", "tab-secret-1")
+    page.fill("#token-input", "tab-secret-1-8f3a7c")
     page.press("#token-input", "Enter")
     page.wait_for_function("Number(document.querySelector('#history-chart')"
                            ".dataset.updates || 0) >= 2", timeout=15_000)

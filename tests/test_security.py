@@ -18,7 +18,7 @@ from tests.server import Server
 
 MakeServer = Callable[..., Server]
 SENTINEL = "sk-sentinel-7c41e9b2a05d4f68"
-TOKEN = "t0ken-9d3f2c1b"
+TOKEN = "t0ken-9d3f2c1b-5e7a"
 
 
 def _api_routes(client: httpx.Client) -> list[tuple[str, str]]:

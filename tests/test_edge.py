@@ -1,0 +1,302 @@
+"""The edge, tried from outside: weak tokens, DNS rebinding, cross-site writes, /docs
+offline, credentials in OPENAI_BASE_URL. Each through a real server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+import pytest
+
+from jobs import protocol as p
+from jobs.ray_launcher import RayLauncher
+from jobs.settings import Settings
+from tests.conftest import RunningSupervisor, free_port, start_process, stop_process, wait_for
+from tests.fake_llm import FakeLLM
+from tests.fake_ray import FakeRay
+from tests.server import Server
+
+MakeServer = Callable[..., Server]
+TOKEN = "edge-token-7c1e93b04d2a"
+SLEEP = {"kind": "sleep", "input": {"seconds": 30}}
+
+
+# -- 1. a weak token refuses to start, however the app is served ----------------------
+
+def _command(how: str, port: int) -> list[str]:
+    if how == "api_entry":
+        return ["api_entry.py", "--port", str(port)]
+    if how == "uvicorn":
+        return ["-m", "uvicorn", "api_entry:app", "--host", "127.0.0.1", "--port", str(port)]
+    return ["-m", "gunicorn", "api_entry:app", "-k", "uvicorn.workers.UvicornWorker",
+            "-w", "1", "-b", f"127.0.0.1:{port}"]
+
+
+@pytest.mark.parametrize(("how", "token"), [
+    ("api_entry", ""), ("uvicorn", ""), ("gunicorn", ""),  # an unset variable in a compose file
+    ("uvicorn", "   "), ("uvicorn", "short-but-15-ch")])
+def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
+                                     data_dir: Path) -> None:
+    if how == "gunicorn" and sys.platform == "win32":
+        pytest.skip("gunicorn does not run on Windows")
+    port, log = free_port(), tmp_path / "server.log"
+    proc = start_process(_command(how, port), env={
+        "OFFLOAD_API_TOKEN": token, "OFFLOAD_DATA_DIR": str(data_dir)}, log=log)
+    try:
+        deadline = time.monotonic() + 90
+        while proc.poll() is None:
+            try:  # the attack: an empty token matched `Authorization: Bearer`
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/jobs", timeout=2,
+                                   headers={"Authorization": f"Bearer {token}".rstrip()})
+            except httpx.HTTPError:
+                pass
+            else:
+                pytest.fail(f"started with a weak token; /api/jobs answered {answer.status_code}")
+            assert time.monotonic() < deadline, "neither refused nor served within 90 s"
+            time.sleep(0.2)
+    finally:
+        stop_process(proc)
+    output = log.read_text(errors="replace")
+    assert proc.returncode != 0
+    assert "OFFLOAD_API_TOKEN is too weak" in output, output[-3000:]
+    assert "secrets.token_urlsafe(32)" in output  # says how to make a good one
+    if token.strip():
+        assert token not in output  # and never shows the one it refused
+
+
+def test_token_is_trimmed_and_an_empty_bearer_refused(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_API_TOKEN": f"  {TOKEN}\n"})  # as read from a file
+    with server.client() as client:
+        for value in ("Bearer", "bearer", "Bearer \"\""):  # curl -H "Authorization: Bearer "
+            assert client.get("/api/jobs", headers={"Authorization": value}).status_code == 401
+        good = client.get("/api/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert good.status_code == 200
+
+
+# -- 2. DNS rebinding: without a token only loopback names are answered -----------------
+
+PATHS = ["/", "/app.js", "/docs", "/openapi.json", "/api/jobs", "/api/health"]
+
+
+def test_foreign_host_is_refused_without_a_token(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_ALLOWED_HOSTS": "offload.test, Other.Test:9"})
+    port = server.port
+    with server.client() as client:
+        for path in PATHS:
+            for host in (f"attacker.example:{port}", "attacker.example",
+                         f"localhost.attacker.example:{port}", f"127.0.0.1.nip.io:{port}",
+                         f"offload.test.attacker.example:{port}"):
+                answer = client.get(path, headers={"Host": host})
+                assert answer.status_code == 421, (path, host, answer.status_code)
+                assert "OFFLOAD_ALLOWED_HOSTS" in answer.json()["detail"]
+            for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LocalHost",
+                         f"offload.test:{port}", "OFFLOAD.test", "other.test:8001"):
+                answer = client.get(path, headers={"Host": host})
+                assert answer.status_code == 200, (path, host, answer.status_code)
+        refused = client.post("/api/jobs", json=SLEEP, headers={"Host": "attacker.example"})
+        assert refused.status_code == 421
+        assert client.get("/api/jobs").json()["jobs"] == []  # nothing was created
+
+
+def test_with_a_token_any_host_meets_the_token(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_API_TOKEN": TOKEN})
+    rebound = {"Host": f"attacker.example:{server.port}"}
+    with server.client() as client:
+        assert client.get("/", headers=rebound).status_code == 200
+        assert client.get("/api/jobs", headers=rebound).status_code == 401
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.get("/api/jobs", headers={**rebound, **auth}).status_code == 200
+        # The Origin check holds with a token too: a page elsewhere that has the token
+        # (pasted into it, say) still cannot make this server act.
+        foreign = {**auth, "Origin": "http://attacker.example"}
+        assert client.post("/api/jobs", json=SLEEP, headers=foreign).status_code == 403
+        assert client.get("/api/jobs", headers=auth).json()["jobs"] == []
+
+
+# -- 2. a state-changing request from another site's page gets 403 ----------------------
+
+def test_foreign_origin_cannot_change_anything(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_CORS_ORIGINS": "http://dash.example"})
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    with server.client() as client:
+        own = {"Origin": server.url}
+        job = client.post("/api/jobs", json=SLEEP, headers=own)
+        assert job.status_code == 202
+        job_path = f"/api/jobs/{job.json()['id']}"
+        for origin in ("http://attacker.example", "null", f"https://127.0.0.1:{server.port}",
+                       f"http://127.0.0.1:{server.port + 1}", "http://dash.example.attacker"):
+            foreign = {"Origin": origin}
+            for method, path, body in (("POST", "/api/jobs", SLEEP),
+                                       ("POST", "/api/ai_chat_async", chat),
+                                       ("DELETE", job_path, None)):
+                answer = client.request(method, path, json=body, headers=foreign)
+                assert answer.status_code == 403, (origin, method, path, answer.status_code)
+                assert "OFFLOAD_CORS_ORIGINS" in answer.json()["detail"]
+            assert client.get("/api/jobs", headers=foreign).status_code == 200  # reads: CORS
+        assert len(client.get("/api/jobs").json()["jobs"]) == 1
+        assert client.get(job_path).json()["state"] not in p.FINAL_STATES
+        listed = client.post("/api/jobs", json=SLEEP, headers={"Origin": "http://dash.example"})
+        assert listed.status_code == 202
+        for done in (job_path, f"/api/jobs/{listed.json()['id']}"):
+            assert client.delete(done, headers=own).status_code == 200
+        # Without Origin (curl, scripts, the CLI) nothing changes.
+        assert client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0.1}}
+                           ).status_code == 202
+
+
+# -- 12. /docs loads only local assets ----------------------------------------------------
+
+EXTERNAL = re.compile(r"""https?://[^\s"'<>()\\]+""")
+CSS_LOADS = re.compile(r"""(?:url\(\s*['"]?|@import\s+['"]?)(https?://[^'")\s]+)""")
+
+
+def test_docs_page_references_nothing_outside(make_server: MakeServer) -> None:
+    server = make_server()
+    with server.client() as client:
+        answer = client.get("/docs")
+        assert answer.status_code == 200
+        outside = [u for u in EXTERNAL.findall(answer.text) if not u.startswith(server.url)]
+        assert not outside, outside
+        assets = re.findall(r"""(?:src|href)=["']([^"']+)""", answer.text)
+        assert any(a.endswith(".js") for a in assets), assets
+        for asset in assets:
+            loaded = client.get(urljoin(f"{server.url}/docs", asset))
+            assert loaded.status_code == 200, asset
+            if asset.endswith(".css"):
+                assert not CSS_LOADS.findall(loaded.text), (asset, CSS_LOADS.findall(loaded.text))
+        # ReDoc shows a logo from its CDN whatever its options: not served.
+        assert client.get("/redoc").status_code == 404
+
+
+@pytest.fixture
+def rebinding_browser() -> Iterator[Any]:
+    """Chromium whose resolver sends offload.test and attacker.example to 127.0.0.1, as
+    DNS does for a rebound name."""
+    from tests.test_dashboard import CHROMIUM_FLAGS, chromium_path
+
+    path = chromium_path()
+    if path is None:
+        pytest.skip("no system Chromium here (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    rules = "MAP offload.test 127.0.0.1, MAP attacker.example 127.0.0.1"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=path, headless=True,
+                                     args=[*CHROMIUM_FLAGS, f"--host-resolver-rules={rules}"])
+        yield browser
+        browser.close()
+
+
+@pytest.mark.browser
+def test_docs_render_from_local_files_in_a_browser(rebinding_browser: Any,
+                                                   make_server: MakeServer) -> None:
+    # A name that is not loopback, as users reach a server (Swagger UI's validator badge,
+    # for one, shows only for those).
+    server = make_server(env={"OFFLOAD_ALLOWED_HOSTS": "offload.test"})
+    base = f"http://offload.test:{server.port}"
+    page = rebinding_browser.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(f"{base}/docs")
+    try:  # the operations listed: the page's script ran and read the schema
+        page.wait_for_function("document.body.innerText.includes('/api/jobs/{job_id}')",
+                               timeout=30_000)
+        page.wait_for_load_state("networkidle", timeout=30_000)
+        rendered = True
+    except Exception:  # reported below, after what was requested
+        rendered = False
+    outside = [u for u in requested if not u.startswith((base, "data:", "blob:"))]
+    assert not outside, outside
+    assert rendered, "Swagger UI did not list the operations"
+    # The rebinding attack as a browser makes it: the page is refused.
+    refused = page.goto(f"http://attacker.example:{server.port}/")
+    assert refused is not None and refused.status == 421
+    page.close()
+
+
+# -- 13. credentials in OPENAI_BASE_URL: used to connect, never shown ---------------------
+
+USER, PASSWORD = "offload", "pw-sentinel-5f1c9e"
+BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+
+def _with_credentials(url: str) -> str:
+    return url.replace("//", f"//{USER}:{PASSWORD}@", 1)
+
+
+def _chat(client: httpx.Client) -> dict[str, Any]:
+    job_id = client.post("/api/jobs", json={"kind": "chat", "input": {
+        "messages": [{"role": "user", "content": "hi"}], "session_id": "s1"}}).json()["id"]
+
+    def final() -> dict[str, Any] | None:
+        job: dict[str, Any] = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] in p.FINAL_STATES else None
+
+    return wait_for(final, 60, 0.1, "the chat")
+
+
+def _llm_ready(client: httpx.Client) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        llm: dict[str, Any] = client.get("/api/health").json()["llm"]
+        return llm if llm["ready"] else None
+
+    return wait_for(ready, 30, 0.2, "the LLM probe to succeed")
+
+
+def _everything_shown(server: Server, client: httpx.Client, job_id: str) -> list[str]:
+    paths = ["/api/health", "/api/history", "/api/jobs", f"/api/jobs/{job_id}",
+             f"/api/jobs/{job_id}/log", f"/api/jobs/{job_id}/events",
+             f"/api/ai_chat_result/{job_id}", "/api/sessions/s1"]
+    files = [f for f in server.data_dir.rglob("*") if f.is_file()] + [server.log]
+    return [client.get(path).text for path in paths] + [
+        f.read_text(errors="replace") for f in files]
+
+
+def test_base_url_credentials_are_used_and_never_shown(make_server: MakeServer) -> None:
+    with FakeLLM(pieces=["All ", "good."], auth=BASIC) as llm:
+        public = llm.base_url
+        server = make_server(env={"OPENAI_BASE_URL": _with_credentials(public)})
+        with server.client() as client:
+            job = _chat(client)
+            assert job["state"] == "completed", job["error"]  # the runner sent them
+            assert llm.requests[0]["headers"]["Authorization"] == BASIC
+            assert _llm_ready(client)["base_url"] == public  # the probe used them too
+            shown = _everything_shown(server, client, job["id"])
+    assert len(shown) > 10
+    assert not [text[:300] for text in shown if PASSWORD in text]
+
+
+def test_base_url_credentials_stay_out_of_errors(make_server: MakeServer) -> None:
+    # A server that fails, and echoes the password back in its error.
+    echo = json.dumps({"error": {"message": f"no luck for {USER}:{PASSWORD}"}})
+    with FakeLLM(status=400, error_body=echo, auth=BASIC) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": _with_credentials(llm.base_url)})
+        with server.client() as client:
+            job = _chat(client)
+            assert job["state"] == "failed"
+            assert f"127.0.0.1:{llm.port}" in job["error"]["message"]  # says where
+            assert "[redacted]" in job["error"]["message"]
+            shown = _everything_shown(server, client, job["id"])
+    assert f"asking the model at {llm.base_url}" in "".join(shown)  # the progress, stripped
+    assert not [text[:300] for text in shown if PASSWORD in text]
+
+
+def test_base_url_credentials_never_reach_ray(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    with FakeRay() as fake:
+        settings = Settings(OPENAI_BASE_URL=f"https://{USER}:{PASSWORD}@llm.example/v1",
+                            OFFLOAD_RAY_ADDRESS=fake.address, OFFLOAD_LAUNCHER="ray")
+        sup = make_supervisor(launcher=RayLauncher.from_settings(settings))
+        sup.submit(seconds=1)
+        sent = wait_for(lambda: next((body for method, _, body in list(fake.requests)
+                                      if method == "POST"), None), what="the job submitted")
+        assert "OPENAI_BASE_URL" not in sent["runtime_env"]["env_vars"]
+        assert PASSWORD not in json.dumps(fake.requests)
