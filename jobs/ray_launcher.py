@@ -232,7 +232,8 @@ class RayLauncher(Launcher):
         fresh = [(seq, data) for seq, data in snapshots if seq > run.seq]
         if fresh:
             run.seq, latest = fresh[-1]
-            p.write_json(run.job_file, self._local_view(run, latest))
+            p.write_json(run.job_file, self._local_view(run, latest),
+                         durable=latest.get(p.F_STATE) in p.FINAL_STATES)
 
     def _local_view(self, run: RemoteRun, data: dict[str, Any]) -> dict[str, Any]:
         data[p.F_LAUNCHER] = self.name

@@ -96,16 +96,16 @@ class JobService:
 
     async def submit(self, kind: str, job_input: dict[str, Any], timeout_s: float | None,
                      idempotency_key: str | None = None) -> dict[str, Any]:
-        """Store a new job (on the event loop while the disk is quick; see `SmallIO`)
-        and wake the supervisor."""
+        """Store a new job durably, in a worker thread (without fsync, OFFLOAD_FSYNC=0: on
+        the event loop while the disk is quick; see `SmallIO`), and wake the supervisor."""
         job_input = validate_input(kind, job_input)
         timeout = timeout_s or self.settings.job_timeout_s
         # On the event loop only with the index snapshot's counts: never wait for the
         # index lock there.
         cached = self.store.cached_overview(0, OVERVIEW_MAX_AGE_S)
-        if cached is None:
+        if cached is None or p.FSYNC:  # an fsync takes milliseconds: never on the loop
             job = await run_in_threadpool(self._submit, kind, job_input, timeout,
-                                          idempotency_key)
+                                          idempotency_key, cached[1] if cached else None)
         else:
             job = await self.small_io.run("storing a job", self._submit, kind, job_input,
                                           timeout, idempotency_key, cached[1])

@@ -207,7 +207,7 @@ class FileSink(Sink):
         give_up_at = time.monotonic() + FINAL_WRITE_PATIENCE_S
         while True:
             with self._cond:
-                if self._write_locked(job):
+                if self._write_locked(job, durable=True):
                     return
             if time.monotonic() > give_up_at:
                 raise OSError(f"cannot write the final state to {self.path}")
@@ -217,17 +217,18 @@ class FileSink(Sink):
         with self._cond:
             self._write_locked(job)
 
-    def _write_locked(self, job: Job) -> bool:
+    def _write_locked(self, job: Job, durable: bool = False) -> bool:
         """One write (and, with `emit`, one snapshot line on stdout); when the data
         folder cannot be written the job goes on and the write is tried again after the
-        usual interval."""
+        usual interval. Only the final one is `durable`: an fsync per progress write
+        would slow streaming."""
         snapshot = job.snapshot()
         if self._emit:
             self._seq += 1
             sys.stdout.write(p.snapshot_line(self._seq, snapshot))
             sys.stdout.flush()
         try:
-            p.write_json(self.path, snapshot)
+            p.write_json(self.path, snapshot, durable)
         except OSError as exc:
             if not self._failing:
                 _say(f"cannot write the job file ({exc.strerror or exc}); retrying")

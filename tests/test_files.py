@@ -179,6 +179,7 @@ def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
     from jobs.service import JobService
     from jobs.settings import get_settings
 
+    monkeypatch.setattr(p, "FSYNC", False)  # OFFLOAD_FSYNC=0; with fsync: at the end
     store = JobStore(data_dir / "jobs")
     service = JobService(get_settings(), store)
     writers: list[str] = []
@@ -222,3 +223,10 @@ def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
     assert writers[2:] == ["loop", "worker"] and readers == ["loop", "worker"]
     assert "the API touches job files from worker threads" in caplog.text
     assert all(store.read(job["id"])[p.F_STATE] == p.QUEUED for job in store.list_jobs())
+
+    # A durable submission (the default) fsyncs: never on the event loop, however quick.
+    monkeypatch.setattr(p, "FSYNC", True)
+    service = JobService(get_settings(), store)
+    store.refresh()
+    asyncio.run(submit())
+    assert writers[4:] == ["worker"]
