@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from jobs.history import MetricsRecorder
 from jobs.llm_server import EmbeddedServer
+from jobs.private import make_private
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, Settings, get_settings
 from jobs.supervisor import Supervisor
 
@@ -125,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     _lower_priority()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    make_private(settings.data_dir)  # it may be started by hand, before any API
     try:
-        asyncio.run(serve(get_settings(), args.parent))
+        asyncio.run(serve(settings, args.parent))
     except KeyboardInterrupt:
         pass
     return 0

@@ -89,6 +89,7 @@ LOCAL = "local"
 RAY = "ray"
 TMP_SUFFIX = ".tmp"
 
+PRIVATE_UMASK = 0o077  # every process Offload starts creates files 0600, folders 0700
 # fsync of creations, final states and launch records. For benchmarks and tests only:
 # OFFLOAD_FSYNC=0 gives up the guarantee that a 202 survives a power loss.
 FSYNC = os.environ.get("OFFLOAD_FSYNC", "1") != "0"
@@ -175,6 +176,12 @@ def fifo_key(job: dict[str, Any]) -> tuple[int, str]:
         except ValueError:
             created = 0
     return (created, str(job.get(F_ID)))
+
+
+def private_files() -> None:
+    """From now on this process creates folders 0700 and files 0600: chats, logs and
+    results are their owner's only. (Windows: the data folder's ACLs decide.)"""
+    os.umask(PRIVATE_UMASK)
 
 
 def write_json(path: StrPath, data: dict[str, Any], durable: bool = False) -> None:

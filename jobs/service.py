@@ -122,7 +122,7 @@ class JobService:
         try:
             self._idem_dir.mkdir(parents=True, exist_ok=True)
             # O_EXCL: across every worker, exactly one request claims the key.
-            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             return self._existing(key_file, fingerprint)
         except OSError as exc:

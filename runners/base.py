@@ -409,6 +409,7 @@ def main(
 ) -> int:
     """`direct_context(args)`: a context manager around a run by hand (the chat runner
     starts a model server in it when none is configured)."""
+    p.private_files()  # forked or exec'd, by the supervisor or by hand: private files
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 2 and argv[0] == "--job-file":
         # The launcher's exact form: skip argparse, every millisecond of start counts.
