@@ -180,8 +180,9 @@ def fifo_key(job: dict[str, Any]) -> tuple[int, str]:
 
 def private_files() -> None:
     """From now on this process creates folders 0700 and files 0600: chats, logs and
-    results are their owner's only. (Windows: the data folder's ACLs decide.)"""
-    os.umask(PRIVATE_UMASK)
+    results are their owner's only. Windows has no such modes: its ACLs decide there."""
+    if os.name == "posix":
+        os.umask(PRIVATE_UMASK)
 
 
 def write_json(path: StrPath, data: dict[str, Any], durable: bool = False) -> None:
