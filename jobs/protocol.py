@@ -221,7 +221,7 @@ def write_atomic(path: StrPath, payload: bytes, durable: bool = False) -> None:
 
 def sync_dir(folder: StrPath) -> None:
     """fsync a folder, so the names just created or renamed in it survive a power loss.
-    POSIX only: Windows cannot open a folder for it; there NTFS's journal keeps renames."""
+    POSIX only: Windows cannot open a folder for it (os.open refuses folders there)."""
     if os.name != "posix" or not FSYNC:
         return
     fd = os.open(folder, os.O_RDONLY)
