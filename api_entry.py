@@ -21,6 +21,7 @@ from fastapi_offline import FastAPIOffline
 from jobs import http_errors, routes_chat, routes_jobs, routes_status
 from jobs.guards import BodyLimit, HostOriginGuard
 from jobs.lifespan import lifespan
+from jobs.protocol import private_files
 from jobs.settings import MAX_BODY_BYTES, get_settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
     args = parser.parse_args(argv)
+    private_files()  # before anything is written; the app's lifespan does it for uvicorn's CLI
     os.environ["OFFLOAD_HOST"] = args.host  # the app checks the token rule against it
     get_settings.cache_clear()
     logging.basicConfig(level=logging.INFO,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import api, core, llm, ray, scale, soak, train
+from bench import api, core, durability, llm, ray, scale, soak, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Run = Callable[[], dict[str, Any]]
@@ -25,6 +25,7 @@ SUITES: dict[str, tuple[Run, Report, Plot | None]] = {
     "scale": (scale.run, scale.report, None),
     "soak": (soak.run, soak.report, soak.plot),
     "ray": (ray.run, ray.report, None),
+    "durability": (durability.run, durability.report, None),
 }
 
 

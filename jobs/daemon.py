@@ -31,6 +31,8 @@ from jobs.history import MetricsRecorder
 from jobs.keeper import OUTPUT_FILE
 from jobs.launcher import IS_WINDOWS
 from jobs.llm_server import EmbeddedServer
+from jobs.private import make_private
+from jobs.protocol import private_files
 from jobs.settings import (
     HISTORY_KEEP_S,
     HISTORY_SAMPLE_S,
@@ -175,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave when this process is gone (the API worker that started it)")
     args = parser.parse_args(argv)
     _lower_priority()
+    private_files()  # before its log file is made
     settings = get_settings()
     _log_to_file(settings)
+    make_private(settings.data_dir)  # it may be started by hand, before any API
     try:
         asyncio.run(serve(settings, args.parent))
     except KeyboardInterrupt:

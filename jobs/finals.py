@@ -85,7 +85,7 @@ class Finals:
         data.update({p.F_STATE: state, p.F_FINISHED_AT: p.now_iso(), p.F_ERROR: error,
                      p.F_EXIT_CODE: code})
         try:
-            p.write_json(job_file, data)
+            p.write_json(job_file, data, durable=True)
         except OSError as exc:
             if job_id not in self._unwritten:
                 log.error("job %s: cannot write its final state (%s); retrying", job_id, exc)

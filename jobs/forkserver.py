@@ -39,6 +39,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from jobs import protocol as p
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +70,7 @@ class ForkInDoubt(OSError):
 
 
 def main() -> int:
+    p.private_files()  # its children's job files and logs too
     for name in PRELOAD:
         try:
             importlib.import_module(name)
@@ -166,7 +169,7 @@ def _fork(request: dict[str, Any], files: dict[str, int], replies: int,
     if sys.platform == "win32":
         raise OSError("no fork on Windows")
     stale = _project_files() != files
-    log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         pid: int = os.fork()
     except OSError:

@@ -39,7 +39,7 @@ class SupervisorKeeper:
 
     def led(self) -> bool:
         """Whether some supervisor holds the lock (blocking: call it from a thread)."""
-        probe = FileLock(str(self._lock_path), thread_local=False)
+        probe = FileLock(str(self._lock_path), thread_local=False, mode=0o600)
         try:
             probe.acquire(timeout=0)
         except Timeout:

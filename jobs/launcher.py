@@ -160,7 +160,7 @@ class _IdleSpawner:
 def _posix_spawn(argv: list[str], log_path: str, env: dict[str, str]) -> int:
     if sys.platform == "win32":
         raise OSError("posix_spawn is not on Windows")
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         return os.posix_spawn(
             argv[0], argv, env, setpgroup=0,  # its own process group, as in _popen

@@ -34,7 +34,7 @@ class ClaimFailed(OSError):
 
 def claim(run_file: str, record: dict[str, Any]) -> None:
     try:
-        p.write_json(run_file, record)
+        p.write_json(run_file, record, durable=True)
     except OSError as exc:
         raise ClaimFailed(exc.errno, f"cannot write {run_file}: {exc.strerror or exc}") from exc
 
@@ -121,7 +121,7 @@ class LocalLauncher(Launcher):
         claim(run_file, {"pid": None, "claimed_by": os.getpid()})
         runner = launcher.spawn(module, job_file, self.runner_env, self._forker)
         try:
-            p.write_json(run_file, runner.record())
+            p.write_json(run_file, runner.record(), durable=True)
         except OSError as exc:  # only a later supervisor's adoption needs the record
             log.warning("job %s: cannot write its launch record: %s", runner.job_id, exc)
         if runner.child is not None:

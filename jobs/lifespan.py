@@ -21,6 +21,7 @@ from jobs.history import MetricsReader
 from jobs.keeper import SupervisorKeeper
 from jobs.llm_status import LLMStatus
 from jobs.predictor import Predictor
+from jobs.private import make_private
 from jobs.service import JobService
 from jobs.settings import (
     GIL_SWITCH_S,
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
+    # Here, not only in api_entry.main: uvicorn and gunicorn import the app without it.
+    make_private(settings.data_dir)
     if not settings.host_is_loopback and settings.api_token is None:
         raise RuntimeError(f"refusing to serve on {settings.host} without OFFLOAD_API_TOKEN: "
                            "anyone on the network could run jobs. Set OFFLOAD_API_TOKEN (make "

@@ -84,7 +84,7 @@ class EmbeddedServer:
             cpus = embedded.model_cpus()
             self.proc = subprocess.Popen(
                 embedded.server_command(model, port, cpus=cpus), stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT)
+                stdout=out, stderr=subprocess.STDOUT, umask=p.PRIVATE_UMASK)
         # At once, before the interpreter has loaded llama.cpp: the threads it starts for
         # the model inherit both.
         embedded.keep_to(self.proc.pid, cpus)

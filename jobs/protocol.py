@@ -19,6 +19,7 @@ kernel's directory lock inverting their priority); with a folder each it takes 0
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -91,6 +92,11 @@ SNAPSHOT_KEY_ENV = "OFFLOAD_SNAPSHOT_KEY"
 LOCAL = "local"
 RAY = "ray"
 TMP_SUFFIX = ".tmp"
+
+PRIVATE_UMASK = 0o077  # every process Offload starts creates files 0600, folders 0700
+# fsync of creations, final states and launch records. For benchmarks and tests only:
+# OFFLOAD_FSYNC=0 gives up the guarantee that a 202 survives a power loss.
+FSYNC = os.environ.get("OFFLOAD_FSYNC", "1") != "0"
 
 _HEX = frozenset("0123456789abcdef")
 _REPLACE_RETRY_S = 1.0  # Windows: a reader holding the file makes os.replace fail briefly
@@ -176,18 +182,36 @@ def fifo_key(job: dict[str, Any]) -> tuple[int, str]:
     return (created, str(job.get(F_ID)))
 
 
-def write_json(path: StrPath, data: dict[str, Any]) -> None:
-    """Atomically replace `path`: a reader sees the old file or the new one, never half."""
-    write_atomic(path, json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode())
+def private_files() -> None:
+    """From now on this process creates folders 0700 and files 0600: chats, logs and
+    results are their owner's only. Windows has no such modes: its ACLs decide there."""
+    if os.name == "posix":
+        os.umask(PRIVATE_UMASK)
 
 
-def write_atomic(path: StrPath, payload: bytes) -> None:
-    """Write a temp file in the same folder, then replace `path` with it."""
+def write_json(path: StrPath, data: dict[str, Any], durable: bool = False) -> None:
+    """Atomically replace `path`: a reader sees the old file or the new one, never half.
+    `durable`: on disk before this returns (see `write_atomic`)."""
+    write_atomic(path, json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),
+                 durable)
+
+
+def write_atomic(path: StrPath, payload: bytes, durable: bool = False) -> None:
+    """Write a temp file in the same folder, then replace `path` with it.
+
+    `durable` (a job's creation, its final state, a launch record): the temp file is
+    fsync'd before the rename, so a power loss leaves the old file or the whole new one,
+    never an empty one; the folder is fsync'd after it, so the rename itself survives.
+    """
     folder, name = os.path.split(os.fspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}")
+    durable = durable and FSYNC
     try:
         with open(tmp, "wb") as f:
             f.write(payload)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())  # Windows: FlushFileBuffers
         _replace(tmp, path)
     except BaseException:
         try:
@@ -195,6 +219,23 @@ def write_atomic(path: StrPath, payload: bytes) -> None:
         except OSError:
             pass  # never created, or already renamed
         raise
+    if durable:
+        sync_dir(folder)
+
+
+def sync_dir(folder: StrPath) -> None:
+    """fsync a folder, so the names just created or renamed in it survive a power loss.
+    POSIX only: Windows cannot open a folder for it (os.open refuses folders there)."""
+    if os.name != "posix" or not FSYNC:
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: a file system that cannot sync a folder
+            raise
+    finally:
+        os.close(fd)
 
 
 def _replace(src: StrPath, dst: StrPath) -> None:

@@ -242,7 +242,8 @@ class RayLauncher(Launcher):
         fresh = [(seq, data) for seq, data in snapshots if seq > run.seq]
         if fresh:
             run.seq, latest = fresh[-1]
-            p.write_json(run.job_file, self._local_view(run, latest))
+            p.write_json(run.job_file, self._local_view(run, latest),
+                         durable=latest.get(p.F_STATE) in p.FINAL_STATES)
 
     def _append_log(self, run: RemoteRun, text: str) -> None:
         path = p.sibling(run.job_file, p.LOG_FILE)

@@ -117,8 +117,8 @@ class JobService:
 
     async def submit(self, kind: str, job_input: dict[str, Any], timeout_s: float | None,
                      idempotency_key: str | None = None) -> dict[str, Any]:
-        """Store a new job (on the event loop while the disk is quick; see `SmallIO`)
-        and wake the supervisor."""
+        """Store a new job durably (on the event loop while the disk is quick, fsync
+        included; see `SmallIO`) and wake the supervisor."""
         job_input = validate_input(kind, job_input)
         timeout = timeout_s or self.settings.job_timeout_s
         key = None if idempotency_key is None else _Key(

@@ -70,7 +70,8 @@ class JobStore(JobIndex):
             path.parent.mkdir()
             if key_name is not None:
                 Keys.link(path.parent, key_name)
-            p.write_json(path, data)
+            p.write_json(path, data, durable=True)  # on disk before the 202
+            p.sync_dir(self.dir)  # and the job's folder with it
         except OSError as exc:
             reason = exc.strerror or exc
             raise StoreUnavailable(f"cannot store the job in {self.dir}: {reason}") from exc

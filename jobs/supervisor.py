@@ -89,7 +89,8 @@ class Supervisor:
         # New jobs go to `launcher`; adopted ones to the launcher their run.json names.
         self.launcher = launcher or LocalLauncher(self.runner_env)
         self._launchers: dict[str, Launcher] = {self.launcher.name: self.launcher}
-        self._lock = FileLock(str(lock_file(jobs_dir)), thread_local=False)
+        # The mode said: filelock 3.x gives its files 0o644 whatever the umask.
+        self._lock = FileLock(str(lock_file(jobs_dir)), thread_local=False, mode=0o600)
         self._wake_file = wake_file(jobs_dir)
         self.is_leader = False
         self._queued: dict[str, tuple[int, str]] = {}  # id -> FIFO key

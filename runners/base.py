@@ -207,7 +207,7 @@ class FileSink(Sink):
         give_up_at = time.monotonic() + FINAL_WRITE_PATIENCE_S
         while True:
             with self._cond:
-                if self._write_locked(job):
+                if self._write_locked(job, durable=True):
                     return
             if time.monotonic() > give_up_at:
                 raise OSError(f"cannot write the final state to {self.path}")
@@ -217,17 +217,18 @@ class FileSink(Sink):
         with self._cond:
             self._write_locked(job)
 
-    def _write_locked(self, job: Job) -> bool:
+    def _write_locked(self, job: Job, durable: bool = False) -> bool:
         """One write (and, with `emit_key`, one snapshot line on stdout); when the data
         folder cannot be written the job goes on and the write is tried again after the
-        usual interval."""
+        usual interval. Only the final one is `durable`: an fsync per progress write
+        would slow streaming."""
         snapshot = job.snapshot()
         if self._emit_key:
             self._seq += 1
             sys.stdout.write(p.snapshot_line(self._seq, snapshot, self._emit_key))
             sys.stdout.flush()
         try:
-            p.write_json(self.path, snapshot)
+            p.write_json(self.path, snapshot, durable)
         except OSError as exc:
             if not self._failing:
                 _say(f"cannot write the job file ({exc.strerror or exc}); retrying")
@@ -408,6 +409,7 @@ def main(
 ) -> int:
     """`direct_context(args)`: a context manager around a run by hand (the chat runner
     starts a model server in it when none is configured)."""
+    p.private_files()  # forked or exec'd, by the supervisor or by hand: private files
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 2 and argv[0] == "--job-file":
         # The launcher's exact form: skip argparse, every millisecond of start counts.

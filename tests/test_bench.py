@@ -27,6 +27,16 @@ def test_scale_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> No
     assert "| `/api/history` | 300 |" in table and "p99 <= 50 ms" in table
 
 
+def test_durability_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import durability
+
+    monkeypatch.setattr(durability, "ROUNDS", 1)
+    monkeypatch.setattr(durability, "SUBMITS", 5)
+    results = durability.run()
+    assert [(m["submit"]["n"], m["completed"]) for m in results["modes"]] == [(5, True)] * 2
+    assert "| no fsync (OFFLOAD_FSYNC=0) |" in durability.report(results)
+
+
 def test_report_gathers_every_suite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import __main__ as bench_main
 

@@ -179,6 +179,7 @@ def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
     from jobs.service import JobService
     from jobs.settings import get_settings
 
+    monkeypatch.setattr(p, "FSYNC", False)  # a quick disk, whatever this machine's fsync costs
     store = JobStore(data_dir / "jobs")
     service = JobService(get_settings(), store)
     writers: list[str] = []
@@ -222,3 +223,4 @@ def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
     assert writers[2:] == ["loop", "worker"] and readers == ["loop", "worker"]
     assert "the API touches job files from worker threads" in caplog.text
     assert all(store.read(job["id"])[p.F_STATE] == p.QUEUED for job in store.list_jobs())
+

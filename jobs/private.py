@@ -1,0 +1,68 @@
+"""Private data: what Offload keeps (chats, logs, results) is readable by its owner only.
+
+Every process Offload starts sets the umask 0o077 (`protocol.private_files`), so what
+it creates is 0700 (folders) or 0600 (files) from the start. A data folder left open to
+others by an earlier version is tightened once, by the first process to start (the API
+or the supervisor): the data folder's own mode is set last, so a walk cut short is done
+again at the next start. Windows has no modes: there the profile's ACLs decide.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+from jobs import protocol as p
+
+log = logging.getLogger(__name__)
+
+OPEN_BITS = 0o077  # group and others
+
+
+def make_private(data_dir: Path) -> None:
+    """Set this process's umask and tighten the data folder if others can read it."""
+    p.private_files()
+    if os.name != "posix":
+        return
+    try:
+        mode = stat.S_IMODE(data_dir.stat().st_mode)
+    except OSError:
+        return  # not there yet: it will be created 0700
+    if not mode & OPEN_BITS:
+        return
+    tightened, failed = tighten(data_dir)
+    log.warning("the data folder %s was open to other accounts (mode %03o): %d files and "
+                "folders in it are now readable by their owner only (0700/0600)%s",
+                data_dir, mode, tightened,
+                f"; {failed} could not be changed (not ours?)" if failed else "")
+
+
+def tighten(top: Path) -> tuple[int, int]:
+    """Take group and other permissions off everything under `top`, then off `top`
+    itself; symbolic links are neither changed nor followed. Returns (changed, failed)."""
+    changed = failed = 0
+    for folder, dirs, files in os.walk(top):
+        for name in [*dirs, *files]:
+            path = os.path.join(folder, name)
+            result = _tighten_one(path)
+            changed += result == 1
+            failed += result == -1
+    result = _tighten_one(str(top))
+    return changed + (result == 1), failed + (result == -1)
+
+
+def _tighten_one(path: str) -> int:
+    """1: tightened, 0: already private (or a link, or gone), -1: could not."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or not st.st_mode & OPEN_BITS:
+            return 0
+        os.chmod(path, stat.S_IMODE(st.st_mode) & ~OPEN_BITS)
+    except FileNotFoundError:
+        return 0  # removed meanwhile (a runner's temp file, say)
+    except OSError as exc:
+        log.debug("cannot tighten %s: %s", path, exc)
+        return -1
+    return 1

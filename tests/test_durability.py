@@ -1,0 +1,182 @@
+"""Nothing acknowledged is lost on power loss: a job file at creation (before the 202),
+every final state and every launch record reach the disk before they count.
+
+The witness is strace on a real server (uvicorn, its supervisor process, the fork
+server and the runners): for each of those writes the temp file is fsync'd before the
+rename, and the folder after it, in the same thread; a progress write is not fsync'd.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from jobs import protocol as p
+from tests.conftest import wait_for
+from tests.server import Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+SYSCALLS = "openat,fsync,fdatasync,rename,renameat,renameat2,sendto,sendmsg,write,writev"
+RENAMES = ("rename", "renameat", "renameat2")
+FSYNCS = ("fsync", "fdatasync")
+
+
+@pytest.fixture
+def strace() -> str:
+    """strace, able to trace here (.ci/run installs it where it is missing)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("strace is Linux's")
+    path = shutil.which("strace")
+    if path is None:
+        reason = "strace is not installed (apt-get install strace)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: .ci/run installs it, so CI must run this test")
+        pytest.skip(reason)
+    probe = subprocess.run([path, "-f", "-o", os.devnull, "true"], capture_output=True,
+                           text=True, timeout=30)
+    if probe.returncode != 0:  # a container without ptrace, say
+        pytest.skip(f"strace cannot trace here: {probe.stderr.strip()[:200]}")
+    return path
+
+
+class TracedServer(Server):
+    """The real server, every process it starts traced from its first instruction."""
+
+    def __init__(self, strace: str, trace: Path, *args: Any) -> None:
+        super().__init__(*args)
+        self.strace = strace
+        self.trace = trace
+
+    def command(self) -> list[str]:
+        # -y: a descriptor shows its path; --seccomp-bpf: only these calls stop the tracee.
+        return [self.strace, "-f", "-qq", "-y", "-s", "400", "--seccomp-bpf",
+                "-e", "signal=none", "-e", f"trace={SYSCALLS}", "-o", str(self.trace),
+                *super().command()]
+
+
+@dataclass
+class Call:
+    tid: int
+    name: str
+    text: str
+    start: int  # line of the trace where it began
+    end: int  # line where it returned
+
+
+def parse(trace: str) -> list[Call]:
+    """System calls in the order they began; `<unfinished ...>` joined to its return."""
+    calls: list[Call] = []
+    unfinished: dict[int, Call] = {}
+    for number, line in enumerate(trace.splitlines()):
+        match = re.match(r"(\d+)\s+(.*)", line)
+        if match is None:
+            continue
+        tid, rest = int(match[1]), match[2]
+        if rest.startswith("<... "):
+            call = unfinished.pop(tid, None)
+            if call is not None:
+                call.text += rest.split("resumed>", 1)[-1]
+                call.end = number
+            continue
+        name = re.match(r"(\w+)\(", rest)
+        if name is None:
+            continue
+        call = Call(tid, name[1], rest.removesuffix("<unfinished ...>"), number, number)
+        if rest.endswith("<unfinished ...>"):
+            unfinished[tid] = call
+        calls.append(call)
+    return calls
+
+
+def _renames_to(calls: list[Call], target: Path) -> list[tuple[Call, str]]:
+    """Successful renames onto `target`, with the temp file each moved."""
+    found = []
+    for call in calls:
+        if call.name in RENAMES and call.text.rstrip().endswith("= 0"):
+            paths = re.findall(r'"([^"]+)"', call.text)
+            if len(paths) >= 2 and paths[1] == str(target):
+                found.append((call, paths[0]))
+    return found
+
+
+def _fsync_of(calls: list[Call], path: str, tid: int) -> list[Call]:
+    return [c for c in calls if c.name in FSYNCS and c.tid == tid
+            and f"<{path}>" in c.text and c.text.rstrip().endswith("= 0")]
+
+
+def assert_durable(calls: list[Call], rename: Call, tmp: str, folder: Path) -> Call:
+    """The temp file fsync'd before the rename and its folder after, in that thread;
+    returns the folder's fsync."""
+    before = [c for c in _fsync_of(calls, tmp, rename.tid) if c.end < rename.start]
+    assert before, f"{tmp} was renamed without an fsync first:\n{rename.text}"
+    after = [c for c in _fsync_of(calls, str(folder), rename.tid) if c.start > rename.end]
+    assert after, f"no fsync of {folder} after the rename:\n{rename.text}"
+    return after[0]
+
+
+def _running(client: httpx.Client, job_id: str) -> dict[str, Any] | None:
+    job: dict[str, Any] = client.get(f"/api/jobs/{job_id}").json()
+    return job if job["state"] == "running" else None
+
+
+def _final(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] in p.FINAL_STATES else None
+
+    return wait_for(check, 90, 0.1, f"job {job_id} to finish")
+
+
+@pytest.mark.timeout(300)
+def test_creation_final_states_and_launch_records_are_fsynced(
+        strace: str, data_dir: Path, tmp_path: Path) -> None:
+    trace = tmp_path / "strace.txt"
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # no embedded model to trace
+    server = TracedServer(strace, trace, data_dir, tmp_path / "server.log", env)
+    try:
+        server.start(timeout=120)
+        with server.client() as client:
+            done = client.post("/api/jobs", json={"kind": "sleep", "input": {
+                "seconds": 1, "steps": 10}})
+            assert done.status_code == 202, done.text
+            lost = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 60}})
+            running = wait_for(lambda: _running(client, lost.json()["id"]), 60, what="a runner")
+            os.kill(running["pid"], signal.SIGKILL)  # the supervisor writes its final state
+            assert _final(client, done.json()["id"])["state"] == "completed"
+            assert _final(client, running["id"])["error"]["type"] == "lost"
+    finally:
+        server.stop()
+    calls = parse(trace.read_text())
+    jobs = data_dir / "jobs"
+    for job_id in (done.json()["id"], running["id"]):
+        folder = jobs / job_id
+        writes = _renames_to(calls, folder / p.JOB_FILE)
+        # Created: on disk, folder and all, before the 202 leaves.
+        created, tmp = writes[0]
+        synced = assert_durable(calls, created, tmp, folder)
+        parent = [c for c in _fsync_of(calls, str(jobs), created.tid) if c.start > created.end]
+        assert parent, "the new job's folder was not made durable in the jobs folder"
+        answer = next(c for c in calls if "HTTP/1.1 202" in c.text and job_id in c.text)
+        assert max(synced.end, parent[0].end) < answer.start, "the 202 left before the fsync"
+        # Final: the last write, durable whoever wrote it (the runner, the supervisor).
+        final, tmp = writes[-1]
+        assert_durable(calls, final, tmp, folder)
+        # The launch record: the claim and the runner's pid, each durable.
+        records = _renames_to(calls, folder / p.RUN_FILE)
+        assert len(records) == 2, records
+        for record, tmp in records:
+            assert_durable(calls, record, tmp, folder)
+    # Progress is written often and not fsync'd: only the creation and the final state.
+    writes = _renames_to(calls, jobs / done.json()["id"] / p.JOB_FILE)
+    synced_writes = [w for w in writes if _fsync_of(calls, w[1], w[0].tid)]
+    assert len(writes) >= 4 and len(synced_writes) == 2, (len(writes), len(synced_writes))

@@ -1,0 +1,203 @@
+"""Chats, logs and results are their owner's only: every process Offload starts creates
+folders 0700 and files 0600, and an open data folder is tightened at start.
+
+Each test sets the umask of this process (which the server inherits) to the usual 022
+first, so that only Offload's own umask can make the files private.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from jobs import protocol as p
+from tests.conftest import start_process, stop_process, wait_for
+from tests.server import Server
+
+pytestmark = pytest.mark.skipif(os.name != "posix",
+                                reason="POSIX modes; on Windows the profile's ACLs decide")
+MakeServer = Callable[..., Server]
+NO_MODEL = {"OFFLOAD_LOCAL_MODEL": "/nonexistent/model.gguf"}  # llm.json, no model to load
+TIGHTENED = "was open to other accounts"
+
+
+@pytest.fixture(autouse=True)
+def usual_umask() -> Iterator[None]:
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def _open_to_others(top: Path) -> list[str]:
+    """Everything under `top` (and `top`) that is not 0700 / 0600."""
+    wrong = []
+    for path in [top, *top.rglob("*")]:
+        if path.is_symlink():
+            continue
+        want = 0o700 if path.is_dir() else 0o600
+        if _mode(path) != want:
+            wrong.append(f"{path.relative_to(top.parent)}: {_mode(path):04o}")
+    return wrong
+
+
+def _final(client: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] in p.FINAL_STATES else None
+
+    return wait_for(check, timeout, 0.05, f"job {job_id} to finish")
+
+
+def _umask(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split()[1] for line in f if line.startswith("Umask:"))
+
+
+def _offload_processes(api_pid: int) -> dict[str, int]:
+    """The API and what it started, by role (from their command lines)."""
+    found = {"api": api_pid}
+    for child in psutil.Process(api_pid).children(recursive=True):
+        line = " ".join(child.cmdline())
+        for role in ("jobs.daemon", "jobs.forkserver", "runners.sleep"):
+            if role in line:
+                found[role] = child.pid
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
+def test_every_file_and_folder_offload_creates_is_private(make_server: MakeServer) -> None:
+    server = make_server(env=NO_MODEL)
+    data = server.data_dir
+    with server.client() as client:
+        done = client.post("/api/jobs", json={"kind": "sleep", "input": {
+            "seconds": 0.3, "steps": 3}}, headers={"Idempotency-Key": "k-1"}).json()
+        long = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 60}}).json()
+        wait_for(lambda: client.get(f"/api/jobs/{long['id']}").json()["state"] == "running",
+                 what="the long job to run")
+        assert server.proc is not None
+        umasks = {role: _umask(pid) for role, pid in _offload_processes(server.proc.pid).items()}
+        assert client.delete(f"/api/jobs/{long['id']}").json()["state"] == "cancelled"
+        assert _final(client, done["id"])["state"] == "completed"
+        wait_for(lambda: (data / "history" / "metrics.jsonl").exists() and
+                 (data / "llm.json").exists(), what="the metrics and the LLM status")
+    # API, supervisor, fork server (Linux) and a runner: each sets it
+    assert set(umasks) >= {"api", "jobs.daemon", "runners.sleep"}, umasks
+    assert set(umasks.values()) == {"0077"}, umasks
+    expected = [data / "jobs" / done["id"] / name for name in (p.JOB_FILE, p.LOG_FILE,
+                                                                 p.RUN_FILE)]
+    expected += [data / "jobs" / long["id"] / p.STOP_FILE, data / "supervisor.log",
+                 data / "history" / "metrics.jsonl", data / "llm.json"]
+    missing = [str(path) for path in expected if not path.is_file()]
+    assert not missing, missing
+    assert list((data / "idempotency").glob("*.json")), "no Idempotency-Key was recorded"
+    assert not _open_to_others(data)
+
+
+def _old_data_folder(data: Path, outside: Path) -> list[Path]:
+    """A data folder as an earlier version left it: folders 0755, files 0644; and a
+    link to a file outside it, which must not be touched."""
+    job_id = p.new_id()
+    job = p.new_job(job_id, "sleep", {"seconds": 0}, 30)
+    job.update({p.F_STATE: p.COMPLETED, p.F_FINISHED_AT: p.now_iso(), p.F_RESULT: {}})
+    files = {data / "jobs" / job_id / p.JOB_FILE: job,
+             data / "idempotency" / f"{'0' * 64}.json": {"job_id": job_id},
+             data / "llm.json": {"ready": False}}
+    for path, content in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        p.write_json(path, content)
+    (data / "jobs" / job_id / p.LOG_FILE).write_text("a secret chat\n")
+    (data / "history").mkdir()
+    (data / "history" / "metrics.jsonl").write_text("")
+    outside.write_text("not Offload's\n")
+    (data / "elsewhere").symlink_to(outside)
+    for path in [data, *data.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    return list(files)
+
+
+@pytest.mark.parametrize("first", ["api", "supervisor"])
+def test_an_open_data_folder_is_tightened_at_start(first: str, make_server: MakeServer,
+                                                   data_dir: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    _old_data_folder(data_dir, outside)
+    assert _open_to_others(data_dir)
+    if first == "api":
+        server = make_server(env=NO_MODEL)
+        log = server.log
+    else:  # the supervisor started by hand, before any API
+        log = tmp_path / "daemon.log"
+        proc = start_process(["-m", "jobs.daemon"], env=NO_MODEL, log=log)
+    try:
+        wait_for(lambda: TIGHTENED in log.read_text(), 60, 0.1, "the log to say so")
+    finally:
+        if first != "api":
+            stop_process(proc)
+    assert not _open_to_others(data_dir)
+    assert _mode(outside) == 0o644  # the link was neither followed nor changed
+    assert f"the data folder {data_dir} {TIGHTENED} (mode 755)" in log.read_text()
+
+
+# -- another account on this machine ---------------------------------------------------
+
+
+@pytest.fixture
+def other_account() -> Iterator[str]:
+    """A throwaway local account (needs root, useradd and runuser; removed afterwards)."""
+    if os.name != "posix" or os.geteuid() != 0:
+        pytest.skip("needs root to add a throwaway account")
+    if not (shutil.which("useradd") and shutil.which("userdel") and shutil.which("runuser")):
+        pytest.skip("needs useradd, userdel and runuser")
+    name = f"offload-t{uuid.uuid4().hex[:8]}"
+    subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    name], check=True, capture_output=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], check=False, capture_output=True)
+
+
+def _read_as(user: str, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["runuser", "-u", user, "--", "cat", str(path)],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_another_account_cannot_read_a_chat(other_account: str) -> None:
+    # A data folder inside a folder every account may enter (pytest's own is private).
+    public = Path(tempfile.mkdtemp(prefix="offload-public-"))
+    server = None
+    try:
+        public.chmod(0o755)
+        control = public / "control.txt"
+        control.write_text("readable by all\n")
+        assert _read_as(other_account, control).stdout == "readable by all\n"  # it can read
+        server = Server(public / "data", public / "server.log", NO_MODEL).start()
+        with server.client() as client:
+            job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}
+                              ).json()
+            _final(client, job["id"])
+        for path in (public / "data" / "jobs" / job["id"] / p.JOB_FILE,
+                     public / "data" / "supervisor.log"):
+            assert path.is_file()
+            attempt = _read_as(other_account, path)
+            assert attempt.returncode != 0 and "Permission denied" in attempt.stderr, attempt
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(public, ignore_errors=True)
