@@ -142,10 +142,11 @@ def test_an_open_data_folder_is_tightened_at_start(first: str, make_server: Make
         server = make_server(env=NO_MODEL)
         log = server.log
     else:  # the supervisor started by hand, before any API
-        log = tmp_path / "daemon.log"
-        proc = start_process(["-m", "jobs.daemon"], env=NO_MODEL, log=log)
+        log = data_dir / "supervisor.log"  # where the daemon logs
+        proc = start_process(["-m", "jobs.daemon"], env=NO_MODEL, log=tmp_path / "daemon.out")
     try:
-        wait_for(lambda: TIGHTENED in log.read_text(), 60, 0.1, "the log to say so")
+        wait_for(lambda: log.exists() and TIGHTENED in log.read_text(), 60, 0.1,
+                 "the log to say so")
     finally:
         if first != "api":
             stop_process(proc)
