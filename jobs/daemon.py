@@ -18,10 +18,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 
 from jobs.history import MetricsRecorder
 from jobs.llm_server import EmbeddedServer
+from jobs.resilient import resilient
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, Settings, get_settings
 from jobs.supervisor import Supervisor
 
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 PARENT_CHECK_S = 1.0
 LEAD_WITHIN_S = 3.0
-HELPER_RESTART_S = 5.0
 DAEMON_NICE = int(os.environ.get("OFFLOAD_SUPERVISOR_NICE", "10"))
 
 
@@ -41,13 +40,15 @@ async def serve(settings: Settings, parent: int | None = None) -> None:
     main = asyncio.create_task(supervisor.run(lead_within), name="supervisor")
     with contextlib.suppress(NotImplementedError, AttributeError):  # Windows: no such handler
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-    helpers = [asyncio.create_task(_resilient("metrics", lambda: record_metrics(
+    # A helper that fails restarts after a pause; it never takes the supervisor down.
+    helpers = [asyncio.create_task(resilient("recording metrics", lambda: record_metrics(
         recorder, supervisor)), name="metrics")]
     if not settings.openai_base_url:
-        helpers.append(asyncio.create_task(_resilient("embedded model", lambda: _embedded_model(
-            settings, supervisor)), name="llm"))
+        helpers.append(asyncio.create_task(resilient("the embedded model", lambda: (
+            _embedded_model(settings, supervisor))), name="llm"))
     if parent is not None:
-        helpers.append(asyncio.create_task(_watch_parent(parent), name="parent"))
+        helpers.append(asyncio.create_task(resilient("watching the API process", lambda: (
+            _watch_parent(parent))), name="parent"))
     try:
         await asyncio.wait([main, *helpers], return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -57,18 +58,6 @@ async def serve(settings: Settings, parent: int | None = None) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.to_thread(supervisor.wait_for_stoppers, 10)
-
-
-async def _resilient(name: str, start: Callable[[], Awaitable[None]]) -> None:
-    """A helper that fails (say, the data folder went read-only) starts again after a
-    pause; it never takes the supervisor down with it."""
-    while True:
-        try:
-            await start()
-            return
-        except Exception:
-            log.exception("%s failed; starting it again in %s s", name, HELPER_RESTART_S)
-            await asyncio.sleep(HELPER_RESTART_S)
 
 
 async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> None:
