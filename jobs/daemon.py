@@ -19,7 +19,9 @@ import os
 import signal
 import sys
 
+from jobs import embedded
 from jobs.history import MetricsRecorder
+from jobs.launchers import LocalLauncher
 from jobs.llm_server import EmbeddedServer
 from jobs.resilient import resilient
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, Settings, get_settings
@@ -36,6 +38,9 @@ async def serve(settings: Settings, parent: int | None = None) -> None:
     supervisor = Supervisor.from_settings(settings)
     recorder = MetricsRecorder(settings.data_dir / "history" / "metrics.jsonl",
                                HISTORY_KEEP_S, HISTORY_SAMPLE_S)
+    model = None if settings.openai_base_url else EmbeddedServer(settings.data_dir)
+    if model is not None:
+        _give_key_to_runners(supervisor, model.key)
     lead_within = LEAD_WITHIN_S if parent is not None else None
     main = asyncio.create_task(supervisor.run(lead_within), name="supervisor")
     with contextlib.suppress(NotImplementedError, AttributeError):  # Windows: no such handler
@@ -43,9 +48,9 @@ async def serve(settings: Settings, parent: int | None = None) -> None:
     # A helper that fails restarts after a pause; it never takes the supervisor down.
     helpers = [asyncio.create_task(resilient("recording metrics", lambda: record_metrics(
         recorder, supervisor)), name="metrics")]
-    if not settings.openai_base_url:
-        helpers.append(asyncio.create_task(resilient("the embedded model", lambda: (
-            _embedded_model(settings, supervisor))), name="llm"))
+    if model is not None:
+        helpers.append(asyncio.create_task(resilient("the embedded model", lambda: _embedded_model(
+            model, supervisor)), name="llm"))
     if parent is not None:
         helpers.append(asyncio.create_task(resilient("watching the API process", lambda: (
             _watch_parent(parent))), name="parent"))
@@ -74,11 +79,21 @@ async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> N
         await asyncio.sleep(next_at - loop.time())
 
 
-async def _embedded_model(settings: Settings, supervisor: Supervisor) -> None:
+async def _embedded_model(model: EmbeddedServer, supervisor: Supervisor) -> None:
     """The leader runs the embedded model's server, loaded once for every chat."""
     while not supervisor.is_leader:
         await asyncio.sleep(0.2)
-    await EmbeddedServer(settings.data_dir).run()
+    await model.run()
+
+
+def _give_key_to_runners(supervisor: Supervisor, key: str) -> None:
+    """Before any runner starts: local runners get the model server's key in their
+    environment (the fork server too, which passes its own on to the runners it forks).
+    Not Ray's: it keeps a job's environment in its records, and its nodes cannot reach
+    this machine's loopback anyway."""
+    launcher = supervisor.launcher
+    if isinstance(launcher, LocalLauncher):
+        launcher.runner_env = {**launcher.runner_env, embedded.KEY_ENV: key}
 
 
 async def _watch_parent(parent: int) -> None:
