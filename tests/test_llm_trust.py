@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -24,14 +25,19 @@ import psutil
 import pytest
 
 from jobs import embedded
-from tests.conftest import free_port, stop_process, wait_for
+from jobs import protocol as p
+from jobs.llm_status import LLMStatus
+from jobs.resilient import resilient
+from jobs.settings import get_settings
+from jobs.store import JobStore
+from tests.conftest import ROOT, free_port, stop_process, wait_for
+from tests.fake_llm import FakeLLM
 from tests.http_fake import JSONHandler, ScriptedServer
 
 
 class _ModelsHandler(JSONHandler):
     def do_GET(self) -> None:
         fake: ModelsServer = self.server.fake  # type: ignore[attr-defined]
-        fake.calls += 1
         self._json(200, fake.answer)
 
 
@@ -40,7 +46,6 @@ class ModelsServer(ScriptedServer):
 
     def __init__(self, answer: Any) -> None:
         self.answer = answer
-        self.calls = 0
         super().__init__(ThreadingHTTPServer(("127.0.0.1", 0), _ModelsHandler))
 
     @property
@@ -72,14 +77,11 @@ def test_health_says_an_odd_models_answer_and_recovers(
 
 
 @pytest.mark.parametrize("answer", [
-    [], [1, 2], None, "models", 7, True, {"data": 5}, {"data": {"id": "m"}}, {"object": "x"},
+    [], [1, 2], None, b'"models"', 7, True, {"data": 5}, {"data": {"id": "m"}}, {"object": "x"},
     b"<html>not json</html>", b"\xff\xfe", b'{"data": [',
 ])
 def test_the_probe_survives_any_answer_and_says_what_it_was(
-        answer: Any, data_dir: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from jobs.llm_status import LLMStatus
-    from jobs.settings import get_settings
-
+        answer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     with ModelsServer(answer) as fake:
         monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
         get_settings.cache_clear()
@@ -92,10 +94,7 @@ def test_the_probe_survives_any_answer_and_says_what_it_was(
 
 
 def test_data_with_odd_entries_is_a_model_list_without_a_name(
-        data_dir: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from jobs.llm_status import LLMStatus
-    from jobs.settings import get_settings
-
+        monkeypatch: pytest.MonkeyPatch) -> None:
     with ModelsServer({"data": [1, "x"]}) as fake:
         monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
         get_settings.cache_clear()
@@ -126,6 +125,7 @@ def _listener(port: int, reuse_port: bool = False) -> Iterator[subprocess.Popen[
             proc.stdout.close()
 
 
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
 def test_a_port_is_ours_only_when_we_alone_listen_on_it() -> None:
     port = free_port()
     with _listener(port, reuse_port=True) as ours:
@@ -275,6 +275,7 @@ def test_the_model_server_answers_only_with_its_key_which_runners_alone_get(
         status = json.loads((server.data_dir / embedded.STATUS_FILE).read_text())
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{status['base_url']}/models", timeout=10)
+        refused.value.close()
         assert refused.value.code == 401
         job_id = client.post("/api/jobs", json={"kind": "chat", "input": {
             "messages": [{"role": "user", "content": "Say hello."}],
@@ -298,11 +299,6 @@ def test_a_chat_runner_sends_the_embedded_models_key_from_its_environment(
         data_dir: Path, key: str | None) -> None:
     """As the launcher starts it (the key in its environment), and by hand without it: a
     message that says what to do, and nothing sent."""
-    from jobs import protocol as p
-    from jobs.store import JobStore
-    from tests.conftest import ROOT
-    from tests.fake_llm import FakeLLM
-
     with FakeLLM() as fake:
         data_dir.mkdir(parents=True, exist_ok=True)
         p.write_json(embedded.status_path(str(data_dir)),
@@ -345,8 +341,6 @@ def test_an_odd_pid_in_llm_json_does_not_stop_the_model_helper_for_good(
 
 def test_resilient_logs_a_failure_and_starts_the_work_again(
         caplog: pytest.LogCaptureFixture) -> None:
-    from jobs.resilient import resilient
-
     runs: list[int] = []
 
     async def work() -> None:
