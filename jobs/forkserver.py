@@ -419,6 +419,8 @@ class ForkServer:
                     message = json.loads(line)
                 except ValueError:
                     continue
+                if not isinstance(message, dict):
+                    continue  # a stray print of a preloaded module, before the protocol began
                 with self._changed:
                     if "exit" in message:
                         self._exits[int(message["exit"])] = int(message["code"])

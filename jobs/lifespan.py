@@ -22,6 +22,7 @@ from jobs.keeper import SupervisorKeeper
 from jobs.llm_status import LLMStatus
 from jobs.predictor import Predictor
 from jobs.private import make_private
+from jobs.resilient import resilient
 from jobs.service import JobService
 from jobs.settings import (
     GIL_SWITCH_S,
@@ -57,10 +58,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.predictor = Predictor(settings.data_dir, metrics)
     app.state.llm = LLMStatus(settings)
     app.state.keeper = keeper
+    # Each restarts after a failure, so /api/health never freezes on a dead task.
     tasks = [
-        asyncio.create_task(keeper.run(), name="offload-supervisor-keeper"),
-        asyncio.create_task(_probe_llm(app.state.llm), name="offload-llm-probe"),
-        asyncio.create_task(_keep_index_fresh(app.state.service.store), name="offload-index"),
+        asyncio.create_task(resilient("keeping the supervisor", keeper.run),
+                            name="offload-supervisor-keeper"),
+        asyncio.create_task(resilient("the LLM probe", lambda: _probe_llm(app.state.llm)),
+                            name="offload-llm-probe"),
+        asyncio.create_task(resilient("the job index", lambda: _keep_index_fresh(
+            app.state.service.store)), name="offload-index"),
     ]
     # What is loaded by now lives as long as the app: out of the cyclic collector's
     # way. A full collection over it stalls the event loop (13-18 ms here, 75,000

@@ -1,6 +1,10 @@
 """Runs the embedded model's server for the leading supervisor: start it on a free
 loopback port, check its health, restart it with backoff when it dies, stop it with the
 supervisor. Its state goes to `<data>/llm.json` for the API and the chat runners.
+
+Any local process could bind that port first and take the prompts. So the server needs
+a key that only the runners Offload starts get (in their environment), and its address
+is published as ready only once the socket on the port is known to be the server's.
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ class EmbeddedServer:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.proc: subprocess.Popen[bytes] | None = None
-        self.base_url: str | None = None
+        self.base_url: str | None = None  # set once the server is ready
         self.restarts = 0
+        # One key while this supervisor runs: its runners get it when they start, and a
+        # chat that waits while the server restarts must still get in.
+        self.key = embedded.new_key()
 
     def _write(self, ready: bool, detail: str, **extra: Any) -> None:
-        status = {"ready": ready, "detail": detail, "base_url": self.base_url or "",
+        status = {"ready": ready, "detail": detail, "base_url": self.base_url if ready else "",
                   "pid": self.proc.pid if self.proc else None, "restarts": self.restarts,
                   "updated_at": p.now_iso(), **extra}
         try:
@@ -75,7 +82,7 @@ class EmbeddedServer:
 
     async def _serve_once(self, model: str, on_ready: Any) -> None:
         port = embedded.free_port()
-        self.base_url = f"http://127.0.0.1:{port}/v1"
+        self.base_url = None
         self._write(False, "loading the embedded model", available=True,
                     model=embedded.model_name(model))
         log_path = self.data_dir / LOG_FILE
@@ -83,23 +90,17 @@ class EmbeddedServer:
             # In the supervisor's process group: it goes when the supervisor goes.
             cpus = embedded.model_cpus()
             self.proc = subprocess.Popen(
-                embedded.server_command(model, port, cpus=cpus), stdin=subprocess.DEVNULL,
-                stdout=out, stderr=subprocess.STDOUT, umask=p.PRIVATE_UMASK)
+                embedded.server_command(model, cpus=cpus), env=embedded.server_env(port, self.key),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                umask=p.PRIVATE_UMASK)
         # At once, before the interpreter has loaded llama.cpp: the threads it starts for
         # the model inherit both.
         embedded.keep_to(self.proc.pid, cpus)
         lower_priority_of(self.proc.pid)
         started = time.monotonic()
-        while not await asyncio.to_thread(embedded.answers, self.base_url):
-            if self.proc.poll() is not None:
-                log.error("the embedded model server exited (%s); see %s",
-                          self.proc.returncode, log_path)
-                return
-            if time.monotonic() - started > START_TIMEOUT_S:
-                log.error("the embedded model server did not answer in %s s", START_TIMEOUT_S)
-                await asyncio.to_thread(self.stop)
-                return
-            await asyncio.sleep(0.25)
+        if not await self._until_ready(port, log_path):
+            return
+        self.base_url = f"http://127.0.0.1:{port}/v1"
         name = embedded.model_name(model)
         self._write(True, "ok", available=True, model=name,
                     load_s=round(time.monotonic() - started, 2))
@@ -108,8 +109,9 @@ class EmbeddedServer:
             on_ready(self.base_url, name)
         self.restarts = 0
         failures = 0
-        while self.proc.poll() is None:
-            await asyncio.sleep(HEALTH_EVERY_S)
+        # Waiting on the process, not sleeping: llm.json stops saying ready the moment it
+        # exits, before anything else can take its port.
+        while not await asyncio.to_thread(_exited, self.proc, HEALTH_EVERY_S):
             # Connecting, not /models: the server answers /models only between chats
             # (one lock guards the model), and a long chat is no reason to restart it.
             failures = 0 if await asyncio.to_thread(self._accepts, port) else failures + 1
@@ -118,11 +120,47 @@ class EmbeddedServer:
                 await asyncio.to_thread(self.stop)
         log.warning("the embedded model server exited (%s)", self.proc.returncode)
 
+    async def _until_ready(self, port: int, log_path: Path) -> bool:
+        """Wait until the server listens on `port`, nothing else does, and it lists its
+        model. Its key goes out only to a port known to be its own."""
+        assert self.proc is not None
+        base_url = f"http://127.0.0.1:{port}/v1"
+        started = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:  # one reason: another process had its port
+                log.error("the embedded model server exited (%s); see %s",
+                          self.proc.returncode, log_path)
+                return False
+            if time.monotonic() - started > START_TIMEOUT_S:
+                log.error("the embedded model server did not answer in %s s", START_TIMEOUT_S)
+                await asyncio.to_thread(self.stop)
+                return False
+            owned = await asyncio.to_thread(lambda: embedded.owns_port(self._pids(), port))
+            if owned is False:
+                log.error("another process listens on port %s beside the embedded model "
+                          "server; starting it again on another port", port)
+                await asyncio.to_thread(self.stop)
+                return False
+            if owned:
+                listed: bool = await asyncio.to_thread(embedded.answers, base_url, self.key)
+                if listed:
+                    return True
+            await asyncio.sleep(0.25)
+
+    def _pids(self) -> set[int]:
+        """The server's process and those it started."""
+        assert self.proc is not None
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            children = []
+        return {self.proc.pid, *(child.pid for child in children)}
+
     def _stop_stale(self) -> None:
         """A server left by a supervisor that was killed outright: stop it."""
         status = embedded.read_status(str(self.data_dir)) or {}
         pid = status.get("pid")
-        if not isinstance(pid, int):
+        if not isinstance(pid, int) or pid <= 0:  # psutil refuses those with ValueError
             return
         try:
             proc = psutil.Process(pid)
@@ -152,3 +190,11 @@ class EmbeddedServer:
             with contextlib.suppress(OSError):
                 proc.kill()
             proc.wait(10)
+
+
+def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True

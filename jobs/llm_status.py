@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import urllib.request
@@ -12,6 +13,8 @@ from jobs.settings import Settings
 from runners import llm_client
 
 log = logging.getLogger(__name__)
+
+MAX_ANSWER = 1 << 20  # bytes of a /models answer read; a longer one reads as not JSON
 
 
 class LLMStatus:
@@ -47,11 +50,17 @@ class LLMStatus:
                                          headers=self._server.headers())
         try:
             with urllib.request.urlopen(request, timeout=3) as response:
-                models = json.load(response).get("data") or []
-        except (OSError, ValueError) as exc:
+                body = response.read(MAX_ANSWER)
+        except (OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc  # URLError wraps the socket error
             reason = getattr(reason, "strerror", None) or reason
             self.ready, self.detail = False, f"not reachable at {self.base_url}: {reason}"
+            return False
+        models = _models(body)
+        if not isinstance(models, list):
+            self.ready, self.detail = False, (
+                f"the LLM server answered /models with {models}, not "
+                '{"data": [...]}; is OPENAI_BASE_URL an OpenAI-compatible API (ending in /v1)?')
             return False
         if not self.model and models and isinstance(models[0], dict):
             self.model = str(models[0].get("id", ""))
@@ -61,3 +70,16 @@ class LLMStatus:
     def as_dict(self) -> dict[str, Any]:
         return {"provider": self.provider, "base_url": self.base_url, "model": self.model,
                 "ready": self.ready, "detail": self.detail}
+
+
+def _models(body: bytes) -> list[Any] | str:
+    """The model list of a /models answer, or what the answer was instead."""
+    try:
+        answer = json.loads(body)
+    except ValueError:  # UnicodeDecodeError too
+        return "something that is not JSON"
+    if isinstance(answer, dict):
+        models = answer.get("data")
+        return models if isinstance(models, list) else 'a JSON object without a "data" list'
+    names = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return f"a JSON {names.get(type(answer), 'null')}"

@@ -81,7 +81,14 @@ def _config(job: base.Job) -> llm_client.Config:
             "no LLM server: set OPENAI_BASE_URL, or start Offload (python launch.py) so "
             "its embedded model runs", "provider")
     status = _wait_for_embedded(job, data_dir)
-    return llm_client.Config.from_env(os.environ, base_url=str(status["base_url"]))
+    config = llm_client.Config.from_env(os.environ, base_url=str(status["base_url"]))
+    config.api_key = os.environ.get(embedded.KEY_ENV)
+    if not config.api_key:
+        raise base.RunnerError(
+            "the embedded model answers only the chats that Offload's supervisor starts (it "
+            "hands them its key): submit this chat through Offload, or set OPENAI_BASE_URL",
+            "provider")
+    return config
 
 
 def _wait_for_embedded(job: base.Job, data_dir: str) -> dict[str, Any]:
@@ -125,15 +132,16 @@ def _direct_input(args: argparse.Namespace) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _server_for_direct_run(args: argparse.Namespace) -> Iterator[None]:
-    """By hand with no server configured: a running Offload's embedded model, or one
-    started for this question alone."""
+    """By hand with no server configured: the embedded model, started for this question
+    alone (a running Offload's answers only the runners it starts)."""
     if os.environ.get("OPENAI_BASE_URL"):
         yield
         return
     from runners.local_llm import temporary_server
 
-    with temporary_server() as base_url:
+    with temporary_server() as (base_url, key):
         os.environ["OPENAI_BASE_URL"] = base_url
+        os.environ["OPENAI_API_KEY"] = key  # this process only: never a command line
         yield
 
 

@@ -1,9 +1,8 @@
-"""For `python -m runners.chat` by hand: find a model server, or start one briefly."""
+"""For `python -m runners.chat` by hand: start the embedded model briefly."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import time
@@ -19,12 +18,9 @@ START_TIMEOUT_S = 180.0
 
 
 @contextlib.contextmanager
-def temporary_server() -> Iterator[str]:
-    data_dir = os.environ.get("OFFLOAD_DATA_DIR", "var")
-    status = embedded.read_status(data_dir) or {}
-    if status.get("ready") and status.get("base_url") and embedded.answers(str(status["base_url"])):
-        yield str(status["base_url"])  # the running Offload's model
-        return
+def temporary_server() -> Iterator[tuple[str, str]]:
+    """A model server for this question alone: (base_url, key). A running Offload's
+    server answers only the runners that Offload starts (they get its key)."""
     reason = embedded.unavailable_reason()
     if reason is not None:
         raise RunnerError(reason.replace("the embedded model is unavailable",
@@ -32,21 +28,26 @@ def temporary_server() -> Iterator[str]:
                                          "the embedded model is unavailable"))
     model = embedded.model_path()
     assert model is not None
-    port = embedded.free_port()
+    port, key = embedded.free_port(), embedded.new_key()
     base_url = f"http://127.0.0.1:{port}/v1"
     print(f"starting the embedded model ({embedded.model_name(model)}) for this question...",
           file=sys.stderr)
-    proc = subprocess.Popen(embedded.server_command(model, port), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(embedded.server_command(model), env=embedded.server_env(port, key),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not embedded.answers(base_url):
+        # The key goes out only once the port is known to be the server's.
+        while not ((owned := embedded.owns_port({proc.pid}, port))
+                   and embedded.answers(base_url, key)):
+            if owned is False:
+                raise RunnerError(f"another process took port {port} from the embedded "
+                                  "model server; try again")
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RunnerError("the embedded model server did not start; run "
-                                  f"`{' '.join(embedded.server_command(model, port))}` "
-                                  "to see why")
+                                  f"`{' '.join(embedded.server_command(model))}` to see why")
             time.sleep(0.2)
-        yield base_url
+        yield base_url, key
     finally:
         proc.terminate()
         try:
