@@ -17,6 +17,7 @@ import pytest
 
 from jobs import forkserver
 from jobs import protocol as p
+from jobs.keeper import OUTPUT_FILE
 from jobs.kinds import KINDS
 from jobs.launchers import LocalLauncher, LocalRun
 from jobs.store import JobStore
@@ -220,7 +221,8 @@ def faulty_server(make_server: Callable[..., Any], fault: str) -> tuple[Any, Pat
 
 
 def fault_happened(server: Any, fault: str) -> bool:
-    return f"test fault {fault}" in (server.data_dir / "supervisor.log").read_text()
+    # The fork server says so on its stderr: the supervisor process's output file.
+    return f"test fault {fault}" in (server.data_dir / OUTPUT_FILE).read_text()
 
 
 @pytest.mark.timeout(300)
