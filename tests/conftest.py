@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
+from jobs import embedded
 from jobs import protocol as p
 from jobs.background import SupervisorThread
 from jobs.settings import get_settings
@@ -35,6 +36,7 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield folder
     get_settings.cache_clear()
     _kill_leftover_runners(folder / "jobs")
+    _kill_leftover_model(folder)
 
 
 def _kill_leftover_runners(jobs_dir: Path) -> None:
@@ -49,6 +51,17 @@ def _kill_leftover_runners(jobs_dir: Path) -> None:
                 if "runners." in " ".join(proc.cmdline()):
                     for each in [*proc.children(recursive=True), proc]:
                         each.kill()
+
+
+def _kill_leftover_model(data_dir: Path) -> None:
+    """A supervisor killed outright leaves its model server to the next one, which a test
+    never starts."""
+    with contextlib.suppress(Exception):
+        pid = (embedded.read_status(str(data_dir)) or {}).get("pid")
+        if isinstance(pid, int) and pid > 0 and psutil.pid_exists(pid):
+            proc = psutil.Process(pid)
+            if "llama_cpp.server" in " ".join(proc.cmdline()):
+                proc.kill()
 
 
 def wait_for(predicate: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.02,
