@@ -23,6 +23,7 @@ from filelock import FileLock
 from jobs import protocol as p
 
 PENDING_S = 2.0  # a key file younger than this whose job is missing is still being stored
+STORING_S = 60.0  # a job folder without its job file this young: its job is being stored
 RELEASE_LOCK_S = 10.0  # releasing waits this long for another release
 KEY_LINK = "idempotency-key"  # in a job's folder: the name of its key's file
 _LOCK_FILE = ".release.lock"
@@ -82,6 +83,10 @@ class Keys:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(json.dumps({"job_id": job_id, "fingerprint": fingerprint}).encode())
+                if p.FSYNC:  # a power loss after the 202 must not let a retry run it twice
+                    f.flush()
+                    os.fsync(f.fileno())
+            p.sync_dir(self.folder)
         except OSError:
             self.drop_own(name)
             raise
@@ -93,25 +98,33 @@ class Keys:
         with contextlib.suppress(OSError):
             os.unlink(self.path(name))
 
-    def release(self, name: str, job_id: str | None) -> bool:
+    def release(self, name: str, job_id: str | None, job_folder: Path | None = None) -> bool:
         """Delete the key file if it still names `job_id` (None: an unfinished or damaged
-        one, then only once older than PENDING_S). Under a lock, so that two requests
+        one, then only once older than PENDING_S) and its job is not being stored (its
+        `job_folder` made less than STORING_S ago). Under a lock, so that two requests
         releasing the same stale claim never delete the new claim one of them made
         meanwhile. Blocks: call it from a worker thread."""
-        with FileLock(str(self.folder / _LOCK_FILE), timeout=RELEASE_LOCK_S):
+        with FileLock(str(self.folder / _LOCK_FILE), timeout=RELEASE_LOCK_S, mode=0o600):
             claim = self.read(name)
             if claim is None or claim.job_id != job_id:
                 return False
             if job_id is None and claim.age_s < PENDING_S:
                 return False
+            if job_folder is not None and _younger_than(job_folder, STORING_S):
+                return False  # a slow disk: its claimer is still writing the job
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path(name))
         return True
 
     @staticmethod
     def link(job_folder: Path, name: str) -> None:
-        """Record in a new job's folder which key created it."""
-        (job_folder / KEY_LINK).write_text(name, encoding="ascii")
+        """Record in a new job's folder which key created it, before its job file, whose
+        durable write syncs the folder after it: a pruned job must release its key."""
+        with open(job_folder / KEY_LINK, "wb") as f:
+            f.write(name.encode("ascii"))
+            if p.FSYNC:
+                f.flush()
+                os.fsync(f.fileno())
 
     @staticmethod
     def linked(job_folder: Path) -> str | None:
@@ -120,3 +133,10 @@ class Keys:
         except (OSError, UnicodeDecodeError):
             return None
         return name if len(name) == 64 and _HEX.issuperset(name) else None
+
+
+def _younger_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < seconds
+    except OSError:
+        return False

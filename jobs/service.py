@@ -1,6 +1,7 @@
-"""What the routes ask of the job system, with every disk touch in a worker thread
-but a job's own file, written on submission and read by its GET and event stream,
-which `SmallIO` touches on the event loop while that stays quick.
+"""What the routes ask of the job system, with every disk touch in a worker thread but
+a submission (its job file, its Idempotency-Key's file, the admission check against the
+index snapshot) and a job's GET and event stream, which `SmallIO` runs on the event loop
+while that stays quick.
 
 Knows the store, the supervisor and idempotency; nothing of HTTP.
 """
@@ -195,7 +196,8 @@ class JobService:
             await asyncio.sleep(KEY_POLL_S)
             return
         try:
-            await run_in_threadpool(self.store.keys.release, key.name, claim.job_id)
+            folder = self.store.path(claim.job_id).parent if claim.job_id else None
+            await run_in_threadpool(self.store.keys.release, key.name, claim.job_id, folder)
         except OSError as exc:
             raise StoreUnavailable(f"cannot release the Idempotency-Key of a job that is "
                                    f"gone: {exc}") from exc

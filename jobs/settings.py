@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from runners.llm_client import public_url
+from runners.llm_client import USERINFO_HELP, misplaced_userinfo, public_url
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001
@@ -143,6 +143,13 @@ class Settings(BaseSettings):
                 f"Make one with: {MAKE_TOKEN} (or unset OFFLOAD_API_TOKEN to serve on "
                 "127.0.0.1 only)")
         return SecretStr(token)
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _credentials_encoded(cls, value: str | None) -> str | None:
+        if value and misplaced_userinfo(value):
+            raise ValueError(USERINFO_HELP)  # else they would be shown, and not sent
+        return value
 
     @field_validator("ray_address")
     @classmethod

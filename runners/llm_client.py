@@ -35,6 +35,20 @@ RETRY_BASE_S = 1.0
 RETRY_MAX_S = 30.0
 
 
+def misplaced_userinfo(url: str) -> bool:
+    """A `user:password@` that an unencoded '/', '?' or '#' cut short: the URL's parser
+    then sees no credentials, so they would be shown, and not sent."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return False
+    return "@" not in netloc and "@" in url.partition("://")[2]
+
+
+USERINFO_HELP = ("OPENAI_BASE_URL holds an '@' after its host: percent-encode '/', '?', '#' "
+                 "and '@' in its user and password (e.g. '/' as %2F)")
+
+
 def public_url(url: str) -> str:
     """`url` without the `user:password@` it may carry: what may be shown, logged or stored."""
     try:
@@ -80,6 +94,8 @@ class Config:
                 "no LLM server configured: set OPENAI_BASE_URL to an OpenAI-compatible "
                 "server (for example http://127.0.0.1:11434/v1 for Ollama), or start "
                 "Offload with the embedded model", p.ERR_PROVIDER)
+        if misplaced_userinfo(url):
+            raise RunnerError(USERINFO_HELP, p.ERR_PROVIDER)
         first = env.get("OFFLOAD_LLM_FIRST_TOKEN_S")
         return cls(url, env.get("OPENAI_API_KEY") or None, env.get("OFFLOAD_LLM_MODEL") or None,
                    float(first) if first else FIRST_TOKEN_TIMEOUT_S)

@@ -19,6 +19,7 @@ import pytest
 
 from bench.scale import write_finished_jobs
 from jobs import protocol as p
+from jobs.idempotency import PENDING_S, STORING_S, Keys
 from jobs.settings import PRUNE_OVER_CAP_S
 from jobs.store import JobStore
 from tests.conftest import wait_for
@@ -294,3 +295,20 @@ def test_keys_are_pruned_with_their_jobs(make_server: MakeServer, data_dir: Path
                  "the first job to be pruned (over the cap)")
         assert not _key_file(data_dir, "k-1").exists()
         assert _key_file(data_dir, "k-2").exists()
+
+
+def test_a_key_whose_job_is_still_being_stored_is_kept(data_dir: Path) -> None:
+    """A slow disk: the claimer has made the job's folder but not yet its file. Releasing
+    the key then would let the retry create a second job for it."""
+    keys, job_id = Keys(data_dir / "idempotency"), p.new_id()
+    assert keys.claim("a" * 64, job_id, "fingerprint")
+    old = time.time() - PENDING_S - 1
+    os.utime(keys.path("a" * 64), (old, old))
+    folder = data_dir / "jobs" / job_id
+    folder.mkdir(parents=True)  # store.create's first step
+    assert not keys.release("a" * 64, job_id, folder)
+    assert keys.read("a" * 64) is not None
+    stale = time.time() - STORING_S - 1  # a claimer that died after it made the folder
+    os.utime(folder, (stale, stale))
+    assert keys.release("a" * 64, job_id, folder)
+    assert keys.read("a" * 64) is None

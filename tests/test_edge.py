@@ -300,3 +300,20 @@ def test_base_url_credentials_never_reach_ray(
                                       if method == "POST"), None), what="the job submitted")
         assert "OPENAI_BASE_URL" not in sent["runtime_env"]["env_vars"]
         assert PASSWORD not in json.dumps(fake.requests)
+
+
+def test_unencoded_credentials_refuse_to_start(tmp_path: Path, data_dir: Path) -> None:
+    """A '/' in a password hides the credentials from the URL parser: they would be shown."""
+    secret = "pa/ss-sentinel"
+    log = tmp_path / "server.log"
+    proc = start_process(_command("api_entry", free_port()), env={
+        "OPENAI_BASE_URL": f"https://user:{secret}@llm.example/v1",
+        "OFFLOAD_DATA_DIR": str(data_dir)}, log=log)
+    try:
+        proc.wait(90)
+    finally:
+        stop_process(proc)
+    output = log.read_text(errors="replace")
+    assert proc.returncode != 0
+    assert "percent-encode" in output and "%2F" in output, output[-3000:]
+    assert secret not in output
