@@ -16,7 +16,7 @@ from jobs.predictor import NoModel, Predictor
 from jobs.routes_jobs import Service
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S
 
-VERSION = "0.6.0"
+VERSION = "0.7.0"
 
 router = APIRouter(prefix="/api", tags=["status"], dependencies=[Depends(require_token)])
 
