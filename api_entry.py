@@ -18,9 +18,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from jobs import http_errors, routes_chat, routes_jobs, routes_status
-from jobs.guards import BodyLimit, HostOriginGuard
-from jobs.lifespan import lifespan
+from jobs.api import errors, routes_chat, routes_jobs, routes_status
+from jobs.api.guards import BodyLimit, HostOriginGuard
+from jobs.api.lifespan import lifespan
 from jobs.protocol import private_files
 from jobs.settings import MAX_BODY_BYTES, get_settings
 
@@ -37,7 +37,7 @@ def create_app() -> FastAPI:
     app.include_router(routes_chat.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_status.router)  # last: it ends with the /api catch-all
-    http_errors.install(app)
+    errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     origins = settings.cors_origin_list
     if origins:  # closed unless configured: other sites' pages cannot call the API

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
-from jobs.background import SupervisorThread
-from jobs.store import JobStore
-from jobs.supervisor import Supervisor
+from jobs.store.job_store import JobStore
+from jobs.supervisor.loop import Supervisor
+from jobs.supervisor.thread import SupervisorThread
 
 
 @contextlib.contextmanager
@@ -75,7 +75,7 @@ def lifecycle(rounds: int = 40) -> dict[str, Any]:
             supervisor.wake()
             job = _wait_final(store, job_id)
             jobs.append(time.perf_counter() - t0)
-            assert job[p.F_STATE] == p.COMPLETED, job
+            assert job[p.F_STATE] == p.JobState.COMPLETED, job
     b, j = stats(bare), stats(jobs)
     return {"bare": b, "job": j, "ratio_median": j["median"] / b["median"]}
 
@@ -88,7 +88,7 @@ def throughput(n: int = 300, cap: int = 8) -> dict[str, Any]:
         supervisor.wake()
         finals = [_wait_final(store, i, timeout=120) for i in ids]
         elapsed = time.perf_counter() - t0
-    completed = sum(1 for f in finals if f[p.F_STATE] == p.COMPLETED)
+    completed = sum(1 for f in finals if f[p.F_STATE] == p.JobState.COMPLETED)
     return {"jobs": n, "completed": completed, "seconds": elapsed, "jobs_per_s": n / elapsed}
 
 
@@ -105,7 +105,7 @@ def peak_rss(rounds: int = 5) -> dict[str, Any]:
         chats = [_wait_final(store, store.create(
             "chat", {"messages": [{"role": "user", "content": "hi"}]}, 30)["id"])
             for _ in range(rounds)]
-    assert all(c[p.F_STATE] == p.COMPLETED for c in chats), chats
+    assert all(c[p.F_STATE] == p.JobState.COMPLETED for c in chats), chats
     out["chat_mb"] = max(c[p.F_RESOURCES]["peak_rss_mb"] for c in chats)
     return out
 

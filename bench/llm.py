@@ -91,7 +91,7 @@ def overhead(rounds: int = 20) -> dict[str, Any]:
                                         "expert": False}, 30)
             supervisor.wake()
             final = _wait_final(store, job["id"])
-            assert final[p.F_STATE] == p.COMPLETED, final
+            assert final[p.F_STATE] == p.JobState.COMPLETED, final
             run = p.read_json(store.path(job["id"]).parent / p.RUN_FILE) or {}
             # launched_ns: taken right after the spawn (psutil's create time is only
             # accurate to the boot time's whole second).

@@ -20,11 +20,11 @@ from typing import Any
 
 from bench.core import _wait_final, stats
 from jobs import protocol as p
-from jobs.background import SupervisorThread
-from jobs.launchers import Launcher, LocalLauncher
-from jobs.ray_launcher import RayLauncher
-from jobs.store import JobStore
-from jobs.supervisor import Supervisor
+from jobs.launch.base import Launcher, LocalLauncher
+from jobs.launch.ray import RayLauncher
+from jobs.store.job_store import JobStore
+from jobs.supervisor.loop import Supervisor
+from jobs.supervisor.thread import SupervisorThread
 
 LAUNCHERS = ("local", "ray")
 
@@ -48,7 +48,7 @@ def _one(store: JobStore, supervisor: Supervisor) -> tuple[float, float]:
     supervisor.wake()
     job = _wait_final(store, job_id, timeout=120)
     lifecycle = time.perf_counter() - t0
-    assert job[p.F_STATE] == p.COMPLETED, job
+    assert job[p.F_STATE] == p.JobState.COMPLETED, job
     return p.parse_iso(job[p.F_STARTED_AT]) - created_wall, lifecycle
 
 

@@ -35,7 +35,8 @@ def write_finished_jobs(jobs_dir: Path, n: int, age_s: float = 3600.0) -> list[s
         created = start + i / 1000
         data = p.new_job(job_id, "sleep", {"seconds": 0}, 30)
         data.update({
-            p.F_STATE: p.COMPLETED, p.F_CREATED_AT: p.iso(created), p.F_STARTED_AT: p.iso(created),
+            p.F_STATE: p.JobState.COMPLETED, p.F_CREATED_AT: p.iso(created),
+            p.F_STARTED_AT: p.iso(created),
             p.F_FINISHED_AT: p.iso(created + 0.02), p.F_CREATED_NS: int(created * 1e9),
             p.F_RESULT: {"slept_s": 0}, p.F_EXIT_CODE: 0,
             p.F_RESOURCES: {"cpu_s": 0.01, "peak_rss_mb": 10.0},
@@ -63,7 +64,7 @@ def measure(n: int) -> dict[str, Any]:
             first_s = time.perf_counter() - t0
             assert first.status_code == 200, first.text
             counts = client.get("/api/history").json()["counts"]
-            assert counts[p.COMPLETED] == n, counts
+            assert counts[p.JobState.COMPLETED] == n, counts
             for route in ROUTES:  # warm-up
                 for _ in range(20):
                     client.get(route)

@@ -19,7 +19,7 @@ import httpx
 import psutil
 
 from bench.api import _free_port, _process
-from jobs.index import SETTLE_S
+from jobs.store.index import SETTLE_S
 
 WAVE = 250
 WARMUP_JOBS = 200
@@ -35,7 +35,7 @@ def _server_pid(port: int) -> int:
 
 def _supervisor(api: psutil.Process) -> psutil.Process | None:
     for child in api.children():
-        if "jobs.daemon" in " ".join(child.cmdline()):
+        if "jobs.supervisor" in " ".join(child.cmdline()):
             return child
     return None
 

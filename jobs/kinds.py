@@ -21,7 +21,7 @@ from importlib.metadata import entry_points
 
 from pydantic import BaseModel
 
-from jobs.models import ChatInput, SleepInput, TrainInput
+from jobs.inputs import ChatInput, SleepInput, TrainInput
 
 log = logging.getLogger(__name__)
 

@@ -1,37 +1,16 @@
-"""The job of CONTRACT.md as pydantic models (the API's view of a job file)."""
+"""The job file as the API shows it, and the API's requests and answers (pydantic).
+The fields are those of docs/contract.md; each kind's input model is in `jobs.inputs`."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs import protocol as p
+from jobs.kinds import REGISTRY
+from jobs.protocol import ErrorType, JobState
 from jobs.settings import MAX_TIMEOUT_S
-
-
-class JobState(str, Enum):
-    queued = p.QUEUED
-    running = p.RUNNING
-    completed = p.COMPLETED
-    failed = p.FAILED
-    cancelled = p.CANCELLED
-    timeout = p.TIMEOUT
-
-    @property
-    def is_final(self) -> bool:
-        return self.value in p.FINAL_STATES
-
-
-class ErrorType(str, Enum):
-    lost = p.ERR_LOST
-    timeout = p.ERR_TIMEOUT
-    cancelled = p.ERR_CANCELLED
-    provider = p.ERR_PROVIDER
-    runner = p.ERR_RUNNER
-    corrupt = p.ERR_CORRUPT
 
 
 class Progress(BaseModel):
@@ -77,55 +56,9 @@ class Job(BaseModel):
 
 # -- requests ---------------------------------------------------------------------------
 
-MAX_MESSAGES = 200
-MAX_CONTENT_CHARS = 100_000
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_CONTENT_CHARS)
-
-
-class ChatInput(BaseModel):
-    """What a chat job needs (the seed's request body, plus optional model options)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    session_id: str | None = Field(None, max_length=200)
-    context: str | None = Field(None, max_length=20_000,
-                                description="what the expert is told about the dashboard; "
-                                            "by default a summary of the last ten minutes")
-    expert: bool | None = Field(None, description="false: no dashboard-expert system prompt")
-    max_tokens: int | None = Field(None, ge=1, le=32_768)
-    temperature: float | None = Field(None, ge=0, le=2)
-
-
-class SleepInput(BaseModel):
-    # Public: nothing here may make a runner misbehave (the tests' knobs are their own kind).
-    model_config = ConfigDict(extra="forbid")
-
-    seconds: float = Field(0, ge=0, le=3600)
-    steps: int = Field(10, ge=1, le=10_000)
-
-
 def _known_kinds(schema: dict[str, Any]) -> None:
-    from jobs.kinds import REGISTRY  # late: the registry imports these models
-
     # Documented as an enum; checked in the service, whose 422 lists the known kinds.
     schema["enum"] = sorted(REGISTRY)
-
-
-class TrainInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(60, ge=1, le=10_000)
-    lags: int = Field(30, ge=1, le=600)
-    seconds: float = Field(0, ge=0, description="learn from the last N seconds; 0: all")
-    learning_rate: float = Field(0.05, gt=0, le=1)
-    validation: float = Field(0.2, ge=0.05, le=0.5)
 
 
 class JobCreate(BaseModel):

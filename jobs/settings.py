@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from runners.llm_client import USERINFO_HELP, misplaced_userinfo, public_url
+from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001

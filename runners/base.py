@@ -17,6 +17,7 @@ import threading
 import time
 
 from jobs import protocol as p
+from jobs.protocol import remote
 
 # Every runner pays for its imports at start: typing and pathlib stay out of run time.
 TYPE_CHECKING = False
@@ -36,7 +37,6 @@ WRITE_INTERVAL_S = 0.2  # at most five job-file writes a second while running
 FINAL_WRITE_PATIENCE_S = 600.0  # how long the final state waits for an unwritable folder
 FINAL_RETRY_S = 0.5
 LOG_CHECK_BYTES = 64 * 1024  # a runner with a capped log looks at its size this often
-REMOTE_FLAG = "--remote-job"  # python -m runners.<kind> --remote-job <encoded job pieces>
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -55,7 +55,7 @@ class StopRequested(BaseException):
 class RunnerError(Exception):
     """A failure with a type and a message a user can act on (no traceback shown)."""
 
-    def __init__(self, message: str, error_type: str = p.ERR_RUNNER) -> None:
+    def __init__(self, message: str, error_type: str = p.ErrorType.RUNNER) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
@@ -225,7 +225,7 @@ class FileSink(Sink):
         snapshot = job.snapshot()
         if self._emit_key:
             self._seq += 1
-            sys.stdout.write(p.snapshot_line(self._seq, snapshot, self._emit_key))
+            sys.stdout.write(remote.snapshot_line(self._seq, snapshot, self._emit_key))
             sys.stdout.flush()
         try:
             p.write_json(self.path, snapshot, durable)
@@ -382,7 +382,7 @@ class _Stopper:
     def _on_deadline(self, signum: int, frame: FrameType | None) -> None:
         self.deadline_passed = True
         if not self.finishing:
-            raise StopRequested(p.TIMEOUT)
+            raise StopRequested(p.JobState.TIMEOUT)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.finishing:
@@ -392,10 +392,10 @@ class _Stopper:
 
     def reason(self) -> str:
         if self.deadline_passed:
-            return p.TIMEOUT
+            return p.JobState.TIMEOUT
         if self.job_file is not None:
-            return p.stop_reason(self.job_file) or p.CANCELLED
-        return p.CANCELLED
+            return p.stop_reason(self.job_file) or p.JobState.CANCELLED
+        return p.JobState.CANCELLED
 
 
 
@@ -414,7 +414,7 @@ def main(
     if len(argv) == 2 and argv[0] == "--job-file":
         # The launcher's exact form: skip argparse, every millisecond of start counts.
         return run_job_file(argv[1], execute)
-    if argv[:1] == [REMOTE_FLAG]:
+    if argv[:1] == [remote.REMOTE_FLAG]:
         return run_remote(argv[1:], execute)
     import argparse
 
@@ -444,18 +444,18 @@ def main(
 
 def run_remote(pieces: Sequence[str], execute: Execute) -> int:
     """A job sent by the Ray launcher: its JSON travels on the command line (see
-    `encode_job`), its snapshots go back on stdout, and a scratch job file on this node
+    `remote.encode_job`), its snapshots go back on stdout, and a scratch job file on this node
     keeps the usual machinery (stop reason, data folder) working."""
     # The launch's secret for its snapshot lines; out of the environment the job's own
     # child processes inherit.
-    key = os.environ.pop(p.SNAPSHOT_KEY_ENV, "")
+    key = os.environ.pop(remote.SNAPSHOT_KEY_ENV, "")
     if not key:
-        print(f"error: {p.SNAPSHOT_KEY_ENV} is not set: the launcher that sent this job "
+        print(f"error: {remote.SNAPSHOT_KEY_ENV} is not set: the launcher that sent this job "
               "gives each launch its own key, and snapshots are only read with it",
               file=sys.stderr)
         return EXIT_USAGE
     try:
-        data = decode_job(pieces)
+        data = remote.decode_job(pieces)
     except ValueError as exc:
         print(f"error: cannot read the job from the command line: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -472,33 +472,6 @@ def run_remote(pieces: Sequence[str], execute: Execute) -> int:
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def encode_job(data: dict[str, Any], piece_chars: int = 100_000) -> list[str]:
-    """A job as shell-safe command-line arguments: JSON, zlib, URL-safe base64, cut into
-    pieces (Linux refuses any single argument over 128 KiB). Inputs hold no secrets."""
-    import base64
-    import json
-    import zlib
-
-    raw = zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 6)
-    text = base64.urlsafe_b64encode(raw).decode("ascii")
-    return [text[i:i + piece_chars] for i in range(0, len(text), piece_chars)] or [""]
-
-
-def decode_job(pieces: Sequence[str]) -> dict[str, Any]:
-    import base64
-    import binascii
-    import json
-    import zlib
-
-    try:
-        data = json.loads(zlib.decompress(base64.urlsafe_b64decode("".join(pieces))))
-    except (binascii.Error, zlib.error, UnicodeDecodeError) as exc:
-        raise ValueError(str(exc)) from exc
-    if not isinstance(data, dict) or not p.is_valid_id(str(data.get(p.F_ID))):
-        raise ValueError("not a job")
-    return data
 
 
 def _temp_dir() -> str:
@@ -535,7 +508,7 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
     timeout = data.get(p.F_TIMEOUT_S)
     stopper.install(float(timeout) if isinstance(timeout, (int, float)) else None)
     data.update({
-        p.F_STATE: p.RUNNING, p.F_STARTED_AT: p.now_iso(), p.F_FINISHED_AT: None,
+        p.F_STATE: p.JobState.RUNNING, p.F_STARTED_AT: p.now_iso(), p.F_FINISHED_AT: None,
         p.F_PID: os.getpid(), p.F_EXIT_CODE: None, p.F_ERROR: None, p.F_RESULT: None,
         p.F_OUTPUT: "", p.F_PROGRESS: None, p.F_HOST: _host(),
         p.F_LAUNCHER: p.RAY if emit_key else p.LOCAL,
@@ -567,23 +540,23 @@ def _run(job: Job, execute: Execute, stopper: _Stopper, timeout: float | None) -
                        EXIT_STOPPED, stopper)
     except RunnerError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
-        return _finish(job, sink, p.FAILED, None,
+        return _finish(job, sink, p.JobState.FAILED, None,
                        {"type": exc.error_type, "message": exc.message}, EXIT_FAILED, stopper)
     except Exception as exc:
         import traceback
 
         traceback.print_exc()  # the whole story goes to the log; the job gets one line
         message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        return _finish(job, sink, p.FAILED, None, {"type": p.ERR_RUNNER, "message": message},
-                       EXIT_FAILED, stopper)
-    return _finish(job, sink, p.COMPLETED, result or {}, None, EXIT_OK, stopper)
+        error = {"type": p.ErrorType.RUNNER, "message": message}
+        return _finish(job, sink, p.JobState.FAILED, None, error, EXIT_FAILED, stopper)
+    return _finish(job, sink, p.JobState.COMPLETED, result or {}, None, EXIT_OK, stopper)
 
 
 def _stop_error(reason: str, data: dict[str, Any]) -> dict[str, Any]:
-    if reason == p.TIMEOUT:
-        return {"type": p.ERR_TIMEOUT,
+    if reason == p.JobState.TIMEOUT:
+        return {"type": p.ErrorType.TIMEOUT,
                 "message": f"stopped after its deadline of {data.get(p.F_TIMEOUT_S)} s"}
-    return {"type": p.ERR_CANCELLED, "message": "cancelled on request"}
+    return {"type": p.ErrorType.CANCELLED, "message": "cancelled on request"}
 
 
 def _finish(job: Job, sink: Sink, state: str, result: dict[str, Any] | None,

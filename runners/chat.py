@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from jobs import embedded
+from jobs.protocol import embedded
 from runners import base, llm_client
 
 TYPE_CHECKING = False

@@ -17,9 +17,10 @@ import http.client
 import json
 import socket
 import time
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from jobs import protocol as p
+from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url
 from runners.base import RunnerError
 
 TYPE_CHECKING = False
@@ -33,31 +34,6 @@ STALL_TIMEOUT_S = 60.0  # between two pieces of a streaming reply
 RETRIES = 3  # for 429 and 5xx answers
 RETRY_BASE_S = 1.0
 RETRY_MAX_S = 30.0
-
-
-def misplaced_userinfo(url: str) -> bool:
-    """A `user:password@` that an unencoded '/', '?' or '#' cut short: the URL's parser
-    then sees no credentials, so they would be shown, and not sent."""
-    try:
-        netloc = urlsplit(url).netloc
-    except ValueError:
-        return False
-    return "@" not in netloc and "@" in url.partition("://")[2]
-
-
-USERINFO_HELP = ("OPENAI_BASE_URL holds an '@' after its host: percent-encode '/', '?', '#' "
-                 "and '@' in its user and password (e.g. '/' as %2F)")
-
-
-def public_url(url: str) -> str:
-    """`url` without the `user:password@` it may carry: what may be shown, logged or stored."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        parts = urlsplit("")
-    if "@" not in parts.netloc:  # none; or not a URL: then keep no part that may be one
-        return url if parts.netloc else url.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 class Config:
@@ -93,9 +69,9 @@ class Config:
             raise RunnerError(
                 "no LLM server configured: set OPENAI_BASE_URL to an OpenAI-compatible "
                 "server (for example http://127.0.0.1:11434/v1 for Ollama), or start "
-                "Offload with the embedded model", p.ERR_PROVIDER)
+                "Offload with the embedded model", p.ErrorType.PROVIDER)
         if misplaced_userinfo(url):
-            raise RunnerError(USERINFO_HELP, p.ERR_PROVIDER)
+            raise RunnerError(USERINFO_HELP, p.ErrorType.PROVIDER)
         first = env.get("OFFLOAD_LLM_FIRST_TOKEN_S")
         return cls(url, env.get("OPENAI_API_KEY") or None, env.get("OFFLOAD_LLM_MODEL") or None,
                    float(first) if first else FIRST_TOKEN_TIMEOUT_S)
@@ -124,7 +100,7 @@ class Reply:
 
 
 def _fail(message: str) -> RunnerError:
-    return RunnerError(message, p.ERR_PROVIDER)
+    return RunnerError(message, p.ErrorType.PROVIDER)
 
 
 def chat(config: Config, messages: list[dict[str, Any]], on_text: Callable[[str], None],

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from jobs import embedded
+from jobs.protocol import embedded
 from runners.base import RunnerError
 
 TYPE_CHECKING = False

@@ -31,7 +31,7 @@ BATCH = 64
 def execute(job: base.Job) -> dict[str, Any]:
     import numpy as np  # the one heavy import, and only this kind pays for it
 
-    from jobs import forecast
+    from runners import forecast
 
     options = _options(job.input)
     data_dir = job.data_dir or str(job.input.get("data_dir") or "var")
@@ -71,7 +71,7 @@ class _Fit:
     def __init__(self, values: np.ndarray, lags: int, validation: float) -> None:
         import numpy as np
 
-        from jobs import forecast
+        from runners import forecast
 
         self.np = np
         self.mean = float(values.mean())

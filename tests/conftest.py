@@ -14,12 +14,12 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from jobs import embedded
 from jobs import protocol as p
-from jobs.background import SupervisorThread
+from jobs.protocol import embedded
 from jobs.settings import get_settings
-from jobs.store import JobStore
-from jobs.supervisor import Supervisor
+from jobs.store.job_store import JobStore
+from jobs.supervisor.loop import Supervisor
+from jobs.supervisor.thread import SupervisorThread
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")

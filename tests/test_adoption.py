@@ -8,14 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jobs.store import JobStore
+from jobs.store.job_store import JobStore
 from tests.conftest import RunningSupervisor, start_process, stop_process, wait_for
 
 
 def test_second_supervisor_adopts_runners_of_a_killed_one(
         data_dir: Path, make_supervisor: Callable[..., RunningSupervisor]) -> None:
     store = JobStore(data_dir / "jobs")
-    first = start_process(["-m", "jobs.daemon"], log=data_dir.parent / "supervisor.log",
+    first = start_process(["-m", "jobs.supervisor"], log=data_dir.parent / "supervisor.log",
                           env={"OFFLOAD_DATA_DIR": str(data_dir), "OFFLOAD_MAX_CONCURRENT": "3"})
     try:
         ids = [store.create("sleep", {"seconds": 3, "steps": 3}, 60)["id"] for _ in range(3)]
@@ -49,7 +49,7 @@ def test_second_supervisor_adopts_runners_of_a_killed_one(
 
 def test_standalone_supervisor_process_runs_jobs(data_dir: Path) -> None:
     store = JobStore(data_dir / "jobs")
-    proc = start_process(["-m", "jobs.daemon"], env={"OFFLOAD_DATA_DIR": str(data_dir)})
+    proc = start_process(["-m", "jobs.supervisor"], env={"OFFLOAD_DATA_DIR": str(data_dir)})
     try:
         job_id = store.create("sleep", {"seconds": 0.2}, 30)["id"]
         final = wait_for(lambda: (j := store.read(job_id))["state"] == "completed" and j,

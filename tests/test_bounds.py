@@ -19,9 +19,9 @@ import pytest
 
 from bench.scale import write_finished_jobs
 from jobs import protocol as p
-from jobs.idempotency import PENDING_S, STORING_S, Keys
 from jobs.settings import PRUNE_OVER_CAP_S
-from jobs.store import JobStore
+from jobs.store.idempotency import PENDING_S, STORING_S, Keys
+from jobs.store.job_store import JobStore
 from tests.conftest import wait_for
 from tests.server import Server
 
@@ -156,7 +156,7 @@ def test_the_index_knows_what_may_be_pruned(data_dir: Path) -> None:
     assert load is not None and load.total == 6
     assert load.finished_before(time.time() - 600) == 3
     job = store.read(live)
-    job.update({p.F_STATE: p.COMPLETED, p.F_FINISHED_AT: p.now_iso()})
+    job.update({p.F_STATE: p.JobState.COMPLETED, p.F_FINISHED_AT: p.now_iso()})
     p.write_json(store.path(live), job)  # finishes now
     assert len(store.load().finished) == 6
     job[p.F_OUTPUT] = "rewritten"

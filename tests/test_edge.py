@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from jobs import protocol as p
-from jobs.ray_launcher import RayLauncher
+from jobs.launch.ray import RayLauncher
 from jobs.settings import Settings
 from tests.conftest import RunningSupervisor, free_port, start_process, stop_process, wait_for
 from tests.fake_llm import FakeLLM

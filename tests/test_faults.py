@@ -23,7 +23,7 @@ import pytest
 
 from bench.scale import write_finished_jobs
 from jobs import protocol as p
-from jobs.store import JobStore
+from jobs.store.job_store import JobStore
 from tests.conftest import RunningSupervisor, wait_for
 from tests.fake_llm import FakeLLM
 from tests.server import Server

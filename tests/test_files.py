@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from jobs import protocol as p
-from jobs.store import JobNotFound, JobStore
+from jobs.store.job_store import JobNotFound, JobStore
 from tests.conftest import ROOT
 
 WRITER = """
@@ -175,8 +175,8 @@ def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
     import asyncio
     import threading
 
-    from jobs import service as service_module
-    from jobs.service import JobService
+    from jobs.api import service as service_module
+    from jobs.api.service import JobService
     from jobs.settings import get_settings
 
     monkeypatch.setattr(p, "FSYNC", False)  # a quick disk, whatever this machine's fsync costs
@@ -222,5 +222,5 @@ def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
     assert asyncio.run(service.get(first["id"]))[p.F_ID] == first["id"]
     assert writers[2:] == ["loop", "worker"] and readers == ["loop", "worker"]
     assert "the API touches job files from worker threads" in caplog.text
-    assert all(store.read(job["id"])[p.F_STATE] == p.QUEUED for job in store.list_jobs())
+    assert all(store.read(job["id"])[p.F_STATE] == p.JobState.QUEUED for job in store.list_jobs())
 

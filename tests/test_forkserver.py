@@ -15,12 +15,12 @@ import httpx
 import psutil
 import pytest
 
-from jobs import forkserver
 from jobs import protocol as p
-from jobs.keeper import OUTPUT_FILE
 from jobs.kinds import KINDS
-from jobs.launchers import LocalLauncher, LocalRun
-from jobs.store import JobStore
+from jobs.launch import forkserver
+from jobs.launch.base import LocalLauncher, LocalRun
+from jobs.protocol.wake import OUTPUT_FILE
+from jobs.store.job_store import JobStore
 from tests.conftest import ROOT, process_gone, wait_for
 
 pytestmark = pytest.mark.skipif(not forkserver.AVAILABLE, reason="the fork server is Linux only")
@@ -64,7 +64,7 @@ def shows_runner(pid: int) -> list[str] | None:
 
 def fork_servers() -> list[psutil.Process]:
     return [proc for proc in psutil.process_iter(["cmdline"])
-            if "jobs.forkserver" in " ".join(proc.info["cmdline"] or [])
+            if "jobs.launch.forkserver" in " ".join(proc.info["cmdline"] or [])
             and proc.info["cmdline"][0] == sys.executable]
 
 
@@ -74,14 +74,14 @@ def test_a_forked_runner_looks_and_behaves_like_a_started_one(start: Start) -> N
     shown = wait_for(lambda: shows_runner(proc.pid), what="the runner's command line")
     assert shown == [sys.executable, "-m", "runners.sleep", "--job-file", str(job_file)]
     parent = proc.parent()
-    assert parent is not None and "jobs.forkserver" in parent.cmdline()
+    assert parent is not None and "jobs.launch.forkserver" in parent.cmdline()
     assert os.getpgid(proc.pid) == proc.pid  # its own group: killpg stops its tree
     assert os.sched_getscheduler(proc.pid) == os.SCHED_IDLE
     assert proc.cwd() == str(ROOT)
     assert ended.wait(30)
     assert run.runner.child is not None and run.runner.child.returncode == 0
     job = p.read_json(job_file)
-    assert job is not None and job[p.F_STATE] == p.COMPLETED
+    assert job is not None and job[p.F_STATE] == p.JobState.COMPLETED
     assert "Warning" not in Path(p.sibling(job_file, p.LOG_FILE)).read_text()
     crashing, _, ended = start("probe", exit_code=7)
     assert ended.wait(30)
@@ -105,7 +105,7 @@ def test_an_edited_project_file_makes_the_next_runner_a_fresh_interpreter(
         assert b"\0-m\0runners.sleep\0" in raw_command_line(run.runner.pid)
         assert ended.wait(30)
         job = p.read_json(job_file)
-        assert job is not None and job[p.F_STATE] == p.COMPLETED
+        assert job is not None and job[p.F_STATE] == p.JobState.COMPLETED
     finally:
         os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
 
@@ -119,11 +119,12 @@ def test_runners_outlive_a_killed_fork_server_which_comes_back(start: Start) -> 
     assert not process_gone(run.runner.pid)
     assert ended.wait(30)  # noticed without the server: polled until gone
     job = p.read_json(job_file)
-    assert job is not None and job[p.F_STATE] == p.COMPLETED
+    assert job is not None and job[p.F_STATE] == p.JobState.COMPLETED
     run, job_file, ended = start(seconds=0)  # a new server
     assert ended.wait(30)
     assert run.runner.child is not None and run.runner.child.returncode == 0
-    assert wait_for(lambda: p.read_json(job_file), what="job file")[p.F_STATE] == p.COMPLETED
+    final = wait_for(lambda: p.read_json(job_file), what="job file")
+    assert final[p.F_STATE] == p.JobState.COMPLETED
 
 
 def test_the_fork_server_leaves_with_its_launcher(start: Start,
@@ -235,14 +236,14 @@ def test_a_fork_server_lost_after_forking_runs_the_job_once(
         # state, and its exit code went with the server.
         job_id, _ = submit(client, jobs_dir, "probe", exit_code=7)
         job = final(client, job_id)
-        assert job["state"] == p.FAILED and job["error"]["type"] == p.ERR_LOST, job
+        assert job["state"] == p.JobState.FAILED and job["error"]["type"] == p.ErrorType.LOST, job
         assert job["exit_code"] is None and "exit code unknown" in job["error"]["message"]
         # die: forked by the next server, which dies too; stall: the stalled server
         # answers nothing and is stopped, so it is started as a new interpreter, once.
         job_id, runners = submit(client, jobs_dir, seconds=2, steps=2)
         launched(jobs_dir, job_id)
         job = final(client, job_id)
-        assert job["state"] == p.COMPLETED, job
+        assert job["state"] == p.JobState.COMPLETED, job
         ran_once(runners, job)
         assert client.get(f"/api/jobs/{job_id}").json()["finished_at"] == job["finished_at"]
     assert fault_happened(server, fault)
@@ -256,11 +257,11 @@ def test_a_fork_server_lost_after_forking_leaves_no_runner_after_a_cancel(
     with server.client() as client:
         job_id, runners = submit(client, jobs_dir, seconds=60, steps=60)
         launched(jobs_dir, job_id)
-        wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["state"] == p.RUNNING,
+        wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["state"] == p.JobState.RUNNING,
                  30, 0.1, "the job to run")
         assert client.delete(f"/api/jobs/{job_id}").status_code == 200
         job = final(client, job_id)
-        assert job["state"] == p.CANCELLED, job
+        assert job["state"] == p.JobState.CANCELLED, job
         ran_once(runners, job)  # nothing survives to overwrite the cancelled state
-        assert client.get(f"/api/jobs/{job_id}").json()["state"] == p.CANCELLED
+        assert client.get(f"/api/jobs/{job_id}").json()["state"] == p.JobState.CANCELLED
     assert fault_happened(server, fault)

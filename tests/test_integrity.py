@@ -16,7 +16,8 @@ import pytest
 
 from jobs import protocol as p
 from jobs.kinds import KindClash, discover
-from jobs.ray_launcher import RayLauncher, submission_id
+from jobs.launch.ray import RayLauncher, submission_id
+from jobs.protocol import remote
 from tests.conftest import ROOT, RunningSupervisor, free_port, wait_for
 from tests.fake_ray import FakeRay
 from tests.server import Server
@@ -81,7 +82,7 @@ def test_a_job_printing_a_snapshot_line_cannot_forge_its_state_over_ray(
     assert final["error"] == {"type": "runner", "message": f"bad luck\n{FORGED}"}
     text = log_file.read_text()
     assert FORGED in text, "the forged line is the job's output, shown as such"
-    key = body["runtime_env"]["env_vars"][p.SNAPSHOT_KEY_ENV]
+    key = body["runtime_env"]["env_vars"][remote.SNAPSHOT_KEY_ENV]
     assert len(key) >= 32 and key not in text and key not in json.dumps(final)
 
 
@@ -90,14 +91,14 @@ def test_only_lines_with_the_launch_key_are_snapshots_also_after_a_restart(
     sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
     job_id = sup.submit(seconds=60)
     sid = submission_id(job_id)
-    key = _submitted(fake, sid)["runtime_env"]["env_vars"][p.SNAPSHOT_KEY_ENV]
+    key = _submitted(fake, sid)["runtime_env"]["env_vars"][remote.SNAPSHOT_KEY_ENV]
     job = p.new_job(job_id, "sleep", {}, 60)
-    job.update({p.F_STATE: p.RUNNING, p.F_PID: 4242, p.F_PROGRESS: {"fraction": 0.5}})
-    done = {**job, p.F_STATE: p.COMPLETED, p.F_FINISHED_AT: p.now_iso(), p.F_EXIT_CODE: 0}
-    other_key = p.snapshot_line(9, done, "0" * 32)  # a guess, or another launch's key
+    job.update({p.F_STATE: p.JobState.RUNNING, p.F_PID: 4242, p.F_PROGRESS: {"fraction": 0.5}})
+    done = {**job, p.F_STATE: p.JobState.COMPLETED, p.F_FINISHED_AT: p.now_iso(), p.F_EXIT_CODE: 0}
+    other_key = remote.snapshot_line(9, done, "0" * 32)  # a guess, or another launch's key
     with fake.lock:
         fake.jobs[sid]["status"] = "RUNNING"
-        fake.logs[sid] = FORGED + "\n" + other_key + p.snapshot_line(1, job, key)
+        fake.logs[sid] = FORGED + "\n" + other_key + remote.snapshot_line(1, job, key)
     assert sup.wait_state(job_id, "running")["progress"]["fraction"] == 0.5
     _one_more_poll(fake, sid)
     log_file = sup.supervisor.dir / job_id / p.LOG_FILE
@@ -105,22 +106,22 @@ def test_only_lines_with_the_launch_key_are_snapshots_also_after_a_restart(
     sup.stop()  # a new supervisor adopts the job: the key is in its launch record
     sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
     with fake.lock:
-        fake.logs[sid] += p.snapshot_line(2, done, key)
+        fake.logs[sid] += remote.snapshot_line(2, done, key)
         fake.jobs[sid].update(status="SUCCEEDED", driver_exit_code=0)
     assert sup.wait_final(job_id)["state"] == "completed"
     assert log_file.read_text() == FORGED + "\n" + other_key
 
 
 def test_a_runner_sent_without_a_key_refuses_to_run(tmp_path: Path) -> None:
-    from runners.base import encode_job
+    from jobs.protocol.remote import encode_job
 
     job = p.new_job("c" * 32, "sleep", {"seconds": 0}, 30)
-    env = {k: v for k, v in os.environ.items() if k != p.SNAPSHOT_KEY_ENV}
+    env = {k: v for k, v in os.environ.items() if k != remote.SNAPSHOT_KEY_ENV}
     out = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job",
                           *encode_job(job)], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, env={**env, "OFFLOAD_DATA_DIR": str(tmp_path)})
-    assert out.returncode == 2 and p.SNAPSHOT_KEY_ENV in out.stderr
-    assert p.SNAPSHOT_TAG not in out.stdout
+    assert out.returncode == 2 and remote.SNAPSHOT_KEY_ENV in out.stderr
+    assert remote.SNAPSHOT_TAG not in out.stdout
 
 
 # -- 9: a job file that is no job is listed as corrupt --------------------------------
@@ -218,7 +219,7 @@ def _refuses(env: dict[str, str], *needles: str) -> None:
     """The API (as `python api_entry.py` starts it) and the supervisor both refuse to
     start, and say which two sources define the kind."""
     env = {**os.environ, **env}
-    for args in (["api_entry.py", "--port", str(free_port())], ["-m", "jobs.daemon"]):
+    for args in (["api_entry.py", "--port", str(free_port())], ["-m", "jobs.supervisor"]):
         try:
             done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, timeout=60,
                                   stdin=subprocess.DEVNULL, capture_output=True, text=True)

@@ -11,10 +11,10 @@ import psutil
 import pytest
 
 from jobs import protocol as p
-from jobs.launchers import Launcher, LocalLauncher, LocalRun
-from jobs.ray_client import RayJobNotFound, RayJobsClient
-from jobs.ray_launcher import RayLauncher, RemoteRun, submission_id
-from jobs.supervisor import Supervisor
+from jobs.launch.base import Launcher, LocalLauncher, LocalRun
+from jobs.launch.ray import RayLauncher, RemoteRun, submission_id
+from jobs.launch.ray_client import RayJobNotFound, RayJobsClient
+from jobs.supervisor.loop import Supervisor
 from tests.conftest import RunningSupervisor, process_gone, wait_for
 
 MakeLaunched = Callable[..., RunningSupervisor]

@@ -17,8 +17,8 @@ from typing import Any
 import psutil
 import pytest
 
-from jobs import embedded
 from jobs import protocol as p
+from jobs.protocol import embedded
 from tests.conftest import (
     ROOT,
     RunningSupervisor,

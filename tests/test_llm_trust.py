@@ -24,12 +24,12 @@ from typing import Any
 import psutil
 import pytest
 
-from jobs import embedded
 from jobs import protocol as p
-from jobs.llm_status import LLMStatus
+from jobs.llm.status import LLMStatus
+from jobs.protocol import embedded
 from jobs.resilient import resilient
 from jobs.settings import get_settings
-from jobs.store import JobStore
+from jobs.store.job_store import JobStore
 from tests.conftest import ROOT, free_port, stop_process, wait_for
 from tests.fake_llm import FakeLLM
 from tests.http_fake import JSONHandler, ScriptedServer

@@ -1,5 +1,5 @@
 """Every log Offload writes or collects stays bounded, checked through the real daemon
-(`make_server`: uvicorn, its keeper, `python -m jobs.daemon`)."""
+(`make_server`: uvicorn, its keeper, `python -m jobs.supervisor`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from jobs import protocol as p
-from jobs.ray_launcher import submission_id
-from jobs.store import JobStore
-from jobs.supervisor import poke
+from jobs.launch.ray import submission_id
+from jobs.protocol.wake import poke
+from jobs.store.job_store import JobStore
 from tests.conftest import wait_for
 from tests.fake_ray import FakeRay
 

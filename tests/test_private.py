@@ -74,7 +74,7 @@ def _offload_processes(api_pid: int) -> dict[str, int]:
     found = {"api": api_pid}
     for child in psutil.Process(api_pid).children(recursive=True):
         line = " ".join(child.cmdline())
-        for role in ("jobs.daemon", "jobs.forkserver", "runners.sleep"):
+        for role in ("jobs.supervisor", "jobs.launch.forkserver", "runners.sleep"):
             if role in line:
                 found[role] = child.pid
     return found
@@ -97,7 +97,7 @@ def test_every_file_and_folder_offload_creates_is_private(make_server: MakeServe
         wait_for(lambda: (data / "history" / "metrics.jsonl").exists() and
                  (data / "llm.json").exists(), what="the metrics and the LLM status")
     # API, supervisor, fork server (Linux) and a runner: each sets it
-    assert set(umasks) >= {"api", "jobs.daemon", "runners.sleep"}, umasks
+    assert set(umasks) >= {"api", "jobs.supervisor", "runners.sleep"}, umasks
     assert set(umasks.values()) == {"0077"}, umasks
     expected = [data / "jobs" / done["id"] / name for name in (p.JOB_FILE, p.LOG_FILE,
                                                                  p.RUN_FILE)]
@@ -114,7 +114,7 @@ def _old_data_folder(data: Path, outside: Path) -> list[Path]:
     link to a file outside it, which must not be touched."""
     job_id = p.new_id()
     job = p.new_job(job_id, "sleep", {"seconds": 0}, 30)
-    job.update({p.F_STATE: p.COMPLETED, p.F_FINISHED_AT: p.now_iso(), p.F_RESULT: {}})
+    job.update({p.F_STATE: p.JobState.COMPLETED, p.F_FINISHED_AT: p.now_iso(), p.F_RESULT: {}})
     files = {data / "jobs" / job_id / p.JOB_FILE: job,
              data / "idempotency" / f"{'0' * 64}.json": {"job_id": job_id},
              data / "llm.json": {"ready": False}}
@@ -143,7 +143,7 @@ def test_an_open_data_folder_is_tightened_at_start(first: str, make_server: Make
         log = server.log
     else:  # the supervisor started by hand, before any API
         log = data_dir / "supervisor.log"  # where the daemon logs
-        proc = start_process(["-m", "jobs.daemon"], env=NO_MODEL, log=tmp_path / "daemon.out")
+        proc = start_process(["-m", "jobs.supervisor"], env=NO_MODEL, log=tmp_path / "daemon.out")
     try:
         wait_for(lambda: log.exists() and TIGHTENED in log.read_text(), 60, 0.1,
                  "the log to say so")

@@ -1,4 +1,5 @@
-"""The house style, checked: ruff and mypy --strict over the source and the tests."""
+"""The house style, checked: ruff and mypy --strict over the source and the tests, and the
+import contracts of pyproject.toml (import-linter): one room per process."""
 
 from __future__ import annotations
 
@@ -20,5 +21,15 @@ from tests.conftest import ROOT
 ])
 def test_clean(tool: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", *tool], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_import_contracts() -> None:
+    # import-linter has no `python -m` entry: its command's function, in a fresh interpreter.
+    code = ("import sys; from importlinter.cli import lint_imports; "
+            "sys.exit(lint_imports(no_cache=True, no_logo=True))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

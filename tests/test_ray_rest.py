@@ -15,10 +15,11 @@ import pytest
 from pydantic import ValidationError
 
 from jobs import protocol as p
-from jobs.ray_client import RayError, RayJobsClient, RayUnavailable
-from jobs.ray_launcher import RayLauncher, submission_id
+from jobs.launch.ray import RayLauncher, submission_id
+from jobs.launch.ray_client import RayError, RayJobsClient, RayUnavailable
+from jobs.protocol import remote
+from jobs.protocol.remote import decode_job, encode_job
 from jobs.settings import Settings
-from runners.base import decode_job, encode_job
 from tests.conftest import ROOT, RunningSupervisor, free_port, wait_for
 from tests.fake_ray import FakeRay
 
@@ -97,13 +98,13 @@ def test_secrets_never_reach_ray(fake: FakeRay,
     assert decode_job(entry[4:])["id"] == job_id
 
 
-def _running_snapshot(fake: FakeRay, job_id: str, seq: int, state: str = p.RUNNING,
+def _running_snapshot(fake: FakeRay, job_id: str, seq: int, state: str = p.JobState.RUNNING,
                       **fields: object) -> str:
     """A snapshot line as the runner prints it, with the key its launch was given."""
-    key = fake.jobs[submission_id(job_id)]["runtime_env"]["env_vars"][p.SNAPSHOT_KEY_ENV]
+    key = fake.jobs[submission_id(job_id)]["runtime_env"]["env_vars"][remote.SNAPSHOT_KEY_ENV]
     data = p.new_job(job_id, "sleep", {}, 60)
     data.update({p.F_STATE: state, p.F_STARTED_AT: p.now_iso(), p.F_PID: 4242, **fields})
-    return p.snapshot_line(seq, data, key)
+    return remote.snapshot_line(seq, data, key)
 
 
 def test_poller_writes_snapshots_and_log_then_a_forgotten_job_is_lost(
@@ -149,7 +150,7 @@ def test_final_snapshot_wins_and_a_deadline_reads_as_timeout(
     # "cancelled" (it cannot know why); the poller knows it was the deadline.
     wait_for(lambda: sid in fake.stopped, what="a stop sent")
     with fake.lock:
-        fake.logs[sid] += _running_snapshot(fake, job_id, 2, p.CANCELLED, exit_code=3,
+        fake.logs[sid] += _running_snapshot(fake, job_id, 2, p.JobState.CANCELLED, exit_code=3,
                                             output="part")
         fake.jobs[sid].update(status="STOPPED", driver_exit_code=3)
     final = sup.wait_final(job_id)
@@ -167,9 +168,9 @@ def test_remote_job_travels_on_the_command_line_whatever_its_size(tmp_path: Path
     out = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job", *pieces],
                          cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env={"PATH": "", "OFFLOAD_DATA_DIR": str(tmp_path),
-                              p.SNAPSHOT_KEY_ENV: key})
+                              remote.SNAPSHOT_KEY_ENV: key})
     assert out.returncode == 0, out.stderr
-    snapshots, plain = p.split_snapshots(out.stdout, key)
+    snapshots, plain = remote.split_snapshots(out.stdout, key)
     seqs = [seq for seq, _ in snapshots]
     assert seqs == sorted(seqs) and seqs[0] == 1
     final = snapshots[-1][1]
@@ -180,7 +181,7 @@ def test_remote_job_travels_on_the_command_line_whatever_its_size(tmp_path: Path
 
     bad = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job", "garbage!"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, p.SNAPSHOT_KEY_ENV: key})
+                         env={**os.environ, remote.SNAPSHOT_KEY_ENV: key})
     assert bad.returncode == 2
     assert "cannot read the job from the command line" in bad.stderr
 
@@ -188,7 +189,7 @@ def test_remote_job_travels_on_the_command_line_whatever_its_size(tmp_path: Path
 def test_the_api_process_never_imports_ray(tmp_path: Path) -> None:
     code = ("import sys, api_entry\n"
             "from jobs.settings import get_settings\n"
-            "from jobs.launchers import make_launcher\n"
+            "from jobs.launch.pick import make_launcher\n"
             "launcher = make_launcher(get_settings())\n"
             "assert launcher.name == 'ray', launcher\n"
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n")

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 
 from jobs import protocol as p
-from jobs.store import JobStore
+from jobs.store.job_store import JobStore
 from tests.conftest import ROOT, RunningSupervisor, wait_for
 from tests.fake_llm import FakeLLM
 

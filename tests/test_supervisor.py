@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from jobs import protocol as p
-from jobs.supervisor import Supervisor
+from jobs.supervisor.loop import Supervisor
 from tests.conftest import RunningSupervisor, process_gone, wait_for
 
 
@@ -187,7 +187,7 @@ def test_prune_removes_old_finished_jobs_only(supervisor: RunningSupervisor) -> 
 
 
 def test_unknown_kind_is_refused(supervisor: RunningSupervisor) -> None:
-    from jobs.store import UnknownKind
+    from jobs.store.job_store import UnknownKind
 
     with pytest.raises(UnknownKind, match="known kinds: chat, probe, sleep"):
         supervisor.store.create("nope", {}, 10)

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from jobs import forecast
 from jobs.kinds import discover
+from runners import forecast
 from tests.conftest import ROOT, RunningSupervisor, wait_for
 from tests.server import Server
 

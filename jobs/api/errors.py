@@ -1,0 +1,92 @@
+"""Own errors to HTTP answers, in one place: `{"detail": "<what went wrong and what to do>"}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jobs.api.service import (
+    AlreadyFinished,
+    IdempotencyConflict,
+    InvalidInput,
+    KeyInFlight,
+    Overloaded,
+)
+from jobs.store.job_store import JobNotFound, StoreUnavailable, UnknownKind
+
+log = logging.getLogger(__name__)
+
+
+def _detail(status: int, detail: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"detail": detail, **extra}, status_code=status)
+
+
+async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+    return _detail(404, f"{exc}; job ids are 32 lowercase hex characters, as returned "
+                        "when the job was submitted")
+
+
+async def _unprocessable(request: Request, exc: Exception) -> JSONResponse:
+    return _detail(422, str(exc))
+
+
+async def _conflict(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AlreadyFinished)
+    return _detail(409, f"{exc}: there is nothing to cancel", job=exc.job)
+
+
+async def _key_in_flight(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=409, headers={"Retry-After": "1"})
+
+
+async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Overloaded)
+    log.info("submission refused: %s", exc)
+    return JSONResponse({"detail": f"{exc}. The job was not stored."}, status_code=429,
+                        headers={"Retry-After": str(exc.retry_after_s)})
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.error("store unavailable: %s", exc)
+    return _detail(503, f"{exc}. The job was not stored; check that the data folder exists, "
+                        "is writable and has free space, then retry.")
+
+
+async def _validation(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors()[:8]:
+        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+        problems.append(f"{where or 'body'}: {error.get('msg')}")
+    return _detail(422, "invalid request: " + "; ".join(problems))
+
+
+async def _http(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    headers = getattr(exc, "headers", None)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # A bug: the whole story goes to the log, never to the user.
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return _detail(500, "internal error; the server log has the details")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(JobNotFound, _not_found)
+    app.add_exception_handler(UnknownKind, _unprocessable)
+    app.add_exception_handler(InvalidInput, _unprocessable)
+    app.add_exception_handler(IdempotencyConflict, _unprocessable)
+    app.add_exception_handler(AlreadyFinished, _conflict)
+    app.add_exception_handler(KeyInFlight, _key_in_flight)
+    app.add_exception_handler(Overloaded, _overloaded)
+    app.add_exception_handler(StoreUnavailable, _unavailable)
+    app.add_exception_handler(RequestValidationError, _validation)
+    app.add_exception_handler(StarletteHTTPException, _http)
+    app.add_exception_handler(Exception, _unexpected)

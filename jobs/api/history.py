@@ -1,0 +1,92 @@
+"""Machine metrics for the dashboard, as the API reads them.
+
+The leading supervisor records them (`jobs.supervisor.metrics`), a JSON line per sample
+in `<data>/history/metrics.jsonl`; every worker reads that file incrementally, so any
+worker answers `/api/history`, and the series survives restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from jobs import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+class MetricsReader:
+    """Reads only what was appended since the last call; starts over after a compaction."""
+
+    def __init__(self, path: Path, keep_s: float, interval_s: float) -> None:
+        self.path = path
+        self._samples: deque[dict[str, Any]] = deque(maxlen=int(keep_s / interval_s) + 60)
+        self._offset = 0
+        self._inode: int | None = None
+        self._partial = b""
+        self._lock = threading.Lock()  # read from several worker threads
+
+    def read(self, seconds: float) -> list[dict[str, Any]]:
+        cutoff = time.time() - seconds
+        with self._lock:
+            self._catch_up()
+            return [s for s in self._samples if s["t"] >= cutoff]
+
+    def _catch_up(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if st.st_ino != self._inode or st.st_size < self._offset:
+            self._samples.clear()
+            self._offset, self._inode, self._partial = 0, st.st_ino, b""
+        if st.st_size == self._offset:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = self._partial + f.read()
+            self._offset = f.tell()
+        *lines, self._partial = data.split(b"\n")
+        for line in lines:
+            try:
+                sample = json.loads(line)
+            except ValueError:
+                continue  # a torn line after a crash; skip it
+            if isinstance(sample, dict) and isinstance(sample.get("t"), (int, float)):
+                self._samples.append(sample)
+
+
+def short_job(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as the dashboard's recent-jobs list shows it."""
+    error = job.get(p.F_ERROR) or {}
+    return {
+        "id": job.get(p.F_ID), "kind": job.get(p.F_KIND), "state": job.get(p.F_STATE),
+        "created_at": job.get(p.F_CREATED_AT), "started_at": job.get(p.F_STARTED_AT),
+        "finished_at": job.get(p.F_FINISHED_AT), "queue_position": job.get(p.F_QUEUE_POSITION),
+        "progress": job.get(p.F_PROGRESS), "error_type": error.get("type"),
+        "resources": job.get(p.F_RESOURCES),
+    }
+
+
+def summary(samples: list[dict[str, Any]], counts: dict[str, int]) -> str:
+    """A few lines on the recent history, for the chat expert's system prompt."""
+    lines = []
+    if samples:
+        cpu = [float(s["cpu"]) for s in samples]
+        mem = [float(s["mem"]) for s in samples]
+        minutes = max(1, round((samples[-1]["t"] - samples[0]["t"]) / 60))
+        lines.append(f"CPU over the last {minutes} min: average {sum(cpu) / len(cpu):.0f}%, "
+                     f"peak {max(cpu):.0f}%, now {cpu[-1]:.0f}%.")
+        lines.append(f"Memory: now {mem[-1]:.0f}% used ({samples[-1].get('mem_used_mb', 0):.0f} "
+                     f"MB), peak {max(mem):.0f}%.")
+    else:
+        lines.append("No machine metrics recorded yet.")
+    active = ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+    lines.append(f"Jobs: {active or 'none'}.")
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""Each API worker keeps a supervisor process alive (`python -m jobs.supervisor`).
+
+Once a second it looks at the supervisor lock; when nobody holds it, it starts one.
+With several workers several may start one at once: the lock lets one lead and the
+others leave. Stopping the worker stops its supervisor, never the runners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from jobs import protocol as p
+from jobs.protocol.wake import OUTPUT_FILE, lock_file
+from jobs.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHECK_S = 1.0
+STOP_WAIT_S = 5.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class SupervisorKeeper:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock_path = lock_file(settings.jobs_dir)
+        self._child: subprocess.Popen[bytes] | None = None
+
+    def led(self) -> bool:
+        """Whether some supervisor holds the lock (blocking: call it from a thread)."""
+        probe = FileLock(str(self._lock_path), thread_local=False, mode=0o600)
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            return True
+        except OSError:
+            return False
+        probe.release()
+        return False
+
+    async def run(self) -> None:
+        while True:
+            try:
+                if (self._child is None or self._child.poll() is not None) and not await (
+                        asyncio.to_thread(self.led)):
+                    await asyncio.to_thread(self._start)
+            except OSError as exc:  # an unwritable data folder: try again later
+                log.warning("cannot start a supervisor process: %s", exc)
+            await asyncio.sleep(CHECK_S)
+
+    def _start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        out_path = self.settings.data_dir / OUTPUT_FILE
+        # Cut before a supervisor writes to it: the one moment Windows allows (its
+        # handles do not append); the leader also cuts it while it runs elsewhere.
+        p.cap_log(out_path, self.settings.log_max_bytes)
+        env = dict(os.environ, OFFLOAD_DATA_DIR=str(self.settings.data_dir))
+        with open(out_path, "ab") as out:
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "jobs.supervisor", "--parent", str(os.getpid())],
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                # A session of its own is, on Linux, an autogroup of its own, which the
+                # supervisor lowers: its bursts of launching then weigh little against
+                # the API. It still leaves with the API (it watches its parent).
+                stderr=subprocess.STDOUT, start_new_session=True)
+        log.info("started a supervisor process (pid %s)", self._child.pid)
+
+    async def stop(self) -> None:
+        child = self._child
+        if child is None or child.poll() is not None:
+            return
+        child.terminate()
+        try:
+            await asyncio.wait_for(asyncio.to_thread(child.wait), STOP_WAIT_S)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(OSError):
+                child.kill()
+            await asyncio.to_thread(child.wait)

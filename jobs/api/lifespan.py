@@ -1,0 +1,102 @@
+"""What runs beside the routes: the supervisor process and the LLM probe.
+
+The API process itself only reads and writes files; everything that starts, watches or
+kills processes runs in the supervisor process (`jobs.supervisor`). Stopping the app stops
+that process, never the runners: they finish on their own and the next supervisor
+adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from jobs import protocol as p
+from jobs.api.history import MetricsReader
+from jobs.api.keeper import SupervisorKeeper
+from jobs.api.predictor import Predictor
+from jobs.api.service import JobService
+from jobs.llm.status import LLMStatus
+from jobs.resilient import resilient
+from jobs.settings import (
+    GIL_SWITCH_S,
+    HISTORY_KEEP_S,
+    HISTORY_SAMPLE_S,
+    INDEX_REFRESH_S,
+    MAKE_TOKEN,
+    get_settings,
+)
+from jobs.store.job_store import JobStore
+from jobs.store.private import make_private
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings = get_settings()
+    # Here, not only in api_entry.main: uvicorn and gunicorn import the app without it.
+    make_private(settings.data_dir)
+    if not settings.host_is_loopback and settings.api_token is None:
+        raise RuntimeError(f"refusing to serve on {settings.host} without OFFLOAD_API_TOKEN: "
+                           "anyone on the network could run jobs. Set OFFLOAD_API_TOKEN (make "
+                           f"one with: {MAKE_TOKEN}) or listen on 127.0.0.1.")
+    # A worker thread doing Python work (reading job files, say) holds the GIL for up to
+    # the switch interval before the event loop gets it back: 5 ms by default.
+    sys.setswitchinterval(GIL_SWITCH_S)
+    keeper = SupervisorKeeper(settings)
+    metrics = MetricsReader(Path(p.metrics_file(settings.data_dir)),
+                            HISTORY_KEEP_S, HISTORY_SAMPLE_S)
+    app.state.settings = settings
+    app.state.service = JobService(settings, JobStore(settings.jobs_dir), metrics)
+    app.state.metrics = metrics
+    app.state.predictor = Predictor(settings.data_dir, metrics)
+    app.state.llm = LLMStatus(settings)
+    app.state.keeper = keeper
+    # Each restarts after a failure, so /api/health never freezes on a dead task.
+    tasks = [
+        asyncio.create_task(resilient("keeping the supervisor", keeper.run),
+                            name="offload-supervisor-keeper"),
+        asyncio.create_task(resilient("the LLM probe", lambda: _probe_llm(app.state.llm)),
+                            name="offload-llm-probe"),
+        asyncio.create_task(resilient("the job index", lambda: _keep_index_fresh(
+            app.state.service.store)), name="offload-index"),
+    ]
+    # What is loaded by now lives as long as the app: out of the cyclic collector's
+    # way. A full collection over it stalls the event loop (13-18 ms here, 75,000
+    # objects); after the freeze it walks only what came since.
+    gc.freeze()
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await keeper.stop()
+
+
+async def _keep_index_fresh(store: JobStore) -> None:
+    """The job index refreshed in a worker thread several times a second, so that
+    `/api/history` and `/api/health` answer from its snapshot and never wait for a
+    refresh (under load one reads dozens of changed job files)."""
+    while True:
+        try:
+            await asyncio.to_thread(store.refresh)
+        except Exception:
+            log.exception("refreshing the job index failed; retrying")
+        await asyncio.sleep(INDEX_REFRESH_S)
+
+
+async def _probe_llm(status: LLMStatus) -> None:
+    while True:
+        await asyncio.to_thread(status.probe)
+        await asyncio.sleep(status.probe_every_s)

@@ -1,0 +1,54 @@
+"""The seed's chat endpoints, exactly as its frontend uses them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from jobs import protocol as p
+from jobs.api.guards import require_token
+from jobs.api.routes_jobs import REFUSED, Service
+from jobs.inputs import ChatInput
+from jobs.models import ChatResult, Submitted
+from jobs.store.job_store import JobNotFound
+
+router = APIRouter(prefix="/api", tags=["chat"], dependencies=[Depends(require_token)])
+
+
+@router.post("/ai_chat_async", response_model=Submitted, responses=REFUSED)
+async def ai_chat_async(body: ChatInput, service: Service) -> dict[str, Any]:
+    """Start a chat; answers at once with the job id to poll."""
+    job = await service.submit("chat", body.model_dump(mode="json", exclude_none=True), None)
+    return {"job_id": job[p.F_ID], "status": "processing"}
+
+
+@router.get("/sessions/{session_id}")
+async def chat_session(session_id: Annotated[str, Path(max_length=200)],
+                       service: Service) -> dict[str, Any]:
+    """A chat session's turns, oldest first, so a reloaded page shows the conversation."""
+    turns = await run_in_threadpool(service.session, session_id)
+    return {"session_id": session_id, "turns": turns}
+
+
+@router.get("/ai_chat_result/{job_id}", response_model=ChatResult,
+            responses={404: {"model": ChatResult}})
+async def ai_chat_result(job_id: str, service: Service) -> Any:
+    """`processing`, `completed` with `reply`, `error` with `message`, or `not_found`."""
+    if not p.is_valid_id(job_id):
+        return JSONResponse({"status": "not_found",
+                             "detail": "job ids are 32 lowercase hex characters"}, 404)
+    try:
+        job = await service.get(job_id)
+    except JobNotFound:
+        return {"status": "not_found"}
+    state = job.get(p.F_STATE)
+    if state == p.JobState.COMPLETED:
+        result = job.get(p.F_RESULT) or {}
+        return {"status": "completed", "reply": result.get("reply", job.get(p.F_OUTPUT) or "")}
+    if state in p.FINAL_STATES:
+        error = job.get(p.F_ERROR) or {}
+        return {"status": "error", "message": error.get("message") or f"the chat ended {state}"}
+    return {"status": "processing"}

@@ -1,0 +1,127 @@
+"""/api/jobs: submit, list, read, cancel, follow (server-sent events), log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from jobs import protocol as p
+from jobs.api.guards import require_token
+from jobs.api.service import JobService
+from jobs.models import Job, JobCreate, JobList
+from jobs.protocol import JobState
+from jobs.settings import EVENT_POLL_S, KEEPALIVE_S
+
+router = APIRouter(prefix="/api", tags=["jobs"], dependencies=[Depends(require_token)])
+
+
+def get_service(request: Request) -> JobService:
+    service: JobService = request.app.state.service
+    return service
+
+
+Service = Annotated[JobService, Depends(get_service)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+REFUSED: dict[int | str, dict[str, Any]] = {
+    429: {"description": "too many jobs queued or kept; retry after `Retry-After` seconds"}}
+
+
+@router.post("/jobs", status_code=202, response_model=Job, responses=REFUSED)
+async def submit_job(body: JobCreate, service: Service, response: Response,
+                     idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    """Start a job; it waits `queued` while the cap is reached. 429 (with `Retry-After`)
+    beyond OFFLOAD_MAX_QUEUED queued jobs, or OFFLOAD_MAX_JOBS kept ones."""
+    job = await service.submit(body.kind, body.input, body.timeout_s, idempotency_key)
+    response.headers["Location"] = f"/api/jobs/{job[p.F_ID]}"
+    return job
+
+
+@router.get("/jobs", response_model=JobList)
+async def list_jobs(service: Service, state: JobState | None = None,
+                    kind: Annotated[str | None, Query(max_length=64)] = None,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
+    """Jobs, newest first."""
+    jobs = await service.list_jobs(state.value if state else None, kind, limit)
+    return {"jobs": jobs}
+
+
+@router.get("/jobs/{job_id}", response_model=Job)
+async def get_job(job_id: str, service: Service) -> dict[str, Any]:
+    return await service.get(job_id)
+
+
+@router.delete("/jobs/{job_id}", response_model=Job)
+async def cancel_job(job_id: str, service: Service) -> dict[str, Any]:
+    """Cancel: a queued job never starts; a running job's whole process tree is stopped."""
+    return await service.cancel(job_id)
+
+
+@router.get("/jobs/{job_id}/log", response_class=PlainTextResponse)
+async def job_log(job_id: str, service: Service) -> str:
+    """The runner's stdout and stderr (the last megabyte)."""
+    return await service.log(job_id)
+
+
+class _StreamSlots:
+    open = 0  # event streams open in this worker
+
+
+_slots = _StreamSlots()
+
+
+@router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def job_events(job_id: str, service: Service) -> StreamingResponse:
+    """One `data:` line of job JSON on every change; closes after the final state."""
+    path = service.store.path(job_id)
+    first = await service.get(job_id)  # 404 before the stream starts
+    limit = service.settings.max_event_streams
+    if _slots.open >= limit:
+        raise HTTPException(503, f"too many open event streams ({limit}); "
+                                 "poll GET /api/jobs/{id} instead, or retry later")
+    return StreamingResponse(_follow(service, job_id, str(path), first),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _follow(service: JobService, job_id: str, path: str,
+                  job: dict[str, Any]) -> AsyncIterator[str]:
+    _slots.open += 1
+    try:
+        last_seen = _signature(path)
+        yield _event(job)
+        last_sent = time.monotonic()
+        while job.get(p.F_STATE) not in p.FINAL_STATES:
+            await asyncio.sleep(EVENT_POLL_S)
+            signature = _signature(path)  # one stat: microseconds, fine on the loop
+            if signature != last_seen:
+                last_seen = signature
+                job = await service.read(job_id)
+                yield _event(job)
+                last_sent = time.monotonic()
+            elif time.monotonic() - last_sent > KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+    finally:
+        _slots.open -= 1
+
+
+def _signature(path: str) -> tuple[int, int, int]:
+    # Every write is a new file (atomic replace), so the inode changes too.
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _event(job: dict[str, Any]) -> str:
+    public = Job.model_validate(job).model_dump(mode="json")
+    return f"data: {json.dumps(public, ensure_ascii=False)}\n\n"

@@ -1,0 +1,71 @@
+"""What the dashboard polls: /api/history and /api/health."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from jobs import protocol as p
+from jobs.api.guards import require_token
+from jobs.api.history import MetricsReader, short_job
+from jobs.api.keeper import SupervisorKeeper
+from jobs.api.predictor import NoModel, Predictor
+from jobs.api.routes_jobs import Service
+from jobs.llm.status import LLMStatus
+from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S
+
+VERSION = "0.7.0"
+
+router = APIRouter(prefix="/api", tags=["status"], dependencies=[Depends(require_token)])
+
+
+@router.get("/history")
+async def history(request: Request, service: Service,
+                  seconds: Annotated[float, Query(gt=0, le=HISTORY_KEEP_S)] = 300,
+                  jobs: Annotated[int, Query(ge=0, le=200)] = 20) -> dict[str, Any]:
+    """Machine metrics (CPU and memory, about one sample a second), recent jobs, counts."""
+    reader: MetricsReader = request.app.state.metrics
+    # Reading the metrics appended since the last call is one stat and a few hundred
+    # bytes: microseconds, so it stays on the loop (a thread hop costs more under load).
+    samples = reader.read(seconds)
+    recent, counts = await service.overview(jobs)
+    return {
+        "metrics": {"interval_s": HISTORY_SAMPLE_S, "samples": samples},
+        "jobs": [short_job(job) for job in recent],
+        "counts": counts,
+    }
+
+
+@router.get("/predict", responses={409: {"description": "no model trained yet"}})
+async def predict(request: Request,
+                  horizon: Annotated[int, Query(ge=1, le=3600)] = 60) -> dict[str, Any]:
+    """CPU and memory forecast for the next `horizon` samples (about a second each)."""
+    predictor: Predictor = request.app.state.predictor
+    try:
+        return await run_in_threadpool(predictor.predict, horizon)
+    except NoModel as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+@router.get("/health")
+async def health(request: Request, service: Service) -> dict[str, Any]:
+    counts = await service.counts()
+    llm: LLMStatus = request.app.state.llm
+    keeper: SupervisorKeeper = request.app.state.keeper
+    return {
+        "status": "ok", "version": VERSION,
+        "running": counts[p.JobState.RUNNING], "queued": counts[p.JobState.QUEUED],
+        "max_concurrent": service.settings.max_concurrent,
+        "supervisor": "running" if await run_in_threadpool(keeper.led) else "starting",
+        "launcher": service.settings.launcher,
+        "llm": llm.as_dict(),
+    }
+
+
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                  include_in_schema=False)
+async def unknown_route(rest: str) -> None:
+    """Anything else under /api is a 404 in JSON (never the dashboard's static files)."""
+    raise HTTPException(404, f"no API route /api/{rest[:100]}; see /docs for the routes")

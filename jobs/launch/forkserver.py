@@ -1,0 +1,460 @@
+"""A warm interpreter that forks runners (Linux): `python -m jobs.launch.forkserver`.
+
+A runner started with exec is a new interpreter: ~10 ms bare, ~40 ms with the chat
+runner's imports, and the kernel's share of it (exec, page faults) is shielded by no
+scheduling policy. Measured here, fifty such starts at SCHED_IDLE took the API's
+`/api/history` p99 to 2.4-2.5x its idle p99; fifty forks of an interpreter that had
+already imported the runners, 1.03-1.07x. So the supervisor keeps one of these. It has
+imported the built-in runners; per job it forks a child that makes itself SCHED_IDLE
+and a process group of its own, sends its output to the job's log, shows
+`python -m runners.<kind> --job-file <file>` in `ps`, and runs the module as
+`python -m` would. If a file of the project changed since this server started, the
+child execs a fresh interpreter instead, so an edited runner always runs as edited.
+
+Protocol, JSON lines: it says `{"ready": pid}` once it has imported the runners; the
+supervisor writes `{"module", "job_file", "log"}` to its stdin; the answer is
+`{"error": "..."}` from the server if it cannot fork, else `{"pid": n}` from the child
+itself, before it runs anything of the job; later the server says `{"exit": pid,
+"code": n}` when that child ends. So a server that dies or stalls right after a fork
+loses no runner: until a child has answered it holds the reply pipe open, and the
+supervisor starts a job another way only once that pipe has closed unanswered. The
+server exits when its stdin closes (the supervisor is gone); its children run on, and a
+later supervisor adopts them like any runner.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import runpy
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from jobs import protocol as p
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+PRELOAD = ("runners.chat", "runners.sleep")  # train imports numpy: forked fresh instead
+TITLE_ROOM = 1024  # bytes of command line a child can show (its job file's path)
+REPLY_TIMEOUT_S = 10.0
+EXIT_POLL_S = 1.0  # how often a runner's waiter checks it without the server's word
+AVAILABLE = sys.platform == "linux"
+# Fault injection for the tests only; the product never sets it. `die_after_fork`: the
+# server exits right after a fork, before it says anything; `stall_after_fork`: it goes
+# on reading requests but never answers again. Real servers do this only by accident
+# (the OOM killer, a stopped process), so a test cannot wait for one.
+TEST_FAULT_ENV = "OFFLOAD_TEST_FORKSERVER_FAULT"
+
+
+class ForkServerError(RuntimeError):
+    """The fork server started no runner for this request; the caller starts it with
+    exec."""
+
+
+class ForkInDoubt(OSError):
+    """The fork server went silent and could not be stopped: it may have forked the
+    runner, so none is started again (the job fails instead of running twice)."""
+
+
+# -- the server (its own process) ------------------------------------------------------
+
+
+def main() -> int:
+    p.private_files()  # its children's job files and logs too
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a broken runner: its jobs will say so when they run
+            print(f"fork server: cannot preload {name}: {exc}", file=sys.stderr)
+    # The protocol leaves fds 0 and 1, so a stray print cannot corrupt it.
+    requests, replies = os.dup(0), os.dup(1)
+    os.dup2(2, 1)
+    _send(replies, {"ready": os.getpid()})
+    request = _serve(requests, replies, _project_files())
+    if request is None:
+        return 0
+    # Only a forked child gets here, with the server's frames gone from its stack.
+    return _run_runner(request)
+
+
+def _run_runner(request: dict[str, Any]) -> int:
+    """Run the runner module as `python -m` would, then end the process the way
+    multiprocessing ends a forked child: wait for its threads, flush, `os._exit` —
+    tearing down the few hundred modules the server had loaded took 10 ms."""
+    sys.argv = [request["module"], "--job-file", request["job_file"]]
+    # A fresh __main__, not the preloaded module (whose imports stay loaded: they are
+    # what the preloading saves).
+    sys.modules.pop(request["module"], None)
+    code = 0
+    try:
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # non-daemon threads, as at exit
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+def _serve(requests: int, replies: int, files: dict[str, int]) -> dict[str, Any] | None:
+    """Fork a child per request until stdin closes (None); in a child, its request."""
+    if sys.platform == "win32":
+        raise OSError("no fork on Windows")  # never started there; tells the type checker
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wake-up fd is written
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in a terminal is for the API
+    pending = b""
+    while True:
+        ready, _, _ = select.select([requests, wake_r], [], [])
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+            _reap(replies)
+        if requests not in ready:
+            continue
+        chunk = os.read(requests, 65536)
+        if not chunk:
+            return None
+        pending += chunk
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            request: dict[str, Any] = json.loads(line)
+            try:
+                pid = _fork(request, files, replies, (requests, replies, wake_r, wake_w))
+            except OSError as exc:
+                _send(replies, {"error": str(exc)})
+                continue
+            if pid == 0:
+                return request
+            _test_fault(requests)  # the child has answered, or will
+
+
+def _test_fault(requests: int) -> None:
+    fault = os.environ.get(TEST_FAULT_ENV)
+    if fault in ("die_after_fork", "stall_after_fork"):
+        print(f"fork server: test fault {fault}", file=sys.stderr, flush=True)
+    if fault == "die_after_fork":
+        os._exit(1)
+    if fault == "stall_after_fork":
+        while os.read(requests, 65536):
+            pass  # never answers; leaves when the supervisor does
+        os._exit(0)
+
+
+def _fork(request: dict[str, Any], files: dict[str, int], replies: int,
+          server_fds: tuple[int, ...]) -> int:
+    if sys.platform == "win32":
+        raise OSError("no fork on Windows")
+    stale = _project_files() != files
+    log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        pid: int = os.fork()
+    except OSError:
+        os.close(log_fd)
+        raise
+    if pid != 0:
+        os.close(log_fd)
+        return pid
+    try:
+        _become_runner(request, log_fd, replies, server_fds, stale)
+    except BaseException as exc:  # never back into the server's loop
+        os.write(2, f"fork server: cannot start the runner: {exc!r}\n".encode())
+        os._exit(70)
+    return 0
+
+
+def _become_runner(request: dict[str, Any], log_fd: int, replies: int,
+                   server_fds: tuple[int, ...], stale: bool) -> None:
+    if sys.platform == "win32":
+        raise OSError("no fork on Windows")  # never started there; tells the type checker
+    os.setpgid(0, 0)  # its own process group, as a spawned runner: killpg stops its tree
+    # The answer comes from here, not from the server: a server that dies or stalls now
+    # cannot leave a runner that the supervisor does not know.
+    _send(replies, {"pid": os.getpid()})
+    if sys.platform == "linux":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass  # the launcher lowers its nice value as well
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    for fd in (devnull, log_fd, *server_fds):
+        os.close(fd)
+    argv = [sys.executable, "-m", request["module"], "--job-file", request["job_file"]]
+    if stale:  # a project file changed since the server started: run the code as it is now
+        os.execv(sys.executable, argv)
+    _show_command_line(argv)
+
+
+def _reap(replies: int) -> None:
+    if sys.platform == "win32":
+        return
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send(replies, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def _send(replies: int, message: dict[str, Any]) -> None:
+    data = (json.dumps(message) + "\n").encode()
+    while data:
+        data = data[os.write(replies, data):]
+
+
+def _project_files() -> dict[str, int]:
+    """The project's modules this interpreter has loaded, with their mtimes."""
+    files = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and path.startswith(str(ROOT)) and ".venv" not in path:
+            try:
+                files[path] = os.stat(path).st_mtime_ns
+            except OSError:
+                files[path] = 0
+    return files
+
+
+def _show_command_line(argv: list[str]) -> None:
+    """Write `argv` over this process's command line (what `ps` and psutil show), the way
+    setproctitle does on Linux: one string, its spaces separating the arguments."""
+    import ctypes
+
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[48 - 3]), int(fields[49 - 3])  # arg_start, arg_end (man 5 proc)
+        title = " ".join(argv).encode()[: end - start - 2]
+        # NUL after the title, and the last byte not NUL: the kernel then shows the
+        # title alone (it assumes setproctitle), not the old arguments after it.
+        room = title + b"\0" + b" " * (end - start - len(title) - 1)
+        ctypes.memmove(start, room, len(room))
+    except (OSError, ValueError, IndexError):
+        pass  # it runs all the same; ps shows the fork server's command line
+
+
+# -- the client (in the supervisor) ----------------------------------------------------
+
+
+class Forked:
+    """A runner the fork server started; `wait()` returns its exit code, or -1 with
+    `lost` set if the server died or stalled before it could say."""
+
+    def __init__(self, pid: int, server: ForkServer, generation: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.lost = False
+        self._create_time = _create_time(pid)
+        self._server = server
+        self._generation = generation
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            code = self._server.wait_exit(self.pid, self._create_time, self._generation)
+            self.lost = code is None
+            self.returncode = -1 if code is None else code
+        return self.returncode
+
+
+class ForkServer:
+    """One `python -m jobs.launch.forkserver` for a supervisor; started on first use and again
+    after it died. Thread-safe."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()  # one request at a time
+        self._changed = threading.Condition()
+        self._replies: dict[int, dict[str, Any]] = {}  # generation -> its unread answer
+        self._exits: dict[int, int] = {}
+        self._generation = 0  # which server a child belongs to
+        self._alive: set[int] = set()  # generations still running
+
+    def spawn(self, module: str, job_file: Path, log_path: str) -> Forked:
+        request = {"module": module, "job_file": str(job_file), "log": log_path}
+        with self._lock:
+            try:
+                proc = self._ensure_started()
+            except OSError as exc:
+                raise ForkServerError(f"cannot start the fork server: {exc}") from exc
+            generation = self._generation
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write((json.dumps(request) + "\n").encode())
+                proc.stdin.flush()
+            except (OSError, ValueError) as exc:  # ValueError: closed meanwhile
+                # No whole request line reached it, so it forked nothing.
+                raise ForkServerError(f"the fork server is gone: {exc}") from exc
+            reply = self._answer(proc, generation)
+        if "pid" not in reply:
+            raise ForkServerError(str(reply.get("error", reply)))
+        return Forked(int(reply["pid"]), self, generation)
+
+    def ensure_started(self) -> None:
+        """Start the server now if it is not running (a spawn would do it too)."""
+        with self._lock:
+            try:
+                self._ensure_started()
+            except OSError as exc:
+                log.warning("cannot start the fork server: %s", exc)
+
+    def wait_exit(self, pid: int, create_time: float | None, generation: int) -> int | None:
+        """The runner's exit code as the server reports it; None (once the runner is
+        gone) if the server ended or stalled first."""
+        def told() -> bool:
+            return pid in self._exits or generation not in self._alive
+
+        while True:
+            with self._changed:
+                if self._changed.wait_for(told, EXIT_POLL_S):
+                    break
+            if not _running(pid, create_time):  # a stalled server never reaps it
+                with self._changed:
+                    self._changed.wait_for(told, REPLY_TIMEOUT_S)
+                break
+        with self._changed:
+            if pid in self._exits:
+                return self._exits.pop(pid)
+        log.warning("runner %s: its fork server ended or stalled first; its exit code is "
+                    "lost", pid)
+        while _running(pid, create_time):
+            time.sleep(0.1)
+        return None
+
+    def close(self) -> None:
+        """Stop the server (its runners run on)."""
+        with self._lock:
+            if self._proc is not None:
+                _close_stdin(self._proc)
+
+    def _ensure_started(self) -> subprocess.Popen[bytes]:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                return self._proc
+            _close_stdin(self._proc)
+        # Room for a child's command line: the kernel keeps the arguments' space.
+        proc = self._proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.launch.forkserver", " " * TITLE_ROOM],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env, cwd=str(ROOT),
+            close_fds=True)
+        with self._changed:
+            self._generation += 1
+            generation = self._generation
+            self._alive.add(generation)
+        threading.Thread(target=self._read, args=(proc, generation), daemon=True,
+                         name="fork-server").start()
+        if self._next_reply(generation) is None:  # ready once it has imported
+            proc.kill()
+            raise OSError("the fork server did not start")
+        return proc
+
+    def _answer(self, proc: subprocess.Popen[bytes], generation: int) -> dict[str, Any]:
+        """The answer to a request. A child answers before it runs anything of the job
+        and holds the reply pipe until then, so only a pipe closed at every end without
+        an answer means that no runner of this request exists."""
+        reply = self._next_reply(generation)
+        if reply is None:  # silent or gone: stop it, then hear out a child it forked
+            proc.kill()
+            reply = self._next_reply(generation)
+        if reply is not None:
+            return reply
+        if not self._ended(generation):
+            _close_stdin(proc)
+            self._proc = None  # a new server for the next job
+            raise ForkInDoubt("the fork server stopped answering and could not be stopped; "
+                              "it may have started this job's runner")
+        raise ForkServerError("the fork server ended without starting the runner")
+
+    def _next_reply(self, generation: int) -> dict[str, Any] | None:
+        """The server's (or its child's) next answer; None if the reply pipe closed
+        first or nothing came for REPLY_TIMEOUT_S."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: generation in self._replies or generation not in self._alive,
+                REPLY_TIMEOUT_S)
+            return self._replies.pop(generation, None)
+
+    def _ended(self, generation: int) -> bool:
+        """Its reply pipe is closed at every end: neither it nor a child can answer."""
+        with self._changed:
+            return generation not in self._alive
+
+    def _read(self, proc: subprocess.Popen[bytes], generation: int) -> None:
+        assert proc.stdout is not None
+        with proc.stdout:
+            for line in proc.stdout:
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(message, dict):
+                    continue  # a stray print of a preloaded module, before the protocol began
+                with self._changed:
+                    if "exit" in message:
+                        self._exits[int(message["exit"])] = int(message["code"])
+                    else:
+                        self._replies[generation] = message
+                    self._changed.notify_all()
+        proc.wait()
+        with self._changed:
+            self._alive.discard(generation)
+            self._changed.notify_all()
+
+
+def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
+    if proc.stdin is not None:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass  # the server is gone: nothing to tell it
+
+
+def _running(pid: int, create_time: float | None) -> bool:
+    from jobs.launch.pids import find  # the supervisor's side only (psutil)
+
+    return find(pid, create_time) is not None
+
+
+def _create_time(pid: int) -> float | None:
+    import psutil  # the supervisor's side only
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None  # gone already (its server died, and init reaped it)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Runners as Ray Jobs: the same `python -m runners.<kind>` command, run on a Ray
+cluster through its Jobs REST API (`jobs.launch.ray_client`; no `import ray` here).
+
+- Submission id `offload-<job id>`: a start looks the job up first and counts Ray's
+  "already exists" as submitted, so a job never runs twice.
+- The job's JSON travels on the command line (`remote.encode_job`; inputs hold
+  no secrets). The runner prints each snapshot of its job as one tagged line on stdout
+  (`remote.snapshot_line`), throttled like its file writes, the final one always.
+  Each launch has its own random key, sent in the job's environment and kept in its
+  launch record (for an adopting supervisor): only lines with it are snapshots, so
+  nothing the job prints (its input, a model's reply) can stand in for its state.
+- One poller thread per remote job reads the job's status and log from Ray and is the
+  only writer of the local job file and log while the job runs. Ray's Jobs API serves
+  a log only whole (`GET /api/jobs/<id>/logs`: no offset; its tail is a WebSocket), so
+  the poller parses only what is new since its last look and appends that to the
+  local log, which it caps as a local runner's is capped. When Ray reports the
+  job ended without a final snapshot, the supervisor writes its final state from
+  Ray's status and exit code, as for a local runner that died, and then releases
+  (deletes) Ray's record.
+- Deadlines and cancels are Offload's: Ray has no run-time limit. Ray's stop sends
+  SIGTERM to the runner's process group, then SIGKILL after a few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shlex
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs import protocol as p
+from jobs.launch.base import Launcher, OnExit, Run, claim
+from jobs.launch.ray_client import (
+    PENDING,
+    RayError,
+    RayJob,
+    RayJobNotFound,
+    RayJobsClient,
+    RayUnavailable,
+)
+from jobs.protocol import remote
+from jobs.protocol.remote import REMOTE_FLAG, encode_job
+from jobs.settings import (
+    RAY_POLL_S,
+    RAY_UNREACHABLE_S,
+    Settings,
+    is_loopback,
+    is_secret_env,
+)
+
+log = logging.getLogger(__name__)
+
+SUBMISSION_PREFIX = "offload-"
+_RAY_ECHO = "Running entrypoint for job "
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def submission_id(job_id: str) -> str:
+    return SUBMISSION_PREFIX + job_id
+
+
+@dataclass
+class RemoteRun(Run):
+    submission_id: str = ""
+    key: str = ""  # the launch's snapshot key: lines without it are the job's output
+    seq: int = 0  # the last snapshot written to the local job file
+    consumed: int = 0  # characters of Ray's log already parsed
+    logged: bool = False  # this poller has written the local log (later writes append)
+    ended: threading.Event = field(default_factory=threading.Event)
+    to_submit: tuple[str, dict[str, Any]] | None = None  # (module, job) until submitted
+    stop_asked: bool = False
+    code: int | None = None
+    how: str = ""
+
+
+class RayLauncher(Launcher):
+    name = p.RAY
+
+    def __init__(self, address: str, runner_env: dict[str, str] | None = None, *,
+                 python: str | None = None, num_cpus: float = 1.0, train_gpus: float = 0.0,
+                 poll_s: float = RAY_POLL_S, log_max_bytes: int | None = None) -> None:
+        self.client = RayJobsClient(address)
+        self.address = self.client.address
+        self.local_head = is_loopback(self.client.host)
+        # On a head of this machine, this very interpreter; on a cluster, the nodes' own.
+        self.python = python or (sys.executable if self.local_head else "python3")
+        self.num_cpus = num_cpus
+        self.train_gpus = train_gpus
+        self.poll_s = poll_s
+        self.log_max_bytes = log_max_bytes  # of the local copy of a job's log
+        self.env = {k: v for k, v in (runner_env or {}).items() if not is_secret_env(k, v)}
+        self.env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
+        if self.local_head:
+            self.env["PYTHONPATH"] = str(ROOT)  # the project, wherever Ray starts the job
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+        self._runs: dict[str, RemoteRun] = {}  # watched here, by job id
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RayLauncher:
+        return cls(settings.ray_address, settings.runner_env(), python=settings.ray_python,
+                   num_cpus=settings.ray_num_cpus, train_gpus=settings.ray_train_gpus,
+                   log_max_bytes=settings.log_max_bytes)
+
+    # -- the launcher interface -----------------------------------------------------
+
+    def start(self, module: str, job_file: Path, data: dict[str, Any], on_exit: OnExit) -> Run:
+        """Claims the job in run.json; its poller submits it (a submission takes Ray a
+        few hundred milliseconds: the supervisor's pass does not wait for it)."""
+        job_id = p.id_of(job_file)
+        with self._lock:
+            watched = self._runs.get(job_id)
+            if watched is not None and not watched.ended.is_set():
+                return watched
+            sid, key = submission_id(job_id), secrets.token_hex(16)
+            claim(p.sibling(job_file, p.RUN_FILE), self._record(sid, key))
+            run = RemoteRun(job_id, job_file, self.name, time.time(), sid, key,
+                            to_submit=(module, data))
+            self._runs[job_id] = run
+        return self._watch(run, on_exit)
+
+    def adopt(self, job_file: Path, record: dict[str, Any], data: dict[str, Any],
+              on_exit: OnExit) -> Run:
+        job_id = p.id_of(job_file)
+        launched = record.get("launched_ns")
+        with self._lock:
+            watched = self._runs.get(job_id)
+            if watched is not None and not watched.ended.is_set():
+                return watched
+            run = RemoteRun(job_id, job_file, self.name,
+                            launched / 1e9 if isinstance(launched, int) else None,
+                            str(record.get("submission_id") or submission_id(job_id)),
+                            str(record.get("snapshot_key") or ""))
+            self._runs[job_id] = run
+        # Its poller reads Ray's whole log again: the log file is rebuilt, and the
+        # latest snapshot rewritten (the newest there is, never an older one).
+        return self._watch(run, on_exit)
+
+    def is_alive(self, run: Run) -> bool:
+        return not _remote(run).ended.is_set()
+
+    def sync(self, run: Run) -> None:
+        """One look at Ray: new snapshots into the job file, new text into its log."""
+        remote = _remote(run)
+        if remote.to_submit is not None:
+            if remote.stop_asked:
+                self._end(remote, None, "stopped before it was sent to Ray")
+                return
+            module, data = remote.to_submit
+            if self._lookup(remote.submission_id) is None:  # idempotent: look up first
+                self._submit(remote.submission_id, remote.key, module, data)
+            remote.to_submit = None
+            if remote.stop_asked:  # asked while it was being submitted
+                self.client.stop(remote.submission_id)
+        try:
+            info = self.client.info(remote.submission_id)
+        except RayJobNotFound:
+            self._end(remote, None, f"the Ray cluster at {self.address} no longer knows job "
+                                    f"{remote.submission_id}: its head restarted (which loses "
+                                    "job records and logs) or the job was deleted there")
+            return
+        if info.status != PENDING:
+            self._apply_log(remote, self.client.logs(remote.submission_id))
+        if info.terminal:
+            self._end(remote, info.exit_code, _describe(info))
+
+    def stop(self, run: Run, grace_s: float) -> None:
+        remote = _remote(run)
+        remote.stop_asked = True  # not submitted yet: its poller will not, or stops it
+        try:
+            self.client.stop(remote.submission_id)
+        except RayJobNotFound:
+            pass  # not submitted yet, or gone already: its poller says how it ended
+        # Ray: SIGTERM, then SIGKILL after its own grace; its poller sees the end.
+        deadline = time.monotonic() + grace_s + 10
+        while not remote.ended.wait(0.05) and not self._closing.is_set():
+            if time.monotonic() > deadline:
+                break
+
+    def exit_code(self, run: Run) -> int | None:
+        return _remote(run).code
+
+    def describe_exit(self, run: Run) -> str:
+        return _remote(run).how or "ended in Ray"
+
+    def release(self, run: Run) -> None:
+        sid = _remote(run).submission_id
+        with self._lock:
+            self._runs.pop(run.job_id, None)
+        try:
+            self.client.delete(sid)
+        except RayError as exc:
+            log.info("job %s: Ray's record not deleted: %s", sid, exc)
+
+    def close(self) -> None:
+        self._closing.set()
+
+    # -- polling --------------------------------------------------------------------
+
+    def _watch(self, run: RemoteRun, on_exit: OnExit) -> RemoteRun:
+        threading.Thread(target=self._poll, args=(run, on_exit), daemon=True,
+                         name=f"ray-{run.job_id[:8]}").start()
+        return run
+
+    def _poll(self, run: RemoteRun, on_exit: OnExit) -> None:
+        failing_since: float | None = None
+        while not self._closing.is_set() and not run.ended.is_set():
+            try:
+                self.sync(run)
+                failing_since = None
+            except OSError as exc:  # RayError too; a local write may also fail
+                if run.to_submit is not None and isinstance(exc, RayError) \
+                        and not isinstance(exc, RayUnavailable):
+                    self._end(run, None, f"never started: {exc}")  # Ray refused the job
+                else:
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > RAY_UNREACHABLE_S:
+                        self._end(run, None, f"{exc}; for more than {RAY_UNREACHABLE_S:.0f} s")
+                    else:
+                        log.warning("job %s: %s", run.job_id, exc)
+            if run.ended.is_set():
+                on_exit()
+                return
+            self._closing.wait(self.poll_s)
+
+    def _apply_log(self, run: RemoteRun, text: str) -> None:
+        end = text.rfind("\n", run.consumed) + 1  # complete lines only
+        if end <= run.consumed:
+            return
+        snapshots, plain = remote.split_snapshots(text[run.consumed:end], run.key)
+        # Ray echoes the entrypoint, encoded job and all: noise in the job's log.
+        plain = "".join(line for line in plain.splitlines(keepends=True)
+                        if not line.startswith(_RAY_ECHO))
+        if plain:
+            self._append_log(run, plain)  # if it fails, the next poll reads these lines again
+        run.consumed = end
+        fresh = [(seq, data) for seq, data in snapshots if seq > run.seq]
+        if fresh:
+            run.seq, latest = fresh[-1]
+            p.write_json(run.job_file, self._local_view(run, latest),
+                         durable=latest.get(p.F_STATE) in p.FINAL_STATES)
+
+    def _append_log(self, run: RemoteRun, text: str) -> None:
+        path = p.sibling(run.job_file, p.LOG_FILE)
+        # Its first write replaces the file: an adopted job's log is rebuilt from Ray's.
+        with open(path, "ab" if run.logged else "wb") as f:
+            f.write(text.encode())
+        run.logged = True
+        if self.log_max_bytes is not None:
+            p.cap_log(path, self.log_max_bytes)
+
+    def _local_view(self, run: RemoteRun, data: dict[str, Any]) -> dict[str, Any]:
+        data[p.F_LAUNCHER] = self.name
+        if (data.get(p.F_STATE) == p.JobState.CANCELLED
+                and p.stop_reason(run.job_file) == p.JobState.TIMEOUT):
+            # The runner only knew it was signalled; the reason is on this side.
+            data[p.F_STATE] = p.JobState.TIMEOUT
+            data[p.F_ERROR] = {"type": p.ErrorType.TIMEOUT, "message":
+                               f"stopped after its deadline of {data.get(p.F_TIMEOUT_S)} s"}
+        return data
+
+    def _end(self, run: RemoteRun, code: int | None, how: str) -> None:
+        run.code, run.how = code, how
+        run.ended.set()
+
+    # -- submitting -----------------------------------------------------------------
+
+    def _record(self, sid: str, key: str) -> dict[str, Any]:
+        return {"launcher": self.name, "submission_id": sid, "address": self.address,
+                "claimed_by": os.getpid(), "launched_ns": time.time_ns(),
+                "snapshot_key": key}
+
+    def _lookup(self, sid: str) -> RayJob | None:
+        try:
+            return self.client.info(sid)
+        except RayJobNotFound:
+            return None
+
+    def _submit(self, sid: str, key: str, module: str, data: dict[str, Any]) -> None:
+        entrypoint = " ".join([shlex.quote(self.python), "-m", module, REMOTE_FLAG,
+                               *encode_job(data)])
+        gpus = self.train_gpus if data.get(p.F_KIND) == "train" else 0.0
+        env = {**self.env, remote.SNAPSHOT_KEY_ENV: key}
+        try:
+            self.client.submit(sid, entrypoint, env_vars=env, num_cpus=self.num_cpus,
+                               num_gpus=gpus, metadata={"offload_job_id": str(data.get(p.F_ID)),
+                                                        "kind": str(data.get(p.F_KIND))})
+        except RayError as exc:
+            try:
+                found = self._lookup(sid)  # the answer may be lost, not the job
+            except RayError:
+                found = None
+            if found is None:
+                raise exc from None
+
+def _remote(run: Run) -> RemoteRun:
+    assert isinstance(run, RemoteRun), run
+    return run
+
+
+def _describe(info: RayJob) -> str:
+    code = "" if info.exit_code is None else f", exit code {info.exit_code}"
+    message = f": {info.message.splitlines()[0][:300]}" if info.message else ""
+    return f"Ray job {info.status}{code}{message}"

@@ -1,0 +1,200 @@
+"""Runs the embedded model's server for the leading supervisor: start it on a free
+loopback port, check its health, restart it with backoff when it dies, stop it with the
+supervisor. Its state goes to `<data>/llm.json` for the API and the chat runners.
+
+Any local process could bind that port first and take the prompts. So the server needs
+a key that only the runners Offload starts get (in their environment), and its address
+is published as ready only once the socket on the port is known to be the server's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from jobs import protocol as p
+from jobs.launch.processes import lower_priority_of
+from jobs.protocol import embedded
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 180.0
+HEALTH_EVERY_S = 5.0
+HEALTH_FAILURES = 3  # in a row, before a live but silent server is restarted
+BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+UNAVAILABLE_RECHECK_S = 60.0
+LOG_FILE = "llm-server.log"  # the server's output, in the data folder; the supervisor caps it
+
+
+class EmbeddedServer:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base_url: str | None = None  # set once the server is ready
+        self.restarts = 0
+        # One key while this supervisor runs: its runners get it when they start, and a
+        # chat that waits while the server restarts must still get in.
+        self.key = embedded.new_key()
+
+    def _write(self, ready: bool, detail: str, **extra: Any) -> None:
+        status = {"ready": ready, "detail": detail, "base_url": self.base_url if ready else "",
+                  "pid": self.proc.pid if self.proc else None, "restarts": self.restarts,
+                  "updated_at": p.now_iso(), **extra}
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            p.write_json(embedded.status_path(str(self.data_dir)), status)
+        except OSError as exc:
+            log.warning("cannot write the LLM status: %s", exc)
+
+    async def run(self, on_ready: Any = None) -> None:
+        """Keep the server up until cancelled; `on_ready(base_url, model)` on each start."""
+        await asyncio.to_thread(self._stop_stale)
+        try:
+            while True:
+                reason = embedded.unavailable_reason()
+                if reason is not None:
+                    self._write(False, reason, available=False)
+                    log.warning("%s", reason)
+                    await asyncio.sleep(UNAVAILABLE_RECHECK_S)
+                    continue
+                model = embedded.model_path()
+                assert model is not None
+                try:
+                    await self._serve_once(model, on_ready)
+                except OSError as exc:  # say, its log cannot be opened: the folder is read-only
+                    log.warning("cannot run the embedded model server: %s", exc)
+                delay = BACKOFF_S[min(self.restarts, len(BACKOFF_S) - 1)]
+                self.restarts += 1
+                self._write(False, f"the embedded model server stopped; restarting in "
+                                   f"{delay:g} s", available=True)
+                await asyncio.sleep(delay)
+        finally:
+            await asyncio.to_thread(self.stop)
+            self._write(False, "the embedded model server is stopped (Offload is not running)")
+
+    async def _serve_once(self, model: str, on_ready: Any) -> None:
+        port = embedded.free_port()
+        self.base_url = None
+        self._write(False, "loading the embedded model", available=True,
+                    model=embedded.model_name(model))
+        log_path = self.data_dir / LOG_FILE
+        with open(log_path, "ab") as out:
+            # In the supervisor's process group: it goes when the supervisor goes.
+            cpus = embedded.model_cpus()
+            self.proc = subprocess.Popen(
+                embedded.server_command(model, cpus=cpus), env=embedded.server_env(port, self.key),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                umask=p.PRIVATE_UMASK)
+        # At once, before the interpreter has loaded llama.cpp: the threads it starts for
+        # the model inherit both.
+        embedded.keep_to(self.proc.pid, cpus)
+        lower_priority_of(self.proc.pid)
+        started = time.monotonic()
+        if not await self._until_ready(port, log_path):
+            return
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        name = embedded.model_name(model)
+        self._write(True, "ok", available=True, model=name,
+                    load_s=round(time.monotonic() - started, 2))
+        log.info("embedded model %s ready at %s", name, self.base_url)
+        if on_ready is not None:
+            on_ready(self.base_url, name)
+        self.restarts = 0
+        failures = 0
+        # Waiting on the process, not sleeping: llm.json stops saying ready the moment it
+        # exits, before anything else can take its port.
+        while not await asyncio.to_thread(_exited, self.proc, HEALTH_EVERY_S):
+            # Connecting, not /models: the server answers /models only between chats
+            # (one lock guards the model), and a long chat is no reason to restart it.
+            failures = 0 if await asyncio.to_thread(self._accepts, port) else failures + 1
+            if failures >= HEALTH_FAILURES and self.proc.poll() is None:
+                log.warning("the embedded model server stopped answering; restarting it")
+                await asyncio.to_thread(self.stop)
+        log.warning("the embedded model server exited (%s)", self.proc.returncode)
+
+    async def _until_ready(self, port: int, log_path: Path) -> bool:
+        """Wait until the server listens on `port`, nothing else does, and it lists its
+        model. Its key goes out only to a port known to be its own."""
+        assert self.proc is not None
+        base_url = f"http://127.0.0.1:{port}/v1"
+        started = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:  # one reason: another process had its port
+                log.error("the embedded model server exited (%s); see %s",
+                          self.proc.returncode, log_path)
+                return False
+            if time.monotonic() - started > START_TIMEOUT_S:
+                log.error("the embedded model server did not answer in %s s", START_TIMEOUT_S)
+                await asyncio.to_thread(self.stop)
+                return False
+            owned = await asyncio.to_thread(lambda: embedded.owns_port(self._pids(), port))
+            if owned is False:
+                log.error("another process listens on port %s beside the embedded model "
+                          "server; starting it again on another port", port)
+                await asyncio.to_thread(self.stop)
+                return False
+            if owned:
+                listed: bool = await asyncio.to_thread(embedded.answers, base_url, self.key)
+                if listed:
+                    return True
+            await asyncio.sleep(0.25)
+
+    def _pids(self) -> set[int]:
+        """The server's process and those it started."""
+        assert self.proc is not None
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            children = []
+        return {self.proc.pid, *(child.pid for child in children)}
+
+    def _stop_stale(self) -> None:
+        """A server left by a supervisor that was killed outright: stop it."""
+        status = embedded.read_status(str(self.data_dir)) or {}
+        pid = status.get("pid")
+        if not isinstance(pid, int) or pid <= 0:  # psutil refuses those with ValueError
+            return
+        try:
+            proc = psutil.Process(pid)
+            if "llama_cpp.server" in " ".join(proc.cmdline()):
+                log.info("stopping a stale embedded model server (pid %s)", pid)
+                proc.terminate()
+                proc.wait(10)
+        except psutil.Error:
+            pass  # gone already, or not ours
+
+    @staticmethod
+    def _accepts(port: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait(10)
+
+
+def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True

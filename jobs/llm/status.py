@@ -1,0 +1,85 @@
+"""Which LLM server chats go to, and whether it answers (for /api/health)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import urllib.request
+from typing import Any
+
+from jobs.protocol import embedded
+from jobs.settings import Settings
+from runners import llm_client
+
+log = logging.getLogger(__name__)
+
+MAX_ANSWER = 1 << 20  # bytes of a /models answer read; a longer one reads as not JSON
+
+
+class LLMStatus:
+    def __init__(self, settings: Settings) -> None:
+        self.data_dir = settings.data_dir
+        self.provider = "openai-compatible" if settings.openai_base_url else "embedded"
+        key = settings.openai_api_key
+        self._server = llm_client.Config(settings.openai_base_url or "",
+                                         key.get_secret_value() if key else None)
+        self.base_url = self._server.base_url  # without the credentials it may carry
+        self.model = settings.llm_model or ""
+        self.ready = False
+        self.detail = "not checked yet"
+
+    @property
+    def probe_every_s(self) -> float:
+        return 2.0 if self.provider == "embedded" else 15.0
+
+    def probe(self) -> bool:
+        """Blocking, so call it from a worker thread. The embedded model: what the
+        supervisor running it wrote; another server: GET {base_url}/models."""
+        if self.provider == "embedded":
+            status = embedded.read_status(str(self.data_dir)) or {}
+            self.base_url = str(status.get("base_url") or "")
+            self.model = str(status.get("model") or "")
+            self.ready = bool(status.get("ready"))
+            self.detail = str(status.get("detail") or "the supervisor is starting")
+            return self.ready
+        if not self.base_url:
+            self.ready, self.detail = False, "no LLM server configured or started"
+            return False
+        request = urllib.request.Request(f"{self.base_url}/models",
+                                         headers=self._server.headers())
+        try:
+            with urllib.request.urlopen(request, timeout=3) as response:
+                body = response.read(MAX_ANSWER)
+        except (OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", None) or exc  # URLError wraps the socket error
+            reason = getattr(reason, "strerror", None) or reason
+            self.ready, self.detail = False, f"not reachable at {self.base_url}: {reason}"
+            return False
+        models = _models(body)
+        if not isinstance(models, list):
+            self.ready, self.detail = False, (
+                f"the LLM server answered /models with {models}, not "
+                '{"data": [...]}; is OPENAI_BASE_URL an OpenAI-compatible API (ending in /v1)?')
+            return False
+        if not self.model and models and isinstance(models[0], dict):
+            self.model = str(models[0].get("id", ""))
+        self.ready, self.detail = True, "ok"
+        return True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"provider": self.provider, "base_url": self.base_url, "model": self.model,
+                "ready": self.ready, "detail": self.detail}
+
+
+def _models(body: bytes) -> list[Any] | str:
+    """The model list of a /models answer, or what the answer was instead."""
+    try:
+        answer = json.loads(body)
+    except ValueError:  # UnicodeDecodeError too
+        return "something that is not JSON"
+    if isinstance(answer, dict):
+        models = answer.get("data")
+        return models if isinstance(models, list) else 'a JSON object without a "data" list'
+    names = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return f"a JSON {names.get(type(answer), 'null')}"

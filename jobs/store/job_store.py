@@ -1,0 +1,131 @@
+"""Job files on disk: create, read, list, cancel, prune. Knows nothing of processes.
+
+Every id is validated (32 lowercase hex) before it is turned into a path.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from jobs import protocol as p
+from jobs.kinds import KINDS
+from jobs.models import Job
+from jobs.store.idempotency import Keys
+from jobs.store.index import JobIndex, read_job
+
+log = logging.getLogger(__name__)
+
+
+class JobNotFound(Exception):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+
+class UnknownKind(ValueError):
+    def __init__(self, kind: str) -> None:
+        known = ", ".join(sorted(KINDS))
+        super().__init__(f"unknown job kind {kind!r}; known kinds: {known}")
+
+
+class StoreUnavailable(Exception):
+    """The data folder cannot be written (disk full, read-only, permissions)."""
+
+
+class JobStore(JobIndex):
+    """Job files: create, read, cancel, prune; listing and counting from the index."""
+
+    def ensure_dir(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create the job folder {self.dir}: {exc}") from exc
+
+    def path(self, job_id: str) -> Path:
+        if not p.is_valid_id(job_id):
+            raise JobNotFound(job_id)
+        return self.dir / job_id / p.JOB_FILE
+
+    @cached_property
+    def keys(self) -> Keys:
+        """The data folder's idempotency keys."""
+        return Keys(self.dir.parent / "idempotency")
+
+    def create(self, kind: str, job_input: dict[str, Any], timeout_s: float,
+               job_id: str | None = None, key_name: str | None = None) -> dict[str, Any]:
+        """Store a new job; `key_name`: the idempotency key that claimed it, released
+        when the job is removed."""
+        if kind not in KINDS:
+            raise UnknownKind(kind)
+        job_id = job_id or p.new_id()
+        data = p.new_job(job_id, kind, job_input, timeout_s)
+        path = self.path(job_id)
+        try:
+            self.ensure_dir()
+            path.parent.mkdir()
+            if key_name is not None:
+                Keys.link(path.parent, key_name)
+            p.write_json(path, data, durable=True)  # on disk before the 202
+            p.sync_dir(self.dir)  # and the job's folder with it
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise StoreUnavailable(f"cannot store the job in {self.dir}: {reason}") from exc
+        return data
+
+    def read(self, job_id: str) -> dict[str, Any]:
+        """The raw job dict; a corrupt file reads as a failed job that says so."""
+        data = read_job(job_id, self.path(job_id))
+        if data is None:
+            raise JobNotFound(job_id)
+        return data
+
+    def get(self, job_id: str) -> Job:
+        return Job.model_validate(self.read(job_id))
+
+    def request_cancel(self, job_id: str) -> None:
+        path = self.path(job_id)
+        if not path.exists():
+            raise JobNotFound(job_id)
+        try:
+            p.request_stop(path, p.JobState.CANCELLED)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise StoreUnavailable(f"cannot record the cancel request: {reason}") from exc
+
+    # -- pruning -------------------------------------------------------------------
+
+    def prune(self, retention_s: float, max_jobs: int | None = None,
+              now: float | None = None, min_retention_s: float = 0.0) -> int:
+        """Delete finished jobs (with their log, stop and run files) older than the
+        retention, then the oldest finished ones beyond `max_jobs` jobs in all; never
+        one that finished less than `min_retention_s` ago (its client may be polling)."""
+        now = now if now is not None else time.time()
+        doomed = self.prunable(now - retention_s, max_jobs, now - min_retention_s)
+        for job_id in doomed:
+            self.remove(job_id)
+        return len(doomed)
+
+    def remove(self, job_id: str) -> None:
+        """Delete the job's folder (job file, log, stop and run records) and release
+        the idempotency key that created it."""
+        folder = self.path(job_id).parent
+        key_name = Keys.linked(folder)
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("could not remove job %s: %s", job_id, exc)
+            return
+        self.forget(job_id)
+        if key_name is not None:
+            try:
+                self.keys.release(key_name, job_id)
+            except OSError as exc:  # a retry with this key releases it then
+                log.warning("could not release the Idempotency-Key of job %s: %s", job_id, exc)
+

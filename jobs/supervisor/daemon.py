@@ -1,0 +1,196 @@
+"""The supervisor process: `python -m jobs.supervisor [--parent PID]`.
+
+Everything that starts, watches or kills processes runs here, outside the API's
+processes: the supervisor, the metrics recorder (and the embedded model's server).
+So a burst of spawns never competes with a request for the API's interpreter.
+
+Each API worker keeps one alive (`jobs.api.keeper`); the supervisor's file lock lets one
+lead. With `--parent`, it leaves when that process is gone, and gives up at once if
+another supervisor already leads.
+
+Its log records go to `<data>/supervisor.log`, rotated at `OFFLOAD_LOG_MAX_MB`; its
+stdout and stderr (`supervisor.out`) and the model server's output (`llm-server.log`)
+are written through inherited handles, so the leader cuts those in place now and then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+
+from jobs import protocol as p
+from jobs.launch.base import LocalLauncher
+from jobs.launch.processes import IS_WINDOWS
+from jobs.llm import server as llm_server
+from jobs.protocol import embedded, private_files
+from jobs.protocol.wake import OUTPUT_FILE
+from jobs.resilient import resilient
+from jobs.settings import (
+    HISTORY_KEEP_S,
+    HISTORY_SAMPLE_S,
+    LOG_BACKUPS,
+    OUTPUT_CAP_S,
+    Settings,
+    get_settings,
+)
+from jobs.store.private import make_private
+from jobs.supervisor.loop import Supervisor
+from jobs.supervisor.metrics import MetricsRecorder
+
+log = logging.getLogger(__name__)
+
+PARENT_CHECK_S = 1.0
+LEAD_WITHIN_S = 3.0
+DAEMON_NICE = int(os.environ.get("OFFLOAD_SUPERVISOR_NICE", "10"))
+LOG_FILE = "supervisor.log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+async def serve(settings: Settings, parent: int | None = None) -> None:
+    supervisor = Supervisor.from_settings(settings)
+    recorder = MetricsRecorder(Path(p.metrics_file(settings.data_dir)),
+                               HISTORY_KEEP_S, HISTORY_SAMPLE_S)
+    model = None if settings.openai_base_url else llm_server.EmbeddedServer(settings.data_dir)
+    if model is not None:
+        _give_key_to_runners(supervisor, model.key)
+    lead_within = LEAD_WITHIN_S if parent is not None else None
+    main = asyncio.create_task(supervisor.run(lead_within), name="supervisor")
+    with contextlib.suppress(NotImplementedError, AttributeError):  # Windows: no such handler
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+    # A helper that fails restarts after a pause; it never takes the supervisor down.
+    helpers = [asyncio.create_task(resilient("recording metrics", lambda: record_metrics(
+        recorder, supervisor)), name="metrics")]
+    if model is not None:
+        helpers.append(asyncio.create_task(resilient("the embedded model", lambda: _embedded_model(
+            settings, model, supervisor)), name="llm"))
+    if not IS_WINDOWS:  # there an inherited handle does not append: cut only before a start
+        helpers.append(asyncio.create_task(resilient("capping outputs", lambda: cap_outputs(
+            settings, supervisor)), name="output caps"))
+    if parent is not None:
+        helpers.append(asyncio.create_task(resilient("watching the API process", lambda: (
+            _watch_parent(parent))), name="parent"))
+    try:
+        await asyncio.wait([main, *helpers], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in [main, *helpers]:
+            task.cancel()
+        for task in [main, *helpers]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.to_thread(supervisor.wait_for_stoppers, 10)
+
+
+async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> None:
+    """Only the leader records, so one series is written however many workers run."""
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    while True:
+        if supervisor.is_leader:
+            try:
+                await asyncio.to_thread(recorder.record)
+            except OSError as exc:
+                log.warning("cannot record metrics: %s", exc)
+        next_at = max(next_at + recorder.interval_s, loop.time())
+        await asyncio.sleep(next_at - loop.time())
+
+
+async def cap_outputs(settings: Settings, supervisor: Supervisor) -> None:
+    """Cut the outputs other processes write through an inherited handle, as runner logs
+    are cut: opened to append, so their writers go on at the new end."""
+    paths = [settings.data_dir / OUTPUT_FILE, settings.data_dir / llm_server.LOG_FILE]
+    while True:
+        if supervisor.is_leader:
+            for path in paths:
+                dropped = await asyncio.to_thread(p.cap_log, path, settings.log_max_bytes)
+                if dropped:
+                    log.info("%s capped (%d bytes dropped)", path.name, dropped)
+        await asyncio.sleep(OUTPUT_CAP_S)
+
+
+async def _embedded_model(settings: Settings, model: llm_server.EmbeddedServer,
+                          supervisor: Supervisor) -> None:
+    """The leader runs the embedded model's server, loaded once for every chat."""
+    while not supervisor.is_leader:
+        await asyncio.sleep(0.2)
+    # Before its server writes to it (each load writes some 200 KB): bounded on Windows too.
+    await asyncio.to_thread(p.cap_log, settings.data_dir / llm_server.LOG_FILE,
+                            settings.log_max_bytes)
+    await model.run()
+
+
+def _give_key_to_runners(supervisor: Supervisor, key: str) -> None:
+    """Before any runner starts: local runners get the model server's key in their
+    environment (the fork server too, which passes its own on to the runners it forks).
+    Not Ray's: it keeps a job's environment in its records, and its nodes cannot reach
+    this machine's loopback anyway."""
+    launcher = supervisor.launcher
+    if isinstance(launcher, LocalLauncher):
+        launcher.runner_env = {**launcher.runner_env, embedded.KEY_ENV: key}
+
+
+async def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        await asyncio.sleep(PARENT_CHECK_S)
+    log.info("the API process %s is gone; the supervisor leaves (runners keep running)",
+             parent)
+
+
+def _lower_priority() -> None:
+    """Launching and reaping can wait a few milliseconds; a request to the API cannot."""
+    try:
+        if hasattr(os, "nice"):
+            os.nice(DAEMON_NICE)
+            try:  # Linux: lower its autogroup too (it is a session of its own)
+                with open("/proc/self/autogroup", "w") as f:
+                    f.write(str(DAEMON_NICE))
+            except OSError:
+                pass  # no autogroups here: the nice value is what counts
+        else:  # Windows
+            import psutil
+
+            psutil.Process().nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)  # type: ignore[attr-defined,unused-ignore]
+    except OSError as exc:
+        log.debug("could not lower the supervisor's priority: %s", exc)
+
+
+def _log_to_file(settings: Settings) -> None:
+    """Log records to a rotated supervisor.log (stderr if it cannot be opened)."""
+    handler: logging.Handler
+    problem = None
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        handler = RotatingFileHandler(settings.data_dir / LOG_FILE, encoding="utf-8",
+                                      maxBytes=settings.log_max_bytes, backupCount=LOG_BACKUPS)
+    except OSError as exc:
+        handler, problem = logging.StreamHandler(), exc
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=[handler])
+    if problem is not None:
+        log.warning("cannot open %s (%s); logging to stderr", LOG_FILE, problem)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.supervisor")
+    parser.add_argument("--parent", type=int, default=None,
+                        help="leave when this process is gone (the API worker that started it)")
+    args = parser.parse_args(argv)
+    _lower_priority()
+    private_files()  # before its log file is made
+    settings = get_settings()
+    _log_to_file(settings)
+    make_private(settings.data_dir)  # it may be started by hand, before any API
+    try:
+        asyncio.run(serve(settings, args.parent))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""The supervisor: launches queued jobs under the cap, enforces deadlines, acts on
+cancel requests, reaps finished or lost runners and prunes old jobs.
+
+Exactly one per data folder, across processes: whoever holds the OS file lock
+`<data>/supervisor.lock`. The others retry now and then, so when the leader dies a
+survivor takes over and adopts the runners it left.
+
+`tick()` is synchronous and does one pass; `run()` drives it from asyncio in a worker
+thread, so the event loop never waits on a spawn, a file write or a kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from jobs import protocol as p
+from jobs.kinds import KINDS
+from jobs.launch.base import (
+    ClaimFailed,
+    Launcher,
+    LocalLauncher,
+    Run,
+)
+from jobs.launch.pick import adopting_launcher, make_launcher
+from jobs.launch.processes import IS_WINDOWS
+from jobs.protocol.wake import lock_file, wake_file
+from jobs.settings import (
+    LEADER_RETRY_S,
+    MIN_RETENTION_S,
+    PRUNE_INTERVAL_S,
+    PRUNE_OVER_CAP_S,
+    SUPERVISOR_INTERVAL_S,
+    WAKE_POLL_S,
+    Settings,
+)
+from jobs.store.index import DirListing
+from jobs.store.job_store import JobStore
+from jobs.supervisor.finals import Finals
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    run: Run
+    job_file: Path
+    deadline: float | None  # time.monotonic() value
+    stopping: str | None = None  # the reason, once a stop has begun
+
+
+class Supervisor:
+    def __init__(
+        self,
+        jobs_dir: Path,
+        max_concurrent: int = 8,
+        retention_s: float = 72 * 3600,
+        max_jobs: int | None = None,
+        log_max_bytes: int | None = None,
+        grace_s: float = 3.0,
+        runner_env: dict[str, str] | None = None,
+        kinds: dict[str, str] | None = None,
+        launcher: Launcher | None = None,
+        min_retention_s: float = MIN_RETENTION_S,
+    ) -> None:
+        self.dir = jobs_dir
+        self.min_retention_s = min_retention_s
+        self.store = JobStore(jobs_dir)
+        self.max_concurrent = max_concurrent
+        self.retention_s = retention_s
+        self.max_jobs = max_jobs
+        self.log_max_bytes = log_max_bytes
+        self._listing = DirListing(jobs_dir)
+        self._names: set[str] = set()  # the job ids on disk, as last listed
+        self.grace_s = grace_s
+        # Runners cap their own logs when this says so (Settings.runner_env); the
+        # supervisor's check each pass is for output that bypasses them.
+        self.runner_env = dict(runner_env or {})
+        self.kinds = kinds or KINDS
+        # New jobs go to `launcher`; adopted ones to the launcher their run.json names.
+        self.launcher = launcher or LocalLauncher(self.runner_env)
+        self._launchers: dict[str, Launcher] = {self.launcher.name: self.launcher}
+        # The mode said: filelock 3.x gives its files 0o644 whatever the umask.
+        self._lock = FileLock(str(lock_file(jobs_dir)), thread_local=False, mode=0o600)
+        self._wake_file = wake_file(jobs_dir)
+        self.is_leader = False
+        self._queued: dict[str, tuple[int, str]] = {}  # id -> FIFO key
+        self._running: dict[str, _Tracked] = {}
+        self._finals = Finals(jobs_dir)
+        self._blocked = False  # the last launch could not write to the data folder
+        self._next_prune = 0.0
+        self._pruned_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._stoppers: list[threading.Thread] = []
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Supervisor:
+        return cls(
+            settings.jobs_dir, max_concurrent=settings.max_concurrent,
+            retention_s=settings.retention_hours * 3600, max_jobs=settings.max_jobs,
+            log_max_bytes=settings.log_max_bytes, grace_s=settings.stop_grace_s,
+            runner_env=settings.runner_env(), launcher=make_launcher(settings),
+            min_retention_s=settings.min_retention_s,
+        )
+
+    # -- driving -------------------------------------------------------------------
+
+    async def run(self, lead_within_s: float | None = None) -> None:
+        """Run until cancelled (runners keep running when this stops). With
+        `lead_within_s`, return if another supervisor still leads after that long."""
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        give_up_at = None if lead_within_s is None else time.monotonic() + lead_within_s
+        try:
+            while True:
+                if give_up_at is not None and not self.is_leader and time.monotonic() > give_up_at:
+                    log.info("another supervisor leads %s; leaving", self.dir)
+                    return
+                self._event.clear()
+                await self._pass()
+                await self._sleep(SUPERVISOR_INTERVAL_S if self.is_leader else LEADER_RETRY_S)
+        finally:
+            self.release()
+
+    async def _pass(self) -> None:
+        """One tick in a worker thread. Cancelled meanwhile, it still waits for the tick
+        to end, so a stopped supervisor never launches after it released the lock."""
+        tick = asyncio.get_running_loop().run_in_executor(None, self.tick)
+        try:
+            await asyncio.shield(tick)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await tick
+            raise
+        except Exception:
+            log.exception("supervisor pass failed; retrying")
+
+    async def _sleep(self, delay: float) -> None:
+        """Until `delay` passes, `wake()` is called, or another process pokes us."""
+        assert self._event is not None
+        deadline = time.monotonic() + delay
+        poked = _mtime_ns(self._wake_file)
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._event.wait(), min(left, WAKE_POLL_S))
+                return
+            except asyncio.TimeoutError:
+                pass
+            if self.is_leader and _mtime_ns(self._wake_file) != poked:
+                return  # a job was submitted or cancelled through another worker
+
+    def wake(self) -> None:
+        """Ask for a pass now (a job was submitted, cancelled, or a runner exited)."""
+        loop, event = self._loop, self._event
+        if loop is None or event is None or loop.is_closed():
+            return
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if current is loop:
+            event.set()
+        else:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass  # the loop closed meanwhile
+
+    def release(self) -> None:
+        for each in self._launchers.values():
+            each.close()
+        if self.is_leader:
+            self._lock.release()
+            self.is_leader = False
+            log.info("supervisor released %s", self.dir)
+
+    def wait_for_stoppers(self, timeout: float | None = None) -> None:
+        for thread in list(self._stoppers):
+            thread.join(timeout)
+
+    # -- one pass ------------------------------------------------------------------
+
+    def tick(self) -> None:
+        if not self.is_leader and not self._try_lead():
+            return
+        job_ids, stop_ids = self._scan()
+        self._discover(job_ids)
+        self._finals.retry(job_ids)
+        self._handle_stops(stop_ids)
+        self._reap()
+        self._enforce_deadlines()
+        self._cap_logs()
+        self._launch()
+        self._maybe_prune()
+
+    def _try_lead(self) -> bool:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        except OSError as exc:
+            log.warning("cannot take the supervisor lock: %s", exc)
+            return False
+        self.is_leader = True
+        log.info("supervisor leads %s (pid %s)", self.dir, os.getpid())
+        return True
+
+    def _scan(self) -> tuple[set[str], set[str]]:
+        """The jobs on disk, and which of the live ones have a stop request."""
+        names = self._listing.changed()
+        if names is not None:
+            self._names = names
+        jobs = self._names
+        live = (self._queued.keys() | self._running.keys()) & jobs
+        stops = {job_id for job_id in live
+                 if os.path.exists(p.sibling(self._file(job_id), p.STOP_FILE))}
+        return jobs, stops
+
+    def _discover(self, job_ids: set[str]) -> None:
+        for gone in set(self._queued) - job_ids:
+            del self._queued[gone]  # deleted from disk while queued
+        self._finals.done &= job_ids
+        new = (job_ids - self._finals.done - self._queued.keys() - self._running.keys()
+               - self._finals.pending())
+        for job_id in new:
+            try:
+                data = p.read_json(self._file(job_id))
+            except p.CorruptJobFile:
+                self._finals.done.add(job_id)  # reads as failed/corrupt; nothing to run
+                continue
+            if data is None:
+                continue
+            state = data.get(p.F_STATE)
+            if state in p.FINAL_STATES:
+                self._finals.done.add(job_id)
+            elif state == p.JobState.QUEUED and not self._launched(job_id):
+                if data.get(p.F_KIND) not in self.kinds:
+                    self._finals.finish(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
+                                 f"unknown job kind {data.get(p.F_KIND)!r}")
+                    continue
+                self._queued[job_id] = p.fifo_key(data)
+            else:
+                self._adopt(job_id, data)
+
+    def _adopt(self, job_id: str, data: dict[str, Any]) -> None:
+        """A job launched by an earlier supervisor: watch it if alive, else it is lost."""
+        job_file = self._file(job_id)
+        try:
+            record = p.read_json(p.sibling(job_file, p.RUN_FILE)) or {}
+        except p.CorruptJobFile:
+            record = {}
+        try:
+            launcher = self._launcher_for(record)
+            run = launcher.adopt(job_file, record, data, self.wake)
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: cannot adopt its runner: %s", job_id, exc)
+            launcher = self._launcher_for({})
+            run = launcher.adopt(job_file, {}, {}, self.wake)  # nothing to find: lost
+        if not launcher.is_alive(run):
+            log.info("job %s: runner gone while no supervisor watched it", job_id)
+            self._finalize(_Tracked(run, job_file, None))
+            return
+        deadline = None
+        timeout = data.get(p.F_TIMEOUT_S)
+        if isinstance(timeout, (int, float)) and timeout > 0 and run.started is not None:
+            deadline = time.monotonic() + (run.started + float(timeout) - time.time())
+        log.info("job %s: adopted its %s runner", job_id, run.launcher)
+        self._running[job_id] = _Tracked(run, job_file, deadline)
+
+    def _launcher_for(self, record: dict[str, Any]) -> Launcher:
+        name = str(record.get("launcher") or p.LOCAL)
+        found = self._launchers.get(name)
+        if found is None:
+            found = self._launchers[name] = adopting_launcher(record, self.runner_env,
+                                                              self.log_max_bytes)
+        return found
+
+    def _handle_stops(self, stop_ids: set[str]) -> None:
+        for job_id in stop_ids:
+            if job_id in self._queued:
+                del self._queued[job_id]
+                self._finals.finish(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
+                             "cancelled before it started")
+            elif job_id in self._running:
+                tracked = self._running[job_id]
+                if tracked.stopping is None:
+                    reason = p.stop_reason(tracked.job_file) or p.JobState.CANCELLED
+                    self._start_stop(tracked, reason)
+
+    def _reap(self) -> None:
+        for job_id, tracked in list(self._running.items()):
+            if not self._launcher_of(tracked).is_alive(tracked.run):
+                del self._running[job_id]
+                self._finalize(tracked)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        for tracked in self._running.values():
+            if tracked.stopping is None and tracked.deadline is not None and now > tracked.deadline:
+                try:
+                    p.request_stop(tracked.job_file, p.JobState.TIMEOUT)
+                except OSError as exc:
+                    log.warning("job %s: cannot write the stop request: %s",
+                                tracked.run.job_id, exc)
+                self._start_stop(tracked, p.JobState.TIMEOUT)
+
+    def _launch(self) -> None:
+        while self._queued and len(self._running) < self.max_concurrent:
+            job_id = min(self._queued, key=self._queued.__getitem__)
+            del self._queued[job_id]
+            if not self._launch_one(job_id):
+                break
+
+    def _launch_one(self, job_id: str) -> bool:
+        """Start one queued job; False if the data folder cannot be written now (the
+        job stays queued and launching waits for the next pass)."""
+        job_file = self._file(job_id)
+        try:
+            data = p.read_json(job_file)
+        except p.CorruptJobFile:
+            data = None
+        if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
+            return True
+        if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
+            self._finals.finish(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
+                                "cancelled before it started")
+            return True
+        try:
+            run = self.launcher.start(self.kinds[data[p.F_KIND]], job_file, data, self.wake)
+        except ClaimFailed as exc:
+            if not self._blocked:
+                log.warning("jobs wait: cannot write to the data folder (%s)", exc)
+            self._blocked = True
+            self._queued[job_id] = p.fifo_key(data)
+            return False
+        except OSError as exc:
+            log.error("job %s: cannot start its runner: %s", job_id, exc)
+            self._finals.finish(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
+                                f"cannot start the runner: {exc}")
+            return True
+        timeout = data.get(p.F_TIMEOUT_S)
+        deadline = None
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            deadline = time.monotonic() + float(timeout)
+        self._running[job_id] = _Tracked(run, job_file, deadline)
+        return True
+
+    def _start_stop(self, tracked: _Tracked, reason: str) -> None:
+        tracked.stopping = reason
+        thread = threading.Thread(target=self._stop_worker, args=(tracked,), daemon=True,
+                                  name=f"stop-{tracked.run.job_id[:8]}")
+        self._stoppers = [t for t in self._stoppers if t.is_alive()]
+        self._stoppers.append(thread)
+        thread.start()
+
+    def _stop_worker(self, tracked: _Tracked) -> None:
+        try:
+            self._launcher_of(tracked).stop(tracked.run, self.grace_s)
+        except Exception:
+            log.exception("job %s: stopping its runner failed", tracked.run.job_id)
+        self.wake()
+
+    def _finalize(self, tracked: _Tracked) -> None:
+        self._finals.finalize(tracked.run, tracked.job_file, tracked.stopping,
+                              self._launcher_of(tracked))
+
+    # -- housekeeping --------------------------------------------------------------
+
+    def _cap_logs(self) -> None:
+        """A runner printing without end: its log keeps its head and its latest output."""
+        if self.log_max_bytes is None or IS_WINDOWS:
+            # Windows: a runner's inherited log handle is not an append handle, so a
+            # cut would leave it writing past the new end; logs are not capped there.
+            return
+        for tracked in self._running.values():
+            if tracked.run.launcher != p.LOCAL:
+                continue  # a remote job's local copy is written and capped by its poller
+            dropped = p.cap_log(p.sibling(tracked.job_file, p.LOG_FILE), self.log_max_bytes)
+            if dropped:
+                log.info("job %s: log capped (%d bytes dropped)", tracked.run.job_id, dropped)
+
+    def _maybe_prune(self) -> None:
+        now = time.monotonic()
+        over_cap = self.max_jobs is not None and len(self._names) > self.max_jobs
+        if now < self._next_prune and not (over_cap and now > self._pruned_at + PRUNE_OVER_CAP_S):
+            return
+        self._next_prune = now + PRUNE_INTERVAL_S
+        self._pruned_at = now
+        removed = self.store.prune(self.retention_s, self.max_jobs,
+                                   min_retention_s=self.min_retention_s)
+        if removed:
+            log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs; none "
+                     "younger than %.0f s)", removed, self.retention_s / 3600, self.max_jobs,
+                     self.min_retention_s)
+
+    def _launcher_of(self, tracked: _Tracked) -> Launcher:
+        return self._launchers[tracked.run.launcher]
+
+    def _launched(self, job_id: str) -> bool:
+        return os.path.exists(p.sibling(self._file(job_id), p.RUN_FILE))
+
+    def _file(self, job_id: str) -> Path:
+        return Path(p.job_path(self.dir, job_id))
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0

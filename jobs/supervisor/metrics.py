@@ -1,0 +1,56 @@
+"""Machine metrics for the dashboard, recorded by the leading supervisor about once a
+second: one JSON line per sample appended to `<data>/history/metrics.jsonl`, older
+samples dropped now and then (`jobs.api.history` reads them)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psutil
+
+from jobs import protocol as p
+
+
+class MetricsRecorder:
+    def __init__(self, path: Path, keep_s: float, interval_s: float) -> None:
+        self.path = path
+        self.keep_s = keep_s
+        self.interval_s = interval_s
+        self._appended = 0
+        psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it
+
+    def sample(self) -> dict[str, float]:
+        mem = psutil.virtual_memory()
+        return {"t": round(time.time(), 3), "cpu": psutil.cpu_percent(interval=None),
+                "mem": mem.percent, "mem_used_mb": round(mem.used / 2**20, 1)}
+
+    def record(self) -> dict[str, float]:
+        """Take a sample and append it; now and then drop what is older than `keep_s`."""
+        sample = self.sample()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(sample, separators=(",", ":")) + "\n")
+        self._appended += 1
+        if self._appended % 600 == 0:
+            self._compact(sample["t"] - self.keep_s)
+        return sample
+
+    def _compact(self, cutoff: float) -> None:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                lines = f.readlines()
+        except OSError:
+            return
+        kept = [line for line in lines if _time_of(line) >= cutoff]
+        if len(kept) == len(lines):
+            return
+        p.write_atomic(self.path, "".join(kept).encode("utf-8"))
+
+
+def _time_of(line: str) -> float:
+    try:
+        return float(json.loads(line)["t"])
+    except (ValueError, KeyError, TypeError):
+        return 0.0

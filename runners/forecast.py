@@ -1,0 +1,105 @@
+"""The forecasting model of the machine metrics: shared by the training runner and the
+API's /api/predict. Standard library plus numpy.
+
+An autoregressive linear model per series (CPU %, memory %): the next sample from the
+last `lags` samples, fitted by mini-batch gradient descent on standardised data so that
+training reports a loss per epoch. Models are JSON files, versioned and written
+atomically: `<data>/models/forecast-v<N>.json`, then `latest.json` points at it. A new
+model is only pointed at once it is whole, so a cancelled training never replaces a
+good model with a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from jobs import protocol as p
+
+SERIES = ("cpu", "mem")
+MODELS_DIR = "models"
+LATEST = "latest.json"
+
+
+def models_dir(data_dir: str) -> str:
+    return os.path.join(data_dir, MODELS_DIR)
+
+
+def load_samples(data_dir: str) -> list[dict[str, float]]:
+    path = p.metrics_file(data_dir)
+    samples = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    sample = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line
+                if isinstance(sample, dict) and all(k in sample for k in ("t", *SERIES)):
+                    samples.append(sample)
+    except FileNotFoundError:
+        pass
+    return samples
+
+
+def windows(values: np.ndarray, lags: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `lags` consecutive values, and the value after each."""
+    x = np.lib.stride_tricks.sliding_window_view(values[:-1], lags)
+    return x, values[lags:]
+
+
+def predict(model: dict[str, Any], recent: dict[str, list[float]], horizon: int
+            ) -> dict[str, list[float]]:
+    """Roll the model forward `horizon` steps from the most recent samples."""
+    lags = int(model["lags"])
+    out: dict[str, list[float]] = {}
+    for name in SERIES:
+        params = model["series"][name]
+        weights = np.asarray(params["weights"])
+        mean, std = float(params["mean"]), float(params["std"])
+        window = list((np.asarray(recent[name][-lags:], dtype=float) - mean) / std)
+        if len(window) < lags:
+            window = [0.0] * (lags - len(window)) + window
+        values = []
+        for _ in range(horizon):
+            nxt = float(np.dot(weights[:-1], window[-lags:]) + weights[-1])
+            window.append(nxt)
+            values.append(min(100.0, max(0.0, nxt * std + mean)))
+        out[name] = values
+    return out
+
+
+def save(data_dir: str, model: dict[str, Any]) -> int:
+    """Write the model as the next version, then point `latest.json` at it."""
+    folder = models_dir(data_dir)
+    os.makedirs(folder, exist_ok=True)
+    version = latest_version(data_dir) + 1
+    while os.path.exists(os.path.join(folder, f"forecast-v{version}.json")):
+        version += 1
+    model = {**model, "version": version}
+    name = f"forecast-v{version}.json"
+    p.write_json(os.path.join(folder, name), model)
+    p.write_json(os.path.join(folder, LATEST), {"version": version, "file": name})
+    return version
+
+
+def latest_version(data_dir: str) -> int:
+    pointer = _read(os.path.join(models_dir(data_dir), LATEST))
+    return int(pointer.get("version", 0)) if pointer else 0
+
+
+def load_latest(data_dir: str) -> dict[str, Any] | None:
+    pointer = _read(os.path.join(models_dir(data_dir), LATEST))
+    if not pointer:
+        return None
+    return _read(os.path.join(models_dir(data_dir), str(pointer.get("file"))))
+
+
+def _read(path: str) -> dict[str, Any] | None:
+    try:
+        return p.read_json(path)
+    except p.CorruptJobFile:
+        return None
