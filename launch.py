@@ -2,6 +2,7 @@
 
     python launch.py [--no-browser] [--host H] [--port P]   start the dashboard
     python launch.py test [pytest args]                     run the test suite
+    python launch.py --reinstall [...]                      install again first
 
 The first run creates `.venv` beside this file with the interpreter that runs it and
 installs the project; later runs re-install only when pyproject.toml changed.
@@ -10,6 +11,7 @@ Standard library only: this runs before anything is installed.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -170,26 +172,29 @@ def open_browser_when_up(url: str, timeout_s: float = 60.0) -> None:
             time.sleep(0.3)
 
 
-def serve(args: list[str]) -> int:
-    no_browser = "--no-browser" in args
-    args = [a for a in args if a != "--no-browser"]
-    host = _option(args, "--host") or os.environ.get("OFFLOAD_HOST", "127.0.0.1")
-    port = int(_option(args, "--port") or os.environ.get("OFFLOAD_PORT", "8001"))
+def serve(options: argparse.Namespace, extra: list[str]) -> int:
+    """Start api_entry.py with `extra` and the host and port given here."""
+    host: str = options.host or os.environ.get("OFFLOAD_HOST", "127.0.0.1")
+    given_port = options.port is not None
+    port: int = options.port if given_port else int(os.environ.get("OFFLOAD_PORT", "8001"))
     browse_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{browse_host}:{port}"
     if offload_answers(url):
         say(f"Offload is already running at {url}; opening it")
-        if not no_browser:
+        if not options.no_browser:
             webbrowser.open(url)
         return 0
     if not port_free(host, port):
         taken, port = port, next_free_port(host, port + 1)
         say(f"port {taken} is taken by another program; using port {port} instead")
-        args = _without_option(args, "--port") + ["--port", str(port)]
+        given_port = True
         url = f"http://{browse_host}:{port}"
-    if not no_browser:
+    if not options.no_browser:
         threading.Thread(target=open_browser_when_up, args=(url,), daemon=True).start()
     say(f"starting the dashboard on {url} (Ctrl+C stops it)")
+    # Only what was given here: api_entry.py reads the same defaults itself.
+    args = [*extra, *(["--host", host] if options.host else []),
+            *(["--port", str(port)] if given_port else [])]
     proc = subprocess.Popen([str(venv_python()), str(ROOT / "api_entry.py"), *args], cwd=ROOT)
     try:
         return proc.wait()
@@ -226,41 +231,46 @@ def next_free_port(host: str, start: int) -> int:
     sys.exit(f"[offload] no free port from {start - 1} to {start + 99}; pass --port")
 
 
-def _without_option(args: list[str], name: str) -> list[str]:
-    out: list[str] = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
-
-
-def _option(args: list[str], name: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The launcher's own options, and the rest: pytest's arguments after `test`, else
+    api_entry.py's."""
+    parser = argparse.ArgumentParser(
+        prog="python launch.py", allow_abbrev=False,
+        usage="%(prog)s [--reinstall] [--no-browser] [--host HOST] [--port PORT]\n"
+              "       %(prog)s [--reinstall] test [pytest arguments]",
+        description="Create .venv, install Offload and start the dashboard, or run the "
+                    "test suite. Other arguments go on to api_entry.py.")
+    parser.add_argument("--reinstall", action="store_true",
+                        help="install everything again, as on the first run")
+    parser.add_argument("--no-browser", action="store_true",
+                        help="do not open the dashboard in a browser")
+    parser.add_argument("--host", help="address to serve on (default: OFFLOAD_HOST, else "
+                                       "127.0.0.1)")
+    parser.add_argument("--port", type=int,
+                        help="port to serve on, the next free one if it is taken (default: "
+                             "OFFLOAD_PORT, else 8001)")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="{test}")
+    # No help of its own: `test --help` is pytest's.
+    test = commands.add_parser("test", add_help=False, allow_abbrev=False,
+                               help="run the test suite; the arguments after it go to pytest")
+    # SUPPRESS: no default of its own to hide a --reinstall given before `test`.
+    test.add_argument("--reinstall", action="store_true", default=argparse.SUPPRESS)
+    return parser.parse_known_args(argv)
 
 
 def main(argv: list[str]) -> int:
     if sys.version_info < (3, 10):  # noqa: UP036 - launch.py may meet any Python
         sys.exit("[offload] Python 3.10 or newer is needed")
-    if "--reinstall" in argv:
-        argv = [a for a in argv if a != "--reinstall"]
+    options, extra = parse_args(argv)
+    if options.reinstall:
         STAMP.unlink(missing_ok=True)
     ensure_venv()
-    if argv[:1] == ["test"]:
+    if options.command == "test":
         install({"test", "bench", "llm", "ray"})
-        cmd = [str(venv_python()), "-m", "pytest", *argv[1:]]
+        cmd = [str(venv_python()), "-m", "pytest", *extra]
         return subprocess.call(cmd, cwd=ROOT)
     install({"llm"})
-    return serve(argv)
+    return serve(options, extra)
 
 
 if __name__ == "__main__":

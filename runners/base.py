@@ -2,7 +2,7 @@
 
 A runner module defines `execute(job: Job) -> dict | None` and calls `main()`:
 
-    python -m runners.<kind> --job-file var/jobs/<id>.json   # as the launcher does
+    python -m runners.<kind> --job-file var/jobs/<id>/job.json   # as the launcher does
     python -m runners.<kind> [direct options]                # by hand, no job file
 
 Standard library only (plus the kind's own client): this runs in every subprocess.

@@ -1,9 +1,11 @@
 """Diagnostic kind: sleep, report progress, echo the input. Measures the machinery.
 
-Input: {"seconds": float, "steps": int (progress updates, default 10)}. Anyone may
-submit it, so it takes nothing else: the tests' knobs (a child process, an ignored
-SIGTERM, a crash, a failure, a flood of output) are the test-only kind in
-tests/probe_runner.py.
+Input: {"seconds": float (0 to 3600, default 0), "steps": int (progress updates, 1 to
+10000, default 10)}, as the API's SleepInput checks it. Anyone may submit it, so it
+takes nothing else: the tests' knobs (a child process, an ignored SIGTERM, a crash, a
+failure, a flood of output) are the test-only kind in tests/probe_runner.py.
+
+By hand: `python -m runners.sleep [seconds] [--steps N]` (seconds default to 1).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ def execute(job: base.Job) -> dict[str, Any]:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("seconds", nargs="?", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("seconds", nargs="?", type=float, default=1.0,
+                        help="how long to sleep (default: 1)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="progress updates along the way (default: 10)")
 
 
 def _direct_input(args: argparse.Namespace) -> dict[str, Any]:

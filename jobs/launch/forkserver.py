@@ -41,11 +41,18 @@ from typing import Any
 
 from jobs import protocol as p
 
+if sys.platform == "linux":
+    # Loaded here once: a forked runner then only writes its title.
+    import setproctitle
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 PRELOAD = ("runners.chat", "runners.sleep")  # train imports numpy: forked fresh instead
-TITLE_ROOM = 1024  # bytes of command line a child can show (its job file's path)
+# Room a child's title can take (its job file's path), whatever the supervisor's
+# environment holds: setproctitle writes over the arguments and the environment block.
+TITLE_ROOM = 1024
+TITLE_ROOM_ENV = "OFFLOAD_FORKSERVER_TITLE_ROOM"
 REPLY_TIMEOUT_S = 10.0
 EXIT_POLL_S = 1.0  # how often a runner's waiter checks it without the server's word
 AVAILABLE = sys.platform == "linux"
@@ -211,8 +218,10 @@ def _become_runner(request: dict[str, Any], log_fd: int, replies: int,
         os.close(fd)
     argv = [sys.executable, "-m", request["module"], "--job-file", request["job_file"]]
     if stale:  # a project file changed since the server started: run the code as it is now
+        os.environ.pop(TITLE_ROOM_ENV, None)
         os.execv(sys.executable, argv)
     _show_command_line(argv)
+    os.environ.pop(TITLE_ROOM_ENV, None)  # its room is taken now; the runner never sees it
 
 
 def _reap(replies: int) -> None:
@@ -248,21 +257,13 @@ def _project_files() -> dict[str, int]:
 
 
 def _show_command_line(argv: list[str]) -> None:
-    """Write `argv` over this process's command line (what `ps` and psutil show), the way
-    setproctitle does on Linux: one string, its spaces separating the arguments."""
-    import ctypes
-
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        start, end = int(fields[48 - 3]), int(fields[49 - 3])  # arg_start, arg_end (man 5 proc)
-        title = " ".join(argv).encode()[: end - start - 2]
-        # NUL after the title, and the last byte not NUL: the kernel then shows the
-        # title alone (it assumes setproctitle), not the old arguments after it.
-        room = title + b"\0" + b" " * (end - start - len(title) - 1)
-        ctypes.memmove(start, room, len(room))
-    except (OSError, ValueError, IndexError):
-        pass  # it runs all the same; ps shows the fork server's command line
+    """Show `argv` as this process's command line (what `ps` and psutil show): one
+    string, its spaces separating the arguments."""
+    if sys.platform == "linux":  # the fork server's only platform; tells the type checker
+        name = setproctitle.getthreadtitle()
+        setproctitle.setproctitle(" ".join(argv))
+        # setproctitle renames the process too; top and pgrep keep the interpreter's name.
+        setproctitle.setthreadtitle(name)
 
 
 # -- the client (in the supervisor) ----------------------------------------------------
@@ -364,11 +365,12 @@ class ForkServer:
             if self._proc.poll() is None:
                 return self._proc
             _close_stdin(self._proc)
-        # Room for a child's command line: the kernel keeps the arguments' space.
+        # The room is in the environment, not an argument: a title longer than the
+        # arguments is what makes the kernel show it alone, without NULs after it.
         proc = self._proc = subprocess.Popen(
-            [sys.executable, "-m", "jobs.launch.forkserver", " " * TITLE_ROOM],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env, cwd=str(ROOT),
-            close_fds=True)
+            [sys.executable, "-m", "jobs.launch.forkserver"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, env={**self.env, TITLE_ROOM_ENV: " " * TITLE_ROOM},
+            cwd=str(ROOT), close_fds=True)
         with self._changed:
             self._generation += 1
             generation = self._generation
