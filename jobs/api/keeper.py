@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 CHECK_S = 1.0
 STOP_WAIT_S = 5.0
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class SupervisorKeeper:

@@ -47,7 +47,7 @@ if sys.platform == "linux":
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PRELOAD = ("runners.chat", "runners.sleep")  # train imports numpy: forked fresh instead
 # Room a child's title can take (its job file's path), whatever the supervisor's
 # environment holds: setproctitle writes over the arguments and the environment block.

@@ -27,7 +27,7 @@ from jobs.launch.pids import find
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 _CAN_SPAWN_IDLE = sys.platform == "linux"
 RUNNER_NICE = 19  # the API must always win the CPU; runners take what it leaves
 IS_WINDOWS = sys.platform == "win32"

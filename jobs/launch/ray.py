@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 SUBMISSION_PREFIX = "offload-"
 _RAY_ECHO = "Running entrypoint for job "
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def submission_id(job_id: str) -> str:
