@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,43 +50,46 @@ class Run:
     started: float | None = None  # wall clock, for the deadline of an adopted run
 
 
-class Launcher:
-    """The base of both launchers; the methods without a body are for each to define."""
+class Launcher(ABC):
+    """What every launcher defines (one lacking an abstract method cannot be
+    instantiated, and mypy says so where it is)."""
 
     name: str
 
+    @abstractmethod
     def start(self, module: str, job_file: Path, data: dict[str, Any], on_exit: OnExit) -> Run:
-        """Start the runner of a queued job; a second call for the same job starts
+        """Claim the job (its run.json, written before anything runs; ClaimFailed if it
+        cannot be), then start its runner; a second call for the same job starts
         nothing. `on_exit` is called (from any thread) when the runner has ended."""
-        raise NotImplementedError
 
+    @abstractmethod
     def adopt(self, job_file: Path, record: dict[str, Any], data: dict[str, Any],
               on_exit: OnExit) -> Run:
         """Watch a runner that an earlier supervisor started (`record` is its run.json)."""
-        raise NotImplementedError
 
-    def is_alive(self, run: Run) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def is_alive(self, run: Run) -> bool: ...
 
-    def sync(self, run: Run) -> None:
+    # sync, release and close are optional: by default they do nothing.
+    def sync(self, run: Run) -> None:  # noqa: B027
         """Bring the local job file up to date with the runner (local runners write it
         themselves)."""
 
+    @abstractmethod
     def stop(self, run: Run, grace_s: float) -> None:
         """Stop the runner and everything it started; returns once it is gone."""
-        raise NotImplementedError
 
-    def exit_code(self, run: Run) -> int | None:
-        raise NotImplementedError
+    @abstractmethod
+    def exit_code(self, run: Run) -> int | None: ...
 
+    @abstractmethod
     def describe_exit(self, run: Run) -> str:
         """How the runner ended, for a job that ended without a final state."""
-        raise NotImplementedError
 
-    def release(self, run: Run) -> None:
+    def release(self, run: Run) -> None:  # noqa: B027
         """Called once the local job file is final."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027
         """The supervisor leaves: stop watching (runners keep running)."""
 
 

@@ -6,7 +6,9 @@ Exactly one per data folder, across processes: whoever holds the OS file lock
 survivor takes over and adopts the runners it left.
 
 `tick()` is synchronous and does one pass; `run()` drives it from asyncio in a worker
-thread, so the event loop never waits on a spawn, a file write or a kill.
+thread, so the event loop never waits on a spawn, a file write or a kill. What is about
+one job (its run, deadline, stop, final state, release) is its `JobLife`
+(`jobs.lifecycle`); the supervisor keeps one per launched job and drives its steps.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,7 @@ from filelock import FileLock, Timeout
 
 from jobs import protocol as p
 from jobs.kinds import KINDS
-from jobs.launch.base import (
-    ClaimFailed,
-    Launcher,
-    LocalLauncher,
-    Run,
-)
+from jobs.launch.base import ClaimFailed, Launcher, LocalLauncher
 from jobs.launch.pick import adopting_launcher, make_launcher
 from jobs.launch.processes import IS_WINDOWS
 from jobs.protocol.wake import lock_file, wake_file
@@ -45,17 +41,9 @@ from jobs.settings import (
 )
 from jobs.store.index import DirListing
 from jobs.store.job_store import JobStore
-from jobs.supervisor.finals import Finals
+from jobs.supervisor.lifecycle import JobLife
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Tracked:
-    run: Run
-    job_file: Path
-    deadline: float | None  # time.monotonic() value
-    stopping: str | None = None  # the reason, once a stop has begun
 
 
 class Supervisor:
@@ -94,8 +82,9 @@ class Supervisor:
         self._wake_file = wake_file(jobs_dir)
         self.is_leader = False
         self._queued: dict[str, tuple[int, str]] = {}  # id -> FIFO key
-        self._running: dict[str, _Tracked] = {}
-        self._finals = Finals(jobs_dir)
+        self._running: dict[str, JobLife] = {}
+        self._unwritten: dict[str, JobLife] = {}  # ended; final state not written yet
+        self._known_final: set[str] = set()
         self._blocked = False  # the last launch could not write to the data folder
         self._next_prune = 0.0
         self._pruned_at = 0.0
@@ -195,7 +184,7 @@ class Supervisor:
             return
         job_ids, stop_ids = self._scan()
         self._discover(job_ids)
-        self._finals.retry(job_ids)
+        self._retry_finals(job_ids)
         self._handle_stops(stop_ids)
         self._reap()
         self._enforce_deadlines()
@@ -230,24 +219,24 @@ class Supervisor:
     def _discover(self, job_ids: set[str]) -> None:
         for gone in set(self._queued) - job_ids:
             del self._queued[gone]  # deleted from disk while queued
-        self._finals.done &= job_ids
-        new = (job_ids - self._finals.done - self._queued.keys() - self._running.keys()
-               - self._finals.pending())
+        self._known_final &= job_ids
+        new = (job_ids - self._known_final - self._queued.keys() - self._running.keys()
+               - self._unwritten.keys())
         for job_id in new:
             try:
                 data = p.read_json(self._file(job_id))
             except p.CorruptJobFile:
-                self._finals.done.add(job_id)  # reads as failed/corrupt; nothing to run
+                self._known_final.add(job_id)  # reads as failed/corrupt; nothing to run
                 continue
             if data is None:
                 continue
             state = data.get(p.F_STATE)
             if state in p.FINAL_STATES:
-                self._finals.done.add(job_id)
+                self._known_final.add(job_id)
             elif state == p.JobState.QUEUED and not self._launched(job_id):
                 if data.get(p.F_KIND) not in self.kinds:
-                    self._finals.finish(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
-                                 f"unknown job kind {data.get(p.F_KIND)!r}")
+                    self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
+                                        f"unknown job kind {data.get(p.F_KIND)!r}")
                     continue
                 self._queued[job_id] = p.fifo_key(data)
             else:
@@ -255,28 +244,13 @@ class Supervisor:
 
     def _adopt(self, job_id: str, data: dict[str, Any]) -> None:
         """A job launched by an earlier supervisor: watch it if alive, else it is lost."""
-        job_file = self._file(job_id)
-        try:
-            record = p.read_json(p.sibling(job_file, p.RUN_FILE)) or {}
-        except p.CorruptJobFile:
-            record = {}
-        try:
-            launcher = self._launcher_for(record)
-            run = launcher.adopt(job_file, record, data, self.wake)
-        except (OSError, ValueError) as exc:
-            log.warning("job %s: cannot adopt its runner: %s", job_id, exc)
-            launcher = self._launcher_for({})
-            run = launcher.adopt(job_file, {}, {}, self.wake)  # nothing to find: lost
-        if not launcher.is_alive(run):
+        life = JobLife.adopt(job_id, self._file(job_id), data, self._launcher_for, self.wake)
+        if life.has_ended():
             log.info("job %s: runner gone while no supervisor watched it", job_id)
-            self._finalize(_Tracked(run, job_file, None))
+            self._finalize(life)
             return
-        deadline = None
-        timeout = data.get(p.F_TIMEOUT_S)
-        if isinstance(timeout, (int, float)) and timeout > 0 and run.started is not None:
-            deadline = time.monotonic() + (run.started + float(timeout) - time.time())
-        log.info("job %s: adopted its %s runner", job_id, run.launcher)
-        self._running[job_id] = _Tracked(run, job_file, deadline)
+        log.info("job %s: adopted its %s runner", job_id, life.run.launcher)
+        self._running[job_id] = life
 
     def _launcher_for(self, record: dict[str, Any]) -> Launcher:
         name = str(record.get("launcher") or p.LOCAL)
@@ -290,30 +264,25 @@ class Supervisor:
         for job_id in stop_ids:
             if job_id in self._queued:
                 del self._queued[job_id]
-                self._finals.finish(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
-                             "cancelled before it started")
+                self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
+                                    "cancelled before it started")
             elif job_id in self._running:
-                tracked = self._running[job_id]
-                if tracked.stopping is None:
-                    reason = p.stop_reason(tracked.job_file) or p.JobState.CANCELLED
-                    self._start_stop(tracked, reason)
+                life = self._running[job_id]
+                if life.stopping is None:
+                    self._start_stop(life, life.stop_reason())
 
     def _reap(self) -> None:
-        for job_id, tracked in list(self._running.items()):
-            if not self._launcher_of(tracked).is_alive(tracked.run):
+        for job_id, life in list(self._running.items()):
+            if life.has_ended():
                 del self._running[job_id]
-                self._finalize(tracked)
+                self._finalize(life)
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
-        for tracked in self._running.values():
-            if tracked.stopping is None and tracked.deadline is not None and now > tracked.deadline:
-                try:
-                    p.request_stop(tracked.job_file, p.JobState.TIMEOUT)
-                except OSError as exc:
-                    log.warning("job %s: cannot write the stop request: %s",
-                                tracked.run.job_id, exc)
-                self._start_stop(tracked, p.JobState.TIMEOUT)
+        for life in self._running.values():
+            if life.is_overdue(now):
+                life.request_timeout()
+                self._start_stop(life, p.JobState.TIMEOUT)
 
     def _launch(self) -> None:
         while self._queued and len(self._running) < self.max_concurrent:
@@ -333,47 +302,58 @@ class Supervisor:
         if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
             return True
         if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
-            self._finals.finish(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
+            self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
                                 "cancelled before it started")
             return True
+        life = JobLife(job_id, job_file, self.launcher)
         try:
-            run = self.launcher.start(self.kinds[data[p.F_KIND]], job_file, data, self.wake)
+            started = life.start(self.kinds[data[p.F_KIND]], data, self.wake)
         except ClaimFailed as exc:
             if not self._blocked:
                 log.warning("jobs wait: cannot write to the data folder (%s)", exc)
             self._blocked = True
             self._queued[job_id] = p.fifo_key(data)
             return False
-        except OSError as exc:
-            log.error("job %s: cannot start its runner: %s", job_id, exc)
-            self._finals.finish(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
-                                f"cannot start the runner: {exc}")
-            return True
-        timeout = data.get(p.F_TIMEOUT_S)
-        deadline = None
-        if isinstance(timeout, (int, float)) and timeout > 0:
-            deadline = time.monotonic() + float(timeout)
-        self._running[job_id] = _Tracked(run, job_file, deadline)
+        if started:
+            self._running[job_id] = life
+        else:
+            self._settle(life)
         return True
 
-    def _start_stop(self, tracked: _Tracked, reason: str) -> None:
-        tracked.stopping = reason
-        thread = threading.Thread(target=self._stop_worker, args=(tracked,), daemon=True,
-                                  name=f"stop-{tracked.run.job_id[:8]}")
+    def _start_stop(self, life: JobLife, reason: str) -> None:
         self._stoppers = [t for t in self._stoppers if t.is_alive()]
-        self._stoppers.append(thread)
-        thread.start()
+        self._stoppers.append(life.begin_stop(reason, self.grace_s, self.wake))
 
-    def _stop_worker(self, tracked: _Tracked) -> None:
+    def _finalize(self, life: JobLife) -> None:
         try:
-            self._launcher_of(tracked).stop(tracked.run, self.grace_s)
-        except Exception:
-            log.exception("job %s: stopping its runner failed", tracked.run.job_id)
-        self.wake()
+            life.finalize()
+        finally:
+            self._settle(life)
 
-    def _finalize(self, tracked: _Tracked) -> None:
-        self._finals.finalize(tracked.run, tracked.job_file, tracked.stopping,
-                              self._launcher_of(tracked))
+    def _end_unstarted(self, job_id: str, state: str, error_type: str, message: str) -> None:
+        """A job that ends before its runner started: only its final state to write."""
+        life = JobLife(job_id, self._file(job_id), self.launcher)
+        life.finish(state, error_type, message)
+        self._settle(life)
+
+    def _settle(self, life: JobLife) -> None:
+        """After a final write: known final, kept to write again, or (gone) forgotten."""
+        if life.unwritten is not None:
+            self._unwritten[life.job_id] = life
+        elif life.is_final:
+            self._known_final.add(life.job_id)
+
+    def _retry_finals(self, job_ids: set[str]) -> None:
+        """Write the final states that could not be written again (`job_ids`: on disk)."""
+        for job_id, life in list(self._unwritten.items()):
+            if job_id not in job_ids:
+                del self._unwritten[job_id]  # deleted meanwhile
+                life.release()
+                continue
+            life.retry()
+            if life.unwritten is None:
+                del self._unwritten[job_id]
+                self._settle(life)
 
     # -- housekeeping --------------------------------------------------------------
 
@@ -383,12 +363,12 @@ class Supervisor:
             # Windows: a runner's inherited log handle is not an append handle, so a
             # cut would leave it writing past the new end; logs are not capped there.
             return
-        for tracked in self._running.values():
-            if tracked.run.launcher != p.LOCAL:
+        for life in self._running.values():
+            if life.run.launcher != p.LOCAL:
                 continue  # a remote job's local copy is written and capped by its poller
-            dropped = p.cap_log(p.sibling(tracked.job_file, p.LOG_FILE), self.log_max_bytes)
+            dropped = p.cap_log(p.sibling(life.job_file, p.LOG_FILE), self.log_max_bytes)
             if dropped:
-                log.info("job %s: log capped (%d bytes dropped)", tracked.run.job_id, dropped)
+                log.info("job %s: log capped (%d bytes dropped)", life.job_id, dropped)
 
     def _maybe_prune(self) -> None:
         now = time.monotonic()
@@ -403,9 +383,6 @@ class Supervisor:
             log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs; none "
                      "younger than %.0f s)", removed, self.retention_s / 3600, self.max_jobs,
                      self.min_retention_s)
-
-    def _launcher_of(self, tracked: _Tracked) -> Launcher:
-        return self._launchers[tracked.run.launcher]
 
     def _launched(self, job_id: str) -> bool:
         return os.path.exists(p.sibling(self._file(job_id), p.RUN_FILE))

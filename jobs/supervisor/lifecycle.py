@@ -1,0 +1,234 @@
+"""One job's life on the supervisor's side: start -> watch -> stop -> finalize -> release.
+
+The supervisor keeps a `JobLife` for each job it launched or adopted and drives its
+steps every pass; what is about all jobs (the queue, the cap, leadership, pruning)
+stays with the supervisor.
+
+- start: the launcher claims the job in its run.json before anything runs (so a job
+  never runs twice; a claim that cannot be written raises `ClaimFailed` and the job
+  stays queued), then starts its runner. A runner that an earlier supervisor started
+  is adopted instead, by the launcher its run.json names.
+- watch: whether the runner has ended, and whether it is past its deadline.
+- stop: for a cancel or a deadline, on a thread of its own (it waits out a grace period).
+- finalize: the final state the runner could not write (lost, stopped) is written
+  here. One that cannot be written (an unwritable data folder) is kept and tried again
+  every pass (`retry`).
+- release: what the launcher keeps of the run, once the final state is on disk.
+
+A job cancelled or refused before it started has a life without a run: only a final
+state to write (`finish`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from jobs import protocol as p
+from jobs.launch.base import ClaimFailed, Launcher, OnExit, Run
+
+log = logging.getLogger(__name__)
+
+
+class Final(NamedTuple):
+    """A final state the supervisor writes into a job file."""
+
+    state: str
+    error_type: str
+    message: str
+    code: int | None = None
+    tail: str | None = None
+
+
+class JobLife:
+    """One launched (or adopted, or refused) job, as the supervisor drives it."""
+
+    def __init__(self, job_id: str, job_file: Path, launcher: Launcher,
+                 run: Run | None = None, deadline: float | None = None) -> None:
+        self.job_id = job_id
+        self.job_file = job_file
+        self.launcher = launcher
+        self._run = run
+        self.deadline = deadline  # time.monotonic() value
+        self.stopping: str | None = None  # the reason, once a stop has begun
+        self.unwritten: Final | None = None  # to write again next pass
+        self.is_final = False  # the job file needs nothing more from the supervisor
+        self._ended = False  # finalized: release once the final state is on disk
+        self._released = False
+
+    @property
+    def run(self) -> Run:
+        assert self._run is not None, f"job {self.job_id} has no runner"
+        return self._run
+
+    # -- start ---------------------------------------------------------------------
+
+    def start(self, module: str, data: dict[str, Any], on_exit: OnExit) -> bool:
+        """Claim the job and start its runner; False if it could not start (its final
+        state says why). Raises ClaimFailed if the claim cannot be written now."""
+        try:
+            self._run = self.launcher.start(module, self.job_file, data, on_exit)
+        except ClaimFailed:
+            raise  # nothing started: the job stays queued
+        except OSError as exc:
+            log.error("job %s: cannot start its runner: %s", self.job_id, exc)
+            self.finish(p.JobState.FAILED, p.ErrorType.RUNNER, f"cannot start the runner: {exc}")
+            return False
+        timeout = data.get(p.F_TIMEOUT_S)
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            self.deadline = time.monotonic() + float(timeout)
+        return True
+
+    @classmethod
+    def adopt(cls, job_id: str, job_file: Path, data: dict[str, Any],
+              launcher_for: Callable[[dict[str, Any]], Launcher], on_exit: OnExit) -> JobLife:
+        """A job an earlier supervisor launched: `launcher_for` gives the launcher its
+        run.json names. Whether the runner still runs is for `has_ended` to say."""
+        try:
+            record = p.read_json(p.sibling(job_file, p.RUN_FILE)) or {}
+        except p.CorruptJobFile:
+            record = {}
+        try:
+            launcher = launcher_for(record)
+            run = launcher.adopt(job_file, record, data, on_exit)
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: cannot adopt its runner: %s", job_id, exc)
+            launcher = launcher_for({})
+            run = launcher.adopt(job_file, {}, {}, on_exit)  # nothing to find: lost
+        deadline = None
+        timeout = data.get(p.F_TIMEOUT_S)
+        if isinstance(timeout, (int, float)) and timeout > 0 and run.started is not None:
+            deadline = time.monotonic() + (run.started + float(timeout) - time.time())
+        return cls(job_id, job_file, launcher, run, deadline)
+
+    # -- watch ---------------------------------------------------------------------
+
+    def has_ended(self) -> bool:
+        return not self.launcher.is_alive(self.run)
+
+    def is_overdue(self, now: float) -> bool:
+        """Past its deadline and not stopping yet (`now`: time.monotonic())."""
+        return self.stopping is None and self.deadline is not None and now > self.deadline
+
+    # -- stop ----------------------------------------------------------------------
+
+    def stop_reason(self) -> str:
+        """Why its stop file asks it to stop."""
+        return p.stop_reason(self.job_file) or p.JobState.CANCELLED
+
+    def request_timeout(self) -> None:
+        """Its stop file says `timeout`, for the runner and the API to see why."""
+        try:
+            p.request_stop(self.job_file, p.JobState.TIMEOUT)
+        except OSError as exc:
+            log.warning("job %s: cannot write the stop request: %s", self.job_id, exc)
+
+    def begin_stop(self, reason: str, grace_s: float,
+                   then: Callable[[], None]) -> threading.Thread:
+        """Stop the runner on a thread of its own; `then` is called once it is gone."""
+        self.stopping = reason
+        thread = threading.Thread(target=self.stop, args=(grace_s, then), daemon=True,
+                                  name=f"stop-{self.job_id[:8]}")
+        thread.start()
+        return thread
+
+    def stop(self, grace_s: float, then: Callable[[], None]) -> None:
+        try:
+            self.launcher.stop(self.run, grace_s)
+        except Exception:
+            log.exception("job %s: stopping its runner failed", self.job_id)
+        then()
+
+    # -- finalize ------------------------------------------------------------------
+
+    def finalize(self) -> None:
+        """The runner has ended: write the final state it could not, then release it."""
+        try:
+            self._write_missing_final()
+        finally:
+            self._ended = True
+            if self.unwritten is None:
+                self.release()  # else once the retry writes it
+
+    def _write_missing_final(self) -> None:
+        code = self.launcher.exit_code(self.run)
+        try:
+            data = p.read_json(self.job_file)
+        except p.CorruptJobFile:
+            data = None
+        self.is_final = True
+        if data is None or data.get(p.F_STATE) in p.FINAL_STATES:
+            return  # the runner said how it ended, or the file is gone
+        reason = self.stopping or p.stop_reason(self.job_file)
+        if reason == p.JobState.TIMEOUT:
+            message = f"stopped after its deadline of {data.get(p.F_TIMEOUT_S)} s"
+            self._write(Final(p.JobState.TIMEOUT, p.ErrorType.TIMEOUT, message, code), data)
+        elif reason is not None:
+            cancelled = Final(p.JobState.CANCELLED, p.ErrorType.CANCELLED, "cancelled on request",
+                              code)
+            self._write(cancelled, data)
+        else:
+            tail = p.log_tail(self.job_file)
+            message = ("the runner exited without a final state "
+                       f"({self.launcher.describe_exit(self.run)})")
+            if tail:
+                message += f"; last log line: {tail.splitlines()[-1][:300]}"
+            self._write(Final(p.JobState.FAILED, p.ErrorType.LOST, message, code, tail), data)
+
+    def finish(self, state: str, error_type: str, message: str) -> None:
+        """End a job that has no runner (cancelled or refused before it started)."""
+        self._write(Final(state, error_type, message))
+
+    def retry(self) -> None:
+        """Try the final state that could not be written again."""
+        if self.unwritten is not None:
+            self._write(self.unwritten)
+
+    def _write(self, final: Final, data: dict[str, Any] | None = None) -> None:
+        """Write `final` over `data` (None: the job file as it is now, left alone if it
+        is final already); kept in `unwritten` if the write fails."""
+        if data is None:
+            try:
+                data = p.read_json(self.job_file)
+            except p.CorruptJobFile:
+                return
+            if data is None:
+                return
+            if data.get(p.F_STATE) in p.FINAL_STATES:  # it landed after all
+                self._on_disk()
+                return
+        error: dict[str, Any] = {"type": final.error_type, "message": final.message}
+        if final.tail:
+            error["log_tail"] = final.tail
+        data.update({p.F_STATE: final.state, p.F_FINISHED_AT: p.now_iso(), p.F_ERROR: error,
+                     p.F_EXIT_CODE: final.code})
+        try:
+            p.write_json(self.job_file, data, durable=True)
+        except OSError as exc:
+            if self.unwritten is None:
+                log.error("job %s: cannot write its final state (%s); retrying",
+                          self.job_id, exc)
+            self.unwritten = final
+            return
+        log.info("job %s: %s (%s)", self.job_id, final.state, final.message)
+        self._on_disk()
+
+    def _on_disk(self) -> None:
+        self.unwritten = None
+        self.is_final = True
+        if self._ended:
+            self.release()
+
+    # -- release -------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Let the launcher drop what it keeps of an ended run (once, and only once
+        its final state is on disk or its job is gone)."""
+        if self._run is None or not self._ended or self._released:
+            return
+        self._released = True
+        self.launcher.release(self._run)
