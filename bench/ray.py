@@ -20,7 +20,8 @@ from typing import Any
 
 from bench.core import _wait_final, stats
 from jobs import protocol as p
-from jobs.launch.base import Launcher, LocalLauncher
+from jobs.launch.base import Launcher
+from jobs.launch.local import LocalLauncher
 from jobs.launch.ray import RayLauncher
 from jobs.store.job_store import JobStore
 from jobs.supervisor.loop import Supervisor

@@ -18,7 +18,7 @@ import pytest
 from jobs import protocol as p
 from jobs.kinds import KINDS
 from jobs.launch import forkserver
-from jobs.launch.base import LocalLauncher, LocalRun
+from jobs.launch.local import LocalLauncher, LocalRun
 from jobs.protocol.wake import OUTPUT_FILE
 from jobs.store.job_store import JobStore
 from tests.conftest import ROOT, process_gone, wait_for

@@ -11,7 +11,8 @@ import psutil
 import pytest
 
 from jobs import protocol as p
-from jobs.launch.base import Launcher, LocalLauncher, LocalRun
+from jobs.launch.base import Launcher
+from jobs.launch.local import LocalLauncher, LocalRun
 from jobs.launch.ray import RayLauncher, RemoteRun, submission_id
 from jobs.launch.ray_client import RayJobNotFound, RayJobsClient
 from jobs.supervisor.loop import Supervisor

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from jobs import protocol as p
-from jobs.launch.base import Launcher, LocalLauncher
+from jobs.launch.base import Launcher
+from jobs.launch.local import LocalLauncher
 from jobs.launch.ray import RayLauncher
 from jobs.settings import Settings
 

@@ -26,7 +26,7 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from jobs import protocol as p
-from jobs.launch.base import LocalLauncher
+from jobs.launch.local import LocalLauncher
 from jobs.launch.processes import IS_WINDOWS
 from jobs.llm import server as llm_server
 from jobs.protocol import embedded, private_files

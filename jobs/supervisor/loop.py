@@ -26,7 +26,8 @@ from filelock import FileLock, Timeout
 
 from jobs import protocol as p
 from jobs.kinds import KINDS
-from jobs.launch.base import ClaimFailed, Launcher, LocalLauncher
+from jobs.launch.base import ClaimFailed, Launcher
+from jobs.launch.local import LocalLauncher
 from jobs.launch.pick import adopting_launcher, make_launcher
 from jobs.launch.processes import IS_WINDOWS
 from jobs.protocol.wake import lock_file, wake_file
