@@ -111,10 +111,15 @@ class JobStore(JobIndex):
         return len(doomed)
 
     def remove(self, job_id: str) -> None:
-        """Delete the job's folder (job file, log, stop and run records) and release
-        the idempotency key that created it."""
+        """Release the idempotency key that created the job, then delete the job's folder
+        (job file, log, stop and run records): once the folder is gone, so is its key."""
         folder = self.path(job_id).parent
         key_name = Keys.linked(folder)
+        if key_name is not None:
+            try:
+                self.keys.release(key_name, job_id)
+            except OSError as exc:  # a retry with this key releases it then
+                log.warning("could not release the Idempotency-Key of job %s: %s", job_id, exc)
         try:
             shutil.rmtree(folder)
         except FileNotFoundError:
@@ -123,9 +128,4 @@ class JobStore(JobIndex):
             log.warning("could not remove job %s: %s", job_id, exc)
             return
         self.forget(job_id)
-        if key_name is not None:
-            try:
-                self.keys.release(key_name, job_id)
-            except OSError as exc:  # a retry with this key releases it then
-                log.warning("could not release the Idempotency-Key of job %s: %s", job_id, exc)
 
