@@ -43,7 +43,6 @@ from jobs import protocol as p
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
 PRELOAD = ("runners.chat", "runners.sleep")  # train imports numpy: forked fresh instead
 TITLE_ROOM = 1024  # bytes of command line a child can show (its job file's path)
 REPLY_TIMEOUT_S = 10.0
@@ -239,7 +238,7 @@ def _project_files() -> dict[str, int]:
     files = {}
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
-        if path and path.startswith(str(ROOT)) and ".venv" not in path:
+        if path and path.startswith(p.ROOT + os.sep) and ".venv" not in path:
             try:
                 files[path] = os.stat(path).st_mtime_ns
             except OSError:
@@ -367,7 +366,7 @@ class ForkServer:
         # Room for a child's command line: the kernel keeps the arguments' space.
         proc = self._proc = subprocess.Popen(
             [sys.executable, "-m", "jobs.launch.forkserver", " " * TITLE_ROOM],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env, cwd=str(ROOT),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self.env, cwd=p.ROOT,
             close_fds=True)
         with self._changed:
             self._generation += 1

@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 SUBMISSION_PREFIX = "offload-"
 _RAY_ECHO = "Running entrypoint for job "
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def submission_id(job_id: str) -> str:
@@ -97,7 +96,7 @@ class RayLauncher(Launcher):
         self.env = {k: v for k, v in (runner_env or {}).items() if not is_secret_env(k, v)}
         self.env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
         if self.local_head:
-            self.env["PYTHONPATH"] = str(ROOT)  # the project, wherever Ray starts the job
+            self.env["PYTHONPATH"] = p.ROOT  # the project, wherever Ray starts the job
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._runs: dict[str, RemoteRun] = {}  # watched here, by job id

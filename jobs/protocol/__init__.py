@@ -105,6 +105,8 @@ LOCAL = "local"
 RAY = "ray"
 TMP_SUFFIX = ".tmp"
 
+# The project's folder (the one holding jobs/ and runners/): where its processes start.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 PRIVATE_UMASK = 0o077  # every process Offload starts creates files 0600, folders 0700
 # fsync of creations, final states and launch records. For benchmarks and tests only:
 # OFFLOAD_FSYNC=0 gives up the guarantee that a 202 survives a power loss.
