@@ -555,7 +555,7 @@ def _run(job: Job, execute: Execute, stopper: _Stopper, timeout: float | None) -
 def _stop_error(reason: str, data: dict[str, Any]) -> dict[str, Any]:
     if reason == p.JobState.TIMEOUT:
         return {"type": p.ErrorType.TIMEOUT,
-                "message": f"stopped after its deadline of {data.get(p.F_TIMEOUT_S)} s"}
+                "message": p.deadline_message(data.get(p.F_TIMEOUT_S))}
     return {"type": p.ErrorType.CANCELLED, "message": "cancelled on request"}
 
 

@@ -69,6 +69,12 @@ class ErrorType(str, Enum):
 FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED,
                           JobState.TIMEOUT})
 
+
+def deadline_message(timeout_s: object) -> str:
+    """`error.message` of a job stopped at its deadline (`timeout_s` as its job file has it)."""
+    return f"stopped after its deadline of {timeout_s} s"
+
+
 # Field names of a job file.
 F_ID = "id"
 F_KIND = "kind"
