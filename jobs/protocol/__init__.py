@@ -306,6 +306,14 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
     raise CorruptJobFile(f"{os.path.basename(path)}: {last_error}")
 
 
+def read_json_or_none(path: StrPath) -> dict[str, Any] | None:
+    """`read_json`, with a file that stays unreadable taken as missing."""
+    try:
+        return read_json(path)
+    except CorruptJobFile:
+        return None
+
+
 def request_stop(job_file: StrPath, reason: str) -> None:
     """Leave a stop request for a runner (or a queued job) to find."""
     write_json(sibling(job_file, STOP_FILE), {"reason": reason, "at": now_iso()})
