@@ -37,11 +37,11 @@ from typing import Any
 from jobs import protocol as p
 from jobs.launch.base import Launcher, OnExit, Run, claim
 from jobs.launch.ray_client import (
-    PENDING,
     RayError,
     RayJob,
     RayJobNotFound,
     RayJobsClient,
+    RayJobStatus,
     RayUnavailable,
 )
 from jobs.protocol import remote
@@ -164,7 +164,7 @@ class RayLauncher(Launcher):
                                     f"{remote.submission_id}: its head restarted (which loses "
                                     "job records and logs) or the job was deleted there")
             return
-        if info.status != PENDING:
+        if info.status != RayJobStatus.PENDING:
             self._apply_log(remote, self.client.logs(remote.submission_id))
         if info.terminal:
             self._end(remote, info.exit_code, _describe(info))
