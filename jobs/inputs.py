@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runners import sleep, train
+
 MAX_MESSAGES = 200
 MAX_CONTENT_CHARS = 100_000
+
+
+def _within(bounds: tuple[float, float, float], **options: Any) -> Any:
+    """A field with its runner's (default, lowest, highest): the API refuses with a 422
+    what the runner would refuse, and no more."""
+    default, low, high = bounds
+    return Field(default, ge=low, le=high, **options)
 
 
 class ChatMessage(BaseModel):
@@ -36,15 +45,15 @@ class SleepInput(BaseModel):
     # Public: nothing here may make a runner misbehave (the tests' knobs are their own kind).
     model_config = ConfigDict(extra="forbid")
 
-    seconds: float = Field(0, ge=0, le=3600)
-    steps: int = Field(10, ge=1, le=10_000)
+    seconds: float = _within(sleep.SECONDS)
+    steps: int = _within(sleep.STEPS)
 
 
 class TrainInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(60, ge=1, le=10_000)
-    lags: int = Field(30, ge=1, le=600)
-    seconds: float = Field(0, ge=0, description="learn from the last N seconds; 0: all")
-    learning_rate: float = Field(0.05, gt=0, le=1)
-    validation: float = Field(0.2, ge=0.05, le=0.5)
+    epochs: int = _within(train.EPOCHS)
+    lags: int = _within(train.LAGS)
+    seconds: float = _within(train.SECONDS, description="learn from the last N seconds; 0: all")
+    learning_rate: float = _within(train.LEARNING_RATE)
+    validation: float = _within(train.VALIDATION)

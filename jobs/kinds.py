@@ -14,7 +14,6 @@ the supervisor at start: an installed package must never silently replace `chat`
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -22,6 +21,7 @@ from importlib.metadata import entry_points
 from pydantic import BaseModel
 
 from jobs.inputs import ChatInput, SleepInput, TrainInput
+from jobs.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,14 @@ BUILT_IN: dict[str, Kind] = {
 
 
 def discover(env: str | None = None) -> dict[str, Kind]:
-    """Built-in kinds, entry points and OFFLOAD_KINDS; a name defined twice raises
-    `KindClash` naming both sources."""
+    """Built-in kinds, entry points and `env` (by default OFFLOAD_KINDS, from the
+    settings); a name defined twice raises `KindClash` naming both sources."""
     kinds = dict(BUILT_IN)
     for point in entry_points(group=ENTRY_POINT_GROUP):
         dist = f"{point.dist.name} {point.dist.version}" if point.dist else "unknown"
         _add(kinds, point.name, point.value,
              f"the entry point {point.name} = {point.value} of the package {dist}")
-    spec = os.environ.get("OFFLOAD_KINDS", "") if env is None else env
+    spec = get_settings().kinds if env is None else env
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, module = item.partition("=")
         _add(kinds, name.strip(), module.strip(), f"OFFLOAD_KINDS ({item})")

@@ -8,17 +8,20 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_core import InitErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url
 
+ENV_PREFIX = "OFFLOAD_"  # of every variable below but OpenAI's own two
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001
 STOP_GRACE_S = 3.0  # terminate, wait this long, then kill what is left
 SUPERVISOR_INTERVAL_S = 0.25  # longest sleep between supervisor passes
+SUPERVISOR_NICE = 10  # the supervisor's nice value: launching can wait, a request cannot
 LEADER_RETRY_S = 1.0  # how often a non-leader tries to become the supervisor
 WAKE_POLL_S = 0.02  # how often the leader looks for a poke from another process
 PRUNE_INTERVAL_S = 300.0
@@ -83,45 +86,61 @@ def normalize_ray_address(value: str) -> str:
     return value
 
 
-def _env(name: str) -> AliasChoices:
+def _unprefixed(name: str) -> AliasChoices:
     return AliasChoices(name, name.lower())
+
+
+def _field_name(name: str) -> str:
+    """`OFFLOAD_PORT` -> `port`: a variable's name as its field's."""
+    if name.upper().startswith(ENV_PREFIX):
+        return name[len(ENV_PREFIX):].lower()
+    return name
 
 
 class Settings(BaseSettings):
     # hide_input_in_errors: a refused OFFLOAD_API_TOKEN is never printed.
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True,
-                                      hide_input_in_errors=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore",
+                                      populate_by_name=True, hide_input_in_errors=True)
 
-    host: str = Field(DEFAULT_HOST, validation_alias=_env("OFFLOAD_HOST"))
-    port: int = Field(DEFAULT_PORT, ge=1, le=65535, validation_alias=_env("OFFLOAD_PORT"))
-    data_dir: Path = Field(Path("var"), validation_alias=_env("OFFLOAD_DATA_DIR"))
-    max_concurrent: int = Field(8, ge=1, le=1024, validation_alias=_env("OFFLOAD_MAX_CONCURRENT"))
-    job_timeout_s: float = Field(120.0, gt=0, validation_alias=_env("OFFLOAD_JOB_TIMEOUT_S"))
-    retention_hours: float = Field(72.0, ge=0, validation_alias=_env("OFFLOAD_RETENTION_HOURS"))
-    max_jobs: int = Field(10_000, ge=1, validation_alias=_env("OFFLOAD_MAX_JOBS"))
-    max_queued: int = Field(1000, ge=1, validation_alias=_env("OFFLOAD_MAX_QUEUED"))
-    min_retention_s: float = Field(MIN_RETENTION_S, ge=0,
-                                   validation_alias=_env("OFFLOAD_MIN_RETENTION_S"))
-    cors_origins: str = Field("", validation_alias=_env("OFFLOAD_CORS_ORIGINS"))
-    allowed_hosts: str = Field("", validation_alias=_env("OFFLOAD_ALLOWED_HOSTS"))
-    max_event_streams: int = Field(MAX_EVENT_STREAMS, ge=1,
-                                   validation_alias=_env("OFFLOAD_MAX_EVENT_STREAMS"))
-    log_max_mb: float = Field(10.0, ge=0.01, validation_alias=_env("OFFLOAD_LOG_MAX_MB"))
-    api_token: SecretStr | None = Field(None, validation_alias=_env("OFFLOAD_API_TOKEN"))
-    openai_base_url: str | None = Field(None, validation_alias=_env("OPENAI_BASE_URL"))
-    openai_api_key: SecretStr | None = Field(None, validation_alias=_env("OPENAI_API_KEY"))
-    llm_model: str | None = Field(None, validation_alias=_env("OFFLOAD_LLM_MODEL"))
-    llm_max_tokens: int | None = Field(None, ge=1, validation_alias=_env("OFFLOAD_LLM_MAX_TOKENS"))
-    llm_temperature: float | None = Field(None, ge=0, le=2,
-                                          validation_alias=_env("OFFLOAD_LLM_TEMPERATURE"))
-    llm_first_token_s: float | None = Field(None, gt=0,
-                                            validation_alias=_env("OFFLOAD_LLM_FIRST_TOKEN_S"))
-    stop_grace_s: float = Field(STOP_GRACE_S, gt=0, validation_alias=_env("OFFLOAD_STOP_GRACE_S"))
-    launcher: Literal["local", "ray"] = Field("local", validation_alias=_env("OFFLOAD_LAUNCHER"))
-    ray_address: str = Field(DEFAULT_RAY_ADDRESS, validation_alias=_env("OFFLOAD_RAY_ADDRESS"))
-    ray_python: str | None = Field(None, min_length=1, validation_alias=_env("OFFLOAD_RAY_PYTHON"))
-    ray_num_cpus: float = Field(1.0, ge=1, le=1024, validation_alias=_env("OFFLOAD_RAY_NUM_CPUS"))
-    ray_train_gpus: float = Field(0.0, ge=0, le=64, validation_alias=_env("OFFLOAD_RAY_TRAIN_GPUS"))
+    host: str = DEFAULT_HOST
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    data_dir: Path = Path("var")
+    max_concurrent: int = Field(8, ge=1, le=1024)
+    job_timeout_s: float = Field(120.0, gt=0)
+    retention_hours: float = Field(72.0, ge=0)
+    max_jobs: int = Field(10_000, ge=1)
+    max_queued: int = Field(1000, ge=1)
+    min_retention_s: float = Field(MIN_RETENTION_S, ge=0)
+    cors_origins: str = ""
+    allowed_hosts: str = ""
+    max_event_streams: int = Field(MAX_EVENT_STREAMS, ge=1)
+    log_max_mb: float = Field(10.0, ge=0.01)
+    api_token: SecretStr | None = None
+    # The OpenAI client's own names, without the prefix.
+    openai_base_url: str | None = Field(None, validation_alias=_unprefixed("OPENAI_BASE_URL"))
+    openai_api_key: SecretStr | None = Field(None,
+                                             validation_alias=_unprefixed("OPENAI_API_KEY"))
+    llm_model: str | None = None
+    llm_max_tokens: int | None = Field(None, ge=1)
+    llm_temperature: float | None = Field(None, ge=0, le=2)
+    llm_first_token_s: float | None = Field(None, gt=0)
+    stop_grace_s: float = Field(STOP_GRACE_S, gt=0)
+    launcher: Literal["local", "ray"] = "local"
+    ray_address: str = DEFAULT_RAY_ADDRESS
+    ray_python: str | None = Field(None, min_length=1)
+    ray_num_cpus: float = Field(1.0, ge=1, le=1024)
+    ray_train_gpus: float = Field(0.0, ge=0, le=64)
+    supervisor_nice: int = SUPERVISOR_NICE
+    # False: every runner starts as a new interpreter, also where the fork server runs.
+    fork_server: bool = True
+    kinds: str = ""  # job kinds of one's own, `name=module,...` (jobs/kinds.py)
+
+    def __init__(self, **values: Any) -> None:
+        # Also by the variables' names, as in the environment: Settings(OFFLOAD_PORT=8002).
+        try:
+            super().__init__(**{_field_name(name): value for name, value in values.items()})
+        except ValidationError as exc:
+            raise _naming_variables(exc) from None
 
     @field_validator("data_dir")
     @classmethod
@@ -194,6 +213,18 @@ class Settings(BaseSettings):
             if value is not None:
                 env[name] = str(value)
         return env
+
+
+def _naming_variables(exc: ValidationError) -> ValidationError:
+    """The same errors, each under the variable a user sets (OFFLOAD_PORT, not port)."""
+    prefixed = {name for name, field in Settings.model_fields.items()
+                if field.validation_alias is None}
+    details = [InitErrorDetails(
+        type=error["type"], input=error["input"], ctx=error.get("ctx", {}),
+        loc=tuple(ENV_PREFIX + str(part).upper() if i == 0 and part in prefixed else part
+                  for i, part in enumerate(error["loc"])))
+        for error in exc.errors()]
+    return ValidationError.from_exception_data(exc.title, details, hide_input=True)
 
 
 @lru_cache(maxsize=1)

@@ -90,6 +90,17 @@ class Job:
         value = self.data.get(p.F_INPUT)
         return value if isinstance(value, dict) else {}
 
+    def number(self, key: str, bounds: tuple[float, float, float], whole: bool = False) -> float:
+        """An option of the input, or its default; `bounds` is (default, lowest, highest),
+        both ends allowed. Any other value stops the job with a message that says why."""
+        default, low, high = bounds
+        value = self.input.get(key, default)
+        if (not isinstance(value, (int, float)) or not low <= value <= high
+                or (whole and value != int(value))):
+            what = "a whole number" if whole else "a number"
+            raise RunnerError(f"'{key}' must be {what} from {low:g} to {high:g}")
+        return float(value)
+
     @property
     def output(self) -> str:
         return "".join(self._chunks)
@@ -555,7 +566,7 @@ def _run(job: Job, execute: Execute, stopper: _Stopper, timeout: float | None) -
 def _stop_error(reason: str, data: dict[str, Any]) -> dict[str, Any]:
     if reason == p.JobState.TIMEOUT:
         return {"type": p.ErrorType.TIMEOUT,
-                "message": f"stopped after its deadline of {data.get(p.F_TIMEOUT_S)} s"}
+                "message": p.deadline_message(data.get(p.F_TIMEOUT_S))}
     return {"type": p.ErrorType.CANCELLED, "message": "cancelled on request"}
 
 

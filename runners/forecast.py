@@ -87,19 +87,12 @@ def save(data_dir: str, model: dict[str, Any]) -> int:
 
 
 def latest_version(data_dir: str) -> int:
-    pointer = _read(os.path.join(models_dir(data_dir), LATEST))
+    pointer = p.read_json_or_none(os.path.join(models_dir(data_dir), LATEST))
     return int(pointer.get("version", 0)) if pointer else 0
 
 
 def load_latest(data_dir: str) -> dict[str, Any] | None:
-    pointer = _read(os.path.join(models_dir(data_dir), LATEST))
+    pointer = p.read_json_or_none(os.path.join(models_dir(data_dir), LATEST))
     if not pointer:
         return None
-    return _read(os.path.join(models_dir(data_dir), str(pointer.get("file"))))
-
-
-def _read(path: str) -> dict[str, Any] | None:
-    try:
-        return p.read_json(path)
-    except p.CorruptJobFile:
-        return None
+    return p.read_json_or_none(os.path.join(models_dir(data_dir), str(pointer.get("file"))))

@@ -21,9 +21,15 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+# Each option's (default, lowest, highest): checked here and, before a job is created, by
+# the API's SleepInput (jobs/inputs.py), which is built from these.
+SECONDS = (0, 0, 3600)
+STEPS = (10, 1, 10_000)  # progress updates
+
+
 def execute(job: base.Job) -> dict[str, Any]:
-    seconds = float(job.input.get("seconds", 0))
-    steps = max(1, int(job.input.get("steps", 10)))
+    seconds = job.number("seconds", SECONDS)
+    steps = int(job.number("steps", STEPS, whole=True))
     if seconds > 0:
         for step in range(1, steps + 1):
             time.sleep(seconds / steps)
@@ -34,8 +40,8 @@ def execute(job: base.Job) -> dict[str, Any]:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("seconds", nargs="?", type=float, default=1.0,
                         help="how long to sleep (default: 1)")
-    parser.add_argument("--steps", type=int, default=10,
-                        help="progress updates along the way (default: 10)")
+    parser.add_argument("--steps", type=int, default=STEPS[0],
+                        help=f"progress updates along the way (default: {STEPS[0]})")
 
 
 def _direct_input(args: argparse.Namespace) -> dict[str, Any]:

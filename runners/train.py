@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 
 MIN_SAMPLES = 60
 BATCH = 64
+# Each option's (default, lowest, highest): checked here and, before a job is created, by
+# the API's TrainInput (jobs/inputs.py), which is built from these.
+EPOCHS = (60, 1, 10_000)
+LAGS = (30, 1, 600)
+SECONDS = (0, 0, 10**7)  # learn from the last N seconds of history; 0: all of it
+LEARNING_RATE = (0.05, 1e-6, 1.0)
+VALIDATION = (0.2, 0.05, 0.5)  # the most recent fraction, held out
 
 
 def execute(job: base.Job) -> dict[str, Any]:
@@ -33,7 +40,7 @@ def execute(job: base.Job) -> dict[str, Any]:
 
     from runners import forecast
 
-    options = _options(job.input)
+    options = _options(job)
     data_dir = job.data_dir or str(job.input.get("data_dir") or "var")
     samples = forecast.load_samples(data_dir)
     if options["seconds"]:
@@ -113,23 +120,17 @@ class _Fit:
         return {"weights": [float(w) for w in self.weights], "mean": self.mean, "std": self.std}
 
 
-def _options(job_input: dict[str, Any]) -> dict[str, Any]:
-    def number(key: str, default: float, low: float, high: float) -> float:
-        value = job_input.get(key, default)
-        if not isinstance(value, (int, float)) or not low <= value <= high:
-            raise base.RunnerError(f"'{key}' must be a number from {low:g} to {high:g}")
-        return float(value)
-
-    return {"epochs": int(number("epochs", 60, 1, 10_000)),
-            "lags": int(number("lags", 30, 1, 600)),
-            "seconds": number("seconds", 0, 0, 10 ** 7),
-            "learning_rate": number("learning_rate", 0.05, 1e-6, 1.0),
-            "validation": number("validation", 0.2, 0.05, 0.5)}
+def _options(job: base.Job) -> dict[str, Any]:
+    return {"epochs": int(job.number("epochs", EPOCHS, whole=True)),
+            "lags": int(job.number("lags", LAGS, whole=True)),
+            "seconds": job.number("seconds", SECONDS),
+            "learning_rate": job.number("learning_rate", LEARNING_RATE),
+            "validation": job.number("validation", VALIDATION)}
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--lags", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=EPOCHS[0])
+    parser.add_argument("--lags", type=int, default=LAGS[0])
     parser.add_argument("--seconds", type=float, default=0, help="learn from the last N s")
     parser.add_argument("--data-dir", default=os.environ.get("OFFLOAD_DATA_DIR", "var"),
                         help="Offload's data folder (its history/metrics.jsonl)")

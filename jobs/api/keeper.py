@@ -13,7 +13,6 @@ import logging
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from filelock import FileLock, Timeout
 
@@ -25,7 +24,6 @@ log = logging.getLogger(__name__)
 
 CHECK_S = 1.0
 STOP_WAIT_S = 5.0
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class SupervisorKeeper:
@@ -66,7 +64,7 @@ class SupervisorKeeper:
         with open(out_path, "ab") as out:
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "jobs.supervisor", "--parent", str(os.getpid())],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                cwd=p.ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
                 # A session of its own is, on Linux, an autogroup of its own, which the
                 # supervisor lowers: its bursts of launching then weigh little against
                 # the API. It still leaves with the API (it watches its parent).

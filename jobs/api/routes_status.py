@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -16,7 +17,15 @@ from jobs.api.routes_jobs import Service
 from jobs.llm.status import LLMStatus
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S
 
-VERSION = "0.7.0"
+
+def _installed_version() -> str:
+    try:
+        return metadata.version("offload")
+    except metadata.PackageNotFoundError:  # run from a folder without `pip install -e .`
+        return "unknown (not installed)"
+
+
+VERSION = _installed_version()  # pyproject.toml's, as installed
 
 router = APIRouter(prefix="/api", tags=["status"], dependencies=[Depends(require_token)])
 

@@ -47,7 +47,6 @@ if sys.platform == "linux":
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
 PRELOAD = ("runners.chat", "runners.sleep")  # train imports numpy: forked fresh instead
 # Room a child's title can take (its job file's path), whatever the supervisor's
 # environment holds: setproctitle writes over the arguments and the environment block.
@@ -248,7 +247,7 @@ def _project_files() -> dict[str, int]:
     files = {}
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
-        if path and path.startswith(str(ROOT)) and ".venv" not in path:
+        if path and path.startswith(p.ROOT + os.sep) and ".venv" not in path:
             try:
                 files[path] = os.stat(path).st_mtime_ns
             except OSError:
@@ -370,7 +369,7 @@ class ForkServer:
         proc = self._proc = subprocess.Popen(
             [sys.executable, "-m", "jobs.launch.forkserver"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, env={**self.env, TITLE_ROOM_ENV: " " * TITLE_ROOM},
-            cwd=str(ROOT), close_fds=True)
+            cwd=p.ROOT, close_fds=True)
         with self._changed:
             self._generation += 1
             generation = self._generation

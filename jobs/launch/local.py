@@ -14,6 +14,7 @@ from jobs import protocol as p
 from jobs.launch import forkserver, processes
 from jobs.launch.base import Launcher, OnExit, Run, claim
 from jobs.launch.pids import find
+from jobs.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class LocalLauncher(Launcher):
                  fork_server: bool | None = None) -> None:
         self.runner_env = runner_env or {}
         if fork_server is None:
-            fork_server = forkserver.AVAILABLE and os.environ.get("OFFLOAD_FORK_SERVER") != "0"
+            fork_server = forkserver.AVAILABLE and get_settings().fork_server
         self._fork_server = fork_server
         self._forker: forkserver.ForkServer | None = None  # started with the first runner
 

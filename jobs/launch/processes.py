@@ -27,7 +27,6 @@ from jobs.launch.pids import find
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
 _CAN_SPAWN_IDLE = sys.platform == "linux"
 RUNNER_NICE = 19  # the API must always win the CPU; runners take what it leaves
 IS_WINDOWS = sys.platform == "win32"
@@ -82,7 +81,7 @@ def runner_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("PYTHONIOENCODING", "utf-8")
     # `python -m runners.<kind>` finds the project from any working folder.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [p.ROOT, env.get("PYTHONPATH")]))
     # Runners start often: let them cache their bytecode (recompiling costs ~5 ms a start).
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
@@ -193,7 +192,7 @@ def _popen(argv: list[str], log_path: str, env: dict[str, str]) -> subprocess.Po
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
             argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            close_fds=True, env=env, cwd=str(ROOT), **kwargs)
+            close_fds=True, env=env, cwd=p.ROOT, **kwargs)
 
 
 def lower_priority_of(pid: int) -> None:

@@ -37,11 +37,11 @@ from typing import Any
 from jobs import protocol as p
 from jobs.launch.base import Launcher, OnExit, Run, claim
 from jobs.launch.ray_client import (
-    PENDING,
     RayError,
     RayJob,
     RayJobNotFound,
     RayJobsClient,
+    RayJobStatus,
     RayUnavailable,
 )
 from jobs.protocol import remote
@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 SUBMISSION_PREFIX = "offload-"
 _RAY_ECHO = "Running entrypoint for job "
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def submission_id(job_id: str) -> str:
@@ -97,7 +96,7 @@ class RayLauncher(Launcher):
         self.env = {k: v for k, v in (runner_env or {}).items() if not is_secret_env(k, v)}
         self.env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
         if self.local_head:
-            self.env["PYTHONPATH"] = str(ROOT)  # the project, wherever Ray starts the job
+            self.env["PYTHONPATH"] = p.ROOT  # the project, wherever Ray starts the job
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._runs: dict[str, RemoteRun] = {}  # watched here, by job id
@@ -165,7 +164,7 @@ class RayLauncher(Launcher):
                                     f"{remote.submission_id}: its head restarted (which loses "
                                     "job records and logs) or the job was deleted there")
             return
-        if info.status != PENDING:
+        if info.status != RayJobStatus.PENDING:
             self._apply_log(remote, self.client.logs(remote.submission_id))
         if info.terminal:
             self._end(remote, info.exit_code, _describe(info))
@@ -261,8 +260,8 @@ class RayLauncher(Launcher):
                 and p.stop_reason(run.job_file) == p.JobState.TIMEOUT):
             # The runner only knew it was signalled; the reason is on this side.
             data[p.F_STATE] = p.JobState.TIMEOUT
-            data[p.F_ERROR] = {"type": p.ErrorType.TIMEOUT, "message":
-                               f"stopped after its deadline of {data.get(p.F_TIMEOUT_S)} s"}
+            data[p.F_ERROR] = {"type": p.ErrorType.TIMEOUT,
+                               "message": p.deadline_message(data.get(p.F_TIMEOUT_S))}
         return data
 
     def _end(self, run: RemoteRun, code: int | None, how: str) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -18,9 +19,21 @@ from jobs.settings import RAY_HTTP_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
-PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED = (
-    "PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED")
-TERMINAL = frozenset({STOPPED, SUCCEEDED, FAILED})
+
+class RayJobStatus(str, Enum):
+    """A Ray job's `status`, as its Jobs API spells it; the last three are final."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+    def __str__(self) -> str:  # the value, in f-strings and logs, as Ray says it
+        return str(self.value)
+
+
+TERMINAL = frozenset({RayJobStatus.STOPPED, RayJobStatus.SUCCEEDED, RayJobStatus.FAILED})
 
 
 class RayError(OSError):
@@ -38,7 +51,7 @@ class RayJobNotFound(RayError):
 @dataclass(frozen=True)
 class RayJob:
     submission_id: str
-    status: str
+    status: str  # a RayJobStatus, or what a newer Ray says
     message: str
     exit_code: int | None
     start_time: float | None  # seconds since the epoch

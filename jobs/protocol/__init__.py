@@ -69,6 +69,12 @@ class ErrorType(str, Enum):
 FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED,
                           JobState.TIMEOUT})
 
+
+def deadline_message(timeout_s: object) -> str:
+    """`error.message` of a job stopped at its deadline (`timeout_s` as its job file has it)."""
+    return f"stopped after its deadline of {timeout_s} s"
+
+
 # Field names of a job file.
 F_ID = "id"
 F_KIND = "kind"
@@ -105,6 +111,8 @@ LOCAL = "local"
 RAY = "ray"
 TMP_SUFFIX = ".tmp"
 
+# The project's folder (the one holding jobs/ and runners/): where its processes start.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 PRIVATE_UMASK = 0o077  # every process Offload starts creates files 0600, folders 0700
 # fsync of creations, final states and launch records. For benchmarks and tests only:
 # OFFLOAD_FSYNC=0 gives up the guarantee that a 202 survives a power loss.
@@ -296,6 +304,14 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
                 last_error = ValueError("not a JSON object")
         time.sleep(0.002 * (attempt + 1))
     raise CorruptJobFile(f"{os.path.basename(path)}: {last_error}")
+
+
+def read_json_or_none(path: StrPath) -> dict[str, Any] | None:
+    """`read_json`, with a file that stays unreadable taken as missing."""
+    try:
+        return read_json(path)
+    except CorruptJobFile:
+        return None
 
 
 def request_stop(job_file: StrPath, reason: str) -> None:

@@ -174,7 +174,4 @@ def status_path(data_dir: str) -> str:
 
 
 def read_status(data_dir: str) -> dict[str, Any] | None:
-    try:
-        return p.read_json(status_path(data_dir))
-    except p.CorruptJobFile:
-        return None
+    return p.read_json_or_none(status_path(data_dir))

@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 PARENT_CHECK_S = 1.0
 LEAD_WITHIN_S = 3.0
-DAEMON_NICE = int(os.environ.get("OFFLOAD_SUPERVISOR_NICE", "10"))
 LOG_FILE = "supervisor.log"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -142,14 +141,14 @@ async def _watch_parent(parent: int) -> None:
              parent)
 
 
-def _lower_priority() -> None:
+def _lower_priority(nice: int) -> None:
     """Launching and reaping can wait a few milliseconds; a request to the API cannot."""
     try:
         if hasattr(os, "nice"):
-            os.nice(DAEMON_NICE)
+            os.nice(nice)
             try:  # Linux: lower its autogroup too (it is a session of its own)
                 with open("/proc/self/autogroup", "w") as f:
-                    f.write(str(DAEMON_NICE))
+                    f.write(str(nice))
             except OSError:
                 pass  # no autogroups here: the nice value is what counts
         else:  # Windows
@@ -180,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, default=None,
                         help="leave when this process is gone (the API worker that started it)")
     args = parser.parse_args(argv)
-    _lower_priority()
-    private_files()  # before its log file is made
     settings = get_settings()
+    _lower_priority(settings.supervisor_nice)
+    private_files()  # before its log file is made
     _log_to_file(settings)
     make_private(settings.data_dir)  # it may be started by hand, before any API
     try:

@@ -88,10 +88,7 @@ class JobLife:
               launcher_for: Callable[[dict[str, Any]], Launcher], on_exit: OnExit) -> JobLife:
         """A job an earlier supervisor launched: `launcher_for` gives the launcher its
         run.json names. Whether the runner still runs is for `has_ended` to say."""
-        try:
-            record = p.read_json(p.sibling(job_file, p.RUN_FILE)) or {}
-        except p.CorruptJobFile:
-            record = {}
+        record = p.read_json_or_none(p.sibling(job_file, p.RUN_FILE)) or {}
         try:
             launcher = launcher_for(record)
             run = launcher.adopt(job_file, record, data, on_exit)
@@ -156,16 +153,13 @@ class JobLife:
 
     def _write_missing_final(self) -> None:
         code = self.launcher.exit_code(self.run)
-        try:
-            data = p.read_json(self.job_file)
-        except p.CorruptJobFile:
-            data = None
+        data = p.read_json_or_none(self.job_file)
         self.is_final = True
         if data is None or data.get(p.F_STATE) in p.FINAL_STATES:
             return  # the runner said how it ended, or the file is gone
         reason = self.stopping or p.stop_reason(self.job_file)
         if reason == p.JobState.TIMEOUT:
-            message = f"stopped after its deadline of {data.get(p.F_TIMEOUT_S)} s"
+            message = p.deadline_message(data.get(p.F_TIMEOUT_S))
             self._write(Final(p.JobState.TIMEOUT, p.ErrorType.TIMEOUT, message, code), data)
         elif reason is not None:
             cancelled = Final(p.JobState.CANCELLED, p.ErrorType.CANCELLED, "cancelled on request",
@@ -192,10 +186,7 @@ class JobLife:
         """Write `final` over `data` (None: the job file as it is now, left alone if it
         is final already); kept in `unwritten` if the write fails."""
         if data is None:
-            try:
-                data = p.read_json(self.job_file)
-            except p.CorruptJobFile:
-                return
+            data = p.read_json_or_none(self.job_file)
             if data is None:
                 return
             if data.get(p.F_STATE) in p.FINAL_STATES:  # it landed after all

@@ -296,10 +296,7 @@ class Supervisor:
         """Start one queued job; False if the data folder cannot be written now (the
         job stays queued and launching waits for the next pass)."""
         job_file = self._file(job_id)
-        try:
-            data = p.read_json(job_file)
-        except p.CorruptJobFile:
-            data = None
+        data = p.read_json_or_none(job_file)
         if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
             return True
         if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
