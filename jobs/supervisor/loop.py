@@ -232,16 +232,16 @@ class Supervisor:
             if data is None:
                 continue
             state = data.get(p.F_STATE)
-            if state in p.FINAL_STATES:
-                self._known_final.add(job_id)
-            elif state == p.JobState.QUEUED and not self._launched(job_id):
+            if state == p.JobState.QUEUED and not self._launched(job_id):
                 if data.get(p.F_KIND) not in self.kinds:
                     self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
                                         f"unknown job kind {data.get(p.F_KIND)!r}")
                     continue
                 self._queued[job_id] = p.fifo_key(data)
-            else:
+            elif state in (p.JobState.QUEUED, p.JobState.RUNNING):
                 self._adopt(job_id, data)
+            else:  # final, or no state at all (the API reads it as corrupt): never rewritten
+                self._known_final.add(job_id)
 
     def _adopt(self, job_id: str, data: dict[str, Any]) -> None:
         """A job launched by an earlier supervisor: watch it if alive, else it is lost."""
