@@ -3,6 +3,7 @@ import contracts of pyproject.toml (import-linter): one room per process."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -33,3 +34,10 @@ def test_import_contracts() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_api_reports_the_version_of_pyproject() -> None:
+    from jobs.api.routes_status import VERSION
+
+    declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert declared is not None and VERSION == declared.group(1)
