@@ -21,6 +21,7 @@ from fastapi_offline import FastAPIOffline
 from jobs.api import errors, routes_chat, routes_jobs, routes_status
 from jobs.api.guards import BodyLimit, HostOriginGuard
 from jobs.api.lifespan import lifespan
+from jobs.kinds import registry
 from jobs.protocol import private_files
 from jobs.settings import MAX_BODY_BYTES, get_settings
 
@@ -29,6 +30,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 def create_app() -> FastAPI:
     settings = get_settings()  # refuses a weak OFFLOAD_API_TOKEN, however the app is served
+    registry()  # a job kind defined twice stops the start
     # /docs from files installed with the app: no CDN, no third-party script beside the
     # token. No /redoc: ReDoc loads its logo from its CDN, whatever its options.
     app = FastAPIOffline(title="Offload", version=routes_status.VERSION, lifespan=lifespan,

@@ -80,7 +80,7 @@ def install(extras: set[str]) -> None:
     base = [e for e in wanted if e not in OPTIONAL]
     target = f".[{','.join(base)}]" if base else "."
     say(f"installing Offload ({target})")
-    # "compat": a plain path entry; the default editable finder costs every start ~10 ms.
+    # "compat": a plain path entry; the default editable finder slows every start.
     if pip("install", "-q", "-e", target, "--config-settings", "editable_mode=compat") != 0:
         sys.exit("[offload] installing the project failed; see the pip output above")
     done = {name: stamp.get(name) if stamp.get("hash") == current else None for name in OPTIONAL}

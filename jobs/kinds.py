@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from functools import cache
 from importlib.metadata import entry_points
 
 from pydantic import BaseModel
@@ -76,7 +77,13 @@ def _add(kinds: dict[str, Kind], name: str, module: str, source: str) -> None:
     kinds[name] = Kind(module, source=source)
 
 
-REGISTRY: dict[str, Kind] = discover()
+@cache
+def registry() -> dict[str, Kind]:
+    """This process's kinds, found once; the API and the supervisor ask at start, so a
+    clash stops them there. Not at import: importing never reads the settings."""
+    return discover()
 
-# kind -> runner module, for the supervisor
-KINDS: dict[str, str] = {name: kind.module for name, kind in REGISTRY.items()}
+
+def runner_modules() -> dict[str, str]:
+    """kind -> runner module, for the supervisor."""
+    return {name: kind.module for name, kind in registry().items()}

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.kinds import REGISTRY
+from jobs.kinds import registry
 from jobs.protocol import ErrorType, JobState
 from jobs.settings import MAX_TIMEOUT_S
 
@@ -58,7 +58,7 @@ class Job(BaseModel):
 
 def _known_kinds(schema: dict[str, Any]) -> None:
     # Documented as an enum; checked in the service, whose 422 lists the known kinds.
-    schema["enum"] = sorted(REGISTRY)
+    schema["enum"] = sorted(registry())
 
 
 class JobCreate(BaseModel):

@@ -148,6 +148,14 @@ class Settings(BaseSettings):
         # Runners get absolute paths, whatever folder they run in.
         return value.expanduser().resolve()
 
+    @field_validator("fork_server", mode="before")
+    @classmethod
+    def _off_words(cls, value: object) -> object:
+        # As before the prefix: only words that say "off" turn it off, nothing refuses.
+        if isinstance(value, str):
+            return value.strip().lower() not in {"0", "false", "no", "off"}
+        return value
+
     @field_validator("api_token")
     @classmethod
     def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from jobs import protocol as p
-from jobs.kinds import KINDS
+from jobs.kinds import runner_modules
 from jobs.launch import forkserver
 from jobs.launch.local import LocalLauncher, LocalRun
 from jobs.protocol.wake import OUTPUT_FILE
@@ -44,7 +44,7 @@ def start(data_dir: Path, launcher: LocalLauncher) -> Start:
         job = store.create(kind, job_input, 60)
         job_file = store.path(job["id"])
         ended = threading.Event()
-        run = launcher.start(KINDS[kind], job_file, job, ended.set)
+        run = launcher.start(runner_modules()[kind], job_file, job, ended.set)
         assert isinstance(run, LocalRun)
         return run, job_file, ended
 

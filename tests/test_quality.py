@@ -40,4 +40,24 @@ def test_the_api_reports_the_version_of_pyproject() -> None:
     from jobs.api.routes_status import VERSION
 
     declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
-    assert declared is not None and VERSION == declared.group(1)
+    assert declared is not None
+    # The API reads the installed package's metadata: `python launch.py` reinstalls after
+    # any change to pyproject.toml; a bare pytest in an old .venv does not.
+    assert VERSION == declared.group(1), "stale install: run `python launch.py --reinstall`"
+
+
+@pytest.mark.parametrize("modules", [
+    ["jobs.protocol", "jobs.protocol.embedded", "jobs.protocol.remote", "jobs.protocol.urls",
+     "jobs.protocol.wake"],
+    ["runners.sleep", "runners.chat", "runners.train"],  # what a runner loads at start
+])
+def test_loads_only_the_standard_library_and_the_protocol(modules: list[str]) -> None:
+    code = ("import sys; before = set(sys.modules); "
+            + "; ".join(f"import {m}" for m in modules)
+            + "; print(*sorted(set(sys.modules) - before))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, check=True, timeout=60).stdout.split()
+    ours = ("jobs.protocol", "runners")
+    foreign = [m for m in loaded if m.split(".")[0] not in sys.stdlib_module_names
+               and not m.startswith(ours) and m != "jobs"]
+    assert not foreign, foreign

@@ -69,9 +69,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         asyncio.create_task(resilient("the job index", lambda: _keep_index_fresh(
             app.state.service.store)), name="offload-index"),
     ]
-    # What is loaded by now lives as long as the app: out of the cyclic collector's
-    # way. A full collection over it stalls the event loop (13-18 ms here, 75,000
-    # objects); after the freeze it walks only what came since.
+    # What is loaded by now lives as long as the app: out of the cyclic collector's way,
+    # whose full collections over it stalled the event loop.
     gc.freeze()
     try:
         yield

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
 from jobs.api.history import MetricsReader, summary
-from jobs.kinds import REGISTRY
+from jobs.kinds import registry
 from jobs.protocol.wake import poke
 from jobs.settings import CANCEL_WAIT_S, RETRY_AFTER_S, Settings
 from jobs.store.idempotency import PENDING_S, Claim, key_name
@@ -47,11 +47,10 @@ class SmallIO:
     """Runs a small file operation right on the event loop while such operations take
     well under a millisecond, and in worker threads for a while after one that did not.
 
-    Writing a job (a folder and a 1 KB file) takes ~0.1 ms here, p99 0.8 ms; reading one
-    less. The hop to a worker thread and back costs two thread wake-ups: on a virtual
-    machine after an idle spell they took 18-27 ms, and under a burst of 50 submissions
-    the hop made their p99 12 ms instead of 8. A slow or remote disk (an operation over
-    INLINE_MAX_S) sends these operations to worker threads for INLINE_PAUSE_S.
+    Writing a job (a folder and a 1 KB file) is far quicker than the hop to a worker
+    thread and back, which costs two thread wake-ups (docs/benchmarks.md). A slow or
+    remote disk (an operation over INLINE_MAX_S) sends these operations to worker threads
+    for INLINE_PAUSE_S.
     """
 
     def __init__(self) -> None:
@@ -319,7 +318,7 @@ class JobService:
 
 
 def validate_input(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
-    spec = REGISTRY.get(kind)
+    spec = registry().get(kind)
     if spec is None:
         raise UnknownKind(kind)
     if spec.input_model is None:

@@ -11,7 +11,6 @@ started a job, so a new supervisor adopts it with the same one.
 
 from __future__ import annotations
 
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from typing import Any
 from jobs import protocol as p
 
 OnExit = Callable[[], None]
-log = logging.getLogger(__name__)
 
 
 class ClaimFailed(OSError):

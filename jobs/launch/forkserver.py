@@ -1,10 +1,9 @@
 """A warm interpreter that forks runners (Linux): `python -m jobs.launch.forkserver`.
 
-A runner started with exec is a new interpreter: ~10 ms bare, ~40 ms with the chat
-runner's imports, and the kernel's share of it (exec, page faults) is shielded by no
-scheduling policy. Measured here, fifty such starts at SCHED_IDLE took the API's
-`/api/history` p99 to 2.4-2.5x its idle p99; fifty forks of an interpreter that had
-already imported the runners, 1.03-1.07x. So the supervisor keeps one of these. It has
+A runner started with exec is a new interpreter, and the kernel's share of it (exec,
+page faults) is shielded by no scheduling policy: a burst of such starts slows the API
+far more than forks of an interpreter that has already imported the runners
+(docs/benchmarks.md). So the supervisor keeps one of these. It has
 imported the built-in runners; per job it forks a child that makes itself SCHED_IDLE
 and a process group of its own, sends its output to the job's log, shows
 `python -m runners.<kind> --job-file <file>` in `ps`, and runs the module as
@@ -96,7 +95,7 @@ def main() -> int:
 def _run_runner(request: dict[str, Any]) -> int:
     """Run the runner module as `python -m` would, then end the process the way
     multiprocessing ends a forked child: wait for its threads, flush, `os._exit` —
-    tearing down the few hundred modules the server had loaded took 10 ms."""
+    not a teardown of the few hundred modules the server had loaded."""
     sys.argv = [request["module"], "--job-file", request["job_file"]]
     # A fresh __main__, not the preloaded module (whose imports stay loaded: they are
     # what the preloading saves).

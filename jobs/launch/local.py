@@ -32,9 +32,8 @@ class LocalLauncher(Launcher):
     def __init__(self, runner_env: dict[str, str] | None = None,
                  fork_server: bool | None = None) -> None:
         self.runner_env = runner_env or {}
-        if fork_server is None:
-            fork_server = forkserver.AVAILABLE and get_settings().fork_server
-        self._fork_server = fork_server
+        wanted = get_settings().fork_server if fork_server is None else fork_server
+        self._fork_server = forkserver.AVAILABLE and wanted
         self._forker: forkserver.ForkServer | None = None  # started with the first runner
 
     def start(self, module: str, job_file: Path, data: dict[str, Any], on_exit: OnExit) -> Run:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from jobs import protocol as p
-from jobs.launch import forkserver
 from jobs.launch.base import Launcher
 from jobs.launch.local import LocalLauncher
 from jobs.launch.ray import RayLauncher
@@ -17,8 +16,7 @@ def make_launcher(settings: Settings) -> Launcher:
     """The launcher `OFFLOAD_LAUNCHER` names."""
     if settings.launcher == p.RAY:
         return RayLauncher.from_settings(settings)
-    return LocalLauncher(settings.runner_env(),
-                         fork_server=settings.fork_server and forkserver.AVAILABLE)
+    return LocalLauncher(settings.runner_env(), fork_server=settings.fork_server)
 
 
 def adopting_launcher(record: dict[str, Any], runner_env: dict[str, str],

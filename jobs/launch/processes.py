@@ -82,7 +82,7 @@ def runner_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("PYTHONIOENCODING", "utf-8")
     # `python -m runners.<kind>` finds the project from any working folder.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [p.ROOT, env.get("PYTHONPATH")]))
-    # Runners start often: let them cache their bytecode (recompiling costs ~5 ms a start).
+    # Runners start often: let them cache their bytecode instead of compiling it each time.
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
@@ -208,10 +208,9 @@ def lower_priority_of(pid: int) -> None:
 def _lower_priority(proc: psutil.Process) -> None:
     """The API must always win the CPU; runners take what it leaves.
 
-    Linux: SCHED_IDLE (set at spawn). Measured here (50 runners starting while a normal
-    process sleeps 1 ms in a loop): its wake-up overshoot p99 was 0.2 ms with SCHED_IDLE
-    runners, 3 ms with plain or nice 19 runners (EEVDF lets a running task finish its
-    slice first). Elsewhere: nice 19, or BELOW_NORMAL_PRIORITY_CLASS on Windows.
+    Linux: SCHED_IDLE (set at spawn): a nice 19 runner still finishes its time slice
+    before a woken API worker runs (EEVDF); a SCHED_IDLE one yields at once. Elsewhere:
+    nice 19, or BELOW_NORMAL_PRIORITY_CLASS on Windows.
     """
     try:
         if IS_WINDOWS:

@@ -146,39 +146,39 @@ class RayLauncher(Launcher):
 
     def sync(self, run: Run) -> None:
         """One look at Ray: new snapshots into the job file, new text into its log."""
-        remote = _remote(run)
-        if remote.to_submit is not None:
-            if remote.stop_asked:
-                self._end(remote, None, "stopped before it was sent to Ray")
+        ray_run = _remote(run)
+        if ray_run.to_submit is not None:
+            if ray_run.stop_asked:
+                self._end(ray_run, None, "stopped before it was sent to Ray")
                 return
-            module, data = remote.to_submit
-            if self._lookup(remote.submission_id) is None:  # idempotent: look up first
-                self._submit(remote.submission_id, remote.key, module, data)
-            remote.to_submit = None
-            if remote.stop_asked:  # asked while it was being submitted
-                self.client.stop(remote.submission_id)
+            module, data = ray_run.to_submit
+            if self._lookup(ray_run.submission_id) is None:  # idempotent: look up first
+                self._submit(ray_run.submission_id, ray_run.key, module, data)
+            ray_run.to_submit = None
+            if ray_run.stop_asked:  # asked while it was being submitted
+                self.client.stop(ray_run.submission_id)
         try:
-            info = self.client.info(remote.submission_id)
+            info = self.client.info(ray_run.submission_id)
         except RayJobNotFound:
-            self._end(remote, None, f"the Ray cluster at {self.address} no longer knows job "
-                                    f"{remote.submission_id}: its head restarted (which loses "
+            self._end(ray_run, None, f"the Ray cluster at {self.address} no longer knows job "
+                                    f"{ray_run.submission_id}: its head restarted (which loses "
                                     "job records and logs) or the job was deleted there")
             return
         if info.status != RayJobStatus.PENDING:
-            self._apply_log(remote, self.client.logs(remote.submission_id))
+            self._apply_log(ray_run, self.client.logs(ray_run.submission_id))
         if info.terminal:
-            self._end(remote, info.exit_code, _describe(info))
+            self._end(ray_run, info.exit_code, _describe(info))
 
     def stop(self, run: Run, grace_s: float) -> None:
-        remote = _remote(run)
-        remote.stop_asked = True  # not submitted yet: its poller will not, or stops it
+        ray_run = _remote(run)
+        ray_run.stop_asked = True  # not submitted yet: its poller will not, or stops it
         try:
-            self.client.stop(remote.submission_id)
+            self.client.stop(ray_run.submission_id)
         except RayJobNotFound:
             pass  # not submitted yet, or gone already: its poller says how it ended
         # Ray: SIGTERM, then SIGKILL after its own grace; its poller sees the end.
         deadline = time.monotonic() + grace_s + 10
-        while not remote.ended.wait(0.05) and not self._closing.is_set():
+        while not ray_run.ended.wait(0.05) and not self._closing.is_set():
             if time.monotonic() > deadline:
                 break
 

@@ -47,10 +47,6 @@ class JobState(str, Enum):
     def __str__(self) -> str:  # the value, in f-strings and logs, as in the job file
         return str(self.value)
 
-    @property
-    def is_final(self) -> bool:
-        return self in FINAL_STATES
-
 
 class ErrorType(str, Enum):
     """Why a job did not complete: `error.type` in the job file."""

@@ -98,11 +98,9 @@ def new_key() -> str:
 def model_cpus() -> set[int] | None:
     """The CPUs the embedded model may use: all but one, where there are several.
 
-    Measured on 2 cores while 4 chats ran on the model (SCHED_IDLE already): with the
-    model on both CPUs, `/api/history` p99 was 1.29-1.76x its idle p99 (p90 3.4-3.7 ms);
-    kept to one CPU, 1.08-1.12x (p90 2.7-2.9 ms), the chats no slower. The model streams
-    its weights through the caches of whichever core it runs on; a core it never runs
-    on keeps them for the API. None where affinity cannot be set (macOS, Windows).
+    The model streams its weights through the caches of whichever core it runs on; a core
+    it never runs on keeps them for the API, and the chats are no slower
+    (docs/benchmarks.md). None where affinity cannot be set (macOS, Windows).
     """
     if not hasattr(os, "sched_getaffinity"):
         return None
@@ -127,8 +125,7 @@ def free_port() -> int:
 
 def answers(base_url: str, key: str | None = None, timeout: float = 3.0) -> bool:
     """Does an OpenAI-compatible server there list at least one model?"""
-    # Imported here: every chat runner imports this module, and with urllib.request
-    # a chat runner's imports took 58 ms under -X importtime, without it 35 ms.
+    # Imported here: every chat runner imports this module, and urllib.request is heavy.
     import urllib.request
 
     request = urllib.request.Request(f"{base_url}/models")

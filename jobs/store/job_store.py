@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
-from jobs.kinds import KINDS
+from jobs.kinds import registry
 from jobs.models import Job
 from jobs.store.idempotency import Keys
 from jobs.store.index import JobIndex, read_job
@@ -29,7 +29,7 @@ class JobNotFound(Exception):
 
 class UnknownKind(ValueError):
     def __init__(self, kind: str) -> None:
-        known = ", ".join(sorted(KINDS))
+        known = ", ".join(sorted(registry()))
         super().__init__(f"unknown job kind {kind!r}; known kinds: {known}")
 
 
@@ -60,7 +60,7 @@ class JobStore(JobIndex):
                job_id: str | None = None, key_name: str | None = None) -> dict[str, Any]:
         """Store a new job; `key_name`: the idempotency key that claimed it, released
         when the job is removed."""
-        if kind not in KINDS:
+        if kind not in registry():
             raise UnknownKind(kind)
         job_id = job_id or p.new_id()
         data = p.new_job(job_id, kind, job_input, timeout_s)
@@ -112,7 +112,8 @@ class JobStore(JobIndex):
 
     def remove(self, job_id: str) -> None:
         """Release the idempotency key that created the job, then delete the job's folder
-        (job file, log, stop and run records): once the folder is gone, so is its key."""
+        (job file, log, stop and run records): once the folder is gone, so is its key. A
+        pruned job is past its retention, so a retry with its key may make a new one."""
         folder = self.path(job_id).parent
         key_name = Keys.linked(folder)
         if key_name is not None:

@@ -1,5 +1,8 @@
 """`python -m jobs.supervisor`: the supervisor process (see `jobs.supervisor.daemon`)."""
 
+import sys
+
 from jobs.supervisor.daemon import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,11 +21,11 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from jobs import protocol as p
+from jobs.kinds import registry
 from jobs.launch.local import LocalLauncher
 from jobs.launch.processes import IS_WINDOWS
 from jobs.llm import server as llm_server
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave when this process is gone (the API worker that started it)")
     args = parser.parse_args(argv)
     settings = get_settings()
+    registry()  # a job kind defined twice stops the start
     _lower_priority(settings.supervisor_nice)
     private_files()  # before its log file is made
     _log_to_file(settings)
@@ -190,6 +191,3 @@ def main(argv: list[str] | None = None) -> int:
         pass
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ survivor takes over and adopts the runners it left.
 `tick()` is synchronous and does one pass; `run()` drives it from asyncio in a worker
 thread, so the event loop never waits on a spawn, a file write or a kill. What is about
 one job (its run, deadline, stop, final state, release) is its `JobLife`
-(`jobs.lifecycle`); the supervisor keeps one per launched job and drives its steps.
+(`jobs.supervisor.lifecycle`); the supervisor keeps one per launched job and drives its steps.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from jobs import protocol as p
-from jobs.kinds import KINDS
+from jobs.kinds import runner_modules
 from jobs.launch.base import ClaimFailed, Launcher
 from jobs.launch.local import LocalLauncher
 from jobs.launch.pick import adopting_launcher, make_launcher
@@ -74,7 +74,7 @@ class Supervisor:
         # Runners cap their own logs when this says so (Settings.runner_env); the
         # supervisor's check each pass is for output that bypasses them.
         self.runner_env = dict(runner_env or {})
-        self.kinds = kinds or KINDS
+        self.kinds = kinds or runner_modules()
         # New jobs go to `launcher`; adopted ones to the launcher their run.json names.
         self.launcher = launcher or LocalLauncher(self.runner_env)
         self._launchers: dict[str, Launcher] = {self.launcher.name: self.launcher}
