@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,20 @@ def test_ray_benchmark_runs_and_reports(ray_head: Any) -> None:
     assert results["ray"]["lifecycle"]["n"] == 2
     table = ray.report(results)
     assert "Ray launcher" in table and "dispatch" in table
+
+
+def test_http_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import http
+
+    monkeypatch.setattr(http, "LATENCY_JOBS", 5)
+    monkeypatch.setattr(http, "THROUGHPUT_JOBS", 5)
+    monkeypatch.setattr(http, "WARMUP_JOBS", 1)
+    results = http.run()
+    systems = [row["system"] for row in results["rows"]]
+    assert "Offload over HTTP, cap 2" in systems and "Offload over HTTP, cap 8" in systems
+    if importlib.util.find_spec("huey") is not None:
+        assert any(system.startswith("Huey") for system in systems)
+    assert all(row["throughput"]["completed"] == 5 for row in results["rows"])
+    table = http.report(results)
+    assert "| system | jobs/s | idle latency median (ms) | p90 (ms)" in table
+    assert "RQ: " in table and "Celery: " in table
