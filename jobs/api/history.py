@@ -8,7 +8,6 @@ worker answers `/api/history`, and the series survives restarts.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 import time
@@ -17,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
-
-log = logging.getLogger(__name__)
 
 
 class MetricsReader:

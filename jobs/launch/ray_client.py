@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import logging
 import socket
 from dataclasses import dataclass
 from enum import Enum
@@ -16,8 +15,6 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from jobs.settings import RAY_HTTP_TIMEOUT_S
-
-log = logging.getLogger(__name__)
 
 
 class RayJobStatus(str, Enum):

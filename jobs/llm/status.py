@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import logging
 import urllib.request
 from typing import Any
 
 from jobs.protocol import embedded
 from jobs.settings import Settings
 from runners import llm_client
-
-log = logging.getLogger(__name__)
 
 MAX_ANSWER = 1 << 20  # bytes of a /models answer read; a longer one reads as not JSON
 
