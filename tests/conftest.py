@@ -85,7 +85,7 @@ class RunningSupervisor(SupervisorThread):
 
     def submit(self, kind: str = "sleep", timeout_s: float = 60, **job_input: Any) -> str:
         job_id = str(self.store.create(kind, job_input, timeout_s)["id"])
-        self.supervisor.wake()
+        self.supervisor.wake(job_id)
         return job_id
 
     def job(self, job_id: str) -> dict[str, Any]:

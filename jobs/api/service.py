@@ -138,7 +138,7 @@ class JobService:
                 break
             assert key is not None
             await self._unblock(key, outcome, give_up_at)
-        poke(self.store.dir)
+        poke(self.store.dir, str(outcome.get(p.F_ID, "")))
         return outcome
 
     def _submit(self, kind: str, job_input: dict[str, Any], timeout_s: float,
@@ -307,7 +307,7 @@ class JobService:
         if job.get(p.F_STATE) in p.FINAL_STATES:
             raise AlreadyFinished(job)
         await run_in_threadpool(self.store.request_cancel, job_id)
-        poke(self.store.dir)
+        poke(self.store.dir, job_id)
         deadline = time.monotonic() + self.settings.stop_grace_s + CANCEL_WAIT_S
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)

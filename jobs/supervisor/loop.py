@@ -6,7 +6,10 @@ Exactly one per data folder, across processes: whoever holds the OS file lock
 survivor takes over and adopts the runners it left.
 
 `tick()` is synchronous and does one pass; `run()` drives it from asyncio in a worker
-thread, so the event loop never waits on a spawn, a file write or a kill. What is about
+thread, so the event loop never waits on a spawn, a file write or a kill. A pass woken
+by an event (a ring naming a job, a runner's exit) looks only at what the event names,
+reaps and launches; a full pass over every job (listing, stop requests, deadlines, log
+caps, pruning) comes every SUPERVISOR_INTERVAL_S, and whenever a ring names no job. What is about
 one job (its run, deadline, stop, final state, release) is its `JobLife`
 (`jobs.supervisor.lifecycle`); the supervisor keeps one per launched job and drives its steps.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import threading
@@ -30,7 +34,7 @@ from jobs.launch.base import ClaimFailed, Launcher
 from jobs.launch.local import LocalLauncher
 from jobs.launch.pick import adopting_launcher, make_launcher
 from jobs.launch.processes import IS_WINDOWS
-from jobs.protocol.wake import lock_file, wake_file
+from jobs.protocol.wake import ALL_JOBS, Doorbell, lock_file, wake_file
 from jobs.settings import (
     LEADER_RETRY_S,
     MIN_RETENTION_S,
@@ -81,8 +85,15 @@ class Supervisor:
         # The mode said: filelock 3.x gives its files 0o644 whatever the umask.
         self._lock = FileLock(str(lock_file(jobs_dir)), thread_local=False, mode=0o600)
         self._wake_file = wake_file(jobs_dir)
+        self._doorbell = Doorbell(jobs_dir)
         self.is_leader = False
         self._queued: dict[str, tuple[int, str]] = {}  # id -> FIFO key
+        # The queue in FIFO order; entries no longer in _queued are skipped when popped.
+        self._queue_order: list[tuple[tuple[int, str], str]] = []
+        self._hinted: set[str] = set()  # jobs an event named since the last pass
+        self._full_wanted = True
+        self._hints_lock = threading.Lock()
+        self._next_full = 0.0
         self._running: dict[str, JobLife] = {}
         self._unwritten: dict[str, JobLife] = {}  # ended; final state not written yet
         self._known_final: set[str] = set()
@@ -118,7 +129,8 @@ class Supervisor:
                     return
                 self._event.clear()
                 await self._pass()
-                await self._sleep(SUPERVISOR_INTERVAL_S if self.is_leader else LEADER_RETRY_S)
+                await self._sleep(max(0.0, self._next_full - time.monotonic())
+                                  if self.is_leader else LEADER_RETRY_S)
         finally:
             self.release()
 
@@ -137,20 +149,43 @@ class Supervisor:
 
     async def _sleep(self, delay: float) -> None:
         """Until `delay` passes, `wake()` is called, or another process pokes us."""
-        assert self._event is not None
+        assert self._event is not None and self._loop is not None
+        if self.is_leader and not self._doorbell.listening:
+            self._doorbell.listen(self._loop, self._on_ring)
+        # With the doorbell a ring sets the event; without it, the wake file's mtime says.
+        poll = delay if self._doorbell.listening else WAKE_POLL_S
         deadline = time.monotonic() + delay
         poked = _mtime_ns(self._wake_file)
         while (left := deadline - time.monotonic()) > 0:
             try:
-                await asyncio.wait_for(self._event.wait(), min(left, WAKE_POLL_S))
+                await asyncio.wait_for(self._event.wait(), min(left, poll))
                 return
             except asyncio.TimeoutError:
                 pass
             if self.is_leader and _mtime_ns(self._wake_file) != poked:
-                return  # a job was submitted or cancelled through another worker
+                self._want(ALL_JOBS)  # a poke through the file names no job
+                return
 
-    def wake(self) -> None:
-        """Ask for a pass now (a job was submitted, cancelled, or a runner exited)."""
+    def _on_ring(self, job_id: str) -> None:
+        self._want(job_id)
+        if self._event is not None:
+            self._event.set()
+
+    def _want(self, job_id: str) -> None:
+        with self._hints_lock:
+            if p.is_valid_id(job_id):
+                self._hinted.add(job_id)
+            else:
+                self._full_wanted = True
+
+    def wake(self, job_id: str = ALL_JOBS) -> None:
+        """Ask for a pass now: to look at `job_id` (submitted or cancelled), or, without
+        one, at every job."""
+        self._want(job_id)
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """A pass now that reaps and launches (a runner exited, a stop ended)."""
         loop, event = self._loop, self._event
         if loop is None or event is None or loop.is_closed():
             return
@@ -167,6 +202,7 @@ class Supervisor:
                 pass  # the loop closed meanwhile
 
     def release(self) -> None:
+        self._doorbell.close(self._loop)
         for each in self._launchers.values():
             each.close()
         if self.is_leader:
@@ -183,6 +219,16 @@ class Supervisor:
     def tick(self) -> None:
         if not self.is_leader and not self._try_lead():
             return
+        with self._hints_lock:
+            hinted, self._hinted = self._hinted, set()
+            full, self._full_wanted = self._full_wanted, False
+        now = time.monotonic()
+        if not full and now < self._next_full:
+            self._look_at(hinted)
+            self._reap()
+            self._launch()
+            return
+        self._next_full = now + SUPERVISOR_INTERVAL_S
         job_ids, stop_ids = self._scan()
         self._discover(job_ids)
         self._retry_finals(job_ids)
@@ -192,6 +238,17 @@ class Supervisor:
         self._cap_logs()
         self._launch()
         self._maybe_prune()
+
+    def _look_at(self, job_ids: set[str]) -> None:
+        """The jobs an event named: a new one joins the queue, a live one may be stopping."""
+        for job_id in job_ids:
+            if job_id in self._queued or job_id in self._running:
+                if os.path.exists(p.sibling(self._file(job_id), p.STOP_FILE)):
+                    self._handle_stops({job_id})
+            elif (job_id not in self._known_final and job_id not in self._unwritten
+                  and os.path.exists(self._file(job_id))):
+                self._names.add(job_id)
+                self._discover_one(job_id)
 
     def _try_lead(self) -> bool:
         try:
@@ -224,28 +281,44 @@ class Supervisor:
         new = (job_ids - self._known_final - self._queued.keys() - self._running.keys()
                - self._unwritten.keys())
         for job_id in new:
-            try:
-                data = p.read_json(self._file(job_id))
-            except p.CorruptJobFile:
-                self._known_final.add(job_id)  # reads as failed/corrupt; nothing to run
-                continue
-            if data is None:
-                continue
-            state = data.get(p.F_STATE)
-            if state == p.JobState.QUEUED and not self._launched(job_id):
-                if data.get(p.F_KIND) not in self.kinds:
-                    self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
-                                        f"unknown job kind {data.get(p.F_KIND)!r}")
-                    continue
-                self._queued[job_id] = p.fifo_key(data)
-            elif state in (p.JobState.QUEUED, p.JobState.RUNNING):
-                self._adopt(job_id, data)
-            else:  # final, or no state at all (the API reads it as corrupt): never rewritten
-                self._known_final.add(job_id)
+            self._discover_one(job_id)
+
+    def _discover_one(self, job_id: str) -> None:
+        try:
+            data = p.read_json(self._file(job_id))
+        except p.CorruptJobFile:
+            self._known_final.add(job_id)  # reads as failed/corrupt; nothing to run
+            return
+        if data is None:
+            return
+        state = data.get(p.F_STATE)
+        if state == p.JobState.QUEUED and not self._launched(job_id):
+            if data.get(p.F_KIND) not in self.kinds:
+                self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
+                                    f"unknown job kind {data.get(p.F_KIND)!r}")
+                return
+            self._enqueue(job_id, p.fifo_key(data))
+        elif state in (p.JobState.QUEUED, p.JobState.RUNNING):
+            self._adopt(job_id, data)
+        else:  # final, or no state at all (the API reads it as corrupt): never rewritten
+            self._known_final.add(job_id)
+
+    def _enqueue(self, job_id: str, key: tuple[int, str]) -> None:
+        self._queued[job_id] = key
+        heapq.heappush(self._queue_order, (key, job_id))
+
+    def _next_queued(self) -> str | None:
+        """The oldest queued job, taken off the queue."""
+        while self._queue_order:
+            key, job_id = heapq.heappop(self._queue_order)
+            if self._queued.get(job_id) == key:
+                del self._queued[job_id]
+                return job_id
+        return None
 
     def _adopt(self, job_id: str, data: dict[str, Any]) -> None:
         """A job launched by an earlier supervisor: watch it if alive, else it is lost."""
-        life = JobLife.adopt(job_id, self._file(job_id), data, self._launcher_for, self.wake)
+        life = JobLife.adopt(job_id, self._file(job_id), data, self._launcher_for, self._nudge)
         if life.has_ended():
             log.info("job %s: runner gone while no supervisor watched it", job_id)
             self._finalize(life)
@@ -286,10 +359,9 @@ class Supervisor:
                 self._start_stop(life, p.JobState.TIMEOUT)
 
     def _launch(self) -> None:
-        while self._queued and len(self._running) < self.max_concurrent:
-            job_id = min(self._queued, key=self._queued.__getitem__)
-            del self._queued[job_id]
-            if not self._launch_one(job_id):
+        while len(self._running) < self.max_concurrent:
+            job_id = self._next_queued()
+            if job_id is None or not self._launch_one(job_id):
                 break
 
     def _launch_one(self, job_id: str) -> bool:
@@ -305,12 +377,12 @@ class Supervisor:
             return True
         life = JobLife(job_id, job_file, self.launcher)
         try:
-            started = life.start(self.kinds[data[p.F_KIND]], data, self.wake)
+            started = life.start(self.kinds[data[p.F_KIND]], data, self._nudge)
         except ClaimFailed as exc:
             if not self._blocked:
                 log.warning("jobs wait: cannot write to the data folder (%s)", exc)
             self._blocked = True
-            self._queued[job_id] = p.fifo_key(data)
+            self._enqueue(job_id, p.fifo_key(data))
             return False
         if started:
             self._running[job_id] = life
@@ -320,7 +392,7 @@ class Supervisor:
 
     def _start_stop(self, life: JobLife, reason: str) -> None:
         self._stoppers = [t for t in self._stoppers if t.is_alive()]
-        self._stoppers.append(life.begin_stop(reason, self.grace_s, self.wake))
+        self._stoppers.append(life.begin_stop(reason, self.grace_s, self._nudge))
 
     def _finalize(self, life: JobLife) -> None:
         try:

@@ -1,0 +1,87 @@
+"""The supervisor's doorbell (jobs.protocol.wake): a submission or a cancel wakes the
+real supervisor process through its socket, naming the job; without a socket, through
+the wake file."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from jobs import protocol as p
+from jobs.protocol.wake import CAN_LISTEN, SOCKET_FILE, WAKE_FILE
+from tests.conftest import wait_for
+from tests.server import Server
+
+pytestmark = pytest.mark.skipif(not CAN_LISTEN, reason="no Unix sockets on this platform")
+
+NO_MODEL = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # no embedded model to load
+
+
+@pytest.fixture
+def short_data_dir() -> Iterator[Path]:
+    """A socket address holds about a hundred bytes: pytest's folders are often longer."""
+    folder = Path(tempfile.mkdtemp(prefix="offload-"))
+    yield folder / "data"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_one(server: Server, seconds: float = 0) -> None:
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": seconds}})
+        job_id = job.json()["id"]
+        wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["state"]
+                 == p.JobState.COMPLETED, 60, 0.05, "the job to complete")
+
+
+def test_submissions_and_cancels_ring_the_supervisor_socket(short_data_dir: Path,
+                                                            tmp_path: Path) -> None:
+    server = Server(short_data_dir, tmp_path / "server.log", NO_MODEL).start()
+    try:
+        sock = short_data_dir / SOCKET_FILE
+        wait_for(lambda: sock.exists(), 60, 0.05, "the leader's doorbell")
+        assert stat.S_ISSOCK(sock.lstat().st_mode)
+        assert stat.S_IMODE(sock.lstat().st_mode) == 0o600  # only its owner may ring
+        for _ in range(3):
+            _run_one(server)
+        with server.client() as client:
+            job_id = client.post("/api/jobs", json={"kind": "sleep",
+                                                    "input": {"seconds": 60}}).json()["id"]
+            wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["state"]
+                     == p.JobState.RUNNING, 60, 0.05, "the job to run")
+            assert client.delete(f"/api/jobs/{job_id}").json()["state"] == "cancelled"
+        assert not (short_data_dir / WAKE_FILE).exists()  # every ring went by the socket
+    finally:
+        server.stop()
+    wait_for(lambda: not (short_data_dir / SOCKET_FILE).exists(), 30, 0.05,
+             "the socket to go with its supervisor")
+
+
+def test_without_a_socket_the_wake_file_rings(make_server: Callable[..., Server],
+                                              data_dir: Path) -> None:
+    long_dir = data_dir / ("x" * 120)  # too long for a socket address
+    server = make_server(env={**NO_MODEL, "OFFLOAD_DATA_DIR": str(long_dir)})
+    _run_one(server)
+    assert (long_dir / WAKE_FILE).exists() and not (long_dir / SOCKET_FILE).exists()
+
+
+def test_a_ring_from_a_stranger_is_only_a_look(short_data_dir: Path, tmp_path: Path) -> None:
+    """Rings that name no job, a job that does not exist, or garbage change nothing."""
+    import socket
+
+    server = Server(short_data_dir, tmp_path / "server.log", NO_MODEL).start()
+    try:
+        sock_path = short_data_dir / SOCKET_FILE
+        wait_for(lambda: sock_path.exists(), 60, 0.05, "the leader's doorbell")
+        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for ring in (b"", b"0" * 32, b"../../etc/passwd", b"\xff" * 64):
+            sender.sendto(ring, str(sock_path))
+        sender.close()
+        _run_one(server)  # the supervisor still serves
+        assert not list((short_data_dir / "jobs").glob("0000*"))
+    finally:
+        server.stop()
