@@ -10,13 +10,15 @@ are final).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,10 @@ THROUGHPUT_JOBS = 300
 WARMUP_JOBS = 5
 CAPS = (2, 8)
 POLL_S = 0.001
-FLOOR_PARALLEL = 2  # as many at a time as Offload's cap 2 and Huey's 2 workers
+FLOOR_PARALLEL = 2  # as many at a time as Offload's cap 2 and each peer's 2 workers
 HUEY_WORKERS = 2
+RQ_WORKERS = 2
+CELERY_PROCESSES = 2
 TIMEOUT_S = 120.0
 SLEEP_JOB = {"kind": "sleep", "input": {"seconds": 0, "steps": 1}}
 
@@ -132,6 +136,35 @@ def offload(cap: int) -> dict[str, Any]:
             "throughput": _throughput(THROUGHPUT_JOBS, seconds, completed)}
 
 
+def _peer_row(system: str, submit: Callable[[], Any],
+              result: Callable[[Any], Any]) -> dict[str, Any]:
+    """Latency and throughput of a peer whose `submit()` returns a handle that
+    `result(handle)` waits on (polling every POLL_S), the no-op's True once done."""
+
+    def one() -> None:
+        assert result(submit()) is True
+
+    # The first waits for the workers to start.
+    for _ in range(WARMUP_JOBS):
+        one()
+    latency = _latencies(one, LATENCY_JOBS)
+    t0 = time.perf_counter()
+    pending = [submit() for _ in range(THROUGHPUT_JOBS)]
+    completed = sum(1 for handle in pending if result(handle) is True)
+    seconds = time.perf_counter() - t0
+    return {"system": system, "latency": latency,
+            "throughput": _throughput(THROUGHPUT_JOBS, seconds, completed)}
+
+
+def _poll(done: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        if done():
+            return
+        time.sleep(POLL_S)
+    raise TimeoutError(f"the {what} task did not finish")
+
+
 def huey() -> dict[str, Any] | None:
     try:
         from bench.baselines import huey_app
@@ -147,36 +180,108 @@ def huey() -> dict[str, Any] | None:
         with _process(args, {huey_app.DB_ENV: db}, None):
 
             def result(pending: Any) -> Any:
-                deadline = time.monotonic() + TIMEOUT_S
-                while time.monotonic() < deadline:
-                    value = pending.get()
-                    if value is not None:
-                        return value
-                    time.sleep(POLL_S)
-                raise TimeoutError("the Huey task did not finish")
+                _poll(lambda: pending.get() is not None, "Huey")
+                return pending.get()  # kept by the handle once read
 
-            def one() -> None:
-                assert result(noop()) is True
-
-            # The first waits for the consumer to start.
-            for _ in range(WARMUP_JOBS):
-                one()
-            latency = _latencies(one, LATENCY_JOBS)
-            t0 = time.perf_counter()
-            pending = [noop() for _ in range(THROUGHPUT_JOBS)]
-            completed = sum(1 for task in pending if result(task) is True)
-            seconds = time.perf_counter() - t0
+            row = _peer_row(f"Huey, SQLite, {HUEY_WORKERS} process workers", noop, result)
         app.storage.close()
-    return {"system": f"Huey, SQLite, {HUEY_WORKERS} process workers", "latency": latency,
-            "throughput": _throughput(THROUGHPUT_JOBS, seconds, completed)}
+    return row
+
+
+def _wait_redis(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), \
+                socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            if conn.recv(16).startswith(b"+PONG"):
+                return
+        if proc.poll() is not None:
+            raise RuntimeError("redis-server exited")
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+@contextlib.contextmanager
+def _redis_server() -> Iterator[str]:
+    """A redis-server of the bench's own (loopback, a free port, nothing saved); its URL."""
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="offload-bench-redis-") as tmp:
+        proc = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp,
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        try:
+            _wait_redis(port, proc)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def rq() -> dict[str, Any] | None:
+    try:
+        from rq.job import JobStatus
+
+        from bench.baselines import rq_app
+    except ImportError:
+        return None
+    with _redis_server() as url, contextlib.ExitStack() as workers:
+        queue = rq_app.connect(url)
+        # The classic Worker: it waits on a blocking pop (woken at once by an enqueue)
+        # and forks a work-horse per job.
+        args = ["-m", "rq.cli", "worker", "--url", url, "--worker-class", "rq.Worker",
+                "--quiet", rq_app.QUEUE]
+        for _ in range(RQ_WORKERS):
+            workers.enter_context(_process(args, {}, None))
+
+        def result(job: Any) -> Any:
+            _poll(lambda: job.get_status() in (JobStatus.FINISHED, JobStatus.FAILED), "RQ")
+            return job.return_value()
+
+        row = _peer_row(f"RQ, {RQ_WORKERS} fork-per-job workers (Redis)",
+                        lambda: queue.enqueue(rq_app.noop), result)
+        queue.connection.close()
+    return row
+
+
+def celery() -> dict[str, Any] | None:
+    try:
+        from bench.baselines import celery_app
+    except ImportError:
+        return None
+    with _redis_server() as url:
+        app, noop = celery_app.connect(url)
+        # prefork (Celery's default pool) with one child per slot, as Offload's cap 2;
+        # gossip, mingle and heartbeats talk to other workers, of which there are none.
+        args = ["-m", "celery", "-A", "bench.baselines.celery_app:app", "worker",
+                "--pool", "prefork", "-c", str(CELERY_PROCESSES), "-l", "warning",
+                "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        with _process(args, {celery_app.URL_ENV: url}, None):
+
+            def result(pending: Any) -> Any:
+                _poll(pending.ready, "Celery")
+                return pending.result
+
+            row = _peer_row(f"Celery, prefork pool of {CELERY_PROCESSES} "
+                            "(Redis; no process per job)", noop.delay, result)
+        app.close()
+    return row
 
 
 def run() -> dict[str, Any]:
     rows = [spawn_floor(), fork_floor(), *(offload(cap) for cap in CAPS), huey()]
-    reason = ("not measured yet" if shutil.which("redis-server")
-              else "skipped: no redis-server on the PATH")
-    return {"rows": [row for row in rows if row is not None],
-            "skipped": {name: reason for name in ("RQ", "Celery")},
+    skipped: dict[str, str] = {}
+    for name, peer in (("RQ", rq), ("Celery", celery)):
+        if shutil.which("redis-server") is None:
+            skipped[name] = "skipped: no redis-server on the PATH"
+            continue
+        row = peer()
+        if row is None:
+            skipped[name] = "skipped: not installed (the `bench` extra)"
+        else:
+            rows.append(row)
+    return {"rows": [row for row in rows if row is not None], "skipped": skipped,
             "latency_jobs": LATENCY_JOBS, "throughput_jobs": THROUGHPUT_JOBS}
 
 

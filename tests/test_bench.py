@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -70,4 +71,21 @@ def test_http_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> Non
     assert all(row["throughput"]["completed"] == 5 for row in results["rows"])
     table = http.report(results)
     assert "| system | jobs/s | idle latency median (ms) | p90 (ms)" in table
-    assert "RQ: " in table and "Celery: " in table
+    for peer in ("RQ", "Celery"):  # measured with a redis-server, else a note says why not
+        assert any(system.startswith(f"{peer}, ") for system in systems) or f"{peer}: " in table
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server on the PATH")
+@pytest.mark.parametrize("peer", ["rq", "celery"])  # each its function in bench/http.py
+def test_http_benchmark_measures_the_redis_peers(
+        peer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import http
+
+    if importlib.util.find_spec(peer) is None:
+        pytest.skip(f"{peer} is not installed (the bench extra)")
+    monkeypatch.setattr(http, "LATENCY_JOBS", 3)
+    monkeypatch.setattr(http, "THROUGHPUT_JOBS", 5)
+    monkeypatch.setattr(http, "WARMUP_JOBS", 1)
+    row = getattr(http, peer)()
+    assert row is not None and row["latency"]["n"] == 3
+    assert row["throughput"]["completed"] == 5
