@@ -52,7 +52,9 @@ class LocalLauncher(Launcher):
         claim(run_file, {"pid": None, "claimed_by": os.getpid()})
         runner = processes.spawn(module, job_file, self.runner_env, self._forker)
         try:
-            p.write_json(run_file, runner.record(), durable=True)
+            # Not fsync'd: a power cut that loses it ends the runner too, and the durable
+            # claim alone then says lost.
+            p.write_json(run_file, runner.record())
         except OSError as exc:  # only a later supervisor's adoption needs the record
             log.warning("job %s: cannot write its launch record: %s", runner.job_id, exc)
         if runner.child is not None:

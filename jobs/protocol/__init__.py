@@ -110,7 +110,7 @@ TMP_SUFFIX = ".tmp"
 # The project's folder (the one holding jobs/ and runners/): where its processes start.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 PRIVATE_UMASK = 0o077  # every process Offload starts creates files 0600, folders 0700
-# fsync of creations, final states and launch records. For benchmarks and tests only:
+# fsync of creations, final states and claims. For benchmarks and tests only:
 # OFFLOAD_FSYNC=0 gives up the guarantee that a 202 survives a power loss.
 FSYNC = os.environ.get("OFFLOAD_FSYNC", "1") != "0"
 
@@ -220,7 +220,7 @@ def write_json(path: StrPath, data: dict[str, Any], durable: bool = False) -> No
 def write_atomic(path: StrPath, payload: bytes, durable: bool = False) -> None:
     """Write a temp file in the same folder, then replace `path` with it.
 
-    `durable` (a job's creation, its final state, a launch record): the temp file is
+    `durable` (a job's creation, its final state, a claim): the temp file is
     fsync'd before the rename, so a power loss leaves the old file or the whole new one,
     never an empty one; the folder is fsync'd after it, so the rename itself survives.
     """
