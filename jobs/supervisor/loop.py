@@ -91,6 +91,7 @@ class Supervisor:
         # The queue in FIFO order; entries no longer in _queued are skipped when popped.
         self._queue_order: list[tuple[tuple[int, str], str]] = []
         self._hinted: set[str] = set()  # jobs an event named since the last pass
+        self._read_now: dict[str, dict[str, Any]] = {}  # queued jobs read in this pass
         self._full_wanted = True
         self._hints_lock = threading.Lock()
         self._next_full = 0.0
@@ -223,21 +224,24 @@ class Supervisor:
             hinted, self._hinted = self._hinted, set()
             full, self._full_wanted = self._full_wanted, False
         now = time.monotonic()
-        if not full and now < self._next_full:
-            self._look_at(hinted)
+        try:
+            if not full and now < self._next_full:
+                self._look_at(hinted)
+                self._reap()
+                self._launch()
+                return
+            self._next_full = now + SUPERVISOR_INTERVAL_S
+            job_ids, stop_ids = self._scan()
+            self._discover(job_ids)
+            self._retry_finals(job_ids)
+            self._handle_stops(stop_ids)
             self._reap()
+            self._enforce_deadlines()
+            self._cap_logs()
             self._launch()
-            return
-        self._next_full = now + SUPERVISOR_INTERVAL_S
-        job_ids, stop_ids = self._scan()
-        self._discover(job_ids)
-        self._retry_finals(job_ids)
-        self._handle_stops(stop_ids)
-        self._reap()
-        self._enforce_deadlines()
-        self._cap_logs()
-        self._launch()
-        self._maybe_prune()
+            self._maybe_prune()
+        finally:
+            self._read_now.clear()
 
     def _look_at(self, job_ids: set[str]) -> None:
         """The jobs an event named: a new one joins the queue, a live one may be stopping."""
@@ -298,6 +302,7 @@ class Supervisor:
                                     f"unknown job kind {data.get(p.F_KIND)!r}")
                 return
             self._enqueue(job_id, p.fifo_key(data))
+            self._read_now[job_id] = data
         elif state in (p.JobState.QUEUED, p.JobState.RUNNING):
             self._adopt(job_id, data)
         else:  # final, or no state at all (the API reads it as corrupt): never rewritten
@@ -368,7 +373,8 @@ class Supervisor:
         """Start one queued job; False if the data folder cannot be written now (the
         job stays queued and launching waits for the next pass)."""
         job_file = self._file(job_id)
-        data = p.read_json_or_none(job_file)
+        # Read once per pass: a cancel since then left its stop file, looked for below.
+        data = self._read_now.pop(job_id, None) or p.read_json_or_none(job_file)
         if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
             return True
         if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
