@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -172,6 +173,24 @@ def make_server(data_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield factory
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def strace() -> str:
+    """strace, able to trace here (.ci/run installs it where it is missing)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("strace is Linux's")
+    path = shutil.which("strace")
+    if path is None:
+        reason = "strace is not installed (apt-get install strace)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}: .ci/run installs it, so CI must run this test")
+        pytest.skip(reason)
+    probe = subprocess.run([path, "-f", "-o", os.devnull, "true"], capture_output=True,
+                           text=True, timeout=30)
+    if probe.returncode != 0:  # a container without ptrace, say
+        pytest.skip(f"strace cannot trace here: {probe.stderr.strip()[:200]}")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,79 +19,11 @@ import pytest
 
 from jobs import protocol as p
 from tests.conftest import wait_for
-from tests.server import Server
+from tests.tracing import RENAMES, Call, TracedServer, parse
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 SYSCALLS = "openat,fsync,fdatasync,rename,renameat,renameat2,sendto,sendmsg,write,writev"
-RENAMES = ("rename", "renameat", "renameat2")
 FSYNCS = ("fsync", "fdatasync")
-
-
-@pytest.fixture
-def strace() -> str:
-    """strace, able to trace here (.ci/run installs it where it is missing)."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("strace is Linux's")
-    path = shutil.which("strace")
-    if path is None:
-        reason = "strace is not installed (apt-get install strace)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}: .ci/run installs it, so CI must run this test")
-        pytest.skip(reason)
-    probe = subprocess.run([path, "-f", "-o", os.devnull, "true"], capture_output=True,
-                           text=True, timeout=30)
-    if probe.returncode != 0:  # a container without ptrace, say
-        pytest.skip(f"strace cannot trace here: {probe.stderr.strip()[:200]}")
-    return path
-
-
-class TracedServer(Server):
-    """The real server, every process it starts traced from its first instruction."""
-
-    def __init__(self, strace: str, trace: Path, *args: Any) -> None:
-        super().__init__(*args)
-        self.strace = strace
-        self.trace = trace
-
-    def command(self) -> list[str]:
-        # -y: a descriptor shows its path; --seccomp-bpf: only these calls stop the tracee.
-        return [self.strace, "-f", "-qq", "-y", "-s", "400", "--seccomp-bpf",
-                "-e", "signal=none", "-e", f"trace={SYSCALLS}", "-o", str(self.trace),
-                *super().command()]
-
-
-@dataclass
-class Call:
-    tid: int
-    name: str
-    text: str
-    start: int  # line of the trace where it began
-    end: int  # line where it returned
-
-
-def parse(trace: str) -> list[Call]:
-    """System calls in the order they began; `<unfinished ...>` joined to its return."""
-    calls: list[Call] = []
-    unfinished: dict[int, Call] = {}
-    for number, line in enumerate(trace.splitlines()):
-        match = re.match(r"(\d+)\s+(.*)", line)
-        if match is None:
-            continue
-        tid, rest = int(match[1]), match[2]
-        if rest.startswith("<... "):
-            call = unfinished.pop(tid, None)
-            if call is not None:
-                call.text += rest.split("resumed>", 1)[-1]
-                call.end = number
-            continue
-        name = re.match(r"(\w+)\(", rest)
-        if name is None:
-            continue
-        call = Call(tid, name[1], rest.removesuffix("<unfinished ...>"), number, number)
-        if rest.endswith("<unfinished ...>"):
-            unfinished[tid] = call
-        calls.append(call)
-    return calls
 
 
 def _renames_to(calls: list[Call], target: Path) -> list[tuple[Call, str]]:
@@ -142,7 +70,7 @@ def test_creation_final_states_and_launch_records_are_fsynced(
         strace: str, data_dir: Path, tmp_path: Path) -> None:
     trace = tmp_path / "strace.txt"
     env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # no embedded model to trace
-    server = TracedServer(strace, trace, data_dir, tmp_path / "server.log", env)
+    server = TracedServer(strace, trace, SYSCALLS, data_dir, tmp_path / "server.log", env)
     try:
         server.start(timeout=120)
         with server.client() as client:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from jobs import protocol as p
-from jobs.protocol.wake import CAN_LISTEN, SOCKET_FILE, WAKE_FILE
+from jobs.protocol.wake import CAN_LISTEN, RING_READ, SOCKET_FILE, WAKE_FILE
 from tests.conftest import wait_for
 from tests.server import Server
+from tests.tracing import RENAMES, TracedServer, parse
 
 pytestmark = pytest.mark.skipif(not CAN_LISTEN, reason="no Unix sockets on this platform")
 
@@ -85,3 +86,43 @@ def test_a_ring_from_a_stranger_is_only_a_look(short_data_dir: Path, tmp_path: P
         assert not list((short_data_dir / "jobs").glob("0000*"))
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_ring_launches_its_job_without_looking_at_the_others(
+        strace: str, short_data_dir: Path, tmp_path: Path) -> None:
+    """The supervisor's thread, between reading a ring and claiming its job, neither lists
+    the job folder nor opens another job's file (strace on the real server)."""
+    trace = tmp_path / "strace.txt"
+    jobs = short_data_dir / "jobs"
+    server = TracedServer(strace, trace, "getdents64,openat,recvfrom,rename,renameat,renameat2",
+                          short_data_dir, tmp_path / "server.log", NO_MODEL)
+    ids = []
+    try:
+        server.start(timeout=120)
+        wait_for(lambda: (short_data_dir / SOCKET_FILE).exists(), 60, 0.05, "the doorbell")
+        for _ in range(10):  # jobs that are there already, finished
+            _run_one(server)
+        with server.client() as client:
+            for _ in range(5):
+                ids.append(client.post("/api/jobs", json={"kind": "sleep"}).json()["id"])
+                wait_for(lambda: client.get(f"/api/jobs/{ids[-1]}").json()["state"]
+                         == p.JobState.COMPLETED, 60, 0.05, "the job to complete")
+    finally:
+        server.stop()
+    calls = parse(trace.read_text())
+    quiet = 0
+    for job_id in ids:
+        claim = next(c for c in calls if c.name in RENAMES and c.text.rstrip().endswith("= 0")
+                     and f'"{jobs / job_id / p.RUN_FILE}"' in c.text)
+        # The doorbell's read: the id alone is the datagram (an HTTP read holds more).
+        ring = max(c.start for c in calls[:calls.index(claim)] if c.name == "recvfrom"
+                   and f'"{job_id}", {RING_READ}' in c.text)
+        between = [c for c in calls if ring < c.start < claim.start and c.tid == claim.tid]
+        listed = [c for c in between if c.name == "getdents64"]
+        others = [c for c in between if c.name == "openat" and p.JOB_FILE in c.text
+                  and job_id not in c.text]
+        quiet += not listed and not others
+    # A full pass every SUPERVISOR_INTERVAL_S may fall in between now and then.
+    assert quiet >= 3, f"only {quiet} of {len(ids)} jobs were launched from their ring alone"

@@ -33,6 +33,7 @@ WAKE_FILE = "supervisor.wake"
 CAN_LISTEN = sys.platform != "win32" and hasattr(socket, "AF_UNIX")
 # Everything about the folder (a ring from the wake file says no more than that).
 ALL_JOBS = ""
+RING_READ = 64  # bytes read per ring: an id, and room to tell a longer datagram apart
 
 _sender: socket.socket | None = None
 _sender_lock = threading.Lock()
@@ -121,7 +122,7 @@ class Doorbell:
     def _drain(sock: socket.socket, on_ring: Callable[[str], None]) -> None:
         while True:
             try:
-                data = sock.recv(64)
+                data = sock.recv(RING_READ)
             except OSError:
                 return  # BlockingIOError once every ring is read
             on_ring(data.decode("ascii", "replace"))
