@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import api, core, durability, http, llm, ray, scale, soak, train
+from bench import api, core, durability, events, http, llm, ray, scale, soak, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Run = Callable[[], dict[str, Any]]
@@ -27,6 +27,7 @@ SUITES: dict[str, tuple[Run, Report, Plot | None]] = {
     "ray": (ray.run, ray.report, None),
     "durability": (durability.run, durability.report, None),
     "http": (http.run, http.report, None),
+    "events": (events.run, events.report, None),
 }
 
 

@@ -33,7 +33,8 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_EVENT_STREAMS = 256  # open /events connections per worker, by default
 INDEX_REFRESH_S = 0.1  # how often each API worker brings its job index up to date
 GIL_SWITCH_S = 0.001  # the API process's GIL switch interval (Python's default: 5 ms)
-EVENT_POLL_S = 0.04  # how often an event stream looks at its job file
+EVENT_POLL_S = 0.04  # how often a followed job file is looked at without change notifications
+EVENT_CHECK_S = 0.5  # and with them: a missed notification costs at most this
 KEEPALIVE_S = 15.0
 CANCEL_WAIT_S = 10.0  # DELETE waits this long for the runner to stop
 HISTORY_SAMPLE_S = 1.0
@@ -114,6 +115,8 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     allowed_hosts: str = ""
     max_event_streams: int = Field(MAX_EVENT_STREAMS, ge=1)
+    # False: /events polls job files every EVENT_POLL_S instead of taking change notifications.
+    event_notify: bool = True
     log_max_mb: float = Field(10.0, ge=0.01)
     api_token: SecretStr | None = None
     # The OpenAI client's own names, without the prefix.

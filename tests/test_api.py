@@ -143,6 +143,25 @@ def test_events_stream_every_change_and_close(server: Server) -> None:
     assert fractions == sorted(fractions)
 
 
+@pytest.mark.parametrize("notify", ["1", "0"], ids=["notified", "polled"])
+def test_a_follower_sees_each_write_of_a_job(make_server: MakeServer, llm: FakeLLM,
+                                             notify: str) -> None:
+    """With change notifications, and without them (the poll every stream falls back on)."""
+    server = make_server(env={"OPENAI_BASE_URL": llm.base_url, "OFFLOAD_EVENT_NOTIFY": notify})
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"kind": "sleep",
+                                             "input": {"seconds": 2, "steps": 4}}).json()
+        events = []
+        with client.stream("GET", f"/api/jobs/{job['id']}/events") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+    fractions = [e["progress"]["fraction"] for e in events if e["progress"]]
+    # Half a second apart, each step's write is an event (the last one's may be the end's).
+    assert list(dict.fromkeys(fractions)) == [0.25, 0.5, 0.75, 1.0], fractions
+    assert events[-1]["state"] == "completed"
+
+
 def test_chat_output_streams_over_events(server: Server) -> None:
     with server.client() as client:
         job = client.post("/api/jobs", json={"kind": "chat", "input": {

@@ -89,3 +89,18 @@ def test_http_benchmark_measures_the_redis_peers(
     row = getattr(http, peer)()
     assert row is not None and row["latency"]["n"] == 3
     assert row["throughput"]["completed"] == 5
+
+
+def test_events_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import events
+
+    monkeypatch.setattr(events, "ROUNDS", 1)
+    monkeypatch.setattr(events, "FAST_WRITES", 5)
+    monkeypatch.setattr(events, "CHAT_PHASE_S", 1.0)
+    monkeypatch.setattr(events, "FOLLOWERS", 3)
+    results = events.run()
+    assert [mode["mode"] for mode in results["modes"]] == ["notify", "poll"]
+    for mode in results["modes"]:
+        assert mode["crowd"]["n"] == 5, "every write at a chat's pace reaches the follower"
+        assert all(f["min"] >= 2 for f in mode["followers_events"])
+    assert "write -> seen median / p90 (ms)" in events.report(results)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -13,11 +10,11 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from jobs import protocol as p
+from jobs.api.follow import Signature, file_signature, followed
 from jobs.api.guards import require_token
 from jobs.api.service import JobService
 from jobs.models import Job, JobCreate, JobList
 from jobs.protocol import JobState
-from jobs.settings import EVENT_POLL_S, KEEPALIVE_S
 
 router = APIRouter(prefix="/api", tags=["jobs"], dependencies=[Depends(require_token)])
 
@@ -80,46 +77,46 @@ _slots = _StreamSlots()
             responses={200: {"content": {"text/event-stream": {}}}})
 async def job_events(job_id: str, service: Service) -> StreamingResponse:
     """One `data:` line of job JSON on every change; closes after the final state."""
-    path = service.store.path(job_id)
+    path = str(service.store.path(job_id))
+    read_as = file_signature(path)
     first = await service.get(job_id)  # 404 before the stream starts
     limit = service.settings.max_event_streams
     if _slots.open >= limit:
         raise HTTPException(503, f"too many open event streams ({limit}); "
                                  "poll GET /api/jobs/{id} instead, or retry later")
-    return StreamingResponse(_follow(service, job_id, str(path), first),
+    return StreamingResponse(_follow(service, job_id, path, first, read_as),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _follow(service: JobService, job_id: str, path: str,
-                  job: dict[str, Any]) -> AsyncIterator[str]:
+async def _follow(service: JobService, job_id: str, path: str, job: dict[str, Any],
+                  read_as: Signature) -> AsyncIterator[str]:
+    """`job`: read by the route when the file's signature was `read_as`."""
+    registry = followed()
+    watch = registry.join(job_id, path, service.read, _event, service.settings.event_notify)
     _slots.open += 1
     try:
-        last_seen = _signature(path)
-        yield _event(job)
-        last_sent = time.monotonic()
-        while job.get(p.F_STATE) not in p.FINAL_STATES:
-            await asyncio.sleep(EVENT_POLL_S)
-            signature = _signature(path)  # one stat: microseconds, fine on the loop
-            if signature != last_seen:
-                last_seen = signature
-                job = await service.read(job_id)
-                yield _event(job)
-                last_sent = time.monotonic()
-            elif time.monotonic() - last_sent > KEEPALIVE_S:
+        version, beats = watch.version, watch.beats
+        if file_signature(path) != read_as:  # changed since: the watch may have published it
+            job = await service.get(job_id)
+        sent = _event(job)
+        yield sent
+        final = job.get(p.F_STATE) in p.FINAL_STATES
+        while not final:
+            await watch.wait(version, beats)
+            if watch.version != version:
+                version, final = watch.version, watch.final
+                if watch.text != sent:
+                    sent = watch.text
+                    yield sent
+            elif watch.beats != beats:
+                beats = watch.beats
                 yield ": keep-alive\n\n"
-                last_sent = time.monotonic()
+            else:
+                break  # the job file is gone
     finally:
+        registry.leave(watch)
         _slots.open -= 1
-
-
-def _signature(path: str) -> tuple[int, int, int]:
-    # Every write is a new file (atomic replace), so the inode changes too.
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (0, 0, 0)
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _event(job: dict[str, Any]) -> str:

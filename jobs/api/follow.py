@@ -1,0 +1,177 @@
+"""Followed jobs for `/events`: one watch per job in this worker, shared by its followers.
+
+Every writer replaces a job file by a rename in the job's folder, so a change notification
+of that folder (`jobs.api.inotify`) wakes the job's watch at once; it reads the file once
+and hands the encoded event to all followers, so a follower costs a wake-up per change.
+A poll runs beside the notification: slow where notifications work, `EVENT_POLL_S` where
+there are none (other platforms, OFFLOAD_EVENT_NOTIFY=0), so a missed notification costs
+latency, never an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from jobs import protocol as p
+from jobs.api.inotify import FolderNotifier, open_notifier
+from jobs.settings import EVENT_CHECK_S, EVENT_POLL_S, KEEPALIVE_S
+from jobs.store.job_store import JobNotFound
+
+log = logging.getLogger(__name__)
+
+Reader = Callable[[str], Awaitable[dict[str, Any]]]
+Encoder = Callable[[dict[str, Any]], str]
+Signature = tuple[int, int, int]
+
+
+def file_signature(path: str) -> Signature:
+    # Every write is a new file (atomic replace), so the inode changes too.
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class JobWatch:
+    """A job file's latest event for its followers; `version` grows with each one, `beats`
+    with each keep-alive, and `ended` says no more will come."""
+
+    def __init__(self, job_id: str, path: str, read: Reader, encode: Encoder) -> None:
+        self.job_id = job_id
+        self.path = path
+        self.followers = 0
+        self.version = 0
+        self.text = ""
+        self.final = False
+        self.beats = 0
+        self.ended = False
+        self.notified = False  # a folder notification stands behind the poll
+        self.wd: int | None = None
+        self._read = read
+        self._encode = encode
+        self._signature = file_signature(path)
+        self._poked = asyncio.Event()
+        self._published = asyncio.Event()  # replaced at each publication; the old one set
+        self._task: asyncio.Task[None] | None = None
+
+    def poke(self) -> None:
+        self._poked.set()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name=f"following {self.job_id}")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def wait(self, version: int, beats: int) -> None:
+        """Until there is something past `version` and `beats`, or the watch ended."""
+        while self.version == version and self.beats == beats and not self.ended:
+            await self._published.wait()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
+        try:
+            while True:
+                self._poked.clear()  # before the look: a write after it pokes again
+                signature = file_signature(self.path)
+                if signature != self._signature:
+                    self._signature = signature
+                    job = await self._read(self.job_id)
+                    self.text = self._encode(job)
+                    self.final = job.get(p.F_STATE) in p.FINAL_STATES
+                    self.version += 1
+                    self._publish()
+                    quiet_since = loop.time()
+                    if self.final:
+                        return
+                elif loop.time() - quiet_since >= KEEPALIVE_S:
+                    self.beats += 1
+                    self._publish()
+                    quiet_since = loop.time()
+                timer = loop.call_later(EVENT_CHECK_S if self.notified else EVENT_POLL_S,
+                                        self._poked.set)
+                try:
+                    await self._poked.wait()
+                finally:
+                    timer.cancel()
+        except JobNotFound:
+            pass  # removed while followed: the streams end
+        except Exception:
+            log.exception("following job %s failed", self.job_id)
+        finally:
+            self.ended = True
+            self._publish()
+
+    def _publish(self) -> None:
+        published, self._published = self._published, asyncio.Event()
+        published.set()
+
+
+class Followed:
+    """The watched jobs of one event loop; a job's watch starts with its first follower
+    and stops after its last, and the notifier is open only while some job is watched."""
+
+    def __init__(self, on_empty: Callable[[], object] | None = None) -> None:
+        self.watches: dict[str, JobWatch] = {}
+        self.notifier: FolderNotifier | None = None
+        self._on_empty = on_empty
+
+    def join(self, job_id: str, path: str, read: Reader, encode: Encoder,
+             notify: bool) -> JobWatch:
+        watch = self.watches.get(job_id)
+        if watch is None:
+            watch = JobWatch(job_id, path, read, encode)
+            if notify:
+                self._notify(watch)
+            self.watches[job_id] = watch
+            watch.start()
+        watch.followers += 1
+        return watch
+
+    def leave(self, watch: JobWatch) -> None:
+        watch.followers -= 1
+        if watch.followers > 0:
+            return
+        watch.stop()
+        del self.watches[watch.job_id]
+        if self.notifier is not None and watch.wd is not None:
+            self.notifier.remove(watch.wd)
+        if self.watches:
+            return
+        if self.notifier is not None:
+            self.notifier.close()
+            self.notifier = None
+        if self._on_empty is not None:
+            self._on_empty()
+
+    def _notify(self, watch: JobWatch) -> None:
+        if self.notifier is None:
+            self.notifier = open_notifier(asyncio.get_running_loop())
+        if self.notifier is not None:
+            watch.wd = self.notifier.add(os.path.dirname(watch.path), p.JOB_FILE, watch.poke)
+            watch.notified = watch.wd is not None
+
+
+# Kept while something is followed (a test may run several servers, each on its own loop).
+_by_loop: dict[asyncio.AbstractEventLoop, Followed] = {}
+
+
+def followed() -> Followed:
+    """This event loop's followed jobs."""
+    loop = asyncio.get_running_loop()
+    registry = _by_loop.get(loop)
+    if registry is None:
+        registry = _by_loop[loop] = Followed(on_empty=lambda: _by_loop.pop(loop, None))
+    return registry

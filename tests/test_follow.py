@@ -1,0 +1,123 @@
+"""The shared watch behind `/events` (jobs/api/follow.py), in this process: one watch per
+followed job, every write reaching it, and nothing left once its last follower leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs import protocol as p
+from jobs.api import follow
+from jobs.api.follow import Followed, JobWatch, Reader, followed
+from jobs.store.job_store import JobNotFound
+
+WAIT_S = 30  # a generous bound for a loaded machine, not a latency check
+
+
+def _open_fds() -> int | None:
+    return len(os.listdir("/proc/self/fd")) if sys.platform == "linux" else None
+
+
+def _job(folder: Path, state: str = "running", step: int = 0) -> dict[str, Any]:
+    job = {p.F_ID: folder.name, p.F_STATE: state, "step": step}
+    p.write_json(folder / p.JOB_FILE, job)
+    return job
+
+
+def _reader(folder: Path) -> Reader:
+    async def read(job_id: str) -> dict[str, Any]:
+        data = p.read_json(folder / p.JOB_FILE)
+        if data is None:
+            raise JobNotFound(job_id)
+        return data
+
+    return read
+
+
+async def _next(watch: JobWatch, version: int) -> int:
+    await asyncio.wait_for(watch.wait(version, watch.beats), WAIT_S)
+    return watch.version
+
+
+def _follow_steps(tmp_path: Path, notify: bool) -> None:
+    folder = tmp_path / ("a" * 32)
+    folder.mkdir()
+    _job(folder)
+    read = _reader(folder)
+
+    async def main() -> None:
+        registry = Followed()
+        fds = _open_fds()
+        path = str(folder / p.JOB_FILE)
+        one = registry.join(folder.name, path, read, json.dumps, notify)
+        two = registry.join(folder.name, path, read, json.dumps, notify)
+        assert one is two and list(registry.watches) == [folder.name]
+        assert (registry.notifier is not None) == (notify and sys.platform == "linux")
+        version = one.version
+        for step in range(1, 4):
+            _job(folder, step=step)
+            while json.loads(one.text or "{}").get("step") != step:
+                version = await _next(one, version)
+        _job(folder, "completed", 4)
+        while not one.final:
+            version = await _next(one, version)
+        registry.leave(one)
+        assert list(registry.watches) == [folder.name], "still followed by the second"
+        registry.leave(two)
+        await asyncio.sleep(0)  # the cancelled task's last step
+        assert registry.watches == {} and registry.notifier is None
+        assert not one.running
+        assert _open_fds() == fds, "the notifier's descriptor is closed with the last watch"
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("notify", [True, False], ids=["notified", "polled"])
+def test_one_watch_sees_every_write_and_stops_with_its_last_follower(
+        tmp_path: Path, notify: bool) -> None:
+    _follow_steps(tmp_path, notify)
+
+
+def test_a_follower_leaving_early_stops_the_watch_of_a_running_job(tmp_path: Path) -> None:
+    folder = tmp_path / ("b" * 32)
+    folder.mkdir()
+    _job(folder)
+    read = _reader(folder)
+
+    async def main() -> None:
+        registry = followed()
+        assert followed() is registry, "one per event loop"
+        watch = registry.join(folder.name, str(folder / p.JOB_FILE), read, json.dumps, True)
+        await asyncio.sleep(0)
+        assert watch.running
+        registry.leave(watch)
+        await asyncio.sleep(0)
+        assert not watch.running and registry.watches == {} and registry.notifier is None
+        assert asyncio.get_running_loop() not in follow._by_loop, "dropped once empty"
+
+    asyncio.run(main())
+
+
+def test_a_removed_job_ends_its_watch(tmp_path: Path) -> None:
+    folder = tmp_path / ("c" * 32)
+    folder.mkdir()
+    _job(folder)
+    read = _reader(folder)
+
+    async def main() -> None:
+        registry = Followed()
+        watch = registry.join(folder.name, str(folder / p.JOB_FILE), read, json.dumps, True)
+        shutil.rmtree(folder)  # pruned while followed
+        await asyncio.wait_for(watch.wait(watch.version, watch.beats), WAIT_S)
+        assert watch.ended and not watch.final
+        registry.leave(watch)
+        assert registry.watches == {} and registry.notifier is None
+
+    asyncio.run(main())
