@@ -21,7 +21,8 @@ from jobs.store.job_store import JobStore
 from tests.conftest import process_gone, wait_for
 
 MakeServer = Callable[..., Any]
-SPARES = {"OFFLOAD_LAUNCH_MODE": "spares"}
+NO_MODEL = {"OFFLOAD_LOCAL_MODEL": "/nonexistent/model.gguf"}  # no model server to start
+SPARES = {"OFFLOAD_LAUNCH_MODE": "spares", **NO_MODEL}
 
 
 def spares(data_dir: Path) -> list[psutil.Process]:
@@ -180,7 +181,7 @@ def test_a_crashing_runner_fails_as_a_spawned_one_does(make_server: MakeServer,
                                                        data_dir: Path) -> None:
     seen = {}
     for mode in ("spares", "spawn"):
-        server = make_server(env={"OFFLOAD_LAUNCH_MODE": mode})
+        server = make_server(env={"OFFLOAD_LAUNCH_MODE": mode, **NO_MODEL})
         with server.client() as client:
             final(client, submit(client, seconds=0))
             ready = warm(data_dir) if mode == "spares" else set()
