@@ -39,6 +39,8 @@ RQ_WORKERS = 2
 CELERY_PROCESSES = 2
 TIMEOUT_S = 120.0
 SLEEP_JOB = {"kind": "sleep", "input": {"seconds": 0, "steps": 1}}
+# Runners taken by warm spare interpreters: the way without a safe fork (macOS, Windows).
+SPARES = ({"OFFLOAD_LAUNCH_MODE": "spares"}, ", warm spares")
 
 
 def _throughput(n: int, seconds: float, completed: int) -> dict[str, Any]:
@@ -103,13 +105,14 @@ def _wait_final(client: httpx.Client, job_id: str) -> str:
     raise TimeoutError(f"job {job_id} did not finish")
 
 
-def offload(cap: int) -> dict[str, Any]:
+def offload(cap: int, extra_env: dict[str, str] | None = None,
+            label: str = "") -> dict[str, Any]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="offload-bench-http-") as tmp:
         # A remote LLM named (never called): no embedded model server shares the cores.
         env = {"OFFLOAD_DATA_DIR": str(Path(tmp) / "var"), "OFFLOAD_MAX_CONCURRENT": str(cap),
-               "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+               "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", **(extra_env or {})}
         args = ["-m", "uvicorn", "api_entry:app", "--host", "127.0.0.1", "--port", str(port),
                 "--log-level", "warning"]
         with _process(args, env, f"{url}/api/health"), \
@@ -132,7 +135,7 @@ def offload(cap: int) -> dict[str, Any]:
             states = [_wait_final(client, job_id) for job_id in ids]
             seconds = time.perf_counter() - t0
     completed = states.count(p.JobState.COMPLETED)
-    return {"system": f"Offload over HTTP, cap {cap}", "latency": latency,
+    return {"system": f"Offload over HTTP, cap {cap}{label}", "latency": latency,
             "throughput": _throughput(THROUGHPUT_JOBS, seconds, completed)}
 
 
@@ -270,7 +273,8 @@ def celery() -> dict[str, Any] | None:
 
 
 def run() -> dict[str, Any]:
-    rows = [spawn_floor(), fork_floor(), *(offload(cap) for cap in CAPS), huey()]
+    rows = [spawn_floor(), fork_floor(), *(offload(cap) for cap in CAPS), offload(2, *SPARES),
+            huey()]
     skipped: dict[str, str] = {}
     for name, peer in (("RQ", rq), ("Celery", celery)):
         if shutil.which("redis-server") is None:

@@ -136,6 +136,8 @@ class Settings(BaseSettings):
     supervisor_nice: int = SUPERVISOR_NICE
     # False: every runner starts as a new interpreter, also where the fork server runs.
     fork_server: bool = True
+    # How a runner starts (jobs/launch/local.py); auto: as fork_server says.
+    launch_mode: Literal["auto", "fork", "spares", "spawn"] = "auto"
     kinds: str = ""  # job kinds of one's own, `name=module,...` (jobs/kinds.py)
 
     def __init__(self, **values: Any) -> None:

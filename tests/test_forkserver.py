@@ -18,7 +18,7 @@ import pytest
 from jobs import protocol as p
 from jobs.kinds import runner_modules
 from jobs.launch import forkserver
-from jobs.launch.local import LocalLauncher, LocalRun
+from jobs.launch.local import FORK, LocalLauncher, LocalRun
 from jobs.protocol.wake import OUTPUT_FILE
 from jobs.store.job_store import JobStore
 from tests.conftest import ROOT, process_gone, wait_for
@@ -30,7 +30,7 @@ Start = Callable[..., tuple[LocalRun, Path, threading.Event]]
 
 @pytest.fixture
 def launcher() -> Iterator[LocalLauncher]:
-    each = LocalLauncher(fork_server=True)
+    each = LocalLauncher(mode=FORK)
     yield each
     each.close()
 

@@ -12,7 +12,7 @@ import pytest
 
 from jobs import protocol as p
 from jobs.launch.base import Launcher
-from jobs.launch.local import LocalLauncher, LocalRun
+from jobs.launch.local import SPARES, SPAWN, LocalLauncher, LocalRun
 from jobs.launch.ray import RayLauncher, RemoteRun, submission_id
 from jobs.launch.ray_client import RayJobNotFound, RayJobsClient
 from jobs.supervisor.loop import Supervisor
@@ -21,10 +21,12 @@ from tests.conftest import RunningSupervisor, process_gone, wait_for
 MakeLaunched = Callable[..., RunningSupervisor]
 
 
-@pytest.fixture(params=["local", "local-exec", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.fixture(params=["local", "local-exec", "local-spares",
+                        pytest.param("ray", marks=pytest.mark.ray)])
 def launcher_name(request: pytest.FixtureRequest) -> str:
-    """local: runners forked by the fork server (Linux); local-exec: each a new
-    interpreter, as on macOS and Windows; ray: Ray Jobs."""
+    """local: runners forked by the fork server (Linux; elsewhere warm spares); local-exec:
+    each a new interpreter; local-spares: each taken by a warm spare, as on macOS and
+    Windows; ray: Ray Jobs."""
     return str(request.param)
 
 
@@ -34,7 +36,9 @@ def make_launcher(launcher_name: str, request: pytest.FixtureRequest
     if launcher_name == "local":
         return LocalLauncher
     if launcher_name == "local-exec":
-        return lambda: LocalLauncher(fork_server=False)
+        return lambda: LocalLauncher(mode=SPAWN)
+    if launcher_name == "local-spares":
+        return lambda: LocalLauncher(mode=SPARES)
     head = request.getfixturevalue("ray_head")
     return lambda: RayLauncher(head.address)
 
@@ -63,7 +67,7 @@ def test_running_then_completed_with_rising_progress(launched: MakeLaunched,
     sup = launched(max_concurrent=2)
     job_id = sup.submit(seconds=1.5, steps=5, tag="x")
     job = sup.wait_state(job_id, "running", timeout=60)
-    assert job["launcher"] == launcher_name.removesuffix("-exec") and job["host"]
+    assert job["launcher"] == launcher_name.split("-")[0] and job["host"]
     fractions: list[float] = []
     while (job := sup.job(job_id))["state"] == "running":
         fraction = (job["progress"] or {}).get("fraction")
@@ -74,7 +78,7 @@ def test_running_then_completed_with_rising_progress(launched: MakeLaunched,
     assert job["result"]["echo"] == {"seconds": 1.5, "steps": 5, "tag": "x"}
     assert job["exit_code"] == 0 and job["error"] is None
     assert len(fractions) >= 2 and fractions == sorted(fractions), fractions
-    assert job["launcher"] == launcher_name.removesuffix("-exec")
+    assert job["launcher"] == launcher_name.split("-")[0]
     if isinstance(sup.supervisor.launcher, RayLauncher):
         client = sup.supervisor.launcher.client
         # Released once the local file is final.

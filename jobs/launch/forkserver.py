@@ -27,30 +27,27 @@ import importlib
 import json
 import logging
 import os
-import runpy
 import select
 import signal
 import subprocess
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
-
-if sys.platform == "linux":
-    # Loaded here once: a forked runner then only writes its title.
-    import setproctitle
+from jobs.launch.warm import (
+    TITLE_ROOM,
+    TITLE_ROOM_ENV,
+    project_files,
+    run_as_main,
+    show_command_line,
+)
 
 log = logging.getLogger(__name__)
 
 PRELOAD = ("runners.chat", "runners.sleep")  # train imports numpy: forked fresh instead
-# Room a child's title can take (its job file's path), whatever the supervisor's
-# environment holds: setproctitle writes over the arguments and the environment block.
-TITLE_ROOM = 1024
-TITLE_ROOM_ENV = "OFFLOAD_FORKSERVER_TITLE_ROOM"
 REPLY_TIMEOUT_S = 10.0
 EXIT_POLL_S = 1.0  # how often a runner's waiter checks it without the server's word
 AVAILABLE = sys.platform == "linux"
@@ -85,42 +82,11 @@ def main() -> int:
     requests, replies = os.dup(0), os.dup(1)
     os.dup2(2, 1)
     _send(replies, {"ready": os.getpid()})
-    request = _serve(requests, replies, _project_files())
+    request = _serve(requests, replies, project_files())
     if request is None:
         return 0
     # Only a forked child gets here, with the server's frames gone from its stack.
-    return _run_runner(request)
-
-
-def _run_runner(request: dict[str, Any]) -> int:
-    """Run the runner module as `python -m` would, then end the process the way
-    multiprocessing ends a forked child: wait for its threads, flush, `os._exit` —
-    not a teardown of the few hundred modules the server had loaded."""
-    sys.argv = [request["module"], "--job-file", request["job_file"]]
-    # A fresh __main__, not the preloaded module (whose imports stay loaded: they are
-    # what the preloading saves).
-    sys.modules.pop(request["module"], None)
-    code = 0
-    try:
-        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            code = exc.code or 0
-        else:
-            print(exc.code, file=sys.stderr)
-            code = 1
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    try:
-        threading._shutdown()  # type: ignore[attr-defined]  # non-daemon threads, as at exit
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+    run_as_main(request["module"], request["job_file"])
 
 
 def _serve(requests: int, replies: int, files: dict[str, int]) -> dict[str, Any] | None:
@@ -173,7 +139,7 @@ def _fork(request: dict[str, Any], files: dict[str, int], replies: int,
           server_fds: tuple[int, ...]) -> int:
     if sys.platform == "win32":
         raise OSError("no fork on Windows")
-    stale = _project_files() != files
+    stale = project_files() != files
     log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         pid: int = os.fork()
@@ -218,7 +184,7 @@ def _become_runner(request: dict[str, Any], log_fd: int, replies: int,
     if stale:  # a project file changed since the server started: run the code as it is now
         os.environ.pop(TITLE_ROOM_ENV, None)
         os.execv(sys.executable, argv)
-    _show_command_line(argv)
+    show_command_line(argv)
     os.environ.pop(TITLE_ROOM_ENV, None)  # its room is taken now; the runner never sees it
 
 
@@ -239,29 +205,6 @@ def _send(replies: int, message: dict[str, Any]) -> None:
     data = (json.dumps(message) + "\n").encode()
     while data:
         data = data[os.write(replies, data):]
-
-
-def _project_files() -> dict[str, int]:
-    """The project's modules this interpreter has loaded, with their mtimes."""
-    files = {}
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        if path and path.startswith(p.ROOT + os.sep) and ".venv" not in path:
-            try:
-                files[path] = os.stat(path).st_mtime_ns
-            except OSError:
-                files[path] = 0
-    return files
-
-
-def _show_command_line(argv: list[str]) -> None:
-    """Show `argv` as this process's command line (what `ps` and psutil show): one
-    string, its spaces separating the arguments."""
-    if sys.platform == "linux":  # the fork server's only platform; tells the type checker
-        name = setproctitle.getthreadtitle()
-        setproctitle.setproctitle(" ".join(argv))
-        # setproctitle renames the process too; top and pgrep keep the interpreter's name.
-        setproctitle.setthreadtitle(name)
 
 
 # -- the client (in the supervisor) ----------------------------------------------------

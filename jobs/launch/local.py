@@ -1,24 +1,40 @@
 """The local launcher: runners as processes of this machine, forked by the fork server
-where there is one (Linux), else started as new interpreters (`jobs.launch.processes`)."""
+where there is one (Linux), else taken from warm spare interpreters (`jobs.launch.spare`),
+or started as new interpreters (`jobs.launch.processes`): `OFFLOAD_LAUNCH_MODE`."""
 
 from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
-from jobs.launch import forkserver, processes
+from jobs.launch import forkserver, processes, spare_pool
 from jobs.launch.base import Launcher, OnExit, Run, claim
 from jobs.launch.pids import find
-from jobs.settings import get_settings
+from jobs.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 _ADOPT_START_TOLERANCE_S = 5.0
+FORK, SPARES, SPAWN = "fork", "spares", "spawn"  # how a runner starts
+
+
+def launch_mode(settings: Settings) -> str:
+    """`OFFLOAD_LAUNCH_MODE`, or by default the fork server (`OFFLOAD_FORK_SERVER=0`: a
+    new interpreter per runner); where no fork server can run, spares do its work."""
+    mode: str = settings.launch_mode
+    if mode == "auto":
+        mode = FORK if settings.fork_server else SPAWN
+    return _runnable(mode)
+
+
+def _runnable(mode: str) -> str:
+    return SPARES if mode == FORK and not forkserver.AVAILABLE else mode
 
 
 @dataclass
@@ -30,18 +46,24 @@ class LocalLauncher(Launcher):
     name = p.LOCAL
 
     def __init__(self, runner_env: dict[str, str] | None = None,
-                 fork_server: bool | None = None) -> None:
+                 mode: str | None = None) -> None:
+        """`mode`: FORK, SPARES or SPAWN; by default the settings' (`launch_mode`)."""
         self.runner_env = runner_env or {}
-        wanted = get_settings().fork_server if fork_server is None else fork_server
-        self._fork_server = forkserver.AVAILABLE and wanted
-        self._forker: forkserver.ForkServer | None = None  # started with the first runner
+        self.mode = launch_mode(get_settings()) if mode is None else _runnable(mode)
+        # Started with the first runner:
+        self._forker: forkserver.ForkServer | None = None
+        self._spares: spare_pool.SparePool | None = None
 
     def start(self, module: str, job_file: Path, data: dict[str, Any], on_exit: OnExit) -> Run:
         run_file = p.sibling(job_file, p.RUN_FILE)
         record = p.read_json(run_file)
         if record is not None:
             return self.adopt(job_file, record, data, on_exit)  # claimed before: never twice
-        if self._fork_server:
+        if self.mode == SPARES and self._spares is None:
+            # What the fork server preloads: a spare pays for its imports once per job.
+            self._spares = spare_pool.SparePool(processes.runner_env(self.runner_env),
+                                                forkserver.PRELOAD)
+        if self.mode == FORK:
             if self._forker is None:
                 self._forker = forkserver.ForkServer(processes.runner_env(self.runner_env))
             # Before the claim: between claim and spawn nothing slow may happen (the
@@ -50,7 +72,8 @@ class LocalLauncher(Launcher):
         # Claim first: a supervisor that dies right here leaves a job that is lost,
         # never one that runs twice.
         claim(run_file, {"pid": None, "claimed_by": os.getpid()})
-        runner = processes.spawn(module, job_file, self.runner_env, self._forker)
+        taken = self._spares.take(module, job_file) if self._spares is not None else None
+        runner = processes.spawn(module, job_file, self.runner_env, self._forker, taken)
         try:
             # Not fsync'd: a power cut that loses it ends the runner too, and the durable
             # claim alone then says lost.
@@ -60,7 +83,8 @@ class LocalLauncher(Launcher):
         if runner.child is not None:
             threading.Thread(target=_wait_exit, args=(runner, on_exit), daemon=True,
                              name=f"wait-{runner.job_id[:8]}").start()
-        return LocalRun(runner.job_id, job_file, self.name, runner.create_time, runner)
+        # Now, not its create time: a spare was started long before it was given the job.
+        return LocalRun(runner.job_id, job_file, self.name, time.time(), runner)
 
     def adopt(self, job_file: Path, record: dict[str, Any], data: dict[str, Any],
               on_exit: OnExit) -> Run:
@@ -70,7 +94,10 @@ class LocalLauncher(Launcher):
         runner = processes.Runner(job_id, int(pid) if isinstance(pid, int) else 0, create_time)
         if runner.pid and create_time is None:
             runner.create_time = _create_time_near(runner.pid, data.get(p.F_STARTED_AT))
-        return LocalRun(job_id, job_file, self.name, runner.create_time, runner)
+        # When the job was given to it: a spare was started long before.
+        launched_ns = record.get("launched_ns")
+        started = launched_ns / 1e9 if isinstance(launched_ns, int) else runner.create_time
+        return LocalRun(job_id, job_file, self.name, started, runner)
 
     def is_alive(self, run: Run) -> bool:
         runner = _runner(run)
@@ -94,6 +121,8 @@ class LocalLauncher(Launcher):
     def close(self) -> None:
         if self._forker is not None:
             self._forker.close()
+        if self._spares is not None:
+            self._spares.close()
 
 
 def _runner(run: Run) -> processes.Runner:

@@ -7,7 +7,7 @@ from typing import Any
 
 from jobs import protocol as p
 from jobs.launch.base import Launcher
-from jobs.launch.local import LocalLauncher
+from jobs.launch.local import LocalLauncher, launch_mode
 from jobs.launch.ray import RayLauncher
 from jobs.settings import Settings
 
@@ -16,7 +16,7 @@ def make_launcher(settings: Settings) -> Launcher:
     """The launcher `OFFLOAD_LAUNCHER` names."""
     if settings.launcher == p.RAY:
         return RayLauncher.from_settings(settings)
-    return LocalLauncher(settings.runner_env(), fork_server=settings.fork_server)
+    return LocalLauncher(settings.runner_env(), launch_mode(settings))
 
 
 def adopting_launcher(record: dict[str, Any], runner_env: dict[str, str],

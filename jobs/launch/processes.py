@@ -17,7 +17,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 import psutil
 
@@ -88,23 +88,23 @@ def runner_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def spawn(module: str, job_file: Path, env: dict[str, str] | None = None,
-          forker: ForkServer | None = None) -> Runner:
-    """Start a detached, low-priority runner whose output goes to the job's log: forked
-    by `forker` when there is one (Linux), else a new interpreter. A new interpreter
+          forker: ForkServer | None = None, spare: Child | None = None) -> Runner:
+    """Start a detached, low-priority runner whose output goes to the job's log: the
+    warm `spare` that has taken this job (`jobs.launch.spare`), or forked by `forker`
+    when there is one (Linux), else a new interpreter. A new interpreter
     replaces a fork only when the fork server says it started none (ForkServerError);
     if it cannot tell, ForkInDoubt (an OSError) fails the job: never two runners."""
     argv = command(module, job_file)
     log_path = p.sibling(job_file, p.LOG_FILE)
-    child: Child | None = None
-    if forker is not None:
+    child: Child | None = spare
+    if child is None and forker is not None:
         try:
             child = forker.spawn(module, job_file, log_path)
         except ForkServerError as exc:
             log.warning("job %s: %s; starting its runner as a new interpreter",
                         p.id_of(job_file), exc)
     if child is None:
-        child = (_idle_spawner.spawn(argv, log_path, runner_env(env)) if _CAN_SPAWN_IDLE
-                 else _popen(argv, log_path, runner_env(env)))
+        child, _ = new_interpreter(argv, runner_env(env), log_path)
     runner = Runner(p.id_of(job_file), child.pid, None, child)
     try:
         proc = psutil.Process(child.pid)
@@ -113,6 +113,29 @@ def spawn(module: str, job_file: Path, env: dict[str, str] | None = None,
     except psutil.Error:
         pass  # exited already (it stays a zombie until waited, so this is rare); reaped later
     return runner
+
+
+@dataclass
+class Pipes:
+    """A child's stdin, to write to, and its stdout, to read."""
+
+    stdin: IO[bytes]
+    stdout: IO[bytes]
+
+
+def new_interpreter(argv: list[str], env: dict[str, str],
+                    log_path: str | None) -> tuple[Child, Pipes | None]:
+    """Start `argv` detached (a process group of its own; SCHED_IDLE on Linux). With a log:
+    its output goes there and its stdin is empty (a runner). Without: its stdin and
+    stdout are pipes, returned, and its stderr is this process's (a spare,
+    `jobs.launch.spare`)."""
+    if _CAN_SPAWN_IDLE:
+        return _idle_spawner.spawn(argv, env, log_path)
+    proc = _popen(argv, env, log_path)
+    if log_path is not None:
+        return proc, None
+    assert proc.stdin is not None and proc.stdout is not None
+    return proc, Pipes(proc.stdin, proc.stdout)
 
 
 class _IdleSpawner:
@@ -126,20 +149,26 @@ class _IdleSpawner:
     """
 
     def __init__(self) -> None:
-        self._requests: queue.Queue[tuple[list[str], str, dict[str, str], Future[int]]] = (
+        self._requests: queue.Queue[tuple[list[str], dict[str, str], str | None,
+                                          Future[tuple[int, tuple[int, int] | None]]]] = (
             queue.Queue())
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def spawn(self, argv: list[str], log_path: str, env: dict[str, str]) -> _Spawned:
+    def spawn(self, argv: list[str], env: dict[str, str],
+              log_path: str | None) -> tuple[_Spawned, Pipes | None]:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._serve, name="idle-spawner",
                                                 daemon=True)
                 self._thread.start()
-        done: Future[int] = Future()
-        self._requests.put((argv, log_path, env, done))
-        return _Spawned(done.result())
+        done: Future[tuple[int, tuple[int, int] | None]] = Future()
+        self._requests.put((argv, env, log_path, done))
+        pid, fds = done.result()
+        if fds is None:
+            return _Spawned(pid), None
+        return _Spawned(pid), Pipes(os.fdopen(fds[0], "wb", buffering=0),
+                                    os.fdopen(fds[1], "rb"))
 
     def _serve(self) -> None:
         if sys.platform == "win32":
@@ -149,23 +178,41 @@ class _IdleSpawner:
         except OSError as exc:
             log.warning("runners will start at normal priority: %s", exc)
         while True:
-            argv, log_path, env, done = self._requests.get()
+            argv, env, log_path, done = self._requests.get()
             try:
-                done.set_result(_posix_spawn(argv, log_path, env))
+                done.set_result(_posix_spawn(argv, env, log_path))
             except BaseException as exc:  # handed to the caller, who raises it
                 done.set_exception(exc)
 
 
-def _posix_spawn(argv: list[str], log_path: str, env: dict[str, str]) -> int:
+def _posix_spawn(argv: list[str], env: dict[str, str],
+                 log_path: str | None) -> tuple[int, tuple[int, int] | None]:
+    """Its pid, and without a log our ends of its stdin and stdout (see new_interpreter)."""
     if sys.platform == "win32":
         raise OSError("posix_spawn is not on Windows")
+    if log_path is None:
+        # Not inheritable: no other child holds them open, so each end sees the other close.
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        try:
+            pid = os.posix_spawn(argv[0], argv, env, setpgroup=0,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, stdin_r, 0),
+                                               (os.POSIX_SPAWN_DUP2, stdout_w, 1)])
+        except BaseException:
+            os.close(stdin_w)
+            os.close(stdout_r)
+            raise
+        finally:
+            os.close(stdin_r)
+            os.close(stdout_w)
+        return pid, (stdin_w, stdout_r)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         return os.posix_spawn(
             argv[0], argv, env, setpgroup=0,  # its own process group, as in _popen
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                           (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                          (os.POSIX_SPAWN_DUP2, log_fd, 2)])
+                          (os.POSIX_SPAWN_DUP2, log_fd, 2)]), None
     finally:
         os.close(log_fd)
 
@@ -173,7 +220,8 @@ def _posix_spawn(argv: list[str], log_path: str, env: dict[str, str]) -> int:
 _idle_spawner = _IdleSpawner()
 
 
-def _popen(argv: list[str], log_path: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _popen(argv: list[str], env: dict[str, str],
+           log_path: str | None) -> subprocess.Popen[bytes]:
     kwargs: dict[str, object] = {}
     if IS_WINDOWS:
         kwargs["creationflags"] = (
@@ -189,6 +237,10 @@ def _popen(argv: list[str], log_path: str, env: dict[str, str]) -> subprocess.Po
         kwargs["process_group"] = 0
     else:
         kwargs["preexec_fn"] = os.setpgrp
+    if log_path is None:
+        return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True,
+            env=env, cwd=p.ROOT, **kwargs)
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
             argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,

@@ -1,0 +1,152 @@
+"""The supervisor's warm spares (`jobs.launch.spare`): started ahead, each given exactly
+one job, replaced in the background, stopped with the launcher."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from jobs.launch import processes
+from jobs.launch.spare import READY
+from jobs.launch.warm import TITLE_ROOM, TITLE_ROOM_ENV
+
+log = logging.getLogger(__name__)
+
+SPARES = 2  # warm at a time: a job and the next find one; more only wait on the same CPUs
+RETRY_S = 5.0  # after a spare could not be started
+# A spare's imports take the CPU that runners starting need: spares are started once no
+# job has been launched for this long. Under a burst, jobs start as new interpreters.
+QUIET_S = 0.2
+
+
+@dataclass(eq=False)
+class _Spare:
+    child: processes.Child
+    pipes: processes.Pipes  # its stdin takes the job; its stdout says when it is warm
+    warm: bool = False
+
+
+class SparePool:
+    """Up to `size` warm spares, started in the background once the first is asked for
+    and replaced there as they are taken, once launches pause (QUIET_S). Thread-safe."""
+
+    def __init__(self, env: dict[str, str], modules: Sequence[str], size: int = SPARES) -> None:
+        self._argv = [sys.executable, "-m", "jobs.launch.spare", *modules]
+        # The room for its runner's title, as the fork server has it (see forkserver.py).
+        self._env = {**env, TITLE_ROOM_ENV: " " * TITLE_ROOM}
+        self._size = size
+        self._idle: deque[_Spare] = deque()
+        self._changed = threading.Condition()
+        self._closed = False
+        self._filler: threading.Thread | None = None
+        self._last_asked = 0.0  # time.monotonic() of the latest take()
+
+    def take(self, module: str, job_file: Path) -> processes.Child | None:
+        """A warm spare that has been given this job (it is now its runner), or None when
+        none is warm: the caller starts a new interpreter (a spare still importing may have
+        more left to do than that). Never waits for one."""
+        line = (json.dumps({"module": module, "job_file": str(job_file)}) + "\n").encode()
+        with self._changed:
+            self._last_asked = time.monotonic()
+            if self._filler is None:
+                self._filler = threading.Thread(target=self._fill, daemon=True,
+                                                 name="spares")
+                self._filler.start()
+        while True:
+            with self._changed:
+                spare = next((each for each in self._idle if each.warm), None)
+                if spare is None:
+                    return None
+                self._idle.remove(spare)
+                self._changed.notify_all()  # the filler replaces it once launches pause
+            try:
+                spare.pipes.stdin.write(line)
+            except OSError as exc:  # it died idle: its stdin has no reader
+                log.warning("spare %s is gone (%s); trying another", spare.child.pid, exc)
+                _discard(spare, kill=False)
+                continue
+            _close(spare.pipes.stdin)  # it reads one line only
+            return spare.child
+
+    def close(self) -> None:
+        """Stop the idle spares (those given a job are runners: they run on)."""
+        with self._changed:
+            self._closed = True
+            idle, self._idle = list(self._idle), deque()
+            self._changed.notify_all()
+        for spare in idle:
+            _discard(spare, kill=True)
+
+    def _fill(self) -> None:
+        while True:
+            with self._changed:
+                while not self._closed:
+                    quiet = time.monotonic() - self._last_asked
+                    if len(self._idle) < self._size and quiet >= QUIET_S:
+                        break
+                    self._changed.wait(QUIET_S - quiet if quiet < QUIET_S else None)
+                if self._closed:
+                    return
+            try:
+                child, pipes = processes.new_interpreter(self._argv, self._env, None)
+            except OSError as exc:
+                log.warning("cannot start a spare interpreter (runners start as new "
+                            "interpreters meanwhile): %s", exc)
+                with self._changed:
+                    self._changed.wait_for(lambda: self._closed, RETRY_S)
+                continue
+            assert pipes is not None
+            processes.lower_priority_of(child.pid)
+            spare = _Spare(child, pipes)
+            with self._changed:
+                if not self._closed:
+                    self._idle.append(spare)
+                    threading.Thread(target=self._listen, args=(spare,), daemon=True,
+                                     name=f"spare-{child.pid}").start()
+                    continue
+            _discard(spare, kill=True)
+            return
+
+    def _listen(self, spare: _Spare) -> None:
+        """Until its stdout closes (it took a job, or ended): is it warm yet?"""
+        with spare.pipes.stdout as stdout:
+            for line in stdout:
+                if line == READY:
+                    with self._changed:
+                        spare.warm = True
+                        self._changed.notify_all()
+        with self._changed:
+            if spare not in self._idle:
+                return  # given a job, or closed
+            self._idle.remove(spare)  # ended by itself: the filler replaces it
+            self._changed.notify_all()
+        log.warning("spare %s ended before it was given a job", spare.child.pid)
+        _discard(spare, kill=False)
+
+
+def _discard(spare: _Spare, kill: bool) -> None:
+    """End an idle spare and reap it (in the background: it may be mid-import)."""
+    _close(spare.pipes.stdin)
+    if kill:  # still our unreaped child: its pid cannot be another process's yet
+        try:
+            os.kill(spare.child.pid, signal.SIGTERM)  # TerminateProcess on Windows
+        except OSError:
+            pass  # gone already
+    threading.Thread(target=spare.child.wait, daemon=True, name="spare-reaper").start()
+
+
+def _close(stdin: IO[bytes]) -> None:
+    try:
+        stdin.close()
+    except OSError:
+        pass  # no reader left: nothing to tell it

@@ -1,0 +1,87 @@
+"""What a warm interpreter does to become a runner: a child of the fork server
+(`jobs.launch.forkserver`) or a spare (`jobs.launch.spare`). Light on imports: a spare
+pays for each of them once per job."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+import threading
+
+from jobs import protocol as p
+
+# A spare pays for each import once per job: typing stays out of run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
+
+if sys.platform == "linux":
+    # Loaded once, ahead: a runner then only writes its title.
+    import setproctitle
+
+# Room a runner's title can take (its job file's path), whatever the supervisor's
+# environment holds: setproctitle writes over the arguments and the environment block.
+TITLE_ROOM = 1024
+TITLE_ROOM_ENV = "OFFLOAD_FORKSERVER_TITLE_ROOM"
+
+
+def run_as_main(module: str, job_file: str) -> NoReturn:
+    """Run a preloaded runner module as `python -m <module> --job-file <job_file>` would,
+    then end the process the way multiprocessing ends a forked child: wait for its
+    threads, flush, `os._exit` — not a teardown of the hundreds of modules a warm
+    interpreter has loaded."""
+    code = _run_module(module, job_file)
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]  # non-daemon threads, as at exit
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+def _run_module(module: str, job_file: str) -> int:
+    sys.argv = [module, "--job-file", job_file]
+    # A fresh __main__, not the preloaded module (whose imports stay loaded: they are
+    # what the preloading saves).
+    sys.modules.pop(module, None)
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def project_files() -> dict[str, int]:
+    """The project's modules this interpreter has loaded, with their mtimes."""
+    files = {}
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and path.startswith(p.ROOT + os.sep) and ".venv" not in path:
+            try:
+                files[path] = os.stat(path).st_mtime_ns
+            except OSError:
+                files[path] = 0
+    return files
+
+
+def show_command_line(argv: list[str]) -> None:
+    """Show `argv` as this process's command line (what `ps` and psutil show): one
+    string, its spaces separating the arguments. Linux only."""
+    if sys.platform == "linux":
+        name = setproctitle.getthreadtitle()
+        setproctitle.setproctitle(" ".join(argv))
+        # setproctitle renames the process too; top and pgrep keep the interpreter's name.
+        setproctitle.setthreadtitle(name)

@@ -1,0 +1,195 @@
+"""Runners taken from warm spare interpreters (`OFFLOAD_LAUNCH_MODE=spares`, the way where
+there is no safe fork: macOS, Windows), through the real server and supervisor process:
+to the supervisor and the user, a spare that took a job is a runner like any other."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from jobs import protocol as p
+from jobs.launch.spare_pool import SPARES as POOL
+from jobs.protocol.wake import poke
+from jobs.store.job_store import JobStore
+from tests.conftest import process_gone, wait_for
+
+MakeServer = Callable[..., Any]
+NO_MODEL = {"OFFLOAD_LOCAL_MODEL": "/nonexistent/model.gguf"}  # no model server to start
+SPARES = {"OFFLOAD_LAUNCH_MODE": "spares", **NO_MODEL}
+
+
+def spares(data_dir: Path) -> list[psutil.Process]:
+    """The idle spares of the supervisor serving `data_dir`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if (proc.info["cmdline"] or [])[:3] != [sys.executable, "-m", "jobs.launch.spare"]:
+            continue
+        try:
+            if (proc.environ().get("OFFLOAD_DATA_DIR") == str(data_dir)
+                    and proc.status() != psutil.STATUS_ZOMBIE):
+                found.append(proc)
+        except psutil.Error:
+            pass  # gone meanwhile
+    return found
+
+
+def waiting_for_a_job(proc: psutil.Process) -> bool:
+    """Done importing: blocked reading its stdin."""
+    try:
+        if sys.platform == "linux":
+            with open(f"/proc/{proc.pid}/wchan") as f:
+                return "pipe" in f.read()
+        if sys.platform == "win32":  # no process states there: its CPU time stands still
+            before = proc.cpu_times()
+            time.sleep(0.5)
+            return proc.cpu_times() == before
+        return proc.status() == psutil.STATUS_SLEEPING
+    except (OSError, psutil.Error):
+        return False
+
+
+def warm(data_dir: Path) -> set[int]:
+    """The pids of the pool's spares, once all are there and warm."""
+    def full() -> set[int] | None:
+        found = spares(data_dir)
+        ready = len(found) == POOL and all(waiting_for_a_job(proc) for proc in found)
+        return {proc.pid for proc in found} if ready else None
+
+    return wait_for(full, 60, 0.05, "the warm spares")
+
+
+def gone(pid: int) -> None:
+    wait_for(lambda: process_gone(pid), 30, 0.05, f"process {pid} to end")
+
+
+def no_spares_left(data_dir: Path) -> None:
+    wait_for(lambda: not spares(data_dir), 30, 0.05, "no spare left")
+
+
+def submit(client: httpx.Client, **job_input: Any) -> str:
+    answer = client.post("/api/jobs", json={"kind": "sleep", "input": job_input})
+    answer.raise_for_status()
+    return str(answer.json()["id"])
+
+
+def submit_probe(data_dir: Path, **job_input: Any) -> str:
+    # The API refuses the test kind's knobs: written as the API writes a job.
+    job_id = str(JobStore(data_dir / "jobs").create("probe", job_input, 60)["id"])
+    poke(data_dir / "jobs")
+    return job_id
+
+
+def state(client: httpx.Client, job_id: str, *states: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        job: dict[str, Any] = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] in states else None
+
+    return wait_for(check, 60, 0.05, f"job {job_id} to be {states}")
+
+
+def final(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    return state(client, job_id, *p.FINAL_STATES)
+
+
+def test_each_job_takes_a_spare_of_its_own(make_server: MakeServer, data_dir: Path) -> None:
+    server = make_server(env=SPARES)
+    with server.client() as client:
+        first = final(client, submit(client, seconds=0))  # the pool starts with it
+        assert first["state"] == p.JobState.COMPLETED, first
+        ran = {first["pid"]}
+        for _ in range(3):
+            ready = warm(data_dir)
+            job = final(client, submit(client, seconds=0.2, steps=2))
+            assert job["state"] == p.JobState.COMPLETED and job["exit_code"] == 0, job
+            assert job["pid"] in ready, "a warm spare took it"
+            assert job["pid"] not in ran, "a fresh process per job"
+            ran.add(job["pid"])
+            gone(job["pid"])
+        # Its output goes to the job's log, which the spare opened itself.
+        ready = warm(data_dir)
+        failed = final(client, submit_probe(data_dir, fail="broken on purpose"))
+        assert failed["state"] == p.JobState.FAILED and failed["pid"] in ready, failed
+        log = (data_dir / "jobs" / failed["id"] / p.LOG_FILE).read_text()
+        assert "error: broken on purpose" in log
+    server.stop()
+    no_spares_left(data_dir)
+
+
+def test_a_spare_run_job_is_cancelled_with_its_process(make_server: MakeServer,
+                                                       data_dir: Path) -> None:
+    server = make_server(env=SPARES)
+    with server.client() as client:
+        final(client, submit(client, seconds=0))
+        ready = warm(data_dir)
+        job_id = submit(client, seconds=60, steps=60)
+        running = state(client, job_id, p.JobState.RUNNING)
+        pid = running["pid"]
+        assert pid in ready
+        proc = psutil.Process(pid)
+        job_file = str(data_dir / "jobs" / job_id / p.JOB_FILE)
+        if sys.platform == "linux":  # shown as the runner it became
+            wait_for(lambda: "runners.sleep" in proc.cmdline(), what="the runner's title")
+            assert proc.cmdline() == [sys.executable, "-m", "runners.sleep", "--job-file",
+                                      job_file]
+            assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+        if sys.platform != "win32":
+            assert os.getpgid(pid) == pid  # its own group: killpg stops its tree
+        assert client.delete(f"/api/jobs/{job_id}").status_code == 200
+        job = final(client, job_id)
+        assert job["state"] == p.JobState.CANCELLED, job
+        gone(pid)
+
+
+def test_a_restarted_supervisor_adopts_a_spare_run_job(make_server: MakeServer,
+                                                       data_dir: Path) -> None:
+    first = make_server(env=SPARES)
+    with first.client() as client:
+        final(client, submit(client, seconds=0))
+        ready = warm(data_dir)
+        job_id = submit(client, seconds=5, steps=5)
+        running = state(client, job_id, p.JobState.RUNNING)
+    assert running["pid"] in ready
+    first.stop()
+    no_spares_left(data_dir)  # the idle ones leave with their supervisor; the job runs on
+    second = make_server(env=SPARES)
+    with second.client() as client:
+        job = final(client, job_id)
+    assert job["state"] == p.JobState.COMPLETED, job
+    assert job["pid"] == running["pid"], "adopted, never started twice"
+
+
+def test_spares_leave_when_their_supervisor_is_killed(make_server: MakeServer,
+                                                      data_dir: Path) -> None:
+    server = make_server(env=SPARES)
+    with server.client() as client:
+        final(client, submit(client, seconds=0))
+        warm(data_dir)
+    supervisor = spares(data_dir)[0].parent()
+    assert supervisor is not None and "jobs.supervisor" in supervisor.cmdline()
+    supervisor.kill()  # no close(): their stdin ends
+    no_spares_left(data_dir)
+
+
+def test_a_crashing_runner_fails_as_a_spawned_one_does(make_server: MakeServer,
+                                                       data_dir: Path) -> None:
+    seen = {}
+    for mode in ("spares", "spawn"):
+        server = make_server(env={"OFFLOAD_LAUNCH_MODE": mode, **NO_MODEL})
+        with server.client() as client:
+            final(client, submit(client, seconds=0))
+            ready = warm(data_dir) if mode == "spares" else set()
+            job = final(client, submit_probe(data_dir, exit_code=7))
+        assert (job["pid"] in ready) == (mode == "spares")
+        seen[mode] = {key: job[key] for key in ("state", "error", "exit_code")}
+        server.stop()
+    assert seen["spares"] == seen["spawn"]
+    assert seen["spares"]["state"] == p.JobState.FAILED
+    assert seen["spares"]["exit_code"] == 7
+    assert "exit code 7" in seen["spares"]["error"]["message"]
