@@ -121,3 +121,35 @@ def test_a_removed_job_ends_its_watch(tmp_path: Path) -> None:
         assert registry.watches == {} and registry.notifier is None
 
     asyncio.run(main())
+
+
+def test_a_follower_after_the_end_gets_a_watch_of_its_own(tmp_path: Path) -> None:
+    """A watch that ended (its job was final, then written again by a rerun by hand)
+    while a follower still drains it is replaced for a newcomer, and leaving in either
+    order closes everything."""
+    folder = tmp_path / ("c" * 32)
+    folder.mkdir()
+    _job(folder, "completed")
+    read = _reader(folder)
+
+    async def main() -> None:
+        registry = Followed()
+        path = str(folder / p.JOB_FILE)
+        _job(folder, "running")  # e.g. `python -m runners.sleep --force` by hand
+        old = registry.join(folder.name, path, read, json.dumps, True)
+        _job(folder, "completed", 1)
+        while not old.ended:
+            await _next(old, old.version)
+        _job(folder, "running", 2)
+        new = registry.join(folder.name, path, read, json.dumps, True)
+        assert new is not old and new.running
+        registry.leave(old)
+        assert registry.watches == {folder.name: new}
+        _job(folder, "completed", 3)
+        while not new.final:
+            await _next(new, new.version)
+        registry.leave(new)
+        await asyncio.sleep(0)
+        assert registry.watches == {} and registry.notifier is None
+
+    asyncio.run(main())

@@ -86,13 +86,7 @@ class JobWatch:
             while True:
                 self._poked.clear()  # before the look: a write after it pokes again
                 signature = file_signature(self.path)
-                if signature != self._signature:
-                    self._signature = signature
-                    job = await self._read(self.job_id)
-                    self.text = self._encode(job)
-                    self.final = job.get(p.F_STATE) in p.FINAL_STATES
-                    self.version += 1
-                    self._publish()
+                if signature != self._signature and await self._take(signature):
                     quiet_since = loop.time()
                     if self.final:
                         return
@@ -108,11 +102,26 @@ class JobWatch:
                     timer.cancel()
         except JobNotFound:
             pass  # removed while followed: the streams end
-        except Exception:
-            log.exception("following job %s failed", self.job_id)
         finally:
             self.ended = True
             self._publish()
+
+    async def _take(self, signature: Signature) -> bool:
+        """Read the changed file and publish it; False if it could not be read now (an
+        error such as running out of descriptors is tried again, not fatal to followers)."""
+        try:
+            job = await self._read(self.job_id)
+        except JobNotFound:
+            raise
+        except Exception as exc:
+            log.warning("following job %s: %s; trying again", self.job_id, exc)
+            return False
+        self._signature = signature
+        self.text = self._encode(job)
+        self.final = job.get(p.F_STATE) in p.FINAL_STATES
+        self.version += 1
+        self._publish()
+        return True
 
     def _publish(self) -> None:
         published, self._published = self._published, asyncio.Event()
@@ -131,7 +140,7 @@ class Followed:
     def join(self, job_id: str, path: str, read: Reader, encode: Encoder,
              notify: bool) -> JobWatch:
         watch = self.watches.get(job_id)
-        if watch is None:
+        if watch is None or watch.ended:  # an ended one lingers while a follower drains it
             watch = JobWatch(job_id, path, read, encode)
             if notify:
                 self._notify(watch)
@@ -145,9 +154,11 @@ class Followed:
         if watch.followers > 0:
             return
         watch.stop()
-        del self.watches[watch.job_id]
-        if self.notifier is not None and watch.wd is not None:
-            self.notifier.remove(watch.wd)
+        # One replaced by a newer watch of the same job leaves the folder's to that one.
+        if self.watches.get(watch.job_id) is watch:
+            del self.watches[watch.job_id]
+            if self.notifier is not None and watch.wd is not None:
+                self.notifier.remove(watch.wd)
         if self.watches:
             return
         if self.notifier is not None:

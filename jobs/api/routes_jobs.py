@@ -92,6 +92,9 @@ async def job_events(job_id: str, service: Service) -> StreamingResponse:
 async def _follow(service: JobService, job_id: str, path: str, job: dict[str, Any],
                   read_as: Signature) -> AsyncIterator[str]:
     """`job`: read by the route when the file's signature was `read_as`."""
+    if job.get(p.F_STATE) in p.FINAL_STATES:
+        yield _event(job)  # a final state is never rewritten: nothing to watch
+        return
     registry = followed()
     watch = registry.join(job_id, path, service.read, _event, service.settings.event_notify)
     _slots.open += 1

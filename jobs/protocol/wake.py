@@ -6,8 +6,8 @@ The doorbell (POSIX): the leader listens on a Unix datagram socket,
 `<data>/supervisor.sock`, its owner's only; a ring is one datagram holding the job's id,
 so the leader reads that job alone instead of listing the folder. Where there is no
 socket (Windows; a data folder whose path is too long for a socket address; no leader
-listening yet) a ring appends a byte to `<data>/supervisor.wake`, whose mtime such a
-leader polls, and the leader then looks at every job.
+listening yet; its queue full) a ring appends a byte to `<data>/supervisor.wake`, whose
+mtime the leader polls, and the leader then looks at every job.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _ring(path: Path, job_id: str) -> bool:
         _sender.sendto(job_id.encode("ascii"), str(path))
     except BlockingIOError:
         # Its queue is full: it has rings to read, but this id may be lost; the wake
-        # file asks for a look at every job.
+        # file, which the leader also watches, asks for a look at every job.
         return False
     except OSError:
         return False  # no leader listening (ENOENT, ECONNREFUSED), or too long a path
@@ -93,14 +93,12 @@ class Doorbell:
     def __init__(self, jobs_dir: Path) -> None:
         self.path = socket_file(jobs_dir)
         self._sock: socket.socket | None = None
-
-    @property
-    def listening(self) -> bool:
-        return self._sock is not None
+        self.tried = False  # once per leadership: a socket that cannot be bound stays so
 
     def listen(self, loop: asyncio.AbstractEventLoop, on_ring: Callable[[str], None]) -> bool:
         """Bind the socket and read its rings on `loop`. Only the leader calls this: it
         holds the supervisor lock, so a socket file already there is a dead leader's."""
+        self.tried = True
         if sys.platform == "win32" or not CAN_LISTEN:
             return False
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -128,6 +126,7 @@ class Doorbell:
             on_ring(data.decode("ascii", "replace"))
 
     def close(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.tried = False
         sock, self._sock = self._sock, None
         if sock is None:
             return

@@ -151,10 +151,11 @@ class Supervisor:
     async def _sleep(self, delay: float) -> None:
         """Until `delay` passes, `wake()` is called, or another process pokes us."""
         assert self._event is not None and self._loop is not None
-        if self.is_leader and not self._doorbell.listening:
+        if self.is_leader and not self._doorbell.tried:
             self._doorbell.listen(self._loop, self._on_ring)
-        # With the doorbell a ring sets the event; without it, the wake file's mtime says.
-        poll = delay if self._doorbell.listening else WAKE_POLL_S
+        # A ring sets the event; a poke through the file (no socket, or its queue full)
+        # shows in the file's mtime.
+        poll = WAKE_POLL_S
         deadline = time.monotonic() + delay
         poked = _mtime_ns(self._wake_file)
         while (left := deadline - time.monotonic()) > 0:
@@ -302,7 +303,8 @@ class Supervisor:
                                     f"unknown job kind {data.get(p.F_KIND)!r}")
                 return
             self._enqueue(job_id, p.fifo_key(data))
-            self._read_now[job_id] = data
+            if len(self._read_now) < self.max_concurrent:  # no more can launch in a pass
+                self._read_now[job_id] = data
         elif state in (p.JobState.QUEUED, p.JobState.RUNNING):
             self._adopt(job_id, data)
         else:  # final, or no state at all (the API reads it as corrupt): never rewritten
