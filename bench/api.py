@@ -66,7 +66,9 @@ def _wait_up(url: str | None, proc: subprocess.Popen[bytes], timeout: float = 60
 
 @contextlib.contextmanager
 def _process(args: list[str], env: dict[str, str], url: str | None) -> Iterator[None]:
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **env},
+    # The caller's own OFFLOAD_* variables stay out: a row is what its settings say.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**inherited, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:

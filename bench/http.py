@@ -33,6 +33,7 @@ THROUGHPUT_JOBS = 300
 WARMUP_JOBS = 5
 CAPS = (2, 8)
 POLL_S = 0.001
+IDLE_GAP_S = 0.3  # between latency samples: each job finds the system idle
 FLOOR_PARALLEL = 2  # as many at a time as Offload's cap 2 and each peer's 2 workers
 HUEY_WORKERS = 2
 RQ_WORKERS = 2
@@ -41,6 +42,9 @@ TIMEOUT_S = 120.0
 SLEEP_JOB = {"kind": "sleep", "input": {"seconds": 0, "steps": 1}}
 # Runners taken by warm spare interpreters: the way without a safe fork (macOS, Windows).
 SPARES = ({"OFFLOAD_LAUNCH_MODE": "spares"}, ", warm spares")
+# Without fsync, as the peers run here (Huey's SQLite and the bench's Redis save nothing
+# durably): what Offload's durability costs.
+NO_FSYNC = ({"OFFLOAD_FSYNC": "0"}, ", no fsync (as the peers here)")
 
 
 def _throughput(n: int, seconds: float, completed: int) -> dict[str, Any]:
@@ -50,6 +54,7 @@ def _throughput(n: int, seconds: float, completed: int) -> dict[str, Any]:
 def _latencies(one: Callable[[], None], n: int) -> dict[str, float]:
     samples = []
     for _ in range(n):
+        time.sleep(IDLE_GAP_S)
         t0 = time.perf_counter()
         one()
         samples.append(time.perf_counter() - t0)
@@ -88,8 +93,16 @@ def fork_floor() -> dict[str, Any] | None:
 
     latency = _latencies(one, LATENCY_JOBS)
     t0 = time.perf_counter()
+    running: list[int] = []
     for _ in range(THROUGHPUT_JOBS):
-        one()
+        if len(running) == FLOOR_PARALLEL:
+            os.waitpid(running.pop(0), 0)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        running.append(pid)
+    for pid in running:
+        os.waitpid(pid, 0)
     seconds = time.perf_counter() - t0
     return {"system": "floor: `os.fork()` + exit + wait", "latency": latency,
             "throughput": _throughput(THROUGHPUT_JOBS, seconds, THROUGHPUT_JOBS)}
@@ -274,6 +287,7 @@ def celery() -> dict[str, Any] | None:
 
 def run() -> dict[str, Any]:
     rows = [spawn_floor(), fork_floor(), *(offload(cap) for cap in CAPS), offload(2, *SPARES),
+            offload(2, *NO_FSYNC),
             huey()]
     skipped: dict[str, str] = {}
     for name, peer in (("RQ", rq), ("Celery", celery)):
@@ -306,7 +320,10 @@ def report(results: dict[str, Any]) -> str:
     rows_md.append("")
     rows_md.append(f"Latency: {results['latency_jobs']} no-op jobs one at a time, submit -> "
                    f"final state seen (polled every {POLL_S * 1000:g} ms); throughput: "
-                   f"{results['throughput_jobs']} submitted by one client, until all are final.")
+                   f"{results['throughput_jobs']} submitted by one client, until all are final; "
+                   f"{IDLE_GAP_S:g} s of quiet before each latency sample. Offload fsyncs each "
+                   "submission, claim and final state; Huey (SQLite, its default "
+                   "`fsync=False`) and the bench's Redis (no saving) do not.")
     for name, why in results["skipped"].items():
         rows_md.append(f"\n{name}: {why}")
     return "\n".join(rows_md)

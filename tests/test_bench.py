@@ -63,6 +63,7 @@ def test_http_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(http, "LATENCY_JOBS", 5)
     monkeypatch.setattr(http, "THROUGHPUT_JOBS", 5)
     monkeypatch.setattr(http, "WARMUP_JOBS", 1)
+    monkeypatch.setattr(http, "IDLE_GAP_S", 0)
     results = http.run()
     systems = [row["system"] for row in results["rows"]]
     assert "Offload over HTTP, cap 2" in systems and "Offload over HTTP, cap 8" in systems
@@ -86,6 +87,7 @@ def test_http_benchmark_measures_the_redis_peers(
     monkeypatch.setattr(http, "LATENCY_JOBS", 3)
     monkeypatch.setattr(http, "THROUGHPUT_JOBS", 5)
     monkeypatch.setattr(http, "WARMUP_JOBS", 1)
+    monkeypatch.setattr(http, "IDLE_GAP_S", 0)
     row = getattr(http, peer)()
     assert row is not None and row["latency"]["n"] == 3
     assert row["throughput"]["completed"] == 5
