@@ -224,3 +224,15 @@ def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
     assert "the API touches job files from worker threads" in caplog.text
     assert all(store.read(job["id"])[p.F_STATE] == p.JobState.QUEUED for job in store.list_jobs())
 
+
+
+def test_queue_positions_are_counted_once_per_refresh_and_know_new_jobs(
+        data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    ids = [store.create("sleep", {}, 60)["id"] for _ in range(3)]
+    store.refresh()
+    assert [store.cached_queue_position(i, 60) for i in ids] == [0, 1, 2]
+    late = store.create("sleep", {}, 60)["id"]
+    assert store.cached_queue_position(late, 60) is None  # not counted yet: ask the index
+    assert store.queue_position(late, 60) == 3  # counted now, however fresh the last count
+    assert store.cached_queue_position(ids[0], 0) is None  # too old for the caller

@@ -254,9 +254,13 @@ class JobService:
 
     async def get(self, job_id: str) -> dict[str, Any]:
         job = await self.read(job_id)
-        if job.get(p.F_STATE) == p.JobState.QUEUED:  # the index's lock: a worker thread
-            job[p.F_QUEUE_POSITION] = await run_in_threadpool(self.store.queue_position,
-                                                              job_id)
+        if job.get(p.F_STATE) == p.JobState.QUEUED:
+            # As fresh as /api/history: polling a queued job costs no pass over the queue.
+            position = self.store.cached_queue_position(job_id, OVERVIEW_MAX_AGE_S)
+            if position is None:  # the index's lock: a worker thread
+                position = await run_in_threadpool(self.store.queue_position, job_id,
+                                                   OVERVIEW_MAX_AGE_S)
+            job[p.F_QUEUE_POSITION] = position
         return job
 
     async def read(self, job_id: str) -> dict[str, Any]:

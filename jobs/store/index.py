@@ -131,6 +131,9 @@ class JobIndex:
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # settled jobs read
         self._refreshed_at: float | None = None
         self._snapshot: tuple[float, list[dict[str, Any]], Load] | None = None
+        # The queue's positions, as of a refresh (`_refreshed_at`): computed once for the
+        # many reads of queued jobs that a refresh serves.
+        self._positions: tuple[float | None, dict[str, int]] = (None, {})
 
     # -- queries -------------------------------------------------------------------
 
@@ -165,6 +168,7 @@ class JobIndex:
             jobs = self._newest(None, None, SNAPSHOT_JOBS)
             # Copying the finish times is a memcpy: about 20 microseconds at 20,000 jobs.
             load = Load(dict(self._counts), self._finished[:])
+            self._queue_positions()
             self._snapshot = (time.monotonic(), jobs, load)
 
     def cached_overview(self, limit: int, max_age_s: float
@@ -185,10 +189,24 @@ class JobIndex:
             return None
         return snapshot[2]
 
-    def queue_position(self, job_id: str) -> int | None:
+    def queue_position(self, job_id: str, max_age_s: float = 0.0) -> int | None:
+        """Its place in the queue, counted at most `max_age_s` ago (a job queued since
+        is counted now)."""
         with self._lock:
-            self._refresh(0.0)
-            return self._queue_positions().get(job_id)
+            self._refresh(max_age_s)
+            position = self._queue_positions().get(job_id)
+            if position is None and max_age_s > 0:
+                self._refresh(0.0)
+                position = self._queue_positions().get(job_id)
+            return position
+
+    def cached_queue_position(self, job_id: str, max_age_s: float) -> int | None:
+        """`queue_position` from the last `refresh` if it is recent enough and knew the
+        job, else None; like `cached_load`, for the event loop."""
+        snapshot, (counted_at, positions) = self._snapshot, self._positions
+        if snapshot is None or time.monotonic() - snapshot[0] > max_age_s:
+            return None
+        return positions.get(job_id) if counted_at is not None else None
 
     def session_jobs(self, session_id: str) -> list[dict[str, Any]]:
         """A chat session's jobs, oldest first."""
@@ -359,10 +377,15 @@ class JobIndex:
         return selected
 
     def _queue_positions(self) -> dict[str, int]:
+        counted_at, positions = self._positions
+        if counted_at is not None and counted_at == self._refreshed_at:
+            return positions
         queued = sorted(p.fifo_key(live.data) for i in self._unsettled
                         if (live := self._entries[i].live) is not None
                         and self._entries[i].state == p.JobState.QUEUED)
-        return {job_id: n for n, (_, job_id) in enumerate(queued)}
+        positions = {job_id: n for n, (_, job_id) in enumerate(queued)}
+        self._positions = (self._refreshed_at, positions)
+        return positions
 
 
 def read_job(job_id: str, path: str | Path) -> dict[str, Any] | None:
