@@ -9,8 +9,9 @@ survivor takes over and adopts the runners it left.
 thread, so the event loop never waits on a spawn, a file write or a kill. A pass woken
 by an event (a ring naming a job, a runner's exit) looks only at what the event names,
 reaps and launches; a full pass over every job (listing, stop requests, deadlines, log
-caps, pruning) comes every SUPERVISOR_INTERVAL_S, and whenever a ring names no job. What is about
-one job (its run, deadline, stop, final state, release) is its `JobLife`
+caps, pruning) comes every SUPERVISOR_INTERVAL_S, and whenever a ring names no job.
+
+What is about one job (its run, deadline, stop, final state, release) is its `JobLife`
 (`jobs.supervisor.lifecycle`); the supervisor keeps one per launched job and drives its steps.
 """
 
@@ -155,12 +156,11 @@ class Supervisor:
             self._doorbell.listen(self._loop, self._on_ring)
         # A ring sets the event; a poke through the file (no socket, or its queue full)
         # shows in the file's mtime.
-        poll = WAKE_POLL_S
         deadline = time.monotonic() + delay
         poked = _mtime_ns(self._wake_file)
         while (left := deadline - time.monotonic()) > 0:
             try:
-                await asyncio.wait_for(self._event.wait(), min(left, poll))
+                await asyncio.wait_for(self._event.wait(), min(left, WAKE_POLL_S))
                 return
             except asyncio.TimeoutError:
                 pass
