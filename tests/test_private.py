@@ -179,6 +179,16 @@ def _read_as(user: str, path: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=30)
 
 
+# Sends one datagram to a Unix socket: run as another account by the system's Python.
+RING = ("import socket, sys; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
+        "s.sendto(sys.argv[2].encode(), sys.argv[1])")
+
+
+def _ring_as(user: str, python: str, sock: Path, text: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["runuser", "-u", user, "--", python, "-c", RING, str(sock), text],
+                          capture_output=True, text=True, timeout=30)
+
+
 def test_another_account_cannot_read_a_chat(other_account: str) -> None:
     # A data folder inside a folder every account may enter (pytest's own is private).
     public = Path(tempfile.mkdtemp(prefix="offload-public-"))
@@ -198,6 +208,21 @@ def test_another_account_cannot_read_a_chat(other_account: str) -> None:
             assert path.is_file()
             attempt = _read_as(other_account, path)
             assert attempt.returncode != 0 and "Permission denied" in attempt.stderr, attempt
+        # Nor ring the supervisor's doorbell (a datagram naming a job), where one that any
+        # account may use takes its ring.
+        python = shutil.which("python3", path="/usr/bin:/bin")
+        doorbell = public / "data" / "supervisor.sock"
+        if python is not None and doorbell.exists():
+            import socket
+
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as open_bell:
+                open_bell.bind(str(public / "open.sock"))
+                (public / "open.sock").chmod(0o777)
+                sent = _ring_as(other_account, python, public / "open.sock", job["id"])
+                assert sent.returncode == 0, sent.stderr
+                assert open_bell.recv(64) == job["id"].encode()
+            attempt = _ring_as(other_account, python, doorbell, job["id"])
+            assert attempt.returncode != 0 and "PermissionError" in attempt.stderr, attempt
     finally:
         if server is not None:
             server.stop()
