@@ -85,6 +85,26 @@ def test_a_full_queue_answers_429_and_loses_nothing(make_server: MakeServer) -> 
         assert _final(client, again.json()["id"])["state"] == "completed"
 
 
+def test_a_queue_emptied_a_moment_ago_takes_a_job(make_server: MakeServer) -> None:
+    """The index snapshot may still count a job that left the queue a moment ago: a
+    submission refused on it would be a 429 with room in the queue (fails when the
+    refusal is made on the snapshot's counts)."""
+    server = make_server(env={"OFFLOAD_MAX_QUEUED": "1", "OFFLOAD_MAX_CONCURRENT": "1"})
+    with server.client() as client:
+        long = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 60}})
+        wait_for(lambda: client.get(f"/api/jobs/{long.json()['id']}").json()["state"]
+                 == "running", 30, what="the long job to run")
+        job = client.post("/api/jobs", json=QUICK)
+        for _ in range(10):
+            assert job.status_code == 202, job.text
+            _counted(client, lambda counts: counts["queued"] == 1)  # in the snapshot
+            cancelled = client.delete(f"/api/jobs/{job.json()['id']}")
+            assert cancelled.json()["state"] == "cancelled"
+            job = client.post("/api/jobs", json=QUICK)
+        assert job.status_code == 202, job.text
+        client.delete(f"/api/jobs/{long.json()['id']}")
+
+
 def test_cap_reached_with_nothing_prunable_answers_429(make_server: MakeServer) -> None:
     server = make_server(env={"OFFLOAD_MAX_JOBS": "3", "OFFLOAD_MIN_RETENTION_S": "10"})
     with server.client() as client:

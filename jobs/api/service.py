@@ -9,6 +9,7 @@ Knows the store, the supervisor and idempotency; nothing of HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -128,12 +129,14 @@ class JobService:
             # On the event loop only with the index snapshot's counts: never wait for the
             # index lock there.
             load = self.store.cached_load(OVERVIEW_MAX_AGE_S)
-            if load is None:
+            outcome = None
+            if load is not None:
+                with contextlib.suppress(Overloaded):  # refused only on a count made now
+                    outcome = await self.small_io.run("storing a job", self._submit, kind,
+                                                      job_input, timeout, key, load)
+            if outcome is None:
                 outcome = await run_in_threadpool(self._submit, kind, job_input, timeout,
                                                   key, None)
-            else:
-                outcome = await self.small_io.run("storing a job", self._submit, kind,
-                                                  job_input, timeout, key, load)
             if not isinstance(outcome, Claim):
                 break
             assert key is not None
@@ -144,11 +147,11 @@ class JobService:
     def _submit(self, kind: str, job_input: dict[str, Any], timeout_s: float,
                 key: _Key | None, load: Load | None) -> dict[str, Any] | Claim:
         """The new job; with a key, the job it already created, or its claim when that
-        job is not there (see `_unblock`)."""
+        job is not there (see `_unblock`). Without `load`, the jobs are counted now."""
         if key is not None and (found := self._find(key)) is not None:
             return found
         if load is None:
-            load = self.store.load(OVERVIEW_MAX_AGE_S)
+            load = self.store.load(0.0)
         self._admit(load)
         job_input = self._with_context(kind, job_input, load.counts)
         if key is None:
@@ -203,9 +206,9 @@ class JobService:
 
     def _admit(self, load: Load) -> None:
         """Refuse a job beyond OFFLOAD_MAX_QUEUED queued, or beyond OFFLOAD_MAX_JOBS kept
-        when not enough finished jobs may be pruned to make room. The counts are the
-        index snapshot's: several workers (or a burst within a snapshot) may overshoot
-        a little."""
+        when not enough finished jobs may be pruned to make room. Admitted on the index
+        snapshot's counts (several workers, or a burst within a snapshot, may overshoot a
+        little); refused only on counts made now (see `submit`)."""
         settings = self.settings
         queued = load.counts.get(p.JobState.QUEUED, 0)
         if queued >= settings.max_queued:

@@ -33,14 +33,20 @@ SNAPSHOT_JOBS = 50  # newest jobs in the snapshot that `refresh` leaves for the 
 
 
 class _Live:
-    """What only a live (or just finished) job needs: its file's signature and data."""
+    """What only a live (or just finished) job needs: its file's signature and data.
+    The inode is part of the signature because every write replaces the file, and two
+    writes within one clock tick of the same size keep mtime and size."""
 
-    __slots__ = ("mtime_ns", "size", "data")
+    __slots__ = ("signature", "mtime_ns", "data")
 
-    def __init__(self, mtime_ns: int, size: int, data: dict[str, Any]) -> None:
-        self.mtime_ns = mtime_ns
-        self.size = size
+    def __init__(self, st: os.stat_result, data: dict[str, Any]) -> None:
+        self.signature = _signature(st)
+        self.mtime_ns = st.st_mtime_ns
         self.data = data
+
+
+def _signature(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class _Entry:
@@ -270,7 +276,7 @@ class JobIndex:
         if data is None:
             return
         self._missing.discard(job_id)
-        self._put(job_id, data, _Live(st.st_mtime_ns, st.st_size, data))
+        self._put(job_id, data, _Live(st, data))
 
     def _check(self, job_id: str, wall: float) -> None:
         live = self._entries[job_id].live
@@ -282,7 +288,7 @@ class JobIndex:
             self._drop(job_id)
             self._missing.add(job_id)
             return
-        if st.st_mtime_ns != live.mtime_ns or st.st_size != live.size:
+        if _signature(st) != live.signature:
             self._load(job_id)
         elif self._entries[job_id].state in p.FINAL_STATES and wall - st.st_mtime > SETTLE_S:
             self._remember(job_id, live.data)
