@@ -19,22 +19,18 @@ from typing import Any
 from jobs import protocol as p
 from jobs.api.inotify import FolderNotifier, open_notifier
 from jobs.settings import EVENT_CHECK_S, EVENT_POLL_S, KEEPALIVE_S
+from jobs.store.index import Signature, stat_signature
 from jobs.store.job_store import JobNotFound
 
 log = logging.getLogger(__name__)
 
 Reader = Callable[[str], Awaitable[dict[str, Any]]]
 Encoder = Callable[[dict[str, Any]], str]
-Signature = tuple[int, int, int]
-
-
 def file_signature(path: str) -> Signature:
-    # Every write is a new file (atomic replace), so the inode changes too.
     try:
-        st = os.stat(path)
+        return stat_signature(os.stat(path))
     except OSError:
         return (0, 0, 0)
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class JobWatch:

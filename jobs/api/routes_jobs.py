@@ -10,11 +10,12 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from jobs import protocol as p
-from jobs.api.follow import Signature, file_signature, followed
+from jobs.api.follow import file_signature, followed
 from jobs.api.guards import require_token
 from jobs.api.service import JobService
 from jobs.models import Job, JobCreate, JobList
 from jobs.protocol import JobState
+from jobs.store.index import Signature
 
 router = APIRouter(prefix="/api", tags=["jobs"], dependencies=[Depends(require_token)])
 

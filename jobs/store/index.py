@@ -33,19 +33,22 @@ SNAPSHOT_JOBS = 50  # newest jobs in the snapshot that `refresh` leaves for the 
 
 
 class _Live:
-    """What only a live (or just finished) job needs: its file's signature and data.
-    The inode is part of the signature because every write replaces the file, and two
-    writes within one clock tick of the same size keep mtime and size."""
+    """What only a live (or just finished) job needs: its file's signature and data."""
 
     __slots__ = ("signature", "mtime_ns", "data")
 
     def __init__(self, st: os.stat_result, data: dict[str, Any]) -> None:
-        self.signature = _signature(st)
+        self.signature = stat_signature(st)
         self.mtime_ns = st.st_mtime_ns
         self.data = data
 
 
-def _signature(st: os.stat_result) -> tuple[int, int, int]:
+Signature = tuple[int, int, int]
+
+
+def stat_signature(st: os.stat_result) -> Signature:
+    """A job file's identity: every write replaces the file (a new inode), and two writes
+    within one clock tick of the same size keep mtime and size."""
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
@@ -288,7 +291,7 @@ class JobIndex:
             self._drop(job_id)
             self._missing.add(job_id)
             return
-        if _signature(st) != live.signature:
+        if stat_signature(st) != live.signature:
             self._load(job_id)
         elif self._entries[job_id].state in p.FINAL_STATES and wall - st.st_mtime > SETTLE_S:
             self._remember(job_id, live.data)
