@@ -13,8 +13,10 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 
 from jobs import protocol as p
+from jobs.launch.local import ADOPT_START_TOLERANCE_S
 from jobs.launch.spare_pool import SPARES as POOL
 from jobs.protocol.wake import poke
 from jobs.store.job_store import JobStore
@@ -147,17 +149,26 @@ def test_a_spare_run_job_is_cancelled_with_its_process(make_server: MakeServer,
         gone(pid)
 
 
+@pytest.mark.parametrize("launch_record", ["kept", "lost"])
 def test_a_restarted_supervisor_adopts_a_spare_run_job(make_server: MakeServer,
-                                                       data_dir: Path) -> None:
+                                                       data_dir: Path,
+                                                       launch_record: str) -> None:
+    """Also when the launch record (pid, create time) was never written: the spare
+    started long before its job, and is known by the job file in its command line."""
     first = make_server(env=SPARES)
     with first.client() as client:
         final(client, submit(client, seconds=0))
         ready = warm(data_dir)
+        if launch_record == "lost":  # a spare that waited: its start says nothing of the job
+            oldest_start = max(psutil.Process(pid).create_time() for pid in ready)
+            time.sleep(max(0.0, oldest_start + ADOPT_START_TOLERANCE_S + 1 - time.time()))
         job_id = submit(client, seconds=5, steps=5)
         running = state(client, job_id, p.JobState.RUNNING)
     assert running["pid"] in ready
     first.stop()
     no_spares_left(data_dir)  # the idle ones leave with their supervisor; the job runs on
+    if launch_record == "lost":  # as when writing it failed: only the claim is there
+        p.write_json(data_dir / "jobs" / job_id / p.RUN_FILE, {"pid": None, "claimed_by": 1})
     second = make_server(env=SPARES)
     with second.client() as client:
         job = final(client, job_id)

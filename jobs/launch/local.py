@@ -20,7 +20,7 @@ from jobs.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-_ADOPT_START_TOLERANCE_S = 5.0
+ADOPT_START_TOLERANCE_S = 5.0
 FORK, SPARES, SPAWN = "fork", "spares", "spawn"  # how a runner starts
 
 
@@ -93,7 +93,8 @@ class LocalLauncher(Launcher):
         create_time = record.get("create_time")
         runner = processes.Runner(job_id, int(pid) if isinstance(pid, int) else 0, create_time)
         if runner.pid and create_time is None:
-            runner.create_time = _create_time_near(runner.pid, data.get(p.F_STARTED_AT))
+            runner.create_time = _create_time_of_its_runner(runner.pid, data.get(p.F_STARTED_AT),
+                                                             job_file)
         # When the job was given to it: a spare was started long before.
         launched_ns = record.get("launched_ns")
         started = launched_ns / 1e9 if isinstance(launched_ns, int) else runner.create_time
@@ -136,8 +137,11 @@ def _wait_exit(runner: processes.Runner, on_exit: OnExit) -> None:
     on_exit()
 
 
-def _create_time_near(pid: int, started_at: object) -> float | None:
-    """Without a launch record: accept the pid only if it started with the job."""
+def _create_time_of_its_runner(pid: int, started_at: object, job_file: Path
+                               ) -> float | None:
+    """Without a launch record: accept the pid only if it started with the job, or if
+    it started earlier and says it runs this job (a warm spare takes its job long after
+    it starts, and then shows the job file in its command line)."""
     if not isinstance(started_at, str):
         return None
     try:
@@ -149,6 +153,8 @@ def _create_time_near(pid: int, started_at: object) -> float | None:
         return None
     try:
         created = proc.create_time()
+        if abs(created - started) < ADOPT_START_TOLERANCE_S:
+            return created
+        return created if created < started and str(job_file) in proc.cmdline() else None
     except Exception:
         return None
-    return created if abs(created - started) < _ADOPT_START_TOLERANCE_S else None
