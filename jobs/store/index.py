@@ -143,6 +143,11 @@ class JobIndex:
         # The queue's positions, as of a refresh (`_refreshed_at`): computed once for the
         # many reads of queued jobs that a refresh serves.
         self._positions: tuple[float | None, dict[str, int]] = (None, {})
+        # The tokens of the chats that completed since this index began, each counted
+        # once (its id kept while its job is); never lowered, not even by pruning.
+        self._since = time.time() - 0.001  # finish times are rounded to the millisecond
+        self._usage = dict.fromkeys(("chats", "prompt_tokens", "completion_tokens"), 0)
+        self._usage_counted: set[str] = set()
 
     # -- queries -------------------------------------------------------------------
 
@@ -247,9 +252,15 @@ class JobIndex:
                         excess -= 1
         return doomed
 
+    def usage_totals(self) -> dict[str, Any]:
+        """The chats completed since this index began and their tokens, as of the last
+        refresh; never waits for the lock (a copy of a small dict)."""
+        return {"since": p.iso(self._since), **self._usage}
+
     def forget(self, job_id: str) -> None:
         with self._lock:
             self._drop(job_id)
+            self._usage_counted.discard(job_id)
 
     # -- the index -----------------------------------------------------------------
 
@@ -261,6 +272,7 @@ class JobIndex:
         if names is not None:
             for gone in (self._entries.keys() | self._missing) - names:
                 self._drop(gone)
+                self._usage_counted.discard(gone)  # its folder is gone: never seen again
             self._missing |= names - self._entries.keys()
         for job_id in list(self._missing):
             self._load(job_id)
@@ -321,8 +333,23 @@ class JobIndex:
             self._finished.insert(bisect.bisect(self._finished, entry.finished_ts),
                                   entry.finished_ts)
         self._unsettled.add(job_id)
+        if (entry.state == p.JobState.COMPLETED and entry.kind == "chat"
+                and entry.finished_ts >= self._since and job_id not in self._usage_counted):
+            self._count_usage(job_id, data)
         if entry.state in p.FINAL_STATES and time.time() - live.mtime_ns / 1e9 > SETTLE_S:
             self._settle(job_id)
+
+    def _count_usage(self, job_id: str, data: dict[str, Any]) -> None:
+        self._usage_counted.add(job_id)
+        result = data.get(p.F_RESULT)
+        usage = result.get("usage") if isinstance(result, dict) else None
+        usage = usage if isinstance(usage, dict) else {}
+        totals = dict(self._usage)  # replaced whole: `usage_totals` reads it unlocked
+        totals["chats"] += 1
+        for key in ("prompt_tokens", "completion_tokens"):
+            if isinstance(usage.get(key), int):
+                totals[key] += usage[key]
+        self._usage = totals
 
     def _drop(self, job_id: str) -> None:
         self._missing.discard(job_id)
