@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -100,6 +101,9 @@ class _Handler(JSONHandler):
             self.wfile.flush()
             if i == 0:
                 fake.first_piece_sent.append(time.time())
+                last = (self._body.get("messages") or [{}])[-1].get("content") or ""
+                if fake.gated is not None and fake.gated in last:
+                    fake.gate.wait(60)
             if i < len(fake.pieces) - 1:
                 time.sleep(fake.delay_s)
         done = {"model": "fake-model", "choices": [{"delta": {}, "finish_reason": "stop"}]}
@@ -122,7 +126,8 @@ class FakeLLM(ScriptedServer):
                  hang_s: float = 0.0, non_streaming: bool = False,
                  rejects_stream: bool = False, models: list[str] | None = None,
                  known_model: str | None = None, auth: str | None = None,
-                 usage: dict[str, int] | None = None, strict: bool = False) -> None:
+                 usage: dict[str, int] | None = None, strict: bool = False,
+                 gated: str | None = None) -> None:
         self.pieces = pieces or ["Hello", ", ", "world", "."]
         self.delay_s = delay_s
         self.status = status
@@ -139,6 +144,10 @@ class FakeLLM(ScriptedServer):
         self.auth = auth  # the Authorization header every request must carry, else 401
         self.usage = usage  # sent after the reply when the request asks for it
         self.strict = strict  # a 400 for any field beyond KNOWN_FIELDS
+        # A reply to a last message containing `gated` stops after its first piece until
+        # `gate` is set.
+        self.gated = gated
+        self.gate = threading.Event()
         self.requests: list[dict[str, Any]] = []
         self.request_times: list[float] = []
         self.first_piece_sent: list[float] = []  # time.time() of each stream's first piece

@@ -148,6 +148,9 @@ class JobIndex:
         self._since = time.time() - 0.001  # finish times are rounded to the millisecond
         self._usage = dict.fromkeys(("chats", "prompt_tokens", "completion_tokens"), 0)
         self._usage_counted: set[str] = set()
+        # Each chat session's newest job (by submission) and its queued or running ones.
+        self._session_newest: dict[str, tuple[tuple[int, str], str]] = {}
+        self._session_live: dict[str, set[str]] = {}
 
     # -- queries -------------------------------------------------------------------
 
@@ -230,6 +233,13 @@ class JobIndex:
             found = [i for i in self._order_ids if self._entries[i].session == session_id]
             jobs = (self._data(i, self._entries[i]) for i in found)
             return [job for job in jobs if job is not None]
+
+    def session_turn(self, session_id: str) -> tuple[str | None, list[str]]:
+        """A chat session's newest job and its queued or running ones, counted now."""
+        with self._lock:
+            self._refresh(0.0)
+            newest = self._session_newest.get(session_id)
+            return (newest[1] if newest else None), sorted(self._session_live.get(session_id, ()))
 
     def prunable(self, cutoff: float, max_jobs: int | None,
                  young: float = math.inf) -> set[str]:
@@ -333,11 +343,40 @@ class JobIndex:
             self._finished.insert(bisect.bisect(self._finished, entry.finished_ts),
                                   entry.finished_ts)
         self._unsettled.add(job_id)
+        if entry.session is not None and entry.kind == "chat":
+            self._track_turn(job_id, entry, p.fifo_key(data))
         if (entry.state == p.JobState.COMPLETED and entry.kind == "chat"
                 and entry.finished_ts >= self._since and job_id not in self._usage_counted):
             self._count_usage(job_id, data)
         if entry.state in p.FINAL_STATES and time.time() - live.mtime_ns / 1e9 > SETTLE_S:
             self._settle(job_id)
+
+    def _track_turn(self, job_id: str, entry: _Entry, key: tuple[int, str]) -> None:
+        session = entry.session
+        assert session is not None
+        live = self._session_live.setdefault(session, set())
+        if entry.state in p.FINAL_STATES:
+            live.discard(job_id)
+        else:
+            live.add(job_id)
+        if not live:
+            del self._session_live[session]
+        newest = self._session_newest.get(session)
+        if newest is None or newest[0] <= key:
+            self._session_newest[session] = (key, job_id)
+
+    def _untrack_turn(self, job_id: str, entry: _Entry) -> None:
+        session = entry.session
+        if session is None:
+            return
+        live = self._session_live.get(session)
+        if live is not None:
+            live.discard(job_id)
+            if not live:
+                del self._session_live[session]
+        newest = self._session_newest.get(session)
+        if newest is not None and newest[1] == job_id:
+            del self._session_newest[session]  # its earlier jobs, if any, are older still
 
     def _count_usage(self, job_id: str, data: dict[str, Any]) -> None:
         self._usage_counted.add(job_id)
@@ -357,6 +396,7 @@ class JobIndex:
         self._recent.pop(job_id, None)
         entry = self._entries.pop(job_id, None)
         if entry is not None:
+            self._untrack_turn(job_id, entry)
             self._counts[entry.state] -= 1
             self._unfinish(entry)
             self._order_dirty = True
