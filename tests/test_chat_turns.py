@@ -224,3 +224,27 @@ def test_the_real_embedded_model_says_so_for_chinese_only(make_server: MakeServe
     assert chinese["output"] == chinese["result"]["reply"]
     assert not english["result"]["reply"].startswith(ENGLISH_ONLY[:20])
     assert english["result"]["usage"]["completion_tokens"] >= 1
+
+
+def test_two_chats_of_a_session_never_run_together_even_unchained(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    """Two API workers that stored a session's chats at the same moment, neither seeing
+    the other's (no `after` between them): the supervisor still runs one at a time."""
+    with FakeLLM(gated="first question") as llm:
+        sup = make_supervisor(max_concurrent=4, runner_env={"OPENAI_BASE_URL": llm.base_url})
+        try:
+            first = sup.submit("chat", session_id="s-1", messages=[
+                {"role": "user", "content": "first question"}])
+            wait_for(lambda: sup.job(first)["output"], 30, what="the first answer to start")
+            second = sup.submit("chat", session_id="s-1", messages=[
+                {"role": "user", "content": "second question"}])
+            other = sup.wait_final(sup.submit("chat", session_id="s-2", messages=[
+                {"role": "user", "content": "another conversation"}]), 30)
+            assert other["state"] == "completed"
+            assert sup.job(second)["state"] == "queued"
+            llm.gate.set()
+            done = sup.wait_final(first, 30), sup.wait_final(second, 30)
+        finally:
+            llm.gate.set()
+    assert [job["state"] for job in done] == ["completed", "completed"]
+    assert done[1]["started_at"] >= done[0]["finished_at"]
