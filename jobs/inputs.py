@@ -39,6 +39,9 @@ class ChatInput(BaseModel):
     expert: bool | None = Field(None, description="false: no dashboard-expert system prompt")
     max_tokens: int | None = Field(None, ge=1, le=32_768)
     temperature: float | None = Field(None, ge=0, le=2)
+    on_busy: Literal["wait", "interrupt"] | None = Field(
+        None, description="while an earlier answer of this session_id is queued or running: "
+                          "wait for it (the default), or cancel it first")
 
 
 class SleepInput(BaseModel):

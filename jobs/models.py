@@ -30,6 +30,15 @@ class Resources(BaseModel):
     peak_rss_mb: float | None = None
 
 
+class ChatUsage(BaseModel):
+    """A completed chat's `result.usage`."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    tokens_per_s: float | None = None  # decoding: from the first token to the last
+    counted: bool = False  # true: counted by Offload (the prompt estimated), not the server's
+
+
 class Job(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -52,6 +61,7 @@ class Job(BaseModel):
     loss_curve: list[float] | None = None  # training: the loss of each epoch so far
     launcher: Literal["local", "ray"] | None = None  # where it ran (null until it starts)
     host: str | None = None  # the machine its runner ran on
+    after: str | None = None  # a chat: the earlier job of its session, answered first
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -77,6 +87,7 @@ class Submitted(BaseModel):
 class ChatResult(BaseModel):
     status: Literal["processing", "completed", "error", "not_found"]
     reply: str | None = None
+    usage: ChatUsage | None = None
     message: str | None = None
 
 

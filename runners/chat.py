@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
 
+from jobs import protocol as p
 from jobs.protocol import embedded
 from runners import base, llm_client
 
@@ -32,14 +34,36 @@ EXPERT_PROMPT = (
     "briefly and concretely; when the data does not say, say so.")
 EMBEDDED_WAIT_S = 120.0  # a chat sent while the embedded model loads waits this long
 EMBEDDED_MAX_TOKENS = 512
+EARLIER_TURNS = 20  # at most this many earlier turns of a session recovered for a chat
+INTERRUPTED = "[this answer was interrupted]"
+ENGLISH_ONLY = (
+    "(The embedded model, SmolLM2-135M, answers in English only. For other languages, "
+    "connect a bigger local model: run Ollama or LM Studio and set OPENAI_BASE_URL, for "
+    "example to http://127.0.0.1:11434/v1; see docs/llm.md.)\n")
+OTHER_SCRIPT_SHARE = 0.3  # letters outside the Latin script beyond this: not English
+# Common words of French, Spanish, German, Italian, Portuguese and Dutch that are no
+# English words; English ones to weigh them against (names and quotes bring a few).
+FOREIGN_WORDS = frozenset("""
+    el los las una del que qué cómo cuál dónde por para está esto esta pero muy más también
+    porque le les des une est sont pas dans pour avec qui quoi comment pourquoi je vous
+    nous cette quel quelle très der das und ist nicht ein eine ich wie warum mit auf bitte
+    sind wird il della che non sono gli perché cosa questo não você como é isso qual het een
+    niet wat ik hoe waarom zijn""".split())
+ENGLISH_WORDS = frozenset("""
+    the is are what how why does do did you your a an of to in on and it this that can i
+    my me with for about from be was there which should will would not""".split())
 
 
 def execute(job: base.Job) -> dict[str, Any]:
     messages = job.input.get("messages")
     if not isinstance(messages, list) or not messages:
         raise base.RunnerError("the job input has no messages to send")
+    messages = [_without_notice(m) for m in _with_earlier_turns(job, messages)]
     config = _config(job)
     embedded_used = not os.environ.get("OPENAI_BASE_URL")
+    # The packaged model only: OFFLOAD_LOCAL_MODEL may serve one that speaks the language.
+    notice = ENGLISH_ONLY if embedded_used and not os.environ.get(
+        "OFFLOAD_LOCAL_MODEL") and not is_english(_question(messages)) else ""
     options: dict[str, Any] = {key: job.input[key] for key in ("max_tokens", "temperature")
                                if key in job.input}
     for key, env in (("max_tokens", "OFFLOAD_LLM_MAX_TOKENS"),
@@ -51,11 +75,87 @@ def execute(job: base.Job) -> dict[str, Any]:
         # The small embedded model tends to ramble until its context is full.
         options["max_tokens"] = EMBEDDED_MAX_TOKENS
     job.progress(None, f"asking {config.model or 'the model'} at {config.base_url}")
+    job.emit(notice)
     reply = llm_client.chat(config, _with_expert(job.input, messages), job.emit, **options)
     job.progress(1.0, "reply complete")
-    return {"reply": reply.text, "model": reply.model, "finish_reason": reply.finish_reason,
-            "usage": reply.usage, "streamed": reply.streamed,
+    return {"reply": notice + reply.text, "model": reply.model,
+            "finish_reason": reply.finish_reason, "usage": reply.usage, "streamed": reply.streamed,
             "session_id": job.input.get("session_id")}
+
+
+def is_english(text: str) -> bool:
+    """Whether a question reads as English: mostly Latin letters, and no more common
+    words of other languages that use them than English ones. Code, numbers and a few
+    accented names pass; a question with no letters passes."""
+    letters = [c for c in text[:4000] if c.isalpha()]
+    other = sum(1 for c in letters if not _latin(c))
+    if other > OTHER_SCRIPT_SHARE * len(letters):
+        return False
+    words = re.findall(r"[^\W\d_]+", text[:4000].lower())
+    foreign = sum(1 for w in words if w in FOREIGN_WORDS)
+    return foreign < 2 or foreign <= sum(1 for w in words if w in ENGLISH_WORDS)
+
+
+def _latin(letter: str) -> bool:
+    code = ord(letter)
+    # Basic Latin to Latin Extended-B, Latin Extended Additional, fullwidth Latin.
+    return code < 0x250 or 0x1E00 <= code <= 0x1EFF or 0xFF21 <= code <= 0xFF5A
+
+
+def _question(messages: list[dict[str, Any]]) -> str:
+    """The last user message: the question being answered."""
+    users = [m for m in messages if m.get("role") == "user"]
+    return str(users[-1].get("content") or "") if users else ""
+
+
+def _without_notice(message: dict[str, Any]) -> dict[str, Any]:
+    """An earlier reply as the model said it: without the embedded model's word on its
+    languages, which the model need not read back."""
+    content = message.get("content")
+    if message.get("role") == "assistant" and isinstance(content, str):
+        return {**message, "content": content.removeprefix(ENGLISH_ONLY)}
+    return message
+
+
+def _with_earlier_turns(job: base.Job, messages: list[dict[str, Any]]
+                        ) -> list[dict[str, Any]]:
+    """The earlier turns of this chat's session that its messages lack, from their job
+    files, before the new message: a client that sent this one while the previous answer
+    was still coming built its history without that answer. An answer cut short (cancelled,
+    timed out, failed) comes with what it had said, marked as interrupted; one that had
+    said nothing is left out."""
+    after = job.data.get(p.F_AFTER)
+    if not isinstance(after, str) or job.data_dir is None:
+        return messages
+    jobs_dir = os.path.join(job.data_dir, "jobs")
+    known = {str(m.get("content") or "").strip() for m in messages
+             if m.get("role") == "assistant"}
+    turns: list[dict[str, Any]] = []
+    for _ in range(EARLIER_TURNS):
+        if not isinstance(after, str) or not p.is_valid_id(after):
+            break
+        earlier = p.read_json_or_none(p.job_path(jobs_dir, after)) or {}
+        if earlier.get(p.F_STATE) not in p.FINAL_STATES:
+            break  # gone, or (started by hand) still answering
+        reply = _reply_of(earlier)
+        if reply is not None and reply.strip() in known:
+            break  # the client has this turn, and those before it
+        questions = [m for m in (earlier.get(p.F_INPUT) or {}).get("messages") or []
+                     if isinstance(m, dict) and m.get("role") == "user"]
+        if reply is not None and questions:
+            turns[:0] = [{"role": "user", "content": str(questions[-1].get("content"))},
+                         {"role": "assistant", "content": reply}]
+        after = earlier.get(p.F_AFTER)
+    return [*messages[:-1], *turns, messages[-1]] if turns else messages
+
+
+def _reply_of(job_data: dict[str, Any]) -> str | None:
+    """A finished chat's reply; an interrupted one's partial reply, marked; else None."""
+    result = job_data.get(p.F_RESULT)
+    if job_data.get(p.F_STATE) == p.JobState.COMPLETED and isinstance(result, dict):
+        return str(result.get("reply") or "")
+    partial = str(job_data.get(p.F_OUTPUT) or "").strip()
+    return f"{partial} {INTERRUPTED}" if partial else None
 
 
 def _with_expert(job_input: dict[str, Any], messages: list[dict[str, Any]]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import math
 import socket
 import time
 from urllib.parse import unquote, urlsplit
@@ -95,8 +96,11 @@ class Reply:
         self.text = ""
         self.model: str | None = None
         self.finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
+        self.usage: dict[str, Any] | None = None  # see `usage`
         self.streamed = True
+        self.pieces = 0  # content pieces streamed: about one token each
+        self.first_at: float | None = None  # time.monotonic() of the first piece
+        self.last_at: float | None = None  # and of the last
 
 
 def _fail(message: str) -> RunnerError:
@@ -105,17 +109,50 @@ def _fail(message: str) -> RunnerError:
 
 def chat(config: Config, messages: list[dict[str, Any]], on_text: Callable[[str], None],
          **options: Any) -> Reply:
-    """One chat completion, streamed into `on_text` when the server streams."""
-    body: dict[str, Any] = {"messages": messages, "stream": True, **options}
+    """One chat completion, streamed into `on_text` when the server streams; its
+    `usage` as `usage` says."""
+    body: dict[str, Any] = {"messages": messages, "stream": True,
+                            "stream_options": {"include_usage": True}, **options}
     if config.model:
         body["model"] = config.model
     response, conn = _request_with_retries(config, body)
     try:
         if "text/event-stream" not in (response.getheader("Content-Type") or ""):
-            return _whole(response, on_text)  # a server that ignored "stream"
-        return _stream(config, response, on_text)
+            reply = _whole(response, on_text)  # a server that ignored "stream"
+        else:
+            reply = _stream(config, response, on_text)
     finally:
         conn.close()
+    reply.usage = usage(reply, reply.usage, messages)
+    return reply
+
+
+def usage(reply: Reply, reported: Any, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """`prompt_tokens`, `completion_tokens` and `tokens_per_s` (decoding: the tokens after
+    the first over the time from the first to the last). The server's counts when it
+    reports them; else `counted`: the pieces streamed, the prompt estimated."""
+    reported = reported if isinstance(reported, dict) else {}
+    prompt, completion = reported.get("prompt_tokens"), reported.get("completion_tokens")
+    counted = not (isinstance(prompt, int) and isinstance(completion, int))
+    if counted:
+        prompt = sum(estimate_tokens(str(m.get("content") or "")) + MESSAGE_TOKENS
+                     for m in messages)
+        completion = reply.pieces if reply.streamed else estimate_tokens(reply.text)
+    rate = None
+    if (reply.first_at is not None and reply.last_at is not None
+            and reply.last_at > reply.first_at and completion > 1):
+        rate = round((completion - 1) / (reply.last_at - reply.first_at), 1)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "tokens_per_s": rate,
+            "counted": counted}
+
+
+MESSAGE_TOKENS = 4  # a chat template's own tokens around each message
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters a token in Latin script, one in the others (CJK above all)."""
+    wide = sum(1 for c in text if ord(c) > 0x24F)
+    return math.ceil((len(text) - wide) / 4) + wide
 
 
 def _request_with_retries(config: Config, body: dict[str, Any]
@@ -131,8 +168,15 @@ def _request_with_retries(config: Config, body: dict[str, Any]
         detail = config.redact(response.read(4000).decode("utf-8", errors="replace"))
         retry_after = response.getheader("Retry-After")
         conn.close()
-        if status in (400, 422) and body.get("stream") and "stream" in detail.lower():
-            body = {k: v for k, v in body.items() if k != "stream"}  # it cannot stream
+        said = detail.lower()
+        if status in (400, 422) and "stream_options" in body and (
+                "stream_options" in said or "stream" not in said):
+            # A server that refuses fields it does not know: the usage is counted instead.
+            body = {k: v for k, v in body.items() if k != "stream_options"}
+            continue
+        if status in (400, 422) and body.get("stream") and "stream" in said:
+            body = {k: v for k, v in body.items()  # it cannot stream
+                    if k not in ("stream", "stream_options")}
             continue
         if (status == 429 or status >= 500) and attempt < RETRIES:
             time.sleep(_backoff(attempt, retry_after))
@@ -207,6 +251,8 @@ def _stream(config: Config, response: http.client.HTTPResponse,
                 if text:
                     if not parts and response.fp is not None:
                         _set_timeout(response, STALL_TIMEOUT_S)
+                    reply.last_at = time.monotonic()
+                    reply.first_at = reply.first_at or reply.last_at
                     parts.append(text)
                     on_text(text)
                 reply.finish_reason = choice.get("finish_reason") or reply.finish_reason
@@ -224,6 +270,7 @@ def _stream(config: Config, response: http.client.HTTPResponse,
         raise _fail(f"the LLM server's stream ended before the reply was complete (after "
                     f"{len(parts)} pieces); the partial reply is kept")
     reply.text = "".join(parts)
+    reply.pieces = len(parts)
     return reply
 
 

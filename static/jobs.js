@@ -5,6 +5,7 @@ import { apiJSON, apiText } from "./api.js";
 
 const REFRESH_MS = 2000;
 const ACTIVE = new Set(["queued", "running"]);
+const COLUMNS = 10; // the cells, then the actions
 
 let tbody, dialog, viewer, title;
 
@@ -34,6 +35,15 @@ export function where(job) {
   return job.host ? `${job.launcher} · ${job.host}` : job.launcher;
 }
 
+/** A completed chat's tokens: prompt → reply, and the reply's rate; "~": counted here. */
+export function tokens(job) {
+  const u = job.kind === "chat" && job.result && job.result.usage;
+  if (!u || typeof u.completion_tokens !== "number") return "—";
+  const approx = u.counted ? "~" : "";
+  const rate = typeof u.tokens_per_s === "number" ? ` · ${num(u.tokens_per_s, 1)}/s` : "";
+  return `${approx}${u.prompt_tokens ?? "?"} → ${approx}${u.completion_tokens}${rate}`;
+}
+
 function cells(job) {
   const now = Date.now();
   const created = toMs(job.created_at);
@@ -50,6 +60,7 @@ function cells(job) {
     fmtDuration(duration),
     num(res.cpu_s, 1),
     num(res.peak_rss_mb, 0),
+    tokens(job),
     job.queue_position === null || job.queue_position === undefined ? "—" : String(job.queue_position),
   ];
 }
@@ -83,8 +94,8 @@ function updateRow(tr, job) {
     // Only rebuild the buttons when the state changes (keeps focus stable).
     const hadFocus = tr.contains(document.activeElement);
     tr.dataset.state = job.state;
-    renderActions(tds[8], job);
-    if (hadFocus) tds[8].querySelector("button").focus();
+    renderActions(tds[COLUMNS - 1], job);
+    if (hadFocus) tds[COLUMNS - 1].querySelector("button").focus();
   }
 }
 
@@ -95,7 +106,7 @@ function render(jobs) {
     if (!tr) {
       tr = document.createElement("tr");
       tr.dataset.jobId = job.id;
-      for (let i = 0; i < 9; i++) tr.append(document.createElement("td"));
+      for (let i = 0; i < COLUMNS; i++) tr.append(document.createElement("td"));
     }
     existing.delete(job.id);
     updateRow(tr, job);
@@ -108,7 +119,7 @@ function render(jobs) {
       const tr = document.createElement("tr");
       tr.className = "empty";
       const td = document.createElement("td");
-      td.colSpan = 9;
+      td.colSpan = COLUMNS;
       td.textContent = "No jobs yet.";
       tr.append(td);
       tbody.append(tr);

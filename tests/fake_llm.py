@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -18,8 +19,12 @@ class _Server(ThreadingHTTPServer):
     fake: FakeLLM
 
 
+KNOWN_FIELDS = frozenset({"messages", "model", "stream", "max_tokens", "temperature"})
+
+
 class _Handler(JSONHandler):
     server: _Server
+    _body: dict[str, Any]
 
     def do_GET(self) -> None:
         fake = self.server.fake
@@ -37,6 +42,7 @@ class _Handler(JSONHandler):
         body = json.loads(self.rfile.read(length) or b"{}")
         fake.requests.append({"path": self.path, "headers": dict(self.headers),
                               "body": body})
+        self._body = body
         fake.request_times.append(time.monotonic())
         fake.request_wall.append(time.time())
         if not self._authorized():
@@ -53,6 +59,10 @@ class _Handler(JSONHandler):
             return
         if fake.rejects_stream and body.get("stream"):
             self._json(400, {"error": {"message": "stream is not supported"}})
+            return
+        unknown = set(body) - KNOWN_FIELDS
+        if fake.strict and unknown:
+            self._json(400, {"error": {"message": f"unknown fields: {sorted(unknown)}"}})
             return
         time.sleep(fake.hang_s)
         if fake.non_streaming or not body.get("stream"):
@@ -91,11 +101,19 @@ class _Handler(JSONHandler):
             self.wfile.flush()
             if i == 0:
                 fake.first_piece_sent.append(time.time())
+                last = (self._body.get("messages") or [{}])[-1].get("content") or ""
+                if fake.gated is not None and fake.gated in last:
+                    fake.gate.wait(60)
             if i < len(fake.pieces) - 1:
                 time.sleep(fake.delay_s)
         done = {"model": "fake-model", "choices": [{"delta": {}, "finish_reason": "stop"}]}
         fake.last_piece_sent.append(time.time())
-        self.wfile.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
+        self.wfile.write(f"data: {json.dumps(done)}\n\n".encode())
+        if fake.usage is not None and (self._body.get("stream_options") or {}).get(
+                "include_usage"):
+            usage = {"model": "fake-model", "choices": [], "usage": fake.usage}
+            self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
         self.close_connection = True
 
@@ -107,7 +125,9 @@ class FakeLLM(ScriptedServer):
                  cut_after: int | None = None, malformed: str | None = None,
                  hang_s: float = 0.0, non_streaming: bool = False,
                  rejects_stream: bool = False, models: list[str] | None = None,
-                 known_model: str | None = None, auth: str | None = None) -> None:
+                 known_model: str | None = None, auth: str | None = None,
+                 usage: dict[str, int] | None = None, strict: bool = False,
+                 gated: str | None = None) -> None:
         self.pieces = pieces or ["Hello", ", ", "world", "."]
         self.delay_s = delay_s
         self.status = status
@@ -122,6 +142,12 @@ class FakeLLM(ScriptedServer):
         self.models = models or ["fake-model"]
         self.known_model = known_model
         self.auth = auth  # the Authorization header every request must carry, else 401
+        self.usage = usage  # sent after the reply when the request asks for it
+        self.strict = strict  # a 400 for any field beyond KNOWN_FIELDS
+        # A reply to a last message containing `gated` stops after its first piece until
+        # `gate` is set.
+        self.gated = gated
+        self.gate = threading.Event()
         self.requests: list[dict[str, Any]] = []
         self.request_times: list[float] = []
         self.first_piece_sent: list[float] = []  # time.time() of each stream's first piece

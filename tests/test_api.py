@@ -59,6 +59,7 @@ def test_seed_frontend_flow(server: Server) -> None:
             if result["status"] in ("completed", "error"):
                 break
             time.sleep(1)
+    assert result.pop("usage")["completion_tokens"] == 4
     assert result == {"status": "completed", "reply": "The CPU is fine.", "message": None}
     assert seen[0] == "processing"
 
@@ -73,7 +74,7 @@ def test_chat_result_errors_and_unknown_ids(make_server: MakeServer) -> None:
         assert result["status"] == "error"
         assert "LLM server not reachable at http://127.0.0.1:9" in result["message"]
         assert client.get(f"/api/ai_chat_result/{'0' * 32}").json() == {
-            "status": "not_found", "reply": None, "message": None}
+            "status": "not_found", "reply": None, "usage": None, "message": None}
         bad = client.get("/api/ai_chat_result/not-an-id")
         assert bad.status_code == 404 and bad.json()["status"] == "not_found"
         empty = client.post("/api/ai_chat_async", json={"messages": []})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -235,3 +236,14 @@ def test_token_is_asked_once_and_kept_for_the_tab(page: Any,
     page.wait_for_function("Number(document.querySelector('#history-chart')"
                            ".dataset.updates || 0) >= 1", timeout=15_000)
     assert not page.is_visible("#token-input"), "asked once per tab"
+
+
+def test_jobs_table_shows_a_chats_tokens(page: Any, server: Server) -> None:
+    job_id = httpx.post(f"{server.url}/api/ai_chat_async", json={
+        "messages": [{"role": "user", "content": "hi"}]}).json()["job_id"]
+    page.goto(server.url)
+    row = f"#jobs-table tr[data-job-id='{job_id}']"
+    page.wait_for_selector(f"{row}[data-state='completed']", timeout=30_000)
+    tokens = page.text_content(f"{row} td:nth-child(8)") or ""
+    # The scripted server reports no usage: counted (~), one token a piece.
+    assert re.fullmatch(rf"~\d+ → ~{len(REPLY)} · [\d.]+/s", tokens), tokens

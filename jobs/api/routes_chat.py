@@ -47,7 +47,8 @@ async def ai_chat_result(job_id: str, service: Service) -> Any:
     state = job.get(p.F_STATE)
     if state == p.JobState.COMPLETED:
         result = job.get(p.F_RESULT) or {}
-        return {"status": "completed", "reply": result.get("reply", job.get(p.F_OUTPUT) or "")}
+        return {"status": "completed", "reply": result.get("reply", job.get(p.F_OUTPUT) or ""),
+                "usage": result.get("usage")}
     if state in p.FINAL_STATES:
         error = job.get(p.F_ERROR) or {}
         return {"status": "error", "message": error.get("message") or f"the chat ended {state}"}

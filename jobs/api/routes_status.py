@@ -70,6 +70,7 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
         "supervisor": "running" if await run_in_threadpool(keeper.led) else "starting",
         "launcher": service.settings.launcher,
         "llm": llm.as_dict(),
+        "usage": service.store.usage_totals(),
     }
 
 

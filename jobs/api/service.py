@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ INLINE_MAX_S = 0.005  # a file operation run on the event loop must take less th
 INLINE_PAUSE_S = 60.0  # after one that took longer, worker threads for this long
 KEY_POLL_S = 0.05  # how often a request waits on a key whose job is being stored
 KEY_WAIT_S = 3 * PENDING_S  # and gives up after this long (a claim that never ages)
+WAITING_TURN = "waits for the previous answer in its conversation"
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,6 +115,9 @@ class JobService:
         self.store = store
         self.metrics = metrics
         self.small_io = SmallIO()
+        # A chat session's newest job is looked up and the next one stored under this:
+        # two submissions of one session through this worker never both follow the same.
+        self._turns = threading.Lock()
 
     # -- submit ------------------------------------------------------------------------
 
@@ -127,8 +132,9 @@ class JobService:
         give_up_at = time.monotonic() + KEY_WAIT_S
         while True:
             # On the event loop only with the index snapshot's counts: never wait for the
-            # index lock there.
-            load = self.store.cached_load(OVERVIEW_MAX_AGE_S)
+            # index lock there (nor for a session's newest job, counted now).
+            load = None if _session(kind, job_input) else self.store.cached_load(
+                OVERVIEW_MAX_AGE_S)
             outcome = None
             if load is not None:
                 with contextlib.suppress(Overloaded):  # refused only on a count made now
@@ -154,21 +160,38 @@ class JobService:
             load = self.store.load(0.0)
         self._admit(load)
         job_input = self._with_context(kind, job_input, load.counts)
-        if key is None:
-            return self.store.create(kind, job_input, timeout_s)
-        job_id = p.new_id()
-        try:
-            claimed = self.store.keys.claim(key.name, job_id, key.fingerprint)
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot record the Idempotency-Key: {exc}") from exc
-        if not claimed:  # another request claimed it a moment ago
-            return self._find(key) or Claim(None, None, 0.0)
-        try:
-            return self.store.create(kind, job_input, timeout_s, job_id=job_id,
-                                     key_name=key.name)
-        except StoreUnavailable:
-            self.store.keys.drop_own(key.name)
-            raise
+        session = _session(kind, job_input)
+        with self._turns if session else contextlib.nullcontext():
+            fields = self._take_turn(session, job_input) if session else None
+            if key is None:
+                return self.store.create(kind, job_input, timeout_s, fields=fields)
+            job_id = p.new_id()
+            try:
+                claimed = self.store.keys.claim(key.name, job_id, key.fingerprint)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot record the Idempotency-Key: {exc}") from exc
+            if not claimed:  # another request claimed it a moment ago
+                return self._find(key) or Claim(None, None, 0.0)
+            try:
+                return self.store.create(kind, job_input, timeout_s, job_id=job_id,
+                                         key_name=key.name, fields=fields)
+            except StoreUnavailable:
+                self.store.keys.drop_own(key.name)
+                raise
+
+    def _take_turn(self, session: str, job_input: dict[str, Any]) -> dict[str, Any]:
+        """A chat's place in its session: after the session's newest job (the supervisor
+        starts it once that one has ended), whose live answers `on_busy: interrupt` cancels."""
+        newest, live = self.store.session_turn(session)
+        if job_input.get("on_busy") == "interrupt":
+            for job_id in live:
+                with contextlib.suppress(JobNotFound):  # pruned meanwhile: nothing to stop
+                    self.store.request_cancel(job_id)
+                poke(self.store.dir, job_id)
+        fields: dict[str, Any] = {p.F_AFTER: newest}
+        if live:
+            fields[p.F_PROGRESS] = {"fraction": None, "message": WAITING_TURN}
+        return fields
 
     def _find(self, key: _Key) -> dict[str, Any] | Claim | None:
         """The job the key created; its claim if that job is not there; None if unclaimed."""
@@ -322,6 +345,12 @@ class JobService:
             if job.get(p.F_STATE) in p.FINAL_STATES:
                 break
         return job
+
+
+def _session(kind: str, job_input: dict[str, Any]) -> str | None:
+    """The chat session a job is a turn of, if any: one answer at a time in each."""
+    session = job_input.get("session_id") if kind == "chat" else None
+    return session if isinstance(session, str) and session else None
 
 
 def validate_input(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:

@@ -143,6 +143,14 @@ class JobIndex:
         # The queue's positions, as of a refresh (`_refreshed_at`): computed once for the
         # many reads of queued jobs that a refresh serves.
         self._positions: tuple[float | None, dict[str, int]] = (None, {})
+        # The tokens of the chats that completed since this index began, each counted
+        # once (its id kept while its job is); never lowered, not even by pruning.
+        self._since = time.time() - 0.001  # finish times are rounded to the millisecond
+        self._usage = dict.fromkeys(("chats", "prompt_tokens", "completion_tokens"), 0)
+        self._usage_counted: set[str] = set()
+        # Each chat session's newest job (by submission) and its queued or running ones.
+        self._session_newest: dict[str, tuple[tuple[int, str], str]] = {}
+        self._session_live: dict[str, set[str]] = {}
 
     # -- queries -------------------------------------------------------------------
 
@@ -226,6 +234,13 @@ class JobIndex:
             jobs = (self._data(i, self._entries[i]) for i in found)
             return [job for job in jobs if job is not None]
 
+    def session_turn(self, session_id: str) -> tuple[str | None, list[str]]:
+        """A chat session's newest job and its queued or running ones, counted now."""
+        with self._lock:
+            self._refresh(0.0)
+            newest = self._session_newest.get(session_id)
+            return (newest[1] if newest else None), sorted(self._session_live.get(session_id, ()))
+
     def prunable(self, cutoff: float, max_jobs: int | None,
                  young: float = math.inf) -> set[str]:
         """Finished jobs that finished before `cutoff`, then the oldest finished ones
@@ -247,9 +262,15 @@ class JobIndex:
                         excess -= 1
         return doomed
 
+    def usage_totals(self) -> dict[str, Any]:
+        """The chats completed since this index began and their tokens, as of the last
+        refresh; never waits for the lock (a copy of a small dict)."""
+        return {"since": p.iso(self._since), **self._usage}
+
     def forget(self, job_id: str) -> None:
         with self._lock:
             self._drop(job_id)
+            self._usage_counted.discard(job_id)
 
     # -- the index -----------------------------------------------------------------
 
@@ -261,6 +282,7 @@ class JobIndex:
         if names is not None:
             for gone in (self._entries.keys() | self._missing) - names:
                 self._drop(gone)
+                self._usage_counted.discard(gone)  # its folder is gone: never seen again
             self._missing |= names - self._entries.keys()
         for job_id in list(self._missing):
             self._load(job_id)
@@ -321,8 +343,52 @@ class JobIndex:
             self._finished.insert(bisect.bisect(self._finished, entry.finished_ts),
                                   entry.finished_ts)
         self._unsettled.add(job_id)
+        if entry.session is not None and entry.kind == "chat":
+            self._track_turn(job_id, entry, p.fifo_key(data))
+        if (entry.state == p.JobState.COMPLETED and entry.kind == "chat"
+                and entry.finished_ts >= self._since and job_id not in self._usage_counted):
+            self._count_usage(job_id, data)
         if entry.state in p.FINAL_STATES and time.time() - live.mtime_ns / 1e9 > SETTLE_S:
             self._settle(job_id)
+
+    def _track_turn(self, job_id: str, entry: _Entry, key: tuple[int, str]) -> None:
+        session = entry.session
+        assert session is not None
+        live = self._session_live.setdefault(session, set())
+        if entry.state in p.FINAL_STATES:
+            live.discard(job_id)
+        else:
+            live.add(job_id)
+        if not live:
+            del self._session_live[session]
+        newest = self._session_newest.get(session)
+        if newest is None or newest[0] <= key:
+            self._session_newest[session] = (key, job_id)
+
+    def _untrack_turn(self, job_id: str, entry: _Entry) -> None:
+        session = entry.session
+        if session is None:
+            return
+        live = self._session_live.get(session)
+        if live is not None:
+            live.discard(job_id)
+            if not live:
+                del self._session_live[session]
+        newest = self._session_newest.get(session)
+        if newest is not None and newest[1] == job_id:
+            del self._session_newest[session]  # its earlier jobs, if any, are older still
+
+    def _count_usage(self, job_id: str, data: dict[str, Any]) -> None:
+        self._usage_counted.add(job_id)
+        result = data.get(p.F_RESULT)
+        usage = result.get("usage") if isinstance(result, dict) else None
+        usage = usage if isinstance(usage, dict) else {}
+        totals = dict(self._usage)  # replaced whole: `usage_totals` reads it unlocked
+        totals["chats"] += 1
+        for key in ("prompt_tokens", "completion_tokens"):
+            if isinstance(usage.get(key), int):
+                totals[key] += usage[key]
+        self._usage = totals
 
     def _drop(self, job_id: str) -> None:
         self._missing.discard(job_id)
@@ -330,6 +396,7 @@ class JobIndex:
         self._recent.pop(job_id, None)
         entry = self._entries.pop(job_id, None)
         if entry is not None:
+            self._untrack_turn(job_id, entry)
             self._counts[entry.state] -= 1
             self._unfinish(entry)
             self._order_dirty = True

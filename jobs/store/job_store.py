@@ -57,13 +57,15 @@ class JobStore(JobIndex):
         return Keys(self.dir.parent / "idempotency")
 
     def create(self, kind: str, job_input: dict[str, Any], timeout_s: float,
-               job_id: str | None = None, key_name: str | None = None) -> dict[str, Any]:
+               job_id: str | None = None, key_name: str | None = None,
+               fields: dict[str, Any] | None = None) -> dict[str, Any]:
         """Store a new job; `key_name`: the idempotency key that claimed it, released
-        when the job is removed."""
+        when the job is removed; `fields`: set in the job file besides the input."""
         if kind not in registry():
             raise UnknownKind(kind)
         job_id = job_id or p.new_id()
         data = p.new_job(job_id, kind, job_input, timeout_s)
+        data.update(fields or {})
         path = self.path(job_id)
         try:
             self.ensure_dir()

@@ -97,6 +97,11 @@ class Supervisor:
         self._hints_lock = threading.Lock()
         self._next_full = 0.0
         self._running: dict[str, JobLife] = {}
+        # One answer at a time per chat session: the queued jobs that wait for a job to
+        # end (its `after`, or its session's running chat), by that job's id; they stay
+        # in _queued, off _queue_order, so they hold up no other job.
+        self._waiting: dict[str, list[str]] = {}
+        self._conversations: dict[str, str] = {}  # session id -> its running chat
         self._unwritten: dict[str, JobLife] = {}  # ended; final state not written yet
         self._known_final: set[str] = set()
         self._blocked = False  # the last launch could not write to the data folder
@@ -239,6 +244,7 @@ class Supervisor:
             self._reap()
             self._enforce_deadlines()
             self._cap_logs()
+            self._recheck_waiting()
             self._launch()
             self._maybe_prune()
         finally:
@@ -332,6 +338,8 @@ class Supervisor:
             return
         log.info("job %s: adopted its %s runner", job_id, life.run.launcher)
         self._running[job_id] = life
+        if (session := _session(data)) is not None:
+            self._conversations[session] = job_id
 
     def _launcher_for(self, record: dict[str, Any]) -> Launcher:
         name = str(record.get("launcher") or p.LOCAL)
@@ -383,6 +391,11 @@ class Supervisor:
             self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
                                 "cancelled before it started")
             return True
+        blocker = self._turn_blocker(job_id, data)
+        if blocker is not None:
+            self._queued[job_id] = p.fifo_key(data)
+            self._waiting.setdefault(blocker, []).append(job_id)
+            return True
         life = JobLife(job_id, job_file, self.launcher)
         try:
             started = life.start(self.kinds[data[p.F_KIND]], data, self._nudge)
@@ -394,9 +407,44 @@ class Supervisor:
             return False
         if started:
             self._running[job_id] = life
+            if (session := _session(data)) is not None:
+                self._conversations[session] = job_id
         else:
             self._settle(life)
         return True
+
+    def _turn_blocker(self, job_id: str, data: dict[str, Any]) -> str | None:
+        """The live job a chat must wait for: the earlier turn its `after` names (queued
+        ahead of it, or running), else its session's running chat; None: it may start."""
+        after = data.get(p.F_AFTER)
+        if isinstance(after, str) and after != job_id:
+            ahead = self._queued.get(after)
+            if after in self._running or (ahead is not None and ahead < p.fifo_key(data)):
+                return after
+            if (after not in self._known_final and after not in self._unwritten
+                    and after not in self._queued and p.is_valid_id(after)):
+                state = (p.read_json_or_none(self._file(after)) or {}).get(p.F_STATE)
+                if state in (p.JobState.QUEUED, p.JobState.RUNNING):
+                    return after  # not seen yet: the next full pass takes it on
+        session = _session(data)
+        return self._conversations.get(session) if session is not None else None
+
+    def _next_turn(self, ended: str) -> None:
+        """A job has ended: the jobs that waited for it go back on the queue."""
+        for conversation, job_id in list(self._conversations.items()):
+            if job_id == ended:
+                del self._conversations[conversation]
+        for job_id in self._waiting.pop(ended, ()):
+            key = self._queued.get(job_id)
+            if key is not None:  # else cancelled or deleted meanwhile
+                heapq.heappush(self._queue_order, (key, job_id))
+
+    def _recheck_waiting(self) -> None:
+        """Waits on a job that is no longer live in any way this supervisor saw end (it
+        was deleted, or read before it was discovered): back on the queue."""
+        for blocker in list(self._waiting):
+            if blocker not in self._running and blocker not in self._queued:
+                self._next_turn(blocker)
 
     def _start_stop(self, life: JobLife, reason: str) -> None:
         self._stoppers = [t for t in self._stoppers if t.is_alive()]
@@ -415,7 +463,9 @@ class Supervisor:
         self._settle(life)
 
     def _settle(self, life: JobLife) -> None:
-        """After a final write: known final, kept to write again, or (gone) forgotten."""
+        """After a final write: known final, kept to write again, or (gone) forgotten;
+        the jobs that waited for it may start."""
+        self._next_turn(life.job_id)
         if life.unwritten is not None:
             self._unwritten[life.job_id] = life
         elif life.is_final:
@@ -467,6 +517,13 @@ class Supervisor:
 
     def _file(self, job_id: str) -> Path:
         return Path(p.job_path(self.dir, job_id))
+
+
+def _session(data: dict[str, Any]) -> str | None:
+    """The chat session a job is a turn of, if any."""
+    job_input = data.get(p.F_INPUT)
+    session = job_input.get("session_id") if isinstance(job_input, dict) else None
+    return session if data.get(p.F_KIND) == "chat" and isinstance(session, str) else None
 
 
 def _mtime_ns(path: Path) -> int:

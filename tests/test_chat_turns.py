@@ -1,0 +1,250 @@
+"""A chat's token usage, the embedded model's word on its languages, and one answer at a
+time per conversation: through the real server and supervisor, with a scripted LLM."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from jobs import protocol as p
+from jobs.protocol import embedded
+from jobs.store.index import JobIndex
+from runners.chat import ENGLISH_ONLY, is_english
+from tests.conftest import RunningSupervisor, wait_for
+from tests.fake_llm import FakeLLM
+from tests.server import Server
+
+MakeServer = Callable[..., Server]
+REPORTED = {"prompt_tokens": 31, "completion_tokens": 4, "total_tokens": 35}
+
+
+def ask(client: httpx.Client, text: str, **extra: Any) -> str:
+    answer = client.post("/api/ai_chat_async", json={
+        "messages": [{"role": "user", "content": text}], **extra})
+    assert answer.status_code == 200, answer.text
+    return str(answer.json()["job_id"])
+
+
+def final(client: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        job: dict[str, Any] = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] in p.FINAL_STATES else None
+
+    return wait_for(ended, timeout, 0.05, f"job {job_id} to end")
+
+
+# -- usage -------------------------------------------------------------------------------
+
+def test_usage_reported_or_counted_and_totalled_in_health(make_server: MakeServer) -> None:
+    with FakeLLM(usage=REPORTED) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        with server.client() as client:
+            reported = final(client, ask(client, "How is the CPU?"))
+            llm.strict = True  # now a server that refuses fields it does not know
+            counted = final(client, ask(client, "And the memory?"))
+            result = client.get(f"/api/ai_chat_result/{counted['id']}").json()
+            totals = wait_for(lambda: (u := client.get("/api/health").json()["usage"])
+                              ["chats"] == 2 and u, 10, 0.05, "both chats in the totals")
+        sent = [r["body"].get("stream_options") for r in llm.requests]
+
+    assert reported["state"] == "completed", reported
+    usage = reported["result"]["usage"]
+    assert usage["prompt_tokens"] == 31 and usage["completion_tokens"] == 4
+    assert usage["counted"] is False and usage["tokens_per_s"] > 0
+
+    # The refusal cost one request; the stream went on without the option.
+    assert sent == [{"include_usage": True}, {"include_usage": True}, None]
+    assert counted["state"] == "completed" and counted["output"] == "Hello, world."
+    usage = counted["result"]["usage"]
+    assert usage["counted"] is True and usage["completion_tokens"] == 4  # pieces streamed
+    assert usage["prompt_tokens"] > 0 and usage["tokens_per_s"] > 0
+    assert result["usage"] == usage
+
+    assert totals["prompt_tokens"] == 31 + usage["prompt_tokens"]
+    assert totals["completion_tokens"] == 8
+
+
+def _write_chat(jobs_dir: Path, usage: dict[str, int]) -> str:
+    job_id = p.new_id()
+    data = p.new_job(job_id, "chat", {"messages": [{"role": "user", "content": "hi"}]}, 60)
+    data.update({p.F_STATE: p.JobState.COMPLETED, p.F_FINISHED_AT: p.now_iso(),
+                 p.F_RESULT: {"reply": "hello", "usage": usage}})
+    (jobs_dir / job_id).mkdir(parents=True)
+    p.write_json(jobs_dir / job_id / p.JOB_FILE, data)
+    return job_id
+
+
+def test_totals_count_each_chat_once_and_survive_pruning(tmp_path: Path) -> None:
+    jobs_dir = tmp_path / "jobs"
+    jobs_dir.mkdir()
+    index = JobIndex(jobs_dir)
+    first = _write_chat(jobs_dir, {"prompt_tokens": 10, "completion_tokens": 5})
+    index.refresh()
+    index.refresh()
+    assert index.usage_totals()["chats"] == 1
+    shutil.rmtree(jobs_dir / first)  # pruned
+    _write_chat(jobs_dir, {"prompt_tokens": 1, "completion_tokens": 2})
+    index.refresh()
+    totals = index.usage_totals()
+    assert (totals["chats"], totals["prompt_tokens"], totals["completion_tokens"]) == (2, 11, 7)
+
+
+# -- one answer at a time per conversation ----------------------------------------------
+
+def running_with_output(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        job: dict[str, Any] = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] == "running" and job["output"] else None
+
+    return wait_for(check, 60, 0.05, f"job {job_id} to start answering")
+
+
+def test_a_second_message_waits_for_the_first_and_sees_its_reply(
+        make_server: MakeServer) -> None:
+    with FakeLLM(gated="first question") as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url,
+                                  "OFFLOAD_MAX_CONCURRENT": "4"})
+        try:
+            with server.client() as client:
+                first = ask(client, "first question", session_id="s-1")
+                running_with_output(client, first)
+                # Sent before the first reply existed: its history lacks that reply.
+                second = ask(client, "second question", session_id="s-1")
+                waiting = client.get(f"/api/jobs/{second}").json()
+                other = final(client, ask(client, "another conversation", session_id="s-2"))
+                still = client.get(f"/api/jobs/{second}").json()
+                llm.gate.set()
+                done = final(client, first), final(client, second)
+        finally:
+            llm.gate.set()
+        asked = [r["body"]["messages"] for r in llm.requests]
+
+    assert waiting["state"] == "queued" and waiting["after"] == first, waiting
+    assert waiting["progress"]["message"] == "waits for the previous answer in its conversation"
+    assert other["state"] == "completed", "another session (or kind) is not held up"
+    assert still["state"] == "queued", "the second waits while the first answers"
+    assert [job["state"] for job in done] == ["completed", "completed"]
+    assert done[1]["started_at"] >= done[0]["finished_at"]
+    assert len(asked) == 3
+    assert asked[2][1:] == [{"role": "user", "content": "first question"},
+                            {"role": "assistant", "content": "Hello, world."},
+                            {"role": "user", "content": "second question"}]
+
+
+def test_interrupt_cancels_the_answer_in_progress(make_server: MakeServer) -> None:
+    with FakeLLM(gated="first question") as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        try:
+            with server.client() as client:
+                first = ask(client, "first question", session_id="s-1")
+                running_with_output(client, first)
+                answer = client.post("/api/jobs", json={"kind": "chat", "input": {
+                    "messages": [{"role": "user", "content": "no, this one"}],
+                    "session_id": "s-1", "on_busy": "interrupt"}})
+                assert answer.status_code == 202, answer.text
+                second = final(client, answer.json()["id"])
+                cut = final(client, first)
+        finally:
+            llm.gate.set()
+        asked = [r["body"]["messages"] for r in llm.requests]
+
+    assert cut["state"] == "cancelled" and cut["output"] == "Hello", cut
+    assert second["state"] == "completed" and second["after"] == first
+    assert second["started_at"] >= cut["finished_at"]
+    assert asked[1][1:] == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "Hello [this answer was interrupted]"},
+        {"role": "user", "content": "no, this one"}]
+
+
+# -- the embedded model's languages -------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "english"), [
+    ("What does the CPU chart show?", True),
+    ("What did Zoë Müller and José say about El Niño?", True),
+    ("Why does `for i in range(10): print(i)` print 0..9?", True),
+    ("What does 你好 mean?", True),
+    ("1234 + 5678", True),
+    ("CPU 使用率为什么这么高？", False),
+    ("Почему процессор загружен?", False),
+    ("¿Qué muestra el gráfico de la CPU?", False),
+    ("Pourquoi le CPU est-il si élevé ?", False),
+    ("Warum ist die CPU so hoch?", False),
+])
+def test_what_reads_as_english(text: str, english: bool) -> None:
+    assert is_english(text) is english
+
+
+def test_a_question_not_in_english_is_told_the_embedded_model_speaks_english(
+        make_supervisor: Callable[..., RunningSupervisor], data_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's embedded path (no OPENAI_BASE_URL: the server llm.json names, with the
+    supervisor's key), with the scripted server standing in for the model."""
+    monkeypatch.delenv("OFFLOAD_LOCAL_MODEL", raising=False)
+    with FakeLLM() as llm:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        p.write_json(data_dir / "llm.json", {"available": True, "ready": True,
+                                             "base_url": llm.base_url,
+                                             "model": "SmolLM2-135M-Instruct"})
+        sup = make_supervisor(runner_env={embedded.KEY_ENV: "test-key"})
+        chinese = sup.wait_final(sup.submit("chat", messages=[
+            {"role": "user", "content": "CPU 使用率为什么这么高？"}]), 60)
+        again = sup.wait_final(sup.submit("chat", messages=[
+            {"role": "user", "content": "CPU 使用率为什么这么高？"},
+            {"role": "assistant", "content": chinese["result"]["reply"]},
+            {"role": "user", "content": "And in English?"}]), 60)
+        asked = [r["body"]["messages"] for r in llm.requests]
+
+    assert chinese["state"] == "completed", chinese
+    assert chinese["result"]["reply"] == ENGLISH_ONLY + "Hello, world."
+    assert chinese["output"] == chinese["result"]["reply"]
+    assert ENGLISH_ONLY.count("\n") == 1 and "OPENAI_BASE_URL" in ENGLISH_ONLY
+    assert "Ollama" in ENGLISH_ONLY and "LM Studio" in ENGLISH_ONLY
+    assert again["result"]["reply"] == "Hello, world.", "asked in English: no word"
+    assert asked[1][-2] == {"role": "assistant", "content": "Hello, world."}, \
+        "the model does not read the word back"
+
+
+@pytest.mark.llm
+@pytest.mark.slow
+def test_the_real_embedded_model_says_so_for_chinese_only(make_server: MakeServer) -> None:
+    server = make_server()
+    with server.client() as client:
+        wait_for(lambda: client.get("/api/health").json()["llm"]["ready"], 120, 0.2,
+                 "the embedded model to load")
+        chinese = final(client, ask(client, "CPU 使用率为什么这么高？", max_tokens=8), 120)
+        english = final(client, ask(client, "Why is the CPU busy?", max_tokens=8), 120)
+    assert chinese["state"] == english["state"] == "completed"
+    assert chinese["result"]["reply"].startswith(ENGLISH_ONLY)
+    assert chinese["output"] == chinese["result"]["reply"]
+    assert not english["result"]["reply"].startswith(ENGLISH_ONLY[:20])
+    assert english["result"]["usage"]["completion_tokens"] >= 1
+
+
+def test_two_chats_of_a_session_never_run_together_even_unchained(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    """Two API workers that stored a session's chats at the same moment, neither seeing
+    the other's (no `after` between them): the supervisor still runs one at a time."""
+    with FakeLLM(gated="first question") as llm:
+        sup = make_supervisor(max_concurrent=4, runner_env={"OPENAI_BASE_URL": llm.base_url})
+        try:
+            first = sup.submit("chat", session_id="s-1", messages=[
+                {"role": "user", "content": "first question"}])
+            wait_for(lambda: sup.job(first)["output"], 30, what="the first answer to start")
+            second = sup.submit("chat", session_id="s-1", messages=[
+                {"role": "user", "content": "second question"}])
+            other = sup.wait_final(sup.submit("chat", session_id="s-2", messages=[
+                {"role": "user", "content": "another conversation"}]), 30)
+            assert other["state"] == "completed"
+            assert sup.job(second)["state"] == "queued"
+            llm.gate.set()
+            done = sup.wait_final(first, 30), sup.wait_final(second, 30)
+        finally:
+            llm.gate.set()
+    assert [job["state"] for job in done] == ["completed", "completed"]
+    assert done[1]["started_at"] >= done[0]["finished_at"]
