@@ -41,6 +41,10 @@ def _reader(folder: Path) -> Reader:
     return read
 
 
+def _changes(before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    return None if before == after else json.dumps(after)
+
+
 async def _next(watch: JobWatch, version: int) -> int:
     await asyncio.wait_for(watch.wait(version, watch.beats), WAIT_S)
     return watch.version
@@ -56,14 +60,14 @@ def _follow_steps(tmp_path: Path, notify: bool) -> None:
         registry = Followed()
         fds = _open_fds()
         path = str(folder / p.JOB_FILE)
-        one = registry.join(folder.name, path, read, json.dumps, notify)
-        two = registry.join(folder.name, path, read, json.dumps, notify)
+        one = registry.join(folder.name, path, read, _changes, notify)
+        two = registry.join(folder.name, path, read, _changes, notify)
         assert one is two and list(registry.watches) == [folder.name]
         assert (registry.notifier is not None) == (notify and sys.platform == "linux")
         version = one.version
         for step in range(1, 4):
             _job(folder, step=step)
-            while json.loads(one.text or "{}").get("step") != step:
+            while (one.snapshot or {}).get("step") != step:
                 version = await _next(one, version)
         _job(folder, "completed", 4)
         while not one.final:
@@ -94,7 +98,7 @@ def test_a_follower_leaving_early_stops_the_watch_of_a_running_job(tmp_path: Pat
     async def main() -> None:
         registry = followed()
         assert followed() is registry, "one per event loop"
-        watch = registry.join(folder.name, str(folder / p.JOB_FILE), read, json.dumps, True)
+        watch = registry.join(folder.name, str(folder / p.JOB_FILE), read, _changes, True)
         await asyncio.sleep(0)
         assert watch.running
         registry.leave(watch)
@@ -113,7 +117,7 @@ def test_a_removed_job_ends_its_watch(tmp_path: Path) -> None:
 
     async def main() -> None:
         registry = Followed()
-        watch = registry.join(folder.name, str(folder / p.JOB_FILE), read, json.dumps, True)
+        watch = registry.join(folder.name, str(folder / p.JOB_FILE), read, _changes, True)
         shutil.rmtree(folder)  # pruned while followed
         await asyncio.wait_for(watch.wait(watch.version, watch.beats), WAIT_S)
         assert watch.ended and not watch.final
@@ -136,12 +140,12 @@ def test_a_follower_after_the_end_gets_a_watch_of_its_own(tmp_path: Path) -> Non
         registry = Followed()
         path = str(folder / p.JOB_FILE)
         _job(folder, "running")  # e.g. `python -m runners.sleep --force` by hand
-        old = registry.join(folder.name, path, read, json.dumps, True)
+        old = registry.join(folder.name, path, read, _changes, True)
         _job(folder, "completed", 1)
         while not old.ended:
             await _next(old, old.version)
         _job(folder, "running", 2)
-        new = registry.join(folder.name, path, read, json.dumps, True)
+        new = registry.join(folder.name, path, read, _changes, True)
         assert new is not old and new.running
         registry.leave(old)
         assert registry.watches == {folder.name: new}
