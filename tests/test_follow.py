@@ -8,15 +8,20 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from jobs import protocol as p
 from jobs.api import follow
-from jobs.api.follow import Followed, JobWatch, Reader, followed
+from jobs.api.events import OUTPUT_DELTA
+from jobs.api.follow import Followed, JobWatch, Reader, file_signature, followed
+from jobs.api.routes_jobs import _follow
 from jobs.store.job_store import JobNotFound
+from tests.server import Event, applied
 
 WAIT_S = 30  # a generous bound for a loaded machine, not a latency check
 
@@ -155,5 +160,64 @@ def test_a_follower_after_the_end_gets_a_watch_of_its_own(tmp_path: Path) -> Non
         registry.leave(new)
         await asyncio.sleep(0)
         assert registry.watches == {} and registry.notifier is None
+
+    asyncio.run(main())
+
+
+class _Jobs:
+    """What the events route asks of the job service, read straight from a folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.read = _reader(folder)
+        self.get = self.read
+        self.settings = SimpleNamespace(event_notify=True)
+
+
+def _parse(text: str) -> Event:
+    lines = dict(line.split(": ", 1) for line in text.strip().splitlines())
+    return Event(lines.get("id"), json.loads(lines["data"]))
+
+
+def test_a_follower_that_fell_behind_gets_what_it_missed_once(tmp_path: Path) -> None:
+    """Two streams of one watch: one reads every event (the watch's shared ones), the
+    other reads nothing until the job is final, then gets one change of its own."""
+    folder = tmp_path / ("d" * 32)
+    folder.mkdir()
+    path = folder / p.JOB_FILE
+
+    def write(state: str, output: str) -> None:
+        p.write_json(path, {p.F_ID: folder.name, p.F_KIND: "chat", p.F_STATE: state,
+                            p.F_CREATED_AT: "2026-01-01T00:00:00+00:00",
+                            p.F_INPUT: {"question": "x" * 1000}, p.F_OUTPUT: output})
+
+    write("running", "")
+
+    async def main() -> None:
+        jobs: Any = _Jobs(folder)
+
+        async def stream() -> AsyncIterator[str]:
+            job = await jobs.get(folder.name)
+            return _follow(jobs, folder.name, str(path), job, file_signature(str(path)), None)
+
+        quick, slow = await stream(), await stream()
+        quick_events = [_parse(await anext(quick))]
+        slow_events = [_parse(await anext(slow))]
+        reply = ""
+        for word in ["The ", "CPU ", "is ", "fine."]:
+            reply += word
+            write("running", reply)
+            while applied(quick_events)[-1].get(p.F_OUTPUT) != reply:
+                quick_events.append(_parse(await asyncio.wait_for(anext(quick), WAIT_S)))
+        write("completed", reply)
+        quick_events += [_parse(text) async for text in quick]
+        slow_events += [_parse(text) async for text in slow]
+        for events in (quick_events, slow_events):
+            final = applied(events)[-1]
+            assert final[p.F_STATE] == "completed" and final[p.F_OUTPUT] == reply
+            assert [e.id for e in events][-1] == str(len(reply))
+        assert len(slow_events) == 2, "what it missed, in one event"
+        assert slow_events[1].fields[OUTPUT_DELTA] == reply
+        assert all(p.F_INPUT not in e.fields for e in quick_events[1:] + slow_events[1:])
+        assert followed().watches == {}
 
     asyncio.run(main())
