@@ -45,7 +45,8 @@ def create_app() -> FastAPI:
     if origins:  # closed unless configured: other sites' pages cannot call the API
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
                            allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key"])
+                           allow_headers=["Authorization", "Content-Type", "Idempotency-Key",
+                                          "Last-Event-ID"])
     app.add_middleware(HostOriginGuard, settings=settings)  # outermost: every path
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     return app

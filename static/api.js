@@ -156,33 +156,63 @@ export async function apiText(path) {
   }
 }
 
+/** An event stream answered with an HTTP error: following it again would not help. */
+export class StreamRefused extends Error {
+  constructor(status) {
+    super(`stream HTTP ${status}`);
+    this.status = status;
+  }
+}
+
 /**
  * Read a text/event-stream with fetch so the Authorization header can be sent.
- * Calls onData(parsedJSON) for every "data:" event, onActivity() for every chunk
- * (keep-alives included). Resolves with "closed" when the server ends the stream,
- * "aborted" on abort; rejects on HTTP or network errors so callers can fall back.
+ * Calls onData(parsedJSON, id) for every "data:" event (id: its "id:" field, or null),
+ * onActivity() for every chunk (keep-alives included). Resolves with "closed" when the
+ * server ends the stream, "aborted" on abort; rejects with StreamRefused on an HTTP
+ * error, and with another error when the connection fails or stays silent for idleMs
+ * (a laptop back from sleep may hold a connection that is gone).
  */
-export async function readEventStream(path, { onData, onActivity, signal } = {}) {
-  const res = await apiFetch(path, { signal, headers: { Accept: "text/event-stream" } });
-  if (!res.ok || !res.body) throw new Error(`stream HTTP ${res.status}`);
-  const reader = res.body.getReader();
-  const decoder = new TextDecoder();
+export async function readEventStream(path, { onData, onActivity, signal, headers = {}, idleMs = 0 } = {}) {
+  const attempt = new AbortController();
+  const abort = () => attempt.abort();
+  if (signal) {
+    if (signal.aborted) return "aborted";
+    signal.addEventListener("abort", abort, { once: true });
+  }
+  let idle = null;
+  let silent = false;
+  const watch = () => {
+    if (!idleMs) return;
+    clearTimeout(idle);
+    idle = setTimeout(() => { silent = true; attempt.abort(); }, idleMs);
+  };
   let buffer = "";
   let dataLines = [];
+  let eventId = null;
 
   const dispatch = () => {
+    const id = eventId;
+    eventId = null;
     if (dataLines.length === 0) return;
     const payload = dataLines.join("\n");
     dataLines = [];
     let parsed;
     try { parsed = JSON.parse(payload); } catch { return; } // ignore malformed events
-    if (onData) onData(parsed);
+    if (onData) onData(parsed, id);
   };
 
   try {
+    watch();
+    const res = await apiFetch(path, {
+      signal: attempt.signal, headers: { ...headers, Accept: "text/event-stream" },
+    });
+    if (!res.ok || !res.body) throw new StreamRefused(res.status);
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
+      watch();
       if (onActivity) onActivity();
       buffer += decoder.decode(value, { stream: true });
       let nl;
@@ -193,14 +223,85 @@ export async function readEventStream(path, { onData, onActivity, signal } = {})
         if (line === "") dispatch();                 // blank line ends an event
         else if (line.startsWith(":")) continue;     // keep-alive comment
         else if (line.startsWith("data:")) dataLines.push(line.slice(5).replace(/^ /, ""));
-        // other fields (event:, id:, retry:) are not used by this API
+        else if (line.startsWith("id:")) eventId = line.slice(3).replace(/^ /, "");
+        // other fields (event:, retry:) are not used by this API
       }
     }
-    dispatch();
-    return "closed";
+    return "closed"; // an event without its blank line is cut: a resume sends it again
   } catch (err) {
-    if (err && err.name === "AbortError") return "aborted";
+    if (signal && signal.aborted) return "aborted";
+    if (silent) throw new Error("the stream went silent");
     throw err;
+  } finally {
+    clearTimeout(idle);
+    if (signal) signal.removeEventListener("abort", abort);
+  }
+}
+
+/** A job's copy after one event: `output` replaces the output, `output_delta` extends it. */
+export function applyEvent(job, event) {
+  const next = { ...(job || {}), ...event };
+  delete next.output_delta;
+  if (typeof event.output_delta === "string") {
+    next.output = ((job && job.output) || "") + event.output_delta;
+  }
+  return next;
+}
+
+const RECONNECT_MIN_MS = 500;
+const RECONNECT_MAX_MS = 5000;
+const STREAM_IDLE_MS = 45_000;  // three of the server's 15 s keep-alives missed
+
+/** Wait `ms`, less if the browser comes back online or `signal` aborts. */
+function pause(ms, signal) {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      window.removeEventListener("online", done);
+      if (signal) signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    window.addEventListener("online", done);
+    if (signal) signal.addEventListener("abort", done);
+  });
+}
+
+/**
+ * Follow a job's event stream to its final state. Keeps a copy of the job, calls
+ * onJob(copy) after each event, and when the connection drops (or ends early) follows
+ * again with Last-Event-ID, so the output goes on where it stopped: nothing missed,
+ * nothing twice. Resolves with the final copy, or "aborted"; rejects with
+ * StreamRefused when the server answers an HTTP error (callers then poll).
+ */
+export async function followJob(path, { onJob, signal, source } = {}) {
+  let job = null;
+  let lastId = null;
+  let delay = RECONNECT_MIN_MS;
+  for (;;) {
+    const headers = lastId === null ? {} : { "Last-Event-ID": lastId };
+    let ended;
+    try {
+      ended = await readEventStream(path, {
+        signal, headers, idleMs: STREAM_IDLE_MS,
+        onData: (event, id) => {
+          job = applyEvent(job, event);
+          if (id !== null) lastId = id;
+          delay = RECONNECT_MIN_MS;
+          if (source) reportOk(source);
+          if (onJob) onJob(job);
+        },
+      });
+    } catch (err) {
+      if (err instanceof StreamRefused) throw err;
+      ended = "dropped";
+      if (source) reportFailure(source, `Lost the stream (${source}). Reconnecting…`);
+    }
+    if (ended === "aborted") return "aborted";
+    if (job && FINAL_STATES.has(job.state)) return job;
+    await pause(delay, signal);
+    if (signal && signal.aborted) return "aborted";
+    delay = Math.min(delay * 2, RECONNECT_MAX_MS);
   }
 }
 

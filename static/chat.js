@@ -1,8 +1,9 @@
 // chat.js — the AI expert chat: sends the conversation, streams the reply token by
-// token from the job's event stream (falls back to polling), supports cancel, and
-// restores earlier turns of this browser's session on load.
+// token from the job's event stream (picks it up again where it stopped after a dropped
+// connection; falls back to polling), supports cancel, and restores earlier turns of
+// this browser's session on load.
 
-import { apiJSON, readEventStream, FINAL_STATES } from "./api.js";
+import { apiJSON, followJob, FINAL_STATES } from "./api.js";
 
 const SESSION_KEY = "offload-session";
 const STALL_MS = 120_000;   // give up waiting after this long with nothing new
@@ -125,7 +126,7 @@ function follow(li, jobId, userText) {
   }
   p.finish = finish;
 
-  /** Apply one job snapshot from the event stream. */
+  /** Show the job's copy after an event of its stream. */
   function onJob(job) {
     if (p.done || !job) return;
     p.lastActivity = Date.now();
@@ -180,12 +181,13 @@ function follow(li, jobId, userText) {
 
   (async () => {
     try {
-      await readEventStream(`/api/jobs/${encodeURIComponent(jobId)}/events`, {
-        onData: onJob,
+      await followJob(`/api/jobs/${encodeURIComponent(jobId)}/events`, {
+        onJob,
         signal: controller.signal,
+        source: "chat",
       });
     } catch {
-      /* stream failed: fall through to polling */
+      /* the server refused the stream: fall through to polling */
     }
     if (!p.done) await poll();
   })().catch(() => { /* never surface to the console */ });

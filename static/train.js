@@ -1,7 +1,7 @@
 // train.js — start a training job, follow its progress and loss curve, and fetch
 // the forecast once a model exists.
 
-import { apiJSON, readEventStream, FINAL_STATES } from "./api.js";
+import { apiJSON, followJob, FINAL_STATES } from "./api.js";
 import { drawLoss } from "./chart.js";
 
 let startBtn, progressEl, statusEl, lossCanvas;
@@ -63,12 +63,12 @@ async function follow(jobId) {
   following = jobId;
   startBtn.disabled = true;
   let final = null;
-  const onData = (job) => {
+  const onJob = (job) => {
     applyJob(job);
     if (FINAL_STATES.has(job.state)) final = job;
   };
   try {
-    await readEventStream(`/api/jobs/${encodeURIComponent(jobId)}/events`, { onData });
+    await followJob(`/api/jobs/${encodeURIComponent(jobId)}/events`, { onJob, source: "train" });
   } catch { /* fall back to polling below */ }
   while (!final && following === jobId) {
     const r = await apiJSON(`/api/jobs/${encodeURIComponent(jobId)}`, { source: "train" });

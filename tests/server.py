@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -67,3 +68,50 @@ class Server:
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+
+class Event:
+    """One event of `/api/jobs/{id}/events`: its id and its fields."""
+
+    def __init__(self, id: str | None, fields: dict[str, Any]) -> None:
+        self.id = id
+        self.fields = fields
+
+
+def read_events(client: httpx.Client, job_id: str, headers: dict[str, str] | None = None,
+                params: dict[str, str] | None = None, until: Any = None,
+                timeout: float = 60) -> list[Event]:
+    """The events of a job's stream until it closes, or until `until(events)` is true."""
+    events: list[Event] = []
+    event_id: str | None = None
+    with client.stream("GET", f"/api/jobs/{job_id}/events", headers=headers, params=params,
+                       timeout=timeout) as stream:
+        assert stream.status_code == 200, stream.read()
+        for line in stream.iter_lines():
+            if line.startswith("id: "):
+                event_id = line[4:]
+            elif line.startswith("data: "):
+                events.append(Event(event_id, json.loads(line[6:])))
+                event_id = None
+                if until is not None and until(events):
+                    break
+    return events
+
+
+def apply(job: dict[str, Any], event: Event) -> dict[str, Any]:
+    """A client's copy of the job after one event, as the contract says to apply it."""
+    fields = dict(event.fields)
+    output = job.get("output") or ""
+    if "output_delta" in fields:
+        fields["output"] = output + fields.pop("output_delta")
+    return {**job, **fields}
+
+
+def applied(events: list[Event], job: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The client's copy of the job after each event."""
+    copies = []
+    current = job or {}
+    for event in events:
+        current = apply(current, event)
+        copies.append(current)
+    return copies

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from jobs import protocol as p
 from tests.conftest import process_gone, wait_for
 from tests.fake_llm import FakeLLM
-from tests.server import Server
+from tests.server import Server, applied, read_events
 
 MakeServer = Callable[..., Server]
 
@@ -130,12 +129,9 @@ def test_events_stream_every_change_and_close(server: Server) -> None:
     with server.client() as client:
         job = client.post("/api/jobs", json={"kind": "sleep",
                                              "input": {"seconds": 1.5, "steps": 5}}).json()
-        events = []
         with client.stream("GET", f"/api/jobs/{job['id']}/events") as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
-            for line in stream.iter_lines():
-                if line.startswith("data: "):
-                    events.append(json.loads(line[6:]))
+        events = applied(read_events(client, job["id"]))
     states = [e["state"] for e in events]
     assert states[-1] == "completed", "the stream closes after the final state"
     assert "running" in states
@@ -152,11 +148,7 @@ def test_a_follower_sees_each_write_of_a_job(make_server: MakeServer, llm: FakeL
     with server.client() as client:
         job = client.post("/api/jobs", json={"kind": "sleep",
                                              "input": {"seconds": 2, "steps": 4}}).json()
-        events = []
-        with client.stream("GET", f"/api/jobs/{job['id']}/events") as stream:
-            for line in stream.iter_lines():
-                if line.startswith("data: "):
-                    events.append(json.loads(line[6:]))
+        events = applied(read_events(client, job["id"]))
     fractions = [e["progress"]["fraction"] for e in events if e["progress"]]
     # Half a second apart, each step's write is an event (the last one's may be the end's).
     assert list(dict.fromkeys(fractions)) == [0.25, 0.5, 0.75, 1.0], fractions
@@ -167,11 +159,7 @@ def test_chat_output_streams_over_events(server: Server) -> None:
     with server.client() as client:
         job = client.post("/api/jobs", json={"kind": "chat", "input": {
             "messages": [{"role": "user", "content": "cpu?"}]}}).json()
-        outputs = []
-        with client.stream("GET", f"/api/jobs/{job['id']}/events") as stream:
-            for line in stream.iter_lines():
-                if line.startswith("data: "):
-                    outputs.append(json.loads(line[6:])["output"])
+        outputs = [e["output"] for e in applied(read_events(client, job["id"]))]
     assert outputs[-1] == "The CPU is fine."
     assert len({o for o in outputs if o}) >= 3, f"partial output should stream: {outputs}"
 

@@ -100,9 +100,11 @@ def test_events_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(events, "FAST_WRITES", 5)
     monkeypatch.setattr(events, "CHAT_PHASE_S", 1.0)
     monkeypatch.setattr(events, "FOLLOWERS", 3)
+    monkeypatch.setattr(events, "IDLE_S", 0.5)
     results = events.run()
-    assert [mode["mode"] for mode in results["modes"]] == ["notify", "poll"]
+    assert [mode["mode"] for mode in results["modes"]] == list(events.MODES)
     for mode in results["modes"]:
         assert mode["crowd"]["n"] == 5, "every write at a chat's pace reaches the follower"
         assert all(f["min"] >= 2 for f in mode["followers_events"])
-    assert "write -> seen median / p90 (ms)" in events.report(results)
+    table = events.report(results)
+    assert "write -> seen median / p90 (ms)" in table and "| whole job |" in table

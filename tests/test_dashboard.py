@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -247,3 +249,122 @@ def test_jobs_table_shows_a_chats_tokens(page: Any, server: Server) -> None:
     tokens = page.text_content(f"{row} td:nth-child(8)") or ""
     # The scripted server reports no usage: counted (~), one token a piece.
     assert re.fullmatch(rf"~\d+ → ~{len(REPLY)} · [\d.]+/s", tokens), tokens
+
+
+class CuttingProxy:
+    """A TCP relay in front of the server whose open connections can be cut at once, as
+    a dropped network or a killed proxy cuts them."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.open: set[socket.socket] = set()
+        self.closed = False
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                if self.closed:
+                    client.close()
+                    server.close()
+                    return
+                self.open |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        self._close(source, sink)
+
+    def _close(self, *sockets: socket.socket) -> None:
+        for sock in sockets:
+            with self.lock:
+                self.open.discard(sock)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def cut(self) -> None:
+        with self.lock:
+            cut = list(self.open)
+        self._close(*cut)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+        self.listener.close()
+        self.cut()
+
+
+LAST_REPLY_TEXT = ("document.querySelector('#chat-log li.msg.assistant:last-child .text')"
+                   "?.textContent ?? ''")
+
+
+def test_a_reply_goes_on_after_the_connection_drops(page: Any,
+                                                    make_server: Callable[..., Server]) -> None:
+    """Mid-reply the connection is cut and the browser is offline for a moment: the page
+    follows the stream again from its last event id, and the reply it shows is the
+    job's, no piece missing, none twice, at every moment."""
+    pieces = [f"p{i} " for i in range(50)] + ["end."]
+    with FakeLLM(pieces=pieces, delay_s=0.1) as slow:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
+        proxy = CuttingProxy(server.port)
+        streams: list[str | None] = []
+        polled: list[str] = []
+
+        def record(request: Any) -> None:
+            if request.url.endswith("/events"):
+                streams.append(request.headers.get("last-event-id"))
+            elif "/api/ai_chat_result/" in request.url:
+                polled.append(request.url)
+
+        page.on("request", record)
+        try:
+            page.goto(proxy.url)
+            page.fill("#chat-input", "Tell me a long story.")
+            page.press("#chat-input", "Enter")
+            page.wait_for_function(f"({LAST_REPLY_TEXT}).includes('p5 ')", timeout=30_000)
+            page.context.set_offline(True)
+            proxy.cut()
+            seen = [page.evaluate(LAST_REPLY_TEXT)]
+            deadline = time.monotonic() + 1.5  # the reply goes on on the server meanwhile
+            while time.monotonic() < deadline:
+                seen.append(page.evaluate(LAST_REPLY_TEXT))
+                time.sleep(0.05)
+            page.context.set_offline(False)
+            reply = page.locator("#chat-log li.msg.assistant").last
+            deadline = time.monotonic() + 60
+            while (time.monotonic() < deadline
+                   and reply.get_attribute("data-state") != "completed"):
+                seen.append(page.evaluate(LAST_REPLY_TEXT))
+                time.sleep(0.05)
+            job_id = reply.get_attribute("data-job-id")
+            job = httpx.get(f"{server.url}/api/jobs/{job_id}").json()
+            shown = page.evaluate(LAST_REPLY_TEXT)
+        finally:
+            proxy.close()
+    assert reply.get_attribute("data-state") == "completed"
+    assert job["output"] == "".join(pieces)
+    assert shown == job["output"], "no gap, nothing twice"
+    assert all(job["output"].startswith(text) for text in seen), \
+        [text for text in seen if not job["output"].startswith(text)][:1]
+    assert streams[0] is None and any(streams[1:]), f"followed again from an id: {streams}"
+    assert polled == [], "the reply came from the stream, not from polling"

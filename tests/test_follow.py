@@ -8,15 +8,20 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from jobs import protocol as p
 from jobs.api import follow
-from jobs.api.follow import Followed, JobWatch, Reader, followed
+from jobs.api.events import OUTPUT_DELTA
+from jobs.api.follow import Followed, JobWatch, Reader, file_signature, followed
+from jobs.api.routes_jobs import _follow
 from jobs.store.job_store import JobNotFound
+from tests.server import Event, applied
 
 WAIT_S = 30  # a generous bound for a loaded machine, not a latency check
 
@@ -41,6 +46,10 @@ def _reader(folder: Path) -> Reader:
     return read
 
 
+def _changes(before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    return None if before == after else json.dumps(after)
+
+
 async def _next(watch: JobWatch, version: int) -> int:
     await asyncio.wait_for(watch.wait(version, watch.beats), WAIT_S)
     return watch.version
@@ -56,14 +65,14 @@ def _follow_steps(tmp_path: Path, notify: bool) -> None:
         registry = Followed()
         fds = _open_fds()
         path = str(folder / p.JOB_FILE)
-        one = registry.join(folder.name, path, read, json.dumps, notify)
-        two = registry.join(folder.name, path, read, json.dumps, notify)
+        one = registry.join(folder.name, path, read, _changes, notify)
+        two = registry.join(folder.name, path, read, _changes, notify)
         assert one is two and list(registry.watches) == [folder.name]
         assert (registry.notifier is not None) == (notify and sys.platform == "linux")
         version = one.version
         for step in range(1, 4):
             _job(folder, step=step)
-            while json.loads(one.text or "{}").get("step") != step:
+            while (one.snapshot or {}).get("step") != step:
                 version = await _next(one, version)
         _job(folder, "completed", 4)
         while not one.final:
@@ -94,7 +103,7 @@ def test_a_follower_leaving_early_stops_the_watch_of_a_running_job(tmp_path: Pat
     async def main() -> None:
         registry = followed()
         assert followed() is registry, "one per event loop"
-        watch = registry.join(folder.name, str(folder / p.JOB_FILE), read, json.dumps, True)
+        watch = registry.join(folder.name, str(folder / p.JOB_FILE), read, _changes, True)
         await asyncio.sleep(0)
         assert watch.running
         registry.leave(watch)
@@ -113,7 +122,7 @@ def test_a_removed_job_ends_its_watch(tmp_path: Path) -> None:
 
     async def main() -> None:
         registry = Followed()
-        watch = registry.join(folder.name, str(folder / p.JOB_FILE), read, json.dumps, True)
+        watch = registry.join(folder.name, str(folder / p.JOB_FILE), read, _changes, True)
         shutil.rmtree(folder)  # pruned while followed
         await asyncio.wait_for(watch.wait(watch.version, watch.beats), WAIT_S)
         assert watch.ended and not watch.final
@@ -136,12 +145,12 @@ def test_a_follower_after_the_end_gets_a_watch_of_its_own(tmp_path: Path) -> Non
         registry = Followed()
         path = str(folder / p.JOB_FILE)
         _job(folder, "running")  # e.g. `python -m runners.sleep --force` by hand
-        old = registry.join(folder.name, path, read, json.dumps, True)
+        old = registry.join(folder.name, path, read, _changes, True)
         _job(folder, "completed", 1)
         while not old.ended:
             await _next(old, old.version)
         _job(folder, "running", 2)
-        new = registry.join(folder.name, path, read, json.dumps, True)
+        new = registry.join(folder.name, path, read, _changes, True)
         assert new is not old and new.running
         registry.leave(old)
         assert registry.watches == {folder.name: new}
@@ -151,5 +160,64 @@ def test_a_follower_after_the_end_gets_a_watch_of_its_own(tmp_path: Path) -> Non
         registry.leave(new)
         await asyncio.sleep(0)
         assert registry.watches == {} and registry.notifier is None
+
+    asyncio.run(main())
+
+
+class _Jobs:
+    """What the events route asks of the job service, read straight from a folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.read = _reader(folder)
+        self.get = self.read
+        self.settings = SimpleNamespace(event_notify=True)
+
+
+def _parse(text: str) -> Event:
+    lines = dict(line.split(": ", 1) for line in text.strip().splitlines())
+    return Event(lines.get("id"), json.loads(lines["data"]))
+
+
+def test_a_follower_that_fell_behind_gets_what_it_missed_once(tmp_path: Path) -> None:
+    """Two streams of one watch: one reads every event (the watch's shared ones), the
+    other reads nothing until the job is final, then gets one change of its own."""
+    folder = tmp_path / ("d" * 32)
+    folder.mkdir()
+    path = folder / p.JOB_FILE
+
+    def write(state: str, output: str) -> None:
+        p.write_json(path, {p.F_ID: folder.name, p.F_KIND: "chat", p.F_STATE: state,
+                            p.F_CREATED_AT: "2026-01-01T00:00:00+00:00",
+                            p.F_INPUT: {"question": "x" * 1000}, p.F_OUTPUT: output})
+
+    write("running", "")
+
+    async def main() -> None:
+        jobs: Any = _Jobs(folder)
+
+        async def stream() -> AsyncIterator[str]:
+            job = await jobs.get(folder.name)
+            return _follow(jobs, folder.name, str(path), job, file_signature(str(path)), None)
+
+        quick, slow = await stream(), await stream()
+        quick_events = [_parse(await anext(quick))]
+        slow_events = [_parse(await anext(slow))]
+        reply = ""
+        for word in ["The ", "CPU ", "is ", "fine."]:
+            reply += word
+            write("running", reply)
+            while applied(quick_events)[-1].get(p.F_OUTPUT) != reply:
+                quick_events.append(_parse(await asyncio.wait_for(anext(quick), WAIT_S)))
+        write("completed", reply)
+        quick_events += [_parse(text) async for text in quick]
+        slow_events += [_parse(text) async for text in slow]
+        for events in (quick_events, slow_events):
+            final = applied(events)[-1]
+            assert final[p.F_STATE] == "completed" and final[p.F_OUTPUT] == reply
+            assert [e.id for e in events][-1] == str(len(reply))
+        assert len(slow_events) == 2, "what it missed, in one event"
+        assert slow_events[1].fields[OUTPUT_DELTA] == reply
+        assert all(p.F_INPUT not in e.fields for e in quick_events[1:] + slow_events[1:])
+        assert followed().watches == {}
 
     asyncio.run(main())

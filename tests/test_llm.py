@@ -27,6 +27,7 @@ from tests.conftest import (
     stop_process,
     wait_for,
 )
+from tests.server import applied, read_events
 
 pytestmark = pytest.mark.llm
 
@@ -113,11 +114,7 @@ def test_embedded_model_out_of_the_box(make_server: Callable[..., Any]) -> None:
             "messages": [{"role": "user", "content": "Explain what a CPU does, briefly."}],
             "session_id": "s-1"})
         job_id = answer.json()["job_id"]
-        outputs = []
-        with client.stream("GET", f"/api/jobs/{job_id}/events") as stream:
-            for line in stream.iter_lines():
-                if line.startswith("data: "):
-                    outputs.append(json.loads(line[6:])["output"])
+        outputs = [e["output"] for e in applied(read_events(client, job_id))]
         result = client.get(f"/api/ai_chat_result/{job_id}").json()
         assert result["status"] == "completed" and result["reply"].strip(), result
         assert len({o for o in outputs if o}) >= 2, "the reply streams in"

@@ -3,14 +3,13 @@ against the session's Ray head; routes, events, log and cancel as on the local o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.conftest import process_gone, wait_for
-from tests.server import Server
+from tests.server import Server, applied, read_events
 
 pytestmark = pytest.mark.ray
 
@@ -25,11 +24,7 @@ def test_api_runs_cancels_and_streams_jobs_on_ray(
         long = client.post("/api/jobs", json={"kind": "probe",
                                               "input": {"seconds": 60, "spawn_child": True}})
         assert long.status_code == 202
-        events: list[dict[str, Any]] = []
-        with client.stream("GET", f"/api/jobs/{done['id']}/events", timeout=60) as stream:
-            for line in stream.iter_lines():
-                if line.startswith("data:"):
-                    events.append(json.loads(line[5:]))
+        events = applied(read_events(client, done["id"]))
         states = [e["state"] for e in events]
         assert states[-1] == "completed" and "running" in states, states
         assert events[-1]["launcher"] == "ray" and events[-1]["result"]["slept_s"] == 1

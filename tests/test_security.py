@@ -65,6 +65,10 @@ def test_cors_is_closed_unless_configured(make_server: MakeServer) -> None:
         assert allowed.headers["access-control-allow-origin"] == "http://dash.example"
         refused = client.options("/api/jobs", headers=preflight)
         assert "access-control-allow-origin" not in refused.headers
+        resume = client.options(f"/api/jobs/{'a' * 32}/events", headers={
+            "Origin": "http://dash.example", "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, last-event-id"})
+        assert resume.status_code == 200, "a page elsewhere may resume a stream"
 
 
 TRAVERSALS = ["/..%2F..%2Fpyproject.toml", "/%2e%2e/%2e%2e/pyproject.toml",

@@ -1,8 +1,10 @@
 """Followed jobs for `/events`: one watch per job in this worker, shared by its followers.
 
 Every writer replaces a job file by a rename in the job's folder, so a change notification
-of that folder (`jobs.api.inotify`) wakes the job's watch at once; it reads the file once
-and hands the encoded event to all followers, so a follower costs a wake-up per change.
+of that folder (`jobs.api.inotify`) wakes the job's watch at once; it reads the file once,
+encodes what changed since its previous read, and hands that event to all followers, so a
+follower costs a wake-up per change. A follower whose last state is not that previous read
+(it joined since, or fell behind) encodes its own change from what it last sent.
 A poll runs beside the notification: slow where notifications work, `EVENT_POLL_S` where
 there are none (other platforms, OFFLOAD_EVENT_NOTIFY=0), so a missed notification costs
 latency, never an event.
@@ -25,7 +27,9 @@ from jobs.store.job_store import JobNotFound
 log = logging.getLogger(__name__)
 
 Reader = Callable[[str], Awaitable[dict[str, Any]]]
-Encoder = Callable[[dict[str, Any]], str]
+Encoder = Callable[[dict[str, Any], dict[str, Any]], str | None]  # (before, after)
+
+
 def file_signature(path: str) -> Signature:
     try:
         return stat_signature(os.stat(path))
@@ -34,15 +38,18 @@ def file_signature(path: str) -> Signature:
 
 
 class JobWatch:
-    """A job file's latest event for its followers; `version` grows with each one, `beats`
-    with each keep-alive, and `ended` says no more will come."""
+    """A job file's latest state for its followers; `version` grows with each one, `beats`
+    with each keep-alive, and `ended` says no more will come. `text` is the change from
+    `base` (the state before, None at the first read) to `snapshot`, or None."""
 
     def __init__(self, job_id: str, path: str, read: Reader, encode: Encoder) -> None:
         self.job_id = job_id
         self.path = path
         self.followers = 0
         self.version = 0
-        self.text = ""
+        self.text: str | None = None
+        self.base: dict[str, Any] | None = None
+        self.snapshot: dict[str, Any] | None = None
         self.final = False
         self.beats = 0
         self.ended = False
@@ -113,7 +120,10 @@ class JobWatch:
             log.warning("following job %s: %s; trying again", self.job_id, exc)
             return False
         self._signature = signature
-        self.text = self._encode(job)
+        text = None if self.snapshot is None else self._encode(self.snapshot, job)
+        if self.snapshot is not None and text is None:
+            return True  # written again, the same
+        self.base, self.snapshot, self.text = self.snapshot, job, text
         self.final = job.get(p.F_STATE) in p.FINAL_STATES
         self.version += 1
         self._publish()

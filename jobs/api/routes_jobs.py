@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -10,6 +9,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from jobs import protocol as p
+from jobs.api.events import BadPosition, change_event, first_event, public, resume_position
 from jobs.api.follow import file_signature, followed
 from jobs.api.guards import require_token
 from jobs.api.service import JobService
@@ -75,9 +75,19 @@ _slots = _StreamSlots()
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
-async def job_events(job_id: str, service: Service) -> StreamingResponse:
-    """One `data:` line of job JSON on every change; closes after the final state."""
+            responses={200: {"content": {"text/event-stream": {}}},
+                       400: {"description": "a `Last-Event-ID` or `after` that is no id"}})
+async def job_events(job_id: str, service: Service,
+                     last_event_id: Annotated[str | None, Header()] = None,
+                     after: str | None = None,
+                     ) -> StreamingResponse:
+    """The job in full, then what changed on every change; closes after the final state.
+    Each event's `id` is the length of output it brings the client to: a client that
+    comes back with `Last-Event-ID` (or `?after=`) gets the output it missed, once."""
+    try:
+        position = resume_position(last_event_id, after)
+    except BadPosition as exc:
+        raise HTTPException(400, str(exc)) from None
     path = str(service.store.path(job_id))
     read_as = file_signature(path)
     first = await service.get(job_id)  # 404 before the stream starts
@@ -85,34 +95,44 @@ async def job_events(job_id: str, service: Service) -> StreamingResponse:
     if _slots.open >= limit:
         raise HTTPException(503, f"too many open event streams ({limit}); "
                                  "poll GET /api/jobs/{id} instead, or retry later")
-    return StreamingResponse(_follow(service, job_id, path, first, read_as),
+    return StreamingResponse(_follow(service, job_id, path, first, read_as, position),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _follow(service: JobService, job_id: str, path: str, job: dict[str, Any],
-                  read_as: Signature) -> AsyncIterator[str]:
-    """`job`: read by the route when the file's signature was `read_as`."""
+                  read_as: Signature, position: int | None) -> AsyncIterator[str]:
+    """`job`: read by the route when the file's signature was `read_as`; `position`:
+    the output the client already holds, if it resumes."""
     if job.get(p.F_STATE) in p.FINAL_STATES:
-        yield _event(job)  # a final state is never rewritten: nothing to watch
+        # A final state is never rewritten: nothing to watch.
+        yield first_event(public(job), position)
         return
     registry = followed()
-    watch = registry.join(job_id, path, service.read, _event, service.settings.event_notify)
+
+    async def read(job_id: str) -> dict[str, Any]:
+        return public(await service.read(job_id))
+
+    watch = registry.join(job_id, path, read, change_event, service.settings.event_notify)
     _slots.open += 1
     try:
         version, beats = watch.version, watch.beats
         if file_signature(path) != read_as:  # changed since: the watch may have published it
             job = await service.get(job_id)
-        sent = _event(job)
-        yield sent
-        final = job.get(p.F_STATE) in p.FINAL_STATES
+        mine = public(job)  # the state this client holds
+        yield first_event(mine, position)
+        final = mine[p.F_STATE] in p.FINAL_STATES
         while not final:
             await watch.wait(version, beats)
             if watch.version != version:
                 version, final = watch.version, watch.final
-                if watch.text != sent:
-                    sent = watch.text
-                    yield sent
+                latest = watch.snapshot
+                assert latest is not None
+                # The shared event fits a client that holds its base; any other encodes its own.
+                text = watch.text if mine is watch.base else change_event(mine, latest)
+                mine = latest
+                if text is not None:
+                    yield text
             elif watch.beats != beats:
                 beats = watch.beats
                 yield ": keep-alive\n\n"
@@ -121,8 +141,3 @@ async def _follow(service: JobService, job_id: str, path: str, job: dict[str, An
     finally:
         registry.leave(watch)
         _slots.open -= 1
-
-
-def _event(job: dict[str, Any]) -> str:
-    public = Job.model_validate(job).model_dump(mode="json")
-    return f"data: {json.dumps(public, ensure_ascii=False)}\n\n"

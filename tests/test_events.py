@@ -1,0 +1,132 @@
+"""The `/events` format over a real server: the job in full once, then what changed; ids
+that are positions in the output, and a resume from one that gives exactly what was
+missed (jobs/api/events.py; docs/contract.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from jobs.api.events import change_event, first_event, resume_position
+from tests.fake_llm import FakeLLM
+from tests.server import Event, Server, applied, read_events
+
+PIECES = [f"w{i} " for i in range(40)] + ["end."]
+REPLY = "".join(PIECES)
+
+
+@pytest.fixture
+def llm() -> Iterator[FakeLLM]:
+    with FakeLLM(pieces=PIECES, delay_s=0.1) as fake:
+        yield fake
+
+
+@pytest.fixture
+def server(make_server: Callable[..., Server], llm: FakeLLM) -> Server:
+    return make_server(env={"OPENAI_BASE_URL": llm.base_url})
+
+
+def _chat(client: httpx.Client, question: str = "cpu?") -> str:
+    job = client.post("/api/jobs", json={"kind": "chat", "input": {
+        "messages": [{"role": "user", "content": question}]}})
+    assert job.status_code == 202, job.text
+    return str(job.json()["id"])
+
+
+def _ids_are_positions(events: list[Event], start: dict[str, Any] | None = None) -> None:
+    for event, copy in zip(events, applied(events, start), strict=True):
+        assert event.id == str(len(copy.get("output") or "")), (event.id, event.fields)
+
+
+def test_a_first_event_in_full_then_only_what_changed(server: Server) -> None:
+    question = "cpu? " * 2000
+    with server.client() as client:
+        job_id = _chat(client, question)
+        events = read_events(client, job_id)
+        final = client.get(f"/api/jobs/{job_id}").json()
+    first, rest = events[0], events[1:]
+    assert first.fields["input"]["messages"][0]["content"] == question
+    assert set(first.fields) >= {"id", "state", "output", "input", "progress", "result"}
+    assert "output_delta" not in first.fields
+    assert rest, "the job changed after the first event"
+    for event in rest:
+        assert "input" not in event.fields and "id" not in event.fields, event.fields
+        assert "output" not in event.fields, "the output only grows: deltas"
+    deltas = [e.fields["output_delta"] for e in rest if "output_delta" in e.fields]
+    assert len(deltas) >= 3 and all(deltas), f"the reply streams in pieces: {deltas}"
+    _ids_are_positions(events)
+    copy = applied(events)[-1]
+    assert copy["output"] == REPLY == final["output"]
+    assert {k: v for k, v in copy.items() if k != "queue_position"} == \
+        {k: v for k, v in final.items() if k != "queue_position"}
+
+
+def test_a_resume_gets_exactly_the_missed_output_then_the_live_stream(server: Server) -> None:
+    with server.client() as client:
+        job_id = _chat(client)
+        # A client that read part of the reply, then lost its connection.
+        before = read_events(client, job_id, until=lambda events: len(
+            applied(events)[-1].get("output") or "") >= 12)
+        held = applied(before)[-1]
+        last_id = before[-1].id
+        assert last_id is not None and int(last_id) == len(held["output"]) > 0
+        assert held["state"] == "running"
+        after = read_events(client, job_id, headers={"Last-Event-ID": last_id})
+        final = client.get(f"/api/jobs/{job_id}").json()
+    resumed = after[0].fields
+    assert "output" not in resumed and "input" in resumed and "state" in resumed
+    assert REPLY.startswith(held["output"] + resumed["output_delta"])
+    assert after[-1].fields.get("state") == "completed" and len(after) >= 2, "then live"
+    _ids_are_positions(after, held)
+    assert applied(after, held)[-1]["output"] == final["output"] == REPLY, \
+        "no gap, nothing twice"
+
+
+def test_after_in_the_query_resumes_and_the_header_wins(server: Server) -> None:
+    with server.client() as client:
+        job_id = _chat(client)
+        done = read_events(client, job_id)
+        assert applied(done)[-1]["output"] == REPLY
+        tail = read_events(client, job_id, params={"after": "10"})
+        both = read_events(client, job_id, params={"after": "10"},
+                           headers={"Last-Event-ID": "20"})
+        beyond = read_events(client, job_id, params={"after": str(len(REPLY) + 5)})
+    assert [e.fields["output_delta"] for e in tail] == [REPLY[10:]]
+    assert [e.id for e in tail] == [str(len(REPLY))]
+    assert [e.fields["output_delta"] for e in both] == [REPLY[20:]]
+    # Past the end: the client's copy cannot be the job's, so it gets the output in full.
+    assert [e.fields.get("output") for e in beyond] == [REPLY]
+
+
+@pytest.mark.parametrize("header, query", [
+    ("abc", None), ("-1", None), ("1.5", None), ("1e3", None), ("0x10", None),
+    ("9" * 20, None), (None, "x"), (None, "-3")])
+def test_an_id_that_is_no_position_is_a_400_that_says_what_to_do(
+        server: Server, header: str | None, query: str | None) -> None:
+    with server.client() as client:
+        job_id = _chat(client)
+        answer = client.get(f"/api/jobs/{job_id}/events",
+                            headers={"Last-Event-ID": header} if header else None,
+                            params={"after": query} if query else None)
+    assert answer.status_code == 400, answer.text
+    detail = answer.json()["detail"]
+    assert "Last-Event-ID" in detail and "Leave it out" in detail
+
+
+def test_events_that_change_small_fields_share_their_position() -> None:
+    job = {"state": "running", "output": "ab", "progress": None, "input": {"x": "y" * 10}}
+    progressed = {**job, "progress": {"fraction": 0.5, "message": None}}
+    assert change_event(job, progressed) == (
+        'id: 2\ndata: {"progress": {"fraction": 0.5, "message": null}}\n\n')
+    assert change_event(job, dict(job)) is None
+    grown = {**job, "output": "abcé"}
+    assert change_event(job, grown) == 'id: 4\ndata: {"output_delta": "cé"}\n\n'
+    started_again = {**job, "output": "x"}
+    assert change_event(job, started_again) == 'id: 1\ndata: {"output": "x"}\n\n'
+    assert first_event(grown, 2).startswith("id: 4\n")
+    assert '"output_delta": "cé"' in first_event(grown, 2)
+    assert resume_position(None, None) is None and resume_position("", "7") == 7
+    assert resume_position("3", "7") == 3
