@@ -121,13 +121,15 @@ def _with_earlier_turns(job: base.Job, messages: list[dict[str, Any]]
                         ) -> list[dict[str, Any]]:
     """The earlier turns of this chat's session that its messages lack, from their job
     files, before the new message: a client that sent this one while the previous answer
-    was still coming built its history without that answer. An answer cut short (cancelled,
-    timed out, failed) comes with what it had said, marked as interrupted; one that had
-    said nothing is left out."""
+    was still coming built its history without that answer. Only turns still answering
+    when this chat was sent: a client that leaves out earlier ones means to. An answer
+    cut short (cancelled, timed out, failed) comes with what it had said, marked as
+    interrupted; one that had said nothing is left out."""
     after = job.data.get(p.F_AFTER)
     if not isinstance(after, str) or job.data_dir is None:
         return messages
     jobs_dir = os.path.join(job.data_dir, "jobs")
+    created = job.data.get(p.F_CREATED_AT)
     known = {str(m.get("content") or "").strip() for m in messages
              if m.get("role") == "assistant"}
     turns: list[dict[str, Any]] = []
@@ -137,6 +139,8 @@ def _with_earlier_turns(job: base.Job, messages: list[dict[str, Any]]
         earlier = p.read_json_or_none(p.job_path(jobs_dir, after)) or {}
         if earlier.get(p.F_STATE) not in p.FINAL_STATES:
             break  # gone, or (started by hand) still answering
+        if not _ended_after(earlier, created):
+            break  # the client could have had it: left out on purpose, as those before
         reply = _reply_of(earlier)
         if reply is not None and reply.strip() in known:
             break  # the client has this turn, and those before it
@@ -149,12 +153,20 @@ def _with_earlier_turns(job: base.Job, messages: list[dict[str, Any]]
     return [*messages[:-1], *turns, messages[-1]] if turns else messages
 
 
+def _ended_after(job_data: dict[str, Any], created_at: object) -> bool:
+    """Whether a job ended after `created_at`: it was still answering then."""
+    try:
+        return p.parse_iso(str(job_data.get(p.F_FINISHED_AT))) > p.parse_iso(str(created_at))
+    except ValueError:
+        return True  # no times to tell by: the turn is kept
+
+
 def _reply_of(job_data: dict[str, Any]) -> str | None:
     """A finished chat's reply; an interrupted one's partial reply, marked; else None."""
     result = job_data.get(p.F_RESULT)
     if job_data.get(p.F_STATE) == p.JobState.COMPLETED and isinstance(result, dict):
         return str(result.get("reply") or "")
-    partial = str(job_data.get(p.F_OUTPUT) or "").strip()
+    partial = str(job_data.get(p.F_OUTPUT) or "").removeprefix(ENGLISH_ONLY).strip()
     return f"{partial} {INTERRUPTED}" if partial else None
 
 

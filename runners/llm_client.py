@@ -34,6 +34,9 @@ FIRST_TOKEN_TIMEOUT_S = 60.0  # from request sent to the first piece of the repl
 STALL_TIMEOUT_S = 60.0  # between two pieces of a streaming reply
 RETRIES = 3  # for 429 and 5xx answers
 RETRY_BASE_S = 1.0
+# How servers word a refusal of a field they do not know (here `stream_options`).
+UNKNOWN_FIELD_WORDS = ("stream_options", "include_usage", "unknown", "unrecognized",
+                       "extra", "not permitted", "unexpected")
 RETRY_MAX_S = 30.0
 
 
@@ -169,8 +172,8 @@ def _request_with_retries(config: Config, body: dict[str, Any]
         retry_after = response.getheader("Retry-After")
         conn.close()
         said = detail.lower()
-        if status in (400, 422) and "stream_options" in body and (
-                "stream_options" in said or "stream" not in said):
+        if status in (400, 422) and "stream_options" in body and any(
+                word in said for word in UNKNOWN_FIELD_WORDS):
             # A server that refuses fields it does not know: the usage is counted instead.
             body = {k: v for k, v in body.items() if k != "stream_options"}
             continue

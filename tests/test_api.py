@@ -309,8 +309,9 @@ def test_stopping_the_api_leaves_runners_and_next_start_adopts_them(
         make_server: MakeServer, data_dir: Path) -> None:
     first = make_server()
     with first.client() as client:
+        # Long enough to outlast a slow stop on a busy machine.
         ids = [client.post("/api/jobs", json={"kind": "sleep",
-                                              "input": {"seconds": 3}}).json()["id"]
+                                              "input": {"seconds": 10}}).json()["id"]
                for _ in range(3)]
         jobs = [wait_job(client, i, "running") for i in ids]
     first.stop()

@@ -120,6 +120,8 @@ def test_a_second_message_waits_for_the_first_and_sees_its_reply(
                 still = client.get(f"/api/jobs/{second}").json()
                 llm.gate.set()
                 done = final(client, first), final(client, second)
+                # Sent after both had ended, without them: the client means to leave them out.
+                final(client, ask(client, "third question", session_id="s-1"))
         finally:
             llm.gate.set()
         asked = [r["body"]["messages"] for r in llm.requests]
@@ -130,10 +132,27 @@ def test_a_second_message_waits_for_the_first_and_sees_its_reply(
     assert still["state"] == "queued", "the second waits while the first answers"
     assert [job["state"] for job in done] == ["completed", "completed"]
     assert done[1]["started_at"] >= done[0]["finished_at"]
-    assert len(asked) == 3
+    assert len(asked) == 4
     assert asked[2][1:] == [{"role": "user", "content": "first question"},
                             {"role": "assistant", "content": "Hello, world."},
                             {"role": "user", "content": "second question"}]
+    assert asked[3][1:] == [{"role": "user", "content": "third question"}]
+
+
+def test_an_empty_session_id_is_no_conversation(make_server: MakeServer) -> None:
+    """`session_id: ""` names no session: such chats do not wait for one another."""
+    with FakeLLM(gated="first question") as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url,
+                                  "OFFLOAD_MAX_CONCURRENT": "4"})
+        try:
+            with server.client() as client:
+                first = ask(client, "first question", session_id="")
+                running_with_output(client, first)
+                other = final(client, ask(client, "another question", session_id=""))
+                assert client.get(f"/api/jobs/{first}").json()["state"] == "running"
+        finally:
+            llm.gate.set()
+    assert other["state"] == "completed" and other.get("after") is None, other
 
 
 def test_interrupt_cancels_the_answer_in_progress(make_server: MakeServer) -> None:

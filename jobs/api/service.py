@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,6 +41,7 @@ INLINE_MAX_S = 0.005  # a file operation run on the event loop must take less th
 INLINE_PAUSE_S = 60.0  # after one that took longer, worker threads for this long
 KEY_POLL_S = 0.05  # how often a request waits on a key whose job is being stored
 KEY_WAIT_S = 3 * PENDING_S  # and gives up after this long (a claim that never ages)
+TURN_LOCKS = 64
 WAITING_TURN = "waits for the previous answer in its conversation"
 
 log = logging.getLogger(__name__)
@@ -115,9 +117,10 @@ class JobService:
         self.store = store
         self.metrics = metrics
         self.small_io = SmallIO()
-        # A chat session's newest job is looked up and the next one stored under this:
-        # two submissions of one session through this worker never both follow the same.
-        self._turns = threading.Lock()
+        # A chat session's newest job is looked up and the next one stored under one of
+        # these (picked by the session): two submissions of one session through this
+        # worker never both follow the same job, and other sessions seldom wait.
+        self._turn_locks = [threading.Lock() for _ in range(TURN_LOCKS)]
 
     # -- submit ------------------------------------------------------------------------
 
@@ -133,7 +136,7 @@ class JobService:
         while True:
             # On the event loop only with the index snapshot's counts: never wait for the
             # index lock there (nor for a session's newest job, counted now).
-            load = None if _session(kind, job_input) else self.store.cached_load(
+            load = None if p.chat_session(kind, job_input) else self.store.cached_load(
                 OVERVIEW_MAX_AGE_S)
             outcome = None
             if load is not None:
@@ -160,24 +163,28 @@ class JobService:
             load = self.store.load(0.0)
         self._admit(load)
         job_input = self._with_context(kind, job_input, load.counts)
-        session = _session(kind, job_input)
-        with self._turns if session else contextlib.nullcontext():
-            fields = self._take_turn(session, job_input) if session else None
-            if key is None:
-                return self.store.create(kind, job_input, timeout_s, fields=fields)
+        session = p.chat_session(kind, job_input)
+        with self._turn_lock(session) if session else contextlib.nullcontext():
             job_id = p.new_id()
-            try:
-                claimed = self.store.keys.claim(key.name, job_id, key.fingerprint)
-            except OSError as exc:
-                raise StoreUnavailable(f"cannot record the Idempotency-Key: {exc}") from exc
-            if not claimed:  # another request claimed it a moment ago
-                return self._find(key) or Claim(None, None, 0.0)
+            if key is not None:
+                try:
+                    claimed = self.store.keys.claim(key.name, job_id, key.fingerprint)
+                except OSError as exc:
+                    raise StoreUnavailable(f"cannot record the Idempotency-Key: {exc}") from exc
+                if not claimed:  # another request claimed it a moment ago
+                    return self._find(key) or Claim(None, None, 0.0)
+            # Only once the key is ours: a retried request must not interrupt its original.
+            fields = self._take_turn(session, job_input) if session else None
             try:
                 return self.store.create(kind, job_input, timeout_s, job_id=job_id,
-                                         key_name=key.name, fields=fields)
+                                         key_name=key.name if key else None, fields=fields)
             except StoreUnavailable:
-                self.store.keys.drop_own(key.name)
+                if key is not None:
+                    self.store.keys.drop_own(key.name)
                 raise
+
+    def _turn_lock(self, session: str) -> threading.Lock:
+        return self._turn_locks[zlib.crc32(session.encode()) % len(self._turn_locks)]
 
     def _take_turn(self, session: str, job_input: dict[str, Any]) -> dict[str, Any]:
         """A chat's place in its session: after the session's newest job (the supervisor
@@ -345,12 +352,6 @@ class JobService:
             if job.get(p.F_STATE) in p.FINAL_STATES:
                 break
         return job
-
-
-def _session(kind: str, job_input: dict[str, Any]) -> str | None:
-    """The chat session a job is a turn of, if any: one answer at a time in each."""
-    session = job_input.get("session_id") if kind == "chat" else None
-    return session if isinstance(session, str) and session else None
 
 
 def validate_input(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:

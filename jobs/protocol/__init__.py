@@ -135,6 +135,13 @@ def is_valid_id(job_id: str) -> bool:
     return len(job_id) == 32 and _HEX.issuperset(job_id)
 
 
+def chat_session(kind: object, job_input: object) -> str | None:
+    """The chat session a job is a turn of (one answer at a time in each), or None: only
+    a chat's non-empty `session_id` makes one."""
+    session = job_input.get("session_id") if isinstance(job_input, dict) else None
+    return session if kind == "chat" and isinstance(session, str) and session else None
+
+
 _last_ns = 0
 
 

@@ -66,9 +66,7 @@ class _Entry:
             self.finished_ts = p.parse_iso(str(finished))
         except ValueError:
             self.finished_ts = 0.0
-        job_input = data.get(p.F_INPUT)
-        session = job_input.get("session_id") if isinstance(job_input, dict) else None
-        self.session = session if isinstance(session, str) else None
+        self.session = p.chat_session(self.kind, data.get(p.F_INPUT))
         self.live = live
 
 
@@ -343,7 +341,7 @@ class JobIndex:
             self._finished.insert(bisect.bisect(self._finished, entry.finished_ts),
                                   entry.finished_ts)
         self._unsettled.add(job_id)
-        if entry.session is not None and entry.kind == "chat":
+        if entry.session is not None:
             self._track_turn(job_id, entry, p.fifo_key(data))
         if (entry.state == p.JobState.COMPLETED and entry.kind == "chat"
                 and entry.finished_ts >= self._since and job_id not in self._usage_counted):

@@ -101,7 +101,7 @@ class Supervisor:
         # end (its `after`, or its session's running chat), by that job's id; they stay
         # in _queued, off _queue_order, so they hold up no other job.
         self._waiting: dict[str, list[str]] = {}
-        self._conversations: dict[str, str] = {}  # session id -> its running chat
+        self._running_chat_by_session: dict[str, str] = {}  # session id -> its running chat
         self._unwritten: dict[str, JobLife] = {}  # ended; final state not written yet
         self._known_final: set[str] = set()
         self._blocked = False  # the last launch could not write to the data folder
@@ -338,8 +338,8 @@ class Supervisor:
             return
         log.info("job %s: adopted its %s runner", job_id, life.run.launcher)
         self._running[job_id] = life
-        if (session := _session(data)) is not None:
-            self._conversations[session] = job_id
+        if (session := p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))) is not None:
+            self._running_chat_by_session[session] = job_id
 
     def _launcher_for(self, record: dict[str, Any]) -> Launcher:
         name = str(record.get("launcher") or p.LOCAL)
@@ -407,8 +407,8 @@ class Supervisor:
             return False
         if started:
             self._running[job_id] = life
-            if (session := _session(data)) is not None:
-                self._conversations[session] = job_id
+            if (session := p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))) is not None:
+                self._running_chat_by_session[session] = job_id
         else:
             self._settle(life)
         return True
@@ -426,14 +426,14 @@ class Supervisor:
                 state = (p.read_json_or_none(self._file(after)) or {}).get(p.F_STATE)
                 if state in (p.JobState.QUEUED, p.JobState.RUNNING):
                     return after  # not seen yet: the next full pass takes it on
-        session = _session(data)
-        return self._conversations.get(session) if session is not None else None
+        session = p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))
+        return self._running_chat_by_session.get(session) if session is not None else None
 
     def _next_turn(self, ended: str) -> None:
         """A job has ended: the jobs that waited for it go back on the queue."""
-        for conversation, job_id in list(self._conversations.items()):
+        for conversation, job_id in list(self._running_chat_by_session.items()):
             if job_id == ended:
-                del self._conversations[conversation]
+                del self._running_chat_by_session[conversation]
         for job_id in self._waiting.pop(ended, ()):
             key = self._queued.get(job_id)
             if key is not None:  # else cancelled or deleted meanwhile
@@ -517,13 +517,6 @@ class Supervisor:
 
     def _file(self, job_id: str) -> Path:
         return Path(p.job_path(self.dir, job_id))
-
-
-def _session(data: dict[str, Any]) -> str | None:
-    """The chat session a job is a turn of, if any."""
-    job_input = data.get(p.F_INPUT)
-    session = job_input.get("session_id") if isinstance(job_input, dict) else None
-    return session if data.get(p.F_KIND) == "chat" and isinstance(session, str) else None
 
 
 def _mtime_ns(path: Path) -> int:
