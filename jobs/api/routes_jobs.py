@@ -128,6 +128,8 @@ async def _follow(service: JobService, job_id: str, path: str, job: dict[str, An
                 version, final = watch.version, watch.final
                 latest = watch.snapshot
                 assert latest is not None
+                if _older(latest, mine):  # the watch read before the route's own read
+                    continue
                 # The shared event fits a client that holds its base; any other encodes its own.
                 text = watch.text if mine is watch.base else change_event(mine, latest)
                 mine = latest
@@ -141,3 +143,10 @@ async def _follow(service: JobService, job_id: str, path: str, job: dict[str, An
     finally:
         registry.leave(watch)
         _slots.open -= 1
+
+
+def _older(job: dict[str, Any], than: dict[str, Any]) -> bool:
+    """Whether `job` is an earlier read of `than`: its output a strict prefix (output is
+    only ever appended to)."""
+    output, later = str(job.get(p.F_OUTPUT) or ""), str(than.get(p.F_OUTPUT) or "")
+    return len(output) < len(later) and later.startswith(output)
