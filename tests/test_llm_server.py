@@ -19,7 +19,7 @@ from tests.conftest import wait_for
 pytestmark = [pytest.mark.llm, pytest.mark.slow]
 
 # Long answers: each chat still decodes when the others start.
-LONG = [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]
+LONG = [{"role": "user", "content": "List 1000 animals, one per line, numbered."}]
 
 
 @pytest.fixture
