@@ -98,3 +98,17 @@ def test_a_cancelled_chat_frees_its_slot_and_the_next_chat_answers(
         final = wait_for(lambda: (j := client.get(f"/api/jobs/{after}").json())["state"]
                          in p.FINAL_STATES and j, 60, 0.1, "the next chat to end")
         assert final["state"] == "completed", json.dumps(final)[:500]
+
+
+def test_llama_cpp_python_server_stays_the_fallback(make_server: Callable[..., Any]) -> None:
+    server = make_server(env={"OPENAI_BASE_URL": "", "OFFLOAD_MAX_CONCURRENT": "4",
+                              "OFFLOAD_LLM_ENGINE": embedded.LLAMA_CPP_PYTHON})
+    status = wait_for(lambda: (s := embedded.read_status(str(server.data_dir)) or {})
+                      .get("ready") and s, 120, 0.2, "the embedded model to load")
+    assert status["engine"] == embedded.LLAMA_CPP_PYTHON and status["slots"] == 1, status
+    assert "llama_cpp.server" in " ".join(psutil.Process(status["pid"]).cmdline())
+    with server.client() as client:
+        job_id = _chat(client, [{"role": "user", "content": "Say hello."}], 16)
+        final = wait_for(lambda: (j := client.get(f"/api/jobs/{job_id}").json())["state"]
+                         in p.FINAL_STATES and j, 120, 0.1, "the chat to end")
+    assert final["state"] == "completed" and final["output"], json.dumps(final)[:500]
