@@ -195,13 +195,17 @@ def build_llama_server(version: str) -> Path | None:
         if pip("download", "-q", "--no-binary", ":all:", "--no-deps", "-d", tmp,
                f"llama-cpp-python=={version}") != 0:
             return None
-        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"), None)
+        if archive is None:
+            return None
         with tarfile.open(archive) as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(tmp, filter="data")
             else:  # Python < 3.12 without the filter backport
                 tar.extractall(tmp)  # noqa: S202 - the registry's own source archive
-        source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
+        source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"), None)
+        if source is None:
+            return None
         build = Path(tmp) / "build"
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -86,6 +86,9 @@ class EmbeddedServer:
         port = embedded.free_port()
         self.base_url = None
         engine = embedded.engine(self.wanted_engine)
+        if self.wanted_engine == embedded.LLAMA_SERVER != engine:
+            log.warning("llama-server is not built here (launch.py builds it); the embedded "
+                        "model runs on llama-cpp-python's server")
         slots = self.slots if engine == embedded.LLAMA_SERVER else 1
         running = {"engine": engine, "slots": slots}
         self._write(False, "loading the embedded model", available=True,
