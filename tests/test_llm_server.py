@@ -48,8 +48,9 @@ def _slots(status: dict[str, Any]) -> list[dict[str, Any]]:
     return slots
 
 
-def _chat(client: httpx.Client, messages: list[dict[str, str]], max_tokens: int) -> str:
-    answer = client.post("/api/jobs", json={"kind": "chat", "input": {
+def _chat(client: httpx.Client, messages: list[dict[str, str]], max_tokens: int,
+          timeout_s: float = 120) -> str:
+    answer = client.post("/api/jobs", json={"kind": "chat", "timeout_s": timeout_s, "input": {
         "messages": messages, "max_tokens": max_tokens, "expert": False}})
     assert answer.status_code in (200, 201, 202), answer.text
     job_id: str = answer.json()["id"]
@@ -75,7 +76,7 @@ def test_chats_submitted_together_stream_at_the_same_time(
     assert busy >= 2, "the chats decode in slots of their own"
 
 
-def test_a_cancelled_chat_frees_its_slot_and_the_next_chat_answers(
+def test_a_cancelled_or_late_chat_frees_its_slot_and_the_next_chat_answers(
         model_server: tuple[Any, dict[str, Any]]) -> None:
     server, status = model_server
     with server.client() as client:
@@ -91,6 +92,14 @@ def test_a_cancelled_chat_frees_its_slot_and_the_next_chat_answers(
         # released (llama-server notices a closed connection at its next token).
         wait_for(lambda: not any(s["is_processing"] for s in _slots(status)), 10, 0.05,
                  "llama-server to stop decoding for the cancelled chat")
+
+        # A chat past its deadline: the same.
+        late = _chat(client, LONG, 3000, timeout_s=3)
+        job = wait_for(lambda: (j := client.get(f"/api/jobs/{late}").json())["state"]
+                       in p.FINAL_STATES and j, 60, 0.05, "the deadline")
+        assert job["state"] == "timeout" and job["output"], job
+        wait_for(lambda: not any(s["is_processing"] for s in _slots(status)), 10, 0.05,
+                 "llama-server to stop decoding for the chat past its deadline")
 
         after = _chat(client, [{"role": "user", "content": "Say hello."}], 16)
         wait_for(lambda: client.get(f"/api/jobs/{after}").json()["output"], 60, 0.05,
