@@ -174,8 +174,7 @@ class EmbeddedServer:
             return
         try:
             proc = psutil.Process(pid)
-            command = " ".join(proc.cmdline())
-            if "llama_cpp.server" in command or embedded.LLAMA_SERVER in command:
+            if embedded.is_server(proc.cmdline()):
                 log.info("stopping a stale embedded model server (pid %s)", pid)
                 proc.terminate()
                 proc.wait(10)

@@ -114,6 +114,12 @@ def server_command(model: str, cpus: set[int] | None = None, slots: int = 1,
     return command
 
 
+def is_server(command: list[str]) -> bool:
+    """Is this command line one of `server_command`'s?"""
+    return (os.path.basename(command[0]).startswith(LLAMA_SERVER) if command else False) or \
+        "llama_cpp.server" in command
+
+
 def server_env(port: int, key: str | None, engine: str = LLAMA_CPP_PYTHON) -> dict[str, str]:
     """The server's environment, where its port and key go: a command line is readable by
     every local account, which could then bind the port first. llama_cpp.server takes
