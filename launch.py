@@ -202,7 +202,7 @@ def build_llama_server(version: str) -> Path | None:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(tmp, filter="data")
             else:  # Python < 3.12 without the filter backport
-                tar.extractall(tmp)  # noqa: S202 - the registry's own source archive
+                tar.extractall(tmp)  # the package index's own source archive
         source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"), None)
         if source is None:
             return None

@@ -31,7 +31,6 @@ STATUS_FILE = "llm.json"
 KEY_ENV = "OFFLOAD_EMBEDDED_KEY"
 LLAMA_SERVER = "llama-server"
 LLAMA_CPP_PYTHON = "llama-cpp-python"
-ENGINES = ("auto", LLAMA_SERVER, LLAMA_CPP_PYTHON)
 SLOT_CTX = 2048  # tokens of context for each chat at once
 HOW_TO = ("Ways on: start an OpenAI-compatible server such as Ollama or LM Studio and set "
           "OPENAI_BASE_URL (e.g. http://127.0.0.1:11434/v1), or install a C/C++ compiler "
