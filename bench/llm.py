@@ -7,10 +7,15 @@
    last token sent -> final state written.
 3. First token visible on `/api/jobs/{id}/events` after the server sent it.
 4. `/api/history` latency while 4 chats run on the embedded model (CPU-bound).
+5. Several chats at once on the embedded model, for each engine in the same run
+   (llama-cpp-python's server answers one at a time, llama-server batches them): the
+   first token of each of 4 chats submitted together, aggregate tokens/s of 4 against one
+   alone, and `/api/history` meanwhile.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import subprocess
@@ -116,7 +121,9 @@ def first_token_on_events(rounds: int = 15) -> dict[str, Any]:
                     "messages": [{"role": "user", "content": "hi"}]}}).json()
                 with client.stream("GET", f"/api/jobs/{job['id']}/events") as stream:
                     for line in stream.iter_lines():
-                        if line.startswith("data: ") and json.loads(line[6:])["output"]:
+                        event = json.loads(line[6:]) if line.startswith("data: ") else {}
+                        # The first event holds `output`; later ones what was appended.
+                        if event.get("output") or event.get("output_delta"):
                             delays.append(time.time() - llm.first_piece_sent[before])
                             break
     return {"first_token_visible": stats(delays)}
@@ -154,9 +161,121 @@ def embedded_history(chats: int = 4, idle_s: float = 20.0) -> dict[str, Any]:
     return {"idle": stats(idle), "load": stats(load), "load_s": end - burst, "chats": chats}
 
 
+# Long answers from either engine alike: greedy decoding, cut at MAX_TOKENS. Each chat's
+# prompt differs from its first token: no chat finds another's prompt in the model's cache.
+MAX_TOKENS = 256
+
+
+def _long_answer(number: int) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": f"{number}. Write a long essay about "
+                                                     "the history of computers."}],
+            "max_tokens": MAX_TOKENS, "temperature": 0, "expert": False}
+
+
+_numbers = itertools.count(1)
+
+
+def _chats_at_once(client: httpx.Client, count: int) -> dict[str, Any]:
+    """Submit `count` chats together; each one's first output (seen by polling its job)
+    and end, seconds from the submission."""
+    started = time.time()
+    ids = [client.post("/api/jobs", json={"kind": "chat", "input": _long_answer(
+        next(_numbers))}).json()["id"] for _ in range(count)]
+    first: dict[str, float] = {}
+    jobs: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 600
+    while len(jobs) < count and time.monotonic() < deadline:
+        for job_id in ids:
+            if job_id in jobs:
+                continue
+            job = client.get(f"/api/jobs/{job_id}").json()
+            if job["output"] and job_id not in first:
+                first[job_id] = time.time() - started
+            if job["state"] in p.FINAL_STATES:
+                jobs[job_id] = job
+        time.sleep(0.05)
+    finals = [jobs[i] for i in ids]
+    if any(j["state"] != "completed" for j in finals):
+        raise RuntimeError(f"a chat did not complete: {[j['state'] for j in finals]}")
+    tokens = sum(_tokens(j["result"]) for j in finals)
+    wall = max(p.parse_iso(j[p.F_FINISHED_AT]) for j in finals) - started
+    return {"first_token_s": sorted(first[i] for i in ids), "tokens": tokens,
+            "wall_s": wall, "tokens_per_s": tokens / wall, "end": started + wall}
+
+
+def _tokens(result: dict[str, Any]) -> int:
+    counted = (result.get("usage") or {}).get("completion_tokens")
+    if counted:
+        return int(counted)
+    if result.get("finish_reason") != "length":  # cut short: its length is unknown here
+        raise RuntimeError(f"a reply ended before {MAX_TOKENS} tokens: {result}")
+    return MAX_TOKENS
+
+
+def concurrency(chats: int = 4, idle_s: float = 10.0) -> dict[str, Any]:
+    out: dict[str, Any] = {"chats": chats}
+    for engine in ("llama-cpp-python", "llama-server"):
+        with tempfile.TemporaryDirectory() as tmp:
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            series_file = Path(tmp) / "series.jsonl"
+            env = {"OFFLOAD_DATA_DIR": str(Path(tmp) / "var"), "OPENAI_BASE_URL": "",
+                   "OFFLOAD_LLM_ENGINE": engine, "OFFLOAD_MAX_CONCURRENT": str(chats)}
+            with _process(["-m", "uvicorn", "api_entry:app", "--port", str(port),
+                           "--log-level", "warning"], env, f"{url}/api/health"), \
+                    httpx.Client(base_url=url, timeout=30) as client:
+                deadline = time.monotonic() + 180
+                while not client.get("/api/health").json()["llm"]["ready"]:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the embedded model did not load")
+                    time.sleep(0.5)
+                status = p.read_json(Path(tmp) / "var" / "llm.json") or {}
+                if status.get("engine") != engine:
+                    raise RuntimeError(f"{engine} is not what runs: {status}")
+                _chats_at_once(client, 1)  # warm: the model's pages, the runners' imports
+                alone = _chats_at_once(client, 1)
+                with _process(["-m", "bench.poller", f"{url}/api/history", str(series_file),
+                               "0.05"], {}, None):
+                    time.sleep(idle_s)
+                    burst = time.time()
+                    together = _chats_at_once(client, chats)
+            series = [json.loads(line) for line in series_file.read_text().splitlines()]
+        idle = [lat for t, lat, code in series if t < burst and code == 200]
+        load = [lat for t, lat, code in series if burst <= t <= together["end"] and code == 200]
+        out[engine] = {"slots": status.get("slots"), "alone": alone, "together": together,
+                       "history_idle": stats(idle), "history_load": stats(load)}
+    return out
+
+
 def run() -> dict[str, Any]:
     return {"clients": clients(), "overhead": overhead(), "events": first_token_on_events(),
-            "embedded": embedded_history()}
+            "embedded": embedded_history(), "concurrency": concurrency()}
+
+
+def concurrency_report(c: dict[str, Any]) -> str:
+    engines = ("llama-cpp-python", "llama-server")
+    rows = [f"{c['chats']} chats submitted together on the embedded model "
+            f"(at most {MAX_TOKENS} tokens each), each engine in turn:", "",
+            f"| measure | {' | '.join(engines)} | goal |", "| --- | --- | --- | --- |"]
+
+    def row(name: str, goal: str, cell: Any) -> None:
+        rows.append(f"| {name} | {' | '.join(cell(c[e]) for e in engines)} | {goal} |")
+
+    row("slots (chats decoded at once)", "", lambda r: str(r["slots"]))
+    row("first token of each (s)", "",
+        lambda r: " / ".join(f"{t:.2f}" for t in r["together"]["first_token_s"]))
+    row("last first token / first", "<= 1.5x", lambda r: (
+        f"{r['together']['first_token_s'][-1] / r['together']['first_token_s'][0]:.2f}x"))
+    row("tokens/s, one chat alone", "", lambda r: f"{r['alone']['tokens_per_s']:.1f}")
+    row(f"tokens/s, {c['chats']} together (aggregate)", "",
+        lambda r: f"{r['together']['tokens_per_s']:.1f}")
+    row(f"aggregate of {c['chats']} / one alone", ">= 1.5x", lambda r: (
+        f"{r['together']['tokens_per_s'] / r['alone']['tokens_per_s']:.2f}x"))
+    row("/api/history p99 idle / during (ms)", "", lambda r: (
+        f"{r['history_idle']['p99'] * 1000:.1f} / {r['history_load']['p99'] * 1000:.1f}"))
+    row("/api/history p99 during / idle", "<= 1.5x", lambda r: (
+        f"{r['history_load']['p99'] / r['history_idle']['p99']:.2f}x"))
+    return "\n".join(rows)
 
 
 def report(results: dict[str, Any]) -> str:
@@ -184,8 +303,13 @@ def report(results: dict[str, Any]) -> str:
              f"({m['load_s']:.0f} s) | {ms(m['load'])} "
              f"| p99 {m['load']['p99'] / m['idle']['p99']:.2f}x idle p99 (goal <= 1.5x), "
              f"max {m['load']['max'] / m['idle']['p99']:.2f}x (goal <= 3x) |"]
+    if "concurrency" in results:
+        rows += ["", concurrency_report(results["concurrency"])]
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    print(report(run()))
+    if sys.argv[1:] == ["concurrency"]:
+        print(concurrency_report(concurrency()))
+    else:
+        print(report(run()))

@@ -36,6 +36,7 @@ GIL_SWITCH_S = 0.001  # the API process's GIL switch interval (Python's default:
 EVENT_POLL_S = 0.04  # how often a followed job file is looked at without change notifications
 EVENT_CHECK_S = 0.5  # and with them: a missed notification costs at most this
 KEEPALIVE_S = 15.0
+DEFAULT_LLM_SLOTS = 4  # llama-server's slots at most, by default: each keeps a chat's context
 CANCEL_WAIT_S = 10.0  # DELETE waits this long for the runner to stop
 HISTORY_SAMPLE_S = 1.0
 HISTORY_KEEP_S = 3 * 3600.0  # the metrics series kept on disk
@@ -127,6 +128,10 @@ class Settings(BaseSettings):
     llm_max_tokens: int | None = Field(None, ge=1)
     llm_temperature: float | None = Field(None, ge=0, le=2)
     llm_first_token_s: float | None = Field(None, gt=0)
+    # Chats the embedded model decodes at once (llama-server's slots); None: as many as
+    # OFFLOAD_MAX_CONCURRENT, at most DEFAULT_LLM_SLOTS.
+    llm_slots: int | None = Field(None, ge=1, le=64)
+    llm_engine: Literal["auto", "llama-server", "llama-cpp-python"] = "auto"
     stop_grace_s: float = Field(STOP_GRACE_S, gt=0)
     launcher: Literal["local", "ray"] = "local"
     ray_address: str = DEFAULT_RAY_ADDRESS
@@ -187,6 +192,10 @@ class Settings(BaseSettings):
     @classmethod
     def _http_address(cls, value: str) -> str:
         return normalize_ray_address(value)
+
+    @property
+    def embedded_slots(self) -> int:
+        return self.llm_slots or min(self.max_concurrent, DEFAULT_LLM_SLOTS)
 
     @property
     def jobs_dir(self) -> Path:

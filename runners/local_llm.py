@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +33,9 @@ def temporary_server() -> Iterator[tuple[str, str]]:
     base_url = f"http://127.0.0.1:{port}/v1"
     print(f"starting the embedded model ({embedded.model_name(model)}) for this question...",
           file=sys.stderr)
-    proc = subprocess.Popen(embedded.server_command(model), env=embedded.server_env(port, key),
+    engine = embedded.engine(os.environ.get("OFFLOAD_LLM_ENGINE", "auto"))
+    command = embedded.server_command(model, engine=engine)
+    proc = subprocess.Popen(command, env=embedded.server_env(port, key, engine),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
@@ -45,7 +48,7 @@ def temporary_server() -> Iterator[tuple[str, str]]:
                                   "model server; try again")
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RunnerError("the embedded model server did not start; run "
-                                  f"`{' '.join(embedded.server_command(model))}` to see why")
+                                  f"`{' '.join(command)}` to see why")
             time.sleep(0.2)
         yield base_url, key
     finally:

@@ -61,7 +61,7 @@ def _kill_leftover_model(data_dir: Path) -> None:
         pid = (embedded.read_status(str(data_dir)) or {}).get("pid")
         if isinstance(pid, int) and pid > 0 and psutil.pid_exists(pid):
             proc = psutil.Process(pid)
-            if "llama_cpp.server" in " ".join(proc.cmdline()):
+            if embedded.is_server(proc.cmdline()):
                 proc.kill()
 
 

@@ -108,3 +108,9 @@ def test_events_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> N
         assert all(f["min"] >= 2 for f in mode["followers_events"])
     table = events.report(results)
     assert "write -> seen median / p90 (ms)" in table and "| whole job |" in table
+
+
+def test_llm_benchmark_sees_a_first_token_on_events() -> None:
+    from bench import llm
+
+    assert llm.first_token_on_events(rounds=2)["first_token_visible"]["n"] == 2

@@ -166,7 +166,7 @@ def _model_server(api: subprocess.Popen[bytes], skip: set[int]) -> psutil.Proces
     """The embedded model's server among the API's descendants, once it runs as itself."""
     for proc in psutil.Process(api.pid).children(recursive=True):
         try:
-            if proc.pid not in skip and "llama_cpp.server" in " ".join(proc.cmdline()):
+            if proc.pid not in skip and embedded.is_server(proc.cmdline()):
                 return proc
         except psutil.Error:
             pass
@@ -180,7 +180,8 @@ def _port_of(proc: psutil.Process) -> int | None:
         command = proc.cmdline()
         if "--port" in command:
             return int(command[command.index("--port") + 1])
-        port = proc.environ().get("PORT")
+        environ = proc.environ()
+        port = environ.get("LLAMA_ARG_PORT") or environ.get("PORT")
     except psutil.Error:
         return None
     return int(port) if port else None
@@ -283,7 +284,8 @@ def test_the_model_server_answers_only_with_its_key_which_runners_alone_get(
         job = wait_for(lambda: (j := client.get(f"/api/jobs/{job_id}").json())["state"]
                        in ("completed", "failed", "cancelled", "timeout") and j, 120, 0.2)
         assert job["state"] == "completed" and job["result"]["reply"].strip(), job
-        key = psutil.Process(status["pid"]).environ()["API_KEY"]
+        environ = psutil.Process(status["pid"]).environ()
+        key = environ.get("LLAMA_API_KEY") or environ["API_KEY"]
         assert len(key) >= 32
         for proc in psutil.Process(server.proc.pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):

@@ -129,9 +129,11 @@ def test_remote_log_is_appended_and_capped(make_server: MakeServer, data_dir: Pa
 @pytest.mark.slow
 def test_model_server_output_is_capped_while_it_serves(make_server: MakeServer,
                                                        data_dir: Path) -> None:
-    """The real model server: loading alone writes some 200 KB; it is cut in place and
-    the server goes on writing at the new end."""
-    server = make_server(env={"OFFLOAD_LOG_MAX_MB": str(CAP_MB)})
+    """The real model server: llama-cpp-python's, whose loading alone writes some 200 KB
+    (llama-server's, a few lines); it is cut in place and the server goes on writing at
+    the new end."""
+    server = make_server(env={"OFFLOAD_LOG_MAX_MB": str(CAP_MB),
+                              "OFFLOAD_LLM_ENGINE": "llama-cpp-python"})
     log = data_dir / "llm-server.log"
     with server.client() as client:
         wait_for(lambda: client.get("/api/health").json()["llm"]["ready"], 120, 0.2,

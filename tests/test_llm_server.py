@@ -1,0 +1,124 @@
+"""llama.cpp's llama-server as the embedded model's engine, through the product's wiring
+(the API and the real supervisor): chats stream at once, and a cancelled chat frees its
+slot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from jobs import protocol as p
+from jobs.protocol import embedded
+from tests.conftest import wait_for
+
+pytestmark = [pytest.mark.llm, pytest.mark.slow]
+
+# A long answer (greedy decoding repeats itself past 1500 tokens): each chat still
+# decodes when the others start, and past a deadline of a few seconds.
+LONG = [{"role": "user", "content": "List 200 animals, one per line, numbered."}]
+
+
+@pytest.fixture
+def model_server(make_server: Callable[..., Any]) -> tuple[Any, dict[str, Any]]:
+    if embedded.server_binary() is None:
+        pytest.skip("llama-server is not built here: run `python launch.py` (it builds it)")
+    server = make_server(env={"OPENAI_BASE_URL": "", "OFFLOAD_MAX_CONCURRENT": "4",
+                              "OFFLOAD_LLM_ENGINE": "auto"})
+    status = wait_for(lambda: (s := embedded.read_status(str(server.data_dir)) or {})
+                      .get("ready") and s, 120, 0.2, "the embedded model to load")
+    assert status["engine"] == embedded.LLAMA_SERVER and status["slots"] == 4, status
+    return server, status
+
+
+def _slots(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """llama-server's slots, asked with its key (in its environment: never on its command
+    line, which every local account can read)."""
+    proc = psutil.Process(status["pid"])
+    key = proc.environ()["LLAMA_API_KEY"]
+    assert key not in " ".join(proc.cmdline())
+    base = status["base_url"].removesuffix("/v1")
+    assert httpx.get(f"{base}/slots", timeout=10).status_code == 401
+    answer = httpx.get(f"{base}/slots", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    answer.raise_for_status()
+    slots: list[dict[str, Any]] = answer.json()
+    return slots
+
+
+def _chat(client: httpx.Client, messages: list[dict[str, str]], max_tokens: int,
+          timeout_s: float = 120) -> str:
+    answer = client.post("/api/jobs", json={"kind": "chat", "timeout_s": timeout_s, "input": {
+        "messages": messages, "max_tokens": max_tokens, "temperature": 0, "expert": False}})
+    assert answer.status_code in (200, 201, 202), answer.text
+    job_id: str = answer.json()["id"]
+    return job_id
+
+
+def test_chats_submitted_together_stream_at_the_same_time(
+        model_server: tuple[Any, dict[str, Any]]) -> None:
+    server, status = model_server
+    with server.client() as client:
+        ids = [_chat(client, LONG, 1500) for _ in range(3)]
+
+        def all_streaming() -> bool:
+            jobs = [client.get(f"/api/jobs/{i}").json() for i in ids]
+            assert not any(j["state"] in p.FINAL_STATES for j in jobs), \
+                "a chat finished before every one had started streaming"
+            return all(j["state"] == "running" and j["output"] for j in jobs)
+
+        wait_for(all_streaming, 120, 0.1, "every chat to stream")
+        busy = sum(s["is_processing"] for s in _slots(status))
+        for job_id in ids:
+            client.delete(f"/api/jobs/{job_id}")
+    assert busy >= 2, "the chats decode in slots of their own"
+
+
+def test_a_cancelled_or_late_chat_frees_its_slot_and_the_next_chat_answers(
+        model_server: tuple[Any, dict[str, Any]]) -> None:
+    server, status = model_server
+    with server.client() as client:
+        job_id = _chat(client, LONG, 3000)
+        wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["output"], 120, 0.05,
+                 "the long answer to start")
+        assert any(s["is_processing"] for s in _slots(status))
+        assert client.delete(f"/api/jobs/{job_id}").status_code in (200, 202)
+        job = wait_for(lambda: (j := client.get(f"/api/jobs/{job_id}").json())["state"]
+                       in p.FINAL_STATES and j, 30, 0.05, "the cancel")
+        assert job["state"] == "cancelled", job
+        # Generous: the runner's process tree dies, its connection closes, the slot is
+        # released (llama-server notices a closed connection at its next token).
+        wait_for(lambda: not any(s["is_processing"] for s in _slots(status)), 10, 0.05,
+                 "llama-server to stop decoding for the cancelled chat")
+
+        # A chat past its deadline: the same.
+        late = _chat(client, LONG, 3000, timeout_s=3)
+        job = wait_for(lambda: (j := client.get(f"/api/jobs/{late}").json())["state"]
+                       in p.FINAL_STATES and j, 60, 0.05, "the deadline")
+        assert job["state"] == "timeout" and job["output"], job
+        wait_for(lambda: not any(s["is_processing"] for s in _slots(status)), 10, 0.05,
+                 "llama-server to stop decoding for the chat past its deadline")
+
+        after = _chat(client, [{"role": "user", "content": "Say hello."}], 16)
+        wait_for(lambda: client.get(f"/api/jobs/{after}").json()["output"], 60, 0.05,
+                 "the next chat's first token")
+        final = wait_for(lambda: (j := client.get(f"/api/jobs/{after}").json())["state"]
+                         in p.FINAL_STATES and j, 60, 0.1, "the next chat to end")
+        assert final["state"] == "completed", json.dumps(final)[:500]
+
+
+def test_llama_cpp_python_server_stays_the_fallback(make_server: Callable[..., Any]) -> None:
+    server = make_server(env={"OPENAI_BASE_URL": "", "OFFLOAD_MAX_CONCURRENT": "4",
+                              "OFFLOAD_LLM_ENGINE": embedded.LLAMA_CPP_PYTHON})
+    status = wait_for(lambda: (s := embedded.read_status(str(server.data_dir)) or {})
+                      .get("ready") and s, 120, 0.2, "the embedded model to load")
+    assert status["engine"] == embedded.LLAMA_CPP_PYTHON and status["slots"] == 1, status
+    assert "llama_cpp.server" in " ".join(psutil.Process(status["pid"]).cmdline())
+    with server.client() as client:
+        job_id = _chat(client, [{"role": "user", "content": "Say hello."}], 16)
+        final = wait_for(lambda: (j := client.get(f"/api/jobs/{job_id}").json())["state"]
+                         in p.FINAL_STATES and j, 120, 0.1, "the chat to end")
+    assert final["state"] == "completed" and final["output"], json.dumps(final)[:500]
