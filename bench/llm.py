@@ -129,6 +129,14 @@ def first_token_on_events(rounds: int = 15) -> dict[str, Any]:
     return {"first_token_visible": stats(delays)}
 
 
+def _until_the_model_is_ready(client: httpx.Client, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not client.get("/api/health").json()["llm"]["ready"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the embedded model did not load")
+        time.sleep(0.5)
+
+
 def embedded_history(chats: int = 4, idle_s: float = 20.0) -> dict[str, Any]:
     """History latency while chats run on the embedded model (CPU-bound)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,11 +147,7 @@ def embedded_history(chats: int = 4, idle_s: float = 20.0) -> dict[str, Any]:
         with _process(["-m", "uvicorn", "api_entry:app", "--port", str(port),
                        "--log-level", "warning"], env, f"{url}/api/health"), \
                 httpx.Client(base_url=url, timeout=30) as client:
-            deadline = time.monotonic() + 180
-            while not client.get("/api/health").json()["llm"]["ready"]:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the embedded model did not load")
-                time.sleep(0.5)
+            _until_the_model_is_ready(client)
             with _process(["-m", "bench.poller", f"{url}/api/history", str(series_file),
                            "0.05"], {}, None):
                 time.sleep(idle_s)
@@ -224,11 +228,7 @@ def concurrency(chats: int = 4, idle_s: float = 10.0) -> dict[str, Any]:
             with _process(["-m", "uvicorn", "api_entry:app", "--port", str(port),
                            "--log-level", "warning"], env, f"{url}/api/health"), \
                     httpx.Client(base_url=url, timeout=30) as client:
-                deadline = time.monotonic() + 180
-                while not client.get("/api/health").json()["llm"]["ready"]:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the embedded model did not load")
-                    time.sleep(0.5)
+                _until_the_model_is_ready(client)
                 status = p.read_json(Path(tmp) / "var" / "llm.json") or {}
                 if status.get("engine") != engine:
                     raise RuntimeError(f"{engine} is not what runs: {status}")
