@@ -10,8 +10,8 @@ from jobs.api import routes_jobs
 from jobs.api.events import first_event
 
 
-def _whole_job(before: dict[str, Any], after: dict[str, Any]) -> str | None:
-    return None if before == after else first_event(after, None)
+def _whole_job(old_job: dict[str, Any], new_job: dict[str, Any]) -> str | None:
+    return None if old_job == new_job else first_event(new_job, None)
 
 
 # What streams send after their first event.

@@ -44,23 +44,23 @@ def resume_position(last_event_id: str | None, after: str | None) -> int | None:
     return int(given)
 
 
-def first_event(job: dict[str, Any], after: int | None) -> str:
-    """Every field; the output in full, or from `after` when that is a position of it
+def first_event(job: dict[str, Any], position: int | None) -> str:
+    """Every field; the output in full, or from `position` when that is a position of it
     (beyond its end, the output was started again: the client's copy is replaced)."""
     output = job.get(OUTPUT) or ""
-    if after is None or after > len(output):
+    if position is None or position > len(output):
         return _event(len(output), job)
     fields = {key: value for key, value in job.items() if key != OUTPUT}
-    fields[OUTPUT_DELTA] = output[after:]
+    fields[OUTPUT_DELTA] = output[position:]
     return _event(len(output), fields)
 
 
-def change_event(before: dict[str, Any], after: dict[str, Any]) -> str | None:
-    """The fields that differ from `before` to `after` and the output appended between
+def change_event(old_job: dict[str, Any], new_job: dict[str, Any]) -> str | None:
+    """The fields that differ from `old_job` to `new_job` and the output appended between
     them; None when nothing differs."""
-    fields = {key: value for key, value in after.items()
-              if key != OUTPUT and before.get(key) != value}
-    old, new = before.get(OUTPUT) or "", after.get(OUTPUT) or ""
+    fields = {key: value for key, value in new_job.items()
+              if key != OUTPUT and old_job.get(key) != value}
+    old, new = old_job.get(OUTPUT) or "", new_job.get(OUTPUT) or ""
     if new != old:
         if new.startswith(old):
             fields[OUTPUT_DELTA] = new[len(old):]
