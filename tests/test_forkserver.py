@@ -259,6 +259,9 @@ def test_a_fork_server_lost_after_forking_leaves_no_runner_after_a_cancel(
         launched(jobs_dir, job_id)
         wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["state"] == p.JobState.RUNNING,
                  30, 0.1, "the job to run")
+        # Seen by the sampler before the cancel: a runner stopped within its first few
+        # milliseconds could live between two samples.
+        wait_for(lambda: runners.seen, 30, 0.02, "the runner to be sampled")
         assert client.delete(f"/api/jobs/{job_id}").status_code == 200
         job = final(client, job_id)
         assert job["state"] == p.JobState.CANCELLED, job
