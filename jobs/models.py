@@ -62,6 +62,7 @@ class Job(BaseModel):
     launcher: Literal["local", "ray"] | None = None  # where it ran (null until it starts)
     host: str | None = None  # the machine its runner ran on
     after: str | None = None  # a chat: the earlier job of its session, answered first
+    rerun_of: str | None = None  # the job this one runs again
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -76,6 +77,15 @@ class JobCreate(BaseModel):
 
     kind: str = Field(max_length=64, json_schema_extra=_known_kinds)
     input: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
+
+
+class JobRerun(BaseModel):
+    """Run a job again: its kind, and its input unless this gives another."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: dict[str, Any] | None = None
     timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
 
 

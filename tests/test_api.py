@@ -104,6 +104,35 @@ def test_submit_get_list_and_log(server: Server) -> None:
         assert "error: bad luck" in log.text
 
 
+def test_rerun_a_finished_job_as_it_was_or_edited(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1"})
+    with server.client() as client:
+        first = client.post("/api/jobs", json={"kind": "sleep", "timeout_s": 50,
+                                               "input": {"seconds": 60}}).json()
+        early = client.post(f"/api/jobs/{first['id']}/rerun")
+        assert early.status_code == 409 and "cancel it first" in early.json()["detail"]
+        assert client.delete(f"/api/jobs/{first['id']}").json()["state"] == "cancelled"
+
+        again = client.post(f"/api/jobs/{first['id']}/rerun")
+        assert again.status_code == 202
+        job = again.json()
+        assert again.headers["location"] == f"/api/jobs/{job['id']}"
+        assert job["id"] != first["id"] and job["rerun_of"] == first["id"]
+        assert (job["kind"], job["input"], job["timeout_s"]) == ("sleep", {"seconds": 60}, 50)
+        client.delete(f"/api/jobs/{job['id']}")
+
+        edited = client.post(f"/api/jobs/{first['id']}/rerun",
+                             json={"input": {"seconds": 0.1}, "timeout_s": 5}).json()
+        assert (edited["input"], edited["timeout_s"]) == ({"seconds": 0.1}, 5)
+        assert wait_job(client, edited["id"])["state"] == "completed"
+
+        bad = client.post(f"/api/jobs/{first['id']}/rerun", json={"input": {"seconds": -1}})
+        assert bad.status_code == 422 and "input.seconds" in bad.json()["detail"]
+        unknown = client.post(f"/api/jobs/{'0' * 32}/rerun")
+        assert unknown.status_code == 404
+        assert client.get(f"/api/jobs/{first['id']}").json()["state"] == "cancelled"
+
+
 def test_cancel_running_queued_and_finished(make_server: MakeServer) -> None:
     server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1"})
     with server.client() as client:

@@ -15,6 +15,7 @@ from jobs.api.service import (
     IdempotencyConflict,
     InvalidInput,
     KeyInFlight,
+    NotRerunnable,
     Overloaded,
 )
 from jobs.store.job_store import JobNotFound, StoreUnavailable, UnknownKind
@@ -38,6 +39,10 @@ async def _unprocessable(request: Request, exc: Exception) -> JSONResponse:
 async def _conflict(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AlreadyFinished)
     return _detail(409, f"{exc}: there is nothing to cancel", job=exc.job)
+
+
+async def _not_rerunnable(request: Request, exc: Exception) -> JSONResponse:
+    return _detail(409, str(exc))
 
 
 async def _key_in_flight(request: Request, exc: Exception) -> JSONResponse:
@@ -84,6 +89,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(InvalidInput, _unprocessable)
     app.add_exception_handler(IdempotencyConflict, _unprocessable)
     app.add_exception_handler(AlreadyFinished, _conflict)
+    app.add_exception_handler(NotRerunnable, _not_rerunnable)
     app.add_exception_handler(KeyInFlight, _key_in_flight)
     app.add_exception_handler(Overloaded, _overloaded)
     app.add_exception_handler(StoreUnavailable, _unavailable)

@@ -13,7 +13,7 @@ from jobs.api.events import BadPosition, change_event, first_event, public, resu
 from jobs.api.follow import file_signature, followed
 from jobs.api.guards import require_token
 from jobs.api.service import JobService
-from jobs.models import Job, JobCreate, JobList
+from jobs.models import Job, JobCreate, JobList, JobRerun
 from jobs.protocol import JobState
 from jobs.store.index import Signature
 
@@ -37,6 +37,19 @@ async def submit_job(body: JobCreate, service: Service, response: Response,
     """Start a job; it waits `queued` while the cap is reached. 429 (with `Retry-After`)
     beyond OFFLOAD_MAX_QUEUED queued jobs, or OFFLOAD_MAX_JOBS kept ones."""
     job = await service.submit(body.kind, body.input, body.timeout_s, idempotency_key)
+    response.headers["Location"] = f"/api/jobs/{job[p.F_ID]}"
+    return job
+
+
+@router.post("/jobs/{job_id}/rerun", status_code=202, response_model=Job,
+             responses={**REFUSED, 409: {"description": "the job has not finished"}})
+async def rerun_job(job_id: str, service: Service, response: Response,
+                    body: JobRerun | None = None,
+                    idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    """Run a finished job again as a new job (`rerun_of` names the old one): its kind,
+    and its input and timeout unless the body gives others."""
+    body = body or JobRerun()
+    job = await service.rerun(job_id, body.input, body.timeout_s, idempotency_key)
     response.headers["Location"] = f"/api/jobs/{job[p.F_ID]}"
     return job
 

@@ -88,6 +88,10 @@ class AlreadyFinished(Exception):
         self.job = job
 
 
+class NotRerunnable(Exception):
+    """A job still queued or running was asked to run again."""
+
+
 class IdempotencyConflict(ValueError):
     pass
 
@@ -125,13 +129,15 @@ class JobService:
     # -- submit ------------------------------------------------------------------------
 
     async def submit(self, kind: str, job_input: dict[str, Any], timeout_s: float | None,
-                     idempotency_key: str | None = None) -> dict[str, Any]:
+                     idempotency_key: str | None = None,
+                     fields: dict[str, Any] | None = None) -> dict[str, Any]:
         """Store a new job durably (on the event loop while the disk is quick, fsync
-        included; see `SmallIO`) and wake the supervisor."""
+        included; see `SmallIO`) and wake the supervisor. `fields`: set in its job file."""
         job_input = validate_input(kind, job_input)
         timeout = timeout_s or self.settings.job_timeout_s
+        fields = dict(fields or {})
         key = None if idempotency_key is None else _Key(
-            key_name(idempotency_key), _fingerprint(kind, job_input, timeout))
+            key_name(idempotency_key), _fingerprint(kind, job_input, timeout, fields))
         give_up_at = time.monotonic() + KEY_WAIT_S
         while True:
             # On the event loop only with the index snapshot's counts: never wait for the
@@ -142,10 +148,10 @@ class JobService:
             if load is not None:
                 with contextlib.suppress(Overloaded):  # refused only on a count made now
                     outcome = await self.small_io.run("storing a job", self._submit, kind,
-                                                      job_input, timeout, key, load)
+                                                      job_input, timeout, key, load, fields)
             if outcome is None:
                 outcome = await run_in_threadpool(self._submit, kind, job_input, timeout,
-                                                  key, None)
+                                                  key, None, fields)
             if not isinstance(outcome, Claim):
                 break
             assert key is not None
@@ -154,7 +160,8 @@ class JobService:
         return outcome
 
     def _submit(self, kind: str, job_input: dict[str, Any], timeout_s: float,
-                key: _Key | None, load: Load | None) -> dict[str, Any] | Claim:
+                key: _Key | None, load: Load | None,
+                fields: dict[str, Any]) -> dict[str, Any] | Claim:
         """The new job; with a key, the job it already created, or its claim when that
         job is not there (see `_unblock`). Without `load`, the jobs are counted now."""
         if key is not None and (found := self._find(key)) is not None:
@@ -174,7 +181,8 @@ class JobService:
                 if not claimed:  # another request claimed it a moment ago
                     return self._find(key) or Claim(None, None, 0.0)
             # Only once the key is ours: a retried request must not interrupt its original.
-            fields = self._take_turn(session, job_input) if session else None
+            if session:
+                fields = {**fields, **self._take_turn(session, job_input)}
             try:
                 return self.store.create(kind, job_input, timeout_s, job_id=job_id,
                                          key_name=key.name if key else None, fields=fields)
@@ -182,6 +190,28 @@ class JobService:
                 if key is not None:
                     self.store.keys.drop_own(key.name)
                 raise
+
+    async def rerun(self, job_id: str, job_input: dict[str, Any] | None,
+                    timeout_s: float | None, idempotency_key: str | None = None,
+                    ) -> dict[str, Any]:
+        """A new job of `job_id`'s kind with its input (or `job_input`) and its timeout
+        (or `timeout_s`); the old job is left as it is."""
+        old = await self.read(job_id)
+        kind = old.get(p.F_KIND)
+        if not isinstance(kind, str):
+            raise NotRerunnable(f"job {job_id}'s file holds no job to run again; submit a "
+                                "new one with POST /api/jobs")
+        if old.get(p.F_STATE) not in p.FINAL_STATES:
+            raise NotRerunnable(
+                f"job {job_id} is {old.get(p.F_STATE)}: only a finished job (completed, "
+                "failed, cancelled or timeout) runs again; cancel it first")
+        if job_input is None:
+            job_input = dict(old.get(p.F_INPUT) or {})
+            job_input.pop("context", None)  # the expert's summary is made anew
+        timeout = timeout_s or old.get(p.F_TIMEOUT_S)
+        return await self.submit(kind, job_input,
+                                 timeout if isinstance(timeout, (int, float)) else None,
+                                 idempotency_key, {p.F_RERUN_OF: job_id})
 
     def _turn_lock(self, session: str) -> threading.Lock:
         return self._turn_locks[zlib.crc32(session.encode()) % len(self._turn_locks)]
@@ -378,6 +408,8 @@ def _explain(kind: str, exc: ValidationError, model: type[BaseModel]) -> str:
     return message
 
 
-def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float) -> str:
-    body = json.dumps([kind, job_input, timeout_s], sort_keys=True, ensure_ascii=False)
+def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float,
+                 fields: dict[str, Any]) -> str:
+    body = json.dumps([kind, job_input, timeout_s] + ([fields] if fields else []),
+                      sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(body.encode()).hexdigest()
