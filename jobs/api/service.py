@@ -29,7 +29,7 @@ from jobs import protocol as p
 from jobs.api.history import MetricsReader, summary
 from jobs.kinds import registry
 from jobs.protocol.wake import poke
-from jobs.settings import CANCEL_WAIT_S, RETRY_AFTER_S, Settings
+from jobs.settings import CANCEL_WAIT_S, DEFAULT_PRIORITY, RETRY_AFTER_S, Settings
 from jobs.store.idempotency import PENDING_S, Claim, key_name
 from jobs.store.index import Load
 from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable, UnknownKind
@@ -105,6 +105,25 @@ class Overloaded(Exception):
 
 
 @dataclass(frozen=True)
+class Launch:
+    """When and how often a job runs, as its submission asks (None: the default)."""
+
+    priority: int | None = None
+    start_at: float | None = None  # a POSIX time
+    max_attempts: int | None = None
+
+    def fields(self, kind: str, settings: Settings) -> dict[str, Any]:
+        """What the job file says of it, defaults filled in."""
+        fields: dict[str, Any] = {
+            p.F_PRIORITY: (self.priority if self.priority is not None
+                           else DEFAULT_PRIORITY.get(kind, 0)),
+            p.F_MAX_ATTEMPTS: self.max_attempts or settings.attempts_for(kind)}
+        if self.start_at is not None:
+            fields[p.F_RUN_AT] = p.iso(self.start_at)
+        return fields
+
+
+@dataclass(frozen=True)
 class _Key:
     name: str  # the key file's name: a hash of the key, which is never stored
     fingerprint: str  # of the request's body
@@ -125,13 +144,16 @@ class JobService:
     # -- submit ------------------------------------------------------------------------
 
     async def submit(self, kind: str, job_input: dict[str, Any], timeout_s: float | None,
-                     idempotency_key: str | None = None) -> dict[str, Any]:
+                     idempotency_key: str | None = None,
+                     launch: Launch | None = None) -> dict[str, Any]:
         """Store a new job durably (on the event loop while the disk is quick, fsync
         included; see `SmallIO`) and wake the supervisor."""
         job_input = validate_input(kind, job_input)
         timeout = timeout_s or self.settings.job_timeout_s
+        launch = launch or Launch()
+        fields = launch.fields(kind, self.settings)
         key = None if idempotency_key is None else _Key(
-            key_name(idempotency_key), _fingerprint(kind, job_input, timeout))
+            key_name(idempotency_key), _fingerprint(kind, job_input, timeout, launch))
         give_up_at = time.monotonic() + KEY_WAIT_S
         while True:
             # On the event loop only with the index snapshot's counts: never wait for the
@@ -142,10 +164,10 @@ class JobService:
             if load is not None:
                 with contextlib.suppress(Overloaded):  # refused only on a count made now
                     outcome = await self.small_io.run("storing a job", self._submit, kind,
-                                                      job_input, timeout, key, load)
+                                                      job_input, timeout, key, load, fields)
             if outcome is None:
                 outcome = await run_in_threadpool(self._submit, kind, job_input, timeout,
-                                                  key, None)
+                                                  key, None, fields)
             if not isinstance(outcome, Claim):
                 break
             assert key is not None
@@ -154,9 +176,11 @@ class JobService:
         return outcome
 
     def _submit(self, kind: str, job_input: dict[str, Any], timeout_s: float,
-                key: _Key | None, load: Load | None) -> dict[str, Any] | Claim:
-        """The new job; with a key, the job it already created, or its claim when that
-        job is not there (see `_unblock`). Without `load`, the jobs are counted now."""
+                key: _Key | None, load: Load | None,
+                fields: dict[str, Any]) -> dict[str, Any] | Claim:
+        """The new job (`fields`: set in its file besides the input); with a key, the job
+        it already created, or its claim when that job is not there (see `_unblock`).
+        Without `load`, the jobs are counted now."""
         if key is not None and (found := self._find(key)) is not None:
             return found
         if load is None:
@@ -174,7 +198,8 @@ class JobService:
                 if not claimed:  # another request claimed it a moment ago
                     return self._find(key) or Claim(None, None, 0.0)
             # Only once the key is ours: a retried request must not interrupt its original.
-            fields = self._take_turn(session, job_input) if session else None
+            if session:
+                fields = {**fields, **self._take_turn(session, job_input)}
             try:
                 return self.store.create(kind, job_input, timeout_s, job_id=job_id,
                                          key_name=key.name if key else None, fields=fields)
@@ -378,6 +403,9 @@ def _explain(kind: str, exc: ValidationError, model: type[BaseModel]) -> str:
     return message
 
 
-def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float) -> str:
-    body = json.dumps([kind, job_input, timeout_s], sort_keys=True, ensure_ascii=False)
+def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch) -> str:
+    # Not the start time: a delay_s gives a new one each time the request is retried.
+    asked = [launch.priority, launch.max_attempts]
+    body = json.dumps([kind, job_input, timeout_s, *(asked if any(
+        each is not None for each in asked) else [])], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(body.encode()).hexdigest()
