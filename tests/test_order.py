@@ -241,3 +241,27 @@ def test_a_cancel_during_the_backoff_cancels_the_job(make_server: MakeServer) ->
     assert answer.status_code == 200, answer.text
     cancelled = answer.json()
     assert cancelled["state"] == "cancelled" and cancelled["attempt"] == 2, cancelled
+
+
+def test_a_runner_lost_while_no_supervisor_watched_is_retried_by_the_next(
+        make_server: MakeServer) -> None:
+    first = make_server()
+    with first.client() as client:
+        job = submit(client, input={"seconds": 30}, max_attempts=2)
+        delayed = submit(client, input={"seconds": 0}, delay_s=4)
+        running = wait_job(client, job["id"], "running")
+    first.stop()
+    os.kill(running["pid"], signal.SIGKILL)
+    second = make_server(env={"OFFLOAD_RETRY_BASE_S": "0.2"})
+    with second.client() as client:
+        retried = wait_for(lambda: (j := client.get(f"/api/jobs/{job['id']}").json())
+                           ["attempt"] == 2 and j["state"] == "running" and j, 60, 0.05,
+                           "attempt 2 running")
+        later = wait_job(client, delayed["id"])
+        cancelled = client.delete(f"/api/jobs/{job['id']}").json()
+    assert retried["attempt"] == 2 and retried["pid"] != running["pid"], retried
+    assert [e["type"] for e in retried["earlier_errors"]] == ["lost"]
+    assert cancelled["state"] == "cancelled" and cancelled["attempt"] == 2
+    created = datetime.fromisoformat(later["created_at"].replace("Z", "+00:00"))
+    assert later["state"] == "completed"
+    assert started(later) >= created + timedelta(seconds=4), later  # its run_at, remembered
