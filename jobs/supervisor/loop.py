@@ -1,5 +1,6 @@
-"""The supervisor: launches queued jobs under the cap, enforces deadlines, acts on
-cancel requests, reaps finished or lost runners and prunes old jobs.
+"""The supervisor: launches queued jobs under the caps (in all, and per kind) by
+priority, when due, enforces deadlines, acts on cancel requests, reaps finished or lost
+runners (queueing a job again for a retry) and prunes old jobs.
 
 Exactly one per data folder, across processes: whoever holds the OS file lock
 `<data>/supervisor.lock`. The others retry now and then, so when the leader dies a
