@@ -587,7 +587,8 @@ def _finish(job: Job, sink: Sink, state: str, result: dict[str, Any] | None,
         signal.setitimer(signal.ITIMER_REAL, 0)
     with job.lock:
         job.data.update({
-            p.F_STATE: state, p.F_FINISHED_AT: p.now_iso(), p.F_RESULT: result,
+            p.F_STATE: state, p.F_RESULT: result,
+            p.F_FINISHED_AT: p.now_iso() if state in p.FINAL_STATES else None,
             p.F_ERROR: error, p.F_EXIT_CODE: code,
         })
     sink.finish(job)

@@ -149,6 +149,10 @@ def test_a_malformed_kind_cap_setting_is_named() -> None:
     with pytest.raises(ValidationError, match="OFFLOAD_MAX_ATTEMPTS"):
         Settings(OFFLOAD_MAX_ATTEMPTS="chat=zero")
     assert Settings(OFFLOAD_KIND_CAPS="train=1, sleep=4").kind_cap_map == {"train": 1, "sleep": 4}
+    defaults = Settings(OFFLOAD_KIND_CAPS="train=1", OFFLOAD_MAX_ATTEMPTS="chat=2")
+    assert Settings.model_fields["kind_caps"].default == "train=1"
+    assert Settings.model_fields["max_attempts"].default == "chat=2"
+    assert [defaults.attempts_for(kind) for kind in ("chat", "train", "sleep")] == [2, 1, 1]
 
 
 def poll_seed_status(client: httpx.Client, job_id: str, seen: list[str],
