@@ -3,14 +3,21 @@ The fields are those of docs/contract.md; each kind's input model is in `jobs.in
 
 from __future__ import annotations
 
-from datetime import datetime
+import time
+from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobs.kinds import registry
 from jobs.protocol import ErrorType, JobState
-from jobs.settings import MAX_TIMEOUT_S
+from jobs.settings import (
+    MAX_ATTEMPTS,
+    MAX_DELAY_S,
+    MAX_PRIORITY,
+    MAX_TIMEOUT_S,
+    RUN_AT_PAST_S,
+)
 
 
 class Progress(BaseModel):
@@ -39,6 +46,15 @@ class ChatUsage(BaseModel):
     counted: bool = False  # true: counted by Offload (the prompt estimated), not the server's
 
 
+class EarlierError(BaseModel):
+    """The error an earlier attempt of a retried job ended with."""
+
+    attempt: int
+    type: ErrorType
+    message: str
+    finished_at: datetime | None = None
+
+
 class Job(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -63,6 +79,11 @@ class Job(BaseModel):
     host: str | None = None  # the machine its runner ran on
     after: str | None = None  # a chat: the earlier job of its session, answered first
     rerun_of: str | None = None  # the job this one runs again
+    priority: int | None = None  # higher starts first
+    run_at: datetime | None = None  # queued, it starts no earlier
+    attempt: int | None = None  # 1-based (null: 1)
+    max_attempts: int | None = None  # null: 1
+    earlier_errors: list[EarlierError] | None = None  # of the attempts before this one
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -78,6 +99,43 @@ class JobCreate(BaseModel):
     kind: str = Field(max_length=64, json_schema_extra=_known_kinds)
     input: dict[str, Any] = Field(default_factory=dict)
     timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)
+    priority: int | None = Field(None, ge=-MAX_PRIORITY, le=MAX_PRIORITY,
+                                 description="higher starts first; by default chat 10, "
+                                             "any other kind 0")
+    run_at: datetime | None = Field(None, description="start no earlier (ISO 8601; a time "
+                                                      "without a zone is UTC)")
+    delay_s: float | None = Field(None, ge=0, le=MAX_DELAY_S,
+                                  description="start no earlier than this many seconds from now")
+    max_attempts: int | None = Field(None, ge=1, le=MAX_ATTEMPTS,
+                                     description="attempts on transient failures; by default "
+                                                 "as OFFLOAD_MAX_ATTEMPTS says")
+
+    @field_validator("run_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        ahead = (value - datetime.now(timezone.utc)).total_seconds()
+        if ahead > MAX_DELAY_S:
+            raise ValueError(f"run_at is more than {MAX_DELAY_S / 86400:g} days ahead")
+        if ahead < -RUN_AT_PAST_S:
+            raise ValueError(f"run_at is {-ahead / 3600:.1f} h in the past; give a time zone "
+                             "(a time without one is UTC), or leave run_at out to start now")
+        return value
+
+    @model_validator(mode="after")
+    def _one_start_time(self) -> JobCreate:
+        if self.run_at is not None and self.delay_s is not None:
+            raise ValueError("give run_at or delay_s, not both")
+        return self
+
+    def start_at(self) -> float | None:
+        """When the job may start (a POSIX time), or None: at once."""
+        if self.run_at is not None:
+            return self.run_at.timestamp()
+        return None if self.delay_s is None else time.time() + self.delay_s
 
 
 class JobRerun(BaseModel):

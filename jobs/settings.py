@@ -30,6 +30,15 @@ RETRY_AFTER_S = 5  # a refused submission's Retry-After when no better guess is 
 MIN_RETENTION_S = 600.0  # no finished job younger than this is pruned, even over the cap
 MAX_BODY_BYTES = 1_000_000  # a request body larger than this is refused with 413
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_PRIORITY = 1000  # a submission's priority is from -MAX_PRIORITY to MAX_PRIORITY
+DEFAULT_PRIORITY = {"chat": 10}  # by kind; any other kind: 0
+MAX_DELAY_S = 30 * 24 * 3600.0  # the latest run_at (or delay_s) a submission may ask for
+RUN_AT_PAST_S = 3600.0  # a run_at older than this is refused (a time zone left out?)
+MAX_ATTEMPTS = 10  # the most attempts a submission may ask for
+DEFAULT_KIND_CAPS = "train=1"
+DEFAULT_MAX_ATTEMPTS = "chat=2"  # by kind; any other kind: 1
+RETRY_BASE_S = 2.0  # a retry waits up to base * 2^(attempt-1) s, at random (full jitter)
+RETRY_MAX_S = 300.0  # and never more than this
 MAX_EVENT_STREAMS = 256  # open /events connections per worker, by default
 INDEX_REFRESH_S = 0.1  # how often each API worker brings its job index up to date
 GIL_SWITCH_S = 0.001  # the API process's GIL switch interval (Python's default: 5 ms)
@@ -88,6 +97,22 @@ def normalize_ray_address(value: str) -> str:
     return value
 
 
+def kind_numbers(value: str, variable: str, low: int, high: int) -> dict[str, int]:
+    """`train=1,sleep=4` -> {"train": 1, "sleep": 4}; ValueError naming `variable` for
+    anything else."""
+    found: dict[str, int] = {}
+    for piece in value.split(","):
+        if not piece.strip():
+            continue
+        kind, equals, number = (part.strip() for part in piece.partition("="))
+        if not (kind and equals and number.isdigit() and low <= int(number) <= high):
+            raise ValueError(
+                f"{variable} must be kind=number pairs separated by commas, each number "
+                f"from {low} to {high} (for example train=1,sleep=4), not {piece.strip()!r}")
+        found[kind] = int(number)
+    return found
+
+
 def _unprefixed(name: str) -> AliasChoices:
     return AliasChoices(name, name.lower())
 
@@ -144,6 +169,12 @@ class Settings(BaseSettings):
     # How a runner starts (jobs/launch/local.py); auto: as fork_server says.
     launch_mode: Literal["auto", "fork", "spares", "spawn"] = "auto"
     kinds: str = ""  # job kinds of one's own, `name=module,...` (jobs/kinds.py)
+    # Runners of a kind at once, within max_concurrent: `kind=n,...`.
+    kind_caps: str = DEFAULT_KIND_CAPS
+    # Attempts a job of a kind gets by default (transient failures only): `kind=n,...`.
+    max_attempts: str = DEFAULT_MAX_ATTEMPTS
+    retry_base_s: float = Field(RETRY_BASE_S, ge=0)
+    retry_max_s: float = Field(RETRY_MAX_S, ge=0)
 
     def __init__(self, **values: Any) -> None:
         # Also by the variables' names, as in the environment: Settings(OFFLOAD_PORT=8002).
@@ -187,6 +218,27 @@ class Settings(BaseSettings):
         if value and misplaced_userinfo(value):
             raise ValueError(USERINFO_HELP)  # else they would be shown, and not sent
         return value
+
+    @field_validator("kind_caps")
+    @classmethod
+    def _caps(cls, value: str) -> str:
+        kind_numbers(value, "OFFLOAD_KIND_CAPS", 1, 1024)
+        return value
+
+    @field_validator("max_attempts")
+    @classmethod
+    def _attempts(cls, value: str) -> str:
+        kind_numbers(value, "OFFLOAD_MAX_ATTEMPTS", 1, MAX_ATTEMPTS)
+        return value
+
+    @property
+    def kind_cap_map(self) -> dict[str, int]:
+        return kind_numbers(self.kind_caps, "OFFLOAD_KIND_CAPS", 1, 1024)
+
+    def attempts_for(self, kind: str) -> int:
+        """How many attempts a job of `kind` gets unless its submission says."""
+        return kind_numbers(self.max_attempts, "OFFLOAD_MAX_ATTEMPTS", 1,
+                            MAX_ATTEMPTS).get(kind, 1)
 
     @field_validator("ray_address")
     @classmethod

@@ -42,6 +42,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
+EXIT_RETRY = p.EXIT_RETRY
 
 
 class StopRequested(BaseException):
@@ -55,10 +56,14 @@ class StopRequested(BaseException):
 class RunnerError(Exception):
     """A failure with a type and a message a user can act on (no traceback shown)."""
 
-    def __init__(self, message: str, error_type: str = p.ErrorType.RUNNER) -> None:
+    def __init__(self, message: str, error_type: str = p.ErrorType.RUNNER,
+                 transient: bool = False) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.message = message
+        # Another attempt may well succeed (a server refusing, overloaded or failing):
+        # the job is retried while it has attempts left.
+        self.transient = transient
 
 
 class Sink:
@@ -551,8 +556,13 @@ def _run(job: Job, execute: Execute, stopper: _Stopper, timeout: float | None) -
                        EXIT_STOPPED, stopper)
     except RunnerError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
-        return _finish(job, sink, p.JobState.FAILED, None,
-                       {"type": exc.error_type, "message": exc.message}, EXIT_FAILED, stopper)
+        error = {"type": exc.error_type, "message": exc.message}
+        attempt, most = p.attempts(job.data)
+        if exc.transient and attempt < most and stopper.job_file is not None:
+            # Not final: the supervisor queues the job again, and a client polling it
+            # sees it still in progress meanwhile.
+            return _finish(job, sink, p.JobState.RUNNING, None, error, EXIT_RETRY, stopper)
+        return _finish(job, sink, p.JobState.FAILED, None, error, EXIT_FAILED, stopper)
     except Exception as exc:
         import traceback
 
@@ -577,7 +587,8 @@ def _finish(job: Job, sink: Sink, state: str, result: dict[str, Any] | None,
         signal.setitimer(signal.ITIMER_REAL, 0)
     with job.lock:
         job.data.update({
-            p.F_STATE: state, p.F_FINISHED_AT: p.now_iso(), p.F_RESULT: result,
+            p.F_STATE: state, p.F_RESULT: result,
+            p.F_FINISHED_AT: p.now_iso() if state in p.FINAL_STATES else None,
             p.F_ERROR: error, p.F_EXIT_CODE: code,
         })
     sink.finish(job)

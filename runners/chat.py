@@ -216,7 +216,8 @@ def _wait_for_embedded(job: base.Job, data_dir: str) -> dict[str, Any]:
             raise base.RunnerError(
                 f"the embedded model is not ready after {EMBEDDED_WAIT_S:g} s "
                 f"({status.get('detail') or 'no supervisor is running it'}); see "
-                "var/llm-server.log, or set OPENAI_BASE_URL to another server", "provider")
+                "var/llm-server.log, or set OPENAI_BASE_URL to another server", "provider",
+                transient=True)
         if not waited:
             job.progress(None, "waiting for the embedded model to load")
             waited = True

@@ -106,8 +106,9 @@ class Reply:
         self.last_at: float | None = None  # and of the last
 
 
-def _fail(message: str) -> RunnerError:
-    return RunnerError(message, p.ErrorType.PROVIDER)
+def _fail(message: str, transient: bool = False) -> RunnerError:
+    """`transient`: the server refused, failed or stalled; another attempt may succeed."""
+    return RunnerError(message, p.ErrorType.PROVIDER, transient)
 
 
 def chat(config: Config, messages: list[dict[str, Any]], on_text: Callable[[str], None],
@@ -184,7 +185,8 @@ def _request_with_retries(config: Config, body: dict[str, Any]
         if (status == 429 or status >= 500) and attempt < RETRIES:
             time.sleep(_backoff(attempt, retry_after))
             continue
-        raise _fail(_status_message(config, status, detail, attempt))
+        raise _fail(_status_message(config, status, detail, attempt),
+                    transient=status == 429 or status >= 500)
 
 
 def _backoff(attempt: int, retry_after: str | None) -> float:
@@ -208,7 +210,8 @@ def _connect(config: Config) -> http.client.HTTPConnection:
         conn.connect()
     except OSError as exc:
         conn.close()
-        raise _fail(f"LLM server not reachable at {_where(config)}: {_reason(exc)}") from exc
+        raise _fail(f"LLM server not reachable at {_where(config)}: {_reason(exc)}",
+                    transient=True) from exc
     return conn
 
 
@@ -226,11 +229,12 @@ def _send(config: Config, conn: http.client.HTTPConnection,
         conn.close()
         raise _fail(f"the LLM server at {_where(config)} sent nothing within "
                     f"{config.first_token_s:g} s; it may be overloaded or still loading "
-                    "its model (OFFLOAD_LLM_FIRST_TOKEN_S sets this limit)") from exc
+                    "its model (OFFLOAD_LLM_FIRST_TOKEN_S sets this limit)",
+                    transient=True) from exc
     except (OSError, http.client.HTTPException) as exc:
         conn.close()
         raise _fail(f"the LLM server at {_where(config)} closed the connection before "
-                    f"answering: {_reason(exc)}") from exc
+                    f"answering: {_reason(exc)}", transient=True) from exc
 
 
 def _stream(config: Config, response: http.client.HTTPResponse,
@@ -246,7 +250,7 @@ def _stream(config: Config, response: http.client.HTTPResponse,
             chunk = _parse(event)
             if "error" in chunk:
                 raise _fail(f"the LLM server reported an error mid-reply: "
-                            f"{_error_text(chunk['error'])}")
+                            f"{_error_text(chunk['error'])}", transient=True)
             reply.model = chunk.get("model") or reply.model
             reply.usage = chunk.get("usage") or reply.usage
             for choice in chunk.get("choices") or []:
@@ -263,15 +267,15 @@ def _stream(config: Config, response: http.client.HTTPResponse,
         if not parts:
             raise _fail(f"no first token from the LLM server at {_where(config)} within "
                         f"{config.first_token_s:g} s (OFFLOAD_LLM_FIRST_TOKEN_S sets this "
-                        "limit)") from exc
+                        "limit)", transient=True) from exc
         raise _fail(f"the LLM server stopped sending for {STALL_TIMEOUT_S:g} s after "
-                    f"{len(parts)} pieces; the partial reply is kept") from exc
+                    f"{len(parts)} pieces; the partial reply is kept", transient=True) from exc
     except (OSError, http.client.HTTPException) as exc:
         raise _fail(f"the LLM server's stream was cut after {len(parts)} pieces "
-                    f"({_reason(exc)}); the partial reply is kept") from exc
+                    f"({_reason(exc)}); the partial reply is kept", transient=True) from exc
     if not finished and reply.finish_reason is None:
         raise _fail(f"the LLM server's stream ended before the reply was complete (after "
-                    f"{len(parts)} pieces); the partial reply is kept")
+                    f"{len(parts)} pieces); the partial reply is kept", transient=True)
     reply.text = "".join(parts)
     reply.pieces = len(parts)
     return reply

@@ -5,6 +5,10 @@ holds once it has applied the event. A runner only ever appends to its output, s
 client that comes back with `Last-Event-ID: n` is missing exactly `output[n:]`; the other
 fields it may have missed are small, and a resume sends them all again. Events that
 change only those fields keep the id of the one before them.
+
+A job that is retried starts its output again: from its second attempt on, an id is
+`<attempt>.<length>`, and a resume from another attempt's id gets the job in full, as does
+a client following the job when a new attempt begins.
 """
 
 from __future__ import annotations
@@ -17,14 +21,26 @@ from jobs.models import Job
 
 OUTPUT = "output"  # the whole output: it replaces the client's copy
 OUTPUT_DELTA = "output_delta"  # appended to the client's copy
-_POSITION = re.compile(r"[0-9]{1,15}")
+ATTEMPT = "attempt"  # a retry starts the output again
+_POSITION = re.compile(r"(?:([2-9]|[1-9][0-9]{1,5})\.)?([0-9]{1,15})")  # attempt 2 on
 BAD_POSITION = ("Last-Event-ID (or ?after=) must be the id of an event of this stream: a "
-                "whole number, the length of output already received. Leave it out to get "
-                "the job in full.")
+                "whole number, the length of output already received (after the attempt "
+                "and a dot for a retried job: 2.40). Leave it out to get the job in full.")
 
 
 class BadPosition(ValueError):
     pass
+
+
+class Position(int):
+    """Where a client resumes: the length of output it holds, of the attempt it saw."""
+
+    attempt = 1
+
+
+def _attempt(job: dict[str, Any]) -> int:
+    attempt = job.get(ATTEMPT)
+    return attempt if isinstance(attempt, int) and attempt > 1 else 1
 
 
 def public(job: dict[str, Any]) -> dict[str, Any]:
@@ -32,32 +48,38 @@ def public(job: dict[str, Any]) -> dict[str, Any]:
     return Job.model_validate(job).model_dump(mode="json")
 
 
-def resume_position(last_event_id: str | None, after: str | None) -> int | None:
+def resume_position(last_event_id: str | None, after: str | None) -> Position | None:
     """Where a client resumes from; the header wins, since EventSource sends a newer one
     on each reconnection while its URL stays the same."""
     given = last_event_id if last_event_id else after
     if not given:
         return None
-    given = given.strip()
-    if not _POSITION.fullmatch(given):
+    match = _POSITION.fullmatch(given.strip())
+    if not match:
         raise BadPosition(BAD_POSITION)
-    return int(given)
+    position = Position(match.group(2))
+    position.attempt = int(match.group(1) or 1)
+    return position
 
 
 def first_event(job: dict[str, Any], position: int | None) -> str:
     """Every field; the output in full, or from `position` when that is a position of it
     (beyond its end, the output was started again: the client's copy is replaced)."""
     output = job.get(OUTPUT) or ""
-    if position is None or position > len(output):
-        return _event(len(output), job)
+    attempt = _attempt(job)
+    if (position is None or position > len(output)
+            or getattr(position, "attempt", 1) != attempt):
+        return _event(attempt, len(output), job)
     fields = {key: value for key, value in job.items() if key != OUTPUT}
     fields[OUTPUT_DELTA] = output[position:]
-    return _event(len(output), fields)
+    return _event(attempt, len(output), fields)
 
 
 def change_event(old_job: dict[str, Any], new_job: dict[str, Any]) -> str | None:
     """The fields that differ from `old_job` to `new_job` and the output appended between
-    them; None when nothing differs."""
+    them; None when nothing differs. A new attempt sends the job in full."""
+    if _attempt(old_job) != _attempt(new_job):
+        return first_event(new_job, None)
     fields = {key: value for key, value in new_job.items()
               if key != OUTPUT and old_job.get(key) != value}
     old, new = old_job.get(OUTPUT) or "", new_job.get(OUTPUT) or ""
@@ -68,8 +90,9 @@ def change_event(old_job: dict[str, Any], new_job: dict[str, Any]) -> str | None
             fields[OUTPUT] = new
     if not fields:
         return None
-    return _event(len(new), fields)
+    return _event(_attempt(new_job), len(new), fields)
 
 
-def _event(position: int, fields: dict[str, Any]) -> str:
-    return f"id: {position}\ndata: {json.dumps(fields, ensure_ascii=False)}\n\n"
+def _event(attempt: int, position: int, fields: dict[str, Any]) -> str:
+    event_id = f"{attempt}.{position}" if attempt > 1 else str(position)
+    return f"id: {event_id}\ndata: {json.dumps(fields, ensure_ascii=False)}\n\n"

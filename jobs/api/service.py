@@ -29,7 +29,7 @@ from jobs import protocol as p
 from jobs.api.history import MetricsReader, summary
 from jobs.kinds import registry
 from jobs.protocol.wake import poke
-from jobs.settings import CANCEL_WAIT_S, RETRY_AFTER_S, Settings
+from jobs.settings import CANCEL_WAIT_S, DEFAULT_PRIORITY, RETRY_AFTER_S, Settings
 from jobs.store.idempotency import PENDING_S, Claim, key_name
 from jobs.store.index import Load
 from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable, UnknownKind
@@ -109,6 +109,25 @@ class Overloaded(Exception):
 
 
 @dataclass(frozen=True)
+class Launch:
+    """When and how often a job runs, as its submission asks (None: the default)."""
+
+    priority: int | None = None
+    start_at: float | None = None  # a POSIX time
+    max_attempts: int | None = None
+
+    def fields(self, kind: str, settings: Settings) -> dict[str, Any]:
+        """What the job file says of it, defaults filled in."""
+        fields: dict[str, Any] = {
+            p.F_PRIORITY: (self.priority if self.priority is not None
+                           else DEFAULT_PRIORITY.get(kind, 0)),
+            p.F_MAX_ATTEMPTS: self.max_attempts or settings.attempts_for(kind)}
+        if self.start_at is not None:
+            fields[p.F_RUN_AT] = p.iso(self.start_at)
+        return fields
+
+
+@dataclass(frozen=True)
 class _Key:
     name: str  # the key file's name: a hash of the key, which is never stored
     fingerprint: str  # of the request's body
@@ -130,14 +149,17 @@ class JobService:
 
     async def submit(self, kind: str, job_input: dict[str, Any], timeout_s: float | None,
                      idempotency_key: str | None = None,
+                     launch: Launch | None = None,
                      fields: dict[str, Any] | None = None) -> dict[str, Any]:
         """Store a new job durably (on the event loop while the disk is quick, fsync
         included; see `SmallIO`) and wake the supervisor. `fields`: set in its job file."""
         job_input = validate_input(kind, job_input)
         timeout = timeout_s or self.settings.job_timeout_s
-        fields = dict(fields or {})
+        launch = launch or Launch()
         key = None if idempotency_key is None else _Key(
-            key_name(idempotency_key), _fingerprint(kind, job_input, timeout, fields))
+            key_name(idempotency_key), _fingerprint(kind, job_input, timeout, launch,
+                                                    fields or {}))
+        fields = {**launch.fields(kind, self.settings), **(fields or {})}
         give_up_at = time.monotonic() + KEY_WAIT_S
         while True:
             # On the event loop only with the index snapshot's counts: never wait for the
@@ -162,8 +184,9 @@ class JobService:
     def _submit(self, kind: str, job_input: dict[str, Any], timeout_s: float,
                 key: _Key | None, load: Load | None,
                 fields: dict[str, Any]) -> dict[str, Any] | Claim:
-        """The new job; with a key, the job it already created, or its claim when that
-        job is not there (see `_unblock`). Without `load`, the jobs are counted now."""
+        """The new job (`fields`: set in its file besides the input); with a key, the job
+        it already created, or its claim when that job is not there (see `_unblock`).
+        Without `load`, the jobs are counted now."""
         if key is not None and (found := self._find(key)) is not None:
             return found
         if load is None:
@@ -209,9 +232,12 @@ class JobService:
             job_input = dict(old.get(p.F_INPUT) or {})
             job_input.pop("context", None)  # the expert's summary is made anew
         timeout = timeout_s or old.get(p.F_TIMEOUT_S)
+        priority, attempts = old.get(p.F_PRIORITY), old.get(p.F_MAX_ATTEMPTS)
+        launch = Launch(priority if isinstance(priority, int) else None, None,
+                        attempts if isinstance(attempts, int) else None)
         return await self.submit(kind, job_input,
                                  timeout if isinstance(timeout, (int, float)) else None,
-                                 idempotency_key, {p.F_RERUN_OF: job_id})
+                                 idempotency_key, launch, {p.F_RERUN_OF: job_id})
 
     def _turn_lock(self, session: str) -> threading.Lock:
         return self._turn_locks[zlib.crc32(session.encode()) % len(self._turn_locks)]
@@ -408,8 +434,11 @@ def _explain(kind: str, exc: ValidationError, model: type[BaseModel]) -> str:
     return message
 
 
-def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float,
+def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch,
                  fields: dict[str, Any]) -> str:
-    body = json.dumps([kind, job_input, timeout_s] + ([fields] if fields else []),
-                      sort_keys=True, ensure_ascii=False)
+    # Not the start time: a delay_s gives a new one each time the request is retried.
+    asked = [launch.priority, launch.max_attempts]
+    body = json.dumps([kind, job_input, timeout_s, *(asked if any(
+        each is not None for each in asked) else []), *([fields] if fields else [])],
+        sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(body.encode()).hexdigest()

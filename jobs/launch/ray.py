@@ -60,8 +60,9 @@ SUBMISSION_PREFIX = "offload-"
 _RAY_ECHO = "Running entrypoint for job "
 
 
-def submission_id(job_id: str) -> str:
-    return SUBMISSION_PREFIX + job_id
+def submission_id(job_id: str, attempt: int = 1) -> str:
+    """Ray's id of a job's run; a retried job's later attempts are new submissions."""
+    return SUBMISSION_PREFIX + job_id + (f"-{attempt}" if attempt > 1 else "")
 
 
 @dataclass
@@ -117,7 +118,7 @@ class RayLauncher(Launcher):
             watched = self._runs.get(job_id)
             if watched is not None and not watched.ended.is_set():
                 return watched
-            sid, key = submission_id(job_id), secrets.token_hex(16)
+            sid, key = submission_id(job_id, p.attempts(data)[0]), secrets.token_hex(16)
             claim(p.sibling(job_file, p.RUN_FILE), self._record(sid, key))
             run = RemoteRun(job_id, job_file, self.name, time.time(), sid, key,
                             to_submit=(module, data))
@@ -134,7 +135,8 @@ class RayLauncher(Launcher):
                 return watched
             run = RemoteRun(job_id, job_file, self.name,
                             launched / 1e9 if isinstance(launched, int) else None,
-                            str(record.get("submission_id") or submission_id(job_id)),
+                            str(record.get("submission_id")
+                                or submission_id(job_id, p.attempts(data)[0])),
                             str(record.get("snapshot_key") or ""))
             self._runs[job_id] = run
         # Its poller reads Ray's whole log again: the log file is rebuilt, and the

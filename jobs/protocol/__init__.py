@@ -93,12 +93,22 @@ F_LAUNCHER = "launcher"  # where it ran: "local" or "ray"
 F_HOST = "host"  # the machine the runner ran on
 F_AFTER = "after"  # a chat: the earlier job of its session, to end before this one starts
 F_RERUN_OF = "rerun_of"  # the job this one runs again (POST /api/jobs/{id}/rerun)
+F_PRIORITY = "priority"  # higher starts first; FIFO within one priority
+F_RUN_AT = "run_at"  # queued until then (ISO 8601 UTC); a retry's backoff sets it too
+F_ATTEMPT = "attempt"  # 1-based; absent means 1
+F_MAX_ATTEMPTS = "max_attempts"  # absent means 1: a failure is final
+F_EARLIER_ERRORS = "earlier_errors"  # [{"attempt", "type", "message", "finished_at"}]
 
 JOB_FIELDS = (
     F_ID, F_KIND, F_STATE, F_CREATED_AT, F_STARTED_AT, F_FINISHED_AT, F_TIMEOUT_S,
     F_QUEUE_POSITION, F_PROGRESS, F_OUTPUT, F_RESULT, F_ERROR, F_PID, F_EXIT_CODE,
-    F_RESOURCES, F_INPUT, F_CREATED_NS, F_LAUNCHER, F_HOST, F_AFTER, F_RERUN_OF,
+    F_RESOURCES, F_INPUT, F_CREATED_NS, F_LAUNCHER, F_HOST, F_AFTER, F_RERUN_OF, F_PRIORITY,
+    F_RUN_AT, F_ATTEMPT, F_MAX_ATTEMPTS, F_EARLIER_ERRORS,
 )
+
+# A runner's exit code after a transient failure with attempts left: it recorded the error
+# in a job file it left `running`, and the supervisor queues the job again.
+EXIT_RETRY = 75  # EX_TEMPFAIL
 
 JOB_FILE = "job.json"
 LOG_FILE = "job.log"
@@ -197,6 +207,7 @@ def new_job(job_id: str, kind: str, job_input: dict[str, Any], timeout_s: float)
     job.update({
         F_ID: job_id, F_KIND: kind, F_STATE: JobState.QUEUED, F_CREATED_AT: now_iso(),
         F_TIMEOUT_S: timeout_s, F_INPUT: job_input, F_OUTPUT: "", F_CREATED_NS: unique_ns(),
+        F_PRIORITY: 0, F_ATTEMPT: 1,
     })
     return job
 
@@ -210,6 +221,31 @@ def fifo_key(job: dict[str, Any]) -> tuple[int, str]:
         except ValueError:
             created = 0
     return (created, str(job.get(F_ID)))
+
+
+def queue_key(job: dict[str, Any]) -> tuple[int, int, str]:
+    """Launch order among due jobs: higher priority first, then submission order."""
+    priority = job.get(F_PRIORITY)
+    created, job_id = fifo_key(job)
+    return (-priority if isinstance(priority, int) else 0, created, job_id)
+
+
+def run_at(job: dict[str, Any]) -> float | None:
+    """When a queued job may start (a POSIX time), or None: at once."""
+    value = job.get(F_RUN_AT)
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_iso(value)
+    except ValueError:
+        return None
+
+
+def attempts(job: dict[str, Any]) -> tuple[int, int]:
+    """(this attempt, the most it may have), both at least 1."""
+    attempt, most = job.get(F_ATTEMPT), job.get(F_MAX_ATTEMPTS)
+    attempt = attempt if isinstance(attempt, int) and attempt > 0 else 1
+    return attempt, most if isinstance(most, int) and most > 0 else 1
 
 
 def private_files() -> None:

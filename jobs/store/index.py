@@ -454,12 +454,20 @@ class JobIndex:
         counted_at, positions = self._positions
         if counted_at is not None and counted_at == self._refreshed_at:
             return positions
-        queued = sorted(p.fifo_key(live.data) for i in self._unsettled
+        # The supervisor's order: due jobs by priority, then submission; then the jobs
+        # not due yet, soonest first.
+        now = time.time()
+        queued = sorted(_launch_order(live.data, now) for i in self._unsettled
                         if (live := self._entries[i].live) is not None
                         and self._entries[i].state == p.JobState.QUEUED)
-        positions = {job_id: n for n, (_, job_id) in enumerate(queued)}
+        positions = {order[-1]: n for n, order in enumerate(queued)}
         self._positions = (self._refreshed_at, positions)
         return positions
+
+
+def _launch_order(job: dict[str, Any], now: float) -> tuple[float, int, int, str]:
+    start_at = p.run_at(job)
+    return (0.0 if start_at is None or start_at <= now else start_at, *p.queue_key(job))
 
 
 def read_job(job_id: str, path: str | Path) -> dict[str, Any] | None:

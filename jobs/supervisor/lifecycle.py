@@ -12,7 +12,9 @@ stays with the supervisor.
 - stop: for a cancel or a deadline, on a thread of its own (it waits out a grace period).
 - finalize: the final state the runner could not write (lost, stopped) is written
   here. One that cannot be written (an unwritable data folder) is kept and tried again
-  every pass (`retry`).
+  every pass (`retry`). A lost runner, or one that exited with `p.EXIT_RETRY` (a
+  transient failure), is not final while its job has attempts left: the job is queued
+  again under the same id, to start after a backoff (`requeued`).
 - release: what the launcher keeps of the run, once the final state is on disk.
 
 A job cancelled or refused before it started has a life without a run: only a final
@@ -21,7 +23,10 @@ state to write (`finish`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +62,7 @@ class JobLife:
         self.stopping: str | None = None  # the reason, once a stop has begun
         self.unwritten: Final | None = None  # to write again next pass
         self.is_final = False  # the job file needs nothing more from the supervisor
+        self.requeued: dict[str, Any] | None = None  # the job file, queued again for a retry
         self._ended = False  # finalized: release once the final state is on disk
         self._released = False
 
@@ -142,16 +148,17 @@ class JobLife:
 
     # -- finalize ------------------------------------------------------------------
 
-    def finalize(self) -> None:
-        """The runner has ended: write the final state it could not, then release it."""
+    def finalize(self, backoff: Callable[[int], float] = lambda attempt: 0.0) -> None:
+        """The runner has ended: write the final state it could not (or queue its job
+        again, `backoff(attempt)` seconds from now), then release it."""
         try:
-            self._write_missing_final()
+            self._write_missing_final(backoff)
         finally:
             self._ended = True
             if self.unwritten is None:
                 self.release()  # else once the retry writes it
 
-    def _write_missing_final(self) -> None:
+    def _write_missing_final(self, backoff: Callable[[int], float]) -> None:
         code = self.launcher.exit_code(self.run)
         data = p.read_json_or_none(self.job_file)
         self.is_final = True
@@ -166,12 +173,58 @@ class JobLife:
                               code)
             self._write(cancelled, data)
         else:
-            tail = p.log_tail(self.job_file)
-            message = ("the runner exited without a final state "
-                       f"({self.launcher.describe_exit(self.run)})")
-            if tail:
-                message += f"; last log line: {tail.splitlines()[-1][:300]}"
-            self._write(Final(p.JobState.FAILED, p.ErrorType.LOST, message, code, tail), data)
+            failure = self._failure(data, code)
+            attempt, most = p.attempts(data)
+            if attempt < most and self._requeue(data, failure, backoff(attempt)):
+                return
+            self._write(failure, data)
+
+    def _failure(self, data: dict[str, Any], code: int | None) -> Final:
+        """Why a runner ended without a final state: the transient error it recorded
+        (it left the retry to the supervisor), else it was lost."""
+        error = data.get(p.F_ERROR)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return Final(p.JobState.FAILED, str(error.get("type") or p.ErrorType.RUNNER),
+                         error["message"], code)
+        tail = p.log_tail(self.job_file)
+        message = ("the runner exited without a final state "
+                   f"({self.launcher.describe_exit(self.run)})")
+        if tail:
+            message += f"; last log line: {tail.splitlines()[-1][:300]}"
+        return Final(p.JobState.FAILED, p.ErrorType.LOST, message, code, tail)
+
+    def _requeue(self, data: dict[str, Any], failure: Final, delay_s: float) -> bool:
+        """Queue the job again for its next attempt, `delay_s` from now; False if it
+        cannot be written (its final state is written instead, or kept to write)."""
+        attempt, _ = p.attempts(data)
+        earlier = data.get(p.F_EARLIER_ERRORS)
+        earlier = list(earlier) if isinstance(earlier, list) else []
+        earlier.append({"attempt": attempt, "type": failure.error_type,
+                        "message": failure.message, "finished_at": p.now_iso()})
+        wait = math.ceil(delay_s)
+        data = dict(data)  # the final state, should this fail, is written over the original
+        data.update({
+            p.F_STATE: p.JobState.QUEUED, p.F_ATTEMPT: attempt + 1,
+            p.F_RUN_AT: p.iso(time.time() + delay_s), p.F_EARLIER_ERRORS: earlier,
+            p.F_OUTPUT: "", p.F_RESULT: None, p.F_ERROR: None, p.F_STARTED_AT: None,
+            p.F_FINISHED_AT: None, p.F_PID: None, p.F_EXIT_CODE: None, p.F_RESOURCES: None,
+            p.F_PROGRESS: {"fraction": None,
+                           "message": f"retrying in {wait} s: {failure.message}"[:500]},
+        })
+        try:
+            # The claim goes first: a supervisor that dies before the write below finds a
+            # running job without a claim, takes it as lost, and decides again.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p.sibling(self.job_file, p.RUN_FILE))
+            p.write_json(self.job_file, data, durable=True)
+        except OSError as exc:
+            log.error("job %s: cannot queue it again (%s)", self.job_id, exc)
+            return False
+        log.info("job %s: attempt %d failed (%s); attempt %d in %.1f s", self.job_id,
+                 attempt, failure.message, attempt + 1, delay_s)
+        self.is_final = False
+        self.requeued = data
+        return True
 
     def finish(self, state: str, error_type: str, message: str) -> None:
         """End a job that has no runner (cancelled or refused before it started)."""

@@ -1,5 +1,6 @@
-"""The supervisor: launches queued jobs under the cap, enforces deadlines, acts on
-cancel requests, reaps finished or lost runners and prunes old jobs.
+"""The supervisor: launches queued jobs under the caps (in all, and per kind) by
+priority, when due, enforces deadlines, acts on cancel requests, reaps finished or lost
+runners (queueing a job again for a retry) and prunes old jobs.
 
 Exactly one per data folder, across processes: whoever holds the OS file lock
 `<data>/supervisor.lock`. The others retry now and then, so when the leader dies a
@@ -22,10 +23,12 @@ import contextlib
 import heapq
 import logging
 import os
+import random
 import threading
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from filelock import FileLock, Timeout
 
@@ -37,19 +40,32 @@ from jobs.launch.pick import adopting_launcher, make_launcher
 from jobs.launch.processes import IS_WINDOWS
 from jobs.protocol.wake import ALL_JOBS, Doorbell, lock_file, wake_file
 from jobs.settings import (
+    DEFAULT_KIND_CAPS,
     LEADER_RETRY_S,
     MIN_RETENTION_S,
     PRUNE_INTERVAL_S,
     PRUNE_OVER_CAP_S,
+    RETRY_BASE_S,
+    RETRY_MAX_S,
     SUPERVISOR_INTERVAL_S,
     WAKE_POLL_S,
     Settings,
+    kind_numbers,
 )
 from jobs.store.index import DirListing
 from jobs.store.job_store import JobStore
 from jobs.supervisor.lifecycle import JobLife
 
 log = logging.getLogger(__name__)
+
+QueueKey = tuple[int, int, str]  # p.queue_key: (-priority, created_ns, id)
+
+
+class Queued(NamedTuple):
+    """A queued job as the supervisor keeps it: enough to order and cap it unread."""
+
+    key: QueueKey
+    kind: str
 
 
 class Supervisor:
@@ -65,6 +81,9 @@ class Supervisor:
         kinds: dict[str, str] | None = None,
         launcher: Launcher | None = None,
         min_retention_s: float = MIN_RETENTION_S,
+        kind_caps: dict[str, int] | None = None,
+        retry_base_s: float = RETRY_BASE_S,
+        retry_max_s: float = RETRY_MAX_S,
     ) -> None:
         self.dir = jobs_dir
         self.min_retention_s = min_retention_s
@@ -88,9 +107,22 @@ class Supervisor:
         self._wake_file = wake_file(jobs_dir)
         self._doorbell = Doorbell(jobs_dir)
         self.is_leader = False
-        self._queued: dict[str, tuple[int, str]] = {}  # id -> FIFO key
-        # The queue in FIFO order; entries no longer in _queued are skipped when popped.
-        self._queue_order: list[tuple[tuple[int, str], str]] = []
+        self._queued: dict[str, Queued] = {}  # every queued job this supervisor knows
+        # The due jobs in launch order (p.queue_key); entries no longer in _queued (or
+        # there with another key) are skipped when popped.
+        self._queue_order: list[tuple[QueueKey, str]] = []
+        # The jobs not due yet (run_at, or a retry's backoff), soonest first: each goes
+        # onto _queue_order when due, and the supervisor wakes for the first.
+        self._timers: list[tuple[float, QueueKey, str]] = []
+        # OFFLOAD_KIND_CAPS: a job whose kind is at its cap waits here, off _queue_order
+        # (so it holds up no other kind), until a runner of its kind ends.
+        self.kind_caps = (kind_numbers(DEFAULT_KIND_CAPS, "kind_caps", 1, 1024)
+                          if kind_caps is None else dict(kind_caps))
+        self._set_aside: dict[str, list[tuple[QueueKey, str]]] = {}
+        self._running_kind: dict[str, str] = {}  # running job id -> its kind
+        self._running_by_kind: Counter[str] = Counter()
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
         self._hinted: set[str] = set()  # jobs an event named since the last pass
         self._read_now: dict[str, dict[str, Any]] = {}  # queued jobs read in this pass
         self._full_wanted = True
@@ -118,7 +150,8 @@ class Supervisor:
             retention_s=settings.retention_hours * 3600, max_jobs=settings.max_jobs,
             log_max_bytes=settings.log_max_bytes, grace_s=settings.stop_grace_s,
             runner_env=settings.runner_env(), launcher=make_launcher(settings),
-            min_retention_s=settings.min_retention_s,
+            min_retention_s=settings.min_retention_s, kind_caps=settings.kind_cap_map,
+            retry_base_s=settings.retry_base_s, retry_max_s=settings.retry_max_s,
         )
 
     # -- driving -------------------------------------------------------------------
@@ -136,10 +169,16 @@ class Supervisor:
                     return
                 self._event.clear()
                 await self._pass()
-                await self._sleep(max(0.0, self._next_full - time.monotonic())
-                                  if self.is_leader else LEADER_RETRY_S)
+                await self._sleep(self._idle_s() if self.is_leader else LEADER_RETRY_S)
         finally:
             self.release()
+
+    def _idle_s(self) -> float:
+        """Until the next full pass, or until the first job waiting for its time is due."""
+        idle = self._next_full - time.monotonic()
+        if self._timers:
+            idle = min(idle, self._timers[0][0] - time.time())
+        return max(0.0, idle)
 
     async def _pass(self) -> None:
         """One tick in a worker thread. Cancelled meanwhile, it still waits for the tick
@@ -234,6 +273,7 @@ class Supervisor:
             if not full and now < self._next_full:
                 self._look_at(hinted)
                 self._reap()
+                self._release_due()
                 self._launch()
                 return
             self._next_full = now + SUPERVISOR_INTERVAL_S
@@ -245,6 +285,7 @@ class Supervisor:
             self._enforce_deadlines()
             self._cap_logs()
             self._recheck_waiting()
+            self._release_due()
             self._launch()
             self._maybe_prune()
         finally:
@@ -308,7 +349,7 @@ class Supervisor:
                 self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
                                     f"unknown job kind {data.get(p.F_KIND)!r}")
                 return
-            self._enqueue(job_id, p.fifo_key(data))
+            self._enqueue(job_id, data)
             if len(self._read_now) < self.max_concurrent:  # no more can launch in a pass
                 self._read_now[job_id] = data
         elif state in (p.JobState.QUEUED, p.JobState.RUNNING):
@@ -316,18 +357,61 @@ class Supervisor:
         else:  # final, or no state at all (the API reads it as corrupt): never rewritten
             self._known_final.add(job_id)
 
-    def _enqueue(self, job_id: str, key: tuple[int, str]) -> None:
-        self._queued[job_id] = key
-        heapq.heappush(self._queue_order, (key, job_id))
+    def _enqueue(self, job_id: str, data: dict[str, Any]) -> None:
+        """Queue a job: on the launch order if due, else on the timers."""
+        entry = self._queued[job_id] = Queued(p.queue_key(data), str(data.get(p.F_KIND)))
+        start_at = p.run_at(data)
+        if start_at is not None and start_at > time.time():
+            heapq.heappush(self._timers, (start_at, entry.key, job_id))
+        else:
+            heapq.heappush(self._queue_order, (entry.key, job_id))
+
+    def _release_due(self) -> None:
+        """The jobs whose time has come join the launch order."""
+        now = time.time()
+        while self._timers and self._timers[0][0] <= now:
+            _, key, job_id = heapq.heappop(self._timers)
+            entry = self._queued.get(job_id)
+            if entry is not None and entry.key == key:
+                heapq.heappush(self._queue_order, (key, job_id))
 
     def _next_queued(self) -> str | None:
-        """The oldest queued job, taken off the queue."""
+        """The first due job in launch order whose kind is under its cap, taken off the
+        queue; those of a kind at its cap are set aside on the way."""
         while self._queue_order:
             key, job_id = heapq.heappop(self._queue_order)
-            if self._queued.get(job_id) == key:
-                del self._queued[job_id]
-                return job_id
+            entry = self._queued.get(job_id)
+            if entry is None or entry.key != key:
+                continue
+            cap = self.kind_caps.get(entry.kind)
+            if cap is not None and self._running_by_kind[entry.kind] >= cap:
+                heapq.heappush(self._set_aside.setdefault(entry.kind, []), (key, job_id))
+                continue
+            del self._queued[job_id]
+            return job_id
         return None
+
+    def _now_running(self, job_id: str, life: JobLife, kind: object) -> None:
+        self._running[job_id] = life
+        self._running_kind[job_id] = str(kind)
+        self._running_by_kind[str(kind)] += 1
+
+    def _no_longer_running(self, job_id: str) -> None:
+        """A runner ended: the first job set aside for its kind's cap may go again."""
+        del self._running[job_id]
+        kind = self._running_kind.pop(job_id, None)
+        if kind is None:
+            return
+        self._running_by_kind[kind] -= 1
+        waiting = self._set_aside.get(kind)
+        while waiting:
+            key, waiter = heapq.heappop(waiting)
+            entry = self._queued.get(waiter)
+            if entry is not None and entry.key == key:
+                heapq.heappush(self._queue_order, (key, waiter))
+                break
+        if not waiting:
+            self._set_aside.pop(kind, None)
 
     def _adopt(self, job_id: str, data: dict[str, Any]) -> None:
         """A job launched by an earlier supervisor: watch it if alive, else it is lost."""
@@ -337,7 +421,7 @@ class Supervisor:
             self._finalize(life)
             return
         log.info("job %s: adopted its %s runner", job_id, life.run.launcher)
-        self._running[job_id] = life
+        self._now_running(job_id, life, data.get(p.F_KIND))
         if (session := p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))) is not None:
             self._running_chat_by_session[session] = job_id
 
@@ -363,7 +447,7 @@ class Supervisor:
     def _reap(self) -> None:
         for job_id, life in list(self._running.items()):
             if life.has_ended():
-                del self._running[job_id]
+                self._no_longer_running(job_id)
                 self._finalize(life)
 
     def _enforce_deadlines(self) -> None:
@@ -393,7 +477,7 @@ class Supervisor:
             return True
         blocker = self._turn_blocker(job_id, data)
         if blocker is not None:
-            self._queued[job_id] = p.fifo_key(data)
+            self._queued[job_id] = Queued(p.queue_key(data), str(data.get(p.F_KIND)))
             self._waiting.setdefault(blocker, []).append(job_id)
             return True
         life = JobLife(job_id, job_file, self.launcher)
@@ -403,10 +487,10 @@ class Supervisor:
             if not self._blocked:
                 log.warning("jobs wait: cannot write to the data folder (%s)", exc)
             self._blocked = True
-            self._enqueue(job_id, p.fifo_key(data))
+            self._enqueue(job_id, data)
             return False
         if started:
-            self._running[job_id] = life
+            self._now_running(job_id, life, data.get(p.F_KIND))
             if (session := p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))) is not None:
                 self._running_chat_by_session[session] = job_id
         else:
@@ -419,7 +503,8 @@ class Supervisor:
         after = data.get(p.F_AFTER)
         if isinstance(after, str) and after != job_id:
             ahead = self._queued.get(after)
-            if after in self._running or (ahead is not None and ahead < p.fifo_key(data)):
+            if after in self._running or (ahead is not None
+                                          and ahead.key[1:] < p.queue_key(data)[1:]):
                 return after
             if (after not in self._known_final and after not in self._unwritten
                     and after not in self._queued and p.is_valid_id(after)):
@@ -435,9 +520,9 @@ class Supervisor:
             if job_id == ended:
                 del self._running_chat_by_session[conversation]
         for job_id in self._waiting.pop(ended, ()):
-            key = self._queued.get(job_id)
-            if key is not None:  # else cancelled or deleted meanwhile
-                heapq.heappush(self._queue_order, (key, job_id))
+            entry = self._queued.get(job_id)
+            if entry is not None:  # else cancelled or deleted meanwhile
+                heapq.heappush(self._queue_order, (entry.key, job_id))
 
     def _recheck_waiting(self) -> None:
         """Waits on a job that is no longer live in any way this supervisor saw end (it
@@ -452,9 +537,15 @@ class Supervisor:
 
     def _finalize(self, life: JobLife) -> None:
         try:
-            life.finalize()
+            life.finalize(self._backoff)
         finally:
             self._settle(life)
+        if life.requeued is not None:  # a transient failure with attempts left
+            self._enqueue(life.job_id, life.requeued)
+
+    def _backoff(self, attempt: int) -> float:
+        """Seconds before attempt `attempt` + 1: exponential, with full jitter."""
+        return random.uniform(0, min(self.retry_max_s, self.retry_base_s * 2 ** (attempt - 1)))
 
     def _end_unstarted(self, job_id: str, state: str, error_type: str, message: str) -> None:
         """A job that ends before its runner started: only its final state to write."""

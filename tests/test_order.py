@@ -1,0 +1,271 @@
+"""Which job starts when: priorities, per-kind caps, run_at / delay_s, and retries of
+transient failures, observed through the HTTP API on real runners."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from jobs import protocol as p
+from jobs.settings import Settings
+from tests.conftest import wait_for
+from tests.fake_llm import FakeLLM
+from tests.server import Server
+
+MakeServer = Callable[..., Server]
+QUESTION = {"messages": [{"role": "user", "content": "How is the CPU?"}]}
+
+
+def submit(client: httpx.Client, kind: str = "sleep", **body: Any) -> dict[str, Any]:
+    answer = client.post("/api/jobs", json={"kind": kind, **body})
+    assert answer.status_code == 202, answer.text
+    job: dict[str, Any] = answer.json()
+    return job
+
+
+def wait_job(client: httpx.Client, job_id: str, *states: str,
+             timeout: float = 60) -> dict[str, Any]:
+    wanted = states or tuple(p.FINAL_STATES)
+
+    def check() -> dict[str, Any] | None:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] in wanted else None
+
+    return wait_for(check, timeout, 0.05, f"job {job_id} in {wanted}")
+
+
+def started(job: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(job["started_at"].replace("Z", "+00:00"))
+
+
+def test_higher_priority_starts_first_and_fifo_within_one(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1"})
+    with server.client() as client:
+        blocker = submit(client, input={"seconds": 3})
+        wait_job(client, blocker["id"], "running")
+        names = ["low", "high-1", "high-2", "lowest", "default"]
+        priorities = [0, 5, 5, -1, None]
+        ids = {}
+        for name, priority in zip(names, priorities, strict=True):
+            extra: dict[str, Any] = {} if priority is None else {"priority": priority}
+            ids[name] = submit(client, "sleep", input={"seconds": 0}, **extra)["id"]
+        expected = {"high-1": 0, "high-2": 1, "low": 2, "default": 3, "lowest": 4}
+
+        def positions() -> dict[str, int] | None:
+            # A read may count the queue as it was a moment ago: it settles at once.
+            found = {name: client.get(f"/api/jobs/{job_id}").json()["queue_position"]
+                     for name, job_id in ids.items()}
+            return found if found == expected else None
+
+        wait_for(positions, 10, 0.05, "the queue positions to follow the launch order")
+        jobs = {name: wait_job(client, job_id) for name, job_id in ids.items()}
+    assert all(job["state"] == "completed" for job in jobs.values()), jobs
+    assert jobs["default"]["priority"] == 0 and jobs["high-1"]["priority"] == 5
+    order = sorted(jobs, key=lambda name: started(jobs[name]))
+    assert order == ["high-1", "high-2", "low", "default", "lowest"], order
+
+
+def test_a_chat_gets_priority_over_earlier_jobs_by_default(make_server: MakeServer) -> None:
+    with FakeLLM() as llm:
+        server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1",
+                                  "OPENAI_BASE_URL": llm.base_url})
+        with server.client() as client:
+            blocker = submit(client, input={"seconds": 3})
+            wait_job(client, blocker["id"], "running")
+            sleeper = submit(client, input={"seconds": 0})
+            chat = submit(client, "chat", input=QUESTION)
+            jobs = [wait_job(client, job["id"]) for job in (sleeper, chat)]
+    assert jobs[1]["priority"] == 10
+    assert started(jobs[1]) < started(jobs[0]), jobs
+
+
+def test_a_capped_kind_never_blocks_another(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "2", "OFFLOAD_KIND_CAPS": "sleep=1"})
+    with server.client() as client:
+        first = submit(client, input={"seconds": 4})
+        wait_job(client, first["id"], "running")
+        capped = submit(client, input={"seconds": 0}, priority=100)
+        other = submit(client, "probe", input={"seconds": 0})
+        done = {name: wait_job(client, job["id"])
+                for name, job in (("first", first), ("capped", capped), ("other", other))}
+    first_ended = datetime.fromisoformat(done["first"]["finished_at"].replace("Z", "+00:00"))
+    assert started(done["other"]) < first_ended, done  # went past the capped one
+    assert started(done["capped"]) >= first_ended, done  # waited for its kind's runner
+
+
+def test_run_at_and_delay_s_start_no_earlier(make_server: MakeServer) -> None:
+    server = make_server()
+    with server.client() as client:
+        delayed = submit(client, input={"seconds": 0}, delay_s=2)
+        at = datetime.now(timezone.utc) + timedelta(seconds=2)
+        timed = submit(client, input={"seconds": 0}, run_at=at.isoformat())
+        # A time without a zone is UTC.
+        naive = submit(client, input={"seconds": 0},
+                       run_at=at.replace(tzinfo=None).isoformat())
+        assert client.get(f"/api/jobs/{delayed['id']}").json()["state"] == "queued"
+        assert delayed["run_at"] is not None
+        jobs = [wait_job(client, job["id"]) for job in (delayed, timed, naive)]
+    created = datetime.fromisoformat(jobs[0]["created_at"].replace("Z", "+00:00"))
+    assert started(jobs[0]) >= created + timedelta(seconds=2), jobs[0]
+    for job in jobs[1:]:
+        assert job["state"] == "completed"
+        assert started(job) >= at - timedelta(milliseconds=1), (job, at)
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"priority": 5000}, "priority"),
+    ({"priority": "high"}, "priority"),
+    ({"run_at": "tomorrow"}, "run_at"),
+    ({"run_at": "2020-01-01T00:00:00Z"}, "in the past"),
+    ({"delay_s": -1}, "delay_s"),
+    ({"delay_s": 10**9}, "delay_s"),
+    ({"delay_s": 5, "run_at": "soon"}, "not both"),
+    ({"run_at": "2099-01-01T00:00:00Z"}, "days ahead"),
+    ({"max_attempts": 0}, "max_attempts"),
+])
+def test_bad_priority_or_start_time_is_a_422_that_says_why(
+        make_server: MakeServer, body: dict[str, Any], needle: str) -> None:
+    if body.get("run_at") == "soon":
+        body["run_at"] = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    server = make_server()
+    with server.client() as client:
+        answer = client.post("/api/jobs", json={"kind": "sleep", **body})
+    assert answer.status_code == 422, answer.text
+    assert needle in answer.json()["detail"], answer.json()
+
+
+def test_a_malformed_kind_cap_setting_is_named() -> None:
+    with pytest.raises(ValidationError, match="OFFLOAD_KIND_CAPS.*kind=number"):
+        Settings(OFFLOAD_KIND_CAPS="train")
+    with pytest.raises(ValidationError, match="OFFLOAD_MAX_ATTEMPTS"):
+        Settings(OFFLOAD_MAX_ATTEMPTS="chat=zero")
+    assert Settings(OFFLOAD_KIND_CAPS="train=1, sleep=4").kind_cap_map == {"train": 1, "sleep": 4}
+    defaults = Settings(OFFLOAD_KIND_CAPS="train=1", OFFLOAD_MAX_ATTEMPTS="chat=2")
+    assert Settings.model_fields["kind_caps"].default == "train=1"
+    assert Settings.model_fields["max_attempts"].default == "chat=2"
+    assert [defaults.attempts_for(kind) for kind in ("chat", "train", "sleep")] == [2, 1, 1]
+
+
+def poll_seed_status(client: httpx.Client, job_id: str, seen: list[str],
+                     stop: threading.Event) -> None:
+    """Poll the seed's endpoint as its frontend does (faster), until it is final."""
+    while not stop.is_set():
+        status = client.get(f"/api/ai_chat_result/{job_id}").json()["status"]
+        seen.append(status)
+        if status != "processing":
+            return
+        time.sleep(0.05)
+
+
+def test_a_killed_chat_runner_is_retried_and_the_seed_sees_it_processing(
+        make_server: MakeServer) -> None:
+    with FakeLLM(pieces=["The ", "CPU ", "is ", "fine."], gated="CPU") as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url,
+                                  "OFFLOAD_RETRY_BASE_S": "1"})
+        with server.client() as client, server.client() as poller:
+            job_id = client.post("/api/ai_chat_async", json=QUESTION).json()["job_id"]
+            seen: list[str] = []
+            stop = threading.Event()
+            watcher = threading.Thread(target=poll_seed_status,
+                                       args=(poller, job_id, seen, stop))
+            watcher.start()
+            try:
+                running = wait_for(lambda: (job := client.get(f"/api/jobs/{job_id}").json())
+                                   ["output"] and job, 30, 0.05, "the first piece")
+                os.kill(running["pid"], signal.SIGKILL)
+                retrying = wait_job(client, job_id, "queued")
+                llm.gate.set()
+                job = wait_job(client, job_id)
+            finally:
+                stop.set()
+                watcher.join(30)
+    assert retrying["attempt"] == 2 and retrying["output"] == ""
+    assert retrying["progress"]["message"].startswith("retrying in ")
+    assert job["state"] == "completed" and job["attempt"] == 2, job
+    assert job["output"] == "The CPU is fine."
+    assert [e["type"] for e in job["earlier_errors"]] == ["lost"], job["earlier_errors"]
+    assert job["earlier_errors"][0]["attempt"] == 1
+    assert seen[-1] == "completed" and set(seen[:-1]) == {"processing"}, seen
+
+
+def test_a_provider_failure_is_retried(
+        make_server: MakeServer) -> None:
+    # Three 503s use up the first attempt's own retries; the second attempt is answered.
+    with FakeLLM(status=503, fail_times=3, retry_after="0",
+                 error_body='{"error": {"message": "overloaded"}}') as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url,
+                                  "OFFLOAD_RETRY_BASE_S": "0.5"})
+        with server.client() as client:
+            job = wait_job(client, submit(client, "chat", input=QUESTION)["id"])
+    assert job["state"] == "completed" and job["attempt"] == 2, job
+    assert job["earlier_errors"][0]["type"] == "provider"
+    assert "503" in job["earlier_errors"][0]["message"]
+
+
+def test_a_rejected_key_is_not_retried(make_server: MakeServer) -> None:
+    with FakeLLM(status=401, error_body='{"error": {"message": "bad key"}}') as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        with server.client() as client:
+            job = wait_job(client, submit(client, "chat", input=QUESTION,
+                                          max_attempts=3)["id"])
+    assert job["state"] == "failed" and job["attempt"] == 1, job
+    assert not job["earlier_errors"] and len(llm.requests) == 1
+
+
+def test_a_lost_job_is_failed_once_its_attempts_are_used(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_RETRY_BASE_S": "0.2"})
+    with server.client() as client:
+        lost = wait_job(client, submit(client, "probe", input={"exit_code": 9},
+                                       max_attempts=2)["id"])
+        failed = wait_job(client, submit(client, "probe", input={"fail": "bad input"},
+                                         max_attempts=2)["id"])
+    assert lost["state"] == "failed" and lost["error"]["type"] == "lost", lost
+    assert lost["attempt"] == 2 and len(lost["earlier_errors"]) == 1
+    assert failed["state"] == "failed" and failed["attempt"] == 1, failed  # never retried
+
+
+def test_a_cancel_during_the_backoff_cancels_the_job(make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_RETRY_BASE_S": "600", "OFFLOAD_RETRY_MAX_S": "600"})
+    with server.client() as client:
+        job = submit(client, "probe", input={"exit_code": 9}, max_attempts=3)
+        # Its backoff is random from 0 to 600 s: attempt 2 waits, queued, meanwhile.
+        waiting = wait_for(lambda: (j := client.get(f"/api/jobs/{job['id']}").json())
+                           ["attempt"] == 2 and j, 30, 0.05, "attempt 2 queued")
+        answer = client.delete(f"/api/jobs/{job['id']}")
+    assert waiting["state"] == "queued" and waiting["run_at"] is not None, waiting
+    assert answer.status_code == 200, answer.text
+    cancelled = answer.json()
+    assert cancelled["state"] == "cancelled" and cancelled["attempt"] == 2, cancelled
+
+
+def test_a_runner_lost_while_no_supervisor_watched_is_retried_by_the_next(
+        make_server: MakeServer) -> None:
+    first = make_server()
+    with first.client() as client:
+        job = submit(client, input={"seconds": 30}, max_attempts=2)
+        delayed = submit(client, input={"seconds": 0}, delay_s=4)
+        running = wait_job(client, job["id"], "running")
+    first.stop()
+    os.kill(running["pid"], signal.SIGKILL)
+    second = make_server(env={"OFFLOAD_RETRY_BASE_S": "0.2"})
+    with second.client() as client:
+        retried = wait_for(lambda: (j := client.get(f"/api/jobs/{job['id']}").json())
+                           ["attempt"] == 2 and j["state"] == "running" and j, 60, 0.05,
+                           "attempt 2 running")
+        later = wait_job(client, delayed["id"])
+        cancelled = client.delete(f"/api/jobs/{job['id']}").json()
+    assert retried["attempt"] == 2 and retried["pid"] != running["pid"], retried
+    assert [e["type"] for e in retried["earlier_errors"]] == ["lost"]
+    assert cancelled["state"] == "cancelled" and cancelled["attempt"] == 2
+    created = datetime.fromisoformat(later["created_at"].replace("Z", "+00:00"))
+    assert later["state"] == "completed"
+    assert started(later) >= created + timedelta(seconds=4), later  # its run_at, remembered
