@@ -63,6 +63,7 @@ class Job(BaseModel):
     host: str | None = None  # the machine its runner ran on
     after: str | None = None  # a chat: the earlier job of its session, answered first
     rerun_of: str | None = None  # the job this one runs again
+    schedule: str | None = None  # the schedule that created it
 
 
 # -- requests ---------------------------------------------------------------------------

@@ -144,6 +144,8 @@ class Settings(BaseSettings):
     # How a runner starts (jobs/launch/local.py); auto: as fork_server says.
     launch_mode: Literal["auto", "fork", "spares", "spawn"] = "auto"
     kinds: str = ""  # job kinds of one's own, `name=module,...` (jobs/kinds.py)
+    # Periodic jobs (jobs/schedules.py); a missing file is no schedules, unless named here.
+    schedules_file: Path = Path("schedules.toml")
 
     def __init__(self, **values: Any) -> None:
         # Also by the variables' names, as in the environment: Settings(OFFLOAD_PORT=8002).
@@ -152,7 +154,7 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise _naming_variables(exc) from None
 
-    @field_validator("data_dir")
+    @field_validator("data_dir", "schedules_file")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         # Runners get absolute paths, whatever folder they run in.

@@ -22,17 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
 from jobs.api.history import MetricsReader, summary
-from jobs.kinds import registry
+from jobs.kinds import validate_input
 from jobs.protocol.wake import poke
 from jobs.settings import CANCEL_WAIT_S, RETRY_AFTER_S, Settings
 from jobs.store.idempotency import PENDING_S, Claim, key_name
 from jobs.store.index import Load
-from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable, UnknownKind
+from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
 
 LOG_MAX_BYTES = 1_000_000  # /log returns at most the last megabyte
 CONTEXT_WINDOW_S = 600.0  # the chat expert sees a summary of the last ten minutes
@@ -76,10 +75,6 @@ class SmallIO:
                 self._inline_from = time.monotonic() + INLINE_PAUSE_S
                 log.warning("%s took %.1f ms; the API touches job files from worker "
                             "threads for the next %.0f s", what, took * 1000, INLINE_PAUSE_S)
-
-
-class InvalidInput(ValueError):
-    """The job's input does not fit its kind."""
 
 
 class AlreadyFinished(Exception):
@@ -382,30 +377,6 @@ class JobService:
             if job.get(p.F_STATE) in p.FINAL_STATES:
                 break
         return job
-
-
-def validate_input(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
-    spec = registry().get(kind)
-    if spec is None:
-        raise UnknownKind(kind)
-    if spec.input_model is None:
-        return job_input
-    try:
-        model = spec.input_model.model_validate(job_input)
-    except ValidationError as exc:
-        raise InvalidInput(_explain(kind, exc, spec.input_model)) from exc
-    return model.model_dump(mode="json", exclude_unset=True)
-
-
-def _explain(kind: str, exc: ValidationError, model: type[BaseModel]) -> str:
-    problems = []
-    for error in exc.errors()[:5]:
-        where = ".".join(str(part) for part in error["loc"]) or "input"
-        problems.append(f"input.{where}: {error['msg']}")
-    message = f"invalid input for a {kind!r} job: " + "; ".join(problems)
-    if any(e["type"] == "extra_forbidden" and len(e["loc"]) == 1 for e in exc.errors()):
-        message += f" (a {kind!r} job takes only: {', '.join(model.model_fields)})"
-    return message
 
 
 def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float,

@@ -93,11 +93,13 @@ F_LAUNCHER = "launcher"  # where it ran: "local" or "ray"
 F_HOST = "host"  # the machine the runner ran on
 F_AFTER = "after"  # a chat: the earlier job of its session, to end before this one starts
 F_RERUN_OF = "rerun_of"  # the job this one runs again (POST /api/jobs/{id}/rerun)
+F_SCHEDULE = "schedule"  # the name of the schedule that created it (jobs/schedules.py)
 
 JOB_FIELDS = (
     F_ID, F_KIND, F_STATE, F_CREATED_AT, F_STARTED_AT, F_FINISHED_AT, F_TIMEOUT_S,
     F_QUEUE_POSITION, F_PROGRESS, F_OUTPUT, F_RESULT, F_ERROR, F_PID, F_EXIT_CODE,
     F_RESOURCES, F_INPUT, F_CREATED_NS, F_LAUNCHER, F_HOST, F_AFTER, F_RERUN_OF,
+    F_SCHEDULE,
 )
 
 JOB_FILE = "job.json"
