@@ -205,3 +205,12 @@ def test_the_api_refuses_to_start_on_a_bad_schedules_file(data_dir: Path,
                              env={**os.environ, **missing},
                              capture_output=True, text=True, timeout=60)
     assert started.returncode != 0 and "which is not a file" in started.stderr
+
+
+def test_the_contracts_example_is_a_valid_schedules_file(data_dir: Path, tmp_path: Path) -> None:
+    contract = (ROOT / "docs" / "contract.md").read_text(encoding="utf-8")
+    example = contract.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "schedules.toml"
+    path.write_text(example)
+    assert [(each.name, each.kind, each.every_s) for each in load(path)] == [
+        ("retrain", "train", 21600), ("heartbeat", "sleep", 600)]
