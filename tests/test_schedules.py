@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +20,9 @@ from tests.server import Server
 MakeServer = Callable[..., Server]
 
 SCHEDULES = """
-[hourly]
+[rare]
 kind = "sleep"
-every = "1h"
+every = "36500d"  # one slot in this test's lifetime, whenever it runs
 input = {seconds = 0, steps = 1}
 
 [tick]
@@ -60,57 +57,59 @@ def test_a_schedule_fires_and_survives_a_restart(make_server: MakeServer,
     with server.client() as client:
         first = wait_for(lambda: [job for job in jobs_of(client, "tick")
                                   if job["state"] == "completed"], 60, 0.1, "a tick job")
-        hourly = wait_for(lambda: jobs_of(client, "hourly"), 30, 0.1, "the hourly job")
+        rare = wait_for(lambda: jobs_of(client, "rare"), 30, 0.1, "the rare job")
         tick = entry(client, "tick")
         assert tick["kind"] == "sleep" and tick["every_s"] == 2 and tick["priority"] == 3
         assert tick["input"] == {"seconds": 0, "steps": 1} and tick["paused"] is False
         assert tick["last_job_id"] in {job["id"] for job in jobs_of(client, "tick")}
         assert first[0]["timeout_s"] == 30
-        assert entry(client, "hourly")["priority"] is None
+        assert entry(client, "rare")["priority"] is None
     server.stop()
-    before = {job["id"] for job in first}
+    before = {path.parent.name for path in (server.data_dir / "jobs").glob("*/job.json")
+              if (p.read_json(path) or {}).get("schedule") == "tick"}
+    assert {job["id"] for job in first} <= before
     server = make_server(env=env)
     with server.client() as client:
-        # The slot after the restart's own: the scheduler ran at least twice since.
+        # The restart's slot and the next one (jobs on disk before it are not counted).
         later = wait_for(lambda: len({job["id"] for job in jobs_of(client, "tick")} - before)
                          >= 2, 60, 0.1, "tick jobs after the restart")
         assert later
-        assert [job["id"] for job in jobs_of(client, "hourly")] == [hourly[0]["id"]]
+        assert [job["id"] for job in jobs_of(client, "rare")] == [rare[0]["id"]]
         ids = [job["id"] for job in jobs_of(client, "tick")]
         assert len(ids) == len(set(ids))
-        hourly_entry = entry(client, "hourly")
-        assert hourly_entry["last_job_id"] == hourly[0]["id"]
-        assert hourly_entry["last_state"] == "completed"
-        assert p.parse_iso(hourly_entry["next_run_at"]) > time.time()
+        rare_entry = entry(client, "rare")
+        assert rare_entry["last_job_id"] == rare[0]["id"]
+        assert rare_entry["last_state"] == "completed"
+        assert p.parse_iso(rare_entry["next_run_at"]) > time.time()
 
 
 def test_a_paused_schedule_creates_nothing_until_resumed(make_server: MakeServer,
                                                          tmp_path: Path) -> None:
-    env = schedules_env(tmp_path, SCHEDULES.replace('every = "1h"', "every = 2"))
+    env = schedules_env(tmp_path, SCHEDULES.replace('"36500d"', "2"))
     server = make_server(env=env)
     with server.client() as client:
-        wait_for(lambda: jobs_of(client, "hourly"), 30, 0.1, "a first job")
-        paused = client.post("/api/schedules/hourly/pause")
+        wait_for(lambda: jobs_of(client, "rare"), 30, 0.1, "a first job")
+        paused = client.post("/api/schedules/rare/pause")
         assert paused.status_code == 200 and paused.json()["paused"] is True
         assert paused.json()["next_run_at"] is None
         missing = client.post("/api/schedules/nightly/pause")
         assert missing.status_code == 404
         assert "no schedule named 'nightly'" in missing.json()["detail"]
-        assert "hourly, tick" in missing.json()["detail"]
+        assert "rare, tick" in missing.json()["detail"]
         assert client.post("/api/schedules/nightly/resume").status_code == 404
     server.stop()
     server = make_server(env=env)  # the pause outlasts a restart
     with server.client() as client:
-        assert entry(client, "hourly")["paused"] is True
-        count = len(jobs_of(client, "hourly"))
+        assert entry(client, "rare")["paused"] is True
+        count = len(jobs_of(client, "rare"))
         # Two slots of the other schedule pass: its jobs are created, this one's not.
         ticks = {job["id"] for job in jobs_of(client, "tick")}
         wait_for(lambda: len({job["id"] for job in jobs_of(client, "tick")} - ticks) >= 2,
                  60, 0.1, "two slots")
-        assert len(jobs_of(client, "hourly")) == count
-        resumed = client.post("/api/schedules/hourly/resume").json()
+        assert len(jobs_of(client, "rare")) == count
+        resumed = client.post("/api/schedules/rare/resume").json()
         assert resumed["paused"] is False and resumed["next_run_at"] is not None
-        wait_for(lambda: len(jobs_of(client, "hourly")) > count, 30, 0.1, "a job once resumed")
+        wait_for(lambda: len(jobs_of(client, "rare")) > count, 30, 0.1, "a job once resumed")
 
 
 def test_the_paused_queue_starts_nothing_until_resumed(make_server: MakeServer) -> None:
@@ -194,17 +193,17 @@ def test_intervals() -> None:
 
 def test_the_api_refuses_to_start_on_a_bad_schedules_file(data_dir: Path,
                                                           tmp_path: Path) -> None:
-    env = schedules_env(tmp_path, "[retrain]\nkind = 'train'\nevery = '6 hours'\n")
-    started = subprocess.run([sys.executable, "-c", "import api_entry"], cwd=ROOT,
-                             env={**os.environ, **env}, capture_output=True,
-                             text=True, timeout=60)
-    assert started.returncode != 0
-    assert "schedule [retrain]: `every` must be a number" in started.stderr
+    bad = schedules_env(tmp_path, "[retrain]\nkind = 'train'\nevery = '6 hours'\n")
     missing = {"OFFLOAD_SCHEDULES_FILE": str(tmp_path / "nowhere.toml")}
-    started = subprocess.run([sys.executable, "-c", "import api_entry"], cwd=ROOT,
-                             env={**os.environ, **missing},
-                             capture_output=True, text=True, timeout=60)
-    assert started.returncode != 0 and "which is not a file" in started.stderr
+    for env, message in ((bad, "schedule [retrain]: `every` must be a number"),
+                         (missing, "nowhere.toml, which is not a file")):
+        server = Server(data_dir, tmp_path / "server.log", env)
+        try:
+            with pytest.raises(AssertionError, match="server did not start") as refused:
+                server.start()
+        finally:
+            server.stop()
+        assert message in str(refused.value)
 
 
 def test_the_contracts_example_is_a_valid_schedules_file(data_dir: Path, tmp_path: Path) -> None:
