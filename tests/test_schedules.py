@@ -68,7 +68,7 @@ def test_a_schedule_fires_and_survives_a_restart(make_server: MakeServer,
     before = {path.parent.name for path in (server.data_dir / "jobs").glob("*/job.json")
               if (p.read_json(path) or {}).get("schedule") == "tick"}
     assert {job["id"] for job in first} <= before
-    server = make_server(env=env)
+    server = make_server(env=env, workers=2)  # two supervisors: one leads
     with server.client() as client:
         # The restart's slot and the next one (jobs on disk before it are not counted).
         later = wait_for(lambda: len({job["id"] for job in jobs_of(client, "tick")} - before)
