@@ -62,6 +62,12 @@ class Schedule:
     def starts(self, slot: int) -> float:
         return slot * self.every_s
 
+    def has_job(self, fired: dict[str, Any], slot: int) -> bool:
+        """Whether the record of its newest slot (`control.last_fired`) covers `slot`."""
+        newest = fired.get("slot")
+        return (fired.get("every_s") == self.every_s and isinstance(newest, int)
+                and newest >= slot)
+
     def job_id(self, slot: int) -> str:
         """The id of the slot's job: the same in every process, a job id as any other."""
         seed = f"schedule\n{self.name}\n{self.every_s!r}\n{slot}".encode()

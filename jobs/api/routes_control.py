@@ -126,7 +126,7 @@ def _view(store: JobStore, schedule: Schedule) -> dict[str, Any]:
         except JobNotFound:
             pass  # pruned
     slot = schedule.slot(time.time())
-    if last.get("every_s") == schedule.every_s and last.get("slot", -1) >= slot:
+    if schedule.has_job(last, slot):
         slot += 1  # this slot's job exists: the next slot's
     return {"name": schedule.name, "kind": schedule.kind, "every_s": schedule.every_s,
             "input": schedule.input, "priority": schedule.priority, "paused": paused,

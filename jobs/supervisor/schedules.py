@@ -63,7 +63,7 @@ class Scheduler:
     def _fire_one(self, schedule: Schedule, slot: int) -> str | None:
         """The slot's new job's id; None if it needs none now or could not be stored."""
         last = control.last_fired(self.data_dir, schedule.name) or {}
-        if last.get("every_s") == schedule.every_s and last.get("slot", -1) >= slot:
+        if schedule.has_job(last, slot):
             self._done[schedule.name] = slot
             return None
         if self._still_queued(last.get("job_id")):
