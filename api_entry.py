@@ -18,7 +18,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from jobs.api import errors, routes_chat, routes_jobs, routes_status
+from jobs import schedules
+from jobs.api import errors, routes_chat, routes_control, routes_jobs, routes_status
 from jobs.api.guards import BodyLimit, HostOriginGuard
 from jobs.api.lifespan import lifespan
 from jobs.kinds import registry
@@ -31,6 +32,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 def create_app() -> FastAPI:
     settings = get_settings()  # refuses a weak OFFLOAD_API_TOKEN, however the app is served
     registry()  # a job kind defined twice stops the start
+    schedules.configured()  # and so does a schedules file that cannot be used
     # /docs from files installed with the app: no CDN, no third-party script beside the
     # token. No /redoc: ReDoc loads its logo from its CDN, whatever its options.
     app = FastAPIOffline(title="Offload", version=routes_status.VERSION, lifespan=lifespan,
@@ -38,6 +40,7 @@ def create_app() -> FastAPI:
                                      "blocks.", redoc_url=None)
     app.include_router(routes_chat.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_control.router)
     app.include_router(routes_status.router)  # last: it ends with the /api catch-all
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)

@@ -18,11 +18,13 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from jobs import protocol as p
 from jobs.inputs import ChatInput, SleepInput, TrainInput
-from jobs.settings import get_settings
+from jobs.settings import DEFAULT_PRIORITY, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,16 @@ class Kind:
 
 class KindClash(ValueError):
     """Two sources define the same job kind."""
+
+
+class UnknownKind(ValueError):
+    def __init__(self, kind: str) -> None:
+        known = ", ".join(sorted(registry()))
+        super().__init__(f"unknown job kind {kind!r}; known kinds: {known}")
+
+
+class InvalidInput(ValueError):
+    """The job's input does not fit its kind."""
 
 
 BUILT_IN: dict[str, Kind] = {
@@ -87,3 +99,46 @@ def registry() -> dict[str, Kind]:
 def runner_modules() -> dict[str, str]:
     """kind -> runner module, for the supervisor."""
     return {name: kind.module for name, kind in registry().items()}
+
+
+def validate_input(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
+    spec = registry().get(kind)
+    if spec is None:
+        raise UnknownKind(kind)
+    if spec.input_model is None:
+        return job_input
+    try:
+        model = spec.input_model.model_validate(job_input)
+    except ValidationError as exc:
+        raise InvalidInput(_explain(kind, exc, spec.input_model)) from exc
+    return model.model_dump(mode="json", exclude_unset=True)
+
+
+def _explain(kind: str, exc: ValidationError, model: type[BaseModel]) -> str:
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error["loc"]) or "input"
+        problems.append(f"input.{where}: {error['msg']}")
+    message = f"invalid input for a {kind!r} job: " + "; ".join(problems)
+    if any(e["type"] == "extra_forbidden" and len(e["loc"]) == 1 for e in exc.errors()):
+        message += f" (a {kind!r} job takes only: {', '.join(model.model_fields)})"
+    return message
+
+
+@dataclass(frozen=True)
+class Launch:
+    """When and how often a job runs, as its submission asks (None: the default)."""
+
+    priority: int | None = None
+    start_at: float | None = None  # a POSIX time
+    max_attempts: int | None = None
+
+    def fields(self, kind: str, settings: Settings) -> dict[str, Any]:
+        """What the job file says of it, defaults filled in."""
+        fields: dict[str, Any] = {
+            p.F_PRIORITY: (self.priority if self.priority is not None
+                           else DEFAULT_PRIORITY.get(kind, 0)),
+            p.F_MAX_ATTEMPTS: self.max_attempts or settings.attempts_for(kind)}
+        if self.start_at is not None:
+            fields[p.F_RUN_AT] = p.iso(self.start_at)
+        return fields

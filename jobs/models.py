@@ -84,6 +84,7 @@ class Job(BaseModel):
     attempt: int | None = None  # 1-based (null: 1)
     max_attempts: int | None = None  # null: 1
     earlier_errors: list[EarlierError] | None = None  # of the attempts before this one
+    schedule: str | None = None  # the schedule that created it
 
 
 # -- requests ---------------------------------------------------------------------------

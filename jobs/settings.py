@@ -175,6 +175,8 @@ class Settings(BaseSettings):
     max_attempts: str = DEFAULT_MAX_ATTEMPTS
     retry_base_s: float = Field(RETRY_BASE_S, ge=0)
     retry_max_s: float = Field(RETRY_MAX_S, ge=0)
+    # Periodic jobs (jobs/schedules.py); a missing file is no schedules, unless named here.
+    schedules_file: Path = Path("schedules.toml")
 
     def __init__(self, **values: Any) -> None:
         # Also by the variables' names, as in the environment: Settings(OFFLOAD_PORT=8002).
@@ -183,7 +185,7 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise _naming_variables(exc) from None
 
-    @field_validator("data_dir")
+    @field_validator("data_dir", "schedules_file")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         # Runners get absolute paths, whatever folder they run in.

@@ -81,8 +81,11 @@ def _offload_processes(api_pid: int) -> dict[str, int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/<pid>/status")
-def test_every_file_and_folder_offload_creates_is_private(make_server: MakeServer) -> None:
-    server = make_server(env=NO_MODEL)
+def test_every_file_and_folder_offload_creates_is_private(make_server: MakeServer,
+                                                          tmp_path: Path) -> None:
+    schedules = tmp_path / "schedules.toml"
+    schedules.write_text("[nightly]\nkind = 'sleep'\nevery = '1d'\n")
+    server = make_server(env={**NO_MODEL, "OFFLOAD_SCHEDULES_FILE": str(schedules)})
     data = server.data_dir
     with server.client() as client:
         done = client.post("/api/jobs", json={"kind": "sleep", "input": {
@@ -96,13 +99,18 @@ def test_every_file_and_folder_offload_creates_is_private(make_server: MakeServe
         assert _final(client, done["id"])["state"] == "completed"
         wait_for(lambda: (data / "history" / "metrics.jsonl").exists() and
                  (data / "llm.json").exists(), what="the metrics and the LLM status")
+        wait_for(lambda: client.get("/api/schedules").json()["schedules"][0]["last_job_id"],
+                 what="the schedule's job")
+        assert client.post("/api/schedules/nightly/pause").status_code == 200
+        assert client.post("/api/queue/pause").status_code == 200
     # API, supervisor, fork server (Linux) and a runner: each sets it
     assert set(umasks) >= {"api", "jobs.supervisor", "runners.sleep"}, umasks
     assert set(umasks.values()) == {"0077"}, umasks
     expected = [data / "jobs" / done["id"] / name for name in (p.JOB_FILE, p.LOG_FILE,
                                                                  p.RUN_FILE)]
     expected += [data / "jobs" / long["id"] / p.STOP_FILE, data / "supervisor.log",
-                 data / "history" / "metrics.jsonl", data / "llm.json"]
+                 data / "history" / "metrics.jsonl", data / "llm.json", data / "queue.paused",
+                 data / "schedules" / "nightly.paused", data / "schedules" / "nightly.json"]
     missing = [str(path) for path in expected if not path.is_file()]
     assert not missing, missing
     assert list((data / "idempotency").glob("*.json")), "no Idempotency-Key was recorded"

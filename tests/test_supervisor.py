@@ -187,7 +187,7 @@ def test_prune_removes_old_finished_jobs_only(supervisor: RunningSupervisor) -> 
 
 
 def test_unknown_kind_is_refused(supervisor: RunningSupervisor) -> None:
-    from jobs.store.job_store import UnknownKind
+    from jobs.kinds import UnknownKind
 
     with pytest.raises(UnknownKind, match="known kinds: chat, probe, sleep"):
         supervisor.store.create("nope", {}, 10)

@@ -13,12 +13,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jobs.api.service import (
     AlreadyFinished,
     IdempotencyConflict,
-    InvalidInput,
     KeyInFlight,
     NotRerunnable,
     Overloaded,
 )
-from jobs.store.job_store import JobNotFound, StoreUnavailable, UnknownKind
+from jobs.kinds import InvalidInput, UnknownKind
+from jobs.store.job_store import JobNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
 

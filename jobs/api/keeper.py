@@ -60,7 +60,9 @@ class SupervisorKeeper:
         # Cut before a supervisor writes to it: the one moment Windows allows (its
         # handles do not append); the leader also cuts it while it runs elsewhere.
         p.cap_log(out_path, self.settings.log_max_bytes)
-        env = dict(os.environ, OFFLOAD_DATA_DIR=str(self.settings.data_dir))
+        # Absolute: the supervisor runs in the project's folder, not in this one.
+        env = dict(os.environ, OFFLOAD_DATA_DIR=str(self.settings.data_dir),
+                   OFFLOAD_SCHEDULES_FILE=str(self.settings.schedules_file))
         with open(out_path, "ab") as out:
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "jobs.supervisor", "--parent", str(os.getpid())],

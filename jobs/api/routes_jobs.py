@@ -12,7 +12,8 @@ from jobs import protocol as p
 from jobs.api.events import BadPosition, change_event, first_event, public, resume_position
 from jobs.api.follow import file_signature, followed
 from jobs.api.guards import require_token
-from jobs.api.service import JobService, Launch
+from jobs.api.service import JobService
+from jobs.kinds import Launch
 from jobs.models import Job, JobCreate, JobList, JobRerun
 from jobs.protocol import JobState
 from jobs.store.index import Signature

@@ -15,6 +15,7 @@ from jobs.api.keeper import SupervisorKeeper
 from jobs.api.predictor import NoModel, Predictor
 from jobs.api.routes_jobs import Service
 from jobs.llm.status import LLMStatus
+from jobs.protocol import control
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S
 
 
@@ -71,6 +72,7 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
         "launcher": service.settings.launcher,
         "llm": llm.as_dict(),
         "usage": service.store.usage_totals(),
+        "queue": {"paused": control.queue_paused(service.settings.data_dir)},
     }
 
 

@@ -22,17 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
 from jobs.api.history import MetricsReader, summary
-from jobs.kinds import registry
+from jobs.kinds import Launch, validate_input
 from jobs.protocol.wake import poke
-from jobs.settings import CANCEL_WAIT_S, DEFAULT_PRIORITY, RETRY_AFTER_S, Settings
+from jobs.settings import CANCEL_WAIT_S, RETRY_AFTER_S, Settings
 from jobs.store.idempotency import PENDING_S, Claim, key_name
 from jobs.store.index import Load
-from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable, UnknownKind
+from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
 
 LOG_MAX_BYTES = 1_000_000  # /log returns at most the last megabyte
 CONTEXT_WINDOW_S = 600.0  # the chat expert sees a summary of the last ten minutes
@@ -78,10 +77,6 @@ class SmallIO:
                             "threads for the next %.0f s", what, took * 1000, INLINE_PAUSE_S)
 
 
-class InvalidInput(ValueError):
-    """The job's input does not fit its kind."""
-
-
 class AlreadyFinished(Exception):
     def __init__(self, job: dict[str, Any]) -> None:
         super().__init__(f"job {job[p.F_ID]} has already finished ({job[p.F_STATE]})")
@@ -106,25 +101,6 @@ class Overloaded(Exception):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = max(1, math.ceil(retry_after_s))
-
-
-@dataclass(frozen=True)
-class Launch:
-    """When and how often a job runs, as its submission asks (None: the default)."""
-
-    priority: int | None = None
-    start_at: float | None = None  # a POSIX time
-    max_attempts: int | None = None
-
-    def fields(self, kind: str, settings: Settings) -> dict[str, Any]:
-        """What the job file says of it, defaults filled in."""
-        fields: dict[str, Any] = {
-            p.F_PRIORITY: (self.priority if self.priority is not None
-                           else DEFAULT_PRIORITY.get(kind, 0)),
-            p.F_MAX_ATTEMPTS: self.max_attempts or settings.attempts_for(kind)}
-        if self.start_at is not None:
-            fields[p.F_RUN_AT] = p.iso(self.start_at)
-        return fields
 
 
 @dataclass(frozen=True)
@@ -408,30 +384,6 @@ class JobService:
             if job.get(p.F_STATE) in p.FINAL_STATES:
                 break
         return job
-
-
-def validate_input(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
-    spec = registry().get(kind)
-    if spec is None:
-        raise UnknownKind(kind)
-    if spec.input_model is None:
-        return job_input
-    try:
-        model = spec.input_model.model_validate(job_input)
-    except ValidationError as exc:
-        raise InvalidInput(_explain(kind, exc, spec.input_model)) from exc
-    return model.model_dump(mode="json", exclude_unset=True)
-
-
-def _explain(kind: str, exc: ValidationError, model: type[BaseModel]) -> str:
-    problems = []
-    for error in exc.errors()[:5]:
-        where = ".".join(str(part) for part in error["loc"]) or "input"
-        problems.append(f"input.{where}: {error['msg']}")
-    message = f"invalid input for a {kind!r} job: " + "; ".join(problems)
-    if any(e["type"] == "extra_forbidden" and len(e["loc"]) == 1 for e in exc.errors()):
-        message += f" (a {kind!r} job takes only: {', '.join(model.model_fields)})"
-    return message
 
 
 def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch,

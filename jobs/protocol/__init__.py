@@ -98,12 +98,13 @@ F_RUN_AT = "run_at"  # queued until then (ISO 8601 UTC); a retry's backoff sets 
 F_ATTEMPT = "attempt"  # 1-based; absent means 1
 F_MAX_ATTEMPTS = "max_attempts"  # absent means 1: a failure is final
 F_EARLIER_ERRORS = "earlier_errors"  # [{"attempt", "type", "message", "finished_at"}]
+F_SCHEDULE = "schedule"  # the name of the schedule that created it (jobs/schedules.py)
 
 JOB_FIELDS = (
     F_ID, F_KIND, F_STATE, F_CREATED_AT, F_STARTED_AT, F_FINISHED_AT, F_TIMEOUT_S,
     F_QUEUE_POSITION, F_PROGRESS, F_OUTPUT, F_RESULT, F_ERROR, F_PID, F_EXIT_CODE,
     F_RESOURCES, F_INPUT, F_CREATED_NS, F_LAUNCHER, F_HOST, F_AFTER, F_RERUN_OF, F_PRIORITY,
-    F_RUN_AT, F_ATTEMPT, F_MAX_ATTEMPTS, F_EARLIER_ERRORS,
+    F_RUN_AT, F_ATTEMPT, F_MAX_ATTEMPTS, F_EARLIER_ERRORS, F_SCHEDULE,
 )
 
 # A runner's exit code after a transient failure with attempts left: it recorded the error

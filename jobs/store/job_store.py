@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
-from jobs.kinds import registry
+from jobs.kinds import UnknownKind, registry
 from jobs.models import Job
 from jobs.store.idempotency import Keys
 from jobs.store.index import JobIndex, read_job
@@ -25,12 +25,6 @@ class JobNotFound(Exception):
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job with id {job_id!r}")
         self.job_id = job_id
-
-
-class UnknownKind(ValueError):
-    def __init__(self, kind: str) -> None:
-        known = ", ".join(sorted(registry()))
-        super().__init__(f"unknown job kind {kind!r}; known kinds: {known}")
 
 
 class StoreUnavailable(Exception):

@@ -38,6 +38,7 @@ from jobs.launch.base import ClaimFailed, Launcher
 from jobs.launch.local import LocalLauncher
 from jobs.launch.pick import adopting_launcher, make_launcher
 from jobs.launch.processes import IS_WINDOWS
+from jobs.protocol.control import queue_paused
 from jobs.protocol.wake import ALL_JOBS, Doorbell, lock_file, wake_file
 from jobs.settings import (
     DEFAULT_KIND_CAPS,
@@ -55,6 +56,7 @@ from jobs.settings import (
 from jobs.store.index import DirListing
 from jobs.store.job_store import JobStore
 from jobs.supervisor.lifecycle import JobLife
+from jobs.supervisor.schedules import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +86,10 @@ class Supervisor:
         kind_caps: dict[str, int] | None = None,
         retry_base_s: float = RETRY_BASE_S,
         retry_max_s: float = RETRY_MAX_S,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.dir = jobs_dir
+        self.scheduler = scheduler  # creates the jobs of periodic schedules
         self.min_retention_s = min_retention_s
         self.store = JobStore(jobs_dir)
         self.max_concurrent = max_concurrent
@@ -145,6 +149,7 @@ class Supervisor:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Supervisor:
+        scheduler = Scheduler.from_settings(settings, JobStore(settings.jobs_dir))
         return cls(
             settings.jobs_dir, max_concurrent=settings.max_concurrent,
             retention_s=settings.retention_hours * 3600, max_jobs=settings.max_jobs,
@@ -152,6 +157,7 @@ class Supervisor:
             runner_env=settings.runner_env(), launcher=make_launcher(settings),
             min_retention_s=settings.min_retention_s, kind_caps=settings.kind_cap_map,
             retry_base_s=settings.retry_base_s, retry_max_s=settings.retry_max_s,
+            scheduler=scheduler,
         )
 
     # -- driving -------------------------------------------------------------------
@@ -277,6 +283,8 @@ class Supervisor:
                 self._launch()
                 return
             self._next_full = now + SUPERVISOR_INTERVAL_S
+            if self.scheduler is not None:
+                self.scheduler.fire(self.wake)
             job_ids, stop_ids = self._scan()
             self._discover(job_ids)
             self._retry_finals(job_ids)
@@ -458,6 +466,8 @@ class Supervisor:
                 self._start_stop(life, p.JobState.TIMEOUT)
 
     def _launch(self) -> None:
+        if queue_paused(self.dir.parent):
+            return  # queued jobs wait; POST /api/queue/resume wakes this loop
         while len(self._running) < self.max_concurrent:
             job_id = self._next_queued()
             if job_id is None or not self._launch_one(job_id):

@@ -1,0 +1,134 @@
+"""/api/schedules and /api/queue: the periodic schedules and the queue, each pausable.
+
+A switch is a file in the data folder (`jobs.protocol.control`), so every API worker and
+the supervisor see it, and it outlasts a restart; after a resume the supervisor is woken
+at once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from jobs import protocol as p
+from jobs.api.guards import require_token
+from jobs.api.routes_jobs import Service
+from jobs.protocol import control
+from jobs.protocol.wake import poke
+from jobs.schedules import Schedule, by_name, configured
+from jobs.store.job_store import JobNotFound, JobStore
+
+router = APIRouter(prefix="/api", tags=["schedules and queue"],
+                   dependencies=[Depends(require_token)])
+UNKNOWN: dict[int | str, dict[str, Any]] = {404: {"description": "no schedule of that name"}}
+
+
+class ScheduleView(BaseModel):
+    name: str
+    kind: str
+    every_s: float
+    input: dict[str, Any]
+    priority: int | None  # null: the kind's default
+    paused: bool
+    next_run_at: str | None  # null while paused; in the past: due, created at once
+    last_job_id: str | None
+    last_state: p.JobState | None  # null when its last job was pruned, or none ran yet
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleView]
+
+
+class QueueView(BaseModel):
+    paused: bool
+
+
+@router.get("/schedules", response_model=ScheduleList)
+async def list_schedules(service: Service) -> dict[str, Any]:
+    """The periodic schedules of OFFLOAD_SCHEDULES_FILE, with their next and last runs."""
+    store = service.store
+    views = await run_in_threadpool(lambda: [_view(store, each) for each in configured()])
+    return {"schedules": views}
+
+
+@router.post("/schedules/{name}/pause", response_model=ScheduleView, responses=UNKNOWN)
+async def pause_schedule(name: str, service: Service) -> dict[str, Any]:
+    """Create no more jobs of this schedule (those created already run); kept across restarts."""
+    return await _switch_schedule(service.store, name, True)
+
+
+@router.post("/schedules/{name}/resume", response_model=ScheduleView, responses=UNKNOWN)
+async def resume_schedule(name: str, service: Service) -> dict[str, Any]:
+    """Create this schedule's jobs again; the current slot's job at once if it has none."""
+    return await _switch_schedule(service.store, name, False)
+
+
+@router.get("/queue", response_model=QueueView)
+async def queue_state(service: Service) -> dict[str, Any]:
+    return {"paused": control.queue_paused(service.settings.data_dir)}
+
+
+@router.post("/queue/pause", response_model=QueueView)
+async def pause_queue(service: Service) -> dict[str, Any]:
+    """Start no job: running ones finish, queued and new ones wait; kept across restarts."""
+    return await _switch_queue(service.store, True)
+
+
+@router.post("/queue/resume", response_model=QueueView)
+async def resume_queue(service: Service) -> dict[str, Any]:
+    """Start queued jobs again, at once."""
+    return await _switch_queue(service.store, False)
+
+
+async def _switch_queue(store: JobStore, paused: bool) -> dict[str, Any]:
+    data_dir = store.dir.parent
+    await run_in_threadpool(_write, control.set_queue_paused, data_dir, paused)
+    if not paused:
+        poke(store.dir)
+    return {"paused": paused}
+
+
+async def _switch_schedule(store: JobStore, name: str, paused: bool) -> dict[str, Any]:
+    schedule = by_name().get(name)
+    if schedule is None:
+        known = ", ".join(sorted(by_name())) or "none (no schedules file, or an empty one)"
+        raise HTTPException(404, f"no schedule named {name[:100]!r}; the schedules are: "
+                                 f"{known}. They are read from OFFLOAD_SCHEDULES_FILE "
+                                 "(schedules.toml by default) when the server starts")
+    await run_in_threadpool(_write, control.set_schedule_paused, store.dir.parent, name, paused)
+    if not paused:
+        poke(store.dir)
+    return await run_in_threadpool(_view, store, schedule)
+
+
+def _write(switch: Any, *args: Any) -> None:
+    try:
+        switch(*args)
+    except OSError as exc:
+        raise HTTPException(503, f"cannot record the switch in the data folder: "
+                                 f"{exc.strerror or exc}; check that it is writable and has "
+                                 "free space, then retry") from exc
+
+
+def _view(store: JobStore, schedule: Schedule) -> dict[str, Any]:
+    data_dir = store.dir.parent
+    paused = control.schedule_paused(data_dir, schedule.name)
+    last = control.last_fired(data_dir, schedule.name) or {}
+    last_job_id = last.get("job_id") if isinstance(last.get("job_id"), str) else None
+    last_state = None
+    if last_job_id is not None:
+        try:
+            last_state = store.read(last_job_id).get(p.F_STATE)
+        except JobNotFound:
+            pass  # pruned
+    slot = schedule.slot(time.time())
+    if schedule.has_job(last, slot):
+        slot += 1  # this slot's job exists: the next slot's
+    return {"name": schedule.name, "kind": schedule.kind, "every_s": schedule.every_s,
+            "input": schedule.input, "priority": schedule.priority, "paused": paused,
+            "next_run_at": None if paused else p.iso(schedule.starts(slot)),
+            "last_job_id": last_job_id, "last_state": last_state}

@@ -1,0 +1,70 @@
+"""The operator's switches in the data folder, written by the API and obeyed by the
+supervisor, and the supervisor's record of each schedule's newest job. Standard library
+only, as the rest of the protocol.
+
+  queue.paused                 present while the whole queue is paused: nothing launches
+  schedules/<name>.paused      present while that schedule creates no jobs
+  schedules/<name>.json        {"slot", "job_id", "every_s"}: the newest slot of that
+                               schedule whose job was created; the leader writes it
+
+A file per switch, created or removed whole: two API workers pausing two schedules at
+once never overwrite each other's choice, and every write is atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from jobs.protocol import now_iso, read_json_or_none, write_json
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from jobs.protocol import StrPath
+
+QUEUE_PAUSED_FILE = "queue.paused"
+SCHEDULES_FOLDER = "schedules"
+
+
+def queue_paused(data_dir: StrPath) -> bool:
+    return os.path.exists(os.path.join(data_dir, QUEUE_PAUSED_FILE))
+
+
+def set_queue_paused(data_dir: StrPath, paused: bool) -> None:
+    _switch(os.path.join(data_dir, QUEUE_PAUSED_FILE), paused)
+
+
+def schedule_paused(data_dir: StrPath, name: str) -> bool:
+    return os.path.exists(_schedule_file(data_dir, name, ".paused"))
+
+
+def set_schedule_paused(data_dir: StrPath, name: str, paused: bool) -> None:
+    os.makedirs(os.path.join(data_dir, SCHEDULES_FOLDER), exist_ok=True)
+    _switch(_schedule_file(data_dir, name, ".paused"), paused)
+
+
+def last_fired(data_dir: StrPath, name: str) -> dict[str, Any] | None:
+    """The newest slot created for schedule `name`: {"slot", "job_id", "every_s"}."""
+    return read_json_or_none(_schedule_file(data_dir, name, ".json"))
+
+
+def record_fired(data_dir: StrPath, name: str, slot: int, job_id: str, every_s: float) -> None:
+    os.makedirs(os.path.join(data_dir, SCHEDULES_FOLDER), exist_ok=True)
+    write_json(_schedule_file(data_dir, name, ".json"),
+               {"slot": slot, "job_id": job_id, "every_s": every_s, "at": now_iso()},
+               durable=True)
+
+
+def _schedule_file(data_dir: StrPath, name: str, suffix: str) -> str:
+    # Names are checked where schedules are read (lowercase letters, digits, - and _).
+    return os.path.join(data_dir, SCHEDULES_FOLDER, name + suffix)
+
+
+def _switch(path: str, on: bool) -> None:
+    if on:
+        write_json(path, {"at": now_iso()}, durable=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

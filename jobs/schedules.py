@@ -1,0 +1,161 @@
+"""Periodic schedules from configuration: `schedules.toml` in the working folder, or the
+file OFFLOAD_SCHEDULES_FILE names. Read once at start, by the API (which refuses to start
+on a bad file) and by the supervisor (which creates the jobs):
+
+    [retrain]
+    kind = "train"
+    every = "6h"        # "90s", "30m", "6h", "1d", or a number of seconds (at least 1)
+    input = {}
+    priority = 0        # optional
+    timeout_s = 1800    # optional; else OFFLOAD_JOB_TIMEOUT_S
+
+Time is cut into slots of `every` seconds since the epoch; each slot gets at most one
+job, whose id is derived from the schedule's name, its interval and the slot, so a
+restart or a second supervisor never creates it twice. Nothing about the next run is kept
+in memory: slots missed while nothing ran are one job, created at the next start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import sys
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from jobs.kinds import InvalidInput, registry, validate_input
+from jobs.settings import MAX_TIMEOUT_S, Settings, get_settings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the same parser, as a package, before 3.11
+    import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # a file name on every system, and a URL part
+_EVERY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MIN_EVERY_S = 1.0
+FIELDS = ("kind", "every", "input", "priority", "timeout_s")
+EXAMPLE = '[retrain]\nkind = "train"\nevery = "6h"\ninput = {}'
+
+
+class ScheduleError(ValueError):
+    """A schedules file that cannot be used; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    kind: str
+    every_s: float
+    input: dict[str, Any]
+    priority: int | None = None  # None: the kind's default
+    timeout_s: float | None = None  # None: OFFLOAD_JOB_TIMEOUT_S
+
+    def slot(self, now: float) -> int:
+        """The slot `now` falls in."""
+        return math.floor(now / self.every_s)
+
+    def starts(self, slot: int) -> float:
+        return slot * self.every_s
+
+    def has_job(self, fired: dict[str, Any], slot: int) -> bool:
+        """Whether the record of its newest slot (`control.last_fired`) covers `slot`."""
+        newest = fired.get("slot")
+        return (fired.get("every_s") == self.every_s and isinstance(newest, int)
+                and newest >= slot)
+
+    def job_id(self, slot: int) -> str:
+        """The id of the slot's job: the same in every process, a job id as any other."""
+        seed = f"schedule\n{self.name}\n{self.every_s!r}\n{slot}".encode()
+        return hashlib.sha256(seed).hexdigest()[:32]
+
+
+def parse_every(value: object) -> float:
+    """'6h' -> 21600.0; a number is seconds. Raises ValueError saying what is accepted."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _EVERY.fullmatch(value.lower())):
+        seconds = float(match[1]) * _UNIT_S[match[2]]
+    else:
+        raise ValueError(f"`every` must be a number of seconds or a string such as "
+                         f"\"90s\", \"30m\", \"6h\" or \"1d\", not {value!r}")
+    if not math.isfinite(seconds) or seconds < MIN_EVERY_S:
+        raise ValueError(f"`every` must be at least {MIN_EVERY_S:g} s, not {value!r}")
+    return seconds
+
+
+def load(path: Path) -> tuple[Schedule, ...]:
+    """The schedules of a TOML file, each checked; none when the file does not exist."""
+    try:
+        with open(path, "rb") as f:
+            tables = tomllib.load(f)
+    except FileNotFoundError:
+        return ()
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ScheduleError(f"cannot read the schedules file {path}: {exc}") from None
+    schedules = []
+    for name, table in tables.items():
+        try:
+            schedules.append(_schedule(name, table))
+        except ValueError as exc:
+            raise ScheduleError(f"{path}, schedule [{name}]: {exc}") from None
+    return tuple(schedules)
+
+
+def _schedule(name: str, table: object) -> Schedule:
+    if not isinstance(table, dict):
+        raise ValueError(f"each schedule is a table, e.g.\n{EXAMPLE}")
+    if not NAME.fullmatch(name):
+        raise ValueError("a schedule's name is 1 to 64 lowercase letters, digits, - and _, "
+                         "starting with a letter or digit")
+    unknown = sorted(set(table) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field {', '.join(unknown)}; a schedule has: "
+                         f"{', '.join(FIELDS)}")
+    kind = table.get("kind")
+    if kind not in registry():
+        raise ValueError(f"unknown job kind {kind!r}; known kinds: {', '.join(sorted(registry()))}")
+    if "every" not in table:
+        raise ValueError('`every` is missing (e.g. every = "6h")')
+    every_s = parse_every(table["every"])
+    job_input = table.get("input", {})
+    if not isinstance(job_input, dict):
+        raise ValueError(f"`input` must be a table (e.g. input = {{}}), not {job_input!r}")
+    try:
+        job_input = validate_input(kind, job_input)
+    except InvalidInput as exc:
+        raise ValueError(str(exc)) from None
+    priority = table.get("priority")
+    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
+        raise ValueError(f"`priority` must be a whole number, not {priority!r}")
+    timeout_s = table.get("timeout_s")
+    if timeout_s is not None and (isinstance(timeout_s, bool)
+                                  or not isinstance(timeout_s, (int, float))
+                                  or not 0 < timeout_s <= MAX_TIMEOUT_S):
+        raise ValueError(f"`timeout_s` must be a number of seconds above 0 and at most "
+                         f"{MAX_TIMEOUT_S:g}, not {timeout_s!r}")
+    return Schedule(name, kind, every_s, job_input, priority,
+                    None if timeout_s is None else float(timeout_s))
+
+
+def from_settings(settings: Settings) -> tuple[Schedule, ...]:
+    """The schedules OFFLOAD_SCHEDULES_FILE names; a file named there must exist."""
+    path = settings.schedules_file
+    if "schedules_file" in settings.model_fields_set and not path.is_file():
+        raise ScheduleError(f"OFFLOAD_SCHEDULES_FILE names {path}, which is not a file; "
+                            "create it, or unset OFFLOAD_SCHEDULES_FILE")
+    return load(path)
+
+
+@cache
+def configured() -> tuple[Schedule, ...]:
+    """This process's schedules, read once (restart to apply a change to the file)."""
+    return from_settings(get_settings())
+
+
+def by_name() -> dict[str, Schedule]:
+    return {schedule.name: schedule for schedule in configured()}

@@ -1,0 +1,95 @@
+"""The leader's part of the periodic schedules (`jobs.schedules`): on each full pass,
+each schedule that is not paused gets the job of the slot it is in, unless that slot's
+job exists already or its previous job is still queued (a paused queue or a long wait
+never piles up jobs of one schedule).
+
+What was created is on disk (`jobs.protocol.control`): the schedule's newest slot, and
+the slot's job itself, whose id follows from the slot. The memory here only saves
+reading that record again within a slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from jobs import protocol as p
+from jobs.kinds import Launch
+from jobs.protocol import control
+from jobs.schedules import Schedule, ScheduleError, load
+from jobs.settings import Settings
+from jobs.store.job_store import JobStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+class Scheduler:
+    def __init__(self, store: JobStore, schedules: tuple[Schedule, ...],
+                 settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+        self.data_dir = store.dir.parent
+        self.schedules = schedules
+        self.timeout_s = settings.job_timeout_s  # for a schedule without its own
+        self._done: dict[str, int] = {}  # schedule -> the slot whose job exists
+        self._failed: dict[str, int] = {}  # schedule -> the slot whose creation was logged
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: JobStore) -> Scheduler:
+        try:
+            schedules = load(settings.schedules_file)
+        except ScheduleError as exc:
+            # The API refuses to start on it; a file spoiled since then stops no jobs.
+            log.error("no schedules: %s", exc)
+            schedules = ()
+        if schedules:
+            log.info("%d schedules from %s", len(schedules), settings.schedules_file)
+        return cls(store, schedules, settings)
+
+    def fire(self, created: Callable[[str], None], now: float | None = None) -> None:
+        """Create the due jobs; `created(job_id)` for each new one."""
+        now = time.time() if now is None else now
+        for schedule in self.schedules:
+            slot = schedule.slot(now)
+            if self._done.get(schedule.name) == slot:
+                continue
+            if control.schedule_paused(self.data_dir, schedule.name):
+                continue
+            job_id = self._fire_one(schedule, slot)
+            if job_id is not None:
+                created(job_id)
+
+    def _fire_one(self, schedule: Schedule, slot: int) -> str | None:
+        """The slot's new job's id; None if it needs none now or could not be stored."""
+        last = control.last_fired(self.data_dir, schedule.name) or {}
+        if schedule.has_job(last, slot):
+            self._done[schedule.name] = slot
+            return None
+        if self._still_queued(last.get("job_id")):
+            return None  # looked at again on the next pass
+        job_id = schedule.job_id(slot)
+        # The defaults a submission gets (priority and attempts by kind), as the API fills them.
+        fields = {**Launch(schedule.priority).fields(schedule.kind, self.settings),
+                  p.F_SCHEDULE: schedule.name}
+        try:
+            if not self.store.path(job_id).exists():
+                self.store.create(schedule.kind, schedule.input,
+                                  schedule.timeout_s or self.timeout_s, job_id=job_id,
+                                  fields=fields)
+            control.record_fired(self.data_dir, schedule.name, slot, job_id, schedule.every_s)
+        except (StoreUnavailable, OSError) as exc:
+            if self._failed.get(schedule.name) != slot:
+                log.warning("schedule %s: cannot create the job of its slot at %s (retrying): "
+                            "%s", schedule.name, p.iso(schedule.starts(slot)), exc)
+            self._failed[schedule.name] = slot
+            return None
+        self._done[schedule.name] = slot
+        log.info("schedule %s: job %s created", schedule.name, job_id)
+        return job_id
+
+    def _still_queued(self, job_id: object) -> bool:
+        if not isinstance(job_id, str) or not p.is_valid_id(job_id):
+            return False
+        job = p.read_json_or_none(p.job_path(self.store.dir, job_id)) or {}
+        return job.get(p.F_STATE) == p.JobState.QUEUED
+

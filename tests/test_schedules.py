@@ -1,0 +1,216 @@
+"""Periodic schedules and the queue's pause, through the real API and supervisor."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from jobs import protocol as p
+from jobs.schedules import Schedule, ScheduleError, load, parse_every
+from jobs.settings import Settings
+from jobs.store.job_store import JobStore
+from jobs.supervisor.schedules import Scheduler
+from tests.conftest import ROOT, wait_for
+from tests.server import Server
+
+MakeServer = Callable[..., Server]
+
+SCHEDULES = """
+[rare]
+kind = "sleep"
+every = "36500d"  # one slot in this test's lifetime, whenever it runs
+input = {seconds = 0, steps = 1}
+
+[tick]
+kind = "sleep"
+every = 2
+input = {seconds = 0, steps = 1}
+priority = 3
+timeout_s = 30
+"""
+
+
+def schedules_env(tmp_path: Path, text: str = SCHEDULES) -> dict[str, str]:
+    path = tmp_path / "schedules.toml"
+    path.write_text(text)
+    return {"OFFLOAD_SCHEDULES_FILE": str(path)}
+
+
+def jobs_of(client: httpx.Client, schedule: str) -> list[dict[str, Any]]:
+    jobs = client.get("/api/jobs", params={"limit": 1000}).json()["jobs"]
+    return [job for job in jobs if job.get("schedule") == schedule]
+
+
+def entry(client: httpx.Client, name: str) -> dict[str, Any]:
+    listed = client.get("/api/schedules").json()["schedules"]
+    return next(each for each in listed if each["name"] == name)
+
+
+def test_a_schedule_fires_and_survives_a_restart(make_server: MakeServer,
+                                                 tmp_path: Path) -> None:
+    env = schedules_env(tmp_path)
+    server = make_server(env=env)
+    with server.client() as client:
+        first = wait_for(lambda: [job for job in jobs_of(client, "tick")
+                                  if job["state"] == "completed"], 60, 0.1, "a tick job")
+        rare = wait_for(lambda: jobs_of(client, "rare"), 30, 0.1, "the rare job")
+        tick = entry(client, "tick")
+        assert tick["kind"] == "sleep" and tick["every_s"] == 2 and tick["priority"] == 3
+        assert tick["input"] == {"seconds": 0, "steps": 1} and tick["paused"] is False
+        assert tick["last_job_id"] in {job["id"] for job in jobs_of(client, "tick")}
+        assert first[0]["timeout_s"] == 30
+        assert entry(client, "rare")["priority"] is None
+    server.stop()
+    before = {path.parent.name for path in (server.data_dir / "jobs").glob("*/job.json")
+              if (p.read_json(path) or {}).get("schedule") == "tick"}
+    assert {job["id"] for job in first} <= before
+    server = make_server(env=env, workers=2)  # two supervisors: one leads
+    with server.client() as client:
+        # The restart's slot and the next one (jobs on disk before it are not counted).
+        later = wait_for(lambda: len({job["id"] for job in jobs_of(client, "tick")} - before)
+                         >= 2, 60, 0.1, "tick jobs after the restart")
+        assert later
+        assert [job["id"] for job in jobs_of(client, "rare")] == [rare[0]["id"]]
+        ids = [job["id"] for job in jobs_of(client, "tick")]
+        assert len(ids) == len(set(ids))
+        rare_entry = entry(client, "rare")
+        assert rare_entry["last_job_id"] == rare[0]["id"]
+        assert rare_entry["last_state"] == "completed"
+        assert p.parse_iso(rare_entry["next_run_at"]) > time.time()
+
+
+def test_a_paused_schedule_creates_nothing_until_resumed(make_server: MakeServer,
+                                                         tmp_path: Path) -> None:
+    env = schedules_env(tmp_path, SCHEDULES.replace('"36500d"', "2"))
+    server = make_server(env=env)
+    with server.client() as client:
+        wait_for(lambda: jobs_of(client, "rare"), 30, 0.1, "a first job")
+        paused = client.post("/api/schedules/rare/pause")
+        assert paused.status_code == 200 and paused.json()["paused"] is True
+        assert paused.json()["next_run_at"] is None
+        missing = client.post("/api/schedules/nightly/pause")
+        assert missing.status_code == 404
+        assert "no schedule named 'nightly'" in missing.json()["detail"]
+        assert "rare, tick" in missing.json()["detail"]
+        assert client.post("/api/schedules/nightly/resume").status_code == 404
+    server.stop()
+    server = make_server(env=env)  # the pause outlasts a restart
+    with server.client() as client:
+        assert entry(client, "rare")["paused"] is True
+        count = len(jobs_of(client, "rare"))
+        # Two slots of the other schedule pass: its jobs are created, this one's not.
+        ticks = {job["id"] for job in jobs_of(client, "tick")}
+        wait_for(lambda: len({job["id"] for job in jobs_of(client, "tick")} - ticks) >= 2,
+                 60, 0.1, "two slots")
+        assert len(jobs_of(client, "rare")) == count
+        resumed = client.post("/api/schedules/rare/resume").json()
+        assert resumed["paused"] is False and resumed["next_run_at"] is not None
+        wait_for(lambda: len(jobs_of(client, "rare")) > count, 30, 0.1, "a job once resumed")
+
+
+def test_the_paused_queue_starts_nothing_until_resumed(make_server: MakeServer) -> None:
+    server = make_server()
+    with server.client() as client:
+        assert client.get("/api/queue").json() == {"paused": False}
+        running = client.post("/api/jobs", json={"kind": "sleep",
+                                                 "input": {"seconds": 2}}).json()["id"]
+        wait_for(lambda: client.get(f"/api/jobs/{running}").json()["state"] == "running",
+                 30, 0.05, "the first job running")
+        assert client.post("/api/queue/pause").json() == {"paused": True}
+        assert client.get("/api/health").json()["queue"] == {"paused": True}
+        waiting = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}})
+        assert waiting.status_code == 202
+        waiting_id = waiting.json()["id"]
+        # The running job finishes while the queue is paused; the queued one stays.
+        done = wait_for(lambda: (job := client.get(f"/api/jobs/{running}").json())["state"]
+                        in p.FINAL_STATES and job, 30, 0.1, "the running job's end")
+        assert done["state"] == "completed"
+        time.sleep(1.0)  # several supervisor passes
+        assert client.get(f"/api/jobs/{waiting_id}").json()["state"] == "queued"
+    server.stop()
+    server = make_server()  # the pause outlasts a restart
+    with server.client() as client:
+        assert client.get("/api/queue").json() == {"paused": True}
+        assert client.get(f"/api/jobs/{waiting_id}").json()["state"] == "queued"
+        assert client.post("/api/queue/resume").json() == {"paused": False}
+        assert client.get("/api/health").json()["queue"] == {"paused": False}
+        wait_for(lambda: client.get(f"/api/jobs/{waiting_id}").json()["state"] == "completed",
+                 30, 0.05, "the queued job's run once resumed")
+
+
+def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    schedule = Schedule("often", "sleep", 60.0, {"seconds": 0})
+    created: list[str] = []
+    scheduler = Scheduler(store, (schedule,), Settings(OFFLOAD_JOB_TIMEOUT_S=30))
+    now = 1_800_000_000.0
+    scheduler.fire(created.append, now)
+    scheduler.fire(created.append, now + 1)
+    assert created == [schedule.job_id(schedule.slot(now))]
+    job = store.read(created[0])
+    assert job["schedule"] == "often" and job["state"] == "queued" and job["timeout_s"] == 30
+    # Still queued: a later slot waits for it rather than piling up a second job.
+    scheduler.fire(created.append, now + 600)
+    assert len(created) == 1
+    p.write_json(store.path(created[0]), {**job, "state": "completed"})
+    # Ten slots later, from a new scheduler (a restart): one job, for the current slot.
+    again = Scheduler(store, (schedule,), Settings(OFFLOAD_JOB_TIMEOUT_S=30))
+    again.fire(created.append, now + 600)
+    again.fire(created.append, now + 601)
+    assert created[1:] == [schedule.job_id(schedule.slot(now + 600))]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[a]\nkind = 'nope'\nevery = 5\n", "schedule [a]: unknown job kind 'nope'; known kinds:"),
+    ("[a]\nkind = 'sleep'\nevery = '5 weeks'\n", "schedule [a]: `every` must be a number"),
+    ("[a]\nkind = 'sleep'\nevery = 0\n", "schedule [a]: `every` must be at least 1 s"),
+    ("[a]\nkind = 'sleep'\n", "schedule [a]: `every` is missing"),
+    ("[a]\nkind = 'sleep'\nevery = 5\ninput = {seconds = -1}\n",
+     "schedule [a]: invalid input for a 'sleep' job: input.seconds"),
+    ("[a]\nkind = 'sleep'\nevry = 5\n", "schedule [a]: unknown field evry"),
+    ("[A]\nkind = 'sleep'\nevery = 5\n", "schedule [A]: a schedule's name is"),
+    ("[a]\nkind = 'sleep'\nevery = 5\npriority = 'high'\n", "`priority` must be a whole"),
+    ("[a\n", "cannot read the schedules file"),
+])
+def test_a_bad_schedules_file_names_the_file_and_the_entry(data_dir: Path, tmp_path: Path,
+                                                           text: str, message: str) -> None:
+    path = tmp_path / "schedules.toml"
+    path.write_text(text)
+    with pytest.raises(ScheduleError) as raised:
+        load(path)
+    assert str(path) in str(raised.value) and message in str(raised.value)
+
+
+def test_intervals() -> None:
+    assert [parse_every(v) for v in ("90s", "30m", "6h", "1d", "1.5h", 2, 2.5)] == [
+        90, 1800, 21600, 86400, 5400, 2, 2.5]
+    assert load(Path("no-such-file.toml")) == ()
+
+
+def test_the_api_refuses_to_start_on_a_bad_schedules_file(data_dir: Path,
+                                                          tmp_path: Path) -> None:
+    bad = schedules_env(tmp_path, "[retrain]\nkind = 'train'\nevery = '6 hours'\n")
+    missing = {"OFFLOAD_SCHEDULES_FILE": str(tmp_path / "nowhere.toml")}
+    for env, message in ((bad, "schedule [retrain]: `every` must be a number"),
+                         (missing, "nowhere.toml, which is not a file")):
+        server = Server(data_dir, tmp_path / "server.log", env)
+        try:
+            with pytest.raises(AssertionError, match="server did not start") as refused:
+                server.start()
+        finally:
+            server.stop()
+        assert message in str(refused.value)
+
+
+def test_the_contracts_example_is_a_valid_schedules_file(data_dir: Path, tmp_path: Path) -> None:
+    contract = (ROOT / "docs" / "contract.md").read_text(encoding="utf-8")
+    example = contract.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "schedules.toml"
+    path.write_text(example)
+    assert [(each.name, each.kind, each.every_s) for each in load(path)] == [
+        ("retrain", "train", 21600), ("heartbeat", "sleep", 600)]
