@@ -16,7 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import protocol as p
-from tests.conftest import free_port, wait_for
+from jobs.protocol.counters import JobCounters, counters_file
+from tests.conftest import RunningSupervisor, free_port, wait_for
 from tests.fake_llm import FakeLLM
 from tests.server import Server
 
@@ -222,3 +223,31 @@ scrape_configs:
     static_configs:
       - targets: ["{target}"]
 """
+
+
+def test_counts_never_go_down_with_pruning_or_a_new_leader(
+        make_supervisor: Callable[..., RunningSupervisor], data_dir: Path) -> None:
+    path = counters_file(data_dir)
+
+    def completed() -> int:
+        return JobCounters.load(path).finished.get("sleep", {}).get("completed", 0)
+
+    first = make_supervisor()
+    for job_id in [first.submit(seconds=0.1) for _ in range(3)]:
+        first.wait_final(job_id)
+    wait_for(lambda: completed() == 3, 20, 0.05, "three jobs counted")
+    assert first.store.prune(retention_s=0) == 3  # every job folder is gone
+    first.wait_final(first.submit(seconds=0.1))
+    wait_for(lambda: completed() == 4, 20, 0.05, "the fourth job counted")
+
+    # A runner that ends while no supervisor leads is counted by the next leader, once.
+    handed_over = first.submit(seconds=2)
+    first.wait_state(handed_over, "running")
+    first.stop()
+    assert first.wait_final(handed_over)["state"] == "completed"
+    assert completed() == 4
+    second = make_supervisor()
+    wait_for(lambda: completed() == 5, 20, 0.05, "the job that ended between leaders")
+    second.wait_final(second.submit(seconds=0.1))
+    wait_for(lambda: completed() >= 6, 20, 0.05, "the sixth job counted")
+    assert completed() == 6

@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from jobs import protocol as p
+from jobs.protocol.counters import COUNTERS_FILE
 from tests.conftest import start_process, stop_process, wait_for
 from tests.server import Server
 
@@ -95,14 +96,15 @@ def test_every_file_and_folder_offload_creates_is_private(make_server: MakeServe
         assert client.delete(f"/api/jobs/{long['id']}").json()["state"] == "cancelled"
         assert _final(client, done["id"])["state"] == "completed"
         wait_for(lambda: (data / "history" / "metrics.jsonl").exists() and
-                 (data / "llm.json").exists(), what="the metrics and the LLM status")
+                 (data / "llm.json").exists() and (data / COUNTERS_FILE).exists(),
+                 what="the metrics, the LLM status and the job counters")
     # API, supervisor, fork server (Linux) and a runner: each sets it
     assert set(umasks) >= {"api", "jobs.supervisor", "runners.sleep"}, umasks
     assert set(umasks.values()) == {"0077"}, umasks
     expected = [data / "jobs" / done["id"] / name for name in (p.JOB_FILE, p.LOG_FILE,
                                                                  p.RUN_FILE)]
     expected += [data / "jobs" / long["id"] / p.STOP_FILE, data / "supervisor.log",
-                 data / "history" / "metrics.jsonl", data / "llm.json"]
+                 data / "history" / "metrics.jsonl", data / "llm.json", data / COUNTERS_FILE]
     missing = [str(path) for path in expected if not path.is_file()]
     assert not missing, missing
     assert list((data / "idempotency").glob("*.json")), "no Idempotency-Key was recorded"
