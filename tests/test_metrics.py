@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import protocol as p
 from jobs.protocol.counters import JobCounters, counters_file
-from tests.conftest import RunningSupervisor, free_port, wait_for
+from tests.conftest import ROOT, RunningSupervisor, free_port, wait_for
 from tests.fake_llm import FakeLLM
 from tests.server import Server
 
@@ -78,7 +78,7 @@ def test_counts_by_kind_and_state_failures_histograms_and_tokens(
             wait_state(client, cancelled, {"running"})
             live = scrape(client)
             assert value(live, "offload_jobs", kind="sleep", state="running") >= 2
-            os.kill(running["pid"], signal.SIGKILL)  # its runner is lost
+            psutil.Process(running["pid"]).kill()  # its runner is lost
             assert client.delete(f"/api/jobs/{cancelled}").status_code == 200
             chat = client.post("/api/ai_chat_async", json={
                 "messages": [{"role": "user", "content": "How is the CPU?"}]}).json()["job_id"]
@@ -180,8 +180,7 @@ def test_a_real_prometheus_scrapes_it(make_server: MakeServer, tmp_path: Path) -
     token_file.write_text(TOKEN)
     token_file.chmod(0o600)
     config = tmp_path / "prometheus.yml"
-    config.write_text(SCRAPE_CONFIG.format(target=f"127.0.0.1:{server.port}",
-                                           token_file=token_file))
+    config.write_text(documented_scrape_config(f"127.0.0.1:{server.port}", token_file))
     port = free_port()
     with open(tmp_path / "prometheus.log", "wb") as log:
         prometheus = subprocess.Popen(
@@ -211,18 +210,15 @@ def test_a_real_prometheus_scrapes_it(make_server: MakeServer, tmp_path: Path) -
     assert [s["value"][1] for s in up] == ["1"]  # the token was taken: no 401
 
 
-# What docs/metrics.md shows, with this test's address and token file.
-SCRAPE_CONFIG = """\
-global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: offload
-    metrics_path: /metrics
-    authorization:
-      credentials_file: {token_file}
-    static_configs:
-      - targets: ["{target}"]
-"""
+def documented_scrape_config(target: str, token_file: Path) -> str:
+    """The scrape job docs/metrics.md shows, scraping every second here."""
+    text = (ROOT / "docs" / "metrics.md").read_text(encoding="utf-8")
+    config = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    for documented, actual in (("15s", "1s"), ("127.0.0.1:8001", target),
+                               ("/etc/prometheus/offload-token", str(token_file))):
+        assert documented in config, documented
+        config = config.replace(documented, actual)
+    return config
 
 
 def test_counts_never_go_down_with_pruning_or_a_new_leader(
