@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
@@ -40,13 +40,20 @@ router = APIRouter(tags=["status"], dependencies=[Depends(require_token)])
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}},
                              "description": "Prometheus text format (or OpenMetrics, "
-                                            "when the Accept header asks for it)"}})
+                                            "when the Accept header asks for it)"},
+                       406: {"description": "an Accept header whose version is no number"}})
 async def metrics(request: Request, service: Service) -> Response:
     """Jobs by kind and state, finished jobs, failures, queue waits, run times, the LLM."""
     llm: LLMStatus = request.app.state.llm
     collector = JobMetrics(service.store, Path(counters_file(service.settings.data_dir)),
                            llm.ready)
-    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    accept = request.headers.get("accept", "")
+    try:
+        encode, content_type = choose_encoder(accept)
+    except (TypeError, ValueError):  # a version that is no number, such as version=abc
+        raise HTTPException(406, f"cannot read the Accept header {accept[:200]!r}: ask for "
+                                 "text/plain, or application/openmetrics-text; version=1.0.0, "
+                                 "or send none") from None
     # The index's lock and the counters' file: a worker thread, never the event loop.
     body = await run_in_threadpool(encode, collector.registry())
     return Response(body, media_type=content_type)
