@@ -31,8 +31,6 @@ from jobs.protocol.counters import TOKEN_FIELDS, Histogram, JobCounters, counter
 from jobs.store.index import JobIndex
 
 LIVE_STATES = (p.JobState.QUEUED, p.JobState.RUNNING)
-FINAL_STATES = (p.JobState.COMPLETED, p.JobState.FAILED, p.JobState.CANCELLED,
-                p.JobState.TIMEOUT)
 
 router = APIRouter(tags=["status"], dependencies=[Depends(require_token)])
 
@@ -91,7 +89,7 @@ class JobMetrics:
                                        "state.", labels=["kind", "state"])
         for kind in kinds:
             by_state = counters.finished.get(kind, {})
-            for final in sorted({s.value for s in FINAL_STATES} | set(by_state)):
+            for final in sorted({s.value for s in p.FINAL_STATES} | set(by_state)):
                 finished.add_metric([kind, final], by_state.get(final, 0))
         yield finished
 
