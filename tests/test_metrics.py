@@ -256,3 +256,19 @@ def test_counts_never_go_down_with_pruning_or_a_new_leader(
     second.wait_final(second.submit(seconds=0.1))
     wait_for(lambda: completed() >= 6, 20, 0.05, "the sixth job counted")
     assert completed() == 6
+
+
+def test_a_damaged_counters_file_starts_again_from_zero(tmp_path: Path) -> None:
+    path = tmp_path / "job_counters.json"
+    path.write_text("{not json")
+    assert JobCounters.load(path).finished == {}
+    counters = JobCounters()
+    counters.ended({"kind": "sleep", "state": "completed", "started_at": "2026-01-01T00:00:00Z",
+                    "finished_at": "2026-01-01T00:00:02Z"})
+    counters.save(path, 1.0)
+    saved = p.read_json(path)
+    assert saved is not None
+    p.write_json(path, {**saved, "buckets_s": [1, 2]})  # another version's buckets
+    again = JobCounters.load(path)
+    assert again.finished == {"sleep": {"completed": 1}} and again.saved_at == 1.0
+    assert again.duration == {}  # its histograms start again; the counts stay
