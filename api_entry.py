@@ -19,7 +19,14 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
 from jobs import schedules
-from jobs.api import errors, routes_chat, routes_control, routes_jobs, routes_status
+from jobs.api import (
+    errors,
+    routes_chat,
+    routes_control,
+    routes_jobs,
+    routes_metrics,
+    routes_status,
+)
 from jobs.api.guards import BodyLimit, HostOriginGuard
 from jobs.api.lifespan import lifespan
 from jobs.kinds import registry
@@ -41,6 +48,7 @@ def create_app() -> FastAPI:
     app.include_router(routes_chat.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_control.router)
+    app.include_router(routes_metrics.router)
     app.include_router(routes_status.router)  # last: it ends with the /api catch-all
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)

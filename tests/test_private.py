@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from jobs import protocol as p
+from jobs.protocol.counters import COUNTERS_FILE
 from tests.conftest import start_process, stop_process, wait_for
 from tests.server import Server
 
@@ -98,7 +99,8 @@ def test_every_file_and_folder_offload_creates_is_private(make_server: MakeServe
         assert client.delete(f"/api/jobs/{long['id']}").json()["state"] == "cancelled"
         assert _final(client, done["id"])["state"] == "completed"
         wait_for(lambda: (data / "history" / "metrics.jsonl").exists() and
-                 (data / "llm.json").exists(), what="the metrics and the LLM status")
+                 (data / "llm.json").exists() and (data / COUNTERS_FILE).exists(),
+                 what="the metrics, the LLM status and the job counters")
         wait_for(lambda: client.get("/api/schedules").json()["schedules"][0]["last_job_id"],
                  what="the schedule's job")
         assert client.post("/api/schedules/nightly/pause").status_code == 200
@@ -110,7 +112,8 @@ def test_every_file_and_folder_offload_creates_is_private(make_server: MakeServe
                                                                  p.RUN_FILE)]
     expected += [data / "jobs" / long["id"] / p.STOP_FILE, data / "supervisor.log",
                  data / "history" / "metrics.jsonl", data / "llm.json", data / "queue.paused",
-                 data / "schedules" / "nightly.paused", data / "schedules" / "nightly.json"]
+                 data / "schedules" / "nightly.paused", data / "schedules" / "nightly.json",
+                 data / COUNTERS_FILE]
     missing = [str(path) for path in expected if not path.is_file()]
     assert not missing, missing
     assert list((data / "idempotency").glob("*.json")), "no Idempotency-Key was recorded"

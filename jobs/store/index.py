@@ -132,6 +132,7 @@ class JobIndex:
         self._order_ids: list[str] = []
         self._order_dirty = False
         self._counts: dict[str, int] = {state.value: 0 for state in p.JobState}
+        self._live_counts: dict[tuple[str, str], int] = {}  # (kind, state): queued, running
         self._finished = array("d")  # the finish times of finished jobs, ascending
         self._unsettled: set[str] = set()  # live or just finished: looked at every refresh
         self._missing: set[str] = set()  # a folder without its job file (yet)
@@ -163,6 +164,12 @@ class JobIndex:
         with self._lock:
             self._refresh(max_age_s)
             return dict(self._counts)
+
+    def live_counts(self, max_age_s: float = 0.0) -> dict[tuple[str, str], int]:
+        """The queued and running jobs by kind and state."""
+        with self._lock:
+            self._refresh(max_age_s)
+            return dict(self._live_counts)
 
     def overview(self, limit: int, max_age_s: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
         """The newest jobs and the counts by state."""
@@ -328,6 +335,7 @@ class JobIndex:
         old = self._entries.get(job_id)
         if old is not None:
             self._counts[old.state] = self._counts.get(old.state, 0) - 1
+            self._count_live(old, -1)
             self._unfinish(old)
         else:
             self._sort()  # a dropped id that comes back must not be listed twice
@@ -337,6 +345,7 @@ class JobIndex:
             self._order_ids.insert(at, job_id)
         self._entries[job_id] = entry
         self._counts[entry.state] = self._counts.get(entry.state, 0) + 1
+        self._count_live(entry, 1)
         if entry.state in p.FINAL_STATES:
             self._finished.insert(bisect.bisect(self._finished, entry.finished_ts),
                                   entry.finished_ts)
@@ -396,8 +405,19 @@ class JobIndex:
         if entry is not None:
             self._untrack_turn(job_id, entry)
             self._counts[entry.state] -= 1
+            self._count_live(entry, -1)
             self._unfinish(entry)
             self._order_dirty = True
+
+    def _count_live(self, entry: _Entry, delta: int) -> None:
+        if entry.state in p.FINAL_STATES:
+            return
+        key = (entry.kind, entry.state)
+        count = self._live_counts.get(key, 0) + delta
+        if count:
+            self._live_counts[key] = count
+        else:
+            del self._live_counts[key]
 
     def _unfinish(self, entry: _Entry) -> None:
         if entry.state in p.FINAL_STATES:

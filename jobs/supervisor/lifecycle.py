@@ -63,6 +63,7 @@ class JobLife:
         self.unwritten: Final | None = None  # to write again next pass
         self.is_final = False  # the job file needs nothing more from the supervisor
         self.requeued: dict[str, Any] | None = None  # the job file, queued again for a retry
+        self.final_job: dict[str, Any] | None = None  # the job as it ended, to count once
         self._ended = False  # finalized: release once the final state is on disk
         self._released = False
 
@@ -163,6 +164,7 @@ class JobLife:
         data = p.read_json_or_none(self.job_file)
         self.is_final = True
         if data is None or data.get(p.F_STATE) in p.FINAL_STATES:
+            self.final_job = data
             return  # the runner said how it ended, or the file is gone
         reason = self.stopping or p.stop_reason(self.job_file)
         if reason == p.JobState.TIMEOUT:
@@ -243,7 +245,7 @@ class JobLife:
             if data is None:
                 return
             if data.get(p.F_STATE) in p.FINAL_STATES:  # it landed after all
-                self._on_disk()
+                self._on_disk(data)
                 return
         error: dict[str, Any] = {"type": final.error_type, "message": final.message}
         if final.tail:
@@ -259,9 +261,10 @@ class JobLife:
             self.unwritten = final
             return
         log.info("job %s: %s (%s)", self.job_id, final.state, final.message)
-        self._on_disk()
+        self._on_disk(data)
 
-    def _on_disk(self) -> None:
+    def _on_disk(self, data: dict[str, Any]) -> None:
+        self.final_job = data
         self.unwritten = None
         self.is_final = True
         if self._ended:

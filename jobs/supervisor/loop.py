@@ -39,6 +39,7 @@ from jobs.launch.local import LocalLauncher
 from jobs.launch.pick import adopting_launcher, make_launcher
 from jobs.launch.processes import IS_WINDOWS
 from jobs.protocol.control import queue_paused
+from jobs.protocol.counters import SAVE_EVERY_S, JobCounters, counters_file
 from jobs.protocol.wake import ALL_JOBS, Doorbell, lock_file, wake_file
 from jobs.settings import (
     DEFAULT_KIND_CAPS,
@@ -143,6 +144,9 @@ class Supervisor:
         self._blocked = False  # the last launch could not write to the data folder
         self._next_prune = 0.0
         self._pruned_at = 0.0
+        self._counters_file = counters_file(jobs_dir.parent)
+        self.counters = JobCounters()  # read from its file once this supervisor leads
+        self._counters_saved = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
         self._stoppers: list[threading.Thread] = []
@@ -258,6 +262,7 @@ class Supervisor:
         for each in self._launchers.values():
             each.close()
         if self.is_leader:
+            self._save_counters(force=True)
             self._lock.release()
             self.is_leader = False
             log.info("supervisor released %s", self.dir)
@@ -298,6 +303,7 @@ class Supervisor:
             self._maybe_prune()
         finally:
             self._read_now.clear()
+            self._save_counters()
 
     def _look_at(self, job_ids: set[str]) -> None:
         """The jobs an event named: a new one joins the queue, a live one may be stopping."""
@@ -320,6 +326,7 @@ class Supervisor:
             log.warning("cannot take the supervisor lock: %s", exc)
             return False
         self.is_leader = True
+        self.counters = JobCounters.load(self._counters_file)  # as the last leader left them
         log.info("supervisor leads %s (pid %s)", self.dir, os.getpid())
         return True
 
@@ -364,6 +371,8 @@ class Supervisor:
             self._adopt(job_id, data)
         else:  # final, or no state at all (the API reads it as corrupt): never rewritten
             self._known_final.add(job_id)
+            if state in p.FINAL_STATES and self.counters.missed(data):
+                self.counters.ended(data)
 
     def _enqueue(self, job_id: str, data: dict[str, Any]) -> None:
         """Queue a job: on the launch order if due, else on the timers."""
@@ -500,6 +509,7 @@ class Supervisor:
             self._enqueue(job_id, data)
             return False
         if started:
+            self.counters.started(data, time.time())
             self._now_running(job_id, life, data.get(p.F_KIND))
             if (session := p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))) is not None:
                 self._running_chat_by_session[session] = job_id
@@ -571,6 +581,9 @@ class Supervisor:
             self._unwritten[life.job_id] = life
         elif life.is_final:
             self._known_final.add(life.job_id)
+            if life.final_job is not None:
+                self.counters.ended(life.final_job)
+                life.final_job = None  # counted once, however often it settles
 
     def _retry_finals(self, job_ids: set[str]) -> None:
         """Write the final states that could not be written again (`job_ids`: on disk)."""
@@ -612,6 +625,17 @@ class Supervisor:
             log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs; none "
                      "younger than %.0f s)", removed, self.retention_s / 3600, self.max_jobs,
                      self.min_retention_s)
+
+    def _save_counters(self, force: bool = False) -> None:
+        """The job counters to their file for /metrics, at most every SAVE_EVERY_S."""
+        now = time.monotonic()
+        if not self.counters.dirty or (not force and now < self._counters_saved + SAVE_EVERY_S):
+            return
+        self._counters_saved = now
+        try:
+            self.counters.save(self._counters_file, time.time())
+        except OSError as exc:  # kept in memory: saved with the next pass that can
+            log.warning("cannot save the job counters: %s", exc)
 
     def _launched(self, job_id: str) -> bool:
         return os.path.exists(p.sibling(self._file(job_id), p.RUN_FILE))

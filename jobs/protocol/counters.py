@@ -1,0 +1,190 @@
+"""The job counters behind `GET /metrics`: jobs finished by kind and state, failures by
+error type, queue waits and run times (histograms), chat tokens.
+
+The leading supervisor is their one writer: it sees each job start and end once (it
+launches every job and finalizes every runner, its own or adopted) and replaces
+`<data>/job_counters.json` at most every SAVE_EVERY_S. Every API worker reads that file,
+so all workers answer alike, and the counts only grow while the data folder lasts:
+pruning a job leaves them alone, and the next leader goes on from the file. A job that
+ended while no supervisor led (a handover) is counted by the next leader when it finds
+the job finished after the file's last save.
+
+Standard library only, like the rest of the protocol.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from jobs import protocol as p
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+COUNTERS_FILE = "job_counters.json"
+SAVE_EVERY_S = 0.25  # a crash loses at most this much of the counts
+# Histogram bucket bounds in seconds: from a chat that starts at once to a long training.
+BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+             600.0, 1800.0, 3600.0)
+TOKEN_FIELDS = {"prompt": "prompt_tokens", "completion": "completion_tokens"}
+# A job that ended like this is a failure; a cancelled one is not (someone asked for it).
+FAILED_STATES = frozenset({p.JobState.FAILED, p.JobState.TIMEOUT})
+
+
+def counters_file(data_dir: p.StrPath) -> str:
+    return os.path.join(data_dir, COUNTERS_FILE)
+
+
+class Histogram:
+    """Observations per bucket (not cumulative; the last one is above every bound)."""
+
+    def __init__(self, counts: list[int] | None = None, total: float = 0.0) -> None:
+        self.counts = counts if counts is not None else [0] * (len(BUCKETS_S) + 1)
+        self.sum = total
+
+    def observe(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        at = next((i for i, bound in enumerate(BUCKETS_S) if seconds <= bound), len(BUCKETS_S))
+        self.counts[at] += 1
+        self.sum += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound, observations at or below it), as Prometheus exposes them."""
+        running, out = 0, []
+        for bound, count in zip((*BUCKETS_S, math.inf), self.counts, strict=True):
+            running += count
+            out.append(("+Inf" if bound == math.inf else repr(bound), running))
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        return {"counts": self.counts, "sum": self.sum}
+
+    @classmethod
+    def from_json(cls, value: object) -> Histogram:
+        if isinstance(value, dict):
+            counts, total = value.get("counts"), value.get("sum")
+            if (isinstance(counts, list) and len(counts) == len(BUCKETS_S) + 1
+                    and all(isinstance(c, int) and c >= 0 for c in counts)
+                    and isinstance(total, (int, float))):
+                return cls(list(counts), float(total))
+        return cls()  # another version's buckets, or damaged: this histogram starts again
+
+
+class JobCounters:
+    """The counts, as kept in memory by the leader and read back by the API."""
+
+    def __init__(self) -> None:
+        self.since = p.now_iso()
+        self.saved_at: float | None = None  # POSIX time of the last save by a leader
+        self.finished: dict[str, dict[str, int]] = {}  # kind -> state -> jobs
+        self.failures: dict[str, dict[str, int]] = {}  # kind -> error type -> jobs
+        self.queue_wait: dict[str, Histogram] = {}  # kind -> seconds from due to start
+        self.duration: dict[str, Histogram] = {}  # kind -> seconds from start to end
+        self.tokens = dict.fromkeys(TOKEN_FIELDS, 0)
+        self.dirty = False
+
+    # -- counting (the leading supervisor) ------------------------------------------
+
+    def started(self, job: dict[str, Any], now: float) -> None:
+        """A job launched at `now`: how long it waited since it was due (its `run_at`
+        when it has one, else its creation)."""
+        due = max((t for t in (_time(job.get(p.F_CREATED_AT)), _time(job.get("run_at")))
+                   if t is not None), default=None)
+        if due is not None:
+            self.queue_wait.setdefault(_kind(job), Histogram()).observe(now - due)
+            self.dirty = True
+
+    def ended(self, job: dict[str, Any]) -> None:
+        """A job whose final state is on disk."""
+        kind, state = _kind(job), str(job.get(p.F_STATE))
+        by_state = self.finished.setdefault(kind, {})
+        by_state[state] = by_state.get(state, 0) + 1
+        if state in FAILED_STATES:
+            error = job.get(p.F_ERROR)
+            error_type = str(error.get("type")) if isinstance(error, dict) else "unknown"
+            by_type = self.failures.setdefault(kind, {})
+            by_type[error_type] = by_type.get(error_type, 0) + 1
+        started, finished = _time(job.get(p.F_STARTED_AT)), _time(job.get(p.F_FINISHED_AT))
+        if started is not None and finished is not None:
+            self.duration.setdefault(kind, Histogram()).observe(finished - started)
+        result = job.get(p.F_RESULT)
+        usage = result.get("usage") if isinstance(result, dict) else None
+        if state == p.JobState.COMPLETED and isinstance(usage, dict):
+            for direction, field in TOKEN_FIELDS.items():
+                if isinstance(usage.get(field), int) and usage[field] > 0:
+                    self.tokens[direction] += usage[field]
+        self.dirty = True
+
+    def missed(self, job: dict[str, Any]) -> bool:
+        """A finished job that no leader counted: it finished after the last save (while
+        no supervisor led, or after a leader's last save before it died)."""
+        finished = _time(job.get(p.F_FINISHED_AT))
+        return self.saved_at is not None and finished is not None and finished > self.saved_at
+
+    # -- the file --------------------------------------------------------------------
+
+    def save(self, path: p.StrPath, now: float) -> None:
+        p.write_json(path, {**self.as_json(), "saved_at": now})
+        self.saved_at = now
+        self.dirty = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "since": self.since, "saved_at": self.saved_at, "buckets_s": list(BUCKETS_S),
+            "finished": self.finished, "failures": self.failures,
+            "queue_wait": {k: h.as_json() for k, h in self.queue_wait.items()},
+            "duration": {k: h.as_json() for k, h in self.duration.items()},
+            "tokens": self.tokens,
+        }
+
+    @classmethod
+    def load(cls, path: p.StrPath) -> JobCounters:
+        """The counts saved at `path`; none (from zero) if there is no such file, and
+        what cannot be read in one starts again from zero."""
+        counters = cls()
+        try:
+            data = p.read_json(path)
+        except (p.CorruptJobFile, OSError):
+            data = None
+        if not isinstance(data, dict):
+            return counters
+        if isinstance(data.get("since"), str):
+            counters.since = data["since"]
+        if isinstance(data.get("saved_at"), (int, float)):
+            counters.saved_at = float(data["saved_at"])
+        counters.finished = _nested_counts(data.get("finished"))
+        counters.failures = _nested_counts(data.get("failures"))
+        same_buckets = data.get("buckets_s") == list(BUCKETS_S)
+        for name in ("queue_wait", "duration"):
+            found = data.get(name) if same_buckets else None
+            if isinstance(found, dict):
+                setattr(counters, name, {str(kind): Histogram.from_json(value)
+                                         for kind, value in found.items()})
+        tokens = data.get("tokens")
+        if isinstance(tokens, dict):
+            for direction in TOKEN_FIELDS:
+                if isinstance(tokens.get(direction), int):
+                    counters.tokens[direction] = tokens[direction]
+        return counters
+
+
+def _kind(job: dict[str, Any]) -> str:
+    return str(job.get(p.F_KIND) or "unknown")
+
+
+def _time(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return p.parse_iso(value)
+    except ValueError:
+        return None
+
+
+def _nested_counts(value: object) -> dict[str, dict[str, int]]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(outer): {str(k): n for k, n in inner.items() if isinstance(n, int)}
+            for outer, inner in value.items() if isinstance(inner, dict)}

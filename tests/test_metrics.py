@@ -1,0 +1,274 @@
+"""GET /metrics: real jobs through the real server and supervisor, read back with
+prometheus_client's own parser, from several workers, and scraped by a real Prometheus."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from jobs import protocol as p
+from jobs.protocol.counters import JobCounters, counters_file
+from tests.conftest import ROOT, RunningSupervisor, free_port, wait_for
+from tests.fake_llm import FakeLLM
+from tests.server import Server
+
+MakeServer = Callable[..., Server]
+TOKEN = "t0ken-metrics-5e7a9d3f"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NO_LLM = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+USAGE = {"prompt_tokens": 31, "completion_tokens": 4, "total_tokens": 35}
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(client: httpx.Client, headers: dict[str, str] | None = None) -> Samples:
+    """Every sample of /metrics by name and labels, parsed by prometheus_client."""
+    answer = client.get("/metrics", headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(answer.text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def submit(client: httpx.Client, kind: str = "sleep", timeout_s: float | None = None,
+           **job_input: Any) -> str:
+    body: dict[str, Any] = {"kind": kind, "input": job_input}
+    if timeout_s is not None:
+        body["timeout_s"] = timeout_s
+    answer = client.post("/api/jobs", json=body)
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["id"])
+
+
+def wait_state(client: httpx.Client, job_id: str, states: frozenset[str] | set[str],
+               timeout: float = 60) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        job: dict[str, Any] = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] in states else None
+
+    return wait_for(reached, timeout, 0.05, f"job {job_id} to be {sorted(states)}")
+
+
+def test_counts_by_kind_and_state_failures_histograms_and_tokens(
+        make_server: MakeServer) -> None:
+    with FakeLLM(usage=USAGE) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        with server.client() as client:
+            before = scrape(client)
+            assert value(before, "offload_jobs_finished_total", kind="sleep",
+                         state="completed") == 0  # every kind shows, at zero too
+            completed = [submit(client, seconds=0.1) for _ in range(2)]
+            timed_out = submit(client, seconds=60, timeout_s=1)
+            cancelled = submit(client, seconds=60)
+            killed = submit(client, seconds=60)
+            running = wait_state(client, killed, {"running"})
+            wait_state(client, cancelled, {"running"})
+            live = scrape(client)
+            assert value(live, "offload_jobs", kind="sleep", state="running") >= 2
+            psutil.Process(running["pid"]).kill()  # its runner is lost
+            assert client.delete(f"/api/jobs/{cancelled}").status_code == 200
+            chat = client.post("/api/ai_chat_async", json={
+                "messages": [{"role": "user", "content": "How is the CPU?"}]}).json()["job_id"]
+            ends = {job_id: wait_state(client, job_id, p.FINAL_STATES)["state"]
+                    for job_id in [*completed, timed_out, cancelled, killed, chat]}
+            assert list(ends.values()) == ["completed", "completed", "timeout", "cancelled",
+                                           "failed", "completed"]
+
+            def counted() -> Samples | None:
+                samples = scrape(client)
+                done = sum(v for (name, _), v in samples.items()
+                           if name == "offload_jobs_finished_total")
+                return samples if done == 6 and value(samples, "offload_llm_ready") else None
+
+            after = wait_for(counted, 30, 0.1, "six finished jobs and a ready LLM")
+
+    def finished(kind: str, state: str) -> float:
+        return value(after, "offload_jobs_finished_total", kind=kind, state=state)
+
+    assert [finished("sleep", s) for s in ("completed", "timeout", "cancelled", "failed")] == [
+        2, 1, 1, 1]
+    assert finished("chat", "completed") == 1 and finished("train", "completed") == 0
+    assert value(after, "offload_job_failures_total", kind="sleep", type="lost") == 1
+    assert value(after, "offload_job_failures_total", kind="sleep", type="timeout") == 1
+    assert not [labels for (name, labels), _ in after.items()
+                if name == "offload_job_failures_total" and ("type", "cancelled") in labels]
+    for kind, jobs in (("sleep", 5), ("chat", 1)):  # every job here started
+        for histogram in ("offload_queue_wait_seconds", "offload_job_duration_seconds"):
+            assert value(after, f"{histogram}_count", kind=kind) == jobs, (histogram, kind)
+            assert value(after, f"{histogram}_bucket", kind=kind, le="+Inf") == jobs
+            assert value(after, f"{histogram}_sum", kind=kind) > 0
+    # The timed-out job ran past its one-second deadline.
+    assert value(after, "offload_job_duration_seconds_sum", kind="sleep") >= 1
+    assert value(after, "offload_job_duration_seconds_bucket", kind="sleep", le="0.5") <= 4
+    assert value(after, "offload_llm_tokens_total", direction="prompt") == 31
+    assert value(after, "offload_llm_tokens_total", direction="completion") == 4
+    assert value(after, "offload_jobs", kind="sleep", state="running") == 0
+    assert value(after, "offload_llm_ready") == 1
+
+
+def test_token_and_host_rules_hold_for_metrics(make_server: MakeServer) -> None:
+    guarded = make_server(env={**NO_LLM, "OFFLOAD_API_TOKEN": TOKEN})
+    with guarded.client() as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            answer = client.get("/metrics", headers=headers)
+            assert answer.status_code == 401, (headers, answer.text)
+            assert "OFFLOAD_API_TOKEN" in answer.json()["detail"]
+        assert value(scrape(client, AUTH), "offload_llm_ready") == 0
+        # Prometheus asks for OpenMetrics; a version that is no number is a 406 that says why.
+        openmetrics = client.get("/metrics", headers={
+            **AUTH, "Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"})
+        assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+        assert openmetrics.text.endswith("# EOF\n")
+        for accept in ("application/openmetrics-text; version=abc", "text/plain; version=x"):
+            refused = client.get("/metrics", headers={**AUTH, "Accept": accept})
+            assert refused.status_code == 406, refused.text
+            assert "send none" in refused.json()["detail"]
+    open_server = make_server(env=NO_LLM)
+    with open_server.client() as client:
+        forged = client.get("/metrics", headers={"Host": f"attacker.example:{open_server.port}"})
+        assert forged.status_code == 421
+        assert "OFFLOAD_ALLOWED_HOSTS" in forged.json()["detail"]
+        scrape(client)
+
+
+def test_every_worker_answers_the_same_counts(make_server: MakeServer) -> None:
+    server = make_server(workers=2, env=NO_LLM)
+    with server.client() as client:
+        ids = [submit(client, seconds=0.1) for _ in range(3)]
+        for job_id in ids:
+            wait_state(client, job_id, p.FINAL_STATES)
+        wait_for(lambda: value(scrape(client), "offload_jobs_finished_total", kind="sleep",
+                               state="completed") == 3, 30, 0.1, "three finished jobs counted")
+    by_worker: dict[str, Samples] = {}
+
+    def both_workers() -> bool:
+        # A fresh connection each time, so each may reach the other worker; the same
+        # connection answers /api/health, whose usage.since tells the workers apart.
+        with server.client() as client:
+            since = client.get("/api/health").json()["usage"]["since"]
+            by_worker[since] = scrape(client)
+        return len(by_worker) == 2
+
+    wait_for(both_workers, 60, 0.05, "scrapes answered by both workers")
+    first, second = (
+        {key: v for key, v in samples.items() if key[0] != "offload_llm_ready"}
+        for samples in by_worker.values())
+    assert first == second
+    assert value(first, "offload_job_duration_seconds_count", kind="sleep") == 3
+
+
+def prometheus_path() -> str | None:
+    found = shutil.which("prometheus")
+    if found is None:
+        if os.environ.get("CI"):
+            raise AssertionError("no prometheus on this machine: .ci/run installs Debian's")
+        pytest.skip("no prometheus on the PATH here (apt-get install prometheus)")
+    return found
+
+
+def test_a_real_prometheus_scrapes_it(make_server: MakeServer, tmp_path: Path) -> None:
+    binary = prometheus_path()
+    assert binary is not None
+    server = make_server(env={**NO_LLM, "OFFLOAD_API_TOKEN": TOKEN})
+    with server.client(headers=AUTH) as client:
+        wait_state(client, submit(client, seconds=0.1), p.FINAL_STATES)
+    token_file = tmp_path / "offload-token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(documented_scrape_config(f"127.0.0.1:{server.port}", token_file))
+    port = free_port()
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        prometheus = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        def series() -> list[dict[str, Any]] | None:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
+                                   params={"query": "offload_jobs_finished_total"}, timeout=5)
+            except httpx.HTTPError:
+                return None
+            assert prometheus.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+            found: list[dict[str, Any]] = answer.json()["data"]["result"]
+            return found or None
+
+        found = wait_for(series, 120, 0.5, "Prometheus to scrape the counters")
+        up = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "up"},
+                       timeout=5).json()["data"]["result"]
+    finally:
+        prometheus.terminate()
+        prometheus.wait(30)
+    values = {(s["metric"]["kind"], s["metric"]["state"]): s["value"][1] for s in found}
+    assert values[("sleep", "completed")] == "1"
+    assert values[("chat", "completed")] == "0"
+    assert [s["value"][1] for s in up] == ["1"]  # the token was taken: no 401
+
+
+def documented_scrape_config(target: str, token_file: Path) -> str:
+    """The scrape job docs/metrics.md shows, scraping every second here."""
+    text = (ROOT / "docs" / "metrics.md").read_text(encoding="utf-8")
+    config = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    for documented, actual in (("15s", "1s"), ("127.0.0.1:8001", target),
+                               ("/etc/prometheus/offload-token", str(token_file))):
+        assert documented in config, documented
+        config = config.replace(documented, actual)
+    return config
+
+
+def test_counts_never_go_down_with_pruning_or_a_new_leader(
+        make_supervisor: Callable[..., RunningSupervisor], data_dir: Path) -> None:
+    path = counters_file(data_dir)
+
+    def completed() -> int:
+        return JobCounters.load(path).finished.get("sleep", {}).get("completed", 0)
+
+    first = make_supervisor()
+    for job_id in [first.submit(seconds=0.1) for _ in range(3)]:
+        first.wait_final(job_id)
+    wait_for(lambda: completed() == 3, 20, 0.05, "three jobs counted")
+    assert first.store.prune(retention_s=0) == 3  # every job folder is gone
+    first.wait_final(first.submit(seconds=0.1))
+    wait_for(lambda: completed() == 4, 20, 0.05, "the fourth job counted")
+
+    # A runner that ends while no supervisor leads is counted by the next leader, once.
+    handed_over = first.submit(seconds=2)
+    first.wait_state(handed_over, "running")
+    first.stop()
+    assert first.wait_final(handed_over)["state"] == "completed"
+    assert completed() == 4
+    second = make_supervisor()
+    wait_for(lambda: completed() == 5, 20, 0.05, "the job that ended between leaders")
+    second.wait_final(second.submit(seconds=0.1))
+    wait_for(lambda: completed() >= 6, 20, 0.05, "the sixth job counted")
+    assert completed() == 6
+
+
+def test_a_damaged_counters_file_starts_again_from_zero(tmp_path: Path) -> None:
+    path = tmp_path / "job_counters.json"
+    path.write_text("{not json")
+    assert JobCounters.load(path).finished == {}
+    counters = JobCounters()
+    counters.ended({"kind": "sleep", "state": "completed", "started_at": "2026-01-01T00:00:00Z",
+                    "finished_at": "2026-01-01T00:00:02Z"})
+    counters.save(path, 1.0)
+    saved = p.read_json(path)
+    assert saved is not None
+    p.write_json(path, {**saved, "buckets_s": [1, 2]})  # another version's buckets
+    again = JobCounters.load(path)
+    assert again.finished == {"sleep": {"completed": 1}} and again.saved_at == 1.0
+    assert again.duration == {}  # its histograms start again; the counts stay
