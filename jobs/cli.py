@@ -52,7 +52,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = "8001"
 REQUEST_TIMEOUT_S = 30.0  # a cancel waits up to 10 s on the server for the runner to stop
 STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
-RECONNECTS = 6  # a dropped event stream is resumed this many times in a row, then given up
+RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
+OUTPUT_DELTA = "output_delta"  # an event's appended output (jobs/api/events.py, not imported)
 STATES = [state.value for state in p.JobState]
 
 
@@ -192,27 +193,31 @@ def follow(client: Client, job_id: str,
     with Last-Event-ID; `on_event(event, job)` sees each event and the job after it."""
     job: dict[str, Any] = {}
     last_id: str | None = None
-    drops = 0
+    dropped_at: float | None = None
+    pause = 0.0
     while True:
         try:
             for event_id, fields in client.events(job_id, last_id):
-                drops = 0
-                if p.F_OUTPUT in fields or "output_delta" in fields:
-                    base = "" if p.F_OUTPUT in fields else str(job.get(p.F_OUTPUT) or "")
-                    fields_output = fields.get(p.F_OUTPUT, fields.get("output_delta")) or ""
-                    job[p.F_OUTPUT] = base + fields_output
-                job.update({k: v for k, v in fields.items()
-                            if k not in (p.F_OUTPUT, "output_delta")})
+                dropped_at = None
+                if p.F_OUTPUT in fields:  # the whole output: the first event, or a restart
+                    job[p.F_OUTPUT] = fields[p.F_OUTPUT] or ""
+                elif OUTPUT_DELTA in fields:
+                    job[p.F_OUTPUT] = str(job.get(p.F_OUTPUT) or "") + fields[OUTPUT_DELTA]
+                job.update({k: v for k, v in fields.items() if k not in (p.F_OUTPUT, OUTPUT_DELTA)})
                 if event_id is not None:
                     last_id = event_id
                 on_event(fields, job)
                 if job.get(p.F_STATE) in p.FINAL_STATES:
                     return job
         except Unreachable:
-            if not job or drops >= RECONNECTS:
+            if not job or (dropped_at is not None
+                           and time.monotonic() - dropped_at > RECONNECT_S):
                 raise
-        drops += 1  # dropped, or closed before the final state: resume where it stopped
-        time.sleep(min(0.25 * 2 ** drops, 5.0))
+        # Dropped, or closed before the final state: resume where it stopped.
+        if dropped_at is None:
+            dropped_at, pause = time.monotonic(), 0.25
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
 
 
 # What people read ------------------------------------------------------------------------
@@ -374,8 +379,8 @@ def cmd_log(client: Client, args: argparse.Namespace) -> int:
     def show(event: dict[str, Any], job: dict[str, Any]) -> None:
         if args.json:
             sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
-        elif p.F_OUTPUT in event or "output_delta" in event:
-            sys.stdout.write(event.get(p.F_OUTPUT, event.get("output_delta")) or "")
+        elif p.F_OUTPUT in event or OUTPUT_DELTA in event:
+            sys.stdout.write(event.get(p.F_OUTPUT, event.get(OUTPUT_DELTA)) or "")
         sys.stdout.flush()
         progress = job.get(p.F_PROGRESS)
         if not args.json and progress and progress != progress_seen[0]:

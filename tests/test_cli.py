@@ -21,6 +21,9 @@ from tests.conftest import ROOT, free_port, wait_for
 from tests.fake_llm import FakeLLM
 from tests.server import Server
 
+if sys.platform == "win32":  # the servers' process groups and Ctrl-C by signal are POSIX's
+    pytest.skip("POSIX signals", allow_module_level=True)
+
 MakeServer = Callable[..., Server]
 TOKEN = "a-token-of-more-than-16-characters"
 # The console script pip installed beside this interpreter (`offload.exe` on Windows).
@@ -143,6 +146,31 @@ def test_log_follow_prints_a_chat_reply_as_it_streams(make_server: MakeServer) -
             assert fields[0]["output"] == "The CPU is fine." and fields[-1]["state"] == "completed"
         finally:
             llm.gate.set()
+
+
+def test_log_follow_resumes_across_an_api_restart(make_server: MakeServer, data_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """The stream drops with the API; the follower comes back with Last-Event-ID and
+    prints the rest of the reply, and nothing twice."""
+    with FakeLLM(pieces=["The ", "CPU ", "is ", "fine."], gated="gated") as llm:
+        env = {"OPENAI_BASE_URL": llm.base_url}
+        first = make_server(env=env)
+        second = Server(data_dir, tmp_path / "second.log", env)
+        second.port, second.url = first.port, first.url
+        try:
+            body = json.dumps({"messages": [{"role": "user", "content": "gated question"}]})
+            job_id = cli(first.url, "submit", "chat", "--input", body).stdout.strip()
+            with start_cli(first.url, "log", job_id, "--follow") as follower:
+                out = Reader(follower.stdout)
+                wait_for(lambda: out.text == "The ", 60, 0.05, "the reply's first piece")
+                first.stop(signal.SIGKILL)  # at once: an open stream delays a graceful stop
+                second.start()
+                llm.gate.set()
+                assert follower.wait(90) == 0
+                assert out.done() == "The CPU is fine.\n"
+        finally:
+            llm.gate.set()
+            second.stop()
 
 
 def test_log_follow_shows_progress_and_ctrl_c_exits_130(server: Server) -> None:
