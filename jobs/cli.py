@@ -3,18 +3,14 @@
     offload status | list | show ID | log ID [--follow] | cancel ID... |
             submit KIND --input JSON [--wait] | retry ID [--wait]
 
-It speaks the HTTP API only (docs/contract.md, "The command line"), so it works beside
-any server it can reach: the address is `--url`, else OFFLOAD_URL, else the one
+It speaks the HTTP API only (docs/contract.md, "The `offload` command line"), so it
+works with any server it can reach: the address is `--url`, else OFFLOAD_URL, else the one
 OFFLOAD_HOST and OFFLOAD_PORT give the server (environment, then `.env` in the working
 folder, as the server reads them); the token is OFFLOAD_API_TOKEN, never an argument.
-The standard library only (an import contract checks it, bar python-dotenv for `.env`),
-so it starts in tens of milliseconds.
+The standard library only (an import contract checks it), bar python-dotenv for `.env`:
+a command starts without loading the server's libraries.
 
-Exit codes: 0 done; 1 the job ended failed, cancelled or timed out (`--wait`,
-`log --follow`); 2 bad usage or input; 3 the server cannot be reached; 4 refused (the
-token, or the host); 5 no such job; 6 not in a state for it (cancel a finished job,
-retry an unfinished one); 7 the server could not do it now (busy, unwritable; retry
-later); 130 interrupted.
+Its exit codes say why it stopped: EXIT_* below, listed by `offload --help`.
 """
 
 from __future__ import annotations
@@ -463,12 +459,13 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     code = EXIT_OK
     for job_id, answer in zip(args.ids, answers, strict=True):
         if isinstance(answer, Failure):
-            sys.stderr.write(f"offload: {job_id}: {answer.message}\n")
+            named = "" if job_id in answer.message else f"{job_id}: "
+            sys.stderr.write(f"offload: {named}{answer.message}\n")
             code = code or answer.code
-        elif args.json:
-            sys.stdout.write(json.dumps(answer, ensure_ascii=False) + "\n")
-        else:
+        elif not args.json:
             sys.stdout.write(f"{job_id} {answer.get(p.F_STATE)}\n")
+    if args.json:
+        _print_json([answer for answer in answers if not isinstance(answer, Failure)])
     return code
 
 

@@ -206,7 +206,8 @@ def test_cancel_several_and_retry(server: Server) -> None:
     edited = cli(url, "retry", ids[1], "--input", '{"seconds": 0}', "--wait", "--json")
     assert edited.returncode == 0
     assert json.loads(edited.stdout)["rerun_of"] == ids[1]
-    assert cli(url, "cancel", new["id"]).returncode == 0
+    scripted = cli(url, "cancel", new["id"], "--json")
+    assert [job["state"] for job in json.loads(scripted.stdout)] == ["cancelled"]
 
 
 def test_the_token_from_the_environment_or_dotenv(make_server: MakeServer,
