@@ -242,7 +242,8 @@ def _note(job: dict[str, Any]) -> str:
         fraction = progress.get("fraction")
         percent = f"{fraction:.0%} " if isinstance(fraction, (int, float)) else ""
         return f"{percent}{progress.get('message') or ''}".strip()
-    return ""
+    position = job.get(p.F_QUEUE_POSITION)
+    return "" if position is None else f"{position} ahead in the queue"
 
 
 def _one_line(text: str, width: int) -> str:
@@ -281,9 +282,8 @@ def job_details(job: dict[str, Any], out: IO[str]) -> None:
                  "rerun_of", "after", "launcher", "host", "exit_code"):
         if job.get(name) is not None:
             lines.append((name.replace("_", " "), job[name]))
-    note = _note(job)
-    if note:
-        lines.append(("error" if job.get(p.F_ERROR) else "progress", note))
+    if job.get(p.F_ERROR) or job.get(p.F_PROGRESS):
+        lines.append(("error" if job.get(p.F_ERROR) else "progress", _note(job)))
     lines.append(("input", compact(job.get(p.F_INPUT))))
     if job.get(p.F_RESULT) is not None:
         lines.append(("result", compact(job[p.F_RESULT])))
@@ -367,8 +367,11 @@ def cmd_log(client: Client, args: argparse.Namespace) -> int:
         text = client.text(f"/api/jobs/{job_path(args.id)}/log")
         if args.json:
             _print_json({"id": args.id, "log": text})
-        else:
+        elif text:
             sys.stdout.write(text)
+        else:
+            sys.stderr.write(f"offload: job {args.id} has logged nothing (its output, if "
+                             "any: offload show ID)\n")
         return EXIT_OK
     progress_seen: list[Any] = [None]
 
@@ -523,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "prints the new id")):
         sub = command(name, run, text)
         if name == "submit":
-            sub.add_argument("kind")
+            sub.add_argument("kind", help="chat, sleep, train, or a kind of your own")
             sub.add_argument("--input", default="{}",
                              help="the input: JSON, @file.json, or - for stdin (default {})")
             sub.add_argument("--priority", type=int, help="higher runs first")
@@ -553,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
         args.run = cmd_status
     try:
         client = Client(*configured(args.url or None))
-        return int(args.run(client, args))
+        code = int(args.run(client, args))
+        sys.stdout.flush()  # a reader that left (`| head`) is found here, not at exit
+        return code
     except Failure as exc:
         sys.stdout.flush()
         sys.stderr.write(f"offload: {exc.message}\n")
