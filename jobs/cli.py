@@ -177,6 +177,9 @@ class Client:
                         event_id = None
             except (OSError, http.client.HTTPException) as exc:  # socket.timeout too
                 raise Unreachable(f"the event stream from {self.url} broke: {exc}") from None
+            except ValueError:
+                raise Failure(EXIT_SERVER, f"{self.url} sent events that are not Offload's: "
+                                           "is it Offload?") from None
 
 
 def job_path(job_id: str) -> str:

@@ -245,7 +245,7 @@ def test_errors_are_one_line_with_a_meaningful_exit_code(server: Server) -> None
 
 
 def test_it_starts_without_loading_the_server(tmp_path: Path) -> None:
-    (tmp_path / ".env").write_text("OFFLOAD_PORT=8123\n")
+    (tmp_path / ".env").write_text("OFFLOAD_HOST=0.0.0.0\nOFFLOAD_PORT=8123\n")
     code = ("import sys; from jobs import cli; print(cli.configured(None)[0]); "
             "print(*sorted(sys.modules))")
     shown = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
