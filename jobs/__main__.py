@@ -1,0 +1,7 @@
+"""`python -m jobs`: the `offload` command line (jobs/cli.py)."""
+
+import sys
+
+from jobs.cli import main
+
+sys.exit(main())

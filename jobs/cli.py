@@ -1,0 +1,576 @@
+"""`offload`: see and steer the jobs of a running Offload from a terminal.
+
+    offload status | list | show ID | log ID [--follow] | cancel ID... |
+            submit KIND --input JSON [--wait] | retry ID [--wait]
+
+It speaks the HTTP API only (docs/contract.md, "The `offload` command line"), so it
+works with any server it can reach: the address is `--url`, else OFFLOAD_URL, else the one
+OFFLOAD_HOST and OFFLOAD_PORT give the server (environment, then `.env` in the working
+folder, as the server reads them); the token is OFFLOAD_API_TOKEN, never an argument.
+The standard library only (an import contract checks it), bar python-dotenv for `.env`:
+a command starts without loading the server's libraries.
+
+Its exit codes say why it stopped: EXIT_* below, listed by `offload --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import http.client
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import IO, TYPE_CHECKING, Any
+
+from jobs import protocol as p
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 4
+EXIT_NOT_FOUND = 5
+EXIT_CONFLICT = 6
+EXIT_SERVER = 7
+EXIT_INTERRUPTED = 130
+
+EXIT_BY_STATUS = {400: EXIT_USAGE, 413: EXIT_USAGE, 422: EXIT_USAGE, 401: EXIT_REFUSED,
+                  403: EXIT_REFUSED, 421: EXIT_REFUSED, 404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT}
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = "8001"
+REQUEST_TIMEOUT_S = 30.0  # a cancel waits up to 10 s on the server for the runner to stop
+STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
+RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
+OUTPUT_DELTA = "output_delta"  # an event's appended output (jobs/api/events.py, not imported)
+STATES = [state.value for state in p.JobState]
+
+
+class Failure(Exception):
+    """What ends a command early: one line for stderr and the exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Unreachable(Failure):
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_UNREACHABLE, message)
+
+
+def _env_file() -> dict[str, str | None]:
+    if not os.path.isfile(".env"):
+        return {}
+    from dotenv import dotenv_values  # the parser the server's settings use
+
+    return dotenv_values(".env")
+
+
+def configured(url: str | None) -> tuple[str, str | None]:
+    """The server's address and the token: what is given, else what the server itself
+    would read (the environment, then `.env`)."""
+    env_file = _env_file()
+
+    def value(name: str) -> str | None:
+        found = os.environ.get(name) or env_file.get(name)
+        return found.strip() if found and found.strip() else None
+
+    if url is None:
+        url = value("OFFLOAD_URL")
+    if url is None:
+        host = value("OFFLOAD_HOST") or DEFAULT_HOST
+        if host in ("0.0.0.0", "::"):  # serving on every address: loopback is one of them
+            host = DEFAULT_HOST
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 address in a URL
+        url = f"http://{host}:{value('OFFLOAD_PORT') or DEFAULT_PORT}"
+    url = url.strip().rstrip("/")
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise Failure(EXIT_USAGE, f"the server's address {url!r} is not an http:// or "
+                                  "https:// URL; like http://127.0.0.1:8001")
+    return url, value("OFFLOAD_API_TOKEN")
+
+
+class Client:
+    """The API over urllib: JSON in, JSON out, and an event stream read line by line."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url
+        self.token = token
+        # Offload is reached directly: a proxy set for the web must not see the token.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def _open(self, method: str, path: str, body: Any = None, timeout: float = REQUEST_TIMEOUT_S,
+              headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers=dict(headers or {}))
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            response: http.client.HTTPResponse = self._opener.open(request, timeout=timeout)
+            return response
+        except urllib.error.HTTPError as exc:
+            raise self._refusal(exc) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise Unreachable(f"cannot reach Offload at {self.url}: {reason}. Is it running "
+                              "(python launch.py)? Else give its address: --url or "
+                              "OFFLOAD_URL") from None
+
+    def _refusal(self, exc: urllib.error.HTTPError) -> Failure:
+        try:
+            detail = json.loads(exc.read()).get("detail")
+        except (ValueError, AttributeError, OSError):
+            detail = None
+        detail = detail if isinstance(detail, str) else f"HTTP {exc.code} {exc.reason}"
+        code = EXIT_BY_STATUS.get(exc.code, EXIT_SERVER)
+        if exc.code == 401 and not self.token:
+            detail += " (set OFFLOAD_API_TOKEN to the server's token)"
+        return Failure(code, detail)
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        with self._open(method, path, body) as response:
+            return self._read_json(response)
+
+    def text(self, path: str) -> str:
+        with self._open("GET", path) as response:
+            try:
+                return str(response.read().decode("utf-8", "replace"))
+            except (OSError, http.client.HTTPException) as exc:
+                raise Unreachable(f"the connection to {self.url} broke: {exc}") from None
+
+    def _read_json(self, response: http.client.HTTPResponse) -> Any:
+        try:
+            return json.loads(response.read())
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unreachable(f"the connection to {self.url} broke: {exc}") from None
+        except ValueError:
+            raise Failure(EXIT_SERVER, f"{self.url} did not answer JSON: is it Offload?") from None
+
+    def events(self, job_id: str, after: str | None) -> Iterator[tuple[str | None, dict[str, Any]]]:
+        """A job's events as (id, fields), resuming after `after` (docs/contract.md)."""
+        headers = {"Accept": "text/event-stream"}
+        if after is not None:
+            headers["Last-Event-ID"] = after
+        event_id = None
+        with self._open("GET", f"/api/jobs/{job_path(job_id)}/events", timeout=STREAM_TIMEOUT_S,
+                        headers=headers) as response:
+            try:
+                for raw in response:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                    if line.startswith("id: "):
+                        event_id = line[4:]
+                    elif line.startswith("data: "):
+                        yield event_id, json.loads(line[6:])
+                        event_id = None
+            except (OSError, http.client.HTTPException) as exc:  # socket.timeout too
+                raise Unreachable(f"the event stream from {self.url} broke: {exc}") from None
+            except ValueError:
+                raise Failure(EXIT_SERVER, f"{self.url} sent events that are not Offload's: "
+                                           "is it Offload?") from None
+
+
+def job_path(job_id: str) -> str:
+    return urllib.parse.quote(job_id.strip(), safe="")
+
+
+def follow(client: Client, job_id: str,
+           on_event: Callable[[dict[str, Any], dict[str, Any]], None]) -> dict[str, Any]:
+    """Follow a job's event stream until its final state, resuming a dropped connection
+    with Last-Event-ID; `on_event(event, job)` sees each event and the job after it."""
+    job: dict[str, Any] = {}
+    last_id: str | None = None
+    dropped_at: float | None = None
+    pause = 0.0
+    while True:
+        try:
+            for event_id, fields in client.events(job_id, last_id):
+                dropped_at = None
+                if p.F_OUTPUT in fields:  # the whole output: the first event, or a restart
+                    job[p.F_OUTPUT] = fields[p.F_OUTPUT] or ""
+                elif OUTPUT_DELTA in fields:
+                    job[p.F_OUTPUT] = str(job.get(p.F_OUTPUT) or "") + fields[OUTPUT_DELTA]
+                job.update({k: v for k, v in fields.items() if k not in (p.F_OUTPUT, OUTPUT_DELTA)})
+                if event_id is not None:
+                    last_id = event_id
+                on_event(fields, job)
+                if job.get(p.F_STATE) in p.FINAL_STATES:
+                    return job
+        except Unreachable:
+            if not job or (dropped_at is not None
+                           and time.monotonic() - dropped_at > RECONNECT_S):
+                raise
+        # Dropped, or closed before the final state: resume where it stopped.
+        if dropped_at is None:
+            dropped_at, pause = time.monotonic(), 0.25
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
+
+
+# What people read ------------------------------------------------------------------------
+
+
+def _when(value: object) -> str:
+    """'2026-01-31T12:00:00.123Z' -> '2026-01-31 12:00:00' (UTC, as the API gives it)."""
+    return str(value)[:19].replace("T", " ") if value else "-"
+
+
+def _took(job: dict[str, Any]) -> str:
+    started = job.get(p.F_STARTED_AT)
+    if not started:
+        return "-"
+    finished = job.get(p.F_FINISHED_AT)
+    end = p.parse_iso(str(finished)) if finished else time.time()
+    return f"{max(0.0, end - p.parse_iso(str(started))):.1f}s"
+
+
+def _note(job: dict[str, Any]) -> str:
+    error = job.get(p.F_ERROR)
+    if isinstance(error, dict) and error.get("message"):
+        return f"{error.get('type')}: {error['message']}"
+    progress = job.get(p.F_PROGRESS)
+    if isinstance(progress, dict):
+        fraction = progress.get("fraction")
+        percent = f"{fraction:.0%} " if isinstance(fraction, (int, float)) else ""
+        return f"{percent}{progress.get('message') or ''}".strip()
+    position = job.get(p.F_QUEUE_POSITION)
+    return "" if position is None else f"{position} ahead in the queue"
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def table(rows: list[list[str]], out: IO[str]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        out.write("  ".join(cells).rstrip() + "\n")
+
+
+def job_table(jobs: list[dict[str, Any]], out: IO[str]) -> None:
+    if not jobs:
+        out.write("no jobs\n")
+        return
+    rows = [["ID", "KIND", "STATE", "CREATED (UTC)", "TOOK", "NOTE"]]
+    rows += [[str(job.get(p.F_ID)), str(job.get(p.F_KIND)), str(job.get(p.F_STATE)),
+              _when(job.get(p.F_CREATED_AT)), _took(job), _one_line(_note(job), 60)]
+             for job in jobs]
+    table(rows, out)
+
+
+def job_details(job: dict[str, Any], out: IO[str]) -> None:
+    def compact(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    lines = [("id", job.get(p.F_ID)), ("kind", job.get(p.F_KIND)), ("state", job.get(p.F_STATE)),
+             ("created", _when(job.get(p.F_CREATED_AT))),
+             ("started", _when(job.get(p.F_STARTED_AT))),
+             ("finished", _when(job.get(p.F_FINISHED_AT))), ("took", _took(job)),
+             ("timeout", f"{job.get(p.F_TIMEOUT_S)}s")]
+    for name in ("queue_position", "attempt", "max_attempts", "priority", "run_at", "schedule",
+                 "rerun_of", "after", "launcher", "host", "exit_code"):
+        if job.get(name) is not None:
+            lines.append((name.replace("_", " "), job[name]))
+    if job.get(p.F_ERROR) or job.get(p.F_PROGRESS):
+        lines.append(("error" if job.get(p.F_ERROR) else "progress", _note(job)))
+    lines.append(("input", compact(job.get(p.F_INPUT))))
+    if job.get(p.F_RESULT) is not None:
+        lines.append(("result", compact(job[p.F_RESULT])))
+    for name, value in lines:
+        out.write(f"{name + ':':<16}{value}\n")
+    if job.get(p.F_OUTPUT):
+        out.write(f"output:\n{job[p.F_OUTPUT]}\n")
+
+
+# Commands ------------------------------------------------------------------------------
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    health = client.call("GET", "/api/health")
+    counts = client.call("GET", "/api/history?seconds=5&jobs=0")
+    running = client.call("GET", "/api/jobs?state=running&limit=1000")["jobs"]
+    if args.json:
+        _print_json({"url": client.url, "health": health, "counts": counts["counts"],
+                     "running": running})
+        return EXIT_OK
+    llm = health.get("llm") or {}
+    model = " ".join(str(part) for part in (llm.get("provider"), llm.get("model")) if part)
+    model += f" at {llm['base_url']}" if llm.get("base_url") else ""
+    model += ": ready" if llm.get("ready") else f": not ready ({llm.get('detail') or '-'})"
+    rows = [["offload", f"{health.get('version')} at {client.url}: {health.get('status')}"],
+            ["supervisor", f"{health.get('supervisor')} (launcher {health.get('launcher')})"],
+            ["runners", f"{health.get('running')} running of {health.get('max_concurrent')}, "
+                        f"{health.get('queued')} queued"],
+            ["jobs", ", ".join(f"{state} {counts['counts'].get(state, 0)}" for state in STATES)],
+            ["model", model]]
+    queue = health.get("queue")
+    if isinstance(queue, dict):
+        rows.append(["queue", "paused" if queue.get("paused") else "running"])
+    samples = counts.get("metrics", {}).get("samples") or []
+    if samples:
+        rows.append(["machine", f"cpu {samples[-1].get('cpu')} %, memory "
+                                f"{samples[-1].get('mem')} %"])
+    table(rows, sys.stdout)
+    if running:
+        sys.stdout.write("\n")
+        job_table(running, sys.stdout)
+    return EXIT_OK
+
+
+def cmd_list(client: Client, args: argparse.Namespace) -> int:
+    query = {"state": args.state, "kind": args.kind, "limit": args.limit}
+    given = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+    jobs = client.call("GET", f"/api/jobs?{given}")["jobs"]
+    if args.json:
+        _print_json(jobs)
+    else:
+        job_table(jobs, sys.stdout)
+    return EXIT_OK
+
+
+def cmd_show(client: Client, args: argparse.Namespace) -> int:
+    job = client.call("GET", f"/api/jobs/{job_path(args.id)}")
+    if args.json:
+        _print_json(job)
+    else:
+        job_details(job, sys.stdout)
+    return EXIT_OK
+
+
+def _outcome(job: dict[str, Any]) -> int:
+    """EXIT_OK for a completed job; else its error on stderr and EXIT_JOB_FAILED."""
+    if job.get(p.F_STATE) == p.JobState.COMPLETED:
+        return EXIT_OK
+    error = job.get(p.F_ERROR) or {}
+    sys.stderr.write(f"offload: job {job.get(p.F_ID)} {job.get(p.F_STATE)}: "
+                     f"{error.get('message') or error.get('type') or 'no reason given'}\n")
+    return EXIT_JOB_FAILED
+
+
+def cmd_log(client: Client, args: argparse.Namespace) -> int:
+    if not args.follow:
+        text = client.text(f"/api/jobs/{job_path(args.id)}/log")
+        if args.json:
+            _print_json({"id": args.id, "log": text})
+        elif text:
+            sys.stdout.write(text)
+        else:
+            sys.stderr.write(f"offload: job {args.id} has logged nothing (its output, if "
+                             "any: offload show ID)\n")
+        return EXIT_OK
+    progress_seen: list[Any] = [None]
+
+    def show(event: dict[str, Any], job: dict[str, Any]) -> None:
+        if args.json:
+            sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
+        elif p.F_OUTPUT in event or OUTPUT_DELTA in event:
+            sys.stdout.write(event.get(p.F_OUTPUT, event.get(OUTPUT_DELTA)) or "")
+        sys.stdout.flush()
+        progress = job.get(p.F_PROGRESS)
+        if not args.json and progress and progress != progress_seen[0]:
+            progress_seen[0] = progress
+            if not job.get(p.F_OUTPUT):  # never inside a reply being written
+                sys.stderr.write(f"[{_note({p.F_PROGRESS: progress})}]\n")
+
+    job = follow(client, args.id, show)
+    if not args.json and job.get(p.F_OUTPUT) and not str(job[p.F_OUTPUT]).endswith("\n"):
+        sys.stdout.write("\n")
+    return _outcome(job)
+
+
+def _wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespace) -> int:
+    if not args.wait:
+        if args.json:
+            _print_json(job)
+        else:
+            sys.stdout.write(f"{job[p.F_ID]}\n")
+        return EXIT_OK
+    follow(client, job[p.F_ID], lambda event, job: None)
+    final = client.call("GET", f"/api/jobs/{job[p.F_ID]}")  # in full (the stream's copy too)
+    if args.json:
+        _print_json(final)
+    else:
+        job_details(final, sys.stdout)
+    return _outcome(final)
+
+
+def parse_input(text: str) -> dict[str, Any]:
+    """`--input`: JSON, `@file` for a file's, `-` for stdin's."""
+    where = "--input"
+    try:
+        if text == "-":
+            where, text = "stdin", sys.stdin.read()
+        elif text.startswith("@"):
+            where = text[1:]
+            with open(text[1:], encoding="utf-8") as file:
+                text = file.read()
+        value = json.loads(text)
+    except OSError as exc:
+        raise Failure(EXIT_USAGE, f"cannot read --input {where}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise Failure(EXIT_USAGE, f"{where} is not JSON ({exc}); give an object, like "
+                                  """--input '{"seconds": 2}'""") from None
+    if not isinstance(value, dict):
+        raise Failure(EXIT_USAGE, f"{where} must be a JSON object, like "
+                                  """--input '{"seconds": 2}'""")
+    return value
+
+
+def cmd_submit(client: Client, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"kind": args.kind, "input": parse_input(args.input)}
+    if args.timeout is not None:
+        body["timeout_s"] = args.timeout
+    if args.priority is not None:
+        body["priority"] = args.priority
+    return _wait_and_report(client, client.call("POST", "/api/jobs", body), args)
+
+
+def cmd_retry(client: Client, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.input is not None:
+        body["input"] = parse_input(args.input)
+    if args.timeout is not None:
+        body["timeout_s"] = args.timeout
+    job = client.call("POST", f"/api/jobs/{job_path(args.id)}/rerun", body or None)
+    return _wait_and_report(client, job, args)
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    def cancel(job_id: str) -> dict[str, Any] | Failure:
+        try:
+            return dict(client.call("DELETE", f"/api/jobs/{job_path(job_id)}"))
+        except Failure as exc:
+            return exc
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(cancel, args.ids))
+    code = EXIT_OK
+    for job_id, answer in zip(args.ids, answers, strict=True):
+        if isinstance(answer, Failure):
+            named = "" if job_id in answer.message else f"{job_id}: "
+            sys.stderr.write(f"offload: {named}{answer.message}\n")
+            code = code or answer.code
+        elif not args.json:
+            sys.stdout.write(f"{job_id} {answer.get(p.F_STATE)}\n")
+    if args.json:
+        _print_json([answer for answer in answers if not isinstance(answer, Failure)])
+    return code
+
+
+# The parser --------------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--json", action="store_true", default=default,
+                        help="print JSON for scripts instead of a table")
+    parser.add_argument("--url", default=default,
+                        help="the server (default: OFFLOAD_URL, else OFFLOAD_HOST and "
+                             "OFFLOAD_PORT, else http://127.0.0.1:8001)")
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offload", description="See and steer the jobs of a running Offload. The token "
+        "comes from OFFLOAD_API_TOKEN (or .env), never from an argument.",
+        epilog="exit codes: 0 done, 1 the job failed, was cancelled or timed out, 2 bad "
+        "usage, 3 server unreachable, 4 refused (token), 5 no such job, 6 not in a state "
+        "for it, 7 server busy or failing, 130 interrupted")
+    _common(parser, False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, run: Callable[[Client, argparse.Namespace], int],
+                text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        _common(sub, argparse.SUPPRESS)  # after the command as before it
+        sub.set_defaults(run=run)
+        return sub
+
+    command("status", cmd_status, "health, counts by state, runners, the model (the default)")
+    listing = command("list", cmd_list, "jobs, newest first")
+    listing.add_argument("--state", choices=STATES)
+    listing.add_argument("--kind")
+    listing.add_argument("--limit", type=int, help="at most this many (1-1000; default 100)")
+    command("show", cmd_show, "one job in full").add_argument("id")
+    log = command("log", cmd_log, "a job's log (its runner's stdout and stderr)")
+    log.add_argument("id")
+    log.add_argument("--follow", "-f", action="store_true",
+                     help="instead, the job's output (a chat's reply) as it streams, and its "
+                          "progress, until it ends; exits 1 unless it completed")
+    cancel = command("cancel", cmd_cancel, "cancel jobs: queued ones never start, running "
+                                           "ones are stopped")
+    cancel.add_argument("ids", nargs="+", metavar="id")
+    for name, run, text in (("submit", cmd_submit, "submit a job; prints its id"),
+                            ("retry", cmd_retry, "run a finished job again as a new job; "
+                                                 "prints the new id")):
+        sub = command(name, run, text)
+        if name == "submit":
+            sub.add_argument("kind", help="chat, sleep, train, or a kind of your own")
+            sub.add_argument("--input", default="{}",
+                             help="the input: JSON, @file.json, or - for stdin (default {})")
+            sub.add_argument("--priority", type=int, help="higher runs first")
+        else:
+            sub.add_argument("id")
+            sub.add_argument("--input", help="another input: JSON, @file.json or -")
+        sub.add_argument("--timeout", type=_positive, help="its deadline, seconds")
+        sub.add_argument("--wait", action="store_true",
+                         help="wait until it ends, show it; exits 1 unless it completed")
+    return parser
+
+
+def _quiet_broken_pipe() -> int:
+    """`offload list | head`: the reader left; no traceback, no second error on exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a reply's characters on any console
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "run"):
+        args.run = cmd_status
+    try:
+        client = Client(*configured(args.url or None))
+        code = int(args.run(client, args))
+        sys.stdout.flush()  # a reader that left (`| head`) is found here, not at exit
+        return code
+    except Failure as exc:
+        sys.stdout.flush()
+        sys.stderr.write(f"offload: {exc.message}\n")
+        return exc.code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The `offload` command line as a user runs it: a subprocess (the installed console script
+or `python -m jobs`) against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs import protocol as p
+from tests.conftest import ROOT, free_port, wait_for
+from tests.fake_llm import FakeLLM
+from tests.server import Server
+
+if sys.platform == "win32":  # the servers' process groups and Ctrl-C by signal are POSIX's
+    pytest.skip("POSIX signals", allow_module_level=True)
+
+MakeServer = Callable[..., Server]
+TOKEN = "a-token-of-more-than-16-characters"
+# The console script pip installed beside this interpreter (`offload.exe` on Windows).
+OFFLOAD = shutil.which("offload", path=str(Path(sys.executable).parent))
+OWN_VARIABLES = ("OFFLOAD_URL", "OFFLOAD_API_TOKEN", "OFFLOAD_HOST", "OFFLOAD_PORT")
+
+
+def cli_env(url: str | None, token: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in OWN_VARIABLES}
+    if url is not None:
+        env["OFFLOAD_URL"] = url
+    if token is not None:
+        env["OFFLOAD_API_TOKEN"] = token
+    return env
+
+
+def cli(url: str | None, *args: str, token: str | None = None, script: bool = False,
+        stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`offload ARGS` run to its end, in a folder without a .env unless `cwd` has one."""
+    if script:
+        assert OFFLOAD is not None, "no `offload` script: run `python launch.py --reinstall`"
+    command = [OFFLOAD] if script and OFFLOAD else [sys.executable, "-m", "jobs"]
+    done = subprocess.run([*command, *args], env=cli_env(url, token), cwd=cwd or ROOT / "tests",
+                          input=stdin, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def start_cli(url: str, *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "jobs", *args], env=cli_env(url),
+                            cwd=ROOT / "tests", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+class Reader:
+    """What a process has written to a pipe so far, read as it comes (not by line)."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.chunks: list[bytes] = []
+        self._thread = threading.Thread(target=self._read, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _read(self, pipe: Any) -> None:
+        while chunk := os.read(pipe.fileno(), 4096):
+            self.chunks.append(chunk)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.chunks).decode()
+
+    def done(self) -> str:
+        self._thread.join(30)
+        return self.text
+
+
+@pytest.fixture
+def server(make_server: MakeServer) -> Server:
+    return make_server(env={"OFFLOAD_MAX_CONCURRENT": "4"})
+
+
+def test_status_submit_wait_list_show_and_log(server: Server) -> None:
+    url = server.url
+    status = cli(url, "status", script=True)
+    assert status.returncode == 0, status.stderr
+    assert f"at {url}: ok" in status.stdout and "0 running of 4" in status.stdout
+    health = json.loads(cli(url, "status", "--json").stdout)
+    assert health["health"]["status"] == "ok" and health["counts"]["queued"] == 0
+    assert cli(url).stdout.startswith("offload "), "no command: the status"
+
+    done = cli(url, "submit", "sleep", "--input", '{"seconds": 0.2}', "--wait", script=True)
+    assert done.returncode == 0, done.stderr
+    assert "state:          completed" in done.stdout
+    failed = cli(url, "submit", "probe", "--input", '{"fail": "bad luck"}', "--wait")
+    assert failed.returncode == 1
+    assert failed.stderr.strip().endswith("failed: bad luck")
+    failed_job = json.loads(cli(url, "submit", "probe", "--input", '{"fail": "again"}', "--wait",
+                                "--json").stdout)
+    assert failed_job["state"] == "failed" and failed_job["error"]["message"] == "again"
+    queued = cli(url, "submit", "sleep", "--timeout", "30", "--input", "-",
+                 stdin='{"seconds": 0}')
+    job_id = queued.stdout.strip()
+    assert queued.returncode == 0 and p.is_valid_id(job_id), queued
+
+    probes = json.loads(cli(url, "list", "--kind", "probe", "--json").stdout)
+    assert [job["input"]["fail"] for job in probes] == ["again", "bad luck"], "newest first"
+    assert len(json.loads(cli(url, "list", "--limit", "1", "--json").stdout)) == 1
+    failures = cli(url, "list", "--state", "failed")
+    assert failures.stdout.splitlines()[0].split() == ["ID", "KIND", "STATE", "CREATED", "(UTC)",
+                                                       "TOOK", "NOTE"]
+    assert len(failures.stdout.splitlines()) == 3 and "runner: bad luck" in failures.stdout
+    assert cli(url, "list", "--kind", "nope").stdout == "no jobs\n"
+
+    shown = json.loads(cli(url, "show", failed_job["id"], "--json").stdout)
+    assert shown["id"] == failed_job["id"] and shown["input"] == {"fail": "again"}
+    assert "error:          runner: again" in cli(url, "show", failed_job["id"]).stdout
+    assert "error: again" in cli(url, "log", failed_job["id"]).stdout
+    assert "error: again" in json.loads(cli(url, "log", failed_job["id"], "--json").stdout)["log"]
+    wait_for(lambda: json.loads(cli(url, "show", job_id, "--json").stdout)["state"]
+             == "completed", 60, 0.2)
+
+
+def test_log_follow_prints_a_chat_reply_as_it_streams(make_server: MakeServer) -> None:
+    with FakeLLM(pieces=["The ", "CPU ", "is ", "fine."], gated="gated") as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        try:
+            body = json.dumps({"messages": [{"role": "user", "content": "gated question"}]})
+            job_id = cli(server.url, "submit", "chat", "--input", body).stdout.strip()
+            with start_cli(server.url, "log", job_id, "--follow") as follower:
+                out, err = Reader(follower.stdout), Reader(follower.stderr)
+                # The first piece is printed while the model holds back the rest.
+                wait_for(lambda: out.text == "The ", 60, 0.05, "the reply's first piece")
+                shown = json.loads(cli(server.url, "show", job_id, "--json").stdout)
+                assert shown["state"] == "running"
+                llm.gate.set()
+                assert follower.wait(60) == 0
+                assert out.done() == "The CPU is fine.\n" and err.done() == ""
+
+            events = cli(server.url, "log", job_id, "--follow", "--json")
+            fields = [json.loads(line) for line in events.stdout.splitlines()]
+            assert events.returncode == 0
+            assert fields[0]["output"] == "The CPU is fine." and fields[-1]["state"] == "completed"
+        finally:
+            llm.gate.set()
+
+
+def test_log_follow_resumes_across_an_api_restart(make_server: MakeServer, data_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """The stream drops with the API; the follower comes back with Last-Event-ID and
+    prints the rest of the reply, and nothing twice."""
+    with FakeLLM(pieces=["The ", "CPU ", "is ", "fine."], gated="gated") as llm:
+        env = {"OPENAI_BASE_URL": llm.base_url}
+        first = make_server(env=env)
+        second = Server(data_dir, tmp_path / "second.log", env)
+        second.port, second.url = first.port, first.url
+        try:
+            body = json.dumps({"messages": [{"role": "user", "content": "gated question"}]})
+            job_id = cli(first.url, "submit", "chat", "--input", body).stdout.strip()
+            with start_cli(first.url, "log", job_id, "--follow") as follower:
+                out = Reader(follower.stdout)
+                wait_for(lambda: out.text == "The ", 60, 0.05, "the reply's first piece")
+                first.stop(signal.SIGKILL)  # at once: an open stream delays a graceful stop
+                second.start()
+                llm.gate.set()
+                assert follower.wait(90) == 0
+                assert out.done() == "The CPU is fine.\n"
+        finally:
+            llm.gate.set()
+            second.stop()
+
+
+def test_log_follow_shows_progress_and_ctrl_c_exits_130(server: Server) -> None:
+    job_id = cli(server.url, "submit", "sleep", "--input",
+                 '{"seconds": 120, "steps": 120}').stdout.strip()
+    with start_cli(server.url, "log", job_id, "--follow") as follower:
+        err = Reader(follower.stderr)
+        wait_for(lambda: "step 1/120]" in err.text, 60, 0.05, "a progress line")
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(30) == 130
+        assert err.done().startswith("[") and "Traceback" not in err.text
+    assert cli(server.url, "cancel", job_id).returncode == 0
+
+
+def test_cancel_several_and_retry(server: Server) -> None:
+    url = server.url
+    ids = [cli(url, "submit", "sleep", "--input", '{"seconds": 120}').stdout.strip()
+           for _ in range(3)]
+    cancelled = cli(url, "cancel", *ids, script=True)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.splitlines() == [f"{job_id} cancelled" for job_id in ids]
+    again = cli(url, "cancel", ids[0], "f" * 32)
+    assert again.returncode == 6, "the first failure's code: already finished"
+    assert f"job {ids[0]} has already finished (cancelled)" in again.stderr
+    assert f"no job with id '{'f' * 32}'" in again.stderr
+
+    rerun = cli(url, "retry", ids[0], script=True)
+    assert rerun.returncode == 0 and p.is_valid_id(rerun.stdout.strip()), rerun
+    new = json.loads(cli(url, "show", rerun.stdout.strip(), "--json").stdout)
+    assert new["rerun_of"] == ids[0] and new["input"] == {"seconds": 120}
+    busy = cli(url, "retry", new["id"])
+    assert busy.returncode == 6 and "cancel it first" in busy.stderr
+    edited = cli(url, "retry", ids[1], "--input", '{"seconds": 0}', "--wait", "--json")
+    assert edited.returncode == 0
+    assert json.loads(edited.stdout)["rerun_of"] == ids[1]
+    scripted = cli(url, "cancel", new["id"], "--json")
+    assert [job["state"] for job in json.loads(scripted.stdout)] == ["cancelled"]
+
+
+def test_the_token_from_the_environment_or_dotenv(make_server: MakeServer,
+                                                  tmp_path: Path) -> None:
+    server = make_server(env={"OFFLOAD_API_TOKEN": TOKEN})
+    wrong = cli(server.url, "status", token="not-the-token-at-all")
+    assert wrong.returncode == 4 and wrong.stderr.startswith("offload: ")
+    assert "token" in wrong.stderr
+    missing = cli(server.url, "list")
+    assert missing.returncode == 4 and "set OFFLOAD_API_TOKEN" in missing.stderr
+    assert cli(server.url, "status", token=TOKEN).returncode == 0
+    # Beside the server's .env, nothing to give: its port and token are read from there.
+    (tmp_path / ".env").write_text(f"OFFLOAD_PORT={server.port}\nOFFLOAD_API_TOKEN={TOKEN}\n")
+    assert cli(None, "status", cwd=tmp_path).returncode == 0
+
+
+def test_errors_are_one_line_with_a_meaningful_exit_code(server: Server) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}"
+    down = cli(nobody, "status", script=True)
+    assert down.returncode == 3
+    assert down.stderr.startswith(f"offload: cannot reach Offload at {nobody}")
+    assert len(down.stderr.splitlines()) == 1
+    assert cli(None, "list", "--url", nobody).returncode == 3, "--url over OFFLOAD_URL"
+
+    bad = cli(server.url, "submit", "sleep", "--input", "{seconds: 2}")
+    assert bad.returncode == 2 and bad.stderr.startswith("offload: --input is not JSON")
+    assert cli(server.url, "submit", "sleep", "--input", "[2]").returncode == 2
+    unknown = cli(server.url, "submit", "nope")
+    assert unknown.returncode == 2 and "known kinds: chat, probe, sleep" in unknown.stderr
+    missing = cli(server.url, "show", "0" * 32)
+    assert missing.returncode == 5 and "no job with id" in missing.stderr
+    assert cli(server.url, "list", "--state", "done").returncode == 2
+    assert cli(server.url, "list", "--url", "ftp://x").returncode == 2
+    assert cli(server.url, "show").returncode == 2
+
+
+def test_it_starts_without_loading_the_server(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("OFFLOAD_HOST=0.0.0.0\nOFFLOAD_PORT=8123\n")
+    code = ("import sys; from jobs import cli; print(cli.configured(None)[0]); "
+            "print(*sorted(sys.modules))")
+    shown = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                           text=True, check=True, env={**cli_env(None), "PYTHONPATH": str(ROOT)},
+                           timeout=60).stdout.split()
+    assert shown[0] == "http://127.0.0.1:8123"
+    heavy = {"fastapi", "pydantic", "pydantic_settings", "uvicorn", "httpx", "psutil", "numpy"}
+    assert heavy.isdisjoint(shown[1:])
