@@ -5,7 +5,7 @@ import { apiJSON } from "./api.js";
 import { drawHistory } from "./chart.js";
 import { initChat } from "./chat.js";
 import { initJobs } from "./jobs.js";
-import { initTrain, redrawLoss, fetchForecast } from "./train.js";
+import { initTrain, redrawLoss, fetchForecast, noteHistory } from "./train.js";
 
 const HISTORY_MS = 1000;
 const HEALTH_MS = 5000;
@@ -49,6 +49,7 @@ async function refreshHistory() {
   if (!r.ok || !r.data) return;
   const m = r.data.metrics || {};
   samples = Array.isArray(m.samples) ? m.samples.filter((s) => s && Number.isFinite(s.t)) : [];
+  noteHistory(m);
   renderCounts(r.data.counts);
   redrawHistory();
   updates += 1;

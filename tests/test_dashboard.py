@@ -368,3 +368,23 @@ def test_a_reply_goes_on_after_the_connection_drops(page: Any,
         [text for text in seen if not job["output"].startswith(text)][:1]
     assert streams[0] is None and any(streams[1:]), f"followed again from an id: {streams}"
     assert polled == [], "the reply came from the stream, not from polling"
+
+
+AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa", "best-practice"]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_the_page_passes_an_axe_audit(browser: Any, server: Server, scheme: str) -> None:
+    from axe_playwright_python.sync_playwright import Axe
+
+    httpx.post(f"{server.url}/api/jobs", json={"kind": "probe", "input": {"fail": "no"}})
+    context = browser.new_context(viewport={"width": 1200, "height": 900},
+                                  color_scheme=scheme)
+    page = context.new_page()
+    page.goto(server.url)
+    page.wait_for_selector("#jobs-table tr[data-state='failed']", timeout=20_000)
+    results = Axe().run(page, options={"runOnly": {"type": "tag", "values": AXE_TAGS}})
+    context.close()
+    found = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:5], v["help"])
+             for v in results.response["violations"]]
+    assert found == [], found
