@@ -217,7 +217,7 @@ def test_jobs_table_shows_a_failed_job_and_its_log(page: Any, server: Server) ->
     page.goto(server.url)
     row = f"#jobs-table tr[data-job-id='{job['id']}']"
     page.wait_for_selector(f"{row}[data-state='failed']", timeout=20_000)
-    where = page.text_content(f"{row} td:nth-child(3)") or ""
+    where = page.text_content(f"{row} td[data-col=where]") or ""
     assert where.startswith("local · "), f"the row says where the job ran: {where!r}"
     page.click(f"{row} button.show-log")
     page.wait_for_function("document.querySelector('#log-viewer').textContent"
@@ -246,7 +246,7 @@ def test_jobs_table_shows_a_chats_tokens(page: Any, server: Server) -> None:
     page.goto(server.url)
     row = f"#jobs-table tr[data-job-id='{job_id}']"
     page.wait_for_selector(f"{row}[data-state='completed']", timeout=30_000)
-    tokens = page.text_content(f"{row} td:nth-child(8)") or ""
+    tokens = page.text_content(f"{row} td[data-col=tokens]") or ""
     # The scripted server reports no usage: counted (~), one token a piece.
     assert re.fullmatch(rf"~\d+ → ~{len(REPLY)} · [\d.]+/s", tokens), tokens
 
