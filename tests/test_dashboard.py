@@ -372,8 +372,8 @@ def test_a_reply_goes_on_after_the_connection_drops(page: Any,
 
 
 def rows_shown(page: Any) -> list[str]:
-    return page.eval_on_selector_all("#jobs-table tbody tr[data-job-id]",
-                                     "rows => rows.map(r => r.dataset.jobId)")
+    return list(page.eval_on_selector_all("#jobs-table tbody tr[data-job-id]",
+                                     "rows => rows.map(r => r.dataset.jobId)"))
 
 
 def wait_rows(page: Any, ids: set[str], timeout: float = 30) -> None:
@@ -499,7 +499,7 @@ AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa", "best-practi
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_the_page_passes_an_axe_audit(browser: Any, server: Server, scheme: str) -> None:
-    from axe_playwright_python.sync_playwright import Axe
+    from axe_playwright_python.sync_playwright import Axe  # type: ignore[import-untyped]  # ships no type hints
 
     submit(server, "probe", fail="no")
     submit(server, "sleep", seconds=300)  # a live row: its checkbox and Cancel button
