@@ -192,7 +192,13 @@ function filtersActive() {
   return Boolean(filterKind.value || filterState.value || filterText.value.trim());
 }
 
-function setNote(text) {
+let filterNote = "";  // how many jobs match the filters
+let actionNote = "";  // what the last cancel or re-run did
+
+function setNote({ filter = filterNote, action = actionNote } = {}) {
+  filterNote = filter;
+  actionNote = action;
+  const text = [filterNote, actionNote].filter(Boolean).join(" ");
   if (note.textContent !== text) note.textContent = text;
 }
 
@@ -222,11 +228,11 @@ function render() {
   renderSelection(live);
   if (rows.length === 0) {
     renderEmpty(filtersActive() ? "No jobs match these filters." : "No jobs yet.");
-    setNote(filtersActive() ? "No jobs match." : "");
+    setNote({ filter: filtersActive() ? "No jobs match." : "" });
     return;
   }
   renderEmpty("");
-  setNote(filtersActive() ? `${rows.length} ${rows.length === 1 ? "job matches" : "jobs match"}.` : "");
+  setNote({ filter: filtersActive() ? `${rows.length} ${rows.length === 1 ? "job matches" : "jobs match"}.` : "" });
   // Re-order only if needed: moving a node can drop keyboard focus.
   const current = [...tbody.children];
   if (current.length !== rows.length || rows.some((tr, i) => current[i] !== tr)) {
@@ -308,15 +314,15 @@ async function cancelSelected() {
   const ids = [...selected];
   if (!ids.length) return;
   cancelSelectedBtn.disabled = true;
-  setNote(`Cancelling ${ids.length} ${ids.length === 1 ? "job" : "jobs"}…`);
+  setNote({ action: `Cancelling ${ids.length} ${ids.length === 1 ? "job" : "jobs"}…` });
   // Each answer comes once its job is final: ask for all at once.
   const answers = await Promise.all(ids.map((id) =>
     apiJSON(`/api/jobs/${encodeURIComponent(id)}`, { method: "DELETE", source: "jobs" })));
   const failed = answers.filter((r) => !r.ok && r.status !== 409).length;
   for (const id of ids) selected.delete(id);
   await refresh();
-  setNote(failed ? `${failed} of ${ids.length} could not be cancelled.`
-    : `Cancelled ${ids.length} ${ids.length === 1 ? "job" : "jobs"}.`);
+  setNote({ action: failed ? `${failed} of ${ids.length} could not be cancelled.`
+    : `Cancelled ${ids.length} ${ids.length === 1 ? "job" : "jobs"}.` });
 }
 
 // ---- re-run dialog -----------------------------------------------------------
@@ -372,7 +378,7 @@ async function submitRerun() {
     }
     rerunJob = null;
     closeDialog(rerunDialog);
-    setNote(`Started job ${r.data && r.data.id}, a re-run of ${id}.`);
+    setNote({ action: `Started job ${r.data && r.data.id}, a re-run of ${id}.` });
     await refresh();
   } finally {
     rerunSubmit.disabled = false;

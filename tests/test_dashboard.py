@@ -418,6 +418,8 @@ def test_jobs_filters_keep_refreshing_and_cancel_several(page: Any, server: Serv
     assert page.text_content("#cancel-selected") == "Cancel selected (2)"
     page.click("#cancel-selected")
     wait_rows(page, {live[2], later})
+    page.wait_for_function("document.querySelector('#jobs-note').textContent"
+                           ".includes('Cancelled 2 jobs.')", timeout=10_000)
     states = {job_id: httpx.get(f"{server.url}/api/jobs/{job_id}").json()["state"]
               for job_id in [*live, later]}
     assert states == {live[0]: "cancelled", live[1]: "cancelled", live[2]: "running",
@@ -461,6 +463,7 @@ def test_a_finished_job_runs_again_with_edited_input(page: Any, server: Server) 
     notes = page.text_content(f"#jobs-table tr[data-job-id='{again[0]['id']}'] "
                               "td[data-col=notes]", timeout=10_000)
     assert notes == f"re-run of {first[:8]}"
+    assert f"a re-run of {first}" in (page.text_content("#jobs-note") or "")
     assert page.evaluate("document.activeElement.classList.contains('rerun-job')"), \
         "focus goes back to the button that opened the dialog"
 
@@ -499,6 +502,8 @@ AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa", "best-practi
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_the_page_passes_an_axe_audit(browser: Any, server: Server, scheme: str) -> None:
+    """With jobs in the table and the dialogs closed, then the re-run dialog open with
+    an error in it."""
     from axe_playwright_python.sync_playwright import Axe  # type: ignore[import-untyped]  # ships no type hints
 
     submit(server, "probe", fail="no")
@@ -511,8 +516,14 @@ def test_the_page_passes_an_axe_audit(browser: Any, server: Server, scheme: str)
     page.wait_for_selector("#jobs-table tr[data-state='running']", timeout=20_000)
     page.wait_for_function("!document.querySelector('#train-start').textContent"
                            ".includes('checking')", timeout=20_000)
-    results = Axe().run(page, options={"runOnly": {"type": "tag", "values": AXE_TAGS}})
+    options = {"runOnly": {"type": "tag", "values": AXE_TAGS}}
+    closed = Axe().run(page, options=options).response["violations"]
+    page.click("#jobs-table tr[data-state='failed'] button.rerun-job")
+    page.fill("#rerun-input", "{")
+    page.click("#rerun-submit")
+    page.wait_for_selector("#rerun-error:has-text('not valid JSON')")
+    dialog = Axe().run(page, options=options).response["violations"]
     context.close()
     found = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:5], v["help"])
-             for v in results.response["violations"]]
+             for v in closed + dialog]
     assert found == [], found
