@@ -35,6 +35,11 @@ LEARNING_RATE = (0.05, 1e-6, 1.0)
 VALIDATION = (0.2, 0.05, 0.5)  # the most recent fraction, held out
 
 
+def samples_needed(lags: int) -> int:
+    """The fewest recorded samples a training run with `lags` learns from."""
+    return max(MIN_SAMPLES, lags * 3)
+
+
 def execute(job: base.Job) -> dict[str, Any]:
     import numpy as np  # the one heavy import, and only this kind pays for it
 
@@ -47,10 +52,10 @@ def execute(job: base.Job) -> dict[str, Any]:
         cutoff = samples[-1]["t"] - options["seconds"] if samples else 0
         samples = [s for s in samples if s["t"] >= cutoff]
     lags = options["lags"]
-    if len(samples) < max(MIN_SAMPLES, lags * 3):
+    if len(samples) < samples_needed(lags):
         raise base.RunnerError(
             f"not enough history to learn from yet: {len(samples)} samples, need at least "
-            f"{max(MIN_SAMPLES, lags * 3)} (about one a second); let the dashboard run a "
+            f"{samples_needed(lags)} (about one a second); let the dashboard run a "
             "few minutes, or lower 'lags'")
     series = {name: np.asarray([s[name] for s in samples], dtype=float)
               for name in forecast.SERIES}

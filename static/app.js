@@ -1,11 +1,12 @@
 // app.js — entry point: live history chart (1 s), status panel (5 s), and wiring of
-// the chat, jobs and training modules.
+// the chat, jobs, queue and training modules.
 
 import { apiJSON } from "./api.js";
 import { drawHistory } from "./chart.js";
 import { initChat } from "./chat.js";
 import { initJobs } from "./jobs.js";
-import { initTrain, redrawLoss, fetchForecast } from "./train.js";
+import { initQueue, noteQueue } from "./queue.js";
+import { initTrain, redrawLoss, fetchForecast, noteHistory } from "./train.js";
 
 const HISTORY_MS = 1000;
 const HEALTH_MS = 5000;
@@ -49,6 +50,7 @@ async function refreshHistory() {
   if (!r.ok || !r.data) return;
   const m = r.data.metrics || {};
   samples = Array.isArray(m.samples) ? m.samples.filter((s) => s && Number.isFinite(s.t)) : [];
+  noteHistory(m);
   renderCounts(r.data.counts);
   redrawHistory();
   updates += 1;
@@ -86,6 +88,7 @@ async function refreshHealth() {
   setField("queued", String(h.queued ?? "—"));
   setField("max", String(h.max_concurrent ?? "—"));
   setField("version", String(h.version ?? "—"));
+  noteQueue(h.queue);
 }
 
 // ---- loops -------------------------------------------------------------------
@@ -103,6 +106,7 @@ function init() {
   historyCanvas.dataset.updates = "0";
   initChat();
   initJobs();
+  initQueue();
   initTrain({
     onForecast: (f) => {
       forecast = f;

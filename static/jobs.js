@@ -1,13 +1,22 @@
-// jobs.js — the jobs table (refreshed every 2 s), its log viewer and cancel buttons.
+// jobs.js — the jobs table (refreshed every 2 s): its filters, log viewer, cancel (one or
+// several), re-run dialog, and the notes on retries, start times and priorities.
 // Rows are updated in place (keyed by job id) so keyboard focus survives refreshes.
 
-import { apiJSON, apiText } from "./api.js";
+import { apiJSON, apiText, FINAL_STATES } from "./api.js";
 
 const REFRESH_MS = 2000;
+const LIMIT = 50;
 const ACTIVE = new Set(["queued", "running"]);
-const COLUMNS = 10; // the cells, then the actions
+// The server's default priorities (issue 18: chat 10, every other kind 0): others are shown.
+const DEFAULT_PRIORITY = { chat: 10 };
+const COLUMNS = ["select", "kind", "state", "notes", "where", "age", "duration", "cpu",
+  "peak", "tokens", "queue", "actions"];
 
-let tbody, dialog, viewer, title;
+let tbody, dialog, viewer, title, note, cancelSelectedBtn, selectAll;
+let filterKind, filterState, filterText;
+let jobs = [];               // the last list the server answered, before the text filter
+const selected = new Set();  // ids of the live jobs ticked for "Cancel selected"
+let refreshSeq = 0;          // answers to an older filter are dropped
 
 /** ISO string or unix seconds -> ms since epoch, or null. */
 function toMs(v) {
@@ -25,8 +34,20 @@ export function fmtDuration(sec) {
   return `${Math.floor(sec / 3600)}h ${Math.floor((sec % 3600) / 60)}m`;
 }
 
+/** A time to come, in words: "12 s", "4 min", "2 h 5 min". */
+function fmtIn(sec) {
+  sec = Math.max(0, Math.ceil(sec));
+  if (sec < 60) return `${sec} s`;
+  if (sec < 3600) return `${Math.round(sec / 60)} min`;
+  return `${Math.floor(sec / 3600)} h ${Math.round((sec % 3600) / 60)} min`;
+}
+
 function num(v, digits) {
   return typeof v === "number" && Number.isFinite(v) ? v.toFixed(digits) : "—";
+}
+
+function shortId(id) {
+  return typeof id === "string" ? id.slice(0, 8) : "?";
 }
 
 /** Where the job ran: its launcher ("local" or "ray") and the runner's machine. */
@@ -44,6 +65,32 @@ export function tokens(job) {
   return `${approx}${u.prompt_tokens ?? "?"} → ${approx}${u.completion_tokens}${rate}`;
 }
 
+/** Retries, a start time to come, a priority that is not the default, and the job's origin. */
+export function notes(job, now = Date.now()) {
+  const parts = [];
+  const attempt = typeof job.attempt === "number" ? job.attempt : 1;
+  const earlier = Array.isArray(job.earlier_errors) ? job.earlier_errors : [];
+  if (attempt > 1 || earlier.length) {
+    parts.push(typeof job.max_attempts === "number"
+      ? `attempt ${attempt} of ${job.max_attempts}` : `attempt ${attempt}`);
+  }
+  const runAt = toMs(job.run_at);
+  if (job.state === "queued" && runAt !== null && runAt > now) {
+    const wait = (runAt - now) / 1000;
+    parts.push(attempt > 1 ? `retrying in ${Math.ceil(wait)} s` : `starts in ${fmtIn(wait)}`);
+  }
+  if (earlier.length) {
+    const types = earlier.map((e) => (e && (e.type || e.message)) || "error");
+    parts.push(`earlier: ${types.join(", ")}`);
+  }
+  if (typeof job.priority === "number" && job.priority !== (DEFAULT_PRIORITY[job.kind] ?? 0)) {
+    parts.push(`priority ${job.priority}`);
+  }
+  if (job.schedule) parts.push(`schedule ${job.schedule}`);
+  if (job.rerun_of) parts.push(`re-run of ${shortId(job.rerun_of)}`);
+  return parts.length ? parts.join(" · ") : "—";
+}
+
 function cells(job) {
   const now = Date.now();
   const created = toMs(job.created_at);
@@ -52,17 +99,26 @@ function cells(job) {
   const res = job.resources || {};
   let duration = null;
   if (started !== null) duration = ((finished ?? now) - started) / 1000;
-  return [
-    job.kind || "—",
-    job.state || "—",
-    where(job),
-    created === null ? "—" : `${fmtDuration((now - created) / 1000)} ago`,
-    fmtDuration(duration),
-    num(res.cpu_s, 1),
-    num(res.peak_rss_mb, 0),
-    tokens(job),
-    job.queue_position === null || job.queue_position === undefined ? "—" : String(job.queue_position),
-  ];
+  return {
+    kind: job.kind || "—",
+    state: job.state || "—",
+    notes: notes(job, now),
+    where: where(job),
+    age: created === null ? "—" : `${fmtDuration((now - created) / 1000)} ago`,
+    duration: fmtDuration(duration),
+    cpu: num(res.cpu_s, 1),
+    peak: num(res.peak_rss_mb, 0),
+    tokens: tokens(job),
+    queue: job.queue_position === null || job.queue_position === undefined ? "—" : String(job.queue_position),
+  };
+}
+
+/** The text the free-text filter searches: id, kind, input and error. */
+function searchable(job) {
+  const error = job.error ? `${job.error.type || ""} ${job.error.message || ""}` : "";
+  let input = "";
+  try { input = JSON.stringify(job.input ?? ""); } catch { /* not serialisable */ }
+  return `${job.id} ${job.kind} ${input} ${error}`.toLowerCase();
 }
 
 function makeButton(text, cls, jobId, label) {
@@ -80,53 +136,103 @@ function renderActions(td, job) {
   td.append(makeButton("Log", "show-log", job.id, `Show log of ${job.kind} job ${job.id}`));
   if (ACTIVE.has(job.state)) {
     td.append(" ", makeButton("Cancel", "cancel-job", job.id, `Cancel ${job.kind} job ${job.id}`));
+  } else if (FINAL_STATES.has(job.state)) {
+    td.append(" ", makeButton("Re-run", "rerun-job", job.id, `Run ${job.kind} job ${job.id} again`));
   }
+}
+
+function renderSelect(td, job) {
+  td.textContent = "";
+  if (!ACTIVE.has(job.state)) return;
+  const box = document.createElement("input");
+  box.type = "checkbox";
+  box.className = "select-job";
+  box.dataset.jobId = job.id;
+  box.checked = selected.has(job.id);
+  box.setAttribute("aria-label", `Select ${job.kind} job ${job.id}`);
+  td.append(box);
 }
 
 function updateRow(tr, job) {
   const values = cells(job);
-  const tds = tr.children;
-  values.forEach((v, i) => {
-    if (tds[i].textContent !== v) tds[i].textContent = v;
-  });
-  tds[1].className = `state state-${job.state}`;
+  for (const td of tr.children) {
+    const v = values[td.dataset.col];
+    if (v !== undefined && td.textContent !== v) td.textContent = v;
+  }
+  tr.querySelector("td[data-col='state']").className = `state state-${job.state}`;
   if (tr.dataset.state !== job.state) {
-    // Only rebuild the buttons when the state changes (keeps focus stable).
+    // Only rebuild the controls when the state changes (keeps focus stable).
     const hadFocus = tr.contains(document.activeElement);
     tr.dataset.state = job.state;
-    renderActions(tds[COLUMNS - 1], job);
-    if (hadFocus) tds[COLUMNS - 1].querySelector("button").focus();
+    renderSelect(tr.querySelector("td[data-col='select']"), job);
+    const actions = tr.querySelector("td[data-col='actions']");
+    renderActions(actions, job);
+    if (hadFocus) actions.querySelector("button").focus();
   }
 }
 
-function render(jobs) {
+function renderEmpty(text) {
+  let empty = tbody.querySelector("tr.empty");
+  if (!text) {
+    if (empty) empty.remove();
+    return;
+  }
+  if (!empty) {
+    empty = document.createElement("tr");
+    empty.className = "empty";
+    const td = document.createElement("td");
+    td.colSpan = COLUMNS.length;
+    empty.append(td);
+    tbody.append(empty);
+  }
+  if (empty.firstChild.textContent !== text) empty.firstChild.textContent = text;
+}
+
+function filtersActive() {
+  return Boolean(filterKind.value || filterState.value || filterText.value.trim());
+}
+
+let filterNote = "";  // how many jobs match the filters
+let actionNote = "";  // what the last cancel or re-run did
+
+function setNote({ filter = filterNote, action = actionNote } = {}) {
+  filterNote = filter;
+  actionNote = action;
+  const text = [filterNote, actionNote].filter(Boolean).join(" ");
+  if (note.textContent !== text) note.textContent = text;
+}
+
+function render() {
+  const words = filterText.value.trim().toLowerCase().split(/\s+/).filter(Boolean);
+  const shown = words.length ? jobs.filter((j) => words.every((w) => searchable(j).includes(w))) : jobs;
   const existing = new Map([...tbody.querySelectorAll("tr[data-job-id]")].map((tr) => [tr.dataset.jobId, tr]));
-  const rows = jobs.map((job) => {
+  const rows = shown.map((job) => {
     let tr = existing.get(job.id);
     if (!tr) {
       tr = document.createElement("tr");
       tr.dataset.jobId = job.id;
-      for (let i = 0; i < COLUMNS; i++) tr.append(document.createElement("td"));
+      for (const col of COLUMNS) {
+        const td = document.createElement("td");
+        td.dataset.col = col;
+        tr.append(td);
+      }
     }
     existing.delete(job.id);
     updateRow(tr, job);
     return tr;
   });
   for (const tr of existing.values()) tr.remove();
-  const empty = tbody.querySelector("tr.empty");
+  // A job that finished or is filtered out can no longer be cancelled from here.
+  const live = new Set(shown.filter((j) => ACTIVE.has(j.state)).map((j) => j.id));
+  for (const id of [...selected]) if (!live.has(id)) selected.delete(id);
+  renderSelection(live);
   if (rows.length === 0) {
-    if (!empty) {
-      const tr = document.createElement("tr");
-      tr.className = "empty";
-      const td = document.createElement("td");
-      td.colSpan = COLUMNS;
-      td.textContent = "No jobs yet.";
-      tr.append(td);
-      tbody.append(tr);
-    }
+    renderEmpty(filtersActive() ? "No jobs match these filters." : "No jobs yet.");
+    setNote({ filter: filtersActive() ? "No jobs match." : "" });
     return;
   }
-  if (empty) empty.remove();
+  renderEmpty("");
+  setNote({ filter: filtersActive() ? `${rows.length} ${rows.length === 1 ? "job matches" : "jobs match"}.` : "" });
   // Re-order only if needed: moving a node can drop keyboard focus.
   const current = [...tbody.children];
   if (current.length !== rows.length || rows.some((tr, i) => current[i] !== tr)) {
@@ -136,21 +242,63 @@ function render(jobs) {
   }
 }
 
+function renderSelection(live) {
+  for (const box of tbody.querySelectorAll("input.select-job")) box.checked = selected.has(box.dataset.jobId);
+  const n = selected.size;
+  cancelSelectedBtn.disabled = n === 0;
+  cancelSelectedBtn.textContent = n ? `Cancel selected (${n})` : "Cancel selected";
+  selectAll.disabled = live.size === 0;
+  selectAll.checked = live.size > 0 && n === live.size;
+  selectAll.indeterminate = n > 0 && n < live.size;
+}
+
+/** Kinds the page has seen join the kind filter's choices. */
+function learnKinds(list) {
+  const known = new Set([...filterKind.options].map((o) => o.value));
+  for (const kind of new Set(list.map((j) => j.kind))) {
+    if (typeof kind !== "string" || !kind || known.has(kind)) continue;
+    const option = document.createElement("option");
+    option.value = kind;
+    option.textContent = kind;
+    const after = [...filterKind.options].find((o) => o.value && o.value > kind);
+    filterKind.insertBefore(option, after || null);
+    known.add(kind);
+  }
+}
+
 async function refresh() {
-  const r = await apiJSON("/api/jobs?limit=50", { source: "jobs" });
-  if (r.ok && r.data && Array.isArray(r.data.jobs)) render(r.data.jobs);
+  const seq = ++refreshSeq;
+  const query = new URLSearchParams({ limit: String(LIMIT) });
+  if (filterKind.value) query.set("kind", filterKind.value);
+  if (filterState.value) query.set("state", filterState.value);
+  const r = await apiJSON(`/api/jobs?${query}`, { source: "jobs" });
+  if (seq !== refreshSeq) return; // the filters changed while this was asked
+  if (r.ok && r.data && Array.isArray(r.data.jobs)) {
+    jobs = r.data.jobs;
+    learnKinds(jobs);
+    render();
+  }
+}
+
+function openDialog(d) {
+  if (typeof d.showModal === "function") {
+    if (!d.open) {
+      try { d.showModal(); } catch { d.setAttribute("open", ""); }
+    }
+  } else {
+    d.setAttribute("open", "");
+  }
+}
+
+function closeDialog(d) {
+  if (d.open && typeof d.close === "function") d.close();
+  else d.removeAttribute("open");
 }
 
 async function showLog(jobId) {
   title.textContent = `Log of job ${jobId}`;
   viewer.textContent = "Loading…";
-  if (typeof dialog.showModal === "function") {
-    if (!dialog.open) {
-      try { dialog.showModal(); } catch { dialog.setAttribute("open", ""); }
-    }
-  } else {
-    dialog.setAttribute("open", "");
-  }
+  openDialog(dialog);
   const r = await apiText(`/api/jobs/${encodeURIComponent(jobId)}/log`);
   viewer.textContent = r.ok ? (r.text || "(the log is empty)") : `Could not load the log: ${r.text}`;
 }
@@ -162,14 +310,100 @@ async function cancelJob(btn) {
   await refresh();
 }
 
+async function cancelSelected() {
+  const ids = [...selected];
+  if (!ids.length) return;
+  cancelSelectedBtn.disabled = true;
+  setNote({ action: `Cancelling ${ids.length} ${ids.length === 1 ? "job" : "jobs"}…` });
+  // Each answer comes once its job is final: ask for all at once.
+  const answers = await Promise.all(ids.map((id) =>
+    apiJSON(`/api/jobs/${encodeURIComponent(id)}`, { method: "DELETE", source: "jobs" })));
+  const failed = answers.filter((r) => !r.ok && r.status !== 409).length;
+  for (const id of ids) selected.delete(id);
+  await refresh();
+  setNote({ action: failed ? `${failed} of ${ids.length} could not be cancelled.`
+    : `Cancelled ${ids.length} ${ids.length === 1 ? "job" : "jobs"}.` });
+}
+
+// ---- re-run dialog -----------------------------------------------------------
+
+let rerunDialog, rerunInput, rerunError, rerunSubmit;
+let rerunJob = null;      // {id, text}: the job run again and the input as first shown
+
+function openRerun(jobId) {
+  const job = jobs.find((j) => j.id === jobId);
+  if (!job) return;
+  const input = { ...(job.input || {}) };
+  delete input.context; // the chat expert's summary: the server makes it anew
+  const text = JSON.stringify(input, null, 2);
+  rerunJob = { id: jobId, text };
+  rerunInput.value = text;
+  rerunError.textContent = "";
+  rerunInput.removeAttribute("aria-invalid");
+  document.getElementById("rerun-title").textContent = `Run ${job.kind} job ${shortId(jobId)} again`;
+  openDialog(rerunDialog);
+  rerunInput.focus();
+}
+
+function rerunFails(message) {
+  rerunError.textContent = message;
+  rerunInput.setAttribute("aria-invalid", "true");
+  rerunInput.focus();
+}
+
+async function submitRerun() {
+  if (!rerunJob) return;
+  const { id, text } = rerunJob;
+  let body;
+  if (rerunInput.value.trim() !== text.trim()) {
+    let input;
+    try {
+      input = JSON.parse(rerunInput.value);
+    } catch (err) {
+      rerunFails(`The input is not valid JSON: ${err.message}`);
+      return;
+    }
+    if (input === null || typeof input !== "object" || Array.isArray(input)) {
+      rerunFails("The input must be a JSON object, like {\"seconds\": 2}.");
+      return;
+    }
+    body = { input };
+  }
+  rerunSubmit.disabled = true;
+  try {
+    const r = await apiJSON(`/api/jobs/${encodeURIComponent(id)}/rerun`, { method: "POST", body, source: "jobs" });
+    if (!r.ok) {
+      rerunFails(r.status === 0 ? "Cannot reach the server; try again." : r.error);
+      return;
+    }
+    rerunJob = null;
+    closeDialog(rerunDialog);
+    setNote({ action: `Started job ${r.data && r.data.id}, a re-run of ${id}.` });
+    await refresh();
+  } finally {
+    rerunSubmit.disabled = false;
+  }
+}
+
 export function initJobs() {
   tbody = document.querySelector("#jobs-table tbody");
   dialog = document.getElementById("log-dialog");
   viewer = document.getElementById("log-viewer");
   title = document.getElementById("log-title");
+  note = document.getElementById("jobs-note");
+  cancelSelectedBtn = document.getElementById("cancel-selected");
+  selectAll = document.getElementById("select-all");
+  filterKind = document.getElementById("filter-kind");
+  filterState = document.getElementById("filter-state");
+  filterText = document.getElementById("filter-text");
+  rerunDialog = document.getElementById("rerun-dialog");
+  rerunInput = document.getElementById("rerun-input");
+  rerunError = document.getElementById("rerun-error");
+  rerunSubmit = document.getElementById("rerun-submit");
   let opener = null;
 
-  document.getElementById("jobs-table").addEventListener("click", (ev) => {
+  const table = document.getElementById("jobs-table");
+  table.addEventListener("click", (ev) => {
     const btn = ev.target.closest("button");
     if (!btn) return;
     if (btn.classList.contains("show-log")) {
@@ -177,16 +411,46 @@ export function initJobs() {
       showLog(btn.dataset.jobId).catch(() => {});
     } else if (btn.classList.contains("cancel-job")) {
       cancelJob(btn).catch(() => {});
+    } else if (btn.classList.contains("rerun-job")) {
+      opener = btn;
+      openRerun(btn.dataset.jobId);
     }
   });
-  document.getElementById("log-close").addEventListener("click", () => {
-    if (dialog.open && typeof dialog.close === "function") dialog.close();
-    else dialog.removeAttribute("open");
+  table.addEventListener("change", (ev) => {
+    const box = ev.target;
+    if (box === selectAll) {
+      for (const b of tbody.querySelectorAll("input.select-job")) {
+        if (selectAll.checked) selected.add(b.dataset.jobId);
+        else selected.delete(b.dataset.jobId);
+      }
+    } else if (box.classList && box.classList.contains("select-job")) {
+      if (box.checked) selected.add(box.dataset.jobId);
+      else selected.delete(box.dataset.jobId);
+    } else {
+      return;
+    }
+    render();
   });
-  // Return focus to the button that opened the log.
-  dialog.addEventListener("close", () => {
-    if (opener && document.contains(opener)) opener.focus();
+  cancelSelectedBtn.addEventListener("click", () => { cancelSelected().catch(() => {}); });
+
+  document.getElementById("jobs-filter").addEventListener("submit", (ev) => ev.preventDefault());
+  filterText.addEventListener("input", () => render());
+  for (const select of [filterKind, filterState]) {
+    select.addEventListener("change", () => { refresh().catch(() => {}); });
+  }
+
+  document.getElementById("log-close").addEventListener("click", () => closeDialog(dialog));
+  document.getElementById("rerun-close").addEventListener("click", () => closeDialog(rerunDialog));
+  document.getElementById("rerun-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    submitRerun().catch(() => { rerunSubmit.disabled = false; });
   });
+  // Return focus to the button that opened a dialog.
+  for (const d of [dialog, rerunDialog]) {
+    d.addEventListener("close", () => {
+      if (opener && document.contains(opener)) opener.focus();
+    });
+  }
 
   const loop = async () => {
     try { await refresh(); } catch { /* shown via #net-error */ }

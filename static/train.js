@@ -6,8 +6,36 @@ import { drawLoss } from "./chart.js";
 
 let startBtn, progressEl, statusEl, lossCanvas;
 let lossCurve = [];
-let following = null;       // id of the training job being followed
+let following = null;       // id of the training job being followed, or "submitting"
 let onForecast = () => {};
+let history = null;         // {kept, needs, intervalS}: what /api/history says of the samples
+
+/** Seconds until a training run has enough history (0: it has), or null before we know. */
+function historyWaitS() {
+  if (!history) return null;
+  return Math.max(0, history.needs - history.kept) * history.intervalS;
+}
+
+function fmtWait(sec) {
+  return sec < 60 ? `${Math.ceil(sec)} s` : `${Math.ceil(sec / 60)} min`;
+}
+
+/** The Train button: busy while a run is followed, waiting while history is short. */
+function renderStart() {
+  const wait = historyWaitS();
+  let label = "Train model";
+  if (!following && wait === null) label = "Train model (checking history…)";
+  else if (!following && wait > 0) label = `Train (enough history in ${fmtWait(wait)})`;
+  if (startBtn.textContent !== label) startBtn.textContent = label;
+  startBtn.disabled = Boolean(following) || wait === null || wait > 0;
+}
+
+/** Called with every /api/history answer's `metrics`. */
+export function noteHistory(metrics) {
+  if (!metrics || typeof metrics.kept !== "number" || typeof metrics.train_needs !== "number") return;
+  history = { kept: metrics.kept, needs: metrics.train_needs, intervalS: metrics.interval_s || 1 };
+  if (startBtn) renderStart();
+}
 
 export function redrawLoss() {
   if (lossCanvas) drawLoss(lossCanvas, lossCurve);
@@ -44,7 +72,7 @@ function applyJob(job) {
 
 async function finishJob(job) {
   following = null;
-  startBtn.disabled = false;
+  renderStart();
   progressEl.removeAttribute("aria-busy");
   if (job.state === "completed") {
     progressEl.value = 1;
@@ -61,7 +89,7 @@ async function finishJob(job) {
 /** Follow a training job by its event stream, falling back to polling the job. */
 async function follow(jobId) {
   following = jobId;
-  startBtn.disabled = true;
+  renderStart();
   let final = null;
   const onJob = (job) => {
     applyJob(job);
@@ -84,7 +112,10 @@ async function follow(jobId) {
 }
 
 async function start() {
-  startBtn.disabled = true;
+  // A run without enough history fails at once: never submit one.
+  if (following || historyWaitS() !== 0) { renderStart(); return; }
+  following = "submitting";
+  renderStart();
   lossCurve = [];
   redrawLoss();
   progressEl.value = 0;
@@ -96,7 +127,8 @@ async function start() {
   });
   if (!r.ok || !r.data || !r.data.id) {
     statusEl.textContent = `Error: ${r.error || "no job id returned"}`;
-    startBtn.disabled = false;
+    following = null;
+    renderStart();
     return;
   }
   statusEl.textContent = "queued";
@@ -109,7 +141,10 @@ export function initTrain(options = {}) {
   progressEl = document.getElementById("train-progress");
   statusEl = document.getElementById("train-status");
   lossCanvas = document.getElementById("loss-chart");
-  startBtn.addEventListener("click", () => { start().catch(() => { startBtn.disabled = false; }); });
+  startBtn.addEventListener("click", () => {
+    start().catch(() => { following = null; renderStart(); });
+  });
+  renderStart();
   redrawLoss();
 
   // On load: resume a training job that is still active, and show an existing model.

@@ -314,6 +314,8 @@ def test_history_and_health(server: Server) -> None:
         assert sample["t"] == pytest.approx(time.time(), abs=5)
         assert history["jobs"][0]["id"] == job["id"]
         assert history["counts"]["completed"] == 1
+        assert history["metrics"]["kept"] >= len(history["metrics"]["samples"])
+        assert history["metrics"]["train_needs"] == 90  # a train job's default lags: 30
         health = client.get("/api/health").json()
         assert health["status"] == "ok" and health["max_concurrent"] == 4
         assert health["running"] == 0 and health["queued"] == 0

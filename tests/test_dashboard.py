@@ -217,7 +217,7 @@ def test_jobs_table_shows_a_failed_job_and_its_log(page: Any, server: Server) ->
     page.goto(server.url)
     row = f"#jobs-table tr[data-job-id='{job['id']}']"
     page.wait_for_selector(f"{row}[data-state='failed']", timeout=20_000)
-    where = page.text_content(f"{row} td:nth-child(3)") or ""
+    where = page.text_content(f"{row} td[data-col=where]") or ""
     assert where.startswith("local · "), f"the row says where the job ran: {where!r}"
     page.click(f"{row} button.show-log")
     page.wait_for_function("document.querySelector('#log-viewer').textContent"
@@ -246,7 +246,7 @@ def test_jobs_table_shows_a_chats_tokens(page: Any, server: Server) -> None:
     page.goto(server.url)
     row = f"#jobs-table tr[data-job-id='{job_id}']"
     page.wait_for_selector(f"{row}[data-state='completed']", timeout=30_000)
-    tokens = page.text_content(f"{row} td:nth-child(8)") or ""
+    tokens = page.text_content(f"{row} td[data-col=tokens]") or ""
     # The scripted server reports no usage: counted (~), one token a piece.
     assert re.fullmatch(rf"~\d+ → ~{len(REPLY)} · [\d.]+/s", tokens), tokens
 
@@ -368,3 +368,162 @@ def test_a_reply_goes_on_after_the_connection_drops(page: Any,
         [text for text in seen if not job["output"].startswith(text)][:1]
     assert streams[0] is None and any(streams[1:]), f"followed again from an id: {streams}"
     assert polled == [], "the reply came from the stream, not from polling"
+
+
+
+def rows_shown(page: Any) -> list[str]:
+    return list(page.eval_on_selector_all("#jobs-table tbody tr[data-job-id]",
+                                     "rows => rows.map(r => r.dataset.jobId)"))
+
+
+def wait_rows(page: Any, ids: set[str], timeout: float = 30) -> None:
+    """Wait until the table shows exactly `ids`."""
+    deadline = time.monotonic() + timeout
+    while set(shown := rows_shown(page)) != ids:
+        assert time.monotonic() < deadline, f"rows {shown}, wanted {sorted(ids)}"
+        time.sleep(0.1)
+
+
+def submit(server: Server, kind: str, **job_input: Any) -> str:
+    answer = httpx.post(f"{server.url}/api/jobs", json={"kind": kind, "input": job_input})
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["id"])
+
+
+def test_jobs_filters_keep_refreshing_and_cancel_several(page: Any, server: Server) -> None:
+    failed = submit(server, "probe", fail="disk on fire")
+    done = submit(server, "sleep", seconds=0.1)
+    live = [submit(server, "sleep", seconds=300) for _ in range(3)]
+    page.goto(server.url)
+    wait_rows(page, {failed, done, *live})
+    page.wait_for_selector(f"tr[data-job-id='{failed}'][data-state='failed']", timeout=20_000)
+    assert page.locator(f"tr[data-job-id='{failed}'] input.select-job").count() == 0, \
+        "a finished job cannot be ticked for cancelling"
+
+    page.select_option("#filter-kind", "probe")  # a kind the page learnt from the list
+    wait_rows(page, {failed})
+    page.select_option("#filter-kind", "")
+    page.fill("#filter-text", "FIRE")  # the error's text, any case
+    wait_rows(page, {failed})
+    page.fill("#filter-text", done[:8])
+    wait_rows(page, {done})
+    page.fill("#filter-text", "")
+    page.select_option("#filter-state", "running")
+    wait_rows(page, set(live))
+    later = submit(server, "sleep", seconds=300)
+    wait_rows(page, {*live, later})  # the filtered table stays live
+
+    for job_id in live[:2]:
+        page.check(f"tr[data-job-id='{job_id}'] input.select-job")
+    assert page.text_content("#cancel-selected") == "Cancel selected (2)"
+    page.click("#cancel-selected")
+    wait_rows(page, {live[2], later})
+    page.wait_for_function("document.querySelector('#jobs-note').textContent"
+                           ".includes('Cancelled 2 jobs.')", timeout=10_000)
+    states = {job_id: httpx.get(f"{server.url}/api/jobs/{job_id}").json()["state"]
+              for job_id in [*live, later]}
+    assert states == {live[0]: "cancelled", live[1]: "cancelled", live[2]: "running",
+                      later: "running"}
+    page.check("#select-all")
+    assert page.text_content("#cancel-selected") == "Cancel selected (2)"
+    page.click("#cancel-selected")
+    wait_rows(page, set())
+    assert "No jobs match" in page.inner_text("#jobs-table tbody")
+
+
+def test_a_finished_job_runs_again_with_edited_input(page: Any, server: Server) -> None:
+    first = submit(server, "sleep", seconds=0.1)
+    page.goto(server.url)
+    row = f"#jobs-table tr[data-job-id='{first}']"
+    page.wait_for_selector(f"{row}[data-state='completed']", timeout=20_000)
+    page.click(f"{row} button.rerun-job")
+    assert page.is_visible("#rerun-dialog")
+    assert '"seconds": 0.1' in page.input_value("#rerun-input")
+
+    page.fill("#rerun-input", "{not json")
+    page.click("#rerun-submit")
+    page.wait_for_function("document.querySelector('#rerun-error').textContent"
+                           ".includes('not valid JSON')", timeout=10_000)
+    bad = {"input": {"seconds": -5}}
+    page.fill("#rerun-input", '{"seconds": -5}')
+    page.click("#rerun-submit")
+    refused = httpx.post(f"{server.url}/api/jobs/{first}/rerun", json=bad)
+    assert refused.status_code == 422
+    page.wait_for_function("expected => document.querySelector('#rerun-error').textContent"
+                           " === expected", arg=refused.json()["detail"], timeout=10_000)
+    assert page.is_visible("#rerun-dialog"), "the dialog stays open to fix the input"
+    assert page.get_attribute("#rerun-input", "aria-invalid") == "true"
+
+    page.fill("#rerun-input", '{"seconds": 0.2}')
+    page.click("#rerun-submit")
+    page.wait_for_selector("#rerun-dialog", state="hidden", timeout=10_000)
+    again = [job for job in httpx.get(f"{server.url}/api/jobs").json()["jobs"]
+             if job["rerun_of"] == first]
+    assert len(again) == 1 and again[0]["input"] == {"seconds": 0.2}
+    notes = page.text_content(f"#jobs-table tr[data-job-id='{again[0]['id']}'] "
+                              "td[data-col=notes]", timeout=10_000)
+    assert notes == f"re-run of {first[:8]}"
+    assert f"a re-run of {first}" in (page.text_content("#jobs-note") or "")
+    assert page.evaluate("document.activeElement.classList.contains('rerun-job')"), \
+        "focus goes back to the button that opened the dialog"
+
+
+@pytest.mark.timeout(400)
+def test_train_waits_for_enough_history_on_a_fresh_start(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    """A fresh data folder has no history: the Train button says how long until it has
+    enough, submits nothing meanwhile, and trains once it has."""
+    server = make_server(env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    submitted: list[float] = []
+    page.on("request", lambda request: submitted.append(time.monotonic())
+            if request.method == "POST" and request.url.endswith("/api/jobs") else None)
+    page.goto(server.url)
+    page.wait_for_function("document.querySelector('#train-start').textContent"
+                           ".includes('enough history in')", timeout=20_000)
+    label = page.text_content("#train-start") or ""
+    assert re.fullmatch(r"Train \(enough history in \d+ (s|min)\)", label), label
+    assert page.is_disabled("#train-start")
+    page.evaluate("document.querySelector('#train-start').click()")
+    page.wait_for_function("!document.querySelector('#train-start').disabled", timeout=300_000)
+    enabled_at = time.monotonic()
+    assert submitted == [], "nothing is submitted while the history is short"
+    history = httpx.get(f"{server.url}/api/history").json()["metrics"]
+    assert history["kept"] >= history["train_needs"]
+    assert page.text_content("#train-start") == "Train model"
+    page.click("#train-start")
+    page.wait_for_function("/completed|failed/.test(document.querySelector('#train-status')"
+                           ".textContent)", timeout=120_000)
+    assert page.text_content("#train-status") == "completed"
+    assert len(submitted) == 1 and submitted[0] >= enabled_at
+
+
+AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa", "best-practice"]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_the_page_passes_an_axe_audit(browser: Any, server: Server, scheme: str) -> None:
+    """With jobs in the table and the dialogs closed, then the re-run dialog open with
+    an error in it."""
+    from axe_playwright_python.sync_playwright import Axe  # type: ignore[import-untyped]  # ships no type hints
+
+    submit(server, "probe", fail="no")
+    submit(server, "sleep", seconds=300)  # a live row: its checkbox and Cancel button
+    context = browser.new_context(viewport={"width": 1200, "height": 900},
+                                  color_scheme=scheme)
+    page = context.new_page()
+    page.goto(server.url)
+    page.wait_for_selector("#jobs-table tr[data-state='failed']", timeout=20_000)
+    page.wait_for_selector("#jobs-table tr[data-state='running']", timeout=20_000)
+    page.wait_for_function("!document.querySelector('#train-start').textContent"
+                           ".includes('checking')", timeout=20_000)
+    options = {"runOnly": {"type": "tag", "values": AXE_TAGS}}
+    closed = Axe().run(page, options=options).response["violations"]
+    page.click("#jobs-table tr[data-state='failed'] button.rerun-job")
+    page.fill("#rerun-input", "{")
+    page.click("#rerun-submit")
+    page.wait_for_selector("#rerun-error:has-text('not valid JSON')")
+    dialog = Axe().run(page, options=options).response["violations"]
+    context.close()
+    found = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:5], v["help"])
+             for v in closed + dialog]
+    assert found == [], found

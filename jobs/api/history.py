@@ -35,6 +35,12 @@ class MetricsReader:
             self._catch_up()
             return [s for s in self._samples if s["t"] >= cutoff]
 
+    def kept(self) -> int:
+        """How many samples are kept (on disk, all of them: what a training run reads)."""
+        with self._lock:
+            self._catch_up()
+            return len(self._samples)
+
     def _catch_up(self) -> None:
         try:
             st = os.stat(self.path)

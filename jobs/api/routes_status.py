@@ -17,6 +17,7 @@ from jobs.api.routes_jobs import Service
 from jobs.llm.status import LLMStatus
 from jobs.protocol import control
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S
+from runners import train
 
 
 def _installed_version() -> str:
@@ -35,14 +36,17 @@ router = APIRouter(prefix="/api", tags=["status"], dependencies=[Depends(require
 async def history(request: Request, service: Service,
                   seconds: Annotated[float, Query(gt=0, le=HISTORY_KEEP_S)] = 300,
                   jobs: Annotated[int, Query(ge=0, le=200)] = 20) -> dict[str, Any]:
-    """Machine metrics (CPU and memory, about one sample a second), recent jobs, counts."""
+    """Machine metrics (CPU and memory, about one sample a second), recent jobs, counts;
+    `kept` and `train_needs`: samples kept, and how many a training run (default input)
+    needs, so the dashboard can say when training becomes possible."""
     reader: MetricsReader = request.app.state.metrics
     # Reading the metrics appended since the last call is one stat and a few hundred
     # bytes: microseconds, so it stays on the loop (a thread hop costs more under load).
     samples = reader.read(seconds)
     recent, counts = await service.overview(jobs)
     return {
-        "metrics": {"interval_s": HISTORY_SAMPLE_S, "samples": samples},
+        "metrics": {"interval_s": HISTORY_SAMPLE_S, "samples": samples,
+                    "kept": reader.kept(), "train_needs": train.samples_needed(train.LAGS[0])},
         "jobs": [short_job(job) for job in recent],
         "counts": counts,
     }

@@ -1,0 +1,133 @@
+// queue.js — the queue's pause/resume control and the schedules panel. A server without
+// these routes answers 404: the controls then stay hidden and are not asked for again.
+
+import { apiJSON } from "./api.js";
+import { fmtDuration } from "./jobs.js";
+
+const SCHEDULES_MS = 5000;
+
+let queueControl, queueState, queueToggle;
+let section, link, tbody;
+let queuePaused = null;
+
+function renderQueue(paused) {
+  queuePaused = paused;
+  queueControl.hidden = false;
+  queueState.textContent = paused ? "Queue: paused (running jobs finish, queued ones wait)" : "Queue: running";
+  queueState.className = paused ? "paused" : "";
+  queueToggle.textContent = paused ? "Resume queue" : "Pause queue";
+}
+
+/** Called with /api/health's `queue` ({"paused": bool}) when the server has one. */
+export function noteQueue(queue) {
+  if (queue && typeof queue.paused === "boolean") renderQueue(queue.paused);
+}
+
+async function toggleQueue() {
+  queueToggle.disabled = true;
+  try {
+    const r = await apiJSON(`/api/queue/${queuePaused ? "resume" : "pause"}`, { method: "POST", source: "queue" });
+    const now = r.ok && r.data && typeof r.data.paused === "boolean" ? r : await apiJSON("/api/queue");
+    if (now.ok && now.data && typeof now.data.paused === "boolean") renderQueue(now.data.paused);
+    else if (now.status === 404) queueControl.hidden = true;
+  } finally {
+    queueToggle.disabled = false;
+  }
+}
+
+function whenText(iso) {
+  const ms = Date.parse(iso || "");
+  if (Number.isNaN(ms)) return "—";
+  const sec = (ms - Date.now()) / 1000;
+  return sec > 0 ? `in ${fmtDuration(sec)}` : "due now";
+}
+
+function scheduleRow(s) {
+  const tr = document.createElement("tr");
+  tr.dataset.schedule = s.name;
+  tr.dataset.paused = String(Boolean(s.paused));
+  const last = s.last_job_id ? `${String(s.last_job_id).slice(0, 8)} · ${s.last_state || "?"}` : "—";
+  const values = [s.name, s.kind, typeof s.every_s === "number" ? fmtDuration(s.every_s) : "—",
+    s.paused ? "paused" : whenText(s.next_run_at), last];
+  for (const v of values) {
+    const td = document.createElement("td");
+    td.textContent = String(v ?? "—");
+    tr.append(td);
+  }
+  const td = document.createElement("td");
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = "toggle-schedule";
+  b.dataset.schedule = s.name;
+  b.dataset.action = s.paused ? "resume" : "pause";
+  b.textContent = s.paused ? "Resume" : "Pause";
+  b.setAttribute("aria-label", `${b.textContent} schedule ${s.name}`);
+  td.append(b);
+  tr.append(td);
+  return tr;
+}
+
+/** Rebuilt only when something changed, so focus on a button survives a refresh. */
+function renderSchedules(list) {
+  const key = JSON.stringify(list.map((s) => [s.name, s.kind, s.every_s, s.paused, s.next_run_at,
+    s.last_job_id, s.last_state]));
+  if (tbody.dataset.key === key) return;
+  const focused = document.activeElement && document.activeElement.dataset
+    ? document.activeElement.dataset.schedule : undefined;
+  tbody.dataset.key = key;
+  tbody.replaceChildren(...list.map(scheduleRow));
+  if (!list.length) {
+    const tr = document.createElement("tr");
+    const td = document.createElement("td");
+    td.colSpan = 6;
+    td.textContent = "No schedules configured.";
+    tr.append(td);
+    tbody.append(tr);
+  }
+  if (focused) tbody.querySelector(`button[data-schedule="${CSS.escape(focused)}"]`)?.focus();
+}
+
+/** false once the server said it has no schedules route. */
+async function refreshSchedules() {
+  const r = await apiJSON("/api/schedules", { source: "schedules" });
+  if (r.status === 404) {
+    section.hidden = true;
+    link.hidden = true;
+    return false;
+  }
+  if (r.ok && r.data && Array.isArray(r.data.schedules)) {
+    renderSchedules(r.data.schedules);
+    section.hidden = false;
+    link.hidden = false;
+  }
+  return true;
+}
+
+async function toggleSchedule(btn) {
+  btn.disabled = true;
+  const name = encodeURIComponent(btn.dataset.schedule);
+  await apiJSON(`/api/schedules/${name}/${btn.dataset.action}`, { method: "POST", source: "schedules" });
+  await refreshSchedules();
+  btn.disabled = false;
+}
+
+export function initQueue() {
+  queueControl = document.getElementById("queue-control");
+  queueState = document.getElementById("queue-state");
+  queueToggle = document.getElementById("queue-toggle");
+  section = document.getElementById("schedules-section");
+  link = document.getElementById("schedules-link");
+  tbody = document.querySelector("#schedules-table tbody");
+  queueToggle.addEventListener("click", () => { toggleQueue().catch(() => { queueToggle.disabled = false; }); });
+  tbody.addEventListener("click", (ev) => {
+    const btn = ev.target.closest("button.toggle-schedule");
+    if (btn) toggleSchedule(btn).catch(() => { btn.disabled = false; });
+  });
+  apiJSON("/api/queue").then((r) => { if (r.ok) noteQueue(r.data); }).catch(() => {});
+  const loop = async () => {
+    let again = true;
+    try { again = await refreshSchedules(); } catch { /* shown via #net-error */ }
+    if (again) setTimeout(loop, SCHEDULES_MS);
+  };
+  loop();
+}
