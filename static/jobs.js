@@ -38,8 +38,9 @@ export function fmtDuration(sec) {
 function fmtIn(sec) {
   sec = Math.max(0, Math.ceil(sec));
   if (sec < 60) return `${sec} s`;
-  if (sec < 3600) return `${Math.round(sec / 60)} min`;
-  return `${Math.floor(sec / 3600)} h ${Math.round((sec % 3600) / 60)} min`;
+  const min = Math.round(sec / 60);
+  if (min < 60) return `${min} min`;
+  return min % 60 ? `${Math.floor(min / 60)} h ${min % 60} min` : `${min / 60} h`;
 }
 
 function num(v, digits) {

@@ -500,14 +500,76 @@ def test_train_waits_for_enough_history_on_a_fresh_start(
 AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa", "best-practice"]
 
 
+SCHEDULES = """
+[nightly-train]
+kind = "sleep"
+every = "6h"
+input = {seconds = 0}
+"""
+
+
+def with_schedules(make_server: Callable[..., Server], tmp_path: Path,
+                   **env: str) -> Server:
+    path = tmp_path / "schedules.toml"
+    path.write_text(SCHEDULES)
+    return make_server(env={"OFFLOAD_SCHEDULES_FILE": str(path), **env})
+
+
+def note_of(page: Any, job_id: str) -> str:
+    return str(page.text_content(f"#jobs-table tr[data-job-id='{job_id}'] td[data-col=notes]",
+                                 timeout=20_000))
+
+
+def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
+        page: Any, make_server: Callable[..., Server], tmp_path: Path) -> None:
+    server = with_schedules(make_server, tmp_path, OFFLOAD_RETRY_BASE_S="600",
+                            OFFLOAD_RETRY_MAX_S="600")
+    retried = httpx.post(f"{server.url}/api/jobs", json={
+        "kind": "probe", "input": {"exit_code": 9}, "max_attempts": 2}).json()["id"]
+    later = httpx.post(f"{server.url}/api/jobs", json={
+        "kind": "sleep", "input": {"seconds": 0}, "delay_s": 7200, "priority": 5}).json()["id"]
+    page.goto(server.url)
+    page.wait_for_function("id => { const c = document.querySelector("
+                           "`#jobs-table tr[data-job-id='${id}'] td[data-col=notes]`);"
+                           " return c && c.textContent.includes('retrying in'); }",
+                           arg=retried, timeout=30_000)
+    assert note_of(page, retried).startswith("attempt 2 of 2 · retrying in ")
+    assert "earlier: lost" in note_of(page, retried)
+    assert note_of(page, later) == "starts in 2 h · priority 5"
+
+    # The schedule is listed with its next run, paused and resumed from the page.
+    row = "#schedules-section tr[data-schedule='nightly-train']"
+    page.wait_for_selector(row, timeout=20_000)
+    page.click(f"{row} button.toggle-schedule")
+    page.wait_for_selector(f"{row}[data-paused='true']", timeout=10_000)
+    assert httpx.get(f"{server.url}/api/schedules").json()["schedules"][0]["paused"] is True
+    page.click(f"{row} button.toggle-schedule")
+    page.wait_for_selector(f"{row}[data-paused='false']", timeout=10_000)
+
+    # The queue paused from the page: a new job waits, and runs once resumed.
+    page.click("#queue-toggle")
+    page.wait_for_function("document.querySelector('#queue-toggle').textContent"
+                           " === 'Resume queue'", timeout=10_000)
+    assert httpx.get(f"{server.url}/api/queue").json() == {"paused": True}
+    waiting = submit(server, "sleep", seconds=0)
+    time.sleep(2)
+    assert httpx.get(f"{server.url}/api/jobs/{waiting}").json()["state"] == "queued"
+    page.click("#queue-toggle")
+    page.wait_for_selector(f"#jobs-table tr[data-job-id='{waiting}'][data-state='completed']",
+                           timeout=30_000)
+
+
 @pytest.mark.parametrize("scheme", ["light", "dark"])
-def test_the_page_passes_an_axe_audit(browser: Any, server: Server, scheme: str) -> None:
-    """With jobs in the table and the dialogs closed, then the re-run dialog open with
-    an error in it."""
+def test_the_page_passes_an_axe_audit(browser: Any, make_server: Callable[..., Server],
+                                      tmp_path: Path, scheme: str) -> None:
+    """With jobs in the table, the schedules and the queue's control shown and the dialogs
+    closed, then the re-run dialog open with an error in it."""
     from axe_playwright_python.sync_playwright import Axe  # type: ignore[import-untyped]  # ships no type hints
 
+    server = with_schedules(make_server, tmp_path)
     submit(server, "probe", fail="no")
     submit(server, "sleep", seconds=300)  # a live row: its checkbox and Cancel button
+    httpx.post(f"{server.url}/api/jobs", json={"kind": "sleep", "input": {}, "delay_s": 600})
     context = browser.new_context(viewport={"width": 1200, "height": 900},
                                   color_scheme=scheme)
     page = context.new_page()
@@ -516,6 +578,9 @@ def test_the_page_passes_an_axe_audit(browser: Any, server: Server, scheme: str)
     page.wait_for_selector("#jobs-table tr[data-state='running']", timeout=20_000)
     page.wait_for_function("!document.querySelector('#train-start').textContent"
                            ".includes('checking')", timeout=20_000)
+    page.wait_for_selector("#schedules-section tr[data-schedule='nightly-train']",
+                           timeout=20_000)
+    page.wait_for_selector("#queue-toggle", timeout=20_000)
     options = {"runOnly": {"type": "tag", "values": AXE_TAGS}}
     closed = Axe().run(page, options=options).response["violations"]
     page.click("#jobs-table tr[data-state='failed'] button.rerun-job")
