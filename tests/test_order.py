@@ -269,3 +269,19 @@ def test_a_runner_lost_while_no_supervisor_watched_is_retried_by_the_next(
     created = datetime.fromisoformat(later["created_at"].replace("Z", "+00:00"))
     assert later["state"] == "completed"
     assert started(later) >= created + timedelta(seconds=4), later  # its run_at, remembered
+
+
+def test_a_job_set_aside_for_its_kinds_cap_starts_when_the_one_sent_back_never_does(
+        make_server: MakeServer) -> None:
+    """Under `sleep=1`, the job given the freed place is cancelled before it starts:
+    the next one set aside still starts."""
+    server = make_server(env={"OFFLOAD_KIND_CAPS": "sleep=1"})
+    with server.client() as client:
+        first = submit(client, input={"seconds": 2})
+        wait_job(client, first["id"], "running")
+        given, after = (submit(client, input={"seconds": 0})["id"] for _ in range(2))
+        assert client.post("/api/queue/pause").json() == {"paused": True}
+        wait_job(client, first["id"], "completed")
+        assert client.delete(f"/api/jobs/{given}").json()["state"] == "cancelled"
+        client.post("/api/queue/resume")
+        assert wait_job(client, after, timeout=30)["state"] == "completed"

@@ -414,21 +414,26 @@ class Supervisor:
         self._running_by_kind[str(kind)] += 1
 
     def _no_longer_running(self, job_id: str) -> None:
-        """A runner ended: the first job set aside for its kind's cap may go again."""
         del self._running[job_id]
         kind = self._running_kind.pop(job_id, None)
-        if kind is None:
-            return
-        self._running_by_kind[kind] -= 1
-        waiting = self._set_aside.get(kind)
-        while waiting:
-            key, waiter = heapq.heappop(waiting)
-            entry = self._queued.get(waiter)
-            if entry is not None and entry.key == key:
-                heapq.heappush(self._queue_order, (key, waiter))
-                break
-        if not waiting:
-            self._set_aside.pop(kind, None)
+        if kind is not None:
+            self._running_by_kind[kind] -= 1
+
+    def _release_set_aside(self) -> None:
+        """Of each kind below its cap, as many set-aside jobs as it has room for go back
+        in launch order. Every pass, not once per ended runner: a job sent back may never
+        start (cancelled, waiting for its turn), and must not hold up the others."""
+        for kind in list(self._set_aside):
+            waiting = self._set_aside[kind]
+            room = self.kind_caps.get(kind, 0) - self._running_by_kind[kind]
+            while waiting and room > 0:
+                key, waiter = heapq.heappop(waiting)
+                entry = self._queued.get(waiter)
+                if entry is not None and entry.key == key:
+                    heapq.heappush(self._queue_order, (key, waiter))
+                    room -= 1
+            if not waiting:
+                del self._set_aside[kind]
 
     def _adopt(self, job_id: str, data: dict[str, Any]) -> None:
         """A job launched by an earlier supervisor: watch it if alive, else it is lost."""
@@ -477,6 +482,7 @@ class Supervisor:
     def _launch(self) -> None:
         if queue_paused(self.dir.parent):
             return  # queued jobs wait; POST /api/queue/resume wakes this loop
+        self._release_set_aside()
         while len(self._running) < self.max_concurrent:
             job_id = self._next_queued()
             if job_id is None or not self._launch_one(job_id):
