@@ -287,6 +287,9 @@ def job_details(job: dict[str, Any], out: IO[str]) -> None:
             lines.append((name.replace("_", " "), job[name]))
     if job.get(p.F_ERROR) or job.get(p.F_PROGRESS):
         lines.append(("error" if job.get(p.F_ERROR) else "progress", _note(job)))
+    for earlier in job.get(p.F_EARLIER_ERRORS) or []:
+        lines.append((f"attempt {earlier.get('attempt')}",
+                      f"{earlier.get('type')}: {earlier.get('message')}"))
     lines.append(("input", compact(job.get(p.F_INPUT))))
     if job.get(p.F_RESULT) is not None:
         lines.append(("result", compact(job[p.F_RESULT])))
@@ -376,13 +379,34 @@ def cmd_log(client: Client, args: argparse.Namespace) -> int:
             sys.stderr.write(f"offload: job {args.id} has logged nothing (its output, if "
                              "any: offload show ID)\n")
         return EXIT_OK
+    return _follow_log(client, args)
+
+
+def _follow_log(client: Client, args: argparse.Namespace) -> int:
+    """The job's output as it streams; its progress on stderr while it writes none."""
     progress_seen: list[Any] = [None]
 
+    attempt_shown: list[Any] = [None]
+    line_open = [False]  # the output printed so far does not end a line
+
     def show(event: dict[str, Any], job: dict[str, Any]) -> None:
+        attempt = job.get(p.F_ATTEMPT) or 1
+        if attempt_shown[0] is not None and attempt != attempt_shown[0] and not args.json:
+            # A retry starts its output afresh: the earlier attempt's stays, marked as such.
+            if line_open[0]:
+                sys.stdout.write("\n")
+            earlier = (job.get(p.F_EARLIER_ERRORS) or [{}])[-1]
+            sys.stderr.write(f"[attempt {attempt - 1} failed ({earlier.get('message', '?')});"
+                             f" attempt {attempt} of {job.get(p.F_MAX_ATTEMPTS) or '?'}]\n")
+            line_open[0] = False
+        attempt_shown[0] = attempt
         if args.json:
             sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
         elif p.F_OUTPUT in event or OUTPUT_DELTA in event:
-            sys.stdout.write(event.get(p.F_OUTPUT, event.get(OUTPUT_DELTA)) or "")
+            text = event.get(p.F_OUTPUT, event.get(OUTPUT_DELTA)) or ""
+            sys.stdout.write(text)
+            if text:
+                line_open[0] = not text.endswith("\n")
         sys.stdout.flush()
         progress = job.get(p.F_PROGRESS)
         if not args.json and progress and progress != progress_seen[0]:

@@ -148,6 +148,24 @@ def test_log_follow_prints_a_chat_reply_as_it_streams(make_server: MakeServer) -
             llm.gate.set()
 
 
+def test_log_follow_marks_where_a_retry_starts_its_output_again(
+        make_server: MakeServer) -> None:
+    """Each attempt's stream is cut after two pieces: both partial replies are printed,
+    each on its own line, with the retry said on stderr, and the job's failure at the end."""
+    with FakeLLM(pieces=["The ", "CPU ", "is ", "fine."], cut_after=2, delay_s=1.0) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url,
+                                  "OFFLOAD_RETRY_BASE_S": "0.5"})
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        job_id = cli(server.url, "submit", "chat", "--input", body).stdout.strip()
+        followed = cli(server.url, "log", job_id, "--follow")
+    assert followed.returncode == 1, followed.stderr
+    attempts = [line for line in followed.stdout.splitlines() if line]
+    assert attempts[-2:] == ["The CPU ", "The CPU "], followed.stdout
+    assert "attempt 2 of 2]" in followed.stderr and f"job {job_id} failed" in followed.stderr
+    shown = cli(server.url, "show", job_id).stdout
+    assert "attempt 1:" in shown, shown
+
+
 def test_log_follow_resumes_across_an_api_restart(make_server: MakeServer, data_dir: Path,
                                                   tmp_path: Path) -> None:
     """The stream drops with the API; the follower comes back with Last-Event-ID and
