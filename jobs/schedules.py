@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.kinds import InvalidInput, registry, validate_input
-from jobs.settings import MAX_TIMEOUT_S, Settings, get_settings
+from jobs.settings import MAX_PRIORITY, MAX_TIMEOUT_S, Settings, get_settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -130,8 +130,10 @@ def _schedule(name: str, table: object) -> Schedule:
     except InvalidInput as exc:
         raise ValueError(str(exc)) from None
     priority = table.get("priority")
-    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-        raise ValueError(f"`priority` must be a whole number, not {priority!r}")
+    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)
+                                 or abs(priority) > MAX_PRIORITY):
+        raise ValueError(f"`priority` must be a whole number from {-MAX_PRIORITY} to "
+                         f"{MAX_PRIORITY}, not {priority!r}")
     timeout_s = table.get("timeout_s")
     if timeout_s is not None and (isinstance(timeout_s, bool)
                                   or not isinstance(timeout_s, (int, float))

@@ -81,8 +81,12 @@ export function notes(job, now = Date.now()) {
     parts.push(attempt > 1 ? `retrying in ${Math.ceil(wait)} s` : `starts in ${fmtIn(wait)}`);
   }
   if (earlier.length) {
-    const types = earlier.map((e) => (e && (e.type || e.message)) || "error");
-    parts.push(`earlier: ${types.join(", ")}`);
+    const said = earlier.map((e) => {
+      const message = e && typeof e.message === "string" ? e.message : "";
+      const short = message.length > 80 ? `${message.slice(0, 79)}…` : message;
+      return [(e && e.type) || "error", short].filter(Boolean).join(": ");
+    });
+    parts.push(`earlier: ${said.join("; ")}`);
   }
   if (typeof job.priority === "number" && job.priority !== (DEFAULT_PRIORITY[job.kind] ?? 0)) {
     parts.push(`priority ${job.priority}`);

@@ -175,6 +175,7 @@ def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Pa
     ("[a]\nkind = 'sleep'\nevry = 5\n", "schedule [a]: unknown field evry"),
     ("[A]\nkind = 'sleep'\nevery = 5\n", "schedule [A]: a schedule's name is"),
     ("[a]\nkind = 'sleep'\nevery = 5\npriority = 'high'\n", "`priority` must be a whole"),
+    ("[a]\nkind = 'sleep'\nevery = 5\npriority = 5000\n", "from -1000 to 1000"),
     ("[a\n", "cannot read the schedules file"),
 ])
 def test_a_bad_schedules_file_names_the_file_and_the_entry(data_dir: Path, tmp_path: Path,
