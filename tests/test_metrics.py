@@ -119,6 +119,29 @@ def test_counts_by_kind_and_state_failures_histograms_and_tokens(
     assert value(after, "offload_llm_ready") == 1
 
 
+def test_a_retried_attempt_is_counted_as_a_retry_not_a_finished_job(
+        make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_RETRY_BASE_S": "0.2", "OFFLOAD_RETRY_MAX_S": "0.2"})
+    with server.client() as client:
+        job_id = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 1},
+                                                "max_attempts": 2}).json()["id"]
+        first = wait_state(client, job_id, {"running"})
+        psutil.Process(first["pid"]).kill()  # its runner is lost: attempt 2 follows
+        final = wait_state(client, job_id, p.FINAL_STATES)
+        assert (final["state"], final["attempt"]) == ("completed", 2)
+
+        def counted() -> Samples | None:
+            samples = scrape(client)
+            return samples if value(samples, "offload_jobs_finished_total", kind="sleep",
+                                    state="completed") else None
+
+        after = wait_for(counted, 30, 0.1, "the job counted")
+    assert value(after, "offload_job_retries_total", kind="sleep", type="lost") == 1
+    assert value(after, "offload_job_failures_total", kind="sleep", type="lost") == 0
+    assert sum(v for (name, _), v in after.items() if name == "offload_jobs_finished_total") == 1
+    assert value(after, "offload_queue_wait_seconds_count", kind="sleep") == 2  # two starts
+
+
 def test_token_and_host_rules_hold_for_metrics(make_server: MakeServer) -> None:
     guarded = make_server(env={**NO_LLM, "OFFLOAD_API_TOKEN": TOKEN})
     with guarded.client() as client:

@@ -100,6 +100,14 @@ class JobMetrics:
                 failures.add_metric([kind, error_type], count)
         yield failures
 
+        retries = CounterMetricFamily("offload_job_retries", "Attempts that failed for a "
+                                      "transient reason and were queued again, by error.type.",
+                                      labels=["kind", "type"])
+        for kind, by_type in sorted(counters.retries.items()):
+            for error_type, count in sorted(by_type.items()):
+                retries.add_metric([kind, error_type], count)
+        yield retries
+
         for name, histograms, what in (
                 ("offload_queue_wait_seconds", counters.queue_wait,
                  "Seconds from when a job was due (created, or its run_at) to its launch."),

@@ -80,6 +80,7 @@ class JobCounters:
         self.saved_at: float | None = None  # POSIX time of the last save by a leader
         self.finished: dict[str, dict[str, int]] = {}  # kind -> state -> jobs
         self.failures: dict[str, dict[str, int]] = {}  # kind -> error type -> jobs
+        self.retries: dict[str, dict[str, int]] = {}  # kind -> error type -> attempts retried
         self.queue_wait: dict[str, Histogram] = {}  # kind -> seconds from due to start
         self.duration: dict[str, Histogram] = {}  # kind -> seconds from start to end
         self.tokens = dict.fromkeys(TOKEN_FIELDS, 0)
@@ -117,6 +118,12 @@ class JobCounters:
                     self.tokens[direction] += usage[field]
         self.dirty = True
 
+    def retried(self, job: dict[str, Any], error_type: str) -> None:
+        """An attempt failed for a transient reason and the job was queued again."""
+        by_type = self.retries.setdefault(_kind(job), {})
+        by_type[error_type] = by_type.get(error_type, 0) + 1
+        self.dirty = True
+
     def missed(self, job: dict[str, Any]) -> bool:
         """A finished job that no leader counted: it finished after the last save (while
         no supervisor led, or after a leader's last save before it died)."""
@@ -133,7 +140,7 @@ class JobCounters:
     def as_json(self) -> dict[str, Any]:
         return {
             "since": self.since, "saved_at": self.saved_at, "buckets_s": list(BUCKETS_S),
-            "finished": self.finished, "failures": self.failures,
+            "finished": self.finished, "failures": self.failures, "retries": self.retries,
             "queue_wait": {k: h.as_json() for k, h in self.queue_wait.items()},
             "duration": {k: h.as_json() for k, h in self.duration.items()},
             "tokens": self.tokens,
@@ -156,6 +163,7 @@ class JobCounters:
             counters.saved_at = float(data["saved_at"])
         counters.finished = _nested_counts(data.get("finished"))
         counters.failures = _nested_counts(data.get("failures"))
+        counters.retries = _nested_counts(data.get("retries"))
         same_buckets = data.get("buckets_s") == list(BUCKETS_S)
         for name in ("queue_wait", "duration"):
             found = data.get(name) if same_buckets else None

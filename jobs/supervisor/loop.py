@@ -567,6 +567,8 @@ class Supervisor:
         finally:
             self._settle(life)
         if life.requeued is not None:  # a transient failure with attempts left
+            earlier = life.requeued.get(p.F_EARLIER_ERRORS) or [{}]
+            self.counters.retried(life.requeued, str(earlier[-1].get("type")))
             self._enqueue(life.job_id, life.requeued)
 
     def _backoff(self, attempt: int) -> float:
