@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import psutil
 import pytest
 
@@ -63,6 +64,18 @@ def _kill_leftover_model(data_dir: Path) -> None:
             proc = psutil.Process(pid)
             if embedded.is_server(proc.cmdline()):
                 proc.kill()
+
+
+def wait_job(client: httpx.Client, job_id: str, *states: str,
+             timeout: float = 60) -> dict[str, Any]:
+    """The job once it is in one of `states` (by default: final)."""
+    wanted = states or tuple(p.FINAL_STATES)
+
+    def check() -> dict[str, Any] | None:
+        job: dict[str, Any] = client.get(f"/api/jobs/{job_id}").json()
+        return job if job["state"] in wanted else None
+
+    return wait_for(check, timeout, 0.05, f"job {job_id} in {wanted}")
 
 
 def wait_for(predicate: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.02,

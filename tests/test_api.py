@@ -7,12 +7,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psutil
 import pytest
 
 from jobs import protocol as p
-from tests.conftest import process_gone, wait_for
+from tests.conftest import process_gone, wait_for, wait_job
 from tests.fake_llm import FakeLLM
 from tests.server import Server, applied, read_events
 
@@ -29,16 +28,6 @@ def llm() -> Iterator[FakeLLM]:
 def server(make_server: MakeServer, llm: FakeLLM) -> Server:
     return make_server(env={"OPENAI_BASE_URL": llm.base_url, "OFFLOAD_MAX_CONCURRENT": "4"})
 
-
-def wait_job(client: httpx.Client, job_id: str, *states: str,
-             timeout: float = 30) -> dict[str, Any]:
-    wanted = states or tuple(p.FINAL_STATES)
-
-    def check() -> dict[str, Any] | None:
-        job = client.get(f"/api/jobs/{job_id}").json()
-        return job if job["state"] in wanted else None
-
-    return wait_for(check, timeout, 0.05, f"job {job_id} in {wanted}")
 
 
 def test_seed_frontend_flow(server: Server) -> None:

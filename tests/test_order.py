@@ -15,9 +15,8 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from jobs import protocol as p
 from jobs.settings import Settings
-from tests.conftest import wait_for
+from tests.conftest import wait_for, wait_job
 from tests.fake_llm import FakeLLM
 from tests.server import Server
 
@@ -31,16 +30,6 @@ def submit(client: httpx.Client, kind: str = "sleep", **body: Any) -> dict[str, 
     job: dict[str, Any] = answer.json()
     return job
 
-
-def wait_job(client: httpx.Client, job_id: str, *states: str,
-             timeout: float = 60) -> dict[str, Any]:
-    wanted = states or tuple(p.FINAL_STATES)
-
-    def check() -> dict[str, Any] | None:
-        job = client.get(f"/api/jobs/{job_id}").json()
-        return job if job["state"] in wanted else None
-
-    return wait_for(check, timeout, 0.05, f"job {job_id} in {wanted}")
 
 
 def started(job: dict[str, Any]) -> datetime:
