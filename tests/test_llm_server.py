@@ -77,6 +77,16 @@ def test_chats_submitted_together_stream_at_the_same_time(
     assert busy >= 2, "the chats decode in slots of their own"
 
 
+def test_every_slot_has_decoded_before_the_model_is_said_ready(
+        model_server: tuple[Any, dict[str, Any]]) -> None:
+    """The first batch of several slots is the slow one: the supervisor sends it before
+    llm.json says ready, so chats sent together never pay for it."""
+    _, status = model_server
+    slots = _slots(status)
+    assert len(slots) == 4
+    assert all("id_task" in slot for slot in slots), slots  # a slot never used has none
+
+
 def test_a_cancelled_or_late_chat_frees_its_slot_and_the_next_chat_answers(
         model_server: tuple[Any, dict[str, Any]]) -> None:
     server, status = model_server

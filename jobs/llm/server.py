@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 180.0
 HEALTH_EVERY_S = 5.0
+WARM_UP_TIMEOUT_S = 30.0
 HEALTH_FAILURES = 3  # in a row, before a live but silent server is restarted
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 UNAVAILABLE_RECHECK_S = 60.0
@@ -110,6 +113,8 @@ class EmbeddedServer:
         if not await self._until_ready(port, log_path):
             return
         self.base_url = f"http://127.0.0.1:{port}/v1"
+        if slots > 1:
+            await self._warm_up(slots)
         name = embedded.model_name(model)
         self._write(True, "ok", available=True, model=name,
                     load_s=round(time.monotonic() - started, 2), **running)
@@ -156,6 +161,28 @@ class EmbeddedServer:
                 if listed:
                     return True
             await asyncio.sleep(0.25)
+
+    async def _warm_up(self, slots: int) -> None:
+        """One token from every slot at once, before the server is said ready: the first
+        batch that decodes several slots together is slower than any after it, and it
+        would otherwise be the first chats sent together."""
+        assert self.base_url is not None
+        url, key = f"{self.base_url}/chat/completions", self.key
+
+        def one(slot: int) -> None:
+            # `id_slot`: llama-server's own field; without it a quick answer frees its slot
+            # for the next request, and some slots stay cold.
+            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                    "id_slot": slot}
+            request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+            try:
+                with urllib.request.urlopen(request, timeout=WARM_UP_TIMEOUT_S) as answer:
+                    answer.read()
+            except OSError as exc:  # a chat then only starts slower
+                log.info("warming the embedded model up: %s", exc)
+
+        await asyncio.gather(*(asyncio.to_thread(one, slot) for slot in range(slots)))
 
     def _pids(self) -> set[int]:
         """The server's process and those it started."""

