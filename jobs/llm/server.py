@@ -104,13 +104,13 @@ class EmbeddedServer:
                 env=embedded.server_env(port, self.key, engine),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 umask=p.PRIVATE_UMASK, preexec_fn=_dies_with_this_process())
-        # Its pid before it loads: a supervisor killed meanwhile leaves it to the next one.
-        self._write(False, "loading the embedded model", available=True,
-                    model=embedded.model_name(model), **running)
         # At once, before the server has loaded the model: the threads it starts for it
         # inherit both.
         embedded.keep_to(self.proc.pid, cpus)
         lower_priority_of(self.proc.pid)
+        # Its pid before it loads: a supervisor killed meanwhile leaves it to the next one.
+        self._write(False, "loading the embedded model", available=True,
+                    model=embedded.model_name(model), **running)
         started = time.monotonic()
         if not await self._until_ready(port, log_path):
             return
