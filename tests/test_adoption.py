@@ -8,8 +8,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+import pytest
+
+from jobs.protocol import embedded
 from jobs.store.job_store import JobStore
-from tests.conftest import RunningSupervisor, start_process, stop_process, wait_for
+from tests.conftest import (
+    RunningSupervisor,
+    process_gone,
+    start_process,
+    stop_process,
+    wait_for,
+)
 
 
 def test_second_supervisor_adopts_runners_of_a_killed_one(
@@ -57,3 +67,23 @@ def test_standalone_supervisor_process_runs_jobs(data_dir: Path) -> None:
         assert final["result"]["slept_s"] == 0.2
     finally:
         stop_process(proc)
+
+
+@pytest.mark.llm
+def test_a_killed_supervisor_takes_its_model_server_with_it(data_dir: Path) -> None:
+    """Its key died with it, so no later supervisor could use that server: it must not run
+    on, and llm.json names it from its start, for the next leader to stop elsewhere."""
+    if embedded.server_binary() is None:
+        pytest.skip("llama-server is not built here: run `python launch.py` (it builds it)")
+    first = start_process(["-m", "jobs.supervisor"], log=data_dir.parent / "supervisor.log",
+                          env={"OFFLOAD_DATA_DIR": str(data_dir), "OFFLOAD_LLM_ENGINE": "auto"})
+    try:
+        server = wait_for(lambda: next((c for c in psutil.Process(first.pid).children()
+                                        if embedded.is_server(c.cmdline())), None),
+                          timeout=60, interval=0.1, what="the model server to start")
+        wait_for(lambda: (embedded.read_status(str(data_dir)) or {}).get("pid") == server.pid,
+                 timeout=60, interval=0.1, what="llm.json to name the model server")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    wait_for(lambda: process_gone(server.pid), timeout=30, what="the model server to go")

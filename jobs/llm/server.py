@@ -13,10 +13,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ HEALTH_FAILURES = 3  # in a row, before a live but silent server is restarted
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 UNAVAILABLE_RECHECK_S = 60.0
 LOG_FILE = "llm-server.log"  # the server's output, in the data folder; the supervisor caps it
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class EmbeddedServer:
@@ -94,21 +99,21 @@ class EmbeddedServer:
                         "model runs on llama-cpp-python's server")
         slots = self.slots if engine == embedded.LLAMA_SERVER else 1
         running = {"engine": engine, "slots": slots}
-        self._write(False, "loading the embedded model", available=True,
-                    model=embedded.model_name(model), **running)
         log_path = self.data_dir / LOG_FILE
         with open(log_path, "ab") as out:
-            # In the supervisor's process group: it goes when the supervisor goes.
             cpus = embedded.model_cpus()
             self.proc = subprocess.Popen(
                 embedded.server_command(model, cpus=cpus, slots=slots, engine=engine),
                 env=embedded.server_env(port, self.key, engine),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                umask=p.PRIVATE_UMASK)
+                umask=p.PRIVATE_UMASK, preexec_fn=_dies_with_this_process())
         # At once, before the server has loaded the model: the threads it starts for it
         # inherit both.
         embedded.keep_to(self.proc.pid, cpus)
         lower_priority_of(self.proc.pid)
+        # Its pid before it loads: a supervisor killed meanwhile leaves it to the next one.
+        self._write(False, "loading the embedded model", available=True,
+                    model=embedded.model_name(model), **running)
         started = time.monotonic()
         if not await self._until_ready(port, log_path):
             return
@@ -227,6 +232,27 @@ class EmbeddedServer:
             with contextlib.suppress(OSError):
                 proc.kill()
             proc.wait(10)
+
+
+def _dies_with_this_process() -> Callable[[], None] | None:
+    """Linux: the server is killed when the supervisor that started it dies, even by
+    SIGKILL; elsewhere the next leader stops it (`_stop_stale`). Its key lives only in
+    that supervisor and its runners, so no later one could use it anyway."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the fork
+    parent = os.getpid()
+
+    def in_child() -> None:
+        # The signal follows the thread that forked: the event loop's, which lives as long
+        # as the supervisor.
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # it died before the line above
+            os._exit(1)
+
+    return in_child
 
 
 def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
