@@ -1,7 +1,7 @@
 // chat.js — the AI expert chat: sends the conversation, streams the reply token by
 // token from the job's event stream (picks it up again where it stopped after a dropped
 // connection; falls back to polling), supports cancel, and restores earlier turns of
-// this browser's session on load.
+// this browser's session on load, following each one still running or queued.
 
 import { apiJSON, followJob, FINAL_STATES } from "./api.js";
 
@@ -10,7 +10,9 @@ const STALL_MS = 120_000;   // give up waiting after this long with nothing new
 const POLL_MS = 1000;
 
 const history = [];         // [{role, content}] sent with every new message
-let pending = null;         // the reply currently awaited (one at a time)
+let pending = null;         // the newest reply awaited: Cancel stops it, Send waits for it
+const live = [];            // every turn followed to its end, oldest first
+let lastActivity = Date.now();  // of any live turn: one waiting behind another is not stalled
 
 let form, input, sendBtn, cancelBtn, log;
 
@@ -83,10 +85,11 @@ function follow(li, jobId, userText) {
   const started = Date.now();
   const controller = new AbortController();
   const p = {
-    jobId, li, userText, controller, done: false,
-    lastActivity: Date.now(), output: "", state: "queued",
+    jobId, li, userText, controller, done: false, output: "", state: "queued",
   };
+  live.push(p);
   pending = p;
+  lastActivity = Date.now();
   li.setAttribute("aria-busy", "true");
   updateButtons();
 
@@ -95,7 +98,7 @@ function follow(li, jobId, userText) {
     const secs = Math.floor((Date.now() - started) / 1000);
     const el = part(li, "elapsed");
     if (el) el.textContent = `${p.state === "queued" ? "queued" : "thinking"}… ${secs}s`;
-    if (Date.now() - p.lastActivity > STALL_MS) {
+    if (Date.now() - lastActivity > STALL_MS) {
       finish("stalled", part(li, "text").textContent,
         "No answer after 120 s; the job may still finish — see Jobs");
     }
@@ -121,7 +124,8 @@ function follow(li, jobId, userText) {
     if (state === "completed" && userText !== null) {
       history.push({ role: "user", content: userText }, { role: "assistant", content: text });
     }
-    if (pending === p) pending = null;
+    live.splice(live.indexOf(p), 1);
+    if (pending === p) pending = live.length ? live[live.length - 1] : null;
     updateButtons();
   }
   p.finish = finish;
@@ -129,7 +133,7 @@ function follow(li, jobId, userText) {
   /** Show the job's copy after an event of its stream. */
   function onJob(job) {
     if (p.done || !job) return;
-    p.lastActivity = Date.now();
+    lastActivity = Date.now();
     if (job.state) p.state = job.state;
     if (typeof job.output === "string" && job.output !== p.output) {
       p.output = job.output;
@@ -261,8 +265,8 @@ async function restore() {
         const msg = turn.error && (turn.error.message || turn.error);
         setFinal(li, turn.state, `Error: ${typeof msg === "string" ? msg : "the job failed"}`, "");
       }
-    } else if (turn.job_id && !pending) {
-      follow(li, turn.job_id, q);         // still running: resume streaming it
+    } else if (turn.job_id) {
+      follow(li, turn.job_id, q);         // running or waiting its turn: stream it to its end
     } else {
       part(li, "note").textContent = `(${turn.state || "unknown"})`;
     }

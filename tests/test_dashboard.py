@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_job
 from tests.fake_llm import FakeLLM
 from tests.server import Server
 from tests.test_train import record_history
@@ -368,6 +368,48 @@ def test_a_reply_goes_on_after_the_connection_drops(page: Any,
         [text for text in seen if not job["output"].startswith(text)][:1]
     assert streams[0] is None and any(streams[1:]), f"followed again from an id: {streams}"
     assert polled == [], "the reply came from the stream, not from polling"
+
+
+def test_every_live_turn_is_followed_after_a_reload(page: Any,
+                                                    make_server: Callable[..., Server]) -> None:
+    """A session has an answering turn and one queued behind it when the page reloads:
+    both are followed from the stream to their end, the second once it starts."""
+    with FakeLLM(pieces=REPLY, delay_s=0.05, gated="first question") as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        polled: list[str] = []
+        page.on("request", lambda request: polled.append(request.url)
+                if "/api/ai_chat_result/" in request.url else None)
+        try:
+            with server.client() as client:
+                def ask(question: str) -> str:
+                    return str(client.post("/api/ai_chat_async", json={
+                        "messages": [{"role": "user", "content": question}],
+                        "session_id": "two-turns"}).json()["job_id"])
+
+                first = ask("first question")
+                wait_job(client, first, "running")
+                second = ask("second question")
+                page.goto(server.url)
+                page.evaluate("localStorage.setItem('offload-session', 'two-turns')")
+                page.reload()
+                for job_id in (first, second):
+                    page.wait_for_selector(f"#chat-log li[data-job-id='{job_id}']")
+                waiting = client.get(f"/api/jobs/{second}").json()
+                llm.gate.set()
+                jobs = [wait_job(client, job_id) for job_id in (first, second)]
+                for job_id in (first, second):
+                    page.wait_for_selector(
+                        f"#chat-log li[data-job-id='{job_id}'][data-state='completed']",
+                        timeout=30_000)
+                shown = [page.text_content(f"#chat-log li[data-job-id='{job_id}'] .text")
+                         for job_id in (first, second)]
+        finally:
+            llm.gate.set()
+    assert waiting["state"] == "queued" and waiting["after"] == first, waiting
+    assert [job["state"] for job in jobs] == ["completed", "completed"]
+    assert shown == [job["result"]["reply"] for job in jobs]
+    assert polled == [], "the replies came from the stream, not from polling"
+    assert page.is_enabled("#chat-send") and page.is_hidden("#chat-cancel")
 
 
 
