@@ -102,11 +102,13 @@ def test_malformed_stream(make_supervisor: Callable[..., RunningSupervisor], kin
 
 def test_no_first_token_within_the_limit(
         make_supervisor: Callable[..., RunningSupervisor]) -> None:
-    with FakeLLM(hang_s=5) as llm:
+    with FakeLLM(hang_s=60) as llm:
         started = time.monotonic()
         job = run_chat(make_supervisor, llm.base_url, OFFLOAD_LLM_FIRST_TOKEN_S="1")
+        waited = time.monotonic() - started
     failed_with(job, "within 1 s", "OFFLOAD_LLM_FIRST_TOKEN_S")
-    assert time.monotonic() - started < 5
+    # Far less than the server's silence, however slow this machine: the limit cut it.
+    assert waited < 40
 
 
 def test_job_deadline_stops_a_slow_reply(
