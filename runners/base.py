@@ -192,12 +192,11 @@ class FileSink(Sink):
         self._wrote_output = False
         self._failing = False
         self._job: Job | None = None
-        self._thread = threading.Thread(target=self._flush_loop, name="job-file", daemon=True)
+        self._flusher: threading.Thread | None = None  # started by the first deferred write
 
     def start(self, job: Job) -> None:
         self._job = job
         self._write(job)
-        self._thread.start()
 
     def changed(self, job: Job) -> None:
         if self._echo:
@@ -210,7 +209,7 @@ class FileSink(Sink):
                 wrote = self._write_locked(job)
                 self._wrote_output = self._wrote_output or (first_output and wrote)
             else:
-                self._cond.notify()
+                self._wake_flusher()
 
     def finish(self, job: Job) -> None:
         """The final state, written whatever it takes: an unwritable data folder is
@@ -251,6 +250,8 @@ class FileSink(Sink):
             self._failing = True
             self._last_write = time.monotonic()
             self._dirty = True
+            if not self._closed:
+                self._wake_flusher()
             return False
         if self._failing:
             _say("the job file is written again")
@@ -258,6 +259,16 @@ class FileSink(Sink):
         self._last_write = time.monotonic()
         self._dirty = False
         return True
+
+    def _wake_flusher(self) -> None:
+        """Have the flushing thread write what is due (the lock held). Started only now:
+        a job that ends within one interval of its start needs no thread at all."""
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_loop, name="job-file",
+                                             daemon=True)
+            self._flusher.start()
+        else:
+            self._cond.notify()
 
     def _flush_loop(self) -> None:
         with self._cond:

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 from bench.scale import write_finished_jobs
 from jobs import protocol as p
 from jobs.store.job_store import JobStore
-from tests.conftest import RunningSupervisor, wait_for
+from tests.conftest import ROOT, RunningSupervisor, wait_for
 from tests.fake_llm import FakeLLM
 from tests.server import Server
 
@@ -198,3 +199,29 @@ def test_a_job_created_right_after_a_listing_is_listed(data_dir: Path) -> None:
     store.remove(job_id)
     assert store.counts()["queued"] == 199
     assert job_id not in {j["id"] for j in store.list_jobs(limit=500)}
+
+
+@pytest.mark.usefixtures("can_freeze")
+def test_a_first_write_that_failed_is_tried_again_before_the_job_ends(data_dir: Path) -> None:
+    """A runner whose `running` write fails, and that reports no progress for a while,
+    writes it once the folder is writable again: its job does not look queued meanwhile."""
+    store = JobStore(data_dir / "jobs")
+    job_id = store.create("sleep", {"seconds": 60, "steps": 1}, 120)["id"]
+    job_dir = store.path(job_id).parent
+    _immutable(job_dir, True)
+    try:
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "runners.sleep", "--job-file", str(store.path(job_id))],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert runner.stderr is not None
+        assert "cannot write the job file" in runner.stderr.readline()
+        assert store.read(job_id)["state"] == "queued"
+    finally:
+        _immutable(job_dir, False)
+    try:
+        wait_for(lambda: store.read(job_id)["state"] == "running", 20, 0.1,
+                 "the running state to be written")
+        assert runner.poll() is None  # the retry, not the final write of a job that ended
+    finally:
+        runner.kill()
+        runner.communicate()
