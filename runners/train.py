@@ -65,6 +65,7 @@ def execute(job: base.Job) -> dict[str, Any]:
     fits = {name: _Fit(values, lags, options["validation"]) for name, values in series.items()}
     epochs = options["epochs"]
     rng = np.random.default_rng(0)
+    job.data["loss_curve"] = []  # this attempt's: a retry's job file holds the last one's
     for epoch in range(1, epochs + 1):
         losses = [fit.epoch(options["learning_rate"], rng) for fit in fits.values()]
         job.progress(epoch / epochs, f"epoch {epoch}/{epochs} loss {sum(losses) / 2:.4f}")

@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from jobs import protocol as p
 from jobs.kinds import discover
+from jobs.store.job_store import JobStore
 from runners import forecast
 from tests.conftest import ROOT, RunningSupervisor, wait_for
 from tests.server import Server
@@ -154,3 +156,18 @@ def test_bad_training_options_are_422(make_server: Callable[..., Server],
     with server.client() as client:
         answer = client.post("/api/jobs", json={"kind": "train", "input": options})
         assert answer.status_code == 422 and "input." in answer.json()["detail"]
+
+
+def test_a_retried_training_shows_only_its_own_loss_curve(data_dir: Path) -> None:
+    """A job file that an earlier attempt left a loss curve in (a retry after a transient
+    failure, or `--force` by hand) ends with this attempt's epochs only."""
+    record_history(data_dir)
+    store = JobStore(data_dir / "jobs")
+    job_id = store.create("train", {"epochs": 5}, 120)["id"]
+    path = store.path(job_id)
+    p.write_json(path, {**store.read(job_id), "loss_curve": [9.0, 9.0, 9.0]})
+    subprocess.run([sys.executable, "-m", "runners.train", "--job-file", str(path)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=120)
+    job = store.read(job_id)
+    assert job["state"] == "completed", job
+    assert len(job["loss_curve"]) == 5 and 9.0 not in job["loss_curve"], job["loss_curve"]
