@@ -183,9 +183,9 @@ def _long_answer(number: int) -> dict[str, Any]:
 _numbers = itertools.count(1)
 
 
-def _first_output(client: httpx.Client, job_id: str) -> float | None:
+def _first_output(client: httpx.Client, job_id: str) -> float:
     """Follow a job's event stream, as the dashboard does, to its final state; when its
-    first output arrived (None if it never did)."""
+    first output arrived."""
     first = None
     with client.stream("GET", f"/api/jobs/{job_id}/events") as stream:
         for line in stream.iter_lines():
@@ -195,6 +195,8 @@ def _first_output(client: httpx.Client, job_id: str) -> float | None:
                 first = time.time()
             if event.get("state") in p.FINAL_STATES:
                 break
+    if first is None:
+        raise RuntimeError(f"chat {job_id} ended without output")
     return first
 
 
@@ -216,12 +218,11 @@ def _chats_at_once(client: httpx.Client, count: int) -> dict[str, Any]:
             followers.append(pool.submit(_first_output, stream, job_id))
         firsts = [follower.result() for follower in followers]
     finals = [client.get(f"/api/jobs/{job_id}").json() for job_id in submitted]
-    if any(j["state"] != "completed" for j in finals) or None in firsts:
+    if any(j["state"] != "completed" for j in finals):
         raise RuntimeError(f"a chat did not complete: {[j['state'] for j in finals]}")
     tokens = sum(_tokens(j["result"]) for j in finals)
     wall = max(p.parse_iso(j[p.F_FINISHED_AT]) for j in finals) - started
-    return {"first_token_s": [f - s for f, s in zip(firsts, submitted.values(), strict=True)
-                              if f is not None],
+    return {"first_token_s": [f - s for f, s in zip(firsts, submitted.values(), strict=True)],
             "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
             "end": started + wall}
 
