@@ -39,7 +39,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 def create_app() -> FastAPI:
     settings = get_settings()  # refuses a weak OFFLOAD_API_TOKEN, however the app is served
     registry()  # a job kind defined twice stops the start
-    schedules.configured()  # and so does a schedules file that cannot be used
+    schedules.schedule_file()  # and so does a schedules file that cannot be used
     # /docs from files installed with the app: no CDN, no third-party script beside the
     # token. No /redoc: ReDoc loads its logo from its CDN, whatever its options.
     app = FastAPIOffline(title="Offload", version=routes_status.VERSION, lifespan=lifespan,

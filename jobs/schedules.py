@@ -1,6 +1,7 @@
 """Periodic schedules from configuration: `schedules.toml` in the working folder, or the
-file OFFLOAD_SCHEDULES_FILE names. Read once at start, by the API (which refuses to start
-on a bad file) and by the supervisor (which creates the jobs):
+file OFFLOAD_SCHEDULES_FILE names. Read by the API (which refuses to start on a bad file)
+and by the supervisor (which creates the jobs), and read again by each when it changes:
+an edit that cannot be used keeps the last good schedules and says why (`ScheduleFile`).
 
     [retrain]
     kind = "train"
@@ -18,9 +19,13 @@ in memory: slots missed while nothing ran are one job, created at the next start
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import os
 import re
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -34,12 +39,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - the same parser, as a package, before 3.11
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
+log = logging.getLogger(__name__)
+
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # a file name on every system, and a URL part
 _EVERY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_EVERY_S = 1.0
 FIELDS = ("kind", "every", "input", "priority", "timeout_s")
 EXAMPLE = '[retrain]\nkind = "train"\nevery = "6h"\ninput = {}'
+RELOAD_CHECK_S = 1.0  # how often a process looks whether the file changed (one stat)
 
 
 class ScheduleError(ValueError):
@@ -153,10 +161,67 @@ def from_settings(settings: Settings) -> tuple[Schedule, ...]:
     return load(path)
 
 
+class ScheduleFile:
+    """The schedules of one file, read again once it changed (looked at no more often
+    than every RELOAD_CHECK_S). A change that cannot be used keeps the last good
+    schedules: `error` says why until the file is fixed. Thread-safe."""
+
+    def __init__(self, path: Path, schedules: tuple[Schedule, ...], named: bool,
+                 error: str | None = None) -> None:
+        self.path = path
+        self.named = named  # OFFLOAD_SCHEDULES_FILE names it: its removal is a mistake
+        self.error = error
+        self._schedules = schedules
+        self._seen = _signature(path)
+        self._checked = time.monotonic()
+        self._lock = threading.Lock()
+
+    def current(self) -> tuple[Schedule, ...]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked < RELOAD_CHECK_S:
+                return self._schedules
+            self._checked = now
+            seen = _signature(self.path)
+            if seen == self._seen:
+                return self._schedules
+            self._seen = seen
+            try:
+                if seen is None and self.named:
+                    raise ScheduleError(f"OFFLOAD_SCHEDULES_FILE names {self.path}, which is "
+                                        "gone; put it back, or empty it for no schedules")
+                schedules = load(self.path)
+            except ScheduleError as exc:
+                self.error = f"{exc}; the last good schedules stay until the file is fixed"
+                log.error("schedules file changed: %s", self.error)
+                return self._schedules
+            self.error = None
+            self._schedules = schedules
+            log.info("schedules file changed: %d schedules from %s", len(schedules), self.path)
+            return schedules
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file is written, replaced or removed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 @cache
+def schedule_file() -> ScheduleFile:
+    """This process's schedules file, read at first use: raises ScheduleError if it
+    cannot be used (the API then refuses to start)."""
+    settings = get_settings()
+    return ScheduleFile(settings.schedules_file, from_settings(settings),
+                        "schedules_file" in settings.model_fields_set)
+
+
 def configured() -> tuple[Schedule, ...]:
-    """This process's schedules, read once (restart to apply a change to the file)."""
-    return from_settings(get_settings())
+    """This process's schedules, as the file says now (or as it last said usably)."""
+    return schedule_file().current()
 
 
 def by_name() -> dict[str, Schedule]:

@@ -7,7 +7,7 @@ import { fmtDuration } from "./jobs.js";
 const SCHEDULES_MS = 5000;
 
 let queueControl, queueState, queueToggle;
-let section, link, tbody;
+let section, link, tbody, fileError;
 let queuePaused = null;
 
 function renderQueue(paused) {
@@ -97,6 +97,10 @@ async function refreshSchedules() {
   }
   if (r.ok && r.data && Array.isArray(r.data.schedules)) {
     renderSchedules(r.data.schedules);
+    // A change to the schedules file that could not be used: the rows are the last good ones.
+    const error = typeof r.data.error === "string" ? r.data.error : "";
+    fileError.textContent = error ? `The schedules file's last change is not applied: ${error}` : "";
+    fileError.hidden = !error;
     section.hidden = false;
     link.hidden = false;
   }
@@ -118,6 +122,7 @@ export function initQueue() {
   section = document.getElementById("schedules-section");
   link = document.getElementById("schedules-link");
   tbody = document.querySelector("#schedules-table tbody");
+  fileError = document.getElementById("schedules-error");
   queueToggle.addEventListener("click", () => { toggleQueue().catch(() => { queueToggle.disabled = false; }); });
   tbody.addEventListener("click", (ev) => {
     const btn = ev.target.closest("button.toggle-schedule");

@@ -587,6 +587,12 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
     assert httpx.get(f"{server.url}/api/schedules").json()["schedules"][0]["paused"] is True
     page.click(f"{row} button.toggle-schedule")
     page.wait_for_selector(f"{row}[data-paused='false']", timeout=10_000)
+    # A change to the file that cannot be used is said above the schedules, which go on.
+    assert page.is_hidden("#schedules-error")
+    (tmp_path / "schedules.toml").write_text(SCHEDULES.replace('"sleep"', '"nope"'))
+    page.wait_for_selector("#schedules-error:not([hidden])", timeout=30_000)
+    assert "unknown job kind 'nope'" in page.text_content("#schedules-error")
+    assert page.is_visible(row)
 
     # The queue paused from the page: a new job waits, and runs once resumed.
     page.click("#queue-toggle")

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from jobs import protocol as p
-from jobs.schedules import Schedule, ScheduleError, load, parse_every
+from jobs.schedules import Schedule, ScheduleError, ScheduleFile, load, parse_every
 from jobs.settings import Settings
 from jobs.store.job_store import JobStore
 from jobs.supervisor.schedules import Scheduler
@@ -84,6 +84,46 @@ def test_a_schedule_fires_and_survives_a_restart(make_server: MakeServer,
         assert p.parse_iso(rare_entry["next_run_at"]) > time.time()
 
 
+def test_an_edited_schedules_file_applies_without_a_restart(make_server: MakeServer,
+                                                            tmp_path: Path) -> None:
+    rare_only = SCHEDULES.split("[tick]")[0]
+    env = schedules_env(tmp_path, rare_only)
+    path = Path(env["OFFLOAD_SCHEDULES_FILE"])
+    server = make_server(env=env)
+
+    def listed(client: httpx.Client) -> tuple[list[str], str | None]:
+        answer = client.get("/api/schedules").json()
+        return [each["name"] for each in answer["schedules"]], answer["error"]
+
+    with server.client() as client:
+        assert listed(client) == (["rare"], None)
+        path.write_text(SCHEDULES)  # a schedule added
+        wait_for(lambda: listed(client) == (["rare", "tick"], None), 30, 0.1,
+                 "the added schedule listed")
+        wait_for(lambda: [job for job in jobs_of(client, "tick")
+                          if job["state"] == "completed"], 60, 0.1, "the added schedule's job")
+
+        # A change that cannot be used: said, and the last good schedules go on.
+        path.write_text(SCHEDULES + "\n[broken]\nkind = 'nope'\nevery = 5\n")
+        def refused() -> tuple[list[str], str] | None:
+            names, error = listed(client)
+            return None if error is None else (names, error)
+
+        names, error = wait_for(refused, 30, 0.1, "the file's error")
+        assert names == ["rare", "tick"]
+        assert "schedule [broken]: unknown job kind 'nope'" in error
+        assert "last good schedules stay" in error
+        before = {job["id"] for job in jobs_of(client, "tick")}
+        wait_for(lambda: {job["id"] for job in jobs_of(client, "tick")} - before, 30, 0.1,
+                 "a tick job after the bad change")
+        assert client.post("/api/schedules/tick/pause").status_code == 200
+
+        path.write_text(rare_only)  # fixed, and a schedule removed
+        wait_for(lambda: listed(client) == (["rare"], None), 30, 0.1, "the fixed file")
+        gone = client.post("/api/schedules/tick/resume")
+        assert gone.status_code == 404 and "the schedules are: rare" in gone.json()["detail"]
+
+
 def test_a_paused_schedule_creates_nothing_until_resumed(make_server: MakeServer,
                                                          tmp_path: Path) -> None:
     env = schedules_env(tmp_path, SCHEDULES.replace('"36500d"', "2"))
@@ -147,7 +187,8 @@ def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Pa
     store = JobStore(data_dir / "jobs")
     schedule = Schedule("often", "sleep", 60.0, {"seconds": 0})
     created: list[str] = []
-    scheduler = Scheduler(store, (schedule,), Settings(OFFLOAD_JOB_TIMEOUT_S=30))
+    scheduler = Scheduler(store, ScheduleFile(data_dir / "none.toml", (schedule,), named=False),
+                          Settings(OFFLOAD_JOB_TIMEOUT_S=30))
     now = 1_800_000_000.0
     scheduler.fire(created.append, now)
     scheduler.fire(created.append, now + 1)
@@ -159,7 +200,8 @@ def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Pa
     assert len(created) == 1
     p.write_json(store.path(created[0]), {**job, "state": "completed"})
     # Ten slots later, from a new scheduler (a restart): one job, for the current slot.
-    again = Scheduler(store, (schedule,), Settings(OFFLOAD_JOB_TIMEOUT_S=30))
+    again = Scheduler(store, ScheduleFile(data_dir / "none.toml", (schedule,), named=False),
+                          Settings(OFFLOAD_JOB_TIMEOUT_S=30))
     again.fire(created.append, now + 600)
     again.fire(created.append, now + 601)
     assert created[1:] == [schedule.job_id(schedule.slot(now + 600))]

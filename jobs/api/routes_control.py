@@ -19,7 +19,7 @@ from jobs.api.guards import require_token
 from jobs.api.routes_jobs import Service
 from jobs.protocol import control
 from jobs.protocol.wake import poke
-from jobs.schedules import Schedule, by_name, configured
+from jobs.schedules import Schedule, by_name, configured, schedule_file
 from jobs.store.job_store import JobNotFound, JobStore
 
 router = APIRouter(prefix="/api", tags=["schedules and queue"],
@@ -41,6 +41,9 @@ class ScheduleView(BaseModel):
 
 class ScheduleList(BaseModel):
     schedules: list[ScheduleView]
+    # Why the file's latest change is not applied (the schedules listed are the last
+    # good ones); null when the file is in use as it is.
+    error: str | None
 
 
 class QueueView(BaseModel):
@@ -52,7 +55,7 @@ async def list_schedules(service: Service) -> dict[str, Any]:
     """The periodic schedules of OFFLOAD_SCHEDULES_FILE, with their next and last runs."""
     store = service.store
     views = await run_in_threadpool(lambda: [_view(store, each) for each in configured()])
-    return {"schedules": views}
+    return {"schedules": views, "error": schedule_file().error}
 
 
 @router.post("/schedules/{name}/pause", response_model=ScheduleView, responses=UNKNOWN)
@@ -98,7 +101,8 @@ async def _switch_schedule(store: JobStore, name: str, paused: bool) -> dict[str
         known = ", ".join(sorted(by_name())) or "none (no schedules file, or an empty one)"
         raise HTTPException(404, f"no schedule named {name[:100]!r}; the schedules are: "
                                  f"{known}. They are read from OFFLOAD_SCHEDULES_FILE "
-                                 "(schedules.toml by default) when the server starts")
+                                 "(schedules.toml by default), again within a second of "
+                                 "a change")
     await run_in_threadpool(_write, control.set_schedule_paused, store.dir.parent, name, paused)
     if not paused:
         poke(store.dir)

@@ -1,7 +1,7 @@
 """The leader's part of the periodic schedules (`jobs.schedules`): on each full pass,
-each schedule that is not paused gets the job of the slot it is in, unless that slot's
-job exists already or its previous job is still queued (a paused queue or a long wait
-never piles up jobs of one schedule).
+each schedule of the file as it is now, unless paused, gets the job of the slot it is
+in, unless that slot's job exists already or its previous job is still queued (a paused
+queue or a long wait never piles up jobs of one schedule).
 
 What was created is on disk (`jobs.protocol.control`): the schedule's newest slot, and
 the slot's job itself, whose id follows from the slot. The memory here only saves
@@ -17,39 +17,41 @@ from collections.abc import Callable
 from jobs import protocol as p
 from jobs.kinds import Launch
 from jobs.protocol import control
-from jobs.schedules import Schedule, ScheduleError, load
+from jobs.schedules import Schedule, ScheduleError, ScheduleFile, from_settings
 from jobs.settings import Settings
 from jobs.store.job_store import JobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 class Scheduler:
-    def __init__(self, store: JobStore, schedules: tuple[Schedule, ...],
-                 settings: Settings) -> None:
+    def __init__(self, store: JobStore, schedules: ScheduleFile, settings: Settings) -> None:
         self.store = store
         self.settings = settings
         self.data_dir = store.dir.parent
-        self.schedules = schedules
+        self.schedules = schedules  # read again on a full pass once the file changed
         self.timeout_s = settings.job_timeout_s  # for a schedule without its own
         self._done: dict[str, int] = {}  # schedule -> the slot whose job exists
         self._failed: dict[str, int] = {}  # schedule -> the slot whose creation was logged
 
     @classmethod
     def from_settings(cls, settings: Settings, store: JobStore) -> Scheduler:
+        error = None
         try:
-            schedules = load(settings.schedules_file)
+            schedules = from_settings(settings)
         except ScheduleError as exc:
             # The API refuses to start on it; a file spoiled since then stops no jobs.
             log.error("no schedules: %s", exc)
-            schedules = ()
+            schedules, error = (), str(exc)
         if schedules:
             log.info("%d schedules from %s", len(schedules), settings.schedules_file)
-        return cls(store, schedules, settings)
+        named = "schedules_file" in settings.model_fields_set
+        return cls(store, ScheduleFile(settings.schedules_file, schedules, named, error),
+                   settings)
 
     def fire(self, created: Callable[[str], None], now: float | None = None) -> None:
         """Create the due jobs; `created(job_id)` for each new one."""
         now = time.time() if now is None else now
-        for schedule in self.schedules:
+        for schedule in self.schedules.current():
             slot = schedule.slot(now)
             if self._done.get(schedule.name) == slot:
                 continue
