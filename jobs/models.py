@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from jobs.kinds import registry
-from jobs.protocol import ErrorType, JobState
+from jobs.protocol import ErrorType, JobState, iso
 from jobs.settings import (
     MAX_ATTEMPTS,
     MAX_DELAY_S,
@@ -18,6 +26,17 @@ from jobs.settings import (
     MAX_TIMEOUT_S,
     RUN_AT_PAST_S,
 )
+
+
+def _iso(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return iso(value.timestamp())
+
+
+# Answered as the job file has it (milliseconds), not as pydantic writes a datetime.
+Time = Annotated[datetime, PlainSerializer(_iso, when_used="json"),
+                 WithJsonSchema({"type": "string", "format": "date-time"})]
 
 
 class Progress(BaseModel):
@@ -52,7 +71,7 @@ class EarlierError(BaseModel):
     attempt: int
     type: ErrorType
     message: str
-    finished_at: datetime | None = None
+    finished_at: Time | None = None
 
 
 class Job(BaseModel):
@@ -61,9 +80,9 @@ class Job(BaseModel):
     id: str
     kind: str
     state: JobState
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: Time
+    started_at: Time | None = None
+    finished_at: Time | None = None
     timeout_s: float | None = None
     queue_position: int | None = None
     progress: Progress | None = None
@@ -80,7 +99,7 @@ class Job(BaseModel):
     after: str | None = None  # a chat: the earlier job of its session, answered first
     rerun_of: str | None = None  # the job this one runs again
     priority: int | None = None  # higher starts first
-    run_at: datetime | None = None  # queued, it starts no earlier
+    run_at: Time | None = None  # queued, it starts no earlier
     attempt: int | None = None  # 1-based (null: 1)
     max_attempts: int | None = None  # null: 1
     earlier_errors: list[EarlierError] | None = None  # of the attempts before this one

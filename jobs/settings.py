@@ -1,6 +1,9 @@
 """Configuration from the environment (and a `.env` file in the working folder).
 
-Every tunable default of Offload lives here.
+Every OFFLOAD_* variable the API and the supervisor read, and their tunable defaults. A
+runner imports none of this: what it needs reaches it through its environment
+(`Settings.runner_env`), and the defaults it applies itself (a chat's first-token wait,
+its tokens on the embedded model) are in runners/.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -91,6 +93,29 @@ def test_submit_get_list_and_log(server: Server) -> None:
         log = client.get(f"/api/jobs/{failed[0]['id']}/log")
         assert log.status_code == 200 and log.headers["content-type"].startswith("text/plain")
         assert "error: bad luck" in log.text
+
+
+def test_times_are_iso_utc_with_milliseconds_on_every_route(server: Server) -> None:
+    """As the job file and /api/history have them: a job's GET, listing and events once
+    answered pydantic's microseconds ('...12.345000Z'), and a whole second with none."""
+    millis = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+    tomorrow = time.strftime("%Y-%m-%dT03:00:00Z", time.gmtime(time.time() + 86400))
+    with server.client() as client:
+        done = client.post("/api/jobs", json={"kind": "sleep", "input": {}}).json()
+        wait_job(client, done["id"])
+        later = client.post("/api/jobs", json={"kind": "sleep", "run_at": tomorrow}).json()
+        for job_id, fields in ((done["id"], ("created_at", "started_at", "finished_at")),
+                               (later["id"], ("created_at", "run_at"))):
+            on_disk = json.loads((server.data_dir / "jobs" / job_id / "job.json").read_text())
+            listed = next(j for j in client.get("/api/jobs").json()["jobs"] if j["id"] == job_id)
+            answers = [client.get(f"/api/jobs/{job_id}").json(), listed]
+            if job_id == done["id"]:
+                answers.append(read_events(client, job_id)[0].fields)
+            for answer in answers:
+                for field in fields:
+                    assert millis.fullmatch(answer[field]), (field, answer[field])
+                    assert answer[field] == on_disk[field]
+        assert later["run_at"] == tomorrow.replace("Z", ".000Z")
 
 
 def test_rerun_a_finished_job_as_it_was_or_edited(make_server: MakeServer) -> None:

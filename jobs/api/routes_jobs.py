@@ -1,4 +1,4 @@
-"""/api/jobs: submit, list, read, cancel, follow (server-sent events), log."""
+"""/api/jobs: submit, list, read, cancel, re-run, follow (server-sent events), log."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""What the dashboard polls: /api/history and /api/health."""
+"""What the dashboard polls: /api/history, /api/health and /api/predict; and a 404 in
+JSON for any other /api path."""
 
 from __future__ import annotations
 
