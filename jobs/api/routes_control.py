@@ -101,7 +101,7 @@ async def _switch_schedule(store: JobStore, name: str, paused: bool) -> dict[str
         known = ", ".join(sorted(by_name())) or "none (no schedules file, or an empty one)"
         raise HTTPException(404, f"no schedule named {name[:100]!r}; the schedules are: "
                                  f"{known}. They are read from OFFLOAD_SCHEDULES_FILE "
-                                 "(schedules.toml by default), again within a second of "
+                                 "(schedules.toml by default), again about a second after "
                                  "a change")
     await run_in_threadpool(_write, control.set_schedule_paused, store.dir.parent, name, paused)
     if not paused:
