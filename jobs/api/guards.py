@@ -12,6 +12,10 @@ from jobs.settings import Settings, host_name, is_loopback
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+# No page of ours shows inside another site's frame, where that site could lure clicks
+# onto its buttons (clickjacking); the older header for browsers without CSP.
+NOT_FRAMED = [(b"content-security-policy", b"frame-ancestors 'none'"),
+              (b"x-frame-options", b"DENY")]
 
 
 async def require_token(request: Request) -> None:
@@ -38,7 +42,8 @@ async def require_token(request: Request) -> None:
 class HostOriginGuard:
     """On every path (API, page, /docs): without a token only a Host naming loopback or
     listed in OFFLOAD_ALLOWED_HOSTS is answered, so a rebound DNS name reaches nothing
-    (421); a state-changing request from another site's page is refused (403)."""
+    (421); a state-changing request from another site's page is refused (403), and no
+    page may be framed by another site's."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -69,7 +74,16 @@ class HostOriginGuard:
                 f"refused: a page from {origin.decode('latin-1')[:100]!r} may not change "
                 "anything here; list its origin in OFFLOAD_CORS_ORIGINS to allow it"))
             return
-        await self.app(scope, receive, send)
+        if scope["path"].startswith("/api/"):  # JSON and event streams: nothing to click
+            await self.app(scope, receive, send)
+            return
+
+        async def send_not_framed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *NOT_FRAMED]}
+            await send(message)
+
+        await self.app(scope, receive, send_not_framed)
 
     def _host_allowed(self, host: bytes) -> bool:
         verdict = self._host_ok.get(host)
