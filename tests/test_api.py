@@ -247,6 +247,16 @@ def test_idempotency_key_returns_the_first_job(server: Server) -> None:
         assert len(client.get("/api/jobs").json()["jobs"]) == 1
 
 
+def test_an_empty_idempotency_key_is_refused(server: Server) -> None:
+    with server.client() as client:
+        for seconds in (0.1, 0.2):  # two clients that send the header blank
+            refused = client.post("/api/jobs", json={"kind": "sleep", "input": {
+                "seconds": seconds}}, headers={"Idempotency-Key": ""})
+            assert refused.status_code == 422
+            assert "Idempotency-Key" in refused.json()["detail"]
+        assert client.get("/api/jobs").json()["jobs"] == []
+
+
 def test_token_required_on_every_api_route(make_server: MakeServer) -> None:
     server = make_server(env={"OFFLOAD_API_TOKEN": "s3cret-token-5d8e1f"})
     job_path = f"/api/jobs/{'0' * 32}"
