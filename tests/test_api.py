@@ -216,6 +216,23 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
                 answer = client.post("/api/jobs", json=body)
             assert answer.status_code == status, (body, answer.text)
             assert needle in answer.json()["detail"], (body, answer.text)
+        # Bodies that cannot be read as a JSON object: each answer says what to send.
+        unreadable: list[tuple[bytes, str]] = [
+            (b"", "application/json"),
+            (b'{"kind": ', "application/json"),
+            (b'{"kind": "sleep\xff"}', "application/json"),
+            (b'{"kind": "sleep", "input": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+             "application/json"),
+            (b'{"kind": "sleep", "priority": 1' + b"0" * 5000 + b"}", "application/json"),
+            (b'{"kind": "sleep"}', "text/plain"),
+            (b"kind=sleep", "application/x-www-form-urlencoded"),
+        ]
+        for content, content_type in unreadable:
+            answer = client.post("/api/jobs", content=content,
+                                 headers={"content-type": content_type})
+            assert answer.status_code in (400, 422), (content[:40], answer.text)
+            assert "Content-Type: application/json" in answer.json()["detail"], (
+                content[:40], answer.text)
         huge = {"kind": "probe", "input": {"fail": "x" * 2_000_000}}
         answer = client.post("/api/jobs", json=huge)
         assert answer.status_code == 413
