@@ -244,16 +244,21 @@ class _FramingPage(JSONHandler):
 @pytest.mark.browser
 def test_another_site_cannot_frame_a_page(rebinding_browser: Any,
                                           make_server: MakeServer) -> None:
-    server = make_server()
-    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), _FramingPage)) as attacker:
-        attacker.target = server.url  # type: ignore[attr-defined]
+    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), _FramingPage)) as site:
+        listed = f"http://offload.test:{site.port}"  # a site trusted to change things
+        server = make_server(env={"OFFLOAD_CORS_ORIGINS": listed})
+        site.target = server.url  # type: ignore[attr-defined]
         page = rebinding_browser.new_page()
-        page.goto(f"http://attacker.example:{attacker.port}/")  # loaded: its frames too
-        frames = page.frames[1:]
-        assert len(frames) == 2
-        shown = [frame.url for frame in frames
-                 if frame.query_selector("#jobs-table, #swagger-ui") is not None]
-        assert not shown, f"shown inside another site's page: {shown}"
+
+        def shown(framing_page: str) -> list[str]:
+            page.goto(framing_page)  # loaded: its frames too
+            frames = page.frames[1:]
+            assert len(frames) == 2
+            return [frame.url for frame in frames
+                    if frame.query_selector("#jobs-table, #swagger-ui") is not None]
+
+        assert not shown(f"http://attacker.example:{site.port}/")
+        assert shown(f"{listed}/") == [f"{server.url}/", f"{server.url}/docs"]
         page.close()
 
 
