@@ -241,6 +241,23 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
                 answer = client.post("/api/jobs", json=body)
             assert answer.status_code == status, (body, answer.text)
             assert needle in answer.json()["detail"], (body, answer.text)
+        # Bodies that cannot be read as a JSON object: each answer says what to send.
+        unreadable: list[tuple[bytes, str]] = [
+            (b"", "application/json"),
+            (b'{"kind": ', "application/json"),
+            (b'{"kind": "sleep\xff"}', "application/json"),
+            (b'{"kind": "sleep", "input": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+             "application/json"),
+            (b'{"kind": "sleep", "priority": 1' + b"0" * 5000 + b"}", "application/json"),
+            (b'{"kind": "sleep"}', "text/plain"),
+            (b"kind=sleep", "application/x-www-form-urlencoded"),
+        ]
+        for content, content_type in unreadable:
+            answer = client.post("/api/jobs", content=content,
+                                 headers={"content-type": content_type})
+            assert answer.status_code in (400, 422), (content[:40], answer.text)
+            assert "Content-Type: application/json" in answer.json()["detail"], (
+                content[:40], answer.text)
         huge = {"kind": "probe", "input": {"fail": "x" * 2_000_000}}
         answer = client.post("/api/jobs", json=huge)
         assert answer.status_code == 413
@@ -270,6 +287,16 @@ def test_idempotency_key_returns_the_first_job(server: Server) -> None:
         assert other.status_code == 422
         assert "Idempotency-Key" in other.json()["detail"]
         assert len(client.get("/api/jobs").json()["jobs"]) == 1
+
+
+def test_an_empty_idempotency_key_is_refused(server: Server) -> None:
+    with server.client() as client:
+        for seconds in (0.1, 0.2):  # two clients that send the header blank
+            refused = client.post("/api/jobs", json={"kind": "sleep", "input": {
+                "seconds": seconds}}, headers={"Idempotency-Key": ""})
+            assert refused.status_code == 422
+            assert "Idempotency-Key" in refused.json()["detail"]
+        assert client.get("/api/jobs").json()["jobs"] == []
 
 
 def test_token_required_on_every_api_route(make_server: MakeServer) -> None:

@@ -9,6 +9,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -22,6 +23,7 @@ from jobs.settings import Settings
 from tests.conftest import RunningSupervisor, free_port, start_process, stop_process, wait_for
 from tests.fake_llm import FakeLLM
 from tests.fake_ray import FakeRay
+from tests.http_fake import JSONHandler, ScriptedServer
 from tests.server import Server
 
 MakeServer = Callable[..., Server]
@@ -220,6 +222,44 @@ def test_docs_render_from_local_files_in_a_browser(rebinding_browser: Any,
     refused = page.goto(f"http://attacker.example:{server.port}/")
     assert refused is not None and refused.status == 421
     page.close()
+
+
+# -- 12. no page shows in another site's frame (clickjacking) -----------------------------
+
+class _FramingPage(JSONHandler):
+    """Another site's page showing the dashboard and /docs in frames: an attack makes
+    them invisible over its own bait, so that a click lands on their buttons."""
+
+    def do_GET(self) -> None:
+        target = self.server.fake.target  # type: ignore[attr-defined]
+        body = "".join(f'<iframe src="{target}{path}"></iframe>'
+                       for path in ("/", "/docs")).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.browser
+def test_another_site_cannot_frame_a_page(rebinding_browser: Any,
+                                          make_server: MakeServer) -> None:
+    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), _FramingPage)) as site:
+        listed = f"http://offload.test:{site.port}"  # a site trusted to change things
+        server = make_server(env={"OFFLOAD_CORS_ORIGINS": listed})
+        site.target = server.url  # type: ignore[attr-defined]
+        page = rebinding_browser.new_page()
+
+        def shown(framing_page: str) -> list[str]:
+            page.goto(framing_page)  # loaded: its frames too
+            frames = page.frames[1:]
+            assert len(frames) == 2
+            return [frame.url for frame in frames
+                    if frame.query_selector("#jobs-table, #swagger-ui") is not None]
+
+        assert not shown(f"http://attacker.example:{site.port}/")
+        assert shown(f"{listed}/") == [f"{server.url}/", f"{server.url}/docs"]
+        page.close()
 
 
 # -- 13. credentials in OPENAI_BASE_URL: used to connect, never shown ---------------------

@@ -185,6 +185,35 @@ def other_account() -> Iterator[str]:
         subprocess.run(["userdel", name], check=False, capture_output=True)
 
 
+@pytest.mark.parametrize("first", ["api", "supervisor"])
+def test_a_data_folder_of_another_account_is_refused(first: str, other_account: str,
+                                                     data_dir: Path, tmp_path: Path) -> None:
+    # Made beforehand by another account (in /tmp, say), with a link to a file of ours
+    # where Offload writes its log.
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine\n")
+    data_dir.mkdir()
+    (data_dir / "supervisor.log").symlink_to(mine)
+    shutil.chown(data_dir, other_account)
+    out = tmp_path / f"{first}.out"
+    if first == "api":
+        server = Server(data_dir, out, NO_MODEL)
+        try:
+            with pytest.raises(AssertionError, match="server did not start"):
+                server.start()
+        finally:
+            server.stop()
+    else:  # the supervisor started by hand
+        proc = start_process(["-m", "jobs.supervisor"], env=NO_MODEL, log=out)
+        try:
+            assert proc.wait(60) != 0
+        finally:
+            stop_process(proc)
+    assert f"the data folder {data_dir} belongs to another account" in out.read_text()
+    assert mine.read_text() == "mine\n"
+    assert sorted(each.name for each in data_dir.iterdir()) == ["supervisor.log"]
+
+
 def _read_as(user: str, path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["runuser", "-u", user, "--", "cat", str(path)],
                           capture_output=True, text=True, timeout=30)

@@ -21,6 +21,7 @@ from jobs.kinds import InvalidInput, UnknownKind
 from jobs.store.job_store import JobNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
+SEND_JSON = "send a JSON object with the header Content-Type: application/json"
 
 
 def _detail(status: int, detail: str, **extra: Any) -> JSONResponse:
@@ -66,15 +67,28 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = []
     for error in exc.errors()[:8]:
-        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
-        problems.append(f"{where or 'body'}: {error.get('msg')}")
+        loc = tuple(error.get("loc", ()))
+        where = ".".join(str(part) for part in loc if part != "body")
+        if error.get("type") == "json_invalid":  # loc: ("body", the character)
+            reason = (error.get("ctx") or {}).get("error")
+            problems.append(f"the body is not valid JSON ({reason} at character {where}); "
+                            f"{SEND_JSON}")
+        elif loc == ("body",):  # no body, or one that is no object (another Content-Type)
+            problems.append(f"body: {error.get('msg')}; {SEND_JSON}")
+        else:
+            problems.append(f"{where or 'body'}: {error.get('msg')}")
     return _detail(422, "invalid request: " + "; ".join(problems))
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     headers = getattr(exc, "headers", None)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+    detail = exc.detail
+    if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+        # FastAPI's own "There was an error parsing the body" says nothing of what to do.
+        detail = (f"the body cannot be read as JSON: {SEND_JSON}, in UTF-8, not nested "
+                  "hundreds of levels deep, with no number of thousands of digits")
+    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

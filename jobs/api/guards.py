@@ -38,7 +38,8 @@ async def require_token(request: Request) -> None:
 class HostOriginGuard:
     """On every path (API, page, /docs): without a token only a Host naming loopback or
     listed in OFFLOAD_ALLOWED_HOSTS is answered, so a rebound DNS name reaches nothing
-    (421); a state-changing request from another site's page is refused (403)."""
+    (421); a state-changing request from another site's page is refused (403), and no
+    page shows in its frames."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -46,6 +47,12 @@ class HostOriginGuard:
         self.allowed_hosts = frozenset(settings.allowed_host_list)
         self.origins = frozenset(o.lower() for o in settings.cors_origin_list)
         self._host_ok: dict[bytes, bool] = {}  # verdicts by Host header, bounded below
+        # No page of ours shows in another site's frame, where that site could lure clicks
+        # onto its buttons (clickjacking), but in those of OFFLOAD_CORS_ORIGINS, which may
+        # change things anyway. X-Frame-Options: for browsers without CSP, which deny all.
+        ancestors = " ".join(settings.cors_origin_list) or "'none'"
+        self.frame_headers = [(b"content-security-policy", f"frame-ancestors {ancestors}".encode()),
+                              (b"x-frame-options", b"DENY")]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,7 +76,17 @@ class HostOriginGuard:
                 f"refused: a page from {origin.decode('latin-1')[:100]!r} may not change "
                 "anything here; list its origin in OFFLOAD_CORS_ORIGINS to allow it"))
             return
-        await self.app(scope, receive, send)
+        if scope["path"].startswith("/api/"):  # JSON and event streams: nothing to click
+            await self.app(scope, receive, send)
+            return
+
+        async def send_framing_rules(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message,
+                           "headers": [*message.get("headers", ()), *self.frame_headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_framing_rules)
 
     def _host_allowed(self, host: bytes) -> bool:
         verdict = self._host_ok.get(host)

@@ -27,7 +27,10 @@ def get_service(request: Request) -> JobService:
 
 
 Service = Annotated[JobService, Depends(get_service)]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+# Not empty: an empty key would be one key, shared by every client that sends the header
+# blank.
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
+                                              max_length=255)]
 REFUSED: dict[int | str, dict[str, Any]] = {
     429: {"description": "too many jobs queued or kept; retry after `Retry-After` seconds"}}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import sys
 from pathlib import Path
 
 from jobs import protocol as p
@@ -21,8 +22,25 @@ log = logging.getLogger(__name__)
 OPEN_BITS = 0o077  # group and others
 
 
+def refuse_foreign(data_dir: Path) -> None:
+    """Stop if the data folder belongs to another account (one made in /tmp beforehand,
+    say): its owner could put jobs in it for us to run, and links for us to write through."""
+    if sys.platform == "win32":
+        return
+    try:
+        owner = data_dir.stat().st_uid
+    except OSError:
+        return  # not there yet: it will be ours
+    if owner != os.geteuid():
+        raise RuntimeError(f"the data folder {data_dir} belongs to another account (uid "
+                           f"{owner}), which could put jobs and links in it: set "
+                           "OFFLOAD_DATA_DIR to a folder of your own")
+
+
 def make_private(data_dir: Path) -> None:
-    """Set this process's umask and tighten the data folder if others can read it."""
+    """Refuse another account's data folder, set this process's umask and tighten the
+    data folder if others can read it."""
+    refuse_foreign(data_dir)
     p.private_files()
     if os.name != "posix":
         return

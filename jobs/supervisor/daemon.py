@@ -40,7 +40,7 @@ from jobs.settings import (
     Settings,
     get_settings,
 )
-from jobs.store.private import make_private
+from jobs.store.private import make_private, refuse_foreign
 from jobs.supervisor.loop import Supervisor
 from jobs.supervisor.metrics import MetricsRecorder
 
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     registry()  # a job kind defined twice stops the start
     _lower_priority(settings.supervisor_nice)
     private_files()  # before its log file is made
+    refuse_foreign(settings.data_dir)  # nor opened through another account's link
     _log_to_file(settings)
     make_private(settings.data_dir)  # it may be started by hand, before any API
     try:
