@@ -214,6 +214,49 @@ def test_a_data_folder_of_another_account_is_refused(first: str, other_account: 
     assert sorted(each.name for each in data_dir.iterdir()) == ["supervisor.log"]
 
 
+# One request, run as another account by the system's Python: prints status and body.
+REQUEST = ("import sys, urllib.request, urllib.error\n"
+           "req = urllib.request.Request(sys.argv[1], method=sys.argv[2])\n"
+           "try:\n"
+           "    r = urllib.request.urlopen(req, timeout=20); print(r.status, r.read().decode())\n"
+           "except urllib.error.HTTPError as e:\n"
+           "    print(e.code, e.read().decode())\n")
+
+
+def _request_as(user: str, url: str, method: str = "GET") -> tuple[int, str]:
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("needs the system's python3 to run a client as another account")
+    done = subprocess.run(["runuser", "-u", user, "--", python, "-c", REQUEST, url, method],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    status, _, body = done.stdout.partition(" ")
+    return int(status), body
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the caller's account is known on Linux")
+def test_another_account_cannot_use_the_api_of_a_server_without_a_token(
+        other_account: str, make_server: MakeServer) -> None:
+    server = make_server(env=NO_MODEL)
+    with server.client() as client:
+        secret = "the owner's question"
+        job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        chat = client.post("/api/ai_chat_async", json={
+            "messages": [{"role": "user", "content": secret}], "session_id": "s1"}).json()
+        for method, path in [("GET", f"/api/jobs/{job['id']}"), ("GET", "/api/jobs"),
+                             ("GET", "/api/history"), ("GET", f"/api/jobs/{chat['job_id']}"),
+                             ("POST", "/api/queue/pause"), ("DELETE", f"/api/jobs/{job['id']}"),
+                             ("GET", "/")]:
+            status, body = _request_as(other_account, server.url + path, method)
+            assert status == 403, (method, path, status, body)
+            assert "answers only the account that runs it" in body
+            assert secret not in body and job["id"] not in body
+        # The owner's own requests are answered as before, and nothing was changed.
+        assert client.get("/api/queue").json() == {"paused": False}
+        assert client.get(f"/api/jobs/{job['id']}").status_code == 200
+        assert secret in client.get(f"/api/jobs/{chat['job_id']}").text
+
+
 def _read_as(user: str, path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["runuser", "-u", user, "--", "cat", str(path)],
                           capture_output=True, text=True, timeout=30)

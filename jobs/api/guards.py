@@ -1,4 +1,5 @@
-"""Request guards: the API token, the Host and Origin checks, the body size limit."""
+"""Request guards: the API token, the caller's account, the Host and Origin checks, the
+body size limit."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 from fastapi import HTTPException, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from jobs.api.peer import PeerLookup, this_account
 from jobs.settings import Settings, host_name, is_loopback
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -36,14 +38,17 @@ async def require_token(request: Request) -> None:
 
 
 class HostOriginGuard:
-    """On every path (API, page, /docs): without a token only a Host naming loopback or
-    listed in OFFLOAD_ALLOWED_HOSTS is answered, so a rebound DNS name reaches nothing
-    (421); a state-changing request from another site's page is refused (403), and no
-    page shows in its frames."""
+    """On every path (API, page, /docs): without a token only the account that runs the
+    server is answered (Linux; 403 for a connection from another local account), and only
+    a Host naming loopback or listed in OFFLOAD_ALLOWED_HOSTS, so a rebound DNS name
+    reaches nothing (421); a state-changing request from another site's page is refused
+    (403), and no page shows in its frames."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.check_host = settings.api_token is None  # with a token, the token protects
+        self.peers = PeerLookup()
+        self.owner = this_account()
         self.allowed_hosts = frozenset(settings.allowed_host_list)
         self.origins = frozenset(o.lower() for o in settings.cors_origin_list)
         self._host_ok: dict[bytes, bool] = {}  # verdicts by Host header, bounded below
@@ -57,6 +62,12 @@ class HostOriginGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if self.check_host and self._another_account(scope):
+            await _send_detail(send, 403, (
+                "this Offload answers only the account that runs it, as it has no "
+                "OFFLOAD_API_TOKEN; to share it, its owner sets OFFLOAD_API_TOKEN and gives "
+                "you the token"))
             return
         host = origin = b""
         for name, value in scope["headers"]:
@@ -87,6 +98,15 @@ class HostOriginGuard:
             await send(message)
 
         await self.app(scope, receive, send_framing_rules)
+
+    def _another_account(self, scope: Scope) -> bool:
+        """Whether the connection comes from a local account other than ours: every
+        account on the machine can reach loopback, and chats are their owner's only."""
+        client, server = scope.get("client"), scope.get("server")
+        if self.owner is None or not client or not server:
+            return False
+        uid = self.peers.uid_of((str(client[0]), int(client[1])), (str(server[0]), int(server[1])))
+        return uid is not None and uid != self.owner
 
     def _host_allowed(self, host: bytes) -> bool:
         verdict = self._host_ok.get(host)
