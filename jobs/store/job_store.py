@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 class JobNotFound(Exception):
     def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job with id {job_id!r}")
+        # Any text can be sent as an id: the message quotes no more than an id's length.
+        shown = job_id if len(job_id) <= 64 else job_id[:64] + "..."
+        super().__init__(f"no job with id {shown!r}")
         self.job_id = job_id
 
 
