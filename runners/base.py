@@ -441,8 +441,8 @@ def main(
     if len(argv) == 2 and argv[0] == "--job-file":
         # The launcher's exact form: skip argparse, every millisecond of start counts.
         return run_job_file(argv[1], execute)
-    if argv[:1] == [remote.REMOTE_FLAG]:
-        return run_remote(argv[1:], execute)
+    if argv == [remote.REMOTE_FLAG]:
+        return run_remote(execute)
     import argparse
 
     parser = argparse.ArgumentParser(prog=f"python -m runners.{kind}")
@@ -469,22 +469,22 @@ def main(
         return EXIT_FAILED
 
 
-def run_remote(pieces: Sequence[str], execute: Execute) -> int:
-    """A job sent by the Ray launcher: its JSON travels on the command line (see
-    `remote.encode_job`), its snapshots go back on stdout, and a scratch job file on this node
+def run_remote(execute: Execute) -> int:
+    """A job sent by the Ray launcher: its JSON travels in the environment (see
+    `remote.job_env`), its snapshots go back on stdout, and a scratch job file on this node
     keeps the usual machinery (stop reason, data folder) working."""
     # The launch's secret for its snapshot lines; out of the environment the job's own
     # child processes inherit.
     key = os.environ.pop(remote.SNAPSHOT_KEY_ENV, "")
+    try:
+        data = remote.pop_job(os.environ)
+    except ValueError as exc:
+        print(f"error: cannot read the job from the environment: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if not key:
         print(f"error: {remote.SNAPSHOT_KEY_ENV} is not set: the launcher that sent this job "
               "gives each launch its own key, and snapshots are only read with it",
               file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        data = remote.decode_job(pieces)
-    except ValueError as exc:
-        print(f"error: cannot read the job from the command line: {exc}", file=sys.stderr)
         return EXIT_USAGE
     # The node's own data folder when it has one (a shared disk for training data),
     # else a scratch folder; never the jobs/ folder an API there may own.

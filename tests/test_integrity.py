@@ -113,13 +113,11 @@ def test_only_lines_with_the_launch_key_are_snapshots_also_after_a_restart(
 
 
 def test_a_runner_sent_without_a_key_refuses_to_run(tmp_path: Path) -> None:
-    from jobs.protocol.remote import encode_job
-
     job = p.new_job("c" * 32, "sleep", {"seconds": 0}, 30)
     env = {k: v for k, v in os.environ.items() if k != remote.SNAPSHOT_KEY_ENV}
-    out = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job",
-                          *encode_job(job)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60, env={**env, "OFFLOAD_DATA_DIR": str(tmp_path)})
+    out = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**env, "OFFLOAD_DATA_DIR": str(tmp_path), **remote.job_env(job)})
     assert out.returncode == 2 and remote.SNAPSHOT_KEY_ENV in out.stderr
     assert remote.SNAPSHOT_TAG not in out.stdout
 

@@ -18,7 +18,6 @@ from jobs import protocol as p
 from jobs.launch.ray import RayLauncher, submission_id
 from jobs.launch.ray_client import RayError, RayJobsClient, RayUnavailable
 from jobs.protocol import remote
-from jobs.protocol.remote import decode_job, encode_job
 from jobs.settings import Settings
 from tests.conftest import ROOT, RunningSupervisor, free_port, wait_for
 from tests.fake_ray import FakeRay
@@ -92,10 +91,10 @@ def test_secrets_never_reach_ray(fake: FakeRay,
     assert sent["runtime_env"]["env_vars"]["OPENAI_BASE_URL"] == "http://llm.example/v1"
     assert "OPENAI_API_KEY" not in sent["runtime_env"]["env_vars"]
     assert secret not in json.dumps(fake.requests)
-    # The entrypoint is the runner's command, with the job (and no secret) encoded in it.
-    entry = sent["entrypoint"].split()
-    assert entry[1:4] == ["-m", "runners.sleep", "--remote-job"]
-    assert decode_job(entry[4:])["id"] == job_id
+    # The entrypoint is the runner's command alone: the job (never a secret) is in its
+    # environment, which other accounts on the node cannot read.
+    assert sent["entrypoint"].split()[1:] == ["-m", "runners.sleep", "--remote-job"]
+    assert remote.pop_job(dict(sent["runtime_env"]["env_vars"]))["id"] == job_id
 
 
 def _running_snapshot(fake: FakeRay, job_id: str, seq: int, state: str = p.JobState.RUNNING,
@@ -159,16 +158,16 @@ def test_final_snapshot_wins_and_a_deadline_reads_as_timeout(
     wait_for(lambda: sid not in fake.jobs, what="Ray's record deleted after the final state")
 
 
-def test_remote_job_travels_on_the_command_line_whatever_its_size(tmp_path: Path) -> None:
-    big = os.urandom(150_000).hex()  # more than one argument may hold on Linux (128 KiB)
+def test_remote_job_travels_in_the_environment_whatever_its_size(tmp_path: Path) -> None:
+    big = os.urandom(150_000).hex()  # more than one variable may hold on Linux (128 KiB)
     job = p.new_job("b" * 32, "sleep", {"seconds": 0, "tag": big, "fail": None}, 30)
-    pieces = encode_job(job)
-    assert len(pieces) > 1 and all(len(piece) <= 100_000 for piece in pieces)
+    pieces = remote.job_env(job)
+    assert len(pieces) > 1 and all(len(piece) <= 100_000 for piece in pieces.values())
     key = "k" * 32
-    out = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job", *pieces],
+    out = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env={"PATH": "", "OFFLOAD_DATA_DIR": str(tmp_path),
-                              remote.SNAPSHOT_KEY_ENV: key})
+                              remote.SNAPSHOT_KEY_ENV: key, **pieces})
     assert out.returncode == 0, out.stderr
     snapshots, plain = remote.split_snapshots(out.stdout, key)
     seqs = [seq for seq, _ in snapshots]
@@ -179,11 +178,12 @@ def test_remote_job_travels_on_the_command_line_whatever_its_size(tmp_path: Path
     assert not (tmp_path / "remote" / ("b" * 32)).exists(), "the scratch folder is removed"
     assert not (tmp_path / "jobs").exists(), "never the jobs folder of an API"
 
-    bad = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job", "garbage!"],
+    bad = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, remote.SNAPSHOT_KEY_ENV: key})
+                         env={**os.environ, remote.SNAPSHOT_KEY_ENV: key,
+                              f"{remote.JOB_ENV}_0": "garbage!"})
     assert bad.returncode == 2
-    assert "cannot read the job from the command line" in bad.stderr
+    assert "cannot read the job from the environment" in bad.stderr
 
 
 def test_the_api_process_never_imports_ray(tmp_path: Path) -> None:

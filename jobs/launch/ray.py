@@ -3,9 +3,10 @@ cluster through its Jobs REST API (`jobs.launch.ray_client`; no `import ray` her
 
 - Submission id `offload-<job id>`: a start looks the job up first and counts Ray's
   "already exists" as submitted, so a job never runs twice.
-- The job's JSON travels on the command line (`remote.encode_job`; inputs hold
-  no secrets). The runner prints each snapshot of its job as one tagged line on stdout
-  (`remote.snapshot_line`), throttled like its file writes, the final one always.
+- The job's JSON travels in the job's environment (`remote.job_env`), not on the
+  command line every account on the node can read. The runner prints each snapshot of
+  its job as one tagged line on stdout (`remote.snapshot_line`), throttled like its file
+  writes, the final one always.
   Each launch has its own random key, sent in the job's environment and kept in its
   launch record (for an adopting supervisor): only lines with it are snapshots, so
   nothing the job prints (its input, a model's reply) can stand in for its state.
@@ -45,7 +46,7 @@ from jobs.launch.ray_client import (
     RayUnavailable,
 )
 from jobs.protocol import remote
-from jobs.protocol.remote import REMOTE_FLAG, encode_job
+from jobs.protocol.remote import REMOTE_FLAG, job_env
 from jobs.settings import (
     RAY_POLL_S,
     RAY_UNREACHABLE_S,
@@ -284,10 +285,9 @@ class RayLauncher(Launcher):
             return None
 
     def _submit(self, sid: str, key: str, module: str, data: dict[str, Any]) -> None:
-        entrypoint = " ".join([shlex.quote(self.python), "-m", module, REMOTE_FLAG,
-                               *encode_job(data)])
+        entrypoint = " ".join([shlex.quote(self.python), "-m", module, REMOTE_FLAG])
         gpus = self.train_gpus if data.get(p.F_KIND) == "train" else 0.0
-        env = {**self.env, remote.SNAPSHOT_KEY_ENV: key}
+        env = {**self.env, remote.SNAPSHOT_KEY_ENV: key, **job_env(data)}
         try:
             self.client.submit(sid, entrypoint, env_vars=env, num_cpus=self.num_cpus,
                                num_gpus=gpus, metadata={"offload_job_id": str(data.get(p.F_ID)),

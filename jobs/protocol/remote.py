@@ -1,5 +1,5 @@
-"""A runner on another machine (a Ray node): how its job travels there on the command
-line, and how its snapshots come back in its log. Standard library only."""
+"""A runner on another machine (a Ray node): how its job travels there in its
+environment, and how its snapshots come back in its log. Standard library only."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from jobs import protocol as p
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import MutableMapping, Sequence
     from typing import Any
 
-REMOTE_FLAG = "--remote-job"  # python -m runners.<kind> --remote-job <encoded job pieces>
+REMOTE_FLAG = "--remote-job"  # python -m runners.<kind> --remote-job, the job in JOB_ENV_<n>
+# The job, encoded, in OFFLOAD_REMOTE_JOB_0, _1, ...: not on the command line, which every
+# account on the node can read (/proc/<pid>/cmdline), where its environment is its own.
+JOB_ENV = "OFFLOAD_REMOTE_JOB"
 # A runner without the API's disk (on a Ray node) prints each job snapshot on stdout as
 # one line `@@offload <key> <seq> <job JSON>`; the API side reads them from the engine's
 # log. The key is a secret of that launch, given to the runner in this environment
@@ -22,9 +25,25 @@ SNAPSHOT_TAG = "@@offload"
 SNAPSHOT_KEY_ENV = "OFFLOAD_SNAPSHOT_KEY"
 
 
+def job_env(data: dict[str, Any]) -> dict[str, str]:
+    """The environment variables that carry a job to its runner."""
+    return {f"{JOB_ENV}_{n}": piece for n, piece in enumerate(encode_job(data))}
+
+
+def pop_job(environ: MutableMapping[str, str]) -> dict[str, Any]:
+    """The job `job_env` put in `environ`, taken out of it (the job's own child processes
+    do not inherit it). Raises ValueError if it is missing or spoiled."""
+    pieces: list[str] = []
+    while (piece := environ.pop(f"{JOB_ENV}_{len(pieces)}", None)) is not None:
+        pieces.append(piece)
+    if not pieces:
+        raise ValueError(f"{JOB_ENV}_0 is not set")
+    return decode_job(pieces)
+
+
 def encode_job(data: dict[str, Any], piece_chars: int = 100_000) -> list[str]:
-    """A job as shell-safe command-line arguments: JSON, zlib, URL-safe base64, cut into
-    pieces (Linux refuses any single argument over 128 KiB). Inputs hold no secrets."""
+    """A job as ASCII pieces: JSON, zlib, URL-safe base64, cut into pieces (Linux refuses
+    any single argument or environment string over 128 KiB)."""
     import base64
     import zlib
 
