@@ -181,7 +181,8 @@ class ScheduleFile:
         self.named = named  # OFFLOAD_SCHEDULES_FILE names it: its removal is a mistake
         self.error = error
         self._schedules = schedules
-        self._seen = _signature(path)
+        # `schedules` was read before any look here: the first look reads the file again.
+        self._seen: tuple[int, int, int] | None = _NOT_LOOKED
         self._checked = time.monotonic()
         self._lock = threading.Lock()
 
@@ -208,10 +209,15 @@ class ScheduleFile:
                     log.error("schedules file not applied: %s", error)
                 self.error = error
                 return self._schedules
+            if schedules != self._schedules or self.error is not None:
+                log.info("schedules file changed: %d schedules from %s", len(schedules),
+                         self.path)
             self.error = None
             self._schedules = schedules
-            log.info("schedules file changed: %d schedules from %s", len(schedules), self.path)
             return schedules
+
+
+_NOT_LOOKED = (-1, -1, -1)  # no file's signature
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:

@@ -261,6 +261,16 @@ def test_a_schedules_file_in_error_is_read_again_until_fixed(
     assert schedules.error is None
 
 
+def test_a_change_while_the_file_was_first_read_applies(
+        data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("jobs.schedules.RELOAD_CHECK_S", 0.0)
+    path = tmp_path / "schedules.toml"
+    path.write_text("[a]\nkind = 'sleep'\nevery = 5\n")
+    # As if it changed between its first reading and the first look at its signature.
+    schedules = ScheduleFile(path, (), named=True)
+    assert [each.name for each in schedules.current()] == ["a"]
+
+
 def test_a_named_pipe_in_place_of_the_file_is_refused_without_waiting(tmp_path: Path) -> None:
     if sys.platform == "win32":
         pytest.skip("named pipes in the file system are POSIX")
