@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -85,7 +86,7 @@ class Schedule:
 def parse_every(value: object) -> float:
     """'6h' -> 21600.0; a number is seconds. Raises ValueError saying what is accepted."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+        seconds = float(value) if abs(value) < 2 ** 1000 else math.inf  # no OverflowError
     elif isinstance(value, str) and (match := _EVERY.fullmatch(value.lower())):
         seconds = float(match[1]) * _UNIT_S[match[2]]
     else:
@@ -99,11 +100,13 @@ def parse_every(value: object) -> float:
 def load(path: Path) -> tuple[Schedule, ...]:
     """The schedules of a TOML file, each checked; none when the file does not exist."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=_open_without_waiting) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise OSError("not a regular file")  # a pipe would block, a device not end
             tables = tomllib.load(f)
     except FileNotFoundError:
         return ()
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not TOML, not UTF-8
         raise ScheduleError(f"cannot read the schedules file {path}: {exc}") from None
     schedules = []
     for name, table in tables.items():
@@ -112,6 +115,11 @@ def load(path: Path) -> tuple[Schedule, ...]:
         except ValueError as exc:
             raise ScheduleError(f"{path}, schedule [{name}]: {exc}") from None
     return tuple(schedules)
+
+
+def _open_without_waiting(path: str, flags: int) -> int:
+    """Opening a named pipe waits for a writer, unless non-blocking (not on Windows)."""
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 def _schedule(name: str, table: object) -> Schedule:
@@ -125,7 +133,7 @@ def _schedule(name: str, table: object) -> Schedule:
         raise ValueError(f"unknown field {', '.join(unknown)}; a schedule has: "
                          f"{', '.join(FIELDS)}")
     kind = table.get("kind")
-    if kind not in registry():
+    if not isinstance(kind, str) or kind not in registry():
         raise ValueError(f"unknown job kind {kind!r}; known kinds: {', '.join(sorted(registry()))}")
     if "every" not in table:
         raise ValueError('`every` is missing (e.g. every = "6h")')
@@ -164,7 +172,8 @@ def from_settings(settings: Settings) -> tuple[Schedule, ...]:
 class ScheduleFile:
     """The schedules of one file, read again once it changed (looked at no more often
     than every RELOAD_CHECK_S). A change that cannot be used keeps the last good
-    schedules: `error` says why until the file is fixed. Thread-safe."""
+    schedules: `error` says why until the file is fixed, read at each look meanwhile.
+    Thread-safe."""
 
     def __init__(self, path: Path, schedules: tuple[Schedule, ...], named: bool,
                  error: str | None = None) -> None:
@@ -172,7 +181,8 @@ class ScheduleFile:
         self.named = named  # OFFLOAD_SCHEDULES_FILE names it: its removal is a mistake
         self.error = error
         self._schedules = schedules
-        self._seen = _signature(path)
+        # `schedules` was read before any look here: the first look reads the file again.
+        self._seen: tuple[int, int, int] | None = _NOT_LOOKED
         self._checked = time.monotonic()
         self._lock = threading.Lock()
 
@@ -183,7 +193,9 @@ class ScheduleFile:
                 return self._schedules
             self._checked = now
             seen = _signature(self.path)
-            if seen == self._seen:
+            # One in error is read at every check: a fix its stat does not show (a coarse
+            # clock, a permission) or a read refused a moment (held by an editor) still applies.
+            if seen == self._seen and self.error is None:
                 return self._schedules
             self._seen = seen
             try:
@@ -192,13 +204,20 @@ class ScheduleFile:
                                         "gone; put it back, or empty it for no schedules")
                 schedules = load(self.path)
             except ScheduleError as exc:
-                self.error = f"{exc}; the last good schedules stay until the file is fixed"
-                log.error("schedules file changed: %s", self.error)
+                error = f"{exc}; the last good schedules stay until the file is fixed"
+                if error != self.error:
+                    log.error("schedules file not applied: %s", error)
+                self.error = error
                 return self._schedules
+            if schedules != self._schedules or self.error is not None:
+                log.info("schedules file changed: %d schedules from %s", len(schedules),
+                         self.path)
             self.error = None
             self._schedules = schedules
-            log.info("schedules file changed: %d schedules from %s", len(schedules), self.path)
             return schedules
+
+
+_NOT_LOOKED = (-1, -1, -1)  # no file's signature
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -117,6 +121,9 @@ def test_an_edited_schedules_file_applies_without_a_restart(make_server: MakeSer
         wait_for(lambda: {job["id"] for job in jobs_of(client, "tick")} - before, 30, 0.1,
                  "a tick job after the bad change")
         assert client.post("/api/schedules/tick/pause").status_code == 200
+        path.write_bytes(SCHEDULES.encode() + b"# caf\xe9\n")  # not UTF-8: said too
+        wait_for(lambda: "codec can't decode" in (listed(client)[1] or ""), 30, 0.1,
+                 "the file's error")
 
         path.write_text(rare_only)  # fixed, and a schedule removed
         wait_for(lambda: listed(client) == (["rare"], None), 30, 0.1, "the fixed file")
@@ -219,14 +226,74 @@ def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Pa
     ("[a]\nkind = 'sleep'\nevery = 5\npriority = 'high'\n", "`priority` must be a whole"),
     ("[a]\nkind = 'sleep'\nevery = 5\npriority = 5000\n", "from -1000 to 1000"),
     ("[a\n", "cannot read the schedules file"),
+    # Errors other than a ValueError of ours, until they were turned into one: an edit
+    # to the file then made a 500 and a failed supervisor pass, then went unreported.
+    (b"[a]\nkind = 'sleep'\nevery = 5\n# caf\xe9\n", "cannot read the schedules file"),
+    ("a = " + "[" * 5000 + "]" * 5000 + "\n", "cannot read the schedules file"),
+    ("[a]\nkind = ['sleep']\nevery = 5\n", "schedule [a]: unknown job kind ['sleep']"),
+    ("[a]\nkind = 'sleep'\nevery = 1" + "0" * 400 + "\n", "schedule [a]: `every` must be"),
 ])
 def test_a_bad_schedules_file_names_the_file_and_the_entry(data_dir: Path, tmp_path: Path,
-                                                           text: str, message: str) -> None:
+                                                           text: str | bytes,
+                                                           message: str) -> None:
     path = tmp_path / "schedules.toml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ScheduleError) as raised:
         load(path)
     assert str(path) in str(raised.value) and message in str(raised.value)
+
+
+def test_a_schedules_file_in_error_is_read_again_until_fixed(
+        data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("jobs.schedules.RELOAD_CHECK_S", 0.0)
+    path = tmp_path / "schedules.toml"
+    good = "[a]\nkind = 'sleep'\nevery = 5\n"
+    path.write_text(good)
+    schedules = ScheduleFile(path, load(path), named=True)
+    path.write_text(good.replace("5", "0"))
+    stat = path.stat()
+    assert [each.every_s for each in schedules.current()] == [5]
+    assert schedules.error is not None and "schedule [a]: `every`" in schedules.error
+    # Fixed within the file system's clock tick (its time and size as they were): applied.
+    path.write_text(good.replace("5", "7"))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert [each.every_s for each in schedules.current()] == [7]
+    assert schedules.error is None
+
+
+def test_a_change_while_the_file_was_first_read_applies(
+        data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("jobs.schedules.RELOAD_CHECK_S", 0.0)
+    path = tmp_path / "schedules.toml"
+    path.write_text("[a]\nkind = 'sleep'\nevery = 5\n")
+    # As if it changed between its first reading and the first look at its signature.
+    schedules = ScheduleFile(path, (), named=True)
+    assert [each.name for each in schedules.current()] == ["a"]
+
+
+def test_a_named_pipe_in_place_of_the_file_is_refused_without_waiting(tmp_path: Path) -> None:
+    if sys.platform == "win32":
+        pytest.skip("named pipes in the file system are POSIX")
+    path = tmp_path / "schedules.toml"
+    os.mkfifo(path)
+    raised: list[ScheduleError] = []
+
+    def read() -> None:
+        try:
+            load(path)
+        except ScheduleError as exc:
+            raised.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(60)
+    try:
+        # Blocked in open() until a writer came, it held the lock every request waits for.
+        assert not reader.is_alive(), "load() waits for a writer to the pipe"
+        assert len(raised) == 1 and "not a regular file" in str(raised[0])
+    finally:
+        with contextlib.suppress(OSError):  # lets a blocked reader go
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
 
 def test_intervals() -> None:

@@ -96,9 +96,10 @@ async def _switch_queue(store: JobStore, paused: bool) -> dict[str, Any]:
 
 
 async def _switch_schedule(store: JobStore, name: str, paused: bool) -> dict[str, Any]:
-    schedule = by_name().get(name)
+    schedules = await run_in_threadpool(by_name)  # may read the file again
+    schedule = schedules.get(name)
     if schedule is None:
-        known = ", ".join(sorted(by_name())) or "none (no schedules file, or an empty one)"
+        known = ", ".join(sorted(schedules)) or "none (no schedules file, or an empty one)"
         raise HTTPException(404, f"no schedule named {name[:100]!r}; the schedules are: "
                                  f"{known}. They are read from OFFLOAD_SCHEDULES_FILE "
                                  "(schedules.toml by default), again about a second after "
