@@ -175,10 +175,9 @@ class ScheduleFile:
     schedules: `error` says why until the file is fixed, read at each look meanwhile.
     Thread-safe."""
 
-    def __init__(self, path: Path, schedules: tuple[Schedule, ...], named: bool,
+    def __init__(self, path: Path, schedules: tuple[Schedule, ...],
                  error: str | None = None) -> None:
         self.path = path
-        self.named = named  # OFFLOAD_SCHEDULES_FILE names it: its removal is a mistake
         self.error = error
         self._schedules = schedules
         # `schedules` was read before any look here: the first look reads the file again.
@@ -199,10 +198,7 @@ class ScheduleFile:
                 return self._schedules
             self._seen = seen
             try:
-                if seen is None and self.named:
-                    raise ScheduleError(f"OFFLOAD_SCHEDULES_FILE names {self.path}, which is "
-                                        "gone; put it back, or empty it for no schedules")
-                schedules = load(self.path)
+                schedules = load(self.path)  # removed: no schedules
             except ScheduleError as exc:
                 error = f"{exc}; the last good schedules stay until the file is fixed"
                 if error != self.error:
@@ -234,8 +230,7 @@ def schedule_file() -> ScheduleFile:
     """This process's schedules file, read at first use: raises ScheduleError if it
     cannot be used (the API then refuses to start)."""
     settings = get_settings()
-    return ScheduleFile(settings.schedules_file, from_settings(settings),
-                        "schedules_file" in settings.model_fields_set)
+    return ScheduleFile(settings.schedules_file, from_settings(settings))
 
 
 def configured() -> tuple[Schedule, ...]:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from jobs import protocol as p
-from jobs.schedules import Schedule, ScheduleError, ScheduleFile, load, parse_every
+from jobs.schedules import ScheduleError, ScheduleFile, load, parse_every
 from jobs.settings import Settings
 from jobs.store.job_store import JobStore
 from jobs.supervisor.schedules import Scheduler
@@ -131,6 +131,17 @@ def test_an_edited_schedules_file_applies_without_a_restart(make_server: MakeSer
         assert gone.status_code == 404 and "the schedules are: rare" in gone.json()["detail"]
 
 
+def test_without_a_schedules_file_there_are_none_and_nothing_is_wrong(
+        make_server: MakeServer) -> None:
+    server = make_server()  # schedules.toml in the working folder: there is none
+    with server.client() as client:
+        assert client.get("/api/schedules").json() == {"schedules": [], "error": None}
+    log = server.data_dir / "supervisor.log"
+    wait_for(lambda: log.exists() and "supervisor leads" in log.read_text(), 30, 0.1,
+             "the supervisor's lead")
+    assert " ERROR " not in log.read_text()
+
+
 def test_a_paused_schedule_creates_nothing_until_resumed(make_server: MakeServer,
                                                          tmp_path: Path) -> None:
     env = schedules_env(tmp_path, SCHEDULES.replace('"36500d"', "2"))
@@ -190,11 +201,14 @@ def test_the_paused_queue_starts_nothing_until_resumed(make_server: MakeServer) 
                  30, 0.05, "the queued job's run once resumed")
 
 
-def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Path) -> None:
+def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Path,
+                                                                    tmp_path: Path) -> None:
     store = JobStore(data_dir / "jobs")
-    schedule = Schedule("often", "sleep", 60.0, {"seconds": 0})
+    path = tmp_path / "schedules.toml"
+    path.write_text("[often]\nkind = 'sleep'\nevery = 60\ninput = {seconds = 0}\n")
+    (schedule,) = load(path)
     created: list[str] = []
-    scheduler = Scheduler(store, ScheduleFile(data_dir / "none.toml", (schedule,), named=False),
+    scheduler = Scheduler(store, ScheduleFile(path, (schedule,)),
                           Settings(OFFLOAD_JOB_TIMEOUT_S=30))
     now = 1_800_000_000.0
     scheduler.fire(created.append, now)
@@ -207,8 +221,7 @@ def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Pa
     assert len(created) == 1
     p.write_json(store.path(created[0]), {**job, "state": "completed"})
     # Ten slots later, from a new scheduler (a restart): one job, for the current slot.
-    again = Scheduler(store, ScheduleFile(data_dir / "none.toml", (schedule,), named=False),
-                          Settings(OFFLOAD_JOB_TIMEOUT_S=30))
+    again = Scheduler(store, ScheduleFile(path, (schedule,)), Settings(OFFLOAD_JOB_TIMEOUT_S=30))
     again.fire(created.append, now + 600)
     again.fire(created.append, now + 601)
     assert created[1:] == [schedule.job_id(schedule.slot(now + 600))]
@@ -249,7 +262,7 @@ def test_a_schedules_file_in_error_is_read_again_until_fixed(
     path = tmp_path / "schedules.toml"
     good = "[a]\nkind = 'sleep'\nevery = 5\n"
     path.write_text(good)
-    schedules = ScheduleFile(path, load(path), named=True)
+    schedules = ScheduleFile(path, load(path))
     path.write_text(good.replace("5", "0"))
     stat = path.stat()
     assert [each.every_s for each in schedules.current()] == [5]
@@ -267,7 +280,7 @@ def test_a_change_while_the_file_was_first_read_applies(
     path = tmp_path / "schedules.toml"
     path.write_text("[a]\nkind = 'sleep'\nevery = 5\n")
     # As if it changed between its first reading and the first look at its signature.
-    schedules = ScheduleFile(path, (), named=True)
+    schedules = ScheduleFile(path, ())
     assert [each.name for each in schedules.current()] == ["a"]
 
 

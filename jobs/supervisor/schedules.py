@@ -17,7 +17,7 @@ from collections.abc import Callable
 from jobs import protocol as p
 from jobs.kinds import Launch
 from jobs.protocol import control
-from jobs.schedules import Schedule, ScheduleError, ScheduleFile, from_settings
+from jobs.schedules import Schedule, ScheduleError, ScheduleFile, load
 from jobs.settings import Settings
 from jobs.store.job_store import JobStore, StoreUnavailable
 
@@ -37,16 +37,15 @@ class Scheduler:
     def from_settings(cls, settings: Settings, store: JobStore) -> Scheduler:
         error = None
         try:
-            schedules = from_settings(settings)
+            # Always named here (the API passes its absolute path): a missing file is none.
+            schedules = load(settings.schedules_file)
         except ScheduleError as exc:
             # The API refuses to start on it; a file spoiled since then stops no jobs.
             log.error("no schedules: %s", exc)
             schedules, error = (), str(exc)
         if schedules:
             log.info("%d schedules from %s", len(schedules), settings.schedules_file)
-        named = "schedules_file" in settings.model_fields_set
-        return cls(store, ScheduleFile(settings.schedules_file, schedules, named, error),
-                   settings)
+        return cls(store, ScheduleFile(settings.schedules_file, schedules, error), settings)
 
     def fire(self, created: Callable[[str], None], now: float | None = None) -> None:
         """Create the due jobs; `created(job_id)` for each new one."""
