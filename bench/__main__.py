@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -40,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown suite(s) {', '.join(sorted(unknown))}; known: {', '.join(SUITES)}")
     RESULTS.mkdir(exist_ok=True)
     machine = f"{platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        # Then every new interpreter (a spare, an exec'd runner) compiles the project's
+        # modules from source: slower than on a user's machine.
+        machine += ", PYTHONDONTWRITEBYTECODE set (no bytecode cache)"
+        print("PYTHONDONTWRITEBYTECODE is set: new interpreters compile the project from "
+              "source, slower than a user's; unset it for the figures a user sees",
+              file=sys.stderr)
     for name in args.suites or list(SUITES):
         run, report, plot = SUITES[name]
         print(f"running {name} ...", file=sys.stderr)

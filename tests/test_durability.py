@@ -1,5 +1,6 @@
 """Nothing acknowledged is lost on power loss: a job file at creation (before the 202),
-every final state and every claim reach the disk before they count.
+every final state and every claim reach the disk before they count; the supervisor hears
+of a new job as soon as its file is in place.
 
 The witness is strace on a real server (uvicorn, its supervisor process, the fork
 server and the runners): for each of those writes the temp file is fsync'd before the
@@ -96,6 +97,11 @@ def test_creation_final_states_and_launch_records_are_fsynced(
         assert parent, "the new job's folder was not made durable in the jobs folder"
         answer = next(c for c in calls if "HTTP/1.1 202" in c.text and job_id in c.text)
         assert max(synced.end, parent[0].end) < answer.start, "the 202 left before the fsync"
+        # The supervisor is rung once the file is in place: it claims the job while the
+        # folders are synced.
+        ring = next(c for c in calls if c.name in ("sendto", "sendmsg") and c.tid == created.tid
+                    and f'"{job_id}"' in c.text)
+        assert created.end < ring.start < synced.start, "not rung between the file and its folders"
         # Final: the last write, durable whoever wrote it (the runner, the supervisor).
         final, tmp = writes[-1]
         assert_durable(calls, final, tmp, folder)

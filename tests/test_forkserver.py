@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -132,10 +133,46 @@ def test_the_fork_server_leaves_with_its_launcher(start: Start,
     run, _, ended = start(seconds=1.0)
     (server,) = [proc for proc in fork_servers()
                  if run.runner.pid in [c.pid for c in proc.children()]]
+    ahead = wait_for(lambda: waiting_child(server, run.runner.pid), what="a child forked ahead")
     launcher.close()
     server.wait(10)
     assert not process_gone(run.runner.pid)  # runners run on; a new supervisor adopts them
     assert ended.wait(30)
+    wait_for(lambda: process_gone(ahead.pid), 10, what="the child forked ahead to leave")
+
+
+def waiting_child(server: psutil.Process, *runners: int) -> psutil.Process | None:
+    """The fork server's one child that is no runner: forked ahead, waiting for a job."""
+    others = [child for child in server.children() if child.pid not in runners]
+    return others[0] if len(others) == 1 else None
+
+
+def test_the_next_runner_is_forked_ahead_and_takes_the_next_job(
+        make_server: Callable[..., Any]) -> None:
+    server = make_server()
+    jobs_dir = server.data_dir / "jobs"
+    with server.client() as client:
+        job_id, _ = submit(client, jobs_dir, seconds=1, steps=1)
+        launched(jobs_dir, job_id)
+        first = psutil.Process(p.read_json(jobs_dir / job_id / p.RUN_FILE)["pid"])
+        fork_server = first.parent()
+        assert fork_server is not None
+        assert final(client, job_id)["state"] == p.JobState.COMPLETED
+        # Idle now: a child waits, forked before any job named it, and runs the next one.
+        ahead = wait_for(lambda: waiting_child(fork_server), what="a child forked ahead")
+        assert ahead.create_time() < time.time()
+        job_id, _ = submit(client, jobs_dir, seconds=0)
+        job = final(client, job_id)
+        assert job["state"] == p.JobState.COMPLETED and job["pid"] == ahead.pid, job
+        wait_for(lambda: process_gone(ahead.pid), what="the runner to end")
+        # One that dies waiting (the OOM killer, a kill by hand) is replaced, unreported.
+        ahead = wait_for(lambda: waiting_child(fork_server), what="the next child forked ahead")
+        ahead.kill()
+        replaced = wait_for(lambda: (child := waiting_child(fork_server)) and
+                            child.pid != ahead.pid and child, what="a child forked again")
+        job_id, _ = submit(client, jobs_dir, seconds=0)
+        job = final(client, job_id)
+        assert job["state"] == p.JobState.COMPLETED and job["pid"] == replaced.pid, job
 
 
 def test_without_the_fork_server_runners_start_as_new_interpreters(

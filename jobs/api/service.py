@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -128,7 +129,8 @@ class JobService:
                      launch: Launch | None = None,
                      fields: dict[str, Any] | None = None) -> dict[str, Any]:
         """Store a new job durably (on the event loop while the disk is quick, fsync
-        included; see `SmallIO`) and wake the supervisor. `fields`: set in its job file."""
+        included; see `SmallIO`) and wake the supervisor as soon as its file is in place,
+        while its folders are synced. `fields`: set in its job file."""
         job_input = validate_input(kind, job_input)
         timeout = timeout_s or self.settings.job_timeout_s
         launch = launch or Launch()
@@ -154,7 +156,6 @@ class JobService:
                 break
             assert key is not None
             await self._unblock(key, outcome, give_up_at)
-        poke(self.store.dir, str(outcome.get(p.F_ID, "")))
         return outcome
 
     def _submit(self, kind: str, job_input: dict[str, Any], timeout_s: float,
@@ -184,7 +185,8 @@ class JobService:
                 fields = {**fields, **self._take_turn(session, job_input)}
             try:
                 return self.store.create(kind, job_input, timeout_s, job_id=job_id,
-                                         key_name=key.name if key else None, fields=fields)
+                                         key_name=key.name if key else None, fields=fields,
+                                         on_stored=functools.partial(poke, self.store.dir))
             except StoreUnavailable:
                 if key is not None:
                     self.store.keys.drop_own(key.name)

@@ -4,8 +4,10 @@ A runner started with exec is a new interpreter, and the kernel's share of it (e
 page faults) is shielded by no scheduling policy: a burst of such starts slows the API
 far more than forks of an interpreter that has already imported the runners
 (docs/benchmarks.md). So the supervisor keeps one of these. It has
-imported the built-in runners; per job it forks a child that makes itself SCHED_IDLE
-and a process group of its own, sends its output to the job's log, shows
+imported the built-in runners; it forks each child ahead, while idle: the child makes
+itself SCHED_IDLE and a process group of its own and waits for one job (a child that
+never gets one exits with the server, unreported); given its job it sends its output
+to the job's log, shows
 `python -m runners.<kind> --job-file <file>` in `ps`, and runs the module as
 `python -m` would. If a file of the project changed since this server started, the
 child execs a fresh interpreter instead, so an edited runner always runs as edited.
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PRELOAD = ("runners.chat", "runners.sleep")  # train imports numpy: forked fresh instead
 REPLY_TIMEOUT_S = 10.0
+AHEAD_DELAY_S = 0.005  # idle this long after a request, the server forks the next runner
 EXIT_POLL_S = 1.0  # how often a runner's waiter checks it without the server's word
 AVAILABLE = sys.platform == "linux"
 # Fault injection for the tests only; the product never sets it. `die_after_fork`: the
@@ -98,29 +101,153 @@ def _serve(requests: int, replies: int, files: dict[str, int]) -> dict[str, Any]
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wake-up fd is written
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C in a terminal is for the API
-    pending = b""
-    while True:
-        ready, _, _ = select.select([requests, wake_r], [], [])
-        if wake_r in ready:
-            os.read(wake_r, 4096)
-            _reap(replies)
-        if requests not in ready:
-            continue
-        chunk = os.read(requests, 65536)
-        if not chunk:
-            return None
-        pending += chunk
-        while b"\n" in pending:
-            line, pending = pending.split(b"\n", 1)
-            request: dict[str, Any] = json.loads(line)
-            try:
-                pid = _fork(request, files, replies, (requests, replies, wake_r, wake_w))
-            except OSError as exc:
-                _send(replies, {"error": str(exc)})
+    return _Server(requests, replies, files, (requests, replies, wake_r, wake_w)).serve()
+
+
+class _Server:
+    """The server's loop. The next child is forked ahead, while the server is idle, and
+    waits for its request: the fork and the child's first steps are then off the path
+    from a submission to its runner. It is forked AHEAD_DELAY_S after the last request,
+    so that it does not take a core from the runner just given its job."""
+
+    def __init__(self, requests: int, replies: int, files: dict[str, int],
+                 fds: tuple[int, ...]) -> None:
+        self.requests, self.replies, self.files, self.fds = requests, replies, files, fds
+        self.ahead: _Ahead | None = None
+        self.ahead_due: float | None = time.monotonic()
+        self.waiting: set[int] = set()  # forked ahead, without a job: no exit to report
+
+    def serve(self) -> dict[str, Any] | None:
+        wake_r = self.fds[2]
+        pending = b""
+        while True:
+            due = self.ahead_due
+            ready, _, _ = select.select([self.requests, wake_r], [], [],
+                                        None if due is None else max(0.0, due - time.monotonic()))
+            if wake_r in ready:
+                os.read(wake_r, 4096)
+                self._reap()
+            if not ready:
+                request = self._fork_ahead()
+                if request is not None:
+                    return request  # a child, given its job
                 continue
+            if self.requests not in ready:
+                continue
+            chunk = os.read(self.requests, 65536)
+            if not chunk:
+                return None
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                request = self._start(line)
+                if request is not None:
+                    return request  # a child forked for it
+
+    def _start(self, line: bytes) -> dict[str, Any] | None:
+        """Give the request to the child forked ahead, else fork one for it (None in the
+        server; in that child, its request)."""
+        request: dict[str, Any] = json.loads(line)
+        stale = project_files() != self.files
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and not stale and ahead.hand(line):
+            self.waiting.discard(ahead.pid)
+        else:
+            if ahead is not None:  # its code is stale, or it is gone: it exits
+                ahead.close()
+            try:
+                pid = _fork(request, stale, self.replies, self.fds)
+            except OSError as exc:
+                _send(self.replies, {"error": str(exc)})
+                return None
             if pid == 0:
                 return request
-            _test_fault(requests)  # the child has answered, or will
+        # A stale server forks none ahead: every runner is a fresh interpreter.
+        self.ahead_due = None if stale else time.monotonic() + AHEAD_DELAY_S
+        _test_fault(self.requests)  # the child has answered, or will
+        return None
+
+    def _fork_ahead(self) -> dict[str, Any] | None:
+        self.ahead_due = None
+        if project_files() != self.files:
+            return None
+        forked = _fork_ahead(self.replies, self.fds)
+        if isinstance(forked, dict):
+            return forked
+        self.ahead = forked
+        self.waiting.add(forked.pid)
+        return None
+
+    def _reap(self) -> None:
+        """Report the exit of every child that ended, but of those forked ahead that
+        never had a job."""
+        if sys.platform == "win32":
+            return
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid in self.waiting:
+                self.waiting.discard(pid)
+            else:
+                _send(self.replies, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+        if self.ahead is not None and self.ahead.pid not in self.waiting:  # died waiting
+            self.ahead.close()
+            self.ahead, self.ahead_due = None, time.monotonic() + AHEAD_DELAY_S
+
+
+class _Ahead:
+    """A child forked ahead, as the server holds it: its pid, and its end of the pipe
+    that brings its request."""
+
+    def __init__(self, pid: int, to_child: int) -> None:
+        self.pid = pid
+        self._to_child = to_child
+
+    def hand(self, line: bytes) -> bool:
+        """Give it its request line; False if it is gone (it gets no other)."""
+        try:
+            os.write(self._to_child, line + b"\n")  # below PIPE_BUF: all of it or nothing
+            return True
+        except OSError:
+            return False
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Without a request, it exits."""
+        if self._to_child >= 0:
+            os.close(self._to_child)
+            self._to_child = -1
+
+
+def _fork_ahead(replies: int, server_fds: tuple[int, ...]) -> _Ahead | dict[str, Any]:
+    """In the server, the child forked; in the child, once it has become the runner of
+    the request it waited for, that request."""
+    if sys.platform == "win32":
+        raise OSError("no fork on Windows")
+    from_server, to_child = os.pipe()
+    pid = os.fork()
+    if pid != 0:
+        os.close(from_server)
+        return _Ahead(pid, to_child)
+    try:
+        os.close(to_child)
+        _leave_server(replies, server_fds)
+        with os.fdopen(from_server, "rb") as requests:
+            line = requests.readline()
+        if not line.endswith(b"\n"):
+            os._exit(0)  # dropped, or the server is gone: no job, nothing to say
+        request: dict[str, Any] = json.loads(line)
+        log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        _become_runner(request, log_fd, replies, False)
+    except BaseException as exc:  # never back into the server's loop
+        os.write(2, f"fork server: cannot start the runner: {exc!r}\n".encode())
+        os._exit(70)
+    return request
 
 
 def _test_fault(requests: int) -> None:
@@ -135,11 +262,10 @@ def _test_fault(requests: int) -> None:
         os._exit(0)
 
 
-def _fork(request: dict[str, Any], files: dict[str, int], replies: int,
+def _fork(request: dict[str, Any], stale: bool, replies: int,
           server_fds: tuple[int, ...]) -> int:
     if sys.platform == "win32":
         raise OSError("no fork on Windows")
-    stale = project_files() != files
     log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         pid: int = os.fork()
@@ -150,21 +276,22 @@ def _fork(request: dict[str, Any], files: dict[str, int], replies: int,
         os.close(log_fd)
         return pid
     try:
-        _become_runner(request, log_fd, replies, server_fds, stale)
+        _leave_server(replies, server_fds)
+        _become_runner(request, log_fd, replies, stale)
     except BaseException as exc:  # never back into the server's loop
         os.write(2, f"fork server: cannot start the runner: {exc!r}\n".encode())
         os._exit(70)
     return 0
 
 
-def _become_runner(request: dict[str, Any], log_fd: int, replies: int,
-                   server_fds: tuple[int, ...], stale: bool) -> None:
+def _leave_server(replies: int, server_fds: tuple[int, ...]) -> None:
+    """A forked child's first steps, before it has a job: a process group of its own
+    (killpg stops its tree; Ctrl+C in a terminal is not for it), the lowest priority,
+    the signals as a new interpreter has them, and none of the server's pipes but the
+    reply pipe."""
     if sys.platform == "win32":
-        raise OSError("no fork on Windows")  # never started there; tells the type checker
-    os.setpgid(0, 0)  # its own process group, as a spawned runner: killpg stops its tree
-    # The answer comes from here, not from the server: a server that dies or stalls now
-    # cannot leave a runner that the supervisor does not know.
-    _send(replies, {"pid": os.getpid()})
+        raise OSError("no fork on Windows")
+    os.setpgid(0, 0)
     if sys.platform == "linux":
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
@@ -174,11 +301,20 @@ def _become_runner(request: dict[str, Any], log_fd: int, replies: int,
     for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    for fd in server_fds:
+        if fd != replies:
+            os.close(fd)
+
+
+def _become_runner(request: dict[str, Any], log_fd: int, replies: int, stale: bool) -> None:
+    # The answer comes from here, not from the server: a server that dies or stalls now
+    # cannot leave a runner that the supervisor does not know.
+    _send(replies, {"pid": os.getpid()})
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
-    for fd in (devnull, log_fd, *server_fds):
+    for fd in (devnull, log_fd, replies):
         os.close(fd)
     argv = [sys.executable, "-m", request["module"], "--job-file", request["job_file"]]
     if stale:  # a project file changed since the server started: run the code as it is now
@@ -186,19 +322,6 @@ def _become_runner(request: dict[str, Any], log_fd: int, replies: int,
         os.execv(sys.executable, argv)
     show_command_line(argv)
     os.environ.pop(TITLE_ROOM_ENV, None)  # its room is taken now; the runner never sees it
-
-
-def _reap(replies: int) -> None:
-    if sys.platform == "win32":
-        return
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        _send(replies, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
 
 def _send(replies: int, message: dict[str, Any]) -> None:

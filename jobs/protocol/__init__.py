@@ -256,19 +256,22 @@ def private_files() -> None:
         os.umask(PRIVATE_UMASK)
 
 
-def write_json(path: StrPath, data: dict[str, Any], durable: bool = False) -> None:
+def write_json(path: StrPath, data: dict[str, Any], durable: bool = False,
+               sync_folder: bool = True) -> None:
     """Atomically replace `path`: a reader sees the old file or the new one, never half.
     `durable`: on disk before this returns (see `write_atomic`)."""
     write_atomic(path, json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),
-                 durable)
+                 durable, sync_folder)
 
 
-def write_atomic(path: StrPath, payload: bytes, durable: bool = False) -> None:
+def write_atomic(path: StrPath, payload: bytes, durable: bool = False,
+                 sync_folder: bool = True) -> None:
     """Write a temp file in the same folder, then replace `path` with it.
 
     `durable` (a job's creation, its final state, a claim): the temp file is
     fsync'd before the rename, so a power loss leaves the old file or the whole new one,
-    never an empty one; the folder is fsync'd after it, so the rename itself survives.
+    never an empty one; the folder is fsync'd after it (unless `sync_folder` is False:
+    the caller does it), so the rename itself survives.
     """
     folder, name = os.path.split(os.fspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}")
@@ -286,7 +289,7 @@ def write_atomic(path: StrPath, payload: bytes, durable: bool = False) -> None:
         except OSError:
             pass  # never created, or already renamed
         raise
-    if durable:
+    if durable and sync_folder:
         sync_dir(folder)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,12 @@ class JobStore(JobIndex):
 
     def create(self, kind: str, job_input: dict[str, Any], timeout_s: float,
                job_id: str | None = None, key_name: str | None = None,
-               fields: dict[str, Any] | None = None) -> dict[str, Any]:
+               fields: dict[str, Any] | None = None,
+               on_stored: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Store a new job; `key_name`: the idempotency key that claimed it, released
-        when the job is removed; `fields`: set in the job file besides the input."""
+        when the job is removed; `fields`: set in the job file besides the input;
+        `on_stored(id)`: called once the job's file is in place (fsync'd, its folders not
+        yet), so a supervisor can start on it while the folders are synced."""
         if kind not in registry():
             raise UnknownKind(kind)
         job_id = job_id or p.new_id()
@@ -68,8 +72,11 @@ class JobStore(JobIndex):
             path.parent.mkdir()
             if key_name is not None:
                 Keys.link(path.parent, key_name)
-            p.write_json(path, data, durable=True)  # on disk before the 202
-            p.sync_dir(self.dir)  # and the job's folder with it
+            p.write_json(path, data, durable=True, sync_folder=False)
+            if on_stored is not None:
+                on_stored(job_id)
+            p.sync_dir(path.parent)  # on disk before the 202, with the job's folder
+            p.sync_dir(self.dir)
         except OSError as exc:
             reason = exc.strerror or exc
             raise StoreUnavailable(f"cannot store the job in {self.dir}: {reason}") from exc
