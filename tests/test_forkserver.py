@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from jobs import protocol as p
 from jobs.kinds import runner_modules
-from jobs.launch import forkserver
+from jobs.launch import forkserver, processes
 from jobs.launch.local import FORK, LocalLauncher, LocalRun
 from jobs.protocol.wake import OUTPUT_FILE
 from jobs.store.job_store import JobStore
@@ -305,3 +306,56 @@ def test_a_fork_server_lost_after_forking_leaves_no_runner_after_a_cancel(
         ran_once(runners, job)  # nothing survives to overwrite the cancelled state
         assert client.get(f"/api/jobs/{job_id}").json()["state"] == p.JobState.CANCELLED
     assert fault_happened(server, fault)
+
+
+@pytest.fixture
+def fork_server() -> Iterator[forkserver.ForkServer]:
+    """A fork server as a supervisor keeps one, without the supervisor."""
+    server = forkserver.ForkServer(processes.runner_env())
+    yield server
+    server.close()
+
+
+def spawn_sleep(server: forkserver.ForkServer, folder: Path, name: str,
+                log: str | None = None) -> forkserver.Forked:
+    job = p.new_job(p.new_id(), "sleep", {"seconds": 0}, 60)
+    job_file = folder / name / p.JOB_FILE
+    job_file.parent.mkdir()
+    p.write_json(job_file, job)
+    return server.spawn("runners.sleep", job_file, log or str(job_file.parent / p.LOG_FILE))
+
+
+def test_a_child_forked_ahead_answers_at_once_on_a_busy_machine(
+        fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
+    # The supervisor waits for the child's answer (one spawn at a time; the server is
+    # killed after REPLY_TIMEOUT_S): a child that waited at SCHED_IDLE answered seconds
+    # late whenever normal work took the CPU.
+    cpu = min(os.sched_getaffinity(0))
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})  # the fork server and its children inherit it
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(8)]
+    try:
+        fork_server.ensure_started()
+        assert fork_server._proc is not None
+        server = psutil.Process(fork_server._proc.pid)
+        runners: list[forkserver.Forked] = []
+        for n in range(3):
+            ahead = wait_for(lambda: waiting_child(server, *[r.pid for r in runners]),
+                             what="a child forked ahead")
+            # Waiting (blocked on its pipe), not idle-scheduled.
+            wait_for(lambda child=ahead: child.status() == psutil.STATUS_SLEEPING,
+                     what="it to wait")
+            assert os.sched_getscheduler(ahead.pid) != os.SCHED_IDLE
+            started = time.monotonic()
+            runners.append(spawn_sleep(fork_server, tmp_path, f"job{n}"))
+            took = time.monotonic() - started
+            assert runners[-1].pid == ahead.pid and took < 2.0, took
+            # Once it has its job, a runner: the lowest priority.
+            assert os.sched_getscheduler(ahead.pid) == os.SCHED_IDLE
+        assert fork_server._proc.poll() is None  # never stopped for being slow
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+        os.sched_setaffinity(0, affinity)
+    assert [runner.wait() for runner in runners] == [0, 0, 0]

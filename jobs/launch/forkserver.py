@@ -5,9 +5,10 @@ page faults) is shielded by no scheduling policy: a burst of such starts slows t
 far more than forks of an interpreter that has already imported the runners
 (docs/benchmarks.md). So the supervisor keeps one of these. It has
 imported the built-in runners; it forks each child ahead, while idle: the child makes
-itself SCHED_IDLE and a process group of its own and waits for one job (a child that
-never gets one exits with the server, unreported); given its job it sends its output
-to the job's log, shows
+itself a process group of its own and waits for one job (a child that never gets one
+exits with the server, unreported); given its job it answers, makes itself SCHED_IDLE
+(only then: a SCHED_IDLE child on a busy machine would answer seconds late), sends its
+output to the job's log, shows
 `python -m runners.<kind> --job-file <file>` in `ps`, and runs the module as
 `python -m` would. If a file of the project changed since this server started, the
 child execs a fresh interpreter instead, so an edited runner always runs as edited.
@@ -286,17 +287,12 @@ def _fork(request: dict[str, Any], stale: bool, replies: int,
 
 def _leave_server(replies: int, server_fds: tuple[int, ...]) -> None:
     """A forked child's first steps, before it has a job: a process group of its own
-    (killpg stops its tree; Ctrl+C in a terminal is not for it), the lowest priority,
-    the signals as a new interpreter has them, and none of the server's pipes but the
-    reply pipe."""
+    (killpg stops its tree; Ctrl+C in a terminal is not for it), the signals as a new
+    interpreter has them, and none of the server's pipes but the reply pipe. Not yet the
+    lowest priority: see `_become_runner`."""
     if sys.platform == "win32":
         raise OSError("no fork on Windows")
     os.setpgid(0, 0)
-    if sys.platform == "linux":
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
-            pass  # the launcher lowers its nice value as well
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
@@ -310,6 +306,15 @@ def _become_runner(request: dict[str, Any], log_fd: int, replies: int, stale: bo
     # The answer comes from here, not from the server: a server that dies or stalls now
     # cannot leave a runner that the supervisor does not know.
     _send(replies, {"pid": os.getpid()})
+    # Only now the lowest priority: a SCHED_IDLE child gets next to no CPU while the
+    # machine is busy, and the supervisor waits for this answer (one spawn at a time,
+    # the server stopped after REPLY_TIMEOUT_S). An unprivileged process cannot go back,
+    # so a child forked ahead waits at the server's priority (blocked: it costs nothing).
+    if sys.platform == "linux":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass  # the launcher lowers its nice value as well
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(log_fd, 1)
