@@ -359,3 +359,27 @@ def test_a_child_forked_ahead_answers_at_once_on_a_busy_machine(
             hog.wait()
         os.sched_setaffinity(0, affinity)
     assert [runner.wait() for runner in runners] == [0, 0, 0]
+
+
+def test_a_fork_server_that_cannot_fork_ahead_serves_on(
+        fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
+    # A fork ahead is asked for by no request: its failure (no fd, no memory, no pid
+    # left for now) is nobody's answer, and must not end the server (and with it the
+    # exit codes of its runners).
+    fork_server.ensure_started()
+    assert fork_server._proc is not None
+    server = psutil.Process(fork_server._proc.pid)
+    ahead = wait_for(lambda: waiting_child(server), what="a child forked ahead")
+    limits = server.rlimit(psutil.RLIMIT_NOFILE)
+    # Once the waiting child's pipe is closed, no room for the next child's.
+    server.rlimit(psutil.RLIMIT_NOFILE, (server.num_fds(), limits[1]))
+    first = spawn_sleep(fork_server, tmp_path, "first")
+    assert first.pid == ahead.pid
+    time.sleep(10 * forkserver.AHEAD_DELAY_S + 0.5)
+    assert server.is_running() and server.status() != psutil.STATUS_ZOMBIE
+    assert not waiting_child(server, first.pid)
+    server.rlimit(psutil.RLIMIT_NOFILE, limits)
+    second = spawn_sleep(fork_server, tmp_path, "second")  # forked for it, then one ahead
+    assert [first.wait(), second.wait()] == [0, 0] and not first.lost and not second.lost
+    wait_for(lambda: waiting_child(server, first.pid, second.pid), what="a child forked ahead")
+    assert fork_server._proc.pid == server.pid

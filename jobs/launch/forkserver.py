@@ -172,7 +172,12 @@ class _Server:
         self.ahead_due = None
         if project_files() != self.files:
             return None
-        forked = _fork_ahead(self.replies, self.fds)
+        try:
+            forked = _fork_ahead(self.replies, self.fds)
+        except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: nothing asked for it, so no answer
+            # The next request gets a child forked for it, and the one after is ahead again.
+            print(f"fork server: cannot fork a child ahead: {exc}", file=sys.stderr, flush=True)
+            return None
         if isinstance(forked, dict):
             return forked
         self.ahead = forked
@@ -231,7 +236,12 @@ def _fork_ahead(replies: int, server_fds: tuple[int, ...]) -> _Ahead | dict[str,
     if sys.platform == "win32":
         raise OSError("no fork on Windows")
     from_server, to_child = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(from_server)
+        os.close(to_child)
+        raise
     if pid != 0:
         os.close(from_server)
         return _Ahead(pid, to_child)
