@@ -383,3 +383,22 @@ def test_a_fork_server_that_cannot_fork_ahead_serves_on(
     assert [first.wait(), second.wait()] == [0, 0] and not first.lost and not second.lost
     wait_for(lambda: waiting_child(server, first.pid, second.pid), what="a child forked ahead")
     assert fork_server._proc.pid == server.pid
+
+
+def test_a_child_forked_ahead_that_cannot_start_says_so_at_once(
+        fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
+    # The server used to open the job's log and answer an error itself; a child forked
+    # ahead opens it, and must answer the error too: silence held the supervisor
+    # REPLY_TIMEOUT_S, then the server (and its runners' exit codes) was killed.
+    fork_server.ensure_started()
+    assert fork_server._proc is not None
+    server = psutil.Process(fork_server._proc.pid)
+    ahead = wait_for(lambda: waiting_child(server), what="a child forked ahead")
+    started = time.monotonic()
+    with pytest.raises(forkserver.ForkServerError, match="No such file or directory"):
+        spawn_sleep(fork_server, tmp_path, "job", str(tmp_path / "gone" / p.LOG_FILE))
+    assert time.monotonic() - started < forkserver.REPLY_TIMEOUT_S / 2
+    assert process_gone(ahead.pid) or wait_for(lambda: process_gone(ahead.pid))
+    assert fork_server._proc.pid == server.pid and fork_server._proc.poll() is None
+    forked = spawn_sleep(fork_server, tmp_path, "next")
+    assert forked.wait() == 0 and not forked.lost

@@ -26,6 +26,7 @@ later supervisor adopts them like any runner.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -245,6 +246,7 @@ def _fork_ahead(replies: int, server_fds: tuple[int, ...]) -> _Ahead | dict[str,
     if pid != 0:
         os.close(from_server)
         return _Ahead(pid, to_child)
+    unanswered = False  # handed a request that nobody has answered yet
     try:
         os.close(to_child)
         _leave_server(replies, server_fds)
@@ -252,11 +254,18 @@ def _fork_ahead(replies: int, server_fds: tuple[int, ...]) -> _Ahead | dict[str,
             line = requests.readline()
         if not line.endswith(b"\n"):
             os._exit(0)  # dropped, or the server is gone: no job, nothing to say
+        unanswered = True
         request: dict[str, Any] = json.loads(line)
         log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        unanswered = False  # the pid is the first thing it sends
         _become_runner(request, log_fd, replies, False)
     except BaseException as exc:  # never back into the server's loop
         os.write(2, f"fork server: cannot start the runner: {exc!r}\n".encode())
+        if unanswered:
+            # As the server answered when it opened the log itself: no runner, said at
+            # once (silence would hold the supervisor REPLY_TIMEOUT_S, then kill the server).
+            with contextlib.suppress(OSError):
+                _send(replies, {"error": str(exc)})
         os._exit(70)
     return request
 
