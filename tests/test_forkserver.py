@@ -4,7 +4,11 @@ of a runner started as a new interpreter."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import threading
@@ -402,3 +406,30 @@ def test_a_child_forked_ahead_that_cannot_start_says_so_at_once(
     assert fork_server._proc.pid == server.pid and fork_server._proc.poll() is None
     forked = spawn_sleep(fork_server, tmp_path, "next")
     assert forked.wait() == 0 and not forked.lost
+
+
+def test_a_request_line_reaches_its_child_whole_or_not_at_all(tmp_path: Path) -> None:
+    # A line longer than PIPE_BUF (long, non-ASCII paths: JSON writes each character as
+    # \uXXXX) can be written in part when a signal comes while the pipe is full.
+    to_child_r, to_child_w = os.pipe()
+    fcntl.fcntl(to_child_w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)  # one page
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; time.sleep(0.5); sys.stdout.buffer.write(sys.stdin.buffer.read())"],
+        stdin=to_child_r, stdout=subprocess.PIPE)
+    os.close(to_child_r)
+    folder = "/".join(["\u6570\u636e" * 40] * 5)  # about 2.4 kB as JSON, per path
+    line = json.dumps({"module": "runners.sleep", "job_file": f"/{folder}/job.json",
+                       "log": f"/{folder}/log.txt"}).encode()
+    assert len(line) > select.PIPE_BUF
+    main = threading.get_ident()
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    ringer = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGUSR1))  # as a SIGCHLD
+    ringer.start()
+    try:
+        handed = forkserver._Ahead(child.pid, to_child_w).hand(line)
+    finally:
+        ringer.join()
+        signal.signal(signal.SIGUSR1, previous)
+    received, _ = child.communicate(timeout=30)
+    assert received == (line + b"\n" if handed else b""), (handed, len(received))

@@ -215,9 +215,16 @@ class _Ahead:
         self._to_child = to_child
 
     def hand(self, line: bytes) -> bool:
-        """Give it its request line; False if it is gone (it gets no other)."""
+        """Give it its request line; False if it is gone, or the line is too long to be
+        written whole (it gets no other)."""
+        data = line + b"\n"
+        if len(data) > select.PIPE_BUF:
+            # A longer write may be cut short (a SIGCHLD while the pipe is full) and then
+            # the child waits for the rest in vain: a child is forked for the request.
+            self.close()
+            return False
         try:
-            os.write(self._to_child, line + b"\n")  # below PIPE_BUF: all of it or nothing
+            os.write(self._to_child, data)  # at most PIPE_BUF: all of it or nothing
             return True
         except OSError:
             return False
