@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -320,6 +320,10 @@ def fork_server() -> Iterator[forkserver.ForkServer]:
     server.close()
 
 
+def blocked(proc: psutil.Process) -> bool:
+    return proc.status() == psutil.STATUS_SLEEPING
+
+
 def spawn_sleep(server: forkserver.ForkServer, folder: Path, name: str,
                 log: str | None = None) -> forkserver.Forked:
     job = p.new_job(p.new_id(), "sleep", {"seconds": 0}, 60)
@@ -347,8 +351,7 @@ def test_a_child_forked_ahead_answers_at_once_on_a_busy_machine(
             ahead = wait_for(lambda: waiting_child(server, *[r.pid for r in runners]),
                              what="a child forked ahead")
             # Waiting (blocked on its pipe), not idle-scheduled.
-            wait_for(lambda child=ahead: child.status() == psutil.STATUS_SLEEPING,
-                     what="it to wait")
+            wait_for(functools.partial(blocked, ahead), what="it to wait")
             assert os.sched_getscheduler(ahead.pid) != os.SCHED_IDLE
             started = time.monotonic()
             runners.append(spawn_sleep(fork_server, tmp_path, f"job{n}"))
@@ -421,7 +424,7 @@ def test_a_request_line_reaches_its_child_whole_or_not_at_all(tmp_path: Path) ->
     folder = "/".join(["\u6570\u636e" * 40] * 5)  # about 2.4 kB as JSON, per path
     line = json.dumps({"module": "runners.sleep", "job_file": f"/{folder}/job.json",
                        "log": f"/{folder}/log.txt"}).encode()
-    assert len(line) > select.PIPE_BUF
+    assert len(line) > forkserver.PIPE_BUF
     main = threading.get_ident()
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)
     ringer = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGUSR1))  # as a SIGCHLD

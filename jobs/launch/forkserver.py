@@ -56,6 +56,7 @@ REPLY_TIMEOUT_S = 10.0
 AHEAD_DELAY_S = 0.005  # idle this long after a request, the server forks the next runner
 EXIT_POLL_S = 1.0  # how often a runner's waiter checks it without the server's word
 AVAILABLE = sys.platform == "linux"
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)  # a longer pipe write may be cut short
 # Fault injection for the tests only; the product never sets it. `die_after_fork`: the
 # server exits right after a fork, before it says anything; `stall_after_fork`: it goes
 # on reading requests but never answers again. Real servers do this only by accident
@@ -218,7 +219,7 @@ class _Ahead:
         """Give it its request line; False if it is gone, or the line is too long to be
         written whole (it gets no other)."""
         data = line + b"\n"
-        if len(data) > select.PIPE_BUF:
+        if len(data) > PIPE_BUF:
             # A longer write may be cut short (a SIGCHLD while the pipe is full) and then
             # the child waits for the rest in vain: a child is forked for the request.
             self.close()
