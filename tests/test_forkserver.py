@@ -159,7 +159,9 @@ def test_the_next_runner_is_forked_ahead_and_takes_the_next_job(
     with server.client() as client:
         job_id, _ = submit(client, jobs_dir, seconds=1, steps=1)
         launched(jobs_dir, job_id)
-        first = psutil.Process(p.read_json(jobs_dir / job_id / p.RUN_FILE)["pid"])
+        record = p.read_json(jobs_dir / job_id / p.RUN_FILE)
+        assert record is not None
+        first = psutil.Process(record["pid"])
         fork_server = first.parent()
         assert fork_server is not None
         assert final(client, job_id)["state"] == p.JobState.COMPLETED
@@ -173,8 +175,11 @@ def test_the_next_runner_is_forked_ahead_and_takes_the_next_job(
         # One that dies waiting (the OOM killer, a kill by hand) is replaced, unreported.
         ahead = wait_for(lambda: waiting_child(fork_server), what="the next child forked ahead")
         ahead.kill()
-        replaced = wait_for(lambda: (child := waiting_child(fork_server)) and
-                            child.pid != ahead.pid and child, what="a child forked again")
+        def another() -> psutil.Process | None:
+            child = waiting_child(fork_server)
+            return child if child is not None and child.pid != ahead.pid else None
+
+        replaced = wait_for(another, what="a child forked again")
         job_id, _ = submit(client, jobs_dir, seconds=0)
         job = final(client, job_id)
         assert job["state"] == p.JobState.COMPLETED and job["pid"] == replaced.pid, job
