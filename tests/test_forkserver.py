@@ -4,7 +4,12 @@ of a runner started as a new interpreter."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
+import json
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -18,7 +23,7 @@ import pytest
 
 from jobs import protocol as p
 from jobs.kinds import runner_modules
-from jobs.launch import forkserver
+from jobs.launch import forkserver, processes
 from jobs.launch.local import FORK, LocalLauncher, LocalRun
 from jobs.protocol.wake import OUTPUT_FILE
 from jobs.store.job_store import JobStore
@@ -154,7 +159,9 @@ def test_the_next_runner_is_forked_ahead_and_takes_the_next_job(
     with server.client() as client:
         job_id, _ = submit(client, jobs_dir, seconds=1, steps=1)
         launched(jobs_dir, job_id)
-        first = psutil.Process(p.read_json(jobs_dir / job_id / p.RUN_FILE)["pid"])
+        record = p.read_json(jobs_dir / job_id / p.RUN_FILE)
+        assert record is not None
+        first = psutil.Process(record["pid"])
         fork_server = first.parent()
         assert fork_server is not None
         assert final(client, job_id)["state"] == p.JobState.COMPLETED
@@ -168,8 +175,11 @@ def test_the_next_runner_is_forked_ahead_and_takes_the_next_job(
         # One that dies waiting (the OOM killer, a kill by hand) is replaced, unreported.
         ahead = wait_for(lambda: waiting_child(fork_server), what="the next child forked ahead")
         ahead.kill()
-        replaced = wait_for(lambda: (child := waiting_child(fork_server)) and
-                            child.pid != ahead.pid and child, what="a child forked again")
+        def another() -> psutil.Process | None:
+            child = waiting_child(fork_server)
+            return child if child is not None and child.pid != ahead.pid else None
+
+        replaced = wait_for(another, what="a child forked again")
         job_id, _ = submit(client, jobs_dir, seconds=0)
         job = final(client, job_id)
         assert job["state"] == p.JobState.COMPLETED and job["pid"] == replaced.pid, job
@@ -305,3 +315,129 @@ def test_a_fork_server_lost_after_forking_leaves_no_runner_after_a_cancel(
         ran_once(runners, job)  # nothing survives to overwrite the cancelled state
         assert client.get(f"/api/jobs/{job_id}").json()["state"] == p.JobState.CANCELLED
     assert fault_happened(server, fault)
+
+
+@pytest.fixture
+def fork_server() -> Iterator[forkserver.ForkServer]:
+    """A fork server as a supervisor keeps one, without the supervisor."""
+    server = forkserver.ForkServer(processes.runner_env())
+    yield server
+    server.close()
+
+
+def blocked(proc: psutil.Process) -> bool:
+    return proc.status() == psutil.STATUS_SLEEPING
+
+
+def spawn_sleep(server: forkserver.ForkServer, folder: Path, name: str,
+                log: str | None = None) -> forkserver.Forked:
+    job = p.new_job(p.new_id(), "sleep", {"seconds": 0}, 60)
+    job_file = folder / name / p.JOB_FILE
+    job_file.parent.mkdir()
+    p.write_json(job_file, job)
+    return server.spawn("runners.sleep", job_file, log or str(job_file.parent / p.LOG_FILE))
+
+
+def test_a_child_forked_ahead_answers_at_once_on_a_busy_machine(
+        fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
+    # The supervisor waits for the child's answer (one spawn at a time; the server is
+    # killed after REPLY_TIMEOUT_S): a child that waited at SCHED_IDLE answered seconds
+    # late whenever normal work took the CPU.
+    cpu = min(os.sched_getaffinity(0))
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})  # the fork server and its children inherit it
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(8)]
+    try:
+        fork_server.ensure_started()
+        assert fork_server._proc is not None
+        server = psutil.Process(fork_server._proc.pid)
+        runners: list[forkserver.Forked] = []
+        for n in range(3):
+            ahead = wait_for(lambda: waiting_child(server, *[r.pid for r in runners]),
+                             what="a child forked ahead")
+            # Waiting (blocked on its pipe), not idle-scheduled.
+            wait_for(functools.partial(blocked, ahead), what="it to wait")
+            assert os.sched_getscheduler(ahead.pid) != os.SCHED_IDLE
+            started = time.monotonic()
+            runners.append(spawn_sleep(fork_server, tmp_path, f"job{n}"))
+            took = time.monotonic() - started
+            assert runners[-1].pid == ahead.pid and took < 2.0, took
+            # Once it has its job, a runner: the lowest priority.
+            assert os.sched_getscheduler(ahead.pid) == os.SCHED_IDLE
+        assert fork_server._proc.poll() is None  # never stopped for being slow
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+        os.sched_setaffinity(0, affinity)
+    assert [runner.wait() for runner in runners] == [0, 0, 0]
+
+
+def test_a_fork_server_that_cannot_fork_ahead_serves_on(
+        fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
+    # A fork ahead is asked for by no request: its failure (no fd, no memory, no pid
+    # left for now) is nobody's answer, and must not end the server (and with it the
+    # exit codes of its runners).
+    fork_server.ensure_started()
+    assert fork_server._proc is not None
+    server = psutil.Process(fork_server._proc.pid)
+    ahead = wait_for(lambda: waiting_child(server), what="a child forked ahead")
+    limits = server.rlimit(psutil.RLIMIT_NOFILE)
+    # Once the waiting child's pipe is closed, no room for the next child's.
+    server.rlimit(psutil.RLIMIT_NOFILE, (server.num_fds(), limits[1]))
+    first = spawn_sleep(fork_server, tmp_path, "first")
+    assert first.pid == ahead.pid
+    time.sleep(10 * forkserver.AHEAD_DELAY_S + 0.5)
+    assert server.is_running() and server.status() != psutil.STATUS_ZOMBIE
+    assert not waiting_child(server, first.pid)
+    server.rlimit(psutil.RLIMIT_NOFILE, limits)
+    second = spawn_sleep(fork_server, tmp_path, "second")  # forked for it, then one ahead
+    assert [first.wait(), second.wait()] == [0, 0] and not first.lost and not second.lost
+    wait_for(lambda: waiting_child(server, first.pid, second.pid), what="a child forked ahead")
+    assert fork_server._proc.pid == server.pid
+
+
+def test_a_child_forked_ahead_that_cannot_start_says_so_at_once(
+        fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
+    # The server used to open the job's log and answer an error itself; a child forked
+    # ahead opens it, and must answer the error too: silence held the supervisor
+    # REPLY_TIMEOUT_S, then the server (and its runners' exit codes) was killed.
+    fork_server.ensure_started()
+    assert fork_server._proc is not None
+    server = psutil.Process(fork_server._proc.pid)
+    ahead = wait_for(lambda: waiting_child(server), what="a child forked ahead")
+    started = time.monotonic()
+    with pytest.raises(forkserver.ForkServerError, match="No such file or directory"):
+        spawn_sleep(fork_server, tmp_path, "job", str(tmp_path / "gone" / p.LOG_FILE))
+    assert time.monotonic() - started < forkserver.REPLY_TIMEOUT_S / 2
+    assert process_gone(ahead.pid) or wait_for(lambda: process_gone(ahead.pid))
+    assert fork_server._proc.pid == server.pid and fork_server._proc.poll() is None
+    forked = spawn_sleep(fork_server, tmp_path, "next")
+    assert forked.wait() == 0 and not forked.lost
+
+
+def test_a_request_line_reaches_its_child_whole_or_not_at_all(tmp_path: Path) -> None:
+    # A line longer than PIPE_BUF (long, non-ASCII paths: JSON writes each character as
+    # \uXXXX) can be written in part when a signal comes while the pipe is full.
+    to_child_r, to_child_w = os.pipe()
+    fcntl.fcntl(to_child_w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)  # one page
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; time.sleep(0.5); sys.stdout.buffer.write(sys.stdin.buffer.read())"],
+        stdin=to_child_r, stdout=subprocess.PIPE)
+    os.close(to_child_r)
+    folder = "/".join(["\u6570\u636e" * 40] * 5)  # about 2.4 kB as JSON, per path
+    line = json.dumps({"module": "runners.sleep", "job_file": f"/{folder}/job.json",
+                       "log": f"/{folder}/log.txt"}).encode()
+    assert len(line) > forkserver.PIPE_BUF
+    main = threading.get_ident()
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    ringer = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGUSR1))  # as a SIGCHLD
+    ringer.start()
+    try:
+        handed = forkserver._Ahead(child.pid, to_child_w).hand(line)
+    finally:
+        ringer.join()
+        signal.signal(signal.SIGUSR1, previous)
+    received, _ = child.communicate(timeout=30)
+    assert received == (line + b"\n" if handed else b""), (handed, len(received))

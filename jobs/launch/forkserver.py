@@ -5,9 +5,10 @@ page faults) is shielded by no scheduling policy: a burst of such starts slows t
 far more than forks of an interpreter that has already imported the runners
 (docs/benchmarks.md). So the supervisor keeps one of these. It has
 imported the built-in runners; it forks each child ahead, while idle: the child makes
-itself SCHED_IDLE and a process group of its own and waits for one job (a child that
-never gets one exits with the server, unreported); given its job it sends its output
-to the job's log, shows
+itself a process group of its own and waits for one job (a child that never gets one
+exits with the server, unreported); given its job it answers, makes itself SCHED_IDLE
+(only then: a SCHED_IDLE child on a busy machine would answer seconds late), sends its
+output to the job's log, shows
 `python -m runners.<kind> --job-file <file>` in `ps`, and runs the module as
 `python -m` would. If a file of the project changed since this server started, the
 child execs a fresh interpreter instead, so an edited runner always runs as edited.
@@ -25,6 +26,7 @@ later supervisor adopts them like any runner.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -54,6 +56,7 @@ REPLY_TIMEOUT_S = 10.0
 AHEAD_DELAY_S = 0.005  # idle this long after a request, the server forks the next runner
 EXIT_POLL_S = 1.0  # how often a runner's waiter checks it without the server's word
 AVAILABLE = sys.platform == "linux"
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)  # a longer pipe write may be cut short
 # Fault injection for the tests only; the product never sets it. `die_after_fork`: the
 # server exits right after a fork, before it says anything; `stall_after_fork`: it goes
 # on reading requests but never answers again. Real servers do this only by accident
@@ -171,7 +174,12 @@ class _Server:
         self.ahead_due = None
         if project_files() != self.files:
             return None
-        forked = _fork_ahead(self.replies, self.fds)
+        try:
+            forked = _fork_ahead(self.replies, self.fds)
+        except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: nothing asked for it, so no answer
+            # The next request gets a child forked for it, and the one after is ahead again.
+            print(f"fork server: cannot fork a child ahead: {exc}", file=sys.stderr, flush=True)
+            return None
         if isinstance(forked, dict):
             return forked
         self.ahead = forked
@@ -208,9 +216,16 @@ class _Ahead:
         self._to_child = to_child
 
     def hand(self, line: bytes) -> bool:
-        """Give it its request line; False if it is gone (it gets no other)."""
+        """Give it its request line; False if it is gone, or the line is too long to be
+        written whole (it gets no other)."""
+        data = line + b"\n"
+        if len(data) > PIPE_BUF:
+            # A longer write may be cut short (a SIGCHLD while the pipe is full) and then
+            # the child waits for the rest in vain: a child is forked for the request.
+            self.close()
+            return False
         try:
-            os.write(self._to_child, line + b"\n")  # below PIPE_BUF: all of it or nothing
+            os.write(self._to_child, data)  # at most PIPE_BUF: all of it or nothing
             return True
         except OSError:
             return False
@@ -230,10 +245,16 @@ def _fork_ahead(replies: int, server_fds: tuple[int, ...]) -> _Ahead | dict[str,
     if sys.platform == "win32":
         raise OSError("no fork on Windows")
     from_server, to_child = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(from_server)
+        os.close(to_child)
+        raise
     if pid != 0:
         os.close(from_server)
         return _Ahead(pid, to_child)
+    unanswered = False  # handed a request that nobody has answered yet
     try:
         os.close(to_child)
         _leave_server(replies, server_fds)
@@ -241,11 +262,18 @@ def _fork_ahead(replies: int, server_fds: tuple[int, ...]) -> _Ahead | dict[str,
             line = requests.readline()
         if not line.endswith(b"\n"):
             os._exit(0)  # dropped, or the server is gone: no job, nothing to say
+        unanswered = True
         request: dict[str, Any] = json.loads(line)
         log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        unanswered = False  # the pid is the first thing it sends
         _become_runner(request, log_fd, replies, False)
     except BaseException as exc:  # never back into the server's loop
         os.write(2, f"fork server: cannot start the runner: {exc!r}\n".encode())
+        if unanswered:
+            # As the server answered when it opened the log itself: no runner, said at
+            # once (silence would hold the supervisor REPLY_TIMEOUT_S, then kill the server).
+            with contextlib.suppress(OSError):
+                _send(replies, {"error": str(exc)})
         os._exit(70)
     return request
 
@@ -286,17 +314,12 @@ def _fork(request: dict[str, Any], stale: bool, replies: int,
 
 def _leave_server(replies: int, server_fds: tuple[int, ...]) -> None:
     """A forked child's first steps, before it has a job: a process group of its own
-    (killpg stops its tree; Ctrl+C in a terminal is not for it), the lowest priority,
-    the signals as a new interpreter has them, and none of the server's pipes but the
-    reply pipe."""
+    (killpg stops its tree; Ctrl+C in a terminal is not for it), the signals as a new
+    interpreter has them, and none of the server's pipes but the reply pipe. Not yet the
+    lowest priority: see `_become_runner`."""
     if sys.platform == "win32":
         raise OSError("no fork on Windows")
     os.setpgid(0, 0)
-    if sys.platform == "linux":
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except OSError:
-            pass  # the launcher lowers its nice value as well
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
@@ -310,6 +333,15 @@ def _become_runner(request: dict[str, Any], log_fd: int, replies: int, stale: bo
     # The answer comes from here, not from the server: a server that dies or stalls now
     # cannot leave a runner that the supervisor does not know.
     _send(replies, {"pid": os.getpid()})
+    # Only now the lowest priority: a SCHED_IDLE child gets next to no CPU while the
+    # machine is busy, and the supervisor waits for this answer (one spawn at a time,
+    # the server stopped after REPLY_TIMEOUT_S). An unprivileged process cannot go back,
+    # so a child forked ahead waits at the server's priority (blocked: it costs nothing).
+    if sys.platform == "linux":
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:
+            pass  # the launcher lowers its nice value as well
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(log_fd, 1)
