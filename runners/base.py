@@ -527,6 +527,12 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
         print(f"error: job {p.id_of(path)} has already finished ({data.get(p.F_STATE)}); "
               "pass --force to run it again", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        p.sync_claim(path)  # nothing of the job runs before its claim is on disk
+    except OSError as exc:
+        print(f"error: cannot put the job's claim on disk ({exc.strerror or exc}); "
+              "it is tried again", file=sys.stderr)
+        return EXIT_RETRY
     _cap_output(path)
     stopper = _Stopper(path)
     if hasattr(signal, "SIGHUP"):

@@ -1,6 +1,7 @@
 """Nothing acknowledged is lost on power loss: a job file at creation (before the 202),
-every final state and every claim reach the disk before they count; the supervisor hears
-of a new job as soon as its file is in place.
+every final state reach the disk before they count, and every claim before its runner
+runs anything of the job; the supervisor hears of a new job as soon as its file is in
+place.
 
 The witness is strace on a real server (uvicorn, its supervisor process, the fork
 server and the runners): for each of those writes the temp file is fsync'd before the
@@ -105,13 +106,18 @@ def test_creation_final_states_and_launch_records_are_fsynced(
         # Final: the last write, durable whoever wrote it (the runner, the supervisor).
         final, tmp = writes[-1]
         assert_durable(calls, final, tmp, folder)
-        # The launch record: the claim is durable before the runner starts; the pid
-        # after it need not be (a power cut ends the runner as well).
+        # The launch claim is on disk, its name in the folder, before the runner runs
+        # anything of the job: the runner fsyncs it before it writes `running` (its
+        # first write of the job file); the supervisor's own fsync only starts early.
         records = _renames_to(calls, folder / p.RUN_FILE)
         assert len(records) == 2, records
-        claimed, tmp = records[0]
-        assert_durable(calls, claimed, tmp, folder)
-        assert not _fsync_of(calls, records[1][1], records[1][0].tid)
+        running, _ = writes[1]
+        claim = [c for c in _fsync_of(calls, str(folder / p.RUN_FILE), running.tid)
+                 if c.end < running.start]
+        assert claim, "the runner wrote `running` before the claim was fsync'd"
+        claim_named = [c for c in _fsync_of(calls, str(folder), running.tid)
+                       if claim[-1].end < c.end < running.start]
+        assert claim_named, "the runner wrote `running` before the claim's folder was fsync'd"
     # Progress is written often and not fsync'd: only the creation and the final state.
     writes = _renames_to(calls, jobs / done.json()["id"] / p.JOB_FILE)
     synced_writes = [w for w in writes if _fsync_of(calls, w[1], w[0].tid)]

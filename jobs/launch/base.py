@@ -27,9 +27,11 @@ class ClaimFailed(OSError):
     now, so the job stays queued and nothing starts that could not record itself."""
 
 
-def claim(run_file: str, record: dict[str, Any]) -> None:
+def claim(run_file: str, record: dict[str, Any], durable: bool = True) -> None:
+    """Write the launch claim; not `durable`: its runner makes it so (`p.sync_claim`)
+    before it runs anything of the job."""
     try:
-        p.write_json(run_file, record, durable=True)
+        p.write_json(run_file, record, durable=durable)
     except OSError as exc:
         raise ClaimFailed(exc.errno, f"cannot write {run_file}: {exc.strerror or exc}") from exc
 

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ class LocalLauncher(Launcher):
         # Started with the first runner:
         self._forker: forkserver.ForkServer | None = None
         self._spares: spare_pool.SparePool | None = None
+        # One thread: fsyncs started ahead of the runner's own, which waits for them.
+        self._claims = ThreadPoolExecutor(1, thread_name_prefix="claim-sync")
 
     def start(self, module: str, job_file: Path, data: dict[str, Any], on_exit: OnExit) -> Run:
         run_file = p.sibling(job_file, p.RUN_FILE)
@@ -70,8 +73,10 @@ class LocalLauncher(Launcher):
             # folder can become unwritable meanwhile, and the job would fail, not wait).
             self._forker.ensure_started()
         # Claim first: a supervisor that dies right here leaves a job that is lost,
-        # never one that runs twice.
-        claim(run_file, {"pid": None, "claimed_by": os.getpid()})
+        # never one that runs twice. Not fsync'd here: the runner does it before it runs
+        # anything of the job; started now, the disk's work overlaps the runner's start.
+        claim(run_file, {"pid": None, "claimed_by": os.getpid()}, durable=False)
+        self._claims.submit(p.sync_claim, job_file)
         taken = self._spares.take(module, job_file) if self._spares is not None else None
         runner = processes.spawn(module, job_file, self.runner_env, self._forker, taken)
         try:
@@ -120,6 +125,7 @@ class LocalLauncher(Launcher):
             processes.kill_group(_runner(run))  # grandchildren that outlived the runner
 
     def close(self) -> None:
+        self._claims.shutdown(wait=False)
         if self._forker is not None:
             self._forker.close()
         if self._spares is not None:

@@ -293,6 +293,24 @@ def write_atomic(path: StrPath, payload: bytes, durable: bool = False,
         sync_dir(folder)
 
 
+def sync_claim(job_file: StrPath) -> None:
+    """Put the job's claim (its `run.json`, when it has one) on disk, with its name in the
+    job's folder: a runner does so before it runs anything of its job, so a power cut
+    before then leaves no claim, and a job that never ran runs after the restart."""
+    if not FSYNC:
+        return
+    run_file = sibling(job_file, RUN_FILE)
+    try:
+        fd = os.open(run_file, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows: write access
+    except FileNotFoundError:
+        return  # not launched by a supervisor (a job file run by hand)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    sync_dir(os.path.dirname(run_file))
+
+
 def sync_dir(folder: StrPath) -> None:
     """fsync a folder, so the names just created or renamed in it survive a power loss.
     POSIX only: Windows cannot open a folder for it (os.open refuses folders there)."""
