@@ -111,12 +111,12 @@ def test_creation_final_states_and_launch_records_are_fsynced(
         # first write of the job file); the supervisor's own fsync only starts early.
         records = _renames_to(calls, folder / p.RUN_FILE)
         assert len(records) == 2, records
-        running, _ = writes[1]
-        claim = [c for c in _fsync_of(calls, str(folder / p.RUN_FILE), running.tid)
-                 if c.end < running.start]
+        started, _ = writes[1]
+        claim = [c for c in _fsync_of(calls, str(folder / p.RUN_FILE), started.tid)
+                 if c.end < started.start]
         assert claim, "the runner wrote `running` before the claim was fsync'd"
-        claim_named = [c for c in _fsync_of(calls, str(folder), running.tid)
-                       if claim[-1].end < c.end < running.start]
+        claim_named = [c for c in _fsync_of(calls, str(folder), started.tid)
+                       if claim[-1].end < c.end < started.start]
         assert claim_named, "the runner wrote `running` before the claim's folder was fsync'd"
     # Progress is written often and not fsync'd: only the creation and the final state.
     writes = _renames_to(calls, jobs / done.json()["id"] / p.JOB_FILE)
