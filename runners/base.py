@@ -530,8 +530,9 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
     try:
         p.sync_claim(path)  # nothing of the job runs before its claim is on disk
     except OSError as exc:
+        # A transient failure: queued again while the job has attempts left.
         print(f"error: cannot put the job's claim on disk ({exc.strerror or exc}); "
-              "it is tried again", file=sys.stderr)
+              "nothing of the job ran", file=sys.stderr)
         return EXIT_RETRY
     _cap_output(path)
     stopper = _Stopper(path)
