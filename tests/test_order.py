@@ -174,6 +174,8 @@ def test_a_killed_chat_runner_is_retried_and_the_seed_sees_it_processing(
                 retrying = wait_job(client, job_id, "queued")
                 llm.gate.set()
                 job = wait_job(client, job_id)
+                # Until the watcher has seen the final status itself (its next poll).
+                watcher.join(30)
             finally:
                 stop.set()
                 watcher.join(30)
