@@ -44,6 +44,7 @@ from jobs import protocol as p
 from jobs.launch.warm import (
     TITLE_ROOM,
     TITLE_ROOM_ENV,
+    edited_since,
     project_files,
     run_as_main,
     show_command_line,
@@ -151,7 +152,7 @@ class _Server:
         """Give the request to the child forked ahead, else fork one for it (None in the
         server; in that child, its request)."""
         request: dict[str, Any] = json.loads(line)
-        stale = project_files() != self.files
+        stale = edited_since(self.files)
         ahead, self.ahead = self.ahead, None
         if ahead is not None and not stale and ahead.hand(line):
             self.waiting.discard(ahead.pid)
@@ -172,7 +173,7 @@ class _Server:
 
     def _fork_ahead(self) -> dict[str, Any] | None:
         self.ahead_due = None
-        if project_files() != self.files:
+        if edited_since(self.files):
             return None
         try:
             forked = _fork_ahead(self.replies, self.fds)

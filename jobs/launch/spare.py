@@ -24,7 +24,13 @@ import os
 import sys
 
 from jobs import protocol as p
-from jobs.launch.warm import TITLE_ROOM_ENV, project_files, run_as_main, show_command_line
+from jobs.launch.warm import (
+    TITLE_ROOM_ENV,
+    edited_since,
+    project_files,
+    run_as_main,
+    show_command_line,
+)
 
 # Everything here runs once per job: imports only what a runner loads anyway.
 TYPE_CHECKING = False
@@ -53,7 +59,7 @@ def main(modules: Sequence[str]) -> int:
     request = json.loads(line)
     module, job_file = str(request["module"]), str(request["job_file"])
     _become_runner(p.sibling(job_file, p.LOG_FILE))
-    if project_files() != files:  # edited since imported: the runner runs them as they are
+    if edited_since(files):  # edited since imported: the runner runs them as they are
         _forget_modules(files)
     show_command_line([sys.executable, "-m", module, "--job-file", job_file])
     os.environ.pop(TITLE_ROOM_ENV, None)  # its room is taken now; the runner never sees it

@@ -77,6 +77,20 @@ def project_files() -> dict[str, int]:
     return files
 
 
+def edited_since(files: dict[str, int]) -> bool:
+    """Whether a file of `files` (from `project_files`) has changed since: a stat each.
+    Not a new walk over the loaded modules: in a fork server each module touched is a
+    page copied (its pages are shared with the children forked), 0.7 ms a request."""
+    for path, mtime in files.items():
+        try:
+            if os.stat(path).st_mtime_ns != mtime:
+                return True
+        except OSError:
+            if mtime != 0:
+                return True
+    return False
+
+
 def show_command_line(argv: list[str]) -> None:
     """Show `argv` as this process's command line (what `ps` and psutil show): one
     string, its spaces separating the arguments. Linux only."""
