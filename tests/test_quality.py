@@ -61,3 +61,28 @@ def test_loads_only_the_standard_library_and_the_protocol(modules: list[str]) ->
     foreign = [m for m in loaded if m.split(".")[0] not in sys.stdlib_module_names
                and not m.startswith(ours) and m != "jobs"]
     assert not foreign, foreign
+
+
+def test_no_route_resolves_a_dependency_in_a_thread() -> None:
+    """FastAPI runs a plain `def` dependency in its thread pool: a thread hop on every
+    request that takes it (a quarter of a job's GET in the API's CPU)."""
+    import inspect
+
+    from fastapi.dependencies.models import Dependant
+    from fastapi.routing import APIRoute
+
+    from jobs.api import routes_chat, routes_control, routes_jobs, routes_metrics, routes_status
+
+    def threaded(dependant: Dependant) -> list[str]:
+        found = []
+        for dependency in dependant.dependencies:
+            call = dependency.call
+            if call is not None and not inspect.iscoroutinefunction(call):
+                found.append(getattr(call, "__qualname__", repr(call)))
+            found += threaded(dependency)
+        return found
+
+    routers = (routes_chat, routes_control, routes_jobs, routes_metrics, routes_status)
+    found = {f"{route.path}: {name}" for module in routers for route in module.router.routes
+             if isinstance(route, APIRoute) for name in threaded(route.dependant)}
+    assert not found, "make these dependencies `async def`:\n" + "\n".join(sorted(found))

@@ -21,7 +21,8 @@ from jobs.store.index import Signature
 router = APIRouter(prefix="/api", tags=["jobs"], dependencies=[Depends(require_token)])
 
 
-def get_service(request: Request) -> JobService:
+async def get_service(request: Request) -> JobService:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a hop per request
     service: JobService = request.app.state.service
     return service
 
