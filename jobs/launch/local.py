@@ -74,9 +74,8 @@ class LocalLauncher(Launcher):
             self._forker.ensure_started()
         # Claim first: a supervisor that dies right here leaves a job that is lost,
         # never one that runs twice. Not fsync'd here: the runner does it before it runs
-        # anything of the job; started now, the disk's work overlaps the runner's start.
+        # anything of the job.
         claim(run_file, {"pid": None, "claimed_by": os.getpid()}, durable=False)
-        self._claims.submit(p.sync_claim, job_file)
         taken = self._spares.take(module, job_file) if self._spares is not None else None
         runner = processes.spawn(module, job_file, self.runner_env, self._forker, taken)
         try:
@@ -85,6 +84,10 @@ class LocalLauncher(Launcher):
             p.write_json(run_file, runner.record())
         except OSError as exc:  # only a later supervisor's adoption needs the record
             log.warning("job %s: cannot write its launch record: %s", runner.job_id, exc)
+        # The claim as it now is (with the pid) put on disk while the runner starts: its
+        # own fsync then finds it done, or waits for it. Started before the pid's write, it
+        # was done twice, that write dirtying it again.
+        self._claims.submit(p.sync_claim, job_file)
         if runner.child is not None:
             threading.Thread(target=_wait_exit, args=(runner, on_exit), daemon=True,
                              name=f"wait-{runner.job_id[:8]}").start()
