@@ -54,7 +54,7 @@ class LocalLauncher(Launcher):
         # Started with the first runner:
         self._forker: forkserver.ForkServer | None = None
         self._spares: spare_pool.SparePool | None = None
-        # One thread: fsyncs started ahead of the runner's own, which waits for them.
+        # One thread: claims put on disk while their runners start (see `start`).
         self._claims = ThreadPoolExecutor(1, thread_name_prefix="claim-sync")
 
     def start(self, module: str, job_file: Path, data: dict[str, Any], on_exit: OnExit) -> Run:
@@ -73,20 +73,21 @@ class LocalLauncher(Launcher):
             # folder can become unwritable meanwhile, and the job would fail, not wait).
             self._forker.ensure_started()
         # Claim first: a supervisor that dies right here leaves a job that is lost,
-        # never one that runs twice. Not fsync'd here: the runner does it before it runs
-        # anything of the job.
+        # never one that runs twice. Not fsync'd before the spawn: the runner does it
+        # before it runs anything of the job.
         claim(run_file, {"pid": None, "claimed_by": os.getpid()}, durable=False)
         taken = self._spares.take(module, job_file) if self._spares is not None else None
         runner = processes.spawn(module, job_file, self.runner_env, self._forker, taken)
         try:
-            # Not fsync'd: a power cut that loses it ends the runner too, and the durable
-            # claim alone then says lost.
+            # Not fsync'd for its own sake: a power cut that loses it ends the runner too,
+            # and the durable claim alone then says lost.
             p.write_json(run_file, runner.record())
         except OSError as exc:  # only a later supervisor's adoption needs the record
             log.warning("job %s: cannot write its launch record: %s", runner.job_id, exc)
-        # The claim as it now is (with the pid) put on disk while the runner starts: its
-        # own fsync then finds it done, or waits for it. Started before the pid's write, it
-        # was done twice, that write dirtying it again.
+        # The claim as it now is (with the pid) put on disk while the runner starts, so
+        # that the runner's own fsync mostly finds it done or in flight (a runner that
+        # gets there first syncs the bare claim itself). Started before the pid's write,
+        # it was done twice: that write replaces the file.
         self._claims.submit(p.sync_claim, job_file)
         if runner.child is not None:
             threading.Thread(target=_wait_exit, args=(runner, on_exit), daemon=True,
