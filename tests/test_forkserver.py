@@ -159,7 +159,7 @@ def test_the_next_runner_is_forked_ahead_and_takes_the_next_job(
     server = make_server()
     jobs_dir = server.data_dir / "jobs"
     with server.client() as client:
-        job_id, _ = submit(client, jobs_dir, seconds=1, steps=1)
+        job_id = submit(client, seconds=1, steps=1)
         launched(jobs_dir, job_id)
         record = p.read_json(jobs_dir / job_id / p.RUN_FILE)
         assert record is not None
@@ -170,7 +170,7 @@ def test_the_next_runner_is_forked_ahead_and_takes_the_next_job(
         # Idle now: a child waits, forked before any job named it, and runs the next one.
         ahead = wait_for(lambda: waiting_child(fork_server), what="a child forked ahead")
         assert ahead.create_time() < time.time()
-        job_id, _ = submit(client, jobs_dir, seconds=0)
+        job_id = submit(client, seconds=0)
         job = final(client, job_id)
         assert job["state"] == p.JobState.COMPLETED and job["pid"] == ahead.pid, job
         wait_for(lambda: process_gone(ahead.pid), what="the runner to end")
@@ -182,7 +182,7 @@ def test_the_next_runner_is_forked_ahead_and_takes_the_next_job(
             return child if child is not None and child.pid != ahead.pid else None
 
         replaced = wait_for(another, what="a child forked again")
-        job_id, _ = submit(client, jobs_dir, seconds=0)
+        job_id = submit(client, seconds=0)
         job = final(client, job_id)
         assert job["state"] == p.JobState.COMPLETED and job["pid"] == replaced.pid, job
 
@@ -195,19 +195,23 @@ def test_a_forked_runner_loads_no_module_but_its_own(strace: str, data_dir: Path
     of CPU). Its own module is read afresh: runpy runs it as `python -m` would."""
     trace = tmp_path / "strace.txt"
     env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # no embedded model to trace
-    server = TracedServer(strace, trace, "openat", data_dir, tmp_path / "server.log", env)
+    server = TracedServer(strace, trace, "openat,execve", data_dir, tmp_path / "server.log",
+                          env)
     jobs = []
     try:
         server.start(timeout=120)
         with server.client() as client:
             for _ in range(2):  # the first forked ahead at the server's start, the next after it
-                job_id, _ = submit(client, data_dir / "jobs", seconds=0, steps=2)
+                # 0 s: every write of the job is its main thread's, whose tid is its pid
+                job_id = submit(client, seconds=0, steps=2)
                 jobs.append(final(client, job_id))
     finally:
         server.stop()
     calls = parse(trace.read_text())
     for job in jobs:
         assert job["state"] == p.JobState.COMPLETED, job
+        assert not [c for c in calls if c.tid == job["pid"] and c.name == "execve"], (
+            "the runner was not forked: it exec'd a new interpreter")
         opened = [c.text for c in calls if c.tid == job["pid"] and c.name == "openat"]
         assert any(job["id"] in text for text in opened), "the runner is not in the trace"
         modules = [text for text in opened if re.search(r'\.(so|py|pyc)"', text)
@@ -257,10 +261,17 @@ class Runners:
         return self.seen
 
 
-def submit(client: httpx.Client, jobs_dir: Path, kind: str = "sleep",
-           **job_input: Any) -> tuple[str, Runners]:
-    job = client.post("/api/jobs", json={"kind": kind, "input": job_input}).json()
-    return job["id"], Runners(jobs_dir / job["id"] / p.JOB_FILE)
+def submit(client: httpx.Client, kind: str = "sleep", **job_input: Any) -> str:
+    job_id: str = client.post("/api/jobs", json={"kind": kind, "input": job_input}).json()["id"]
+    return job_id
+
+
+def submit_watched(client: httpx.Client, jobs_dir: Path, **job_input: Any,
+                   ) -> tuple[str, Runners]:
+    """A job, and its runners sampled until `ran_once` (a sampler left running would
+    list every process 50 times a second for the rest of the session)."""
+    job_id = submit(client, **job_input)
+    return job_id, Runners(jobs_dir / job_id / p.JOB_FILE)
 
 
 def launched(jobs_dir: Path, job_id: str) -> None:
@@ -311,13 +322,13 @@ def test_a_fork_server_lost_after_forking_runs_the_job_once(
     with server.client() as client:
         # Forked by a fresh server, which then fails: the runner ends without a final
         # state, and its exit code went with the server.
-        job_id, _ = submit(client, jobs_dir, "probe", exit_code=7)
+        job_id = submit(client, "probe", exit_code=7)
         job = final(client, job_id)
         assert job["state"] == p.JobState.FAILED and job["error"]["type"] == p.ErrorType.LOST, job
         assert job["exit_code"] is None and "exit code unknown" in job["error"]["message"]
         # die: forked by the next server, which dies too; stall: the stalled server
         # answers nothing and is stopped, so it is started as a new interpreter, once.
-        job_id, runners = submit(client, jobs_dir, seconds=2, steps=2)
+        job_id, runners = submit_watched(client, jobs_dir, seconds=2, steps=2)
         launched(jobs_dir, job_id)
         job = final(client, job_id)
         assert job["state"] == p.JobState.COMPLETED, job
@@ -332,7 +343,7 @@ def test_a_fork_server_lost_after_forking_leaves_no_runner_after_a_cancel(
         make_server: Callable[..., Any], fault: str) -> None:
     server, jobs_dir = faulty_server(make_server, fault)
     with server.client() as client:
-        job_id, runners = submit(client, jobs_dir, seconds=60, steps=60)
+        job_id, runners = submit_watched(client, jobs_dir, seconds=60, steps=60)
         launched(jobs_dir, job_id)
         wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["state"] == p.JobState.RUNNING,
                  30, 0.1, "the job to run")
