@@ -20,7 +20,7 @@ from jobs import protocol as p
 from jobs.protocol import remote
 
 if sys.platform != "win32":
-    # At import, so the fork server has it: loaded by each forked runner, 0.8 ms of CPU.
+    # At import, so that the fork server has it loaded, not each runner it forks.
     import resource
 
 # Every runner pays for its imports at start: typing and pathlib stay out of run time.

@@ -191,8 +191,8 @@ def test_the_next_runner_is_forked_ahead_and_takes_the_next_job(
 def test_a_forked_runner_loads_no_module_but_its_own(strace: str, data_dir: Path,
                                                      tmp_path: Path) -> None:
     """What runners need is loaded in the fork server once: a module a forked runner
-    loads, it loads for every job (`resource`, read for a job's peak RSS, cost each 0.8 ms
-    of CPU). Its own module is read afresh: runpy runs it as `python -m` would."""
+    loads, it loads for every job (`resource`, read for a job's peak RSS, was). Its own
+    module is read afresh: runpy runs it as `python -m` would."""
     trace = tmp_path / "strace.txt"
     env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # no embedded model to trace
     server = TracedServer(strace, trace, "openat,execve", data_dir, tmp_path / "server.log",

@@ -65,7 +65,7 @@ def test_loads_only_the_standard_library_and_the_protocol(modules: list[str]) ->
 
 def test_no_route_resolves_a_dependency_in_a_thread() -> None:
     """FastAPI runs a plain `def` dependency in its thread pool: a thread hop on every
-    request that takes it (a quarter of a job's GET in the API's CPU)."""
+    request that takes it."""
     import importlib
     import inspect
     import pkgutil
