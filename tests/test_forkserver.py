@@ -455,6 +455,8 @@ def test_a_child_forked_ahead_that_cannot_start_says_so_at_once(
     assert fork_server._proc.pid == server.pid and fork_server._proc.poll() is None
     forked = spawn_sleep(fork_server, tmp_path, "next")
     assert forked.wait() == 0 and not forked.lost
+    # Reported before the next one's: its exit is not kept for a later runner with its pid.
+    assert ahead.pid not in fork_server._exits
 
 
 def test_a_request_line_reaches_its_child_whole_or_not_at_all(tmp_path: Path) -> None:

@@ -66,7 +66,10 @@ QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
 def test_chat_job_streams_a_reply_from_the_real_model(
         llama_server: str, make_supervisor: Callable[..., RunningSupervisor]) -> None:
     sup = make_supervisor(runner_env={"OPENAI_BASE_URL": llama_server})
-    job_id = sup.submit("chat", messages=QUESTION, max_tokens=48)
+    # A reply long enough to stream over several writes (at most five a second): a short
+    # one can come whole within one write interval.
+    job_id = sup.submit("chat", max_tokens=64, messages=[
+        {"role": "user", "content": "Explain in a few sentences what a CPU does."}])
     lengths: set[int] = set()
     while (job := sup.job(job_id))["state"] not in p.FINAL_STATES:
         if job["output"]:

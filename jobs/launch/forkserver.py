@@ -397,6 +397,10 @@ class ForkServer:
         self._changed = threading.Condition()
         self._replies: dict[int, dict[str, Any]] = {}  # generation -> its unread answer
         self._exits: dict[int, int] = {}
+        # Runners that answered with their pid, until their exit is read: the exit of any
+        # other child (one that answered an error) is not kept, or a later runner given
+        # its pid again would read that code as its own.
+        self._runners: set[int] = set()
         self._generation = 0  # which server a child belongs to
         self._alive: set[int] = set()  # generations still running
 
@@ -443,6 +447,7 @@ class ForkServer:
                     self._changed.wait_for(told, REPLY_TIMEOUT_S)
                 break
         with self._changed:
+            self._runners.discard(pid)  # an exit reported from now on is nobody's
             if pid in self._exits:
                 return self._exits.pop(pid)
         log.warning("runner %s: its fork server ended or stalled first; its exit code is "
@@ -522,8 +527,11 @@ class ForkServer:
                     continue  # a stray print of a preloaded module, before the protocol began
                 with self._changed:
                     if "exit" in message:
-                        self._exits[int(message["exit"])] = int(message["code"])
+                        if int(message["exit"]) in self._runners:
+                            self._exits[int(message["exit"])] = int(message["code"])
                     else:
+                        if "pid" in message:  # in the pipe's order: before its exit
+                            self._runners.add(int(message["pid"]))
                         self._replies[generation] = message
                     self._changed.notify_all()
         proc.wait()
