@@ -132,13 +132,16 @@ class Launch:
     priority: int | None = None
     start_at: float | None = None  # a POSIX time
     max_attempts: int | None = None
+    delay_s: float | None = None  # from the job's creation
 
-    def fields(self, kind: str, settings: Settings) -> dict[str, Any]:
-        """What the job file says of it, defaults filled in."""
+    def fields(self, kind: str, settings: Settings, created: float) -> dict[str, Any]:
+        """What the job file of a job created at `created` (a POSIX time) says of it,
+        defaults filled in."""
         fields: dict[str, Any] = {
             p.F_PRIORITY: (self.priority if self.priority is not None
                            else DEFAULT_PRIORITY.get(kind, 0)),
             p.F_MAX_ATTEMPTS: self.max_attempts or settings.attempts_for(kind)}
-        if self.start_at is not None:
-            fields[p.F_RUN_AT] = p.iso(self.start_at)
+        start_at = self.start_at if self.delay_s is None else created + self.delay_s
+        if start_at is not None:
+            fields[p.F_RUN_AT] = p.iso(start_at)
         return fields

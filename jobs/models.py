@@ -3,7 +3,6 @@ The fields are those of docs/contract.md; each kind's input model is in `jobs.in
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -17,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from jobs.kinds import registry
+from jobs.kinds import Launch, registry
 from jobs.protocol import ErrorType, JobState, iso
 from jobs.settings import (
     MAX_ATTEMPTS,
@@ -151,11 +150,10 @@ class JobCreate(BaseModel):
             raise ValueError("give run_at or delay_s, not both")
         return self
 
-    def start_at(self) -> float | None:
-        """When the job may start (a POSIX time), or None: at once."""
-        if self.run_at is not None:
-            return self.run_at.timestamp()
-        return None if self.delay_s is None else time.time() + self.delay_s
+    def launch(self) -> Launch:
+        """When and how often it runs: a `delay_s` counts from the job's creation."""
+        return Launch(self.priority, None if self.run_at is None else self.run_at.timestamp(),
+                      self.max_attempts, self.delay_s)
 
 
 class JobRerun(BaseModel):

@@ -104,6 +104,9 @@ def test_run_at_and_delay_s_start_no_earlier(make_server: MakeServer) -> None:
         assert delayed["run_at"] is not None
         jobs = [wait_job(client, job["id"]) for job in (delayed, timed, naive)]
     created = datetime.fromisoformat(jobs[0]["created_at"].replace("Z", "+00:00"))
+    # The delay counts from the job's creation, not from a moment before it.
+    assert jobs[0]["run_at"] == (created + timedelta(seconds=2)).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z"), jobs[0]
     assert started(jobs[0]) >= created + timedelta(seconds=2), jobs[0]
     for job in jobs[1:]:
         assert job["state"] == "completed"

@@ -13,7 +13,6 @@ from jobs.api.events import BadPosition, change_event, first_event, public, resu
 from jobs.api.follow import file_signature, followed
 from jobs.api.guards import require_token
 from jobs.api.service import JobService
-from jobs.kinds import Launch
 from jobs.models import Job, JobCreate, JobList, JobRerun
 from jobs.protocol import JobState
 from jobs.store.index import Signature
@@ -41,8 +40,8 @@ async def submit_job(body: JobCreate, service: Service, response: Response,
                      idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     """Start a job; it waits `queued` while the cap is reached. 429 (with `Retry-After`)
     beyond OFFLOAD_MAX_QUEUED queued jobs, or OFFLOAD_MAX_JOBS kept ones."""
-    launch = Launch(body.priority, body.start_at(), body.max_attempts)
-    job = await service.submit(body.kind, body.input, body.timeout_s, idempotency_key, launch)
+    job = await service.submit(body.kind, body.input, body.timeout_s, idempotency_key,
+                               body.launch())
     response.headers["Location"] = f"/api/jobs/{job[p.F_ID]}"
     return job
 

@@ -131,13 +131,14 @@ class JobService:
         """Store a new job durably (on the event loop while the disk is quick, fsync
         included; see `SmallIO`) and wake the supervisor as soon as its file is in place,
         while its folders are synced. `fields`: set in its job file."""
+        created = time.time()  # a delay counts from it
         job_input = validate_input(kind, job_input)
         timeout = timeout_s or self.settings.job_timeout_s
         launch = launch or Launch()
         key = None if idempotency_key is None else _Key(
             key_name(idempotency_key), _fingerprint(kind, job_input, timeout, launch,
                                                     fields or {}))
-        fields = {**launch.fields(kind, self.settings), **(fields or {})}
+        fields = {**launch.fields(kind, self.settings, created), **(fields or {})}
         give_up_at = time.monotonic() + KEY_WAIT_S
         while True:
             # On the event loop only with the index snapshot's counts: never wait for the
@@ -148,10 +149,11 @@ class JobService:
             if load is not None:
                 with contextlib.suppress(Overloaded):  # refused only on a count made now
                     outcome = await self.small_io.run("storing a job", self._submit, kind,
-                                                      job_input, timeout, key, load, fields)
+                                                      job_input, timeout, key, load, fields,
+                                                      created)
             if outcome is None:
                 outcome = await run_in_threadpool(self._submit, kind, job_input, timeout,
-                                                  key, None, fields)
+                                                  key, None, fields, created)
             if not isinstance(outcome, Claim):
                 break
             assert key is not None
@@ -160,8 +162,9 @@ class JobService:
 
     def _submit(self, kind: str, job_input: dict[str, Any], timeout_s: float,
                 key: _Key | None, load: Load | None,
-                fields: dict[str, Any]) -> dict[str, Any] | Claim:
-        """The new job (`fields`: set in its file besides the input); with a key, the job
+                fields: dict[str, Any], created: float) -> dict[str, Any] | Claim:
+        """The new job (`fields`: set in its file besides the input; `created`: its
+        creation time, a POSIX time); with a key, the job
         it already created, or its claim when that job is not there (see `_unblock`).
         Without `load`, the jobs are counted now."""
         if key is not None and (found := self._find(key)) is not None:
@@ -186,6 +189,7 @@ class JobService:
             try:
                 return self.store.create(kind, job_input, timeout_s, job_id=job_id,
                                          key_name=key.name if key else None, fields=fields,
+                                         created=created,
                                          on_stored=functools.partial(poke, self.store.dir))
             except StoreUnavailable:
                 if key is not None:

@@ -203,10 +203,13 @@ def id_of(job_file: StrPath) -> str:
     return os.path.basename(os.path.dirname(os.path.abspath(job_file)))
 
 
-def new_job(job_id: str, kind: str, job_input: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+def new_job(job_id: str, kind: str, job_input: dict[str, Any], timeout_s: float,
+            created: float | None = None) -> dict[str, Any]:
+    """`created`: a POSIX time, by default now."""
     job: dict[str, Any] = dict.fromkeys(JOB_FIELDS)
     job.update({
-        F_ID: job_id, F_KIND: kind, F_STATE: JobState.QUEUED, F_CREATED_AT: now_iso(),
+        F_ID: job_id, F_KIND: kind, F_STATE: JobState.QUEUED,
+        F_CREATED_AT: iso(time.time() if created is None else created),
         F_TIMEOUT_S: timeout_s, F_INPUT: job_input, F_OUTPUT: "", F_CREATED_NS: unique_ns(),
         F_PRIORITY: 0, F_ATTEMPT: 1,
     })

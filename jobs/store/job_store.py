@@ -56,15 +56,17 @@ class JobStore(JobIndex):
     def create(self, kind: str, job_input: dict[str, Any], timeout_s: float,
                job_id: str | None = None, key_name: str | None = None,
                fields: dict[str, Any] | None = None,
-               on_stored: Callable[[str], None] | None = None) -> dict[str, Any]:
+               on_stored: Callable[[str], None] | None = None,
+               created: float | None = None) -> dict[str, Any]:
         """Store a new job; `key_name`: the idempotency key that claimed it, released
         when the job is removed; `fields`: set in the job file besides the input;
         `on_stored(id)`: called once the job's file is in place (fsync'd, its folders not
-        yet), so a supervisor can start on it while the folders are synced."""
+        yet), so a supervisor can start on it while the folders are synced; `created`: its
+        creation time (a POSIX time), by default now."""
         if kind not in registry():
             raise UnknownKind(kind)
         job_id = job_id or p.new_id()
-        data = p.new_job(job_id, kind, job_input, timeout_s)
+        data = p.new_job(job_id, kind, job_input, timeout_s, created)
         data.update(fields or {})
         path = self.path(job_id)
         try:

@@ -70,7 +70,7 @@ class Scheduler:
             return None  # looked at again on the next pass
         job_id = schedule.job_id(slot)
         # The defaults a submission gets (priority and attempts by kind), as the API fills them.
-        fields = {**Launch(schedule.priority).fields(schedule.kind, self.settings),
+        fields = {**Launch(schedule.priority).fields(schedule.kind, self.settings, time.time()),
                   p.F_SCHEDULE: schedule.name}
         try:
             if not self.store.path(job_id).exists():
