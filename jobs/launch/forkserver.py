@@ -27,7 +27,6 @@ later supervisor adopts them like any runner.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from jobs.launch.warm import (
     TITLE_ROOM,
     TITLE_ROOM_ENV,
     edited_since,
+    preload,
     project_files,
     run_as_main,
     show_command_line,
@@ -80,11 +80,7 @@ class ForkInDoubt(OSError):
 
 def main() -> int:
     p.private_files()  # its children's job files and logs too
-    for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # a broken runner: its jobs will say so when they run
-            print(f"fork server: cannot preload {name}: {exc}", file=sys.stderr)
+    preload(PRELOAD, "fork server")
     # The protocol leaves fds 0 and 1, so a stray print cannot corrupt it.
     requests, replies = os.dup(0), os.dup(1)
     os.dup2(2, 1)

@@ -18,7 +18,6 @@ exits.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -27,6 +26,8 @@ from jobs import protocol as p
 from jobs.launch.warm import (
     TITLE_ROOM_ENV,
     edited_since,
+    forget_code,
+    preload,
     project_files,
     run_as_main,
     show_command_line,
@@ -43,11 +44,7 @@ READY = b"warm\n"  # on its stdout, once it has imported the runners
 
 def main(modules: Sequence[str]) -> int:
     p.private_files()  # the job's log, and all its runner writes
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # a broken runner: its jobs will say so when they run
-            print(f"spare: cannot preload {name}: {exc}", file=sys.stderr)
+    preload(modules, "spare")
     files = project_files()
     try:
         os.write(1, READY)
@@ -61,6 +58,7 @@ def main(modules: Sequence[str]) -> int:
     _become_runner(p.sibling(job_file, p.LOG_FILE))
     if edited_since(files):  # edited since imported: the runner runs them as they are
         _forget_modules(files)
+        forget_code()
     show_command_line([sys.executable, "-m", module, "--job-file", job_file])
     os.environ.pop(TITLE_ROOM_ENV, None)  # its room is taken now; the runner never sees it
     run_as_main(module, job_file)

@@ -4,6 +4,8 @@ pays for each of them once per job."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import runpy
 import sys
@@ -14,6 +16,9 @@ from jobs import protocol as p
 # A spare pays for each import once per job: typing stays out of run time.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.machinery import ModuleSpec
+    from types import CodeType
     from typing import NoReturn
 
 if sys.platform == "linux":
@@ -24,6 +29,30 @@ if sys.platform == "linux":
 # environment holds: setproctitle writes over the arguments and the environment block.
 TITLE_ROOM = 1024
 TITLE_ROOM_ENV = "OFFLOAD_FORKSERVER_TITLE_ROOM"
+
+# The preloaded runner modules' code, read once: running one as __main__ then reads no
+# file (runpy finds, reads and unmarshals the module again for each job).
+_code: dict[str, tuple[ModuleSpec, CodeType]] = {}
+
+
+def preload(modules: Sequence[str], who: str) -> None:
+    """Import the runner modules and keep their code; a broken one is said on stderr."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+            spec = importlib.util.find_spec(name)
+            get_code = getattr(spec and spec.loader, "get_code", None)
+            code = get_code(name) if get_code is not None else None
+        except Exception as exc:  # a broken runner: its jobs will say so when they run
+            print(f"{who}: cannot preload {name}: {exc}", file=sys.stderr)
+            continue
+        if spec is not None and code is not None:
+            _code[name] = (spec, code)
+
+
+def forget_code() -> None:
+    """Run the runner modules from their files again (they were edited since read)."""
+    _code.clear()
 
 
 def run_as_main(module: str, job_file: str) -> NoReturn:
@@ -50,7 +79,10 @@ def _run_module(module: str, job_file: str) -> int:
     # what the preloading saves).
     sys.modules.pop(module, None)
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if module in _code:
+            _exec_as_main(*_code[module])
+        else:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or 0
@@ -62,6 +94,17 @@ def _run_module(module: str, job_file: str) -> int:
         traceback.print_exc()
         return 1
     return 0
+
+
+def _exec_as_main(spec: ModuleSpec, code: CodeType) -> None:
+    """What `runpy.run_module(name, run_name="__main__", alter_sys=True)` does, with code
+    already read; nothing to restore after it, as the process ends."""
+    main = type(sys)("__main__")
+    main.__dict__.update(__file__=spec.origin, __cached__=spec.cached, __loader__=spec.loader,
+                         __package__=spec.parent, __spec__=spec)
+    sys.modules["__main__"] = main
+    sys.argv[0] = spec.origin or sys.argv[0]
+    exec(code, main.__dict__)
 
 
 def project_files() -> dict[str, int]:
