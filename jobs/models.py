@@ -124,7 +124,8 @@ class JobCreate(BaseModel):
     run_at: datetime | None = Field(None, description="start no earlier (ISO 8601; a time "
                                                       "without a zone is UTC)")
     delay_s: float | None = Field(None, ge=0, le=MAX_DELAY_S,
-                                  description="start no earlier than this many seconds from now")
+                                  description="start no earlier than this many seconds after "
+                                              "its creation (`created_at`)")
     max_attempts: int | None = Field(None, ge=1, le=MAX_ATTEMPTS,
                                      description="attempts on transient failures; by default "
                                                  "as OFFLOAD_MAX_ATTEMPTS says")

@@ -287,7 +287,14 @@ def test_idempotency_key_returns_the_first_job(server: Server) -> None:
                             headers={"Idempotency-Key": "abc-1"})
         assert other.status_code == 422
         assert "Idempotency-Key" in other.json()["detail"]
-        assert len(client.get("/api/jobs").json()["jobs"]) == 1
+        delayed = {**body, "delay_s": 30}  # the same delay asked again is the same request
+        first_delayed = client.post("/api/jobs", json=delayed, headers={"Idempotency-Key": "d"})
+        again = client.post("/api/jobs", json=delayed, headers={"Idempotency-Key": "d"})
+        assert first_delayed.json()["id"] == again.json()["id"]
+        later = client.post("/api/jobs", json={**body, "delay_s": 60},
+                            headers={"Idempotency-Key": "d"})
+        assert later.status_code == 422, later.text
+        assert len(client.get("/api/jobs").json()["jobs"]) == 2
 
 
 def test_an_empty_idempotency_key_is_refused(server: Server) -> None:

@@ -131,14 +131,13 @@ class JobService:
         """Store a new job durably (on the event loop while the disk is quick, fsync
         included; see `SmallIO`) and wake the supervisor as soon as its file is in place,
         while its folders are synced. `fields`: set in its job file."""
-        created = time.time()  # a delay counts from it
         job_input = validate_input(kind, job_input)
         timeout = timeout_s or self.settings.job_timeout_s
         launch = launch or Launch()
         key = None if idempotency_key is None else _Key(
             key_name(idempotency_key), _fingerprint(kind, job_input, timeout, launch,
                                                     fields or {}))
-        fields = {**launch.fields(kind, self.settings, created), **(fields or {})}
+        fields = fields or {}
         give_up_at = time.monotonic() + KEY_WAIT_S
         while True:
             # On the event loop only with the index snapshot's counts: never wait for the
@@ -149,11 +148,11 @@ class JobService:
             if load is not None:
                 with contextlib.suppress(Overloaded):  # refused only on a count made now
                     outcome = await self.small_io.run("storing a job", self._submit, kind,
-                                                      job_input, timeout, key, load, fields,
-                                                      created)
+                                                      job_input, timeout, key, load, launch,
+                                                      fields)
             if outcome is None:
                 outcome = await run_in_threadpool(self._submit, kind, job_input, timeout,
-                                                  key, None, fields, created)
+                                                  key, None, launch, fields)
             if not isinstance(outcome, Claim):
                 break
             assert key is not None
@@ -162,11 +161,10 @@ class JobService:
 
     def _submit(self, kind: str, job_input: dict[str, Any], timeout_s: float,
                 key: _Key | None, load: Load | None,
-                fields: dict[str, Any], created: float) -> dict[str, Any] | Claim:
-        """The new job (`fields`: set in its file besides the input; `created`: its
-        creation time, a POSIX time); with a key, the job
-        it already created, or its claim when that job is not there (see `_unblock`).
-        Without `load`, the jobs are counted now."""
+                launch: Launch, fields: dict[str, Any]) -> dict[str, Any] | Claim:
+        """The new job (`fields`: set in its file besides the input and `launch`); with a
+        key, the job it already created, or its claim when that job is not there (see
+        `_unblock`). Without `load`, the jobs are counted now."""
         if key is not None and (found := self._find(key)) is not None:
             return found
         if load is None:
@@ -183,6 +181,8 @@ class JobService:
                     raise StoreUnavailable(f"cannot record the Idempotency-Key: {exc}") from exc
                 if not claimed:  # another request claimed it a moment ago
                     return self._find(key) or Claim(None, None, 0.0)
+            created = time.time()  # stamped as its created_at; a delay_s counts from it
+            fields = {**launch.fields(kind, self.settings, created), **fields}
             # Only once the key is ours: a retried request must not interrupt its original.
             if session:
                 fields = {**fields, **self._take_turn(session, job_input)}
@@ -394,9 +394,10 @@ class JobService:
 
 def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch,
                  fields: dict[str, Any]) -> str:
-    # Not the start time: a delay_s gives a new one each time the request is retried.
     asked = [launch.priority, launch.max_attempts]
+    start = [launch.start_at, launch.delay_s]  # as asked: a delay, not the time it gives
     body = json.dumps([kind, job_input, timeout_s, *(asked if any(
-        each is not None for each in asked) else []), *([fields] if fields else [])],
+        each is not None for each in asked) else []), *(["start", *start] if any(
+            each is not None for each in start) else []), *([fields] if fields else [])],
         sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(body.encode()).hexdigest()

@@ -30,9 +30,9 @@ if sys.platform == "linux":
 TITLE_ROOM = 1024
 TITLE_ROOM_ENV = "OFFLOAD_FORKSERVER_TITLE_ROOM"
 
-# The preloaded runner modules' code, read once: running one as __main__ then reads no
-# file (runpy finds, reads and unmarshals the module again for each job).
+# The preloaded runner modules' code, so that a job's runner reads no file (runpy would).
 _code: dict[str, tuple[ModuleSpec, CodeType]] = {}
+_code_mtimes: dict[str, int] = {}  # each one's file, as it was before its code was read
 
 
 def preload(modules: Sequence[str], who: str) -> None:
@@ -41,18 +41,23 @@ def preload(modules: Sequence[str], who: str) -> None:
         try:
             importlib.import_module(name)
             spec = importlib.util.find_spec(name)
-            get_code = getattr(spec and spec.loader, "get_code", None)
+            if spec is None or spec.origin is None or spec.submodule_search_locations is not None:
+                continue  # a package runs its __main__: left to runpy
+            mtime = os.stat(spec.origin).st_mtime_ns  # an edit from now on is seen as one
+            get_code = getattr(spec.loader, "get_code", None)
             code = get_code(name) if get_code is not None else None
         except Exception as exc:  # a broken runner: its jobs will say so when they run
             print(f"{who}: cannot preload {name}: {exc}", file=sys.stderr)
             continue
-        if spec is not None and code is not None:
+        if code is not None:
             _code[name] = (spec, code)
+            _code_mtimes[spec.origin] = mtime
 
 
 def forget_code() -> None:
     """Run the runner modules from their files again (they were edited since read)."""
     _code.clear()
+    _code_mtimes.clear()
 
 
 def run_as_main(module: str, job_file: str) -> NoReturn:
@@ -114,7 +119,7 @@ def project_files() -> dict[str, int]:
         path = getattr(module, "__file__", None)
         if path and path.startswith(p.ROOT + os.sep) and ".venv" not in path:
             try:
-                files[path] = os.stat(path).st_mtime_ns
+                files[path] = _code_mtimes.get(path) or os.stat(path).st_mtime_ns
             except OSError:
                 files[path] = 0
     return files
