@@ -5,7 +5,6 @@ pays for each of them once per job."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import runpy
 import sys
@@ -39,8 +38,7 @@ def preload(modules: Sequence[str], who: str) -> None:
     """Import the runner modules and keep their code; a broken one is said on stderr."""
     for name in modules:
         try:
-            importlib.import_module(name)
-            spec = importlib.util.find_spec(name)
+            spec = importlib.import_module(name).__spec__
             if spec is None or spec.origin is None or spec.submodule_search_locations is not None:
                 continue  # a package runs its __main__: left to runpy
             mtime = os.stat(spec.origin).st_mtime_ns  # an edit from now on is seen as one
