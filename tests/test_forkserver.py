@@ -370,11 +370,13 @@ def blocked(proc: psutil.Process) -> bool:
 
 
 def spawn_sleep(server: forkserver.ForkServer, folder: Path, name: str,
-                log: str | None = None) -> forkserver.Forked:
+                log: str | None = None, claim: dict[str, Any] | None = None) -> forkserver.Forked:
     job = p.new_job(p.new_id(), "sleep", {"seconds": 0}, 60)
     job_file = folder / name / p.JOB_FILE
     job_file.parent.mkdir()
     p.write_json(job_file, job)
+    if claim is not None:
+        p.write_json(job_file.parent / p.RUN_FILE, claim)
     return server.spawn("runners.sleep", job_file, log or str(job_file.parent / p.LOG_FILE))
 
 
@@ -411,6 +413,42 @@ def test_a_child_forked_ahead_answers_at_once_on_a_busy_machine(
             hog.wait()
         os.sched_setaffinity(0, affinity)
     assert [runner.wait() for runner in runners] == [0, 0, 0]
+
+
+def test_a_runner_waits_for_the_word_that_its_claim_is_on_disk(
+        strace: str, fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
+    # The supervisor claims a job in the name of the child forked ahead, syncs the claim
+    # while that child starts, and tells its runner through the fork server, which
+    # then runs the job without syncing it again; told that it is not on disk (the
+    # sync failed, or the server is gone), the runner syncs it itself before anything.
+    fork_server.ensure_started()
+    assert fork_server._proc is not None
+    server = psutil.Process(fork_server._proc.pid)
+    for n, durable in enumerate((True, False)):
+        ahead = wait_for(lambda: waiting_child(server), what="a child forked ahead")
+        announced = wait_for(fork_server.ahead, what="the child announced")
+        assert announced == (ahead.pid, ahead.create_time())
+        runner = spawn_sleep(fork_server, tmp_path, f"job{n}", claim={"pid": ahead.pid})
+        assert runner.pid == ahead.pid and fork_server.ahead() is None
+        job_file = tmp_path / f"job{n}" / p.JOB_FILE
+        trace = tmp_path / f"runner{n}.txt"
+        tracer = subprocess.Popen([strace, "-y", "-o", str(trace), "-e", "trace=fsync,fdatasync",
+                                   "-p", str(runner.pid)], stderr=subprocess.PIPE, text=True)
+        try:
+            assert tracer.stderr is not None
+            assert "attached" in tracer.stderr.readline()
+            time.sleep(0.5)
+            job = p.read_json(job_file)
+            assert job is not None and job["state"] == p.JobState.QUEUED, "it did not wait"
+            fork_server.tell_claim(runner.pid, durable)
+            assert runner.wait() == 0 and not runner.lost
+        finally:
+            tracer.communicate(timeout=30)
+        job = p.read_json(job_file)
+        assert job is not None and job["state"] == p.JobState.COMPLETED, job
+        synced = [line for line in trace.read_text().splitlines()
+                  if re.match(r"f(data)?sync\(\d+<.*/run\.json>", line)]
+        assert bool(synced) is not durable, trace.read_text()
 
 
 def test_a_fork_server_that_cannot_fork_ahead_serves_on(

@@ -13,11 +13,15 @@ output to the job's log, shows
 `python -m` would. If a file of the project changed since this server started, the
 child execs a fresh interpreter instead, so an edited runner always runs as edited.
 
-Protocol, JSON lines: it says `{"ready": pid}` once it has imported the runners; the
+Protocol, JSON lines: it says `{"ready": pid}` once it has imported the runners, and
+`{"ahead": pid}` for each child forked ahead (the supervisor's claim may name it); the
 supervisor writes `{"module", "job_file", "log"}` to its stdin; the answer is
 `{"error": "..."}` from the server if it cannot fork, else `{"pid": n}` from the child
 itself, before it runs anything of the job; later the server says `{"exit": pid,
-"code": n}` when that child ends. So a server that dies or stalls right after a fork
+"code": n}` when that child ends. Once the supervisor has synced a runner's claim it
+writes `{"claim": pid, "durable": true}`, and the server passes the word to a child it
+handed a job (on the pipe that brought it): its runner waits for it instead of syncing
+the claim again (told false, or the pipe closed, it syncs it itself). So a server that dies or stalls right after a fork
 loses no runner: until a child has answered it holds the reply pipe open, and the
 supervisor starts a job another way only once that pipe has closed unanswered. The
 server exits when its stdin closes (the supervisor is gone); its children run on, and a
@@ -116,6 +120,7 @@ class _Server:
         self.ahead: _Ahead | None = None
         self.ahead_due: float | None = time.monotonic()
         self.waiting: set[int] = set()  # forked ahead, without a job: no exit to report
+        self.handed: dict[int, _Ahead] = {}  # given a job, until told of its claim
 
     def serve(self) -> dict[str, Any] | None:
         wake_r = self.fds[2]
@@ -146,12 +151,18 @@ class _Server:
 
     def _start(self, line: bytes) -> dict[str, Any] | None:
         """Give the request to the child forked ahead, else fork one for it (None in the
-        server; in that child, its request)."""
+        server; in that child, its request). A word on a claim goes to its runner."""
         request: dict[str, Any] = json.loads(line)
+        if "claim" in request:
+            handed = self.handed.pop(int(request["claim"]), None)
+            if handed is not None:
+                handed.tell(bool(request.get("durable")))
+            return None
         stale = edited_since(self.files)
         ahead, self.ahead = self.ahead, None
         if ahead is not None and not stale and ahead.hand(line):
             self.waiting.discard(ahead.pid)
+            self.handed[ahead.pid] = ahead
         else:
             if ahead is not None:  # its code is stale, or it is gone: it exits
                 ahead.close()
@@ -181,6 +192,7 @@ class _Server:
             return forked
         self.ahead = forked
         self.waiting.add(forked.pid)
+        _send(self.replies, {"ahead": forked.pid})  # the supervisor may claim in its name
         return None
 
     def _reap(self) -> None:
@@ -195,6 +207,9 @@ class _Server:
                 break
             if pid == 0:
                 break
+            handed = self.handed.pop(pid, None)
+            if handed is not None:
+                handed.close()
             if pid in self.waiting:
                 self.waiting.discard(pid)
             else:
@@ -206,7 +221,7 @@ class _Server:
 
 class _Ahead:
     """A child forked ahead, as the server holds it: its pid, and its end of the pipe
-    that brings its request."""
+    that brings its request, then the word that its claim is on disk."""
 
     def __init__(self, pid: int, to_child: int) -> None:
         self.pid = pid
@@ -225,12 +240,18 @@ class _Ahead:
             os.write(self._to_child, data)  # at most PIPE_BUF: all of it or nothing
             return True
         except OSError:
-            return False
-        finally:
             self.close()
+            return False
+
+    def tell(self, durable: bool) -> None:
+        """Tell its runner whether its claim is on disk (if not, it syncs it itself)."""
+        if durable:
+            with contextlib.suppress(OSError):  # it has ended: nobody to tell
+                os.write(self._to_child, p.DURABLE_WORD)
+        self.close()
 
     def close(self) -> None:
-        """Without a request, it exits."""
+        """Without a request, it exits; with one, its runner syncs its claim itself."""
         if self._to_child >= 0:
             os.close(self._to_child)
             self._to_child = -1
@@ -255,14 +276,19 @@ def _fork_ahead(replies: int, server_fds: tuple[int, ...]) -> _Ahead | dict[str,
     try:
         os.close(to_child)
         _leave_server(replies, server_fds)
-        with os.fdopen(from_server, "rb") as requests:
-            line = requests.readline()
-        if not line.endswith(b"\n"):
+        line, said = _read_request(from_server)
+        if not line:
             os._exit(0)  # dropped, or the server is gone: no job, nothing to say
         unanswered = True
         request: dict[str, Any] = json.loads(line)
         log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         unanswered = False  # the pid is the first thing it sends
+        # Its runner hears on this pipe that the supervisor has put its claim on disk.
+        if said == p.DURABLE_WORD:
+            os.close(from_server)
+            os.environ[p.CLAIM_WORD_ENV] = p.DURABLE
+        else:
+            os.environ[p.CLAIM_WORD_ENV] = str(from_server)
         _become_runner(request, log_fd, replies, False)
     except BaseException as exc:  # never back into the server's loop
         os.write(2, f"fork server: cannot start the runner: {exc!r}\n".encode())
@@ -273,6 +299,19 @@ def _fork_ahead(replies: int, server_fds: tuple[int, ...]) -> _Ahead | dict[str,
                 _send(replies, {"error": str(exc)})
         os._exit(70)
     return request
+
+
+def _read_request(fd: int) -> tuple[bytes, bytes]:
+    """The request line from the server (empty if none came), and what followed it: the
+    claim's word may already be there. Unbuffered: the word must stay for the runner."""
+    data = b""
+    while b"\n" not in data:
+        chunk = os.read(fd, PIPE_BUF)
+        if not chunk:
+            return b"", b""
+        data += chunk
+    line, said = data.split(b"\n", 1)
+    return line, said
 
 
 def _test_fault(requests: int) -> None:
@@ -366,17 +405,18 @@ class Forked:
     """A runner the fork server started; `wait()` returns its exit code, or -1 with
     `lost` set if the server died or stalled before it could say."""
 
-    def __init__(self, pid: int, server: ForkServer, generation: int) -> None:
+    def __init__(self, pid: int, server: ForkServer, generation: int,
+                 create_time: float | None = None) -> None:
         self.pid = pid
         self.returncode: int | None = None
         self.lost = False
-        self._create_time = _create_time(pid)
+        self.create_time = create_time or _create_time(pid)
         self._server = server
         self._generation = generation
 
     def wait(self) -> int:
         if self.returncode is None:
-            code = self._server.wait_exit(self.pid, self._create_time, self._generation)
+            code = self._server.wait_exit(self.pid, self.create_time, self._generation)
             self.lost = code is None
             self.returncode = -1 if code is None else code
         return self.returncode
@@ -399,6 +439,8 @@ class ForkServer:
         self._runners: set[int] = set()
         self._generation = 0  # which server a child belongs to
         self._alive: set[int] = set()  # generations still running
+        # The child forked ahead, as the server announced it: (generation, pid, create time).
+        self._ahead: tuple[int, int, float] | None = None
 
     def spawn(self, module: str, job_file: Path, log_path: str) -> Forked:
         request = {"module": module, "job_file": str(job_file), "log": log_path}
@@ -408,6 +450,8 @@ class ForkServer:
             except OSError as exc:
                 raise ForkServerError(f"cannot start the fork server: {exc}") from exc
             generation = self._generation
+            with self._changed:
+                ahead, self._ahead = self._ahead, None  # taken by this request, or gone
             assert proc.stdin is not None
             try:
                 proc.stdin.write((json.dumps(request) + "\n").encode())
@@ -418,7 +462,29 @@ class ForkServer:
             reply = self._answer(proc, generation)
         if "pid" not in reply:
             raise ForkServerError(str(reply.get("error", reply)))
-        return Forked(int(reply["pid"]), self, generation)
+        pid = int(reply["pid"])
+        known = ahead[2] if ahead is not None and ahead[:2] == (generation, pid) else None
+        return Forked(pid, self, generation, known)
+
+    def ahead(self) -> tuple[int, float] | None:
+        """The pid and create time of the child the next request will most likely go to
+        (the one forked ahead), so that its claim can name it before it is asked for."""
+        with self._changed:
+            if self._ahead is None or self._ahead[0] != self._generation \
+                    or self._ahead[0] not in self._alive:
+                return None
+            return self._ahead[1], self._ahead[2]
+
+    def tell_claim(self, pid: int, durable: bool) -> None:
+        """Tell runner `pid` whether the supervisor has put its claim on disk (if not, or
+        never told, it syncs it itself)."""
+        with self._lock:
+            if self._proc is None or self._proc.stdin is None:
+                return
+            with contextlib.suppress(OSError, ValueError):  # gone: its pipes closed with it
+                self._proc.stdin.write((json.dumps({"claim": pid, "durable": durable})
+                                        + "\n").encode())
+                self._proc.stdin.flush()
 
     def ensure_started(self) -> None:
         """Start the server now if it is not running (a spawn would do it too)."""
@@ -521,6 +587,13 @@ class ForkServer:
                     continue
                 if not isinstance(message, dict):
                     continue  # a stray print of a preloaded module, before the protocol began
+                if "ahead" in message:
+                    pid = int(message["ahead"])
+                    create_time = _create_time(pid)  # here, off the path of a launch
+                    with self._changed:
+                        if create_time is not None:
+                            self._ahead = (generation, pid, create_time)
+                    continue
                 with self._changed:
                     if "exit" in message:
                         if int(message["exit"]) in self._runners:
@@ -528,6 +601,8 @@ class ForkServer:
                     else:
                         if "pid" in message:  # in the pipe's order: before its exit
                             self._runners.add(int(message["pid"]))
+                            if self._ahead is not None and self._ahead[1] == message["pid"]:
+                                self._ahead = None  # announced before it was handed the job
                         self._replies[generation] = message
                     self._changed.notify_all()
         proc.wait()

@@ -4,11 +4,12 @@ or started as new interpreters (`jobs.launch.processes`): `OFFLOAD_LAUNCH_MODE`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,23 +73,34 @@ class LocalLauncher(Launcher):
             # Before the claim: between claim and spawn nothing slow may happen (the
             # folder can become unwritable meanwhile, and the job would fail, not wait).
             self._forker.ensure_started()
+        # The claim names the child the fork server forked ahead, the one it will most
+        # likely give this job: then it goes on disk at once, while that child starts,
+        # and is not written again once the child has answered.
+        ahead = self._forker.ahead() if self._forker is not None else None
         # Claim first: a supervisor that dies right here leaves a job that is lost,
-        # never one that runs twice. Not fsync'd before the spawn: the runner does it
-        # before it runs anything of the job.
-        claim(run_file, {"pid": None, "claimed_by": os.getpid()}, durable=False)
+        # never one that runs twice. Not fsync'd before the spawn: that is done while
+        # the runner starts, and the runner waits for it before it runs anything of
+        # the job (`p.sync_claim`).
+        record = {"pid": None, "claimed_by": os.getpid()} if ahead is None else \
+            processes.Runner(p.id_of(job_file), *ahead).record()
+        claim(run_file, record, durable=False)
+        synced = None if ahead is None else self._claims.submit(p.sync_claim, job_file)
         taken = self._spares.take(module, job_file) if self._spares is not None else None
         runner = processes.spawn(module, job_file, self.runner_env, self._forker, taken)
-        try:
-            # Not fsync'd for its own sake: a power cut that loses it ends the runner too,
-            # and the durable claim alone then says lost.
-            p.write_json(run_file, runner.record())
-        except OSError as exc:  # only a later supervisor's adoption needs the record
-            log.warning("job %s: cannot write its launch record: %s", runner.job_id, exc)
-        # The claim as it now is (with the pid) put on disk while the runner starts, so
-        # that the runner's own fsync mostly finds it done or in flight (a runner that
-        # gets there first syncs the bare claim itself). Started before the pid's write,
-        # it was done twice: that write replaces the file.
-        self._claims.submit(p.sync_claim, job_file)
+        if ahead is None or runner.pid != ahead[0]:
+            try:
+                # Not fsync'd for its own sake: a power cut that loses it ends the runner
+                # too, and the durable claim alone then says lost.
+                p.write_json(run_file, runner.record())
+            except OSError as exc:  # only a later supervisor's adoption needs the record
+                log.warning("job %s: cannot write its launch record: %s", runner.job_id, exc)
+            # After the pid's write, which replaces the file: started before, it was done
+            # twice. A runner that gets there first syncs the bare claim itself.
+            synced = self._claims.submit(p.sync_claim, job_file)
+        if isinstance(runner.child, forkserver.Forked) and self._forker is not None \
+                and synced is not None:
+            # Its runner waits for the word instead of flushing the disk again itself.
+            synced.add_done_callback(functools.partial(_tell_claim, self._forker, runner.pid))
         if runner.child is not None:
             threading.Thread(target=_wait_exit, args=(runner, on_exit), daemon=True,
                              name=f"wait-{runner.job_id[:8]}").start()
@@ -139,6 +151,10 @@ class LocalLauncher(Launcher):
 def _runner(run: Run) -> processes.Runner:
     assert isinstance(run, LocalRun), run
     return run.runner
+
+
+def _tell_claim(forker: forkserver.ForkServer, pid: int, synced: Future[None]) -> None:
+    forker.tell_claim(pid, not synced.cancelled() and synced.exception() is None)
 
 
 def _wait_exit(runner: processes.Runner, on_exit: OnExit) -> None:

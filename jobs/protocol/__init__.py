@@ -126,6 +126,12 @@ PRIVATE_UMASK = 0o077  # every process Offload starts creates files 0600, folder
 # fsync of creations, final states and claims. For benchmarks and tests only:
 # OFFLOAD_FSYNC=0 gives up the guarantee that a 202 survives a power loss.
 FSYNC = os.environ.get("OFFLOAD_FSYNC", "1") != "0"
+# Set by a launcher that puts a runner's claim on disk itself: DURABLE once it has, or
+# the number of a pipe on which it writes DURABLE_WORD when it has (closed: do it yourself).
+CLAIM_WORD_ENV = "OFFLOAD_CLAIM_WORD"
+DURABLE = "durable"
+DURABLE_WORD = b"durable\n"
+CLAIM_WORD_TIMEOUT_S = 5.0  # then the runner syncs its claim itself
 
 _HEX = frozenset("0123456789abcdef")
 _REPLACE_RETRY_S = 1.0  # Windows: a reader holding the file makes os.replace fail briefly
@@ -299,7 +305,9 @@ def write_atomic(path: StrPath, payload: bytes, durable: bool = False,
 def sync_claim(job_file: StrPath) -> None:
     """Put the job's claim (its `run.json`, when it has one) on disk, with its name in the
     job's folder: a runner does so before it runs anything of its job, so a power cut
-    before then leaves no claim, and a job that never ran runs after the restart."""
+    before then leaves no claim, and a job that never ran runs after the restart. A
+    runner whose launcher syncs the claim while it starts waits for its word instead."""
+    word = os.environ.pop(CLAIM_WORD_ENV, None)  # the runner's children never see it
     if not FSYNC:
         return
     run_file = sibling(job_file, RUN_FILE)
@@ -308,10 +316,46 @@ def sync_claim(job_file: StrPath) -> None:
     except FileNotFoundError:
         return  # not launched by a supervisor (a job file run by hand)
     try:
+        if word is not None and _claim_said_durable(word):
+            return
         os.fsync(fd)
     finally:
         os.close(fd)
     sync_dir(os.path.dirname(run_file))
+
+
+def _claim_said_durable(word: str) -> bool:
+    """Whether the launcher says (or, given a pipe, will say) that this runner's claim is
+    on disk: then the runner's own fsyncs would only flush the disk again."""
+    if os.name != "posix":
+        return False
+    if word == DURABLE:
+        return True
+    import select
+
+    try:
+        fd = int(word)
+    except ValueError:
+        return False
+    heard = b""
+    deadline = time.monotonic() + CLAIM_WORD_TIMEOUT_S
+    try:
+        while not heard.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return False
+            chunk = os.read(fd, len(DURABLE_WORD))
+            if not chunk:
+                return False  # closed unsaid: the launcher could not sync it
+            heard += chunk
+    except OSError:
+        return False
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # closed already
+    return heard == DURABLE_WORD
 
 
 def sync_dir(folder: StrPath) -> None:
