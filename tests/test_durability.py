@@ -117,6 +117,7 @@ def test_creation_final_states_and_launch_records_are_fsynced(
         assert 1 <= len(records) <= 2, records
         started, _ = writes[1]
         claim = [c for c in calls if c.name in FSYNCS and f"<{folder / p.RUN_FILE}>" in c.text
+                 and c.text.rstrip().endswith("= 0")
                  and records[-1][0].end < c.start and c.end < started.start]
         assert claim, "the runner wrote `running` before the claim was fsync'd"
         named = [c for each in claim for c in _fsync_of(calls, str(folder), each.tid)

@@ -415,6 +415,17 @@ def test_a_child_forked_ahead_answers_at_once_on_a_busy_machine(
     assert [runner.wait() for runner in runners] == [0, 0, 0]
 
 
+def pipes(pid: int) -> set[str]:
+    """The pipes a process holds, by inode."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("pipe:"):
+                found.add(target)
+    return found
+
+
 def test_a_runner_waits_for_the_word_that_its_claim_is_on_disk(
         strace: str, fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
     # The supervisor claims a job in the name of the child forked ahead, syncs the claim
@@ -429,7 +440,7 @@ def test_a_runner_waits_for_the_word_that_its_claim_is_on_disk(
         announced = wait_for(fork_server.ahead, what="the child announced")
         assert announced == (ahead.pid, ahead.create_time())
         runner = spawn_sleep(fork_server, tmp_path, f"job{n}", claim={"pid": ahead.pid})
-        assert runner.pid == ahead.pid and fork_server.ahead() is None
+        assert runner.pid == ahead.pid and fork_server.ahead() != announced
         job_file = tmp_path / f"job{n}" / p.JOB_FILE
         trace = tmp_path / f"runner{n}.txt"
         tracer = subprocess.Popen([strace, "-y", "-o", str(trace), "-e", "trace=fsync,fdatasync",
@@ -437,10 +448,13 @@ def test_a_runner_waits_for_the_word_that_its_claim_is_on_disk(
         try:
             assert tracer.stderr is not None
             assert "attached" in tracer.stderr.readline()
-            time.sleep(0.5)
+            # The next child, forked while this one waits, cannot speak for the server.
+            following = wait_for(lambda: waiting_child(server, runner.pid),  # noqa: B023
+                                 what="the next child forked ahead")
+            assert not pipes(runner.pid) & pipes(following.pid)
             job = p.read_json(job_file)
             assert job is not None and job["state"] == p.JobState.QUEUED, "it did not wait"
-            fork_server.tell_claim(runner.pid, durable)
+            fork_server.tell_claim(runner, durable)
             assert runner.wait() == 0 and not runner.lost
         finally:
             tracer.communicate(timeout=30)
@@ -514,9 +528,11 @@ def test_a_request_line_reaches_its_child_whole_or_not_at_all(tmp_path: Path) ->
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)
     ringer = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGUSR1))  # as a SIGCHLD
     ringer.start()
+    ahead = forkserver._Ahead(child.pid, to_child_w)
     try:
-        handed = forkserver._Ahead(child.pid, to_child_w).hand(line)
+        handed = ahead.hand(line, None)
     finally:
+        ahead.close()  # handed, it would wait on for the word on its claim
         ringer.join()
         signal.signal(signal.SIGUSR1, previous)
     received, _ = child.communicate(timeout=30)

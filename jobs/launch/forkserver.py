@@ -18,14 +18,17 @@ Protocol, JSON lines: it says `{"ready": pid}` once it has imported the runners,
 supervisor writes `{"module", "job_file", "log"}` to its stdin; the answer is
 `{"error": "..."}` from the server if it cannot fork, else `{"pid": n}` from the child
 itself, before it runs anything of the job; later the server says `{"exit": pid,
-"code": n}` when that child ends. Once the supervisor has synced a runner's claim it
-writes `{"claim": pid, "durable": true}`, and the server passes the word to a child it
-handed a job (on the pipe that brought it): its runner waits for it instead of syncing
-the claim again (told false, or the pipe closed, it syncs it itself). So a server that dies or stalls right after a fork
+"code": n}` when that child ends. So a server that dies or stalls right after a fork
 loses no runner: until a child has answered it holds the reply pipe open, and the
 supervisor starts a job another way only once that pipe has closed unanswered. The
 server exits when its stdin closes (the supervisor is gone); its children run on, and a
 later supervisor adopts them like any runner.
+
+Once the supervisor has synced a runner's claim it writes `{"claim": pid, "job_file",
+"durable": true}`, and the server passes the word on to the child it handed that job
+on the pipe that brought the job: its runner waits for the word instead of syncing the
+claim again (told false, or the pipe closed, it syncs the claim itself). No other
+child holds that pipe: each closes the server's pipes to the others.
 """
 
 from __future__ import annotations
@@ -154,20 +157,21 @@ class _Server:
         server; in that child, its request). A word on a claim goes to its runner."""
         request: dict[str, Any] = json.loads(line)
         if "claim" in request:
-            handed = self.handed.pop(int(request["claim"]), None)
-            if handed is not None:
+            handed = self.handed.get(int(request["claim"]))
+            if handed is not None and handed.job_file == request.get("job_file"):
+                del self.handed[handed.pid]
                 handed.tell(bool(request.get("durable")))
             return None
         stale = edited_since(self.files)
         ahead, self.ahead = self.ahead, None
-        if ahead is not None and not stale and ahead.hand(line):
+        if ahead is not None and not stale and ahead.hand(line, request.get("job_file")):
             self.waiting.discard(ahead.pid)
             self.handed[ahead.pid] = ahead
         else:
             if ahead is not None:  # its code is stale, or it is gone: it exits
                 ahead.close()
             try:
-                pid = _fork(request, stale, self.replies, self.fds)
+                pid = _fork(request, stale, self.replies, self._fds())
             except OSError as exc:
                 _send(self.replies, {"error": str(exc)})
                 return None
@@ -183,7 +187,7 @@ class _Server:
         if edited_since(self.files):
             return None
         try:
-            forked = _fork_ahead(self.replies, self.fds)
+            forked = _fork_ahead(self.replies, self._fds())
         except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: nothing asked for it, so no answer
             # The next request gets a child forked for it, and the one after is ahead again.
             print(f"fork server: cannot fork a child ahead: {exc}", file=sys.stderr, flush=True)
@@ -194,6 +198,11 @@ class _Server:
         self.waiting.add(forked.pid)
         _send(self.replies, {"ahead": forked.pid})  # the supervisor may claim in its name
         return None
+
+    def _fds(self) -> tuple[int, ...]:
+        """What a new child must close: the server's own pipes, and those to the children
+        handed a job (only the server may tell one of them that its claim is on disk)."""
+        return self.fds + tuple(handed.fd for handed in self.handed.values())
 
     def _reap(self) -> None:
         """Report the exit of every child that ended, but of those forked ahead that
@@ -225,11 +234,13 @@ class _Ahead:
 
     def __init__(self, pid: int, to_child: int) -> None:
         self.pid = pid
-        self._to_child = to_child
+        self.fd = to_child
+        self.job_file: object = None  # the job it was handed
 
-    def hand(self, line: bytes) -> bool:
+    def hand(self, line: bytes, job_file: object) -> bool:
         """Give it its request line; False if it is gone, or the line is too long to be
         written whole (it gets no other)."""
+        self.job_file = job_file
         data = line + b"\n"
         if len(data) > PIPE_BUF:
             # A longer write may be cut short (a SIGCHLD while the pipe is full) and then
@@ -237,7 +248,7 @@ class _Ahead:
             self.close()
             return False
         try:
-            os.write(self._to_child, data)  # at most PIPE_BUF: all of it or nothing
+            os.write(self.fd, data)  # at most PIPE_BUF: all of it or nothing
             return True
         except OSError:
             self.close()
@@ -247,14 +258,14 @@ class _Ahead:
         """Tell its runner whether its claim is on disk (if not, it syncs it itself)."""
         if durable:
             with contextlib.suppress(OSError):  # it has ended: nobody to tell
-                os.write(self._to_child, p.DURABLE_WORD)
+                os.write(self.fd, p.DURABLE_WORD)
         self.close()
 
     def close(self) -> None:
         """Without a request, it exits; with one, its runner syncs its claim itself."""
-        if self._to_child >= 0:
-            os.close(self._to_child)
-            self._to_child = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _fork_ahead(replies: int, server_fds: tuple[int, ...]) -> _Ahead | dict[str, Any]:
@@ -311,6 +322,11 @@ def _read_request(fd: int) -> tuple[bytes, bytes]:
             return b"", b""
         data += chunk
     line, said = data.split(b"\n", 1)
+    while said and len(said) < len(p.DURABLE_WORD):  # the rest of the word is in the pipe
+        chunk = os.read(fd, len(p.DURABLE_WORD) - len(said))
+        if not chunk:
+            break
+        said += chunk
     return line, said
 
 
@@ -406,17 +422,18 @@ class Forked:
     `lost` set if the server died or stalled before it could say."""
 
     def __init__(self, pid: int, server: ForkServer, generation: int,
-                 create_time: float | None = None) -> None:
+                 create_time: float | None = None, job_file: str = "") -> None:
         self.pid = pid
+        self.generation = generation
+        self.job_file = job_file
         self.returncode: int | None = None
         self.lost = False
         self.create_time = create_time or _create_time(pid)
         self._server = server
-        self._generation = generation
 
     def wait(self) -> int:
         if self.returncode is None:
-            code = self._server.wait_exit(self.pid, self.create_time, self._generation)
+            code = self._server.wait_exit(self.pid, self.create_time, self.generation)
             self.lost = code is None
             self.returncode = -1 if code is None else code
         return self.returncode
@@ -430,6 +447,7 @@ class ForkServer:
         self.env = env
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # one request at a time
+        self._writing = threading.Lock()  # one line at a time into its stdin
         self._changed = threading.Condition()
         self._replies: dict[int, dict[str, Any]] = {}  # generation -> its unread answer
         self._exits: dict[int, int] = {}
@@ -452,10 +470,8 @@ class ForkServer:
             generation = self._generation
             with self._changed:
                 ahead, self._ahead = self._ahead, None  # taken by this request, or gone
-            assert proc.stdin is not None
             try:
-                proc.stdin.write((json.dumps(request) + "\n").encode())
-                proc.stdin.flush()
+                self._write(proc, request)
             except (OSError, ValueError) as exc:  # ValueError: closed meanwhile
                 # No whole request line reached it, so it forked nothing.
                 raise ForkServerError(f"the fork server is gone: {exc}") from exc
@@ -464,7 +480,7 @@ class ForkServer:
             raise ForkServerError(str(reply.get("error", reply)))
         pid = int(reply["pid"])
         known = ahead[2] if ahead is not None and ahead[:2] == (generation, pid) else None
-        return Forked(pid, self, generation, known)
+        return Forked(pid, self, generation, known, str(job_file))
 
     def ahead(self) -> tuple[int, float] | None:
         """The pid and create time of the child the next request will most likely go to
@@ -475,16 +491,21 @@ class ForkServer:
                 return None
             return self._ahead[1], self._ahead[2]
 
-    def tell_claim(self, pid: int, durable: bool) -> None:
-        """Tell runner `pid` whether the supervisor has put its claim on disk (if not, or
-        never told, it syncs it itself)."""
-        with self._lock:
-            if self._proc is None or self._proc.stdin is None:
-                return
-            with contextlib.suppress(OSError, ValueError):  # gone: its pipes closed with it
-                self._proc.stdin.write((json.dumps({"claim": pid, "durable": durable})
-                                        + "\n").encode())
-                self._proc.stdin.flush()
+    def tell_claim(self, runner: Forked, durable: bool) -> None:
+        """Tell `runner` whether the supervisor has put its claim on disk (if not, or
+        never told, it syncs it itself). Never waits for a spawn's answer."""
+        proc = self._proc
+        if proc is None or runner.generation != self._generation:
+            return  # its server is gone, and the pipe to it closed with it
+        with contextlib.suppress(OSError, ValueError):  # gone meanwhile
+            self._write(proc, {"claim": runner.pid, "job_file": runner.job_file,
+                               "durable": durable})
+
+    def _write(self, proc: subprocess.Popen[bytes], message: dict[str, Any]) -> None:
+        assert proc.stdin is not None
+        with self._writing:
+            proc.stdin.write((json.dumps(message) + "\n").encode())
+            proc.stdin.flush()
 
     def ensure_started(self) -> None:
         """Start the server now if it is not running (a spawn would do it too)."""

@@ -75,7 +75,8 @@ class LocalLauncher(Launcher):
             self._forker.ensure_started()
         # The claim names the child the fork server forked ahead, the one it will most
         # likely give this job: then it goes on disk at once, while that child starts,
-        # and is not written again once the child has answered.
+        # and is not written again once the child has answered. (Launches are the
+        # supervisor loop's alone: no other takes that child meanwhile.)
         ahead = self._forker.ahead() if self._forker is not None else None
         # Claim first: a supervisor that dies right here leaves a job that is lost,
         # never one that runs twice. Not fsync'd before the spawn: that is done while
@@ -87,7 +88,7 @@ class LocalLauncher(Launcher):
         synced = None if ahead is None else self._claims.submit(p.sync_claim, job_file)
         taken = self._spares.take(module, job_file) if self._spares is not None else None
         runner = processes.spawn(module, job_file, self.runner_env, self._forker, taken)
-        if ahead is None or runner.pid != ahead[0]:
+        if ahead is None or (runner.pid, runner.create_time) != ahead:
             try:
                 # Not fsync'd for its own sake: a power cut that loses it ends the runner
                 # too, and the durable claim alone then says lost.
@@ -100,7 +101,7 @@ class LocalLauncher(Launcher):
         if isinstance(runner.child, forkserver.Forked) and self._forker is not None \
                 and synced is not None:
             # Its runner waits for the word instead of flushing the disk again itself.
-            synced.add_done_callback(functools.partial(_tell_claim, self._forker, runner.pid))
+            synced.add_done_callback(functools.partial(_tell_claim, self._forker, runner.child))
         if runner.child is not None:
             threading.Thread(target=_wait_exit, args=(runner, on_exit), daemon=True,
                              name=f"wait-{runner.job_id[:8]}").start()
@@ -153,8 +154,9 @@ def _runner(run: Run) -> processes.Runner:
     return run.runner
 
 
-def _tell_claim(forker: forkserver.ForkServer, pid: int, synced: Future[None]) -> None:
-    forker.tell_claim(pid, not synced.cancelled() and synced.exception() is None)
+def _tell_claim(forker: forkserver.ForkServer, runner: forkserver.Forked,
+                synced: Future[None]) -> None:
+    forker.tell_claim(runner, not synced.cancelled() and synced.exception() is None)
 
 
 def _wait_exit(runner: processes.Runner, on_exit: OnExit) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sys
 import time
 from enum import Enum
 
@@ -308,15 +309,16 @@ def sync_claim(job_file: StrPath) -> None:
     before then leaves no claim, and a job that never ran runs after the restart. A
     runner whose launcher syncs the claim while it starts waits for its word instead."""
     word = os.environ.pop(CLAIM_WORD_ENV, None)  # the runner's children never see it
-    if not FSYNC:
-        return
     run_file = sibling(job_file, RUN_FILE)
     try:
-        fd = os.open(run_file, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows: write access
+        fd = os.open(run_file, os.O_RDWR | getattr(os, "O_BINARY", 0)) if FSYNC else -1
     except FileNotFoundError:
-        return  # not launched by a supervisor (a job file run by hand)
+        fd = -1  # not launched by a supervisor (a job file run by hand)
+    if fd < 0:
+        _said_durable(word, listen=False)
+        return
     try:
-        if word is not None and _claim_said_durable(word):
+        if _said_durable(word):
             return
         os.fsync(fd)
     finally:
@@ -324,38 +326,41 @@ def sync_claim(job_file: StrPath) -> None:
     sync_dir(os.path.dirname(run_file))
 
 
-def _claim_said_durable(word: str) -> bool:
-    """Whether the launcher says (or, given a pipe, will say) that this runner's claim is
-    on disk: then the runner's own fsyncs would only flush the disk again."""
-    if os.name != "posix":
-        return False
-    if word == DURABLE:
-        return True
-    import select
-
+def _said_durable(word: str | None, listen: bool = True) -> bool:
+    """Whether the launcher says (or, given the pipe `word` names, will say) that this
+    runner's claim is on disk: then the runner's own fsyncs would only flush the disk
+    again. The pipe is closed either way."""
+    if word is None or word == DURABLE:
+        return word == DURABLE
     try:
         fd = int(word)
     except ValueError:
         return False
     heard = b""
-    deadline = time.monotonic() + CLAIM_WORD_TIMEOUT_S
     try:
+        if not listen or sys.platform == "win32":
+            return False
+        import select  # Linux's fork server only, where it is loaded already
+
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + CLAIM_WORD_TIMEOUT_S
         while not heard.endswith(b"\n"):
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not poller.poll(left * 1000):
                 return False
-            chunk = os.read(fd, len(DURABLE_WORD))
+            chunk = os.read(fd, len(DURABLE_WORD) - len(heard))
             if not chunk:
                 return False  # closed unsaid: the launcher could not sync it
             heard += chunk
+        return heard == DURABLE_WORD
     except OSError:
         return False
     finally:
         try:
             os.close(fd)
         except OSError:
-            pass  # closed already
-    return heard == DURABLE_WORD
+            pass  # not ours after all
 
 
 def sync_dir(folder: StrPath) -> None:
