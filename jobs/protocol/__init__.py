@@ -131,7 +131,7 @@ FSYNC = os.environ.get("OFFLOAD_FSYNC", "1") != "0"
 # the number of a pipe on which it writes DURABLE_WORD when it has (closed: do it yourself).
 CLAIM_WORD_ENV = "OFFLOAD_CLAIM_WORD"
 DURABLE = "durable"
-DURABLE_WORD = b"durable\n"
+DURABLE_WORD = f"{DURABLE}\n".encode()
 CLAIM_WORD_TIMEOUT_S = 5.0  # then the runner syncs its claim itself
 
 _HEX = frozenset("0123456789abcdef")
