@@ -88,7 +88,7 @@ class LocalLauncher(Launcher):
         synced = None if ahead is None else self._claims.submit(p.sync_claim, job_file)
         taken = self._spares.take(module, job_file) if self._spares is not None else None
         runner = processes.spawn(module, job_file, self.runner_env, self._forker, taken)
-        if ahead is None or (runner.pid, runner.create_time) != ahead:
+        if synced is None or (runner.pid, runner.create_time) != ahead:
             try:
                 # Not fsync'd for its own sake: a power cut that loses it ends the runner
                 # too, and the durable claim alone then says lost.
@@ -98,8 +98,7 @@ class LocalLauncher(Launcher):
             # After the pid's write, which replaces the file: started before, it was done
             # twice. A runner that gets there first syncs the bare claim itself.
             synced = self._claims.submit(p.sync_claim, job_file)
-        if isinstance(runner.child, forkserver.Forked) and self._forker is not None \
-                and synced is not None:
+        if isinstance(runner.child, forkserver.Forked) and self._forker is not None:
             # Its runner waits for the word instead of flushing the disk again itself.
             synced.add_done_callback(functools.partial(_tell_claim, self._forker, runner.child))
         if runner.child is not None:
