@@ -257,6 +257,63 @@ def test_another_account_cannot_use_the_api_of_a_server_without_a_token(
         assert secret in client.get(f"/api/jobs/{chat['job_id']}").text
 
 
+# A request with a header and a body of its choosing, then a reset or a close at once (or
+# its answer read), run as another account by the system's Python.
+ATTACK = ("import socket, struct, sys\n"
+          "port, method, path, header, body, times, end = sys.argv[1:]\n"
+          "head = f'{method} {path} HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nConnection: close\\r\\n'\n"
+          "head += f'Content-Type: application/json\\r\\nContent-Length: {len(body)}\\r\\n'\n"
+          "head += header + '\\r\\n' if header else ''\n"
+          "for _ in range(int(times)):\n"
+          "    s = socket.create_connection(('127.0.0.1', int(port)))\n"
+          "    if end == 'reset':\n"
+          "        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n"
+          "    s.sendall((head + '\\r\\n' + body).encode())\n"
+          "    if end == 'answer':\n"
+          "        print(s.makefile('rb').read().decode())\n"
+          "    s.close()\n")
+
+
+def _attack_as(user: str, port: int, method: str, path: str, header: str = "",
+               body: str = "", times: int = 1, end: str = "answer") -> str:
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("needs the system's python3 to run a client as another account")
+    done = subprocess.run(["runuser", "-u", user, "--", python, "-c", ATTACK, str(port),
+                           method, path, header, body, str(times), end],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the caller's account is known on Linux")
+def test_another_account_cannot_pass_as_the_owner(other_account: str,
+                                                 make_server: MakeServer) -> None:
+    server = make_server(env=NO_MODEL)
+    port = int(server.url.rsplit(":", 1)[1])
+    with server.client() as client:
+        assert client.get("/api/queue").json() == {"paused": False}  # a connection kept open
+        # uvicorn takes the client's address from X-Forwarded-For on a loopback connection:
+        # naming the owner's open connection once passed for the owner.
+        owners = [f"127.0.0.1:{conn.laddr.port}" for conn in psutil.Process().net_connections()
+                  if conn.raddr and conn.raddr.port == port]
+        assert owners
+        answer = _attack_as(other_account, port, "POST", "/api/queue/pause",
+                            f"X-Forwarded-For: {owners[0]}")
+        assert answer.startswith("HTTP/1.1 403"), answer
+        assert "not requests through a proxy (X-Forwarded-For)" in answer
+        # A request whose connection is reset at once was looked up after the reset, found
+        # no socket, and was answered as one that could not be told.
+        _attack_as(other_account, port, "POST", "/api/queue/pause", times=20, end="reset")
+        _attack_as(other_account, port, "POST", "/api/jobs",
+                   body='{"kind": "sleep", "input": {"seconds": 0}}', times=20, end="reset")
+        _attack_as(other_account, port, "POST", "/api/queue/pause", times=20, end="close")
+        assert client.get("/api/queue").json() == {"paused": False}
+        assert client.get("/api/jobs").json()["jobs"] == []
+        # The owner is answered as before.
+        assert client.post("/api/queue/pause").json() == {"paused": True}
+
+
 def _read_as(user: str, path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["runuser", "-u", user, "--", "cat", str(path)],
                           capture_output=True, text=True, timeout=30)

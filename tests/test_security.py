@@ -47,6 +47,33 @@ def test_token_checked_on_every_api_route(make_server: MakeServer) -> None:
         assert client.get("/api/health", headers=good).status_code == 200
 
 
+class _OnEveryAddress(Server):
+    """Served as `uvicorn --host 0.0.0.0` would be, against the advice, without a token."""
+
+    def command(self) -> list[str]:
+        return [*super().command()[:-6], "--host", "0.0.0.0", "--port", str(self.port),
+                "--workers", "1"]
+
+
+def test_without_a_token_only_loopback_is_answered_on_every_path(data_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    outside = next((address.address for addresses in psutil.net_if_addrs().values()
+                    for address in addresses if address.family.name == "AF_INET"
+                    and not address.address.startswith("127.")), None)
+    if outside is None:
+        pytest.skip("this machine has no address but loopback")
+    server = _OnEveryAddress(data_dir, tmp_path / "server.log").start()
+    try:
+        for path in ("/", "/docs", "/openapi.json", "/api/queue", "/metrics"):
+            answer = httpx.get(f"http://{outside}:{server.port}{path}",
+                               headers={"Host": "localhost"}, timeout=30)
+            assert answer.status_code == 403, (path, answer.status_code, answer.text[:200])
+            assert "answers only on 127.0.0.1" in answer.json()["detail"]
+        assert httpx.get(f"{server.url}/api/queue", timeout=30).json() == {"paused": False}
+    finally:
+        server.stop()
+
+
 def test_cors_is_closed_unless_configured(make_server: MakeServer) -> None:
     preflight = {"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST",
                  "Access-Control-Request-Headers": "content-type"}

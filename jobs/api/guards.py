@@ -9,24 +9,19 @@ import json
 from fastapi import HTTPException, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jobs.api.peer import PeerLookup, this_account
+from jobs.api.peer import CLOSED, PeerLookup, this_account
 from jobs.settings import Settings, host_name, is_loopback
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+CLOSED_DETAIL = "the connection closed before its account could be told"
 
 
 async def require_token(request: Request) -> None:
     """With OFFLOAD_API_TOKEN set, every /api/* call needs `Authorization: Bearer <token>`."""
     settings: Settings = request.app.state.settings
     if settings.api_token is None:
-        server = request.scope.get("server")
-        if server and not is_loopback(str(server[0])):
-            # However it was started (uvicorn --host 0.0.0.0, gunicorn -b ...), without a
-            # token it answers only on loopback.
-            raise HTTPException(403, "this server has no OFFLOAD_API_TOKEN, so it answers "
-                                     "only on 127.0.0.1; set OFFLOAD_API_TOKEN to serve others")
-        return
+        return  # HostOriginGuard answers only the owner, on loopback
     expected = settings.api_token.get_secret_value().encode()
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     # compare_digest: the time taken does not tell how much of the token was right.
@@ -38,11 +33,11 @@ async def require_token(request: Request) -> None:
 
 
 class HostOriginGuard:
-    """On every path (API, page, /docs): without a token only the account that runs the
-    server is answered (Linux; 403 for a connection from another local account), and only
-    a Host naming loopback or listed in OFFLOAD_ALLOWED_HOSTS, so a rebound DNS name
-    reaches nothing (421); a state-changing request from another site's page is refused
-    (403), and no page shows in its frames."""
+    """On every path (API, page, /docs): without a token only requests that arrive on a
+    loopback address from the account that runs the server are answered (403 otherwise;
+    the account is known on Linux), and only a Host naming loopback or listed in
+    OFFLOAD_ALLOWED_HOSTS, so a rebound DNS name reaches nothing (421); a state-changing
+    request from another site's page is refused (403), and no page shows in its frames."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -63,18 +58,19 @@ class HostOriginGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.check_host and self._another_account(scope):
-            await _send_detail(send, 403, (
-                "this Offload answers only the account that runs it, as it has no "
-                "OFFLOAD_API_TOKEN; to share it, its owner sets OFFLOAD_API_TOKEN and gives "
-                "you the token"))
-            return
         host = origin = b""
+        forwarded = False
         for name, value in scope["headers"]:
             if name == b"host":
                 host = value
             elif name == b"origin":
                 origin = value
+            elif name == b"x-forwarded-for":
+                forwarded = True
+        refusal = self._not_the_owner(scope, forwarded) if self.check_host else None
+        if refusal:
+            await _send_detail(send, 403, refusal)
+            return
         if self.check_host and not self._host_allowed(host):
             await _send_detail(send, 421, (
                 "this server has no OFFLOAD_API_TOKEN, so it answers only requests for "
@@ -99,14 +95,35 @@ class HostOriginGuard:
 
         await self.app(scope, receive, send_framing_rules)
 
-    def _another_account(self, scope: Scope) -> bool:
-        """Whether the connection comes from a local account other than ours: every
-        account on the machine can reach loopback, and chats are their owner's only."""
-        client, server = scope.get("client"), scope.get("server")
-        if self.owner is None or not client or not server:
-            return False
-        uid = self.peers.uid_of((str(client[0]), int(client[1])), (str(server[0]), int(server[1])))
-        return uid is not None and uid != self.owner
+    def _not_the_owner(self, scope: Scope, forwarded: bool) -> str | None:
+        """Why a request is refused for its caller, if it is: without a token only the
+        account that runs the server is answered, as every account on the machine can
+        reach loopback and chats are their owner's only."""
+        server = scope.get("server")
+        if server and not is_loopback(str(server[0])):
+            # However it was started (uvicorn --host 0.0.0.0, gunicorn -b ...).
+            return ("this server has no OFFLOAD_API_TOKEN, so it answers only on 127.0.0.1; "
+                    "set OFFLOAD_API_TOKEN to serve others")
+        client = scope.get("client")
+        if self.owner is None or not server:
+            return None
+        if not client:  # reset before it was accepted: it has no peer address left
+            return CLOSED_DETAIL
+        if forwarded:
+            # uvicorn puts the address the header names in the place of the connection's
+            # own, from loopback: any account could name one of the owner's connections.
+            return ("this Offload has no OFFLOAD_API_TOKEN, so it answers only its owner's "
+                    "own connections, not requests through a proxy (X-Forwarded-For); set "
+                    "OFFLOAD_API_TOKEN to serve through one")
+        uid = self.peers.account((str(client[0]), int(client[1])),
+                                 (str(server[0]), int(server[1])))
+        if uid == CLOSED:  # closed before it was looked up: nobody waits for an answer
+            return CLOSED_DETAIL
+        if uid is not None and uid != self.owner:
+            return ("this Offload answers only the account that runs it, as it has no "
+                    "OFFLOAD_API_TOKEN; to share it, its owner sets OFFLOAD_API_TOKEN and "
+                    "gives you the token")
+        return None
 
     def _host_allowed(self, host: bytes) -> bool:
         verdict = self._host_ok.get(host)

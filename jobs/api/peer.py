@@ -32,6 +32,11 @@ ALL_STATES = 0xFFFFFFFF
 # inet_diag_msg: family, state, timer, retrans, sockid (48 bytes), then expires, rqueue,
 # wqueue, uid, inode.
 REPLY = struct.Struct("=BBBB48sIIIII")
+TCP_CLOSE, TCP_LISTEN = 7, 10
+CONNECTED = frozenset({1, 8})  # ESTABLISHED, CLOSE_WAIT (its client sent all it will)
+
+
+CLOSED = -1  # what `account` says of a connection whose client end is no process's any more
 
 
 class PeerLookup:
@@ -41,26 +46,34 @@ class PeerLookup:
         self._sock: socket.socket | None = None
         self._seq = 0
 
-    def uid_of(self, client: tuple[str, int], server: tuple[str, int]) -> int | None:
-        """The uid owning the local TCP socket that has `client` as its own address and
-        `server` as its peer's; None if there is none here (not Linux, a connection from
-        another network namespace, a socket closed meanwhile)."""
+    def account(self, client: tuple[str, int], server: tuple[str, int]) -> int | None:
+        """The uid of the process holding the local TCP socket that has `client` as its own
+        address and `server` as its peer's; CLOSED if that connection was closed or reset
+        (its client end is held by no process, or only our end was left, and it is gone
+        too); None if it cannot be told here (not Linux; a connection from another network
+        namespace, such as a port forwarded into a container: only our end is here)."""
         if not AVAILABLE:
             return None
         try:
             family, src, dst = _addresses(client[0], server[0])
         except ValueError:
             return None
-        request = REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, ALL_STATES)
-        request += SOCKID.pack(client[1], server[1], src, dst)
-        request += SOCKID_REST.pack(0, NO_COOKIE, NO_COOKIE)
         try:
-            return self._ask(request)
+            theirs = self._ask(_request(family, client[1], server[1], src, dst))
+            if theirs is not None and theirs[0] not in (TCP_LISTEN, TCP_CLOSE):
+                state, uid, inode = theirs
+                # No inode: no process holds it any more (closed; in TIME_WAIT its uid
+                # reads as root's). Its client has left: nobody to answer.
+                return uid if inode else CLOSED
+            # A lookup falls back on a listening socket: our end must be a connection.
+            ours = self._ask(_request(family, server[1], client[1], dst, src))
         except OSError:
             self.close()  # a fresh socket next time
             return None
+        return None if ours is not None and ours[0] in CONNECTED else CLOSED
 
-    def _ask(self, request: bytes) -> int | None:
+    def _ask(self, request: bytes) -> tuple[int, int, int] | None:
+        """The state, uid and inode of the socket asked for; None if there is none."""
         if sys.platform != "linux":
             return None  # never called there; tells the type checker
         if self._sock is None:
@@ -78,12 +91,18 @@ class PeerLookup:
             if kind == NLMSG_ERROR or length < NLMSG_HEADER.size + REPLY.size:
                 return None  # no such socket (ENOENT)
             fields = REPLY.unpack_from(data, NLMSG_HEADER.size)
-            return int(fields[8])
+            return int(fields[1]), int(fields[8]), int(fields[9])
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def _request(family: int, sport: int, dport: int, src: bytes, dst: bytes) -> bytes:
+    """inet_diag_req_v2 for the one TCP socket with these addresses, in any state."""
+    return (REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, ALL_STATES)
+            + SOCKID.pack(sport, dport, src, dst) + SOCKID_REST.pack(0, NO_COOKIE, NO_COOKIE))
 
 
 def _addresses(client: str, server: str) -> tuple[int, bytes, bytes]:
@@ -100,4 +119,7 @@ def _addresses(client: str, server: str) -> tuple[int, bytes, bytes]:
 
 
 def this_account() -> int | None:
-    return os.geteuid() if hasattr(os, "geteuid") else None
+    """The uid a connection must come from, where it can be told (Linux)."""
+    if sys.platform == "linux":
+        return os.geteuid()
+    return None
