@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,8 @@ from typing import Any
 import psutil
 import pytest
 
+from jobs import protocol as p
+from jobs.launch.processes import Runner
 from jobs.protocol import embedded
 from jobs.store.job_store import JobStore
 from tests.conftest import (
@@ -55,6 +59,49 @@ def test_second_supervisor_adopts_runners_of_a_killed_one(
     assert lost["exit_code"] is None
     assert "earlier API process" in lost["error"]["message"]
     assert second.wait_final(late)["state"] == "completed"
+
+
+def test_a_lost_runner_whose_pid_another_process_took_is_not_killed_with_it(
+        data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    job_id = store.create("sleep", {"seconds": 1}, 60)["id"]
+    # Its runner, as an earlier supervisor recorded it, ended while none watched, and an
+    # unrelated process (a shell with a pipeline, say) took its pid and leads a group.
+    innocent = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60; wait"],
+                                start_new_session=True)
+    try:
+        def whole_group() -> list[psutil.Process] | None:
+            members = [proc for proc in psutil.process_iter() if _group_of(proc) == innocent.pid]
+            return members if len(members) == 3 else None
+
+        group = wait_for(whole_group, timeout=10, what="the shell and its two sleeps")
+        an_hour_ago = time.time() - 3600
+        job_file = store.path(job_id)
+        p.write_json(job_file, {**store.read(job_id), p.F_STATE: p.JobState.RUNNING,
+                                p.F_PID: innocent.pid, p.F_STARTED_AT: p.iso(an_hour_ago)})
+        p.write_json(p.sibling(job_file, p.RUN_FILE),
+                     Runner(job_id, innocent.pid, an_hour_ago).record())
+        supervisor = start_process(["-m", "jobs.supervisor"],
+                                   env={"OFFLOAD_DATA_DIR": str(data_dir)})
+        try:
+            lost = wait_for(lambda: (job := store.read(job_id))["state"] == "failed" and job,
+                            timeout=30, what="the job found lost")
+            assert lost["error"]["type"] == "lost"
+            time.sleep(0.5)  # its launch released: what was left of its group was killed
+        finally:
+            stop_process(supervisor)
+        assert innocent.poll() is None
+        assert all(proc.is_running() for proc in group)
+    finally:
+        os.killpg(innocent.pid, signal.SIGKILL)
+        innocent.wait(10)
+
+
+def _group_of(proc: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(proc.pid)
+    except OSError:
+        return None
 
 
 def test_standalone_supervisor_process_runs_jobs(data_dir: Path) -> None:

@@ -19,3 +19,15 @@ def find(pid: int, create_time: float | None) -> psutil.Process | None:
         return proc
     except psutil.Error:
         return None
+
+
+def taken_by_another(pid: int, create_time: float | None) -> bool:
+    """Whether a live process other than the one known by (pid, create time) has this
+    pid now (with no create time known, any that has it may be another)."""
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # cannot be told
+    return create_time is None or abs(created - create_time) > _TOLERANCE_S

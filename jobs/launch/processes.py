@@ -23,7 +23,7 @@ import psutil
 
 from jobs import protocol as p
 from jobs.launch.forkserver import Forked, ForkServer, ForkServerError
-from jobs.launch.pids import find
+from jobs.launch.pids import find, taken_by_another
 
 log = logging.getLogger(__name__)
 
@@ -339,8 +339,11 @@ def _terminate(proc: psutil.Process, tree: list[psutil.Process]) -> None:
 
 
 def kill_group(runner: Runner) -> None:
-    """POSIX: kill what is left of the runner's process group (orphaned grandchildren)."""
-    if IS_WINDOWS:
+    """POSIX: kill what is left of the runner's process group (orphaned grandchildren).
+    The group bears the runner's pid, and no new process gets a pid that a group still
+    bears: if another process has that pid now, the runner's group is gone, and the
+    group of that number is another's."""
+    if IS_WINDOWS or taken_by_another(runner.pid, runner.create_time):
         return
     try:
         os.killpg(runner.pid, signal.SIGKILL)  # type: ignore[attr-defined,unused-ignore]
