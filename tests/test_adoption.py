@@ -97,6 +97,40 @@ def test_a_lost_runner_whose_pid_another_process_took_is_not_killed_with_it(
         innocent.wait(10)
 
 
+def test_a_runner_its_claim_does_not_name_is_adopted_by_the_pid_it_wrote(
+        data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    job_id = store.create("sleep", {"seconds": 3, "steps": 3}, 60)["id"]
+    job_file = store.path(job_id)
+    # The claim named the child forked ahead, which died before it was handed the job;
+    # another child took it, and the supervisor was killed before it wrote that one's record.
+    ahead = subprocess.Popen(["sleep", "60"])
+    created = psutil.Process(ahead.pid).create_time()
+    ahead.kill()
+    ahead.wait(10)
+    p.write_json(p.sibling(job_file, p.RUN_FILE), Runner(job_id, ahead.pid, created).record())
+    runner = start_process(["-m", "runners.sleep", "--job-file", str(job_file)])
+    try:
+        wait_for(lambda: store.read(job_id).get("pid") == runner.pid, timeout=30,
+                 what="the runner running, its pid in the job file")
+        supervisor = start_process(["-m", "jobs.supervisor"],
+                                   env={"OFFLOAD_DATA_DIR": str(data_dir)})
+        try:
+            def final_state() -> dict[str, Any] | None:
+                job = store.read(job_id)
+                return job if job["state"] in p.FINAL_STATES else None
+
+            final = wait_for(final_state, timeout=30, what="the job final")
+            assert runner.wait(30) == 0
+        finally:
+            stop_process(supervisor)
+    finally:
+        stop_process(runner)
+    # Adopted and left to finish: not found lost while it ran, nor run a second time.
+    assert final["state"] == p.JobState.COMPLETED, final
+    assert final["pid"] == runner.pid and final.get("error") is None
+
+
 def _group_of(proc: psutil.Process) -> int | None:
     try:
         return os.getpgid(proc.pid)

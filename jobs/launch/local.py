@@ -110,12 +110,19 @@ class LocalLauncher(Launcher):
     def adopt(self, job_file: Path, record: dict[str, Any], data: dict[str, Any],
               on_exit: OnExit) -> Run:
         job_id = p.id_of(job_file)
-        pid = record.get("pid") or data.get(p.F_PID)
-        create_time = record.get("create_time")
-        runner = processes.Runner(job_id, int(pid) if isinstance(pid, int) else 0, create_time)
-        if runner.pid and create_time is None:
-            runner.create_time = _create_time_of_its_runner(runner.pid, data.get(p.F_STARTED_AT),
-                                                             job_file)
+        pid, create_time = record.get("pid"), record.get("create_time")
+        runner = processes.Runner(job_id, pid if isinstance(pid, int) else 0, create_time)
+        if runner.create_time is None or not processes.is_alive(runner):
+            # A bare claim; or one naming the child forked ahead while another child took
+            # the job, whose record was never written: the pid the runner wrote itself (or
+            # a record's without its create time), if it started with the job.
+            for candidate in (data.get(p.F_PID), pid if create_time is None else None):
+                if isinstance(candidate, int) and candidate > 0:
+                    found = _create_time_of_its_runner(candidate, data.get(p.F_STARTED_AT),
+                                                       job_file)
+                    if found is not None:
+                        runner = processes.Runner(job_id, candidate, found)
+                        break
         # When the job was given to it: a spare was started long before.
         launched_ns = record.get("launched_ns")
         started = launched_ns / 1e9 if isinstance(launched_ns, int) else runner.create_time
