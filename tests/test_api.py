@@ -223,6 +223,20 @@ def test_bad_ids_are_404_for_every_job_route(server: Server, path: str) -> None:
             assert len(answer.text) < 500  # the message quotes no whole id sent
 
 
+def test_a_wrong_method_is_405_and_an_unknown_path_404(server: Server) -> None:
+    with server.client() as client:
+        for method, path, allowed in [("PUT", "/api/queue", "GET"),
+                                      ("POST", "/api/history", "GET"),
+                                      ("PATCH", "/api/jobs/" + "a" * 32, "DELETE, GET")]:
+            answer = client.request(method, path)
+            assert answer.status_code == 405, (method, path, answer.text[:200])
+            assert answer.headers["allow"] == allowed
+            assert f"takes {allowed}, not {method}" in answer.json()["detail"]
+        for method in ("GET", "PUT", "DELETE"):
+            answer = client.request(method, "/api/nothing/here")
+            assert answer.status_code == 404 and "no API route" in answer.json()["detail"]
+
+
 def test_bad_bodies_get_clear_4xx(server: Server) -> None:
     with server.client() as client:
         cases: list[tuple[Any, int, str]] = [

@@ -158,6 +158,8 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
             one = client.get(f"/api/jobs/{job_id}")
             assert one.status_code == 200 and one.json()["error"]["type"] == "corrupt"
             assert "not a valid job" in one.json()["error"]["message"]
+            again = client.post(f"/api/jobs/{job_id}/rerun")
+            assert again.status_code == 409 and "holds no job to run again" in again.text
         with client.stream("GET", f"/api/jobs/{forged}/events") as stream:
             events = [json.loads(line[5:]) for line in stream.iter_lines()
                       if line.startswith("data:")]

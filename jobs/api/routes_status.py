@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.routing import compile_path
 
 from jobs import protocol as p
 from jobs.api.guards import require_token
@@ -81,8 +82,15 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
     }
 
 
-@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+@router.api_route("/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
                   include_in_schema=False)
-async def unknown_route(rest: str) -> None:
-    """Anything else under /api is a 404 in JSON (never the dashboard's static files)."""
+async def unknown_route(rest: str, request: Request) -> None:
+    """Anything else under /api is a 404 in JSON (never the dashboard's static files), or
+    a 405 naming the methods of the route that has this path."""
+    allowed = next((sorted(method.upper() for method in operations)
+                    for template, operations in request.app.openapi()["paths"].items()
+                    if compile_path(template)[0].match(request.url.path)), None)
+    if allowed:
+        raise HTTPException(405, f"/api/{rest[:100]} takes {', '.join(allowed)}, not "
+                                 f"{request.method}", headers={"Allow": ", ".join(allowed)})
     raise HTTPException(404, f"no API route /api/{rest[:100]}; see /docs for the routes")
