@@ -170,6 +170,35 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
                  30, what="the dashboard's feed listing them as corrupt")
 
 
+def test_odd_entries_in_the_jobs_folder_stop_no_other_job(data_dir: Path,
+                                                          make_server: MakeServer) -> None:
+    # Left on disk while no server ran: queued jobs, and beside them a file named like a
+    # job's folder, a job.json that is a folder, and a job whose kind is a list.
+    from jobs.store.job_store import JobStore
+
+    store = JobStore(data_dir / "jobs")
+    queued = [store.create("sleep", {"seconds": 0}, 60)["id"] for _ in range(6)]
+    a_file, a_folder, a_list = p.new_id(), p.new_id(), p.new_id()
+    (data_dir / "jobs" / a_file).write_text("not a folder")
+    (data_dir / "jobs" / a_folder / p.JOB_FILE).mkdir(parents=True)
+    _write_job(data_dir, a_list, {**p.new_job(a_list, "sleep", {}, 60), "kind": ["sleep"]})
+    server = make_server()
+    with server.client() as client:
+        def all_done() -> bool:
+            return all(client.get(f"/api/jobs/{job_id}").json()["state"] == "completed"
+                       for job_id in queued)
+
+        wait_for(all_done, 30, what="the queued jobs done")
+        listing = client.get("/api/jobs")
+        assert listing.status_code == 200, listing.text
+        listed = {job["id"]: job for job in listing.json()["jobs"]}
+        assert a_file not in listed
+        for job_id in (a_folder, a_list):
+            assert listed[job_id]["error"]["type"] == "corrupt", listed[job_id]
+    log = (data_dir / "supervisor.log").read_text()
+    assert "supervisor pass failed" not in log
+
+
 # -- 10: the public sleep kind has no test knobs --------------------------------------
 
 

@@ -404,8 +404,10 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
         try:
             with open(path, "rb") as f:
                 raw = f.read()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # no folder there, or a file
             return None
+        except IsADirectoryError:
+            raise CorruptJobFile(f"{os.path.basename(path)}: a folder, not a file") from None
         except PermissionError as exc:
             last_error = exc
         else:

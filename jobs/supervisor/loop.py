@@ -141,6 +141,7 @@ class Supervisor:
         self._running_chat_by_session: dict[str, str] = {}  # session id -> its running chat
         self._unwritten: dict[str, JobLife] = {}  # ended; final state not written yet
         self._known_final: set[str] = set()
+        self._unreadable: set[str] = set()  # said once in the log; looked at each full pass
         self._blocked = False  # the last launch could not write to the data folder
         self._next_prune = 0.0
         self._pruned_at = 0.0
@@ -348,7 +349,12 @@ class Supervisor:
         new = (job_ids - self._known_final - self._queued.keys() - self._running.keys()
                - self._unwritten.keys())
         for job_id in new:
-            self._discover_one(job_id)
+            try:
+                self._discover_one(job_id)
+            except Exception:  # one odd entry must not stop the pass for every other job
+                if job_id not in self._unreadable:
+                    log.exception("job %s cannot be looked at; it is left alone", job_id)
+                    self._unreadable.add(job_id)
 
     def _discover_one(self, job_id: str) -> None:
         try:
@@ -360,7 +366,7 @@ class Supervisor:
             return
         state = data.get(p.F_STATE)
         if state == p.JobState.QUEUED and not self._launched(job_id):
-            if data.get(p.F_KIND) not in self.kinds:
+            if not isinstance(data.get(p.F_KIND), str) or data[p.F_KIND] not in self.kinds:
                 self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
                                     f"unknown job kind {data.get(p.F_KIND)!r}")
                 return
