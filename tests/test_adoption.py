@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from jobs.launch.processes import Runner
 from jobs.protocol import embedded
 from jobs.store.job_store import JobStore
 from tests.conftest import (
+    ROOT,
     RunningSupervisor,
     process_gone,
     start_process,
@@ -129,6 +131,48 @@ def test_a_runner_its_claim_does_not_name_is_adopted_by_the_pid_it_wrote(
     # Adopted and left to finish: not found lost while it ran, nor run a second time.
     assert final["state"] == p.JobState.COMPLETED, final
     assert final["pid"] == runner.pid and final.get("error") is None
+
+
+def test_a_runner_that_has_not_yet_said_its_pid_is_adopted_not_run_again(
+        data_dir: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    job_id = store.create("sleep", {"seconds": 0}, 60, fields={p.F_MAX_ATTEMPTS: 2})["id"]
+    job_file = store.path(job_id)
+    # Its supervisor was killed after the spawn, before it wrote the runner's pid: the
+    # claim is bare. The runner waits for the word that its claim is on disk (as a
+    # starved one would take its time), so it has not written its pid either.
+    p.write_json(p.sibling(job_file, p.RUN_FILE), {"pid": None, "claimed_by": 1,
+                                                   "launched_ns": time.time_ns()})
+    listen, word = os.pipe()
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "runners.sleep", "--job-file", str(job_file)], cwd=ROOT,
+        env={**os.environ, p.CLAIM_WORD_ENV: str(listen)}, pass_fds=(listen,),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(listen)
+    try:
+        supervisor = start_process(["-m", "jobs.supervisor"],
+                                   env={"OFFLOAD_DATA_DIR": str(data_dir)})
+        try:
+            wait_for(lambda: "adopted" in _log(data_dir), timeout=30,
+                     what="the job adopted by the new supervisor")
+            os.write(word, p.DURABLE_WORD)  # the runner goes on
+            assert runner.wait(30) == 0
+            final = wait_for(lambda: (job := store.read(job_id))["state"] in p.FINAL_STATES
+                             and job, timeout=30, what="the job final")
+        finally:
+            stop_process(supervisor)
+    finally:
+        os.close(word)
+        runner.kill()
+        runner.wait(10)
+    assert isinstance(final, dict)
+    assert final["state"] == p.JobState.COMPLETED, final
+    assert final["pid"] == runner.pid and final.get(p.F_ATTEMPT, 1) == 1, final
+
+
+def _log(data_dir: Path) -> str:
+    path = data_dir / "supervisor.log"
+    return path.read_text() if path.exists() else ""
 
 
 def _group_of(proc: psutil.Process) -> int | None:

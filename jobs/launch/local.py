@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from jobs import protocol as p
 from jobs.launch import forkserver, processes, spare_pool
 from jobs.launch.base import Launcher, OnExit, Run, claim
@@ -82,8 +84,8 @@ class LocalLauncher(Launcher):
         # never one that runs twice. Not fsync'd before the spawn: that is done while
         # the runner starts, and the runner waits for it before it runs anything of
         # the job (`p.sync_claim`).
-        record = {"pid": None, "claimed_by": os.getpid()} if ahead is None else \
-            processes.Runner(p.id_of(job_file), *ahead).record()
+        record = {"pid": None, "claimed_by": os.getpid(), "launched_ns": time.time_ns()} \
+            if ahead is None else processes.Runner(p.id_of(job_file), *ahead).record()
         claim(run_file, record, durable=False)
         synced = None if ahead is None else self._claims.submit(p.sync_claim, job_file)
         taken = self._spares.take(module, job_file) if self._spares is not None else None
@@ -123,6 +125,9 @@ class LocalLauncher(Launcher):
                     if found is not None:
                         runner = processes.Runner(job_id, candidate, found)
                         break
+            else:
+                if pid is None:  # a bare claim: its runner may not have written its pid yet
+                    runner = _runner_showing(job_file) or runner
         # When the job was given to it: a spare was started long before.
         launched_ns = record.get("launched_ns")
         started = launched_ns / 1e9 if isinstance(launched_ns, int) else runner.create_time
@@ -169,6 +174,17 @@ def _wait_exit(runner: processes.Runner, on_exit: OnExit) -> None:
     assert runner.child is not None
     runner.child.wait()
     on_exit()
+
+
+def _runner_showing(job_file: Path) -> processes.Runner | None:
+    """The live process whose command line runs this job (`--job-file <file>`, as every
+    runner shows on Linux, and a new interpreter's everywhere)."""
+    wanted = str(job_file)
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
+        argv = proc.info["cmdline"] or []
+        if any(a == "--job-file" and b == wanted for a, b in zip(argv, argv[1:], strict=False)):
+            return processes.Runner(p.id_of(job_file), proc.pid, proc.info["create_time"])
+    return None
 
 
 def _create_time_of_its_runner(pid: int, started_at: object, job_file: Path
