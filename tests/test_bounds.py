@@ -6,6 +6,7 @@ itself and is pruned with its job."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import threading
@@ -19,10 +20,10 @@ import pytest
 
 from bench.scale import write_finished_jobs
 from jobs import protocol as p
-from jobs.settings import PRUNE_OVER_CAP_S
+from jobs.settings import HISTORY_KEEP_S, PRUNE_OVER_CAP_S
 from jobs.store.idempotency import PENDING_S, STORING_S, Keys
 from jobs.store.job_store import JobStore
-from tests.conftest import wait_for
+from tests.conftest import start_process, stop_process, wait_for
 from tests.server import Server
 
 pytestmark = pytest.mark.faults
@@ -332,3 +333,23 @@ def test_a_key_whose_job_is_still_being_stored_is_kept(data_dir: Path) -> None:
     os.utime(folder, (stale, stale))
     assert keys.release("a" * 64, job_id, folder)
     assert keys.read("a" * 64) is None
+
+
+def test_old_machine_metrics_are_dropped_by_a_leader_that_lasts_a_moment(
+        data_dir: Path) -> None:
+    # Leaders that each lasted less than 600 samples never dropped a line before.
+    history = Path(p.metrics_file(data_dir))
+    history.parent.mkdir(parents=True)
+    old = time.time() - HISTORY_KEEP_S - 60
+    history.write_text("".join(f'{{"t":{old + i},"cpu":1,"mem":1,"mem_used_mb":1}}\n'
+                               for i in range(50)))
+    supervisor = start_process(["-m", "jobs.supervisor"],
+                               env={"OFFLOAD_DATA_DIR": str(data_dir)})
+    try:
+        def only_new() -> bool:
+            times = [json.loads(line)["t"] for line in history.read_text().splitlines()]
+            return bool(times) and min(times) > old + 100
+
+        wait_for(only_new, timeout=30, what="the old samples dropped")
+    finally:
+        stop_process(supervisor)

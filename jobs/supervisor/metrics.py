@@ -32,9 +32,11 @@ class MetricsRecorder:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(sample, separators=(",", ":")) + "\n")
-        self._appended += 1
+        # Also at a recorder's first sample: leaders that each lasted less than the
+        # 600 would otherwise never drop a line.
         if self._appended % 600 == 0:
             self._compact(sample["t"] - self.keep_s)
+        self._appended += 1
         return sample
 
     def _compact(self, cutoff: float) -> None:
