@@ -88,6 +88,20 @@ def test_a_schedule_fires_and_survives_a_restart(make_server: MakeServer,
         assert p.parse_iso(rare_entry["next_run_at"]) > time.time()
 
 
+def test_a_slot_whose_creation_stopped_halfway_is_created(make_server: MakeServer,
+                                                          data_dir: Path,
+                                                          tmp_path: Path) -> None:
+    env = schedules_env(tmp_path)
+    rare = next(each for each in load(tmp_path / "schedules.toml") if each.name == "rare")
+    # Its folder made, its file not written (the disk was full, or the leader was killed).
+    (data_dir / "jobs" / rare.job_id(rare.slot(time.time()))).mkdir(parents=True)
+    server = make_server(env=env)
+    with server.client() as client:
+        job = wait_for(lambda: [job for job in jobs_of(client, "rare")
+                                if job["state"] == "completed"], 30, 0.1, "the rare job done")
+    assert job[0]["id"] == rare.job_id(rare.slot(time.time()))
+
+
 def test_an_edited_schedules_file_applies_without_a_restart(make_server: MakeServer,
                                                             tmp_path: Path) -> None:
     rare_only = SCHEDULES.split("[tick]")[0]

@@ -71,7 +71,12 @@ class JobStore(JobIndex):
         path = self.path(job_id)
         try:
             self.ensure_dir()
-            path.parent.mkdir()
+            try:
+                path.parent.mkdir()
+            except FileExistsError:
+                if path.exists():
+                    raise
+                # A creation of this id (a schedule's slot) that stopped before its file.
             if key_name is not None:
                 Keys.link(path.parent, key_name)
             p.write_json(path, data, durable=True, sync_folder=False)
