@@ -175,6 +175,47 @@ def _log(data_dir: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
+STEP_S = 30.0  # how far the test steps the clock forward, and back at its end
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0,
+                    reason="steps this machine's clock: Linux, as root (as CI runs)")
+def test_a_clock_step_leaves_a_running_job_alone(make_server: Callable[..., Any]) -> None:
+    # Linux's create time of a process is the boot's time on the wall clock plus its
+    # start since the boot, and a step of the clock (NTP, a virtual machine's resume)
+    # moves the first: the runner looked gone, and was killed as lost.
+    server = make_server()
+    with server.client() as client:
+        job_id = client.post("/api/jobs", json={"kind": "sleep", "timeout_s": 300, "input": {
+            "seconds": 16, "steps": 16}}).json()["id"]
+
+        def job() -> dict[str, Any]:
+            answer: dict[str, Any] = client.get(f"/api/jobs/{job_id}").json()
+            return answer
+
+        running = wait_for(lambda: job()["state"] == "running" and job(), timeout=30,
+                           what="the job running")
+        assert isinstance(running, dict)
+        time.clock_settime(time.CLOCK_REALTIME, time.time() + STEP_S)
+        try:
+            # Its supervisor watches it past the step (its waiter gave up on the fork
+            # server's word within 11 s) ...
+            time.sleep(12)
+            assert job()["state"] == "running", job()
+            # ... and one started after the step adopts it (the keeper starts one).
+            supervisors = [proc for proc in psutil.Process(server.proc.pid).children()
+                           if "jobs.supervisor" in " ".join(proc.cmdline())]
+            assert len(supervisors) == 1
+            supervisors[0].kill()
+            final = wait_for(lambda: job()["state"] not in ("queued", "running") and job(),
+                             timeout=60, what="the job final")
+        finally:
+            time.clock_settime(time.CLOCK_REALTIME, time.time() - STEP_S)
+    assert isinstance(final, dict)
+    assert final["state"] == "completed", final
+    assert final["pid"] == running["pid"] and final.get("attempt", 1) == 1, final
+
+
 def _group_of(proc: psutil.Process) -> int | None:
     try:
         return os.getpgid(proc.pid)

@@ -61,7 +61,7 @@ class PeerLookup:
         try:
             theirs = self._ask(_request(family, client[1], server[1], src, dst))
             if theirs is not None and theirs[0] not in (TCP_LISTEN, TCP_CLOSE):
-                state, uid, inode = theirs
+                _, uid, inode = theirs
                 # No inode: no process holds it any more (closed; in TIME_WAIT its uid
                 # reads as root's). Its client has left: nobody to answer.
                 return uid if inode else CLOSED

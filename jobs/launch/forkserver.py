@@ -649,8 +649,10 @@ def _running(pid: int, create_time: float | None) -> bool:
 def _create_time(pid: int) -> float | None:
     import psutil  # the supervisor's side only
 
+    from jobs.launch.pids import created
+
     try:
-        return psutil.Process(pid).create_time()
+        return created(pid)
     except psutil.Error:
         return None  # gone already (its server died, and init reaped it)
 

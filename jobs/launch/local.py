@@ -17,9 +17,8 @@ from typing import Any
 import psutil
 
 from jobs import protocol as p
-from jobs.launch import forkserver, processes, spare_pool
+from jobs.launch import forkserver, pids, processes, spare_pool
 from jobs.launch.base import Launcher, OnExit, Run, claim
-from jobs.launch.pids import find
 from jobs.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -113,6 +112,8 @@ class LocalLauncher(Launcher):
               on_exit: OnExit) -> Run:
         job_id = p.id_of(job_file)
         pid, create_time = record.get("pid"), record.get("create_time")
+        if isinstance(create_time, (int, float)):
+            create_time = pids.recorded(create_time, record.get("boot_time"))
         runner = processes.Runner(job_id, pid if isinstance(pid, int) else 0, create_time)
         if runner.create_time is None or not processes.is_alive(runner):
             # A bare claim; or one naming the child forked ahead while another child took
@@ -180,10 +181,13 @@ def _runner_showing(job_file: Path) -> processes.Runner | None:
     """The live process whose command line runs this job (`--job-file <file>`, as every
     runner shows on Linux, and a new interpreter's everywhere)."""
     wanted = str(job_file)
-    for proc in psutil.process_iter(["cmdline", "create_time"]):
+    for proc in psutil.process_iter(["cmdline"]):
         argv = proc.info["cmdline"] or []
         if any(a == "--job-file" and b == wanted for a, b in zip(argv, argv[1:], strict=False)):
-            return processes.Runner(p.id_of(job_file), proc.pid, proc.info["create_time"])
+            try:
+                return processes.Runner(p.id_of(job_file), proc.pid, pids.created(proc.pid))
+            except psutil.Error:
+                return None  # it has just ended
     return None
 
 
@@ -198,13 +202,14 @@ def _create_time_of_its_runner(pid: int, started_at: object, job_file: Path
         started = p.parse_iso(started_at)
     except ValueError:
         return None
-    proc = find(pid, None)
+    proc = pids.find(pid, None)
     if proc is None:
         return None
     try:
-        created = proc.create_time()
-        if abs(created - started) < ADOPT_START_TOLERANCE_S:
-            return created
-        return created if created < started and str(job_file) in proc.cmdline() else None
+        on_the_clock = proc.create_time()  # as the job's start was written: on the clock
+        if abs(on_the_clock - started) < ADOPT_START_TOLERANCE_S or (
+                on_the_clock < started and str(job_file) in proc.cmdline()):
+            return pids.created(pid)
+        return None
     except Exception:
         return None

@@ -23,7 +23,7 @@ import psutil
 
 from jobs import protocol as p
 from jobs.launch.forkserver import Forked, ForkServer, ForkServerError
-from jobs.launch.pids import find, taken_by_another
+from jobs.launch.pids import boot_time, created, find, taken_by_another
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class Runner:
     child: Child | None = field(default=None, repr=False)  # None: adopted, not our child
 
     def record(self) -> dict[str, object]:
-        return {"pid": self.pid, "create_time": self.create_time, "launched_ns": time.time_ns()}
+        return {"pid": self.pid, "create_time": self.create_time, "boot_time": boot_time(),
+                "launched_ns": time.time_ns()}
 
 
 def command(module: str, job_file: Path) -> list[str]:
@@ -108,7 +109,7 @@ def spawn(module: str, job_file: Path, env: dict[str, str] | None = None,
     runner = Runner(p.id_of(job_file), child.pid, None, child)
     try:
         proc = psutil.Process(child.pid)
-        runner.create_time = proc.create_time()
+        runner.create_time = created(child.pid)
         _lower_priority(proc)
     except psutil.Error:
         pass  # exited already (it stays a zombie until waited, so this is rare); reaped later
