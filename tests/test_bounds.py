@@ -303,6 +303,27 @@ def test_a_key_file_write_that_fails_is_a_503(make_server: MakeServer) -> None:
         assert _final(client, accepted.json()["id"])["state"] == "completed"
 
 
+def test_a_job_file_write_that_fails_leaves_no_folder(make_server: MakeServer,
+                                                     data_dir: Path) -> None:
+    resource = pytest.importorskip("resource")
+    if not hasattr(resource, "prlimit"):
+        pytest.skip("needs prlimit (Linux) to make the API's writes fail")
+    server = make_server()
+    assert server.proc is not None
+    soft, hard = resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (16, hard))  # as a full disk
+    with server.client() as client:
+        try:
+            refused = [client.post("/api/jobs", json=QUICK) for _ in range(3)]
+        finally:
+            resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
+        assert [answer.status_code for answer in refused] == [503] * 3, refused[0].text
+        # Folders that hold no job were re-read by the supervisor on every pass, for good.
+        assert list((data_dir / "jobs").iterdir()) == []
+        accepted = client.post("/api/jobs", json=QUICK)
+        assert _final(client, accepted.json()["id"])["state"] == "completed"
+
+
 def test_keys_are_pruned_with_their_jobs(make_server: MakeServer, data_dir: Path) -> None:
     server = make_server(env={"OFFLOAD_MAX_JOBS": "1", "OFFLOAD_MIN_RETENTION_S": "1"})
     with server.client() as client:

@@ -85,6 +85,8 @@ class JobStore(JobIndex):
             p.sync_dir(path.parent)  # on disk before the 202, with the job's folder
             p.sync_dir(self.dir)
         except OSError as exc:
+            if not path.exists():  # not stored: leave no folder that holds no job
+                shutil.rmtree(path.parent, ignore_errors=True)
             reason = exc.strerror or exc
             raise StoreUnavailable(f"cannot store the job in {self.dir}: {reason}") from exc
         return data
