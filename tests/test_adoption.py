@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from jobs import protocol as p
+from jobs.launch import pids
 from jobs.launch.processes import Runner
 from jobs.protocol import embedded
 from jobs.store.job_store import JobStore
@@ -63,8 +64,9 @@ def test_second_supervisor_adopts_runners_of_a_killed_one(
     assert second.wait_final(late)["state"] == "completed"
 
 
+@pytest.mark.parametrize("named", ["an hour ago", "in another boot"])
 def test_a_lost_runner_whose_pid_another_process_took_is_not_killed_with_it(
-        data_dir: Path) -> None:
+        named: str, data_dir: Path) -> None:
     store = JobStore(data_dir / "jobs")
     job_id = store.create("sleep", {"seconds": 1}, 60)["id"]
     # Its runner, as an earlier supervisor recorded it, ended while none watched, and an
@@ -81,8 +83,10 @@ def test_a_lost_runner_whose_pid_another_process_took_is_not_killed_with_it(
         job_file = store.path(job_id)
         p.write_json(job_file, {**store.read(job_id), p.F_STATE: p.JobState.RUNNING,
                                 p.F_PID: innocent.pid, p.F_STARTED_AT: p.iso(an_hour_ago)})
-        p.write_json(p.sibling(job_file, p.RUN_FILE),
-                     Runner(job_id, innocent.pid, an_hour_ago).record())
+        record = Runner(job_id, innocent.pid, an_hour_ago).record()
+        if named == "in another boot":  # the same start since its boot as this process's
+            record.update(create_time=pids.created(innocent.pid), boot_id="an earlier boot")
+        p.write_json(p.sibling(job_file, p.RUN_FILE), record)
         supervisor = start_process(["-m", "jobs.supervisor"],
                                    env={"OFFLOAD_DATA_DIR": str(data_dir)})
         try:
@@ -133,16 +137,22 @@ def test_a_runner_its_claim_does_not_name_is_adopted_by_the_pid_it_wrote(
     assert final["pid"] == runner.pid and final.get("error") is None
 
 
+@pytest.mark.parametrize("claim", ["bare", "naming a child forked ahead that died"])
 def test_a_runner_that_has_not_yet_said_its_pid_is_adopted_not_run_again(
-        data_dir: Path) -> None:
+        claim: str, data_dir: Path) -> None:
     store = JobStore(data_dir / "jobs")
     job_id = store.create("sleep", {"seconds": 0}, 60, fields={p.F_MAX_ATTEMPTS: 2})["id"]
     job_file = store.path(job_id)
     # Its supervisor was killed after the spawn, before it wrote the runner's pid: the
     # claim is bare. The runner waits for the word that its claim is on disk (as a
     # starved one would take its time), so it has not written its pid either.
-    p.write_json(p.sibling(job_file, p.RUN_FILE), {"pid": None, "claimed_by": 1,
-                                                   "launched_ns": time.time_ns()})
+    record: dict[str, Any] = {"pid": None, "claimed_by": 1, "launched_ns": time.time_ns()}
+    if claim != "bare":  # another child took the job, and its record was never written
+        ahead = subprocess.Popen(["sleep", "60"])
+        record = Runner(job_id, ahead.pid, pids.created(ahead.pid)).record()
+        ahead.kill()
+        ahead.wait(10)
+    p.write_json(p.sibling(job_file, p.RUN_FILE), record)
     listen, word = os.pipe()
     runner = subprocess.Popen(
         [sys.executable, "-m", "runners.sleep", "--job-file", str(job_file)], cwd=ROOT,

@@ -173,15 +173,19 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
 def test_odd_entries_in_the_jobs_folder_stop_no_other_job(data_dir: Path,
                                                           make_server: MakeServer) -> None:
     # Left on disk while no server ran: queued jobs, and beside them a file named like a
-    # job's folder, a job.json that is a folder, and a job whose kind is a list.
+    # job's folder, a job.json that is a folder, a job whose kind is a list, and a running
+    # job whose launch record no check foresaw (a launch time too large for a float).
     from jobs.store.job_store import JobStore
 
     store = JobStore(data_dir / "jobs")
     queued = [store.create("sleep", {"seconds": 0}, 60)["id"] for _ in range(6)]
-    a_file, a_folder, a_list = p.new_id(), p.new_id(), p.new_id()
+    a_file, a_folder, a_list, unforeseen = (p.new_id() for _ in range(4))
     (data_dir / "jobs" / a_file).write_text("not a folder")
     (data_dir / "jobs" / a_folder / p.JOB_FILE).mkdir(parents=True)
     _write_job(data_dir, a_list, {**p.new_job(a_list, "sleep", {}, 60), "kind": ["sleep"]})
+    _write_job(data_dir, unforeseen, {**p.new_job(unforeseen, "sleep", {}, 60),
+                                      "state": "running"})
+    (data_dir / "jobs" / unforeseen / p.RUN_FILE).write_text('{"launched_ns": 1%s}' % ("0" * 400))
     server = make_server()
     with server.client() as client:
         def all_done() -> bool:
@@ -197,6 +201,7 @@ def test_odd_entries_in_the_jobs_folder_stop_no_other_job(data_dir: Path,
             assert listed[job_id]["error"]["type"] == "corrupt", listed[job_id]
     log = (data_dir / "supervisor.log").read_text()
     assert "supervisor pass failed" not in log
+    assert log.count(f"job {unforeseen} cannot be looked at") == 1  # said once, left alone
 
 
 # -- 10: the public sleep kind has no test knobs --------------------------------------

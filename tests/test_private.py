@@ -314,6 +314,26 @@ def test_another_account_cannot_pass_as_the_owner(other_account: str,
         assert client.post("/api/queue/pause").json() == {"paused": True}
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the caller's account is known on Linux")
+def test_a_kernel_that_cannot_tell_accounts_refuses_nobody_for_it() -> None:
+    import socket
+
+    from jobs.api.peer import PeerLookup
+
+    # A kernel without tcp_diag answers every lookup "no such socket"; none can be had
+    # on demand, so one is scripted: it must read as "cannot be told", not as "closed".
+    seeing, blind = PeerLookup(), PeerLookup()
+    blind._ask = lambda request: None  # type: ignore[method-assign]
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as listener, \
+                socket.create_connection(listener.getsockname()) as client:
+            ends = client.getsockname(), listener.getsockname()
+            assert seeing.account(*ends) == os.geteuid()
+            assert blind.account(*ends) is None
+    finally:
+        seeing.close()
+
+
 def _read_as(user: str, path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["runuser", "-u", user, "--", "cat", str(path)],
                           capture_output=True, text=True, timeout=30)

@@ -112,13 +112,18 @@ class LocalLauncher(Launcher):
               on_exit: OnExit) -> Run:
         job_id = p.id_of(job_file)
         pid, create_time = record.get("pid"), record.get("create_time")
+        pid = pid if isinstance(pid, int) and pid > 0 else 0
         if isinstance(create_time, (int, float)):
-            create_time = pids.recorded(create_time, record.get("boot_time"))
-        runner = processes.Runner(job_id, pid if isinstance(pid, int) else 0, create_time)
+            create_time = pids.recorded(create_time, record)
+            if create_time is None:  # launched before a reboot: it ended with that boot
+                gone = processes.Runner(job_id, 0, None)
+                return LocalRun(job_id, job_file, self.name, None, gone)
+        runner = processes.Runner(job_id, pid, create_time)
         if runner.create_time is None or not processes.is_alive(runner):
             # A bare claim; or one naming the child forked ahead while another child took
             # the job, whose record was never written: the pid the runner wrote itself (or
-            # a record's without its create time), if it started with the job.
+            # a record's without its create time), if it started with the job; else the
+            # process that shows it runs this job (it may not have written its pid yet).
             for candidate in (data.get(p.F_PID), pid if create_time is None else None):
                 if isinstance(candidate, int) and candidate > 0:
                     found = _create_time_of_its_runner(candidate, data.get(p.F_STARTED_AT),
@@ -127,8 +132,7 @@ class LocalLauncher(Launcher):
                         runner = processes.Runner(job_id, candidate, found)
                         break
             else:
-                if pid is None:  # a bare claim: its runner may not have written its pid yet
-                    runner = _runner_showing(job_file) or runner
+                runner = _runner_showing(job_file) or runner
         # When the job was given to it: a spare was started long before.
         launched_ns = record.get("launched_ns")
         started = launched_ns / 1e9 if isinstance(launched_ns, int) else runner.create_time
@@ -178,24 +182,31 @@ def _wait_exit(runner: processes.Runner, on_exit: OnExit) -> None:
 
 
 def _runner_showing(job_file: Path) -> processes.Runner | None:
-    """The live process whose command line runs this job (`--job-file <file>`, as every
-    runner shows on Linux, and a new interpreter's everywhere)."""
-    wanted = str(job_file)
-    for proc in psutil.process_iter(["cmdline"]):
-        argv = proc.info["cmdline"] or []
-        if any(a == "--job-file" and b == wanted for a, b in zip(argv, argv[1:], strict=False)):
+    """The live process of ours whose command line runs this job (`--job-file <file>`,
+    as every runner shows on Linux, and a new interpreter's everywhere); of several (a
+    wrapper around it), the latest started."""
+    ours, found = psutil.Process().username(), []
+    for proc in psutil.process_iter(["cmdline", "username"]):
+        if proc.info["username"] == ours and _runs(proc.info["cmdline"], job_file):
             try:
-                return processes.Runner(p.id_of(job_file), proc.pid, pids.created(proc.pid))
+                found.append(processes.Runner(p.id_of(job_file), proc.pid,
+                                              pids.created(proc.pid)))
             except psutil.Error:
-                return None  # it has just ended
-    return None
+                pass  # it has just ended
+    return max(found, key=lambda runner: runner.create_time or 0.0, default=None)
+
+
+def _runs(argv: list[str] | None, job_file: Path) -> bool:
+    """Whether a command line runs this job. A forked runner's shows as one string, which
+    psutil splits at its spaces, a path's included: compared as one string too."""
+    return " ".join(argv or ()).endswith(f"--job-file {job_file}")
 
 
 def _create_time_of_its_runner(pid: int, started_at: object, job_file: Path
                                ) -> float | None:
     """Without a launch record: accept the pid only if it started with the job, or if
-    it started earlier and says it runs this job (a warm spare takes its job long after
-    it starts, and then shows the job file in its command line)."""
+    its command line says it runs this job (a warm spare takes its job long after it
+    starts; a step of the clock moves a create time and not a written start)."""
     if not isinstance(started_at, str):
         return None
     try:
@@ -206,9 +217,11 @@ def _create_time_of_its_runner(pid: int, started_at: object, job_file: Path
     if proc is None:
         return None
     try:
-        on_the_clock = proc.create_time()  # as the job's start was written: on the clock
-        if abs(on_the_clock - started) < ADOPT_START_TOLERANCE_S or (
-                on_the_clock < started and str(job_file) in proc.cmdline()):
+        # On the clock, as the job's start was written (a step of the clock since moves
+        # one and not the other: then its command line says whether it runs the job).
+        on_the_clock = proc.create_time()
+        if abs(on_the_clock - started) < ADOPT_START_TOLERANCE_S or _runs(proc.cmdline(),
+                                                                          job_file):
             return pids.created(pid)
         return None
     except Exception:

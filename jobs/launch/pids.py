@@ -17,6 +17,7 @@ import psutil
 
 _TOLERANCE_S = 0.05  # create times compared to this precision
 _boot: float | None = None
+_boot_id: str | None = None
 
 
 def boot_time() -> float:
@@ -43,10 +44,31 @@ def created(pid: int) -> float:
     return boot_time() + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def recorded(create_time: float, its_boot_time: float | None) -> float:
-    """A create time that another process recorded against `its_boot_time`, taken
-    against this process's (the clock may have been stepped between the two)."""
-    if its_boot_time is None:  # recorded before records said it
+def boot_id() -> str:
+    """This boot's id (Linux; elsewhere "")."""
+    global _boot_id
+    if _boot_id is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                _boot_id = f.read().strip()
+        except OSError:
+            _boot_id = ""
+    return _boot_id
+
+
+def identity() -> dict[str, object]:
+    """What a launch record says besides a create time, to read that time elsewhere."""
+    return {"boot_time": boot_time(), "boot_id": boot_id()}
+
+
+def recorded(create_time: float, record: dict[str, object]) -> float | None:
+    """A create time that another process recorded (with its `identity()`), taken
+    against this process's boot time (the clock may have been stepped since); None if
+    it was recorded in another boot: no process of this one has it."""
+    its_boot, its_boot_time = record.get("boot_id"), record.get("boot_time")
+    if isinstance(its_boot, str) and its_boot != boot_id():
+        return None
+    if not isinstance(its_boot_time, (int, float)):  # recorded before records said it
         return create_time
     return create_time - its_boot_time + boot_time()
 

@@ -23,7 +23,7 @@ import psutil
 
 from jobs import protocol as p
 from jobs.launch.forkserver import Forked, ForkServer, ForkServerError
-from jobs.launch.pids import boot_time, created, find, taken_by_another
+from jobs.launch.pids import created, find, identity, taken_by_another
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Runner:
     child: Child | None = field(default=None, repr=False)  # None: adopted, not our child
 
     def record(self) -> dict[str, object]:
-        return {"pid": self.pid, "create_time": self.create_time, "boot_time": boot_time(),
+        return {"pid": self.pid, "create_time": self.create_time, **identity(),
                 "launched_ns": time.time_ns()}
 
 

@@ -71,12 +71,7 @@ class JobStore(JobIndex):
         path = self.path(job_id)
         try:
             self.ensure_dir()
-            try:
-                path.parent.mkdir()
-            except FileExistsError:
-                if path.exists():
-                    raise
-                # A creation of this id (a schedule's slot) that stopped before its file.
+            path.parent.mkdir()
             if key_name is not None:
                 Keys.link(path.parent, key_name)
             p.write_json(path, data, durable=True, sync_folder=False)
@@ -85,7 +80,8 @@ class JobStore(JobIndex):
             p.sync_dir(path.parent)  # on disk before the 202, with the job's folder
             p.sync_dir(self.dir)
         except OSError as exc:
-            if not path.exists():  # not stored: leave no folder that holds no job
+            if not path.exists():  # not stored: leave no folder that holds no job (and
+                # a schedule's slot whose creation stopped there is created on its next try)
                 shutil.rmtree(path.parent, ignore_errors=True)
             reason = exc.strerror or exc
             raise StoreUnavailable(f"cannot store the job in {self.dir}: {reason}") from exc

@@ -349,14 +349,17 @@ class Supervisor:
         new = (job_ids - self._known_final - self._queued.keys() - self._running.keys()
                - self._unwritten.keys())
         for job_id in new:
-            try:
-                self._discover_one(job_id)
-            except Exception:  # one odd entry must not stop the pass for every other job
-                if job_id not in self._unreadable:
-                    log.exception("job %s cannot be looked at; it is left alone", job_id)
-                    self._unreadable.add(job_id)
+            self._discover_one(job_id)
 
     def _discover_one(self, job_id: str) -> None:
+        try:
+            self._take_on(job_id)
+        except Exception:  # one odd entry must not stop the pass for every other job
+            if job_id not in self._unreadable:
+                log.exception("job %s cannot be looked at; it is left alone", job_id)
+                self._unreadable.add(job_id)
+
+    def _take_on(self, job_id: str) -> None:
         try:
             data = p.read_json(self._file(job_id))
         except p.CorruptJobFile:
