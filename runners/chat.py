@@ -33,6 +33,7 @@ EXPERT_PROMPT = (
     "and memory charts and its background jobs show, and what to do about it. Answer "
     "briefly and concretely; when the data does not say, say so.")
 EMBEDDED_WAIT_S = 120.0  # a chat sent while the embedded model loads waits this long
+EMBEDDED_WAIT_MARGIN_S = 5.0  # and gives up this long before its deadline, saying why
 EMBEDDED_MAX_TOKENS = 512
 EARLIER_TURNS = 20  # at most this many earlier turns of a session recovered for a chat
 INTERRUPTED = "[this answer was interrupted]"
@@ -192,29 +193,44 @@ def _config(job: base.Job) -> llm_client.Config:
         raise base.RunnerError(
             "no LLM server: set OPENAI_BASE_URL, or start Offload (python launch.py) so "
             "its embedded model runs", "provider")
-    status = _wait_for_embedded(job, data_dir)
-    config = llm_client.Config.from_env(os.environ, base_url=str(status["base_url"]))
-    config.api_key = os.environ.get(embedded.KEY_ENV)
-    if not config.api_key:
+    key = os.environ.get(embedded.KEY_ENV)
+    if not key:
         raise base.RunnerError(
             "the embedded model answers only the chats that Offload's supervisor starts (it "
             "hands them its key): submit this chat through Offload, or set OPENAI_BASE_URL",
             "provider")
+    status = _wait_for_embedded(job, data_dir, key)
+    config = llm_client.Config.from_env(os.environ, base_url=str(status["base_url"]))
+    config.api_key = key
     return config
 
 
-def _wait_for_embedded(job: base.Job, data_dir: str) -> dict[str, Any]:
-    deadline = time.monotonic() + EMBEDDED_WAIT_S
+def _wait_for_embedded(job: base.Job, data_dir: str, key: str) -> dict[str, Any]:
+    """The status of the embedded model once it is ready, and the one this chat's key is
+    for: a status left by a supervisor killed outright names a port that anyone may hold
+    now, and the chat's prompt and key must not go there."""
+    started = time.time()
+    timeout = job.data.get(p.F_TIMEOUT_S)
+    patience = EMBEDDED_WAIT_S
+    if isinstance(timeout, (int, float)) and timeout > 0:  # say why before the deadline
+        patience = min(patience, max(1.0, timeout - EMBEDDED_WAIT_MARGIN_S))
+    deadline = time.monotonic() + patience
     waited = False
     while True:
         status = embedded.read_status(data_dir) or {}
         if status.get("ready") and status.get("base_url"):
-            return status
-        if status.get("available") is False:
+            if status.get("key_id") == embedded.key_id(key):
+                return status
+            if _written_since(status, started):  # a supervisor started after this chat
+                raise base.RunnerError(
+                    "the embedded model was started again, with a key this chat was not "
+                    "given (its supervisor was restarted); the chat runs again", "provider",
+                    transient=True)
+        elif status.get("available") is False:
             raise base.RunnerError(str(status.get("detail")), "provider")
         if time.monotonic() > deadline:
             raise base.RunnerError(
-                f"the embedded model is not ready after {EMBEDDED_WAIT_S:g} s "
+                f"the embedded model is not ready after {patience:g} s "
                 f"({status.get('detail') or 'no supervisor is running it'}); see "
                 "var/llm-server.log, or set OPENAI_BASE_URL to another server", "provider",
                 transient=True)
@@ -222,6 +238,13 @@ def _wait_for_embedded(job: base.Job, data_dir: str) -> dict[str, Any]:
             job.progress(None, "waiting for the embedded model to load")
             waited = True
         time.sleep(0.25)
+
+
+def _written_since(status: dict[str, Any], moment: float) -> bool:
+    try:
+        return p.parse_iso(str(status.get("updated_at"))) > moment
+    except ValueError:
+        return False
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

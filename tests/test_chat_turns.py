@@ -209,7 +209,8 @@ def test_a_question_not_in_english_is_told_the_embedded_model_speaks_english(
         data_dir.mkdir(parents=True, exist_ok=True)
         p.write_json(data_dir / "llm.json", {"available": True, "ready": True,
                                              "base_url": llm.base_url,
-                                             "model": "SmolLM2-135M-Instruct"})
+                                             "model": "SmolLM2-135M-Instruct",
+                                             "key_id": embedded.key_id("test-key")})
         sup = make_supervisor(runner_env={embedded.KEY_ENV: "test-key"})
         chinese = sup.wait_final(sup.submit("chat", messages=[
             {"role": "user", "content": "CPU 使用率为什么这么高？"}]), 60)

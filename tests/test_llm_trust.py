@@ -303,8 +303,9 @@ def test_a_chat_runner_sends_the_embedded_models_key_from_its_environment(
     message that says what to do, and nothing sent."""
     with FakeLLM() as fake:
         data_dir.mkdir(parents=True, exist_ok=True)
-        p.write_json(embedded.status_path(str(data_dir)),
-                     {"ready": True, "base_url": fake.base_url, "detail": "ok"})
+        p.write_json(embedded.status_path(str(data_dir)),  # as its supervisor writes it
+                     {"ready": True, "base_url": fake.base_url, "detail": "ok",
+                      "key_id": embedded.key_id(key or "")})
         job = JobStore(data_dir / "jobs").create("chat", {"messages": [
             {"role": "user", "content": "hi"}]}, 60)
         env = {k: v for k, v in os.environ.items() if k != "OFFLOAD_EMBEDDED_KEY"}
@@ -365,3 +366,29 @@ def test_resilient_logs_a_failure_and_starts_the_work_again(
     assert [r.getMessage() for r in failures] == [
         "the work failed; starting it again in 0.01 s"] * 2
     assert all(r.exc_info and "failure" in str(r.exc_info[1]) for r in failures)
+
+
+# -- a status left by a supervisor killed outright -------------------------------------
+
+
+def test_a_chat_never_goes_to_a_port_a_stale_status_names(data_dir: Path) -> None:
+    # The status of a server whose supervisor was killed outright still says "ready" on
+    # its port, which any account may hold now: the chat's prompt and the new key must
+    # not go there. (The runner is started as a supervisor starts it, with its key.)
+    store = JobStore(data_dir / "jobs")
+    job = store.create("chat", {"messages": [{"role": "user", "content": "my secret"}]}, 8)
+    with FakeLLM() as squatter:
+        earlier = time.time() - 60
+        p.write_json(embedded.status_path(str(data_dir)), {
+            "ready": True, "base_url": squatter.base_url, "detail": "ready",
+            "key_id": embedded.key_id("the killed supervisor's key"),
+            "updated_at": p.iso(earlier)})
+        env = {key: value for key, value in os.environ.items() if key != "OPENAI_BASE_URL"}
+        done = subprocess.run(
+            [sys.executable, "-m", "runners.chat", "--job-file", str(store.path(job["id"]))],
+            cwd=ROOT, env={**env, embedded.KEY_ENV: "this supervisor's key"},
+            capture_output=True, timeout=60)
+        assert squatter.requests == []
+    final = store.read(job["id"])
+    assert done.returncode != 0 and final["state"] == "failed", final
+    assert "embedded model is not ready" in final["error"]["message"]

@@ -57,7 +57,7 @@ class EmbeddedServer:
     def _write(self, ready: bool, detail: str, **extra: Any) -> None:
         status = {"ready": ready, "detail": detail, "base_url": self.base_url if ready else "",
                   "pid": self.proc.pid if self.proc else None, "restarts": self.restarts,
-                  "updated_at": p.now_iso(), **extra}
+                  "key_id": embedded.key_id(self.key), "updated_at": p.now_iso(), **extra}
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             p.write_json(embedded.status_path(str(self.data_dir)), status)

@@ -6,11 +6,12 @@ OpenAI-compatible server (one chat at a time).
 Standard library only: the chat runner reads the server's status file through this.
 The leading supervisor runs the server (`jobs.llm.server`) and writes
 `<data>/llm.json`: {"ready": bool, "base_url": str, "model": str, "detail": str,
-"engine": str, "slots": int}.
+"engine": str, "slots": int, "key_id": str, "updated_at": str}.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -151,6 +152,12 @@ def server_env(port: int, key: str | None, engine: str = LLAMA_CPP_PYTHON) -> di
 
 def new_key() -> str:
     return secrets.token_urlsafe(32)
+
+
+def key_id(key: str) -> str:
+    """What the status file says of the server's key: enough for a runner to tell
+    whether the server it names is the one its key is for, nothing to get in with."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def model_cpus() -> set[int] | None:
