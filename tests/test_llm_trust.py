@@ -38,14 +38,17 @@ from tests.http_fake import JSONHandler, ScriptedServer
 class _ModelsHandler(JSONHandler):
     def do_GET(self) -> None:
         fake: ModelsServer = self.server.fake  # type: ignore[attr-defined]
+        fake.seen.append(dict(self.headers))
         self._json(200, fake.answer)
 
 
 class ModelsServer(ScriptedServer):
-    """Answers `GET .../models` with whatever `answer` holds (bytes go out as they are)."""
+    """Answers `GET .../models` with whatever `answer` holds (bytes go out as they are),
+    and keeps the headers it was sent."""
 
     def __init__(self, answer: Any) -> None:
         self.answer = answer
+        self.seen: list[dict[str, str]] = []
         super().__init__(ThreadingHTTPServer(("127.0.0.1", 0), _ModelsHandler))
 
     @property
@@ -74,6 +77,41 @@ def test_health_says_an_odd_models_answer_and_recovers(
             assert llm["detail"] == "ok" and llm["model"] == "m-1"
         log = server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
+
+
+class _RedirectHandler(JSONHandler):
+    def do_GET(self) -> None:
+        fake: Redirect = self.server.fake  # type: ignore[attr-defined]
+        fake.seen.append(dict(self.headers))
+        self.send_response(302)
+        self.send_header("Location", fake.to)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class Redirect(ScriptedServer):
+    """Answers every `GET` with a redirect to `to`, and keeps the headers it was sent."""
+
+    def __init__(self, to: str) -> None:
+        self.to = to
+        self.seen: list[dict[str, str]] = []
+        super().__init__(ThreadingHTTPServer(("127.0.0.1", 0), _RedirectHandler))
+
+
+def test_the_probe_sends_the_key_nowhere_a_redirect_points(
+        make_server: Callable[..., Any]) -> None:
+    key = "sk-sentinel-of-the-redirect-test"
+    with ModelsServer({"data": [{"id": "m"}]}) as elsewhere, \
+            Redirect(f"{elsewhere.base_url}/models") as redirect:
+        server = make_server(env={"OPENAI_BASE_URL": f"http://127.0.0.1:{redirect.port}/v1",
+                                  "OPENAI_API_KEY": key})
+        with server.client() as client:
+            llm = wait_for(lambda: (h := client.get("/api/health").json()["llm"])["detail"]
+                           != "not checked yet" and h, 30, 0.2, "the first probe")
+    assert llm["ready"] is False and "redirected to" in llm["detail"], llm
+    assert redirect.seen and all(headers.get("Authorization") == f"Bearer {key}"
+                                 for headers in redirect.seen)
+    assert elsewhere.seen == []
 
 
 @pytest.mark.parametrize("answer", [

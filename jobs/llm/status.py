@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -46,7 +47,7 @@ class LLMStatus:
         request = urllib.request.Request(f"{self.base_url}/models",
                                          headers=self._server.headers())
         try:
-            with urllib.request.urlopen(request, timeout=3) as response:
+            with _NO_REDIRECTS.open(request, timeout=3) as response:
                 body = response.read(MAX_ANSWER)
         except (OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc  # URLError wraps the socket error
@@ -67,6 +68,19 @@ class LLMStatus:
     def as_dict(self) -> dict[str, Any]:
         return {"provider": self.provider, "base_url": self.base_url, "model": self.model,
                 "ready": self.ready, "detail": self.detail}
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a redirect with the key in its headers, to any host."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        raise urllib.error.HTTPError(
+            req.full_url, code, f"redirected to {newurl[:200]} (not followed, with the key "
+            "in its headers); set OPENAI_BASE_URL to where the server is", headers, fp)
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
 
 
 def _models(body: bytes) -> list[Any] | str:

@@ -194,8 +194,8 @@ def answers(base_url: str, key: str | None = None, timeout: float = 3.0) -> bool
     import urllib.request
 
     request = urllib.request.Request(f"{base_url}/models")
-    if key is not None:
-        request.add_header("Authorization", f"Bearer {key}")
+    if key is not None:  # never sent on to where a redirect points
+        request.add_unredirected_header("Authorization", f"Bearer {key}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             answer = json.load(response)
