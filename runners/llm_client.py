@@ -254,7 +254,9 @@ def _stream(config: Config, response: http.client.HTTPResponse,
             reply.model = chunk.get("model") or reply.model
             reply.usage = chunk.get("usage") or reply.usage
             for choice in chunk.get("choices") or []:
-                text = (choice.get("delta") or {}).get("content")
+                if not isinstance(choice, dict):
+                    continue
+                text = _text_of(choice.get("delta"))
                 if text:
                     if not parts and response.fp is not None:
                         _set_timeout(response, STALL_TIMEOUT_S)
@@ -281,12 +283,22 @@ def _stream(config: Config, response: http.client.HTTPResponse,
     return reply
 
 
+def _text_of(message: object) -> str:
+    """The text of a message or a stream's delta: its content, a string, or the text of
+    its parts (`[{"type": "text", "text": ...}]`, as some servers send it); else none."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content
+                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return content if isinstance(content, str) else ""
+
+
 def _whole(response: http.client.HTTPResponse, on_text: Callable[[str], None]) -> Reply:
     """The non-streaming answer: one JSON chat completion."""
     try:
         data = _parse(response.read().decode("utf-8", errors="replace"))
         choice = (data.get("choices") or [{}])[0]
-        text = (choice.get("message") or {}).get("content") or ""
+        text = _text_of(choice.get("message"))
     except (OSError, http.client.HTTPException, AttributeError, IndexError) as exc:
         raise _fail(f"the LLM server's answer could not be read: {_reason(exc)}") from exc
     reply = Reply()

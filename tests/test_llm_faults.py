@@ -100,6 +100,20 @@ def test_malformed_stream(make_supervisor: Callable[..., RunningSupervisor], kin
     assert job["output"] == "Hello", "what came before the garbage is kept"
 
 
+def test_content_in_parts_or_of_another_type_is_read_as_text(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    # A list of parts (as some servers stream it), a number, an object: the first is text,
+    # the others none; before, they crashed the runner's final write (lost, and asked twice).
+    pieces = ["Hello", [{"type": "text", "text": ", "}, {"type": "image"}], 7, {"a": 1},
+              "world."]
+    with FakeLLM(pieces=pieces) as llm:  # type: ignore[arg-type]
+        job = run_chat(make_supervisor, llm.base_url)
+        asked = len(llm.requests)
+    assert job["state"] == "completed", job
+    assert job["result"]["reply"] == job["output"] == "Hello, world."
+    assert asked == 1
+
+
 def test_no_first_token_within_the_limit(
         make_supervisor: Callable[..., RunningSupervisor]) -> None:
     with FakeLLM(hang_s=60) as llm:
