@@ -75,9 +75,15 @@ def execute(job: base.Job) -> dict[str, Any]:
     if embedded_used and "max_tokens" not in options:
         # The small embedded model tends to ramble until its context is full.
         options["max_tokens"] = EMBEDDED_MAX_TOKENS
-    job.progress(None, f"asking {config.model or 'the model'} at {config.base_url}")
+    full = _with_expert(job.input, messages)
+    # The embedded model's context has a known size: a long conversation's first turns go.
+    asked = _fitting(full, embedded.SLOT_CTX - int(options["max_tokens"])) \
+        if embedded_used else full
+    left_out = len(full) - len(asked)
+    job.progress(None, f"asking {config.model or 'the model'} at {config.base_url}" + (
+        f" (the {left_out} earliest messages left out to fit its context)" if left_out else ""))
     job.emit(notice)
-    reply = llm_client.chat(config, _with_expert(job.input, messages), job.emit, **options)
+    reply = llm_client.chat(config, asked, job.emit, **options)
     job.progress(1.0, "reply complete")
     return {"reply": notice + reply.text, "model": reply.model,
             "finish_reason": reply.finish_reason, "usage": reply.usage, "streamed": reply.streamed,
@@ -183,6 +189,29 @@ def _with_expert(job_input: dict[str, Any], messages: list[dict[str, Any]]
         system += f"\n\n{messages[0].get('content', '')}"
         messages = messages[1:]
     return [{"role": "system", "content": system}, *messages]
+
+
+def _fitting(messages: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]]:
+    """`messages` without their earliest turns (a system prompt and the last message
+    stay) until they fit in about `tokens`: a server refuses a prompt longer than its
+    context, and a conversation on the dashboard only grows."""
+    system = messages[:1] if messages and messages[0].get("role") == "system" else []
+    turns = messages[len(system):]
+    while len(turns) > 1 and _tokens(system + turns) > tokens:
+        turns = turns[1:]
+    return system + turns
+
+
+def _tokens(messages: list[dict[str, Any]]) -> int:
+    """A generous guess at the tokens `messages` take (no tokenizer here): one for each
+    three ASCII characters, two for any other (a Chinese character is one or more), and a
+    few for each message's framing."""
+    total = 0
+    for message in messages:
+        text = str(message.get("content") or "")
+        ascii_chars = len(text.encode("ascii", "ignore"))
+        total += ascii_chars // 3 + 2 * (len(text) - ascii_chars) + 8
+    return total
 
 
 def _config(job: base.Job) -> llm_client.Config:

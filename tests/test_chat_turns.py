@@ -230,6 +230,33 @@ def test_a_question_not_in_english_is_told_the_embedded_model_speaks_english(
         "the model does not read the word back"
 
 
+def test_a_long_conversation_fits_the_embedded_models_context(
+        make_supervisor: Callable[..., RunningSupervisor], data_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard sends the whole conversation each time: past the embedded model's
+    context, every later message was refused (HTTP 400)."""
+    monkeypatch.delenv("OFFLOAD_LOCAL_MODEL", raising=False)
+    history = []
+    for turn in range(12):
+        history += [{"role": "user", "content": f"question {turn} " + "why " * 150},
+                    {"role": "assistant", "content": f"answer {turn} " + "because " * 150}]
+    last = {"role": "user", "content": "And the last question?"}
+    with FakeLLM() as llm:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        p.write_json(data_dir / "llm.json", {"available": True, "ready": True,
+                                             "base_url": llm.base_url,
+                                             "key_id": embedded.key_id("test-key")})
+        sup = make_supervisor(runner_env={embedded.KEY_ENV: "test-key"})
+        job = sup.wait_final(sup.submit("chat", messages=[*history, last]), 60)
+        asked = llm.requests[0]["body"]
+    assert job["state"] == "completed", job
+    sent = asked["messages"]
+    assert sent[0]["role"] == "system" and sent[-1] == last
+    assert sent[-3]["content"].startswith("question 11") and len(sent) < len(history)
+    # Within the context, as the server counts (about four characters a token here).
+    assert sum(len(m["content"]) for m in sent) / 4 + asked["max_tokens"] < embedded.SLOT_CTX
+
+
 @pytest.mark.llm
 @pytest.mark.slow
 def test_the_real_embedded_model_says_so_for_chinese_only(make_server: MakeServer) -> None:
