@@ -100,14 +100,22 @@ def configured(url: str | None) -> tuple[str, str | None]:
     return url, value("OFFLOAD_API_TOKEN")
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        return None  # the 3xx is raised as an HTTPError, for `_refusal` to say
+
+
 class Client:
     """The API over urllib: JSON in, JSON out, and an event stream read line by line."""
 
     def __init__(self, url: str, token: str | None) -> None:
         self.url = url
         self.token = token
-        # Offload is reached directly: a proxy set for the web must not see the token.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        # Offload is reached directly: a proxy set for the web must not see the token, nor
+        # any host a redirect names (urllib sends a request's headers on with it).
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                   _NoRedirects)
 
     def _open(self, method: str, path: str, body: Any = None, timeout: float = REQUEST_TIMEOUT_S,
               headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
@@ -130,6 +138,11 @@ class Client:
                               "OFFLOAD_URL") from None
 
     def _refusal(self, exc: urllib.error.HTTPError) -> Failure:
+        if 300 <= exc.code < 400:
+            where = str(exc.headers.get("Location", "elsewhere"))[:200]
+            return Failure(EXIT_USAGE, f"{self.url} redirected to {where} (not followed: "
+                                       "the token would go with it); give Offload's own "
+                                       "address with --url or OFFLOAD_URL")
         try:
             detail = json.loads(exc.read()).get("detail")
         except (ValueError, AttributeError, OSError):

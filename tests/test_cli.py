@@ -242,6 +242,33 @@ def test_the_token_from_the_environment_or_dotenv(make_server: MakeServer,
     assert cli(None, "status", cwd=tmp_path).returncode == 0
 
 
+def test_the_token_goes_nowhere_a_redirect_points() -> None:
+    from http.server import ThreadingHTTPServer
+
+    from tests.http_fake import JSONHandler, ScriptedServer
+
+    seen: list[str] = []
+
+    class Elsewhere(JSONHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization", ""))
+            self._json(200, {"jobs": []})
+
+    class Redirect(JSONHandler):
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{elsewhere.port}/api/jobs")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)) as elsewhere, \
+            ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), Redirect)) as redirect:
+        done = cli(f"http://127.0.0.1:{redirect.port}", "list", token=TOKEN)
+    assert seen == [], "the token went where the redirect pointed"
+    assert done.returncode == 2 and "redirected to http://localhost:" in done.stderr
+    assert "--url" in done.stderr and TOKEN not in done.stderr
+
+
 def test_errors_are_one_line_with_a_meaningful_exit_code(server: Server) -> None:
     nobody = f"http://127.0.0.1:{free_port()}"
     down = cli(nobody, "status", script=True)
