@@ -73,13 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python api_entry.py")
     parser.add_argument("--host", default=settings.host)
     parser.add_argument("--port", type=int, default=settings.port)
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="no line for each request (start_dashboard.pyw's log file "
+                             "would grow with every poll of the dashboard)")
     args = parser.parse_args(argv)
     private_files()  # before anything is written; the app's lifespan does it for uvicorn's CLI
     os.environ["OFFLOAD_HOST"] = args.host  # the app checks the token rule against it
     get_settings.cache_clear()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=args.host, port=args.port)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=not args.no_access_log)
     return 0
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -266,12 +267,10 @@ OPTIONAL = {"llm": install_llm, "llm-server": install_llm_server, "ray": install
 def open_browser_when_up(url: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/api/health", timeout=1):
-                webbrowser.open(url)
-                return
-        except OSError:
-            time.sleep(0.3)
+        if offload_answers(url):  # a token-guarded one too: its page asks for the token
+            webbrowser.open(url)
+            return
+        time.sleep(0.3)
 
 
 def serve(options: argparse.Namespace, extra: list[str]) -> int:
@@ -298,6 +297,10 @@ def serve(options: argparse.Namespace, extra: list[str]) -> int:
     args = [*extra, *(["--host", host] if options.host else []),
             *(["--port", str(port)] if given_port else [])]
     proc = subprocess.Popen([str(venv_python()), str(ROOT / "api_entry.py"), *args], cwd=ROOT)
+    # Stopped as a whole (a process manager, a closed terminal): the server stops with it.
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda *_: proc.terminate())
     try:
         return proc.wait()
     except KeyboardInterrupt:

@@ -9,9 +9,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import ROOT, free_port, stop_process, wait_for
@@ -31,6 +34,43 @@ def test_pyw_starts_launch_py_without_a_console() -> None:
     source = (ROOT / "start_dashboard.pyw").read_text()
     compile(source, "start_dashboard.pyw", "exec")
     assert "launch.py" in source and "CREATE_NO_WINDOW" in source
+
+
+def test_the_browser_opens_on_a_server_with_a_token(make_server: Callable[..., Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its /api/health asks for the token (401): that was taken for "not up yet", for good.
+    import webbrowser
+
+    import launch
+
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", opened.append)  # no browser in a test
+    server = make_server(env={"OFFLOAD_API_TOKEN": "a-token-of-more-than-16-characters"})
+    launch.open_browser_when_up(server.url, timeout_s=30)
+    assert opened == [server.url]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_launch_py_stopped_with_sigterm_stops_its_server(tmp_path: Path) -> None:
+    # As a process manager stops it (and the only way to stop a start_dashboard.pyw).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    env.update(OFFLOAD_DATA_DIR=str(tmp_path / "var"), OPENAI_BASE_URL="http://127.0.0.1:9/v1")
+    port = free_port()
+    launcher = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port",
+                                 str(port), "--no-access-log"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        wait_for(lambda: _health(port), 120, 0.3, f"the server on {port}")
+        servers = [proc for proc in psutil.Process(launcher.pid).children()
+                   if "api_entry.py" in " ".join(proc.cmdline())]
+        assert len(servers) == 1
+        launcher.terminate()  # the launcher alone, not its process group
+        assert launcher.wait(30) is not None
+        psutil.wait_procs(servers, timeout=30)
+        assert not servers[0].is_running(), "the server ran on without its launcher"
+    finally:
+        stop_process(launcher)
 
 
 @pytest.mark.slow
