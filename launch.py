@@ -76,10 +76,29 @@ def read_stamp() -> dict[str, object]:
 
 
 def ensure_venv() -> None:
-    if venv_python().exists():
+    """A working .venv: made if there is none, made again if it cannot be used (made in
+    part, say, or its Python removed by an upgrade: every later start failed on it)."""
+    if venv_python().exists() and venv_works():
         return
-    say(f"creating {VENV.name} with Python {sys.version.split()[0]}")
-    subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
+    fresh = not VENV.exists()
+    say(f"{'creating' if fresh else 'creating again (it does not work)'} {VENV.name} with "
+        f"Python {sys.version.split()[0]}")
+    try:
+        subprocess.check_call([sys.executable, "-m", "venv", "--clear", str(VENV)])
+    except (OSError, subprocess.CalledProcessError) as exc:
+        sys.exit(f"[offload] cannot create {VENV} ({exc}): is the folder writable? On "
+                 "Debian or Ubuntu, install python3-venv")
+    STAMP.unlink(missing_ok=True)  # whatever it said was installed is gone
+
+
+def venv_works() -> bool:
+    """Whether .venv's Python starts, is 3.10 or newer and has pip."""
+    try:
+        return subprocess.call(
+            [str(venv_python()), "-c", "import sys, pip; sys.exit(sys.version_info < (3, 10))"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) == 0
+    except OSError:
+        return False
 
 
 def install(extras: set[str]) -> None:
@@ -99,7 +118,11 @@ def install(extras: set[str]) -> None:
     done = {name: stamp.get(name) if stamp.get("hash") == current else None for name in OPTIONAL}
     for name in [name for name in OPTIONAL if name in extras]:
         if done[name] != "ok":
-            done[name] = OPTIONAL[name]()
+            try:
+                done[name] = OPTIONAL[name]()
+            except Exception as exc:  # an optional step never stops the launch
+                say(f"{name}: could not be installed ({exc}); Offload starts without it")
+                done[name] = "failed"
     STAMP.write_text(json.dumps({"hash": current, "extras": wanted, **done}), encoding="utf-8")
 
 
@@ -277,7 +300,11 @@ def serve(options: argparse.Namespace, extra: list[str]) -> int:
     """Start api_entry.py with `extra` and the host and port given here."""
     host: str = options.host or os.environ.get("OFFLOAD_HOST", "127.0.0.1")
     given_port = options.port is not None
-    port: int = options.port if given_port else int(os.environ.get("OFFLOAD_PORT", "8001"))
+    try:
+        port: int = options.port if given_port else port_number(
+            os.environ.get("OFFLOAD_PORT", "8001"))
+    except argparse.ArgumentTypeError as exc:
+        sys.exit(f"[offload] OFFLOAD_PORT: {exc}")
     browse_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{browse_host}:{port}"
     if offload_answers(url):
@@ -336,6 +363,12 @@ def next_free_port(host: str, start: int) -> int:
     sys.exit(f"[offload] no free port from {start - 1} to {start + 99}; pass --port")
 
 
+def port_number(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return int(text)
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The launcher's own options, and the rest: pytest's arguments after `test`, else
     api_entry.py's."""
@@ -351,7 +384,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="do not open the dashboard in a browser")
     parser.add_argument("--host", help="address to serve on (default: OFFLOAD_HOST, else "
                                        "127.0.0.1)")
-    parser.add_argument("--port", type=int,
+    parser.add_argument("--port", type=port_number,
                         help="port to serve on, the next free one if it is taken (default: "
                              "OFFLOAD_PORT, else 8001)")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="{test}")

@@ -50,6 +50,31 @@ def test_the_browser_opens_on_a_server_with_a_token(make_server: Callable[..., A
     assert opened == [server.url]
 
 
+def test_a_port_that_is_no_port_is_said_so() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    for args, extra in ((["--port", "70000"], {}), ([], {"OFFLOAD_PORT": "abc"})):
+        done = subprocess.run([sys.executable, "launch.py", "--no-browser", *args], cwd=ROOT,
+                              env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert "is not a port (1 to 65535)" in done.stderr, done.stderr
+
+
+def test_a_venv_that_does_not_work_is_made_again(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Made in part (stopped with Ctrl+C, or Debian's venv without ensurepip): no pip in
+    # it, and every later start (--reinstall too) failed on it.
+    import launch
+
+    venv = tmp_path / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    monkeypatch.setattr(launch, "VENV", venv)
+    monkeypatch.setattr(launch, "STAMP", venv / "offload-install.json")
+    (venv / "offload-install.json").write_text("{}")
+    assert launch.venv_python().exists() and not launch.venv_works()
+    launch.ensure_venv()
+    assert launch.venv_works() and not (venv / "offload-install.json").exists()
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 def test_launch_py_stopped_with_sigterm_stops_its_server(tmp_path: Path) -> None:
     # As a process manager stops it (and the only way to stop a start_dashboard.pyw).
