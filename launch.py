@@ -296,27 +296,69 @@ def open_browser_when_up(url: str, timeout_s: float = 60.0) -> None:
         time.sleep(0.3)
 
 
-def serve(options: argparse.Namespace, extra: list[str]) -> int:
-    """Start api_entry.py with `extra` and the host and port given here."""
-    host: str = options.host or os.environ.get("OFFLOAD_HOST", "127.0.0.1")
-    given_port = options.port is not None
+def address(options: argparse.Namespace) -> tuple[str, int, str]:
+    """The host and port to serve on, as the server reads them (given here, else the
+    environment, else `.env`), and the host a browser reaches it by."""
+    host: str = options.host or setting("OFFLOAD_HOST") or "127.0.0.1"
     try:
-        port: int = options.port if given_port else port_number(
-            os.environ.get("OFFLOAD_PORT", "8001"))
+        port: int = options.port or port_number(setting("OFFLOAD_PORT") or "8001")
     except argparse.ArgumentTypeError as exc:
         sys.exit(f"[offload] OFFLOAD_PORT: {exc}")
     browse_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    url = f"http://{browse_host}:{port}"
-    if offload_answers(url):
-        say(f"Offload is already running at {url}; opening it")
-        if not options.no_browser:
-            webbrowser.open(url)
-        return 0
+    if ":" in browse_host:
+        browse_host = f"[{browse_host}]"  # an IPv6 address in a URL
+    return host, port, browse_host
+
+
+def setting(name: str) -> str | None:
+    """An OFFLOAD_* setting from the environment, else from `.env` beside launch.py (as
+    the server reads it; python-dotenv is not installed yet here)."""
+    if os.environ.get(name):
+        return os.environ[name]
+    try:
+        lines = (ROOT / ".env").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        key, sep, value = line.strip().removeprefix("export ").partition("=")
+        if sep and key.strip() == name:
+            return value.split(" #")[0].strip().strip("'\"") or None
+    return None
+
+
+def already_running(options: argparse.Namespace) -> bool:
+    """Offload answers where it would serve: open it, and install nothing (its .venv is
+    in use)."""
+    _, port, browse_host = address(options)
+    return opened_if_running(f"http://{browse_host}:{port}", options)
+
+
+def opened_if_running(url: str, options: argparse.Namespace) -> bool:
+    if not offload_answers(url):
+        return False
+    say(f"Offload is already running at {url}; opening it")
+    if not options.no_browser:
+        webbrowser.open(url)
+    return True
+
+
+def serve(options: argparse.Namespace, extra: list[str]) -> int:
+    """Start api_entry.py with `extra` and the host and port given here."""
+    host, port, browse_host = address(options)
+    given_port = options.port is not None
     if not port_free(host, port):
-        taken, port = port, next_free_port(host, port + 1)
+        taken = port
+        for port in range(taken + 1, min(taken + 100, 65536)):
+            # One started before, when this port was taken too, is there.
+            if opened_if_running(f"http://{browse_host}:{port}", options):
+                return 0
+            if port_free(host, port):
+                break
+        else:
+            sys.exit(f"[offload] no free port from {taken} to {taken + 99}; pass --port")
         say(f"port {taken} is taken by another program; using port {port} instead")
         given_port = True
-        url = f"http://{browse_host}:{port}"
+    url = f"http://{browse_host}:{port}"
     if not options.no_browser:
         threading.Thread(target=open_browser_when_up, args=(url,), daemon=True).start()
     say(f"starting the dashboard on {url} (Ctrl+C stops it)")
@@ -354,13 +396,6 @@ def port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def next_free_port(host: str, start: int) -> int:
-    for port in range(start, min(start + 100, 65536)):
-        if port_free(host, port):
-            return port
-    sys.exit(f"[offload] no free port from {start - 1} to {start + 99}; pass --port")
 
 
 def port_number(text: str) -> int:
@@ -402,6 +437,8 @@ def main(argv: list[str]) -> int:
     options, extra = parse_args(argv)
     if options.reinstall:
         STAMP.unlink(missing_ok=True)
+    if options.command != "test" and already_running(options):
+        return 0
     ensure_venv()
     if options.command == "test":
         install({"test", "bench", "llm", "llm-server", "ray"})

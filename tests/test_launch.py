@@ -50,6 +50,21 @@ def test_the_browser_opens_on_a_server_with_a_token(make_server: Callable[..., A
     assert opened == [server.url]
 
 
+def test_host_and_port_are_read_from_dotenv_as_the_server_reads_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import launch
+
+    (tmp_path / ".env").write_text("# the user's\nexport OFFLOAD_PORT=18555 # a comment\n"
+                                   "OFFLOAD_HOST='::1'\n")
+    monkeypatch.setattr(launch, "ROOT", tmp_path)
+    for name in ("OFFLOAD_HOST", "OFFLOAD_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    options, _ = launch.parse_args(["--no-browser"])
+    assert launch.address(options) == ("::1", 18555, "[::1]")
+    monkeypatch.setenv("OFFLOAD_PORT", "18556")  # the environment first, as the server's
+    assert launch.address(options)[1] == 18556
+
+
 def test_a_port_that_is_no_port_is_said_so() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
     for args, extra in ((["--port", "70000"], {}), ([], {"OFFLOAD_PORT": "abc"})):
@@ -143,6 +158,12 @@ def test_launch_from_a_path_with_spaces_and_non_ascii(tmp_path: Path) -> None:
                 new_port = int(text.split(f"port {taken} is taken")[1].split("using port ")[1]
                                .split()[0])
                 wait_for(lambda: _health(new_port), 120, 0.3, "the server on the next port")
+                # Started again while that port is still taken: the moved one is found.
+                third = subprocess.run([sys.executable, "launch.py", "--no-browser",
+                                        "--port", str(taken)], cwd=home, env=env,
+                                       capture_output=True, text=True, timeout=120)
+                assert third.returncode == 0, third.stdout + third.stderr
+                assert f"already running at http://127.0.0.1:{new_port}" in third.stdout
             finally:
                 stop_process(moved)
     finally:
