@@ -243,7 +243,7 @@ def _stream(config: Config, response: http.client.HTTPResponse,
     parts: list[str] = []
     finished = False
     try:
-        for event in _events(response):
+        for event in _events(response, _in_time(config, reply, parts)):
             if event == "[DONE]":
                 finished = True
                 break
@@ -322,11 +322,29 @@ def _parse(text: str) -> dict[str, Any]:
     return data
 
 
-def _events(response: http.client.HTTPResponse) -> Iterator[str]:
-    """The `data:` payloads of a server-sent event stream."""
+def _in_time(config: Config, reply: Reply, parts: list[str]) -> Callable[[], None]:
+    """What raises TimeoutError once the first piece is late, or the next one: the
+    limits on the clock, not only on the socket, as a server's comments (sent while it is
+    busy) would keep a silent reply going."""
+    started = time.monotonic()
+
+    def in_time() -> None:
+        now = time.monotonic()
+        if (now - started > config.first_token_s if not parts
+                else now - (reply.last_at or started) > STALL_TIMEOUT_S):
+            raise TimeoutError
+
+    return in_time
+
+
+def _events(response: http.client.HTTPResponse, in_time: Callable[[], None]
+            ) -> Iterator[str]:
+    """The `data:` payloads of a server-sent event stream; `in_time()` after each line
+    raises TimeoutError when the reply is too slow."""
     data: list[str] = []
     while True:
         raw = response.readline()
+        in_time()
         if not raw:
             if data:
                 yield "\n".join(data)

@@ -85,6 +85,11 @@ class _Handler(JSONHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Connection", "close")
         self.end_headers()
+        until = time.monotonic() + fake.keepalive_s
+        while time.monotonic() < until:  # comments only, as some servers send while busy
+            self.wfile.write(b": keep-alive\n\n")
+            self.wfile.flush()
+            time.sleep(0.5)
         for i, piece in enumerate(fake.pieces):
             if fake.cut_after is not None and i == fake.cut_after:
                 self.wfile.flush()
@@ -123,7 +128,7 @@ class FakeLLM(ScriptedServer):
                  status: int = 200, error_body: str = "", port: int = 0,
                  fail_times: int | None = None, retry_after: str | None = None,
                  cut_after: int | None = None, malformed: str | None = None,
-                 hang_s: float = 0.0, non_streaming: bool = False,
+                 hang_s: float = 0.0, keepalive_s: float = 0.0, non_streaming: bool = False,
                  rejects_stream: bool = False, models: list[str] | None = None,
                  known_model: str | None = None, auth: str | None = None,
                  usage: dict[str, int] | None = None, strict: bool = False,
@@ -137,6 +142,7 @@ class FakeLLM(ScriptedServer):
         self.cut_after = cut_after
         self.malformed = malformed  # "json" or "sse"
         self.hang_s = hang_s
+        self.keepalive_s = keepalive_s  # then comments alone this long before the first piece
         self.non_streaming = non_streaming
         self.rejects_stream = rejects_stream
         self.models = models or ["fake-model"]

@@ -125,6 +125,18 @@ def test_no_first_token_within_the_limit(
     assert waited < 40
 
 
+def test_comments_alone_do_not_keep_a_silent_reply_going(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    # A busy server sends comments (": keep-alive") before its first piece: each one
+    # reset the socket's timeout, so the first-token limit never fired.
+    with FakeLLM(keepalive_s=60) as llm:
+        started = time.monotonic()
+        job = run_chat(make_supervisor, llm.base_url, OFFLOAD_LLM_FIRST_TOKEN_S="2")
+        waited = time.monotonic() - started
+    failed_with(job, "within 2 s", "OFFLOAD_LLM_FIRST_TOKEN_S")
+    assert waited < 40
+
+
 def test_job_deadline_stops_a_slow_reply(
         make_supervisor: Callable[..., RunningSupervisor]) -> None:
     with FakeLLM(pieces=["a "] * 100, delay_s=0.1) as llm:
