@@ -392,11 +392,16 @@ def _status_message(config: Config, status: int, detail: str, attempts: int) -> 
         return (f"the LLM server at {where} rejected the API key (HTTP {status}); "
                 "check OPENAI_API_KEY (or the user and password in OPENAI_BASE_URL)")
     text = _error_text(_json_error(detail) or detail.strip())[:300]
-    if status == 404 and config.model:
-        offered = list_models(config)
-        hint = f"; it offers: {', '.join(offered[:10])}" if offered else ""
-        return (f"the LLM server at {where} does not know the model {config.model!r} "
-                f"(HTTP 404){hint}; set OFFLOAD_LLM_MODEL to one it has")
+    if status == 404:
+        offered = list_models(config) if config.model else []
+        if config.model and (config.model in text or (offered and config.model not in offered)):
+            hint = f"; it offers: {', '.join(offered[:10])}" if offered else ""
+            return (f"the LLM server at {where} does not know the model {config.model!r} "
+                    f"(HTTP 404){hint}; set OFFLOAD_LLM_MODEL to one it has")
+        # Not the model: the address (Ollama answers "404 page not found" without /v1).
+        return (f"the LLM server at {where} has no chat API there (HTTP 404: {text}); "
+                "OPENAI_BASE_URL is the API's address, which usually ends in /v1 (e.g. "
+                "http://127.0.0.1:11434/v1)")
     if status == 429 or status >= 500:
         kind = "is overloaded" if status == 429 else "failed"
         return (f"the LLM server at {where} {kind} (HTTP {status}) on {attempts} attempts: "

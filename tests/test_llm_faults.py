@@ -62,6 +62,15 @@ def test_unknown_model_is_named_with_what_the_server_offers(
     failed_with(job, "does not know the model 'gpt-9'", "llama3, qwen2", "OFFLOAD_LLM_MODEL")
 
 
+def test_a_wrong_address_is_not_blamed_on_the_model(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    # Ollama without /v1 in OPENAI_BASE_URL: "404 page not found", whatever the model.
+    with FakeLLM(status=404, error_body="404 page not found") as llm:
+        job = run_chat(make_supervisor, llm.base_url, OFFLOAD_LLM_MODEL="fake-model")
+    failed_with(job, "has no chat API there (HTTP 404", "ends in /v1")
+    assert "does not know the model" not in job["error"]["message"]
+
+
 @pytest.mark.parametrize("status", [429, 503])
 def test_overloaded_server_is_retried_honouring_retry_after(
         make_supervisor: Callable[..., RunningSupervisor], status: int) -> None:
