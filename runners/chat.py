@@ -197,21 +197,22 @@ def _fitting(messages: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]
     context, and a conversation on the dashboard only grows."""
     system = messages[:1] if messages and messages[0].get("role") == "system" else []
     turns = messages[len(system):]
-    while len(turns) > 1 and _tokens(system + turns) > tokens:
-        turns = turns[1:]
-    return system + turns
+    costs = [_tokens(message) for message in turns]
+    total = sum(_tokens(message) for message in system) + sum(costs)
+    first = 0
+    while first < len(turns) - 1 and total > tokens:
+        total -= costs[first]
+        first += 1
+    return system + turns[first:]
 
 
-def _tokens(messages: list[dict[str, Any]]) -> int:
-    """A generous guess at the tokens `messages` take (no tokenizer here): one for each
+def _tokens(message: dict[str, Any]) -> int:
+    """A generous guess at the tokens a message takes (no tokenizer here): one for each
     three ASCII characters, two for any other (a Chinese character is one or more), and a
-    few for each message's framing."""
-    total = 0
-    for message in messages:
-        text = str(message.get("content") or "")
-        ascii_chars = len(text.encode("ascii", "ignore"))
-        total += ascii_chars // 3 + 2 * (len(text) - ascii_chars) + 8
-    return total
+    few for its framing."""
+    text = str(message.get("content") or "")
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return ascii_chars // 3 + 2 * (len(text) - ascii_chars) + 8
 
 
 def _config(job: base.Job) -> llm_client.Config:
