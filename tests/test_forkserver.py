@@ -380,6 +380,10 @@ def spawn_sleep(server: forkserver.ForkServer, folder: Path, name: str,
     return server.spawn("runners.sleep", job_file, log or str(job_file.parent / p.LOG_FILE))
 
 
+def idle_scheduled(pid: int) -> bool:
+    return os.sched_getscheduler(pid) == os.SCHED_IDLE
+
+
 def test_a_child_forked_ahead_answers_at_once_on_a_busy_machine(
         fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
     # The supervisor waits for the child's answer (one spawn at a time; the server is
@@ -404,8 +408,10 @@ def test_a_child_forked_ahead_answers_at_once_on_a_busy_machine(
             runners.append(spawn_sleep(fork_server, tmp_path, f"job{n}"))
             took = time.monotonic() - started
             assert runners[-1].pid == ahead.pid and took < 2.0, took
-            # Once it has its job, a runner: the lowest priority.
-            assert os.sched_getscheduler(ahead.pid) == os.SCHED_IDLE
+            # Once it has its job, a runner: the lowest priority, taken right after its
+            # answer (which the supervisor waits for).
+            wait_for(functools.partial(idle_scheduled, ahead.pid),
+                     what="it to run at the lowest priority")
         assert fork_server._proc.poll() is None  # never stopped for being slow
     finally:
         for hog in hogs:
