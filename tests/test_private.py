@@ -70,14 +70,18 @@ def _umask(pid: int) -> str:
         return next(line.split()[1] for line in f if line.startswith("Umask:"))
 
 
-def _offload_processes(api_pid: int) -> dict[str, int]:
-    """The API and what it started, by role (from their command lines)."""
-    found = {"api": api_pid}
+def _umasks(api_pid: int) -> dict[str, str]:
+    """The umask of the API and of what it started, by role (from their command lines);
+    a process that ends meanwhile (a runner that is a zombie until reaped) left out."""
+    found = {"api": _umask(api_pid)}
     for child in psutil.Process(api_pid).children(recursive=True):
-        line = " ".join(child.cmdline())
-        for role in ("jobs.supervisor", "jobs.launch.forkserver", "runners.sleep"):
-            if role in line:
-                found[role] = child.pid
+        try:
+            line = " ".join(child.cmdline())
+            for role in ("jobs.supervisor", "jobs.launch.forkserver", "runners.sleep"):
+                if role in line:
+                    found[role] = _umask(child.pid)
+        except (psutil.Error, OSError):
+            continue
     return found
 
 
@@ -95,7 +99,7 @@ def test_every_file_and_folder_offload_creates_is_private(make_server: MakeServe
         wait_for(lambda: client.get(f"/api/jobs/{long['id']}").json()["state"] == "running",
                  what="the long job to run")
         assert server.proc is not None
-        umasks = {role: _umask(pid) for role, pid in _offload_processes(server.proc.pid).items()}
+        umasks = _umasks(server.proc.pid)
         assert client.delete(f"/api/jobs/{long['id']}").json()["state"] == "cancelled"
         assert _final(client, done["id"])["state"] == "completed"
         wait_for(lambda: (data / "history" / "metrics.jsonl").exists() and
