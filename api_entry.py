@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from pydantic import ValidationError
 
 from jobs import schedules
 from jobs.api import (
@@ -37,7 +38,13 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def create_app() -> FastAPI:
-    settings = get_settings()  # refuses a weak OFFLOAD_API_TOKEN, however the app is served
+    try:
+        settings = get_settings()  # refuses a weak OFFLOAD_API_TOKEN, however it is served
+    except ValidationError as exc:  # said as such, not as a traceback through uvicorn's
+        print(settings_problem(exc), file=sys.stderr, flush=True)
+        # 3: gunicorn's "worker failed to boot", so its master stops instead of booting
+        # workers again and again.
+        raise SystemExit(3) from None
     registry()  # a job kind defined twice stops the start
     schedules.schedule_file()  # and so does a schedules file that cannot be used
     # /docs from files installed with the app: no CDN, no third-party script beside the
@@ -61,6 +68,12 @@ def create_app() -> FastAPI:
     app.add_middleware(HostOriginGuard, settings=settings)  # outermost: every path
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     return app
+
+
+def settings_problem(exc: ValidationError) -> str:
+    lines = [f"  {'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors()]
+    return "\n".join(["Offload cannot start: a setting is wrong (set in the environment or "
+                      "in .env):", *lines])
 
 
 app = create_app()

@@ -70,6 +70,7 @@ def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
     assert proc.returncode != 0
     assert "OFFLOAD_API_TOKEN is too weak" in output, output[-3000:]
     assert "secrets.token_urlsafe(32)" in output  # says how to make a good one
+    assert "Traceback" not in output, output[-3000:]  # a setting to mend, not a crash
     if token.strip():
         assert token not in output  # and never shows the one it refused
 
