@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from bench.scale import write_finished_jobs
@@ -157,6 +158,69 @@ def test_final_state_of_a_killed_runner_lands_once_writable(
     final = supervisor.wait_final(job_id)
     assert final["state"] == "failed" and final["error"]["type"] == "lost"
     assert final["exit_code"] == -signal.SIGKILL
+
+
+@pytest.fixture
+def no_room_for_processes(tmp_path: Path) -> Iterator[Callable[[list[int], bool], None]]:
+    """Put processes in a pids cgroup of their own and close it (no new process or thread
+    there: fork fails with EAGAIN, as at a machine's or container's process limit), or
+    open it again. Root on a Linux with the pids controller."""
+    mounts = [Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")]
+    group = None
+    for mount in mounts:  # cgroup v1's pids hierarchy, else v2's
+        candidate = mount / f"offload-test-{os.getpid()}-{tmp_path.name}"
+        try:
+            candidate.mkdir()
+        except OSError:
+            continue
+        if (candidate / "pids.max").exists():
+            group = candidate
+            break
+        candidate.rmdir()
+    if group is None:
+        pytest.skip("needs a pids cgroup of its own (root on Linux)")
+    parent = group.parent
+
+    def close(pids: list[int], closed: bool) -> None:
+        for pid in pids:
+            with contextlib.suppress(OSError):  # ended meanwhile
+                (group / "cgroup.procs").write_text(str(pid))
+        (group / "pids.max").write_text("1" if closed else "max")
+
+    yield close
+    with contextlib.suppress(OSError):
+        (group / "pids.max").write_text("max")
+    for pid in (group / "cgroup.procs").read_text().split():
+        with contextlib.suppress(OSError):
+            (parent / "cgroup.procs").write_text(pid)
+    with contextlib.suppress(OSError):
+        group.rmdir()
+
+
+def test_jobs_wait_while_no_process_can_start(
+        make_server: MakeServer, no_room_for_processes: Callable[[list[int], bool], None]) -> None:
+    # At a process limit (or short of memory) a fork fails with EAGAIN: each job failed
+    # for good, as "lost" with an exit code "unknown", though it never started.
+    server = make_server()
+    assert server.proc is not None
+    with server.client() as client:
+        warm = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}})
+        assert _final(client, warm.json()["id"])["state"] == "completed"
+        offload = [proc.pid for proc in psutil.Process(server.proc.pid).children(recursive=True)]
+        assert offload, "the supervisor runs"
+        no_room_for_processes(offload, True)
+        waiting = [client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}})
+                   .json()["id"] for _ in range(3)]
+        time.sleep(3)
+        jobs = [client.get(f"/api/jobs/{job_id}").json() for job_id in waiting]
+        assert [job["state"] for job in jobs] == ["queued"] * 3, jobs
+        assert not any((server.data_dir / "jobs" / job_id / p.RUN_FILE).exists()
+                       for job_id in waiting), "no claim is left where nothing started"
+        no_room_for_processes([], False)
+        finals = [_final(client, job_id) for job_id in waiting]
+    assert [(job["state"], job["attempt"]) for job in finals] == [("completed", 1)] * 3, finals
+    log = (server.data_dir / "supervisor.log").read_text(errors="replace")
+    assert "jobs wait: " in log and "no room to start a runner now" in log, log[-2000:]
 
 
 @pytest.fixture

@@ -27,6 +27,11 @@ class ClaimFailed(OSError):
     now, so the job stays queued and nothing starts that could not record itself."""
 
 
+class CannotStartNow(ClaimFailed):
+    """No process or thread can be started now (a limit on processes, or memory): nothing
+    started, the claim was taken back, and the job stays queued until there is room."""
+
+
 def claim(run_file: str, record: dict[str, Any], durable: bool = True) -> None:
     """Write the launch claim; not `durable`: its runner makes it so (`p.sync_claim`)
     before it runs anything of the job."""

@@ -4,12 +4,14 @@ or started as new interpreters (`jobs.launch.processes`): `OFFLOAD_LAUNCH_MODE`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,15 @@ import psutil
 
 from jobs import protocol as p
 from jobs.launch import forkserver, pids, processes, spare_pool
-from jobs.launch.base import Launcher, OnExit, Run, claim
+from jobs.launch.base import CannotStartNow, Launcher, OnExit, Run, claim
 from jobs.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
 ADOPT_START_TOLERANCE_S = 5.0
+# What a fork, a spawn or a new thread fails with while the machine has no room for one
+# now (a limit on processes or open files, memory): the job waits rather than fails.
+NO_ROOM_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
 FORK, SPARES, SPAWN = "fork", "spares", "spawn"  # how a runner starts
 
 
@@ -86,9 +91,22 @@ class LocalLauncher(Launcher):
         record = {"pid": None, "claimed_by": os.getpid(), "launched_ns": time.time_ns()} \
             if ahead is None else processes.Runner(p.id_of(job_file), *ahead).record()
         claim(run_file, record, durable=False)
-        synced = None if ahead is None else self._claims.submit(p.sync_claim, job_file)
-        taken = self._spares.take(module, job_file) if self._spares is not None else None
-        runner = processes.spawn(module, job_file, self.runner_env, self._forker, taken)
+        started: Future[processes.Runner] = Future()
+        try:
+            # Its waiter first: a runner that no thread could watch would look alive for good.
+            threading.Thread(target=_wait_exit, args=(started, on_exit), daemon=True,
+                             name=f"wait-{p.id_of(job_file)[:8]}").start()
+            synced = None if ahead is None else self._claims.submit(p.sync_claim, job_file)
+            taken = self._spares.take(module, job_file) if self._spares is not None else None
+            runner = processes.spawn(module, job_file, self.runner_env, self._forker, taken)
+        except BaseException as exc:
+            started.cancel()
+            if isinstance(exc, forkserver.ForkInDoubt) or not _no_room(exc):
+                raise
+            _take_back(run_file)
+            raise CannotStartNow(exc.errno if isinstance(exc, OSError) else errno.EAGAIN,
+                                 f"no room to start a runner now: {exc}") from exc
+        started.set_result(runner)
         if synced is None or (runner.pid, runner.create_time) != ahead:
             try:
                 # Not fsync'd for its own sake: a power cut that loses it ends the runner
@@ -102,9 +120,6 @@ class LocalLauncher(Launcher):
         if isinstance(runner.child, forkserver.Forked) and self._forker is not None:
             # Its runner waits for the word instead of flushing the disk again itself.
             synced.add_done_callback(functools.partial(_tell_claim, self._forker, runner.child))
-        if runner.child is not None:
-            threading.Thread(target=_wait_exit, args=(runner, on_exit), daemon=True,
-                             name=f"wait-{runner.job_id[:8]}").start()
         # Now, not its create time: a spare was started long before it was given the job.
         return LocalRun(runner.job_id, job_file, self.name, time.time(), runner)
 
@@ -175,10 +190,31 @@ def _tell_claim(forker: forkserver.ForkServer, runner: forkserver.Forked,
     forker.tell_claim(runner, not synced.cancelled() and synced.exception() is None)
 
 
-def _wait_exit(runner: processes.Runner, on_exit: OnExit) -> None:
-    assert runner.child is not None
-    runner.child.wait()
-    on_exit()
+def _wait_exit(started: Future[processes.Runner], on_exit: OnExit) -> None:
+    """Reap the runner once started (nothing to do if none was, or none of ours)."""
+    if started.cancelled():
+        return
+    with contextlib.suppress(CancelledError):
+        child = started.result().child
+        if child is not None:
+            child.wait()
+            on_exit()
+
+
+def _no_room(exc: BaseException) -> bool:
+    """Whether `exc` says the machine has no room for a process or thread now: Python
+    says "can't start new thread" without an errno."""
+    if isinstance(exc, OSError):
+        return exc.errno in NO_ROOM_ERRNOS
+    return isinstance(exc, RuntimeError) and "new thread" in str(exc)
+
+
+def _take_back(run_file: str) -> None:
+    """Remove a claim under which nothing started: the job stays queued."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(run_file)
+    with contextlib.suppress(OSError):
+        p.sync_dir(os.path.dirname(run_file))
 
 
 def _runner_showing(job_file: Path) -> processes.Runner | None:

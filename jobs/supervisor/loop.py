@@ -34,7 +34,7 @@ from filelock import FileLock, Timeout
 
 from jobs import protocol as p
 from jobs.kinds import runner_modules
-from jobs.launch.base import ClaimFailed, Launcher
+from jobs.launch.base import CannotStartNow, ClaimFailed, Launcher
 from jobs.launch.local import LocalLauncher
 from jobs.launch.pick import adopting_launcher, make_launcher
 from jobs.launch.processes import IS_WINDOWS
@@ -519,10 +519,12 @@ class Supervisor:
             started = life.start(self.kinds[data[p.F_KIND]], data, self._nudge)
         except ClaimFailed as exc:
             if not self._blocked:
-                log.warning("jobs wait: cannot write to the data folder (%s)", exc)
+                log.warning("jobs wait: %s", exc if isinstance(exc, CannotStartNow)
+                            else f"cannot write to the data folder ({exc})")
             self._blocked = True
             self._enqueue(job_id, data)
             return False
+        self._blocked = False  # a next hold-up is said again
         if started:
             self.counters.started(data, time.time())
             self._now_running(job_id, life, data.get(p.F_KIND))
