@@ -38,6 +38,7 @@ RETRY_BASE_S = 1.0
 UNKNOWN_FIELD_WORDS = ("stream_options", "include_usage", "unknown", "unrecognized",
                        "extra", "not permitted", "unexpected")
 RETRY_MAX_S = 30.0
+MIN_SECRET_PART = 6  # a key cut off in a message is redacted from this many characters
 
 
 class Config:
@@ -58,9 +59,15 @@ class Config:
         return {"Authorization": f"Basic {self._basic}"} if self._basic else {}
 
     def redact(self, text: str) -> str:
-        for secret in (self.api_key, self._secret):
+        """`text` without the key, the URL's password or their Basic form, also where it
+        ends partway into one (a body read only in part)."""
+        for secret in (self.api_key, self._secret, self._basic):
             if secret:
                 text = text.replace(secret, "[redacted]")
+                for n in range(len(secret) - 1, MIN_SECRET_PART - 1, -1):
+                    if text.endswith(secret[:n]):
+                        text = text[:-n] + "[redacted]"
+                        break
         return text
 
     def __repr__(self) -> str:
@@ -119,14 +126,19 @@ def chat(config: Config, messages: list[dict[str, Any]], on_text: Callable[[str]
                             "stream_options": {"include_usage": True}, **options}
     if config.model:
         body["model"] = config.model
-    response, conn = _request_with_retries(config, body)
     try:
-        if "text/event-stream" not in (response.getheader("Content-Type") or ""):
-            reply = _whole(response, on_text)  # a server that ignored "stream"
-        else:
-            reply = _stream(config, response, on_text)
-    finally:
-        conn.close()
+        response, conn = _request_with_retries(config, body)
+        try:
+            if "text/event-stream" not in (response.getheader("Content-Type") or ""):
+                reply = _whole(response, on_text)  # a server that ignored "stream"
+            else:
+                reply = _stream(config, response, on_text)
+        finally:
+            conn.close()
+    except RunnerError as exc:
+        # Every message goes through here, decoded (a key sent back JSON-escaped is
+        # plain text only now): whatever the server echoed of the key, it is not kept.
+        raise RunnerError(config.redact(exc.message), exc.error_type, exc.transient) from None
     reply.usage = usage(reply, reply.usage, messages)
     return reply
 
@@ -250,7 +262,7 @@ def _stream(config: Config, response: http.client.HTTPResponse,
             chunk = _parse(event)
             if "error" in chunk:
                 raise _fail(f"the LLM server reported an error mid-reply: "
-                            f"{_error_text(chunk['error'])}", transient=True)
+                            f"{config.redact(_error_text(chunk['error']))[:300]}", transient=True)
             reply.model = chunk.get("model") or reply.model
             reply.usage = chunk.get("usage") or reply.usage
             for choice in chunk.get("choices") or []:
@@ -391,7 +403,7 @@ def _status_message(config: Config, status: int, detail: str, attempts: int) -> 
     if status in (401, 403):
         return (f"the LLM server at {where} rejected the API key (HTTP {status}); "
                 "check OPENAI_API_KEY (or the user and password in OPENAI_BASE_URL)")
-    text = _error_text(_json_error(detail) or detail.strip())[:300]
+    text = config.redact(_error_text(_json_error(detail) or detail.strip()))[:300]
     if status == 404:
         offered = list_models(config) if config.model else []
         if config.model and (config.model in text or (offered and config.model not in offered)):

@@ -101,6 +101,11 @@ class _Handler(JSONHandler):
             if fake.malformed == "sse" and i == 1:
                 self.wfile.write(b"this is not server-sent events\n\n")
                 continue
+            if fake.stream_error is not None and i == 1:
+                self.wfile.write(f"data: {fake.stream_error}\n\n".encode())
+                self.wfile.flush()
+                self.close_connection = True
+                return
             chunk = {"model": "fake-model", "choices": [{"delta": {"content": piece}}]}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
             self.wfile.flush()
@@ -132,7 +137,7 @@ class FakeLLM(ScriptedServer):
                  rejects_stream: bool = False, models: list[str] | None = None,
                  known_model: str | None = None, auth: str | None = None,
                  usage: dict[str, int] | None = None, strict: bool = False,
-                 gated: str | None = None) -> None:
+                 gated: str | None = None, stream_error: str | None = None) -> None:
         self.pieces = pieces or ["Hello", ", ", "world", "."]
         self.delay_s = delay_s
         self.status = status
@@ -153,6 +158,7 @@ class FakeLLM(ScriptedServer):
         # A reply to a last message containing `gated` stops after its first piece until
         # `gate` is set.
         self.gated = gated
+        self.stream_error = stream_error  # an event sent in place of the second piece
         self.gate = threading.Event()
         self.requests: list[dict[str, Any]] = []
         self.request_times: list[float] = []

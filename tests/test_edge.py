@@ -20,7 +20,14 @@ import pytest
 from jobs import protocol as p
 from jobs.launch.ray import RayLauncher
 from jobs.settings import Settings
-from tests.conftest import RunningSupervisor, free_port, start_process, stop_process, wait_for
+from tests.conftest import (
+    RunningSupervisor,
+    free_port,
+    start_process,
+    stop_process,
+    wait_for,
+    wait_job,
+)
 from tests.fake_llm import FakeLLM
 from tests.fake_ray import FakeRay
 from tests.http_fake import JSONHandler, ScriptedServer
@@ -317,7 +324,7 @@ def test_base_url_credentials_are_used_and_never_shown(make_server: MakeServer) 
 
 def test_base_url_credentials_stay_out_of_errors(make_server: MakeServer) -> None:
     # A server that fails, and echoes the password back in its error.
-    echo = json.dumps({"error": {"message": f"no luck for {USER}:{PASSWORD}"}})
+    echo = json.dumps({"error": {"message": f"no luck for {USER}:{PASSWORD} ({BASIC})"}})
     with FakeLLM(status=400, error_body=echo, auth=BASIC) as llm:
         server = make_server(env={"OPENAI_BASE_URL": _with_credentials(llm.base_url)})
         with server.client() as client:
@@ -327,7 +334,56 @@ def test_base_url_credentials_stay_out_of_errors(make_server: MakeServer) -> Non
             assert "[redacted]" in job["error"]["message"]
             shown = _everything_shown(server, client, job["id"])
     assert f"asking the model at {llm.base_url}" in "".join(shown)  # the progress, stripped
-    assert not [text[:300] for text in shown if PASSWORD in text]
+    assert not [text[:300] for text in shown if PASSWORD in text or BASIC[6:] in text]
+
+
+KEY = "sk-proj/canary-4b7e91d2"
+
+
+def _escaped(text: str) -> str:
+    return "".join(f"\\u{ord(c):04x}" for c in text)
+
+
+@pytest.mark.parametrize("echo", [
+    # After the first piece, an error event naming the header it was sent.
+    {"stream_error": json.dumps({"error": {"message": f"rejected Bearer {KEY} for: hi"}})},
+    # JSON-escaped: "/" as "\/" (PHP's default), or every character as \uXXXX.
+    {"status": 400, "error_body": '{"error": {"message": "bad key Bearer '
+                                  + KEY.replace("/", "\\/") + '"}}'},
+    {"status": 400, "error_body": '{"error": {"message": "bad key ' + _escaped(KEY) + '"}}'},
+    # Cut off partway into the key (a proxy that shortens bodies).
+    {"status": 400, "error_body": json.dumps({"error": {"message": "bad key " + KEY[:14]}})},
+], ids=["mid-reply", "slash-escaped", "unicode-escaped", "cut-off"])
+def test_a_key_the_server_sends_back_is_never_shown(make_server: MakeServer,
+                                                     echo: dict[str, Any]) -> None:
+    with FakeLLM(pieces=["one ", "two"], auth=f"Bearer {KEY}", fail_times=None, **echo) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": KEY})
+        with server.client() as client:
+            job = _chat(client)
+            assert job["state"] == "failed", job
+            assert "[redacted]" in job["error"]["message"], job["error"]
+            shown = _everything_shown(server, client, job["id"])
+    assert not [text[:300] for text in shown if KEY in text or KEY[:12] in text]
+
+
+def test_what_a_failed_chat_said_stays_out_of_the_supervisors_log(
+        make_server: MakeServer) -> None:
+    # The log is kept by size, not with the jobs: a user's words deleted with their chat
+    # lived on there, quoted by the server's error and logged with each attempt.
+    words = "my-private-diagnosis-7d1f"
+    echo = json.dumps({"error": {"message": f"internal error processing prompt: {words}"}})
+    with FakeLLM(status=500, error_body=echo) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url,
+                                  "OFFLOAD_MAX_ATTEMPTS": "chat=2", "OFFLOAD_RETRY_BASE_S": "0"})
+        with server.client() as client:
+            job_id = client.post("/api/jobs", json={"kind": "chat", "input": {
+                "messages": [{"role": "user", "content": words}]}}).json()["id"]
+            job = wait_job(client, job_id, timeout=120)
+    assert job["state"] == "failed" and job["attempt"] == 2, job
+    assert words in job["error"]["message"]  # the user's own job says what happened
+    log = (server.data_dir / "supervisor.log").read_text(errors="replace")
+    assert f"job {job_id}: attempt 1 failed (provider)" in log
+    assert words not in log
 
 
 def test_base_url_credentials_never_reach_ray(

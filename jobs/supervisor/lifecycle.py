@@ -222,8 +222,10 @@ class JobLife:
         except OSError as exc:
             log.error("job %s: cannot queue it again (%s)", self.job_id, exc)
             return False
+        # Its type, not its message: that may quote the user's chat, or what a server sent
+        # back; it stays in the job file, deleted with the job.
         log.info("job %s: attempt %d failed (%s); attempt %d in %.1f s", self.job_id,
-                 attempt, failure.message, attempt + 1, delay_s)
+                 attempt, failure.error_type, attempt + 1, delay_s)
         self.is_final = False
         self.requeued = data
         return True
@@ -260,7 +262,7 @@ class JobLife:
                           self.job_id, exc)
             self.unwritten = final
             return
-        log.info("job %s: %s (%s)", self.job_id, final.state, final.message)
+        log.info("job %s: %s (%s)", self.job_id, final.state, final.error_type)  # as above
         self._on_disk(data)
 
     def _on_disk(self, data: dict[str, Any]) -> None:
