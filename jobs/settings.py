@@ -62,6 +62,7 @@ OUTPUT_CAP_S = 5.0  # how often the supervisor cuts the outputs of its helper pr
 # shows them. Cluster nodes need these (and an OPENAI_BASE_URL with credentials in it)
 # in their own environment.
 SECRET_ENV = frozenset({"OPENAI_API_KEY"})
+API_TOKEN_ENV = "OFFLOAD_API_TOKEN"  # the API's alone: no other process of Offload gets it
 MIN_TOKEN_CHARS = 16
 MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 

@@ -135,11 +135,20 @@ def test_api_key_never_shows(make_server: MakeServer, llm: FakeLLM, data_dir: Pa
     with server.client(headers=auth) as client:
         job = client.post("/api/jobs", json={"kind": "chat", "input": {
             "messages": [{"role": "user", "content": "hi"}], "session_id": "s1"}}).json()
-        seen_in_ps = []
+        seen_in_ps, given_the_token = [], []
+        assert server.proc is not None
 
         def watch_processes() -> None:  # while the runner lives
             for proc in psutil.process_iter(["cmdline"]):
                 seen_in_ps.append(" ".join(proc.info["cmdline"] or []))
+            # The token is the API's alone: not the supervisor's, its fork server's or a
+            # runner's (a kind of one's own, say), which never answer a request.
+            for proc in psutil.Process(server.proc.pid).children(recursive=True):
+                try:
+                    if "OFFLOAD_API_TOKEN" in proc.environ():
+                        given_the_token.append(" ".join(proc.cmdline()))
+                except psutil.Error:
+                    pass  # ended meanwhile
 
         def finished() -> bool:
             watch_processes()
@@ -154,6 +163,7 @@ def test_api_key_never_shows(make_server: MakeServer, llm: FakeLLM, data_dir: Pa
             f"/api/ai_chat_result/{job['id']}", "/api/sessions/s1", "/openapi.json", "/")]
     assert any("runners.chat" in line for line in seen_in_ps)  # the runner was seen
     assert not [line for line in seen_in_ps if SENTINEL in line]
+    assert not given_the_token, given_the_token
     assert all(SENTINEL not in text for text in answers)
     files = [f for f in data_dir.rglob("*") if f.is_file()] + [server.log]
     assert len(files) > 3

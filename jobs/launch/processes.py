@@ -24,6 +24,7 @@ import psutil
 from jobs import protocol as p
 from jobs.launch.forkserver import Forked, ForkServer, ForkServerError
 from jobs.launch.pids import created, find, identity, taken_by_another
+from jobs.settings import API_TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def command(module: str, job_file: Path) -> list[str]:
 
 def runner_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop(API_TOKEN_ENV, None)  # the API's alone (a supervisor started by hand has it)
     env.update(extra or {})
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("PYTHONIOENCODING", "utf-8")
