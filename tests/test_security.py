@@ -137,13 +137,14 @@ def test_api_key_never_shows(make_server: MakeServer, llm: FakeLLM, data_dir: Pa
             "messages": [{"role": "user", "content": "hi"}], "session_id": "s1"}}).json()
         seen_in_ps, given_the_token = [], []
         assert server.proc is not None
+        api = psutil.Process(server.proc.pid)
 
         def watch_processes() -> None:  # while the runner lives
             for proc in psutil.process_iter(["cmdline"]):
                 seen_in_ps.append(" ".join(proc.info["cmdline"] or []))
             # The token is the API's alone: not the supervisor's, its fork server's or a
             # runner's (a kind of one's own, say), which never answer a request.
-            for proc in psutil.Process(server.proc.pid).children(recursive=True):
+            for proc in api.children(recursive=True):
                 try:
                     if "OFFLOAD_API_TOKEN" in proc.environ():
                         given_the_token.append(" ".join(proc.cmdline()))
