@@ -297,3 +297,33 @@ def test_a_damaged_counters_file_starts_again_from_zero(tmp_path: Path) -> None:
     again = JobCounters.load(path)
     assert again.finished == {"sleep": {"completed": 1}} and again.saved_at == 1.0
     assert again.duration == {}  # its histograms start again; the counts stay
+
+
+def test_counters_that_cannot_be_read_are_neither_shown_as_zeros_nor_lost(
+        make_server: MakeServer) -> None:
+    # A file that cannot be read for now (a link loop here; out of file handles, an I/O
+    # error): it was read as no counts, shown as zeros (a reset to Prometheus), and a new
+    # leader's first save wrote over the counts for good.
+    server = make_server(env=NO_LLM)
+    path = Path(counters_file(server.data_dir))
+    with server.client() as client:
+        for _ in range(2):
+            wait_state(client, submit(client, seconds=0), p.FINAL_STATES)
+        wait_for(lambda: value(scrape(client), "offload_jobs_finished_total", kind="sleep",
+                               state="completed") == 2, 20, 0.1, "two jobs counted")
+    server.stop()
+    aside = path.with_name("counters-aside.json")
+    path.rename(aside)
+    path.symlink_to(path.name)  # a link to itself: ELOOP on every open
+    server.start()
+    with server.client() as client:
+        wait_state(client, submit(client, seconds=0), p.FINAL_STATES)
+        answer = client.get("/metrics")
+        assert answer.status_code == 503, answer.text[:300]
+        assert "cannot read the job counters now" in answer.json()["detail"]
+        path.unlink()
+        aside.rename(path)
+        wait_for(lambda: JobCounters.load(path).finished.get("sleep", {}).get("completed") == 3,
+                 20, 0.1, "the counts read again, the job in between added")
+        samples = scrape(client)
+    assert value(samples, "offload_jobs_finished_total", kind="sleep", state="completed") == 3

@@ -43,8 +43,13 @@ router = APIRouter(tags=["status"], dependencies=[Depends(require_token)])
 async def metrics(request: Request, service: Service) -> Response:
     """Jobs by kind and state, finished jobs, failures, queue waits, run times, the LLM."""
     llm: LLMStatus = request.app.state.llm
-    collector = JobMetrics(service.store, Path(counters_file(service.settings.data_dir)),
-                           llm.ready)
+    path = Path(counters_file(service.settings.data_dir))
+    try:
+        counters = await run_in_threadpool(JobCounters.load, path)
+    except OSError as exc:  # never zeros: a scraper would take them for a reset
+        raise HTTPException(503, f"cannot read the job counters now ({exc.strerror or exc}); "
+                                 "try again shortly") from None
+    collector = JobMetrics(service.store, counters, llm.ready)
     accept = request.headers.get("accept", "")
     try:
         encode, content_type = choose_encoder(accept)
@@ -60,9 +65,9 @@ async def metrics(request: Request, service: Service) -> Response:
 class JobMetrics:
     """A prometheus_client collector over the job index and the supervisor's counters."""
 
-    def __init__(self, index: JobIndex, counters_path: Path, llm_ready: bool) -> None:
+    def __init__(self, index: JobIndex, counters: JobCounters, llm_ready: bool) -> None:
         self.index = index
-        self.counters_path = counters_path
+        self.counters = counters
         self.llm_ready = llm_ready
 
     def registry(self) -> CollectorRegistry:
@@ -72,7 +77,7 @@ class JobMetrics:
 
     def collect(self) -> Iterator[Metric]:
         live = self.index.live_counts()
-        counters = JobCounters.load(self.counters_path)
+        counters = self.counters
         # Every kind known here shows, at zero too: a series that appears only with its
         # first job would hide that job from rate() and increase().
         kinds = sorted(set(registry()) | {kind for kind, _ in live} | set(counters.finished)

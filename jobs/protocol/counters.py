@@ -146,14 +146,35 @@ class JobCounters:
             "tokens": self.tokens,
         }
 
+    def add(self, other: JobCounters) -> None:
+        """Count `other`'s counts too (those kept while the file could not be read)."""
+        for mine, theirs in ((self.finished, other.finished), (self.failures, other.failures),
+                             (self.retries, other.retries)):
+            for kind, counts in theirs.items():
+                into = mine.setdefault(kind, {})
+                for key, count in counts.items():
+                    into[key] = into.get(key, 0) + count
+        for histograms, more in ((self.queue_wait, other.queue_wait),
+                                 (self.duration, other.duration)):
+            for kind, histogram in more.items():
+                into_h = histograms.setdefault(kind, Histogram())
+                into_h.counts = [a + b for a, b in zip(into_h.counts, histogram.counts,
+                                                       strict=True)]
+                into_h.sum += histogram.sum
+        for direction in TOKEN_FIELDS:
+            self.tokens[direction] += other.tokens[direction]
+        self.dirty = self.dirty or other.dirty
+
     @classmethod
     def load(cls, path: p.StrPath) -> JobCounters:
         """The counts saved at `path`; none (from zero) if there is no such file, and
-        what cannot be read in one starts again from zero."""
+        what is damaged in one starts again from zero. A file that cannot be read now
+        (out of file handles, say) raises OSError: zeros would read as a reset, and a
+        leader that saved them would lose the counts for good."""
         counters = cls()
         try:
             data = p.read_json(path)
-        except (p.CorruptJobFile, OSError):
+        except p.CorruptJobFile:
             data = None
         if not isinstance(data, dict):
             return counters

@@ -147,6 +147,8 @@ class Supervisor:
         self._pruned_at = 0.0
         self._counters_file = counters_file(jobs_dir.parent)
         self.counters = JobCounters()  # read from its file once this supervisor leads
+        self._counters_read = False
+        self._counters_unread = False  # said so in the log
         self._counters_saved = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
@@ -327,7 +329,9 @@ class Supervisor:
             log.warning("cannot take the supervisor lock: %s", exc)
             return False
         self.is_leader = True
-        self.counters = JobCounters.load(self._counters_file)  # as the last leader left them
+        self.counters = JobCounters()
+        self._counters_read = False
+        self._read_counters()  # as the last leader left them
         log.info("supervisor leads %s (pid %s)", self.dir, os.getpid())
         return True
 
@@ -645,12 +649,31 @@ class Supervisor:
                      "younger than %.0f s)", removed, self.retention_s / 3600, self.max_jobs,
                      self.min_retention_s)
 
+    def _read_counters(self) -> bool:
+        """Go on from the counts in the file; until it can be read, count from zero and
+        save nothing (which would lose the file's counts), then add them up."""
+        if self._counters_read:
+            return True
+        try:
+            saved = JobCounters.load(self._counters_file)
+        except OSError as exc:
+            if not self._counters_unread:
+                log.warning("cannot read the job counters yet (%s); counting on", exc)
+            self._counters_unread = True
+            return False
+        self._counters_unread = False
+        saved.add(self.counters)
+        self.counters, self._counters_read = saved, True
+        return True
+
     def _save_counters(self, force: bool = False) -> None:
         """The job counters to their file for /metrics, at most every SAVE_EVERY_S."""
         now = time.monotonic()
         if not self.counters.dirty or (not force and now < self._counters_saved + SAVE_EVERY_S):
             return
         self._counters_saved = now
+        if not self._read_counters():
+            return
         try:
             self.counters.save(self._counters_file, time.time())
         except OSError as exc:  # kept in memory: saved with the next pass that can
