@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -210,3 +211,24 @@ def test_event_streams_are_bounded(make_server: MakeServer) -> None:
         # A slot frees once the server has read each holder's close, which is asynchronous.
         wait_for(reopens, 20, what="a slot freed by the closed streams")
         client.delete(f"/api/jobs/{job['id']}")
+
+
+def test_a_burst_of_streams_gets_no_more_than_the_limit(make_server: MakeServer) -> None:
+    # Each request passed the check before any had taken its slot (taken once its
+    # stream began): 300 at once got 267 streams where 256 were allowed.
+    server = make_server(env={"OFFLOAD_MAX_EVENT_STREAMS": "2"})
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 30}}).json()
+        request = (f"GET /api/jobs/{job['id']}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                   ).encode()
+        burst = [socket.create_connection(("127.0.0.1", server.port), timeout=30)
+                 for _ in range(8)]
+        try:
+            for conn in burst:
+                conn.sendall(request)
+            statuses = [conn.recv(12).decode(errors="replace")[9:12] for conn in burst]
+        finally:
+            for conn in burst:
+                conn.close()
+        client.delete(f"/api/jobs/{job['id']}")
+    assert sorted(statuses) == ["200"] * 2 + ["503"] * 6, statuses

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from jobs import protocol as p
 from jobs.api.events import BadPosition, change_event, first_event, public, resume_position
@@ -113,9 +114,23 @@ async def job_events(job_id: str, service: Service,
     if _slots.open >= limit:
         raise HTTPException(503, f"too many open event streams ({limit}); "
                                  "poll GET /api/jobs/{id} instead, or retry later")
-    return StreamingResponse(_follow(service, job_id, path, first, read_as, position),
-                             media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # Taken here, with no await since the check: a burst of requests cannot all pass it.
+    _slots.open += 1
+    return _HoldingASlot(_follow(service, job_id, path, first, read_as, position),
+                         media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _HoldingASlot(StreamingResponse):
+    """An event stream that gives its slot back when it ends, however it ends (also one
+    whose client left before its first event, or a finished job's, whose one event can
+    wait as long in a client that does not read)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _slots.open -= 1
 
 
 async def _follow(service: JobService, job_id: str, path: str, job: dict[str, Any],
@@ -132,7 +147,6 @@ async def _follow(service: JobService, job_id: str, path: str, job: dict[str, An
         return public(await service.read(job_id))
 
     watch = registry.join(job_id, path, read, change_event, service.settings.event_notify)
-    _slots.open += 1
     try:
         version, beats = watch.version, watch.beats
         if file_signature(path) != read_as:  # changed since: the watch may have published it
@@ -160,7 +174,6 @@ async def _follow(service: JobService, job_id: str, path: str, job: dict[str, An
                 break  # the job file is gone
     finally:
         registry.leave(watch)
-        _slots.open -= 1
 
 
 def _older(job: dict[str, Any], than: dict[str, Any]) -> bool:
