@@ -90,11 +90,17 @@ def configured(url: str | None) -> tuple[str, str | None]:
         host = value("OFFLOAD_HOST") or DEFAULT_HOST
         if host in ("0.0.0.0", "::"):  # serving on every address: loopback is one of them
             host = DEFAULT_HOST
-        if ":" in host:
+        if ":" in host and not host.startswith("["):
             host = f"[{host}]"  # an IPv6 address in a URL
         url = f"http://{host}:{value('OFFLOAD_PORT') or DEFAULT_PORT}"
     url = url.strip().rstrip("/")
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - read for its ValueError: a port that is no number
+    except ValueError as exc:  # an unclosed [, say
+        raise Failure(EXIT_USAGE, f"the server's address {url!r} is not a URL ({exc}); "
+                                  "like http://127.0.0.1:8001") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Failure(EXIT_USAGE, f"the server's address {url!r} is not an http:// or "
                                   "https:// URL; like http://127.0.0.1:8001")
     return url, value("OFFLOAD_API_TOKEN")

@@ -286,6 +286,9 @@ def test_errors_are_one_line_with_a_meaningful_exit_code(server: Server) -> None
     assert missing.returncode == 5 and "no job with id" in missing.stderr
     assert cli(server.url, "list", "--state", "done").returncode == 2
     assert cli(server.url, "list", "--url", "ftp://x").returncode == 2
+    for address in ("http://[::1", "http://127.0.0.1:port", "http://"):  # no traceback
+        wrong = cli(server.url, "status", "--url", address)
+        assert wrong.returncode == 2 and "like http://127.0.0.1:8001" in wrong.stderr
     assert cli(server.url, "show").returncode == 2
 
 
