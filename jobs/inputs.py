@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from runners import sleep, train
 
@@ -19,17 +19,31 @@ def _within(bounds: tuple[float, float, float], **options: Any) -> Any:
     return Field(default, ge=low, le=high, **options)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Request(BaseModel):
+    """A request's body or input: no unknown field, no NaN or Infinity (JSON has neither),
+    and no true or false where a number goes (pydantic would take them for 1 and 0, so a
+    client's flag sent in the wrong place would pass unseen)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_flag_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is not bool and bool not in get_args(annotation):
+                raise ValueError(f"{str(value).lower()} is no {info.field_name}: give a number")
+        return value
+
+
+class ChatMessage(Request):
 
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=MAX_CONTENT_CHARS)
 
 
-class ChatInput(BaseModel):
+class ChatInput(Request):
     """What a chat job needs (the seed's request body, plus optional model options)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     session_id: str | None = Field(None, max_length=200)
@@ -44,16 +58,14 @@ class ChatInput(BaseModel):
                           "wait for it (the default), or cancel it first")
 
 
-class SleepInput(BaseModel):
+class SleepInput(Request):
     # Public: nothing here may make a runner misbehave (the tests' knobs are their own kind).
-    model_config = ConfigDict(extra="forbid")
 
     seconds: float = _within(sleep.SECONDS)
     steps: int = _within(sleep.STEPS)
 
 
-class TrainInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TrainInput(Request):
 
     epochs: int = _within(train.EPOCHS)
     lags: int = _within(train.LAGS)

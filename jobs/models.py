@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from jobs.inputs import Request
 from jobs.kinds import Launch, registry
 from jobs.protocol import ErrorType, JobState, iso
 from jobs.settings import (
@@ -112,8 +113,7 @@ def _known_kinds(schema: dict[str, Any]) -> None:
     schema["enum"] = sorted(registry())
 
 
-class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class JobCreate(Request):
 
     kind: str = Field(max_length=64, json_schema_extra=_known_kinds)
     input: dict[str, Any] = Field(default_factory=dict)
@@ -157,10 +157,8 @@ class JobCreate(BaseModel):
                       self.max_attempts, self.delay_s)
 
 
-class JobRerun(BaseModel):
+class JobRerun(Request):
     """Run a job again: its kind, and its input unless this gives another."""
-
-    model_config = ConfigDict(extra="forbid")
 
     input: dict[str, Any] | None = None
     timeout_s: float | None = Field(None, gt=0, le=MAX_TIMEOUT_S)

@@ -247,6 +247,13 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
             ({"kind": "chat", "input": {"messages": [{"role": "robot", "content": "x"}]}},
              422, "role"),
             ("not json", 422, "invalid request"),
+            # A flag where a number goes was taken for 1; NaN was said to be too large.
+            ({"kind": "sleep", "priority": True}, 422, "true is no priority: give a number"),
+            ({"kind": "sleep", "input": {"steps": False}}, 422, "false is no steps"),
+            ({"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}],
+                                        "max_tokens": True}}, 422, "true is no max_tokens"),
+            ('{"kind": "sleep", "input": {"seconds": NaN}}', 422, "finite number"),
+            ('{"kind": "sleep", "timeout_s": Infinity}', 422, "finite number"),
         ]
         for body, status, needle in cases:
             if isinstance(body, str):
