@@ -72,10 +72,14 @@ class Schedule:
         return slot * self.every_s
 
     def has_job(self, fired: dict[str, Any], slot: int) -> bool:
-        """Whether the record of its newest slot (`control.last_fired`) covers `slot`."""
+        """Whether the record of its newest slot (`control.last_fired`) covers `slot`: that
+        slot, or the next (the clock set back a little). One further ahead was fired while
+        the clock was ahead (a wrong clock at boot, before NTP): covering every slot
+        until the clock caught up, it stopped the schedule for as long. Its slots' jobs
+        have ids of their own, so one created again is found, not made twice."""
         newest = fired.get("slot")
         return (fired.get("every_s") == self.every_s and isinstance(newest, int)
-                and newest >= slot)
+                and slot <= newest <= slot + 1)
 
     def job_id(self, slot: int) -> str:
         """The id of the slot's job: the same in every process, a job id as any other."""

@@ -241,6 +241,34 @@ def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Pa
     assert created[1:] == [schedule.job_id(schedule.slot(now + 600))]
 
 
+def test_a_clock_that_was_ahead_stops_no_schedule(data_dir: Path, tmp_path: Path) -> None:
+    # Fired while the clock was a day ahead (a wrong clock at boot, before NTP): that
+    # record covered every slot up to it, and the schedule fired nothing for a day.
+    store = JobStore(data_dir / "jobs")
+    path = tmp_path / "schedules.toml"
+    path.write_text("[hourly]\nkind = 'sleep'\nevery = '1h'\ninput = {seconds = 0}\n")
+    (schedule,) = load(path)
+    created: list[str] = []
+
+    def fire(now: float) -> None:
+        scheduler = Scheduler(store, ScheduleFile(path, (schedule,)),
+                              Settings(OFFLOAD_JOB_TIMEOUT_S=30))  # as after a restart
+        before = len(created)
+        scheduler.fire(created.append, now)
+        for job_id in created[before:]:  # done at once: the next slot does not wait for it
+            p.write_json(store.path(job_id), {**store.read(job_id), "state": "completed"})
+
+    now = 1_800_000_000.0
+    fire(now + 86_400)
+    for hour in range(3):
+        fire(now + hour * 3600)
+    assert created == [schedule.job_id(schedule.slot(now + 86_400))] + [
+        schedule.job_id(schedule.slot(now + hour * 3600)) for hour in range(3)]
+    fire(now + 2 * 3600 - 5)  # set back by a little, into the slot before: nothing again
+    fire(now + 2 * 3600 + 5)
+    assert len(created) == 4
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("[a]\nkind = 'nope'\nevery = 5\n", "schedule [a]: unknown job kind 'nope'; known kinds:"),
     ("[a]\nkind = 'sleep'\nevery = '5 weeks'\n", "schedule [a]: `every` must be a number"),
