@@ -267,14 +267,74 @@ function pause(ms, signal) {
   });
 }
 
+// ---- stream slots ----------------------------------------------------------
+// A browser opens at most six connections to a host, for all its tabs together, and
+// each stream holds one: a few tabs each following a chat and a training took them
+// all, and every page's requests waited. So a page streams at most MAX_STREAMS jobs at
+// once (the rest wait their turn), and none while it is hidden (another tab in front).
+const MAX_STREAMS = 2;
+let streamsOpen = 0;
+const streamWaiters = [];     // each returns true once it has taken a slot (or gave up)
+const openReads = new Set();  // AbortControllers of the streams open now
+
+function takeStream(signal) {
+  return new Promise((resolve) => {
+    const tryTake = () => {
+      if (signal && signal.aborted) { resolve(false); return true; }
+      if (streamsOpen >= MAX_STREAMS || document.hidden) return false;
+      streamsOpen += 1;
+      resolve(true);
+      return true;
+    };
+    if (tryTake()) return;
+    streamWaiters.push(tryTake);
+    if (signal) signal.addEventListener("abort", wakeStreamWaiters, { once: true });
+  });
+}
+
+function wakeStreamWaiters() {
+  for (let i = 0; i < streamWaiters.length;) {
+    if (streamWaiters[i]()) streamWaiters.splice(i, 1);
+    else i += 1;
+  }
+}
+
+function giveStream() {
+  streamsOpen -= 1;
+  wakeStreamWaiters();
+}
+
+document.addEventListener("visibilitychange", () => {
+  if (document.hidden) for (const read of openReads) read.abort();  // follow again once shown
+  else wakeStreamWaiters();
+});
+
+/** One read of a stream in a slot of its own; "hidden" if the page was hidden meanwhile. */
+async function readInASlot(path, options, signal) {
+  if (!(await takeStream(signal))) return "aborted";
+  const read = new AbortController();
+  const stop = () => read.abort();
+  if (signal) signal.addEventListener("abort", stop, { once: true });
+  openReads.add(read);
+  try {
+    const ended = await readEventStream(path, { ...options, signal: read.signal });
+    return ended === "aborted" && !(signal && signal.aborted) ? "hidden" : ended;
+  } finally {
+    openReads.delete(read);
+    if (signal) signal.removeEventListener("abort", stop);
+    giveStream();
+  }
+}
+
 /**
  * Follow a job's event stream to its final state. Keeps a copy of the job, calls
- * onJob(copy) after each event, and when the connection drops (or ends early) follows
- * again with Last-Event-ID, so the output goes on where it stopped: nothing missed,
- * nothing twice. Resolves with the final copy, or "aborted"; rejects with
- * StreamRefused when the server answers an HTTP error (callers then poll).
+ * onJob(copy) after each event and onActivity() for anything the server sends
+ * (keep-alives too), and when the connection drops (or ends early, or the page was
+ * hidden) follows again with Last-Event-ID, so the output goes on where it stopped:
+ * nothing missed, nothing twice. Resolves with the final copy, or "aborted"; rejects
+ * with StreamRefused when the server answers an HTTP error (callers then poll).
  */
-export async function followJob(path, { onJob, signal, source } = {}) {
+export async function followJob(path, { onJob, onActivity, signal, source } = {}) {
   let job = null;
   let lastId = null;
   let delay = RECONNECT_MIN_MS;
@@ -282,8 +342,8 @@ export async function followJob(path, { onJob, signal, source } = {}) {
     const headers = lastId === null ? {} : { "Last-Event-ID": lastId };
     let ended;
     try {
-      ended = await readEventStream(path, {
-        signal, headers, idleMs: STREAM_IDLE_MS,
+      ended = await readInASlot(path, {
+        headers, idleMs: STREAM_IDLE_MS, onActivity,
         onData: (event, id) => {
           job = applyEvent(job, event);
           if (id !== null) lastId = id;
@@ -291,13 +351,14 @@ export async function followJob(path, { onJob, signal, source } = {}) {
           if (source) reportOk(source);
           if (onJob) onJob(job);
         },
-      });
+      }, signal);
     } catch (err) {
       if (err instanceof StreamRefused) throw err;
       ended = "dropped";
       if (source) reportFailure(source, `Lost the stream (${source}). Reconnecting…`);
     }
     if (ended === "aborted") return "aborted";
+    if (ended === "hidden") continue;  // its slot waits for the page to show again
     if (job && FINAL_STATES.has(job.state)) return job;
     await pause(delay, signal);
     if (signal && signal.aborted) return "aborted";

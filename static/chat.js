@@ -6,13 +6,13 @@
 import { apiJSON, followJob, FINAL_STATES } from "./api.js";
 
 const SESSION_KEY = "offload-session";
-const STALL_MS = 120_000;   // give up waiting after this long with nothing new
+const STALL_MS = 120_000;   // say so after this long running with nothing from the server
 const POLL_MS = 1000;
 
 const history = [];         // [{role, content}] sent with every new message
 let pending = null;         // the newest reply awaited: Cancel stops it, Send waits for it
 const live = [];            // every turn followed to its end, oldest first
-let lastActivity = Date.now();  // of any live turn: one waiting behind another is not stalled
+let restoring = false;      // earlier turns still loading: a new one waits for them
 
 let form, input, sendBtn, cancelBtn, log;
 
@@ -86,10 +86,10 @@ function follow(li, jobId, userText) {
   const controller = new AbortController();
   const p = {
     jobId, li, userText, controller, done: false, output: "", state: "queued",
+    activity: Date.now(), stalled: false,
   };
   live.push(p);
   pending = p;
-  lastActivity = Date.now();
   li.setAttribute("aria-busy", "true");
   updateButtons();
 
@@ -98,42 +98,50 @@ function follow(li, jobId, userText) {
     const secs = Math.floor((Date.now() - started) / 1000);
     const el = part(li, "elapsed");
     if (el) el.textContent = `${p.state === "queued" ? "queued" : "thinking"}… ${secs}s`;
-    if (Date.now() - lastActivity > STALL_MS) {
-      finish("stalled", part(li, "text").textContent,
-        "No answer after 120 s; the job may still finish — see Jobs");
-    }
+    // Waiting its turn, or on a hidden page (no stream then), is not silence.
+    if (p.state === "queued" || document.hidden) p.activity = Date.now();
+    if (!p.stalled && Date.now() - p.activity > STALL_MS) stall();
   };
   const timer = setInterval(tick, 500);
   tick();
+
+  /** Nothing for STALL_MS while running: say so, let a new message go, keep following. */
+  function stall() {
+    p.stalled = true;
+    li.classList.add("stalled");
+    part(li, "note").textContent =
+      "No answer for 120 s; it shows here if it still comes (see Jobs)";
+    if (pending === p) pending = newestWaited();
+    updateButtons();
+  }
 
   function finish(state, text, note) {
     if (p.done) return;
     p.done = true;
     clearInterval(timer);
     controller.abort();
-    if (state === "stalled") {
-      // Not a job state: leave data-state unset, mark the bubble instead.
-      li.classList.add("stalled");
-      li.setAttribute("aria-busy", "false");
-      part(li, "note").textContent = note;
-      const el = part(li, "elapsed");
-      if (el) el.remove();
-    } else {
-      setFinal(li, state, text, note);
-    }
+    li.classList.remove("stalled");
+    setFinal(li, state, text, note);
     if (state === "completed" && userText !== null) {
       history.push({ role: "user", content: userText }, { role: "assistant", content: text });
     }
     live.splice(live.indexOf(p), 1);
-    if (pending === p) pending = live.length ? live[live.length - 1] : null;
+    if (pending === p) pending = newestWaited();
     updateButtons();
   }
   p.finish = finish;
 
+  const onActivity = () => { p.activity = Date.now(); };
+
   /** Show the job's copy after an event of its stream. */
   function onJob(job) {
     if (p.done || !job) return;
-    lastActivity = Date.now();
+    onActivity();
+    if (p.stalled && !FINAL_STATES.has(job.state)) {
+      p.stalled = false;  // it came after all
+      li.classList.remove("stalled");
+      part(li, "note").textContent = "";
+    }
     if (job.state) p.state = job.state;
     if (typeof job.output === "string" && job.output !== p.output) {
       p.output = job.output;
@@ -187,6 +195,7 @@ function follow(li, jobId, userText) {
     try {
       await followJob(`/api/jobs/${encodeURIComponent(jobId)}/events`, {
         onJob,
+        onActivity,
         signal: controller.signal,
         source: "chat",
       });
@@ -203,11 +212,17 @@ function replyFromResult(result) {
   return result.reply || result.text || result.content || "";
 }
 
+/** The newest turn a new message waits for (none stalled). */
+function newestWaited() {
+  for (let i = live.length - 1; i >= 0; i -= 1) if (!live[i].stalled) return live[i];
+  return null;
+}
+
 function updateButtons() {
   const busy = Boolean(pending);
   cancelBtn.hidden = !busy;
   cancelBtn.disabled = !busy;
-  sendBtn.disabled = busy;
+  sendBtn.disabled = busy || restoring;
 }
 
 // ---- actions ----------------------------------------------------------------
@@ -219,10 +234,11 @@ async function send(text) {
   part(li, "elapsed").textContent = "sending…";
   pending = { placeholder: true };
   updateButtons();
+  // No `source`: a one-off call says its failure in its bubble, not in the banner
+  // (which would say "retrying" until the next message).
   const r = await apiJSON("/api/ai_chat_async", {
     method: "POST",
     body: { messages, session_id: SESSION },
-    source: "chat",
   });
   pending = null;
   if (!r.ok || !r.data || !r.data.job_id) {
@@ -238,7 +254,7 @@ async function cancel() {
   if (!pending || !pending.jobId) return;
   const p = pending;
   cancelBtn.disabled = true;
-  const r = await apiJSON(`/api/jobs/${encodeURIComponent(p.jobId)}`, { method: "DELETE", source: "chat" });
+  const r = await apiJSON(`/api/jobs/${encodeURIComponent(p.jobId)}`, { method: "DELETE" });
   if (r.ok && r.data && r.data.state === "cancelled" && !p.done) {
     // The stream will normally report it too; finishing here is idempotent.
     p.finish("cancelled", p.output, "Cancelled.");
@@ -285,7 +301,7 @@ export function initChat() {
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     const text = input.value.trim();
-    if (!text || pending) return;
+    if (!text || pending || restoring) return;
     input.value = "";
     send(text).catch(() => { /* errors are rendered in the bubble */ });
   });
@@ -298,5 +314,10 @@ export function initChat() {
     }
   });
   cancelBtn.addEventListener("click", () => { cancel().catch(() => {}); });
-  if (sessionExisted) restore().catch(() => {});
+  if (sessionExisted) {
+    // Its turns first: a message sent meanwhile went without them (and showed twice).
+    restoring = true;
+    updateButtons();
+    restore().catch(() => {}).finally(() => { restoring = false; updateButtons(); });
+  }
 }

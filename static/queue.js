@@ -26,10 +26,13 @@ export function noteQueue(queue) {
 async function toggleQueue() {
   queueToggle.disabled = true;
   try {
-    const r = await apiJSON(`/api/queue/${queuePaused ? "resume" : "pause"}`, { method: "POST", source: "queue" });
+    const verb = queuePaused ? "resume" : "pause";
+    // A one-off: its failure is said here, not in the banner (that one says "retrying").
+    const r = await apiJSON(`/api/queue/${verb}`, { method: "POST" });
     const now = r.ok && r.data && typeof r.data.paused === "boolean" ? r : await apiJSON("/api/queue");
     if (now.ok && now.data && typeof now.data.paused === "boolean") renderQueue(now.data.paused);
     else if (now.status === 404) queueControl.hidden = true;
+    else queueState.textContent = `Could not ${verb} the queue: ${r.error || now.error || "no answer"}`;
   } finally {
     queueToggle.disabled = false;
   }
@@ -67,11 +70,20 @@ function scheduleRow(s) {
   return tr;
 }
 
-/** Rebuilt only when something changed, so focus on a button survives a refresh. */
+const NEXT_RUN_CELL = 3;
+
+/** Rebuilt only when something changed, so focus on a button survives a refresh; the
+ * time to the next run is said again at every refresh. */
 function renderSchedules(list) {
   const key = JSON.stringify(list.map((s) => [s.name, s.kind, s.every_s, s.paused, s.next_run_at,
     s.last_job_id, s.last_state]));
-  if (tbody.dataset.key === key) return;
+  if (tbody.dataset.key === key) {
+    for (const s of list) {
+      const row = tbody.querySelector(`tr[data-schedule="${CSS.escape(s.name)}"]`);
+      if (row) row.cells[NEXT_RUN_CELL].textContent = s.paused ? "paused" : whenText(s.next_run_at);
+    }
+    return;
+  }
   const focused = document.activeElement && document.activeElement.dataset
     ? document.activeElement.dataset.schedule : undefined;
   tbody.dataset.key = key;

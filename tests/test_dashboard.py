@@ -115,6 +115,71 @@ def test_chat_reply_appears_token_by_token(page: Any, server: Server) -> None:
     assert "The CPU is busy" in page.inner_text("#chat-log"), "kept across a reload"
 
 
+def test_a_chat_waiting_in_a_paused_queue_gets_its_reply(page: Any, server: Server) -> None:
+    # Its time in the queue counted as silence: after 120 s the bubble said no answer and
+    # stopped following, and the reply, once the queue went on, never showed.
+    assert httpx.post(f"{server.url}/api/queue/pause").json()["paused"] is True
+    page.clock.install()
+    page.goto(server.url)
+    page.fill("#chat-input", "How is the CPU?")
+    page.press("#chat-input", "Enter")
+    reply = page.locator("#chat-log li.msg.assistant").last
+    page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                           "?.dataset.jobId", timeout=20_000)
+    page.clock.fast_forward("03:00")  # three minutes in the queue
+    time.sleep(1)
+    assert "stalled" not in (reply.get_attribute("class") or "")
+    assert httpx.post(f"{server.url}/api/queue/resume").json()["paused"] is False
+    page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                           "?.dataset.state === 'completed'", timeout=30_000)
+    assert "The CPU is busy but fine right now." in reply.inner_text()
+
+
+def test_a_message_waits_for_the_earlier_turns_to_load(page: Any, server: Server,
+                                                       llm: FakeLLM) -> None:
+    # Sent before they had loaded, it went without them (the model never heard the earlier
+    # turns), and showed twice once they had.
+    with server.client() as client:
+        first = client.post("/api/ai_chat_async", json={
+            "messages": [{"role": "user", "content": "My name is Alice."}],
+            "session_id": "slow-restore"}).json()["job_id"]
+        wait_job(client, first)
+    held: list[Any] = []
+    page.goto(server.url)
+    page.evaluate("localStorage.setItem('offload-session', 'slow-restore')")
+    page.route("**/api/sessions/**", lambda route: held.append(route))
+    page.reload()
+    page.wait_for_function("document.querySelector('#chat-send').disabled", timeout=20_000)
+    assert held, "the page asked for the session's turns"
+    page.fill("#chat-input", "What is my name?")
+    page.press("#chat-input", "Enter")  # not sent yet
+    held[0].continue_()
+    page.wait_for_selector(f"#chat-log li[data-job-id='{first}'][data-state='completed']")
+    page.wait_for_function("!document.querySelector('#chat-send').disabled", timeout=20_000)
+    assert page.input_value("#chat-input") == "What is my name?"
+    page.press("#chat-input", "Enter")
+    page.wait_for_function("document.querySelectorAll('#chat-log li.msg.assistant"
+                           "[data-state=completed]').length === 2", timeout=30_000)
+    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] == "user"]
+    assert asked[-2:] == ["My name is Alice.", "What is my name?"], asked
+    assert page.locator("#chat-log li.msg.user").count() == 2
+
+
+def test_a_message_that_could_not_be_sent_leaves_no_banner(page: Any, server: Server) -> None:
+    # Said in the banner as "Retrying…" under its own name, it stayed there once the
+    # server was back, though nothing retried it.
+    page.goto(server.url)
+    page.wait_for_function("Number(document.querySelector('#history-chart')"
+                           ".dataset.updates || 0) >= 1", timeout=15_000)
+    server.stop()
+    page.fill("#chat-input", "Are you there?")
+    page.press("#chat-input", "Enter")
+    page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                           "?.textContent.startsWith('Error:')", timeout=20_000)
+    server.start()
+    page.wait_for_selector("#net-error", state="hidden", timeout=30_000)
+
+
 def test_cancel_stops_a_chat(page: Any, make_server: Callable[..., Server]) -> None:
     with FakeLLM(pieces=["word "] * 200, delay_s=0.1) as slow:
         server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
@@ -413,6 +478,44 @@ def test_every_live_turn_is_followed_after_a_reload(page: Any,
 
 
 
+def test_a_page_holds_two_streams_at_most(page: Any, make_server: Callable[..., Server]) -> None:
+    """A browser opens six connections to a host, for all its tabs: a stream for each
+    live turn (and a training) took them all, and every request of every tab waited.
+    Four live turns: two streams at a time, and each turn shows its reply."""
+    with FakeLLM(pieces=REPLY, delay_s=0.05, gated="question 0") as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        open_streams: set[Any] = set()
+        page.on("request", lambda request: open_streams.add(request)
+                if request.url.endswith("/events") else None)
+        page.on("requestfinished", lambda request: open_streams.discard(request))
+        page.on("requestfailed", lambda request: open_streams.discard(request))
+        try:
+            with server.client() as client:
+                ids = [str(client.post("/api/ai_chat_async", json={
+                    "messages": [{"role": "user", "content": f"question {n}"}],
+                    "session_id": "four-turns"}).json()["job_id"]) for n in range(4)]
+                wait_job(client, ids[0], "running")
+                page.goto(server.url)
+                page.evaluate("localStorage.setItem('offload-session', 'four-turns')")
+                page.reload()
+                for job_id in ids:
+                    page.wait_for_selector(f"#chat-log li[data-job-id='{job_id}']")
+                time.sleep(1)
+                held = len(open_streams)  # the first turn answering, the rest queued
+                llm.gate.set()
+                for job_id in ids:
+                    page.wait_for_selector(
+                        f"#chat-log li[data-job-id='{job_id}'][data-state='completed']",
+                        timeout=60_000)
+                jobs = [wait_job(client, job_id) for job_id in ids]
+                shown = [page.text_content(f"#chat-log li[data-job-id='{job_id}'] .text")
+                         for job_id in ids]
+        finally:
+            llm.gate.set()
+    assert held == 2, held
+    assert shown == [job["result"]["reply"] for job in jobs]
+
+
 def rows_shown(page: Any) -> list[str]:
     return list(page.eval_on_selector_all("#jobs-table tbody tr[data-job-id]",
                                      "rows => rows.map(r => r.dataset.jobId)"))
@@ -605,6 +708,24 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
     page.click("#queue-toggle")
     page.wait_for_selector(f"#jobs-table tr[data-job-id='{waiting}'][data-state='completed']",
                            timeout=30_000)
+
+
+def test_a_schedules_next_run_counts_down(page: Any, make_server: Callable[..., Server],
+                                          tmp_path: Path) -> None:
+    # The rows were rebuilt only when a schedule changed: "in 50m 33s" stood for an hour.
+    path = tmp_path / "schedules.toml"
+    path.write_text(SCHEDULES.replace('"6h"', '"1h"'))
+    server = make_server(env={"OFFLOAD_SCHEDULES_FILE": str(path)})
+    page.goto(server.url)
+    row = "#schedules-section tr[data-schedule='nightly-train']"
+    page.wait_for_function(f"document.querySelector(\"{row} td:nth-child(5)\")"
+                           "?.textContent.endsWith('completed')", timeout=30_000)
+    time.sleep(5)  # that slot's job done: the schedule does not change for an hour
+    cell = f"{row} td:nth-child(4)"
+    first = page.text_content(cell)
+    page.wait_for_function("([cell, first]) => document.querySelector(cell).textContent"
+                           " !== first", arg=[cell, first], timeout=15_000)
+    assert str(page.text_content(cell)).startswith("in ")
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
