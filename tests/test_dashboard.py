@@ -478,6 +478,12 @@ def test_every_live_turn_is_followed_after_a_reload(page: Any,
 
 
 
+HIDE_PAGE = """hidden => {
+    Object.defineProperty(document, "hidden", {configurable: true, get: () => hidden});
+    document.dispatchEvent(new Event("visibilitychange"));
+}"""
+
+
 def test_a_page_holds_two_streams_at_most(page: Any, make_server: Callable[..., Server]) -> None:
     """A browser opens six connections to a host, for all its tabs: a stream for each
     live turn (and a training) took them all, and every request of every tab waited.
@@ -502,6 +508,13 @@ def test_a_page_holds_two_streams_at_most(page: Any, make_server: Callable[..., 
                     page.wait_for_selector(f"#chat-log li[data-job-id='{job_id}']")
                 time.sleep(1)
                 held = len(open_streams)  # the first turn answering, the rest queued
+                # Hidden behind another tab (as the browser says it), it holds none.
+                page.evaluate(HIDE_PAGE, True)
+                deadline = time.monotonic() + 10
+                while open_streams and time.monotonic() < deadline:
+                    page.wait_for_timeout(100)
+                hidden = len(open_streams)
+                page.evaluate(HIDE_PAGE, False)
                 llm.gate.set()
                 for job_id in ids:
                     page.wait_for_selector(
@@ -512,7 +525,7 @@ def test_a_page_holds_two_streams_at_most(page: Any, make_server: Callable[..., 
                          for job_id in ids]
         finally:
             llm.gate.set()
-    assert held == 2, held
+    assert (held, hidden) == (2, 0)
     assert shown == [job["result"]["reply"] for job in jobs]
 
 
