@@ -14,7 +14,7 @@ let pending = null;         // the newest reply awaited: Cancel stops it, Send w
 const live = [];            // every turn followed to its end, oldest first
 let restoring = false;      // earlier turns still loading: a new one waits for them
 
-let form, input, sendBtn, cancelBtn, log;
+let form, input, sendBtn, cancelBtn, forgetBtn, forgetNote, log;
 
 function newId() {
   if (window.crypto && typeof crypto.randomUUID === "function") return crypto.randomUUID();
@@ -223,6 +223,7 @@ function updateButtons() {
   cancelBtn.hidden = !busy;
   cancelBtn.disabled = !busy;
   sendBtn.disabled = busy || restoring;
+  forgetBtn.disabled = restoring;
 }
 
 // ---- actions ----------------------------------------------------------------
@@ -263,6 +264,26 @@ async function cancel() {
   }
 }
 
+/** Delete this conversation from the server (its answering turns are stopped first),
+ * then start a new one. */
+async function forget() {
+  if (!window.confirm("Delete this conversation's questions, replies and logs from the server?")) return;
+  forgetBtn.disabled = true;
+  forgetNote.textContent = "Forgetting…";
+  const r = await apiJSON(`/api/sessions/${encodeURIComponent(SESSION)}`, { method: "DELETE" });
+  forgetBtn.disabled = false;
+  if (!r.ok) {
+    forgetNote.textContent = `Could not forget it: ${r.error || "no answer"}`;
+    return;
+  }
+  for (const p of [...live]) p.finish("cancelled", "", "");
+  log.replaceChildren();
+  history.length = 0;
+  SESSION = newId();
+  try { localStorage.setItem(SESSION_KEY, SESSION); } catch { /* keep in memory only */ }
+  forgetNote.textContent = "Forgotten: a new conversation starts here.";
+}
+
 /** Re-render the earlier turns of this session (oldest first). */
 async function restore() {
   const r = await apiJSON(`/api/sessions/${encodeURIComponent(SESSION)}`);
@@ -294,6 +315,8 @@ export function initChat() {
   input = document.getElementById("chat-input");
   sendBtn = document.getElementById("chat-send");
   cancelBtn = document.getElementById("chat-cancel");
+  forgetBtn = document.getElementById("chat-forget");
+  forgetNote = document.getElementById("chat-forget-note");
   log = document.getElementById("chat-log");
   SESSION = sessionId();
   updateButtons();
@@ -314,6 +337,7 @@ export function initChat() {
     }
   });
   cancelBtn.addEventListener("click", () => { cancel().catch(() => {}); });
+  forgetBtn.addEventListener("click", () => { forget().catch(() => {}); });
   if (sessionExisted) {
     // Its turns first: a message sent meanwhile went without them (and showed twice).
     restoring = true;

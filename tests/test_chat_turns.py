@@ -139,6 +139,35 @@ def test_a_second_message_waits_for_the_first_and_sees_its_reply(
     assert asked[3][1:] == [{"role": "user", "content": "third question"}]
 
 
+def test_a_conversation_is_erased_with_all_it_left(make_server: MakeServer) -> None:
+    # A user's chats are theirs: they could not be deleted, only wait out the retention
+    # (72 h by default), questions, replies and logs on disk until then.
+    with FakeLLM(pieces=["Sure, ", "Alice."], gated="still thinking") as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        jobs = server.data_dir / "jobs"
+        with server.client() as client:
+            done = final(client, ask(client, "My name is Alice.", session_id="mine"))
+            answering = ask(client, "still thinking about it", session_id="mine")
+            wait_for(lambda: client.get(f"/api/jobs/{answering}").json()["state"] == "running",
+                     30, 0.05, "the second turn to answer")
+            other = final(client, ask(client, "A chat of another session", session_id="x"))
+            erased = client.delete("/api/sessions/mine")
+            assert erased.status_code == 200, erased.text
+            assert erased.json() == {"session_id": "mine", "erased": 2}
+            assert client.get("/api/sessions/mine").json()["turns"] == []
+            for job_id in (done["id"], answering):
+                assert client.get(f"/api/jobs/{job_id}").status_code == 404
+                assert not (jobs / job_id).exists()
+            assert client.get(f"/api/jobs/{other['id']}").status_code == 200
+            again = client.delete("/api/sessions/mine")
+            assert again.json()["erased"] == 0
+        llm.gate.set()
+    on_disk = "\n".join(f.read_text(errors="replace") for f in server.data_dir.rglob("*")
+                        if f.is_file())
+    assert "My name is Alice." not in on_disk and "still thinking" not in on_disk
+    assert "A chat of another session" in on_disk
+
+
 def test_an_empty_session_id_is_no_conversation(make_server: MakeServer) -> None:
     """`session_id: ""` names no session: such chats do not wait for one another."""
     with FakeLLM(gated="first question") as llm:

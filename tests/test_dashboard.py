@@ -180,6 +180,26 @@ def test_a_message_that_could_not_be_sent_leaves_no_banner(page: Any, server: Se
     page.wait_for_selector("#net-error", state="hidden", timeout=30_000)
 
 
+def test_a_conversation_is_forgotten_from_the_page(page: Any, server: Server) -> None:
+    page.goto(server.url)
+    page.fill("#chat-input", "My name is Alice.")
+    page.press("#chat-input", "Enter")
+    page.wait_for_selector("#chat-log li.msg.assistant[data-state='completed']", timeout=30_000)
+    session = page.evaluate("localStorage.getItem('offload-session')")
+    job_id = page.get_attribute("#chat-log li.msg.assistant", "data-job-id")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#chat-forget")
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           ".startsWith('Forgotten')", timeout=20_000)
+    assert page.locator("#chat-log li").count() == 0
+    assert httpx.get(f"{server.url}/api/sessions/{session}").json()["turns"] == []
+    assert httpx.get(f"{server.url}/api/jobs/{job_id}").status_code == 404
+    assert page.evaluate("localStorage.getItem('offload-session')") != session
+    page.reload()
+    page.wait_for_function("!document.querySelector('#chat-send').disabled")
+    assert page.locator("#chat-log li").count() == 0
+
+
 def test_cancel_stops_a_chat(page: Any, make_server: Callable[..., Server]) -> None:
     with FakeLLM(pieces=["word "] * 200, delay_s=0.1) as slow:
         server = make_server(env={"OPENAI_BASE_URL": slow.base_url})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, HTTPException, Path
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -31,6 +31,19 @@ async def chat_session(session_id: Annotated[str, Path(max_length=200)],
     """A chat session's turns, oldest first, so a reloaded page shows the conversation."""
     turns = await run_in_threadpool(service.session, session_id)
     return {"session_id": session_id, "turns": turns}
+
+
+@router.delete("/sessions/{session_id}",
+               responses={409: {"description": "a turn still stopping: erase again shortly"}})
+async def erase_chat_session(session_id: Annotated[str, Path(max_length=200)],
+                             service: Service) -> dict[str, Any]:
+    """Forget a conversation: its answering turns are cancelled, then every turn is
+    deleted from the server (questions, replies, logs)."""
+    erased, stopping = await service.erase_session(session_id)
+    if stopping:
+        raise HTTPException(409, f"erased {erased} turns; {len(stopping)} still stopping: "
+                                 "erase the conversation again in a moment")
+    return {"session_id": session_id, "erased": erased}
 
 
 @router.get("/ai_chat_result/{job_id}", response_model=ChatResult,

@@ -382,15 +382,42 @@ class JobService:
         job = await run_in_threadpool(self.store.read, job_id)
         if job.get(p.F_STATE) in p.FINAL_STATES:
             raise AlreadyFinished(job)
-        await run_in_threadpool(self.store.request_cancel, job_id)
-        poke(self.store.dir, job_id)
+        stopped = await self._stopped([job_id])
+        if job_id not in stopped:  # deleted meanwhile
+            raise JobNotFound(job_id)
+        return stopped[job_id]
+
+    async def _stopped(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Ask each job to stop, and wait (without blocking) until all are final or the
+        stop's grace is over; each job as it is then (gone: left out)."""
+        for job_id in job_ids:
+            with contextlib.suppress(JobNotFound):  # deleted meanwhile: left out below
+                await run_in_threadpool(self.store.request_cancel, job_id)
+            poke(self.store.dir, job_id)
         deadline = time.monotonic() + self.settings.stop_grace_s + CANCEL_WAIT_S
-        while time.monotonic() < deadline:
+        jobs: dict[str, dict[str, Any]] = {}
+        while True:
             await asyncio.sleep(0.05)
-            job = await run_in_threadpool(self.store.read, job_id)
-            if job.get(p.F_STATE) in p.FINAL_STATES:
-                break
-        return job
+            for job_id in job_ids:
+                with contextlib.suppress(JobNotFound):
+                    jobs[job_id] = await run_in_threadpool(self.store.read, job_id)
+            if time.monotonic() > deadline or all(
+                    job.get(p.F_STATE) in p.FINAL_STATES for job in jobs.values()):
+                return jobs
+
+    async def erase_session(self, session_id: str) -> tuple[int, list[str]]:
+        """Forget a conversation: its turns still answering are stopped first, then every
+        job of the session is deleted with all it left (job file, log, records, its
+        Idempotency-Key). The number erased, and the turns still stopping (kept)."""
+        jobs = await run_in_threadpool(self.store.session_jobs, session_id)
+        live = [job[p.F_ID] for job in jobs if job.get(p.F_STATE) not in p.FINAL_STATES]
+        now = await self._stopped(live) if live else {}
+        stopping = [job_id for job_id, job in now.items()
+                    if job.get(p.F_STATE) not in p.FINAL_STATES]
+        erased = [job[p.F_ID] for job in jobs if job[p.F_ID] not in stopping]
+        for job_id in erased:
+            await run_in_threadpool(self.store.remove, job_id)
+        return len(erased), stopping
 
 
 def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch,
