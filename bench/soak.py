@@ -56,6 +56,9 @@ def _wave(client: httpx.Client, n: int, deadline_s: float = 300) -> list[str]:
     ids = []
     for _ in range(n):
         answer = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}})
+        while answer.status_code == 429:  # beyond OFFLOAD_MAX_QUEUED: waits, as a client would
+            time.sleep(float(answer.headers.get("Retry-After", "1")))
+            answer = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}})
         answer.raise_for_status()
         ids.append(answer.json()["id"])
     deadline = time.monotonic() + deadline_s

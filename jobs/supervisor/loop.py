@@ -196,7 +196,11 @@ class Supervisor:
     async def _pass(self) -> None:
         """One tick in a worker thread. Cancelled meanwhile, it still waits for the tick
         to end, so a stopped supervisor never launches after it released the lock."""
-        tick = asyncio.get_running_loop().run_in_executor(None, self.tick)
+        try:
+            tick = asyncio.get_running_loop().run_in_executor(None, self.tick)
+        except RuntimeError as exc:  # no thread can be started now (a limit on processes)
+            log.warning("supervisor pass put off: %s", exc)
+            return  # the next pass tries again: the supervisor lives on
         try:
             await asyncio.shield(tick)
         except asyncio.CancelledError:
