@@ -1,7 +1,8 @@
 """`offload`: see and steer the jobs of a running Offload from a terminal.
 
     offload status | list | show ID | log ID [--follow] | cancel ID... |
-            submit KIND --input JSON [--wait] | retry ID [--wait]
+            submit KIND --input JSON [--wait] | retry ID [--wait] |
+            pause [SCHEDULE] | resume [SCHEDULE] | schedules
 
 It speaks the HTTP API only (docs/contract.md, "The `offload` command line"), so it
 works with any server it can reach: the address is `--url`, else OFFLOAD_URL, else the one
@@ -159,8 +160,9 @@ class Client:
             detail += " (set OFFLOAD_API_TOKEN to the server's token)"
         return Failure(code, detail)
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        with self._open(method, path, body) as response:
+    def call(self, method: str, path: str, body: Any = None,
+             headers: dict[str, str] | None = None) -> Any:
+        with self._open(method, path, body, headers=headers) as response:
             return self._read_json(response)
 
     def text(self, path: str) -> str:
@@ -479,11 +481,14 @@ def parse_input(text: str) -> dict[str, Any]:
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"kind": args.kind, "input": parse_input(args.input)}
-    if args.timeout is not None:
-        body["timeout_s"] = args.timeout
-    if args.priority is not None:
-        body["priority"] = args.priority
-    return _wait_and_report(client, client.call("POST", "/api/jobs", body), args)
+    for field, value in (("timeout_s", args.timeout), ("priority", args.priority),
+                         ("delay_s", args.delay), ("run_at", args.at),
+                         ("max_attempts", args.max_attempts)):
+        if value is not None:
+            body[field] = value
+    # A retried submission with the same key gets the first one's job, not a second job.
+    headers = {"Idempotency-Key": args.key} if args.key else None
+    return _wait_and_report(client, client.call("POST", "/api/jobs", body, headers), args)
 
 
 def cmd_retry(client: Client, args: argparse.Namespace) -> int:
@@ -516,6 +521,51 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json([answer for answer in answers if not isinstance(answer, Failure)])
     return code
+
+
+def cmd_pause(client: Client, args: argparse.Namespace) -> int:
+    return _steer(client, args, "pause")
+
+
+def cmd_resume(client: Client, args: argparse.Namespace) -> int:
+    return _steer(client, args, "resume")
+
+
+def _steer(client: Client, args: argparse.Namespace, action: str) -> int:
+    """Pause or resume the queue (no name) or one schedule."""
+    if args.schedule is None:
+        answer = client.call("POST", f"/api/queue/{action}")
+        said = "paused: queued jobs wait" if answer.get("paused") else "running"
+        what = f"queue {said}"
+    else:
+        name = urllib.parse.quote(args.schedule, safe="")
+        answer = client.call("POST", f"/api/schedules/{name}/{action}")
+        what = f"schedule {answer.get('name')} {'paused' if answer.get('paused') else 'running'}"
+    if args.json:
+        _print_json(answer)
+    else:
+        sys.stdout.write(what + "\n")
+    return EXIT_OK
+
+
+def cmd_schedules(client: Client, args: argparse.Namespace) -> int:
+    answer = client.call("GET", "/api/schedules")
+    if args.json:
+        _print_json(answer)
+        return EXIT_OK
+    if answer.get("error"):
+        sys.stderr.write(f"offload: the schedules file cannot be used: {answer['error']}\n")
+    schedules = answer.get("schedules") or []
+    if not schedules:
+        sys.stdout.write("no schedules\n")
+        return EXIT_OK
+    rows = [["NAME", "KIND", "EVERY", "NEXT RUN (UTC)", "LAST JOB"]]
+    rows += [[str(each.get("name")), str(each.get("kind")), f"{each.get('every_s'):g}s",
+              "paused" if each.get("paused") else _when(each.get("next_run_at")),
+              f"{each.get('last_job_id') or '-'} {each.get('last_state') or ''}".rstrip()]
+             for each in schedules]
+    table(rows, sys.stdout)
+    return EXIT_OK
 
 
 # The parser --------------------------------------------------------------------------------
@@ -576,12 +626,28 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--input", default="{}",
                              help="the input: JSON, @file.json, or - for stdin (default {})")
             sub.add_argument("--priority", type=int, help="higher runs first")
+            start = sub.add_mutually_exclusive_group()
+            start.add_argument("--delay", type=_positive, help="start no sooner than this "
+                                                               "many seconds from now")
+            start.add_argument("--at", help="start no sooner than this time (ISO 8601, "
+                                            "UTC unless it says its zone)")
+            sub.add_argument("--max-attempts", type=int,
+                             help="attempts on transient failures (default: the kind's)")
+            sub.add_argument("--key", help="an Idempotency-Key: the same key again gets "
+                                           "the same job")
         else:
             sub.add_argument("id")
             sub.add_argument("--input", help="another input: JSON, @file.json or -")
         sub.add_argument("--timeout", type=_positive, help="its deadline, seconds")
         sub.add_argument("--wait", action="store_true",
                          help="wait until it ends, show it; exits 1 unless it completed")
+    for name, run, text in (("pause", cmd_pause, "pause the queue (running jobs finish, "
+                                                 "queued ones wait), or one schedule"),
+                            ("resume", cmd_resume, "let queued jobs start again, or resume "
+                                                   "one schedule")):
+        command(name, run, text).add_argument("schedule", nargs="?",
+                                              help="a schedule's name (default: the queue)")
+    command("schedules", cmd_schedules, "the periodic schedules, their next and last runs")
     return parser
 
 

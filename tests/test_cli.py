@@ -228,6 +228,39 @@ def test_cancel_several_and_retry(server: Server) -> None:
     assert [job["state"] for job in json.loads(scripted.stdout)] == ["cancelled"]
 
 
+def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: MakeServer,
+                                                               tmp_path: Path) -> None:
+    # As `pueue pause`/`start` and RQ's scheduling: from a terminal, without curl.
+    schedules = tmp_path / "schedules.toml"
+    schedules.write_text('[nightly]\nkind = "sleep"\nevery = "1d"\ninput = {seconds = 0}\n')
+    server = make_server(env={"OFFLOAD_SCHEDULES_FILE": str(schedules)})
+    url = server.url
+    paused = cli(url, "pause", script=True)
+    assert (paused.returncode, paused.stdout) == (0, "queue paused: queued jobs wait\n")
+    assert "queue       paused" in cli(url, "status").stdout
+    timed = cli(url, "submit", "sleep", "--input", '{"seconds": 0}', "--delay", "3600",
+                "--max-attempts", "2", "--key", "nightly-report", "--json")
+    job = json.loads(timed.stdout)
+    assert job["state"] == "queued" and job["max_attempts"] == 2 and job["run_at"]
+    again = cli(url, "submit", "sleep", "--input", '{"seconds": 0}', "--delay", "3600",
+                "--max-attempts", "2", "--key", "nightly-report")
+    assert again.stdout.strip() == job["id"], "the same key: the same job"
+    at = cli(url, "submit", "sleep", "--at", "2099-01-01T00:00:00Z")
+    assert at.returncode == 2 and "run_at is more than" in at.stderr
+    assert cli(url, "submit", "sleep", "--delay", "5", "--at", "x").returncode == 2
+    resumed = cli(url, "resume")
+    assert (resumed.returncode, resumed.stdout) == (0, "queue running\n")
+
+    listed = cli(url, "schedules").stdout.splitlines()
+    assert listed[0].split() == ["NAME", "KIND", "EVERY", "NEXT", "RUN", "(UTC)", "LAST", "JOB"]
+    assert listed[1].split()[:3] == ["nightly", "sleep", "86400s"]
+    assert cli(url, "pause", "nightly").stdout == "schedule nightly paused\n"
+    assert cli(url, "schedules").stdout.splitlines()[1].split()[3] == "paused"
+    assert cli(url, "resume", "nightly").stdout == "schedule nightly running\n"
+    unknown = cli(url, "pause", "nope")
+    assert unknown.returncode == 5 and "nope" in unknown.stderr
+
+
 def test_the_token_from_the_environment_or_dotenv(make_server: MakeServer,
                                                   tmp_path: Path) -> None:
     server = make_server(env={"OFFLOAD_API_TOKEN": TOKEN})
