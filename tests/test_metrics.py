@@ -70,6 +70,9 @@ def test_counts_by_kind_and_state_failures_histograms_and_tokens(
             before = scrape(client)
             assert value(before, "offload_jobs_finished_total", kind="sleep",
                          state="completed") == 0  # every kind shows, at zero too
+            for name in ("offload_job_failures_total", "offload_job_retries_total"):
+                for error_type in ("lost", "timeout", "provider", "runner"):  # each type too
+                    assert before[(name, (("kind", "chat"), ("type", error_type)))] == 0
             completed = [submit(client, seconds=0.1) for _ in range(2)]
             timed_out = submit(client, seconds=60, timeout_s=1)
             cancelled = submit(client, seconds=60)

@@ -62,6 +62,10 @@ async def metrics(request: Request, service: Service) -> Response:
     return Response(body, media_type=content_type)
 
 
+# What a job that failed can say it was (`cancelled` is no failure: someone asked for it).
+FAILURE_TYPES = frozenset(str(t) for t in p.ErrorType) - {str(p.ErrorType.CANCELLED)}
+
+
 class JobMetrics:
     """A prometheus_client collector over the job index and the supervisor's counters."""
 
@@ -100,18 +104,16 @@ class JobMetrics:
 
         failures = CounterMetricFamily("offload_job_failures", "Jobs that ended failed or "
                                        "timed out, by error.type.", labels=["kind", "type"])
-        for kind, by_type in sorted(counters.failures.items()):
-            for error_type, count in sorted(by_type.items()):
-                failures.add_metric([kind, error_type], count)
-        yield failures
-
         retries = CounterMetricFamily("offload_job_retries", "Attempts that failed for a "
                                       "transient reason and were queued again, by error.type.",
                                       labels=["kind", "type"])
-        for kind, by_type in sorted(counters.retries.items()):
-            for error_type, count in sorted(by_type.items()):
-                retries.add_metric([kind, error_type], count)
-        yield retries
+        for by_error, counted in ((failures, counters.failures), (retries, counters.retries)):
+            # At zero too, as the jobs above: the first failure is then an increase.
+            for kind in sorted(set(kinds) | set(counted)):
+                by_type = counted.get(kind, {})
+                for error_type in sorted(FAILURE_TYPES | set(by_type)):
+                    by_error.add_metric([kind, error_type], by_type.get(error_type, 0))
+            yield by_error
 
         for name, histograms, what in (
                 ("offload_queue_wait_seconds", counters.queue_wait,
