@@ -79,8 +79,9 @@ def test_counts_by_kind_and_state_failures_histograms_and_tokens(
             killed = submit(client, seconds=60)
             running = wait_state(client, killed, {"running"})
             wait_state(client, cancelled, {"running"})
-            live = scrape(client)
-            assert value(live, "offload_jobs", kind="sleep", state="running") >= 2
+            # As /api/history, at most OVERVIEW_MAX_AGE_S behind what a job's own read says.
+            wait_for(lambda: value(scrape(client), "offload_jobs", kind="sleep",
+                                   state="running") >= 2, 5, 0.05, "two running jobs shown")
             psutil.Process(running["pid"]).kill()  # its runner is lost
             assert client.delete(f"/api/jobs/{cancelled}").status_code == 200
             chat = client.post("/api/ai_chat_async", json={
@@ -94,7 +95,8 @@ def test_counts_by_kind_and_state_failures_histograms_and_tokens(
                 samples = scrape(client)
                 done = sum(v for (name, _), v in samples.items()
                            if name == "offload_jobs_finished_total")
-                return samples if done == 6 and value(samples, "offload_llm_ready") else None
+                return samples if done == 6 and value(samples, "offload_llm_ready") and value(
+                    samples, "offload_jobs", kind="sleep", state="running") == 0 else None
 
             after = wait_for(counted, 30, 0.1, "six finished jobs and a ready LLM")
 

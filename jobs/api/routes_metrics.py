@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from jobs import protocol as p
 from jobs.api.guards import require_token
 from jobs.api.routes_jobs import Service
+from jobs.api.service import OVERVIEW_MAX_AGE_S
 from jobs.kinds import registry
 from jobs.llm.status import LLMStatus
 from jobs.protocol.counters import TOKEN_FIELDS, Histogram, JobCounters, counters_file
@@ -80,7 +81,9 @@ class JobMetrics:
         return found
 
     def collect(self) -> Iterator[Metric]:
-        live = self.index.live_counts()
+        # As fresh as /api/history: a refresh looks at every live job, under the index's
+        # lock, and scrapes at once (several Prometheus) share one.
+        live = self.index.live_counts(OVERVIEW_MAX_AGE_S)
         counters = self.counters
         # Every kind known here shows, at zero too: a series that appears only with its
         # first job would hide that job from rate() and increase().
