@@ -257,6 +257,24 @@ def test_20000_job_files_list_count_and_prune(make_server: MakeServer,
                  30, 0.2, "the API's counts after pruning")
 
 
+@pytest.mark.skipif(not hasattr(psutil.Process, "io_counters"), reason="reads not counted")
+def test_a_long_listing_asked_again_reads_no_job_file_again(make_server: MakeServer,
+                                                            data_dir: Path) -> None:
+    # Beyond 256 jobs, each listing read every one of them from disk again (under the
+    # index's lock): the cache, filled newest first, had evicted what the next one needed.
+    write_finished_jobs(data_dir / "jobs", 600)
+    server = make_server()
+    assert server.proc is not None
+    api = psutil.Process(server.proc.pid)
+    with server.client() as client:
+        first = client.get("/api/jobs", params={"limit": 500}).json()["jobs"]
+        before = api.io_counters().read_count
+        again = client.get("/api/jobs", params={"limit": 500}).json()["jobs"]
+        reads = api.io_counters().read_count - before
+    assert len(first) == len(again) == 500 and first == again
+    assert reads < 100, f"{reads} reads for a listing held in memory"
+
+
 def test_a_job_created_right_after_a_listing_is_listed(data_dir: Path) -> None:
     store = JobStore(data_dir / "jobs")
     for _ in range(200):

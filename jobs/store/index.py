@@ -28,7 +28,7 @@ from jobs.models import Job
 SETTLE_S = 5.0  # a finished job file this long unchanged is never looked at again
 DIR_SETTLE_S = 0.1  # a folder listing is trusted once the folder's mtime is this old
 RELIST_S = 10.0  # and listed again at least this often anyway
-RECENT_KEPT = 256  # finished jobs kept whole in memory, most recently read
+RECENT_KEPT = 256  # finished jobs kept whole in memory, most recently read, at least
 SNAPSHOT_JOBS = 50  # newest jobs in the snapshot that `refresh` leaves for the event loop
 
 
@@ -137,6 +137,10 @@ class JobIndex:
         self._unsettled: set[str] = set()  # live or just finished: looked at every refresh
         self._missing: set[str] = set()  # a folder without its job file (yet)
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # settled jobs read
+        # As many as the longest listing asked for (the API's limit bounds it): a listing
+        # longer than the cache evicted, newest first, what the next one needed first, so
+        # every job of each such listing was read from disk again, under the lock.
+        self._recent_kept = RECENT_KEPT
         self._refreshed_at: float | None = None
         self._snapshot: tuple[float, list[dict[str, Any]], Load] | None = None
         # The queue's positions, as of a refresh (`_refreshed_at`): computed once for the
@@ -437,7 +441,7 @@ class JobIndex:
     def _remember(self, job_id: str, data: dict[str, Any]) -> None:
         self._recent[job_id] = data
         self._recent.move_to_end(job_id)
-        while len(self._recent) > RECENT_KEPT:
+        while len(self._recent) > self._recent_kept:
             self._recent.popitem(last=False)
 
     def _data(self, job_id: str, entry: _Entry) -> dict[str, Any] | None:
@@ -454,6 +458,7 @@ class JobIndex:
 
     def _newest(self, state: str | None, kind: str | None, limit: int) -> list[dict[str, Any]]:
         """Up to `limit` jobs, newest first."""
+        self._recent_kept = max(self._recent_kept, limit)
         self._sort()
         positions = self._queue_positions()
         selected: list[dict[str, Any]] = []
