@@ -7,7 +7,8 @@ Input: {"seconds": float, "steps": int (progress updates, default 10),
         "ignore_sigterm": bool (SIGTERM does nothing; only SIGKILL stops it),
         "exit_code": int (exit abruptly with this code, without a final state),
         "fail": str (raise an error with this message),
-        "spew": bool (print lines to the log as fast as it can for the whole time)}
+        "spew": bool (print lines to the log as fast as it can for the whole time),
+        "linger_s": float (live on this long after its final state is written)}
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ if TYPE_CHECKING:
 
 def execute(job: base.Job) -> dict[str, Any]:
     child = None
+    if job.input.get("linger_s"):
+        import threading
+
+        # Not a daemon: the process waits for it, after the final state is written.
+        threading.Thread(target=time.sleep, args=(float(job.input["linger_s"]),)).start()
     if job.input.get("spawn_child"):
         import subprocess
 

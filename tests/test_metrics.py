@@ -332,3 +332,29 @@ def test_counters_that_cannot_be_read_are_neither_shown_as_zeros_nor_lost(
                  20, 0.1, "the counts read again, the job in between added")
         samples = scrape(client)
     assert value(samples, "offload_jobs_finished_total", kind="sleep", state="completed") == 3
+
+
+def test_a_job_whose_runner_was_still_exiting_at_a_handover_is_counted(
+        make_server: MakeServer) -> None:
+    # A job is counted once its runner is gone. One whose final state was written before
+    # the leader's last save, its runner still exiting, looked counted to the next leader
+    # (it finished before that save), and was never counted.
+    first = make_server(env=NO_LLM)
+    path = counters_file(first.data_dir)
+    with first.client() as client:
+        lingering = submit(client, "probe", seconds=0, linger_s=10)
+        wait_state(client, lingering, {"completed"})
+        wait_state(client, submit(client, seconds=0), {"completed"})
+        wait_for(lambda: JobCounters.load(path).finished.get("sleep", {}).get("completed"),
+                 20, 0.05, "the sleep counted, and the counters saved")
+    first.stop()
+    assert JobCounters.load(path).finished.get("probe") is None  # its runner still lingers
+    second = make_server(env=NO_LLM)
+    with second.client() as client:
+        def counted() -> Samples | None:
+            samples = scrape(client)
+            return samples if value(samples, "offload_jobs_finished_total", kind="probe",
+                                    state="completed") == 1 else None
+
+        samples = wait_for(counted, 20, 0.1, "the lingering job counted by the next leader")
+    assert value(samples, "offload_jobs_finished_total", kind="sleep", state="completed") == 1

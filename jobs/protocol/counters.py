@@ -21,6 +21,7 @@ from jobs import protocol as p
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Any
 
 COUNTERS_FILE = "job_counters.json"
@@ -84,6 +85,9 @@ class JobCounters:
         self.queue_wait: dict[str, Histogram] = {}  # kind -> seconds from due to start
         self.duration: dict[str, Histogram] = {}  # kind -> seconds from start to end
         self.tokens = dict.fromkeys(TOKEN_FIELDS, 0)
+        # The jobs the last leader watched run at its last save: one that ended then but
+        # was not counted yet (its runner still exiting) is counted by the next leader.
+        self.running: frozenset[str] = frozenset()
         self.dirty = False
 
     # -- counting (the leading supervisor) ------------------------------------------
@@ -126,15 +130,21 @@ class JobCounters:
 
     def missed(self, job: dict[str, Any]) -> bool:
         """A finished job that no leader counted: it finished after the last save (while
-        no supervisor led, or after a leader's last save before it died)."""
+        no supervisor led, or after a leader's last save before it died), or was still
+        running for the leader at that save (its final state written, its runner not yet
+        gone: a job is counted once its runner is)."""
+        if job.get(p.F_ID) in self.running:
+            return True
         finished = _time(job.get(p.F_FINISHED_AT))
         return self.saved_at is not None and finished is not None and finished > self.saved_at
 
     # -- the file --------------------------------------------------------------------
 
-    def save(self, path: p.StrPath, now: float) -> None:
-        p.write_json(path, {**self.as_json(), "saved_at": now})
+    def save(self, path: p.StrPath, now: float, running: Iterable[str] = ()) -> None:
+        """Saved with the jobs the leader watches run now (`running`)."""
+        p.write_json(path, {**self.as_json(), "saved_at": now, "running": sorted(running)})
         self.saved_at = now
+        self.running = frozenset()  # the last leader's, for this one's first pass only
         self.dirty = False
 
     def as_json(self) -> dict[str, Any]:
@@ -182,6 +192,8 @@ class JobCounters:
             counters.since = data["since"]
         if isinstance(data.get("saved_at"), (int, float)):
             counters.saved_at = float(data["saved_at"])
+        if isinstance(data.get("running"), list):
+            counters.running = frozenset(str(job_id) for job_id in data["running"])
         counters.finished = _nested_counts(data.get("finished"))
         counters.failures = _nested_counts(data.get("failures"))
         counters.retries = _nested_counts(data.get("retries"))

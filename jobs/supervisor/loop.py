@@ -679,7 +679,7 @@ class Supervisor:
         if not self._read_counters():
             return
         try:
-            self.counters.save(self._counters_file, time.time())
+            self.counters.save(self._counters_file, time.time(), self._running)
         except OSError as exc:  # kept in memory: saved with the next pass that can
             log.warning("cannot save the job counters: %s", exc)
 
