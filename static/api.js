@@ -22,9 +22,11 @@ function authHeaders(extra = {}) {
 // Several pollers may hit 401 at the same moment: they all wait on one shared
 // promise, so the form is shown only once at a time.
 let tokenPromise = null;
+let declined = false;  // Escape: no more asking until the user asks for the form again
 
 function askForToken(rejected) {
   if (tokenPromise) return tokenPromise;
+  if (declined) return Promise.resolve(false);
   const dialog = document.getElementById("token-dialog");
   const form = document.getElementById("token-form");
   const input = document.getElementById("token-input");
@@ -50,8 +52,14 @@ function askForToken(rejected) {
       setToken(value);
       finish(true);
     };
-    // Escape closes the dialog: stop asking, calls keep failing with 401.
-    const onCancel = () => finish(false);
+    // Escape closes the dialog: stop asking (the next poll's 401 opened it again, for
+    // good), say so, and keep a way back to the form; calls fail with 401 meanwhile.
+    const onCancel = () => {
+      declined = true;
+      const bar = document.getElementById("token-needed");
+      if (bar) bar.hidden = false;
+      finish(false);
+    };
     form.addEventListener("submit", onSubmit);
     dialog.addEventListener("cancel", onCancel);
     if (typeof dialog.showModal === "function") {
@@ -62,6 +70,17 @@ function askForToken(rejected) {
     input.focus();
   });
   return tokenPromise;
+}
+
+/** The "Enter the token" button of the bar shown once the form was dismissed. */
+export function initTokenBar() {
+  const button = document.getElementById("token-ask");
+  if (!button) return;
+  button.addEventListener("click", () => {
+    declined = false;
+    document.getElementById("token-needed").hidden = true;
+    askForToken(false);
+  });
 }
 
 // ---- network error banner -------------------------------------------------

@@ -1,7 +1,7 @@
 // app.js — entry point: live history chart (1 s), status panel (5 s), and wiring of
 // the chat, jobs, queue and training modules.
 
-import { apiJSON } from "./api.js";
+import { apiJSON, initTokenBar } from "./api.js";
 import { drawHistory } from "./chart.js";
 import { initChat } from "./chat.js";
 import { initJobs } from "./jobs.js";
@@ -104,6 +104,7 @@ function every(ms, fn) {
 
 function init() {
   historyCanvas.dataset.updates = "0";
+  initTokenBar();
   initChat();
   initJobs();
   initQueue();

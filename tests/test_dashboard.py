@@ -325,6 +325,24 @@ def test_token_is_asked_once_and_kept_for_the_tab(page: Any,
     assert not page.is_visible("#token-input"), "asked once per tab"
 
 
+def test_a_dismissed_token_form_stays_dismissed_until_asked_for(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # Escape closed it, and the next poll's 401 opened it again, nine times in ten seconds.
+    server = make_server(env={"OFFLOAD_API_TOKEN": "tab-secret-2-4b9e1d"})
+    page.goto(server.url)
+    page.wait_for_selector("#token-input", state="visible", timeout=15_000)
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#token-needed", state="visible", timeout=5_000)
+    time.sleep(4)  # the pollers ask again and again, and are refused
+    assert page.is_hidden("#token-dialog")
+    page.click("#token-ask")
+    page.fill("#token-input", "tab-secret-2-4b9e1d")
+    page.press("#token-input", "Enter")
+    page.wait_for_function("Number(document.querySelector('#history-chart')"
+                           ".dataset.updates || 0) >= 2", timeout=15_000)
+    assert page.is_hidden("#token-needed")
+
+
 def test_jobs_table_shows_a_chats_tokens(page: Any, server: Server) -> None:
     job_id = httpx.post(f"{server.url}/api/ai_chat_async", json={
         "messages": [{"role": "user", "content": "hi"}]}).json()["job_id"]
