@@ -80,6 +80,10 @@ class Sink:
         raise NotImplementedError
 
 
+OUTPUT_MAX_CHARS = 1_000_000  # a job's output in its job file; a chat's reply is far less
+OUTPUT_CUT = "\n[output cut at 1,000,000 characters: the rest is in the job's log]\n"
+
+
 class Job:
     """The running job as a runner sees it: its input, and ways to report."""
 
@@ -88,6 +92,8 @@ class Job:
         self.data_dir = data_dir  # Offload's data folder; None when run without a job file
         self._sink = sink
         self._chunks: list[str] = [data.get(p.F_OUTPUT) or ""]
+        self._length = len(self._chunks[0])
+        self._cut = False  # past OUTPUT_MAX_CHARS: the rest goes to the log
         self.lock = threading.Lock()
 
     @property
@@ -126,11 +132,20 @@ class Job:
         self._sink.changed(self)
 
     def emit(self, text: str) -> None:
-        """Append partial output (a chat's tokens as they stream)."""
+        """Append partial output (a chat's tokens as they stream). Past OUTPUT_MAX_CHARS
+        it goes to the log instead: the job file is written again at every change and
+        read whole by every follower, so it must stay small. Cut, not shifted: the
+        output only ever grows, which the event streams' positions rely on."""
         if not text:
             return
         with self.lock:
-            self._chunks.append(text)
+            kept = "" if self._cut else text[:OUTPUT_MAX_CHARS - self._length]
+            if not self._cut:
+                self._cut = len(kept) < len(text)
+                self._chunks.append(kept + OUTPUT_CUT if self._cut else kept)
+                self._length += len(kept)
+        if len(kept) < len(text):
+            print(text[len(kept):], end="", flush=True)  # the rest, in the log
         self._sink.changed(self)
 
     def snapshot(self) -> dict[str, Any]:

@@ -8,7 +8,8 @@ Input: {"seconds": float, "steps": int (progress updates, default 10),
         "exit_code": int (exit abruptly with this code, without a final state),
         "fail": str (raise an error with this message),
         "spew": bool (print lines to the log as fast as it can for the whole time),
-        "linger_s": float (live on this long after its final state is written)}
+        "linger_s": float (live on this long after its final state is written),
+        "emit": int (emit this many characters of output, in pieces of 100,000)}
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def execute(job: base.Job) -> dict[str, Any]:
         import signal
 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for _ in range(0, int(job.input.get("emit", 0)), 100_000):
+        job.emit("0123456789" * 10_000)
     if "exit_code" in job.input:
         os._exit(int(job.input["exit_code"]))
     if job.input.get("fail"):

@@ -374,3 +374,22 @@ def test_old_machine_metrics_are_dropped_by_a_leader_that_lasts_a_moment(
         wait_for(only_new, timeout=30, what="the old samples dropped")
     finally:
         stop_process(supervisor)
+
+
+def test_a_runners_output_stops_growing_in_its_job_file(make_server: MakeServer) -> None:
+    # Every change rewrote the whole job file, and every follower read it whole: a kind
+    # that emitted without end made both cost more with each piece, for good.
+    from runners.base import OUTPUT_CUT, OUTPUT_MAX_CHARS
+
+    server = make_server(env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    with server.client() as client:
+        job_id = client.post("/api/jobs", json={"kind": "probe", "input": {
+            "seconds": 0, "emit": 1_500_000}}).json()["id"]
+        job = wait_for(lambda: (j := client.get(f"/api/jobs/{job_id}").json())["state"]
+                       in p.FINAL_STATES and j, 60, 0.1, "the job to end")
+        log = client.get(f"/api/jobs/{job_id}/log").text
+    assert job["state"] == "completed", job["error"]
+    assert len(job["output"]) == OUTPUT_MAX_CHARS + len(OUTPUT_CUT)
+    assert job["output"].endswith(OUTPUT_CUT) and job["output"].startswith("0123456789")
+    assert (server.data_dir / "jobs" / job_id / p.JOB_FILE).stat().st_size < 1_100_000
+    assert log.count("0123456789") >= 50_000  # the rest went to the log
