@@ -31,7 +31,7 @@ class Request(BaseModel):
     def _no_flag_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, bool) and info.field_name is not None:
             annotation = cls.model_fields[info.field_name].annotation
-            if annotation is not bool and bool not in get_args(annotation):
+            if {int, float} & {annotation, *get_args(annotation)}:
                 raise ValueError(f"{str(value).lower()} is no {info.field_name}: give a number")
         return value
 

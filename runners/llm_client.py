@@ -59,14 +59,16 @@ class Config:
         return {"Authorization": f"Basic {self._basic}"} if self._basic else {}
 
     def redact(self, text: str) -> str:
-        """`text` without the key, the URL's password or their Basic form, also where it
-        ends partway into one (a body read only in part)."""
+        """`text` without the key, the URL's password or their Basic form, as they are or
+        JSON-escaped (a body that could not be decoded, cut short), also where it ends
+        partway into one (a body read only in part; quoted, as a repr shows it)."""
         for secret in (self.api_key, self._secret, self._basic):
-            if secret:
-                text = text.replace(secret, "[redacted]")
-                for n in range(len(secret) - 1, MIN_SECRET_PART - 1, -1):
-                    if text.endswith(secret[:n]):
-                        text = text[:-n] + "[redacted]"
+            for form in _written_forms(secret):
+                text = text.replace(form, "[redacted]")
+                body = text.rstrip("'\"")
+                for n in range(len(form) - 1, MIN_SECRET_PART - 1, -1):
+                    if body.endswith(form[:n]):
+                        text = body[:-n] + "[redacted]" + text[len(body):]
                         break
         return text
 
@@ -86,6 +88,16 @@ class Config:
         first = env.get("OFFLOAD_LLM_FIRST_TOKEN_S")
         return cls(url, env.get("OPENAI_API_KEY") or None, env.get("OFFLOAD_LLM_MODEL") or None,
                    float(first) if first else FIRST_TOKEN_TIMEOUT_S)
+
+
+def _written_forms(secret: str | None) -> list[str]:
+    """A secret as a server may send it back: as it is, or escaped in JSON ("/" as "\\/",
+    each character as \\uXXXX), the longest first."""
+    if not secret:
+        return []
+    forms = {secret, json.dumps(secret)[1:-1], secret.replace("/", "\\/"),
+             "".join(f"\\u{ord(c):04x}" for c in secret)}
+    return sorted(forms, key=len, reverse=True)
 
 
 def _userinfo(url: str) -> tuple[str | None, str | None]:

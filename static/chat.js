@@ -13,6 +13,7 @@ const history = [];         // [{role, content}] sent with every new message
 let pending = null;         // the newest reply awaited: Cancel stops it, Send waits for it
 const live = [];            // every turn followed to its end, oldest first
 let restoring = false;      // earlier turns still loading: a new one waits for them
+let forgetting = false;     // the conversation being deleted: no new turn meanwhile
 
 let form, input, sendBtn, cancelBtn, forgetBtn, forgetNote, log;
 
@@ -222,14 +223,15 @@ function updateButtons() {
   const busy = Boolean(pending);
   cancelBtn.hidden = !busy;
   cancelBtn.disabled = !busy;
-  sendBtn.disabled = busy || restoring;
-  forgetBtn.disabled = restoring;
+  sendBtn.disabled = busy || restoring || forgetting;
+  forgetBtn.disabled = restoring || forgetting;
 }
 
 // ---- actions ----------------------------------------------------------------
 
 async function send(text) {
-  addUser(text);
+  const session = SESSION;
+  const asked = addUser(text);
   const messages = [...history, { role: "user", content: text }];
   const li = addAssistant(null);
   part(li, "elapsed").textContent = "sending…";
@@ -242,6 +244,14 @@ async function send(text) {
     body: { messages, session_id: SESSION },
   });
   pending = null;
+  if (session !== SESSION) {
+    // Forgotten while it was being sent: it goes too (it may have landed after the erase).
+    asked.remove();
+    li.remove();
+    if (r.ok) apiJSON(`/api/sessions/${encodeURIComponent(session)}`, { method: "DELETE" });
+    updateButtons();
+    return;
+  }
   if (!r.ok || !r.data || !r.data.job_id) {
     setFinal(li, "failed", `Error: ${r.error || "no job id returned"}`, "");
     updateButtons();
@@ -268,10 +278,12 @@ async function cancel() {
  * then start a new one. */
 async function forget() {
   if (!window.confirm("Delete this conversation's questions, replies and logs from the server?")) return;
-  forgetBtn.disabled = true;
+  forgetting = true;
+  updateButtons();
   forgetNote.textContent = "Forgetting…";
   const r = await apiJSON(`/api/sessions/${encodeURIComponent(SESSION)}`, { method: "DELETE" });
-  forgetBtn.disabled = false;
+  forgetting = false;
+  updateButtons();
   if (!r.ok) {
     forgetNote.textContent = `Could not forget it: ${r.error || "no answer"}`;
     return;
@@ -324,7 +336,7 @@ export function initChat() {
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     const text = input.value.trim();
-    if (!text || pending || restoring) return;
+    if (!text || pending || restoring || forgetting) return;
     input.value = "";
     send(text).catch(() => { /* errors are rendered in the bubble */ });
   });

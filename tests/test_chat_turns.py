@@ -4,11 +4,14 @@ time per conversation: through the real server and supervisor, with a scripted L
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from jobs import protocol as p
@@ -161,10 +164,37 @@ def test_a_conversation_is_erased_with_all_it_left(make_server: MakeServer) -> N
             assert client.get(f"/api/jobs/{other['id']}").status_code == 200
             again = client.delete("/api/sessions/mine")
             assert again.json()["erased"] == 0
+            # A turn sent while it is forgotten is refused, or found and erased too.
+            llm.gate.clear()
+            busy = ask(client, "still thinking, once more", session_id="mine")
+            wait_for(lambda: client.get(f"/api/jobs/{busy}").json()["state"] == "running",
+                     30, 0.05, "a new turn to answer")
+            assert server.proc is not None
+            supervisor = next(proc for proc in psutil.Process(server.proc.pid).children()
+                              if "jobs.supervisor" in proc.cmdline())
+            answers: list[httpx.Response] = []
+            with httpx.Client(base_url=server.url, timeout=60) as eraser:
+                erasing = threading.Thread(target=lambda: answers.append(
+                    eraser.delete("/api/sessions/mine")))
+                supervisor.suspend()  # the answering turn's stop now takes a while
+                try:
+                    erasing.start()
+                    time.sleep(0.5)
+                    late = client.post("/api/ai_chat_async", json={
+                        "messages": [{"role": "user", "content": "sent while forgetting"}],
+                        "session_id": "mine"})
+                finally:
+                    supervisor.resume()
+                erasing.join(60)
+            assert late.status_code == 409, late.text
+            assert answers[0].status_code == 200, answers[0].text
+            assert "being forgotten" in late.json()["detail"]
+            assert client.get("/api/sessions/mine").json()["turns"] == []
         llm.gate.set()
     on_disk = "\n".join(f.read_text(errors="replace") for f in server.data_dir.rglob("*")
                         if f.is_file())
     assert "My name is Alice." not in on_disk and "still thinking" not in on_disk
+    assert "sent while forgetting" not in on_disk
     assert "A chat of another session" in on_disk
 
 

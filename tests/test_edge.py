@@ -353,7 +353,10 @@ def _escaped(text: str) -> str:
     {"status": 400, "error_body": '{"error": {"message": "bad key ' + _escaped(KEY) + '"}}'},
     # Cut off partway into the key (a proxy that shortens bodies).
     {"status": 400, "error_body": json.dumps({"error": {"message": "bad key " + KEY[:14]}})},
-], ids=["mid-reply", "slash-escaped", "unicode-escaped", "cut-off"])
+    # A body cut short, so not JSON: shown as it came, the key escaped in it.
+    {"status": 400, "error_body": '{"error": {"message": "bad key Bearer '
+                                  + KEY.replace("/", "\\/") + '", "param": nul'},
+], ids=["mid-reply", "slash-escaped", "unicode-escaped", "cut-off", "escaped-not-json"])
 def test_a_key_the_server_sends_back_is_never_shown(make_server: MakeServer,
                                                      echo: dict[str, Any]) -> None:
     with FakeLLM(pieces=["one ", "two"], auth=f"Bearer {KEY}", fail_times=None, **echo) as llm:
@@ -363,7 +366,8 @@ def test_a_key_the_server_sends_back_is_never_shown(make_server: MakeServer,
             assert job["state"] == "failed", job
             assert "[redacted]" in job["error"]["message"], job["error"]
             shown = _everything_shown(server, client, job["id"])
-    assert not [text[:300] for text in shown if KEY in text or KEY[:12] in text]
+    written = (KEY, KEY.replace("/", "\\/"), _escaped(KEY))  # as it is, or JSON-escaped
+    assert not [text[:300] for text in shown if any(form[:12] in text for form in written)]
 
 
 def test_what_a_failed_chat_said_stays_out_of_the_supervisors_log(

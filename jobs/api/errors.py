@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs.api.service import (
     AlreadyFinished,
+    BeingForgotten,
     IdempotencyConflict,
     KeyInFlight,
     NotRerunnable,
@@ -104,6 +105,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(IdempotencyConflict, _unprocessable)
     app.add_exception_handler(AlreadyFinished, _conflict)
     app.add_exception_handler(NotRerunnable, _not_rerunnable)
+    app.add_exception_handler(BeingForgotten, _not_rerunnable)
     app.add_exception_handler(KeyInFlight, _key_in_flight)
     app.add_exception_handler(Overloaded, _overloaded)
     app.add_exception_handler(StoreUnavailable, _unavailable)

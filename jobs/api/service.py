@@ -88,6 +88,10 @@ class NotRerunnable(Exception):
     """A job still queued or running was asked to run again."""
 
 
+class BeingForgotten(Exception):
+    """A turn sent to a conversation while it is being forgotten."""
+
+
 class IdempotencyConflict(ValueError):
     pass
 
@@ -110,6 +114,9 @@ class _Key:
     fingerprint: str  # of the request's body
 
 
+ERASE_ROUNDS = 3  # a conversation's turns listed, stopped and deleted again, at most
+
+
 class JobService:
     def __init__(self, settings: Settings, store: JobStore,
                  metrics: MetricsReader | None = None) -> None:
@@ -121,6 +128,7 @@ class JobService:
         # these (picked by the session): two submissions of one session through this
         # worker never both follow the same job, and other sessions seldom wait.
         self._turn_locks = [threading.Lock() for _ in range(TURN_LOCKS)]
+        self._forgetting: set[str] = set()  # sessions being erased: no new turn meanwhile
 
     # -- submit ------------------------------------------------------------------------
 
@@ -173,6 +181,9 @@ class JobService:
         job_input = self._with_context(kind, job_input, load.counts)
         session = p.chat_session(kind, job_input)
         with self._turn_lock(session) if session else contextlib.nullcontext():
+            if session in self._forgetting:
+                raise BeingForgotten("this conversation is being forgotten: start a new one "
+                                     "(another session_id)")
             job_id = p.new_id()
             if key is not None:
                 try:
@@ -408,16 +419,31 @@ class JobService:
     async def erase_session(self, session_id: str) -> tuple[int, list[str]]:
         """Forget a conversation: its turns still answering are stopped first, then every
         job of the session is deleted with all it left (job file, log, records, its
-        Idempotency-Key). The number erased, and the turns still stopping (kept)."""
-        jobs = await run_in_threadpool(self.store.session_jobs, session_id)
-        live = [job[p.F_ID] for job in jobs if job.get(p.F_STATE) not in p.FINAL_STATES]
-        now = await self._stopped(live) if live else {}
-        stopping = [job_id for job_id, job in now.items()
-                    if job.get(p.F_STATE) not in p.FINAL_STATES]
-        erased = [job[p.F_ID] for job in jobs if job[p.F_ID] not in stopping]
-        for job_id in erased:
-            await run_in_threadpool(self.store.remove, job_id)
-        return len(erased), stopping
+        Idempotency-Key). This worker takes no new turn of it meanwhile; one that another
+        worker took is found by the next round. The number erased, and the turns still
+        stopping (kept)."""
+        with self._turn_lock(session_id):
+            self._forgetting.add(session_id)
+        erased = 0
+        try:
+            for _ in range(ERASE_ROUNDS):
+                jobs = await run_in_threadpool(self.store.session_jobs, session_id)
+                if not jobs:
+                    break
+                live = [job[p.F_ID] for job in jobs if job.get(p.F_STATE) not in p.FINAL_STATES]
+                now = await self._stopped(live) if live else {}
+                stopping = [job_id for job_id, job in now.items()
+                            if job.get(p.F_STATE) not in p.FINAL_STATES]
+                for job in jobs:
+                    if job[p.F_ID] not in stopping:
+                        await run_in_threadpool(self.store.remove, job[p.F_ID])
+                        erased += 1
+                if stopping:
+                    return erased, stopping
+            return erased, []
+        finally:
+            with self._turn_lock(session_id):
+                self._forgetting.discard(session_id)
 
 
 def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch,

@@ -98,6 +98,7 @@ class LocalLauncher(Launcher):
                              name=f"wait-{p.id_of(job_file)[:8]}").start()
             synced = None if ahead is None else self._claims.submit(p.sync_claim, job_file)
             taken = self._spares.take(module, job_file) if self._spares is not None else None
+            # Raises only while no runner of the job exists: it starts one or none.
             runner = processes.spawn(module, job_file, self.runner_env, self._forker, taken)
         except BaseException as exc:
             started.cancel()

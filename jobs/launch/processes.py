@@ -109,12 +109,14 @@ def spawn(module: str, job_file: Path, env: dict[str, str] | None = None,
     if child is None:
         child, _ = new_interpreter(argv, runner_env(env), log_path)
     runner = Runner(p.id_of(job_file), child.pid, None, child)
+    # From here on its runner exists: nothing may raise (the caller would take the job
+    # for one that never started, and run it again).
     try:
         proc = psutil.Process(child.pid)
         runner.create_time = created(child.pid)
         _lower_priority(proc)
-    except psutil.Error:
-        pass  # exited already (it stays a zombie until waited, so this is rare); reaped later
+    except (psutil.Error, OSError):  # exited already (reaped later), or out of file handles
+        pass
     return runner
 
 

@@ -27,6 +27,7 @@ import random
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -149,6 +150,7 @@ class Supervisor:
         self.counters = JobCounters()  # read from its file once this supervisor leads
         self._counters_read = False
         self._counters_unread = False  # said so in the log
+        self._unsure_final: list[str] = []  # final jobs found before the counters were read
         self._counters_saved = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
@@ -174,6 +176,9 @@ class Supervisor:
         `lead_within_s`, return if another supervisor still leads after that long."""
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
+        # A thread of the passes' own: one pass at a time, and one put off (no thread
+        # could be started) never runs later on a thread of the loop's, beside the next.
+        self._passes = ThreadPoolExecutor(1, thread_name_prefix="supervisor-pass")
         give_up_at = None if lead_within_s is None else time.monotonic() + lead_within_s
         try:
             while True:
@@ -184,6 +189,7 @@ class Supervisor:
                 await self._pass()
                 await self._sleep(self._idle_s() if self.is_leader else LEADER_RETRY_S)
         finally:
+            self._passes.shutdown(wait=False, cancel_futures=True)  # none after the release
             self.release()
 
     def _idle_s(self) -> float:
@@ -197,7 +203,7 @@ class Supervisor:
         """One tick in a worker thread. Cancelled meanwhile, it still waits for the tick
         to end, so a stopped supervisor never launches after it released the lock."""
         try:
-            tick = asyncio.get_running_loop().run_in_executor(None, self.tick)
+            tick = asyncio.get_running_loop().run_in_executor(self._passes, self.tick)
         except RuntimeError as exc:  # no thread can be started now (a limit on processes)
             log.warning("supervisor pass put off: %s", exc)
             return  # the next pass tries again: the supervisor lives on
@@ -334,7 +340,7 @@ class Supervisor:
             return False
         self.is_leader = True
         self.counters = JobCounters()
-        self._counters_read = False
+        self._counters_read, self._unsure_final = False, []
         self._read_counters()  # as the last leader left them
         log.info("supervisor leads %s (pid %s)", self.dir, os.getpid())
         return True
@@ -388,7 +394,9 @@ class Supervisor:
             self._adopt(job_id, data)
         else:  # final, or no state at all (the API reads it as corrupt): never rewritten
             self._known_final.add(job_id)
-            if state in p.FINAL_STATES and self.counters.missed(data):
+            if state in p.FINAL_STATES and not self._counters_read:
+                self._unsure_final.append(job_id)  # counted or not, the file will say
+            elif state in p.FINAL_STATES and self.counters.missed(data):
                 self.counters.ended(data)
 
     def _enqueue(self, job_id: str, data: dict[str, Any]) -> None:
@@ -666,6 +674,11 @@ class Supervisor:
             self._counters_unread = True
             return False
         self._counters_unread = False
+        for job_id in self._unsure_final:  # found final while the file could not be read
+            data = p.read_json_or_none(self._file(job_id))
+            if data is not None and data.get(p.F_STATE) in p.FINAL_STATES and saved.missed(data):
+                saved.ended(data)
+        self._unsure_final = []
         saved.add(self.counters)
         self.counters, self._counters_read = saved, True
         return True
