@@ -302,6 +302,7 @@ function takeStream(signal) {
       if (signal && signal.aborted) { resolve(false); return true; }
       if (streamsOpen >= MAX_STREAMS || document.hidden) return false;
       streamsOpen += 1;
+      if (signal) signal.removeEventListener("abort", wakeStreamWaiters);
       resolve(true);
       return true;
     };
