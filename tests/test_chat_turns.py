@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -179,7 +178,8 @@ def test_a_conversation_is_erased_with_all_it_left(make_server: MakeServer) -> N
                 supervisor.suspend()  # the answering turn's stop now takes a while
                 try:
                     erasing.start()
-                    time.sleep(0.5)
+                    wait_for(lambda: (jobs / busy / p.STOP_FILE).exists(), 30, 0.02,
+                             "the erase to ask the answering turn to stop")
                     late = client.post("/api/ai_chat_async", json={
                         "messages": [{"role": "user", "content": "sent while forgetting"}],
                         "session_id": "mine"})
