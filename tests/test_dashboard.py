@@ -149,8 +149,11 @@ def test_a_message_waits_for_the_earlier_turns_to_load(page: Any, server: Server
     page.evaluate("localStorage.setItem('offload-session', 'slow-restore')")
     page.route("**/api/sessions/**", lambda route: held.append(route))
     page.reload()
-    page.wait_for_function("document.querySelector('#chat-send').disabled", timeout=20_000)
+    deadline = time.monotonic() + 20
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
     assert held, "the page asked for the session's turns"
+    assert page.is_disabled("#chat-send")
     page.fill("#chat-input", "What is my name?")
     page.press("#chat-input", "Enter")  # not sent yet
     held[0].continue_()
@@ -544,7 +547,10 @@ def test_a_page_holds_two_streams_at_most(page: Any, make_server: Callable[..., 
                 page.reload()
                 for job_id in ids:
                     page.wait_for_selector(f"#chat-log li[data-job-id='{job_id}']")
-                time.sleep(1)
+                deadline = time.monotonic() + 20
+                while len(open_streams) < 2 and time.monotonic() < deadline:
+                    page.wait_for_timeout(100)
+                page.wait_for_timeout(1000)  # room for more, had the page opened more
                 held = len(open_streams)  # the first turn answering, the rest queued
                 # Hidden behind another tab (as the browser says it), it holds none.
                 page.evaluate(HIDE_PAGE, True)
