@@ -81,7 +81,7 @@ class Sink:
 
 
 OUTPUT_MAX_CHARS = 1_000_000  # a job's output in its job file; a chat's reply is far less
-OUTPUT_CUT = "\n[output cut at 1,000,000 characters: the rest is in the job's log]\n"
+OUTPUT_CUT = f"\n[output cut at {OUTPUT_MAX_CHARS:,} characters: the rest is in the job's log]\n"
 
 
 class Job:
@@ -139,14 +139,16 @@ class Job:
         if not text:
             return
         with self.lock:
-            kept = "" if self._cut else text[:OUTPUT_MAX_CHARS - self._length]
-            if not self._cut:
+            was_cut = self._cut
+            kept = "" if was_cut else text[:OUTPUT_MAX_CHARS - self._length]
+            if not was_cut:
                 self._cut = len(kept) < len(text)
                 self._chunks.append(kept + OUTPUT_CUT if self._cut else kept)
                 self._length += len(kept)
         if len(kept) < len(text):
             print(text[len(kept):], end="", flush=True)  # the rest, in the log
-        self._sink.changed(self)
+        if not was_cut:  # once cut, the job file has nothing new to say
+            self._sink.changed(self)
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:

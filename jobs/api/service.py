@@ -410,6 +410,8 @@ class JobService:
         while True:
             await asyncio.sleep(0.05)
             for job_id in job_ids:
+                if jobs.get(job_id, {}).get(p.F_STATE) in p.FINAL_STATES:
+                    continue  # final stays final: not read again
                 with contextlib.suppress(JobNotFound):
                     jobs[job_id] = await run_in_threadpool(self.store.read, job_id)
             if time.monotonic() > deadline or all(
