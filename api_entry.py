@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -30,23 +31,16 @@ from jobs.api import (
 )
 from jobs.api.guards import BodyLimit, HostOriginGuard
 from jobs.api.lifespan import lifespan
-from jobs.kinds import registry
+from jobs.kinds import KindClash, registry
 from jobs.protocol import private_files
-from jobs.settings import MAX_BODY_BYTES, get_settings
+from jobs.schedules import ScheduleError
+from jobs.settings import MAKE_TOKEN, MAX_BODY_BYTES, Settings, get_settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def create_app() -> FastAPI:
-    try:
-        settings = get_settings()  # refuses a weak OFFLOAD_API_TOKEN, however it is served
-    except ValidationError as exc:  # said as such, not as a traceback through uvicorn's
-        print(settings_problem(exc), file=sys.stderr, flush=True)
-        # 3: gunicorn's "worker failed to boot", so its master stops instead of booting
-        # workers again and again.
-        raise SystemExit(3) from None
-    registry()  # a job kind defined twice stops the start
-    schedules.schedule_file()  # and so does a schedules file that cannot be used
+    settings = usable_settings()
     # /docs from files installed with the app: no CDN, no third-party script beside the
     # token. No /redoc: ReDoc loads its logo from its CDN, whatever its options.
     app = FastAPIOffline(title="Offload", version=routes_status.VERSION, lifespan=lifespan,
@@ -70,10 +64,32 @@ def create_app() -> FastAPI:
     return app
 
 
-def settings_problem(exc: ValidationError) -> str:
-    lines = [f"  {'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors()]
-    return "\n".join(["Offload cannot start: a setting is wrong (set in the environment or "
-                      "in .env):", *lines])
+def usable_settings() -> Settings:
+    """The settings, or a stop that says what to mend: a setting to change is said as
+    such, not as a traceback through uvicorn's or gunicorn's."""
+    try:
+        settings = get_settings()  # refuses a weak OFFLOAD_API_TOKEN, however it is served
+        registry()  # a job kind defined twice stops the start
+        schedules.schedule_file()  # and so does a schedules file that cannot be used
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, error['loc']))}: {error['msg']}"
+                 for error in exc.errors()]
+        cannot_start("\n".join(["a setting is wrong (set in the environment or in .env):",
+                                *lines]))
+    except (KindClash, ScheduleError) as exc:
+        cannot_start(str(exc))
+    if not settings.host_is_loopback and settings.api_token is None:
+        cannot_start(f"refusing to serve on {settings.host} without OFFLOAD_API_TOKEN: "
+                     "anyone on the network could run jobs. Set OFFLOAD_API_TOKEN (make one "
+                     f"with: {MAKE_TOKEN}) or listen on 127.0.0.1.")
+    return settings
+
+
+def cannot_start(problem: str) -> NoReturn:
+    print(f"Offload cannot start: {problem}", file=sys.stderr, flush=True)
+    # 3: gunicorn's "worker failed to boot", so its master stops instead of booting
+    # workers again and again.
+    raise SystemExit(3)
 
 
 app = create_app()
@@ -93,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     private_files()  # before anything is written; the app's lifespan does it for uvicorn's CLI
     os.environ["OFFLOAD_HOST"] = args.host  # the app checks the token rule against it
     get_settings.cache_clear()
+    usable_settings()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(app, host=args.host, port=args.port, access_log=not args.no_access_log)

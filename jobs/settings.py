@@ -9,6 +9,7 @@ its tokens on the embedded model) are in runners/.
 from __future__ import annotations
 
 import ipaddress
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +64,7 @@ OUTPUT_CAP_S = 5.0  # how often the supervisor cuts the outputs of its helper pr
 # in their own environment.
 SECRET_ENV = frozenset({"OPENAI_API_KEY"})
 API_TOKEN_ENV = "OFFLOAD_API_TOKEN"  # the API's alone: no other process of Offload gets it
+ENV_FILE_ENV = "OFFLOAD_ENV_FILE"  # set by the API for the supervisor: see env_file()
 MIN_TOKEN_CHARS = 16
 MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
@@ -161,6 +163,7 @@ class Settings(BaseSettings):
     # OFFLOAD_MAX_CONCURRENT, at most DEFAULT_LLM_SLOTS.
     llm_slots: int | None = Field(None, ge=1, le=64)
     llm_engine: Literal["auto", "llama-server", "llama-cpp-python"] = "auto"
+    local_model: str | None = None  # a GGUF file for the embedded model, not the packaged one
     stop_grace_s: float = Field(STOP_GRACE_S, gt=0)
     launcher: Literal["local", "ray"] = "local"
     ray_address: str = DEFAULT_RAY_ADDRESS
@@ -307,6 +310,12 @@ def _naming_variables(exc: ValidationError) -> ValidationError:
     return ValidationError.from_exception_data(exc.title, details, hide_input=True)
 
 
+def env_file() -> str:
+    """The `.env` file read beside the environment: the working folder's, or for a process
+    the API starts (in the project's folder), the one the API read."""
+    return os.path.abspath(os.environ.get(ENV_FILE_ENV) or ".env")
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    return Settings(_env_file=env_file())

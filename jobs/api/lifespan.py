@@ -30,7 +30,6 @@ from jobs.settings import (
     HISTORY_KEEP_S,
     HISTORY_SAMPLE_S,
     INDEX_REFRESH_S,
-    MAKE_TOKEN,
     get_settings,
 )
 from jobs.store.job_store import JobStore
@@ -44,10 +43,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings = get_settings()
     # Here, not only in api_entry.main: uvicorn and gunicorn import the app without it.
     make_private(settings.data_dir)
-    if not settings.host_is_loopback and settings.api_token is None:
-        raise RuntimeError(f"refusing to serve on {settings.host} without OFFLOAD_API_TOKEN: "
-                           "anyone on the network could run jobs. Set OFFLOAD_API_TOKEN (make "
-                           f"one with: {MAKE_TOKEN}) or listen on 127.0.0.1.")
     # A worker thread doing Python work (reading job files, say) holds the GIL for up to
     # the switch interval before the event loop gets it back: 5 ms by default.
     sys.setswitchinterval(GIL_SWITCH_S)

