@@ -29,7 +29,7 @@ from jobs.api import (
     routes_metrics,
     routes_status,
 )
-from jobs.api.guards import BodyLimit, HostOriginGuard
+from jobs.api.guards import BodyLimit, RequestGuard
 from jobs.api.lifespan import lifespan
 from jobs.kinds import KindClash, registry
 from jobs.protocol import private_files
@@ -59,7 +59,7 @@ def create_app() -> FastAPI:
                            allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key",
                                           "Last-Event-ID"])
-    app.add_middleware(HostOriginGuard, settings=settings)  # outermost: every path
+    app.add_middleware(RequestGuard, settings=settings)  # outermost: every path
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     return app
 

@@ -265,6 +265,7 @@ def _stream(config: Config, response: http.client.HTTPResponse,
             on_text: Callable[[str], None]) -> Reply:
     reply = Reply()
     parts: list[str] = []
+    held = ""  # a character's first surrogate half, sent as a JSON escape: its second comes next
     finished = False
     try:
         for event in _events(response, _in_time(config, reply, parts)):
@@ -280,7 +281,7 @@ def _stream(config: Config, response: http.client.HTTPResponse,
             for choice in chunk.get("choices") or []:
                 if not isinstance(choice, dict):
                     continue
-                text = _text_of(choice.get("delta"))
+                text, held = _held_back(held + _text_of(choice.get("delta")))
                 if text:
                     if not parts and response.fp is not None:
                         _set_timeout(response, STALL_TIMEOUT_S)
@@ -302,9 +303,18 @@ def _stream(config: Config, response: http.client.HTTPResponse,
     if not finished and reply.finish_reason is None:
         raise _fail(f"the LLM server's stream ended before the reply was complete (after "
                     f"{len(parts)} pieces); the partial reply is kept", transient=True)
-    reply.text = "".join(parts)
+    tail = p.readable(held)  # a first half never followed by its second: U+FFFD, or none
+    on_text(tail)
+    reply.text = "".join(parts) + tail
     reply.pieces = len(parts)
     return reply
+
+
+def _held_back(text: str) -> tuple[str, str]:
+    """`text` readable, less a last character's first surrogate half: its second half
+    comes in the next piece."""
+    held = text[-1] if text and "\ud800" <= text[-1] <= "\udbff" else ""
+    return p.readable(text[:len(text) - len(held)]), held
 
 
 def _text_of(message: object) -> str:
@@ -322,7 +332,7 @@ def _whole(response: http.client.HTTPResponse, on_text: Callable[[str], None]) -
     try:
         data = _parse(response.read().decode("utf-8", errors="replace"))
         choice = (data.get("choices") or [{}])[0]
-        text = _text_of(choice.get("message"))
+        text = p.readable(_text_of(choice.get("message")))
     except (OSError, http.client.HTTPException, AttributeError, IndexError) as exc:
         raise _fail(f"the LLM server's answer could not be read: {_reason(exc)}") from exc
     reply = Reply()

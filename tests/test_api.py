@@ -224,17 +224,27 @@ def test_bad_ids_are_404_for_every_job_route(server: Server, path: str) -> None:
 
 
 def test_a_wrong_method_is_405_and_an_unknown_path_404(server: Server) -> None:
+    # Every method: OPTIONS, TRACE and methods of one's own reached the static files, whose
+    # 405 said `Allow: GET, HEAD` for any path.
     with server.client() as client:
-        for method, path, allowed in [("PUT", "/api/queue", "GET"),
-                                      ("POST", "/api/history", "GET"),
-                                      ("PATCH", "/api/jobs/" + "a" * 32, "DELETE, GET")]:
+        for method, path, takes in [("PUT", "/api/queue", "GET, HEAD"),
+                                    ("POST", "/api/history", "GET, HEAD"),
+                                    ("TRACE", "/api/queue/pause", "POST"),
+                                    ("FOO", "/api/jobs", "GET, HEAD, POST"),
+                                    ("PATCH", "/api/jobs/" + "a" * 32, "DELETE, GET, HEAD")]:
             answer = client.request(method, path)
             assert answer.status_code == 405, (method, path, answer.text[:200])
-            assert answer.headers["allow"] == allowed
-            assert f"takes {allowed}, not {method}" in answer.json()["detail"]
-        for method in ("GET", "PUT", "DELETE"):
+            assert answer.headers["allow"] == ", ".join(sorted([*takes.split(", "), "OPTIONS"]))
+            assert f"takes {takes}, not {method}" in answer.json()["detail"]
+        options = client.options("/api/jobs")
+        assert options.status_code == 204 and options.headers["allow"] == "GET, HEAD, OPTIONS, POST"
+        for method in ("GET", "PUT", "DELETE", "OPTIONS", "TRACE"):
             answer = client.request(method, "/api/nothing/here")
             assert answer.status_code == 404 and "no API route" in answer.json()["detail"]
+        # HEAD is GET without the body, as uptime checks send it.
+        for path in ("/api/health", "/metrics"):
+            head = client.head(path)
+            assert head.status_code == 200 and head.content == b"", (path, head.status_code)
 
 
 def test_bad_bodies_get_clear_4xx(server: Server) -> None:

@@ -141,6 +141,22 @@ def test_a_second_message_waits_for_the_first_and_sees_its_reply(
     assert asked[3][1:] == [{"role": "user", "content": "third question"}]
 
 
+def test_a_conversation_whose_id_holds_a_slash_is_read_and_erased(
+        make_server: MakeServer) -> None:
+    # Any string up to 200 characters is a session id: "team/alice" was taken, and then
+    # could be neither read back nor forgotten (a 404: no such route).
+    with FakeLLM(pieces=["Noted."]) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        with server.client() as client:
+            turn = final(client, ask(client, "My secret", session_id="team/alice"))
+            read = client.get("/api/sessions/team%2Falice")
+            assert read.status_code == 200, read.text
+            assert [t["job_id"] for t in read.json()["turns"]] == [turn["id"]]
+            erased = client.delete("/api/sessions/team%2Falice")
+            assert erased.json() == {"session_id": "team/alice", "erased": 1}, erased.text
+            assert client.get(f"/api/jobs/{turn['id']}").status_code == 404
+
+
 def test_a_conversation_is_erased_with_all_it_left(make_server: MakeServer) -> None:
     # A user's chats are theirs: they could not be deleted, only wait out the retention
     # (72 h by default), questions, replies and logs on disk until then.

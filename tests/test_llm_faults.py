@@ -176,3 +176,18 @@ def test_expert_prompt_and_context_reach_the_server(
     assert "CPU average 12%." in system["content"]
     assert body["messages"][1] == QUESTION["messages"][0]
     assert body["max_tokens"] == 77 and body["temperature"] == 0.3
+
+
+def test_a_character_split_between_pieces_is_joined(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    """A server that escapes characters beyond the BMP as JSON surrogate pairs can split
+    one between two pieces (or send a half alone): the reply was lost before, its runner
+    failing on each write (UTF-8 holds no half), and asked twice."""
+    pieces = ["Hi \ud83d", "\ude00 there", ", lone \udc00 half", " and \ud83d"]
+    with FakeLLM(pieces=pieces) as llm:
+        job = run_chat(make_supervisor, llm.base_url)
+        asked = len(llm.requests)
+    assert job["state"] == "completed", job
+    assert job["result"]["reply"] == job["output"] == (
+        "Hi \U0001f600 there, lone \ufffd half and \ufffd")
+    assert asked == 1

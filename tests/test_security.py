@@ -36,14 +36,22 @@ def _api_routes(client: httpx.Client) -> list[tuple[str, str]]:
 def test_token_checked_on_every_api_route(make_server: MakeServer) -> None:
     server = make_server(env={"OFFLOAD_API_TOKEN": TOKEN})
     with server.client() as client:
-        routes = _api_routes(client) + [("GET", "/api/no-such-route")]
+        routes = _api_routes(client) + [("GET", "/api/no-such-route"), ("GET", "/metrics"),
+                                        ("OPTIONS", "/api/jobs"), ("HEAD", "/api/health"),
+                                        ("TRACE", "/api/jobs")]
         assert len(routes) >= 12  # the schema really was read
         for method, path in routes:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
-                            {"Authorization": f"Basic {TOKEN}"}):
+                            {"Authorization": f"Basic {TOKEN}"}, {"Authorization": "Bearer"}):
                 answer = client.request(method, path, headers=headers)
                 assert answer.status_code == 401, (method, path, headers, answer.text)
                 assert TOKEN not in answer.text
+        # Before its body is read: a stranger learns nothing of what the API would take.
+        for body in (b"{bad", b"\xff", b'{"kind": "nope"}'):
+            answer = client.post("/api/jobs", content=body,
+                                 headers={"Content-Type": "application/json"})
+            assert answer.status_code == 401, (body, answer.text)
+            assert answer.headers["www-authenticate"] == "Bearer"
         good = {"Authorization": f"Bearer {TOKEN}"}
         assert client.get("/api/health", headers=good).status_code == 200
 

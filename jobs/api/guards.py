@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs.api.peer import CLOSED, PeerLookup, this_account
@@ -17,31 +17,25 @@ DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 CLOSED_DETAIL = "the connection closed before its account could be told"
 
 
-async def require_token(request: Request) -> None:
-    """With OFFLOAD_API_TOKEN set, every /api/* call needs `Authorization: Bearer <token>`."""
-    settings: Settings = request.app.state.settings
-    if settings.api_token is None:
-        return  # HostOriginGuard answers only the owner, on loopback
-    expected = settings.api_token.get_secret_value().encode()
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    # compare_digest: the time taken does not tell how much of the token was right.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), expected):
-        raise HTTPException(
-            401, "missing or wrong API token: send the header "
-                 "'Authorization: Bearer <token>' with the server's OFFLOAD_API_TOKEN",
-            headers={"WWW-Authenticate": "Bearer"})
+WRONG_TOKEN = ("missing or wrong API token: send the header 'Authorization: Bearer <token>' "
+               "with the server's OFFLOAD_API_TOKEN")
 
 
-class HostOriginGuard:
+class RequestGuard:
     """On every path (API, page, /docs): without a token only requests that arrive on a
     loopback address from the account that runs the server are answered (403 otherwise;
     the account is known on Linux), and only a Host naming loopback or listed in
-    OFFLOAD_ALLOWED_HOSTS, so a rebound DNS name reaches nothing (421); a state-changing
-    request from another site's page is refused (403), and no page shows in its frames."""
+    OFFLOAD_ALLOWED_HOSTS, so a rebound DNS name reaches nothing (421); with one, every
+    /api/* and /metrics request needs `Authorization: Bearer <token>` (401), checked
+    before its body is read. A state-changing request from another site's page is refused
+    (403), and no page shows in its frames. A HEAD under /api is answered as its GET
+    (the server leaves out the body)."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.check_host = settings.api_token is None  # with a token, the token protects
+        self.token = (settings.api_token.get_secret_value().encode()
+                      if settings.api_token is not None else None)
         self.peers = PeerLookup()
         self.owner = this_account()
         self.allowed_hosts = frozenset(settings.allowed_host_list)
@@ -58,32 +52,15 @@ class HostOriginGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        host = origin = b""
-        forwarded = False
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value
-            elif name == b"origin":
-                origin = value
-            elif name == b"x-forwarded-for":
-                forwarded = True
-        refusal = self._not_the_owner(scope, forwarded) if self.check_host else None
-        if refusal:
-            await _send_detail(send, 403, refusal)
+        refusal = self._refusal(scope, dict(scope["headers"]))
+        if refusal is not None:
+            status, detail = refusal
+            await _send_detail(send, status, detail,
+                               [(b"www-authenticate", b"Bearer")] if status == 401 else [])
             return
-        if self.check_host and not self._host_allowed(host):
-            await _send_detail(send, 421, (
-                "this server has no OFFLOAD_API_TOKEN, so it answers only requests for "
-                f"localhost, 127.0.0.1 or [::1], not for {host.decode('latin-1')[:100]!r}; "
-                "add that name to OFFLOAD_ALLOWED_HOSTS to serve it (or set OFFLOAD_API_TOKEN)"))
-            return
-        if origin and scope["method"] not in SAFE_METHODS and not self._origin_allowed(
-                scope["scheme"], host.decode("latin-1"), origin.decode("latin-1")):
-            await _send_detail(send, 403, (
-                f"refused: a page from {origin.decode('latin-1')[:100]!r} may not change "
-                "anything here; list its origin in OFFLOAD_CORS_ORIGINS to allow it"))
-            return
-        if scope["path"].startswith("/api/"):  # JSON and event streams: nothing to click
+        if scope["path"].startswith("/api/") or scope["path"] == "/metrics":  # nothing to click
+            if scope["method"] == "HEAD":  # a copy: the server still knows it for a HEAD
+                scope = {**scope, "method": "GET"}
             await self.app(scope, receive, send)
             return
 
@@ -94,6 +71,31 @@ class HostOriginGuard:
             await send(message)
 
         await self.app(scope, receive, send_framing_rules)
+
+    def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+        """The status and detail a request is refused with, if it is."""
+        host, origin = headers.get(b"host", b""), headers.get(b"origin", b"")
+        refusal = (self._not_the_owner(scope, b"x-forwarded-for" in headers)
+                   if self.check_host else None)
+        if refusal:
+            return 403, refusal
+        if self.check_host and not self._host_allowed(host):
+            return 421, (
+                "this server has no OFFLOAD_API_TOKEN, so it answers only requests for "
+                f"localhost, 127.0.0.1 or [::1], not for {host.decode('latin-1')[:100]!r}; "
+                "add that name to OFFLOAD_ALLOWED_HOSTS to serve it (or set OFFLOAD_API_TOKEN)")
+        if origin and scope["method"] not in SAFE_METHODS and not self._origin_allowed(
+                scope["scheme"], host.decode("latin-1"), origin.decode("latin-1")):
+            return 403, (f"refused: a page from {origin.decode('latin-1')[:100]!r} may not "
+                         "change anything here; list its origin in OFFLOAD_CORS_ORIGINS to "
+                         "allow it")
+        # A browser's CORS preflight never carries a token: OFFLOAD_CORS_ORIGINS answers it.
+        preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
+        if (self.token is not None and not preflight
+                and (scope["path"].startswith("/api/") or scope["path"] == "/metrics")
+                and not self._token_matches(headers.get(b"authorization", b""))):
+            return 401, WRONG_TOKEN
+        return None
 
     def _not_the_owner(self, scope: Scope, forwarded: bool) -> str | None:
         """Why a request is refused for its caller, if it is: without a token only the
@@ -125,6 +127,12 @@ class HostOriginGuard:
                     "gives you the token")
         return None
 
+    def _token_matches(self, authorization: bytes) -> bool:
+        assert self.token is not None
+        scheme, _, value = authorization.partition(b" ")
+        # compare_digest: the time taken does not tell how much of the token was right.
+        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self.token)
+
     def _host_allowed(self, host: bytes) -> bool:
         verdict = self._host_ok.get(host)
         if verdict is None:
@@ -142,11 +150,12 @@ class HostOriginGuard:
         return origin == f"{scheme}://{host}" or origin in self.origins
 
 
-async def _send_detail(send: Send, status: int, detail: str) -> None:
+async def _send_detail(send: Send, status: int, detail: str,
+                       headers: list[tuple[bytes, bytes]] | None = None) -> None:
     payload = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())]})
+                            (b"content-length", str(len(payload)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": payload})
 
 

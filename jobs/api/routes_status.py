@@ -6,12 +6,11 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.routing import compile_path
+from starlette.routing import Route, compile_path
 
 from jobs import protocol as p
-from jobs.api.guards import require_token
 from jobs.api.history import MetricsReader, short_job
 from jobs.api.keeper import SupervisorKeeper
 from jobs.api.predictor import NoModel, Predictor
@@ -31,7 +30,7 @@ def _installed_version() -> str:
 
 VERSION = _installed_version()  # pyproject.toml's, as installed
 
-router = APIRouter(prefix="/api", tags=["status"], dependencies=[Depends(require_token)])
+router = APIRouter(prefix="/api", tags=["status"])
 
 
 @router.get("/history")
@@ -82,15 +81,25 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
     }
 
 
-@router.api_route("/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
-                  include_in_schema=False)
-async def unknown_route(rest: str, request: Request) -> None:
-    """Anything else under /api is a 404 in JSON (never the dashboard's static files), or
-    a 405 naming the methods of the route that has this path."""
-    allowed = next((sorted(method.upper() for method in operations)
+async def unknown_route(request: Request) -> Response:
+    """Anything else under /api, whatever its method: a 404 in JSON (never the dashboard's
+    static files); on a route's path, OPTIONS answers the route's methods, and any other
+    method is a 405 naming them."""
+    rest = str(request.path_params["rest"])[:100]
+    methods = next(({method.upper() for method in operations}
                     for template, operations in request.app.openapi()["paths"].items()
                     if compile_path(template)[0].match(request.url.path)), None)
-    if allowed:
-        raise HTTPException(405, f"/api/{rest[:100]} takes {', '.join(allowed)}, not "
-                                 f"{request.method}", headers={"Allow": ", ".join(allowed)})
-    raise HTTPException(404, f"no API route /api/{rest[:100]}; see /docs for the routes")
+    if not methods:
+        raise HTTPException(404, f"no API route /api/{rest}; see /docs for the routes")
+    if "GET" in methods:
+        methods.add("HEAD")  # the guard answers it as a GET without the body
+    allow = {"Allow": ", ".join(sorted({*methods, "OPTIONS"}))}
+    if request.method == "OPTIONS":
+        return Response(status_code=204, headers=allow)
+    raise HTTPException(405, f"/api/{rest} takes {', '.join(sorted(methods))}, not "
+                             f"{request.method}", headers=allow)
+
+
+# Last, after every route of every router, and for any method (a Starlette route whose
+# methods are an empty set matches them all), so that no /api path reaches the static files.
+router.routes.append(Route("/api/{rest:path}", unknown_route, methods=[], include_in_schema=False))

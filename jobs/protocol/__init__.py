@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 import time
 from enum import Enum
@@ -266,12 +267,27 @@ def private_files() -> None:
         os.umask(PRIVATE_UMASK)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def readable(text: str) -> str:
+    """`text` with surrogate halves joined into their characters, and a half alone as
+    U+FFFD: JSON escapes can carry halves (a model server's `\\ud83d`), UTF-8 cannot."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def write_json(path: StrPath, data: dict[str, Any], durable: bool = False,
                sync_folder: bool = True) -> None:
     """Atomically replace `path`: a reader sees the old file or the new one, never half.
     `durable`: on disk before this returns (see `write_atomic`)."""
-    write_atomic(path, json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),
-                 durable, sync_folder)
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    try:
+        payload = text.encode()
+    except UnicodeEncodeError:  # a surrogate half: written readable rather than lost
+        payload = readable(text).encode()
+    write_atomic(path, payload, durable, sync_folder)
 
 
 def write_atomic(path: StrPath, payload: bytes, durable: bool = False,
