@@ -73,7 +73,10 @@ def _env_file() -> dict[str, str | None]:
         return {}
     from dotenv import dotenv_values  # the parser the server's settings use
 
-    return dotenv_values(".env")
+    try:
+        return dotenv_values(".env")
+    except (OSError, UnicodeError) as exc:
+        raise Failure(EXIT_USAGE, f"cannot read .env ({exc}); it must be UTF-8 text") from None
 
 
 def configured(url: str | None) -> tuple[str, str | None]:
@@ -104,6 +107,9 @@ def configured(url: str | None) -> tuple[str, str | None]:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Failure(EXIT_USAGE, f"the server's address {url!r} is not an http:// or "
                                   "https:// URL; like http://127.0.0.1:8001")
+    if parts.query or parts.fragment:  # the paths of the API are put after it
+        raise Failure(EXIT_USAGE, f"the server's address {url!r} has a query or fragment; "
+                                  "give its start alone, like http://127.0.0.1:8001")
     return url, value("OFFLOAD_API_TOKEN")
 
 
@@ -127,17 +133,23 @@ class Client:
     def _open(self, method: str, path: str, body: Any = None, timeout: float = REQUEST_TIMEOUT_S,
               headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
         data = None if body is None else json.dumps(body).encode()
+        headers = dict(headers or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        for name, value in headers.items():
+            _check_header(name, value)
         request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers=dict(headers or {}))
+                                         headers=headers)
         if data is not None:
             request.add_header("Content-Type", "application/json")
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
         try:
             response: http.client.HTTPResponse = self._opener.open(request, timeout=timeout)
             return response
         except urllib.error.HTTPError as exc:
             raise self._refusal(exc) from None
+        except UnicodeError as exc:  # a host name IDNA cannot encode (a label too long)
+            raise Failure(EXIT_USAGE, f"the server's address {self.url!r} cannot be "
+                                      f"used ({exc})") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise Unreachable(f"cannot reach Offload at {self.url}: {reason}. Is it running "
@@ -188,6 +200,9 @@ class Client:
         event_id = None
         with self._open("GET", f"/api/jobs/{job_path(job_id)}/events", timeout=STREAM_TIMEOUT_S,
                         headers=headers) as response:
+            if "text/event-stream" not in (response.getheader("Content-Type") or ""):
+                raise Failure(EXIT_SERVER, f"{self.url} answered no event stream: is it "
+                                           "Offload?")
             try:
                 for raw in response:
                     line = raw.decode("utf-8").rstrip("\r\n")
@@ -201,6 +216,20 @@ class Client:
             except ValueError:
                 raise Failure(EXIT_SERVER, f"{self.url} sent events that are not Offload's: "
                                            "is it Offload?") from None
+
+
+def _check_header(name: str, value: str) -> None:
+    """A header a request can carry: Latin-1, on one line (http.client would raise)."""
+    try:
+        value.encode("latin-1")
+    except UnicodeError:
+        pass
+    else:
+        if not any(c in value for c in "\r\n\0"):
+            return
+    what = "OFFLOAD_API_TOKEN" if name == "Authorization" else name
+    raise Failure(EXIT_USAGE, f"{what} holds characters a header cannot carry (letters "
+                              "beyond Latin-1, a line break); use ASCII")
 
 
 def job_path(job_id: str) -> str:
@@ -233,6 +262,9 @@ def follow(client: Client, job_id: str,
             if not job or (dropped_at is not None
                            and time.monotonic() - dropped_at > RECONNECT_S):
                 raise
+        if dropped_at is not None and time.monotonic() - dropped_at > RECONNECT_S:
+            raise Unreachable(f"the event stream from {client.url} kept ending before job "
+                              f"{job_id} did; see it with: offload show {job_id}")
         # Dropped, or closed before the final state: resume where it stopped.
         if dropped_at is None:
             dropped_at, pause = time.monotonic(), 0.25
@@ -473,6 +505,8 @@ def parse_input(text: str) -> dict[str, Any]:
     except ValueError as exc:
         raise Failure(EXIT_USAGE, f"{where} is not JSON ({exc}); give an object, like "
                                   """--input '{"seconds": 2}'""") from None
+    except RecursionError:
+        raise Failure(EXIT_USAGE, f"{where} is nested too deeply to be a job's input") from None
     if not isinstance(value, dict):
         raise Failure(EXIT_USAGE, f"{where} must be a JSON object, like "
                                   """--input '{"seconds": 2}'""")
@@ -487,6 +521,9 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
         if value is not None:
             body[field] = value
     # A retried submission with the same key gets the first one's job, not a second job.
+    if args.key is not None and not args.key.strip():
+        raise Failure(EXIT_USAGE, "--key is empty: give a key (any text up to 200 "
+                                  "characters), or leave --key out")
     headers = {"Idempotency-Key": args.key} if args.key else None
     return _wait_and_report(client, client.call("POST", "/api/jobs", body, headers), args)
 
@@ -666,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not hasattr(args, "run"):
         args.run = cmd_status
+    client = None
     try:
         client = Client(*configured(args.url or None))
         code = int(args.run(client, args))
@@ -675,6 +713,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.write(f"offload: {exc.message}\n")
         return exc.code
+    except UnicodeError as exc:  # an argument of bytes the terminal could not decode, say
+        sys.stdout.flush()
+        sys.stderr.write(f"offload: an argument holds characters that cannot be sent: {exc}\n")
+        return EXIT_USAGE
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as exc:
+        # JSON of another shape than Offload's: another program answers at that address.
+        sys.stdout.flush()
+        where = client.url if client is not None else "the server"
+        sys.stderr.write(f"offload: the answer from {where} is not shaped as Offload's "
+                         f"({type(exc).__name__}: {str(exc)[:100]}): is it Offload?\n")
+        return EXIT_SERVER
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

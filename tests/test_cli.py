@@ -335,3 +335,66 @@ def test_it_starts_without_loading_the_server(tmp_path: Path) -> None:
     assert shown[0] == "http://127.0.0.1:8123"
     heavy = {"fastapi", "pydantic", "pydantic_settings", "uvicorn", "httpx", "psutil", "numpy"}
     assert heavy.isdisjoint(shown[1:])
+
+
+def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: Path) -> None:
+    """Each of these showed a Python traceback (exit 1), or was taken silently."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for args, said in [
+            (["submit", "sleep", "--input", f"@{deep}"], "nested too deeply"),
+            (["submit", "sleep", "--key", "ключ"], "Idempotency-Key holds characters"),
+            (["submit", "sleep", "--key", "a\nb"], "Idempotency-Key holds characters"),
+            (["submit", "sleep", "--key", ""], "--key is empty"),
+            (["show", os.fsdecode(b"\xff")], "cannot be sent"),  # bytes a terminal sent
+            (["list", "--kind", os.fsdecode(b"\xfe")], "cannot be sent"),
+            (["status", "--url", f"http://{'a' * 70}.com"], "cannot be used"),
+            (["status", "--url", f"{server.url}?x=1"], "has a query or fragment")]:
+        done = cli(server.url, *args)
+        assert done.returncode == 2, (args, done.returncode, done.stdout, done.stderr)
+        assert said in done.stderr and len(done.stderr.splitlines()) == 1, (args, done.stderr)
+    token = cli(server.url, "status", token="tökén€" * 4)
+    assert token.returncode == 2 and "OFFLOAD_API_TOKEN holds characters" in token.stderr
+    (tmp_path / ".env").write_bytes(b"OFFLOAD_PORT=8001\nX=caf\xe9\n")
+    env_file = cli(None, "status", cwd=tmp_path)
+    assert env_file.returncode == 2 and "cannot read .env" in env_file.stderr
+    assert cli(server.url, "list").returncode == 0  # and nothing was submitted meanwhile
+    assert json.loads(cli(server.url, "list", "--json").stdout) == []
+
+
+def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
+    """A web server of another kind on Offload's port: JSON of other shapes, a page where
+    an event stream goes. Before: tracebacks, and `--follow` reconnected for ever."""
+    from http.server import ThreadingHTTPServer
+
+    from tests.http_fake import JSONHandler, ScriptedServer
+
+    class Other(JSONHandler):
+        def do_GET(self) -> None:
+            if self.path.endswith("/events"):
+                page = b"<html>hello</html>"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+            else:
+                self._json(200, self.server.fake.answer)  # type: ignore[attr-defined]
+
+        do_POST = do_DELETE = do_GET
+
+    job_id = "0" * 32
+    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), Other)) as other:
+        url = f"http://127.0.0.1:{other.port}"
+        for answer in ({}, [1, 2], {"jobs": [{"id": 1, "created_at": "not a time"}]}):
+            other.answer = answer  # type: ignore[attr-defined]
+            for args in (["status"], ["list"], ["show", job_id], ["submit", "sleep"],
+                         ["cancel", job_id], ["schedules"], ["pause"]):
+                done = cli(url, *args)
+                assert done.returncode in (0, 7), (answer, args, done.stdout, done.stderr)
+                if done.returncode == 7:
+                    assert "is it Offload?" in done.stderr, done.stderr
+        other.answer = {"id": job_id, "state": "running"}  # type: ignore[attr-defined]
+        for args in (["log", job_id, "--follow"], ["submit", "sleep", "--wait"]):
+            done = cli(url, *args)
+            assert done.returncode == 7 and "answered no event stream" in done.stderr, done
