@@ -465,7 +465,8 @@ def main(
         return run_remote(execute)
     import argparse
 
-    parser = argparse.ArgumentParser(prog=f"python -m runners.{kind}")
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # a kind of one's own too
+    parser = argparse.ArgumentParser(prog=f"python -m {spec.name if spec else 'runners.' + kind}")
     parser.add_argument("--job-file", help="run this job file in the foreground")
     parser.add_argument("--force", action="store_true",
                         help="with --job-file: run it again even if it has finished")

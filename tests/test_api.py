@@ -6,6 +6,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,8 @@ def test_cancel_running_queued_and_finished(make_server: MakeServer) -> None:
         again = client.delete(f"/api/jobs/{running['id']}")
         assert again.status_code == 409
         assert "already finished" in again.json()["detail"]
+        # The job as a GET shows it (it was the file's raw fields).
+        assert again.json()["job"] == client.get(f"/api/jobs/{running['id']}").json()
         assert client.get(f"/api/jobs/{queued['id']}").json()["started_at"] is None
 
 
@@ -290,6 +293,11 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
             assert answer.status_code in (400, 422), (content[:40], answer.text)
             assert "Content-Type: application/json" in answer.json()["detail"], (
                 content[:40], answer.text)
+        # A JSON object refused as a whole: the hint to send JSON would mislead.
+        soon = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()
+        both = client.post("/api/jobs", json={"kind": "sleep", "delay_s": 1, "run_at": soon})
+        assert both.status_code == 422 and "not both" in both.json()["detail"], both.text
+        assert "Content-Type" not in both.json()["detail"], both.text
         huge = {"kind": "probe", "input": {"fail": "x" * 2_000_000}}
         answer = client.post("/api/jobs", json=huge)
         assert answer.status_code == 413

@@ -148,7 +148,7 @@ def test_embedded_model_unavailable_says_the_ways_on(make_server: Callable[..., 
                                                     tmp_path: Path) -> None:
     # Set in .env, as the README's settings may be.
     (tmp_path / ".env").write_text("OFFLOAD_LOCAL_MODEL=/nonexistent/model.gguf\n")
-    server = make_server(cwd=tmp_path)
+    server = make_server(env={"OFFLOAD_ENV_FILE": ""}, cwd=tmp_path)  # the working folder's
     with server.client() as client:
         llm = wait_for(lambda: (h := client.get("/api/health").json()["llm"])["detail"]
                        .startswith("the embedded model is unavailable") and h, 30, 0.2)

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobs.api.events import public
 from jobs.api.service import (
     AlreadyFinished,
     BeingForgotten,
@@ -23,6 +24,9 @@ from jobs.store.job_store import JobNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
 SEND_JSON = "send a JSON object with the header Content-Type: application/json"
+# Pydantic's error types for a body that is missing or no object (not those of a check of
+# the whole object, "give run_at or delay_s, not both": that body was JSON).
+NOT_AN_OBJECT = frozenset({"missing", "model_attributes_type", "model_type", "dict_type"})
 
 
 def _detail(status: int, detail: str, **extra: Any) -> JSONResponse:
@@ -40,7 +44,7 @@ async def _unprocessable(request: Request, exc: Exception) -> JSONResponse:
 
 async def _conflict(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AlreadyFinished)
-    return _detail(409, f"{exc}: there is nothing to cancel", job=exc.job)
+    return _detail(409, f"{exc}: there is nothing to cancel", job=public(exc.job))
 
 
 async def _not_rerunnable(request: Request, exc: Exception) -> JSONResponse:
@@ -74,7 +78,7 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
             reason = (error.get("ctx") or {}).get("error")
             problems.append(f"the body is not valid JSON ({reason} at character {where}); "
                             f"{SEND_JSON}")
-        elif loc == ("body",):  # no body, or one that is no object (another Content-Type)
+        elif loc == ("body",) and error.get("type") in NOT_AN_OBJECT:  # or another Content-Type
             problems.append(f"body: {error.get('msg')}; {SEND_JSON}")
         else:
             problems.append(f"{where or 'body'}: {error.get('msg')}")
