@@ -105,7 +105,10 @@ def validate_input(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
     spec = registry().get(kind)
     if spec is None:
         raise UnknownKind(kind)
-    if spec.input_model is None:
+    if spec.input_model is None:  # any JSON object: plain JSON, that every reader takes
+        problem = p.json_problem(job_input)
+        if problem is not None:
+            raise InvalidInput(f"invalid input for a {kind!r} job: {problem}")
         return job_input
     try:
         model = spec.input_model.model_validate(job_input)

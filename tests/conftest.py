@@ -28,15 +28,18 @@ T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True)
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def data_dir(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+             monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Every test gets its own data folder, and no settings leak in from outside: none of
     LLM or token from the environment, none from a `.env` or `schedules.toml` a developer
     keeps in the project's folder (where the servers of the tests run)."""
     folder = tmp_path / "data"
     monkeypatch.setenv("OFFLOAD_DATA_DIR", str(folder))
-    monkeypatch.setenv("OFFLOAD_ENV_FILE", str(tmp_path / "no.env"))
-    no_schedules = tmp_path / "no-schedules.toml"
-    no_schedules.write_text("# none\n")
+    shared = tmp_path_factory.getbasetemp()  # not tmp_path: tests look at what it holds
+    monkeypatch.setenv("OFFLOAD_ENV_FILE", str(shared / "no.env"))
+    no_schedules = shared / "no-schedules.toml"
+    if not no_schedules.exists():
+        no_schedules.write_text("# none\n")
     monkeypatch.setenv("OFFLOAD_SCHEDULES_FILE", str(no_schedules))
     for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "OFFLOAD_LLM_MODEL", "OFFLOAD_API_TOKEN"):
         monkeypatch.delenv(name, raising=False)

@@ -267,6 +267,13 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
                                         "max_tokens": True}}, 422, "true is no max_tokens"),
             ('{"kind": "sleep", "input": {"seconds": NaN}}', 422, "finite number"),
             ('{"kind": "sleep", "timeout_s": Infinity}', 422, "finite number"),
+            # A kind that takes any JSON object (as one's own may): what no reader could
+            # take back was stored, then answered with 500s (or never stored: a 500).
+            ({"kind": "probe", "input": {"x": json.loads("[" * 70 + "]" * 70)}}, 422,
+             "nested more than 64 levels deep"),
+            ('{"kind": "probe", "input": {"x": NaN}}', 422, "nan is not a JSON number"),
+            ('{"kind": "probe", "input": {"x": 1e999}}', 422, "inf is not a JSON number"),
+            ('{"kind": "probe", "input": {"x": "\\ud800"}}', 422, "half of a surrogate pair"),
         ]
         for body, status, needle in cases:
             if isinstance(body, str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,36 @@ def test_creation_final_states_and_launch_records_are_fsynced(
     writes = _renames_to(calls, jobs / done.json()["id"] / p.JOB_FILE)
     synced_writes = [w for w in writes if _fsync_of(calls, w[1], w[0].tid)]
     assert len(writes) >= 4 and len(synced_writes) == 2, (len(writes), len(synced_writes))
+
+
+def _traced_by(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_a_job_in_place_whose_folder_sync_fails_is_answered_as_stored(
+        strace: str, make_server: Any, tmp_path: Path) -> None:
+    """The disk fails the fsync of the new job's folder (EIO, injected into the real API
+    by strace): its file was in place and the supervisor rung, so it ran, yet the answer
+    was a 503 that said it was not stored, and a client's retry ran it twice."""
+    server = make_server()
+    with server.client() as client:
+        first = client.post("/api/jobs", json={"kind": "sleep", "input": {}}).json()
+        _final(client, first["id"])  # started up: a submission's only fsyncs are its own
+        assert server.proc is not None
+        tracer = subprocess.Popen(  # the 2nd fsync: the job's folder, after its file's
+            [strace, "-qq", "-f", "-p", str(server.proc.pid), "-e", "trace=fsync",
+             "-e", "inject=fsync:error=EIO:when=2", "-o", str(tmp_path / "strace.txt")])
+        try:
+            wait_for(lambda: _traced_by(server.proc.pid) != 0, 30, 0.05, "strace to attach")
+            answer = client.post("/api/jobs", json={"kind": "sleep", "input": {}})
+        finally:
+            tracer.terminate()
+            tracer.wait(30)
+        assert "EIO" in (tmp_path / "strace.txt").read_text(), "the fault was not injected"
+        assert answer.status_code == 202, answer.text
+        assert _final(client, answer.json()["id"])["state"] == "completed"
+        assert len(client.get("/api/jobs").json()["jobs"]) == 2
+    assert "could not be synced" in server.log.read_text()

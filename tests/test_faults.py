@@ -114,6 +114,9 @@ def test_data_folder_read_only_mid_run_then_recovers(make_server: MakeServer) ->
             assert client.get("/api/history").status_code == 200
             cancel = client.delete(f"/api/jobs/{running['id']}")
             assert cancel.status_code == 503
+            # Its own outcome: it said "the job was not stored" of a job that is there.
+            assert "The job was not cancelled" in cancel.json()["detail"], cancel.text
+            assert "not stored" in refused.json()["detail"]
         finally:
             _immutable(data, False)
         final = _final(client, running["id"])

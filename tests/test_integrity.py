@@ -138,9 +138,13 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
         wait_for(lambda: client.get(f"/api/jobs/{good['id']}").json()["state"] == "completed",
                  30, what="a good job done")
         valid = client.get(f"/api/jobs/{good['id']}").json()
+        deep: list[Any] = []
+        for _ in range(300):  # JSON, but deeper than any answer of the API goes: it gave 500s
+            deep = [deep]
         changes: list[dict[str, Any]] = [
             {"state": "done"}, {"created_at": "yesterday"}, {"error": "a string"},
             {"result": [1, 2]}, {"id": good["id"]},  # another job's id: not this folder's
+            {"result": {"x": deep}},
         ]
         bad = {job_id: {**valid, "id": job_id, **change}
                for job_id, change in ((p.new_id(), change) for change in changes)}
@@ -148,6 +152,18 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
         bad[forged] = {"id": forged, "state": "completed", "progress": "x"}
         for job_id, data in bad.items():
             _write_job(server.data_dir, job_id, data)
+        # Arrays in arrays 100,000 deep: the JSON decoder's own recursion gave out, and
+        # every route answered 500, submissions too.
+        abyss = p.new_id()
+        (server.data_dir / "jobs" / abyss).mkdir()
+        (server.data_dir / "jobs" / abyss / p.JOB_FILE).write_text(
+            json.dumps({**valid, "id": abyss})[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000
+            + "}")
+        one = client.get(f"/api/jobs/{abyss}")
+        assert one.status_code == 200 and "nested too deeply" in one.json()["error"]["message"]
+        for path in ("/api/health", "/api/history", "/api/jobs"):
+            assert client.get(path).status_code == 200, path
+        assert client.post("/api/jobs", json={"kind": "sleep", "input": {}}).status_code == 202
         listing = client.get("/api/jobs")
         assert listing.status_code == 200, listing.text
         listed = {job["id"]: job for job in listing.json()["jobs"]}
@@ -166,7 +182,7 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
         assert [e["error"]["type"] for e in events] == ["corrupt"]
         wait_for(lambda: (h := client.get("/api/history", params={"jobs": 20})).status_code
                  == 200 and {j["id"] for j in h.json()["jobs"]
-                             if j["error_type"] == "corrupt"} == set(bad),
+                             if j["error_type"] == "corrupt"} == {*bad, abyss},
                  30, what="the dashboard's feed listing them as corrupt")
 
 
@@ -297,3 +313,24 @@ def test_offload_kinds_naming_a_kind_twice_clashes() -> None:
     with pytest.raises(KindClash, match=r"OFFLOAD_KINDS \(a=x\) and OFFLOAD_KINDS \(a=y\)"):
         discover(env="a=x, a=y")
     assert discover(env="a=x")["a"].module == "x"
+
+
+def test_a_queued_job_edited_into_no_job_never_runs(make_server: MakeServer) -> None:
+    """A waiting job's file edited by hand so that the API reads it as failed, corrupt:
+    its runner ran all the same (its deadline unenforced, with `timeout_s: "abc"`), and
+    a cancel was refused as of a finished job while it ran."""
+    server = make_server()
+    with server.client() as client:
+        waiting = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0},
+                                                 "delay_s": 1.5}).json()
+        path = server.data_dir / "jobs" / waiting["id"] / p.JOB_FILE
+        p.write_json(path, {**json.loads(path.read_text()), "timeout_s": "abc"})
+        after = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0},
+                                               "delay_s": 2}).json()
+        wait_for(lambda: client.get(f"/api/jobs/{after['id']}").json()["state"] == "completed",
+                 30, what="the job queued after it to run")
+        shown = client.get(f"/api/jobs/{waiting['id']}").json()
+        assert shown["state"] == "failed" and shown["error"]["type"] == "corrupt", shown
+        on_disk = json.loads(path.read_text())
+        assert on_disk["state"] == "queued" and on_disk.get("started_at") is None, on_disk
+        assert not (path.parent / p.RUN_FILE).exists(), "it was claimed to run"

@@ -64,8 +64,9 @@ async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.error("store unavailable: %s", exc)
-    return _detail(503, f"{exc}. The job was not stored; check that the data folder exists, "
-                        "is writable and has free space, then retry.")
+    assert isinstance(exc, StoreUnavailable)
+    return _detail(503, f"{exc}. {exc.outcome}; check that the data folder exists, is "
+                        "writable and has free space, then retry.")
 
 
 async def _validation(request: Request, exc: Exception) -> JSONResponse:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import sys
@@ -278,6 +279,33 @@ def readable(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+MAX_DEPTH = 64  # of arrays and objects in a job's input (pydantic answers go to ~250)
+
+
+def json_problem(value: Any, limit: int = MAX_DEPTH, depth_only: bool = False) -> str | None:
+    """What keeps `value` from being a job's plain JSON, or None: nesting beyond `limit`;
+    unless `depth_only` (a runner's result may hold a NaN loss, shown as null), a number
+    that is not finite or a string with a surrogate half."""
+    level = [value]
+    for _ in range(limit + 1):
+        deeper = []
+        for item in level:
+            if isinstance(item, dict):
+                deeper += [*item, *item.values()]
+            elif isinstance(item, list):
+                deeper += item
+            elif depth_only:
+                continue
+            elif isinstance(item, float) and not math.isfinite(item):
+                return f"{item} is not a JSON number"
+            elif isinstance(item, str) and _SURROGATE.search(item) is not None:
+                return "a string holds half of a surrogate pair (not text)"
+        if not deeper:
+            return None
+        level = deeper
+    return f"nested more than {limit} levels deep"
+
+
 def write_json(path: StrPath, data: dict[str, Any], durable: bool = False,
                sync_folder: bool = True) -> None:
     """Atomically replace `path`: a reader sees the old file or the new one, never half.
@@ -431,6 +459,8 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
                 data = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as exc:
                 last_error = exc
+            except RecursionError:  # arrays in arrays, thousands deep: no job's
+                raise CorruptJobFile(f"{os.path.basename(path)}: nested too deeply") from None
             else:
                 if isinstance(data, dict):
                     return data

@@ -504,17 +504,21 @@ def read_job(job_id: str, path: str | Path) -> dict[str, Any] | None:
         return corrupt_job(job_id, Path(path), str(exc))
     if data is None:
         return None
-    problem = _not_a_job(job_id, data)
+    problem = not_a_job(job_id, data)
     if problem is not None:
         return corrupt_job(job_id, Path(path), f"{p.JOB_FILE}: not a valid job: {problem}")
     return data
 
 
-def _not_a_job(job_id: str, data: dict[str, Any]) -> str | None:
+def not_a_job(job_id: str, data: dict[str, Any]) -> str | None:
     """What makes `data` no job the API can show (its model), or None; every job file
     read is checked once (reads are cached), a few microseconds each."""
     if data.get(p.F_ID) != job_id:
         return f"its id is {str(data.get(p.F_ID))[:40]!r}, not its folder's"
+    # Its input is one level down, in the job: an input of MAX_DEPTH passes.
+    problem = p.json_problem(data, p.MAX_DEPTH + 1, depth_only=True)
+    if problem is not None:
+        return problem
     try:
         Job.model_validate(data)
     except ValidationError as exc:

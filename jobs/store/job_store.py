@@ -31,7 +31,12 @@ class JobNotFound(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The data folder cannot be written (disk full, read-only, permissions)."""
+    """The data folder cannot be written (disk full, read-only, permissions); `outcome`:
+    what did not happen, for the answer."""
+
+    def __init__(self, message: str, outcome: str = "The job was not stored") -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 class JobStore(JobIndex):
@@ -75,16 +80,22 @@ class JobStore(JobIndex):
             if key_name is not None:
                 Keys.link(path.parent, key_name)
             p.write_json(path, data, durable=True, sync_folder=False)
-            if on_stored is not None:
-                on_stored(job_id)
-            p.sync_dir(path.parent)  # on disk before the 202, with the job's folder
-            p.sync_dir(self.dir)
         except OSError as exc:
             if not path.exists():  # not stored: leave no folder that holds no job (and
                 # a schedule's slot whose creation stopped there is created on its next try)
                 shutil.rmtree(path.parent, ignore_errors=True)
             reason = exc.strerror or exc
             raise StoreUnavailable(f"cannot store the job in {self.dir}: {reason}") from exc
+        # In place now: the supervisor may start it at once, so it is the caller's job even
+        # if the disk then fails to sync its folders (a "not stored" made retries run twice).
+        if on_stored is not None:
+            on_stored(job_id)
+        try:
+            p.sync_dir(path.parent)  # on disk before the 202, with the job's folder
+            p.sync_dir(self.dir)
+        except OSError as exc:
+            log.error("job %s is stored, but its folder could not be synced (%s): a power "
+                      "cut now could lose it", job_id, exc.strerror or exc)
         return data
 
     def read(self, job_id: str) -> dict[str, Any]:
@@ -105,7 +116,8 @@ class JobStore(JobIndex):
             p.request_stop(path, p.JobState.CANCELLED)
         except OSError as exc:
             reason = exc.strerror or exc
-            raise StoreUnavailable(f"cannot record the cancel request: {reason}") from exc
+            raise StoreUnavailable(f"cannot record the cancel request: {reason}",
+                                   "The job was not cancelled") from exc
 
     # -- pruning -------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ from jobs.settings import (
     Settings,
     kind_numbers,
 )
-from jobs.store.index import DirListing
+from jobs.store.index import DirListing, not_a_job
 from jobs.store.job_store import JobStore
 from jobs.supervisor.lifecycle import JobLife
 from jobs.supervisor.schedules import Scheduler
@@ -383,6 +383,8 @@ class Supervisor:
             return
         state = data.get(p.F_STATE)
         if state == p.JobState.QUEUED and not self._launched(job_id):
+            if self._hand_edited(job_id, data):
+                return
             if not isinstance(data.get(p.F_KIND), str) or data[p.F_KIND] not in self.kinds:
                 self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
                                     f"unknown job kind {data.get(p.F_KIND)!r}")
@@ -521,6 +523,8 @@ class Supervisor:
         data = self._read_now.pop(job_id, None) or p.read_json_or_none(job_file)
         if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
             return True
+        if self._hand_edited(job_id, data):  # since it was queued, say while it waited
+            return True
         if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
             self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
                                 "cancelled before it started")
@@ -548,6 +552,15 @@ class Supervisor:
                 self._running_chat_by_session[session] = job_id
         else:
             self._settle(life)
+        return True
+
+    def _hand_edited(self, job_id: str, data: dict[str, Any]) -> bool:
+        """Whether a queued job's file is no job the API can show (edited by hand, say a
+        `timeout_s` of "abc"): the API reads it as failed, corrupt, so it never runs."""
+        if not_a_job(job_id, data) is None:
+            return False
+        self._queued.pop(job_id, None)
+        self._known_final.add(job_id)
         return True
 
     def _turn_blocker(self, job_id: str, data: dict[str, Any]) -> str | None:
