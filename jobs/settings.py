@@ -43,6 +43,7 @@ DEFAULT_KIND_CAPS = "train=1"
 DEFAULT_MAX_ATTEMPTS = "chat=2"  # by kind; any other kind: 1
 RETRY_BASE_S = 2.0  # a retry waits up to base * 2^(attempt-1) s, at random (full jitter)
 RETRY_MAX_S = 300.0  # and never more than this
+CLAIM_RETRY_S = 30.0  # a job whose own folder refused its launch claim is tried again after
 MAX_EVENT_STREAMS = 256  # open /events connections per worker, by default
 INDEX_REFRESH_S = 0.1  # how often each API worker brings its job index up to date
 GIL_SWITCH_S = 0.001  # the API process's GIL switch interval (Python's default: 5 ms)

@@ -129,6 +129,31 @@ def test_data_folder_read_only_mid_run_then_recovers(make_server: MakeServer) ->
 
 
 @pytest.mark.usefixtures("can_freeze")
+@pytest.mark.slow
+def test_a_job_whose_own_folder_refuses_its_claim_holds_up_no_other(
+        make_server: MakeServer) -> None:
+    """One job's folder made immutable: its launch claim is refused (EPERM) while the
+    jobs folder takes writes. Every launch waited behind it, for as long as it lasted."""
+    server = make_server()
+    with server.client() as client:
+        first = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0},
+                                               "delay_s": 1, "priority": 5}).json()
+        folder = server.data_dir / "jobs" / first["id"]
+        subprocess.run(["chattr", "+i", str(folder)], check=True)
+        try:
+            others = [client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0},
+                                                     "delay_s": 1.5}).json()["id"]
+                      for _ in range(3)]
+            for job_id in others:
+                assert _final(client, job_id)["state"] == "completed"
+            assert client.get(f"/api/jobs/{first['id']}").json()["state"] == "queued"
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        assert _final(client, first["id"], timeout=90)["state"] == "completed"  # tried again
+    assert "its folder refuses its launch claim" in (server.data_dir / "supervisor.log").read_text()
+
+
+@pytest.mark.usefixtures("can_freeze")
 def test_jobs_wait_while_the_folder_is_unwritable(
         make_supervisor: Callable[..., RunningSupervisor], data_dir: Path) -> None:
     supervisor = make_supervisor(max_concurrent=2)

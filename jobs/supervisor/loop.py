@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import heapq
 import logging
 import os
@@ -43,6 +44,7 @@ from jobs.protocol.control import queue_paused
 from jobs.protocol.counters import SAVE_EVERY_S, JobCounters, counters_file
 from jobs.protocol.wake import ALL_JOBS, Doorbell, lock_file, wake_file
 from jobs.settings import (
+    CLAIM_RETRY_S,
     DEFAULT_KIND_CAPS,
     LEADER_RETRY_S,
     MIN_RETENTION_S,
@@ -538,6 +540,9 @@ class Supervisor:
         try:
             started = life.start(self.kinds[data[p.F_KIND]], data, self._nudge)
         except ClaimFailed as exc:
+            if self._own_folder_refuses(job_id, exc):
+                self._retry_later(job_id, data, CLAIM_RETRY_S)
+                return True  # the others go on
             if not self._blocked:
                 log.warning("jobs wait: %s", exc if isinstance(exc, CannotStartNow)
                             else f"cannot write to the data folder ({exc})")
@@ -553,6 +558,21 @@ class Supervisor:
         else:
             self._settle(life)
         return True
+
+    def _own_folder_refuses(self, job_id: str, exc: ClaimFailed) -> bool:
+        """Whether a claim was refused by the job's own folder (its permissions, made
+        immutable) while the jobs folder takes writes: that job alone waits."""
+        if isinstance(exc, CannotStartNow) or exc.errno not in (errno.EPERM, errno.EACCES):
+            return False
+        if not os.access(self.dir, os.W_OK):
+            return False
+        log.warning("job %s waits %g s: its folder refuses its launch claim (%s); the "
+                    "other jobs go on", job_id, CLAIM_RETRY_S, exc)
+        return True
+
+    def _retry_later(self, job_id: str, data: dict[str, Any], delay_s: float) -> None:
+        entry = self._queued[job_id] = Queued(p.queue_key(data), str(data.get(p.F_KIND)))
+        heapq.heappush(self._timers, (time.time() + delay_s, entry.key, job_id))
 
     def _hand_edited(self, job_id: str, data: dict[str, Any]) -> bool:
         """Whether a queued job's file is no job the API can show (edited by hand, say a
