@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +23,7 @@ import pytest
 from bench.scale import write_finished_jobs
 from jobs import protocol as p
 from jobs.settings import HISTORY_KEEP_S, PRUNE_OVER_CAP_S
-from jobs.store.idempotency import PENDING_S, STORING_S, Keys
+from jobs.store.idempotency import PENDING_S, STORING_S, Keys, being_stored
 from jobs.store.job_store import JobStore
 from tests.conftest import start_process, stop_process, wait_for
 from tests.server import Server
@@ -354,6 +356,33 @@ def test_a_key_whose_job_is_still_being_stored_is_kept(data_dir: Path) -> None:
     os.utime(folder, (stale, stale))
     assert keys.release("a" * 64, job_id, folder)
     assert keys.read("a" * 64) is None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="a writer's pid is told by /proc")
+def test_a_folder_whose_writer_died_frees_its_key_and_is_pruned(data_dir: Path) -> None:
+    """A request killed while it wrote its job file: its key was refused for a minute
+    (409s), and its folder, the input in the temp file, stayed for good."""
+    store = JobStore(data_dir / "jobs")
+    store.ensure_dir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folders = {}
+    for writer in (dead.pid, os.getpid()):
+        job_id = p.new_id()
+        name = hashlib.sha256(job_id.encode()).hexdigest()
+        assert store.keys.claim(name, job_id, "fingerprint")
+        folder = folders[writer] = data_dir / "jobs" / job_id
+        folder.mkdir()
+        Keys.link(folder, name)
+        (folder / f".{p.JOB_FILE}.{writer}.0a1b2c3d{p.TMP_SUFFIX}").write_text('{"secret": 1}')
+        old = time.time() - PENDING_S - 1
+        os.utime(store.keys.path(name), (old, old))
+    gone, alive = folders[dead.pid], folders[os.getpid()]
+    assert not being_stored(gone) and being_stored(alive)
+    store.prune(retention_s=3600)
+    assert not gone.exists(), "the dead request's folder was left"
+    assert alive.exists(), "a folder still being written was pruned"
+    assert len(list((data_dir / "idempotency").glob("*.json"))) == 1  # the live one's key
 
 
 def test_old_machine_metrics_are_dropped_by_a_leader_that_lasts_a_moment(

@@ -110,7 +110,7 @@ class Keys:
                 return False
             if job_id is None and claim.age_s < PENDING_S:
                 return False
-            if job_folder is not None and _younger_than(job_folder, STORING_S):
+            if job_folder is not None and being_stored(job_folder):
                 return False  # a slow disk: its claimer is still writing the job
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path(name))
@@ -135,8 +135,19 @@ class Keys:
         return name if len(name) == 64 and _HEX.issuperset(name) else None
 
 
-def _younger_than(path: Path, seconds: float) -> bool:
+def being_stored(job_folder: Path) -> bool:
+    """Whether a job folder without its job file may still get it: made less than
+    STORING_S ago (a slow disk), and no writer of its temp file known to be gone (its pid
+    is in the file's name; /proc tells, where there is one). A request that died while
+    storing held its key for a minute."""
     try:
-        return time.time() - path.stat().st_mtime < seconds
+        if time.time() - job_folder.stat().st_mtime >= STORING_S:
+            return False
+        temp = f".{p.JOB_FILE}."  # then the writer's pid (p.write_atomic)
+        writers = [name[len(temp):].split(".")[0] for name in os.listdir(job_folder)
+                   if name.startswith(temp) and name.endswith(p.TMP_SUFFIX)]
     except OSError:
         return False
+    if not writers or not os.path.isdir("/proc/self"):
+        return True
+    return any(os.path.isdir(f"/proc/{pid}") for pid in writers if pid.isdigit())

@@ -16,7 +16,7 @@ from typing import Any
 from jobs import protocol as p
 from jobs.kinds import UnknownKind, registry
 from jobs.models import Job
-from jobs.store.idempotency import Keys
+from jobs.store.idempotency import Keys, being_stored
 from jobs.store.index import JobIndex, read_job
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,17 @@ class JobStore(JobIndex):
         one that finished less than `min_retention_s` ago (its client may be polling)."""
         now = now if now is not None else time.time()
         doomed = self.prunable(now - retention_s, max_jobs, now - min_retention_s)
+        doomed |= self._abandoned()
         for job_id in doomed:
             self.remove(job_id)
         return len(doomed)
+
+    def _abandoned(self) -> set[str]:
+        """Folders whose job file never came (the request storing it died): the input in
+        its temp file and its Idempotency-Key go too."""
+        with self._lock:
+            missing = list(self._missing)
+        return {job_id for job_id in missing if not being_stored(self.path(job_id).parent)}
 
     def remove(self, job_id: str) -> None:
         """Release the idempotency key that created the job, then delete the job's folder
