@@ -53,6 +53,7 @@ KEEPALIVE_S = 15.0
 DEFAULT_LLM_SLOTS = 4  # llama-server's slots at most, by default: each keeps a chat's context
 CANCEL_WAIT_S = 10.0  # DELETE waits this long for the runner to stop
 HISTORY_SAMPLE_S = 1.0
+SUPERVISOR_STALLED_S = 15.0  # a leading supervisor without a sample this long is "stalled"
 HISTORY_KEEP_S = 3 * 3600.0  # the metrics series kept on disk
 DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"  # a Ray head's dashboard (Jobs REST API)
 RAY_POLL_S = 0.2  # how often a remote job's poller asks Ray (the runner writes 5 a second)

@@ -338,3 +338,25 @@ def test_a_first_write_that_failed_is_tried_again_before_the_job_ends(data_dir: 
     finally:
         runner.kill()
         runner.communicate()
+
+
+@pytest.mark.slow
+def test_a_stopped_supervisor_is_shown_stalled(make_server: MakeServer) -> None:
+    """A supervisor stopped (SIGSTOP) or hung kept its lead: /api/health said "running"
+    while nothing launched."""
+    server = make_server()
+    with server.client() as client:
+        wait_for(lambda: client.get("/api/health").json()["supervisor"] == "running"
+                 and client.get("/api/history").json()["metrics"]["samples"], 30, 0.2,
+                 "the supervisor to lead and sample the machine")
+        assert server.proc is not None
+        api = psutil.Process(server.proc.pid)
+        supervisor = next(proc for proc in api.children() if "jobs.supervisor" in proc.cmdline())
+        supervisor.suspend()
+        try:
+            wait_for(lambda: client.get("/api/health").json()["supervisor"] == "stalled", 60,
+                     0.5, "health to say the supervisor is stalled")
+        finally:
+            supervisor.resume()
+        wait_for(lambda: client.get("/api/health").json()["supervisor"] == "running", 30,
+                 0.2, "the supervisor to be running again")

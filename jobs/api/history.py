@@ -35,6 +35,12 @@ class MetricsReader:
             self._catch_up()
             return [s for s in self._samples if s["t"] >= cutoff]
 
+    def last_sample_age_s(self) -> float | None:
+        """Seconds since the supervisor's latest sample; None before its first."""
+        with self._lock:
+            self._catch_up()
+            return time.time() - self._samples[-1]["t"] if self._samples else None
+
     def kept(self) -> int:
         """How many samples are kept (on disk, all of them: what a training run reads)."""
         with self._lock:

@@ -17,7 +17,7 @@ from jobs.api.predictor import NoModel, Predictor
 from jobs.api.routes_jobs import Service
 from jobs.llm.status import LLMStatus
 from jobs.protocol import control
-from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S
+from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, SUPERVISOR_STALLED_S
 from runners import train
 
 
@@ -69,11 +69,17 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
     counts = await service.counts()
     llm: LLMStatus = request.app.state.llm
     keeper: SupervisorKeeper = request.app.state.keeper
+    metrics: MetricsReader = request.app.state.metrics
+    supervisor = "starting"
+    if await run_in_threadpool(keeper.led):
+        # It samples the machine every second: silence says it is stopped or hung.
+        age = await run_in_threadpool(metrics.last_sample_age_s)
+        supervisor = "stalled" if age is not None and age > SUPERVISOR_STALLED_S else "running"
     return {
         "status": "ok", "version": VERSION,
         "running": counts[p.JobState.RUNNING], "queued": counts[p.JobState.QUEUED],
         "max_concurrent": service.settings.max_concurrent,
-        "supervisor": "running" if await run_in_threadpool(keeper.led) else "starting",
+        "supervisor": supervisor,
         "launcher": service.settings.launcher,
         "llm": llm.as_dict(),
         "usage": service.store.usage_totals(),
