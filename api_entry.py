@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
@@ -46,11 +47,13 @@ def create_app() -> FastAPI:
     app = FastAPIOffline(title="Offload", version=routes_status.VERSION, lifespan=lifespan,
                          description="Slow jobs in short-lived subprocesses; the API never "
                                      "blocks.", redoc_url=None)
-    app.include_router(routes_chat.router)
-    app.include_router(routes_jobs.router)
-    app.include_router(routes_control.router)
-    app.include_router(routes_metrics.router)
-    app.include_router(routes_status.router)  # last: it ends with the /api catch-all
+    routers = [routes_chat.router, routes_jobs.router, routes_control.router,
+               routes_metrics.router, routes_status.router]  # last: its /api catch-all
+    for router in routers:
+        app.include_router(router)
+    # What the catch-all names in a 405's Allow (its routes match as the app's do).
+    app.state.api_routes = [route for router in routers for route in router.routes
+                            if isinstance(route, APIRoute)]
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     origins = settings.cors_origin_list

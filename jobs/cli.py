@@ -69,12 +69,13 @@ class Unreachable(Failure):
 
 
 def _env_file() -> dict[str, str | None]:
-    if not os.path.isfile(".env"):
+    path = os.environ.get("OFFLOAD_ENV_FILE") or ".env"  # as the server's settings read it
+    if not os.path.isfile(path):
         return {}
     from dotenv import dotenv_values  # the parser the server's settings use
 
     try:
-        return dotenv_values(".env")
+        return dotenv_values(path)
     except (OSError, UnicodeError) as exc:
         raise Failure(EXIT_USAGE, f"cannot read .env ({exc}); it must be UTF-8 text") from None
 

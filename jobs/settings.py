@@ -292,6 +292,8 @@ class Settings(BaseSettings):
             env["OPENAI_API_KEY"] = self.openai_api_key.get_secret_value()
         if self.llm_model:
             env["OFFLOAD_LLM_MODEL"] = self.llm_model
+        if self.local_model:  # a chat then adds no notice that the packaged model answers
+            env["OFFLOAD_LOCAL_MODEL"] = self.local_model
         for name, value in (("OFFLOAD_LLM_MAX_TOKENS", self.llm_max_tokens),
                             ("OFFLOAD_LLM_TEMPERATURE", self.llm_temperature),
                             ("OFFLOAD_LLM_FIRST_TOKEN_S", self.llm_first_token_s)):

@@ -241,6 +241,10 @@ def test_a_wrong_method_is_405_and_an_unknown_path_404(server: Server) -> None:
             assert f"takes {takes}, not {method}" in answer.json()["detail"]
         options = client.options("/api/jobs")
         assert options.status_code == 204 and options.headers["allow"] == "GET, HEAD, OPTIONS, POST"
+        # A route whose id may hold a slash is one too (it was said to be no route).
+        session = client.options("/api/sessions/team%2Falice")
+        assert session.status_code == 204, session.text
+        assert session.headers["allow"] == "DELETE, GET, HEAD, OPTIONS"
         for method in ("GET", "PUT", "DELETE", "OPTIONS", "TRACE"):
             answer = client.request(method, "/api/nothing/here")
             assert answer.status_code == 404 and "no API route" in answer.json()["detail"]

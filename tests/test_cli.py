@@ -28,7 +28,8 @@ MakeServer = Callable[..., Server]
 TOKEN = "a-token-of-more-than-16-characters"
 # The console script pip installed beside this interpreter (`offload.exe` on Windows).
 OFFLOAD = shutil.which("offload", path=str(Path(sys.executable).parent))
-OWN_VARIABLES = ("OFFLOAD_URL", "OFFLOAD_API_TOKEN", "OFFLOAD_HOST", "OFFLOAD_PORT")
+OWN_VARIABLES = ("OFFLOAD_URL", "OFFLOAD_API_TOKEN", "OFFLOAD_HOST", "OFFLOAD_PORT",
+                 "OFFLOAD_ENV_FILE")  # the .env of the folder it runs in
 
 
 def cli_env(url: str | None, token: str | None = None) -> dict[str, str]:

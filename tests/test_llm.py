@@ -19,6 +19,7 @@ import pytest
 
 from jobs import protocol as p
 from jobs.protocol import embedded
+from jobs.settings import Settings
 from tests.conftest import (
     ROOT,
     RunningSupervisor,
@@ -210,3 +211,11 @@ def test_the_packaged_model_requantized_keeps_its_metadata_and_weights(
         w2 = quants.dequantize(tensor.data, tensor.tensor_type)
         assert w.shape == w2.shape
         assert np.sqrt(((w2 - w) ** 2).mean() / (w ** 2).mean()) < 0.15, tensor.name
+
+
+def test_a_model_of_ones_own_set_in_dotenv_reaches_the_runners(tmp_path: Path) -> None:
+    """Read from .env by the supervisor, it did not reach the chat runners, which then
+    put the packaged model's English-only notice before every other language's reply."""
+    (tmp_path / ".env").write_text("OFFLOAD_LOCAL_MODEL=~/models/mine.gguf\n")
+    settings = Settings(_env_file=str(tmp_path / ".env"))  # as get_settings reads it
+    assert settings.runner_env()["OFFLOAD_LOCAL_MODEL"] == "~/models/mine.gguf"

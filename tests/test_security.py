@@ -46,6 +46,10 @@ def test_token_checked_on_every_api_route(make_server: MakeServer) -> None:
                 answer = client.request(method, path, headers=headers)
                 assert answer.status_code == 401, (method, path, headers, answer.text)
                 assert TOKEN not in answer.text
+        # Without an Origin, or with no OFFLOAD_CORS_ORIGINS, it is no browser's preflight.
+        fake_preflight = client.options("/api/jobs",
+                                        headers={"Access-Control-Request-Method": "POST"})
+        assert fake_preflight.status_code == 401, fake_preflight.text
         # Before its body is read: a stranger learns nothing of what the API would take.
         for body in (b"{bad", b"\xff", b'{"kind": "nope"}'):
             answer = client.post("/api/jobs", content=body,
@@ -54,6 +58,37 @@ def test_token_checked_on_every_api_route(make_server: MakeServer) -> None:
             assert answer.headers["www-authenticate"] == "Bearer"
         good = {"Authorization": f"Bearer {TOKEN}"}
         assert client.get("/api/health", headers=good).status_code == 200
+
+
+class _UnderARootPath(Server):
+    """Served behind a proxy under a sub-path, as `uvicorn --root-path /offload` does."""
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--root-path", "/offload"]
+
+
+def test_the_token_is_checked_under_a_root_path(data_dir: Path, tmp_path: Path) -> None:
+    # uvicorn puts the root path in front of the request's path; the routes match it
+    # without: a guard that looked at the path as given let every request through.
+    server = _UnderARootPath(data_dir, tmp_path / "server.log",
+                             {"OFFLOAD_API_TOKEN": TOKEN}).start()
+    try:
+        with server.client() as client:
+            answered = 0
+            for prefix in ("", "/offload"):
+                for method, path in (("GET", "/api/jobs"), ("GET", "/metrics"),
+                                     ("POST", "/api/jobs"), ("GET", "/api/health")):
+                    body = {"kind": "sleep"} if method == "POST" else None
+                    stranger = client.request(method, prefix + path, json=body)
+                    assert stranger.status_code in (401, 404, 405), (prefix + path, stranger.text)
+                    owner = client.request(method, prefix + path, json=body,
+                                           headers={"Authorization": f"Bearer {TOKEN}"})
+                    answered += owner.status_code in (200, 202)
+            assert answered >= 4, "the routes were not reached at all"
+            owner_jobs = client.get("/api/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert [job["kind"] for job in owner_jobs.json()["jobs"]] == ["sleep"] * (answered // 4)
+    finally:
+        server.stop()
 
 
 class _OnEveryAddress(Server):

@@ -58,7 +58,7 @@ class RequestGuard:
             await _send_detail(send, status, detail,
                                [(b"www-authenticate", b"Bearer")] if status == 401 else [])
             return
-        if scope["path"].startswith("/api/") or scope["path"] == "/metrics":  # nothing to click
+        if _api_path(scope):  # JSON and event streams: nothing to click
             if scope["method"] == "HEAD":  # a copy: the server still knows it for a HEAD
                 scope = {**scope, "method": "GET"}
             await self.app(scope, receive, send)
@@ -90,9 +90,9 @@ class RequestGuard:
                          "change anything here; list its origin in OFFLOAD_CORS_ORIGINS to "
                          "allow it")
         # A browser's CORS preflight never carries a token: OFFLOAD_CORS_ORIGINS answers it.
-        preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
-        if (self.token is not None and not preflight
-                and (scope["path"].startswith("/api/") or scope["path"] == "/metrics")
+        preflight = (scope["method"] == "OPTIONS" and bool(self.origins) and bool(origin)
+                     and b"access-control-request-method" in headers)
+        if (self.token is not None and not preflight and _api_path(scope)
                 and not self._token_matches(headers.get(b"authorization", b""))):
             return 401, WRONG_TOKEN
         return None
@@ -148,6 +148,20 @@ class RequestGuard:
         if default and host.endswith(default):  # a browser's Origin leaves it out
             host = host[:-len(default)]
         return origin == f"{scheme}://{host}" or origin in self.origins
+
+
+def route_path(scope: Scope) -> str:
+    """The path as the app's routes match it: without the `--root-path` uvicorn puts in
+    front of it (Starlette's rule)."""
+    path, root = str(scope["path"]), str(scope.get("root_path", ""))
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):]
+    return path
+
+
+def _api_path(scope: Scope) -> bool:
+    path = route_path(scope)
+    return path.startswith("/api/") or path == "/metrics"
 
 
 async def _send_detail(send: Send, status: int, detail: str,

@@ -8,9 +8,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.routing import Route, compile_path
+from starlette.routing import Route
 
 from jobs import protocol as p
+from jobs.api.guards import route_path
 from jobs.api.history import MetricsReader, short_job
 from jobs.api.keeper import SupervisorKeeper
 from jobs.api.predictor import NoModel, Predictor
@@ -92,9 +93,9 @@ async def unknown_route(request: Request) -> Response:
     static files); on a route's path, OPTIONS answers the route's methods, and any other
     method is a 405 naming them."""
     rest = str(request.path_params["rest"])[:100]
-    methods = next(({method.upper() for method in operations}
-                    for template, operations in request.app.openapi()["paths"].items()
-                    if compile_path(template)[0].match(request.url.path)), None)
+    path = route_path(request.scope)
+    methods = {method for route in request.app.state.api_routes
+               if route.path_regex.match(path) for method in route.methods}
     if not methods:
         raise HTTPException(404, f"no API route /api/{rest}; see /docs for the routes")
     if "GET" in methods:

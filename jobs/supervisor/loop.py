@@ -522,10 +522,13 @@ class Supervisor:
         job stays queued and launching waits for the next pass)."""
         job_file = self._file(job_id)
         # Read once per pass: a cancel since then left its stop file, looked for below.
-        data = self._read_now.pop(job_id, None) or p.read_json_or_none(job_file)
+        data = self._read_now.pop(job_id, None)
+        fresh = data is None  # not read in this pass: perhaps edited by hand as it waited
+        if fresh:
+            data = p.read_json_or_none(job_file)
         if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
             return True
-        if self._hand_edited(job_id, data):  # since it was queued, say while it waited
+        if fresh and self._hand_edited(job_id, data):
             return True
         if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
             self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
