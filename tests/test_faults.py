@@ -360,3 +360,20 @@ def test_a_stopped_supervisor_is_shown_stalled(make_server: MakeServer) -> None:
             supervisor.resume()
         wait_for(lambda: client.get("/api/health").json()["supervisor"] == "running", 30,
                  0.2, "the supervisor to be running again")
+
+
+def test_a_job_deleted_while_it_runs_has_its_runner_stopped(make_server: MakeServer) -> None:
+    """Its folder removed by hand: the job read 404 and could not be cancelled, while
+    its runner went on until its deadline, holding a slot."""
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1"})
+    with server.client() as client:
+        doomed = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 60}})
+        job = wait_for(lambda: (j := client.get(f"/api/jobs/{doomed.json()['id']}").json())
+                       ["pid"] and j, 30, 0.1, "the job to run")
+        shutil.rmtree(server.data_dir / "jobs" / job["id"])
+        wait_for(lambda: not psutil.pid_exists(job["pid"]), 30, 0.2, "its runner to stop")
+        after = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        assert _final(client, after["id"])["state"] == "completed"  # its slot is free
+    log = (server.data_dir / "supervisor.log").read_text()
+    assert "was deleted while it ran" in log and "Traceback" not in log, log[-2000:]
+    assert not (server.data_dir / "jobs" / job["id"]).exists(), "its final state made it anew"

@@ -361,6 +361,13 @@ class Supervisor:
     def _discover(self, job_ids: set[str]) -> None:
         for gone in set(self._queued) - job_ids:
             del self._queued[gone]  # deleted from disk while queued
+        for gone in set(self._running) - job_ids:
+            life = self._running[gone]
+            # Its folder deleted by hand: the job is no more, and its runner held a slot
+            # until its deadline. (The listing may be a moment old: the folder tells.)
+            if not life.stopping and not os.path.exists(os.path.dirname(life.job_file)):
+                log.info("job %s was deleted while it ran; its runner is stopped", gone)
+                self._start_stop(life, p.JobState.CANCELLED)
         self._known_final &= job_ids
         new = (job_ids - self._known_final - self._queued.keys() - self._running.keys()
                - self._unwritten.keys())
