@@ -74,18 +74,26 @@ MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
+    if ":" in host:  # only an IPv6 address has a zone ("::1%lo")
+        host = host.split("%")[0]
     try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
 
 def host_name(host: str) -> str:
-    """A Host header's name: 'Example.org:8001' -> 'example.org', '[::1]:8001' -> '::1'."""
+    """A Host header's name: 'Example.org:8001' -> 'example.org', '[::1]:8001' -> '::1';
+    '' for what is no name and port ('[::1].evil.com', 'localhost:evil')."""
     host = host.strip().lower()
     if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.partition(":")[0]
+        name, _, rest = host[1:].partition("]")
+    else:
+        name, colon, port = host.partition(":")
+        rest = colon + port
+    if rest and not (rest[:1] == ":" and rest[1:].isdigit()):
+        return ""
+    return name
 
 
 def is_secret_env(name: str, value: str) -> bool:

@@ -136,7 +136,10 @@ def test_foreign_host_is_refused_without_a_token(make_server: MakeServer) -> Non
         for path in PATHS:
             for host in (f"attacker.example:{port}", "attacker.example",
                          f"localhost.attacker.example:{port}", f"127.0.0.1.nip.io:{port}",
-                         f"offload.test.attacker.example:{port}"):
+                         f"offload.test.attacker.example:{port}",
+                         # Read loosely, these named loopback (no browser sends them).
+                         "[::1].attacker.example", "[::1]@attacker.example",
+                         "127.0.0.1%attacker.example", "localhost:attacker"):
                 answer = client.get(path, headers={"Host": host})
                 assert answer.status_code == 421, (path, host, answer.status_code)
                 assert "OFFLOAD_ALLOWED_HOSTS" in answer.json()["detail"]
@@ -184,6 +187,11 @@ def test_foreign_origin_cannot_change_anything(make_server: MakeServer) -> None:
                 assert answer.status_code == 403, (origin, method, path, answer.status_code)
                 assert "OFFLOAD_CORS_ORIGINS" in answer.json()["detail"]
             assert client.get("/api/jobs", headers=foreign).status_code == 200  # reads: CORS
+            # A foreign Origin first and the server's own last: the guard read the last,
+            # the framework the first.
+            twice = client.post("/api/jobs", json=SLEEP,
+                                headers=[("Origin", origin), ("Origin", server.url)])
+            assert twice.status_code == 400, (origin, twice.text)
         assert len(client.get("/api/jobs").json()["jobs"]) == 1
         assert client.get(job_path).json()["state"] not in p.FINAL_STATES
         listed = client.post("/api/jobs", json=SLEEP, headers={"Origin": "http://dash.example"})

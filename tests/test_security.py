@@ -46,6 +46,10 @@ def test_token_checked_on_every_api_route(make_server: MakeServer) -> None:
                 answer = client.request(method, path, headers=headers)
                 assert answer.status_code == 401, (method, path, headers, answer.text)
                 assert TOKEN not in answer.text
+        # A newline at the end of a path (%0A): the route matched it, the guard did not.
+        for path in ("/metrics%0A", "/api/jobs%0A", "/metrics%0D", "/metrics%00"):
+            sneaked = client.get(path)
+            assert sneaked.status_code in (400, 401), (path, sneaked.text)
         # Without an Origin, or with no OFFLOAD_CORS_ORIGINS, it is no browser's preflight.
         fake_preflight = client.options("/api/jobs",
                                         headers={"Access-Control-Request-Method": "POST"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,6 +16,8 @@ from jobs.settings import Settings, host_name, is_loopback
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 CLOSED_DETAIL = "the connection closed before its account could be told"
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+_ONCE = (b"origin", b"authorization")
 
 
 WRONG_TOKEN = ("missing or wrong API token: send the header 'Authorization: Bearer <token>' "
@@ -74,6 +77,11 @@ class RequestGuard:
 
     def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
         """The status and detail a request is refused with, if it is."""
+        if _CONTROL.search(scope["path"]):  # `/metrics%0A`: a route's `$` matches before a
+            return 400, "the path holds a control character"  # final newline, `==` not
+        sent = [name for name, _ in scope["headers"] if name in _ONCE]
+        if len(sent) != len(set(sent)):  # this guard reads the last, the framework the first
+            return 400, "send at most one Origin and one Authorization header"
         host, origin = headers.get(b"host", b""), headers.get(b"origin", b"")
         refusal = (self._not_the_owner(scope, b"x-forwarded-for" in headers)
                    if self.check_host else None)

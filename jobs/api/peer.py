@@ -46,6 +46,7 @@ class PeerLookup:
         self._sock: socket.socket | None = None
         self._seq = 0
         self._works: bool | None = None  # whether this kernel looks up TCP sockets
+        self._loopback = _loopback_index()
 
     def account(self, client: tuple[str, int], server: tuple[str, int]) -> int | None:
         """The uid of the process holding the local TCP socket that has `client` as its own
@@ -65,6 +66,11 @@ class PeerLookup:
             return None
         try:
             theirs = self._ask(_request(family, client[1], server[1], src, dst))
+            if theirs is None and self._loopback:
+                # A socket bound to a device (SO_BINDTODEVICE: any account may bind to the
+                # loopback one) is found only with its device named; it passed as untold.
+                theirs = self._ask(_request(family, client[1], server[1], src, dst,
+                                            self._loopback))
             if theirs is not None and theirs[0] not in (TCP_LISTEN, TCP_CLOSE):
                 _, uid, inode = theirs
                 # No inode: no process holds it any more (closed; in TIME_WAIT its uid
@@ -118,10 +124,22 @@ class PeerLookup:
             self._sock = None
 
 
-def _request(family: int, sport: int, dport: int, src: bytes, dst: bytes) -> bytes:
-    """inet_diag_req_v2 for the one TCP socket with these addresses, in any state."""
+def _request(family: int, sport: int, dport: int, src: bytes, dst: bytes,
+             interface: int = 0) -> bytes:
+    """inet_diag_req_v2 for the one TCP socket with these addresses, in any state (and
+    bound to `interface`, if one is given)."""
     return (REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, ALL_STATES)
-            + SOCKID.pack(sport, dport, src, dst) + SOCKID_REST.pack(0, NO_COOKIE, NO_COOKIE))
+            + SOCKID.pack(sport, dport, src, dst)
+            + SOCKID_REST.pack(interface, NO_COOKIE, NO_COOKIE))
+
+
+def _loopback_index() -> int:
+    """The loopback device's index (0 where there is none to tell): the one device a
+    socket bound to one can reach 127.0.0.1 or ::1 through."""
+    try:
+        return socket.if_nametoindex("lo") if AVAILABLE else 0
+    except OSError:
+        return 0
 
 
 def _addresses(client: str, server: str) -> tuple[int, bytes, bytes]:
