@@ -335,8 +335,11 @@ def job_details(job: dict[str, Any], out: IO[str]) -> None:
              ("started", _when(job.get(p.F_STARTED_AT))),
              ("finished", _when(job.get(p.F_FINISHED_AT))), ("took", _took(job)),
              ("timeout", f"{job.get(p.F_TIMEOUT_S)}s")]
+    queued = job.get(p.F_STATE) == p.JobState.QUEUED
     for name in ("queue_position", "attempt", "max_attempts", "priority", "run_at", "schedule",
                  "rerun_of", "after", "launcher", "host", "exit_code"):
+        if name == "run_at" and not queued:
+            continue  # when a queued job starts (a retry's backoff left it in the file)
         if job.get(name) is not None:
             lines.append((name.replace("_", " "), job[name]))
     if job.get(p.F_ERROR) or job.get(p.F_PROGRESS):
@@ -367,7 +370,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"url": client.url, "health": health, "counts": counts["counts"],
                      "running": running})
-        return EXIT_OK
+        return _health_code(health)
     llm = health.get("llm") or {}
     model = " ".join(str(part) for part in (llm.get("provider"), llm.get("model")) if part)
     model += f" at {llm['base_url']}" if llm.get("base_url") else ""
@@ -389,6 +392,15 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     if running:
         sys.stdout.write("\n")
         job_table(running, sys.stdout)
+    return _health_code(health)
+
+
+def _health_code(health: dict[str, Any]) -> int:
+    """A script's `offload status && ...`: a supervisor that is stalled launches nothing."""
+    if health.get("supervisor") == "stalled":
+        sys.stderr.write("offload: the supervisor is stalled (no sign of life for 15 s): "
+                         "nothing starts; see supervisor.log in the data folder\n")
+        return EXIT_SERVER
     return EXIT_OK
 
 

@@ -260,6 +260,10 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     assert cli(url, "resume", "nightly").stdout == "schedule nightly running\n"
     unknown = cli(url, "pause", "nope")
     assert unknown.returncode == 5 and "nope" in unknown.stderr
+    # When it was to start is said of a queued job only (a finished one showed it).
+    assert "run at" in cli(url, "show", job["id"]).stdout
+    assert cli(url, "cancel", job["id"]).returncode == 0
+    assert "run at" not in cli(url, "show", job["id"]).stdout
 
 
 def test_the_token_from_the_environment_or_dotenv(make_server: MakeServer,

@@ -356,6 +356,9 @@ def test_a_stopped_supervisor_is_shown_stalled(make_server: MakeServer) -> None:
         try:
             wait_for(lambda: client.get("/api/health").json()["supervisor"] == "stalled", 60,
                      0.5, "health to say the supervisor is stalled")
+            status = subprocess.run([sys.executable, "-m", "jobs", "--url", server.url, "status"],
+                                    capture_output=True, text=True, timeout=60)
+            assert status.returncode == 7 and "stalled" in status.stderr, status  # for scripts
         finally:
             supervisor.resume()
         wait_for(lambda: client.get("/api/health").json()["supervisor"] == "running", 30,
