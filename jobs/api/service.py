@@ -293,9 +293,10 @@ class JobService:
         queued = load.counts.get(p.JobState.QUEUED, 0)
         if queued >= settings.max_queued:
             raise Overloaded(
-                f"{queued} jobs are waiting to start and OFFLOAD_MAX_QUEUED is "
-                f"{settings.max_queued}: retry after Retry-After seconds, when some have "
-                "started, or raise OFFLOAD_MAX_QUEUED", RETRY_AFTER_S)
+                f"{queued} jobs are queued (those waiting for their start time too) and "
+                f"OFFLOAD_MAX_QUEUED is {settings.max_queued}: retry after Retry-After "
+                "seconds, when some have started, or cancel queued ones, or raise "
+                "OFFLOAD_MAX_QUEUED", RETRY_AFTER_S)
         must_go = load.total - settings.max_jobs + 1  # prunable jobs needed to make room
         now = time.time()
         if must_go <= 0 or load.finished_before(now - settings.min_retention_s) >= must_go:
