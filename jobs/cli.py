@@ -551,7 +551,23 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
     return _wait_and_report(client, job, args)
 
 
+def _matching(client: Client, states: list[str], kind: str | None) -> list[str]:
+    """The ids of the live jobs in `states` (of `kind`), as the API lists them now."""
+    ids: list[str] = []
+    for state in states:
+        given = urllib.parse.urlencode({k: v for k, v in (("state", state), ("kind", kind),
+                                                          ("limit", 1000)) if v is not None})
+        ids += [job[p.F_ID] for job in client.call("GET", f"/api/jobs?{given}")["jobs"]]
+    return ids
+
+
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    if bool(args.ids) == bool(args.state) or (args.kind and not args.state):
+        raise Failure(EXIT_USAGE, "give job ids, or --state (queued, running or live; and "
+                                  "--kind) to cancel every job in it, not both")
+    states = {"live": ["queued", "running"]}.get(args.state or "", [args.state])
+    ids = args.ids or _matching(client, states, args.kind)
+
     def cancel(job_id: str) -> dict[str, Any] | Failure:
         try:
             return dict(client.call("DELETE", f"/api/jobs/{job_path(job_id)}"))
@@ -559,10 +575,13 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
             return exc
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(cancel, args.ids))
+        answers = list(pool.map(cancel, ids))
     code = EXIT_OK
-    for job_id, answer in zip(args.ids, answers, strict=True):
-        if isinstance(answer, Failure):
+    for job_id, answer in zip(ids, answers, strict=True):
+        if isinstance(answer, Failure) and args.state and answer.code == EXIT_CONFLICT:
+            if not args.json:  # it ended since it was listed: nothing left to do
+                sys.stdout.write(f"{job_id} had finished\n")
+        elif isinstance(answer, Failure):
             named = "" if job_id in answer.message else f"{job_id}: "
             sys.stderr.write(f"offload: {named}{answer.message}\n")
             code = code or answer.code
@@ -666,7 +685,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "progress, until it ends; exits 1 unless it completed")
     cancel = command("cancel", cmd_cancel, "cancel jobs: queued ones never start, running "
                                            "ones are stopped")
-    cancel.add_argument("ids", nargs="+", metavar="id")
+    cancel.add_argument("ids", nargs="*", metavar="id")
+    cancel.add_argument("--state", choices=["queued", "running", "live"],
+                        help="instead of ids: every job in this state (live: both), up to "
+                             "1000 of each")
+    cancel.add_argument("--kind", help="with --state: of this kind only")
     for name, run, text in (("submit", cmd_submit, "submit a job; prints its id"),
                             ("retry", cmd_retry, "run a finished job again as a new job; "
                                                  "prints the new id")):

@@ -228,6 +228,16 @@ def test_cancel_several_and_retry(server: Server) -> None:
     scripted = cli(url, "cancel", new["id"], "--json")
     assert [job["state"] for job in json.loads(scripted.stdout)] == ["cancelled"]
 
+    # Every queued job of a kind at once, as `pueue kill --all` or `celery purge`.
+    later = [cli(url, "submit", "sleep", "--delay", "600").stdout.strip() for _ in range(3)]
+    swept = cli(url, "cancel", "--state", "queued", "--kind", "sleep")
+    assert swept.returncode == 0, swept.stderr
+    assert sorted(swept.stdout.split()[::2]) == sorted(later)
+    assert {json.loads(cli(url, "show", job_id, "--json").stdout)["state"]
+            for job_id in later} == {"cancelled"}
+    for args in ([], [later[0], "--state", "queued"], ["--kind", "sleep"]):
+        assert cli(url, "cancel", *args).returncode == 2, args
+
 
 def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: MakeServer,
                                                                tmp_path: Path) -> None:
