@@ -619,22 +619,23 @@ def _steer(client: Client, args: argparse.Namespace, action: str) -> int:
 
 def cmd_schedules(client: Client, args: argparse.Namespace) -> int:
     answer = client.call("GET", "/api/schedules")
+    code = EXIT_SERVER if answer.get("error") else EXIT_OK  # the schedules run as last read
     if args.json:
         _print_json(answer)
-        return EXIT_OK
+        return code
     if answer.get("error"):
         sys.stderr.write(f"offload: the schedules file cannot be used: {answer['error']}\n")
     schedules = answer.get("schedules") or []
     if not schedules:
         sys.stdout.write("no schedules\n")
-        return EXIT_OK
+        return code
     rows = [["NAME", "KIND", "EVERY", "NEXT RUN (UTC)", "LAST JOB"]]
     rows += [[str(each.get("name")), str(each.get("kind")), f"{each.get('every_s'):g}s",
               "paused" if each.get("paused") else _when(each.get("next_run_at")),
               f"{each.get('last_job_id') or '-'} {each.get('last_state') or ''}".rstrip()]
              for each in schedules]
     table(rows, sys.stdout)
-    return EXIT_OK
+    return code
 
 
 # The parser --------------------------------------------------------------------------------

@@ -270,6 +270,11 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     assert cli(url, "resume", "nightly").stdout == "schedule nightly running\n"
     unknown = cli(url, "pause", "nope")
     assert unknown.returncode == 5 and "nope" in unknown.stderr
+    # A schedules file edited into one that cannot be used: said, and not with exit 0.
+    schedules.write_text('[nightly]\nkind = "sleep"\nevery = "0s"\n')
+    broken = wait_for(lambda: (done := cli(url, "schedules")).returncode == 7 and done, 30, 0.5,
+                      "the schedules file's error to be told")
+    assert "the schedules file cannot be used" in broken.stderr and "nightly" in broken.stdout
     # When it was to start is said of a queued job only (a finished one showed it).
     assert "run at" in cli(url, "show", job["id"]).stdout
     assert cli(url, "cancel", job["id"]).returncode == 0
