@@ -272,8 +272,11 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     assert unknown.returncode == 5 and "nope" in unknown.stderr
     # A schedules file edited into one that cannot be used: said, and not with exit 0.
     schedules.write_text('[nightly]\nkind = "sleep"\nevery = "0s"\n')
-    broken = wait_for(lambda: (done := cli(url, "schedules")).returncode == 7 and done, 30, 0.5,
-                      "the schedules file's error to be told")
+    def told() -> subprocess.CompletedProcess[str] | None:
+        done = cli(url, "schedules")
+        return done if done.returncode == 7 else None
+
+    broken = wait_for(told, 30, 0.5, "the schedules file's error to be told")
     assert "the schedules file cannot be used" in broken.stderr and "nightly" in broken.stdout
     # When it was to start is said of a queued job only (a finished one showed it).
     assert "run at" in cli(url, "show", job["id"]).stdout
