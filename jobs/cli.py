@@ -551,23 +551,49 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
     return _wait_and_report(client, job, args)
 
 
-def _matching(client: Client, states: list[str], kind: str | None) -> list[str]:
-    """The ids of the live jobs in `states` (of `kind`), as the API lists them now."""
+LIST_MAX = 1000  # the longest listing the API gives
+
+
+def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list[str], bool]:
+    """The ids of the live jobs in `states` (of `kind`), as the API lists them now, newest
+    first; and whether some listing was cut at LIST_MAX (older ones are left)."""
     ids: list[str] = []
+    cut = False
     for state in states:
         given = urllib.parse.urlencode({k: v for k, v in (("state", state), ("kind", kind),
-                                                          ("limit", 1000)) if v is not None})
-        ids += [job[p.F_ID] for job in client.call("GET", f"/api/jobs?{given}")["jobs"]]
-    return ids
+                                                          ("limit", LIST_MAX)) if v is not None})
+        listed = client.call("GET", f"/api/jobs?{given}")["jobs"]
+        ids += [job[p.F_ID] for job in listed]
+        cut = cut or len(listed) >= LIST_MAX
+    return list(dict.fromkeys(ids)), cut  # one that started between the listings: once
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     if bool(args.ids) == bool(args.state) or (args.kind and not args.state):
         raise Failure(EXIT_USAGE, "give job ids, or --state (queued, running or live; and "
                                   "--kind) to cancel every job in it, not both")
-    states = {"live": ["queued", "running"]}.get(args.state or "", [args.state])
-    ids = args.ids or _matching(client, states, args.kind)
+    done: list[dict[str, Any]] = []
+    if args.ids:
+        code = _cancel(client, args, list(dict.fromkeys(args.ids)), done)
+    else:
+        states = {"live": ["queued", "running"]}.get(args.state, [args.state])
+        tried: set[str] = set()
+        code, cut = EXIT_OK, True
+        while cut:  # a listing holds the newest LIST_MAX: those cancelled, older ones next
+            ids, cut = _matching(client, states, args.kind)
+            ids = [job_id for job_id in ids if job_id not in tried]
+            if not ids:
+                break
+            tried.update(ids)
+            code = code or _cancel(client, args, ids, done)
+    if args.json:
+        _print_json(done)
+    return code
 
+
+def _cancel(client: Client, args: argparse.Namespace, ids: list[str],
+            done: list[dict[str, Any]]) -> int:
+    """Cancel `ids`, saying how each went (for --json: appended to `done`); the exit code."""
     def cancel(job_id: str) -> dict[str, Any] | Failure:
         try:
             return dict(client.call("DELETE", f"/api/jobs/{job_path(job_id)}"))
@@ -587,8 +613,7 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
             code = code or answer.code
         elif not args.json:
             sys.stdout.write(f"{job_id} {answer.get(p.F_STATE)}\n")
-    if args.json:
-        _print_json([answer for answer in answers if not isinstance(answer, Failure)])
+    done.extend(answer for answer in answers if not isinstance(answer, Failure))
     return code
 
 

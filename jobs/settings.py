@@ -96,6 +96,15 @@ def host_name(host: str) -> str:
     return name
 
 
+def _allowed_name(entry: str) -> str:
+    """An OFFLOAD_ALLOWED_HOSTS entry's name ('' if it is none): as a Host header gives
+    it, or a bare IPv6 address."""
+    try:
+        return str(ipaddress.IPv6Address(entry.strip().lower()))
+    except ValueError:
+        return host_name(entry)
+
+
 def is_secret_env(name: str, value: str) -> bool:
     """A runner's variable that must not leave this machine (see SECRET_ENV)."""
     return name in SECRET_ENV or (name == "OPENAI_BASE_URL" and public_url(value) != value)
@@ -208,6 +217,16 @@ class Settings(BaseSettings):
         # Runners get absolute paths, whatever folder they run in.
         return value.expanduser().resolve()
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        for entry in value.split(","):
+            if entry.strip() and not _allowed_name(entry):
+                raise ValueError(f"{entry.strip()!r} is no host name: give names such as "
+                                 "offload.example or 192.0.2.5, with a port or without, "
+                                 "separated by commas")
+        return value
+
     @field_validator("fork_server", mode="before")
     @classmethod
     def _off_words(cls, value: object) -> object:
@@ -279,7 +298,7 @@ class Settings(BaseSettings):
     @property
     def allowed_host_list(self) -> list[str]:
         """Host names (any port) served without a token besides loopback ones."""
-        return [host_name(h) for h in self.allowed_hosts.split(",") if h.strip()]
+        return [_allowed_name(h) for h in self.allowed_hosts.split(",") if h.strip()]
 
     @property
     def host_is_loopback(self) -> bool:

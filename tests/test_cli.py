@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -421,3 +422,20 @@ def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
         for args in (["log", job_id, "--follow"], ["submit", "sleep", "--wait"]):
             done = cli(url, *args)
             assert done.returncode == 7 and "answered no event stream" in done.stderr, done
+
+
+@pytest.mark.slow
+def test_cancel_by_state_goes_past_a_listings_length(make_server: MakeServer,
+                                                     data_dir: Path) -> None:
+    """A listing holds the newest 1000: the older queued jobs, the next to start, were
+    left, and nothing said so."""
+    from jobs.store.job_store import JobStore
+
+    store, later = JobStore(data_dir / "jobs"), p.iso(time.time() + 3600)
+    waiting = {store.create("sleep", {"seconds": 0}, 30, fields={p.F_RUN_AT: later})["id"]
+               for _ in range(1100)}
+    server = make_server(env={"OFFLOAD_MAX_QUEUED": "5000"})
+    swept = cli(server.url, "cancel", "--state", "queued", "--json")
+    assert swept.returncode == 0, swept.stderr[-2000:]
+    assert {job["id"] for job in json.loads(swept.stdout)} == waiting  # one JSON array
+    assert json.loads(cli(server.url, "list", "--state", "queued", "--json").stdout) == []

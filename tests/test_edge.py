@@ -83,7 +83,8 @@ def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
 
 
 @pytest.mark.parametrize(("how", "problem"), [
-    ("uvicorn", "open"), ("api_entry", "open"), ("uvicorn", "kind"), ("api_entry", "schedule")])
+    ("uvicorn", "open"), ("api_entry", "open"), ("uvicorn", "kind"), ("api_entry", "schedule"),
+    ("uvicorn", "hosts")])
 def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp_path: Path,
                                                      data_dir: Path) -> None:
     """Settings that stop the start are said as such, not as a traceback."""
@@ -100,6 +101,9 @@ def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp
     elif problem == "kind":
         env["OFFLOAD_KINDS"] = "sleep=runners.train"
         said = "job kind 'sleep' is defined twice"
+    elif problem == "hosts":  # read as '' before, it let every Host that reads as '' in
+        env["OFFLOAD_ALLOWED_HOSTS"] = "offload.test, http://offload.test"
+        said = "a setting is wrong"
     else:
         env["OFFLOAD_SCHEDULES_FILE"] = str(bad_schedules)
         said = f"{bad_schedules}, schedule [beat]: `every` must be at least 1 s"
@@ -130,7 +134,7 @@ PATHS = ["/", "/app.js", "/docs", "/openapi.json", "/api/jobs", "/api/health"]
 
 
 def test_foreign_host_is_refused_without_a_token(make_server: MakeServer) -> None:
-    server = make_server(env={"OFFLOAD_ALLOWED_HOSTS": "offload.test, Other.Test:9"})
+    server = make_server(env={"OFFLOAD_ALLOWED_HOSTS": "offload.test, Other.Test:9, 2001:db8::5"})
     port = server.port
     with server.client() as client:
         for path in PATHS:
@@ -144,7 +148,8 @@ def test_foreign_host_is_refused_without_a_token(make_server: MakeServer) -> Non
                 assert answer.status_code == 421, (path, host, answer.status_code)
                 assert "OFFLOAD_ALLOWED_HOSTS" in answer.json()["detail"]
             for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LocalHost",
-                         f"offload.test:{port}", "OFFLOAD.test", "other.test:8001"):
+                         f"offload.test:{port}", "OFFLOAD.test", "other.test:8001",
+                         f"[2001:db8::5]:{port}"):
                 answer = client.get(path, headers={"Host": host})
                 assert answer.status_code == 200, (path, host, answer.status_code)
         refused = client.post("/api/jobs", json=SLEEP, headers={"Host": "attacker.example"})

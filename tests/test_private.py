@@ -270,13 +270,19 @@ ATTACK = ("import socket, struct, sys\n"
           "head += header + '\\r\\n' if header else ''\n"
           "for _ in range(int(times)):\n"
           "    s = socket.socket()\n"
-          "    if end == 'bound':  # to the loopback device, as any account may\n"
+          "    if end in ('bound', 'listener'):  # to the loopback device, as any may\n"
           "        s.setsockopt(socket.SOL_SOCKET, getattr(socket, 'SO_BINDTODEVICE', 25), b'lo')\n"
+          "    if end == 'listener':  # and a listener of its own port, for a lookup to find\n"
+          "        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
+          "        lst = socket.socket()\n"
+          "        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
+          "        lst.bind(('127.0.0.1', 0)); lst.listen()\n"
+          "        s.bind(lst.getsockname())\n"
           "    s.connect(('127.0.0.1', int(port)))\n"
           "    if end == 'reset':\n"
           "        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n"
           "    s.sendall((head + '\\r\\n' + body).encode())\n"
-          "    if end in ('answer', 'bound'):\n"
+          "    if end in ('answer', 'bound', 'listener'):\n"
           "        print(s.makefile('rb').read().decode())\n"
           "    s.close()\n")
 
@@ -311,9 +317,10 @@ def test_another_account_cannot_pass_as_the_owner(other_account: str,
         assert "not requests through a proxy (X-Forwarded-For)" in answer
         # A socket bound to the loopback device was not found by its addresses alone, and
         # was let through as one whose account could not be told.
-        bound = _attack_as(other_account, port, "POST", "/api/queue/pause", end="bound")
-        assert bound.startswith("HTTP/1.1 403"), bound
-        assert "answers only the account that runs it" in bound
+        for end in ("bound", "listener"):  # a listener of its port answered the lookup too
+            bound = _attack_as(other_account, port, "POST", "/api/queue/pause", end=end)
+            assert bound.startswith("HTTP/1.1 403"), (end, bound)
+            assert "answers only the account that runs it" in bound
         # A request whose connection is reset at once was looked up after the reset, found
         # no socket, and was answered as one that could not be told.
         _attack_as(other_account, port, "POST", "/api/queue/pause", times=20, end="reset")

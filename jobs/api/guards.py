@@ -145,7 +145,7 @@ class RequestGuard:
         verdict = self._host_ok.get(host)
         if verdict is None:
             name = host_name(host.decode("latin-1"))
-            verdict = is_loopback(name) or name in self.allowed_hosts
+            verdict = bool(name) and (is_loopback(name) or name in self.allowed_hosts)
             if len(self._host_ok) < 256:  # any Host header can be sent: keep the cache small
                 self._host_ok[host] = verdict
         return verdict

@@ -65,12 +65,11 @@ class PeerLookup:
         if not self._works:
             return None
         try:
-            theirs = self._ask(_request(family, client[1], server[1], src, dst))
-            if theirs is None and self._loopback:
-                # A socket bound to a device (SO_BINDTODEVICE: any account may bind to the
-                # loopback one) is found only with its device named; it passed as untold.
-                theirs = self._ask(_request(family, client[1], server[1], src, dst,
-                                            self._loopback))
+            # The loopback device named: a socket bound to it (SO_BINDTODEVICE, which any
+            # account may do) is found only so, and an unbound one either way. Unnamed, the
+            # bound one was missed, or a listener of its port answered: it passed as untold.
+            theirs = self._ask(_request(family, client[1], server[1], src, dst,
+                                        self._loopback))
             if theirs is not None and theirs[0] not in (TCP_LISTEN, TCP_CLOSE):
                 _, uid, inode = theirs
                 # No inode: no process holds it any more (closed; in TIME_WAIT its uid
