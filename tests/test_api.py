@@ -221,7 +221,9 @@ def test_bad_ids_are_404_for_every_job_route(server: Server, path: str) -> None:
         for method, suffix in [("GET", ""), ("DELETE", ""), ("GET", "/log"),
                                ("GET", "/events")]:
             answer = client.request(method, path + suffix)
-            assert answer.status_code == 404, (method, path + suffix, answer.text[:200])
+            # A NUL in a path is refused before any route (the guard's control characters).
+            expected = 400 if "%00" in path else 404
+            assert answer.status_code == expected, (method, path + suffix, answer.text[:200])
             assert "detail" in answer.json()
             assert len(answer.text) < 500  # the message quotes no whole id sent
 
