@@ -29,6 +29,7 @@ import urllib.request
 from typing import IO, TYPE_CHECKING, Any
 
 from jobs import protocol as p
+from jobs.protocol import control
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -383,7 +384,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
             ["model", model]]
     queue = health.get("queue")
     if isinstance(queue, dict):
-        rows.append(["queue", "paused" if queue.get("paused") else "running"])
+        cap = f", {_cap_said(queue)}" if "max_concurrent_default" in queue else ""
+        rows.append(["queue", f"{'paused' if queue.get('paused') else 'running'}{cap}"])
     samples = counts.get("metrics", {}).get("samples") or []
     if samples:
         rows.append(["machine", f"cpu {samples[-1].get('cpu')} %, memory "
@@ -642,6 +644,34 @@ def _steer(client: Client, args: argparse.Namespace, action: str) -> int:
     return EXIT_OK
 
 
+def cmd_parallel(client: Client, args: argparse.Namespace) -> int:
+    """Show the cap on runners alive at once, or change it while the server runs."""
+    if args.runners is None:
+        answer = client.call("GET", "/api/queue")
+    else:
+        cap = None if args.runners == "default" else _runners(args.runners)
+        answer = client.call("PUT", "/api/queue/cap", {"max_concurrent": cap})
+    if args.json:
+        _print_json(answer)
+    else:
+        sys.stdout.write(_cap_said(answer) + "\n")
+    return EXIT_OK
+
+
+def _cap_said(queue: dict[str, Any]) -> str:
+    now, default = queue["max_concurrent"], queue["max_concurrent_default"]
+    said = f"{now} runners at once"
+    return said + (" (OFFLOAD_MAX_CONCURRENT)" if now == default
+                   else f" (set while running; OFFLOAD_MAX_CONCURRENT is {default})")
+
+
+def _runners(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= control.MAX_CAP):
+        raise Failure(EXIT_USAGE, f"give a number of runners from 1 to {control.MAX_CAP}, "
+                                  f"or default; not {text!r}")
+    return int(text)
+
+
 def cmd_schedules(client: Client, args: argparse.Namespace) -> int:
     answer = client.call("GET", "/api/schedules")
     code = EXIT_SERVER if answer.get("error") else EXIT_OK  # the schedules run as last read
@@ -747,6 +777,10 @@ def build_parser() -> argparse.ArgumentParser:
         command(name, run, text).add_argument("schedule", nargs="?",
                                               help="a schedule's name (default: the queue)")
     command("schedules", cmd_schedules, "the periodic schedules, their next and last runs")
+    command("parallel", cmd_parallel, "how many jobs run at once; with a number, change it "
+                                      "(kept across restarts)").add_argument(
+        "runners", nargs="?", help="a number from 1 to 1024, or default (back to "
+                                   "OFFLOAD_MAX_CONCURRENT)")
     return parser
 
 

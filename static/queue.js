@@ -1,4 +1,4 @@
-// queue.js — the queue's pause/resume control and the schedules panel. A server without
+// queue.js — the queue's pause/resume control, its cap on jobs at once, and the schedules panel. A server without
 // these routes answers 404: the controls then stay hidden and are not asked for again.
 
 import { apiJSON } from "./api.js";
@@ -6,7 +6,7 @@ import { fmtDuration } from "./jobs.js";
 
 const SCHEDULES_MS = 5000;
 
-let queueControl, queueState, queueToggle;
+let queueControl, queueState, queueToggle, capForm, capInput;
 let section, link, tbody, fileError;
 let queuePaused = null;
 
@@ -18,9 +18,36 @@ function renderQueue(paused) {
   queueToggle.textContent = paused ? "Resume queue" : "Pause queue";
 }
 
-/** Called with /api/health's `queue` ({"paused": bool}) when the server has one. */
+/** The cap in use; left alone while the user types a new one. */
+function renderCap(queue) {
+  capForm.hidden = typeof queue.max_concurrent !== "number";
+  if (capForm.hidden || document.activeElement === capInput) return;
+  capInput.value = String(queue.max_concurrent);
+  capInput.title = queue.max_concurrent === queue.max_concurrent_default
+    ? "OFFLOAD_MAX_CONCURRENT" : `set while running; OFFLOAD_MAX_CONCURRENT is ${queue.max_concurrent_default}`;
+}
+
+/** Called with /api/health's `queue` ({"paused", "max_concurrent", ...}) when the server has one. */
 export function noteQueue(queue) {
-  if (queue && typeof queue.paused === "boolean") renderQueue(queue.paused);
+  if (queue && typeof queue.paused === "boolean") {
+    renderQueue(queue.paused);
+    renderCap(queue);
+  }
+}
+
+async function setCap() {
+  const button = capForm.querySelector("button");
+  button.disabled = true;
+  try {
+    const r = await apiJSON("/api/queue/cap", {
+      method: "PUT", body: { max_concurrent: Number(capInput.value) },
+    });
+    capInput.blur();
+    if (r.ok && r.data) noteQueue(r.data);
+    else queueState.textContent = `Could not change how many jobs run at once: ${r.error || "no answer"}`;
+  } finally {
+    button.disabled = false;
+  }
 }
 
 async function toggleQueue() {
@@ -131,6 +158,12 @@ export function initQueue() {
   queueControl = document.getElementById("queue-control");
   queueState = document.getElementById("queue-state");
   queueToggle = document.getElementById("queue-toggle");
+  capForm = document.getElementById("queue-cap-form");
+  capInput = document.getElementById("queue-cap");
+  capForm.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    setCap().catch(() => { capForm.querySelector("button").disabled = false; });
+  });
   section = document.getElementById("schedules-section");
   link = document.getElementById("schedules-link");
   tbody = document.querySelector("#schedules-table tbody");

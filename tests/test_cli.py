@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from jobs import protocol as p
@@ -283,6 +284,21 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     assert "run at" in cli(url, "show", job["id"]).stdout
     assert cli(url, "cancel", job["id"]).returncode == 0
     assert "run at" not in cli(url, "show", job["id"]).stdout
+    # As `pueue parallel`: how many jobs run at once, shown and changed while it runs.
+    default = httpx.get(f"{url}/api/queue").json()["max_concurrent_default"]
+    shown = cli(url, "parallel", script=True)
+    assert (shown.returncode, shown.stdout) == (
+        0, f"{default} runners at once (OFFLOAD_MAX_CONCURRENT)\n")
+    raised = cli(url, "parallel", "3")
+    assert (raised.returncode, raised.stdout) == (
+        0, f"3 runners at once (set while running; OFFLOAD_MAX_CONCURRENT is {default})\n")
+    assert "0 running of 3" in cli(url, "status").stdout
+    assert json.loads(cli(url, "parallel", "--json").stdout)["max_concurrent"] == 3
+    for wrong in ("0", "-1", "1025", "two", "2.5", "٣"):
+        refused = cli(url, "parallel", wrong)
+        assert refused.returncode == 2 and "from 1 to 1024, or default" in refused.stderr, wrong
+    assert cli(url, "parallel", "default").stdout.startswith(f"{default} runners at once (")
+    assert httpx.get(f"{url}/api/queue").json()["max_concurrent"] == default
 
 
 def test_the_token_from_the_environment_or_dotenv(make_server: MakeServer,
@@ -405,7 +421,7 @@ def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
             else:
                 self._json(200, self.server.fake.answer)  # type: ignore[attr-defined]
 
-        do_POST = do_DELETE = do_GET
+        do_POST = do_PUT = do_DELETE = do_GET
 
     job_id = "0" * 32
     with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), Other)) as other:
@@ -413,7 +429,8 @@ def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
         for answer in ({}, [1, 2], {"jobs": [{"id": 1, "created_at": "not a time"}]}):
             other.answer = answer  # type: ignore[attr-defined]
             for args in (["status"], ["list"], ["show", job_id], ["submit", "sleep"],
-                         ["cancel", job_id], ["schedules"], ["pause"]):
+                         ["cancel", job_id], ["schedules"], ["pause"], ["parallel"],
+                         ["parallel", "2"]):
                 done = cli(url, *args)
                 assert done.returncode in (0, 7), (answer, args, done.stdout, done.stderr)
                 if done.returncode == 7:

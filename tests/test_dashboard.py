@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, wait_job
+from tests.conftest import ROOT, wait_for, wait_job
 from tests.fake_llm import FakeLLM
 from tests.server import Server
 from tests.test_train import record_history
@@ -758,13 +758,28 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
     page.click("#queue-toggle")
     page.wait_for_function("document.querySelector('#queue-toggle').textContent"
                            " === 'Resume queue'", timeout=10_000)
-    assert httpx.get(f"{server.url}/api/queue").json() == {"paused": True}
+    assert httpx.get(f"{server.url}/api/queue").json()["paused"] is True
     waiting = submit(server, "sleep", seconds=0)
     time.sleep(2)
     assert httpx.get(f"{server.url}/api/jobs/{waiting}").json()["state"] == "queued"
     page.click("#queue-toggle")
     page.wait_for_selector(f"#jobs-table tr[data-job-id='{waiting}'][data-state='completed']",
                            timeout=30_000)
+
+    # How many jobs run at once, changed from the page as `offload parallel` does.
+    default = httpx.get(f"{server.url}/api/queue").json()["max_concurrent_default"]
+    page.wait_for_function(f"document.querySelector('#queue-cap').value === '{default}'",
+                           timeout=10_000)
+    page.fill("#queue-cap", "3")
+    page.press("#queue-cap", "Enter")
+    wait_for(lambda: httpx.get(f"{server.url}/api/queue").json()["max_concurrent"] == 3,
+             10, 0.1, "the cap set from the page")
+    page.wait_for_function("document.querySelector('[data-field=max]').textContent === '3'",
+                           timeout=10_000)
+    page.fill("#queue-cap", "0")  # below its minimum: the browser keeps it from being sent
+    page.press("#queue-cap", "Enter")
+    time.sleep(1)
+    assert httpx.get(f"{server.url}/api/queue").json()["max_concurrent"] == 3
 
 
 def test_a_schedules_next_run_counts_down(page: Any, make_server: Callable[..., Server],

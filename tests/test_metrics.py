@@ -122,6 +122,11 @@ def test_counts_by_kind_and_state_failures_histograms_and_tokens(
     assert value(after, "offload_llm_tokens_total", direction="completion") == 4
     assert value(after, "offload_jobs", kind="sleep", state="running") == 0
     assert value(after, "offload_llm_ready") == 1
+    with server.client() as client:
+        default = client.get("/api/queue").json()["max_concurrent_default"]
+        assert value(after, "offload_max_concurrent") == default
+        client.put("/api/queue/cap", json={"max_concurrent": 3})  # set while it runs
+        assert value(scrape(client), "offload_max_concurrent") == 3
 
 
 def test_a_retried_attempt_is_counted_as_a_retry_not_a_finished_job(

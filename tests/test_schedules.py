@@ -1,4 +1,5 @@
-"""Periodic schedules and the queue's pause, through the real API and supervisor."""
+"""Periodic schedules, the queue's pause and its cap on runners, through the real API and
+supervisor."""
 
 from __future__ import annotations
 
@@ -188,13 +189,13 @@ def test_a_paused_schedule_creates_nothing_until_resumed(make_server: MakeServer
 def test_the_paused_queue_starts_nothing_until_resumed(make_server: MakeServer) -> None:
     server = make_server()
     with server.client() as client:
-        assert client.get("/api/queue").json() == {"paused": False}
+        assert client.get("/api/queue").json()["paused"] is False
         running = client.post("/api/jobs", json={"kind": "sleep",
                                                  "input": {"seconds": 2}}).json()["id"]
         wait_for(lambda: client.get(f"/api/jobs/{running}").json()["state"] == "running",
                  30, 0.05, "the first job running")
-        assert client.post("/api/queue/pause").json() == {"paused": True}
-        assert client.get("/api/health").json()["queue"] == {"paused": True}
+        assert client.post("/api/queue/pause").json()["paused"] is True
+        assert client.get("/api/health").json()["queue"]["paused"] is True
         waiting = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}})
         assert waiting.status_code == 202
         waiting_id = waiting.json()["id"]
@@ -207,12 +208,70 @@ def test_the_paused_queue_starts_nothing_until_resumed(make_server: MakeServer) 
     server.stop()
     server = make_server()  # the pause outlasts a restart
     with server.client() as client:
-        assert client.get("/api/queue").json() == {"paused": True}
+        assert client.get("/api/queue").json()["paused"] is True
         assert client.get(f"/api/jobs/{waiting_id}").json()["state"] == "queued"
-        assert client.post("/api/queue/resume").json() == {"paused": False}
-        assert client.get("/api/health").json()["queue"] == {"paused": False}
+        assert client.post("/api/queue/resume").json()["paused"] is False
+        assert client.get("/api/health").json()["queue"]["paused"] is False
         wait_for(lambda: client.get(f"/api/jobs/{waiting_id}").json()["state"] == "completed",
                  30, 0.05, "the queued job's run once resumed")
+
+
+def test_the_cap_on_runners_changes_while_it_runs(make_server: MakeServer) -> None:
+    # As `pueue parallel` or Celery's pool_grow: no restart, no job lost or stopped.
+    env = {"OFFLOAD_MAX_CONCURRENT": "1"}
+    server = make_server(env=env)
+    with server.client() as client:
+        assert client.get("/api/queue").json() == {
+            "paused": False, "max_concurrent": 1, "max_concurrent_default": 1}
+        ids = [client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 30}}
+                           ).json()["id"] for _ in range(3)]
+
+        def states() -> list[str]:
+            return [client.get(f"/api/jobs/{job_id}").json()["state"] for job_id in ids]
+
+        wait_for(lambda: "running" in states(), 30, 0.05, "a first runner")
+        time.sleep(1.0)  # several supervisor passes: one runs, at the setting's cap
+        assert sorted(states()) == ["queued", "queued", "running"]
+        raised = client.put("/api/queue/cap", json={"max_concurrent": 3})
+        assert raised.status_code == 200
+        assert raised.json() == {"paused": False, "max_concurrent": 3,
+                                 "max_concurrent_default": 1}
+        wait_for(lambda: states() == ["running"] * 3, 30, 0.05, "all three running")
+        health = client.get("/api/health").json()
+        assert health["max_concurrent"] == 3 and health["queue"]["max_concurrent"] == 3
+        # Lowered: the running ones go on; none starts until fewer run than the cap.
+        assert client.put("/api/queue/cap", json={"max_concurrent": 2}).status_code == 200
+        fourth = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}
+                             ).json()["id"]
+        time.sleep(1.0)
+        assert states() == ["running"] * 3
+        assert client.get(f"/api/jobs/{fourth}").json()["state"] == "queued"
+        for wrong in (0, 1025, True, "2", 2.0, None, [2]):
+            body = {} if wrong is None else {"max_concurrent": wrong}
+            refused = client.put("/api/queue/cap", json=body)
+            assert refused.status_code == 422, (wrong, refused.text)
+            assert "max_concurrent" in refused.json()["detail"], refused.text
+        assert client.get("/api/queue").json()["max_concurrent"] == 2
+        assert client.delete(f"/api/jobs/{ids[0]}").status_code == 200
+        wait_for(lambda: states()[0] == "cancelled", 30, 0.05, "the first one's end")
+        time.sleep(1.0)  # two run: the cap's
+        assert client.get(f"/api/jobs/{fourth}").json()["state"] == "queued"
+        assert client.delete(f"/api/jobs/{ids[1]}").status_code == 200
+        wait_for(lambda: client.get(f"/api/jobs/{fourth}").json()["state"] == "completed",
+                 30, 0.05, "the fourth job's run once one ran")
+        assert states()[2] == "running"
+    server.stop()
+    server = make_server(env=env)  # the cap outlasts a restart
+    with server.client() as client:
+        assert client.get("/api/queue").json()["max_concurrent"] == 2
+        # A file edited by hand into no cap is left alone: the setting's cap applies.
+        (server.data_dir / "queue.cap").write_text('{"max_concurrent": "many"}')
+        assert client.get("/api/queue").json()["max_concurrent"] == 1
+        back = client.put("/api/queue/cap", json={"max_concurrent": None})
+        assert back.json() == {"paused": False, "max_concurrent": 1,
+                               "max_concurrent_default": 1}
+        assert not (server.data_dir / "queue.cap").exists()
+        client.delete(f"/api/jobs/{ids[2]}")
 
 
 def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Path,

@@ -1,4 +1,5 @@
-"""/api/schedules and /api/queue: the periodic schedules and the queue, each pausable.
+"""/api/schedules and /api/queue: the periodic schedules and the queue, each pausable,
+and the queue's cap on runners, which can be changed while the server runs.
 
 A switch is a file in the data folder (`jobs.protocol.control`), so every API worker and
 the supervisor see it, and it outlasts a restart; after a resume the supervisor is woken
@@ -11,14 +12,16 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
 from jobs.api.routes_jobs import Service
+from jobs.api.service import JobService
 from jobs.protocol import control
 from jobs.protocol.wake import poke
 from jobs.schedules import Schedule, by_name, configured, schedule_file
+from jobs.settings import Settings
 from jobs.store.job_store import JobNotFound, JobStore
 
 router = APIRouter(prefix="/api", tags=["schedules and queue"])
@@ -46,6 +49,14 @@ class ScheduleList(BaseModel):
 
 class QueueView(BaseModel):
     paused: bool
+    max_concurrent: int  # runners alive at once, now
+    max_concurrent_default: int  # OFFLOAD_MAX_CONCURRENT: what `null` goes back to
+
+
+class QueueCap(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # null: back to OFFLOAD_MAX_CONCURRENT
+    max_concurrent: int | None = Field(ge=1, le=control.MAX_CAP, strict=True)
 
 
 @router.get("/schedules", response_model=ScheduleList)
@@ -70,27 +81,45 @@ async def resume_schedule(name: str, service: Service) -> dict[str, Any]:
 
 @router.get("/queue", response_model=QueueView)
 async def queue_state(service: Service) -> dict[str, Any]:
-    return {"paused": control.queue_paused(service.settings.data_dir)}
+    return await run_in_threadpool(queue_view, service.settings)
+
+
+def queue_view(settings: Settings) -> dict[str, Any]:
+    data_dir = settings.data_dir
+    return {"paused": control.queue_paused(data_dir),
+            "max_concurrent": control.queue_cap(data_dir) or settings.max_concurrent,
+            "max_concurrent_default": settings.max_concurrent}
+
+
+@router.put("/queue/cap", response_model=QueueView)
+async def set_queue_cap(body: QueueCap, service: Service) -> dict[str, Any]:
+    """Change how many runners are alive at once, kept across restarts; `null` goes back
+    to OFFLOAD_MAX_CONCURRENT. Running jobs over a lower cap finish; none starts until
+    fewer run."""
+    await run_in_threadpool(_write, control.set_queue_cap, service.settings.data_dir,
+                            body.max_concurrent)
+    poke(service.store.dir)  # a higher cap starts queued jobs at once
+    return await run_in_threadpool(queue_view, service.settings)
 
 
 @router.post("/queue/pause", response_model=QueueView)
 async def pause_queue(service: Service) -> dict[str, Any]:
     """Start no job: running ones finish, queued and new ones wait; kept across restarts."""
-    return await _switch_queue(service.store, True)
+    return await _switch_queue(service, True)
 
 
 @router.post("/queue/resume", response_model=QueueView)
 async def resume_queue(service: Service) -> dict[str, Any]:
     """Start queued jobs again, at once."""
-    return await _switch_queue(service.store, False)
+    return await _switch_queue(service, False)
 
 
-async def _switch_queue(store: JobStore, paused: bool) -> dict[str, Any]:
-    data_dir = store.dir.parent
-    await run_in_threadpool(_write, control.set_queue_paused, data_dir, paused)
+async def _switch_queue(service: JobService, paused: bool) -> dict[str, Any]:
+    await run_in_threadpool(_write, control.set_queue_paused, service.settings.data_dir,
+                            paused)
     if not paused:
-        poke(store.dir)
-    return {"paused": paused}
+        poke(service.store.dir)
+    return await run_in_threadpool(queue_view, service.settings)
 
 
 async def _switch_schedule(store: JobStore, name: str, paused: bool) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from prometheus_client.exposition import choose_encoder
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
+from jobs.api.routes_control import queue_view
 from jobs.api.routes_jobs import Service
 from jobs.api.service import OVERVIEW_MAX_AGE_S
 from jobs.kinds import registry
@@ -49,7 +50,8 @@ async def metrics(request: Request, service: Service) -> Response:
     except OSError as exc:  # never zeros: a scraper would take them for a reset
         raise HTTPException(503, f"cannot read the job counters now ({exc.strerror or exc}); "
                                  "try again shortly") from None
-    collector = JobMetrics(service.store, counters, llm.ready)
+    queue = await run_in_threadpool(queue_view, service.settings)
+    collector = JobMetrics(service.store, counters, llm.ready, queue["max_concurrent"])
     accept = request.headers.get("accept", "")
     try:
         encode, content_type = choose_encoder(accept)
@@ -69,10 +71,12 @@ FAILURE_TYPES = frozenset(str(t) for t in p.ErrorType) - {str(p.ErrorType.CANCEL
 class JobMetrics:
     """A prometheus_client collector over the job index and the supervisor's counters."""
 
-    def __init__(self, index: JobIndex, counters: JobCounters, llm_ready: bool) -> None:
+    def __init__(self, index: JobIndex, counters: JobCounters, llm_ready: bool,
+                 max_concurrent: int) -> None:
         self.index = index
         self.counters = counters
         self.llm_ready = llm_ready
+        self.max_concurrent = max_concurrent
 
     def registry(self) -> CollectorRegistry:
         found = CollectorRegistry(auto_describe=False)
@@ -95,6 +99,8 @@ class JobMetrics:
             for state in LIVE_STATES:
                 jobs.add_metric([kind, state.value], live.get((kind, state.value), 0))
         yield jobs
+        yield GaugeMetricFamily("offload_max_concurrent", "Jobs that may run at once (the "
+                                "cap in use).", value=self.max_concurrent)
 
         finished = CounterMetricFamily("offload_jobs_finished", "Jobs that reached a final "
                                        "state.", labels=["kind", "state"])

@@ -15,9 +15,9 @@ from jobs.api.guards import route_path
 from jobs.api.history import MetricsReader, short_job
 from jobs.api.keeper import SupervisorKeeper
 from jobs.api.predictor import NoModel, Predictor
+from jobs.api.routes_control import queue_view
 from jobs.api.routes_jobs import Service
 from jobs.llm.status import LLMStatus
-from jobs.protocol import control
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, SUPERVISOR_STALLED_S
 from runners import train
 
@@ -76,15 +76,16 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
         # It samples the machine every second: silence says it is stopped or hung.
         age = await run_in_threadpool(metrics.last_sample_age_s)
         supervisor = "stalled" if age is not None and age > SUPERVISOR_STALLED_S else "running"
+    queue = await run_in_threadpool(queue_view, service.settings)
     return {
         "status": "ok", "version": VERSION,
         "running": counts[p.JobState.RUNNING], "queued": counts[p.JobState.QUEUED],
-        "max_concurrent": service.settings.max_concurrent,
+        "max_concurrent": queue["max_concurrent"],
         "supervisor": supervisor,
         "launcher": service.settings.launcher,
         "llm": llm.as_dict(),
         "usage": service.store.usage_totals(),
-        "queue": {"paused": control.queue_paused(service.settings.data_dir)},
+        "queue": queue,
     }
 
 

@@ -3,6 +3,8 @@ supervisor, and the supervisor's record of each schedule's newest job. Standard 
 only, as the rest of the protocol.
 
   queue.paused                 present while the whole queue is paused: nothing launches
+  queue.cap                    {"max_concurrent", "at"}: runners alive at once, set while
+                               the server runs (absent: OFFLOAD_MAX_CONCURRENT)
   schedules/<name>.paused      present while that schedule creates no jobs
   schedules/<name>.json        {"slot", "job_id", "every_s"}: the newest slot of that
                                schedule whose job was created; the leader writes it
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from jobs.protocol import StrPath
 
 QUEUE_PAUSED_FILE = "queue.paused"
+QUEUE_CAP_FILE = "queue.cap"
+MAX_CAP = 1024  # as OFFLOAD_MAX_CONCURRENT's bound
 SCHEDULES_FOLDER = "schedules"
 
 
@@ -34,6 +38,26 @@ def queue_paused(data_dir: StrPath) -> bool:
 
 def set_queue_paused(data_dir: StrPath, paused: bool) -> None:
     _switch(os.path.join(data_dir, QUEUE_PAUSED_FILE), paused)
+
+
+def queue_cap(data_dir: StrPath) -> int | None:
+    """The cap on runners set while the server runs; None: OFFLOAD_MAX_CONCURRENT's (no
+    cap set, or a file edited into none, which is then left alone)."""
+    saved = read_json_or_none(os.path.join(data_dir, QUEUE_CAP_FILE))
+    cap = saved.get("max_concurrent") if isinstance(saved, dict) else None
+    if type(cap) is not int or not 1 <= cap <= MAX_CAP:
+        return None
+    return cap
+
+
+def set_queue_cap(data_dir: StrPath, cap: int | None) -> None:
+    """Cap the runners alive at once at `cap`; None: back to OFFLOAD_MAX_CONCURRENT."""
+    path = os.path.join(data_dir, QUEUE_CAP_FILE)
+    if cap is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    else:
+        write_json(path, {"max_concurrent": cap, "at": now_iso()}, durable=True)
 
 
 def schedule_paused(data_dir: StrPath, name: str) -> bool:

@@ -40,7 +40,7 @@ from jobs.launch.base import CannotStartNow, ClaimFailed, Launcher
 from jobs.launch.local import LocalLauncher
 from jobs.launch.pick import adopting_launcher, make_launcher
 from jobs.launch.processes import IS_WINDOWS
-from jobs.protocol.control import queue_paused
+from jobs.protocol.control import QUEUE_CAP_FILE, queue_cap, queue_paused
 from jobs.protocol.counters import SAVE_EVERY_S, JobCounters, counters_file
 from jobs.protocol.wake import ALL_JOBS, Doorbell, lock_file, wake_file
 from jobs.settings import (
@@ -96,7 +96,10 @@ class Supervisor:
         self.scheduler = scheduler  # creates the jobs of periodic schedules
         self.min_retention_s = min_retention_s
         self.store = JobStore(jobs_dir)
-        self.max_concurrent = max_concurrent
+        self.max_concurrent = max_concurrent  # OFFLOAD_MAX_CONCURRENT; see cap()
+        self._cap_file = os.path.join(jobs_dir.parent, QUEUE_CAP_FILE)
+        self._cap_read: tuple[tuple[int, int, int] | None, int | None] = (None, None)
+        self._cap_now = max_concurrent  # cap(), as read at the start of this pass
         self.retention_s = retention_s
         self.max_jobs = max_jobs
         self.log_max_bytes = log_max_bytes
@@ -295,6 +298,7 @@ class Supervisor:
             hinted, self._hinted = self._hinted, set()
             full, self._full_wanted = self._full_wanted, False
         now = time.monotonic()
+        self._cap_now = self.cap()
         try:
             if not full and now < self._next_full:
                 self._look_at(hinted)
@@ -399,7 +403,7 @@ class Supervisor:
                                     f"unknown job kind {data.get(p.F_KIND)!r}")
                 return
             self._enqueue(job_id, data)
-            if len(self._read_now) < self.max_concurrent:  # no more can launch in a pass
+            if len(self._read_now) < self._cap_now:  # no more can launch in a pass
                 self._read_now[job_id] = data
         elif state in (p.JobState.QUEUED, p.JobState.RUNNING):
             self._adopt(job_id, data)
@@ -519,10 +523,23 @@ class Supervisor:
         if queue_paused(self.dir.parent):
             return  # queued jobs wait; POST /api/queue/resume wakes this loop
         self._release_set_aside()
-        while len(self._running) < self.max_concurrent:
+        while len(self._running) < self._cap_now:
             job_id = self._next_queued()
             if job_id is None or not self._launch_one(job_id):
                 break
+
+    def cap(self) -> int:
+        """Runners alive at once: as set while the server runs (`PUT /api/queue/cap`),
+        else OFFLOAD_MAX_CONCURRENT. The file is read again only once it has changed."""
+        try:
+            found = os.stat(self._cap_file)
+            signature: tuple[int, int, int] | None = (found.st_ino, found.st_mtime_ns,
+                                                      found.st_size)
+        except OSError:
+            signature = None
+        if signature != self._cap_read[0]:
+            self._cap_read = (signature, queue_cap(self.dir.parent) if signature else None)
+        return self._cap_read[1] or self.max_concurrent
 
     def _launch_one(self, job_id: str) -> bool:
         """Start one queued job; False if the data folder cannot be written now (the
