@@ -53,6 +53,7 @@ STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet sec
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
 OUTPUT_DELTA = "output_delta"  # an event's appended output (jobs/api/events.py, not imported)
 STATES = [state.value for state in p.JobState]
+LIST_MAX = 1000  # the longest listing the API gives
 
 
 class Failure(Exception):
@@ -407,13 +408,25 @@ def _health_code(health: dict[str, Any]) -> int:
 
 
 def cmd_list(client: Client, args: argparse.Namespace) -> int:
-    query = {"state": args.state, "kind": args.kind, "limit": args.limit}
-    given = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-    jobs = client.call("GET", f"/api/jobs?{given}")["jobs"]
+    if args.all and args.limit is not None:
+        raise Failure(EXIT_USAGE, "give --all or --limit, not both")
+    jobs: list[dict[str, Any]] = []
+    before = args.before
+    while True:  # with --all, page after page: a listing gives at most LIST_MAX
+        query = {"state": args.state, "kind": args.kind, "before": before,
+                 "limit": LIST_MAX if args.all else args.limit}
+        given = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        page = client.call("GET", f"/api/jobs?{given}")
+        jobs += page["jobs"]
+        before = page.get("next_before")
+        if not (args.all and before):
+            break
     if args.json:
         _print_json(jobs)
-    else:
-        job_table(jobs, sys.stdout)
+        return EXIT_OK
+    job_table(jobs, sys.stdout)
+    if before:
+        sys.stderr.write(f"older ones: offload list --before {before} (or --all)\n")
     return EXIT_OK
 
 
@@ -551,9 +564,6 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
         body["timeout_s"] = args.timeout
     job = client.call("POST", f"/api/jobs/{job_path(args.id)}/rerun", body or None)
     return _wait_and_report(client, job, args)
-
-
-LIST_MAX = 1000  # the longest listing the API gives
 
 
 def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list[str], bool]:
@@ -733,6 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--state", choices=STATES)
     listing.add_argument("--kind")
     listing.add_argument("--limit", type=int, help="at most this many (1-1000; default 100)")
+    listing.add_argument("--before", metavar="ID", help="those submitted before this job: "
+                                                        "the next page")
+    listing.add_argument("--all", action="store_true", help="every one, however many")
     command("show", cmd_show, "one job in full").add_argument("id")
     log = command("log", cmd_log, "a job's log (its runner's stdout and stderr)")
     log.add_argument("id")

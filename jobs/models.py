@@ -178,3 +178,5 @@ class ChatResult(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[Job]
+    # The `before` that lists the next, older page; null: this page reaches the oldest.
+    next_before: str | None = None

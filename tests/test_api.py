@@ -96,6 +96,42 @@ def test_submit_get_list_and_log(server: Server) -> None:
         assert "error: bad luck" in log.text
 
 
+def test_a_listing_pages_through_every_job(make_server: Callable[..., Server],
+                                           data_dir: Path) -> None:
+    # A listing gives at most 1000: `next_before` reaches the older ones, as a cursor.
+    from jobs.store.job_store import JobStore
+
+    store, later = JobStore(data_dir / "jobs"), p.iso(time.time() + 3600)
+    made = {store.create("sleep", {"seconds": 0}, 30, fields={p.F_RUN_AT: later})["id"]
+            for _ in range(25)}
+    server = make_server()
+    with server.client() as client:
+        pages: list[list[dict[str, Any]]] = []
+        before: str | None = None
+        while before is not None or not pages:
+            query: dict[str, str | int] = {"state": "queued", "limit": 10}
+            if before is not None:
+                query["before"] = before
+            page = client.get("/api/jobs", params=query).json()
+            pages.append(page["jobs"])
+            before = page["next_before"]
+            if len(pages) == 1:  # one submitted meanwhile is the newest: no later page has it
+                client.post("/api/jobs", json={"kind": "sleep", "input": {}, "delay_s": 600})
+        assert [len(each) for each in pages] == [10, 10, 5]
+        listed = [job for each in pages for job in each]
+        assert sorted(job["id"] for job in listed) == sorted(made), "each job once"
+        created = [job["created_at"] for job in listed]
+        assert created == sorted(created, reverse=True), "newest first throughout"
+        assert pages[0][-1]["id"] == client.get("/api/jobs", params={
+            "state": "queued", "limit": 11}).json()["jobs"][-1]["id"]
+        everything = client.get("/api/jobs", params={"limit": 1000}).json()
+        assert len(everything["jobs"]) == 26 and everything["next_before"] is None
+        gone = client.get("/api/jobs", params={"before": "0" * 32})
+        assert gone.status_code == 400
+        assert "list again without `before`" in gone.json()["detail"]
+        assert client.get("/api/jobs", params={"before": "x" * 65}).status_code == 422
+
+
 def test_times_are_iso_utc_with_milliseconds_on_every_route(server: Server) -> None:
     """As the job file and /api/history have them: a job's GET, listing and events once
     answered pydantic's microseconds ('...12.345000Z'), and a whole second with none."""

@@ -452,6 +452,14 @@ def test_cancel_by_state_goes_past_a_listings_length(make_server: MakeServer,
     waiting = {store.create("sleep", {"seconds": 0}, 30, fields={p.F_RUN_AT: later})["id"]
                for _ in range(1100)}
     server = make_server(env={"OFFLOAD_MAX_QUEUED": "5000"})
+    # Listed past 1000 too, page after page, each job once.
+    listed = cli(server.url, "list", "--state", "queued", "--all", "--json")
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert sorted(job["id"] for job in json.loads(listed.stdout)) == sorted(waiting)
+    first = cli(server.url, "list", "--state", "queued", "--limit", "1000")
+    assert first.stderr.startswith("older ones: offload list --before ")
+    older = cli(server.url, "list", "--state", "queued", "--before", first.stderr.split()[5])
+    assert len(older.stdout.splitlines()) == 1 + 100 and older.stderr == ""
     swept = cli(server.url, "cancel", "--state", "queued", "--json")
     assert swept.returncode == 0, swept.stderr[-2000:]
     assert {job["id"] for job in json.loads(swept.stdout)} == waiting  # one JSON array

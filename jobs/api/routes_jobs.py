@@ -15,7 +15,7 @@ from jobs.api.follow import file_signature, followed
 from jobs.api.service import JobService
 from jobs.models import Job, JobCreate, JobList, JobRerun
 from jobs.protocol import JobState
-from jobs.store.index import Signature
+from jobs.store.index import Signature, UnknownCursor
 
 router = APIRouter(prefix="/api", tags=["jobs"])
 
@@ -62,10 +62,16 @@ async def rerun_job(job_id: str, service: Service, response: Response,
 @router.get("/jobs", response_model=JobList)
 async def list_jobs(service: Service, state: JobState | None = None,
                     kind: Annotated[str | None, Query(max_length=64)] = None,
-                    limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
-    """Jobs, newest first."""
-    jobs = await service.list_jobs(state.value if state else None, kind, limit)
-    return {"jobs": jobs}
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                    before: Annotated[str | None, Query(max_length=64)] = None,
+                    ) -> dict[str, Any]:
+    """Jobs, newest first; `before` (a page's `next_before`) gives the next, older page."""
+    try:
+        jobs, next_before = await service.list_jobs(state.value if state else None, kind,
+                                                    limit, before)
+    except UnknownCursor as exc:
+        raise HTTPException(400, str(exc)) from None
+    return {"jobs": jobs, "next_before": next_before}
 
 
 @router.get("/jobs/{job_id}", response_model=Job)

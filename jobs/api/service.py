@@ -351,9 +351,12 @@ class JobService:
         """The job file as it is now (see `SmallIO`)."""
         return await self.small_io.run("reading a job", self.store.read, job_id)
 
-    async def list_jobs(self, state: str | None, kind: str | None,
-                        limit: int) -> list[dict[str, Any]]:
-        return await run_in_threadpool(self.store.list_jobs, state, kind, limit)
+    async def list_jobs(self, state: str | None, kind: str | None, limit: int,
+                        before: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of the listing, and the `before` of the next one (None: none left)."""
+        jobs = await run_in_threadpool(self.store.list_jobs, state, kind, limit + 1, 0.0,
+                                       before)
+        return jobs[:limit], (str(jobs[limit - 1][p.F_ID]) if len(jobs) > limit else None)
 
     async def counts(self) -> dict[str, int]:
         return (await self.overview(0))[1]

@@ -52,6 +52,10 @@ def stat_signature(st: os.stat_result) -> Signature:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+class UnknownCursor(ValueError):
+    """A listing's `before` names no job the index holds."""
+
+
 class _Entry:
     """What the index keeps of one job: enough to list, count and prune it. A settled
     job's entry is a few pointers (its strings are shared), so thousands cost little."""
@@ -158,11 +162,13 @@ class JobIndex:
     # -- queries -------------------------------------------------------------------
 
     def list_jobs(self, state: str | None = None, kind: str | None = None,
-                  limit: int = 100, max_age_s: float = 0.0) -> list[dict[str, Any]]:
-        """Newest first, with queue positions filled in for queued jobs."""
+                  limit: int = 100, max_age_s: float = 0.0,
+                  before: str | None = None) -> list[dict[str, Any]]:
+        """Newest first, with queue positions filled in for queued jobs; with `before`,
+        those submitted before that job (the next page of a listing)."""
         with self._lock:
             self._refresh(max_age_s)
-            return self._newest(state, kind, limit)
+            return self._newest(state, kind, limit, before)
 
     def counts(self, max_age_s: float = 0.0) -> dict[str, int]:
         with self._lock:
@@ -456,13 +462,20 @@ class JobIndex:
             self._remember(job_id, data)
         return data
 
-    def _newest(self, state: str | None, kind: str | None, limit: int) -> list[dict[str, Any]]:
-        """Up to `limit` jobs, newest first."""
+    def _newest(self, state: str | None, kind: str | None, limit: int,
+                before: str | None = None) -> list[dict[str, Any]]:
+        """Up to `limit` jobs, newest first (older than `before`, if given)."""
         self._recent_kept = max(self._recent_kept, limit)
         self._sort()
+        end = len(self._order_ids)
+        if before is not None:
+            if before not in self._entries:
+                raise UnknownCursor(f"no job {before[:64]!r} to list from: it was pruned, "
+                                    "or is no job of this server; list again without `before`")
+            end = self._order_ids.index(before)
         positions = self._queue_positions()
         selected: list[dict[str, Any]] = []
-        for job_id in reversed(self._order_ids):
+        for job_id in reversed(self._order_ids[:end]):
             if len(selected) >= limit:
                 break
             entry = self._entries[job_id]
