@@ -339,7 +339,7 @@ def job_details(job: dict[str, Any], out: IO[str]) -> None:
              ("timeout", f"{job.get(p.F_TIMEOUT_S)}s")]
     queued = job.get(p.F_STATE) == p.JobState.QUEUED
     for name in ("queue_position", "attempt", "max_attempts", "priority", "run_at", "schedule",
-                 "rerun_of", "after", "launcher", "host", "exit_code"):
+                 "depends_on", "rerun_of", "after", "launcher", "host", "exit_code"):
         if name == "run_at" and not queued:
             continue  # when a queued job starts (a retry's backoff left it in the file)
         if job.get(name) is not None:
@@ -545,7 +545,7 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"kind": args.kind, "input": parse_input(args.input)}
     for field, value in (("timeout_s", args.timeout), ("priority", args.priority),
                          ("delay_s", args.delay), ("run_at", args.at),
-                         ("max_attempts", args.max_attempts)):
+                         ("max_attempts", args.max_attempts), ("depends_on", args.after)):
         if value is not None:
             body[field] = value
     # A retried submission with the same key gets the first one's job, not a second job.
@@ -777,6 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="attempts on transient failures (default: the kind's)")
             sub.add_argument("--key", help="an Idempotency-Key: the same key again gets "
                                            "the same job")
+            sub.add_argument("--after", metavar="ID", help="start once job ID has completed; "
+                                                           "fail if it ends otherwise")
         else:
             sub.add_argument("id")
             sub.add_argument("--input", help="another input: JSON, @file.json or -")

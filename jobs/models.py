@@ -104,6 +104,7 @@ class Job(BaseModel):
     max_attempts: int | None = None  # null: 1
     earlier_errors: list[EarlierError] | None = None  # of the attempts before this one
     schedule: str | None = None  # the schedule that created it
+    depends_on: str | None = None  # starts once that job completed
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -129,6 +130,10 @@ class JobCreate(Request):
     max_attempts: int | None = Field(None, ge=1, le=MAX_ATTEMPTS,
                                      description="attempts on transient failures; by default "
                                                  "as OFFLOAD_MAX_ATTEMPTS says")
+    depends_on: str | None = Field(None, pattern="^[0-9a-f]{32}$",
+                                   description="the id of a job: this one starts once that "
+                                               "one has completed, and fails (error type "
+                                               "`dependency`) if it ends otherwise")
 
     @field_validator("run_at")
     @classmethod
@@ -154,7 +159,7 @@ class JobCreate(Request):
     def launch(self) -> Launch:
         """When and how often it runs: a `delay_s` counts from the job's creation."""
         return Launch(self.priority, None if self.run_at is None else self.run_at.timestamp(),
-                      self.max_attempts, self.delay_s)
+                      self.max_attempts, self.delay_s, self.depends_on)
 
 
 class JobRerun(Request):

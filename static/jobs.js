@@ -93,6 +93,7 @@ export function notes(job, now = Date.now()) {
   }
   if (job.schedule) parts.push(`schedule ${job.schedule}`);
   if (job.rerun_of) parts.push(`re-run of ${shortId(job.rerun_of)}`);
+  if (job.depends_on && job.state === "queued") parts.push(`after ${shortId(job.depends_on)}`);
   return parts.length ? parts.join(" · ") : "—";
 }
 

@@ -1,5 +1,5 @@
-"""Which job starts when: priorities, per-kind caps, run_at / delay_s, and retries of
-transient failures, observed through the HTTP API on real runners."""
+"""Which job starts when: priorities, per-kind caps, run_at / delay_s, dependencies, and
+retries of transient failures, observed through the HTTP API on real runners."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def submit(client: httpx.Client, kind: str = "sleep", **body: Any) -> dict[str, 
 
 
 
-def started(job: dict[str, Any]) -> datetime:
-    return datetime.fromisoformat(job["started_at"].replace("Z", "+00:00"))
+def started(job: dict[str, Any], field: str = "started_at") -> datetime:
+    return datetime.fromisoformat(job[field].replace("Z", "+00:00"))
 
 
 def test_higher_priority_starts_first_and_fifo_within_one(make_server: MakeServer) -> None:
@@ -133,6 +133,52 @@ def test_bad_priority_or_start_time_is_a_422_that_says_why(
         answer = client.post("/api/jobs", json={"kind": "sleep", **body})
     assert answer.status_code == 422, answer.text
     assert needle in answer.json()["detail"], answer.json()
+
+
+def test_a_job_that_depends_on_another_starts_once_it_completed(
+        make_server: MakeServer) -> None:
+    # As RQ's depends_on, Pueue's --after or a Celery chain: a job after another's success.
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "4", "OFFLOAD_RETRY_BASE_S": "0.5",
+                              "OFFLOAD_RETRY_MAX_S": "0.5"})
+    with server.client() as client:
+        first = submit(client, input={"seconds": 1.5})
+        then = submit(client, input={"seconds": 0}, depends_on=first["id"])
+        assert then["depends_on"] == first["id"]
+        time.sleep(0.8)  # the cap has room: it waits for the first job, not for a slot
+        assert client.get(f"/api/jobs/{then['id']}").json()["state"] == "queued"
+        done_first, done_then = wait_job(client, first["id"]), wait_job(client, then["id"])
+        assert done_then["state"] == "completed", done_then
+        assert started(done_then) >= started(done_first, "finished_at")
+        again = wait_job(client, submit(client, input={"seconds": 0},
+                                        depends_on=first["id"])["id"])
+        assert again["state"] == "completed", "a dependency that completed already"
+
+        # Ending otherwise: the job fails unstarted and says why, and so do those after it.
+        broken = submit(client, "probe", input={"fail": "bad input"})
+        after_broken = submit(client, input={"seconds": 0}, depends_on=broken["id"])
+        chained = submit(client, input={"seconds": 0}, depends_on=after_broken["id"])
+        for job_id, before in ((after_broken["id"], broken["id"]),
+                               (chained["id"], after_broken["id"])):
+            job = wait_job(client, job_id)
+            assert job["state"] == "failed" and job["started_at"] is None, job
+            assert job["error"]["type"] == "dependency", job
+            assert job["error"]["message"].endswith(f"{before}, ended failed"), job
+        # A dependency retried after a transient failure is waited for through its attempts.
+        lost = submit(client, "probe", input={"exit_code": 9}, max_attempts=2)
+        after_lost = submit(client, input={"seconds": 0}, depends_on=lost["id"])
+        done_lost, done_after = wait_job(client, lost["id"]), wait_job(client, after_lost["id"])
+        assert done_lost["attempt"] == 2 and done_after["error"]["type"] == "dependency"
+        assert started(done_after, "finished_at") >= started(done_lost, "finished_at")
+        # A cancelled one: those that depend on it fail as it is cancelled.
+        long = submit(client, input={"seconds": 60})
+        waiting = submit(client, input={"seconds": 0}, depends_on=long["id"])
+        assert client.delete(f"/api/jobs/{long['id']}").status_code == 200
+        assert wait_job(client, waiting["id"])["error"]["message"].endswith("ended cancelled")
+
+        for bad in ("0" * 32, "nope", 5, first["id"].upper()):
+            answer = client.post("/api/jobs", json={"kind": "sleep", "depends_on": bad})
+            assert answer.status_code == 422, (bad, answer.text)
+            assert "depends_on" in answer.json()["detail"], answer.text
 
 
 def test_a_malformed_kind_cap_setting_is_named() -> None:

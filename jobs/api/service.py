@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
 from jobs.api.history import MetricsReader, summary
-from jobs.kinds import Launch, validate_input
+from jobs.kinds import InvalidInput, Launch, validate_input
 from jobs.protocol.wake import poke
 from jobs.settings import CANCEL_WAIT_S, RETRY_AFTER_S, Settings
 from jobs.store.idempotency import PENDING_S, Claim, key_name
@@ -178,6 +178,9 @@ class JobService:
         if load is None:
             load = self.store.load(0.0)
         self._admit(load)
+        if launch.depends_on is not None and not self.store.path(launch.depends_on).exists():
+            raise InvalidInput(f"depends_on: no job {launch.depends_on} (pruned, or never "
+                               "submitted here): give the id of a job this server holds")
         job_input = self._with_context(kind, job_input, load.counts)
         session = p.chat_session(kind, job_input)
         with self._turn_lock(session) if session else contextlib.nullcontext():
@@ -458,6 +461,7 @@ def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch:
     start = [launch.start_at, launch.delay_s]  # as asked: a delay, not the time it gives
     body = json.dumps([kind, job_input, timeout_s, *(asked if any(
         each is not None for each in asked) else []), *(["start", *start] if any(
-            each is not None for each in start) else []), *([fields] if fields else [])],
+            each is not None for each in start) else []), *([fields] if fields else []),
+        *(["depends_on", launch.depends_on] if launch.depends_on else [])],
         sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(body.encode()).hexdigest()

@@ -60,6 +60,7 @@ class ErrorType(str, Enum):
     PROVIDER = "provider"  # the LLM server refused, failed or could not be reached
     RUNNER = "runner"  # the runner itself failed (bad input, an exception)
     CORRUPT = "corrupt"  # the job file does not hold a job
+    DEPENDENCY = "dependency"  # the job it depends on ended without completing
 
     def __str__(self) -> str:
         return str(self.value)
@@ -96,6 +97,7 @@ F_LAUNCHER = "launcher"  # where it ran: "local" or "ray"
 F_HOST = "host"  # the machine the runner ran on
 F_AFTER = "after"  # a chat: the earlier job of its session, to end before this one starts
 F_RERUN_OF = "rerun_of"  # the job this one runs again (POST /api/jobs/{id}/rerun)
+F_DEPENDS_ON = "depends_on"  # starts once that job completed; fails if it ends otherwise
 F_PRIORITY = "priority"  # higher starts first; FIFO within one priority
 F_RUN_AT = "run_at"  # queued until then (ISO 8601 UTC); a retry's backoff sets it too
 F_ATTEMPT = "attempt"  # 1-based; absent means 1
@@ -107,7 +109,7 @@ JOB_FIELDS = (
     F_ID, F_KIND, F_STATE, F_CREATED_AT, F_STARTED_AT, F_FINISHED_AT, F_TIMEOUT_S,
     F_QUEUE_POSITION, F_PROGRESS, F_OUTPUT, F_RESULT, F_ERROR, F_PID, F_EXIT_CODE,
     F_RESOURCES, F_INPUT, F_CREATED_NS, F_LAUNCHER, F_HOST, F_AFTER, F_RERUN_OF, F_PRIORITY,
-    F_RUN_AT, F_ATTEMPT, F_MAX_ATTEMPTS, F_EARLIER_ERRORS, F_SCHEDULE,
+    F_RUN_AT, F_ATTEMPT, F_MAX_ATTEMPTS, F_EARLIER_ERRORS, F_SCHEDULE, F_DEPENDS_ON,
 )
 
 # A runner's exit code after a transient failure with attempts left: it recorded the error

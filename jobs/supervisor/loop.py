@@ -563,6 +563,10 @@ class Supervisor:
             self._queued[job_id] = Queued(p.queue_key(data), str(data.get(p.F_KIND)))
             self._waiting.setdefault(blocker, []).append(job_id)
             return True
+        unmet = self._unmet_dependency(data)
+        if unmet is not None:
+            self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.DEPENDENCY, unmet)
+            return True
         life = JobLife(job_id, job_file, self.launcher)
         try:
             started = life.start(self.kinds[data[p.F_KIND]], data, self._nudge)
@@ -611,21 +615,48 @@ class Supervisor:
         return True
 
     def _turn_blocker(self, job_id: str, data: dict[str, Any]) -> str | None:
-        """The live job a chat must wait for: the earlier turn its `after` names (queued
-        ahead of it, or running), else its session's running chat; None: it may start."""
+        """The live job a job must wait for: the one its `depends_on` names, until it has
+        ended (and its final state is written); a chat's earlier turn its `after` names
+        (queued ahead of it, or running), else its session's running chat; None: it may
+        start."""
+        dependency = data.get(p.F_DEPENDS_ON)
+        if isinstance(dependency, str) and dependency != job_id and (
+                dependency in self._running or dependency in self._queued
+                or dependency in self._unwritten or self._unseen_live(dependency)):
+            return dependency
         after = data.get(p.F_AFTER)
         if isinstance(after, str) and after != job_id:
             ahead = self._queued.get(after)
             if after in self._running or (ahead is not None
                                           and ahead.key[1:] < p.queue_key(data)[1:]):
                 return after
-            if (after not in self._known_final and after not in self._unwritten
-                    and after not in self._queued and p.is_valid_id(after)):
-                state = (p.read_json_or_none(self._file(after)) or {}).get(p.F_STATE)
-                if state in (p.JobState.QUEUED, p.JobState.RUNNING):
-                    return after  # not seen yet: the next full pass takes it on
+            if after not in self._unwritten and self._unseen_live(after):
+                return after
         session = p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))
         return self._running_chat_by_session.get(session) if session is not None else None
+
+    def _unseen_live(self, job_id: str) -> bool:
+        """Whether a job this supervisor has not seen queued, running or ending is queued
+        or running on disk (the next full pass takes it on)."""
+        if (job_id in self._known_final or job_id in self._queued or job_id in self._running
+                or not p.is_valid_id(job_id)):
+            return False
+        state = (p.read_json_or_none(self._file(job_id)) or {}).get(p.F_STATE)
+        return state in (p.JobState.QUEUED, p.JobState.RUNNING)
+
+    def _unmet_dependency(self, data: dict[str, Any]) -> str | None:
+        """Why a job cannot start now that the job it depends on has ended (it did not
+        complete, or is gone); None if it completed, or the job depends on none."""
+        dependency = data.get(p.F_DEPENDS_ON)
+        if not isinstance(dependency, str):
+            return None
+        ended = p.read_json_or_none(self._file(dependency)) if p.is_valid_id(dependency) else None
+        if ended is None:
+            return f"the job it depends on, {dependency[:64]}, is gone (pruned or deleted)"
+        state = ended.get(p.F_STATE)
+        if state == p.JobState.COMPLETED:
+            return None
+        return f"the job it depends on, {dependency}, ended {state}"
 
     def _next_turn(self, ended: str) -> None:
         """A job has ended: the jobs that waited for it go back on the queue."""
