@@ -21,6 +21,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import shlex
 import sys
 import time
 import urllib.error
@@ -385,7 +386,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
             ["model", model]]
     queue = health.get("queue")
     if isinstance(queue, dict):
-        cap = f", {_cap_said(queue)}" if "max_concurrent_default" in queue else ""
+        cap = f", {_cap_said(queue)}" if "max_concurrent_set" in queue else ""
         rows.append(["queue", f"{'paused' if queue.get('paused') else 'running'}{cap}"])
     samples = counts.get("metrics", {}).get("samples") or []
     if samples:
@@ -416,18 +417,35 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         query = {"state": args.state, "kind": args.kind, "before": before,
                  "limit": LIST_MAX if args.all else args.limit}
         given = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        page = client.call("GET", f"/api/jobs?{given}")
+        try:
+            page = client.call("GET", f"/api/jobs?{given}")
+        except Failure as exc:
+            if jobs and exc.code == EXIT_USAGE:  # the page's last job pruned meanwhile
+                raise Failure(EXIT_SERVER, f"{exc.message}; the listing changed as it was "
+                                           "read: run it again") from None
+            raise
+        if (args.before or args.all) and "next_before" not in page:
+            raise Failure(EXIT_SERVER, "this server gives no listing past its newest 1000 "
+                                       "(an Offload before 0.10): leave out --before and --all")
         jobs += page["jobs"]
         before = page.get("next_before")
         if not (args.all and before):
             break
     if args.json:
         _print_json(jobs)
-        return EXIT_OK
-    job_table(jobs, sys.stdout)
-    if before:
-        sys.stderr.write(f"older ones: offload list --before {before} (or --all)\n")
+    else:
+        job_table(jobs, sys.stdout)
+    if before:  # on stderr: what a script reads stays the listing
+        sys.stderr.write(f"older ones: {_next_page(args, before)} (or --all)\n")
     return EXIT_OK
+
+
+def _next_page(args: argparse.Namespace, before: str) -> str:
+    """The `offload list` that gives the page after this one, with this one's filters."""
+    given = [part for name in ("state", "kind", "limit") if getattr(args, name) is not None
+             for part in (f"--{name}", shlex.quote(str(getattr(args, name))))]
+    return " ".join(["offload list", *given, "--before", before,
+                     *(["--json"] if args.json else [])])
 
 
 def cmd_show(client: Client, args: argparse.Namespace) -> int:
@@ -656,11 +674,17 @@ def _steer(client: Client, args: argparse.Namespace, action: str) -> int:
 
 def cmd_parallel(client: Client, args: argparse.Namespace) -> int:
     """Show the cap on runners alive at once, or change it while the server runs."""
-    if args.runners is None:
-        answer = client.call("GET", "/api/queue")
-    else:
-        cap = None if args.runners == "default" else _runners(args.runners)
-        answer = client.call("PUT", "/api/queue/cap", {"max_concurrent": cap})
+    older = "this server cannot change how many jobs run at once (an Offload before 0.10)"
+    try:
+        if args.runners is None:
+            answer = client.call("GET", "/api/queue")
+        else:
+            cap = None if args.runners == "default" else _runners(args.runners)
+            answer = client.call("PUT", "/api/queue/cap", {"max_concurrent": cap})
+    except Failure as exc:
+        raise Failure(EXIT_SERVER, older) if exc.code == EXIT_NOT_FOUND else exc from None
+    if "max_concurrent_set" not in answer:
+        raise Failure(EXIT_SERVER, older)
     if args.json:
         _print_json(answer)
     else:
@@ -669,14 +693,16 @@ def cmd_parallel(client: Client, args: argparse.Namespace) -> int:
 
 
 def _cap_said(queue: dict[str, Any]) -> str:
-    now, default = queue["max_concurrent"], queue["max_concurrent_default"]
-    said = f"{now} runners at once"
-    return said + (" (OFFLOAD_MAX_CONCURRENT)" if now == default
-                   else f" (set while running; OFFLOAD_MAX_CONCURRENT is {default})")
+    said = f"runners at once: {queue['max_concurrent']}"
+    if not queue.get("max_concurrent_set"):
+        return f"{said} (OFFLOAD_MAX_CONCURRENT)"
+    return (f"{said} (set while running, kept across restarts; OFFLOAD_MAX_CONCURRENT is "
+            f"{queue['max_concurrent_default']})")
 
 
 def _runners(text: str) -> int:
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= control.MAX_CAP):
+    if not (text.isascii() and text.isdigit() and len(text) <= 4
+            and 1 <= int(text) <= control.MAX_CAP):
         raise Failure(EXIT_USAGE, f"give a number of runners from 1 to {control.MAX_CAP}, "
                                   f"or default; not {text!r}")
     return int(text)

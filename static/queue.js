@@ -6,7 +6,7 @@ import { fmtDuration } from "./jobs.js";
 
 const SCHEDULES_MS = 5000;
 
-let queueControl, queueState, queueToggle, capForm, capInput;
+let queueControl, queueState, queueToggle, capForm, capInput, capDefault;
 let section, link, tbody, fileError;
 let queuePaused = null;
 
@@ -21,10 +21,14 @@ function renderQueue(paused) {
 /** The cap in use; left alone while the user types a new one. */
 function renderCap(queue) {
   capForm.hidden = typeof queue.max_concurrent !== "number";
-  if (capForm.hidden || document.activeElement === capInput) return;
+  if (capForm.hidden) return;
+  capDefault.hidden = !queue.max_concurrent_set;
+  capDefault.title = `OFFLOAD_MAX_CONCURRENT: ${queue.max_concurrent_default}`;
+  if (document.activeElement === capInput) return;
   capInput.value = String(queue.max_concurrent);
-  capInput.title = queue.max_concurrent === queue.max_concurrent_default
-    ? "OFFLOAD_MAX_CONCURRENT" : `set while running; OFFLOAD_MAX_CONCURRENT is ${queue.max_concurrent_default}`;
+  capInput.title = queue.max_concurrent_set
+    ? `set while running, kept across restarts; OFFLOAD_MAX_CONCURRENT is ${queue.max_concurrent_default}`
+    : "OFFLOAD_MAX_CONCURRENT";
 }
 
 /** Called with /api/health's `queue` ({"paused", "max_concurrent", ...}) when the server has one. */
@@ -35,13 +39,11 @@ export function noteQueue(queue) {
   }
 }
 
-async function setCap() {
-  const button = capForm.querySelector("button");
+/** `cap`: a number, or null for OFFLOAD_MAX_CONCURRENT's. */
+async function setCap(cap, button) {
   button.disabled = true;
   try {
-    const r = await apiJSON("/api/queue/cap", {
-      method: "PUT", body: { max_concurrent: Number(capInput.value) },
-    });
+    const r = await apiJSON("/api/queue/cap", { method: "PUT", body: { max_concurrent: cap } });
     capInput.blur();
     if (r.ok && r.data) noteQueue(r.data);
     else queueState.textContent = `Could not change how many jobs run at once: ${r.error || "no answer"}`;
@@ -160,9 +162,14 @@ export function initQueue() {
   queueToggle = document.getElementById("queue-toggle");
   capForm = document.getElementById("queue-cap-form");
   capInput = document.getElementById("queue-cap");
+  capDefault = document.getElementById("queue-cap-default");
+  const setButton = capForm.querySelector("button[type=submit]");
   capForm.addEventListener("submit", (ev) => {
     ev.preventDefault();
-    setCap().catch(() => { capForm.querySelector("button").disabled = false; });
+    setCap(Number(capInput.value), setButton).catch(() => { setButton.disabled = false; });
+  });
+  capDefault.addEventListener("click", () => {
+    setCap(null, capDefault).catch(() => { capDefault.disabled = false; });
   });
   section = document.getElementById("schedules-section");
   link = document.getElementById("schedules-link");

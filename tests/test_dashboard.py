@@ -783,6 +783,11 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
     page.press("#queue-cap", "Enter")
     time.sleep(1)
     assert httpx.get(f"{server.url}/api/queue").json()["max_concurrent"] == 3
+    page.click("#queue-cap-default")  # shown while a cap is set
+    wait_for(lambda: not httpx.get(f"{server.url}/api/queue").json()["max_concurrent_set"],
+             10, 0.1, "the setting's cap again")
+    page.wait_for_selector("#queue-cap-default", state="hidden", timeout=10_000)
+    assert page.input_value("#queue-cap") == str(default)
 
 
 def test_a_schedules_next_run_counts_down(page: Any, make_server: Callable[..., Server],

@@ -190,14 +190,19 @@ def test_odd_entries_in_the_jobs_folder_stop_no_other_job(data_dir: Path,
                                                           make_server: MakeServer) -> None:
     # Left on disk while no server ran: queued jobs, and beside them a file named like a
     # job's folder, a job.json that is a folder, a job whose kind is a list, and a running
-    # job whose launch record no check foresaw (a launch time too large for a float).
+    # job whose launch record no check foresaw (a launch time too large for a float), and a
+    # job.json that is a pipe (its readers waited on it for good) or a link that loops.
     from jobs.store.job_store import JobStore
 
     store = JobStore(data_dir / "jobs")
     queued = [store.create("sleep", {"seconds": 0}, 60)["id"] for _ in range(6)]
-    a_file, a_folder, a_list, unforeseen = (p.new_id() for _ in range(4))
+    a_file, a_folder, a_list, unforeseen, a_pipe, a_loop = (p.new_id() for _ in range(6))
     (data_dir / "jobs" / a_file).write_text("not a folder")
     (data_dir / "jobs" / a_folder / p.JOB_FILE).mkdir(parents=True)
+    (data_dir / "jobs" / a_pipe).mkdir()
+    os.mkfifo(data_dir / "jobs" / a_pipe / p.JOB_FILE)
+    (data_dir / "jobs" / a_loop).mkdir()
+    (data_dir / "jobs" / a_loop / p.JOB_FILE).symlink_to(p.JOB_FILE)
     _write_job(data_dir, a_list, {**p.new_job(a_list, "sleep", {}, 60), "kind": ["sleep"]})
     _write_job(data_dir, unforeseen, {**p.new_job(unforeseen, "sleep", {}, 60),
                                       "state": "running"})
@@ -213,8 +218,9 @@ def test_odd_entries_in_the_jobs_folder_stop_no_other_job(data_dir: Path,
         assert listing.status_code == 200, listing.text
         listed = {job["id"]: job for job in listing.json()["jobs"]}
         assert a_file not in listed
-        for job_id in (a_folder, a_list):
+        for job_id in (a_folder, a_list, a_pipe, a_loop):
             assert listed[job_id]["error"]["type"] == "corrupt", listed[job_id]
+            assert client.get(f"/api/jobs/{job_id}").json()["error"]["type"] == "corrupt"
     log = (data_dir / "supervisor.log").read_text()
     assert "supervisor pass failed" not in log
     assert log.count(f"job {unforeseen} cannot be looked at") == 1  # said once, left alone

@@ -222,7 +222,8 @@ def test_the_cap_on_runners_changes_while_it_runs(make_server: MakeServer) -> No
     server = make_server(env=env)
     with server.client() as client:
         assert client.get("/api/queue").json() == {
-            "paused": False, "max_concurrent": 1, "max_concurrent_default": 1}
+            "paused": False, "max_concurrent": 1, "max_concurrent_default": 1,
+            "max_concurrent_set": False}
         ids = [client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 30}}
                            ).json()["id"] for _ in range(3)]
 
@@ -235,7 +236,7 @@ def test_the_cap_on_runners_changes_while_it_runs(make_server: MakeServer) -> No
         raised = client.put("/api/queue/cap", json={"max_concurrent": 3})
         assert raised.status_code == 200
         assert raised.json() == {"paused": False, "max_concurrent": 3,
-                                 "max_concurrent_default": 1}
+                                 "max_concurrent_default": 1, "max_concurrent_set": True}
         wait_for(lambda: states() == ["running"] * 3, 30, 0.05, "all three running")
         health = client.get("/api/health").json()
         assert health["max_concurrent"] == 3 and health["queue"]["max_concurrent"] == 3
@@ -269,9 +270,48 @@ def test_the_cap_on_runners_changes_while_it_runs(make_server: MakeServer) -> No
         assert client.get("/api/queue").json()["max_concurrent"] == 1
         back = client.put("/api/queue/cap", json={"max_concurrent": None})
         assert back.json() == {"paused": False, "max_concurrent": 1,
-                               "max_concurrent_default": 1}
+                               "max_concurrent_default": 1, "max_concurrent_set": False}
         assert not (server.data_dir / "queue.cap").exists()
+        # The setting's own number, set: said so, as it stays through a restart.
+        pinned = client.put("/api/queue/cap", json={"max_concurrent": 1}).json()
+        assert pinned["max_concurrent_set"] is True
+        # A pipe or a looping link put in the file's place: no 500, no hang.
+        for make in (lambda path: os.mkfifo(path), lambda path: path.symlink_to(path.name)):
+            cap_file = server.data_dir / "queue.cap"
+            cap_file.unlink()
+            make(cap_file)
+            for route in ("/api/queue", "/api/health", "/metrics"):
+                assert client.get(route, timeout=10).status_code == 200, route
+        cap_file.unlink()
         client.delete(f"/api/jobs/{ids[2]}")
+
+
+def test_a_lower_cap_or_a_pause_holds_in_the_middle_of_a_burst(
+        make_server: MakeServer) -> None:
+    # A burst of launches takes seconds: the cap and the pause were read once for all.
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1", "OFFLOAD_MAX_QUEUED": "500"})
+    with server.client() as client:
+        burst = 100
+        ids = [client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 120}}
+                           ).json()["id"] for _ in range(burst)]
+
+        def running() -> int:
+            return int(client.get("/api/health").json()["running"])
+
+        for stop in ({"max_concurrent": 2}, None):  # lowered; then paused
+            client.put("/api/queue/cap", json={"max_concurrent": burst})
+            if stop is None:
+                client.post("/api/queue/pause")
+            else:
+                client.put("/api/queue/cap", json=stop)
+            time.sleep(3)  # the burst would have reached every job by now
+            held = running()
+            assert held < burst / 2, held
+            time.sleep(1)
+            assert running() == held  # and no launch since
+            client.post("/api/queue/resume")
+        for job_id in ids:
+            client.delete(f"/api/jobs/{job_id}")
 
 
 def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Path,

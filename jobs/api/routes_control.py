@@ -51,6 +51,7 @@ class QueueView(BaseModel):
     paused: bool
     max_concurrent: int  # runners alive at once, now
     max_concurrent_default: int  # OFFLOAD_MAX_CONCURRENT: what `null` goes back to
+    max_concurrent_set: bool  # set while running (kept across restarts), not the default
 
 
 class QueueCap(BaseModel):
@@ -86,9 +87,11 @@ async def queue_state(service: Service) -> dict[str, Any]:
 
 def queue_view(settings: Settings) -> dict[str, Any]:
     data_dir = settings.data_dir
+    cap = control.queue_cap(data_dir)
     return {"paused": control.queue_paused(data_dir),
-            "max_concurrent": control.queue_cap(data_dir) or settings.max_concurrent,
-            "max_concurrent_default": settings.max_concurrent}
+            "max_concurrent": cap or settings.max_concurrent,
+            "max_concurrent_default": settings.max_concurrent,
+            "max_concurrent_set": cap is not None}
 
 
 @router.put("/queue/cap", response_model=QueueView)

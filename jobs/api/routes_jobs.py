@@ -63,7 +63,7 @@ async def rerun_job(job_id: str, service: Service, response: Response,
 async def list_jobs(service: Service, state: JobState | None = None,
                     kind: Annotated[str | None, Query(max_length=64)] = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                    before: Annotated[str | None, Query(max_length=64)] = None,
+                    before: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
                     ) -> dict[str, Any]:
     """Jobs, newest first; `before` (a page's `next_before`) gives the next, older page."""
     try:

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 from enum import Enum
@@ -448,14 +449,13 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
     last_error: Exception | None = None
     for attempt in range(_READ_RETRIES):
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            raw = _read_file(path)
         except (FileNotFoundError, NotADirectoryError):  # no folder there, or a file
             return None
-        except IsADirectoryError:
-            raise CorruptJobFile(f"{os.path.basename(path)}: a folder, not a file") from None
         except PermissionError as exc:
             last_error = exc
+        except OSError as exc:  # a link in a loop, say: no file to read
+            raise CorruptJobFile(f"{os.path.basename(path)}: {exc.strerror or exc}") from None
         else:
             try:
                 data = json.loads(raw)
@@ -469,6 +469,18 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
                 last_error = ValueError("not a JSON object")
         time.sleep(0.002 * (attempt + 1))
     raise CorruptJobFile(f"{os.path.basename(path)}: {last_error}")
+
+
+def _read_file(path: StrPath) -> bytes:
+    """A regular file's bytes. Opened without blocking and looked at first: a pipe put
+    in a file's place would hold its reader for good."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with open(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a pipe or a device"
+            raise CorruptJobFile(f"{os.path.basename(path)}: {kind}, not a file")
+        return f.read()
 
 
 def read_json_or_none(path: StrPath) -> dict[str, Any] | None:

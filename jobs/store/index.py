@@ -309,7 +309,7 @@ class JobIndex:
     def _load(self, job_id: str) -> None:
         path = os.path.join(self.dir, job_id, p.JOB_FILE)
         try:
-            st = os.stat(path)
+            st = _stat(path)
         except (FileNotFoundError, NotADirectoryError):
             return
         data = read_job(job_id, path)
@@ -323,7 +323,7 @@ class JobIndex:
         assert live is not None
         path = os.path.join(self.dir, job_id, p.JOB_FILE)
         try:
-            st = os.stat(path)
+            st = _stat(path)
         except (FileNotFoundError, NotADirectoryError):
             self._drop(job_id)
             self._missing.add(job_id)
@@ -506,6 +506,17 @@ class JobIndex:
 def _launch_order(job: dict[str, Any], now: float) -> tuple[float, int, int, str]:
     start_at = p.run_at(job)
     return (0.0 if start_at is None or start_at <= now else start_at, *p.queue_key(job))
+
+
+def _stat(path: str) -> os.stat_result:
+    """The job file's stat; of the link itself where the link leads nowhere it can end
+    (a loop): such a file reads as damaged, and listing goes on."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError:
+        return os.lstat(path)
 
 
 def read_job(job_id: str, path: str | Path) -> dict[str, Any] | None:

@@ -523,9 +523,13 @@ class Supervisor:
         if queue_paused(self.dir.parent):
             return  # queued jobs wait; POST /api/queue/resume wakes this loop
         self._release_set_aside()
-        while len(self._running) < self._cap_now:
+        # The pause and the cap looked at before each launch: a burst of hundreds takes
+        # seconds, and a pause or a lower cap meanwhile holds from the next launch on.
+        while len(self._running) < self.cap():
             job_id = self._next_queued()
             if job_id is None or not self._launch_one(job_id):
+                break
+            if queue_paused(self.dir.parent):
                 break
 
     def cap(self) -> int:
