@@ -303,6 +303,8 @@ def _note(job: dict[str, Any]) -> str:
         percent = f"{fraction:.0%} " if isinstance(fraction, (int, float)) else ""
         return f"{percent}{progress.get('message') or ''}".strip()
     position = job.get(p.F_QUEUE_POSITION)
+    if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and job.get("depends_on"):
+        return f"waits for {str(job['depends_on'])[:8]}"
     return "" if position is None else f"{position} ahead in the queue"
 
 
@@ -560,6 +562,11 @@ def parse_input(text: str) -> dict[str, Any]:
 
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
+    if args.after is not None:
+        args.after = args.after.strip().lower()
+        if not p.is_valid_id(args.after):
+            raise Failure(EXIT_USAGE, f"--after wants a job's id (32 hex characters, as "
+                                      f"offload list shows), not {args.after[:80]!r}")
     body: dict[str, Any] = {"kind": args.kind, "input": parse_input(args.input)}
     for field, value in (("timeout_s", args.timeout), ("priority", args.priority),
                          ("delay_s", args.delay), ("run_at", args.at),

@@ -285,10 +285,12 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     assert cli(url, "cancel", job["id"]).returncode == 0
     assert "run at" not in cli(url, "show", job["id"]).stdout
     # As `pueue add --after`: a job after another's success; this one was cancelled.
-    after = cli(url, "submit", "sleep", "--after", job["id"], "--wait")
+    after = cli(url, "submit", "sleep", "--after", f" {job['id'].upper()} ", "--wait")
     assert after.returncode == 1, after
     assert f"the job it depends on, {job['id']}, ended cancelled" in after.stderr
     dependent = after.stderr.split()[2]
+    not_an_id = cli(url, "submit", "sleep", "--after", "nope")
+    assert not_an_id.returncode == 2 and "--after wants a job's id" in not_an_id.stderr
     details = cli(url, "show", dependent).stdout.splitlines()
     assert [line.split()[-1] for line in details if line.startswith("depends on:")] == [job["id"]]
     # As `pueue parallel`: how many jobs run at once, shown and changed while it runs.

@@ -3,6 +3,7 @@ retries of transient failures, observed through the HTTP API on real runners."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -181,6 +182,53 @@ def test_a_job_that_depends_on_another_starts_once_it_completed(
             assert "depends_on" in answer.json()["detail"], answer.text
 
 
+def test_dependents_fail_at_once_have_no_queue_position_and_keep_their_dependency(
+        make_server: MakeServer) -> None:
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1", "OFFLOAD_MAX_JOBS": "4",
+                              "OFFLOAD_MIN_RETENTION_S": "0"})
+    with server.client() as client:
+        # Its dependency completed long before its start: pruning (here, beyond
+        # OFFLOAD_MAX_JOBS) keeps that job, which failed the dependent as "gone".
+        done = wait_job(client, submit(client, input={"seconds": 0})["id"])
+        later = submit(client, input={"seconds": 0}, depends_on=done["id"], delay_s=8)
+        for _ in range(5):
+            wait_job(client, submit(client, input={"seconds": 0})["id"])
+        assert wait_job(client, later["id"], timeout=60)["state"] == "completed"
+
+        # The one slot taken and the dependency an hour away: the dependent has no place
+        # in the queue (it showed 0, "next"), the job that can start has.
+        busy = submit(client, input={"seconds": 60})
+        wait_for(lambda: client.get(f"/api/jobs/{busy['id']}").json()["state"] == "running",
+                 30, 0.05, "the slot taken")
+        away = submit(client, input={"seconds": 0}, delay_s=3600)
+        waiting = submit(client, input={"seconds": 0}, depends_on=away["id"], priority=9)
+        ready = submit(client, input={"seconds": 0})
+
+        def position(job: dict[str, Any]) -> Any:
+            return client.get(f"/api/jobs/{job['id']}").json()["queue_position"]
+
+        wait_for(lambda: position(ready) == 0, 30, 0.1, "the ready job next")
+        assert position(waiting) is None
+        # Its dependency cancelled, it fails now, not once the slot frees.
+        assert client.delete(f"/api/jobs/{away['id']}").status_code == 200
+        failed = wait_job(client, waiting["id"], timeout=20)
+        assert failed["error"]["type"] == "dependency", failed
+        assert client.get(f"/api/jobs/{busy['id']}").json()["state"] == "running"
+        client.delete(f"/api/jobs/{busy['id']}")
+
+        # Two jobs edited by hand to depend on each other: never stuck, each says why.
+        assert client.post("/api/queue/pause").status_code == 200
+        first = submit(client, input={"seconds": 0})
+        second = submit(client, input={"seconds": 0}, depends_on=first["id"])
+        path = server.data_dir / "jobs" / first["id"] / "job.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()),
+                                    "depends_on": second["id"]}))
+        assert client.post("/api/queue/resume").status_code == 200
+        ends = [wait_job(client, job["id"]) for job in (first, second)]
+        assert {job["error"]["type"] for job in ends} == {"dependency"}, ends
+        assert any("circle" in job["error"]["message"] for job in ends), ends
+
+
 def test_a_malformed_kind_cap_setting_is_named() -> None:
     with pytest.raises(ValidationError, match="OFFLOAD_KIND_CAPS.*kind=number"):
         Settings(OFFLOAD_KIND_CAPS="train")
@@ -219,8 +267,12 @@ def test_a_killed_chat_runner_is_retried_and_the_seed_sees_it_processing(
             try:
                 running = wait_for(lambda: (job := client.get(f"/api/jobs/{job_id}").json())
                                    ["output"] and job, 30, 0.05, "the first piece")
+                # Paused, the retry stays queued to be seen: its backoff (full jitter) can
+                # be shorter than a poll.
+                assert client.post("/api/queue/pause").status_code == 200
                 os.kill(running["pid"], signal.SIGKILL)
                 retrying = wait_job(client, job_id, "queued")
+                assert client.post("/api/queue/resume").status_code == 200
                 llm.gate.set()
                 job = wait_job(client, job_id)
                 # Until the watcher has seen the final status itself (its next poll).

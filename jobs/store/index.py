@@ -493,14 +493,21 @@ class JobIndex:
         if counted_at is not None and counted_at == self._refreshed_at:
             return positions
         # The supervisor's order: due jobs by priority, then submission; then the jobs
-        # not due yet, soonest first.
+        # not due yet, soonest first. One waiting for the job it depends on has none.
         now = time.time()
         queued = sorted(_launch_order(live.data, now) for i in self._unsettled
                         if (live := self._entries[i].live) is not None
-                        and self._entries[i].state == p.JobState.QUEUED)
+                        and self._entries[i].state == p.JobState.QUEUED
+                        and not self._waits_for_dependency(live.data))
         positions = {order[-1]: n for n, order in enumerate(queued)}
         self._positions = (self._refreshed_at, positions)
         return positions
+
+
+    def _waits_for_dependency(self, job: dict[str, Any]) -> bool:
+        dependency = job.get(p.F_DEPENDS_ON)
+        entry = self._entries.get(dependency) if isinstance(dependency, str) else None
+        return entry is not None and entry.state in (p.JobState.QUEUED, p.JobState.RUNNING)
 
 
 def _launch_order(job: dict[str, Any], now: float) -> tuple[float, int, int, str]:

@@ -122,12 +122,15 @@ class JobStore(JobIndex):
     # -- pruning -------------------------------------------------------------------
 
     def prune(self, retention_s: float, max_jobs: int | None = None,
-              now: float | None = None, min_retention_s: float = 0.0) -> int:
+              now: float | None = None, min_retention_s: float = 0.0,
+              keep: set[str] | None = None) -> int:
         """Delete finished jobs (with their log, stop and run files) older than the
         retention, then the oldest finished ones beyond `max_jobs` jobs in all; never
-        one that finished less than `min_retention_s` ago (its client may be polling)."""
+        one that finished less than `min_retention_s` ago (its client may be polling),
+        nor one in `keep`."""
         now = now if now is not None else time.time()
         doomed = self.prunable(now - retention_s, max_jobs, now - min_retention_s)
+        doomed -= keep or set()
         doomed |= self._abandoned()
         for job_id in doomed:
             self.remove(job_id)

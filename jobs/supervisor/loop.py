@@ -57,7 +57,7 @@ from jobs.settings import (
     Settings,
     kind_numbers,
 )
-from jobs.store.index import DirListing, not_a_job
+from jobs.store.index import DirListing, not_a_job, read_job
 from jobs.store.job_store import JobStore
 from jobs.supervisor.lifecycle import JobLife
 from jobs.supervisor.schedules import Scheduler
@@ -145,6 +145,12 @@ class Supervisor:
         # in _queued, off _queue_order, so they hold up no other job.
         self._waiting: dict[str, list[str]] = {}
         self._running_chat_by_session: dict[str, str] = {}  # session id -> its running chat
+        # `depends_on`: each queued job's dependency, and each dependency's queued jobs;
+        # the jobs that ended while some depended on them, whose dependents are looked at
+        # at once (one that did not complete fails them without a slot).
+        self._depends: dict[str, str] = {}
+        self._dependents: dict[str, set[str]] = {}
+        self._ended_depended: list[str] = []
         self._unwritten: dict[str, JobLife] = {}  # ended; final state not written yet
         self._known_final: set[str] = set()
         self._unreadable: set[str] = set()  # said once in the log; looked at each full pass
@@ -304,6 +310,7 @@ class Supervisor:
                 self._look_at(hinted)
                 self._reap()
                 self._release_due()
+                self._fail_unmet_dependents()
                 self._launch()
                 return
             self._next_full = now + SUPERVISOR_INTERVAL_S
@@ -318,6 +325,7 @@ class Supervisor:
             self._cap_logs()
             self._recheck_waiting()
             self._release_due()
+            self._fail_unmet_dependents()
             self._launch()
             self._maybe_prune()
         finally:
@@ -417,6 +425,7 @@ class Supervisor:
     def _enqueue(self, job_id: str, data: dict[str, Any]) -> None:
         """Queue a job: on the launch order if due, else on the timers."""
         entry = self._queued[job_id] = Queued(p.queue_key(data), str(data.get(p.F_KIND)))
+        self._note_dependency(job_id, data)
         start_at = p.run_at(data)
         if start_at is not None and start_at > time.time():
             heapq.heappush(self._timers, (start_at, entry.key, job_id))
@@ -567,7 +576,7 @@ class Supervisor:
             self._queued[job_id] = Queued(p.queue_key(data), str(data.get(p.F_KIND)))
             self._waiting.setdefault(blocker, []).append(job_id)
             return True
-        unmet = self._unmet_dependency(data)
+        unmet = self._unmet_dependency(job_id, data)
         if unmet is not None:
             self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.DEPENDENCY, unmet)
             return True
@@ -624,9 +633,12 @@ class Supervisor:
         (queued ahead of it, or running), else its session's running chat; None: it may
         start."""
         dependency = data.get(p.F_DEPENDS_ON)
+        if isinstance(dependency, str) and self._depends.get(job_id) != dependency:
+            self._note_dependency(job_id, data)  # its file edited since it was queued
         if isinstance(dependency, str) and dependency != job_id and (
                 dependency in self._running or dependency in self._queued
-                or dependency in self._unwritten or self._unseen_live(dependency)):
+                or dependency in self._unwritten or self._unseen_live(dependency)
+                ) and not self._in_a_cycle(job_id):
             return dependency
         after = data.get(p.F_AFTER)
         if isinstance(after, str) and after != job_id:
@@ -639,6 +651,45 @@ class Supervisor:
         session = p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))
         return self._running_chat_by_session.get(session) if session is not None else None
 
+    def _note_dependency(self, job_id: str, data: dict[str, Any]) -> None:
+        dependency = data.get(p.F_DEPENDS_ON)
+        if not isinstance(dependency, str):
+            return
+        self._depends[job_id] = dependency
+        self._dependents.setdefault(dependency, set()).add(job_id)
+        if dependency in self._known_final:  # ended before this supervisor saw its dependent
+            self._ended_depended.append(dependency)
+
+    def _fail_unmet_dependents(self) -> None:
+        """The queued jobs whose dependency has ended without completing fail now, not
+        when a slot frees (or the queue is resumed); a chain of them, one after another."""
+        while self._ended_depended:
+            ended = self._ended_depended.pop()
+            for job_id in self._dependents.pop(ended, set()):
+                if self._depends.get(job_id) != ended or job_id not in self._queued:
+                    continue
+                data = p.read_json_or_none(self._file(job_id))
+                if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
+                    continue
+                if self._turn_blocker(job_id, data) is not None:  # it runs again (a retry)
+                    self._dependents.setdefault(ended, set()).add(job_id)
+                    continue
+                unmet = self._unmet_dependency(job_id, data)
+                if unmet is not None:  # else it completed: the job starts in its turn
+                    del self._queued[job_id]
+                    self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.DEPENDENCY,
+                                        unmet)
+
+    def _in_a_cycle(self, job_id: str) -> bool:
+        """Whether following `depends_on` from this job comes back to it (job files
+        edited by hand: the API takes only a job that exists already)."""
+        step = self._depends.get(job_id)
+        for _ in range(len(self._depends)):
+            if step is None or step == job_id:
+                break
+            step = self._depends.get(step)
+        return step == job_id
+
     def _unseen_live(self, job_id: str) -> bool:
         """Whether a job this supervisor has not seen queued, running or ending is queued
         or running on disk (the next full pass takes it on)."""
@@ -648,15 +699,17 @@ class Supervisor:
         state = (p.read_json_or_none(self._file(job_id)) or {}).get(p.F_STATE)
         return state in (p.JobState.QUEUED, p.JobState.RUNNING)
 
-    def _unmet_dependency(self, data: dict[str, Any]) -> str | None:
+    def _unmet_dependency(self, job_id: str, data: dict[str, Any]) -> str | None:
         """Why a job cannot start now that the job it depends on has ended (it did not
         complete, or is gone); None if it completed, or the job depends on none."""
         dependency = data.get(p.F_DEPENDS_ON)
         if not isinstance(dependency, str):
             return None
-        ended = p.read_json_or_none(self._file(dependency)) if p.is_valid_id(dependency) else None
+        if dependency == job_id or self._in_a_cycle(job_id):
+            return f"its dependencies go round in a circle back to it (through {dependency})"
+        ended = read_job(dependency, self._file(dependency)) if p.is_valid_id(dependency) else None
         if ended is None:
-            return f"the job it depends on, {dependency[:64]}, is gone (pruned or deleted)"
+            return f"the job it depends on, {dependency[:64]}, is gone (deleted)"
         state = ended.get(p.F_STATE)
         if state == p.JobState.COMPLETED:
             return None
@@ -664,6 +717,8 @@ class Supervisor:
 
     def _next_turn(self, ended: str) -> None:
         """A job has ended: the jobs that waited for it go back on the queue."""
+        if ended in self._dependents:
+            self._ended_depended.append(ended)
         for conversation, job_id in list(self._running_chat_by_session.items()):
             if job_id == ended:
                 del self._running_chat_by_session[conversation]
@@ -749,8 +804,15 @@ class Supervisor:
             return
         self._next_prune = now + PRUNE_INTERVAL_S
         self._pruned_at = now
+        # A finished job that a queued job depends on is kept: that one may start later.
+        self._depends = {job_id: dependency for job_id, dependency in self._depends.items()
+                         if job_id in self._queued}
+        self._dependents = {}
+        for job_id, dependency in self._depends.items():
+            self._dependents.setdefault(dependency, set()).add(job_id)
         removed = self.store.prune(self.retention_s, self.max_jobs,
-                                   min_retention_s=self.min_retention_s)
+                                   min_retention_s=self.min_retention_s,
+                                   keep=set(self._depends.values()))
         if removed:
             log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs; none "
                      "younger than %.0f s)", removed, self.retention_s / 3600, self.max_jobs,
