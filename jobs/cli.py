@@ -304,7 +304,7 @@ def _note(job: dict[str, Any]) -> str:
         return f"{percent}{progress.get('message') or ''}".strip()
     position = job.get(p.F_QUEUE_POSITION)
     if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and job.get("depends_on"):
-        return f"waits for {str(job['depends_on'])[:8]}"
+        return f"after {str(job['depends_on'])[:8]}"
     return "" if position is None else f"{position} ahead in the queue"
 
 
@@ -414,7 +414,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
     if args.all and args.limit is not None:
         raise Failure(EXIT_USAGE, "give --all or --limit, not both")
     jobs: list[dict[str, Any]] = []
-    before = args.before
+    before = _job_id(args.before, "--before")
     while True:  # with --all, page after page: a listing gives at most LIST_MAX
         query = {"state": args.state, "kind": args.kind, "before": before,
                  "limit": LIST_MAX if args.all else args.limit}
@@ -427,8 +427,8 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
                                            "read: run it again") from None
             raise
         if (args.before or args.all) and "next_before" not in page:
-            raise Failure(EXIT_SERVER, "this server gives no listing past its newest 1000 "
-                                       "(an Offload before 0.10): leave out --before and --all")
+            raise Failure(EXIT_SERVER, "this server is older: it lists no further than its "
+                                       "newest 1000 jobs; leave out --before and --all")
         jobs += page["jobs"]
         before = page.get("next_before")
         if not (args.all and before):
@@ -438,7 +438,8 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
     else:
         job_table(jobs, sys.stdout)
     if before:  # on stderr: what a script reads stays the listing
-        sys.stderr.write(f"older ones: {_next_page(args, before)} (or --all)\n")
+        every = "" if args.limit is not None else " (or --all)"
+        sys.stderr.write(f"older ones: {_next_page(args, before)}{every}\n")
     return EXIT_OK
 
 
@@ -561,12 +562,19 @@ def parse_input(text: str) -> dict[str, Any]:
     return value
 
 
+def _job_id(text: str | None, flag: str) -> str | None:
+    """A job's id as given to `flag`, in any case and with spaces around it."""
+    if text is None:
+        return None
+    job_id = text.strip().lower()
+    if not p.is_valid_id(job_id):
+        raise Failure(EXIT_USAGE, f"{flag} wants a job's id (32 hex characters, as offload "
+                                  f"list shows), not {text[:80]!r}")
+    return job_id
+
+
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
-    if args.after is not None:
-        args.after = args.after.strip().lower()
-        if not p.is_valid_id(args.after):
-            raise Failure(EXIT_USAGE, f"--after wants a job's id (32 hex characters, as "
-                                      f"offload list shows), not {args.after[:80]!r}")
+    args.after = _job_id(args.after, "--after")
     body: dict[str, Any] = {"kind": args.kind, "input": parse_input(args.input)}
     for field, value in (("timeout_s", args.timeout), ("priority", args.priority),
                          ("delay_s", args.delay), ("run_at", args.at),
@@ -681,7 +689,7 @@ def _steer(client: Client, args: argparse.Namespace, action: str) -> int:
 
 def cmd_parallel(client: Client, args: argparse.Namespace) -> int:
     """Show the cap on runners alive at once, or change it while the server runs."""
-    older = "this server cannot change how many jobs run at once (an Offload before 0.10)"
+    older = "this server is older: it cannot change how many jobs run at once"
     try:
         if args.runners is None:
             answer = client.call("GET", "/api/queue")

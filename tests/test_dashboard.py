@@ -780,6 +780,7 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
     page.wait_for_function("document.querySelector('[data-field=max]').textContent === '3'",
                            timeout=10_000)
     page.fill("#queue-cap", "0")  # below its minimum: the browser keeps it from being sent
+    assert page.evaluate("document.querySelector('#queue-cap').validity.valid") is False
     page.press("#queue-cap", "Enter")
     time.sleep(1)
     assert httpx.get(f"{server.url}/api/queue").json()["max_concurrent"] == 3

@@ -245,6 +245,11 @@ def test_a_real_prometheus_scrapes_it(make_server: MakeServer, tmp_path: Path) -
         found = wait_for(series, 120, 0.5, "Prometheus to scrape the counters")
         up = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "up"},
                        timeout=5).json()["data"]["result"]
+        # The queries docs/metrics.md offers, as Prometheus answers them (one divided two
+        # series whose labels differ: it answered nothing).
+        answered = {query: httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
+                                     params={"query": query}, timeout=5).json()
+                    for query in documented_queries()}
     finally:
         prometheus.terminate()
         prometheus.wait(30)
@@ -252,6 +257,15 @@ def test_a_real_prometheus_scrapes_it(make_server: MakeServer, tmp_path: Path) -
     assert values[("sleep", "completed")] == "1"
     assert values[("chat", "completed")] == "0"
     assert [s["value"][1] for s in up] == ["1"]  # the token was taken: no 401
+    assert len(answered) >= 5 and all(a["status"] == "success" for a in answered.values())
+    (fullness,) = [a for q, a in answered.items() if "offload_max_concurrent" in q]
+    assert [s["value"][1] for s in fullness["data"]["result"]] == ["0"], fullness
+
+
+def documented_queries() -> list[str]:
+    text = (ROOT / "docs" / "metrics.md").read_text(encoding="utf-8")
+    block = text.split("Queries to start from:", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
 
 
 def documented_scrape_config(target: str, token_file: Path) -> str:

@@ -10,12 +10,14 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import ValidationError
 
+from jobs import protocol as p
 from jobs.settings import Settings
 from tests.conftest import wait_for, wait_job
 from tests.fake_llm import FakeLLM
@@ -221,12 +223,33 @@ def test_dependents_fail_at_once_have_no_queue_position_and_keep_their_dependenc
         first = submit(client, input={"seconds": 0})
         second = submit(client, input={"seconds": 0}, depends_on=first["id"])
         path = server.data_dir / "jobs" / first["id"] / "job.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()),
-                                    "depends_on": second["id"]}))
+        p.write_json(path, {**json.loads(path.read_text()), "depends_on": second["id"]})
         assert client.post("/api/queue/resume").status_code == 200
         ends = [wait_job(client, job["id"]) for job in (first, second)]
         assert {job["error"]["type"] for job in ends} == {"dependency"}, ends
         assert any("circle" in job["error"]["message"] for job in ends), ends
+
+
+def test_dependents_of_jobs_that_failed_before_a_start_fail_at_once(
+        make_server: MakeServer, data_dir: Path) -> None:
+    # Found at a start after the job they depend on (in whatever order the folder lists
+    # them), they waited for a slot, here for ever: the queue is paused.
+    from jobs.store.job_store import JobStore
+
+    server = make_server()
+    with server.client() as client:
+        failed = [wait_job(client, submit(client, "probe", input={"fail": "no"})["id"])
+                  for _ in range(6)]
+        assert client.post("/api/queue/pause").status_code == 200
+    server.stop()
+    store = JobStore(data_dir / "jobs")
+    waiting = [store.create("sleep", {"seconds": 0}, 30,
+                            fields={p.F_DEPENDS_ON: job["id"]})["id"] for job in failed]
+    server = make_server()
+    with server.client() as client:
+        for job_id in waiting:
+            job = wait_job(client, job_id, timeout=30)
+            assert job["error"]["type"] == "dependency", job
 
 
 def test_a_malformed_kind_cap_setting_is_named() -> None:

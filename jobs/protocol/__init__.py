@@ -454,8 +454,6 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
             return None
         except PermissionError as exc:
             last_error = exc
-        except OSError as exc:  # a link in a loop, say: no file to read
-            raise CorruptJobFile(f"{os.path.basename(path)}: {exc.strerror or exc}") from None
         else:
             try:
                 data = json.loads(raw)
@@ -471,15 +469,26 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
     raise CorruptJobFile(f"{os.path.basename(path)}: {last_error}")
 
 
+# What `read_json` raises for a link that loops or a socket: no file behind the name,
+# however often it is tried (out of file handles, say, it may be there next time). A
+# reader that must list every job takes these as a damaged file; the counters' reader
+# does not (zeros would read as a reset).
+NO_FILE_TO_READ = frozenset({errno.ELOOP, errno.ENXIO})
+
+
 def _read_file(path: StrPath) -> bytes:
     """A regular file's bytes. Opened without blocking and looked at first: a pipe put
     in a file's place would hold its reader for good."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    with open(fd, "rb") as f:
+    try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = "a folder" if stat.S_ISDIR(mode) else "a pipe or a device"
             raise CorruptJobFile(f"{os.path.basename(path)}: {kind}, not a file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb") as f:
         return f.read()
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from jobs.protocol import now_iso, read_json_or_none, write_json
+from jobs.protocol import NO_FILE_TO_READ, now_iso, read_json_or_none, write_json
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -43,7 +43,12 @@ def set_queue_paused(data_dir: StrPath, paused: bool) -> None:
 def queue_cap(data_dir: StrPath) -> int | None:
     """The cap on runners set while the server runs; None: OFFLOAD_MAX_CONCURRENT's (no
     cap set, or a file edited into none, which is then left alone)."""
-    saved = read_json_or_none(os.path.join(data_dir, QUEUE_CAP_FILE))
+    try:
+        saved = read_json_or_none(os.path.join(data_dir, QUEUE_CAP_FILE))
+    except OSError as exc:
+        if exc.errno not in NO_FILE_TO_READ:
+            raise
+        saved = None
     cap = saved.get("max_concurrent") if isinstance(saved, dict) else None
     if type(cap) is not int or not 1 <= cap <= MAX_CAP:
         return None

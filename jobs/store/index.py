@@ -520,9 +520,9 @@ def _stat(path: str) -> os.stat_result:
     (a loop): such a file reads as damaged, and listing goes on."""
     try:
         return os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        raise
-    except OSError:
+    except OSError as exc:
+        if exc.errno not in p.NO_FILE_TO_READ:
+            raise
         return os.lstat(path)
 
 
@@ -533,6 +533,10 @@ def read_job(job_id: str, path: str | Path) -> dict[str, Any] | None:
         data = p.read_json(path)
     except p.CorruptJobFile as exc:
         return corrupt_job(job_id, Path(path), str(exc))
+    except OSError as exc:
+        if exc.errno not in p.NO_FILE_TO_READ:
+            raise
+        return corrupt_job(job_id, Path(path), f"{p.JOB_FILE}: {exc.strerror}")
     if data is None:
         return None
     problem = not_a_job(job_id, data)

@@ -57,7 +57,7 @@ from jobs.settings import (
     Settings,
     kind_numbers,
 )
-from jobs.store.index import DirListing, not_a_job, read_job
+from jobs.store.index import DirListing, Signature, not_a_job, read_job, stat_signature
 from jobs.store.job_store import JobStore
 from jobs.supervisor.lifecycle import JobLife
 from jobs.supervisor.schedules import Scheduler
@@ -96,10 +96,10 @@ class Supervisor:
         self.scheduler = scheduler  # creates the jobs of periodic schedules
         self.min_retention_s = min_retention_s
         self.store = JobStore(jobs_dir)
-        self.max_concurrent = max_concurrent  # OFFLOAD_MAX_CONCURRENT; see cap()
+        self.max_concurrent = max_concurrent  # OFFLOAD_MAX_CONCURRENT; see _runner_cap()
         self._cap_file = os.path.join(jobs_dir.parent, QUEUE_CAP_FILE)
-        self._cap_read: tuple[tuple[int, int, int] | None, int | None] = (None, None)
-        self._cap_now = max_concurrent  # cap(), as read at the start of this pass
+        self._cap_read: tuple[Signature | None, int | None] = (None, None)
+        self._cap_now = max_concurrent  # _runner_cap(), as read at the start of this pass
         self.retention_s = retention_s
         self.max_jobs = max_jobs
         self.log_max_bytes = log_max_bytes
@@ -140,9 +140,10 @@ class Supervisor:
         self._hints_lock = threading.Lock()
         self._next_full = 0.0
         self._running: dict[str, JobLife] = {}
-        # One answer at a time per chat session: the queued jobs that wait for a job to
-        # end (its `after`, or its session's running chat), by that job's id; they stay
-        # in _queued, off _queue_order, so they hold up no other job.
+        # The queued jobs that wait for a job to end (the one their `depends_on` names; a
+        # chat's earlier turn, its `after`, or its session's running chat: one answer at a
+        # time per session), by that job's id; they stay in _queued, off _queue_order, so
+        # they hold up no other job.
         self._waiting: dict[str, list[str]] = {}
         self._running_chat_by_session: dict[str, str] = {}  # session id -> its running chat
         # `depends_on`: each queued job's dependency, and each dependency's queued jobs;
@@ -150,7 +151,7 @@ class Supervisor:
         # at once (one that did not complete fails them without a slot).
         self._depends: dict[str, str] = {}
         self._dependents: dict[str, set[str]] = {}
-        self._ended_depended: list[str] = []
+        self._ended_with_dependents: list[str] = []
         self._unwritten: dict[str, JobLife] = {}  # ended; final state not written yet
         self._known_final: set[str] = set()
         self._unreadable: set[str] = set()  # said once in the log; looked at each full pass
@@ -304,7 +305,7 @@ class Supervisor:
             hinted, self._hinted = self._hinted, set()
             full, self._full_wanted = self._full_wanted, False
         now = time.monotonic()
-        self._cap_now = self.cap()
+        self._cap_now = self._runner_cap()
         try:
             if not full and now < self._next_full:
                 self._look_at(hinted)
@@ -397,8 +398,10 @@ class Supervisor:
     def _take_on(self, job_id: str) -> None:
         try:
             data = p.read_json(self._file(job_id))
-        except p.CorruptJobFile:
-            self._known_final.add(job_id)  # reads as failed/corrupt; nothing to run
+        except (p.CorruptJobFile, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in p.NO_FILE_TO_READ:
+                raise
+            self._known_final_now(job_id)  # reads as failed/corrupt; nothing to run
             return
         if data is None:
             return
@@ -416,7 +419,7 @@ class Supervisor:
         elif state in (p.JobState.QUEUED, p.JobState.RUNNING):
             self._adopt(job_id, data)
         else:  # final, or no state at all (the API reads it as corrupt): never rewritten
-            self._known_final.add(job_id)
+            self._known_final_now(job_id)
             if state in p.FINAL_STATES and not self._counters_read:
                 self._unsure_final.append(job_id)  # counted or not, the file will say
             elif state in p.FINAL_STATES and self.counters.missed(data):
@@ -534,24 +537,25 @@ class Supervisor:
         self._release_set_aside()
         # The pause and the cap looked at before each launch: a burst of hundreds takes
         # seconds, and a pause or a lower cap meanwhile holds from the next launch on.
-        while len(self._running) < self.cap():
+        while len(self._running) < self._runner_cap():
             job_id = self._next_queued()
             if job_id is None or not self._launch_one(job_id):
                 break
             if queue_paused(self.dir.parent):
                 break
 
-    def cap(self) -> int:
+    def _runner_cap(self) -> int:
         """Runners alive at once: as set while the server runs (`PUT /api/queue/cap`),
         else OFFLOAD_MAX_CONCURRENT. The file is read again only once it has changed."""
         try:
-            found = os.stat(self._cap_file)
-            signature: tuple[int, int, int] | None = (found.st_ino, found.st_mtime_ns,
-                                                      found.st_size)
+            signature: Signature | None = stat_signature(os.stat(self._cap_file))
         except OSError:
             signature = None
         if signature != self._cap_read[0]:
-            self._cap_read = (signature, queue_cap(self.dir.parent) if signature else None)
+            try:
+                self._cap_read = (signature, queue_cap(self.dir.parent) if signature else None)
+            except OSError:  # out of file handles, say: read again at the next pass
+                pass
         return self._cap_read[1] or self.max_concurrent
 
     def _launch_one(self, job_id: str) -> bool:
@@ -571,7 +575,7 @@ class Supervisor:
             self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
                                 "cancelled before it started")
             return True
-        blocker = self._turn_blocker(job_id, data)
+        blocker = self._blocker(job_id, data)
         if blocker is not None:
             self._queued[job_id] = Queued(p.queue_key(data), str(data.get(p.F_KIND)))
             self._waiting.setdefault(blocker, []).append(job_id)
@@ -627,7 +631,7 @@ class Supervisor:
         self._known_final.add(job_id)
         return True
 
-    def _turn_blocker(self, job_id: str, data: dict[str, Any]) -> str | None:
+    def _blocker(self, job_id: str, data: dict[str, Any]) -> str | None:
         """The live job a job must wait for: the one its `depends_on` names, until it has
         ended (and its final state is written); a chat's earlier turn its `after` names
         (queued ahead of it, or running), else its session's running chat; None: it may
@@ -638,7 +642,7 @@ class Supervisor:
         if isinstance(dependency, str) and dependency != job_id and (
                 dependency in self._running or dependency in self._queued
                 or dependency in self._unwritten or self._unseen_live(dependency)
-                ) and not self._in_a_cycle(job_id):
+                ) and not self._in_a_cycle(job_id, data):
             return dependency
         after = data.get(p.F_AFTER)
         if isinstance(after, str) and after != job_id:
@@ -651,6 +655,12 @@ class Supervisor:
         session = p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))
         return self._running_chat_by_session.get(session) if session is not None else None
 
+    def _known_final_now(self, job_id: str) -> None:
+        """A job found final (at a start, in any order): jobs queued after it are looked at."""
+        self._known_final.add(job_id)
+        if job_id in self._dependents:
+            self._ended_with_dependents.append(job_id)
+
     def _note_dependency(self, job_id: str, data: dict[str, Any]) -> None:
         dependency = data.get(p.F_DEPENDS_ON)
         if not isinstance(dependency, str):
@@ -658,20 +668,20 @@ class Supervisor:
         self._depends[job_id] = dependency
         self._dependents.setdefault(dependency, set()).add(job_id)
         if dependency in self._known_final:  # ended before this supervisor saw its dependent
-            self._ended_depended.append(dependency)
+            self._ended_with_dependents.append(dependency)
 
     def _fail_unmet_dependents(self) -> None:
         """The queued jobs whose dependency has ended without completing fail now, not
         when a slot frees (or the queue is resumed); a chain of them, one after another."""
-        while self._ended_depended:
-            ended = self._ended_depended.pop()
+        while self._ended_with_dependents:
+            ended = self._ended_with_dependents.pop()
             for job_id in self._dependents.pop(ended, set()):
                 if self._depends.get(job_id) != ended or job_id not in self._queued:
                     continue
                 data = p.read_json_or_none(self._file(job_id))
                 if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
                     continue
-                if self._turn_blocker(job_id, data) is not None:  # it runs again (a retry)
+                if self._blocker(job_id, data) is not None:  # a retry, or a chat's turn
                     self._dependents.setdefault(ended, set()).add(job_id)
                     continue
                 unmet = self._unmet_dependency(job_id, data)
@@ -680,9 +690,13 @@ class Supervisor:
                     self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.DEPENDENCY,
                                         unmet)
 
-    def _in_a_cycle(self, job_id: str) -> bool:
+    def _in_a_cycle(self, job_id: str, data: dict[str, Any]) -> bool:
         """Whether following `depends_on` from this job comes back to it (job files
-        edited by hand: the API takes only a job that exists already)."""
+        edited by hand: the API takes only a job that exists already, so a circle holds
+        one job that depends on a later one, and only that one walks it)."""
+        theirs = self._queued.get(self._depends.get(job_id, ""))
+        if theirs is None or theirs.key[1:] < p.queue_key(data)[1:]:
+            return False
         step = self._depends.get(job_id)
         for _ in range(len(self._depends)):
             if step is None or step == job_id:
@@ -696,7 +710,7 @@ class Supervisor:
         if (job_id in self._known_final or job_id in self._queued or job_id in self._running
                 or not p.is_valid_id(job_id)):
             return False
-        state = (p.read_json_or_none(self._file(job_id)) or {}).get(p.F_STATE)
+        state = (read_job(job_id, self._file(job_id)) or {}).get(p.F_STATE)
         return state in (p.JobState.QUEUED, p.JobState.RUNNING)
 
     def _unmet_dependency(self, job_id: str, data: dict[str, Any]) -> str | None:
@@ -705,7 +719,7 @@ class Supervisor:
         dependency = data.get(p.F_DEPENDS_ON)
         if not isinstance(dependency, str):
             return None
-        if dependency == job_id or self._in_a_cycle(job_id):
+        if dependency == job_id or self._in_a_cycle(job_id, data):
             return f"its dependencies go round in a circle back to it (through {dependency})"
         ended = read_job(dependency, self._file(dependency)) if p.is_valid_id(dependency) else None
         if ended is None:
@@ -718,7 +732,7 @@ class Supervisor:
     def _next_turn(self, ended: str) -> None:
         """A job has ended: the jobs that waited for it go back on the queue."""
         if ended in self._dependents:
-            self._ended_depended.append(ended)
+            self._ended_with_dependents.append(ended)
         for conversation, job_id in list(self._running_chat_by_session.items()):
             if job_id == ended:
                 del self._running_chat_by_session[conversation]
