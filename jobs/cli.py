@@ -303,8 +303,10 @@ def _note(job: dict[str, Any]) -> str:
         percent = f"{fraction:.0%} " if isinstance(fraction, (int, float)) else ""
         return f"{percent}{progress.get('message') or ''}".strip()
     position = job.get(p.F_QUEUE_POSITION)
-    if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and job.get("depends_on"):
-        return f"after {str(job['depends_on'])[:8]}"
+    dependencies = p.dependencies(job)
+    if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and dependencies:
+        more = f" and {len(dependencies) - 1} more" if len(dependencies) > 1 else ""
+        return f"after {dependencies[0][:8]}{more}"
     return "" if position is None else f"{position} ahead in the queue"
 
 
@@ -345,7 +347,9 @@ def job_details(job: dict[str, Any], out: IO[str]) -> None:
                  "depends_on", "rerun_of", "after", "launcher", "host", "exit_code"):
         if name == "run_at" and not queued:
             continue  # when a queued job starts (a retry's backoff left it in the file)
-        if job.get(name) is not None:
+        if name == "depends_on" and job.get(name) is not None:
+            lines.append(("depends on", ", ".join(p.dependencies(job))))
+        elif job.get(name) is not None:
             lines.append((name.replace("_", " "), job[name]))
     if job.get(p.F_ERROR) or job.get(p.F_PROGRESS):
         lines.append(("error" if job.get(p.F_ERROR) else "progress", _note(job)))
@@ -574,11 +578,12 @@ def _job_id(text: str | None, flag: str) -> str | None:
 
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
-    args.after = _job_id(args.after, "--after")
+    after = [job_id for given in args.after or () for each in given.split(",")
+             if (job_id := _job_id(each, "--after")) is not None]
     body: dict[str, Any] = {"kind": args.kind, "input": parse_input(args.input)}
     for field, value in (("timeout_s", args.timeout), ("priority", args.priority),
                          ("delay_s", args.delay), ("run_at", args.at),
-                         ("max_attempts", args.max_attempts), ("depends_on", args.after)):
+                         ("max_attempts", args.max_attempts), ("depends_on", after or None)):
         if value is not None:
             body[field] = value
     # A retried submission with the same key gets the first one's job, not a second job.
@@ -818,8 +823,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="attempts on transient failures (default: the kind's)")
             sub.add_argument("--key", help="an Idempotency-Key: the same key again gets "
                                            "the same job")
-            sub.add_argument("--after", metavar="ID", help="start once job ID has completed; "
-                                                           "fail if it ends otherwise")
+            sub.add_argument("--after", metavar="ID", action="append",
+                             help="start once job ID has completed, fail if it ends otherwise; "
+                                  "again (or ID,ID) for several")
         else:
             sub.add_argument("id")
             sub.add_argument("--input", help="another input: JSON, @file.json or -")

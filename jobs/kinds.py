@@ -136,7 +136,7 @@ class Launch:
     start_at: float | None = None  # a POSIX time
     max_attempts: int | None = None
     delay_s: float | None = None  # from the job's creation
-    depends_on: str | None = None  # the id of a job that must complete first
+    depends_on: tuple[str, ...] = ()  # the ids of the jobs that must complete first
 
     def fields(self, kind: str, settings: Settings, created: float) -> dict[str, Any]:
         """What the job file of a job created at `created` (a POSIX time) says of it,
@@ -148,6 +148,6 @@ class Launch:
         start_at = self.start_at if self.delay_s is None else created + self.delay_s
         if start_at is not None:
             fields[p.F_RUN_AT] = p.iso(start_at)
-        if self.depends_on is not None:
-            fields[p.F_DEPENDS_ON] = self.depends_on
+        if self.depends_on:
+            fields[p.F_DEPENDS_ON] = list(self.depends_on)
         return fields

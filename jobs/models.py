@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -22,6 +23,7 @@ from jobs.protocol import ErrorType, JobState, iso
 from jobs.settings import (
     MAX_ATTEMPTS,
     MAX_DELAY_S,
+    MAX_DEPENDENCIES,
     MAX_PRIORITY,
     MAX_TIMEOUT_S,
     RUN_AT_PAST_S,
@@ -32,6 +34,13 @@ def _iso(value: datetime) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
     return iso(value.timestamp())
+
+
+JobId = Annotated[str, Field(pattern="^[0-9a-f]{32}$")]
+
+
+def _one_as_list(value: object) -> object:
+    return [value] if isinstance(value, str) else value
 
 
 # Answered as the job file has it (milliseconds), not as pydantic writes a datetime.
@@ -104,7 +113,8 @@ class Job(BaseModel):
     max_attempts: int | None = None  # null: 1
     earlier_errors: list[EarlierError] | None = None  # of the attempts before this one
     schedule: str | None = None  # the schedule that created it
-    depends_on: str | None = None  # starts once that job completed
+    # Starts once they all completed (one id alone, as a job file may say it: a list).
+    depends_on: Annotated[list[str] | None, BeforeValidator(_one_as_list)] = None
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -130,10 +140,11 @@ class JobCreate(Request):
     max_attempts: int | None = Field(None, ge=1, le=MAX_ATTEMPTS,
                                      description="attempts on transient failures; by default "
                                                  "as OFFLOAD_MAX_ATTEMPTS says")
-    depends_on: str | None = Field(None, pattern="^[0-9a-f]{32}$",
-                                   description="the id of a job: this one starts once that "
-                                               "one has completed, and fails (error type "
-                                               "`dependency`) if it ends otherwise")
+    depends_on: JobId | Annotated[list[JobId], Field(min_length=1,
+                                                     max_length=MAX_DEPENDENCIES)] | None = Field(
+        None, description="the id of a job, or a list of them: this one starts once they "
+                          "have all completed, and fails (error type `dependency`) as soon "
+                          "as one ends otherwise")
 
     @field_validator("run_at")
     @classmethod
@@ -159,7 +170,9 @@ class JobCreate(Request):
     def launch(self) -> Launch:
         """When and how often it runs: a `delay_s` counts from the job's creation."""
         return Launch(self.priority, None if self.run_at is None else self.run_at.timestamp(),
-                      self.max_attempts, self.delay_s, self.depends_on)
+                      self.max_attempts, self.delay_s,
+                      tuple(dict.fromkeys([self.depends_on] if isinstance(self.depends_on, str)
+                                          else self.depends_on or ())))
 
 
 class JobRerun(Request):

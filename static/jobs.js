@@ -93,7 +93,11 @@ export function notes(job, now = Date.now()) {
   }
   if (job.schedule) parts.push(`schedule ${job.schedule}`);
   if (job.rerun_of) parts.push(`re-run of ${shortId(job.rerun_of)}`);
-  if (job.depends_on && job.state === "queued") parts.push(`after ${shortId(job.depends_on)}`);
+  const waitsFor = job.depends_on || [];
+  if (waitsFor.length && job.state === "queued") {
+    const more = waitsFor.length > 1 ? ` and ${waitsFor.length - 1} more` : "";
+    parts.push(`after ${shortId(waitsFor[0])}${more}`);
+  }
   return parts.length ? parts.join(" · ") : "—";
 }
 

@@ -293,6 +293,14 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     assert not_an_id.returncode == 2 and "--after wants a job's id" in not_an_id.stderr
     details = cli(url, "show", dependent).stdout.splitlines()
     assert [line.split()[-1] for line in details if line.startswith("depends on:")] == [job["id"]]
+    # On several, as `pueue add --after 1 2`: --after again, or ids joined by commas.
+    first_id = cli(url, "submit", "sleep", "--input", '{"seconds": 0}').stdout.strip()
+    several = cli(url, "submit", "sleep", "--after", first_id, "--after",
+                  f"{first_id},{job['id']}", "--wait")
+    assert several.returncode == 1 and "ended cancelled" in several.stderr, several
+    details = cli(url, "show", several.stderr.split()[2]).stdout.splitlines()
+    assert [" ".join(line.split()) for line in details if line.startswith("depends on:")] == [
+        f"depends on: {first_id}, {job['id']}"], details
     # As `pueue parallel`: how many jobs run at once, shown and changed while it runs.
     default = httpx.get(f"{url}/api/queue").json()["max_concurrent_default"]
     shown = cli(url, "parallel", script=True)

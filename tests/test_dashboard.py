@@ -732,6 +732,8 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
         "kind": "sleep", "input": {"seconds": 0}, "delay_s": 7200, "priority": 5}).json()["id"]
     dependent = httpx.post(f"{server.url}/api/jobs", json={
         "kind": "sleep", "input": {"seconds": 0}, "depends_on": later}).json()["id"]
+    on_two = httpx.post(f"{server.url}/api/jobs", json={
+        "kind": "sleep", "input": {"seconds": 0}, "depends_on": [later, dependent]}).json()["id"]
     page.goto(server.url)
     page.wait_for_function("id => { const c = document.querySelector("
                            "`#jobs-table tr[data-job-id='${id}'] td[data-col=notes]`);"
@@ -741,6 +743,7 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
     assert "earlier: lost" in note_of(page, retried)
     assert note_of(page, later) == "starts in 2 h · priority 5"
     assert note_of(page, dependent) == f"after {later[:8]}"
+    assert note_of(page, on_two) == f"after {later[:8]} and 1 more"
 
     # The schedule is listed with its next run, paused and resumed from the page.
     row = "#schedules-section tr[data-schedule='nightly-train']"

@@ -146,7 +146,7 @@ def test_a_job_that_depends_on_another_starts_once_it_completed(
     with server.client() as client:
         first = submit(client, input={"seconds": 1.5})
         then = submit(client, input={"seconds": 0}, depends_on=first["id"])
-        assert then["depends_on"] == first["id"]
+        assert then["depends_on"] == [first["id"]]
         time.sleep(0.8)  # the cap has room: it waits for the first job, not for a slot
         assert client.get(f"/api/jobs/{then['id']}").json()["state"] == "queued"
         done_first, done_then = wait_job(client, first["id"]), wait_job(client, then["id"])
@@ -182,6 +182,41 @@ def test_a_job_that_depends_on_another_starts_once_it_completed(
             answer = client.post("/api/jobs", json={"kind": "sleep", "depends_on": bad})
             assert answer.status_code == 422, (bad, answer.text)
             assert "depends_on" in answer.json()["detail"], answer.text
+
+
+def test_a_job_that_depends_on_several_waits_for_all_and_fails_at_the_first_failure(
+        make_server: MakeServer) -> None:
+    # As RQ's `depends_on=[...]` or `pueue add --after 1 2`.
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "4"})
+    with server.client() as client:
+        short = submit(client, input={"seconds": 0.2})
+        long = submit(client, input={"seconds": 2.5})
+        both = submit(client, input={"seconds": 0},
+                      depends_on=[short["id"], long["id"], short["id"]])
+        assert both["depends_on"] == [short["id"], long["id"]], "each once, in order"
+        wait_job(client, short["id"])
+        time.sleep(0.5)
+        assert client.get(f"/api/jobs/{both['id']}").json()["state"] == "queued"
+        done, done_long = wait_job(client, both["id"]), wait_job(client, long["id"])
+        assert done["state"] == "completed", done
+        assert started(done) >= started(done_long, "finished_at")
+
+        # One fails while another still runs: it fails then, without waiting for the other.
+        slow = submit(client, input={"seconds": 60})
+        broken = submit(client, "probe", input={"fail": "bad input"})
+        waiting = submit(client, input={"seconds": 0}, depends_on=[slow["id"], broken["id"]])
+        failed = wait_job(client, waiting["id"], timeout=30)
+        assert failed["error"]["type"] == "dependency" and failed["started_at"] is None
+        assert failed["error"]["message"].endswith(f"{broken['id']}, ended failed"), failed
+        assert client.get(f"/api/jobs/{slow['id']}").json()["state"] == "running"
+        assert client.delete(f"/api/jobs/{slow['id']}").status_code == 200
+
+        for bad, needle in (([], "at least 1"), ([short["id"], "nope"], "depends_on"),
+                            ([f"{n:032x}" for n in range(101)], "at most 100"),
+                            (["0" * 32, short["id"]], f"no job {'0' * 32}")):
+            answer = client.post("/api/jobs", json={"kind": "sleep", "depends_on": bad})
+            assert answer.status_code == 422, (bad, answer.text)
+            assert needle in answer.json()["detail"], answer.text
 
 
 def test_dependents_fail_at_once_have_no_queue_position_and_keep_their_dependency(

@@ -178,9 +178,11 @@ class JobService:
         if load is None:
             load = self.store.load(0.0)
         self._admit(load)
-        if launch.depends_on is not None and not self.store.path(launch.depends_on).exists():
-            raise InvalidInput(f"depends_on: no job {launch.depends_on} (pruned, or never "
-                               "submitted here): give the id of a job this server holds")
+        missing = [each for each in launch.depends_on if not self.store.path(each).exists()]
+        if missing:
+            raise InvalidInput(f"depends_on: no job {', '.join(missing[:5])}"
+                               f"{' and more' if len(missing) > 5 else ''} (pruned, or never "
+                               "submitted here): give the ids of jobs this server holds")
         job_input = self._with_context(kind, job_input, load.counts)
         session = p.chat_session(kind, job_input)
         with self._turn_lock(session) if session else contextlib.nullcontext():
@@ -462,6 +464,6 @@ def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch:
     body = json.dumps([kind, job_input, timeout_s, *(asked if any(
         each is not None for each in asked) else []), *(["start", *start] if any(
             each is not None for each in start) else []), *([fields] if fields else []),
-        *(["depends_on", launch.depends_on] if launch.depends_on else [])],
+        *(["depends_on", sorted(launch.depends_on)] if launch.depends_on else [])],
         sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(body.encode()).hexdigest()

@@ -98,7 +98,7 @@ F_LAUNCHER = "launcher"  # where it ran: "local" or "ray"
 F_HOST = "host"  # the machine the runner ran on
 F_AFTER = "after"  # a chat: the earlier job of its session, to end before this one starts
 F_RERUN_OF = "rerun_of"  # the job this one runs again (POST /api/jobs/{id}/rerun)
-F_DEPENDS_ON = "depends_on"  # starts once that job completed; fails if it ends otherwise
+F_DEPENDS_ON = "depends_on"  # [ids]: starts once they all completed; fails if one ends otherwise
 F_PRIORITY = "priority"  # higher starts first; FIFO within one priority
 F_RUN_AT = "run_at"  # queued until then (ISO 8601 UTC); a retry's backoff sets it too
 F_ATTEMPT = "attempt"  # 1-based; absent means 1
@@ -239,11 +239,25 @@ def fifo_key(job: dict[str, Any]) -> tuple[int, str]:
     return (created, str(job.get(F_ID)))
 
 
-def queue_key(job: dict[str, Any]) -> tuple[int, int, str]:
+QueueKey = tuple[int, int, str]  # (-priority, created_ns, id)
+
+
+def queue_key(job: dict[str, Any]) -> QueueKey:
     """Launch order among due jobs: higher priority first, then submission order."""
     priority = job.get(F_PRIORITY)
     created, job_id = fifo_key(job)
     return (-priority if isinstance(priority, int) else 0, created, job_id)
+
+
+def dependencies(job: dict[str, Any]) -> tuple[str, ...]:
+    """The jobs a job waits for, each once: its `depends_on` list (or one id, as a job
+    file may say it)."""
+    value = job.get(F_DEPENDS_ON)
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(dict.fromkeys(each for each in value if isinstance(each, str)))
+    return ()
 
 
 def run_at(job: dict[str, Any]) -> float | None:

@@ -505,9 +505,9 @@ class JobIndex:
 
 
     def _waits_for_dependency(self, job: dict[str, Any]) -> bool:
-        dependency = job.get(p.F_DEPENDS_ON)
-        entry = self._entries.get(dependency) if isinstance(dependency, str) else None
-        return entry is not None and entry.state in (p.JobState.QUEUED, p.JobState.RUNNING)
+        return any((entry := self._entries.get(each)) is not None
+                   and entry.state in (p.JobState.QUEUED, p.JobState.RUNNING)
+                   for each in p.dependencies(job))
 
 
 def _launch_order(job: dict[str, Any], now: float) -> tuple[float, int, int, str]:

@@ -59,18 +59,18 @@ from jobs.settings import (
 )
 from jobs.store.index import DirListing, Signature, not_a_job, read_job, stat_signature
 from jobs.store.job_store import JobStore
+from jobs.supervisor.dependencies import Dependencies
 from jobs.supervisor.lifecycle import JobLife
 from jobs.supervisor.schedules import Scheduler
 
 log = logging.getLogger(__name__)
 
-QueueKey = tuple[int, int, str]  # p.queue_key: (-priority, created_ns, id)
 
 
 class Queued(NamedTuple):
     """A queued job as the supervisor keeps it: enough to order and cap it unread."""
 
-    key: QueueKey
+    key: p.QueueKey
     kind: str
 
 
@@ -121,15 +121,15 @@ class Supervisor:
         self._queued: dict[str, Queued] = {}  # every queued job this supervisor knows
         # The due jobs in launch order (p.queue_key); entries no longer in _queued (or
         # there with another key) are skipped when popped.
-        self._queue_order: list[tuple[QueueKey, str]] = []
+        self._queue_order: list[tuple[p.QueueKey, str]] = []
         # The jobs not due yet (run_at, or a retry's backoff), soonest first: each goes
         # onto _queue_order when due, and the supervisor wakes for the first.
-        self._timers: list[tuple[float, QueueKey, str]] = []
+        self._timers: list[tuple[float, p.QueueKey, str]] = []
         # OFFLOAD_KIND_CAPS: a job whose kind is at its cap waits here, off _queue_order
         # (so it holds up no other kind), until a runner of its kind ends.
         self.kind_caps = (kind_numbers(DEFAULT_KIND_CAPS, "kind_caps", 1, 1024)
                           if kind_caps is None else dict(kind_caps))
-        self._set_aside: dict[str, list[tuple[QueueKey, str]]] = {}
+        self._set_aside: dict[str, list[tuple[p.QueueKey, str]]] = {}
         self._running_kind: dict[str, str] = {}  # running job id -> its kind
         self._running_by_kind: Counter[str] = Counter()
         self.retry_base_s = retry_base_s
@@ -146,14 +146,11 @@ class Supervisor:
         # they hold up no other job.
         self._waiting: dict[str, list[str]] = {}
         self._running_chat_by_session: dict[str, str] = {}  # session id -> its running chat
-        # `depends_on`: each queued job's dependency, and each dependency's queued jobs;
-        # the jobs that ended while some depended on them, whose dependents are looked at
-        # at once (one that did not complete fails them without a slot).
-        self._depends: dict[str, str] = {}
-        self._dependents: dict[str, set[str]] = {}
-        self._ended_with_dependents: list[str] = []
         self._unwritten: dict[str, JobLife] = {}  # ended; final state not written yet
         self._known_final: set[str] = set()
+        self._dependencies = Dependencies(self._file, self._is_live,
+                                          lambda job_id: job_id in self._known_final,
+                                          self._queued_key)
         self._unreadable: set[str] = set()  # said once in the log; looked at each full pass
         self._blocked = False  # the last launch could not write to the data folder
         self._next_prune = 0.0
@@ -428,7 +425,7 @@ class Supervisor:
     def _enqueue(self, job_id: str, data: dict[str, Any]) -> None:
         """Queue a job: on the launch order if due, else on the timers."""
         entry = self._queued[job_id] = Queued(p.queue_key(data), str(data.get(p.F_KIND)))
-        self._note_dependency(job_id, data)
+        self._dependencies.note(job_id, data)
         start_at = p.run_at(data)
         if start_at is not None and start_at > time.time():
             heapq.heappush(self._timers, (start_at, entry.key, job_id))
@@ -580,7 +577,7 @@ class Supervisor:
             self._queued[job_id] = Queued(p.queue_key(data), str(data.get(p.F_KIND)))
             self._waiting.setdefault(blocker, []).append(job_id)
             return True
-        unmet = self._unmet_dependency(job_id, data)
+        unmet = self._dependencies.unmet(job_id, data)
         if unmet is not None:
             self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.DEPENDENCY, unmet)
             return True
@@ -636,13 +633,8 @@ class Supervisor:
         ended (and its final state is written); a chat's earlier turn its `after` names
         (queued ahead of it, or running), else its session's running chat; None: it may
         start."""
-        dependency = data.get(p.F_DEPENDS_ON)
-        if isinstance(dependency, str) and self._depends.get(job_id) != dependency:
-            self._note_dependency(job_id, data)  # its file edited since it was queued
-        if isinstance(dependency, str) and dependency != job_id and (
-                dependency in self._running or dependency in self._queued
-                or dependency in self._unwritten or self._unseen_live(dependency)
-                ) and not self._in_a_cycle(job_id, data):
+        dependency = self._dependencies.blocker(job_id, data)
+        if dependency is not None:
             return dependency
         after = data.get(p.F_AFTER)
         if isinstance(after, str) and after != job_id:
@@ -658,51 +650,31 @@ class Supervisor:
     def _known_final_now(self, job_id: str) -> None:
         """A job found final (at a start, in any order): jobs queued after it are looked at."""
         self._known_final.add(job_id)
-        if job_id in self._dependents:
-            self._ended_with_dependents.append(job_id)
-
-    def _note_dependency(self, job_id: str, data: dict[str, Any]) -> None:
-        dependency = data.get(p.F_DEPENDS_ON)
-        if not isinstance(dependency, str):
-            return
-        self._depends[job_id] = dependency
-        self._dependents.setdefault(dependency, set()).add(job_id)
-        if dependency in self._known_final:  # ended before this supervisor saw its dependent
-            self._ended_with_dependents.append(dependency)
+        self._dependencies.ended(job_id)
 
     def _fail_unmet_dependents(self) -> None:
-        """The queued jobs whose dependency has ended without completing fail now, not
+        """The queued jobs with a dependency that ended without completing fail now, not
         when a slot frees (or the queue is resumed); a chain of them, one after another."""
-        while self._ended_with_dependents:
-            ended = self._ended_with_dependents.pop()
-            for job_id in self._dependents.pop(ended, set()):
-                if self._depends.get(job_id) != ended or job_id not in self._queued:
-                    continue
-                data = p.read_json_or_none(self._file(job_id))
-                if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
-                    continue
-                if self._blocker(job_id, data) is not None:  # a retry, or a chat's turn
-                    self._dependents.setdefault(ended, set()).add(job_id)
-                    continue
-                unmet = self._unmet_dependency(job_id, data)
-                if unmet is not None:  # else it completed: the job starts in its turn
-                    del self._queued[job_id]
-                    self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.DEPENDENCY,
-                                        unmet)
+        for job_id in self._dependencies.to_look_at():
+            if job_id not in self._queued:
+                continue
+            data = p.read_json_or_none(self._file(job_id))
+            if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
+                continue
+            unmet = self._dependencies.unmet(job_id, data)
+            if unmet is not None:  # else it starts in its turn, once they all completed
+                del self._queued[job_id]
+                self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.DEPENDENCY, unmet)
 
-    def _in_a_cycle(self, job_id: str, data: dict[str, Any]) -> bool:
-        """Whether following `depends_on` from this job comes back to it (job files
-        edited by hand: the API takes only a job that exists already, so a circle holds
-        one job that depends on a later one, and only that one walks it)."""
-        theirs = self._queued.get(self._depends.get(job_id, ""))
-        if theirs is None or theirs.key[1:] < p.queue_key(data)[1:]:
-            return False
-        step = self._depends.get(job_id)
-        for _ in range(len(self._depends)):
-            if step is None or step == job_id:
-                break
-            step = self._depends.get(step)
-        return step == job_id
+    def _is_live(self, job_id: str) -> bool:
+        """Whether a job has not ended: queued, running, its final state not yet written,
+        or queued or running on disk though this supervisor has not seen it yet."""
+        return (job_id in self._running or job_id in self._queued
+                or job_id in self._unwritten or self._unseen_live(job_id))
+
+    def _queued_key(self, job_id: str) -> p.QueueKey | None:
+        entry = self._queued.get(job_id)
+        return None if entry is None else entry.key
 
     def _unseen_live(self, job_id: str) -> bool:
         """Whether a job this supervisor has not seen queued, running or ending is queued
@@ -713,26 +685,9 @@ class Supervisor:
         state = (read_job(job_id, self._file(job_id)) or {}).get(p.F_STATE)
         return state in (p.JobState.QUEUED, p.JobState.RUNNING)
 
-    def _unmet_dependency(self, job_id: str, data: dict[str, Any]) -> str | None:
-        """Why a job cannot start now that the job it depends on has ended (it did not
-        complete, or is gone); None if it completed, or the job depends on none."""
-        dependency = data.get(p.F_DEPENDS_ON)
-        if not isinstance(dependency, str):
-            return None
-        if dependency == job_id or self._in_a_cycle(job_id, data):
-            return f"its dependencies go round in a circle back to it (through {dependency})"
-        ended = read_job(dependency, self._file(dependency)) if p.is_valid_id(dependency) else None
-        if ended is None:
-            return f"the job it depends on, {dependency[:64]}, is gone (deleted)"
-        state = ended.get(p.F_STATE)
-        if state == p.JobState.COMPLETED:
-            return None
-        return f"the job it depends on, {dependency}, ended {state}"
-
     def _next_turn(self, ended: str) -> None:
         """A job has ended: the jobs that waited for it go back on the queue."""
-        if ended in self._dependents:
-            self._ended_with_dependents.append(ended)
+        self._dependencies.ended(ended)
         for conversation, job_id in list(self._running_chat_by_session.items()):
             if job_id == ended:
                 del self._running_chat_by_session[conversation]
@@ -818,15 +773,9 @@ class Supervisor:
             return
         self._next_prune = now + PRUNE_INTERVAL_S
         self._pruned_at = now
-        # A finished job that a queued job depends on is kept: that one may start later.
-        self._depends = {job_id: dependency for job_id, dependency in self._depends.items()
-                         if job_id in self._queued}
-        self._dependents = {}
-        for job_id, dependency in self._depends.items():
-            self._dependents.setdefault(dependency, set()).add(job_id)
         removed = self.store.prune(self.retention_s, self.max_jobs,
                                    min_retention_s=self.min_retention_s,
-                                   keep=set(self._depends.values()))
+                                   keep=self._dependencies.keep_for(set(self._queued)))
         if removed:
             log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs; none "
                      "younger than %.0f s)", removed, self.retention_s / 3600, self.max_jobs,
