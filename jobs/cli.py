@@ -740,13 +740,20 @@ def cmd_schedules(client: Client, args: argparse.Namespace) -> int:
     if not schedules:
         sys.stdout.write("no schedules\n")
         return code
-    rows = [["NAME", "KIND", "EVERY", "NEXT RUN (UTC)", "LAST JOB"]]
-    rows += [[str(each.get("name")), str(each.get("kind")), f"{each.get('every_s'):g}s",
+    rows = [["NAME", "KIND", "WHEN", "NEXT RUN (UTC)", "LAST JOB"]]
+    rows += [[str(each.get("name")), str(each.get("kind")), _timing(each),
               "paused" if each.get("paused") else _when(each.get("next_run_at")),
               f"{each.get('last_job_id') or '-'} {each.get('last_state') or ''}".rstrip()]
              for each in schedules]
     table(rows, sys.stdout)
     return code
+
+
+def _timing(schedule: dict[str, Any]) -> str:
+    """`every 6h`'s seconds, or its cron expression and time zone."""
+    if isinstance(schedule.get("every_s"), (int, float)):
+        return f"every {schedule['every_s']:g}s"
+    return f"cron {schedule.get('cron')} {schedule.get('timezone') or 'UTC'}"
 
 
 # The parser --------------------------------------------------------------------------------

@@ -10,10 +10,16 @@ an edit that cannot be used keeps the last good schedules and says why (`Schedul
     priority = 0        # optional
     timeout_s = 1800    # optional; else OFFLOAD_JOB_TIMEOUT_S
 
-Time is cut into slots of `every` seconds since the epoch; each slot gets at most one
-job, whose id is derived from the schedule's name, its interval and the slot, so a
-restart or a second supervisor never creates it twice. Nothing about the next run is kept
-in memory: slots missed while nothing ran are one job, created at the next start.
+    [nightly]
+    kind = "train"
+    cron = "30 2 * * *" # instead of `every`: minute hour day month weekday, or @daily...
+    timezone = "Europe/Berlin"  # optional, of `cron`'s times; else UTC
+
+Time is cut into slots: of `every` seconds since the epoch, or from each of `cron`'s times
+to the next. Each slot gets at most one job, whose id is derived from the schedule's name,
+its timing and the slot, so a restart or a second supervisor never creates it twice.
+Nothing about the next run is kept in memory: slots missed while nothing ran are one job,
+created at the next start.
 """
 
 from __future__ import annotations
@@ -28,9 +34,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone, tzinfo
 from functools import cache
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import CroniterBadDateError, croniter
 
 from jobs.kinds import InvalidInput, registry, validate_input
 from jobs.settings import MAX_PRIORITY, MAX_TIMEOUT_S, Settings, get_settings
@@ -46,7 +56,10 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # a file name on every system, a
 _EVERY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_EVERY_S = 1.0
-FIELDS = ("kind", "every", "input", "priority", "timeout_s")
+FIELDS = ("kind", "every", "cron", "timezone", "input", "priority", "timeout_s")
+# Cron's own names for its common times (not @reboot: a schedule runs by the clock).
+CRON_NAMES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+MINUTE_S = 60  # a cron schedule's slots are whole minutes since the epoch
 EXAMPLE = '[retrain]\nkind = "train"\nevery = "6h"\ninput = {}'
 RELOAD_CHECK_S = 1.0  # how often a process looks whether the file changed (one stat)
 
@@ -59,17 +72,41 @@ class ScheduleError(ValueError):
 class Schedule:
     name: str
     kind: str
-    every_s: float
+    every_s: float | None  # None: at the times `cron` gives
     input: dict[str, Any]
     priority: int | None = None  # None: the kind's default
     timeout_s: float | None = None  # None: OFFLOAD_JOB_TIMEOUT_S
+    cron: str | None = None  # five fields, or one of CRON_NAMES
+    timezone: str | None = None  # of cron's times (None: UTC)
 
     def slot(self, now: float) -> int:
-        """The slot `now` falls in."""
-        return math.floor(now / self.every_s)
+        """The slot `now` falls in: with `cron`, the minute of its latest time."""
+        if self.every_s is not None:
+            return math.floor(now / self.every_s)
+        # Just after the minute `now` falls in, so that a time on that minute is its own.
+        return round(self._cron_time(math.floor(now / MINUTE_S) * MINUTE_S + 1, False)
+                     / MINUTE_S)
+
+    def next_slot(self, slot: int) -> int:
+        if self.every_s is not None:
+            return slot + 1
+        return round(self._cron_time(slot * MINUTE_S, True) / MINUTE_S)
 
     def starts(self, slot: int) -> float:
-        return slot * self.every_s
+        return slot * (self.every_s if self.every_s is not None else MINUTE_S)
+
+    def timing(self) -> dict[str, Any]:
+        """What the record of its newest slot says of its timing: a change of timing
+        starts its slots anew."""
+        if self.every_s is not None:
+            return {"every_s": self.every_s}
+        return {"cron": self.cron, "timezone": self.timezone or "UTC"}
+
+    def _cron_time(self, at: float, forward: bool) -> float:
+        """Cron's next time after `at`, or its latest before (a POSIX time)."""
+        assert self.cron is not None
+        times = croniter(self.cron, datetime.fromtimestamp(at, _zone(self.timezone)))
+        return float(times.get_next(float) if forward else times.get_prev(float))
 
     def has_job(self, fired: dict[str, Any], slot: int) -> bool:
         """Whether the record of its newest slot (`control.last_fired`) covers `slot`: that
@@ -78,13 +115,20 @@ class Schedule:
         until the clock caught up, it stopped the schedule for as long. Its slots' jobs
         have ids of their own, so one created again is found, not made twice."""
         newest = fired.get("slot")
-        return (fired.get("every_s") == self.every_s and isinstance(newest, int)
-                and slot <= newest <= slot + 1)
+        return (all(fired.get(key) == value for key, value in self.timing().items())
+                and isinstance(newest, int) and newest in (slot, self.next_slot(slot)))
 
     def job_id(self, slot: int) -> str:
         """The id of the slot's job: the same in every process, a job id as any other."""
-        seed = f"schedule\n{self.name}\n{self.every_s!r}\n{slot}".encode()
+        timing = (repr(self.every_s) if self.every_s is not None
+                  else f"cron {self.cron} {self.timezone or 'UTC'}")
+        seed = f"schedule\n{self.name}\n{timing}\n{slot}".encode()
         return hashlib.sha256(seed).hexdigest()[:32]
+
+
+def _zone(name: str | None) -> tzinfo:
+    # UTC without the time zone database, which Windows lacks unless tzdata is installed.
+    return timezone.utc if name in (None, "UTC") else ZoneInfo(name)
 
 
 def parse_every(value: object) -> float:
@@ -99,6 +143,32 @@ def parse_every(value: object) -> float:
     if not math.isfinite(seconds) or seconds < MIN_EVERY_S:
         raise ValueError(f"`every` must be at least {MIN_EVERY_S:g} s, not {value!r}")
     return seconds
+
+
+def parse_cron(expression: object, zone: object) -> tuple[str, str | None]:
+    """A cron expression (its fields joined by one space) and its time zone, checked;
+    raises ValueError saying what is accepted."""
+    fields = expression.split() if isinstance(expression, str) else []
+    if not (len(fields) == 5 or (len(fields) == 1 and fields[0].lower() in CRON_NAMES)) \
+            or not croniter.is_valid(" ".join(fields)):
+        raise ValueError("`cron` must be five fields, minute hour day month weekday (e.g. "
+                         "\"30 2 * * *\": at 02:30 each day; \"*/15 * * * mon-fri\"), or "
+                         f"one of {', '.join(CRON_NAMES)}, not {expression!r}")
+    cron = " ".join(fields).lower() if len(fields) == 1 else " ".join(fields)
+    if zone is not None:
+        try:
+            if not isinstance(zone, str):
+                raise ValueError
+            _zone(zone)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ValueError(f"`timezone` must be a time zone's name, such as \"UTC\" or "
+                             f"\"Europe/Berlin\", not {zone!r}") from None
+    try:
+        croniter(cron, datetime.now(_zone(zone))).get_next(float)
+    except CroniterBadDateError:
+        raise ValueError(f"`cron` {expression!r} names no time that comes (such as the "
+                         "30th of February)") from None
+    return cron, zone
 
 
 def load(path: Path) -> tuple[Schedule, ...]:
@@ -139,9 +209,14 @@ def _schedule(name: str, table: object) -> Schedule:
     kind = table.get("kind")
     if not isinstance(kind, str) or kind not in registry():
         raise ValueError(f"unknown job kind {kind!r}; known kinds: {', '.join(sorted(registry()))}")
-    if "every" not in table:
-        raise ValueError('`every` is missing (e.g. every = "6h")')
-    every_s = parse_every(table["every"])
+    if ("every" in table) == ("cron" in table):
+        raise ValueError('give `every` (e.g. every = "6h") or `cron` (e.g. cron = "30 2 * * *"), '
+                         "one of them")
+    if "timezone" in table and "cron" not in table:
+        raise ValueError("`timezone` goes with `cron` (`every` counts from the epoch)")
+    every_s = parse_every(table["every"]) if "every" in table else None
+    cron, zone = parse_cron(table["cron"], table.get("timezone")) if "cron" in table else (
+        None, None)
     job_input = table.get("input", {})
     if not isinstance(job_input, dict):
         raise ValueError(f"`input` must be a table (e.g. input = {{}}), not {job_input!r}")
@@ -161,7 +236,7 @@ def _schedule(name: str, table: object) -> Schedule:
         raise ValueError(f"`timeout_s` must be a number of seconds above 0 and at most "
                          f"{MAX_TIMEOUT_S:g}, not {timeout_s!r}")
     return Schedule(name, kind, every_s, job_input, priority,
-                    None if timeout_s is None else float(timeout_s))
+                    None if timeout_s is None else float(timeout_s), cron, zone)
 
 
 def from_settings(settings: Settings) -> tuple[Schedule, ...]:

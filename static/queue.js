@@ -79,7 +79,9 @@ function scheduleRow(s) {
   tr.dataset.schedule = s.name;
   tr.dataset.paused = String(Boolean(s.paused));
   const last = s.last_job_id ? `${String(s.last_job_id).slice(0, 8)} · ${s.last_state || "?"}` : "—";
-  const values = [s.name, s.kind, typeof s.every_s === "number" ? fmtDuration(s.every_s) : "—",
+  const when = typeof s.every_s === "number" ? `every ${fmtDuration(s.every_s)}`
+    : `${s.cron} (${s.timezone || "UTC"})`;
+  const values = [s.name, s.kind, when,
     s.paused ? "paused" : whenText(s.next_run_at), last];
   for (const v of values) {
     const td = document.createElement("td");
@@ -104,7 +106,8 @@ const NEXT_RUN_CELL = 3;
 /** Rebuilt only when something changed, so focus on a button survives a refresh; the
  * time to the next run is said again at every refresh. */
 function renderSchedules(list) {
-  const key = JSON.stringify(list.map((s) => [s.name, s.kind, s.every_s, s.paused, s.next_run_at,
+  const key = JSON.stringify(list.map((s) => [s.name, s.kind, s.every_s, s.cron, s.timezone,
+    s.paused, s.next_run_at,
     s.last_job_id, s.last_state]));
   if (tbody.dataset.key === key) {
     for (const s of list) {

@@ -798,10 +798,15 @@ def test_a_schedules_next_run_counts_down(page: Any, make_server: Callable[..., 
                                           tmp_path: Path) -> None:
     # The rows were rebuilt only when a schedule changed: "in 50m 33s" stood for an hour.
     path = tmp_path / "schedules.toml"
-    path.write_text(SCHEDULES.replace('"6h"', '"1h"'))
+    path.write_text(SCHEDULES.replace('"6h"', '"1h"') + '[berlin]\nkind = "sleep"\n'
+                    'cron = "30 2 * * *"\ntimezone = "Europe/Berlin"\n')
     server = make_server(env={"OFFLOAD_SCHEDULES_FILE": str(path)})
     page.goto(server.url)
     row = "#schedules-section tr[data-schedule='nightly-train']"
+    cron_row = "#schedules-section tr[data-schedule='berlin']"
+    assert page.text_content(f"{cron_row} td:nth-child(3)", timeout=30_000) == (
+        "30 2 * * * (Europe/Berlin)")
+    assert page.text_content(f"{row} td:nth-child(3)") == "every 1h 0m"
     page.wait_for_function(f"document.querySelector(\"{row} td:nth-child(5)\")"
                            "?.textContent.endsWith('completed')", timeout=30_000)
     time.sleep(5)  # that slot's job done: the schedule does not change for an hour

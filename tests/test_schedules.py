@@ -9,14 +9,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 
 from jobs import protocol as p
-from jobs.schedules import ScheduleError, ScheduleFile, load, parse_every
+from jobs.schedules import Schedule, ScheduleError, ScheduleFile, load, parse_cron, parse_every
 from jobs.settings import Settings
 from jobs.store.job_store import JobStore
 from jobs.supervisor.schedules import Scheduler
@@ -372,7 +374,7 @@ def test_a_clock_that_was_ahead_stops_no_schedule(data_dir: Path, tmp_path: Path
     ("[a]\nkind = 'nope'\nevery = 5\n", "schedule [a]: unknown job kind 'nope'; known kinds:"),
     ("[a]\nkind = 'sleep'\nevery = '5 weeks'\n", "schedule [a]: `every` must be a number"),
     ("[a]\nkind = 'sleep'\nevery = 0\n", "schedule [a]: `every` must be at least 1 s"),
-    ("[a]\nkind = 'sleep'\n", "schedule [a]: `every` is missing"),
+    ("[a]\nkind = 'sleep'\n", "schedule [a]: give `every`"),
     ("[a]\nkind = 'sleep'\nevery = 5\ninput = {seconds = -1}\n",
      "schedule [a]: invalid input for a 'sleep' job: input.seconds"),
     ("[a]\nkind = 'sleep'\nevry = 5\n", "schedule [a]: unknown field evry"),
@@ -450,6 +452,83 @@ def test_a_named_pipe_in_place_of_the_file_is_refused_without_waiting(tmp_path: 
             os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
 
+CRON = """
+[each-minute]
+kind = "sleep"
+cron = "* * * * *"
+input = {seconds = 0}
+
+[berlin-night]
+kind = "sleep"
+cron = "30 2 * * *"
+timezone = "Europe/Berlin"
+input = {seconds = 0}
+"""
+
+
+def test_a_cron_schedule_fires_in_its_minute_once_and_says_its_next_time(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    # As Celery beat's crontab or RQ's cron: times of the day in a time zone.
+    env = schedules_env(tmp_path, CRON)
+    server = make_server(env=env)
+    with server.client() as client:
+        ran = wait_for(lambda: [job for job in jobs_of(client, "each-minute")
+                                if job["state"] == "completed"], 60, 0.1, "its minute's job")
+        minute = entry(client, "each-minute")
+        assert (minute["cron"], minute["timezone"], minute["every_s"]) == ("* * * * *", None, None)
+        created = datetime.fromisoformat(ran[0]["created_at"].replace("Z", "+00:00"))
+        following = datetime.fromisoformat(minute["next_run_at"].replace("Z", "+00:00"))
+        assert following.second == 0 and 0 < (following - created).total_seconds() <= 60, (
+            created, following)
+        night = entry(client, "berlin-night")
+        assert night["timezone"] == "Europe/Berlin"
+        at = datetime.fromisoformat(night["next_run_at"].replace("Z", "+00:00"))
+        assert at.astimezone(ZoneInfo("Europe/Berlin")).strftime("%H:%M") in ("02:30", "03:00")
+    server.stop()
+    server = make_server(env=env)  # a restart in the same minute makes no second job
+    with server.client() as client:
+        time.sleep(3)
+        ids = {job["id"] for job in jobs_of(client, "each-minute")}
+        minutes = int(time.time() // 60 - created.timestamp() // 60) + 1
+        assert ran[0]["id"] in ids and len(ids) <= minutes, (ids, minutes)
+
+
+def test_cron_times_and_what_a_cron_schedule_refuses(tmp_path: Path) -> None:
+    def at(text: str) -> float:
+        return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+
+    night = Schedule("night", "sleep", None, {}, cron="30 2 * * *", timezone="Europe/Berlin")
+    slot = night.slot(at("2026-03-28T12:00:00"))
+    # 02:30 in Berlin (01:30 UTC in winter); on the night the clocks skip 02:00-03:00,
+    # at 03:00 (as cron runs a skipped time once the clock has passed it); then in summer.
+    times = [night.starts(slot), night.starts(night.next_slot(slot)),
+             night.starts(night.next_slot(night.next_slot(slot)))]
+    assert times == [at("2026-03-28T01:30:00"), at("2026-03-29T01:00:00"),
+                     at("2026-03-30T00:30:00")]
+    minute = Schedule("m", "sleep", None, {}, cron="* * * * *")
+    assert minute.slot(at("2026-12-02T10:00:00")) == minute.slot(at("2026-12-02T10:00:59.9"))
+    assert minute.job_id(5) != Schedule("m", "sleep", 60, {}).job_id(5), "timings differ"
+    assert night.has_job({"slot": slot, "cron": "30 2 * * *", "timezone": "Europe/Berlin"}, slot)
+    assert not night.has_job({"slot": slot, "cron": "30 3 * * *", "timezone": "Europe/Berlin"},
+                             slot), "another time: its slots start anew"
+    assert parse_cron(" 0  3 * * mon-fri ", "UTC") == ("0 3 * * mon-fri", "UTC")
+    assert parse_cron("@Daily", None) == ("@daily", None)
+    for cron, zone, needle in (("0 3 * *", None, "five fields"), ("* * * * * *", None, "five"),
+                               ("@reboot", None, "five fields"), ("61 * * * *", None, "five"),
+                               (5, None, "five fields"), ("0 0 30 2 *", None, "no time that"),
+                               ("* * * * *", "Mars/Base", "time zone's name"),
+                               ("* * * * *", "../../etc/passwd", "time zone's name")):
+        with pytest.raises(ValueError, match=needle):
+            parse_cron(cron, zone)
+    path = tmp_path / "schedules.toml"
+    for table, needle in (('every = "1h"\ncron = "@hourly"', "one of them"),
+                          ('every = "1h"\ntimezone = "UTC"', "`timezone` goes with `cron`"),
+                          ("", "give `every`")):
+        path.write_text(f'[x]\nkind = "sleep"\n{table}\n')
+        with pytest.raises(ScheduleError, match=needle):
+            load(path)
+
+
 def test_intervals() -> None:
     assert [parse_every(v) for v in ("90s", "30m", "6h", "1d", "1.5h", 2, 2.5)] == [
         90, 1800, 21600, 86400, 5400, 2, 2.5]
@@ -476,5 +555,6 @@ def test_the_contracts_example_is_a_valid_schedules_file(data_dir: Path, tmp_pat
     example = contract.split("```toml\n", 1)[1].split("```", 1)[0]
     path = tmp_path / "schedules.toml"
     path.write_text(example)
-    assert [(each.name, each.kind, each.every_s) for each in load(path)] == [
-        ("retrain", "train", 21600), ("heartbeat", "sleep", 600)]
+    assert [(each.name, each.kind, each.every_s, each.cron) for each in load(path)] == [
+        ("retrain", "train", 21600, None), ("heartbeat", "sleep", 600, None),
+        ("nightly", "sleep", None, "30 2 * * *")]

@@ -31,7 +31,9 @@ UNKNOWN: dict[int | str, dict[str, Any]] = {404: {"description": "no schedule of
 class ScheduleView(BaseModel):
     name: str
     kind: str
-    every_s: float
+    every_s: float | None  # null: at the times `cron` gives
+    cron: str | None
+    timezone: str | None  # of cron's times (null: UTC)
     input: dict[str, Any]
     priority: int | None  # null: the kind's default
     paused: bool
@@ -162,8 +164,9 @@ def _view(store: JobStore, schedule: Schedule) -> dict[str, Any]:
             pass  # pruned
     slot = schedule.slot(time.time())
     if schedule.has_job(last, slot):
-        slot += 1  # this slot's job exists: the next slot's
+        slot = schedule.next_slot(slot)  # this slot's job exists: the next slot's
     return {"name": schedule.name, "kind": schedule.kind, "every_s": schedule.every_s,
+            "cron": schedule.cron, "timezone": schedule.timezone,
             "input": schedule.input, "priority": schedule.priority, "paused": paused,
             "next_run_at": None if paused else p.iso(schedule.starts(slot)),
             "last_job_id": last_job_id, "last_state": last_state}

@@ -6,7 +6,7 @@ only, as the rest of the protocol.
   queue.cap                    {"max_concurrent", "at"}: runners alive at once, set while
                                the server runs (absent: OFFLOAD_MAX_CONCURRENT)
   schedules/<name>.paused      present while that schedule creates no jobs
-  schedules/<name>.json        {"slot", "job_id", "every_s"}: the newest slot of that
+  schedules/<name>.json        {"slot", "job_id", "every_s" or "cron"}: the newest slot of that
                                schedule whose job was created; the leader writes it
 
 A file per switch, created or removed whole: two API workers pausing two schedules at
@@ -75,15 +75,16 @@ def set_schedule_paused(data_dir: StrPath, name: str, paused: bool) -> None:
 
 
 def last_fired(data_dir: StrPath, name: str) -> dict[str, Any] | None:
-    """The newest slot created for schedule `name`: {"slot", "job_id", "every_s"}."""
+    """The newest slot created for schedule `name`: {"slot", "job_id"} and its timing
+    (`Schedule.timing`: "every_s", or "cron" and "timezone")."""
     return read_json_or_none(_schedule_file(data_dir, name, ".json"))
 
 
-def record_fired(data_dir: StrPath, name: str, slot: int, job_id: str, every_s: float) -> None:
+def record_fired(data_dir: StrPath, name: str, slot: int, job_id: str,
+                 timing: dict[str, Any]) -> None:
     os.makedirs(os.path.join(data_dir, SCHEDULES_FOLDER), exist_ok=True)
     write_json(_schedule_file(data_dir, name, ".json"),
-               {"slot": slot, "job_id": job_id, "every_s": every_s, "at": now_iso()},
-               durable=True)
+               {"slot": slot, "job_id": job_id, **timing, "at": now_iso()}, durable=True)
 
 
 def _schedule_file(data_dir: StrPath, name: str, suffix: str) -> str:

@@ -77,7 +77,7 @@ class Scheduler:
                 self.store.create(schedule.kind, schedule.input,
                                   schedule.timeout_s or self.timeout_s, job_id=job_id,
                                   fields=fields)
-            control.record_fired(self.data_dir, schedule.name, slot, job_id, schedule.every_s)
+            control.record_fired(self.data_dir, schedule.name, slot, job_id, schedule.timing())
         except (StoreUnavailable, OSError) as exc:
             if self._failed.get(schedule.name) != slot:
                 log.warning("schedule %s: cannot create the job of its slot at %s (retrying): "
