@@ -464,6 +464,22 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_wait(client: Client, args: argparse.Namespace) -> int:
+    """As `pueue wait ID...`: until each job has ended; a table of them (or their JSON)."""
+    ids = [job_path(each) for each in args.ids]
+    for job_id in ids:  # an unknown id exits 5 before any wait
+        client.call("GET", f"/api/jobs/{job_id}")
+    finals = []
+    for job_id in ids:
+        follow(client, job_id, lambda event, job: None)
+        finals.append(client.call("GET", f"/api/jobs/{job_id}"))  # in full
+    if args.json:
+        _print_json(finals)
+    else:
+        job_table(finals, sys.stdout)
+    return max(_outcome(job) for job in finals)
+
+
 def _outcome(job: dict[str, Any]) -> int:
     """EXIT_OK for a completed job; else its error on stderr and EXIT_JOB_FAILED."""
     if job.get(p.F_STATE) == p.JobState.COMPLETED:
@@ -800,6 +816,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "the next page")
     listing.add_argument("--all", action="store_true", help="every one, however many")
     command("show", cmd_show, "one job in full").add_argument("id")
+    command("wait", cmd_wait, "wait until jobs have ended, show them; exits 1 unless they "
+                              "all completed").add_argument("ids", nargs="+", metavar="id")
     log = command("log", cmd_log, "a job's log (its runner's stdout and stderr)")
     log.add_argument("id")
     log.add_argument("--follow", "-f", action="store_true",

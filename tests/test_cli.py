@@ -301,6 +301,17 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     details = cli(url, "show", several.stderr.split()[2]).stdout.splitlines()
     assert [" ".join(line.split()) for line in details if line.startswith("depends on:")] == [
         f"depends on: {first_id}, {job['id']}"], details
+    # As `pueue wait ID...`: until each has ended; 1 unless they all completed.
+    slow = cli(url, "submit", "sleep", "--input", '{"seconds": 1.5}').stdout.strip()
+    waited = cli(url, "wait", slow, first_id)
+    assert waited.returncode == 0, waited
+    assert [line.split()[:3] for line in waited.stdout.splitlines()[1:]] == [
+        [slow, "sleep", "completed"], [first_id, "sleep", "completed"]]
+    failed = cli(url, "wait", first_id, several.stderr.split()[2], "--json")
+    assert failed.returncode == 1 and "ended cancelled" in failed.stderr, failed
+    assert [each["state"] for each in json.loads(failed.stdout)] == ["completed", "failed"]
+    unknown = cli(url, "wait", first_id, "0" * 32)
+    assert unknown.returncode == 5 and unknown.stdout == "", unknown
     # As `pueue parallel`: how many jobs run at once, shown and changed while it runs.
     default = httpx.get(f"{url}/api/queue").json()["max_concurrent_default"]
     shown = cli(url, "parallel", script=True)
