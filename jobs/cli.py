@@ -709,23 +709,40 @@ def _steer(client: Client, args: argparse.Namespace, action: str) -> int:
 
 
 def cmd_parallel(client: Client, args: argparse.Namespace) -> int:
-    """Show the cap on runners alive at once, or change it while the server runs."""
+    """Show the caps on runners alive at once (of all, and by kind), or change one while
+    the server runs."""
     older = "this server is older: it cannot change how many jobs run at once"
     try:
         if args.runners is None:
             answer = client.call("GET", "/api/queue")
         else:
             cap = None if args.runners == "default" else _runners(args.runners)
-            answer = client.call("PUT", "/api/queue/cap", {"max_concurrent": cap})
+            answer = client.call("PUT", "/api/queue/cap", {
+                "max_concurrent": cap, **({"kind": args.kind} if args.kind else {})})
     except Failure as exc:
         raise Failure(EXIT_SERVER, older) if exc.code == EXIT_NOT_FOUND else exc from None
-    if "max_concurrent_set" not in answer:
+    if "max_concurrent_set" not in answer or (args.kind and "kind_caps" not in answer):
         raise Failure(EXIT_SERVER, older)
     if args.json:
         _print_json(answer)
     else:
-        sys.stdout.write(_cap_said(answer) + "\n")
+        sys.stdout.write("\n".join([_cap_said(answer), *_kind_caps_said(answer)]) + "\n")
     return EXIT_OK
+
+
+def _kind_caps_said(queue: dict[str, Any]) -> list[str]:
+    """A line for each kind with a cap of its own: its cap, and where it comes from."""
+    caps, defaults = queue.get("kind_caps") or {}, queue.get("kind_caps_default") or {}
+    lines = []
+    for kind, cap in sorted(caps.items()):
+        if kind not in (queue.get("kind_caps_set") or []):
+            lines.append(f"{kind} at once: {cap} (OFFLOAD_KIND_CAPS)")
+        else:
+            default = defaults.get(kind)
+            lines.append(f"{kind} at once: {cap} (set while running, kept across restarts; "
+                         + (f"OFFLOAD_KIND_CAPS says {default})" if default is not None
+                            else "without it, no cap of its own)"))
+    return lines
 
 
 def _cap_said(queue: dict[str, Any]) -> str:
@@ -864,10 +881,13 @@ def build_parser() -> argparse.ArgumentParser:
         command(name, run, text).add_argument("schedule", nargs="?",
                                               help="a schedule's name (default: the queue)")
     command("schedules", cmd_schedules, "the periodic schedules, their next and last runs")
-    command("parallel", cmd_parallel, "how many jobs run at once; with a number, change it "
-                                      "(kept across restarts)").add_argument(
-        "runners", nargs="?", help="a number from 1 to 1024, or default (back to "
-                                   "OFFLOAD_MAX_CONCURRENT)")
+    parallel = command("parallel", cmd_parallel, "how many jobs run at once, of all and by "
+                                                 "kind; with a number, change it (kept across "
+                                                 "restarts)")
+    parallel.add_argument("runners", nargs="?", help="a number from 1 to 1024, or default "
+                                                     "(back to OFFLOAD_MAX_CONCURRENT, or with "
+                                                     "--kind to OFFLOAD_KIND_CAPS's)")
+    parallel.add_argument("--kind", help="of this kind only (as Pueue's groups)")
     return parser
 
 

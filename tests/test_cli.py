@@ -316,18 +316,31 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     default = httpx.get(f"{url}/api/queue").json()["max_concurrent_default"]
     shown = cli(url, "parallel", script=True)
     assert (shown.returncode, shown.stdout) == (
-        0, f"runners at once: {default} (OFFLOAD_MAX_CONCURRENT)\n")
+        0, f"runners at once: {default} (OFFLOAD_MAX_CONCURRENT)\n"
+           "train at once: 1 (OFFLOAD_KIND_CAPS)\n")
     raised = cli(url, "parallel", "3")
-    assert (raised.returncode, raised.stdout) == (
+    assert (raised.returncode, raised.stdout.splitlines()[0]) == (
         0, "runners at once: 3 (set while running, kept across restarts; "
-           f"OFFLOAD_MAX_CONCURRENT is {default})\n")
+           f"OFFLOAD_MAX_CONCURRENT is {default})")
+    # One kind's, as Pueue's `parallel N --group G`.
+    kinds = cli(url, "parallel", "2", "--kind", "sleep").stdout.splitlines()
+    assert kinds[1:] == ["sleep at once: 2 (set while running, kept across restarts; "
+                         "without it, no cap of its own)", "train at once: 1 (OFFLOAD_KIND_CAPS)"]
+    train = cli(url, "parallel", "3", "--kind", "train").stdout.splitlines()
+    assert train[2] == ("train at once: 3 (set while running, kept across restarts; "
+                        "OFFLOAD_KIND_CAPS says 1)")
+    for kind in ("sleep", "train"):
+        assert cli(url, "parallel", "default", "--kind", kind).returncode == 0
+    unknown = cli(url, "parallel", "2", "--kind", "nope")
+    assert unknown.returncode == 2 and "unknown job kind 'nope'" in unknown.stderr, unknown
     assert "0 running of 3" in cli(url, "status").stdout
     assert json.loads(cli(url, "parallel", "--json").stdout)["max_concurrent"] == 3
     for wrong in ("0", "-1", "1025", "two", "2.5", "٣", "9" * 5000):
         refused = cli(url, "parallel", wrong)
         assert refused.returncode == 2 and "from 1 to 1024, or default" in refused.stderr, wrong
     assert cli(url, "parallel", "default").stdout == (
-        f"runners at once: {default} (OFFLOAD_MAX_CONCURRENT)\n")
+        f"runners at once: {default} (OFFLOAD_MAX_CONCURRENT)\n"
+        "train at once: 1 (OFFLOAD_KIND_CAPS)\n")
     assert httpx.get(f"{url}/api/queue").json()["max_concurrent"] == default
 
 

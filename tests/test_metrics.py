@@ -127,6 +127,9 @@ def test_counts_by_kind_and_state_failures_histograms_and_tokens(
         assert value(after, "offload_max_concurrent") == default
         client.put("/api/queue/cap", json={"max_concurrent": 3})  # set while it runs
         assert value(scrape(client), "offload_max_concurrent") == 3
+        assert value(after, "offload_kind_max_concurrent", kind="train") == 1
+        client.put("/api/queue/cap", json={"max_concurrent": 2, "kind": "sleep"})
+        assert value(scrape(client), "offload_kind_max_concurrent", kind="sleep") == 2
 
 
 def test_a_retried_attempt_is_counted_as_a_retry_not_a_finished_job(

@@ -218,6 +218,66 @@ def test_the_paused_queue_starts_nothing_until_resumed(make_server: MakeServer) 
                  30, 0.05, "the queued job's run once resumed")
 
 
+# The caps by kind of the default OFFLOAD_KIND_CAPS, none set while running.
+TRAIN_ALONE = {"kind_caps": {"train": 1}, "kind_caps_default": {"train": 1}, "kind_caps_set": []}
+
+
+def test_a_kinds_cap_changes_while_it_runs(make_server: MakeServer) -> None:
+    # As a Pueue group's `parallel N --group G`: one kind's cap, the others' untouched.
+    env = {"OFFLOAD_MAX_CONCURRENT": "4", "OFFLOAD_KIND_CAPS": "sleep=1"}
+    server = make_server(env=env)
+    with server.client() as client:
+        ids = [client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 30}}
+                           ).json()["id"] for _ in range(3)]
+
+        def running() -> int:
+            return [client.get(f"/api/jobs/{job_id}").json()["state"]
+                    for job_id in ids].count("running")
+
+        wait_for(lambda: running() == 1, 30, 0.05, "a first runner")
+        time.sleep(1.0)  # several passes: one runs, at the kind's cap
+        assert running() == 1
+        raised = client.put("/api/queue/cap", json={"max_concurrent": 2, "kind": "sleep"})
+        assert raised.status_code == 200, raised.text
+        assert {key: raised.json()[key] for key in ("max_concurrent", "kind_caps",
+                                                    "kind_caps_default", "kind_caps_set")} == {
+            "max_concurrent": 4, "kind_caps": {"sleep": 2}, "kind_caps_default": {"sleep": 1},
+            "kind_caps_set": ["sleep"]}
+        wait_for(lambda: running() == 2, 30, 0.05, "a second runner")
+        # Back to the setting's: the two go on, the third waits.
+        back = client.put("/api/queue/cap", json={"max_concurrent": None, "kind": "sleep"})
+        assert back.json()["kind_caps"] == {"sleep": 1} and back.json()["kind_caps_set"] == []
+        time.sleep(1.0)
+        assert running() == 2
+        for body, needle in (({"max_concurrent": 1, "kind": "nope"}, "unknown job kind 'nope'"),
+                             ({"max_concurrent": 1, "kind": 5}, "kind"),
+                             ({"max_concurrent": 1, "kind": "x" * 65}, "kind"),
+                             ({"max_concurrent": 0, "kind": "sleep"}, "max_concurrent")):
+            refused = client.put("/api/queue/cap", json=body)
+            assert refused.status_code == 422 and needle in refused.json()["detail"], refused.text
+        for job_id in ids:
+            client.delete(f"/api/jobs/{job_id}")
+        assert client.put("/api/queue/cap", json={"max_concurrent": 3, "kind": "probe"}
+                          ).status_code == 200
+    server.stop()
+    # A cap set for a kind without one of its own outlasts a restart; lifted, the jobs
+    # it held back start at once.
+    server = make_server(env={**env, "OFFLOAD_KIND_CAPS": ""})
+    with server.client() as client:
+        assert client.get("/api/queue").json()["kind_caps"] == {"probe": 3}
+        client.put("/api/queue/cap", json={"max_concurrent": 1, "kind": "sleep"})
+        ids = [client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 30}}
+                           ).json()["id"] for _ in range(3)]
+        wait_for(lambda: running() == 1, 30, 0.05, "a first runner")
+        time.sleep(1.0)
+        assert running() == 1
+        lifted = client.put("/api/queue/cap", json={"max_concurrent": None, "kind": "sleep"})
+        assert lifted.json()["kind_caps"] == {"probe": 3}
+        wait_for(lambda: running() == 3, 30, 0.05, "all three running")
+        for job_id in ids:
+            client.delete(f"/api/jobs/{job_id}")
+
+
 def test_the_cap_on_runners_changes_while_it_runs(make_server: MakeServer) -> None:
     # As `pueue parallel` or Celery's pool_grow: no restart, no job lost or stopped.
     env = {"OFFLOAD_MAX_CONCURRENT": "1"}
@@ -225,7 +285,7 @@ def test_the_cap_on_runners_changes_while_it_runs(make_server: MakeServer) -> No
     with server.client() as client:
         assert client.get("/api/queue").json() == {
             "paused": False, "max_concurrent": 1, "max_concurrent_default": 1,
-            "max_concurrent_set": False}
+            "max_concurrent_set": False, **TRAIN_ALONE}
         ids = [client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 30}}
                            ).json()["id"] for _ in range(3)]
 
@@ -238,7 +298,8 @@ def test_the_cap_on_runners_changes_while_it_runs(make_server: MakeServer) -> No
         raised = client.put("/api/queue/cap", json={"max_concurrent": 3})
         assert raised.status_code == 200
         assert raised.json() == {"paused": False, "max_concurrent": 3,
-                                 "max_concurrent_default": 1, "max_concurrent_set": True}
+                                 "max_concurrent_default": 1, "max_concurrent_set": True,
+                                 **TRAIN_ALONE}
         wait_for(lambda: states() == ["running"] * 3, 30, 0.05, "all three running")
         health = client.get("/api/health").json()
         assert health["max_concurrent"] == 3 and health["queue"]["max_concurrent"] == 3
@@ -272,7 +333,8 @@ def test_the_cap_on_runners_changes_while_it_runs(make_server: MakeServer) -> No
         assert client.get("/api/queue").json()["max_concurrent"] == 1
         back = client.put("/api/queue/cap", json={"max_concurrent": None})
         assert back.json() == {"paused": False, "max_concurrent": 1,
-                               "max_concurrent_default": 1, "max_concurrent_set": False}
+                               "max_concurrent_default": 1, "max_concurrent_set": False,
+                               **TRAIN_ALONE}
         assert not (server.data_dir / "queue.cap").exists()
         # The setting's own number, set: said so, as it stays through a restart.
         pinned = client.put("/api/queue/cap", json={"max_concurrent": 1}).json()

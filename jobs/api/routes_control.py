@@ -1,5 +1,6 @@
 """/api/schedules and /api/queue: the periodic schedules and the queue, each pausable,
-and the queue's cap on runners, which can be changed while the server runs.
+and the queue's caps on runners (of all, and of a kind), which can be changed while the
+server runs.
 
 A switch is a file in the data folder (`jobs.protocol.control`), so every API worker and
 the supervisor see it, and it outlasts a restart; after a resume the supervisor is woken
@@ -9,15 +10,18 @@ at once.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException
+from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
 from jobs.api.routes_jobs import Service
 from jobs.api.service import JobService
+from jobs.kinds import registry
 from jobs.protocol import control
 from jobs.protocol.wake import poke
 from jobs.schedules import Schedule, by_name, configured, schedule_file
@@ -54,12 +58,17 @@ class QueueView(BaseModel):
     max_concurrent: int  # runners alive at once, now
     max_concurrent_default: int  # OFFLOAD_MAX_CONCURRENT: what `null` goes back to
     max_concurrent_set: bool  # set while running (kept across restarts), not the default
+    kind_caps: dict[str, int]  # runners of a kind at once, now (a kind not named: no cap)
+    kind_caps_default: dict[str, int]  # OFFLOAD_KIND_CAPS: what `null` for a kind goes back to
+    kind_caps_set: list[str]  # the kinds whose cap was set while running
 
 
 class QueueCap(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # null: back to OFFLOAD_MAX_CONCURRENT
+    # null: back to OFFLOAD_MAX_CONCURRENT (or, with `kind`, to OFFLOAD_KIND_CAPS's)
     max_concurrent: int | None = Field(ge=1, le=control.MAX_CAP, strict=True)
+    kind: str | None = Field(None, max_length=64,
+                             description="cap the runners of this kind, not of all")
 
 
 @router.get("/schedules", response_model=ScheduleList)
@@ -89,20 +98,25 @@ async def queue_state(service: Service) -> dict[str, Any]:
 
 def queue_view(settings: Settings) -> dict[str, Any]:
     data_dir = settings.data_dir
-    cap = control.queue_cap(data_dir)
+    cap, kinds = control.queue_caps(data_dir)
     return {"paused": control.queue_paused(data_dir),
             "max_concurrent": cap or settings.max_concurrent,
             "max_concurrent_default": settings.max_concurrent,
-            "max_concurrent_set": cap is not None}
+            "max_concurrent_set": cap is not None,
+            "kind_caps": {**settings.kind_cap_map, **kinds},
+            "kind_caps_default": settings.kind_cap_map, "kind_caps_set": sorted(kinds)}
 
 
 @router.put("/queue/cap", response_model=QueueView)
 async def set_queue_cap(body: QueueCap, service: Service) -> dict[str, Any]:
-    """Change how many runners are alive at once, kept across restarts; `null` goes back
-    to OFFLOAD_MAX_CONCURRENT. Running jobs over a lower cap finish; none starts until
-    fewer run."""
-    await run_in_threadpool(_write, control.set_queue_cap, service.settings.data_dir,
-                            body.max_concurrent)
+    """Change how many runners are alive at once (of one kind, with `kind`), kept across
+    restarts; `null` goes back to OFFLOAD_MAX_CONCURRENT (OFFLOAD_KIND_CAPS's). Running
+    jobs over a lower cap finish; none starts until fewer run."""
+    if body.kind is not None and body.kind not in registry():
+        raise HTTPException(422, f"unknown job kind {body.kind!r}; known kinds: "
+                                 f"{', '.join(sorted(registry()))}")
+    data_dir = service.settings.data_dir
+    await run_in_threadpool(_set_cap, data_dir, body.max_concurrent, body.kind)
     poke(service.store.dir)  # a higher cap starts queued jobs at once
     return await run_in_threadpool(queue_view, service.settings)
 
@@ -140,6 +154,16 @@ async def _switch_schedule(store: JobStore, name: str, paused: bool) -> dict[str
     if not paused:
         poke(store.dir)
     return await run_in_threadpool(_view, store, schedule)
+
+
+def _set_cap(data_dir: Path, cap: int | None, kind: str | None) -> None:
+    def change() -> None:
+        # Read, changed and written: one change at a time, whichever API worker makes it
+        # (a lock not had in time is an OSError too: a 503 to retry).
+        with FileLock(control.queue_cap_lock(data_dir), timeout=10):
+            control.set_queue_cap(data_dir, cap, kind)
+
+    _write(change)
 
 
 def _write(switch: Any, *args: Any) -> None:

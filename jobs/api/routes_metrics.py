@@ -51,7 +51,8 @@ async def metrics(request: Request, service: Service) -> Response:
         raise HTTPException(503, f"cannot read the job counters now ({exc.strerror or exc}); "
                                  "try again shortly") from None
     queue = await run_in_threadpool(queue_view, service.settings)
-    collector = JobMetrics(service.store, counters, llm.ready, queue["max_concurrent"])
+    collector = JobMetrics(service.store, counters, llm.ready, queue["max_concurrent"],
+                           queue["kind_caps"])
     accept = request.headers.get("accept", "")
     try:
         encode, content_type = choose_encoder(accept)
@@ -72,11 +73,12 @@ class JobMetrics:
     """A prometheus_client collector over the job index and the supervisor's counters."""
 
     def __init__(self, index: JobIndex, counters: JobCounters, llm_ready: bool,
-                 max_concurrent: int) -> None:
+                 max_concurrent: int, kind_caps: dict[str, int]) -> None:
         self.index = index
         self.counters = counters
         self.llm_ready = llm_ready
         self.max_concurrent = max_concurrent
+        self.kind_caps = kind_caps
 
     def registry(self) -> CollectorRegistry:
         found = CollectorRegistry(auto_describe=False)
@@ -101,6 +103,12 @@ class JobMetrics:
         yield jobs
         yield GaugeMetricFamily("offload_max_concurrent", "Jobs that may run at once (the "
                                 "cap in use).", value=self.max_concurrent)
+        kind_caps = GaugeMetricFamily("offload_kind_max_concurrent", "Jobs of a kind that "
+                                      "may run at once, for the kinds with a cap of their "
+                                      "own.", labels=["kind"])
+        for kind, cap in sorted(self.kind_caps.items()):
+            kind_caps.add_metric([kind], cap)
+        yield kind_caps
 
         finished = CounterMetricFamily("offload_jobs_finished", "Jobs that reached a final "
                                        "state.", labels=["kind", "state"])

@@ -40,29 +40,52 @@ def set_queue_paused(data_dir: StrPath, paused: bool) -> None:
     _switch(os.path.join(data_dir, QUEUE_PAUSED_FILE), paused)
 
 
-def queue_cap(data_dir: StrPath) -> int | None:
-    """The cap on runners set while the server runs; None: OFFLOAD_MAX_CONCURRENT's (no
-    cap set, or a file edited into none, which is then left alone)."""
+def queue_caps(data_dir: StrPath) -> tuple[int | None, dict[str, int]]:
+    """The caps on runners set while the server runs: on all of them (None:
+    OFFLOAD_MAX_CONCURRENT's), and by kind (a kind not named: OFFLOAD_KIND_CAPS's). A
+    value edited by hand into none is left alone."""
     try:
         saved = read_json_or_none(os.path.join(data_dir, QUEUE_CAP_FILE))
     except OSError as exc:
         if exc.errno not in NO_FILE_TO_READ:
             raise
         saved = None
-    cap = saved.get("max_concurrent") if isinstance(saved, dict) else None
-    if type(cap) is not int or not 1 <= cap <= MAX_CAP:
-        return None
-    return cap
+    if not isinstance(saved, dict):
+        return None, {}
+    kinds = saved.get("kinds")
+    return _cap(saved.get("max_concurrent")), {
+        kind: cap for kind, value in (kinds.items() if isinstance(kinds, dict) else ())
+        if (cap := _cap(value)) is not None}
 
 
-def set_queue_cap(data_dir: StrPath, cap: int | None) -> None:
-    """Cap the runners alive at once at `cap`; None: back to OFFLOAD_MAX_CONCURRENT."""
+def _cap(value: object) -> int | None:
+    return value if type(value) is int and 1 <= value <= MAX_CAP else None
+
+
+def set_queue_cap(data_dir: StrPath, cap: int | None, kind: str | None = None) -> None:
+    """Cap the runners alive at once at `cap`, of one kind or of all; None: back to
+    OFFLOAD_KIND_CAPS's for that kind, or OFFLOAD_MAX_CONCURRENT. (Callers in several
+    processes hold `queue_cap_lock` around it.)"""
     path = os.path.join(data_dir, QUEUE_CAP_FILE)
-    if cap is None:
+    overall, kinds = queue_caps(data_dir)
+    if kind is None:
+        overall = cap
+    elif cap is None:
+        kinds.pop(kind, None)
+    else:
+        kinds[kind] = cap
+    if overall is None and not kinds:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    else:
-        write_json(path, {"max_concurrent": cap, "at": now_iso()}, durable=True)
+        return
+    saved: dict[str, Any] = {"max_concurrent": overall} if overall is not None else {}
+    write_json(path, {**saved, **({"kinds": kinds} if kinds else {}), "at": now_iso()},
+               durable=True)
+
+
+def queue_cap_lock(data_dir: StrPath) -> str:
+    """The lock file that serialises changes to the caps (read, changed, written)."""
+    return os.path.join(data_dir, QUEUE_CAP_FILE + ".lock")
 
 
 def schedule_paused(data_dir: StrPath, name: str) -> bool:

@@ -40,7 +40,7 @@ from jobs.launch.base import CannotStartNow, ClaimFailed, Launcher
 from jobs.launch.local import LocalLauncher
 from jobs.launch.pick import adopting_launcher, make_launcher
 from jobs.launch.processes import IS_WINDOWS
-from jobs.protocol.control import QUEUE_CAP_FILE, queue_cap, queue_paused
+from jobs.protocol.control import QUEUE_CAP_FILE, queue_caps, queue_paused
 from jobs.protocol.counters import SAVE_EVERY_S, JobCounters, counters_file
 from jobs.protocol.wake import ALL_JOBS, Doorbell, lock_file, wake_file
 from jobs.settings import (
@@ -98,7 +98,8 @@ class Supervisor:
         self.store = JobStore(jobs_dir)
         self.max_concurrent = max_concurrent  # OFFLOAD_MAX_CONCURRENT; see _runner_cap()
         self._cap_file = os.path.join(jobs_dir.parent, QUEUE_CAP_FILE)
-        self._cap_read: tuple[Signature | None, int | None] = (None, None)
+        # The caps set while running (`queue.cap`), as last read: overall, by kind.
+        self._cap_read: tuple[Signature | None, int | None, dict[str, int]] = (None, None, {})
         self._cap_now = max_concurrent  # _runner_cap(), as read at the start of this pass
         self.retention_s = retention_s
         self.max_jobs = max_jobs
@@ -449,7 +450,7 @@ class Supervisor:
             entry = self._queued.get(job_id)
             if entry is None or entry.key != key:
                 continue
-            cap = self.kind_caps.get(entry.kind)
+            cap = self._kind_cap(entry.kind)
             if cap is not None and self._running_by_kind[entry.kind] >= cap:
                 heapq.heappush(self._set_aside.setdefault(entry.kind, []), (key, job_id))
                 continue
@@ -474,7 +475,8 @@ class Supervisor:
         start (cancelled, waiting for its turn), and must not hold up the others."""
         for kind in list(self._set_aside):
             waiting = self._set_aside[kind]
-            room = self.kind_caps.get(kind, 0) - self._running_by_kind[kind]
+            cap = self._kind_cap(kind)  # none now: set aside under a cap since lifted
+            room = len(waiting) if cap is None else cap - self._running_by_kind[kind]
             while waiting and room > 0:
                 key, waiter = heapq.heappop(waiting)
                 entry = self._queued.get(waiter)
@@ -543,17 +545,24 @@ class Supervisor:
 
     def _runner_cap(self) -> int:
         """Runners alive at once: as set while the server runs (`PUT /api/queue/cap`),
-        else OFFLOAD_MAX_CONCURRENT. The file is read again only once it has changed."""
+        else OFFLOAD_MAX_CONCURRENT. The file is read again only once it has changed (the
+        caps by kind with it: see `_kind_cap`)."""
         try:
             signature: Signature | None = stat_signature(os.stat(self._cap_file))
         except OSError:
             signature = None
         if signature != self._cap_read[0]:
             try:
-                self._cap_read = (signature, queue_cap(self.dir.parent) if signature else None)
+                self._cap_read = (signature, *(queue_caps(self.dir.parent) if signature
+                                               else (None, {})))
             except OSError:  # out of file handles, say: read again at the next pass
                 pass
         return self._cap_read[1] or self.max_concurrent
+
+    def _kind_cap(self, kind: str) -> int | None:
+        """Runners of `kind` alive at once: as set while running, else OFFLOAD_KIND_CAPS's
+        (None: no cap of its own), as `_runner_cap` last read them."""
+        return self._cap_read[2].get(kind, self.kind_caps.get(kind))
 
     def _launch_one(self, job_id: str) -> bool:
         """Start one queued job; False if the data folder cannot be written now (the
