@@ -33,12 +33,13 @@ import stat
 import sys
 import threading
 import time
+import zoneinfo
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
 from functools import cache
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadDateError, croniter
 
@@ -115,8 +116,12 @@ class Schedule:
         until the clock caught up, it stopped the schedule for as long. Its slots' jobs
         have ids of their own, so one created again is found, not made twice."""
         newest = fired.get("slot")
-        return (all(fired.get(key) == value for key, value in self.timing().items())
-                and isinstance(newest, int) and newest in (slot, self.next_slot(slot)))
+        return self.same_timing(fired) and isinstance(newest, int) and newest in (
+            slot, self.next_slot(slot))
+
+    def same_timing(self, fired: dict[str, Any]) -> bool:
+        """Whether a record of its newest slot is of this timing (else a new series)."""
+        return all(fired.get(key) == value for key, value in self.timing().items())
 
     def job_id(self, slot: int) -> str:
         """The id of the slot's job: the same in every process, a job id as any other."""
@@ -146,29 +151,53 @@ def parse_every(value: object) -> float:
 
 
 def parse_cron(expression: object, zone: object) -> tuple[str, str | None]:
-    """A cron expression (its fields joined by one space) and its time zone, checked;
-    raises ValueError saying what is accepted."""
-    fields = expression.split() if isinstance(expression, str) else []
-    if not (len(fields) == 5 or (len(fields) == 1 and fields[0].lower() in CRON_NAMES)) \
+    """A cron expression (its fields joined by one space) and its time zone (None: UTC),
+    checked; raises ValueError saying what is accepted."""
+    fields = expression.lower().split() if isinstance(expression, str) else []
+    if not (_crontab_fields(fields) or (len(fields) == 1 and fields[0] in CRON_NAMES)) \
             or not croniter.is_valid(" ".join(fields)):
         raise ValueError("`cron` must be five fields, minute hour day month weekday (e.g. "
-                         "\"30 2 * * *\": at 02:30 each day; \"*/15 * * * mon-fri\"), or "
-                         f"one of {', '.join(CRON_NAMES)}, not {expression!r}")
-    cron = " ".join(fields).lower() if len(fields) == 1 else " ".join(fields)
-    if zone is not None:
-        try:
-            if not isinstance(zone, str):
-                raise ValueError
-            _zone(zone)
-        except (ValueError, ZoneInfoNotFoundError):
-            raise ValueError(f"`timezone` must be a time zone's name, such as \"UTC\" or "
-                             f"\"Europe/Berlin\", not {zone!r}") from None
+                         "\"30 2 * * *\": at 02:30 each day; \"*/15 * * * mon-fri\"; each "
+                         "of numbers, *, lists, ranges and steps), or one of "
+                         f"{', '.join(CRON_NAMES)}, not {_shown(expression)}")
+    cron = " ".join(fields)
+    if zone is not None and (not isinstance(zone, str) or zone not in _zone_names()):
+        raise ValueError(f"`timezone` must be a time zone's name, such as \"UTC\" or "
+                         f"\"Europe/Berlin\", not {_shown(zone)}")
+    zone = None if zone == "UTC" else zone
     try:
         croniter(cron, datetime.now(_zone(zone))).get_next(float)
     except CroniterBadDateError:
-        raise ValueError(f"`cron` {expression!r} names no time that comes (such as the "
+        raise ValueError(f"`cron` {_shown(expression)} names no time that comes (such as the "
                          "30th of February)") from None
     return cron, zone
+
+
+# Crontab's own field syntax: croniter's extensions (R, H, L, W, #, ?) are refused, as a
+# random or hashed time would differ from one look to the next.
+_CRON_FIELD = re.compile(r"[0-9a-z*,/-]+")  # and letters only in the names below
+_CRON_WORDS = ((), (), (), ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep",
+                            "oct", "nov", "dec"), ("sun", "mon", "tue", "wed", "thu", "fri", "sat"))
+MAX_CRON_CHARS = 200
+
+
+def _crontab_fields(fields: list[str]) -> bool:
+    return (len(fields) == 5 and sum(map(len, fields)) <= MAX_CRON_CHARS
+            and all(_CRON_FIELD.fullmatch(field)
+                    and set(re.findall("[a-z]+", field)) <= set(words)
+                    for field, words in zip(fields, _CRON_WORDS, strict=True)))
+
+
+@cache
+def _zone_names() -> frozenset[str]:
+    # The host's "localtime" names no zone another machine would read the same.
+    return frozenset(zoneinfo.available_timezones() - {"localtime"}) | {"UTC"}
+
+
+def _shown(value: object) -> str:
+    """A value as an error message quotes it: at most about a line."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:80]}... ({len(text)} characters)"
 
 
 def load(path: Path) -> tuple[Schedule, ...]:

@@ -404,6 +404,49 @@ def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Pa
     assert created[1:] == [schedule.job_id(schedule.slot(now + 600))]
 
 
+def test_a_new_cron_series_starts_with_its_next_time_and_a_changed_timing_is_one(
+        data_dir: Path, tmp_path: Path) -> None:
+    store = JobStore(data_dir / "jobs")
+    path = tmp_path / "schedules.toml"
+    created: list[str] = []
+
+    def scheduler(table: str) -> tuple[Scheduler, Schedule]:
+        path.write_text(f"[nightly]\nkind = 'sleep'\ninput = {{seconds = 0}}\n{table}\n")
+        (schedule,) = load(path)
+        return Scheduler(store, ScheduleFile(path, (schedule,)),
+                         Settings(OFFLOAD_JOB_TIMEOUT_S=30)), schedule
+
+    def done() -> None:
+        for job_id in created:
+            p.write_json(store.path(job_id), {**store.read(job_id), "state": "completed"})
+
+    noon = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc).timestamp()
+    nightly, schedule = scheduler('cron = "30 2 * * *"')
+    nightly.fire(created.append, noon)  # added at noon: not run for last night's 02:30
+    assert created == []
+    tomorrow = noon + 14.5 * 3600 + 5  # 02:30:05 the next day
+    nightly.fire(created.append, tomorrow)
+    assert created == [schedule.job_id(schedule.slot(tomorrow))]
+    done()
+    # Its time zone changed: a new series, whose latest time (01:30 UTC) is past: none now,
+    # and none again from the scheduler's memory of the old series either.
+    berlin, moved = scheduler('cron = "30 2 * * *"\ntimezone = "Europe/Berlin"')
+    berlin.fire(created.append, tomorrow + 60)
+    nightly.schedules = berlin.schedules
+    nightly.fire(created.append, tomorrow + 120)
+    assert len(created) == 1
+    # Added on the minute of its time, it runs then.
+    minute, each = scheduler('cron = "* * * * *"')
+    minute.fire(created.append, tomorrow + 125)
+    assert created[1:] == [each.job_id(each.slot(tomorrow + 125))]
+    done()
+    # Back to `every`: a series of its own, which runs its current slot at once.
+    hourly, every = scheduler('every = "1h"')
+    hourly.fire(created.append, tomorrow + 130)
+    assert created[2:] == [every.job_id(every.slot(tomorrow + 130))]
+    assert moved.job_id(5) != schedule.job_id(5) != every.job_id(5)
+
+
 def test_a_clock_that_was_ahead_stops_no_schedule(data_dir: Path, tmp_path: Path) -> None:
     # Fired while the clock was a day ahead (a wrong clock at boot, before NTP): that
     # record covered every slot up to it, and the schedule fired nothing for a day.
@@ -573,12 +616,21 @@ def test_cron_times_and_what_a_cron_schedule_refuses(tmp_path: Path) -> None:
     assert night.has_job({"slot": slot, "cron": "30 2 * * *", "timezone": "Europe/Berlin"}, slot)
     assert not night.has_job({"slot": slot, "cron": "30 3 * * *", "timezone": "Europe/Berlin"},
                              slot), "another time: its slots start anew"
-    assert parse_cron(" 0  3 * * mon-fri ", "UTC") == ("0 3 * * mon-fri", "UTC")
-    assert parse_cron("@Daily", None) == ("@daily", None)
+    assert parse_cron(" 0  3 * * MON-fri ", "UTC") == ("0 3 * * mon-fri", None)
+    assert parse_cron("@Daily", "Europe/Berlin") == ("@daily", "Europe/Berlin")
+    # croniter's own extensions are no crontab's: R (random) gave another slot at each
+    # look, so a job at every pass; # ANDs a day with a weekday.
     for cron, zone, needle in (("0 3 * *", None, "five fields"), ("* * * * * *", None, "five"),
                                ("@reboot", None, "five fields"), ("61 * * * *", None, "five"),
                                (5, None, "five fields"), ("0 0 30 2 *", None, "no time that"),
+                               ("R * * * *", None, "five"), ("H * * * *", None, "five"),
+                               ("0 0 31 * 1#5", None, "five"), ("0 0 L * *", None, "five"),
+                               ("0 0 15W * *", None, "five"), ("0 0 ? * *", None, "five"),
+                               ("0 0 * mon *", None, "five"), ("1," * 20_000 + " * * * *",
+                                                               None, "characters"),
                                ("* * * * *", "Mars/Base", "time zone's name"),
+                               ("* * * * *", "localtime", "time zone's name"),
+                               ("* * * * *", "posix/Europe/Berlin", "time zone's name"),
                                ("* * * * *", "../../etc/passwd", "time zone's name")):
         with pytest.raises(ValueError, match=needle):
             parse_cron(cron, zone)

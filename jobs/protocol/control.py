@@ -103,8 +103,9 @@ def last_fired(data_dir: StrPath, name: str) -> dict[str, Any] | None:
     return read_json_or_none(_schedule_file(data_dir, name, ".json"))
 
 
-def record_fired(data_dir: StrPath, name: str, slot: int, job_id: str,
+def record_fired(data_dir: StrPath, name: str, slot: int, job_id: str | None,
                  timing: dict[str, Any]) -> None:
+    """`job_id` None: the slot has no job (a new cron series starts with its next time)."""
     os.makedirs(os.path.join(data_dir, SCHEDULES_FOLDER), exist_ok=True)
     write_json(_schedule_file(data_dir, name, ".json"),
                {"slot": slot, "job_id": job_id, **timing, "at": now_iso()}, durable=True)

@@ -23,6 +23,10 @@ from jobs.store.job_store import JobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+# A new cron series runs its latest time only this soon after it (else it waits for the
+# next): added on the minute of its time, a schedule runs then.
+CRON_GRACE_S = 60.0
+
 class Scheduler:
     def __init__(self, store: JobStore, schedules: ScheduleFile, settings: Settings) -> None:
         self.store = store
@@ -30,7 +34,8 @@ class Scheduler:
         self.data_dir = store.dir.parent
         self.schedules = schedules  # read again on a full pass once the file changed
         self.timeout_s = settings.job_timeout_s  # for a schedule without its own
-        self._done: dict[str, int] = {}  # schedule -> the slot whose job exists
+        # schedule -> the job of its slot that exists (its id says its timing and slot)
+        self._done: dict[str, str] = {}
         self._failed: dict[str, int] = {}  # schedule -> the slot whose creation was logged
 
     @classmethod
@@ -52,19 +57,25 @@ class Scheduler:
         now = time.time() if now is None else now
         for schedule in self.schedules.current():
             slot = schedule.slot(now)
-            if self._done.get(schedule.name) == slot:
+            if self._done.get(schedule.name) == schedule.job_id(slot):
                 continue
             if control.schedule_paused(self.data_dir, schedule.name):
                 continue
-            job_id = self._fire_one(schedule, slot)
+            job_id = self._fire_one(schedule, slot, now)
             if job_id is not None:
                 created(job_id)
 
-    def _fire_one(self, schedule: Schedule, slot: int) -> str | None:
+    def _fire_one(self, schedule: Schedule, slot: int, now: float) -> str | None:
         """The slot's new job's id; None if it needs none now or could not be stored."""
         last = control.last_fired(self.data_dir, schedule.name) or {}
         if schedule.has_job(last, slot):
-            self._done[schedule.name] = slot
+            self._done[schedule.name] = schedule.job_id(slot)
+            return None
+        if (schedule.cron is not None and not schedule.same_timing(last)
+                and now - schedule.starts(slot) >= CRON_GRACE_S):
+            # A new cron series (a schedule added, or its times changed) starts with its
+            # next time, as crontab would: a nightly job added at noon waits for the night.
+            self._without_job(schedule, slot)
             return None
         if self._still_queued(last.get("job_id")):
             return None  # looked at again on the next pass
@@ -79,14 +90,26 @@ class Scheduler:
                                   fields=fields)
             control.record_fired(self.data_dir, schedule.name, slot, job_id, schedule.timing())
         except (StoreUnavailable, OSError) as exc:
-            if self._failed.get(schedule.name) != slot:
-                log.warning("schedule %s: cannot create the job of its slot at %s (retrying): "
-                            "%s", schedule.name, p.iso(schedule.starts(slot)), exc)
-            self._failed[schedule.name] = slot
+            self._failed_to(schedule, slot, exc)
             return None
-        self._done[schedule.name] = slot
+        self._done[schedule.name] = job_id
         log.info("schedule %s: job %s created", schedule.name, job_id)
         return job_id
+
+    def _without_job(self, schedule: Schedule, slot: int) -> None:
+        """The slot recorded as its newest, with no job: the next slot is the first."""
+        try:
+            control.record_fired(self.data_dir, schedule.name, slot, None, schedule.timing())
+        except OSError as exc:
+            self._failed_to(schedule, slot, exc)
+            return
+        self._done[schedule.name] = schedule.job_id(slot)
+
+    def _failed_to(self, schedule: Schedule, slot: int, exc: Exception) -> None:
+        if self._failed.get(schedule.name) != slot:
+            log.warning("schedule %s: cannot record its slot at %s (retrying): %s",
+                        schedule.name, p.iso(schedule.starts(slot)), exc)
+        self._failed[schedule.name] = slot
 
     def _still_queued(self, job_id: object) -> bool:
         if not isinstance(job_id, str) or not p.is_valid_id(job_id):
