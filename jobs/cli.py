@@ -305,8 +305,8 @@ def _note(job: dict[str, Any]) -> str:
     position = job.get(p.F_QUEUE_POSITION)
     dependencies = p.dependencies(job)
     if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and dependencies:
-        more = f" and {len(dependencies) - 1} more" if len(dependencies) > 1 else ""
-        return f"after {dependencies[0][:8]}{more}"
+        return (f"after {dependencies[0][:8]}" if len(dependencies) == 1
+                else f"after {len(dependencies)} jobs")
     return "" if position is None else f"{position} ahead in the queue"
 
 
@@ -595,7 +595,7 @@ def _job_id(text: str | None, flag: str) -> str | None:
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     after = [job_id for given in args.after or () for each in given.split(",")
-             if (job_id := _job_id(each, "--after")) is not None]
+             if each.strip() and (job_id := _job_id(each, "--after")) is not None]
     body: dict[str, Any] = {"kind": args.kind, "input": parse_input(args.input)}
     for field, value in (("timeout_s", args.timeout), ("priority", args.priority),
                          ("delay_s", args.delay), ("run_at", args.at),

@@ -19,7 +19,7 @@ from pydantic import (
 
 from jobs.inputs import Request
 from jobs.kinds import Launch, registry
-from jobs.protocol import ErrorType, JobState, iso
+from jobs.protocol import ErrorType, JobState, is_valid_id, iso
 from jobs.settings import (
     MAX_ATTEMPTS,
     MAX_DELAY_S,
@@ -36,7 +36,7 @@ def _iso(value: datetime) -> str:
     return iso(value.timestamp())
 
 
-JobId = Annotated[str, Field(pattern="^[0-9a-f]{32}$")]
+JOB_ID_SCHEMA = {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"}
 
 
 def _one_as_list(value: object) -> object:
@@ -114,7 +114,8 @@ class Job(BaseModel):
     earlier_errors: list[EarlierError] | None = None  # of the attempts before this one
     schedule: str | None = None  # the schedule that created it
     # Starts once they all completed (one id alone, as a job file may say it: a list).
-    depends_on: Annotated[list[str] | None, BeforeValidator(_one_as_list)] = None
+    depends_on: Annotated[Annotated[list[str], Field(max_length=MAX_DEPENDENCIES)] | None,
+                          BeforeValidator(_one_as_list)] = None
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -140,8 +141,9 @@ class JobCreate(Request):
     max_attempts: int | None = Field(None, ge=1, le=MAX_ATTEMPTS,
                                      description="attempts on transient failures; by default "
                                                  "as OFFLOAD_MAX_ATTEMPTS says")
-    depends_on: JobId | Annotated[list[JobId], Field(min_length=1,
-                                                     max_length=MAX_DEPENDENCIES)] | None = Field(
+    depends_on: Annotated[list[str] | None, WithJsonSchema({"anyOf": [
+        JOB_ID_SCHEMA, {"type": "array", "items": JOB_ID_SCHEMA, "minItems": 1,
+                        "maxItems": MAX_DEPENDENCIES}, {"type": "null"}]})] = Field(
         None, description="the id of a job, or a list of them: this one starts once they "
                           "have all completed, and fails (error type `dependency`) as soon "
                           "as one ends otherwise")
@@ -161,6 +163,26 @@ class JobCreate(Request):
                              "(a time without one is UTC), or leave run_at out to start now")
         return value
 
+    @field_validator("depends_on", mode="before")
+    @classmethod
+    def _job_ids(cls, value: object) -> list[str] | None:
+        """One id or a list, each in any case and kept once; said plainly if not."""
+        if value is None:
+            return None
+        given = _one_as_list(value)
+        if not isinstance(given, list) or not 1 <= len(given) or not all(
+                isinstance(each, str) for each in given):
+            raise ValueError("give a job's id (32 hex characters, as a listing shows) or a "
+                             "list of 1 to 100 of them")
+        ids = list(dict.fromkeys(each.strip().lower() for each in given))
+        if len(ids) > MAX_DEPENDENCIES:
+            raise ValueError(f"at most {MAX_DEPENDENCIES} jobs, not {len(ids)}")
+        wrong = next((each for each in ids if not is_valid_id(each)), None)
+        if wrong is not None:
+            raise ValueError(f"{wrong[:80]!r} is no job's id (32 hex characters, as a listing "
+                             "shows)")
+        return ids
+
     @model_validator(mode="after")
     def _one_start_time(self) -> JobCreate:
         if self.run_at is not None and self.delay_s is not None:
@@ -170,9 +192,7 @@ class JobCreate(Request):
     def launch(self) -> Launch:
         """When and how often it runs: a `delay_s` counts from the job's creation."""
         return Launch(self.priority, None if self.run_at is None else self.run_at.timestamp(),
-                      self.max_attempts, self.delay_s,
-                      tuple(dict.fromkeys([self.depends_on] if isinstance(self.depends_on, str)
-                                          else self.depends_on or ())))
+                      self.max_attempts, self.delay_s, tuple(self.depends_on or ()))
 
 
 class JobRerun(Request):

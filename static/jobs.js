@@ -95,8 +95,7 @@ export function notes(job, now = Date.now()) {
   if (job.rerun_of) parts.push(`re-run of ${shortId(job.rerun_of)}`);
   const waitsFor = job.depends_on || [];
   if (waitsFor.length && job.state === "queued") {
-    const more = waitsFor.length > 1 ? ` and ${waitsFor.length - 1} more` : "";
-    parts.push(`after ${shortId(waitsFor[0])}${more}`);
+    parts.push(waitsFor.length === 1 ? `after ${shortId(waitsFor[0])}` : `after ${waitsFor.length} jobs`);
   }
   return parts.length ? parts.join(" · ") : "—";
 }

@@ -743,7 +743,7 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
     assert "earlier: lost" in note_of(page, retried)
     assert note_of(page, later) == "starts in 2 h · priority 5"
     assert note_of(page, dependent) == f"after {later[:8]}"
-    assert note_of(page, on_two) == f"after {later[:8]} and 1 more"
+    assert note_of(page, on_two) == "after 2 jobs"
 
     # The schedule is listed with its next run, paused and resumed from the page.
     row = "#schedules-section tr[data-schedule='nightly-train']"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -178,10 +179,13 @@ def test_a_job_that_depends_on_another_starts_once_it_completed(
         assert client.delete(f"/api/jobs/{long['id']}").status_code == 200
         assert wait_job(client, waiting["id"])["error"]["message"].endswith("ended cancelled")
 
-        for bad in ("0" * 32, "nope", 5, first["id"].upper()):
+        bad: Any
+        for bad in ("0" * 32, "nope", 5, {}, [None]):
             answer = client.post("/api/jobs", json={"kind": "sleep", "depends_on": bad})
             assert answer.status_code == 422, (bad, answer.text)
             assert "depends_on" in answer.json()["detail"], answer.text
+        upper = submit(client, input={"seconds": 0}, depends_on=f" {first['id'].upper()} ")
+        assert upper["depends_on"] == [first["id"]], "an id in any case, as the CLI takes it"
 
 
 def test_a_job_that_depends_on_several_waits_for_all_and_fails_at_the_first_failure(
@@ -208,12 +212,31 @@ def test_a_job_that_depends_on_several_waits_for_all_and_fails_at_the_first_fail
         failed = wait_job(client, waiting["id"], timeout=30)
         assert failed["error"]["type"] == "dependency" and failed["started_at"] is None
         assert failed["error"]["message"].endswith(f"{broken['id']}, ended failed"), failed
+        # Another of them deleted or damaged by hand while the first still runs: the same.
+        later = [submit(client, input={"seconds": 0}, delay_s=delay) for delay in (600, 3)]
+        dependents = [submit(client, input={"seconds": 0}, depends_on=[slow["id"], each["id"]])
+                      for each in later]
+        shutil.rmtree(server.data_dir / "jobs" / later[0]["id"])
+        damaged = server.data_dir / "jobs" / later[1]["id"] / "job.json"
+        p.write_json(damaged, {**json.loads(damaged.read_text()), "timeout_s": "abc"})
+        gone, broken_too = (wait_job(client, each["id"], timeout=30) for each in dependents)
+        assert gone["error"]["message"].endswith("is gone (deleted)"), gone
+        assert broken_too["error"]["type"] == "dependency", broken_too
         assert client.get(f"/api/jobs/{slow['id']}").json()["state"] == "running"
         assert client.delete(f"/api/jobs/{slow['id']}").status_code == 200
+        # A list edited by hand past the API's 100: no job (failed, corrupt), never run.
+        edited = submit(client, input={"seconds": 0}, delay_s=2)
+        path = server.data_dir / "jobs" / edited["id"] / "job.json"
+        p.write_json(path, {**json.loads(path.read_text()),
+                            "depends_on": [f"{n:032x}" for n in range(300)]})
+        assert client.get(f"/api/jobs/{edited['id']}").json()["error"]["type"] == "corrupt"
+        time.sleep(3)
+        assert json.loads(path.read_text())["state"] == "queued", "never started"
 
-        for bad, needle in (([], "at least 1"), ([short["id"], "nope"], "depends_on"),
-                            ([f"{n:032x}" for n in range(101)], "at most 100"),
-                            (["0" * 32, short["id"]], f"no job {'0' * 32}")):
+        for bad, needle in (([], "list of 1 to 100"), ([short["id"], "nope"], "'nope' is no job"),
+                            ([f"{n:032x}" for n in range(101)], "at most 100 jobs, not 101"),
+                            (["0" * 32, short["id"]], f"no job {'0' * 32}"),
+                            ([short["id"]] * 101 + ["0" * 32], f"no job {'0' * 32}")):
             answer = client.post("/api/jobs", json={"kind": "sleep", "depends_on": bad})
             assert answer.status_code == 422, (bad, answer.text)
             assert needle in answer.json()["detail"], answer.text

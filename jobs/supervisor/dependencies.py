@@ -32,6 +32,8 @@ class Dependencies:
         self._on: dict[str, tuple[str, ...]] = {}  # a queued job -> the jobs it depends on
         self._of: dict[str, set[str]] = {}  # a job -> the queued jobs that depend on it
         self._ended: list[str] = []  # ended while some depended on them: looked at soon
+        # Depended on and known to have completed: never read again, never looked at.
+        self._completed: set[str] = set()
 
     def note(self, job_id: str, data: dict[str, Any]) -> None:
         """A queued job, as its file says (again, when it was edited since)."""
@@ -44,9 +46,15 @@ class Dependencies:
             if self._is_final(each):  # ended before this supervisor saw its dependent
                 self._ended.append(each)
 
-    def ended(self, job_id: str) -> None:
-        """A job ended, or was found ended: the jobs that depend on it are looked at."""
-        if job_id in self._of:
+    def ended(self, job_id: str, state: object = None) -> None:
+        """A job ended in `state` (None: not known), or was found so: unless it completed,
+        the jobs that depend on it are looked at. (One that completed fails none: they
+        start in their turn.)"""
+        if job_id not in self._of:
+            return
+        if state == p.JobState.COMPLETED:
+            self._completed.add(job_id)
+        else:
             self._ended.append(job_id)
 
     def to_look_at(self) -> Iterator[str]:
@@ -74,8 +82,8 @@ class Dependencies:
         if job_id in on or self._in_a_circle(job_id, data):
             return f"its dependencies go round in a circle back to it (through {on[0]})"
         for each in on:
-            if self._is_live(each):
-                continue  # it may complete yet (a retry, say)
+            if each in self._completed or self._is_live(each):
+                continue  # completed, or it may complete yet (a retry, say)
             ended = read_job(each, self._job_file(each)) if p.is_valid_id(each) else None
             if ended is None:
                 return f"the job it depends on, {each[:64]}, is gone (deleted)"
@@ -92,6 +100,7 @@ class Dependencies:
         for job_id, on in self._on.items():
             for each in on:
                 self._of.setdefault(each, set()).add(job_id)
+        self._completed &= self._of.keys()
         return set(self._of)
 
     def _in_a_circle(self, job_id: str, data: dict[str, Any]) -> bool:

@@ -141,8 +141,8 @@ class Supervisor:
         self._hints_lock = threading.Lock()
         self._next_full = 0.0
         self._running: dict[str, JobLife] = {}
-        # The queued jobs that wait for a job to end (the one their `depends_on` names; a
-        # chat's earlier turn, its `after`, or its session's running chat: one answer at a
+        # The queued jobs that wait for a job to end (the first of their `depends_on` not
+        # ended; a chat's earlier turn, its `after`, or its session's running chat: one answer at a
         # time per session), by that job's id; they stay in _queued, off _queue_order, so
         # they hold up no other job.
         self._waiting: dict[str, list[str]] = {}
@@ -372,6 +372,7 @@ class Supervisor:
     def _discover(self, job_ids: set[str]) -> None:
         for gone in set(self._queued) - job_ids:
             del self._queued[gone]  # deleted from disk while queued
+            self._dependencies.ended(gone)  # the jobs that depend on it fail
         for gone in set(self._running) - job_ids:
             life = self._running[gone]
             # Its folder deleted by hand: the job is no more, and its runner held a slot
@@ -417,7 +418,7 @@ class Supervisor:
         elif state in (p.JobState.QUEUED, p.JobState.RUNNING):
             self._adopt(job_id, data)
         else:  # final, or no state at all (the API reads it as corrupt): never rewritten
-            self._known_final_now(job_id)
+            self._known_final_now(job_id, state)
             if state in p.FINAL_STATES and not self._counters_read:
                 self._unsure_final.append(job_id)  # counted or not, the file will say
             elif state in p.FINAL_STATES and self.counters.missed(data):
@@ -634,12 +635,12 @@ class Supervisor:
         if not_a_job(job_id, data) is None:
             return False
         self._queued.pop(job_id, None)
-        self._known_final.add(job_id)
+        self._known_final_now(job_id)  # the jobs that depend on it fail
         return True
 
     def _blocker(self, job_id: str, data: dict[str, Any]) -> str | None:
-        """The live job a job must wait for: the one its `depends_on` names, until it has
-        ended (and its final state is written); a chat's earlier turn its `after` names
+        """The live job a job must wait for: the first its `depends_on` names that has not
+        ended (and had its final state written); a chat's earlier turn its `after` names
         (queued ahead of it, or running), else its session's running chat; None: it may
         start."""
         dependency = self._dependencies.blocker(job_id, data)
@@ -656,10 +657,11 @@ class Supervisor:
         session = p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))
         return self._running_chat_by_session.get(session) if session is not None else None
 
-    def _known_final_now(self, job_id: str) -> None:
-        """A job found final (at a start, in any order): jobs queued after it are looked at."""
+    def _known_final_now(self, job_id: str, state: object = None) -> None:
+        """A job found final (at a start, in any order; `state` None: no job, damaged):
+        jobs queued after it are looked at."""
         self._known_final.add(job_id)
-        self._dependencies.ended(job_id)
+        self._dependencies.ended(job_id, state)
 
     def _fail_unmet_dependents(self) -> None:
         """The queued jobs with a dependency that ended without completing fail now, not
@@ -694,9 +696,10 @@ class Supervisor:
         state = (read_job(job_id, self._file(job_id)) or {}).get(p.F_STATE)
         return state in (p.JobState.QUEUED, p.JobState.RUNNING)
 
-    def _next_turn(self, ended: str) -> None:
-        """A job has ended: the jobs that waited for it go back on the queue."""
-        self._dependencies.ended(ended)
+    def _next_turn(self, ended: str, state: object = None) -> None:
+        """A job has ended (in `state`, if known): the jobs that waited for it go back on
+        the queue."""
+        self._dependencies.ended(ended, state)
         for conversation, job_id in list(self._running_chat_by_session.items()):
             if job_id == ended:
                 del self._running_chat_by_session[conversation]
@@ -739,7 +742,8 @@ class Supervisor:
     def _settle(self, life: JobLife) -> None:
         """After a final write: known final, kept to write again, or (gone) forgotten;
         the jobs that waited for it may start."""
-        self._next_turn(life.job_id)
+        self._next_turn(life.job_id, (life.final_job or {}).get(p.F_STATE)
+                        if life.is_final and life.unwritten is None else None)
         if life.unwritten is not None:
             self._unwritten[life.job_id] = life
         elif life.is_final:
