@@ -38,6 +38,9 @@ from jobs.schedules import ScheduleError
 from jobs.settings import MAKE_TOKEN, MAX_BODY_BYTES, Settings, get_settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+# How long a stop waits for requests under way: an event stream that is followed (a
+# dashboard tab, `offload wait`) never ends of itself, and held the stop for good.
+SHUTDOWN_GRACE_S = 5
 
 
 def create_app() -> FastAPI:
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     usable_settings()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=args.host, port=args.port, access_log=not args.no_access_log)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=not args.no_access_log,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
 
 

@@ -466,13 +466,14 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> int:
     """As `pueue wait ID...`: until each job has ended; a table of them (or their JSON)."""
-    ids = [job_path(each) for each in args.ids]
-    for job_id in ids:  # an unknown id exits 5 before any wait
-        client.call("GET", f"/api/jobs/{job_id}")
-    finals = []
-    for job_id in ids:
-        follow(client, job_id, lambda event, job: None)
-        finals.append(client.call("GET", f"/api/jobs/{job_id}"))  # in full
+    ids = list(dict.fromkeys(job_path(each) for each in args.ids))
+    # An unknown id exits 5 before any wait; a job ended already is kept as it is now
+    # (by the end of a long wait for another, it may have been pruned).
+    finals = [client.call("GET", f"/api/jobs/{job_id}") for job_id in ids]
+    for n, job in enumerate(finals):
+        if job.get(p.F_STATE) not in p.FINAL_STATES:
+            follow(client, ids[n], lambda event, job: None)
+            finals[n] = client.call("GET", f"/api/jobs/{ids[n]}")  # in full
     if args.json:
         _print_json(finals)
     else:
@@ -712,16 +713,20 @@ def cmd_parallel(client: Client, args: argparse.Namespace) -> int:
     """Show the caps on runners alive at once (of all, and by kind), or change one while
     the server runs."""
     older = "this server is older: it cannot change how many jobs run at once"
+    if args.kind is not None and not args.kind.strip():
+        raise Failure(EXIT_USAGE, "--kind is empty: give a job kind, or leave --kind out")
     try:
+        if args.kind is not None and "kind_caps" not in client.call("GET", "/api/queue"):
+            raise Failure(EXIT_SERVER, older)  # it would refuse `kind` as a bad request
         if args.runners is None:
             answer = client.call("GET", "/api/queue")
         else:
             cap = None if args.runners == "default" else _runners(args.runners)
             answer = client.call("PUT", "/api/queue/cap", {
-                "max_concurrent": cap, **({"kind": args.kind} if args.kind else {})})
+                "max_concurrent": cap, **({"kind": args.kind} if args.kind is not None else {})})
     except Failure as exc:
         raise Failure(EXIT_SERVER, older) if exc.code == EXIT_NOT_FOUND else exc from None
-    if "max_concurrent_set" not in answer or (args.kind and "kind_caps" not in answer):
+    if "max_concurrent_set" not in answer:
         raise Failure(EXIT_SERVER, older)
     if args.json:
         _print_json(answer)

@@ -310,6 +310,8 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     failed = cli(url, "wait", first_id, several.stderr.split()[2], "--json")
     assert failed.returncode == 1 and "ended cancelled" in failed.stderr, failed
     assert [each["state"] for each in json.loads(failed.stdout)] == ["completed", "failed"]
+    twice = cli(url, "wait", first_id, f" {first_id} ")
+    assert twice.returncode == 0 and len(twice.stdout.splitlines()) == 2, twice
     unknown = cli(url, "wait", first_id, "0" * 32)
     assert unknown.returncode == 5 and unknown.stdout == "", unknown
     # As `pueue parallel`: how many jobs run at once, shown and changed while it runs.
@@ -333,6 +335,9 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
         assert cli(url, "parallel", "default", "--kind", kind).returncode == 0
     unknown = cli(url, "parallel", "2", "--kind", "nope")
     assert unknown.returncode == 2 and "unknown job kind 'nope'" in unknown.stderr, unknown
+    # An empty --kind (a script's unset variable) changed the cap on all runners.
+    empty = cli(url, "parallel", "3", "--kind", "")
+    assert empty.returncode == 2 and "--kind is empty" in empty.stderr, empty
     assert "0 running of 3" in cli(url, "status").stdout
     assert json.loads(cli(url, "parallel", "--json").stdout)["max_concurrent"] == 3
     for wrong in ("0", "-1", "1025", "two", "2.5", "٣", "9" * 5000):

@@ -100,17 +100,31 @@ def test_launch_py_stopped_with_sigterm_stops_its_server(tmp_path: Path) -> None
                                  str(port), "--no-access-log"], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
+    waiting: subprocess.Popen[bytes] | None = None
     try:
         wait_for(lambda: _health(port), 120, 0.3, f"the server on {port}")
         servers = [proc for proc in psutil.Process(launcher.pid).children()
                    if "api_entry.py" in " ".join(proc.cmdline())]
         assert len(servers) == 1
+        # A job's event stream followed meanwhile (`offload wait`, a dashboard tab) held
+        # the stop for good: uvicorn waits for the requests under way.
+        url = f"http://127.0.0.1:{port}"
+        httpx.post(f"{url}/api/queue/pause").raise_for_status()
+        job_id = httpx.post(f"{url}/api/jobs", json={"kind": "sleep"}).json()["id"]
+        waiting = subprocess.Popen([sys.executable, "-m", "jobs", "--url", url, "wait", job_id],
+                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(lambda: any(conn.pid == waiting.pid and conn.raddr and conn.raddr.port == port
+                             for conn in psutil.net_connections("tcp")), 30, 0.1,
+                 "the wait to follow the job")
         launcher.terminate()  # the launcher alone, not its process group
         assert launcher.wait(30) is not None
         psutil.wait_procs(servers, timeout=30)
         assert not servers[0].is_running(), "the server ran on without its launcher"
     finally:
         stop_process(launcher)
+        if waiting is not None:
+            stop_process(waiting)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")

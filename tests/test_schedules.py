@@ -4,6 +4,7 @@ supervisor."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import threading
@@ -276,6 +277,13 @@ def test_a_kinds_cap_changes_while_it_runs(make_server: MakeServer) -> None:
         wait_for(lambda: running() == 3, 30, 0.05, "all three running")
         for job_id in ids:
             client.delete(f"/api/jobs/{job_id}")
+        # The cap of a kind no longer there (its runner removed) is not shown, and can be
+        # taken away (it could not: "unknown job kind").
+        path = server.data_dir / "queue.cap"
+        path.write_text(json.dumps({"kinds": {"probe": 3, "gone": 2}}))
+        assert client.get("/api/queue").json()["kind_caps"] == {"probe": 3}
+        gone = client.put("/api/queue/cap", json={"max_concurrent": None, "kind": "gone"})
+        assert gone.status_code == 200 and json.loads(path.read_text())["kinds"] == {"probe": 3}
 
 
 def test_the_cap_on_runners_changes_while_it_runs(make_server: MakeServer) -> None:

@@ -99,12 +99,15 @@ async def queue_state(service: Service) -> dict[str, Any]:
 def queue_view(settings: Settings) -> dict[str, Any]:
     data_dir = settings.data_dir
     cap, kinds = control.queue_caps(data_dir)
+    known = registry()  # a kind's cap outlives the kind (its runner removed): not shown
     return {"paused": control.queue_paused(data_dir),
             "max_concurrent": cap or settings.max_concurrent,
             "max_concurrent_default": settings.max_concurrent,
             "max_concurrent_set": cap is not None,
-            "kind_caps": {**settings.kind_cap_map, **kinds},
-            "kind_caps_default": settings.kind_cap_map, "kind_caps_set": sorted(kinds)}
+            "kind_caps": {kind: each for kind, each in {**settings.kind_cap_map, **kinds}.items()
+                          if kind in known},
+            "kind_caps_default": settings.kind_cap_map,
+            "kind_caps_set": sorted(kind for kind in kinds if kind in known)}
 
 
 @router.put("/queue/cap", response_model=QueueView)
@@ -112,7 +115,8 @@ async def set_queue_cap(body: QueueCap, service: Service) -> dict[str, Any]:
     """Change how many runners are alive at once (of one kind, with `kind`), kept across
     restarts; `null` goes back to OFFLOAD_MAX_CONCURRENT (OFFLOAD_KIND_CAPS's). Running
     jobs over a lower cap finish; none starts until fewer run."""
-    if body.kind is not None and body.kind not in registry():
+    # A cap for a kind no longer known can still be taken away.
+    if body.kind is not None and body.kind not in registry() and body.max_concurrent is not None:
         raise HTTPException(422, f"unknown job kind {body.kind!r}; known kinds: "
                                  f"{', '.join(sorted(registry()))}")
     data_dir = service.settings.data_dir
