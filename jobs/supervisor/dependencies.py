@@ -31,7 +31,9 @@ class Dependencies:
         self._queued_key = queued_key
         self._on: dict[str, tuple[str, ...]] = {}  # a queued job -> the jobs it depends on
         self._of: dict[str, set[str]] = {}  # a job -> the queued jobs that depend on it
-        self._ended: list[str] = []  # ended while some depended on them: looked at soon
+        # Queued jobs to look at soon: a job they depend on ended without completing, or
+        # had ended before this supervisor saw them.
+        self._look_at: set[str] = set()
         # Depended on and known to have completed: never read again, never looked at.
         self._completed: set[str] = set()
 
@@ -43,28 +45,27 @@ class Dependencies:
         self._on[job_id] = on
         for each in on:
             self._of.setdefault(each, set()).add(job_id)
-            if self._is_final(each):  # ended before this supervisor saw its dependent
-                self._ended.append(each)
+        if any(each not in self._completed and self._is_final(each) for each in on):
+            self._look_at.add(job_id)
 
     def ended(self, job_id: str, state: object = None) -> None:
         """A job ended in `state` (None: not known), or was found so: unless it completed,
         the jobs that depend on it are looked at. (One that completed fails none: they
         start in their turn.)"""
-        if job_id not in self._of:
+        dependents = self._of.get(job_id)
+        if not dependents:
             return
         if state == p.JobState.COMPLETED:
             self._completed.add(job_id)
         else:
-            self._ended.append(job_id)
+            self._look_at.update(each for each in dependents
+                                 if job_id in self._on.get(each, ()))
 
     def to_look_at(self) -> Iterator[str]:
-        """The queued jobs that depend on a job that ended since the last look (a job
-        the caller ends meanwhile has its own dependents looked at in the same go)."""
-        while self._ended:
-            ended = self._ended.pop()
-            for job_id in list(self._of.get(ended, ())):
-                if ended in self._on.get(job_id, ()):
-                    yield job_id
+        """The queued jobs to look at, each once (a job the caller ends meanwhile has its
+        own dependents looked at in the same go)."""
+        while self._look_at:
+            yield self._look_at.pop()
 
     def blocker(self, job_id: str, data: dict[str, Any]) -> str | None:
         """The first job this one depends on that has not ended; None when none is left,
@@ -90,6 +91,8 @@ class Dependencies:
             state = ended.get(p.F_STATE)
             if state != p.JobState.COMPLETED:
                 return f"the job it depends on, {each}, ended {state}"
+            if each in self._of:
+                self._completed.add(each)  # read once
         return None
 
     def keep_for(self, queued: set[str]) -> set[str]:
