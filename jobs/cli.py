@@ -394,6 +394,7 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     if isinstance(queue, dict):
         cap = f", {_cap_said(queue)}" if "max_concurrent_set" in queue else ""
         rows.append(["queue", f"{'paused' if queue.get('paused') else 'running'}{cap}"])
+        rows.extend(["", line] for line in _kind_caps_said(queue))
     samples = counts.get("metrics", {}).get("samples") or []
     if samples:
         rows.append(["machine", f"cpu {samples[-1].get('cpu')} %, memory "

@@ -1,4 +1,4 @@
-// queue.js — the queue's pause/resume control, its cap on jobs at once, and the schedules panel. A server without
+// queue.js — the queue's pause/resume control, its caps on jobs at once (of all, of a kind), and the schedules panel. A server without
 // these routes answers 404: the controls then stay hidden and are not asked for again.
 
 import { apiJSON } from "./api.js";
@@ -6,9 +6,10 @@ import { fmtDuration } from "./jobs.js";
 
 const SCHEDULES_MS = 5000;
 
-let queueControl, queueState, queueToggle, capForm, capInput, capDefault;
+let queueControl, queueState, queueToggle, capForm, capInput, capDefault, capKind;
 let section, link, tbody, fileError;
 let queuePaused = null;
+let lastQueue = null;
 
 function renderQueue(paused) {
   queuePaused = paused;
@@ -18,32 +19,60 @@ function renderQueue(paused) {
   queueToggle.textContent = paused ? "Resume queue" : "Pause queue";
 }
 
-/** The cap in use; left alone while the user types a new one. */
-function renderCap(queue) {
+/** The kinds offered beside "of all kinds", when the server lists them; the choice kept. */
+function renderKinds(kinds) {
+  if (!Array.isArray(kinds)) return;
+  capKind.hidden = false;
+  const offered = [...capKind.options].slice(1).map((o) => o.value);
+  if (JSON.stringify(offered) === JSON.stringify(kinds)) return;
+  const chosen = capKind.value;
+  capKind.replaceChildren(capKind.options[0], ...kinds.map((kind) => new Option(`of ${kind}`, kind)));
+  capKind.value = kinds.includes(chosen) ? chosen : "";
+}
+
+/** The cap in use, of all or of the kind chosen; left alone while the user types a new one. */
+function renderCap(queue, typing = document.activeElement === capInput) {
   capForm.hidden = typeof queue.max_concurrent !== "number";
   if (capForm.hidden) return;
-  capDefault.hidden = !queue.max_concurrent_set;
-  capDefault.title = `OFFLOAD_MAX_CONCURRENT: ${queue.max_concurrent_default}`;
-  if (document.activeElement === capInput) return;
-  capInput.value = String(queue.max_concurrent);
-  capInput.title = queue.max_concurrent_set
+  renderKinds(queue.kinds);
+  const kind = capKind.value;
+  let cap = queue.max_concurrent;
+  let set = queue.max_concurrent_set;
+  let said = set
     ? `set while running, kept across restarts; OFFLOAD_MAX_CONCURRENT is ${queue.max_concurrent_default}`
     : "OFFLOAD_MAX_CONCURRENT";
+  if (kind) {
+    cap = (queue.kind_caps || {})[kind];
+    set = (queue.kind_caps_set || []).includes(kind);
+    const fallback = (queue.kind_caps_default || {})[kind];
+    const without = fallback === undefined ? "without it, no cap of its own" : `OFFLOAD_KIND_CAPS says ${fallback}`;
+    said = set ? `set while running, kept across restarts; ${without}`
+      : cap === undefined ? "no cap of its own: only the cap on all" : "OFFLOAD_KIND_CAPS";
+  }
+  capDefault.hidden = !set;
+  capDefault.title = kind ? "Back to OFFLOAD_KIND_CAPS" : `OFFLOAD_MAX_CONCURRENT: ${queue.max_concurrent_default}`;
+  if (typing) return;
+  capInput.value = cap === undefined ? "" : String(cap);
+  capInput.placeholder = cap === undefined ? "no cap" : "";
+  capInput.title = said;
 }
 
 /** Called with /api/health's `queue` ({"paused", "max_concurrent", ...}) when the server has one. */
 export function noteQueue(queue) {
   if (queue && typeof queue.paused === "boolean") {
+    lastQueue = queue;
     renderQueue(queue.paused);
     renderCap(queue);
   }
 }
 
-/** `cap`: a number, or null for OFFLOAD_MAX_CONCURRENT's. */
+/** `cap`: a number, or null for the setting's (OFFLOAD_MAX_CONCURRENT, OFFLOAD_KIND_CAPS). */
 async function setCap(cap, button) {
   button.disabled = true;
+  const kind = capKind.value;
   try {
-    const r = await apiJSON("/api/queue/cap", { method: "PUT", body: { max_concurrent: cap } });
+    const body = kind ? { max_concurrent: cap, kind } : { max_concurrent: cap };
+    const r = await apiJSON("/api/queue/cap", { method: "PUT", body });
     capInput.blur();
     if (r.ok && r.data) noteQueue(r.data);
     else queueState.textContent = `Could not change how many jobs run at once: ${r.error || "no answer"}`;
@@ -166,6 +195,8 @@ export function initQueue() {
   capForm = document.getElementById("queue-cap-form");
   capInput = document.getElementById("queue-cap");
   capDefault = document.getElementById("queue-cap-default");
+  capKind = document.getElementById("queue-cap-kind");
+  capKind.addEventListener("change", () => { if (lastQueue) renderCap(lastQueue, false); });
   const setButton = capForm.querySelector("button[type=submit]");
   capForm.addEventListener("submit", (ev) => {
     ev.preventDefault();

@@ -331,6 +331,11 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     train = cli(url, "parallel", "3", "--kind", "train").stdout.splitlines()
     assert train[2] == ("train at once: 3 (set while running, kept across restarts; "
                         "OFFLOAD_KIND_CAPS says 1)")
+    status = [" ".join(line.split()) for line in cli(url, "status").stdout.splitlines()]
+    assert [line for line in status if line.startswith(("sleep at", "train at"))] == [
+        "sleep at once: 2 (set while running, kept across restarts; without it, no cap of its "
+        "own)", "train at once: 3 (set while running, kept across restarts; OFFLOAD_KIND_CAPS "
+        "says 1)"], status
     for kind in ("sleep", "train"):
         assert cli(url, "parallel", "default", "--kind", kind).returncode == 0
     unknown = cli(url, "parallel", "2", "--kind", "nope")

@@ -793,6 +793,32 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
     page.wait_for_selector("#queue-cap-default", state="hidden", timeout=10_000)
     assert page.input_value("#queue-cap") == str(default)
 
+    # One kind's cap, as `offload parallel N --kind K`: every kind is offered, a kind
+    # without a cap of its own shows none, and its cap goes back to none.
+    queue = httpx.get(f"{server.url}/api/queue").json()
+    offered = page.eval_on_selector_all("#queue-cap-kind option", "os => os.map(o => o.value)")
+    assert offered == ["", *queue["kinds"]] and {"chat", "probe", "sleep"} <= set(offered)
+    page.select_option("#queue-cap-kind", "sleep")
+    assert (page.input_value("#queue-cap"), page.is_hidden("#queue-cap-default")) == ("", True)
+    page.fill("#queue-cap", "1")
+    page.press("#queue-cap", "Enter")
+    wait_for(lambda: httpx.get(f"{server.url}/api/queue").json()["kind_caps_set"] == ["sleep"],
+             10, 0.1, "the kind's cap set from the page")
+    assert httpx.get(f"{server.url}/api/queue").json()["kind_caps"]["sleep"] == 1
+    assert httpx.get(f"{server.url}/api/queue").json()["max_concurrent_set"] is False
+    page.wait_for_selector("#queue-cap-default:not([hidden])", timeout=10_000)
+    page.select_option("#queue-cap-kind", "")  # the cap on all is shown again, untouched
+    assert page.input_value("#queue-cap") == str(default)
+    assert page.is_hidden("#queue-cap-default")
+    page.select_option("#queue-cap-kind", "sleep")
+    assert page.input_value("#queue-cap") == "1"
+    page.click("#queue-cap-default")
+    wait_for(lambda: httpx.get(f"{server.url}/api/queue").json()["kind_caps_set"] == [],
+             10, 0.1, "no cap of its own again")
+    assert "sleep" not in httpx.get(f"{server.url}/api/queue").json()["kind_caps"]
+    page.wait_for_selector("#queue-cap-default", state="hidden", timeout=10_000)
+    assert page.input_value("#queue-cap") == ""
+
 
 def test_a_schedules_next_run_counts_down(page: Any, make_server: Callable[..., Server],
                                           tmp_path: Path) -> None:

@@ -61,6 +61,7 @@ class QueueView(BaseModel):
     kind_caps: dict[str, int]  # runners of a kind at once, now (a kind not named: no cap)
     kind_caps_default: dict[str, int]  # OFFLOAD_KIND_CAPS: what `null` for a kind goes back to
     kind_caps_set: list[str]  # the kinds whose cap was set while running
+    kinds: list[str]  # every job kind this server runs, a cap of its own or not
 
 
 class QueueCap(BaseModel):
@@ -107,7 +108,8 @@ def queue_view(settings: Settings) -> dict[str, Any]:
             "kind_caps": {kind: each for kind, each in {**settings.kind_cap_map, **kinds}.items()
                           if kind in known},
             "kind_caps_default": settings.kind_cap_map,
-            "kind_caps_set": sorted(kind for kind in kinds if kind in known)}
+            "kind_caps_set": sorted(kind for kind in kinds if kind in known),
+            "kinds": sorted(known)}
 
 
 @router.put("/queue/cap", response_model=QueueView)
