@@ -54,6 +54,7 @@ STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet sec
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
 OUTPUT_DELTA = "output_delta"  # an event's appended output (jobs/api/events.py, not imported)
 STATES = [state.value for state in p.JobState]
+ENDED = [state for state in STATES if state in p.FINAL_STATES]
 LIST_MAX = 1000  # the longest listing the API gives
 
 
@@ -637,50 +638,70 @@ def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    return _each_job(client, args, "queued, running or live", {"live": ["queued", "running"]},
+                     lambda job_id: client.call("DELETE", f"/api/jobs/{job_path(job_id)}"),
+                     lambda job: str(job.get(p.F_STATE)), "had finished")
+
+
+def cmd_remove(client: Client, args: argparse.Namespace) -> int:
+    return _each_job(client, args, "completed, failed, cancelled, timeout or finished",
+                     {"finished": ENDED},
+                     lambda job_id: client.call("POST", f"/api/jobs/{job_path(job_id)}/remove"),
+                     lambda job: "removed", None)
+
+
+def _each_job(client: Client, args: argparse.Namespace, states_said: str,
+              groups: dict[str, list[str]], act: Callable[[str], Any],
+              said: Callable[[dict[str, Any]], str], moved_on: str | None) -> int:
+    """`act` on the jobs given by id, or on every job in --state (of --kind), saying how
+    each went; `moved_on`: what a conflict means for a job listed in that state (it
+    changed since), or None for an error like any other. The exit code."""
     if bool(args.ids) == bool(args.state) or (args.kind and not args.state):
-        raise Failure(EXIT_USAGE, "give job ids, or --state (queued, running or live; and "
-                                  "--kind) to cancel every job in it, not both")
+        raise Failure(EXIT_USAGE, f"give job ids, or --state ({states_said}; and --kind) "
+                                  f"to {args.command} every job in it, not both")
     done: list[dict[str, Any]] = []
     if args.ids:
-        code = _cancel(client, args, list(dict.fromkeys(args.ids)), done)
+        code = _act(args, list(dict.fromkeys(args.ids)), act, said, moved_on, done)
     else:
-        states = {"live": ["queued", "running"]}.get(args.state, [args.state])
+        states = groups.get(args.state, [args.state])
         tried: set[str] = set()
         code, cut = EXIT_OK, True
-        while cut:  # a listing holds the newest LIST_MAX: those cancelled, older ones next
+        while cut:  # a listing holds the newest LIST_MAX: those done, older ones next
             ids, cut = _matching(client, states, args.kind)
             ids = [job_id for job_id in ids if job_id not in tried]
             if not ids:
                 break
             tried.update(ids)
-            code = code or _cancel(client, args, ids, done)
+            code = code or _act(args, ids, act, said, moved_on, done)
     if args.json:
         _print_json(done)
     return code
 
 
-def _cancel(client: Client, args: argparse.Namespace, ids: list[str],
-            done: list[dict[str, Any]]) -> int:
-    """Cancel `ids`, saying how each went (for --json: appended to `done`); the exit code."""
-    def cancel(job_id: str) -> dict[str, Any] | Failure:
+def _act(args: argparse.Namespace, ids: list[str], act: Callable[[str], Any],
+         said: Callable[[dict[str, Any]], str], moved_on: str | None,
+         done: list[dict[str, Any]]) -> int:
+    """`act` on `ids`, saying how each went (for --json: appended to `done`); the exit code."""
+    def one(job_id: str) -> dict[str, Any] | Failure:
         try:
-            return dict(client.call("DELETE", f"/api/jobs/{job_path(job_id)}"))
+            return dict(act(job_id))
         except Failure as exc:
             return exc
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(cancel, ids))
+        answers = list(pool.map(one, ids))
     code = EXIT_OK
     for job_id, answer in zip(ids, answers, strict=True):
-        if isinstance(answer, Failure) and args.state and answer.code == EXIT_CONFLICT:
-            if not args.json:  # it ended since it was listed: nothing left to do
-                sys.stdout.write(f"{job_id} had finished\n")
+        if (isinstance(answer, Failure) and args.state and moved_on is not None
+                and answer.code == EXIT_CONFLICT):
+            if not args.json:  # it changed since it was listed: nothing left to do
+                sys.stdout.write(f"{job_id} {moved_on}\n")
         elif isinstance(answer, Failure):
             named = "" if job_id in answer.message else f"{job_id}: "
             sys.stderr.write(f"offload: {named}{answer.message}\n")
             code = code or answer.code
         elif not args.json:
-            sys.stdout.write(f"{job_id} {answer.get(p.F_STATE)}\n")
+            sys.stdout.write(f"{job_id} {said(answer)}\n")
     done.extend(answer for answer in answers if not isinstance(answer, Failure))
     return code
 
@@ -853,6 +874,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of ids: every job in this state (live: both), up to "
                              "1000 of each")
     cancel.add_argument("--kind", help="with --state: of this kind only")
+    remove = command("remove", cmd_remove, "delete finished jobs now, with their input, "
+                                           "output and log (as pruning does later)")
+    remove.add_argument("ids", nargs="*", metavar="id")
+    remove.add_argument("--state", choices=[*ENDED, "finished"],
+                        help="instead of ids: every job in this state (finished: all four), "
+                             "as Pueue's clean")
+    remove.add_argument("--kind", help="with --state: of this kind only")
     for name, run, text in (("submit", cmd_submit, "submit a job; prints its id"),
                             ("retry", cmd_retry, "run a finished job again as a new job; "
                                                  "prints the new id")):

@@ -207,6 +207,41 @@ def test_cancel_running_queued_and_finished(make_server: MakeServer) -> None:
         assert client.get(f"/api/jobs/{queued['id']}").json()["started_at"] is None
 
 
+def test_remove_a_finished_job_now(make_server: MakeServer) -> None:
+    """As `pueue remove`, RQ's `job.delete()`: a finished job goes at once, with its
+    folder and Idempotency-Key; a live one, or one a queued job waits for, stays."""
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1"})
+    with server.client() as client:
+        done = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}},
+                           headers={"Idempotency-Key": "nightly-1"}).json()
+        assert wait_job(client, done["id"])["state"] == "completed"
+        later = client.post("/api/jobs", json={"kind": "sleep", "input": {},
+                                               "delay_s": 3600}).json()
+        waiting = client.post("/api/jobs", json={"kind": "sleep", "input": {},
+                                                 "depends_on": [done["id"], later["id"]]}).json()
+        kept = client.post(f"/api/jobs/{done['id']}/remove")
+        assert kept.status_code == 409 and waiting["id"] in kept.json()["detail"], kept.text
+        assert "would fail without it" in kept.json()["detail"]
+        live = client.post(f"/api/jobs/{later['id']}/remove")
+        assert live.status_code == 409 and "cancel it first" in live.json()["detail"], live.text
+
+        assert client.delete(f"/api/jobs/{waiting['id']}").json()["state"] == "cancelled"
+        removed = client.post(f"/api/jobs/{done['id']}/remove")
+        assert removed.status_code == 200, removed.text
+        assert (removed.json()["id"], removed.json()["state"]) == (done["id"], "completed")
+        folder = server.data_dir / "jobs" / done["id"]
+        assert not folder.exists()
+        for path in (f"/api/jobs/{done['id']}", f"/api/jobs/{done['id']}/log"):
+            assert client.get(path).status_code == 404, path
+        assert done["id"] not in [job["id"] for job in client.get("/api/jobs").json()["jobs"]]
+        assert client.post(f"/api/jobs/{done['id']}/remove").status_code == 404
+        # Its key is free again: the same key makes a new job.
+        again = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}},
+                            headers={"Idempotency-Key": "nightly-1"}).json()
+        assert again["id"] != done["id"]
+        client.delete(f"/api/jobs/{later['id']}")
+
+
 def test_events_stream_every_change_and_close(server: Server) -> None:
     with server.client() as client:
         job = client.post("/api/jobs", json={"kind": "sleep",
@@ -255,7 +290,7 @@ BAD_PATHS = ["/api/jobs/..%2F..%2Fetc%2Fpasswd", "/api/jobs/ABCDEF" + "0" * 26,
 def test_bad_ids_are_404_for_every_job_route(server: Server, path: str) -> None:
     with server.client() as client:
         for method, suffix in [("GET", ""), ("DELETE", ""), ("GET", "/log"),
-                               ("GET", "/events")]:
+                               ("GET", "/events"), ("POST", "/remove")]:
             answer = client.request(method, path + suffix)
             # A NUL in a path is refused before any route (the guard's control characters).
             expected = 400 if "%00" in path else 404
@@ -401,6 +436,7 @@ def test_token_required_on_every_api_route(make_server: MakeServer) -> None:
     routes = [("GET", "/api/health"), ("GET", "/api/history"), ("GET", "/api/jobs"),
               ("POST", "/api/jobs"), ("GET", job_path), ("DELETE", job_path),
               ("GET", job_path + "/log"), ("GET", job_path + "/events"),
+              ("POST", job_path + "/remove"),
               ("POST", "/api/ai_chat_async"), ("GET", f"/api/ai_chat_result/{'0' * 32}")]
     with server.client() as client:
         for method, path in routes:

@@ -240,6 +240,24 @@ def test_cancel_several_and_retry(server: Server) -> None:
     for args in ([], [later[0], "--state", "queued"], ["--kind", "sleep"]):
         assert cli(url, "cancel", *args).returncode == 2, args
 
+    # Finished jobs removed now, as `pueue remove ID` and `pueue clean`.
+    busy = cli(url, "remove", new["id"], edited_id := json.loads(edited.stdout)["id"])
+    assert busy.returncode == 0 and busy.stdout.split() == [new["id"], "removed", edited_id,
+                                                            "removed"], busy
+    live = cli(url, "submit", "sleep", "--input", '{"seconds": 120}').stdout.strip()
+    kept = cli(url, "remove", live)
+    assert kept.returncode == 6 and "cancel it first" in kept.stderr, kept
+    cleaned = cli(url, "remove", "--state", "cancelled", "--kind", "sleep", "--json")
+    assert cleaned.returncode == 0, cleaned
+    assert sorted(job["id"] for job in json.loads(cleaned.stdout)) == sorted([*ids, *later])
+    left = json.loads(cli(url, "list", "--json").stdout)
+    assert [job["id"] for job in left] == [live], left
+    assert cli(url, "remove", ids[0]).returncode == 5
+    for args in ([], [live, "--state", "finished"], ["--kind", "sleep"],
+                 ["--state", "running"]):
+        assert cli(url, "remove", *args).returncode == 2, args
+    cli(url, "cancel", live)
+
 
 def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: MakeServer,
                                                                tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from jobs.api.service import (
     KeyInFlight,
     NotRerunnable,
     Overloaded,
+    StillNeeded,
 )
 from jobs.kinds import InvalidInput, UnknownKind
 from jobs.store.job_store import JobNotFound, StoreUnavailable
@@ -47,7 +48,7 @@ async def _conflict(request: Request, exc: Exception) -> JSONResponse:
     return _detail(409, f"{exc}: there is nothing to cancel", job=public(exc.job))
 
 
-async def _not_rerunnable(request: Request, exc: Exception) -> JSONResponse:
+async def _refused(request: Request, exc: Exception) -> JSONResponse:
     return _detail(409, str(exc))
 
 
@@ -109,8 +110,9 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(InvalidInput, _unprocessable)
     app.add_exception_handler(IdempotencyConflict, _unprocessable)
     app.add_exception_handler(AlreadyFinished, _conflict)
-    app.add_exception_handler(NotRerunnable, _not_rerunnable)
-    app.add_exception_handler(BeingForgotten, _not_rerunnable)
+    app.add_exception_handler(NotRerunnable, _refused)
+    app.add_exception_handler(BeingForgotten, _refused)
+    app.add_exception_handler(StillNeeded, _refused)
     app.add_exception_handler(KeyInFlight, _key_in_flight)
     app.add_exception_handler(Overloaded, _overloaded)
     app.add_exception_handler(StoreUnavailable, _unavailable)

@@ -1,4 +1,4 @@
-"""/api/jobs: submit, list, read, cancel, re-run, follow (server-sent events), log."""
+"""/api/jobs: submit, list, read, cancel, re-run, remove, follow (server-sent events), log."""
 
 from __future__ import annotations
 
@@ -83,6 +83,15 @@ async def get_job(job_id: str, service: Service) -> dict[str, Any]:
 async def cancel_job(job_id: str, service: Service) -> dict[str, Any]:
     """Cancel: a queued job never starts; a running job's whole process tree is stopped."""
     return await service.cancel(job_id)
+
+
+@router.post("/jobs/{job_id}/remove", response_model=Job,
+             responses={409: {"description": "the job has not finished, or a queued job "
+                                             "depends on it"}})
+async def remove_job(job_id: str, service: Service) -> dict[str, Any]:
+    """Delete a finished job now (its file, log and records; a chat turn's question and
+    reply), as pruning would later; answers the job as it was."""
+    return await service.remove(job_id)
 
 
 @router.get("/jobs/{job_id}/log", response_class=PlainTextResponse)

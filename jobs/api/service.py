@@ -88,6 +88,10 @@ class NotRerunnable(Exception):
     """A job still queued or running was asked to run again."""
 
 
+class StillNeeded(Exception):
+    """A job asked to be removed that has not finished, or that a queued job depends on."""
+
+
 class BeingForgotten(Exception):
     """A turn sent to a conversation while it is being forgotten."""
 
@@ -426,6 +430,25 @@ class JobService:
             if time.monotonic() > deadline or all(
                     job.get(p.F_STATE) in p.FINAL_STATES for job in jobs.values()):
                 return jobs
+
+    async def remove(self, job_id: str) -> dict[str, Any]:
+        """Delete a finished job now, with all it left (job file, log, records, its
+        Idempotency-Key), as pruning would later; the job as it was."""
+        job = await run_in_threadpool(self.store.read, job_id)
+        state = job.get(p.F_STATE)
+        if state not in p.FINAL_STATES:
+            raise StillNeeded(f"job {job_id} is {state}: only a finished job is removed; "
+                              "cancel it first")
+        waiting = await run_in_threadpool(self.store.waiting_on, job_id)
+        if waiting:
+            raise StillNeeded(
+                f"job {job_id} is kept: {len(waiting)} queued job(s) depend on it "
+                f"({', '.join(waiting[:5])}) and would fail without it; remove it once they "
+                "have started, or cancel them first")
+        if not await run_in_threadpool(self.store.remove, job_id):
+            raise StoreUnavailable(f"cannot delete job {job_id}'s folder",
+                                   "The job may be removed in part")
+        return job
 
     async def erase_session(self, session_id: str) -> tuple[int, list[str]]:
         """Forget a conversation: its turns still answering are stopped first, then every
