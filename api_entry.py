@@ -88,6 +88,12 @@ def usable_settings() -> Settings:
         cannot_start(f"refusing to serve on {settings.host} without OFFLOAD_API_TOKEN: "
                      "anyone on the network could run jobs. Set OFFLOAD_API_TOKEN (make one "
                      f"with: {MAKE_TOKEN}) or listen on 127.0.0.1.")
+    open_to_all = [each for each in settings.cors_origin_list if each in ("*", "null")]
+    if open_to_all and settings.api_token is None:
+        cannot_start(f"refusing OFFLOAD_CORS_ORIGINS={open_to_all[0]} without OFFLOAD_API_TOKEN: "
+                     "the pages of any site you visit could read your jobs and chats. Name "
+                     "the origins that may (https://app.example.com), or set "
+                     f"OFFLOAD_API_TOKEN (make one with: {MAKE_TOKEN}).")
     return settings
 
 

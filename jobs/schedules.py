@@ -57,6 +57,7 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # a file name on every system, a
 _EVERY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_EVERY_S = 1.0
+MAX_EVERY_S = 36500 * 86400.0  # a hundred years: its next run is still a date
 FIELDS = ("kind", "every", "cron", "timezone", "input", "priority", "timeout_s")
 # Cron's own names for its common times (not @reboot: a schedule runs by the clock).
 CRON_NAMES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
@@ -147,6 +148,8 @@ def parse_every(value: object) -> float:
                          f"\"90s\", \"30m\", \"6h\" or \"1d\", not {value!r}")
     if not math.isfinite(seconds) or seconds < MIN_EVERY_S:
         raise ValueError(f"`every` must be at least {MIN_EVERY_S:g} s, not {value!r}")
+    if seconds > MAX_EVERY_S:
+        raise ValueError(f"`every` must be at most \"36500d\" (a hundred years), not {value!r}")
     return seconds
 
 

@@ -249,6 +249,12 @@ class Settings(BaseSettings):
                 f"OFFLOAD_API_TOKEN is too weak ({what}; at least {MIN_TOKEN_CHARS} needed). "
                 f"Make one with: {MAKE_TOKEN} (or unset OFFLOAD_API_TOKEN to serve on "
                 "127.0.0.1 only)")
+        if not all("!" <= char <= "~" for char in token):
+            # A header carries it: the CLI and browsers send other characters as Latin-1,
+            # the guard compares UTF-8, so a token like `pässwort...` never matched.
+            raise ValueError("OFFLOAD_API_TOKEN holds a space, a control character or a "
+                             f"letter beyond ASCII: a header cannot carry it as it is. Make "
+                             f"one with: {MAKE_TOKEN}")
         return SecretStr(token)
 
     @field_validator("openai_base_url")

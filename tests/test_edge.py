@@ -51,7 +51,8 @@ def _command(how: str, port: int) -> list[str]:
 
 @pytest.mark.parametrize(("how", "token"), [
     ("api_entry", ""), ("uvicorn", ""), ("gunicorn", ""),  # an unset variable in a compose file
-    ("uvicorn", "   "), ("uvicorn", "short-but-15-ch")])
+    ("uvicorn", "   "), ("uvicorn", "short-but-15-ch"),
+    ("uvicorn", "pässwörd-0123456789abc")])  # the CLI and browsers send it as Latin-1
 def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
                                      data_dir: Path) -> None:
     if how == "gunicorn" and sys.platform == "win32":
@@ -64,7 +65,7 @@ def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
         while proc.poll() is None:
             try:  # the attack: an empty token matched `Authorization: Bearer`
                 answer = httpx.get(f"http://127.0.0.1:{port}/api/jobs", timeout=2,
-                                   headers={"Authorization": f"Bearer {token}".rstrip()})
+                                   headers={b"Authorization": f"Bearer {token}".rstrip().encode()})
             except httpx.HTTPError:
                 pass
             else:
@@ -75,7 +76,9 @@ def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
         stop_process(proc)
     output = log.read_text(errors="replace")
     assert proc.returncode != 0
-    assert "OFFLOAD_API_TOKEN is too weak" in output, output[-3000:]
+    said = ("OFFLOAD_API_TOKEN is too weak" if token.isascii()
+            else "OFFLOAD_API_TOKEN holds a space, a control character or a letter beyond ASCII")
+    assert said in output, output[-3000:]
     assert "secrets.token_urlsafe(32)" in output  # says how to make a good one
     assert "Traceback" not in output, output[-3000:]  # a setting to mend, not a crash
     if token.strip():
@@ -84,7 +87,7 @@ def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
 
 @pytest.mark.parametrize(("how", "problem"), [
     ("uvicorn", "open"), ("api_entry", "open"), ("uvicorn", "kind"), ("api_entry", "schedule"),
-    ("uvicorn", "hosts")])
+    ("uvicorn", "hosts"), ("uvicorn", "cors"), ("api_entry", "cors"), ("uvicorn", "ages")])
 def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp_path: Path,
                                                      data_dir: Path) -> None:
     """Settings that stop the start are said as such, not as a traceback."""
@@ -101,6 +104,14 @@ def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp
     elif problem == "kind":
         env["OFFLOAD_KINDS"] = "sleep=runners.train"
         said = "job kind 'sleep' is defined twice"
+    elif problem == "cors":  # without a token, every site's pages could read the chats
+        env["OFFLOAD_CORS_ORIGINS"] = "https://app.example, *" if how == "uvicorn" else "null"
+        said = (f"refusing OFFLOAD_CORS_ORIGINS={'*' if how == 'uvicorn' else 'null'} without "
+                "OFFLOAD_API_TOKEN")
+    elif problem == "ages":  # its next run was no date: /api/schedules answered 500
+        bad_schedules.write_text('[beat]\nkind = "sleep"\nevery = 1e300\n')
+        env["OFFLOAD_SCHEDULES_FILE"] = str(bad_schedules)
+        said = f"{bad_schedules}, schedule [beat]: `every` must be at most \"36500d\""
     elif problem == "hosts":  # read as '' before, it let every Host that reads as '' in
         env["OFFLOAD_ALLOWED_HOSTS"] = "offload.test, http://offload.test"
         said = "a setting is wrong"

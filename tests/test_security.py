@@ -6,6 +6,7 @@ import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from jobs import protocol as p
 from tests.conftest import wait_for
 from tests.fake_llm import FakeLLM
+from tests.http_fake import JSONHandler, ScriptedServer
 from tests.server import Server
 
 MakeServer = Callable[..., Server]
@@ -218,6 +220,29 @@ def test_api_key_never_shows(make_server: MakeServer, llm: FakeLLM, data_dir: Pa
     assert len(files) > 3
     for path in files:
         assert SENTINEL not in path.read_text(errors="replace"), path
+
+
+class _KeyQuoting(JSONHandler):
+    """A model server that refuses the key and quotes it, as some proxies do."""
+
+    def do_GET(self) -> None:
+        key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        self.send_response(401, f"invalid api key {key}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_a_model_server_quoting_the_key_shows_it_nowhere(make_server: MakeServer) -> None:
+    # /api/health said "not reachable at ...: invalid api key sk-...", to every holder of
+    # the API token.
+    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), _KeyQuoting)) as fake:
+        server = make_server(env={"OPENAI_BASE_URL": f"http://127.0.0.1:{fake.port}/v1",
+                                  "OPENAI_API_KEY": SENTINEL})
+        with server.client() as client:
+            llm = wait_for(lambda: (h := client.get("/api/health").json()["llm"])["detail"]
+                           != "not checked yet" and h, 30, what="the model server's check")
+    assert "invalid api key [redacted]" in llm["detail"], llm
+    assert SENTINEL not in str(llm)
 
 
 def test_event_streams_are_bounded(make_server: MakeServer) -> None:

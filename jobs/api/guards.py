@@ -47,7 +47,8 @@ class RequestGuard:
         # No page of ours shows in another site's frame, where that site could lure clicks
         # onto its buttons (clickjacking), but in those of OFFLOAD_CORS_ORIGINS, which may
         # change things anyway. X-Frame-Options: for browsers without CSP, which deny all.
-        ancestors = " ".join(settings.cors_origin_list) or "'none'"
+        ancestors = " ".join(each for each in settings.cors_origin_list
+                             if each not in ("*", "null")) or "'none'"
         self.frame_headers = [(b"content-security-policy", f"frame-ancestors {ancestors}".encode()),
                               (b"x-frame-options", b"DENY")]
 

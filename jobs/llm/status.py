@@ -52,11 +52,13 @@ class LLMStatus:
         except (OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc  # URLError wraps the socket error
             reason = getattr(reason, "strerror", None) or reason
-            self.ready, self.detail = False, f"not reachable at {self.base_url}: {reason}"
+            # The server's own words may quote the key it was sent.
+            self.ready, self.detail = False, self._server.redact(
+                f"not reachable at {self.base_url}: {reason}")
             return False
         models = _models(body)
         if not isinstance(models, list):
-            self.ready, self.detail = False, (
+            self.ready, self.detail = False, self._server.redact(
                 f"the LLM server answered /models with {models}, not "
                 '{"data": [...]}; is OPENAI_BASE_URL an OpenAI-compatible API (ending in /v1)?')
             return False
