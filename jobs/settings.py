@@ -14,10 +14,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import InitErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jobs.protocol import unsafe_way
 from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url
 
 ENV_PREFIX = "OFFLOAD_"  # of every variable below but OpenAI's own two
@@ -214,9 +222,13 @@ class Settings(BaseSettings):
 
     @field_validator("data_dir", "schedules_file")
     @classmethod
-    def _absolute(cls, value: Path) -> Path:
+    def _absolute(cls, value: Path, info: ValidationInfo) -> Path:
         # Runners get absolute paths, whatever folder they run in.
-        return value.expanduser().resolve()
+        path = value.expanduser().absolute()
+        if info.field_name == "data_dir" and (problem := unsafe_way(str(path))) is not None:
+            raise ValueError(f"{problem}, which could send the data folder elsewhere or put "
+                             "its own in its place: set OFFLOAD_DATA_DIR to a folder of your own")
+        return path.resolve()
 
     @field_validator("allowed_hosts")
     @classmethod

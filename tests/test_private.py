@@ -218,6 +218,66 @@ def test_a_data_folder_of_another_account_is_refused(first: str, other_account: 
     assert sorted(each.name for each in data_dir.iterdir()) == ["supervisor.log"]
 
 
+@pytest.mark.parametrize("way", ["their link", "a folder open to all", "their folder"])
+def test_a_data_folder_another_account_can_redirect_or_swap_is_refused(
+        way: str, other_account: str, tmp_path: Path) -> None:
+    # Their link in a shared folder sent the data folder to a folder of ours, whose files
+    # were tightened and filled with jobs; from a folder above it that they could change,
+    # they swapped the data folder for their own, with a job and a log linked to our file.
+    import pwd  # POSIX only
+
+    uid = pwd.getpwnam(other_account).pw_uid
+    ours = tmp_path / "ours"
+    ours.mkdir(mode=0o755)
+    (ours / "notes.txt").write_text("mine\n")
+    (ours / "notes.txt").chmod(0o644)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp: each one's entries are its own
+    if way == "their link":
+        data = shared / "offload-data"
+        data.symlink_to(ours)
+        os.lchown(data, uid, -1)
+        said = f"{data} is a link of another account (uid {uid})"
+    elif way == "a folder open to all":
+        (tmp_path / "open").mkdir()
+        (tmp_path / "open").chmod(0o777)
+        data = tmp_path / "open" / "data"
+        said = f"every account may change the folder {tmp_path / 'open'} above it"
+    else:
+        (shared / "theirs").mkdir()
+        shutil.chown(shared / "theirs", other_account)
+        data = shared / "theirs" / "data"
+        said = f"the folder {shared / 'theirs'} above it belongs to another account (uid {uid})"
+    out = tmp_path / "api.out"
+    server = Server(data, out, NO_MODEL)
+    try:
+        with pytest.raises(AssertionError, match="server did not start"):
+            server.start()
+    finally:
+        server.stop()
+    assert said in out.read_text(), out.read_text()[-2000:]
+    assert "Traceback" not in out.read_text()
+    assert sorted(each.name for each in ours.iterdir()) == ["notes.txt"]
+    assert (_mode(ours), _mode(ours / "notes.txt")) == (0o755, 0o644)
+    assert not (tmp_path / "open" / "data").exists()
+
+
+def test_a_link_in_place_of_a_log_is_not_written_through(make_server: MakeServer,
+                                                          data_dir: Path, tmp_path: Path) -> None:
+    # A runner's output was appended (and capped) through whatever stood at job.log.
+    server = make_server(env=NO_MODEL)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine\n")
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"kind": "probe", "delay_s": 2, "input": {
+            "spew": True, "seconds": 0.2}}).json()
+        (data_dir / "jobs" / job["id"] / p.LOG_FILE).symlink_to(mine)
+        ended = _final(client, job["id"])
+    assert ended["state"] == "failed" and "symbolic links" in ended["error"]["message"], ended
+    assert mine.read_text() == "mine\n"
+
+
 # One request, run as another account by the system's Python: prints status and body.
 REQUEST = ("import sys, urllib.request, urllib.error\n"
            "req = urllib.request.Request(sys.argv[1], method=sys.argv[2])\n"

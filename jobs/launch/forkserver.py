@@ -187,7 +187,7 @@ class _Server:
         if edited_since(self.files):
             return None
         try:
-            forked = _fork_ahead(self.replies, self._fds())
+            forked = _fork_a_child(self.replies, self._fds())
         except OSError as exc:  # EMFILE, EAGAIN, ENOMEM: nothing asked for it, so no answer
             # The next request gets a child forked for it, and the one after is ahead again.
             print(f"fork server: cannot fork a child ahead: {exc}", file=sys.stderr, flush=True)
@@ -268,7 +268,7 @@ class _Ahead:
             self.fd = -1
 
 
-def _fork_ahead(replies: int, server_fds: tuple[int, ...]) -> _Ahead | dict[str, Any]:
+def _fork_a_child(replies: int, server_fds: tuple[int, ...]) -> _Ahead | dict[str, Any]:
     """In the server, the child forked; in the child, once it has become the runner of
     the request it waited for, that request."""
     if sys.platform == "win32":
@@ -292,7 +292,7 @@ def _fork_ahead(replies: int, server_fds: tuple[int, ...]) -> _Ahead | dict[str,
             os._exit(0)  # dropped, or the server is gone: no job, nothing to say
         unanswered = True
         request: dict[str, Any] = json.loads(line)
-        log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log_fd = p.open_log(request["log"])
         unanswered = False  # the pid is the first thing it sends
         # Its runner hears on this pipe that the supervisor has put its claim on disk.
         if said == p.DURABLE_WORD:
@@ -346,7 +346,7 @@ def _fork(request: dict[str, Any], stale: bool, replies: int,
           server_fds: tuple[int, ...]) -> int:
     if sys.platform == "win32":
         raise OSError("no fork on Windows")
-    log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log_fd = p.open_log(request["log"])
     try:
         pid: int = os.fork()
     except OSError:

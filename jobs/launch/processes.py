@@ -211,7 +211,7 @@ def _posix_spawn(argv: list[str], env: dict[str, str],
             os.close(stdin_r)
             os.close(stdout_w)
         return pid, (stdin_w, stdout_r)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log_fd = p.open_log(log_path)
     try:
         return os.posix_spawn(
             argv[0], argv, env, setpgroup=0,  # its own process group, as in _popen
@@ -246,7 +246,7 @@ def _popen(argv: list[str], env: dict[str, str],
         return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True,
             env=env, cwd=p.ROOT, **kwargs)
-    with open(log_path, "ab") as log_file:
+    with open(p.open_log(log_path), "ab") as log_file:
         return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
             argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             close_fds=True, env=env, cwd=p.ROOT, **kwargs)

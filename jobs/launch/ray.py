@@ -251,7 +251,10 @@ class RayLauncher(Launcher):
     def _append_log(self, run: RemoteRun, text: str) -> None:
         path = p.sibling(run.job_file, p.LOG_FILE)
         # Its first write replaces the file: an adopted job's log is rebuilt from Ray's.
-        with open(path, "ab" if run.logged else "wb") as f:
+        fd = p.open_log(path)
+        if not run.logged:
+            os.ftruncate(fd, 0)
+        with open(fd, "ab") as f:
             f.write(text.encode())
         run.logged = True
         if self.log_max_bytes is not None:

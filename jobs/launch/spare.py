@@ -70,8 +70,7 @@ def _become_runner(log_path: str) -> None:
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             stream.flush()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0)
-    log_fd = os.open(log_path, flags, 0o600)
+    log_fd = p.open_log(log_path)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(log_fd, 1)

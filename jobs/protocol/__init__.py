@@ -285,6 +285,37 @@ def private_files() -> None:
         os.umask(PRIVATE_UMASK)
 
 
+def unsafe_way(path: str) -> str | None:
+    """Why another account could send the data folder at `path` (absolute, as given)
+    elsewhere or swap it for its own, if it could: a link of its own on the way there, or
+    a folder above it that it owns or that every account may change (unlike /tmp, whose
+    sticky bit keeps each one's entries its own)."""
+    if sys.platform == "win32":
+        return None
+    trusted = {os.geteuid(), 0}
+    way = os.sep
+    for part in filter(None, path.split(os.sep)):
+        way = os.path.join(way, part)
+        try:
+            st = os.lstat(way)
+        except OSError:
+            break  # not there yet: made by this account
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in trusted:
+            return f"{way} is a link of another account (uid {st.st_uid})"
+    folder = os.path.realpath(path)
+    while (above := os.path.dirname(folder)) != folder:
+        folder = above
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue
+        if st.st_uid not in trusted:
+            return f"the folder {folder} above it belongs to another account (uid {st.st_uid})"
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            return f"every account may change the folder {folder} above it"
+    return None
+
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -543,6 +574,15 @@ def log_tail(job_file: StrPath, max_lines: int = 20, max_bytes: int = 4096) -> s
     return "\n".join(text.splitlines()[-max_lines:])
 
 
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not through a link put in a log's place
+
+
+def open_log(path: StrPath) -> int:
+    """A job's log, opened to append to (made 0600), never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | NO_FOLLOW | getattr(os, "O_BINARY", 0)
+    return os.open(path, flags, 0o600)
+
+
 def cap_log(path: StrPath, max_bytes: int) -> int:
     """Shrink a log over `max_bytes` in place to its head, a note of what was dropped,
     and its latest output; returns the bytes dropped. The runner appends (O_APPEND), so
@@ -552,7 +592,7 @@ def cap_log(path: StrPath, max_bytes: int) -> int:
         if size <= max_bytes:
             return 0
         head, tail = max_bytes // 4, max_bytes // 2
-        with open(path, "r+b") as f:
+        with open(os.open(path, os.O_RDWR | NO_FOLLOW), "r+b") as f:
             f.seek(max(head, size - tail))
             kept = f.read()
             note = (f"\n[... log capped at {max_bytes} bytes: older output dropped, its start "
