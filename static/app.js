@@ -88,6 +88,10 @@ async function refreshHealth() {
   setField("queued", String(h.queued ?? "—"));
   setField("max", String(h.max_concurrent ?? "—"));
   setField("version", String(h.version ?? "—"));
+  // A full disk or a data folder that cannot be written: new jobs are refused meanwhile.
+  if (Array.isArray(h.problems)) {
+    setField("storage", h.problems.length ? h.problems.join("; ") : "ok", h.problems.length ? "warn" : "ok");
+  }
   noteQueue(h.queue);
 }
 

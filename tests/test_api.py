@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -469,11 +471,40 @@ def test_unwritable_data_folder_answers_503(server: Server) -> None:
             assert chat.status_code == 503
             assert client.get(f"/api/jobs/{kept['id']}").json()["state"] == "completed"
             assert client.get("/api/jobs").status_code == 200
+            # It said "ok" meanwhile, to the checks that watch it.
+            health = client.get("/api/health").json()
+            assert health["status"] == "degraded", health
+            assert health["problems"][0].startswith("the data folder could not be written ")
+            status = subprocess.run([sys.executable, "-m", "jobs", "status"], env={
+                **os.environ, "OFFLOAD_URL": server.url}, capture_output=True, text=True)
+            assert status.returncode == 7 and "could not be written" in status.stderr, status
         finally:
             subprocess.run(["chattr", "-i", str(jobs_dir)], check=True)
         assert {f: f.read_bytes() for f in jobs_dir.rglob("*") if f.is_file()} == before
         again = client.post("/api/jobs", json={"kind": "sleep"})
         assert again.status_code == 202
+        assert client.get("/api/health").json()["problems"] == []
+
+
+def test_a_data_folder_on_a_nearly_full_disk_is_said_by_health(make_server: MakeServer,
+                                                                tmp_path: Path) -> None:
+    import subprocess
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
+                              str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()[:200]}")
+    try:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var")})
+        with server.client() as client:
+            health = client.get("/api/health").json()
+            assert health["status"] == "degraded", health
+            assert "the data folder's disk has " in health["problems"][0], health
+            assert "KiB free" in health["problems"][0]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)  # once its server has stopped
 
 
 def test_history_and_health(server: Server) -> None:

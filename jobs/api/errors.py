@@ -66,6 +66,7 @@ async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.error("store unavailable: %s", exc)
     assert isinstance(exc, StoreUnavailable)
+    request.app.state.service.failed_to_write(str(exc))  # /api/health says so
     return _detail(503, f"{exc}. {exc.outcome}; check that the data folder exists, is "
                         "writable and has free space, then retry.")
 

@@ -77,8 +77,9 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
         age = await run_in_threadpool(metrics.last_sample_age_s)
         supervisor = "stalled" if age is not None and age > SUPERVISOR_STALLED_S else "running"
     queue = await run_in_threadpool(queue_view, service.settings)
+    problems = await run_in_threadpool(service.storage_problems)
     return {
-        "status": "ok", "version": VERSION,
+        "status": "degraded" if problems else "ok", "problems": problems, "version": VERSION,
         "running": counts[p.JobState.RUNNING], "queued": counts[p.JobState.QUEUED],
         "max_concurrent": queue["max_concurrent"],
         "supervisor": supervisor,

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 import zlib
@@ -119,6 +120,8 @@ class _Key:
 
 
 ERASE_ROUNDS = 3  # a conversation's turns listed, stopped and deleted again, at most
+UNWRITABLE_SAID_S = 60.0  # a failed write is said by /api/health this long (or until one works)
+LOW_DISK_BYTES = 8 << 20  # less free on the data folder's disk is said by /api/health
 
 
 class JobService:
@@ -133,6 +136,35 @@ class JobService:
         # worker never both follow the same job, and other sessions seldom wait.
         self._turn_locks = [threading.Lock() for _ in range(TURN_LOCKS)]
         self._forgetting: set[str] = set()  # sessions being erased: no new turn meanwhile
+        self._unwritable: tuple[float, str] | None = None  # the last failed write: when, why
+
+    # -- the data folder's health --------------------------------------------------------
+
+    def failed_to_write(self, why: str) -> None:
+        """A request could not write the data folder (a full disk, say)."""
+        self._unwritable = (time.monotonic(), why)
+
+    def storage_problems(self) -> list[str]:
+        """What keeps jobs from being stored now, in words (blocking: a statvfs)."""
+        problems = []
+        if self._unwritable is not None:
+            ago = time.monotonic() - self._unwritable[0]
+            if ago < UNWRITABLE_SAID_S:
+                problems.append(f"the data folder could not be written {ago:.0f} s ago: "
+                                f"{self._unwritable[1]}")
+        # The jobs folder is made with the first job: until then, the disk of the nearest
+        # folder that is there.
+        there = next((each for each in (self.store.dir, *self.store.dir.parents)
+                      if each.is_dir()), self.store.dir)
+        try:
+            free = shutil.disk_usage(there).free
+        except OSError as exc:
+            problems.append(f"the data folder's disk cannot be looked at: {exc.strerror or exc}")
+        else:
+            if free < LOW_DISK_BYTES:
+                problems.append(f"the data folder's disk has {free // 1024} KiB free: jobs may "
+                                "not be stored or run; free some space")
+        return problems
 
     # -- submit ------------------------------------------------------------------------
 
@@ -207,10 +239,12 @@ class JobService:
             if session:
                 fields = {**fields, **self._take_turn(session, job_input)}
             try:
-                return self.store.create(kind, job_input, timeout_s, job_id=job_id,
-                                         key_name=key.name if key else None, fields=fields,
-                                         created=created,
-                                         on_stored=functools.partial(poke, self.store.dir))
+                job = self.store.create(kind, job_input, timeout_s, job_id=job_id,
+                                        key_name=key.name if key else None, fields=fields,
+                                        created=created,
+                                        on_stored=functools.partial(poke, self.store.dir))
+                self._unwritable = None  # it can be written again
+                return job
             except StoreUnavailable:
                 if key is not None:
                     self.store.keys.drop_own(key.name)
