@@ -29,8 +29,8 @@ class Dependencies:
         self._is_live = is_live
         self._is_final = is_final
         self._queued_key = queued_key
-        self._on: dict[str, tuple[str, ...]] = {}  # a queued job -> the jobs it depends on
-        self._of: dict[str, set[str]] = {}  # a job -> the queued jobs that depend on it
+        self._depends_on: dict[str, tuple[str, ...]] = {}  # a queued job -> the jobs it waits for
+        self._dependents: dict[str, set[str]] = {}  # a job -> the queued jobs that depend on it
         # Queued jobs to look at soon: a job they depend on ended without completing, or
         # had ended before this supervisor saw them.
         self._look_at: set[str] = set()
@@ -39,27 +39,27 @@ class Dependencies:
 
     def note(self, job_id: str, data: dict[str, Any]) -> None:
         """A queued job, as its file says (again, when it was edited since)."""
-        on = p.dependencies(data)
-        if self._on.get(job_id, ()) == on:
+        depends_on = p.dependencies(data)
+        if self._depends_on.get(job_id, ()) == depends_on:
             return
-        self._on[job_id] = on
-        for each in on:
-            self._of.setdefault(each, set()).add(job_id)
-        if any(each not in self._completed and self._is_final(each) for each in on):
+        self._depends_on[job_id] = depends_on
+        for each in depends_on:
+            self._dependents.setdefault(each, set()).add(job_id)
+        if any(each not in self._completed and self._is_final(each) for each in depends_on):
             self._look_at.add(job_id)
 
     def ended(self, job_id: str, state: object = None) -> None:
         """A job ended in `state` (None: not known), or was found so: unless it completed,
         the jobs that depend on it are looked at. (One that completed fails none: they
         start in their turn.)"""
-        dependents = self._of.get(job_id)
+        dependents = self._dependents.get(job_id)
         if not dependents:
             return
         if state == p.JobState.COMPLETED:
             self._completed.add(job_id)
         else:
             self._look_at.update(each for each in dependents
-                                 if job_id in self._on.get(each, ()))
+                                 if job_id in self._depends_on.get(each, ()))
 
     def to_look_at(self) -> Iterator[str]:
         """The queued jobs to look at, each once (a job the caller ends meanwhile has its
@@ -69,9 +69,10 @@ class Dependencies:
 
     def blocker(self, job_id: str, data: dict[str, Any]) -> str | None:
         """The first job this one depends on that has not ended; None when none is left,
-        or when they lead back to it (it is to fail: see `unmet`)."""
+        or when they lead back to it (it is to fail: see `unmet`). Notes the job first, as
+        its file says now."""
         self.note(job_id, data)
-        for each in self._on.get(job_id, ()):
+        for each in self._depends_on.get(job_id, ()):
             if each != job_id and self._is_live(each):
                 return None if self._in_a_circle(job_id, data) else each
         return None
@@ -91,26 +92,27 @@ class Dependencies:
             state = ended.get(p.F_STATE)
             if state != p.JobState.COMPLETED:
                 return f"the job it depends on, {each}, ended {state}"
-            if each in self._of:
+            if each in self._dependents:
                 self._completed.add(each)  # read once
         return None
 
     def keep_for(self, queued: set[str]) -> set[str]:
         """Forget the jobs no longer queued; the jobs that the queued ones depend on (a
         finished one among them is kept from pruning: its dependents may start later)."""
-        self._on = {job_id: on for job_id, on in self._on.items() if job_id in queued}
-        self._of = {}
-        for job_id, on in self._on.items():
+        self._depends_on = {job_id: each for job_id, each in self._depends_on.items()
+                            if job_id in queued}
+        self._dependents = {}
+        for job_id, on in self._depends_on.items():
             for each in on:
-                self._of.setdefault(each, set()).add(job_id)
-        self._completed &= self._of.keys()
-        return set(self._of)
+                self._dependents.setdefault(each, set()).add(job_id)
+        self._completed &= self._dependents.keys()
+        return set(self._dependents)
 
     def _in_a_circle(self, job_id: str, data: dict[str, Any]) -> bool:
         """Whether following the dependencies from this job comes back to it; walked only
         from a job that depends on a later one still queued."""
         mine = p.queue_key(data)[1:]
-        on = self._on.get(job_id, ())
+        on = self._depends_on.get(job_id, ())
         if not any((key := self._queued_key(each)) is not None and key[1:] > mine
                    for each in on):
             return False
@@ -122,5 +124,5 @@ class Dependencies:
                 return True
             if step not in seen:
                 seen.add(step)
-                todo.extend(self._on.get(step, ()))
+                todo.extend(self._depends_on.get(step, ()))
         return False

@@ -66,12 +66,23 @@ from jobs.supervisor.schedules import Scheduler
 log = logging.getLogger(__name__)
 
 
-
 class Queued(NamedTuple):
     """A queued job as the supervisor keeps it: enough to order and cap it unread."""
 
     key: p.QueueKey
     kind: str
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> Queued:
+        return cls(p.queue_key(data), str(data.get(p.F_KIND)))
+
+
+class CapsSet(NamedTuple):
+    """The caps set while running (`queue.cap`), as last read: on all, and by kind."""
+
+    signature: Signature | None  # of the file as read; None: no file
+    overall: int | None
+    kinds: dict[str, int]
 
 
 class Supervisor:
@@ -98,8 +109,7 @@ class Supervisor:
         self.store = JobStore(jobs_dir)
         self.max_concurrent = max_concurrent  # OFFLOAD_MAX_CONCURRENT; see _runner_cap()
         self._cap_file = os.path.join(jobs_dir.parent, QUEUE_CAP_FILE)
-        # The caps set while running (`queue.cap`), as last read: overall, by kind.
-        self._cap_read: tuple[Signature | None, int | None, dict[str, int]] = (None, None, {})
+        self._caps_set = CapsSet(None, None, {})
         self._cap_now = max_concurrent  # _runner_cap(), as read at the start of this pass
         self.retention_s = retention_s
         self.max_jobs = max_jobs
@@ -154,6 +164,7 @@ class Supervisor:
                                           self._queued_key)
         self._unreadable: set[str] = set()  # said once in the log; looked at each full pass
         self._blocked = False  # the last launch could not write to the data folder
+        self._counters_unsaved = False  # the last save of the counters failed (said once)
         self._next_prune = 0.0
         self._pruned_at = 0.0
         self._counters_file = counters_file(jobs_dir.parent)
@@ -304,29 +315,31 @@ class Supervisor:
             full, self._full_wanted = self._full_wanted, False
         now = time.monotonic()
         self._cap_now = self._runner_cap()
+        # A quick pass looks only at the jobs an event named (a submission, a runner's
+        # exit); a full one, every SUPERVISOR_INTERVAL_S, lists the folder and also runs
+        # the schedules, the deadlines, the log caps and pruning.
+        full = full or now >= self._next_full
         try:
-            if not full and now < self._next_full:
+            if full:
+                self._next_full = now + SUPERVISOR_INTERVAL_S
+                if self.scheduler is not None:
+                    self.scheduler.fire(self.wake)
+                job_ids, stop_ids = self._scan()
+                self._discover(job_ids)
+                self._retry_finals(job_ids)
+                self._handle_stops(stop_ids)
+            else:
                 self._look_at(hinted)
-                self._reap()
-                self._release_due()
-                self._fail_unmet_dependents()
-                self._launch()
-                return
-            self._next_full = now + SUPERVISOR_INTERVAL_S
-            if self.scheduler is not None:
-                self.scheduler.fire(self.wake)
-            job_ids, stop_ids = self._scan()
-            self._discover(job_ids)
-            self._retry_finals(job_ids)
-            self._handle_stops(stop_ids)
             self._reap()
-            self._enforce_deadlines()
-            self._cap_logs()
-            self._recheck_waiting()
+            if full:
+                self._enforce_deadlines()
+                self._cap_logs()
+                self._recheck_waiting()
             self._release_due()
             self._fail_unmet_dependents()
             self._launch()
-            self._maybe_prune()
+            if full:
+                self._maybe_prune()
         finally:
             self._read_now.clear()
             self._save_counters()
@@ -426,7 +439,7 @@ class Supervisor:
 
     def _enqueue(self, job_id: str, data: dict[str, Any]) -> None:
         """Queue a job: on the launch order if due, else on the timers."""
-        entry = self._queued[job_id] = Queued(p.queue_key(data), str(data.get(p.F_KIND)))
+        entry = self._queued[job_id] = Queued.of(data)
         self._dependencies.note(job_id, data)
         start_at = p.run_at(data)
         if start_at is not None and start_at > time.time():
@@ -459,10 +472,13 @@ class Supervisor:
             return job_id
         return None
 
-    def _now_running(self, job_id: str, life: JobLife, kind: object) -> None:
+    def _now_running(self, job_id: str, life: JobLife, data: dict[str, Any]) -> None:
+        kind = str(data.get(p.F_KIND))
         self._running[job_id] = life
-        self._running_kind[job_id] = str(kind)
-        self._running_by_kind[str(kind)] += 1
+        self._running_kind[job_id] = kind
+        self._running_by_kind[kind] += 1
+        if (session := p.chat_session(kind, data.get(p.F_INPUT))) is not None:
+            self._running_chat_by_session[session] = job_id  # the next turn waits for it
 
     def _no_longer_running(self, job_id: str) -> None:
         del self._running[job_id]
@@ -495,9 +511,7 @@ class Supervisor:
             self._finalize(life)
             return
         log.info("job %s: adopted its %s runner", job_id, life.run.launcher)
-        self._now_running(job_id, life, data.get(p.F_KIND))
-        if (session := p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))) is not None:
-            self._running_chat_by_session[session] = job_id
+        self._now_running(job_id, life, data)
 
     def _launcher_for(self, record: dict[str, Any]) -> Launcher:
         name = str(record.get("launcher") or p.LOCAL)
@@ -552,22 +566,29 @@ class Supervisor:
             signature: Signature | None = stat_signature(os.stat(self._cap_file))
         except OSError:
             signature = None
-        if signature != self._cap_read[0]:
+        if signature != self._caps_set.signature:
             try:
-                self._cap_read = (signature, *(queue_caps(self.dir.parent) if signature
-                                               else (None, {})))
+                self._caps_set = CapsSet(signature, *(queue_caps(self.dir.parent) if signature
+                                                      else (None, {})))
             except OSError:  # out of file handles, say: read again at the next pass
                 pass
-        return self._cap_read[1] or self.max_concurrent
+        return self._caps_set.overall or self.max_concurrent
 
     def _kind_cap(self, kind: str) -> int | None:
         """Runners of `kind` alive at once: as set while running, else OFFLOAD_KIND_CAPS's
         (None: no cap of its own), as `_runner_cap` last read them."""
-        return self._cap_read[2].get(kind, self.kind_caps.get(kind))
+        return self._caps_set.kinds.get(kind, self.kind_caps.get(kind))
 
     def _launch_one(self, job_id: str) -> bool:
-        """Start one queued job; False if the data folder cannot be written now (the
-        job stays queued and launching waits for the next pass)."""
+        """Start one queued job if it may start now; False if the data folder cannot be
+        written now (the job stays queued and launching waits for the next pass)."""
+        data = self._may_start(job_id)
+        return True if data is None else self._start(job_id, data)
+
+    def _may_start(self, job_id: str) -> dict[str, Any] | None:
+        """The queued job as its file says, if it may start now; else None, and what
+        keeps it is done: ended or edited since, cancelled, waiting for a job it depends
+        on, or failed by one."""
         job_file = self._file(job_id)
         # Read once per pass: a cancel since then left its stop file, looked for below.
         data = self._read_now.pop(job_id, None)
@@ -575,23 +596,28 @@ class Supervisor:
         if fresh:
             data = p.read_json_or_none(job_file)
         if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
-            return True
+            return None
         if fresh and self._hand_edited(job_id, data):
-            return True
+            return None
         if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
             self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
                                 "cancelled before it started")
-            return True
+            return None
         blocker = self._blocker(job_id, data)
         if blocker is not None:
-            self._queued[job_id] = Queued(p.queue_key(data), str(data.get(p.F_KIND)))
+            self._queued[job_id] = Queued.of(data)
             self._waiting.setdefault(blocker, []).append(job_id)
-            return True
+            return None
         unmet = self._dependencies.unmet(job_id, data)
         if unmet is not None:
             self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.DEPENDENCY, unmet)
-            return True
-        life = JobLife(job_id, job_file, self.launcher)
+            return None
+        return data
+
+    def _start(self, job_id: str, data: dict[str, Any]) -> bool:
+        """Claim the job and start its runner; False if the data folder cannot be
+        written now (the job is queued again)."""
+        life = JobLife(job_id, self._file(job_id), self.launcher)
         try:
             started = life.start(self.kinds[data[p.F_KIND]], data, self._nudge)
         except ClaimFailed as exc:
@@ -607,9 +633,7 @@ class Supervisor:
         self._blocked = False  # a next hold-up is said again
         if started:
             self.counters.started(data, time.time())
-            self._now_running(job_id, life, data.get(p.F_KIND))
-            if (session := p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))) is not None:
-                self._running_chat_by_session[session] = job_id
+            self._now_running(job_id, life, data)
         else:
             self._settle(life)
         return True
@@ -626,7 +650,7 @@ class Supervisor:
         return True
 
     def _retry_later(self, job_id: str, data: dict[str, Any], delay_s: float) -> None:
-        entry = self._queued[job_id] = Queued(p.queue_key(data), str(data.get(p.F_KIND)))
+        entry = self._queued[job_id] = Queued.of(data)
         heapq.heappush(self._timers, (time.time() + delay_s, entry.key, job_id))
 
     def _hand_edited(self, job_id: str, data: dict[str, Any]) -> bool:
@@ -696,7 +720,7 @@ class Supervisor:
         state = (read_job(job_id, self._file(job_id)) or {}).get(p.F_STATE)
         return state in (p.JobState.QUEUED, p.JobState.RUNNING)
 
-    def _next_turn(self, ended: str, state: object = None) -> None:
+    def _let_waiters_go(self, ended: str, state: object = None) -> None:
         """A job has ended (in `state`, if known): the jobs that waited for it go back on
         the queue."""
         self._dependencies.ended(ended, state)
@@ -713,7 +737,7 @@ class Supervisor:
         was deleted, or read before it was discovered): back on the queue."""
         for blocker in list(self._waiting):
             if blocker not in self._running and blocker not in self._queued:
-                self._next_turn(blocker)
+                self._let_waiters_go(blocker)
 
     def _start_stop(self, life: JobLife, reason: str) -> None:
         self._stoppers = [t for t in self._stoppers if t.is_alive()]
@@ -742,7 +766,7 @@ class Supervisor:
     def _settle(self, life: JobLife) -> None:
         """After a final write: known final, kept to write again, or (gone) forgotten;
         the jobs that waited for it may start."""
-        self._next_turn(life.job_id, (life.final_job or {}).get(p.F_STATE)
+        self._let_waiters_go(life.job_id, (life.final_job or {}).get(p.F_STATE)
                         if life.is_final and life.unwritten is None else None)
         if life.unwritten is not None:
             self._unwritten[life.job_id] = life
@@ -827,7 +851,13 @@ class Supervisor:
         try:
             self.counters.save(self._counters_file, time.time(), self._running)
         except OSError as exc:  # kept in memory: saved with the next pass that can
-            log.warning("cannot save the job counters: %s", exc)
+            if not self._counters_unsaved:  # once, not every SAVE_EVERY_S (a full disk)
+                log.warning("cannot save the job counters (kept, saved once it can): %s", exc)
+            self._counters_unsaved = True
+        else:
+            if self._counters_unsaved:
+                log.info("the job counters are saved again")
+            self._counters_unsaved = False
 
     def _launched(self, job_id: str) -> bool:
         return os.path.exists(p.sibling(self._file(job_id), p.RUN_FILE))
