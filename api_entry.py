@@ -84,6 +84,10 @@ def usable_settings() -> Settings:
                                 *lines]))
     except (KindClash, ScheduleError) as exc:
         cannot_start(str(exc))
+    unknown = sorted(set(settings.kind_cap_map) - set(registry()))
+    if unknown:  # a typo (`trian=1`) left the kind it meant without its cap
+        cannot_start(f"OFFLOAD_KIND_CAPS names {', '.join(map(repr, unknown))}, no job kind "
+                     f"here; the kinds are {', '.join(sorted(registry()))}")
     if not settings.host_is_loopback and settings.api_token is None:
         cannot_start(f"refusing to serve on {settings.host} without OFFLOAD_API_TOKEN: "
                      "anyone on the network could run jobs. Set OFFLOAD_API_TOKEN (make one "
@@ -107,13 +111,23 @@ def cannot_start(problem: str) -> NoReturn:
 app = create_app()
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {text!r}")
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     settings = get_settings()
     parser = argparse.ArgumentParser(prog="python api_entry.py")
     parser.add_argument("--host", default=settings.host)
-    parser.add_argument("--port", type=int, default=settings.port)
+    parser.add_argument("--port", type=_port, default=settings.port)
     parser.add_argument("--no-access-log", action="store_true",
                         help="no line for each request (start_dashboard.pyw's log file "
                              "would grow with every poll of the dashboard)")

@@ -52,6 +52,7 @@ DEFAULT_PORT = "8001"
 REQUEST_TIMEOUT_S = 30.0  # a cancel waits up to 10 s on the server for the runner to stop
 STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
+POLL_S = 0.5  # how often a followed job is read where the server has no event stream to spare
 OUTPUT_DELTA = "output_delta"  # an event's appended output (jobs/api/events.py, not imported)
 STATES = [state.value for state in p.JobState]
 ENDED = [state for state in STATES if state in p.FINAL_STATES]
@@ -61,10 +62,11 @@ LIST_MAX = 1000  # the longest listing the API gives
 class Failure(Exception):
     """What ends a command early: one line for stderr and the exit code."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = status  # the server's HTTP status, where it answered one
 
 
 class Unreachable(Failure):
@@ -172,10 +174,15 @@ class Client:
         except (ValueError, AttributeError, OSError):
             detail = None
         detail = detail if isinstance(detail, str) else f"HTTP {exc.code} {exc.reason}"
+        if exc.headers.get("Retry-After"):  # a person reads no header
+            detail = detail.replace("Retry-After seconds", f"{exc.headers['Retry-After']} s")
         code = EXIT_BY_STATUS.get(exc.code, EXIT_SERVER)
+        if exc.code == 404 and detail.startswith("no API route"):  # not about a job: the address
+            code, detail = EXIT_SERVER, (f"{detail} at {self.url}: is that Offload's address "
+                                         "(as http://HOST:PORT, without /api)?")
         if exc.code == 401 and not self.token:
             detail += " (set OFFLOAD_API_TOKEN to the server's token)"
-        return Failure(code, detail)
+        return Failure(code, detail, exc.code)
 
     def call(self, method: str, path: str, body: Any = None,
              headers: dict[str, str] | None = None) -> Any:
@@ -253,11 +260,7 @@ def follow(client: Client, job_id: str,
         try:
             for event_id, fields in client.events(job_id, last_id):
                 dropped_at = None
-                if p.F_OUTPUT in fields:  # the whole output: the first event, or a restart
-                    job[p.F_OUTPUT] = fields[p.F_OUTPUT] or ""
-                elif OUTPUT_DELTA in fields:
-                    job[p.F_OUTPUT] = str(job.get(p.F_OUTPUT) or "") + fields[OUTPUT_DELTA]
-                job.update({k: v for k, v in fields.items() if k not in (p.F_OUTPUT, OUTPUT_DELTA)})
+                _apply(job, fields)
                 if event_id is not None:
                     last_id = event_id
                 on_event(fields, job)
@@ -267,6 +270,10 @@ def follow(client: Client, job_id: str,
             if not job or (dropped_at is not None
                            and time.monotonic() - dropped_at > RECONNECT_S):
                 raise
+        except Failure as exc:
+            if exc.status != 503:
+                raise
+            return _poll(client, job_id, job, on_event)  # every stream it allows is taken
         if dropped_at is not None and time.monotonic() - dropped_at > RECONNECT_S:
             raise Unreachable(f"the event stream from {client.url} kept ending before job "
                               f"{job_id} did; see it with: offload show {job_id}")
@@ -275,6 +282,35 @@ def follow(client: Client, job_id: str,
             dropped_at, pause = time.monotonic(), 0.25
         time.sleep(pause)
         pause = min(pause * 2, 2.0)
+
+
+def _apply(job: dict[str, Any], fields: dict[str, Any]) -> None:
+    """An event's fields applied to the job as known so far."""
+    if p.F_OUTPUT in fields:  # the whole output: the first event, or a restart
+        job[p.F_OUTPUT] = fields[p.F_OUTPUT] or ""
+    elif OUTPUT_DELTA in fields:
+        job[p.F_OUTPUT] = str(job.get(p.F_OUTPUT) or "") + fields[OUTPUT_DELTA]
+    job.update({k: v for k, v in fields.items() if k not in (p.F_OUTPUT, OUTPUT_DELTA)})
+
+
+def _poll(client: Client, job_id: str, job: dict[str, Any],
+          on_event: Callable[[dict[str, Any], dict[str, Any]], None]) -> dict[str, Any]:
+    """`follow` by reading the job every POLL_S, until its final state: each change as
+    an event would bring it (what changed; the output's new end, or all of it anew)."""
+    while True:
+        now = dict(client.call("GET", f"/api/jobs/{job_path(job_id)}"))
+        before, output = str(job.get(p.F_OUTPUT) or ""), str(now.get(p.F_OUTPUT) or "")
+        fields = {k: v for k, v in now.items() if k != p.F_OUTPUT and job.get(k) != v}
+        if p.F_OUTPUT not in job or not output.startswith(before):
+            fields[p.F_OUTPUT] = output
+        elif len(output) > len(before):
+            fields[OUTPUT_DELTA] = output[len(before):]
+        _apply(job, fields)
+        if fields:
+            on_event(fields, job)
+        if job.get(p.F_STATE) in p.FINAL_STATES:
+            return job
+        time.sleep(POLL_S)
 
 
 # What people read ------------------------------------------------------------------------
@@ -304,6 +340,9 @@ def _note(job: dict[str, Any]) -> str:
         percent = f"{fraction:.0%} " if isinstance(fraction, (int, float)) else ""
         return f"{percent}{progress.get('message') or ''}".strip()
     position = job.get(p.F_QUEUE_POSITION)
+    start_at = p.run_at(job)
+    if job.get(p.F_STATE) == p.JobState.QUEUED and start_at is not None and start_at > time.time():
+        return f"starts {_when(p.iso(start_at))} UTC"
     dependencies = p.dependencies(job)
     if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and dependencies:
         return (f"after {dependencies[0][:8]}" if len(dependencies) == 1
@@ -408,12 +447,15 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
 
 
 def _health_code(health: dict[str, Any]) -> int:
-    """A script's `offload status && ...`: a supervisor that is stalled launches nothing."""
+    """A script's `offload status && ...`: a supervisor that is stalled launches nothing,
+    a data folder that cannot be written stores nothing."""
+    problems = list(health.get("problems") or [])
     if health.get("supervisor") == "stalled":
-        sys.stderr.write("offload: the supervisor is stalled (no sign of life for 15 s): "
-                         "nothing starts; see supervisor.log in the data folder\n")
-        return EXIT_SERVER
-    return EXIT_OK
+        problems.append("the supervisor is stalled (no sign of life for 15 s): nothing "
+                        "starts; see supervisor.log in the data folder")
+    for problem in problems:
+        sys.stderr.write(f"offload: {problem}\n")
+    return EXIT_SERVER if problems else EXIT_OK
 
 
 def cmd_list(client: Client, args: argparse.Namespace) -> int:
@@ -443,6 +485,8 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         _print_json(jobs)
     else:
         job_table(jobs, sys.stdout)
+    if not jobs:
+        _known_kind(client, args.kind)
     if before:  # on stderr: what a script reads stays the listing
         every = "" if args.limit is not None else " (or --all)"
         sys.stderr.write(f"older ones: {_next_page(args, before)}{every}\n")
@@ -451,10 +495,25 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
 
 def _next_page(args: argparse.Namespace, before: str) -> str:
     """The `offload list` that gives the page after this one, with this one's filters."""
-    given = [part for name in ("state", "kind", "limit") if getattr(args, name) is not None
+    given = [part for name in ("url", "state", "kind", "limit")
+             if getattr(args, name, None) not in (None, False)
              for part in (f"--{name}", shlex.quote(str(getattr(args, name))))]
     return " ".join(["offload list", *given, "--before", before,
                      *(["--json"] if args.json else [])])
+
+
+def _known_kind(client: Client, kind: str | None) -> None:
+    """Where --kind matched no job: say so on stderr when it names no kind of the
+    server's (a typo; jobs of a kind removed since are still matched: no error)."""
+    if kind is None:
+        return
+    try:
+        kinds = client.call("GET", "/api/queue").get("kinds")
+    except Failure:  # an older server: nothing to say
+        return
+    if isinstance(kinds, list) and kind not in kinds:
+        sys.stderr.write(f"offload: this server runs no job kind {kind!r} (its kinds: "
+                         f"{', '.join(map(str, kinds))})\n")
 
 
 def cmd_show(client: Client, args: argparse.Namespace) -> int:
@@ -552,6 +611,12 @@ def _wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespa
         else:
             sys.stdout.write(f"{job[p.F_ID]}\n")
         return EXIT_OK
+    # Said first: Ctrl-C while it waits leaves the job running, and its id is how to reach it.
+    sys.stderr.write(f"{job[p.F_ID]} submitted; waiting for it to end (Ctrl-C stops the "
+                     "waiting, not the job)\n")
+    if job.get(p.F_STATE) == p.JobState.QUEUED and _queue_paused(client):
+        sys.stderr.write("offload: the queue is paused: it starts once resumed "
+                         "(offload resume)\n")
     follow(client, job[p.F_ID], lambda event, job: None)
     final = client.call("GET", f"/api/jobs/{job[p.F_ID]}")  # in full (the stream's copy too)
     if args.json:
@@ -559,6 +624,13 @@ def _wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespa
     else:
         job_details(final, sys.stdout)
     return _outcome(final)
+
+
+def _queue_paused(client: Client) -> bool:
+    try:
+        return client.call("GET", "/api/queue").get("paused") is True
+    except Failure:  # an older server, without the route: not paused
+        return False
 
 
 def parse_input(text: str) -> dict[str, Any]:
@@ -597,6 +669,8 @@ def _job_id(text: str | None, flag: str) -> str | None:
 
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
+    if any(not given.strip(" ,") for given in args.after or ()):  # a script's unset variable
+        raise Failure(EXIT_USAGE, "--after is empty: give a job's id, or leave --after out")
     after = [job_id for given in args.after or () for each in given.split(",")
              if each.strip() and (job_id := _job_id(each, "--after")) is not None]
     body: dict[str, Any] = {"kind": args.kind, "input": parse_input(args.input)}
@@ -607,7 +681,7 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
             body[field] = value
     # A retried submission with the same key gets the first one's job, not a second job.
     if args.key is not None and not args.key.strip():
-        raise Failure(EXIT_USAGE, "--key is empty: give a key (any text up to 200 "
+        raise Failure(EXIT_USAGE, "--key is empty: give a key (any text up to 255 "
                                   "characters), or leave --key out")
     headers = {"Idempotency-Key": args.key} if args.key else None
     return _wait_and_report(client, client.call("POST", "/api/jobs", body, headers), args)
@@ -670,6 +744,8 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
             ids, cut = _matching(client, states, args.kind)
             ids = [job_id for job_id in ids if job_id not in tried]
             if not ids:
+                if not tried:
+                    _known_kind(client, args.kind)
                 break
             tried.update(ids)
             code = code or _act(args, ids, act, said, moved_on, done)
@@ -747,7 +823,7 @@ def cmd_parallel(client: Client, args: argparse.Namespace) -> int:
             answer = client.call("PUT", "/api/queue/cap", {
                 "max_concurrent": cap, **({"kind": args.kind} if args.kind is not None else {})})
     except Failure as exc:
-        raise Failure(EXIT_SERVER, older) if exc.code == EXIT_NOT_FOUND else exc from None
+        raise Failure(EXIT_SERVER, older) if exc.status == 404 else exc from None
     if "max_concurrent_set" not in answer:
         raise Failure(EXIT_SERVER, older)
     if args.json:
@@ -834,6 +910,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="offload", description="See and steer the jobs of a running Offload. The token "
@@ -891,8 +974,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="the input: JSON, @file.json, or - for stdin (default {})")
             sub.add_argument("--priority", type=int, help="higher runs first")
             start = sub.add_mutually_exclusive_group()
-            start.add_argument("--delay", type=_positive, help="start no sooner than this "
-                                                               "many seconds from now")
+            start.add_argument("--delay", type=_seconds, help="start no sooner than this "
+                                                              "many seconds from now")
             start.add_argument("--at", help="start no sooner than this time (ISO 8601, "
                                             "UTC unless it says its zone)")
             sub.add_argument("--max-attempts", type=int,

@@ -429,6 +429,9 @@ class _Stopper:
     def _on_deadline(self, signum: int, frame: FrameType | None) -> None:
         self.deadline_passed = True
         if not self.finishing:
+            # As a signal's: a SIGTERM (the supervisor's stop at the same deadline) before
+            # the final state is written raised again, out of the handler (exit 1).
+            self.finishing = True
             raise StopRequested(p.JobState.TIMEOUT)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -443,7 +446,6 @@ class _Stopper:
         if self.job_file is not None:
             return p.stop_reason(self.job_file) or p.JobState.CANCELLED
         return p.JobState.CANCELLED
-
 
 
 def main(
@@ -589,6 +591,7 @@ def _run(job: Job, execute: Execute, stopper: _Stopper, timeout: float | None) -
             result = execute(job)
             stopper.finishing = True
         except KeyboardInterrupt as exc:
+            stopper.finishing = True  # the deadline's, on Windows: one stop is enough
             raise StopRequested(stopper.reason()) from exc
     except StopRequested as stop:
         return _finish(job, sink, stop.reason, None, _stop_error(stop.reason, job.data),

@@ -147,6 +147,7 @@ function renderActions(td, job) {
     td.append(" ", makeButton("Cancel", "cancel-job", job.id, `Cancel ${job.kind} job ${job.id}`));
   } else if (FINAL_STATES.has(job.state)) {
     td.append(" ", makeButton("Re-run", "rerun-job", job.id, `Run ${job.kind} job ${job.id} again`));
+    td.append(" ", makeButton("Remove", "remove-job", job.id, `Remove ${job.kind} job ${job.id} and its output`));
   }
 }
 
@@ -319,6 +320,20 @@ async function cancelJob(btn) {
   await refresh();
 }
 
+/** A finished job deleted now, with its input, output and log, once the user agrees. */
+async function removeJob(btn) {
+  const id = btn.dataset.jobId;
+  if (!window.confirm(`Remove job ${shortId(id)} with its input, output and log? This cannot be undone.`)) return;
+  btn.disabled = true;
+  const r = await apiJSON(`/api/jobs/${encodeURIComponent(id)}/remove`, { method: "POST", source: "jobs" });
+  if (r.ok) setNote({ action: `Removed job ${shortId(id)}.` });
+  else {
+    btn.disabled = false;
+    setNote({ action: `Could not remove job ${shortId(id)}: ${r.error || "no answer"}` });
+  }
+  await refresh();
+}
+
 async function cancelSelected() {
   const ids = [...selected];
   if (!ids.length) return;
@@ -423,6 +438,8 @@ export function initJobs() {
     } else if (btn.classList.contains("rerun-job")) {
       opener = btn;
       openRerun(btn.dataset.jobId);
+    } else if (btn.classList.contains("remove-job")) {
+      removeJob(btn).catch(() => { btn.disabled = false; });
     }
   });
   table.addEventListener("change", (ev) => {

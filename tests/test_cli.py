@@ -3,6 +3,7 @@ or `python -m jobs`) against a real server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -98,6 +99,9 @@ def test_status_submit_wait_list_show_and_log(server: Server) -> None:
     done = cli(url, "submit", "sleep", "--input", '{"seconds": 0.2}', "--wait", script=True)
     assert done.returncode == 0, done.stderr
     assert "state:          completed" in done.stdout
+    # Its id first: a Ctrl-C while it waits left a running job that no one could name.
+    assert done.stderr.split()[1:3] == ["submitted;", "waiting"], done.stderr
+    assert p.is_valid_id(done.stderr.split()[0])
     failed = cli(url, "submit", "probe", "--input", '{"fail": "bad luck"}', "--wait")
     assert failed.returncode == 1
     assert failed.stderr.strip().endswith("failed: bad luck")
@@ -206,6 +210,33 @@ def test_log_follow_shows_progress_and_ctrl_c_exits_130(server: Server) -> None:
     assert cli(server.url, "cancel", job_id).returncode == 0
 
 
+def test_a_wait_reads_the_job_when_every_event_stream_is_taken(make_server: MakeServer) -> None:
+    # It exited 7 with the server's "too many open event streams; poll instead".
+    server = make_server(env={"OFFLOAD_MAX_EVENT_STREAMS": "1"})
+    url = server.url
+    slow = cli(url, "submit", "sleep", "--input", '{"seconds": 60}').stdout.strip()
+    held = threading.Event()
+
+    def hold() -> None:
+        with contextlib.suppress(httpx.HTTPError), \
+                httpx.stream("GET", f"{url}/api/jobs/{slow}/events", timeout=90) as stream:
+            for _ in stream.iter_lines():
+                held.set()
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert held.wait(30)
+    job = cli(url, "submit", "probe", "--input", '{"emit": 200000}').stdout.strip()
+    assert httpx.get(f"{url}/api/jobs/{job}/events").status_code == 503
+    waited = cli(url, "wait", job)
+    assert waited.returncode == 0, waited
+    assert waited.stdout.splitlines()[1].split()[1:3] == ["probe", "completed"], waited
+    followed = cli(url, "log", job, "--follow")
+    assert (followed.returncode, followed.stdout) == (0, "0123456789" * 20_000 + "\n"), followed
+    submitted = cli(url, "submit", "sleep", "--input", '{"seconds": 1, "steps": 3}', "--wait")
+    assert submitted.returncode == 0 and "completed" in submitted.stdout, submitted
+    cli(url, "cancel", slow)
+
+
 def test_cancel_several_and_retry(server: Server) -> None:
     url = server.url
     ids = [cli(url, "submit", "sleep", "--input", '{"seconds": 120}').stdout.strip()
@@ -276,11 +307,27 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     again = cli(url, "submit", "sleep", "--input", '{"seconds": 0}', "--delay", "3600",
                 "--max-attempts", "2", "--key", "nightly-report")
     assert again.stdout.strip() == job["id"], "the same key: the same job"
+    # A start to come is said (it read "0 ahead in the queue", as if next).
+    note = " ".join(cli(url, "list", "--limit", "1").stdout.splitlines()[1].split())
+    assert "starts 20" in note and " UTC" in note and "ahead" not in note, note
+    # A job submitted with --wait on a paused queue says why it waits.
+    waiting = start_cli(url, "submit", "sleep", "--input", '{"seconds": 0}', "--delay", "0",
+                        "--wait")
+    waiting_said = Reader(waiting.stderr)
+    wait_for(lambda: "the queue is paused" in waiting_said.text, 30, 0.1, "the paused queue said")
+    empty = cli(url, "submit", "sleep", "--after", " ")  # a script's unset "$PREV"
+    assert empty.returncode == 2 and "--after is empty" in empty.stderr, empty
+    typo = cli(url, "list", "--kind", "slep")
+    assert typo.returncode == 0 and "runs no job kind 'slep' (its kinds: chat" in typo.stderr
+    with_a_path = cli(url, "--url", f"{url}/api", "status")
+    assert with_a_path.returncode == 7 and "without /api" in with_a_path.stderr, with_a_path
     at = cli(url, "submit", "sleep", "--at", "2099-01-01T00:00:00Z")
     assert at.returncode == 2 and "run_at is more than" in at.stderr
     assert cli(url, "submit", "sleep", "--delay", "5", "--at", "x").returncode == 2
     resumed = cli(url, "resume")
     assert (resumed.returncode, resumed.stdout) == (0, "queue running\n")
+    with waiting:  # its pipes closed
+        assert waiting.wait(60) == 0 and waiting_said.done().count("\n") == 2, waiting_said.text
 
     listed = cli(url, "schedules").stdout.splitlines()
     assert listed[0].split() == ["NAME", "KIND", "WHEN", "NEXT", "RUN", "(UTC)", "LAST", "JOB"]
@@ -306,7 +353,7 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     after = cli(url, "submit", "sleep", "--after", f" {job['id'].upper()} ", "--wait")
     assert after.returncode == 1, after
     assert f"the job it depends on, {job['id']}, ended cancelled" in after.stderr
-    dependent = after.stderr.split()[2]
+    dependent = after.stderr.split()[0]
     not_an_id = cli(url, "submit", "sleep", "--after", "nope")
     assert not_an_id.returncode == 2 and "--after wants a job's id" in not_an_id.stderr
     details = cli(url, "show", dependent).stdout.splitlines()
@@ -316,7 +363,7 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     several = cli(url, "submit", "sleep", "--after", first_id, "--after",
                   f"{first_id},{job['id']}", "--wait")
     assert several.returncode == 1 and "ended cancelled" in several.stderr, several
-    details = cli(url, "show", several.stderr.split()[2]).stdout.splitlines()
+    details = cli(url, "show", several.stderr.split()[0]).stdout.splitlines()
     assert [" ".join(line.split()) for line in details if line.startswith("depends on:")] == [
         f"depends on: {first_id}, {job['id']}"], details
     # As `pueue wait ID...`: until each has ended; 1 unless they all completed.
@@ -325,7 +372,7 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     assert waited.returncode == 0, waited
     assert [line.split()[:3] for line in waited.stdout.splitlines()[1:]] == [
         [slow, "sleep", "completed"], [first_id, "sleep", "completed"]]
-    failed = cli(url, "wait", first_id, several.stderr.split()[2], "--json")
+    failed = cli(url, "wait", first_id, several.stderr.split()[0], "--json")
     assert failed.returncode == 1 and "ended cancelled" in failed.stderr, failed
     assert [each["state"] for each in json.loads(failed.stdout)] == ["completed", "failed"]
     twice = cli(url, "wait", first_id, f" {first_id} ")
@@ -528,11 +575,11 @@ def test_cancel_by_state_goes_past_a_listings_length(make_server: MakeServer,
     listed = cli(server.url, "list", "--state", "queued", "--all", "--json")
     assert listed.returncode == 0, listed.stderr[-2000:]
     assert sorted(job["id"] for job in json.loads(listed.stdout)) == sorted(waiting)
-    first = cli(server.url, "list", "--state", "queued", "--limit", "1000")
+    first = cli(None, "list", "--url", server.url, "--state", "queued", "--limit", "1000")
     hint = first.stderr.split()
-    assert hint[:8] == ["older", "ones:", "offload", "list", "--state", "queued", "--limit",
-                        "1000"], first.stderr  # the same listing's next page
-    older = cli(server.url, "list", "--state", "queued", "--before", hint[9])
+    assert hint[:10] == ["older", "ones:", "offload", "list", "--url", server.url, "--state",
+                         "queued", "--limit", "1000"], first.stderr  # the same listing's next
+    older = cli(server.url, "list", "--state", "queued", "--before", hint[11])
     assert len(older.stdout.splitlines()) == 1 + 100 and older.stderr == ""
     swept = cli(server.url, "cancel", "--state", "queued", "--json")
     assert swept.returncode == 0, swept.stderr[-2000:]

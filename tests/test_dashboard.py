@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -669,6 +670,25 @@ def test_a_finished_job_runs_again_with_edited_input(page: Any, server: Server) 
     assert page.evaluate("document.activeElement.classList.contains('rerun-job')"), \
         "focus goes back to the button that opened the dialog"
 
+    # Removed from the page, as `offload remove`: once agreed to, and for good.
+    page.wait_for_selector(f"{row} button.remove-job", timeout=10_000)
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.click(f"{row} button.remove-job")
+    assert httpx.get(f"{server.url}/api/jobs/{first}").status_code == 200, "not agreed to"
+    asked: list[str] = []
+
+    def agree(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", agree)
+    page.click(f"{row} button.remove-job")
+    page.wait_for_selector(row, state="detached", timeout=10_000)
+    assert asked == [f"Remove job {first[:8]} with its input, output and log? This cannot be "
+                     "undone."]
+    assert httpx.get(f"{server.url}/api/jobs/{first}").status_code == 404
+    assert f"Removed job {first[:8]}." in (page.text_content("#jobs-note") or "")
+
 
 @pytest.mark.timeout(400)
 def test_train_waits_for_enough_history_on_a_fresh_start(
@@ -782,6 +802,18 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
              10, 0.1, "the cap set from the page")
     page.wait_for_function("document.querySelector('[data-field=max]').textContent === '3'",
                            timeout=10_000)
+    assert page.text_content("[data-field=storage]") == "ok"  # the data folder can be written
+    jobs_dir = server.data_dir / "jobs"
+    subprocess.run(["chattr", "+i", str(jobs_dir)], check=True)  # as a full disk refuses
+    try:
+        refused = httpx.post(f"{server.url}/api/jobs", json={"kind": "sleep"})
+        assert refused.status_code == 503, refused.text
+        page.wait_for_function("document.querySelector('[data-field=storage]').textContent"
+                               ".startsWith('the data folder could not be written')",
+                               timeout=20_000)
+        assert page.get_attribute("[data-field=storage]", "class") == "warn"
+    finally:
+        subprocess.run(["chattr", "-i", str(jobs_dir)], check=True)
     page.fill("#queue-cap", "0")  # below its minimum: the browser keeps it from being sent
     assert page.evaluate("document.querySelector('#queue-cap').validity.valid") is False
     page.press("#queue-cap", "Enter")

@@ -87,7 +87,8 @@ def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
 
 @pytest.mark.parametrize(("how", "problem"), [
     ("uvicorn", "open"), ("api_entry", "open"), ("uvicorn", "kind"), ("api_entry", "schedule"),
-    ("uvicorn", "hosts"), ("uvicorn", "cors"), ("api_entry", "cors"), ("uvicorn", "ages")])
+    ("uvicorn", "hosts"), ("uvicorn", "cors"), ("api_entry", "cors"), ("uvicorn", "ages"),
+    ("uvicorn", "caps"), ("api_entry", "port")])
 def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp_path: Path,
                                                      data_dir: Path) -> None:
     """Settings that stop the start are said as such, not as a traceback."""
@@ -112,6 +113,12 @@ def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp
         bad_schedules.write_text('[beat]\nkind = "sleep"\nevery = 1e300\n')
         env["OFFLOAD_SCHEDULES_FILE"] = str(bad_schedules)
         said = f"{bad_schedules}, schedule [beat]: `every` must be at most \"36500d\""
+    elif problem == "caps":  # a typo left `train` without its cap, silently
+        env["OFFLOAD_KIND_CAPS"] = "trian=1"
+        said = "OFFLOAD_KIND_CAPS names 'trian', no job kind here; the kinds are chat"
+    elif problem == "port":  # uvicorn's traceback, exit 1
+        command += ["--port", "99999"]
+        said = "a port is a number from 0 to 65535, not '99999'"
     elif problem == "hosts":  # read as '' before, it let every Host that reads as '' in
         env["OFFLOAD_ALLOWED_HOSTS"] = "offload.test, http://offload.test"
         said = "a setting is wrong"
@@ -125,6 +132,9 @@ def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp
     finally:
         stop_process(proc)
     output = log.read_text(errors="replace")
+    if problem == "port":  # an argument: a usage error, as argparse says them
+        assert proc.returncode == 2 and said in output, output[-3000:]
+        return
     assert proc.returncode == 3, output[-3000:]
     assert f"Offload cannot start: {said}" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]

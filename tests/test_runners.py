@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 
 from jobs import protocol as p
 from jobs.store.job_store import JobStore
@@ -78,6 +79,19 @@ def test_runner_own_deadline_writes_timeout(data_dir: Path) -> None:
     job = store.read(job_id)
     assert job["state"] == "timeout"
     assert job["error"]["type"] == "timeout"
+
+
+def test_a_stop_on_the_heels_of_the_deadline_is_one_stop() -> None:
+    # The supervisor's SIGTERM at the same deadline, between the runner's own timeout and
+    # its final state's write, raised again out of the handler: a traceback, exit 1.
+    # (The handlers themselves: the instant between two signals cannot be had on demand.)
+    from runners.base import StopRequested, _Stopper
+
+    stopper = _Stopper(None)
+    with pytest.raises(StopRequested) as stopped:
+        stopper._on_deadline(signal.SIGALRM, None)
+    assert stopped.value.reason == "timeout"
+    stopper._on_signal(signal.SIGTERM, None)  # ignored: the timeout is being written
 
 
 def test_chat_cli_without_a_server_says_what_to_do() -> None:
