@@ -442,7 +442,8 @@ def offload_answers(url: str) -> bool:
     """Is an Offload server (not some other program) answering there?"""
     try:
         with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
-            return bool(json.load(response).get("status") == "ok")
+            # degraded: it serves, with a problem to tell (a full disk, say)
+            return json.load(response).get("status") in ("ok", "degraded")
     except urllib.error.HTTPError as exc:
         return exc.code == 401 and b"OFFLOAD_API_TOKEN" in exc.read()  # a token-guarded one
     except (OSError, ValueError):

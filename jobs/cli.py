@@ -53,6 +53,7 @@ REQUEST_TIMEOUT_S = 30.0  # a cancel waits up to 10 s on the server for the runn
 STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
 POLL_S = 0.5  # how often a followed job is read where the server has no event stream to spare
+STREAM_AGAIN_S = 10.0  # and how long, before its event stream is asked for again
 OUTPUT_DELTA = "output_delta"  # an event's appended output (jobs/api/events.py, not imported)
 STATES = [state.value for state in p.JobState]
 ENDED = [state for state in STATES if state in p.FINAL_STATES]
@@ -258,8 +259,10 @@ def follow(client: Client, job_id: str,
     pause = 0.0
     while True:
         try:
-            for event_id, fields in client.events(job_id, last_id):
+            for event_id, fields in _events_or_reads(client, job_id, last_id, job):
                 dropped_at = None
+                if not fields:
+                    continue  # a read that found nothing new: the server answers
                 _apply(job, fields)
                 if event_id is not None:
                     last_id = event_id
@@ -270,10 +273,6 @@ def follow(client: Client, job_id: str,
             if not job or (dropped_at is not None
                            and time.monotonic() - dropped_at > RECONNECT_S):
                 raise
-        except Failure as exc:
-            if exc.status != 503:
-                raise
-            return _poll(client, job_id, job, on_event)  # every stream it allows is taken
         if dropped_at is not None and time.monotonic() - dropped_at > RECONNECT_S:
             raise Unreachable(f"the event stream from {client.url} kept ending before job "
                               f"{job_id} did; see it with: offload show {job_id}")
@@ -293,10 +292,19 @@ def _apply(job: dict[str, Any], fields: dict[str, Any]) -> None:
     job.update({k: v for k, v in fields.items() if k not in (p.F_OUTPUT, OUTPUT_DELTA)})
 
 
-def _poll(client: Client, job_id: str, job: dict[str, Any],
-          on_event: Callable[[dict[str, Any], dict[str, Any]], None]) -> dict[str, Any]:
-    """`follow` by reading the job every POLL_S, until its final state: each change as
-    an event would bring it (what changed; the output's new end, or all of it anew)."""
+def _events_or_reads(client: Client, job_id: str, after: str | None,
+                     job: dict[str, Any]) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    """The job's events after `after`; where every event stream the server allows is
+    taken (503), reads of the job every POLL_S for STREAM_AGAIN_S instead, each as an
+    event would bring what changed since `job` (empty: nothing), then it ends, and the
+    stream is asked for again."""
+    try:
+        yield from client.events(job_id, after)
+        return
+    except Failure as exc:
+        if exc.status != 503:
+            raise
+    until = time.monotonic() + STREAM_AGAIN_S
     while True:
         now = dict(client.call("GET", f"/api/jobs/{job_path(job_id)}"))
         before, output = str(job.get(p.F_OUTPUT) or ""), str(now.get(p.F_OUTPUT) or "")
@@ -305,11 +313,10 @@ def _poll(client: Client, job_id: str, job: dict[str, Any],
             fields[p.F_OUTPUT] = output
         elif len(output) > len(before):
             fields[OUTPUT_DELTA] = output[len(before):]
-        _apply(job, fields)
-        if fields:
-            on_event(fields, job)
-        if job.get(p.F_STATE) in p.FINAL_STATES:
-            return job
+        attempt = now.get(p.F_ATTEMPT) or 1  # the id the stream would give: resumed there
+        yield (f"{attempt}.{len(output)}" if attempt != 1 else str(len(output))), fields
+        if now.get(p.F_STATE) in p.FINAL_STATES or time.monotonic() > until:
+            return
         time.sleep(POLL_S)
 
 
@@ -698,7 +705,7 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
 
 
 def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list[str], bool]:
-    """The ids of the live jobs in `states` (of `kind`), as the API lists them now, newest
+    """The ids of the jobs in `states` (of `kind`), as the API lists them now, newest
     first; and whether some listing was cut at LIST_MAX (older ones are left)."""
     ids: list[str] = []
     cut = False
@@ -718,10 +725,17 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_remove(client: Client, args: argparse.Namespace) -> int:
+    def remove(job_id: str) -> Any:
+        try:
+            return client.call("POST", f"/api/jobs/{job_path(job_id)}/remove")
+        except Failure as exc:
+            if exc.status == 404 and exc.message.startswith("no API route"):
+                raise Failure(EXIT_SERVER, "this server is older: it cannot remove jobs (they "
+                                           "go with pruning)") from None
+            raise
+
     return _each_job(client, args, "completed, failed, cancelled, timeout or finished",
-                     {"finished": ENDED},
-                     lambda job_id: client.call("POST", f"/api/jobs/{job_path(job_id)}/remove"),
-                     lambda job: "removed", None)
+                     {"finished": ENDED}, remove, lambda job: "removed", None)
 
 
 def _each_job(client: Client, args: argparse.Namespace, states_said: str,
@@ -748,7 +762,8 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
                     _known_kind(client, args.kind)
                 break
             tried.update(ids)
-            code = code or _act(args, ids, act, said, moved_on, done)
+            acted = _act(args, ids, act, said, moved_on, done)  # each page, whatever came before
+            code = code or acted
     if args.json:
         _print_json(done)
     return code

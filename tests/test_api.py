@@ -223,9 +223,16 @@ def test_remove_a_finished_job_now(make_server: MakeServer) -> None:
                                                  "depends_on": [done["id"], later["id"]]}).json()
         kept = client.post(f"/api/jobs/{done['id']}/remove")
         assert kept.status_code == 409 and waiting["id"] in kept.json()["detail"], kept.text
-        assert "would fail without it" in kept.json()["detail"]
+        assert "remove it once they have ended" in kept.json()["detail"]
         live = client.post(f"/api/jobs/{later['id']}/remove")
         assert live.status_code == 409 and "cancel it first" in live.json()["detail"], live.text
+        # A running dependent too: a second attempt would find its dependency gone.
+        running = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 60},
+                                                 "depends_on": done["id"]}).json()
+        wait_job(client, running["id"], "running")
+        kept = client.post(f"/api/jobs/{done['id']}/remove")
+        assert kept.status_code == 409 and running["id"] in kept.json()["detail"], kept.text
+        assert client.delete(f"/api/jobs/{running['id']}").json()["state"] == "cancelled"
 
         assert client.delete(f"/api/jobs/{waiting['id']}").json()["state"] == "cancelled"
         removed = client.post(f"/api/jobs/{done['id']}/remove")
@@ -474,10 +481,10 @@ def test_unwritable_data_folder_answers_503(server: Server) -> None:
             # It said "ok" meanwhile, to the checks that watch it.
             health = client.get("/api/health").json()
             assert health["status"] == "degraded", health
-            assert health["problems"][0].startswith("the data folder could not be written ")
+            assert health["problems"][0].startswith("the data folder failed a request ")
             status = subprocess.run([sys.executable, "-m", "jobs", "status"], env={
                 **os.environ, "OFFLOAD_URL": server.url}, capture_output=True, text=True)
-            assert status.returncode == 7 and "could not be written" in status.stderr, status
+            assert status.returncode == 7 and "failed a request" in status.stderr, status
         finally:
             subprocess.run(["chattr", "-i", str(jobs_dir)], check=True)
         assert {f: f.read_bytes() for f in jobs_dir.rglob("*") if f.is_file()} == before

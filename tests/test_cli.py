@@ -585,3 +585,16 @@ def test_cancel_by_state_goes_past_a_listings_length(make_server: MakeServer,
     assert swept.returncode == 0, swept.stderr[-2000:]
     assert {job["id"] for job in json.loads(swept.stdout)} == waiting  # one JSON array
     assert json.loads(cli(server.url, "list", "--state", "queued", "--json").stdout) == []
+    # Removed past 1000 too, though one on the first page cannot be (its folder made
+    # immutable): the pages after it were listed and left as they were.
+    newest = max(waiting, key=lambda job_id: store.read(job_id)[p.F_CREATED_AT])
+    folder = data_dir / "jobs" / newest
+    subprocess.run(["chattr", "+i", str(folder)], check=True)
+    try:
+        cleaned = cli(server.url, "remove", "--state", "finished")
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    assert cleaned.returncode == 7 and f"job {newest} could not be removed" in cleaned.stderr
+    assert len(cleaned.stdout.splitlines()) == len(waiting) - 1
+    left = json.loads(cli(server.url, "list", "--json").stdout)
+    assert [job["id"] for job in left] == [newest], len(left)

@@ -809,7 +809,7 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
         refused = httpx.post(f"{server.url}/api/jobs", json={"kind": "sleep"})
         assert refused.status_code == 503, refused.text
         page.wait_for_function("document.querySelector('[data-field=storage]').textContent"
-                               ".startsWith('the data folder could not be written')",
+                               ".startsWith('the data folder failed a request')",
                                timeout=20_000)
         assert page.get_attribute("[data-field=storage]", "class") == "warn"
     finally:

@@ -50,6 +50,32 @@ def test_the_browser_opens_on_a_server_with_a_token(make_server: Callable[..., A
     assert opened == [server.url]
 
 
+def test_a_degraded_server_is_still_offload(make_server: Callable[..., Any],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # A full disk made /api/health say "degraded": a second start took the server for
+    # another program, and started another API on the next port, on the same data.
+    import subprocess
+    import webbrowser
+
+    import launch
+
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", opened.append)
+    server = make_server()
+    with server.client() as client:
+        assert client.post("/api/jobs", json={"kind": "sleep"}).status_code == 202
+        jobs_dir = server.data_dir / "jobs"
+        subprocess.run(["chattr", "+i", str(jobs_dir)], check=True)
+        try:
+            assert client.post("/api/jobs", json={"kind": "sleep"}).status_code == 503
+            assert client.get("/api/health").json()["status"] == "degraded"
+            assert launch.offload_answers(server.url)
+            launch.open_browser_when_up(server.url, timeout_s=30)
+        finally:
+            subprocess.run(["chattr", "-i", str(jobs_dir)], check=True)
+    assert opened == [server.url]
+
+
 def test_host_and_port_are_read_from_dotenv_as_the_server_reads_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import launch

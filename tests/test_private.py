@@ -218,7 +218,7 @@ def test_a_data_folder_of_another_account_is_refused(first: str, other_account: 
     assert sorted(each.name for each in data_dir.iterdir()) == ["supervisor.log"]
 
 
-@pytest.mark.parametrize("way", ["their link", "a folder open to all", "their folder"])
+@pytest.mark.parametrize("way", ["their link", "our link to theirs", "their folder"])
 def test_a_data_folder_another_account_can_redirect_or_swap_is_refused(
         way: str, other_account: str, tmp_path: Path) -> None:
     # Their link in a shared folder sent the data folder to a folder of ours, whose files
@@ -234,21 +234,20 @@ def test_a_data_folder_another_account_can_redirect_or_swap_is_refused(
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o1777)  # as /tmp: each one's entries are its own
-    if way == "their link":
-        data = shared / "offload-data"
-        data.symlink_to(ours)
-        os.lchown(data, uid, -1)
-        said = f"{data} is a link of another account (uid {uid})"
-    elif way == "a folder open to all":
-        (tmp_path / "open").mkdir()
-        (tmp_path / "open").chmod(0o777)
-        data = tmp_path / "open" / "data"
-        said = f"every account may change the folder {tmp_path / 'open'} above it"
-    else:
+    theirs = shared / "offload-data"
+    if way != "their folder":
+        theirs.symlink_to(ours)
+        os.lchown(theirs, uid, -1)
+        said = f"{theirs} is a link of another account (uid {uid})"
+        data = theirs
+        if way == "our link to theirs":  # followed as the system would
+            data = tmp_path / "my-data"
+            data.symlink_to(theirs)
+    else:  # they could put a data folder of theirs in its place
         (shared / "theirs").mkdir()
         shutil.chown(shared / "theirs", other_account)
         data = shared / "theirs" / "data"
-        said = f"the folder {shared / 'theirs'} above it belongs to another account (uid {uid})"
+        said = f"the folder {shared / 'theirs'} on the way belongs to another account (uid {uid})"
     out = tmp_path / "api.out"
     server = Server(data, out, NO_MODEL)
     try:
@@ -260,7 +259,7 @@ def test_a_data_folder_another_account_can_redirect_or_swap_is_refused(
     assert "Traceback" not in out.read_text()
     assert sorted(each.name for each in ours.iterdir()) == ["notes.txt"]
     assert (_mode(ours), _mode(ours / "notes.txt")) == (0o755, 0o644)
-    assert not (tmp_path / "open" / "data").exists()
+    assert not (shared / "theirs" / "data").exists()
 
 
 def test_a_link_in_place_of_a_log_is_not_written_through(make_server: MakeServer,

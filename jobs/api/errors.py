@@ -16,6 +16,7 @@ from jobs.api.service import (
     BeingForgotten,
     IdempotencyConflict,
     KeyInFlight,
+    NotRemoved,
     NotRerunnable,
     Overloaded,
     StillNeeded,
@@ -50,6 +51,10 @@ async def _conflict(request: Request, exc: Exception) -> JSONResponse:
 
 async def _refused(request: Request, exc: Exception) -> JSONResponse:
     return _detail(409, str(exc))
+
+
+async def _not_removed(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
 
 async def _key_in_flight(request: Request, exc: Exception) -> JSONResponse:
@@ -114,6 +119,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(NotRerunnable, _refused)
     app.add_exception_handler(BeingForgotten, _refused)
     app.add_exception_handler(StillNeeded, _refused)
+    app.add_exception_handler(NotRemoved, _not_removed)
     app.add_exception_handler(KeyInFlight, _key_in_flight)
     app.add_exception_handler(Overloaded, _overloaded)
     app.add_exception_handler(StoreUnavailable, _unavailable)

@@ -90,7 +90,11 @@ class NotRerunnable(Exception):
 
 
 class StillNeeded(Exception):
-    """A job asked to be removed that has not finished, or that a queued job depends on."""
+    """A job asked to be removed that has not finished, or that a live job needs."""
+
+
+class NotRemoved(Exception):
+    """A job's folder that could not be deleted in full."""
 
 
 class BeingForgotten(Exception):
@@ -150,7 +154,7 @@ class JobService:
         if self._unwritable is not None:
             ago = time.monotonic() - self._unwritable[0]
             if ago < UNWRITABLE_SAID_S:
-                problems.append(f"the data folder could not be written {ago:.0f} s ago: "
+                problems.append(f"the data folder failed a request {ago:.0f} s ago: "
                                 f"{self._unwritable[1]}")
         # The jobs folder is made with the first job: until then, the disk of the nearest
         # folder that is there.
@@ -473,15 +477,16 @@ class JobService:
         if state not in p.FINAL_STATES:
             raise StillNeeded(f"job {job_id} is {state}: only a finished job is removed; "
                               "cancel it first")
-        waiting = await run_in_threadpool(self.store.waiting_on, job_id)
-        if waiting:
+        needing = await run_in_threadpool(self.store.needing, job_id)
+        if needing:
             raise StillNeeded(
-                f"job {job_id} is kept: {len(waiting)} queued job(s) depend on it "
-                f"({', '.join(waiting[:5])}) and would fail without it; remove it once they "
-                "have started, or cancel them first")
-        if not await run_in_threadpool(self.store.remove, job_id):
-            raise StoreUnavailable(f"cannot delete job {job_id}'s folder",
-                                   "The job may be removed in part")
+                f"job {job_id} is kept: {len(needing)} job(s) not ended need it "
+                f"({', '.join(needing[:5])}): they depend on it, or follow it in a chat; "
+                "remove it once they have ended, or cancel them first")
+        problem = await run_in_threadpool(self.store.remove, job_id)
+        if problem is not None:  # a file held open (Windows), say: not a full disk
+            raise NotRemoved(f"job {job_id} could not be removed in full ({problem}); what "
+                             "is left goes with another try, or with pruning")
         return job
 
     async def erase_session(self, session_id: str) -> tuple[int, list[str]]:

@@ -20,6 +20,7 @@ renames of low-priority runners (docs/architecture.md has the figures).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -286,33 +287,46 @@ def private_files() -> None:
 
 
 def unsafe_way(path: str) -> str | None:
-    """Why another account could send the data folder at `path` (absolute, as given)
-    elsewhere or swap it for its own, if it could: a link of its own on the way there, or
-    a folder above it that it owns or that every account may change (unlike /tmp, whose
-    sticky bit keeps each one's entries its own)."""
+    """Why another account could send the data folder at `path` (absolute) elsewhere, or
+    swap it for its own, if it could: a link on the way there that is its own, or a folder
+    on the way that it owns (its owner may rename what is in it). Each link is followed as
+    the system would, so a link of ours to a link of theirs is seen. Trusted: this
+    account, root, and the owner of the project's own files (who could change the code
+    that runs anyway: a checkout mounted into a container run as root, say)."""
     if sys.platform == "win32":
         return None
     trusted = {os.geteuid(), 0}
-    way = os.sep
-    for part in filter(None, path.split(os.sep)):
-        way = os.path.join(way, part)
+    with contextlib.suppress(OSError):
+        trusted.add(os.stat(ROOT).st_uid)
+    pending = [part for part in path.split(os.sep) if part][::-1]  # the next on top
+    here, links = os.sep, 0
+    while pending:
+        part = pending.pop()
+        if part in (".", ".."):
+            here = here if part == "." else os.path.dirname(here)
+            continue
+        entry = os.path.join(here, part)
         try:
-            st = os.lstat(way)
+            owner = os.stat(here).st_uid
+            if owner not in trusted:
+                return f"the folder {here} on the way belongs to another account (uid {owner})"
+            st = os.lstat(entry)
         except OSError:
-            break  # not there yet: made by this account
-        if stat.S_ISLNK(st.st_mode) and st.st_uid not in trusted:
-            return f"{way} is a link of another account (uid {st.st_uid})"
-    folder = os.path.realpath(path)
-    while (above := os.path.dirname(folder)) != folder:
-        folder = above
-        try:
-            st = os.stat(folder)
-        except OSError:
+            return None  # not there yet: the rest is made by this account
+        if not stat.S_ISLNK(st.st_mode):
+            here = entry
             continue
         if st.st_uid not in trusted:
-            return f"the folder {folder} above it belongs to another account (uid {st.st_uid})"
-        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-            return f"every account may change the folder {folder} above it"
+            return f"{entry} is a link of another account (uid {st.st_uid})"
+        links += 1
+        if links > 40:  # a loop: the system refuses the path itself
+            return None
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            return None  # changed meanwhile: the system has the last word
+        here = os.sep if target.startswith(os.sep) else here
+        pending.extend([each for each in target.split(os.sep) if each][::-1])
     return None
 
 

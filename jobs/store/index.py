@@ -256,15 +256,19 @@ class JobIndex:
             newest = self._session_newest.get(session_id)
             return (newest[1] if newest else None), sorted(self._session_live.get(session_id, ()))
 
-    def waiting_on(self, job_id: str) -> list[str]:
-        """The queued jobs that depend on `job_id`, counted now, oldest first."""
+    def needing(self, job_id: str) -> list[str]:
+        """The live jobs that need `job_id`, counted now, oldest first: those that depend
+        on it (a running one may be queued again for another attempt) and a chat's next
+        turn (its earlier turns are its context)."""
         with self._lock:
             self._refresh(0.0)
-            waiting = sorted(p.fifo_key(live.data) for i in self._unsettled
+            needing = sorted(p.fifo_key(live.data) for i in self._unsettled
                              if (live := self._entries[i].live) is not None
-                             and self._entries[i].state == p.JobState.QUEUED
-                             and job_id in p.dependencies(live.data))
-            return [each for _, each in waiting]
+                             and self._entries[i].state in (p.JobState.QUEUED,
+                                                            p.JobState.RUNNING)
+                             and (job_id in p.dependencies(live.data)
+                                  or live.data.get(p.F_AFTER) == job_id))
+            return [each for _, each in needing]
 
     def prunable(self, cutoff: float, max_jobs: int | None,
                  young: float = math.inf) -> set[str]:

@@ -143,11 +143,11 @@ class JobStore(JobIndex):
             missing = list(self._missing)
         return {job_id for job_id in missing if not being_stored(self.path(job_id).parent)}
 
-    def remove(self, job_id: str) -> bool:
+    def remove(self, job_id: str) -> str | None:
         """Release the idempotency key that created the job, then delete the job's folder
         (job file, log, stop and run records): once the folder is gone, so is its key. A
         pruned job is past its retention, so a retry with its key may make a new one.
-        Whether the folder is gone."""
+        Why the folder is not gone, if it is not."""
         folder = self.path(job_id).parent
         key_name = Keys.linked(folder)
         if key_name is not None:
@@ -161,7 +161,7 @@ class JobStore(JobIndex):
             pass
         except OSError as exc:
             log.warning("could not remove job %s: %s", job_id, exc)
-            return False
+            return exc.strerror or str(exc)
         self.forget(job_id)
-        return True
+        return None
 
