@@ -70,10 +70,16 @@ def test_api_killed_with_50_chats_in_flight_all_complete_once(make_server: MakeS
 
 def _immutable(folder: Path, on: bool) -> None:
     """Make every folder and file under `folder` unwritable, even for root (a socket,
-    the supervisor's doorbell, has no such attribute)."""
-    subprocess.run(["find", str(folder), "!", "-type", "s", "-exec", "chattr",
-                    "+i" if on else "-i", "{}", "+"], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    the supervisor's doorbell, has no such attribute). Again while it fails: a runner's
+    temporary file can go between `find` seeing it and `chattr` changing it."""
+    for _ in range(20):
+        done = subprocess.run(["find", str(folder), "!", "-type", "s", "-exec", "chattr",
+                               "+i" if on else "-i", "{}", "+"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"chattr under {folder} kept failing: {done.stderr[-500:]}")
 
 
 @pytest.fixture
