@@ -309,7 +309,8 @@ def _events_or_reads(client: Client, job_id: str, after: str | None,
         now = dict(client.call("GET", f"/api/jobs/{job_path(job_id)}"))
         before, output = str(job.get(p.F_OUTPUT) or ""), str(now.get(p.F_OUTPUT) or "")
         fields = {k: v for k, v in now.items() if k != p.F_OUTPUT and job.get(k) != v}
-        if p.F_OUTPUT not in job or not output.startswith(before):
+        if (p.F_OUTPUT not in job or not output.startswith(before)
+                or now.get(p.F_ATTEMPT) != job.get(p.F_ATTEMPT)):  # a retry starts it anew
             fields[p.F_OUTPUT] = output
         elif len(output) > len(before):
             fields[OUTPUT_DELTA] = output[len(before):]
@@ -721,7 +722,7 @@ def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     return _each_job(client, args, "queued, running or live", {"live": ["queued", "running"]},
                      lambda job_id: client.call("DELETE", f"/api/jobs/{job_path(job_id)}"),
-                     lambda job: str(job.get(p.F_STATE)), "had finished")
+                     lambda job: str(job.get(p.F_STATE)), (EXIT_CONFLICT, "had finished"))
 
 
 def cmd_remove(client: Client, args: argparse.Namespace) -> int:
@@ -735,15 +736,16 @@ def cmd_remove(client: Client, args: argparse.Namespace) -> int:
             raise
 
     return _each_job(client, args, "completed, failed, cancelled, timeout or finished",
-                     {"finished": ENDED}, remove, lambda job: "removed", None)
+                     {"finished": ENDED}, remove, lambda job: "removed",
+                     (EXIT_NOT_FOUND, "was gone already"))  # pruned, or removed by another
 
 
 def _each_job(client: Client, args: argparse.Namespace, states_said: str,
               groups: dict[str, list[str]], act: Callable[[str], Any],
-              said: Callable[[dict[str, Any]], str], moved_on: str | None) -> int:
+              said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str]) -> int:
     """`act` on the jobs given by id, or on every job in --state (of --kind), saying how
-    each went; `moved_on`: what a conflict means for a job listed in that state (it
-    changed since), or None for an error like any other. The exit code."""
+    each went; `moved_on`: the exit code of a failure that means a job listed in that
+    state changed since, leaving nothing to do, and the words for it. The exit code."""
     if bool(args.ids) == bool(args.state) or (args.kind and not args.state):
         raise Failure(EXIT_USAGE, f"give job ids, or --state ({states_said}; and --kind) "
                                   f"to {args.command} every job in it, not both")
@@ -770,7 +772,7 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
 
 
 def _act(args: argparse.Namespace, ids: list[str], act: Callable[[str], Any],
-         said: Callable[[dict[str, Any]], str], moved_on: str | None,
+         said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str],
          done: list[dict[str, Any]]) -> int:
     """`act` on `ids`, saying how each went (for --json: appended to `done`); the exit code."""
     def one(job_id: str) -> dict[str, Any] | Failure:
@@ -783,10 +785,9 @@ def _act(args: argparse.Namespace, ids: list[str], act: Callable[[str], Any],
         answers = list(pool.map(one, ids))
     code = EXIT_OK
     for job_id, answer in zip(ids, answers, strict=True):
-        if (isinstance(answer, Failure) and args.state and moved_on is not None
-                and answer.code == EXIT_CONFLICT):
+        if isinstance(answer, Failure) and args.state and answer.code == moved_on[0]:
             if not args.json:  # it changed since it was listed: nothing left to do
-                sys.stdout.write(f"{job_id} {moved_on}\n")
+                sys.stdout.write(f"{job_id} {moved_on[1]}\n")
         elif isinstance(answer, Failure):
             named = "" if job_id in answer.message else f"{job_id}: "
             sys.stderr.write(f"offload: {named}{answer.message}\n")

@@ -226,9 +226,11 @@ class Settings(BaseSettings):
         # Runners get absolute paths, whatever folder they run in.
         path = value.expanduser().absolute()
         if info.field_name == "data_dir" and (problem := unsafe_way(str(path))) is not None:
-            raise ValueError(f"{problem}, which could send the data folder elsewhere or put "
-                             "its own in its place: set OFFLOAD_DATA_DIR to a folder of your own")
-        return path.resolve()
+            raise ValueError(f"{problem}: set OFFLOAD_DATA_DIR to a folder of your own")
+        try:
+            return path.resolve()
+        except (OSError, RuntimeError) as exc:  # links in a loop (a RuntimeError until 3.13)
+            raise ValueError(f"{path} cannot be followed to a folder: {exc}") from None
 
     @field_validator("allowed_hosts")
     @classmethod

@@ -251,6 +251,25 @@ def test_remove_a_finished_job_now(make_server: MakeServer) -> None:
         client.delete(f"/api/jobs/{later['id']}")
 
 
+def test_a_chat_turn_is_kept_while_its_conversation_goes_on(server: Server) -> None:
+    # Earlier turns are a turn's context: removing one lost it from the answer under way.
+    def turn(text: str) -> str:
+        return str(client.post("/api/jobs", json={"kind": "chat", "input": {
+            "messages": [{"role": "user", "content": text}], "session_id": "s-keep"}}
+        ).json()["id"])
+
+    with server.client() as client:
+        first = turn("cpu?")
+        assert wait_job(client, first)["state"] == "completed"
+        second = turn("and memory?")
+        assert wait_job(client, second)["state"] == "completed"
+        third = turn("and disk?")  # it follows the second, and reads back to the first
+        kept = client.post(f"/api/jobs/{first}/remove")
+        assert kept.status_code == 409 and third in kept.json()["detail"], kept.text
+        assert wait_job(client, third)["state"] == "completed"
+        assert client.post(f"/api/jobs/{first}/remove").status_code == 200
+
+
 def test_events_stream_every_change_and_close(server: Server) -> None:
     with server.client() as client:
         job = client.post("/api/jobs", json={"kind": "sleep",

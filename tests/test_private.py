@@ -218,7 +218,8 @@ def test_a_data_folder_of_another_account_is_refused(first: str, other_account: 
     assert sorted(each.name for each in data_dir.iterdir()) == ["supervisor.log"]
 
 
-@pytest.mark.parametrize("way", ["their link", "our link to theirs", "their folder"])
+@pytest.mark.parametrize("way", ["their link", "our link to theirs", "their folder",
+                                 "back from a folder not there", "a loop"])
 def test_a_data_folder_another_account_can_redirect_or_swap_is_refused(
         way: str, other_account: str, tmp_path: Path) -> None:
     # Their link in a shared folder sent the data folder to a folder of ours, whose files
@@ -235,7 +236,12 @@ def test_a_data_folder_another_account_can_redirect_or_swap_is_refused(
     shared.mkdir()
     shared.chmod(0o1777)  # as /tmp: each one's entries are its own
     theirs = shared / "offload-data"
-    if way != "their folder":
+    if way == "a loop":  # a traceback at start, from Path.resolve
+        (tmp_path / "one").symlink_to(tmp_path / "two")
+        (tmp_path / "two").symlink_to(tmp_path / "one")
+        data = tmp_path / "one" / "data"
+        said = f"{tmp_path / 'one'} leads through links that do not end (a loop)"
+    elif way != "their folder":
         theirs.symlink_to(ours)
         os.lchown(theirs, uid, -1)
         said = f"{theirs} is a link of another account (uid {uid})"
@@ -243,6 +249,8 @@ def test_a_data_folder_another_account_can_redirect_or_swap_is_refused(
         if way == "our link to theirs":  # followed as the system would
             data = tmp_path / "my-data"
             data.symlink_to(theirs)
+        elif way == "back from a folder not there":  # Path.resolve takes `..` as text
+            data = tmp_path / "not-there" / ".." / "shared" / "offload-data"
     else:  # they could put a data folder of theirs in its place
         (shared / "theirs").mkdir()
         shutil.chown(shared / "theirs", other_account)

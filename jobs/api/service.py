@@ -481,7 +481,7 @@ class JobService:
         if needing:
             raise StillNeeded(
                 f"job {job_id} is kept: {len(needing)} job(s) not ended need it "
-                f"({', '.join(needing[:5])}): they depend on it, or follow it in a chat; "
+                f"({', '.join(needing[:5])}): they depend on it, or are turns of its chat; "
                 "remove it once they have ended, or cancel them first")
         problem = await run_in_threadpool(self.store.remove, job_id)
         if problem is not None:  # a file held open (Windows), say: not a full disk

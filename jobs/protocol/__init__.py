@@ -286,18 +286,28 @@ def private_files() -> None:
         os.umask(PRIVATE_UMASK)
 
 
+def trusted_owners() -> set[int]:
+    """The accounts whose files Offload takes as its own: this one, and the owner of the
+    project's files (who could change the code that runs anyway: a checkout mounted
+    into a container run as root, say)."""
+    if sys.platform == "win32":  # no owners of that kind: the profile's ACLs decide
+        return set()
+    owners = {os.geteuid()}
+    with contextlib.suppress(OSError):
+        owners.add(os.stat(ROOT).st_uid)
+    return owners
+
+
 def unsafe_way(path: str) -> str | None:
     """Why another account could send the data folder at `path` (absolute) elsewhere, or
     swap it for its own, if it could: a link on the way there that is its own, or a folder
     on the way that it owns (its owner may rename what is in it). Each link is followed as
-    the system would, so a link of ours to a link of theirs is seen. Trusted: this
-    account, root, and the owner of the project's own files (who could change the code
-    that runs anyway: a checkout mounted into a container run as root, say)."""
+    the system would, so a link of ours to a link of theirs is seen; a part not there yet
+    is taken as made by this account (a `..` after it leads back). Trusted: root and
+    `trusted_owners()`."""
     if sys.platform == "win32":
         return None
-    trusted = {os.geteuid(), 0}
-    with contextlib.suppress(OSError):
-        trusted.add(os.stat(ROOT).st_uid)
+    trusted = {*trusted_owners(), 0}
     pending = [part for part in path.split(os.sep) if part][::-1]  # the next on top
     here, links = os.sep, 0
     while pending:
@@ -307,24 +317,30 @@ def unsafe_way(path: str) -> str | None:
             continue
         entry = os.path.join(here, part)
         try:
-            owner = os.stat(here).st_uid
-            if owner not in trusted:
-                return f"the folder {here} on the way belongs to another account (uid {owner})"
+            owner: int | None = os.stat(here).st_uid
+        except OSError:  # below a folder not there yet: made by this account
+            owner = None
+        if owner is not None and owner not in trusted:
+            return (f"the folder {here} on the way belongs to another account (uid {owner}), "
+                    "which could put a data folder of its own in its place")
+        try:
             st = os.lstat(entry)
-        except OSError:
-            return None  # not there yet: the rest is made by this account
+        except OSError:  # not there yet: made by this account (a `..` may lead back)
+            here = entry
+            continue
         if not stat.S_ISLNK(st.st_mode):
             here = entry
             continue
         if st.st_uid not in trusted:
-            return f"{entry} is a link of another account (uid {st.st_uid})"
+            return (f"{entry} is a link of another account (uid {st.st_uid}), which could "
+                    "send the data folder elsewhere")
         links += 1
-        if links > 40:  # a loop: the system refuses the path itself
-            return None
         try:
+            if links > 40:  # a loop
+                raise OSError("too many links")
             target = os.readlink(entry)
         except OSError:
-            return None  # changed meanwhile: the system has the last word
+            return f"{entry} leads through links that do not end (a loop)"
         here = os.sep if target.startswith(os.sep) else here
         pending.extend([each for each in target.split(os.sep) if each][::-1])
     return None

@@ -258,17 +258,20 @@ class JobIndex:
 
     def needing(self, job_id: str) -> list[str]:
         """The live jobs that need `job_id`, counted now, oldest first: those that depend
-        on it (a running one may be queued again for another attempt) and a chat's next
-        turn (its earlier turns are its context)."""
+        on it (a running one may be queued again for another attempt) and, for a chat's
+        turn, the turns of its conversation not ended (the earlier ones are their context)."""
         with self._lock:
             self._refresh(0.0)
+            entry = self._entries.get(job_id)
+            session = entry.session if entry is not None else None
             needing = sorted(p.fifo_key(live.data) for i in self._unsettled
                              if (live := self._entries[i].live) is not None
                              and self._entries[i].state in (p.JobState.QUEUED,
                                                             p.JobState.RUNNING)
                              and (job_id in p.dependencies(live.data)
-                                  or live.data.get(p.F_AFTER) == job_id))
-            return [each for _, each in needing]
+                                  or (session is not None
+                                      and self._entries[i].session == session)))
+            return [each for _, each in needing if each != job_id]
 
     def prunable(self, cutoff: float, max_jobs: int | None,
                  young: float = math.inf) -> set[str]:
