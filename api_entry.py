@@ -19,7 +19,6 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from pydantic import ValidationError
 
 from jobs import schedules
 from jobs.api import (
@@ -35,7 +34,7 @@ from jobs.api.lifespan import lifespan
 from jobs.kinds import KindClash, registry
 from jobs.protocol import private_files
 from jobs.schedules import ScheduleError
-from jobs.settings import MAKE_TOKEN, MAX_BODY_BYTES, Settings, get_settings
+from jobs.settings import MAKE_TOKEN, MAX_BODY_BYTES, Settings, UnusableSettings, get_settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # How long a stop waits for requests under way: an event stream that is followed (a
@@ -77,12 +76,7 @@ def usable_settings() -> Settings:
         settings = get_settings()  # refuses a weak OFFLOAD_API_TOKEN, however it is served
         registry()  # a job kind defined twice stops the start
         schedules.schedule_file()  # and so does a schedules file that cannot be used
-    except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, error['loc']))}: {error['msg']}"
-                 for error in exc.errors()]
-        cannot_start("\n".join(["a setting is wrong (set in the environment or in .env):",
-                                *lines]))
-    except (KindClash, ScheduleError) as exc:
+    except (UnusableSettings, KindClash, ScheduleError) as exc:
         cannot_start(str(exc))
     unknown = sorted(set(settings.kind_cap_map) - set(registry()))
     if unknown:  # a typo (`trian=1`) left the kind it meant without its cap

@@ -76,7 +76,12 @@ class Unreachable(Failure):
 
 
 def _env_file() -> dict[str, str | None]:
-    path = os.environ.get("OFFLOAD_ENV_FILE") or ".env"  # as the server's settings read it
+    path = os.path.abspath(os.environ.get("OFFLOAD_ENV_FILE") or ".env")  # as the server's
+    problem = p.unsafe_settings_file(path)
+    if problem is not None:  # it could send the token to another account's listener
+        raise Failure(EXIT_USAGE, f"refusing to read {path}: {problem}. It could send your "
+                      "token to another account's server. Run from a folder of your own, "
+                      "or set OFFLOAD_ENV_FILE to a file of yours")
     if not os.path.isfile(path):
         return {}
     from dotenv import dotenv_values  # the parser the server's settings use

@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobs.protocol import unsafe_way
+from jobs.protocol import unsafe_settings_file, unsafe_way
 from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url
 
 ENV_PREFIX = "OFFLOAD_"  # of every variable below but OpenAI's own two
@@ -362,6 +362,10 @@ def _naming_variables(exc: ValidationError) -> ValidationError:
     return ValidationError.from_exception_data(exc.title, details, hide_input=True)
 
 
+class UnusableSettings(Exception):
+    """Settings a process cannot start with, said as what to mend (not as a traceback)."""
+
+
 def env_file() -> str:
     """The `.env` file read beside the environment: the working folder's, or for a process
     the API starts (in the project's folder), the one the API read."""
@@ -370,4 +374,18 @@ def env_file() -> str:
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings(_env_file=env_file())
+    """The settings, read once; UnusableSettings if they cannot be used."""
+    path = env_file()
+    problem = unsafe_settings_file(path)
+    if problem is not None:
+        raise UnusableSettings(
+            f"refusing to read {path}: {problem}. It could send the server's token, or the "
+            "chats, to another account. Start from a folder of your own, or set "
+            "OFFLOAD_ENV_FILE to a file of yours")
+    try:
+        return Settings(_env_file=path)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, error['loc']))}: {error['msg']}"
+                 for error in exc.errors()]
+        raise UnusableSettings("\n".join(
+            ["a setting is wrong (set in the environment or in .env):", *lines])) from None

@@ -41,6 +41,8 @@ SLEEP = {"kind": "sleep", "input": {"seconds": 30}}
 # -- 1. a weak token refuses to start, however the app is served ----------------------
 
 def _command(how: str, port: int) -> list[str]:
+    if how == "supervisor":  # started by hand
+        return ["-m", "jobs.supervisor"]
     if how == "api_entry":
         return ["api_entry.py", "--port", str(port)]
     if how == "uvicorn":
@@ -88,7 +90,7 @@ def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
 @pytest.mark.parametrize(("how", "problem"), [
     ("uvicorn", "open"), ("api_entry", "open"), ("uvicorn", "kind"), ("api_entry", "schedule"),
     ("uvicorn", "hosts"), ("uvicorn", "cors"), ("api_entry", "cors"), ("uvicorn", "ages"),
-    ("uvicorn", "caps"), ("api_entry", "port")])
+    ("uvicorn", "caps"), ("api_entry", "port"), ("supervisor", "hosts")])
 def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp_path: Path,
                                                      data_dir: Path) -> None:
     """Settings that stop the start are said as such, not as a traceback."""
@@ -136,7 +138,8 @@ def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp
         assert proc.returncode == 2 and said in output, output[-3000:]
         return
     assert proc.returncode == 3, output[-3000:]
-    assert f"Offload cannot start: {said}" in output, output[-3000:]
+    who = "the supervisor" if how == "supervisor" else "Offload"
+    assert f"{who} cannot start: {said}" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
 
 

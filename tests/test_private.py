@@ -24,7 +24,7 @@ import pytest
 
 from jobs import protocol as p
 from jobs.protocol.counters import COUNTERS_FILE
-from tests.conftest import start_process, stop_process, wait_for
+from tests.conftest import free_port, start_process, stop_process, wait_for
 from tests.server import Server
 
 pytestmark = pytest.mark.skipif(os.name != "posix",
@@ -473,3 +473,84 @@ def test_another_account_cannot_read_a_chat(other_account: str) -> None:
         if server is not None:
             server.stop()
         shutil.rmtree(public, ignore_errors=True)
+
+
+class _Listener:
+    """A loopback listener that keeps whatever a client sends it (a token, say)."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.heard = b""
+        self._done = False
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._done:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self.heard += conn.recv(65536)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._done = True
+        self._thread.join(5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("how", ["in their folder", "their file", "a file all can write"])
+def test_a_settings_file_another_account_could_have_written_is_not_read(
+        how: str, other_account: str, tmp_path: Path) -> None:
+    # A .env left where one starts Offload (/tmp, a shared checkout) named a listener of
+    # another account as the server: the CLI sent it the token. As the model server, it
+    # would have had every chat.
+    listener = _Listener()
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    env_file = folder / ".env"
+    env_file.write_text(f"OFFLOAD_URL={listener.url}\nOPENAI_BASE_URL={listener.url}/v1\n")
+    if how == "in their folder":
+        shutil.chown(folder, other_account)
+        said = f"the folder {folder} on the way belongs to another account"
+    elif how == "their file":
+        shutil.chown(env_file, other_account)
+        said = "it belongs to another account"
+    else:
+        env_file.chmod(0o666)
+        said = "every account can write it"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
+    env.update({"OFFLOAD_API_TOKEN": "t" * 40, "OFFLOAD_DATA_DIR": str(tmp_path / "var")})
+    starts = {"cli": ["-m", "jobs", "list"],
+              "api": [os.path.join(p.ROOT, "api_entry.py"), "--port", "0"],
+              "supervisor": ["-m", "jobs.supervisor"]}
+    try:
+        for what, args in starts.items():
+            done = subprocess.run([sys.executable, *args], cwd=folder, env=env,
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == (2 if what == "cli" else 3), (what, done.stderr)
+            assert f"refusing to read {env_file}: {said}" in done.stderr, (what, done.stderr)
+            assert "Traceback" not in done.stderr, done.stderr
+    finally:
+        listener.close()
+    assert listener.heard == b""
+    assert not (tmp_path / "var").exists()
+    # The same file, the user's own and theirs alone, is read.
+    shutil.chown(folder, os.geteuid())
+    shutil.chown(env_file, os.geteuid())
+    env_file.chmod(0o600)
+    closed = f"http://127.0.0.1:{free_port()}"
+    env_file.write_text(f"OFFLOAD_URL={closed}\n")
+    done = subprocess.run([sys.executable, "-m", "jobs", "list"], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and f"cannot reach Offload at {closed}" in done.stderr, done

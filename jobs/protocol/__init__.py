@@ -298,12 +298,12 @@ def trusted_owners() -> set[int]:
     return owners
 
 
-def unsafe_way(path: str) -> str | None:
-    """Why another account could send the data folder at `path` (absolute) elsewhere, or
-    swap it for its own, if it could: a link on the way there that is its own, or a folder
-    on the way that it owns (its owner may rename what is in it). Each link is followed as
-    the system would, so a link of ours to a link of theirs is seen; a part not there yet
-    is taken as made by this account (a `..` after it leads back). Trusted: root and
+def unsafe_way(path: str, what: str = "the data folder") -> str | None:
+    """Why another account could send `what` at `path` (absolute) elsewhere, or swap it
+    for its own, if it could: a link on the way there that is its own, or a folder on the
+    way that it owns (its owner may rename what is in it). Each link is followed as the
+    system would, so a link of ours to a link of theirs is seen; a part not there yet is
+    taken as made by this account (a `..` after it leads back). Trusted: root and
     `trusted_owners()`."""
     if sys.platform == "win32":
         return None
@@ -322,7 +322,7 @@ def unsafe_way(path: str) -> str | None:
             owner = None
         if owner is not None and owner not in trusted:
             return (f"the folder {here} on the way belongs to another account (uid {owner}), "
-                    "which could put a data folder of its own in its place")
+                    f"which could put {what} of its own in its place")
         try:
             st = os.lstat(entry)
         except OSError:  # not there yet: made by this account (a `..` may lead back)
@@ -333,7 +333,7 @@ def unsafe_way(path: str) -> str | None:
             continue
         if st.st_uid not in trusted:
             return (f"{entry} is a link of another account (uid {st.st_uid}), which could "
-                    "send the data folder elsewhere")
+                    f"send {what} elsewhere")
         links += 1
         try:
             if links > 40:  # a loop
@@ -343,6 +343,27 @@ def unsafe_way(path: str) -> str | None:
             return f"{entry} leads through links that do not end (a loop)"
         here = os.sep if target.startswith(os.sep) else here
         pending.extend([each for each in target.split(os.sep) if each][::-1])
+    return None
+
+
+def unsafe_settings_file(path: str) -> str | None:
+    """Why the settings file at `path` (absolute; a `.env`) is not to be read: another
+    account wrote it, could write it, or could swap it (see `unsafe_way`). It names the
+    server's address, where the token goes, and the model server, where chats go: a `.env`
+    left in a shared folder (/tmp) must not send them to another account's listener."""
+    if sys.platform == "win32" or not os.path.lexists(path):
+        return None  # none there: nothing is read
+    problem = unsafe_way(path, "a settings file")
+    if problem is not None:
+        return problem
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # a link to nothing: nothing is read
+    if st.st_uid not in {*trusted_owners(), 0}:
+        return f"it belongs to another account (uid {st.st_uid})"
+    if st.st_mode & stat.S_IWOTH:
+        return "every account can write it (chmod o-w it)"
     return None
 
 

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from jobs.settings import (
     LOG_BACKUPS,
     OUTPUT_CAP_S,
     Settings,
+    UnusableSettings,
     get_settings,
 )
 from jobs.store.private import make_private, refuse_foreign
@@ -180,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, default=None,
                         help="leave when this process is gone (the API worker that started it)")
     args = parser.parse_args(argv)
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except UnusableSettings as exc:  # started by hand: said, not a traceback
+        print(f"the supervisor cannot start: {exc}", file=sys.stderr)
+        return 3
     registry()  # a job kind defined twice stops the start
     _lower_priority(settings.supervisor_nice)
     private_files()  # before its log file is made
