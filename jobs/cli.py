@@ -1,8 +1,9 @@
 """`offload`: see and steer the jobs of a running Offload from a terminal.
 
-    offload status | list | show ID | log ID [--follow] | cancel ID... |
-            submit KIND --input JSON [--wait] | retry ID [--wait] |
-            pause [SCHEDULE] | resume [SCHEDULE] | schedules
+    offload status | list | show ID | log ID [--follow] | wait ID... |
+            submit KIND --input JSON [--wait] | cancel ID... | retry ID [--wait] |
+            remove ID... | pause [SCHEDULE] | resume [SCHEDULE] | schedules |
+            parallel N
 
 It speaks the HTTP API only (docs/contract.md, "The `offload` command line"), so it
 works with any server it can reach: the address is `--url`, else OFFLOAD_URL, else the one
@@ -21,6 +22,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -49,12 +51,11 @@ EXIT_BY_STATUS = {400: EXIT_USAGE, 413: EXIT_USAGE, 422: EXIT_USAGE, 401: EXIT_R
                   403: EXIT_REFUSED, 421: EXIT_REFUSED, 404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT}
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = "8001"
-REQUEST_TIMEOUT_S = 30.0  # a cancel waits up to 10 s on the server for the runner to stop
+REQUEST_TIMEOUT_S = 30.0  # a cancel waits on the server for the runner: its grace, then 10 s
 STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
 POLL_S = 0.5  # how often a followed job is read where the server has no event stream to spare
 STREAM_AGAIN_S = 10.0  # and how long, before its event stream is asked for again
-OUTPUT_DELTA = "output_delta"  # an event's appended output (jobs/api/events.py, not imported)
 STATES = [state.value for state in p.JobState]
 ENDED = [state for state in STATES if state in p.FINAL_STATES]
 LIST_MAX = 1000  # the longest listing the API gives
@@ -292,9 +293,9 @@ def _apply(job: dict[str, Any], fields: dict[str, Any]) -> None:
     """An event's fields applied to the job as known so far."""
     if p.F_OUTPUT in fields:  # the whole output: the first event, or a restart
         job[p.F_OUTPUT] = fields[p.F_OUTPUT] or ""
-    elif OUTPUT_DELTA in fields:
-        job[p.F_OUTPUT] = str(job.get(p.F_OUTPUT) or "") + fields[OUTPUT_DELTA]
-    job.update({k: v for k, v in fields.items() if k not in (p.F_OUTPUT, OUTPUT_DELTA)})
+    elif p.OUTPUT_DELTA in fields:
+        job[p.F_OUTPUT] = str(job.get(p.F_OUTPUT) or "") + fields[p.OUTPUT_DELTA]
+    job.update({k: v for k, v in fields.items() if k not in (p.F_OUTPUT, p.OUTPUT_DELTA)})
 
 
 def _events_or_reads(client: Client, job_id: str, after: str | None,
@@ -312,15 +313,10 @@ def _events_or_reads(client: Client, job_id: str, after: str | None,
     until = time.monotonic() + STREAM_AGAIN_S
     while True:
         now = dict(client.call("GET", f"/api/jobs/{job_path(job_id)}"))
-        before, output = str(job.get(p.F_OUTPUT) or ""), str(now.get(p.F_OUTPUT) or "")
         fields = {k: v for k, v in now.items() if k != p.F_OUTPUT and job.get(k) != v}
-        if (p.F_OUTPUT not in job or not output.startswith(before)
-                or now.get(p.F_ATTEMPT) != job.get(p.F_ATTEMPT)):  # a retry starts it anew
-            fields[p.F_OUTPUT] = output
-        elif len(output) > len(before):
-            fields[OUTPUT_DELTA] = output[len(before):]
-        attempt = now.get(p.F_ATTEMPT) or 1  # the id the stream would give: resumed there
-        yield (f"{attempt}.{len(output)}" if attempt != 1 else str(len(output))), fields
+        fields.update(p.output_change(job, now) if p.F_OUTPUT in job
+                      else {p.F_OUTPUT: str(now.get(p.F_OUTPUT) or "")})
+        yield p.event_id(now), fields  # the id the stream would give: resumed there
         if now.get(p.F_STATE) in p.FINAL_STATES or time.monotonic() > until:
             return
         time.sleep(POLL_S)
@@ -413,9 +409,22 @@ def job_details(job: dict[str, Any], out: IO[str]) -> None:
     if job.get(p.F_RESULT) is not None:
         lines.append(("result", compact(job[p.F_RESULT])))
     for name, value in lines:
-        out.write(f"{name + ':':<16}{value}\n")
+        out.write(_shown(f"{name + ':':<16}{value}\n", out))
     if job.get(p.F_OUTPUT):
-        out.write(f"output:\n{job[p.F_OUTPUT]}\n")
+        out.write(_shown(f"output:\n{job[p.F_OUTPUT]}\n", out))
+
+
+# Control characters but tab, newline and carriage return (a progress line).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _shown(text: str, stream: IO[str]) -> str:
+    """`text` for `stream`: on a terminal, control characters written out (`\\x1b`), as
+    a model's reply or a job's log can hold escape sequences that retitle the window,
+    clear the screen or forge what is shown; into a file or a pipe, as it is."""
+    if not stream.isatty():
+        return text
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
 
 
 # Commands ------------------------------------------------------------------------------
@@ -571,7 +580,7 @@ def cmd_log(client: Client, args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"id": args.id, "log": text})
         elif text:
-            sys.stdout.write(text)
+            sys.stdout.write(_shown(text, sys.stdout))
         else:
             sys.stderr.write(f"offload: job {args.id} has logged nothing (its output, if "
                              "any: offload show ID)\n")
@@ -599,9 +608,9 @@ def _follow_log(client: Client, args: argparse.Namespace) -> int:
         attempt_shown[0] = attempt
         if args.json:
             sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
-        elif p.F_OUTPUT in event or OUTPUT_DELTA in event:
-            text = event.get(p.F_OUTPUT, event.get(OUTPUT_DELTA)) or ""
-            sys.stdout.write(text)
+        elif p.F_OUTPUT in event or p.OUTPUT_DELTA in event:
+            text = event.get(p.F_OUTPUT, event.get(p.OUTPUT_DELTA)) or ""
+            sys.stdout.write(_shown(text, sys.stdout))
             if text:
                 line_open[0] = not text.endswith("\n")
         sys.stdout.flush()
@@ -818,6 +827,9 @@ def _steer(client: Client, args: argparse.Namespace, action: str) -> int:
         said = "paused: queued jobs wait" if answer.get("paused") else "running"
         what = f"queue {said}"
     else:
+        if not args.schedule or "/" in args.schedule:  # no route would take it: said so
+            raise Failure(EXIT_NOT_FOUND, f"no schedule is named {args.schedule!r}; "
+                          "see them with: offload schedules")
         name = urllib.parse.quote(args.schedule, safe="")
         answer = client.call("POST", f"/api/schedules/{name}/{action}")
         what = f"schedule {answer.get('name')} {'paused' if answer.get('paused') else 'running'}"

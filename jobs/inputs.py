@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -56,6 +57,15 @@ class ChatInput(Request):
     on_busy: Literal["wait", "interrupt"] | None = Field(
         None, description="while an earlier answer of this session_id is queued or running: "
                           "wait for it (the default), or cancel it first")
+
+    @field_validator("session_id")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        # /api/sessions/{id} refuses a path with one: such a conversation could never
+        # be shown or forgotten.
+        if value is not None and re.search("[\x00-\x1f\x7f]", value):
+            raise ValueError("a session_id holds no control character (a tab, a newline)")
+        return value
 
 
 class SleepInput(Request):

@@ -44,6 +44,7 @@ from zoneinfo import ZoneInfo
 from croniter import CroniterBadDateError, croniter
 
 from jobs.kinds import InvalidInput, registry, validate_input
+from jobs.protocol import unsafe_settings_file
 from jobs.settings import MAX_PRIORITY, MAX_TIMEOUT_S, Settings, get_settings
 
 if sys.version_info >= (3, 11):
@@ -146,10 +147,10 @@ def parse_every(value: object) -> float:
     else:
         raise ValueError(f"`every` must be a number of seconds or a string such as "
                          f"\"90s\", \"30m\", \"6h\" or \"1d\", not {value!r}")
+    if not math.isnan(seconds) and seconds > MAX_EVERY_S:  # 1e308 in hours is infinite
+        raise ValueError(f"`every` must be at most \"36500d\" (a hundred years), not {value!r}")
     if not math.isfinite(seconds) or seconds < MIN_EVERY_S:
         raise ValueError(f"`every` must be at least {MIN_EVERY_S:g} s, not {value!r}")
-    if seconds > MAX_EVERY_S:
-        raise ValueError(f"`every` must be at most \"36500d\" (a hundred years), not {value!r}")
     return seconds
 
 
@@ -205,6 +206,10 @@ def _shown(value: object) -> str:
 
 def load(path: Path) -> tuple[Schedule, ...]:
     """The schedules of a TOML file, each checked; none when the file does not exist."""
+    problem = unsafe_settings_file(os.path.abspath(path))
+    if problem is not None:  # it would have this account run its jobs, with its keys
+        raise ScheduleError(f"refusing to read the schedules file {os.path.abspath(path)}: "
+                            f"{problem}")
     try:
         with open(path, "rb", opener=_open_without_waiting) as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):

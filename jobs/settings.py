@@ -32,6 +32,8 @@ ENV_PREFIX = "OFFLOAD_"  # of every variable below but OpenAI's own two
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8001
 STOP_GRACE_S = 3.0  # terminate, wait this long, then kill what is left
+MAX_CONCURRENT = 8  # runners alive at once
+RETENTION_HOURS = 72.0  # a finished job is kept this long
 SUPERVISOR_INTERVAL_S = 0.25  # longest sleep between supervisor passes
 SUPERVISOR_NICE = 10  # the supervisor's nice value: launching can wait, a request cannot
 LEADER_RETRY_S = 1.0  # how often a non-leader tries to become the supervisor
@@ -60,7 +62,7 @@ EVENT_POLL_S = 0.04  # how often a followed job file is looked at without change
 EVENT_CHECK_S = 0.5  # and with them: a missed notification costs at most this
 KEEPALIVE_S = 15.0
 DEFAULT_LLM_SLOTS = 4  # llama-server's slots at most, by default: each keeps a chat's context
-CANCEL_WAIT_S = 10.0  # DELETE waits this long for the runner to stop
+CANCEL_WAIT_S = 10.0  # DELETE waits this long past the stop's grace for the final state
 HISTORY_SAMPLE_S = 1.0
 SUPERVISOR_STALLED_S = 15.0  # a leading supervisor without a sample this long is "stalled"
 HISTORY_KEEP_S = 3 * 3600.0  # the metrics series kept on disk
@@ -160,15 +162,18 @@ def _field_name(name: str) -> str:
 
 class Settings(BaseSettings):
     # hide_input_in_errors: a refused OFFLOAD_API_TOKEN is never printed.
+    # No `inf` or `nan` for a number: `OFFLOAD_JOB_TIMEOUT_S=inf` started, and every job
+    # was lost at its runner's start (a deadline timer cannot be set that far).
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", extra="ignore",
-                                      populate_by_name=True, hide_input_in_errors=True)
+                                      populate_by_name=True, hide_input_in_errors=True,
+                                      allow_inf_nan=False)
 
     host: str = DEFAULT_HOST
     port: int = Field(DEFAULT_PORT, ge=1, le=65535)
     data_dir: Path = Path("var")
-    max_concurrent: int = Field(8, ge=1, le=1024)
-    job_timeout_s: float = Field(120.0, gt=0)
-    retention_hours: float = Field(72.0, ge=0)
+    max_concurrent: int = Field(MAX_CONCURRENT, ge=1, le=1024)
+    job_timeout_s: float = Field(120.0, gt=0, le=MAX_TIMEOUT_S)
+    retention_hours: float = Field(RETENTION_HOURS, ge=0)
     max_jobs: int = Field(10_000, ge=1)
     max_queued: int = Field(1000, ge=1)
     min_retention_s: float = Field(MIN_RETENTION_S, ge=0)

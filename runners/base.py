@@ -173,7 +173,7 @@ def resources() -> dict[str, float] | None:
 
 
 def _peak_rss_linux() -> float | None:
-    # VmHWM restarts at exec; ru_maxrss would still count the API's pages from the fork.
+    # VmHWM restarts at exec; ru_maxrss would still count the fork server's pages.
     try:
         with open("/proc/self/status", "rb") as f:
             for line in f:
@@ -510,8 +510,13 @@ def run_remote(execute: Execute) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     # The node's own data folder when it has one (a shared disk for training data),
-    # else a scratch folder; never the jobs/ folder an API there may own.
-    root = os.environ.get("OFFLOAD_DATA_DIR") or os.path.join(_temp_dir(), "offload")
+    # else a new private folder of its own (a fixed name in the shared /tmp could be
+    # another account's, or its link); never the jobs/ folder an API there may own.
+    import shutil
+    import tempfile
+
+    data_dir = os.environ.get("OFFLOAD_DATA_DIR")
+    root = data_dir or tempfile.mkdtemp(prefix="offload-remote-")
     folder = os.path.join(root, "remote", data[p.F_ID])
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, p.JOB_FILE)
@@ -519,15 +524,7 @@ def run_remote(execute: Execute) -> int:
     try:
         return run_job_file(path, execute, force=True, emit_key=key)
     finally:
-        import shutil
-
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _temp_dir() -> str:
-    import tempfile
-
-    return tempfile.gettempdir()
+        shutil.rmtree(folder if data_dir else root, ignore_errors=True)
 
 
 def _host() -> str:
@@ -577,8 +574,7 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
         sink.start(job)
     except StopRequested as stop:
         # Stopped before it could even say it runs: record that, then leave.
-        return _finish(job, sink, stop.reason, None, _stop_error(stop.reason, data),
-                       EXIT_STOPPED, stopper)
+        return _stopped(job, stop.reason, stopper)
     return _run(job, execute, stopper, None)
 
 
@@ -594,8 +590,7 @@ def _run(job: Job, execute: Execute, stopper: _Stopper, timeout: float | None) -
             stopper.finishing = True  # the deadline's, on Windows: one stop is enough
             raise StopRequested(stopper.reason()) from exc
     except StopRequested as stop:
-        return _finish(job, sink, stop.reason, None, _stop_error(stop.reason, job.data),
-                       EXIT_STOPPED, stopper)
+        return _stopped(job, stop.reason, stopper)
     except RunnerError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         error = {"type": exc.error_type, "message": exc.message}
@@ -615,11 +610,9 @@ def _run(job: Job, execute: Execute, stopper: _Stopper, timeout: float | None) -
     return _finish(job, sink, p.JobState.COMPLETED, result or {}, None, EXIT_OK, stopper)
 
 
-def _stop_error(reason: str, data: dict[str, Any]) -> dict[str, Any]:
-    if reason == p.JobState.TIMEOUT:
-        return {"type": p.ErrorType.TIMEOUT,
-                "message": p.deadline_message(data.get(p.F_TIMEOUT_S))}
-    return {"type": p.ErrorType.CANCELLED, "message": "cancelled on request"}
+def _stopped(job: Job, reason: str, stopper: _Stopper) -> int:
+    error = p.stop_error(reason, job.data.get(p.F_TIMEOUT_S))
+    return _finish(job, job._sink, reason, None, error, EXIT_STOPPED, stopper)
 
 
 def _finish(job: Job, sink: Sink, state: str, result: dict[str, Any] | None,

@@ -12,6 +12,7 @@ a naive "no change" forecast, and the model's version.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -68,6 +69,10 @@ def execute(job: base.Job) -> dict[str, Any]:
     job.data["loss_curve"] = []  # this attempt's: a retry's job file holds the last one's
     for epoch in range(1, epochs + 1):
         losses = [fit.epoch(options["learning_rate"], rng) for fit in fits.values()]
+        if not math.isfinite(sum(losses)):  # a NaN model would replace the good one
+            raise base.RunnerError(
+                f"training diverged at epoch {epoch} (its loss is no longer a number): "
+                f"lower 'learning_rate' (it was {options['learning_rate']})")
         job.progress(epoch / epochs, f"epoch {epoch}/{epochs} loss {sum(losses) / 2:.4f}")
         job.data["loss_curve"] = [*job.data.get("loss_curve", []), round(sum(losses) / 2, 5)]
     for name, fit in fits.items():

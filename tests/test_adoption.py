@@ -60,7 +60,7 @@ def test_second_supervisor_adopts_runners_of_a_killed_one(
     assert lost["state"] == "failed"
     assert lost["error"]["type"] == "lost"
     assert lost["exit_code"] is None
-    assert "earlier API process" in lost["error"]["message"]
+    assert "earlier supervisor" in lost["error"]["message"]
     assert second.wait_final(late)["state"] == "completed"
 
 

@@ -70,6 +70,23 @@ def test_chat_result_errors_and_unknown_ids(make_server: MakeServer) -> None:
             "status": "not_found", "reply": None, "usage": None, "message": None}
         bad = client.get("/api/ai_chat_result/not-an-id")
         assert bad.status_code == 404 and bad.json()["status"] == "not_found"
+        # A result that is not a chat's (a kind of one's own, a hand edit) answered 500.
+        other = client.post("/api/jobs", json={"kind": "probe", "input": {}}).json()["id"]
+        wait_for(lambda: client.get(f"/api/jobs/{other}").json()["state"] == "completed", 30)
+        job_file = server.data_dir / "jobs" / other / p.JOB_FILE
+        results: list[dict[str, Any]] = [{"reply": 5}, {"reply": "hi", "usage": "x"},
+                                         {"usage": {"prompt_tokens": 12.5}}]
+        for result in results:
+            job_file.write_text(json.dumps({**json.loads(job_file.read_text()),
+                                            "result": result}))
+
+            def written(result: dict[str, Any] = result) -> bool:
+                return bool(client.get(f"/api/jobs/{other}").json()["result"] == result)
+
+            wait_for(written, 30)
+            answer = client.get(f"/api/ai_chat_result/{other}")
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["status"] == "completed" and answer.json()["usage"] is None
         empty = client.post("/api/ai_chat_async", json={"messages": []})
         assert empty.status_code == 422
         assert "messages" in empty.json()["detail"]
@@ -379,6 +396,10 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
             ('{"kind": "probe", "input": {"x": NaN}}', 422, "nan is not a JSON number"),
             ('{"kind": "probe", "input": {"x": 1e999}}', 422, "inf is not a JSON number"),
             ('{"kind": "probe", "input": {"x": "\\ud800"}}', 422, "half of a surrogate pair"),
+            # Taken, then never to be shown or forgotten: /api/sessions/{id} refuses it.
+            ({"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}],
+                                        "session_id": "tab\tone"}}, 422,
+             "a session_id holds no control character"),
         ]
         for body, status, needle in cases:
             if isinstance(body, str):

@@ -337,6 +337,10 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     assert cli(url, "resume", "nightly").stdout == "schedule nightly running\n"
     unknown = cli(url, "pause", "nope")
     assert unknown.returncode == 5 and "nope" in unknown.stderr
+    for name in ("a/b", ""):  # "no API route ... is that Offload's address?", exit 7
+        unknown = cli(url, "resume", name)
+        assert unknown.returncode == 5, unknown
+        assert f"no schedule is named {name!r}" in unknown.stderr, unknown
     # A schedules file edited into one that cannot be used: said, and not with exit 0.
     schedules.write_text('[nightly]\nkind = "sleep"\nevery = "0s"\n')
     def told() -> subprocess.CompletedProcess[str] | None:
@@ -598,3 +602,45 @@ def test_cancel_by_state_goes_past_a_listings_length(make_server: MakeServer,
     assert len(cleaned.stdout.splitlines()) == len(waiting) - 1
     left = json.loads(cli(server.url, "list", "--json").stdout)
     assert [job["id"] for job in left] == [newest], len(left)
+
+
+def _on_a_terminal(url: str, *args: str) -> str:
+    """What `offload ARGS` writes to a terminal (a pseudo-terminal here)."""
+    import pty  # POSIX only
+
+    master, slave = pty.openpty()
+    try:
+        subprocess.run([sys.executable, "-m", "jobs", *args], env=cli_env(url),
+                       cwd=ROOT / "tests", stdout=slave, stderr=subprocess.DEVNULL, timeout=120)
+        os.close(slave)
+        slave = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: all read, and the other end closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+        if slave != -1:
+            os.close(slave)
+    return out.decode(errors="replace")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a pseudo-terminal")
+def test_a_jobs_escape_sequences_are_not_played_on_a_terminal(make_server: MakeServer) -> None:
+    # A model's reply (or any job's error or log) held sequences that retitled the
+    # terminal and cleared it: `offload show` and `offload log` wrote them out raw.
+    url = make_server().url
+    attack = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mred"
+    job = json.loads(cli(url, "submit", "probe", "--input", json.dumps({"fail": attack}),
+                         "--wait", "--json").stdout)
+    assert job["error"]["message"] == attack
+    for command in ("show", "log"):
+        shown = _on_a_terminal(url, command, job["id"])
+        assert "\x1b" not in shown and "\x07" not in shown, shown
+        assert "\\x1b]0;PWNED\\x07\\x1b[2J\\x1b[31mred" in shown, shown
+        assert attack in cli(url, command, job["id"]).stdout, "into a pipe as it is"

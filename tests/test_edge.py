@@ -90,7 +90,8 @@ def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
 @pytest.mark.parametrize(("how", "problem"), [
     ("uvicorn", "open"), ("api_entry", "open"), ("uvicorn", "kind"), ("api_entry", "schedule"),
     ("uvicorn", "hosts"), ("uvicorn", "cors"), ("api_entry", "cors"), ("uvicorn", "ages"),
-    ("uvicorn", "caps"), ("api_entry", "port"), ("supervisor", "hosts")])
+    ("uvicorn", "caps"), ("api_entry", "port"), ("supervisor", "hosts"),
+    ("api_entry", "endless")])
 def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp_path: Path,
                                                      data_dir: Path) -> None:
     """Settings that stop the start are said as such, not as a traceback."""
@@ -124,6 +125,9 @@ def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp
     elif problem == "hosts":  # read as '' before, it let every Host that reads as '' in
         env["OFFLOAD_ALLOWED_HOSTS"] = "offload.test, http://offload.test"
         said = "a setting is wrong"
+    elif problem == "endless":  # it started, and every job was lost at its runner's start
+        env["OFFLOAD_JOB_TIMEOUT_S"] = "inf"
+        said = "a setting is wrong (set in the environment or in .env):\n  OFFLOAD_JOB_TIMEOUT_S"
     else:
         env["OFFLOAD_SCHEDULES_FILE"] = str(bad_schedules)
         said = f"{bad_schedules}, schedule [beat]: `every` must be at least 1 s"

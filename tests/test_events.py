@@ -120,14 +120,14 @@ def test_events_that_change_small_fields_share_their_position() -> None:
     job = {"state": "running", "output": "ab", "progress": None, "input": {"x": "y" * 10}}
     progressed = {**job, "progress": {"fraction": 0.5, "message": None}}
     assert change_event(job, progressed) == (
-        'id: 2\ndata: {"progress": {"fraction": 0.5, "message": null}}\n\n')
+        'id: 2\ndata: {"progress":{"fraction":0.5,"message":null}}\n\n')
     assert change_event(job, dict(job)) is None
     grown = {**job, "output": "abcé"}
-    assert change_event(job, grown) == 'id: 4\ndata: {"output_delta": "cé"}\n\n'
+    assert change_event(job, grown) == 'id: 4\ndata: {"output_delta":"cé"}\n\n'
     started_again = {**job, "output": "x"}
-    assert change_event(job, started_again) == 'id: 1\ndata: {"output": "x"}\n\n'
+    assert change_event(job, started_again) == 'id: 1\ndata: {"output":"x"}\n\n'
     assert first_event(grown, 2).startswith("id: 4\n")
-    assert '"output_delta": "cé"' in first_event(grown, 2)
+    assert '"output_delta":"cé"' in first_event(grown, 2)
     assert resume_position(None, None) is None and resume_position("", "7") == 7
     assert resume_position("3", "7") == 3
 
@@ -137,10 +137,10 @@ def test_a_new_attempt_sends_the_job_in_full_and_ids_name_their_attempt() -> Non
     retrying = {**first, "state": "queued", "output": "", "attempt": 2}
     event = change_event(first, retrying)
     assert event is not None and event.startswith("id: 2.0\n")
-    assert '"state": "queued"' in event and '"output": ""' in event  # the whole job
+    assert '"state":"queued"' in event and '"output":""' in event  # the whole job
     again = {**retrying, "state": "running", "output": "abcdef"}
     assert change_event(retrying, again) == (
-        'id: 2.6\ndata: {"state": "running", "output_delta": "abcdef"}\n\n')
+        'id: 2.6\ndata: {"state":"running","output_delta":"abcdef"}\n\n')
     # A resume from the first attempt's position gets the job in full, not a delta.
-    assert '"output": "abcdef"' in first_event(again, resume_position("3", None))
-    assert '"output_delta": "def"' in first_event(again, resume_position("2.3", None))
+    assert '"output":"abcdef"' in first_event(again, resume_position("3", None))
+    assert '"output_delta":"def"' in first_event(again, resume_position("2.3", None))

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from jobs import protocol as p
+from jobs.models import Job
 from jobs.store.job_store import JobNotFound, JobStore
 from tests.conftest import ROOT
 
@@ -69,7 +70,7 @@ def test_corrupt_job_file_reads_as_failed_and_listing_keeps_working(data_dir: Pa
     broken = "b" * 32
     (data_dir / "jobs" / broken).mkdir()
     (data_dir / "jobs" / broken / p.JOB_FILE).write_text("{not json")
-    job = store.get(broken)
+    job = Job.model_validate(store.read(broken))  # as the API answers it
     assert job.state.value == "failed"
     assert job.error is not None and job.error.type.value == "corrupt"
     assert {j["id"] for j in store.list_jobs()} == {good, broken}
@@ -103,7 +104,7 @@ def test_bad_ids_never_reach_the_file_system(data_dir: Path, bad: str,
     store = JobStore(data_dir / "jobs")
     opened_paths.clear()
     with pytest.raises(JobNotFound):
-        store.get(bad)
+        store.read(bad)
     with pytest.raises(JobNotFound):
         store.request_cancel(bad)
     with pytest.raises(JobNotFound):
@@ -118,7 +119,7 @@ def test_valid_ids_do_reach_the_file_system(data_dir: Path, opened_paths: list[s
     store = JobStore(data_dir / "jobs")
     job_id = store.create("sleep", {}, 10)["id"]
     opened_paths.clear()
-    store.get(job_id)
+    store.read(job_id)
     assert any(job_id in path for path in opened_paths)
 
 
@@ -236,3 +237,14 @@ def test_queue_positions_are_counted_once_per_refresh_and_know_new_jobs(
     assert store.cached_queue_position(late, 60) is None  # not counted yet: ask the index
     assert store.queue_position(late, 60) == 3  # counted now, however fresh the last count
     assert store.cached_queue_position(ids[0], 0) is None  # too old for the caller
+
+
+def test_a_chat_turn_waiting_for_the_turn_before_it_has_no_queue_position(
+        data_dir: Path) -> None:
+    # It read 0, "next", while a job submitted after it would start first.
+    store = JobStore(data_dir / "jobs")
+    first = store.create("chat", {"messages": [{"role": "user", "content": "hi"}]}, 60)["id"]
+    second = store.create("chat", {"messages": [{"role": "user", "content": "and?"}]}, 60,
+                          fields={p.F_AFTER: first})["id"]
+    other = store.create("sleep", {}, 60)["id"]
+    assert [store.queue_position(i, 0) for i in (first, second, other)] == [0, None, 1]

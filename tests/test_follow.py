@@ -17,7 +17,6 @@ import pytest
 
 from jobs import protocol as p
 from jobs.api import follow
-from jobs.api.events import OUTPUT_DELTA
 from jobs.api.follow import Followed, JobWatch, Reader, file_signature, followed
 from jobs.api.routes_jobs import _follow
 from jobs.store.job_store import JobNotFound
@@ -216,7 +215,7 @@ def test_a_follower_that_fell_behind_gets_what_it_missed_once(tmp_path: Path) ->
             assert final[p.F_STATE] == "completed" and final[p.F_OUTPUT] == reply
             assert [e.id for e in events][-1] == str(len(reply))
         assert len(slow_events) == 2, "what it missed, in one event"
-        assert slow_events[1].fields[OUTPUT_DELTA] == reply
+        assert slow_events[1].fields[p.OUTPUT_DELTA] == reply
         assert all(p.F_INPUT not in e.fields for e in quick_events[1:] + slow_events[1:])
         assert followed().watches == {}
 

@@ -161,6 +161,17 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
             + "}")
         one = client.get(f"/api/jobs/{abyss}")
         assert one.status_code == 200 and "nested too deeply" in one.json()["error"]["message"]
+        # A half of a surrogate pair alone, escaped (no UTF-8 can hold it): every listing
+        # answered 500, the job's own reads and its events too.
+        half = p.new_id()
+        (server.data_dir / "jobs" / half).mkdir()
+        (server.data_dir / "jobs" / half / p.JOB_FILE).write_text(
+            json.dumps({**valid, "id": half, "output": "a\ud800b"}))
+        one = client.get(f"/api/jobs/{half}")
+        assert one.status_code == 200 and one.json()["output"] == "a\ufffdb", one.text
+        with client.stream("GET", f"/api/jobs/{half}/events") as stream:
+            first = next(line for line in stream.iter_lines() if line.startswith("data:"))
+        assert json.loads(first[5:])["output"] == "a\ufffdb"
         for path in ("/api/health", "/api/history", "/api/jobs"):
             assert client.get(path).status_code == 200, path
         assert client.post("/api/jobs", json={"kind": "sleep", "input": {}}).status_code == 202

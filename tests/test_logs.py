@@ -146,3 +146,30 @@ def test_model_server_output_is_capped_while_it_serves(make_server: MakeServer,
     after_cut = log.read_text().rsplit("log capped at", 1)[1]
     assert "POST /v1/chat/completions" in after_cut, after_cut[-2000:]
     assert log.stat().st_size <= CAP + 64 * 1024
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="named pipes")
+def test_a_pipe_or_a_folder_in_a_logs_place_is_said_not_waited_for(
+        make_server: MakeServer) -> None:
+    # A named pipe in place of job.log held each request for its log for good (and a
+    # worker thread with it); a folder there answered 500.
+    import os
+
+    server = make_server()
+    with server.client() as client:
+        jobs = [client.post("/api/jobs", json={"kind": "sleep", "input": {}}).json()["id"]
+                for _ in range(2)]
+        def all_done() -> bool:
+            return all(client.get(f"/api/jobs/{job_id}").json()["state"] == "completed"
+                       for job_id in jobs)
+
+        wait_for(all_done, 30)
+        logs = [server.data_dir / "jobs" / job_id / p.LOG_FILE for job_id in jobs]
+        for log in logs:
+            log.unlink(missing_ok=True)
+        os.mkfifo(logs[0])
+        logs[1].mkdir()
+        for job_id, why in zip(jobs, ("not a file", "Is a directory"), strict=True):
+            answer = client.get(f"/api/jobs/{job_id}/log", timeout=10)
+            assert answer.status_code == 200, answer.text
+            assert answer.text.startswith(f"[the job's log cannot be read: {why}"), answer.text

@@ -189,16 +189,9 @@ def other_account() -> Iterator[str]:
         subprocess.run(["userdel", name], check=False, capture_output=True)
 
 
-@pytest.mark.parametrize("first", ["api", "supervisor"])
-def test_a_data_folder_of_another_account_is_refused(first: str, other_account: str,
-                                                     data_dir: Path, tmp_path: Path) -> None:
-    # Made beforehand by another account (in /tmp, say), with a link to a file of ours
-    # where Offload writes its log.
-    mine = tmp_path / "mine.txt"
-    mine.write_text("mine\n")
-    data_dir.mkdir()
-    (data_dir / "supervisor.log").symlink_to(mine)
-    shutil.chown(data_dir, other_account)
+def _refused_start(first: str, data_dir: Path, tmp_path: Path) -> Path:
+    """Start the API or the supervisor (by hand) on `data_dir`, which must stop it; what
+    it said."""
     out = tmp_path / f"{first}.out"
     if first == "api":
         server = Server(data_dir, out, NO_MODEL)
@@ -213,6 +206,20 @@ def test_a_data_folder_of_another_account_is_refused(first: str, other_account: 
             assert proc.wait(60) != 0
         finally:
             stop_process(proc)
+    return out
+
+
+@pytest.mark.parametrize("first", ["api", "supervisor"])
+def test_a_data_folder_of_another_account_is_refused(first: str, other_account: str,
+                                                     data_dir: Path, tmp_path: Path) -> None:
+    # Made beforehand by another account (in /tmp, say), with a link to a file of ours
+    # where Offload writes its log.
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine\n")
+    data_dir.mkdir()
+    (data_dir / "supervisor.log").symlink_to(mine)
+    shutil.chown(data_dir, other_account)
+    out = _refused_start(first, data_dir, tmp_path)
     assert f"the data folder {data_dir} belongs to another account" in out.read_text()
     assert mine.read_text() == "mine\n"
     assert sorted(each.name for each in data_dir.iterdir()) == ["supervisor.log"]
@@ -545,6 +552,20 @@ def test_a_settings_file_another_account_could_have_written_is_not_read(
         listener.close()
     assert listener.heard == b""
     assert not (tmp_path / "var").exists()
+    # Nor a schedules file of theirs (it would have this account run their jobs).
+    schedules = folder / "schedules.toml"
+    schedules.write_text('[beat]\nkind = "sleep"\nevery = "1h"\n')
+    env_file.unlink()
+    if how == "a file all can write":
+        schedules.chmod(0o666)
+    elif how == "their file":
+        shutil.chown(schedules, other_account)
+    done = subprocess.run([sys.executable, starts["api"][0], "--port", "0"], cwd=folder,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert f"refusing to read the schedules file {schedules}: {said}" in done.stderr
+    schedules.unlink()
+    env_file.write_text("")
     # The same file, the user's own and theirs alone, is read.
     shutil.chown(folder, os.geteuid())
     shutil.chown(env_file, os.geteuid())
@@ -554,3 +575,66 @@ def test_a_settings_file_another_account_could_have_written_is_not_read(
     done = subprocess.run([sys.executable, "-m", "jobs", "list"], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 3 and f"cannot reach Offload at {closed}" in done.stderr, done
+
+
+# Swaps a file open to all for a link to argv[2] and back, in folder argv[1], until killed.
+SWAP = """
+import os, sys
+os.umask(0)
+entry, spare, link = (os.path.join(sys.argv[1], name) for name in ("entry", "f.tmp", "l.tmp"))
+while True:
+    with open(spare, "w"):
+        pass
+    os.chmod(spare, 0o666)
+    os.replace(spare, entry)
+    os.symlink(sys.argv[2], link)
+    os.replace(link, entry)
+"""
+
+
+def test_tightening_never_changes_what_a_link_swapped_in_leads_to(tmp_path: Path) -> None:
+    # While the folder was open, another account swapped a file of its own for a link to
+    # one of ours, over and over: a chmod by path between the look and the change
+    # followed the link (one start in about 80 made the file it led to 0600).
+    from jobs.store.private import tighten
+
+    ours = tmp_path / "ours.txt"
+    ours.write_text("ours\n")
+    ours.chmod(0o644)
+    top = tmp_path / "open"
+    top.mkdir()
+    swapper = subprocess.Popen([sys.executable, "-c", SWAP, str(top), str(ours)])
+    try:
+        wait_for(lambda: (top / "entry").exists(), 30, 0.01, "the swapping to begin")
+        for _ in range(3000):
+            tighten(top)
+            top.chmod(0o777)
+            assert _mode(ours) == 0o644
+    finally:
+        swapper.kill()
+        swapper.wait()
+
+
+@pytest.mark.parametrize("first", ["api", "supervisor"])
+def test_an_open_data_folder_holding_another_accounts_link_is_refused(
+        first: str, other_account: str, data_dir: Path, tmp_path: Path) -> None:
+    # While it was open, another account put in a link to a file of ours where the
+    # supervisor logs, and a link to a folder of its own where the jobs go: Offload
+    # appended to our file, and ran the jobs it put in its folder.
+    import pwd  # POSIX only
+
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine\n")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    shutil.chown(theirs, other_account)
+    data_dir.mkdir()
+    data_dir.chmod(0o777)
+    for name, target in (("supervisor.log", mine), ("jobs", theirs)):
+        (data_dir / name).symlink_to(target)
+        os.lchown(data_dir / name, pwd.getpwnam(other_account).pw_uid, -1)
+    said = _refused_start(first, data_dir, tmp_path).read_text()
+    assert f"the data folder {data_dir} was open to other accounts (mode 777) and holds" in said
+    assert "which belongs to another account" in said
+    assert mine.read_text() == "mine\n"
+    assert list(theirs.iterdir()) == []

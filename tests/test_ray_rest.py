@@ -178,6 +178,23 @@ def test_remote_job_travels_in_the_environment_whatever_its_size(tmp_path: Path)
     assert not (tmp_path / "remote" / ("b" * 32)).exists(), "the scratch folder is removed"
     assert not (tmp_path / "jobs").exists(), "never the jobs folder of an API"
 
+    # Without a data folder, a folder of its own, not a fixed name in the shared /tmp:
+    # another account had made /tmp/offload/remote a link to a folder of ours: the job's
+    # input was written through it, and the folder of ours it named deleted after.
+    shared, ours = tmp_path / "tmp", tmp_path / "ours"
+    (shared / "offload").mkdir(parents=True)
+    (ours / job["id"]).mkdir(parents=True)
+    (ours / job["id"] / "keep.txt").write_text("ours\n")
+    (shared / "offload" / "remote").symlink_to(ours)
+    out = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "", "TMPDIR": str(shared), remote.SNAPSHOT_KEY_ENV: key,
+                              **pieces})
+    assert out.returncode == 0, out.stderr
+    assert remote.split_snapshots(out.stdout, key)[0][-1][1]["state"] == "completed"
+    assert [each.name for each in (ours / job["id"]).iterdir()] == ["keep.txt"]
+    assert [each.name for each in shared.iterdir()] == ["offload"], "its own folder removed"
+
     bad = subprocess.run([sys.executable, "-m", "runners.sleep", "--remote-job"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60,
                          env={**os.environ, remote.SNAPSHOT_KEY_ENV: key,

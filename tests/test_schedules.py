@@ -488,6 +488,8 @@ def test_a_clock_that_was_ahead_stops_no_schedule(data_dir: Path, tmp_path: Path
     ("[a]\nkind = 'nope'\nevery = 5\n", "schedule [a]: unknown job kind 'nope'; known kinds:"),
     ("[a]\nkind = 'sleep'\nevery = '5 weeks'\n", "schedule [a]: `every` must be a number"),
     ("[a]\nkind = 'sleep'\nevery = 0\n", "schedule [a]: `every` must be at least 1 s"),
+    ("[a]\nkind = 'sleep'\nevery = 1e308\n", "schedule [a]: `every` must be at most"),
+    ("[a]\nkind = 'sleep'\nevery = '1e308h'\n", "schedule [a]: `every` must be a number"),
     ("[a]\nkind = 'sleep'\n", "schedule [a]: give `every`"),
     ("[a]\nkind = 'sleep'\nevery = 5\ninput = {seconds = -1}\n",
      "schedule [a]: invalid input for a 'sleep' job: input.seconds"),

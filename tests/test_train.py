@@ -171,3 +171,36 @@ def test_a_retried_training_shows_only_its_own_loss_curve(data_dir: Path) -> Non
     job = store.read(job_id)
     assert job["state"] == "completed", job
     assert len(job["loss_curve"]) == 5 and 9.0 not in job["loss_curve"], job["loss_curve"]
+
+
+def _no_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is no JSON (a browser's JSON.parse refuses it)")
+
+
+def test_a_diverging_training_fails_and_keeps_the_previous_model(
+        data_dir: Path, make_server: Callable[..., Server]) -> None:
+    # A learning rate within bounds that made the loss NaN: the job completed, its file
+    # held NaN (its cancel answered 500, its events were no JSON), and a model of NaNs
+    # replaced the good one (/api/predict served zeros).
+    record_history(data_dir)
+    server = make_server()
+    with server.client() as client:
+        assert _train(client, epochs=10)["state"] == "completed"
+        diverged = _train(client, learning_rate=1.0, epochs=2000)
+        assert diverged["state"] == "failed", diverged
+        assert "training diverged" in diverged["error"]["message"]
+        assert "lower 'learning_rate'" in diverged["error"]["message"]
+        assert client.get("/api/predict").json()["version"] == 1
+        # A NaN a runner of one's own writes is null to every client, as a GET has it.
+        job_file = data_dir / "jobs" / diverged["id"] / p.JOB_FILE
+        data = json.loads(job_file.read_text())
+        data["loss_curve"], data["result"] = [1.0, float("nan")], {"rmse": float("inf")}
+        job_file.write_text(json.dumps(data))
+        wait_for(lambda: client.get(f"/api/jobs/{diverged['id']}").json()["loss_curve"]
+                 == [1.0, None], 30)
+        refused = client.delete(f"/api/jobs/{diverged['id']}")
+        assert refused.status_code == 409 and refused.json()["job"]["loss_curve"] == [1.0, None]
+        with client.stream("GET", f"/api/jobs/{diverged['id']}/events") as events:
+            line = next(line for line in events.iter_lines() if line.startswith("data: "))
+        event = json.loads(line[len("data: "):], parse_constant=_no_json)
+        assert event["loss_curve"] == [1.0, None] and event["result"] == {"rmse": None}

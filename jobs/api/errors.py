@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs.api.events import public
@@ -31,8 +32,15 @@ SEND_JSON = "send a JSON object with the header Content-Type: application/json"
 NOT_AN_OBJECT = frozenset({"missing", "model_attributes_type", "model_type", "dict_type"})
 
 
+class _Answer(JSONResponse):
+    """JSON as a job's `GET` answers it: a NaN a runner wrote (no JSON) is null."""
+
+    def render(self, content: Any) -> bytes:
+        return to_json(content, inf_nan_mode="null")
+
+
 def _detail(status: int, detail: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"detail": detail, **extra}, status_code=status)
+    return _Answer({"detail": detail, **extra}, status_code=status)
 
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:

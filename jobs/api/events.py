@@ -13,15 +13,14 @@ a client following the job when a new attempt begins.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
+from pydantic_core import to_json
+
+from jobs import protocol as p
 from jobs.models import Job
 
-OUTPUT = "output"  # the whole output: it replaces the client's copy
-OUTPUT_DELTA = "output_delta"  # appended to the client's copy
-ATTEMPT = "attempt"  # a retry starts the output again
 _POSITION = re.compile(r"(?:([2-9]|[1-9][0-9]{1,5})\.)?([0-9]{1,15})")  # attempt 2 on
 BAD_POSITION = ("Last-Event-ID (or ?after=) must be the id of an event of this stream: a "
                 "whole number, the length of output already received (after the attempt "
@@ -36,11 +35,6 @@ class Position(int):
     """Where a client resumes: the length of output it holds, of the attempt it saw."""
 
     attempt = 1
-
-
-def _attempt(job: dict[str, Any]) -> int:
-    attempt = job.get(ATTEMPT)
-    return attempt if isinstance(attempt, int) and attempt > 1 else 1
 
 
 def public(job: dict[str, Any]) -> dict[str, Any]:
@@ -65,34 +59,29 @@ def resume_position(last_event_id: str | None, after: str | None) -> Position | 
 def first_event(job: dict[str, Any], position: int | None) -> str:
     """Every field; the output in full, or from `position` when that is a position of it
     (beyond its end, the output was started again: the client's copy is replaced)."""
-    output = job.get(OUTPUT) or ""
-    attempt = _attempt(job)
+    output = job.get(p.F_OUTPUT) or ""
     if (position is None or position > len(output)
-            or getattr(position, "attempt", 1) != attempt):
-        return _event(attempt, len(output), job)
-    fields = {key: value for key, value in job.items() if key != OUTPUT}
-    fields[OUTPUT_DELTA] = output[position:]
-    return _event(attempt, len(output), fields)
+            or getattr(position, "attempt", 1) != p.attempts(job)[0]):
+        return _event(job, job)
+    fields = {key: value for key, value in job.items() if key != p.F_OUTPUT}
+    fields[p.OUTPUT_DELTA] = output[position:]
+    return _event(job, fields)
 
 
 def change_event(old_job: dict[str, Any], new_job: dict[str, Any]) -> str | None:
     """The fields that differ from `old_job` to `new_job` and the output appended between
     them; None when nothing differs. A new attempt sends the job in full."""
-    if _attempt(old_job) != _attempt(new_job):
+    if p.attempts(old_job)[0] != p.attempts(new_job)[0]:
         return first_event(new_job, None)
     fields = {key: value for key, value in new_job.items()
-              if key != OUTPUT and old_job.get(key) != value}
-    old, new = old_job.get(OUTPUT) or "", new_job.get(OUTPUT) or ""
-    if new != old:
-        if new.startswith(old):
-            fields[OUTPUT_DELTA] = new[len(old):]
-        else:  # not an append (a job run again by hand): send it all
-            fields[OUTPUT] = new
+              if key != p.F_OUTPUT and old_job.get(key) != value}
+    fields.update(p.output_change(old_job, new_job))  # in full if not an append (run by hand)
     if not fields:
         return None
-    return _event(_attempt(new_job), len(new), fields)
+    return _event(new_job, fields)
 
 
-def _event(attempt: int, position: int, fields: dict[str, Any]) -> str:
-    event_id = f"{attempt}.{position}" if attempt > 1 else str(position)
-    return f"id: {event_id}\ndata: {json.dumps(fields, ensure_ascii=False)}\n\n"
+def _event(job: dict[str, Any], fields: dict[str, Any]) -> str:
+    """An event of `fields` that leaves the client with `job`."""
+    data = to_json(fields, inf_nan_mode="null").decode()  # NaN is no JSON: null, as a GET has
+    return f"id: {p.event_id(job)}\ndata: {data}\n\n"

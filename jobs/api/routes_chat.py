@@ -6,12 +6,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
 from jobs.api.routes_jobs import REFUSED, Service
 from jobs.inputs import ChatInput
-from jobs.models import ChatResult, Submitted
+from jobs.models import ChatResult, ChatUsage, Submitted
 from jobs.store.job_store import JobNotFound
 
 router = APIRouter(prefix="/api", tags=["chat"])
@@ -45,6 +46,13 @@ async def erase_chat_session(session_id: Annotated[str, Path(max_length=200)],
     return {"session_id": session_id, "erased": erased}
 
 
+def _usage(value: object) -> ChatUsage | None:
+    try:
+        return None if value is None else ChatUsage.model_validate(value)
+    except ValidationError:
+        return None
+
+
 @router.get("/ai_chat_result/{job_id}", response_model=ChatResult,
             responses={404: {"model": ChatResult}})
 async def ai_chat_result(job_id: str, service: Service) -> Any:
@@ -58,9 +66,14 @@ async def ai_chat_result(job_id: str, service: Service) -> Any:
         return {"status": "not_found"}
     state = job.get(p.F_STATE)
     if state == p.JobState.COMPLETED:
-        result = job.get(p.F_RESULT) or {}
-        return {"status": "completed", "reply": result.get("reply", job.get(p.F_OUTPUT) or ""),
-                "usage": result.get("usage")}
+        # Not a chat's result (a kind of one's own, a hand edit): its output, no usage,
+        # rather than a 500 for an answer that does not fit.
+        found = job.get(p.F_RESULT)
+        result: dict[str, Any] = found if isinstance(found, dict) else {}
+        reply = result.get("reply")
+        return {"status": "completed",
+                "reply": reply if isinstance(reply, str) else job.get(p.F_OUTPUT) or "",
+                "usage": _usage(result.get("usage"))}
     if state in p.FINAL_STATES:
         error = job.get(p.F_ERROR) or {}
         return {"status": "error", "message": error.get("message") or f"the chat ended {state}"}

@@ -86,8 +86,9 @@ async def cancel_job(job_id: str, service: Service) -> dict[str, Any]:
 
 
 @router.post("/jobs/{job_id}/remove", response_model=Job,
-             responses={409: {"description": "the job has not finished, or a queued job "
-                                             "depends on it"}})
+             responses={409: {"description": "the job has not finished, or a job not "
+                                             "ended needs it (one that depends on it, a "
+                                             "turn of its chat)"}})
 async def remove_job(job_id: str, service: Service) -> dict[str, Any]:
     """Delete a finished job now (its file, log and records; a chat turn's question and
     reply), as pruning would later; answers the job as it was."""

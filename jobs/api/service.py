@@ -51,7 +51,7 @@ T = TypeVar("T")
 
 class SmallIO:
     """Runs a small file operation right on the event loop while such operations take
-    well under a millisecond, and in worker threads for a while after one that did not.
+    under INLINE_MAX_S, and in worker threads for a while after one that did not.
 
     Writing a job (a folder and a 1 KB file) is far quicker than the hop to a worker
     thread and back, which costs two thread wake-ups (docs/benchmarks.md). A slow or
@@ -427,13 +427,11 @@ class JobService:
         if not path.exists():
             raise JobNotFound(job_id)
         try:
-            with open(p.sibling(path, p.LOG_FILE), "rb") as f:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - LOG_MAX_BYTES))
-                data = f.read()
+            data, size = p.read_tail(p.sibling(path, p.LOG_FILE), LOG_MAX_BYTES)
         except FileNotFoundError:
             return ""
+        except OSError as exc:  # a folder or a pipe in its place, a link: said, not a 500
+            return f"[the job's log cannot be read: {exc.strerror or exc}]\n"
         text = data.decode("utf-8", errors="replace")
         return text if size <= LOG_MAX_BYTES else "[... earlier output cut ...]\n" + text
 

@@ -71,11 +71,7 @@ class Launcher(ABC):
     @abstractmethod
     def is_alive(self, run: Run) -> bool: ...
 
-    # sync, release and close are optional: by default they do nothing.
-    def sync(self, run: Run) -> None:  # noqa: B027
-        """Bring the local job file up to date with the runner (local runners write it
-        themselves)."""
-
+    # release and close are optional: by default they do nothing.
     @abstractmethod
     def stop(self, run: Run, grace_s: float) -> None:
         """Stop the runner and everything it started; returns once it is gone."""

@@ -358,7 +358,7 @@ def kill_group(runner: Runner) -> None:
 
 def describe_exit(code: int | None) -> str:
     if code is None:
-        return ("exit code unknown (it was started by an earlier API process, or by a "
+        return ("exit code unknown (it was started by an earlier supervisor, or by a "
                 "fork server that ended first)")
     if code < 0:
         try:

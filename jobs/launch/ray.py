@@ -266,8 +266,7 @@ class RayLauncher(Launcher):
                 and p.stop_reason(run.job_file) == p.JobState.TIMEOUT):
             # The runner only knew it was signalled; the reason is on this side.
             data[p.F_STATE] = p.JobState.TIMEOUT
-            data[p.F_ERROR] = {"type": p.ErrorType.TIMEOUT,
-                               "message": p.deadline_message(data.get(p.F_TIMEOUT_S))}
+            data[p.F_ERROR] = p.stop_error(p.JobState.TIMEOUT, data.get(p.F_TIMEOUT_S))
         return data
 
     def _end(self, run: RemoteRun, code: int | None, how: str) -> None:

@@ -77,6 +77,13 @@ def deadline_message(timeout_s: object) -> str:
     return f"stopped after its deadline of {timeout_s} s"
 
 
+def stop_error(reason: str, timeout_s: object) -> dict[str, str]:
+    """`error` of a job stopped for `reason`: its deadline (TIMEOUT), else a cancel."""
+    if reason == JobState.TIMEOUT:
+        return {"type": ErrorType.TIMEOUT, "message": deadline_message(timeout_s)}
+    return {"type": ErrorType.CANCELLED, "message": "cancelled on request"}
+
+
 # Field names of a job file.
 F_ID = "id"
 F_KIND = "kind"
@@ -277,6 +284,28 @@ def attempts(job: dict[str, Any]) -> tuple[int, int]:
     attempt, most = job.get(F_ATTEMPT), job.get(F_MAX_ATTEMPTS)
     attempt = attempt if isinstance(attempt, int) and attempt > 0 else 1
     return attempt, most if isinstance(most, int) and most > 0 else 1
+
+
+# An event's output (docs/contract.md, "Events"): appended to the client's copy; F_OUTPUT
+# in an event replaces it.
+OUTPUT_DELTA = "output_delta"
+
+
+def event_id(job: dict[str, Any]) -> str:
+    """The id of the event that leaves a client with `job`: the length of its output,
+    after its attempt and a dot from the second attempt on (2.40); a client resumes there."""
+    attempt, size = attempts(job)[0], len(job.get(F_OUTPUT) or "")
+    return f"{attempt}.{size}" if attempt > 1 else str(size)
+
+
+def output_change(old: dict[str, Any], new: dict[str, Any]) -> dict[str, str]:
+    """How `new`'s output reaches a client holding `old`'s: nothing if it is the same,
+    what was appended (OUTPUT_DELTA), else in full (F_OUTPUT: another attempt began, or
+    it was not an append)."""
+    before, after = str(old.get(F_OUTPUT) or ""), str(new.get(F_OUTPUT) or "")
+    if attempts(old)[0] != attempts(new)[0] or not after.startswith(before):
+        return {F_OUTPUT: after}
+    return {OUTPUT_DELTA: after[len(before):]} if after != before else {}
 
 
 def private_files() -> None:
@@ -559,7 +588,8 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
                 raise CorruptJobFile(f"{os.path.basename(path)}: nested too deeply") from None
             else:
                 if isinstance(data, dict):
-                    return data
+                    # A half of a pair alone (`\ud800`, by hand) cannot be sent on as UTF-8.
+                    return _readable_all(data) if _HALF_ESCAPE.search(raw) else data
                 last_error = ValueError("not a JSON object")
         time.sleep(0.002 * (attempt + 1))
     raise CorruptJobFile(f"{os.path.basename(path)}: {last_error}")
@@ -570,6 +600,20 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
 # reader that must list every job takes these as a damaged file; the counters' reader
 # does not (zeros would read as a reset).
 NO_FILE_TO_READ = frozenset({errno.ELOOP, errno.ENXIO})
+
+
+_HALF_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's escape of a surrogate half
+
+
+def _readable_all(value: Any) -> Any:
+    """`value` with every string in it `readable`."""
+    if isinstance(value, str):
+        return readable(value)
+    if isinstance(value, list):
+        return [_readable_all(each) for each in value]
+    if isinstance(value, dict):
+        return {readable(key): _readable_all(each) for key, each in value.items()}
+    return value
 
 
 def _read_file(path: StrPath) -> bytes:
@@ -615,17 +659,26 @@ def stop_reason(job_file: StrPath) -> str | None:
 def log_tail(job_file: StrPath, max_lines: int = 20, max_bytes: int = 4096) -> str:
     """The last lines of a job's log, for error messages."""
     try:
-        with open(sibling(job_file, LOG_FILE), "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            text = f.read().decode("utf-8", errors="replace")
+        data, _ = read_tail(sibling(job_file, LOG_FILE), max_bytes)
     except OSError:
         return ""
-    return "\n".join(text.splitlines()[-max_lines:])
+    return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-max_lines:])
 
 
 NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not through a link put in a log's place
+
+
+def read_tail(path: StrPath, max_bytes: int) -> tuple[bytes, int]:
+    """The last `max_bytes` of a file and its size. Opened without waiting and without
+    following a link, and a file only: a pipe in a log's place held its reader for good."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | NO_FOLLOW | getattr(os, "O_BINARY", 0)
+    with open(os.open(path, flags), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a file (a folder, a pipe or a device)")
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - max_bytes))
+        return f.read(), size
 
 
 def open_log(path: StrPath) -> int:

@@ -131,14 +131,14 @@ class JobIndex:
         self._listing = DirListing(jobs_dir)
         self._entries: dict[str, _Entry] = {}
         # Submission order: ids and their creation times, ascending (removed ids linger
-        # until the next _sort).
+        # until the next _drop_removed_from_order).
         self._order_ns = array("q")
         self._order_ids: list[str] = []
         self._order_dirty = False
         self._counts: dict[str, int] = {state.value: 0 for state in p.JobState}
         self._live_counts: dict[tuple[str, str], int] = {}  # (kind, state): queued, running
         self._finished = array("d")  # the finish times of finished jobs, ascending
-        self._unsettled: set[str] = set()  # live or just finished: looked at every refresh
+        self._watched: set[str] = set()  # live or just finished: looked at every refresh
         self._missing: set[str] = set()  # a folder without its job file (yet)
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()  # settled jobs read
         # As many as the longest listing asked for (the API's limit bounds it): a listing
@@ -244,7 +244,7 @@ class JobIndex:
         """A chat session's jobs, oldest first."""
         with self._lock:
             self._refresh(0.0)
-            self._sort()
+            self._drop_removed_from_order()
             found = [i for i in self._order_ids if self._entries[i].session == session_id]
             jobs = (self._data(i, self._entries[i]) for i in found)
             return [job for job in jobs if job is not None]
@@ -264,7 +264,7 @@ class JobIndex:
             self._refresh(0.0)
             entry = self._entries.get(job_id)
             session = entry.session if entry is not None else None
-            needing = sorted(p.fifo_key(live.data) for i in self._unsettled
+            needing = sorted(p.fifo_key(live.data) for i in self._watched
                              if (live := self._entries[i].live) is not None
                              and self._entries[i].state in (p.JobState.QUEUED,
                                                             p.JobState.RUNNING)
@@ -279,7 +279,7 @@ class JobIndex:
         beyond `max_jobs` jobs in all; never one that finished at `young` or later."""
         with self._lock:
             self._refresh(0.0)
-            self._sort()
+            self._drop_removed_from_order()
             finished = [i for i in self._order_ids if self._entries[i].state in p.FINAL_STATES
                         and self._entries[i].finished_ts < young]
             doomed = {job_id for job_id in finished
@@ -319,12 +319,12 @@ class JobIndex:
         for job_id in list(self._missing):
             self._load(job_id)
         wall = time.time()
-        for job_id in list(self._unsettled):
+        for job_id in list(self._watched):
             self._check(job_id, wall)
         self._refreshed_at = now
 
     def _load(self, job_id: str) -> None:
-        path = os.path.join(self.dir, job_id, p.JOB_FILE)
+        path = p.job_path(self.dir, job_id)
         try:
             st = _stat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -338,7 +338,7 @@ class JobIndex:
     def _check(self, job_id: str, wall: float) -> None:
         live = self._entries[job_id].live
         assert live is not None
-        path = os.path.join(self.dir, job_id, p.JOB_FILE)
+        path = p.job_path(self.dir, job_id)
         try:
             st = _stat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -349,12 +349,12 @@ class JobIndex:
             self._load(job_id)
         elif self._entries[job_id].state in p.FINAL_STATES and wall - st.st_mtime > SETTLE_S:
             self._remember(job_id, live.data)
-            self._settle(job_id)
+            self._stop_watching(job_id)
 
-    def _settle(self, job_id: str) -> None:
+    def _stop_watching(self, job_id: str) -> None:
         """Finished and quiet: never looked at again, and kept small (the whole job is
         read again on demand)."""
-        self._unsettled.discard(job_id)
+        self._watched.discard(job_id)
         self._entries[job_id].live = None
 
     def _put(self, job_id: str, data: dict[str, Any], live: _Live) -> None:
@@ -365,7 +365,7 @@ class JobIndex:
             self._count_live(old, -1)
             self._unfinish(old)
         else:
-            self._sort()  # a dropped id that comes back must not be listed twice
+            self._drop_removed_from_order()  # a dropped id that comes back must not be listed twice
             created_ns = p.fifo_key(data)[0]
             at = bisect.bisect_right(self._order_ns, created_ns)
             self._order_ns.insert(at, created_ns)
@@ -376,14 +376,14 @@ class JobIndex:
         if entry.state in p.FINAL_STATES:
             self._finished.insert(bisect.bisect(self._finished, entry.finished_ts),
                                   entry.finished_ts)
-        self._unsettled.add(job_id)
+        self._watched.add(job_id)
         if entry.session is not None:
             self._track_turn(job_id, entry, p.fifo_key(data))
         if (entry.state == p.JobState.COMPLETED and entry.kind == "chat"
                 and entry.finished_ts >= self._since and job_id not in self._usage_counted):
             self._count_usage(job_id, data)
         if entry.state in p.FINAL_STATES and time.time() - live.mtime_ns / 1e9 > SETTLE_S:
-            self._settle(job_id)
+            self._stop_watching(job_id)
 
     def _track_turn(self, job_id: str, entry: _Entry, key: tuple[int, str]) -> None:
         session = entry.session
@@ -426,7 +426,7 @@ class JobIndex:
 
     def _drop(self, job_id: str) -> None:
         self._missing.discard(job_id)
-        self._unsettled.discard(job_id)
+        self._watched.discard(job_id)
         self._recent.pop(job_id, None)
         entry = self._entries.pop(job_id, None)
         if entry is not None:
@@ -452,7 +452,7 @@ class JobIndex:
             if at < len(self._finished) and self._finished[at] == entry.finished_ts:
                 del self._finished[at]
 
-    def _sort(self) -> None:
+    def _drop_removed_from_order(self) -> None:
         """Forget removed ids in the submission order."""
         if self._order_dirty:
             kept = [(ns, i) for ns, i in zip(self._order_ns, self._order_ids, strict=True)
@@ -474,7 +474,7 @@ class JobIndex:
         if data is not None:
             self._recent.move_to_end(job_id)
             return data
-        data = read_job(job_id, os.path.join(self.dir, job_id, p.JOB_FILE))
+        data = read_job(job_id, p.job_path(self.dir, job_id))
         if data is not None:
             self._remember(job_id, data)
         return data
@@ -483,7 +483,7 @@ class JobIndex:
                 before: str | None = None) -> list[dict[str, Any]]:
         """Up to `limit` jobs, newest first (older than `before`, if given)."""
         self._recent_kept = max(self._recent_kept, limit)
-        self._sort()
+        self._drop_removed_from_order()
         end = len(self._order_ids)
         if before is not None:
             if before not in self._entries:
@@ -510,21 +510,25 @@ class JobIndex:
         if counted_at is not None and counted_at == self._refreshed_at:
             return positions
         # The supervisor's order: due jobs by priority, then submission; then the jobs
-        # not due yet, soonest first. One waiting for the job it depends on has none.
+        # not due yet, soonest first. One waiting for another job has none.
         now = time.time()
-        queued = sorted(_launch_order(live.data, now) for i in self._unsettled
+        queued = sorted(_launch_order(live.data, now) for i in self._watched
                         if (live := self._entries[i].live) is not None
                         and self._entries[i].state == p.JobState.QUEUED
-                        and not self._waits_for_dependency(live.data))
+                        and not self._waits_for_another(live.data))
         positions = {order[-1]: n for n, order in enumerate(queued)}
         self._positions = (self._refreshed_at, positions)
         return positions
 
 
-    def _waits_for_dependency(self, job: dict[str, Any]) -> bool:
+    def _waits_for_another(self, job: dict[str, Any]) -> bool:
+        """Whether a job the supervisor holds it back for has not ended: one its
+        `depends_on` names, or the chat's earlier turn its `after` names."""
+        after = job.get(p.F_AFTER)
+        others = [*p.dependencies(job), *([after] if isinstance(after, str) else [])]
         return any((entry := self._entries.get(each)) is not None
                    and entry.state in (p.JobState.QUEUED, p.JobState.RUNNING)
-                   for each in p.dependencies(job))
+                   for each in others)
 
 
 def _launch_order(job: dict[str, Any], now: float) -> tuple[float, int, int, str]:

@@ -15,7 +15,6 @@ from typing import Any
 
 from jobs import protocol as p
 from jobs.kinds import UnknownKind, registry
-from jobs.models import Job
 from jobs.store.idempotency import Keys, being_stored
 from jobs.store.index import JobIndex, read_job
 
@@ -49,9 +48,10 @@ class JobStore(JobIndex):
             raise StoreUnavailable(f"cannot create the job folder {self.dir}: {exc}") from exc
 
     def path(self, job_id: str) -> Path:
-        if not p.is_valid_id(job_id):
-            raise JobNotFound(job_id)
-        return self.dir / job_id / p.JOB_FILE
+        try:
+            return Path(p.job_path(self.dir, job_id))
+        except ValueError:  # no job id: no such job
+            raise JobNotFound(job_id) from None
 
     @cached_property
     def keys(self) -> Keys:
@@ -104,9 +104,6 @@ class JobStore(JobIndex):
         if data is None:
             raise JobNotFound(job_id)
         return data
-
-    def get(self, job_id: str) -> Job:
-        return Job.model_validate(self.read(job_id))
 
     def request_cancel(self, job_id: str) -> None:
         path = self.path(job_id)

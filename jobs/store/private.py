@@ -9,6 +9,7 @@ again at the next start. Windows has no modes: there the profile's ACLs decide.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -50,11 +51,35 @@ def make_private(data_dir: Path) -> None:
         return  # not there yet: it will be created 0700
     if not mode & OPEN_BITS:
         return
+    foreign = foreign_entry(data_dir)
+    if foreign is not None:
+        path, owner = foreign
+        raise RuntimeError(f"the data folder {data_dir} was open to other accounts (mode "
+                           f"{mode:03o}) and holds {path}, which belongs to another account "
+                           f"(uid {owner}): a link or a job of theirs would have Offload write "
+                           "where they choose or run what they put there. Look at it, remove "
+                           "it, then start again")
     tightened, failed = tighten(data_dir)
     log.warning("the data folder %s was open to other accounts (mode %03o): %d files and "
                 "folders in it are now readable by their owner only (0700/0600)%s",
                 data_dir, mode, tightened,
                 f"; {failed} could not be changed (not ours?)" if failed else "")
+
+
+def foreign_entry(top: Path) -> tuple[str, int] | None:
+    """The first file, folder or link under `top` that an account not trusted owns (its
+    path and owner): while `top` was open, another account could put one there."""
+    trusted = {*p.trusted_owners(), 0}
+    for folder, dirs, files in os.walk(top):  # links are listed, never followed
+        for name in [*dirs, *files]:
+            path = os.path.join(folder, name)
+            try:
+                owner = os.lstat(path).st_uid
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            if owner not in trusted:
+                return path, owner
+    return None
 
 
 def tighten(top: Path) -> tuple[int, int]:
@@ -72,15 +97,28 @@ def tighten(top: Path) -> tuple[int, int]:
 
 
 def _tighten_one(path: str) -> int:
-    """1: tightened, 0: already private (or a link, or gone), -1: could not."""
+    """1: tightened, 0: already private (or a link, or gone), -1: could not. Changed
+    through a descriptor opened without following a link: a file swapped for a link
+    between a look and a chmod by path had the link's target changed instead."""
+    if sys.platform == "win32":
+        return 0  # no modes: never called there; tells the type checker
     try:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode) or not st.st_mode & OPEN_BITS:
-            return 0
-        os.chmod(path, stat.S_IMODE(st.st_mode) & ~OPEN_BITS)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         return 0  # removed meanwhile (a runner's temp file, say)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return 0  # a link: neither changed nor followed
         log.debug("cannot tighten %s: %s", path, exc)
         return -1
+    try:
+        mode = os.fstat(fd).st_mode
+        if not mode & OPEN_BITS:
+            return 0
+        os.fchmod(fd, stat.S_IMODE(mode) & ~OPEN_BITS)
+    except OSError as exc:
+        log.debug("cannot tighten %s: %s", path, exc)
+        return -1
+    finally:
+        os.close(fd)
     return 1

@@ -12,9 +12,10 @@ stays with the supervisor.
 - stop: for a cancel or a deadline, on a thread of its own (it waits out a grace period).
 - finalize: the final state the runner could not write (lost, stopped) is written
   here. One that cannot be written (an unwritable data folder) is kept and tried again
-  every pass (`retry`). A lost runner, or one that exited with `p.EXIT_RETRY` (a
-  transient failure), is not final while its job has attempts left: the job is queued
-  again under the same id, to start after a backoff (`requeued`).
+  every pass (`retry`). A lost runner, or one that left a transient failure recorded
+  without a final state (it exits with `p.EXIT_RETRY`, for one reading its log), is not
+  final while its job has attempts left: the job is queued again under the same id, to
+  start after a backoff (`requeued`).
 - release: what the launcher keeps of the run, once the final state is on disk.
 
 A job cancelled or refused before it started has a life without a run: only a final
@@ -167,13 +168,10 @@ class JobLife:
             self.final_job = data
             return  # the runner said how it ended, or the file is gone
         reason = self.stopping or p.stop_reason(self.job_file)
-        if reason == p.JobState.TIMEOUT:
-            message = p.deadline_message(data.get(p.F_TIMEOUT_S))
-            self._write(Final(p.JobState.TIMEOUT, p.ErrorType.TIMEOUT, message, code), data)
-        elif reason is not None:
-            cancelled = Final(p.JobState.CANCELLED, p.ErrorType.CANCELLED, "cancelled on request",
-                              code)
-            self._write(cancelled, data)
+        if reason is not None:
+            error = p.stop_error(reason, data.get(p.F_TIMEOUT_S))
+            state = p.JobState.TIMEOUT if reason == p.JobState.TIMEOUT else p.JobState.CANCELLED
+            self._write(Final(state, error["type"], error["message"], code), data)
         else:
             failure = self._failure(data, code)
             attempt, most = p.attempts(data)

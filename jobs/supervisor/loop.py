@@ -10,7 +10,8 @@ survivor takes over and adopts the runners it left.
 thread, so the event loop never waits on a spawn, a file write or a kill. A pass woken
 by an event (a ring naming a job, a runner's exit) looks only at what the event names,
 reaps and launches; a full pass over every job (listing, stop requests, deadlines, log
-caps, pruning) comes every SUPERVISOR_INTERVAL_S, and whenever a ring names no job.
+caps) comes every SUPERVISOR_INTERVAL_S, and whenever a ring names no job; pruning every
+PRUNE_INTERVAL_S.
 
 What is about one job (its run, deadline, stop, final state, release) is its `JobLife`
 (`jobs.supervisor.lifecycle`); the supervisor keeps one per launched job and drives its steps.
@@ -47,11 +48,14 @@ from jobs.settings import (
     CLAIM_RETRY_S,
     DEFAULT_KIND_CAPS,
     LEADER_RETRY_S,
+    MAX_CONCURRENT,
     MIN_RETENTION_S,
     PRUNE_INTERVAL_S,
     PRUNE_OVER_CAP_S,
+    RETENTION_HOURS,
     RETRY_BASE_S,
     RETRY_MAX_S,
+    STOP_GRACE_S,
     SUPERVISOR_INTERVAL_S,
     WAKE_POLL_S,
     Settings,
@@ -89,11 +93,11 @@ class Supervisor:
     def __init__(
         self,
         jobs_dir: Path,
-        max_concurrent: int = 8,
-        retention_s: float = 72 * 3600,
+        max_concurrent: int = MAX_CONCURRENT,
+        retention_s: float = RETENTION_HOURS * 3600,
         max_jobs: int | None = None,
         log_max_bytes: int | None = None,
-        grace_s: float = 3.0,
+        grace_s: float = STOP_GRACE_S,
         runner_env: dict[str, str] | None = None,
         kinds: dict[str, str] | None = None,
         launcher: Launcher | None = None,
@@ -137,7 +141,7 @@ class Supervisor:
         # onto _queue_order when due, and the supervisor wakes for the first.
         self._timers: list[tuple[float, p.QueueKey, str]] = []
         # OFFLOAD_KIND_CAPS: a job whose kind is at its cap waits here, off _queue_order
-        # (so it holds up no other kind), until a runner of its kind ends.
+        # (so it holds up no other kind), until its kind has room (see _release_set_aside).
         self.kind_caps = (kind_numbers(DEFAULT_KIND_CAPS, "kind_caps", 1, 1024)
                           if kind_caps is None else dict(kind_caps))
         self._set_aside: dict[str, list[tuple[p.QueueKey, str]]] = {}
@@ -582,13 +586,13 @@ class Supervisor:
     def _launch_one(self, job_id: str) -> bool:
         """Start one queued job if it may start now; False if the data folder cannot be
         written now (the job stays queued and launching waits for the next pass)."""
-        data = self._may_start(job_id)
+        data = self._prepare_start(job_id)
         return True if data is None else self._start(job_id, data)
 
-    def _may_start(self, job_id: str) -> dict[str, Any] | None:
-        """The queued job as its file says, if it may start now; else None, and what
-        keeps it is done: ended or edited since, cancelled, waiting for a job it depends
-        on, or failed by one."""
+    def _prepare_start(self, job_id: str) -> dict[str, Any] | None:
+        """The queued job as its file says, if it may start now; else None, once what
+        keeps it is dealt with: ended or edited since (nothing to do), cancelled (ended
+        here), waiting for another job (set aside under it), or failed by a dependency."""
         job_file = self._file(job_id)
         # Read once per pass: a cancel since then left its stop file, looked for below.
         data = self._read_now.pop(job_id, None)

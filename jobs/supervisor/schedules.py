@@ -114,6 +114,6 @@ class Scheduler:
     def _still_queued(self, job_id: object) -> bool:
         if not isinstance(job_id, str) or not p.is_valid_id(job_id):
             return False
-        job = p.read_json_or_none(p.job_path(self.store.dir, job_id)) or {}
+        job = p.read_json_or_none(self.store.path(job_id)) or {}
         return job.get(p.F_STATE) == p.JobState.QUEUED
 
