@@ -31,7 +31,7 @@ from jobs.api import (
 )
 from jobs.api.guards import BodyLimit, RequestGuard
 from jobs.api.lifespan import lifespan
-from jobs.kinds import KindClash, registry
+from jobs.kinds import UnusableKinds, registry
 from jobs.protocol import private_files
 from jobs.schedules import ScheduleError
 from jobs.settings import MAKE_TOKEN, MAX_BODY_BYTES, Settings, UnusableSettings, get_settings
@@ -76,7 +76,7 @@ def usable_settings() -> Settings:
         settings = get_settings()  # refuses a weak OFFLOAD_API_TOKEN, however it is served
         registry()  # a job kind defined twice stops the start
         schedules.schedule_file()  # and so does a schedules file that cannot be used
-    except (UnusableSettings, KindClash, ScheduleError) as exc:
+    except (UnusableSettings, UnusableKinds, ScheduleError) as exc:
         cannot_start(str(exc))
     unknown = sorted(set(settings.kind_cap_map) - set(registry()))
     if unknown:  # a typo (`trian=1`) left the kind it meant without its cap

@@ -13,6 +13,7 @@ the supervisor at start: an installed package must never silently replace `chat`
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from dataclasses import dataclass
@@ -40,7 +41,11 @@ class Kind:
     source: str = "built in"  # where it was defined, for the clash message
 
 
-class KindClash(ValueError):
+class UnusableKinds(ValueError):
+    """Job kinds a process cannot start with; the message says what to mend."""
+
+
+class KindClash(UnusableKinds):
     """Two sources define the same job kind."""
 
 
@@ -71,9 +76,27 @@ def discover(env: str | None = None) -> dict[str, Kind]:
              f"the entry point {point.name} = {point.value} of the package {dist}")
     spec = get_settings().kinds if env is None else env
     for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, _, module = item.partition("=")
-        _add(kinds, name.strip(), module.strip(), f"OFFLOAD_KINDS ({item})")
+        name, _, module = (part.strip() for part in item.partition("="))
+        # One's own setting: a typo stops the start (each job of it was lost at its start).
+        if not _NAME.fullmatch(name) or not _MODULE.fullmatch(module):
+            raise UnusableKinds(
+                f"OFFLOAD_KINDS holds {item!r}, no job kind: write name=package.module (a "
+                "name is a lowercase letter, then up to 63 of a-z, 0-9, - and _)")
+        if not _findable(module):
+            top = module.split(".")[0]
+            raise UnusableKinds(f"OFFLOAD_KINDS holds {item!r}, but no module {top!r} can be "
+                                "imported here: install it, or mend the name")
+        _add(kinds, name, module, f"OFFLOAD_KINDS ({item})")
     return kinds
+
+
+def _findable(module: str) -> bool:
+    """Whether the top package of `module` is there to import; found without importing
+    anything (a package's own code would run in the API)."""
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _add(kinds: dict[str, Kind], name: str, module: str, source: str) -> None:

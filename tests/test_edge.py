@@ -91,7 +91,7 @@ def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
     ("uvicorn", "open"), ("api_entry", "open"), ("uvicorn", "kind"), ("api_entry", "schedule"),
     ("uvicorn", "hosts"), ("uvicorn", "cors"), ("api_entry", "cors"), ("uvicorn", "ages"),
     ("uvicorn", "caps"), ("api_entry", "port"), ("supervisor", "hosts"),
-    ("api_entry", "endless")])
+    ("api_entry", "endless"), ("supervisor", "kinds")])
 def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp_path: Path,
                                                      data_dir: Path) -> None:
     """Settings that stop the start are said as such, not as a traceback."""
@@ -125,6 +125,9 @@ def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp
     elif problem == "hosts":  # read as '' before, it let every Host that reads as '' in
         env["OFFLOAD_ALLOWED_HOSTS"] = "offload.test, http://offload.test"
         said = "a setting is wrong"
+    elif problem == "kinds":  # each job of it was lost at its start
+        env["OFFLOAD_KINDS"] = "x=nonexistent.module"
+        said = "OFFLOAD_KINDS holds 'x=nonexistent.module', but no module 'nonexistent'"
     elif problem == "endless":  # it started, and every job was lost at its runner's start
         env["OFFLOAD_JOB_TIMEOUT_S"] = "inf"
         said = "a setting is wrong (set in the environment or in .env):\n  OFFLOAD_JOB_TIMEOUT_S"

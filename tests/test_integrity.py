@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from jobs import protocol as p
-from jobs.kinds import KindClash, discover
+from jobs.kinds import KindClash, UnusableKinds, discover
 from jobs.launch.ray import RayLauncher, submission_id
 from jobs.protocol import remote
 from tests.conftest import ROOT, RunningSupervisor, free_port, wait_for
@@ -317,8 +318,8 @@ def test_two_packages_with_one_kind_clash(tmp_path: Path,
     assert discover(env="")["resize"].module == "a.resize"
     with pytest.raises(KindClash, match=r"'resize' is defined twice: the entry point resize = "
                                         r"a\.resize of the package resize-a 1\.0 and "
-                                        r"OFFLOAD_KINDS \(resize=mine\)"):
-        discover(env="resize=mine")
+                                        r"OFFLOAD_KINDS \(resize=json\)"):
+        discover(env="resize=json")
     monkeypatch.syspath_prepend(str(tmp_path / "b"))
     with pytest.raises(KindClash, match=r"'resize' is defined twice: the entry point resize = "
                                         r"[ab]\.resize of the package resize-[ab] 1\.0 and the "
@@ -327,9 +328,23 @@ def test_two_packages_with_one_kind_clash(tmp_path: Path,
 
 
 def test_offload_kinds_naming_a_kind_twice_clashes() -> None:
-    with pytest.raises(KindClash, match=r"OFFLOAD_KINDS \(a=x\) and OFFLOAD_KINDS \(a=y\)"):
-        discover(env="a=x, a=y")
-    assert discover(env="a=x")["a"].module == "x"
+    with pytest.raises(KindClash, match=r"OFFLOAD_KINDS \(a=json\) and OFFLOAD_KINDS \(a=os\)"):
+        discover(env="a=json, a=os")
+    assert discover(env="a=json")["a"].module == "json"
+
+
+@pytest.mark.parametrize(("spec", "said"), [
+    ("x", "OFFLOAD_KINDS holds 'x', no job kind: write name=package.module"),
+    ("=json", "OFFLOAD_KINDS holds '=json', no job kind"),
+    ("x y=json", "OFFLOAD_KINDS holds 'x y=json', no job kind"),
+    # Taken, and each job of it was lost at its runner's start with an ImportError.
+    ("x=nonexistent.module", "OFFLOAD_KINDS holds 'x=nonexistent.module', but no module "
+                             "'nonexistent' can be imported here"),
+])
+def test_an_offload_kinds_entry_that_is_no_kind_is_said(spec: str, said: str) -> None:
+    # They were warned of in the log, and the server started without them.
+    with pytest.raises(UnusableKinds, match=re.escape(said)):
+        discover(env=spec)
 
 
 def test_a_queued_job_edited_into_no_job_never_runs(make_server: MakeServer) -> None:

@@ -131,10 +131,10 @@ def test_direct_cli_trains_and_prints_progress(data_dir: Path) -> None:
 
 
 def test_kinds_of_ones_own() -> None:
-    kinds = discover(env="echo=runners.sleep, bad name=x, worse=not a module")
+    kinds = discover(env="echo=runners.sleep, ")
     assert kinds["echo"].module == "runners.sleep" and kinds["echo"].input_model is None
-    assert {"chat", "sleep", "train", "echo"} <= set(kinds)
-    assert "bad name" not in kinds and "worse" not in kinds
+    assert {"chat", "sleep", "train", "echo"} <= set(kinds)  # entries that are no kind:
+    # test_integrity.py::test_an_offload_kinds_entry_that_is_no_kind_is_said
 
 
 def test_own_kind_runs_through_the_api(make_server: Callable[..., Server]) -> None:

@@ -26,7 +26,7 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from jobs import protocol as p
-from jobs.kinds import registry
+from jobs.kinds import UnusableKinds, registry
 from jobs.launch.local import LocalLauncher
 from jobs.launch.processes import IS_WINDOWS
 from jobs.llm import server as llm_server
@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = get_settings()
-    except UnusableSettings as exc:  # started by hand: said, not a traceback
+        registry()  # a job kind defined twice stops the start
+    except (UnusableSettings, UnusableKinds) as exc:  # started by hand: said, no traceback
         print(f"the supervisor cannot start: {exc}", file=sys.stderr)
         return 3
-    registry()  # a job kind defined twice stops the start
     _lower_priority(settings.supervisor_nice)
     private_files()  # before its log file is made
     refuse_foreign(settings.data_dir)  # nor opened through another account's link
