@@ -95,11 +95,15 @@ def _env_file() -> dict[str, str | None]:
 
 def configured(url: str | None) -> tuple[str, str | None]:
     """The server's address and the token: what is given, else what the server itself
-    would read (the environment, then `.env`)."""
-    env_file = _env_file()
+    would read (the environment, then `.env`, read only if a value is still missing)."""
+    env_files: list[dict[str, str | None]] = []  # `.env`, once read
 
     def value(name: str) -> str | None:
-        found = os.environ.get(name) or env_file.get(name)
+        found = os.environ.get(name)
+        if not (found and found.strip()):
+            if not env_files:
+                env_files.append(_env_file())
+            found = env_files[0].get(name)
         return found.strip() if found and found.strip() else None
 
     if url is None:
@@ -368,7 +372,7 @@ def table(rows: list[list[str]], out: IO[str]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        out.write("  ".join(cells).rstrip() + "\n")
+        out.write(_shown("  ".join(cells).rstrip() + "\n", out))
 
 
 def job_table(jobs: list[dict[str, Any]], out: IO[str]) -> None:
@@ -420,8 +424,8 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 def _shown(text: str, stream: IO[str]) -> str:
     """`text` for `stream`: on a terminal, control characters written out (`\\x1b`), as
-    a model's reply or a job's log can hold escape sequences that retitle the window,
-    clear the screen or forge what is shown; into a file or a pipe, as it is."""
+    a model's reply or a job's log can hold escape sequences that retitle the window or
+    clear the screen; into a file or a pipe, as it is."""
     if not stream.isatty():
         return text
     return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
@@ -569,8 +573,9 @@ def _outcome(job: dict[str, Any]) -> int:
     if job.get(p.F_STATE) == p.JobState.COMPLETED:
         return EXIT_OK
     error = job.get(p.F_ERROR) or {}
-    sys.stderr.write(f"offload: job {job.get(p.F_ID)} {job.get(p.F_STATE)}: "
-                     f"{error.get('message') or error.get('type') or 'no reason given'}\n")
+    reason = error.get("message") or error.get("type") or "no reason given"
+    sys.stderr.write(_shown(f"offload: job {job.get(p.F_ID)} {job.get(p.F_STATE)}: {reason}\n",
+                            sys.stderr))
     return EXIT_JOB_FAILED
 
 
@@ -602,8 +607,9 @@ def _follow_log(client: Client, args: argparse.Namespace) -> int:
             if line_open[0]:
                 sys.stdout.write("\n")
             earlier = (job.get(p.F_EARLIER_ERRORS) or [{}])[-1]
-            sys.stderr.write(f"[attempt {attempt - 1} failed ({earlier.get('message', '?')});"
-                             f" attempt {attempt} of {job.get(p.F_MAX_ATTEMPTS) or '?'}]\n")
+            said = (f"[attempt {attempt - 1} failed ({earlier.get('message', '?')}); "
+                    f"attempt {attempt} of {job.get(p.F_MAX_ATTEMPTS) or '?'}]\n")
+            sys.stderr.write(_shown(said, sys.stderr))
             line_open[0] = False
         attempt_shown[0] = attempt
         if args.json:
@@ -618,7 +624,7 @@ def _follow_log(client: Client, args: argparse.Namespace) -> int:
         if not args.json and progress and progress != progress_seen[0]:
             progress_seen[0] = progress
             if not job.get(p.F_OUTPUT):  # never inside a reply being written
-                sys.stderr.write(f"[{_note({p.F_PROGRESS: progress})}]\n")
+                sys.stderr.write(_shown(f"[{_note({p.F_PROGRESS: progress})}]\n", sys.stderr))
 
     job = follow(client, args.id, show)
     if not args.json and job.get(p.F_OUTPUT) and not str(job[p.F_OUTPUT]).endswith("\n"):

@@ -74,7 +74,10 @@ def discover(env: str | None = None) -> dict[str, Kind]:
         dist = f"{point.dist.name} {point.dist.version}" if point.dist else "unknown"
         _add(kinds, point.name, point.value,
              f"the entry point {point.name} = {point.value} of the package {dist}")
-    spec = get_settings().kinds if env is None else env
+    settings = get_settings()
+    spec = settings.kinds if env is None else env
+    # Over Ray, runners import on the nodes: a kind may be installed there only.
+    local = settings.launcher != "ray"
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, module = (part.strip() for part in item.partition("="))
         # One's own setting: a typo stops the start (each job of it was lost at its start).
@@ -82,7 +85,7 @@ def discover(env: str | None = None) -> dict[str, Kind]:
             raise UnusableKinds(
                 f"OFFLOAD_KINDS holds {item!r}, no job kind: write name=package.module (a "
                 "name is a lowercase letter, then up to 63 of a-z, 0-9, - and _)")
-        if not _findable(module):
+        if local and not _findable(module):
             top = module.split(".")[0]
             raise UnusableKinds(f"OFFLOAD_KINDS holds {item!r}, but no module {top!r} can be "
                                 "imported here: install it, or mend the name")

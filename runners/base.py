@@ -518,10 +518,10 @@ def run_remote(execute: Execute) -> int:
     data_dir = os.environ.get("OFFLOAD_DATA_DIR")
     root = data_dir or tempfile.mkdtemp(prefix="offload-remote-")
     folder = os.path.join(root, "remote", data[p.F_ID])
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, p.JOB_FILE)
-    p.write_json(path, data)
     try:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, p.JOB_FILE)
+        p.write_json(path, data)
         return run_job_file(path, execute, force=True, emit_key=key)
     finally:
         shutil.rmtree(folder if data_dir else root, ignore_errors=True)

@@ -639,6 +639,7 @@ def test_a_jobs_escape_sequences_are_not_played_on_a_terminal(make_server: MakeS
     job = json.loads(cli(url, "submit", "probe", "--input", json.dumps({"fail": attack}),
                          "--wait", "--json").stdout)
     assert job["error"]["message"] == attack
+    assert "\x1b" not in _on_a_terminal(url, "list")  # its NOTE: the error
     for command in ("show", "log"):
         shown = _on_a_terminal(url, command, job["id"])
         assert "\x1b" not in shown and "\x07" not in shown, shown

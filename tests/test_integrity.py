@@ -347,6 +347,19 @@ def test_an_offload_kinds_entry_that_is_no_kind_is_said(spec: str, said: str) ->
         discover(env=spec)
 
 
+def test_over_ray_a_kind_may_be_installed_on_the_nodes_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.settings import get_settings
+
+    monkeypatch.setenv("OFFLOAD_LAUNCHER", "ray")
+    get_settings.cache_clear()
+    try:
+        assert discover(env="x=nonexistent.module")["x"].module == "nonexistent.module"
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
 def test_a_queued_job_edited_into_no_job_never_runs(make_server: MakeServer) -> None:
     """A waiting job's file edited by hand so that the API reads it as failed, corrupt:
     its runner ran all the same (its deadline unenforced, with `timeout_s: "abc"`), and

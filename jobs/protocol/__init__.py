@@ -380,15 +380,17 @@ def unsafe_settings_file(path: str) -> str | None:
     account wrote it, could write it, or could swap it (see `unsafe_way`). It names the
     server's address, where the token goes, and the model server, where chats go: a `.env`
     left in a shared folder (/tmp) must not send them to another account's listener."""
-    if sys.platform == "win32" or not os.path.lexists(path):
-        return None  # none there: nothing is read
+    if sys.platform == "win32":
+        return None
+    # The way even with no file there yet: its owner could put one in between a look and
+    # the read.
     problem = unsafe_way(path, "a settings file")
     if problem is not None:
         return problem
     try:
         st = os.stat(path)
     except OSError:
-        return None  # a link to nothing: nothing is read
+        return None  # none there (or a link to nothing): nothing is read
     if st.st_uid not in {*trusted_owners(), 0}:
         return f"it belongs to another account (uid {st.st_uid})"
     if st.st_mode & stat.S_IWOTH:

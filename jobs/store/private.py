@@ -43,13 +43,35 @@ def make_private(data_dir: Path) -> None:
     data folder if others can read it."""
     refuse_foreign(data_dir)
     p.private_files()
-    if os.name != "posix":
+    mode = _open_mode(data_dir)
+    if mode is None:
         return
+    refuse_planted(data_dir, mode)
+    tightened, failed = tighten(data_dir)
+    refuse_planted(data_dir, mode)  # one put there while it was being tightened
+    log.warning("the data folder %s was open to other accounts (mode %03o): %d files and "
+                "folders in it are now readable by their owner only (0700/0600)%s",
+                data_dir, mode, tightened,
+                f"; {failed} could not be changed (not ours?)" if failed else "")
+
+
+def _open_mode(data_dir: Path) -> int | None:
+    """The data folder's mode if other accounts may enter it (POSIX), else None."""
+    if os.name != "posix":
+        return None
     try:
         mode = stat.S_IMODE(data_dir.stat().st_mode)
     except OSError:
-        return  # not there yet: it will be created 0700
-    if not mode & OPEN_BITS:
+        return None  # not there yet: it will be created 0700
+    return mode if mode & OPEN_BITS else None
+
+
+def refuse_planted(data_dir: Path, mode: int | None = None) -> None:
+    """Stop if the data folder, open to other accounts (`mode`: as it was), holds anything
+    another account owns: a link of theirs would have Offload write where they choose,
+    a job of theirs be run. The supervisor looks before it opens its log there."""
+    mode = _open_mode(data_dir) if mode is None else mode
+    if mode is None:
         return
     foreign = foreign_entry(data_dir)
     if foreign is not None:
@@ -59,11 +81,6 @@ def make_private(data_dir: Path) -> None:
                            f"(uid {owner}): a link or a job of theirs would have Offload write "
                            "where they choose or run what they put there. Look at it, remove "
                            "it, then start again")
-    tightened, failed = tighten(data_dir)
-    log.warning("the data folder %s was open to other accounts (mode %03o): %d files and "
-                "folders in it are now readable by their owner only (0700/0600)%s",
-                data_dir, mode, tightened,
-                f"; {failed} could not be changed (not ours?)" if failed else "")
 
 
 def foreign_entry(top: Path) -> tuple[str, int] | None:
@@ -102,6 +119,12 @@ def _tighten_one(path: str) -> int:
     between a look and a chmod by path had the link's target changed instead."""
     if sys.platform == "win32":
         return 0  # no modes: never called there; tells the type checker
+    try:
+        kind = stat.S_IFMT(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return 0
+    if kind not in (stat.S_IFREG, stat.S_IFDIR):
+        return 0  # a link, a socket (made again at each start), a pipe: left as they are
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
