@@ -44,6 +44,9 @@ SLEEP_JOB = {"kind": "sleep", "input": {"seconds": 0, "steps": 1}}
 SPARES = ({"OFFLOAD_LAUNCH_MODE": "spares"}, ", warm spares")
 # Without fsync, as the peers run here (Huey's SQLite and the bench's Redis save nothing
 # durably): what Offload's durability costs.
+# Submitted through POST /api/jobs/batch: the throughput's 300 in one request (as RQ's
+# enqueue_many), each latency's job as a batch of one.
+BATCH: tuple[dict[str, str], str] = ({}, ", one batch request")
 NO_FSYNC = ({"OFFLOAD_FSYNC": "0"}, ", no fsync (as the peers here)")
 
 
@@ -122,7 +125,9 @@ def _wait_final(client: httpx.Client, job_id: str) -> str:
 
 
 def offload(cap: int, extra_env: dict[str, str] | None = None,
-            label: str = "") -> dict[str, Any]:
+            label: str = "", batch: bool = False) -> dict[str, Any]:
+    """`batch`: jobs submitted through POST /api/jobs/batch, one at a time for the latencies,
+    all in one request for the throughput."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="offload-bench-http-") as tmp:
@@ -134,7 +139,16 @@ def offload(cap: int, extra_env: dict[str, str] | None = None,
         with _process(args, env, f"{url}/api/health"), \
                 httpx.Client(base_url=url, timeout=60) as client:
 
+            def submit_many(n: int) -> list[str]:
+                if not batch:
+                    return [submit() for _ in range(n)]
+                answer = client.post("/api/jobs/batch", json={"jobs": [SLEEP_JOB] * n})
+                answer.raise_for_status()
+                return [str(job["id"]) for job in answer.json()["jobs"]]
+
             def submit() -> str:
+                if batch:
+                    return submit_many(1)[0]
                 answer = client.post("/api/jobs", json=SLEEP_JOB)
                 answer.raise_for_status()
                 return str(answer.json()["id"])
@@ -147,7 +161,7 @@ def offload(cap: int, extra_env: dict[str, str] | None = None,
                 one()
             latency, quiet = _latencies(one, LATENCY_JOBS)
             t0 = time.perf_counter()
-            ids = [submit() for _ in range(THROUGHPUT_JOBS)]
+            ids = submit_many(THROUGHPUT_JOBS)
             states = [_wait_final(client, job_id) for job_id in ids]
             seconds = time.perf_counter() - t0
     completed = states.count(p.JobState.COMPLETED)
@@ -291,7 +305,7 @@ def celery() -> dict[str, Any] | None:
 
 def run() -> dict[str, Any]:
     rows = [spawn_floor(), fork_floor(), *(offload(cap) for cap in CAPS), offload(2, *SPARES),
-            offload(2, *NO_FSYNC),
+            offload(2, *NO_FSYNC), offload(2, *BATCH, batch=True),
             huey()]
     skipped: dict[str, str] = {}
     for name, peer in (("RQ", rq), ("Celery", celery)):
@@ -329,6 +343,8 @@ def report(results: dict[str, Any]) -> str:
                    f"final state seen (polled every {POLL_S * 1000:g} ms), back to back, then "
                    f"each after {IDLE_GAP_S:g} s of quiet; throughput: "
                    f"{results['throughput_jobs']} submitted by one client, until all are final. "
+                   "`one batch request`: those all in one `POST /api/jobs/batch` (as RQ's "
+                   "`enqueue_many`), and each latency's job a batch of one. "
                    "Offload fsyncs each submission, claim and final state; Huey (SQLite, its "
                    "default `fsync=False`) and the bench's Redis (no saving) do not.")
     for name, why in results["skipped"].items():

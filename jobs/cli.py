@@ -553,7 +553,10 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> int:
     """As `pueue wait ID...`: until each job has ended; a table of them (or their JSON)."""
-    ids = list(dict.fromkeys(job_path(each) for each in args.ids))
+    return _wait_all(client, list(dict.fromkeys(job_path(each) for each in args.ids)), args)
+
+
+def _wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:
     # An unknown id exits 5 before any wait; a job ended already is kept as it is now
     # (by the end of a long wait for another, it may have been pruned).
     finals = [client.call("GET", f"/api/jobs/{job_id}") for job_id in ids]
@@ -685,6 +688,37 @@ def parse_input(text: str) -> dict[str, Any]:
     return value
 
 
+def parse_inputs(where: str) -> list[dict[str, Any]]:
+    """`--inputs`: a file (or `-`, stdin) of JSON lines, one job's input object on each."""
+    try:
+        if where == "-":
+            where, lines = "stdin", sys.stdin.read().splitlines()
+        else:
+            with open(where, encoding="utf-8") as file:
+                lines = file.read().splitlines()
+    except OSError as exc:
+        raise Failure(EXIT_USAGE, f"cannot read --inputs {where}: {exc.strerror}") from None
+    except UnicodeError:
+        raise Failure(EXIT_USAGE, f"--inputs {where} is not UTF-8 text") from None
+    inputs = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise Failure(EXIT_USAGE, f"line {n} of {where} is no JSON object ({exc}); give "
+                                      """one input a line, like {"seconds": 2}""") from None
+        if not isinstance(value, dict):
+            raise Failure(EXIT_USAGE, f"line {n} of {where} is no JSON object; give one input "
+                                      """a line, like {"seconds": 2}""")
+        inputs.append(value)
+    if not inputs:
+        raise Failure(EXIT_USAGE, f"--inputs {where} holds no input: give one JSON object a "
+                                  "line")
+    return inputs
+
+
 def _job_id(text: str | None, flag: str) -> str | None:
     """A job's id as given to `flag`, in any case and with spaces around it."""
     if text is None:
@@ -701,7 +735,7 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
         raise Failure(EXIT_USAGE, "--after is empty: give a job's id, or leave --after out")
     after = [job_id for given in args.after or () for each in given.split(",")
              if each.strip() and (job_id := _job_id(each, "--after")) is not None]
-    body: dict[str, Any] = {"kind": args.kind, "input": parse_input(args.input)}
+    body: dict[str, Any] = {"kind": args.kind}
     for field, value in (("timeout_s", args.timeout), ("priority", args.priority),
                          ("delay_s", args.delay), ("run_at", args.at),
                          ("max_attempts", args.max_attempts), ("depends_on", after or None)):
@@ -712,7 +746,29 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
         raise Failure(EXIT_USAGE, "--key is empty: give a key (any text up to 255 "
                                   "characters), or leave --key out")
     headers = {"Idempotency-Key": args.key} if args.key else None
-    return _wait_and_report(client, client.call("POST", "/api/jobs", body, headers), args)
+    if args.inputs is None:
+        body["input"] = parse_input(args.input or "{}")
+        return _wait_and_report(client, client.call("POST", "/api/jobs", body, headers), args)
+    batch = {"jobs": [{**body, "input": each} for each in parse_inputs(args.inputs)]}
+    try:
+        jobs = client.call("POST", "/api/jobs/batch", batch, headers)["jobs"]
+    except Failure as exc:
+        if exc.status == 405:  # /api/jobs/{id} takes no POST: no batch route there
+            raise Failure(EXIT_SERVER, "this server is older: it takes no batch; submit each "
+                                       "job with --input") from None
+        raise
+    if not args.wait:
+        if args.json:
+            _print_json(jobs)
+        else:
+            sys.stdout.write("".join(f"{job[p.F_ID]}\n" for job in jobs))
+        return EXIT_OK
+    sys.stderr.write(f"{len(jobs)} jobs submitted; waiting for them to end (Ctrl-C stops the "
+                     "waiting, not the jobs)\n")
+    if _queue_paused(client):
+        sys.stderr.write("offload: the queue is paused: they start once resumed "
+                         "(offload resume)\n")
+    return _wait_all(client, [job[p.F_ID] for job in jobs], args)
 
 
 def cmd_retry(client: Client, args: argparse.Namespace) -> int:
@@ -1009,8 +1065,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub = command(name, run, text)
         if name == "submit":
             sub.add_argument("kind", help="chat, sleep, train, or a kind of your own")
-            sub.add_argument("--input", default="{}",
-                             help="the input: JSON, @file.json, or - for stdin (default {})")
+            given = sub.add_mutually_exclusive_group()
+            given.add_argument("--input",
+                               help="the input: JSON, @file.json, or - for stdin (default {})")
+            given.add_argument("--inputs", metavar="FILE",
+                               help="several jobs in one request, one input a line (JSON "
+                                    "lines; - for stdin): prints their ids in that order")
             sub.add_argument("--priority", type=int, help="higher runs first")
             start = sub.add_mutually_exclusive_group()
             start.add_argument("--delay", type=_seconds, help="start no sooner than this "
@@ -1020,7 +1080,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--max-attempts", type=int,
                              help="attempts on transient failures (default: the kind's)")
             sub.add_argument("--key", help="an Idempotency-Key: the same key again gets "
-                                           "the same job")
+                                           "the same job (or jobs)")
             sub.add_argument("--after", metavar="ID", action="append",
                              help="start once job ID has completed, fail if it ends otherwise; "
                                   "again (or ID,ID) for several")

@@ -22,6 +22,7 @@ from jobs.kinds import Launch, registry
 from jobs.protocol import ErrorType, JobState, is_valid_id, iso
 from jobs.settings import (
     MAX_ATTEMPTS,
+    MAX_BATCH,
     MAX_DELAY_S,
     MAX_DEPENDENCIES,
     MAX_PRIORITY,
@@ -195,6 +196,12 @@ class JobCreate(Request):
                       self.max_attempts, self.delay_s, tuple(self.depends_on or ()))
 
 
+class JobBatch(Request):
+    """Several jobs in one request, stored in this order."""
+
+    jobs: list[JobCreate] = Field(min_length=1, max_length=MAX_BATCH)
+
+
 class JobRerun(Request):
     """Run a job again: its kind, and its input unless this gives another."""
 
@@ -212,6 +219,10 @@ class ChatResult(BaseModel):
     reply: str | None = None
     usage: ChatUsage | None = None
     message: str | None = None
+
+
+class Jobs(BaseModel):
+    jobs: list[Job]
 
 
 class JobList(BaseModel):

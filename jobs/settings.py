@@ -50,6 +50,7 @@ MAX_DELAY_S = 30 * 24 * 3600.0  # the latest run_at (or delay_s) a submission ma
 RUN_AT_PAST_S = 3600.0  # a run_at older than this is refused (a time zone left out?)
 MAX_ATTEMPTS = 10  # the most attempts a submission may ask for
 MAX_DEPENDENCIES = 100  # the most jobs one may depend on (each is read at its start)
+MAX_BATCH = 1000  # the most jobs one request submits (POST /api/jobs/batch)
 DEFAULT_KIND_CAPS = "train=1"
 DEFAULT_MAX_ATTEMPTS = "chat=2"  # by kind; any other kind: 1
 RETRY_BASE_S = 2.0  # a retry waits up to base * 2^(attempt-1) s, at random (full jitter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -469,6 +470,103 @@ def test_idempotency_key_returns_the_first_job(server: Server) -> None:
         assert len(client.get("/api/jobs").json()["jobs"]) == 2
 
 
+def test_a_batch_is_stored_in_its_order_all_or_nothing_and_once_with_a_key(
+        make_server: MakeServer) -> None:
+    """As RQ's `enqueue_many`: several jobs in one request. One that does not fit (its
+    input, its dependency, the queue's room, a key used for another job) stores none."""
+    server = make_server(env={"OFFLOAD_MAX_QUEUED": "4"})
+    with server.client() as client:
+        client.post("/api/queue/pause")  # they stay queued: the queue's room is known
+        first = client.post("/api/jobs", json={"kind": "sleep", "delay_s": 3600}).json()["id"]
+        refused = {
+            "input": ([{"kind": "sleep"}, {"kind": "sleep", "input": {"seconds": -1}}],
+                      422, "jobs[1]: invalid input for a 'sleep' job: input.seconds"),
+            "kind": ([{"kind": "sleep"}, {"kind": "nope"}], 422, "jobs[1]: unknown job kind"),
+            "dependency": ([{"kind": "sleep", "depends_on": "a" * 32}], 422,
+                           "jobs[0]: depends_on: no job " + "a" * 32),
+            "room": ([{"kind": "sleep"}] * 4, 429, "1 jobs are queued (those waiting for "
+                                                   "their start time too), these 4 would make 5"),
+            "too many": ([{"kind": "sleep"}] * 5, 422, "5 jobs in one batch, and "
+                                                        "OFFLOAD_MAX_QUEUED is 4"),
+            "none": ([], 422, "jobs: List should have at least 1 item"),
+        }
+        for what, (jobs, status, said) in refused.items():
+            answer = client.post("/api/jobs/batch", json={"jobs": jobs})
+            assert answer.status_code == status and said in answer.json()["detail"], (what,
+                                                                                   answer.text)
+        assert [job["id"] for job in client.get("/api/jobs").json()["jobs"]] == [first]
+
+        batch = [{"kind": "sleep", "input": {"seconds": 0.1 * n}, "depends_on": first}
+                 for n in range(3)]
+        stored = client.post("/api/jobs/batch", json={"jobs": batch},
+                             headers={"Idempotency-Key": "sweep-1"})
+        assert stored.status_code == 202, stored.text
+        ids = [job["id"] for job in stored.json()["jobs"]]
+        assert [job["input"]["seconds"] for job in stored.json()["jobs"]] == [0, 0.1, 0.2]
+        assert [client.get(f"/api/jobs/{job_id}").json()["depends_on"] for job_id in ids] == [
+            [first]] * 3
+        again = client.post("/api/jobs/batch", json={"jobs": batch},
+                            headers={"Idempotency-Key": "sweep-1"})
+        assert [job["id"] for job in again.json()["jobs"]] == ids, "sent again: the same jobs"
+        changed = client.post("/api/jobs/batch", json={"jobs": [batch[0], {"kind": "sleep"}]},
+                              headers={"Idempotency-Key": "sweep-1"})
+        assert changed.status_code == 422, changed.text
+        assert changed.json()["detail"].startswith("jobs[1]: this Idempotency-Key was already "
+                                                   "used with a different request body")
+        # Neither the batch's key nor one of its jobs' is another request's key.
+        alone = client.post("/api/jobs", json=batch[0], headers={"Idempotency-Key": "sweep-1"})
+        assert alone.status_code == 202 and alone.json()["id"] not in ids
+        assert len(client.get("/api/jobs").json()["jobs"]) == 5
+
+        client.delete(f"/api/jobs/{alone.json()['id']}")
+        client.delete(f"/api/jobs/{first}")  # its dependents fail unstarted
+        client.post("/api/queue/resume")
+        chats = client.post("/api/jobs/batch", json={"jobs": [
+            {"kind": "sleep"}, {"kind": "sleep", "input": {"seconds": 0.2}}]}).json()["jobs"]
+        for job in chats:
+            assert wait_job(client, job["id"])["state"] == "completed"
+        assert {wait_job(client, job_id)["state"] for job_id in ids} == {"failed"}
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (a disk that fills up); skipped where none can be mounted."""
+    import subprocess
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                              str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()[:200]}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)  # once its server has stopped
+
+
+def test_a_batch_the_disk_fills_partway_says_which_jobs_were_stored(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    with small_disk(tmp_path, "512k") as disk:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var")})
+        with server.client() as client:
+            client.post("/api/queue/pause")
+            batch = [{"kind": "probe", "input": {"fail": str(n) * 150_000}} for n in range(6)]
+            for key in ("fill-1", "fill-1"):  # sent again, it stores none twice
+                answer = client.post("/api/jobs/batch", json={"jobs": batch},
+                                     headers={"Idempotency-Key": key})
+                assert answer.status_code == 503, answer.text[:300]
+                said = answer.json()["detail"]
+                stored = re.findall(r"[0-9a-f]{32}", said)
+                assert said.startswith(f"jobs[{len(stored)}]: cannot store the job"), said
+                assert "send the batch again with the same Idempotency-Key to store the rest. " \
+                       "It and those after it were not stored" in said, said
+                listed = client.get("/api/jobs").json()["jobs"]
+                assert sorted(job["id"] for job in listed) == sorted(stored) and stored
+                assert [job["input"]["fail"][0] for job in listed] == [
+                    str(n) for n in reversed(range(len(stored)))]
+
+
 def test_an_empty_idempotency_key_is_refused(server: Server) -> None:
     with server.client() as client:
         for seconds in (0.1, 0.2):  # two clients that send the header blank
@@ -535,23 +633,13 @@ def test_unwritable_data_folder_answers_503(server: Server) -> None:
 
 def test_a_data_folder_on_a_nearly_full_disk_is_said_by_health(make_server: MakeServer,
                                                                 tmp_path: Path) -> None:
-    import subprocess
-
-    disk = tmp_path / "small"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
-                              str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()[:200]}")
-    try:
+    with small_disk(tmp_path, "4m") as disk:
         server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var")})
         with server.client() as client:
             health = client.get("/api/health").json()
             assert health["status"] == "degraded", health
             assert "the data folder's disk has " in health["problems"][0], health
             assert "KiB free" in health["problems"][0]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)  # once its server has stopped
 
 
 def test_history_and_health(server: Server) -> None:

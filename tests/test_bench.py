@@ -67,6 +67,7 @@ def test_http_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> Non
     results = http.run()
     systems = [row["system"] for row in results["rows"]]
     assert "Offload over HTTP, cap 2" in systems and "Offload over HTTP, cap 8" in systems
+    assert "Offload over HTTP, cap 2, one batch request" in systems
     if importlib.util.find_spec("huey") is not None:
         assert any(system.startswith("Huey") for system in systems)
     assert all(row["throughput"]["completed"] == 5 for row in results["rows"])

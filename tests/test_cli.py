@@ -131,6 +131,40 @@ def test_status_submit_wait_list_show_and_log(server: Server) -> None:
              == "completed", 60, 0.2)
 
 
+def test_submit_several_jobs_in_one_request(server: Server, tmp_path: Path) -> None:
+    """`--inputs FILE`: one input a line (as RQ's enqueue_many): the ids in the file's order,
+    the same ones again with the same --key; --wait shows them all when they have ended."""
+    url = server.url
+    sweep = tmp_path / "sweep.jsonl"
+    sweep.write_text('{"seconds": 0.3}\n\n{"seconds": 0}\n{"seconds": 0.1, "steps": 2}\n')
+    submitted = cli(url, "submit", "sleep", "--inputs", str(sweep), "--key", "sweep-1",
+                    "--priority", "5")
+    assert submitted.returncode == 0, submitted
+    ids = submitted.stdout.split()
+    assert len(ids) == 3 and all(p.is_valid_id(each) for each in ids)
+    jobs = [json.loads(cli(url, "show", each, "--json").stdout) for each in ids]
+    assert [(job["input"]["seconds"], job["priority"]) for job in jobs] == [(0.3, 5), (0, 5),
+                                                                            (0.1, 5)]
+    again = cli(url, "submit", "sleep", "--inputs", str(sweep), "--key", "sweep-1",
+                "--priority", "5", "--wait")
+    assert again.returncode == 0, again
+    assert again.stderr.startswith("3 jobs submitted; waiting for them to end")
+    assert [line.split()[:3] for line in again.stdout.splitlines()[1:]] == [
+        [each, "sleep", "completed"] for each in ids]
+    mixed = cli(url, "submit", "probe", "--inputs", "-", "--wait", "--json",
+                stdin='{"seconds": 0}\n{"fail": "bad luck"}\n')
+    assert mixed.returncode == 1 and mixed.stderr.strip().endswith("failed: bad luck"), mixed
+    assert [job["state"] for job in json.loads(mixed.stdout)] == ["completed", "failed"]
+    kept = len(json.loads(cli(url, "list", "--json").stdout))
+    for given, said in (('{"seconds": 0}\n[1]\n', "line 2 of stdin is no JSON object"),
+                        ('{"seconds": 0}\n{"seconds": -1}\n',
+                         "jobs[1]: invalid input for a 'sleep' job"),
+                        ("\n", "--inputs stdin holds no input")):
+        refused = cli(url, "submit", "sleep", "--inputs", "-", stdin=given)
+        assert refused.returncode == 2 and said in refused.stderr, refused
+    assert len(json.loads(cli(url, "list", "--json").stdout)) == kept, "none was stored"
+
+
 def test_log_follow_prints_a_chat_reply_as_it_streams(make_server: MakeServer) -> None:
     with FakeLLM(pieces=["The ", "CPU ", "is ", "fine."], gated="gated") as llm:
         server = make_server(env={"OPENAI_BASE_URL": llm.base_url})

@@ -72,7 +72,7 @@ async def _key_in_flight(request: Request, exc: Exception) -> JSONResponse:
 async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Overloaded)
     log.info("submission refused: %s", exc)
-    return JSONResponse({"detail": f"{exc}. The job was not stored."}, status_code=429,
+    return JSONResponse({"detail": f"{exc}. Nothing was stored."}, status_code=429,
                         headers={"Retry-After": str(exc.retry_after_s)})
 
 

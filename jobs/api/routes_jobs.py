@@ -1,4 +1,5 @@
-"""/api/jobs: submit, list, read, cancel, re-run, remove, follow (server-sent events), log."""
+"""/api/jobs: submit (one or several), list, read, cancel, re-run, remove, follow
+(server-sent events), log."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from jobs import protocol as p
 from jobs.api.events import BadPosition, change_event, first_event, public, resume_position
 from jobs.api.follow import file_signature, followed
 from jobs.api.service import JobService
-from jobs.models import Job, JobCreate, JobList, JobRerun
+from jobs.models import Job, JobBatch, JobCreate, JobList, JobRerun, Jobs
 from jobs.protocol import JobState
 from jobs.store.index import Signature, UnknownCursor
 
@@ -44,6 +45,16 @@ async def submit_job(body: JobCreate, service: Service, response: Response,
                                body.launch())
     response.headers["Location"] = f"/api/jobs/{job[p.F_ID]}"
     return job
+
+
+@router.post("/jobs/batch", status_code=202, response_model=Jobs, responses=REFUSED)
+async def submit_jobs(body: JobBatch, service: Service,
+                      idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    """Start several jobs at once, in their order, as RQ's `enqueue_many`: none is stored
+    unless all fit (their inputs, and OFFLOAD_MAX_QUEUED). With an Idempotency-Key, the
+    same batch sent again answers the same jobs, and stores those it had not."""
+    wanted = [(each.kind, each.input, each.timeout_s, each.launch()) for each in body.jobs]
+    return {"jobs": await service.submit_many(wanted, idempotency_key)}
 
 
 @router.post("/jobs/{job_id}/rerun", status_code=202, response_model=Job,

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
 from jobs.api.history import MetricsReader, summary
-from jobs.kinds import InvalidInput, Launch, validate_input
+from jobs.kinds import InvalidInput, Launch, UnknownKind, validate_input
 from jobs.protocol.wake import poke
 from jobs.settings import CANCEL_WAIT_S, RETRY_AFTER_S, Settings
 from jobs.store.idempotency import PENDING_S, Claim, key_name
@@ -218,11 +218,7 @@ class JobService:
         if load is None:
             load = self.store.load(0.0)
         self._admit(load)
-        missing = [each for each in launch.depends_on if not self.store.path(each).exists()]
-        if missing:
-            raise InvalidInput(f"depends_on: no job {', '.join(missing[:5])}"
-                               f"{' and more' if len(missing) > 5 else ''} (pruned, or never "
-                               "submitted here): give the ids of jobs this server holds")
+        self._check_dependencies(launch)
         job_input = self._with_context(kind, job_input, load.counts)
         session = p.chat_session(kind, job_input)
         with self._turn_lock(session) if session else contextlib.nullcontext():
@@ -253,6 +249,62 @@ class JobService:
                 if key is not None:
                     self.store.keys.drop_own(key.name)
                 raise
+
+    async def submit_many(self, wanted: list[tuple[str, dict[str, Any], float | None, Launch]],
+                          idempotency_key: str | None = None) -> list[dict[str, Any]]:
+        """Store several jobs (kind, input, timeout, launch), in their order, as RQ's
+        `enqueue_many` or a Celery group: all are checked, and admitted together, before
+        any is stored. With a key, each job's own key is made of it and the job's place,
+        so the batch sent again answers the jobs it stored and stores the rest."""
+        checked, load = await run_in_threadpool(self._check_batch, wanted, idempotency_key)
+        stored: list[dict[str, Any]] = []
+        give_up_at = time.monotonic() + KEY_WAIT_S
+        for n, (kind, job_input, timeout_s, launch, key) in enumerate(checked):
+            try:
+                while isinstance(outcome := await run_in_threadpool(
+                        self._submit, kind, job_input, timeout_s, key, load, launch, {}), Claim):
+                    assert key is not None
+                    await self._unblock(key, outcome, give_up_at)
+            except StoreUnavailable as exc:
+                raise StoreUnavailable(_partway(exc, n, stored, idempotency_key),
+                                       "It and those after it were not stored" if stored
+                                       else "No job of the batch was stored") from None
+            except (KeyInFlight, IdempotencyConflict, BeingForgotten, InvalidInput) as exc:
+                said = _partway(exc, n, stored, idempotency_key)
+                raise type(exc)(said if stored else f"{said}; no job of the batch was "
+                                                    "stored") from None
+            stored.append(outcome)
+        return stored
+
+    def _check_batch(self, wanted: list[tuple[str, dict[str, Any], float | None, Launch]],
+                     idempotency_key: str | None,
+                     ) -> tuple[list[tuple[str, dict[str, Any], float, Launch, _Key | None]], Load]:
+        """Each job of a batch checked (its input, dependencies, key) and with its key; the
+        counts it is admitted on. Raises, naming the first job that does not fit."""
+        if len(wanted) > self.settings.max_queued:
+            raise InvalidInput(f"{len(wanted)} jobs in one batch, and OFFLOAD_MAX_QUEUED is "
+                               f"{self.settings.max_queued}: send at most that many at once")
+        checked = []
+        already = 0
+        for n, (kind, job_input, timeout_s, launch) in enumerate(wanted):
+            try:
+                job_input = validate_input(kind, job_input)
+                self._check_dependencies(launch)
+                timeout = timeout_s or self.settings.job_timeout_s
+                key = None if idempotency_key is None else _Key(
+                    key_name(f"{idempotency_key}\0{n}"),  # no header holds a NUL: no key's twin
+                    _fingerprint(kind, job_input, timeout, launch, {}))
+                # A key used with another job is refused now; one whose job is stored
+                # (a batch sent again) takes no room.
+                if key is not None and self._find(key) is not None:
+                    already += 1
+            except (UnknownKind, InvalidInput, IdempotencyConflict) as exc:  # each a 422
+                raise InvalidInput(f"jobs[{n}]: {exc}; no job of the batch was stored") from None
+            checked.append((kind, job_input, timeout, launch, key))
+        load = self.store.load(0.0)  # counted now, for all at once
+        if len(checked) > already:
+            self._admit(load, len(checked) - already)
+        return checked, load
 
     async def rerun(self, job_id: str, job_input: dict[str, Any] | None,
                     timeout_s: float | None, idempotency_key: str | None = None,
@@ -331,20 +383,28 @@ class JobService:
             raise StoreUnavailable(f"cannot release the Idempotency-Key of a job that is "
                                    f"gone: {exc}") from exc
 
-    def _admit(self, load: Load) -> None:
-        """Refuse a job beyond OFFLOAD_MAX_QUEUED queued, or beyond OFFLOAD_MAX_JOBS kept
-        when not enough finished jobs may be pruned to make room. Admitted on the index
-        snapshot's counts (several workers, or a burst within a snapshot, may overshoot a
-        little); refused only on counts made now (see `submit`)."""
+    def _check_dependencies(self, launch: Launch) -> None:
+        missing = [each for each in launch.depends_on if not self.store.path(each).exists()]
+        if missing:
+            raise InvalidInput(f"depends_on: no job {', '.join(missing[:5])}"
+                               f"{' and more' if len(missing) > 5 else ''} (pruned, or never "
+                               "submitted here): give the ids of jobs this server holds")
+
+    def _admit(self, load: Load, jobs: int = 1) -> None:
+        """Refuse `jobs` new ones beyond OFFLOAD_MAX_QUEUED queued, or beyond
+        OFFLOAD_MAX_JOBS kept when not enough finished jobs may be pruned to make room.
+        Admitted on the index snapshot's counts (several workers, or a burst within a
+        snapshot, may overshoot a little); refused only on counts made now (see `submit`)."""
         settings = self.settings
         queued = load.counts.get(p.JobState.QUEUED, 0)
-        if queued >= settings.max_queued:
+        if queued + jobs > settings.max_queued:
+            these = "" if jobs == 1 else f", these {jobs} would make {queued + jobs},"
             raise Overloaded(
-                f"{queued} jobs are queued (those waiting for their start time too) and "
-                f"OFFLOAD_MAX_QUEUED is {settings.max_queued}: retry after Retry-After "
+                f"{queued} jobs are queued (those waiting for their start time too){these} "
+                f"and OFFLOAD_MAX_QUEUED is {settings.max_queued}: retry after Retry-After "
                 "seconds, when some have started, or cancel queued ones, or raise "
                 "OFFLOAD_MAX_QUEUED", RETRY_AFTER_S)
-        must_go = load.total - settings.max_jobs + 1  # prunable jobs needed to make room
+        must_go = load.total - settings.max_jobs + jobs  # prunable jobs needed to make room
         now = time.time()
         if must_go <= 0 or load.finished_before(now - settings.min_retention_s) >= must_go:
             return
@@ -515,6 +575,17 @@ class JobService:
         finally:
             with self._turn_lock(session_id):
                 self._forgetting.discard(session_id)
+
+
+def _partway(exc: Exception, n: int, stored: list[dict[str, Any]], key: str | None) -> str:
+    """A batch's error at its job `n`, saying which were stored before it."""
+    if not stored:
+        return f"jobs[{n}]: {exc}"
+    again = ("send the batch again with the same Idempotency-Key to store the rest" if key
+             else "send only the rest again")
+    ids = ", ".join(str(job[p.F_ID]) for job in stored)
+    those = "the job before it was" if len(stored) == 1 else f"the {len(stored)} before it were"
+    return f"jobs[{n}]: {exc}; {those} stored ({ids}): {again}"
 
 
 def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch,
