@@ -23,6 +23,7 @@ import http.client
 import json
 import os
 import re
+import secrets
 import shlex
 import sys
 import time
@@ -52,6 +53,7 @@ EXIT_BY_STATUS = {400: EXIT_USAGE, 413: EXIT_USAGE, 422: EXIT_USAGE, 401: EXIT_R
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = "8001"
 REQUEST_TIMEOUT_S = 30.0  # a cancel waits on the server for the runner: its grace, then 10 s
+BATCH_JOB_S = 0.1  # and a batch this much longer a job (a chat's turn is looked up, ~30 ms)
 STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
 POLL_S = 0.5  # how often a followed job is read where the server has no event stream to spare
@@ -64,11 +66,13 @@ LIST_MAX = 1000  # the longest listing the API gives
 class Failure(Exception):
     """What ends a command early: one line for stderr and the exit code."""
 
-    def __init__(self, code: int, message: str, status: int | None = None) -> None:
+    def __init__(self, code: int, message: str, status: int | None = None,
+                 answer: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status  # the server's HTTP status, where it answered one
+        self.answer = answer or {}  # and its JSON
 
 
 class Unreachable(Failure):
@@ -181,9 +185,10 @@ class Client:
                                        "the token would go with it); give Offload's own "
                                        "address with --url or OFFLOAD_URL")
         try:
-            detail = json.loads(exc.read()).get("detail")
+            answer = json.loads(exc.read())
+            detail = answer.get("detail")
         except (ValueError, AttributeError, OSError):
-            detail = None
+            answer, detail = None, None
         detail = detail if isinstance(detail, str) else f"HTTP {exc.code} {exc.reason}"
         if exc.headers.get("Retry-After"):  # a person reads no header
             detail = detail.replace("Retry-After seconds", f"{exc.headers['Retry-After']} s")
@@ -193,11 +198,11 @@ class Client:
                                          "(as http://HOST:PORT, without /api)?")
         if exc.code == 401 and not self.token:
             detail += " (set OFFLOAD_API_TOKEN to the server's token)"
-        return Failure(code, detail, exc.code)
+        return Failure(code, detail, exc.code, answer if isinstance(answer, dict) else None)
 
     def call(self, method: str, path: str, body: Any = None,
-             headers: dict[str, str] | None = None) -> Any:
-        with self._open(method, path, body, headers=headers) as response:
+             headers: dict[str, str] | None = None, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+        with self._open(method, path, body, timeout, headers) as response:
             return self._read_json(response)
 
     def text(self, path: str) -> str:
@@ -688,20 +693,22 @@ def parse_input(text: str) -> dict[str, Any]:
     return value
 
 
-def parse_inputs(where: str) -> list[dict[str, Any]]:
-    """`--inputs`: a file (or `-`, stdin) of JSON lines, one job's input object on each."""
+def parse_inputs(where: str) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+    """`--inputs`: a file (or `-`, stdin) of JSON lines, one job's input object on each;
+    its name as said, and each input with its line's number."""
     try:
         if where == "-":
-            where, lines = "stdin", sys.stdin.read().splitlines()
+            where, text = "stdin", sys.stdin.read().removeprefix("\ufeff")
         else:
-            with open(where, encoding="utf-8") as file:
-                lines = file.read().splitlines()
+            with open(where, encoding="utf-8-sig") as file:  # a BOM, as Notepad writes
+                text = file.read()
     except OSError as exc:
         raise Failure(EXIT_USAGE, f"cannot read --inputs {where}: {exc.strerror}") from None
     except UnicodeError:
         raise Failure(EXIT_USAGE, f"--inputs {where} is not UTF-8 text") from None
     inputs = []
-    for n, line in enumerate(lines, 1):
+    # Lines end at \n alone: JSON's strings may hold U+2028 and others that splitlines() cuts at.
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -712,11 +719,11 @@ def parse_inputs(where: str) -> list[dict[str, Any]]:
         if not isinstance(value, dict):
             raise Failure(EXIT_USAGE, f"line {n} of {where} is no JSON object; give one input "
                                       """a line, like {"seconds": 2}""")
-        inputs.append(value)
+        inputs.append((n, value))
     if not inputs:
         raise Failure(EXIT_USAGE, f"--inputs {where} holds no input: give one JSON object a "
                                   "line")
-    return inputs
+    return where, inputs
 
 
 def _job_id(text: str | None, flag: str) -> str | None:
@@ -745,30 +752,61 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     if args.key is not None and not args.key.strip():
         raise Failure(EXIT_USAGE, "--key is empty: give a key (any text up to 255 "
                                   "characters), or leave --key out")
-    headers = {"Idempotency-Key": args.key} if args.key else None
     if args.inputs is None:
-        body["input"] = parse_input(args.input or "{}")
+        body["input"] = parse_input(args.input if args.input is not None else "{}")
+        headers = {"Idempotency-Key": args.key} if args.key else None
         return _wait_and_report(client, client.call("POST", "/api/jobs", body, headers), args)
-    batch = {"jobs": [{**body, "input": each} for each in parse_inputs(args.inputs)]}
+    return _submit_batch(client, body, args)
+
+
+def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace) -> int:
+    """`submit --inputs`: one job a line, in one request; with a key of its own if none is
+    given, so that the command sent again after a lost answer stores no job twice."""
+    where, inputs = parse_inputs(args.inputs)
+    key = args.key or f"offload-submit-{secrets.token_hex(16)}"
     try:
-        jobs = client.call("POST", "/api/jobs/batch", batch, headers)["jobs"]
+        jobs = client.call("POST", "/api/jobs/batch",
+                           {"jobs": [{**body, "input": each} for _, each in inputs]},
+                           {"Idempotency-Key": key},
+                           REQUEST_TIMEOUT_S + BATCH_JOB_S * len(inputs))["jobs"]
+    except Unreachable as exc:
+        raise Unreachable(f"{exc.message}. If the server had the batch, some of its jobs may be "
+                          f"stored: the same command again with --key {key} stores only those "
+                          "that are not") from None
     except Failure as exc:
         if exc.status == 405:  # /api/jobs/{id} takes no POST: no batch route there
             raise Failure(EXIT_SERVER, "this server is older: it takes no batch; submit each "
                                        "job with --input") from None
+        stored = exc.answer.get("stored")
+        if isinstance(stored, list) and stored:  # before the job it names: said, as if done
+            sys.stdout.write("".join(f"{job_id}\n" for job_id in stored))
+        exc.message = _by_line(exc.message, [line for line, _ in inputs], where)
         raise
+    ids = [str(job[p.F_ID]) for job in jobs]
     if not args.wait:
         if args.json:
             _print_json(jobs)
         else:
-            sys.stdout.write("".join(f"{job[p.F_ID]}\n" for job in jobs))
+            sys.stdout.write("".join(f"{job_id}\n" for job_id in ids))
         return EXIT_OK
-    sys.stderr.write(f"{len(jobs)} jobs submitted; waiting for them to end (Ctrl-C stops the "
-                     "waiting, not the jobs)\n")
+    # Their ids first: a Ctrl-C while it waits leaves them running, and ids reach them.
+    sys.stderr.write(f"{len(ids)} jobs submitted ({' '.join(ids)}); waiting for them to end "
+                     "(Ctrl-C stops the waiting, not the jobs)\n")
     if _queue_paused(client):
         sys.stderr.write("offload: the queue is paused: they start once resumed "
                          "(offload resume)\n")
-    return _wait_all(client, [job[p.F_ID] for job in jobs], args)
+    return _wait_all(client, ids, args)
+
+
+def _by_line(message: str, lines: list[int], where: str) -> str:
+    """The server's `jobs[N]` (pydantic's `jobs.N.`) said as the line of --inputs it was."""
+    def line(match: re.Match[str]) -> str:
+        n = int(match.group(1) or match.group(2))
+        if n >= len(lines):
+            return match.group(0)
+        return f"line {lines[n]} of {where}" + (": " if match.group(2) else "")
+
+    return re.sub(r"jobs\[(\d+)\]|jobs\.(\d+)\.", line, message)
 
 
 def cmd_retry(client: Client, args: argparse.Namespace) -> int:

@@ -199,7 +199,15 @@ class JobCreate(Request):
 class JobBatch(Request):
     """Several jobs in one request, stored in this order."""
 
-    jobs: list[JobCreate] = Field(min_length=1, max_length=MAX_BATCH)
+    jobs: list[JobCreate] = Field(min_length=1)
+
+    @field_validator("jobs", mode="before")
+    @classmethod
+    def _at_most(cls, value: object) -> object:
+        if isinstance(value, list) and len(value) > MAX_BATCH:  # before each is looked at
+            raise ValueError(f"at most {MAX_BATCH} jobs in one request, not {len(value)}: "
+                             "send them in several")
+        return value
 
 
 class JobRerun(Request):

@@ -511,8 +511,11 @@ def test_a_batch_is_stored_in_its_order_all_or_nothing_and_once_with_a_key(
         changed = client.post("/api/jobs/batch", json={"jobs": [batch[0], {"kind": "sleep"}]},
                               headers={"Idempotency-Key": "sweep-1"})
         assert changed.status_code == 422, changed.text
-        assert changed.json()["detail"].startswith("jobs[1]: this Idempotency-Key was already "
-                                                   "used with a different request body")
+        assert changed.json() == {"detail": "jobs[1]: this Idempotency-Key stored another job "
+                                            "at this place: a batch sent again holds the same "
+                                            "jobs in the same order; use a new key for a new "
+                                            "batch No job of the batch was stored.",
+                                  "stored": []}
         # Neither the batch's key nor one of its jobs' is another request's key.
         alone = client.post("/api/jobs", json=batch[0], headers={"Idempotency-Key": "sweep-1"})
         assert alone.status_code == 202 and alone.json()["id"] not in ids
@@ -521,11 +524,23 @@ def test_a_batch_is_stored_in_its_order_all_or_nothing_and_once_with_a_key(
         client.delete(f"/api/jobs/{alone.json()['id']}")
         client.delete(f"/api/jobs/{first}")  # its dependents fail unstarted
         client.post("/api/queue/resume")
+        for job_id in ids:
+            wait_job(client, job_id)
+        assert client.post(f"/api/jobs/{first}/remove").status_code == 200
+        # Sent again once the job they depend on is gone: answered, as one job alone is.
+        again = client.post("/api/jobs/batch", json={"jobs": batch},
+                            headers={"Idempotency-Key": "sweep-1"})
+        assert [job["id"] for job in again.json()["jobs"]] == ids, again.text
         chats = client.post("/api/jobs/batch", json={"jobs": [
             {"kind": "sleep"}, {"kind": "sleep", "input": {"seconds": 0.2}}]}).json()["jobs"]
         for job in chats:
             assert wait_job(client, job["id"])["state"] == "completed"
         assert {wait_job(client, job_id)["state"] for job_id in ids} == {"failed"}
+    kept = make_server(env={"OFFLOAD_MAX_JOBS": "3"})
+    with kept.client() as client:
+        too_many = client.post("/api/jobs/batch", json={"jobs": [{"kind": "sleep"}] * 4})
+        assert too_many.status_code == 422 and too_many.json()["detail"] == (
+            "4 jobs in one batch, and OFFLOAD_MAX_JOBS is 3: send at most that many at once")
 
 
 @contextlib.contextmanager
@@ -556,11 +571,15 @@ def test_a_batch_the_disk_fills_partway_says_which_jobs_were_stored(
                 answer = client.post("/api/jobs/batch", json={"jobs": batch},
                                      headers={"Idempotency-Key": key})
                 assert answer.status_code == 503, answer.text[:300]
-                said = answer.json()["detail"]
-                stored = re.findall(r"[0-9a-f]{32}", said)
+                said, stored = answer.json()["detail"], answer.json()["stored"]
                 assert said.startswith(f"jobs[{len(stored)}]: cannot store the job"), said
-                assert "send the batch again with the same Idempotency-Key to store the rest. " \
-                       "It and those after it were not stored" in said, said
+                assert said.endswith(f"The job was not stored; check that the data folder "
+                                     "exists, is writable and has free space, then retry. The "
+                                     f"{len(stored)} before it were stored (their ids: "
+                                     "`stored`): send the batch again with the same "
+                                     "Idempotency-Key to store the rest."), said
+                problem = client.get("/api/health").json()["problems"][0]
+                assert "cannot store the job" in problem and stored[0] not in problem
                 listed = client.get("/api/jobs").json()["jobs"]
                 assert sorted(job["id"] for job in listed) == sorted(stored) and stored
                 assert [job["input"]["fail"][0] for job in listed] == [

@@ -148,7 +148,7 @@ def test_submit_several_jobs_in_one_request(server: Server, tmp_path: Path) -> N
     again = cli(url, "submit", "sleep", "--inputs", str(sweep), "--key", "sweep-1",
                 "--priority", "5", "--wait")
     assert again.returncode == 0, again
-    assert again.stderr.startswith("3 jobs submitted; waiting for them to end")
+    assert again.stderr.startswith(f"3 jobs submitted ({' '.join(ids)}); waiting for them")
     assert [line.split()[:3] for line in again.stdout.splitlines()[1:]] == [
         [each, "sleep", "completed"] for each in ids]
     mixed = cli(url, "submit", "probe", "--inputs", "-", "--wait", "--json",
@@ -157,12 +157,21 @@ def test_submit_several_jobs_in_one_request(server: Server, tmp_path: Path) -> N
     assert [job["state"] for job in json.loads(mixed.stdout)] == ["completed", "failed"]
     kept = len(json.loads(cli(url, "list", "--json").stdout))
     for given, said in (('{"seconds": 0}\n[1]\n', "line 2 of stdin is no JSON object"),
-                        ('{"seconds": 0}\n{"seconds": -1}\n',
-                         "jobs[1]: invalid input for a 'sleep' job"),
+                        ('{"seconds": 0}\n\n{"seconds": -1}\n',
+                         "line 3 of stdin: invalid input for a 'sleep' job"),
+                        ('{"seconds": 0}\n{"seconds": 0, "steps": "x"}\n',
+                         "line 2 of stdin: invalid input for a 'sleep' job: input.steps"),
                         ("\n", "--inputs stdin holds no input")):
         refused = cli(url, "submit", "sleep", "--inputs", "-", stdin=given)
         assert refused.returncode == 2 and said in refused.stderr, refused
     assert len(json.loads(cli(url, "list", "--json").stdout)) == kept, "none was stored"
+    # A BOM (as Notepad writes) is no input; U+2028 in a string ends no line.
+    sweep.write_text('\ufeff{"seconds": 0}\n{"seconds": 0, "note": "a\u2028b"}\n',
+                     encoding="utf-8")
+    odd = cli(url, "submit", "probe", "--inputs", str(sweep), "--json")
+    assert odd.returncode == 0, odd
+    assert [job["input"] for job in json.loads(odd.stdout)] == [
+        {"seconds": 0}, {"seconds": 0, "note": "a\u2028b"}]
 
 
 def test_log_follow_prints_a_chat_reply_as_it_streams(make_server: MakeServer) -> None:

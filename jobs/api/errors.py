@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jobs.api.events import public
 from jobs.api.service import (
     AlreadyFinished,
+    BatchStopped,
     BeingForgotten,
     IdempotencyConflict,
     KeyInFlight,
@@ -118,19 +121,27 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _detail(500, "internal error; the server log has the details")
 
 
+async def _batch_stopped(request: Request, exc: Exception) -> JSONResponse:
+    """As its job's error alone would be answered, saying which jobs were stored before it."""
+    assert isinstance(exc, BatchStopped)
+    handler = next(HANDLERS[each] for each in type(exc.cause).__mro__ if each in HANDLERS)
+    alone = await handler(request, exc.cause)
+    detail = f"jobs[{exc.at}]: {json.loads(bytes(alone.body))['detail']} {exc.outcome()}"
+    retry_after = {k: v for k, v in alone.headers.items() if k.lower() == "retry-after"}
+    return _Answer({"detail": detail, "stored": exc.stored}, status_code=alone.status_code,
+                   headers=retry_after)
+
+
+Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
+HANDLERS: dict[type[Exception], Handler] = {
+    JobNotFound: _not_found, UnknownKind: _unprocessable, InvalidInput: _unprocessable,
+    IdempotencyConflict: _unprocessable, AlreadyFinished: _conflict, NotRerunnable: _refused,
+    BeingForgotten: _refused, StillNeeded: _refused, NotRemoved: _not_removed,
+    KeyInFlight: _key_in_flight, Overloaded: _overloaded, StoreUnavailable: _unavailable,
+    BatchStopped: _batch_stopped, RequestValidationError: _validation,
+    StarletteHTTPException: _http, Exception: _unexpected}
+
+
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(JobNotFound, _not_found)
-    app.add_exception_handler(UnknownKind, _unprocessable)
-    app.add_exception_handler(InvalidInput, _unprocessable)
-    app.add_exception_handler(IdempotencyConflict, _unprocessable)
-    app.add_exception_handler(AlreadyFinished, _conflict)
-    app.add_exception_handler(NotRerunnable, _refused)
-    app.add_exception_handler(BeingForgotten, _refused)
-    app.add_exception_handler(StillNeeded, _refused)
-    app.add_exception_handler(NotRemoved, _not_removed)
-    app.add_exception_handler(KeyInFlight, _key_in_flight)
-    app.add_exception_handler(Overloaded, _overloaded)
-    app.add_exception_handler(StoreUnavailable, _unavailable)
-    app.add_exception_handler(RequestValidationError, _validation)
-    app.add_exception_handler(StarletteHTTPException, _http)
-    app.add_exception_handler(Exception, _unexpected)
+    for exception, handler in HANDLERS.items():
+        app.add_exception_handler(exception, handler)

@@ -51,8 +51,10 @@ async def submit_job(body: JobCreate, service: Service, response: Response,
 async def submit_jobs(body: JobBatch, service: Service,
                       idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     """Start several jobs at once, in their order, as RQ's `enqueue_many`: none is stored
-    unless all fit (their inputs, and OFFLOAD_MAX_QUEUED). With an Idempotency-Key, the
-    same batch sent again answers the same jobs, and stores those it had not."""
+    unless all fit (their inputs, dependencies and keys, OFFLOAD_MAX_QUEUED and
+    OFFLOAD_MAX_JOBS). A job that cannot be stored (a full disk, say) is answered as it would
+    be alone, naming it; `stored` lists the ids of those before it. With an
+    Idempotency-Key, the same batch sent again answers the same jobs, and stores the rest."""
     wanted = [(each.kind, each.input, each.timeout_s, each.launch()) for each in body.jobs]
     return {"jobs": await service.submit_many(wanted, idempotency_key)}
 

@@ -109,6 +109,24 @@ class KeyInFlight(Exception):
     """Another request with the same Idempotency-Key is still storing its job."""
 
 
+class BatchStopped(Exception):
+    """A batch's job `at` was not stored (`cause`, answered as it would be alone); `stored`:
+    the ids of those before it, which were."""
+
+    def __init__(self, cause: Exception, at: int, stored: list[str], keyed: bool) -> None:
+        super().__init__(f"jobs[{at}]: {cause}")
+        self.cause, self.at, self.stored, self.keyed = cause, at, stored, keyed
+
+    def outcome(self) -> str:
+        if not self.stored:
+            return "No job of the batch was stored."
+        those = ("The job before it was" if len(self.stored) == 1
+                 else f"The {len(self.stored)} before it were")
+        again = ("send the batch again with the same Idempotency-Key to store the rest"
+                 if self.keyed else "send only the rest again")
+        return f"{those} stored (their ids: `stored`): {again}."
+
+
 class Overloaded(Exception):
     """Too much work is waiting or kept: try again after `retry_after_s`."""
 
@@ -258,52 +276,62 @@ class JobService:
         so the batch sent again answers the jobs it stored and stores the rest."""
         checked, load = await run_in_threadpool(self._check_batch, wanted, idempotency_key)
         stored: list[dict[str, Any]] = []
-        give_up_at = time.monotonic() + KEY_WAIT_S
         for n, (kind, job_input, timeout_s, launch, key) in enumerate(checked):
+            give_up_at = time.monotonic() + KEY_WAIT_S  # for each job, as for one alone
             try:
+                # Its dependencies and the room are looked at again: on the batch's counts.
                 while isinstance(outcome := await run_in_threadpool(
                         self._submit, kind, job_input, timeout_s, key, load, launch, {}), Claim):
                     assert key is not None
                     await self._unblock(key, outcome, give_up_at)
-            except StoreUnavailable as exc:
-                raise StoreUnavailable(_partway(exc, n, stored, idempotency_key),
-                                       "It and those after it were not stored" if stored
-                                       else "No job of the batch was stored") from None
-            except (KeyInFlight, IdempotencyConflict, BeingForgotten, InvalidInput) as exc:
-                said = _partway(exc, n, stored, idempotency_key)
-                raise type(exc)(said if stored else f"{said}; no job of the batch was "
-                                                    "stored") from None
+            except (StoreUnavailable, KeyInFlight, IdempotencyConflict, BeingForgotten,
+                    InvalidInput, Overloaded) as exc:
+                raise BatchStopped(exc, n, [job[p.F_ID] for job in stored],
+                                   idempotency_key is not None) from None
             stored.append(outcome)
         return stored
 
     def _check_batch(self, wanted: list[tuple[str, dict[str, Any], float | None, Launch]],
                      idempotency_key: str | None,
                      ) -> tuple[list[tuple[str, dict[str, Any], float, Launch, _Key | None]], Load]:
-        """Each job of a batch checked (its input, dependencies, key) and with its key; the
-        counts it is admitted on. Raises, naming the first job that does not fit."""
-        if len(wanted) > self.settings.max_queued:
-            raise InvalidInput(f"{len(wanted)} jobs in one batch, and OFFLOAD_MAX_QUEUED is "
-                               f"{self.settings.max_queued}: send at most that many at once")
+        """Each job of a batch checked (its input, key, dependencies) and with its key;
+        the counts it is admitted on. Raises, naming the first job that does not fit."""
+        limit, name = min((self.settings.max_queued, "OFFLOAD_MAX_QUEUED"),
+                          (self.settings.max_jobs, "OFFLOAD_MAX_JOBS"))
+        if len(wanted) > limit:
+            raise InvalidInput(f"{len(wanted)} jobs in one batch, and {name} is {limit}: send "
+                               "at most that many at once")
         checked = []
-        already = 0
+        new, in_flight = 0, False
         for n, (kind, job_input, timeout_s, launch) in enumerate(wanted):
             try:
                 job_input = validate_input(kind, job_input)
-                self._check_dependencies(launch)
                 timeout = timeout_s or self.settings.job_timeout_s
                 key = None if idempotency_key is None else _Key(
                     key_name(f"{idempotency_key}\0{n}"),  # no header holds a NUL: no key's twin
                     _fingerprint(kind, job_input, timeout, launch, {}))
-                # A key used with another job is refused now; one whose job is stored
-                # (a batch sent again) takes no room.
-                if key is not None and self._find(key) is not None:
-                    already += 1
-            except (UnknownKind, InvalidInput, IdempotencyConflict) as exc:  # each a 422
-                raise InvalidInput(f"jobs[{n}]: {exc}; no job of the batch was stored") from None
+                found = None if key is None else self._find(key)
+                if not isinstance(found, dict):  # not stored by this batch sent before
+                    self._check_dependencies(launch)
+                    new += 1
+                    in_flight = in_flight or found is not None
+            except IdempotencyConflict:
+                raise BatchStopped(IdempotencyConflict(
+                    "this Idempotency-Key stored another job at this place: a batch sent again "
+                    "holds the same jobs in the same order; use a new key for a new batch"),
+                    n, [], True) from None
+            except (UnknownKind, InvalidInput) as exc:
+                raise BatchStopped(exc, n, [], idempotency_key is not None) from None
             checked.append((kind, job_input, timeout, launch, key))
         load = self.store.load(0.0)  # counted now, for all at once
-        if len(checked) > already:
-            self._admit(load, len(checked) - already)
+        try:
+            if new:
+                self._admit(load, new)
+        except Overloaded:
+            if in_flight:  # its own jobs, being stored by the batch sent before, counted twice
+                raise KeyInFlight("another request with this Idempotency-Key is still storing "
+                                  "this batch; retry in a moment") from None
+            raise
         return checked, load
 
     async def rerun(self, job_id: str, job_input: dict[str, Any] | None,
@@ -397,10 +425,14 @@ class JobService:
         snapshot, may overshoot a little); refused only on counts made now (see `submit`)."""
         settings = self.settings
         queued = load.counts.get(p.JobState.QUEUED, 0)
+
+        def these(count: int) -> str:
+            return "" if jobs == 1 else f", these {jobs} would make {count},"
+
         if queued + jobs > settings.max_queued:
-            these = "" if jobs == 1 else f", these {jobs} would make {queued + jobs},"
             raise Overloaded(
-                f"{queued} jobs are queued (those waiting for their start time too){these} "
+                f"{queued} jobs are queued (those waiting for their start time too)"
+                f"{these(queued + jobs)} "
                 f"and OFFLOAD_MAX_QUEUED is {settings.max_queued}: retry after Retry-After "
                 "seconds, when some have started, or cancel queued ones, or raise "
                 "OFFLOAD_MAX_QUEUED", RETRY_AFTER_S)
@@ -412,7 +444,8 @@ class JobService:
         if len(load.finished) >= must_go:
             wait = load.finished[must_go - 1] + settings.min_retention_s - now
         raise Overloaded(
-            f"{load.total} jobs are kept and OFFLOAD_MAX_JOBS is {settings.max_jobs}, and "
+            f"{load.total} jobs are kept{these(load.total + jobs)} and OFFLOAD_MAX_JOBS "
+            f"is {settings.max_jobs}, and "
             "none may be pruned to make room yet: a queued or running job never is, a "
             f"finished one only OFFLOAD_MIN_RETENTION_S ({settings.min_retention_s:g} s) "
             "after it finished, so that its result can be read. Retry after Retry-After "
@@ -575,17 +608,6 @@ class JobService:
         finally:
             with self._turn_lock(session_id):
                 self._forgetting.discard(session_id)
-
-
-def _partway(exc: Exception, n: int, stored: list[dict[str, Any]], key: str | None) -> str:
-    """A batch's error at its job `n`, saying which were stored before it."""
-    if not stored:
-        return f"jobs[{n}]: {exc}"
-    again = ("send the batch again with the same Idempotency-Key to store the rest" if key
-             else "send only the rest again")
-    ids = ", ".join(str(job[p.F_ID]) for job in stored)
-    those = "the job before it was" if len(stored) == 1 else f"the {len(stored)} before it were"
-    return f"jobs[{n}]: {exc}; {those} stored ({ids}): {again}"
 
 
 def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch,
