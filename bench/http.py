@@ -44,10 +44,10 @@ SLEEP_JOB = {"kind": "sleep", "input": {"seconds": 0, "steps": 1}}
 SPARES = ({"OFFLOAD_LAUNCH_MODE": "spares"}, ", warm spares")
 # Without fsync, as the peers run here (Huey's SQLite and the bench's Redis save nothing
 # durably): what Offload's durability costs.
-# Submitted through POST /api/jobs/batch: the throughput's 300 in one request (as RQ's
+NO_FSYNC = ({"OFFLOAD_FSYNC": "0"}, ", no fsync (as the peers here)")
+# Submitted through POST /api/jobs/batch: the throughput's jobs in one request (as RQ's
 # enqueue_many), each latency's job as a batch of one.
 BATCH: tuple[dict[str, str], str] = ({}, ", one batch request")
-NO_FSYNC = ({"OFFLOAD_FSYNC": "0"}, ", no fsync (as the peers here)")
 
 
 def _throughput(n: int, seconds: float, completed: int) -> dict[str, Any]:

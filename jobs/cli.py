@@ -53,7 +53,7 @@ EXIT_BY_STATUS = {400: EXIT_USAGE, 413: EXIT_USAGE, 422: EXIT_USAGE, 401: EXIT_R
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = "8001"
 REQUEST_TIMEOUT_S = 30.0  # a cancel waits on the server for the runner: its grace, then 10 s
-BATCH_JOB_S = 0.1  # and a batch this much longer a job (a chat's turn is looked up, ~30 ms)
+BATCH_JOB_S = 0.1  # a batch's timeout grows by this much a job (a chat's turn: ~30 ms)
 STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
 POLL_S = 0.5  # how often a followed job is read where the server has no event stream to spare
@@ -76,8 +76,9 @@ class Failure(Exception):
 
 
 class Unreachable(Failure):
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, reason: object = None) -> None:
         super().__init__(EXIT_UNREACHABLE, message)
+        self.reason = reason  # why, when no connection was made or no answer came
 
 
 def _env_file() -> dict[str, str | None]:
@@ -176,7 +177,7 @@ class Client:
             reason = getattr(exc, "reason", None) or exc
             raise Unreachable(f"cannot reach Offload at {self.url}: {reason}. Is it running "
                               "(python launch.py)? Else give its address: --url or "
-                              "OFFLOAD_URL") from None
+                              "OFFLOAD_URL", reason) from None
 
     def _refusal(self, exc: urllib.error.HTTPError) -> Failure:
         if 300 <= exc.code < 400:
@@ -698,7 +699,8 @@ def parse_inputs(where: str) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
     its name as said, and each input with its line's number."""
     try:
         if where == "-":
-            where, text = "stdin", sys.stdin.read().removeprefix("\ufeff")
+            where = "stdin"
+            text = sys.stdin.buffer.read().decode("utf-8-sig")
         else:
             with open(where, encoding="utf-8-sig") as file:  # a BOM, as Notepad writes
                 text = file.read()
@@ -770,17 +772,21 @@ def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace
                            {"Idempotency-Key": key},
                            REQUEST_TIMEOUT_S + BATCH_JOB_S * len(inputs))["jobs"]
     except Unreachable as exc:
-        raise Unreachable(f"{exc.message}. If the server had the batch, some of its jobs may be "
-                          f"stored: the same command again with --key {key} stores only those "
-                          "that are not") from None
+        if isinstance(exc.reason, ConnectionRefusedError):  # never sent
+            raise
+        raise Unreachable(f"no answer to the batch from {client.url} ({exc.reason or exc}); some "
+                          f"of its jobs may be stored: the same command again with --key {key} "
+                          "stores only those that are not") from None
     except Failure as exc:
         if exc.status == 405:  # /api/jobs/{id} takes no POST: no batch route there
             raise Failure(EXIT_SERVER, "this server is older: it takes no batch; submit each "
                                        "job with --input") from None
+        exc.message = _by_line(exc.message, [line for line, _ in inputs], where)
         stored = exc.answer.get("stored")
         if isinstance(stored, list) and stored:  # before the job it names: said, as if done
             sys.stdout.write("".join(f"{job_id}\n" for job_id in stored))
-        exc.message = _by_line(exc.message, [line for line, _ in inputs], where)
+            exc.message += (f" Their ids are above; the same command again with --key {key} "
+                            "stores the rest.")
         raise
     ids = [str(job[p.F_ID]) for job in jobs]
     if not args.wait:
@@ -799,14 +805,25 @@ def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace
 
 
 def _by_line(message: str, lines: list[int], where: str) -> str:
-    """The server's `jobs[N]` (pydantic's `jobs.N.`) said as the line of --inputs it was."""
-    def line(match: re.Match[str]) -> str:
-        n = int(match.group(1) or match.group(2))
-        if n >= len(lines):
-            return match.group(0)
-        return f"line {lines[n]} of {where}" + (": " if match.group(2) else "")
+    """The server's `jobs[N]` (pydantic's `jobs.N.field`) said as the line of --inputs it
+    was; a field the options set, alike on every line, said once by its name alone."""
+    def line(n: int) -> str:
+        return f"line {lines[n]} of {where}" if n < len(lines) else f"jobs[{n}]"
 
-    return re.sub(r"jobs\[(\d+)\]|jobs\.(\d+)\.", line, message)
+    message = re.sub(r"jobs\[(\d+)\]", lambda match: line(int(match.group(1))), message)
+    head, found, problems = message.partition("invalid request: ")
+    if not found:
+        return message
+    said = []
+    for problem in problems.split("; "):
+        each = re.match(r"jobs\.(\d+)\.(.*)", problem, re.DOTALL)
+        if each is None:
+            said.append(problem)
+        elif each.group(2).startswith("input"):
+            said.append(f"{line(int(each.group(1)))}: {each.group(2)}")
+        else:
+            said.append(each.group(2))
+    return head + found + "; ".join(dict.fromkeys(said))
 
 
 def cmd_retry(client: Client, args: argparse.Namespace) -> int:

@@ -178,6 +178,21 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (a disk that fills up); skipped where none can be mounted."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                              str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()[:200]}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)  # once its server has stopped
+
+
 @pytest.fixture
 def make_server(data_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Start a real server (uvicorn by default) on a free loopback port; stopped at the end."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -17,7 +16,7 @@ import psutil
 import pytest
 
 from jobs import protocol as p
-from tests.conftest import process_gone, wait_for, wait_job
+from tests.conftest import process_gone, small_disk, wait_for, wait_job
 from tests.fake_llm import FakeLLM
 from tests.server import Server, applied, read_events
 
@@ -474,7 +473,7 @@ def test_a_batch_is_stored_in_its_order_all_or_nothing_and_once_with_a_key(
         make_server: MakeServer) -> None:
     """As RQ's `enqueue_many`: several jobs in one request. One that does not fit (its
     input, its dependency, the queue's room, a key used for another job) stores none."""
-    server = make_server(env={"OFFLOAD_MAX_QUEUED": "4"})
+    server = make_server(env={"OFFLOAD_MAX_QUEUED": "5"})
     with server.client() as client:
         client.post("/api/queue/pause")  # they stay queued: the queue's room is known
         first = client.post("/api/jobs", json={"kind": "sleep", "delay_s": 3600}).json()["id"]
@@ -484,10 +483,10 @@ def test_a_batch_is_stored_in_its_order_all_or_nothing_and_once_with_a_key(
             "kind": ([{"kind": "sleep"}, {"kind": "nope"}], 422, "jobs[1]: unknown job kind"),
             "dependency": ([{"kind": "sleep", "depends_on": "a" * 32}], 422,
                            "jobs[0]: depends_on: no job " + "a" * 32),
-            "room": ([{"kind": "sleep"}] * 4, 429, "1 jobs are queued (those waiting for "
-                                                   "their start time too), these 4 would make 5"),
-            "too many": ([{"kind": "sleep"}] * 5, 422, "5 jobs in one batch, and "
-                                                        "OFFLOAD_MAX_QUEUED is 4"),
+            "room": ([{"kind": "sleep"}] * 5, 429, "1 jobs are queued (those waiting for "
+                                                   "their start time too), these 5 would make 6"),
+            "too many": ([{"kind": "sleep"}] * 6, 422, "6 jobs in one batch, and "
+                                                        "OFFLOAD_MAX_QUEUED is 5"),
             "none": ([], 422, "jobs: List should have at least 1 item"),
         }
         for what, (jobs, status, said) in refused.items():
@@ -514,7 +513,7 @@ def test_a_batch_is_stored_in_its_order_all_or_nothing_and_once_with_a_key(
         assert changed.json() == {"detail": "jobs[1]: this Idempotency-Key stored another job "
                                             "at this place: a batch sent again holds the same "
                                             "jobs in the same order; use a new key for a new "
-                                            "batch No job of the batch was stored.",
+                                            "batch. No job of the batch was stored.",
                                   "stored": []}
         # Neither the batch's key nor one of its jobs' is another request's key.
         alone = client.post("/api/jobs", json=batch[0], headers={"Idempotency-Key": "sweep-1"})
@@ -531,9 +530,9 @@ def test_a_batch_is_stored_in_its_order_all_or_nothing_and_once_with_a_key(
         again = client.post("/api/jobs/batch", json={"jobs": batch},
                             headers={"Idempotency-Key": "sweep-1"})
         assert [job["id"] for job in again.json()["jobs"]] == ids, again.text
-        chats = client.post("/api/jobs/batch", json={"jobs": [
+        two = client.post("/api/jobs/batch", json={"jobs": [
             {"kind": "sleep"}, {"kind": "sleep", "input": {"seconds": 0.2}}]}).json()["jobs"]
-        for job in chats:
+        for job in two:
             assert wait_job(client, job["id"])["state"] == "completed"
         assert {wait_job(client, job_id)["state"] for job_id in ids} == {"failed"}
     kept = make_server(env={"OFFLOAD_MAX_JOBS": "3"})
@@ -541,23 +540,6 @@ def test_a_batch_is_stored_in_its_order_all_or_nothing_and_once_with_a_key(
         too_many = client.post("/api/jobs/batch", json={"jobs": [{"kind": "sleep"}] * 4})
         assert too_many.status_code == 422 and too_many.json()["detail"] == (
             "4 jobs in one batch, and OFFLOAD_MAX_JOBS is 3: send at most that many at once")
-
-
-@contextlib.contextmanager
-def small_disk(tmp_path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` (a disk that fills up); skipped where none can be mounted."""
-    import subprocess
-
-    disk = tmp_path / "small"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                              str(disk)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()[:200]}")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)  # once its server has stopped
 
 
 def test_a_batch_the_disk_fills_partway_says_which_jobs_were_stored(
@@ -575,7 +557,7 @@ def test_a_batch_the_disk_fills_partway_says_which_jobs_were_stored(
                 assert said.startswith(f"jobs[{len(stored)}]: cannot store the job"), said
                 assert said.endswith(f"The job was not stored; check that the data folder "
                                      "exists, is writable and has free space, then retry. The "
-                                     f"{len(stored)} before it were stored (their ids: "
+                                     f"{len(stored)} before it were stored (their ids are in "
                                      "`stored`): send the batch again with the same "
                                      "Idempotency-Key to store the rest."), said
                 problem = client.get("/api/health").json()["problems"][0]

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from jobs import protocol as p
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import ROOT, free_port, small_disk, wait_for
 from tests.fake_llm import FakeLLM
 from tests.server import Server
 
@@ -165,6 +165,10 @@ def test_submit_several_jobs_in_one_request(server: Server, tmp_path: Path) -> N
         refused = cli(url, "submit", "sleep", "--inputs", "-", stdin=given)
         assert refused.returncode == 2 and said in refused.stderr, refused
     assert len(json.loads(cli(url, "list", "--json").stdout)) == kept, "none was stored"
+    # An option's error is the option's, said once, not each line's.
+    options = cli(url, "submit", "sleep", "--inputs", str(sweep), "--priority", "99999")
+    assert options.returncode == 2 and options.stderr == (
+        "offload: invalid request: priority: Input should be less than or equal to 1000\n")
     # A BOM (as Notepad writes) is no input; U+2028 in a string ends no line.
     sweep.write_text('\ufeff{"seconds": 0}\n{"seconds": 0, "note": "a\u2028b"}\n',
                      encoding="utf-8")
@@ -172,6 +176,36 @@ def test_submit_several_jobs_in_one_request(server: Server, tmp_path: Path) -> N
     assert odd.returncode == 0, odd
     assert [job["input"] for job in json.loads(odd.stdout)] == [
         {"seconds": 0}, {"seconds": 0, "note": "a\u2028b"}]
+
+
+def test_a_batch_the_disk_fills_partway_prints_what_was_stored_and_how_to_go_on(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    """The ids stored before the line that failed, and the key that stores the rest once
+    the disk has room: without --key, the one the command made (sent again without it,
+    the first jobs would be stored twice)."""
+    sweep = tmp_path / "sweep.jsonl"
+    sweep.write_text("".join(json.dumps({"fail": str(n) * 150_000}) + "\n" for n in range(6)))
+    refused = cli(free_url(), "submit", "probe", "--inputs", str(sweep))
+    assert refused.returncode == 3 and "cannot reach Offload at" in refused.stderr
+    assert "--key" not in refused.stderr, "a batch never sent: nothing may be stored"
+    with small_disk(tmp_path, "512k") as disk:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var")})
+        assert cli(server.url, "pause").returncode == 0
+        full = cli(server.url, "submit", "probe", "--inputs", str(sweep))
+        assert full.returncode == 7, full
+        stored = full.stdout.split()
+        assert stored and all(p.is_valid_id(each) for each in stored), full
+        said, key = full.stderr.rsplit("--key ", 1)
+        assert said.startswith(f"offload: line {len(stored) + 1} of {sweep}: cannot store "), said
+        assert said.endswith("Their ids are above; the same command again with "), said
+        again = cli(server.url, "submit", "probe", "--inputs", str(sweep), "--key",
+                    key.split()[0])  # the disk still full: no job stored twice
+        assert again.returncode == 7 and again.stdout.split() == stored, again
+        assert len(list((disk / "var" / "jobs").iterdir())) == len(stored)
+
+
+def free_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def test_log_follow_prints_a_chat_reply_as_it_streams(make_server: MakeServer) -> None:

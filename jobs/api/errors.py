@@ -126,10 +126,13 @@ async def _batch_stopped(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, BatchStopped)
     handler = next(HANDLERS[each] for each in type(exc.cause).__mro__ if each in HANDLERS)
     alone = await handler(request, exc.cause)
-    detail = f"jobs[{exc.at}]: {json.loads(bytes(alone.body))['detail']} {exc.outcome()}"
+    answer = json.loads(bytes(alone.body))  # its fields kept
+    said = answer["detail"].rstrip()
+    answer["detail"] = (f"jobs[{exc.at}]: {said}{'' if said.endswith('.') else '.'} "
+                        f"{exc.what_was_stored()}")
+    answer["stored"] = exc.stored
     retry_after = {k: v for k, v in alone.headers.items() if k.lower() == "retry-after"}
-    return _Answer({"detail": detail, "stored": exc.stored}, status_code=alone.status_code,
-                   headers=retry_after)
+    return _Answer(answer, status_code=alone.status_code, headers=retry_after)
 
 
 Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]

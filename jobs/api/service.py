@@ -117,14 +117,14 @@ class BatchStopped(Exception):
         super().__init__(f"jobs[{at}]: {cause}")
         self.cause, self.at, self.stored, self.keyed = cause, at, stored, keyed
 
-    def outcome(self) -> str:
+    def what_was_stored(self) -> str:
         if not self.stored:
             return "No job of the batch was stored."
         those = ("The job before it was" if len(self.stored) == 1
                  else f"The {len(self.stored)} before it were")
         again = ("send the batch again with the same Idempotency-Key to store the rest"
                  if self.keyed else "send only the rest again")
-        return f"{those} stored (their ids: `stored`): {again}."
+        return f"{those} stored (their ids are in `stored`): {again}."
 
 
 class Overloaded(Exception):
@@ -240,9 +240,7 @@ class JobService:
         job_input = self._with_context(kind, job_input, load.counts)
         session = p.chat_session(kind, job_input)
         with self._turn_lock(session) if session else contextlib.nullcontext():
-            if session in self._forgetting:
-                raise BeingForgotten("this conversation is being forgotten: start a new one "
-                                     "(another session_id)")
+            self._check_not_forgotten(session)
             job_id = p.new_id()
             if key is not None:
                 try:
@@ -276,12 +274,13 @@ class JobService:
         so the batch sent again answers the jobs it stored and stores the rest."""
         checked, load = await run_in_threadpool(self._check_batch, wanted, idempotency_key)
         stored: list[dict[str, Any]] = []
-        for n, (kind, job_input, timeout_s, launch, key) in enumerate(checked):
+        for n, (kind, job_input, timeout, launch, key) in enumerate(checked):
             give_up_at = time.monotonic() + KEY_WAIT_S  # for each job, as for one alone
             try:
-                # Its dependencies and the room are looked at again: on the batch's counts.
+                # As one job alone (no fields of its own), on the batch's counts: its look
+                # at the room passes; its dependencies are looked at again (one may be gone).
                 while isinstance(outcome := await run_in_threadpool(
-                        self._submit, kind, job_input, timeout_s, key, load, launch, {}), Claim):
+                        self._submit, kind, job_input, timeout, key, load, launch, {}), Claim):
                     assert key is not None
                     await self._unblock(key, outcome, give_up_at)
             except (StoreUnavailable, KeyInFlight, IdempotencyConflict, BeingForgotten,
@@ -313,14 +312,16 @@ class JobService:
                 found = None if key is None else self._find(key)
                 if not isinstance(found, dict):  # not stored by this batch sent before
                     self._check_dependencies(launch)
+                    self._check_not_forgotten(p.chat_session(kind, job_input))
                     new += 1
-                    in_flight = in_flight or found is not None
+                    # Claimed a moment ago: being stored by the batch sent before.
+                    in_flight = in_flight or (found is not None and found.age_s < PENDING_S)
             except IdempotencyConflict:
                 raise BatchStopped(IdempotencyConflict(
                     "this Idempotency-Key stored another job at this place: a batch sent again "
                     "holds the same jobs in the same order; use a new key for a new batch"),
                     n, [], True) from None
-            except (UnknownKind, InvalidInput) as exc:
+            except (UnknownKind, InvalidInput, BeingForgotten) as exc:
                 raise BatchStopped(exc, n, [], idempotency_key is not None) from None
             checked.append((kind, job_input, timeout, launch, key))
         load = self.store.load(0.0)  # counted now, for all at once
@@ -410,6 +411,11 @@ class JobService:
         except OSError as exc:
             raise StoreUnavailable(f"cannot release the Idempotency-Key of a job that is "
                                    f"gone: {exc}") from exc
+
+    def _check_not_forgotten(self, session: str | None) -> None:
+        if session in self._forgetting:
+            raise BeingForgotten("this conversation is being forgotten: start a new one "
+                                 "(another session_id)")
 
     def _check_dependencies(self, launch: Launch) -> None:
         missing = [each for each in launch.depends_on if not self.store.path(each).exists()]
