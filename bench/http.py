@@ -45,9 +45,6 @@ SPARES = ({"OFFLOAD_LAUNCH_MODE": "spares"}, ", warm spares")
 # Without fsync, as the peers run here (Huey's SQLite and the bench's Redis save nothing
 # durably): what Offload's durability costs.
 NO_FSYNC = ({"OFFLOAD_FSYNC": "0"}, ", no fsync (as the peers here)")
-# Submitted through POST /api/jobs/batch: the throughput's jobs in one request (as RQ's
-# enqueue_many), each latency's job as a batch of one.
-BATCH: tuple[dict[str, str], str] = ({}, ", one batch request")
 
 
 def _throughput(n: int, seconds: float, completed: int) -> dict[str, Any]:
@@ -126,8 +123,9 @@ def _wait_final(client: httpx.Client, job_id: str) -> str:
 
 def offload(cap: int, extra_env: dict[str, str] | None = None,
             label: str = "", batch: bool = False) -> dict[str, Any]:
-    """`batch`: jobs submitted through POST /api/jobs/batch, one at a time for the latencies,
-    all in one request for the throughput."""
+    """`batch`: jobs submitted through POST /api/jobs/batch (as RQ's enqueue_many), the
+    throughput's all in one request, each latency's as a batch of one."""
+    label += ", one batch request" if batch else ""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="offload-bench-http-") as tmp:
@@ -140,18 +138,17 @@ def offload(cap: int, extra_env: dict[str, str] | None = None,
                 httpx.Client(base_url=url, timeout=60) as client:
 
             def submit_many(n: int) -> list[str]:
-                if not batch:
-                    return [submit() for _ in range(n)]
-                answer = client.post("/api/jobs/batch", json={"jobs": [SLEEP_JOB] * n})
-                answer.raise_for_status()
-                return [str(job["id"]) for job in answer.json()["jobs"]]
+                if batch:
+                    answer = client.post("/api/jobs/batch", json={"jobs": [SLEEP_JOB] * n})
+                    answer.raise_for_status()
+                    return [str(job["id"]) for job in answer.json()["jobs"]]
+                answers = [client.post("/api/jobs", json=SLEEP_JOB) for _ in range(n)]
+                for answer in answers:
+                    answer.raise_for_status()
+                return [str(answer.json()["id"]) for answer in answers]
 
             def submit() -> str:
-                if batch:
-                    return submit_many(1)[0]
-                answer = client.post("/api/jobs", json=SLEEP_JOB)
-                answer.raise_for_status()
-                return str(answer.json()["id"])
+                return submit_many(1)[0]
 
             def one() -> None:
                 state = _wait_final(client, submit())
@@ -305,7 +302,7 @@ def celery() -> dict[str, Any] | None:
 
 def run() -> dict[str, Any]:
     rows = [spawn_floor(), fork_floor(), *(offload(cap) for cap in CAPS), offload(2, *SPARES),
-            offload(2, *NO_FSYNC), offload(2, *BATCH, batch=True),
+            offload(2, *NO_FSYNC), offload(2, batch=True),
             huey()]
     skipped: dict[str, str] = {}
     for name, peer in (("RQ", rq), ("Celery", celery)):

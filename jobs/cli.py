@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import shlex
+import socket
 import sys
 import time
 import urllib.error
@@ -53,7 +54,9 @@ EXIT_BY_STATUS = {400: EXIT_USAGE, 413: EXIT_USAGE, 422: EXIT_USAGE, 401: EXIT_R
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = "8001"
 REQUEST_TIMEOUT_S = 30.0  # a cancel waits on the server for the runner: its grace, then 10 s
-BATCH_JOB_S = 0.1  # a batch's timeout grows by this much a job (a chat's turn: ~30 ms)
+# A batch's timeout grows by this much a job: a chat's turn takes up to ~35 ms to store
+# with thousands of jobs kept; three times that leaves room for a slow disk.
+BATCH_JOB_S = 0.1
 STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
 POLL_S = 0.5  # how often a followed job is read where the server has no event stream to spare
@@ -772,7 +775,7 @@ def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace
                            {"Idempotency-Key": key},
                            REQUEST_TIMEOUT_S + BATCH_JOB_S * len(inputs))["jobs"]
     except Unreachable as exc:
-        if isinstance(exc.reason, ConnectionRefusedError):  # never sent
+        if isinstance(exc.reason, (ConnectionRefusedError, socket.gaierror)):  # never sent
             raise
         raise Unreachable(f"no answer to the batch from {client.url} ({exc.reason or exc}); some "
                           f"of its jobs may be stored: the same command again with --key {key} "
@@ -784,9 +787,15 @@ def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace
         exc.message = _by_line(exc.message, [line for line, _ in inputs], where)
         stored = exc.answer.get("stored")
         if isinstance(stored, list) and stored:  # before the job it names: said, as if done
-            sys.stdout.write("".join(f"{job_id}\n" for job_id in stored))
-            exc.message += (f" Their ids are above; the same command again with --key {key} "
-                            "stores the rest.")
+            if args.json:
+                _print_json(stored)
+            else:
+                sys.stdout.write("".join(f"{job_id}\n" for job_id in stored))
+            # The server's words (BatchStopped in jobs/api/service.py) said for this command.
+            exc.message = exc.message.replace("(their ids are in `stored`)", "(their ids above)")
+            exc.message = exc.message.replace(
+                "send the batch again with the same Idempotency-Key to store the rest",
+                f"run the same command again with --key {key} to store the rest")
         raise
     ids = [str(job[p.F_ID]) for job in jobs]
     if not args.wait:

@@ -229,7 +229,9 @@ class ChatResult(BaseModel):
     message: str | None = None
 
 
-class Jobs(BaseModel):
+class BatchAnswer(BaseModel):
+    """The jobs of a batch, in its order."""
+
     jobs: list[Job]
 
 

@@ -190,7 +190,8 @@ def small_disk(tmp_path: Path, size: str) -> Iterator[Path]:
     try:
         yield disk
     finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)  # once its server has stopped
+        # Lazily: a server on it stops only at the test's teardown, after this.
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 @pytest.fixture

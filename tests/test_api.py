@@ -513,8 +513,9 @@ def test_a_batch_is_stored_in_its_order_all_or_nothing_and_once_with_a_key(
         assert changed.json() == {"detail": "jobs[1]: this Idempotency-Key stored another job "
                                             "at this place: a batch sent again holds the same "
                                             "jobs in the same order; use a new key for a new "
-                                            "batch. No job of the batch was stored.",
-                                  "stored": []}
+                                            "batch. The job before it was stored (their ids are "
+                                            "in `stored`), it and those after it not.",
+                                  "stored": ids[:1]}
         # Neither the batch's key nor one of its jobs' is another request's key.
         alone = client.post("/api/jobs", json=batch[0], headers={"Idempotency-Key": "sweep-1"})
         assert alone.status_code == 202 and alone.json()["id"] not in ids
@@ -558,8 +559,8 @@ def test_a_batch_the_disk_fills_partway_says_which_jobs_were_stored(
                 assert said.endswith(f"The job was not stored; check that the data folder "
                                      "exists, is writable and has free space, then retry. The "
                                      f"{len(stored)} before it were stored (their ids are in "
-                                     "`stored`): send the batch again with the same "
-                                     "Idempotency-Key to store the rest."), said
+                                     "`stored`): once it can be, send the batch again with the "
+                                     "same Idempotency-Key to store the rest."), said
                 problem = client.get("/api/health").json()["problems"][0]
                 assert "cannot store the job" in problem and stored[0] not in problem
                 listed = client.get("/api/jobs").json()["jobs"]

@@ -197,7 +197,9 @@ def test_a_batch_the_disk_fills_partway_prints_what_was_stored_and_how_to_go_on(
         assert stored and all(p.is_valid_id(each) for each in stored), full
         said, key = full.stderr.rsplit("--key ", 1)
         assert said.startswith(f"offload: line {len(stored) + 1} of {sweep}: cannot store "), said
-        assert said.endswith("Their ids are above; the same command again with "), said
+        assert said.endswith(f"The {len(stored)} before it were stored (their ids above): once "
+                             "it can be, run the same command again with "), said
+        assert key.split(maxsplit=1)[1] == "to store the rest.\n", key
         again = cli(server.url, "submit", "probe", "--inputs", str(sweep), "--key",
                     key.split()[0])  # the disk still full: no job stored twice
         assert again.returncode == 7 and again.stdout.split() == stored, again

@@ -14,7 +14,7 @@ from jobs import protocol as p
 from jobs.api.events import BadPosition, change_event, first_event, public, resume_position
 from jobs.api.follow import file_signature, followed
 from jobs.api.service import JobService
-from jobs.models import Job, JobBatch, JobCreate, JobList, JobRerun, Jobs
+from jobs.models import BatchAnswer, Job, JobBatch, JobCreate, JobList, JobRerun
 from jobs.protocol import JobState
 from jobs.store.index import Signature, UnknownCursor
 
@@ -47,7 +47,12 @@ async def submit_job(body: JobCreate, service: Service, response: Response,
     return job
 
 
-@router.post("/jobs/batch", status_code=202, response_model=Jobs, responses=REFUSED)
+@router.post("/jobs/batch", status_code=202, response_model=BatchAnswer, responses={
+    **REFUSED, 409: {"description": "a job's conversation is being forgotten, or its key is "
+                                    "still in flight: `stored` lists those before it"},
+    422: {"description": "a job does not fit (its place named; `stored`), or the batch is too "
+                         "large"},
+    503: {"description": "the data folder failed partway: `stored` lists the jobs stored"}})
 async def submit_jobs(body: JobBatch, service: Service,
                       idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     """Start several jobs at once, in their order, as RQ's `enqueue_many`: none is stored

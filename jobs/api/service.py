@@ -122,9 +122,11 @@ class BatchStopped(Exception):
             return "No job of the batch was stored."
         those = ("The job before it was" if len(self.stored) == 1
                  else f"The {len(self.stored)} before it were")
+        if not isinstance(self.cause, (StoreUnavailable, KeyInFlight, Overloaded)):
+            return f"{those} stored (their ids are in `stored`), it and those after it not."
         again = ("send the batch again with the same Idempotency-Key to store the rest"
                  if self.keyed else "send only the rest again")
-        return f"{those} stored (their ids are in `stored`): {again}."
+        return f"{those} stored (their ids are in `stored`): once it can be, {again}."
 
 
 class Overloaded(Exception):
@@ -277,8 +279,9 @@ class JobService:
         for n, (kind, job_input, timeout, launch, key) in enumerate(checked):
             give_up_at = time.monotonic() + KEY_WAIT_S  # for each job, as for one alone
             try:
-                # As one job alone (no fields of its own), on the batch's counts: its look
-                # at the room passes; its dependencies are looked at again (one may be gone).
+                # As one job alone (no fields of its own), on the batch's counts, which were
+                # admitted for all: its look at the room passes; its dependencies are looked
+                # at again (one may have gone since).
                 while isinstance(outcome := await run_in_threadpool(
                         self._submit, kind, job_input, timeout, key, load, launch, {}), Claim):
                     assert key is not None
@@ -301,7 +304,8 @@ class JobService:
             raise InvalidInput(f"{len(wanted)} jobs in one batch, and {name} is {limit}: send "
                                "at most that many at once")
         checked = []
-        new, in_flight = 0, False
+        stored: list[str] = []  # by the batch sent before with this key
+        in_flight = 0  # claimed by a request storing it now
         for n, (kind, job_input, timeout_s, launch) in enumerate(wanted):
             try:
                 job_input = validate_input(kind, job_input)
@@ -310,26 +314,30 @@ class JobService:
                     key_name(f"{idempotency_key}\0{n}"),  # no header holds a NUL: no key's twin
                     _fingerprint(kind, job_input, timeout, launch, {}))
                 found = None if key is None else self._find(key)
-                if not isinstance(found, dict):  # not stored by this batch sent before
+                if isinstance(found, dict):
+                    stored.append(found[p.F_ID])
+                else:
                     self._check_dependencies(launch)
                     self._check_not_forgotten(p.chat_session(kind, job_input))
-                    new += 1
-                    # Claimed a moment ago: being stored by the batch sent before.
-                    in_flight = in_flight or (found is not None and found.age_s < PENDING_S)
+                    # Claimed a moment ago (not a claim left by a crash): being stored.
+                    in_flight += found is not None and found.age_s < PENDING_S
             except IdempotencyConflict:
                 raise BatchStopped(IdempotencyConflict(
                     "this Idempotency-Key stored another job at this place: a batch sent again "
                     "holds the same jobs in the same order; use a new key for a new batch"),
-                    n, [], True) from None
-            except (UnknownKind, InvalidInput, BeingForgotten) as exc:
-                raise BatchStopped(exc, n, [], idempotency_key is not None) from None
+                    n, stored, True) from None
+            except (UnknownKind, InvalidInput, BeingForgotten, StoreUnavailable) as exc:
+                raise BatchStopped(exc, n, stored, idempotency_key is not None) from None
             checked.append((kind, job_input, timeout, launch, key))
         load = self.store.load(0.0)  # counted now, for all at once
+        new = len(checked) - len(stored)
         try:
             if new:
                 self._admit(load, new)
         except Overloaded:
-            if in_flight:  # its own jobs, being stored by the batch sent before, counted twice
+            # Its own jobs, being stored by the same batch sent a moment before, are counted
+            # twice: once that request is done, this one answers them.
+            if in_flight and _fits(lambda: self._admit(load, new - in_flight)):
                 raise KeyInFlight("another request with this Idempotency-Key is still storing "
                                   "this batch; retry in a moment") from None
             raise
@@ -451,8 +459,8 @@ class JobService:
             wait = load.finished[must_go - 1] + settings.min_retention_s - now
         raise Overloaded(
             f"{load.total} jobs are kept{these(load.total + jobs)} and OFFLOAD_MAX_JOBS "
-            f"is {settings.max_jobs}, and "
-            "none may be pruned to make room yet: a queued or running job never is, a "
+            f"is {settings.max_jobs}, and {'none' if jobs == 1 else f'not {must_go}'} may be "
+            "pruned to make room yet: a queued or running job never is, a "
             f"finished one only OFFLOAD_MIN_RETENTION_S ({settings.min_retention_s:g} s) "
             "after it finished, so that its result can be read. Retry after Retry-After "
             "seconds, or raise OFFLOAD_MAX_JOBS", wait)
@@ -614,6 +622,14 @@ class JobService:
         finally:
             with self._turn_lock(session_id):
                 self._forgetting.discard(session_id)
+
+
+def _fits(admit: Callable[[], None]) -> bool:
+    try:
+        admit()
+    except Overloaded:
+        return False
+    return True
 
 
 def _fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch,
