@@ -337,7 +337,8 @@ class JobService:
         except Overloaded:
             # Its own jobs, being stored by the same batch sent a moment before, are counted
             # twice: once that request is done, this one answers them.
-            if in_flight and _fits(lambda: self._admit(load, new - in_flight)):
+            others = new - in_flight  # not being stored by it
+            if in_flight and (not others or _fits(lambda: self._admit(load, others))):
                 raise KeyInFlight("another request with this Idempotency-Key is still storing "
                                   "this batch; retry in a moment") from None
             raise
