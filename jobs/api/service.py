@@ -305,7 +305,7 @@ class JobService:
                                "at most that many at once")
         checked = []
         stored: list[str] = []  # by the batch sent before with this key
-        in_flight = 0  # claimed by a request storing it now
+        unstored: list[_Key] = []  # the keys of the others
         for n, (kind, job_input, timeout_s, launch) in enumerate(wanted):
             try:
                 job_input = validate_input(kind, job_input)
@@ -319,8 +319,7 @@ class JobService:
                 else:
                     self._check_dependencies(launch)
                     self._check_not_forgotten(p.chat_session(kind, job_input))
-                    # Claimed a moment ago (not a claim left by a crash): being stored.
-                    in_flight += found is not None and found.age_s < PENDING_S
+                    unstored += [key] if key is not None else []
             except IdempotencyConflict:
                 raise BatchStopped(IdempotencyConflict(
                     "this Idempotency-Key stored another job at this place: a batch sent again "
@@ -337,8 +336,8 @@ class JobService:
         except Overloaded:
             # Its own jobs, being stored by the same batch sent a moment before, are counted
             # twice: once that request is done, this one answers them.
-            others = new - in_flight  # not being stored by it
-            if in_flight and (not others or _fits(lambda: self._admit(load, others))):
+            others = new - self._being_stored(unstored)
+            if others < new and (not others or _fits(lambda: self._admit(load, others))):
                 raise KeyInFlight("another request with this Idempotency-Key is still storing "
                                   "this batch; retry in a moment") from None
             raise
@@ -420,6 +419,12 @@ class JobService:
         except OSError as exc:
             raise StoreUnavailable(f"cannot release the Idempotency-Key of a job that is "
                                    f"gone: {exc}") from exc
+
+    def _being_stored(self, keys: list[_Key]) -> int:
+        """How many of these keys another request claimed a moment ago, or stored since."""
+        found = [self._find(key) for key in keys]
+        return sum(isinstance(each, dict) or (each is not None and each.age_s < PENDING_S)
+                   for each in found)
 
     def _check_not_forgotten(self, session: str | None) -> None:
         if session in self._forgetting:
