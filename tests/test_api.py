@@ -543,6 +543,30 @@ def test_a_batch_is_stored_in_its_order_all_or_nothing_and_once_with_a_key(
             "4 jobs in one batch, and OFFLOAD_MAX_JOBS is 3: send at most that many at once")
 
 
+def test_a_batch_sent_again_while_it_is_stored_answers_the_same_jobs(
+        make_server: MakeServer) -> None:
+    """Three clients send one batch with one key at once, with room for it once: each gets
+    its jobs, or a 409 to retry while another stores them; never a 429 that says to raise
+    OFFLOAD_MAX_QUEUED (its own jobs counted twice), never a job stored twice."""
+    import concurrent.futures
+
+    server = make_server(env={"OFFLOAD_MAX_QUEUED": "1000"})
+    batch = {"jobs": [{"kind": "sleep", "delay_s": 3600}] * 999}
+    with server.client() as client:
+        def send(_: int) -> Any:
+            return client.post("/api/jobs/batch", json=batch,
+                               headers={"Idempotency-Key": "together"})
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(send, range(3)))
+        assert {answer.status_code for answer in answers} <= {202, 409}, [
+            answer.text[:300] for answer in answers]
+        ids = {tuple(job["id"] for job in answer.json()["jobs"]) for answer in answers
+               if answer.status_code == 202}
+        assert len(ids) == 1 and len(next(iter(ids))) == 999
+        assert len(client.get("/api/jobs", params={"limit": 1000}).json()["jobs"]) == 999
+
+
 def test_a_batch_the_disk_fills_partway_says_which_jobs_were_stored(
         make_server: MakeServer, tmp_path: Path) -> None:
     with small_disk(tmp_path, "512k") as disk:
