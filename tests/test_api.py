@@ -593,6 +593,31 @@ def test_a_batch_the_disk_fills_partway_says_which_jobs_were_stored(
                     str(n) for n in reversed(range(len(stored)))]
 
 
+def test_a_batch_stopped_for_room_partway_says_only_what_was_stored() -> None:
+    """A refusal for room names the jobs stored before it, never "Nothing was stored"
+    beside them (as one job refused alone says)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from jobs.api.errors import HANDLERS
+    from jobs.api.service import BatchStopped, Overloaded
+
+    request = Request({"type": "http", "method": "POST", "path": "/api/jobs/batch",
+                       "headers": []})
+    for stored, said in ((["a", "b"], "The 2 before it were stored"),
+                         ([], "No job of the batch was stored.")):
+        stopped = BatchStopped(Overloaded("5 jobs are queued", 2.5), 2, stored, True)
+        async def answered(stopped: BatchStopped = stopped) -> Any:
+            return await HANDLERS[BatchStopped](request, stopped)
+
+        answer = asyncio.run(answered())
+        body = json.loads(bytes(answer.body))
+        assert answer.status_code == 429 and answer.headers["Retry-After"] == "3"
+        assert body["detail"].startswith("jobs[2]: 5 jobs are queued. " + said), body
+        assert "Nothing was stored" not in body["detail"] and body["stored"] == stored
+
+
 def test_an_empty_idempotency_key_is_refused(server: Server) -> None:
     with server.client() as client:
         for seconds in (0.1, 0.2):  # two clients that send the header blank

@@ -33,6 +33,7 @@ SEND_JSON = "send a JSON object with the header Content-Type: application/json"
 # Pydantic's error types for a body that is missing or no object (not those of a check of
 # the whole object, "give run_at or delay_s, not both": that body was JSON).
 NOT_AN_OBJECT = frozenset({"missing", "model_attributes_type", "model_type", "dict_type"})
+NOTHING_STORED = "Nothing was stored."  # a refusal for room, of a job alone
 
 
 class _Answer(JSONResponse):
@@ -75,7 +76,7 @@ async def _key_in_flight(request: Request, exc: Exception) -> JSONResponse:
 async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Overloaded)
     log.info("submission refused: %s", exc)
-    return JSONResponse({"detail": f"{exc}. Nothing was stored."}, status_code=429,
+    return JSONResponse({"detail": f"{exc}. {NOTHING_STORED}"}, status_code=429,
                         headers={"Retry-After": str(exc.retry_after_s)})
 
 
@@ -127,7 +128,8 @@ async def _batch_stopped(request: Request, exc: Exception) -> JSONResponse:
     handler = next(HANDLERS[each] for each in type(exc.cause).__mro__ if each in HANDLERS)
     alone = await handler(request, exc.cause)
     answer = json.loads(bytes(alone.body))  # its fields kept
-    said = answer["detail"].rstrip()
+    # A batch says instead which of its jobs were stored: some may have been.
+    said = answer["detail"].removesuffix(f" {NOTHING_STORED}").rstrip()
     answer["detail"] = (f"jobs[{exc.at}]: {said}{'' if said.endswith('.') else '.'} "
                         f"{exc.what_was_stored()}")
     answer["stored"] = exc.stored
