@@ -57,6 +57,7 @@ REQUEST_TIMEOUT_S = 30.0  # a cancel waits on the server for the runner: its gra
 # A batch's timeout grows by this much a job: a chat's turn takes up to ~35 ms to store
 # with thousands of jobs kept; three times that leaves room for a slow disk.
 BATCH_JOB_S = 0.1
+INPUT_EXAMPLE = '{"seconds": 2}'
 STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
 POLL_S = 0.5  # how often a followed job is read where the server has no event stream to spare
@@ -673,44 +674,46 @@ def _queue_paused(client: Client) -> bool:
         return False
 
 
+def _read(given: str, option: str) -> tuple[str, str]:
+    """The text `option` names: `-` for stdin's, a file's (`@file` too); where it was, said
+    as such. UTF-8, with or without the BOM Notepad writes."""
+    where = "stdin" if given == "-" else given.removeprefix("@")
+    try:
+        if given == "-":
+            if sys.stdin is None:  # `<&-`: no stdin at all
+                raise Failure(EXIT_USAGE, f"{option} - reads stdin, which is closed: give "
+                                          f"{option} a file")
+            return where, sys.stdin.buffer.read().decode("utf-8-sig")
+        with open(where, encoding="utf-8-sig") as file:
+            return where, file.read()
+    except OSError as exc:
+        raise Failure(EXIT_USAGE, f"cannot read {option} {where}: {exc.strerror}") from None
+    except UnicodeError:
+        raise Failure(EXIT_USAGE, f"{option} {where} is not UTF-8 text") from None
+
+
 def parse_input(text: str) -> dict[str, Any]:
     """`--input`: JSON, `@file` for a file's, `-` for stdin's."""
     where = "--input"
+    if text == "-" or text.startswith("@"):
+        where, text = _read(text, "--input")
     try:
-        if text == "-":
-            where, text = "stdin", sys.stdin.read()
-        elif text.startswith("@"):
-            where = text[1:]
-            with open(text[1:], encoding="utf-8") as file:
-                text = file.read()
         value = json.loads(text)
-    except OSError as exc:
-        raise Failure(EXIT_USAGE, f"cannot read --input {where}: {exc.strerror}") from None
     except ValueError as exc:
         raise Failure(EXIT_USAGE, f"{where} is not JSON ({exc}); give an object, like "
-                                  """--input '{"seconds": 2}'""") from None
+                                  f"--input '{INPUT_EXAMPLE}' for a sleep job") from None
     except RecursionError:
         raise Failure(EXIT_USAGE, f"{where} is nested too deeply to be a job's input") from None
     if not isinstance(value, dict):
         raise Failure(EXIT_USAGE, f"{where} must be a JSON object, like "
-                                  """--input '{"seconds": 2}'""")
+                                  f"--input '{INPUT_EXAMPLE}' for a sleep job")
     return value
 
 
-def parse_inputs(where: str) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
+def parse_inputs(given: str) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
     """`--inputs`: a file (or `-`, stdin) of JSON lines, one job's input object on each;
     its name as said, and each input with its line's number."""
-    try:
-        if where == "-":
-            where = "stdin"
-            text = sys.stdin.buffer.read().decode("utf-8-sig")
-        else:
-            with open(where, encoding="utf-8-sig") as file:  # a BOM, as Notepad writes
-                text = file.read()
-    except OSError as exc:
-        raise Failure(EXIT_USAGE, f"cannot read --inputs {where}: {exc.strerror}") from None
-    except UnicodeError:
-        raise Failure(EXIT_USAGE, f"--inputs {where} is not UTF-8 text") from None
+    where, text = _read(given, "--inputs")
     inputs = []
     # Lines end at \n alone: JSON's strings may hold U+2028 and others that splitlines() cuts at.
     for n, line in enumerate(text.split("\n"), 1):
@@ -720,10 +723,11 @@ def parse_inputs(where: str) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
             value = json.loads(line)
         except (ValueError, RecursionError) as exc:
             raise Failure(EXIT_USAGE, f"line {n} of {where} is no JSON object ({exc}); give "
-                                      """one input a line, like {"seconds": 2}""") from None
+                                      f"one input a line, like {INPUT_EXAMPLE} for sleep "
+                                      "jobs") from None
         if not isinstance(value, dict):
             raise Failure(EXIT_USAGE, f"line {n} of {where} is no JSON object; give one input "
-                                      """a line, like {"seconds": 2}""")
+                                      f"a line, like {INPUT_EXAMPLE} for sleep jobs")
         inputs.append((n, value))
     if not inputs:
         raise Failure(EXIT_USAGE, f"--inputs {where} holds no input: give one JSON object a "
@@ -731,15 +735,26 @@ def parse_inputs(where: str) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
     return where, inputs
 
 
-def _job_id(text: str | None, flag: str) -> str | None:
-    """A job's id as given to `flag`, in any case and with spaces around it."""
+def _job_id(text: str | None, flag: str | None) -> str | None:
+    """A job's id as given to `flag` (None: as an argument), in any case and with spaces
+    around it."""
     if text is None:
         return None
     job_id = text.strip().lower()
     if not p.is_valid_id(job_id):
-        raise Failure(EXIT_USAGE, f"{flag} wants a job's id (32 hex characters, as offload "
-                                  f"list shows), not {text[:80]!r}")
+        said = "" if flag is None else f"{flag} wants a job's id: "
+        raise Failure(EXIT_USAGE, f"{said}{text[:80]!r} is no job's id (32 hex characters, "
+                                  "as offload list shows)")
     return job_id
+
+
+def _checked_ids(args: argparse.Namespace) -> None:
+    """The ids given as arguments, each checked: an empty one, or one with a `/`, was
+    sent as a path and answered as another route's."""
+    if isinstance(getattr(args, "id", None), str):
+        args.id = _job_id(args.id, None)
+    if isinstance(getattr(args, "ids", None), list):
+        args.ids = [_job_id(each, None) for each in args.ids]
 
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
@@ -785,6 +800,9 @@ def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace
             raise Failure(EXIT_SERVER, "this server is older: it takes no batch; submit each "
                                        "job with --input") from None
         exc.message = _by_line(exc.message, [line for line, _ in inputs], where)
+        # The server's words for a batch too large, said for this command.
+        for said in ("a batch of fewer jobs", "send them in several"):
+            exc.message = exc.message.replace(said, f"split {where} into files of fewer lines")
         stored = exc.answer.get("stored")
         if isinstance(stored, list) and stored:  # before the job it names: said, as if done
             if args.json:
@@ -886,9 +904,13 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
     """`act` on the jobs given by id, or on every job in --state (of --kind), saying how
     each went; `moved_on`: the exit code of a failure that means a job listed in that
     state changed since, leaving nothing to do, and the words for it. The exit code."""
-    if bool(args.ids) == bool(args.state) or (args.kind and not args.state):
+    if args.kind and not args.state:
+        raise Failure(EXIT_USAGE, f"--kind goes with --state ({states_said}): give both to "
+                                  f"{args.command} every job of that kind in that state")
+    if bool(args.ids) == bool(args.state):
         raise Failure(EXIT_USAGE, f"give job ids, or --state ({states_said}; and --kind) "
-                                  f"to {args.command} every job in it, not both")
+                                  f"to {args.command} every job in it"
+                                  f"{', not both' if args.ids else ''}")
     done: list[dict[str, Any]] = []
     if args.ids:
         code = _act(args, list(dict.fromkeys(args.ids)), act, said, moved_on, done)
@@ -1187,7 +1209,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         args.run = cmd_status
     client = None
+    if sys.stdout is None:  # `>&-`: nowhere to say an id or a result, so nothing is done
+        sys.stderr.write("offload: its standard output is closed: give it one (> file, or "
+                         "> /dev/null to drop what it says)\n")
+        return EXIT_USAGE
     try:
+        _checked_ids(args)
         client = Client(*configured(args.url or None))
         code = int(args.run(client, args))
         sys.stdout.flush()  # a reader that left (`| head`) is found here, not at exit
@@ -1211,6 +1238,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return _quiet_broken_pipe()
+    except OSError as exc:  # its output cannot be written: a full disk, say (`> /dev/full`)
+        _quiet_broken_pipe()
+        sys.stderr.write(f"offload: cannot write its output ({exc.strerror or exc}); what it "
+                         "was asked to do is done: offload list shows the jobs\n")
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -234,9 +234,14 @@ class Settings(BaseSettings):
         if info.field_name == "data_dir" and (problem := unsafe_way(str(path))) is not None:
             raise ValueError(f"{problem}: set OFFLOAD_DATA_DIR to a folder of your own")
         try:
-            return path.resolve()
+            path = path.resolve()
         except (OSError, RuntimeError) as exc:  # links in a loop (a RuntimeError until 3.13)
             raise ValueError(f"{path} cannot be followed to a folder: {exc}") from None
+        if info.field_name == "data_dir" and (file := _a_file_on_the_way(path)) is not None:
+            # It could never be made: every request would fail, and the start said nothing.
+            raise ValueError(f"{file} is a file, not a folder: set OFFLOAD_DATA_DIR to a "
+                             "folder (one not there yet is made)")
+        return path
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -354,6 +359,12 @@ class Settings(BaseSettings):
             if value is not None:
                 env[name] = str(value)
         return env
+
+
+def _a_file_on_the_way(folder: Path) -> Path | None:
+    """The nearest of `folder` and the folders above it that is there, if it is no folder."""
+    there = next((each for each in (folder, *folder.parents) if each.exists()), None)
+    return None if there is None or there.is_dir() else there
 
 
 def _naming_variables(exc: ValidationError) -> ValidationError:

@@ -587,7 +587,11 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             (["submit", "sleep", "--key", "ключ"], "Idempotency-Key holds characters"),
             (["submit", "sleep", "--key", "a\nb"], "Idempotency-Key holds characters"),
             (["submit", "sleep", "--key", ""], "--key is empty"),
-            (["show", os.fsdecode(b"\xff")], "cannot be sent"),  # bytes a terminal sent
+            (["show", os.fsdecode(b"\xff")], "is no job's id"),  # bytes a terminal sent
+            # Sent as a path: "this server is older", or "is that Offload's address?"
+            (["show", ""], "'' is no job's id"), (["remove", "a/b"], "'a/b' is no job's id"),
+            (["wait", "0" * 32, "0123"], "'0123' is no job's id"),
+            (["cancel", "--kind", "sleep"], "--kind goes with --state"),  # said "not both"
             (["list", "--kind", os.fsdecode(b"\xfe")], "cannot be sent"),
             (["status", "--url", f"http://{'a' * 70}.com"], "cannot be used"),
             (["status", "--url", f"{server.url}?x=1"], "has a query or fragment")]:
@@ -601,6 +605,50 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
     assert env_file.returncode == 2 and "cannot read .env" in env_file.stderr
     assert cli(server.url, "list").returncode == 0  # and nothing was submitted meanwhile
     assert json.loads(cli(server.url, "list", "--json").stdout) == []
+
+
+def test_closed_and_full_streams_notepad_files_and_large_bodies_are_said(
+        server: Server, tmp_path: Path) -> None:
+    """Each showed a traceback, or blamed the server; a body over the limit was heard as
+    "cannot reach Offload" about one time in four (the server cut it off unread)."""
+    def run(*args: str, stdin: Any = None, stdout: Any = subprocess.PIPE,
+            closing: int | None = None) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [sys.executable, "-m", "jobs", *args], env=cli_env(server.url), cwd=ROOT / "tests",
+            stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120,
+            preexec_fn=None if closing is None else lambda: os.close(closing))
+        assert "Traceback" not in done.stderr, done.stderr
+        return done
+
+    closed_out = run("submit", "sleep", closing=1)  # `offload submit sleep >&-`
+    assert closed_out.returncode == 2, closed_out
+    assert "standard output is closed: give it one" in closed_out.stderr
+    with open("/dev/full", "w") as full:
+        lost = run("list", stdout=full)
+    assert lost.returncode == 2 and "cannot write its output (No space left" in lost.stderr
+    for option in ("--input", "--inputs"):  # `... --input - <&-`
+        closed_in = run("submit", "sleep", option, "-", closing=0)
+        assert closed_in.returncode == 2, closed_in
+        assert f"{option} - reads stdin, which is closed" in closed_in.stderr
+    assert json.loads(cli(server.url, "list", "--json").stdout) == []  # none was submitted
+    notepad = tmp_path / "input.json"
+    notepad.write_bytes(b'\xef\xbb\xbf{"seconds": 0}\r\n')  # as Notepad saves it
+    for args, stdin in ((["--input", f"@{notepad}"], None), (["--input", "-"], notepad),
+                        (["--inputs", f"@{notepad}"], None)):  # `@` as --input takes it
+        with open(stdin or os.devnull, "rb") as given:
+            taken = run("submit", "sleep", *args, stdin=given)
+        assert taken.returncode == 0 and p.is_valid_id(taken.stdout.strip()), (args, taken)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"prompt": "x" * 1_500_000}))
+    lines = tmp_path / "big.jsonl"
+    lines.write_text("".join(json.dumps({"prompt": "y" * 90_000}) + "\n" for _ in range(15)))
+    for _ in range(10):
+        for args, said in ((["--input", f"@{big}"], "send a smaller input"),
+                           (["--inputs", str(lines)], f"split {lines} into files of fewer")):
+            refused = run("submit", "chat", *args)
+            assert refused.returncode == 2 and "request body too large" in refused.stderr, (
+                args, refused.stderr)
+            assert said in refused.stderr, refused.stderr
 
 
 def test_another_program_at_the_address_is_named_not_crashed_on() -> None:

@@ -87,11 +87,30 @@ def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
         assert token not in output  # and never shows the one it refused
 
 
+# A variable that stops the start, its value, and what is said.
+ONE_VARIABLE = {
+    "kind": ("OFFLOAD_KINDS", "sleep=runners.train", "job kind 'sleep' is defined twice"),
+    # A typo left `train` without its cap, silently.
+    "caps": ("OFFLOAD_KIND_CAPS", "trian=1",
+             "OFFLOAD_KIND_CAPS names 'trian', no job kind here; the kinds are chat"),
+    # Read as '' before, it let every Host that reads as '' in.
+    "hosts": ("OFFLOAD_ALLOWED_HOSTS", "offload.test, http://offload.test",
+              "a setting is wrong"),
+    # Each job of it was lost at its start.
+    "kinds": ("OFFLOAD_KINDS", "x=nonexistent.module",
+              "OFFLOAD_KINDS holds 'x=nonexistent.module', but no module 'nonexistent'"),
+    # It started, and every job was lost at its runner's start.
+    "endless": ("OFFLOAD_JOB_TIMEOUT_S", "inf",
+                "a setting is wrong (set in the environment or in .env):\n  "
+                "OFFLOAD_JOB_TIMEOUT_S")}
+
+
 @pytest.mark.parametrize(("how", "problem"), [
     ("uvicorn", "open"), ("api_entry", "open"), ("uvicorn", "kind"), ("api_entry", "schedule"),
     ("uvicorn", "hosts"), ("uvicorn", "cors"), ("api_entry", "cors"), ("uvicorn", "ages"),
     ("uvicorn", "caps"), ("api_entry", "port"), ("supervisor", "hosts"),
-    ("api_entry", "endless"), ("supervisor", "kinds")])
+    ("api_entry", "endless"), ("supervisor", "kinds"), ("api_entry", "file"),
+    ("supervisor", "file")])
 def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp_path: Path,
                                                      data_dir: Path) -> None:
     """Settings that stop the start are said as such, not as a traceback."""
@@ -99,15 +118,15 @@ def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp
     bad_schedules.write_text('[beat]\nkind = "sleep"\nevery = "0s"\n')
     port = free_port()
     command, env = _command(how, port), {"OFFLOAD_DATA_DIR": str(data_dir)}
-    if problem == "open":  # every address, and no token: anyone on the network runs jobs
+    if problem in ONE_VARIABLE:
+        variable, value, said = ONE_VARIABLE[problem]
+        env[variable] = value
+    elif problem == "open":  # every address, and no token: anyone on the network runs jobs
         if how == "api_entry":
             command += ["--host", "0.0.0.0"]
         else:
             env["OFFLOAD_HOST"] = "0.0.0.0"
         said = "refusing to serve on 0.0.0.0 without OFFLOAD_API_TOKEN"
-    elif problem == "kind":
-        env["OFFLOAD_KINDS"] = "sleep=runners.train"
-        said = "job kind 'sleep' is defined twice"
     elif problem == "cors":  # without a token, every site's pages could read the chats
         env["OFFLOAD_CORS_ORIGINS"] = "https://app.example, *" if how == "uvicorn" else "null"
         said = (f"refusing OFFLOAD_CORS_ORIGINS={'*' if how == 'uvicorn' else 'null'} without "
@@ -116,21 +135,14 @@ def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp
         bad_schedules.write_text('[beat]\nkind = "sleep"\nevery = 1e300\n')
         env["OFFLOAD_SCHEDULES_FILE"] = str(bad_schedules)
         said = f"{bad_schedules}, schedule [beat]: `every` must be at most \"36500d\""
-    elif problem == "caps":  # a typo left `train` without its cap, silently
-        env["OFFLOAD_KIND_CAPS"] = "trian=1"
-        said = "OFFLOAD_KIND_CAPS names 'trian', no job kind here; the kinds are chat"
     elif problem == "port":  # uvicorn's traceback, exit 1
         command += ["--port", "99999"]
         said = "a port is a number from 0 to 65535, not '99999'"
-    elif problem == "hosts":  # read as '' before, it let every Host that reads as '' in
-        env["OFFLOAD_ALLOWED_HOSTS"] = "offload.test, http://offload.test"
-        said = "a setting is wrong"
-    elif problem == "kinds":  # each job of it was lost at its start
-        env["OFFLOAD_KINDS"] = "x=nonexistent.module"
-        said = "OFFLOAD_KINDS holds 'x=nonexistent.module', but no module 'nonexistent'"
-    elif problem == "endless":  # it started, and every job was lost at its runner's start
-        env["OFFLOAD_JOB_TIMEOUT_S"] = "inf"
-        said = "a setting is wrong (set in the environment or in .env):\n  OFFLOAD_JOB_TIMEOUT_S"
+    elif problem == "file":  # it served, and every request was a 500
+        env["OFFLOAD_DATA_DIR"] = str(bad_schedules / "var")
+        said = (f"a setting is wrong (set in the environment or in .env):\n  OFFLOAD_DATA_DIR: "
+                f"Value error, {bad_schedules} is a file, not a folder: set OFFLOAD_DATA_DIR to "
+                "a folder")
     else:
         env["OFFLOAD_SCHEDULES_FILE"] = str(bad_schedules)
         said = f"{bad_schedules}, schedule [beat]: `every` must be at least 1 s"

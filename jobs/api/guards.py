@@ -15,6 +15,9 @@ from jobs.settings import Settings, host_name, is_loopback
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+# A body over the limit is read and dropped up to this many times the limit before the
+# 413, so that the client hears it; a larger one is cut off.
+DRAIN_FACTOR = 16
 CLOSED_DETAIL = "the connection closed before its account could be told"
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _ONCE = (b"origin", b"authorization")
@@ -199,7 +202,8 @@ class _TooLarge(HTTPException):
 
 
 def _too_large(max_bytes: int) -> str:
-    return f"request body too large: at most {max_bytes} bytes; send less"
+    return (f"request body too large: at most {max_bytes} bytes; send a smaller input, or "
+            "a batch of fewer jobs")
 
 
 class BodyLimit:
@@ -214,7 +218,7 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         if _declared_length(scope) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(receive, send)
             return
         received = 0
         started = False
@@ -238,7 +242,15 @@ class BodyLimit:
             await self.app(scope, limited_receive, watched_send)
         except _TooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(receive, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, receive: Receive, send: Send) -> None:
+        # Read first what the client sends (up to a bound): a client that reads no answer
+        # before its body is sent (urllib, Python's requests) heard a broken pipe instead.
+        drained = 0
+        while drained <= DRAIN_FACTOR * self.max_bytes:
+            message = await receive()
+            drained += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
         await _send_detail(send, 413, _too_large(self.max_bytes))
