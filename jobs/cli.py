@@ -57,6 +57,9 @@ REQUEST_TIMEOUT_S = 30.0  # a cancel waits on the server for the runner: its gra
 # A batch's timeout grows by this much a job: a chat's turn takes up to ~35 ms to store
 # with thousands of jobs kept; three times that leaves room for a slow disk.
 BATCH_JOB_S = 0.1
+# How Offload's 404s for a job or a schedule begin; any other 404 (its catch-all's "no API
+# route", a page another server has not) says the address is not Offload's.
+OFFLOADS_404S = ("no job with id", "no schedule named")
 INPUT_EXAMPLE = '{"seconds": 2}'
 STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
@@ -198,7 +201,7 @@ class Client:
         if exc.headers.get("Retry-After"):  # a person reads no header
             detail = detail.replace("Retry-After seconds", f"{exc.headers['Retry-After']} s")
         code = EXIT_BY_STATUS.get(exc.code, EXIT_SERVER)
-        if exc.code == 404 and detail.startswith("no API route"):  # not about a job: the address
+        if exc.code == 404 and not detail.startswith(OFFLOADS_404S):  # the address, not a job
             code, detail = EXIT_SERVER, (f"{detail} at {self.url}: is that Offload's address "
                                          "(as http://HOST:PORT, without /api)?")
         if exc.code == 401 and not self.token:

@@ -660,7 +660,9 @@ def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
 
     class Other(JSONHandler):
         def do_GET(self) -> None:
-            if self.path.endswith("/events"):
+            if self.path.startswith("/elsewhere/"):  # as `python -m http.server` has it
+                self.send_error(404, "File not found")
+            elif self.path.endswith("/events"):
                 page = b"<html>hello</html>"
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html")
@@ -689,6 +691,12 @@ def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
         for args in (["log", job_id, "--follow"], ["submit", "sleep", "--wait"]):
             done = cli(url, *args)
             assert done.returncode == 7 and "answered no event stream" in done.stderr, done
+        for args in (["status"], ["show", job_id], ["pause", "nightly"]):  # was "no such job"
+            done = cli(f"{url}/elsewhere", *args)
+            assert done.returncode == 7, done
+            assert done.stderr == (f"offload: HTTP 404 File not found at {url}/elsewhere: is "
+                                   "that Offload's address (as http://HOST:PORT, without "
+                                   "/api)?\n"), done
 
 
 @pytest.mark.slow
