@@ -592,7 +592,8 @@ def _run(job: Job, execute: Execute, stopper: _Stopper, timeout: float | None) -
     except StopRequested as stop:
         return _stopped(job, stop.reason, stopper)
     except RunnerError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        if not isinstance(sink, ConsoleSink):  # by hand, `_finish` says it, once
+            print(f"error: {exc.message}", file=sys.stderr)
         error = {"type": exc.error_type, "message": exc.message}
         attempt, most = p.attempts(job.data)
         if exc.transient and attempt < most and stopper.job_file is not None:

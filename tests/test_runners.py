@@ -98,6 +98,7 @@ def test_chat_cli_without_a_server_says_what_to_do() -> None:
     done = run(["-m", "runners.chat", "hello?"], env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
     assert done.returncode == 1
     assert "LLM server not reachable at http://127.0.0.1:9" in done.stderr
+    assert done.stderr.count("not reachable") == 1, done.stderr  # one clear line
     assert "Traceback" not in done.stderr
     usage = run(["-m", "runners.chat"])
     assert usage.returncode == 2

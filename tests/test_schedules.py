@@ -19,7 +19,15 @@ import httpx
 import pytest
 
 from jobs import protocol as p
-from jobs.schedules import Schedule, ScheduleError, ScheduleFile, load, parse_cron, parse_every
+from jobs.schedules import (
+    RELOAD_CHECK_S,
+    Schedule,
+    ScheduleError,
+    ScheduleFile,
+    load,
+    parse_cron,
+    parse_every,
+)
 from jobs.settings import Settings
 from jobs.store.job_store import JobStore
 from jobs.supervisor.schedules import Scheduler
@@ -147,6 +155,14 @@ def test_an_edited_schedules_file_applies_without_a_restart(make_server: MakeSer
         wait_for(lambda: listed(client) == (["rare"], None), 30, 0.1, "the fixed file")
         gone = client.post("/api/schedules/tick/resume")
         assert gone.status_code == 404 and "the schedules are: rare" in gone.json()["detail"]
+
+        # Changed while nobody asked the API, then broken: the API's last good schedules
+        # are the supervisor's (it listed those of its last request, without `tick`).
+        path.write_text(SCHEDULES)
+        time.sleep(3 * RELOAD_CHECK_S)  # the supervisor has read it (`tick` stays paused)
+        path.write_text(SCHEDULES + "\n[broken]\nkind = 'nope'\nevery = 5\n")
+        names, error = wait_for(refused, 30, 0.1, "the file's error")
+        assert names == ["rare", "tick"], (names, error)
 
 
 def test_without_a_schedules_file_there_are_none_and_nothing_is_wrong(

@@ -25,6 +25,7 @@ from jobs.api.predictor import Predictor
 from jobs.api.service import JobService
 from jobs.llm.status import LLMStatus
 from jobs.resilient import resilient
+from jobs.schedules import RELOAD_CHECK_S, schedule_file
 from jobs.settings import (
     GIL_SWITCH_S,
     HISTORY_KEEP_S,
@@ -63,6 +64,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                             name="offload-llm-probe"),
         asyncio.create_task(resilient("the job index", lambda: _keep_index_fresh(
             app.state.service.store)), name="offload-index"),
+        asyncio.create_task(resilient("the schedules file", _follow_schedules),
+                            name="offload-schedules"),
     ]
     # What is loaded by now lives as long as the app: out of the cyclic collector's way,
     # whose full collections over it stalled the event loop.
@@ -88,6 +91,16 @@ async def _keep_index_fresh(store: JobStore) -> None:
         except Exception:
             log.exception("refreshing the job index failed; retrying")
         await asyncio.sleep(INDEX_REFRESH_S)
+
+
+async def _follow_schedules() -> None:
+    """Look at the schedules file as often as the supervisor does, so that a change it
+    cannot use leaves here the same last good schedules as there (not those of this
+    process's last request for them)."""
+    schedules = schedule_file()
+    while True:
+        await asyncio.to_thread(schedules.current)
+        await asyncio.sleep(RELOAD_CHECK_S)
 
 
 async def _probe_llm(status: LLMStatus) -> None:
