@@ -60,6 +60,11 @@ BATCH_JOB_S = 0.1
 # How Offload's 404s for a job or a schedule begin; any other 404 (its catch-all's "no API
 # route", a page another server has not) says the address is not Offload's.
 OFFLOADS_404S = ("no job with id", "no schedule named")
+# The request's fields the options set, as the server names them in its errors.
+OPTION_OF = {"run_at": "--at", "delay_s": "--delay", "timeout_s": "--timeout",
+             "max_attempts": "--max-attempts", "depends_on": "--after",
+             "query.limit": "--limit", "query.before": "--before"}
+OPTION_FIELDS = re.compile(rf"(?<![\w.])({'|'.join(map(re.escape, OPTION_OF))})(?=:| is )")
 INPUT_EXAMPLE = '{"seconds": 2}'
 STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
@@ -1196,6 +1201,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _as_options(message: str) -> str:
+    """The server's names for the fields the options set, said as those options."""
+    return OPTION_FIELDS.sub(lambda match: OPTION_OF[match.group(1)], message)
+
+
 def _quiet_broken_pipe() -> int:
     """`offload list | head`: the reader left; no traceback, no second error on exit."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -1224,7 +1234,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except Failure as exc:
         sys.stdout.flush()
-        sys.stderr.write(f"offload: {exc.message}\n")
+        sys.stderr.write(f"offload: {_as_options(exc.message)}\n")
         return exc.code
     except UnicodeError as exc:  # an argument of bytes the terminal could not decode, say
         sys.stdout.flush()

@@ -592,6 +592,9 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             (["show", ""], "'' is no job's id"), (["remove", "a/b"], "'a/b' is no job's id"),
             (["wait", "0" * 32, "0123"], "'0123' is no job's id"),
             (["cancel", "--kind", "sleep"], "--kind goes with --state"),  # said "not both"
+            # The server's names for the fields were said: max_attempts, query.limit.
+            (["submit", "sleep", "--max-attempts", "0"], "--max-attempts: Input should be"),
+            (["list", "--limit", "0"], "request: --limit: Input should be greater"),
             (["list", "--kind", os.fsdecode(b"\xfe")], "cannot be sent"),
             (["status", "--url", f"http://{'a' * 70}.com"], "cannot be used"),
             (["status", "--url", f"{server.url}?x=1"], "has a query or fragment")]:
