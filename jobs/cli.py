@@ -531,6 +531,9 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         job_table(jobs, sys.stdout)
     if not jobs:
         _known_kind(client, args.kind)
+    if any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs) and _queue_paused(client):
+        sys.stderr.write("the queue is paused: queued jobs start once resumed (offload "
+                         "resume)\n")
     if before:  # on stderr: what a script reads stays the listing
         every = "" if args.limit is not None else " (or --all)"
         sys.stderr.write(f"older ones: {_next_page(args, before)}{every}\n")

@@ -387,7 +387,9 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
                 "--max-attempts", "2", "--key", "nightly-report")
     assert again.stdout.strip() == job["id"], "the same key: the same job"
     # A start to come is said (it read "0 ahead in the queue", as if next).
-    note = " ".join(cli(url, "list", "--limit", "1").stdout.splitlines()[1].split())
+    # Its own line: the schedule's first job may be newer.
+    note = next(" ".join(line.split()) for line in cli(url, "list").stdout.splitlines()
+                if line.startswith(job["id"]))
     assert "starts 20" in note and " UTC" in note and "ahead" not in note, note
     # A job submitted with --wait on a paused queue says why it waits.
     waiting = start_cli(url, "submit", "sleep", "--input", '{"seconds": 0}', "--delay", "0",
@@ -401,8 +403,10 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     with_a_path = cli(url, "--url", f"{url}/api", "status")
     assert with_a_path.returncode == 7 and "without /api" in with_a_path.stderr, with_a_path
     at = cli(url, "submit", "sleep", "--at", "2099-01-01T00:00:00Z")
-    assert at.returncode == 2 and "run_at is more than" in at.stderr
+    assert at.returncode == 2 and "--at is more than" in at.stderr
     assert cli(url, "submit", "sleep", "--delay", "5", "--at", "x").returncode == 2
+    listed = cli(url, "list", "--state", "queued")  # "0 ahead in the queue", and no more
+    assert "the queue is paused: queued jobs start once resumed" in listed.stderr, listed
     resumed = cli(url, "resume")
     assert (resumed.returncode, resumed.stdout) == (0, "queue running\n")
     with waiting:  # its pipes closed
