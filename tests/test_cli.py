@@ -405,8 +405,8 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     at = cli(url, "submit", "sleep", "--at", "2099-01-01T00:00:00Z")
     assert at.returncode == 2 and "--at is more than" in at.stderr
     assert cli(url, "submit", "sleep", "--delay", "5", "--at", "x").returncode == 2
-    listed = cli(url, "list", "--state", "queued")  # "0 ahead in the queue", and no more
-    assert "the queue is paused: queued jobs start once resumed" in listed.stderr, listed
+    queued = cli(url, "list", "--state", "queued")  # "0 ahead in the queue", and no more
+    assert "the queue is paused: queued jobs start once resumed" in queued.stderr, queued
     resumed = cli(url, "resume")
     assert (resumed.returncode, resumed.stdout) == (0, "queue running\n")
     with waiting:  # its pipes closed
