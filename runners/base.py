@@ -107,14 +107,15 @@ class Job:
 
     def number(self, key: str, bounds: tuple[float, float, float], whole: bool = False) -> float:
         """An option of the input, or its default; `bounds` is (default, lowest, highest),
-        both ends allowed. Any other value stops the job with a message that says why."""
+        both ends allowed; with `whole`, an int. Any other value stops the job with a
+        message that says why."""
         default, low, high = bounds
         value = self.input.get(key, default)
         if (not isinstance(value, (int, float)) or not low <= value <= high
                 or (whole and value != int(value))):
             what = "a whole number" if whole else "a number"
             raise RunnerError(f"'{key}' must be {what} from {low:g} to {high:g}")
-        return float(value)
+        return int(value) if whole else float(value)
 
     @property
     def output(self) -> str:

@@ -154,3 +154,13 @@ def test_rejected_key_is_explained_and_not_echoed(
     for path in (data_dir / "jobs").rglob("*"):
         if path.is_file():
             assert SENTINEL not in path.read_text(errors="replace"), path.name
+
+
+def test_a_whole_number_option_is_an_int() -> None:
+    """As the example kind in docs/development.md returns it: 512, not 512.0."""
+    from runners import base
+
+    job = base.Job(p.new_job("0" * 32, "resize", {"size": 512}, 0), base.ConsoleSink())
+    assert job.number("size", (256, 1, 4096), whole=True) == 512
+    assert type(job.number("size", (256, 1, 4096), whole=True)) is int
+    assert type(job.number("size", (256, 1, 4096))) is float
