@@ -618,6 +618,27 @@ def test_a_batch_stopped_for_room_partway_says_only_what_was_stored() -> None:
         assert "Nothing was stored" not in body["detail"] and body["stored"] == stored
 
 
+def test_the_errors_a_job_route_answers_are_in_its_openapi_document(server: Server) -> None:
+    """/docs shows each route's answers: a 404, a 409 or a 400 it gives was missing."""
+    with server.client() as client:
+        done = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        wait_job(client, done["id"])
+        unknown = "0" * 32
+        answers = [
+            ("get", "/api/jobs/{job_id}", client.get(f"/api/jobs/{unknown}")),
+            ("delete", "/api/jobs/{job_id}", client.delete(f"/api/jobs/{unknown}")),
+            ("delete", "/api/jobs/{job_id}", client.delete(f"/api/jobs/{done['id']}")),
+            ("post", "/api/jobs/{job_id}/rerun", client.post(f"/api/jobs/{unknown}/rerun")),
+            ("post", "/api/jobs/{job_id}/remove", client.post(f"/api/jobs/{unknown}/remove")),
+            ("get", "/api/jobs/{job_id}/log", client.get(f"/api/jobs/{unknown}/log")),
+            ("get", "/api/jobs", client.get("/api/jobs", params={"before": unknown}))]
+        paths = client.get("/openapi.json").json()["paths"]
+    for method, path, answer in answers:
+        assert 400 <= answer.status_code < 500 and answer.json()["detail"], answer.text
+        assert str(answer.status_code) in paths[path][method]["responses"], (method, path,
+                                                                          answer.status_code)
+
+
 def test_an_empty_idempotency_key_is_refused(server: Server) -> None:
     with server.client() as client:
         for seconds in (0.1, 0.2):  # two clients that send the header blank

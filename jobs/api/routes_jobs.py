@@ -32,7 +32,15 @@ Service = Annotated[JobService, Depends(get_service)]
 # blank.
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
                                               max_length=255)]
-REFUSED: dict[int | str, dict[str, Any]] = {
+Responses = dict[int | str, dict[str, Any]]
+# The errors a route answers besides a 422 (each as {"detail": "what to do"}), for /docs.
+NO_JOB: Responses = {404: {"description": "no job with that id"}}
+UNWRITABLE: Responses = {
+    503: {"description": "the data folder cannot be written: the job was not stored"}}
+REFUSED: Responses = {
+    **UNWRITABLE,
+    409: {"description": "a request with this Idempotency-Key is still storing its job, or "
+                         "the chat's conversation is being forgotten; retry"},
     429: {"description": "too many jobs queued or kept; retry after `Retry-After` seconds"}}
 
 
@@ -65,7 +73,8 @@ async def submit_jobs(body: JobBatch, service: Service,
 
 
 @router.post("/jobs/{job_id}/rerun", status_code=202, response_model=Job,
-             responses={**REFUSED, 409: {"description": "the job has not finished"}})
+             responses={**REFUSED, **NO_JOB, 409: {"description": "the job has not finished, "
+                                                               "or its key is in flight"}})
 async def rerun_job(job_id: str, service: Service, response: Response,
                     body: JobRerun | None = None,
                     idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
@@ -77,7 +86,8 @@ async def rerun_job(job_id: str, service: Service, response: Response,
     return job
 
 
-@router.get("/jobs", response_model=JobList)
+@router.get("/jobs", response_model=JobList,
+            responses={400: {"description": "`before` names no job listed here"}})
 async def list_jobs(service: Service, state: JobState | None = None,
                     kind: Annotated[str | None, Query(max_length=64)] = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -92,28 +102,30 @@ async def list_jobs(service: Service, state: JobState | None = None,
     return {"jobs": jobs, "next_before": next_before}
 
 
-@router.get("/jobs/{job_id}", response_model=Job)
+@router.get("/jobs/{job_id}", response_model=Job, responses=NO_JOB)
 async def get_job(job_id: str, service: Service) -> dict[str, Any]:
     return await service.get(job_id)
 
 
-@router.delete("/jobs/{job_id}", response_model=Job)
+@router.delete("/jobs/{job_id}", response_model=Job, responses={
+    **NO_JOB, 409: {"description": "the job has finished: there is nothing to cancel"}})
 async def cancel_job(job_id: str, service: Service) -> dict[str, Any]:
     """Cancel: a queued job never starts; a running job's whole process tree is stopped."""
     return await service.cancel(job_id)
 
 
 @router.post("/jobs/{job_id}/remove", response_model=Job,
-             responses={409: {"description": "the job has not finished, or a job not "
-                                             "ended needs it (one that depends on it, a "
-                                             "turn of its chat)"}})
+             responses={**NO_JOB, 409: {"description": "the job has not finished, or a job "
+                                                       "not ended needs it (one that depends "
+                                                       "on it, a turn of its chat)"},
+                        503: {"description": "its files could not all be deleted; retry"}})
 async def remove_job(job_id: str, service: Service) -> dict[str, Any]:
     """Delete a finished job now (its file, log and records; a chat turn's question and
     reply), as pruning would later; answers the job as it was."""
     return await service.remove(job_id)
 
 
-@router.get("/jobs/{job_id}/log", response_class=PlainTextResponse)
+@router.get("/jobs/{job_id}/log", response_class=PlainTextResponse, responses=NO_JOB)
 async def job_log(job_id: str, service: Service) -> str:
     """The runner's stdout and stderr (the last megabyte)."""
     return await service.log(job_id)
@@ -127,8 +139,9 @@ _slots = _StreamSlots()
 
 
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}},
-                       400: {"description": "a `Last-Event-ID` or `after` that is no id"}})
+            responses={200: {"content": {"text/event-stream": {}}}, **NO_JOB,
+                       400: {"description": "a `Last-Event-ID` or `after` that is no id"},
+                       503: {"description": "too many event streams open; poll the job"}})
 async def job_events(job_id: str, service: Service,
                      last_event_id: Annotated[str | None, Header()] = None,
                      after: str | None = None,
