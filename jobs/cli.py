@@ -62,9 +62,9 @@ BATCH_JOB_S = 0.1
 OFFLOADS_404S = ("no job with id", "no schedule named")
 # The request's fields the options set, as the server names them in its errors.
 OPTION_OF = {"run_at": "--at", "delay_s": "--delay", "timeout_s": "--timeout",
-             "max_attempts": "--max-attempts", "depends_on": "--after",
-             "query.limit": "--limit", "query.before": "--before"}
-OPTION_FIELDS = re.compile(rf"(?<![\w.])({'|'.join(map(re.escape, OPTION_OF))})(?=:| is )")
+             "max_attempts": "--max-attempts", "depends_on": "--after", "priority": "--priority",
+             "query.limit": "--limit", "query.before": "--before", "`before`": "--before"}
+OPTION_FIELDS = re.compile(rf"(?<![\w.])({'|'.join(map(re.escape, OPTION_OF))})(?!\w)")
 INPUT_EXAMPLE = '{"seconds": 2}'
 STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
@@ -812,8 +812,10 @@ def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace
                                        "job with --input") from None
         exc.message = _by_line(exc.message, [line for line, _ in inputs], where)
         # The server's words for a batch too large, said for this command.
-        for said in ("a batch of fewer jobs", "send them in several"):
-            exc.message = exc.message.replace(said, f"split {where} into files of fewer lines")
+        fewer = ("send fewer lines at a time" if where == "stdin"
+                 else f"split {where} into files of fewer lines")
+        for said in ("send a smaller input, or a batch of fewer jobs", "send them in several"):
+            exc.message = exc.message.replace(said, fewer)
         stored = exc.answer.get("stored")
         if isinstance(stored, list) and stored:  # before the job it names: said, as if done
             if args.json:
@@ -1225,10 +1227,13 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         args.run = cmd_status
     client = None
-    if sys.stdout is None:  # `>&-`: nowhere to say an id or a result, so nothing is done
+    if sys.stdout is None and sys.stderr is not None:  # `>&-`: nowhere to say an id or a
+        # result, so nothing is done (under pythonw neither is there: it runs, unheard)
         sys.stderr.write("offload: its standard output is closed: give it one (> file, or "
                          "> /dev/null to drop what it says)\n")
         return EXIT_USAGE
+    sys.stdout = sys.stdout or open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+    sys.stderr = sys.stderr or open(os.devnull, "w")  # noqa: SIM115 (`2>&-`: unheard)
     try:
         _checked_ids(args)
         client = Client(*configured(args.url or None))
@@ -1257,7 +1262,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # its output cannot be written: a full disk, say (`> /dev/full`)
         _quiet_broken_pipe()
         sys.stderr.write(f"offload: cannot write its output ({exc.strerror or exc}); what it "
-                         "was asked to do is done: offload list shows the jobs\n")
+                         "did before is done: offload list shows the jobs\n")
         return EXIT_USAGE
 
 

@@ -363,8 +363,9 @@ class Settings(BaseSettings):
 
 def _a_file_on_the_way(folder: Path) -> Path | None:
     """The nearest of `folder` and the folders above it that is there, if it is no folder."""
-    there = next((each for each in (folder, *folder.parents) if each.exists()), None)
-    return None if there is None or there.is_dir() else there
+    # os.path's: a folder on the way it may not search reads as not there, not as an error.
+    there = next((each for each in (folder, *folder.parents) if os.path.exists(each)), None)
+    return None if there is None or os.path.isdir(there) else there
 
 
 def _naming_variables(exc: ValidationError) -> ValidationError:

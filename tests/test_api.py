@@ -469,6 +469,43 @@ def test_idempotency_key_returns_the_first_job(server: Server) -> None:
         assert len(client.get("/api/jobs").json()["jobs"]) == 2
 
 
+def test_a_body_over_the_limit_is_answered_413_however_it_is_sent(server: Server) -> None:
+    """A client that sends its whole body before reading hears the 413 (it heard a broken
+    pipe); one that waits for `100 Continue` is told at once, and sends nothing."""
+    import socket
+
+    host, port = "127.0.0.1", int(server.url.rsplit(":", 1)[1])
+    head = (f"POST /api/jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            "Connection: close\r\n")
+
+    def answered(headers: str, body: Iterator[bytes]) -> tuple[bytes, bool]:
+        """The answer's status line, and whether all the body could be sent."""
+        with socket.create_connection((host, port), timeout=60) as conn:
+            conn.sendall((head + headers + "\r\n").encode())
+            sent = True
+            try:
+                for piece in body:
+                    conn.sendall(piece)
+            except OSError:  # cut off: the answer may have come all the same
+                sent = False
+            return conn.recv(65536).split(b"\r\n", 1)[0], sent
+
+    def chunked(size: int) -> Iterator[bytes]:
+        for _ in range(size // 65536):
+            yield b"10000\r\n" + b"x" * 65536 + b"\r\n"
+        yield b"0\r\n\r\n"
+
+    too_large = b"HTTP/1.1 413 Request Entity Too Large"
+    for _ in range(5):
+        assert answered("Content-Length: 5000000\r\n", iter([b"x" * 5_000_000])) == (
+            too_large, True)
+        assert answered("Transfer-Encoding: chunked\r\n", chunked(5_000_000)) == (
+            too_large, True)
+    # Told at once, before any of it is sent: neither a `100 Continue` nor a wait.
+    assert answered("Content-Length: 50000000\r\nExpect: 100-continue\r\n", iter(()))[0] == (
+        too_large)
+
+
 def test_a_batch_is_stored_in_its_order_all_or_nothing_and_once_with_a_key(
         make_server: MakeServer) -> None:
     """As RQ's `enqueue_many`: several jobs in one request. One that does not fit (its

@@ -3,6 +3,7 @@ body size limit."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import re
@@ -15,9 +16,11 @@ from jobs.settings import Settings, host_name, is_loopback
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": ":80", "https": ":443"}
-# A body over the limit is read and dropped up to this many times the limit before the
-# 413, so that the client hears it; a larger one is cut off.
+# A body over the limit is read and dropped, up to this many times the limit and for up
+# to DRAIN_S, before the 413: a client that reads no answer before its body is sent
+# (urllib, Python's requests) heard a broken pipe instead. A larger one is cut off.
 DRAIN_FACTOR = 16
+DRAIN_S = 5.0
 CLOSED_DETAIL = "the connection closed before its account could be told"
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _ONCE = (b"origin", b"authorization")
@@ -196,9 +199,40 @@ def _declared_length(scope: Scope) -> int:
 
 
 class _TooLarge(HTTPException):
-    # An HTTPException, so FastAPI's body parsing passes it on as it is (a 413).
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, _too_large(max_bytes))
+    # An HTTPException, so FastAPI's body parsing passes it on as it is (a 413). `whole`:
+    # the body was read to its end, so the connection may serve the next request.
+    def __init__(self, max_bytes: int, whole: bool) -> None:
+        super().__init__(413, _too_large(max_bytes), None if whole else CLOSE)
+        self.whole = whole
+
+
+CLOSE = {"Connection": "close"}
+
+
+async def _drained(receive: Receive, budget: int) -> bool:
+    """The rest of a request's body read and dropped: True if it ended within `budget`
+    bytes and DRAIN_S."""
+    async def drain() -> bool:
+        left = budget
+        while left >= 0:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return False
+            left -= len(message.get("body", b""))
+            if not message.get("more_body"):
+                return True
+        return False
+
+    try:
+        return await asyncio.wait_for(drain(), DRAIN_S)
+    except TimeoutError:
+        return False
+
+
+def _expects_continue(scope: Scope) -> bool:
+    """The client sends its body only once told to (curl, for a large file): no need."""
+    return any(name == b"expect" and value.lower() == b"100-continue"
+               for name, value in scope.get("headers", []))
 
 
 def _too_large(max_bytes: int) -> str:
@@ -217,8 +251,11 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if _declared_length(scope) > self.max_bytes:
-            await self._refuse(receive, send)
+        declared = _declared_length(scope)
+        if declared > self.max_bytes:
+            whole = (not _expects_continue(scope) and declared <= DRAIN_FACTOR * self.max_bytes
+                     and await _drained(receive, declared))
+            await self._refuse(send, whole)
             return
         received = 0
         started = False
@@ -229,7 +266,8 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge(self.max_bytes)
+                    raise _TooLarge(self.max_bytes, not message.get("more_body") or await
+                                    _drained(receive, DRAIN_FACTOR * self.max_bytes))
             return message
 
         async def watched_send(message: Message) -> None:
@@ -240,17 +278,10 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited_receive, watched_send)
-        except _TooLarge:
+        except _TooLarge as exc:
             if not started:
-                await self._refuse(receive, send)
+                await self._refuse(send, exc.whole)
 
-    async def _refuse(self, receive: Receive, send: Send) -> None:
-        # Read first what the client sends (up to a bound): a client that reads no answer
-        # before its body is sent (urllib, Python's requests) heard a broken pipe instead.
-        drained = 0
-        while drained <= DRAIN_FACTOR * self.max_bytes:
-            message = await receive()
-            drained += len(message.get("body", b""))
-            if message["type"] != "http.request" or not message.get("more_body"):
-                break
-        await _send_detail(send, 413, _too_large(self.max_bytes))
+    async def _refuse(self, send: Send, whole: bool) -> None:
+        await _send_detail(send, 413, _too_large(self.max_bytes),
+                           None if whole else [(b"connection", b"close")])
