@@ -123,9 +123,11 @@ def configured(url: str | None) -> tuple[str, str | None]:
             found = env_files[0].get(name)
         return found.strip() if found and found.strip() else None
 
+    source = "--url"
     if url is None:
-        url = value("OFFLOAD_URL")
+        url, source = value("OFFLOAD_URL"), "OFFLOAD_URL"
     if url is None:
+        source = "OFFLOAD_HOST and OFFLOAD_PORT"
         host = value("OFFLOAD_HOST") or DEFAULT_HOST
         if host in ("0.0.0.0", "::"):  # serving on every address: loopback is one of them
             host = DEFAULT_HOST
@@ -133,18 +135,21 @@ def configured(url: str | None) -> tuple[str, str | None]:
             host = f"[{host}]"  # an IPv6 address in a URL
         url = f"http://{host}:{value('OFFLOAD_PORT') or DEFAULT_PORT}"
     url = url.strip().rstrip("/")
+    address = f"the server's address {url!r} (from {source})"
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - read for its ValueError: a port that is no number
+        if re.search(r"[\s\x00-\x1f\x7f]", url):  # http.client refuses it as it sends
+            raise ValueError("it holds a space or a control character")
     except ValueError as exc:  # an unclosed [, say
-        raise Failure(EXIT_USAGE, f"the server's address {url!r} is not a URL ({exc}); "
-                                  "like http://127.0.0.1:8001") from None
+        raise Failure(EXIT_USAGE, f"{address} is not a URL ({exc}); like "
+                                  "http://127.0.0.1:8001") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise Failure(EXIT_USAGE, f"the server's address {url!r} is not an http:// or "
-                                  "https:// URL; like http://127.0.0.1:8001")
+        raise Failure(EXIT_USAGE, f"{address} is not an http:// or https:// URL; like "
+                                  "http://127.0.0.1:8001")
     if parts.query or parts.fragment:  # the paths of the API are put after it
-        raise Failure(EXIT_USAGE, f"the server's address {url!r} has a query or fragment; "
-                                  "give its start alone, like http://127.0.0.1:8001")
+        raise Failure(EXIT_USAGE, f"{address} has a query or fragment; give its start "
+                                  "alone, like http://127.0.0.1:8001")
     return url, value("OFFLOAD_API_TOKEN")
 
 

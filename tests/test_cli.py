@@ -604,7 +604,9 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             (["list", "--before", "0" * 32], "list again without --before"),
             (["list", "--kind", os.fsdecode(b"\xfe")], "cannot be sent"),
             (["status", "--url", f"http://{'a' * 70}.com"], "cannot be used"),
-            (["status", "--url", f"{server.url}?x=1"], "has a query or fragment")]:
+            (["status", "--url", f"{server.url}?x=1"], "(from --url) has a query or fragment"),
+            # "cannot reach Offload ... URL can't contain control characters", exit 3
+            (["status", "--url", "http://exa mple"], "holds a space or a control character")]:
         done = cli(server.url, *args)
         assert done.returncode == 2, (args, done.returncode, done.stdout, done.stderr)
         assert said in done.stderr and len(done.stderr.splitlines()) == 1, (args, done.stderr)
