@@ -168,7 +168,7 @@ def test_submit_several_jobs_in_one_request(server: Server, tmp_path: Path) -> N
     # An option's error is the option's, said once, not each line's.
     options = cli(url, "submit", "sleep", "--inputs", str(sweep), "--priority", "99999")
     assert options.returncode == 2 and options.stderr == (
-        "offload: invalid request: priority: Input should be less than or equal to 1000\n")
+        "offload: invalid request: --priority: Input should be less than or equal to 1000\n")
     # A BOM (as Notepad writes) is no input; U+2028 in a string ends no line.
     sweep.write_text('\ufeff{"seconds": 0}\n{"seconds": 0, "note": "a\u2028b"}\n',
                      encoding="utf-8")
