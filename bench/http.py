@@ -5,7 +5,9 @@ over HTTP (uvicorn serving `api_entry:app`, its own supervisor process, an HTTP 
 at cap 2 and cap 8, Huey (SQLite, process workers), and RQ and Celery when a
 `redis-server` is on the PATH. For each: idle latency (one job at a time, submit ->
 final state seen) and throughput (jobs submitted as fast as one client can, until all
-are final).
+are final). Then the same for each system's own blocking wait where it has one: Offload's
+`GET /api/jobs/{id}?wait_s=`, RQ's `Job.latest_result(timeout=)`, Celery's
+`AsyncResult.get()`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ HUEY_WORKERS = 2
 RQ_WORKERS = 2
 CELERY_PROCESSES = 2
 TIMEOUT_S = 120.0
+WAIT_S = 60  # each blocking wait's bound (Offload's longest)
 SLEEP_JOB = {"kind": "sleep", "input": {"seconds": 0, "steps": 1}}
 # Runners taken by warm spare interpreters: the way without a safe fork (macOS, Windows).
 SPARES = ({"OFFLOAD_LAUNCH_MODE": "spares"}, ", warm spares")
@@ -51,16 +54,27 @@ def _throughput(n: int, seconds: float, completed: int) -> dict[str, Any]:
     return {"jobs": n, "completed": completed, "seconds": seconds, "jobs_per_s": n / seconds}
 
 
+def _series(one: Callable[[], None], n: int, gap: float) -> dict[str, float]:
+    """`n` jobs one at a time, each after `gap` seconds of quiet."""
+    samples = []
+    for _ in range(n):
+        time.sleep(gap)
+        t0 = time.perf_counter()
+        one()
+        samples.append(time.perf_counter() - t0)
+    return stats(samples)
+
+
 def _latencies(one: Callable[[], None], n: int) -> tuple[dict[str, float], dict[str, float]]:
     """`n` jobs one at a time back to back, then `n` each after IDLE_GAP_S of quiet."""
-    runs: tuple[list[float], list[float]] = ([], [])
-    for gap, samples in zip((0.0, IDLE_GAP_S), runs, strict=True):
-        for _ in range(n):
-            time.sleep(gap)
-            t0 = time.perf_counter()
-            one()
-            samples.append(time.perf_counter() - t0)
-    return stats(runs[0]), stats(runs[1])
+    return _series(one, n, 0.0), _series(one, n, IDLE_GAP_S)
+
+
+def _timed(run: Callable[[], int]) -> dict[str, Any]:
+    """THROUGHPUT_JOBS by `run()`, which answers how many completed."""
+    t0 = time.perf_counter()
+    completed = run()
+    return _throughput(THROUGHPUT_JOBS, time.perf_counter() - t0, completed)
 
 
 def spawn_floor() -> dict[str, Any]:
@@ -121,6 +135,17 @@ def _wait_final(client: httpx.Client, job_id: str) -> str:
     raise TimeoutError(f"job {job_id} did not finish")
 
 
+def _wait_ended(client: httpx.Client, job_id: str) -> str:
+    """Offload's blocking wait: the GET answers once the job has ended."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        answer = client.get(f"/api/jobs/{job_id}", params={"wait_s": WAIT_S})
+        state = str(answer.json()["state"])
+        if state in p.FINAL_STATES:
+            return state
+    raise TimeoutError(f"job {job_id} did not finish")
+
+
 def offload(cap: int, extra_env: dict[str, str] | None = None,
             label: str = "", batch: bool = False) -> dict[str, Any]:
     """`batch`: jobs submitted through POST /api/jobs/batch (as RQ's enqueue_many), the
@@ -150,41 +175,48 @@ def offload(cap: int, extra_env: dict[str, str] | None = None,
             def submit() -> str:
                 return submit_many(1)[0]
 
-            def one() -> None:
-                state = _wait_final(client, submit())
+            def one(wait: Callable[[httpx.Client, str], str] = _wait_final) -> None:
+                state = wait(client, submit())
                 assert state == p.JobState.COMPLETED, state
+
+            def all_of(wait: Callable[[httpx.Client, str], str]) -> int:
+                ids = submit_many(THROUGHPUT_JOBS)
+                return [wait(client, job_id) for job_id in ids].count(p.JobState.COMPLETED)
 
             for _ in range(WARMUP_JOBS):  # the supervisor is up and its launcher warm
                 one()
             latency, quiet = _latencies(one, LATENCY_JOBS)
-            t0 = time.perf_counter()
-            ids = submit_many(THROUGHPUT_JOBS)
-            states = [_wait_final(client, job_id) for job_id in ids]
-            seconds = time.perf_counter() - t0
-    completed = states.count(p.JobState.COMPLETED)
+            throughput = _timed(lambda: all_of(_wait_final))
+            waited = _series(lambda: one(_wait_ended), LATENCY_JOBS, 0.0)
+            throughput_waited = _timed(lambda: all_of(_wait_ended))
     return {"system": f"Offload over HTTP, cap {cap}{label}", "latency": latency,
-            "latency_quiet": quiet,
-            "throughput": _throughput(THROUGHPUT_JOBS, seconds, completed)}
+            "latency_quiet": quiet, "throughput": throughput, "latency_waited": waited,
+            "throughput_waited": throughput_waited}
 
 
-def _peer_row(system: str, submit: Callable[[], Any],
-              result: Callable[[Any], Any]) -> dict[str, Any]:
+def _peer_row(system: str, submit: Callable[[], Any], result: Callable[[Any], Any],
+              waited: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """Latency and throughput of a peer whose `submit()` returns a handle that
-    `result(handle)` waits on (polling every POLL_S), the no-op's True once done."""
+    `result(handle)` waits on (polling every POLL_S), the no-op's True once done; then
+    the same through `waited(handle)`, the peer's own blocking wait, where it has one."""
 
-    def one() -> None:
-        assert result(submit()) is True
+    def one(wait: Callable[[Any], Any] = result) -> None:
+        assert wait(submit()) is True
+
+    def all_of(wait: Callable[[Any], Any]) -> int:
+        pending = [submit() for _ in range(THROUGHPUT_JOBS)]
+        return sum(1 for handle in pending if wait(handle) is True)
 
     # The first waits for the workers to start.
     for _ in range(WARMUP_JOBS):
         one()
     latency, quiet = _latencies(one, LATENCY_JOBS)
-    t0 = time.perf_counter()
-    pending = [submit() for _ in range(THROUGHPUT_JOBS)]
-    completed = sum(1 for handle in pending if result(handle) is True)
-    seconds = time.perf_counter() - t0
-    return {"system": system, "latency": latency, "latency_quiet": quiet,
-            "throughput": _throughput(THROUGHPUT_JOBS, seconds, completed)}
+    row = {"system": system, "latency": latency, "latency_quiet": quiet,
+           "throughput": _timed(lambda: all_of(result))}
+    if waited is not None:
+        row["latency_waited"] = _series(lambda: one(waited), LATENCY_JOBS, 0.0)
+        row["throughput_waited"] = _timed(lambda: all_of(waited))
+    return row
 
 
 def _poll(done: Callable[[], bool], what: str) -> None:
@@ -270,8 +302,12 @@ def rq() -> dict[str, Any] | None:
             _poll(lambda: job.get_status() in (JobStatus.FINISHED, JobStatus.FAILED), "RQ")
             return job.return_value()
 
+        def waited(job: Any) -> Any:
+            outcome = job.latest_result(timeout=WAIT_S)  # a blocking read of Redis
+            return None if outcome is None else outcome.return_value
+
         row = _peer_row(f"RQ, {RQ_WORKERS} fork-per-job workers (Redis)",
-                        lambda: queue.enqueue(rq_app.noop), result)
+                        lambda: queue.enqueue(rq_app.noop), result, waited)
         queue.connection.close()
     return row
 
@@ -295,7 +331,8 @@ def celery() -> dict[str, Any] | None:
                 return pending.result
 
             row = _peer_row(f"Celery, prefork pool of {CELERY_PROCESSES} "
-                            "(Redis; no process per job)", noop.delay, result)
+                            "(Redis; no process per job)", noop.delay, result,
+                            lambda pending: pending.get(timeout=WAIT_S))  # Redis pub/sub
         app.close()
     return row
 
@@ -323,18 +360,22 @@ def report(results: dict[str, Any]) -> str:
     floor = rows[0]
     rows_md = ["| system | jobs/s | idle latency median (ms) | p90 (ms) "
                f"| after {IDLE_GAP_S:g} s quiet: median (ms) | p90 (ms) "
-               "| jobs/s vs spawn floor | latency vs spawn floor (back to back, quiet) |",
-               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+               "| jobs/s vs spawn floor | latency vs spawn floor (back to back, quiet) "
+               "| blocking wait: jobs/s | its latency median (ms) |",
+               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         thr, lat, quiet = r["throughput"], r["latency"], r["latency_quiet"]
-        done = "" if thr["completed"] == thr["jobs"] else f" ({thr['completed']} completed)"
+        waited = "| - | - |"
+        if "throughput_waited" in r:
+            waited = (f"| {_jobs_per_s(r['throughput_waited'])} "
+                      f"| {r['latency_waited']['median'] * 1000:.1f} |")
         rows_md.append(
-            f"| {r['system']} | {thr['jobs_per_s']:.0f}{done} | {lat['median'] * 1000:.1f} "
+            f"| {r['system']} | {_jobs_per_s(thr)} | {lat['median'] * 1000:.1f} "
             f"| {lat['p90'] * 1000:.1f} | {quiet['median'] * 1000:.1f} "
             f"| {quiet['p90'] * 1000:.1f} "
             f"| {thr['jobs_per_s'] / floor['throughput']['jobs_per_s']:.2f}x "
             f"| {lat['median'] / floor['latency']['median']:.2f}x, "
-            f"{quiet['median'] / floor['latency_quiet']['median']:.2f}x |")
+            f"{quiet['median'] / floor['latency_quiet']['median']:.2f}x {waited}")
     rows_md.append("")
     rows_md.append(f"Latency: {results['latency_jobs']} no-op jobs one at a time, submit -> "
                    f"final state seen (polled every {POLL_S * 1000:g} ms), back to back, then "
@@ -342,8 +383,18 @@ def report(results: dict[str, Any]) -> str:
                    f"{results['throughput_jobs']} submitted by one client, until all are final. "
                    "`one batch request`: those all in one `POST /api/jobs/batch` (as RQ's "
                    "`enqueue_many`), and each latency's job a batch of one. "
+                   "Blocking wait: the same throughput, and latency back to back, each job "
+                   "waited on by the system's own way of waiting without polling: Offload's "
+                   "`GET /api/jobs/{id}?wait_s=`, RQ's `Job.latest_result(timeout=)`, Celery's "
+                   "`AsyncResult.get()` (Huey has none but polling). "
                    "Offload fsyncs each submission, claim and final state; Huey (SQLite, its "
                    "default `fsync=False`) and the bench's Redis (no saving) do not.")
     for name, why in results["skipped"].items():
         rows_md.append(f"\n{name}: {why}")
     return "\n".join(rows_md)
+
+
+def _jobs_per_s(throughput: dict[str, Any]) -> str:
+    done = throughput["completed"]
+    return f"{throughput['jobs_per_s']:.0f}" + (
+        "" if done == throughput["jobs"] else f" ({done} completed)")

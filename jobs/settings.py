@@ -62,6 +62,8 @@ GIL_SWITCH_S = 0.001  # the API process's GIL switch interval (Python's default:
 EVENT_POLL_S = 0.04  # how often a followed job file is looked at without change notifications
 EVENT_CHECK_S = 0.5  # and with them: a missed notification costs at most this
 KEEPALIVE_S = 15.0
+NOTIFIER_LINGER_S = 10.0  # an API worker's inotify descriptor outlives its last followed job
+MAX_WAIT_S = 60.0  # the longest wait of `GET /api/jobs/{id}?wait_s=`: as proxies allow
 DEFAULT_LLM_SLOTS = 4  # llama-server's slots at most, by default: each keeps a chat's context
 CANCEL_WAIT_S = 10.0  # DELETE waits this long past the stop's grace for the final state
 HISTORY_SAMPLE_S = 1.0

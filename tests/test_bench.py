@@ -71,8 +71,12 @@ def test_http_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> Non
     if importlib.util.find_spec("huey") is not None:
         assert any(system.startswith("Huey") for system in systems)
     assert all(row["throughput"]["completed"] == 5 for row in results["rows"])
+    offload_rows = [row for row in results["rows"] if row["system"].startswith("Offload")]
+    assert all(row["throughput_waited"]["completed"] == 5 and row["latency_waited"]["n"] == 5
+               for row in offload_rows), "each job waited on by GET ?wait_s= too"
     table = http.report(results)
     assert "| system | jobs/s | idle latency median (ms) | p90 (ms)" in table
+    assert "| blocking wait: jobs/s |" in table
     for peer in ("RQ", "Celery"):  # measured with a redis-server, else a note says why not
         assert any(system.startswith(f"{peer}, ") for system in systems) or f"{peer}: " in table
 
@@ -92,6 +96,7 @@ def test_http_benchmark_measures_the_redis_peers(
     row = getattr(http, peer)()
     assert row is not None and row["latency"]["n"] == 3
     assert row["throughput"]["completed"] == 5
+    assert row["latency_waited"]["n"] == 3 and row["throughput_waited"]["completed"] == 5
 
 
 def test_events_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:

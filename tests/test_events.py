@@ -4,7 +4,9 @@ missed (jobs/api/events.py; docs/contract.md)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -144,3 +146,43 @@ def test_a_new_attempt_sends_the_job_in_full_and_ids_name_their_attempt() -> Non
     # A resume from the first attempt's position gets the job in full, not a delta.
     assert '"output":"abcdef"' in first_event(again, resume_position("3", None))
     assert '"output_delta":"def"' in first_event(again, resume_position("2.3", None))
+
+
+def test_a_get_with_wait_s_answers_once_the_job_has_ended(
+        make_server: Callable[..., Server]) -> None:
+    """Long polling: `GET /api/jobs/{id}?wait_s=S` answers when the job ends (by its runner
+    or a cancel), or after S seconds as it is then; at once where every event stream of
+    the worker is taken; and says what to send instead of a bad `wait_s`."""
+    server = make_server(env={"OFFLOAD_MAX_EVENT_STREAMS": "1"})
+    sleep = {"kind": "sleep", "input": {"seconds": 1, "steps": 1}}
+    with server.client() as client, server.client() as waiter, ThreadPoolExecutor(1) as pool:
+        job_id = client.post("/api/jobs", json=sleep).json()["id"]
+        answer = client.get(f"/api/jobs/{job_id}", params={"wait_s": 60}, timeout=90)
+        assert answer.status_code == 200 and answer.json()["state"] == "completed", answer.text
+
+        assert client.post("/api/queue/pause").status_code == 200
+        queued = client.post("/api/jobs", json=sleep).json()["id"]
+        t0 = time.monotonic()
+        answer = client.get(f"/api/jobs/{queued}", params={"wait_s": 0.5})
+        assert answer.json()["state"] == "queued" and time.monotonic() - t0 >= 0.45
+
+        # While an event stream holds the worker's one slot, a wait is answered at once.
+        other = client.post("/api/jobs", json=sleep).json()["id"]
+        with client.stream("GET", f"/api/jobs/{queued}/events") as stream:
+            lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
+            assert next(lines).startswith(("id:", "data:"))
+            t0 = time.monotonic()
+            answer = client.get(f"/api/jobs/{other}", params={"wait_s": 60}, timeout=90)
+            assert answer.json()["state"] == "queued" and time.monotonic() - t0 < 30
+        # A cancel ends a wait.
+        waiting = pool.submit(waiter.get, f"/api/jobs/{queued}", params={"wait_s": 60},
+                              timeout=90)
+        time.sleep(0.5)  # mostly waiting by now; answered alike if not
+        assert client.delete(f"/api/jobs/{queued}").status_code == 200
+        assert waiting.result(60).json()["state"] == "cancelled"
+
+        for bad, said in (("61", "less than or equal to 60"), ("-1", "greater than or equal"),
+                          ("soon", "valid number"), ("nan", "wait_s")):
+            answer = client.get(f"/api/jobs/{other}", params={"wait_s": bad})
+            assert answer.status_code == 422 and said in answer.text, (bad, answer.text)
+        assert client.get("/api/jobs/" + "0" * 32, params={"wait_s": 5}).status_code == 404

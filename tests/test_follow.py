@@ -17,7 +17,7 @@ import pytest
 
 from jobs import protocol as p
 from jobs.api import follow
-from jobs.api.follow import Followed, JobWatch, Reader, file_signature, followed
+from jobs.api.follow import Followed, JobWatch, Reader, file_signature, followed, stop_following
 from jobs.api.routes_jobs import _follow
 from jobs.store.job_store import JobNotFound
 from tests.server import Event, applied
@@ -61,7 +61,7 @@ def _follow_steps(tmp_path: Path, notify: bool) -> None:
     read = _reader(folder)
 
     async def main() -> None:
-        registry = Followed()
+        registry = Followed(linger_s=0)
         fds = _open_fds()
         path = str(folder / p.JOB_FILE)
         one = registry.join(folder.name, path, read, _changes, notify)
@@ -79,7 +79,7 @@ def _follow_steps(tmp_path: Path, notify: bool) -> None:
         registry.leave(one)
         assert list(registry.watches) == [folder.name], "still followed by the second"
         registry.leave(two)
-        await asyncio.sleep(0)  # the cancelled task's last step
+        await _closed(registry)
         assert registry.watches == {} and registry.notifier is None
         assert not one.running
         assert _open_fds() == fds, "the notifier's descriptor is closed with the last watch"
@@ -107,8 +107,11 @@ def test_a_follower_leaving_early_stops_the_watch_of_a_running_job(tmp_path: Pat
         assert watch.running
         registry.leave(watch)
         await asyncio.sleep(0)
-        assert not watch.running and registry.watches == {} and registry.notifier is None
-        assert asyncio.get_running_loop() not in follow._by_loop, "dropped once empty"
+        assert not watch.running and registry.watches == {}
+        assert registry.notifier is not None, "kept a while for the next job followed"
+        await stop_following()  # as the app does when it stops
+        assert registry.notifier is None
+        assert asyncio.get_running_loop() not in follow._by_loop, "dropped once closed"
 
     asyncio.run(main())
 
@@ -120,12 +123,13 @@ def test_a_removed_job_ends_its_watch(tmp_path: Path) -> None:
     read = _reader(folder)
 
     async def main() -> None:
-        registry = Followed()
+        registry = Followed(linger_s=0)
         watch = registry.join(folder.name, str(folder / p.JOB_FILE), read, _changes, True)
         shutil.rmtree(folder)  # pruned while followed
         await asyncio.wait_for(watch.wait(watch.version, watch.beats), WAIT_S)
         assert watch.ended and not watch.final
         registry.leave(watch)
+        await _closed(registry)
         assert registry.watches == {} and registry.notifier is None
 
     asyncio.run(main())
@@ -141,7 +145,7 @@ def test_a_follower_after_the_end_gets_a_watch_of_its_own(tmp_path: Path) -> Non
     read = _reader(folder)
 
     async def main() -> None:
-        registry = Followed()
+        registry = Followed(linger_s=0)
         path = str(folder / p.JOB_FILE)
         _job(folder, "running")  # e.g. `python -m runners.sleep --force` by hand
         old = registry.join(folder.name, path, read, _changes, True)
@@ -157,10 +161,52 @@ def test_a_follower_after_the_end_gets_a_watch_of_its_own(tmp_path: Path) -> Non
         while not new.final:
             await _next(new, new.version)
         registry.leave(new)
-        await asyncio.sleep(0)
+        await _closed(registry)
         assert registry.watches == {} and registry.notifier is None
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="inotify is Linux's")
+def test_the_notifier_outlives_its_last_watch_a_while_then_closes_off_the_loop(
+        tmp_path: Path) -> None:
+    """Closing an inotify descriptor waits for the kernel (10-20 ms): a job followed
+    after another within the linger reuses the notifier, and the close runs in a thread."""
+    folder = tmp_path / ("d" * 32)
+    folder.mkdir()
+    _job(folder)
+    read = _reader(folder)
+
+    async def main() -> None:
+        registry = Followed(linger_s=0.5)
+        fds = _open_fds()
+        path = str(folder / p.JOB_FILE)
+        watch = registry.join(folder.name, path, read, _changes, True)
+        notifier = registry.notifier
+        assert notifier is not None and watch.notified
+        registry.leave(watch)
+        again = registry.join(folder.name, path, read, _changes, True)
+        assert registry.notifier is notifier, "followed again within the linger: reused"
+        _job(folder, "completed", 1)
+        while not again.final:
+            await _next(again, again.version)
+        registry.leave(again)
+        assert registry.notifier is notifier and registry.closed is None
+        await _closed(registry)
+        assert registry.notifier is None and registry.watches == {}
+        assert _open_fds() == fds, "its descriptor closed once the linger is over"
+
+    asyncio.run(main())
+
+
+async def _closed(registry: Followed) -> None:
+    """Until the registry's notifier, its linger over, has been closed (in a thread)."""
+    for _ in range(WAIT_S * 100):
+        if registry.notifier is None:
+            break
+        await asyncio.sleep(0.01)
+    if registry.closed is not None:
+        await registry.closed
 
 
 class _Jobs:

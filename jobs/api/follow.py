@@ -20,7 +20,7 @@ from typing import Any
 
 from jobs import protocol as p
 from jobs.api.inotify import FolderNotifier, open_notifier
-from jobs.settings import EVENT_CHECK_S, EVENT_POLL_S, KEEPALIVE_S
+from jobs.settings import EVENT_CHECK_S, EVENT_POLL_S, KEEPALIVE_S, NOTIFIER_LINGER_S
 from jobs.store.index import Signature, stat_signature
 from jobs.store.job_store import JobNotFound
 
@@ -136,15 +136,23 @@ class JobWatch:
 
 class Followed:
     """The watched jobs of one event loop; a job's watch starts with its first follower
-    and stops after its last, and the notifier is open only while some job is watched."""
+    and stops after its last, and the notifier is closed once no job has been watched for
+    `linger_s` (opened and closed for each job followed in turn, its closes would pile up)."""
 
-    def __init__(self, on_empty: Callable[[], object] | None = None) -> None:
+    def __init__(self, on_empty: Callable[[], object] | None = None,
+                 linger_s: float = NOTIFIER_LINGER_S) -> None:
         self.watches: dict[str, JobWatch] = {}
         self.notifier: FolderNotifier | None = None
+        self.closed: asyncio.Future[None] | None = None  # the last notifier's close
         self._on_empty = on_empty
+        self._linger_s = linger_s
+        self._linger: asyncio.TimerHandle | None = None
 
     def join(self, job_id: str, path: str, read: Reader, encode: Encoder,
              notify: bool) -> JobWatch:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         watch = self.watches.get(job_id)
         if watch is None or watch.ended:  # an ended one lingers while a follower drains it
             watch = JobWatch(job_id, path, read, encode)
@@ -165,10 +173,16 @@ class Followed:
             del self.watches[watch.job_id]
             if self.notifier is not None and watch.wd is not None:
                 self.notifier.remove(watch.wd)
-        if self.watches:
-            return
+        if not self.watches and self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(self._linger_s, self.close)
+
+    def close(self) -> None:
+        """The notifier closed now (the last watch gone, or the app stopping)."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if self.notifier is not None:
-            self.notifier.close()
+            self.closed = self.notifier.close()
             self.notifier = None
         if self._on_empty is not None:
             self._on_empty()
@@ -181,8 +195,17 @@ class Followed:
             watch.notified = watch.wd is not None
 
 
-# Kept while something is followed (a test may run several servers, each on its own loop).
+# Kept until its notifier is closed (a test may run several servers, each on its own loop).
 _by_loop: dict[asyncio.AbstractEventLoop, Followed] = {}
+
+
+async def stop_following() -> None:
+    """This event loop's notifier closed, for an app that stops (its streams end)."""
+    registry = _by_loop.get(asyncio.get_running_loop())
+    if registry is not None:
+        registry.close()
+        if registry.closed is not None:
+            await registry.closed
 
 
 def followed() -> Followed:

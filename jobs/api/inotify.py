@@ -62,10 +62,12 @@ class FolderNotifier:
         if self._callbacks.pop(wd, None) is not None:
             _libc().inotify_rm_watch(self._fd, wd)  # fails harmlessly if the folder went
 
-    def close(self) -> None:
+    def close(self) -> asyncio.Future[None]:
+        """Done once the descriptor is closed: in a worker thread, as the kernel makes that
+        close wait for its readers (10-20 ms here) and the event loop must not."""
         self._loop.remove_reader(self._fd)
-        os.close(self._fd)
         self._callbacks.clear()
+        return self._loop.run_in_executor(None, os.close, self._fd)
 
     def _drain(self) -> None:
         due: set[Callable[[], None]] = set()

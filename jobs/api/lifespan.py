@@ -19,6 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from jobs import protocol as p
+from jobs.api.follow import stop_following
 from jobs.api.history import MetricsReader
 from jobs.api.keeper import SupervisorKeeper
 from jobs.api.predictor import Predictor
@@ -79,6 +80,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await keeper.stop()
+        await stop_following()
 
 
 async def _keep_index_fresh(store: JobStore) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -12,10 +14,11 @@ from starlette.types import Receive, Scope, Send
 
 from jobs import protocol as p
 from jobs.api.events import BadPosition, change_event, first_event, public, resume_position
-from jobs.api.follow import file_signature, followed
+from jobs.api.follow import Followed, JobWatch, file_signature, followed
 from jobs.api.service import JobService
 from jobs.models import BatchAnswer, Job, JobBatch, JobCreate, JobList, JobRerun
 from jobs.protocol import JobState
+from jobs.settings import MAX_WAIT_S
 from jobs.store.index import Signature, UnknownCursor
 
 router = APIRouter(prefix="/api", tags=["jobs"])
@@ -103,7 +106,22 @@ async def list_jobs(service: Service, state: JobState | None = None,
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=NO_JOB)
-async def get_job(job_id: str, service: Service) -> dict[str, Any]:
+async def get_job(job_id: str, service: Service,
+                  wait_s: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0) -> dict[str, Any]:
+    """The job; with `wait_s`, answered once it has ended or after that many seconds,
+    whichever comes first (long polling: a script waits without asking again and again).
+    With every event stream of this worker taken, answered at once: ask again later."""
+    path = str(service.store.path(job_id))
+    read_as = file_signature(path)
+    job = await service.get(job_id)
+    if (wait_s <= 0 or job.get(p.F_STATE) in p.FINAL_STATES
+            or _slots.open >= service.settings.max_event_streams):
+        return job
+    _slots.open += 1  # a wait holds a watch as a stream does, and counts as one
+    try:
+        await _until_final(service, job_id, path, read_as, wait_s)
+    finally:
+        _slots.open -= 1
     return await service.get(job_id)
 
 
@@ -188,11 +206,7 @@ async def _follow(service: JobService, job_id: str, path: str, job: dict[str, An
         yield first_event(public(job), position)
         return
     registry = followed()
-
-    async def read(job_id: str) -> dict[str, Any]:
-        return public(await service.read(job_id))
-
-    watch = registry.join(job_id, path, read, change_event, service.settings.event_notify)
+    watch = _join(registry, service, job_id, path)
     try:
         version, beats = watch.version, watch.beats
         if file_signature(path) != read_as:  # changed since: the watch may have published it
@@ -218,6 +232,39 @@ async def _follow(service: JobService, job_id: str, path: str, job: dict[str, An
                 yield ": keep-alive\n\n"
             else:
                 break  # the job file is gone
+    finally:
+        registry.leave(watch)
+
+
+def _join(registry: Followed, service: JobService, job_id: str, path: str) -> JobWatch:
+    """The job's watch in this worker, shared by its event streams and waits."""
+
+    async def read(job_id: str) -> dict[str, Any]:
+        return public(await service.read(job_id))
+
+    return registry.join(job_id, path, read, change_event, service.settings.event_notify)
+
+
+async def _until_final(service: JobService, job_id: str, path: str, read_as: Signature,
+                       wait_s: float) -> None:
+    """Until the job's watch sees it ended (or removed), or `wait_s` has passed; `read_as`:
+    the file's signature when the route read the job, not ended."""
+    registry = followed()
+    watch = _join(registry, service, job_id, path)
+    try:
+        if file_signature(path) != read_as:  # changed before the watch began: look again
+            job = await service.read(job_id)
+            if job.get(p.F_STATE) in p.FINAL_STATES:
+                return
+
+        async def ended() -> None:
+            version, beats = watch.version, watch.beats
+            while not (watch.final or watch.ended):
+                await watch.wait(version, beats)
+                version, beats = watch.version, watch.beats
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(ended(), wait_s)
     finally:
         registry.leave(watch)
 
