@@ -70,6 +70,7 @@ STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet sec
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
 POLL_S = 0.5  # how often a followed job is read where the server has no event stream to spare
 STREAM_AGAIN_S = 10.0  # and how long, before its event stream is asked for again
+WAIT_S = 30  # each long poll's wait for a job to end (`GET /api/jobs/{id}?wait_s=`)
 STATES = [state.value for state in p.JobState]
 ENDED = [state for state in STATES if state in p.FINAL_STATES]
 LIST_MAX = 1000  # the longest listing the API gives
@@ -314,6 +315,31 @@ def follow(client: Client, job_id: str,
             dropped_at, pause = time.monotonic(), 0.25
         time.sleep(pause)
         pause = min(pause * 2, 2.0)
+
+
+def until_ended(client: Client, job_id: str) -> dict[str, Any]:
+    """The job once it has ended, by long polls (`?wait_s=`), resumed for RECONNECT_S
+    across a dropped connection (an API restart); where the server answers at once (every
+    event stream of its worker taken, a server before `wait_s`, another program), its event
+    stream is followed instead, which reads the job every POLL_S when it has none to spare."""
+    dropped_at: float | None = None
+    while True:
+        asked = time.monotonic()
+        try:
+            job = client.call("GET", f"/api/jobs/{job_path(job_id)}?wait_s={WAIT_S}",
+                              timeout=WAIT_S + REQUEST_TIMEOUT_S)
+        except Unreachable:
+            dropped_at = dropped_at or asked
+            if time.monotonic() - dropped_at > RECONNECT_S:
+                raise
+            time.sleep(1.0)
+            continue
+        dropped_at = None
+        if job.get(p.F_STATE) in p.FINAL_STATES:
+            return dict(job)
+        if time.monotonic() - asked < WAIT_S / 2:
+            follow(client, job_id, lambda event, job: None)
+            return dict(client.call("GET", f"/api/jobs/{job_path(job_id)}"))  # in full
 
 
 def _apply(job: dict[str, Any], fields: dict[str, Any]) -> None:
@@ -588,8 +614,7 @@ def _wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:
     finals = [client.call("GET", f"/api/jobs/{job_id}") for job_id in ids]
     for n, job in enumerate(finals):
         if job.get(p.F_STATE) not in p.FINAL_STATES:
-            follow(client, ids[n], lambda event, job: None)
-            finals[n] = client.call("GET", f"/api/jobs/{ids[n]}")  # in full
+            finals[n] = until_ended(client, ids[n])
     if args.json:
         _print_json(finals)
     else:
@@ -674,8 +699,7 @@ def _wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespa
     if job.get(p.F_STATE) == p.JobState.QUEUED and _queue_paused(client):
         sys.stderr.write("offload: the queue is paused: it starts once resumed "
                          "(offload resume)\n")
-    follow(client, job[p.F_ID], lambda event, job: None)
-    final = client.call("GET", f"/api/jobs/{job[p.F_ID]}")  # in full (the stream's copy too)
+    final = until_ended(client, job[p.F_ID])
     if args.json:
         _print_json(final)
     else:

@@ -289,6 +289,22 @@ def test_log_follow_shows_progress_and_ctrl_c_exits_130(server: Server) -> None:
     assert cli(server.url, "cancel", job_id).returncode == 0
 
 
+def test_a_wait_is_a_request_the_server_answers_when_the_job_ends(server: Server) -> None:
+    """`offload wait` and `--wait` long-poll (`GET /api/jobs/{id}?wait_s=`): a request or
+    two a job, neither its output streamed nor a read every half second."""
+    url = server.url
+    first = cli(url, "submit", "sleep", "--input", '{"seconds": 2}').stdout.strip()
+    assert cli(url, "wait", first).returncode == 0
+    submitted = cli(url, "submit", "sleep", "--input", '{"seconds": 2}', "--wait")
+    assert submitted.returncode == 0 and "completed" in submitted.stdout, submitted
+    second = submitted.stderr.split()[0]
+    log = server.log.read_text().splitlines()
+    for job_id in (first, second):
+        asked = [line for line in log if f"GET /api/jobs/{job_id}" in line]
+        assert any("?wait_s=" in line for line in asked), asked
+        assert len(asked) <= 3 and not any("/events" in line for line in asked), asked
+
+
 def test_a_wait_reads_the_job_when_every_event_stream_is_taken(make_server: MakeServer) -> None:
     # It exited 7 with the server's "too many open event streams; poll instead".
     server = make_server(env={"OFFLOAD_MAX_EVENT_STREAMS": "1"})
