@@ -41,7 +41,7 @@ HUEY_WORKERS = 2
 RQ_WORKERS = 2
 CELERY_PROCESSES = 2
 TIMEOUT_S = 120.0
-WAIT_S = 60  # each blocking wait's bound (Offload's longest)
+WAIT_S = 30  # each blocking wait's bound: within the client's 60 s timeout
 SLEEP_JOB = {"kind": "sleep", "input": {"seconds": 0, "steps": 1}}
 # Runners taken by warm spare interpreters: the way without a safe fork (macOS, Windows).
 SPARES = ({"OFFLOAD_LAUNCH_MODE": "spares"}, ", warm spares")

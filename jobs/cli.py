@@ -70,7 +70,7 @@ STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet sec
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
 POLL_S = 0.5  # how often a followed job is read where the server has no event stream to spare
 STREAM_AGAIN_S = 10.0  # and how long, before its event stream is asked for again
-WAIT_S = 30  # each long poll's wait for a job to end (`GET /api/jobs/{id}?wait_s=`)
+WAIT_S = 25  # each long poll's wait (`GET /api/jobs/{id}?wait_s=`): within proxies' 30 s
 STATES = [state.value for state in p.JobState]
 ENDED = [state for state in STATES if state in p.FINAL_STATES]
 LIST_MAX = 1000  # the longest listing the API gives
@@ -319,27 +319,34 @@ def follow(client: Client, job_id: str,
 
 def until_ended(client: Client, job_id: str) -> dict[str, Any]:
     """The job once it has ended, by long polls (`?wait_s=`), resumed for RECONNECT_S
-    across a dropped connection (an API restart); where the server answers at once (every
-    event stream of its worker taken, a server before `wait_s`, another program), its event
-    stream is followed instead, which reads the job every POLL_S when it has none to spare."""
+    across a dropped connection (an API restart). Where the server cannot wait (a 503:
+    its worker's streams and waits all taken, or it is stopping) or answers at once (a
+    server before `wait_s`, another program), the job's event stream is followed instead,
+    which reads the job every POLL_S where the server has no stream to spare."""
     dropped_at: float | None = None
     while True:
         asked = time.monotonic()
         try:
-            job = client.call("GET", f"/api/jobs/{job_path(job_id)}?wait_s={WAIT_S}",
-                              timeout=WAIT_S + REQUEST_TIMEOUT_S)
+            try:
+                job: dict[str, Any] | None = dict(client.call(
+                    "GET", f"/api/jobs/{job_path(job_id)}?wait_s={WAIT_S}",
+                    timeout=WAIT_S + REQUEST_TIMEOUT_S))
+            except Failure as exc:
+                if exc.status != 503:
+                    raise
+                job = None
+            if job is not None and job.get(p.F_STATE) in p.FINAL_STATES:
+                return job
+            if job is None or time.monotonic() - asked < WAIT_S / 2:
+                follow(client, job_id, lambda event, job: None)
+                return dict(client.call("GET", f"/api/jobs/{job_path(job_id)}"))  # in full
+            dropped_at = None
         except Unreachable:
-            dropped_at = dropped_at or asked
-            if time.monotonic() - dropped_at > RECONNECT_S:
+            now = time.monotonic()  # from the failure: a request can take WAIT_S to fail
+            dropped_at = dropped_at or now
+            if now - dropped_at > RECONNECT_S:
                 raise
             time.sleep(1.0)
-            continue
-        dropped_at = None
-        if job.get(p.F_STATE) in p.FINAL_STATES:
-            return dict(job)
-        if time.monotonic() - asked < WAIT_S / 2:
-            follow(client, job_id, lambda event, job: None)
-            return dict(client.call("GET", f"/api/jobs/{job_path(job_id)}"))  # in full
 
 
 def _apply(job: dict[str, Any], fields: dict[str, Any]) -> None:

@@ -277,6 +277,38 @@ def test_log_follow_resumes_across_an_api_restart(make_server: MakeServer, data_
             second.stop()
 
 
+class StartedAsUsersDo(Server):
+    """The API as `python api_entry.py` starts it: a stop gives requests 5 s."""
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(ROOT / "api_entry.py"), "--port", str(self.port)]
+
+
+def test_a_wait_goes_on_across_an_api_restart(data_dir: Path, tmp_path: Path) -> None:
+    """A SIGTERM stops the API with a long poll open: it is answered 503, the server is
+    stopping (it was a 500, and the CLI gave up, exit 7), and `offload wait` goes on with
+    the restarted server until the job ends."""
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+    first = StartedAsUsersDo(data_dir, tmp_path / "first.log", env).start()
+    second = StartedAsUsersDo(data_dir, tmp_path / "second.log", env)
+    second.port, second.url = first.port, first.url
+    try:
+        job_id = cli(first.url, "submit", "sleep", "--input", '{"seconds": 20}').stdout.strip()
+        with start_cli(first.url, "wait", job_id) as waiter:
+            out, err = Reader(waiter.stdout), Reader(waiter.stderr)
+            time.sleep(2)  # its long poll is open by now
+            first.stop()
+            log = first.log.read_text()
+            assert f"GET /api/jobs/{job_id}?wait_s=25 HTTP/1.1\" 503" in log, log[-2000:]
+            assert "Traceback" not in log, log[-2000:]
+            second.start()
+            assert waiter.wait(90) == 0, err.done()
+            assert "completed" in out.done(), out.text
+    finally:
+        first.stop()
+        second.stop()
+
+
 def test_log_follow_shows_progress_and_ctrl_c_exits_130(server: Server) -> None:
     job_id = cli(server.url, "submit", "sleep", "--input",
                  '{"seconds": 120, "steps": 120}').stdout.strip()

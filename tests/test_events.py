@@ -4,6 +4,7 @@ missed (jobs/api/events.py; docs/contract.md)."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -151,8 +152,8 @@ def test_a_new_attempt_sends_the_job_in_full_and_ids_name_their_attempt() -> Non
 def test_a_get_with_wait_s_answers_once_the_job_has_ended(
         make_server: Callable[..., Server]) -> None:
     """Long polling: `GET /api/jobs/{id}?wait_s=S` answers when the job ends (by its runner
-    or a cancel), or after S seconds as it is then; at once where every event stream of
-    the worker is taken; and says what to send instead of a bad `wait_s`."""
+    or a cancel), or after S seconds as it is then; a 503 where every event stream of the
+    worker is taken; a client gone gives its slot back; a bad `wait_s` says what to send."""
     server = make_server(env={"OFFLOAD_MAX_EVENT_STREAMS": "1"})
     sleep = {"kind": "sleep", "input": {"seconds": 1, "steps": 1}}
     with server.client() as client, server.client() as waiter, ThreadPoolExecutor(1) as pool:
@@ -166,14 +167,24 @@ def test_a_get_with_wait_s_answers_once_the_job_has_ended(
         answer = client.get(f"/api/jobs/{queued}", params={"wait_s": 0.5})
         assert answer.json()["state"] == "queued" and time.monotonic() - t0 >= 0.45
 
-        # While an event stream holds the worker's one slot, a wait is answered at once.
+        # While an event stream holds the worker's one slot, a wait is a 503 to retry.
         other = client.post("/api/jobs", json=sleep).json()["id"]
         with client.stream("GET", f"/api/jobs/{queued}/events") as stream:
             lines = stream.iter_lines()  # kept: a dropped iterator closes the stream
             assert next(lines).startswith(("id:", "data:"))
-            t0 = time.monotonic()
             answer = client.get(f"/api/jobs/{other}", params={"wait_s": 60}, timeout=90)
-            assert answer.json()["state"] == "queued" and time.monotonic() - t0 < 30
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+            assert "ask again later, or without wait_s" in answer.json()["detail"]
+        # A wait whose client has gone holds the slot no longer (it did for its 60 s).
+        with socket.create_connection(("127.0.0.1", server.port)) as gone:
+            gone.sendall(f"GET /api/jobs/{queued}?wait_s=60 HTTP/1.1\r\n"
+                         "Host: 127.0.0.1\r\n\r\n".encode())
+            time.sleep(0.5)  # its wait has begun
+        deadline = time.monotonic() + 30
+        while (answer := client.get(f"/api/jobs/{other}", params={"wait_s": 0.2})
+               ).status_code == 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answer.status_code == 200 and answer.json()["state"] == "queued", answer.text
         # A cancel ends a wait.
         waiting = pool.submit(waiter.get, f"/api/jobs/{queued}", params={"wait_s": 60},
                               timeout=90)

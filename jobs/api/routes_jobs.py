@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -105,21 +104,34 @@ async def list_jobs(service: Service, state: JobState | None = None,
     return {"jobs": jobs, "next_before": next_before}
 
 
-@router.get("/jobs/{job_id}", response_model=Job, responses=NO_JOB)
-async def get_job(job_id: str, service: Service,
-                  wait_s: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0) -> dict[str, Any]:
+WAIT_REFUSED: Responses = {
+    503: {"description": "`wait_s`: every event stream and wait of this worker is taken, or "
+                         "the server is stopping; ask again after `Retry-After` seconds"}}
+
+
+@router.get("/jobs/{job_id}", response_model=Job, responses={**NO_JOB, **WAIT_REFUSED})
+async def get_job(job_id: str, service: Service, request: Request,
+                  wait_s: Annotated[float, Query(
+                      ge=0, le=MAX_WAIT_S, description="answer once the job has ended, or "
+                      "after this many seconds (long polling)")] = 0) -> dict[str, Any]:
     """The job; with `wait_s`, answered once it has ended or after that many seconds,
-    whichever comes first (long polling: a script waits without asking again and again).
-    With every event stream of this worker taken, answered at once: ask again later."""
+    whichever comes first (long polling: a script waits without asking again and again)."""
     path = str(service.store.path(job_id))
     read_as = file_signature(path)
     job = await service.get(job_id)
-    if (wait_s <= 0 or job.get(p.F_STATE) in p.FINAL_STATES
-            or _slots.open >= service.settings.max_event_streams):
+    if wait_s <= 0 or job.get(p.F_STATE) in p.FINAL_STATES:
         return job
+    limit = service.settings.max_event_streams
+    if _slots.open >= limit:
+        raise HTTPException(503, f"too many open event streams and waits ({limit}); ask "
+                                 "again later, or without wait_s", headers={"Retry-After": "1"})
     _slots.open += 1  # a wait holds a watch as a stream does, and counts as one
     try:
-        await _until_final(service, job_id, path, read_as, wait_s)
+        await _until_final(service, job_id, path, read_as, wait_s, request)
+    except asyncio.CancelledError:
+        # Only uvicorn's stop cancels a request (once its grace is over): said as such.
+        raise HTTPException(503, "the server is stopping; ask again in a moment",
+                            headers={"Retry-After": "1"}) from None
     finally:
         _slots.open -= 1
     return await service.get(job_id)
@@ -246,9 +258,10 @@ def _join(registry: Followed, service: JobService, job_id: str, path: str) -> Jo
 
 
 async def _until_final(service: JobService, job_id: str, path: str, read_as: Signature,
-                       wait_s: float) -> None:
-    """Until the job's watch sees it ended (or removed), or `wait_s` has passed; `read_as`:
-    the file's signature when the route read the job, not ended."""
+                       wait_s: float, request: Request) -> None:
+    """Until the job's watch sees it ended (or removed), `wait_s` has passed, or the client
+    has gone (its slot is not held for nobody); `read_as`: the file's signature when the
+    route read the job, not ended."""
     registry = followed()
     watch = _join(registry, service, job_id, path)
     try:
@@ -263,10 +276,23 @@ async def _until_final(service: JobService, job_id: str, path: str, read_as: Sig
                 await watch.wait(version, beats)
                 version, beats = watch.version, watch.beats
 
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(ended(), wait_s)
+        waits = [asyncio.ensure_future(asyncio.wait_for(ended(), wait_s)),
+                 asyncio.ensure_future(_gone(request))]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for each in waits:
+                each.cancel()
+            # Their ends collected: a TimeoutError is the wait's bound, not an error.
+            await asyncio.gather(*waits, return_exceptions=True)
     finally:
         registry.leave(watch)
+
+
+async def _gone(request: Request) -> None:
+    """Returns once the client has closed its connection (a GET has no body to read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _older(job: dict[str, Any], than: dict[str, Any]) -> bool:
