@@ -334,7 +334,7 @@ def until_ended(client: Client, job_id: str) -> dict[str, Any]:
             except Failure as exc:
                 if exc.status != 503:
                     raise
-                job = None
+                job, dropped_at = None, None  # it answers: a restart's minute starts anew
             if job is not None and job.get(p.F_STATE) in p.FINAL_STATES:
                 return job
             if job is None or time.monotonic() - asked < WAIT_S / 2:

@@ -4,6 +4,7 @@ missed (jobs/api/events.py; docs/contract.md)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -185,6 +186,15 @@ def test_a_get_with_wait_s_answers_once_the_job_has_ended(
                ).status_code == 503 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert answer.status_code == 200 and answer.json()["state"] == "queued", answer.text
+        # A body streamed past the limit is a 413, as on any route (it ended the wait: 200).
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sender:
+            sender.sendall(f"GET /api/jobs/{queued}?wait_s=30 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           "Transfer-Encoding: chunked\r\n\r\n".encode())
+            with contextlib.suppress(OSError):  # the server may close while we still send
+                for _ in range(20):
+                    sender.sendall(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+                sender.sendall(b"0\r\n\r\n")
+            assert sender.recv(64).startswith(b"HTTP/1.1 413"), "a body over the limit"
         # A cancel ends a wait.
         waiting = pool.submit(waiter.get, f"/api/jobs/{queued}", params={"wait_s": 60},
                               timeout=90)

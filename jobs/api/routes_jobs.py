@@ -276,15 +276,17 @@ async def _until_final(service: JobService, job_id: str, path: str, read_as: Sig
                 await watch.wait(version, beats)
                 version, beats = watch.version, watch.beats
 
-        waits = [asyncio.ensure_future(asyncio.wait_for(ended(), wait_s)),
-                 asyncio.ensure_future(_gone(request))]
+        waiting = asyncio.ensure_future(asyncio.wait_for(ended(), wait_s))
+        gone = asyncio.ensure_future(_gone(request))
         try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for each in waits:
+            for each in (waiting, gone):
                 each.cancel()
             # Their ends collected: a TimeoutError is the wait's bound, not an error.
-            await asyncio.gather(*waits, return_exceptions=True)
+            await asyncio.gather(waiting, gone, return_exceptions=True)
+        if gone.done() and not gone.cancelled():
+            gone.result()  # a body sent past the limit, say: answered as anywhere else
     finally:
         registry.leave(watch)
 
