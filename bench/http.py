@@ -125,25 +125,22 @@ def fork_floor() -> dict[str, Any] | None:
             "throughput": _throughput(THROUGHPUT_JOBS, seconds, THROUGHPUT_JOBS)}
 
 
-def _wait_final(client: httpx.Client, job_id: str) -> str:
+def _wait_final(client: httpx.Client, job_id: str, wait_s: float = 0) -> str:
+    """Polled every POLL_S; with `wait_s`, Offload's blocking wait instead: each GET
+    answers once the job has ended (or after `wait_s`)."""
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
-        state = str(client.get(f"/api/jobs/{job_id}").json()["state"])
+        answer = client.get(f"/api/jobs/{job_id}", params={"wait_s": wait_s} if wait_s else None)
+        state = str(answer.json()["state"])
         if state in p.FINAL_STATES:
             return state
-        time.sleep(POLL_S)
+        if not wait_s:
+            time.sleep(POLL_S)
     raise TimeoutError(f"job {job_id} did not finish")
 
 
 def _wait_ended(client: httpx.Client, job_id: str) -> str:
-    """Offload's blocking wait: the GET answers once the job has ended."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline:
-        answer = client.get(f"/api/jobs/{job_id}", params={"wait_s": WAIT_S})
-        state = str(answer.json()["state"])
-        if state in p.FINAL_STATES:
-            return state
-    raise TimeoutError(f"job {job_id} did not finish")
+    return _wait_final(client, job_id, WAIT_S)
 
 
 def offload(cap: int, extra_env: dict[str, str] | None = None,
