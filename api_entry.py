@@ -8,12 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import NoReturn
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
@@ -29,6 +32,7 @@ from jobs.api import (
     routes_metrics,
     routes_status,
 )
+from jobs.api.follow import end_following
 from jobs.api.guards import BodyLimit, RequestGuard
 from jobs.api.lifespan import lifespan
 from jobs.kinds import UnusableKinds, registry
@@ -37,8 +41,8 @@ from jobs.schedules import ScheduleError
 from jobs.settings import MAKE_TOKEN, MAX_BODY_BYTES, Settings, UnusableSettings, get_settings
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-# How long a stop waits for requests under way: an event stream that is followed (a
-# dashboard tab, `offload wait`) never ends of itself, and held the stop for good.
+# How long a stop waits for requests under way, but event streams and waits: those end
+# as it begins (`_Server`), as otherwise they would hold it for good.
 SHUTDOWN_GRACE_S = 5
 
 
@@ -116,8 +120,6 @@ def _port(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
     settings = get_settings()
     parser = argparse.ArgumentParser(prog="python api_entry.py")
     parser.add_argument("--host", default=settings.host)
@@ -132,9 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     usable_settings()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=args.host, port=args.port, access_log=not args.no_access_log,
-                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
-    return 0
+    server = _Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                    access_log=not args.no_access_log,
+                                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl+C: a stop without grace
+        server.run()
+    return 0 if server.started else 3  # 3: uvicorn's own code when it could not start
+
+
+class _Server(uvicorn.Server):
+    """Uvicorn's server, which ends the event streams and waits as its stop begins: a
+    dashboard tab or an `offload wait` held each stop for the whole grace, then saw its
+    request cancelled (an error and a traceback in the log)."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        end_following()
+        await super().shutdown(sockets)
 
 
 if __name__ == "__main__":

@@ -285,25 +285,32 @@ class StartedAsUsersDo(Server):
 
 
 def test_a_wait_goes_on_across_an_api_restart(data_dir: Path, tmp_path: Path) -> None:
-    """A SIGTERM stops the API with a long poll open: it is answered 503, the server is
-    stopping (it was a 500, and the CLI gave up, exit 7), and `offload wait` goes on with
-    the restarted server until the job ends."""
+    """A SIGTERM stops the API with a long poll and an event stream open: as the stop
+    begins, the wait is answered 503, the server is stopping, and the stream ends (they
+    held the stop for its 5 s grace, then were cancelled: an error and a traceback in the
+    log, and a 500 that made the CLI give up); `offload wait` and `offload log --follow`
+    go on with the restarted server until the job ends."""
     env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
     first = StartedAsUsersDo(data_dir, tmp_path / "first.log", env).start()
     second = StartedAsUsersDo(data_dir, tmp_path / "second.log", env)
     second.port, second.url = first.port, first.url
     try:
-        job_id = cli(first.url, "submit", "sleep", "--input", '{"seconds": 20}').stdout.strip()
-        with start_cli(first.url, "wait", job_id) as waiter:
+        job_id = cli(first.url, "submit", "sleep",
+                     "--input", '{"seconds": 20, "steps": 20}').stdout.strip()
+        with start_cli(first.url, "wait", job_id) as waiter, \
+                start_cli(first.url, "log", job_id, "--follow") as follower:
             out, err = Reader(waiter.stdout), Reader(waiter.stderr)
-            time.sleep(2)  # its long poll is open by now
+            progress = Reader(follower.stderr)
+            wait_for(lambda: "step 1/20]" in progress.text, 60, 0.05, "a progress line")
             first.stop()
             log = first.log.read_text()
             assert f"GET /api/jobs/{job_id}?wait_s=25 HTTP/1.1\" 503" in log, log[-2000:]
-            assert "Traceback" not in log, log[-2000:]
+            assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
             second.start()
             assert waiter.wait(90) == 0, err.done()
             assert "completed" in out.done(), out.text
+            assert follower.wait(30) == 0, progress.done()
+            assert "step 20/20]" in progress.done(), progress.text
     finally:
         first.stop()
         second.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -72,6 +73,12 @@ class JobWatch:
     def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+    def end(self) -> None:
+        """Ended now, whatever its task is doing: its followers see `ended` at once."""
+        self.stop()
+        self.ended = True
+        self._publish()
 
     @property
     def running(self) -> bool:
@@ -197,6 +204,25 @@ class Followed:
 
 # Kept until its notifier is closed (a test may run several servers, each on its own loop).
 _by_loop: dict[asyncio.AbstractEventLoop, Followed] = {}
+# The loops whose server is stopping: their streams and waits have ended, none starts.
+_stopping: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def end_following() -> None:
+    """The server begins to stop: every event stream and wait of this loop ends now, and
+    none starts (their clients come back to the next server), rather than holding the
+    stop for its whole grace and being cancelled at its end."""
+    loop = asyncio.get_running_loop()
+    _stopping.add(loop)
+    registry = _by_loop.get(loop)
+    if registry is not None:
+        for watch in list(registry.watches.values()):
+            watch.end()
+
+
+def stopping() -> bool:
+    """Whether this loop's server has begun to stop (`end_following`)."""
+    return asyncio.get_running_loop() in _stopping
 
 
 async def stop_following() -> None:

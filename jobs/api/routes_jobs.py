@@ -13,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from jobs import protocol as p
 from jobs.api.events import BadPosition, change_event, first_event, public, resume_position
-from jobs.api.follow import Followed, JobWatch, file_signature, followed
+from jobs.api.follow import Followed, JobWatch, file_signature, followed, stopping
 from jobs.api.service import JobService
 from jobs.models import BatchAnswer, Job, JobBatch, JobCreate, JobList, JobRerun
 from jobs.protocol import JobState
@@ -121,6 +121,8 @@ async def get_job(job_id: str, service: Service, request: Request,
     job = await service.get(job_id)
     if wait_s <= 0 or job.get(p.F_STATE) in p.FINAL_STATES:
         return job
+    if stopping():
+        raise _server_stopping()
     limit = service.settings.max_event_streams
     if _slots.open >= limit:
         raise HTTPException(503, f"too many open event streams and waits ({limit}); ask "
@@ -129,12 +131,20 @@ async def get_job(job_id: str, service: Service, request: Request,
     try:
         await _until_final(service, job_id, path, read_as, wait_s, request)
     except asyncio.CancelledError:
-        # Only uvicorn's stop cancels a request (once its grace is over): said as such.
-        raise HTTPException(503, "the server is stopping; ask again in a moment",
-                            headers={"Retry-After": "1"}) from None
+        # Uvicorn's stop cancels a request once its grace is over (where nothing ended
+        # the waits as it began: `uvicorn --timeout-graceful-shutdown`).
+        raise _server_stopping() from None
     finally:
         _slots.open -= 1
-    return await service.get(job_id)
+    job = await service.get(job_id)
+    if stopping() and job.get(p.F_STATE) not in p.FINAL_STATES:
+        raise _server_stopping()  # the wait ended with the server, not with the job
+    return job
+
+
+def _server_stopping() -> HTTPException:
+    return HTTPException(503, "the server is stopping; ask again in a moment",
+                         headers={"Retry-After": "1"})
 
 
 @router.delete("/jobs/{job_id}", response_model=Job, responses={
@@ -171,7 +181,8 @@ _slots = _StreamSlots()
 @router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}, **NO_JOB,
                        400: {"description": "a `Last-Event-ID` or `after` that is no id"},
-                       503: {"description": "too many event streams open; poll the job"}})
+                       503: {"description": "too many event streams open, or the server "
+                                            "is stopping; poll the job"}})
 async def job_events(job_id: str, service: Service,
                      last_event_id: Annotated[str | None, Header()] = None,
                      after: str | None = None,
@@ -186,6 +197,8 @@ async def job_events(job_id: str, service: Service,
     path = str(service.store.path(job_id))
     read_as = file_signature(path)
     first = await service.get(job_id)  # 404 before the stream starts
+    if stopping():
+        raise _server_stopping()
     limit = service.settings.max_event_streams
     if _slots.open >= limit:
         raise HTTPException(503, f"too many open event streams ({limit}); "
@@ -243,7 +256,7 @@ async def _follow(service: JobService, job_id: str, path: str, job: dict[str, An
                 beats = watch.beats
                 yield ": keep-alive\n\n"
             else:
-                break  # the job file is gone
+                break  # the job file is gone, or the server stops
     finally:
         registry.leave(watch)
 
