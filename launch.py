@@ -435,6 +435,10 @@ def serve(options: argparse.Namespace, extra: list[str], release: Callable[[], N
     try:
         return proc.wait()
     except KeyboardInterrupt:
+        # A Ctrl+C in the terminal reached the server too; a SIGINT sent to this process
+        # alone did not. SIGTERM: a second SIGINT would stop it without its grace.
+        if os.name != "nt":
+            proc.terminate()
         return proc.wait()
 
 

@@ -199,6 +199,41 @@ def test_the_notifier_outlives_its_last_watch_a_while_then_closes_off_the_loop(
     asyncio.run(main())
 
 
+def test_a_stop_ends_every_watch_and_those_joined_after_it(tmp_path: Path) -> None:
+    """As the server's stop begins (`end_following`), its streams and waits end, also one
+    whose route ran before the stop and joins its watch after (it held the stop for the
+    server's whole grace); a server started on the loop afterwards follows jobs again."""
+    folder = tmp_path / ("e" * 32)
+    folder.mkdir()
+    _job(folder)
+    read = _reader(folder)
+    path = str(folder / p.JOB_FILE)
+
+    async def main() -> None:
+        registry = followed()
+        watch = registry.join(folder.name, path, read, _changes, True)
+        await asyncio.sleep(0.05)
+        assert not watch.ended and not follow.stopping()
+        follow.end_following()
+        assert follow.stopping()
+        await asyncio.wait_for(watch.wait(watch.version, watch.beats), WAIT_S)
+        assert watch.ended and not watch.final
+        late = registry.join(folder.name, path, read, _changes, True)
+        await asyncio.wait_for(late.wait(late.version, late.beats), WAIT_S)
+        assert late.ended and not late.final
+        registry.leave(late)
+        registry.leave(watch)
+        follow.start_following()
+        assert not follow.stopping()
+        again = registry.join(folder.name, path, read, _changes, True)
+        await asyncio.sleep(0.05)
+        assert not again.ended
+        registry.leave(again)
+        await stop_following()
+
+    asyncio.run(main())
+
+
 async def _closed(registry: Followed) -> None:
     """Until the registry's notifier, its linger over, has been closed (in a thread)."""
     for _ in range(WAIT_S * 100):

@@ -168,6 +168,8 @@ class Followed:
             self.watches[job_id] = watch
             watch.start()
         watch.followers += 1
+        if stopping():  # a stream whose route ran before the stop began: it ends too
+            watch.end()
         return watch
 
     def leave(self, watch: JobWatch) -> None:
@@ -223,6 +225,11 @@ def end_following() -> None:
 def stopping() -> bool:
     """Whether this loop's server has begun to stop (`end_following`)."""
     return asyncio.get_running_loop() in _stopping
+
+
+def start_following() -> None:
+    """A server starts on this loop (after another stopped on it: a test's, say)."""
+    _stopping.discard(asyncio.get_running_loop())
 
 
 async def stop_following() -> None:

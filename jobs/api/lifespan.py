@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from jobs import protocol as p
-from jobs.api.follow import stop_following
+from jobs.api.follow import start_following, stop_following
 from jobs.api.history import MetricsReader
 from jobs.api.keeper import SupervisorKeeper
 from jobs.api.predictor import Predictor
@@ -48,6 +48,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # A worker thread doing Python work (reading job files, say) holds the GIL for up to
     # the switch interval before the event loop gets it back: 5 ms by default.
     sys.setswitchinterval(GIL_SWITCH_S)
+    start_following()
     keeper = SupervisorKeeper(settings)
     metrics = MetricsReader(Path(p.metrics_file(settings.data_dir)),
                             HISTORY_KEEP_S, HISTORY_SAMPLE_S)

@@ -130,13 +130,14 @@ async def get_job(job_id: str, service: Service, request: Request,
     _slots.open += 1  # a wait holds a watch as a stream does, and counts as one
     try:
         await _until_final(service, job_id, path, read_as, wait_s, request)
+        job = await service.get(job_id)
     except asyncio.CancelledError:
         # Uvicorn's stop cancels a request once its grace is over (where nothing ended
-        # the waits as it began: `uvicorn --timeout-graceful-shutdown`).
+        # the waits as it began: `uvicorn --timeout-graceful-shutdown`), or at once on a
+        # second Ctrl+C.
         raise _server_stopping() from None
     finally:
         _slots.open -= 1
-    job = await service.get(job_id)
     if stopping() and job.get(p.F_STATE) not in p.FINAL_STATES:
         raise _server_stopping()  # the wait ended with the server, not with the job
     return job
