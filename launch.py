@@ -428,18 +428,35 @@ def serve(options: argparse.Namespace, extra: list[str], release: Callable[[], N
             webbrowser.open(url)
 
     threading.Thread(target=when_up, daemon=True).start()
+    return until_stopped(proc)
+
+
+def until_stopped(proc: subprocess.Popen[bytes]) -> int:
+    """The server's exit code once it has ended; 0 if it was asked to stop, and did."""
+    stop_asked = False
+
+    def stop(*_: object) -> None:
+        nonlocal stop_asked
+        stop_asked = True
+        proc.terminate()
+
     # Stopped as a whole (a process manager, a closed terminal): the server stops with it.
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
-            signal.signal(getattr(signal, name), lambda *_: proc.terminate())
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        # A Ctrl+C in the terminal reached the server too; a SIGINT sent to this process
-        # alone did not. SIGTERM: a second SIGINT would stop it without its grace.
-        if os.name != "nt":
-            proc.terminate()
-        return proc.wait()
+            signal.signal(getattr(signal, name), stop)
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:  # a second one too: the server's stop is waited for
+            # A Ctrl+C in the terminal reached the server too; a SIGINT sent to this
+            # process alone did not. SIGTERM: a second SIGINT would cut its grace short.
+            if not stop_asked and os.name != "nt":
+                proc.terminate()
+            stop_asked = True
+    # Once stopped, uvicorn raises the signals it was sent again (and a closed terminal's
+    # SIGHUP ends it at once): a stop asked for is no failure (0, as before, not 241).
+    return 0 if stop_asked and code <= 0 else code
 
 
 def offload_answers(url: str) -> bool:

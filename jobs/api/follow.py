@@ -246,5 +246,12 @@ def followed() -> Followed:
     loop = asyncio.get_running_loop()
     registry = _by_loop.get(loop)
     if registry is None:
-        registry = _by_loop[loop] = Followed(on_empty=lambda: _by_loop.pop(loop, None))
+        made = Followed(on_empty=lambda: _forget(loop, made))
+        registry = _by_loop[loop] = made
     return registry
+
+
+def _forget(loop: asyncio.AbstractEventLoop, registry: Followed) -> None:
+    """`registry` no longer this loop's, unless a newer one has taken its place."""
+    if _by_loop.get(loop) is registry:
+        del _by_loop[loop]
