@@ -11,8 +11,11 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -145,11 +148,29 @@ def main(argv: list[str] | None = None) -> int:
 class _Server(uvicorn.Server):
     """Uvicorn's server, which ends the event streams and waits as its stop begins: a
     dashboard tab or an `offload wait` held each stop for the whole grace, then saw its
-    request cancelled (an error and a traceback in the log)."""
+    request cancelled (an error and a traceback in the log). A closed terminal (SIGHUP)
+    stops it as Ctrl+C does, where it cut every stream and request on the spot."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         end_following()
         await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        hangup = getattr(signal, "SIGHUP", None)  # none on Windows
+        if (hangup is None or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(hangup) is signal.SIG_IGN):  # nohup's, left as asked
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(hangup, self.handle_exit)
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                # Before uvicorn raises the signals it caught again, as it does SIGTERM's:
+                # a hang-up then ends the process as it would have, only after the stop.
+                signal.signal(hangup, previous)
 
 
 if __name__ == "__main__":

@@ -454,8 +454,8 @@ def until_stopped(proc: subprocess.Popen[bytes]) -> int:
             if not stop_asked and os.name != "nt":
                 proc.terminate()
             stop_asked = True
-    # Once stopped, uvicorn raises the signals it was sent again (and a closed terminal's
-    # SIGHUP ends it at once): a stop asked for is no failure (0, as before, not 241).
+    # Once stopped, uvicorn raises the signals it was sent again (a closed terminal's
+    # SIGHUP too): a stop asked for is no failure (0, as before, not 241).
     return 0 if stop_asked and code <= 0 else code
 
 

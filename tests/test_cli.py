@@ -284,12 +284,15 @@ class StartedAsUsersDo(Server):
         return [sys.executable, str(ROOT / "api_entry.py"), "--port", str(self.port)]
 
 
-def test_a_wait_goes_on_across_an_api_restart(data_dir: Path, tmp_path: Path) -> None:
-    """A SIGTERM stops the API with a long poll and an event stream open: as the stop
-    begins, the wait is answered 503, the server is stopping, and the stream ends (they
-    held the stop for its 5 s grace, then were cancelled: an error and a traceback in the
-    log, and a 500 that made the CLI give up); `offload wait` and `offload log --follow`
-    go on with the restarted server until the job ends."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_wait_goes_on_across_an_api_restart(data_dir: Path, tmp_path: Path,
+                                              stop: signal.Signals) -> None:
+    """A SIGTERM, or a closed terminal's SIGHUP, stops the API with a long poll and an
+    event stream open: as the stop begins, the wait is answered 503, the server is
+    stopping, and the stream ends (they held the stop for its 5 s grace, then were
+    cancelled: an error and a traceback in the log, and a 500 that made the CLI give up;
+    a SIGHUP cut them on the spot); `offload wait` and `offload log --follow` go on with
+    the restarted server until the job ends."""
     env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
     first = StartedAsUsersDo(data_dir, tmp_path / "first.log", env).start()
     second = StartedAsUsersDo(data_dir, tmp_path / "second.log", env)
@@ -302,7 +305,7 @@ def test_a_wait_goes_on_across_an_api_restart(data_dir: Path, tmp_path: Path) ->
             out, err = Reader(waiter.stdout), Reader(waiter.stderr)
             progress = Reader(follower.stderr)
             wait_for(lambda: "step 1/20]" in progress.text, 60, 0.05, "a progress line")
-            first.stop()
+            first.stop(stop)
             log = first.log.read_text()
             assert f"GET /api/jobs/{job_id}?wait_s=25 HTTP/1.1\" 503" in log, log[-2000:]
             assert "Traceback" not in log and "ERROR" not in log, log[-3000:]

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -117,19 +118,26 @@ def test_a_venv_that_does_not_work_is_made_again(tmp_path: Path,
     assert launch.venv_works() and not (venv / "offload-install.json").exists()
 
 
+def _launched(tmp_path: Path, port: int) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """`python launch.py` as a user starts it (a process group of its own, as in its
+    terminal), and the environment it was given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    env.update(OFFLOAD_DATA_DIR=str(tmp_path / "var"), OPENAI_BASE_URL="http://127.0.0.1:9/v1")
+    launcher = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port",
+                                 str(port), "--no-access-log"], cwd=ROOT, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    return launcher, env
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "Ctrl+C"])
 def test_launch_py_stopped_with_a_signal_stops_its_server(tmp_path: Path, sig: str) -> None:
     # As a process manager stops it (and the only way to stop a start_dashboard.pyw);
     # a SIGINT to it alone (`kill -INT`) left it waiting for a server that ran on; a
     # Ctrl+C in its terminal (a SIGINT to its process group) stops both.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
-    env.update(OFFLOAD_DATA_DIR=str(tmp_path / "var"), OPENAI_BASE_URL="http://127.0.0.1:9/v1")
     port = free_port()
-    launcher = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port",
-                                 str(port), "--no-access-log"], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    launcher, env = _launched(tmp_path, port)
     waiting: subprocess.Popen[bytes] | None = None
     try:
         wait_for(lambda: _health(port), 120, 0.3, f"the server on {port}")
@@ -158,6 +166,48 @@ def test_launch_py_stopped_with_a_signal_stops_its_server(tmp_path: Path, sig: s
         stop_process(launcher)
         if waiting is not None:
             stop_process(waiting)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_closing_its_terminal_stops_launch_py_and_its_server_as_ctrl_c_does(
+        tmp_path: Path) -> None:
+    """Its terminal window closed: the shell hangs up its jobs (a SIGHUP to launch.py's
+    process group, its server's too). The server stops as Ctrl+C stops it, a followed
+    job's event stream ended; it died on the spot, the stream cut, its shutdown never run."""
+    port = free_port()
+    launcher, _ = _launched(tmp_path, port)
+    ended: list[str] = []
+    try:
+        wait_for(lambda: _health(port), 120, 0.3, f"the server on {port}")
+        servers = [proc for proc in psutil.Process(launcher.pid).children()
+                   if "api_entry.py" in " ".join(proc.cmdline())]
+        url = f"http://127.0.0.1:{port}"
+        httpx.post(f"{url}/api/queue/pause").raise_for_status()
+        job_id = httpx.post(f"{url}/api/jobs", json={"kind": "sleep"}).json()["id"]
+        opened = threading.Event()
+
+        def follow() -> None:
+            try:
+                with httpx.stream("GET", f"{url}/api/jobs/{job_id}/events",
+                                  timeout=60) as stream:
+                    opened.set()
+                    for _ in stream.iter_lines():
+                        pass
+                ended.append("ended")
+            except httpx.HTTPError as exc:
+                ended.append(f"cut: {exc!r}")
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        assert opened.wait(30)
+        os.killpg(launcher.pid, signal.SIGHUP)
+        assert launcher.wait(30) == 0, "a stop asked for is no failure"
+        follower.join(30)
+        psutil.wait_procs(servers, timeout=30)
+        assert len(servers) == 1 and not servers[0].is_running()
+        assert ended == ["ended"], ended
+    finally:
+        stop_process(launcher)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
