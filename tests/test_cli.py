@@ -319,6 +319,25 @@ def test_a_wait_goes_on_across_an_api_restart(data_dir: Path, tmp_path: Path,
         second.stop()
 
 
+def test_a_second_ctrl_c_stops_the_api_without_a_traceback(data_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """Ctrl+C twice: uvicorn stops at once, without the app's shutdown, and the app's
+    lifespan, cancelled at the end, was logged as an ERROR with a traceback."""
+    api = StartedAsUsersDo(data_dir, tmp_path / "api.log",
+                           {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}).start()
+    try:
+        assert api.proc is not None
+        api.proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)  # within the stop's first 0.1 s, before the app's shutdown
+        api.proc.send_signal(signal.SIGINT)
+        assert api.proc.wait(30) == 0
+        log = api.log.read_text()
+        assert "Shutting down" in log and "Application shutdown complete" not in log, log
+        assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    finally:
+        api.stop()
+
+
 def test_log_follow_shows_progress_and_ctrl_c_exits_130(server: Server) -> None:
     job_id = cli(server.url, "submit", "sleep", "--input",
                  '{"seconds": 120, "steps": 120}').stdout.strip()

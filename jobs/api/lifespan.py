@@ -74,6 +74,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.freeze()
     try:
         yield
+    except asyncio.CancelledError:
+        # A stop without grace (a second Ctrl+C) skips the app's shutdown, and the loop's
+        # end cancels it here: cleaned up all the same below, it is no failure (passed
+        # on, it is logged as an error with a traceback).
+        log.info("stopped without grace")
     finally:
         for task in tasks:
             task.cancel()
