@@ -1,8 +1,8 @@
 """Offload's API: build the app, include the routes, serve.
 
     python api_entry.py [--host H] [--port P]
-    uvicorn api_entry:app --workers 4
-    gunicorn api_entry:app -k uvicorn.workers.UvicornWorker -w 4
+    uvicorn api_entry:app --port 8001 --workers 4
+    gunicorn api_entry:app -k uvicorn.workers.UvicornWorker -w 4 -b 127.0.0.1:8001
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ errors, duplicates, a head that forgets its jobs, what is sent. Runs everywhere.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from jobs import protocol as p
+from jobs.launch import ray as ray_launcher
 from jobs.launch.ray import RayLauncher, submission_id
 from jobs.launch.ray_client import RayError, RayJobsClient, RayUnavailable
 from jobs.protocol import remote
@@ -261,3 +263,20 @@ def test_a_job_cancelled_before_ray_has_it_never_runs(
     final = sup.wait_final(job_id)
     assert final["state"] == "cancelled", final
     assert sid in fake.stopped
+
+
+def test_a_ray_that_stays_unreachable_is_said_once_then_the_job_is_lost(
+        make_supervisor: Callable[..., RunningSupervisor], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Each poll (5 a second by default) logged a warning, for the whole minute.
+    monkeypatch.setattr(ray_launcher, "RAY_UNREACHABLE_S", 1.0)
+    nobody = f"http://127.0.0.1:{free_port()}"
+    sup = make_supervisor(launcher=RayLauncher(nobody, poll_s=0.02))
+    with caplog.at_level(logging.INFO, logger="jobs.launch.ray"):
+        final = sup.wait_final(sup.submit(seconds=1))
+    assert final["state"] == "failed"
+    assert "not reachable" in final["error"]["message"], final
+    assert "for more than 1 s" in final["error"]["message"], final
+    said = [r.getMessage() for r in caplog.records
+            if r.name == "jobs.launch.ray" and r.levelno == logging.WARNING]
+    assert len(said) == 1 and "trying again for up to 1 s" in said[0], "\n".join(said)

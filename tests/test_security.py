@@ -270,7 +270,8 @@ def test_event_streams_are_bounded(make_server: MakeServer) -> None:
                 assert opened.wait(20)
             third = client.get(path)
             assert third.status_code == 503
-            assert "too many open event streams (2)" in third.json()["detail"]
+            assert "too many open event streams and waits (2)" in third.json()["detail"]
+            assert third.headers["Retry-After"] == "1"
         finally:
             release.set()
             for holder in holders:

@@ -125,8 +125,7 @@ async def get_job(job_id: str, service: Service, request: Request,
         raise _server_stopping()
     limit = service.settings.max_event_streams
     if _slots.open >= limit:
-        raise HTTPException(503, f"too many open event streams and waits ({limit}); ask "
-                                 "again later, or without wait_s", headers={"Retry-After": "1"})
+        raise _slots_taken(limit, "ask again later, or without wait_s")
     _slots.open += 1  # a wait holds a watch as a stream does, and counts as one
     try:
         await _until_final(service, job_id, path, read_as, wait_s, request)
@@ -141,6 +140,12 @@ async def get_job(job_id: str, service: Service, request: Request,
     if stopping() and job.get(p.F_STATE) not in p.FINAL_STATES:
         raise _server_stopping()  # the wait ended with the server, not with the job
     return job
+
+
+def _slots_taken(limit: int, instead: str) -> HTTPException:
+    """Every event stream and wait of this worker taken (`OFFLOAD_MAX_EVENT_STREAMS`)."""
+    return HTTPException(503, f"too many open event streams and waits ({limit}); {instead}",
+                         headers={"Retry-After": "1"})
 
 
 def _server_stopping() -> HTTPException:
@@ -202,8 +207,7 @@ async def job_events(job_id: str, service: Service,
         raise _server_stopping()
     limit = service.settings.max_event_streams
     if _slots.open >= limit:
-        raise HTTPException(503, f"too many open event streams ({limit}); "
-                                 "poll GET /api/jobs/{id} instead, or retry later")
+        raise _slots_taken(limit, "poll GET /api/jobs/{id} instead, or retry later")
     # Taken here, with no await since the check: a burst of requests cannot all pass it.
     _slots.open += 1
     return _HoldingASlot(_follow(service, job_id, path, first, read_as, position),

@@ -215,17 +215,19 @@ class RayLauncher(Launcher):
         while not self._closing.is_set() and not run.ended.is_set():
             try:
                 self.sync(run)
+                if failing_since is not None:
+                    log.info("job %s: Ray answers again", run.job_id)
                 failing_since = None
             except OSError as exc:  # RayError too; a local write may also fail
                 if run.to_submit is not None and isinstance(exc, RayError) \
                         and not isinstance(exc, RayUnavailable):
                     self._end(run, None, f"never started: {exc}")  # Ray refused the job
-                else:
-                    failing_since = failing_since or time.monotonic()
-                    if time.monotonic() - failing_since > RAY_UNREACHABLE_S:
-                        self._end(run, None, f"{exc}; for more than {RAY_UNREACHABLE_S:.0f} s")
-                    else:
-                        log.warning("job %s: %s", run.job_id, exc)
+                elif failing_since is None:  # said once: it polled the log full, 5 a second
+                    failing_since = time.monotonic()
+                    log.warning("job %s: %s; trying again for up to %.0f s", run.job_id, exc,
+                                RAY_UNREACHABLE_S)
+                elif time.monotonic() - failing_since > RAY_UNREACHABLE_S:
+                    self._end(run, None, f"{exc}; for more than {RAY_UNREACHABLE_S:.0f} s")
             if run.ended.is_set():
                 on_exit()
                 return
