@@ -16,6 +16,7 @@ import math
 import os
 import sys
 
+from jobs import protocol as p
 from runners import base
 
 TYPE_CHECKING = False
@@ -53,6 +54,11 @@ def execute(job: base.Job) -> dict[str, Any]:
         cutoff = samples[-1]["t"] - options["seconds"] if samples else 0
         samples = [s for s in samples if s["t"] >= cutoff]
     lags = options["lags"]
+    history = p.metrics_file(data_dir)
+    if not samples and not os.path.exists(history):
+        raise base.RunnerError(
+            f"no history to learn from at {history}: is {data_dir!r} Offload's data folder "
+            "(--data-dir, OFFLOAD_DATA_DIR)? The dashboard records a sample a second there")
     if len(samples) < samples_needed(lags):
         raise base.RunnerError(
             f"not enough history to learn from yet: {len(samples)} samples, need at least "

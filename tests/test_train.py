@@ -130,6 +130,16 @@ def test_direct_cli_trains_and_prints_progress(data_dir: Path) -> None:
     assert json.loads(done.stdout)["version"] == 1
 
 
+def test_direct_cli_on_a_folder_without_history_says_so(tmp_path: Path) -> None:
+    # It said to let the dashboard run a few minutes, whatever folder it was given.
+    elsewhere = tmp_path / "not-the-data-folder"
+    done = subprocess.run([sys.executable, "-m", "runners.train", "--data-dir", str(elsewhere)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "no history to learn from at" in done.stderr and "not-the-data-folder" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_kinds_of_ones_own() -> None:
     kinds = discover(env="echo=runners.sleep, ")
     assert kinds["echo"].module == "runners.sleep" and kinds["echo"].input_model is None
