@@ -116,10 +116,14 @@ async def get_job(job_id: str, service: Service, request: Request,
                       "after this many seconds (long polling)")] = 0) -> dict[str, Any]:
     """The job; with `wait_s`, answered once it has ended or after that many seconds,
     whichever comes first (long polling: a script waits without asking again and again)."""
+    if wait_s <= 0:
+        return await service.get(job_id)
     path = str(service.store.path(job_id))
     read_as = file_signature(path)
-    job = await service.get(job_id)
-    if wait_s <= 0 or job.get(p.F_STATE) in p.FINAL_STATES:
+    # Not `get`: a job queued a moment ago is not counted in the index yet, and its place
+    # in the queue would cost a look at every live job; counted once the wait is over.
+    job = await service.read(job_id)
+    if job.get(p.F_STATE) in p.FINAL_STATES:
         return job
     if stopping():
         raise _server_stopping()

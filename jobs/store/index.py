@@ -228,7 +228,15 @@ class JobIndex:
             self._refresh(max_age_s)
             position = self._queue_positions().get(job_id)
             if position is None and max_age_s > 0:
-                self._refresh(0.0)
+                if job_id in self._entries:
+                    self._refresh(0.0)
+                else:  # queued since the last look: read alone, not with every live job
+                    self._load(job_id)
+                    entry = self._entries.get(job_id)
+                    if entry is not None and entry.live is not None and any(
+                            other not in self._entries for other in _awaited(entry.live.data)):
+                        self._refresh(0.0)  # and a job it waits for, as new
+                    self._positions = (None, {})
                 position = self._queue_positions().get(job_id)
             return position
 
@@ -524,11 +532,16 @@ class JobIndex:
     def _waits_for_another(self, job: dict[str, Any]) -> bool:
         """Whether a job the supervisor holds it back for has not ended: one its
         `depends_on` names, or the chat's earlier turn its `after` names."""
-        after = job.get(p.F_AFTER)
-        others = [*p.dependencies(job), *([after] if isinstance(after, str) else [])]
         return any((entry := self._entries.get(each)) is not None
                    and entry.state in (p.JobState.QUEUED, p.JobState.RUNNING)
-                   for each in others)
+                   for each in _awaited(job))
+
+
+def _awaited(job: dict[str, Any]) -> list[str]:
+    """The jobs `job` may wait for: those its `depends_on` names, and the chat's earlier
+    turn its `after` names."""
+    after = job.get(p.F_AFTER)
+    return [*p.dependencies(job), *([after] if isinstance(after, str) else [])]
 
 
 def _launch_order(job: dict[str, Any], now: float) -> tuple[float, int, int, str]:
