@@ -441,9 +441,11 @@ def until_stopped(proc: subprocess.Popen[bytes]) -> int:
         proc.terminate()
 
     # Stopped as a whole (a process manager, a closed terminal): the server stops with it.
+    # Not a hang-up under nohup (ignored, as its server ignores it).
     for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), stop)
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, stop)
     while True:
         try:
             code = proc.wait()

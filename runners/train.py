@@ -54,11 +54,12 @@ def execute(job: base.Job) -> dict[str, Any]:
         cutoff = samples[-1]["t"] - options["seconds"] if samples else 0
         samples = [s for s in samples if s["t"] >= cutoff]
     lags = options["lags"]
-    history = p.metrics_file(data_dir)
-    if not samples and not os.path.exists(history):
+    if not samples and not os.path.isdir(os.path.join(data_dir, "jobs")):
+        # No Offload ever ran on it (a --data-dir elsewhere); a new one's comes within a second.
         raise base.RunnerError(
-            f"no history to learn from at {history}: is {data_dir!r} Offload's data folder "
-            "(--data-dir, OFFLOAD_DATA_DIR)? The dashboard records a sample a second there")
+            f"no history to learn from at {p.metrics_file(data_dir)}: is {data_dir!r} "
+            "Offload's data folder (--data-dir, OFFLOAD_DATA_DIR)? The dashboard records a "
+            "sample a second there")
     if len(samples) < samples_needed(lags):
         raise base.RunnerError(
             f"not enough history to learn from yet: {len(samples)} samples, need at least "

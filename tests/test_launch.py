@@ -118,12 +118,13 @@ def test_a_venv_that_does_not_work_is_made_again(tmp_path: Path,
     assert launch.venv_works() and not (venv / "offload-install.json").exists()
 
 
-def _launched(tmp_path: Path, port: int) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+def _launched(tmp_path: Path, port: int, before: tuple[str, ...] = (),
+              ) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     """`python launch.py` as a user starts it (a process group of its own, as in its
-    terminal), and the environment it was given."""
+    terminal; `before`: a command it is given to, such as nohup), and its environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
     env.update(OFFLOAD_DATA_DIR=str(tmp_path / "var"), OPENAI_BASE_URL="http://127.0.0.1:9/v1")
-    launcher = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port",
+    launcher = subprocess.Popen([*before, sys.executable, "launch.py", "--no-browser", "--port",
                                  str(port), "--no-access-log"], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -206,6 +207,20 @@ def test_closing_its_terminal_stops_launch_py_and_its_server_as_ctrl_c_does(
         psutil.wait_procs(servers, timeout=30)
         assert len(servers) == 1 and not servers[0].is_running()
         assert ended == ["ended"], ended
+    finally:
+        stop_process(launcher)
+
+
+@pytest.mark.skipif(shutil.which("nohup") is None, reason="nohup")
+def test_launch_py_under_nohup_runs_on_when_its_terminal_closes(tmp_path: Path) -> None:
+    # It stopped its server on the hang-up it was told to ignore.
+    port = free_port()
+    launcher, _ = _launched(tmp_path, port, ("nohup",))
+    try:
+        wait_for(lambda: _health(port), 120, 0.3, f"the server on {port}")
+        os.killpg(launcher.pid, signal.SIGHUP)
+        time.sleep(3)
+        assert launcher.poll() is None and _health(port)
     finally:
         stop_process(launcher)
 

@@ -138,6 +138,11 @@ def test_direct_cli_on_a_folder_without_history_says_so(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "no history to learn from at" in done.stderr and "not-the-data-folder" in done.stderr
     assert "Traceback" not in done.stderr
+    # A new data folder (the dashboard's first sample is a second away): as before.
+    (elsewhere / "jobs").mkdir(parents=True)
+    done = subprocess.run([sys.executable, "-m", "runners.train", "--data-dir", str(elsewhere)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "not enough history to learn from yet" in done.stderr
 
 
 def test_kinds_of_ones_own() -> None:

@@ -77,7 +77,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except asyncio.CancelledError:
         # A stop without grace (a second Ctrl+C) skips the app's shutdown, and the loop's
         # end cancels it here: cleaned up all the same below, it is no failure (passed
-        # on, it is logged as an error with a traceback).
+        # on, it is logged as an error with a traceback). After a SIGTERM or SIGHUP the
+        # signal raised again ends the process first; its supervisor sees it gone.
         log.info("stopped without grace")
     finally:
         for task in tasks:

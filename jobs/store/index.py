@@ -103,6 +103,8 @@ class DirListing:
         self._mtime_ns: int | None = None
         self._stable = False
         self._listed_at = 0.0
+        self._listed: set[str] = set()  # every name of the last listing
+        self._ids: set[str] = set()  # those of them that are job ids
 
     def changed(self) -> set[str] | None:
         """The ids in the folder if it may have changed since the last call, else None."""
@@ -114,11 +116,16 @@ class DirListing:
         now = time.monotonic()
         if self._stable and st.st_mtime_ns == self._mtime_ns and now - self._listed_at < RELIST_S:
             return None
-        names = {name for name in os.listdir(self.folder) if p.is_valid_id(name)}
+        listed = set(os.listdir(self.folder))
+        # Only the names new since the last listing are checked: with thousands of jobs
+        # kept, checking each one again cost more than listing the folder.
+        self._ids = (self._ids & listed) | {
+            name for name in listed - self._listed if p.is_valid_id(name)}
+        self._listed = listed
         self._mtime_ns = st.st_mtime_ns
         self._stable = time.time() - st.st_mtime > DIR_SETTLE_S
         self._listed_at = now
-        return names
+        return set(self._ids)
 
 
 class JobIndex:
@@ -260,7 +267,7 @@ class JobIndex:
     def session_turn(self, session_id: str) -> tuple[str | None, list[str]]:
         """A chat session's newest job and its queued or running ones, counted now."""
         with self._lock:
-            self._refresh(0.0)
+            self._refresh_session(session_id)
             newest = self._session_newest.get(session_id)
             return (newest[1] if newest else None), sorted(self._session_live.get(session_id, ()))
 
@@ -318,6 +325,24 @@ class JobIndex:
         now = time.monotonic()
         if self._refreshed_at is not None and now - self._refreshed_at <= max_age_s:
             return
+        self._take_listing()
+        wall = time.time()
+        for job_id in list(self._watched):
+            self._check(job_id, wall)
+        self._refreshed_at = now
+
+    def _refresh_session(self, session_id: str) -> None:
+        """`_refresh(0.0)` for one chat session's turns: the jobs added and removed, and
+        the session's queued and running ones looked at again, not every live job."""
+        self._take_listing()
+        wall = time.time()
+        for job_id in list(self._session_live.get(session_id, ())):
+            if job_id in self._watched:
+                self._check(job_id, wall)
+        self._positions = (None, {})  # counted again: jobs may have changed since
+
+    def _take_listing(self) -> None:
+        """The jobs added to the folder and removed from it since the last listing."""
         names = self._listing.changed()
         if names is not None:
             for gone in (self._entries.keys() | self._missing) - names:
@@ -326,10 +351,6 @@ class JobIndex:
             self._missing |= names - self._entries.keys()
         for job_id in list(self._missing):
             self._load(job_id)
-        wall = time.time()
-        for job_id in list(self._watched):
-            self._check(job_id, wall)
-        self._refreshed_at = now
 
     def _load(self, job_id: str) -> None:
         path = p.job_path(self.dir, job_id)
