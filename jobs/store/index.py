@@ -16,6 +16,7 @@ import threading
 import time
 from array import array
 from collections import OrderedDict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,11 @@ class DirListing:
         self._mtime_ns: int | None = None
         self._stable = False
         self._listed_at = 0.0
-        self._listed: set[str] = set()  # every name of the last listing
-        self._ids: set[str] = set()  # those of them that are job ids
 
-    def changed(self) -> set[str] | None:
-        """The ids in the folder if it may have changed since the last call, else None."""
+    def changed(self, known: AbstractSet[str] = frozenset()) -> set[str] | None:
+        """The ids in the folder if it may have changed since the last call, else None.
+        `known`: names known to be job ids, not checked again (with thousands of jobs
+        kept, checking each name cost more than listing the folder)."""
         try:
             st = os.stat(self.folder)
         except FileNotFoundError:
@@ -117,15 +118,11 @@ class DirListing:
         if self._stable and st.st_mtime_ns == self._mtime_ns and now - self._listed_at < RELIST_S:
             return None
         listed = set(os.listdir(self.folder))
-        # Only the names new since the last listing are checked: with thousands of jobs
-        # kept, checking each one again cost more than listing the folder.
-        self._ids = (self._ids & listed) | {
-            name for name in listed - self._listed if p.is_valid_id(name)}
-        self._listed = listed
+        names = (listed & known) | {name for name in listed - known if p.is_valid_id(name)}
         self._mtime_ns = st.st_mtime_ns
         self._stable = time.time() - st.st_mtime > DIR_SETTLE_S
         self._listed_at = now
-        return set(self._ids)
+        return names
 
 
 class JobIndex:
@@ -343,7 +340,7 @@ class JobIndex:
 
     def _take_listing(self) -> None:
         """The jobs added to the folder and removed from it since the last listing."""
-        names = self._listing.changed()
+        names = self._listing.changed(self._entries.keys() | self._missing)
         if names is not None:
             for gone in (self._entries.keys() | self._missing) - names:
                 self._drop(gone)

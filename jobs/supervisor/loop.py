@@ -377,7 +377,7 @@ class Supervisor:
 
     def _scan(self) -> tuple[set[str], set[str]]:
         """The jobs on disk, and which of the live ones have a stop request."""
-        names = self._listing.changed()
+        names = self._listing.changed(self._names)
         if names is not None:
             self._names = names
         jobs = self._names
