@@ -1117,8 +1117,13 @@ def cmd_schedules(client: Client, args: argparse.Namespace) -> int:
 
 def _timing(schedule: dict[str, Any]) -> str:
     """`every 6h`'s seconds, or its cron expression and time zone."""
-    if isinstance(schedule.get("every_s"), (int, float)):
-        return f"every {schedule['every_s']:g}s"
+    every = schedule.get("every_s")
+    if isinstance(every, (int, float)):
+        # As a schedules file says it: 21600 s is "6h", 90 s stays "90s".
+        for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
+            if every >= seconds and every % seconds == 0:
+                return f"every {every // seconds:g}{unit}"
+        return f"every {every:g}s"
     return f"cron {schedule.get('cron')} {schedule.get('timezone') or 'UTC'}"
 
 

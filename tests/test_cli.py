@@ -491,7 +491,7 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
 
     listed = cli(url, "schedules").stdout.splitlines()
     assert listed[0].split() == ["NAME", "KIND", "WHEN", "NEXT", "RUN", "(UTC)", "LAST", "JOB"]
-    assert listed[1].split()[:4] == ["nightly", "sleep", "every", "86400s"]
+    assert listed[1].split()[:4] == ["nightly", "sleep", "every", "1d"]
     assert cli(url, "pause", "nightly").stdout == "schedule nightly paused\n"
     assert cli(url, "schedules").stdout.splitlines()[1].split()[4] == "paused"
     assert cli(url, "resume", "nightly").stdout == "schedule nightly running\n"
