@@ -40,6 +40,9 @@ CONTEXT_WINDOW_S = 600.0  # the chat expert sees a summary of the last ten minut
 OVERVIEW_MAX_AGE_S = 0.25  # /api/history and /api/health may be this stale; a job read never
 INLINE_MAX_S = 0.005  # a file operation run on the event loop must take less than this
 INLINE_PAUSE_S = 60.0  # after one that took longer, worker threads for this long
+# One slow operation is a hiccup (an fsync after a quiet spell); another this soon after
+# the last says the disk is slow, a warning.
+SLOW_AGAIN_S = 600.0
 KEY_POLL_S = 0.05  # how often a request waits on a key whose job is being stored
 KEY_WAIT_S = 3 * PENDING_S  # and gives up after this long (a claim that never ages)
 TURN_LOCKS = 64
@@ -64,6 +67,7 @@ class SmallIO:
         # being replaced there refuses readers for a moment (read_json sleeps and retries),
         # and virus scanners make opening a file slow.
         self._inline_from = 0.0 if os.name == "posix" else math.inf
+        self._slow_at: float | None = None  # monotonic time of the last slow operation
 
     async def run(self, what: str, func: Callable[..., T], *args: Any) -> T:
         if time.monotonic() < self._inline_from:
@@ -74,9 +78,14 @@ class SmallIO:
         finally:
             took = time.perf_counter() - started
             if took > INLINE_MAX_S:
-                self._inline_from = time.monotonic() + INLINE_PAUSE_S
-                log.warning("%s took %.1f ms; the API touches job files from worker "
-                            "threads for the next %.0f s", what, took * 1000, INLINE_PAUSE_S)
+                now = time.monotonic()
+                again = self._slow_at is not None and now - self._slow_at < SLOW_AGAIN_S
+                self._slow_at, self._inline_from = now, now + INLINE_PAUSE_S
+                log.log(logging.WARNING if again else logging.INFO,
+                        "%s took %.1f ms%s; the API touches job files from worker threads "
+                        "for the next %.0f s", what, took * 1000,
+                        ", again: is the data folder on a slow disk?" if again else "",
+                        INLINE_PAUSE_S)
 
 
 class AlreadyFinished(Exception):
