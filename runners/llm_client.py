@@ -42,11 +42,14 @@ MIN_SECRET_PART = 6  # a key cut off in a message is redacted from this many cha
 
 
 class Config:
-    __slots__ = ("base_url", "api_key", "model", "first_token_s", "_secret", "_basic")
+    __slots__ = ("base_url", "api_key", "model", "first_token_s", "setting", "_secret",
+                 "_basic")
 
     def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None,
-                 first_token_s: float = FIRST_TOKEN_TIMEOUT_S) -> None:
+                 first_token_s: float = FIRST_TOKEN_TIMEOUT_S, setting: str | None = None
+                 ) -> None:
         self.base_url = public_url(base_url).rstrip("/")  # shown in progress and errors
+        self.setting = setting  # the setting that names the server, where one does
         self.api_key = api_key  # never printed, never stored
         self.model = model
         self.first_token_s = first_token_s
@@ -87,7 +90,8 @@ class Config:
             raise RunnerError(USERINFO_HELP, p.ErrorType.PROVIDER)
         first = env.get("OFFLOAD_LLM_FIRST_TOKEN_S")
         return cls(url, env.get("OPENAI_API_KEY") or None, env.get("OFFLOAD_LLM_MODEL") or None,
-                   float(first) if first else FIRST_TOKEN_TIMEOUT_S)
+                   float(first) if first else FIRST_TOKEN_TIMEOUT_S,
+                   None if base_url else "OPENAI_BASE_URL")
 
 
 def _written_forms(secret: str | None) -> list[str]:
@@ -234,7 +238,8 @@ def _connect(config: Config) -> http.client.HTTPConnection:
         conn.connect()
     except OSError as exc:
         conn.close()
-        raise _fail(f"LLM server not reachable at {_where(config)}: {_reason(exc)}",
+        named = f" ({config.setting})" if config.setting else ""
+        raise _fail(f"LLM server not reachable at {config.base_url}{named}: {_reason(exc)}",
                     transient=True) from exc
     return conn
 
@@ -251,13 +256,13 @@ def _send(config: Config, conn: http.client.HTTPConnection,
         return conn.getresponse()
     except TimeoutError as exc:
         conn.close()
-        raise _fail(f"the LLM server at {_where(config)} sent nothing within "
+        raise _fail(f"the LLM server at {config.base_url} sent nothing within "
                     f"{config.first_token_s:g} s; it may be overloaded or still loading "
                     "its model (OFFLOAD_LLM_FIRST_TOKEN_S sets this limit)",
                     transient=True) from exc
     except (OSError, http.client.HTTPException) as exc:
         conn.close()
-        raise _fail(f"the LLM server at {_where(config)} closed the connection before "
+        raise _fail(f"the LLM server at {config.base_url} closed the connection before "
                     f"answering: {_reason(exc)}", transient=True) from exc
 
 
@@ -292,7 +297,7 @@ def _stream(config: Config, response: http.client.HTTPResponse,
                 reply.finish_reason = choice.get("finish_reason") or reply.finish_reason
     except TimeoutError as exc:
         if not parts:
-            raise _fail(f"no first token from the LLM server at {_where(config)} within "
+            raise _fail(f"no first token from the LLM server at {config.base_url} within "
                         f"{config.first_token_s:g} s (OFFLOAD_LLM_FIRST_TOKEN_S sets this "
                         "limit)", transient=True) from exc
         raise _fail(f"the LLM server stopped sending for {STALL_TIMEOUT_S:g} s after "
@@ -421,7 +426,7 @@ def list_models(config: Config) -> list[str]:
 
 
 def _status_message(config: Config, status: int, detail: str, attempts: int) -> str:
-    where = _where(config)
+    where = config.base_url
     if status in (401, 403):
         return (f"the LLM server at {where} rejected the API key (HTTP {status}); "
                 "check OPENAI_API_KEY (or the user and password in OPENAI_BASE_URL)")
@@ -455,11 +460,6 @@ def _error_text(error: Any) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error)
     return str(error)
-
-
-def _where(config: Config) -> str:
-    url = urlsplit(config.base_url)
-    return f"{url.scheme}://{url.netloc}"
 
 
 def _reason(exc: BaseException) -> str:

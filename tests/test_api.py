@@ -65,7 +65,9 @@ def test_chat_result_errors_and_unknown_ids(make_server: MakeServer) -> None:
         result = wait_for(lambda: (r := client.get(f"/api/ai_chat_result/{job_id}").json())
                           ["status"] != "processing" and r, 30)
         assert result["status"] == "error"
-        assert "LLM server not reachable at http://127.0.0.1:9" in result["message"]
+        # The whole address, and the setting that gives it: that is what to mend.
+        assert "LLM server not reachable at http://127.0.0.1:9/v1 (OPENAI_BASE_URL): connection " \
+            "refused" in result["message"]
         assert client.get(f"/api/ai_chat_result/{'0' * 32}").json() == {
             "status": "not_found", "reply": None, "usage": None, "message": None}
         bad = client.get("/api/ai_chat_result/not-an-id")
