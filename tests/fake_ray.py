@@ -48,7 +48,8 @@ class _Handler(JSONHandler):
 class FakeRay(ScriptedServer):
     """Jobs live in `jobs` (submission id -> details) and `logs`; tests change both."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        """`port`: a head back at the address of one that went away."""
         self.jobs: dict[str, dict[str, Any]] = {}
         self.logs: dict[str, str] = {}
         self.requests: list[tuple[str, str, Any]] = []
@@ -57,7 +58,7 @@ class FakeRay(ScriptedServer):
         self.stopped: set[str] = set()  # stop asked for
         self.stop_ends_job = True  # False: the test says when the job has stopped
         self.submit_delay_s = 0.0
-        super().__init__(_Server(("127.0.0.1", 0), _Handler))
+        super().__init__(_Server(("127.0.0.1", port), _Handler))
         self.address = f"http://127.0.0.1:{self.port}"
 
     def route(self, method: str, path: str, body: Any) -> tuple[int, Any]:

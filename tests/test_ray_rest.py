@@ -23,6 +23,8 @@ from jobs.protocol import remote
 from jobs.settings import Settings
 from tests.conftest import ROOT, RunningSupervisor, free_port, wait_for
 from tests.fake_ray import FakeRay
+from tests.server import Server
+from tests.test_cli import cli
 
 TRACEBACK_500 = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
                  "RuntimeError: GCS unavailable")
@@ -280,3 +282,34 @@ def test_a_ray_that_stays_unreachable_is_said_once_then_the_job_is_lost(
     said = [r.getMessage() for r in caplog.records
             if r.name == "jobs.launch.ray" and r.levelno == logging.WARNING]
     assert len(said) == 1 and "trying again for up to 1 s" in said[0], "\n".join(said)
+
+
+def test_a_ray_nobody_answers_at_makes_the_health_degraded_until_it_answers_again(
+        make_server: Callable[..., Server]) -> None:
+    # The health said "ok" while every Ray job waited, "queued", for a head that was gone.
+    head = FakeRay().__enter__()
+    server = make_server(env={"OFFLOAD_LAUNCHER": "ray", "OFFLOAD_RAY_ADDRESS": head.address})
+    with server.client() as client:
+        job_id = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 60}}
+                             ).json()["id"]
+        sid = submission_id(job_id)
+        wait_for(lambda: sid in head.jobs, 30, what="the job sent to Ray")
+        head.jobs[sid]["status"] = "RUNNING"
+        assert client.get("/api/health").json()["problems"] == []
+        head.__exit__()  # the head goes away
+
+        health = wait_for(lambda: (h := client.get("/api/health").json())["status"]
+                          == "degraded" and h, 30, what="the health degraded")
+        [problem] = health["problems"]
+        assert f"Ray Jobs API not reachable at {head.address}" in problem, problem
+        assert "1 job waiting for it, each lost after 60 s" in problem, problem
+        status = cli(server.url, "status")
+        assert status.returncode == 7 and "Ray Jobs API not reachable" in status.stderr, status
+
+        back = FakeRay(head.port)  # the head back at its address, its jobs with it
+        back.jobs = head.jobs
+        with back:
+            wait_for(lambda: client.get("/api/health").json()["problems"] == [], 30,
+                     what="the health ok again")
+            assert cli(server.url, "status").returncode == 0
+            assert client.delete(f"/api/jobs/{job_id}").json()["state"] == "cancelled"

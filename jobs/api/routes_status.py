@@ -17,7 +17,9 @@ from jobs.api.keeper import SupervisorKeeper
 from jobs.api.predictor import NoModel, Predictor
 from jobs.api.routes_control import queue_view
 from jobs.api.routes_jobs import Service
+from jobs.api.service import JobService
 from jobs.llm.status import LLMStatus
+from jobs.protocol import control
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, SUPERVISOR_STALLED_S
 from runners import train
 
@@ -77,7 +79,7 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
         age = await run_in_threadpool(metrics.last_sample_age_s)
         supervisor = "stalled" if age is not None and age > SUPERVISOR_STALLED_S else "running"
     queue = await run_in_threadpool(queue_view, service.settings)
-    problems = await run_in_threadpool(service.storage_problems)
+    problems = await run_in_threadpool(_problems, service)
     return {
         "status": "degraded" if problems else "ok", "problems": problems, "version": VERSION,
         "running": counts[p.JobState.RUNNING], "queued": counts[p.JobState.QUEUED],
@@ -88,6 +90,16 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
         "usage": service.store.usage_totals(),
         "queue": queue,
     }
+
+
+def _problems(service: JobService) -> list[str]:
+    """What keeps jobs from being stored or run now, in words (blocking: a statvfs)."""
+    problems = service.storage_problems()
+    try:
+        launching = control.launcher_problem(service.settings.data_dir)
+    except OSError as exc:
+        launching = f"the supervisor's word on its launcher cannot be read: {exc.strerror or exc}"
+    return problems + ([launching] if launching else [])
 
 
 async def unknown_route(request: Request) -> Response:

@@ -83,6 +83,11 @@ class Launcher(ABC):
     def describe_exit(self, run: Run) -> str:
         """How the runner ended, for a job that ended without a final state."""
 
+    def problem(self) -> str | None:
+        """What keeps this launcher from running jobs now, in words (None: nothing
+        known), for /api/health."""
+        return None
+
     def release(self, run: Run) -> None:  # noqa: B027
         """Called once the local job file is final."""
 

@@ -102,6 +102,7 @@ class RayLauncher(Launcher):
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._runs: dict[str, RemoteRun] = {}  # watched here, by job id
+        self._unreachable: dict[str, str] = {}  # job id -> why its poller cannot reach Ray
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RayLauncher:
@@ -203,6 +204,16 @@ class RayLauncher(Launcher):
     def close(self) -> None:
         self._closing.set()
 
+    def problem(self) -> str | None:
+        with self._lock:
+            if not self._unreachable:
+                return None
+            waiting = len(self._unreachable)
+            said = next(iter(self._unreachable.values()))
+        return (f"{said}; {waiting} job{'s' if waiting > 1 else ''} waiting for it, each lost "
+                f"after {RAY_UNREACHABLE_S:.0f} s (is OFFLOAD_RAY_ADDRESS the Ray dashboard's "
+                "address, and is its head running?)")
+
     # -- polling --------------------------------------------------------------------
 
     def _watch(self, run: RemoteRun, on_exit: OnExit) -> RemoteRun:
@@ -211,6 +222,13 @@ class RayLauncher(Launcher):
         return run
 
     def _poll(self, run: RemoteRun, on_exit: OnExit) -> None:
+        try:
+            self._poll_until_ended(run, on_exit)
+        finally:
+            with self._lock:
+                self._unreachable.pop(run.job_id, None)
+
+    def _poll_until_ended(self, run: RemoteRun, on_exit: OnExit) -> None:
         failing_since: float | None = None
         while not self._closing.is_set() and not run.ended.is_set():
             try:
@@ -218,7 +236,12 @@ class RayLauncher(Launcher):
                 if failing_since is not None:
                     log.info("job %s: Ray answers again", run.job_id)
                 failing_since = None
+                with self._lock:
+                    self._unreachable.pop(run.job_id, None)
             except OSError as exc:  # RayError too; a local write may also fail
+                if isinstance(exc, RayUnavailable):
+                    with self._lock:
+                        self._unreachable[run.job_id] = str(exc)
                 if run.to_submit is not None and isinstance(exc, RayError) \
                         and not isinstance(exc, RayUnavailable):
                     self._end(run, None, f"never started: {exc}")  # Ray refused the job

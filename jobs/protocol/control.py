@@ -8,6 +8,8 @@ only, as the rest of the protocol.
   schedules/<name>.paused      present while that schedule creates no jobs
   schedules/<name>.json        {"slot", "job_id", "every_s" or "cron"}: the newest slot of that
                                schedule whose job was created; the leader writes it
+  launcher.problem             {"problem", "at"}: present while the leader's launcher cannot
+                               run jobs (a Ray head nobody answers at); the leader writes it
 
 A file per switch, created or removed whole: two API workers pausing two schedules at
 once never overwrite each other's choice, and every write is atomic.
@@ -30,6 +32,7 @@ QUEUE_PAUSED_FILE = "queue.paused"
 QUEUE_CAP_FILE = "queue.cap"
 MAX_CAP = 1024  # as OFFLOAD_MAX_CONCURRENT's bound
 SCHEDULES_FOLDER = "schedules"
+LAUNCHER_PROBLEM_FILE = "launcher.problem"
 
 
 def queue_paused(data_dir: StrPath) -> bool:
@@ -86,6 +89,28 @@ def set_queue_cap(data_dir: StrPath, cap: int | None, kind: str | None = None) -
 def queue_cap_lock(data_dir: StrPath) -> str:
     """The lock file that serialises changes to the caps (read, changed, written)."""
     return os.path.join(data_dir, QUEUE_CAP_FILE + ".lock")
+
+
+def launcher_problem(data_dir: StrPath) -> str | None:
+    """What keeps the leading supervisor's launcher from running jobs now, in words."""
+    try:
+        saved = read_json_or_none(os.path.join(data_dir, LAUNCHER_PROBLEM_FILE))
+    except OSError as exc:
+        if exc.errno not in NO_FILE_TO_READ:
+            raise
+        return None
+    problem = saved.get("problem") if isinstance(saved, dict) else None
+    return problem if isinstance(problem, str) and problem else None
+
+
+def set_launcher_problem(data_dir: StrPath, problem: str | None) -> None:
+    """Not durable: a supervisor removes what an earlier one left as it starts."""
+    path = os.path.join(data_dir, LAUNCHER_PROBLEM_FILE)
+    if problem:
+        write_json(path, {"problem": problem, "at": now_iso()})
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def schedule_paused(data_dir: StrPath, name: str) -> bool:

@@ -30,7 +30,7 @@ from jobs.kinds import UnusableKinds, registry
 from jobs.launch.local import LocalLauncher
 from jobs.launch.processes import IS_WINDOWS
 from jobs.llm import server as llm_server
-from jobs.protocol import embedded, private_files
+from jobs.protocol import control, embedded, private_files
 from jobs.protocol.wake import OUTPUT_FILE
 from jobs.resilient import resilient
 from jobs.settings import (
@@ -49,6 +49,7 @@ from jobs.supervisor.metrics import MetricsRecorder
 log = logging.getLogger(__name__)
 
 PARENT_CHECK_S = 1.0
+LAUNCH_PROBLEM_S = 1.0  # how often the leader's launcher problem is looked at
 LEAD_WITHIN_S = 3.0
 LOG_FILE = "supervisor.log"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -68,7 +69,9 @@ async def serve(settings: Settings, parent: int | None = None) -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     # A helper that fails restarts after a pause; it never takes the supervisor down.
     helpers = [asyncio.create_task(resilient("recording metrics", lambda: record_metrics(
-        recorder, supervisor)), name="metrics")]
+        recorder, supervisor)), name="metrics"),
+               asyncio.create_task(resilient("telling the launcher's problems", lambda: (
+                   tell_launch_problems(settings, supervisor))), name="launch problems")]
     if model is not None:
         helpers.append(asyncio.create_task(resilient("the embedded model", lambda: _embedded_model(
             settings, model, supervisor)), name="llm"))
@@ -101,6 +104,26 @@ async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> N
                 log.warning("cannot record metrics: %s", exc)
         next_at = max(next_at + recorder.interval_s, loop.time())
         await asyncio.sleep(next_at - loop.time())
+
+
+async def tell_launch_problems(settings: Settings, supervisor: Supervisor) -> None:
+    """The leader's launcher problem (Ray not reachable), written where /api/health reads
+    it; what an earlier leader left is removed once this one leads, and as it leaves."""
+    told: str | None = None
+    try:
+        while not supervisor.is_leader:
+            await asyncio.sleep(LAUNCH_PROBLEM_S)
+        await asyncio.to_thread(control.set_launcher_problem, settings.data_dir, None)
+        while True:
+            problem = supervisor.launch_problem() if supervisor.is_leader else None
+            if problem != told:
+                await asyncio.to_thread(control.set_launcher_problem, settings.data_dir,
+                                        problem)
+                told = problem
+            await asyncio.sleep(LAUNCH_PROBLEM_S)
+    finally:
+        if told is not None:
+            control.set_launcher_problem(settings.data_dir, None)
 
 
 async def cap_outputs(settings: Settings, supervisor: Supervisor) -> None:

@@ -295,6 +295,11 @@ class Supervisor:
             except RuntimeError:
                 pass  # the loop closed meanwhile
 
+    def launch_problem(self) -> str | None:
+        """What keeps a launcher of this supervisor from running jobs now, in words."""
+        return next((said for each in list(self._launchers.values())
+                     if (said := each.problem())), None)
+
     def release(self) -> None:
         self._doorbell.close(self._loop)
         for each in self._launchers.values():
