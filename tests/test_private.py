@@ -7,8 +7,10 @@ first, so that only Offload's own umask can make the files private.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -405,6 +407,59 @@ def test_another_account_cannot_pass_as_the_owner(other_account: str,
         assert client.get("/api/jobs").json()["jobs"] == []
         # The owner is answered as before.
         assert client.post("/api/queue/pause").json()["paused"] is True
+
+
+# Holds connections open with unfinished requests, so that the server's descriptors run
+# out, then finishes the first: run as another account by the system's Python.
+HOARD = ("import socket, sys, time\n"
+         "port, count = int(sys.argv[1]), int(sys.argv[2])\n"
+         "held = []\n"
+         "for _ in range(count):\n"
+         "    s = socket.create_connection(('127.0.0.1', port))\n"
+         "    s.sendall(b'GET /api/jobs HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\n')\n"
+         "    held.append(s)\n"
+         "time.sleep(2)  # each accepted, until the server has no descriptor left\n"
+         "held[0].sendall(b'Connection: close\\r\\n\\r\\n')\n"
+         "print(held[0].makefile('rb').read().decode())\n")
+
+
+def _listening(port: int) -> bool:
+    """A connection opened and closed, no request sent: the server answers nothing."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the caller's account is known on Linux")
+def test_another_account_that_uses_up_the_servers_descriptors_is_refused_all_the_same(
+        other_account: str, data_dir: Path, tmp_path: Path) -> None:
+    # The check's first lookup, failing for want of descriptors before the server's
+    # first request, switched the check off for good: the other account then read and
+    # erased the owner's chats.
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("needs the system's python3 to run a client as another account")
+    port = free_port()
+    api = start_process(["api_entry.py"], {**NO_MODEL, "OFFLOAD_DATA_DIR": str(data_dir),
+                                           "OFFLOAD_PORT": str(port)}, tmp_path / "api.log")
+    try:
+        wait_for(lambda: _listening(port), 60, what="the API listening")
+        server = psutil.Process(api.pid)
+        spare = server.num_fds() + 8  # a few descriptors to spare, as a busy server has
+        server.rlimit(psutil.RLIMIT_NOFILE, (spare, spare))
+        done = subprocess.run(["runuser", "-u", other_account, "--", python, "-c", HOARD,
+                               str(port), "100"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("HTTP/1.1 503"), done.stdout
+        assert "could not tell whose this connection is just now" in done.stdout
+        assert "retry-after: 1" in done.stdout.lower()
+        # Its connections closed, the check works as ever: still refused, and the owner
+        # answered.
+        again = _attack_as(other_account, port, "GET", "/api/jobs")
+        assert again.startswith("HTTP/1.1 403"), again
+        assert httpx.get(f"http://127.0.0.1:{port}/api/jobs").status_code == 200
+    finally:
+        stop_process(api)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the caller's account is known on Linux")

@@ -11,7 +11,7 @@ import re
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from jobs.api.peer import CLOSED, PeerLookup, this_account
+from jobs.api.peer import CLOSED, UNKNOWN, PeerLookup, this_account
 from jobs.settings import Settings, host_name, is_loopback
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -22,10 +22,14 @@ DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 DRAIN_FACTOR = 16
 DRAIN_S = 5.0
 CLOSED_DETAIL = "the connection closed before its account could be told"
+UNKNOWN_DETAIL = ("this Offload answers only the account that runs it, and could not tell "
+                  "whose this connection is just now (the server is short of file "
+                  "descriptors: too many connections open); retry in a moment")
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _ONCE = (b"origin", b"authorization")
 
 
+REFUSAL_HEADERS = {401: [(b"www-authenticate", b"Bearer")], 503: [(b"retry-after", b"1")]}
 WRONG_TOKEN = ("missing or wrong API token: send the header 'Authorization: Bearer <token>' "
                "with the server's OFFLOAD_API_TOKEN")
 
@@ -65,8 +69,7 @@ class RequestGuard:
         refusal = self._refusal(scope, dict(scope["headers"]))
         if refusal is not None:
             status, detail = refusal
-            await _send_detail(send, status, detail,
-                               [(b"www-authenticate", b"Bearer")] if status == 401 else [])
+            await _send_detail(send, status, detail, REFUSAL_HEADERS.get(status))
             return
         if _api_path(scope):  # JSON and event streams: nothing to click
             if scope["method"] == "HEAD":  # a copy: the server still knows it for a HEAD
@@ -93,7 +96,7 @@ class RequestGuard:
         refusal = (self._not_the_owner(scope, b"x-forwarded-for" in headers)
                    if self.check_host else None)
         if refusal:
-            return 403, refusal
+            return (503 if refusal == UNKNOWN_DETAIL else 403), refusal
         if self.check_host and not self._host_allowed(host):
             return 421, (
                 "this server has no OFFLOAD_API_TOKEN, so it answers only requests for "
@@ -136,6 +139,8 @@ class RequestGuard:
                                  (str(server[0]), int(server[1])))
         if uid == CLOSED:  # closed before it was looked up: nobody waits for an answer
             return CLOSED_DETAIL
+        if uid == UNKNOWN:
+            return UNKNOWN_DETAIL
         if uid is not None and uid != self.owner:
             return ("this Offload answers only the account that runs it, as it has no "
                     "OFFLOAD_API_TOKEN; to share it, its owner sets OFFLOAD_API_TOKEN and "

@@ -9,6 +9,7 @@ than pyroute2: this one question needs two structs, not a netlink framework.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -37,6 +38,11 @@ CONNECTED = frozenset({1, 8})  # ESTABLISHED, CLOSE_WAIT (its client sent all it
 
 
 CLOSED = -1  # what `account` says of a connection whose client end is no process's any more
+UNKNOWN = -2  # what it says when a lookup failed just now (out of descriptors): ask again
+# A lookup that fails so may succeed a moment later: another account can cause these
+# (by holding connections open), so they must never read as "cannot be told here".
+FOR_NOW = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN,
+                     errno.EINTR})
 
 
 class PeerLookup:
@@ -53,11 +59,15 @@ class PeerLookup:
         address and `server` as its peer's; CLOSED if that connection was closed or reset
         (its client end is held by no process, or only our end was left, and it is gone
         too); None if it cannot be told here (not Linux; a connection from another network
-        namespace, such as a port forwarded into a container: only our end is here)."""
+        namespace, such as a port forwarded into a container: only our end is here);
+        UNKNOWN if a lookup failed just now, so that the caller refuses this once."""
         if not AVAILABLE:
             return None
         if self._works is None:
-            self._works = self._finds_its_own()
+            works = self._finds_its_own()
+            if works is None:
+                return UNKNOWN  # tried again with the next request
+            self._works = works
         try:
             family, src, dst = _addresses(client[0], server[0])
         except ValueError:
@@ -79,21 +89,24 @@ class PeerLookup:
             ours = self._ask(_request(family, server[1], client[1], dst, src))
         except OSError:
             self.close()  # a fresh socket next time
-            return None
+            return UNKNOWN  # it worked before: no failure lets a caller through untold
         return None if ours is not None and ours[0] in CONNECTED else CLOSED
 
-    def _finds_its_own(self) -> bool:
+    def _finds_its_own(self) -> bool | None:
         """Whether the kernel finds a connection of this process's own (a kernel without
-        tcp_diag finds none): where it cannot, no caller can be told, nor refused for it."""
+        tcp_diag finds none): where it cannot, no caller can be told, nor refused for it.
+        None: not known yet, the test itself failed for now (out of descriptors)."""
         try:
             with socket.create_server(("127.0.0.1", 0)) as listener, \
                     socket.create_connection(listener.getsockname(), timeout=1) as client:
                 family, src, dst = _addresses("127.0.0.1", "127.0.0.1")
                 found = self._ask(_request(family, client.getsockname()[1],
                                            listener.getsockname()[1], src, dst))
-        except OSError:
+        except OSError as exc:
             self.close()
-            return False
+            if isinstance(exc, TimeoutError) or exc.errno in FOR_NOW:
+                return None
+            return False  # no netlink sock_diag here (a sandbox's kernel, say)
         return found is not None and found[1] == this_account()
 
     def _ask(self, request: bytes) -> tuple[int, int, int] | None:
