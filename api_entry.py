@@ -42,6 +42,7 @@ from jobs.kinds import UnusableKinds, registry
 from jobs.protocol import private_files
 from jobs.schedules import ScheduleError
 from jobs.settings import MAKE_TOKEN, MAX_BODY_BYTES, Settings, UnusableSettings, get_settings
+from jobs.store.private import UnsafeDataFolder, refuse_foreign, refuse_planted
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # How long a stop waits for requests under way, but event streams and waits: those end
@@ -83,7 +84,10 @@ def usable_settings() -> Settings:
         settings = get_settings()  # refuses a weak OFFLOAD_API_TOKEN, however it is served
         registry()  # a job kind defined twice stops the start
         schedules.schedule_file()  # and so does a schedules file that cannot be used
-    except (UnusableSettings, UnusableKinds, ScheduleError) as exc:
+        # Checked again as the app starts (make_private); here, said in a line.
+        refuse_foreign(settings.data_dir)
+        refuse_planted(settings.data_dir)
+    except (UnusableSettings, UnusableKinds, ScheduleError, UnsafeDataFolder) as exc:
         cannot_start(str(exc))
     unknown = sorted(set(settings.kind_cap_map) - set(registry()))
     if unknown:  # a typo (`trian=1`) left the kind it meant without its cap

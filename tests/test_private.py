@@ -221,8 +221,9 @@ def test_a_data_folder_of_another_account_is_refused(first: str, other_account: 
     data_dir.mkdir()
     (data_dir / "supervisor.log").symlink_to(mine)
     shutil.chown(data_dir, other_account)
-    out = _refused_start(first, data_dir, tmp_path)
-    assert f"the data folder {data_dir} belongs to another account" in out.read_text()
+    said = _refused_start(first, data_dir, tmp_path).read_text()
+    assert f"cannot start: the data folder {data_dir} belongs to another account" in said
+    assert "Traceback" not in said, said  # a line that says what to do, as for a setting
     assert mine.read_text() == "mine\n"
     assert sorted(each.name for each in data_dir.iterdir()) == ["supervisor.log"]
 
@@ -692,7 +693,9 @@ def test_an_open_data_folder_holding_another_accounts_link_is_refused(
         (data_dir / name).symlink_to(target)
         os.lchown(data_dir / name, pwd.getpwnam(other_account).pw_uid, -1)
     said = _refused_start(first, data_dir, tmp_path).read_text()
-    assert f"the data folder {data_dir} was open to other accounts (mode 777) and holds" in said
+    assert f"cannot start: the data folder {data_dir} was open to other accounts (mode 777) " \
+        "and holds" in said
+    assert "Traceback" not in said, said
     assert "which belongs to another account" in said
     assert mine.read_text() == "mine\n"
     assert list(theirs.iterdir()) == []

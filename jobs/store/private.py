@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 OPEN_BITS = 0o077  # group and others
 
 
+class UnsafeDataFolder(RuntimeError):
+    """A data folder another account could have Offload write or run through; the
+    message says what to do."""
+
+
 def refuse_foreign(data_dir: Path) -> None:
     """Stop if the data folder belongs to another account (one made in /tmp beforehand,
     say): its owner could put jobs in it for us to run, and links for us to write through."""
@@ -33,7 +38,7 @@ def refuse_foreign(data_dir: Path) -> None:
     except OSError:
         return  # not there yet: it will be ours
     if owner not in p.trusted_owners():  # the owner of the code too (see unsafe_way)
-        raise RuntimeError(f"the data folder {data_dir} belongs to another account (uid "
+        raise UnsafeDataFolder(f"the data folder {data_dir} belongs to another account (uid "
                            f"{owner}), which could put jobs and links in it: set "
                            "OFFLOAD_DATA_DIR to a folder of your own")
 
@@ -76,7 +81,7 @@ def refuse_planted(data_dir: Path, mode: int | None = None) -> None:
     foreign = foreign_entry(data_dir)
     if foreign is not None:
         path, owner = foreign
-        raise RuntimeError(f"the data folder {data_dir} was open to other accounts (mode "
+        raise UnsafeDataFolder(f"the data folder {data_dir} was open to other accounts (mode "
                            f"{mode:03o}) and holds {path}, which belongs to another account "
                            f"(uid {owner}): a link or a job of theirs would have Offload write "
                            "where they choose or run what they put there. Look at it, remove "

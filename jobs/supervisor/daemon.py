@@ -42,7 +42,7 @@ from jobs.settings import (
     UnusableSettings,
     get_settings,
 )
-from jobs.store.private import make_private, refuse_foreign, refuse_planted
+from jobs.store.private import UnsafeDataFolder, make_private, refuse_foreign, refuse_planted
 from jobs.supervisor.loop import Supervisor
 from jobs.supervisor.metrics import MetricsRecorder
 
@@ -213,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     _lower_priority(settings.supervisor_nice)
     private_files()  # before its log file is made
-    refuse_foreign(settings.data_dir)  # nor opened through another account's link
-    refuse_planted(settings.data_dir)  # nor its log through a link put in it while open
+    try:
+        refuse_foreign(settings.data_dir)  # nor opened through another account's link
+        refuse_planted(settings.data_dir)  # nor its log through a link put in it while open
+    except UnsafeDataFolder as exc:
+        print(f"the supervisor cannot start: {exc}", file=sys.stderr)
+        return 3
     _log_to_file(settings)
     make_private(settings.data_dir)  # it may be started by hand, before any API
     try:
