@@ -9,6 +9,7 @@ test_supervisor.py; a corrupt job file in test_files.py (all marked `faults` too
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -386,3 +387,44 @@ def test_a_job_deleted_while_it_runs_has_its_runner_stopped(make_server: MakeSer
     log = (server.data_dir / "supervisor.log").read_text()
     assert "was deleted while it ran" in log and "Traceback" not in log, log[-2000:]
     assert not (server.data_dir / "jobs" / job["id"]).exists(), "its final state made it anew"
+
+
+def test_a_removed_supervisor_lock_leaves_one_supervisor_leading(make_server: MakeServer,
+                                                                  tmp_path: Path) -> None:
+    # Removed as a "stale" lock (by hand, or by a cleaner of old files), it let a second
+    # supervisor lead beside the first: the cap was passed and a job could run twice.
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1",
+                              "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    assert server.proc is not None
+    with server.client() as client:
+        running = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 4}}
+                              ).json()["id"]
+        job = wait_for(lambda: (j := client.get(f"/api/jobs/{running}").json())["state"]
+                       == "running" and j, 30, what="the job running")
+        api = psutil.Process(server.proc.pid)
+        first = next(proc for proc in api.children() if "jobs.supervisor" in proc.cmdline())
+        (server.data_dir / "supervisor.lock").unlink()
+        # Another takes the lock at its path, as another API worker's would.
+        second = subprocess.Popen([sys.executable, "-m", "jobs.supervisor"], cwd=ROOT,
+                                  env={**os.environ, "OFFLOAD_DATA_DIR": str(server.data_dir),
+                                       "OFFLOAD_MAX_CONCURRENT": "1"},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        try:
+            queued = [client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}
+                                  ).json()["id"] for _ in range(3)]
+            first.wait(30)  # it left, seeing its lock gone
+            finals = [_final(client, job_id) for job_id in [running, *queued]]
+            assert second.poll() is None, "the one leading now runs on"
+            # The API started no other: one leads.
+            assert not [proc for proc in api.children() if "jobs.supervisor" in proc.cmdline()]
+        finally:
+            second.terminate()
+            second.wait(30)
+    # The running job was adopted, not run again; each job ran once, one at a time.
+    assert [(job["state"], job["attempt"]) for job in finals] == [("completed", 1)] * 4, finals
+    assert finals[0]["pid"] == job["pid"]
+    spans = sorted((job["started_at"], job["finished_at"]) for job in finals)
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans)), spans
+    log = (server.data_dir / "supervisor.log").read_text(errors="replace")
+    assert "was removed or replaced while this supervisor led: it leaves" in log, log[-2000:]

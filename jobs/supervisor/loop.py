@@ -133,6 +133,7 @@ class Supervisor:
         self._wake_file = wake_file(jobs_dir)
         self._doorbell = Doorbell(jobs_dir)
         self.is_leader = False
+        self.lock_lost = False  # its lock file was removed or replaced: it leaves
         self._queued: dict[str, Queued] = {}  # every queued job this supervisor knows
         # The due jobs in launch order (p.queue_key); entries no longer in _queued (or
         # there with another key) are skipped when popped.
@@ -212,6 +213,8 @@ class Supervisor:
                     return
                 self._event.clear()
                 await self._pass()
+                if self.lock_lost:
+                    return
                 await self._sleep(self._idle_s() if self.is_leader else LEADER_RETRY_S)
         finally:
             self._passes.shutdown(wait=False, cancel_futures=True)  # none after the release
@@ -319,6 +322,14 @@ class Supervisor:
     def tick(self) -> None:
         if not self.is_leader and not self._try_lead():
             return
+        if not self._lock_still_here():
+            # Another supervisor may lead by a new file at that path: two leaders would
+            # each launch the same jobs. The API starts one again if none leads.
+            log.warning("the supervisor lock %s was removed or replaced while this "
+                        "supervisor led: it leaves, so that one leads (its runners run on, "
+                        "adopted by the next leader)", self._lock.lock_file)
+            self.lock_lost = True
+            return
         with self._hints_lock:
             hinted, self._hinted = self._hinted, set()
             full, self._full_wanted = self._full_wanted, False
@@ -379,6 +390,21 @@ class Supervisor:
         self._read_counters()  # as the last leader left them
         log.info("supervisor leads %s (pid %s)", self.dir, os.getpid())
         return True
+
+    def _lock_still_here(self) -> bool:
+        """Whether the lock this leader holds is still the file at its path: one removed
+        (as a stale lock, by hand or by a cleaner of old files) or replaced lets another
+        supervisor lead beside this one."""
+        fd = getattr(getattr(self._lock, "_context", None), "lock_file_fd", None)
+        if not isinstance(fd, int):
+            return True  # another filelock's inside: cannot tell, as before
+        try:
+            held, there = os.fstat(fd), os.stat(self._lock.lock_file)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
     def _scan(self) -> tuple[set[str], set[str]]:
         """The jobs on disk, and which of the live ones have a stop request."""
