@@ -88,6 +88,23 @@ def test_a_full_queue_answers_429_and_loses_nothing(make_server: MakeServer) -> 
         assert _final(client, again.json()["id"])["state"] == "completed"
 
 
+def test_a_full_queue_that_is_paused_says_to_resume_it(make_server: MakeServer) -> None:
+    # It said to retry "when some have started": none starts while the queue is paused.
+    server = make_server(env={"OFFLOAD_MAX_QUEUED": "2"})
+    with server.client() as client:
+        assert client.post("/api/queue/pause").json()["paused"] is True
+        queued = [client.post("/api/jobs", json=QUICK) for _ in range(2)]
+        assert [r.status_code for r in queued] == [202] * 2
+        _counted(client, lambda counts: counts["queued"] == 2)
+        refused = client.post("/api/jobs", json=QUICK)
+        _assert_429(refused, "the queue is paused, so none starts until it is resumed",
+                    "`offload resume`")
+        assert "when some have started" not in refused.text
+        assert client.post("/api/queue/resume").json()["paused"] is False
+        assert [_final(client, r.json()["id"])["state"] for r in queued] == ["completed"] * 2
+        assert client.post("/api/jobs", json=QUICK).status_code == 202
+
+
 def test_a_queue_emptied_a_moment_ago_takes_a_job(make_server: MakeServer) -> None:
     """The index snapshot may still count a job that left the queue a moment ago: a
     submission refused on it would be a 429 with room in the queue (fails when the

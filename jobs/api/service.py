@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from jobs import protocol as p
 from jobs.api.history import MetricsReader, summary
 from jobs.kinds import InvalidInput, Launch, UnknownKind, validate_input
+from jobs.protocol import control
 from jobs.protocol.wake import poke
 from jobs.settings import CANCEL_WAIT_S, RETRY_AFTER_S, Settings
 from jobs.store.idempotency import PENDING_S, Claim, key_name
@@ -459,12 +460,16 @@ class JobService:
             return "" if jobs == 1 else f", these {jobs} would make {count},"
 
         if queued + jobs > settings.max_queued:
+            if control.queue_paused(settings.data_dir):  # none starts until it is resumed
+                when = ("the queue is paused, so none starts until it is resumed (`offload "
+                        "resume`, or POST /api/queue/resume): resume it, then retry")
+            else:
+                when = "retry after Retry-After seconds, when some have started"
             raise Overloaded(
                 f"{queued} jobs are queued (those waiting for their start time too)"
                 f"{these(queued + jobs)} "
-                f"and OFFLOAD_MAX_QUEUED is {settings.max_queued}: retry after Retry-After "
-                "seconds, when some have started, or cancel queued ones, or raise "
-                "OFFLOAD_MAX_QUEUED", RETRY_AFTER_S)
+                f"and OFFLOAD_MAX_QUEUED is {settings.max_queued}: {when}, or cancel queued "
+                "ones, or raise OFFLOAD_MAX_QUEUED", RETRY_AFTER_S)
         must_go = load.total - settings.max_jobs + jobs  # prunable jobs needed to make room
         now = time.time()
         if must_go <= 0 or load.finished_before(now - settings.min_retention_s) >= must_go:
