@@ -927,9 +927,17 @@ def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    def cancel(job_id: str) -> Any:
+        job = client.call("DELETE", f"/api/jobs/{job_path(job_id)}")
+        state = job.get(p.F_STATE) if isinstance(job, dict) else None
+        if state not in p.FINAL_STATES:  # the server's wait ended first: not done yet
+            raise Failure(EXIT_SERVER, f"{job_id}: cancel asked, but the job is still {state} "
+                          "after the server's wait: is the supervisor running (offload "
+                          "status)? It is cancelled once it stops")
+        return job
+
     return _each_job(client, args, "queued, running or live", {"live": ["queued", "running"]},
-                     lambda job_id: client.call("DELETE", f"/api/jobs/{job_path(job_id)}"),
-                     lambda job: str(job.get(p.F_STATE)), (EXIT_CONFLICT, "had finished"))
+                     cancel, lambda job: str(job.get(p.F_STATE)), (EXIT_CONFLICT, "had finished"))
 
 
 def cmd_remove(client: Client, args: argparse.Namespace) -> int:

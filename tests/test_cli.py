@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from jobs import protocol as p
@@ -795,6 +796,28 @@ def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
             assert done.stderr == (f"offload: HTTP 404 File not found at {url}/elsewhere: is "
                                    "that Offload's address (as http://HOST:PORT, without "
                                    "/api)?\n"), done
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP")
+def test_a_cancel_that_has_not_taken_yet_is_said_so(make_server: MakeServer) -> None:
+    # With the supervisor stopped, the job stayed queued and `cancel` printed "ID queued",
+    # exit 0 (and the job, in --json's list of cancelled ones).
+    server = make_server(env={"OFFLOAD_STOP_GRACE_S": "0.5"})
+    assert server.proc is not None
+    job_id = cli(server.url, "submit", "sleep", "--delay", "600").stdout.strip()
+    supervisor = next(each for each in psutil.Process(server.proc.pid).children()
+                      if "jobs.supervisor" in each.cmdline())
+    supervisor.suspend()
+    try:
+        held = cli(server.url, "cancel", job_id, "--json")
+        assert held.returncode == 7, held
+        assert f"{job_id}: cancel asked, but the job is still queued" in held.stderr
+        assert "is the supervisor running (offload status)?" in held.stderr
+        assert json.loads(held.stdout) == []
+    finally:
+        supervisor.resume()
+    done = cli(server.url, "wait", job_id, "--json")
+    assert [job["state"] for job in json.loads(done.stdout)] == ["cancelled"], done
 
 
 @pytest.mark.slow
