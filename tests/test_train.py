@@ -100,6 +100,17 @@ def test_predict_serves_the_latest_model(data_dir: Path,
         assert second["version"] == 2
         assert second["cpu"] != first["cpu"], "the new model's forecast is served"
 
+        # Damaged by hand: said so, where it said "no forecasting model yet".
+        latest = data_dir / "models" / "latest.json"
+        kept = latest.read_bytes()
+        for damage in (b'{"file": "forecast-v', b'{"version": 2}', b'{"file": "latest.json"}'):
+            latest.write_bytes(damage)
+            damaged = client.get("/api/predict")
+            assert damaged.status_code == 409, (damage, damaged.text)
+            assert "cannot be read: train one again" in damaged.json()["detail"], damage
+        latest.write_bytes(kept)
+        assert client.get("/api/predict").json()["version"] == 2
+
 
 def test_cancelling_a_training_keeps_the_previous_model(
         data_dir: Path, make_server: Callable[..., Server]) -> None:

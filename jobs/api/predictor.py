@@ -16,10 +16,15 @@ from jobs.settings import HISTORY_SAMPLE_S
 from runners import forecast
 
 
+TRAIN = ('POST /api/jobs with {"kind": "train"}, or the dashboard\'s Train button')
+
+
 class NoModel(Exception):
-    def __init__(self) -> None:
-        super().__init__("no forecasting model yet: train one first (POST /api/jobs with "
-                         '{"kind": "train"}, or the dashboard\'s Train button)')
+    def __init__(self, damaged: bool = False) -> None:
+        super().__init__(
+            f"the forecasting model ({forecast.MODELS_DIR}/{forecast.LATEST}, or the file it "
+            f"names) cannot be read: train one again ({TRAIN})" if damaged else
+            f"no forecasting model yet: train one first ({TRAIN})")
 
 
 class Predictor:
@@ -39,10 +44,11 @@ class Predictor:
             except OSError:
                 seen = None
             if seen != self._seen:
-                self._model = forecast.load_latest(str(self.data_dir)) if seen else None
+                model = forecast.load_latest(str(self.data_dir)) if seen else None
+                self._model = model if _usable(model) else None
                 self._seen = seen
             if self._model is None:
-                raise NoModel
+                raise NoModel(damaged=seen is not None)
             return self._model
 
     def predict(self, horizon: int) -> dict[str, Any]:
@@ -54,3 +60,15 @@ class Predictor:
         last_t = samples[-1]["t"] if samples else None
         return {"version": model.get("version"), "horizon": horizon,
                 "interval_s": HISTORY_SAMPLE_S, "from_t": last_t, **values}
+
+
+def _usable(model: Any) -> bool:
+    """Whether `model` forecasts (one step from nothing): a file edited or damaged by
+    hand, or not a model at all, is said as such, never a 500."""
+    if not isinstance(model, dict):
+        return False
+    try:
+        forecast.predict(model, {name: [] for name in forecast.SERIES}, 1)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return False
+    return True
