@@ -15,7 +15,6 @@ from jobs.api.history import MetricsReader
 from jobs.settings import HISTORY_SAMPLE_S
 from runners import forecast
 
-
 TRAIN = ('POST /api/jobs with {"kind": "train"}, or the dashboard\'s Train button')
 
 
