@@ -307,6 +307,17 @@ class Settings(BaseSettings):
     def kind_cap_map(self) -> dict[str, int]:
         return kind_numbers(self.kind_caps, "OFFLOAD_KIND_CAPS", 1, 1024)
 
+    def shared(self, kinds: list[str]) -> dict[str, Any]:
+        """What every process on one data folder must agree on, by the variables' names
+        (no secret among them; `kinds`: the job kinds it knows): an API started with
+        other settings than the leading supervisor's says one thing while the supervisor
+        does another."""
+        return {"OFFLOAD_LAUNCHER": self.launcher,
+                "OFFLOAD_MAX_CONCURRENT": self.max_concurrent,
+                "OFFLOAD_KIND_CAPS": self.kind_cap_map, "OFFLOAD_KINDS": kinds,
+                "OPENAI_BASE_URL": public_url(self.openai_base_url) if self.openai_base_url
+                else None, "OFFLOAD_LLM_MODEL": self.llm_model}
+
     def attempts_for(self, kind: str) -> int:
         """How many attempts a job of `kind` gets unless its submission says."""
         return kind_numbers(self.max_attempts, "OFFLOAD_MAX_ATTEMPTS", 1,

@@ -73,3 +73,29 @@ def test_gunicorn_with_uvicorn_workers(make_server: MakeServer) -> None:
                          env={"OFFLOAD_MAX_CONCURRENT": str(CAP),
                               "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
     _exercise(server)
+
+
+def test_a_second_api_with_other_settings_is_told_its_supervisor_does_not_share_them(
+        make_server: MakeServer) -> None:
+    # A second API on the same data folder, started with a cap of 1, said "1 running of
+    # 1" while the first's supervisor ran three at a time, and accepted kinds it never ran.
+    first = make_server(env={"OFFLOAD_MAX_CONCURRENT": "3"})
+    with first.client() as client:
+        wait_for(lambda: client.get("/api/health").json()["supervisor"] == "running", 30,
+                 what="the first API's supervisor leading")
+        assert client.get("/api/health").json()["problems"] == []
+    second = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1",
+                              "OFFLOAD_KINDS": "probe=tests.probe_runner,"
+                                               "echo=tests.probe_runner"})
+    with second.client() as client:
+        health = wait_for(lambda: (h := client.get("/api/health").json())["status"]
+                          == "degraded" and h, 30, what="the difference told")
+        [problem] = health["problems"]
+        assert "the supervisor leading this data folder runs with other settings" in problem
+        assert "OFFLOAD_MAX_CONCURRENT 3 there, 1 here" in problem, problem
+        assert ("OFFLOAD_KINDS chat,probe,sleep,train there, chat,echo,probe,sleep,train here"
+                in problem), problem
+    first.stop()  # its supervisor leaves; the second's leads, with the second's settings
+    with second.client() as client:
+        wait_for(lambda: client.get("/api/health").json()["problems"] == [], 60,
+                 what="the second API's own supervisor leading")

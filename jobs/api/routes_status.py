@@ -18,6 +18,7 @@ from jobs.api.predictor import NoModel, Predictor
 from jobs.api.routes_control import queue_view
 from jobs.api.routes_jobs import Service
 from jobs.api.service import JobService
+from jobs.kinds import registry
 from jobs.llm.status import LLMStatus
 from jobs.protocol import control
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, SUPERVISOR_STALLED_S
@@ -97,9 +98,27 @@ def _problems(service: JobService) -> list[str]:
     problems = service.storage_problems()
     try:
         launching = control.launcher_problem(service.settings.data_dir)
+        theirs = control.leader_settings(service.settings.data_dir)
     except OSError as exc:
-        launching = f"the supervisor's word on its launcher cannot be read: {exc.strerror or exc}"
-    return problems + ([launching] if launching else [])
+        return [*problems, f"the supervisor's word cannot be read: {exc.strerror or exc}"]
+    if launching:
+        problems.append(launching)
+    mine = service.settings.shared(sorted(registry()))
+    differ = [f"{name} {_setting(theirs.get(name))} there, {_setting(value)} here"
+              for name, value in mine.items() if theirs is not None and theirs.get(name) != value]
+    if differ:
+        problems.append("the supervisor leading this data folder runs with other settings "
+                        f"than this API ({'; '.join(differ)}): it runs the jobs as its own "
+                        "say; start every API of one data folder with the same settings")
+    return problems
+
+
+def _setting(value: Any) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return "unset" if value is None else str(value)
 
 
 async def unknown_route(request: Request) -> Response:

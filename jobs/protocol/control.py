@@ -10,6 +10,8 @@ only, as the rest of the protocol.
                                schedule whose job was created; the leader writes it
   launcher.problem             {"problem", "at"}: present while the leader's launcher cannot
                                run jobs (a Ray head nobody answers at); the leader writes it
+  supervisor.json              {"pid", "settings", "at"}: the leader's settings that every
+                               process of the folder must share (`Settings.shared`)
 
 A file per switch, created or removed whole: two API workers pausing two schedules at
 once never overwrite each other's choice, and every write is atomic.
@@ -33,6 +35,7 @@ QUEUE_CAP_FILE = "queue.cap"
 MAX_CAP = 1024  # as OFFLOAD_MAX_CONCURRENT's bound
 SCHEDULES_FOLDER = "schedules"
 LAUNCHER_PROBLEM_FILE = "launcher.problem"
+LEADER_FILE = "supervisor.json"
 
 
 def queue_paused(data_dir: StrPath) -> bool:
@@ -47,12 +50,7 @@ def queue_caps(data_dir: StrPath) -> tuple[int | None, dict[str, int]]:
     """The caps on runners set while the server runs: on all of them (None:
     OFFLOAD_MAX_CONCURRENT's), and by kind (a kind not named: OFFLOAD_KIND_CAPS's). A
     value edited by hand into none is left alone."""
-    try:
-        saved = read_json_or_none(os.path.join(data_dir, QUEUE_CAP_FILE))
-    except OSError as exc:
-        if exc.errno not in NO_FILE_TO_READ:
-            raise
-        saved = None
+    saved = _read(os.path.join(data_dir, QUEUE_CAP_FILE))
     if not isinstance(saved, dict):
         return None, {}
     kinds = saved.get("kinds")
@@ -93,24 +91,28 @@ def queue_cap_lock(data_dir: StrPath) -> str:
 
 def launcher_problem(data_dir: StrPath) -> str | None:
     """What keeps the leading supervisor's launcher from running jobs now, in words."""
-    try:
-        saved = read_json_or_none(os.path.join(data_dir, LAUNCHER_PROBLEM_FILE))
-    except OSError as exc:
-        if exc.errno not in NO_FILE_TO_READ:
-            raise
-        return None
+    saved = _read(os.path.join(data_dir, LAUNCHER_PROBLEM_FILE))
     problem = saved.get("problem") if isinstance(saved, dict) else None
     return problem if isinstance(problem, str) and problem else None
 
 
 def set_launcher_problem(data_dir: StrPath, problem: str | None) -> None:
     """Not durable: a supervisor removes what an earlier one left as it starts."""
-    path = os.path.join(data_dir, LAUNCHER_PROBLEM_FILE)
-    if problem:
-        write_json(path, {"problem": problem, "at": now_iso()})
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    _put(os.path.join(data_dir, LAUNCHER_PROBLEM_FILE),
+         {"problem": problem, "at": now_iso()} if problem else None)
+
+
+def leader_settings(data_dir: StrPath) -> dict[str, Any] | None:
+    """The settings the leading supervisor runs with (`Settings.shared`), if it said."""
+    saved = _read(os.path.join(data_dir, LEADER_FILE))
+    settings = saved.get("settings") if isinstance(saved, dict) else None
+    return settings if isinstance(settings, dict) else None
+
+
+def set_leader_settings(data_dir: StrPath, settings: dict[str, Any] | None) -> None:
+    """Said by a supervisor as it starts to lead (None: as it leaves)."""
+    _put(os.path.join(data_dir, LEADER_FILE), None if settings is None else
+         {"pid": os.getpid(), "settings": settings, "at": now_iso()})
 
 
 def schedule_paused(data_dir: StrPath, name: str) -> bool:
@@ -142,8 +144,23 @@ def _schedule_file(data_dir: StrPath, name: str, suffix: str) -> str:
 
 
 def _switch(path: str, on: bool) -> None:
-    if on:
-        write_json(path, {"at": now_iso()}, durable=True)
+    _put(path, {"at": now_iso()} if on else None, durable=True)
+
+
+def _put(path: str, record: dict[str, Any] | None, durable: bool = False) -> None:
+    """`record` written whole, or the file removed (None)."""
+    if record is not None:
+        write_json(path, record, durable=durable)
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+
+
+def _read(path: str) -> Any:
+    """The file's JSON; None where there is none, or it is no JSON."""
+    try:
+        return read_json_or_none(path)
+    except OSError as exc:
+        if exc.errno not in NO_FILE_TO_READ:
+            raise
+        return None

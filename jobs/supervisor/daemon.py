@@ -70,8 +70,8 @@ async def serve(settings: Settings, parent: int | None = None) -> None:
     # A helper that fails restarts after a pause; it never takes the supervisor down.
     helpers = [asyncio.create_task(resilient("recording metrics", lambda: record_metrics(
         recorder, supervisor)), name="metrics"),
-               asyncio.create_task(resilient("telling the launcher's problems", lambda: (
-                   tell_launch_problems(settings, supervisor))), name="launch problems")]
+               asyncio.create_task(resilient("telling the API", lambda: (
+                   tell_the_api(settings, supervisor))), name="telling the API")]
     if model is not None:
         helpers.append(asyncio.create_task(resilient("the embedded model", lambda: _embedded_model(
             settings, model, supervisor)), name="llm"))
@@ -106,13 +106,18 @@ async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> N
         await asyncio.sleep(next_at - loop.time())
 
 
-async def tell_launch_problems(settings: Settings, supervisor: Supervisor) -> None:
-    """The leader's launcher problem (Ray not reachable), written where /api/health reads
-    it; what an earlier leader left is removed once this one leads, and as it leaves."""
+async def tell_the_api(settings: Settings, supervisor: Supervisor) -> None:
+    """Once it leads, the leader's shared settings and its launcher's problem (Ray not
+    reachable), written where /api/health reads them; what an earlier leader left is
+    replaced once this one leads, and removed as it leaves."""
     told: str | None = None
+    led = False
     try:
         while not supervisor.is_leader:
             await asyncio.sleep(LAUNCH_PROBLEM_S)
+        led = True
+        await asyncio.to_thread(control.set_leader_settings, settings.data_dir,
+                                settings.shared(sorted(registry())))
         await asyncio.to_thread(control.set_launcher_problem, settings.data_dir, None)
         while True:
             problem = supervisor.launch_problem() if supervisor.is_leader else None
@@ -124,6 +129,8 @@ async def tell_launch_problems(settings: Settings, supervisor: Supervisor) -> No
     finally:
         if told is not None:
             control.set_launcher_problem(settings.data_dir, None)
+        if led:
+            control.set_leader_settings(settings.data_dir, None)
 
 
 async def cap_outputs(settings: Settings, supervisor: Supervisor) -> None:
