@@ -464,6 +464,34 @@ def test_another_account_that_uses_up_the_servers_descriptors_is_refused_all_the
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the caller's account is known on Linux")
+def test_a_self_test_whose_connection_fails_for_now_is_tried_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from jobs.api import peer
+
+    # Another account holding every ephemeral port made the first lookup's own test
+    # connection fail (EADDRINUSE): read as "this kernel cannot tell", the check was off
+    # for good. No port range can be exhausted here without harming the machine: scripted.
+    lookup = peer.PeerLookup()
+    real = socket.create_server
+
+    def no_port(*args: Any, **kwargs: Any) -> socket.socket:
+        raise OSError(errno.EADDRINUSE, "Address already in use")
+
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as listener, \
+                socket.create_connection(listener.getsockname()) as client:
+            ends = client.getsockname(), listener.getsockname()
+            monkeypatch.setattr(socket, "create_server", no_port)
+            assert lookup.account(*ends) == peer.UNKNOWN  # refused now, asked again later
+            monkeypatch.setattr(socket, "create_server", real)
+            assert lookup.account(*ends) == os.geteuid()
+    finally:
+        lookup.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the caller's account is known on Linux")
 def test_a_kernel_that_cannot_tell_accounts_refuses_nobody_for_it() -> None:
     import socket
 

@@ -41,8 +41,11 @@ CLOSED = -1  # what `account` says of a connection whose client end is no proces
 UNKNOWN = -2  # what it says when a lookup failed just now (out of descriptors): ask again
 # A lookup that fails so may succeed a moment later: another account can cause these
 # (by holding connections open), so they must never read as "cannot be told here".
+# Its own test connection failing (ports all taken, as another account can make them)
+# says nothing of the kernel either.
 FOR_NOW = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN,
-                     errno.EINTR})
+                     errno.EINTR, errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.ECONNREFUSED,
+                     errno.ECONNRESET})
 
 
 class PeerLookup:

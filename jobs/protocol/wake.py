@@ -125,7 +125,8 @@ class Doorbell:
                 return  # BlockingIOError once every ring is read
             on_ring(data.decode("ascii", "replace"))
 
-    def close(self, loop: asyncio.AbstractEventLoop | None) -> None:
+    def close(self, loop: asyncio.AbstractEventLoop | None, unlink: bool = True) -> None:
+        """`unlink` False: the path may be another leader's socket now."""
         self.tried = False
         sock, self._sock = self._sock, None
         if sock is None:
@@ -133,5 +134,6 @@ class Doorbell:
         if loop is not None and not loop.is_closed():
             loop.remove_reader(sock.fileno())
         sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        if unlink:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)

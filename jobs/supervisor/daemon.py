@@ -127,10 +127,11 @@ async def tell_the_api(settings: Settings, supervisor: Supervisor) -> None:
                 told = problem
             await asyncio.sleep(LAUNCH_PROBLEM_S)
     finally:
-        if told is not None:
-            control.set_launcher_problem(settings.data_dir, None)
-        if led:
-            control.set_leader_settings(settings.data_dir, None)
+        if not supervisor.lock_lost:  # else those files are the next leader's
+            if told is not None:
+                control.set_launcher_problem(settings.data_dir, None)
+            if led:
+                control.set_leader_settings(settings.data_dir, None)
 
 
 async def cap_outputs(settings: Settings, supervisor: Supervisor) -> None:

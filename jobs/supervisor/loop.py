@@ -304,11 +304,14 @@ class Supervisor:
                      if (said := each.problem())), None)
 
     def release(self) -> None:
-        self._doorbell.close(self._loop)
+        # With its lock lost, the socket and the counters at those paths are another
+        # leader's now: left alone.
+        self._doorbell.close(self._loop, unlink=not self.lock_lost)
         for each in self._launchers.values():
             each.close()
         if self.is_leader:
-            self._save_counters(force=True)
+            if not self.lock_lost:
+                self._save_counters(force=True)
             self._lock.release()
             self.is_leader = False
             log.info("supervisor released %s", self.dir)
