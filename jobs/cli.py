@@ -929,7 +929,7 @@ def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     def cancel(job_id: str) -> Any:
         job = client.call("DELETE", f"/api/jobs/{job_path(job_id)}")
-        state = job.get(p.F_STATE) if isinstance(job, dict) else None
+        state = job[p.F_STATE]  # another shape: a KeyError or TypeError, told as not Offload
         if state not in p.FINAL_STATES:  # the server's wait ended first: not done yet
             raise Failure(EXIT_SERVER, f"{job_id}: cancel asked, but the job is still {state} "
                           "after the server's wait: is the supervisor running (offload "
