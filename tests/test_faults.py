@@ -26,6 +26,7 @@ import pytest
 
 from bench.scale import write_finished_jobs
 from jobs import protocol as p
+from jobs.protocol.wake import OUTPUT_FILE
 from jobs.store.job_store import JobStore
 from tests.conftest import ROOT, RunningSupervisor, wait_for
 from tests.fake_llm import FakeLLM
@@ -408,8 +409,9 @@ def test_a_removed_supervisor_lock_leaves_one_supervisor_leading(make_server: Ma
         second = subprocess.Popen([sys.executable, "-m", "jobs.supervisor"], cwd=ROOT,
                                   env={**os.environ, "OFFLOAD_DATA_DIR": str(server.data_dir),
                                        "OFFLOAD_MAX_CONCURRENT": "1"},
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   start_new_session=True)
+        third = None
         try:
             queued = [client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}
                                   ).json()["id"] for _ in range(3)]
@@ -418,9 +420,20 @@ def test_a_removed_supervisor_lock_leaves_one_supervisor_leading(make_server: Ma
             assert second.poll() is None, "the one leading now runs on"
             # The API started no other: one leads.
             assert not [proc for proc in api.children() if "jobs.supervisor" in proc.cmdline()]
+            # One started by hand (or by a service manager) says so and exits 1.
+            (server.data_dir / "supervisor.lock").unlink()
+            third = subprocess.Popen(second.args, cwd=ROOT, env={
+                **os.environ, "OFFLOAD_DATA_DIR": str(server.data_dir),
+                "OFFLOAD_MAX_CONCURRENT": "1"}, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True)
+            assert second.wait(30) == 1
+            said = second.communicate()[1].decode(errors="replace")
+            assert "the supervisor left: its lock in" in said, said
         finally:
-            second.terminate()
-            second.wait(30)
+            for proc in (second, third):
+                if proc is not None:
+                    proc.terminate()
+                    proc.communicate(timeout=30)
     # The running job was adopted, not run again; each job ran once, one at a time.
     assert [(job["state"], job["attempt"]) for job in finals] == [("completed", 1)] * 4, finals
     assert finals[0]["pid"] == job["pid"]
@@ -428,3 +441,6 @@ def test_a_removed_supervisor_lock_leaves_one_supervisor_leading(make_server: Ma
     assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans)), spans
     log = (server.data_dir / "supervisor.log").read_text(errors="replace")
     assert "was removed or replaced while this supervisor led: it leaves" in log, log[-2000:]
+    # Said where its output goes too.
+    output = (server.data_dir / OUTPUT_FILE).read_text(errors="replace")
+    assert "the supervisor left: its lock in" in output, output[-2000:]

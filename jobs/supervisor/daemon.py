@@ -55,7 +55,8 @@ LOG_FILE = "supervisor.log"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-async def serve(settings: Settings, parent: int | None = None) -> None:
+async def serve(settings: Settings, parent: int | None = None) -> bool:
+    """Runs until stopped; whether it left because its lock was taken from it."""
     supervisor = Supervisor.from_settings(settings)
     recorder = MetricsRecorder(Path(p.metrics_file(settings.data_dir)),
                                HISTORY_KEEP_S, HISTORY_SAMPLE_S)
@@ -90,6 +91,7 @@ async def serve(settings: Settings, parent: int | None = None) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.to_thread(supervisor.wait_for_stoppers, 10)
+    return supervisor.lock_lost
 
 
 async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> None:
@@ -230,8 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_file(settings)
     make_private(settings.data_dir)  # it may be started by hand, before any API
     try:
-        asyncio.run(serve(settings, args.parent))
+        lock_lost = asyncio.run(serve(settings, args.parent))
     except KeyboardInterrupt:
-        pass
+        return 0
+    if lock_lost:  # a service manager restarts it: it then waits its turn to lead
+        print(f"the supervisor left: its lock in {settings.data_dir} was removed or replaced "
+              "while it led, so another supervisor may lead there now (supervisor.log)",
+              file=sys.stderr)
+        return 1
     return 0
 
