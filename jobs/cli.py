@@ -933,7 +933,7 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
         if state not in p.FINAL_STATES:  # the server's wait ended first: not done yet
             raise Failure(EXIT_SERVER, f"{job_id}: cancel asked, but the job is still {state} "
                           "after the server's wait: is the supervisor running (offload "
-                          "status)? It is cancelled once it stops")
+                          "status)? It is cancelled once it stops", answer=job)
         return job
 
     return _each_job(client, args, "queued, running or live", {"live": ["queued", "running"]},
@@ -1013,7 +1013,11 @@ def _act(args: argparse.Namespace, ids: list[str], act: Callable[[str], Any],
             code = code or answer.code
         elif not args.json:
             sys.stdout.write(f"{job_id} {said(answer)}\n")
-    done.extend(answer for answer in answers if not isinstance(answer, Failure))
+    for job_id, answer in zip(ids, answers, strict=True):
+        if not isinstance(answer, Failure):
+            done.append(answer)
+        elif answer.answer.get(p.F_ID) == job_id:  # it failed, yet carries the job as it is
+            done.append(answer.answer)
     return code
 
 
