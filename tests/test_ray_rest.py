@@ -308,8 +308,12 @@ def test_a_ray_nobody_answers_at_makes_the_health_degraded_until_it_answers_agai
 
         back = FakeRay(head.port)  # the head back at its address, its jobs with it
         back.jobs = head.jobs
+        # At first it answers with an error: it answers, so Ray is reachable again.
+        back.scripted[("GET", f"/api/jobs/{sid}")] = (500, "Internal Server Error")
         with back:
             wait_for(lambda: client.get("/api/health").json()["problems"] == [], 30,
                      what="the health ok again")
+            with back.lock:
+                del back.scripted[("GET", f"/api/jobs/{sid}")]
             assert cli(server.url, "status").returncode == 0
             assert client.delete(f"/api/jobs/{job_id}").json()["state"] == "cancelled"

@@ -239,9 +239,11 @@ class RayLauncher(Launcher):
                 with self._lock:
                     self._unreachable.pop(run.job_id, None)
             except OSError as exc:  # RayError too; a local write may also fail
-                if isinstance(exc, RayUnavailable):
-                    with self._lock:
+                with self._lock:  # another error: Ray answered, or this side failed
+                    if isinstance(exc, RayUnavailable):
                         self._unreachable[run.job_id] = str(exc)
+                    else:
+                        self._unreachable.pop(run.job_id, None)
                 if run.to_submit is not None and isinstance(exc, RayError) \
                         and not isinstance(exc, RayUnavailable):
                     self._end(run, None, f"never started: {exc}")  # Ray refused the job
