@@ -69,7 +69,9 @@ def create_app() -> FastAPI:
     origins = settings.cors_origin_list
     if origins:  # closed unless configured: other sites' pages cannot call the API
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
-                           allow_methods=["GET", "POST", "DELETE"],
+                           # every method a route takes (a PUT was left out once)
+                           allow_methods=sorted({method for route in app.state.api_routes
+                                                 for method in route.methods} - {"HEAD"}),
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key",
                                           "Last-Event-ID"])
     app.add_middleware(RequestGuard, settings=settings)  # outermost: every path

@@ -251,6 +251,27 @@ def test_foreign_origin_cannot_change_anything(make_server: MakeServer) -> None:
                            ).status_code == 202
 
 
+def test_a_listed_site_may_call_every_route(make_server: MakeServer) -> None:
+    # Its pages could pause and cancel, but never set the cap: a PUT failed the preflight.
+    server = make_server(env={"OFFLOAD_CORS_ORIGINS": "http://dash.example"})
+    with server.client() as client:
+        paths = client.get("/openapi.json").json()["paths"]
+        methods = sorted({method.upper() for each in paths.values() for method in each})
+        assert "PUT" in methods, methods
+        for method in methods:
+            for origin, allowed in (("http://dash.example", True),
+                                    ("http://attacker.example", False)):
+                preflight = client.options("/api/queue/cap", headers={
+                    "Origin": origin, "Access-Control-Request-Method": method,
+                    "Access-Control-Request-Headers": "content-type"})
+                assert (preflight.status_code == 200) is allowed, (method, origin, preflight)
+        capped = client.put("/api/queue/cap", json={"max_concurrent": 3},
+                            headers={"Origin": "http://dash.example"})
+        assert capped.status_code == 200, capped.text
+        assert capped.headers["access-control-allow-origin"] == "http://dash.example"
+        assert capped.json()["max_concurrent"] == 3
+
+
 # -- 12. /docs loads only local assets ----------------------------------------------------
 
 EXTERNAL = re.compile(r"""https?://[^\s"'<>()\\]+""")
