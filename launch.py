@@ -291,11 +291,6 @@ def install_ray() -> str:
 OPTIONAL = {"llm": install_llm, "llm-server": install_llm_server, "ray": install_ray}
 
 
-def open_browser_when_up(url: str, timeout_s: float = 60.0) -> None:
-    if wait_until_up(url, timeout_s):
-        webbrowser.open(url)
-
-
 def wait_until_up(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None,
                   ) -> bool:
     """Whether Offload answers at `url` within `timeout_s` (False as soon as `proc`, its
@@ -366,19 +361,22 @@ def address(options: argparse.Namespace) -> tuple[str, int, str]:
 
 
 def setting(name: str) -> str | None:
-    """An OFFLOAD_* setting from the environment, else from `.env` beside launch.py (as
-    the server reads it; python-dotenv is not installed yet here)."""
+    """An OFFLOAD_* setting from the environment, else from the `.env` the server reads
+    (OFFLOAD_ENV_FILE's, else the one beside launch.py; the last line that sets it), read
+    here by hand: python-dotenv is not installed yet."""
     if os.environ.get(name):
         return os.environ[name]
     try:
-        lines = (ROOT / ".env").read_text(encoding="utf-8").splitlines()
+        path = ROOT / os.environ.get("OFFLOAD_ENV_FILE", ".env")  # an absolute one: itself
+        lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return None
+    found = None
     for line in lines:
         key, sep, value = line.strip().removeprefix("export ").partition("=")
         if sep and key.strip() == name:
-            return value.split(" #")[0].strip().strip("'\"") or None
-    return None
+            found = value.split(" #")[0].strip().strip("'\"") or None
+    return found
 
 
 def already_running(options: argparse.Namespace) -> bool:
@@ -391,8 +389,10 @@ def already_running(options: argparse.Namespace) -> bool:
 def opened_if_running(url: str, options: argparse.Namespace) -> bool:
     if not offload_answers(url):
         return False
-    say(f"Offload is already running at {url}; opening it")
-    if not options.no_browser:
+    if options.no_browser:
+        say(f"Offload is already running at {url}")
+    else:
+        say(f"Offload is already running at {url}; opening it")
         webbrowser.open(url)
     return True
 

@@ -39,30 +39,27 @@ def test_pyw_starts_launch_py_without_a_console() -> None:
 
 
 def test_the_browser_opens_on_a_server_with_a_token(make_server: Callable[..., Any],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     # Its /api/health asks for the token (401): that was taken for "not up yet", for good.
-    import webbrowser
-
     import launch
 
-    opened: list[str] = []
-    monkeypatch.setattr(webbrowser, "open", opened.append)  # no browser in a test
     server = make_server(env={"OFFLOAD_API_TOKEN": "a-token-of-more-than-16-characters"})
-    launch.open_browser_when_up(server.url, timeout_s=30)
-    assert opened == [server.url]
+    assert launch.wait_until_up(server.url, timeout_s=30)  # what opens the browser on it
+    # Found running by a second start told not to open it: it said "opening it".
+    options, _ = launch.parse_args(["--no-browser"])
+    assert launch.opened_if_running(server.url, options)
+    said = capsys.readouterr()
+    assert f"already running at {server.url}" in said.out + said.err
+    assert "opening" not in said.out + said.err
 
 
-def test_a_degraded_server_is_still_offload(make_server: Callable[..., Any],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_degraded_server_is_still_offload(make_server: Callable[..., Any]) -> None:
     # A full disk made /api/health say "degraded": a second start took the server for
     # another program, and started another API on the next port, on the same data.
     import subprocess
-    import webbrowser
 
     import launch
 
-    opened: list[str] = []
-    monkeypatch.setattr(webbrowser, "open", opened.append)
     server = make_server()
     with server.client() as client:
         assert client.post("/api/jobs", json={"kind": "sleep"}).status_code == 202
@@ -72,10 +69,9 @@ def test_a_degraded_server_is_still_offload(make_server: Callable[..., Any],
             assert client.post("/api/jobs", json={"kind": "sleep"}).status_code == 503
             assert client.get("/api/health").json()["status"] == "degraded"
             assert launch.offload_answers(server.url)
-            launch.open_browser_when_up(server.url, timeout_s=30)
+            assert launch.wait_until_up(server.url, timeout_s=30)
         finally:
             subprocess.run(["chattr", "-i", str(jobs_dir)], check=True)
-    assert opened == [server.url]
 
 
 def test_host_and_port_are_read_from_dotenv_as_the_server_reads_them(
@@ -85,12 +81,19 @@ def test_host_and_port_are_read_from_dotenv_as_the_server_reads_them(
     (tmp_path / ".env").write_text("# the user's\nexport OFFLOAD_PORT=18555 # a comment\n"
                                    "OFFLOAD_HOST='::1'\n")
     monkeypatch.setattr(launch, "ROOT", tmp_path)
-    for name in ("OFFLOAD_HOST", "OFFLOAD_PORT"):
+    for name in ("OFFLOAD_HOST", "OFFLOAD_PORT", "OFFLOAD_ENV_FILE"):
         monkeypatch.delenv(name, raising=False)
     options, _ = launch.parse_args(["--no-browser"])
     assert launch.address(options) == ("::1", 18555, "[::1]")
     monkeypatch.setenv("OFFLOAD_PORT", "18556")  # the environment first, as the server's
     assert launch.address(options)[1] == 18556
+    monkeypatch.delenv("OFFLOAD_PORT")
+    # Another file named, set twice in it: the last line counts, as python-dotenv has it.
+    (tmp_path / "mine.env").write_text("OFFLOAD_PORT=18557\nOFFLOAD_PORT=18558\n")
+    monkeypatch.setenv("OFFLOAD_ENV_FILE", str(tmp_path / "mine.env"))
+    assert launch.address(options)[:2] == ("127.0.0.1", 18558)
+    monkeypatch.setenv("OFFLOAD_ENV_FILE", "mine.env")  # relative: to the server's folder
+    assert launch.address(options)[:2] == ("127.0.0.1", 18558)
 
 
 def test_a_port_that_is_no_port_is_said_so() -> None:
