@@ -95,7 +95,7 @@ class Unreachable(Failure):
 
 
 def _env_file() -> dict[str, str | None]:
-    path = os.path.abspath(os.environ.get("OFFLOAD_ENV_FILE") or ".env")  # as the server's
+    path = p.env_file()  # as the server's
     problem = p.unsafe_settings_file(path)
     if problem is not None:  # it could send the token to another account's listener
         raise Failure(EXIT_USAGE, f"refusing to read {path}: {problem}. It could send your "

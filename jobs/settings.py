@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobs.protocol import unsafe_settings_file, unsafe_way
+from jobs.protocol import env_file, unsafe_settings_file, unsafe_way
 from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url
 
 ENV_PREFIX = "OFFLOAD_"  # of every variable below but OpenAI's own two
@@ -80,7 +80,6 @@ OUTPUT_CAP_S = 5.0  # how often the supervisor cuts the outputs of its helper pr
 # in their own environment.
 SECRET_ENV = frozenset({"OPENAI_API_KEY"})
 API_TOKEN_ENV = "OFFLOAD_API_TOKEN"  # the API's alone: no other process of Offload gets it
-ENV_FILE_ENV = "OFFLOAD_ENV_FILE"  # set by the API for the supervisor: see env_file()
 MIN_TOKEN_CHARS = 16
 MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
@@ -395,12 +394,6 @@ def _naming_variables(exc: ValidationError) -> ValidationError:
 
 class UnusableSettings(Exception):
     """Settings a process cannot start with, said as what to mend (not as a traceback)."""
-
-
-def env_file() -> str:
-    """The `.env` file read beside the environment: the working folder's, or for a process
-    the API starts (in the project's folder), the one the API read."""
-    return os.path.abspath(os.environ.get(ENV_FILE_ENV) or ".env")
 
 
 @lru_cache(maxsize=1)

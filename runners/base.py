@@ -476,6 +476,10 @@ def main(
     parser.add_argument("--timeout", type=float, default=None, help="seconds (direct mode)")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    problem = _read_env_file()
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     if args.job_file is not None:
         return run_job_file(args.job_file, execute, force=args.force)
     try:
@@ -491,6 +495,28 @@ def main(
     except RunnerError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _read_env_file() -> str | None:
+    """By hand, the settings of the `.env` the server reads (the environment first): the
+    model server and its key, say; never the API's token, which no runner is given. Why
+    it is not read, if it is not to be."""
+    path = p.env_file()
+    problem = p.unsafe_settings_file(path)
+    if problem is not None:  # it could send the chat to another account's listener
+        return (f"refusing to read {path}: {problem}. Run from a folder of your own, or set "
+                "OFFLOAD_ENV_FILE to a file of yours")
+    if os.path.isfile(path):
+        from dotenv import dotenv_values  # the parser the server's settings use
+
+        try:
+            values = dotenv_values(path)
+        except (OSError, UnicodeError) as exc:
+            return f"cannot read {path} ({exc}); it must be UTF-8 text"
+        for name, value in values.items():
+            if value is not None and name != "OFFLOAD_API_TOKEN" and not os.environ.get(name):
+                os.environ[name] = value
+    return None
 
 
 def run_remote(execute: Execute) -> int:

@@ -105,6 +105,30 @@ def test_chat_cli_without_a_server_says_what_to_do() -> None:
     assert "give a question" in usage.stderr
 
 
+def test_a_chat_by_hand_reads_the_env_file_the_server_reads(tmp_path: Path) -> None:
+    # It read the environment alone: with the model server and key in `.env`, as the
+    # README has it, it started the embedded model instead, and answered from that.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OFFLOAD_ENV_FILE", "OPENAI_BASE_URL", "OPENAI_API_KEY")}
+    with FakeLLM(pieces=["from ", "the .env's"], auth=f"Bearer {SENTINEL}") as llm:
+        dotenv = tmp_path / ".env"
+        dotenv.write_text(f"OPENAI_BASE_URL={llm.base_url}\nOPENAI_API_KEY={SENTINEL}\n"
+                          "OFFLOAD_API_TOKEN=the-api-token-no-runner-is-given\n")
+        dotenv.chmod(0o600)
+        done = subprocess.run([sys.executable, "-m", "runners.chat", "hello?"], cwd=tmp_path,
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "from the .env's" in done.stdout
+        assert len(llm.requests) == 1
+        dotenv.chmod(0o666)  # another account could have written it: not read
+        refused = subprocess.run([sys.executable, "-m", "runners.chat", "hello?"],
+                                 cwd=tmp_path, capture_output=True, text=True, env=env,
+                                 timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert f"refusing to read {dotenv}: every account can write it" in refused.stderr
+        assert len(llm.requests) == 1
+
+
 def test_chat_streams_into_output_against_a_scripted_server(
         make_supervisor: Callable[..., RunningSupervisor]) -> None:
     with FakeLLM(pieces=["one ", "two ", "three ", "four"], delay_s=0.4) as llm:

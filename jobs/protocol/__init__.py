@@ -375,6 +375,15 @@ def unsafe_way(path: str, what: str = "the data folder") -> str | None:
     return None
 
 
+ENV_FILE_ENV = "OFFLOAD_ENV_FILE"  # set by the API for the supervisor: see env_file()
+
+
+def env_file() -> str:
+    """The `.env` file read beside the environment: the working folder's, or for a process
+    the API starts (in the project's folder), the one the API read."""
+    return os.path.abspath(os.environ.get(ENV_FILE_ENV) or ".env")
+
+
 def unsafe_settings_file(path: str) -> str | None:
     """Why the settings file at `path` (absolute; a `.env`) is not to be read: another
     account wrote it, could write it, or could swap it (see `unsafe_way`). It names the
