@@ -420,15 +420,23 @@ def test_a_removed_supervisor_lock_leaves_one_supervisor_leading(make_server: Ma
             assert second.poll() is None, "the one leading now runs on"
             # The API started no other: one leads.
             assert not [proc for proc in api.children() if "jobs.supervisor" in proc.cmdline()]
-            # One started by hand (or by a service manager) says so and exits 1.
-            (server.data_dir / "supervisor.lock").unlink()
+            # A third by hand waits its turn, and says so (it was silent, as if hung).
             third = subprocess.Popen(second.args, cwd=ROOT, env={
                 **os.environ, "OFFLOAD_DATA_DIR": str(server.data_dir),
                 "OFFLOAD_MAX_CONCURRENT": "1"}, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, start_new_session=True)
+            log_file = server.data_dir / "supervisor.log"
+            wait_for(lambda: "this one waits to take over" in log_file.read_text(
+                errors="replace"), 30, what="the third supervisor waiting")
+            # One started by hand (or by a service manager) that loses its lock says so
+            # and exits 1; the one waiting leads.
+            (server.data_dir / "supervisor.lock").unlink()
             assert second.wait(30) == 1
             said = second.communicate()[1].decode(errors="replace")
+            assert f"the supervisor runs on {server.data_dir}" in said, said
             assert "the supervisor left: its lock in" in said, said
+            wait_for(lambda: log_file.read_text(errors="replace").count("supervisor leads")
+                     == 3, 30, what="the third leading")
         finally:
             for proc in (second, third):
                 if proc is not None:

@@ -3,8 +3,9 @@ supervisor, and the supervisor's record of each schedule's newest job. Standard 
 only, as the rest of the protocol.
 
   queue.paused                 present while the whole queue is paused: nothing launches
-  queue.cap                    {"max_concurrent", "at"}: runners alive at once, set while
-                               the server runs (absent: OFFLOAD_MAX_CONCURRENT)
+  queue.cap                    {"max_concurrent", "kinds", "at"}: runners alive at once, of
+                               all and by kind, set while the server runs (absent:
+                               OFFLOAD_MAX_CONCURRENT, OFFLOAD_KIND_CAPS)
   schedules/<name>.paused      present while that schedule creates no jobs
   schedules/<name>.json        {"slot", "job_id", "every_s" or "cron"}: the newest slot of that
                                schedule whose job was created; the leader writes it

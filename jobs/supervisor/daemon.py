@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     _log_to_file(settings)
     make_private(settings.data_dir)  # it may be started by hand, before any API
+    if args.parent is None:  # by hand, in a terminal: not silent, as if hung
+        print(f"the supervisor runs on {settings.data_dir} (it leads, or waits its turn); "
+              f"it logs to {settings.data_dir / LOG_FILE}; Ctrl+C stops it", file=sys.stderr)
     try:
         lock_lost = asyncio.run(serve(settings, args.parent))
     except KeyboardInterrupt:

@@ -134,6 +134,7 @@ class Supervisor:
         self._doorbell = Doorbell(jobs_dir)
         self.is_leader = False
         self.lock_lost = False  # its lock file was removed or replaced: it leaves
+        self._said_waiting = False
         self._queued: dict[str, Queued] = {}  # every queued job this supervisor knows
         # The due jobs in launch order (p.queue_key); entries no longer in _queued (or
         # there with another key) are skipped when popped.
@@ -383,6 +384,10 @@ class Supervisor:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._lock.acquire(timeout=0)
         except Timeout:
+            if not self._said_waiting:  # once: it looks at the lock every pass
+                self._said_waiting = True
+                log.info("another supervisor leads %s: this one waits to take over when it "
+                         "leaves", self.dir)
             return False
         except OSError as exc:
             log.warning("cannot take the supervisor lock: %s", exc)
