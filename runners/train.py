@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 
 MIN_SAMPLES = 60
 BATCH = 64
+# A model whose validation error passes this many times a naive "no change" forecast's
+# (or WORST_RMSE_FLOOR points, for a series that barely moves) is not published: its
+# training blew up short of NaN, and its forecasts would swing between 0 and 100 %.
+WORST_VS_NAIVE = 2.0
+WORST_RMSE_FLOOR = 1.0
 # Each option's (default, lowest, highest): checked here and, before a job is created, by
 # the API's TrainInput (jobs/inputs.py), which is built from these.
 EPOCHS = (60, 1, 10_000)
@@ -50,6 +55,7 @@ def execute(job: base.Job) -> dict[str, Any]:
     options = _options(job)
     data_dir = job.data_dir or str(job.input.get("data_dir") or "var")
     samples = forecast.load_samples(data_dir)
+    recorded = len(samples)
     if options["seconds"]:
         cutoff = samples[-1]["t"] - options["seconds"] if samples else 0
         samples = [s for s in samples if s["t"] >= cutoff]
@@ -61,10 +67,16 @@ def execute(job: base.Job) -> dict[str, Any]:
             "Offload's data folder (--data-dir, OFFLOAD_DATA_DIR)? The dashboard records a "
             "sample a second there")
     if len(samples) < samples_needed(lags):
+        if recorded >= samples_needed(lags):  # there is enough: 'seconds' left it out
+            raise base.RunnerError(
+                f"'seconds' ({options['seconds']:g}) keeps {len(samples)} of the {recorded} "
+                f"samples recorded, and this training needs at least {samples_needed(lags)} "
+                "(about one a second): raise 'seconds', or leave it out to learn from all")
+        lower = "" if lags * 3 <= MIN_SAMPLES else ", or lower 'lags'"
         raise base.RunnerError(
             f"not enough history to learn from yet: {len(samples)} samples, need at least "
             f"{samples_needed(lags)} (about one a second); let the dashboard run a "
-            "few minutes, or lower 'lags'")
+            f"few minutes{lower}")
     series = {name: np.asarray([s[name] for s in samples], dtype=float)
               for name in forecast.SERIES}
     model: dict[str, Any] = {"kind": "autoregressive-linear", "lags": lags,
@@ -85,6 +97,14 @@ def execute(job: base.Job) -> dict[str, Any]:
     for name, fit in fits.items():
         model["series"][name] = fit.params()
         scores[name] = fit.scores()
+    for name, score in scores.items():
+        worst = max(score["naive_validation_rmse"] * WORST_VS_NAIVE, WORST_RMSE_FLOOR)
+        if not score["validation_rmse"] <= worst and not math.isnan(score["naive_validation_rmse"]):
+            raise base.RunnerError(
+                f"training blew up: {name}'s validation RMSE is {score['validation_rmse']:.4g}, "
+                f"against {score['naive_validation_rmse']:.4g} for a naive \"no change\" "
+                "forecast, so this model is not published (the one before stays): lower "
+                f"'learning_rate' (it was {options['learning_rate']})")
     version = forecast.save(data_dir, model)
     return {"version": version, "samples": len(samples), "lags": lags, "epochs": epochs,
             "error": scores}

@@ -67,6 +67,17 @@ def test_too_little_history_says_so(data_dir: Path,
     job = sup.wait_final(sup.submit("train"))
     assert job["state"] == "failed"
     assert "not enough history" in job["error"]["message"]
+    assert "or lower 'lags'" in job["error"]["message"]  # 90 for 30 lags, 60 at 20 or less
+    job = sup.wait_final(sup.submit("train", lags=20))
+    assert "need at least 60" in job["error"]["message"]
+    assert "or lower 'lags'" not in job["error"]["message"]
+    record_history(data_dir, seconds=200)
+    # Enough recorded, but a window that keeps too little: waiting would not help.
+    job = sup.wait_final(sup.submit("train", seconds=5, lags=1))
+    assert job["state"] == "failed"
+    assert job["error"]["message"].startswith(
+        "'seconds' (5) keeps 6 of the 200 samples recorded, and this training needs at least "
+        "60 (about one a second): raise 'seconds'"), job["error"]
     assert forecast.load_latest(str(data_dir)) is None
 
 
@@ -216,6 +227,16 @@ def test_a_diverging_training_fails_and_keeps_the_previous_model(
         assert diverged["state"] == "failed", diverged
         assert "training diverged" in diverged["error"]["message"]
         assert "lower 'learning_rate'" in diverged["error"]["message"]
+        assert client.get("/api/predict").json()["version"] == 1
+        # Blown up short of NaN (RMSE 1e13 against the naive 17): it completed and was
+        # published, and /api/predict swung between 0 and 100 %.
+        for options in ({"learning_rate": 0.5, "epochs": 2}, {"learning_rate": 1.0,
+                                                              "epochs": 1}):
+            blown = _train(client, **options)
+            assert blown["state"] == "failed", (options, blown)
+            said = blown["error"]["message"]
+            assert "training blew up" in said and "is not published" in said, said
+            assert f"lower 'learning_rate' (it was {options['learning_rate']}" in said, said
         assert client.get("/api/predict").json()["version"] == 1
         # A NaN a runner of one's own writes is null to every client, as a GET has it.
         job_file = data_dir / "jobs" / diverged["id"] / p.JOB_FILE
