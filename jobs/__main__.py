@@ -1,4 +1,4 @@
-"""`python -m jobs`: the `offload` command line (jobs/cli.py)."""
+"""`python -m jobs`: the `offload` command line (jobs/cli/)."""
 
 import sys
 

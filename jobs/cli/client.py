@@ -1,0 +1,249 @@
+"""The CLI's way to the server: its address and token (as the server reads them), HTTP
+requests and what their failures mean as exit codes."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import TYPE_CHECKING, Any
+
+from jobs import protocol as p
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 4
+EXIT_NOT_FOUND = 5
+EXIT_CONFLICT = 6
+EXIT_SERVER = 7
+EXIT_INTERRUPTED = 130
+
+EXIT_BY_STATUS = {400: EXIT_USAGE, 413: EXIT_USAGE, 422: EXIT_USAGE, 401: EXIT_REFUSED,
+                  403: EXIT_REFUSED, 421: EXIT_REFUSED, 404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT}
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = "8001"
+STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
+REQUEST_TIMEOUT_S = 30.0  # a cancel waits on the server for the runner: its grace, then 10 s
+# A batch's timeout grows by this much a job: a chat's turn takes up to ~35 ms to store
+# with thousands of jobs kept; three times that leaves room for a slow disk.
+BATCH_JOB_S = 0.1
+# How Offload's 404s for a job or a schedule begin; any other 404 (its catch-all's "no API
+# route", a page another server has not) says the address is not Offload's.
+OFFLOADS_404S = ("no job with id", "no schedule named")
+
+
+class Failure(Exception):
+    """What ends a command early: one line for stderr and the exit code."""
+
+    def __init__(self, code: int, message: str, status: int | None = None,
+                 answer: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status  # the server's HTTP status, where it answered one
+        self.answer = answer or {}  # and its JSON
+
+
+class Unreachable(Failure):
+    def __init__(self, message: str, reason: object = None) -> None:
+        super().__init__(EXIT_UNREACHABLE, message)
+        self.reason = reason  # why, when no connection was made or no answer came
+
+
+def _env_file() -> dict[str, str | None]:
+    path = p.env_file()  # as the server's
+    problem = p.unsafe_settings_file(path)
+    if problem is not None:  # it could send the token to another account's listener
+        raise Failure(EXIT_USAGE, f"refusing to read {path}: {problem}. It could send your "
+                      "token to another account's server. Run from a folder of your own, "
+                      "or set OFFLOAD_ENV_FILE to a file of yours")
+    if not os.path.isfile(path):
+        return {}
+    from dotenv import dotenv_values  # the parser the server's settings use
+
+    try:
+        return dotenv_values(path)
+    except (OSError, UnicodeError) as exc:
+        raise Failure(EXIT_USAGE, f"cannot read .env ({exc}); it must be UTF-8 text") from None
+
+
+def configured(url: str | None) -> tuple[str, str | None]:
+    """The server's address and the token: what is given, else what the server itself
+    would read (the environment, then `.env`, read only if a value is still missing)."""
+    env_files: list[dict[str, str | None]] = []  # `.env`, once read
+
+    def value(name: str) -> str | None:
+        found = os.environ.get(name)
+        if not (found and found.strip()):
+            if not env_files:
+                env_files.append(_env_file())
+            found = env_files[0].get(name)
+        return found.strip() if found and found.strip() else None
+
+    source = "--url"
+    if url is None:
+        url, source = value("OFFLOAD_URL"), "OFFLOAD_URL"
+    if url is None:
+        source = "OFFLOAD_HOST and OFFLOAD_PORT"
+        host = value("OFFLOAD_HOST") or DEFAULT_HOST
+        if host in ("0.0.0.0", "::"):  # serving on every address: loopback is one of them
+            host = DEFAULT_HOST
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address in a URL
+        url = f"http://{host}:{value('OFFLOAD_PORT') or DEFAULT_PORT}"
+    url = url.strip().rstrip("/")
+    address = f"the server's address {url!r} (from {source})"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - read for its ValueError: a port that is no number
+        if re.search(r"[\s\x00-\x1f\x7f]", url):  # http.client refuses it as it sends
+            raise ValueError("it holds a space or a control character")
+    except ValueError as exc:  # an unclosed [, say
+        raise Failure(EXIT_USAGE, f"{address} is not a URL ({exc}); like "
+                                  "http://127.0.0.1:8001") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Failure(EXIT_USAGE, f"{address} is not an http:// or https:// URL; like "
+                                  "http://127.0.0.1:8001")
+    if parts.query or parts.fragment:  # the paths of the API are put after it
+        raise Failure(EXIT_USAGE, f"{address} has a query or fragment; give its start "
+                                  "alone, like http://127.0.0.1:8001")
+    return url, value("OFFLOAD_API_TOKEN")
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        return None  # the 3xx is raised as an HTTPError, for `_refusal` to say
+
+
+class Client:
+    """The API over urllib: JSON in, JSON out, and an event stream read line by line."""
+
+    def __init__(self, url: str, token: str | None) -> None:
+        self.url = url
+        self.token = token
+        # Offload is reached directly: a proxy set for the web must not see the token, nor
+        # any host a redirect names (urllib sends a request's headers on with it).
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                   _NoRedirects)
+
+    def _open(self, method: str, path: str, body: Any = None, timeout: float = REQUEST_TIMEOUT_S,
+              headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+        data = None if body is None else json.dumps(body).encode()
+        headers = dict(headers or {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        for name, value in headers.items():
+            _check_header(name, value)
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers=headers)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            response: http.client.HTTPResponse = self._opener.open(request, timeout=timeout)
+            return response
+        except urllib.error.HTTPError as exc:
+            raise self._refusal(exc) from None
+        except UnicodeError as exc:  # a host name IDNA cannot encode (a label too long)
+            raise Failure(EXIT_USAGE, f"the server's address {self.url!r} cannot be "
+                                      f"used ({exc})") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise Unreachable(f"cannot reach Offload at {self.url}: {reason}. Is it running "
+                              "(python launch.py)? Else give its address: --url or "
+                              "OFFLOAD_URL", reason) from None
+
+    def _refusal(self, exc: urllib.error.HTTPError) -> Failure:
+        if 300 <= exc.code < 400:
+            where = str(exc.headers.get("Location", "elsewhere"))[:200]
+            return Failure(EXIT_USAGE, f"{self.url} redirected to {where} (not followed: "
+                                       "the token would go with it); give Offload's own "
+                                       "address with --url or OFFLOAD_URL")
+        try:
+            answer = json.loads(exc.read())
+            detail = answer.get("detail")
+        except (ValueError, AttributeError, OSError):
+            answer, detail = None, None
+        detail = detail if isinstance(detail, str) else f"HTTP {exc.code} {exc.reason}"
+        if exc.headers.get("Retry-After"):  # a person reads no header
+            detail = detail.replace("Retry-After seconds", f"{exc.headers['Retry-After']} s")
+        code = EXIT_BY_STATUS.get(exc.code, EXIT_SERVER)
+        if exc.code == 404 and not detail.startswith(OFFLOADS_404S):  # the address, not a job
+            code, detail = EXIT_SERVER, (f"{detail} at {self.url}: is that Offload's address "
+                                         "(as http://HOST:PORT, without /api)?")
+        if exc.code == 401 and not self.token:
+            detail += " (set OFFLOAD_API_TOKEN to the server's token)"
+        return Failure(code, detail, exc.code, answer if isinstance(answer, dict) else None)
+
+    def call(self, method: str, path: str, body: Any = None,
+             headers: dict[str, str] | None = None, timeout: float = REQUEST_TIMEOUT_S) -> Any:
+        with self._open(method, path, body, timeout, headers) as response:
+            return self._read_json(response)
+
+    def text(self, path: str) -> str:
+        with self._open("GET", path) as response:
+            try:
+                return str(response.read().decode("utf-8", "replace"))
+            except (OSError, http.client.HTTPException) as exc:
+                raise Unreachable(f"the connection to {self.url} broke: {exc}") from None
+
+    def _read_json(self, response: http.client.HTTPResponse) -> Any:
+        try:
+            return json.loads(response.read())
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unreachable(f"the connection to {self.url} broke: {exc}") from None
+        except ValueError:
+            raise Failure(EXIT_SERVER, f"{self.url} did not answer JSON: is it Offload?") from None
+
+    def events(self, job_id: str, after: str | None) -> Iterator[tuple[str | None, dict[str, Any]]]:
+        """A job's events as (id, fields), resuming after `after` (docs/contract.md)."""
+        headers = {"Accept": "text/event-stream"}
+        if after is not None:
+            headers["Last-Event-ID"] = after
+        event_id = None
+        with self._open("GET", f"/api/jobs/{job_path(job_id)}/events", timeout=STREAM_TIMEOUT_S,
+                        headers=headers) as response:
+            if "text/event-stream" not in (response.getheader("Content-Type") or ""):
+                raise Failure(EXIT_SERVER, f"{self.url} answered no event stream: is it "
+                                           "Offload?")
+            try:
+                for raw in response:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                    if line.startswith("id: "):
+                        event_id = line[4:]
+                    elif line.startswith("data: "):
+                        yield event_id, json.loads(line[6:])
+                        event_id = None
+            except (OSError, http.client.HTTPException) as exc:  # socket.timeout too
+                raise Unreachable(f"the event stream from {self.url} broke: {exc}") from None
+            except ValueError:
+                raise Failure(EXIT_SERVER, f"{self.url} sent events that are not Offload's: "
+                                           "is it Offload?") from None
+
+
+def _check_header(name: str, value: str) -> None:
+    """A header a request can carry: Latin-1, on one line (http.client would raise)."""
+    try:
+        value.encode("latin-1")
+    except UnicodeError:
+        pass
+    else:
+        if not any(c in value for c in "\r\n\0"):
+            return
+    what = "OFFLOAD_API_TOKEN" if name == "Authorization" else name
+    raise Failure(EXIT_USAGE, f"{what} holds characters a header cannot carry (letters "
+                              "beyond Latin-1, a line break); use ASCII")
+
+
+def job_path(job_id: str) -> str:
+    return urllib.parse.quote(job_id.strip(), safe="")

@@ -1,0 +1,119 @@
+"""Following a job until it ends: its event stream, resumed across a dropped connection,
+else long polls or reads."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from jobs import protocol as p
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+
+from jobs.cli.client import REQUEST_TIMEOUT_S, Client, Failure, Unreachable, job_path
+
+RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
+POLL_S = 0.5  # how often a followed job is read where the server has no event stream to spare
+STREAM_AGAIN_S = 10.0  # and how long, before its event stream is asked for again
+WAIT_S = 25  # each long poll's wait (`GET /api/jobs/{id}?wait_s=`): within proxies' 30 s
+
+
+def follow(client: Client, job_id: str,
+           on_event: Callable[[dict[str, Any], dict[str, Any]], None]) -> dict[str, Any]:
+    """Follow a job's event stream until its final state, resuming a dropped connection
+    with Last-Event-ID; `on_event(event, job)` sees each event and the job after it."""
+    job: dict[str, Any] = {}
+    last_id: str | None = None
+    dropped_at: float | None = None
+    pause = 0.0
+    while True:
+        try:
+            for event_id, fields in _events_or_reads(client, job_id, last_id, job):
+                dropped_at = None
+                if not fields:
+                    continue  # a read that found nothing new: the server answers
+                _apply(job, fields)
+                if event_id is not None:
+                    last_id = event_id
+                on_event(fields, job)
+                if job.get(p.F_STATE) in p.FINAL_STATES:
+                    return job
+        except Unreachable:
+            if not job or (dropped_at is not None
+                           and time.monotonic() - dropped_at > RECONNECT_S):
+                raise
+        if dropped_at is not None and time.monotonic() - dropped_at > RECONNECT_S:
+            raise Unreachable(f"the event stream from {client.url} kept ending before job "
+                              f"{job_id} did; see it with: offload show {job_id}")
+        # Dropped, or closed before the final state: resume where it stopped.
+        if dropped_at is None:
+            dropped_at, pause = time.monotonic(), 0.25
+        time.sleep(pause)
+        pause = min(pause * 2, 2.0)
+
+
+def until_ended(client: Client, job_id: str) -> dict[str, Any]:
+    """The job once it has ended, by long polls (`?wait_s=`), resumed for RECONNECT_S
+    across a dropped connection (an API restart). Where the server cannot wait (a 503:
+    its worker's streams and waits all taken, or it is stopping) or answers at once (a
+    server before `wait_s`, another program), the job's event stream is followed instead,
+    which reads the job every POLL_S where the server has no stream to spare."""
+    dropped_at: float | None = None
+    while True:
+        asked = time.monotonic()
+        try:
+            try:
+                job: dict[str, Any] | None = dict(client.call(
+                    "GET", f"/api/jobs/{job_path(job_id)}?wait_s={WAIT_S}",
+                    timeout=WAIT_S + REQUEST_TIMEOUT_S))
+            except Failure as exc:
+                if exc.status != 503:
+                    raise
+                job, dropped_at = None, None  # it answers: a restart's minute starts anew
+            if job is not None and job.get(p.F_STATE) in p.FINAL_STATES:
+                return job
+            if job is None or time.monotonic() - asked < WAIT_S / 2:
+                follow(client, job_id, lambda event, job: None)
+                return dict(client.call("GET", f"/api/jobs/{job_path(job_id)}"))  # in full
+            dropped_at = None
+        except Unreachable:
+            now = time.monotonic()  # from the failure: a request can take WAIT_S to fail
+            dropped_at = dropped_at or now
+            if now - dropped_at > RECONNECT_S:
+                raise
+            time.sleep(1.0)
+
+
+def _apply(job: dict[str, Any], fields: dict[str, Any]) -> None:
+    """An event's fields applied to the job as known so far."""
+    if p.F_OUTPUT in fields:  # the whole output: the first event, or a restart
+        job[p.F_OUTPUT] = fields[p.F_OUTPUT] or ""
+    elif p.OUTPUT_DELTA in fields:
+        job[p.F_OUTPUT] = str(job.get(p.F_OUTPUT) or "") + fields[p.OUTPUT_DELTA]
+    job.update({k: v for k, v in fields.items() if k not in (p.F_OUTPUT, p.OUTPUT_DELTA)})
+
+
+def _events_or_reads(client: Client, job_id: str, after: str | None,
+                     job: dict[str, Any]) -> Iterator[tuple[str | None, dict[str, Any]]]:
+    """The job's events after `after`; where every event stream the server allows is
+    taken (503), reads of the job every POLL_S for STREAM_AGAIN_S instead, each as an
+    event would bring what changed since `job` (empty: nothing), then it ends, and the
+    stream is asked for again."""
+    try:
+        yield from client.events(job_id, after)
+        return
+    except Failure as exc:
+        if exc.status != 503:
+            raise
+    until = time.monotonic() + STREAM_AGAIN_S
+    while True:
+        now = dict(client.call("GET", f"/api/jobs/{job_path(job_id)}"))
+        fields = {k: v for k, v in now.items() if k != p.F_OUTPUT and job.get(k) != v}
+        fields.update(p.output_change(job, now) if p.F_OUTPUT in job
+                      else {p.F_OUTPUT: str(now.get(p.F_OUTPUT) or "")})
+        yield p.event_id(now), fields  # the id the stream would give: resumed there
+        if now.get(p.F_STATE) in p.FINAL_STATES or time.monotonic() > until:
+            return
+        time.sleep(POLL_S)

@@ -1,0 +1,140 @@
+"""What people read: tables, a job in full, times, and text made safe for a terminal."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from typing import IO, Any
+
+from jobs import protocol as p
+
+
+def when(value: object) -> str:
+    """'2026-01-31T12:00:00.123Z' -> '2026-01-31 12:00:00' (UTC, as the API gives it)."""
+    return str(value)[:19].replace("T", " ") if value else "-"
+
+
+def _took(job: dict[str, Any]) -> str:
+    started = job.get(p.F_STARTED_AT)
+    if not started:
+        return "-"
+    finished = job.get(p.F_FINISHED_AT)
+    end = p.parse_iso(str(finished)) if finished else time.time()
+    return f"{max(0.0, end - p.parse_iso(str(started))):.1f}s"
+
+
+def note(job: dict[str, Any]) -> str:
+    error = job.get(p.F_ERROR)
+    if isinstance(error, dict) and error.get("message"):
+        return f"{error.get('type')}: {error['message']}"
+    progress = job.get(p.F_PROGRESS)
+    if isinstance(progress, dict):
+        fraction = progress.get("fraction")
+        percent = f"{fraction:.0%} " if isinstance(fraction, (int, float)) else ""
+        return f"{percent}{progress.get('message') or ''}".strip()
+    position = job.get(p.F_QUEUE_POSITION)
+    start_at = p.run_at(job)
+    if job.get(p.F_STATE) == p.JobState.QUEUED and start_at is not None and start_at > time.time():
+        return f"starts {when(p.iso(start_at))} UTC"
+    dependencies = p.dependencies(job)
+    if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and dependencies:
+        return (f"after {dependencies[0][:8]}" if len(dependencies) == 1
+                else f"after {len(dependencies)} jobs")
+    return "" if position is None else f"{position} ahead in the queue"
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def table(rows: list[list[str]], out: IO[str]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        out.write(shown("  ".join(cells).rstrip() + "\n", out))
+
+
+def job_table(jobs: list[dict[str, Any]], out: IO[str]) -> None:
+    if not jobs:
+        out.write("no jobs\n")
+        return
+    rows = [["ID", "KIND", "STATE", "CREATED (UTC)", "TOOK", "NOTE"]]
+    rows += [[str(job.get(p.F_ID)), str(job.get(p.F_KIND)), str(job.get(p.F_STATE)),
+              when(job.get(p.F_CREATED_AT)), _took(job), _one_line(note(job), 60)]
+             for job in jobs]
+    table(rows, out)
+
+
+def job_details(job: dict[str, Any], out: IO[str]) -> None:
+    def compact(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    lines = [("id", job.get(p.F_ID)), ("kind", job.get(p.F_KIND)), ("state", job.get(p.F_STATE)),
+             ("created", when(job.get(p.F_CREATED_AT))),
+             ("started", when(job.get(p.F_STARTED_AT))),
+             ("finished", when(job.get(p.F_FINISHED_AT))), ("took", _took(job)),
+             ("timeout", f"{job.get(p.F_TIMEOUT_S)}s")]
+    queued = job.get(p.F_STATE) == p.JobState.QUEUED
+    for name in ("queue_position", "attempt", "max_attempts", "priority", "run_at", "schedule",
+                 "depends_on", "rerun_of", "after", "launcher", "host", "exit_code"):
+        if name == "run_at" and not queued:
+            continue  # when a queued job starts (a retry's backoff left it in the file)
+        if name == "depends_on" and job.get(name) is not None:
+            lines.append(("depends on", ", ".join(p.dependencies(job))))
+        elif job.get(name) is not None:
+            lines.append((name.replace("_", " "), job[name]))
+    if job.get(p.F_ERROR) or job.get(p.F_PROGRESS):
+        lines.append(("error" if job.get(p.F_ERROR) else "progress", note(job)))
+    for earlier in job.get(p.F_EARLIER_ERRORS) or []:
+        lines.append((f"attempt {earlier.get('attempt')}",
+                      f"{earlier.get('type')}: {earlier.get('message')}"))
+    lines.append(("input", compact(job.get(p.F_INPUT))))
+    if job.get(p.F_RESULT) is not None:
+        lines.append(("result", compact(job[p.F_RESULT])))
+    for name, value in lines:
+        out.write(shown(f"{name + ':':<16}{value}\n", out))
+    if job.get(p.F_OUTPUT):
+        out.write(shown(f"output:\n{job[p.F_OUTPUT]}\n", out))
+
+
+# Control characters but tab, newline and carriage return (a progress line).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def shown(text: str, stream: IO[str]) -> str:
+    """`text` for `stream`: on a terminal, control characters written out (`\\x1b`), as
+    a model's reply or a job's log can hold escape sequences that retitle the window or
+    clear the screen; into a file or a pipe, as it is."""
+    if not stream.isatty():
+        return text
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def kind_caps_said(queue: dict[str, Any]) -> list[str]:
+    """A line for each kind with a cap of its own: its cap, and where it comes from."""
+    caps, defaults = queue.get("kind_caps") or {}, queue.get("kind_caps_default") or {}
+    lines = []
+    for kind, cap in sorted(caps.items()):
+        if kind not in (queue.get("kind_caps_set") or []):
+            lines.append(f"{kind} at once: {cap} (OFFLOAD_KIND_CAPS)")
+        else:
+            default = defaults.get(kind)
+            lines.append(f"{kind} at once: {cap} (set while running, kept across restarts; "
+                         + (f"OFFLOAD_KIND_CAPS says {default})" if default is not None
+                            else "without it, no cap of its own)"))
+    return lines
+
+
+def cap_said(queue: dict[str, Any]) -> str:
+    said = f"runners at once: {queue['max_concurrent']}"
+    if not queue.get("max_concurrent_set"):
+        return f"{said} (OFFLOAD_MAX_CONCURRENT)"
+    return (f"{said} (set while running, kept across restarts; OFFLOAD_MAX_CONCURRENT is "
+            f"{queue['max_concurrent_default']})")

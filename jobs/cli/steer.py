@@ -1,0 +1,246 @@
+"""The commands that change jobs and the queue: retry, cancel, remove, pause, resume,
+parallel, and the schedules."""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import TYPE_CHECKING, Any
+
+from jobs import protocol as p
+from jobs.protocol import control
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+from jobs.cli.client import (
+    EXIT_CONFLICT,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_SERVER,
+    EXIT_USAGE,
+    Client,
+    Failure,
+    job_path,
+)
+from jobs.cli.commands import ENDED, LIST_MAX, known_kind, parse_input, wait_and_report
+from jobs.cli.show import cap_said, kind_caps_said, print_json, table, when
+
+
+def cmd_retry(client: Client, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.input is not None:
+        body["input"] = parse_input(args.input)
+    if args.timeout is not None:
+        body["timeout_s"] = args.timeout
+    job = client.call("POST", f"/api/jobs/{job_path(args.id)}/rerun", body or None)
+    return wait_and_report(client, job, args)
+
+
+def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list[str], bool]:
+    """The ids of the jobs in `states` (of `kind`), as the API lists them now, newest
+    first; and whether some listing was cut at LIST_MAX (older ones are left)."""
+    ids: list[str] = []
+    cut = False
+    for state in states:
+        given = urllib.parse.urlencode({k: v for k, v in (("state", state), ("kind", kind),
+                                                          ("limit", LIST_MAX)) if v is not None})
+        listed = client.call("GET", f"/api/jobs?{given}")["jobs"]
+        ids += [job[p.F_ID] for job in listed]
+        cut = cut or len(listed) >= LIST_MAX
+    return list(dict.fromkeys(ids)), cut  # one that started between the listings: once
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    def cancel(job_id: str) -> Any:
+        job = client.call("DELETE", f"/api/jobs/{job_path(job_id)}")
+        state = job[p.F_STATE]  # another shape: a KeyError or TypeError, told as not Offload
+        if state not in p.FINAL_STATES:  # the server's wait ended first: not done yet
+            raise Failure(EXIT_SERVER, f"{job_id}: cancel asked, but the job is still {state} "
+                          "after the server's wait: is the supervisor running (offload "
+                          "status)? It is cancelled once it stops", answer=job)
+        return job
+
+    return _each_job(client, args, "queued, running or live", {"live": ["queued", "running"]},
+                     cancel, lambda job: str(job.get(p.F_STATE)), (EXIT_CONFLICT, "had finished"))
+
+
+def cmd_remove(client: Client, args: argparse.Namespace) -> int:
+    def remove(job_id: str) -> Any:
+        try:
+            return client.call("POST", f"/api/jobs/{job_path(job_id)}/remove")
+        except Failure as exc:
+            if exc.status == 404 and exc.message.startswith("no API route"):
+                raise Failure(EXIT_SERVER, "this server is older: it cannot remove jobs (they "
+                                           "go with pruning)") from None
+            raise
+
+    return _each_job(client, args, "completed, failed, cancelled, timeout or finished",
+                     {"finished": ENDED}, remove, lambda job: "removed",
+                     (EXIT_NOT_FOUND, "was gone already"))  # pruned, or removed by another
+
+
+def _each_job(client: Client, args: argparse.Namespace, states_said: str,
+              groups: dict[str, list[str]], act: Callable[[str], Any],
+              said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str]) -> int:
+    """`act` on the jobs given by id, or on every job in --state (of --kind), saying how
+    each went; `moved_on`: the exit code of a failure that means a job listed in that
+    state changed since, leaving nothing to do, and the words for it. The exit code."""
+    if args.kind and not args.state:
+        raise Failure(EXIT_USAGE, f"--kind goes with --state ({states_said}): give both to "
+                                  f"{args.command} every job of that kind in that state")
+    if bool(args.ids) == bool(args.state):
+        raise Failure(EXIT_USAGE, f"give job ids, or --state ({states_said}; and --kind) "
+                                  f"to {args.command} every job in it"
+                                  f"{', not both' if args.ids else ''}")
+    done: list[dict[str, Any]] = []
+    if args.ids:
+        code = _act(args, list(dict.fromkeys(args.ids)), act, said, moved_on, done)
+    else:
+        states = groups.get(args.state, [args.state])
+        tried: set[str] = set()
+        code, cut = EXIT_OK, True
+        while cut:  # a listing holds the newest LIST_MAX: those done, older ones next
+            ids, cut = _matching(client, states, args.kind)
+            ids = [job_id for job_id in ids if job_id not in tried]
+            if not ids:
+                if not tried:
+                    known_kind(client, args.kind)
+                break
+            tried.update(ids)
+            acted = _act(args, ids, act, said, moved_on, done)  # each page, whatever came before
+            code = code or acted
+    if args.json:
+        print_json(done)
+    return code
+
+
+def _act(args: argparse.Namespace, ids: list[str], act: Callable[[str], Any],
+         said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str],
+         done: list[dict[str, Any]]) -> int:
+    """`act` on `ids`, saying how each went (for --json: appended to `done`); the exit code."""
+    def one(job_id: str) -> dict[str, Any] | Failure:
+        try:
+            return dict(act(job_id))
+        except Failure as exc:
+            return exc
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(one, ids))
+    code = EXIT_OK
+    for job_id, answer in zip(ids, answers, strict=True):
+        if isinstance(answer, Failure) and args.state and answer.code == moved_on[0]:
+            if not args.json:  # it changed since it was listed: nothing left to do
+                sys.stdout.write(f"{job_id} {moved_on[1]}\n")
+        elif isinstance(answer, Failure):
+            named = "" if job_id in answer.message else f"{job_id}: "
+            sys.stderr.write(f"offload: {named}{answer.message}\n")
+            code = code or answer.code
+        elif not args.json:
+            sys.stdout.write(f"{job_id} {said(answer)}\n")
+    for job_id, answer in zip(ids, answers, strict=True):
+        if not isinstance(answer, Failure):
+            done.append(answer)
+        elif answer.answer.get(p.F_ID) == job_id:  # it failed, yet carries the job as it is
+            done.append(answer.answer)
+    return code
+
+
+def cmd_pause(client: Client, args: argparse.Namespace) -> int:
+    return _steer(client, args, "pause")
+
+
+def cmd_resume(client: Client, args: argparse.Namespace) -> int:
+    return _steer(client, args, "resume")
+
+
+def _steer(client: Client, args: argparse.Namespace, action: str) -> int:
+    """Pause or resume the queue (no name) or one schedule."""
+    if args.schedule is None:
+        answer = client.call("POST", f"/api/queue/{action}")
+        said = "paused: queued jobs wait" if answer.get("paused") else "running"
+        what = f"queue {said}"
+    else:
+        if not args.schedule or "/" in args.schedule:  # no route would take it: said so
+            raise Failure(EXIT_NOT_FOUND, f"no schedule is named {args.schedule!r}; "
+                          "see them with: offload schedules")
+        name = urllib.parse.quote(args.schedule, safe="")
+        answer = client.call("POST", f"/api/schedules/{name}/{action}")
+        what = f"schedule {answer.get('name')} {'paused' if answer.get('paused') else 'running'}"
+    if args.json:
+        print_json(answer)
+    else:
+        sys.stdout.write(what + "\n")
+    return EXIT_OK
+
+
+def cmd_parallel(client: Client, args: argparse.Namespace) -> int:
+    """Show the caps on runners alive at once (of all, and by kind), or change one while
+    the server runs."""
+    older = "this server is older: it cannot change how many jobs run at once"
+    if args.kind is not None and not args.kind.strip():
+        raise Failure(EXIT_USAGE, "--kind is empty: give a job kind, or leave --kind out")
+    try:
+        if args.kind is not None and "kind_caps" not in client.call("GET", "/api/queue"):
+            raise Failure(EXIT_SERVER, older)  # it would refuse `kind` as a bad request
+        if args.runners is None:
+            answer = client.call("GET", "/api/queue")
+        else:
+            cap = None if args.runners == "default" else _runners(args.runners)
+            answer = client.call("PUT", "/api/queue/cap", {
+                "max_concurrent": cap, **({"kind": args.kind} if args.kind is not None else {})})
+    except Failure as exc:
+        raise Failure(EXIT_SERVER, older) if exc.status == 404 else exc from None
+    if "max_concurrent_set" not in answer:
+        raise Failure(EXIT_SERVER, older)
+    if args.json:
+        print_json(answer)
+    else:
+        sys.stdout.write("\n".join([cap_said(answer), *kind_caps_said(answer)]) + "\n")
+    return EXIT_OK
+
+
+def _runners(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and len(text) <= 4
+            and 1 <= int(text) <= control.MAX_CAP):
+        raise Failure(EXIT_USAGE, f"give a number of runners from 1 to {control.MAX_CAP}, "
+                                  f"or default; not {text!r}")
+    return int(text)
+
+
+def cmd_schedules(client: Client, args: argparse.Namespace) -> int:
+    answer = client.call("GET", "/api/schedules")
+    code = EXIT_SERVER if answer.get("error") else EXIT_OK  # the schedules run as last read
+    if args.json:
+        print_json(answer)
+        return code
+    if answer.get("error"):
+        sys.stderr.write(f"offload: the schedules file cannot be used: {answer['error']}\n")
+    schedules = answer.get("schedules") or []
+    if not schedules:
+        sys.stdout.write("no schedules\n")
+        return code
+    rows = [["NAME", "KIND", "WHEN", "NEXT RUN (UTC)", "LAST JOB"]]
+    rows += [[str(each.get("name")), str(each.get("kind")), _timing(each),
+              "paused" if each.get("paused") else when(each.get("next_run_at")),
+              f"{each.get('last_job_id') or '-'} {each.get('last_state') or ''}".rstrip()]
+             for each in schedules]
+    table(rows, sys.stdout)
+    return code
+
+
+def _timing(schedule: dict[str, Any]) -> str:
+    """`every 6h`'s seconds, or its cron expression and time zone."""
+    every = schedule.get("every_s")
+    if isinstance(every, (int, float)):
+        # As a schedules file says it: 21600 s is "6h", 90 s stays "90s".
+        for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60)):
+            if every >= seconds and every % seconds == 0:
+                return f"every {every // seconds:g}{unit}"
+        return f"every {every:g}s"
+    return f"cron {schedule.get('cron')} {schedule.get('timezone') or 'UTC'}"
