@@ -39,7 +39,7 @@ from jobs.api.follow import end_following
 from jobs.api.guards import BodyLimit, RequestGuard
 from jobs.api.lifespan import lifespan
 from jobs.kinds import UnusableKinds, registry
-from jobs.protocol import private_files
+from jobs.protocol.trust import private_files
 from jobs.schedules import ScheduleError
 from jobs.settings import MAKE_TOKEN, MAX_BODY_BYTES, Settings, UnusableSettings, get_settings
 from jobs.store.private import UnsafeDataFolder, refuse_foreign, refuse_planted

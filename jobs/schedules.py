@@ -44,7 +44,7 @@ from zoneinfo import ZoneInfo
 from croniter import CroniterBadDateError, croniter
 
 from jobs.kinds import InvalidInput, registry, validate_input
-from jobs.protocol import unsafe_settings_file
+from jobs.protocol.trust import unsafe_settings_file
 from jobs.settings import MAX_PRIORITY, MAX_TIMEOUT_S, Settings, get_settings
 
 if sys.version_info >= (3, 11):

@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobs.protocol import env_file, unsafe_settings_file, unsafe_way
+from jobs.protocol.trust import env_file, unsafe_settings_file, unsafe_way
 from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url
 
 ENV_PREFIX = "OFFLOAD_"  # of every variable below but OpenAI's own two

@@ -17,7 +17,7 @@ import threading
 import time
 
 from jobs import protocol as p
-from jobs.protocol import remote
+from jobs.protocol import remote, trust
 
 if sys.platform != "win32":
     # At import, so that the fork server has it loaded, not each runner it forks.
@@ -459,7 +459,7 @@ def main(
 ) -> int:
     """`direct_context(args)`: a context manager around a run by hand (the chat runner
     starts a model server in it when none is configured)."""
-    p.private_files()  # forked or exec'd, by the supervisor or by hand: private files
+    trust.private_files()  # forked or exec'd, by the supervisor or by hand: private files
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 2 and argv[0] == "--job-file":
         # The launcher's exact form: skip argparse, every millisecond of start counts.
@@ -501,8 +501,8 @@ def _read_env_file() -> str | None:
     """By hand, the settings of the `.env` the server reads (the environment first): the
     model server and its key, say; never the API's token, which no runner is given. Why
     it is not read, if it is not to be."""
-    path = p.env_file()
-    problem = p.unsafe_settings_file(path)
+    path = trust.env_file()
+    problem = trust.unsafe_settings_file(path)
     if problem is not None:  # it could send the chat to another account's listener
         return (f"refusing to read {path}: {problem}. Run from a folder of your own, or set "
                 "OFFLOAD_ENV_FILE to a file of yours")

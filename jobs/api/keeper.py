@@ -17,6 +17,7 @@ import sys
 from filelock import FileLock, Timeout
 
 from jobs import protocol as p
+from jobs.protocol import trust
 from jobs.protocol.wake import OUTPUT_FILE, lock_file
 from jobs.settings import API_TOKEN_ENV, Settings
 
@@ -63,7 +64,8 @@ class SupervisorKeeper:
         # Absolute: the supervisor runs in the project's folder, not in this one.
         env = dict(os.environ, OFFLOAD_DATA_DIR=str(self.settings.data_dir),
                    OFFLOAD_SCHEDULES_FILE=str(self.settings.schedules_file),
-                   **{p.ENV_FILE_ENV: p.env_file()})  # the settings the API read, also from .env
+                   # the settings the API read, also from .env
+                   **{trust.ENV_FILE_ENV: trust.env_file()})
         env.pop(API_TOKEN_ENV, None)  # it answers no request: the token stays the API's
         with open(out_path, "ab") as out:
             self._child = subprocess.Popen(

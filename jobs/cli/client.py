@@ -12,7 +12,7 @@ import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
-from jobs import protocol as p
+from jobs.protocol import trust
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -61,8 +61,8 @@ class Unreachable(Failure):
 
 
 def _env_file() -> dict[str, str | None]:
-    path = p.env_file()  # as the server's
-    problem = p.unsafe_settings_file(path)
+    path = trust.env_file()  # as the server's
+    problem = trust.unsafe_settings_file(path)
     if problem is not None:  # it could send the token to another account's listener
         raise Failure(EXIT_USAGE, f"refusing to read {path}: {problem}. It could send your "
                       "token to another account's server. Run from a folder of your own, "

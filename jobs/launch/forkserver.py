@@ -56,6 +56,7 @@ from jobs.launch.warm import (
     run_as_main,
     show_command_line,
 )
+from jobs.protocol import trust
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class ForkInDoubt(OSError):
 
 
 def main() -> int:
-    p.private_files()  # its children's job files and logs too
+    trust.private_files()  # its children's job files and logs too
     preload(PRELOAD, "fork server")
     # The protocol leaves fds 0 and 1, so a stray print cannot corrupt it.
     requests, replies = os.dup(0), os.dup(1)

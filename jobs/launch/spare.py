@@ -32,6 +32,7 @@ from jobs.launch.warm import (
     run_as_main,
     show_command_line,
 )
+from jobs.protocol import trust
 
 # Everything here runs once per job: imports only what a runner loads anyway.
 TYPE_CHECKING = False
@@ -43,7 +44,7 @@ READY = b"warm\n"  # on its stdout, once it has imported the runners
 
 
 def main(modules: Sequence[str]) -> int:
-    p.private_files()  # the job's log, and all its runner writes
+    trust.private_files()  # the job's log, and all its runner writes
     preload(modules, "spare")
     files = project_files()
     try:

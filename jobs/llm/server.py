@@ -28,7 +28,7 @@ import psutil
 
 from jobs import protocol as p
 from jobs.launch.processes import lower_priority_of
-from jobs.protocol import embedded
+from jobs.protocol import embedded, trust
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class EmbeddedServer:
                 embedded.server_command(model, cpus=cpus, slots=slots, engine=engine),
                 env=embedded.server_env(port, self.key, engine),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                umask=p.PRIVATE_UMASK, preexec_fn=_dies_with_this_process())
+                umask=trust.PRIVATE_UMASK, preexec_fn=_dies_with_this_process())
         # At once, before the server has loaded the model: the threads it starts for it
         # inherit both.
         embedded.keep_to(self.proc.pid, cpus)

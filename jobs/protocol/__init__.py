@@ -20,7 +20,6 @@ renames of low-priority runners (docs/architecture.md has the figures).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import math
@@ -136,7 +135,6 @@ TMP_SUFFIX = ".tmp"
 
 # The project's folder (the one holding jobs/ and runners/): where its processes start.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-PRIVATE_UMASK = 0o077  # every process Offload starts creates files 0600, folders 0700
 # fsync of creations, final states and claims. For benchmarks and tests only:
 # OFFLOAD_FSYNC=0 gives up the guarantee that a 202 survives a power loss.
 FSYNC = os.environ.get("OFFLOAD_FSYNC", "1") != "0"
@@ -306,105 +304,6 @@ def output_change(old: dict[str, Any], new: dict[str, Any]) -> dict[str, str]:
     if attempts(old)[0] != attempts(new)[0] or not after.startswith(before):
         return {F_OUTPUT: after}
     return {OUTPUT_DELTA: after[len(before):]} if after != before else {}
-
-
-def private_files() -> None:
-    """From now on this process creates folders 0700 and files 0600: chats, logs and
-    results are their owner's only. Windows has no such modes: its ACLs decide there."""
-    if os.name == "posix":
-        os.umask(PRIVATE_UMASK)
-
-
-def trusted_owners() -> set[int]:
-    """The accounts whose files Offload takes as its own: this one, and the owner of the
-    project's files (who could change the code that runs anyway: a checkout mounted
-    into a container run as root, say)."""
-    if sys.platform == "win32":  # no owners of that kind: the profile's ACLs decide
-        return set()
-    owners = {os.geteuid()}
-    with contextlib.suppress(OSError):
-        owners.add(os.stat(ROOT).st_uid)
-    return owners
-
-
-def unsafe_way(path: str, what: str = "the data folder") -> str | None:
-    """Why another account could send `what` at `path` (absolute) elsewhere, or swap it
-    for its own, if it could: a link on the way there that is its own, or a folder on the
-    way that it owns (its owner may rename what is in it). Each link is followed as the
-    system would, so a link of ours to a link of theirs is seen; a part not there yet is
-    taken as made by this account (a `..` after it leads back). Trusted: root and
-    `trusted_owners()`."""
-    if sys.platform == "win32":
-        return None
-    trusted = {*trusted_owners(), 0}
-    pending = [part for part in path.split(os.sep) if part][::-1]  # the next on top
-    here, links = os.sep, 0
-    while pending:
-        part = pending.pop()
-        if part in (".", ".."):
-            here = here if part == "." else os.path.dirname(here)
-            continue
-        entry = os.path.join(here, part)
-        try:
-            owner: int | None = os.stat(here).st_uid
-        except OSError:  # below a folder not there yet: made by this account
-            owner = None
-        if owner is not None and owner not in trusted:
-            return (f"the folder {here} on the way belongs to another account (uid {owner}), "
-                    f"which could put {what} of its own in its place")
-        try:
-            st = os.lstat(entry)
-        except OSError:  # not there yet: made by this account (a `..` may lead back)
-            here = entry
-            continue
-        if not stat.S_ISLNK(st.st_mode):
-            here = entry
-            continue
-        if st.st_uid not in trusted:
-            return (f"{entry} is a link of another account (uid {st.st_uid}), which could "
-                    f"send {what} elsewhere")
-        links += 1
-        try:
-            if links > 40:  # a loop
-                raise OSError("too many links")
-            target = os.readlink(entry)
-        except OSError:
-            return f"{entry} leads through links that do not end (a loop)"
-        here = os.sep if target.startswith(os.sep) else here
-        pending.extend([each for each in target.split(os.sep) if each][::-1])
-    return None
-
-
-ENV_FILE_ENV = "OFFLOAD_ENV_FILE"  # set by the API for the supervisor: see env_file()
-
-
-def env_file() -> str:
-    """The `.env` file read beside the environment: the working folder's, or for a process
-    the API starts (in the project's folder), the one the API read."""
-    return os.path.abspath(os.environ.get(ENV_FILE_ENV) or ".env")
-
-
-def unsafe_settings_file(path: str) -> str | None:
-    """Why the settings file at `path` (absolute; a `.env`) is not to be read: another
-    account wrote it, could write it, or could swap it (see `unsafe_way`). It names the
-    server's address, where the token goes, and the model server, where chats go: a `.env`
-    left in a shared folder (/tmp) must not send them to another account's listener."""
-    if sys.platform == "win32":
-        return None
-    # The way even with no file there yet: its owner could put one in between a look and
-    # the read.
-    problem = unsafe_way(path, "a settings file")
-    if problem is not None:
-        return problem
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # none there (or a link to nothing): nothing is read
-    if st.st_uid not in {*trusted_owners(), 0}:
-        return f"it belongs to another account (uid {st.st_uid})"
-    if st.st_mode & stat.S_IWOTH:
-        return "every account can write it (chmod o-w it)"
-    return None
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

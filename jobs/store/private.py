@@ -1,6 +1,6 @@
 """Private data: what Offload keeps (chats, logs, results) is readable by its owner only.
 
-Every process Offload starts sets the umask 0o077 (`protocol.private_files`), so what
+Every process Offload starts sets the umask 0o077 (`protocol.trust.private_files`), so what
 it creates is 0700 (folders) or 0600 (files) from the start. A data folder left open to
 others by an earlier version is tightened once, by the first process to start (the API
 or the supervisor): the data folder's own mode is set last, so a walk cut short is done
@@ -16,7 +16,7 @@ import stat
 import sys
 from pathlib import Path
 
-from jobs import protocol as p
+from jobs.protocol import trust
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def refuse_foreign(data_dir: Path) -> None:
         owner = data_dir.stat().st_uid
     except OSError:
         return  # not there yet: it will be ours
-    if owner not in p.trusted_owners():  # the owner of the code too (see unsafe_way)
+    if owner not in trust.trusted_owners():  # the owner of the code too (see unsafe_way)
         raise UnsafeDataFolder(f"the data folder {data_dir} belongs to another account (uid "
                            f"{owner}), which could put jobs and links in it: set "
                            "OFFLOAD_DATA_DIR to a folder of your own")
@@ -47,7 +47,7 @@ def make_private(data_dir: Path) -> None:
     """Refuse another account's data folder, set this process's umask and tighten the
     data folder if others can read it."""
     refuse_foreign(data_dir)
-    p.private_files()
+    trust.private_files()
     mode = _open_mode(data_dir)
     if mode is None:
         return
@@ -91,7 +91,7 @@ def refuse_planted(data_dir: Path, mode: int | None = None) -> None:
 def foreign_entry(top: Path) -> tuple[str, int] | None:
     """The first file, folder or link under `top` that an account not trusted owns (its
     path and owner): while `top` was open, another account could put one there."""
-    trusted = {*p.trusted_owners(), 0}
+    trusted = {*trust.trusted_owners(), 0}
     for folder, dirs, files in os.walk(top):  # links are listed, never followed
         for name in [*dirs, *files]:
             path = os.path.join(folder, name)

@@ -30,7 +30,8 @@ from jobs.kinds import UnusableKinds, registry
 from jobs.launch.local import LocalLauncher
 from jobs.launch.processes import IS_WINDOWS
 from jobs.llm import server as llm_server
-from jobs.protocol import control, embedded, private_files
+from jobs.protocol import control, embedded
+from jobs.protocol.trust import private_files
 from jobs.protocol.wake import OUTPUT_FILE
 from jobs.resilient import resilient
 from jobs.settings import (
