@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -367,7 +368,7 @@ def setting(name: str) -> str | None:
     if os.environ.get(name):
         return os.environ[name]
     try:
-        path = ROOT / os.environ.get("OFFLOAD_ENV_FILE", ".env")  # an absolute one: itself
+        path = ROOT / (os.environ.get("OFFLOAD_ENV_FILE") or ".env")  # absolute: itself
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return None
@@ -375,8 +376,23 @@ def setting(name: str) -> str | None:
     for line in lines:
         key, sep, value = line.strip().removeprefix("export ").partition("=")
         if sep and key.strip() == name:
-            found = value.split(" #")[0].strip().strip("'\"") or None
+            found = _dotenv_value(value) or None
     return found
+
+
+def _dotenv_value(raw: str) -> str:
+    """A value as python-dotenv reads it: quoted (a backslash escapes within double
+    quotes), or bare up to a comment after whitespace."""
+    raw = raw.strip()
+    if raw[:1] not in ("'", '"'):
+        return re.split(r"\s+#", raw, maxsplit=1)[0].strip()
+    quote, value, i = raw[0], [], 1
+    while i < len(raw) and raw[i] != quote:
+        if quote == '"' and raw[i] == "\\" and i + 1 < len(raw):
+            i += 1
+        value.append(raw[i])
+        i += 1
+    return "".join(value)
 
 
 def already_running(options: argparse.Namespace) -> bool:

@@ -466,6 +466,10 @@ def main(
         return run_job_file(argv[1], execute)
     if argv == [remote.REMOTE_FLAG]:
         return run_remote(execute)
+    problem = _read_env_file()  # before the parser: its defaults may come from it
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     import argparse
 
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # a kind of one's own too
@@ -476,10 +480,6 @@ def main(
     parser.add_argument("--timeout", type=float, default=None, help="seconds (direct mode)")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    problem = _read_env_file()
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
     if args.job_file is not None:
         return run_job_file(args.job_file, execute, force=args.force)
     try:
@@ -498,9 +498,10 @@ def main(
 
 
 def _read_env_file() -> str | None:
-    """By hand, the settings of the `.env` the server reads (the environment first): the
-    model server and its key, say; never the API's token, which no runner is given. Why
-    it is not read, if it is not to be."""
+    """By hand, the settings of the `.env` the server reads (the environment first, even
+    where it sets one empty): the model server and its key, say; only the names the server
+    reads (OFFLOAD_*, OPENAI_*; any case, as it reads them), and never the API's token,
+    which no runner is given. Why it is not read, if it is not to be."""
     path = trust.env_file()
     problem = trust.unsafe_settings_file(path)
     if problem is not None:  # it could send the chat to another account's listener
@@ -514,8 +515,13 @@ def _read_env_file() -> str | None:
         except (OSError, UnicodeError) as exc:
             return f"cannot read {path} ({exc}); it must be UTF-8 text"
         for name, value in values.items():
-            if value is not None and name != "OFFLOAD_API_TOKEN" and not os.environ.get(name):
-                os.environ[name] = value
+            name = name.upper()
+            if (value is not None and name.startswith(("OFFLOAD_", "OPENAI_"))
+                    and name != "OFFLOAD_API_TOKEN" and name not in os.environ):
+                try:
+                    os.environ[name] = value
+                except ValueError:  # a NUL in it: no environment can hold it
+                    return f"{path} sets {name} to a value with a NUL character in it"
     return None
 
 

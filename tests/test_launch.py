@@ -94,6 +94,15 @@ def test_host_and_port_are_read_from_dotenv_as_the_server_reads_them(
     assert launch.address(options)[:2] == ("127.0.0.1", 18558)
     monkeypatch.setenv("OFFLOAD_ENV_FILE", "mine.env")  # relative: to the server's folder
     assert launch.address(options)[:2] == ("127.0.0.1", 18558)
+    # Empty: the folder's own, as the server has it; comments after any whitespace, and
+    # quotes, as python-dotenv reads them.
+    monkeypatch.setenv("OFFLOAD_ENV_FILE", "")
+    (tmp_path / ".env").write_text("OFFLOAD_PORT=18559\t# a comment after a tab\n"
+                                   "OFFLOAD_HOST=\"::1\" # quoted\n")
+    assert launch.address(options)[:2] == ("::1", 18559)
+    from dotenv import dotenv_values
+
+    assert dotenv_values(tmp_path / ".env") == {"OFFLOAD_PORT": "18559", "OFFLOAD_HOST": "::1"}
 
 
 def test_a_port_that_is_no_port_is_said_so() -> None:

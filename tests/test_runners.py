@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -127,6 +128,36 @@ def test_a_chat_by_hand_reads_the_env_file_the_server_reads(tmp_path: Path) -> N
         assert refused.returncode == 2, refused.stderr
         assert f"refusing to read {dotenv}: every account can write it" in refused.stderr
         assert len(llm.requests) == 1
+
+
+def test_a_runner_by_hand_takes_of_the_env_file_what_the_server_gives_runners(
+        tmp_path: Path) -> None:
+    # It took every line: the API's token (in any case: the server reads names so), other
+    # programs' variables; and a value the environment had set empty, which the server
+    # keeps (an empty OPENAI_BASE_URL: the embedded model), was taken from the file.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    names = ["OFFLOAD_API_TOKEN", "offload_api_token", "OPENAI_BASE_URL", "OPENAI_API_KEY",
+             "OFFLOAD_LLM_MAX_TOKENS", "UNRELATED_SECRET"]
+    (tmp_path / ".env").write_text("offload_api_token=a-token-of-the-apis-own-1234\n"
+                                   "OPENAI_BASE_URL=http://127.0.0.1:9/v1\n"
+                                   "openai_api_key=sk-from-the-file\n"
+                                   "OFFLOAD_LLM_MAX_TOKENS=64\nUNRELATED_SECRET=x\n")
+    (tmp_path / ".env").chmod(0o600)
+    show = ("import json, os, sys; from runners import base; problem = base._read_env_file(); "
+            f"print(json.dumps([problem, {{n: os.environ.get(n) for n in {names!r}}}]))")
+    done = subprocess.run([sys.executable, "-c", show], cwd=tmp_path, capture_output=True,
+                          text=True, env={**env, "OPENAI_BASE_URL": ""}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [None, {
+        "OFFLOAD_API_TOKEN": None, "offload_api_token": None, "OPENAI_BASE_URL": "",
+        "OPENAI_API_KEY": "sk-from-the-file", "OFFLOAD_LLM_MAX_TOKENS": "64",
+        "UNRELATED_SECRET": None}]
+    # A value no environment can hold: one line, as bad usage, not a traceback.
+    (tmp_path / ".env").write_text("OPENAI_API_KEY=abc\x00def\n")
+    nul = subprocess.run([sys.executable, "-m", "runners.sleep", "0"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert nul.returncode == 2 and "Traceback" not in nul.stderr, nul.stderr
+    assert "sets OPENAI_API_KEY to a value with a NUL character" in nul.stderr, nul.stderr
 
 
 def test_chat_streams_into_output_against_a_scripted_server(

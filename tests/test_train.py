@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -170,6 +171,17 @@ def test_direct_cli_trains_and_prints_progress(data_dir: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "epoch 15/15" in done.stderr and "100.0%" in done.stderr
     assert json.loads(done.stdout)["version"] == 1
+    # The data folder a `.env` names, as the server's (its --data-dir default came from
+    # the environment alone); --learning-rate as the job's input has it.
+    folder = data_dir.parent / "elsewhere"
+    folder.mkdir()
+    (folder / ".env").write_text(f"OFFLOAD_DATA_DIR={data_dir}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
+    again = subprocess.run([sys.executable, "-m", "runners.train", "--epochs", "2",
+                            "--learning-rate", "0.01"], cwd=folder, capture_output=True,
+                           text=True, timeout=120, env=env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["version"] == 2
 
 
 def test_direct_cli_on_a_folder_without_history_says_so(tmp_path: Path) -> None:
