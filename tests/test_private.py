@@ -228,6 +228,35 @@ def test_a_data_folder_of_another_account_is_refused(first: str, other_account: 
     assert sorted(each.name for each in data_dir.iterdir()) == ["supervisor.log"]
 
 
+@pytest.mark.parametrize("where", ["data", "above"])
+def test_a_data_folder_another_account_makes_first_is_refused(
+        where: str, other_account: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not there at the look: taken as to be ours. Another account made it (or a folder on
+    # its way) a moment later, before Offload's own mkdir, with an ACL that let it read
+    # every chat; the API went on in it. The moment is scripted: no race is won on demand.
+    from jobs.store import private
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp
+    data = shared / "above" / "data" if where == "above" else shared / "data"
+    theirs = data.parent if where == "above" else data
+    real_mkdir = Path.mkdir
+
+    def made_first(self: Path, *args: Any, **kwargs: Any) -> None:
+        if not theirs.exists():
+            real_mkdir(theirs, mode=0o777)
+            shutil.chown(theirs, other_account)
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", made_first)
+    with pytest.raises(private.UnsafeDataFolder) as refused:
+        private.refuse_foreign(data)
+    said = str(refused.value)
+    assert (f"the data folder {data} belongs to another account" in said if where == "data"
+            else f"the folder {theirs} on the way belongs to another account" in said), said
+
+
 @pytest.mark.parametrize("way", ["their link", "our link to theirs", "their folder",
                                  "back from a folder not there", "a loop"])
 def test_a_data_folder_another_account_can_redirect_or_swap_is_refused(

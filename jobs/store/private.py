@@ -30,13 +30,23 @@ class UnsafeDataFolder(RuntimeError):
 
 def refuse_foreign(data_dir: Path) -> None:
     """Stop if the data folder belongs to another account (one made in /tmp beforehand,
-    say): its owner could put jobs in it for us to run, and links for us to write through."""
+    say): its owner could put jobs in it for us to run, and links for us to write through.
+    One not there yet is made here (0700), then looked at: another account may make it,
+    or a folder on its way, between a look and the making."""
     if sys.platform == "win32":
         return
+    trust.private_files()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # said by what writes there first (a read-only disk, a file in its place)
+    problem = trust.unsafe_way(str(data_dir.absolute()))
+    if problem is not None:
+        raise UnsafeDataFolder(f"{problem}: set OFFLOAD_DATA_DIR to a folder of your own")
     try:
         owner = data_dir.stat().st_uid
     except OSError:
-        return  # not there yet: it will be ours
+        return  # it could not be made: nothing is written there either
     if owner not in trust.trusted_owners():  # the owner of the code too (see unsafe_way)
         raise UnsafeDataFolder(f"the data folder {data_dir} belongs to another account (uid "
                            f"{owner}), which could put jobs and links in it: set "
