@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import re
-import stat
 import sys
 import threading
 import time
@@ -44,7 +43,7 @@ from zoneinfo import ZoneInfo
 from croniter import CroniterBadDateError, croniter
 
 from jobs.kinds import InvalidInput, registry, validate_input
-from jobs.protocol.trust import unsafe_settings_file
+from jobs.protocol.trust import UnsafeSettingsFile, read_settings_file
 from jobs.settings import MAX_PRIORITY, MAX_TIMEOUT_S, Settings, get_settings
 
 if sys.version_info >= (3, 11):
@@ -206,17 +205,14 @@ def _shown(value: object) -> str:
 
 def load(path: Path) -> tuple[Schedule, ...]:
     """The schedules of a TOML file, each checked; none when the file does not exist."""
-    problem = unsafe_settings_file(os.path.abspath(path))
-    if problem is not None:  # it would have this account run its jobs, with its keys
-        raise ScheduleError(f"refusing to read the schedules file {os.path.abspath(path)}: "
-                            f"{problem}")
     try:
-        with open(path, "rb", opener=_open_without_waiting) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise OSError("not a regular file")  # a pipe would block, a device not end
-            tables = tomllib.load(f)
-    except FileNotFoundError:
-        return ()
+        data = read_settings_file(os.path.abspath(path), "a schedules file")
+        if data is None:
+            return ()
+        tables = tomllib.loads(data.decode("utf-8"))
+    except UnsafeSettingsFile as exc:  # it would have this account run its jobs, with its keys
+        raise ScheduleError(f"refusing to read the schedules file {os.path.abspath(path)}: "
+                            f"{exc}") from None
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: not TOML, not UTF-8
         raise ScheduleError(f"cannot read the schedules file {path}: {exc}") from None
     schedules = []
@@ -226,11 +222,6 @@ def load(path: Path) -> tuple[Schedule, ...]:
         except ValueError as exc:
             raise ScheduleError(f"{path}, schedule [{name}]: {exc}") from None
     return tuple(schedules)
-
-
-def _open_without_waiting(path: str, flags: int) -> int:
-    """Opening a named pipe waits for a writer, unless non-blocking (not on Windows)."""
-    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 def _schedule(name: str, table: object) -> Schedule:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobs.protocol.trust import env_file, unsafe_settings_file, unsafe_way
+from jobs.protocol.trust import UnsafeSettingsFile, env_file, read_settings_file, unsafe_way
 from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url
 
 ENV_PREFIX = "OFFLOAD_"  # of every variable below but OpenAI's own two
@@ -400,14 +401,24 @@ class UnusableSettings(Exception):
 def get_settings() -> Settings:
     """The settings, read once; UnusableSettings if they cannot be used."""
     path = env_file()
-    problem = unsafe_settings_file(path)
-    if problem is not None:
-        raise UnusableSettings(
-            f"refusing to read {path}: {problem}. It could send the server's token, or the "
-            "chats, to another account. Start from a folder of your own, or set "
-            "OFFLOAD_ENV_FILE to a file of yours")
     try:
-        return Settings(_env_file=path)
+        data = read_settings_file(path)
+    except UnsafeSettingsFile as exc:
+        raise UnusableSettings(
+            f"refusing to read {path}: {exc}. It could send the server's token, or the "
+            "chats, to another account. Start from a folder of your own, or set "
+            "OFFLOAD_ENV_FILE to a file of yours") from None
+    except OSError as exc:
+        raise UnusableSettings(f"cannot read {path}: {exc}") from None
+    try:
+        if data is None:
+            return Settings(_env_file=None)
+        # What was read and looked at, from a private copy: pydantic-settings reads a path,
+        # and the one at `path` could be swapped meanwhile.
+        with tempfile.TemporaryDirectory(prefix="offload-env-") as folder:
+            copy = Path(folder, ".env")
+            copy.write_bytes(data)
+            return Settings(_env_file=copy)
     except ValidationError as exc:
         lines = [f"  {'.'.join(map(str, error['loc']))}: {error['msg']}"
                  for error in exc.errors()]

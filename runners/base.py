@@ -503,25 +503,21 @@ def _read_env_file() -> str | None:
     reads (OFFLOAD_*, OPENAI_*; any case, as it reads them), and never the API's token,
     which no runner is given. Why it is not read, if it is not to be."""
     path = trust.env_file()
-    problem = trust.unsafe_settings_file(path)
-    if problem is not None:  # it could send the chat to another account's listener
-        return (f"refusing to read {path}: {problem}. Run from a folder of your own, or set "
+    try:
+        values = trust.env_file_values(path)
+    except trust.UnsafeSettingsFile as exc:  # it could send the chat to another's listener
+        return (f"refusing to read {path}: {exc}. Run from a folder of your own, or set "
                 "OFFLOAD_ENV_FILE to a file of yours")
-    if os.path.isfile(path):
-        from dotenv import dotenv_values  # the parser the server's settings use
-
-        try:
-            values = dotenv_values(path)
-        except (OSError, UnicodeError) as exc:
-            return f"cannot read {path} ({exc}); it must be UTF-8 text"
-        for name, value in values.items():
-            name = name.upper()
-            if (value is not None and name.startswith(("OFFLOAD_", "OPENAI_"))
-                    and name != "OFFLOAD_API_TOKEN" and name not in os.environ):
-                try:
-                    os.environ[name] = value
-                except ValueError:  # a NUL in it: no environment can hold it
-                    return f"{path} sets {name} to a value with a NUL character in it"
+    except (OSError, UnicodeError) as exc:
+        return f"cannot read {path} ({exc}); it must be UTF-8 text"
+    for name, value in values.items():
+        name = name.upper()
+        if (value is not None and name.startswith(("OFFLOAD_", "OPENAI_"))
+                and name != "OFFLOAD_API_TOKEN" and name not in os.environ):
+            try:
+                os.environ[name] = value
+            except ValueError:  # a NUL in it: no environment can hold it
+                return f"{path} sets {name} to a value with a NUL character in it"
     return None
 
 

@@ -228,6 +228,32 @@ def test_a_data_folder_of_another_account_is_refused(first: str, other_account: 
     assert sorted(each.name for each in data_dir.iterdir()) == ["supervisor.log"]
 
 
+def test_a_settings_file_put_there_after_the_look_is_refused(
+        other_account: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not there at the look, so "safe"; another account's, put in a shared folder (/tmp) a
+    # moment later, before the opening, was read: its schedule ran as the owner, its
+    # OFFLOAD_URL had the CLI send the token there. The moment is scripted.
+    from jobs import schedules
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    path = shared / "schedules.toml"
+    real_open = os.open
+
+    def put_first(file: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.fspath(file) == str(path) and not path.exists():
+            path.write_text('[pwn]\nkind = "sleep"\nevery = "1m"\n')
+            shutil.chown(path, other_account)
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", put_first)
+    with pytest.raises(schedules.ScheduleError) as refused:
+        schedules.load(path)
+    assert f"refusing to read the schedules file {path}: it belongs to another account" in str(
+        refused.value)
+
+
 @pytest.mark.parametrize("where", ["data", "above"])
 def test_a_data_folder_another_account_makes_first_is_refused(
         where: str, other_account: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

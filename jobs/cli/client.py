@@ -62,17 +62,12 @@ class Unreachable(Failure):
 
 def _env_file() -> dict[str, str | None]:
     path = trust.env_file()  # as the server's
-    problem = trust.unsafe_settings_file(path)
-    if problem is not None:  # it could send the token to another account's listener
-        raise Failure(EXIT_USAGE, f"refusing to read {path}: {problem}. It could send your "
-                      "token to another account's server. Run from a folder of your own, "
-                      "or set OFFLOAD_ENV_FILE to a file of yours")
-    if not os.path.isfile(path):
-        return {}
-    from dotenv import dotenv_values  # the parser the server's settings use
-
     try:
-        return dotenv_values(path)
+        return trust.env_file_values(path)
+    except trust.UnsafeSettingsFile as exc:  # it could send the token to another's listener
+        raise Failure(EXIT_USAGE, f"refusing to read {path}: {exc}. It could send your "
+                      "token to another account's server. Run from a folder of your own, "
+                      "or set OFFLOAD_ENV_FILE to a file of yours") from None
     except (OSError, UnicodeError) as exc:
         raise Failure(EXIT_USAGE, f"cannot read .env ({exc}); it must be UTF-8 text") from None
 

@@ -91,24 +91,45 @@ def env_file() -> str:
     return os.path.abspath(os.environ.get(ENV_FILE_ENV) or ".env")
 
 
-def unsafe_settings_file(path: str) -> str | None:
-    """Why the settings file at `path` (absolute; a `.env`) is not to be read: another
-    account wrote it, could write it, or could swap it (see `unsafe_way`). It names the
-    server's address, where the token goes, and the model server, where chats go: a `.env`
-    left in a shared folder (/tmp) must not send them to another account's listener."""
-    if sys.platform == "win32":
-        return None
-    # The way even with no file there yet: its owner could put one in between a look and
-    # the read.
-    problem = unsafe_way(path, "a settings file")
+class UnsafeSettingsFile(Exception):
+    """A settings file not to be read; the message says why."""
+
+
+def read_settings_file(path: str, what: str = "a settings file") -> bytes | None:
+    """The settings file at `path` (absolute; a `.env`, `schedules.toml`), or None if none
+    is there; UnsafeSettingsFile if another account wrote it, could write it, or could swap
+    it (see `unsafe_way`). It names the server's address, where the token goes, and the
+    model server, where chats go: one left in a shared folder (/tmp) must not send them to
+    another account's listener. Whose it is is read from the file opened, not from a look
+    before: one put there between a look and the opening is the one read, and refused."""
+    # The way even with no file there yet: its owner could put one in between.
+    problem = None if sys.platform == "win32" else unsafe_way(path, what)
     if problem is not None:
-        return problem
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # none there (or a link to nothing): nothing is read
-    if st.st_uid not in {*trusted_owners(), 0}:
-        return f"it belongs to another account (uid {st.st_uid})"
-    if st.st_mode & stat.S_IWOTH:
-        return "every account can write it (chmod o-w it)"
-    return None
+        raise UnsafeSettingsFile(problem)
+    try:  # not blocking: a named pipe would wait for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path} is not a regular file")  # a pipe would not end
+        if sys.platform != "win32":
+            if st.st_uid not in {*trusted_owners(), 0}:
+                raise UnsafeSettingsFile(f"it belongs to another account (uid {st.st_uid})")
+            if st.st_mode & stat.S_IWOTH:
+                raise UnsafeSettingsFile("every account can write it (chmod o-w it)")
+        return f.read()
+
+
+def env_file_values(path: str) -> dict[str, str | None]:
+    """What the `.env` at `path` sets, read as the server's parser (python-dotenv) reads
+    it; {} if there is none. UnsafeSettingsFile, OSError or UnicodeError if it cannot be."""
+    data = read_settings_file(path)
+    if data is None:
+        return {}
+    import io
+
+    from dotenv import dotenv_values
+
+    return dict(dotenv_values(stream=io.StringIO(data.decode("utf-8"))))
