@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import webbrowser
 from collections.abc import Callable, Iterator
@@ -478,7 +479,11 @@ def until_stopped(proc: subprocess.Popen[bytes]) -> int:
 
 
 def offload_answers(url: str) -> bool:
-    """Is an Offload server (not some other program) answering there?"""
+    """Is an Offload server (not some other program, nor another account's) answering
+    there?"""
+    port = urllib.parse.urlsplit(url).port
+    if port is not None and others_listen(port):
+        return False  # a page of theirs opened here would stay in the browser (a worker)
     try:
         with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
             # degraded: it serves, with a problem to tell (a full disk, say)
@@ -487,6 +492,27 @@ def offload_answers(url: str) -> bool:
         return exc.code == 401 and b"OFFLOAD_API_TOKEN" in exc.read()  # a token-guarded one
     except (OSError, ValueError):
         return False
+
+
+def others_listen(port: int) -> bool:
+    """Whether an account Offload does not trust listens on this TCP port (Linux: read
+    from /proc/net; elsewhere, not known: False)."""
+    from jobs.protocol.trust import trusted_owners  # the standard library only
+
+    trusted = {*trusted_owners(), 0}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()  # sl local rem st queues timer retrnsmt uid ...
+            if (len(fields) > 7 and fields[3] == "0A"  # listening
+                    and int(fields[1].rsplit(":", 1)[1], 16) == port
+                    and int(fields[7]) not in trusted):
+                return True
+    return False
 
 
 def port_free(host: str, port: int) -> bool:

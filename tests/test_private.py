@@ -228,6 +228,53 @@ def test_a_data_folder_of_another_account_is_refused(first: str, other_account: 
     assert sorted(each.name for each in data_dir.iterdir()) == ["supervisor.log"]
 
 
+HEALTH_OK = """
+import http.server, sys
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'{"status": "ok"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_launch_py_does_not_take_another_accounts_server_for_offload(
+        other_account: str) -> None:
+    # Its page answered /api/health as Offload does: launch.py opened the browser there and
+    # started nothing; the page left a service worker that read every chat once Offload
+    # served that port.
+    import launch
+
+    port = free_port()
+    system_python = shutil.which("python3", path="/usr/bin:/bin")  # not this .venv's
+    if system_python is None:
+        pytest.skip("needs the system's python3 to serve as another account")
+    theirs = subprocess.Popen(["runuser", "-u", other_account, "--", system_python, "-c",
+                               HEALTH_OK, str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: not launch.port_free("127.0.0.1", port), 30,
+                 what="their server listening")
+        assert not launch.offload_answers(url)
+        options, _ = launch.parse_args(["--no-browser"])
+        assert not launch.opened_if_running(url, options)
+    finally:
+        theirs.terminate()
+        theirs.wait(30)
+    ours = subprocess.Popen([sys.executable, "-c", HEALTH_OK, str(port)])  # as if Offload
+    try:
+        wait_for(lambda: launch.offload_answers(f"http://127.0.0.1:{port}"), 30,
+                 what="our own answering")
+        assert not launch.others_listen(port)
+    finally:
+        ours.terminate()
+        ours.wait(30)
+
+
 def test_a_settings_file_put_there_after_the_look_is_refused(
         other_account: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Not there at the look, so "safe"; another account's, put in a shared folder (/tmp) a
