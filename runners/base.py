@@ -588,8 +588,6 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
     if hasattr(signal, "SIGHUP"):
         # The API's terminal closing must not end the job (it is not a new session).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    timeout = data.get(p.F_TIMEOUT_S)
-    stopper.install(float(timeout) if isinstance(timeout, (int, float)) else None)
     data.update({
         p.F_STATE: p.JobState.RUNNING, p.F_STARTED_AT: p.now_iso(), p.F_FINISHED_AT: None,
         p.F_PID: os.getpid(), p.F_EXIT_CODE: None, p.F_ERROR: None, p.F_RESULT: None,
@@ -599,7 +597,9 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
     sink = FileSink(path, echo=sys.stdout.isatty() and not emit_key, emit_key=emit_key)
     # <data>/jobs/<id>/job.json
     job = Job(data, sink, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
-    try:
+    timeout = data.get(p.F_TIMEOUT_S)
+    try:  # a deadline that passes at once (1e-300 s) is met here: as any other
+        stopper.install(float(timeout) if isinstance(timeout, (int, float)) else None)
         sink.start(job)
     except StopRequested as stop:
         # Stopped before it could even say it runs: record that, then leave.

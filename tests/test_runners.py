@@ -82,6 +82,17 @@ def test_runner_own_deadline_writes_timeout(data_dir: Path) -> None:
     assert job["error"]["type"] == "timeout"
 
 
+def test_a_deadline_that_passes_at_once_is_a_timeout(data_dir: Path) -> None:
+    # 1e-300 s (accepted: above 0) fired before the runner could record a stop: a
+    # traceback, and the job left "lost".
+    store = JobStore(data_dir / "jobs")
+    job_id = store.create("sleep", {"seconds": 1}, 1e-300)["id"]
+    done = run(["-m", "runners.sleep", "--job-file", str(store.path(job_id))], timeout=20)
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+    job = store.read(job_id)
+    assert job["state"] == "timeout" and job["error"]["type"] == "timeout", job
+
+
 def test_a_stop_on_the_heels_of_the_deadline_is_one_stop() -> None:
     # The supervisor's SIGTERM at the same deadline, between the runner's own timeout and
     # its final state's write, raised again out of the handler: a traceback, exit 1.
