@@ -103,7 +103,7 @@ def read_settings_file(path: str, what: str = "a settings file") -> bytes | None
     another account's listener. Whose it is is read from the file opened, not from a look
     before: one put there between a look and the opening is the one read, and refused."""
     # The way even with no file there yet: its owner could put one in between.
-    problem = None if sys.platform == "win32" else unsafe_way(path, what)
+    problem = unsafe_way(path, what)
     if problem is not None:
         raise UnsafeSettingsFile(problem)
     try:  # not blocking: a named pipe would wait for a writer

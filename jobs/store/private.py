@@ -56,8 +56,7 @@ def refuse_foreign(data_dir: Path) -> None:
 def make_private(data_dir: Path) -> None:
     """Refuse another account's data folder, set this process's umask and tighten the
     data folder if others can read it."""
-    refuse_foreign(data_dir)
-    trust.private_files()
+    refuse_foreign(data_dir)  # which sets the umask first
     mode = _open_mode(data_dir)
     if mode is None:
         return
