@@ -15,6 +15,9 @@ PRUNE_INTERVAL_S.
 
 What is about one job (its run, deadline, stop, final state, release) is its `JobLife`
 (`jobs.supervisor.lifecycle`); the supervisor keeps one per launched job and drives its steps.
+Beside it: the queue and its caps (`queue`), who leads (`leadership`), what wakes a pass
+(`wakeups`), the counters for /metrics (`counting`) and the jobs' dependencies
+(`dependencies`).
 """
 
 from __future__ import annotations
@@ -22,18 +25,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import heapq
 import logging
 import os
 import random
 import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
-
-from filelock import FileLock, Timeout
+from typing import Any
 
 from jobs import protocol as p
 from jobs.kinds import runner_modules
@@ -41,9 +40,8 @@ from jobs.launch.base import CannotStartNow, ClaimFailed, Launcher
 from jobs.launch.local import LocalLauncher
 from jobs.launch.pick import adopting_launcher, make_launcher
 from jobs.launch.processes import IS_WINDOWS
-from jobs.protocol.control import QUEUE_CAP_FILE, queue_caps, queue_paused
-from jobs.protocol.counters import SAVE_EVERY_S, JobCounters, counters_file
-from jobs.protocol.wake import ALL_JOBS, Doorbell, lock_file, wake_file
+from jobs.protocol.control import queue_paused
+from jobs.protocol.wake import ALL_JOBS
 from jobs.settings import (
     CLAIM_RETRY_S,
     DEFAULT_KIND_CAPS,
@@ -57,36 +55,20 @@ from jobs.settings import (
     RETRY_MAX_S,
     STOP_GRACE_S,
     SUPERVISOR_INTERVAL_S,
-    WAKE_POLL_S,
     Settings,
     kind_numbers,
 )
-from jobs.store.index import DirListing, Signature, not_a_job, read_job, stat_signature
+from jobs.store.index import DirListing, not_a_job, read_job
 from jobs.store.job_store import JobStore
+from jobs.supervisor.counting import Counting
 from jobs.supervisor.dependencies import Dependencies
+from jobs.supervisor.leadership import Leadership
 from jobs.supervisor.lifecycle import JobLife
+from jobs.supervisor.queue import LaunchQueue
 from jobs.supervisor.schedules import Scheduler
+from jobs.supervisor.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
-
-
-class Queued(NamedTuple):
-    """A queued job as the supervisor keeps it: enough to order and cap it unread."""
-
-    key: p.QueueKey
-    kind: str
-
-    @classmethod
-    def of(cls, data: dict[str, Any]) -> Queued:
-        return cls(p.queue_key(data), str(data.get(p.F_KIND)))
-
-
-class CapsSet(NamedTuple):
-    """The caps set while running (`queue.cap`), as last read: on all, and by kind."""
-
-    signature: Signature | None  # of the file as read; None: no file
-    overall: int | None
-    kinds: dict[str, int]
 
 
 class Supervisor:
@@ -111,10 +93,10 @@ class Supervisor:
         self.scheduler = scheduler  # creates the jobs of periodic schedules
         self.min_retention_s = min_retention_s
         self.store = JobStore(jobs_dir)
-        self.max_concurrent = max_concurrent  # OFFLOAD_MAX_CONCURRENT; see _runner_cap()
-        self._cap_file = os.path.join(jobs_dir.parent, QUEUE_CAP_FILE)
-        self._caps_set = CapsSet(None, None, {})
-        self._cap_now = max_concurrent  # _runner_cap(), as read at the start of this pass
+        self.queue = LaunchQueue(jobs_dir.parent, max_concurrent,
+                                 kind_numbers(DEFAULT_KIND_CAPS, "kind_caps", 1, 1024)
+                                 if kind_caps is None else dict(kind_caps))
+        self._cap_now = max_concurrent  # the queue's runner_cap(), as at this pass's start
         self.retention_s = retention_s
         self.max_jobs = max_jobs
         self.log_max_bytes = log_max_bytes
@@ -128,59 +110,31 @@ class Supervisor:
         # New jobs go to `launcher`; adopted ones to the launcher their run.json names.
         self.launcher = launcher or LocalLauncher(self.runner_env)
         self._launchers: dict[str, Launcher] = {self.launcher.name: self.launcher}
-        # The mode said: filelock 3.x gives its files 0o644 whatever the umask.
-        self._lock = FileLock(str(lock_file(jobs_dir)), thread_local=False, mode=0o600)
-        self._wake_file = wake_file(jobs_dir)
-        self._doorbell = Doorbell(jobs_dir)
+        self._leadership = Leadership(jobs_dir)
+        self._wakeups = Wakeups(jobs_dir)
         self.is_leader = False
         self.lock_lost = False  # its lock file was removed or replaced: it leaves
-        self._said_waiting = False
-        self._queued: dict[str, Queued] = {}  # every queued job this supervisor knows
-        # The due jobs in launch order (p.queue_key); entries no longer in _queued (or
-        # there with another key) are skipped when popped.
-        self._queue_order: list[tuple[p.QueueKey, str]] = []
-        # The jobs not due yet (run_at, or a retry's backoff), soonest first: each goes
-        # onto _queue_order when due, and the supervisor wakes for the first.
-        self._timers: list[tuple[float, p.QueueKey, str]] = []
-        # OFFLOAD_KIND_CAPS: a job whose kind is at its cap waits here, off _queue_order
-        # (so it holds up no other kind), until its kind has room (see _release_set_aside).
-        self.kind_caps = (kind_numbers(DEFAULT_KIND_CAPS, "kind_caps", 1, 1024)
-                          if kind_caps is None else dict(kind_caps))
-        self._set_aside: dict[str, list[tuple[p.QueueKey, str]]] = {}
-        self._running_kind: dict[str, str] = {}  # running job id -> its kind
-        self._running_by_kind: Counter[str] = Counter()
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
-        self._hinted: set[str] = set()  # jobs an event named since the last pass
         self._read_now: dict[str, dict[str, Any]] = {}  # queued jobs read in this pass
-        self._full_wanted = True
-        self._hints_lock = threading.Lock()
         self._next_full = 0.0
         self._running: dict[str, JobLife] = {}
         # The queued jobs that wait for a job to end (the first of their `depends_on` not
-        # ended; a chat's earlier turn, its `after`, or its session's running chat: one answer at a
-        # time per session), by that job's id; they stay in _queued, off _queue_order, so
-        # they hold up no other job.
+        # ended; a chat's earlier turn, its `after`, or its session's running chat: one
+        # answer at a time per session), by that job's id; they stay in the queue, off
+        # its launch order, so they hold up no other job.
         self._waiting: dict[str, list[str]] = {}
         self._running_chat_by_session: dict[str, str] = {}  # session id -> its running chat
         self._unwritten: dict[str, JobLife] = {}  # ended; final state not written yet
         self._known_final: set[str] = set()
         self._dependencies = Dependencies(self._file, self._is_live,
                                           lambda job_id: job_id in self._known_final,
-                                          self._queued_key)
+                                          self.queue.key_of)
         self._unreadable: set[str] = set()  # said once in the log; looked at each full pass
         self._blocked = False  # the last launch could not write to the data folder
-        self._counters_unsaved = False  # the last save of the counters failed (said once)
         self._next_prune = 0.0
         self._pruned_at = 0.0
-        self._counters_file = counters_file(jobs_dir.parent)
-        self.counters = JobCounters()  # read from its file once this supervisor leads
-        self._counters_read = False
-        self._counters_unread = False  # said so in the log
-        self._unsure_final: list[str] = []  # final jobs found before the counters were read
-        self._counters_saved = 0.0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._event: asyncio.Event | None = None
+        self.counting = Counting(jobs_dir.parent, self._file)
         self._stoppers: list[threading.Thread] = []
 
     @classmethod
@@ -201,8 +155,7 @@ class Supervisor:
     async def run(self, lead_within_s: float | None = None) -> None:
         """Run until cancelled (runners keep running when this stops). With
         `lead_within_s`, return if another supervisor still leads after that long."""
-        self._loop = asyncio.get_running_loop()
-        self._event = asyncio.Event()
+        self._wakeups.bind(asyncio.get_running_loop())
         # A thread of the passes' own: one pass at a time, and one put off (no thread
         # could be started) never runs later on a thread of the loop's, beside the next.
         self._passes = ThreadPoolExecutor(1, thread_name_prefix="supervisor-pass")
@@ -212,11 +165,12 @@ class Supervisor:
                 if give_up_at is not None and not self.is_leader and time.monotonic() > give_up_at:
                     log.info("another supervisor leads %s; leaving", self.dir)
                     return
-                self._event.clear()
+                self._wakeups.before_pass()
                 await self._pass()
                 if self.lock_lost:
                     return
-                await self._sleep(self._idle_s() if self.is_leader else LEADER_RETRY_S)
+                await self._wakeups.sleep(self._idle_s() if self.is_leader else LEADER_RETRY_S,
+                                          leading=self.is_leader)
         finally:
             self._passes.shutdown(wait=False, cancel_futures=True)  # none after the release
             self.release()
@@ -224,8 +178,9 @@ class Supervisor:
     def _idle_s(self) -> float:
         """Until the next full pass, or until the first job waiting for its time is due."""
         idle = self._next_full - time.monotonic()
-        if self._timers:
-            idle = min(idle, self._timers[0][0] - time.time())
+        due_at = self.queue.next_due_at()
+        if due_at is not None:
+            idle = min(idle, due_at - time.time())
         return max(0.0, idle)
 
     async def _pass(self) -> None:
@@ -245,59 +200,11 @@ class Supervisor:
         except Exception:
             log.exception("supervisor pass failed; retrying")
 
-    async def _sleep(self, delay: float) -> None:
-        """Until `delay` passes, `wake()` is called, or another process pokes us."""
-        assert self._event is not None and self._loop is not None
-        if self.is_leader and not self._doorbell.tried:
-            self._doorbell.listen(self._loop, self._on_ring)
-        # A ring sets the event; a poke through the file (no socket, or its queue full)
-        # shows in the file's mtime.
-        deadline = time.monotonic() + delay
-        poked = _mtime_ns(self._wake_file)
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                await asyncio.wait_for(self._event.wait(), min(left, WAKE_POLL_S))
-                return
-            except asyncio.TimeoutError:
-                pass
-            if self.is_leader and _mtime_ns(self._wake_file) != poked:
-                self._want(ALL_JOBS)  # a poke through the file names no job
-                return
-
-    def _on_ring(self, job_id: str) -> None:
-        self._want(job_id)
-        if self._event is not None:
-            self._event.set()
-
-    def _want(self, job_id: str) -> None:
-        with self._hints_lock:
-            if p.is_valid_id(job_id):
-                self._hinted.add(job_id)
-            else:
-                self._full_wanted = True
-
     def wake(self, job_id: str = ALL_JOBS) -> None:
         """Ask for a pass now: to look at `job_id` (submitted or cancelled), or, without
         one, at every job."""
-        self._want(job_id)
-        self._nudge()
-
-    def _nudge(self) -> None:
-        """A pass now that reaps and launches (a runner exited, a stop ended)."""
-        loop, event = self._loop, self._event
-        if loop is None or event is None or loop.is_closed():
-            return
-        try:
-            current = asyncio.get_running_loop()
-        except RuntimeError:
-            current = None
-        if current is loop:
-            event.set()
-        else:
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:
-                pass  # the loop closed meanwhile
+        self._wakeups.want(job_id)
+        self._wakeups.nudge()
 
     def launch_problem(self) -> str | None:
         """What keeps a launcher of this supervisor from running jobs now, in words."""
@@ -307,13 +214,13 @@ class Supervisor:
     def release(self) -> None:
         # With its lock lost, the socket and the counters at those paths are another
         # leader's now: left alone.
-        self._doorbell.close(self._loop, unlink=not self.lock_lost)
+        self._wakeups.close(unlink=not self.lock_lost)
         for each in self._launchers.values():
             each.close()
         if self.is_leader:
             if not self.lock_lost:
-                self._save_counters(force=True)
-            self._lock.release()
+                self.counting.save(self._running, force=True)
+            self._leadership.release()
             self.is_leader = False
             log.info("supervisor released %s", self.dir)
 
@@ -324,21 +231,19 @@ class Supervisor:
     # -- one pass ------------------------------------------------------------------
 
     def tick(self) -> None:
-        if not self.is_leader and not self._try_lead():
+        if not self.is_leader and not self._take_lead():
             return
-        if not self._lock_still_here():
+        if not self._leadership.still_here():
             # Another supervisor may lead by a new file at that path: two leaders would
             # each launch the same jobs. The API starts one again if none leads.
             log.warning("the supervisor lock %s was removed or replaced while this "
                         "supervisor led: it leaves, so that one leads (its runners run on, "
-                        "adopted by the next leader)", self._lock.lock_file)
+                        "adopted by the next leader)", self._leadership.lock_file)
             self.lock_lost = True
             return
-        with self._hints_lock:
-            hinted, self._hinted = self._hinted, set()
-            full, self._full_wanted = self._full_wanted, False
+        hinted, full = self._wakeups.take()
         now = time.monotonic()
-        self._cap_now = self._runner_cap()
+        self._cap_now = self.queue.runner_cap()
         # A quick pass looks only at the jobs an event named (a submission, a runner's
         # exit); a full one, every SUPERVISOR_INTERVAL_S, lists the folder and also runs
         # the schedules, the deadlines, the log caps and pruning.
@@ -359,19 +264,19 @@ class Supervisor:
                 self._enforce_deadlines()
                 self._cap_logs()
                 self._recheck_waiting()
-            self._release_due()
+            self.queue.release_due()
             self._fail_unmet_dependents()
             self._launch()
             if full:
                 self._maybe_prune()
         finally:
             self._read_now.clear()
-            self._save_counters()
+            self.counting.save(self._running)
 
     def _look_at(self, job_ids: set[str]) -> None:
         """The jobs an event named: a new one joins the queue, a live one may be stopping."""
         for job_id in job_ids:
-            if job_id in self._queued or job_id in self._running:
+            if job_id in self.queue or job_id in self._running:
                 if os.path.exists(p.sibling(self._file(job_id), p.STOP_FILE)):
                     self._handle_stops({job_id})
             elif (job_id not in self._known_final and job_id not in self._unwritten
@@ -379,40 +284,13 @@ class Supervisor:
                 self._names.add(job_id)
                 self._discover_one(job_id)
 
-    def _try_lead(self) -> bool:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            if not self._said_waiting:  # once: it looks at the lock every pass
-                self._said_waiting = True
-                log.info("another supervisor leads %s: this one waits to take over when it "
-                         "leaves", self.dir)
-            return False
-        except OSError as exc:
-            log.warning("cannot take the supervisor lock: %s", exc)
+    def _take_lead(self) -> bool:
+        if not self._leadership.take():
             return False
         self.is_leader = True
-        self.counters = JobCounters()
-        self._counters_read, self._unsure_final = False, []
-        self._read_counters()  # as the last leader left them
+        self.counting.take_over()
         log.info("supervisor leads %s (pid %s)", self.dir, os.getpid())
         return True
-
-    def _lock_still_here(self) -> bool:
-        """Whether the lock this leader holds is still the file at its path: one removed
-        (as a stale lock, by hand or by a cleaner of old files) or replaced lets another
-        supervisor lead beside this one."""
-        fd = getattr(getattr(self._lock, "_context", None), "lock_file_fd", None)
-        if not isinstance(fd, int):
-            return True  # another filelock's inside: cannot tell, as before
-        try:
-            held, there = os.fstat(fd), os.stat(self._lock.lock_file)
-        except FileNotFoundError:
-            return False
-        except OSError:
-            return True
-        return held.st_nlink > 0 and (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
 
     def _scan(self) -> tuple[set[str], set[str]]:
         """The jobs on disk, and which of the live ones have a stop request."""
@@ -420,14 +298,14 @@ class Supervisor:
         if names is not None:
             self._names = names
         jobs = self._names
-        live = (self._queued.keys() | self._running.keys()) & jobs
+        live = (self.queue.ids() | self._running.keys()) & jobs
         stops = {job_id for job_id in live
                  if os.path.exists(p.sibling(self._file(job_id), p.STOP_FILE))}
         return jobs, stops
 
     def _discover(self, job_ids: set[str]) -> None:
-        for gone in set(self._queued) - job_ids:
-            del self._queued[gone]  # deleted from disk while queued
+        for gone in self.queue.ids() - job_ids:
+            self.queue.discard(gone)  # deleted from disk while queued
             self._dependencies.ended(gone)  # the jobs that depend on it fail
         for gone in set(self._running) - job_ids:
             life = self._running[gone]
@@ -437,7 +315,7 @@ class Supervisor:
                 log.info("job %s was deleted while it ran; its runner is stopped", gone)
                 self._start_stop(life, p.JobState.CANCELLED)
         self._known_final &= job_ids
-        new = (job_ids - self._known_final - self._queued.keys() - self._running.keys()
+        new = (job_ids - self._known_final - self.queue.ids() - self._running.keys()
                - self._unwritten.keys())
         for job_id in new:
             self._discover_one(job_id)
@@ -475,80 +353,28 @@ class Supervisor:
             self._adopt(job_id, data)
         else:  # final, or no state at all (the API reads it as corrupt): never rewritten
             self._known_final_now(job_id, state)
-            if state in p.FINAL_STATES and not self._counters_read:
-                self._unsure_final.append(job_id)  # counted or not, the file will say
-            elif state in p.FINAL_STATES and self.counters.missed(data):
-                self.counters.ended(data)
+            if state in p.FINAL_STATES:
+                self.counting.found_final(job_id, data)
 
     def _enqueue(self, job_id: str, data: dict[str, Any]) -> None:
-        """Queue a job: on the launch order if due, else on the timers."""
-        entry = self._queued[job_id] = Queued.of(data)
+        self.queue.add(job_id, data)
         self._dependencies.note(job_id, data)
-        start_at = p.run_at(data)
-        if start_at is not None and start_at > time.time():
-            heapq.heappush(self._timers, (start_at, entry.key, job_id))
-        else:
-            heapq.heappush(self._queue_order, (entry.key, job_id))
-
-    def _release_due(self) -> None:
-        """The jobs whose time has come join the launch order."""
-        now = time.time()
-        while self._timers and self._timers[0][0] <= now:
-            _, key, job_id = heapq.heappop(self._timers)
-            entry = self._queued.get(job_id)
-            if entry is not None and entry.key == key:
-                heapq.heappush(self._queue_order, (key, job_id))
-
-    def _next_queued(self) -> str | None:
-        """The first due job in launch order whose kind is under its cap, taken off the
-        queue; those of a kind at its cap are set aside on the way."""
-        while self._queue_order:
-            key, job_id = heapq.heappop(self._queue_order)
-            entry = self._queued.get(job_id)
-            if entry is None or entry.key != key:
-                continue
-            cap = self._kind_cap(entry.kind)
-            if cap is not None and self._running_by_kind[entry.kind] >= cap:
-                heapq.heappush(self._set_aside.setdefault(entry.kind, []), (key, job_id))
-                continue
-            del self._queued[job_id]
-            return job_id
-        return None
 
     def _now_running(self, job_id: str, life: JobLife, data: dict[str, Any]) -> None:
         kind = str(data.get(p.F_KIND))
         self._running[job_id] = life
-        self._running_kind[job_id] = kind
-        self._running_by_kind[kind] += 1
+        self.queue.started(job_id, kind)
         if (session := p.chat_session(kind, data.get(p.F_INPUT))) is not None:
             self._running_chat_by_session[session] = job_id  # the next turn waits for it
 
     def _no_longer_running(self, job_id: str) -> None:
         del self._running[job_id]
-        kind = self._running_kind.pop(job_id, None)
-        if kind is not None:
-            self._running_by_kind[kind] -= 1
-
-    def _release_set_aside(self) -> None:
-        """Of each kind below its cap, as many set-aside jobs as it has room for go back
-        in launch order. Every pass, not once per ended runner: a job sent back may never
-        start (cancelled, waiting for its turn), and must not hold up the others."""
-        for kind in list(self._set_aside):
-            waiting = self._set_aside[kind]
-            cap = self._kind_cap(kind)  # none now: set aside under a cap since lifted
-            room = len(waiting) if cap is None else cap - self._running_by_kind[kind]
-            while waiting and room > 0:
-                key, waiter = heapq.heappop(waiting)
-                entry = self._queued.get(waiter)
-                if entry is not None and entry.key == key:
-                    heapq.heappush(self._queue_order, (key, waiter))
-                    room -= 1
-            if not waiting:
-                del self._set_aside[kind]
+        self.queue.ended(job_id)
 
     def _adopt(self, job_id: str, data: dict[str, Any]) -> None:
         """A job launched by an earlier supervisor: watch it if alive, else it is lost."""
-        life = JobLife.adopt(job_id, self._file(job_id), data, self._launcher_for, self._nudge)
+        life = JobLife.adopt(job_id, self._file(job_id), data, self._launcher_for,
+                             self._wakeups.nudge)
         if life.has_ended():
             log.info("job %s: runner gone while no supervisor watched it", job_id)
             self._finalize(life)
@@ -566,8 +392,7 @@ class Supervisor:
 
     def _handle_stops(self, stop_ids: set[str]) -> None:
         for job_id in stop_ids:
-            if job_id in self._queued:
-                del self._queued[job_id]
+            if self.queue.discard(job_id):
                 self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
                                     "cancelled before it started")
             elif job_id in self._running:
@@ -591,36 +416,15 @@ class Supervisor:
     def _launch(self) -> None:
         if queue_paused(self.dir.parent):
             return  # queued jobs wait; POST /api/queue/resume wakes this loop
-        self._release_set_aside()
+        self.queue.release_set_aside()
         # The pause and the cap looked at before each launch: a burst of hundreds takes
         # seconds, and a pause or a lower cap meanwhile holds from the next launch on.
-        while len(self._running) < self._runner_cap():
-            job_id = self._next_queued()
+        while len(self._running) < self.queue.runner_cap():
+            job_id = self.queue.pop_next()
             if job_id is None or not self._launch_one(job_id):
                 break
             if queue_paused(self.dir.parent):
                 break
-
-    def _runner_cap(self) -> int:
-        """Runners alive at once: as set while the server runs (`PUT /api/queue/cap`),
-        else OFFLOAD_MAX_CONCURRENT. The file is read again only once it has changed (the
-        caps by kind with it: see `_kind_cap`)."""
-        try:
-            signature: Signature | None = stat_signature(os.stat(self._cap_file))
-        except OSError:
-            signature = None
-        if signature != self._caps_set.signature:
-            try:
-                self._caps_set = CapsSet(signature, *(queue_caps(self.dir.parent) if signature
-                                                      else (None, {})))
-            except OSError:  # out of file handles, say: read again at the next pass
-                pass
-        return self._caps_set.overall or self.max_concurrent
-
-    def _kind_cap(self, kind: str) -> int | None:
-        """Runners of `kind` alive at once: as set while running, else OFFLOAD_KIND_CAPS's
-        (None: no cap of its own), as `_runner_cap` last read them."""
-        return self._caps_set.kinds.get(kind, self.kind_caps.get(kind))
 
     def _launch_one(self, job_id: str) -> bool:
         """Start one queued job if it may start now; False if the data folder cannot be
@@ -648,7 +452,7 @@ class Supervisor:
             return None
         blocker = self._blocker(job_id, data)
         if blocker is not None:
-            self._queued[job_id] = Queued.of(data)
+            self.queue.hold(job_id, data)
             self._waiting.setdefault(blocker, []).append(job_id)
             return None
         unmet = self._dependencies.unmet(job_id, data)
@@ -662,7 +466,7 @@ class Supervisor:
         written now (the job is queued again)."""
         life = JobLife(job_id, self._file(job_id), self.launcher)
         try:
-            started = life.start(self.kinds[data[p.F_KIND]], data, self._nudge)
+            started = life.start(self.kinds[data[p.F_KIND]], data, self._wakeups.nudge)
         except ClaimFailed as exc:
             if self._own_folder_refuses(job_id, exc):
                 self._retry_later(job_id, data, CLAIM_RETRY_S)
@@ -675,7 +479,7 @@ class Supervisor:
             return False
         self._blocked = False  # a next hold-up is said again
         if started:
-            self.counters.started(data, time.time())
+            self.counting.counters.started(data, time.time())
             self._now_running(job_id, life, data)
         else:
             self._settle(life)
@@ -693,15 +497,14 @@ class Supervisor:
         return True
 
     def _retry_later(self, job_id: str, data: dict[str, Any], delay_s: float) -> None:
-        entry = self._queued[job_id] = Queued.of(data)
-        heapq.heappush(self._timers, (time.time() + delay_s, entry.key, job_id))
+        self.queue.add(job_id, data, at=time.time() + delay_s)
 
     def _hand_edited(self, job_id: str, data: dict[str, Any]) -> bool:
         """Whether a queued job's file is no job the API can show (edited by hand, say a
         `timeout_s` of "abc"): the API reads it as failed, corrupt, so it never runs."""
         if not_a_job(job_id, data) is None:
             return False
-        self._queued.pop(job_id, None)
+        self.queue.discard(job_id)
         self._known_final_now(job_id)  # the jobs that depend on it fail
         return True
 
@@ -715,9 +518,9 @@ class Supervisor:
             return dependency
         after = data.get(p.F_AFTER)
         if isinstance(after, str) and after != job_id:
-            ahead = self._queued.get(after)
+            ahead = self.queue.key_of(after)
             if after in self._running or (ahead is not None
-                                          and ahead.key[1:] < p.queue_key(data)[1:]):
+                                          and ahead[1:] < p.queue_key(data)[1:]):
                 return after
             if after not in self._unwritten and self._unseen_live(after):
                 return after
@@ -734,30 +537,26 @@ class Supervisor:
         """The queued jobs with a dependency that ended without completing fail now, not
         when a slot frees (or the queue is resumed); a chain of them, one after another."""
         for job_id in self._dependencies.to_look_at():
-            if job_id not in self._queued:
+            if job_id not in self.queue:
                 continue
             data = p.read_json_or_none(self._file(job_id))
             if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
                 continue
             unmet = self._dependencies.unmet(job_id, data)
             if unmet is not None:  # else it starts in its turn, once they all completed
-                del self._queued[job_id]
+                self.queue.discard(job_id)
                 self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.DEPENDENCY, unmet)
 
     def _is_live(self, job_id: str) -> bool:
         """Whether a job has not ended: queued, running, its final state not yet written,
         or queued or running on disk though this supervisor has not seen it yet."""
-        return (job_id in self._running or job_id in self._queued
+        return (job_id in self._running or job_id in self.queue
                 or job_id in self._unwritten or self._unseen_live(job_id))
-
-    def _queued_key(self, job_id: str) -> p.QueueKey | None:
-        entry = self._queued.get(job_id)
-        return None if entry is None else entry.key
 
     def _unseen_live(self, job_id: str) -> bool:
         """Whether a job this supervisor has not seen queued, running or ending is queued
         or running on disk (the next full pass takes it on)."""
-        if (job_id in self._known_final or job_id in self._queued or job_id in self._running
+        if (job_id in self._known_final or job_id in self.queue or job_id in self._running
                 or not p.is_valid_id(job_id)):
             return False
         state = (read_job(job_id, self._file(job_id)) or {}).get(p.F_STATE)
@@ -771,20 +570,18 @@ class Supervisor:
             if job_id == ended:
                 del self._running_chat_by_session[conversation]
         for job_id in self._waiting.pop(ended, ()):
-            entry = self._queued.get(job_id)
-            if entry is not None:  # else cancelled or deleted meanwhile
-                heapq.heappush(self._queue_order, (entry.key, job_id))
+            self.queue.back_in_order(job_id)
 
     def _recheck_waiting(self) -> None:
         """Waits on a job that is no longer live in any way this supervisor saw end (it
         was deleted, or read before it was discovered): back on the queue."""
         for blocker in list(self._waiting):
-            if blocker not in self._running and blocker not in self._queued:
+            if blocker not in self._running and blocker not in self.queue:
                 self._let_waiters_go(blocker)
 
     def _start_stop(self, life: JobLife, reason: str) -> None:
         self._stoppers = [t for t in self._stoppers if t.is_alive()]
-        self._stoppers.append(life.begin_stop(reason, self.grace_s, self._nudge))
+        self._stoppers.append(life.begin_stop(reason, self.grace_s, self._wakeups.nudge))
 
     def _finalize(self, life: JobLife) -> None:
         try:
@@ -793,7 +590,7 @@ class Supervisor:
             self._settle(life)
         if life.requeued is not None:  # a transient failure with attempts left
             earlier = life.requeued.get(p.F_EARLIER_ERRORS) or [{}]
-            self.counters.retried(life.requeued, str(earlier[-1].get("type")))
+            self.counting.counters.retried(life.requeued, str(earlier[-1].get("type")))
             self._enqueue(life.job_id, life.requeued)
 
     def _backoff(self, attempt: int) -> float:
@@ -816,7 +613,7 @@ class Supervisor:
         elif life.is_final:
             self._known_final.add(life.job_id)
             if life.final_job is not None:
-                self.counters.ended(life.final_job)
+                self.counting.counters.ended(life.final_job)
                 life.final_job = None  # counted once, however often it settles
 
     def _retry_finals(self, job_ids: set[str]) -> None:
@@ -855,52 +652,11 @@ class Supervisor:
         self._pruned_at = now
         removed = self.store.prune(self.retention_s, self.max_jobs,
                                    min_retention_s=self.min_retention_s,
-                                   keep=self._dependencies.keep_for(set(self._queued)))
+                                   keep=self._dependencies.keep_for(self.queue.ids()))
         if removed:
             log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs; none "
                      "younger than %.0f s)", removed, self.retention_s / 3600, self.max_jobs,
                      self.min_retention_s)
-
-    def _read_counters(self) -> bool:
-        """Go on from the counts in the file; until it can be read, count from zero and
-        save nothing (which would lose the file's counts), then add them up."""
-        if self._counters_read:
-            return True
-        try:
-            saved = JobCounters.load(self._counters_file)
-        except OSError as exc:
-            if not self._counters_unread:
-                log.warning("cannot read the job counters yet (%s); counting on", exc)
-            self._counters_unread = True
-            return False
-        self._counters_unread = False
-        for job_id in self._unsure_final:  # found final while the file could not be read
-            data = p.read_json_or_none(self._file(job_id))
-            if data is not None and data.get(p.F_STATE) in p.FINAL_STATES and saved.missed(data):
-                saved.ended(data)
-        self._unsure_final = []
-        saved.add(self.counters)
-        self.counters, self._counters_read = saved, True
-        return True
-
-    def _save_counters(self, force: bool = False) -> None:
-        """The job counters to their file for /metrics, at most every SAVE_EVERY_S."""
-        now = time.monotonic()
-        if not self.counters.dirty or (not force and now < self._counters_saved + SAVE_EVERY_S):
-            return
-        self._counters_saved = now
-        if not self._read_counters():
-            return
-        try:
-            self.counters.save(self._counters_file, time.time(), self._running)
-        except OSError as exc:  # kept in memory: saved with the next pass that can
-            if not self._counters_unsaved:  # once, not every SAVE_EVERY_S (a full disk)
-                log.warning("cannot save the job counters (kept, saved once it can): %s", exc)
-            self._counters_unsaved = True
-        else:
-            if self._counters_unsaved:
-                log.info("the job counters are saved again")
-            self._counters_unsaved = False
 
     def _launched(self, job_id: str) -> bool:
         return os.path.exists(p.sibling(self._file(job_id), p.RUN_FILE))
@@ -908,9 +664,3 @@ class Supervisor:
     def _file(self, job_id: str) -> Path:
         return Path(p.job_path(self.dir, job_id))
 
-
-def _mtime_ns(path: Path) -> int:
-    try:
-        return os.stat(path).st_mtime_ns
-    except OSError:
-        return 0

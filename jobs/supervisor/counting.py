@@ -1,0 +1,85 @@
+"""The job counters the leading supervisor keeps for /metrics, and their file.
+
+A leader goes on from the counts the last one saved. Until that file can be read it
+counts from zero and saves nothing (which would lose the file's counts), then adds the
+two up; the jobs it found final meanwhile are looked at again then, so that none is
+counted twice or missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from jobs import protocol as p
+from jobs.protocol.counters import SAVE_EVERY_S, JobCounters, counters_file
+
+log = logging.getLogger(__name__)
+
+
+class Counting:
+    def __init__(self, data_dir: Path, job_file: Callable[[str], Path]) -> None:
+        self._file = counters_file(data_dir)
+        self._job_file = job_file
+        self.counters = JobCounters()  # read from its file once this supervisor leads
+        self._read = False
+        self._unread = False  # said so in the log
+        self._unsure_final: list[str] = []  # final jobs found before the file was read
+        self._unsaved = False  # the last save failed (said once)
+        self._saved = 0.0
+
+    def take_over(self) -> None:
+        """This supervisor leads now: on from the counts as the last leader left them."""
+        self.counters = JobCounters()
+        self._read, self._unsure_final = False, []
+        self._read_file()
+
+    def found_final(self, job_id: str, data: dict[str, Any]) -> None:
+        """A job found final on disk (at a start, a takeover, a job ended unwatched):
+        counted if no leader counted it."""
+        if not self._read:
+            self._unsure_final.append(job_id)  # counted or not, the file will say
+        elif self.counters.missed(data):
+            self.counters.ended(data)
+
+    def save(self, running: Iterable[str], force: bool = False) -> None:
+        """To the file, with the jobs running now, at most every SAVE_EVERY_S."""
+        now = time.monotonic()
+        if not self.counters.dirty or (not force and now < self._saved + SAVE_EVERY_S):
+            return
+        self._saved = now
+        if not self._read_file():
+            return
+        try:
+            self.counters.save(self._file, time.time(), running)
+        except OSError as exc:  # kept in memory: saved with the next pass that can
+            if not self._unsaved:  # once, not every SAVE_EVERY_S (a full disk)
+                log.warning("cannot save the job counters (kept, saved once it can): %s", exc)
+            self._unsaved = True
+        else:
+            if self._unsaved:
+                log.info("the job counters are saved again")
+            self._unsaved = False
+
+    def _read_file(self) -> bool:
+        if self._read:
+            return True
+        try:
+            saved = JobCounters.load(self._file)
+        except OSError as exc:
+            if not self._unread:
+                log.warning("cannot read the job counters yet (%s); counting on", exc)
+            self._unread = True
+            return False
+        self._unread = False
+        for job_id in self._unsure_final:  # found final while the file could not be read
+            data = p.read_json_or_none(self._job_file(job_id))
+            if data is not None and data.get(p.F_STATE) in p.FINAL_STATES and saved.missed(data):
+                saved.ended(data)
+        self._unsure_final = []
+        saved.add(self.counters)
+        self.counters, self._read = saved, True
+        return True

@@ -1,0 +1,107 @@
+"""What wakes the supervisor for a pass, and what the pass is to look at.
+
+A ring on the doorbell names one job (submitted or cancelled): the pass looks at that
+job alone. A poke through the wake file (no socket, or its queue full) names none: the
+pass looks at every job. A nudge (a runner exited, a stop ended) names none either, but
+asks for no full pass: it reaps and launches. Rings arrive on the event loop's thread,
+nudges from any thread; the pass runs on a worker thread and takes what was asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+from jobs import protocol as p
+from jobs.protocol.wake import ALL_JOBS, Doorbell, wake_file
+from jobs.settings import WAKE_POLL_S
+
+
+class Wakeups:
+    def __init__(self, jobs_dir: Path) -> None:
+        self._wake_file = wake_file(jobs_dir)
+        self._doorbell = Doorbell(jobs_dir)
+        self._lock = threading.Lock()
+        self._hinted: set[str] = set()  # jobs an event named since the last pass
+        self._full_wanted = True
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the loop that drives the passes, before the first."""
+        self._loop, self._event = loop, asyncio.Event()
+
+    def want(self, job_id: str = ALL_JOBS) -> None:
+        """The next pass looks at `job_id`; without one, at every job."""
+        with self._lock:
+            if p.is_valid_id(job_id):
+                self._hinted.add(job_id)
+            else:
+                self._full_wanted = True
+
+    def take(self) -> tuple[set[str], bool]:
+        """For a pass: the jobs named since the last, and whether a full pass was asked."""
+        with self._lock:
+            hinted, self._hinted = self._hinted, set()
+            full, self._full_wanted = self._full_wanted, False
+        return hinted, full
+
+    def nudge(self) -> None:
+        """A pass now, from any thread."""
+        loop, event = self._loop, self._event
+        if loop is None or event is None or loop.is_closed():
+            return
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if current is loop:
+            event.set()
+        else:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass  # the loop closed meanwhile
+
+    def before_pass(self) -> None:
+        """On the loop's thread: what asks for a pass from here on ends the next sleep
+        (a runner that exits during this pass gets the next one at once)."""
+        assert self._event is not None
+        self._event.clear()
+
+    async def sleep(self, delay: float, leading: bool) -> None:
+        """Until `delay` passes, a nudge, or (`leading`) a ring or a poke."""
+        assert self._event is not None and self._loop is not None
+        if leading and not self._doorbell.tried:
+            self._doorbell.listen(self._loop, self._on_ring)
+        # A ring sets the event; a poke through the file shows in the file's mtime.
+        deadline = time.monotonic() + delay
+        poked = _mtime_ns(self._wake_file)
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self._event.wait(), min(left, WAKE_POLL_S))
+                return
+            except asyncio.TimeoutError:
+                pass
+            if leading and _mtime_ns(self._wake_file) != poked:
+                self.want(ALL_JOBS)  # a poke through the file names no job
+                return
+
+    def _on_ring(self, job_id: str) -> None:
+        self.want(job_id)
+        if self._event is not None:
+            self._event.set()
+
+    def close(self, unlink: bool) -> None:
+        """Stop listening; `unlink`: remove the socket too (not another leader's)."""
+        self._doorbell.close(self._loop, unlink=unlink)
+
+
+def _mtime_ns(path: Path) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0
