@@ -179,9 +179,10 @@ def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
 
     from jobs.api import service as service_module
     from jobs.api.service import JobService
+    from jobs.protocol import files
     from jobs.settings import get_settings
 
-    monkeypatch.setattr(p, "FSYNC", False)  # a quick disk, whatever this machine's fsync costs
+    monkeypatch.setattr(files, "FSYNC", False)  # a quick disk, whatever this machine's fsync costs
     caplog.set_level(logging.INFO, logger=service_module.__name__)
     store = JobStore(data_dir / "jobs")
     service = JobService(get_settings(), store)

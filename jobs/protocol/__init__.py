@@ -2,8 +2,10 @@
 (an import contract in pyproject.toml checks it): runners import this package and
 nothing else of `jobs`, so they start fast. States, error types, field names and file
 names live here, once; the package's modules hold the rest that processes share:
-`remote` (a job on another machine), `wake` (the supervisor's files), `embedded` (the
-embedded model's server), `urls` (credentials in OPENAI_BASE_URL).
+`files` (how every shared file is written and read), `remote` (a job on another
+machine), `wake` (the supervisor's files), `embedded` (the embedded model's server),
+`urls` (credentials in OPENAI_BASE_URL), `control` (the queue's pause and caps),
+`counters` (the counts for /metrics), `trust` (whose files are safe to read).
 
 Each job has a folder of its own, `<data>/jobs/<id>/`:
   job.json   the job (state, progress, output, result); one writer at a time
@@ -20,23 +22,39 @@ renames of low-priority runners (docs/architecture.md has the figures).
 
 from __future__ import annotations
 
-import errno
-import json
 import math
 import os
-import re
-import stat
 import sys
 import time
 from enum import Enum
 
-# Runners import this module: no typing, pathlib, re or datetime at run time (each costs
+# How the files are written and read (`files`), under the package's name: `p.write_json`.
+from jobs.protocol.files import (
+    FSYNC as FSYNC,
+    NO_FILE_TO_READ as NO_FILE_TO_READ,
+    NO_FOLLOW as NO_FOLLOW,
+    SURROGATE_HALF,
+    TMP_SUFFIX as TMP_SUFFIX,
+    CorruptJobFile as CorruptJobFile,
+    cap_log as cap_log,
+    open_log as open_log,
+    read_json as read_json,
+    read_json_or_none as read_json_or_none,
+    read_tail as read_tail,
+    readable as readable,
+    sync_dir as sync_dir,
+    write_atomic as write_atomic,
+    write_json as write_json,
+)
+
+# Runners import this module: no typing, pathlib or datetime at run time (each costs
 # start-up milliseconds in every subprocess).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, TypeAlias
+    from typing import Any
 
-    StrPath: TypeAlias = str | os.PathLike[str]
+    from jobs.protocol.files import StrPath as StrPath
+
 
 class JobState(str, Enum):
     """Where a job is; the last four are final."""
@@ -131,13 +149,9 @@ RUN_FILE = "run.json"
 
 LOCAL = "local"
 RAY = "ray"
-TMP_SUFFIX = ".tmp"
 
 # The project's folder (the one holding jobs/ and runners/): where its processes start.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-# fsync of creations, final states and claims. For benchmarks and tests only:
-# OFFLOAD_FSYNC=0 gives up the guarantee that a 202 survives a power loss.
-FSYNC = os.environ.get("OFFLOAD_FSYNC", "1") != "0"
 # Set by a launcher that puts a runner's claim on disk itself: DURABLE once it has, or
 # the number of a pipe on which it writes DURABLE_WORD when it has (closed: do it yourself).
 CLAIM_WORD_ENV = "OFFLOAD_CLAIM_WORD"
@@ -146,12 +160,6 @@ DURABLE_WORD = f"{DURABLE}\n".encode()
 CLAIM_WORD_TIMEOUT_S = 5.0  # then the runner syncs its claim itself
 
 _HEX = frozenset("0123456789abcdef")
-_REPLACE_RETRY_S = 1.0  # Windows: a reader holding the file makes os.replace fail briefly
-_READ_RETRIES = 5
-
-
-class CorruptJobFile(Exception):
-    """A job file exists but does not hold a JSON object."""
 
 
 def new_id() -> str:
@@ -306,17 +314,6 @@ def output_change(old: dict[str, Any], new: dict[str, Any]) -> dict[str, str]:
     return {OUTPUT_DELTA: after[len(before):]} if after != before else {}
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def readable(text: str) -> str:
-    """`text` with surrogate halves joined into their characters, and a half alone as
-    U+FFFD: JSON escapes can carry halves (a model server's `\\ud83d`), UTF-8 cannot."""
-    if _SURROGATE.search(text) is None:
-        return text
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
 MAX_DEPTH = 64  # of arrays and objects in a job's input (pydantic answers go to ~250)
 
 
@@ -336,53 +333,12 @@ def json_problem(value: Any, limit: int = MAX_DEPTH, depth_only: bool = False) -
                 continue
             elif isinstance(item, float) and not math.isfinite(item):
                 return f"{item} is not a JSON number"
-            elif isinstance(item, str) and _SURROGATE.search(item) is not None:
+            elif isinstance(item, str) and SURROGATE_HALF.search(item) is not None:
                 return "a string holds half of a surrogate pair (not text)"
         if not deeper:
             return None
         level = deeper
     return f"nested more than {limit} levels deep"
-
-
-def write_json(path: StrPath, data: dict[str, Any], durable: bool = False,
-               sync_folder: bool = True) -> None:
-    """Atomically replace `path`: a reader sees the old file or the new one, never half.
-    `durable`: on disk before this returns (see `write_atomic`)."""
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    try:
-        payload = text.encode()
-    except UnicodeEncodeError:  # a surrogate half: written readable rather than lost
-        payload = readable(text).encode()
-    write_atomic(path, payload, durable, sync_folder)
-
-
-def write_atomic(path: StrPath, payload: bytes, durable: bool = False,
-                 sync_folder: bool = True) -> None:
-    """Write a temp file in the same folder, then replace `path` with it.
-
-    `durable` (a job's creation, its final state, a claim): the temp file is
-    fsync'd before the rename, so a power loss leaves the old file or the whole new one,
-    never an empty one; the folder is fsync'd after it (unless `sync_folder` is False:
-    the caller does it), so the rename itself survives.
-    """
-    folder, name = os.path.split(os.fspath(path))
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}")
-    durable = durable and FSYNC
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())  # Windows: FlushFileBuffers
-        _replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass  # never created, or already renamed
-        raise
-    if durable and sync_folder:
-        sync_dir(folder)
 
 
 def sync_claim(job_file: StrPath) -> None:
@@ -445,111 +401,6 @@ def _said_durable(word: str | None, listen: bool = True) -> bool:
             pass  # not ours after all
 
 
-def sync_dir(folder: StrPath) -> None:
-    """fsync a folder, so the names just created or renamed in it survive a power loss.
-    POSIX only: Windows cannot open a folder for it (os.open refuses folders there)."""
-    if os.name != "posix" or not FSYNC:
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:  # EINVAL: a file system that cannot sync a folder
-            raise
-    finally:
-        os.close(fd)
-
-
-def _replace(src: StrPath, dst: StrPath) -> None:
-    deadline = time.monotonic() + _REPLACE_RETRY_S
-    delay = 0.001
-    while True:
-        try:
-            os.replace(src, dst)
-            return
-        except PermissionError:
-            # Windows: the destination is open in a reader for a moment; try again.
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-
-
-def read_json(path: StrPath) -> dict[str, Any] | None:
-    """Read a JSON object; None when the file does not exist.
-
-    Retries briefly on the transient failures of a concurrent replace (Windows denies
-    access for a moment); a file that stays unreadable raises `CorruptJobFile`.
-    """
-    last_error: Exception | None = None
-    for attempt in range(_READ_RETRIES):
-        try:
-            raw = _read_file(path)
-        except (FileNotFoundError, NotADirectoryError):  # no folder there, or a file
-            return None
-        except PermissionError as exc:
-            last_error = exc
-        else:
-            try:
-                data = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                last_error = exc
-            except RecursionError:  # arrays in arrays, thousands deep: no job's
-                raise CorruptJobFile(f"{os.path.basename(path)}: nested too deeply") from None
-            else:
-                if isinstance(data, dict):
-                    # A half of a pair alone (`\ud800`, by hand) cannot be sent on as UTF-8.
-                    return _readable_all(data) if _HALF_ESCAPE.search(raw) else data
-                last_error = ValueError("not a JSON object")
-        time.sleep(0.002 * (attempt + 1))
-    raise CorruptJobFile(f"{os.path.basename(path)}: {last_error}")
-
-
-# What `read_json` raises for a link that loops or a socket: no file behind the name,
-# however often it is tried (out of file handles, say, it may be there next time). A
-# reader that must list every job takes these as a damaged file; the counters' reader
-# does not (zeros would read as a reset).
-NO_FILE_TO_READ = frozenset({errno.ELOOP, errno.ENXIO})
-
-
-_HALF_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's escape of a surrogate half
-
-
-def _readable_all(value: Any) -> Any:
-    """`value` with every string in it `readable`."""
-    if isinstance(value, str):
-        return readable(value)
-    if isinstance(value, list):
-        return [_readable_all(each) for each in value]
-    if isinstance(value, dict):
-        return {readable(key): _readable_all(each) for key, each in value.items()}
-    return value
-
-
-def _read_file(path: StrPath) -> bytes:
-    """A regular file's bytes. Opened without blocking and looked at first: a pipe put
-    in a file's place would hold its reader for good."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "a pipe or a device"
-            raise CorruptJobFile(f"{os.path.basename(path)}: {kind}, not a file")
-    except BaseException:
-        os.close(fd)
-        raise
-    with open(fd, "rb") as f:
-        return f.read()
-
-
-def read_json_or_none(path: StrPath) -> dict[str, Any] | None:
-    """`read_json`, with a file that stays unreadable taken as missing."""
-    try:
-        return read_json(path)
-    except CorruptJobFile:
-        return None
-
-
 def request_stop(job_file: StrPath, reason: str) -> None:
     """Leave a stop request for a runner (or a queued job) to find."""
     write_json(sibling(job_file, STOP_FILE), {"reason": reason, "at": now_iso()})
@@ -575,47 +426,3 @@ def log_tail(job_file: StrPath, max_lines: int = 20, max_bytes: int = 4096) -> s
     return "\n".join(data.decode("utf-8", errors="replace").splitlines()[-max_lines:])
 
 
-NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not through a link put in a log's place
-
-
-def read_tail(path: StrPath, max_bytes: int) -> tuple[bytes, int]:
-    """The last `max_bytes` of a file and its size. Opened without waiting and without
-    following a link, and a file only: a pipe in a log's place held its reader for good."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | NO_FOLLOW | getattr(os, "O_BINARY", 0)
-    with open(os.open(path, flags), "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(errno.EINVAL, "not a file (a folder, a pipe or a device)")
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - max_bytes))
-        return f.read(), size
-
-
-def open_log(path: StrPath) -> int:
-    """A job's log, opened to append to (made 0600), never through a link."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | NO_FOLLOW | getattr(os, "O_BINARY", 0)
-    return os.open(path, flags, 0o600)
-
-
-def cap_log(path: StrPath, max_bytes: int) -> int:
-    """Shrink a log over `max_bytes` in place to its head, a note of what was dropped,
-    and its latest output; returns the bytes dropped. The runner appends (O_APPEND), so
-    it goes on writing at the new end; what it writes during the cut may be lost."""
-    try:
-        size = os.path.getsize(path)
-        if size <= max_bytes:
-            return 0
-        head, tail = max_bytes // 4, max_bytes // 2
-        with open(os.open(path, os.O_RDWR | NO_FOLLOW), "r+b") as f:
-            f.seek(max(head, size - tail))
-            kept = f.read()
-            note = (f"\n[... log capped at {max_bytes} bytes: older output dropped, its start "
-                    f"and its latest output kept ...]\n").encode()
-            f.seek(head)
-            f.write(note)
-            f.write(kept)
-            f.truncate()
-            dropped = size - head - len(kept)
-    except OSError:
-        return 0
-    return dropped
