@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from jobs import protocol as p
+from jobs.supervisor.launch_queue import LaunchQueue
 from jobs.supervisor.loop import Supervisor
 from tests.conftest import RunningSupervisor, process_gone, wait_for
 
@@ -191,3 +192,14 @@ def test_unknown_kind_is_refused(supervisor: RunningSupervisor) -> None:
 
     with pytest.raises(UnknownKind, match="known kinds: chat, probe, sleep"):
         supervisor.store.create("nope", {}, 10)
+
+
+def test_a_job_put_off_is_not_taken_again_in_the_same_pass(tmp_path: Path) -> None:
+    # A job whose claim was refused waits for a later pass, even when the clock has
+    # passed its time already (a jump): taken again at once, it looped within one pass.
+    queue = LaunchQueue(tmp_path, 2, {})
+    job_id = p.new_id()
+    queue.add_later(job_id, p.new_job(job_id, "sleep", {}, 10), time.time() - 1)
+    assert job_id in queue and queue.pop_next() is None
+    queue.release_due()  # the next pass
+    assert queue.pop_next() == job_id and job_id not in queue

@@ -29,8 +29,8 @@ import time
 from enum import Enum
 
 # How the files are written and read (`files`), under the package's name: `p.write_json`.
+from jobs.protocol import files
 from jobs.protocol.files import (
-    FSYNC as FSYNC,
     NO_FILE_TO_READ as NO_FILE_TO_READ,
     NO_FOLLOW as NO_FOLLOW,
     SURROGATE_HALF,
@@ -349,7 +349,7 @@ def sync_claim(job_file: StrPath) -> None:
     word = os.environ.pop(CLAIM_WORD_ENV, None)  # the runner's children never see it
     run_file = sibling(job_file, RUN_FILE)
     try:
-        fd = os.open(run_file, os.O_RDWR | getattr(os, "O_BINARY", 0)) if FSYNC else -1
+        fd = os.open(run_file, os.O_RDWR | getattr(os, "O_BINARY", 0)) if files.FSYNC else -1
     except FileNotFoundError:
         fd = -1  # not launched by a supervisor (a job file run by hand)
     if fd < 0:

@@ -21,6 +21,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from jobs import protocol as p
+from jobs.protocol import files
 
 PENDING_S = 2.0  # a key file younger than this whose job is missing is still being stored
 STORING_S = 60.0  # a job folder without its job file this young: its job is being stored
@@ -83,7 +84,7 @@ class Keys:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(json.dumps({"job_id": job_id, "fingerprint": fingerprint}).encode())
-                if p.FSYNC:  # a power loss after the 202 must not let a retry run it twice
+                if files.FSYNC:  # a power loss after the 202 must not let a retry run it twice
                     f.flush()
                     os.fsync(f.fileno())
             p.sync_dir(self.folder)
@@ -122,7 +123,7 @@ class Keys:
         durable write syncs the folder after it: a pruned job must release its key."""
         with open(job_folder / KEY_LINK, "wb") as f:
             f.write(name.encode("ascii"))
-            if p.FSYNC:
+            if files.FSYNC:
                 f.flush()
                 os.fsync(f.fileno())
 

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class Counting:
+    """The leader's counters: counted as jobs start, retry and end; saved now and then."""
+
     def __init__(self, data_dir: Path, job_file: Callable[[str], Path]) -> None:
         self._file = counters_file(data_dir)
         self._job_file = job_file
@@ -37,9 +39,19 @@ class Counting:
         self._read, self._unsure_final = False, []
         self._read_file()
 
+    def started(self, data: dict[str, Any]) -> None:
+        self.counters.started(data, time.time())
+
+    def retried(self, data: dict[str, Any], error_type: str) -> None:
+        self.counters.retried(data, error_type)
+
+    def ended(self, data: dict[str, Any]) -> None:
+        """A job whose final state this supervisor wrote or saw written."""
+        self.counters.ended(data)
+
     def found_final(self, job_id: str, data: dict[str, Any]) -> None:
-        """A job found final on disk (at a start, a takeover, a job ended unwatched):
-        counted if no leader counted it."""
+        """A job found final on disk when this supervisor first looked at it (at its start,
+        or once it took over): counted if no leader counted it."""
         if not self._read:
             self._unsure_final.append(job_id)  # counted or not, the file will say
         elif self.counters.missed(data):

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class Leadership:
+    """This supervisor's hold on the lock: taken, checked, released."""
+
     def __init__(self, jobs_dir: Path) -> None:
         self._dir = jobs_dir
         # The mode said: filelock 3.x gives its files 0o644 whatever the umask.

@@ -2,9 +2,8 @@
 priority, when due, enforces deadlines, acts on cancel requests, reaps finished or lost
 runners (queueing a job again for a retry) and prunes old jobs.
 
-Exactly one per data folder, across processes: whoever holds the OS file lock
-`<data>/supervisor.lock`. The others retry now and then, so when the leader dies a
-survivor takes over and adopts the runners it left.
+Exactly one leads a data folder, across processes (`leadership`): when the leader
+dies, a survivor takes over and adopts the runners it left.
 
 `tick()` is synchronous and does one pass; `run()` drives it from asyncio in a worker
 thread, so the event loop never waits on a spawn, a file write or a kill. A pass woken
@@ -15,8 +14,8 @@ PRUNE_INTERVAL_S.
 
 What is about one job (its run, deadline, stop, final state, release) is its `JobLife`
 (`jobs.supervisor.lifecycle`); the supervisor keeps one per launched job and drives its steps.
-Beside it: the queue and its caps (`queue`), who leads (`leadership`), what wakes a pass
-(`wakeups`), the counters for /metrics (`counting`) and the jobs' dependencies
+Beside it: the queue and its caps (`launch_queue`), who leads (`leadership`), what wakes
+a pass (`wakeups`), the counters for /metrics (`counting`) and the jobs' dependencies
 (`dependencies`).
 """
 
@@ -62,9 +61,9 @@ from jobs.store.index import DirListing, not_a_job, read_job
 from jobs.store.job_store import JobStore
 from jobs.supervisor.counting import Counting
 from jobs.supervisor.dependencies import Dependencies
+from jobs.supervisor.launch_queue import LaunchQueue
 from jobs.supervisor.leadership import Leadership
 from jobs.supervisor.lifecycle import JobLife
-from jobs.supervisor.queue import LaunchQueue
 from jobs.supervisor.schedules import Scheduler
 from jobs.supervisor.wakeups import Wakeups
 
@@ -93,7 +92,7 @@ class Supervisor:
         self.scheduler = scheduler  # creates the jobs of periodic schedules
         self.min_retention_s = min_retention_s
         self.store = JobStore(jobs_dir)
-        self.queue = LaunchQueue(jobs_dir.parent, max_concurrent,
+        self._queue = LaunchQueue(jobs_dir.parent, max_concurrent,
                                  kind_numbers(DEFAULT_KIND_CAPS, "kind_caps", 1, 1024)
                                  if kind_caps is None else dict(kind_caps))
         self._cap_now = max_concurrent  # the queue's runner_cap(), as at this pass's start
@@ -129,12 +128,12 @@ class Supervisor:
         self._known_final: set[str] = set()
         self._dependencies = Dependencies(self._file, self._is_live,
                                           lambda job_id: job_id in self._known_final,
-                                          self.queue.key_of)
+                                          self._queue.key_of)
         self._unreadable: set[str] = set()  # said once in the log; looked at each full pass
         self._blocked = False  # the last launch could not write to the data folder
         self._next_prune = 0.0
         self._pruned_at = 0.0
-        self.counting = Counting(jobs_dir.parent, self._file)
+        self._counting = Counting(jobs_dir.parent, self._file)
         self._stoppers: list[threading.Thread] = []
 
     @classmethod
@@ -178,7 +177,7 @@ class Supervisor:
     def _idle_s(self) -> float:
         """Until the next full pass, or until the first job waiting for its time is due."""
         idle = self._next_full - time.monotonic()
-        due_at = self.queue.next_due_at()
+        due_at = self._queue.next_due_at()
         if due_at is not None:
             idle = min(idle, due_at - time.time())
         return max(0.0, idle)
@@ -219,7 +218,7 @@ class Supervisor:
             each.close()
         if self.is_leader:
             if not self.lock_lost:
-                self.counting.save(self._running, force=True)
+                self._counting.save(self._running, force=True)
             self._leadership.release()
             self.is_leader = False
             log.info("supervisor released %s", self.dir)
@@ -243,7 +242,7 @@ class Supervisor:
             return
         hinted, full = self._wakeups.take()
         now = time.monotonic()
-        self._cap_now = self.queue.runner_cap()
+        self._cap_now = self._queue.runner_cap()
         # A quick pass looks only at the jobs an event named (a submission, a runner's
         # exit); a full one, every SUPERVISOR_INTERVAL_S, lists the folder and also runs
         # the schedules, the deadlines, the log caps and pruning.
@@ -264,19 +263,19 @@ class Supervisor:
                 self._enforce_deadlines()
                 self._cap_logs()
                 self._recheck_waiting()
-            self.queue.release_due()
+            self._queue.release_due()
             self._fail_unmet_dependents()
             self._launch()
             if full:
                 self._maybe_prune()
         finally:
             self._read_now.clear()
-            self.counting.save(self._running)
+            self._counting.save(self._running)
 
     def _look_at(self, job_ids: set[str]) -> None:
         """The jobs an event named: a new one joins the queue, a live one may be stopping."""
         for job_id in job_ids:
-            if job_id in self.queue or job_id in self._running:
+            if job_id in self._queue or job_id in self._running:
                 if os.path.exists(p.sibling(self._file(job_id), p.STOP_FILE)):
                     self._handle_stops({job_id})
             elif (job_id not in self._known_final and job_id not in self._unwritten
@@ -288,7 +287,7 @@ class Supervisor:
         if not self._leadership.take():
             return False
         self.is_leader = True
-        self.counting.take_over()
+        self._counting.take_over()
         log.info("supervisor leads %s (pid %s)", self.dir, os.getpid())
         return True
 
@@ -298,14 +297,14 @@ class Supervisor:
         if names is not None:
             self._names = names
         jobs = self._names
-        live = (self.queue.ids() | self._running.keys()) & jobs
+        live = (self._queue.ids() | self._running.keys()) & jobs
         stops = {job_id for job_id in live
                  if os.path.exists(p.sibling(self._file(job_id), p.STOP_FILE))}
         return jobs, stops
 
     def _discover(self, job_ids: set[str]) -> None:
-        for gone in self.queue.ids() - job_ids:
-            self.queue.discard(gone)  # deleted from disk while queued
+        for gone in self._queue.ids() - job_ids:
+            self._queue.discard(gone)  # deleted from disk while queued
             self._dependencies.ended(gone)  # the jobs that depend on it fail
         for gone in set(self._running) - job_ids:
             life = self._running[gone]
@@ -315,7 +314,7 @@ class Supervisor:
                 log.info("job %s was deleted while it ran; its runner is stopped", gone)
                 self._start_stop(life, p.JobState.CANCELLED)
         self._known_final &= job_ids
-        new = (job_ids - self._known_final - self.queue.ids() - self._running.keys()
+        new = (job_ids - self._known_final - self._queue.ids() - self._running.keys()
                - self._unwritten.keys())
         for job_id in new:
             self._discover_one(job_id)
@@ -354,22 +353,22 @@ class Supervisor:
         else:  # final, or no state at all (the API reads it as corrupt): never rewritten
             self._known_final_now(job_id, state)
             if state in p.FINAL_STATES:
-                self.counting.found_final(job_id, data)
+                self._counting.found_final(job_id, data)
 
     def _enqueue(self, job_id: str, data: dict[str, Any]) -> None:
-        self.queue.add(job_id, data)
+        self._queue.add(job_id, data)
         self._dependencies.note(job_id, data)
 
     def _now_running(self, job_id: str, life: JobLife, data: dict[str, Any]) -> None:
         kind = str(data.get(p.F_KIND))
         self._running[job_id] = life
-        self.queue.started(job_id, kind)
+        self._queue.runner_started(job_id, kind)
         if (session := p.chat_session(kind, data.get(p.F_INPUT))) is not None:
             self._running_chat_by_session[session] = job_id  # the next turn waits for it
 
     def _no_longer_running(self, job_id: str) -> None:
         del self._running[job_id]
-        self.queue.ended(job_id)
+        self._queue.runner_gone(job_id)
 
     def _adopt(self, job_id: str, data: dict[str, Any]) -> None:
         """A job launched by an earlier supervisor: watch it if alive, else it is lost."""
@@ -392,7 +391,7 @@ class Supervisor:
 
     def _handle_stops(self, stop_ids: set[str]) -> None:
         for job_id in stop_ids:
-            if self.queue.discard(job_id):
+            if self._queue.discard(job_id):
                 self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
                                     "cancelled before it started")
             elif job_id in self._running:
@@ -416,11 +415,11 @@ class Supervisor:
     def _launch(self) -> None:
         if queue_paused(self.dir.parent):
             return  # queued jobs wait; POST /api/queue/resume wakes this loop
-        self.queue.release_set_aside()
+        self._queue.release_set_aside()
         # The pause and the cap looked at before each launch: a burst of hundreds takes
         # seconds, and a pause or a lower cap meanwhile holds from the next launch on.
-        while len(self._running) < self.queue.runner_cap():
-            job_id = self.queue.pop_next()
+        while len(self._running) < self._queue.runner_cap():
+            job_id = self._queue.pop_next()
             if job_id is None or not self._launch_one(job_id):
                 break
             if queue_paused(self.dir.parent):
@@ -452,7 +451,7 @@ class Supervisor:
             return None
         blocker = self._blocker(job_id, data)
         if blocker is not None:
-            self.queue.hold(job_id, data)
+            self._queue.hold(job_id, data)
             self._waiting.setdefault(blocker, []).append(job_id)
             return None
         unmet = self._dependencies.unmet(job_id, data)
@@ -479,7 +478,7 @@ class Supervisor:
             return False
         self._blocked = False  # a next hold-up is said again
         if started:
-            self.counting.counters.started(data, time.time())
+            self._counting.started(data)
             self._now_running(job_id, life, data)
         else:
             self._settle(life)
@@ -497,14 +496,14 @@ class Supervisor:
         return True
 
     def _retry_later(self, job_id: str, data: dict[str, Any], delay_s: float) -> None:
-        self.queue.add(job_id, data, at=time.time() + delay_s)
+        self._queue.add_later(job_id, data, time.time() + delay_s)
 
     def _hand_edited(self, job_id: str, data: dict[str, Any]) -> bool:
         """Whether a queued job's file is no job the API can show (edited by hand, say a
         `timeout_s` of "abc"): the API reads it as failed, corrupt, so it never runs."""
         if not_a_job(job_id, data) is None:
             return False
-        self.queue.discard(job_id)
+        self._queue.discard(job_id)
         self._known_final_now(job_id)  # the jobs that depend on it fail
         return True
 
@@ -518,7 +517,7 @@ class Supervisor:
             return dependency
         after = data.get(p.F_AFTER)
         if isinstance(after, str) and after != job_id:
-            ahead = self.queue.key_of(after)
+            ahead = self._queue.key_of(after)
             if after in self._running or (ahead is not None
                                           and ahead[1:] < p.queue_key(data)[1:]):
                 return after
@@ -537,26 +536,26 @@ class Supervisor:
         """The queued jobs with a dependency that ended without completing fail now, not
         when a slot frees (or the queue is resumed); a chain of them, one after another."""
         for job_id in self._dependencies.to_look_at():
-            if job_id not in self.queue:
+            if job_id not in self._queue:
                 continue
             data = p.read_json_or_none(self._file(job_id))
             if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
                 continue
             unmet = self._dependencies.unmet(job_id, data)
             if unmet is not None:  # else it starts in its turn, once they all completed
-                self.queue.discard(job_id)
+                self._queue.discard(job_id)
                 self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.DEPENDENCY, unmet)
 
     def _is_live(self, job_id: str) -> bool:
         """Whether a job has not ended: queued, running, its final state not yet written,
         or queued or running on disk though this supervisor has not seen it yet."""
-        return (job_id in self._running or job_id in self.queue
+        return (job_id in self._running or job_id in self._queue
                 or job_id in self._unwritten or self._unseen_live(job_id))
 
     def _unseen_live(self, job_id: str) -> bool:
         """Whether a job this supervisor has not seen queued, running or ending is queued
         or running on disk (the next full pass takes it on)."""
-        if (job_id in self._known_final or job_id in self.queue or job_id in self._running
+        if (job_id in self._known_final or job_id in self._queue or job_id in self._running
                 or not p.is_valid_id(job_id)):
             return False
         state = (read_job(job_id, self._file(job_id)) or {}).get(p.F_STATE)
@@ -570,13 +569,13 @@ class Supervisor:
             if job_id == ended:
                 del self._running_chat_by_session[conversation]
         for job_id in self._waiting.pop(ended, ()):
-            self.queue.back_in_order(job_id)
+            self._queue.back_in_order(job_id)
 
     def _recheck_waiting(self) -> None:
         """Waits on a job that is no longer live in any way this supervisor saw end (it
         was deleted, or read before it was discovered): back on the queue."""
         for blocker in list(self._waiting):
-            if blocker not in self._running and blocker not in self.queue:
+            if blocker not in self._running and blocker not in self._queue:
                 self._let_waiters_go(blocker)
 
     def _start_stop(self, life: JobLife, reason: str) -> None:
@@ -590,7 +589,7 @@ class Supervisor:
             self._settle(life)
         if life.requeued is not None:  # a transient failure with attempts left
             earlier = life.requeued.get(p.F_EARLIER_ERRORS) or [{}]
-            self.counting.counters.retried(life.requeued, str(earlier[-1].get("type")))
+            self._counting.retried(life.requeued, str(earlier[-1].get("type")))
             self._enqueue(life.job_id, life.requeued)
 
     def _backoff(self, attempt: int) -> float:
@@ -613,7 +612,7 @@ class Supervisor:
         elif life.is_final:
             self._known_final.add(life.job_id)
             if life.final_job is not None:
-                self.counting.counters.ended(life.final_job)
+                self._counting.ended(life.final_job)
                 life.final_job = None  # counted once, however often it settles
 
     def _retry_finals(self, job_ids: set[str]) -> None:
@@ -652,7 +651,7 @@ class Supervisor:
         self._pruned_at = now
         removed = self.store.prune(self.retention_s, self.max_jobs,
                                    min_retention_s=self.min_retention_s,
-                                   keep=self._dependencies.keep_for(self.queue.ids()))
+                                   keep=self._dependencies.keep_for(self._queue.ids()))
         if removed:
             log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs; none "
                      "younger than %.0f s)", removed, self.retention_s / 3600, self.max_jobs,

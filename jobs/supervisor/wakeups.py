@@ -21,6 +21,8 @@ from jobs.settings import WAKE_POLL_S
 
 
 class Wakeups:
+    """What asks for the next pass, and what that pass is to look at."""
+
     def __init__(self, jobs_dir: Path) -> None:
         self._wake_file = wake_file(jobs_dir)
         self._doorbell = Doorbell(jobs_dir)

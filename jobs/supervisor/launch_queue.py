@@ -32,7 +32,8 @@ class Queued(NamedTuple):
 
 
 class CapsSet(NamedTuple):
-    """The caps set while running (`queue.cap`), as last read: on all, and by kind."""
+    """The caps set while running (the file `queue.cap`), as last read: on all, and by
+    kind."""
 
     signature: Signature | None  # of the file as read; None: no file
     overall: int | None
@@ -40,6 +41,9 @@ class CapsSet(NamedTuple):
 
 
 class LaunchQueue:
+    """The queued jobs by launch order and time, and the runners counted against the
+    caps by kind (the supervisor says when one starts and when it is gone)."""
+
     def __init__(self, data_dir: Path, max_concurrent: int, kind_caps: dict[str, int]) -> None:
         self._data_dir = data_dir
         self._cap_file = data_dir / QUEUE_CAP_FILE
@@ -71,14 +75,20 @@ class LaunchQueue:
         entry = self._entries.get(job_id)
         return None if entry is None else entry.key
 
-    def add(self, job_id: str, data: dict[str, Any], at: float | None = None) -> None:
-        """Queue a job: in launch order if due, else until `at` (or its `run_at`)."""
-        entry = self._entries[job_id] = Queued.of(data)
-        at = p.run_at(data) if at is None else at
+    def add(self, job_id: str, data: dict[str, Any]) -> None:
+        """Queue a job: in launch order if due, else until its `run_at`."""
+        at = p.run_at(data)
         if at is not None and at > time.time():
-            heapq.heappush(self._timers, (at, entry.key, job_id))
+            self.add_later(job_id, data, at)
         else:
+            entry = self._entries[job_id] = Queued.of(data)
             heapq.heappush(self._order, (entry.key, job_id))
+
+    def add_later(self, job_id: str, data: dict[str, Any], at: float) -> None:
+        """Queue a job that waits until `at` (time.time()): back in order no sooner than
+        the next pass, even if `at` has passed meanwhile."""
+        entry = self._entries[job_id] = Queued.of(data)
+        heapq.heappush(self._timers, (at, entry.key, job_id))
 
     def hold(self, job_id: str, data: dict[str, Any]) -> None:
         """Keep a job queued, off the launch order: it waits for another job to end, and
@@ -144,11 +154,11 @@ class LaunchQueue:
 
     # -- the runners against the caps -------------------------------------------------
 
-    def started(self, job_id: str, kind: str) -> None:
+    def runner_started(self, job_id: str, kind: str) -> None:
         self._running_kind[job_id] = kind
         self._running_by_kind[kind] += 1
 
-    def ended(self, job_id: str) -> None:
+    def runner_gone(self, job_id: str) -> None:
         kind = self._running_kind.pop(job_id, None)
         if kind is not None:
             self._running_by_kind[kind] -= 1
