@@ -562,6 +562,38 @@ def _host() -> str:
     return os.uname().nodename
 
 
+def _other_runner(data: dict[str, Any]) -> str | None:
+    """The runner that runs this job now, in words, if it is another process than this
+    one (a supervisor launches only queued jobs: a running one was started before)."""
+    pid, host = data.get(p.F_PID), data.get(p.F_HOST)
+    if data.get(p.F_STATE) != p.JobState.RUNNING or not isinstance(pid, int) or pid <= 0:
+        return None
+    if isinstance(host, str) and host and host != _host():
+        return f"pid {pid} on {host}"
+    return f"pid {pid}" if pid != os.getpid() and _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    if sys.platform == "win32":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x100000, False, pid)  # SYNCHRONIZE
+        if not handle:
+            return False
+        try:
+            return bool(kernel32.WaitForSingleObject(handle, 0) == 0x102)  # WAIT_TIMEOUT
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another account's process
+    return True
+
+
 def run_job_file(path: str, execute: Execute, force: bool = False,
                  emit_key: str | None = None) -> int:
     try:
@@ -575,6 +607,11 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
     if data.get(p.F_STATE) in p.FINAL_STATES and not force:
         print(f"error: job {p.id_of(path)} has already finished ({data.get(p.F_STATE)}); "
               "pass --force to run it again", file=sys.stderr)
+        return EXIT_USAGE
+    runner = _other_runner(data)
+    if runner is not None:  # one writer per job file: a second runner would undo its states
+        print(f"error: job {p.id_of(path)} is running ({runner}); cancel it first "
+              f"(offload cancel {p.id_of(path)}) or wait for it to end", file=sys.stderr)
         return EXIT_USAGE
     try:
         p.sync_claim(path)  # nothing of the job runs before its claim is on disk

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -358,6 +359,22 @@ def test_over_ray_a_kind_may_be_installed_on_the_nodes_only(
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
+
+
+def test_a_waiting_job_edited_to_an_unknown_kind_fails_saying_so(make_server: MakeServer) -> None:
+    # Seen by the supervisor before the edit: its launch raised KeyError, a pass failed.
+    server = make_server()
+    with server.client() as client:
+        waiting = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0},
+                                                 "delay_s": 2}).json()
+        time.sleep(0.7)  # the supervisor has taken it on by now (its ring is at once)
+        path = server.data_dir / "jobs" / waiting["id"] / p.JOB_FILE
+        p.write_json(path, {**json.loads(path.read_text()), "kind": "nope"})
+        ended = wait_for(lambda: (lambda j: j if j["state"] in p.FINAL_STATES else None)(
+            client.get(f"/api/jobs/{waiting['id']}").json()), 30)
+    assert ended["state"] == "failed" and ended["error"]["message"] == "unknown job kind 'nope'"
+    said = (server.data_dir / "supervisor.log").read_text()
+    assert "pass failed" not in said and "Traceback" not in said, said
 
 
 def test_a_queued_job_edited_into_no_job_never_runs(make_server: MakeServer) -> None:

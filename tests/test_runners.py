@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -43,6 +44,27 @@ def test_job_file_runs_in_the_foreground(data_dir: Path) -> None:
     forced = run(["-m", "runners.sleep", "--job-file", str(store.path(job_id)), "--force"])
     assert forced.returncode == 0
     assert store.read(job_id)["pid"] != job["pid"]
+
+
+def test_a_job_running_is_not_run_again_by_hand(make_server: Callable[..., Any]) -> None:
+    # Two runners of one job wrote its file in turn: a final state undone, a cancel lost.
+    server = make_server()
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"kind": "sleep",
+                                             "input": {"seconds": 3, "steps": 30}}).json()
+        running = wait_for(lambda: (lambda j: j if j["state"] == "running" and j["pid"]
+                                    else None)(client.get(f"/api/jobs/{job['id']}").json()))
+        job_file = server.data_dir / "jobs" / job["id"] / "job.json"
+        for extra in ([], ["--force"]):
+            twice = run(["-m", "runners.sleep", "--job-file", str(job_file), *extra],
+                        env={"OFFLOAD_DATA_DIR": str(server.data_dir)})
+            assert twice.returncode == 2, twice.stderr
+            assert f"is running (pid {running['pid']})" in twice.stderr
+            assert f"offload cancel {job['id']}" in twice.stderr
+        assert client.delete(f"/api/jobs/{job['id']}").status_code == 200
+        ended = wait_for(lambda: (lambda j: j if j["state"] in p.FINAL_STATES else None)(
+            client.get(f"/api/jobs/{job['id']}").json()))
+    assert ended["state"] == "cancelled" and ended["pid"] == running["pid"]
 
 
 def test_missing_job_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -339,11 +339,7 @@ class Supervisor:
             return
         state = data.get(p.F_STATE)
         if state == p.JobState.QUEUED and not self._launched(job_id):
-            if self._hand_edited(job_id, data):
-                return
-            if not isinstance(data.get(p.F_KIND), str) or data[p.F_KIND] not in self.kinds:
-                self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
-                                    f"unknown job kind {data.get(p.F_KIND)!r}")
+            if self._hand_edited(job_id, data) or self._unknown_kind(job_id, data):
                 return
             self._enqueue(job_id, data)
             if len(self._read_now) < self._cap_now:  # no more can launch in a pass
@@ -443,7 +439,7 @@ class Supervisor:
             data = p.read_json_or_none(job_file)
         if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
             return None
-        if fresh and self._hand_edited(job_id, data):
+        if fresh and (self._hand_edited(job_id, data) or self._unknown_kind(job_id, data)):
             return None
         if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
             self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
@@ -505,6 +501,17 @@ class Supervisor:
             return False
         self._queue.discard(job_id)
         self._known_final_now(job_id)  # the jobs that depend on it fail
+        return True
+
+    def _unknown_kind(self, job_id: str, data: dict[str, Any]) -> bool:
+        """Whether a queued job's kind is none this supervisor runs (edited by hand, or a
+        kind since removed from OFFLOAD_KINDS): it fails, unstarted."""
+        kind = data.get(p.F_KIND)
+        if isinstance(kind, str) and kind in self.kinds:
+            return False
+        self._queue.discard(job_id)
+        self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.RUNNER,
+                            f"unknown job kind {kind!r}")
         return True
 
     def _blocker(self, job_id: str, data: dict[str, Any]) -> str | None:
