@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tempfile
+import urllib.parse
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -163,6 +164,15 @@ def _field_name(name: str) -> str:
     return name
 
 
+def _web_address(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0)
+    except ValueError:  # a port that is no number, say
+        return False
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a refused OFFLOAD_API_TOKEN is never printed.
     # No `inf` or `nan` for a number: `OFFLOAD_JOB_TIMEOUT_S=inf` started, and every job
@@ -289,6 +299,10 @@ class Settings(BaseSettings):
     def _credentials_encoded(cls, value: str | None) -> str | None:
         if value and misplaced_userinfo(value):
             raise ValueError(USERINFO_HELP)  # else they would be shown, and not sent
+        if value and not _web_address(value):  # never quoted: it may hold a password
+            raise ValueError("not an http:// or https:// address with a host; set it to an "
+                             "OpenAI-compatible API's, ending in /v1 (say "
+                             "http://127.0.0.1:8080/v1), or leave it unset for the embedded model")
         return value
 
     @field_validator("kind_caps")

@@ -99,6 +99,9 @@ ONE_VARIABLE = {
     # Each job of it was lost at its start.
     "kinds": ("OFFLOAD_KINDS", "x=nonexistent.module",
               "OFFLOAD_KINDS holds 'x=nonexistent.module', but no module 'nonexistent'"),
+    # It started, and logged the model's probe failing with a traceback every 5 s.
+    "llm": ("OPENAI_BASE_URL", "notaurl", "a setting is wrong (set in the environment or in "
+            ".env):\n  OPENAI_BASE_URL: Value error, not an http:// or https:// address"),
     # It started, and every job was lost at its runner's start.
     "endless": ("OFFLOAD_JOB_TIMEOUT_S", "inf",
                 "a setting is wrong (set in the environment or in .env):\n  "
@@ -110,7 +113,7 @@ ONE_VARIABLE = {
     ("uvicorn", "hosts"), ("uvicorn", "cors"), ("api_entry", "cors"), ("uvicorn", "ages"),
     ("uvicorn", "caps"), ("api_entry", "port"), ("supervisor", "hosts"),
     ("api_entry", "endless"), ("supervisor", "kinds"), ("api_entry", "file"),
-    ("supervisor", "file")])
+    ("supervisor", "file"), ("api_entry", "llm"), ("supervisor", "llm")])
 def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp_path: Path,
                                                      data_dir: Path) -> None:
     """Settings that stop the start are said as such, not as a traceback."""
