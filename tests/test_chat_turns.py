@@ -3,6 +3,7 @@ time per conversation: through the real server and supervisor, with a scripted L
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 from collections.abc import Callable
@@ -370,3 +371,38 @@ def test_two_chats_of_a_session_never_run_together_even_unchained(
             llm.gate.set()
     assert [job["state"] for job in done] == ["completed", "completed"]
     assert done[1]["started_at"] >= done[0]["finished_at"]
+
+
+def test_a_conversation_forgotten_twice_at_once_takes_no_turn_until_both_end(
+        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first erasure to end let turns in while the other still ran: each answered 200,
+    # then the other's next round erased it. The moment is scripted: no race is won on demand.
+    from jobs.api.service import BeingForgotten, JobService
+    from jobs.settings import get_settings
+    from jobs.store.job_store import JobStore
+
+    store = JobStore(data_dir / "jobs")
+    service = JobService(get_settings(), store)
+    held, release = threading.Event(), threading.Event()
+    looks = store.session_jobs
+
+    def first_look_waits(session_id: str) -> list[dict[str, Any]]:
+        if not held.is_set():  # the first erasure, still at its first round
+            held.set()
+            release.wait(30)
+        return looks(session_id)
+
+    monkeypatch.setattr(store, "session_jobs", first_look_waits)
+    turn = {"messages": [{"role": "user", "content": "hi"}], "session_id": "mine"}
+
+    async def both() -> dict[str, Any]:
+        slow = asyncio.create_task(service.erase_session("mine"))
+        await asyncio.to_thread(held.wait, 30)
+        assert await service.erase_session("mine") == (0, [])  # the second ends first
+        with pytest.raises(BeingForgotten):
+            await service.submit("chat", dict(turn), None)
+        release.set()
+        assert await slow == (0, [])
+        return await service.submit("chat", dict(turn), None)  # both ended: taken
+
+    assert asyncio.run(both())[p.F_STATE] == p.JobState.QUEUED

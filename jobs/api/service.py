@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -169,7 +170,8 @@ class JobService:
         # these (picked by the session): two submissions of one session through this
         # worker never both follow the same job, and other sessions seldom wait.
         self._turn_locks = [threading.Lock() for _ in range(TURN_LOCKS)]
-        self._forgetting: set[str] = set()  # sessions being erased: no new turn meanwhile
+        # Sessions being erased, by how many erasures run: no new turn until all have ended.
+        self._forgetting: Counter[str] = Counter()
         self._unwritable: tuple[float, str] | None = None  # the last failed write: when, why
 
     # -- the data folder's health --------------------------------------------------------
@@ -621,7 +623,7 @@ class JobService:
         worker took is found by the next round. The number erased, and the turns still
         stopping (kept)."""
         with self._turn_lock(session_id):
-            self._forgetting.add(session_id)
+            self._forgetting[session_id] += 1
         erased = 0
         try:
             for _ in range(ERASE_ROUNDS):
@@ -641,7 +643,9 @@ class JobService:
             return erased, []
         finally:
             with self._turn_lock(session_id):
-                self._forgetting.discard(session_id)
+                self._forgetting[session_id] -= 1
+                if self._forgetting[session_id] <= 0:
+                    del self._forgetting[session_id]
 
 
 def _fits(admit: Callable[[], None]) -> bool:
