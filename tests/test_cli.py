@@ -3,6 +3,7 @@ or `python -m jobs`) against a real server."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -781,11 +782,11 @@ def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
             for args in (["status"], ["list"], ["show", job_id], ["submit", "sleep"],
                          ["cancel", job_id], ["schedules"], ["pause"], ["parallel"],
                          ["parallel", "2"], ["list", "--all"]):
-                done = cli(url, *args)
-                assert done.returncode in (0, 7), (answer, args, done.stdout, done.stderr)
-                if done.returncode == 7:  # another program, or an older Offload
-                    assert ("is it Offload?" in done.stderr
-                            or "this server is older" in done.stderr), done
+                done = cli(url, *args)  # was 0 for some: `pause` said "queue running"
+                assert done.returncode == 7, (answer, args, done.stdout, done.stderr)
+                # another program, or an older Offload
+                assert ("is it Offload?" in done.stderr
+                        or "this server is older" in done.stderr), done
         other.answer = {"id": job_id, "state": "running"}  # type: ignore[attr-defined]
         for args in (["log", job_id, "--follow"], ["submit", "sleep", "--wait"]):
             done = cli(url, *args)
@@ -796,6 +797,68 @@ def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
             assert done.stderr == (f"offload: HTTP 404 File not found at {url}/elsewhere: is "
                                    "that Offload's address (as http://HOST:PORT, without "
                                    "/api)?\n"), done
+
+
+def test_another_programs_ok_to_everything_is_no_job_nor_queue_nor_log() -> None:
+    """A server that answers 200 and the same thing to every request: JSON that is no job
+    (`{"id": 5, ...}`), or a page. Before: `submit` and `retry` printed 5, `show` junk,
+    `pause` and `resume` "queue running", `schedules` "no schedules", `log` the page; all
+    exit 0."""
+    from http.server import ThreadingHTTPServer
+
+    from tests.http_fake import JSONHandler, ScriptedServer
+
+    class OkToAll(JSONHandler):
+        def do_GET(self) -> None:
+            body, kind = self.server.fake.answer  # type: ignore[attr-defined]
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_PUT = do_DELETE = do_GET
+
+    job_id = "0123456789abcdef" * 2
+    page = (b"<!doctype html><html><body>It works!</body></html>", "text/html; charset=utf-8")
+    on_jobs = [["submit", "sleep"], ["submit", "sleep", "--wait"], ["retry", job_id],
+               ["show", job_id], ["wait", job_id], ["list"], ["cancel", job_id]]
+    on_queue = [["pause"], ["resume"], ["pause", "nightly"], ["resume", "nightly"],
+                ["schedules"]]
+    every = [*on_jobs, *on_queue, ["log", job_id]]
+    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), OkToAll)) as other:
+        url = f"http://127.0.0.1:{other.port}"
+        for answer, commands in (
+                ((b'{"id": 5, "status": "ok"}', "application/json"),
+                 every + [[*args, "--json"] for args in every]),
+                (page, every),
+                ((json.dumps({"id": job_id, "status": "ok"}).encode(), "application/json"),
+                 on_jobs),  # an id, no state
+                ((b'{"id": "Job-5", "state": "queued"}', "application/json"), on_jobs),
+                ((b'{"paused": "no", "name": 5, "schedules": [5]}', "application/json"),
+                 on_queue)):
+            other.answer = answer  # type: ignore[attr-defined]
+            with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+                runs = list(pool.map(lambda args: cli(url, *args), commands))
+            for args, done in zip(commands, runs, strict=True):
+                said = (answer[0][:30], args, done.stdout, done.stderr)
+                assert done.returncode == 7, said
+                # cancel's --json: the jobs cancelled, none (each failure on stderr)
+                assert done.stdout == ("[]\n" if args[0] == "cancel" and "--json" in args
+                                       else ""), said
+                assert done.stderr.startswith("offload: "), said
+                assert done.stderr.endswith(": is it Offload?\n"), said
+                assert done.stderr.count("\n") == 1, said
+        other.answer = (b'{"id": 5}', "application/json")  # type: ignore[attr-defined]
+        done = cli(url, "submit", "sleep")
+        assert done.stderr == (f"offload: the answer from {url} is not shaped as Offload's "
+                               "(a job expected, its 'id' is 5): is it Offload?\n"), done
+        other.answer = (b"a log line\n", "application/json")  # type: ignore[attr-defined]
+        done = cli(url, "log", job_id)
+        assert (done.returncode, done.stdout) == (7, ""), done
+        assert done.stderr == (f"offload: the answer from {url} is not shaped as Offload's "
+                               "(application/json where a log is text/plain): is it "
+                               "Offload?\n"), done
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP")

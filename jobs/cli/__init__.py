@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 from jobs.cli.client import (
     EXIT_INTERRUPTED,
     EXIT_OK,
-    EXIT_SERVER,
     EXIT_USAGE,
     Client,
     Failure,
     configured,
+    not_offload,
 )
 from jobs.cli.commands import (
     ENDED,
@@ -231,9 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         # JSON of another shape than Offload's: another program answers at that address.
         sys.stdout.flush()
         where = client.url if client is not None else "the server"
-        sys.stderr.write(f"offload: the answer from {where} is not shaped as Offload's "
-                         f"({type(exc).__name__}: {str(exc)[:100]}): is it Offload?\n")
-        return EXIT_SERVER
+        said = not_offload(where, f"{type(exc).__name__}: {exc}")
+        sys.stderr.write(f"offload: {said.message}\n")
+        return said.code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:

@@ -12,6 +12,7 @@ import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
+from jobs import protocol as p
 from jobs.protocol import trust
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ BATCH_JOB_S = 0.1
 # How Offload's 404s for a job or a schedule begin; any other 404 (its catch-all's "no API
 # route", a page another server has not) says the address is not Offload's.
 OFFLOADS_404S = ("no job with id", "no schedule named")
+JOB_STATES = frozenset(state.value for state in p.JobState)
 
 
 class Failure(Exception):
@@ -52,6 +54,35 @@ class Failure(Exception):
         self.message = message
         self.status = status  # the server's HTTP status, where it answered one
         self.answer = answer or {}  # and its JSON
+
+
+def not_offload(url: str, why: str) -> Failure:
+    """What answers at `url` is another program (or answers of another shape): said so,
+    exit 7. `why`: what about its answer is not Offload's."""
+    return Failure(EXIT_SERVER, f"the answer from {url} is not shaped as Offload's "
+                                f"({why[:100]}): is it Offload?")
+
+
+def offload_shaped(url: str, answer: Any, what: str, **fields: type) -> dict[str, Any]:
+    """`answer` if it is a JSON object with each of `fields` of its type (what a command
+    prints from it), else `not_offload`: `what` names what was asked for."""
+    if not isinstance(answer, dict):
+        raise not_offload(url, f"{what} expected, {type(answer).__name__} given")
+    for name, kind in fields.items():
+        if not isinstance(answer.get(name), kind):
+            raise not_offload(url, f"{what} expected, its {name!r} is {answer.get(name)!r}")
+    return answer
+
+
+def offload_job(url: str, answer: Any) -> dict[str, Any]:
+    """`answer` if it is a job as Offload gives one (its id, a known state), else
+    `not_offload`: `{"id": 5, "status": "ok"}` is no job to print the id of."""
+    job = offload_shaped(url, answer, "a job", **{p.F_ID: str})
+    if not p.is_valid_id(job[p.F_ID]):
+        raise not_offload(url, f"a job expected, its id is {job[p.F_ID][:40]!r}")
+    if job.get(p.F_STATE) not in JOB_STATES:
+        raise not_offload(url, f"a job expected, its state is {job.get(p.F_STATE)!r}")
+    return job
 
 
 class Unreachable(Failure):
@@ -185,8 +216,19 @@ class Client:
         with self._open(method, path, body, timeout, headers) as response:
             return self._read_json(response)
 
+    def job(self, method: str, path: str, body: Any = None,
+            headers: dict[str, str] | None = None,
+            timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        """`call` for an answer that is one job: checked to be Offload's (`offload_job`)."""
+        return offload_job(self.url, self.call(method, path, body, headers, timeout))
+
     def text(self, path: str) -> str:
+        """A text/plain answer (a job's log), as the API's PlainTextResponse sends it."""
         with self._open("GET", path) as response:
+            kind = response.getheader("Content-Type") or ""
+            if kind.split(";")[0].strip().lower() != "text/plain":
+                raise not_offload(self.url, f"{kind[:40] or 'no Content-Type'} where a log "
+                                            "is text/plain")
             try:
                 return str(response.read().decode("utf-8", "replace"))
             except (OSError, http.client.HTTPException) as exc:

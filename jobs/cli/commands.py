@@ -26,6 +26,7 @@ from jobs.cli.client import (
     Failure,
     Unreachable,
     job_path,
+    offload_job,
 )
 from jobs.cli.follow import follow, until_ended
 from jobs.cli.show import (
@@ -110,7 +111,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         if (args.before or args.all) and "next_before" not in page:
             raise Failure(EXIT_SERVER, "this server is older: it lists no further than its "
                                        "newest 1000 jobs; leave out --before and --all")
-        jobs += page["jobs"]
+        jobs += [offload_job(client.url, job) for job in page["jobs"]]
         before = page.get("next_before")
         if not (args.all and before):
             break
@@ -153,7 +154,7 @@ def known_kind(client: Client, kind: str | None) -> None:
 
 
 def cmd_show(client: Client, args: argparse.Namespace) -> int:
-    job = client.call("GET", f"/api/jobs/{job_path(args.id)}")
+    job = client.job("GET", f"/api/jobs/{job_path(args.id)}")
     if args.json:
         print_json(job)
     else:
@@ -169,7 +170,7 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
 def _wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:
     # An unknown id exits 5 before any wait; a job ended already is kept as it is now
     # (by the end of a long wait for another, it may have been pruned).
-    finals = [client.call("GET", f"/api/jobs/{job_id}") for job_id in ids]
+    finals = [client.job("GET", f"/api/jobs/{job_id}") for job_id in ids]
     for n, job in enumerate(finals):
         if job.get(p.F_STATE) not in p.FINAL_STATES:
             finals[n] = until_ended(client, ids[n])
@@ -373,7 +374,7 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     if args.inputs is None:
         body["input"] = parse_input(args.input if args.input is not None else "{}")
         headers = {"Idempotency-Key": args.key} if args.key else None
-        return wait_and_report(client, client.call("POST", "/api/jobs", body, headers), args)
+        return wait_and_report(client, client.job("POST", "/api/jobs", body, headers), args)
     return _submit_batch(client, body, args)
 
 
@@ -415,7 +416,7 @@ def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace
                 "send the batch again with the same Idempotency-Key to store the rest",
                 f"run the same command again with --key {key} to store the rest")
         raise
-    ids = [str(job[p.F_ID]) for job in jobs]
+    ids = [offload_job(client.url, job)[p.F_ID] for job in jobs]
     if not args.wait:
         if args.json:
             print_json(jobs)

@@ -65,9 +65,9 @@ def until_ended(client: Client, job_id: str) -> dict[str, Any]:
         asked = time.monotonic()
         try:
             try:
-                job: dict[str, Any] | None = dict(client.call(
+                job: dict[str, Any] | None = client.job(
                     "GET", f"/api/jobs/{job_path(job_id)}?wait_s={WAIT_S}",
-                    timeout=WAIT_S + REQUEST_TIMEOUT_S))
+                    timeout=WAIT_S + REQUEST_TIMEOUT_S)
             except Failure as exc:
                 if exc.status != 503:
                     raise
@@ -76,7 +76,7 @@ def until_ended(client: Client, job_id: str) -> dict[str, Any]:
                 return job
             if job is None or time.monotonic() - asked < WAIT_S / 2:
                 follow(client, job_id, lambda event, job: None)
-                return dict(client.call("GET", f"/api/jobs/{job_path(job_id)}"))  # in full
+                return client.job("GET", f"/api/jobs/{job_path(job_id)}")  # in full
             dropped_at = None
         except Unreachable:
             now = time.monotonic()  # from the failure: a request can take WAIT_S to fail
@@ -109,7 +109,7 @@ def _events_or_reads(client: Client, job_id: str, after: str | None,
             raise
     until = time.monotonic() + STREAM_AGAIN_S
     while True:
-        now = dict(client.call("GET", f"/api/jobs/{job_path(job_id)}"))
+        now = client.job("GET", f"/api/jobs/{job_path(job_id)}")
         fields = {k: v for k, v in now.items() if k != p.F_OUTPUT and job.get(k) != v}
         fields.update(p.output_change(job, now) if p.F_OUTPUT in job
                       else {p.F_OUTPUT: str(now.get(p.F_OUTPUT) or "")})

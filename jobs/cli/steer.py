@@ -27,6 +27,7 @@ from jobs.cli.client import (
     Client,
     Failure,
     job_path,
+    offload_shaped,
 )
 from jobs.cli.commands import ENDED, LIST_MAX, known_kind, parse_input, wait_and_report
 from jobs.cli.show import cap_said, kind_caps_said, print_json, table, when
@@ -38,7 +39,7 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
         body["input"] = parse_input(args.input)
     if args.timeout is not None:
         body["timeout_s"] = args.timeout
-    job = client.call("POST", f"/api/jobs/{job_path(args.id)}/rerun", body or None)
+    job = client.job("POST", f"/api/jobs/{job_path(args.id)}/rerun", body or None)
     return wait_and_report(client, job, args)
 
 
@@ -58,8 +59,8 @@ def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     def cancel(job_id: str) -> Any:
-        job = client.call("DELETE", f"/api/jobs/{job_path(job_id)}")
-        state = job[p.F_STATE]  # another shape: a KeyError or TypeError, told as not Offload
+        job = client.job("DELETE", f"/api/jobs/{job_path(job_id)}")
+        state = job[p.F_STATE]
         if state not in p.FINAL_STATES:  # the server's wait ended first: not done yet
             raise Failure(EXIT_SERVER, f"{job_id}: cancel asked, but the job is still {state} "
                           "after the server's wait: is the supervisor running (offload "
@@ -162,7 +163,9 @@ def cmd_resume(client: Client, args: argparse.Namespace) -> int:
 def _steer(client: Client, args: argparse.Namespace, action: str) -> int:
     """Pause or resume the queue (no name) or one schedule."""
     if args.schedule is None:
-        answer = client.call("POST", f"/api/queue/{action}")
+        # Its `paused` alone: a server before the queue's caps answered nothing else.
+        answer = offload_shaped(client.url, client.call("POST", f"/api/queue/{action}"),
+                                "the queue", paused=bool)
         said = "paused: queued jobs wait" if answer.get("paused") else "running"
         what = f"queue {said}"
     else:
@@ -170,7 +173,9 @@ def _steer(client: Client, args: argparse.Namespace, action: str) -> int:
             raise Failure(EXIT_NOT_FOUND, f"no schedule is named {args.schedule!r}; "
                           "see them with: offload schedules")
         name = urllib.parse.quote(args.schedule, safe="")
-        answer = client.call("POST", f"/api/schedules/{name}/{action}")
+        answer = offload_shaped(client.url,
+                                client.call("POST", f"/api/schedules/{name}/{action}"),
+                                "a schedule", name=str, paused=bool)
         what = f"schedule {answer.get('name')} {'paused' if answer.get('paused') else 'running'}"
     if args.json:
         print_json(answer)
@@ -214,7 +219,10 @@ def _runners(text: str) -> int:
 
 
 def cmd_schedules(client: Client, args: argparse.Namespace) -> int:
-    answer = client.call("GET", "/api/schedules")
+    answer = offload_shaped(client.url, client.call("GET", "/api/schedules"), "the schedules",
+                            schedules=list)
+    for each in answer["schedules"]:
+        offload_shaped(client.url, each, "a schedule", name=str, kind=str)
     code = EXIT_SERVER if answer.get("error") else EXIT_OK  # the schedules run as last read
     if args.json:
         print_json(answer)
