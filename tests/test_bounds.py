@@ -105,6 +105,17 @@ def test_a_full_queue_that_is_paused_says_to_resume_it(make_server: MakeServer) 
         assert client.post("/api/jobs", json=QUICK).status_code == 202
 
 
+def test_one_job_after_another_cannot_pass_the_queued_limit(make_server: MakeServer) -> None:
+    # Admitted on the index snapshot's counts (up to 0.25 s old), 8 of 100 got in at 5.
+    server = make_server(env={"OFFLOAD_MAX_QUEUED": "5"})
+    with server.client() as client:
+        assert client.post("/api/queue/pause").json()["paused"] is True
+        _counted(client, lambda counts: counts["queued"] == 0)  # a fresh snapshot
+        answers = [client.post("/api/jobs", json=QUICK).status_code for _ in range(20)]
+        assert answers == [202] * 5 + [429] * 15, answers
+        assert len(client.get("/api/jobs").json()["jobs"]) == 5
+
+
 def test_a_queue_emptied_a_moment_ago_takes_a_job(make_server: MakeServer) -> None:
     """The index snapshot may still count a job that left the queue a moment ago: a
     submission refused on it would be a 429 with room in the queue (fails when the

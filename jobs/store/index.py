@@ -151,6 +151,10 @@ class JobIndex:
         self._recent_kept = RECENT_KEPT
         self._refreshed_at: float | None = None
         self._snapshot: tuple[float, list[dict[str, Any]], Load] | None = None
+        # The jobs this process stored that the last refresh did not list yet (by when):
+        # the snapshot's load counts them queued, so that a client sending one job after
+        # another cannot pass a limit on it.
+        self._unlisted: dict[str, float] = {}
         # The queue's positions, as of a refresh (`_refreshed_at`): computed once for the
         # many reads of queued jobs that a refresh serves.
         self._positions: tuple[float | None, dict[str, int]] = (None, {})
@@ -201,6 +205,10 @@ class JobIndex:
         load that `cached_overview` and `cached_load` answer from without the lock."""
         with self._lock:
             self._refresh(0.0)
+            now = time.monotonic()
+            for job_id, stored_at in list(self._unlisted.items()):
+                if job_id in self._entries or now - stored_at > RELIST_S:  # listed, or gone
+                    self._unlisted.pop(job_id, None)
             jobs = self._newest(None, None, SNAPSHOT_JOBS)
             # Copying the finish times is a memcpy: about 20 microseconds at 20,000 jobs.
             load = Load(dict(self._counts), self._finished[:])
@@ -223,7 +231,16 @@ class JobIndex:
         snapshot = self._snapshot
         if snapshot is None or time.monotonic() - snapshot[0] > max_age_s:
             return None
-        return snapshot[2]
+        load, unlisted = snapshot[2], len(self._unlisted)
+        if not unlisted:
+            return load
+        queued = p.JobState.QUEUED.value
+        return Load({**load.counts, queued: load.counts.get(queued, 0) + unlisted},
+                    load.finished)
+
+    def stored(self, job_id: str) -> None:
+        """A job this process stored: counted in `cached_load` until a refresh lists it."""
+        self._unlisted[job_id] = time.monotonic()
 
     def queue_position(self, job_id: str, max_age_s: float = 0.0) -> int | None:
         """Its place in the queue, counted at most `max_age_s` ago (a job queued since

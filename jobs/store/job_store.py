@@ -86,6 +86,7 @@ class JobStore(JobIndex):
                 shutil.rmtree(path.parent, ignore_errors=True)
             reason = exc.strerror or exc
             raise StoreUnavailable(f"cannot store the job in {self.dir}: {reason}") from exc
+        self.stored(job_id)
         # In place now: the supervisor may start it at once, so it is the caller's job even
         # if the disk then fails to sync its folders (a "not stored" made retries run twice).
         if on_stored is not None:
