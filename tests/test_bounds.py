@@ -197,6 +197,26 @@ def test_the_job_cap_never_prunes_a_fresh_result(make_server: MakeServer,
         assert accepted.status_code == 202, accepted.text
 
 
+def test_a_kept_dependency_does_not_keep_the_store_over_its_cap(
+        make_server: MakeServer) -> None:
+    # It took a pruning slot and none went in its place: the cap plus one kept for good,
+    # and a prune every PRUNE_OVER_CAP_S.
+    server = make_server(env={"OFFLOAD_MAX_JOBS": "5", "OFFLOAD_MIN_RETENTION_S": "0"})
+    jobs = server.data_dir / "jobs"
+    with server.client() as client:
+        done = [client.post("/api/jobs", json=QUICK).json()["id"] for _ in range(5)]
+        for job_id in done:
+            _final(client, job_id)
+        assert client.post("/api/queue/pause").json()["paused"] is True
+        later = client.post("/api/jobs", json={**QUICK, "depends_on": done[0]}).json()["id"]
+        queued = [client.post("/api/jobs", json=QUICK).json()["id"] for _ in range(3)]
+        # 9 kept: the 4 queued stay, and the dependency; 4 finished ones go.
+        wait_for(lambda: len(os.listdir(jobs)) <= 5, 30, 0.2, "pruning to the cap")
+        assert set(os.listdir(jobs)) == {done[0], later, *queued}
+        assert client.post("/api/queue/resume").json()["paused"] is False
+        assert _final(client, later)["state"] == "completed"
+
+
 def test_the_index_knows_what_may_be_pruned(data_dir: Path) -> None:
     store = JobStore(data_dir / "jobs")
     old = write_finished_jobs(store.dir, 3)  # an hour ago

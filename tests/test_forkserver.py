@@ -543,3 +543,15 @@ def test_a_request_line_reaches_its_child_whole_or_not_at_all(tmp_path: Path) ->
         signal.signal(signal.SIGUSR1, previous)
     received, _ = child.communicate(timeout=30)
     assert received == (line + b"\n" if handed else b""), (handed, len(received))
+
+
+def test_a_fork_server_whose_supervisor_left_before_it_was_ready_leaves_quietly() -> None:
+    # Its "ready" to a closed pipe was a BrokenPipeError traceback in supervisor.out.
+    with subprocess.Popen([sys.executable, "-m", "jobs.launch.forkserver"], cwd=ROOT,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the supervisor is gone while the server imports the runners
+        said = proc.stderr.read().decode(errors="replace")
+        code = proc.wait(60)
+    assert code == 0 and "Traceback" not in said, said

@@ -92,8 +92,14 @@ def main() -> int:
     # The protocol leaves fds 0 and 1, so a stray print cannot corrupt it.
     requests, replies = os.dup(0), os.dup(1)
     os.dup2(2, 1)
-    _send(replies, {"ready": os.getpid()})
-    request = _serve(requests, replies, project_files())
+    server = os.getpid()
+    try:
+        _send(replies, {"ready": server})
+        request = _serve(requests, replies, project_files())
+    except BrokenPipeError:
+        if os.getpid() != server:
+            raise  # a child's answer: as any runner's failure
+        return 0  # the supervisor is gone (its runners run on): nobody to tell anything
     if request is None:
         return 0
     # Only a forked child gets here, with the server's frames gone from its stack.

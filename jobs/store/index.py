@@ -303,14 +303,16 @@ class JobIndex:
             return [each for _, each in needing if each != job_id]
 
     def prunable(self, cutoff: float, max_jobs: int | None,
-                 young: float = math.inf) -> set[str]:
+                 young: float = math.inf, keep: frozenset[str] | set[str] = frozenset()
+                 ) -> set[str]:
         """Finished jobs that finished before `cutoff`, then the oldest finished ones
-        beyond `max_jobs` jobs in all; never one that finished at `young` or later."""
+        beyond `max_jobs` jobs in all; never one that finished at `young` or later, nor
+        one in `keep` (the next oldest goes in its place)."""
         with self._lock:
             self._refresh(0.0)
             self._drop_removed_from_order()
             finished = [i for i in self._order_ids if self._entries[i].state in p.FINAL_STATES
-                        and self._entries[i].finished_ts < young]
+                        and self._entries[i].finished_ts < young and i not in keep]
             doomed = {job_id for job_id in finished
                       if self._entries[job_id].finished_ts < cutoff}
             if max_jobs is not None:

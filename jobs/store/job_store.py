@@ -127,8 +127,8 @@ class JobStore(JobIndex):
         one that finished less than `min_retention_s` ago (its client may be polling),
         nor one in `keep`."""
         now = now if now is not None else time.time()
-        doomed = self.prunable(now - retention_s, max_jobs, now - min_retention_s)
-        doomed -= keep or set()
+        doomed = self.prunable(now - retention_s, max_jobs, now - min_retention_s,
+                               keep or set())
         doomed |= self._abandoned()
         for job_id in doomed:
             self.remove(job_id)
