@@ -458,3 +458,28 @@ def test_a_job_set_aside_for_its_kinds_cap_starts_when_the_one_sent_back_never_d
         assert client.delete(f"/api/jobs/{given}").json()["state"] == "cancelled"
         client.post("/api/queue/resume")
         assert wait_job(client, after, timeout=30)["state"] == "completed"
+
+
+def test_a_job_its_kinds_cap_holds_back_is_not_shown_next(make_server: MakeServer) -> None:
+    # It showed 0, "next", while a job of another kind queued behind it started first.
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1", "OFFLOAD_KIND_CAPS": "sleep=1",
+                              "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    with server.client() as client:
+        busy = submit(client, input={"seconds": 60})
+        wait_for(lambda: client.get(f"/api/jobs/{busy['id']}").json()["state"] == "running",
+                 30, 0.05, "the sleep cap taken")
+        held = submit(client, input={"seconds": 0}, priority=20)  # ahead of the chat (10)
+        chat = submit(client, "chat", input=QUESTION)
+
+        def position(job: dict[str, Any]) -> Any:
+            return client.get(f"/api/jobs/{job['id']}").json()["queue_position"]
+
+        wait_for(lambda: position(chat) == 0, 30, 0.1, "the chat next")
+        assert position(held) is None
+        # A cap raised while running gives it its place again.
+        assert client.put("/api/queue/cap", json={"kind": "sleep",
+                                                  "max_concurrent": 2}).status_code == 200
+        wait_for(lambda: position(held) == 0, 30, 0.1, "the sleep job's place")
+        assert position(chat) == 1
+        for job in (busy, held, chat):
+            client.delete(f"/api/jobs/{job['id']}")

@@ -53,7 +53,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics = MetricsReader(Path(p.metrics_file(settings.data_dir)),
                             HISTORY_KEEP_S, HISTORY_SAMPLE_S)
     app.state.settings = settings
-    app.state.service = JobService(settings, JobStore(settings.jobs_dir), metrics)
+    store = JobStore(settings.jobs_dir, settings.kind_cap_map)
+    app.state.service = JobService(settings, store, metrics)
     app.state.metrics = metrics
     app.state.predictor = Predictor(settings.data_dir, metrics)
     app.state.llm = LLMStatus(settings)

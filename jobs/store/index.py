@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from jobs import protocol as p
 from jobs.models import Job
+from jobs.protocol import control
 
 SETTLE_S = 5.0  # a finished job file this long unchanged is never looked at again
 DIR_SETTLE_S = 0.1  # a folder listing is trusted once the folder's mtime is this old
@@ -129,8 +130,11 @@ class JobIndex:
     """Jobs newest first, counts by state, queue positions, sessions, what to prune;
     safe to use from several threads."""
 
-    def __init__(self, jobs_dir: Path) -> None:
+    def __init__(self, jobs_dir: Path, kind_caps: dict[str, int] | None = None) -> None:
         self.dir = jobs_dir
+        # OFFLOAD_KIND_CAPS (those set while running, in `queue.cap`, go over them): a job
+        # its kind's cap holds back has no place in the queue, as the supervisor sets it aside.
+        self.kind_caps = dict(kind_caps or {})
         self._lock = threading.Lock()  # routes use the store from several worker threads
         self._listing = DirListing(jobs_dir)
         self._entries: dict[str, _Entry] = {}
@@ -551,19 +555,36 @@ class JobIndex:
         return selected
 
     def _queue_positions(self) -> dict[str, int]:
-        counted_at, positions = self._positions
+        counted_at, counted = self._positions
         if counted_at is not None and counted_at == self._refreshed_at:
-            return positions
+            return counted
         # The supervisor's order: due jobs by priority, then submission; then the jobs
-        # not due yet, soonest first. One waiting for another job has none.
+        # not due yet, soonest first. One waiting for another job has none, nor one its
+        # kind's cap holds back (beyond the room its kind has now).
         now = time.time()
-        queued = sorted(_launch_order(live.data, now) for i in self._watched
+        queued = sorted((_launch_order(live.data, now), str(live.data.get(p.F_KIND)))
+                        for i in self._watched
                         if (live := self._entries[i].live) is not None
                         and self._entries[i].state == p.JobState.QUEUED
                         and not self._waits_for_another(live.data))
-        positions = {order[-1]: n for n, order in enumerate(queued)}
+        room = {kind: cap - self._live_counts.get((kind, p.JobState.RUNNING.value), 0)
+                for kind, cap in self._kind_caps_now().items()}
+        positions: dict[str, int] = {}
+        for order, kind in queued:
+            if kind in room:
+                if room[kind] <= 0:
+                    continue
+                room[kind] -= 1
+            positions[order[-1]] = len(positions)
         self._positions = (self._refreshed_at, positions)
         return positions
+
+    def _kind_caps_now(self) -> dict[str, int]:
+        try:
+            _, set_now = control.queue_caps(self.dir.parent)
+        except OSError:  # out of file handles, say: the settings' caps meanwhile
+            set_now = {}
+        return {**self.kind_caps, **set_now}
 
 
     def _waits_for_another(self, job: dict[str, Any]) -> bool:
