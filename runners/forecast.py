@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -51,10 +52,33 @@ def windows(values: np.ndarray, lags: int) -> tuple[np.ndarray, np.ndarray]:
     return x, values[lags:]
 
 
+def check(model: dict[str, Any]) -> int:
+    """The model's `lags`, once its numbers are all there and finite, `lags + 1` weights
+    a series; else ValueError. Before anything is sized by `lags`: a file edited by hand
+    to lags 10^9 had the API allocate gigabytes, and a NaN in it forecast zeros."""
+    lags = model["lags"]
+    if isinstance(lags, float) and lags.is_integer():
+        lags = int(lags)
+    if isinstance(lags, bool) or not isinstance(lags, int) or lags < 1:
+        raise ValueError(f"lags is {lags!r}, not a whole number of at least 1")
+    for name in SERIES:
+        params = model["series"][name]
+        weights = params["weights"]
+        if not isinstance(weights, list) or len(weights) != lags + 1:
+            raise ValueError(f"{name} has no list of lags + 1 = {lags + 1} weights")
+        numbers = [*weights, params["mean"], params["std"]]
+        # Compared, not math.isfinite: an int too large for a float (10**400) is no number.
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                   and abs(x) <= sys.float_info.max for x in numbers) or params["std"] <= 0:
+            raise ValueError(f"{name} has a weight, mean or std that is no finite float, "
+                             "or a std not above 0")
+    return lags
+
+
 def predict(model: dict[str, Any], recent: dict[str, list[float]], horizon: int
             ) -> dict[str, list[float]]:
     """Roll the model forward `horizon` steps from the most recent samples."""
-    lags = int(model["lags"])
+    lags = check(model)
     out: dict[str, list[float]] = {}
     for name in SERIES:
         params = model["series"][name]

@@ -144,6 +144,58 @@ def test_predict_serves_the_latest_model(data_dir: Path,
         assert client.get("/api/predict").json()["version"] == 2
 
 
+def _peak_rss_mb(pid: int) -> float | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None  # no /proc: the answer alone is checked
+    return next(int(line.split()[1]) / 1024 for line in status.splitlines()
+                if line.startswith("VmHWM:"))
+
+
+def test_a_model_edited_by_hand_is_said_to_be_damaged(
+        data_dir: Path, make_server: Callable[..., Server]) -> None:
+    # lags 10^9 had the API build a list of that many zeros (OOM-killed at ~23 GB), and
+    # NaN or infinite numbers forecast zeros with a 200.
+    record_history(data_dir)
+    server = make_server()
+    assert server.proc is not None
+    with server.client() as client:
+        assert _train(client, epochs=2)["state"] == "completed"
+        assert client.get("/api/predict").status_code == 200
+        models = data_dir / "models"
+        sound = json.loads((models / "forecast-v1.json").read_text())
+
+        def damaged(change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+            model: dict[str, Any] = json.loads(json.dumps(sound))
+            change(model)
+            version = forecast.latest_version(str(data_dir)) + 1
+            name = f"forecast-v{version}.json"
+            (models / name).write_text(json.dumps(model))
+            (models / "latest.json").write_text(json.dumps({"version": version, "file": name}))
+            return model
+
+        before = _peak_rss_mb(server.proc.pid)
+        for change in (lambda m: m.update(lags=10**8), lambda m: m.update(lags=31),
+                       lambda m: m.update(lags=30.5), lambda m: m.update(lags=True),
+                       lambda m: m["series"]["cpu"]["weights"].__setitem__(3, math.nan),
+                       lambda m: m["series"]["mem"]["weights"].__setitem__(0, math.inf),
+                       lambda m: m["series"]["cpu"].update(mean=-math.inf),
+                       lambda m: m["series"]["mem"].update(std=math.nan),
+                       lambda m: m["series"]["mem"].update(std=0.0),
+                       lambda m: m["series"]["cpu"].update(mean="40"),
+                       lambda m: m["series"]["cpu"]["weights"].__setitem__(1, 10**400)):
+            model = damaged(change)
+            answer = client.get("/api/predict")
+            assert answer.status_code == 409, (model["lags"], answer.text)
+            assert "cannot be read: train one again" in answer.json()["detail"]
+        after = _peak_rss_mb(server.proc.pid)
+        if before is not None and after is not None:
+            assert after - before < 200, f"the API grew by {after - before:.0f} MB"
+        damaged(lambda m: None)
+        assert client.get("/api/predict").status_code == 200
+
+
 def test_cancelling_a_training_keeps_the_previous_model(
         data_dir: Path, make_server: Callable[..., Server]) -> None:
     record_history(data_dir)
