@@ -411,7 +411,9 @@ class _Stopper:
             sig = getattr(signal, name, None)
             if sig is not None:
                 signal.signal(sig, self._on_signal)
-        if timeout_s and timeout_s > 0:
+        # Past what a timer takes (1e308 by hand: OverflowError, the job lost), no deadline
+        # is near enough to keep: the job runs without one, as with none set.
+        if timeout_s and 0 < timeout_s <= threading.TIMEOUT_MAX:
             if sys.platform != "win32":
                 signal.signal(signal.SIGALRM, self._on_deadline)
                 signal.setitimer(signal.ITIMER_REAL, timeout_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -113,6 +114,20 @@ def test_a_deadline_that_passes_at_once_is_a_timeout(data_dir: Path) -> None:
     assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
     job = store.read(job_id)
     assert job["state"] == "timeout" and job["error"]["type"] == "timeout", job
+
+
+def test_a_deadline_too_far_for_the_timer_is_no_deadline(data_dir: Path) -> None:
+    # A timeout_s edited by hand to 1e308: OverflowError in setitimer, the job "lost".
+    store = JobStore(data_dir / "jobs")
+    for far in (1e308, 1e10, math.inf):
+        job_id = store.create("sleep", {"seconds": 0.2, "steps": 2}, 30)["id"]
+        p.write_json(str(store.path(job_id)), {**store.read(job_id), "timeout_s": far})
+        done = run(["-m", "runners.sleep", "--job-file", str(store.path(job_id))], timeout=20)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (far, done.stderr)
+        job = store.read(job_id)
+        assert job["state"] == "completed" and job["result"]["slept_s"] == 0.2, job
+    by_hand = run(["-m", "runners.sleep", "0.2", "--timeout", "1e308"], timeout=20)
+    assert by_hand.returncode == 0 and "Traceback" not in by_hand.stderr, by_hand.stderr
 
 
 def test_a_stop_on_the_heels_of_the_deadline_is_one_stop() -> None:
