@@ -53,7 +53,13 @@ def execute(job: base.Job) -> dict[str, Any]:
 
     options = _options(job)
     data_dir = job.data_dir or str(job.input.get("data_dir") or "var")
-    samples = forecast.load_samples(data_dir)
+    try:
+        samples = forecast.load_samples(data_dir)
+    except OSError as exc:  # a folder where the history goes, a data folder that is a file
+        raise base.RunnerError(
+            f"cannot read the history at {p.metrics_file(data_dir)} "
+            f"({exc.strerror or exc}): is {data_dir!r} Offload's data folder (--data-dir, "
+            "OFFLOAD_DATA_DIR)?") from exc
     recorded = len(samples)
     if options["seconds"]:
         cutoff = samples[-1]["t"] - options["seconds"] if samples else 0
@@ -175,6 +181,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _direct_input(args: argparse.Namespace) -> dict[str, Any]:
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        raise ValueError(f"--data-dir {args.data_dir} is no folder: give Offload's data "
+                         "folder (its history/metrics.jsonl)")
     return {"epochs": args.epochs, "lags": args.lags, "seconds": args.seconds,
             "learning_rate": args.learning_rate, "data_dir": args.data_dir}
 

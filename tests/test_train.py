@@ -251,6 +251,30 @@ def test_direct_cli_on_a_folder_without_history_says_so(tmp_path: Path) -> None:
     assert done.returncode == 1 and "not enough history to learn from yet" in done.stderr
 
 
+def test_direct_cli_on_a_file_or_an_unreadable_history_says_so(tmp_path: Path) -> None:
+    # A traceback (NotADirectoryError, IsADirectoryError), its last line "failed: ...".
+    def train(data_dir: Path | str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runners.train", "--data-dir",
+                               str(data_dir)], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    done = train(a_file)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].endswith(
+        f"error: --data-dir {a_file} is no folder: give Offload's data folder "
+        "(its history/metrics.jsonl)"), done.stderr
+    (tmp_path / "data" / "history" / "metrics.jsonl").mkdir(parents=True)
+    for data_dir, why in ((tmp_path / "data", "Is a directory"),
+                          (a_file / "below", "Not a directory")):
+        done = train(data_dir)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"failed: cannot read the history at {data_dir}/history/metrics.jsonl ({why}): "
+            f"is '{data_dir}' Offload's data folder (--data-dir, OFFLOAD_DATA_DIR)?"]
+
+
 def test_kinds_of_ones_own() -> None:
     kinds = discover(env="echo=runners.sleep, ")
     assert kinds["echo"].module == "runners.sleep" and kinds["echo"].input_model is None
