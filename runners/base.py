@@ -106,16 +106,8 @@ class Job:
         return value if isinstance(value, dict) else {}
 
     def number(self, key: str, bounds: tuple[float, float, float], whole: bool = False) -> float:
-        """An option of the input, or its default; `bounds` is (default, lowest, highest),
-        both ends allowed; with `whole`, an int. Any other value stops the job with a
-        message that says why."""
-        default, low, high = bounds
-        value = self.input.get(key, default)
-        if (not isinstance(value, (int, float)) or not low <= value <= high
-                or (whole and value != int(value))):
-            what = "a whole number" if whole else "a number"
-            raise RunnerError(f"'{key}' must be {what} from {low:g} to {high:g}")
-        return int(value) if whole else float(value)
+        """An option of the input, or its default (see `number`)."""
+        return number(self.input, key, bounds, whole)
 
     @property
     def output(self) -> str:
@@ -156,6 +148,20 @@ class Job:
             self.data[p.F_OUTPUT] = "".join(self._chunks)
             self.data[p.F_RESOURCES] = resources()
             return dict(self.data)
+
+
+def number(options: dict[str, Any], key: str, bounds: tuple[float, float, float],
+           whole: bool = False) -> float:
+    """An option, or its default; `bounds` is (default, lowest, highest), both ends
+    allowed; with `whole`, an int. Any other value is a RunnerError that says why: it
+    stops a job, and by hand (a kind's direct input) it is bad usage."""
+    default, low, high = bounds
+    value = options.get(key, default)
+    if (not isinstance(value, (int, float)) or not low <= value <= high
+            or (whole and value != int(value))):
+        what = "a whole number" if whole else "a number"
+        raise RunnerError(f"'{key}' must be {what} from {low:g} to {high:g}")
+    return int(value) if whole else float(value)
 
 
 def resources() -> dict[str, float] | None:
@@ -484,9 +490,9 @@ def main(
     args = parser.parse_args(argv)
     if args.job_file is not None:
         return run_job_file(args.job_file, execute, force=args.force)
-    try:
+    try:  # before anything starts (the chat's model server): bad usage, exit 2
         job_input = direct_input(args)
-    except ValueError as exc:
+    except (ValueError, RunnerError) as exc:
         parser.error(str(exc))
     data = p.new_job("0" * 32, kind, job_input, args.timeout or 0)
     if direct_context is None:

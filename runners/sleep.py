@@ -28,13 +28,17 @@ STEPS = (10, 1, 10_000)  # progress updates
 
 
 def execute(job: base.Job) -> dict[str, Any]:
-    seconds = job.number("seconds", SECONDS)
-    steps = int(job.number("steps", STEPS, whole=True))
+    seconds, steps = _options(job.input)
     if seconds > 0:
         for step in range(1, steps + 1):
             time.sleep(seconds / steps)
             job.progress(step / steps, f"step {step}/{steps}")
     return {"slept_s": seconds, "echo": job.input}
+
+
+def _options(options: dict[str, Any]) -> tuple[float, int]:
+    return (base.number(options, "seconds", SECONDS),
+            int(base.number(options, "steps", STEPS, whole=True)))
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,9 +49,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _direct_input(args: argparse.Namespace) -> dict[str, Any]:
-    if args.seconds < 0:
-        raise ValueError("seconds must be >= 0")
-    return {"seconds": args.seconds, "steps": args.steps}
+    job_input = {"seconds": args.seconds, "steps": args.steps}
+    _options(job_input)  # out of bounds: bad usage, as the API's 422
+    return job_input
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,7 @@ def execute(job: base.Job) -> dict[str, Any]:
 
     from runners import forecast
 
-    options = _options(job)
+    options = _options(job.input)
     data_dir = job.data_dir or str(job.input.get("data_dir") or "var")
     try:
         samples = forecast.load_samples(data_dir)
@@ -163,12 +163,12 @@ class _Fit:
         return {"weights": [float(w) for w in self.weights], "mean": self.mean, "std": self.std}
 
 
-def _options(job: base.Job) -> dict[str, Any]:
-    return {"epochs": int(job.number("epochs", EPOCHS, whole=True)),
-            "lags": int(job.number("lags", LAGS, whole=True)),
-            "seconds": job.number("seconds", SECONDS),
-            "learning_rate": job.number("learning_rate", LEARNING_RATE),
-            "validation": job.number("validation", VALIDATION)}
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    return {"epochs": int(base.number(options, "epochs", EPOCHS, whole=True)),
+            "lags": int(base.number(options, "lags", LAGS, whole=True)),
+            "seconds": base.number(options, "seconds", SECONDS),
+            "learning_rate": base.number(options, "learning_rate", LEARNING_RATE),
+            "validation": base.number(options, "validation", VALIDATION)}
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,8 +184,10 @@ def _direct_input(args: argparse.Namespace) -> dict[str, Any]:
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         raise ValueError(f"--data-dir {args.data_dir} is no folder: give Offload's data "
                          "folder (its history/metrics.jsonl)")
-    return {"epochs": args.epochs, "lags": args.lags, "seconds": args.seconds,
-            "learning_rate": args.learning_rate, "data_dir": args.data_dir}
+    job_input = {"epochs": args.epochs, "lags": args.lags, "seconds": args.seconds,
+                 "learning_rate": args.learning_rate, "data_dir": args.data_dir}
+    _options(job_input)  # out of bounds: bad usage, as the API's 422
+    return job_input
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,20 @@ def test_direct_form_prints_progress_and_result() -> None:
     assert '"slept_s": 0.3' in done.stdout
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    (["99999"], "'seconds' must be a number from 0 to 3600"),
+    (["nan"], "'seconds' must be a number from 0 to 3600"),
+    (["-1"], "'seconds' must be a number from 0 to 3600"),
+    (["1", "--steps", "0"], "'steps' must be a whole number from 1 to 10000"),
+])
+def test_a_sleep_by_hand_out_of_bounds_is_bad_usage(args: list[str], said: str) -> None:
+    # Out of the API's bounds it exited 1 ("failed"), but for -1 (2).
+    done = run(["-m", "runners.sleep", *args])
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].endswith(f"error: {said}"), done.stderr
+    assert "slept_s" not in done.stdout
+
+
 def test_sigterm_to_a_foreground_runner_writes_cancelled(data_dir: Path) -> None:
     store = JobStore(data_dir / "jobs")
     job_id = store.create("sleep", {"seconds": 60}, 120)["id"]

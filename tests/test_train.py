@@ -265,6 +265,12 @@ def test_direct_cli_on_a_file_or_an_unreadable_history_says_so(tmp_path: Path) -
     assert done.stderr.splitlines()[-1].endswith(
         f"error: --data-dir {a_file} is no folder: give Offload's data folder "
         "(its history/metrics.jsonl)"), done.stderr
+    # Out of the API's bounds (a 422 there): bad usage too, before anything is read.
+    lags = subprocess.run([sys.executable, "-m", "runners.train", "--lags", "0", "--data-dir",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert lags.returncode == 2, lags.stderr
+    assert lags.stderr.splitlines()[-1].endswith(
+        "error: 'lags' must be a whole number from 1 to 600"), lags.stderr
     (tmp_path / "data" / "history" / "metrics.jsonl").mkdir(parents=True)
     for data_dir, why in ((tmp_path / "data", "Is a directory"),
                           (a_file / "below", "Not a directory")):
