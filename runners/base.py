@@ -164,6 +164,19 @@ def number(options: dict[str, Any], key: str, bounds: tuple[float, float, float]
     return int(value) if whole else float(value)
 
 
+def _deadline(text: str) -> float:
+    """--timeout: seconds above 0, as the API's timeout_s (not NaN, not infinite)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
+    return value
+
+
 def resources() -> dict[str, float] | None:
     """CPU seconds and peak RSS of this runner (and the children it waited for)."""
     if sys.platform == "win32":
@@ -485,7 +498,8 @@ def main(
     parser.add_argument("--job-file", help="run this job file in the foreground")
     parser.add_argument("--force", action="store_true",
                         help="with --job-file: run it again even if it has finished")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds (direct mode)")
+    parser.add_argument("--timeout", type=_deadline, default=None,
+                        help="seconds (direct mode)")
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.job_file is not None:

@@ -87,9 +87,12 @@ def test_direct_form_prints_progress_and_result() -> None:
     (["nan"], "'seconds' must be a number from 0 to 3600"),
     (["-1"], "'seconds' must be a number from 0 to 3600"),
     (["1", "--steps", "0"], "'steps' must be a whole number from 1 to 10000"),
+    (["0", "--timeout", "-1"], "argument --timeout: must be a number of seconds above 0, not -1"),
+    (["0", "--timeout", "nan"], "argument --timeout: must be a number of seconds above 0, not nan"),
 ])
 def test_a_sleep_by_hand_out_of_bounds_is_bad_usage(args: list[str], said: str) -> None:
-    # Out of the API's bounds it exited 1 ("failed"), but for -1 (2).
+    # Out of the API's bounds it exited 1 ("failed"), but for -1 (2); a --timeout of -1 or
+    # NaN was run without a deadline, unsaid.
     done = run(["-m", "runners.sleep", *args])
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.splitlines()[-1].endswith(f"error: {said}"), done.stderr
