@@ -7,7 +7,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from runners import sleep, train
+from runners import chat, sleep, train
 
 MAX_MESSAGES = 200
 MAX_CONTENT_CHARS = 100_000
@@ -52,7 +52,7 @@ class ChatInput(Request):
                                 description="what the expert is told about the dashboard; "
                                             "by default a summary of the last ten minutes")
     expert: bool | None = Field(None, description="false: no dashboard-expert system prompt")
-    max_tokens: int | None = Field(None, ge=1, le=32_768)
+    max_tokens: int | None = Field(None, ge=chat.MAX_TOKENS[0], le=chat.MAX_TOKENS[1])
     temperature: float | None = Field(None, ge=0, le=2)
     on_busy: Literal["wait", "interrupt"] | None = Field(
         None, description="while an earlier answer of this session_id is queued or running: "

@@ -35,6 +35,9 @@ EXPERT_PROMPT = (
 EMBEDDED_WAIT_S = 120.0  # a chat sent while the embedded model loads waits this long
 EMBEDDED_WAIT_MARGIN_S = 5.0  # and gives up this long before its deadline, saying why
 EMBEDDED_MAX_TOKENS = 512
+# max_tokens' lowest and highest: checked by hand here and, before a job is created, by
+# the API's ChatInput (jobs/inputs.py), which is built from them.
+MAX_TOKENS = (1, 32_768)
 EARLIER_TURNS = 20  # at most this many earlier turns of a session recovered for a chat
 INTERRUPTED = "[this answer was interrupted]"
 ENGLISH_ONLY = (
@@ -291,8 +294,9 @@ def _direct_input(args: argparse.Namespace) -> dict[str, Any]:
         messages.append({"role": "system", "content": args.system})
     messages.append({"role": "user", "content": args.question})
     job_input: dict[str, Any] = {"messages": messages, "expert": False}
-    if args.max_tokens:
-        job_input["max_tokens"] = args.max_tokens
+    if args.max_tokens is not None:  # out of bounds: bad usage, before a model starts
+        job_input["max_tokens"] = base.number({"max_tokens": args.max_tokens}, "max_tokens",
+                                              (args.max_tokens, *MAX_TOKENS), whole=True)
     return job_input
 
 

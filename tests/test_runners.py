@@ -169,6 +169,13 @@ def test_chat_cli_without_a_server_says_what_to_do() -> None:
     usage = run(["-m", "runners.chat"])
     assert usage.returncode == 2
     assert "give a question" in usage.stderr
+    # Out of the API's bounds: said before the embedded model starts (then its HTTP 400).
+    for tokens in ("-5", "0", "40000"):
+        bad = run(["-m", "runners.chat", "hi", "--max-tokens", tokens])
+        assert bad.returncode == 2, bad.stderr
+        assert bad.stderr.splitlines()[-1].endswith(
+            "error: 'max_tokens' must be a whole number from 1 to 32768"), bad.stderr
+        assert "starting the embedded model" not in bad.stderr + bad.stdout
 
 
 def test_a_chat_by_hand_reads_the_env_file_the_server_reads(tmp_path: Path) -> None:
