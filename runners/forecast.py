@@ -33,12 +33,12 @@ def load_samples(data_dir: str) -> list[dict[str, float]]:
     path = p.metrics_file(data_dir)
     samples = []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # a line that is no UTF-8 is damaged, as a torn one
             for line in f:
                 try:
                     sample = json.loads(line)
                 except ValueError:
-                    continue  # a torn last line
+                    continue  # a torn last line, or one with a byte that is no UTF-8
                 if isinstance(sample, dict) and all(k in sample for k in ("t", *SERIES)):
                     samples.append(sample)
     except FileNotFoundError:

@@ -281,6 +281,20 @@ def test_direct_cli_on_a_file_or_an_unreadable_history_says_so(tmp_path: Path) -
             f"is '{data_dir}' Offload's data folder (--data-dir, OFFLOAD_DATA_DIR)?"]
 
 
+def test_a_history_line_that_is_no_utf8_is_skipped(
+        data_dir: Path, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    # The job failed with "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff".
+    record_history(data_dir, seconds=200)
+    history = data_dir / "history" / "metrics.jsonl"
+    lines = history.read_bytes().splitlines()
+    lines[100] = b'{"t": 1, "cpu": 5\xff, "mem": 4}'
+    history.write_bytes(b"\n".join(lines) + b"\n")
+    sup = make_supervisor()
+    job = sup.wait_final(sup.submit("train", epochs=2))
+    assert job["state"] == "completed", job
+    assert job["result"]["samples"] == 199  # the damaged line left out, as a torn one
+
+
 def test_kinds_of_ones_own() -> None:
     kinds = discover(env="echo=runners.sleep, ")
     assert kinds["echo"].module == "runners.sleep" and kinds["echo"].input_model is None
