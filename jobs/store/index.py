@@ -159,6 +159,7 @@ class JobIndex:
         # the snapshot's load counts them queued, so that a client sending one job after
         # another cannot pass a limit on it.
         self._unlisted: dict[str, float] = {}
+        self._unlisted_lock = threading.Lock()  # held for no I/O: the event loop takes it
         # The queue's positions, as of a refresh (`_refreshed_at`): computed once for the
         # many reads of queued jobs that a refresh serves.
         self._positions: tuple[float | None, dict[str, int]] = (None, {})
@@ -209,10 +210,9 @@ class JobIndex:
         load that `cached_overview` and `cached_load` answer from without the lock."""
         with self._lock:
             self._refresh(0.0)
-            now = time.monotonic()
-            for job_id, stored_at in list(self._unlisted.items()):
-                if job_id in self._entries or now - stored_at > RELIST_S:  # listed, or gone
-                    self._unlisted.pop(job_id, None)
+            with self._unlisted_lock:
+                self._unlisted = {job_id: at for job_id, at in self._unlisted.items()
+                                  if job_id not in self._entries}  # else listed now
             jobs = self._newest(None, None, SNAPSHOT_JOBS)
             # Copying the finish times is a memcpy: about 20 microseconds at 20,000 jobs.
             load = Load(dict(self._counts), self._finished[:])
@@ -244,7 +244,16 @@ class JobIndex:
 
     def stored(self, job_id: str) -> None:
         """A job this process stored: counted in `cached_load` until a refresh lists it."""
-        self._unlisted[job_id] = time.monotonic()
+        now = time.monotonic()
+        with self._unlisted_lock:
+            # Oldest first, those RELIST_S old go: removed meanwhile, or stored by a process
+            # whose index is never refreshed (the supervisor's schedules).
+            while self._unlisted:
+                oldest, at = next(iter(self._unlisted.items()))
+                if now - at <= RELIST_S:
+                    break
+                del self._unlisted[oldest]
+            self._unlisted[job_id] = now
 
     def queue_position(self, job_id: str, max_age_s: float = 0.0) -> int | None:
         """Its place in the queue, counted at most `max_age_s` ago (a job queued since
