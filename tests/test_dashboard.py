@@ -7,6 +7,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -312,6 +313,71 @@ def test_jobs_table_shows_a_failed_job_and_its_log(page: Any, server: Server) ->
     page.wait_for_function("document.querySelector('#log-viewer').textContent"
                            ".includes('disk on fire')", timeout=10_000)
     assert page.is_visible("#log-dialog")
+
+
+THEIR_PAGE = """
+import http.server, sys
+PAGE = b'<title>theirs</title><script>navigator.serviceWorker.register("/sw.js")</script>'
+WORKER = b'''
+self.addEventListener("install", () => self.skipWaiting());
+self.addEventListener("activate", (event) => event.waitUntil(self.clients.claim()));
+self.addEventListener("fetch", (event) => {
+  if (event.request.mode === "navigate")
+    event.respondWith(new Response("<title>theirs</title>",
+                                   {headers: {"content-type": "text/html"}}));
+});
+'''
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body, kind = (WORKER, "text/javascript") if self.path == "/sw.js" else (PAGE, "text/html")
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def title_of(page: Any) -> str | None:
+    try:
+        return str(page.title())
+    except Exception:  # between two documents: the worker reloads the page
+        return None
+
+
+def test_a_service_worker_another_program_left_at_the_address_removes_itself(
+        page: Any, data_dir: Path, tmp_path: Path, llm: FakeLLM) -> None:
+    # A page another program served at Offload's address (a bookmark opened while Offload
+    # was stopped) left a service worker. The browser kept it: it answered the dashboard's
+    # address with its own page, and would have seen every request; a 404 for its script
+    # left it in place.
+    server = Server(data_dir, tmp_path / "server.log", {"OPENAI_BASE_URL": llm.base_url})
+    theirs = subprocess.Popen([sys.executable, "-c", THEIR_PAGE, str(server.port)])
+    try:
+        wait_for(lambda: title_of(page) == "theirs" if _opened(page, server.url) else False,
+                 30, what="their page")
+        page.wait_for_function("navigator.serviceWorker.controller !== null")
+    finally:
+        theirs.terminate()
+        theirs.wait(30)
+    server.start()
+    try:
+        page.goto(server.url)  # theirs still: the browser checks the worker a moment later
+        wait_for(lambda: title_of(page) == "Offload dashboard", 90, what="the dashboard")
+        assert page.evaluate("navigator.serviceWorker.getRegistrations()") == []
+        page.goto(server.url)
+        assert title_of(page) == "Offload dashboard"
+    finally:
+        server.stop()
+
+
+def _opened(page: Any, url: str) -> bool:
+    try:
+        page.goto(url)
+    except Exception:  # not listening yet
+        return False
+    return True
 
 
 def test_token_is_asked_once_and_kept_for_the_tab(page: Any,

@@ -201,6 +201,14 @@ def test_foreign_host_is_refused_without_a_token(make_server: MakeServer) -> Non
         refused = client.post("/api/jobs", json=SLEEP, headers={"Host": "attacker.example"})
         assert refused.status_code == 421
         assert client.get("/api/jobs").json()["jobs"] == []  # nothing was created
+        # The script that removes a service worker left here goes only where a page does.
+        worker = {"Service-Worker": "script"}
+        refused = client.get("/sw.js", headers={**worker, "Host": "attacker.example"})
+        assert refused.status_code == 421
+        remover = client.get("/sw.js", headers=worker)
+        assert remover.status_code == 200
+        assert remover.headers["content-type"].startswith("text/javascript")
+        assert "unregister()" in remover.text
 
 
 def test_with_a_token_any_host_meets_the_token(make_server: MakeServer) -> None:

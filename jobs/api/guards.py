@@ -21,6 +21,18 @@ DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 # (urllib, Python's requests) heard a broken pipe instead. A larger one is cut off.
 DRAIN_FACTOR = 16
 DRAIN_S = 5.0
+# Offload registers no service worker: one the browser asks to update here was left by a
+# page another program served at this address, and would see every request of the
+# dashboard's. Asked for its script (a browser checks it a few seconds after a page it
+# controls opens; a 404 leaves it in place), this one takes its place, removes itself and
+# reloads the pages it held.
+WORKER_REMOVER = b"""\
+self.addEventListener("install", () => self.skipWaiting());
+self.addEventListener("activate", (event) => event.waitUntil((async () => {
+  await self.registration.unregister();
+  for (const client of await self.clients.matchAll({ type: "window" })) client.navigate(client.url);
+})()));
+"""
 CLOSED_DETAIL = "the connection closed before its account could be told"
 UNKNOWN_DETAIL = ("this Offload answers only the account that runs it, and could not tell "
                   "whose this connection is just now (the server is short of file "
@@ -42,7 +54,8 @@ class RequestGuard:
     /api/* and /metrics request needs `Authorization: Bearer <token>` (401), checked
     before its body is read. A state-changing request from another site's page is refused
     (403), and no page shows in its frames. A HEAD under /api is answered as its GET
-    (the server leaves out the body)."""
+    (the server leaves out the body). A service worker's script, on any path, is
+    WORKER_REMOVER."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -70,6 +83,10 @@ class RequestGuard:
         if refusal is not None:
             status, detail = refusal
             await _send_detail(send, status, detail, REFUSAL_HEADERS.get(status))
+            return
+        if scope["method"] == "GET" and (b"service-worker", b"script") in scope["headers"]:
+            await _send(send, 200, WORKER_REMOVER, b"text/javascript; charset=utf-8",
+                        [(b"cache-control", b"no-store")])
             return
         if _api_path(scope):  # JSON and event streams: nothing to click
             if scope["method"] == "HEAD":  # a copy: the server still knows it for a HEAD
@@ -186,11 +203,16 @@ def _api_path(scope: Scope) -> bool:
 
 async def _send_detail(send: Send, status: int, detail: str,
                        headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    payload = json.dumps({"detail": detail}).encode()
+    await _send(send, status, json.dumps({"detail": detail}).encode(), b"application/json",
+                headers or [])
+
+
+async def _send(send: Send, status: int, body: bytes, content_type: bytes,
+                headers: list[tuple[bytes, bytes]]) -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode()), *(headers or [])]})
-    await send({"type": "http.response.body", "body": payload})
+                "headers": [(b"content-type", content_type),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _declared_length(scope: Scope) -> int:
