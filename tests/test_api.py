@@ -369,7 +369,7 @@ def test_a_wrong_method_is_405_and_an_unknown_path_404(server: Server) -> None:
             answer = client.request(method, "/api/nothing/here")
             assert answer.status_code == 404 and "no API route" in answer.json()["detail"]
         # HEAD is GET without the body, as uptime checks send it.
-        for path in ("/api/health", "/metrics"):
+        for path in ("/api/health", "/metrics", "/", "/docs", "/openapi.json"):
             head = client.head(path)
             assert head.status_code == 200 and head.content == b"", (path, head.status_code)
 

@@ -53,8 +53,8 @@ class RequestGuard:
     OFFLOAD_ALLOWED_HOSTS, so a rebound DNS name reaches nothing (421); with one, every
     /api/* and /metrics request needs `Authorization: Bearer <token>` (401), checked
     before its body is read. A state-changing request from another site's page is refused
-    (403), and no page shows in its frames. A HEAD under /api is answered as its GET
-    (the server leaves out the body). A service worker's script, on any path, is
+    (403), and no page shows in its frames. A HEAD is answered as its GET (the server
+    leaves out the body). A service worker's script, on any path, is
     WORKER_REMOVER."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
@@ -88,9 +88,9 @@ class RequestGuard:
             await _send(send, 200, WORKER_REMOVER, b"text/javascript; charset=utf-8",
                         [(b"cache-control", b"no-store")])
             return
+        if scope["method"] == "HEAD":  # a copy: the server still knows it for a HEAD
+            scope = {**scope, "method": "GET"}  # (routes such as /docs take GET only)
         if _api_path(scope):  # JSON and event streams: nothing to click
-            if scope["method"] == "HEAD":  # a copy: the server still knows it for a HEAD
-                scope = {**scope, "method": "GET"}
             await self.app(scope, receive, send)
             return
 
