@@ -24,14 +24,14 @@ import pytest
 
 from jobs import protocol as p
 from jobs.kinds import runner_modules
-from jobs.launch import forkserver, processes
+from jobs.launch import fork_child, fork_client, forkserver, processes
 from jobs.launch.local import FORK, LocalLauncher, LocalRun
 from jobs.protocol.wake import OUTPUT_FILE
 from jobs.store.job_store import JobStore
 from tests.conftest import ROOT, process_gone, wait_for
 from tests.tracing import TracedServer, parse
 
-pytestmark = pytest.mark.skipif(not forkserver.AVAILABLE, reason="the fork server is Linux only")
+pytestmark = pytest.mark.skipif(not fork_client.AVAILABLE, reason="the fork server is Linux only")
 
 Start = Callable[..., tuple[LocalRun, Path, threading.Event]]
 
@@ -358,9 +358,9 @@ def test_a_fork_server_lost_after_forking_leaves_no_runner_after_a_cancel(
 
 
 @pytest.fixture
-def fork_server() -> Iterator[forkserver.ForkServer]:
+def fork_server() -> Iterator[fork_client.ForkServer]:
     """A fork server as a supervisor keeps one, without the supervisor."""
-    server = forkserver.ForkServer(processes.runner_env())
+    server = fork_client.ForkServer(processes.runner_env())
     yield server
     server.close()
 
@@ -369,8 +369,8 @@ def blocked(proc: psutil.Process) -> bool:
     return proc.status() == psutil.STATUS_SLEEPING
 
 
-def spawn_sleep(server: forkserver.ForkServer, folder: Path, name: str,
-                log: str | None = None, claim: dict[str, Any] | None = None) -> forkserver.Forked:
+def spawn_sleep(server: fork_client.ForkServer, folder: Path, name: str,
+                log: str | None = None, claim: dict[str, Any] | None = None) -> fork_client.Forked:
     job = p.new_job(p.new_id(), "sleep", {"seconds": 0}, 60)
     job_file = folder / name / p.JOB_FILE
     job_file.parent.mkdir()
@@ -385,7 +385,7 @@ def idle_scheduled(pid: int) -> bool:
 
 
 def test_a_child_forked_ahead_answers_at_once_on_a_busy_machine(
-        fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
+        fork_server: fork_client.ForkServer, tmp_path: Path) -> None:
     # The supervisor waits for the child's answer (one spawn at a time; the server is
     # killed after REPLY_TIMEOUT_S): a child that waited at SCHED_IDLE answered seconds
     # late whenever normal work took the CPU.
@@ -397,7 +397,7 @@ def test_a_child_forked_ahead_answers_at_once_on_a_busy_machine(
         fork_server.ensure_started()
         assert fork_server._proc is not None
         server = psutil.Process(fork_server._proc.pid)
-        runners: list[forkserver.Forked] = []
+        runners: list[fork_client.Forked] = []
         for n in range(3):
             ahead = wait_for(lambda: waiting_child(server, *[r.pid for r in runners]),
                              what="a child forked ahead")
@@ -433,7 +433,7 @@ def pipes(pid: int) -> set[str]:
 
 
 def test_a_runner_waits_for_the_word_that_its_claim_is_on_disk(
-        strace: str, fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
+        strace: str, fork_server: fork_client.ForkServer, tmp_path: Path) -> None:
     # The supervisor claims a job in the name of the child forked ahead, syncs the claim
     # while that child starts, and tells its runner through the fork server, which
     # then runs the job without syncing it again; told that it is not on disk (the
@@ -472,7 +472,7 @@ def test_a_runner_waits_for_the_word_that_its_claim_is_on_disk(
 
 
 def test_a_fork_server_that_cannot_fork_ahead_serves_on(
-        fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
+        fork_server: fork_client.ForkServer, tmp_path: Path) -> None:
     # A fork ahead is asked for by no request: its failure (no fd, no memory, no pid
     # left for now) is nobody's answer, and must not end the server (and with it the
     # exit codes of its runners).
@@ -496,7 +496,7 @@ def test_a_fork_server_that_cannot_fork_ahead_serves_on(
 
 
 def test_a_child_forked_ahead_that_cannot_start_says_so_at_once(
-        fork_server: forkserver.ForkServer, tmp_path: Path) -> None:
+        fork_server: fork_client.ForkServer, tmp_path: Path) -> None:
     # The server used to open the job's log and answer an error itself; a child forked
     # ahead opens it, and must answer the error too: silence held the supervisor
     # REPLY_TIMEOUT_S, then the server (and its runners' exit codes) was killed.
@@ -505,9 +505,9 @@ def test_a_child_forked_ahead_that_cannot_start_says_so_at_once(
     server = psutil.Process(fork_server._proc.pid)
     ahead = wait_for(lambda: waiting_child(server), what="a child forked ahead")
     started = time.monotonic()
-    with pytest.raises(forkserver.ForkServerError, match="No such file or directory"):
+    with pytest.raises(fork_client.ForkServerError, match="No such file or directory"):
         spawn_sleep(fork_server, tmp_path, "job", str(tmp_path / "gone" / p.LOG_FILE))
-    assert time.monotonic() - started < forkserver.REPLY_TIMEOUT_S / 2
+    assert time.monotonic() - started < fork_client.REPLY_TIMEOUT_S / 2
     assert process_gone(ahead.pid) or wait_for(lambda: process_gone(ahead.pid))
     assert fork_server._proc.pid == server.pid and fork_server._proc.poll() is None
     forked = spawn_sleep(fork_server, tmp_path, "next")
@@ -529,12 +529,12 @@ def test_a_request_line_reaches_its_child_whole_or_not_at_all(tmp_path: Path) ->
     folder = "/".join(["\u6570\u636e" * 40] * 5)  # about 2.4 kB as JSON, per path
     line = json.dumps({"module": "runners.sleep", "job_file": f"/{folder}/job.json",
                        "log": f"/{folder}/log.txt"}).encode()
-    assert len(line) > forkserver.PIPE_BUF
+    assert len(line) > fork_child.PIPE_BUF
     main = threading.get_ident()
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)
     ringer = threading.Timer(0.2, signal.pthread_kill, (main, signal.SIGUSR1))  # as a SIGCHLD
     ringer.start()
-    ahead = forkserver._Ahead(child.pid, to_child_w)
+    ahead = fork_child.Ahead(child.pid, to_child_w)
     try:
         handed = ahead.hand(line, None)
     finally:

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 
 from jobs import protocol as p
-from jobs.launch import forkserver, pids, processes, spare_pool
+from jobs.launch import fork_client, forkserver, pids, processes, spare_pool
 from jobs.launch.base import CannotStartNow, Launcher, OnExit, Run, claim
 from jobs.settings import Settings, get_settings
 
@@ -42,7 +42,7 @@ def launch_mode(settings: Settings) -> str:
 
 
 def _runnable(mode: str) -> str:
-    return SPARES if mode == FORK and not forkserver.AVAILABLE else mode
+    return SPARES if mode == FORK and not fork_client.AVAILABLE else mode
 
 
 @dataclass
@@ -59,7 +59,7 @@ class LocalLauncher(Launcher):
         self.runner_env = runner_env or {}
         self.mode = launch_mode(get_settings()) if mode is None else _runnable(mode)
         # Started with the first runner:
-        self._forker: forkserver.ForkServer | None = None
+        self._forker: fork_client.ForkServer | None = None
         self._spares: spare_pool.SparePool | None = None
         # One thread: claims put on disk while their runners start (see `start`).
         self._claims = ThreadPoolExecutor(1, thread_name_prefix="claim-sync")
@@ -75,7 +75,7 @@ class LocalLauncher(Launcher):
                                                 forkserver.PRELOAD)
         if self.mode == FORK:
             if self._forker is None:
-                self._forker = forkserver.ForkServer(processes.runner_env(self.runner_env))
+                self._forker = fork_client.ForkServer(processes.runner_env(self.runner_env))
             # Before the claim: between claim and spawn nothing slow may happen (the
             # folder can become unwritable meanwhile, and the job would fail, not wait).
             self._forker.ensure_started()
@@ -102,7 +102,7 @@ class LocalLauncher(Launcher):
             runner = processes.spawn(module, job_file, self.runner_env, self._forker, taken)
         except BaseException as exc:
             started.cancel()
-            if isinstance(exc, forkserver.ForkInDoubt) or not _no_room(exc):
+            if isinstance(exc, fork_client.ForkInDoubt) or not _no_room(exc):
                 raise
             _take_back(run_file)
             raise CannotStartNow(exc.errno if isinstance(exc, OSError) else errno.EAGAIN,
@@ -118,7 +118,7 @@ class LocalLauncher(Launcher):
             # After the pid's write, which replaces the file: started before, it was done
             # twice. A runner that gets there first syncs the bare claim itself.
             synced = self._claims.submit(p.sync_claim, job_file)
-        if isinstance(runner.child, forkserver.Forked) and self._forker is not None:
+        if isinstance(runner.child, fork_client.Forked) and self._forker is not None:
             # Its runner waits for the word instead of flushing the disk again itself.
             synced.add_done_callback(functools.partial(_tell_claim, self._forker, runner.child))
         # Now, not its create time: a spare was started long before it was given the job.
@@ -186,7 +186,7 @@ def _runner(run: Run) -> processes.Runner:
     return run.runner
 
 
-def _tell_claim(forker: forkserver.ForkServer, runner: forkserver.Forked,
+def _tell_claim(forker: fork_client.ForkServer, runner: fork_client.Forked,
                 synced: Future[None]) -> None:
     forker.tell_claim(runner, not synced.cancelled() and synced.exception() is None)
 

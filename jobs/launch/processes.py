@@ -22,7 +22,7 @@ from typing import IO, Protocol
 import psutil
 
 from jobs import protocol as p
-from jobs.launch.forkserver import Forked, ForkServer, ForkServerError
+from jobs.launch.fork_client import Forked, ForkServer, ForkServerError
 from jobs.launch.pids import created, find, identity, taken_by_another
 from jobs.settings import API_TOKEN_ENV
 

@@ -42,7 +42,7 @@ class SparePool:
 
     def __init__(self, env: dict[str, str], modules: Sequence[str], size: int = SPARES) -> None:
         self._argv = [sys.executable, "-m", "jobs.launch.spare", *modules]
-        # The room for its runner's title, as the fork server has it (see forkserver.py).
+        # The room for its runner's title, as the fork server has it (see fork_client.py).
         self._env = {**env, TITLE_ROOM_ENV: " " * TITLE_ROOM}
         self._size = size
         self._idle: deque[_Spare] = deque()
