@@ -639,8 +639,9 @@ def test_a_batch_stopped_for_room_partway_says_only_what_was_stored() -> None:
 
     from starlette.requests import Request
 
+    from jobs.api.admission import Overloaded
     from jobs.api.errors import HANDLERS
-    from jobs.api.service import BatchStopped, Overloaded
+    from jobs.api.service import BatchStopped
 
     request = Request({"type": "http", "method": "POST", "path": "/api/jobs/batch",
                        "headers": []})

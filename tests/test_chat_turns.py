@@ -377,7 +377,8 @@ def test_a_conversation_forgotten_twice_at_once_takes_no_turn_until_both_end(
         data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The first erasure to end let turns in while the other still ran: each answered 200,
     # then the other's next round erased it. The moment is scripted: no race is won on demand.
-    from jobs.api.service import BeingForgotten, JobService
+    from jobs.api.chat_turns import BeingForgotten
+    from jobs.api.service import JobService
     from jobs.settings import get_settings
     from jobs.store.job_store import JobStore
 

@@ -177,13 +177,13 @@ def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
     import asyncio
     import threading
 
-    from jobs.api import service as service_module
+    from jobs.api import small_io
     from jobs.api.service import JobService
     from jobs.protocol import files
     from jobs.settings import get_settings
 
     monkeypatch.setattr(files, "FSYNC", False)  # a quick disk, whatever this machine's fsync costs
-    caplog.set_level(logging.INFO, logger=service_module.__name__)
+    caplog.set_level(logging.INFO, logger=small_io.__name__)
     store = JobStore(data_dir / "jobs")
     service = JobService(get_settings(), store)
     writers: list[str] = []
@@ -218,7 +218,7 @@ def test_submissions_write_on_the_event_loop_until_a_write_is_slow(
 
     monkeypatch.setattr(store, "read", spied_read)
     assert asyncio.run(service.get(first["id"]))[p.F_QUEUE_POSITION] == 0
-    monkeypatch.setattr(service_module, "INLINE_MAX_S", 0.0)  # now every operation is "slow"
+    monkeypatch.setattr(small_io, "INLINE_MAX_S", 0.0)  # now every operation is "slow"
     store.refresh()
     asyncio.run(submit())
     store.refresh()

@@ -13,18 +13,12 @@ from fastapi.responses import JSONResponse
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobs.api.admission import Overloaded
+from jobs.api.chat_turns import BeingForgotten
 from jobs.api.events import public
-from jobs.api.service import (
-    AlreadyFinished,
-    BatchStopped,
-    BeingForgotten,
-    IdempotencyConflict,
-    KeyInFlight,
-    NotRemoved,
-    NotRerunnable,
-    Overloaded,
-    StillNeeded,
-)
+from jobs.api.idempotency_keys import IdempotencyConflict, KeyInFlight
+from jobs.api.service import BatchStopped, NotRerunnable
+from jobs.api.stops import AlreadyFinished, NotRemoved, StillNeeded
 from jobs.kinds import InvalidInput, UnknownKind
 from jobs.store.job_store import JobNotFound, StoreUnavailable
 

@@ -1,0 +1,106 @@
+"""A conversation's turns in order: each chat is stored to start after the one before it
+in its session (`on_busy: interrupt` stops that one), and a conversation being erased
+takes no new turn until every erasure has ended."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import zlib
+from collections import Counter
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from jobs import protocol as p
+from jobs.api.stops import Stops
+from jobs.protocol.wake import poke
+from jobs.store.job_store import JobNotFound, JobStore
+
+TURN_LOCKS = 64
+WAITING_TURN = "waits for the previous answer in its conversation"
+ERASE_ROUNDS = 3  # a conversation's turns listed, stopped and deleted again, at most
+
+
+class BeingForgotten(Exception):
+    """A turn sent to a conversation while it is being forgotten."""
+
+
+class ChatTurns:
+    def __init__(self, store: JobStore, stops: Stops) -> None:
+        self.store = store
+        self._stops = stops
+        # A chat session's newest job is looked up and the next one stored under one of
+        # these (picked by the session): two submissions of one session through this
+        # worker never both follow the same job, and other sessions seldom wait.
+        self._locks = [threading.Lock() for _ in range(TURN_LOCKS)]
+        # Sessions being erased, by how many erasures run: no new turn until all have ended.
+        self._forgetting: Counter[str] = Counter()
+
+    def lock(self, session: str) -> threading.Lock:
+        return self._locks[zlib.crc32(session.encode()) % len(self._locks)]
+
+    def check_not_forgotten(self, session: str | None) -> None:
+        if session in self._forgetting:
+            raise BeingForgotten("this conversation is being forgotten: start a new one "
+                                 "(another session_id)")
+
+    def take(self, session: str, job_input: dict[str, Any]) -> dict[str, Any]:
+        """A chat's place in its session: after the session's newest job (the supervisor
+        starts it once that one has ended), whose live answers `on_busy: interrupt` cancels."""
+        newest, live = self.store.session_turn(session)
+        if job_input.get("on_busy") == "interrupt":
+            for job_id in live:
+                with contextlib.suppress(JobNotFound):  # pruned meanwhile: nothing to stop
+                    self.store.request_cancel(job_id)
+                poke(self.store.dir, job_id)
+        fields: dict[str, Any] = {p.F_AFTER: newest}
+        if live:
+            fields[p.F_PROGRESS] = {"fraction": None, "message": WAITING_TURN}
+        return fields
+
+    def listing(self, session_id: str) -> list[dict[str, Any]]:
+        """A chat session's turns, oldest first, from its jobs (kept until pruned)."""
+        turns = []
+        for job in self.store.session_jobs(session_id):
+            if job.get(p.F_KIND) != "chat":
+                continue
+            messages = (job.get(p.F_INPUT) or {}).get("messages") or [{}]
+            error = job.get(p.F_ERROR) or {}
+            turns.append({"job_id": job[p.F_ID], "state": job.get(p.F_STATE),
+                          "created_at": job.get(p.F_CREATED_AT),
+                          "question": messages[-1].get("content"),
+                          "reply": job.get(p.F_OUTPUT) or "",
+                          "error": error.get("message")})
+        return turns
+
+    async def erase(self, session_id: str) -> tuple[int, list[str]]:
+        """Forget a conversation: its turns still answering are stopped first, then every
+        job of the session is deleted with all it left (job file, log, records, its
+        Idempotency-Key). This worker takes no new turn of it meanwhile; one that another
+        worker took is found by the next round. The number erased, and the turns still
+        stopping (kept)."""
+        with self.lock(session_id):
+            self._forgetting[session_id] += 1
+        erased = 0
+        try:
+            for _ in range(ERASE_ROUNDS):
+                jobs = await run_in_threadpool(self.store.session_jobs, session_id)
+                if not jobs:
+                    break
+                live = [job[p.F_ID] for job in jobs if job.get(p.F_STATE) not in p.FINAL_STATES]
+                now = await self._stops.stopped(live) if live else {}
+                stopping = [job_id for job_id, job in now.items()
+                            if job.get(p.F_STATE) not in p.FINAL_STATES]
+                for job in jobs:
+                    if job[p.F_ID] not in stopping:
+                        await run_in_threadpool(self.store.remove, job[p.F_ID])
+                        erased += 1
+                if stopping:
+                    return erased, stopping
+            return erased, []
+        finally:
+            with self.lock(session_id):
+                self._forgetting[session_id] -= 1
+                if self._forgetting[session_id] <= 0:
+                    del self._forgetting[session_id]

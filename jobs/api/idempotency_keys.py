@@ -1,0 +1,90 @@
+"""A submission's Idempotency-Key as the API uses it: the fingerprint of the request, the
+job the key already made, and the wait while another request stores that job. The key's
+file is `jobs.store.idempotency`'s."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from jobs.kinds import Launch
+from jobs.store.idempotency import PENDING_S, Claim
+from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
+
+KEY_POLL_S = 0.05  # how often a request waits on a key whose job is being stored
+KEY_WAIT_S = 3 * PENDING_S  # and gives up after this long (a claim that never ages)
+
+
+class IdempotencyConflict(ValueError):
+    pass
+
+
+class KeyInFlight(Exception):
+    """Another request with the same Idempotency-Key is still storing its job."""
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str  # the key file's name: a hash of the key, which is never stored
+    fingerprint: str  # of the request's body
+
+
+def fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch,
+                fields: dict[str, Any]) -> str:
+    asked = [launch.priority, launch.max_attempts]
+    start = [launch.start_at, launch.delay_s]  # as asked: a delay, not the time it gives
+    body = json.dumps([kind, job_input, timeout_s, *(asked if any(
+        each is not None for each in asked) else []), *(["start", *start] if any(
+            each is not None for each in start) else []), *([fields] if fields else []),
+        *(["depends_on", sorted(launch.depends_on)] if launch.depends_on else [])],
+        sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def find(store: JobStore, key: Key) -> dict[str, Any] | Claim | None:
+    """The job the key created; its claim if that job is not there; None if unclaimed."""
+    try:
+        claim = store.keys.read(key.name)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot read the Idempotency-Key's record: {exc}") from exc
+    if claim is None or claim.job_id is None:
+        return claim
+    if claim.fingerprint != key.fingerprint:
+        raise IdempotencyConflict(
+            "this Idempotency-Key was already used with a different request "
+            "body; use a new key for a new job")
+    try:
+        return store.read(claim.job_id)
+    except JobNotFound:
+        return claim
+
+
+async def unblock(store: JobStore, key: Key, claim: Claim, give_up_at: float) -> None:
+    """A key whose job is not there: wait (without blocking) while its claimer may
+    still be storing the job; after that its job was never stored or was deleted,
+    and the key is released so that this request creates the job."""
+    if time.monotonic() > give_up_at:
+        raise KeyInFlight("another request with this Idempotency-Key is still storing "
+                          "its job; retry in a moment")
+    if claim.age_s < PENDING_S:
+        await asyncio.sleep(KEY_POLL_S)
+        return
+    try:
+        folder = store.path(claim.job_id).parent if claim.job_id else None
+        await run_in_threadpool(store.keys.release, key.name, claim.job_id, folder)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot release the Idempotency-Key of a job that is "
+                               f"gone: {exc}") from exc
+
+
+def being_stored(store: JobStore, keys: list[Key]) -> int:
+    """How many of these keys another request claimed a moment ago, or stored since."""
+    found = [find(store, key) for key in keys]
+    return sum(isinstance(each, dict) or (each is not None and each.age_s < PENDING_S)
+               for each in found)

@@ -1,0 +1,86 @@
+"""Jobs the API is asked to stop or remove: a stop is asked in the job's folder and
+waited for without blocking; only a finished job that no live job needs is removed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from jobs import protocol as p
+from jobs.protocol.wake import poke
+from jobs.settings import CANCEL_WAIT_S, Settings
+from jobs.store.job_store import JobNotFound, JobStore
+
+
+class AlreadyFinished(Exception):
+    def __init__(self, job: dict[str, Any]) -> None:
+        super().__init__(f"job {job[p.F_ID]} has already finished ({job[p.F_STATE]})")
+        self.job = job
+
+
+class StillNeeded(Exception):
+    """A job asked to be removed that has not finished, or that a live job needs."""
+
+
+class NotRemoved(Exception):
+    """A job's folder that could not be deleted in full."""
+
+
+class Stops:
+    def __init__(self, settings: Settings, store: JobStore) -> None:
+        self.settings = settings
+        self.store = store
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask for the stop and wait (without blocking) until the job is final."""
+        job = await run_in_threadpool(self.store.read, job_id)
+        if job.get(p.F_STATE) in p.FINAL_STATES:
+            raise AlreadyFinished(job)
+        stopped = await self.stopped([job_id])
+        if job_id not in stopped:  # deleted meanwhile
+            raise JobNotFound(job_id)
+        return stopped[job_id]
+
+    async def stopped(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Ask each job to stop, and wait (without blocking) until all are final or the
+        stop's grace is over; each job as it is then (gone: left out)."""
+        for job_id in job_ids:
+            with contextlib.suppress(JobNotFound):  # deleted meanwhile: left out below
+                await run_in_threadpool(self.store.request_cancel, job_id)
+            poke(self.store.dir, job_id)
+        deadline = time.monotonic() + self.settings.stop_grace_s + CANCEL_WAIT_S
+        jobs: dict[str, dict[str, Any]] = {}
+        while True:
+            await asyncio.sleep(0.05)
+            for job_id in job_ids:
+                if jobs.get(job_id, {}).get(p.F_STATE) in p.FINAL_STATES:
+                    continue  # final stays final: not read again
+                with contextlib.suppress(JobNotFound):
+                    jobs[job_id] = await run_in_threadpool(self.store.read, job_id)
+            if time.monotonic() > deadline or all(
+                    job.get(p.F_STATE) in p.FINAL_STATES for job in jobs.values()):
+                return jobs
+
+    async def remove(self, job_id: str) -> dict[str, Any]:
+        """Delete a finished job now, with all it left (job file, log, records, its
+        Idempotency-Key), as pruning would later; the job as it was."""
+        job = await run_in_threadpool(self.store.read, job_id)
+        state = job.get(p.F_STATE)
+        if state not in p.FINAL_STATES:
+            raise StillNeeded(f"job {job_id} is {state}: only a finished job is removed; "
+                              "cancel it first")
+        needing = await run_in_threadpool(self.store.needing, job_id)
+        if needing:
+            raise StillNeeded(
+                f"job {job_id} is kept: {len(needing)} job(s) not ended need it "
+                f"({', '.join(needing[:5])}): they depend on it, or are turns of its chat; "
+                "remove it once they have ended, or cancel them first")
+        problem = await run_in_threadpool(self.store.remove, job_id)
+        if problem is not None:  # a file held open (Windows), say: not a full disk
+            raise NotRemoved(f"job {job_id} could not be removed in full ({problem}); what "
+                             "is left goes with another try, or with pruning")
+        return job
