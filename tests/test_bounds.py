@@ -456,7 +456,7 @@ def test_old_machine_metrics_are_dropped_by_a_leader_that_lasts_a_moment(
 def test_a_runners_output_stops_growing_in_its_job_file(make_server: MakeServer) -> None:
     # Every change rewrote the whole job file, and every follower read it whole: a kind
     # that emitted without end made both cost more with each piece, for good.
-    from runners.base import OUTPUT_CUT, OUTPUT_MAX_CHARS
+    from runners.job import OUTPUT_CUT, OUTPUT_MAX_CHARS
 
     server = make_server(env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
     with server.client() as client:

@@ -151,9 +151,9 @@ def test_a_stop_on_the_heels_of_the_deadline_is_one_stop() -> None:
     # The supervisor's SIGTERM at the same deadline, between the runner's own timeout and
     # its final state's write, raised again out of the handler: a traceback, exit 1.
     # (The handlers themselves: the instant between two signals cannot be had on demand.)
-    from runners.base import StopRequested, _Stopper
+    from runners.stopping import Stopper, StopRequested
 
-    stopper = _Stopper(None)
+    stopper = Stopper(None)
     with pytest.raises(StopRequested) as stopped:
         stopper._on_deadline(signal.SIGALRM, None)
     assert stopped.value.reason == "timeout"
@@ -215,7 +215,7 @@ def test_a_runner_by_hand_takes_of_the_env_file_what_the_server_gives_runners(
                                    "openai_api_key=sk-from-the-file\n"
                                    "OFFLOAD_LLM_MAX_TOKENS=64\nUNRELATED_SECRET=x\n")
     (tmp_path / ".env").chmod(0o600)
-    show = ("import json, os, sys; from runners import base; problem = base._read_env_file(); "
+    show = ("import json, os, sys; from runners import by_hand; problem = by_hand.read_env_file(); "
             f"print(json.dumps([problem, {{n: os.environ.get(n) for n in {names!r}}}]))")
     done = subprocess.run([sys.executable, "-c", show], cwd=tmp_path, capture_output=True,
                           text=True, env={**env, "OPENAI_BASE_URL": ""}, timeout=60)
@@ -286,8 +286,9 @@ def test_rejected_key_is_explained_and_not_echoed(
 def test_a_whole_number_option_is_an_int() -> None:
     """As the example kind in docs/development.md returns it: 512, not 512.0."""
     from runners import base
+    from runners.sinks import ConsoleSink
 
-    job = base.Job(p.new_job("0" * 32, "resize", {"size": 512}, 0), base.ConsoleSink())
+    job = base.Job(p.new_job("0" * 32, "resize", {"size": 512}, 0), ConsoleSink())
     assert job.number("size", (256, 1, 4096), whole=True) == 512
     assert type(job.number("size", (256, 1, 4096), whole=True)) is int
     assert type(job.number("size", (256, 1, 4096))) is float

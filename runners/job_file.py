@@ -1,0 +1,147 @@
+"""A job run from its file: read, refused if it is not this runner's to run, claimed,
+then run; or sent by the Ray launcher in the environment, its snapshots on stdout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from jobs import protocol as p
+from jobs.protocol import remote
+from runners.capped_log import cap_output
+from runners.execution import EXIT_RETRY, EXIT_USAGE, run, stopped
+from runners.job import Job
+from runners.sinks import FileSink
+from runners.stopping import Stopper, StopRequested
+
+# Every runner pays for its imports at start: typing stays out of run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from runners.execution import Execute
+
+
+def run_remote(execute: Execute) -> int:
+    """A job sent by the Ray launcher: its JSON travels in the environment (see
+    `remote.job_env`), its snapshots go back on stdout, and a scratch job file on this node
+    keeps the usual machinery (stop reason, data folder) working."""
+    # The launch's secret for its snapshot lines; out of the environment the job's own
+    # child processes inherit.
+    key = os.environ.pop(remote.SNAPSHOT_KEY_ENV, "")
+    try:
+        data = remote.pop_job(os.environ)
+    except ValueError as exc:
+        print(f"error: cannot read the job from the environment: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not key:
+        print(f"error: {remote.SNAPSHOT_KEY_ENV} is not set: the launcher that sent this job "
+              "gives each launch its own key, and snapshots are only read with it",
+              file=sys.stderr)
+        return EXIT_USAGE
+    # The node's own data folder when it has one (a shared disk for training data),
+    # else a new private folder of its own (a fixed name in the shared /tmp could be
+    # another account's, or its link); never the jobs/ folder an API there may own.
+    import shutil
+    import tempfile
+
+    data_dir = os.environ.get("OFFLOAD_DATA_DIR")
+    root = data_dir or tempfile.mkdtemp(prefix="offload-remote-")
+    folder = os.path.join(root, "remote", data[p.F_ID])
+    try:
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, p.JOB_FILE)
+        p.write_json(path, data)
+        return run_job_file(path, execute, force=True, emit_key=key)
+    finally:
+        shutil.rmtree(folder if data_dir else root, ignore_errors=True)
+
+
+def _host() -> str:
+    if sys.platform == "win32":
+        return os.environ.get("COMPUTERNAME", "")
+    return os.uname().nodename
+
+
+def _other_runner(data: dict[str, Any]) -> str | None:
+    """The runner that runs this job now, in words, if it is another process than this
+    one (a supervisor launches only queued jobs: a running one was started before)."""
+    pid, host = data.get(p.F_PID), data.get(p.F_HOST)
+    if data.get(p.F_STATE) != p.JobState.RUNNING or not isinstance(pid, int) or pid <= 0:
+        return None
+    if isinstance(host, str) and host and host != _host():
+        return f"pid {pid} on {host}"
+    return f"pid {pid}" if pid != os.getpid() and _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    if sys.platform == "win32":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x100000, False, pid)  # SYNCHRONIZE
+        if not handle:
+            return False
+        try:
+            return bool(kernel32.WaitForSingleObject(handle, 0) == 0x102)  # WAIT_TIMEOUT
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another account's process
+    return True
+
+
+def run_job_file(path: str, execute: Execute, force: bool = False,
+                 emit_key: str | None = None) -> int:
+    try:
+        data = p.read_json(path)
+    except p.CorruptJobFile as exc:
+        print(f"error: cannot read job file: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if data is None:
+        print(f"error: no job file at {path}", file=sys.stderr)
+        return EXIT_USAGE
+    if data.get(p.F_STATE) in p.FINAL_STATES and not force:
+        print(f"error: job {p.id_of(path)} has already finished ({data.get(p.F_STATE)}); "
+              "pass --force to run it again", file=sys.stderr)
+        return EXIT_USAGE
+    runner = _other_runner(data)
+    if runner is not None:  # one writer per job file: a second runner would undo its states
+        print(f"error: job {p.id_of(path)} is running ({runner}); cancel it first "
+              f"(offload cancel {p.id_of(path)}) or wait for it to end", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        p.sync_claim(path)  # nothing of the job runs before its claim is on disk
+    except OSError as exc:
+        # A transient failure: queued again while the job has attempts left.
+        print(f"error: cannot put the job's claim on disk ({exc.strerror or exc}); "
+              "nothing of the job ran", file=sys.stderr)
+        return EXIT_RETRY
+    cap_output(path)
+    stopper = Stopper(path)
+    if hasattr(signal, "SIGHUP"):
+        # The API's terminal closing must not end the job (it is not a new session).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    data.update({
+        p.F_STATE: p.JobState.RUNNING, p.F_STARTED_AT: p.now_iso(), p.F_FINISHED_AT: None,
+        p.F_PID: os.getpid(), p.F_EXIT_CODE: None, p.F_ERROR: None, p.F_RESULT: None,
+        p.F_OUTPUT: "", p.F_PROGRESS: None, p.F_HOST: _host(),
+        p.F_LAUNCHER: p.RAY if emit_key else p.LOCAL,
+    })
+    sink = FileSink(path, echo=sys.stdout.isatty() and not emit_key, emit_key=emit_key)
+    # <data>/jobs/<id>/job.json
+    job = Job(data, sink, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
+    timeout = data.get(p.F_TIMEOUT_S)
+    try:  # a deadline that passes at once (1e-300 s) is met here: as any other
+        stopper.install(float(timeout) if isinstance(timeout, (int, float)) else None)
+        sink.start(job)
+    except StopRequested as stop:
+        # Stopped before it could even say it runs: record that, then leave.
+        return stopped(job, stop.reason, stopper)
+    return run(job, execute, stopper, None)
+
