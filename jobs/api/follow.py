@@ -22,8 +22,8 @@ from typing import Any
 from jobs import protocol as p
 from jobs.api.inotify import FolderNotifier, open_notifier
 from jobs.settings import EVENT_CHECK_S, EVENT_POLL_S, KEEPALIVE_S, NOTIFIER_LINGER_S
-from jobs.store.index import Signature, stat_signature
 from jobs.store.job_store import JobNotFound
+from jobs.store.reading import Signature, stat_signature
 
 log = logging.getLogger(__name__)
 

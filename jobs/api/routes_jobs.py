@@ -18,7 +18,8 @@ from jobs.api.service import JobService
 from jobs.models import BatchAnswer, Job, JobBatch, JobCreate, JobList, JobRerun
 from jobs.protocol import JobState
 from jobs.settings import MAX_WAIT_S
-from jobs.store.index import Signature, UnknownCursor
+from jobs.store.index import UnknownCursor
+from jobs.store.reading import Signature
 
 router = APIRouter(prefix="/api", tags=["jobs"])
 

@@ -16,7 +16,8 @@ from typing import Any
 from jobs import protocol as p
 from jobs.kinds import UnknownKind, registry
 from jobs.store.idempotency import Keys, being_stored
-from jobs.store.index import JobIndex, read_job
+from jobs.store.index import JobIndex
+from jobs.store.reading import read_job
 
 log = logging.getLogger(__name__)
 

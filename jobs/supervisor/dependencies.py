@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
-from jobs.store.index import read_job
+from jobs.store.reading import read_job
 
 
 class Dependencies:

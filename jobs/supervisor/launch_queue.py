@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from jobs import protocol as p
 from jobs.protocol.control import QUEUE_CAP_FILE, queue_caps
-from jobs.store.index import Signature, stat_signature
+from jobs.store.reading import Signature, stat_signature
 
 
 class Queued(NamedTuple):

@@ -57,8 +57,9 @@ from jobs.settings import (
     Settings,
     kind_numbers,
 )
-from jobs.store.index import DirListing, not_a_job, read_job
+from jobs.store.folder_listing import DirListing
 from jobs.store.job_store import JobStore
+from jobs.store.reading import not_a_job, read_job
 from jobs.supervisor.counting import Counting
 from jobs.supervisor.dependencies import Dependencies
 from jobs.supervisor.launch_queue import LaunchQueue

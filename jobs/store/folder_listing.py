@@ -1,0 +1,47 @@
+"""Which job folders there are, listed again only when the folder may have changed."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+
+from jobs import protocol as p
+
+DIR_SETTLE_S = 0.1  # a folder listing is trusted once the folder's mtime is this old
+RELIST_S = 10.0  # and listed again at least this often anyway
+
+
+class DirListing:
+    """The job ids in a folder, listed again only when the folder changed.
+
+    A folder's mtime moves when an entry is added or removed, but in coarse ticks: a
+    listing is trusted only once the mtime it saw is older than DIR_SETTLE_S, and
+    never for longer than RELIST_S (file systems that do not keep folder mtimes).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._mtime_ns: int | None = None
+        self._stable = False
+        self._listed_at = 0.0
+
+    def changed(self, known: AbstractSet[str] = frozenset()) -> set[str] | None:
+        """The ids in the folder if it may have changed since the last call, else None.
+        `known`: names known to be job ids, not checked again (with thousands of jobs
+        kept, checking each name cost more than listing the folder)."""
+        try:
+            st = os.stat(self.folder)
+        except FileNotFoundError:
+            self._mtime_ns, self._stable = None, False
+            return set()
+        now = time.monotonic()
+        if self._stable and st.st_mtime_ns == self._mtime_ns and now - self._listed_at < RELIST_S:
+            return None
+        listed = set(os.listdir(self.folder))
+        names = (listed & known) | {name for name in listed - known if p.is_valid_id(name)}
+        self._mtime_ns = st.st_mtime_ns
+        self._stable = time.time() - st.st_mtime > DIR_SETTLE_S
+        self._listed_at = now
+        return names
