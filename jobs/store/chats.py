@@ -10,7 +10,7 @@ from jobs import protocol as p
 from jobs.store.entries import Entry
 
 
-class ChatTurns:
+class SessionTurns:
     """Each chat session's newest job (by submission) and its queued or running ones."""
 
     def __init__(self) -> None:
@@ -52,7 +52,7 @@ class ChatTurns:
             del self._newest[session]  # its earlier jobs, if any, are older still
 
 
-class ChatUsage:
+class TokenTotals:
     """The tokens of the chats that completed since this index began, each counted
     once (its id kept while its job is); never lowered, not even by pruning."""
 

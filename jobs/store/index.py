@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
-from jobs.store.chats import ChatTurns, ChatUsage
+from jobs.store.chats import SessionTurns, TokenTotals
 from jobs.store.entries import Entry, Live
 from jobs.store.folder_listing import RELIST_S, DirListing
 from jobs.store.queue_positions import awaited, count_positions, kind_caps_now
@@ -66,8 +66,8 @@ class JobIndex:
         # The queue's positions, as of a refresh (`_refreshed_at`): computed once for the
         # many reads of queued jobs that a refresh serves.
         self._positions: tuple[float | None, dict[str, int]] = (None, {})
-        self._usage = ChatUsage()
-        self._turns = ChatTurns()
+        self._usage = TokenTotals()
+        self._turns = SessionTurns()
 
     # -- queries -------------------------------------------------------------------
 
