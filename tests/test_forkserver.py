@@ -457,7 +457,11 @@ def test_a_runner_waits_for_the_word_that_its_claim_is_on_disk(
             # The next child, forked while this one waits, cannot speak for the server.
             following = wait_for(lambda: waiting_child(server, runner.pid),  # noqa: B023
                                  what="the next child forked ahead")
-            assert not pipes(runner.pid) & pipes(following.pid)
+            # Once it has left the server's reply pipe (shared by every child until it
+            # answers), the pipe it waits on for the word is all it holds.
+            word = wait_for(lambda: pipes(runner.pid) if len(pipes(runner.pid)) == 1  # noqa: B023
+                            else None, what="the runner holding its word's pipe alone")
+            assert not word & pipes(following.pid)
             job = p.read_json(job_file)
             assert job is not None and job["state"] == p.JobState.QUEUED, "it did not wait"
             fork_server.tell_claim(runner, durable)
