@@ -37,6 +37,9 @@ STOP_GRACE_S = 3.0  # terminate, wait this long, then kill what is left
 MAX_CONCURRENT = 8  # runners alive at once
 RETENTION_HOURS = 72.0  # a finished job is kept this long
 SUPERVISOR_INTERVAL_S = 0.25  # longest sleep between supervisor passes
+# How often the supervisor looks for stop requests of every queued job (each full pass
+# looks at the running ones): a cancel rings with its job's id, and is looked at then.
+STOP_SWEEP_S = 5.0
 SUPERVISOR_NICE = 10  # the supervisor's nice value: launching can wait, a request cannot
 LEADER_RETRY_S = 1.0  # how often a non-leader tries to become the supervisor
 WAKE_POLL_S = 0.02  # how often the leader looks for a poke from another process

@@ -86,6 +86,21 @@ def test_cancel_queued_job_never_starts(make_supervisor: Callable[..., RunningSu
     assert sup.wait_final(blocker)["state"] == "cancelled"
 
 
+def test_a_stop_request_no_ring_names_is_acted_on(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    # Written into the job's folder with no ring (by hand, or a ring lost): a running
+    # job's is looked for each full pass, a queued job's in the sweep every STOP_SWEEP_S.
+    sup = make_supervisor(max_concurrent=1)
+    blocker = sup.submit(seconds=60)
+    queued = sup.submit(seconds=0)
+    sup.wait_state(blocker, "running")
+    p.request_stop(sup.supervisor.dir / queued / p.JOB_FILE, p.JobState.CANCELLED)
+    job = sup.wait_final(queued)
+    assert job["state"] == "cancelled" and job["started_at"] is None
+    p.request_stop(sup.supervisor.dir / blocker / p.JOB_FILE, p.JobState.CANCELLED)
+    assert sup.wait_final(blocker)["state"] == "cancelled"
+
+
 @pytest.mark.faults
 def test_cancel_running_job_stops_its_whole_tree(supervisor: RunningSupervisor) -> None:
     job_id = supervisor.submit("probe", seconds=60, spawn_child=True)
