@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 from jobs import protocol as p
@@ -14,12 +15,13 @@ from jobs.store.reading import stat_signature
 class Live:
     """What only a live (or just finished) job needs: its file's signature and data."""
 
-    __slots__ = ("signature", "mtime_ns", "data")
+    __slots__ = ("signature", "mtime_ns", "data", "looked_at")
 
     def __init__(self, st: os.stat_result, data: dict[str, Any]) -> None:
         self.signature = stat_signature(st)
         self.mtime_ns = st.st_mtime_ns
         self.data = data
+        self.looked_at = time.monotonic()  # its file's last stat, by the index
 
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -12,9 +13,10 @@ from jobs.protocol import control
 
 
 def count_positions(queued: Iterable[dict[str, Any]], running: dict[tuple[str, str], int],
-                    caps: dict[str, int]) -> dict[str, int]:
-    """The positions of `queued` (the jobs that wait for no other), by id; `running`:
-    the live jobs by (kind, state), `caps`: the kinds' caps now."""
+                    caps: dict[str, int]) -> tuple[dict[str, int], float]:
+    """The positions of `queued` (the jobs that wait for no other), by id, and when the
+    first of them not due yet will be (POSIX time; inf if none): the order changes then.
+    `running`: the live jobs by (kind, state), `caps`: the kinds' caps now."""
     # The supervisor's order: due jobs by priority, then submission; then the jobs
     # not due yet, soonest first. One waiting for another job has none, nor one its
     # kind's cap holds back (beyond the room its kind has now).
@@ -29,7 +31,8 @@ def count_positions(queued: Iterable[dict[str, Any]], running: dict[tuple[str, s
                 continue
             room[kind] -= 1
         positions[order[-1]] = len(positions)
-    return positions
+    next_due = min((order[0] for order, _ in ordered if order[0] > 0.0), default=math.inf)
+    return positions, next_due
 
 
 def kind_caps_now(jobs_dir: Path, kind_caps: dict[str, int]) -> dict[str, int]:
