@@ -39,11 +39,20 @@ def load_samples(data_dir: str) -> list[dict[str, float]]:
                     sample = json.loads(line)
                 except ValueError:
                     continue  # a torn last line, or one with a byte that is no UTF-8
-                if isinstance(sample, dict) and all(k in sample for k in ("t", *SERIES)):
+                # A value that is no finite number (edited by hand): as damaged, left out.
+                if isinstance(sample, dict) and all(_finite(sample.get(k))
+                                                    for k in ("t", *SERIES)):
                     samples.append(sample)
     except FileNotFoundError:
         pass
     return samples
+
+
+def _finite(value: object) -> bool:
+    """A number, finite: not a string, a flag, NaN or infinite (compared, not
+    math.isfinite: an int too large for a float, 10**400, is none either)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and abs(value) <= sys.float_info.max)
 
 
 def windows(values: np.ndarray, lags: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,9 +76,7 @@ def check(model: dict[str, Any]) -> int:
         if not isinstance(weights, list) or len(weights) != lags + 1:
             raise ValueError(f"{name} has no list of lags + 1 = {lags + 1} weights")
         numbers = [*weights, params["mean"], params["std"]]
-        # Compared, not math.isfinite: an int too large for a float (10**400) is no number.
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                   and abs(x) <= sys.float_info.max for x in numbers) or params["std"] <= 0:
+        if not all(_finite(x) for x in numbers) or params["std"] <= 0:
             raise ValueError(f"{name} has a weight, mean or std that is no finite float, "
                              "or a std not above 0")
     return lags

@@ -281,18 +281,28 @@ def test_direct_cli_on_a_file_or_an_unreadable_history_says_so(tmp_path: Path) -
             f"is '{data_dir}' Offload's data folder (--data-dir, OFFLOAD_DATA_DIR)?"]
 
 
-def test_a_history_line_that_is_no_utf8_is_skipped(
-        data_dir: Path, make_supervisor: Callable[..., RunningSupervisor]) -> None:
-    # The job failed with "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff".
+# A byte that is no UTF-8 failed the job with "UnicodeDecodeError: 'utf-8' codec can't
+# decode byte 0xff"; a value edited by hand with "ValueError: could not convert string to
+# float: 'abc'" (a time of "x" with a TypeError where 'seconds' cut the history); a NaN
+# made the training diverge.
+@pytest.mark.parametrize("damaged", [
+    [b'{"t": 1, "cpu": 5\xff, "mem": 4}'],
+    [b'{"t": 1, "cpu": "abc", "mem": 4}', b'{"t": "x", "cpu": 5, "mem": 4}',
+     b'{"t": 1, "cpu": NaN, "mem": 4}', b'{"t": 1, "cpu": 5, "mem": 1e400}'],
+], ids=["no-utf8", "no-finite-number"])
+def test_a_damaged_history_line_is_skipped(
+        data_dir: Path, make_supervisor: Callable[..., RunningSupervisor],
+        damaged: list[bytes]) -> None:
     record_history(data_dir, seconds=200)
     history = data_dir / "history" / "metrics.jsonl"
     lines = history.read_bytes().splitlines()
-    lines[100] = b'{"t": 1, "cpu": 5\xff, "mem": 4}'
+    for n, line in enumerate(damaged):
+        lines[100 + 10 * n] = line
     history.write_bytes(b"\n".join(lines) + b"\n")
     sup = make_supervisor()
-    job = sup.wait_final(sup.submit("train", epochs=2))
+    job = sup.wait_final(sup.submit("train", epochs=2, seconds=10**6))
     assert job["state"] == "completed", job
-    assert job["result"]["samples"] == 199  # the damaged line left out, as a torn one
+    assert job["result"]["samples"] == 200 - len(damaged)  # left out, as a torn line
 
 
 def test_kinds_of_ones_own() -> None:
