@@ -53,7 +53,7 @@ class ChatInput(Request):
                                             "by default a summary of the last ten minutes")
     expert: bool | None = Field(None, description="false: no dashboard-expert system prompt")
     max_tokens: int | None = Field(None, ge=chat.MAX_TOKENS[0], le=chat.MAX_TOKENS[1])
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=chat.TEMPERATURE[0], le=chat.TEMPERATURE[1])
     on_busy: Literal["wait", "interrupt"] | None = Field(
         None, description="while an earlier answer of this session_id is queued or running: "
                           "wait for it (the default), or cancel it first")

@@ -29,6 +29,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobs.protocol.trust import UnsafeSettingsFile, env_file, read_settings_file, unsafe_way
 from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url
+from runners import chat
 
 ENV_PREFIX = "OFFLOAD_"  # of every variable below but OpenAI's own two
 DEFAULT_HOST = "127.0.0.1"
@@ -205,8 +206,8 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr | None = Field(None,
                                              validation_alias=_unprefixed("OPENAI_API_KEY"))
     llm_model: str | None = None
-    llm_max_tokens: int | None = Field(None, ge=1)
-    llm_temperature: float | None = Field(None, ge=0, le=2)
+    llm_max_tokens: int | None = Field(None, ge=chat.MAX_TOKENS[0], le=chat.MAX_TOKENS[1])
+    llm_temperature: float | None = Field(None, ge=chat.TEMPERATURE[0], le=chat.TEMPERATURE[1])
     llm_first_token_s: float | None = Field(None, gt=0)
     # Chats the embedded model decodes at once (llama-server's slots); None: as many as
     # OFFLOAD_MAX_CONCURRENT, at most DEFAULT_LLM_SLOTS.

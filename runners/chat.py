@@ -13,6 +13,7 @@ model that the supervisor runs (its address is in <data>/llm.json).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import sys
@@ -38,6 +39,11 @@ EMBEDDED_MAX_TOKENS = 512
 # max_tokens' lowest and highest: checked by hand here and, before a job is created, by
 # the API's ChatInput (jobs/inputs.py), which is built from them.
 MAX_TOKENS = (1, 32_768)
+TEMPERATURE = (0.0, 2.0)  # and temperature's
+# The settings that give every chat its default (the server's start refuses them out of
+# these bounds; a runner by hand reads them from the environment or the .env itself).
+DEFAULTS = (("max_tokens", "OFFLOAD_LLM_MAX_TOKENS", MAX_TOKENS, True),
+            ("temperature", "OFFLOAD_LLM_TEMPERATURE", TEMPERATURE, False))
 EARLIER_TURNS = 20  # at most this many earlier turns of a session recovered for a chat
 INTERRUPTED = "[this answer was interrupted]"
 ENGLISH_ONLY = (
@@ -68,13 +74,7 @@ def execute(job: base.Job) -> dict[str, Any]:
     # The packaged model only: OFFLOAD_LOCAL_MODEL may serve one that speaks the language.
     notice = ENGLISH_ONLY if embedded_used and not os.environ.get(
         "OFFLOAD_LOCAL_MODEL") and not is_english(_question(messages)) else ""
-    options: dict[str, Any] = {key: job.input[key] for key in ("max_tokens", "temperature")
-                               if key in job.input}
-    for key, env in (("max_tokens", "OFFLOAD_LLM_MAX_TOKENS"),
-                     ("temperature", "OFFLOAD_LLM_TEMPERATURE")):
-        if key not in options and os.environ.get(env):
-            options[key] = float(os.environ[env]) if key == "temperature" else int(
-                os.environ[env])
+    options = _options(job.input)
     if embedded_used and "max_tokens" not in options:
         # The small embedded model tends to ramble until its context is full.
         options["max_tokens"] = EMBEDDED_MAX_TOKENS
@@ -91,6 +91,24 @@ def execute(job: base.Job) -> dict[str, Any]:
     return {"reply": notice + reply.text, "model": reply.model,
             "finish_reason": reply.finish_reason, "usage": reply.usage, "streamed": reply.streamed,
             "session_id": job.input.get("session_id")}
+
+
+def _options(job_input: dict[str, Any]) -> dict[str, Any]:
+    """max_tokens and temperature for the server: the input's, else the settings' (see
+    DEFAULTS); a setting out of its bounds is a RunnerError that names it."""
+    options: dict[str, Any] = {key: job_input[key] for key, *_ in DEFAULTS if key in job_input}
+    for key, env, (low, high), whole in DEFAULTS:
+        if key not in options and os.environ.get(env):
+            try:
+                value = float(os.environ[env])
+            except ValueError:
+                value = math.nan  # no number: refused below, as one out of bounds
+            try:
+                options[key] = base.number({env: value}, env, (value, low, high), whole)
+            except base.RunnerError as exc:
+                raise base.RunnerError(f"{exc.message}, or unset (every chat's {key}; set "
+                                       "in the environment or .env)") from None
+    return options
 
 
 def is_english(text: str) -> bool:
@@ -297,6 +315,7 @@ def _direct_input(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_tokens is not None:  # out of bounds: bad usage, before a model starts
         job_input["max_tokens"] = base.number({"max_tokens": args.max_tokens}, "max_tokens",
                                               (args.max_tokens, *MAX_TOKENS), whole=True)
+    _options(job_input)  # a setting out of bounds too
     return job_input
 
 

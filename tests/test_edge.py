@@ -102,6 +102,10 @@ ONE_VARIABLE = {
     # It started, and logged the model's probe failing with a traceback every 5 s.
     "llm": ("OPENAI_BASE_URL", "notaurl", "a setting is wrong (set in the environment or in "
             ".env):\n  OPENAI_BASE_URL: Value error, not an http:// or https:// address"),
+    # It started, and every chat failed (sent 40000 to its server, or refused by its runner).
+    "tokens": ("OFFLOAD_LLM_MAX_TOKENS", "40000", "a setting is wrong (set in the environment "
+               "or in .env):\n  OFFLOAD_LLM_MAX_TOKENS: Input should be less than or equal to "
+               "32768"),
     # It started, and every job was lost at its runner's start.
     "endless": ("OFFLOAD_JOB_TIMEOUT_S", "inf",
                 "a setting is wrong (set in the environment or in .env):\n  "
@@ -112,7 +116,8 @@ ONE_VARIABLE = {
     ("uvicorn", "open"), ("api_entry", "open"), ("uvicorn", "kind"), ("api_entry", "schedule"),
     ("uvicorn", "hosts"), ("uvicorn", "cors"), ("api_entry", "cors"), ("uvicorn", "ages"),
     ("uvicorn", "caps"), ("api_entry", "port"), ("supervisor", "hosts"),
-    ("api_entry", "endless"), ("supervisor", "kinds"), ("api_entry", "file"),
+    ("api_entry", "endless"), ("api_entry", "tokens"), ("supervisor", "kinds"),
+    ("api_entry", "file"),
     ("supervisor", "file"), ("api_entry", "llm"), ("supervisor", "llm")])
 def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp_path: Path,
                                                      data_dir: Path) -> None:

@@ -176,6 +176,19 @@ def test_chat_cli_without_a_server_says_what_to_do() -> None:
         assert bad.stderr.splitlines()[-1].endswith(
             "error: 'max_tokens' must be a whole number from 1 to 32768"), bad.stderr
         assert "starting the embedded model" not in bad.stderr + bad.stdout
+    # A chats' default set out of bounds: as bad (the chat failed with a raw ValueError).
+    tokens, temperature = "a whole number from 1 to 32768", "a number from 0 to 2"
+    for variable, value, bounds in (("OFFLOAD_LLM_MAX_TOKENS", "abc", tokens),
+                                    ("OFFLOAD_LLM_MAX_TOKENS", "40000", tokens),
+                                    ("OFFLOAD_LLM_TEMPERATURE", "hot", temperature)):
+        bad = run(["-m", "runners.chat", "hi"],
+                  env={variable: value, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+        key = variable.removeprefix("OFFLOAD_LLM_").lower()
+        assert bad.stderr.splitlines()[-1].endswith(
+            f"error: '{variable}' must be {bounds}, or unset (every chat's {key}; set in the "
+            "environment or .env)"), bad.stderr
+        assert "asking the model" not in bad.stderr + bad.stdout
 
 
 def test_a_chat_by_hand_reads_the_env_file_the_server_reads(tmp_path: Path) -> None:
