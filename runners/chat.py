@@ -68,13 +68,13 @@ def execute(job: base.Job) -> dict[str, Any]:
     messages = job.input.get("messages")
     if not isinstance(messages, list) or not messages:
         raise base.RunnerError("the job input has no messages to send")
+    options = _options(job.input)  # before any server is asked
     messages = [_without_notice(m) for m in _with_earlier_turns(job, messages)]
     config = _config(job)
     embedded_used = not os.environ.get("OPENAI_BASE_URL")
     # The packaged model only: OFFLOAD_LOCAL_MODEL may serve one that speaks the language.
     notice = ENGLISH_ONLY if embedded_used and not os.environ.get(
         "OFFLOAD_LOCAL_MODEL") and not is_english(_question(messages)) else ""
-    options = _options(job.input)
     if embedded_used and "max_tokens" not in options:
         # The small embedded model tends to ramble until its context is full.
         options["max_tokens"] = EMBEDDED_MAX_TOKENS
@@ -95,10 +95,13 @@ def execute(job: base.Job) -> dict[str, Any]:
 
 def _options(job_input: dict[str, Any]) -> dict[str, Any]:
     """max_tokens and temperature for the server: the input's, else the settings' (see
-    DEFAULTS); a setting out of its bounds is a RunnerError that names it."""
-    options: dict[str, Any] = {key: job_input[key] for key, *_ in DEFAULTS if key in job_input}
+    DEFAULTS); one out of its bounds is a RunnerError that names it (the API refuses such
+    an input, but a job file edited by hand, or a runner by hand, comes here)."""
+    options: dict[str, Any] = {}
     for key, env, (low, high), whole in DEFAULTS:
-        if key not in options and os.environ.get(env):
+        if job_input.get(key) is not None:  # null: the default, as the API takes it
+            options[key] = base.number(job_input, key, (low, low, high), whole)
+        elif os.environ.get(env):
             try:
                 value = float(os.environ[env])
             except ValueError:
@@ -312,10 +315,9 @@ def _direct_input(args: argparse.Namespace) -> dict[str, Any]:
         messages.append({"role": "system", "content": args.system})
     messages.append({"role": "user", "content": args.question})
     job_input: dict[str, Any] = {"messages": messages, "expert": False}
-    if args.max_tokens is not None:  # out of bounds: bad usage, before a model starts
-        job_input["max_tokens"] = base.number({"max_tokens": args.max_tokens}, "max_tokens",
-                                              (args.max_tokens, *MAX_TOKENS), whole=True)
-    _options(job_input)  # a setting out of bounds too
+    if args.max_tokens is not None:
+        job_input["max_tokens"] = args.max_tokens
+    _options(job_input)  # out of bounds (or a setting): bad usage, before a model starts
     return job_input
 
 

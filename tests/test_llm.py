@@ -103,6 +103,38 @@ def test_chat_cli_prints_a_reply(llama_server: str) -> None:
     assert done.stdout.strip(), "the reply should be printed to stdout"
 
 
+def test_a_queued_chat_edited_out_of_bounds_fails_before_asking_the_model(
+        llama_server: str, make_server: Callable[..., Any]) -> None:
+    # The API refuses these inputs; edited into a queued job's file, they reached the
+    # model (which answered max_tokens 40000 and temperature 5 alike), and a "max_tokens":
+    # null the API takes failed with a raw TypeError.
+    server = make_server(env={"OPENAI_BASE_URL": llama_server})
+    edits: list[tuple[dict[str, Any], str | None]] = [
+        ({"max_tokens": 40000}, "'max_tokens' must be a whole number from 1 to 32768"),
+        ({"max_tokens": "x"}, "'max_tokens' must be a whole number from 1 to 32768"),
+        ({"temperature": 5}, "'temperature' must be a number from 0 to 2"),
+        ({"max_tokens": None, "temperature": None}, None)]
+    with server.client() as client:
+        assert client.post("/api/queue/pause").json()["paused"] is True
+        ids = []
+        for edit, _ in edits:
+            job = client.post("/api/jobs", json={"kind": "chat", "input": {
+                "messages": QUESTION, "max_tokens": 8}}).json()
+            path = server.data_dir / "jobs" / job["id"] / p.JOB_FILE
+            data = json.loads(path.read_text())
+            p.write_json(path, {**data, "input": {**data["input"], **edit}})
+            ids.append(job["id"])
+        client.post("/api/queue/resume")
+        for job_id, (edit, said) in zip(ids, edits, strict=True):
+            job = client.get(f"/api/jobs/{job_id}", params={"wait_s": 60},
+                             timeout=70).json()
+            if said is None:
+                assert job["state"] == "completed", (edit, job)
+                continue
+            assert job["state"] == "failed" and job["error"]["message"] == said, (edit, job)
+            assert job["output"] == "" and job["result"] is None, "the model was asked"
+
+
 @pytest.mark.slow
 def test_embedded_model_out_of_the_box(make_server: Callable[..., Any]) -> None:
     """No OPENAI_BASE_URL: the supervisor serves SmolLM2, restarts it, stops it."""
