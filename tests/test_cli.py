@@ -475,6 +475,13 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
                         "--wait")
     waiting_said = Reader(waiting.stderr)
     wait_for(lambda: "the queue is paused" in waiting_said.text, 30, 0.1, "the paused queue said")
+    # And so do `log --follow` and `wait` on it (they said nothing, as if stuck).
+    waiting_id = waiting_said.text.split()[0]
+    followers = [start_cli(url, "log", waiting_id, "--follow"), start_cli(url, "wait", waiting_id)]
+    followers_said = [Reader(follower.stderr) for follower in followers]
+    paused_said = "offload: the queue is paused: it starts once resumed (offload resume)"
+    wait_for(lambda: all(paused_said in said.text for said in followers_said), 30, 0.1,
+             "the paused queue said by log --follow and wait")
     empty = cli(url, "submit", "sleep", "--after", " ")  # a script's unset "$PREV"
     assert empty.returncode == 2 and "--after is empty" in empty.stderr, empty
     typo = cli(url, "list", "--kind", "slep")
@@ -490,6 +497,9 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     assert (resumed.returncode, resumed.stdout) == (0, "queue running\n")
     with waiting:  # its pipes closed
         assert waiting.wait(60) == 0 and waiting_said.done().count("\n") == 2, waiting_said.text
+    for follower, said in zip(followers, followers_said, strict=True):
+        with follower:
+            assert follower.wait(60) == 0 and said.done().count("queue is paused") == 1, said.text
 
     listed = cli(url, "schedules").stdout.splitlines()
     assert listed[0].split() == ["NAME", "KIND", "WHEN", "NEXT", "RUN", "(UTC)", "LAST", "JOB"]

@@ -171,6 +171,7 @@ def _wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:
     # An unknown id exits 5 before any wait; a job ended already is kept as it is now
     # (by the end of a long wait for another, it may have been pruned).
     finals = [client.job("GET", f"/api/jobs/{job_id}") for job_id in ids]
+    _say_if_paused(client, finals)
     for n, job in enumerate(finals):
         if job.get(p.F_STATE) not in p.FINAL_STATES:
             finals[n] = until_ended(client, ids[n])
@@ -239,7 +240,12 @@ def _follow_log(client: Client, args: argparse.Namespace) -> int:
             if not job.get(p.F_OUTPUT):  # never inside a reply being written
                 sys.stderr.write(shown(f"[{note({p.F_PROGRESS: progress})}]\n", sys.stderr))
 
-    job = follow(client, args.id, show)
+    def first(event: dict[str, Any], job: dict[str, Any]) -> None:
+        if attempt_shown[0] is None:  # the job as it is now, before any change
+            _say_if_paused(client, [job])
+        show(event, job)
+
+    job = follow(client, args.id, first)
     if not args.json and job.get(p.F_OUTPUT) and not str(job[p.F_OUTPUT]).endswith("\n"):
         sys.stdout.write("\n")
     return _outcome(job)
@@ -255,15 +261,21 @@ def wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespac
     # Said first: Ctrl-C while it waits leaves the job running, and its id is how to reach it.
     sys.stderr.write(f"{job[p.F_ID]} submitted; waiting for it to end (Ctrl-C stops the "
                      "waiting, not the job)\n")
-    if job.get(p.F_STATE) == p.JobState.QUEUED and _queue_paused(client):
-        sys.stderr.write("offload: the queue is paused: it starts once resumed "
-                         "(offload resume)\n")
+    _say_if_paused(client, [job])
     final = until_ended(client, job[p.F_ID])
     if args.json:
         print_json(final)
     else:
         job_details(final, sys.stdout)
     return _outcome(final)
+
+
+def _say_if_paused(client: Client, jobs: list[dict[str, Any]]) -> None:
+    """Before waiting for jobs: that those queued wait for the queue to be resumed (the
+    wait would look stuck)."""
+    if any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs) and _queue_paused(client):
+        they = "it starts" if len(jobs) == 1 else "they start"
+        sys.stderr.write(f"offload: the queue is paused: {they} once resumed (offload resume)\n")
 
 
 def _queue_paused(client: Client) -> bool:
@@ -426,9 +438,6 @@ def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace
     # Their ids first: a Ctrl-C while it waits leaves them running, and ids reach them.
     sys.stderr.write(f"{len(ids)} jobs submitted ({' '.join(ids)}); waiting for them to end "
                      "(Ctrl-C stops the waiting, not the jobs)\n")
-    if _queue_paused(client):
-        sys.stderr.write("offload: the queue is paused: they start once resumed "
-                         "(offload resume)\n")
     return _wait_all(client, ids, args)
 
 
