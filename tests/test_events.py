@@ -202,8 +202,13 @@ def test_a_get_with_wait_s_answers_once_the_job_has_ended(
         assert client.delete(f"/api/jobs/{queued}").status_code == 200
         assert waiting.result(60).json()["state"] == "cancelled"
 
-        for bad, said in (("61", "less than or equal to 60"), ("-1", "greater than or equal"),
-                          ("soon", "valid number"), ("nan", "wait_s")):
+        # Its bounds, whatever is wrong: nan was "less than or equal to 60", and so no number.
+        for bad in ("61", "-1", "soon", "nan", "inf", "-inf"):
             answer = client.get(f"/api/jobs/{other}", params={"wait_s": bad})
-            assert answer.status_code == 422 and said in answer.text, (bad, answer.text)
+            assert (answer.status_code, answer.json()) == (422, {
+                "detail": "invalid request: query.wait_s: must be a number from 0 to 60"}), bad
+        answer = client.get("/api/history", params={"seconds": "nan"})  # the other float
+        assert (answer.status_code, answer.json()) == (422, {
+            "detail": "invalid request: query.seconds: must be a number above 0 and at most "
+                      "10800"}), answer.text
         assert client.get("/api/jobs/" + "0" * 32, params={"wait_s": 5}).status_code == 404

@@ -27,6 +27,9 @@ SEND_JSON = "send a JSON object with the header Content-Type: application/json"
 # Pydantic's error types for a body that is missing or no object (not those of a check of
 # the whole object, "give run_at or delay_s, not both": that body was JSON).
 NOT_AN_OBJECT = frozenset({"missing", "model_attributes_type", "model_type", "dict_type"})
+# Pydantic's error types for a number out of bounds, or none at all (NaN, "abc").
+NOT_IN_BOUNDS = frozenset({"greater_than", "greater_than_equal", "less_than",
+                           "less_than_equal", "finite_number", "float_parsing", "float_type"})
 NOTHING_STORED = "Nothing was stored."  # a refusal for room, of a job alone
 
 
@@ -94,9 +97,28 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
                             f"{SEND_JSON}")
         elif loc == ("body",) and error.get("type") in NOT_AN_OBJECT:  # or another Content-Type
             problems.append(f"body: {error.get('msg')}; {SEND_JSON}")
+        elif (error.get("type") in NOT_IN_BOUNDS and loc[:1] == ("query",)
+              and (bounds := _number_bounds(request, str(loc[-1]))) is not None):
+            problems.append(f"{where}: must be a number {bounds}")
         else:
             problems.append(f"{where or 'body'}: {error.get('msg')}")
     return _detail(422, "invalid request: " + "; ".join(problems))
+
+
+def _number_bounds(request: Request, name: str) -> str | None:
+    """The bounds of the route's float query parameter `name`, said "from 0 to 60"; None
+    for another. Pydantic says one bound, the one it tried: "less than or equal to 60"
+    for wait_s=nan, which is no number at all."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    for field in getattr(dependant, "query_params", ()):
+        if field.alias == name and field.field_info.annotation is float:
+            limits = {key: getattr(each, key) for each in field.field_info.metadata
+                      for key in ("gt", "ge", "lt", "le") if hasattr(each, key)}
+            if {"ge", "le"} <= limits.keys():
+                return f"from {limits['ge']:g} to {limits['le']:g}"
+            said = {"gt": "above", "ge": "at least", "lt": "below", "le": "at most"}
+            return " and ".join(f"{said[key]} {value:g}" for key, value in limits.items())
+    return None
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
