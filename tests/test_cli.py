@@ -122,7 +122,7 @@ def test_status_submit_wait_list_show_and_log(server: Server) -> None:
     assert failures.stdout.splitlines()[0].split() == ["ID", "KIND", "STATE", "CREATED", "(UTC)",
                                                        "TOOK", "NOTE"]
     assert len(failures.stdout.splitlines()) == 3 and "runner: bad luck" in failures.stdout
-    assert cli(url, "list", "--kind", "nope").stdout == "no jobs\n"
+    assert cli(url, "list", "--kind", "train").stdout == "no jobs\n"
 
     shown = json.loads(cli(url, "show", failed_job["id"], "--json").stdout)
     assert shown["id"] == failed_job["id"] and shown["input"] == {"fail": "again"}
@@ -484,8 +484,10 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
              "the paused queue said by log --follow and wait")
     empty = cli(url, "submit", "sleep", "--after", " ")  # a script's unset "$PREV"
     assert empty.returncode == 2 and "--after is empty" in empty.stderr, empty
-    typo = cli(url, "list", "--kind", "slep")
-    assert typo.returncode == 0 and "runs no job kind 'slep' (its kinds: chat" in typo.stderr
+    for typo in (cli(url, "list", "--kind", "slep"),
+                 cli(url, "cancel", "--state", "queued", "--kind", "slep")):
+        assert (typo.returncode, typo.stdout, typo.stderr) == (
+            2, "", "offload: unknown job kind 'slep'; known kinds: chat, probe, sleep, train\n")
     with_a_path = cli(url, "--url", f"{url}/api", "status")
     assert with_a_path.returncode == 7 and "without /api" in with_a_path.stderr, with_a_path
     at = cli(url, "submit", "sleep", "--at", "2099-01-01T00:00:00Z")

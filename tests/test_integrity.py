@@ -372,6 +372,15 @@ def test_a_waiting_job_edited_to_an_unknown_kind_fails_saying_so(make_server: Ma
         p.write_json(path, {**json.loads(path.read_text()), "kind": "nope"})
         ended = wait_for(lambda: (lambda j: j if j["state"] in p.FINAL_STATES else None)(
             client.get(f"/api/jobs/{waiting['id']}").json()), 30)
+        # Listed by its kind, which the server does not run (one removed since, say); a
+        # kind of no job and no runner is a typo (it answered an empty list, as "no jobs").
+        listed = client.get("/api/jobs", params={"kind": "nope", "state": "failed"}).json()
+        assert [job["id"] for job in listed["jobs"]] == [waiting["id"]], listed
+        for query in ({"kind": "nope", "state": "queued"}, {"kind": "sleep", "state": "failed"}):
+            assert client.get("/api/jobs", params=query).json()["jobs"] == [], query
+        typo = client.get("/api/jobs", params={"kind": "slep"})
+        assert (typo.status_code, typo.json()) == (422, {
+            "detail": "unknown job kind 'slep'; known kinds: chat, probe, sleep, train"})
     assert ended["state"] == "failed" and ended["error"]["message"] == "unknown job kind 'nope'"
     said = (server.data_dir / "supervisor.log").read_text()
     assert "pass failed" not in said and "Traceback" not in said, said

@@ -15,6 +15,7 @@ from jobs import protocol as p
 from jobs.api.events import BadPosition, change_event, first_event, public, resume_position
 from jobs.api.follow import Followed, JobWatch, file_signature, followed, stopping
 from jobs.api.service import JobService
+from jobs.kinds import UnknownKind, registry
 from jobs.models import BatchAnswer, Job, JobBatch, JobCreate, JobList, JobRerun
 from jobs.protocol import JobState
 from jobs.settings import MAX_WAIT_S
@@ -96,12 +97,17 @@ async def list_jobs(service: Service, state: JobState | None = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                     before: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
                     ) -> dict[str, Any]:
-    """Jobs, newest first; `before` (a page's `next_before`) gives the next, older page."""
+    """Jobs, newest first; `before` (a page's `next_before`) gives the next, older page.
+    A `kind` the server runs no more still lists its jobs; one it never ran (a typo) is a
+    422 that names the kinds, as an unknown `state` is."""
     try:
         jobs, next_before = await service.list_jobs(state.value if state else None, kind,
                                                     limit, before)
     except UnknownCursor as exc:
         raise HTTPException(400, str(exc)) from None
+    if (kind is not None and not jobs and before is None and kind not in registry()
+            and not (await service.list_jobs(None, kind, 1))[0]):
+        raise UnknownKind(kind)
     return {"jobs": jobs, "next_before": next_before}
 
 

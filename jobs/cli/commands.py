@@ -119,8 +119,6 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         print_json(jobs)
     else:
         job_table(jobs, sys.stdout)
-    if not jobs:
-        known_kind(client, args.kind)
     if any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs) and _queue_paused(client):
         sys.stderr.write("the queue is paused: queued jobs start once resumed (offload "
                          "resume)\n")
@@ -137,20 +135,6 @@ def _next_page(args: argparse.Namespace, before: str) -> str:
              for part in (f"--{name}", shlex.quote(str(getattr(args, name))))]
     return " ".join(["offload list", *given, "--before", before,
                      *(["--json"] if args.json else [])])
-
-
-def known_kind(client: Client, kind: str | None) -> None:
-    """Where --kind matched no job: say so on stderr when it names no kind of the
-    server's (a typo; jobs of a kind removed since are still matched: no error)."""
-    if kind is None:
-        return
-    try:
-        kinds = client.call("GET", "/api/queue").get("kinds")
-    except Failure:  # an older server: nothing to say
-        return
-    if isinstance(kinds, list) and kind not in kinds:
-        sys.stderr.write(f"offload: this server runs no job kind {kind!r} (its kinds: "
-                         f"{', '.join(map(str, kinds))})\n")
 
 
 def cmd_show(client: Client, args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from jobs.cli.client import (
     job_path,
     offload_shaped,
 )
-from jobs.cli.commands import ENDED, LIST_MAX, known_kind, parse_input, wait_and_report
+from jobs.cli.commands import ENDED, LIST_MAX, parse_input, wait_and_report
 from jobs.cli.show import cap_said, kind_caps_said, print_json, table, when
 
 
@@ -110,8 +110,6 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
             ids, cut = _matching(client, states, args.kind)
             ids = [job_id for job_id in ids if job_id not in tried]
             if not ids:
-                if not tried:
-                    known_kind(client, args.kind)
                 break
             tried.update(ids)
             acted = _act(args, ids, act, said, moved_on, done)  # each page, whatever came before
