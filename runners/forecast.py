@@ -39,13 +39,17 @@ def load_samples(data_dir: str) -> list[dict[str, float]]:
                     sample = json.loads(line)
                 except ValueError:
                     continue  # a torn last line, or one with a byte that is no UTF-8
-                # A value that is no finite number (edited by hand): as damaged, left out.
-                if isinstance(sample, dict) and all(_finite(sample.get(k))
-                                                    for k in ("t", *SERIES)):
+                if is_sample(sample):  # else edited by hand: as damaged, left out
                     samples.append(sample)
     except FileNotFoundError:
         pass
     return samples
+
+
+def is_sample(sample: object) -> bool:
+    """A line of the history that is a sample: a finite number for each of its time and
+    series (the training and the API's readers both leave out any other)."""
+    return isinstance(sample, dict) and all(_finite(sample.get(k)) for k in ("t", *SERIES))
 
 
 def _finite(value: object) -> bool:

@@ -787,6 +787,21 @@ def test_history_survives_a_restart(make_server: MakeServer) -> None:
     assert samples[0] in after
 
 
+def test_a_history_line_edited_to_no_number_is_left_out(server: Server) -> None:
+    # Read as a sample, it made every chat's submission a 500 for ten minutes (its
+    # summary for the expert: "could not convert string to float: 'abc'").
+    with server.client() as client:
+        wait_for(lambda: client.get("/api/history").json()["metrics"]["samples"][1:], 15)
+        with open(server.data_dir / "history" / "metrics.jsonl", "a") as history:
+            history.write(json.dumps({"t": time.time(), "cpu": "abc", "mem": 5}) + "\n")
+        chat = client.post("/api/jobs", json={"kind": "chat", "input": {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}})
+        assert chat.status_code == 202, chat.text
+        assert "CPU over the last" in chat.json()["input"]["context"]
+        samples = client.get("/api/history").json()["metrics"]["samples"]
+        assert samples and all(isinstance(each["cpu"], float) for each in samples), samples
+
+
 def test_stopping_the_api_leaves_runners_and_next_start_adopts_them(
         make_server: MakeServer, data_dir: Path) -> None:
     first = make_server()

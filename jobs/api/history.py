@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
+from runners import forecast
 
 
 class MetricsReader:
@@ -67,7 +68,7 @@ class MetricsReader:
                 sample = json.loads(line)
             except ValueError:
                 continue  # a torn line after a crash; skip it
-            if isinstance(sample, dict) and isinstance(sample.get("t"), (int, float)):
+            if forecast.is_sample(sample):  # one edited to "cpu": "abc" failed every chat
                 self._samples.append(sample)
 
 
