@@ -66,7 +66,7 @@ def stopped(job: Job, reason: str, stopper: Stopper) -> int:
 
 
 def finish(job: Job, sink: Sink, state: str, result: dict[str, Any] | None,
-            error: dict[str, Any] | None, code: int, stopper: Stopper) -> int:
+           error: dict[str, Any] | None, code: int, stopper: Stopper) -> int:
     stopper.finishing = True
     if sys.platform != "win32":
         signal.setitimer(signal.ITIMER_REAL, 0)

@@ -152,7 +152,7 @@ class JobService:
                 launch: Launch, fields: dict[str, Any]) -> dict[str, Any] | Claim:
         """The new job (`fields`: set in its file besides the input and `launch`); with a
         key, the job it already created, or its claim when that job is not there (see
-        `_unblock`). Without `load`, the jobs are counted now."""
+        `idempotency_keys.unblock`). Without `load`, the jobs are counted now."""
         if key is not None and (found := find(self.store, key)) is not None:
             return found
         if load is None:

@@ -124,7 +124,7 @@ def _read_request(fd: int) -> tuple[bytes, bytes]:
 
 
 def fork_for_request(request: dict[str, Any], stale: bool, replies: int,
-          server_fds: tuple[int, ...]) -> int:
+                     server_fds: tuple[int, ...]) -> int:
     if sys.platform == "win32":
         raise OSError("no fork on Windows")
     log_fd = p.open_log(request["log"])

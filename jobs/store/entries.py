@@ -24,7 +24,6 @@ class Live:
         self.looked_at = time.monotonic()  # its file's last stat, by the index
 
 
-
 class Entry:
     """What the index keeps of one job: enough to list, count and prune it. A settled
     job's entry is a few pointers (its strings are shared), so thousands cost little."""

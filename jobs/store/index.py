@@ -39,7 +39,6 @@ class UnknownCursor(ValueError):
     """A listing's `before` names no job the index holds."""
 
 
-
 class JobIndex:
     """Jobs newest first, counts by state, queue positions, sessions, what to prune;
     safe to use from several threads."""
