@@ -1,8 +1,12 @@
-"""Listing and history with many job files on disk, against a nearly empty folder.
+"""Listing and history with many job files on disk, against a nearly empty folder; and
+what a backlog of queued jobs costs while nothing runs.
 
 The same real server is measured twice in one run: with 100 finished jobs in its
 data folder (the baseline) and with 20,000. `GET /api/jobs` and `GET /api/history`
 are requested in turn, after a warm-up that lets the server index the folder.
+Then a server with its queue paused is given 100 jobs (the baseline), then 5,000, over
+`POST /api/jobs/batch`, and the CPU its API worker and its supervisor use while idle
+is read from `/proc`.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.api import _free_port, _process
 from bench.core import stats
 from jobs import protocol as p
 
 SIZES = (100, 20_000)
+BACKLOGS = (100, 5_000)
+IDLE_S = 10.0  # CPU read over this long, once the backlog is stored and listed
+BATCH = 500
 REQUESTS = 300
 ROUTES = ("/api/jobs", "/api/history")
 
@@ -79,8 +87,39 @@ def measure(n: int) -> dict[str, Any]:
             **{route: stats(values) for route, values in samples.items()}}
 
 
+def idle_backlog(n: int) -> dict[str, Any]:
+    """The CPU the API worker and the supervisor use while `n` jobs wait in a paused
+    queue and nothing else happens (percent of one CPU)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="offload-bench-backlog-") as tmp:
+        env = {"OFFLOAD_DATA_DIR": str(Path(tmp) / "var"), "OFFLOAD_MAX_QUEUED": str(2 * n),
+               "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # never called: no model server
+        with _process(["-m", "uvicorn", "api_entry:app", "--port", str(port)], env,
+                      f"{url}/api/health"), httpx.Client(base_url=url, timeout=120) as client:
+            client.post("/api/queue/pause").raise_for_status()
+            for done in range(0, n, BATCH):
+                jobs = [{"kind": "sleep", "input": {"seconds": 0}}] * min(BATCH, n - done)
+                client.post("/api/jobs/batch", json={"jobs": jobs}).raise_for_status()
+            deadline = time.monotonic() + 60
+            while client.get("/api/history").json()["counts"][p.JobState.QUEUED] != n:
+                assert time.monotonic() < deadline, "the backlog was not listed"
+                time.sleep(0.2)
+            time.sleep(2.0)  # the supervisor has read them all
+            api = next(each for each in psutil.process_iter(["cmdline"])
+                       if f"--port {port}" in " ".join(each.info["cmdline"] or []))
+            supervisor = next(each for each in api.children()
+                              if "jobs.supervisor" in " ".join(each.cmdline()))
+            before = [sum(each.cpu_times()[:2]) for each in (api, supervisor)]
+            time.sleep(IDLE_S)
+            after = [sum(each.cpu_times()[:2]) for each in (api, supervisor)]
+    api_cpu, supervisor_cpu = ((b - a) / IDLE_S * 100 for a, b in zip(before, after, strict=True))
+    return {"queued": n, "api_cpu_pct": api_cpu, "supervisor_cpu_pct": supervisor_cpu}
+
+
 def run() -> dict[str, Any]:
-    return {"sizes": [measure(n) for n in SIZES]}
+    return {"sizes": [measure(n) for n in SIZES],
+            "backlogs": [idle_backlog(n) for n in BACKLOGS]}
 
 
 def report(results: dict[str, Any]) -> str:
@@ -99,4 +138,9 @@ def report(results: dict[str, Any]) -> str:
     rows.append("First `/api/jobs` after the server started (indexing the folder): "
                 + ", ".join(f"{s['jobs']:,} jobs {s['first_listing_s'] * 1000:.0f} ms"
                             for s in results["sizes"]) + ".")
+    rows += ["", "| jobs queued, the queue paused, nothing running | API worker's CPU (% of one) "
+             "| supervisor's CPU (% of one) |", "| --- | ---: | ---: |"]
+    for backlog in results.get("backlogs", []):
+        rows.append(f"| {backlog['queued']:,} | {backlog['api_cpu_pct']:.1f} "
+                    f"| {backlog['supervisor_cpu_pct']:.1f} |")
     return "\n".join(rows)
