@@ -8,11 +8,10 @@ import sys
 
 from jobs import protocol as p
 from jobs.protocol import trust
-from runners.execution import EXIT_FAILED, EXIT_USAGE, run
+from runners.execution import EXIT_FAILED, EXIT_USAGE, Stopper, run
 from runners.job import Job, RunnerError
 from runners.job_file import run_job_file
 from runners.sinks import ConsoleSink
-from runners.stopping import Stopper
 
 # Every runner pays for its imports at start: typing stays out of run time.
 TYPE_CHECKING = False

@@ -151,7 +151,7 @@ def test_a_stop_on_the_heels_of_the_deadline_is_one_stop() -> None:
     # The supervisor's SIGTERM at the same deadline, between the runner's own timeout and
     # its final state's write, raised again out of the handler: a traceback, exit 1.
     # (The handlers themselves: the instant between two signals cannot be had on demand.)
-    from runners.stopping import Stopper, StopRequested
+    from runners.execution import Stopper, StopRequested
 
     stopper = Stopper(None)
     with pytest.raises(StopRequested) as stopped:

@@ -18,12 +18,10 @@ from typing import Any
 
 from jobs import protocol as p
 from jobs.store.chats import SessionTurns, TokenTotals
-from jobs.store.entries import Entry, Live
+from jobs.store.entries import Entry, Live, Load as Load, SubmissionOrder, Tallies
 from jobs.store.folder_listing import RELIST_S, DirListing
 from jobs.store.queue_positions import awaited, count_positions, kind_caps_now
 from jobs.store.reading import read_job, stat_job_file, stat_signature
-from jobs.store.submission_order import SubmissionOrder
-from jobs.store.tallies import Load as Load, Tallies
 
 SETTLE_S = 5.0  # a finished job file this long unchanged is never looked at again
 RECENT_KEPT = 256  # finished jobs kept whole in memory, most recently read, at least
