@@ -13,6 +13,7 @@ do; the API key is never part of one, nor are credentials in the URL
 from __future__ import annotations
 
 import base64
+import encodings.idna  # noqa: F401 (a host's codec: loaded once, in the fork server)
 import http.client
 import json
 import math

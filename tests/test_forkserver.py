@@ -29,6 +29,7 @@ from jobs.launch.local import FORK, LocalLauncher, LocalRun
 from jobs.protocol.wake import OUTPUT_FILE
 from jobs.store.job_store import JobStore
 from tests.conftest import ROOT, process_gone, wait_for
+from tests.fake_llm import FakeLLM
 from tests.tracing import TracedServer, parse
 
 pytestmark = pytest.mark.skipif(not fork_client.AVAILABLE, reason="the fork server is Linux only")
@@ -187,16 +188,11 @@ def test_the_next_runner_is_forked_ahead_and_takes_the_next_job(
         assert job["state"] == p.JobState.COMPLETED and job["pid"] == replaced.pid, job
 
 
-@pytest.mark.timeout(300)
-def test_a_forked_runner_loads_no_module(strace: str, data_dir: Path,
-                                         tmp_path: Path) -> None:
-    """What runners need is loaded in the fork server once: a module a forked runner
-    loads, it loads for every job (`resource`, read for a job's peak RSS, was; and its
-    own module, which runpy read again for each job)."""
-    trace = tmp_path / "strace.txt"
-    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}  # no embedded model to trace
+def _traced_jobs(strace: str, trace: Path, data_dir: Path, tmp_path: Path,
+                 llm_url: str) -> list[dict[str, Any]]:
+    """Two sleep jobs and a chat, run by a server whose processes strace follows."""
     server = TracedServer(strace, trace, "openat,execve", data_dir, tmp_path / "server.log",
-                          env)
+                          {"OPENAI_BASE_URL": llm_url})
     jobs = []
     try:
         server.start(timeout=120)
@@ -205,8 +201,26 @@ def test_a_forked_runner_loads_no_module(strace: str, data_dir: Path,
                 # 0 s: every write of the job is its main thread's, whose tid is its pid
                 job_id = submit(client, seconds=0, steps=2)
                 jobs.append(final(client, job_id))
+            # A chat connects by name or address: the `idna` codec that takes its host was
+            # loaded by each chat runner (with `stringprep` and `unicodedata`).
+            chat = client.post("/api/jobs", json={"kind": "chat", "input": {"messages": [
+                {"role": "user", "content": "hi"}]}})
+            assert chat.status_code == 202, chat.text
+            jobs.append(final(client, chat.json()["id"]))
     finally:
         server.stop()
+    return jobs
+
+
+@pytest.mark.timeout(300)
+def test_a_forked_runner_loads_no_module(strace: str, data_dir: Path,
+                                         tmp_path: Path) -> None:
+    """What runners need is loaded in the fork server once: a module a forked runner
+    loads, it loads for every job (`resource`, read for a job's peak RSS, was; and its
+    own module, which runpy read again for each job)."""
+    trace = tmp_path / "strace.txt"
+    with FakeLLM(pieces=["a ", "reply"]) as llm:  # a chat's connection, not a model
+        jobs = _traced_jobs(strace, trace, data_dir, tmp_path, llm.base_url)
     calls = parse(trace.read_text())
     for job in jobs:
         assert job["state"] == p.JobState.COMPLETED, job
