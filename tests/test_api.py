@@ -270,6 +270,29 @@ def test_remove_a_finished_job_now(make_server: MakeServer) -> None:
         client.delete(f"/api/jobs/{later['id']}")
 
 
+def test_a_job_cancelled_far_back_in_the_queue_is_so_at_once(make_server: MakeServer) -> None:
+    # The index looks at a queued job past the first 64 in line once a second: one
+    # cancelled there was listed queued a moment more, and kept the job it depends on.
+    server = make_server()
+    with server.client() as client:
+        done = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        assert wait_job(client, done["id"])["state"] == "completed"
+        assert client.post("/api/queue/pause").status_code == 200
+        sleeps = [{"kind": "sleep", "input": {"seconds": 0}}] * 80
+        batch = client.post("/api/jobs/batch", json={"jobs": [
+            *sleeps, {"kind": "sleep", "input": {"seconds": 0}, "depends_on": done["id"]}]})
+        assert batch.status_code == 202, batch.text
+        last = batch.json()["jobs"][-1]["id"]
+        wait_for(lambda: client.get(f"/api/jobs/{last}").json()["queue_position"] == 80,
+                 what="the last job's place")
+        time.sleep(0.3)  # the index has looked at it, and will not for a while
+        assert client.delete(f"/api/jobs/{last}").json()["state"] == "cancelled"
+        queued = client.get("/api/jobs", params={"state": "queued", "limit": 1000}).json()
+        assert last not in [job["id"] for job in queued["jobs"]]
+        assert client.post(f"/api/jobs/{done['id']}/remove").status_code == 200
+        client.post("/api/queue/resume")
+
+
 def test_a_chat_turn_is_kept_while_its_conversation_goes_on(server: Server) -> None:
     # Earlier turns are a turn's context: removing one lost it from the answer under way.
     def turn(text: str) -> str:

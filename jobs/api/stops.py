@@ -63,6 +63,9 @@ class Stops:
                     jobs[job_id] = await run_in_threadpool(self.store.read, job_id)
             if time.monotonic() > deadline or all(
                     job.get(p.F_STATE) in p.FINAL_STATES for job in jobs.values()):
+                # Listings show them so from now on (the index looks at a queued job far
+                # back in line once a second).
+                await run_in_threadpool(self.store.look_at, list(jobs))
                 return jobs
 
     async def remove(self, job_id: str) -> dict[str, Any]:

@@ -206,14 +206,26 @@ class JobIndex:
             self._refresh(0.0)
             entry = self._entries.get(job_id)
             session = entry.session if entry is not None else None
+
+            def needs(i: str) -> bool:
+                other = self._entries[i]
+                return (other.live is not None
+                        and other.state in (p.JobState.QUEUED, p.JobState.RUNNING)
+                        and (job_id in p.dependencies(other.live.data)
+                             or (session is not None and other.session == session)))
+
+            # Looked at again now: one queued far back was last looked at up to
+            # QUEUED_LOOK_S ago (cancelled since, it needs nothing).
+            self._look_at([i for i in self._watched if needs(i)])
             needing = sorted(p.fifo_key(live.data) for i in self._watched
-                             if (live := self._entries[i].live) is not None
-                             and self._entries[i].state in (p.JobState.QUEUED,
-                                                            p.JobState.RUNNING)
-                             and (job_id in p.dependencies(live.data)
-                                  or (session is not None
-                                      and self._entries[i].session == session)))
+                             if needs(i) and (live := self._entries[i].live) is not None)
             return [each for _, each in needing if each != job_id]
+
+    def look_at(self, job_ids: list[str]) -> None:
+        """These jobs brought up to date now, whenever they were last looked at: a caller
+        that has just seen them change (a cancel that waited for their final states)."""
+        with self._lock:
+            self._look_at(job_ids)
 
     def prunable(self, cutoff: float, max_jobs: int | None,
                  young: float = math.inf, keep: frozenset[str] | set[str] = frozenset()
@@ -314,6 +326,12 @@ class JobIndex:
         elif self._entries[job_id].state in p.FINAL_STATES and wall - st.st_mtime > SETTLE_S:
             self._remember(job_id, live.data)
             self._stop_watching(job_id)
+
+    def _look_at(self, job_ids: list[str]) -> None:
+        wall = time.time()
+        for job_id in job_ids:
+            if job_id in self._watched:
+                self._check(job_id, wall)
 
     def _stop_watching(self, job_id: str) -> None:
         """Finished and quiet: never looked at again, and kept small (the whole job is
