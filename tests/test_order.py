@@ -482,5 +482,8 @@ def test_a_job_its_kinds_cap_holds_back_is_not_shown_next(make_server: MakeServe
                                                   "max_concurrent": 2}).status_code == 200
         wait_for(lambda: position(held) == 0, 30, 0.1, "the sleep job's place")
         assert position(chat) == 1
+        typo = client.put("/api/queue/cap", json={"kind": "slep", "max_concurrent": 2})
+        assert typo.status_code == 422
+        assert typo.json()["detail"].startswith("unknown job kind 'slep'; known kinds: chat, ")
         for job in (busy, held, chat):
             client.delete(f"/api/jobs/{job['id']}")

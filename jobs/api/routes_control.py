@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from jobs import protocol as p
 from jobs.api.routes_jobs import Service
 from jobs.api.service import JobService
-from jobs.kinds import registry
+from jobs.kinds import UnknownKind, registry
 from jobs.protocol import control
 from jobs.protocol.wake import poke
 from jobs.schedules import Schedule, by_name, configured, schedule_file
@@ -119,8 +119,7 @@ async def set_queue_cap(body: QueueCap, service: Service) -> dict[str, Any]:
     jobs over a lower cap finish; none starts until fewer run."""
     # A cap for a kind no longer known can still be taken away.
     if body.kind is not None and body.kind not in registry() and body.max_concurrent is not None:
-        raise HTTPException(422, f"unknown job kind {body.kind!r}; known kinds: "
-                                 f"{', '.join(sorted(registry()))}")
+        raise UnknownKind(body.kind)
     data_dir = service.settings.data_dir
     await run_in_threadpool(_set_cap, data_dir, body.max_concurrent, body.kind)
     poke(service.store.dir)  # a higher cap starts queued jobs at once
