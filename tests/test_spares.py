@@ -21,6 +21,7 @@ from jobs.launch.spare_pool import SPARES as POOL
 from jobs.protocol.wake import poke
 from jobs.store.job_store import JobStore
 from tests.conftest import process_gone, wait_for
+from tests.fake_llm import FakeLLM
 
 MakeServer = Callable[..., Any]
 NO_MODEL = {"OFFLOAD_LOCAL_MODEL": "/nonexistent/model.gguf"}  # no model server to start
@@ -122,6 +123,28 @@ def test_each_job_takes_a_spare_of_its_own(make_server: MakeServer, data_dir: Pa
         assert "error: broken on purpose" in log
     server.stop()
     no_spares_left(data_dir)
+
+
+def test_a_chat_taken_by_a_spare_imports_its_client_there(make_server: MakeServer,
+                                                          data_dir: Path) -> None:
+    """A spare imports what every runner does, not a chat's HTTP client (it pays for its
+    imports once per job, whatever the job): the chat's runner imports it and streams."""
+    with FakeLLM(pieces=["a ", "reply"]) as llm:
+        server = make_server(env={**SPARES, "OPENAI_BASE_URL": llm.base_url})
+        with server.client() as client:
+            final(client, submit(client, seconds=0))  # the pool starts with the first job
+            ready = warm(data_dir)
+            if sys.platform == "linux":  # what a process has loaded: its mapped files
+                for pid in ready:
+                    maps = Path(f"/proc/{pid}/maps").read_text()
+                    assert "_ssl" not in maps, f"spare {pid} loaded a chat's TLS module"
+            answer = client.post("/api/jobs", json={"kind": "chat", "input": {"messages": [
+                {"role": "user", "content": "hi"}]}})
+            assert answer.status_code == 202, answer.text
+            chat = final(client, answer.json()["id"])
+        server.stop()
+    assert chat["state"] == p.JobState.COMPLETED and chat["pid"] in ready, chat
+    assert chat["output"] == "a reply", chat
 
 
 def test_a_spare_run_job_is_cancelled_with_its_process(make_server: MakeServer,
