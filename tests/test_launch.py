@@ -42,12 +42,13 @@ def test_the_browser_opens_on_a_server_with_a_token(make_server: Callable[..., A
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     # Its /api/health asks for the token (401): that was taken for "not up yet", for good.
     import launch
+    from launcher import serve
 
     server = make_server(env={"OFFLOAD_API_TOKEN": "a-token-of-more-than-16-characters"})
-    assert launch.wait_until_up(server.url, timeout_s=30)  # what opens the browser on it
+    assert serve.wait_until_up(server.url, timeout_s=30)  # what opens the browser on it
     # Found running by a second start told not to open it: it said "opening it".
     options, _ = launch.parse_args(["--no-browser"])
-    assert launch.opened_if_running(server.url, options)
+    assert serve.opened_if_running(server.url, options)
     said = capsys.readouterr()
     assert f"already running at {server.url}" in said.out + said.err
     assert "opening" not in said.out + said.err
@@ -58,7 +59,7 @@ def test_a_degraded_server_is_still_offload(make_server: Callable[..., Any]) -> 
     # another program, and started another API on the next port, on the same data.
     import subprocess
 
-    import launch
+    from launcher import serve
 
     server = make_server()
     with server.client() as client:
@@ -68,8 +69,8 @@ def test_a_degraded_server_is_still_offload(make_server: Callable[..., Any]) -> 
         try:
             assert client.post("/api/jobs", json={"kind": "sleep"}).status_code == 503
             assert client.get("/api/health").json()["status"] == "degraded"
-            assert launch.offload_answers(server.url)
-            assert launch.wait_until_up(server.url, timeout_s=30)
+            assert serve.offload_answers(server.url)
+            assert serve.wait_until_up(server.url, timeout_s=30)
         finally:
             subprocess.run(["chattr", "-i", str(jobs_dir)], check=True)
 
@@ -77,29 +78,30 @@ def test_a_degraded_server_is_still_offload(make_server: Callable[..., Any]) -> 
 def test_host_and_port_are_read_from_dotenv_as_the_server_reads_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import launch
+    from launcher import serve
 
     (tmp_path / ".env").write_text("# the user's\nexport OFFLOAD_PORT=18555 # a comment\n"
                                    "OFFLOAD_HOST='::1'\n")
-    monkeypatch.setattr(launch, "ROOT", tmp_path)
+    monkeypatch.setattr(serve, "ROOT", tmp_path)
     for name in ("OFFLOAD_HOST", "OFFLOAD_PORT", "OFFLOAD_ENV_FILE"):
         monkeypatch.delenv(name, raising=False)
     options, _ = launch.parse_args(["--no-browser"])
-    assert launch.address(options) == ("::1", 18555, "[::1]")
+    assert serve.address(options) == ("::1", 18555, "[::1]")
     monkeypatch.setenv("OFFLOAD_PORT", "18556")  # the environment first, as the server's
-    assert launch.address(options)[1] == 18556
+    assert serve.address(options)[1] == 18556
     monkeypatch.delenv("OFFLOAD_PORT")
     # Another file named, set twice in it: the last line counts, as python-dotenv has it.
     (tmp_path / "mine.env").write_text("OFFLOAD_PORT=18557\nOFFLOAD_PORT=18558\n")
     monkeypatch.setenv("OFFLOAD_ENV_FILE", str(tmp_path / "mine.env"))
-    assert launch.address(options)[:2] == ("127.0.0.1", 18558)
+    assert serve.address(options)[:2] == ("127.0.0.1", 18558)
     monkeypatch.setenv("OFFLOAD_ENV_FILE", "mine.env")  # relative: to the server's folder
-    assert launch.address(options)[:2] == ("127.0.0.1", 18558)
+    assert serve.address(options)[:2] == ("127.0.0.1", 18558)
     # Empty: the folder's own, as the server has it; comments after any whitespace, and
     # quotes, as python-dotenv reads them.
     monkeypatch.setenv("OFFLOAD_ENV_FILE", "")
     (tmp_path / ".env").write_text("OFFLOAD_PORT=18559\t# a comment after a tab\n"
                                    "OFFLOAD_HOST=\"::1\" # quoted\n")
-    assert launch.address(options)[:2] == ("::1", 18559)
+    assert serve.address(options)[:2] == ("::1", 18559)
     from dotenv import dotenv_values
 
     assert dotenv_values(tmp_path / ".env") == {"OFFLOAD_PORT": "18559", "OFFLOAD_HOST": "::1"}
@@ -118,16 +120,16 @@ def test_a_venv_that_does_not_work_is_made_again(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # Made in part (stopped with Ctrl+C, or Debian's venv without ensurepip): no pip in
     # it, and every later start (--reinstall too) failed on it.
-    import launch
+    import launcher.venv
 
     venv = tmp_path / ".venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    monkeypatch.setattr(launch, "VENV", venv)
-    monkeypatch.setattr(launch, "STAMP", venv / "offload-install.json")
+    monkeypatch.setattr(launcher.venv, "VENV", venv)
+    monkeypatch.setattr(launcher.venv, "STAMP", venv / "offload-install.json")
     (venv / "offload-install.json").write_text("{}")
-    assert launch.venv_python().exists() and not launch.venv_works()
-    launch.ensure_venv()
-    assert launch.venv_works() and not (venv / "offload-install.json").exists()
+    assert launcher.venv.venv_python().exists() and not launcher.venv.venv_works()
+    launcher.venv.ensure_venv()
+    assert launcher.venv.venv_works() and not (venv / "offload-install.json").exists()
 
 
 def _launched(tmp_path: Path, port: int, before: tuple[str, ...] = (),

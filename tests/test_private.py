@@ -248,6 +248,7 @@ def test_launch_py_does_not_take_another_accounts_server_for_offload(
     # started nothing; the page left a service worker that read every chat once Offload
     # served that port.
     import launch
+    from launcher import serve
 
     port = free_port()
     system_python = shutil.which("python3", path="/usr/bin:/bin")  # not this .venv's
@@ -257,19 +258,19 @@ def test_launch_py_does_not_take_another_accounts_server_for_offload(
                                HEALTH_OK, str(port)])
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: not launch.port_free("127.0.0.1", port), 30,
+        wait_for(lambda: not serve.port_free("127.0.0.1", port), 30,
                  what="their server listening")
-        assert not launch.offload_answers(url)
+        assert not serve.offload_answers(url)
         options, _ = launch.parse_args(["--no-browser"])
-        assert not launch.opened_if_running(url, options)
+        assert not serve.opened_if_running(url, options)
     finally:
         theirs.terminate()
         theirs.wait(30)
     ours = subprocess.Popen([sys.executable, "-c", HEALTH_OK, str(port)])  # as if Offload
     try:
-        wait_for(lambda: launch.offload_answers(f"http://127.0.0.1:{port}"), 30,
+        wait_for(lambda: serve.offload_answers(f"http://127.0.0.1:{port}"), 30,
                  what="our own answering")
-        assert not launch.others_listen(port)
+        assert not serve.others_listen(port)
     finally:
         ours.terminate()
         ours.wait(30)

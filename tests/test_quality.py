@@ -18,7 +18,7 @@ from tests.conftest import ROOT
     ["mypy"],
     # Every Windows branch type-checks too: no POSIX-only call outside a platform guard.
     ["mypy", "--platform", "win32", "jobs", "runners", "api_entry.py", "launch.py",
-     "start_dashboard.pyw"],
+     "launcher", "start_dashboard.pyw"],
 ])
 def test_clean(tool: list[str]) -> None:
     done = subprocess.run([sys.executable, "-m", *tool], cwd=ROOT, capture_output=True,
@@ -50,6 +50,7 @@ def test_the_api_reports_the_version_of_pyproject() -> None:
     ["jobs.protocol", "jobs.protocol.embedded", "jobs.protocol.remote", "jobs.protocol.urls",
      "jobs.protocol.wake"],
     ["runners.sleep", "runners.chat", "runners.train"],  # what a runner loads at start
+    ["launch"],  # launch.py and its parts in launcher/: they run before .venv exists
 ])
 def test_loads_only_the_standard_library_and_the_protocol(modules: list[str]) -> None:
     code = ("import sys; before = set(sys.modules); "
@@ -57,7 +58,7 @@ def test_loads_only_the_standard_library_and_the_protocol(modules: list[str]) ->
             + "; print(*sorted(set(sys.modules) - before))")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, check=True, timeout=60).stdout.split()
-    ours = ("jobs.protocol", "runners")
+    ours = ("jobs.protocol", "runners", "launch")  # "launch": launch and launcher.*
     foreign = [m for m in loaded if m.split(".")[0] not in sys.stdlib_module_names
                and not m.startswith(ours) and m != "jobs"]
     assert not foreign, foreign

@@ -1,0 +1,219 @@
+"""Where to serve (options, environment, `.env`), an Offload already running there
+found, and api_entry.py started, waited for and stopped."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import webbrowser
+from collections.abc import Callable
+
+from launcher import ROOT, say
+from launcher.venv import venv_python
+
+
+def address(options: argparse.Namespace) -> tuple[str, int, str]:
+    """The host and port to serve on, as the server reads them (given here, else the
+    environment, else `.env`), and the host a browser reaches it by."""
+    host: str = options.host or setting("OFFLOAD_HOST") or "127.0.0.1"
+    try:
+        port: int = options.port or port_number(setting("OFFLOAD_PORT") or "8001")
+    except argparse.ArgumentTypeError as exc:
+        sys.exit(f"[offload] OFFLOAD_PORT: {exc}")
+    browse_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    if ":" in browse_host:
+        browse_host = f"[{browse_host}]"  # an IPv6 address in a URL
+    return host, port, browse_host
+
+
+def setting(name: str) -> str | None:
+    """An OFFLOAD_* setting from the environment, else from the `.env` the server reads
+    (OFFLOAD_ENV_FILE's, else the one beside launch.py; the last line that sets it), read
+    here by hand: python-dotenv is not installed yet."""
+    if os.environ.get(name):
+        return os.environ[name]
+    try:
+        path = ROOT / (os.environ.get("OFFLOAD_ENV_FILE") or ".env")  # absolute: itself
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    found = None
+    for line in lines:
+        key, sep, value = line.strip().removeprefix("export ").partition("=")
+        if sep and key.strip() == name:
+            found = _dotenv_value(value) or None
+    return found
+
+
+def _dotenv_value(raw: str) -> str:
+    """A value as python-dotenv reads it: quoted (a backslash escapes within double
+    quotes), or bare up to a comment after whitespace."""
+    raw = raw.strip()
+    if raw[:1] not in ("'", '"'):
+        return re.split(r"\s+#", raw, maxsplit=1)[0].strip()
+    quote, value, i = raw[0], [], 1
+    while i < len(raw) and raw[i] != quote:
+        if quote == '"' and raw[i] == "\\" and i + 1 < len(raw):
+            i += 1
+        value.append(raw[i])
+        i += 1
+    return "".join(value)
+
+
+def already_running(options: argparse.Namespace) -> bool:
+    """Offload answers where it would serve: open it, and install nothing (its .venv is
+    in use)."""
+    _, port, browse_host = address(options)
+    return opened_if_running(f"http://{browse_host}:{port}", options)
+
+
+def opened_if_running(url: str, options: argparse.Namespace) -> bool:
+    if not offload_answers(url):
+        return False
+    if options.no_browser:
+        say(f"Offload is already running at {url}")
+    else:
+        say(f"Offload is already running at {url}; opening it")
+        webbrowser.open(url)
+    return True
+
+
+def serve(options: argparse.Namespace, extra: list[str], release: Callable[[], None]) -> int:
+    """Start api_entry.py with `extra` and the host and port given here; `release` the
+    start lock once it answers (or has exited)."""
+    host, port, browse_host = address(options)
+    given_port = options.port is not None
+    if not port_free(host, port):
+        taken = port
+        for port in range(taken + 1, min(taken + 100, 65536)):
+            # One started before, when this port was taken too, is there.
+            if opened_if_running(f"http://{browse_host}:{port}", options):
+                return 0
+            if port_free(host, port):
+                break
+        else:
+            sys.exit(f"[offload] no free port from {taken} to {taken + 99}; pass --port")
+        say(f"port {taken} is taken by another program; using port {port} instead")
+        given_port = True
+    url = f"http://{browse_host}:{port}"
+    say(f"starting the dashboard on {url} (Ctrl+C stops it)")
+    # Only what was given here: api_entry.py reads the same defaults itself.
+    args = [*extra, *(["--host", host] if options.host else []),
+            *(["--port", str(port)] if given_port else [])]
+    proc = subprocess.Popen([str(venv_python()), str(ROOT / "api_entry.py"), *args], cwd=ROOT)
+
+    def when_up() -> None:
+        up = wait_until_up(url, 600.0, proc)  # the embedded model may be compiling
+        release()
+        if up and not options.no_browser:
+            webbrowser.open(url)
+
+    threading.Thread(target=when_up, daemon=True).start()
+    return until_stopped(proc)
+
+
+def until_stopped(proc: subprocess.Popen[bytes]) -> int:
+    """The server's exit code once it has ended; 0 if it was asked to stop, and did."""
+    stop_asked = False
+
+    def stop(*_: object) -> None:
+        nonlocal stop_asked
+        stop_asked = True
+        proc.terminate()
+
+    # Stopped as a whole (a process manager, a closed terminal): the server stops with it.
+    # Not a hang-up under nohup (ignored, as its server ignores it).
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, stop)
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:  # a second one too: the server's stop is waited for
+            # A Ctrl+C in the terminal reached the server too; a SIGINT sent to this
+            # process alone did not. SIGTERM: a second SIGINT would cut its grace short.
+            if not stop_asked and os.name != "nt":
+                proc.terminate()
+            stop_asked = True
+    # Once stopped, uvicorn raises the signals it was sent again (a closed terminal's
+    # SIGHUP too): a stop asked for is no failure (0, as before, not 241).
+    return 0 if stop_asked and code <= 0 else code
+
+
+def wait_until_up(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None,
+                  ) -> bool:
+    """Whether Offload answers at `url` within `timeout_s` (False as soon as `proc`, its
+    server, has exited)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
+        if offload_answers(url):  # a token-guarded one too: its page asks for the token
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def offload_answers(url: str) -> bool:
+    """Is an Offload server (not some other program, nor another account's) answering
+    there?"""
+    port = urllib.parse.urlsplit(url).port
+    if port is not None and others_listen(port):
+        return False  # a page of theirs opened here would stay in the browser (a worker)
+    try:
+        with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
+            # degraded: it serves, with a problem to tell (a full disk, say)
+            return json.load(response).get("status") in ("ok", "degraded")
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401 and b"OFFLOAD_API_TOKEN" in exc.read()  # a token-guarded one
+    except (OSError, ValueError):
+        return False
+
+
+def others_listen(port: int) -> bool:
+    """Whether an account Offload does not trust listens on this TCP port (Linux: read
+    from /proc/net; elsewhere, not known: False)."""
+    from jobs.protocol.trust import trusted_owners  # the standard library only
+
+    trusted = {*trusted_owners(), 0}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()  # sl local rem st queues timer retrnsmt uid ...
+            if (len(fields) > 7 and fields[3] == "0A"  # listening
+                    and int(fields[1].rsplit(":", 1)[1], 16) == port
+                    and int(fields[7]) not in trusted):
+                return True
+    return False
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        if os.name != "nt":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_number(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
+    return int(text)
