@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 
 SPARES = 2  # warm at a time: a job and the next find one; more only wait on the same CPUs
 RETRY_S = 5.0  # after a spare could not be started
-# A spare's imports take the CPU that runners starting need: spares are started once no
-# job has been launched for this long. Under a burst, jobs start as new interpreters.
-QUIET_S = 0.2
+# A spare's imports take the CPU the runner just started needs: spares are started once
+# no job has been launched for this long, about a short job's run, so that jobs back to
+# back still find one. Under a burst, jobs start as new interpreters.
+QUIET_S = 0.02
 
 
 @dataclass(eq=False)
