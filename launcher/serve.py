@@ -103,7 +103,8 @@ def serve(options: argparse.Namespace, extra: list[str], release: Callable[[], N
             if port_free(host, port):
                 break
         else:
-            sys.exit(f"[offload] no free port from {taken} to {taken + 99}; pass --port")
+            sys.exit(f"[offload] no free port from {taken} to {min(taken + 99, 65535)}; "
+                     "pass --port")
         say(f"port {taken} is taken by another program; using port {port} instead")
         given_port = True
     url = f"http://{browse_host}:{port}"
@@ -214,6 +215,8 @@ def port_free(host: str, port: int) -> bool:
 
 
 def port_number(text: str) -> int:
-    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+    digits = text.strip()
+    # isdigit() alone takes "²" and other digits int() refuses.
+    if not (digits.isascii() and digits.isdigit()) or not 1 <= int(digits) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (1 to 65535)")
     return int(text)

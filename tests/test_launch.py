@@ -109,7 +109,9 @@ def test_host_and_port_are_read_from_dotenv_as_the_server_reads_them(
 
 def test_a_port_that_is_no_port_is_said_so() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
-    for args, extra in ((["--port", "70000"], {}), ([], {"OFFLOAD_PORT": "abc"})):
+    # "²" is a digit to str.isdigit(), not to int(): it was a raw ValueError.
+    for args, extra in ((["--port", "70000"], {}), ([], {"OFFLOAD_PORT": "abc"}),
+                        (["--port", "²"], {}), ([], {"OFFLOAD_PORT": "²"})):
         done = subprocess.run([sys.executable, "launch.py", "--no-browser", *args], cwd=ROOT,
                               env={**env, **extra}, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
