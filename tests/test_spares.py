@@ -125,23 +125,30 @@ def test_each_job_takes_a_spare_of_its_own(make_server: MakeServer, data_dir: Pa
     no_spares_left(data_dir)
 
 
-def test_a_chat_taken_by_a_spare_imports_its_client_there(make_server: MakeServer,
-                                                          data_dir: Path) -> None:
-    """A spare imports what every runner does, not a chat's HTTP client (it pays for its
-    imports once per job, whatever the job): the chat's runner imports it and streams."""
+def loaded_tls(pid: int) -> bool:
+    """Whether a process has loaded Python's TLS module (a chat's client imports it)."""
+    return "_ssl" in Path(f"/proc/{pid}/maps").read_text()  # its mapped files
+
+
+def test_a_spare_replaced_imports_the_runner_of_the_job_that_took_one(
+        make_server: MakeServer, data_dir: Path) -> None:
+    """Jobs come in runs of one kind: after a sleep job, spares import no chat client (a
+    chat's runner imports HTTP and TLS, which a spare would import for every sleep job);
+    after a chat, the new spare has, so that the next chat finds its client loaded."""
     with FakeLLM(pieces=["a ", "reply"]) as llm:
         server = make_server(env={**SPARES, "OPENAI_BASE_URL": llm.base_url})
         with server.client() as client:
             final(client, submit(client, seconds=0))  # the pool starts with the first job
             ready = warm(data_dir)
-            if sys.platform == "linux":  # what a process has loaded: its mapped files
-                for pid in ready:
-                    maps = Path(f"/proc/{pid}/maps").read_text()
-                    assert "_ssl" not in maps, f"spare {pid} loaded a chat's TLS module"
+            linux = sys.platform == "linux"
+            assert not (linux and [pid for pid in ready if loaded_tls(pid)]), "after a sleep"
             answer = client.post("/api/jobs", json={"kind": "chat", "input": {"messages": [
                 {"role": "user", "content": "hi"}]}})
             assert answer.status_code == 202, answer.text
             chat = final(client, answer.json()["id"])
+            replaced = warm(data_dir) - ready
+            assert len(replaced) == 1, "the spare the chat took was replaced"
+            assert not linux or loaded_tls(*replaced), "the spare after a chat"
         server.stop()
     assert chat["state"] == p.JobState.COMPLETED and chat["pid"] in ready, chat
     assert chat["output"] == "a reply", chat

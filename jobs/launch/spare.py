@@ -1,19 +1,18 @@
 """A warm spare interpreter, where there is no safe fork (Windows, macOS; elsewhere with
-`OFFLOAD_LAUNCH_MODE=spares`): `python -m jobs.launch.spare <modules>`.
+`OFFLOAD_LAUNCH_MODE=spares`): `python -m jobs.launch.spare <runner modules>`.
 
 The supervisor keeps a few started ahead (`jobs.launch.spare_pool`), each started as a
 runner is: a process group of its own, low priority, the runners' environment. A spare
-imports the modules it is named (`PRELOAD`: what every runner imports), says so on its
-stdout, then waits for one line on its stdin: `{"module", "job_file"}`. It then becomes
-that job's runner: it opens the job's log itself and sends its output there (Windows
-cannot hand it a file descriptor), empties its stdin, shows `python -m <module>
---job-file <file>` as its command line (Linux), and runs the module as `python -m`
-would; when the runner ends, the process ends (as a forked runner: without a teardown of
-its modules). So the supervisor sees a runner like any other: its own pid, create time,
-process group and exit code, one fresh process per job; a spare never takes a second
-job. If a file of the project changed since the spare imported it, the project's modules
-are imported afresh for the job. A spare whose stdin closes before a job comes (the
-supervisor left) exits.
+imports the runner modules it is named, says so on its stdout, then waits for one line
+on its stdin: `{"module", "job_file"}`. It then becomes that job's runner: it opens the
+job's log itself and sends its output there (Windows cannot hand it a file descriptor),
+empties its stdin, shows `python -m <module> --job-file <file>` as its command line
+(Linux), and runs the module as `python -m` would; when the runner ends, the process
+ends (as a forked runner: without a teardown of its modules). So the supervisor sees a
+runner like any other: its own pid, create time, process group and exit code, one fresh
+process per job; a spare never takes a second job. If a file of the project changed
+since the spare imported it, the project's modules are imported afresh for the job. A
+spare whose stdin closes before a job comes (the supervisor left) exits.
 """
 
 from __future__ import annotations
@@ -40,9 +39,6 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 
-# A spare pays for its imports once per job, whatever its job's kind: it imports what every
-# runner does; each kind's own (a chat's HTTP client) are its runner's.
-PRELOAD = ("runners.base",)
 READY = b"warm\n"  # on its stdout, once it has imported the runners
 
 

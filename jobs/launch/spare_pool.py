@@ -34,15 +34,19 @@ QUIET_S = 0.02
 class _Spare:
     child: processes.Child
     pipes: processes.Pipes  # its stdin takes the job; its stdout says when it is warm
+    modules: tuple[str, ...]  # the runners it imported
     warm: bool = False
 
 
 class SparePool:
     """Up to `size` warm spares, started in the background once the first is asked for
-    and replaced there as they are taken, once launches pause (QUIET_S). Thread-safe."""
+    and replaced there as they are taken, once launches pause (QUIET_S). The first import
+    `modules`; each replacement imports the runner of the job that took the latest spare,
+    as jobs come in runs of one kind (a chat's runner imports its HTTP client and TLS,
+    which a spare for a run of other jobs would import for each of them). Thread-safe."""
 
     def __init__(self, env: dict[str, str], modules: Sequence[str], size: int = SPARES) -> None:
-        self._argv = [sys.executable, "-m", "jobs.launch.spare", *modules]
+        self._modules = tuple(modules)  # what the next spare started imports
         # The room for its runner's title, as the fork server has it (see fork_client.py).
         self._env = {**env, TITLE_ROOM_ENV: " " * TITLE_ROOM}
         self._size = size
@@ -59,13 +63,17 @@ class SparePool:
         line = (json.dumps({"module": module, "job_file": str(job_file)}) + "\n").encode()
         with self._changed:
             self._last_asked = time.monotonic()
+            self._modules = (module,)
             if self._filler is None:
                 self._filler = threading.Thread(target=self._fill, daemon=True,
                                                  name="spares")
                 self._filler.start()
         while True:
             with self._changed:
-                spare = next((each for each in self._idle if each.warm), None)
+                warm = [each for each in self._idle if each.warm]
+                # One that imported this job's runner, else any: a runner imports the rest.
+                spare = next((each for each in warm if module in each.modules),
+                             warm[0] if warm else None)
                 if spare is None:
                     return None
                 self._idle.remove(spare)
@@ -98,8 +106,10 @@ class SparePool:
                     self._changed.wait(QUIET_S - quiet if quiet < QUIET_S else None)
                 if self._closed:
                     return
+                modules = self._modules
             try:
-                child, pipes = processes.new_interpreter(self._argv, self._env, None)
+                argv = [sys.executable, "-m", "jobs.launch.spare", *modules]
+                child, pipes = processes.new_interpreter(argv, self._env, None)
             except OSError as exc:
                 log.warning("cannot start a spare interpreter (runners start as new "
                             "interpreters meanwhile): %s", exc)
@@ -108,7 +118,7 @@ class SparePool:
                 continue
             assert pipes is not None
             processes.lower_priority_of(child.pid)
-            spare = _Spare(child, pipes)
+            spare = _Spare(child, pipes, modules)
             with self._changed:
                 if not self._closed:
                     self._idle.append(spare)
