@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -40,13 +39,13 @@ class _Spare:
 
 class SparePool:
     """Up to `size` warm spares, started in the background once the first is asked for
-    and replaced there as they are taken, once launches pause (QUIET_S). The first import
-    `modules`; each replacement imports the runner of the job that took the latest spare,
-    as jobs come in runs of one kind (a chat's runner imports its HTTP client and TLS,
-    which a spare for a run of other jobs would import for each of them). Thread-safe."""
+    and replaced there as they are taken, once launches pause (QUIET_S). Each imports the
+    runner of the job that took the latest spare (the first ones, the first job's), as
+    jobs come in runs of one kind: a chat's runner imports its HTTP client and TLS, which
+    a spare for a run of other jobs would import for each of them. Thread-safe."""
 
-    def __init__(self, env: dict[str, str], modules: Sequence[str], size: int = SPARES) -> None:
-        self._modules = tuple(modules)  # what the next spare started imports
+    def __init__(self, env: dict[str, str], size: int = SPARES) -> None:
+        self._modules: tuple[str, ...] = ()  # what the next spare started imports
         # The room for its runner's title, as the fork server has it (see fork_client.py).
         self._env = {**env, TITLE_ROOM_ENV: " " * TITLE_ROOM}
         self._size = size
