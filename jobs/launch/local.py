@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 
 from jobs import protocol as p
-from jobs.launch import fork_client, pids, processes, spare_pool
+from jobs.launch import fork_client, forkserver, pids, processes, spare_pool
 from jobs.launch.base import CannotStartNow, Launcher, OnExit, Run, claim
 from jobs.settings import Settings, get_settings
 
@@ -70,7 +70,9 @@ class LocalLauncher(Launcher):
         if record is not None:
             return self.adopt(job_file, record, data, on_exit)  # claimed before: never twice
         if self.mode == SPARES and self._spares is None:
-            self._spares = spare_pool.SparePool(processes.runner_env(self.runner_env))
+            # What the fork server imports ahead: the project's runners, safe to import.
+            self._spares = spare_pool.SparePool(processes.runner_env(self.runner_env),
+                                                forkserver.PRELOAD)
         if self.mode == FORK:
             if self._forker is None:
                 self._forker = fork_client.ForkServer(processes.runner_env(self.runner_env))

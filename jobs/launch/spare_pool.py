@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -33,18 +34,22 @@ QUIET_S = 0.02
 class _Spare:
     child: processes.Child
     pipes: processes.Pipes  # its stdin takes the job; its stdout says when it is warm
-    modules: tuple[str, ...]  # the runners it imported
+    modules: tuple[str, ...]  # the runners it was asked to import
     warm: bool = False
 
 
 class SparePool:
     """Up to `size` warm spares, started in the background once the first is asked for
     and replaced there as they are taken, once launches pause (QUIET_S). Each imports the
-    runner of the job that took the latest spare (the first ones, the first job's), as
-    jobs come in runs of one kind: a chat's runner imports its HTTP client and TLS, which
-    a spare for a run of other jobs would import for each of them. Thread-safe."""
+    runner of the latest job launched, as jobs come in runs of one kind (a chat's runner
+    imports its HTTP client and TLS, which a spare for a run of other jobs would import
+    for each of them), if it is one of `preloadable`: the project's own, whose import does
+    nothing but define (another kind's import could exit, block or leave threads in the
+    next job's process; its runner imports it, as a forked one does). Thread-safe."""
 
-    def __init__(self, env: dict[str, str], size: int = SPARES) -> None:
+    def __init__(self, env: dict[str, str], preloadable: Sequence[str],
+                 size: int = SPARES) -> None:
+        self._preloadable = frozenset(preloadable)
         self._modules: tuple[str, ...] = ()  # what the next spare started imports
         # The room for its runner's title, as the fork server has it (see fork_client.py).
         self._env = {**env, TITLE_ROOM_ENV: " " * TITLE_ROOM}
@@ -62,7 +67,8 @@ class SparePool:
         line = (json.dumps({"module": module, "job_file": str(job_file)}) + "\n").encode()
         with self._changed:
             self._last_asked = time.monotonic()
-            self._modules = (module,)
+            if module in self._preloadable:
+                self._modules = (module,)
             if self._filler is None:
                 self._filler = threading.Thread(target=self._fill, daemon=True,
                                                  name="spares")
