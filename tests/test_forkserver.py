@@ -24,7 +24,7 @@ import pytest
 
 from jobs import protocol as p
 from jobs.kinds import runner_modules
-from jobs.launch import fork_child, fork_client, forkserver, processes
+from jobs.launch import fork_child, fork_client, forkserver, pids, processes
 from jobs.launch.local import FORK, LocalLauncher, LocalRun
 from jobs.protocol.wake import OUTPUT_FILE
 from jobs.store.job_store import JobStore
@@ -458,7 +458,8 @@ def test_a_runner_waits_for_the_word_that_its_claim_is_on_disk(
     for n, durable in enumerate((True, False)):
         ahead = wait_for(lambda: waiting_child(server), what="a child forked ahead")
         announced = wait_for(fork_server.ahead, what="the child announced")
-        assert announced == (ahead.pid, ahead.create_time())
+        # Against the boot time the server's pids take (psutil's moves with a clock step).
+        assert announced == (ahead.pid, pids.created(ahead.pid))
         runner = spawn_sleep(fork_server, tmp_path, f"job{n}", claim={"pid": ahead.pid})
         assert runner.pid == ahead.pid and fork_server.ahead() != announced
         job_file = tmp_path / f"job{n}" / p.JOB_FILE
