@@ -18,7 +18,7 @@ import pytest
 
 from jobs import protocol as p
 from jobs.launch.local import ADOPT_START_TOLERANCE_S
-from jobs.launch.spare_pool import SPARES as POOL
+from jobs.launch.spare_pool import RETRY_S, SPARES as POOL
 from jobs.protocol.wake import poke
 from jobs.store.job_store import JobStore
 from tests.conftest import process_gone, wait_for
@@ -219,6 +219,37 @@ def test_a_restarted_supervisor_adopts_a_spare_run_job(make_server: MakeServer,
         job = final(client, job_id)
     assert job["state"] == p.JobState.COMPLETED, job
     assert job["pid"] == running["pid"], "adopted, never started twice"
+
+
+def test_spares_that_end_before_they_are_warm_are_started_again_after_a_pause(
+        make_server: MakeServer, data_dir: Path, tmp_path: Path) -> None:
+    """A spare that cannot start (a broken environment, a project file mid-edit) was
+    started again at once, over and over, each with a warning and its traceback: now the
+    next waits RETRY_S, and jobs start as new interpreters meanwhile."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    # A scripted fault: sitecustomize runs in every interpreter of this environment; only
+    # spares end at once, as one does that cannot import the project.
+    started = tmp_path / "spares started"
+    (broken / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if sys.orig_argv[1:3] == ['-m', 'jobs.launch.spare']:\n"
+        f"    with open({str(started)!r}, 'a') as f: f.write('a spare\\n')\n"
+        "    os._exit(7)\n")
+    path = os.pathsep.join(filter(None, [str(broken), os.environ.get("PYTHONPATH")]))
+    server = make_server(env={**SPARES, "PYTHONPATH": path})
+    with server.client() as client:
+        for _ in range(5):
+            job = final(client, submit(client, seconds=0))
+            assert job["state"] == p.JobState.COMPLETED, job
+        time.sleep(2)  # at once, dozens would have been started meanwhile
+    server.stop()
+    # The first spares end; those are all, unless the jobs took longer than RETRY_S.
+    assert POOL <= len(started.read_text().splitlines()) <= 2 * POOL
+    log = (data_dir / "supervisor.log").read_text()
+    assert "exit code 7 before it was warm" in log, log
+    assert f"another spare in {RETRY_S:.0f} s" in log, log
+    assert not spares(data_dir)
 
 
 def test_spares_leave_when_their_supervisor_is_killed(make_server: MakeServer,

@@ -23,7 +23,12 @@ from jobs.launch.warm import TITLE_ROOM, TITLE_ROOM_ENV
 log = logging.getLogger(__name__)
 
 SPARES = 2  # warm at a time: a job and the next find one; more only wait on the same CPUs
-RETRY_S = 5.0  # after a spare could not be started
+# After a spare could not be started, or ended before it was warm (a broken environment,
+# a project file mid-edit): the next waits this long, twice as long after each further
+# failure up to MAX_RETRY_S, so a pool that cannot start spares neither spins nor floods
+# the log; jobs start as new interpreters meanwhile.
+RETRY_S = 5.0
+MAX_RETRY_S = 300.0
 # A spare's imports take the CPU the runner just started needs: spares are started once
 # no job has been launched for this long, about a short job's run, so that jobs back to
 # back still find one. Under a burst, jobs start as new interpreters.
@@ -59,6 +64,8 @@ class SparePool:
         self._closed = False
         self._filler: threading.Thread | None = None
         self._last_asked = 0.0  # time.monotonic() of the latest take()
+        self._retry_s = RETRY_S  # the next pause after a failed start
+        self._resume_at = 0.0  # time.monotonic() before which no spare is started
 
     def take(self, module: str, job_file: Path) -> processes.Child | None:
         """A warm spare that has been given this job (it is now its runner), or None when
@@ -105,10 +112,11 @@ class SparePool:
         while True:
             with self._changed:
                 while not self._closed:
-                    quiet = time.monotonic() - self._last_asked
-                    if len(self._idle) < self._size and quiet >= QUIET_S:
+                    now = time.monotonic()
+                    start_at = max(self._last_asked + QUIET_S, self._resume_at)
+                    if len(self._idle) < self._size and now >= start_at:
                         break
-                    self._changed.wait(QUIET_S - quiet if quiet < QUIET_S else None)
+                    self._changed.wait(start_at - now if now < start_at else None)
                 if self._closed:
                     return
                 modules = self._modules
@@ -116,10 +124,10 @@ class SparePool:
                 argv = [sys.executable, "-m", "jobs.launch.spare", *modules]
                 child, pipes = processes.new_interpreter(argv, self._env, None)
             except OSError as exc:
-                log.warning("cannot start a spare interpreter (runners start as new "
-                            "interpreters meanwhile): %s", exc)
                 with self._changed:
-                    self._changed.wait_for(lambda: self._closed, RETRY_S)
+                    pause = self._pause()
+                log.warning("cannot start a spare interpreter (runners start as new "
+                            "interpreters meanwhile; another try in %.0f s): %s", pause, exc)
                 continue
             assert pipes is not None
             processes.lower_priority_of(child.pid)
@@ -140,14 +148,35 @@ class SparePool:
                 if line == READY:
                     with self._changed:
                         spare.warm = True
+                        self._retry_s = RETRY_S  # spares start again
                         self._changed.notify_all()
         with self._changed:
             if spare not in self._idle:
                 return  # given a job, or closed
             self._idle.remove(spare)  # ended by itself: the filler replaces it
+            pause = 0.0 if spare.warm else self._pause()  # killed, or could not start
             self._changed.notify_all()
-        log.warning("spare %s ended before it was given a job", spare.child.pid)
-        _discard(spare, kill=False)
+        _close(spare.pipes.stdin)
+        code = spare.child.wait()  # its stdout closed as it ended
+        if pause:
+            log.warning("spare %s ended with exit code %s before it was warm (its own "
+                        "errors are on the supervisor's stderr, supervisor.out); runners "
+                        "start as new interpreters, another spare in %.0f s",
+                        spare.child.pid, code, pause)
+        else:
+            log.warning("spare %s ended with exit code %s before it was given a job",
+                        spare.child.pid, code)
+
+    def _pause(self) -> float:
+        """No spare started for a while, longer after each failure (holding _changed);
+        spares started before the pause and failing during it do not lengthen it."""
+        now = time.monotonic()
+        if self._resume_at > now:
+            return self._resume_at - now
+        pause = self._retry_s
+        self._resume_at = now + pause
+        self._retry_s = min(pause * 2, MAX_RETRY_S)
+        return pause
 
 
 def _discard(spare: _Spare, kill: bool) -> None:
