@@ -24,7 +24,7 @@ from launcher import ROOT
 from launcher.install import install
 from launcher.serve import already_running, port_number, serve
 from launcher.start_lock import one_start_at_a_time
-from launcher.venv import STAMP, ensure_venv, venv_python
+from launcher.venv import ensure_venv, forget_install, venv_python
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     options, extra = parse_args(argv)
     with one_start_at_a_time() as release:
         if options.reinstall:
-            STAMP.unlink(missing_ok=True)
+            forget_install()
         if options.command != "test" and already_running(options):
             return 0
         ensure_venv()

@@ -7,9 +7,9 @@ import hashlib
 import json
 import sys
 
-from launcher import ROOT, say
+from launcher import ROOT, say, venv
 from launcher.llama import install_llm, install_llm_server
-from launcher.venv import STAMP, pip
+from launcher.venv import pip
 
 
 def project_hash() -> str:
@@ -17,8 +17,9 @@ def project_hash() -> str:
 
 
 def read_stamp() -> dict[str, object]:
+    """What the last install did (`venv.STAMP`, read there: tests move it)."""
     try:
-        data = json.loads(STAMP.read_text(encoding="utf-8"))
+        data = json.loads(venv.STAMP.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
@@ -46,7 +47,7 @@ def install(extras: set[str]) -> None:
             except Exception as exc:  # an optional step never stops the launch
                 say(f"{name}: could not be installed ({exc}); Offload starts without it")
                 done[name] = "failed"
-    STAMP.write_text(json.dumps({"hash": current, "extras": wanted, **done}), encoding="utf-8")
+    venv.STAMP.write_text(json.dumps({"hash": current, "extras": wanted, **done}), encoding="utf-8")
 
 
 def install_ray() -> str:

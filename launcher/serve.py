@@ -103,8 +103,11 @@ def serve(options: argparse.Namespace, extra: list[str], release: Callable[[], N
             if port_free(host, port):
                 break
         else:
-            sys.exit(f"[offload] no free port from {taken} to {min(taken + 99, 65535)}; "
-                     "pass --port")
+            last = min(taken + 99, 65535)
+            after = f", and so is every port up to {last}" if last > taken else \
+                " (the last port there is)"
+            sys.exit(f"[offload] port {taken} is taken{after}; stop the program on it, or "
+                     "pass --port with a free one")
         say(f"port {taken} is taken by another program; using port {port} instead")
         given_port = True
     url = f"http://{browse_host}:{port}"

@@ -39,7 +39,12 @@ def ensure_venv() -> None:
     except (OSError, subprocess.CalledProcessError) as exc:
         sys.exit(f"[offload] cannot create {VENV} ({exc}): is the folder writable? On "
                  "Debian or Ubuntu, install python3-venv")
-    STAMP.unlink(missing_ok=True)  # whatever it said was installed is gone
+    forget_install()  # whatever it said was installed is gone
+
+
+def forget_install() -> None:
+    """The next start installs everything again."""
+    STAMP.unlink(missing_ok=True)
 
 
 def venv_works() -> bool:

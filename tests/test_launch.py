@@ -118,6 +118,25 @@ def test_a_port_that_is_no_port_is_said_so() -> None:
         assert "is not a port (1 to 65535)" in done.stderr, done.stderr
 
 
+def test_the_last_port_taken_is_said_so(tmp_path: Path) -> None:
+    # Ports after a taken one are tried; after 65535 there is none, and the message said
+    # to pass --port, which had been passed.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    env.update(OFFLOAD_DATA_DIR=str(tmp_path / "var"))
+    with socket.socket() as taken:
+        try:
+            taken.bind(("127.0.0.1", 65535))
+            taken.listen()
+        except OSError:
+            pass  # another program has it: taken all the same
+        done = subprocess.run([sys.executable, "launch.py", "--no-browser", "--host",
+                               "127.0.0.1", "--port", "65535"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert ("port 65535 is taken (the last port there is); stop the program on it, or pass "
+            "--port with a free one") in done.stderr, done.stderr
+
+
 def test_a_venv_that_does_not_work_is_made_again(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # Made in part (stopped with Ctrl+C, or Debian's venv without ensurepip): no pip in
