@@ -212,3 +212,42 @@ def test_a_get_with_wait_s_answers_once_the_job_has_ended(
             "detail": "invalid request: query.seconds: must be a number above 0 and at most "
                       "10800"}), answer.text
         assert client.get("/api/jobs/" + "0" * 32, params={"wait_s": 5}).status_code == 404
+
+
+def test_a_stream_asked_for_oddly_ends_and_keeps_its_slot_free(
+        make_server: Callable[..., Server]) -> None:
+    """A HEAD of a job's events is its headers alone: it was answered as the GET, which
+    follows the job until it ends, so the connection's next request waited that long (and
+    the stream held a slot). A body streamed past the limit once the stream has begun can
+    no longer get its 413: the stream ends, as when its client leaves; it was a traceback
+    in the server's log and a stream cut off."""
+    server = make_server(env={"OFFLOAD_MAX_EVENT_STREAMS": "1"})
+    with server.client() as client:
+        queued = client.post("/api/jobs", json={"kind": "sleep", "delay_s": 3600}).json()["id"]
+        head = client.head(f"/api/jobs/{queued}/events")
+        assert head.status_code == 200, head.text
+        assert head.headers["content-type"].startswith("text/event-stream")
+        assert head.content == b""
+        health = client.get("/api/health", timeout=10)  # the same connection, next
+        assert health.status_code == 200, health.text
+        assert client.head("/api/jobs/" + "0" * 32 + "/events").status_code == 404
+
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sender:
+            sender.sendall(f"GET /api/jobs/{queued}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           "Transfer-Encoding: chunked\r\n\r\n".encode())
+            answer = b""
+            with contextlib.suppress(OSError):  # the server may close while we still send
+                for _ in range(20):
+                    sender.sendall(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+                sender.sendall(b"0\r\n\r\n")
+            while not answer.endswith(b"\r\n0\r\n\r\n"):  # its stream's last chunk
+                piece = sender.recv(65536)
+                assert piece, f"the stream was cut off: {answer[-300:]!r}"
+                answer += piece
+        assert answer.startswith(b"HTTP/1.1 200") and f'"id":"{queued}"'.encode() in answer
+        # Its slot is free again: another stream opens.
+        with client.stream("GET", f"/api/jobs/{queued}/events") as stream:
+            assert stream.status_code == 200
+            assert next(stream.iter_lines()).startswith(("id:", "data:"))
+    server.stop()
+    assert "Traceback" not in server.log.read_text()

@@ -41,6 +41,15 @@ _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _ONCE = (b"origin", b"authorization")
 
 
+# In the scope of a HEAD answered as its GET: a route whose GET never ends by itself (an
+# event stream) answers a HEAD with its headers alone.
+HEAD_ASKED = "offload.head"
+
+
+def asked_head(scope: Scope) -> bool:
+    return bool(scope.get(HEAD_ASKED))
+
+
 REFUSAL_HEADERS = {401: [(b"www-authenticate", b"Bearer")], 503: [(b"retry-after", b"1")]}
 WRONG_TOKEN = ("missing or wrong API token: send the header 'Authorization: Bearer <token>' "
                "with the server's OFFLOAD_API_TOKEN")
@@ -89,7 +98,8 @@ class RequestGuard:
                         [(b"cache-control", b"no-store")])
             return
         if scope["method"] == "HEAD":  # a copy: the server still knows it for a HEAD
-            scope = {**scope, "method": "GET"}  # (routes such as /docs take GET only)
+            # (routes such as /docs take GET only)
+            scope = {**scope, "method": "GET", HEAD_ASKED: True}
         if _api_path(scope):  # JSON and event streams: nothing to click
             await self.app(scope, receive, send)
             return
@@ -284,31 +294,49 @@ class BodyLimit:
                      and await _drained(receive, declared))
             await self._refuse(send, whole)
             return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge(self.max_bytes, not message.get("more_body") or await
-                                    _drained(receive, DRAIN_FACTOR * self.max_bytes))
-            return message
-
-        async def watched_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        request = _CountedBody(receive, send, self.max_bytes)
         try:
-            await self.app(scope, limited_receive, watched_send)
+            await self.app(scope, request.receive, request.send)
         except _TooLarge as exc:
-            if not started:
+            if not request.started:
                 await self._refuse(send, exc.whole)
+            return
+        if request.cut and not request.ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _refuse(self, send: Send, whole: bool) -> None:
         await _send_detail(send, 413, _too_large(self.max_bytes),
                            None if whole else [(b"connection", b"close")])
+
+
+class _CountedBody:
+    """One request's body, counted as the app reads it, and its answer, watched."""
+
+    def __init__(self, receive: Receive, send: Send, max_bytes: int) -> None:
+        self._receive, self._send, self._max_bytes = receive, send, max_bytes
+        self.received = 0
+        self.started = self.ended = False  # the answer's
+        self.cut = False  # over the limit once the answer had begun
+
+    async def receive(self) -> Message:
+        if self.cut:
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self._max_bytes and self.started:
+                # Too late for a 413 (an event stream reads only to hear its client
+                # leave): the answer ends here, as if the client had left.
+                self.cut = True
+                return {"type": "http.disconnect"}
+            if self.received > self._max_bytes:
+                raise _TooLarge(self._max_bytes, not message.get("more_body") or await
+                                _drained(self._receive, DRAIN_FACTOR * self._max_bytes))
+        return message
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            self.ended = True
+        await self._send(message)

@@ -14,6 +14,7 @@ from starlette.types import Receive, Scope, Send
 from jobs import protocol as p
 from jobs.api.events import BadPosition, change_event, first_event, public, resume_position
 from jobs.api.follow import Followed, JobWatch, file_signature, followed, stopping
+from jobs.api.guards import asked_head
 from jobs.api.service import JobService
 from jobs.kinds import UnknownKind, registry
 from jobs.models import BatchAnswer, Job, JobBatch, JobCreate, JobList, JobRerun
@@ -200,7 +201,7 @@ _slots = _StreamSlots()
                        400: {"description": "a `Last-Event-ID` or `after` that is no id"},
                        503: {"description": "too many event streams open, or the server "
                                             "is stopping; poll the job"}})
-async def job_events(job_id: str, service: Service,
+async def job_events(job_id: str, service: Service, request: Request,
                      last_event_id: Annotated[str | None, Header()] = None,
                      after: str | None = None,
                      ) -> StreamingResponse:
@@ -219,11 +220,13 @@ async def job_events(job_id: str, service: Service,
     limit = service.settings.max_event_streams
     if _slots.open >= limit:
         raise _slots_taken(limit, "poll GET /api/jobs/{id} instead, or retry later")
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if asked_head(request.scope):  # following the job would hold its connection till it ends
+        return StreamingResponse(iter(()), media_type="text/event-stream", headers=headers)
     # Taken here, with no await since the check: a burst of requests cannot all pass it.
     _slots.open += 1
     return _HoldingASlot(_follow(service, job_id, path, first, read_as, position),
-                         media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         media_type="text/event-stream", headers=headers)
 
 
 class _HoldingASlot(StreamingResponse):
