@@ -29,6 +29,7 @@ from fastapi_offline import FastAPIOffline
 from jobs import schedules
 from jobs.api import (
     errors,
+    openapi,
     routes_chat,
     routes_control,
     routes_jobs,
@@ -65,6 +66,7 @@ def create_app() -> FastAPI:
     app.state.api_routes = [route for router in routers for route in router.routes
                             if isinstance(route, APIRoute)]
     errors.install(app)
+    openapi.install(app)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     origins = settings.cors_origin_list
     if origins:  # closed unless configured: other sites' pages cannot call the API

@@ -682,7 +682,9 @@ def test_a_batch_stopped_for_room_partway_says_only_what_was_stored() -> None:
 
 
 def test_the_errors_a_job_route_answers_are_in_its_openapi_document(server: Server) -> None:
-    """/docs shows each route's answers: a 404, a 409 or a 400 it gives was missing."""
+    """/docs shows each route's answers: a 404, a 409 or a 400 it gives was missing; and
+    as they are: a 422 was described as FastAPI's list of errors, which a client generated
+    from the document failed to read, and the guard's refusals were on no route."""
     with server.client() as client:
         done = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
         wait_job(client, done["id"])
@@ -694,12 +696,28 @@ def test_the_errors_a_job_route_answers_are_in_its_openapi_document(server: Serv
             ("post", "/api/jobs/{job_id}/rerun", client.post(f"/api/jobs/{unknown}/rerun")),
             ("post", "/api/jobs/{job_id}/remove", client.post(f"/api/jobs/{unknown}/remove")),
             ("get", "/api/jobs/{job_id}/log", client.get(f"/api/jobs/{unknown}/log")),
-            ("get", "/api/jobs", client.get("/api/jobs", params={"before": unknown}))]
-        paths = client.get("/openapi.json").json()["paths"]
+            ("get", "/api/jobs", client.get("/api/jobs", params={"before": unknown})),
+            ("post", "/api/jobs", client.post("/api/jobs", json={"kind": "nope"})),
+            ("post", "/api/jobs", client.post("/api/jobs", content=b"{" * 1_100_000)),
+            ("get", "/api/jobs/{job_id}", client.get("/api/jobs/%0A")),
+            ("get", "/api/health", client.get("/api/health", headers={"Host": "evil.test"}))]
+        document = client.get("/openapi.json").json()
+    assert {answer.status_code for *_, answer in answers} >= {400, 404, 409, 413, 421, 422}
+    schemas, paths = document["components"]["schemas"], document["paths"]
+    assert "HTTPValidationError" not in schemas
+    detail = {"$ref": "#/components/schemas/Detail"}
+    assert schemas["Detail"]["properties"]["detail"]["type"] == "string"
+    assert schemas["Detail"]["required"] == ["detail"]
     for method, path, answer in answers:
-        assert 400 <= answer.status_code < 500 and answer.json()["detail"], answer.text
-        assert str(answer.status_code) in paths[path][method]["responses"], (method, path,
-                                                                          answer.status_code)
+        assert 400 <= answer.status_code < 500, answer.text
+        assert isinstance(answer.json()["detail"], str) and answer.json()["detail"], answer.text
+        said = paths[path][method]["responses"].get(str(answer.status_code))
+        assert said is not None, (method, path, answer.status_code)
+        assert said["content"]["application/json"]["schema"] == detail, (method, path, said)
+    for path, operations in paths.items():  # the guard's refusals, on every route
+        for method, operation in operations.items():
+            assert {"400", "401", "403", "413", "421"} <= set(operation["responses"]), (
+                method, path)
 
 
 def test_an_empty_idempotency_key_is_refused(server: Server) -> None:
