@@ -146,8 +146,10 @@ def validate_input(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
 def _explain(kind: str, exc: ValidationError, model: type[BaseModel]) -> str:
     problems = []
     for error in exc.errors()[:5]:
-        where = ".".join(str(part) for part in error["loc"]) or "input"
-        problems.append(f"input.{where}: {error['msg']}")
+        where = ".".join(["input", *(str(part) for part in error["loc"])])  # a key: no loc
+        # Pydantic says "unable to parse raw data as a unicode string".
+        said = p.NOT_TEXT if error["type"] == "string_unicode" else error["msg"]
+        problems.append(f"{where}: {said}")
     message = f"invalid input for a {kind!r} job: " + "; ".join(problems)
     if any(e["type"] == "extra_forbidden" and len(e["loc"]) == 1 for e in exc.errors()):
         message += f" (a {kind!r} job takes only: {', '.join(model.model_fields)})"

@@ -402,6 +402,12 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
         cases: list[tuple[Any, int, str]] = [
             ({"kind": "nope"}, 422, "known kinds: chat, probe, sleep"),
             ({"kind": "sleep", "input": {"seconds": "x"}}, 422, "input.seconds"),
+            # Said as "input.input: Input should be a valid string" (a key), and as that for
+            # a number.
+            ('{"kind": "sleep", "input": {"\\ud800": 1}}', 422,
+             "job: input: holds half of a surrogate pair (not text)"),
+            ('{"kind": "sleep", "input": {"seconds": "\\ud800"}}', 422,
+             "job: input.seconds: holds half of a surrogate pair (not text)"),
             ({"kind": "sleep", "timeout_s": -1}, 422, "timeout_s"),
             ({"kind": "sleep", "extra": 1}, 422, "extra"),
             ({"kind": "chat", "input": {"messages": [{"role": "robot", "content": "x"}]}},

@@ -315,6 +315,7 @@ def output_change(old: dict[str, Any], new: dict[str, Any]) -> dict[str, str]:
 
 
 MAX_DEPTH = 64  # of arrays and objects in a job's input (pydantic answers go to ~250)
+NOT_TEXT = "holds half of a surrogate pair (not text)"
 
 
 def json_problem(value: Any, limit: int = MAX_DEPTH, depth_only: bool = False) -> str | None:
@@ -334,7 +335,7 @@ def json_problem(value: Any, limit: int = MAX_DEPTH, depth_only: bool = False) -
             elif isinstance(item, float) and not math.isfinite(item):
                 return f"{item} is not a JSON number"
             elif isinstance(item, str) and SURROGATE_HALF.search(item) is not None:
-                return "a string holds half of a surrogate pair (not text)"
+                return f"a string {NOT_TEXT}"
         if not deeper:
             return None
         level = deeper
