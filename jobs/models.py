@@ -235,6 +235,15 @@ class BatchAnswer(BaseModel):
     jobs: list[Job]
 
 
+class BatchRefusal(BaseModel):
+    """A batch refused at one of its jobs: `detail` as for that job alone, naming its place
+    (`jobs[2]: ...`); `stored`: the ids of the jobs stored before it, which the same batch
+    sent again with its Idempotency-Key answers, storing the rest."""
+
+    detail: str
+    stored: list[str] = Field(default_factory=list)
+
+
 class JobList(BaseModel):
     jobs: list[Job]
     # The `before` that lists the next, older page; null: this page reaches the oldest.

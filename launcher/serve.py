@@ -4,6 +4,7 @@ found, and api_entry.py started, waited for and stopped."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -207,13 +208,20 @@ def others_listen(port: int) -> bool:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether the server can listen there. Any other problem than the port being taken (an
+    address not of this machine, a port below 1024 without the right) stops the start."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         if os.name != "nt":
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
         try:
             s.bind((host, port))
-        except OSError:
-            return False
+        except OSError as exc:
+            # Windows says EACCES for a port another program holds for itself alone.
+            if exc.errno == errno.EADDRINUSE or (os.name == "nt" and exc.errno in (
+                    errno.EACCES, getattr(errno, "WSAEACCES", None))):
+                return False
+            sys.exit(f"[offload] cannot serve on {host} port {port}: "
+                     f"{exc.strerror or exc}; pass another --host or --port")
     return True
 
 

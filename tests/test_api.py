@@ -408,6 +408,7 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
              "job: input: holds half of a surrogate pair (not text)"),
             ('{"kind": "sleep", "input": {"seconds": "\\ud800"}}', 422,
              "job: input.seconds: holds half of a surrogate pair (not text)"),
+            ('{"kind": "\\ud800"}', 422, "kind: holds half of a surrogate pair (not text)"),
             ({"kind": "sleep", "timeout_s": -1}, 422, "timeout_s"),
             ({"kind": "sleep", "extra": 1}, 422, "extra"),
             ({"kind": "chat", "input": {"messages": [{"role": "robot", "content": "x"}]}},
@@ -706,20 +707,25 @@ def test_the_errors_a_job_route_answers_are_in_its_openapi_document(server: Serv
             ("post", "/api/jobs", client.post("/api/jobs", json={"kind": "nope"})),
             ("post", "/api/jobs", client.post("/api/jobs", content=b"{" * 1_100_000)),
             ("get", "/api/jobs/{job_id}", client.get("/api/jobs/%0A")),
-            ("get", "/api/health", client.get("/api/health", headers={"Host": "evil.test"}))]
+            ("get", "/api/health", client.get("/api/health", headers={"Host": "evil.test"})),
+            ("post", "/api/jobs/batch", client.post("/api/jobs/batch", json={"jobs": [
+                {"kind": "sleep"}, {"kind": "sleep", "input": {"seconds": -1}}]}))]
         document = client.get("/openapi.json").json()
     assert {answer.status_code for *_, answer in answers} >= {400, 404, 409, 413, 421, 422}
     schemas, paths = document["components"]["schemas"], document["paths"]
     assert "HTTPValidationError" not in schemas
-    detail = {"$ref": "#/components/schemas/Detail"}
-    assert schemas["Detail"]["properties"]["detail"]["type"] == "string"
-    assert schemas["Detail"]["required"] == ["detail"]
     for method, path, answer in answers:
         assert 400 <= answer.status_code < 500, answer.text
-        assert isinstance(answer.json()["detail"], str) and answer.json()["detail"], answer.text
         said = paths[path][method]["responses"].get(str(answer.status_code))
         assert said is not None, (method, path, answer.status_code)
-        assert said["content"]["application/json"]["schema"] == detail, (method, path, said)
+        ref = said["content"]["application/json"]["schema"]["$ref"]
+        schema = schemas[ref.removeprefix("#/components/schemas/")]
+        assert ref.endswith(("/Detail", "/BatchRefusal")), (method, path, ref)
+        body = answer.json()
+        assert set(schema["required"]) <= set(body), (method, path, body)
+        assert isinstance(body["detail"], str) and body["detail"], answer.text
+        if path == "/api/jobs/batch":  # which jobs were stored before the one refused
+            assert body["stored"] == [] and "stored" in schema["properties"], body
     for path, operations in paths.items():  # the guard's refusals, on every route
         for method, operation in operations.items():
             assert {"400", "401", "403", "413", "421"} <= set(operation["responses"]), (

@@ -218,9 +218,9 @@ def test_a_stream_asked_for_oddly_ends_and_keeps_its_slot_free(
         make_server: Callable[..., Server]) -> None:
     """A HEAD of a job's events is its headers alone: it was answered as the GET, which
     follows the job until it ends, so the connection's next request waited that long (and
-    the stream held a slot). A body streamed past the limit once the stream has begun can
-    no longer get its 413: the stream ends, as when its client leaves; it was a traceback
-    in the server's log and a stream cut off."""
+    the stream held a slot). A body streamed past the limit once an answer has begun can
+    no longer get its 413: no more of it is read, the answer goes on to its end, and the
+    connection closes after it (a traceback in the server's log and a stream cut off)."""
     server = make_server(env={"OFFLOAD_MAX_EVENT_STREAMS": "1"})
     with server.client() as client:
         queued = client.post("/api/jobs", json={"kind": "sleep", "delay_s": 3600}).json()["id"]
@@ -232,22 +232,49 @@ def test_a_stream_asked_for_oddly_ends_and_keeps_its_slot_free(
         assert health.status_code == 200, health.text
         assert client.head("/api/jobs/" + "0" * 32 + "/events").status_code == 404
 
-        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sender:
-            sender.sendall(f"GET /api/jobs/{queued}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                           "Transfer-Encoding: chunked\r\n\r\n".encode())
-            answer = b""
-            with contextlib.suppress(OSError):  # the server may close while we still send
-                for _ in range(20):
-                    sender.sendall(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
-                sender.sendall(b"0\r\n\r\n")
-            while not answer.endswith(b"\r\n0\r\n\r\n"):  # its stream's last chunk
-                piece = sender.recv(65536)
-                assert piece, f"the stream was cut off: {answer[-300:]!r}"
-                answer += piece
-        assert answer.startswith(b"HTTP/1.1 200") and f'"id":"{queued}"'.encode() in answer
+        # 1.1 MB: what the server no longer reads fits the sockets' buffers.
+        stream = _send_a_large_body(server, f"/api/jobs/{queued}/events", chunks=17)
+        with stream:
+            answer = stream.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer
+            time.sleep(1)  # the body is over the limit by now: the stream goes on
+            assert client.delete(f"/api/jobs/{queued}").status_code == 200
+            answer += _read_to_close(stream)
+        assert answer.endswith(b"\r\n0\r\n\r\n"), answer[-300:]  # its last chunk
+        assert b'"state":"cancelled"' in answer
         # Its slot is free again: another stream opens.
-        with client.stream("GET", f"/api/jobs/{queued}/events") as stream:
-            assert stream.status_code == 200
-            assert next(stream.iter_lines()).startswith(("id:", "data:"))
+        with client.stream("GET", f"/api/jobs/{queued}/events") as events:
+            assert events.status_code == 200
+            assert next(events.iter_lines()).startswith(("id:", "data:"))
+
+        # A file whose length was declared is sent whole (cut off, it was a traceback).
+        whole = client.get("/static-offline-docs/swagger-ui-bundle.js").content
+        with _send_a_large_body(server, "/static-offline-docs/swagger-ui-bundle.js",
+                                chunks=17, receive_buffer=4096) as sent:
+            answer = _read_to_close(sent)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(whole)
     server.stop()
     assert "Traceback" not in server.log.read_text()
+
+
+def _send_a_large_body(server: Server, path: str, chunks: int,
+                       receive_buffer: int | None = None) -> socket.socket:
+    """A GET with a chunked body of `chunks` times 64 KiB, sent; the socket, to read."""
+    sender = socket.socket()
+    if receive_buffer is not None:  # the answer is still being sent when the body is
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sender.settimeout(30)
+    sender.connect(("127.0.0.1", server.port))
+    sender.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   "Transfer-Encoding: chunked\r\n\r\n".encode())
+    for _ in range(chunks):
+        sender.sendall(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+    sender.sendall(b"0\r\n\r\n")
+    return sender
+
+
+def _read_to_close(sender: socket.socket) -> bytes:
+    answer = b""
+    while piece := sender.recv(65536):
+        answer += piece
+    return answer

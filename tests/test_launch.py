@@ -118,7 +118,7 @@ def test_a_port_that_is_no_port_is_said_so() -> None:
         assert "is not a port (1 to 65535)" in done.stderr, done.stderr
 
 
-def test_the_last_port_taken_is_said_so(tmp_path: Path) -> None:
+def test_a_port_that_cannot_be_served_on_is_said_so(tmp_path: Path) -> None:
     # Ports after a taken one are tried; after 65535 there is none, and the message said
     # to pass --port, which had been passed.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
@@ -135,6 +135,14 @@ def test_the_last_port_taken_is_said_so(tmp_path: Path) -> None:
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     assert ("port 65535 is taken (the last port there is); stop the program on it, or pass "
             "--port with a free one") in done.stderr, done.stderr
+    # An address not of this machine (TEST-NET-1) was said to be a taken port, and so was
+    # every port after it.
+    done = subprocess.run([sys.executable, "launch.py", "--no-browser", "--host",
+                           "192.0.2.1", "--port", "18999"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert "cannot serve on 192.0.2.1 port 18999: " in done.stderr, done.stderr
+    assert "taken" not in done.stderr, done.stderr
 
 
 def test_a_venv_that_does_not_work_is_made_again(tmp_path: Path,

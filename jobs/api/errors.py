@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobs import protocol as p
 from jobs.api.admission import Overloaded
 from jobs.api.chat_turns import BeingForgotten
 from jobs.api.events import public
@@ -95,6 +96,8 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
             reason = (error.get("ctx") or {}).get("error")
             problems.append(f"the body is not valid JSON ({reason} at character {where}); "
                             f"{SEND_JSON}")
+        elif error.get("type") == "string_unicode":  # "unable to parse raw data as a …"
+            problems.append(f"{where}: {p.NOT_TEXT}")
         elif loc == ("body",) and error.get("type") in NOT_AN_OBJECT:  # or another Content-Type
             problems.append(f"body: {error.get('msg')}; {SEND_JSON}")
         elif (error.get("type") in NOT_IN_BOUNDS and loc[:1] == ("query",)

@@ -244,6 +244,7 @@ class _TooLarge(HTTPException):
 
 
 CLOSE = {"Connection": "close"}
+CLOSE_HEADER = (b"connection", b"close")
 
 
 async def _drained(receive: Receive, budget: int) -> bool:
@@ -264,6 +265,11 @@ async def _drained(receive: Receive, budget: int) -> bool:
         return await asyncio.wait_for(drain(), DRAIN_S)
     except TimeoutError:
         return False
+
+
+def _sends_a_body(scope: Scope) -> bool:
+    return _declared_length(scope) > 0 or any(
+        name == b"transfer-encoding" for name, _ in scope.get("headers", []))
 
 
 def _expects_continue(scope: Scope) -> bool:
@@ -294,49 +300,49 @@ class BodyLimit:
                      and await _drained(receive, declared))
             await self._refuse(send, whole)
             return
-        request = _CountedBody(receive, send, self.max_bytes)
+        request = _CountedBody(receive, send, self.max_bytes, _sends_a_body(scope))
         try:
             await self.app(scope, request.receive, request.send)
         except _TooLarge as exc:
             if not request.started:
                 await self._refuse(send, exc.whole)
-            return
-        if request.cut and not request.ended:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _refuse(self, send: Send, whole: bool) -> None:
         await _send_detail(send, 413, _too_large(self.max_bytes),
-                           None if whole else [(b"connection", b"close")])
+                           None if whole else [CLOSE_HEADER])
 
 
 class _CountedBody:
     """One request's body, counted as the app reads it, and its answer, watched."""
 
-    def __init__(self, receive: Receive, send: Send, max_bytes: int) -> None:
+    def __init__(self, receive: Receive, send: Send, max_bytes: int, has_body: bool) -> None:
         self._receive, self._send, self._max_bytes = receive, send, max_bytes
         self.received = 0
-        self.started = self.ended = False  # the answer's
-        self.cut = False  # over the limit once the answer had begun
+        self.body_read = not has_body  # to its end
+        self.started = False  # the answer
 
     async def receive(self) -> Message:
-        if self.cut:
-            return {"type": "http.disconnect"}
         message = await self._receive()
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
-            if self.received > self._max_bytes and self.started:
-                # Too late for a 413 (an event stream reads only to hear its client
-                # leave): the answer ends here, as if the client had left.
-                self.cut = True
-                return {"type": "http.disconnect"}
+            self.body_read = not message.get("more_body")
             if self.received > self._max_bytes:
-                raise _TooLarge(self._max_bytes, not message.get("more_body") or await
-                                _drained(self._receive, DRAIN_FACTOR * self._max_bytes))
+                whole = self.body_read or await _drained(
+                    self._receive, DRAIN_FACTOR * self._max_bytes)
+                if not self.started:
+                    raise _TooLarge(self._max_bytes, whole)
+                # Too late for a 413 (an event stream, a file: they read only to hear their
+                # client leave). Read to its end and dropped, the body is done with: the
+                # answer goes on, and its connection closes after it. Else the answer ends
+                # here, as when its client leaves.
+                if whole:
+                    await asyncio.Event().wait()
+                return {"type": "http.disconnect"}
         return message
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
-        elif message["type"] == "http.response.body" and not message.get("more_body"):
-            self.ended = True
+            if not self.body_read:  # the rest of the body would be read to no end after it
+                message = {**message, "headers": [*message.get("headers", ()), CLOSE_HEADER]}
         await self._send(message)

@@ -5,6 +5,7 @@ meet (`jobs.api.guards`) are listed on every route."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from fastapi import FastAPI
@@ -24,7 +25,10 @@ ANY_REQUEST = {
     "413": "a body over 1 MB",
     "421": "without a token: a `Host` that names neither loopback nor "
            "`OFFLOAD_ALLOWED_HOSTS`",
+    "503": "without a token: the server is short of file descriptors and could not tell "
+           "whose connection this is; retry in a moment",
 }
+FRAMEWORK_422 = "Validation Error"  # FastAPI's description of its own 422
 FRAMEWORK_SCHEMAS = ("HTTPValidationError", "ValidationError")
 
 
@@ -43,17 +47,17 @@ def describe_errors(schema: dict[str, Any]) -> None:
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
     for name in FRAMEWORK_SCHEMAS:
         schemas.pop(name, None)
-    schemas["Detail"] = DETAIL
+    schemas["Detail"] = copy.deepcopy(DETAIL)
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
-            if "422" in responses:
-                responses["422"] = {"description": UNFIT}
+            if responses.get("422", {}).get("description") == FRAMEWORK_422:
+                responses["422"] = {"description": UNFIT}  # its list of errors goes too
             for status, description in ANY_REQUEST.items():
-                own = responses.get(status, {}).get("description")
-                responses[status] = {"description": f"{own}; or {description}" if own
-                                     else description}
+                response = responses.setdefault(status, {})
+                own = response.get("description")
+                response["description"] = f"{own}; or {description}" if own else description
             for status, response in responses.items():
                 if status[0] in "45":
-                    response.setdefault("content", DETAIL_REF)
+                    response.setdefault("content", copy.deepcopy(DETAIL_REF))
             operation["responses"] = dict(sorted(responses.items()))

@@ -17,7 +17,7 @@ from jobs.api.follow import Followed, JobWatch, file_signature, followed, stoppi
 from jobs.api.guards import asked_head
 from jobs.api.service import JobService
 from jobs.kinds import UnknownKind, registry
-from jobs.models import BatchAnswer, Job, JobBatch, JobCreate, JobList, JobRerun
+from jobs.models import BatchAnswer, BatchRefusal, Job, JobBatch, JobCreate, JobList, JobRerun
 from jobs.protocol import JobState
 from jobs.settings import MAX_WAIT_S
 from jobs.store.index import UnknownCursor
@@ -61,11 +61,17 @@ async def submit_job(body: JobCreate, service: Service, response: Response,
 
 
 @router.post("/jobs/batch", status_code=202, response_model=BatchAnswer, responses={
-    **REFUSED, 409: {"description": "a job's conversation is being forgotten, or its key is "
+    **REFUSED, 409: {"model": BatchRefusal,
+                     "description": "a job's conversation is being forgotten, or its key is "
                                     "still in flight: `stored` lists those before it"},
-    422: {"description": "a job does not fit (its place named; `stored`), or the batch is too "
+    422: {"model": BatchRefusal,
+          "description": "a job does not fit (its place named; `stored`), or the batch is too "
                          "large"},
-    503: {"description": "the data folder failed partway: `stored` lists the jobs stored"}})
+    429: {"model": BatchRefusal, "description": "too many jobs queued or kept: `stored` lists "
+                                                "those before it; retry after `Retry-After` "
+                                                "seconds"},
+    503: {"model": BatchRefusal,
+          "description": "the data folder failed partway: `stored` lists the jobs stored"}})
 async def submit_jobs(body: JobBatch, service: Service,
                       idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     """Start several jobs at once, in their order, as RQ's `enqueue_many`: none is stored
