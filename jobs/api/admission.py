@@ -26,9 +26,9 @@ class Overloaded(Exception):
 def admit(settings: Settings, load: Load, jobs: int = 1) -> None:
     """Refuse `jobs` new ones beyond OFFLOAD_MAX_QUEUED queued, or beyond
     OFFLOAD_MAX_JOBS kept when not enough finished jobs may be pruned to make room.
-    Admitted on the index snapshot's counts (several workers, or a burst within a
-    snapshot, may overshoot a little); refused only on counts made now (see
-    `JobService.submit`)."""
+    Admitted on the index snapshot's counts plus the jobs this worker stored since
+    (several workers, or requests at the same moment, may overshoot a little); refused
+    only on counts made now (see `JobService.submit`)."""
     queued = load.counts.get(p.JobState.QUEUED, 0)
 
     def these(count: int) -> str:

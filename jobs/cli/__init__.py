@@ -127,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "ones are stopped")
     cancel.add_argument("ids", nargs="*", metavar="id")
     cancel.add_argument("--state", choices=["queued", "running", "live"],
-                        help="instead of ids: every job in this state (live: both), up to "
-                             "1000 of each")
+                        help="instead of ids: every job in this state (live: both)")
     cancel.add_argument("--kind", help="with --state: of this kind only")
     remove = command("remove", cmd_remove, "delete finished jobs now, with their input, "
                                            "output and log (as pruning does later)")

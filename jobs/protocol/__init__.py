@@ -10,9 +10,10 @@ machine), `wake` (the supervisor's files), `embedded` (the embedded model's serv
 Each job has a folder of its own, `<data>/jobs/<id>/`:
   job.json   the job (state, progress, output, result); one writer at a time
   job.log    the runner's stdout and stderr
-  stop.json  a stop request: {"reason": "cancelled" | "timeout"}; written by the API
-             or the supervisor, read by the runner when it is signalled
-  run.json   the launch record: {"pid": ..., "create_time": ...}; written by the
+  stop.json  a stop request: {"reason": "cancelled" | "timeout", "at": ...}; written by
+             the API or the supervisor, read by the runner when it is signalled
+  run.json   the claim, then the launch record: the runner's pid and create time, the
+             launching supervisor's identity, when it was launched; written by the
              supervisor only, so an adopting supervisor knows what was launched
 
 A folder per job, not all files in one: every atomic write renames inside the folder
