@@ -295,7 +295,9 @@ def test_a_wait_goes_on_across_an_api_restart(data_dir: Path, tmp_path: Path,
     cancelled: an error and a traceback in the log, and a 500 that made the CLI give up;
     a SIGHUP cut them on the spot); `offload wait` and `offload log --follow` go on with
     the restarted server until the job ends."""
-    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+    # Room for the follower's stream and the waiter's long poll only: once both are held,
+    # a HEAD of the job's events (which takes no room) is refused.
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OFFLOAD_MAX_EVENT_STREAMS": "2"}
     first = StartedAsUsersDo(data_dir, tmp_path / "first.log", env).start()
     second = StartedAsUsersDo(data_dir, tmp_path / "second.log", env)
     second.port, second.url = first.port, first.url
@@ -307,6 +309,9 @@ def test_a_wait_goes_on_across_an_api_restart(data_dir: Path, tmp_path: Path,
             out, err = Reader(waiter.stdout), Reader(waiter.stderr)
             progress = Reader(follower.stderr)
             wait_for(lambda: "step 1/20]" in progress.text, 60, 0.05, "a progress line")
+            # Started beside the follower, the waiter may not have asked yet on a busy host.
+            wait_for(lambda: httpx.head(f"{first.url}/api/jobs/{job_id}/events", timeout=30)
+                     .status_code == 503, 60, 0.1, "the waiter's long poll under way")
             first.stop(stop)
             log = first.log.read_text()
             assert f"GET /api/jobs/{job_id}?wait_s=25 HTTP/1.1\" 503" in log, log[-2000:]
