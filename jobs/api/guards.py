@@ -300,7 +300,8 @@ class BodyLimit:
                      and await _drained(receive, declared))
             await self._refuse(send, whole)
             return
-        request = _CountedBody(receive, send, self.max_bytes, _sends_a_body(scope))
+        request = _CountedBody(receive, send, self.max_bytes, _sends_a_body(scope),
+                               _expects_continue(scope))
         try:
             await self.app(scope, request.receive, request.send)
         except _TooLarge as exc:
@@ -315,20 +316,23 @@ class BodyLimit:
 class _CountedBody:
     """One request's body, counted as the app reads it, and its answer, watched."""
 
-    def __init__(self, receive: Receive, send: Send, max_bytes: int, has_body: bool) -> None:
+    def __init__(self, receive: Receive, send: Send, max_bytes: int, has_body: bool,
+                 expects_continue: bool) -> None:
         self._receive, self._send, self._max_bytes = receive, send, max_bytes
         self.received = 0
         self.body_read = not has_body  # to its end
         self.started = False  # the answer
+        self.given_up = False  # on reading the rest of the body
+        # Whether its client sends the body: one waiting for "100 Continue" is told so
+        # only by a read before the answer starts.
+        self.body_comes = not expects_continue
 
     async def receive(self) -> Message:
-        message = await self._receive()
+        message = await self._read()
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
-            self.body_read = not message.get("more_body")
             if self.received > self._max_bytes:
-                whole = self.body_read or await _drained(
-                    self._receive, DRAIN_FACTOR * self._max_bytes)
+                whole = self.body_read or await self._drain()
                 if not self.started:
                     raise _TooLarge(self._max_bytes, whole)
                 # Too late for a 413 (an event stream, a file: they read only to hear their
@@ -345,4 +349,21 @@ class _CountedBody:
             self.started = True
             if not self.body_read:  # the rest of the body would be read to no end after it
                 message = {**message, "headers": [*message.get("headers", ()), CLOSE_HEADER]}
+        elif message["type"] == "http.response.body" and self.body_comes and not (
+                self.body_read or self.given_up or message.get("more_body")):
+            # Its connection closes after this: a socket closed with data unread resets the
+            # connection, and the client loses what it had not read of the answer.
+            await self._drain()
         await self._send(message)
+
+    async def _read(self) -> Message:
+        self.body_comes |= not self.started
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body"):
+            self.body_read = True
+        return message
+
+    async def _drain(self) -> bool:
+        whole = await _drained(self._read, DRAIN_FACTOR * self._max_bytes)
+        self.given_up = not whole  # a body without end is waited for once
+        return whole
