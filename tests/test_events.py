@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from jobs.api.events import change_event, first_event, resume_position
+from jobs.api.guards import DRAIN_S
 from tests.fake_llm import FakeLLM
 from tests.server import Event, Server, applied, read_events
 
@@ -258,6 +259,15 @@ def test_a_stream_asked_for_oddly_ends_and_keeps_its_slot_free(
         with _send_a_large_body(server, "/api/health", chunks=17) as sent:
             answer = _read_to_close(sent)
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"}"), answer[-300:]
+        # Of a declared length, the rest is read after the answer: the connection goes on.
+        with httpx.Client(base_url=server.url, timeout=30) as own:
+            assert own.request("GET", "/api/health", content=b"x" * 1_000_000).is_success
+            assert own.get("/api/health").is_success
+        # A client that stops sending its body is not waited for (DRAIN_S).
+        with socket.create_connection(("127.0.0.1", server.port), timeout=DRAIN_S - 1) as stalled:
+            stalled.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n4\r\nxxxx\r\n")
+            assert _read_to_close(stalled).startswith(b"HTTP/1.1 200")
     server.stop()
     assert "Traceback" not in server.log.read_text()
 

@@ -21,6 +21,9 @@ DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 # (urllib, Python's requests) heard a broken pipe instead. A larger one is cut off.
 DRAIN_FACTOR = 16
 DRAIN_S = 5.0
+# Once an answer is given, the rest of a body sent in chunks is read only while it comes:
+# a client that stalls is not waited for.
+DRAIN_IDLE_S = 0.25
 # Offload registers no service worker: one the browser asks to update here was left by a
 # page another program served at this address, and would see every request of the
 # dashboard's. Asked for its script (a browser checks it a few seconds after a page it
@@ -247,13 +250,13 @@ CLOSE = {"Connection": "close"}
 CLOSE_HEADER = (b"connection", b"close")
 
 
-async def _drained(receive: Receive, budget: int) -> bool:
+async def _drained(receive: Receive, budget: int, idle_s: float | None = None) -> bool:
     """The rest of a request's body read and dropped: True if it ended within `budget`
-    bytes and DRAIN_S."""
+    bytes and DRAIN_S (and with `idle_s`, no pause longer than that)."""
     async def drain() -> bool:
         left = budget
         while left >= 0:
-            message = await receive()
+            message = await asyncio.wait_for(receive(), idle_s)
             if message["type"] != "http.request":  # the client left
                 return False
             left -= len(message.get("body", b""))
@@ -300,8 +303,7 @@ class BodyLimit:
                      and await _drained(receive, declared))
             await self._refuse(send, whole)
             return
-        request = _CountedBody(receive, send, self.max_bytes, _sends_a_body(scope),
-                               _expects_continue(scope))
+        request = _CountedBody(receive, send, self.max_bytes, scope)
         try:
             await self.app(scope, request.receive, request.send)
         except _TooLarge as exc:
@@ -316,16 +318,18 @@ class BodyLimit:
 class _CountedBody:
     """One request's body, counted as the app reads it, and its answer, watched."""
 
-    def __init__(self, receive: Receive, send: Send, max_bytes: int, has_body: bool,
-                 expects_continue: bool) -> None:
+    def __init__(self, receive: Receive, send: Send, max_bytes: int, scope: Scope) -> None:
         self._receive, self._send, self._max_bytes = receive, send, max_bytes
         self.received = 0
-        self.body_read = not has_body  # to its end
+        self.body_read = not _sends_a_body(scope)  # to its end
+        # The server reads the rest of a body of a declared length after the answer, if
+        # the app did not (it is no longer than the limit); one sent in chunks may not end.
+        self.chunked = not self.body_read and _declared_length(scope) == 0
         self.started = False  # the answer
         self.given_up = False  # on reading the rest of the body
         # Whether its client sends the body: one waiting for "100 Continue" is told so
         # only by a read before the answer starts.
-        self.body_comes = not expects_continue
+        self.body_comes = not _expects_continue(scope)
 
     async def receive(self) -> Message:
         message = await self._read()
@@ -347,13 +351,13 @@ class _CountedBody:
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
-            if not self.body_read:  # the rest of the body would be read to no end after it
+            if self.chunked and not self.body_read:  # read after it, it may never end
                 message = {**message, "headers": [*message.get("headers", ()), CLOSE_HEADER]}
-        elif message["type"] == "http.response.body" and self.body_comes and not (
-                self.body_read or self.given_up or message.get("more_body")):
+        elif message["type"] == "http.response.body" and self.chunked and self.body_comes \
+                and not (self.body_read or self.given_up or message.get("more_body")):
             # Its connection closes after this: a socket closed with data unread resets the
             # connection, and the client loses what it had not read of the answer.
-            await self._drain()
+            await self._drain(DRAIN_IDLE_S)
         await self._send(message)
 
     async def _read(self) -> Message:
@@ -363,7 +367,7 @@ class _CountedBody:
             self.body_read = True
         return message
 
-    async def _drain(self) -> bool:
-        whole = await _drained(self._read, DRAIN_FACTOR * self._max_bytes)
+    async def _drain(self, idle_s: float | None = None) -> bool:
+        whole = await _drained(self._read, DRAIN_FACTOR * self._max_bytes, idle_s)
         self.given_up = not whole  # a body without end is waited for once
         return whole
