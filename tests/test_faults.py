@@ -73,10 +73,13 @@ def test_api_killed_with_50_chats_in_flight_all_complete_once(make_server: MakeS
 def _immutable(folder: Path, on: bool) -> None:
     """Make every folder and file under `folder` unwritable, even for root (a socket,
     the supervisor's doorbell, has no such attribute). Again while it fails: a runner's
-    temporary file can go between `find` seeing it and `chattr` changing it."""
+    temporary file can go between `find` seeing it and `chattr` changing it. Made
+    writable again from the bottom up: a job's folder still unwritable in a writable jobs
+    folder is one job's own fault, which that job waits out (CLAIM_RETRY_S)."""
+    order = [] if on else ["-depth"]
     for _ in range(20):
-        done = subprocess.run(["find", str(folder), "!", "-type", "s", "-exec", "chattr",
-                               "+i" if on else "-i", "{}", "+"],
+        done = subprocess.run(["find", str(folder), *order, "!", "-type", "s", "-exec",
+                               "chattr", "+i" if on else "-i", "{}", "+"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode == 0:
             return
