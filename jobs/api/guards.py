@@ -270,9 +270,8 @@ async def _drained(receive: Receive, budget: int, idle_s: float | None = None) -
         return False
 
 
-def _sends_a_body(scope: Scope) -> bool:
-    return _declared_length(scope) > 0 or any(
-        name == b"transfer-encoding" for name, _ in scope.get("headers", []))
+def _sends_in_chunks(scope: Scope) -> bool:
+    return any(name == b"transfer-encoding" for name, _ in scope.get("headers", []))
 
 
 def _expects_continue(scope: Scope) -> bool:
@@ -303,7 +302,7 @@ class BodyLimit:
                      and await _drained(receive, declared))
             await self._refuse(send, whole)
             return
-        request = _CountedBody(receive, send, self.max_bytes, scope)
+        request = _CountedBody(receive, send, self.max_bytes, scope, declared)
         try:
             await self.app(scope, request.receive, request.send)
         except _TooLarge as exc:
@@ -318,13 +317,14 @@ class BodyLimit:
 class _CountedBody:
     """One request's body, counted as the app reads it, and its answer, watched."""
 
-    def __init__(self, receive: Receive, send: Send, max_bytes: int, scope: Scope) -> None:
+    def __init__(self, receive: Receive, send: Send, max_bytes: int, scope: Scope,
+                 declared: int) -> None:
         self._receive, self._send, self._max_bytes = receive, send, max_bytes
         self.received = 0
-        self.body_read = not _sends_a_body(scope)  # to its end
         # The server reads the rest of a body of a declared length after the answer, if
         # the app did not (it is no longer than the limit); one sent in chunks may not end.
-        self.chunked = not self.body_read and _declared_length(scope) == 0
+        self.chunked = not declared and _sends_in_chunks(scope)
+        self.body_read = not (declared or self.chunked)  # to its end
         self.started = False  # the answer
         self.given_up = False  # on reading the rest of the body
         # Whether its client sends the body: one waiting for "100 Continue" is told so
