@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -54,11 +55,20 @@ def llama_cmake_args() -> str:
     return " ".join(args)
 
 
+def cached_wheel() -> Path | None:
+    """The newest llama-cpp-python wheel in the cache, by its version (as strings,
+    0.3.9 would come after 0.3.16)."""
+    def version(wheel: Path) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", wheel.name.split("-")[1]))
+
+    return max(wheel_cache().glob("llama_cpp_python-*.whl"), key=version, default=None)
+
+
 def build_llama_wheel() -> Path | None:
     cache = wheel_cache()
-    found = sorted(cache.glob("llama_cpp_python-*.whl"))
-    if found:
-        return found[-1]
+    found = cached_wheel()
+    if found is not None:
+        return found
     say("building llama-cpp-python for the embedded model: several minutes the first "
         "time (it compiles C++); the wheel is cached for later installs")
     cache.mkdir(parents=True, exist_ok=True)
@@ -68,8 +78,7 @@ def build_llama_wheel() -> Path | None:
            "--no-deps", "--no-cache-dir", "-w", str(cache), LLAMA_REQ]
     if subprocess.call(cmd, cwd=ROOT, env=env) != 0:
         return None
-    found = sorted(cache.glob("llama_cpp_python-*.whl"))
-    return found[-1] if found else None
+    return cached_wheel()
 
 
 def install_llm() -> str:
@@ -101,10 +110,10 @@ def install_llm_server() -> str:
     """llama.cpp's server, which answers several chats at once (llama-cpp-python's
     answers one at a time), into the venv beside the interpreter. Optional: without it
     the embedded model runs on llama-cpp-python's server."""
-    wheels = sorted(wheel_cache().glob("llama_cpp_python-*.whl"))
-    if not wheels:
+    wheel = cached_wheel()
+    if wheel is None:
         return "failed"  # install_llm has said why
-    version = wheels[-1].name.split("-")[1]
+    version = wheel.name.split("-")[1]
     try:
         binary = build_llama_server(version)
         if binary is not None:

@@ -161,6 +161,21 @@ def test_a_venv_that_does_not_work_is_made_again(tmp_path: Path,
     assert launcher.venv.venv_works() and not (venv / "offload-install.json").exists()
 
 
+def test_the_newest_cached_llama_wheel_is_picked_by_its_version(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two builds in the cache (one copied in by hand, say): a string sort took 0.3.9's
+    # over 0.3.16's, and llama-server was then built to match the older one.
+    from launcher.llama import cached_wheel, wheel_cache
+
+    monkeypatch.setenv("OFFLOAD_CACHE_DIR", str(tmp_path))
+    assert cached_wheel() is None
+    wheel_cache().mkdir(parents=True)
+    for version in ("0.3.9", "0.3.16", "0.2.90"):
+        (wheel_cache() / f"llama_cpp_python-{version}-cp311-cp311-linux_x86_64.whl").touch()
+    newest = cached_wheel()
+    assert newest is not None and newest.name.startswith("llama_cpp_python-0.3.16-")
+
+
 def _launched(tmp_path: Path, port: int, before: tuple[str, ...] = (),
               ) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     """`python launch.py` as a user starts it (a process group of its own, as in its
