@@ -26,7 +26,7 @@ from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
-from jobs import schedules
+from jobs import protocol as p, schedules
 from jobs.api import (
     errors,
     openapi,
@@ -42,7 +42,7 @@ from jobs.api.lifespan import lifespan
 from jobs.kinds import UnusableKinds, registry
 from jobs.protocol.trust import private_files
 from jobs.schedules import ScheduleError
-from jobs.settings import MAKE_TOKEN, MAX_BODY_BYTES, Settings, UnusableSettings, get_settings
+from jobs.settings import MAKE_TOKEN, Settings, UnusableSettings, get_settings
 from jobs.store.private import UnsafeDataFolder, refuse_foreign, refuse_planted
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -67,7 +67,7 @@ def create_app() -> FastAPI:
                             if isinstance(route, APIRoute)]
     errors.install(app)
     openapi.install(app)
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, max_bytes=p.MAX_BODY_BYTES)
     origins = settings.cors_origin_list
     if origins:  # closed unless configured: other sites' pages cannot call the API
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,

@@ -48,7 +48,6 @@ PRUNE_INTERVAL_S = 300.0
 PRUNE_OVER_CAP_S = 5.0  # how soon pruning runs again while more jobs than the cap are kept
 RETRY_AFTER_S = 5  # a refused submission's Retry-After when no better guess is at hand
 MIN_RETENTION_S = 600.0  # no finished job younger than this is pruned, even over the cap
-MAX_BODY_BYTES = 1_000_000  # a request body larger than this is refused with 413
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_PRIORITY = 1000  # a submission's priority is from -MAX_PRIORITY to MAX_PRIORITY
 DEFAULT_PRIORITY = {"chat": 10}  # by kind; any other kind: 0

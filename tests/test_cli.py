@@ -586,8 +586,9 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
         "says 1)"], status
     for kind in ("sleep", "train"):
         assert cli(url, "parallel", "default", "--kind", kind).returncode == 0
-    unknown = cli(url, "parallel", "2", "--kind", "nope")
-    assert unknown.returncode == 2 and "unknown job kind 'nope'" in unknown.stderr, unknown
+    for runners in ("2", "default"):  # `default` of a typo printed the caps, exit 0
+        unknown = cli(url, "parallel", runners, "--kind", "nope")
+        assert unknown.returncode == 2 and "unknown job kind 'nope'" in unknown.stderr, unknown
     # An empty --kind (a script's unset variable) changed the cap on all runners.
     empty = cli(url, "parallel", "3", "--kind", "")
     assert empty.returncode == 2 and "--kind is empty" in empty.stderr, empty
@@ -766,6 +767,12 @@ def test_closed_and_full_streams_notepad_files_and_large_bodies_are_said(
             assert refused.returncode == 2 and "request body too large" in refused.stderr, (
                 args, refused.stderr)
             assert said in refused.stderr, refused.stderr
+    # Read whole, an endless input filled the memory, and ended in a MemoryError's traceback.
+    for args in (["--input", "@/dev/zero"], ["--inputs", "/dev/zero"], ["--inputs", "-"]):
+        with open("/dev/zero", "rb") as endless:
+            refused = run("submit", "sleep", *args, stdin=endless)
+        assert refused.returncode == 2 and "is over 16 MB, and a request takes at most 1 MB" in (
+            refused.stderr), (args, refused.stderr)
 
 
 def test_another_program_at_the_address_is_named_not_crashed_on() -> None:

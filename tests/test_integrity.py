@@ -147,6 +147,9 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
             {"state": "done"}, {"created_at": "yesterday"}, {"error": "a string"},
             {"result": [1, 2]}, {"id": good["id"]},  # another job's id: not this folder's
             {"result": {"x": deep}},
+            # Past 64 bits: the index's order of submissions raised, and every listing,
+            # and submissions once they came to list it, answered 500.
+            {"created_ns": 2**63}, {"created_ns": -1},
         ]
         bad = {job_id: {**valid, "id": job_id, **change}
                for job_id, change in ((p.new_id(), change) for change in changes)}

@@ -301,6 +301,9 @@ def test_a_kinds_cap_changes_while_it_runs(make_server: MakeServer) -> None:
         assert client.get("/api/queue").json()["kind_caps"] == {"probe": 3}
         gone = client.put("/api/queue/cap", json={"max_concurrent": None, "kind": "gone"})
         assert gone.status_code == 200 and json.loads(path.read_text())["kinds"] == {"probe": 3}
+        # A kind neither known nor capped is a typo, taken with a 200 and nothing done.
+        typo = client.put("/api/queue/cap", json={"max_concurrent": None, "kind": "gone"})
+        assert typo.status_code == 422 and "unknown job kind 'gone'" in typo.json()["detail"]
 
 
 def test_the_cap_on_runners_changes_while_it_runs(make_server: MakeServer) -> None:

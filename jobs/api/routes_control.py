@@ -117,10 +117,12 @@ async def set_queue_cap(body: QueueCap, service: Service) -> dict[str, Any]:
     """Change how many runners are alive at once (of one kind, with `kind`), kept across
     restarts; `null` goes back to OFFLOAD_MAX_CONCURRENT (OFFLOAD_KIND_CAPS's). Running
     jobs over a lower cap finish; none starts until fewer run."""
-    # A cap for a kind no longer known can still be taken away.
-    if body.kind is not None and body.kind not in registry() and body.max_concurrent is not None:
-        raise UnknownKind(body.kind)
     data_dir = service.settings.data_dir
+    if body.kind is not None and body.kind not in registry():
+        # A cap set for a kind no longer known can still be taken away; any other is a typo.
+        caps = await run_in_threadpool(control.queue_caps, data_dir)
+        if body.max_concurrent is not None or body.kind not in caps[1]:
+            raise UnknownKind(body.kind)
     await run_in_threadpool(_set_cap, data_dir, body.max_concurrent, body.kind)
     poke(service.store.dir)  # a higher cap starts queued jobs at once
     return await run_in_threadpool(queue_view, service.settings)

@@ -269,6 +269,11 @@ def _queue_paused(client: Client) -> bool:
         return False
 
 
+# Past this a file can never be sent; below it the server's own 413 says what to do (a
+# file's JSON may shrink or grow on its way into the request's).
+READ_MAX_BYTES = 16 * p.MAX_BODY_BYTES
+
+
 def _read(given: str, option: str) -> tuple[str, str]:
     """The text `option` names: `-` for stdin's, a file's (`@file` too); where it was, said
     as such. UTF-8, with or without the BOM Notepad writes."""
@@ -278,9 +283,15 @@ def _read(given: str, option: str) -> tuple[str, str]:
             if sys.stdin is None:  # `<&-`: no stdin at all
                 raise Failure(EXIT_USAGE, f"{option} - reads stdin, which is closed: give "
                                           f"{option} a file")
-            return where, sys.stdin.buffer.read().decode("utf-8-sig")
-        with open(where, encoding="utf-8-sig") as file:
-            return where, file.read()
+            data = sys.stdin.buffer.read(READ_MAX_BYTES + 1)
+        else:
+            with open(where, "rb") as file:
+                data = file.read(READ_MAX_BYTES + 1)
+        if len(data) > READ_MAX_BYTES:  # /dev/zero, say: read whole, it filled the memory
+            raise Failure(EXIT_USAGE, f"{option} {where} is over {READ_MAX_BYTES // 10**6} MB, "
+                                      f"and a request takes at most {p.MAX_BODY_BYTES // 10**6} MB:"
+                                      " give a smaller one")
+        return where, data.decode("utf-8-sig")
     except OSError as exc:
         raise Failure(EXIT_USAGE, f"cannot read {option} {where}: {exc.strerror}") from None
     except UnicodeError:

@@ -315,6 +315,7 @@ def output_change(old: dict[str, Any], new: dict[str, Any]) -> dict[str, str]:
     return {OUTPUT_DELTA: after[len(before):]} if after != before else {}
 
 
+MAX_BODY_BYTES = 1_000_000  # a request body larger than this is refused with 413
 MAX_DEPTH = 64  # of arrays and objects in a job's input (pydantic answers go to ~250)
 NOT_TEXT = "holds half of a surrogate pair (not text)"
 
