@@ -355,7 +355,10 @@ class Settings(BaseSettings):
 
     @property
     def cors_origin_list(self) -> list[str]:
-        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+        """Lowercased, as browsers send an `Origin` (`NULL` passed the start's check of
+        `null`, and matched its header)."""
+        return [o.strip().rstrip("/").lower() for o in self.cors_origins.split(",")
+                if o.strip()]
 
     @property
     def allowed_host_list(self) -> list[str]:

@@ -42,11 +42,19 @@ def setting(name: str) -> str | None:
     """An OFFLOAD_* setting from the environment, else from the `.env` the server reads
     (OFFLOAD_ENV_FILE's, else the one beside launch.py; the last line that sets it), read
     here by hand: python-dotenv is not installed yet."""
+    from jobs.protocol.trust import UnsafeSettingsFile, read_settings_file  # stdlib only
+
     if os.environ.get(name):
         return os.environ[name]
+    path = ROOT / (os.environ.get("OFFLOAD_ENV_FILE") or ".env")  # absolute: itself
     try:
-        path = ROOT / (os.environ.get("OFFLOAD_ENV_FILE") or ".env")  # absolute: itself
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = read_settings_file(str(path), ".env")
+        lines = [] if data is None else data.decode("utf-8").splitlines()
+    except UnsafeSettingsFile as exc:
+        # Its address would be "already running" there, and opened in the browser.
+        sys.exit(f"[offload] refusing to read {path}: {exc}. It could send you, and your "
+                 "token, to another account's server. Start from a folder of your own, or "
+                 "set OFFLOAD_ENV_FILE to a file of yours")
     except (OSError, UnicodeDecodeError):
         return None
     found = None

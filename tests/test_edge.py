@@ -136,7 +136,8 @@ def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp
             env["OFFLOAD_HOST"] = "0.0.0.0"
         said = "refusing to serve on 0.0.0.0 without OFFLOAD_API_TOKEN"
     elif problem == "cors":  # without a token, every site's pages could read the chats
-        env["OFFLOAD_CORS_ORIGINS"] = "https://app.example, *" if how == "uvicorn" else "null"
+        # In capitals `null` passed, and matched a sandboxed frame's `Origin: null`.
+        env["OFFLOAD_CORS_ORIGINS"] = "https://app.example, *" if how == "uvicorn" else "NULL"
         said = (f"refusing OFFLOAD_CORS_ORIGINS={'*' if how == 'uvicorn' else 'null'} without "
                 "OFFLOAD_API_TOKEN")
     elif problem == "ages":  # its next run was no date: /api/schedules answered 500

@@ -3,6 +3,7 @@ port, and the Windows files (their line endings and the commands they call)."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import signal
@@ -116,6 +117,40 @@ def test_a_port_that_is_no_port_is_said_so() -> None:
                               env={**env, **extra}, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
         assert "is not a port (1 to 65535)" in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes")
+def test_a_dotenv_any_account_can_write_sends_launch_py_nowhere(tmp_path: Path) -> None:
+    # Another account added OFFLOAD_HOST/PORT of its own server to a .env every account
+    # could write: launch.py found "Offload already running" there and opened it in the
+    # browser, while the server itself refuses such a file.
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+            body = b'{"status": "ok"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    theirs = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=theirs.serve_forever, daemon=True).start()
+    dotenv = tmp_path / "shared.env"
+    dotenv.write_text(f"OFFLOAD_PORT={theirs.server_address[1]}\n")
+    dotenv.chmod(0o666)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    env.update(OFFLOAD_DATA_DIR=str(tmp_path / "var"), OFFLOAD_ENV_FILE=str(dotenv))
+    try:
+        done = subprocess.run([sys.executable, "launch.py", "--no-browser"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        theirs.shutdown()
+        theirs.server_close()
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"refusing to read {dotenv}: every account can write it" in done.stderr, done.stderr
+    assert "already running" not in done.stdout + done.stderr
 
 
 def test_a_port_that_cannot_be_served_on_is_said_so(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ class RequestGuard:
         self.peers = PeerLookup()
         self.owner = this_account()
         self.allowed_hosts = frozenset(settings.allowed_host_list)
-        self.origins = frozenset(o.lower() for o in settings.cors_origin_list)
+        self.origins = frozenset(settings.cors_origin_list)
         self._host_ok: dict[bytes, bool] = {}  # verdicts by Host header, bounded below
         # No page of ours shows in another site's frame, where that site could lure clicks
         # onto its buttons (clickjacking), but in those of OFFLOAD_CORS_ORIGINS, which may
