@@ -8,6 +8,7 @@ first, so that only Offload's own umask can make the files private.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -824,9 +825,47 @@ def test_an_open_data_folder_holding_another_accounts_link_is_refused(
         (data_dir / name).symlink_to(target)
         os.lchown(data_dir / name, pwd.getpwnam(other_account).pw_uid, -1)
     said = _refused_start(first, data_dir, tmp_path).read_text()
-    assert f"cannot start: the data folder {data_dir} was open to other accounts (mode 777) " \
-        "and holds" in said
+    assert f"cannot start: the data folder {data_dir} was open to other accounts ({data_dir}: " \
+        "mode 777) and holds" in said
     assert "Traceback" not in said, said
     assert "which belongs to another account" in said
     assert mine.read_text() == "mine\n"
     assert list(theirs.iterdir()) == []
+
+
+@pytest.mark.parametrize("first", ["api", "supervisor"])
+@pytest.mark.parametrize("jobs_folder", ["private", "open"])
+def test_a_data_folder_tightened_at_its_top_alone_is_still_looked_into(
+        first: str, jobs_folder: str, other_account: str, data_dir: Path,
+        tmp_path: Path) -> None:
+    # Open once, then `chmod 700` on its top alone: what another account put in it
+    # meanwhile was no longer looked for. Offload appended its log to a file of ours
+    # through their link, and ran the job they put in the jobs folder, left open.
+    import pwd  # POSIX only
+
+    uid = pwd.getpwnam(other_account).pw_uid
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine\n")
+    jobs = data_dir / "jobs"
+    jobs.mkdir(parents=True)
+    jobs.chmod(0o777 if jobs_folder == "open" else 0o700)
+    if jobs_folder == "open":
+        planted = jobs / p.new_id()
+        planted.mkdir()
+        (planted / p.JOB_FILE).write_text(json.dumps(p.new_job(planted.name, "sleep", {}, 0)))
+        shutil.chown(planted / p.JOB_FILE, other_account)
+        shutil.chown(planted, other_account)
+        said_open = f"was open to other accounts ({jobs}: mode 777)"
+    else:
+        planted = data_dir / "supervisor.log"
+        planted.symlink_to(mine)
+        os.lchown(planted, uid, -1)
+        said_open = "may have been open to other accounts"
+    data_dir.chmod(0o700)
+    said = _refused_start(first, data_dir, tmp_path).read_text()
+    assert f"cannot start: the data folder {data_dir} {said_open} and holds {planted}, which " \
+        f"belongs to another account (uid {uid})" in said, said
+    assert "Traceback" not in said, said
+    assert mine.read_text() == "mine\n"
+    if jobs_folder == "open":
+        assert not (planted / p.RUN_FILE).exists()

@@ -55,51 +55,75 @@ def refuse_foreign(data_dir: Path) -> None:
 
 def make_private(data_dir: Path) -> None:
     """Refuse another account's data folder, set this process's umask and tighten the
-    data folder if others can read it."""
+    data folder if others can read it, or a folder in it."""
     refuse_foreign(data_dir)  # which sets the umask first
-    mode = _open_mode(data_dir)
-    if mode is None:
+    opened = _opened(data_dir)
+    if opened is None:
         return
-    refuse_planted(data_dir, mode)
+    refuse_planted(data_dir, opened)
     tightened, failed = tighten(data_dir)
-    refuse_planted(data_dir, mode)  # one put there while it was being tightened
-    log.warning("the data folder %s was open to other accounts (mode %03o): %d files and "
-                "folders in it are now readable by their owner only (0700/0600)%s",
-                data_dir, mode, tightened,
+    refuse_planted(data_dir, opened)  # one put there while it was being tightened
+    where, mode = opened
+    log.warning("%s was open to other accounts (mode %03o): %d files and folders in it "
+                "are now readable by their owner only (0700/0600)%s",
+                f"the data folder {data_dir}" if where == str(data_dir) else where, mode,
+                tightened,
                 f"; {failed} could not be changed (not ours?)" if failed else "")
 
 
-def _open_mode(data_dir: Path) -> int | None:
-    """The data folder's mode if other accounts may enter it (POSIX), else None."""
+Opened = tuple[str, int]  # a folder other accounts may enter, and its mode
+
+
+def _opened(data_dir: Path) -> Opened | None:
+    """The data folder if other accounts may enter it (POSIX), else a folder in it that
+    they may (its top tightened by hand, say), with its mode; None if neither."""
     if os.name != "posix":
         return None
     try:
         mode = stat.S_IMODE(data_dir.stat().st_mode)
+        inside = [entry for entry in os.scandir(data_dir)
+                  if entry.is_dir(follow_symlinks=False)]
     except OSError:
         return None  # not there yet: it will be created 0700
-    return mode if mode & OPEN_BITS else None
+    if mode & OPEN_BITS:
+        return str(data_dir), mode
+    for entry in inside:
+        try:
+            mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & OPEN_BITS:
+            return entry.path, mode
+    return None
 
 
-def refuse_planted(data_dir: Path, mode: int | None = None) -> None:
-    """Stop if the data folder, open to other accounts (`mode`: as it was), holds anything
-    another account owns: a link of theirs would have Offload write where they choose,
-    a job of theirs be run. The supervisor looks before it opens its log there."""
-    mode = _open_mode(data_dir) if mode is None else mode
-    if mode is None:
+def refuse_planted(data_dir: Path, opened: Opened | None = None) -> None:
+    """Stop if the data folder holds anything another account owns: a link of theirs
+    would have Offload write where they choose, a job of theirs be run. Looked at whole
+    while it or a folder in it is open to other accounts (`opened`: which, as it was);
+    else its files and the folders of its own folders (its jobs'): all that another
+    account could have put in it while it was open, before it was tightened by hand, and
+    a look of milliseconds with thousands of jobs. The supervisor looks before it opens
+    its log there."""
+    if os.name != "posix":
         return
-    foreign = foreign_entry(data_dir)
-    if foreign is not None:
-        path, owner = foreign
-        raise UnsafeDataFolder(f"the data folder {data_dir} was open to other accounts (mode "
-                           f"{mode:03o}) and holds {path}, which belongs to another account "
-                           f"(uid {owner}): a link or a job of theirs would have Offload write "
-                           "where they choose or run what they put there. Look at it, remove "
-                           "it, then start again")
+    opened = _opened(data_dir) if opened is None else opened
+    foreign = foreign_entry(data_dir, None if opened else 2)
+    if foreign is None:
+        return
+    path, owner = foreign
+    was = ("may have been open to other accounts" if opened is None else
+           f"was open to other accounts ({opened[0]}: mode {opened[1]:03o})")
+    raise UnsafeDataFolder(f"the data folder {data_dir} {was} and holds {path}, which "
+                           f"belongs to another account (uid {owner}): a link or a job of "
+                           "theirs would have Offload write where they choose or run what "
+                           "they put there. Look at it, remove it, then start again")
 
 
-def foreign_entry(top: Path) -> tuple[str, int] | None:
-    """The first file, folder or link under `top` that an account not trusted owns (its
-    path and owner): while `top` was open, another account could put one there."""
+def foreign_entry(top: Path, depth: int | None = None) -> tuple[str, int] | None:
+    """The first file, folder or link under `top` (`depth` levels down at most) that an
+    account not trusted owns (its path and owner): while `top` was open, another account
+    could put one there."""
     trusted = {*trust.trusted_owners(), 0}
     for folder, dirs, files in os.walk(top):  # links are listed, never followed
         for name in [*dirs, *files]:
@@ -110,6 +134,9 @@ def foreign_entry(top: Path) -> tuple[str, int] | None:
                 continue  # removed meanwhile
             if owner not in trusted:
                 return path, owner
+        level = 0 if folder == str(top) else os.path.relpath(folder, top).count(os.sep) + 1
+        if depth is not None and level >= depth - 1:
+            dirs.clear()  # what is in them is deeper than `depth`
     return None
 
 
