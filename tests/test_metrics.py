@@ -164,10 +164,12 @@ def test_token_and_host_rules_hold_for_metrics(make_server: MakeServer) -> None:
             assert "OFFLOAD_API_TOKEN" in answer.json()["detail"]
         assert value(scrape(client, AUTH), "offload_llm_ready") == 0
         # Prometheus asks for OpenMetrics; a version that is no number is a 406 that says why.
-        openmetrics = client.get("/metrics", headers={
-            **AUTH, "Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"})
-        assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
-        assert openmetrics.text.endswith("# EOF\n")
+        for asked in ("application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+                      'application/openmetrics-text; version="1.0.0"'):  # quoted: a 406
+            openmetrics = client.get("/metrics", headers={**AUTH, "Accept": asked})
+            assert openmetrics.headers["content-type"].startswith(
+                "application/openmetrics-text"), (asked, openmetrics.text)
+            assert openmetrics.text.endswith("# EOF\n")
         for accept in ("application/openmetrics-text; version=abc", "text/plain; version=x"):
             refused = client.get("/metrics", headers={**AUTH, "Accept": accept})
             assert refused.status_code == 406, refused.text

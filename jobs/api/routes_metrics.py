@@ -8,6 +8,7 @@ never go down while the service runs, pruning included.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,7 +56,8 @@ async def metrics(request: Request, service: Service) -> Response:
                            queue["kind_caps"])
     accept = request.headers.get("accept", "")
     try:
-        encode, content_type = choose_encoder(accept)
+        # A quoted value is HTTP's too (version="1.0.0"); prometheus_client reads it as no number.
+        encode, content_type = choose_encoder(re.sub(r'=\s*"([^"]*)"', r"=\1", accept))
     except (TypeError, ValueError):  # a version that is no number, such as version=abc
         raise HTTPException(406, f"cannot read the Accept header {accept[:200]!r}: ask for "
                                  "text/plain, or application/openmetrics-text; version=1.0.0, "
