@@ -53,8 +53,8 @@ def setting(name: str) -> str | None:
     except UnsafeSettingsFile as exc:
         # Its address would be "already running" there, and opened in the browser.
         sys.exit(f"[offload] refusing to read {path}: {exc}. It could send you, and your "
-                 "token, to another account's server. Start from a folder of your own, or "
-                 "set OFFLOAD_ENV_FILE to a file of yours")
+                 "token, to another account's server. Make it yours and not writable by "
+                 "others (chmod o-w), or set OFFLOAD_ENV_FILE to a file of yours")
     except (OSError, UnicodeDecodeError):
         return None
     found = None

@@ -703,14 +703,15 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             (["status", "--url", f"http://{'a' * 70}.com"], "cannot be used"),
             (["status", "--url", f"{server.url}?x=1"], "(from --url) has a query or fragment"),
             # "cannot reach Offload at http://user:pw@...: Name or service not known", exit 3
-            (["status", "--url", server.url.replace("//", "//user:pw@")],
-             f"{server.url}' (from --url) holds a user or password"),
+            *((["status", "--url", server.url.replace("//", f"//user:{pw}@")],
+               f"{server.url}' (from --url) holds a user or password")
+              for pw in ("pw", "p/w", "p#w", "12/3")),
             # "cannot reach Offload ... URL can't contain control characters", exit 3
             (["status", "--url", "http://exa mple"], "holds a space or a control character")]:
         done = cli(server.url, *args)
         assert done.returncode == 2, (args, done.returncode, done.stdout, done.stderr)
         assert said in done.stderr and len(done.stderr.splitlines()) == 1, (args, done.stderr)
-        assert "pw@" not in done.stderr, done.stderr
+        assert "w@" not in done.stderr and "user:" not in done.stderr, done.stderr
     token = cli(server.url, "status", token="tökén€" * 4)
     assert token.returncode == 2 and "OFFLOAD_API_TOKEN holds characters" in token.stderr
     (tmp_path / ".env").write_bytes(b"OFFLOAD_PORT=8001\nX=caf\xe9\n")

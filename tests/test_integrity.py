@@ -147,9 +147,6 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
             {"state": "done"}, {"created_at": "yesterday"}, {"error": "a string"},
             {"result": [1, 2]}, {"id": good["id"]},  # another job's id: not this folder's
             {"result": {"x": deep}},
-            # Past 64 bits: the index's order of submissions raised, and every listing,
-            # and submissions once they came to list it, answered 500.
-            {"created_ns": 2**63}, {"created_ns": -1},
         ]
         bad = {job_id: {**valid, "id": job_id, **change}
                for job_id, change in ((p.new_id(), change) for change in changes)}
@@ -177,6 +174,13 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
         with client.stream("GET", f"/api/jobs/{half}/events") as stream:
             first = next(line for line in stream.iter_lines() if line.startswith("data:"))
         assert json.loads(first[5:])["output"] == "a\ufffdb"
+        # Its submission's time past 64 bits, or none and a date past 2262: the index's order
+        # of submissions raised, and every listing, submissions too once they came to list
+        # it, answered 500. Such a job is listed, last.
+        far = {p.new_id(): {**valid, "created_ns": 2**63}, p.new_id(): {**valid, "created_ns": -1},
+               p.new_id(): {**valid, "created_ns": None, "created_at": "9999-12-31T00:00:00Z"}}
+        for job_id, data in far.items():
+            _write_job(server.data_dir, job_id, {**data, "id": job_id})
         for path in ("/api/health", "/api/history", "/api/jobs"):
             assert client.get(path).status_code == 200, path
         assert client.post("/api/jobs", json={"kind": "sleep", "input": {}}).status_code == 202
@@ -184,6 +188,7 @@ def test_a_job_file_that_is_no_job_is_listed_as_corrupt(make_server: MakeServer)
         assert listing.status_code == 200, listing.text
         listed = {job["id"]: job for job in listing.json()["jobs"]}
         assert listed[good["id"]]["state"] == "completed"
+        assert all(listed[job_id]["state"] == "completed" for job_id in far), listing.text
         for job_id in bad:
             assert listed[job_id]["state"] == "failed", listed[job_id]
             assert listed[job_id]["error"]["type"] == "corrupt"

@@ -834,7 +834,7 @@ def test_an_open_data_folder_holding_another_accounts_link_is_refused(
 
 
 @pytest.mark.parametrize("first", ["api", "supervisor"])
-@pytest.mark.parametrize("jobs_folder", ["private", "open"])
+@pytest.mark.parametrize("jobs_folder", ["private", "open", "a job's open"])
 def test_a_data_folder_tightened_at_its_top_alone_is_still_looked_into(
         first: str, jobs_folder: str, other_account: str, data_dir: Path,
         tmp_path: Path) -> None:
@@ -849,7 +849,15 @@ def test_a_data_folder_tightened_at_its_top_alone_is_still_looked_into(
     jobs = data_dir / "jobs"
     jobs.mkdir(parents=True)
     jobs.chmod(0o777 if jobs_folder == "open" else 0o700)
-    if jobs_folder == "open":
+    if jobs_folder == "a job's open":  # `chmod 700 data data/*`: a job's folder left 0777
+        ours = jobs / p.new_id()
+        ours.mkdir()
+        ours.chmod(0o777)
+        planted = ours / "job.log"
+        planted.symlink_to(mine)
+        os.lchown(planted, uid, -1)
+        said_open = f"was open to other accounts ({ours}: mode 777)"
+    elif jobs_folder == "open":
         planted = jobs / p.new_id()
         planted.mkdir()
         (planted / p.JOB_FILE).write_text(json.dumps(p.new_job(planted.name, "sleep", {}, 0)))

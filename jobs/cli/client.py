@@ -13,7 +13,7 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from jobs import protocol as p
-from jobs.protocol import trust, urls
+from jobs.protocol import trust
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -133,8 +133,13 @@ def configured(url: str | None) -> tuple[str, str | None]:
 def _checked(url: str, source: str) -> str:
     """`url` as the server's address, or a Failure that says what is wrong with it."""
     url = url.strip().rstrip("/")
-    # Never shown with a password it may hold.
-    address = f"the server's address {urls.public_url(url)!r} (from {source})"
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:  # looked at first: no other message may show a password
+        shown = f"{scheme}://{rest.rpartition('@')[2]}"
+        raise Failure(EXIT_USAGE, f"the server's address {shown!r} (from {source}) holds a user "
+                                  "or password, which Offload does not take: give the address "
+                                  "alone, and the token in OFFLOAD_API_TOKEN")
+    address = f"the server's address {url!r} (from {source})"
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - read for its ValueError: a port that is no number
@@ -146,10 +151,6 @@ def _checked(url: str, source: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Failure(EXIT_USAGE, f"{address} is not an http:// or https:// URL; like "
                                   "http://127.0.0.1:8001")
-    if "@" in parts.netloc or urls.misplaced_userinfo(url):  # urllib took it for the host
-        raise Failure(EXIT_USAGE, f"{address} holds a user or password, which Offload does "
-                                  "not take: give the address alone, and the token in "
-                                  "OFFLOAD_API_TOKEN")
     if parts.query or parts.fragment:  # the paths of the API are put after it
         raise Failure(EXIT_USAGE, f"{address} has a query or fragment; give its start "
                                   "alone, like http://127.0.0.1:8001")

@@ -291,7 +291,8 @@ def _read(given: str, option: str) -> tuple[str, str]:
             raise Failure(EXIT_USAGE, f"{option} {where} is over {READ_MAX_BYTES // 10**6} MB, "
                                       f"and a request takes at most {p.MAX_BODY_BYTES // 10**6} MB:"
                                       " give a smaller one")
-        return where, data.decode("utf-8-sig")
+        # Lines as a file opened as text has them: an old Mac's \r alone ends one too.
+        return where, data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except OSError as exc:
         raise Failure(EXIT_USAGE, f"cannot read {option} {where}: {exc.strerror}") from None
     except UnicodeError:

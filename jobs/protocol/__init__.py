@@ -246,11 +246,12 @@ def new_job(job_id: str, kind: str, job_input: dict[str, Any], timeout_s: float,
 def fifo_key(job: dict[str, Any]) -> tuple[int, str]:
     """Submission order: by creation time, ties broken by id."""
     created = job.get(F_CREATED_NS)
-    if not isinstance(created, int):
+    if type(created) is not int or not 0 <= created < 2**63:  # a file edited by hand
         try:
             created = int(parse_iso(str(job.get(F_CREATED_AT))) * 1e9)
-        except ValueError:
+        except (ValueError, OverflowError):
             created = 0
+        created = min(max(created, 0), 2**63 - 1)  # the index keeps them in 64 bits
     return (created, str(job.get(F_ID)))
 
 

@@ -75,37 +75,48 @@ Opened = tuple[str, int]  # a folder other accounts may enter, and its mode
 
 
 def _opened(data_dir: Path) -> Opened | None:
-    """The data folder if other accounts may enter it (POSIX), else a folder in it that
-    they may (its top tightened by hand, say), with its mode; None if neither."""
-    if os.name != "posix":
+    """The data folder if other accounts may enter it (POSIX), else a folder in it or in
+    one of its folders (a job's) that they may write, or read and is ours to tighten (its
+    top tightened by hand alone, say), with its mode; None if none is."""
+    if sys.platform == "win32":  # no modes
         return None
     try:
         mode = stat.S_IMODE(data_dir.stat().st_mode)
-        inside = [entry for entry in os.scandir(data_dir)
-                  if entry.is_dir(follow_symlinks=False)]
     except OSError:
         return None  # not there yet: it will be created 0700
     if mode & OPEN_BITS:
         return str(data_dir), mode
-    for entry in inside:
-        try:
-            mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
-        except FileNotFoundError:
-            continue
-        if mode & OPEN_BITS:
-            return entry.path, mode
+    folders, me = [str(data_dir)], os.geteuid()
+    for _level in (1, 2):
+        below = []
+        for folder in folders:
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if not entry.is_dir(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # removed meanwhile
+                mode = stat.S_IMODE(st.st_mode)
+                # Root's 0755 folder (sudo mkdir), say, we cannot tighten: nothing put in it.
+                if mode & 0o022 or (mode & OPEN_BITS and st.st_uid == me):
+                    return entry.path, mode
+                below.append(entry.path)
+        folders = below
     return None
 
 
 def refuse_planted(data_dir: Path, opened: Opened | None = None) -> None:
     """Stop if the data folder holds anything another account owns: a link of theirs
-    would have Offload write where they choose, a job of theirs be run. Looked at whole
-    while it or a folder in it is open to other accounts (`opened`: which, as it was);
-    else its files and the folders of its own folders (its jobs'): all that another
-    account could have put in it while it was open, before it was tightened by hand, and
-    a look of milliseconds with thousands of jobs. The supervisor looks before it opens
-    its log there."""
-    if os.name != "posix":
+    would have Offload write where they choose, a job of theirs be run. All of it while
+    a folder there is open to others (`opened`, as it was); else two levels down, all
+    another account could have put there before its top was tightened by hand. The
+    supervisor looks before it opens its log there."""
+    if sys.platform == "win32":
         return
     opened = _opened(data_dir) if opened is None else opened
     foreign = foreign_entry(data_dir, None if opened else 2)
@@ -134,10 +145,13 @@ def foreign_entry(top: Path, depth: int | None = None) -> tuple[str, int] | None
                 continue  # removed meanwhile
             if owner not in trusted:
                 return path, owner
-        level = 0 if folder == str(top) else os.path.relpath(folder, top).count(os.sep) + 1
-        if depth is not None and level >= depth - 1:
+        if depth is not None and _level(folder, top) >= depth - 1:
             dirs.clear()  # what is in them is deeper than `depth`
     return None
+
+
+def _level(folder: str, top: Path) -> int:
+    return 0 if folder == str(top) else os.path.relpath(folder, top).count(os.sep) + 1
 
 
 def tighten(top: Path) -> tuple[int, int]:

@@ -56,10 +56,6 @@ def not_a_job(job_id: str, data: dict[str, Any]) -> str | None:
     read is checked once (reads are cached), a few microseconds each."""
     if data.get(p.F_ID) != job_id:
         return f"its id is {str(data.get(p.F_ID))[:40]!r}, not its folder's"
-    created_ns = data.get(p.F_CREATED_NS)
-    if created_ns is not None and (type(created_ns) is not int or not 0 <= created_ns < 2**63):
-        # The index keeps submission order in 64-bit integers.
-        return f"{p.F_CREATED_NS}: {str(created_ns)[:40]} is no time in nanoseconds"
     # What runners wrote (their result, say); its input was checked at its submission, and
     # may be large: a walk over it cost a read of a 1 MB input 10 ms.
     problem = p.json_problem({k: v for k, v in data.items() if k != p.F_INPUT},
