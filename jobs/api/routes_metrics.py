@@ -1,6 +1,6 @@
 """GET /metrics: the job system in Prometheus's exposition format (prometheus_client).
 
-Gauges come from this worker's job index (brought up to date for each scrape) and its
+Gauges come from this worker's job index (at most OVERVIEW_MAX_AGE_S old) and its
 LLM probe; counters and histograms from the file the leading supervisor keeps
 (`jobs.protocol.counters`), so every API worker answers with the same counts and they
 never go down while the service runs, pruning included.
