@@ -1,4 +1,5 @@
-"""What runs beside the routes: the supervisor process and the LLM probe.
+"""What runs beside the routes: the supervisor process kept alive, the LLM probe, the job
+index refreshed and the schedules file looked at.
 
 The API process itself only reads and writes files; everything that starts, watches or
 kills processes runs in the supervisor process (`jobs.supervisor`). Stopping the app stops
