@@ -1,11 +1,12 @@
 """The job-file protocol: what every process of Offload shares. Standard library only
-(an import contract in pyproject.toml checks it): runners import this package and
-nothing else of `jobs`, so they start fast. States, error types, field names and file
-names live here, once; the package's modules hold the rest that processes share:
-`files` (how every shared file is written and read), `remote` (a job on another
-machine), `wake` (the supervisor's files), `embedded` (the embedded model's server),
-`urls` (credentials in OPENAI_BASE_URL), `control` (the queue's pause and caps),
-`counters` (the counts for /metrics), `trust` (whose files are safe to read).
+(an import contract in pyproject.toml checks it), but python-dotenv where `trust` reads a
+`.env`: runners import this package and nothing else of `jobs`, so they start fast.
+States, error types, field names and file names live here, once; the package's modules
+hold the rest that processes share: `files` (how every shared file is written and read),
+`remote` (a job on another machine), `wake` (the supervisor's files), `embedded` (the
+embedded model's server), `urls` (credentials in OPENAI_BASE_URL), `control` (the
+queue's pause and caps), `counters` (the counts for /metrics), `trust` (whose files are
+safe to read).
 
 Each job has a folder of its own, `<data>/jobs/<id>/`:
   job.json   the job (state, progress, output, result); one writer at a time
