@@ -1,5 +1,6 @@
-"""Where a job's reports go: its job file, written at most five times a second by a
-thread of its own and at its end whatever it takes, or the terminal, by hand."""
+"""Where a job's reports go: its job file, written at most five times a second (its first
+output at once), by the runner's own thread when a write is due and by a thread of the
+sink's for one put off, and at its end whatever it takes; or the terminal, by hand."""
 
 from __future__ import annotations
 
