@@ -64,7 +64,7 @@ class FolderNotifier:
 
     def close(self) -> asyncio.Future[None]:
         """Done once the descriptor is closed: in a worker thread, as the kernel makes that
-        close wait for its readers (10-20 ms here) and the event loop must not."""
+        close wait for its readers, and the event loop must not."""
         self._loop.remove_reader(self._fd)
         self._callbacks.clear()
         return self._loop.run_in_executor(None, os.close, self._fd)
