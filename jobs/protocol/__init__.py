@@ -34,7 +34,6 @@ from enum import Enum
 from jobs.protocol import files
 from jobs.protocol.files import (
     NO_FILE_TO_READ as NO_FILE_TO_READ,
-    NO_FOLLOW as NO_FOLLOW,
     SURROGATE_HALF,
     TMP_SUFFIX as TMP_SUFFIX,
     CorruptJobFile as CorruptJobFile,
