@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 WRITE_INTERVAL_S = 0.2  # at most five job-file writes a second while running
-FINAL_WRITE_PATIENCE_S = 600.0  # how long the final state waits for an unwritable folder
+FINAL_WRITE_PATIENCE_S = p.FINAL_WRITE_PATIENCE_S  # the final state waits for an unwritable folder
 FINAL_RETRY_S = 0.5
 
 

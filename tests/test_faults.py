@@ -199,6 +199,27 @@ def test_final_state_of_a_killed_runner_lands_once_writable(
     assert final["exit_code"] == -signal.SIGKILL
 
 
+@pytest.mark.usefixtures("can_freeze")
+def test_a_result_held_past_its_deadline_by_an_unwritable_folder_lands(
+        make_supervisor: Callable[..., RunningSupervisor], data_dir: Path) -> None:
+    """A runner whose work ended in time waits to write its final state while the data
+    folder is unwritable (up to 10 minutes). Stopped at its deadline meanwhile, its
+    result was lost and the job said `timeout`, "stopped after its deadline", of a job
+    that had completed well before it."""
+    supervisor = make_supervisor(grace_s=1.0)
+    job_id = supervisor.submit(seconds=1, steps=1, timeout_s=2.5)
+    supervisor.wait_state(job_id, "running")
+    _immutable(data_dir, True)
+    try:
+        time.sleep(5)  # its work ends at 1 s; its deadline at 2.5 s, and the grace after it
+        assert supervisor.job(job_id)["state"] == "running"  # nothing could be written
+    finally:
+        _immutable(data_dir, False)
+    final = supervisor.wait_final(job_id)
+    assert final["state"] == "completed", final
+    assert final["result"]["slept_s"] == 1
+
+
 @pytest.fixture
 def no_room_for_processes(tmp_path: Path) -> Iterator[Callable[[list[int], bool], None]]:
     """Put processes in a pids cgroup of their own and close it (no new process or thread

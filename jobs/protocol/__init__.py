@@ -142,6 +142,9 @@ JOB_FIELDS = (
 # A runner's exit code after a transient failure with attempts left: it recorded the error
 # in a job file it left `running`, and the supervisor queues the job again.
 EXIT_RETRY = 75  # EX_TEMPFAIL
+# How long a runner waits to write its final state into an unwritable data folder; the
+# supervisor's stop at a deadline waits as long while its stop request cannot be written.
+FINAL_WRITE_PATIENCE_S = 600.0
 
 JOB_FILE = "job.json"
 LOG_FILE = "job.log"

@@ -67,6 +67,7 @@ class JobLife:
         self.final_job: dict[str, Any] | None = None  # the job as it ended, to count once
         self._ended = False  # finalized: release once the final state is on disk
         self._released = False
+        self._stop_unrecorded = False  # its deadline's stop request could not be written
 
     @property
     def run(self) -> Run:
@@ -125,12 +126,23 @@ class JobLife:
         """Why its stop file asks it to stop."""
         return p.stop_reason(self.job_file) or p.JobState.CANCELLED
 
-    def request_timeout(self) -> None:
-        """Its stop file says `timeout`, for the runner and the API to see why."""
+    def request_timeout(self, now: float) -> bool:
+        """Its stop file says `timeout`, for the runner and the API to see why; whether to
+        stop the runner now (`now`: time.monotonic()). While the request cannot be written
+        (an unwritable data folder), neither can the runner's final state: a runner whose
+        work ended in time is waiting to write it (`p.FINAL_WRITE_PATIENCE_S`), and
+        stopping it would lose its result for a `timeout`. It is stopped once the request
+        is written, or that long after its deadline (one that is not ending by itself)."""
         try:
             p.request_stop(self.job_file, p.JobState.TIMEOUT)
+            return True
         except OSError as exc:
-            log.warning("job %s: cannot write the stop request: %s", self.job_id, exc)
+            if not self._stop_unrecorded:
+                log.warning("job %s: past its deadline, but cannot write the stop request "
+                            "(%s): its runner is stopped once it can be written, or %g s "
+                            "after its deadline", self.job_id, exc, p.FINAL_WRITE_PATIENCE_S)
+                self._stop_unrecorded = True
+            return self.deadline is None or now > self.deadline + p.FINAL_WRITE_PATIENCE_S
 
     def begin_stop(self, reason: str, grace_s: float,
                    then: Callable[[], None]) -> threading.Thread:

@@ -320,8 +320,7 @@ class Supervisor(Discovery, Launching, Endings):
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
         for life in self._running.values():
-            if life.is_overdue(now):
-                life.request_timeout()
+            if life.is_overdue(now) and life.request_timeout(now):
                 self._start_stop(life, p.JobState.TIMEOUT)
 
     def _start_stop(self, life: JobLife, reason: str) -> None:
