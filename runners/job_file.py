@@ -124,6 +124,7 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
               "nothing of the job ran", file=sys.stderr)
         return EXIT_RETRY
     cap_output(path)
+    queued = data.get(p.F_STATE) == p.JobState.QUEUED  # as launched (a finished one: --force)
     stopper = Stopper(path)
     if hasattr(signal, "SIGHUP"):
         # The API's terminal closing must not end the job (it is not a new session).
@@ -140,6 +141,10 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
     timeout = data.get(p.F_TIMEOUT_S)
     try:  # a deadline that passes at once (1e-300 s) is met here: as any other
         stopper.install(float(timeout) if isinstance(timeout, (int, float)) else None)
+        if queued and (reason := p.stop_reason(path)) is not None:
+            # Cancelled between its launch and now: left to the supervisor's next pass,
+            # a supervisor stalled or restarting meanwhile let it run to its end.
+            raise StopRequested(reason)
         sink.start(job)
     except StopRequested as stop:
         # Stopped before it could even say it runs: record that, then leave.

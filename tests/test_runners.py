@@ -112,6 +112,27 @@ def test_sigterm_to_a_foreground_runner_writes_cancelled(data_dir: Path) -> None
     assert job["exit_code"] == 3
 
 
+def test_a_job_cancelled_as_it_was_launched_never_runs(data_dir: Path) -> None:
+    # A cancel that landed between the supervisor's launch and the runner's start (its
+    # stop request there before the runner ran) was left to the supervisor's next pass:
+    # one stalled or restarting then, the job ran to its end, a queued job cancelled
+    # that completed.
+    store = JobStore(data_dir / "jobs")
+    job_id = store.create("sleep", {"seconds": 3, "steps": 3}, 30)["id"]
+    p.request_stop(store.path(job_id), p.JobState.CANCELLED)
+    began = time.monotonic()
+    done = run(["-m", "runners.sleep", "--job-file", str(store.path(job_id))], timeout=20)
+    assert done.returncode == 3, done.stderr
+    job = store.read(job_id)
+    assert job["state"] == "cancelled" and job["error"]["type"] == "cancelled", job
+    assert job["result"] is None and time.monotonic() - began < 3
+    # Its stop request stays: a finished job run again by hand (--force) runs all the same.
+    forced = run(["-m", "runners.sleep", "--job-file", str(store.path(job_id)), "--force"],
+                 timeout=20)
+    assert forced.returncode == 0, forced.stderr
+    assert store.read(job_id)["state"] == "completed"
+
+
 def test_runner_own_deadline_writes_timeout(data_dir: Path) -> None:
     store = JobStore(data_dir / "jobs")
     job_id = store.create("sleep", {"seconds": 60}, 0.5)["id"]
