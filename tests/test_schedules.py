@@ -513,6 +513,13 @@ def test_a_clock_that_was_ahead_stops_no_schedule(data_dir: Path, tmp_path: Path
     ("[a]\nkind = 'sleep'\nevery = 5\ninput = {seconds = -1}\n",
      "schedule [a]: invalid input for a 'sleep' job: input.seconds"),
     ("[a]\nkind = 'sleep'\nevry = 5\n", "schedule [a]: unknown field evry"),
+    # TOML's dates and times are no JSON: a kind that takes any JSON took them, and every
+    # supervisor pass then failed on the job it could not write (its schedule never ran).
+    ("[a]\nkind = 'probe'\nevery = 5\ninput = {at = 2026-01-01T00:00:00Z}\n",
+     "schedule [a]: invalid input for a 'probe' job: '2026-01-01 00:00:00+00:00' (a datetime) "
+     "is no JSON value"),
+    ("[a]\nkind = 'probe'\nevery = 5\ninput = {x = [{t = 07:32:00}]}\n",
+     "(a time) is no JSON value"),
     ("[A]\nkind = 'sleep'\nevery = 5\n", "schedule [A]: a schedule's name is"),
     ("[a]\nkind = 'sleep'\nevery = 5\npriority = 'high'\n", "`priority` must be a whole"),
     ("[a]\nkind = 'sleep'\nevery = 5\npriority = 5000\n", "from -1000 to 1000"),

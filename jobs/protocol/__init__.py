@@ -327,7 +327,7 @@ NOT_TEXT = "holds half of a surrogate pair (not text)"
 def json_problem(value: Any, limit: int = MAX_DEPTH, depth_only: bool = False) -> str | None:
     """What keeps `value` from being a job's plain JSON, or None: nesting beyond `limit`;
     unless `depth_only` (a runner's result may hold a NaN loss, shown as null), a number
-    that is not finite or a string with a surrogate half."""
+    that is not finite, a string with a surrogate half or a value JSON has not (a date)."""
     level = [value]
     for _ in range(limit + 1):
         deeper = []
@@ -342,6 +342,10 @@ def json_problem(value: Any, limit: int = MAX_DEPTH, depth_only: bool = False) -
                 return f"{item} is not a JSON number"
             elif isinstance(item, str) and SURROGATE_HALF.search(item) is not None:
                 return f"a string {NOT_TEXT}"
+            elif not isinstance(item, (str, int, float, type(None))):  # bool is an int
+                # A TOML date or time (a schedule's input): no job file could hold it.
+                return (f"{str(item)[:80]!r} (a {type(item).__name__}) is no JSON value; "
+                        "give it as a string")
         if not deeper:
             return None
         level = deeper
