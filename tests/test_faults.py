@@ -220,6 +220,35 @@ def test_a_result_held_past_its_deadline_by_an_unwritable_folder_lands(
     assert final["result"]["slept_s"] == 1
 
 
+@pytest.mark.usefixtures("can_freeze")
+def test_a_data_folder_unwritable_at_start_is_said_by_the_health(
+        make_server: MakeServer) -> None:
+    """A data folder read-only when the API starts (a disk remounted read-only): no
+    supervisor process can start, so no job runs. The health said `ok` (the supervisor
+    `starting`) for as long as that lasted, and `offload status` exited 0."""
+    server = make_server()
+    data = server.data_dir
+    server.stop()
+    _immutable(data, True)
+    try:
+        server.start()
+        with server.client() as client:
+            def degraded() -> dict[str, Any] | None:
+                health = client.get("/api/health").json()
+                return health if health["status"] == "degraded" else None
+
+            health = wait_for(degraded, 15, 0.2, "the health to say no supervisor starts")
+            assert health["supervisor"] == "starting", health
+            assert any("no supervisor can start" in each for each in health["problems"]), health
+    finally:
+        _immutable(data, False)
+    with server.client() as client:
+        wait_for(lambda: client.get("/api/health").json()["status"] == "ok", 20, 0.2,
+                 "the health to be ok again")
+        job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        assert _final(client, job["id"])["state"] == "completed"
+
+
 @pytest.fixture
 def no_room_for_processes(tmp_path: Path) -> Iterator[Callable[[list[int], bool], None]]:
     """Put processes in a pids cgroup of their own and close it (no new process or thread

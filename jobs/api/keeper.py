@@ -32,6 +32,8 @@ class SupervisorKeeper:
         self.settings = settings
         self._lock_path = lock_file(settings.jobs_dir)
         self._child: subprocess.Popen[bytes] | None = None
+        # Why the latest start failed (None: it did not): while none leads, no job runs.
+        self.start_problem: str | None = None
 
     def led(self) -> bool:
         """Whether some supervisor holds the lock (blocking: call it from a thread)."""
@@ -51,8 +53,14 @@ class SupervisorKeeper:
                 if (self._child is None or self._child.poll() is not None) and not await (
                         asyncio.to_thread(self.led)):
                     await asyncio.to_thread(self._start)
+                    self.start_problem = None
             except OSError as exc:  # an unwritable data folder: try again later
-                log.warning("cannot start a supervisor process: %s", exc)
+                where = f" ({exc.filename})" if exc.filename else ""
+                problem = (f"no supervisor can start, so no job runs: {exc.strerror or exc}"
+                           f"{where}; make the data folder writable")
+                if problem != self.start_problem:
+                    log.warning("cannot start a supervisor process: %s", exc)
+                self.start_problem = problem
             await asyncio.sleep(CHECK_S)
 
     def _start(self) -> None:

@@ -75,12 +75,15 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
     keeper: SupervisorKeeper = request.app.state.keeper
     metrics: MetricsReader = request.app.state.metrics
     supervisor = "starting"
-    if await run_in_threadpool(keeper.led):
+    led = await run_in_threadpool(keeper.led)
+    if led:
         # It samples the machine every second: silence says it is stopped or hung.
         age = await run_in_threadpool(metrics.last_sample_age_s)
         supervisor = "stalled" if age is not None and age > SUPERVISOR_STALLED_S else "running"
     queue = await run_in_threadpool(queue_view, service.settings)
     problems = await run_in_threadpool(_problems, service)
+    if not led and keeper.start_problem is not None:  # "starting" for good
+        problems.append(keeper.start_problem)
     return {
         "status": "degraded" if problems else "ok", "problems": problems, "version": VERSION,
         "running": counts[p.JobState.RUNNING], "queued": counts[p.JobState.QUEUED],
