@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import subprocess
@@ -24,6 +25,10 @@ from jobs.settings import API_TOKEN_ENV, Settings
 log = logging.getLogger(__name__)
 
 CHECK_S = 1.0
+_WRITABLE = "; make the data folder writable"
+_WHAT_TO_DO = {errno.EROFS: _WRITABLE, errno.EACCES: _WRITABLE, errno.EPERM: _WRITABLE,
+               errno.ENOSPC: "; free some space on its disk",
+               errno.EDQUOT: "; free some space on its disk"}
 STOP_WAIT_S = 5.0
 
 
@@ -57,7 +62,7 @@ class SupervisorKeeper:
             except OSError as exc:  # an unwritable data folder: try again later
                 where = f" ({exc.filename})" if exc.filename else ""
                 problem = (f"no supervisor can start, so no job runs: {exc.strerror or exc}"
-                           f"{where}; make the data folder writable")
+                           f"{where}{_WHAT_TO_DO.get(exc.errno or 0, '')}")
                 if problem != self.start_problem:
                     log.warning("cannot start a supervisor process: %s", exc)
                 self.start_problem = problem
