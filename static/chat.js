@@ -8,6 +8,13 @@ import { apiJSON, followJob, FINAL_STATES } from "./api.js";
 const SESSION_KEY = "offload-session";
 const STALL_MS = 120_000;   // say so after this long running with nothing from the server
 const POLL_MS = 1000;
+// What the API takes in a chat's body (jobs/inputs.py, MAX_BODY_BYTES): 200 messages of
+// 100,000 characters each, in at most 1 MB. A long conversation sends the latest turns
+// that fit; the older ones are left out (a model's context holds no more anyway).
+const MAX_MESSAGES = 200;
+const MAX_CONTENT_CHARS = 100_000;
+const MAX_BODY_BYTES = 1_000_000;
+const BODY_ROOM = 4096;     // the body's other fields and its framing
 
 const history = [];         // [{role, content}] sent with every new message
 let pending = null;         // the newest reply awaited: Cancel stops it, Send waits for it
@@ -229,10 +236,30 @@ function updateButtons() {
 
 // ---- actions ----------------------------------------------------------------
 
+const utf8 = new TextEncoder();
+const bytesOf = (message) => utf8.encode(JSON.stringify(message)).length + 1;
+
+/** The messages of a new question: the latest turns of `history` that fit the API's
+ * bounds, then the question. A turn is a question and its reply, kept together. */
+function messagesFor(text) {
+  const question = { role: "user", content: text };
+  let bytes = BODY_ROOM + bytesOf(question) + utf8.encode(JSON.stringify(SESSION)).length;
+  let first = history.length;
+  while (first >= 2) {
+    const turn = history.slice(first - 2, first);
+    const size = turn.reduce((sum, m) => sum + bytesOf(m), 0);
+    if (history.length - first + 2 > MAX_MESSAGES - 1 || bytes + size > MAX_BODY_BYTES
+        || turn.some((m) => m.content.length > MAX_CONTENT_CHARS)) break;
+    bytes += size;
+    first -= 2;
+  }
+  return [...history.slice(first), question];
+}
+
 async function send(text) {
   const session = SESSION;
   const asked = addUser(text);
-  const messages = [...history, { role: "user", content: text }];
+  const messages = messagesFor(text);
   const li = addAssistant(null);
   part(li, "elapsed").textContent = "sending…";
   pending = { placeholder: true };

@@ -226,6 +226,54 @@ def test_a_conversation_is_forgotten_from_the_page(page: Any, server: Server) ->
     assert page.locator("#chat-log li").count() == 0
 
 
+def test_a_long_conversation_goes_on_with_its_latest_turns(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # The page sent every earlier turn with each question, and the API takes 200 messages
+    # of 100,000 characters, in 1 MB: a conversation's 101st question was refused, and so
+    # was every one after it (and every one after a reply of 100,001 characters).
+    with FakeLLM(pieces=["ok"], delay_s=0) as fake:
+        server = make_server(env={"OPENAI_BASE_URL": fake.base_url})
+        with server.client() as client:
+            for i in range(101):
+                # The last ten replies long: together more than a body may hold.
+                fake.pieces = ["y" * 99_000 if i > 90 else "ok"]
+                job_id = client.post("/api/ai_chat_async", json={
+                    "messages": [{"role": "user", "content": f"question {i}"}],
+                    "session_id": "a-long-one"}).json()["job_id"]
+                wait_job(client, job_id)
+        page.goto(server.url)
+        page.evaluate("localStorage.setItem('offload-session', 'a-long-one')")
+        page.reload()
+
+        def ask(text: str, replies: int) -> list[dict[str, Any]]:
+            page.wait_for_function("!document.querySelector('#chat-send').disabled",
+                                   timeout=30_000)
+            page.fill("#chat-input", text)
+            page.press("#chat-input", "Enter")
+            page.wait_for_function("document.querySelectorAll('#chat-log li.msg.assistant"
+                                   f"[data-state]').length === {replies}", timeout=30_000)
+            last = page.locator("#chat-log li.msg.assistant").last
+            assert last.get_attribute("data-state") == "completed", last.inner_text()[:300]
+            messages: list[dict[str, Any]] = fake.requests[-1]["body"]["messages"]
+            assert messages[-1]["content"] == text
+            return messages
+
+        page.wait_for_function("document.querySelectorAll('#chat-log li.msg.assistant"
+                               "[data-state=completed]').length === 101", timeout=30_000)
+        fake.pieces = ["z" * 100_001]
+        sent = ask("question 101", 102)
+        said = [m["content"] for m in sent if m["role"] == "user"]
+        assert said[-3:] == ["question 99", "question 100", "question 101"], said[-3:]
+        assert len(sent) <= 201  # 200 and the expert's system prompt
+        fake.pieces = ["ok"]
+        sent = ask("question 102", 103)
+        # The reply of 100,001 characters could not be sent: nothing before it is either.
+        assert [m["content"] for m in sent if m["role"] != "system"] == ["question 102"]
+        sent = ask("question 103", 104)
+        assert [m["content"] for m in sent if m["role"] != "system"] == [
+            "question 102", "ok", "question 103"]
+
+
 def test_cancel_stops_a_chat(page: Any, make_server: Callable[..., Server]) -> None:
     with FakeLLM(pieces=["word "] * 200, delay_s=0.1) as slow:
         server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
