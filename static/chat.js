@@ -315,12 +315,25 @@ async function forget() {
     forgetNote.textContent = `Could not forget it: ${r.error || "no answer"}`;
     return;
   }
+  startOver(newId());
+  try { localStorage.setItem(SESSION_KEY, SESSION); } catch { /* keep in memory only */ }
+  forgetNote.textContent = "Forgotten: a new conversation starts here.";
+}
+
+/** This page's copy of the conversation dropped: `session` is the one that goes on. */
+function startOver(session) {
   for (const p of [...live]) p.finish("cancelled", "", "");
   log.replaceChildren();
   history.length = 0;
-  SESSION = newId();
-  try { localStorage.setItem(SESSION_KEY, SESSION); } catch { /* keep in memory only */ }
-  forgetNote.textContent = "Forgotten: a new conversation starts here.";
+  SESSION = session;
+}
+
+/** Forgotten in another tab: this one shows it no more, and its next question does not
+ * send the forgotten turns back to the server (they were stored again, in a new job). */
+function onStorage(ev) {
+  if (ev.key !== SESSION_KEY || !ev.newValue || ev.newValue === SESSION) return;
+  startOver(ev.newValue);
+  forgetNote.textContent = "Forgotten in another tab: a new conversation starts here.";
 }
 
 /** Re-render the earlier turns of this session (oldest first). */
@@ -377,6 +390,7 @@ export function initChat() {
   });
   cancelBtn.addEventListener("click", () => { cancel().catch(() => {}); });
   forgetBtn.addEventListener("click", () => { forget().catch(() => {}); });
+  window.addEventListener("storage", onStorage);
   if (sessionExisted) {
     // Its turns first: a message sent meanwhile went without them (and showed twice).
     restoring = true;

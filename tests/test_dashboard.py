@@ -226,6 +226,47 @@ def test_a_conversation_is_forgotten_from_the_page(page: Any, server: Server) ->
     assert page.locator("#chat-log li").count() == 0
 
 
+def test_a_conversation_forgotten_in_one_tab_is_gone_from_the_other(
+        page: Any, server: Server, llm: FakeLLM, data_dir: Path) -> None:
+    # The other tab still showed it, and its next question sent the forgotten turns back
+    # to the server, which stored them again in the new job's input.
+    page.goto(server.url)
+    page.fill("#chat-input", "My secret is quokka-swordfish.")
+    page.press("#chat-input", "Enter")
+    page.wait_for_selector("#chat-log li.msg.assistant[data-state='completed']", timeout=30_000)
+    other = page.context.new_page()
+    other.goto(server.url)
+    other.wait_for_selector("#chat-log li.msg.assistant[data-state='completed']",
+                            timeout=30_000)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#chat-forget")
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           ".startsWith('Forgotten')", timeout=20_000)
+    other.wait_for_function("document.querySelectorAll('#chat-log li').length === 0",
+                            timeout=10_000)
+    assert other.text_content("#chat-forget-note") == (
+        "Forgotten in another tab: a new conversation starts here.")
+    other.fill("#chat-input", "What is my secret?")
+    other.press("#chat-input", "Enter")
+    other.wait_for_selector("#chat-log li.msg.assistant[data-state='completed']",
+                            timeout=30_000)
+    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] != "system"]
+    assert asked == ["What is my secret?"]
+    assert not [path for path in data_dir.rglob("*")
+                if b"quokka" in _bytes_of(path)], "nothing of it is stored again"
+    session = page.evaluate("localStorage.getItem('offload-session')")
+    assert other.evaluate("localStorage.getItem('offload-session')") == session
+    turns = httpx.get(f"{server.url}/api/sessions/{session}").json()["turns"]
+    assert [turn["question"] for turn in turns] == ["What is my secret?"]
+
+
+def _bytes_of(path: Path) -> bytes:
+    try:
+        return path.read_bytes() if path.is_file() else b""  # not a folder or a socket
+    except FileNotFoundError:  # replaced meanwhile
+        return b""
+
+
 def test_a_long_conversation_goes_on_with_its_latest_turns(
         page: Any, make_server: Callable[..., Server]) -> None:
     # The page sent every earlier turn with each question, and the API takes 200 messages
