@@ -7,7 +7,7 @@ import { fmtDuration } from "./jobs.js";
 const SCHEDULES_MS = 5000;
 
 let queueControl, queueState, queueToggle, capForm, capInput, capDefault, capKind;
-let section, link, tbody, fileError;
+let section, link, tbody, fileError, switchError;
 let queuePaused = null;
 let lastQueue = null;
 
@@ -182,8 +182,14 @@ async function refreshSchedules() {
 
 async function toggleSchedule(btn) {
   btn.disabled = true;
-  const name = encodeURIComponent(btn.dataset.schedule);
-  await apiJSON(`/api/schedules/${name}/${btn.dataset.action}`, { method: "POST", source: "schedules" });
+  const { schedule, action } = btn.dataset;
+  const r = await apiJSON(`/api/schedules/${encodeURIComponent(schedule)}/${action}`,
+    { method: "POST", source: "schedules" });
+  // Refused (a data folder that cannot be written, a schedule gone from the file): said
+  // here, where the row alone went on showing it as it was.
+  const refused = r.ok || r.status === 0 ? "" : `Could not ${action} schedule ${schedule}: ${r.error}`;
+  switchError.textContent = refused;
+  switchError.hidden = !refused;
   await refreshSchedules();
   btn.disabled = false;
 }
@@ -209,6 +215,7 @@ export function initQueue() {
   link = document.getElementById("schedules-link");
   tbody = document.querySelector("#schedules-table tbody");
   fileError = document.getElementById("schedules-error");
+  switchError = document.getElementById("schedules-switch-error");
   queueToggle.addEventListener("click", () => { toggleQueue().catch(() => { queueToggle.disabled = false; }); });
   tbody.addEventListener("click", (ev) => {
     const btn = ev.target.closest("button.toggle-schedule");

@@ -1061,6 +1061,30 @@ def test_a_schedules_next_run_counts_down(page: Any, make_server: Callable[..., 
     assert str(page.text_content(cell)).startswith("in ")
 
 
+def test_a_schedule_that_cannot_be_paused_says_why(page: Any, make_server: Callable[..., Server],
+                                                   tmp_path: Path) -> None:
+    # Its 503 went unsaid: the row went on showing it running, its button as it was.
+    server = with_schedules(make_server, tmp_path)
+    page.goto(server.url)
+    row = "#schedules-section tr[data-schedule='nightly-train']"
+    page.wait_for_selector(row, timeout=30_000)
+    switches = server.data_dir / "schedules"
+    wait_for(switches.is_dir, 20, 0.1, "the schedules' folder (its first job's record)")
+    subprocess.run(["chattr", "+i", str(switches)], check=True)  # as a full disk refuses
+    try:
+        page.click(f"{row} button.toggle-schedule")
+        page.wait_for_selector("#schedules-switch-error:not([hidden])", timeout=10_000)
+        said = page.text_content("#schedules-switch-error") or ""
+        assert said.startswith("Could not pause schedule nightly-train: cannot record the "
+                               "switch in the data folder"), said
+        assert page.get_attribute(row, "data-paused") == "false"
+    finally:
+        subprocess.run(["chattr", "-i", str(switches)], check=True)
+    page.click(f"{row} button.toggle-schedule")
+    page.wait_for_selector(f"{row}[data-paused='true']", timeout=10_000)
+    assert page.is_hidden("#schedules-switch-error")
+
+
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_the_page_passes_an_axe_audit(browser: Any, make_server: Callable[..., Server],
                                       tmp_path: Path, scheme: str) -> None:
