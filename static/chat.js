@@ -298,6 +298,8 @@ async function cancel() {
     p.finish("cancelled", p.output, "Cancelled.");
   } else if (!p.done) {
     cancelBtn.disabled = false; // 409: already finished; the stream will tell
+    // Another refusal (a data folder that cannot be written) went unsaid: it answers on.
+    if (r.status && r.status !== 409) part(p.li, "note").textContent = `Could not cancel it: ${r.error}`;
   }
 }
 

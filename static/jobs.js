@@ -315,8 +315,14 @@ async function showLog(jobId) {
 
 async function cancelJob(btn) {
   btn.disabled = true;
-  const r = await apiJSON(`/api/jobs/${encodeURIComponent(btn.dataset.jobId)}`, { method: "DELETE", source: "jobs" });
-  if (!r.ok && r.status !== 409) btn.disabled = false;
+  const id = btn.dataset.jobId;
+  const r = await apiJSON(`/api/jobs/${encodeURIComponent(id)}`, { method: "DELETE", source: "jobs" });
+  if (r.ok) setNote({ action: `Cancelled job ${shortId(id)}.` });
+  else if (r.status !== 409) {  // 409: it had finished; the table shows how
+    btn.disabled = false;
+    // A refusal (a data folder that cannot be written) went unsaid: the job ran on.
+    if (r.status) setNote({ action: `Could not cancel job ${shortId(id)}: ${r.error}` });
+  }
   await refresh();
 }
 

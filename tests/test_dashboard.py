@@ -332,6 +332,44 @@ def test_cancel_stops_a_chat(page: Any, make_server: Callable[..., Server]) -> N
     assert job["state"] == "cancelled"
 
 
+def test_a_refused_cancel_says_why(page: Any, make_server: Callable[..., Server]) -> None:
+    # A 503 (a data folder that cannot be written) went unsaid, in the chat as in the
+    # table: the job answered on, its Cancel button as if never pressed.
+    with FakeLLM(pieces=["word "] * 300, delay_s=0.1) as slow:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
+        napping = submit(server, "sleep", seconds=60)
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                               "?.textContent.includes('word')", timeout=20_000)
+        chat = page.get_attribute("#chat-log li.msg.assistant:last-child", "data-job-id")
+        row = f"#jobs-table tr[data-job-id='{napping}']"
+        page.wait_for_selector(f"{row}[data-state='running']", timeout=20_000)
+        folders = [str(server.data_dir / "jobs" / job_id) for job_id in (chat, napping)]
+        subprocess.run(["chattr", "+i", *folders], check=True)  # as a full disk refuses
+        try:
+            page.click("#chat-cancel")
+            page.wait_for_function("document.querySelector('#chat-log li.msg.assistant"
+                                   ":last-child .note').textContent.startsWith("
+                                   "'Could not cancel it: ')", timeout=20_000)
+            page.click(f"{row} button.cancel-job")
+            page.wait_for_function("document.querySelector('#jobs-note').textContent"
+                                   f".startsWith('Could not cancel job {napping[:8]}: ')",
+                                   timeout=20_000)
+            assert page.get_attribute(row, "data-state") == "running"
+            assert page.get_attribute("#chat-log li.msg.assistant:last-child",
+                                      "data-state") is None
+        finally:
+            subprocess.run(["chattr", "-i", *folders], check=True)
+        page.click("#chat-cancel")
+        page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
+                               timeout=20_000)
+        page.click(f"{row} button.cancel-job")
+        page.wait_for_selector(f"{row}[data-state='cancelled']", timeout=20_000)
+        assert f"Cancelled job {napping[:8]}." in (page.text_content("#jobs-note") or "")
+
+
 def test_training_shows_progress_then_a_forecast(page: Any, data_dir: Path,
                                                  make_server: Callable[..., Server]) -> None:
     record_history(data_dir, seconds=10_800)  # three hours: a few seconds of training
