@@ -148,7 +148,11 @@ export async function apiJSON(path, { method = "GET", body, source, signal } = {
   }
   try {
     const res = await apiFetch(path, options);
-    if (source) reportOk(source);
+    // A poll answered 5xx (a proxy whose server is down: 502, 504; the server's own 500 or
+    // 503) fails as one that got no answer: it said nothing, and the page went stale.
+    if (source && method === "GET" && res.status >= 500) {
+      reportFailure(source, `The server failed (${source}: HTTP ${res.status}). Retrying…`);
+    } else if (source) reportOk(source);
     if (!res.ok) {
       return { ok: false, status: res.status, data: null, error: await errorDetail(res) };
     }

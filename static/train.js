@@ -46,7 +46,8 @@ export function redrawLoss() {
  * Returns the forecast or null.
  */
 export async function fetchForecast(quiet) {
-  const r = await apiJSON("/api/predict?horizon=60", { source: quiet ? undefined : "train" });
+  // No `source`: a one-off, said in the status line (a banner would say "retrying" for good).
+  const r = await apiJSON("/api/predict?horizon=60");
   if (r.ok && r.data && Array.isArray(r.data.cpu)) {
     onForecast(r.data);
     return r.data;

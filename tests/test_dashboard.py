@@ -206,6 +206,25 @@ def test_a_message_that_could_not_be_sent_leaves_no_banner(page: Any, server: Se
     page.wait_for_selector("#net-error", state="hidden", timeout=30_000)
 
 
+def test_a_proxy_whose_server_is_down_is_said(page: Any, server: Server) -> None:
+    # Behind a proxy, a server down is a 502 for every request, not a failed connection:
+    # the page said nothing, its figures and table stale, as if all were well.
+    page.goto(server.url)
+    page.wait_for_function("Number(document.querySelector('#history-chart')"
+                           ".dataset.updates || 0) >= 1", timeout=15_000)
+
+    def bad_gateway(route: Any) -> None:
+        route.fulfill(status=502, content_type="text/html",
+                      body="<html><body><h1>502 Bad Gateway</h1></body></html>")
+
+    page.route("**/api/**", bad_gateway)
+    page.wait_for_selector("#net-error", state="visible", timeout=10_000)
+    said = page.text_content("#net-error") or ""
+    assert "HTTP 502" in said and said.endswith("Retrying…"), said
+    page.unroute("**/api/**", bad_gateway)
+    page.wait_for_selector("#net-error", state="hidden", timeout=20_000)
+
+
 def test_a_conversation_is_forgotten_from_the_page(page: Any, server: Server) -> None:
     page.goto(server.url)
     page.fill("#chat-input", "My name is Alice.")
