@@ -15,6 +15,8 @@ const MAX_MESSAGES = 200;
 const MAX_CONTENT_CHARS = 100_000;
 const MAX_BODY_BYTES = 1_000_000;
 const BODY_ROOM = 4096;     // the body's other fields and its framing
+const RESTORE_RETRY_MS = 1000;      // the conversation's turns asked again after this,
+const RESTORE_RETRY_MAX_MS = 10_000; // doubling up to this
 
 const history = [];         // [{role, content}] sent with every new message
 let pending = null;         // the newest reply awaited: Cancel stops it, Send waits for it
@@ -338,10 +340,22 @@ function onStorage(ev) {
   forgetNote.textContent = "Forgotten in another tab: a new conversation starts here.";
 }
 
-/** Re-render the earlier turns of this session (oldest first). */
+/** Re-render the earlier turns of this session (oldest first). Asked again while the
+ * server cannot answer: a page that went on without them showed an empty conversation,
+ * and its next question went without the earlier turns. */
 async function restore() {
-  const r = await apiJSON(`/api/sessions/${encodeURIComponent(SESSION)}`);
-  if (!r.ok || !r.data || !Array.isArray(r.data.turns)) return;
+  let r;
+  for (let delay = RESTORE_RETRY_MS; ; delay = Math.min(delay * 2, RESTORE_RETRY_MAX_MS)) {
+    r = await apiJSON(`/api/sessions/${encodeURIComponent(SESSION)}`);
+    if (r.ok || (r.status && r.status < 500)) break;
+    forgetNote.textContent = `Could not load this conversation (${r.error}); trying again…`;
+    await new Promise((res) => setTimeout(res, delay));
+  }
+  if (!r.ok || !r.data || !Array.isArray(r.data.turns)) {
+    forgetNote.textContent = `Could not load this conversation: ${r.error || "no turns in the answer"}`;
+    return;
+  }
+  forgetNote.textContent = "";
   for (const turn of r.data.turns) {
     const q = turn.question || "";
     if (q) addUser(q);

@@ -191,6 +191,44 @@ def test_a_message_waits_for_the_earlier_turns_to_load(page: Any, server: Server
     assert page.locator("#chat-log li.msg.user").count() == 2
 
 
+def test_earlier_turns_that_failed_to_load_are_asked_again(page: Any, server: Server,
+                                                           llm: FakeLLM) -> None:
+    # One failed answer (a 503, the network) and the page went on without them: it showed
+    # an empty conversation, and the next question went without the earlier turns.
+    with server.client() as client:
+        first = client.post("/api/ai_chat_async", json={
+            "messages": [{"role": "user", "content": "My name is Alice."}],
+            "session_id": "flaky-restore"}).json()["job_id"]
+        wait_job(client, first)
+    asked: list[str] = []
+
+    def fail_once(route: Any) -> None:
+        asked.append(route.request.url)
+        if len(asked) == 1:
+            route.fulfill(status=503, content_type="application/json",
+                          body='{"detail": "retry in a moment"}')
+        else:
+            route.continue_()
+
+    page.route("**/api/sessions/**", fail_once)
+    page.add_init_script("localStorage.setItem('offload-session', 'flaky-restore')")
+    page.goto(server.url)
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           ".startsWith('Could not load this conversation')", timeout=20_000)
+    assert page.is_disabled("#chat-send")
+    page.wait_for_selector(f"#chat-log li[data-job-id='{first}'][data-state='completed']",
+                           timeout=20_000)
+    assert len(asked) == 2
+    assert page.text_content("#chat-forget-note") == ""
+    page.wait_for_function("!document.querySelector('#chat-send').disabled", timeout=20_000)
+    page.fill("#chat-input", "What is my name?")
+    page.press("#chat-input", "Enter")
+    page.wait_for_function("document.querySelectorAll('#chat-log li.msg.assistant"
+                           "[data-state=completed]').length === 2", timeout=30_000)
+    said = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] == "user"]
+    assert said[-2:] == ["My name is Alice.", "What is my name?"], said
+
+
 def test_a_message_that_could_not_be_sent_leaves_no_banner(page: Any, server: Server) -> None:
     # Said in the banner as "Retrying…" under its own name, it stayed there once the
     # server was back, though nothing retried it.
