@@ -8,6 +8,7 @@ import { apiJSON, followJob, FINAL_STATES } from "./api.js";
 const SESSION_KEY = "offload-session";
 const STALL_MS = 120_000;   // say so after this long running with nothing from the server
 const POLL_MS = 1000;
+const POLLS_BETWEEN_STREAMS = 5;  // a refused stream is asked for again after these
 // What the API takes in a chat's body (jobs/inputs.py, MAX_BODY_BYTES): 200 messages of
 // 100,000 characters each, in at most 1 MB. A long conversation sends the latest turns
 // that fit; the older ones are left out (a model's context holds no more anyway).
@@ -174,8 +175,9 @@ function follow(li, jobId, userText) {
     }
   }
 
-  async function poll() {
-    while (!p.done) {
+  /** Ask for the reply `times` times, a second apart (or until it has ended). */
+  async function poll(times) {
+    for (let i = 0; i < times && !p.done; i += 1) {
       const r = await apiJSON(`/api/ai_chat_result/${encodeURIComponent(jobId)}`, { source: "chat" });
       if (p.done) return;
       if (r.ok && r.data) {
@@ -202,17 +204,21 @@ function follow(li, jobId, userText) {
   }
 
   (async () => {
-    try {
-      await followJob(`/api/jobs/${encodeURIComponent(jobId)}/events`, {
-        onJob,
-        onActivity,
-        signal: controller.signal,
-        source: "chat",
-      });
-    } catch {
-      /* the server refused the stream: fall through to polling */
+    while (!p.done) {
+      try {
+        await followJob(`/api/jobs/${encodeURIComponent(jobId)}/events`, {
+          onJob,
+          onActivity,
+          signal: controller.signal,
+          source: "chat",
+        });
+      } catch {
+        /* the server refused the stream: poll a while, then follow it again */
+      }
+      // Polled to its end, a reply refused its stream once (every stream of the server
+      // taken, a proxy's 502 while the server restarted) stood still until it had ended.
+      if (!p.done) await poll(POLLS_BETWEEN_STREAMS);
     }
-    if (!p.done) await poll();
   })().catch(() => { /* never surface to the console */ });
 }
 

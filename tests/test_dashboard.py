@@ -758,6 +758,41 @@ def test_a_reply_goes_on_after_the_connection_drops(page: Any,
     assert polled == [], "the reply came from the stream, not from polling"
 
 
+def test_a_reply_whose_stream_was_refused_once_goes_on_streaming(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # Refused once (every stream of the server taken: a 503; a proxy's 502 while the server
+    # restarted), the reply was polled to its end: it stood still until it had ended.
+    pieces = [f"p{i} " for i in range(40)] + ["end."]
+    with FakeLLM(pieces=pieces, delay_s=0.2) as slow:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
+        streams: list[str] = []
+
+        def refuse_first(route: Any) -> None:
+            streams.append(route.request.url)
+            if len(streams) == 1:
+                route.fulfill(status=503, content_type="application/json",
+                              headers={"Retry-After": "1"},
+                              body='{"detail": "too many open event streams"}')
+            else:
+                route.continue_()
+
+        page.route("**/events", refuse_first)
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me a long story.")
+        page.press("#chat-input", "Enter")
+        reply = page.locator("#chat-log li.msg.assistant").last
+        seen: set[str] = set()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and reply.get_attribute("data-state") != "completed":
+            seen.add(page.evaluate(LAST_REPLY_TEXT))
+            page.wait_for_timeout(50)
+    assert reply.get_attribute("data-state") == "completed"
+    assert page.evaluate(LAST_REPLY_TEXT) == "".join(pieces)
+    partial = {text for text in seen if text and not text.endswith("end.")}
+    assert len(partial) >= 3, f"it went on showing as it came: {sorted(partial)[:5]}"
+    assert len(streams) >= 2, "the stream was asked for again"
+
+
 def test_every_live_turn_is_followed_after_a_reload(page: Any,
                                                     make_server: Callable[..., Server]) -> None:
     """A session has an answering turn and one queued behind it when the page reloads:
