@@ -352,7 +352,11 @@ function onStorage(ev) {
 async function restore() {
   let r;
   for (let delay = RESTORE_RETRY_MS; ; delay = Math.min(delay * 2, RESTORE_RETRY_MAX_MS)) {
-    r = await apiJSON(`/api/sessions/${encodeURIComponent(SESSION)}`);
+    const asked = SESSION;
+    r = await apiJSON(`/api/sessions/${encodeURIComponent(asked)}`);
+    // Forgotten in another tab meanwhile: these turns are gone, and the new conversation
+    // has none (shown, they went back to the server with the next question).
+    if (asked !== SESSION) return;
     if (r.ok || (r.status && r.status < 500)) break;
     forgetNote.textContent = `Could not load this conversation (${r.error}); trying again…`;
     await new Promise((res) => setTimeout(res, delay));

@@ -317,6 +317,42 @@ def test_a_conversation_forgotten_in_one_tab_is_gone_from_the_other(
     assert [turn["question"] for turn in turns] == ["What is my secret?"]
 
 
+def test_a_conversation_forgotten_in_another_tab_as_this_one_loads_it_stays_gone(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # Its earlier turns still on their way when another tab forgot the conversation:
+    # they were shown once they came, and the next question sent them back to the server.
+    with server.client() as client:
+        first = client.post("/api/ai_chat_async", json={
+            "messages": [{"role": "user", "content": "My secret is quokka-swordfish."}],
+            "session_id": "forgotten-as-it-loads"}).json()["job_id"]
+        wait_job(client, first)
+    held: list[Any] = []
+    page.route("**/api/sessions/**",
+               lambda route: held.append(route) if route.request.method == "GET"
+               else route.continue_())
+    page.add_init_script("localStorage.setItem('offload-session', 'forgotten-as-it-loads')")
+    page.goto(server.url)
+    wait_for(lambda: held, 20, 0.05, "the page to ask for its earlier turns")
+    answer = held[0].fetch()  # the turns as they were when it asked
+    other = page.context.new_page()
+    other.goto(server.url)
+    other.wait_for_selector(f"#chat-log li[data-job-id='{first}'][data-state='completed']",
+                            timeout=30_000)
+    other.once("dialog", lambda dialog: dialog.accept())
+    other.click("#chat-forget")
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           ".startsWith('Forgotten in another tab')", timeout=20_000)
+    held[0].fulfill(response=answer)
+    page.wait_for_function("!document.querySelector('#chat-send').disabled", timeout=20_000)
+    assert page.locator("#chat-log li").count() == 0, page.inner_text("#chat-log")
+    page.fill("#chat-input", "What is my secret?")
+    page.press("#chat-input", "Enter")
+    page.wait_for_selector("#chat-log li.msg.assistant[data-state='completed']",
+                           timeout=30_000)
+    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] != "system"]
+    assert asked == ["What is my secret?"], asked
+
+
 def _bytes_of(path: Path) -> bytes:
     try:
         return path.read_bytes() if path.is_file() else b""  # not a folder or a socket
