@@ -3,7 +3,7 @@
 // connection; falls back to polling), supports cancel, and restores earlier turns of
 // this browser's session on load, following each one still running or queued.
 
-import { apiJSON, followJob, FINAL_STATES } from "./api.js";
+import { apiJSON, followJob, FINAL_STATES, reportOk } from "./api.js";
 
 const SESSION_KEY = "offload-session";
 const STALL_MS = 120_000;   // say so after this long running with nothing from the server
@@ -137,6 +137,9 @@ function follow(li, jobId, userText) {
       history.push({ role: "user", content: userText }, { role: "assistant", content: text });
     }
     live.splice(live.indexOf(p), 1);
+    // Its polls' failure said in the banner ("Retrying…") is no more once nothing polls:
+    // ended otherwise (cancelled, forgotten), it stayed until a next reply streamed.
+    if (!live.length) reportOk("chat");
     if (pending === p) pending = newestWaited();
     updateButtons();
   }

@@ -425,6 +425,29 @@ def test_cancel_stops_a_chat(page: Any, make_server: Callable[..., Server]) -> N
     assert job["state"] == "cancelled"
 
 
+def test_a_reply_cancelled_while_its_polls_failed_leaves_no_banner(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # Its stream refused, its polls answered 502 (a proxy while the server restarted): the
+    # banner said "Retrying…", and it went on saying so once the reply was cancelled,
+    # though nothing retried anything (until a next question's reply streamed).
+    with FakeLLM(pieces=["word "] * 300, delay_s=0.1) as slow:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
+        page.route("**/events", lambda route: route.fulfill(
+            status=503, content_type="application/json", headers={"Retry-After": "1"},
+            body='{"detail": "too many open event streams"}'))
+        page.route("**/api/ai_chat_result/**", lambda route: route.fulfill(
+            status=502, content_type="text/html", body="<h1>502 Bad Gateway</h1>"))
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        page.wait_for_selector("#net-error", state="visible", timeout=20_000)
+        assert "chat: HTTP 502" in (page.text_content("#net-error") or "")
+        page.click("#chat-cancel")
+        page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
+                               timeout=20_000)
+        page.wait_for_selector("#net-error", state="hidden", timeout=5_000)
+
+
 def test_a_refused_cancel_says_why(page: Any, make_server: Callable[..., Server]) -> None:
     # A 503 (a data folder that cannot be written) went unsaid, in the chat as in the
     # table: the job answered on, its Cancel button as if never pressed.
