@@ -310,7 +310,8 @@ async function cancel() {
   } else if (!p.done) {
     cancelBtn.disabled = false; // 409: already finished; the stream will tell
     // Another refusal (a data folder that cannot be written) went unsaid: it answers on.
-    if (r.status && r.status !== 409) part(p.li, "note").textContent = `Could not cancel it: ${r.error}`;
+    // Taken but not stopped yet when answered (200, `running`): the stream says its end.
+    if (!r.ok && r.status && r.status !== 409) part(p.li, "note").textContent = `Could not cancel it: ${r.error}`;
   }
 }
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import ROOT, wait_for, wait_job
@@ -446,6 +447,38 @@ def test_a_reply_cancelled_while_its_polls_failed_leaves_no_banner(
         page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
                                timeout=20_000)
         page.wait_for_selector("#net-error", state="hidden", timeout=5_000)
+
+
+def test_a_cancel_answered_before_the_reply_stopped_is_no_refusal(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # The cancel was taken (its stop request written), but the job was not stopped yet
+    # when its answer came (a supervisor stalled, a runner slow to stop): 200, `running`.
+    # The chat said "Could not cancel it: null" of the cancel that then stopped it.
+    with FakeLLM(pieces=["word "] * 300, delay_s=0.1) as slow:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url,
+                                  "OFFLOAD_STOP_GRACE_S": "0.5"})
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                               "?.textContent.includes('word')", timeout=20_000)
+        assert server.proc is not None
+        api = psutil.Process(server.proc.pid)
+        supervisor = next(proc for proc in api.children() if "jobs.supervisor" in proc.cmdline())
+        supervisor.suspend()
+        try:
+            with page.expect_response(lambda res: res.request.method == "DELETE",
+                                      timeout=30_000) as answered:
+                page.click("#chat-cancel")
+            answer = answered.value
+            assert answer.status == 200 and answer.json()["state"] == "running"
+            page.wait_for_timeout(300)
+            note = page.text_content("#chat-log li.msg.assistant:last-child .note") or ""
+            assert "Could not cancel" not in note, note
+        finally:
+            supervisor.resume()
+        page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
+                               timeout=20_000)
 
 
 def test_a_refused_cancel_says_why(page: Any, make_server: Callable[..., Server]) -> None:
