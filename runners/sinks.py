@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 WRITE_INTERVAL_S = 0.2  # at most five job-file writes a second while running
 FINAL_WRITE_PATIENCE_S = p.FINAL_WRITE_PATIENCE_S  # the final state waits for an unwritable folder
-FINAL_RETRY_S = 0.5
+FINAL_RETRY_S = p.FINAL_RETRY_S
 
 
 class FileSink(Sink):

@@ -205,8 +205,10 @@ def test_a_result_held_past_its_deadline_by_an_unwritable_folder_lands(
     """A runner whose work ended in time waits to write its final state while the data
     folder is unwritable (up to 10 minutes). Stopped at its deadline meanwhile, its
     result was lost and the job said `timeout`, "stopped after its deadline", of a job
-    that had completed well before it."""
-    supervisor = make_supervisor(grace_s=1.0)
+    that had completed well before it. A short grace (0.1 s): the stop request written
+    once the folder is writable again, the runner was killed before its next try to
+    write its final state (every 0.5 s), and the result lost all the same."""
+    supervisor = make_supervisor(grace_s=0.1)
     job_id = supervisor.submit(seconds=1, steps=1, timeout_s=2.5)
     supervisor.wait_state(job_id, "running")
     _immutable(data_dir, True)

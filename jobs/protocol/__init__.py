@@ -145,6 +145,9 @@ EXIT_RETRY = 75  # EX_TEMPFAIL
 # How long a runner waits to write its final state into an unwritable data folder; the
 # supervisor's stop at a deadline waits as long while its stop request cannot be written.
 FINAL_WRITE_PATIENCE_S = 600.0
+# How often it tries that write again; a stop request written late (the folder writable
+# again) waits twice as long before the runner is stopped, for its final state to land.
+FINAL_RETRY_S = 0.5
 
 JOB_FILE = "job.json"
 LOG_FILE = "job.log"

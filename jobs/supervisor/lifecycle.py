@@ -68,6 +68,7 @@ class JobLife:
         self._ended = False  # finalized: release once the final state is on disk
         self._released = False
         self._stop_unrecorded = False  # its deadline's stop request could not be written
+        self._stop_written_late: float | None = None  # when it was, once it could be
 
     @property
     def run(self) -> Run:
@@ -132,10 +133,18 @@ class JobLife:
         (an unwritable data folder), neither can the runner's final state: a runner whose
         work ended in time is waiting to write it (`p.FINAL_WRITE_PATIENCE_S`), and
         stopping it would lose its result for a `timeout`. It is stopped once the request
-        is written, or that long after its deadline (one that is not ending by itself)."""
+        is written, or that long after its deadline (one that is not ending by itself).
+        Written late, the request waits a little more: the runner's final state could be
+        written from the same moment, and a runner stopped before its next try
+        (`p.FINAL_RETRY_S`, past a stop's grace) lost it all the same."""
+        if self._stop_written_late is not None:
+            return now > self._stop_written_late + 2 * p.FINAL_RETRY_S
         try:
             p.request_stop(self.job_file, p.JobState.TIMEOUT)
-            return True
+            if not self._stop_unrecorded:
+                return True
+            self._stop_written_late = now
+            return False
         except OSError as exc:
             if not self._stop_unrecorded:
                 log.warning("job %s: past its deadline, but cannot write the stop request "
