@@ -317,8 +317,17 @@ async function cancelJob(btn) {
   btn.disabled = true;
   const id = btn.dataset.jobId;
   const r = await apiJSON(`/api/jobs/${encodeURIComponent(id)}`, { method: "DELETE", source: "jobs" });
-  if (r.ok) setNote({ action: `Cancelled job ${shortId(id)}.` });
-  else if (r.status !== 409) {  // 409: it had finished; the table shows how
+  if (r.ok) {
+    // Answered once it ended, or after a while: it may have ended by itself meanwhile
+    // (`completed`), or still be stopping (a supervisor stalled).
+    const state = r.data && r.data.state;
+    let said = `Cancelled job ${shortId(id)}.`;
+    if (state !== "cancelled") {
+      said = FINAL_STATES.has(state) ? `Job ${shortId(id)} had already ended (${state}).`
+        : `Job ${shortId(id)} is being cancelled.`;
+    }
+    setNote({ action: said });
+  } else if (r.status !== 409) {  // 409: it had finished; the table shows how
     btn.disabled = false;
     // A refusal (a data folder that cannot be written) went unsaid: the job ran on.
     if (r.status) setNote({ action: `Could not cancel job ${shortId(id)}: ${r.error}` });

@@ -481,6 +481,32 @@ def test_a_cancel_answered_before_the_reply_stopped_is_no_refusal(
                                timeout=20_000)
 
 
+def test_a_cancel_the_job_outran_says_so(page: Any, make_server: Callable[..., Server]) -> None:
+    # The job ended by itself while its cancel waited for it (a supervisor stalled, a runner
+    # ending its work): answered 200 with `completed`, the table said "Cancelled job …".
+    server = make_server()
+    quick = submit(server, "sleep", seconds=3, steps=1)
+    page.goto(server.url)
+    row = f"#jobs-table tr[data-job-id='{quick}']"
+    page.wait_for_selector(f"{row}[data-state='running']", timeout=20_000)
+    assert server.proc is not None
+    api = psutil.Process(server.proc.pid)
+    supervisor = next(proc for proc in api.children() if "jobs.supervisor" in proc.cmdline())
+    supervisor.suspend()
+    try:
+        with page.expect_response(lambda res: res.request.method == "DELETE",
+                                  timeout=30_000) as answered:
+            page.click(f"{row} button.cancel-job")
+        assert answered.value.status == 200
+        assert answered.value.json()["state"] == "completed"
+        page.wait_for_selector(f"{row}[data-state='completed']", timeout=20_000)
+        said = page.text_content("#jobs-note") or ""
+        assert f"Cancelled job {quick[:8]}" not in said, said
+        assert f"Job {quick[:8]} had already ended (completed)." in said, said
+    finally:
+        supervisor.resume()
+
+
 def test_a_refused_cancel_says_why(page: Any, make_server: Callable[..., Server]) -> None:
     # A 503 (a data folder that cannot be written) went unsaid, in the chat as in the
     # table: the job answered on, its Cancel button as if never pressed.
