@@ -250,6 +250,15 @@ function updateButtons() {
 const utf8 = new TextEncoder();
 const bytesOf = (message) => utf8.encode(JSON.stringify(message)).length + 1;
 
+/** Whether `text` is over the API's characters: code points, as it counts them (an
+ * emoji is two UTF-16 units of `length`, one character there). */
+function tooLong(text) {
+  if (text.length <= MAX_CONTENT_CHARS) return false;
+  let chars = 0;
+  for (const _ of text) if ((chars += 1) > MAX_CONTENT_CHARS) return true;
+  return false;
+}
+
 /** The messages of a new question: the latest turns of `history` that fit the API's
  * bounds, then the question. A turn is a question and its reply, kept together. */
 function messagesFor(text) {
@@ -260,7 +269,7 @@ function messagesFor(text) {
     const turn = history.slice(first - 2, first);
     const size = turn.reduce((sum, m) => sum + bytesOf(m), 0);
     if (history.length - first + 2 > MAX_MESSAGES - 1 || bytes + size > MAX_BODY_BYTES
-        || turn.some((m) => m.content.length > MAX_CONTENT_CHARS)) break;
+        || turn.some((m) => tooLong(m.content))) break;
     bytes += size;
     first -= 2;
   }

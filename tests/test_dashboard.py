@@ -409,6 +409,34 @@ def test_a_long_conversation_goes_on_with_its_latest_turns(
             "question 102", "ok", "question 103"]
 
 
+def test_a_turn_of_astral_characters_within_the_bounds_is_sent(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # The API counts a message's characters (code points); the page counted UTF-16 units,
+    # two for each emoji: a question of 50,001 emoji, taken by the API, read as over
+    # 100,000 characters, and it and every turn before it were left out from then on.
+    with FakeLLM(pieces=["ok"], delay_s=0) as fake:
+        server = make_server(env={"OPENAI_BASE_URL": fake.base_url})
+        with server.client() as client:
+            for question in ("My name is Alice.", "\U0001F600" * 50_001):
+                job_id = client.post("/api/ai_chat_async", json={
+                    "messages": [{"role": "user", "content": question}],
+                    "session_id": "astral"}).json()["job_id"]
+                assert wait_job(client, job_id)["state"] == "completed"
+        page.add_init_script("localStorage.setItem('offload-session', 'astral')")
+        page.goto(server.url)
+        page.wait_for_function("document.querySelectorAll('#chat-log li.msg.assistant"
+                               "[data-state=completed]').length === 2", timeout=30_000)
+        page.wait_for_function("!document.querySelector('#chat-send').disabled",
+                               timeout=30_000)
+        page.fill("#chat-input", "What is my name?")
+        page.press("#chat-input", "Enter")
+        page.wait_for_function("document.querySelectorAll('#chat-log li.msg.assistant"
+                               "[data-state=completed]').length === 3", timeout=30_000)
+        said = [m["content"] for m in fake.requests[-1]["body"]["messages"]
+                if m["role"] == "user"]
+        assert said[0] == "My name is Alice." and len(said) == 3, [s[:20] for s in said]
+
+
 def test_cancel_stops_a_chat(page: Any, make_server: Callable[..., Server]) -> None:
     with FakeLLM(pieces=["word "] * 200, delay_s=0.1) as slow:
         server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
