@@ -223,6 +223,14 @@ def test_a_result_held_past_its_deadline_by_an_unwritable_folder_lands(
 
 
 @pytest.mark.usefixtures("can_freeze")
+def _degraded(client: httpx.Client, what: str) -> dict[str, Any]:
+    def degraded() -> dict[str, Any] | None:
+        health = client.get("/api/health").json()
+        return health if health["status"] == "degraded" else None
+
+    return wait_for(degraded, 15, 0.2, what)
+
+
 def test_a_data_folder_unwritable_at_start_is_said_by_the_health(
         make_server: MakeServer) -> None:
     """A data folder read-only when the API starts (a disk remounted read-only): no
@@ -235,16 +243,35 @@ def test_a_data_folder_unwritable_at_start_is_said_by_the_health(
     try:
         server.start()
         with server.client() as client:
-            def degraded() -> dict[str, Any] | None:
-                health = client.get("/api/health").json()
-                return health if health["status"] == "degraded" else None
-
-            health = wait_for(degraded, 15, 0.2, "the health to say no supervisor starts")
+            health = _degraded(client, "the health to say no supervisor starts")
             assert health["supervisor"] == "starting", health
             assert any("no supervisor can start" in each for each in health["problems"]), health
     finally:
         _immutable(data, False)
     with server.client() as client:
+        wait_for(lambda: client.get("/api/health").json()["status"] == "ok", 20, 0.2,
+                 "the health to be ok again")
+        job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        assert _final(client, job["id"])["state"] == "completed"
+
+
+def test_a_supervisor_lock_no_process_can_take_is_said_by_the_health(
+        make_server: MakeServer) -> None:
+    """A folder in place of the supervisor's lock file: every supervisor started waits its
+    turn to lead for good, so no job runs, and the health said `ok` (the supervisor
+    `starting`) all along."""
+    server = make_server()
+    lock = server.data_dir / "supervisor.lock"
+    server.stop()
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    server.start()
+    with server.client() as client:
+        health = _degraded(client, "the health to say no supervisor leads")
+        assert health["supervisor"] == "starting", health
+        said = " ".join(health["problems"])
+        assert "no supervisor can take its lock" in said and "Is a directory" in said, health
+        lock.rmdir()
         wait_for(lambda: client.get("/api/health").json()["status"] == "ok", 20, 0.2,
                  "the health to be ok again")
         job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()

@@ -28,7 +28,8 @@ CHECK_S = 1.0
 _WRITABLE = "; make the data folder writable"
 _WHAT_TO_DO = {errno.EROFS: _WRITABLE, errno.EACCES: _WRITABLE, errno.EPERM: _WRITABLE,
                errno.ENOSPC: "; free some space on its disk",
-               errno.EDQUOT: "; free some space on its disk"}
+               errno.EDQUOT: "; free some space on its disk",
+               errno.EISDIR: "; move away what is in its place"}
 STOP_WAIT_S = 5.0
 
 
@@ -39,15 +40,21 @@ class SupervisorKeeper:
         self._child: subprocess.Popen[bytes] | None = None
         # Why the latest start failed (None: it did not): while none leads, no job runs.
         self.start_problem: str | None = None
+        # Why the lock cannot be taken at all (None: it can): no supervisor started leads.
+        self.lock_problem: str | None = None
 
     def led(self) -> bool:
-        """Whether some supervisor holds the lock (blocking: call it from a thread)."""
+        """Whether some supervisor holds the lock (blocking: call it from a thread). A lock
+        no process can take (a folder in its place, a data folder made immutable) leaves
+        every supervisor waiting its turn for good: kept as `lock_problem`."""
         probe = FileLock(str(self._lock_path), thread_local=False, mode=0o600)
+        self.lock_problem = None
         try:
             probe.acquire(timeout=0)
         except Timeout:
             return True
-        except OSError:
+        except OSError as exc:
+            self.lock_problem = _problem("no supervisor can take its lock", exc)
             return False
         probe.release()
         return False
@@ -60,9 +67,7 @@ class SupervisorKeeper:
                     await asyncio.to_thread(self._start)
                     self.start_problem = None
             except OSError as exc:  # an unwritable data folder: try again later
-                where = f" ({exc.filename})" if exc.filename else ""
-                problem = (f"no supervisor can start, so no job runs: {exc.strerror or exc}"
-                           f"{where}{_WHAT_TO_DO.get(exc.errno or 0, '')}")
+                problem = _problem("no supervisor can start", exc)
                 if problem != self.start_problem:
                     log.warning("cannot start a supervisor process: %s", exc)
                 self.start_problem = problem
@@ -90,6 +95,10 @@ class SupervisorKeeper:
                 stderr=subprocess.STDOUT, start_new_session=True)
         log.info("started a supervisor process (pid %s)", self._child.pid)
 
+    def problem(self) -> str | None:
+        """Why no supervisor leads, where that is known (call it when none does)."""
+        return self.start_problem or self.lock_problem
+
     async def stop(self) -> None:
         child = self._child
         if child is None or child.poll() is not None:
@@ -101,3 +110,9 @@ class SupervisorKeeper:
             with contextlib.suppress(OSError):
                 child.kill()
             await asyncio.to_thread(child.wait)
+
+
+def _problem(what: str, exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return (f"{what}, so no job runs: {exc.strerror or exc}{where}"
+            f"{_WHAT_TO_DO.get(exc.errno or 0, '')}")

@@ -82,8 +82,8 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
         supervisor = "stalled" if age is not None and age > SUPERVISOR_STALLED_S else "running"
     queue = await run_in_threadpool(queue_view, service.settings)
     problems = await run_in_threadpool(_problems, service)
-    if not led and keeper.start_problem is not None:  # "starting" for good
-        problems.append(keeper.start_problem)
+    if not led and (why := keeper.problem()) is not None:  # "starting" for good
+        problems.append(why)
     return {
         "status": "degraded" if problems else "ok", "problems": problems, "version": VERSION,
         "running": counts[p.JobState.RUNNING], "queued": counts[p.JobState.QUEUED],
