@@ -218,11 +218,10 @@ def test_a_result_held_past_its_deadline_by_an_unwritable_folder_lands(
     finally:
         _immutable(data_dir, False)
     final = supervisor.wait_final(job_id)
-    assert final["state"] == "completed", final
+    assert final["state"] == "completed", (final["error"], final.get("exit_code"))
     assert final["result"]["slept_s"] == 1
 
 
-@pytest.mark.usefixtures("can_freeze")
 def _degraded(client: httpx.Client, what: str) -> dict[str, Any]:
     def degraded() -> dict[str, Any] | None:
         health = client.get("/api/health").json()
@@ -231,6 +230,7 @@ def _degraded(client: httpx.Client, what: str) -> dict[str, Any]:
     return wait_for(degraded, 15, 0.2, what)
 
 
+@pytest.mark.usefixtures("can_freeze")
 def test_a_data_folder_unwritable_at_start_is_said_by_the_health(
         make_server: MakeServer) -> None:
     """A data folder read-only when the API starts (a disk remounted read-only): no

@@ -127,6 +127,12 @@ class JobLife:
         """Why its stop file asks it to stop."""
         return p.stop_reason(self.job_file) or p.JobState.CANCELLED
 
+    @property
+    def timeout_held(self) -> bool:
+        """Whether its deadline's stop request, written late, waits for the runner's final
+        state (see `request_timeout`): its stop file is not acted on meanwhile."""
+        return self._stop_written_late is not None
+
     def request_timeout(self, now: float) -> bool:
         """Its stop file says `timeout`, for the runner and the API to see why; whether to
         stop the runner now (`now`: time.monotonic()). While the request cannot be written

@@ -308,7 +308,7 @@ class Supervisor(Discovery, Launching, Endings):
                                     "cancelled before it started")
             elif job_id in self._running:
                 life = self._running[job_id]
-                if life.stopping is None:
+                if life.stopping is None and not life.timeout_held:
                     self._start_stop(life, life.stop_reason())
 
     def _reap(self) -> None:
