@@ -4,7 +4,10 @@ slot."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -118,6 +121,33 @@ def test_a_cancelled_or_late_chat_frees_its_slot_and_the_next_chat_answers(
         final = wait_for(lambda: (j := client.get(f"/api/jobs/{after}").json())["state"]
                          in p.FINAL_STATES and j, 60, 0.1, "the next chat to end")
         assert final["state"] == "completed", json.dumps(final)[:500]
+
+
+def test_a_model_server_stopped_by_a_signal_is_restarted_and_its_chat_answered(
+        model_server: tuple[Any, dict[str, Any]]) -> None:
+    """SIGSTOP: the kernel still accepts connections for the stopped server, which answers
+    none. It is restarted (llm.json stops saying ready), and the chat it left hanging is
+    answered by the new one instead of waiting out its first-token limit twice."""
+    server, status = model_server
+    with server.client() as client:
+        job_id = _chat(client, LONG, 200)
+        wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["output"], 120, 0.05,
+                 "the answer to start")
+        os.kill(status["pid"], signal.SIGSTOP)
+        try:
+            wait_for(lambda: not (embedded.read_status(str(server.data_dir)) or {})
+                     .get("ready"), 10, 0.2, "llm.json to stop saying ready")
+            again = wait_for(lambda: (s := embedded.read_status(str(server.data_dir)) or {})
+                             .get("ready") and s, 60, 0.2, "the model server to start again")
+        finally:
+            with contextlib.suppress(OSError):
+                os.kill(status["pid"], signal.SIGCONT)
+        assert again["pid"] != status["pid"], again
+        assert not psutil.pid_exists(status["pid"]) or psutil.Process(
+            status["pid"]).status() == psutil.STATUS_ZOMBIE
+        job = wait_for(lambda: (j := client.get(f"/api/jobs/{job_id}").json())["state"]
+                       in p.FINAL_STATES and j, 90, 0.1, "the chat to end")
+    assert job["state"] == "completed" and job["attempt"] == 2, json.dumps(job)[:800]
 
 
 def test_llama_cpp_python_server_stays_the_fallback(make_server: Callable[..., Any]) -> None:

@@ -123,20 +123,34 @@ class EmbeddedServer:
         if slots > 1:
             await self._warm_up(slots)
         name = embedded.model_name(model)
-        self._write(True, "ok", available=True, model=name,
-                    load_s=round(time.monotonic() - started, 2), **running)
+        ready = {"available": True, "model": name,
+                 "load_s": round(time.monotonic() - started, 2), **running}
+        self._write(True, "ok", **ready)
         log.info("embedded model %s ready at %s (%s, %d slot(s))", name, self.base_url,
                  engine, slots)
         if on_ready is not None:
             on_ready(self.base_url, name)
         self.restarts = 0
         failures = 0
+        said_stopped = False
         # Waiting on the process, not sleeping: llm.json stops saying ready the moment it
         # exits, before anything else can take its port.
         while not await asyncio.to_thread(_exited, self.proc, HEALTH_EVERY_S):
             # Connecting, not /models: llama-cpp-python's server answers /models only
             # between chats (one lock guards the model); a long chat is no reason to restart.
-            failures = 0 if await asyncio.to_thread(self._accepts, port) else failures + 1
+            # A process stopped by a signal (SIGSTOP, SIGTSTP, a debugger) still accepts
+            # connections (the kernel completes them), but answers none: every chat would
+            # wait out its first-token limit while llm.json said ready.
+            stopped = _stopped(self.proc.pid)
+            if stopped != said_stopped:  # said at once: chats then wait for it, not on it
+                said_stopped = stopped
+                if stopped:
+                    self._write(False, "the embedded model server is stopped by a signal; "
+                                "it is restarted unless it runs again", **ready)
+                else:
+                    self._write(True, "ok", **ready)
+            answering = not stopped and await asyncio.to_thread(self._accepts, port)
+            failures = 0 if answering else failures + 1
             if failures >= HEALTH_FAILURES and self.proc.poll() is None:
                 log.warning("the embedded model server stopped answering; restarting it")
                 await asyncio.to_thread(self.stop)
@@ -228,6 +242,9 @@ class EmbeddedServer:
         if proc is None or proc.poll() is not None:
             return
         proc.terminate()
+        if sys.platform != "win32":  # a stopped process acts on SIGTERM only once it runs
+            with contextlib.suppress(OSError):
+                os.kill(proc.pid, signal.SIGCONT)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -255,6 +272,15 @@ def _dies_with_this_process() -> Callable[[], None] | None:
             os._exit(1)
 
     return in_child
+
+
+def _stopped(pid: int) -> bool:
+    """Is the process stopped by a signal (it then answers nothing)?"""
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED,
+                                                psutil.STATUS_TRACING_STOP)
+    except psutil.Error:
+        return False
 
 
 def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
