@@ -44,6 +44,9 @@ TEMPERATURE = (0.0, 2.0)  # and temperature's
 # these bounds; a runner by hand reads them from the environment or the .env itself).
 DEFAULTS = (("max_tokens", "OFFLOAD_LLM_MAX_TOKENS", MAX_TOKENS, True),
             ("temperature", "OFFLOAD_LLM_TEMPERATURE", TEMPERATURE, False))
+# A prompt longer than the embedded model's context, refused: how many tokens it had.
+CONTEXT_REFUSED = re.compile(r"request \((\d+) tokens\) exceeds the available context"
+                             r"|you requested \d+ tokens \((\d+) in the messages")
 EARLIER_TURNS = 20  # at most this many earlier turns of a session recovered for a chat
 INTERRUPTED = "[this answer was interrupted]"
 ENGLISH_ONLY = (
@@ -80,13 +83,31 @@ def execute(job: base.Job) -> dict[str, Any]:
         options["max_tokens"] = EMBEDDED_MAX_TOKENS
     full = _with_expert(job.input, messages)
     # The embedded model's context has a known size: a long conversation's first turns go.
-    asked = _fitting(full, embedded.SLOT_CTX - int(options["max_tokens"])) \
-        if embedded_used else full
-    left_out = len(full) - len(asked)
-    job.progress(None, f"asking {config.model or 'the model'} at {config.base_url}" + (
-        f" (the {left_out} earliest messages left out to fit its context)" if left_out else ""))
+    room = embedded.SLOT_CTX - int(options["max_tokens"]) if embedded_used else 0
+    asked = _fitting(full, room) if embedded_used else full
+    _say_asking(job, config, len(full) - len(asked))
     job.emit(notice)
-    reply = llm_client.chat(config, asked, job.emit, **options)
+    while True:
+        try:
+            reply = llm_client.chat(config, asked, job.emit, **options)
+            break
+        except base.RunnerError as exc:
+            counted = _refused_as_too_long(exc.message) if embedded_used else None
+            if counted is None:
+                raise
+            # The guess was short (digits, code, emoji take more tokens than prose): the
+            # server's own count says by how much; more of the earliest turns go.
+            fewer = _fewer(full, asked, room * sum(map(_tokens, asked)) // max(counted, 1))
+            if fewer is None:
+                raise base.RunnerError(
+                    f"the message is too long for the embedded model: with the system prompt "
+                    f"(and its context) it takes {counted} tokens, and a chat's context holds "
+                    f"{embedded.SLOT_CTX}, its answer ({options['max_tokens']} tokens at most) "
+                    "included; shorten it, or set OPENAI_BASE_URL to a model with a longer "
+                    "context",
+                    "provider") from None
+            asked = fewer
+            _say_asking(job, config, len(full) - len(asked))
     job.progress(1.0, "reply complete")
     return {"reply": notice + reply.text, "model": reply.model,
             "finish_reason": reply.finish_reason, "usage": reply.usage, "streamed": reply.streamed,
@@ -228,6 +249,30 @@ def _fitting(messages: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]
         total -= costs[first]
         first += 1
     return system + turns[first:]
+
+
+def _fewer(messages: list[dict[str, Any]], asked: list[dict[str, Any]], tokens: int
+           ) -> list[dict[str, Any]] | None:
+    """`messages` fitted to `tokens`, with fewer turns than `asked` in any case; None
+    when `asked` has only the system prompt and the last message left."""
+    fewer = _fitting(messages, tokens)
+    if len(fewer) < len(asked):
+        return fewer
+    system = asked[:1] if asked and asked[0].get("role") == "system" else []
+    turns = asked[len(system):]
+    return system + turns[1:] if len(turns) > 1 else None
+
+
+def _refused_as_too_long(message: str) -> int | None:
+    """The prompt's tokens, as the server counted them, where it refused a prompt
+    longer than its context (llama-server's words, then llama-cpp-python's); else None."""
+    found = CONTEXT_REFUSED.search(message)
+    return int(found.group(1) or found.group(2)) if found else None
+
+
+def _say_asking(job: base.Job, config: llm_client.Config, left_out: int) -> None:
+    job.progress(None, f"asking {config.model or 'the model'} at {config.base_url}" + (
+        f" (the {left_out} earliest messages left out to fit its context)" if left_out else ""))
 
 
 def _tokens(message: dict[str, Any]) -> int:

@@ -5,6 +5,7 @@ slot."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -148,6 +149,33 @@ def test_a_model_server_stopped_by_a_signal_is_restarted_and_its_chat_answered(
         job = wait_for(lambda: (j := client.get(f"/api/jobs/{job_id}").json())["state"]
                        in p.FINAL_STATES and j, 90, 0.1, "the chat to end")
     assert job["state"] == "completed" and job["attempt"] == 2, json.dumps(job)[:800]
+
+
+def test_a_long_conversation_of_numbers_is_cut_to_the_context_the_server_counts(
+        model_server: tuple[Any, dict[str, Any]]) -> None:
+    """Digits take a token each, three times the guess for prose: the earliest turns are
+    left out until the server takes the prompt, not refused with a 400. A message that
+    alone cannot fit says so, in words a user can act on."""
+    server, _ = model_server
+    numbers = " ".join(str(n % 10) for n in range(500))  # 999 characters, 999 tokens
+    turns: list[dict[str, str]] = []
+    for _ in range(10):
+        turns += [{"role": "user", "content": numbers}, {"role": "assistant", "content": "ok"}]
+    with server.client() as client:
+        long_one = _chat(client, [*turns, {"role": "user", "content": "Say hello."}], 16)
+        too_long = _chat(client, [{"role": "user", "content": numbers * 3}], 16)
+
+        def ended(job_id: str) -> Any:
+            job = client.get(f"/api/jobs/{job_id}").json()
+            return job["state"] in p.FINAL_STATES and job
+
+        done = [wait_for(functools.partial(ended, job_id), 60, 0.1, "the chat to end")
+                for job_id in (long_one, too_long)]
+    assert done[0]["state"] == "completed", json.dumps(done[0])[:800]
+    assert done[0]["result"]["usage"]["prompt_tokens"] <= embedded.SLOT_CTX - 16
+    assert done[1]["state"] == "failed", json.dumps(done[1])[:800]
+    message = done[1]["error"]["message"]
+    assert "too long for the embedded model" in message and "increasing" not in message
 
 
 def test_llama_cpp_python_server_stays_the_fallback(make_server: Callable[..., Any]) -> None:
