@@ -16,6 +16,8 @@ const MAX_MESSAGES = 200;
 const MAX_CONTENT_CHARS = 100_000;
 const MAX_BODY_BYTES = 1_000_000;
 const BODY_ROOM = 4096;     // the body's other fields and its framing
+const FORGET_RETRY_MS = 1000;  // a forget answered 409 (a turn still stopping) asked again
+const FORGET_TRIES = 30;       // after this, as many times at the most
 const RESTORE_RETRY_MS = 1000;      // the conversation's turns asked again after this,
 const RESTORE_RETRY_MAX_MS = 10_000; // doubling up to this
 
@@ -331,7 +333,16 @@ async function forget() {
   forgetting = true;
   updateButtons();
   forgetNote.textContent = "Forgetting…";
-  const r = await apiJSON(`/api/sessions/${encodeURIComponent(SESSION)}`, { method: "DELETE" });
+  // 409: a turn still stopping, the others erased; left there, the page kept them, and
+  // its next question stored them again. Asked again until every turn is gone.
+  const session = SESSION;
+  let r;
+  for (let tries = 1; ; tries += 1) {
+    r = await apiJSON(`/api/sessions/${encodeURIComponent(session)}`, { method: "DELETE" });
+    if (r.status !== 409 || tries >= FORGET_TRIES) break;
+    forgetNote.textContent = "Forgetting… (a reply is still stopping)";
+    await new Promise((res) => setTimeout(res, FORGET_RETRY_MS));
+  }
   forgetting = false;
   updateButtons();
   if (!r.ok) {

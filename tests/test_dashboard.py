@@ -83,6 +83,14 @@ def updates(page: Any) -> int:
     return int(page.get_attribute("#history-chart", "data-updates") or 0)
 
 
+def stored_turn(client: httpx.Client, session: str, question: str) -> dict[str, Any]:
+    """A chat turn of `session` asked through the seed's endpoint, once it has ended."""
+    job_id = client.post("/api/ai_chat_async", json={
+        "messages": [{"role": "user", "content": question}],
+        "session_id": session}).json()["job_id"]
+    return wait_job(client, job_id)
+
+
 def test_history_chart_stays_live_while_five_chats_stream(page: Any, server: Server) -> None:
     page.goto(server.url)
     page.wait_for_function("Number(document.querySelector('#history-chart')"
@@ -164,10 +172,7 @@ def test_a_message_waits_for_the_earlier_turns_to_load(page: Any, server: Server
     # Sent before they had loaded, it went without them (the model never heard the earlier
     # turns), and showed twice once they had.
     with server.client() as client:
-        first = client.post("/api/ai_chat_async", json={
-            "messages": [{"role": "user", "content": "My name is Alice."}],
-            "session_id": "slow-restore"}).json()["job_id"]
-        wait_job(client, first)
+        first = stored_turn(client, "slow-restore", "My name is Alice.")["id"]
     held: list[Any] = []
     page.goto(server.url)
     page.evaluate("localStorage.setItem('offload-session', 'slow-restore')")
@@ -197,10 +202,7 @@ def test_earlier_turns_that_failed_to_load_are_asked_again(page: Any, server: Se
     # One failed answer (a 503, the network) and the page went on without them: it showed
     # an empty conversation, and the next question went without the earlier turns.
     with server.client() as client:
-        first = client.post("/api/ai_chat_async", json={
-            "messages": [{"role": "user", "content": "My name is Alice."}],
-            "session_id": "flaky-restore"}).json()["job_id"]
-        wait_job(client, first)
+        first = stored_turn(client, "flaky-restore", "My name is Alice.")["id"]
     asked: list[str] = []
 
     def fail_once(route: Any) -> None:
@@ -284,6 +286,47 @@ def test_a_conversation_is_forgotten_from_the_page(page: Any, server: Server) ->
     assert page.locator("#chat-log li").count() == 0
 
 
+def test_a_conversation_forgotten_while_its_reply_stops_is_all_gone(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # Answered 409 (a reply still stopping, the other turns erased), the page said "Could
+    # not forget it" and kept the conversation: its next question stored the erased turns
+    # again. It asks again until every turn is gone.
+    with FakeLLM(pieces=["ok"], delay_s=0) as fake:
+        server = make_server(env={"OPENAI_BASE_URL": fake.base_url,
+                                  "OFFLOAD_STOP_GRACE_S": "0.5"})
+        with server.client() as client:
+            earlier = stored_turn(client, "stopping", "My secret is quokka-swordfish.")["id"]
+        fake.pieces, fake.delay_s = ["word "] * 600, 0.1
+        page.add_init_script("localStorage.setItem('offload-session', 'stopping')")
+        page.goto(server.url)
+        page.wait_for_selector(f"#chat-log li[data-job-id='{earlier}'][data-state='completed']",
+                               timeout=30_000)
+        page.wait_for_function("!document.querySelector('#chat-send').disabled")
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                               "?.textContent.includes('word')", timeout=20_000)
+        live = page.get_attribute("#chat-log li.msg.assistant:last-child", "data-job-id")
+        assert server.proc is not None
+        api = psutil.Process(server.proc.pid)
+        supervisor = next(proc for proc in api.children() if "jobs.supervisor" in proc.cmdline())
+        supervisor.suspend()  # nothing stops the reply meanwhile
+        try:
+            page.once("dialog", lambda dialog: dialog.accept())
+            with page.expect_response(lambda res: res.request.method == "DELETE"
+                                      and res.status == 409, timeout=60_000):
+                page.click("#chat-forget")
+        finally:
+            supervisor.resume()
+        page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                               ".startsWith('Forgotten')", timeout=30_000)
+        assert page.locator("#chat-log li").count() == 0
+        with server.client() as client:
+            assert client.get("/api/sessions/stopping").json()["turns"] == []
+            for job_id in (earlier, live):
+                assert client.get(f"/api/jobs/{job_id}").status_code == 404
+
+
 def test_a_conversation_forgotten_in_one_tab_is_gone_from_the_other(
         page: Any, server: Server, llm: FakeLLM, data_dir: Path) -> None:
     # The other tab still showed it, and its next question sent the forgotten turns back
@@ -323,10 +366,8 @@ def test_a_conversation_forgotten_in_another_tab_as_this_one_loads_it_stays_gone
     # Its earlier turns still on their way when another tab forgot the conversation:
     # they were shown once they came, and the next question sent them back to the server.
     with server.client() as client:
-        first = client.post("/api/ai_chat_async", json={
-            "messages": [{"role": "user", "content": "My secret is quokka-swordfish."}],
-            "session_id": "forgotten-as-it-loads"}).json()["job_id"]
-        wait_job(client, first)
+        first = stored_turn(client, "forgotten-as-it-loads",
+                            "My secret is quokka-swordfish.")["id"]
     held: list[Any] = []
     page.route("**/api/sessions/**",
                lambda route: held.append(route) if route.request.method == "GET"
@@ -372,10 +413,7 @@ def test_a_long_conversation_goes_on_with_its_latest_turns(
             for i in range(101):
                 # The last ten replies long: together more than a body may hold.
                 fake.pieces = ["y" * 99_000 if i > 90 else "ok"]
-                job_id = client.post("/api/ai_chat_async", json={
-                    "messages": [{"role": "user", "content": f"question {i}"}],
-                    "session_id": "a-long-one"}).json()["job_id"]
-                wait_job(client, job_id)
+                stored_turn(client, "a-long-one", f"question {i}")
         page.goto(server.url)
         page.evaluate("localStorage.setItem('offload-session', 'a-long-one')")
         page.reload()
@@ -418,10 +456,7 @@ def test_a_turn_of_astral_characters_within_the_bounds_is_sent(
         server = make_server(env={"OPENAI_BASE_URL": fake.base_url})
         with server.client() as client:
             for question in ("My name is Alice.", "\U0001F600" * 50_001):
-                job_id = client.post("/api/ai_chat_async", json={
-                    "messages": [{"role": "user", "content": question}],
-                    "session_id": "astral"}).json()["job_id"]
-                assert wait_job(client, job_id)["state"] == "completed"
+                assert stored_turn(client, "astral", question)["state"] == "completed"
         page.add_init_script("localStorage.setItem('offload-session', 'astral')")
         page.goto(server.url)
         page.wait_for_function("document.querySelectorAll('#chat-log li.msg.assistant"
