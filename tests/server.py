@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from tests.conftest import ROOT, free_port
 
@@ -69,6 +70,12 @@ class Server:
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def supervisor(self) -> psutil.Process:
+        """The supervisor process the API worker started (`python -m jobs.supervisor`)."""
+        assert self.proc is not None
+        return next(proc for proc in psutil.Process(self.proc.pid).children()
+                    if "jobs.supervisor" in proc.cmdline())
 
 
 class Event:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from jobs import protocol as p
@@ -185,9 +184,7 @@ def test_a_conversation_is_erased_with_all_it_left(make_server: MakeServer) -> N
             busy = ask(client, "still thinking, once more", session_id="mine")
             wait_for(lambda: client.get(f"/api/jobs/{busy}").json()["state"] == "running",
                      30, 0.05, "a new turn to answer")
-            assert server.proc is not None
-            supervisor = next(proc for proc in psutil.Process(server.proc.pid).children()
-                              if "jobs.supervisor" in proc.cmdline())
+            supervisor = server.supervisor()
             answers: list[httpx.Response] = []
             with httpx.Client(base_url=server.url, timeout=60) as eraser:
                 erasing = threading.Thread(target=lambda: answers.append(

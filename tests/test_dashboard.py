@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from tests.conftest import ROOT, wait_for, wait_job
@@ -307,9 +306,7 @@ def test_a_conversation_forgotten_while_its_reply_stops_is_all_gone(
         page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
                                "?.textContent.includes('word')", timeout=20_000)
         live = page.get_attribute("#chat-log li.msg.assistant:last-child", "data-job-id")
-        assert server.proc is not None
-        api = psutil.Process(server.proc.pid)
-        supervisor = next(proc for proc in api.children() if "jobs.supervisor" in proc.cmdline())
+        supervisor = server.supervisor()
         supervisor.suspend()  # nothing stops the reply meanwhile
         try:
             page.once("dialog", lambda dialog: dialog.accept())
@@ -525,9 +522,7 @@ def test_a_cancel_answered_before_the_reply_stopped_is_no_refusal(
         page.press("#chat-input", "Enter")
         page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
                                "?.textContent.includes('word')", timeout=20_000)
-        assert server.proc is not None
-        api = psutil.Process(server.proc.pid)
-        supervisor = next(proc for proc in api.children() if "jobs.supervisor" in proc.cmdline())
+        supervisor = server.supervisor()
         supervisor.suspend()
         try:
             with page.expect_response(lambda res: res.request.method == "DELETE",
@@ -552,9 +547,7 @@ def test_a_cancel_the_job_outran_says_so(page: Any, make_server: Callable[..., S
     page.goto(server.url)
     row = f"#jobs-table tr[data-job-id='{quick}']"
     page.wait_for_selector(f"{row}[data-state='running']", timeout=20_000)
-    assert server.proc is not None
-    api = psutil.Process(server.proc.pid)
-    supervisor = next(proc for proc in api.children() if "jobs.supervisor" in proc.cmdline())
+    supervisor = server.supervisor()
     supervisor.suspend()
     try:
         with page.expect_response(lambda res: res.request.method == "DELETE",

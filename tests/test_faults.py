@@ -325,7 +325,7 @@ def test_jobs_wait_while_no_process_can_start(
         warm = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}})
         assert _final(client, warm.json()["id"])["state"] == "completed"
         api = psutil.Process(server.proc.pid)
-        supervisor = next(proc for proc in api.children() if "jobs.supervisor" in proc.cmdline())
+        supervisor = server.supervisor()
         no_room_for_processes([proc.pid for proc in api.children(recursive=True)], True)
         waiting = [client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}})
                    .json()["id"] for _ in range(3)]
@@ -439,9 +439,7 @@ def test_a_stopped_supervisor_is_shown_stalled(make_server: MakeServer) -> None:
         wait_for(lambda: client.get("/api/health").json()["supervisor"] == "running"
                  and client.get("/api/history").json()["metrics"]["samples"], 30, 0.2,
                  "the supervisor to lead and sample the machine")
-        assert server.proc is not None
-        api = psutil.Process(server.proc.pid)
-        supervisor = next(proc for proc in api.children() if "jobs.supervisor" in proc.cmdline())
+        supervisor = server.supervisor()
         supervisor.suspend()
         try:
             wait_for(lambda: client.get("/api/health").json()["supervisor"] == "stalled", 60,
@@ -485,7 +483,7 @@ def test_a_removed_supervisor_lock_leaves_one_supervisor_leading(make_server: Ma
         job = wait_for(lambda: (j := client.get(f"/api/jobs/{running}").json())["state"]
                        == "running" and j, 30, what="the job running")
         api = psutil.Process(server.proc.pid)
-        first = next(proc for proc in api.children() if "jobs.supervisor" in proc.cmdline())
+        first = server.supervisor()
         (server.data_dir / "supervisor.lock").unlink()
         # Another takes the lock at its path, as another API worker's would.
         by_hand = {**os.environ, "OFFLOAD_DATA_DIR": str(server.data_dir),
