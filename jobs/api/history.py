@@ -19,8 +19,10 @@ from jobs import protocol as p
 from runners import forecast
 
 
-class MetricsReader:
-    """Reads only what was appended since the last call; starts over after a compaction."""
+class MachineHistory:
+    """The machine's samples the supervisor recorded (what `/api/history` serves, not
+    `/metrics`). Reads only what was appended since the last call; starts over after a
+    compaction."""
 
     def __init__(self, path: Path, keep_s: float, interval_s: float) -> None:
         self.path = path

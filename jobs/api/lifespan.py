@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from jobs import protocol as p
 from jobs.api.follow import start_following, stop_following
-from jobs.api.history import MetricsReader
+from jobs.api.history import MachineHistory
 from jobs.api.keeper import SupervisorKeeper
 from jobs.api.predictor import Predictor
 from jobs.api.service import JobService
@@ -51,7 +51,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     sys.setswitchinterval(GIL_SWITCH_S)
     start_following()
     keeper = SupervisorKeeper(settings)
-    metrics = MetricsReader(Path(p.metrics_file(settings.data_dir)),
+    metrics = MachineHistory(Path(p.metrics_file(settings.data_dir)),
                             HISTORY_KEEP_S, HISTORY_SAMPLE_S)
     app.state.settings = settings
     store = JobStore(settings.jobs_dir, settings.kind_cap_map)

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from jobs.api.history import MetricsReader
+from jobs.api.history import MachineHistory
 from jobs.settings import HISTORY_SAMPLE_S
 from runners import forecast
 
@@ -27,7 +27,7 @@ class NoModel(Exception):
 
 
 class Predictor:
-    def __init__(self, data_dir: Path, metrics: MetricsReader) -> None:
+    def __init__(self, data_dir: Path, metrics: MachineHistory) -> None:
         self.data_dir = data_dir
         self.metrics = metrics
         self._pointer = data_dir / forecast.MODELS_DIR / forecast.LATEST

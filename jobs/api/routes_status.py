@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from jobs import protocol as p
 from jobs.api.guards import route_path
-from jobs.api.history import MetricsReader, short_job
+from jobs.api.history import MachineHistory, short_job
 from jobs.api.keeper import SupervisorKeeper
 from jobs.api.predictor import NoModel, Predictor
 from jobs.api.routes_control import queue_view
@@ -44,7 +44,7 @@ async def history(request: Request, service: Service,
     """Machine metrics (CPU and memory, about one sample a second), recent jobs, counts;
     `kept` and `train_needs`: samples kept, and how many a training run (default input)
     needs, so the dashboard can say when training becomes possible."""
-    reader: MetricsReader = request.app.state.metrics
+    reader: MachineHistory = request.app.state.metrics
     # Reading the metrics appended since the last call is one stat and a few hundred
     # bytes: microseconds, so it stays on the loop (a thread hop costs more under load).
     samples = reader.read(seconds)
@@ -73,7 +73,7 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
     counts = await service.counts()
     llm: LLMStatus = request.app.state.llm
     keeper: SupervisorKeeper = request.app.state.keeper
-    metrics: MetricsReader = request.app.state.metrics
+    metrics: MachineHistory = request.app.state.metrics
     supervisor = "starting"
     led = await run_in_threadpool(keeper.led)
     if led:

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from jobs import protocol as p
 from jobs.api.admission import Overloaded, admit, check_dependencies, fits
 from jobs.api.chat_turns import BeingForgotten, ChatTurns
-from jobs.api.history import MetricsReader, summary
+from jobs.api.history import MachineHistory, summary
 from jobs.api.idempotency_keys import (
     KEY_WAIT_S,
     IdempotencyConflict,
@@ -73,7 +73,7 @@ class BatchStopped(Exception):
 
 class JobService:
     def __init__(self, settings: Settings, store: JobStore,
-                 metrics: MetricsReader | None = None) -> None:
+                 metrics: MachineHistory | None = None) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics

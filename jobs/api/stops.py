@@ -31,6 +31,8 @@ class NotRemoved(Exception):
 
 
 class Stops:
+    """Cancels (a stop asked, then waited for) and removals of jobs, for the routes."""
+
     def __init__(self, settings: Settings, store: JobStore) -> None:
         self.settings = settings
         self.store = store
