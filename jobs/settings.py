@@ -27,7 +27,13 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobs.protocol.trust import UnsafeSettingsFile, env_file, read_settings_file, unsafe_way
+from jobs.protocol.trust import (
+    UnsafeSettingsFile,
+    env_file,
+    not_utf8,
+    read_settings_file,
+    unsafe_way,
+)
 from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url
 from runners import chat
 
@@ -430,6 +436,8 @@ def get_settings() -> Settings:
             "OFFLOAD_ENV_FILE to a file of yours") from None
     except OSError as exc:
         raise UnusableSettings(f"cannot read {path}: {exc}") from None
+    if data is not None and (problem := not_utf8(data)):
+        raise UnusableSettings(f"cannot read {path}: {problem}")  # python-dotenv: a traceback
     try:
         if data is None:
             return Settings(_env_file=None)

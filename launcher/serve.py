@@ -42,21 +42,27 @@ def setting(name: str) -> str | None:
     """An OFFLOAD_* setting from the environment, else from the `.env` the server reads
     (OFFLOAD_ENV_FILE's, else the one beside launch.py; the last line that sets it), read
     here by hand: python-dotenv is not installed yet."""
-    from jobs.protocol.trust import UnsafeSettingsFile, read_settings_file  # stdlib only
+    from jobs.protocol.trust import (  # stdlib only
+        UnsafeSettingsFile,
+        not_utf8,
+        read_settings_file,
+    )
 
     if os.environ.get(name):
         return os.environ[name]
     path = ROOT / (os.environ.get("OFFLOAD_ENV_FILE") or ".env")  # absolute: itself
     try:
         data = read_settings_file(str(path), ".env")
-        lines = [] if data is None else data.decode("utf-8").splitlines()
     except UnsafeSettingsFile as exc:
         # Its address would be "already running" there, and opened in the browser.
         sys.exit(f"[offload] refusing to read {path}: {exc}. It could send you, and your "
                  "token, to another account's server. Make it yours and not writable by "
                  "others (chmod o-w), or set OFFLOAD_ENV_FILE to a file of yours")
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         return None
+    if data is not None and (problem := not_utf8(data)):  # its port was taken for none
+        sys.exit(f"[offload] cannot read {path}: {problem}")
+    lines = [] if data is None else data.decode("utf-8").splitlines()
     found = None
     for line in lines:
         key, sep, value = line.strip().removeprefix("export ").partition("=")

@@ -119,6 +119,28 @@ def test_a_port_that_is_no_port_is_said_so() -> None:
         assert "is not a port (1 to 65535)" in done.stderr, done.stderr
 
 
+def test_a_dotenv_that_is_no_utf8_is_said_so(tmp_path: Path) -> None:
+    # Saved as UTF-16 (PowerShell's `>`, Notepad): the launcher took its port for none and
+    # started on 8001, and the server stopped with a traceback from python-dotenv.
+    dotenv = tmp_path / "offload.env"
+    dotenv.write_bytes("OFFLOAD_PORT=18999\r\n".encode("utf-16"))
+    dotenv.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    env.update(OFFLOAD_DATA_DIR=str(tmp_path / "var"), OFFLOAD_ENV_FILE=str(dotenv),
+               OPENAI_BASE_URL="http://127.0.0.1:9/v1")
+    said = f"cannot read {dotenv}: it is not UTF-8 text (byte 0xff at position 0); save it as UTF-8"
+    done = subprocess.run([sys.executable, "launch.py", "--no-browser"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"[offload] {said}" in done.stderr, done.stderr
+    # Host and port set elsewhere: the launcher reads no .env, the server does.
+    env.update(OFFLOAD_HOST="127.0.0.1", OFFLOAD_PORT=str(free_port()))
+    done = subprocess.run([sys.executable, "launch.py", "--no-browser"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+    assert f"Offload cannot start: {said}" in done.stderr, done.stderr
+
+
 @pytest.mark.skipif(os.name != "posix", reason="file modes")
 def test_a_dotenv_any_account_can_write_sends_launch_py_nowhere(tmp_path: Path) -> None:
     # Another account added OFFLOAD_HOST/PORT of its own server to a .env every account

@@ -122,6 +122,17 @@ def read_settings_file(path: str, what: str = "a settings file") -> bytes | None
         return f.read()
 
 
+def not_utf8(data: bytes) -> str | None:
+    """Why a settings file's bytes are no UTF-8 text (saved as UTF-16 by PowerShell or
+    Notepad, say), or None."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (f"it is not UTF-8 text (byte {data[exc.start]:#04x} at position {exc.start}); "
+                "save it as UTF-8 (in Notepad: Save As, Encoding UTF-8)")
+    return None
+
+
 def env_file_values(path: str) -> dict[str, str | None]:
     """What the `.env` at `path` sets, read as the server's parser (python-dotenv) reads
     it; {} if there is none. UnsafeSettingsFile, OSError or UnicodeError if it cannot be."""
