@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import json
 import os
 import re
@@ -28,6 +29,10 @@ def address(options: argparse.Namespace) -> tuple[str, int, str]:
     """The host and port to serve on, as the server reads them (given here, else the
     environment, else `.env`), and the host a browser reaches it by."""
     host: str = options.host or setting("OFFLOAD_HOST") or "127.0.0.1"
+    if not host_like(host):  # in the URL it is looked for at: a traceback from urllib
+        sys.exit(f"[offload] {host!r} is not a host name or address (--host, OFFLOAD_HOST): "
+                 "give one such as 127.0.0.1, 0.0.0.0, ::1 or localhost, without brackets, "
+                 "port or http://")
     try:
         port: int = options.port or port_number(setting("OFFLOAD_PORT") or "8001")
     except argparse.ArgumentTypeError as exc:
@@ -36,6 +41,17 @@ def address(options: argparse.Namespace) -> tuple[str, int, str]:
     if ":" in browse_host:
         browse_host = f"[{browse_host}]"  # an IPv6 address in a URL
     return host, port, browse_host
+
+
+def host_like(host: str) -> bool:
+    """A name (letters, digits, dots, dashes) or an IPv4 or IPv6 address (with a zone)."""
+    if ":" not in host:
+        return re.fullmatch(r"[A-Za-z0-9_.-]+", host) is not None
+    try:
+        ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return re.fullmatch(r"[^%]+(%[A-Za-z0-9_.-]+)?", host) is not None
 
 
 def setting(name: str) -> str | None:

@@ -119,6 +119,20 @@ def test_a_port_that_is_no_port_is_said_so() -> None:
         assert "is not a port (1 to 65535)" in done.stderr, done.stderr
 
 
+def test_a_host_that_is_no_host_is_said_so(tmp_path: Path) -> None:
+    # A space, brackets or a scheme in the host went into the URL a running Offload is
+    # looked for at: a traceback from urllib instead of a start.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    env.update(OFFLOAD_DATA_DIR=str(tmp_path / "var"))
+    for args, extra in ((["--host", "not a host"], {}), ([], {"OFFLOAD_HOST": "[::1]"}),
+                        ([], {"OFFLOAD_HOST": "http://127.0.0.1/"}),
+                        (["--host", "127.0.0.1:8001"], {})):
+        done = subprocess.run([sys.executable, "launch.py", "--no-browser", *args], cwd=ROOT,
+                              env={**env, **extra}, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert "is not a host name or address (--host, OFFLOAD_HOST)" in done.stderr, done.stderr
+
+
 def test_a_dotenv_that_is_no_utf8_is_said_so(tmp_path: Path) -> None:
     # Saved as UTF-16 (PowerShell's `>`, Notepad): the launcher took its port for none and
     # started on 8001, and the server stopped with a traceback from python-dotenv.
