@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -365,6 +366,9 @@ def test_a_diverging_training_fails_and_keeps_the_previous_model(
         assert diverged["state"] == "failed", diverged
         assert "training diverged" in diverged["error"]["message"]
         assert "lower 'learning_rate'" in diverged["error"]["message"]
+        # Its last loss before NaN, near 1e300, was said in all its 300 digits.
+        said = diverged["progress"]["message"]
+        assert re.fullmatch(r"epoch \d+/2000 loss \S{1,12}", said), said
         assert client.get("/api/predict").json()["version"] == 1
         # Blown up short of NaN (RMSE 1e13 against the naive 17): it completed and was
         # published, and /api/predict swung between 0 and 100 %.
