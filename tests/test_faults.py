@@ -246,6 +246,10 @@ def test_a_data_folder_unwritable_at_start_is_said_by_the_health(
             health = _degraded(client, "the health to say no supervisor starts")
             assert health["supervisor"] == "starting", health
             assert any("no supervisor can start" in each for each in health["problems"]), health
+        # The server's output (launch.py's terminal) said the error alone, not what to do.
+        said = server.log.read_text(errors="replace")
+        assert "no job runs: Operation not permitted" in said, said[-2000:]
+        assert "make the data folder writable" in said, said[-2000:]
     finally:
         _immutable(data, False)
     with server.client() as client:

@@ -68,8 +68,8 @@ class SupervisorKeeper:
                     self.start_problem = None
             except OSError as exc:  # an unwritable data folder: try again later
                 problem = _problem("no supervisor can start", exc)
-                if problem != self.start_problem:
-                    log.warning("cannot start a supervisor process: %s", exc)
+                if problem != self.start_problem:  # with what to do, as the health says it
+                    log.warning("%s", problem)
                 self.start_problem = problem
             await asyncio.sleep(CHECK_S)
 
