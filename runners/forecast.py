@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -112,13 +113,38 @@ def save(data_dir: str, model: dict[str, Any]) -> int:
     folder = models_dir(data_dir)
     os.makedirs(folder, exist_ok=True)
     version = latest_version(data_dir) + 1
-    while os.path.exists(os.path.join(folder, f"forecast-v{version}.json")):
-        version += 1
-    model = {**model, "version": version}
-    name = f"forecast-v{version}.json"
-    p.write_json(os.path.join(folder, name), model)
-    p.write_json(os.path.join(folder, LATEST), {"version": version, "file": name})
+    while True:  # claimed by creating it: two trainings saving at once took the same one
+        try:
+            os.close(os.open(os.path.join(folder, _file(version)),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            break
+        except FileExistsError:
+            version += 1
+    p.write_json(os.path.join(folder, _file(version)), {**model, "version": version})
+    _point_at_newest(folder, version)
     return version
+
+
+def _file(version: int) -> str:
+    return f"forecast-v{version}.json"
+
+
+def _point_at_newest(folder: str, version: int) -> None:
+    """Point `latest.json` at the newest whole model from `version` on, until no newer one
+    is whole: one saved at once by another training, pointed at it before this one wrote
+    its older pointer, is pointed at again."""
+    pointed = 0
+    while True:
+        newer = sorted((int(name[len("forecast-v"):-len(".json")]) for name in os.listdir(folder)
+                        if re.fullmatch(r"forecast-v\d+\.json", name)), reverse=True)
+        # Claimed but not yet written (empty): its training points at it once it is whole.
+        newest = next((each for each in newer if each >= version and
+                       p.read_json_or_none(os.path.join(folder, _file(each))) is not None),
+                      version)
+        if newest <= pointed:
+            return
+        p.write_json(os.path.join(folder, LATEST), {"version": newest, "file": _file(newest)})
+        pointed = newest
 
 
 def latest_version(data_dir: str) -> int:

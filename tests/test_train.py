@@ -237,6 +237,23 @@ def test_direct_cli_trains_and_prints_progress(data_dir: Path) -> None:
     assert json.loads(again.stdout)["version"] == 2
 
 
+def test_trainings_ending_at_once_each_publish_a_model_of_their_own(data_dir: Path) -> None:
+    # Two trainings saving at once (a kind cap of 2, a schedule's and one's own) took the
+    # same version: both said version N, and one's model was the other's.
+    record_history(data_dir, seconds=300)
+    for _ in range(4):
+        starts = [subprocess.Popen([sys.executable, "-m", "runners.train", "--epochs", "1",
+                                    "--lags", "1", "--data-dir", str(data_dir)], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                  for _ in range(8)]
+        versions = [json.loads(start.communicate(timeout=120)[0])["version"] for start in starts]
+        assert len(set(versions)) == len(versions), sorted(versions)
+    models = data_dir / "models"
+    for version in range(1, 33):
+        assert json.loads((models / f"forecast-v{version}.json").read_text())["version"] == version
+    assert json.loads((models / "latest.json").read_text())["version"] == 32
+
+
 def test_direct_cli_on_a_folder_without_history_says_so(tmp_path: Path) -> None:
     # It said to let the dashboard run a few minutes, whatever folder it was given.
     elsewhere = tmp_path / "not-the-data-folder"
