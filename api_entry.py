@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
+import psutil
 import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -130,6 +131,26 @@ def _port(text: str) -> int:
     return port
 
 
+def _launcher() -> psutil.Process | None:
+    """The launch.py process that started this server (LAUNCHER_PID_ENV), or None; taken
+    out of the environment, which the supervisor and the runners inherit."""
+    pid = os.environ.pop(p.LAUNCHER_PID_ENV, "")
+    if not pid.isdigit():
+        return None
+    try:
+        return psutil.Process(int(pid))
+    except psutil.Error:
+        print(f"launch.py (pid {pid}), which started this server, is gone", file=sys.stderr)
+        raise SystemExit(0) from None
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:  # a zombie too: its parent has not yet read its end
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     parser = argparse.ArgumentParser(prog="python api_entry.py")
@@ -148,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     server = _Server(uvicorn.Config(app, host=args.host, port=args.port,
                                     access_log=not args.no_access_log,
                                     timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    server.launcher = _launcher()
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl+C: a stop without grace
         server.run()
     return 0 if server.started else 3  # 3: uvicorn's own code when it could not start
@@ -158,6 +180,16 @@ class _Server(uvicorn.Server):
     dashboard tab or an `offload wait` held each stop for the whole grace, then saw its
     request cancelled (an error and a traceback in the log). A closed terminal (SIGHUP)
     stops it as Ctrl+C does, where it cut every stream and request on the spot."""
+
+    launcher: psutil.Process | None = None  # the launch.py that started it, if one did
+
+    async def on_tick(self, counter: int) -> bool:
+        # launch.py killed outright (kill -9, Task Manager): no one would stop this server.
+        if self.launcher is not None and counter % 10 == 0 and _gone(self.launcher):
+            logging.getLogger(__name__).info("launch.py (pid %s) is gone; stopping",
+                                             self.launcher.pid)
+            self.launcher, self.should_exit = None, True
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         end_following()

@@ -146,7 +146,10 @@ def serve(options: argparse.Namespace, extra: list[str], release: Callable[[], N
     # Only what was given here: api_entry.py reads the same defaults itself.
     args = [*extra, *(["--host", host] if options.host else []),
             *(["--port", str(port)] if given_port else [])]
-    proc = subprocess.Popen([str(venv_python()), str(ROOT / "api_entry.py"), *args], cwd=ROOT)
+    from jobs.protocol import LAUNCHER_PID_ENV  # the standard library only
+
+    proc = subprocess.Popen([str(venv_python()), str(ROOT / "api_entry.py"), *args], cwd=ROOT,
+                            env={**os.environ, LAUNCHER_PID_ENV: str(os.getpid())})
 
     def when_up() -> None:
         up = wait_until_up(url, 600.0, proc)  # the embedded model may be compiling

@@ -4,6 +4,7 @@ port, and the Windows files (their line endings and the commands they call)."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import shutil
 import signal
@@ -258,6 +259,33 @@ def _launched(tmp_path: Path, port: int, before: tuple[str, ...] = (),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     return launcher, env
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_launch_py_killed_outright_does_not_leave_its_server_running(tmp_path: Path) -> None:
+    # kill -9, or Task Manager's End task on a start_dashboard.pyw: its server served on
+    # with no one to stop it, and a job kept running.
+    port = free_port()
+    launcher, _ = _launched(tmp_path, port)
+    try:
+        wait_for(lambda: _health(port), 120, 0.3, f"the server on {port}")
+        server = next(proc for proc in psutil.Process(launcher.pid).children()
+                      if "api_entry.py" in " ".join(proc.cmdline()))
+        supervisor = wait_for(lambda: next((proc for proc in server.children()
+                                            if "jobs.supervisor" in proc.cmdline()), None),
+                              30, 0.1, "the supervisor")
+        url = f"http://127.0.0.1:{port}"
+        job_id = httpx.post(f"{url}/api/jobs", json={"kind": "sleep", "input": {
+            "seconds": 4}}).json()["id"]
+        launcher.kill()
+        launcher.wait(10)
+        gone, alive = psutil.wait_procs([server, supervisor], timeout=30)
+        assert not alive, "the server ran on without its launcher"
+        job_file = tmp_path / "var" / "jobs" / job_id / "job.json"
+        wait_for(lambda: json.loads(job_file.read_text())["state"] == "completed", 30, 0.2,
+                 "the job to run on to its end")
+    finally:
+        stop_process(launcher)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")

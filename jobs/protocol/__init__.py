@@ -159,6 +159,8 @@ RAY = "ray"
 
 # The project's folder (the one holding jobs/ and runners/): where its processes start.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+# Set by launch.py for the server it starts: its pid, whose end stops that server.
+LAUNCHER_PID_ENV = "OFFLOAD_LAUNCHER_PID"
 # Set by a launcher that puts a runner's claim on disk itself: DURABLE once it has, or
 # the number of a pipe on which it writes DURABLE_WORD when it has (closed: do it yourself).
 CLAIM_WORD_ENV = "OFFLOAD_CLAIM_WORD"
