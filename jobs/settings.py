@@ -8,6 +8,7 @@ its tokens on the embedded model) are in runners/.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import os
 import tempfile
@@ -423,6 +424,21 @@ class UnusableSettings(Exception):
     """Settings a process cannot start with, said as what to mend (not as a traceback)."""
 
 
+def _unreadable_line(text: str) -> str | None:
+    """The first line of a `.env` that python-dotenv cannot read, said, or None."""
+    from dotenv.parser import parse_stream
+
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            said = binding.original.string
+            number = binding.original.line + said[:len(said) - len(said.lstrip())].count("\n")
+            name, equals, _ = said.strip().partition("=")  # not its value: it may be a key
+            named = f" ({name.strip()[:60]}=...)" if equals else ""
+            return (f"line {number}{named} cannot be read as NAME=value: close a quote it "
+                    "opens, or remove the line")
+    return None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The settings, read once; UnusableSettings if they cannot be used."""
@@ -436,8 +452,9 @@ def get_settings() -> Settings:
             "OFFLOAD_ENV_FILE to a file of yours") from None
     except OSError as exc:
         raise UnusableSettings(f"cannot read {path}: {exc}") from None
-    if data is not None and (problem := not_utf8(data)):
-        raise UnusableSettings(f"cannot read {path}: {problem}")  # python-dotenv: a traceback
+    if data is not None and (problem := not_utf8(data) or _unreadable_line(data.decode())):
+        # python-dotenv: a traceback, or a warning that names no file and a line left out
+        raise UnusableSettings(f"cannot read {path}: {problem}")
     try:
         if data is None:
             return Settings(_env_file=None)

@@ -156,6 +156,30 @@ def test_a_dotenv_that_is_no_utf8_is_said_so(tmp_path: Path) -> None:
     assert f"Offload cannot start: {said}" in done.stderr, done.stderr
 
 
+def test_a_dotenv_line_that_cannot_be_read_is_said_so(tmp_path: Path) -> None:
+    # A quote left open: python-dotenv left the line out with a warning that named no
+    # file, so launch.py said one port (its own reading) and the server served on 8001.
+    dotenv = tmp_path / "offload.env"
+    dotenv.write_text('# mine\nOFFLOAD_MAX_CONCURRENT=2\nOFFLOAD_PORT="18999\n')
+    dotenv.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    env.update(OFFLOAD_DATA_DIR=str(tmp_path / "var"), OFFLOAD_ENV_FILE=str(dotenv),
+               OPENAI_BASE_URL="http://127.0.0.1:9/v1")
+    done = subprocess.run([sys.executable, "launch.py", "--no-browser"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr
+    assert (f"Offload cannot start: cannot read {dotenv}: line 3 (OFFLOAD_PORT=...) cannot be "
+            "read as NAME=value: close a quote it opens, or remove the line") in done.stderr
+    assert "Uvicorn running" not in done.stdout + done.stderr
+    # Its value is not said: a line left open may hold a key.
+    dotenv.write_text('OPENAI_API_KEY="sk-not-to-be-shown\n')
+    done = subprocess.run([sys.executable, "launch.py", "--no-browser", "--port",
+                           str(free_port())], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 3 and "line 1 (OPENAI_API_KEY=...)" in done.stderr, done.stderr
+    assert "sk-not-to-be-shown" not in done.stdout + done.stderr
+
+
 @pytest.mark.skipif(os.name != "posix", reason="file modes")
 def test_a_dotenv_any_account_can_write_sends_launch_py_nowhere(tmp_path: Path) -> None:
     # Another account added OFFLOAD_HOST/PORT of its own server to a .env every account
