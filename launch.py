@@ -74,4 +74,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # while it checks, waits or installs (the server's is handled)
+        print("[offload] stopped (Ctrl+C); run python launch.py again to go on",
+              file=sys.stderr, flush=True)
+        sys.exit(130)  # a shell's code for a stop by Ctrl+C

@@ -286,6 +286,32 @@ def _launched(tmp_path: Path, port: int, before: tuple[str, ...] = (),
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_ctrl_c_before_the_server_starts_says_so(tmp_path: Path) -> None:
+    # Ctrl+C while launch.py waits for another start, checks .venv or installs: a
+    # KeyboardInterrupt traceback through subprocess or time.sleep.
+    import fcntl
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    env.update(OFFLOAD_DATA_DIR=str(tmp_path / "var"), OPENAI_BASE_URL="http://127.0.0.1:9/v1")
+    log = tmp_path / "launch.log"
+    with open(ROOT / ".launch.lock", "a+b") as other_start:
+        fcntl.flock(other_start.fileno(), fcntl.LOCK_EX)  # another start, installing
+        with open(log, "wb") as out:
+            launcher = subprocess.Popen([sys.executable, "launch.py", "--no-browser", "--port",
+                                         str(free_port())], cwd=ROOT, env=env, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: "waiting for it" in log.read_text(), 60, 0.1, "the wait")
+            launcher.send_signal(signal.SIGINT)
+            assert launcher.wait(30) == 130
+        finally:
+            stop_process(launcher)
+    said = log.read_text()
+    assert "Traceback" not in said and "KeyboardInterrupt" not in said, said
+    assert "[offload] stopped (Ctrl+C); run python launch.py again to go on" in said, said
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 def test_launch_py_killed_outright_does_not_leave_its_server_running(tmp_path: Path) -> None:
     # kill -9, or Task Manager's End task on a start_dashboard.pyw: its server served on
     # with no one to stop it, and a job kept running.
