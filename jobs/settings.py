@@ -433,7 +433,7 @@ def _unreadable_line(text: str) -> str | None:
             said = binding.original.string
             number = binding.original.line + said[:len(said) - len(said.lstrip())].count("\n")
             name, equals, _ = said.strip().partition("=")  # not its value: it may be a key
-            named = f" ({name.strip()[:60]}=...)" if equals else ""
+            named = f" ({name.strip()[:60]}=...)" if equals and name.strip() else ""
             return (f"line {number}{named} cannot be read as NAME=value: close a quote it "
                     "opens, or remove the line")
     return None

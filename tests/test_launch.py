@@ -178,6 +178,12 @@ def test_a_dotenv_line_that_cannot_be_read_is_said_so(tmp_path: Path) -> None:
                           text=True, timeout=120)
     assert done.returncode == 3 and "line 1 (OPENAI_API_KEY=...)" in done.stderr, done.stderr
     assert "sk-not-to-be-shown" not in done.stdout + done.stderr
+    dotenv.write_text("=no-name\n")
+    done = subprocess.run([sys.executable, "launch.py", "--no-browser", "--port",
+                           str(free_port())], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert f"cannot read {dotenv}: line 1 cannot be read as NAME=value" in done.stderr
 
 
 @pytest.mark.skipif(os.name != "posix", reason="file modes")
