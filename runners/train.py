@@ -97,8 +97,8 @@ def execute(job: base.Job) -> dict[str, Any]:
             raise base.RunnerError(
                 f"training diverged at epoch {epoch} (its loss is no longer a number): "
                 f"lower 'learning_rate' (it was {options['learning_rate']})")
-        job.progress(epoch / epochs, f"epoch {epoch}/{epochs} loss {sum(losses) / 2:.4g}")
-        job.data["loss_curve"] = [*job.data.get("loss_curve", []), round(sum(losses) / 2, 5)]
+        job.progress(epoch / epochs, f"epoch {epoch}/{epochs} loss {sum(losses) / 2:.4g}",
+                     {"loss_curve": [*job.data["loss_curve"], round(sum(losses) / 2, 5)]})
     for name, fit in fits.items():
         model["series"][name] = fit.params()
         scores[name] = fit.scores()

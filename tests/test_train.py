@@ -62,6 +62,24 @@ def test_training_job_learns_the_recorded_history(
     assert model is not None and model["version"] == 1 and model["lags"] == 30
 
 
+def test_a_running_training_shows_its_loss_curve_and_progress_at_one_epoch(
+        data_dir: Path, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    # The job file was written between the progress and the loss curve's new point: the
+    # status line said epoch 133 while the chart had 132 points.
+    record_history(data_dir)
+    sup = make_supervisor()
+    job_id = sup.submit("train", epochs=1500, lags=100, learning_rate=0.001)
+    seen = []
+    while (job := sup.job(job_id))["state"] in ("queued", "running"):
+        if job["progress"] and job["progress"]["message"]:
+            epoch = int(job["progress"]["message"].split()[1].split("/")[0])
+            seen.append((epoch, len(job["loss_curve"])))
+        time.sleep(0.01)
+    assert job["state"] == "completed", job
+    assert len(seen) > 20, seen
+    assert all(epoch == points for epoch, points in seen), [s for s in seen if s[0] != s[1]]
+
+
 def test_too_little_history_says_so(data_dir: Path,
                                     make_supervisor: Callable[..., RunningSupervisor]) -> None:
     record_history(data_dir, seconds=20)
