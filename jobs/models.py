@@ -103,6 +103,8 @@ class Job(BaseModel):
     exit_code: int | None = None
     resources: Resources | None = None
     input: dict[str, Any] | None = None
+    # A summary listing's, in place of `input`: the start of its JSON ("…" when cut).
+    input_preview: str | None = None
     loss_curve: list[float] | None = None  # training: the loss of each epoch so far
     launcher: Literal["local", "ray"] | None = None  # where it ran (null until it starts)
     host: str | None = None  # the machine its runner ran on

@@ -16,6 +16,7 @@ from jobs.api.events import BadPosition, change_event, first_event, public, resu
 from jobs.api.follow import Followed, JobWatch, file_signature, followed, stopping
 from jobs.api.guards import asked_head
 from jobs.api.service import JobService
+from jobs.api.summary import Fields, summary
 from jobs.kinds import UnknownKind, registry
 from jobs.models import BatchAnswer, BatchRefusal, Job, JobBatch, JobCreate, JobList, JobRerun
 from jobs.protocol import JobState
@@ -103,10 +104,12 @@ async def list_jobs(service: Service, state: JobState | None = None,
                     kind: Annotated[str | None, Query(max_length=64)] = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                     before: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
-                    ) -> dict[str, Any]:
+                    fields: Fields = Fields.FULL) -> dict[str, Any]:
     """Jobs, newest first; `before` (a page's `next_before`) gives the next, older page.
     A `kind` the server runs no more still lists its jobs; one it never ran (a typo) is a
-    422 that names the kinds, as an unknown `state` is."""
+    422 that names the kinds, as an unknown `state` is. `fields=summary`: each job without
+    its `input` (the start of it in `input_preview`), `output`, `result` (but its
+    `usage`) and `loss_curve`, for a table; `GET /api/jobs/{id}` gives one in full."""
     try:
         jobs, next_before = await service.list_jobs(state.value if state else None, kind,
                                                     limit, before)
@@ -115,6 +118,8 @@ async def list_jobs(service: Service, state: JobState | None = None,
     if (kind is not None and not jobs and before is None and kind not in registry()
             and not (await service.list_jobs(None, kind, 1))[0]):
         raise UnknownKind(kind)
+    if fields is Fields.SUMMARY:
+        jobs = [summary(job) for job in jobs]
     return {"jobs": jobs, "next_before": next_before}
 
 
