@@ -122,11 +122,13 @@ function cells(job) {
   };
 }
 
-/** The text the free-text filter searches: id, kind, input and error. */
+/** The text the free-text filter searches: id, kind, input (its start, as listed) and error. */
 function searchable(job) {
   const error = job.error ? `${job.error.type || ""} ${job.error.message || ""}` : "";
-  let input = "";
-  try { input = JSON.stringify(job.input ?? ""); } catch { /* not serialisable */ }
+  let input = job.input_preview ?? "";
+  if (job.input) {
+    try { input = JSON.stringify(job.input); } catch { /* not serialisable */ }
+  }
   return `${job.id} ${job.kind} ${input} ${error}`.toLowerCase();
 }
 
@@ -278,7 +280,9 @@ function learnKinds(list) {
 
 async function refresh() {
   const seq = ++refreshSeq;
-  const query = new URLSearchParams({ limit: String(LIMIT) });
+  // Each job without its input, output and result: 50 chats of long conversations in full
+  // were 45 MB a poll. The re-run dialog asks for its one job in full.
+  const query = new URLSearchParams({ limit: String(LIMIT), fields: "summary" });
   if (filterKind.value) query.set("kind", filterKind.value);
   if (filterState.value) query.set("state", filterState.value);
   const r = await apiJSON(`/api/jobs?${query}`, { source: "jobs" });
@@ -368,20 +372,38 @@ async function cancelSelected() {
 
 let rerunDialog, rerunInput, rerunError, rerunSubmit;
 let rerunJob = null;      // {id, text}: the job run again and the input as first shown
+let rerunSeq = 0;         // the dialog opened last: an older job's answer is dropped
 
-function openRerun(jobId) {
-  const job = jobs.find((j) => j.id === jobId);
-  if (!job) return;
-  const input = { ...(job.input || {}) };
+/** The dialog opens at once; the job's input comes in full from the job alone (the table
+ * lists it without). Until then the input cannot be edited nor sent. */
+async function openRerun(jobId) {
+  const listed = jobs.find((j) => j.id === jobId);
+  if (!listed) return;
+  const seq = ++rerunSeq;
+  rerunJob = null;
+  rerunInput.value = "";
+  rerunInput.readOnly = true;
+  rerunSubmit.disabled = true;
+  rerunError.textContent = "Loading the job's input…";
+  rerunInput.removeAttribute("aria-invalid");
+  document.getElementById("rerun-title").textContent = `Run ${listed.kind} job ${shortId(jobId)} again`;
+  openDialog(rerunDialog);
+  rerunInput.focus();
+  const r = await apiJSON(`/api/jobs/${encodeURIComponent(jobId)}`);
+  if (seq !== rerunSeq) return;
+  if (!r.ok || !r.data) {
+    rerunError.textContent = r.status === 0 ? "Cannot reach the server; close and try again."
+      : `Could not load the job's input: ${r.error}`;
+    return;
+  }
+  const input = { ...(r.data.input || {}) };
   delete input.context; // the chat expert's summary: the server makes it anew
   const text = JSON.stringify(input, null, 2);
   rerunJob = { id: jobId, text };
   rerunInput.value = text;
+  rerunInput.readOnly = false;
+  rerunSubmit.disabled = false;
   rerunError.textContent = "";
-  rerunInput.removeAttribute("aria-invalid");
-  document.getElementById("rerun-title").textContent = `Run ${job.kind} job ${shortId(jobId)} again`;
-  openDialog(rerunDialog);
-  rerunInput.focus();
 }
 
 function rerunFails(message) {
@@ -452,7 +474,7 @@ export function initJobs() {
       cancelJob(btn).catch(() => {});
     } else if (btn.classList.contains("rerun-job")) {
       opener = btn;
-      openRerun(btn.dataset.jobId);
+      openRerun(btn.dataset.jobId).catch(() => {});
     } else if (btn.classList.contains("remove-job")) {
       removeJob(btn).catch(() => { btn.disabled = false; });
     }

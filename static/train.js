@@ -150,7 +150,7 @@ export function initTrain(options = {}) {
 
   // On load: resume a training job that is still active, and show an existing model.
   (async () => {
-    const r = await apiJSON("/api/jobs?limit=50");
+    const r = await apiJSON("/api/jobs?limit=50&fields=summary");
     const jobs = r.ok && r.data && Array.isArray(r.data.jobs) ? r.data.jobs : [];
     const active = jobs.find((j) => j.kind === "train" && (j.state === "queued" || j.state === "running"));
     if (active && !following) await follow(active.id);

@@ -123,6 +123,13 @@ def test_status_submit_wait_list_show_and_log(server: Server) -> None:
                                                        "TOOK", "NOTE"]
     assert len(failures.stdout.splitlines()) == 3 and "runner: bad luck" in failures.stdout
     assert cli(url, "list", "--kind", "train").stdout == "no jobs\n"
+    # A table asks for the jobs without their input, output and result; --json, in full.
+    asked = [line.split('"')[1] for line in server.log.read_text().splitlines()
+             if '"GET /api/jobs?' in line]
+    assert "GET /api/jobs?state=failed&fields=summary HTTP/1.1" in asked, asked
+    assert "GET /api/jobs?state=running&limit=1000&fields=summary HTTP/1.1" in asked, asked
+    assert "GET /api/jobs?kind=probe HTTP/1.1" in asked, asked
+    assert "GET /api/jobs?state=running&limit=1000 HTTP/1.1" in asked, asked
 
     shown = json.loads(cli(url, "show", failed_job["id"], "--json").stdout)
     assert shown["id"] == failed_job["id"] and shown["input"] == {"fail": "again"}

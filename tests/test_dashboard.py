@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -1131,7 +1132,8 @@ def test_a_finished_job_runs_again_with_edited_input(page: Any, server: Server) 
     page.wait_for_selector(f"{row}[data-state='completed']", timeout=20_000)
     page.click(f"{row} button.rerun-job")
     assert page.is_visible("#rerun-dialog")
-    assert '"seconds": 0.1' in page.input_value("#rerun-input")
+    page.wait_for_function("document.querySelector('#rerun-input').value"
+                           ".includes('\"seconds\": 0.1')", timeout=10_000)
 
     page.fill("#rerun-input", "{not json")
     page.click("#rerun-submit")
@@ -1178,6 +1180,48 @@ def test_a_finished_job_runs_again_with_edited_input(page: Any, server: Server) 
                      "undone."]
     assert httpx.get(f"{server.url}/api/jobs/{first}").status_code == 404
     assert f"Removed job {first[:8]}." in (page.text_content("#jobs-note") or "")
+
+
+def test_the_table_polls_jobs_without_their_input_and_a_rerun_shows_it_whole(
+        page: Any, server: Server) -> None:
+    """Fifty chats of long conversations were 45 MB a poll: the table lists its jobs
+    summarised, and the re-run dialog asks for its one job in full."""
+    conversation = [{"role": "user" if i % 2 == 0 else "assistant",
+                     "content": f"turn {i} " + "x" * 90_000} for i in range(4)]
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        chat = client.post("/api/jobs", json={"kind": "chat", "input": {
+            "messages": conversation, "expert": False}}).json()["id"]
+        assert wait_job(client, chat)["state"] == "completed"
+    finished: list[Any] = []
+    page.on("requestfinished", lambda request: finished.append(request))
+    page.goto(server.url)
+    row = f"#jobs-table tr[data-job-id='{chat}']"
+    page.wait_for_selector(f"{row}[data-state='completed']", timeout=20_000)
+    assert page.text_content(f"{row} td[data-col=tokens]") != "—", "the result's usage kept"
+
+    def listings() -> list[Any]:
+        return [each for each in finished if each.url.split("?")[0].endswith("/api/jobs")]
+
+    deadline = time.monotonic() + 15
+    while len(listings()) < 3:  # the page's events come while Playwright is called
+        assert time.monotonic() < deadline, f"the table's next polls: {len(listings())}"
+        page.wait_for_timeout(100)
+    for listing in listings():
+        assert "fields=summary" in listing.url, listing.url
+        assert listing.sizes()["responseBodySize"] < 5_000, listing.url
+    page.fill("#filter-text", "TURN 0")  # the start of its input, as listed
+    wait_rows(page, {chat})
+    page.fill("#filter-text", "")
+
+    page.click(f"{row} button.rerun-job")
+    page.wait_for_function("document.querySelector('#rerun-input').value.includes('turn 3')",
+                           timeout=10_000)
+    shown = json.loads(page.input_value("#rerun-input"))
+    assert shown == {"messages": conversation, "expert": False}
+    assert page.text_content("#rerun-error") == ""
+    assert page.is_enabled("#rerun-submit") and page.is_editable("#rerun-input")
+    whole = [each for each in finished if each.url.endswith(f"/api/jobs/{chat}")]
+    assert len(whole) == 1 and whole[0].sizes()["responseBodySize"] > 360_000
 
 
 @pytest.mark.timeout(400)

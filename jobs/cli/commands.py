@@ -49,7 +49,8 @@ LIST_MAX = 1000  # the longest listing the API gives
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
     health = client.call("GET", "/api/health")
     counts = client.call("GET", "/api/history?seconds=5&jobs=0")
-    running = client.call("GET", "/api/jobs?state=running&limit=1000")["jobs"]
+    running = client.call("GET", "/api/jobs?state=running&limit=1000"
+                                 + ("" if args.json else "&fields=summary"))["jobs"]
     if args.json:
         print_json({"url": client.url, "health": health, "counts": counts["counts"],
                      "running": running})
@@ -99,7 +100,10 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
     before = _job_id(args.before, "--before")
     while True:  # with --all, page after page: a listing gives at most LIST_MAX
         query = {"state": args.state, "kind": args.kind, "before": before,
-                 "limit": LIST_MAX if args.all else args.limit}
+                 "limit": LIST_MAX if args.all else args.limit,
+                 # A table needs no input, output nor result (an older server sends them
+                 # anyway); --json prints the jobs in full.
+                 "fields": None if args.json else "summary"}
         given = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         try:
             page = client.call("GET", f"/api/jobs?{given}")

@@ -49,8 +49,9 @@ def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list
     ids: list[str] = []
     cut = False
     for state in states:
-        given = urllib.parse.urlencode({k: v for k, v in (("state", state), ("kind", kind),
-                                                          ("limit", LIST_MAX)) if v is not None})
+        given = urllib.parse.urlencode({k: v for k, v in (
+            ("state", state), ("kind", kind), ("limit", LIST_MAX), ("fields", "summary"))
+            if v is not None})  # only their ids are needed
         listed = client.call("GET", f"/api/jobs?{given}")["jobs"]
         ids += [job[p.F_ID] for job in listed]
         cut = cut or len(listed) >= LIST_MAX
