@@ -6,7 +6,8 @@ data folder (the baseline) and with 20,000. `GET /api/jobs` and `GET /api/histor
 are requested in turn, after a warm-up that lets the server index the folder.
 Then a server with its queue paused is given 100 jobs (the baseline), then 5,000, over
 `POST /api/jobs/batch`, and the CPU its API worker and its supervisor use while idle
-is read from `/proc`.
+is read from `/proc`. Last, the dashboard's poll of its jobs table with 50 finished chats
+of long conversations in the folder: the listing in full against `fields=summary`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ IDLE_S = 10.0  # CPU read over this long, once the backlog is stored and listed
 BATCH = 500
 REQUESTS = 300
 ROUTES = ("/api/jobs", "/api/history")
+BIG_CHATS = 50
+BIG_TURNS, TURN_CHARS = 9, 100_000  # each chat's input: 900 KB of conversation
+POLLS = 30  # of each listing, alternating
+LISTINGS = {"full": "/api/jobs?limit=50", "summary": "/api/jobs?limit=50&fields=summary"}
 
 
 def write_finished_jobs(jobs_dir: Path, n: int, age_s: float = 3600.0) -> list[str]:
@@ -56,6 +61,53 @@ def write_finished_jobs(jobs_dir: Path, n: int, age_s: float = 3600.0) -> list[s
         os.utime(path, (created, created))
         ids.append(job_id)
     return ids
+
+
+def write_big_chats(jobs_dir: Path, n: int) -> None:
+    """`n` completed chats, each of a conversation of BIG_TURNS turns of TURN_CHARS
+    characters, with a short reply, as the chat runner leaves them."""
+    jobs_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time() - 600
+    messages = [{"role": "user" if i % 2 == 0 else "assistant",
+                 "content": f"turn {i} " + "x" * TURN_CHARS} for i in range(BIG_TURNS)]
+    reply = "The CPU is fine. " * 20
+    for i in range(n):
+        job_id, created = p.new_id(), start + i
+        data = p.new_job(job_id, "chat", {"messages": messages}, 600, created)
+        data.update({
+            p.F_STATE: p.JobState.COMPLETED, p.F_STARTED_AT: p.iso(created),
+            p.F_FINISHED_AT: p.iso(created + 4), p.F_CREATED_NS: int(created * 1e9),
+            p.F_OUTPUT: reply, p.F_EXIT_CODE: 0,
+            p.F_RESULT: {"reply": reply, "model": "m", "finish_reason": "stop",
+                         "usage": {"prompt_tokens": 200_000, "completion_tokens": 100}},
+            p.F_RESOURCES: {"cpu_s": 0.2, "peak_rss_mb": 30.0},
+        })
+        (jobs_dir / job_id).mkdir()
+        p.write_json(jobs_dir / job_id / p.JOB_FILE, data)
+
+
+def big_chats(n: int = BIG_CHATS) -> dict[str, Any]:
+    """The jobs table's poll (50 jobs) with `n` big chats: bytes and time a poll, the
+    listing in full and summarised, asked in turn."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix="offload-bench-chats-") as tmp:
+        data_dir = Path(tmp) / "var"
+        write_big_chats(data_dir / "jobs", n)
+        env = {"OFFLOAD_DATA_DIR": str(data_dir), "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+        with _process(["-m", "uvicorn", "api_entry:app", "--port", str(port),
+                       "--log-level", "warning"], env, f"{url}/docs"), \
+                httpx.Client(base_url=url, timeout=60) as client:
+            sizes = {name: len(client.get(path).content) for name, path in LISTINGS.items()}
+            samples: dict[str, list[float]] = {name: [] for name in LISTINGS}
+            for _ in range(POLLS):
+                for name, path in LISTINGS.items():
+                    t0 = time.perf_counter()
+                    answer = client.get(path)
+                    samples[name].append(time.perf_counter() - t0)
+                    assert answer.status_code == 200 and len(answer.json()["jobs"]) == n
+    return {"chats": n, "input_bytes": BIG_TURNS * TURN_CHARS,
+            **{name: {"bytes": sizes[name], **stats(samples[name])} for name in LISTINGS}}
 
 
 def measure(n: int) -> dict[str, Any]:
@@ -119,7 +171,7 @@ def idle_backlog(n: int) -> dict[str, Any]:
 
 def run() -> dict[str, Any]:
     return {"sizes": [measure(n) for n in SIZES],
-            "backlogs": [idle_backlog(n) for n in BACKLOGS]}
+            "backlogs": [idle_backlog(n) for n in BACKLOGS], "big_chats": big_chats()}
 
 
 def report(results: dict[str, Any]) -> str:
@@ -143,4 +195,17 @@ def report(results: dict[str, Any]) -> str:
     for backlog in results.get("backlogs", []):
         rows.append(f"| {backlog['queued']:,} | {backlog['api_cpu_pct']:.1f} "
                     f"| {backlog['supervisor_cpu_pct']:.1f} |")
+    if "big_chats" in results:
+        rows += ["", *big_chats_table(results["big_chats"])]
     return "\n".join(rows)
+
+
+def big_chats_table(chats: dict[str, Any]) -> list[str]:
+    rows = [f"| the jobs table's poll, {chats['chats']} finished chats of "
+            f"{chats['input_bytes'] / 1000:.0f} KB of input each | bytes a poll | median (ms) "
+            "| p99 (ms) |", "| --- | ---: | ---: | ---: |"]
+    for name, path in LISTINGS.items():
+        s = chats[name]
+        rows.append(f"| `{path}` | {s['bytes']:,} | {s['median'] * 1000:.1f} "
+                    f"| {s['p99'] * 1000:.1f} |")
+    return rows

@@ -29,6 +29,16 @@ def test_scale_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> No
     assert "| `/api/history` | 300 |" in table and "p99 <= 50 ms" in table
 
 
+def test_the_tables_poll_with_big_chats_runs_and_reports(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scale, "POLLS", 2)
+    chats = scale.big_chats(2)
+    assert chats["full"]["n"] == chats["summary"]["n"] == 2
+    assert chats["summary"]["bytes"] * 100 < chats["full"]["bytes"]
+    table = "\n".join(scale.big_chats_table(chats))
+    assert "| `/api/jobs?limit=50&fields=summary` |" in table
+
+
 def test_durability_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import durability
 
