@@ -921,6 +921,7 @@ def test_a_cancel_that_has_not_taken_yet_is_said_so(make_server: MakeServer) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # 1100 jobs listed, cancelled and removed, a request each
 def test_cancel_by_state_goes_past_a_listings_length(make_server: MakeServer,
                                                      data_dir: Path) -> None:
     """A listing holds the newest 1000: the older queued jobs, the next to start, were
