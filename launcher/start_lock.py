@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import sys
 import threading
 import time
@@ -22,7 +24,7 @@ def one_start_at_a_time() -> Iterator[Callable[[], None]]:
     install. Yields the release, for the caller to let go sooner; the lock goes with the
     process however it ends."""
     try:
-        lock = open(START_LOCK, "a+b")  # noqa: SIM115 - held past this frame, closed below
+        lock = _open_lock()
     except OSError:  # a read-only folder: .venv cannot be made there either, and says so
         yield lambda: None
         return
@@ -42,6 +44,23 @@ def one_start_at_a_time() -> Iterator[Callable[[], None]]:
         yield release
     finally:
         release()
+
+
+def _open_lock() -> IO[bytes]:
+    """The lock file, which only this account can open: flock needs no right to write,
+    so any account that could open it held it, and every start waited for good."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(3):
+        fd = os.open(START_LOCK, flags, 0o600)
+        if os.name == "nt" or not stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            return os.fdopen(fd, "a+b")
+        os.close(fd)
+        # Left open by an earlier version: another account may hold it open already, so a
+        # new file of ours alone takes its place (changing its mode would not close theirs).
+        fresh = START_LOCK.with_name(f"{START_LOCK.name}.{os.getpid()}")
+        os.close(os.open(fresh, flags | os.O_TRUNC, 0o600))
+        os.replace(fresh, START_LOCK)
+    raise PermissionError(f"{START_LOCK} stays open to other accounts")
 
 
 def _try_lock(lock: IO[bytes]) -> bool:

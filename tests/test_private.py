@@ -11,11 +11,13 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -275,6 +277,50 @@ def test_launch_py_does_not_take_another_accounts_server_for_offload(
     finally:
         ours.terminate()
         ours.wait(30)
+
+
+# Takes a file's lock as another account, and holds it: flock needs no right to write.
+HOLD = ("import fcntl, sys, time; f = open(sys.argv[1], 'rb'); "
+        "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)")
+
+
+def test_another_account_cannot_hold_up_launch_py(other_account: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # launch.py's start lock was open to every account: one that held it made each start
+    # in that folder wait for good ("another start of Offload ... waiting for it").
+    from launcher import start_lock
+
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("needs the system's python3 to run as another account")
+    public = Path(tempfile.mkdtemp(prefix="offload-public-"))  # a checkout all may enter
+    try:
+        public.chmod(0o755)
+        lock = public / ".launch.lock"
+        monkeypatch.setattr(start_lock, "START_LOCK", lock)
+        lock.touch()
+        lock.chmod(0o644)  # as an earlier version left it
+        theirs = subprocess.Popen(["runuser", "-u", other_account, "--", python, "-c", HOLD,
+                                   str(lock)], stdout=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+        try:
+            assert theirs.stdout is not None and theirs.stdout.readline() == "held\n"
+            started = threading.Event()
+
+            def start() -> None:
+                with start_lock.one_start_at_a_time():
+                    started.set()
+
+            threading.Thread(target=start, daemon=True).start()
+            assert started.wait(10), "launch.py waited on another account's hold of its lock"
+        finally:
+            os.killpg(theirs.pid, signal.SIGKILL)
+            theirs.communicate(timeout=30)
+        attempt = _read_as(other_account, lock)  # the lock now: no other account opens it
+        assert attempt.returncode != 0 and "Permission denied" in attempt.stderr, attempt
+        assert sorted(each.name for each in public.iterdir()) == [".launch.lock"]
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
 
 
 def test_a_settings_file_put_there_after_the_look_is_refused(
