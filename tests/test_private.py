@@ -814,6 +814,39 @@ def test_a_settings_file_another_account_could_have_written_is_not_read(
     assert done.returncode == 3 and f"cannot reach Offload at {closed}" in done.stderr, done
 
 
+def test_a_settings_file_holding_a_secret_is_made_the_owners_alone(
+        other_account: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A .env made with the usual umask (0644), in a folder every account may enter (a
+    # checkout in a home folder): any of them read the model server's key and the token.
+    public = Path(tempfile.mkdtemp(prefix="offload-public-"))
+    server = None
+    try:
+        public.chmod(0o755)
+        env_file = public / ".env"
+        secrets = f"OPENAI_API_KEY=sk-private-{uuid.uuid4().hex}\nOFFLOAD_API_TOKEN={'t' * 40}\n"
+        env_file.write_text(secrets)
+        env_file.chmod(0o644)
+        monkeypatch.delenv("OFFLOAD_ENV_FILE")  # the working folder's, as a user starts it
+        server = Server(public / "data", public / "server.log", NO_MODEL, cwd=public).start()
+        attempt = _read_as(other_account, env_file)
+        assert attempt.returncode != 0 and "Permission denied" in attempt.stderr, attempt
+        assert _mode(env_file) == 0o600 and env_file.read_text() == secrets
+        assert "is now readable by its owner only" in (public / "server.log").read_text()
+        server.stop()
+        # One that holds no secret is left as it is.
+        env_file.write_text(f"OFFLOAD_URL=http://127.0.0.1:{free_port()}\n")
+        env_file.chmod(0o644)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
+        done = subprocess.run([sys.executable, "-m", "jobs", "list"], cwd=public, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 3 and "cannot reach Offload" in done.stderr, done
+        assert _mode(env_file) == 0o644 and _read_as(other_account, env_file).returncode == 0
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(public, ignore_errors=True)
+
+
 # Swaps a file open to all for a link to argv[2] and back, in folder argv[1], until killed.
 SWAP = """
 import os, sys

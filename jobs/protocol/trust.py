@@ -6,13 +6,23 @@ only, as the rest of the protocol: runners call it too."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import stat
 import sys
 
 from jobs.protocol import ROOT
 
+log = logging.getLogger(__name__)
+
 PRIVATE_UMASK = 0o077  # every process Offload starts creates files 0600, folders 0700
+READ_BY_OTHERS = stat.S_IRGRP | stat.S_IROTH
+# A settings line that gives a secret: the model server's key, the API's token, or a model
+# server's address with a password in it (in any case, as the settings read names).
+SECRET_SETTING = re.compile(
+    rb"^[ \t]*(?:export[ \t]+)?(?:(?:OPENAI_API_KEY|OFFLOAD_API_TOKEN)[ \t]*=[ \t]*['\"]?[^\s'\"#]"
+    rb"|OPENAI_BASE_URL[ \t]*=[ \t]*['\"]?[a-z][a-z0-9+.-]*://[^\s/?#'\"]*@)", re.I | re.M)
 
 
 def private_files() -> None:
@@ -119,7 +129,28 @@ def read_settings_file(path: str, what: str = "a settings file") -> bytes | None
                 raise UnsafeSettingsFile(f"it belongs to another account (uid {st.st_uid})")
             if st.st_mode & stat.S_IWOTH:
                 raise UnsafeSettingsFile("every account can write it (chmod o-w it)")
-        return f.read()
+        data = f.read()
+        if st.st_mode & READ_BY_OTHERS and SECRET_SETTING.search(data):
+            _keep_secret(fd, path, stat.S_IMODE(st.st_mode))
+        return data
+
+
+def _keep_secret(fd: int, path: str, mode: int) -> None:
+    """A settings file that holds a secret, made readable by its owner only: any account
+    could read the key or the token in a `.env` made with the usual umask (0644)."""
+    if sys.platform == "win32":  # no such modes: the profile's ACLs decide
+        return
+    try:
+        os.fchmod(fd, mode & 0o700)
+    except OSError as exc:  # a file of root's or of the project's owner, say
+        log.warning("%s holds a secret (a key, a token or a password) that other accounts "
+                    "can read, and could not be made yours alone (%s): chmod 600 it", path,
+                    exc.strerror)
+        return
+    log.warning("%s holds a secret (a key, a token or a password) and was readable by other "
+                "accounts (mode %03o): it is now readable by its owner only (chmod %03o); "
+                "change the secret if another account may have read it", path, mode,
+                mode & 0o700)
 
 
 def not_utf8(data: bytes) -> str | None:
