@@ -114,6 +114,19 @@ def test_the_probe_sends_the_key_nowhere_a_redirect_points(
     assert elsewhere.seen == []
 
 
+def test_the_probe_of_a_server_with_an_international_name_says_what_it_found(
+        make_server: Callable[..., Any]) -> None:
+    # urllib put the name in the Host header as it was: each probe failed on a character
+    # beyond Latin-1, health said "not checked yet" for good, and the log had a traceback
+    # every 5 s; the chats, sent by http.client in IDNA, went through.
+    server = make_server(env={"OPENAI_BASE_URL": "http://модель.invalid/v1"})
+    with server.client() as client:
+        llm = wait_for(lambda: (h := client.get("/api/health").json()["llm"])["detail"]
+                       != "not checked yet" and h, 30, 0.2, "the first probe")
+    assert llm["ready"] is False and llm["detail"].startswith("not reachable at http://модель"), llm
+    assert "Traceback" not in server.log.read_text()
+
+
 @pytest.mark.parametrize("answer", [
     [], [1, 2], None, b'"models"', 7, True, {"data": 5}, {"data": {"id": "m"}}, {"object": "x"},
     b"<html>not json</html>", b"\xff\xfe", b'{"data": [',

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -44,12 +45,12 @@ class LLMStatus:
         if not self.base_url:
             self.ready, self.detail = False, "no LLM server configured or started"
             return False
-        request = urllib.request.Request(f"{self.base_url}/models",
-                                         headers=self._server.headers())
         try:
+            request = urllib.request.Request(f"{_ascii_host(self.base_url)}/models",
+                                             headers=self._server.headers())
             with _NO_REDIRECTS.open(request, timeout=3) as response:
                 body = response.read(MAX_ANSWER)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc  # URLError wraps the socket error
             reason = getattr(reason, "strerror", None) or reason
             # The server's own words may quote the key it was sent.
@@ -70,6 +71,15 @@ class LLMStatus:
     def as_dict(self) -> dict[str, Any]:
         return {"provider": self.provider, "base_url": self.base_url, "model": self.model,
                 "ready": self.ready, "detail": self.detail}
+
+
+def _ascii_host(url: str) -> str:
+    """`url` with its host in IDNA (`xn--...`), as a chat's client sends it: urllib puts the
+    host in the Host header as it is, and one beyond Latin-1 failed every probe."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc.isascii():
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.encode("idna").decode()))
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
