@@ -35,7 +35,7 @@ from jobs.protocol.trust import (
     read_settings_file,
     unsafe_way,
 )
-from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url
+from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url, usable_key
 from runners import chat
 
 ENV_PREFIX = "OFFLOAD_"  # of every variable below but OpenAI's own two
@@ -303,6 +303,12 @@ class Settings(BaseSettings):
                              f"letter beyond ASCII: a header cannot carry it as it is. Make "
                              f"one with: {MAKE_TOKEN}")
         return SecretStr(token)
+
+    @field_validator("openai_api_key")
+    @classmethod
+    def _sendable_key(cls, value: SecretStr | None) -> SecretStr | None:
+        key = usable_key(value.get_secret_value() if value is not None else None)
+        return SecretStr(key) if key is not None else None
 
     @field_validator("openai_base_url")
     @classmethod

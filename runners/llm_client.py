@@ -22,7 +22,7 @@ import time
 from urllib.parse import unquote, urlsplit
 
 from jobs import protocol as p
-from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url
+from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url, usable_key
 from runners.base import RunnerError
 
 TYPE_CHECKING = False
@@ -89,8 +89,12 @@ class Config:
                 "Offload with the embedded model", p.ErrorType.PROVIDER)
         if misplaced_userinfo(url):
             raise RunnerError(USERINFO_HELP, p.ErrorType.PROVIDER)
+        try:  # a runner by hand takes it from the environment as it is
+            key = usable_key(env.get("OPENAI_API_KEY"))
+        except ValueError as exc:
+            raise RunnerError(str(exc), p.ErrorType.PROVIDER) from None
         first = env.get("OFFLOAD_LLM_FIRST_TOKEN_S")
-        return cls(url, env.get("OPENAI_API_KEY") or None, env.get("OFFLOAD_LLM_MODEL") or None,
+        return cls(url, key, env.get("OFFLOAD_LLM_MODEL") or None,
                    float(first) if first else FIRST_TOKEN_TIMEOUT_S,
                    None if base_url else "OPENAI_BASE_URL")
 

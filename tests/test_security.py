@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import ThreadingHTTPServer
@@ -220,6 +224,34 @@ def test_api_key_never_shows(make_server: MakeServer, llm: FakeLLM, data_dir: Pa
     assert len(files) > 3
     for path in files:
         assert SENTINEL not in path.read_text(errors="replace"), path
+
+
+def test_a_key_with_a_line_end_is_sent_without_it_and_shown_nowhere(
+        make_server: MakeServer, llm: FakeLLM, data_dir: Path, tmp_path: Path) -> None:
+    # `export OPENAI_API_KEY=$(cat key.txt)` of a file saved with Windows line ends leaves
+    # a carriage return: each chat failed with http.client's "Invalid header value
+    # b'Bearer sk-...\\r'" as its error, the key whole, in the job, its log and every answer.
+    server = make_server(env={"OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": f"{SENTINEL}\r"})
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"kind": "chat", "input": {
+            "messages": [{"role": "user", "content": "hi"}]}}).json()
+        done = wait_for(lambda: (j := client.get(f"/api/jobs/{job['id']}").json())["state"]
+                        in p.FINAL_STATES and j, 30, what="the chat")
+        answers = [json.dumps(done), client.get(f"/api/jobs/{job['id']}/log").text,
+                   client.get("/api/health").text]
+    assert done["state"] == "completed", done["error"]
+    assert llm.requests[0]["headers"]["Authorization"] == f"Bearer {SENTINEL}"
+    files = [f for f in data_dir.rglob("*") if f.is_file()] + [server.log]
+    assert not [text for text in answers if SENTINEL in text]
+    assert not [path for path in files if SENTINEL in path.read_text(errors="replace")]
+    # One within it cannot be sent: the start stops, saying so without it.
+    refused = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "api_entry:app", "--port", "0"], cwd=p.ROOT,
+        env={**os.environ, "OFFLOAD_DATA_DIR": str(tmp_path / "other"),
+             "OPENAI_BASE_URL": llm.base_url, "OPENAI_API_KEY": f"{SENTINEL}\nx"},
+        capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 3 and "OPENAI_API_KEY holds a line break" in refused.stderr
+    assert SENTINEL not in refused.stderr + refused.stdout
 
 
 class _KeyQuoting(JSONHandler):
