@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -116,7 +117,7 @@ def opened_if_running(url: str, options: argparse.Namespace) -> bool:
         say(f"Offload is already running at {url}")
     else:
         say(f"Offload is already running at {url}; opening it")
-        webbrowser.open(url)
+        webbrowser.open(fresh_url(url))
     return True
 
 
@@ -155,7 +156,7 @@ def serve(options: argparse.Namespace, extra: list[str], release: Callable[[], N
         up = wait_until_up(url, 600.0, proc)  # the embedded model may be compiling
         release()
         if up and not options.no_browser:
-            webbrowser.open(url)
+            webbrowser.open(fresh_url(url))
 
     threading.Thread(target=when_up, daemon=True).start()
     return until_stopped(proc)
@@ -189,6 +190,13 @@ def until_stopped(proc: subprocess.Popen[bytes]) -> int:
     # Once stopped, uvicorn raises the signals it was sent again (a closed terminal's
     # SIGHUP too): a stop asked for is no failure (0, as before, not 241).
     return 0 if stop_asked and code <= 0 else code
+
+
+def fresh_url(url: str) -> str:
+    """The dashboard at an address no page can have been cached under: a page another
+    program served at `url` before Offload ran, cached by the browser, would be shown
+    instead; the dashboard's own page then empties that cache (Clear-Site-Data)."""
+    return f"{url}/?opened={secrets.token_hex(4)}"
 
 
 def wait_until_up(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None,

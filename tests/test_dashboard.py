@@ -750,6 +750,55 @@ def test_a_service_worker_another_program_left_at_the_address_removes_itself(
         server.stop()
 
 
+THEIR_CACHED_PAGE = """
+import http.server, sys
+PAGE = (b'<title>theirs</title><script>fetch("/api/jobs").then((r) => r.text())'
+        b'.then((text) => { document.title = "theirs: " + text.slice(0, 9); })</script>')
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.startswith("/api/"):  # asked of Offload, once it runs here
+            self.send_response(404)
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Cache-Control", "max-age=31536000, immutable")
+        self.send_header("Content-Length", str(len(PAGE)))
+        self.end_headers()
+        self.wfile.write(PAGE)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_page_another_program_left_in_the_cache_is_emptied_out_by_the_dashboard(
+        page: Any, data_dir: Path, tmp_path: Path, llm: FakeLLM) -> None:
+    # Cached for a year, a page another program served at Offload's address (a bookmark
+    # opened while Offload was stopped) was shown at that address once Offload ran there,
+    # and read its API as the address's own: every job and chat.
+    from launcher.serve import fresh_url
+
+    server = Server(data_dir, tmp_path / "server.log", {"OPENAI_BASE_URL": llm.base_url})
+    theirs = subprocess.Popen([sys.executable, "-c", THEIR_CACHED_PAGE, str(server.port)])
+    try:
+        wait_for(lambda: _opened(page, server.url)
+                 and (title_of(page) or "").startswith("theirs"), 60, what="their page")
+    finally:
+        theirs.terminate()
+        theirs.wait(30)
+    server.start()
+    try:
+        page.goto(fresh_url(server.url))  # as launch.py opens it
+        wait_for(lambda: title_of(page) == "Offload dashboard", 30, what="the dashboard")
+        page.goto(server.url)  # the bookmark
+        time.sleep(1)  # their page's script would have read the API by now
+        assert title_of(page) == "Offload dashboard"
+        assert fresh_url(server.url) != fresh_url(server.url)
+    finally:
+        server.stop()
+
+
 def _in_their_workers_hands(page: Any, url: str) -> bool:
     # A worker takes the pages opened once it is active; on a slow machine the page that
     # registered it can be left while it installs, so the next one is opened.

@@ -36,6 +36,10 @@ self.addEventListener("activate", (event) => event.waitUntil((async () => {
   for (const client of await self.clients.matchAll({ type: "window" })) client.navigate(client.url);
 })()));
 """
+# A page of ours empties the browser's cache of this address before it shows: a page
+# another program served here before Offload ran, cached for long, would be shown in its
+# place and read the API as this address's own.
+CLEAR_CACHE = (b"clear-site-data", b'"cache"')
 CLOSED_DETAIL = "the connection closed before its account could be told"
 UNKNOWN_DETAIL = ("this Offload answers only the account that runs it, and could not tell "
                   "whose this connection is just now (the server is short of file "
@@ -109,8 +113,10 @@ class RequestGuard:
 
         async def send_framing_rules(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message,
-                           "headers": [*message.get("headers", ()), *self.frame_headers]}
+                headers = [*message.get("headers", ()), *self.frame_headers]
+                if (b"content-type", b"text/html; charset=utf-8") in headers:
+                    headers.append(CLEAR_CACHE)
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, send_framing_rules)
