@@ -232,6 +232,12 @@ def test_a_stream_asked_for_oddly_ends_and_keeps_its_slot_free(
         health = client.get("/api/health", timeout=10)  # the same connection, next
         assert health.status_code == 200, health.text
         assert client.head("/api/jobs/" + "0" * 32 + "/events").status_code == 404
+        # A HEAD of a long poll is answered at once too: it waited out its `wait_s`.
+        started = time.monotonic()
+        head = client.head(f"/api/jobs/{queued}", params={"wait_s": 5})
+        assert head.status_code == 200 and head.content == b"", head
+        assert time.monotonic() - started < 2, "the HEAD waited as its GET does"
+        assert client.head("/api/jobs/" + "0" * 32, params={"wait_s": 5}).status_code == 404
 
         # 1.1 MB: what the server no longer reads fits the sockets' buffers.
         stream = _send_a_large_body(server, f"/api/jobs/{queued}/events", chunks=17)

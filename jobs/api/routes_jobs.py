@@ -135,7 +135,7 @@ async def get_job(job_id: str, service: Service, request: Request,
                       "after this many seconds (long polling)")] = 0) -> dict[str, Any]:
     """The job; with `wait_s`, answered once it has ended or after that many seconds,
     whichever comes first (long polling: a script waits without asking again and again)."""
-    if wait_s <= 0:
+    if wait_s <= 0 or asked_head(request.scope):  # a HEAD has no body to wait for
         return await service.get(job_id)
     path = str(service.store.path(job_id))
     read_as = file_signature(path)
