@@ -39,6 +39,8 @@ OWN_VARIABLES = ("OFFLOAD_URL", "OFFLOAD_API_TOKEN", "OFFLOAD_HOST", "OFFLOAD_PO
 
 def cli_env(url: str | None, token: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in OWN_VARIABLES}
+    # This checkout's `jobs`, not the one the environment installed (run from tests/).
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     if url is not None:
         env["OFFLOAD_URL"] = url
     if token is not None:
@@ -405,6 +407,38 @@ def test_a_wait_reads_the_job_when_every_event_stream_is_taken(make_server: Make
     submitted = cli(url, "submit", "sleep", "--input", '{"seconds": 1, "steps": 3}', "--wait")
     assert submitted.returncode == 0 and "completed" in submitted.stdout, submitted
     cli(url, "cancel", slow)
+
+
+def test_a_job_its_kinds_cap_holds_back_says_so(make_server: MakeServer) -> None:
+    # Its queue position is null then: `list` and `show` said nothing, as if it were stuck.
+    url = make_server(env={"OFFLOAD_KIND_CAPS": "sleep=1"}).url
+    running = cli(url, "submit", "sleep", "--input", '{"seconds": 120}').stdout.strip()
+    held = cli(url, "submit", "sleep", "--input", '{"seconds": 0}').stdout.strip()
+    wait_for(lambda: json.loads(cli(url, "show", running, "--json").stdout)["state"]
+             == "running", 30, 0.1, "the first job to run")
+    listed = cli(url, "list").stdout.splitlines()
+    assert [" ".join(line.split()[6:]) for line in listed if line.startswith(held)] == [
+        "held: kind sleep at its cap 1"], listed
+    details = [" ".join(line.split()) for line in cli(url, "show", held).stdout.splitlines()]
+    assert "held: kind sleep at its cap 1 (starts when one of them ends; offload parallel N " \
+           "--kind sleep)" in details, details
+    waiter = start_cli(url, "wait", held)  # as `--wait` on a paused queue, said: not stuck
+    waiter_said = Reader(waiter.stderr)
+    wait_for(lambda: f"job {held} is held: kind sleep at its cap 1" in waiter_said.text, 30,
+             0.1, "the hold said by wait")
+    # A cap set while running holds so too; raised, the job starts and says no more of it.
+    assert cli(url, "parallel", "1", "--kind", "chat").returncode == 0
+    chats = [cli(url, "submit", "chat", "--input", json.dumps(
+        {"messages": [{"role": "user", "content": "Hi"}]})).stdout.strip() for _ in range(2)]
+    notes = {line.split()[0]: " ".join(line.split()[6:])
+             for line in cli(url, "list", "--kind", "chat").stdout.splitlines()[1:]}
+    assert "held: kind chat at its cap 1" in notes.values(), notes
+    cli(url, "cancel", *chats)
+    assert cli(url, "parallel", "2", "--kind", "sleep").returncode == 0
+    with waiter:
+        assert waiter.wait(60) == 0, waiter_said.done()
+    assert "held" not in cli(url, "show", held).stdout
+    cli(url, "cancel", running)
 
 
 def test_cancel_several_and_retry(server: Server) -> None:

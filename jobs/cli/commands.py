@@ -119,11 +119,12 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         before = page.get("next_before")
         if not (args.all and before):
             break
+    queue = _queue(client) if any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs) else {}
     if args.json:
         print_json(jobs)
     else:
-        job_table(jobs, sys.stdout)
-    if any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs) and _queue_paused(client):
+        job_table(jobs, sys.stdout, queue.get("kind_caps"))
+    if queue.get("paused") is True:
         sys.stderr.write("the queue is paused: queued jobs start once resumed (offload "
                          "resume)\n")
     if before:  # on stderr: what a script reads stays the listing
@@ -146,7 +147,8 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print_json(job)
     else:
-        job_details(job, sys.stdout)
+        held = job.get(p.F_STATE) == p.JobState.QUEUED and job.get(p.F_QUEUE_POSITION) is None
+        job_details(job, sys.stdout, _queue(client).get("kind_caps") if held else None)
     return EXIT_OK
 
 
@@ -159,7 +161,7 @@ def _wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:
     # An unknown id exits 5 before any wait; a job ended already is kept as it is now
     # (by the end of a long wait for another, it may have been pruned).
     finals = [client.job("GET", f"/api/jobs/{job_id}") for job_id in ids]
-    _say_if_paused(client, finals)
+    _say_if_paused(client, finals, counted=True)
     for n, job in enumerate(finals):
         if job.get(p.F_STATE) not in p.FINAL_STATES:
             finals[n] = until_ended(client, ids[n])
@@ -258,19 +260,33 @@ def wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespac
     return _outcome(final)
 
 
-def _say_if_paused(client: Client, jobs: list[dict[str, Any]]) -> None:
-    """Before waiting for jobs: that those queued wait for the queue to be resumed (the
-    wait would look stuck)."""
-    if any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs) and _queue_paused(client):
+def _say_if_paused(client: Client, jobs: list[dict[str, Any]], counted: bool = False) -> None:
+    """Before waiting for jobs: that those queued wait for the queue to be resumed, and
+    those a kind's cap holds back for a runner of theirs to end (the wait would look
+    stuck). `counted`: the jobs as `GET` answers them, their queue positions counted."""
+    if not any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs):
+        return
+    queue = _queue(client)
+    if queue.get("paused") is True:
         they = "it starts" if len(jobs) == 1 else "they start"
         sys.stderr.write(f"offload: the queue is paused: {they} once resumed (offload resume)\n")
+    caps = queue.get("kind_caps") or {}
+    for job in (job for job in jobs if job.get(p.F_STATE) == p.JobState.QUEUED):
+        if not counted and job.get(p.F_KIND) in caps:  # a 202's job: its place not counted
+            job = client.job("GET", f"/api/jobs/{job_path(str(job.get(p.F_ID)))}")
+        said = note(job, caps)
+        if said.startswith("held: ") and job.get(p.F_QUEUE_POSITION) is None:
+            sys.stderr.write(f"offload: job {job.get(p.F_ID)} is {said}: it starts once one "
+                             f"of them ends (offload parallel N --kind {job.get(p.F_KIND)})\n")
 
 
-def _queue_paused(client: Client) -> bool:
+def _queue(client: Client) -> dict[str, Any]:
+    """`GET /api/queue`: whether it is paused, the kinds' caps; {} from an older server."""
     try:
-        return client.call("GET", "/api/queue").get("paused") is True
-    except Failure:  # an older server, without the route: not paused
-        return False
+        queue = client.call("GET", "/api/queue")
+    except Failure:  # an older server, without the route: not paused, no caps
+        return {}
+    return queue if isinstance(queue, dict) else {}
 
 
 # Past this a file can never be sent; below it the server's own 413 says what to do (a

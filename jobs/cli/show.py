@@ -25,7 +25,9 @@ def _took(job: dict[str, Any]) -> str:
     return f"{max(0.0, end - p.parse_iso(str(started))):.1f}s"
 
 
-def note(job: dict[str, Any]) -> str:
+def note(job: dict[str, Any], caps: dict[str, Any] | None = None) -> str:
+    """What to know of a job at a glance: its error, progress, or why it has not started.
+    `caps`: the kinds' caps in use (`GET /api/queue`'s `kind_caps`), to say a hold by one."""
     error = job.get(p.F_ERROR)
     if isinstance(error, dict) and error.get("message"):
         return f"{error.get('type')}: {error['message']}"
@@ -42,6 +44,10 @@ def note(job: dict[str, Any]) -> str:
     if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and dependencies:
         return (f"after {dependencies[0][:8]}" if len(dependencies) == 1
                 else f"after {len(dependencies)} jobs")
+    kind, cap = job.get(p.F_KIND), (caps or {}).get(str(job.get(p.F_KIND)))
+    if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and cap is not None:
+        # The one other reason a queued job has no place (contract: queue_position).
+        return f"held: kind {kind} at its cap {cap}"
     return "" if position is None else f"{position} ahead in the queue"
 
 
@@ -57,18 +63,19 @@ def table(rows: list[list[str]], out: IO[str]) -> None:
         out.write(shown("  ".join(cells).rstrip() + "\n", out))
 
 
-def job_table(jobs: list[dict[str, Any]], out: IO[str]) -> None:
+def job_table(jobs: list[dict[str, Any]], out: IO[str],
+              caps: dict[str, Any] | None = None) -> None:
     if not jobs:
         out.write("no jobs\n")
         return
     rows = [["ID", "KIND", "STATE", "CREATED (UTC)", "TOOK", "NOTE"]]
     rows += [[str(job.get(p.F_ID)), str(job.get(p.F_KIND)), str(job.get(p.F_STATE)),
-              when(job.get(p.F_CREATED_AT)), _took(job), _one_line(note(job), 60)]
+              when(job.get(p.F_CREATED_AT)), _took(job), _one_line(note(job, caps), 60)]
              for job in jobs]
     table(rows, out)
 
 
-def job_details(job: dict[str, Any], out: IO[str]) -> None:
+def job_details(job: dict[str, Any], out: IO[str], caps: dict[str, Any] | None = None) -> None:
     def compact(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
 
@@ -88,6 +95,9 @@ def job_details(job: dict[str, Any], out: IO[str]) -> None:
             lines.append((name.replace("_", " "), job[name]))
     if job.get(p.F_ERROR) or job.get(p.F_PROGRESS):
         lines.append(("error" if job.get(p.F_ERROR) else "progress", note(job)))
+    elif queued and job.get(p.F_QUEUE_POSITION) is None and note(job, caps).startswith("held"):
+        lines.append(("held", f"{note(job, caps).removeprefix('held: ')} (starts when one of "
+                              f"them ends; offload parallel N --kind {job.get(p.F_KIND)})"))
     for earlier in job.get(p.F_EARLIER_ERRORS) or []:
         lines.append((f"attempt {earlier.get('attempt')}",
                       f"{earlier.get('type')}: {earlier.get('message')}"))
