@@ -569,6 +569,9 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
 
     broken = wait_for(told, 30, 0.5, "the schedules file's error to be told")
     assert "the schedules file cannot be used" in broken.stderr and "nightly" in broken.stdout
+    scripted = cli(url, "schedules", "--json")  # exit 7 said nothing on stderr of why
+    assert scripted.returncode == 7 and json.loads(scripted.stdout)["error"], scripted
+    assert "the schedules file cannot be used" in scripted.stderr, scripted
     # When it was to start is said of a queued job only (a finished one showed it).
     assert "run at" in cli(url, "show", job["id"]).stdout
     assert cli(url, "cancel", job["id"]).returncode == 0

@@ -223,11 +223,11 @@ def cmd_schedules(client: Client, args: argparse.Namespace) -> int:
     for each in answer["schedules"]:
         offload_shaped(client.url, each, "a schedule", name=str, kind=str)
     code = EXIT_SERVER if answer.get("error") else EXIT_OK  # the schedules run as last read
+    if answer.get("error"):  # with --json too: an exit code 7 alone said nothing of why
+        sys.stderr.write(f"offload: the schedules file cannot be used: {answer['error']}\n")
     if args.json:
         print_json(answer)
         return code
-    if answer.get("error"):
-        sys.stderr.write(f"offload: the schedules file cannot be used: {answer['error']}\n")
     schedules = answer.get("schedules") or []
     if not schedules:
         sys.stdout.write("no schedules\n")
