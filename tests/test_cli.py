@@ -572,9 +572,16 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     scripted = cli(url, "schedules", "--json")  # exit 7 said nothing on stderr of why
     assert scripted.returncode == 7 and json.loads(scripted.stdout)["error"], scripted
     assert "the schedules file cannot be used" in scripted.stderr, scripted
+    # A wait for a job given a later start says when (it said nothing, as if stuck).
+    delayed = start_cli(url, "wait", job["id"])
+    delayed_said = Reader(delayed.stderr)
+    starts = f"offload: job {job['id']} starts {job['run_at'][:19].replace('T', ' ')} UTC"
+    wait_for(lambda: starts in delayed_said.text, 30, 0.1, "the start time said by wait")
     # When it was to start is said of a queued job only (a finished one showed it).
     assert "run at" in cli(url, "show", job["id"]).stdout
     assert cli(url, "cancel", job["id"]).returncode == 0
+    with delayed:
+        assert delayed.wait(60) == 1, delayed_said.done()
     assert "run at" not in cli(url, "show", job["id"]).stdout
     # As `pueue add --after`: a job after another's success; this one was cancelled.
     after = cli(url, "submit", "sleep", "--after", f" {job['id'].upper()} ", "--wait")

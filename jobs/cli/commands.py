@@ -161,7 +161,7 @@ def _wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:
     # An unknown id exits 5 before any wait; a job ended already is kept as it is now
     # (by the end of a long wait for another, it may have been pruned).
     finals = [client.job("GET", f"/api/jobs/{job_id}") for job_id in ids]
-    _say_if_paused(client, finals, counted=True)
+    _say_why_it_waits(client, finals, counted=True)
     for n, job in enumerate(finals):
         if job.get(p.F_STATE) not in p.FINAL_STATES:
             finals[n] = until_ended(client, ids[n])
@@ -232,7 +232,7 @@ def _follow_log(client: Client, args: argparse.Namespace) -> int:
 
     def first(event: dict[str, Any], job: dict[str, Any]) -> None:
         if attempt_shown[0] is None:  # the job as it is now, before any change
-            _say_if_paused(client, [job])
+            _say_why_it_waits(client, [job])
         show(event, job)
 
     job = follow(client, args.id, first)
@@ -251,7 +251,7 @@ def wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespac
     # Said first: Ctrl-C while it waits leaves the job running, and its id is how to reach it.
     sys.stderr.write(f"{job[p.F_ID]} submitted; waiting for it to end (Ctrl-C stops the "
                      "waiting, not the job)\n")
-    _say_if_paused(client, [job])
+    _say_why_it_waits(client, [job])
     final = until_ended(client, job[p.F_ID])
     if args.json:
         print_json(final)
@@ -260,9 +260,10 @@ def wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespac
     return _outcome(final)
 
 
-def _say_if_paused(client: Client, jobs: list[dict[str, Any]], counted: bool = False) -> None:
-    """Before waiting for jobs: that those queued wait for the queue to be resumed, and
-    those a kind's cap holds back for a runner of theirs to end (the wait would look
+def _say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
+                      counted: bool = False) -> None:
+    """Before waiting for jobs: that those queued wait for the queue to be resumed, for
+    a kind's cap to leave room, or for the start time they were given (the wait would look
     stuck). `counted`: the jobs as `GET` answers them, their queue positions counted."""
     if not any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs):
         return
@@ -278,6 +279,8 @@ def _say_if_paused(client: Client, jobs: list[dict[str, Any]], counted: bool = F
         if said.startswith("held: ") and job.get(p.F_QUEUE_POSITION) is None:
             sys.stderr.write(f"offload: job {job.get(p.F_ID)} is {said}: it starts once one "
                              f"of them ends (offload parallel N --kind {job.get(p.F_KIND)})\n")
+        elif said.startswith("starts "):  # --delay or --at: no sooner
+            sys.stderr.write(f"offload: job {job.get(p.F_ID)} {said}, as submitted\n")
 
 
 def _queue(client: Client) -> dict[str, Any]:
