@@ -138,6 +138,10 @@ def test_status_submit_wait_list_show_and_log(server: Server) -> None:
     assert "error:          runner: again" in cli(url, "show", failed_job["id"]).stdout
     assert "error: again" in cli(url, "log", failed_job["id"]).stdout
     assert "error: again" in json.loads(cli(url, "log", failed_job["id"], "--json").stdout)["log"]
+    for name in ("rerun", "restart"):  # retry, as the API and Pueue name it (exit 2 before)
+        again = cli(url, name, failed_job["id"], "--json")
+        assert again.returncode == 0, again
+        assert json.loads(again.stdout)["rerun_of"] == failed_job["id"], again
     wait_for(lambda: json.loads(cli(url, "show", job_id, "--json").stdout)["state"]
              == "completed", 60, 0.2)
 

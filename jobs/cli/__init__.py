@@ -65,6 +65,10 @@ OPTION_OF = {"run_at": "--at", "delay_s": "--delay", "timeout_s": "--timeout",
 OPTION_FIELDS = re.compile(rf"(?<![\w.])({'|'.join(map(re.escape, OPTION_OF))})(?!\w)")
 
 
+# Other names a command answers to: the API's (`/rerun`) and Pueue's (`restart`).
+ALIASES = {"retry": ["rerun", "restart"]}
+
+
 # The parser --------------------------------------------------------------------------------
 
 
@@ -102,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, run: Callable[[Client, argparse.Namespace], int],
                 text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text)
+        sub = commands.add_parser(name, help=text, description=text,
+                                  aliases=ALIASES.get(name, []))
         _common(sub, argparse.SUPPRESS)  # after the command as before it
         sub.set_defaults(run=run)
         return sub
