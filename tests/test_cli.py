@@ -478,6 +478,9 @@ def test_cancel_several_and_retry(server: Server) -> None:
             for job_id in later} == {"cancelled"}
     for args in ([], [later[0], "--state", "queued"], ["--kind", "sleep"]):
         assert cli(url, "cancel", *args).returncode == 2, args
+    none = cli(url, "cancel", "--state", "queued", "--kind", "sleep")  # it said nothing
+    assert (none.returncode, none.stdout, none.stderr) == (
+        0, "", "no queued jobs of kind sleep: nothing to cancel\n"), none
 
     # Finished jobs removed now, as `pueue remove ID` and `pueue clean`.
     busy = cli(url, "remove", new["id"], edited_id := json.loads(edited.stdout)["id"])

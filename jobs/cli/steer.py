@@ -115,6 +115,9 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
             tried.update(ids)
             acted = _act(args, ids, act, said, moved_on, done)  # each page, whatever came before
             code = code or acted
+        if not tried and not args.json:  # on stderr: stdout stays the jobs acted on, none
+            of_kind = f" of kind {args.kind}" if args.kind else ""
+            sys.stderr.write(f"no {args.state} jobs{of_kind}: nothing to {args.command}\n")
     if args.json:
         print_json(done)
     return code
