@@ -584,6 +584,9 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     delayed_said = Reader(delayed.stderr)
     starts = f"offload: job {job['id']} starts {job['run_at'][:19].replace('T', ' ')} UTC"
     wait_for(lambda: starts in delayed_said.text, 30, 0.1, "the start time said by wait")
+    unstarted = cli(url, "log", job["id"])  # it said "has logged nothing", as of a job run
+    assert (unstarted.returncode, unstarted.stdout) == (0, ""), unstarted
+    assert "has not started yet" in unstarted.stderr, unstarted
     # When it was to start is said of a queued job only (a finished one showed it).
     assert "run at" in cli(url, "show", job["id"]).stdout
     assert cli(url, "cancel", job["id"]).returncode == 0

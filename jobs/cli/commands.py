@@ -190,6 +190,9 @@ def cmd_log(client: Client, args: argparse.Namespace) -> int:
             print_json({"id": args.id, "log": text})
         elif text:
             sys.stdout.write(shown(text, sys.stdout))
+        elif client.job("GET", f"/api/jobs/{job_path(args.id)}")[p.F_STATE] == p.JobState.QUEUED:
+            sys.stderr.write(f"offload: job {args.id} has not started yet, so has logged "
+                             "nothing (offload log ID --follow waits for it)\n")
         else:
             sys.stderr.write(f"offload: job {args.id} has logged nothing (its output, if "
                              "any: offload show ID)\n")
