@@ -23,6 +23,12 @@ function authHeaders(extra = {}) {
 // promise, so the form is shown only once at a time.
 let tokenPromise = null;
 let declined = false;  // Escape: no more asking until the user asks for the form again
+const tokenWaiters = [];  // each resolved by the next token entered in the form
+
+/** Resolves once the user enters a token in the form (from now on). */
+export function tokenGiven() {
+  return new Promise((resolve) => { tokenWaiters.push(resolve); });
+}
 
 function askForToken(rejected) {
   if (tokenPromise) return tokenPromise;
@@ -51,6 +57,7 @@ function askForToken(rejected) {
       if (!value) { input.focus(); return; }
       setToken(value);
       finish(true);
+      for (const resolve of tokenWaiters.splice(0)) resolve();
     };
     // Escape closes the dialog: stop asking (the next poll's 401 opened it again, for
     // good), say so, and keep a way back to the form; calls fail with 401 meanwhile.

@@ -1,14 +1,16 @@
 // chat.js — the AI expert chat: sends the conversation, streams the reply token by
 // token from the job's event stream (picks it up again where it stopped after a dropped
 // connection; falls back to polling), supports cancel, and restores earlier turns of
-// this browser's session on load, following each one still running or queued.
+// this browser's session on load, following each one still running or queued. Tabs of
+// one session show each other's turns: a turn sent or ended is told to the others.
 
-import { apiJSON, followJob, FINAL_STATES, reportOk } from "./api.js";
+import { apiJSON, FINAL_STATES, reportOk, tokenGiven } from "./api.js";
+import { followReply } from "./chat_follow.js";
+import { historyOf, makeAssistant, makeTurn, makeUser, part, setFinal } from "./chat_view.js";
 
 const SESSION_KEY = "offload-session";
-const STALL_MS = 120_000;   // say so after this long running with nothing from the server
-const POLL_MS = 1000;
-const POLLS_BETWEEN_STREAMS = 5;  // a refused stream is asked for again after these
+const TURN_KEY = "offload-session-turn";   // {session, at}: a tab's turn was sent or ended
+const FORGOTTEN_KEY = "offload-forgotten"; // {session, next}: written by a forget alone
 // What the API takes in a chat's body (jobs/inputs.py, MAX_BODY_BYTES): 200 messages of
 // 100,000 characters each, in at most 1 MB. A long conversation sends the latest turns
 // that fit; the older ones are left out (a model's context holds no more anyway).
@@ -21,11 +23,14 @@ const FORGET_TRIES = 30;       // after this, as many times at the most
 const RESTORE_RETRY_MS = 1000;      // the conversation's turns asked again after this,
 const RESTORE_RETRY_MAX_MS = 10_000; // doubling up to this
 
-const history = [];         // [{role, content}] sent with every new message
 let pending = null;         // the newest reply awaited: Cancel stops it, Send waits for it
 const live = [];            // every turn followed to its end, oldest first
 let restoring = false;      // earlier turns still loading: a new one waits for them
 let forgetting = false;     // the conversation being deleted: no new turn meanwhile
+let syncing = null;         // the turns being loaded from the server (a promise)
+let syncAgain = false;      // told of a change while loading: load again after
+let sending = Promise.resolve();  // a question on its way (its turn has no id yet)
+let dropping = false;       // this page's copy being dropped: its ends are not news
 
 let form, input, sendBtn, cancelBtn, forgetBtn, forgetNote, log;
 
@@ -50,187 +55,35 @@ let SESSION = "";
 
 // ---- rendering -------------------------------------------------------------
 
-function addUser(text) {
-  const li = document.createElement("li");
-  li.className = "msg user";
-  const body = document.createElement("span");
-  body.className = "text";
-  body.textContent = text;
-  li.append(body);
+function place(li) {
   log.append(li);
   li.scrollIntoView({ block: "nearest" });
   return li;
-}
-
-/** Assistant bubble: .text (the reply), .elapsed (while waiting), .note (status). */
-function addAssistant(jobId) {
-  const li = document.createElement("li");
-  li.className = "msg assistant";
-  if (jobId) li.dataset.jobId = jobId;
-  const body = document.createElement("span");
-  body.className = "text";
-  const elapsed = document.createElement("span");
-  elapsed.className = "elapsed";
-  const note = document.createElement("span");
-  note.className = "note";
-  li.append(body, elapsed, note);
-  log.append(li);
-  li.scrollIntoView({ block: "nearest" });
-  return li;
-}
-
-const part = (li, cls) => li.querySelector(`.${cls}`);
-
-function setFinal(li, state, text, note) {
-  li.dataset.state = state;
-  li.setAttribute("aria-busy", "false");
-  part(li, "text").textContent = text;
-  part(li, "note").textContent = note || "";
-  const el = part(li, "elapsed");
-  if (el) el.remove();
-  if (state === "failed" || state === "timeout") li.classList.add("error");
 }
 
 // ---- waiting for a reply ---------------------------------------------------
 
-/** Follow one chat job until it reaches a final state (or stalls). */
-function follow(li, jobId, userText) {
-  const started = Date.now();
-  const controller = new AbortController();
-  const p = {
-    jobId, li, userText, controller, done: false, output: "", state: "queued",
-    activity: Date.now(), stalled: false,
-  };
+/** Follow one chat job until it reaches a final state; the newest is the one awaited. */
+function follow(li, jobId) {
+  const session = SESSION;
+  const p = followReply(li, jobId, {
+    stalled: (q) => {
+      if (pending === q) pending = newestWaited();
+      updateButtons();
+    },
+    ended: (q) => {
+      if (!dropping) announce(session);
+      live.splice(live.indexOf(q), 1);
+      // Its polls' failure said in the banner ("Retrying…") is no more once nothing polls:
+      // ended otherwise (cancelled, forgotten), it stayed until a next reply streamed.
+      if (!live.length) reportOk("chat");
+      if (pending === q) pending = newestWaited();
+      updateButtons();
+    },
+  });
   live.push(p);
   pending = p;
-  li.setAttribute("aria-busy", "true");
   updateButtons();
-
-  const tick = () => {
-    if (p.done) return;
-    const secs = Math.floor((Date.now() - started) / 1000);
-    const el = part(li, "elapsed");
-    if (el) el.textContent = `${p.state === "queued" ? "queued" : "thinking"}… ${secs}s`;
-    // Waiting its turn, or on a hidden page (no stream then), is not silence.
-    if (p.state === "queued" || document.hidden) p.activity = Date.now();
-    if (!p.stalled && Date.now() - p.activity > STALL_MS) stall();
-  };
-  const timer = setInterval(tick, 500);
-  tick();
-
-  /** Nothing for STALL_MS while running: say so, let a new message go, keep following. */
-  function stall() {
-    p.stalled = true;
-    li.classList.add("stalled");
-    part(li, "note").textContent =
-      "No answer for 120 s; it shows here if it still comes (see Jobs)";
-    if (pending === p) pending = newestWaited();
-    updateButtons();
-  }
-
-  function finish(state, text, note) {
-    if (p.done) return;
-    p.done = true;
-    clearInterval(timer);
-    controller.abort();
-    li.classList.remove("stalled");
-    setFinal(li, state, text, note);
-    if (state === "completed" && userText !== null) {
-      history.push({ role: "user", content: userText }, { role: "assistant", content: text });
-    }
-    live.splice(live.indexOf(p), 1);
-    // Its polls' failure said in the banner ("Retrying…") is no more once nothing polls:
-    // ended otherwise (cancelled, forgotten), it stayed until a next reply streamed.
-    if (!live.length) reportOk("chat");
-    if (pending === p) pending = newestWaited();
-    updateButtons();
-  }
-  p.finish = finish;
-
-  const onActivity = () => { p.activity = Date.now(); };
-
-  /** Show the job's copy after an event of its stream. */
-  function onJob(job) {
-    if (p.done || !job) return;
-    onActivity();
-    if (p.stalled && !FINAL_STATES.has(job.state)) {
-      p.stalled = false;  // it came after all
-      li.classList.remove("stalled");
-      part(li, "note").textContent = "";
-    }
-    if (job.state) p.state = job.state;
-    if (typeof job.output === "string" && job.output !== p.output) {
-      p.output = job.output;
-      part(li, "text").textContent = job.output;
-    }
-    if (FINAL_STATES.has(job.state)) finishFromJob(job);
-  }
-
-  function finishFromJob(job) {
-    const out = typeof job.output === "string" ? job.output : "";
-    const reply = out || replyFromResult(job.result);
-    if (job.state === "completed") {
-      finish("completed", reply, "");
-    } else if (job.state === "cancelled") {
-      finish("cancelled", reply, "Cancelled.");
-    } else {
-      const msg = (job.error && job.error.message) ||
-        (job.state === "timeout" ? "the job ran out of time" : "the job failed");
-      finish(job.state, `Error: ${msg}`, "");
-    }
-  }
-
-  /** Ask for the reply `times` times, a second apart (or until it has ended). */
-  async function poll(times) {
-    for (let i = 0; i < times && !p.done; i += 1) {
-      const r = await apiJSON(`/api/ai_chat_result/${encodeURIComponent(jobId)}`, { source: "chat" });
-      if (p.done) return;
-      if (r.ok && r.data) {
-        const d = r.data;
-        if (d.status === "completed") {
-          finish("completed", d.reply || "", "");
-          return;
-        }
-        if (d.status === "error") {
-          // Find out which final state it was (failed, cancelled, timeout).
-          const j = await apiJSON(`/api/jobs/${encodeURIComponent(jobId)}`);
-          const state = j.ok && j.data && FINAL_STATES.has(j.data.state) ? j.data.state : "failed";
-          if (state === "cancelled") finish("cancelled", p.output, "Cancelled.");
-          else finish(state, `Error: ${d.message || "the job failed"}`, "");
-          return;
-        }
-        if (d.status === "not_found") {
-          finish("failed", "Error: the job was not found on the server", "");
-          return;
-        }
-      }
-      await new Promise((res) => setTimeout(res, POLL_MS));
-    }
-  }
-
-  (async () => {
-    while (!p.done) {
-      try {
-        await followJob(`/api/jobs/${encodeURIComponent(jobId)}/events`, {
-          onJob,
-          onActivity,
-          signal: controller.signal,
-          source: "chat",
-        });
-      } catch {
-        /* the server refused the stream: poll a while, then follow it again */
-      }
-      // Polled to its end, a reply refused its stream once (every stream of the server
-      // taken, a proxy's 502 while the server restarted) stood still until it had ended.
-      if (!p.done) await poll(POLLS_BETWEEN_STREAMS);
-    }
-  })().catch(() => { /* never surface to the console */ });
-}
-
-function replyFromResult(result) {
-  if (!result) return "";
-  if (typeof result === "string") return result;
-  return result.reply || result.text || result.content || "";
 }
 
 /** The newest turn a new message waits for (none stalled). */
@@ -261,9 +114,10 @@ function tooLong(text) {
   return false;
 }
 
-/** The messages of a new question: the latest turns of `history` that fit the API's
- * bounds, then the question. A turn is a question and its reply, kept together. */
+/** The messages of a new question: the latest turns shown that fit the API's bounds,
+ * then the question. A turn is a question and its reply, kept together. */
 function messagesFor(text) {
+  const history = historyOf(log);
   const question = { role: "user", content: text };
   let bytes = BODY_ROOM + bytesOf(question) + utf8.encode(JSON.stringify(SESSION)).length;
   let first = history.length;
@@ -280,34 +134,48 @@ function messagesFor(text) {
 
 async function send(text) {
   const session = SESSION;
-  const asked = addUser(text);
-  const messages = messagesFor(text);
-  const li = addAssistant(null);
+  const asked = place(makeUser(text));
+  const li = place(makeAssistant(null, text, asked));
   part(li, "elapsed").textContent = "sending…";
-  pending = { placeholder: true };
+  const placeholder = { placeholder: true };
+  pending = placeholder;
   updateButtons();
-  // No `source`: a one-off call says its failure in its bubble, not in the banner
-  // (which would say "retrying" until the next message).
-  const r = await apiJSON("/api/ai_chat_async", {
-    method: "POST",
-    body: { messages, session_id: SESSION },
-  });
-  pending = null;
-  if (session !== SESSION) {
-    // Forgotten while it was being sent: it goes too (it may have landed after the erase).
+  // Turns another tab added, still loading: the question carries them.
+  while (syncing) await syncing;
+  const unsent = () => {
     asked.remove();
     li.remove();
-    if (r.ok) apiJSON(`/api/sessions/${encodeURIComponent(session)}`, { method: "DELETE" });
+    if (pending === placeholder) pending = newestWaited();
     updateButtons();
-    return;
+  };
+  if (session !== SESSION) { unsent(); return; }  // forgotten meanwhile
+  let sent;
+  sending = new Promise((resolve) => { sent = resolve; });
+  try {
+    // No `source`: a one-off call says its failure in its bubble, not in the banner
+    // (which would say "retrying" until the next message).
+    const r = await apiJSON("/api/ai_chat_async", {
+      method: "POST",
+      body: { messages: messagesFor(text), session_id: session },
+    });
+    if (session !== SESSION) {
+      // Forgotten while it was being sent: it goes too (it may have landed after the erase).
+      unsent();
+      if (r.ok) apiJSON(`/api/sessions/${encodeURIComponent(session)}`, { method: "DELETE" });
+      return;
+    }
+    if (pending === placeholder) pending = newestWaited();
+    if (!r.ok || !r.data || !r.data.job_id) {
+      setFinal(li, "failed", `Error: ${r.error || "no job id returned"}`, "");
+      updateButtons();
+      return;
+    }
+    li.dataset.jobId = r.data.job_id;
+    follow(li, r.data.job_id);
+    announce(session);
+  } finally {
+    sent();
   }
-  if (!r.ok || !r.data || !r.data.job_id) {
-    setFinal(li, "failed", `Error: ${r.error || "no job id returned"}`, "");
-    updateButtons();
-    return;
-  }
-  li.dataset.jobId = r.data.job_id;
-  follow(li, r.data.job_id, text);
 }
 
 async function cancel() {
@@ -349,25 +217,73 @@ async function forget() {
     forgetNote.textContent = `Could not forget it: ${r.error || "no answer"}`;
     return;
   }
-  startOver(newId());
-  try { localStorage.setItem(SESSION_KEY, SESSION); } catch { /* keep in memory only */ }
+  const next = newId();
+  startOver(next);
+  try {
+    // The mark tells the other tabs: a new id alone is also what a tab whose storage was
+    // emptied writes, and the conversation is still there.
+    localStorage.setItem(FORGOTTEN_KEY, JSON.stringify({ session, next }));
+    localStorage.setItem(SESSION_KEY, next);
+  } catch { /* keep in memory only */ }
   forgetNote.textContent = "Forgotten: a new conversation starts here.";
 }
 
 /** This page's copy of the conversation dropped: `session` is the one that goes on. */
 function startOver(session) {
-  for (const p of [...live]) p.finish("cancelled", "", "");
+  dropping = true;
+  try {
+    for (const p of [...live]) p.finish("cancelled", "", "");
+  } finally {
+    dropping = false;
+  }
   log.replaceChildren();
-  history.length = 0;
   SESSION = session;
 }
 
-/** Forgotten in another tab: this one shows it no more, and its next question does not
- * send the forgotten turns back to the server (they were stored again, in a new job). */
+const parsed = (value) => { try { return JSON.parse(value || "null"); } catch { return null; } };
+
+/** Tell the other tabs of this session that a turn was sent or ended. */
+function announce(session) {
+  const news = { session, at: `${Date.now()}-${Math.random().toString(36).slice(2)}` };
+  try { localStorage.setItem(TURN_KEY, JSON.stringify(news)); } catch { /* one tab only */ }
+}
+
+/** Another tab's news. Forgotten there: this one shows it no more, and its next question
+ * does not send the forgotten turns back to the server (they were stored again, in a new
+ * job). A turn there: shown here too, and carried by this tab's next question. Storage
+ * emptied, or a new id without the forget's mark (the other tab's storage was cleared):
+ * nothing was deleted, and this tab's conversation goes on. */
 function onStorage(ev) {
-  if (ev.key !== SESSION_KEY || !ev.newValue || ev.newValue === SESSION) return;
-  startOver(ev.newValue);
-  forgetNote.textContent = "Forgotten in another tab: a new conversation starts here.";
+  if (ev.key === FORGOTTEN_KEY) {
+    const forgot = parsed(ev.newValue);
+    if (!forgot || forgot.session !== SESSION || typeof forgot.next !== "string") return;
+    startOver(forgot.next);
+    forgetNote.textContent = "Forgotten in another tab: a new conversation starts here.";
+  } else if (ev.key === TURN_KEY) {
+    const news = parsed(ev.newValue);
+    if (news && news.session === SESSION) requestSync();
+  }
+}
+
+/** Show the server's turns of this conversation the page does not show yet, each after
+ * the turns before it, following those still answering. */
+function showTurns(turns) {
+  const shown = new Map();
+  for (const li of log.querySelectorAll("li.msg.assistant[data-job-id]")) shown.set(li.dataset.jobId, li);
+  let after = null;  // the last of these turns placed
+  let added = false;
+  for (const turn of turns) {
+    const have = turn.job_id && shown.get(turn.job_id);
+    if (have) { after = have; continue; }
+    const li = makeTurn(turn);
+    const nodes = li.asked ? [li.asked, li] : [li];
+    if (after) after.after(...nodes);
+    else log.prepend(...nodes);
+    after = li;
+    added = true;
+    if (turn.job_id && !FINAL_STATES.has(turn.state)) follow(li, turn.job_id);
+  }
+  if (added) log.scrollTop = log.scrollHeight;  // the log's own box: the page stays put
 }
 
 /** Re-render the earlier turns of this session (oldest first). Asked again while the
@@ -381,6 +297,13 @@ async function restore() {
     // Forgotten in another tab meanwhile: these turns are gone, and the new conversation
     // has none (shown, they went back to the server with the next question).
     if (asked !== SESSION) return;
+    if (r.status === 401) {
+      // Refused until a token is given (the form dismissed, a wrong token): the page
+      // went on without the conversation until it was reloaded.
+      forgetNote.textContent = "This conversation loads once the API token is given.";
+      await tokenGiven();
+      continue;
+    }
     if (r.ok || (r.status && r.status < 500)) break;
     forgetNote.textContent = `Could not load this conversation (${r.error}); trying again…`;
     await new Promise((res) => setTimeout(res, delay));
@@ -390,26 +313,34 @@ async function restore() {
     return;
   }
   forgetNote.textContent = "";
-  for (const turn of r.data.turns) {
-    const q = turn.question || "";
-    if (q) addUser(q);
-    const li = addAssistant(turn.job_id);
-    if (FINAL_STATES.has(turn.state)) {
-      if (turn.state === "completed") {
-        setFinal(li, "completed", turn.reply || "", "");
-        if (q) history.push({ role: "user", content: q }, { role: "assistant", content: turn.reply || "" });
-      } else if (turn.state === "cancelled") {
-        setFinal(li, "cancelled", turn.reply || "", "Cancelled.");
-      } else {
-        const msg = turn.error && (turn.error.message || turn.error);
-        setFinal(li, turn.state, `Error: ${typeof msg === "string" ? msg : "the job failed"}`, "");
-      }
-    } else if (turn.job_id) {
-      follow(li, turn.job_id, q);         // running or waiting its turn: stream it to its end
-    } else {
-      part(li, "note").textContent = `(${turn.state || "unknown"})`;
+  showTurns(r.data.turns);
+}
+
+/** Load the turns another tab added (after a question on its way here has its id). */
+async function sync() {
+  await sending;
+  const asked = SESSION;
+  const r = await apiJSON(`/api/sessions/${encodeURIComponent(asked)}`);
+  if (asked !== SESSION || forgetting) return;
+  if (r.ok && r.data && Array.isArray(r.data.turns)) showTurns(r.data.turns);
+}
+
+/** Load the turns with `first`, then again while told of changes meanwhile. */
+function startSync(first) {
+  syncAgain = false;
+  syncing = (async () => {
+    await first();
+    while (syncAgain) {
+      syncAgain = false;
+      await sync();
     }
-  }
+  })().catch(() => { /* shown as it was */ }).finally(() => { syncing = null; });
+  return syncing;
+}
+
+function requestSync() {
+  if (syncing) syncAgain = true;
+  else startSync(sync);
 }
 
 export function initChat() {
@@ -441,10 +372,12 @@ export function initChat() {
   cancelBtn.addEventListener("click", () => { cancel().catch(() => {}); });
   forgetBtn.addEventListener("click", () => { forget().catch(() => {}); });
   window.addEventListener("storage", onStorage);
+  // Back to this tab: what another tab added meanwhile (its news may have been missed).
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) requestSync(); });
   if (sessionExisted) {
     // Its turns first: a message sent meanwhile went without them (and showed twice).
     restoring = true;
     updateButtons();
-    restore().catch(() => {}).finally(() => { restoring = false; updateButtons(); });
+    startSync(restore).finally(() => { restoring = false; updateButtons(); });
   }
 }

@@ -393,6 +393,71 @@ def test_a_conversation_forgotten_in_another_tab_as_this_one_loads_it_stays_gone
     assert asked == ["What is my secret?"], asked
 
 
+COMPLETED = "#chat-log li.msg.assistant[data-state='completed']"
+
+
+def completed_shown(page: Any, count: int) -> None:
+    page.wait_for_function(f"document.querySelectorAll(\"{COMPLETED}\").length === {count}",
+                           timeout=30_000)
+
+
+def questions_shown(page: Any) -> list[str]:
+    return [text.strip() for text in page.locator("#chat-log li.msg.user").all_inner_texts()]
+
+
+def test_a_turn_asked_in_one_tab_is_shown_and_carried_by_the_other(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # The other tab went on with the conversation as it had loaded it: its next question
+    # went without this tab's newer turns, which it showed only after a reload.
+    page.goto(server.url)
+    page.fill("#chat-input", "My name is Alice.")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 1)
+    other = page.context.new_page()
+    other.goto(server.url)
+    completed_shown(other, 1)
+    page.fill("#chat-input", "I live in Lyon.")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 2)
+    completed_shown(other, 2)
+    assert questions_shown(other) == ["My name is Alice.", "I live in Lyon."]
+    other.fill("#chat-input", "Where do I live?")
+    other.press("#chat-input", "Enter")
+    completed_shown(other, 3)
+    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] == "user"]
+    assert asked == ["My name is Alice.", "I live in Lyon.", "Where do I live?"], asked
+    completed_shown(page, 3)
+    assert questions_shown(page) == asked
+
+
+def test_a_tab_whose_storage_was_cleared_leaves_the_others_conversation_alone(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # Its new session id was taken for a forget: the other tabs said "Forgotten in another
+    # tab" and dropped the conversation, which the server still held.
+    page.goto(server.url)
+    page.fill("#chat-input", "My name is Alice.")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 1)
+    session = page.evaluate("localStorage.getItem('offload-session')")
+    other = page.context.new_page()
+    other.goto(server.url)
+    completed_shown(other, 1)
+    other.evaluate("localStorage.clear()")
+    other.reload()
+    other.wait_for_function("localStorage.getItem('offload-session')"
+                            f" && localStorage.getItem('offload-session') !== '{session}'")
+    assert other.locator("#chat-log li").count() == 0
+    page.wait_for_timeout(1000)  # the other tab's news, had there been any, has come
+    assert page.text_content("#chat-forget-note") == ""
+    page.fill("#chat-input", "What is my name?")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 2)
+    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] == "user"]
+    assert asked == ["My name is Alice.", "What is my name?"], asked
+    turns = httpx.get(f"{server.url}/api/sessions/{session}").json()["turns"]
+    assert [turn["question"] for turn in turns] == asked
+
+
 def _bytes_of(path: Path) -> bytes:
     try:
         return path.read_bytes() if path.is_file() else b""  # not a folder or a socket
@@ -850,6 +915,41 @@ def test_a_dismissed_token_form_stays_dismissed_until_asked_for(
     page.wait_for_function("Number(document.querySelector('#history-chart')"
                            ".dataset.updates || 0) >= 2", timeout=15_000)
     assert page.is_hidden("#token-needed")
+
+
+@pytest.mark.parametrize("refusal", ["wrong token", "form dismissed"])
+def test_a_token_given_after_a_refusal_loads_the_conversation(
+        page: Any, make_server: Callable[..., Server], llm: FakeLLM, refusal: str) -> None:
+    # Its turns were asked for once, refused (401), and not again: the conversation
+    # showed only after a reload, and the next question went without it.
+    token = "tab-secret-3-7c2d9a"
+    server = make_server(env={"OPENAI_BASE_URL": llm.base_url, "OFFLOAD_API_TOKEN": token})
+    with server.client(headers={"Authorization": f"Bearer {token}"}) as client:
+        first = stored_turn(client, "behind-a-token", "My name is Alice.")["id"]
+    page.add_init_script("localStorage.setItem('offload-session', 'behind-a-token')")
+    page.goto(server.url)
+    page.wait_for_selector("#token-input", state="visible", timeout=15_000)
+    if refusal == "wrong token":
+        page.fill("#token-input", "not-the-token")
+        page.press("#token-input", "Enter")
+        page.wait_for_function("document.querySelector('#token-dialog').open && document"
+                               ".querySelector('#token-note').textContent.includes('not accepted')",
+                               timeout=15_000)
+    else:
+        page.keyboard.press("Escape")
+        page.wait_for_selector("#token-needed", state="visible", timeout=5_000)
+        page.click("#token-ask")
+    page.fill("#token-input", token)
+    page.press("#token-input", "Enter")
+    page.wait_for_selector(f"#chat-log li[data-job-id='{first}'][data-state='completed']",
+                           timeout=15_000)
+    assert page.text_content("#chat-forget-note") == ""
+    page.wait_for_function("!document.querySelector('#chat-send').disabled", timeout=10_000)
+    page.fill("#chat-input", "What is my name?")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 2)
+    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] == "user"]
+    assert asked == ["My name is Alice.", "What is my name?"], asked
 
 
 def test_jobs_table_shows_a_chats_tokens(page: Any, server: Server) -> None:

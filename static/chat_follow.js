@@ -1,0 +1,141 @@
+// chat_follow.js — one reply followed to its end: its job's event stream (picked up
+// again where it stopped after a dropped connection; polled a while when the server
+// refuses it), the time waited shown, and a silence of 120 s said.
+
+import { apiJSON, followJob, FINAL_STATES } from "./api.js";
+import { part, setFinal } from "./chat_view.js";
+
+const STALL_MS = 120_000;   // say so after this long running with nothing from the server
+const POLL_MS = 1000;
+const POLLS_BETWEEN_STREAMS = 5;  // a refused stream is asked for again after these
+
+/** Follow the chat job `jobId`, shown in `li`, until it reaches a final state. Returns
+ * its follower ({jobId, li, output, stalled, done, finish(state, text, note)});
+ * `stalled(p)` is told when it has said nothing for STALL_MS, `ended(p)` once it is final. */
+export function followReply(li, jobId, { stalled, ended }) {
+  const started = Date.now();
+  const controller = new AbortController();
+  const p = {
+    jobId, li, controller, done: false, output: "", state: "queued",
+    activity: Date.now(), stalled: false,
+  };
+  li.setAttribute("aria-busy", "true");
+
+  const tick = () => {
+    if (p.done) return;
+    const secs = Math.floor((Date.now() - started) / 1000);
+    const el = part(li, "elapsed");
+    if (el) el.textContent = `${p.state === "queued" ? "queued" : "thinking"}… ${secs}s`;
+    // Waiting its turn, or on a hidden page (no stream then), is not silence.
+    if (p.state === "queued" || document.hidden) p.activity = Date.now();
+    if (!p.stalled && Date.now() - p.activity > STALL_MS) stall();
+  };
+  const timer = setInterval(tick, 500);
+  tick();
+
+  /** Nothing for STALL_MS while running: say so, let a new message go, keep following. */
+  function stall() {
+    p.stalled = true;
+    li.classList.add("stalled");
+    part(li, "note").textContent =
+      "No answer for 120 s; it shows here if it still comes (see Jobs)";
+    stalled(p);
+  }
+
+  function finish(state, text, note) {
+    if (p.done) return;
+    p.done = true;
+    clearInterval(timer);
+    controller.abort();
+    li.classList.remove("stalled");
+    setFinal(li, state, text, note);
+    ended(p);
+  }
+  p.finish = finish;
+
+  const onActivity = () => { p.activity = Date.now(); };
+
+  /** Show the job's copy after an event of its stream. */
+  function onJob(job) {
+    if (p.done || !job) return;
+    onActivity();
+    if (p.stalled && !FINAL_STATES.has(job.state)) {
+      p.stalled = false;  // it came after all
+      li.classList.remove("stalled");
+      part(li, "note").textContent = "";
+    }
+    if (job.state) p.state = job.state;
+    if (typeof job.output === "string" && job.output !== p.output) {
+      p.output = job.output;
+      part(li, "text").textContent = job.output;
+    }
+    if (FINAL_STATES.has(job.state)) finishFromJob(job);
+  }
+
+  function finishFromJob(job) {
+    const out = typeof job.output === "string" ? job.output : "";
+    const reply = out || replyFromResult(job.result);
+    if (job.state === "completed") {
+      finish("completed", reply, "");
+    } else if (job.state === "cancelled") {
+      finish("cancelled", reply, "Cancelled.");
+    } else {
+      const msg = (job.error && job.error.message) ||
+        (job.state === "timeout" ? "the job ran out of time" : "the job failed");
+      finish(job.state, `Error: ${msg}`, "");
+    }
+  }
+
+  /** Ask for the reply `times` times, a second apart (or until it has ended). */
+  async function poll(times) {
+    for (let i = 0; i < times && !p.done; i += 1) {
+      const r = await apiJSON(`/api/ai_chat_result/${encodeURIComponent(jobId)}`, { source: "chat" });
+      if (p.done) return;
+      if (r.ok && r.data) {
+        const d = r.data;
+        if (d.status === "completed") {
+          finish("completed", d.reply || "", "");
+          return;
+        }
+        if (d.status === "error") {
+          // Find out which final state it was (failed, cancelled, timeout).
+          const j = await apiJSON(`/api/jobs/${encodeURIComponent(jobId)}`);
+          const state = j.ok && j.data && FINAL_STATES.has(j.data.state) ? j.data.state : "failed";
+          if (state === "cancelled") finish("cancelled", p.output, "Cancelled.");
+          else finish(state, `Error: ${d.message || "the job failed"}`, "");
+          return;
+        }
+        if (d.status === "not_found") {
+          finish("failed", "Error: the job was not found on the server", "");
+          return;
+        }
+      }
+      await new Promise((res) => setTimeout(res, POLL_MS));
+    }
+  }
+
+  (async () => {
+    while (!p.done) {
+      try {
+        await followJob(`/api/jobs/${encodeURIComponent(jobId)}/events`, {
+          onJob,
+          onActivity,
+          signal: controller.signal,
+          source: "chat",
+        });
+      } catch {
+        /* the server refused the stream: poll a while, then follow it again */
+      }
+      // Polled to its end, a reply refused its stream once (every stream of the server
+      // taken, a proxy's 502 while the server restarted) stood still until it had ended.
+      if (!p.done) await poll(POLLS_BETWEEN_STREAMS);
+    }
+  })().catch(() => { /* never surface to the console */ });
+  return p;
+}
+
+function replyFromResult(result) {
+  if (!result) return "";
+  if (typeof result === "string") return result;
+  return result.reply || result.text || result.content || "";
+}
