@@ -167,6 +167,7 @@ async function send(text) {
     if (pending === placeholder) pending = newestWaited();
     if (!r.ok || !r.data || !r.data.job_id) {
       setFinal(li, "failed", `Error: ${r.error || "no job id returned"}`, "");
+      if (!input.value) input.value = text;  // to send again as it was, not typed again
       updateButtons();
       return;
     }
