@@ -3,7 +3,7 @@
 // refuses it), the time waited shown, and a silence of 120 s said.
 
 import { apiJSON, followJob, FINAL_STATES } from "./api.js";
-import { part, setFinal } from "./chat_view.js";
+import { keepingEnd, part, setFinal } from "./chat_view.js";
 
 const STALL_MS = 120_000;   // say so after this long running with nothing from the server
 const POLL_MS = 1000;
@@ -48,7 +48,7 @@ export function followReply(li, jobId, { stalled, ended }) {
     clearInterval(timer);
     controller.abort();
     li.classList.remove("stalled");
-    setFinal(li, state, text, note);
+    keepingEnd(li, () => setFinal(li, state, text, note));
     ended(p);
   }
   p.finish = finish;
@@ -67,7 +67,7 @@ export function followReply(li, jobId, { stalled, ended }) {
     if (job.state) p.state = job.state;
     if (typeof job.output === "string" && job.output !== p.output) {
       p.output = job.output;
-      part(li, "text").textContent = job.output;
+      keepingEnd(li, () => { part(li, "text").textContent = job.output; });
     }
     if (FINAL_STATES.has(job.state)) finishFromJob(job);
   }

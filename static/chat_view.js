@@ -34,6 +34,15 @@ export function makeAssistant(jobId, question, asked) {
   return li;
 }
 
+/** Change a bubble; the conversation's box kept at its end if it was there (a reply that
+ * grew past the bottom went on out of sight). */
+export function keepingEnd(li, change) {
+  const box = li.parentElement;
+  const atEnd = box && box.scrollHeight - box.scrollTop - box.clientHeight < 24;
+  change();
+  if (atEnd) box.scrollTop = box.scrollHeight;
+}
+
 export function setFinal(li, state, text, note) {
   li.dataset.state = state;
   li.setAttribute("aria-busy", "false");

@@ -554,6 +554,25 @@ def test_cancel_stops_a_chat(page: Any, make_server: Callable[..., Server]) -> N
     assert job["state"] == "cancelled"
 
 
+def test_a_long_reply_is_followed_to_its_end(page: Any,
+                                             make_server: Callable[..., Server]) -> None:
+    # The conversation's box stayed where it was as the reply grew past its bottom: the
+    # reply's end was out of sight until scrolled to by hand.
+    with FakeLLM(pieces=[f"Line {n} of a long reply.\n" for n in range(60)],
+                 delay_s=0.05) as fake:
+        server = make_server(env={"OPENAI_BASE_URL": fake.base_url})
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        completed_shown(page, 1)
+    log = page.locator("#chat-log")
+    assert log.evaluate("el => el.scrollHeight > el.clientHeight"), "a reply longer than the box"
+    assert log.evaluate("el => el.scrollHeight - el.scrollTop - el.clientHeight < 2")
+    assert page.locator("#chat-log li.msg.assistant").evaluate(
+        "li => { const box = li.parentElement.getBoundingClientRect();"
+        " return li.getBoundingClientRect().bottom <= box.bottom + 1; }"), "its end in sight"
+
+
 def test_a_reply_cancelled_while_its_polls_failed_leaves_no_banner(
         page: Any, make_server: Callable[..., Server]) -> None:
     # Its stream refused, its polls answered 502 (a proxy while the server restarted): the
