@@ -84,6 +84,7 @@ function follow(li, jobId) {
   live.push(p);
   pending = p;
   updateButtons();
+  return p;
 }
 
 /** The newest turn a new message waits for (none stalled). */
@@ -95,7 +96,7 @@ function newestWaited() {
 function updateButtons() {
   const busy = Boolean(pending);
   cancelBtn.hidden = !busy;
-  cancelBtn.disabled = !busy;
+  cancelBtn.disabled = !busy || Boolean(pending && pending.cancelled);
   sendBtn.disabled = busy || restoring || forgetting;
   forgetBtn.disabled = restoring || forgetting;
 }
@@ -137,7 +138,7 @@ async function send(text) {
   const asked = place(makeUser(text));
   const li = place(makeAssistant(null, text, asked));
   part(li, "elapsed").textContent = "sending…";
-  const placeholder = { placeholder: true };
+  const placeholder = { placeholder: true, li };
   pending = placeholder;
   updateButtons();
   // Turns another tab added, still loading: the question carries them.
@@ -172,16 +173,28 @@ async function send(text) {
       return;
     }
     li.dataset.jobId = r.data.job_id;
-    follow(li, r.data.job_id);
+    const p = follow(li, r.data.job_id);
     announce(session);
+    if (placeholder.cancelled) cancelReply(p).catch(() => {});
   } finally {
     sent();
   }
 }
 
 async function cancel() {
-  if (!pending || !pending.jobId) return;
-  const p = pending;
+  if (!pending) return;
+  if (pending.placeholder) {
+    // No job id yet (a slow server still taking the question): the click did nothing, and
+    // the reply came all the same. It is stopped as soon as it has one.
+    pending.cancelled = true;
+    part(pending.li, "elapsed").textContent = "cancelling…";
+    updateButtons();
+    return;
+  }
+  await cancelReply(pending);
+}
+
+async function cancelReply(p) {
   cancelBtn.disabled = true;
   const r = await apiJSON(`/api/jobs/${encodeURIComponent(p.jobId)}`, { method: "DELETE" });
   if (r.ok && r.data && r.data.state === "cancelled" && !p.done) {

@@ -554,6 +554,31 @@ def test_cancel_stops_a_chat(page: Any, make_server: Callable[..., Server]) -> N
     assert job["state"] == "cancelled"
 
 
+def test_a_reply_cancelled_while_its_question_is_sent_is_cancelled(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # "Cancel reply" showed while a slow server took the question, and did nothing when
+    # pressed: the reply came all the same.
+    with FakeLLM(pieces=["word "] * 200, delay_s=0.1) as slow:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
+        held: list[Any] = []
+        page.route("**/api/ai_chat_async", lambda route: held.append(route))
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        deadline = time.monotonic() + 20
+        while not held and time.monotonic() < deadline:
+            page.wait_for_timeout(100)
+        assert held, "the question was sent"
+        assert page.is_enabled("#chat-cancel")
+        page.click("#chat-cancel")
+        held[0].continue_()
+        page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
+                               timeout=20_000)
+        job_id = page.get_attribute("#chat-log li.msg.assistant", "data-job-id")
+        job = httpx.get(f"{server.url}/api/jobs/{job_id}").json()
+    assert job["state"] == "cancelled"
+
+
 def test_a_long_reply_is_followed_to_its_end(page: Any,
                                              make_server: Callable[..., Server]) -> None:
     # The conversation's box stayed where it was as the reply grew past its bottom: the
