@@ -95,10 +95,16 @@ function newestWaited() {
 
 function updateButtons() {
   const busy = Boolean(pending);
+  const focused = document.activeElement;
   cancelBtn.hidden = !busy;
   cancelBtn.disabled = !busy || Boolean(pending && pending.cancelled);
   sendBtn.disabled = busy || restoring || forgetting;
   forgetBtn.disabled = restoring || forgetting;
+  // A button pressed from the keyboard, then disabled or hidden, dropped the focus to
+  // the start of the page: it goes back to the question's box.
+  if ([sendBtn, cancelBtn, forgetBtn].includes(focused) && (focused.disabled || focused.hidden)) {
+    input.focus();
+  }
 }
 
 // ---- actions ----------------------------------------------------------------
@@ -195,6 +201,7 @@ async function cancel() {
 }
 
 async function cancelReply(p) {
+  if (document.activeElement === cancelBtn) input.focus();  // as updateButtons says
   cancelBtn.disabled = true;
   const r = await apiJSON(`/api/jobs/${encodeURIComponent(p.jobId)}`, { method: "DELETE" });
   if (r.ok && r.data && r.data.state === "cancelled" && !p.done) {

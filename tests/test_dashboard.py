@@ -598,6 +598,26 @@ def test_a_long_reply_is_followed_to_its_end(page: Any,
         " return li.getBoundingClientRect().bottom <= box.bottom + 1; }"), "its end in sight"
 
 
+def test_keys_pressed_on_the_chats_buttons_leave_the_focus_in_the_box(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # Send disabled, Cancel reply hidden as they were pressed: the focus fell to the start
+    # of the page, and a keyboard user tabbed back through it all to type again.
+    with FakeLLM(pieces=["word "] * 200, delay_s=0.1) as slow:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.focus("#chat-send")
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                               "?.textContent.includes('word')", timeout=20_000)
+        assert page.evaluate("document.activeElement.id") == "chat-input"
+        page.focus("#chat-cancel")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
+                               timeout=20_000)
+        assert page.evaluate("document.activeElement.id") == "chat-input"
+
+
 def test_a_reply_cancelled_while_its_polls_failed_leaves_no_banner(
         page: Any, make_server: Callable[..., Server]) -> None:
     # Its stream refused, its polls answered 502 (a proxy while the server restarted): the
