@@ -22,6 +22,7 @@ const FORGET_RETRY_MS = 1000;  // a forget answered 409 (a turn still stopping) 
 const FORGET_TRIES = 30;       // after this, as many times at the most
 const RESTORE_RETRY_MS = 1000;      // the conversation's turns asked again after this,
 const RESTORE_RETRY_MAX_MS = 10_000; // doubling up to this
+const RESTORE_SLOW_MS = 1000;        // then "Loading this conversation…" is said
 
 let pending = null;         // the newest reply awaited: Cancel stops it, Send waits for it
 const live = [];            // every turn followed to its end, oldest first
@@ -311,6 +312,18 @@ function showTurns(turns) {
  * server cannot answer: a page that went on without them showed an empty conversation,
  * and its next question went without the earlier turns. */
 async function restore() {
+  // A slow server: Send stayed disabled over an empty conversation, and nothing said why.
+  const slow = setTimeout(() => {
+    if (!forgetNote.textContent) forgetNote.textContent = "Loading this conversation…";
+  }, RESTORE_SLOW_MS);
+  try {
+    await loadTurns();
+  } finally {
+    clearTimeout(slow);
+  }
+}
+
+async function loadTurns() {
   let r;
   for (let delay = RESTORE_RETRY_MS; ; delay = Math.min(delay * 2, RESTORE_RETRY_MAX_MS)) {
     const asked = SESSION;

@@ -183,12 +183,16 @@ def test_a_message_waits_for_the_earlier_turns_to_load(page: Any, server: Server
         page.wait_for_timeout(100)
     assert held, "the page asked for the session's turns"
     assert page.is_disabled("#chat-send")
+    # Nothing said why Send stayed disabled over an empty conversation.
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           " === 'Loading this conversation…'", timeout=5_000)
     page.fill("#chat-input", "What is my name?")
     page.press("#chat-input", "Enter")  # not sent yet
     held[0].continue_()
     page.wait_for_selector(f"#chat-log li[data-job-id='{first}'][data-state='completed']")
     page.wait_for_function("!document.querySelector('#chat-send').disabled", timeout=20_000)
     assert page.input_value("#chat-input") == "What is my name?"
+    assert page.text_content("#chat-forget-note") == ""
     page.press("#chat-input", "Enter")
     page.wait_for_function("document.querySelectorAll('#chat-log li.msg.assistant"
                            "[data-state=completed]').length === 2", timeout=30_000)
