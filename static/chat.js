@@ -6,18 +6,11 @@
 
 import { apiJSON, FINAL_STATES, reportOk, tokenGiven } from "./api.js";
 import { followReply } from "./chat_follow.js";
-import { historyOf, makeAssistant, makeTurn, makeUser, part, setFinal } from "./chat_view.js";
+import { makeAssistant, makeTurn, makeUser, messagesFor, part, setFinal } from "./chat_view.js";
 
 const SESSION_KEY = "offload-session";
 const TURN_KEY = "offload-session-turn";   // {session, at}: a tab's turn was sent or ended
 const FORGOTTEN_KEY = "offload-forgotten"; // {session, next}: written by a forget alone
-// What the API takes in a chat's body (jobs/inputs.py, MAX_BODY_BYTES): 200 messages of
-// 100,000 characters each, in at most 1 MB. A long conversation sends the latest turns
-// that fit; the older ones are left out (a model's context holds no more anyway).
-const MAX_MESSAGES = 200;
-const MAX_CONTENT_CHARS = 100_000;
-const MAX_BODY_BYTES = 1_000_000;
-const BODY_ROOM = 4096;     // the body's other fields and its framing
 const FORGET_RETRY_MS = 1000;  // a forget answered 409 (a turn still stopping) asked again
 const FORGET_TRIES = 30;       // after this, as many times at the most
 const RESTORE_RETRY_MS = 1000;      // the conversation's turns asked again after this,
@@ -110,36 +103,6 @@ function updateButtons() {
 
 // ---- actions ----------------------------------------------------------------
 
-const utf8 = new TextEncoder();
-const bytesOf = (message) => utf8.encode(JSON.stringify(message)).length + 1;
-
-/** Whether `text` is over the API's characters: code points, as it counts them (an
- * emoji is two UTF-16 units of `length`, one character there). */
-function tooLong(text) {
-  if (text.length <= MAX_CONTENT_CHARS) return false;
-  let chars = 0;
-  for (const _ of text) if ((chars += 1) > MAX_CONTENT_CHARS) return true;
-  return false;
-}
-
-/** The messages of a new question: the latest turns shown that fit the API's bounds,
- * then the question. A turn is a question and its reply, kept together. */
-function messagesFor(text) {
-  const history = historyOf(log);
-  const question = { role: "user", content: text };
-  let bytes = BODY_ROOM + bytesOf(question) + utf8.encode(JSON.stringify(SESSION)).length;
-  let first = history.length;
-  while (first >= 2) {
-    const turn = history.slice(first - 2, first);
-    const size = turn.reduce((sum, m) => sum + bytesOf(m), 0);
-    if (history.length - first + 2 > MAX_MESSAGES - 1 || bytes + size > MAX_BODY_BYTES
-        || turn.some((m) => tooLong(m.content))) break;
-    bytes += size;
-    first -= 2;
-  }
-  return [...history.slice(first), question];
-}
-
 async function send(text) {
   const session = SESSION;
   const asked = place(makeUser(text));
@@ -164,7 +127,7 @@ async function send(text) {
     // (which would say "retrying" until the next message).
     const r = await apiJSON("/api/ai_chat_async", {
       method: "POST",
-      body: { messages: messagesFor(text), session_id: session },
+      body: { messages: messagesFor(log, text, session), session_id: session },
     });
     if (session !== SESSION) {
       // Forgotten while it was being sent: it goes too (it may have landed after the erase).

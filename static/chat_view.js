@@ -3,6 +3,14 @@
 
 import { FINAL_STATES } from "./api.js";
 
+// What the API takes in a chat's body (jobs/inputs.py, MAX_BODY_BYTES): 200 messages of
+// 100,000 characters each, in at most 1 MB. A long conversation sends the latest turns
+// that fit; the older ones are left out (a model's context holds no more anyway).
+const MAX_MESSAGES = 200;
+const MAX_CONTENT_CHARS = 100_000;
+const MAX_BODY_BYTES = 1_000_000;
+const BODY_ROOM = 4096;     // the body's other fields and its framing
+
 export const part = (li, cls) => li.querySelector(`.${cls}`);
 
 /** A question's bubble, not placed yet. */
@@ -77,7 +85,7 @@ export function makeTurn(turn) {
 
 /** The conversation so far, oldest first: each completed reply shown, after its question.
  * Read from the page, so it is what the page shows, whichever tab asked it. */
-export function historyOf(log) {
+function historyOf(log) {
   const messages = [];
   for (const li of log.querySelectorAll("li.msg.assistant[data-state='completed']")) {
     if (li.question) {
@@ -85,4 +93,34 @@ export function historyOf(log) {
     }
   }
   return messages;
+}
+
+const utf8 = new TextEncoder();
+const bytesOf = (message) => utf8.encode(JSON.stringify(message)).length + 1;
+
+/** Whether `text` is over the API's characters: code points, as it counts them (an
+ * emoji is two UTF-16 units of `length`, one character there). */
+function tooLong(text) {
+  if (text.length <= MAX_CONTENT_CHARS) return false;
+  let chars = 0;
+  for (const _ of text) if ((chars += 1) > MAX_CONTENT_CHARS) return true;
+  return false;
+}
+
+/** The messages of a new question in `session`: the latest turns shown that fit the
+ * API's bounds, then the question. A turn is a question and its reply, kept together. */
+export function messagesFor(log, text, session) {
+  const history = historyOf(log);
+  const question = { role: "user", content: text };
+  let bytes = BODY_ROOM + bytesOf(question) + utf8.encode(JSON.stringify(session)).length;
+  let first = history.length;
+  while (first >= 2) {
+    const turn = history.slice(first - 2, first);
+    const size = turn.reduce((sum, m) => sum + bytesOf(m), 0);
+    if (history.length - first + 2 > MAX_MESSAGES - 1 || bytes + size > MAX_BODY_BYTES
+        || turn.some((m) => tooLong(m.content))) break;
+    bytes += size;
+    first -= 2;
+  }
+  return [...history.slice(first), question];
 }
