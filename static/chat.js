@@ -65,6 +65,11 @@ function follow(li, jobId) {
       if (pending === q) pending = newestWaited();
       updateButtons();
     },
+    // Awaited again: it had no Cancel reply (and Send was free) to its end.
+    resumed: () => {
+      if (!pending || !pending.placeholder) pending = newestWaited();
+      updateButtons();
+    },
     ended: (q) => {
       if (!dropping) announce(session);
       live.splice(live.indexOf(q), 1);

@@ -11,8 +11,9 @@ const POLLS_BETWEEN_STREAMS = 5;  // a refused stream is asked for again after t
 
 /** Follow the chat job `jobId`, shown in `li`, until it reaches a final state. Returns
  * its follower ({jobId, li, output, stalled, done, finish(state, text, note)});
- * `stalled(p)` is told when it has said nothing for STALL_MS, `ended(p)` once it is final. */
-export function followReply(li, jobId, { stalled, ended }) {
+ * `stalled(p)` is told when it has said nothing for STALL_MS, `resumed(p)` when it speaks
+ * again, `ended(p)` once it is final. */
+export function followReply(li, jobId, { stalled, resumed, ended }) {
   const started = Date.now();
   const controller = new AbortController();
   const p = {
@@ -63,6 +64,7 @@ export function followReply(li, jobId, { stalled, ended }) {
       p.stalled = false;  // it came after all
       li.classList.remove("stalled");
       part(li, "note").textContent = "";
+      resumed(p);
     }
     if (job.state) p.state = job.state;
     if (typeof job.output === "string" && job.output !== p.output) {

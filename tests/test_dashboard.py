@@ -622,6 +622,33 @@ def test_keys_pressed_on_the_chats_buttons_leave_the_focus_in_the_box(
         assert page.evaluate("document.activeElement.id") == "chat-input"
 
 
+def test_a_reply_that_speaks_again_after_a_silence_can_be_cancelled(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # Said silent after 120 s, then streaming again, it had no Cancel reply to its end.
+    with FakeLLM(pieces=["word "] * 300, delay_s=0.2) as slow:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
+        page.clock.install()
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                               "?.textContent.includes('word')", timeout=20_000)
+        page.evaluate("""() => {
+            const li = document.querySelector('#chat-log li.msg.assistant');
+            window.wentSilent = false;
+            new MutationObserver(() => { window.wentSilent ||= li.classList.contains('stalled'); })
+                .observe(li, {attributes: true, attributeFilter: ['class']});
+        }""")
+        page.clock.fast_forward("03:00")  # no word for three minutes, as the page tells
+        page.wait_for_function("window.wentSilent && !document.querySelector("
+                               "'#chat-log li.msg.assistant').classList.contains('stalled')",
+                               timeout=10_000)
+        assert page.is_visible("#chat-cancel")
+        page.click("#chat-cancel")
+        page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
+                               timeout=20_000)
+
+
 def test_a_reply_cancelled_while_its_polls_failed_leaves_no_banner(
         page: Any, make_server: Callable[..., Server]) -> None:
     # Its stream refused, its polls answered 502 (a proxy while the server restarted): the
