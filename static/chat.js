@@ -144,6 +144,11 @@ async function send(text) {
     if (!r.ok || !r.data || !r.data.job_id) {
       setFinal(li, "failed", `Error: ${r.error || "no job id returned"}`, "");
       if (!input.value) input.value = text;  // to send again as it was, not typed again
+      if (!r.status) {
+        // No answer (the connection cut): the server may have taken it all the same.
+        li.unanswered = text;
+        requestSync();
+      }
       updateButtons();
       return;
     }
@@ -266,9 +271,18 @@ function showTurns(turns) {
     const have = turn.job_id && shown.get(turn.job_id);
     if (have) { after = have; continue; }
     const li = makeTurn(turn);
-    const nodes = li.asked ? [li.asked, li] : [li];
-    if (after) after.after(...nodes);
-    else log.prepend(...nodes);
+    const lost = [...log.querySelectorAll("li.msg.assistant:not([data-job-id])")]
+      .find((el) => el.unanswered && el.unanswered === turn.question);
+    if (lost) {
+      // Sent here, its answer cut: the error it showed was this turn, which the server had.
+      li.asked = lost.asked;
+      lost.replaceWith(li);
+      if (input.value === turn.question) input.value = "";
+    } else {
+      const nodes = li.asked ? [li.asked, li] : [li];
+      if (after) after.after(...nodes);
+      else log.prepend(...nodes);
+    }
     after = li;
     added = true;
     if (turn.job_id && !FINAL_STATES.has(turn.state)) follow(li, turn.job_id);

@@ -253,6 +253,24 @@ def test_a_message_that_could_not_be_sent_leaves_no_banner(page: Any, server: Se
     page.wait_for_selector("#net-error", state="hidden", timeout=30_000)
 
 
+def test_a_question_whose_answer_was_cut_shows_its_reply(page: Any, server: Server) -> None:
+    # The connection cut after the server had taken the question: the page said "Error:
+    # network error" while the reply ran on the server, shown nowhere until a reload.
+    def take_then_cut(route: Any) -> None:
+        route.fetch()  # the server takes it
+        route.abort("connectionreset")
+
+    page.route("**/api/ai_chat_async", take_then_cut)
+    page.goto(server.url)
+    page.fill("#chat-input", "How is the CPU?")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 1)
+    assert "The CPU is busy but fine right now." in page.inner_text("#chat-log")
+    assert questions_shown(page) == ["How is the CPU?"]
+    assert page.locator("#chat-log li.msg.assistant").count() == 1
+    assert page.input_value("#chat-input") == "", "not to be sent again"
+
+
 def test_a_proxy_whose_server_is_down_is_said(page: Any, server: Server) -> None:
     # Behind a proxy, a server down is a 502 for every request, not a failed connection:
     # the page said nothing, its figures and table stale, as if all were well.
