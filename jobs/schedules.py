@@ -164,7 +164,6 @@ def parse_cron(expression: object, zone: object) -> tuple[str, str | None]:
                          "of numbers, *, lists, ranges and steps), or one of "
                          f"{', '.join(CRON_NAMES)}, not {_shown(expression)}")
     cron = " ".join(fields)
-    _ranges_forward(fields, expression)
     if zone is not None and (not isinstance(zone, str) or zone not in _zone_names()):
         raise ValueError(f"`timezone` must be a time zone's name, such as \"UTC\" or "
                          f"\"Europe/Berlin\", not {_shown(zone)}")
@@ -183,34 +182,6 @@ _CRON_FIELD = re.compile(r"[0-9a-z*,/-]+")  # and letters only in the names belo
 _CRON_WORDS = ((), (), (), ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep",
                             "oct", "nov", "dec"), ("sun", "mon", "tue", "wed", "thu", "fri", "sat"))
 MAX_CRON_CHARS = 200
-
-
-_CRON_NAMES = ("minute", "hour", "day of the month", "month", "weekday")
-_CRON_BOUNDS = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 6))
-
-
-def _ranges_forward(fields: list[str], expression: object) -> None:
-    """Refuses a range that runs backwards (`5-2`), as crontab does: croniter wraps it
-    round (5 to 2 via midnight), which is rarely what was meant and never what cron does."""
-    if len(fields) != 5:
-        return  # @daily and the like
-    for field, name, words, (low, high) in zip(fields, _CRON_NAMES, _CRON_WORDS, _CRON_BOUNDS,
-                                               strict=True):
-        for part in field.split(","):
-            first, dash, last = part.partition("/")[0].partition("-")
-            if not dash:
-                continue
-            ends = [words.index(each) + (name == "month") if each in words else each
-                    for each in (first, last)]
-            if not all(isinstance(each, int) or each.isdigit() for each in ends):
-                continue  # croniter's own checks have said what else is wrong
-            start, end = (int(each) for each in ends)
-            if start > end:
-                wrapped = f"{start}-{high}" if start < high else f"{start}"
-                rest = f"{low}-{end}" if end > low else f"{low}"
-                raise ValueError(f"`cron` {_shown(expression)}: its {name} field's range "
-                                 f"{first}-{last} runs backwards, which crontab refuses; "
-                                 f"write it as two ranges, {wrapped},{rest}")
 
 
 def _crontab_fields(fields: list[str]) -> bool:
