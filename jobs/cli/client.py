@@ -134,23 +134,19 @@ def _checked(url: str, source: str) -> str:
     """`url` as the server's address, or a Failure that says what is wrong with it."""
     url = url.strip().rstrip("/")
     scheme, sep, rest = url.partition("://")
-    if sep and _holds_userinfo(rest):  # looked at first: no other message may show a password
+    if sep and "@" in rest:  # looked at first: no other message may show a password
         shown = f"{scheme}://{rest.rpartition('@')[2]}"
         raise Failure(EXIT_USAGE, f"the server's address {shown!r} (from {source}) holds a user "
                                   "or password, which Offload does not take: give the address "
                                   "alone, and the token in OFFLOAD_API_TOKEN")
-    # What precedes an `@` may be a password all the same (`user:p/w@host`): never shown.
-    hidden = bool(sep and "@" in rest)
-    shown = f"{scheme}://...@{rest.rpartition('@')[2]}" if hidden else url
-    address = f"the server's address {shown!r} (from {source})"
+    address = f"the server's address {url!r} (from {source})"
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - read for its ValueError: a port that is no number
         if re.search(r"[\s\x00-\x1f\x7f]", url):  # http.client refuses it as it sends
             raise ValueError("it holds a space or a control character")
     except ValueError as exc:  # an unclosed [, say
-        why = "" if hidden else f" ({exc})"  # ValueError quotes the port, a password's part
-        raise Failure(EXIT_USAGE, f"{address} is not a URL{why}; like "
+        raise Failure(EXIT_USAGE, f"{address} is not a URL ({exc}); like "
                                   "http://127.0.0.1:8001") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Failure(EXIT_USAGE, f"{address} is not an http:// or https:// URL; like "
@@ -159,16 +155,6 @@ def _checked(url: str, source: str) -> str:
         raise Failure(EXIT_USAGE, f"{address} has a query or fragment; give its start "
                                   "alone, like http://127.0.0.1:8001")
     return url
-
-
-def _holds_userinfo(rest: str) -> bool:
-    """Whether an address (after its `scheme://`) holds a user or password: an `@` in its
-    authority, or one followed by an address with a port (`user:p/w@host:8001`, a password
-    with a slash or a `#` not percent-encoded). An `@` in the path alone (`/proxy/@x`) is
-    a path's."""
-    if "@" in re.split(r"[/?#]", rest, maxsplit=1)[0]:
-        return True
-    return bool(re.search(r"@(\[[^\]]*\]|[^/?#@:]+):\d+(?:[/?#]|$)", rest))
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
