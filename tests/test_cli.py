@@ -767,6 +767,9 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             *((["status", "--url", server.url.replace("//", f"//user:{pw}@")],
                f"{server.url}' (from --url) holds a user or password")
               for pw in ("pw", "p/w", "p#w", "12/3")),
+            # Taken as host `me`, port 8080, where the token went.
+            (["status", "--url", "http://me:8080/s3cret@127.0.0.1"],
+             "'http://127.0.0.1' (from --url) holds a user or password"),
             # "cannot reach Offload ... URL can't contain control characters", exit 3
             (["status", "--url", "http://exa mple"], "holds a space or a control character")]:
         done = cli(server.url, *args)
