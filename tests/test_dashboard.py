@@ -971,10 +971,14 @@ def test_a_page_another_program_left_in_the_cache_is_emptied_out_by_the_dashboar
     try:
         page.goto(fresh_url(server.url))  # as launch.py opens it
         wait_for(lambda: title_of(page) == "Offload dashboard", 30, what="the dashboard")
-        page.goto(server.url)  # the bookmark
+        bookmark = page.goto(server.url)
         time.sleep(1)  # their page's script would have read the API by now
         assert title_of(page) == "Offload dashboard"
         assert fresh_url(server.url) != fresh_url(server.url)
+        # Only the address launch.py opens empties the cache (of every port of this host).
+        assert bookmark is not None and "clear-site-data" not in bookmark.headers
+        opened = httpx.get(fresh_url(server.url))
+        assert opened.headers.get("clear-site-data") == '"cache"', opened.headers
     finally:
         server.stop()
 

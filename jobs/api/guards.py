@@ -36,10 +36,12 @@ self.addEventListener("activate", (event) => event.waitUntil((async () => {
   for (const client of await self.clients.matchAll({ type: "window" })) client.navigate(client.url);
 })()));
 """
-# A page of ours empties the browser's cache of this address before it shows: a page
-# another program served here before Offload ran, cached for long, would be shown in its
-# place and read the API as this address's own.
+# The page launch.py opens (`/?opened=...`) empties the browser's cache of this address:
+# a page another program served here before Offload ran, cached for long, would be shown
+# in its place and read the API as this address's own. Only then: Chromium searches its
+# whole disk cache for it, and it empties the cache of every server of this host name.
 CLEAR_CACHE = (b"clear-site-data", b'"cache"')
+OPENED_BY_LAUNCHER = re.compile(rb"(^|&)opened=")
 CLOSED_DETAIL = "the connection closed before its account could be told"
 UNKNOWN_DETAIL = ("this Offload answers only the account that runs it, and could not tell "
                   "whose this connection is just now (the server is short of file "
@@ -111,15 +113,17 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
 
-        async def send_framing_rules(message: Message) -> None:
+        clear_cache = bool(OPENED_BY_LAUNCHER.search(scope.get("query_string", b"")))
+
+        async def send_page_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [*message.get("headers", ()), *self.frame_headers]
-                if (b"content-type", b"text/html; charset=utf-8") in headers:
+                if clear_cache and (b"content-type", b"text/html; charset=utf-8") in headers:
                     headers.append(CLEAR_CACHE)
                 message = {**message, "headers": headers}
             await send(message)
 
-        await self.app(scope, receive, send_framing_rules)
+        await self.app(scope, receive, send_page_headers)
 
     def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
         """The status and detail a request is refused with, if it is."""
