@@ -50,17 +50,26 @@ def _open_lock() -> IO[bytes]:
     """The lock file, which only this account can open: flock needs no right to write,
     so any account that could open it held it, and every start waited for good."""
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-    for _ in range(3):
-        fd = os.open(START_LOCK, flags, 0o600)
-        if os.name == "nt" or not stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
-            return os.fdopen(fd, "a+b")
-        os.close(fd)
-        # Left open by an earlier version: another account may hold it open already, so a
-        # new file of ours alone takes its place (changing its mode would not close theirs).
-        fresh = START_LOCK.with_name(f"{START_LOCK.name}.{os.getpid()}")
-        os.close(os.open(fresh, flags | os.O_TRUNC, 0o600))
+    fd = os.open(START_LOCK, flags, 0o600)
+    if os.name == "nt" or _ours_alone(fd):
+        return os.fdopen(fd, "a+b")
+    os.close(fd)
+    # Left open by an earlier version: another account may hold it open already, so a
+    # new file of ours alone takes its place (changing its mode would not close theirs).
+    fresh = START_LOCK.with_name(f"{START_LOCK.name}.{os.getpid()}")
+    fd = os.open(fresh, flags | os.O_TRUNC, 0o600)
+    if _ours_alone(fd):
         os.replace(fresh, START_LOCK)
-    raise PermissionError(f"{START_LOCK} stays open to other accounts")
+        return os.fdopen(fd, "a+b")
+    # Made 0600 and open to all: a file system without modes (FAT, SMB), where no mode
+    # keeps another account out, so the lock there serves as it is.
+    os.close(fd)
+    os.unlink(fresh)
+    return os.fdopen(os.open(START_LOCK, flags, 0o600), "a+b")
+
+
+def _ours_alone(fd: int) -> bool:
+    return not stat.S_IMODE(os.fstat(fd).st_mode) & 0o077
 
 
 def _try_lock(lock: IO[bytes]) -> bool:
