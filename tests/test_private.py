@@ -830,8 +830,14 @@ def test_a_settings_file_holding_a_secret_is_made_the_owners_alone(
         server = Server(public / "data", public / "server.log", NO_MODEL, cwd=public).start()
         attempt = _read_as(other_account, env_file)
         assert attempt.returncode != 0 and "Permission denied" in attempt.stderr, attempt
-        assert _mode(env_file) == 0o600 and env_file.read_text() == secrets
-        assert "is now readable by its owner only" in (public / "server.log").read_text()
+        assert _mode(env_file) == 0o640 and env_file.read_text() == secrets
+        assert "is now readable by its owner (and group) only" in (
+            public / "server.log").read_text()
+        server.stop()
+        # Shared with a group on purpose (a service account of it): left as it is.
+        env_file.chmod(0o640)
+        server = Server(public / "data", public / "server.log", NO_MODEL, cwd=public).start()
+        assert _mode(env_file) == 0o640
         server.stop()
         # One that holds no secret is left as it is.
         env_file.write_text(f"OFFLOAD_URL=http://127.0.0.1:{free_port()}\n")

@@ -17,7 +17,6 @@ from jobs.protocol import ROOT
 log = logging.getLogger(__name__)
 
 PRIVATE_UMASK = 0o077  # every process Offload starts creates files 0600, folders 0700
-READ_BY_OTHERS = stat.S_IRGRP | stat.S_IROTH
 # A settings line that gives a secret: the model server's key, the API's token, or a model
 # server's address with a password in it (in any case, as the settings read names).
 SECRET_SETTING = re.compile(
@@ -130,27 +129,29 @@ def read_settings_file(path: str, what: str = "a settings file") -> bytes | None
             if st.st_mode & stat.S_IWOTH:
                 raise UnsafeSettingsFile("every account can write it (chmod o-w it)")
         data = f.read()
-        if st.st_mode & READ_BY_OTHERS and SECRET_SETTING.search(data):
+        # Readable by a group only: shared on purpose (a service account of that group).
+        if st.st_mode & stat.S_IROTH and SECRET_SETTING.search(data):
             _keep_secret(fd, path, stat.S_IMODE(st.st_mode))
         return data
 
 
 def _keep_secret(fd: int, path: str, mode: int) -> None:
-    """A settings file that holds a secret, made readable by its owner only: any account
-    could read the key or the token in a `.env` made with the usual umask (0644)."""
+    """A settings file that holds a secret, made unreadable by every other account: any
+    of them could read the key or the token in a `.env` made with the usual umask (0644)."""
     if sys.platform == "win32":  # no such modes: the profile's ACLs decide
         return
+    private = mode & 0o770
     try:
-        os.fchmod(fd, mode & 0o700)
+        os.fchmod(fd, private)
     except OSError as exc:  # a file of root's or of the project's owner, say
-        log.warning("%s holds a secret (a key, a token or a password) that other accounts "
-                    "can read, and could not be made yours alone (%s): chmod 600 it", path,
+        log.warning("%s holds a secret (a key, a token or a password) that every account "
+                    "can read, and its mode could not be changed (%s): chmod o-r it", path,
                     exc.strerror)
         return
-    log.warning("%s holds a secret (a key, a token or a password) and was readable by other "
-                "accounts (mode %03o): it is now readable by its owner only (chmod %03o); "
-                "change the secret if another account may have read it", path, mode,
-                mode & 0o700)
+    log.warning("%s holds a secret (a key, a token or a password) and was readable by every "
+                "account (mode %03o): it is now readable by its owner (and group) only "
+                "(chmod %03o); change the secret if another account may have read it", path,
+                mode, private)
 
 
 def not_utf8(data: bytes) -> str | None:
