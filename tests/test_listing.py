@@ -95,3 +95,13 @@ def test_an_unknown_fields_value_is_a_422_that_names_the_known_ones(server: Serv
             assert answer.status_code == 422, answer.text
             assert answer.json()["detail"] == ("invalid request: query.fields: Input should "
                                                "be 'full' or 'summary'")
+
+
+def test_an_input_of_empty_strings_is_previewed_from_its_start_alone() -> None:
+    # Each "" spent no room: an input of a million of them was copied whole at each poll
+    # to be cut to its first 200 characters.
+    from jobs.api.summary import _start
+
+    for shape in ([""] * 100_000, {str(n): "" for n in range(100_000)}, [[""]] * 100_000):
+        kept = _start(shape, [INPUT_PREVIEW_CHARS])
+        assert len(kept) <= INPUT_PREVIEW_CHARS, len(kept)

@@ -53,9 +53,9 @@ def _start(value: Any, room: list[int]) -> Any:
     """`value` cut where `room` characters of its JSON are spent. Each part spends no more
     than its JSON's length, so a value cut anywhere writes more than the room: the caller
     sees it cut by its length alone. A container spends one: nesting stays within room."""
-    if isinstance(value, str):
+    if isinstance(value, str):  # its quotes spend too: a run of "" ends as others do
         kept = value[:max(room[0], 0)]
-        room[0] -= len(kept)
+        room[0] -= len(kept) + 2
         return kept
     room[0] -= 1
     if isinstance(value, dict):
@@ -63,7 +63,7 @@ def _start(value: Any, room: list[int]) -> Any:
         for key, item in value.items():
             if room[0] <= 0:
                 break
-            room[0] -= len(str(key))
+            room[0] -= len(str(key)) + 3
             kept_items[key] = _start(item, room)
         return kept_items
     if isinstance(value, list):
