@@ -77,14 +77,14 @@ class Job:
         return len(self._chunks) > 1 or bool(self._chunks[0])
 
     def progress(self, fraction: float | None = None, message: str | None = None,
-                 fields: dict[str, Any] | None = None) -> None:
-        """Say how far it is; `fields`: the job's own fields that go with it (a loss
+                 along: dict[str, Any] | None = None) -> None:
+        """Say how far it is; `along`: the job's own fields that go with it (a loss
         curve), written in the same snapshot, so the two never say different steps."""
         if fraction is not None:
             fraction = min(1.0, max(0.0, float(fraction)))
         with self.lock:
             self.data[p.F_PROGRESS] = {"fraction": fraction, "message": message}
-            self.data.update(fields or {})
+            self.data.update(along or {})
         self.sink.changed(self)
 
     def emit(self, text: str) -> None:

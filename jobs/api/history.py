@@ -86,7 +86,7 @@ def short_job(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def summary(samples: list[dict[str, Any]], counts: dict[str, int]) -> str:
+def expert_context(samples: list[dict[str, Any]], counts: dict[str, int]) -> str:
     """A few lines on the recent history, for the chat expert's system prompt."""
     lines = []
     if samples:

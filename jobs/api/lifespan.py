@@ -51,13 +51,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     sys.setswitchinterval(GIL_SWITCH_S)
     start_following()
     keeper = SupervisorKeeper(settings)
-    metrics = MachineHistory(Path(p.metrics_file(settings.data_dir)),
-                            HISTORY_KEEP_S, HISTORY_SAMPLE_S)
+    history = MachineHistory(Path(p.metrics_file(settings.data_dir)),
+                             HISTORY_KEEP_S, HISTORY_SAMPLE_S)
     app.state.settings = settings
     store = JobStore(settings.jobs_dir, settings.kind_cap_map)
-    app.state.service = JobService(settings, store, metrics)
-    app.state.metrics = metrics
-    app.state.predictor = Predictor(settings.data_dir, metrics)
+    app.state.service = JobService(settings, store, history)
+    app.state.machine_history = history
+    app.state.predictor = Predictor(settings.data_dir, history)
     app.state.llm = LLMStatus(settings)
     app.state.keeper = keeper
     # Each restarts after a failure, so /api/health never freezes on a dead task.

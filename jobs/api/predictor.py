@@ -27,9 +27,9 @@ class NoModel(Exception):
 
 
 class Predictor:
-    def __init__(self, data_dir: Path, metrics: MachineHistory) -> None:
+    def __init__(self, data_dir: Path, history: MachineHistory) -> None:
         self.data_dir = data_dir
-        self.metrics = metrics
+        self.history = history
         self._pointer = data_dir / forecast.MODELS_DIR / forecast.LATEST
         self._seen: tuple[int, int] | None = None
         self._model: dict[str, Any] | None = None
@@ -53,7 +53,7 @@ class Predictor:
     def predict(self, horizon: int) -> dict[str, Any]:
         model = self.model()
         lags = int(model["lags"])
-        samples = self.metrics.read((lags + 5) * HISTORY_SAMPLE_S)
+        samples = self.history.read((lags + 5) * HISTORY_SAMPLE_S)
         recent = {name: [float(s[name]) for s in samples] for name in forecast.SERIES}
         values = forecast.predict(model, recent, horizon)
         last_t = samples[-1]["t"] if samples else None

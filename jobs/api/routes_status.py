@@ -44,14 +44,14 @@ async def history(request: Request, service: Service,
     """Machine metrics (CPU and memory, about one sample a second), recent jobs, counts;
     `kept` and `train_needs`: samples kept, and how many a training run (default input)
     needs, so the dashboard can say when training becomes possible."""
-    reader: MachineHistory = request.app.state.metrics
+    history: MachineHistory = request.app.state.machine_history
     # Reading the metrics appended since the last call is one stat and a few hundred
     # bytes: microseconds, so it stays on the loop (a thread hop costs more under load).
-    samples = reader.read(seconds)
+    samples = history.read(seconds)
     recent, counts = await service.overview(jobs)
     return {
         "metrics": {"interval_s": HISTORY_SAMPLE_S, "samples": samples,
-                    "kept": reader.kept(), "train_needs": train.samples_needed(train.LAGS[0])},
+                    "kept": history.kept(), "train_needs": train.samples_needed(train.LAGS[0])},
         "jobs": [short_job(job) for job in recent],
         "counts": counts,
     }
@@ -73,12 +73,12 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
     counts = await service.counts()
     llm: LLMStatus = request.app.state.llm
     keeper: SupervisorKeeper = request.app.state.keeper
-    metrics: MachineHistory = request.app.state.metrics
+    history: MachineHistory = request.app.state.machine_history
     supervisor = "starting"
     led = await run_in_threadpool(keeper.led)
     if led:
         # It samples the machine every second: silence says it is stopped or hung.
-        age = await run_in_threadpool(metrics.last_sample_age_s)
+        age = await run_in_threadpool(history.last_sample_age_s)
         supervisor = "stalled" if age is not None and age > SUPERVISOR_STALLED_S else "running"
     queue = await run_in_threadpool(queue_view, service.settings)
     problems = await run_in_threadpool(_problems, service)

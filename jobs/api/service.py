@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from jobs import protocol as p
 from jobs.api.admission import Overloaded, admit, check_dependencies, fits
 from jobs.api.chat_turns import BeingForgotten, ChatTurns
-from jobs.api.history import MachineHistory, summary
+from jobs.api.history import MachineHistory, expert_context
 from jobs.api.idempotency_keys import (
     KEY_WAIT_S,
     IdempotencyConflict,
@@ -73,10 +73,10 @@ class BatchStopped(Exception):
 
 class JobService:
     def __init__(self, settings: Settings, store: JobStore,
-                 metrics: MachineHistory | None = None) -> None:
+                 history: MachineHistory | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.metrics = metrics
+        self.history = history
         self.small_io = SmallIO()
         self.stops = Stops(settings, store)
         self.turns = ChatTurns(store, self.stops)
@@ -294,8 +294,8 @@ class JobService:
         """A chat for the dashboard's expert gets a summary of the recent history."""
         if kind != "chat" or "context" in job_input or job_input.get("expert") is False:
             return job_input
-        samples = self.metrics.read(CONTEXT_WINDOW_S) if self.metrics else []
-        return {**job_input, "context": summary(samples, counts)}
+        samples = self.history.read(CONTEXT_WINDOW_S) if self.history else []
+        return {**job_input, "context": expert_context(samples, counts)}
 
     # -- read --------------------------------------------------------------------------
 
