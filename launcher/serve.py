@@ -79,7 +79,7 @@ def setting(name: str) -> str | None:
         return None
     if data is not None and (problem := not_utf8(data)):  # its port was taken for none
         sys.exit(f"[offload] cannot read {path}: {problem}")
-    lines = [] if data is None else data.decode("utf-8").splitlines()
+    lines = [] if data is None else data.decode("utf-8-sig").splitlines()  # Notepad's BOM
     found = None
     for line in lines:
         key, sep, value = line.strip().removeprefix("export ").partition("=")

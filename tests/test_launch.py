@@ -107,6 +107,10 @@ def test_host_and_port_are_read_from_dotenv_as_the_server_reads_them(
     from dotenv import dotenv_values
 
     assert dotenv_values(tmp_path / ".env") == {"OFFLOAD_PORT": "18559", "OFFLOAD_HOST": "::1"}
+    # Saved by Notepad as "UTF-8 with BOM": its first line was no setting to the launcher.
+    (tmp_path / ".env").write_text("OFFLOAD_PORT=18560\n", encoding="utf-8-sig")
+    assert serve.address(options)[:2] == ("127.0.0.1", 18560)
+    assert dotenv_values(tmp_path / ".env") == {"OFFLOAD_PORT": "18560"}
 
 
 def test_a_port_that_is_no_port_is_said_so() -> None:
