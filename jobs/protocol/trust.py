@@ -145,8 +145,8 @@ def _keep_secret(fd: int, path: str, mode: int) -> None:
         os.fchmod(fd, private)
     except OSError as exc:  # a file of root's or of the project's owner, say
         log.warning("%s holds a secret (a key, a token or a password) that every account "
-                    "can read, and its mode could not be changed (%s): chmod o-r it", path,
-                    exc.strerror)
+                    "can read, and its mode could not be changed (%s): make the file yours "
+                    "(chown), and it is made unreadable by them as it is read", path, exc.strerror)
         return
     log.warning("%s holds a secret (a key, a token or a password) and was readable by every "
                 "account (mode %03o): it is now readable by its owner (and group) only "
