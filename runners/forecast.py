@@ -125,6 +125,9 @@ def save(data_dir: str, model: dict[str, Any]) -> int:
     return version
 
 
+_VERSIONED = re.compile(r"forecast-v(\d+)\.json")  # a model's file, as _file names it
+
+
 def _file(version: int) -> str:
     return f"forecast-v{version}.json"
 
@@ -135,8 +138,8 @@ def _point_at_newest(folder: str, version: int) -> None:
     its older pointer, is pointed at again."""
     pointed = 0
     while True:
-        newer = sorted((int(name[len("forecast-v"):-len(".json")]) for name in os.listdir(folder)
-                        if re.fullmatch(r"forecast-v\d+\.json", name)), reverse=True)
+        newer = sorted((int(found[1]) for name in os.listdir(folder)
+                        if (found := _VERSIONED.fullmatch(name))), reverse=True)
         # Claimed but not yet written (empty): its training points at it once it is whole.
         newest = next((each for each in newer if each >= version and
                        p.read_json_or_none(os.path.join(folder, _file(each))) is not None),
