@@ -14,6 +14,7 @@ import os
 import tempfile
 import urllib.parse
 from functools import lru_cache
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +95,8 @@ SECRET_ENV = frozenset({"OPENAI_API_KEY"})
 API_TOKEN_ENV = "OFFLOAD_API_TOKEN"  # the API's alone: no other process of Offload gets it
 MIN_TOKEN_CHARS = 16
 MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+MIN_TOKEN_KINDS = 5  # different characters: 16 random hex digits have fewer 1 in 100,000 times
+MIN_TOKEN_STEPS = 4  # different steps between neighbours; `0123456789abcdef` has 2
 
 
 def is_loopback(host: str) -> bool:
@@ -105,6 +108,15 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def guessable(token: str) -> bool:
+    """A token whose shape gives it away, however long: `tttt...`, `passwordpassword`,
+    `0123456789abcdef`, `aaaabbbbccccdddd`. (A random one never is; a word is not seen.)"""
+    repeated = any(token == (token[:size] * (len(token) // size + 1))[:len(token)]
+                   for size in range(1, len(token) // 2 + 1))
+    steps = {ord(after) - ord(before) for before, after in pairwise(token)}
+    return repeated or len(set(token)) < MIN_TOKEN_KINDS or len(steps) < MIN_TOKEN_STEPS
 
 
 def host_name(host: str) -> str:
@@ -296,6 +308,12 @@ class Settings(BaseSettings):
                 f"OFFLOAD_API_TOKEN is too weak ({what}; at least {MIN_TOKEN_CHARS} needed). "
                 f"Make one with: {MAKE_TOKEN} (or unset OFFLOAD_API_TOKEN to serve on "
                 "127.0.0.1 only)")
+        if guessable(token):
+            raise ValueError(
+                "OFFLOAD_API_TOKEN is too weak: it is a pattern (one character or a short "
+                "piece repeated, a run such as 0123... or abcd..., or fewer than "
+                f"{MIN_TOKEN_KINDS} different characters) that is guessed long before its "
+                f"length would say. Make a random one with: {MAKE_TOKEN}")
         if not all("!" <= char <= "~" for char in token):
             # A header carries it: the CLI and browsers send other characters as Latin-1,
             # the guard compares UTF-8, so a token like `pässwort...` never matched.

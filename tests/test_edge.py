@@ -54,6 +54,8 @@ def _command(how: str, port: int) -> list[str]:
 @pytest.mark.parametrize(("how", "token"), [
     ("api_entry", ""), ("uvicorn", ""), ("gunicorn", ""),  # an unset variable in a compose file
     ("uvicorn", "   "), ("uvicorn", "short-but-15-ch"),
+    # Long enough, and guessed at once: a repeat, a run.
+    ("uvicorn", "t" * 40), ("api_entry", "passwordpassword"), ("uvicorn", "0123456789abcdef"),
     ("uvicorn", "pässwörd-0123456789abc")])  # the CLI and browsers send it as Latin-1
 def test_weak_token_refuses_to_start(how: str, token: str, tmp_path: Path,
                                      data_dir: Path) -> None:

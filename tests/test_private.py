@@ -771,7 +771,7 @@ def test_a_settings_file_another_account_could_have_written_is_not_read(
         env_file.chmod(0o666)
         said = "every account can write it"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
-    env.update({"OFFLOAD_API_TOKEN": "t" * 40, "OFFLOAD_DATA_DIR": str(tmp_path / "var")})
+    env.update({"OFFLOAD_API_TOKEN": uuid.uuid4().hex, "OFFLOAD_DATA_DIR": str(tmp_path / "var")})
     starts = {"cli": ["-m", "jobs", "list"],
               "api": [os.path.join(p.ROOT, "api_entry.py"), "--port", "0"],
               "supervisor": ["-m", "jobs.supervisor"]}
@@ -823,7 +823,8 @@ def test_a_settings_file_holding_a_secret_is_made_the_owners_alone(
     try:
         public.chmod(0o755)
         env_file = public / ".env"
-        secrets = f"OPENAI_API_KEY=sk-private-{uuid.uuid4().hex}\nOFFLOAD_API_TOKEN={'t' * 40}\n"
+        secrets = (f"OPENAI_API_KEY=sk-private-{uuid.uuid4().hex}\n"
+                   f"OFFLOAD_API_TOKEN={uuid.uuid4().hex}\n")
         env_file.write_text(secrets)
         env_file.chmod(0o644)
         monkeypatch.delenv("OFFLOAD_ENV_FILE")  # the working folder's, as a user starts it
