@@ -1,5 +1,5 @@
-"""Request guards: the API token, the caller's account, the Host and Origin checks, the
-body size limit."""
+"""Request guards: the API token, the caller's account, the Host and Origin checks,
+another site's page (Fetch Metadata), the body size limit."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from jobs.settings import Settings, host_name, is_loopback
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+WEB_SCHEMES = {"ws": "http", "wss": "https"}
 # A body over the limit is read and dropped, up to this many times the limit and for up
 # to DRAIN_S, before the 413: a client that reads no answer before its body is sent
 # (urllib, Python's requests) heard a broken pipe instead. A larger one is cut off.
@@ -70,10 +71,10 @@ class RequestGuard:
     the account is known on Linux), and only a Host naming loopback or listed in
     OFFLOAD_ALLOWED_HOSTS, so a rebound DNS name reaches nothing (421); with one, every
     /api/* and /metrics request needs `Authorization: Bearer <token>` (401), checked
-    before its body is read. A state-changing request from another site's page is refused
-    (403), and no page shows in its frames. A HEAD is answered as its GET (the server
-    leaves out the body). A service worker's script, on any path, is
-    WORKER_REMOVER."""
+    before its body is read. A state-changing request, a call of the API or a WebSocket
+    handshake from another site's page is refused (403), and no page shows in its
+    frames. A HEAD is answered as its GET (the server leaves out the body). A service
+    worker's script, on any path, is WORKER_REMOVER."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -94,13 +95,19 @@ class RequestGuard:
                               (b"x-frame-options", b"DENY")]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):  # lifespan
             await self.app(scope, receive, send)
             return
         refusal = self._refusal(scope, dict(scope["headers"]))
         if refusal is not None:
             status, detail = refusal
-            await _send_detail(send, status, detail, REFUSAL_HEADERS.get(status))
+            if scope["type"] == "websocket":
+                await _refuse_websocket(scope, send, status, detail)
+            else:
+                await _send_detail(send, status, detail, REFUSAL_HEADERS.get(status))
+            return
+        if scope["type"] == "websocket":  # no route takes one: routing closes it
+            await self.app(scope, receive, send)
             return
         if scope["method"] == "GET" and (b"service-worker", b"script") in scope["headers"]:
             await _send(send, 200, WORKER_REMOVER, b"text/javascript; charset=utf-8",
@@ -132,7 +139,7 @@ class RequestGuard:
         sent = [name for name, _ in scope["headers"] if name in _ONCE]
         if len(sent) != len(set(sent)):  # this guard reads the last, the framework the first
             return 400, "send at most one Origin and one Authorization header"
-        host, origin = headers.get(b"host", b""), headers.get(b"origin", b"")
+        host, origin = headers.get(b"host", b""), headers.get(b"origin")
         refusal = (self._not_the_owner(scope, b"x-forwarded-for" in headers)
                    if self.check_host else None)
         if refusal:
@@ -142,18 +149,51 @@ class RequestGuard:
                 "this server has no OFFLOAD_API_TOKEN, so it answers only requests for "
                 f"localhost, 127.0.0.1 or [::1], not for {host.decode('latin-1')[:100]!r}; "
                 "add that name to OFFLOAD_ALLOWED_HOSTS to serve it (or set OFFLOAD_API_TOKEN)")
-        if origin and scope["method"] not in SAFE_METHODS and not self._origin_allowed(
-                scope["scheme"], host.decode("latin-1"), origin.decode("latin-1")):
-            return 403, (f"refused: a page from {origin.decode('latin-1')[:100]!r} may not "
-                         "change anything here; list its origin in OFFLOAD_CORS_ORIGINS to "
-                         "allow it")
+        refusal = self._from_another_site(scope, headers, host.decode("latin-1"), origin)
+        if refusal:
+            return 403, refusal
         # A browser's CORS preflight never carries a token: OFFLOAD_CORS_ORIGINS answers it.
-        preflight = (scope["method"] == "OPTIONS" and bool(self.origins) and bool(origin)
+        preflight = (scope.get("method") == "OPTIONS" and bool(self.origins) and bool(origin)
                      and b"access-control-request-method" in headers)
         if (self.token is not None and not preflight and _api_path(scope)
                 and not self._token_matches(headers.get(b"authorization", b""))):
             return 401, WRONG_TOKEN
         return None
+
+    def _from_another_site(self, scope: Scope, headers: dict[bytes, bytes], host: str,
+                           origin: bytes | None) -> str | None:
+        """Why a request a browser sent for another site's page is refused, if it is: it
+        may change nothing, and it may not call the API (an `<img>` of a long poll or of
+        an event stream needs no answer read to hold one of its slots). A page of an
+        origin in OFFLOAD_CORS_ORIGINS may; a link to here, followed, may."""
+        websocket = scope["type"] == "websocket"  # a handshake is never a CORS request
+        changes = websocket or scope["method"] not in SAFE_METHODS
+        api = _api_path(scope)
+        # `null` (a sandboxed frame, a file:// page) and an empty one are an origin too.
+        listed = origin is not None and self._origin_allowed(
+            scope["scheme"], host, origin.decode("latin-1"))
+        if origin is not None and not listed and (changes or api):
+            asked = ("open a WebSocket here" if websocket else
+                     "change anything here" if changes else "call this API")
+            return (f"refused: a page from {origin.decode('latin-1')[:100]!r} may not "
+                    f"{asked}; list its origin in OFFLOAD_CORS_ORIGINS to allow it")
+        # Fetch Metadata: what the browser says of the page that asked (no header: no
+        # browser, such as curl or the CLI, or one too old to send it).
+        site = headers.get(b"sec-fetch-site", b"")
+        if site not in (b"cross-site", b"same-site") or listed:
+            return None
+        # Not one the page asked for ahead (Sec-Purpose: a prefetch, a prerender).
+        navigation = (headers.get(b"sec-fetch-mode") == b"navigate"
+                      and b"sec-purpose" not in headers)
+        # A link followed to a page, or to the API in the window (not in a frame, where a
+        # page could hold many unseen); a page's frames are its frame-ancestors' to allow.
+        if navigation and not changes and (
+                not api or headers.get(b"sec-fetch-dest") == b"document"):
+            return None
+        return (f"refused: a page of another site (Sec-Fetch-Site: {site.decode()}) may "
+                "not call this server; open the dashboard at this server's own address, "
+                "call the API from a program (curl, offload), or list that page's origin "
+                "in OFFLOAD_CORS_ORIGINS for its fetch() calls")
 
     def _not_the_owner(self, scope: Scope, forwarded: bool) -> str | None:
         """Why a request is refused for its caller, if it is: without a token only the
@@ -204,6 +244,7 @@ class RequestGuard:
 
     def _origin_allowed(self, scheme: str, host: str, origin: str) -> bool:
         origin, host = origin.lower().rstrip("/"), host.lower()
+        scheme = WEB_SCHEMES.get(scheme, scheme)  # a WebSocket's page is http(s)
         default = DEFAULT_PORTS.get(scheme, "")
         if default and host.endswith(default):  # a browser's Origin leaves it out
             host = host[:-len(default)]
@@ -228,6 +269,20 @@ async def _send_detail(send: Send, status: int, detail: str,
                        headers: list[tuple[bytes, bytes]] | None = None) -> None:
     await _send(send, status, json.dumps({"detail": detail}).encode(), b"application/json",
                 headers or [])
+
+
+async def _refuse_websocket(scope: Scope, send: Send, status: int, detail: str) -> None:
+    """A handshake refused as a request would be, where the server can say so (else a
+    close before it is accepted, which the server answers with a bare 403)."""
+    if "websocket.http.response" not in (scope.get("extensions") or {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "websocket.http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            *REFUSAL_HEADERS.get(status, [])]})
+    await send({"type": "websocket.http.response.body", "body": body})
 
 
 async def _send(send: Send, status: int, body: bytes, content_type: bytes,
