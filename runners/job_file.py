@@ -1,9 +1,10 @@
 """A job run from its file: read, refused if it is not this runner's to run, claimed,
-then run, its log kept under OFFLOAD_LOG_MAX_BYTES by the runner itself; or sent by the
-Ray launcher in the environment, its snapshots on stdout."""
+then run, its log kept under OFFLOAD_LOG_MAX_BYTES by the runner itself (a line it has no
+room for dropped); or sent by the Ray launcher in the environment, its snapshots on stdout."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -99,6 +100,7 @@ def _alive(pid: int) -> bool:
 
 def run_job_file(path: str, execute: Execute, force: bool = False,
                  emit_key: str | None = None) -> int:
+    log_output(path)
     try:
         data = p.read_json(path)
     except p.CorruptJobFile as exc:
@@ -123,7 +125,6 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
         print(f"error: cannot put the job's claim on disk ({exc.strerror or exc}); "
               "nothing of the job ran", file=sys.stderr)
         return EXIT_RETRY
-    cap_output(path)
     queued = data.get(p.F_STATE) == p.JobState.QUEUED  # as launched (a finished one: --force)
     stopper = Stopper(path)
     if hasattr(signal, "SIGHUP"):
@@ -154,40 +155,60 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
 
 
 
-class _CappedOutput:
-    """A runner's sys.stdout or sys.stderr when its log is capped: after every
-    LOG_CHECK_BYTES of output the log is cut in place past the cap (its start, a
-    note, its latest output), so a runner printing without end cannot fill the disk."""
+# A log that has no room for a line: the line is dropped, the job goes on (its job file
+# holds what matters, and its final state waits for room).
+LOG_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class _LogOutput:
+    """A runner's sys.stdout or sys.stderr, its job's log. On a full disk a write fails:
+    raised, it ended a runner whose job had failed while printing why (the job was then
+    `lost`, its error never written). Capped, after every LOG_CHECK_BYTES of output the
+    log is cut in place past the cap (its start, a note, its latest output), so a runner
+    printing without end cannot fill the disk."""
 
     def __init__(self, stream: TextIO, log_path: str, max_bytes: int,
                  written: list[int]) -> None:
         self._stream = stream
         self._log_path = log_path
-        self._max_bytes = max_bytes
+        self._max_bytes = max_bytes  # 0: not capped
         self._written = written  # shared by stdout and stderr: one log file
 
     def write(self, text: str) -> int:
-        n = self._stream.write(text)
+        try:
+            n = self._stream.write(text)
+        except OSError as exc:
+            if exc.errno not in LOG_FULL:
+                raise
+            return len(text)
         self._written[0] += len(text)
-        if self._written[0] >= LOG_CHECK_BYTES:
+        if self._max_bytes and self._written[0] >= LOG_CHECK_BYTES:
             self._written[0] = 0
-            self._stream.flush()
+            self.flush()
             p.cap_log(self._log_path, self._max_bytes)
         return n
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            if exc.errno not in LOG_FULL:
+                raise
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 
 
-def cap_output(job_file: str) -> None:
+def log_output(job_file: str) -> None:
+    """The runner's output into its job's log, as `_LogOutput` keeps it."""
+    if sys.stdout is None or sys.stdout.isatty():
+        return
     try:
-        max_bytes = int(os.environ.get("OFFLOAD_LOG_MAX_BYTES", ""))
+        max_bytes = max(0, int(os.environ.get("OFFLOAD_LOG_MAX_BYTES", "")))
     except ValueError:
-        return
-    if max_bytes <= 0 or sys.stdout is None or sys.stdout.isatty():
-        return
+        max_bytes = 0
     log_path = p.sibling(job_file, p.LOG_FILE)
     written = [0]
-    sys.stdout = _CappedOutput(sys.stdout, log_path, max_bytes, written)
+    sys.stdout = _LogOutput(sys.stdout, log_path, max_bytes, written)
     if sys.stderr is not None:
-        sys.stderr = _CappedOutput(sys.stderr, log_path, max_bytes, written)
+        sys.stderr = _LogOutput(sys.stderr, log_path, max_bytes, written)

@@ -1,0 +1,59 @@
+"""A full disk under the data folder: a real server on a small tmpfs, filled by a file that
+is removed again. Nothing is lost and nothing is left half-written: a submission is
+refused with what to do, a job ends readable with its own error, and everything goes on
+once there is room."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import small_disk, wait_for, wait_job
+from tests.fake_llm import FakeLLM
+from tests.server import Server
+
+pytestmark = pytest.mark.faults
+MakeServer = Callable[..., Server]
+
+
+@contextlib.contextmanager
+def disk_filled(disk: Path) -> Iterator[Path]:
+    """`disk` with no room left, until the block ends (its filler removed)."""
+    filler = disk / "filler"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4096"], capture_output=True)
+    try:
+        yield filler
+    finally:
+        filler.unlink()
+
+
+def test_a_chat_failing_on_a_full_disk_keeps_its_own_error(make_server: MakeServer,
+                                                           tmp_path: Path) -> None:
+    """Its log full, a runner printing why its job failed raised, and left without its
+    final state: the job was `lost` ("exited without a final state"), the model's error
+    nowhere. Its error now waits for room, as its final state does."""
+    with small_disk(tmp_path, "512k") as disk, FakeLLM(
+            pieces=["The ", "CPU ", "is ", "fine."], gated="gated", cut_after=1) as llm:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var"),
+                                  "OPENAI_BASE_URL": llm.base_url})
+        with server.client() as client:
+            job = client.post("/api/jobs", json={"kind": "chat", "input": {
+                "messages": [{"role": "user", "content": "gated"}]}}).json()
+            running = wait_for(lambda: (j := client.get(f"/api/jobs/{job['id']}").json())
+                               ["output"] and j, 60, 0.05, "the reply's first piece")
+            with disk_filled(disk):
+                llm.gate.set()  # the stream is cut: the attempt fails, its log has no room
+                runner = psutil.Process(running["pid"])
+                with contextlib.suppress(psutil.TimeoutExpired):
+                    runner.wait(5)  # it ended at once; it now waits for room
+            ended = wait_job(client, job["id"], timeout=90)
+    assert ended["state"] == "failed", ended
+    said = "the LLM server's stream ended before the reply was complete"
+    assert ended["earlier_errors"][0]["type"] == "provider", ended["earlier_errors"]
+    assert ended["earlier_errors"][0]["message"].startswith(said), ended["earlier_errors"]
+    assert ended["error"]["message"].startswith(said), ended
