@@ -11,10 +11,12 @@ good model with a half-written one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -112,6 +114,7 @@ def save(data_dir: str, model: dict[str, Any]) -> int:
     """Write the model as the next version, then point `latest.json` at it."""
     folder = models_dir(data_dir)
     os.makedirs(folder, exist_ok=True)
+    _remove_abandoned_claims(folder)
     version = latest_version(data_dir) + 1
     while True:  # claimed by creating it: two trainings saving at once took the same one
         try:
@@ -120,9 +123,32 @@ def save(data_dir: str, model: dict[str, Any]) -> int:
             break
         except FileExistsError:
             version += 1
-    p.write_json(os.path.join(folder, _file(version)), {**model, "version": version})
+    path = os.path.join(folder, _file(version))
+    try:
+        p.write_json(path, {**model, "version": version})
+    except BaseException:  # a full disk, a stop: the claim, empty, is no model to keep
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
     _point_at_newest(folder, version)
     return version
+
+
+# A claim is written within moments of being made: one left empty this long was made by a
+# training that was killed before it wrote its model.
+ABANDONED_CLAIM_S = 60.0
+
+
+def _remove_abandoned_claims(folder: str) -> None:
+    """Delete the empty model files of trainings killed between their claim and its write."""
+    for name in os.listdir(folder):
+        if not _VERSIONED.fullmatch(name):
+            continue
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):  # gone meanwhile: removed by another training
+            st = os.stat(path)
+            if st.st_size == 0 and time.time() - st.st_mtime > ABANDONED_CLAIM_S:
+                os.unlink(path)
 
 
 _VERSIONED = re.compile(r"forecast-v(\d+)\.json")  # a model's file, as _file names it

@@ -12,6 +12,7 @@ a naive "no change" forecast, and the model's version.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import sys
@@ -110,7 +111,15 @@ def execute(job: base.Job) -> dict[str, Any]:
                 f"change\" forecast's: {score['naive_validation_rmse']:.4g}), so this model "
                 "is not published (the one before stays): lower 'learning_rate' (it was "
                 f"{options['learning_rate']})")
-    version = forecast.save(data_dir, model)
+    try:
+        version = forecast.save(data_dir, model)
+    except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise base.RunnerError(
+            f"cannot save the model in {forecast.models_dir(data_dir)} "
+            f"({exc.strerror or exc}): "
+            f"{'free some space on its disk' if full else 'make it writable'}, then train "
+            "again; the model before, if any, stays in use") from exc
     return {"version": version, "samples": len(samples), "lags": lags, "epochs": epochs,
             "error": scores}
 

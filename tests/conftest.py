@@ -179,10 +179,11 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def small_disk(tmp_path: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of `size` (a disk that fills up); skipped where none can be mounted."""
-    disk = tmp_path / "small"
-    disk.mkdir()
+def small_disk(tmp_path: Path, size: str, at: Path | None = None) -> Iterator[Path]:
+    """A tmpfs of `size` (a disk that fills up), mounted on a new folder `at` (by default
+    `small` in `tmp_path`); skipped where none can be mounted."""
+    disk = at or tmp_path / "small"
+    disk.mkdir(parents=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
                               str(disk)], capture_output=True, text=True)
     if mounted.returncode != 0:

@@ -6,7 +6,10 @@ once there is room."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,3 +60,39 @@ def test_a_chat_failing_on_a_full_disk_keeps_its_own_error(make_server: MakeServ
     assert ended["earlier_errors"][0]["type"] == "provider", ended["earlier_errors"]
     assert ended["earlier_errors"][0]["message"].startswith(said), ended["earlier_errors"]
     assert ended["error"]["message"].startswith(said), ended
+
+
+def test_a_model_that_finds_no_room_is_no_model_and_the_next_one_saves(
+        make_server: MakeServer, data_dir: Path, tmp_path: Path) -> None:
+    """A training whose model found its disk full failed with `OSError: [Errno 28] ...` of a
+    temp file, and left its version's file claimed and empty, as one killed between its
+    claim and its write does: each stayed for good. Now it says what to do and leaves no
+    model file; an empty claim a killed training left is removed by the next training."""
+    history = data_dir / "history" / "metrics.jsonl"
+    history.parent.mkdir(parents=True)
+    now = time.time()
+    history.write_text("".join(json.dumps({"t": now - 300 + i, "cpu": 20 + i % 7,
+                                           "mem": 50 + i % 3, "mem_used_mb": 900}) + "\n"
+                               for i in range(300)))
+    train = {"kind": "train", "input": {"epochs": 5, "lags": 5}}
+    with small_disk(tmp_path, "64k", at=data_dir / "models") as models:
+        killed = models / "forecast-v1.json"  # claimed by a training killed at once
+        killed.touch()
+        os.utime(killed, (now - 3600, now - 3600))
+        server = make_server()
+        with server.client() as client:
+            with disk_filled(models):
+                refused = wait_job(client, client.post("/api/jobs", json=train).json()["id"])
+                assert refused["state"] == "failed", refused
+                assert refused["error"]["message"] == (
+                    f"cannot save the model in {models} (No space left on device): free "
+                    "some space on its disk, then train again; the model before, if any, "
+                    "stays in use"), refused["error"]
+                assert sorted(each.name for each in models.iterdir()) == ["filler"]
+            saved = wait_job(client, client.post("/api/jobs", json=train).json()["id"])
+            assert saved["state"] == "completed", saved
+            assert saved["result"]["version"] == 1
+            assert sorted(each.name for each in models.iterdir()) == [
+                "forecast-v1.json", "latest.json"]
+            forecast = client.get("/api/predict", params={"horizon": 3})
+            assert forecast.status_code == 200 and forecast.json()["version"] == 1, forecast.text
