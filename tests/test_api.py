@@ -646,11 +646,11 @@ def test_a_batch_the_disk_fills_partway_says_which_jobs_were_stored(
             for key in ("fill-1", "fill-1"):  # sent again, it stores none twice
                 answer = client.post("/api/jobs/batch", json={"jobs": batch},
                                      headers={"Idempotency-Key": key})
-                assert answer.status_code == 503, answer.text[:300]
+                assert answer.status_code == 507, answer.text[:300]
                 said, stored = answer.json()["detail"], answer.json()["stored"]
                 assert said.startswith(f"jobs[{len(stored)}]: cannot store the job"), said
-                assert said.endswith(f"The job was not stored; check that the data folder "
-                                     "exists, is writable and has free space, then retry. The "
+                assert said.endswith(f"The job was not stored; the data folder's disk is full: "
+                                     "free some space on it, then retry. The "
                                      f"{len(stored)} before it were stored (their ids are in "
                                      "`stored`): once it can be, send the batch again with the "
                                      "same Idempotency-Key to store the rest."), said

@@ -96,3 +96,52 @@ def test_a_model_that_finds_no_room_is_no_model_and_the_next_one_saves(
                 "forecast-v1.json", "latest.json"]
             forecast = client.get("/api/predict", params={"horizon": 3})
             assert forecast.status_code == 200 and forecast.json()["version"] == 1, forecast.text
+
+
+def test_submissions_on_a_full_disk_are_507s_that_say_so_and_all_goes_on_with_room(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    """A full disk was answered as any unwritable data folder: a 503 that said to check the
+    folder exists, is writable and has free space. It is a 507 that says the disk is full
+    and to free some space; nothing half-stored is left, and with room, without a restart,
+    jobs are stored and the one queued meanwhile runs."""
+    with small_disk(tmp_path, "512k") as disk:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var")})
+        jobs_dir, keys_dir = disk / "var" / "jobs", disk / "var" / "idempotency"
+        with server.client() as client:
+            # Due once the disk is full (well after: a slow machine is slow to fill it).
+            later = client.post("/api/jobs", json={"kind": "sleep", "delay_s": 8, "input": {
+                "seconds": 0.1}}).json()
+            due = time.time() + 8
+            before = sorted(os.listdir(jobs_dir))
+            with disk_filled(disk):
+                refused = [
+                    client.post("/api/jobs", json={"kind": "sleep"}),
+                    client.post("/api/jobs", json={"kind": "sleep"},
+                                headers={"Idempotency-Key": "once"}),
+                    client.post("/api/jobs/batch", json={"jobs": [{"kind": "sleep"}] * 2}),
+                    client.post("/api/ai_chat_async", json={"messages": [
+                        {"role": "user", "content": "Hi"}]}),
+                    client.post("/api/queue/pause"),
+                    client.delete(f"/api/jobs/{later['id']}")]
+                for answer in refused:
+                    said = answer.json()["detail"]
+                    assert answer.status_code == 507, answer.text
+                    assert "No space left on device" in said, said
+                    assert "the data folder's disk is full: free some space on it, then " \
+                        "retry" in said, said
+                assert sorted(os.listdir(jobs_dir)) == before  # no folder without its job
+                assert not keys_dir.exists() or os.listdir(keys_dir) == []
+                health = client.get("/api/health").json()
+                assert health["status"] == "degraded"
+                assert any("No space left on device" in each for each in health["problems"])
+                # Due meanwhile, it waits: its launch cannot be recorded.
+                wait_for(lambda: time.time() > due + 2, 30, 0.2)
+                assert client.get(f"/api/jobs/{later['id']}").json()["state"] == "queued"
+            assert wait_job(client, later["id"], timeout=60)["state"] == "completed"
+            stored = client.post("/api/jobs", json={"kind": "sleep"},
+                                 headers={"Idempotency-Key": "once"})
+            assert stored.status_code == 202, stored.text
+            assert wait_job(client, stored.json()["id"])["state"] == "completed"
+            assert client.post("/api/queue/pause").status_code == 200
+            assert not any("No space" in each
+                           for each in client.get("/api/health").json()["problems"])

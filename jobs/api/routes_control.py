@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
+from jobs.api.errors import DISK_FULL
 from jobs.api.routes_jobs import Service
 from jobs.api.service import JobService
 from jobs.kinds import UnknownKind, registry
@@ -177,9 +178,11 @@ def _write(switch: Any, *args: Any) -> None:
     try:
         switch(*args)
     except OSError as exc:
-        raise HTTPException(503, f"cannot record the switch in the data folder: "
-                                 f"{exc.strerror or exc}; check that it is writable and has "
-                                 "free space, then retry") from exc
+        said = f"cannot record the switch in the data folder: {exc.strerror or exc}"
+        if exc.errno in p.DISK_FULL:
+            raise HTTPException(507, f"{said}; {DISK_FULL}") from exc
+        raise HTTPException(503, f"{said}; check that it is writable and has free space, "
+                                 "then retry") from exc
 
 
 def _view(store: JobStore, schedule: Schedule) -> dict[str, Any]:

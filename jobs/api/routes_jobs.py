@@ -42,7 +42,8 @@ Responses = dict[int | str, dict[str, Any]]
 # The errors a route answers besides a 422 (each as {"detail": "what to do"}), for /docs.
 NO_JOB: Responses = {404: {"description": "no job with that id"}}
 UNWRITABLE: Responses = {
-    503: {"description": "the data folder cannot be written: the job was not stored"}}
+    503: {"description": "the data folder cannot be written: the job was not stored"},
+    507: {"description": "the data folder's disk is full: the job was not stored"}}
 REFUSED: Responses = {
     **UNWRITABLE,
     409: {"description": "a request with this Idempotency-Key is still storing its job, or "
@@ -72,7 +73,10 @@ async def submit_job(body: JobCreate, service: Service, response: Response,
                                                 "those before it; retry after `Retry-After` "
                                                 "seconds"},
     503: {"model": BatchRefusal,
-          "description": "the data folder failed partway: `stored` lists the jobs stored"}})
+          "description": "the data folder failed partway: `stored` lists the jobs stored"},
+    507: {"model": BatchRefusal,
+          "description": "the data folder's disk filled partway: `stored` lists the jobs "
+                         "stored"}})
 async def submit_jobs(body: JobBatch, service: Service,
                       idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     """Start several jobs at once, in their order, as RQ's `enqueue_many`: none is stored

@@ -168,7 +168,8 @@ class JobService:
                 try:
                     claimed = self.store.keys.claim(key.name, job_id, key.fingerprint)
                 except OSError as exc:
-                    raise StoreUnavailable(f"cannot record the Idempotency-Key: {exc}") from exc
+                    raise StoreUnavailable("cannot record the Idempotency-Key: "
+                                           f"{exc.strerror or exc}") from exc
                 if not claimed:  # another request claimed it a moment ago
                     return find(self.store, key) or Claim(None, None, 0.0)
             created = time.time()  # stamped as its created_at; a delay_s counts from it

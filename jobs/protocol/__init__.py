@@ -33,6 +33,7 @@ from enum import Enum
 # How the files are written and read (`files`), under the package's name: `p.write_json`.
 from jobs.protocol import files
 from jobs.protocol.files import (
+    DISK_FULL as DISK_FULL,
     NO_FILE_TO_READ as NO_FILE_TO_READ,
     SURROGATE_HALF,
     TMP_SUFFIX as TMP_SUFFIX,

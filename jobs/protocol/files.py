@@ -150,6 +150,8 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
 # reader that must list every job takes these as a damaged file; the counters' reader
 # does not (zeros would read as a reset).
 NO_FILE_TO_READ = frozenset({errno.ELOOP, errno.ENXIO})
+# A write's failures that mean the disk (or the account's quota on it) is full.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 _HALF_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON's escape of a surrogate half

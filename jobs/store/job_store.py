@@ -38,6 +38,11 @@ class StoreUnavailable(Exception):
         super().__init__(message)
         self.outcome = outcome
 
+    @property
+    def disk_full(self) -> bool:
+        """Whether it failed for room on the data folder's disk (raised from that OSError)."""
+        return isinstance(self.__cause__, OSError) and self.__cause__.errno in p.DISK_FULL
+
 
 class JobStore(JobIndex):
     """Job files: create, read, cancel, prune; listing and counting from the index."""
