@@ -157,7 +157,7 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
 
 # A log that has no room for a line: the line is dropped, the job goes on (its job file
 # holds what matters, and its final state waits for room).
-LOG_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+LOG_FULL = p.DISK_FULL | {errno.EFBIG}
 
 
 class _LogOutput:

@@ -12,7 +12,6 @@ a naive "no change" forecast, and the model's version.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import sys
@@ -114,7 +113,7 @@ def execute(job: base.Job) -> dict[str, Any]:
     try:
         version = forecast.save(data_dir, model)
     except OSError as exc:
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        full = exc.errno in p.DISK_FULL
         raise base.RunnerError(
             f"cannot save the model in {forecast.models_dir(data_dir)} "
             f"({exc.strerror or exc}): "
