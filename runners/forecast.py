@@ -126,25 +126,33 @@ def save(data_dir: str, model: dict[str, Any]) -> int:
     path = os.path.join(folder, _file(version))
     try:
         p.write_json(path, {**model, "version": version})
-    except BaseException:  # a full disk, a stop: the claim, empty, is no model to keep
+    except BaseException:  # a full disk, a stop: the claim, still empty, is no model to keep
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            if os.path.getsize(path) == 0:  # once whole, another training may point at it
+                os.unlink(path)
         raise
     _point_at_newest(folder, version)
     return version
 
 
-# A claim is written within moments of being made: one left empty this long was made by a
-# training that was killed before it wrote its model.
+# A claim is written within moments of being made: one left empty this long, below a whole
+# model, was made by a training killed before it wrote its model.
 ABANDONED_CLAIM_S = 60.0
 
 
 def _remove_abandoned_claims(folder: str) -> None:
-    """Delete the empty model files of trainings killed between their claim and its write."""
-    for name in os.listdir(folder):
-        if not _VERSIONED.fullmatch(name):
+    """Delete the empty model files of trainings killed between their claim and its write.
+    Only those below the newest whole model: a claim is taken above the version
+    `latest.json` names, so a training merely slow to write one of them (stopped, on a slow
+    disk) can take no other's version, where one removed above would be claimed again."""
+    versions = sorted((int(found[1]) for name in os.listdir(folder)
+                       if (found := _VERSIONED.fullmatch(name))), reverse=True)
+    newest_whole = next((each for each in versions if
+                         p.read_json_or_none(os.path.join(folder, _file(each))) is not None), 0)
+    for version in versions:
+        if version >= newest_whole:
             continue
-        path = os.path.join(folder, name)
+        path = os.path.join(folder, _file(version))
         with contextlib.suppress(OSError):  # gone meanwhile: removed by another training
             st = os.stat(path)
             if st.st_size == 0 and time.time() - st.st_mtime > ABANDONED_CLAIM_S:

@@ -6,6 +6,7 @@ WebSocket handshake, which the server installed here cannot take (no WebSocket l
 from __future__ import annotations
 
 import importlib
+import uuid
 from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -143,3 +144,26 @@ def test_a_websocket_handshake_meets_the_guard(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(WebSocketDisconnect), client.websocket_connect(
             "/api/jobs", headers={**bearer, "Origin": "http://127.0.0.1:8001"}) as socket:
         socket.receive_text()
+
+
+def test_a_server_open_to_every_site_with_its_token_answers_them(make_server: MakeServer) -> None:
+    """`OFFLOAD_CORS_ORIGINS=*` (allowed with a token) let no other site call the API once
+    calls were judged by their Origin: no Origin equals `*`, so its preflight and its
+    fetch() with the token were 403s."""
+    token = uuid.uuid4().hex
+    server = make_server(env={"OFFLOAD_API_TOKEN": token, "OFFLOAD_CORS_ORIGINS": "*"})
+    page = {"Origin": "https://other.example", "Sec-Fetch-Site": "cross-site",
+            "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty"}
+    with server.client() as client:
+        preflight = client.options("/api/jobs", headers={
+            **page, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert preflight.status_code == 200, preflight.text
+        assert preflight.headers["access-control-allow-origin"] in ("*", page["Origin"])
+        posted = client.post("/api/jobs", json=SLEEP,
+                             headers={**page, "Authorization": f"Bearer {token}"})
+        assert posted.status_code == 202, posted.text
+        listed = client.get("/api/jobs", headers={**page, "Authorization": f"Bearer {token}"})
+        assert listed.status_code == 200 and len(listed.json()["jobs"]) == 1, listed.text
+        # The token still protects: without it, another site's call is refused.
+        assert client.get("/api/jobs", headers=page).status_code == 401

@@ -67,7 +67,8 @@ def test_a_model_that_finds_no_room_is_no_model_and_the_next_one_saves(
     """A training whose model found its disk full failed with `OSError: [Errno 28] ...` of a
     temp file, and left its version's file claimed and empty, as one killed between its
     claim and its write does: each stayed for good. Now it says what to do and leaves no
-    model file; an empty claim a killed training left is removed by the next training."""
+    model file; an empty claim a killed training left is removed once a whole model
+    is newer."""
     history = data_dir / "history" / "metrics.jsonl"
     history.parent.mkdir(parents=True)
     now = time.time()
@@ -88,14 +89,21 @@ def test_a_model_that_finds_no_room_is_no_model_and_the_next_one_saves(
                     f"cannot save the model in {models} (No space left on device): free "
                     "some space on its disk, then train again; the model before, if any, "
                     "stays in use"), refused["error"]
-                assert sorted(each.name for each in models.iterdir()) == ["filler"]
+                # Its own claim is gone; the killed one's stays, no whole model newer.
+                assert sorted(each.name for each in models.iterdir()) == [
+                    "filler", "forecast-v1.json"]
             saved = wait_job(client, client.post("/api/jobs", json=train).json()["id"])
             assert saved["state"] == "completed", saved
-            assert saved["result"]["version"] == 1
+            assert saved["result"]["version"] == 2  # the killed one's claim is not taken
             assert sorted(each.name for each in models.iterdir()) == [
-                "forecast-v1.json", "latest.json"]
+                "forecast-v1.json", "forecast-v2.json", "latest.json"]
+            # Below a whole model now, the killed one's empty claim is removed.
+            again = wait_job(client, client.post("/api/jobs", json=train).json()["id"])
+            assert again["result"]["version"] == 3, again
+            assert sorted(each.name for each in models.iterdir()) == [
+                "forecast-v2.json", "forecast-v3.json", "latest.json"]
             forecast = client.get("/api/predict", params={"horizon": 3})
-            assert forecast.status_code == 200 and forecast.json()["version"] == 1, forecast.text
+            assert forecast.status_code == 200 and forecast.json()["version"] == 3, forecast.text
 
 
 def test_submissions_on_a_full_disk_are_507s_that_say_so_and_all_goes_on_with_room(

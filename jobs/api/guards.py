@@ -248,7 +248,7 @@ class RequestGuard:
         default = DEFAULT_PORTS.get(scheme, "")
         if default and host.endswith(default):  # a browser's Origin leaves it out
             host = host[:-len(default)]
-        return origin == f"{scheme}://{host}" or origin in self.origins
+        return origin == f"{scheme}://{host}" or origin in self.origins or "*" in self.origins
 
 
 def route_path(scope: Scope) -> str:

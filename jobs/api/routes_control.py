@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
-from jobs.api.errors import DISK_FULL
+from jobs.api.errors import FREE_SPACE_ADVICE
 from jobs.api.routes_jobs import Service
 from jobs.api.service import JobService
 from jobs.kinds import UnknownKind, registry
@@ -30,7 +30,11 @@ from jobs.settings import Settings
 from jobs.store.job_store import JobNotFound, JobStore
 
 router = APIRouter(prefix="/api", tags=["schedules and queue"])
-UNKNOWN: dict[int | str, dict[str, Any]] = {404: {"description": "no schedule of that name"}}
+UNRECORDED: dict[int | str, dict[str, Any]] = {
+    503: {"description": "the data folder cannot be written: the switch was not recorded"},
+    507: {"description": "the data folder's disk is full: the switch was not recorded"}}
+UNKNOWN: dict[int | str, dict[str, Any]] = {404: {"description": "no schedule of that name"},
+                                            **UNRECORDED}
 
 
 class ScheduleView(BaseModel):
@@ -113,7 +117,7 @@ def queue_view(settings: Settings) -> dict[str, Any]:
             "kinds": sorted(known)}
 
 
-@router.put("/queue/cap", response_model=QueueView)
+@router.put("/queue/cap", response_model=QueueView, responses=UNRECORDED)
 async def set_queue_cap(body: QueueCap, service: Service) -> dict[str, Any]:
     """Change how many runners are alive at once (of one kind, with `kind`), kept across
     restarts; `null` goes back to OFFLOAD_MAX_CONCURRENT (OFFLOAD_KIND_CAPS's). Running
@@ -129,13 +133,13 @@ async def set_queue_cap(body: QueueCap, service: Service) -> dict[str, Any]:
     return await run_in_threadpool(queue_view, service.settings)
 
 
-@router.post("/queue/pause", response_model=QueueView)
+@router.post("/queue/pause", response_model=QueueView, responses=UNRECORDED)
 async def pause_queue(service: Service) -> dict[str, Any]:
     """Start no job: running ones finish, queued and new ones wait; kept across restarts."""
     return await _switch_queue(service, True)
 
 
-@router.post("/queue/resume", response_model=QueueView)
+@router.post("/queue/resume", response_model=QueueView, responses=UNRECORDED)
 async def resume_queue(service: Service) -> dict[str, Any]:
     """Start queued jobs again, at once."""
     return await _switch_queue(service, False)
@@ -180,7 +184,7 @@ def _write(switch: Any, *args: Any) -> None:
     except OSError as exc:
         said = f"cannot record the switch in the data folder: {exc.strerror or exc}"
         if exc.errno in p.DISK_FULL:
-            raise HTTPException(507, f"{said}; {DISK_FULL}") from exc
+            raise HTTPException(507, f"{said}; {FREE_SPACE_ADVICE}") from exc
         raise HTTPException(503, f"{said}; check that it is writable and has free space, "
                                  "then retry") from exc
 
