@@ -37,8 +37,9 @@ from jobs.api import (
     routes_metrics,
     routes_status,
 )
+from jobs.api.body_limit import BodyLimit
 from jobs.api.follow import end_following
-from jobs.api.guards import BodyLimit, RequestGuard
+from jobs.api.guards import RequestGuard
 from jobs.api.lifespan import lifespan
 from jobs.kinds import UnusableKinds, registry
 from jobs.protocol.trust import private_files

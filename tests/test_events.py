@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from jobs.api.body_limit import DRAIN_S
 from jobs.api.events import change_event, first_event, resume_position
-from jobs.api.guards import DRAIN_S
 from tests.fake_llm import FakeLLM
 from tests.server import Event, Server, applied, read_events
 
