@@ -90,7 +90,7 @@ class LocalLauncher(Launcher):
         # the job (`p.sync_claim`).
         record = {"pid": None, "claimed_by": os.getpid(), "launched_ns": time.time_ns()} \
             if ahead is None else processes.Runner(p.id_of(job_file), *ahead).record()
-        claim(run_file, record, durable=False)
+        claim(job_file, record, durable=False)
         started: Future[processes.Runner] = Future()
         try:
             # Its waiter first: a runner that no thread could watch would look alive for good.
@@ -112,7 +112,7 @@ class LocalLauncher(Launcher):
             try:
                 # Not fsync'd for its own sake: a power cut that loses it ends the runner
                 # too, and the durable claim alone then says lost.
-                p.write_json(run_file, runner.record())
+                p.write_json(run_file, p.launch_record(job_file, runner.record()))
             except OSError as exc:  # only a later supervisor's adoption needs the record
                 log.warning("job %s: cannot write its launch record: %s", runner.job_id, exc)
             # After the pid's write, which replaces the file: started before, it was done

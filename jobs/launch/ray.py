@@ -121,7 +121,7 @@ class RayLauncher(Launcher):
             if watched is not None and not watched.ended.is_set():
                 return watched
             sid, key = submission_id(job_id, p.attempts(data)[0]), secrets.token_hex(16)
-            claim(p.sibling(job_file, p.RUN_FILE), self._record(sid, key))
+            claim(job_file, self._record(sid, key))
             run = RemoteRun(job_id, job_file, self.name, time.time(), sid, key,
                             to_submit=(module, data))
             self._runs[job_id] = run

@@ -169,6 +169,24 @@ DURABLE = "durable"
 DURABLE_WORD = f"{DURABLE}\n".encode()
 CLAIM_WORD_TIMEOUT_S = 5.0  # then the runner syncs its claim itself
 
+# A launch record names the job file its runner was started for: a copy of the data folder
+# (a backup restored beside the original) holds the original's records, whose runners run
+# the original's jobs, not the copy's.
+RUN_JOB_FILE = "job_file"
+
+
+def launch_record(job_file: StrPath, record: dict[str, Any]) -> dict[str, Any]:
+    """`record` as run.json holds it: with the job file it was written for."""
+    return {**record, RUN_JOB_FILE: os.fspath(job_file)}
+
+
+def launched_elsewhere(job_file: StrPath, record: dict[str, Any]) -> str | None:
+    """The other job file a launch record was written for (the folder was copied or
+    moved since), or None: this one's, or a record written before records said it."""
+    named = record.get(RUN_JOB_FILE)
+    return named if isinstance(named, str) and named != os.fspath(job_file) else None
+
+
 _HEX = frozenset("0123456789abcdef")
 
 

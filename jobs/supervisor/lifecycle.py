@@ -99,6 +99,12 @@ class JobLife:
         """A job an earlier supervisor launched: `launcher_for` gives the launcher its
         run.json names. Whether the runner still runs is for `has_ended` to say."""
         record = p.read_json_or_none(p.sibling(job_file, p.RUN_FILE)) or {}
+        elsewhere = p.launched_elsewhere(job_file, record)
+        if elsewhere is not None:
+            # Its runner (if any still runs) writes that file, not this one: never ours.
+            log.warning("job %s: its runner was started for %s (this data folder is a copy "
+                        "or was moved): lost here", job_id, elsewhere)
+            record, data = {}, {}
         try:
             launcher = launcher_for(record)
             run = launcher.adopt(job_file, record, data, on_exit)
