@@ -85,6 +85,33 @@ def test_supervisor_log_rotates_and_outputs_are_capped(make_server: MakeServer,
         wait_for(partial(_capped, path), 30, 0.1, f"{path.name} capped while it is written")
 
 
+def test_supervisor_log_says_how_each_job_ended(make_server: MakeServer,
+                                                data_dir: Path) -> None:
+    """An operator greps supervisor.log for a job's id, or for `failed`: the ends a runner
+    wrote itself are said there as those the supervisor writes, its error's type alone
+    (its message may quote a chat)."""
+    server = make_server(env=NO_MODEL)
+    submissions = {
+        "completed": {"kind": "sleep", "input": {"seconds": 0}},
+        "failed (runner)": {"kind": "train", "input": {}},  # no history yet to learn from
+        "timeout (timeout)": {"kind": "sleep", "input": {"seconds": 60}, "timeout_s": 1},
+    }
+    with server.client() as client:
+        ids = {ending: client.post("/api/jobs", json=body).json()["id"]
+               for ending, body in submissions.items()}
+        for ending, job_id in ids.items():
+            final = client.get(f"/api/jobs/{job_id}", params={"wait_s": 25}).json()
+            assert ending.startswith(final["state"]), final
+    log = data_dir / "supervisor.log"
+    for ending, job_id in ids.items():
+        line = f"job {job_id}: {ending}\n"
+        wait_for(partial(_holds, log, line), 30, 0.1, f"{line!r} in supervisor.log")
+
+
+def _holds(path: Path, text: str) -> bool:
+    return text in path.read_text()
+
+
 def _ends_with(path: Path, text: str) -> bool:
     return path.read_bytes().endswith(text.encode())
 

@@ -199,6 +199,10 @@ class JobLife:
         self.is_final = True
         if data is None or data.get(p.F_STATE) in p.FINAL_STATES:
             self.final_job = data
+            if data is not None:  # said as the ends written here are: one line a job's end
+                error = data.get(p.F_ERROR)
+                log.info("job %s: %s%s", self.job_id, data.get(p.F_STATE),
+                         f" ({error.get('type')})" if isinstance(error, dict) else "")
             return  # the runner said how it ended, or the file is gone
         reason = self.stopping or p.stop_reason(self.job_file)
         if reason is not None:
