@@ -3,8 +3,10 @@ backup restored beside the original), with real servers on the original and the 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,3 +65,27 @@ def test_a_copy_of_a_running_folder_leaves_the_originals_runners_alone(
         assert psutil.Process(running["pid"]).is_running()
         assert _job(client, job_id)["state"] == "running"
         assert client.delete(f"/api/jobs/{job_id}").status_code == 200
+
+
+def test_a_copy_leaves_the_originals_model_server_running(
+        data_dir: Path, tmp_path: Path, servers: list[Server]) -> None:
+    # The original's model server, as a copy's llm.json names it: a process with its
+    # command line (llama-server is not built everywhere the tests run).
+    model_server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                                     "llama_cpp.server"])
+    try:
+        copy = tmp_path / "copy"
+        copy.mkdir(mode=0o700)
+        (copy / "llm.json").write_text(json.dumps({
+            "ready": True, "pid": model_server.pid, "restarts": 0,
+            "data_dir": str(data_dir), "updated_at": "2026-01-01T00:00:00.000Z"}))
+        # No model here to serve: the leader says so in llm.json once it has looked.
+        server = Server(copy, tmp_path / "copy.log",
+                        {"OFFLOAD_LOCAL_MODEL": str(tmp_path / "none.gguf")})
+        servers.append(server.start())
+        wait_for(lambda: json.loads((copy / "llm.json").read_text()).get("available") is False,
+                 timeout=30, what="the copy's own model state")
+        assert model_server.poll() is None, "the original's model server was stopped"
+    finally:
+        model_server.kill()
+        model_server.wait(10)

@@ -59,7 +59,8 @@ class EmbeddedServer:
     def _write(self, ready: bool, detail: str, **extra: Any) -> None:
         status = {"ready": ready, "detail": detail, "base_url": self.base_url if ready else "",
                   "pid": self.proc.pid if self.proc else None, "restarts": self.restarts,
-                  "key_id": embedded.key_id(self.key), "updated_at": p.now_iso(), **extra}
+                  "key_id": embedded.key_id(self.key), "data_dir": str(self.data_dir),
+                  "updated_at": p.now_iso(), **extra}
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             p.write_json(embedded.status_path(str(self.data_dir)), status)
@@ -220,6 +221,9 @@ class EmbeddedServer:
         pid = status.get("pid")
         if not isinstance(pid, int) or pid <= 0:  # psutil refuses those with ValueError
             return
+        folder = status.get("data_dir")
+        if isinstance(folder, str) and folder != str(self.data_dir):
+            return  # a copy's (a backup restored beside it): the original's server, live
         try:
             proc = psutil.Process(pid)
             if embedded.is_server(proc.cmdline()):

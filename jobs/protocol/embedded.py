@@ -7,7 +7,7 @@ Standard library only: the chat runner reads the server's status file through th
 The leading supervisor runs the server (`jobs.llm.server`) and writes
 `<data>/llm.json`: {"ready": bool, "available": bool, "base_url": str, "model": str,
 "detail": str, "engine": str, "slots": int, "pid": int | None, "restarts": int,
-"key_id": str, "updated_at": str}.
+"key_id": str, "data_dir": str, "updated_at": str}.
 """
 
 from __future__ import annotations
