@@ -155,3 +155,29 @@ def test_a_data_folder_written_by_0_9_0_is_served_as_it_was(
     for version in (1, 2):
         saved = data_dir / "models" / f"forecast-v{version}.json"
         assert saved.read_bytes() == (OLD_FOLDER / "models" / saved.name).read_bytes()
+
+
+def test_the_folder_reached_another_way_adopts_its_runners(
+        data_dir: Path, tmp_path: Path, servers: list[Server]) -> None:
+    """A launch record names its job file by the path the supervisor used; a server on
+    the same folder through a bind mount runs it, and adopts its runners."""
+    first = _serve(servers, data_dir, tmp_path / "first.log")
+    other_way = tmp_path / "mounted"
+    other_way.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(data_dir), str(other_way)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.strip()[:200]}")
+    try:
+        with first.client() as client:
+            job_id = client.post("/api/jobs", json={"kind": "sleep", "timeout_s": 300,
+                                                    "input": {"seconds": 8}}).json()["id"]
+            running = wait_job(client, job_id, "running", timeout=30)
+        first.stop()  # its runner runs on
+        second = _serve(servers, other_way, tmp_path / "second.log")
+        with second.client() as client:
+            final = wait_job(client, job_id, timeout=60)
+        second.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(other_way)], check=False)
+    assert final["state"] == "completed" and final["pid"] == running["pid"], final

@@ -184,7 +184,14 @@ def launched_elsewhere(job_file: StrPath, record: dict[str, Any]) -> str | None:
     """The other job file a launch record was written for (the folder was copied or
     moved since), or None: this one's, or a record written before records said it."""
     named = record.get(RUN_JOB_FILE)
-    return named if isinstance(named, str) and named != os.fspath(job_file) else None
+    if not isinstance(named, str) or named == os.fspath(job_file):
+        return None
+    try:
+        if os.path.samefile(os.path.dirname(named), os.path.dirname(os.fspath(job_file))):
+            return None  # this folder, reached another way (a bind mount)
+    except OSError:
+        pass  # no folder there now: moved
+    return named
 
 
 _HEX = frozenset("0123456789abcdef")
