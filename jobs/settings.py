@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jobs.protocol import ROOT
 from jobs.protocol.trust import (
     UnsafeSettingsFile,
     env_file,
@@ -260,6 +261,15 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise _naming_variables(exc) from None
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _named(cls, value: object) -> object:
+        # Empty (`OFFLOAD_DATA_DIR=` in a .env) it was the working folder: launch.py's is
+        # the project's, whose jobs/ package then held the jobs.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: leave it out for ./var, or name a folder")
+        return value
+
     @field_validator("data_dir", "schedules_file")
     @classmethod
     def _absolute(cls, value: Path, info: ValidationInfo) -> Path:
@@ -271,6 +281,10 @@ class Settings(BaseSettings):
             path = path.resolve()
         except (OSError, RuntimeError) as exc:  # links in a loop (a RuntimeError until 3.13)
             raise ValueError(f"{path} cannot be followed to a folder: {exc}") from None
+        if info.field_name == "data_dir" and (path == Path(ROOT) or path in Path(ROOT).parents):
+            # Its jobs/ would be the code's, and all of it made private to its owner.
+            raise ValueError(f"{path} holds Offload's own files: set OFFLOAD_DATA_DIR to a "
+                             "folder of its own, such as ./var")
         if info.field_name == "data_dir" and (file := _a_file_on_the_way(path)) is not None:
             # It could never be made: every request would fail, and the start said nothing.
             raise ValueError(f"{file} is a file, not a folder: set OFFLOAD_DATA_DIR to a "

@@ -5,6 +5,7 @@ original), with real servers on it."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import wait_for, wait_job
+from tests.conftest import ROOT, free_port, wait_for, wait_job
 from tests.fake_llm import FakeLLM
 from tests.server import Server
 
@@ -181,3 +182,19 @@ def test_the_folder_reached_another_way_adopts_its_runners(
     finally:
         subprocess.run(["umount", "-l", str(other_way)], check=False)
     assert final["state"] == "completed" and final["pid"] == running["pid"], final
+
+
+@pytest.mark.parametrize("named", ["", str(ROOT), str(ROOT.parent)],
+                         ids=["empty", "the project", "above the project"])
+def test_a_data_folder_empty_or_holding_the_project_is_refused(named: str,
+                                                                tmp_path: Path) -> None:
+    """`OFFLOAD_DATA_DIR=` (a .env line left blank) was the working folder: launch.py's is
+    the project's, whose jobs/ package then held the jobs, and all of it was made private."""
+    done = subprocess.run([sys.executable, str(ROOT / "api_entry.py"), "--port",
+                           str(free_port())], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "OFFLOAD_DATA_DIR": named}, timeout=90)
+    said = done.stdout + done.stderr
+    assert done.returncode == 3, said[-3000:]
+    expected = "is empty" if not named else f"{named} holds Offload's own files"
+    assert f"OFFLOAD_DATA_DIR: Value error, {expected}" in said, said[-3000:]
+    assert not list(tmp_path.iterdir())
