@@ -29,7 +29,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobs.protocol import ROOT
+from jobs.protocol import ROOT, embedded
 from jobs.protocol.trust import (
     UnsafeSettingsFile,
     env_file,
@@ -393,6 +393,14 @@ class Settings(BaseSettings):
     @property
     def embedded_slots(self) -> int:
         return self.llm_slots or min(self.max_concurrent, DEFAULT_LLM_SLOTS)
+
+    @property
+    def model_slots(self) -> int | None:
+        """Chats at once on the embedded model, the most the supervisor starts; None:
+        chats go to the server OPENAI_BASE_URL names, which says nothing of its own."""
+        if self.openai_base_url:
+            return None
+        return embedded.chat_slots(self.embedded_slots, embedded.engine(self.llm_engine))
 
     @property
     def jobs_dir(self) -> Path:

@@ -624,11 +624,14 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     unknown = cli(url, "wait", first_id, "0" * 32)
     assert unknown.returncode == 5 and unknown.stdout == "", unknown
     # As `pueue parallel`: how many jobs run at once, shown and changed while it runs.
-    default = httpx.get(f"{url}/api/queue").json()["max_concurrent_default"]
+    queue = httpx.get(f"{url}/api/queue").json()
+    default, slots = queue["max_concurrent_default"], queue["model_slots"]
     shown = cli(url, "parallel", script=True)
-    assert (shown.returncode, shown.stdout) == (
-        0, f"runners at once: {default} (OFFLOAD_MAX_CONCURRENT)\n"
-           "train at once: 1 (OFFLOAD_KIND_CAPS)\n")
+    assert slots < default  # the chats the embedded model decodes at once, fewer
+    caps_shown = (f"runners at once: {default} (OFFLOAD_MAX_CONCURRENT)\n"
+                  f"chat at once: at most {slots}, the embedded model's slots "
+                  "(OFFLOAD_LLM_SLOTS); more wait queued\ntrain at once: 1 (OFFLOAD_KIND_CAPS)\n")
+    assert (shown.returncode, shown.stdout) == (0, caps_shown)
     raised = cli(url, "parallel", "3")
     assert (raised.returncode, raised.stdout.splitlines()[0]) == (
         0, "runners at once: 3 (set while running, kept across restarts; "
@@ -658,9 +661,7 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     for wrong in ("0", "-1", "1025", "two", "2.5", "٣", "9" * 5000):
         refused = cli(url, "parallel", wrong)
         assert refused.returncode == 2 and "from 1 to 1024, or default" in refused.stderr, wrong
-    assert cli(url, "parallel", "default").stdout == (
-        f"runners at once: {default} (OFFLOAD_MAX_CONCURRENT)\n"
-        "train at once: 1 (OFFLOAD_KIND_CAPS)\n")
+    assert cli(url, "parallel", "default").stdout == caps_shown
     assert httpx.get(f"{url}/api/queue").json()["max_concurrent"] == default
 
 

@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -176,6 +177,46 @@ def test_a_long_conversation_of_numbers_is_cut_to_the_context_the_server_counts(
     assert done[1]["state"] == "failed", json.dumps(done[1])[:800]
     message = done[1]["error"]["message"]
     assert "too long for the embedded model" in message and "increasing" not in message
+
+
+def test_chats_beyond_the_models_slots_wait_queued_saying_so(
+        make_server: Callable[..., Any]) -> None:
+    """`offload parallel 16` with a model of 2 slots: chats past them waited inside
+    llama-server, `running` with no word, until their first-token limit failed them. They
+    wait in Offload's queue instead, with no place in it, and `offload list` says why."""
+    from tests.test_cli import cli
+
+    if embedded.server_binary() is None:
+        pytest.skip("llama-server is not built here: run `python launch.py` (it builds it)")
+    server = make_server(env={"OPENAI_BASE_URL": "", "OFFLOAD_MAX_CONCURRENT": "2",
+                              "OFFLOAD_LLM_ENGINE": "auto"})
+    wait_for(lambda: (embedded.read_status(str(server.data_dir)) or {}).get("ready"), 120,
+             0.2, "the embedded model to load")
+    raised = cli(server.url, "parallel", "16")
+    assert raised.returncode == 0, raised.stderr
+    assert "chat at once: at most 2, the embedded model's slots" in raised.stdout, raised.stdout
+    with server.client() as client:
+        ids = [_chat(client, LONG, 64) for _ in range(4)]
+        most, listed, deadline = 0, "", time.monotonic() + 300
+        while not all(finals := [_ended(client, i) for i in ids]):
+            jobs = [client.get(f"/api/jobs/{i}").json() for i in ids]
+            most = max(most, sum(job["state"] == "running" for job in jobs))
+            # No place in the queue: the slots, not the queue, hold them back.
+            held = sum(job["state"] == "queued" and job["queue_position"] is None
+                       for job in jobs)
+            if held == 2 and not listed:
+                listed = cli(server.url, "list", "--kind", "chat").stdout
+            assert time.monotonic() < deadline, "the chats did not end in 300 s"
+            time.sleep(0.05)
+    assert most <= 2, f"{most} chats ran at once on 2 slots"
+    assert "held: the embedded model's 2 slots busy" in listed, listed
+    assert [(j["state"], j["attempt"]) for j in finals] == [("completed", 1)] * 4, \
+        json.dumps(finals)[:1500]
+
+
+def _ended(client: httpx.Client, job_id: str) -> Any:
+    job = client.get(f"/api/jobs/{job_id}").json()
+    return job["state"] in p.FINAL_STATES and job
 
 
 def test_llama_cpp_python_server_stays_the_fallback(make_server: Callable[..., Any]) -> None:

@@ -54,7 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     history = MachineHistory(Path(p.metrics_file(settings.data_dir)),
                              HISTORY_KEEP_S, HISTORY_SAMPLE_S)
     app.state.settings = settings
-    store = JobStore(settings.jobs_dir, settings.kind_cap_map)
+    store = JobStore(settings.jobs_dir, settings.kind_cap_map, settings.model_slots)
     app.state.service = JobService(settings, store, history)
     app.state.machine_history = history
     app.state.predictor = Predictor(settings.data_dir, history)

@@ -67,6 +67,9 @@ class QueueView(BaseModel):
     kind_caps_default: dict[str, int]  # OFFLOAD_KIND_CAPS: what `null` for a kind goes back to
     kind_caps_set: list[str]  # the kinds whose cap was set while running
     kinds: list[str]  # every job kind this server runs, a cap of its own or not
+    # Chats the embedded model decodes at once: no more run, whatever the caps (null:
+    # chats go to the server OPENAI_BASE_URL names).
+    model_slots: int | None = None
 
 
 class QueueCap(BaseModel):
@@ -114,7 +117,7 @@ def queue_view(settings: Settings) -> dict[str, Any]:
                           if kind in known},
             "kind_caps_default": settings.kind_cap_map,
             "kind_caps_set": sorted(kind for kind in kinds if kind in known),
-            "kinds": sorted(known)}
+            "kinds": sorted(known), "model_slots": settings.model_slots}
 
 
 @router.put("/queue/cap", response_model=QueueView, responses=UNRECORDED)

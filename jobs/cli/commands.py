@@ -31,6 +31,7 @@ from jobs.cli.client import (
 from jobs.cli.follow import follow, until_ended
 from jobs.cli.show import (
     cap_said,
+    holds,
     job_details,
     job_table,
     kind_caps_said,
@@ -123,7 +124,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print_json(jobs)
     else:
-        job_table(jobs, sys.stdout, queue.get("kind_caps"))
+        job_table(jobs, sys.stdout, holds(queue))
     if queue.get("paused") is True:
         sys.stderr.write("the queue is paused: queued jobs start once resumed (offload "
                          "resume)\n")
@@ -148,7 +149,7 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
         print_json(job)
     else:
         held = job.get(p.F_STATE) == p.JobState.QUEUED and job.get(p.F_QUEUE_POSITION) is None
-        job_details(job, sys.stdout, _queue(client).get("kind_caps") if held else None)
+        job_details(job, sys.stdout, holds(_queue(client)) if held else None)
     return EXIT_OK
 
 
@@ -274,14 +275,14 @@ def _say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
     if queue.get("paused") is True:
         they = "it starts" if len(jobs) == 1 else "they start"
         sys.stderr.write(f"offload: the queue is paused: {they} once resumed (offload resume)\n")
-    caps = queue.get("kind_caps") or {}
+    held = holds(queue)
     for job in (job for job in jobs if job.get(p.F_STATE) == p.JobState.QUEUED):
-        if not counted and job.get(p.F_KIND) in caps:  # a 202's job: its place not counted
+        if not counted and job.get(p.F_KIND) in held:  # a 202's job: its place not counted
             job = client.job("GET", f"/api/jobs/{job_path(str(job.get(p.F_ID)))}")
-        said = note(job, caps)
+        said = note(job, held)
         if said.startswith("held: ") and job.get(p.F_QUEUE_POSITION) is None:
             sys.stderr.write(f"offload: job {job.get(p.F_ID)} is {said}: it starts once one "
-                             f"of them ends (offload parallel N --kind {job.get(p.F_KIND)})\n")
+                             f"of them ends ({held[str(job.get(p.F_KIND))].remedy})\n")
         elif said.startswith("starts "):  # --delay or --at: no sooner
             sys.stderr.write(f"offload: job {job.get(p.F_ID)} {said}, as submitted\n")
 

@@ -6,9 +6,11 @@ import json
 import re
 import sys
 import time
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from jobs import protocol as p
+
+CHAT = "chat"  # the kind the embedded model answers, no more at once than its slots
 
 
 def when(value: object) -> str:
@@ -25,9 +27,29 @@ def _took(job: dict[str, Any]) -> str:
     return f"{max(0.0, end - p.parse_iso(str(started))):.1f}s"
 
 
-def note(job: dict[str, Any], caps: dict[str, Any] | None = None) -> str:
+class Hold(NamedTuple):
+    """What holds back the queued jobs of a kind, and what changes it."""
+
+    reason: str
+    remedy: str
+
+
+def holds(queue: dict[str, Any]) -> dict[str, Hold]:
+    """By kind, what may hold its queued jobs back (`GET /api/queue`): its cap, or for
+    chats the embedded model's slots where they are fewer."""
+    caps = queue.get("kind_caps") or {}
+    said = {kind: Hold(f"kind {kind} at its cap {cap}", f"offload parallel N --kind {kind}")
+            for kind, cap in caps.items()}
+    slots = queue.get("model_slots")
+    if isinstance(slots, int) and slots <= caps.get(CHAT, slots):
+        said[CHAT] = Hold(f"the embedded model's {slots} slot{'s' if slots > 1 else ''} busy",
+                          "each chat has a slot of its own; OFFLOAD_LLM_SLOTS sets how many")
+    return said
+
+
+def note(job: dict[str, Any], held: dict[str, Hold] | None = None) -> str:
     """What to know of a job at a glance: its error, progress, or why it has not started.
-    `caps`: the kinds' caps in use (`GET /api/queue`'s `kind_caps`), to say a hold by one."""
+    `held`: what holds back the queued jobs of each kind (`holds`), to say a hold."""
     error = job.get(p.F_ERROR)
     if isinstance(error, dict) and error.get("message"):
         return f"{error.get('type')}: {error['message']}"
@@ -44,10 +66,10 @@ def note(job: dict[str, Any], caps: dict[str, Any] | None = None) -> str:
     if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and dependencies:
         return (f"after {dependencies[0][:8]}" if len(dependencies) == 1
                 else f"after {len(dependencies)} jobs")
-    kind, cap = job.get(p.F_KIND), (caps or {}).get(str(job.get(p.F_KIND)))
-    if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and cap is not None:
+    hold = (held or {}).get(str(job.get(p.F_KIND)))
+    if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and hold is not None:
         # The one other reason a queued job has no place (contract: queue_position).
-        return f"held: kind {kind} at its cap {cap}"
+        return f"held: {hold.reason}"
     return "" if position is None else f"{position} ahead in the queue"
 
 
@@ -64,18 +86,19 @@ def table(rows: list[list[str]], out: IO[str]) -> None:
 
 
 def job_table(jobs: list[dict[str, Any]], out: IO[str],
-              caps: dict[str, Any] | None = None) -> None:
+              held: dict[str, Hold] | None = None) -> None:
     if not jobs:
         out.write("no jobs\n")
         return
     rows = [["ID", "KIND", "STATE", "CREATED (UTC)", "TOOK", "NOTE"]]
     rows += [[str(job.get(p.F_ID)), str(job.get(p.F_KIND)), str(job.get(p.F_STATE)),
-              when(job.get(p.F_CREATED_AT)), _took(job), _one_line(note(job, caps), 60)]
+              when(job.get(p.F_CREATED_AT)), _took(job), _one_line(note(job, held), 60)]
              for job in jobs]
     table(rows, out)
 
 
-def job_details(job: dict[str, Any], out: IO[str], caps: dict[str, Any] | None = None) -> None:
+def job_details(job: dict[str, Any], out: IO[str], held: dict[str, Hold] | None = None
+                ) -> None:
     def compact(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
 
@@ -95,9 +118,9 @@ def job_details(job: dict[str, Any], out: IO[str], caps: dict[str, Any] | None =
             lines.append((name.replace("_", " "), job[name]))
     if job.get(p.F_ERROR) or job.get(p.F_PROGRESS):
         lines.append(("error" if job.get(p.F_ERROR) else "progress", note(job)))
-    elif queued and job.get(p.F_QUEUE_POSITION) is None and note(job, caps).startswith("held"):
-        lines.append(("held", f"{note(job, caps).removeprefix('held: ')} (starts when one of "
-                              f"them ends; offload parallel N --kind {job.get(p.F_KIND)})"))
+    elif queued and job.get(p.F_QUEUE_POSITION) is None and note(job, held).startswith("held"):
+        hold = (held or {})[str(job.get(p.F_KIND))]
+        lines.append(("held", f"{hold.reason} (starts when one of them ends; {hold.remedy})"))
     for earlier in job.get(p.F_EARLIER_ERRORS) or []:
         lines.append((f"attempt {earlier.get('attempt')}",
                       f"{earlier.get('type')}: {earlier.get('message')}"))
@@ -128,9 +151,14 @@ def print_json(value: Any) -> None:
 
 
 def kind_caps_said(queue: dict[str, Any]) -> list[str]:
-    """A line for each kind with a cap of its own: its cap, and where it comes from."""
+    """A line for each kind with a cap of its own: its cap, and where it comes from; and
+    the chats the embedded model decodes at once, where that holds them back."""
     caps, defaults = queue.get("kind_caps") or {}, queue.get("kind_caps_default") or {}
+    slots = queue.get("model_slots")
     lines = []
+    if isinstance(slots, int) and slots < queue.get("max_concurrent", 0):
+        lines.append(f"{CHAT} at once: at most {slots}, the embedded model's "
+                     "slots (OFFLOAD_LLM_SLOTS); more wait queued")
     for kind, cap in sorted(caps.items()):
         if kind not in (queue.get("kind_caps_set") or []):
             lines.append(f"{kind} at once: {cap} (OFFLOAD_KIND_CAPS)")

@@ -100,7 +100,7 @@ class EmbeddedServer:
         if self.wanted_engine == embedded.LLAMA_SERVER != engine:
             log.warning("llama-server is not built here (launch.py builds it); the embedded "
                         "model runs on llama-cpp-python's server")
-        slots = self.slots if engine == embedded.LLAMA_SERVER else 1
+        slots = embedded.chat_slots(self.slots, engine)
         running = {"engine": engine, "slots": slots}
         log_path = self.data_dir / LOG_FILE
         with open(log_path, "ab") as out:

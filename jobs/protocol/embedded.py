@@ -37,6 +37,7 @@ KEY_ENV = "OFFLOAD_EMBEDDED_KEY"
 LLAMA_SERVER = "llama-server"
 LLAMA_CPP_PYTHON = "llama-cpp-python"
 SLOT_CTX = 2048  # tokens of context for each chat at once
+CHAT_KIND = "chat"  # the kind whose jobs the model answers, at most `chat_slots` at once
 HOW_TO = ("Ways on: start an OpenAI-compatible server such as Ollama or LM Studio and set "
           "OPENAI_BASE_URL (e.g. http://127.0.0.1:11434/v1), or install a C/C++ compiler "
           "(Visual Studio Build Tools on Windows) and run `python launch.py --reinstall`.")
@@ -86,6 +87,21 @@ def engine(wanted: str = "auto") -> str:
     if wanted != LLAMA_CPP_PYTHON and server_binary() is not None:
         return LLAMA_SERVER
     return LLAMA_CPP_PYTHON
+
+
+def chat_slots(slots: int, engine: str) -> int:
+    """Chats the server decodes at once: `slots` on llama-server, one on llama-cpp-python's.
+    Offload starts no more chats than these (the rest wait queued): a chat past them
+    waited inside the server with no word, and failed past its first-token limit."""
+    return slots if engine == LLAMA_SERVER else 1
+
+
+def kind_cap(kind: str, cap: int | None, model_slots: int | None) -> int | None:
+    """Runners of `kind` at once, its `cap` (None: none), chats no more than the embedded
+    model's slots (None: chats go to another server)."""
+    if kind != CHAT_KIND or model_slots is None:
+        return cap
+    return min(cap or model_slots, model_slots)
 
 
 def server_available() -> bool:

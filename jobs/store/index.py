@@ -41,11 +41,13 @@ class JobIndex:
     """Jobs newest first, counts by state, queue positions, sessions, what to prune;
     safe to use from several threads."""
 
-    def __init__(self, jobs_dir: Path, kind_caps: dict[str, int] | None = None) -> None:
+    def __init__(self, jobs_dir: Path, kind_caps: dict[str, int] | None = None,
+                 model_slots: int | None = None) -> None:
         self.dir = jobs_dir
         # OFFLOAD_KIND_CAPS (those set while running, in `queue.cap`, go over them): a job
         # its kind's cap holds back has no place in the queue, as the supervisor sets it aside.
         self.kind_caps = dict(kind_caps or {})
+        self.model_slots = model_slots  # and a chat the embedded model's slots hold back
         self._lock = threading.Lock()  # routes use the store from several worker threads
         self._listing = DirListing(jobs_dir)
         self._entries: dict[str, Entry] = {}
@@ -266,7 +268,7 @@ class JobIndex:
         if self._refreshed_at is not None and now - self._refreshed_at <= max_age_s:
             return
         self._take_listing()
-        self._caps = kind_caps_now(self.dir, self.kind_caps)
+        self._caps = kind_caps_now(self.dir, self.kind_caps, self.model_slots)
         wall, looked_before = time.time(), now - QUEUED_LOOK_S
         next_in_line = self._positions[1]
         for job_id in list(self._watched):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
-from jobs.protocol import control
+from jobs.protocol import control, embedded
 
 
 def count_positions(queued: Iterable[dict[str, Any]], running: dict[tuple[str, str], int],
@@ -35,13 +35,17 @@ def count_positions(queued: Iterable[dict[str, Any]], running: dict[tuple[str, s
     return positions, next_due
 
 
-def kind_caps_now(jobs_dir: Path, kind_caps: dict[str, int]) -> dict[str, int]:
-    """The settings' caps, and over them those set while running (`queue.cap`)."""
+def kind_caps_now(jobs_dir: Path, kind_caps: dict[str, int], model_slots: int | None = None
+                  ) -> dict[str, int]:
+    """The settings' caps, and over them those set while running (`queue.cap`); chats
+    held to the embedded model's slots, as the supervisor holds them."""
     try:
         _, set_now = control.queue_caps(jobs_dir.parent)
     except OSError:  # out of file handles, say: the settings' caps meanwhile
         set_now = {}
-    return {**kind_caps, **set_now}
+    caps = {**kind_caps, **set_now}
+    chats = embedded.kind_cap(embedded.CHAT_KIND, caps.get(embedded.CHAT_KIND), model_slots)
+    return caps if chats is None else {**caps, embedded.CHAT_KIND: chats}
 
 
 def awaited(job: dict[str, Any]) -> list[str]:

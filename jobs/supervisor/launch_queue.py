@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from jobs import protocol as p
+from jobs.protocol import embedded
 from jobs.protocol.control import QUEUE_CAP_FILE, queue_caps
 from jobs.store.reading import Signature, stat_signature
 
@@ -44,11 +45,13 @@ class LaunchQueue:
     """The queued jobs by launch order and time, and the runners counted against the
     caps by kind (the supervisor says when one starts and when it is gone)."""
 
-    def __init__(self, data_dir: Path, max_concurrent: int, kind_caps: dict[str, int]) -> None:
+    def __init__(self, data_dir: Path, max_concurrent: int, kind_caps: dict[str, int],
+                 model_slots: int | None = None) -> None:
         self._data_dir = data_dir
         self._cap_file = data_dir / QUEUE_CAP_FILE
         self.max_concurrent = max_concurrent  # OFFLOAD_MAX_CONCURRENT; see runner_cap()
         self.kind_caps = kind_caps  # OFFLOAD_KIND_CAPS
+        self.model_slots = model_slots  # chats at once on the embedded model (Settings)
         self._caps_set = CapsSet(None, None, {})
         self._entries: dict[str, Queued] = {}  # every queued job the supervisor knows
         # The due jobs in launch order; entries no longer in _entries (or there with
@@ -181,5 +184,7 @@ class LaunchQueue:
 
     def kind_cap(self, kind: str) -> int | None:
         """Runners of `kind` alive at once: as set while running, else OFFLOAD_KIND_CAPS's
-        (None: no cap of its own), as `runner_cap` last read them."""
-        return self._caps_set.kinds.get(kind, self.kind_caps.get(kind))
+        (None: no cap of its own), as `runner_cap` last read them; chats no more than the
+        embedded model's slots."""
+        return embedded.kind_cap(kind, self._caps_set.kinds.get(kind, self.kind_caps.get(kind)),
+                                 self.model_slots)

@@ -91,6 +91,7 @@ class Supervisor(Discovery, Launching, Endings):
         retry_base_s: float = RETRY_BASE_S,
         retry_max_s: float = RETRY_MAX_S,
         scheduler: Scheduler | None = None,
+        model_slots: int | None = None,
     ) -> None:
         self.dir = jobs_dir
         self._dir_name = os.fspath(jobs_dir)
@@ -98,7 +99,7 @@ class Supervisor(Discovery, Launching, Endings):
         self.store = JobStore(jobs_dir)
         self._queue = LaunchQueue(jobs_dir.parent, max_concurrent,
                                  kind_numbers(DEFAULT_KIND_CAPS, "kind_caps", 1, 1024)
-                                 if kind_caps is None else dict(kind_caps))
+                                 if kind_caps is None else dict(kind_caps), model_slots)
         self._cap_now = max_concurrent  # the queue's runner_cap(), as at this pass's start
         self.log_max_bytes = log_max_bytes
         self._listing = DirListing(jobs_dir)
@@ -149,7 +150,7 @@ class Supervisor(Discovery, Launching, Endings):
             runner_env=settings.runner_env(), launcher=make_launcher(settings),
             min_retention_s=settings.min_retention_s, kind_caps=settings.kind_cap_map,
             retry_base_s=settings.retry_base_s, retry_max_s=settings.retry_max_s,
-            scheduler=scheduler,
+            scheduler=scheduler, model_slots=settings.model_slots,
         )
 
     # -- driving -------------------------------------------------------------------
