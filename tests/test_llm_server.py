@@ -152,6 +152,33 @@ def test_a_model_server_stopped_by_a_signal_is_restarted_and_its_chat_answered(
     assert job["state"] == "completed" and job["attempt"] == 2, json.dumps(job)[:800]
 
 
+def test_a_killed_model_server_is_said_down_at_once_and_its_chats_answered_after(
+        model_server: tuple[Any, dict[str, Any]]) -> None:
+    """SIGKILL of llama-server during 3 chats: /api/health says it is down as soon as
+    llm.json does (it said "ready" from a cache up to 2 s old), the supervisor starts it
+    again, the 3 chats are answered on their second attempt, and one sent while it was
+    down is answered too."""
+    server, status = model_server
+    with server.client() as client:
+        ids = [_chat(client, LONG, 200) for _ in range(3)]
+        wait_for(lambda: all(client.get(f"/api/jobs/{i}").json()["output"] for i in ids), 120,
+                 0.05, "the 3 answers to start")
+        assert client.get("/api/health").json()["llm"]["ready"] is True
+        os.kill(status["pid"], signal.SIGKILL)
+        wait_for(lambda: not (embedded.read_status(str(server.data_dir)) or {}).get("ready"),
+                 10, 0.01, "llm.json to stop saying ready")
+        llm = client.get("/api/health").json()["llm"]
+        assert llm["ready"] is False and llm["detail"] != "ok", llm
+        ids.append(_chat(client, [{"role": "user", "content": "Say hello."}], 16))
+        finals = [wait_for(functools.partial(_ended, client, i), 180, 0.1, "the chats to end")
+                  for i in ids]
+        llm = client.get("/api/health").json()["llm"]
+    assert [(j["state"], j["attempt"]) for j in finals] == [("completed", 2)] * 3 + [
+        ("completed", 1)], json.dumps(finals)[:2000]
+    assert all("stream" in j["earlier_errors"][0]["message"] for j in finals[:3]), finals
+    assert llm["ready"] is True and llm["model"] == "SmolLM2-135M-Instruct", llm
+
+
 def test_a_long_conversation_of_numbers_is_cut_to_the_context_the_server_counts(
         model_server: tuple[Any, dict[str, Any]]) -> None:
     """Digits take a token each, three times the guess for prose: the earliest turns are

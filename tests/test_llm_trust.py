@@ -71,6 +71,7 @@ def test_health_says_an_odd_models_answer_and_recovers(
                            != "not checked yet" and h, 30, 0.2, "the first probe")
             assert llm["ready"] is False
             assert "/models" in llm["detail"] and "JSON list" in llm["detail"], llm
+            assert llm["model"] is None, "no model known yet: null, not an empty name"
             fake.answer = {"object": "list", "data": [{"id": "m-1", "object": "model"}]}
             llm = wait_for(lambda: (h := client.get("/api/health").json()["llm"])["ready"]
                            and h, 60, 0.2, "the probe to see the server answer well")

@@ -52,7 +52,8 @@ async def metrics(request: Request, service: Service) -> Response:
         raise HTTPException(503, f"cannot read the job counters now ({exc.strerror or exc}); "
                                  "try again shortly") from None
     queue = await run_in_threadpool(queue_view, service.settings)
-    collector = JobMetrics(service.store, counters, llm.ready, queue["max_concurrent"],
+    ready = bool((await run_in_threadpool(llm.now))["ready"])
+    collector = JobMetrics(service.store, counters, ready, queue["max_concurrent"],
                            queue["kind_caps"])
     accept = request.headers.get("accept", "")
     try:

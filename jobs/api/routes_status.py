@@ -90,7 +90,7 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
         "max_concurrent": queue["max_concurrent"],
         "supervisor": supervisor,
         "launcher": service.settings.launcher,
-        "llm": llm.as_dict(),
+        "llm": await run_in_threadpool(llm.now),
         "usage": service.store.usage_totals(),
         "queue": queue,
     }

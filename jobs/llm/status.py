@@ -24,7 +24,7 @@ class LLMStatus:
         self._server = llm_client.Config(settings.openai_base_url or "",
                                          key.get_secret_value() if key else None)
         self.base_url = self._server.base_url  # without the credentials it may carry
-        self.model = settings.llm_model or ""
+        self.model: str | None = settings.llm_model or None  # None: not known yet
         self.ready = False
         self.detail = "not checked yet"
 
@@ -32,13 +32,21 @@ class LLMStatus:
     def probe_every_s(self) -> float:
         return 2.0 if self.provider == "embedded" else 15.0
 
+    def now(self) -> dict[str, Any]:
+        """`as_dict`, the embedded model's state read afresh (a small local file, not a
+        request): the last probe's said "ready" for up to 2 s after its server died.
+        Blocking, so call it from a worker thread."""
+        if self.provider == "embedded":
+            self.probe()
+        return self.as_dict()
+
     def probe(self) -> bool:
         """Blocking, so call it from a worker thread. The embedded model: what the
         supervisor running it wrote; another server: GET {base_url}/models."""
         if self.provider == "embedded":
             status = embedded.read_status(str(self.data_dir)) or {}
             self.base_url = str(status.get("base_url") or "")
-            self.model = str(status.get("model") or "")
+            self.model = str(status.get("model") or "") or None
             self.ready = bool(status.get("ready"))
             self.detail = str(status.get("detail") or "the supervisor is starting")
             return self.ready
@@ -64,7 +72,7 @@ class LLMStatus:
                 '{"data": [...]}; is OPENAI_BASE_URL an OpenAI-compatible API (ending in /v1)?')
             return False
         if not self.model and models and isinstance(models[0], dict):
-            self.model = str(models[0].get("id", ""))
+            self.model = str(models[0].get("id", "")) or None
         self.ready, self.detail = True, "ok"
         return True
 
