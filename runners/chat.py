@@ -92,9 +92,16 @@ def execute(job: base.Job) -> dict[str, Any]:
             reply = llm_client.chat(config, asked, job.emit, **options)
             break
         except base.RunnerError as exc:
-            counted = _refused_as_too_long(exc.message) if embedded_used else None
+            counted = _refused_as_too_long(exc.message)
             if counted is None:
                 raise
+            if not embedded_used:  # its context's size unknown here: no turns left out
+                raise base.RunnerError(
+                    f"the conversation is too long for the model at {config.base_url}: it "
+                    f"takes {counted} tokens, more than the model's context holds with its "
+                    "answer; start a new conversation (Forget conversation on the dashboard) "
+                    "or shorten the message, or use a model with a longer context",
+                    "provider") from None
             # The guess was short (digits, code, emoji take more tokens than prose): the
             # server's own count says by how much; more of the earliest turns go.
             fewer = _fewer(full, asked, room * sum(map(_tokens, asked)) // max(counted, 1))

@@ -9,8 +9,10 @@ import functools
 import json
 import os
 import signal
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,7 +21,7 @@ import pytest
 
 from jobs import protocol as p
 from jobs.protocol import embedded
-from tests.conftest import wait_for
+from tests.conftest import free_port, stop_process, wait_for
 
 pytestmark = [pytest.mark.llm, pytest.mark.slow]
 
@@ -244,6 +246,44 @@ def test_chats_beyond_the_models_slots_wait_queued_saying_so(
 def _ended(client: httpx.Client, job_id: str) -> Any:
     job = client.get(f"/api/jobs/{job_id}").json()
     return job["state"] in p.FINAL_STATES and job
+
+
+@pytest.fixture
+def another_llama_server(tmp_path: Path) -> Iterator[str]:
+    """llama-server started by hand, as another server (OPENAI_BASE_URL): its address."""
+    model = embedded.model_path(None)
+    if embedded.server_binary() is None or model is None:
+        pytest.skip("llama-server is not built here: run `python launch.py` (it builds it)")
+    port = free_port()
+    with open(tmp_path / "llama-server.log", "ab") as out:
+        proc = subprocess.Popen(embedded.server_command(model, engine=embedded.LLAMA_SERVER),
+                                env=embedded.server_env(port, None, embedded.LLAMA_SERVER),
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_for(lambda: embedded.answers(base_url, None), 120, 0.2, "llama-server to load")
+        yield base_url
+    finally:
+        stop_process(proc)
+
+
+def test_a_conversation_longer_than_another_servers_context_says_so(
+        another_llama_server: str, make_server: Callable[..., Any]) -> None:
+    """Another server gets the whole conversation; one longer than its model's context
+    failed with the server's own words, "HTTP 400 ... try increasing it" (its context,
+    which a chat's user cannot change)."""
+    server = make_server(env={"OPENAI_BASE_URL": another_llama_server})
+    numbers = " ".join(str(n % 10) for n in range(1500))  # a token a digit: 3,000
+    with server.client() as client:
+        job_id = _chat(client, [{"role": "user", "content": numbers}], 8)
+        job = wait_for(functools.partial(_ended, client, job_id), 120, 0.1, "the chat to end")
+    assert job["state"] == "failed" and job["attempt"] == 1, json.dumps(job)[:1500]
+    message = job["error"]["message"]
+    assert message.startswith("the conversation is too long for the model at "
+                              f"{another_llama_server}: it takes "), message
+    assert "start a new conversation" in message and "HTTP 400" not in message, message
+    assert job["progress"] is None, job
 
 
 def test_llama_cpp_python_server_stays_the_fallback(make_server: Callable[..., Any]) -> None:
