@@ -39,6 +39,7 @@ RETRY_BASE_S = 1.0
 UNKNOWN_FIELD_WORDS = ("stream_options", "include_usage", "unknown", "unrecognized",
                        "extra", "not permitted", "unexpected")
 RETRY_MAX_S = 30.0
+LOADING_RETRY_S = 1.0  # a server still loading its model (503): asked again this often
 MIN_SECRET_PART = 6  # a key cut off in a message is redacted from this many characters
 
 
@@ -195,6 +196,7 @@ def estimate_tokens(text: str) -> int:
 def _request_with_retries(config: Config, body: dict[str, Any]
                           ) -> tuple[http.client.HTTPResponse, http.client.HTTPConnection]:
     attempt = 0
+    started = time.monotonic()
     while True:
         attempt += 1
         conn = _connect(config)
@@ -215,6 +217,17 @@ def _request_with_retries(config: Config, body: dict[str, Any]
             body = {k: v for k, v in body.items()  # it cannot stream
                     if k not in ("stream", "stream_options")}
             continue
+        if status == 503 and "loading" in said:
+            # llama-server's "Loading model": it answers once loaded, which a larger model
+            # takes longer than three tries; waited for as for a first token.
+            waited = time.monotonic() - started
+            if waited < config.first_token_s:
+                time.sleep(min(_backoff(1, retry_after) if retry_after else LOADING_RETRY_S,
+                               config.first_token_s - waited))
+                continue
+            raise _fail(f"the LLM server at {config.base_url} was still loading its model "
+                        f"after {waited:.0f} s (HTTP 503); try again in a moment "
+                        "(OFFLOAD_LLM_FIRST_TOKEN_S sets how long a chat waits)", transient=True)
         if (status == 429 or status >= 500) and attempt < RETRIES:
             time.sleep(_backoff(attempt, retry_after))
             continue

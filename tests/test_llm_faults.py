@@ -83,6 +83,19 @@ def test_overloaded_server_is_retried_honouring_retry_after(
     assert len(gaps) == 2 and all(gap >= 0.9 for gap in gaps), gaps
 
 
+def test_a_server_still_loading_its_model_is_waited_for(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    """llama-server answers 503 "Loading model" until it has loaded, with no Retry-After:
+    three tries in 3 s failed the attempt, though a larger model takes longer to load."""
+    loading = '{"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}'
+    with FakeLLM(status=503, fail_times=5, error_body=loading) as llm:
+        job = run_chat(make_supervisor, llm.base_url)
+    assert job["state"] == "completed" and job["attempt"] == 1, job
+    with FakeLLM(status=503, error_body=loading) as llm:
+        job = run_chat(make_supervisor, llm.base_url, OFFLOAD_LLM_FIRST_TOKEN_S="3")
+    failed_with(job, "was still loading its model after 3 s (HTTP 503)", "try again")
+
+
 def test_server_failing_every_time_gives_up(
         make_supervisor: Callable[..., RunningSupervisor]) -> None:
     with FakeLLM(status=500, retry_after="0",
