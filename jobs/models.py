@@ -84,6 +84,16 @@ class EarlierError(BaseModel):
     finished_at: Time | None = None
 
 
+class WaitsFor(BaseModel):
+    """Why a queued job has not started: `reason` names the field that says more
+    (`depends_on`, `after`, `run_at`, `queue_position`), or is `kind_cap`."""
+
+    reason: Literal["depends_on", "after", "run_at", "kind_cap", "queue_position"]
+    jobs: list[str] | None = None  # depends_on, after: those it waits for, not ended yet
+    kind_cap: int | None = None  # kind_cap: its kind's cap in use
+    running: int | None = None  # kind_cap: the jobs of its kind running now
+
+
 class Job(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -95,6 +105,7 @@ class Job(BaseModel):
     finished_at: Time | None = None
     timeout_s: float | None = None
     queue_position: int | None = None
+    waits_for: WaitsFor | None = None  # queued: why it has not started
     progress: Progress | None = None
     output: str | None = None
     result: dict[str, Any] | None = None

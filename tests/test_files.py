@@ -242,11 +242,13 @@ def test_queue_positions_are_counted_once_per_refresh_and_know_new_jobs(
     store = JobStore(data_dir / "jobs")
     ids = [store.create("sleep", {}, 60)["id"] for _ in range(3)]
     store.refresh()
-    assert [store.cached_queue_position(i, 60) for i in ids] == [0, 1, 2]
+    in_line = {"reason": "queue_position"}
+    assert [store.cached_queue_place(i, 60) for i in ids] == [(0, in_line), (1, in_line),
+                                                              (2, in_line)]
     late = store.create("sleep", {}, 60)["id"]
-    assert store.cached_queue_position(late, 60) is None  # not counted yet: ask the index
-    assert store.queue_position(late, 60) == 3  # counted now, however fresh the last count
-    assert store.cached_queue_position(ids[0], 0) is None  # too old for the caller
+    assert store.cached_queue_place(late, 60) is None  # not counted yet: ask the index
+    assert store.queue_place(late, 60) == (3, in_line)  # counted now, however fresh the last
+    assert store.cached_queue_place(ids[0], 0) is None  # too old for the caller
 
 
 def test_a_chat_turn_waiting_for_the_turn_before_it_has_no_queue_position(
@@ -257,4 +259,6 @@ def test_a_chat_turn_waiting_for_the_turn_before_it_has_no_queue_position(
     second = store.create("chat", {"messages": [{"role": "user", "content": "and?"}]}, 60,
                           fields={p.F_AFTER: first})["id"]
     other = store.create("sleep", {}, 60)["id"]
-    assert [store.queue_position(i, 0) for i in (first, second, other)] == [0, None, 1]
+    assert [store.queue_place(i, 0) for i in (first, second, other)] == [
+        (0, {"reason": "queue_position"}), (None, {"reason": "after", "jobs": [first]}),
+        (1, {"reason": "queue_position"})]

@@ -304,11 +304,11 @@ class JobService:
         job = await self.read(job_id)
         if job.get(p.F_STATE) == p.JobState.QUEUED:
             # As fresh as /api/history: polling a queued job costs no pass over the queue.
-            position = self.store.cached_queue_position(job_id, OVERVIEW_MAX_AGE_S)
-            if position is None:  # the index's lock: a worker thread
-                position = await run_in_threadpool(self.store.queue_position, job_id,
-                                                   OVERVIEW_MAX_AGE_S)
-            job[p.F_QUEUE_POSITION] = position
+            place = self.store.cached_queue_place(job_id, OVERVIEW_MAX_AGE_S)
+            if place is None:  # the index's lock: a worker thread
+                place = await run_in_threadpool(self.store.queue_place, job_id,
+                                                OVERVIEW_MAX_AGE_S)
+            job[p.F_QUEUE_POSITION], job[p.F_WAITS_FOR] = place
         return job
 
     async def read(self, job_id: str) -> dict[str, Any]:

@@ -124,7 +124,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print_json(jobs)
     else:
-        job_table(jobs, sys.stdout, holds(queue))
+        job_table(jobs, sys.stdout)
     if queue.get("paused") is True:
         sys.stderr.write("the queue is paused: queued jobs start once resumed (offload "
                          "resume)\n")
@@ -148,8 +148,7 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print_json(job)
     else:
-        held = job.get(p.F_STATE) == p.JobState.QUEUED and job.get(p.F_QUEUE_POSITION) is None
-        job_details(job, sys.stdout, holds(_queue(client)) if held else None)
+        job_details(job, sys.stdout)
     return EXIT_OK
 
 
@@ -236,7 +235,7 @@ def _follow_log(client: Client, args: argparse.Namespace) -> int:
 
     def first(event: dict[str, Any], job: dict[str, Any]) -> None:
         if attempt_shown[0] is None:  # the job as it is now, before any change
-            _say_why_it_waits(client, [job])
+            _say_why_it_waits(client, [job], counted=True)
         show(event, job)
 
     job = follow(client, args.id, first)
@@ -268,19 +267,17 @@ def _say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
                       counted: bool = False) -> None:
     """Before waiting for jobs: that those queued wait for the queue to be resumed, for
     a kind's cap to leave room, or for the start time they were given (the wait would look
-    stuck). `counted`: the jobs as `GET` answers them, their queue positions counted."""
+    stuck). `counted`: the jobs as `GET` answers them, with why each waits."""
     if not any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs):
         return
-    queue = _queue(client)
-    if queue.get("paused") is True:
+    if _queue(client).get("paused") is True:
         they = "it starts" if len(jobs) == 1 else "they start"
         sys.stderr.write(f"offload: the queue is paused: {they} once resumed (offload resume)\n")
-    held = holds(queue)
     for job in (job for job in jobs if job.get(p.F_STATE) == p.JobState.QUEUED):
-        if not counted and job.get(p.F_KIND) in held:  # a 202's job: its place not counted
+        if not counted:  # a 202's job: why it waits is not counted yet
             job = client.job("GET", f"/api/jobs/{job_path(str(job.get(p.F_ID)))}")
-        said = note(job, held)
-        if said.startswith("held: ") and job.get(p.F_QUEUE_POSITION) is None:
+        said = note(job)
+        if said.startswith("held: "):
             sys.stderr.write(f"offload: job {job.get(p.F_ID)} is {said}: it starts once one "
                              f"of them ends ({held[str(job.get(p.F_KIND))].remedy})\n")
         elif said.startswith("starts "):  # --delay or --at: no sooner
@@ -288,10 +285,10 @@ def _say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
 
 
 def _queue(client: Client) -> dict[str, Any]:
-    """`GET /api/queue`: whether it is paused, the kinds' caps; {} from an older server."""
+    """`GET /api/queue`: whether it is paused; {} from an older server."""
     try:
         queue = client.call("GET", "/api/queue")
-    except Failure:  # an older server, without the route: not paused, no caps
+    except Failure:  # an older server, without the route: not paused
         return {}
     return queue if isinstance(queue, dict) else {}
 

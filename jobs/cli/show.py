@@ -27,29 +27,9 @@ def _took(job: dict[str, Any]) -> str:
     return f"{max(0.0, end - p.parse_iso(str(started))):.1f}s"
 
 
-class Hold(NamedTuple):
-    """What holds back the queued jobs of a kind, and what changes it."""
-
-    reason: str
-    remedy: str
-
-
-def holds(queue: dict[str, Any]) -> dict[str, Hold]:
-    """By kind, what may hold its queued jobs back (`GET /api/queue`): its cap, or for
-    chats the embedded model's slots where they are fewer."""
-    caps = queue.get("kind_caps") or {}
-    said = {kind: Hold(f"kind {kind} at its cap {cap}", f"offload parallel N --kind {kind}")
-            for kind, cap in caps.items()}
-    slots = queue.get("model_slots")
-    if isinstance(slots, int) and slots <= caps.get(CHAT, slots):
-        said[CHAT] = Hold(f"the embedded model's {slots} slot{'s' if slots > 1 else ''} busy",
-                          "each chat has a slot of its own; OFFLOAD_LLM_SLOTS sets how many")
-    return said
-
-
-def note(job: dict[str, Any], held: dict[str, Hold] | None = None) -> str:
-    """What to know of a job at a glance: its error, progress, or why it has not started.
-    `held`: what holds back the queued jobs of each kind (`holds`), to say a hold."""
+def note(job: dict[str, Any]) -> str:
+    """What to know of a job at a glance: its error, progress, or why it has not started
+    (as the server says it: `waits_for`)."""
     error = job.get(p.F_ERROR)
     if isinstance(error, dict) and error.get("message"):
         return f"{error.get('type')}: {error['message']}"
@@ -58,19 +38,31 @@ def note(job: dict[str, Any], held: dict[str, Hold] | None = None) -> str:
         fraction = progress.get("fraction")
         percent = f"{fraction:.0%} " if isinstance(fraction, (int, float)) else ""
         return f"{percent}{progress.get('message') or ''}".strip()
-    position = job.get(p.F_QUEUE_POSITION)
-    start_at = p.run_at(job)
-    if job.get(p.F_STATE) == p.JobState.QUEUED and start_at is not None and start_at > time.time():
+    if job.get(p.F_STATE) != p.JobState.QUEUED:
+        return ""
+    waits = job.get(p.F_WAITS_FOR)
+    waits = waits if isinstance(waits, dict) else {}  # an older server has none
+    reason, start_at = waits.get(p.WAITS_REASON), p.run_at(job)
+    if reason in (p.F_DEPENDS_ON, p.F_AFTER):
+        awaited = [str(each) for each in waits.get("jobs") or []]
+        return (f"after {awaited[0][:8]}" if len(awaited) == 1
+                else f"after {len(awaited)} jobs")
+    if start_at is not None and start_at > time.time():
         return f"starts {when(p.iso(start_at))} UTC"
-    dependencies = p.dependencies(job)
-    if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and dependencies:
-        return (f"after {dependencies[0][:8]}" if len(dependencies) == 1
-                else f"after {len(dependencies)} jobs")
-    hold = (held or {}).get(str(job.get(p.F_KIND)))
-    if position is None and job.get(p.F_STATE) == p.JobState.QUEUED and hold is not None:
-        # The one other reason a queued job has no place (contract: queue_position).
-        return f"held: {hold.reason}"
+    if reason == p.WAITS_KIND_CAP:
+        return _held(str(job.get(p.F_KIND)), waits)
+    position = job.get(p.F_QUEUE_POSITION)
     return "" if position is None else f"{position} ahead in the queue"
+
+
+def _held(kind: str, waits: dict[str, Any]) -> str:
+    """A kind's cap holding a job back: full with jobs running, or to be by those queued
+    before it."""
+    cap, running = waits.get(p.WAITS_KIND_CAP), waits.get("running")
+    if not isinstance(cap, int) or not isinstance(running, int) or running >= cap:
+        return f"held: kind {kind} at its cap {cap}"
+    running_said = f"{running} running, " if running else ""
+    return f"held: kind {kind}'s cap {cap} ({running_said}{cap - running} queued before it)"
 
 
 def _one_line(text: str, width: int) -> str:
@@ -85,20 +77,18 @@ def table(rows: list[list[str]], out: IO[str]) -> None:
         out.write(shown("  ".join(cells).rstrip() + "\n", out))
 
 
-def job_table(jobs: list[dict[str, Any]], out: IO[str],
-              held: dict[str, Hold] | None = None) -> None:
+def job_table(jobs: list[dict[str, Any]], out: IO[str]) -> None:
     if not jobs:
         out.write("no jobs\n")
         return
     rows = [["ID", "KIND", "STATE", "CREATED (UTC)", "TOOK", "NOTE"]]
     rows += [[str(job.get(p.F_ID)), str(job.get(p.F_KIND)), str(job.get(p.F_STATE)),
-              when(job.get(p.F_CREATED_AT)), _took(job), _one_line(note(job, held), 60)]
+              when(job.get(p.F_CREATED_AT)), _took(job), _one_line(note(job), 60)]
              for job in jobs]
     table(rows, out)
 
 
-def job_details(job: dict[str, Any], out: IO[str], held: dict[str, Hold] | None = None
-                ) -> None:
+def job_details(job: dict[str, Any], out: IO[str]) -> None:
     def compact(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
 
@@ -118,9 +108,8 @@ def job_details(job: dict[str, Any], out: IO[str], held: dict[str, Hold] | None 
             lines.append((name.replace("_", " "), job[name]))
     if job.get(p.F_ERROR) or job.get(p.F_PROGRESS):
         lines.append(("error" if job.get(p.F_ERROR) else "progress", note(job)))
-    elif queued and job.get(p.F_QUEUE_POSITION) is None and note(job, held).startswith("held"):
-        hold = (held or {})[str(job.get(p.F_KIND))]
-        lines.append(("held", f"{hold.reason} (starts when one of them ends; {hold.remedy})"))
+    elif queued:
+        lines += _why_queued(job)
     for earlier in job.get(p.F_EARLIER_ERRORS) or []:
         lines.append((f"attempt {earlier.get('attempt')}",
                       f"{earlier.get('type')}: {earlier.get('message')}"))
@@ -131,6 +120,17 @@ def job_details(job: dict[str, Any], out: IO[str], held: dict[str, Hold] | None 
         out.write(shown(f"{name + ':':<16}{value}\n", out))
     if job.get(p.F_OUTPUT):
         out.write(shown(f"output:\n{job[p.F_OUTPUT]}\n", out))
+
+
+def _why_queued(job: dict[str, Any]) -> list[tuple[str, str]]:
+    """`show`'s lines for a queued job that a kind's cap or other jobs hold back."""
+    said = note(job)
+    if said.startswith("held: "):
+        return [("held", f"{said.removeprefix('held: ')} (starts when one of them ends; "
+                         f"offload parallel N --kind {job.get(p.F_KIND)})")]
+    if said.startswith("after "):  # in full: the ids to look at
+        return [("waits for", ", ".join(map(str, job[p.F_WAITS_FOR].get("jobs") or [])))]
+    return []
 
 
 # Control characters but tab, newline and carriage return (a progress line).

@@ -132,6 +132,11 @@ F_ATTEMPT = "attempt"  # 1-based; absent means 1
 F_MAX_ATTEMPTS = "max_attempts"  # absent means 1: a failure is final
 F_EARLIER_ERRORS = "earlier_errors"  # [{"attempt", "type", "message", "finished_at"}]
 F_SCHEDULE = "schedule"  # the name of the schedule that created it (jobs/schedules.py)
+# Why a queued job waits, as the API answers it (never in its file): {"reason": the field
+# that says more (depends_on, after, run_at, queue_position), or "kind_cap", ...}.
+F_WAITS_FOR = "waits_for"
+WAITS_REASON = "reason"
+WAITS_KIND_CAP = "kind_cap"
 
 JOB_FIELDS = (
     F_ID, F_KIND, F_STATE, F_CREATED_AT, F_STARTED_AT, F_FINISHED_AT, F_TIMEOUT_S,

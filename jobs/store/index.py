@@ -20,7 +20,13 @@ from jobs import protocol as p
 from jobs.store.chats import SessionTurns, TokenTotals
 from jobs.store.entries import Entry, Live, Load as Load, SubmissionOrder, Tallies
 from jobs.store.folder_listing import RELIST_S, DirListing
-from jobs.store.queue_positions import awaited, count_positions, kind_caps_now
+from jobs.store.queue_positions import (
+    Count,
+    awaited,
+    count_positions,
+    kind_caps_now,
+    waiting_for_jobs,
+)
 from jobs.store.reading import read_job, stat_job_file, stat_signature
 
 SETTLE_S = 5.0  # a finished job file this long unchanged is never looked at again
@@ -67,12 +73,12 @@ class JobIndex:
         # another cannot pass a limit on it.
         self._unlisted: dict[str, float] = {}
         self._unlisted_lock = threading.Lock()  # held for no I/O: the event loop takes it
-        # The queue's positions, counted again only once a job or a cap has changed
-        # (`_changes`, `_caps`), or a job has come due (`_positions_until`); the key is
-        # None when they are to be counted again, and the last count stays for `_refresh`.
+        # The queue's positions and why each queued job waits, counted again only once a
+        # job or a cap has changed (`_changes`, `_caps`), or a job has come due (the
+        # count's `next_due`); the key is None when they are to be counted again, and the
+        # last count stays for `_refresh`.
         self._positions: tuple[tuple[int, tuple[tuple[str, int], ...]] | None,
-                               dict[str, int]] = (None, {})
-        self._positions_until = math.inf
+                               Count] = (None, Count({}, {}, math.inf))
         self._changes = 0  # jobs put or dropped so far
         self._caps: dict[str, int] = dict(self.kind_caps)  # as of the last refresh
         self._usage = TokenTotals()
@@ -160,13 +166,14 @@ class JobIndex:
                 del self._unlisted[oldest]
             self._unlisted[job_id] = now
 
-    def queue_position(self, job_id: str, max_age_s: float = 0.0) -> int | None:
-        """Its place in the queue, counted at most `max_age_s` ago (a job queued since
-        is counted now)."""
+    def queue_place(self, job_id: str, max_age_s: float = 0.0
+                    ) -> tuple[int | None, dict[str, Any] | None]:
+        """Its place in the queue and why it waits (`waits_for`), counted at most
+        `max_age_s` ago (a job queued since is counted now)."""
         with self._lock:
             self._refresh(max_age_s)
-            position = self._queue_positions().get(job_id)
-            if position is None and max_age_s > 0:
+            count = self._queue_positions()
+            if job_id not in count.waits and max_age_s > 0:
                 if job_id in self._entries:
                     self._refresh(0.0)
                 else:  # queued since the last look: read alone, not with every live job
@@ -175,16 +182,18 @@ class JobIndex:
                     if entry is not None and entry.live is not None and any(
                             other not in self._entries for other in awaited(entry.live.data)):
                         self._refresh(0.0)  # and a job it waits for, as new
-                position = self._queue_positions().get(job_id)
-            return position
+                count = self._queue_positions()
+            return count.positions.get(job_id), count.waits.get(job_id)
 
-    def cached_queue_position(self, job_id: str, max_age_s: float) -> int | None:
-        """`queue_position` from the last `refresh` if it is recent enough and knew the
+    def cached_queue_place(self, job_id: str, max_age_s: float
+                           ) -> tuple[int | None, dict[str, Any] | None] | None:
+        """`queue_place` from the last `refresh` if it is recent enough and counted the
         job, else None; like `cached_load`, for the event loop."""
-        snapshot, (counted_at, positions) = self._snapshot, self._positions
-        if snapshot is None or time.monotonic() - snapshot[0] > max_age_s:
+        snapshot, (counted_for, count) = self._snapshot, self._positions
+        if (snapshot is None or time.monotonic() - snapshot[0] > max_age_s
+                or counted_for is None or job_id not in count.waits):
             return None
-        return positions.get(job_id) if counted_at is not None else None
+        return count.positions.get(job_id), count.waits[job_id]
 
     def session_jobs(self, session_id: str) -> list[dict[str, Any]]:
         """A chat session's jobs, oldest first."""
@@ -270,7 +279,7 @@ class JobIndex:
         self._take_listing()
         self._caps = kind_caps_now(self.dir, self.kind_caps, self.model_slots)
         wall, looked_before = time.time(), now - QUEUED_LOOK_S
-        next_in_line = self._positions[1]
+        next_in_line = self._positions[1].positions
         for job_id in list(self._watched):
             entry = self._entries[job_id]
             if (entry.state == p.JobState.QUEUED and entry.live is not None
@@ -398,7 +407,7 @@ class JobIndex:
                 raise UnknownCursor(f"no job {before[:64]!r} to list from: it was pruned, "
                                     "or is no job of this server; list again without `before`")
             end = order.index(before)
-        positions = self._queue_positions()
+        count = self._queue_positions()
         selected: list[dict[str, Any]] = []
         for job_id in reversed(order[:end]):
             if len(selected) >= limit:
@@ -410,27 +419,34 @@ class JobIndex:
             data = self._data(job_id, entry)
             if data is None:
                 continue
-            selected.append(dict(data, **{p.F_QUEUE_POSITION: positions.get(job_id)}))
+            selected.append(dict(data, **{p.F_QUEUE_POSITION: count.positions.get(job_id),
+                                          p.F_WAITS_FOR: count.waits.get(job_id)}))
         return selected
 
-    def _queue_positions(self) -> dict[str, int]:
+    def _queue_positions(self) -> Count:
         key = (self._changes, tuple(sorted(self._caps.items())))
         counted_for, counted = self._positions
-        if counted_for == key and time.time() < self._positions_until:
+        if counted_for == key and time.time() < counted.next_due:
             return counted
-        queued = (live.data for i in self._watched
-                  if (live := self._entries[i].live) is not None
-                  and self._entries[i].state == p.JobState.QUEUED
-                  and not self._waits_for_another(live.data))
-        positions, self._positions_until = count_positions(queued, self._tallies.live,
-                                                           self._caps)
-        self._positions = (key, positions)
-        return positions
+        queued, held = [], {}
+        for job_id in self._watched:
+            live = self._entries[job_id].live
+            if live is None or self._entries[job_id].state != p.JobState.QUEUED:
+                continue
+            waited = self._waited(live.data)
+            if waited:
+                held[job_id] = waiting_for_jobs(live.data, waited)
+            else:
+                queued.append(live.data)
+        count = count_positions(queued, self._tallies.live, self._caps)
+        count.waits.update(held)
+        self._positions = (key, count)
+        return count
 
-    def _waits_for_another(self, job: dict[str, Any]) -> bool:
-        """Whether a job the supervisor holds it back for has not ended: one its
-        `depends_on` names, or the chat's earlier turn its `after` names."""
-        return any((entry := self._entries.get(each)) is not None
-                   and entry.state in (p.JobState.QUEUED, p.JobState.RUNNING)
-                   for each in awaited(job))
+    def _waited(self, job: dict[str, Any]) -> list[str]:
+        """The jobs the supervisor holds it back for that have not ended: those its
+        `depends_on` names, and the chat's earlier turn its `after` names."""
+        return [each for each in awaited(job)
+                if (entry := self._entries.get(each)) is not None
+                and entry.state in (p.JobState.QUEUED, p.JobState.RUNNING)]
 

@@ -6,33 +6,57 @@ import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from jobs import protocol as p
 from jobs.protocol import control, embedded
 
 
+class Count(NamedTuple):
+    """The queue as counted: each queued job's place (those with one) and why each waits
+    (`waits_for`), by id; and when the first job not due yet will be (POSIX time; inf if
+    none): the order changes then."""
+
+    positions: dict[str, int]
+    waits: dict[str, dict[str, Any]]
+    next_due: float
+
+
 def count_positions(queued: Iterable[dict[str, Any]], running: dict[tuple[str, str], int],
-                    caps: dict[str, int]) -> tuple[dict[str, int], float]:
-    """The positions of `queued` (the jobs that wait for no other), by id, and when the
-    first of them not due yet will be (POSIX time; inf if none): the order changes then.
+                    caps: dict[str, int]) -> Count:
+    """The places of `queued` (the jobs that wait for no other) and why each waits.
     `running`: the live jobs by (kind, state), `caps`: the kinds' caps now."""
     # The supervisor's order: due jobs by priority, then submission; then the jobs
     # not due yet, soonest first. One waiting for another job has none, nor one its
     # kind's cap holds back (beyond the room its kind has now).
     now = time.time()
     ordered = sorted((_launch_order(job, now), str(job.get(p.F_KIND))) for job in queued)
-    room = {kind: cap - running.get((kind, p.JobState.RUNNING.value), 0)
-            for kind, cap in caps.items()}
+    running_now = {kind: running.get((kind, p.JobState.RUNNING.value), 0) for kind in caps}
+    room = {kind: cap - running_now[kind] for kind, cap in caps.items()}
     positions: dict[str, int] = {}
+    waits: dict[str, dict[str, Any]] = {}
     for order, kind in ordered:
+        job_id = order[-1]
+        waits[job_id] = {p.WAITS_REASON: p.F_RUN_AT if order[0] > 0.0 else p.F_QUEUE_POSITION}
         if kind in room:
             if room[kind] <= 0:
+                if order[0] == 0.0:  # due: its kind's cap alone holds it
+                    waits[job_id] = {p.WAITS_REASON: p.WAITS_KIND_CAP, p.WAITS_KIND_CAP: caps[kind],
+                                     "running": running_now[kind]}
                 continue
             room[kind] -= 1
-        positions[order[-1]] = len(positions)
+        positions[job_id] = len(positions)
     next_due = min((order[0] for order, _ in ordered if order[0] > 0.0), default=math.inf)
-    return positions, next_due
+    return Count(positions, waits, next_due)
+
+
+def waiting_for_jobs(job: dict[str, Any], waited: list[str]) -> dict[str, Any]:
+    """`waits_for` of a job that waits for others to end (`waited`, of those `awaited`
+    names): the jobs its `depends_on` names, else the chat's earlier turn."""
+    dependencies = [each for each in p.dependencies(job) if each in waited]
+    if dependencies:
+        return {p.WAITS_REASON: p.F_DEPENDS_ON, "jobs": dependencies}
+    return {p.WAITS_REASON: p.F_AFTER, "jobs": waited}
 
 
 def kind_caps_now(jobs_dir: Path, kind_caps: dict[str, int], model_slots: int | None = None
