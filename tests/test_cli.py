@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from jobs import protocol as p
-from tests.conftest import ROOT, free_port, small_disk, wait_for
+from tests.conftest import ROOT, free_port, small_disk, wait_for, wait_job
 from tests.fake_llm import FakeLLM
 from tests.server import Server
 
@@ -483,6 +483,27 @@ def test_why_a_queued_job_waits_is_the_servers_word(make_server: MakeServer) -> 
     job = httpx.get(f"{url}/api/jobs/{waiting}").json()
     assert job["waits_for"]["reason"] == "depends_on" and job["waits_for"]["jobs"] == [first]
     cli(url, "cancel", first, second, capped, waiting)
+
+
+def test_cancel_names_the_jobs_that_fail_with_it(server: Server) -> None:
+    # They failed unstarted (error type dependency), and the cancel said nothing of them.
+    url = server.url
+    first = cli(url, "submit", "sleep", "--input", '{"seconds": 120}').stdout.strip()
+    second = cli(url, "submit", "sleep", "--after", first).stdout.strip()
+    third = cli(url, "submit", "sleep", "--after", second).stdout.strip()
+    cancelled_too = cli(url, "submit", "sleep", "--after", first).stdout.strip()
+    other = cli(url, "submit", "sleep", "--input", '{"seconds": 120}').stdout.strip()
+    done = cli(url, "cancel", first, cancelled_too)
+    assert done.returncode == 0, done
+    assert sorted(done.stdout.splitlines()) == sorted([f"{first} cancelled",
+                                                       f"{cancelled_too} cancelled"])
+    assert done.stderr == (f"offload: {first} cancelled: 2 job(s) that depend on it fail with "
+                           f"it (dependency): {second[:8]}, {third[:8]}\n"), done.stderr
+    with server.client() as client:
+        for job_id in (second, third):
+            assert wait_job(client, job_id)["error"]["type"] == "dependency"
+    alone = cli(url, "cancel", other)
+    assert (alone.returncode, alone.stdout, alone.stderr) == (0, f"{other} cancelled\n", "")
 
 
 def test_cancel_several_and_retry(server: Server) -> None:

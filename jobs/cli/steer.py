@@ -59,6 +59,10 @@ def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    # Every queued job is cancelled with --state queued or live: none is left to fail.
+    dependants = {} if args.state in ("queued", "live") and not args.kind else _dependants(client)
+    cancelled: list[str] = []
+
     def cancel(job_id: str) -> Any:
         job = client.job("DELETE", f"/api/jobs/{job_path(job_id)}")
         state = job[p.F_STATE]
@@ -66,10 +70,49 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
             raise Failure(EXIT_SERVER, f"{job_id}: cancel asked, but the job is still {state} "
                           "after the server's wait: is the supervisor running (offload "
                           "status)? It is cancelled once it stops", answer=job)
+        cancelled.append(job_id)
         return job
 
-    return _each_job(client, args, "queued, running or live", {"live": ["queued", "running"]},
-                     cancel, lambda job: str(job.get(p.F_STATE)), (EXIT_CONFLICT, "had finished"))
+    code = _each_job(client, args, "queued, running or live", {"live": ["queued", "running"]},
+                     cancel, lambda job: str(job.get(p.F_STATE)),
+                     (EXIT_CONFLICT, "had finished"))
+    for job_id in cancelled:
+        failing = [each for each in _depending_on(job_id, dependants) if each not in cancelled]
+        if failing:  # on stderr: stdout stays a line for each job cancelled
+            sys.stderr.write(f"offload: {job_id} cancelled: {len(failing)} job(s) that depend "
+                             f"on it fail with it (dependency): "
+                             f"{', '.join(each[:8] for each in failing)}\n")
+    return code
+
+
+def _dependants(client: Client) -> dict[str, list[str]]:
+    """The queued jobs that depend on each job, oldest first, as the API lists them now."""
+    dependants: dict[str, list[str]] = {}
+    before = None
+    while True:  # a listing holds the newest LIST_MAX: page by page
+        given = urllib.parse.urlencode({k: v for k, v in (
+            ("state", "queued"), ("limit", LIST_MAX), ("fields", "summary"),
+            ("before", before)) if v is not None})
+        page = client.call("GET", f"/api/jobs?{given}")
+        for job in reversed(page["jobs"]):
+            for each in p.dependencies(job):
+                dependants.setdefault(each, []).append(str(job[p.F_ID]))
+        before = page.get("next_before")
+        if not before:
+            return dependants
+
+
+def _depending_on(job_id: str, dependants: dict[str, list[str]]) -> list[str]:
+    """The jobs that depend on `job_id`, and on those, and so on: each fails once the one
+    it depends on has not completed."""
+    found: dict[str, None] = {}
+    waiting = list(dependants.get(job_id, []))
+    while waiting:
+        each = waiting.pop(0)
+        if each not in found and each != job_id:
+            found[each] = None
+            waiting += dependants.get(each, [])
+    return list(found)
 
 
 def cmd_remove(client: Client, args: argparse.Namespace) -> int:
