@@ -485,6 +485,26 @@ def test_why_a_queued_job_waits_is_the_servers_word(make_server: MakeServer) -> 
     cli(url, "cancel", first, second, capped, waiting)
 
 
+def test_wait_without_ids_waits_for_every_job_queued_or_running(server: Server) -> None:
+    # As Pueue's `wait`; it was a usage error.
+    url = server.url
+    nothing = cli(url, "wait")
+    assert (nothing.returncode, nothing.stdout, nothing.stderr) == (
+        0, "", "no queued or running jobs: nothing to wait for\n"), nothing
+    assert json.loads(cli(url, "wait", "--json").stdout) == []
+    ended = json.loads(cli(url, "submit", "sleep", "--wait", "--json").stdout)["id"]
+    running = cli(url, "submit", "sleep", "--input", '{"seconds": 1}').stdout.strip()
+    later = cli(url, "submit", "sleep", "--delay", "2").stdout.strip()
+    stopped = cli(url, "submit", "sleep", "--input", '{"seconds": 60}', "--timeout",
+                  "2").stdout.strip()
+    waited = cli(url, "wait", "--json")
+    assert waited.returncode == 1, waited  # one did not complete
+    assert [(job["id"], job["state"]) for job in json.loads(waited.stdout)] == [
+        (running, "completed"), (later, "completed"), (stopped, "timeout")], waited
+    assert f"job {stopped} timeout" in waited.stderr and ended not in waited.stdout
+    assert f"job {later} starts" in waited.stderr  # why it waits, said as for ids
+
+
 def test_cancel_names_the_jobs_that_fail_with_it(server: Server) -> None:
     # They failed unstarted (error type dependency), and the cancel said nothing of them.
     url = server.url

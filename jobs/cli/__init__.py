@@ -1,6 +1,6 @@
 """`offload`: see and steer the jobs of a running Offload from a terminal.
 
-    offload status | list | show ID | log ID [--follow] | wait ID... |
+    offload status | list | show ID | log ID [--follow] | wait [ID...] |
             submit KIND --input JSON [--wait] | cancel ID... | retry ID [--wait] |
             remove ID... | pause [SCHEDULE] | resume [SCHEDULE] | schedules |
             parallel N
@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--all", action="store_true", help="every one, however many")
     command("show", cmd_show, "one job in full").add_argument("id")
     command("wait", cmd_wait, "wait until jobs have ended, show them; exits 1 unless they "
-                              "all completed").add_argument("ids", nargs="+", metavar="id")
+                              "all completed").add_argument(
+        "ids", nargs="*", metavar="id", help="the jobs (default: every job queued or running "
+                                             "now, as Pueue's wait)")
     log = command("log", cmd_log, "a job's log (its runner's stdout and stderr)")
     log.add_argument("id")
     log.add_argument("--follow", "-f", action="store_true",

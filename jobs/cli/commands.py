@@ -12,7 +12,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs import protocol as p
 from jobs.cli.client import (
@@ -40,6 +40,9 @@ from jobs.cli.show import (
     shown,
     table,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 INPUT_EXAMPLE = '{"seconds": 2}'
 STATES = [state.value for state in p.JobState]
@@ -153,8 +156,34 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
 
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> int:
-    """As `pueue wait ID...`: until each job has ended; a table of them (or their JSON)."""
-    return _wait_all(client, list(dict.fromkeys(job_path(each) for each in args.ids)), args)
+    """As `pueue wait [ID...]`: until each job (by default: each queued or running now)
+    has ended; a table of them (or their JSON)."""
+    ids = list(dict.fromkeys(job_path(each) for each in args.ids))
+    if not ids:
+        live = [job for state in (p.JobState.RUNNING, p.JobState.QUEUED)
+                for job in listed(client, state.value)]
+        ids = [str(job[p.F_ID]) for job in sorted(live, key=lambda job: p.fifo_key(job))]
+        if not ids:
+            if args.json:
+                print_json([])
+            else:  # on stderr: stdout stays the jobs waited for, none
+                sys.stderr.write("no queued or running jobs: nothing to wait for\n")
+            return EXIT_OK
+    return _wait_all(client, ids, args)
+
+
+def listed(client: Client, state: str) -> Iterator[dict[str, Any]]:
+    """Every job in `state` (summaries), newest first, page after page."""
+    before = None
+    while True:
+        given = urllib.parse.urlencode({k: v for k, v in (
+            ("state", state), ("limit", LIST_MAX), ("fields", "summary"), ("before", before))
+            if v is not None})
+        page = client.call("GET", f"/api/jobs?{given}")
+        yield from (offload_job(client.url, job) for job in page["jobs"])
+        before = page.get("next_before")
+        if not before:
+            return
 
 
 def _wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from jobs.cli.client import (
     job_path,
     offload_shaped,
 )
-from jobs.cli.commands import ENDED, LIST_MAX, parse_input, wait_and_report
+from jobs.cli.commands import ENDED, LIST_MAX, listed, parse_input, wait_and_report
 from jobs.cli.show import cap_said, kind_caps_said, print_json, table, when
 
 
@@ -88,18 +88,10 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 def _dependants(client: Client) -> dict[str, list[str]]:
     """The queued jobs that depend on each job, oldest first, as the API lists them now."""
     dependants: dict[str, list[str]] = {}
-    before = None
-    while True:  # a listing holds the newest LIST_MAX: page by page
-        given = urllib.parse.urlencode({k: v for k, v in (
-            ("state", "queued"), ("limit", LIST_MAX), ("fields", "summary"),
-            ("before", before)) if v is not None})
-        page = client.call("GET", f"/api/jobs?{given}")
-        for job in reversed(page["jobs"]):
-            for each in p.dependencies(job):
-                dependants.setdefault(each, []).append(str(job[p.F_ID]))
-        before = page.get("next_before")
-        if not before:
-            return dependants
+    for job in reversed(list(listed(client, p.JobState.QUEUED.value))):
+        for each in p.dependencies(job):
+            dependants.setdefault(each, []).append(str(job[p.F_ID]))
+    return dependants
 
 
 def _depending_on(job_id: str, dependants: dict[str, list[str]]) -> list[str]:
