@@ -579,11 +579,13 @@ def test_a_batch_is_stored_in_its_order_all_or_nothing_and_once_with_a_key(
         changed = client.post("/api/jobs/batch", json={"jobs": [batch[0], {"kind": "sleep"}]},
                               headers={"Idempotency-Key": "sweep-1"})
         assert changed.status_code == 422, changed.text
-        assert changed.json() == {"detail": "jobs[1]: this Idempotency-Key stored another job "
-                                            "at this place: a batch sent again holds the same "
-                                            "jobs in the same order; use a new key for a new "
-                                            "batch. The job before it was stored (their ids are "
-                                            "in `stored`), it and those after it not.",
+        assert changed.json() == {"detail": "jobs[1]: this Idempotency-Key was already used "
+                                            f"by another batch, which made 3 job(s) ({ids[0]}, "
+                                            f"{ids[1]}, {ids[2]}), with another job at this "
+                                            "place: a batch sent again holds the same jobs in "
+                                            "the same order; use a new key for a new batch. This "
+                                            "request stored no job. The job before it was sent "
+                                            "with that batch too (their ids are in `stored`).",
                                   "stored": ids[:1]}
         # Neither the batch's key nor one of its jobs' is another request's key.
         alone = client.post("/api/jobs", json=batch[0], headers={"Idempotency-Key": "sweep-1"})

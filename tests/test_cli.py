@@ -505,6 +505,34 @@ def test_wait_without_ids_waits_for_every_job_queued_or_running(server: Server) 
     assert f"job {later} starts" in waited.stderr  # why it waits, said as for ids
 
 
+def test_a_key_used_before_for_other_jobs_names_them(server: Server) -> None:
+    # A batch sent again with a changed first line said that no job of it was stored,
+    # though the first send's were: the key was spent, and on what was not said.
+    url = server.url
+    naps = '{"seconds": 0}\n{"seconds": 0}\n'
+    made = cli(url, "submit", "sleep", "--inputs", "-", "--key", "my naps", stdin=naps).stdout
+    assert cli(url, "submit", "sleep", "--inputs", "-", "--key", "my naps",
+               stdin=naps).stdout == made  # the same batch again: the same jobs
+    first, second = made.split()
+    for changed, line, same in (('{"seconds": 1}\n{"seconds": 0}\n', 1, ""),
+                                ('{"seconds": 0}\n{"seconds": 2}\n', 2, f"{first}\n")):
+        again = cli(url, "submit", "sleep", "--inputs", "-", "--key", "my naps", stdin=changed)
+        assert (again.returncode, again.stdout) == (2, same), again
+        assert again.stderr == (
+            f"offload: line {line} of stdin: --key 'my naps' was already used by another "
+            f"batch, which made 2 job(s) ({first}, {second}), with another job at this place: "
+            "a batch sent again holds the same jobs in the same order; give another --key for "
+            "a new batch. This command stored no job." + (
+                " The job before it was sent with that batch too (their ids above)."
+                if same else "") + "\n"), again.stderr
+    one = cli(url, "submit", "sleep", "--key", "nap").stdout.strip()
+    other = cli(url, "submit", "sleep", "--key", "nap", "--input", '{"seconds": 1}')
+    assert (other.returncode, other.stderr) == (2, (
+        "offload: --key nap was already used with a different request body, for job "
+        f"{one}; give another --key for a new job\n")), other
+    assert len(json.loads(cli(url, "list", "--json").stdout)) == 3
+
+
 def test_cancel_names_the_jobs_that_fail_with_it(server: Server) -> None:
     # They failed unstarted (error type dependency), and the cancel said nothing of them.
     url = server.url

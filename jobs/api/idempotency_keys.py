@@ -14,7 +14,8 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from jobs.kinds import Launch
-from jobs.store.idempotency import PENDING_S, Claim
+from jobs.settings import MAX_BATCH
+from jobs.store.idempotency import PENDING_S, Claim, key_name
 from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
 
 KEY_POLL_S = 0.05  # how often a request waits on a key whose job is being stored
@@ -23,6 +24,10 @@ KEY_WAIT_S = 3 * PENDING_S  # and gives up after this long (a claim that never a
 
 class IdempotencyConflict(ValueError):
     pass
+
+
+class KeyOfAnotherBatch(IdempotencyConflict):
+    """A batch's key that made another batch's jobs: this batch was stored in no part."""
 
 
 class KeyInFlight(Exception):
@@ -57,8 +62,8 @@ def find(store: JobStore, key: Key) -> dict[str, Any] | Claim | None:
         return claim
     if claim.fingerprint != key.fingerprint:
         raise IdempotencyConflict(
-            "this Idempotency-Key was already used with a different request "
-            "body; use a new key for a new job")
+            f"this Idempotency-Key was already used with a different request body, for job "
+            f"{claim.job_id}; use a new key for a new job")
     try:
         return store.read(claim.job_id)
     except JobNotFound:
@@ -81,6 +86,23 @@ async def unblock(store: JobStore, key: Key, claim: Claim, give_up_at: float) ->
     except OSError as exc:
         raise StoreUnavailable(f"cannot release the Idempotency-Key of a job that is "
                                f"gone: {exc}") from exc
+
+
+def batch_jobs(store: JobStore, idempotency_key: str) -> list[str]:
+    """The jobs a batch sent with this key made, in its order, up to the first place whose
+    job is gone (removed, pruned) or was never stored."""
+    made = []
+    for n in range(MAX_BATCH):
+        claim = store.keys.read(batch_key_name(idempotency_key, n))
+        if claim is None or claim.job_id is None:
+            break
+        made.append(claim.job_id)
+    return made
+
+
+def batch_key_name(idempotency_key: str, n: int) -> str:
+    """The key of a batch's job at place `n`."""
+    return key_name(f"{idempotency_key}\0{n}")  # no header holds a NUL: no key's twin
 
 
 def being_stored(store: JobStore, keys: list[Key]) -> int:

@@ -26,6 +26,9 @@ from jobs.api.idempotency_keys import (
     IdempotencyConflict,
     Key,
     KeyInFlight,
+    KeyOfAnotherBatch,
+    batch_jobs,
+    batch_key_name,
     being_stored,
     find,
     fingerprint,
@@ -60,10 +63,14 @@ class BatchStopped(Exception):
         self.cause, self.at, self.stored, self.keyed = cause, at, stored, keyed
 
     def what_was_stored(self) -> str:
-        if not self.stored:
-            return "No job of the batch was stored."
         those = ("The job before it was" if len(self.stored) == 1
                  else f"The {len(self.stored)} before it were")
+        if isinstance(self.cause, KeyOfAnotherBatch):  # those are that batch's, the same
+            return "This request stored no job." + (
+                f" {those} sent with that batch too (their ids are in `stored`)."
+                if self.stored else "")
+        if not self.stored:
+            return "No job of the batch was stored."
         if not isinstance(self.cause, (StoreUnavailable, KeyInFlight, Overloaded)):
             return f"{those} stored (their ids are in `stored`), it and those after it not."
         again = ("send the batch again with the same Idempotency-Key to store the rest"
@@ -232,7 +239,7 @@ class JobService:
                 job_input = validate_input(kind, job_input)
                 timeout = timeout_s or self.settings.job_timeout_s
                 key = None if idempotency_key is None else Key(
-                    key_name(f"{idempotency_key}\0{n}"),  # no header holds a NUL: no key's twin
+                    batch_key_name(idempotency_key, n),
                     fingerprint(kind, job_input, timeout, launch, {}))
                 found = None if key is None else find(self.store, key)
                 if isinstance(found, dict):
@@ -242,10 +249,15 @@ class JobService:
                     self.turns.check_not_forgotten(p.chat_session(kind, job_input))
                     unstored += [key] if key is not None else []
             except IdempotencyConflict:
-                raise BatchStopped(IdempotencyConflict(
-                    "this Idempotency-Key stored another job at this place: a batch sent again "
-                    "holds the same jobs in the same order; use a new key for a new batch"),
-                    n, stored, True) from None
+                assert idempotency_key is not None
+                made = batch_jobs(self.store, idempotency_key)
+                named = ", ".join(made[:5]) + (f" and {len(made) - 5} more" if len(made) > 5
+                                                else "")
+                raise BatchStopped(KeyOfAnotherBatch(
+                    f"this Idempotency-Key was already used by another batch, which made "
+                    f"{len(made)} job(s) ({named}), with another job at this place: a batch "
+                    "sent again holds the same jobs in the same order; use a new key for a "
+                    "new batch"), n, stored, True) from None
             except (UnknownKind, InvalidInput, BeingForgotten, StoreUnavailable) as exc:
                 raise BatchStopped(exc, n, stored, idempotency_key is not None) from None
             checked.append((kind, job_input, timeout, launch, key))

@@ -435,8 +435,21 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     if args.inputs is None:
         body["input"] = parse_input(args.input if args.input is not None else "{}")
         headers = {"Idempotency-Key": args.key} if args.key else None
-        return wait_and_report(client, client.job("POST", "/api/jobs", body, headers), args)
+        try:
+            job = client.job("POST", "/api/jobs", body, headers)
+        except Failure as exc:
+            exc.message = _as_key(exc.message, args.key)
+            raise
+        return wait_and_report(client, job, args)
     return _submit_batch(client, body, args)
+
+
+def _as_key(message: str, key: str | None) -> str:
+    """The server's words for an Idempotency-Key said as the option that gave it."""
+    if key is None:
+        return message
+    return (message.replace("this Idempotency-Key", f"--key {shlex.quote(key)}")
+            .replace("use a new key", "give another --key"))
 
 
 def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace) -> int:
@@ -459,12 +472,15 @@ def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace
         if exc.status == 405:  # /api/jobs/{id} takes no POST: no batch route there
             raise Failure(EXIT_SERVER, "this server is older: it takes no batch; submit each "
                                        "job with --input") from None
-        exc.message = _by_line(exc.message, [line for line, _ in inputs], where)
+        exc.message = _as_key(_by_line(exc.message, [line for line, _ in inputs], where),
+                              args.key)
         # The server's words for a batch too large, said for this command.
         fewer = ("send fewer lines at a time" if where == "stdin"
                  else f"split {where} into files of fewer lines")
         for said in ("send a smaller input, or a batch of fewer jobs", "send them in several"):
             exc.message = exc.message.replace(said, fewer)
+        exc.message = exc.message.replace("This request stored no job", "This command stored "
+                                                                        "no job")
         stored = exc.answer.get("stored")
         if isinstance(stored, list) and stored:  # before the job it names: said, as if done
             if args.json:
