@@ -533,6 +533,28 @@ def test_a_key_used_before_for_other_jobs_names_them(server: Server) -> None:
     assert len(json.loads(cli(url, "list", "--json").stdout)) == 3
 
 
+def test_a_job_is_named_by_the_start_of_its_id(make_server: MakeServer,
+                                               data_dir: Path) -> None:
+    # The notes name jobs by their first 8 characters ("after 1a2b3c4d"), and `show 1a2b3c4d`
+    # was a usage error: "is no job's id".
+    from jobs.store.job_store import JobStore
+
+    store, later = JobStore(data_dir / "jobs"), p.iso(time.time() + 3600)
+    twins = [store.create("sleep", {}, 30, job_id=f"abcdef{n}{'0' * 25}",
+                          fields={p.F_RUN_AT: later})["id"] for n in (1, 2)]
+    url = make_server().url
+    assert json.loads(cli(url, "show", " ABCDEF1 ", "--json").stdout)["id"] == twins[0]
+    both = cli(url, "cancel", "abcdef")
+    assert both.returncode == 2 and "'abcdef' starts the ids of 2 jobs (" in both.stderr, both
+    assert all(twin in both.stderr for twin in twins) and both.stdout == ""
+    unknown = cli(url, "wait", "abcdef3")
+    assert (unknown.returncode, unknown.stderr) == (
+        5, "offload: no job's id starts with 'abcdef3' (offload list shows them)\n"), unknown
+    assert cli(url, "show", "abcde").returncode == 2  # too short to be taken for one
+    cancelled = cli(url, "cancel", "abcdef2", twins[0])
+    assert sorted(cancelled.stdout.splitlines()) == [f"{twin} cancelled" for twin in twins]
+
+
 def test_cancel_names_the_jobs_that_fail_with_it(server: Server) -> None:
     # They failed unstarted (error type dependency), and the cancel said nothing of them.
     url = server.url

@@ -37,7 +37,6 @@ from jobs.cli.client import (
 from jobs.cli.commands import (
     ENDED,
     STATES,
-    checked_ids,
     cmd_list,
     cmd_log,
     cmd_show,
@@ -45,6 +44,7 @@ from jobs.cli.commands import (
     cmd_submit,
     cmd_wait,
 )
+from jobs.cli.ids import checked_ids, whole_ids
 from jobs.cli.steer import (
     cmd_cancel,
     cmd_parallel,
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checked_ids(args)
         client = Client(*configured(args.url or None))
+        whole_ids(client, args)
         code = int(args.run(client, args))
         sys.stdout.flush()  # a reader that left (`| head`) is found here, not at exit
         return code

@@ -33,6 +33,7 @@ EXIT_BY_STATUS = {400: EXIT_USAGE, 413: EXIT_USAGE, 422: EXIT_USAGE, 401: EXIT_R
                   403: EXIT_REFUSED, 421: EXIT_REFUSED, 404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT}
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = "8001"
+LIST_MAX = 1000  # the longest listing the API gives
 STREAM_TIMEOUT_S = 60.0  # an event stream sends a keep-alive every 15 quiet seconds
 REQUEST_TIMEOUT_S = 30.0  # a cancel waits on the server for the runner: its grace, then 10 s
 # A batch's timeout grows by this much a job: a chat's turn takes up to ~35 ms to store
@@ -232,6 +233,19 @@ class Client:
             timeout: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
         """`call` for an answer that is one job: checked to be Offload's (`offload_job`)."""
         return offload_job(self.url, self.call(method, path, body, headers, timeout))
+
+    def listed(self, state: str | None) -> Iterator[dict[str, Any]]:
+        """Every job (in `state`), summaries, newest first, page after page."""
+        before = None
+        while True:
+            given = urllib.parse.urlencode({k: v for k, v in (
+                ("state", state), ("limit", LIST_MAX), ("fields", "summary"),
+                ("before", before)) if v is not None})
+            page = self.call("GET", f"/api/jobs?{given}")
+            yield from (offload_job(self.url, job) for job in page["jobs"])
+            before = page.get("next_before")
+            if not before:
+                return
 
     def text(self, path: str) -> str:
         """A text/plain answer (a job's log), as the API's PlainTextResponse sends it."""

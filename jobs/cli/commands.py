@@ -12,7 +12,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jobs import protocol as p
 from jobs.cli.client import (
@@ -21,6 +21,7 @@ from jobs.cli.client import (
     EXIT_OK,
     EXIT_SERVER,
     EXIT_USAGE,
+    LIST_MAX,
     REQUEST_TIMEOUT_S,
     Client,
     Failure,
@@ -29,6 +30,7 @@ from jobs.cli.client import (
     offload_job,
 )
 from jobs.cli.follow import follow, until_ended
+from jobs.cli.ids import job_id
 from jobs.cli.show import (
     cap_said,
     holds,
@@ -41,13 +43,9 @@ from jobs.cli.show import (
     table,
 )
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
-
 INPUT_EXAMPLE = '{"seconds": 2}'
 STATES = [state.value for state in p.JobState]
 ENDED = [state for state in STATES if state in p.FINAL_STATES]
-LIST_MAX = 1000  # the longest listing the API gives
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
@@ -101,7 +99,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
     if args.all and args.limit is not None:
         raise Failure(EXIT_USAGE, "give --all or --limit, not both")
     jobs: list[dict[str, Any]] = []
-    before = _job_id(args.before, "--before")
+    before = job_id(args.before, "--before")
     while True:  # with --all, page after page: a listing gives at most LIST_MAX
         query = {"state": args.state, "kind": args.kind, "before": before,
                  "limit": LIST_MAX if args.all else args.limit,
@@ -161,7 +159,7 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
     ids = list(dict.fromkeys(job_path(each) for each in args.ids))
     if not ids:
         live = [job for state in (p.JobState.RUNNING, p.JobState.QUEUED)
-                for job in listed(client, state.value)]
+                for job in client.listed(state.value)]
         ids = [str(job[p.F_ID]) for job in sorted(live, key=lambda job: p.fifo_key(job))]
         if not ids:
             if args.json:
@@ -170,20 +168,6 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
                 sys.stderr.write("no queued or running jobs: nothing to wait for\n")
             return EXIT_OK
     return _wait_all(client, ids, args)
-
-
-def listed(client: Client, state: str) -> Iterator[dict[str, Any]]:
-    """Every job in `state` (summaries), newest first, page after page."""
-    before = None
-    while True:
-        given = urllib.parse.urlencode({k: v for k, v in (
-            ("state", state), ("limit", LIST_MAX), ("fields", "summary"), ("before", before))
-            if v is not None})
-        page = client.call("GET", f"/api/jobs?{given}")
-        yield from (offload_job(client.url, job) for job in page["jobs"])
-        before = page.get("next_before")
-        if not before:
-            return
 
 
 def _wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:
@@ -395,33 +379,11 @@ def parse_inputs(given: str) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
     return where, inputs
 
 
-def _job_id(text: str | None, flag: str | None) -> str | None:
-    """A job's id as given to `flag` (None: as an argument), in any case and with spaces
-    around it."""
-    if text is None:
-        return None
-    job_id = text.strip().lower()
-    if not p.is_valid_id(job_id):
-        said = "" if flag is None else f"{flag} wants a job's id: "
-        raise Failure(EXIT_USAGE, f"{said}{text[:80]!r} is no job's id (32 hex characters, "
-                                  "as offload list shows)")
-    return job_id
-
-
-def checked_ids(args: argparse.Namespace) -> None:
-    """The ids given as arguments, each checked: an empty one, or one with a `/`, was
-    sent as a path and answered as another route's."""
-    if isinstance(getattr(args, "id", None), str):
-        args.id = _job_id(args.id, None)
-    if isinstance(getattr(args, "ids", None), list):
-        args.ids = [_job_id(each, None) for each in args.ids]
-
-
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
     if any(not given.strip(" ,") for given in args.after or ()):  # a script's unset variable
         raise Failure(EXIT_USAGE, "--after is empty: give a job's id, or leave --after out")
-    after = [job_id for given in args.after or () for each in given.split(",")
-             if each.strip() and (job_id := _job_id(each, "--after")) is not None]
+    after = [whole for given in args.after or () for each in given.split(",")
+             if each.strip() and (whole := job_id(each, "--after")) is not None]
     body: dict[str, Any] = {"kind": args.kind}
     for field, value in (("timeout_s", args.timeout), ("priority", args.priority),
                          ("delay_s", args.delay), ("run_at", args.at),

@@ -24,12 +24,13 @@ from jobs.cli.client import (
     EXIT_OK,
     EXIT_SERVER,
     EXIT_USAGE,
+    LIST_MAX,
     Client,
     Failure,
     job_path,
     offload_shaped,
 )
-from jobs.cli.commands import ENDED, LIST_MAX, listed, parse_input, wait_and_report
+from jobs.cli.commands import ENDED, parse_input, wait_and_report
 from jobs.cli.show import cap_said, kind_caps_said, print_json, table, when
 
 
@@ -88,7 +89,7 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 def _dependants(client: Client) -> dict[str, list[str]]:
     """The queued jobs that depend on each job, oldest first, as the API lists them now."""
     dependants: dict[str, list[str]] = {}
-    for job in reversed(list(listed(client, p.JobState.QUEUED.value))):
+    for job in reversed(list(client.listed(p.JobState.QUEUED.value))):
         for each in p.dependencies(job):
             dependants.setdefault(each, []).append(str(job[p.F_ID]))
     return dependants

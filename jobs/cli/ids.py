@@ -1,0 +1,64 @@
+"""Jobs' ids as a user gives them: checked before anything is sent, and given by their
+start (as the CLI's notes show them, 8 characters) made whole."""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs import protocol as p
+from jobs.cli.client import EXIT_NOT_FOUND, EXIT_USAGE, Client, Failure
+
+SHORTEST = 6  # hex characters of an id's start taken for the whole id
+
+
+def job_id(text: str | None, flag: str | None) -> str | None:
+    """A job's id as given to `flag` (None: as an argument, where its start will do), in
+    any case and with spaces around it."""
+    if text is None:
+        return None
+    given = text.strip().lower()
+    if p.is_valid_id(given) or (flag is None and _a_start(given)):
+        return given
+    said = "" if flag is None else f"{flag} wants a job's id: "
+    start = "" if flag is not None else f", or its first {SHORTEST} or more"
+    raise Failure(EXIT_USAGE, f"{said}{text[:80]!r} is no job's id (32 hex characters{start}, "
+                              "as offload list shows)")
+
+
+def checked_ids(args: argparse.Namespace) -> None:
+    """The ids given as arguments, each checked: an empty one, or one with a `/`, was
+    sent as a path and answered as another route's."""
+    if isinstance(getattr(args, "id", None), str):
+        args.id = job_id(args.id, None)
+    if isinstance(getattr(args, "ids", None), list):
+        args.ids = [job_id(each, None) for each in args.ids]
+
+
+def whole_ids(client: Client, args: argparse.Namespace) -> None:
+    """The ids given by their start made whole, from one listing of every job: each
+    must start one job's id alone."""
+    given = [args.id] if isinstance(getattr(args, "id", None), str) else []
+    given += getattr(args, "ids", None) or []
+    starts: dict[str, list[str]] = {each: [] for each in given if not p.is_valid_id(each)}
+    if not starts:
+        return
+    for job in client.listed(None):
+        for start, found in starts.items():
+            if str(job[p.F_ID]).startswith(start):
+                found.append(str(job[p.F_ID]))
+    for start, found in starts.items():
+        if not found:
+            raise Failure(EXIT_NOT_FOUND, f"no job's id starts with {start!r} (offload list "
+                                          "shows them)")
+        if len(found) > 1:
+            raise Failure(EXIT_USAGE, f"{start!r} starts the ids of {len(found)} jobs "
+                                      f"({', '.join(found[:5])}): give more of the one meant")
+    whole = {start: found[0] for start, found in starts.items()}
+    if isinstance(getattr(args, "id", None), str):
+        args.id = whole.get(args.id, args.id)
+    if isinstance(getattr(args, "ids", None), list):
+        args.ids = [whole.get(each, each) for each in args.ids]
+
+
+def _a_start(text: str) -> bool:
+    return SHORTEST <= len(text) < 32 and p.is_valid_id(text.ljust(32, "0"))
