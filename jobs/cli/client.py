@@ -241,7 +241,8 @@ class Client:
             given = urllib.parse.urlencode({k: v for k, v in (
                 ("state", state), ("limit", LIST_MAX), ("fields", "summary"),
                 ("before", before)) if v is not None})
-            page = self.call("GET", f"/api/jobs?{given}")
+            page = offload_shaped(self.url, self.call("GET", f"/api/jobs?{given}"),
+                                  "a listing", jobs=list)
             yield from (offload_job(self.url, job) for job in page["jobs"])
             before = page.get("next_before")
             if not before:

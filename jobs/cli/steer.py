@@ -87,9 +87,14 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
 
 
 def _dependants(client: Client) -> dict[str, list[str]]:
-    """The queued jobs that depend on each job, oldest first, as the API lists them now."""
+    """The queued jobs that depend on each job, oldest first, as the API lists them now;
+    none where they cannot be listed (the cancels say why, each)."""
     dependants: dict[str, list[str]] = {}
-    for job in reversed(list(client.listed(p.JobState.QUEUED.value))):
+    try:
+        queued = list(client.listed(p.JobState.QUEUED.value))
+    except Failure:
+        return {}
+    for job in reversed(queued):
         for each in p.dependencies(job):
             dependants.setdefault(each, []).append(str(job[p.F_ID]))
     return dependants
