@@ -987,6 +987,8 @@ def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
         def do_GET(self) -> None:
             if self.path.startswith("/elsewhere/"):  # as `python -m http.server` has it
                 self.send_error(404, "File not found")
+            elif self.path.startswith("/plain/"):  # its answer to a POST
+                self.send_error(501, f"Unsupported method ('{self.command}')")
             elif self.path.endswith("/events"):
                 page = b"<html>hello</html>"
                 self.send_response(200)
@@ -1022,6 +1024,11 @@ def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
             assert done.stderr == (f"offload: HTTP 404 File not found at {url}/elsewhere: is "
                                    "that Offload's address (as http://HOST:PORT, without "
                                    "/api)?\n"), done
+        for args in (["submit", "sleep"], ["pause"]):  # was "HTTP 501 ...", no more
+            done = cli(f"{url}/plain", *args)
+            assert (done.returncode, done.stderr) == (7, (
+                "offload: HTTP 501 Unsupported method ('POST') from "
+                f"{url}/plain: is it Offload?\n")), done
 
 
 def test_another_programs_ok_to_everything_is_no_job_nor_queue_nor_log() -> None:

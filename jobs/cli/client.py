@@ -212,6 +212,7 @@ class Client:
             detail = answer.get("detail")
         except (ValueError, AttributeError, OSError):
             answer, detail = None, None
+        offloads = isinstance(detail, str)  # Offload's every refusal: JSON with a `detail`
         detail = detail if isinstance(detail, str) else f"HTTP {exc.code} {exc.reason}"
         if exc.headers.get("Retry-After"):  # a person reads no header
             detail = detail.replace("Retry-After seconds", f"{exc.headers['Retry-After']} s")
@@ -219,6 +220,8 @@ class Client:
         if exc.code == 404 and not detail.startswith(OFFLOADS_404S):  # the address, not a job
             code, detail = EXIT_SERVER, (f"{detail} at {self.url}: is that Offload's address "
                                          "(as http://HOST:PORT, without /api)?")
+        elif not offloads:  # another program's page (a 501 for a POST), or a proxy's
+            code, detail = EXIT_SERVER, f"{detail} from {self.url}: is it Offload?"
         if exc.code == 401 and not self.token:
             detail += " (set OFFLOAD_API_TOKEN to the server's token)"
         return Failure(code, detail, exc.code, answer if isinstance(answer, dict) else None)
