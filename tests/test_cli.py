@@ -801,7 +801,9 @@ def test_the_token_from_the_environment_or_dotenv(make_server: MakeServer,
     server = make_server(env={"OFFLOAD_API_TOKEN": TOKEN})
     wrong = cli(server.url, "status", token="not-the-token-at-all")
     assert wrong.returncode == 4 and wrong.stderr.startswith("offload: ")
-    assert "token" in wrong.stderr
+    # It spoke of a header to send, not of the setting that sends it.
+    assert wrong.stderr.endswith(" (OFFLOAD_API_TOKEN, from the environment or .env, is not "
+                                 "the server's token)\n"), wrong.stderr
     missing = cli(server.url, "list")
     assert missing.returncode == 4 and "set OFFLOAD_API_TOKEN" in missing.stderr
     assert cli(server.url, "status", token=TOKEN).returncode == 0

@@ -222,8 +222,10 @@ class Client:
                                          "(as http://HOST:PORT, without /api)?")
         elif not offloads:  # another program's page (a 501 for a POST), or a proxy's
             code, detail = EXIT_SERVER, f"{detail} from {self.url}: is it Offload?"
-        if exc.code == 401 and not self.token:
-            detail += " (set OFFLOAD_API_TOKEN to the server's token)"
+        if exc.code == 401:  # a person gives no header: the setting that makes it
+            detail += (" (OFFLOAD_API_TOKEN, from the environment or .env, is not the "
+                       "server's token)" if self.token else
+                       " (set OFFLOAD_API_TOKEN to the server's token)")
         return Failure(code, detail, exc.code, answer if isinstance(answer, dict) else None)
 
     def call(self, method: str, path: str, body: Any = None,
