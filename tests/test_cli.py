@@ -551,6 +551,8 @@ def test_a_job_is_named_by_the_start_of_its_id(make_server: MakeServer,
     assert (unknown.returncode, unknown.stderr) == (
         5, "offload: no job's id starts with 'abcdef3' (offload list shows them)\n"), unknown
     assert cli(url, "show", "abcde").returncode == 2  # too short to be taken for one
+    after = cli(url, "submit", "sleep", "--after", "abcdef1, ABCDEF2", "--json")
+    assert json.loads(after.stdout)["depends_on"] == twins, after
     cancelled = cli(url, "cancel", "abcdef2", twins[0])
     assert sorted(cancelled.stdout.splitlines()) == [f"{twin} cancelled" for twin in twins]
 

@@ -380,10 +380,7 @@ def parse_inputs(given: str) -> tuple[str, list[tuple[int, dict[str, Any]]]]:
 
 
 def cmd_submit(client: Client, args: argparse.Namespace) -> int:
-    if any(not given.strip(" ,") for given in args.after or ()):  # a script's unset variable
-        raise Failure(EXIT_USAGE, "--after is empty: give a job's id, or leave --after out")
-    after = [whole for given in args.after or () for each in given.split(",")
-             if each.strip() and (whole := job_id(each, "--after")) is not None]
+    after = args.after  # checked, and made whole (jobs.cli.ids)
     body: dict[str, Any] = {"kind": args.kind}
     for field, value in (("timeout_s", args.timeout), ("priority", args.priority),
                          ("delay_s", args.delay), ("run_at", args.at),

@@ -11,34 +11,40 @@ from jobs.cli.client import EXIT_NOT_FOUND, EXIT_USAGE, Client, Failure
 SHORTEST = 6  # hex characters of an id's start taken for the whole id
 
 
-def job_id(text: str | None, flag: str | None) -> str | None:
-    """A job's id as given to `flag` (None: as an argument, where its start will do), in
-    any case and with spaces around it."""
+def job_id(text: str | None, flag: str | None, start: bool = False) -> str | None:
+    """A job's id as given to `flag` (None: as an argument), in any case and with spaces
+    around it; `start`: its start will do."""
     if text is None:
         return None
     given = text.strip().lower()
-    if p.is_valid_id(given) or (flag is None and _a_start(given)):
+    if p.is_valid_id(given) or (start and _a_start(given)):
         return given
     said = "" if flag is None else f"{flag} wants a job's id: "
-    start = "" if flag is not None else f", or its first {SHORTEST} or more"
-    raise Failure(EXIT_USAGE, f"{said}{text[:80]!r} is no job's id (32 hex characters{start}, "
-                              "as offload list shows)")
+    start_said = f", or its first {SHORTEST} or more" if start else ""
+    raise Failure(EXIT_USAGE, f"{said}{text[:80]!r} is no job's id (32 hex characters"
+                              f"{start_said}, as offload list shows)")
 
 
 def checked_ids(args: argparse.Namespace) -> None:
-    """The ids given as arguments, each checked: an empty one, or one with a `/`, was
-    sent as a path and answered as another route's."""
+    """The ids given as arguments and to --after, each checked: an empty one, or one with
+    a `/`, was sent as a path and answered as another route's. --after's, a list (`ID,ID`
+    split)."""
     if isinstance(getattr(args, "id", None), str):
-        args.id = job_id(args.id, None)
+        args.id = job_id(args.id, None, start=True)
     if isinstance(getattr(args, "ids", None), list):
-        args.ids = [job_id(each, None) for each in args.ids]
+        args.ids = [job_id(each, None, start=True) for each in args.ids]
+    if isinstance(getattr(args, "after", None), list):
+        if any(not given.strip(" ,") for given in args.after):  # a script's unset variable
+            raise Failure(EXIT_USAGE, "--after is empty: give a job's id, or leave --after out")
+        args.after = [job_id(each, "--after", start=True) for given in args.after
+                      for each in given.split(",") if each.strip()]
 
 
 def whole_ids(client: Client, args: argparse.Namespace) -> None:
     """The ids given by their start made whole, from one listing of every job: each
     must start one job's id alone."""
     given = [args.id] if isinstance(getattr(args, "id", None), str) else []
-    given += getattr(args, "ids", None) or []
+    given += [*(getattr(args, "ids", None) or []), *(getattr(args, "after", None) or [])]
     starts: dict[str, list[str]] = {each: [] for each in given if not p.is_valid_id(each)}
     if not starts:
         return
@@ -56,8 +62,9 @@ def whole_ids(client: Client, args: argparse.Namespace) -> None:
     whole = {start: found[0] for start, found in starts.items()}
     if isinstance(getattr(args, "id", None), str):
         args.id = whole.get(args.id, args.id)
-    if isinstance(getattr(args, "ids", None), list):
-        args.ids = [whole.get(each, each) for each in args.ids]
+    for name in ("ids", "after"):
+        if isinstance(getattr(args, name, None), list):
+            setattr(args, name, [whole.get(each, each) for each in getattr(args, name)])
 
 
 def _a_start(text: str) -> bool:
