@@ -370,6 +370,26 @@ def test_log_follow_shows_progress_and_ctrl_c_exits_130(server: Server) -> None:
     assert cli(server.url, "cancel", job_id).returncode == 0
 
 
+def test_ctrl_c_while_a_cancel_waits_exits_130_at_once(make_server: MakeServer,
+                                                      data_dir: Path) -> None:
+    # Its requests ran in a pool, whose threads Python waits for at exit: Ctrl-C ended the
+    # command only once the server's wait for the runner did (the stop's grace, then 10 s).
+    server = make_server(env={"OFFLOAD_STOP_GRACE_S": "60"})
+    job_id = cli(server.url, "submit", "probe", "--input",
+                 '{"ignore_sigterm": true, "seconds": 300}').stdout.strip()
+    with server.client() as client:
+        wait_job(client, job_id, "running")
+    with start_cli(server.url, "cancel", job_id) as canceller:
+        err = Reader(canceller.stderr)
+        wait_for(lambda: (data_dir / "jobs" / job_id / p.STOP_FILE).exists(), 30, 0.05,
+                 "the stop asked")
+        canceller.send_signal(signal.SIGINT)
+        asked = time.monotonic()
+        assert canceller.wait(30) == 130
+        assert time.monotonic() - asked < 20, "ended with the server's wait, not at Ctrl-C"
+        assert "Traceback" not in err.done()
+
+
 def test_a_wait_is_a_request_the_server_answers_when_the_job_ends(server: Server) -> None:
     """`offload wait` and `--wait` long-poll (`GET /api/jobs/{id}?wait_s=`): a request or
     two a job, neither its output streamed nor a read every half second."""

@@ -4,19 +4,18 @@ parallel, and the schedules."""
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import sys
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from jobs import protocol as p
 from jobs.protocol import control
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
 
 from jobs.cli.client import (
     EXIT_CONFLICT,
@@ -32,6 +31,8 @@ from jobs.cli.client import (
 )
 from jobs.cli.commands import ENDED, parse_input, wait_and_report
 from jobs.cli.show import cap_said, kind_caps_said, print_json, table, when
+
+T = TypeVar("T")
 
 
 def cmd_retry(client: Client, args: argparse.Namespace) -> int:
@@ -174,8 +175,7 @@ def _act(args: argparse.Namespace, ids: list[str], act: Callable[[str], Any],
         except Failure as exc:
             return exc
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        answers = list(pool.map(one, ids))
+    answers = _at_once(one, ids)
     code = EXIT_OK
     for job_id, answer in zip(ids, answers, strict=True):
         if isinstance(answer, Failure) and args.state and answer.code == moved_on[0]:
@@ -193,6 +193,37 @@ def _act(args: argparse.Namespace, ids: list[str], act: Callable[[str], Any],
         elif answer.answer.get(p.F_ID) == job_id:  # it failed, yet carries the job as it is
             done.append(answer.answer)
     return code
+
+
+def _at_once(one: Callable[[str], T], ids: list[str], threads: int = 8) -> list[T]:
+    """`one(id)` of each id, `threads` at a time, in daemon threads (as a pool's `map`:
+    what one raises is raised here): a Ctrl-C ends the command at once (a pool's threads
+    are waited for at exit, so a cancel held it until the server's wait ended), and what
+    was asked of the server goes on."""
+    answers: dict[int, T] = {}
+    raised: list[Exception] = []
+    places = iter(range(len(ids)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while not raised:
+            with lock:
+                n = next(places, None)
+            if n is None:
+                return
+            try:
+                answers[n] = one(ids[n])
+            except Exception as exc:  # raised in the main thread, below
+                raised.append(exc)
+
+    workers = [threading.Thread(target=work, daemon=True) for _ in range(min(threads, len(ids)))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if raised:
+        raise raised[0]
+    return [answers[n] for n in range(len(ids))]
 
 
 def cmd_pause(client: Client, args: argparse.Namespace) -> int:
