@@ -11,6 +11,10 @@ from typing import Any, NamedTuple
 from jobs import protocol as p
 from jobs.protocol import control, embedded
 
+# The reasons most queued jobs share, one dict each for them all (read only).
+IN_LINE = {p.WAITS_REASON: p.F_QUEUE_POSITION}
+NOT_DUE = {p.WAITS_REASON: p.F_RUN_AT}
+
 
 class Count(NamedTuple):
     """The queue as counted: each queued job's place (those with one) and why each waits
@@ -37,7 +41,7 @@ def count_positions(queued: Iterable[dict[str, Any]], running: dict[tuple[str, s
     waits: dict[str, dict[str, Any]] = {}
     for order, kind in ordered:
         job_id = order[-1]
-        waits[job_id] = {p.WAITS_REASON: p.F_RUN_AT if order[0] > 0.0 else p.F_QUEUE_POSITION}
+        waits[job_id] = NOT_DUE if order[0] > 0.0 else IN_LINE
         if kind in room:
             if room[kind] <= 0:
                 if order[0] == 0.0:  # due: its kind's cap alone holds it
