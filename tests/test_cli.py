@@ -481,6 +481,9 @@ def test_why_a_queued_job_waits_is_the_servers_word(make_server: MakeServer) -> 
                      for _ in range(2))
     assert notes() == {first: "0 ahead in the queue",
                        second: "held: kind sleep's cap 1 (1 queued before it)"}
+    # `list` said so of a paused queue, `show` not.
+    assert cli(url, "show", first).stderr == ("the queue is paused: it starts once resumed "
+                                              "(offload resume)\n")
     summary = httpx.get(f"{url}/api/jobs", params={"fields": "summary"}).json()["jobs"]
     assert {job["id"]: job["waits_for"] for job in summary} == {
         first: {"reason": "queue_position", "jobs": None, "kind_cap": None, "running": None},

@@ -150,6 +150,8 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
         print_json(job)
     else:
         job_details(job, sys.stdout)
+    if job.get(p.F_STATE) == p.JobState.QUEUED and _queue(client).get("paused") is True:
+        sys.stderr.write("the queue is paused: it starts once resumed (offload resume)\n")
     return EXIT_OK
 
 
