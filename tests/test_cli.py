@@ -1058,6 +1058,37 @@ def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
                 f"{url}/plain: is it Offload?\n")), done
 
 
+def test_a_program_that_speaks_no_http_at_the_address_is_named() -> None:
+    # An SSH server on the port given: "cannot reach Offload at ...: SSH-2.0-OpenSSH_9.2",
+    # its line break and carriage return in the message, exit 3, "Is it running?".
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def greet() -> None:
+            while True:
+                try:
+                    connection, _ = listener.accept()
+                except OSError:  # closed: the test is over
+                    return
+                with connection:
+                    connection.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                    connection.settimeout(30)
+                    with contextlib.suppress(OSError):  # as sshd: reads until the client leaves
+                        while connection.recv(65536):
+                            pass
+
+        threading.Thread(target=greet, daemon=True).start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        for args in (["status"], ["wait", "0" * 32], ["submit", "sleep"]):
+            done = cli(url, *args)
+            assert (done.returncode, done.stderr) == (7, (
+                f"offload: what answers at {url} does not speak HTTP (it said "
+                "'SSH-2.0-OpenSSH_9.2'): is that Offload's address?\n")), (args, done)
+
+
 def test_another_programs_ok_to_everything_is_no_job_nor_queue_nor_log() -> None:
     """A server that answers 200 and the same thing to every request: JSON that is no job
     (`{"id": 5, ...}`), or a page. Before: `submit` and `retry` printed 5, `show` junk,

@@ -196,6 +196,12 @@ class Client:
             raise Failure(EXIT_USAGE, f"the server's address {self.url!r} cannot be "
                                       f"used ({exc})") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            if (isinstance(exc, (http.client.BadStatusLine, http.client.LineTooLong))
+                    and not isinstance(exc, http.client.RemoteDisconnected)):  # not closed
+                said = " ".join(str(exc).split())[:60]  # one line: the other program's words
+                raise Failure(EXIT_SERVER, f"what answers at {self.url} does not speak HTTP "
+                                           f"(it said {said!r}): is that Offload's "
+                                           "address?") from None
             reason = getattr(exc, "reason", None) or exc
             raise Unreachable(f"cannot reach Offload at {self.url}: {reason}. Is it running "
                               "(python launch.py)? Else give its address: --url or "
