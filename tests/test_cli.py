@@ -930,7 +930,10 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             (["status", "--url", "http://me:8080/s3cret@127.0.0.1"],
              "'http://127.0.0.1' (from --url) holds a user or password"),
             # "cannot reach Offload ... URL can't contain control characters", exit 3
-            (["status", "--url", "http://exa mple"], "holds a space or a control character")]:
+            (["status", "--url", "http://exa mple"], "holds a space or a control character"),
+            # "cannot reach Offload ...: [SSL: WRONG_VERSION_NUMBER] wrong version number", 3
+            (["status", "--url", server.url.replace("http:", "https:")],
+             "answers plain HTTP, not HTTPS: give its address with http://")]:
         done = cli(server.url, *args)
         assert done.returncode == 2, (args, done.returncode, done.stdout, done.stderr)
         assert said in done.stderr and len(done.stderr.splitlines()) == 1, (args, done.stderr)

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import re
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -203,6 +204,9 @@ class Client:
                                            f"(it said {said!r}): is that Offload's "
                                            "address?") from None
             reason = getattr(exc, "reason", None) or exc
+            if isinstance(reason, ssl.SSLError) and reason.reason == "WRONG_VERSION_NUMBER":
+                raise Failure(EXIT_USAGE, f"{self.url} answers plain HTTP, not HTTPS: give its "
+                                          "address with http://") from None
             raise Unreachable(f"cannot reach Offload at {self.url}: {reason}. Is it running "
                               "(python launch.py)? Else give its address: --url or "
                               "OFFLOAD_URL", reason) from None
