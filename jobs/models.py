@@ -86,12 +86,15 @@ class EarlierError(BaseModel):
 
 class WaitsFor(BaseModel):
     """Why a queued job has not started: `reason` names the field that says more
-    (`depends_on`, `after`, `run_at`, `queue_position`), or is `kind_cap`."""
+    (`depends_on`, `after`, `run_at`, `queue_position`), or is `kind_cap` or
+    `model_slots` (a chat)."""
 
-    reason: Literal["depends_on", "after", "run_at", "kind_cap", "queue_position"]
+    reason: Literal["depends_on", "after", "run_at", "kind_cap", "model_slots",
+                    "queue_position"]
     jobs: list[str] | None = None  # depends_on, after: those it waits for, not ended yet
     kind_cap: int | None = None  # kind_cap: its kind's cap in use
-    running: int | None = None  # kind_cap: the jobs of its kind running now
+    model_slots: int | None = None  # model_slots: the embedded model's slots
+    running: int | None = None  # kind_cap, model_slots: the jobs of its kind running now
 
 
 class Job(BaseModel):

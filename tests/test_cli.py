@@ -486,8 +486,10 @@ def test_why_a_queued_job_waits_is_the_servers_word(make_server: MakeServer) -> 
                                               "(offload resume)\n")
     summary = httpx.get(f"{url}/api/jobs", params={"fields": "summary"}).json()["jobs"]
     assert {job["id"]: job["waits_for"] for job in summary} == {
-        first: {"reason": "queue_position", "jobs": None, "kind_cap": None, "running": None},
-        second: {"reason": "kind_cap", "jobs": None, "kind_cap": 1, "running": 0}}
+        first: {"reason": "queue_position", "jobs": None, "kind_cap": None, "model_slots": None,
+                "running": None},
+        second: {"reason": "kind_cap", "jobs": None, "kind_cap": 1, "model_slots": None,
+                 "running": 0}}
     assert cli(url, "resume").returncode == 0
     wait_for(lambda: httpx.get(f"{url}/api/jobs/{first}").json()["state"] == "running", 30, 0.1,
              "the first job to run")

@@ -33,12 +33,12 @@ from jobs.cli.follow import follow, until_ended
 from jobs.cli.ids import job_id
 from jobs.cli.show import (
     cap_said,
-    holds,
     job_details,
     job_table,
     kind_caps_said,
     note,
     print_json,
+    remedy,
     shown,
     table,
 )
@@ -294,7 +294,7 @@ def _say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
         said = note(job)
         if said.startswith("held: "):
             sys.stderr.write(f"offload: job {job.get(p.F_ID)} is {said}: it starts once one "
-                             f"of them ends ({held[str(job.get(p.F_KIND))].remedy})\n")
+                             f"of them ends ({remedy(job)})\n")
         elif said.startswith("starts "):  # --delay or --at: no sooner
             sys.stderr.write(f"offload: job {job.get(p.F_ID)} {said}, as submitted\n")
 

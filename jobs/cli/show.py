@@ -6,7 +6,7 @@ import json
 import re
 import sys
 import time
-from typing import IO, Any, NamedTuple
+from typing import IO, Any
 
 from jobs import protocol as p
 
@@ -50,19 +50,32 @@ def note(job: dict[str, Any]) -> str:
     if start_at is not None and start_at > time.time():
         return f"starts {when(p.iso(start_at))} UTC"
     if reason == p.WAITS_KIND_CAP:
-        return _held(str(job.get(p.F_KIND)), waits)
+        cap, kind = waits.get(p.WAITS_KIND_CAP), job.get(p.F_KIND)
+        return _held(cap, waits, f"kind {kind} at its cap {cap}", f"kind {kind}'s cap {cap}")
+    if reason == p.WAITS_MODEL_SLOTS:
+        slots = waits.get(p.WAITS_MODEL_SLOTS)
+        return _held(slots, waits, f"the embedded model's {slots} slots busy",
+                     f"the embedded model's {slots} slots")
     position = job.get(p.F_QUEUE_POSITION)
     return "" if position is None else f"{position} ahead in the queue"
 
 
-def _held(kind: str, waits: dict[str, Any]) -> str:
-    """A kind's cap holding a job back: full with jobs running, or to be by those queued
-    before it."""
-    cap, running = waits.get(p.WAITS_KIND_CAP), waits.get("running")
+def _held(cap: Any, waits: dict[str, Any], full: str, room_of: str) -> str:
+    """A cap holding a job back (a kind's, or the embedded model's slots for a chat): `full`
+    with jobs running, or to be by those queued before it (`room_of` the cap's name)."""
+    running = waits.get("running")
     if not isinstance(cap, int) or not isinstance(running, int) or running >= cap:
-        return f"held: kind {kind} at its cap {cap}"
+        return f"held: {full}"
     running_said = f"{running} running, " if running else ""
-    return f"held: kind {kind}'s cap {cap} ({running_said}{cap - running} queued before it)"
+    return f"held: {room_of} ({running_said}{cap - running} queued before it)"
+
+
+def remedy(job: dict[str, Any]) -> str:
+    """What gives a held job room: a higher cap of its kind, or more of the model's slots."""
+    waits = job.get(p.F_WAITS_FOR)
+    if isinstance(waits, dict) and waits.get(p.WAITS_REASON) == p.WAITS_MODEL_SLOTS:
+        return "each chat takes one of the model's slots; OFFLOAD_LLM_SLOTS sets how many"
+    return f"offload parallel N --kind {job.get(p.F_KIND)}"
 
 
 def _one_line(text: str, width: int) -> str:
@@ -127,7 +140,7 @@ def _why_queued(job: dict[str, Any]) -> list[tuple[str, str]]:
     said = note(job)
     if said.startswith("held: "):
         return [("held", f"{said.removeprefix('held: ')} (starts when one of them ends; "
-                         f"offload parallel N --kind {job.get(p.F_KIND)})")]
+                         f"{remedy(job)})")]
     if said.startswith("after "):  # in full: the ids to look at
         return [("waits for", ", ".join(map(str, job[p.F_WAITS_FOR].get("jobs") or [])))]
     return []

@@ -137,6 +137,7 @@ F_SCHEDULE = "schedule"  # the name of the schedule that created it (jobs/schedu
 F_WAITS_FOR = "waits_for"
 WAITS_REASON = "reason"
 WAITS_KIND_CAP = "kind_cap"
+WAITS_MODEL_SLOTS = "model_slots"
 
 JOB_FIELDS = (
     F_ID, F_KIND, F_STATE, F_CREATED_AT, F_STARTED_AT, F_FINISHED_AT, F_TIMEOUT_S,

@@ -438,7 +438,7 @@ class JobIndex:
                 held[job_id] = waiting_for_jobs(live.data, waited)
             else:
                 queued.append(live.data)
-        count = count_positions(queued, self._tallies.live, self._caps)
+        count = count_positions(queued, self._tallies.live, self._caps, self.model_slots)
         count.waits.update(held)
         self._positions = (key, count)
         return count

@@ -27,9 +27,10 @@ class Count(NamedTuple):
 
 
 def count_positions(queued: Iterable[dict[str, Any]], running: dict[tuple[str, str], int],
-                    caps: dict[str, int]) -> Count:
+                    caps: dict[str, int], model_slots: int | None = None) -> Count:
     """The places of `queued` (the jobs that wait for no other) and why each waits.
-    `running`: the live jobs by (kind, state), `caps`: the kinds' caps now."""
+    `running`: the live jobs by (kind, state), `caps`: the kinds' caps now (the chats' no
+    more than the embedded model's `model_slots`)."""
     # The supervisor's order: due jobs by priority, then submission; then the jobs
     # not due yet, soonest first. One waiting for another job has none, nor one its
     # kind's cap holds back (beyond the room its kind has now).
@@ -45,13 +46,21 @@ def count_positions(queued: Iterable[dict[str, Any]], running: dict[tuple[str, s
         if kind in room:
             if room[kind] <= 0:
                 if order[0] == 0.0:  # due: its kind's cap alone holds it
-                    waits[job_id] = {p.WAITS_REASON: p.WAITS_KIND_CAP, p.WAITS_KIND_CAP: caps[kind],
-                                     "running": running_now[kind]}
+                    waits[job_id] = _held(kind, caps[kind], running_now[kind], model_slots)
                 continue
             room[kind] -= 1
         positions[job_id] = len(positions)
     next_due = min((order[0] for order, _ in ordered if order[0] > 0.0), default=math.inf)
     return Count(positions, waits, next_due)
+
+
+def _held(kind: str, cap: int, running: int, model_slots: int | None) -> dict[str, Any]:
+    """`waits_for` of a due job its kind's cap holds back: for chats, the embedded model's
+    slots where they are the cap."""
+    if kind == embedded.CHAT_KIND and cap == model_slots:
+        return {p.WAITS_REASON: p.WAITS_MODEL_SLOTS, p.WAITS_MODEL_SLOTS: cap,
+                "running": running}
+    return {p.WAITS_REASON: p.WAITS_KIND_CAP, p.WAITS_KIND_CAP: cap, "running": running}
 
 
 def waiting_for_jobs(job: dict[str, Any], waited: list[str]) -> dict[str, Any]:
