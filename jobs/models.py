@@ -240,6 +240,7 @@ class Submitted(BaseModel):
 
 class ChatResult(BaseModel):
     status: Literal["processing", "completed", "error", "not_found"]
+    state: JobState | None = None  # processing: queued or running
     reply: str | None = None
     usage: ChatUsage | None = None
     message: str | None = None

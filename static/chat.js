@@ -58,9 +58,9 @@ function place(li) {
 // ---- waiting for a reply ---------------------------------------------------
 
 /** Follow one chat job until it reaches a final state; the newest is the one awaited. */
-function follow(li, jobId) {
+function follow(li, jobId, state) {
   const session = SESSION;
-  const p = followReply(li, jobId, {
+  const p = followReply(li, jobId, state, {
     stalled: (q) => {
       if (pending === q) pending = newestWaited();
       updateButtons();
@@ -153,7 +153,7 @@ async function send(text) {
       return;
     }
     li.dataset.jobId = r.data.job_id;
-    const p = follow(li, r.data.job_id);
+    const p = follow(li, r.data.job_id, "queued");
     announce(session);
     if (placeholder.cancelled) cancelReply(p).catch(() => {});
   } finally {
@@ -285,7 +285,7 @@ function showTurns(turns) {
     }
     after = li;
     added = true;
-    if (turn.job_id && !FINAL_STATES.has(turn.state)) follow(li, turn.job_id);
+    if (turn.job_id && !FINAL_STATES.has(turn.state)) follow(li, turn.job_id, turn.state);
   }
   if (added) log.scrollTop = log.scrollHeight;  // the log's own box: the page stays put
 }

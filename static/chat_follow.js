@@ -8,17 +8,18 @@ import { keepingEnd, part, setFinal } from "./chat_view.js";
 const STALL_MS = 120_000;   // say so after this long running with nothing from the server
 const POLL_MS = 1000;
 const POLLS_BETWEEN_STREAMS = 5;  // a refused stream is asked for again after these
+const UNHEARD_POLL_MS = 5000;  // a reply waiting for a stream slot is asked its state after this
 
-/** Follow the chat job `jobId`, shown in `li`, until it reaches a final state. Returns
+/** Follow the chat job `jobId` (last known `state`), shown in `li`, to its end. Returns
  * its follower ({jobId, li, output, stalled, done, finish(state, text, note)});
  * `stalled(p)` is told when it has said nothing for STALL_MS, `resumed(p)` when it speaks
  * again, `ended(p)` once it is final. */
-export function followReply(li, jobId, { stalled, resumed, ended }) {
+export function followReply(li, jobId, state, { stalled, resumed, ended }) {
   const started = Date.now();
   const controller = new AbortController();
   const p = {
-    jobId, li, controller, done: false, output: "", state: "queued",
-    activity: Date.now(), stalled: false,
+    jobId, li, controller, done: false, output: "", state: state || "queued",
+    activity: Date.now(), stalled: false, heard: false,
   };
   li.setAttribute("aria-busy", "true");
 
@@ -54,7 +55,7 @@ export function followReply(li, jobId, { stalled, resumed, ended }) {
   }
   p.finish = finish;
 
-  const onActivity = () => { p.activity = Date.now(); };
+  const onActivity = () => { p.activity = Date.now(); p.heard = true; };
 
   /** Show the job's copy after an event of its stream. */
   function onJob(job) {
@@ -88,33 +89,43 @@ export function followReply(li, jobId, { stalled, resumed, ended }) {
     }
   }
 
+  /** Ask for the reply once: its state learnt, and it finished if it has ended. */
+  async function check() {
+    const r = await apiJSON(`/api/ai_chat_result/${encodeURIComponent(jobId)}`, { source: "chat" });
+    if (p.done || !r.ok || !r.data) return;
+    const d = r.data;
+    if (d.status === "processing" && d.state) {
+      p.state = d.state;
+    } else if (d.status === "completed") {
+      finish("completed", d.reply || "", "");
+    } else if (d.status === "error") {
+      // Find out which final state it was (failed, cancelled, timeout).
+      const j = await apiJSON(`/api/jobs/${encodeURIComponent(jobId)}`);
+      const state = j.ok && j.data && FINAL_STATES.has(j.data.state) ? j.data.state : "failed";
+      if (state === "cancelled") finish("cancelled", p.output, "Cancelled.");
+      else finish(state, `Error: ${d.message || "the job failed"}`, "");
+    } else if (d.status === "not_found") {
+      finish("failed", "Error: the job was not found on the server", "");
+    }
+  }
+
   /** Ask for the reply `times` times, a second apart (or until it has ended). */
   async function poll(times) {
     for (let i = 0; i < times && !p.done; i += 1) {
-      const r = await apiJSON(`/api/ai_chat_result/${encodeURIComponent(jobId)}`, { source: "chat" });
-      if (p.done) return;
-      if (r.ok && r.data) {
-        const d = r.data;
-        if (d.status === "completed") {
-          finish("completed", d.reply || "", "");
-          return;
-        }
-        if (d.status === "error") {
-          // Find out which final state it was (failed, cancelled, timeout).
-          const j = await apiJSON(`/api/jobs/${encodeURIComponent(jobId)}`);
-          const state = j.ok && j.data && FINAL_STATES.has(j.data.state) ? j.data.state : "failed";
-          if (state === "cancelled") finish("cancelled", p.output, "Cancelled.");
-          else finish(state, `Error: ${d.message || "the job failed"}`, "");
-          return;
-        }
-        if (d.status === "not_found") {
-          finish("failed", "Error: the job was not found on the server", "");
-          return;
-        }
-      }
-      await new Promise((res) => setTimeout(res, POLL_MS));
+      await check();
+      if (!p.done) await new Promise((res) => setTimeout(res, POLL_MS));
     }
   }
+
+  /** Waiting for one of the page's stream slots, it said "queued" though its job ran
+   * (or had ended): its state is asked for until its stream speaks. */
+  (async () => {
+    for (;;) {
+      await new Promise((res) => setTimeout(res, UNHEARD_POLL_MS));
+      if (p.done || p.heard) return;
+      if (!document.hidden) await check();
+    }
+  })().catch(() => { /* never surface to the console */ });
 
   (async () => {
     while (!p.done) {

@@ -49,11 +49,14 @@ def test_seed_frontend_flow(server: Server) -> None:
         for _ in range(30):
             result = client.get(f"/api/ai_chat_result/{body['job_id']}").json()
             seen.append(result["status"])
+            if result["status"] == "processing":
+                assert result["state"] in ("queued", "running"), result
             if result["status"] in ("completed", "error"):
                 break
             time.sleep(1)
     assert result.pop("usage")["completion_tokens"] == 4
-    assert result == {"status": "completed", "reply": "The CPU is fine.", "message": None}
+    assert result == {"status": "completed", "state": None, "reply": "The CPU is fine.",
+                      "message": None}
     assert seen[0] == "processing"
 
 
@@ -69,7 +72,8 @@ def test_chat_result_errors_and_unknown_ids(make_server: MakeServer) -> None:
         assert "LLM server not reachable at http://127.0.0.1:9/v1 (OPENAI_BASE_URL): connection " \
             "refused" in result["message"]
         assert client.get(f"/api/ai_chat_result/{'0' * 32}").json() == {
-            "status": "not_found", "reply": None, "usage": None, "message": None}
+            "status": "not_found", "state": None, "reply": None, "usage": None,
+            "message": None}
         bad = client.get("/api/ai_chat_result/not-an-id")
         assert bad.status_code == 404 and bad.json()["status"] == "not_found"
         # A result that is not a chat's (a kind of one's own, a hand edit) answered 500.

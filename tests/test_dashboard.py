@@ -1333,6 +1333,36 @@ def test_a_page_holds_two_streams_at_most(page: Any, make_server: Callable[..., 
     assert shown == [job["result"]["reply"] for job in jobs]
 
 
+def test_a_reply_waiting_for_a_stream_slot_shows_its_jobs_state(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # Both of the page's streams taken, a turn waiting for one said "queued…" by its job's
+    # first state, whatever became of the job: cancelled from the Jobs table, it counted on.
+    with FakeLLM(pieces=REPLY, delay_s=0.05, gated="question 0") as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        try:
+            with server.client() as client:
+                ids = [str(client.post("/api/ai_chat_async", json={
+                    "messages": [{"role": "user", "content": f"question {n}"}],
+                    "session_id": "slots-taken"}).json()["job_id"]) for n in range(4)]
+                wait_job(client, ids[0], "running")
+                page.goto(server.url)
+                page.evaluate("localStorage.setItem('offload-session', 'slots-taken')")
+                page.reload()
+                for job_id in ids:
+                    page.wait_for_selector(f"#chat-log li[data-job-id='{job_id}']")
+                # The first two hold the streams; the third is cancelled meanwhile.
+                assert client.delete(f"/api/jobs/{ids[2]}").json()["state"] == "cancelled"
+                page.wait_for_selector(f"#chat-log li[data-job-id='{ids[2]}']"
+                                       "[data-state='cancelled']", timeout=20_000)
+                still = [client.get(f"/api/jobs/{job_id}").json()["state"] for job_id in ids]
+                llm.gate.set()
+                page.wait_for_selector(f"#chat-log li[data-job-id='{ids[3]}']"
+                                       "[data-state='completed']", timeout=30_000)
+        finally:
+            llm.gate.set()
+    assert still == ["running", "queued", "cancelled", "queued"], "the streams were taken"
+
+
 def rows_shown(page: Any) -> list[str]:
     return list(page.eval_on_selector_all("#jobs-table tbody tr[data-job-id]",
                                      "rows => rows.map(r => r.dataset.jobId)"))

@@ -56,7 +56,8 @@ def _usage(value: object) -> ChatUsage | None:
 @router.get("/ai_chat_result/{job_id}", response_model=ChatResult,
             responses={404: {"model": ChatResult}})
 async def ai_chat_result(job_id: str, service: Service) -> Any:
-    """`processing`, `completed` with `reply`, `error` with `message`, or `not_found`."""
+    """`processing` with its `state`, `completed` with `reply`, `error` with `message`, or
+    `not_found`."""
     if not p.is_valid_id(job_id):
         return JSONResponse({"status": "not_found",
                              "detail": "job ids are 32 lowercase hex characters"}, 404)
@@ -77,4 +78,4 @@ async def ai_chat_result(job_id: str, service: Service) -> Any:
     if state in p.FINAL_STATES:
         error = job.get(p.F_ERROR) or {}
         return {"status": "error", "message": error.get("message") or f"the chat ended {state}"}
-    return {"status": "processing"}
+    return {"status": "processing", "state": state}
