@@ -4,8 +4,9 @@
 // this browser's session on load, following each one still running or queued. Tabs of
 // one session show each other's turns: a turn sent or ended is told to the others.
 
-import { apiJSON, FINAL_STATES, reportOk, tokenGiven } from "./api.js";
+import { apiJSON, FINAL_STATES, reportOk } from "./api.js";
 import { followReply } from "./chat_follow.js";
+import { restoreTurns } from "./chat_restore.js";
 import { makeAssistant, makeTurn, makeUser, messagesFor, part, setFinal } from "./chat_view.js";
 
 const SESSION_KEY = "offload-session";
@@ -13,9 +14,6 @@ const TURN_KEY = "offload-session-turn";   // {session, at}: a tab's turn was se
 const FORGOTTEN_KEY = "offload-forgotten"; // {session, next}: written by a forget alone
 const FORGET_RETRY_MS = 1000;  // a forget answered 409 (a turn still stopping) asked again
 const FORGET_TRIES = 30;       // after this, as many times at the most
-const RESTORE_RETRY_MS = 1000;      // the conversation's turns asked again after this,
-const RESTORE_RETRY_MAX_MS = 10_000; // doubling up to this
-const RESTORE_SLOW_MS = 1000;        // then "Loading this conversation…" is said
 
 let pending = null;         // the newest reply awaited: Cancel stops it, Send waits for it
 const live = [];            // every turn followed to its end, oldest first
@@ -48,6 +46,11 @@ function sessionId() {
 let SESSION = "";
 
 // ---- rendering -------------------------------------------------------------
+
+/** Say what happens to the conversation under it ("" says nothing). */
+function say(text) {
+  forgetNote.textContent = text;
+}
 
 function place(li) {
   log.append(li);
@@ -195,7 +198,7 @@ async function forget() {
   if (!window.confirm("Delete this conversation's questions, replies and logs from the server?")) return;
   forgetting = true;
   updateButtons();
-  forgetNote.textContent = "Forgetting…";
+  say("Forgetting…");
   // 409: a turn still stopping, the others erased; left there, the page kept them, and
   // its next question stored them again. Asked again until every turn is gone.
   const session = SESSION;
@@ -203,13 +206,13 @@ async function forget() {
   for (let tries = 1; ; tries += 1) {
     r = await apiJSON(`/api/sessions/${encodeURIComponent(session)}`, { method: "DELETE" });
     if (r.status !== 409 || tries >= FORGET_TRIES) break;
-    forgetNote.textContent = "Forgetting… (a reply is still stopping)";
+    say("Forgetting… (a reply is still stopping)");
     await new Promise((res) => setTimeout(res, FORGET_RETRY_MS));
   }
   forgetting = false;
   updateButtons();
   if (!r.ok) {
-    forgetNote.textContent = `Could not forget it: ${r.error || "no answer"}`;
+    say(`Could not forget it: ${r.error || "no answer"}`);
     return;
   }
   const next = newId();
@@ -220,7 +223,7 @@ async function forget() {
     localStorage.setItem(FORGOTTEN_KEY, JSON.stringify({ session, next }));
     localStorage.setItem(SESSION_KEY, next);
   } catch { /* keep in memory only */ }
-  forgetNote.textContent = "Forgotten: a new conversation starts here.";
+  say("Forgotten: a new conversation starts here.");
 }
 
 /** This page's copy of the conversation dropped: `session` is the one that goes on. */
@@ -253,7 +256,7 @@ function onStorage(ev) {
     const forgot = parsed(ev.newValue);
     if (!forgot || forgot.session !== SESSION || typeof forgot.next !== "string") return;
     startOver(forgot.next);
-    forgetNote.textContent = "Forgotten in another tab: a new conversation starts here.";
+    say("Forgotten in another tab: a new conversation starts here.");
   } else if (ev.key === TURN_KEY) {
     const news = parsed(ev.newValue);
     if (news && news.session === SESSION) requestSync();
@@ -290,46 +293,10 @@ function showTurns(turns) {
   if (added) log.scrollTop = log.scrollHeight;  // the log's own box: the page stays put
 }
 
-/** Re-render the earlier turns of this session (oldest first). Asked again while the
- * server cannot answer: a page that went on without them showed an empty conversation,
- * and its next question went without the earlier turns. */
+/** Re-render the earlier turns of this session (oldest first). */
 async function restore() {
-  // A slow server: Send stayed disabled over an empty conversation, and nothing said why.
-  const slow = setTimeout(() => {
-    if (!forgetNote.textContent) forgetNote.textContent = "Loading this conversation…";
-  }, RESTORE_SLOW_MS);
-  try {
-    await loadTurns();
-  } finally {
-    clearTimeout(slow);
-  }
-}
-
-async function loadTurns() {
-  let r;
-  for (let delay = RESTORE_RETRY_MS; ; delay = Math.min(delay * 2, RESTORE_RETRY_MAX_MS)) {
-    const asked = SESSION;
-    r = await apiJSON(`/api/sessions/${encodeURIComponent(asked)}`);
-    // Forgotten in another tab meanwhile: these turns are gone, and the new conversation
-    // has none (shown, they went back to the server with the next question).
-    if (asked !== SESSION) return;
-    if (r.status === 401) {
-      // Refused until a token is given (the form dismissed, a wrong token): the page
-      // went on without the conversation until it was reloaded.
-      forgetNote.textContent = "This conversation loads once the API token is given.";
-      await tokenGiven();
-      continue;
-    }
-    if (r.ok || (r.status && r.status < 500)) break;
-    forgetNote.textContent = `Could not load this conversation (${r.error}); trying again…`;
-    await new Promise((res) => setTimeout(res, delay));
-  }
-  if (!r.ok || !r.data || !Array.isArray(r.data.turns)) {
-    forgetNote.textContent = `Could not load this conversation: ${r.error || "no turns in the answer"}`;
-    return;
-  }
-  forgetNote.textContent = "";
-  showTurns(r.data.turns);
+  const turns = await restoreTurns(() => SESSION, say, () => forgetNote.textContent);
+  if (turns) showTurns(turns);
 }
 
 /** Load the turns another tab added (after a question on its way here has its id). */

@@ -1,0 +1,50 @@
+// chat_restore.js — a conversation's earlier turns loaded from the server on page load:
+// asked again while the server cannot answer, and once an API token is given.
+
+import { apiJSON, tokenGiven } from "./api.js";
+
+const RESTORE_RETRY_MS = 1000;      // the conversation's turns asked again after this,
+const RESTORE_RETRY_MAX_MS = 10_000; // doubling up to this
+const RESTORE_SLOW_MS = 1000;        // then "Loading this conversation…" is said
+
+/** The turns of the conversation `current()` names, oldest first, or null (not loaded:
+ * said with `say`; or forgotten in another tab meanwhile). `say(text)` tells what
+ * happens under the chat; `said()` is what it tells now. */
+export async function restoreTurns(current, say, said) {
+  // A slow server: Send stayed disabled over an empty conversation, and nothing said why.
+  const slow = setTimeout(() => { if (!said()) say("Loading this conversation…"); }, RESTORE_SLOW_MS);
+  try {
+    return await loadTurns(current, say);
+  } finally {
+    clearTimeout(slow);
+  }
+}
+
+/** Asked again while the server cannot answer: a page that went on without them showed
+ * an empty conversation, and its next question went without the earlier turns. */
+async function loadTurns(current, say) {
+  let r;
+  for (let delay = RESTORE_RETRY_MS; ; delay = Math.min(delay * 2, RESTORE_RETRY_MAX_MS)) {
+    const asked = current();
+    r = await apiJSON(`/api/sessions/${encodeURIComponent(asked)}`);
+    // Forgotten in another tab meanwhile: these turns are gone, and the new conversation
+    // has none (shown, they went back to the server with the next question).
+    if (asked !== current()) return null;
+    if (r.status === 401) {
+      // Refused until a token is given (the form dismissed, a wrong token): the page
+      // went on without the conversation until it was reloaded.
+      say("This conversation loads once the API token is given.");
+      await tokenGiven();
+      continue;
+    }
+    if (r.ok || (r.status && r.status < 500)) break;
+    say(`Could not load this conversation (${r.error}); trying again…`);
+    await new Promise((res) => setTimeout(res, delay));
+  }
+  if (!r.ok || !r.data || !Array.isArray(r.data.turns)) {
+    say(`Could not load this conversation: ${r.error || "no turns in the answer"}`);
+    return null;
+  }
+  say("");
+  return r.data.turns;
+}
