@@ -6,7 +6,7 @@
 
 import { apiJSON, FINAL_STATES, reportOk } from "./api.js";
 import { followReply } from "./chat_follow.js";
-import { restoreTurns } from "./chat_restore.js";
+import { ANSWER_WAIT_MS, askInTime, restoreTurns } from "./chat_restore.js";
 import { makeAssistant, makeTurn, makeUser, messagesFor, part, setFinal } from "./chat_view.js";
 
 const SESSION_KEY = "offload-session";
@@ -119,6 +119,9 @@ async function send(text) {
   const placeholder = { placeholder: true, li };
   pending = placeholder;
   updateButtons();
+  // Sent before, its answer never came: asked again only if the server has no such turn.
+  const lost = lostBubble(text);
+  if (lost) requestSync();
   // Turns another tab added, still loading: the question carries them.
   while (syncing) await syncing;
   const unsent = () => {
@@ -127,13 +130,13 @@ async function send(text) {
     if (pending === placeholder) pending = newestWaited();
     updateButtons();
   };
-  if (session !== SESSION) { unsent(); return; }  // forgotten meanwhile
+  if (session !== SESSION || (lost && !lost.isConnected)) { unsent(); return; }
   let sent;
   sending = new Promise((resolve) => { sent = resolve; });
   try {
     // No `source`: a one-off call says its failure in its bubble, not in the banner
     // (which would say "retrying" until the next message).
-    const r = await apiJSON("/api/ai_chat_async", {
+    const r = await askInTime("/api/ai_chat_async", {
       method: "POST",
       body: { messages: messagesFor(log, text, session), session_id: session },
     });
@@ -145,7 +148,9 @@ async function send(text) {
     }
     if (pending === placeholder) pending = newestWaited();
     if (!r.ok || !r.data || !r.data.job_id) {
-      setFinal(li, "failed", `Error: ${r.error || "no job id returned"}`, "");
+      const error = r.late ? `no answer from the server in ${ANSWER_WAIT_MS / 1000} s` : r.error;
+      setFinal(li, "failed", `Error: ${error || "no job id returned"}`,
+        r.status ? "" : "Its reply shows here if the server took it; else send it again.");
       if (!input.value) input.value = text;  // to send again as it was, not typed again
       if (!r.status) {
         // No answer (the connection cut): the server may have taken it all the same.
@@ -263,6 +268,10 @@ function onStorage(ev) {
   }
 }
 
+/** The reply's bubble of `question` sent here whose answer never came, if any. */
+const lostBubble = (question) => [...log.querySelectorAll("li.msg.assistant:not([data-job-id])")]
+  .find((el) => el.unanswered && el.unanswered === question);
+
 /** Show the server's turns of this conversation the page does not show yet, each after
  * the turns before it, following those still answering. */
 function showTurns(turns) {
@@ -274,8 +283,7 @@ function showTurns(turns) {
     const have = turn.job_id && shown.get(turn.job_id);
     if (have) { after = have; continue; }
     const li = makeTurn(turn);
-    const lost = [...log.querySelectorAll("li.msg.assistant:not([data-job-id])")]
-      .find((el) => el.unanswered && el.unanswered === turn.question);
+    const lost = lostBubble(turn.question);
     if (lost) {
       // Sent here, its answer cut: the error it showed was this turn, which the server had.
       li.asked = lost.asked;
@@ -303,7 +311,7 @@ async function restore() {
 async function sync() {
   await sending;
   const asked = SESSION;
-  const r = await apiJSON(`/api/sessions/${encodeURIComponent(asked)}`);
+  const r = await askInTime(`/api/sessions/${encodeURIComponent(asked)}`);
   if (asked !== SESSION || forgetting) return;
   if (r.ok && r.data && Array.isArray(r.data.turns)) showTurns(r.data.turns);
 }

@@ -1,11 +1,26 @@
-// chat_restore.js — a conversation's earlier turns loaded from the server on page load:
-// asked again while the server cannot answer, and once an API token is given.
+// chat_restore.js — the chat's calls given up when the server does not answer them, and
+// a conversation's earlier turns loaded on page load: asked again while the server cannot
+// answer, and once an API token is given.
 
 import { apiJSON, tokenGiven } from "./api.js";
 
 const RESTORE_RETRY_MS = 1000;      // the conversation's turns asked again after this,
 const RESTORE_RETRY_MAX_MS = 10_000; // doubling up to this
 const RESTORE_SLOW_MS = 1000;        // then "Loading this conversation…" is said
+export const ANSWER_WAIT_MS = 30_000;  // a call of the chat's unanswered after this is given up
+
+/** An API call given up after ANSWER_WAIT_MS (`late` then): a server that took it and
+ * never answered held the chat ("sending…", Send disabled) until a reload. */
+export async function askInTime(path, options = {}) {
+  const stop = new AbortController();
+  const late = setTimeout(() => stop.abort(), ANSWER_WAIT_MS);
+  try {
+    const r = await apiJSON(path, { ...options, signal: stop.signal });
+    return { ...r, late: stop.signal.aborted, error: stop.signal.aborted ? "no answer" : r.error };
+  } finally {
+    clearTimeout(late);
+  }
+}
 
 /** The turns of the conversation `current()` names, oldest first, or null (not loaded:
  * said with `say`; or forgotten in another tab meanwhile). `say(text)` tells what
@@ -26,7 +41,7 @@ async function loadTurns(current, say) {
   let r;
   for (let delay = RESTORE_RETRY_MS; ; delay = Math.min(delay * 2, RESTORE_RETRY_MAX_MS)) {
     const asked = current();
-    r = await apiJSON(`/api/sessions/${encodeURIComponent(asked)}`);
+    r = await askInTime(`/api/sessions/${encodeURIComponent(asked)}`);
     // Forgotten in another tab meanwhile: these turns are gone, and the new conversation
     // has none (shown, they went back to the server with the next question).
     if (asked !== current()) return null;

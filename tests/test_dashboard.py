@@ -271,6 +271,59 @@ def test_a_question_whose_answer_was_cut_shows_its_reply(page: Any, server: Serv
     assert page.input_value("#chat-input") == "", "not to be sent again"
 
 
+def routed(page: Any, routes: list[Any], what: str) -> None:
+    """Wait until a route handler has put something in `routes` (the page's handlers run
+    only while Playwright is called)."""
+    deadline = time.monotonic() + 20
+    while not routes and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    assert routes, f"timed out waiting for {what}"
+
+
+def test_a_question_the_server_took_but_never_answered_shows_its_reply(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # The server took the question and its answer never came: the bubble said "sending…",
+    # Send stayed disabled, and the reply running on the server showed only after a reload.
+    taken: list[Any] = []
+    page.route("**/api/ai_chat_async", lambda route: taken.append(route.fetch()))
+    page.clock.install()
+    page.goto(server.url)
+    page.fill("#chat-input", "How is the CPU?")
+    page.press("#chat-input", "Enter")
+    routed(page, taken, "the question taken by the server")
+    page.clock.fast_forward("01:00")
+    completed_shown(page, 1)
+    assert "The CPU is busy but fine right now." in page.inner_text("#chat-log")
+    assert questions_shown(page) == ["How is the CPU?"]
+    assert page.locator("#chat-log li.msg.assistant").count() == 1
+    assert page.input_value("#chat-input") == "", "not to be sent again"
+    assert len(llm.requests) == 1
+
+
+def test_a_question_never_answered_is_given_back_and_sent_once(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # Held by a server that never answered, the question said "sending…" until a reload.
+    held: list[Any] = []
+    page.route("**/api/ai_chat_async", lambda route: held.append(route))
+    page.clock.install()
+    page.goto(server.url)
+    page.fill("#chat-input", "How is the CPU?")
+    page.press("#chat-input", "Enter")
+    routed(page, held, "the question sent")
+    page.clock.fast_forward("01:00")
+    page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                           "?.dataset.state === 'failed'", timeout=20_000)
+    said = page.inner_text("#chat-log li.msg.assistant")
+    assert "no answer from the server" in said, said
+    assert page.input_value("#chat-input") == "How is the CPU?"
+    page.unroute("**/api/ai_chat_async")
+    page.wait_for_function("!document.querySelector('#chat-send').disabled", timeout=20_000)
+    page.press("#chat-input", "Enter")
+    page.wait_for_selector("#chat-log li.msg.assistant[data-state='completed']", timeout=30_000)
+    assert len(llm.requests) == 1
+    assert page.input_value("#chat-input") == ""
+
+
 def test_a_proxy_whose_server_is_down_is_said(page: Any, server: Server) -> None:
     # Behind a proxy, a server down is a 502 for every request, not a failed connection:
     # the page said nothing, its figures and table stale, as if all were well.
