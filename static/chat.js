@@ -155,6 +155,7 @@ async function send(text) {
       if (!r.status) {
         // No answer (the connection cut): the server may have taken it all the same.
         li.unanswered = text;
+        li.cancelled = placeholder.cancelled;  // and stopped once found
         requestSync();
       }
       updateButtons();
@@ -296,7 +297,10 @@ function showTurns(turns) {
     }
     after = li;
     added = true;
-    if (turn.job_id && !FINAL_STATES.has(turn.state)) follow(li, turn.job_id, turn.state);
+    if (turn.job_id && !FINAL_STATES.has(turn.state)) {
+      const p = follow(li, turn.job_id, turn.state);
+      if (lost && lost.cancelled) cancelReply(p).catch(() => {});
+    }
   }
   if (added) log.scrollTop = log.scrollHeight;  // the log's own box: the page stays put
 }

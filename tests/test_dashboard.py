@@ -654,6 +654,29 @@ def test_a_reply_cancelled_while_its_question_is_sent_is_cancelled(
     assert job["state"] == "cancelled"
 
 
+def test_a_reply_cancelled_while_its_question_is_sent_then_cut_is_cancelled(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # Cancel pressed while the question was on its way, whose answer was then cut: the
+    # turn the server had was found again, and answered on to its end.
+    with FakeLLM(pieces=["word "] * 200, delay_s=0.1) as slow:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
+        held: list[Any] = []
+        page.route("**/api/ai_chat_async", lambda route: held.append(route))
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        routed(page, held, "the question sent")
+        page.click("#chat-cancel")
+        held[0].fetch()  # the server takes it
+        held[0].abort("connectionreset")
+        page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
+                               timeout=20_000)
+        job_id = page.get_attribute("#chat-log li.msg.assistant", "data-job-id")
+        job = httpx.get(f"{server.url}/api/jobs/{job_id}").json()
+    assert job["state"] == "cancelled"
+    assert page.locator("#chat-log li.msg.assistant").count() == 1
+
+
 def test_a_long_reply_is_followed_to_its_end(page: Any,
                                              make_server: Callable[..., Server]) -> None:
     # The conversation's box stayed where it was as the reply grew past its bottom: the
