@@ -162,6 +162,7 @@ async function send(text) {
       return;
     }
     li.dataset.jobId = r.data.job_id;
+    say("");  // a forget said done or failed, a load failed: the conversation goes on
     const p = follow(li, r.data.job_id, "queued");
     announce(session);
     if (placeholder.cancelled) cancelReply(p).catch(() => {});
@@ -302,7 +303,9 @@ function showTurns(turns) {
       if (lost && lost.cancelled) cancelReply(p).catch(() => {});
     }
   }
-  if (added) log.scrollTop = log.scrollHeight;  // the log's own box: the page stays put
+  if (!added) return;
+  log.scrollTop = log.scrollHeight;  // the log's own box: the page stays put
+  if (!forgetting) say("");  // as when a turn is sent here
 }
 
 /** Re-render the earlier turns of this session (oldest first). */

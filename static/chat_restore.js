@@ -50,6 +50,7 @@ async function loadTurns(current, say) {
       // went on without the conversation until it was reloaded.
       say("This conversation loads once the API token is given.");
       await tokenGiven();
+      say("Loading this conversation…");
       continue;
     }
     if (r.ok || (r.status && r.status < 500)) break;

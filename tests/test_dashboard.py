@@ -363,6 +363,22 @@ def test_a_conversation_is_forgotten_from_the_page(page: Any, server: Server) ->
     assert page.locator("#chat-log li").count() == 0
 
 
+def test_a_forget_that_failed_is_said_until_a_turn_is_taken(page: Any, server: Server) -> None:
+    # "Could not forget it" stayed under the chat after the conversation went on.
+    page.route("**/api/sessions/**", lambda route: route.fulfill(
+        status=503, content_type="application/json", body='{"detail": "try again later"}')
+        if route.request.method == "DELETE" else route.continue_())
+    page.goto(server.url)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#chat-forget")
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           ".startsWith('Could not forget it')", timeout=20_000)
+    page.fill("#chat-input", "How is the CPU?")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 1)
+    assert page.text_content("#chat-forget-note") == ""
+
+
 def test_a_conversation_forgotten_while_its_reply_stops_is_all_gone(
         page: Any, make_server: Callable[..., Server]) -> None:
     # Answered 409 (a reply still stopping, the other turns erased), the page said "Could
@@ -426,6 +442,11 @@ def test_a_conversation_forgotten_in_one_tab_is_gone_from_the_other(
     other.press("#chat-input", "Enter")
     other.wait_for_selector("#chat-log li.msg.assistant[data-state='completed']",
                             timeout=30_000)
+    # Said on after the new conversation had turns, in both tabs, until a reload.
+    assert other.text_content("#chat-forget-note") == ""
+    page.wait_for_selector("#chat-log li.msg.assistant[data-state='completed']",
+                           timeout=20_000)
+    assert page.text_content("#chat-forget-note") == ""
     asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] != "system"]
     assert asked == ["What is my secret?"]
     assert not [path for path in data_dir.rglob("*")
