@@ -13,12 +13,19 @@ const BODY_ROOM = 4096;     // the body's other fields and its framing
 
 export const part = (li, cls) => li.querySelector(`.${cls}`);
 
+/** A bubble's text: its direction its own (Arabic, Hebrew right to left), as the box's. */
+function textPart() {
+  const body = document.createElement("span");
+  body.className = "text";
+  body.dir = "auto";
+  return body;
+}
+
 /** A question's bubble, not placed yet. */
 export function makeUser(text) {
   const li = document.createElement("li");
   li.className = "msg user";
-  const body = document.createElement("span");
-  body.className = "text";
+  const body = textPart();
   body.textContent = text;
   li.append(body);
   return li;
@@ -32,8 +39,7 @@ export function makeAssistant(jobId, question, asked) {
   if (jobId) li.dataset.jobId = jobId;
   li.question = question;
   li.asked = asked;
-  const body = document.createElement("span");
-  body.className = "text";
+  const body = textPart();
   const elapsed = document.createElement("span");
   elapsed.className = "elapsed";
   const note = document.createElement("span");

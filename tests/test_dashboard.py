@@ -698,6 +698,23 @@ def test_a_reply_cancelled_while_its_question_is_sent_then_cut_is_cancelled(
     assert page.locator("#chat-log li.msg.assistant").count() == 1
 
 
+def test_a_question_and_reply_in_a_right_to_left_language_read_right_to_left(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # Laid out left to right, an Arabic reply ended in its question mark on the wrong side.
+    with FakeLLM(pieces=["مرحبا", "، ", "كيف ", "حالك", "؟"], delay_s=0.05) as fake:
+        server = make_server(env={"OPENAI_BASE_URL": fake.base_url})
+        page.goto(server.url)
+        page.fill("#chat-input", "كيف حال المعالج؟")
+        assert page.evaluate("document.querySelector('#chat-input').matches(':dir(rtl)')")
+        page.press("#chat-input", "Enter")
+        completed_shown(page, 1)
+    directions = page.eval_on_selector_all(
+        "#chat-log .msg .text", "els => els.map(el => el.matches(':dir(rtl)'))")
+    assert directions == [True, True]
+    page.fill("#chat-input", "How is the CPU?")
+    assert page.evaluate("document.querySelector('#chat-input').matches(':dir(ltr)')")
+
+
 def test_a_long_reply_is_followed_to_its_end(page: Any,
                                              make_server: Callable[..., Server]) -> None:
     # The conversation's box stayed where it was as the reply grew past its bottom: the
