@@ -7,7 +7,9 @@
 import { apiJSON, FINAL_STATES, reportOk } from "./api.js";
 import { followReply } from "./chat_follow.js";
 import { ANSWER_WAIT_MS, askInTime, restoreTurns } from "./chat_restore.js";
-import { makeAssistant, makeTurn, makeUser, messagesFor, part, setFinal } from "./chat_view.js";
+import {
+  makeAssistant, makeTurn, makeUser, messagesFor, part, refusalOf, setFinal,
+} from "./chat_view.js";
 
 const SESSION_KEY = "offload-session";
 const TURN_KEY = "offload-session-turn";   // {session, at}: a tab's turn was sent or ended
@@ -356,6 +358,8 @@ export function initChat() {
     ev.preventDefault();
     const text = input.value.trim();
     if (!text || pending || restoring || forgetting) return;
+    const refusal = refusalOf(text);
+    if (refusal) { say(refusal); return; }
     input.value = "";
     send(text).catch(() => { /* errors are rendered in the bubble */ });
   });

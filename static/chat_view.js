@@ -113,6 +113,15 @@ function tooLong(text) {
   return false;
 }
 
+/** Why the API would refuse `text` as a question, in words; "" if it takes it. Sent, it
+ * was refused as "messages.4.content: String should have at most 100000 characters". */
+export function refusalOf(text) {
+  if (!tooLong(text)) return "";
+  const chars = [...text].length.toLocaleString("en");
+  return `This question is ${chars} characters long; at most ${MAX_CONTENT_CHARS.toLocaleString("en")} `
+    + "are taken. Shorten it (it is kept in the box).";
+}
+
 /** The messages of a new question in `session`: the latest turns shown that fit the
  * API's bounds, then the question. A turn is a question and its reply, kept together. */
 export function messagesFor(log, text, session) {

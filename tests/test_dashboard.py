@@ -324,6 +324,29 @@ def test_a_question_never_answered_is_given_back_and_sent_once(
     assert page.input_value("#chat-input") == ""
 
 
+def test_a_question_too_long_for_the_server_is_said_and_kept(page: Any, server: Server) -> None:
+    # Sent, it was refused in its bubble as "messages.0.content: String should have at most
+    # 100000 characters", the whole question shown again above it.
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(request.url)
+            if "/api/ai_chat_async" in request.url else None)
+    page.goto(server.url)
+    question = "Why? " + "x" * 100_000
+    page.fill("#chat-input", question)
+    page.press("#chat-input", "Enter")
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           ".includes('characters')", timeout=10_000)
+    assert page.text_content("#chat-forget-note") == (
+        "This question is 100,005 characters long; at most 100,000 are taken. "
+        "Shorten it (it is kept in the box).")
+    assert page.input_value("#chat-input") == question
+    assert page.locator("#chat-log li").count() == 0 and asked == []
+    page.fill("#chat-input", "x" * 100_000)
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 1)
+    assert page.text_content("#chat-forget-note") == ""
+
+
 def test_a_proxy_whose_server_is_down_is_said(page: Any, server: Server) -> None:
     # Behind a proxy, a server down is a 502 for every request, not a failed connection:
     # the page said nothing, its figures and table stale, as if all were well.
