@@ -376,6 +376,8 @@ export function initChat() {
   window.addEventListener("storage", onStorage);
   // Back to this tab: what another tab added meanwhile (its news may have been missed).
   document.addEventListener("visibilitychange", () => { if (!document.hidden) requestSync(); });
+  // Back online: a question taken as the network went down is looked for again.
+  window.addEventListener("online", () => requestSync());
   if (sessionExisted) {
     // Its turns first: a message sent meanwhile went without them (and showed twice).
     restoring = true;

@@ -347,6 +347,29 @@ def test_a_question_too_long_for_the_server_is_said_and_kept(page: Any, server: 
     assert page.text_content("#chat-forget-note") == ""
 
 
+def test_a_question_taken_as_the_network_went_down_shows_its_reply_once_it_is_back(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # Its answer lost and the network down, the turn was looked for at once, in vain, and
+    # not again: the reply running on the server showed only after a reload.
+    def take_then_go_offline(route: Any) -> None:
+        route.fetch()  # the server takes it
+        page.context.set_offline(True)
+        route.abort("internetdisconnected")
+
+    page.route("**/api/ai_chat_async", take_then_go_offline)
+    page.goto(server.url)
+    page.fill("#chat-input", "How is the CPU?")
+    page.press("#chat-input", "Enter")
+    page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                           "?.dataset.state === 'failed'", timeout=20_000)
+    page.wait_for_timeout(2000)  # looked for meanwhile, offline
+    page.context.set_offline(False)
+    completed_shown(page, 1)
+    assert questions_shown(page) == ["How is the CPU?"]
+    assert page.input_value("#chat-input") == ""
+    assert len(llm.requests) == 1
+
+
 def test_a_proxy_whose_server_is_down_is_said(page: Any, server: Server) -> None:
     # Behind a proxy, a server down is a 502 for every request, not a failed connection:
     # the page said nothing, its figures and table stale, as if all were well.
