@@ -16,6 +16,7 @@ const TURN_KEY = "offload-session-turn";   // {session, at}: a tab's turn was se
 const FORGOTTEN_KEY = "offload-forgotten"; // {session, next}: written by a forget alone
 const FORGET_RETRY_MS = 1000;  // a forget answered 409 (a turn still stopping) asked again
 const FORGET_TRIES = 30;       // after this, as many times at the most
+const LOOK_AGAIN_MS = [10_000, 30_000, 60_000];  // an unanswered question's turn looked for
 
 let pending = null;         // the newest reply awaited: Cancel stops it, Send waits for it
 const live = [];            // every turn followed to its end, oldest first
@@ -158,7 +159,7 @@ async function send(text) {
         // No answer (the connection cut): the server may have taken it all the same.
         li.unanswered = text;
         li.cancelled = placeholder.cancelled;  // and stopped once found
-        requestSync();
+        lookFor(li);
       }
       updateButtons();
       return;
@@ -269,6 +270,16 @@ function onStorage(ev) {
   } else if (ev.key === TURN_KEY) {
     const news = parsed(ev.newValue);
     if (news && news.session === SESSION) requestSync();
+  }
+}
+
+/** Look for the turn of a question whose answer never came, now and a while after: one
+ * the server took after the page gave up (30 s) is stored after the first look. */
+async function lookFor(li) {
+  for (const wait of [0, ...LOOK_AGAIN_MS]) {
+    await new Promise((res) => setTimeout(res, wait));
+    if (!li.isConnected) return;  // found (or forgotten)
+    requestSync();
   }
 }
 
