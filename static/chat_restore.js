@@ -10,10 +10,16 @@ const RESTORE_SLOW_MS = 1000;        // then "Loading this conversation…" is s
 export const ANSWER_WAIT_MS = 30_000;  // a call of the chat's unanswered after this is given up
 
 /** An API call given up after ANSWER_WAIT_MS (`late` then): a server that took it and
- * never answered held the chat ("sending…", Send disabled) until a reload. */
+ * never answered held the chat ("sending…", Send disabled) until a reload. The time the
+ * token's form is open is the user's, not the server's: it is not counted. */
 export async function askInTime(path, options = {}) {
   const stop = new AbortController();
-  const late = setTimeout(() => stop.abort(), ANSWER_WAIT_MS);
+  const tokenAsked = () => Boolean(document.getElementById("token-dialog")?.open);
+  let late;
+  const wait = () => {
+    late = setTimeout(() => (tokenAsked() ? wait() : stop.abort()), ANSWER_WAIT_MS);
+  };
+  wait();
   try {
     const r = await apiJSON(path, { ...options, signal: stop.signal });
     return { ...r, late: stop.signal.aborted, error: stop.signal.aborted ? "no answer" : r.error };

@@ -327,6 +327,32 @@ def test_a_question_the_server_took_after_the_page_gave_up_shows_its_reply(
     assert len(llm.requests) == 1
 
 
+def test_a_question_waiting_on_the_token_form_is_not_given_up(page: Any, server: Server) -> None:
+    # The minutes spent finding the token were counted as the server's: the question was
+    # given up as unanswered once the token was entered.
+    refused: list[str] = []
+
+    def refuse_once(route: Any) -> None:
+        if refused:
+            route.continue_()
+            return
+        refused.append(route.request.url)
+        route.fulfill(status=401, content_type="application/json",
+                      body='{"detail": "a valid API token is needed"}')
+
+    page.route("**/api/ai_chat_async", refuse_once)
+    page.clock.install()
+    page.goto(server.url)
+    page.fill("#chat-input", "How is the CPU?")
+    page.press("#chat-input", "Enter")
+    page.wait_for_selector("#token-input", state="visible", timeout=15_000)
+    page.clock.fast_forward("02:00")  # the token looked for
+    page.fill("#token-input", "the-token")
+    page.press("#token-input", "Enter")
+    completed_shown(page, 1)
+    assert page.locator("#chat-log li.msg.assistant").count() == 1
+
+
 def test_a_question_never_answered_is_given_back_and_sent_once(
         page: Any, server: Server, llm: FakeLLM) -> None:
     # Held by a server that never answered, the question said "sending…" until a reload.
