@@ -152,11 +152,12 @@ async function send(text) {
     if (pending === placeholder) pending = newestWaited();
     if (!r.ok || !r.data || !r.data.job_id) {
       const error = r.late ? `no answer from the server in ${ANSWER_WAIT_MS / 1000} s` : r.error;
+      // No answer (the connection cut; a proxy's 502 or 504): the server may have taken it.
+      const unanswered = !r.status || r.status === 502 || r.status === 504;
       setFinal(li, "failed", `Error: ${error || "no job id returned"}`,
-        r.status ? "" : "Its reply shows here if the server took it; else send it again.");
+        unanswered ? "Its reply shows here if the server took it; else send it again." : "");
       if (!input.value) input.value = text;  // to send again as it was, not typed again
-      if (!r.status) {
-        // No answer (the connection cut): the server may have taken it all the same.
+      if (unanswered) {
         li.unanswered = text;
         li.cancelled = placeholder.cancelled;  // and stopped once found
         lookFor(li);

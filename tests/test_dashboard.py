@@ -253,12 +253,19 @@ def test_a_message_that_could_not_be_sent_leaves_no_banner(page: Any, server: Se
     page.wait_for_selector("#net-error", state="hidden", timeout=30_000)
 
 
-def test_a_question_whose_answer_was_cut_shows_its_reply(page: Any, server: Server) -> None:
+@pytest.mark.parametrize("cut", ["connection reset", "proxy timeout"])
+def test_a_question_whose_answer_was_cut_shows_its_reply(page: Any, server: Server,
+                                                         cut: str) -> None:
     # The connection cut after the server had taken the question: the page said "Error:
-    # network error" while the reply ran on the server, shown nowhere until a reload.
+    # network error" while the reply ran on the server, shown nowhere until a reload. A
+    # proxy's 504 (it gave up waiting on the server) was an error that said no more.
     def take_then_cut(route: Any) -> None:
         route.fetch()  # the server takes it
-        route.abort("connectionreset")
+        if cut == "proxy timeout":
+            route.fulfill(status=504, content_type="text/html",
+                          body="<html><body><h1>504 Gateway Time-out</h1></body></html>")
+        else:
+            route.abort("connectionreset")
 
     page.route("**/api/ai_chat_async", take_then_cut)
     page.goto(server.url)
