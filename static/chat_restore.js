@@ -22,7 +22,9 @@ export async function askInTime(path, options = {}) {
   wait();
   try {
     const r = await apiJSON(path, { ...options, signal: stop.signal });
-    return { ...r, late: stop.signal.aborted, error: stop.signal.aborted ? "no answer" : r.error };
+    const offline = !r.status && navigator.onLine === false;  // said as "network error"
+    const error = stop.signal.aborted ? "no answer" : offline ? "this browser is offline" : r.error;
+    return { ...r, late: stop.signal.aborted, error };
   } finally {
     clearTimeout(late);
   }

@@ -422,6 +422,9 @@ def test_a_question_taken_as_the_network_went_down_shows_its_reply_once_it_is_ba
     page.press("#chat-input", "Enter")
     page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
                            "?.dataset.state === 'failed'", timeout=20_000)
+    # It said "network error" of a browser that knew it was offline.
+    assert page.text_content("#chat-log li.msg.assistant .text") == (
+        "Error: this browser is offline")
     page.wait_for_timeout(2000)  # looked for meanwhile, offline
     page.context.set_offline(False)
     completed_shown(page, 1)
