@@ -368,7 +368,7 @@ export function initChat() {
 
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
-    const text = input.value.trim();
+    const text = input.value.replace(/^\s*\n/, "").trimEnd();  // a first line's indent kept
     if (!text || pending || restoring || forgetting) return;
     const refusal = refusalOf(text);
     if (refusal) { say(refusal); return; }

@@ -824,6 +824,18 @@ def test_a_question_and_reply_in_a_right_to_left_language_read_right_to_left(
     assert page.evaluate("document.querySelector('#chat-input').matches(':dir(ltr)')")
 
 
+def test_a_question_of_indented_code_keeps_its_indent(page: Any, server: Server,
+                                                     llm: FakeLLM) -> None:
+    # Trimmed whole, pasted Python lost its first line's indent: the model saw other code.
+    code = "    def f():\n        return 1\n    print(f())"
+    page.goto(server.url)
+    page.fill("#chat-input", f"\n{code}\n\n")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 1)
+    assert page.text_content("#chat-log li.msg.user .text") == code
+    assert llm.requests[-1]["body"]["messages"][-1]["content"] == code
+
+
 def test_a_long_reply_is_followed_to_its_end(page: Any,
                                              make_server: Callable[..., Server]) -> None:
     # The conversation's box stayed where it was as the reply grew past its bottom: the
