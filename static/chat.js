@@ -215,7 +215,7 @@ async function forget() {
   const session = SESSION;
   let r;
   for (let tries = 1; ; tries += 1) {
-    r = await apiJSON(`/api/sessions/${encodeURIComponent(session)}`, { method: "DELETE" });
+    r = await askInTime(`/api/sessions/${encodeURIComponent(session)}`, { method: "DELETE" });
     if (r.status !== 409 || tries >= FORGET_TRIES) break;
     say("Forgetting… (a reply is still stopping)");
     await new Promise((res) => setTimeout(res, FORGET_RETRY_MS));

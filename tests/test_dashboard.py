@@ -488,6 +488,22 @@ def test_a_forget_that_failed_is_said_until_a_turn_is_taken(page: Any, server: S
     assert page.text_content("#chat-forget-note") == ""
 
 
+def test_a_forget_the_server_never_answers_is_given_up(page: Any, server: Server) -> None:
+    # "Forgetting…" stayed, Send and Forget disabled, until a reload.
+    held: list[Any] = []
+    page.route("**/api/sessions/**", lambda route: held.append(route)
+               if route.request.method == "DELETE" else route.continue_())
+    page.clock.install()
+    page.goto(server.url)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#chat-forget")
+    routed(page, held, "the forget sent")
+    page.clock.fast_forward("00:31")
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           " === 'Could not forget it: no answer'", timeout=20_000)
+    assert page.is_enabled("#chat-forget") and page.is_enabled("#chat-send")
+
+
 def test_a_conversation_forgotten_while_its_reply_stops_is_all_gone(
         page: Any, make_server: Callable[..., Server]) -> None:
     # Answered 409 (a reply still stopping, the other turns erased), the page said "Could
