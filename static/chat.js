@@ -191,7 +191,7 @@ async function cancel() {
 async function cancelReply(p) {
   if (document.activeElement === cancelBtn) input.focus();  // as updateButtons says
   cancelBtn.disabled = true;
-  const r = await apiJSON(`/api/jobs/${encodeURIComponent(p.jobId)}`, { method: "DELETE" });
+  const r = await askInTime(`/api/jobs/${encodeURIComponent(p.jobId)}`, { method: "DELETE" });
   if (r.ok && r.data && r.data.state === "cancelled" && !p.done) {
     // The stream will normally report it too; finishing here is idempotent.
     p.finish("cancelled", p.output, "Cancelled.");

@@ -852,6 +852,32 @@ def test_a_question_of_indented_code_keeps_its_indent(page: Any, server: Server,
     assert llm.requests[-1]["body"]["messages"][-1]["content"] == code
 
 
+def test_a_cancel_the_server_never_answers_can_be_pressed_again(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # Its DELETE unanswered, "Cancel reply" stayed disabled while the reply went on.
+    with FakeLLM(pieces=["word "] * 600, delay_s=0.1) as slow:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
+        held: list[Any] = []
+        page.route("**/api/jobs/*", lambda route: held.append(route)
+                   if route.request.method == "DELETE" else route.continue_())
+        page.clock.install()
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                               "?.textContent.includes('word')", timeout=20_000)
+        page.click("#chat-cancel")
+        routed(page, held, "the cancel sent")
+        assert page.is_disabled("#chat-cancel")
+        page.clock.fast_forward("00:31")
+        page.wait_for_function("!document.querySelector('#chat-cancel').disabled",
+                               timeout=20_000)
+        page.unroute("**/api/jobs/*")
+        page.click("#chat-cancel")
+        page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
+                               timeout=20_000)
+
+
 def test_a_long_reply_is_followed_to_its_end(page: Any,
                                              make_server: Callable[..., Server]) -> None:
     # The conversation's box stayed where it was as the reply grew past its bottom: the
