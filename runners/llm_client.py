@@ -222,8 +222,8 @@ def _request_with_retries(config: Config, body: dict[str, Any]
             # takes longer than three tries; waited for as for a first token.
             waited = time.monotonic() - started
             if waited < config.first_token_s:
-                time.sleep(min(_backoff(1, retry_after) if retry_after else LOADING_RETRY_S,
-                               config.first_token_s - waited))
+                pause = max(LOADING_RETRY_S, _backoff(1, retry_after) if retry_after else 0.0)
+                time.sleep(min(pause, config.first_token_s - waited))  # never a busy loop
                 continue
             raise _fail(f"the LLM server at {config.base_url} was still loading its model "
                         f"after {waited:.0f} s (HTTP 503); try again in a moment "

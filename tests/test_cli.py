@@ -518,10 +518,11 @@ def test_wait_without_ids_waits_for_every_job_queued_or_running(server: Server) 
         0, "", "no queued or running jobs: nothing to wait for\n"), nothing
     assert json.loads(cli(url, "wait", "--json").stdout) == []
     ended = json.loads(cli(url, "submit", "sleep", "--wait", "--json").stdout)["id"]
-    running = cli(url, "submit", "sleep", "--input", '{"seconds": 1}').stdout.strip()
-    later = cli(url, "submit", "sleep", "--delay", "2").stdout.strip()
+    # Long enough to be queued or running still once `wait` lists, on a slow machine.
+    running = cli(url, "submit", "sleep", "--input", '{"seconds": 8}').stdout.strip()
+    later = cli(url, "submit", "sleep", "--delay", "8").stdout.strip()
     stopped = cli(url, "submit", "sleep", "--input", '{"seconds": 60}', "--timeout",
-                  "2").stdout.strip()
+                  "8").stdout.strip()
     waited = cli(url, "wait", "--json")
     assert waited.returncode == 1, waited  # one did not complete
     assert [(job["id"], job["state"]) for job in json.loads(waited.stdout)] == [

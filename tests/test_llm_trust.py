@@ -151,7 +151,7 @@ def test_data_with_odd_entries_is_a_model_list_without_a_name(
         monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
         get_settings.cache_clear()
         status = LLMStatus(get_settings())
-        assert status.probe() is True and status.model == ""
+        assert status.probe() is True and status.model is None  # not known: no name
 
 
 # -- the embedded model's port ----------------------------------------------------------

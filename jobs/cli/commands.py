@@ -160,9 +160,12 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
     has ended; a table of them (or their JSON)."""
     ids = list(dict.fromkeys(job_path(each) for each in args.ids))
     if not ids:
-        live = [job for state in (p.JobState.RUNNING, p.JobState.QUEUED)
-                for job in client.listed(state.value)]
-        ids = [str(job[p.F_ID]) for job in sorted(live, key=lambda job: p.fifo_key(job))]
+        # Queued, running, then queued again: a job that starts (or is queued again for a
+        # retry) between two listings is in one of them.
+        live = {str(job[p.F_ID]): job for state in (p.JobState.QUEUED, p.JobState.RUNNING,
+                                                    p.JobState.QUEUED)
+                for job in client.listed(state.value)}
+        ids = [job_id for job_id, _ in sorted(live.items(), key=lambda kv: p.fifo_key(kv[1]))]
         if not ids:
             if args.json:
                 print_json([])

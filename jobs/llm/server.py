@@ -222,7 +222,7 @@ class EmbeddedServer:
         if not isinstance(pid, int) or pid <= 0:  # psutil refuses those with ValueError
             return
         folder = status.get("data_dir")
-        if isinstance(folder, str) and folder != str(self.data_dir):
+        if isinstance(folder, str) and not p.same_folder(folder, self.data_dir):
             return  # a copy's (a backup restored beside it): the original's server, live
         try:
             proc = psutil.Process(pid)

@@ -37,18 +37,16 @@ class LLMStatus:
         request): the last probe's said "ready" for up to 2 s after its server died.
         Blocking, so call it from a worker thread."""
         if self.provider == "embedded":
-            self.probe()
+            return {"provider": self.provider, **self._embedded()}
         return self.as_dict()
 
     def probe(self) -> bool:
         """Blocking, so call it from a worker thread. The embedded model: what the
         supervisor running it wrote; another server: GET {base_url}/models."""
         if self.provider == "embedded":
-            status = embedded.read_status(str(self.data_dir)) or {}
-            self.base_url = str(status.get("base_url") or "")
-            self.model = str(status.get("model") or "") or None
-            self.ready = bool(status.get("ready"))
-            self.detail = str(status.get("detail") or "the supervisor is starting")
+            state = self._embedded()
+            self.base_url, self.model, self.ready, self.detail = (
+                state["base_url"], state["model"], state["ready"], state["detail"])
             return self.ready
         if not self.base_url:
             self.ready, self.detail = False, "no LLM server configured or started"
@@ -75,6 +73,15 @@ class LLMStatus:
             self.model = str(models[0].get("id", "")) or None
         self.ready, self.detail = True, "ok"
         return True
+
+    def _embedded(self) -> dict[str, Any]:
+        """The embedded model's state, as the supervisor running it wrote it, read whole
+        (health and metrics read it from threads beside the timer's probe)."""
+        status = embedded.read_status(str(self.data_dir)) or {}
+        return {"base_url": str(status.get("base_url") or ""),
+                "model": str(status.get("model") or "") or None,
+                "ready": bool(status.get("ready")),
+                "detail": str(status.get("detail") or "the supervisor is starting")}
 
     def as_dict(self) -> dict[str, Any]:
         return {"provider": self.provider, "base_url": self.base_url, "model": self.model,

@@ -190,14 +190,21 @@ def launched_elsewhere(job_file: StrPath, record: dict[str, Any]) -> str | None:
     """The other job file a launch record was written for (the folder was copied or
     moved since), or None: this one's, or a record written before records said it."""
     named = record.get(RUN_JOB_FILE)
-    if not isinstance(named, str) or named == os.fspath(job_file):
+    if not isinstance(named, str) or same_folder(os.path.dirname(named),
+                                                 os.path.dirname(os.fspath(job_file))):
         return None
-    try:
-        if os.path.samefile(os.path.dirname(named), os.path.dirname(os.fspath(job_file))):
-            return None  # this folder, reached another way (a bind mount)
-    except OSError:
-        pass  # no folder there now: moved
     return named
+
+
+def same_folder(one: StrPath, other: StrPath) -> bool:
+    """Whether two paths name one folder: the same path, or one reached another way (a
+    bind mount, a mapped drive); a path with no folder there now (moved) is another."""
+    if os.fspath(one) == os.fspath(other):
+        return True
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False
 
 
 _HEX = frozenset("0123456789abcdef")
