@@ -237,7 +237,8 @@ def test_the_paused_queue_starts_nothing_until_resumed(make_server: MakeServer) 
 
 # The caps by kind of the default OFFLOAD_KIND_CAPS, none set while running.
 TRAIN_ALONE = {"kind_caps": {"train": 1}, "kind_caps_default": {"train": 1}, "kind_caps_set": [],
-               "kinds": ["chat", "probe", "sleep", "train"]}
+               "kinds": ["chat", "probe", "sleep", "train"],
+               "model_slots": 1}  # the embedded model's, sized at start: one per runner
 
 
 def test_a_kinds_cap_changes_while_it_runs(make_server: MakeServer) -> None:
