@@ -1,4 +1,4 @@
-"""What the scripted servers share: a quiet HTTP/1.1 handler that answers JSON."""
+"""What the scripted servers share: a quiet HTTP/1.1 handler that answers JSON or a page."""
 
 from __future__ import annotations
 
@@ -22,8 +22,16 @@ class JSONHandler(BaseHTTPRequestHandler):
         if isinstance(payload, str):
             payload = payload.encode()
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self._answer(status, body, "application/json", headers)
+
+    def _html(self, page: str) -> None:
+        """`page` as a 200 HTML page: another site's, or another program's."""
+        self._answer(200, page.encode(), "text/html", None)
+
+    def _answer(self, status: int, body: bytes, content_type: str,
+                headers: dict[str, str] | None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)

@@ -1023,12 +1023,7 @@ def test_another_program_at_the_address_is_named_not_crashed_on() -> None:
             elif self.path.startswith("/plain/"):  # its answer to a POST
                 self.send_error(501, f"Unsupported method ('{self.command}')")
             elif self.path.endswith("/events"):
-                page = b"<html>hello</html>"
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(page)))
-                self.end_headers()
-                self.wfile.write(page)
+                self._html("<html>hello</html>")
             else:
                 self._json(200, self.server.fake.answer)  # type: ignore[attr-defined]
 

@@ -36,12 +36,7 @@ class _AttackPage(JSONHandler):
         tags += [f"<script {count} src='{job}/events'></script>",
                  f"<iframe {count} src='{job}?wait_s=60&n=9'></iframe>",
                  f"<a id='link' href='{job}'>the job</a>"]
-        body = "".join(tags).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self._html("".join(tags))
 
 
 @pytest.mark.browser

@@ -369,13 +369,8 @@ class _FramingPage(JSONHandler):
 
     def do_GET(self) -> None:
         target = self.server.fake.target  # type: ignore[attr-defined]
-        body = "".join(f'<iframe src="{target}{path}"></iframe>'
-                       for path in ("/", "/docs")).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self._html("".join(f'<iframe src="{target}{path}"></iframe>'
+                           for path in ("/", "/docs")))
 
 
 @pytest.mark.browser
