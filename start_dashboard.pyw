@@ -5,26 +5,36 @@ Everything `launch.py` prints goes to var/launch.log; the browser opens by itsel
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+LOG_KEPT_BYTES = 10 * 2**20  # past this at a start, the log is set aside (one older kept)
+
+
+def open_log(log_dir: Path) -> int:
+    """launch.log, to append to: the owner's only, as everything Offload writes; set aside
+    as launch.log.1 once past LOG_KEPT_BYTES, so a start's output never fills the disk."""
+    log_dir.mkdir(mode=0o700, exist_ok=True)
+    path = log_dir / "launch.log"
+    with contextlib.suppress(OSError):  # none yet, or held open (Windows): appended to
+        if path.stat().st_size > LOG_KEPT_BYTES:
+            os.replace(path, log_dir / "launch.log.1")
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.chmod(path, 0o600)  # made by an earlier version, open to all
+    return log_fd
 
 
 def main() -> int:
-    log_dir = ROOT / "var"
-    log_dir.mkdir(mode=0o700, exist_ok=True)
     python = Path(sys.executable)
     if python.name.lower() == "pythonw.exe":  # launch.py's output needs a console-less python
         python = python.with_name("python.exe")
     flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-    # The owner's only, as everything Offload writes; no line for each request in it, or
-    # it would grow with every poll of the dashboard.
-    log_fd = os.open(log_dir / "launch.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.chmod(log_dir / "launch.log", 0o600)  # made by an earlier version, open to all
-    with open(log_fd, "ab") as log:
+    # No line for each request in it, or it would grow with every poll of the dashboard.
+    with open(open_log(ROOT / "var"), "ab") as log:
         return subprocess.call([str(python), str(ROOT / "launch.py"), "--no-access-log",
                                 *sys.argv[1:]], cwd=ROOT, stdout=log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

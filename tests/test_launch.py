@@ -40,6 +40,31 @@ def test_pyw_starts_launch_py_without_a_console() -> None:
     assert "launch.py" in source and "CREATE_NO_WINDOW" in source
 
 
+def test_pyw_sets_its_log_aside_once_past_its_bound(tmp_path: Path) -> None:
+    # Appended to at every start and never cut, launch.log grew for as long as Offload
+    # was used.
+    import importlib.machinery
+    import importlib.util
+
+    pyw_file = str(ROOT / "start_dashboard.pyw")
+    loader = importlib.machinery.SourceFileLoader("start_dashboard", pyw_file)
+    spec = importlib.util.spec_from_loader("start_dashboard", loader)
+    assert spec is not None
+    pyw = importlib.util.module_from_spec(spec)
+    loader.exec_module(pyw)
+    log = tmp_path / "var" / "launch.log"
+    os.close(pyw.open_log(log.parent))
+    assert log.stat().st_mode & 0o777 == 0o600
+    log.write_bytes(b"an earlier start\n" * (pyw.LOG_KEPT_BYTES // 17 + 1))
+    with open(pyw.open_log(log.parent), "ab") as out:
+        out.write(b"this start\n")
+    assert log.read_bytes() == b"this start\n"
+    assert (log.parent / "launch.log.1").read_bytes().startswith(b"an earlier start\n")
+    with open(pyw.open_log(log.parent), "ab") as out:  # under the bound: appended to
+        out.write(b"the next\n")
+    assert log.read_bytes() == b"this start\nthe next\n"
+
+
 def test_the_browser_opens_on_a_server_with_a_token(make_server: Callable[..., Any],
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     # Its /api/health asks for the token (401): that was taken for "not up yet", for good.
