@@ -25,17 +25,22 @@ from collections.abc import Callable
 from launcher import ROOT, say
 from launcher.venv import venv_python
 
+# The server's own defaults (jobs.settings; offload's in jobs.cli.client), which this
+# standard-library-only module cannot import: a test holds the three equal.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = "8001"
+
 
 def address(options: argparse.Namespace) -> tuple[str, int, str]:
     """The host and port to serve on, as the server reads them (given here, else the
     environment, else `.env`), and the host a browser reaches it by."""
-    host: str = options.host or setting("OFFLOAD_HOST") or "127.0.0.1"
+    host: str = options.host or setting("OFFLOAD_HOST") or DEFAULT_HOST
     if not host_like(host):  # in the URL it is looked for at: a traceback from urllib
         sys.exit(f"[offload] {host!r} is not a host name or address (--host, OFFLOAD_HOST): "
                  "give one such as 127.0.0.1, 0.0.0.0, ::1 or localhost, without brackets, "
                  "port or http://")
     try:
-        port: int = options.port or port_number(setting("OFFLOAD_PORT") or "8001")
+        port: int = options.port or port_number(setting("OFFLOAD_PORT") or DEFAULT_PORT)
     except argparse.ArgumentTypeError as exc:
         sys.exit(f"[offload] OFFLOAD_PORT: {exc}")
     browse_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host

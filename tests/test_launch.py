@@ -40,6 +40,15 @@ def test_pyw_starts_launch_py_without_a_console() -> None:
     assert "launch.py" in source and "CREATE_NO_WINDOW" in source
 
 
+def test_launch_py_the_server_and_offload_default_to_one_address() -> None:
+    from jobs import settings
+    from jobs.cli import client
+    from launcher import serve
+
+    assert serve.DEFAULT_HOST == client.DEFAULT_HOST == settings.DEFAULT_HOST
+    assert int(serve.DEFAULT_PORT) == int(client.DEFAULT_PORT) == settings.DEFAULT_PORT
+
+
 def test_pyw_sets_its_log_aside_once_past_its_bound(tmp_path: Path) -> None:
     # Appended to at every start and never cut, launch.log grew for as long as Offload
     # was used.

@@ -1,8 +1,9 @@
-"""Each API worker keeps a supervisor process alive (`python -m jobs.supervisor`).
+"""Each API worker makes sure a supervisor process runs (`python -m jobs.supervisor`).
 
 Once a second it looks at the supervisor lock; when nobody holds it, it starts one.
 With several workers several may start one at once: the lock lets one lead and the
-others leave. Stopping the worker stops its supervisor, never the runners.
+others leave: one runs per data folder. Stopping the worker stops the supervisor it
+started (another worker's keeper starts the next), never the runners.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ Each job has a folder of its own, `<data>/jobs/<id>/`:
 
 A folder per job, not all files in one: every atomic write renames inside the folder
 it writes, and a rename locks its folder, so listing one shared folder waits for the
-renames of low-priority runners (docs/architecture.md has the figures).
+renames of low-priority runners (docs/benchmarks.md has the figures).
 """
 
 from __future__ import annotations
@@ -341,7 +341,7 @@ def attempts(job: dict[str, Any]) -> tuple[int, int]:
     return attempt, most if isinstance(most, int) and most > 0 else 1
 
 
-# An event's output (docs/contract.md, "Events"): appended to the client's copy; F_OUTPUT
+# An event's output (docs/contract.md, "Jobs": `/events`): appended to the client's copy; F_OUTPUT
 # in an event replaces it.
 OUTPUT_DELTA = "output_delta"
 

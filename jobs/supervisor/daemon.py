@@ -4,8 +4,8 @@ Everything that starts, watches or kills processes runs here, outside the API's
 processes: the supervisor, the metrics recorder (and the embedded model's server).
 So a burst of spawns never competes with a request for the API's interpreter.
 
-Each API worker keeps one alive (`jobs.api.keeper`); the supervisor's file lock lets one
-lead. With `--parent`, it leaves when that process is gone, and gives up at once if
+An API worker starts one when none leads (`jobs.api.keeper`); the supervisor's file lock
+lets one lead. With `--parent`, it leaves when that process is gone, and gives up at once if
 another supervisor already leads.
 
 Its log records go to `<data>/supervisor.log`, rotated at `OFFLOAD_LOG_MAX_MB`; its
