@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import small_disk, wait_for, wait_job
 from tests.fake_llm import FakeLLM
 from tests.server import Server
+from tests.test_cli import cli
 
 pytestmark = pytest.mark.faults
 MakeServer = Callable[..., Server]
@@ -153,3 +154,36 @@ def test_submissions_on_a_full_disk_are_507s_that_say_so_and_all_goes_on_with_ro
             assert client.post("/api/queue/pause").status_code == 200
             assert not any("No space" in each
                            for each in client.get("/api/health").json()["problems"])
+
+
+def test_a_job_is_cancelled_on_a_full_disk(make_server: MakeServer, tmp_path: Path) -> None:
+    """A cancel is a stop request in the job's folder: on a full disk it was a 507 and
+    nothing stopped, though a runaway job filling the disk is the one most worth stopping.
+    The supervisor, rung through its socket, stops the job all the same (the answer says
+    so), and records it cancelled once there is room."""
+    with small_disk(tmp_path, "512k") as disk:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var")})
+        with server.client() as client:
+            running = client.post("/api/jobs", json={"kind": "sleep", "input": {
+                "seconds": 100}}).json()
+            queued = client.post("/api/jobs", json={"kind": "sleep", "delay_s": 100,
+                                                     "input": {"seconds": 1}}).json()
+            runner = psutil.Process(wait_job(client, running["id"], "running")["pid"])
+            with disk_filled(disk):
+                answer = client.delete(f"/api/jobs/{running['id']}")
+                said = answer.json()["detail"]
+                assert answer.status_code == 507, answer.text
+                assert "No space left on device" in said, said
+                assert "The supervisor stops the job all the same" in said, said
+                runner.wait(30)  # stopped, with no room to say so
+                offload = cli(server.url, "cancel", queued["id"])
+                assert offload.returncode == 7, offload
+                assert "The supervisor stops the job all the same" in offload.stderr
+                for job, state in ((running, "running"), (queued, "queued")):
+                    # Nothing could be written yet.
+                    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == state
+            for job, said in ((running, "cancelled on request"),
+                              (queued, "cancelled before it started")):
+                ended = wait_job(client, job["id"], timeout=60)
+                assert ended["state"] == "cancelled", ended
+                assert ended["error"] == {"type": "cancelled", "message": said}, ended

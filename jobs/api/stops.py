@@ -1,5 +1,7 @@
 """Jobs the API is asked to stop or remove: a stop is asked in the job's folder and
-waited for without blocking; only a finished job that no live job needs is removed."""
+waited for without blocking (where it cannot be written, a full disk, the leading
+supervisor is asked through its socket); only a finished job that no live job needs is
+removed."""
 
 from __future__ import annotations
 
@@ -11,9 +13,14 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
-from jobs.protocol.wake import poke
+from jobs.protocol.wake import poke, ring_cancel
 from jobs.settings import CANCEL_WAIT_S, Settings
-from jobs.store.job_store import JobNotFound, JobStore
+from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
+
+# A cancel the leader took from its socket, its stop request not on disk.
+UNRECORDED = ("The supervisor stops the job all the same (a queued one does not start, a "
+              "running one's runner is stopped) and records it cancelled once there is "
+              "room; a restart of the supervisor before then forgets this cancel")
 
 
 class AlreadyFinished(Exception):
@@ -42,18 +49,39 @@ class Stops:
         job = await run_in_threadpool(self.store.read, job_id)
         if job.get(p.F_STATE) in p.FINAL_STATES:
             raise AlreadyFinished(job)
-        stopped = await self.stopped([job_id])
+        unrecorded = await self._ask_stop(job_id)
+        stopped = await self._wait_final([job_id])
         if job_id not in stopped:  # deleted meanwhile
             raise JobNotFound(job_id)
+        if unrecorded is not None and stopped[job_id].get(p.F_STATE) not in p.FINAL_STATES:
+            raise unrecorded  # stopped, but its final state waits for room: said so
         return stopped[job_id]
 
     async def stopped(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
         """Ask each job to stop, and wait (without blocking) until all are final or the
         stop's grace is over; each job as it is then (gone: left out)."""
         for job_id in job_ids:
-            with contextlib.suppress(JobNotFound):  # deleted meanwhile: left out below
-                await run_in_threadpool(self.store.request_cancel, job_id)
-            poke(self.store.dir, job_id)
+            await self._ask_stop(job_id)
+        return await self._wait_final(job_ids)
+
+    async def _ask_stop(self, job_id: str) -> StoreUnavailable | None:
+        """Leave its stop request and ring the supervisor; where the request has no room
+        (a full disk), the leader is asked through its socket alone: then the error, to
+        say if the job is not final in time. Raised where no leader took the ring."""
+        try:
+            await run_in_threadpool(self.store.request_cancel, job_id)
+        except JobNotFound:
+            pass  # deleted meanwhile: left out of the answer
+        except StoreUnavailable as exc:
+            # Not for an unwritable folder: a runaway job fills a disk, not that.
+            if not exc.disk_full or not ring_cancel(self.store.dir, job_id):
+                raise  # no leader listening (or no socket, as on Windows): not cancelled
+            exc.outcome = UNRECORDED
+            return exc
+        poke(self.store.dir, job_id)
+        return None
+
+    async def _wait_final(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
         deadline = time.monotonic() + self.settings.stop_grace_s + CANCEL_WAIT_S
         jobs: dict[str, dict[str, Any]] = {}
         while True:

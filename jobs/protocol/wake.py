@@ -7,7 +7,9 @@ The doorbell (POSIX): the leader listens on a Unix datagram socket,
 so the leader reads that job alone instead of listing the folder. Where there is no
 socket (Windows; a data folder whose path is too long for a socket address; no leader
 listening yet; its queue full) a ring appends a byte to `<data>/supervisor.wake`, whose
-mtime the leader polls, and the leader then looks at every job.
+mtime the leader polls, and the leader then looks at every job. A cancel whose stop
+request cannot be written (a full disk) rings `cancel <id>`: the leader stops that job
+from memory; that ring has no file to fall back on.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ CAN_LISTEN = sys.platform != "win32" and hasattr(socket, "AF_UNIX")
 # Everything about the folder (a ring from the wake file says no more than that).
 ALL_JOBS = ""
 RING_READ = 64  # bytes read per ring: an id, and room to tell a longer datagram apart
+CANCEL_RING = "cancel "  # before a job's id: stop it, though its stop request is not on disk
 
 _sender: socket.socket | None = None
 _sender_lock = threading.Lock()
@@ -66,7 +69,14 @@ def poke(jobs_dir: Path, job_id: str = ALL_JOBS) -> None:
         log.debug("cannot poke the supervisor: %s", exc)
 
 
-def _ring(path: Path, job_id: str) -> bool:
+def ring_cancel(jobs_dir: Path, job_id: str) -> bool:
+    """Ask the leading supervisor to cancel `job_id` whose stop request could not be
+    written (a full disk): True if its socket took the ring. It then stops the job as if
+    the request were there, and its final state is written once there is room."""
+    return _ring(socket_file(jobs_dir), CANCEL_RING + job_id)
+
+
+def _ring(path: Path, text: str) -> bool:
     """True if the leader's socket took the ring."""
     global _sender
     if sys.platform == "win32" or not CAN_LISTEN:
@@ -77,9 +87,9 @@ def _ring(path: Path, job_id: str) -> bool:
                 _sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 _sender.setblocking(False)
                 atexit.register(_sender.close)
-        _sender.sendto(job_id.encode("ascii"), str(path))
+        _sender.sendto(text.encode("ascii"), str(path))
     except BlockingIOError:
-        # Its queue is full: it has rings to read, but this id may be lost; the wake
+        # Its queue is full: it has rings to read, but this one may be lost; the wake
         # file, which the leader also watches, asks for a look at every job.
         return False
     except OSError:
@@ -88,7 +98,8 @@ def _ring(path: Path, job_id: str) -> bool:
 
 
 class Doorbell:
-    """The leader's end: `on_ring(job_id)` for every ring (ALL_JOBS: look at all)."""
+    """The leader's end: `on_ring(text)` for every ring: a job's id (ALL_JOBS: look at
+    all), or CANCEL_RING and an id."""
 
     def __init__(self, jobs_dir: Path) -> None:
         self.path = socket_file(jobs_dir)

@@ -244,7 +244,7 @@ class Supervisor(Discovery, Launching, Endings):
                         "adopted by the next leader)", self._leadership.lock_file)
             self.lock_lost = True
             return
-        hinted, full = self._wakeups.take()
+        hinted, full, cancels = self._wakeups.take()
         now = time.monotonic()
         self._cap_now = self._queue.runner_cap()
         # A quick pass looks only at the jobs an event named (a submission, a runner's
@@ -265,6 +265,7 @@ class Supervisor(Discovery, Launching, Endings):
                 self._handle_stops(stop_ids)
             else:
                 self._look_at(hinted)
+            self._handle_stops(cancels)  # rung, their stop requests not on disk (a full disk)
             self._reap()
             if full:
                 self._enforce_deadlines()

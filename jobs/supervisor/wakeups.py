@@ -1,7 +1,8 @@
 """What wakes the supervisor for a pass, and what the pass is to look at.
 
 A ring on the doorbell names one job (submitted or cancelled): the pass looks at that
-job alone. A poke through the wake file (no socket, or its queue full) names none: the
+job alone. A cancel ring (its stop request could not be written) also asks the pass to
+stop that job. A poke through the wake file (no socket, or its queue full) names none: the
 pass looks at every job. A nudge (a runner exited, a stop ended) names none either, but
 asks for no full pass: it reaps and launches. Rings arrive on the event loop's thread,
 nudges from any thread; the pass runs on a worker thread and takes what was asked.
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from jobs import protocol as p
-from jobs.protocol.wake import ALL_JOBS, Doorbell, wake_file
+from jobs.protocol.wake import ALL_JOBS, CANCEL_RING, Doorbell, wake_file
 from jobs.settings import WAKE_POLL_S
 
 
@@ -28,6 +29,7 @@ class Wakeups:
         self._doorbell = Doorbell(jobs_dir)
         self._lock = threading.Lock()
         self._hinted: set[str] = set()  # jobs an event named since the last pass
+        self._cancels: set[str] = set()  # jobs a cancel ring named since the last pass
         self._full_wanted = True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
@@ -44,12 +46,14 @@ class Wakeups:
             else:
                 self._full_wanted = True
 
-    def take(self) -> tuple[set[str], bool]:
-        """For a pass: the jobs named since the last, and whether a full pass was asked."""
+    def take(self) -> tuple[set[str], bool, set[str]]:
+        """For a pass: the jobs named since the last, whether a full pass was asked, and
+        the jobs to cancel though their stop request is not on disk."""
         with self._lock:
             hinted, self._hinted = self._hinted, set()
             full, self._full_wanted = self._full_wanted, False
-        return hinted, full
+            cancels, self._cancels = self._cancels, set()
+        return hinted, full, cancels
 
     def nudge(self) -> None:
         """A pass now, from any thread."""
@@ -92,7 +96,11 @@ class Wakeups:
                 self.want(ALL_JOBS)  # a poke through the file names no job
                 return
 
-    def _on_ring(self, job_id: str) -> None:
+    def _on_ring(self, text: str) -> None:
+        job_id = text.removeprefix(CANCEL_RING)
+        if job_id != text and p.is_valid_id(job_id):
+            with self._lock:
+                self._cancels.add(job_id)
         self.want(job_id)
         if self._event is not None:
             self._event.set()
