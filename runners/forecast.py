@@ -131,7 +131,16 @@ def save(data_dir: str, model: dict[str, Any]) -> int:
             if os.path.getsize(path) == 0:  # once whole, another training may point at it
                 os.unlink(path)
         raise
-    _point_at_newest(folder, version)
+    try:
+        _point_at_newest(folder, version)
+    except OSError:
+        # No room for the pointer: a model no reader finds, whose version the next training
+        # would skip, taking the room that is short. Unless another training's pointer
+        # reaches it (two trainings at once), it goes: the training failed.
+        if latest_version(data_dir) < version:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
     return version
 
 

@@ -20,16 +20,20 @@ from tests.conftest import small_disk, wait_for, wait_job
 from tests.fake_llm import FakeLLM
 from tests.server import Server
 from tests.test_cli import cli
+from tests.test_train import record_history
 
 pytestmark = pytest.mark.faults
 MakeServer = Callable[..., Server]
 
 
 @contextlib.contextmanager
-def disk_filled(disk: Path) -> Iterator[Path]:
-    """`disk` with no room left, until the block ends (its filler removed)."""
+def disk_filled(disk: Path, pages: int = 0) -> Iterator[Path]:
+    """`disk` with no room left but `pages` of 4 KiB, until the block ends (its filler
+    removed)."""
     filler = disk / "filler"
     subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4096"], capture_output=True)
+    size = filler.stat().st_size
+    os.truncate(filler, max(0, size - size % 4096 - pages * 4096))
     try:
         yield filler
     finally:
@@ -187,3 +191,28 @@ def test_a_job_is_cancelled_on_a_full_disk(make_server: MakeServer, tmp_path: Pa
                 ended = wait_job(client, job["id"], timeout=60)
                 assert ended["state"] == "cancelled", ended
                 assert ended["error"] == {"type": "cancelled", "message": said}, ended
+
+
+def test_a_model_whose_pointer_finds_no_room_is_not_left_behind(
+        make_server: MakeServer, data_dir: Path, tmp_path: Path) -> None:
+    """Room for the model's file but none for `latest.json`: the training failed, and left
+    a whole model no reader finds (`/api/predict` said to train one first), in the room
+    that was short, whose version the next training skipped (version 2 after none). It
+    fails as one with no room at all: no model file is left, the next one is version 1."""
+    record_history(data_dir)
+    train = {"kind": "train", "input": {"epochs": 5, "lags": 5}}
+    with small_disk(tmp_path, "64k", at=data_dir / "models") as models:
+        server = make_server()
+        with server.client() as client:
+            with disk_filled(models, pages=1):  # the model's file, not its pointer
+                refused = wait_job(client, client.post("/api/jobs", json=train).json()["id"])
+                assert refused["state"] == "failed", refused
+                assert refused["error"]["message"].startswith(
+                    f"cannot save the model in {models} (No space left on device): free "
+                    "some space on its disk, then train again"), refused["error"]
+                assert sorted(each.name for each in models.iterdir()) == ["filler"]
+                assert "no forecasting model yet" in client.get("/api/predict").text
+            saved = wait_job(client, client.post("/api/jobs", json=train).json()["id"])
+            assert saved["state"] == "completed" and saved["result"]["version"] == 1, saved
+            forecast = client.get("/api/predict", params={"horizon": 3})
+            assert forecast.status_code == 200 and forecast.json()["version"] == 1, forecast.text
