@@ -29,7 +29,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobs.protocol import ROOT, embedded
+from jobs.protocol import FINAL_WRITE_PATIENCE_ENV, FINAL_WRITE_PATIENCE_S, ROOT, embedded
 from jobs.protocol.trust import (
     UnsafeSettingsFile,
     env_file,
@@ -234,6 +234,8 @@ class Settings(BaseSettings):
     llm_engine: Literal["auto", "llama-server", "llama-cpp-python"] = "auto"
     local_model: str | None = None  # a GGUF file for the embedded model, not the packaged one
     stop_grace_s: float = Field(STOP_GRACE_S, gt=0)
+    # How long a runner waits for room (a writable folder) for its final state.
+    final_write_patience_s: float = Field(FINAL_WRITE_PATIENCE_S, gt=0, le=86400)
     launcher: Literal["local", "ray"] = "local"
     ray_address: str = DEFAULT_RAY_ADDRESS
     ray_python: str | None = Field(None, min_length=1)
@@ -430,7 +432,8 @@ class Settings(BaseSettings):
     def runner_env(self) -> dict[str, str]:
         """What a runner needs of the settings, passed through its environment only: every
         launcher (exec, fork server, Ray) starts its runners with this."""
-        env: dict[str, str] = {"OFFLOAD_LOG_MAX_BYTES": str(self.log_max_bytes)}
+        env: dict[str, str] = {"OFFLOAD_LOG_MAX_BYTES": str(self.log_max_bytes),
+                               FINAL_WRITE_PATIENCE_ENV: str(self.final_write_patience_s)}
         if self.openai_base_url:
             env["OPENAI_BASE_URL"] = self.openai_base_url
         if self.openai_api_key:

@@ -26,6 +26,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
 EXIT_RETRY = p.EXIT_RETRY
+EXIT_NO_ROOM = p.EXIT_NO_ROOM
 
 
 class StopRequested(BaseException):
@@ -139,7 +140,13 @@ def finish(job: Job, sink: Sink, state: str, result: dict[str, Any] | None,
             p.F_FINISHED_AT: p.now_iso() if state in p.FINAL_STATES else None,
             p.F_ERROR: error, p.F_EXIT_CODE: code,
         })
-    sink.finish(job)
+    try:
+        sink.finish(job)
+    except OSError as exc:
+        if exc.errno not in p.DISK_FULL:
+            raise  # lost, with its traceback in the log
+        print(f"error: {exc}", file=sys.stderr)  # dropped if the log has no room either
+        return EXIT_NO_ROOM  # the supervisor's final word says the disk was full
     if error is not None and isinstance(sink, ConsoleSink):
         print(f"\n{state}: {error['message']}", file=sys.stderr)
     return code

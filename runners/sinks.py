@@ -4,6 +4,7 @@ sink's for one put off, and at its end whatever it takes; or the terminal, by ha
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 WRITE_INTERVAL_S = 0.2  # at most five job-file writes a second while running
-FINAL_WRITE_PATIENCE_S = p.FINAL_WRITE_PATIENCE_S  # the final state waits for an unwritable folder
 FINAL_RETRY_S = p.FINAL_RETRY_S
 
 
@@ -36,7 +36,7 @@ class FileSink(Sink):
         self._closed = False
         self._last_write = 0.0
         self._wrote_output = False
-        self._failing = False
+        self._failing: OSError | None = None  # the write's error, while writes fail
         self._job: Job | None = None
         self._flusher: threading.Thread | None = None  # started by the first deferred write
 
@@ -59,19 +59,22 @@ class FileSink(Sink):
 
     def finish(self, job: Job) -> None:
         """The final state, written whatever it takes: an unwritable data folder is
-        waited for (FINAL_WRITE_PATIENCE_S), so the result lands once it is writable."""
+        waited for (OFFLOAD_FINAL_WRITE_PATIENCE_S), so the result lands once it is
+        writable; then the last write's OSError."""
         if self._echo:
             self._echo_output(job)
         with self._cond:
             self._closed = True
             self._cond.notify()
-        give_up_at = time.monotonic() + FINAL_WRITE_PATIENCE_S
+        give_up_at = time.monotonic() + _patience_s()
         while True:
             with self._cond:
                 if self._write_locked(job, durable=True):
                     return
-            if time.monotonic() > give_up_at:
-                raise OSError(f"cannot write the final state to {self.path}")
+                failed = self._failing
+            if time.monotonic() > give_up_at and failed is not None:
+                raise OSError(failed.errno, f"cannot write the final state to {self.path}: "
+                                            f"{failed.strerror or failed}")
             time.sleep(FINAL_RETRY_S)
 
     def _write(self, job: Job) -> None:
@@ -91,17 +94,17 @@ class FileSink(Sink):
         try:
             p.write_json(self.path, snapshot, durable)
         except OSError as exc:
-            if not self._failing:
+            if self._failing is None:
                 _say(f"cannot write the job file ({exc.strerror or exc}); retrying")
-            self._failing = True
+            self._failing = exc
             self._last_write = time.monotonic()
             self._dirty = True
             if not self._closed:
                 self._wake_flusher()
             return False
-        if self._failing:
+        if self._failing is not None:
             _say("the job file is written again")
-            self._failing = False
+            self._failing = None
         self._last_write = time.monotonic()
         self._dirty = False
         return True
@@ -133,6 +136,15 @@ class FileSink(Sink):
         sys.stdout.write(text[self._echoed:])
         sys.stdout.flush()
         self._echoed = len(text)
+
+
+def _patience_s() -> float:
+    """How long the final state waits for a writable folder (the supervisor's setting)."""
+    try:
+        value = float(os.environ.get(p.FINAL_WRITE_PATIENCE_ENV, ""))
+    except ValueError:
+        return p.FINAL_WRITE_PATIENCE_S  # run by hand
+    return value if 0 < value <= 86400 else p.FINAL_WRITE_PATIENCE_S
 
 
 def _say(text: str) -> None:

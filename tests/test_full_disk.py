@@ -216,3 +216,27 @@ def test_a_model_whose_pointer_finds_no_room_is_not_left_behind(
             assert saved["state"] == "completed" and saved["result"]["version"] == 1, saved
             forecast = client.get("/api/predict", params={"horizon": 3})
             assert forecast.status_code == 200 and forecast.json()["version"] == 1, forecast.text
+
+
+def test_a_runner_that_finds_no_room_for_its_final_state_says_so(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    """A runner gives up on its final state after OFFLOAD_FINAL_WRITE_PATIENCE_S without
+    room: it exited 1, and its job was then `lost`, "exited without a final state", with
+    no word of the disk. It exits 73, and the supervisor's final word says why."""
+    with small_disk(tmp_path, "512k") as disk:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var"),
+                                  "OFFLOAD_FINAL_WRITE_PATIENCE_S": "2"})
+        with server.client() as client:
+            job = client.post("/api/jobs", json={"kind": "sleep", "input": {
+                "seconds": 4, "steps": 1}}).json()
+            runner = psutil.Process(wait_job(client, job["id"], "running")["pid"])
+            with disk_filled(disk):
+                runner.wait(60)  # its sleep, then 2 s of trying to write its final state
+                assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "running"
+            ended = wait_job(client, job["id"], timeout=60)
+    assert ended["state"] == "failed" and ended["exit_code"] == 73, ended
+    assert ended["error"]["type"] == "lost", ended["error"]
+    assert ended["error"]["message"] == (
+        "the runner waited for room on the data folder's disk to write its final state "
+        "until it gave up: its outcome is lost; free some space on it, then run the job "
+        "again"), ended["error"]

@@ -149,9 +149,14 @@ JOB_FIELDS = (
 # A runner's exit code after a transient failure with attempts left: it recorded the error
 # in a job file it left `running`, and the supervisor queues the job again.
 EXIT_RETRY = 75  # EX_TEMPFAIL
+# A runner's exit code when its final state found no room on the data folder's disk for
+# as long as it waits: the supervisor's final word says so.
+EXIT_NO_ROOM = 73  # EX_CANTCREAT
 # How long a runner waits to write its final state into an unwritable data folder; the
-# supervisor's stop at a deadline waits as long while its stop request cannot be written.
+# supervisor's stop at a deadline waits as long while its stop request cannot be written
+# (OFFLOAD_FINAL_WRITE_PATIENCE_S, which runners get in their environment).
 FINAL_WRITE_PATIENCE_S = 600.0
+FINAL_WRITE_PATIENCE_ENV = "OFFLOAD_FINAL_WRITE_PATIENCE_S"
 # How often it tries that write again; a stop request written late (the folder writable
 # again) waits twice as long before the runner is stopped, for its final state to land.
 FINAL_RETRY_S = 0.5

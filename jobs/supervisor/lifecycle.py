@@ -139,11 +139,11 @@ class JobLife:
         state (see `request_timeout`): its stop file is not acted on meanwhile."""
         return self._stop_written_late is not None
 
-    def request_timeout(self, now: float) -> bool:
+    def request_timeout(self, now: float, patience_s: float) -> bool:
         """Its stop file says `timeout`, for the runner and the API to see why; whether to
         stop the runner now (`now`: time.monotonic()). While the request cannot be written
         (an unwritable data folder), neither can the runner's final state: a runner whose
-        work ended in time is waiting to write it (`p.FINAL_WRITE_PATIENCE_S`), and
+        work ended in time is waiting to write it (`patience_s`, as runners are told), and
         stopping it would lose its result for a `timeout`. It is stopped once the request
         is written, or that long after its deadline (one that is not ending by itself).
         Written late, the request waits a little more: the runner's final state could be
@@ -161,9 +161,9 @@ class JobLife:
             if not self._stop_unrecorded:
                 log.warning("job %s: past its deadline, but cannot write the stop request "
                             "(%s): its runner is stopped once it can be written, or %g s "
-                            "after its deadline", self.job_id, exc, p.FINAL_WRITE_PATIENCE_S)
+                            "after its deadline", self.job_id, exc, patience_s)
                 self._stop_unrecorded = True
-            return self.deadline is None or now > self.deadline + p.FINAL_WRITE_PATIENCE_S
+            return self.deadline is None or now > self.deadline + patience_s
 
     def begin_stop(self, reason: str, grace_s: float,
                    then: Callable[[], None]) -> threading.Thread:
@@ -226,6 +226,10 @@ class JobLife:
         tail = p.log_tail(self.job_file)
         message = ("the runner exited without a final state "
                    f"({self.launcher.describe_exit(self.run)})")
+        if code == p.EXIT_NO_ROOM:
+            message = ("the runner waited for room on the data folder's disk to write its "
+                       "final state until it gave up: its outcome is lost; free some space "
+                       "on it, then run the job again")
         if tail:
             message += f"; last log line: {tail.splitlines()[-1][:300]}"
         return Final(p.JobState.FAILED, p.ErrorType.LOST, message, code, tail)

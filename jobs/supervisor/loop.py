@@ -92,6 +92,7 @@ class Supervisor(Discovery, Launching, Endings):
         retry_max_s: float = RETRY_MAX_S,
         scheduler: Scheduler | None = None,
         model_slots: int | None = None,
+        final_write_patience_s: float = p.FINAL_WRITE_PATIENCE_S,
     ) -> None:
         self.dir = jobs_dir
         self._dir_name = os.fspath(jobs_dir)
@@ -105,6 +106,7 @@ class Supervisor(Discovery, Launching, Endings):
         self._listing = DirListing(jobs_dir)
         self._names: set[str] = set()  # the job ids on disk, as last listed
         self.grace_s = grace_s
+        self.final_write_patience_s = final_write_patience_s  # as runners wait for room
         # Runners cap their own logs when this says so (Settings.runner_env); the
         # supervisor's check each pass is for output that bypasses them.
         self.runner_env = dict(runner_env or {})
@@ -151,6 +153,7 @@ class Supervisor(Discovery, Launching, Endings):
             min_retention_s=settings.min_retention_s, kind_caps=settings.kind_cap_map,
             retry_base_s=settings.retry_base_s, retry_max_s=settings.retry_max_s,
             scheduler=scheduler, model_slots=settings.model_slots,
+            final_write_patience_s=settings.final_write_patience_s,
         )
 
     # -- driving -------------------------------------------------------------------
@@ -322,7 +325,7 @@ class Supervisor(Discovery, Launching, Endings):
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
         for life in self._running.values():
-            if life.is_overdue(now) and life.request_timeout(now):
+            if life.is_overdue(now) and life.request_timeout(now, self.final_write_patience_s):
                 self._start_stop(life, p.JobState.TIMEOUT)
 
     def _start_stop(self, life: JobLife, reason: str) -> None:
