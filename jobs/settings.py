@@ -13,7 +13,7 @@ import ipaddress
 import os
 import tempfile
 import urllib.parse
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
@@ -396,13 +396,19 @@ class Settings(BaseSettings):
     def embedded_slots(self) -> int:
         return self.llm_slots or min(self.max_concurrent, DEFAULT_LLM_SLOTS)
 
+    @cached_property
+    def embedded_engine(self) -> str:
+        """The embedded model's server, chosen once, as this process starts: the chats'
+        cap is its slots, so a restart of the model keeps to it."""
+        return embedded.engine(self.llm_engine)
+
     @property
     def model_slots(self) -> int | None:
         """Chats at once on the embedded model, the most the supervisor starts; None:
         chats go to the server OPENAI_BASE_URL names, which says nothing of its own."""
         if self.openai_base_url:
             return None
-        return embedded.chat_slots(self.embedded_slots, embedded.engine(self.llm_engine))
+        return embedded.chat_slots(self.embedded_slots, self.embedded_engine)
 
     @property
     def jobs_dir(self) -> Path:

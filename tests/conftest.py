@@ -203,9 +203,10 @@ def make_server(data_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     servers: list[Server] = []
 
     def factory(env: dict[str, str] | None = None, workers: int = 1,
-                gunicorn: bool = False, cwd: Path = ROOT) -> Server:
+                gunicorn: bool = False, cwd: Path = ROOT, python: str = sys.executable
+                ) -> Server:
         log = tmp_path / f"server-{len(servers)}.log"
-        server = Server(data_dir, log, env, workers, gunicorn, cwd)
+        server = Server(data_dir, log, env, workers, gunicorn, cwd, python)
         servers.append(server)
         return server.start()
 

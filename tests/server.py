@@ -19,8 +19,10 @@ from tests.conftest import ROOT, free_port
 
 class Server:
     def __init__(self, data_dir: Path, log: Path, env: dict[str, str] | None = None,
-                 workers: int = 1, gunicorn: bool = False, cwd: Path = ROOT) -> None:
+                 workers: int = 1, gunicorn: bool = False, cwd: Path = ROOT,
+                 python: str = sys.executable) -> None:
         self.data_dir = data_dir
+        self.python = python  # the interpreter of the environment it runs in
         self.cwd = cwd  # the working folder, where a `.env` is read
         self.log = log
         self.env = env or {}
@@ -32,10 +34,10 @@ class Server:
 
     def command(self) -> list[str]:
         if self.gunicorn:
-            return [sys.executable, "-m", "gunicorn", "api_entry:app", "-k",
+            return [self.python, "-m", "gunicorn", "api_entry:app", "-k",
                     "uvicorn.workers.UvicornWorker", "-w", str(self.workers),
                     "-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "5"]
-        return [sys.executable, "-m", "uvicorn", "api_entry:app", "--host", "127.0.0.1",
+        return [self.python, "-m", "uvicorn", "api_entry:app", "--host", "127.0.0.1",
                 "--port", str(self.port), "--workers", str(self.workers)]
 
     def start(self, timeout: float = 60) -> Server:

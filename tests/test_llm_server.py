@@ -10,7 +10,9 @@ import json
 import os
 import signal
 import subprocess
+import sysconfig
 import time
+import venv
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -249,6 +251,71 @@ def test_chats_beyond_the_models_slots_wait_queued_saying_so(
 def _ended(client: httpx.Client, job_id: str) -> Any:
     job = client.get(f"/api/jobs/{job_id}").json()
     return job["state"] in p.FINAL_STATES and job
+
+
+@pytest.fixture
+def own_environment(tmp_path: Path) -> tuple[Path, Path]:
+    """An environment of its own, with this one's packages and a link to its llama-server
+    that a test may take away (this one's stays): its interpreter and that link."""
+    binary = embedded.server_binary()
+    if binary is None:
+        pytest.skip("llama-server is not built here: run `python launch.py` (it builds it)")
+    folder = tmp_path / "venv"
+    venv.create(folder, with_pip=False, symlinks=True)
+    python = folder / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    paths = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    Path(site, "offload-test.pth").write_text("\n".join(sorted(paths)) + "\n")
+    batched = Path(embedded.batched_model_path()).parent  # the model as launch.py wrote it
+    if batched.is_dir():
+        (folder / "share").mkdir()
+        (folder / embedded.BATCHED_MODEL_DIR).symlink_to(batched)
+    link = folder / "bin" / Path(binary).name
+    link.symlink_to(binary)
+    return python, link
+
+
+def test_a_model_restarted_while_llama_server_is_missing_keeps_to_its_slots(
+        own_environment: tuple[Path, Path], make_server: Callable[..., Any]) -> None:
+    """The chats' cap is the slots of the engine chosen at start. A restart that found
+    llama-server missing (a reinstall under way) ran the model on llama-cpp-python's
+    server, one slot, while chats were still started two at a time: one of them waited
+    inside it with no word. The model waits for llama-server instead, saying so, and comes
+    back on it with its two slots; the chats sent meanwhile are answered."""
+    python, link = own_environment
+    server = make_server(env={"OPENAI_BASE_URL": "", "OFFLOAD_MAX_CONCURRENT": "2",
+                              "OFFLOAD_LLM_ENGINE": "auto"}, python=str(python))
+    status = wait_for(lambda: (s := embedded.read_status(str(server.data_dir)) or {})
+                      .get("ready") and s, 120, 0.2, "the embedded model to load")
+    assert status["engine"] == embedded.LLAMA_SERVER and status["slots"] == 2, status
+    target = link.readlink()
+    link.unlink()
+    os.kill(status["pid"], signal.SIGKILL)
+
+    def said_missing() -> dict[str, Any] | None:
+        status = embedded.read_status(str(server.data_dir)) or {}
+        return status if "missing" in str(status.get("detail")) else None
+
+    missing = wait_for(said_missing, 30, 0.1, "llm.json to say llama-server is missing")
+    assert not missing["ready"] and missing["available"], missing
+    assert "llama-server" in missing["detail"] and "--reinstall" in missing["detail"], missing
+    with server.client() as client:
+        hello = [{"role": "user", "content": "Say hello."}]
+        ids = [_chat(client, hello, 16) for _ in range(2)]
+        time.sleep(5)  # past the restart's backoff and a load, on any engine
+        waiting = embedded.read_status(str(server.data_dir)) or {}
+        assert not waiting["ready"] and "missing" in waiting["detail"], waiting
+        assert client.get("/api/queue").json()["model_slots"] == 2
+        assert client.get("/api/health").json()["llm"]["detail"] == missing["detail"]
+        link.symlink_to(target)  # the reinstall is done
+        again = wait_for(lambda: (s := embedded.read_status(str(server.data_dir)) or {})
+                         .get("ready") and s, 120, 0.2, "the embedded model to start again")
+        finals = [wait_for(functools.partial(_ended, client, i), 120, 0.1, "the chats to end")
+                  for i in ids]
+    assert again["engine"] == embedded.LLAMA_SERVER and again["slots"] == 2, again
+    assert again["pid"] != status["pid"], again
+    assert [j["state"] for j in finals] == ["completed"] * 2, json.dumps(finals)[:1500]
 
 
 @pytest.fixture

@@ -38,17 +38,25 @@ WARM_UP_TIMEOUT_S = 30.0
 HEALTH_FAILURES = 3  # in a row, before a live but silent server is restarted
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 UNAVAILABLE_RECHECK_S = 60.0
+ENGINE_RECHECK_S = 1.0  # llama-server missing (a reinstall under way): looked for this often
 LOG_FILE = "llm-server.log"  # the server's output, in the data folder; the supervisor caps it
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+ENGINE_MISSING = (
+    "llama-server, which the embedded model runs on, is missing from Offload's environment "
+    "(a reinstall under way?); the model starts again once it is back. Or restart Offload: "
+    "`python launch.py --reinstall` builds llama-server again; without it the model runs on "
+    "llama-cpp-python's server (one chat at a time)")
 
 
 class EmbeddedServer:
-    def __init__(self, data_dir: Path, slots: int = 1, engine: str = "auto",
+    def __init__(self, data_dir: Path, slots: int = 1, engine: str = embedded.LLAMA_CPP_PYTHON,
                  local_model: str | None = None) -> None:
         self.data_dir = data_dir
         self.local_model = local_model  # OFFLOAD_LOCAL_MODEL: a GGUF file of one's own
-        self.slots = slots  # chats decoded at once, where the engine is llama-server
-        self.wanted_engine = engine
+        # Chosen once, at start (Settings.embedded_engine), and kept across restarts of the
+        # server: the supervisor starts no more chats than its slots.
+        self.engine = engine
+        self.slots = embedded.chat_slots(slots, engine)
         self.proc: subprocess.Popen[bytes] | None = None
         self.base_url: str | None = None  # set once the server is ready
         self.restarts = 0
@@ -72,14 +80,7 @@ class EmbeddedServer:
         await asyncio.to_thread(self._stop_stale)
         try:
             while True:
-                reason = embedded.unavailable_reason(self.local_model)
-                if reason is not None:
-                    self._write(False, reason, available=False)
-                    log.warning("%s", reason)
-                    await asyncio.sleep(UNAVAILABLE_RECHECK_S)
-                    continue
-                model = embedded.model_path(self.local_model)
-                assert model is not None
+                model = await self._servable()
                 try:
                     await self._serve_once(model, on_ready)
                 except OSError as exc:  # say, its log cannot be opened: the folder is read-only
@@ -93,14 +94,33 @@ class EmbeddedServer:
             await asyncio.to_thread(self.stop)
             self._write(False, "the embedded model server is stopped (Offload is not running)")
 
+    async def _servable(self) -> str:
+        """The model file to serve, once it can be served; until then llm.json says why."""
+        said_missing = False
+        while True:
+            reason = embedded.unavailable_reason(self.local_model)
+            if reason is not None:
+                self._write(False, reason, available=False)
+                log.warning("%s", reason)
+                await asyncio.sleep(UNAVAILABLE_RECHECK_S)
+            elif self.engine == embedded.LLAMA_SERVER and embedded.server_binary() is None:
+                # Not llama-cpp-python's server meanwhile: its one slot would hold chats
+                # the supervisor starts for llama-server's, waiting in it with no word.
+                if not said_missing:
+                    log.warning("%s", ENGINE_MISSING)
+                    self._write(False, ENGINE_MISSING, available=True, engine=self.engine,
+                                slots=self.slots)
+                    said_missing = True
+                await asyncio.sleep(ENGINE_RECHECK_S)
+            else:
+                model = embedded.model_path(self.local_model)
+                assert model is not None
+                return model
+
     async def _serve_once(self, model: str, on_ready: Any) -> None:
         port = embedded.free_port()
         self.base_url = None
-        engine = embedded.engine(self.wanted_engine)
-        if self.wanted_engine == embedded.LLAMA_SERVER != engine:
-            log.warning("llama-server is not built here (launch.py builds it); the embedded "
-                        "model runs on llama-cpp-python's server")
-        slots = embedded.chat_slots(self.slots, engine)
+        engine, slots = self.engine, self.slots
         running = {"engine": engine, "slots": slots}
         log_path = self.data_dir / LOG_FILE
         with open(log_path, "ab") as out:

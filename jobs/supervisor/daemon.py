@@ -62,7 +62,11 @@ async def serve(settings: Settings, parent: int | None = None) -> bool:
     recorder = MetricsRecorder(Path(p.metrics_file(settings.data_dir)),
                                HISTORY_KEEP_S, HISTORY_SAMPLE_S)
     model = None if settings.openai_base_url else llm_server.EmbeddedServer(
-        settings.data_dir, settings.embedded_slots, settings.llm_engine, settings.local_model)
+        settings.data_dir, settings.embedded_slots, settings.embedded_engine,
+        settings.local_model)
+    if model is not None and settings.llm_engine == embedded.LLAMA_SERVER != model.engine:
+        log.warning("llama-server is not built here (launch.py builds it); the embedded "
+                    "model runs on llama-cpp-python's server")
     if model is not None:
         _give_key_to_runners(supervisor, model.key)
     lead_within = LEAD_WITHIN_S if parent is not None else None
