@@ -135,6 +135,12 @@ class Reply:
         self.last_at: float | None = None  # and of the last
 
 
+class EmptyStream(RunnerError):
+    """A stream that ended with no piece of a reply and no end to it: llama-cpp-python's
+    server so answers a prompt longer than its model's context, which it names only to a
+    request that does not stream."""
+
+
 def _fail(message: str, transient: bool = False) -> RunnerError:
     """`transient`: the server refused, failed or stalled; another attempt may succeed."""
     return RunnerError(message, p.ErrorType.PROVIDER, transient)
@@ -149,20 +155,42 @@ def chat(config: Config, messages: list[dict[str, Any]], on_text: Callable[[str]
     if config.model:
         body["model"] = config.model
     try:
-        response, conn = _request_with_retries(config, body)
         try:
-            if "text/event-stream" not in (response.getheader("Content-Type") or ""):
-                reply = _whole(response, on_text)  # a server that ignored "stream"
-            else:
-                reply = _stream(config, response, on_text)
-        finally:
-            conn.close()
+            reply = _ask(config, body, on_text)
+        except EmptyStream as exc:
+            raise _refusal_unstreamed(config, body) or exc from None
     except RunnerError as exc:
         # Every message goes through here, decoded (a key sent back JSON-escaped is
         # plain text only now): whatever the server echoed of the key, it is not kept.
         raise RunnerError(config.redact(exc.message), exc.error_type, exc.transient) from None
     reply.usage = usage(reply, reply.usage, messages)
     return reply
+
+
+def _ask(config: Config, body: dict[str, Any], on_text: Callable[[str], None]) -> Reply:
+    response, conn = _request_with_retries(config, body)
+    try:
+        if "text/event-stream" not in (response.getheader("Content-Type") or ""):
+            return _whole(response, on_text)  # a server that ignored "stream"
+        return _stream(config, response, on_text)
+    finally:
+        conn.close()
+
+
+def _refusal_unstreamed(config: Config, body: dict[str, Any]) -> RunnerError | None:
+    """The server's refusal of `body` asked again without streaming (a prompt too long for
+    its context: the tokens it counted); None if it takes it, or cannot say (then the empty
+    stream is all there is to tell). For one token where `body` limits them: a server that
+    refuses the field itself is not asked with it."""
+    plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    if "max_tokens" in plain:
+        plain["max_tokens"] = 1
+    try:
+        _, conn = _request_with_retries(config, plain)
+    except RunnerError as exc:
+        return None if exc.transient else exc
+    conn.close()
+    return None
 
 
 def usage(reply: Reply, reported: Any, messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -324,8 +352,10 @@ def _stream(config: Config, response: http.client.HTTPResponse,
         raise _fail(f"the LLM server's stream was cut after {len(parts)} pieces "
                     f"({_reason(exc)}); the partial reply is kept", transient=True) from exc
     if not finished and reply.finish_reason is None:
-        raise _fail(f"the LLM server's stream ended before the reply was complete (after "
-                    f"{len(parts)} pieces); the partial reply is kept", transient=True)
+        ended = EmptyStream if not parts else RunnerError
+        raise ended(f"the LLM server's stream ended before the reply was complete (after "
+                    f"{len(parts)} pieces); the partial reply is kept", p.ErrorType.PROVIDER,
+                    transient=True)
     tail = p.readable(held)  # a first half never followed by its second: U+FFFD, or none
     on_text(tail)
     reply.text = "".join(parts) + tail

@@ -114,6 +114,19 @@ def test_stream_cut_midway_keeps_the_partial_reply(
     assert job["output"] == "one two "
 
 
+def test_an_empty_stream_whose_request_the_server_takes_unstreamed_says_it_was_empty(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    """An empty stream is asked again unstreamed, for the server's refusal (llama-cpp-python
+    names a prompt too long for its context only so); one it takes says the stream was
+    empty, not a refusal of its own making."""
+    with FakeLLM(pieces=["one ", "two"], cut_after=0) as llm:
+        job = run_chat(make_supervisor, llm.base_url, OFFLOAD_LLM_MAX_TOKENS="64")
+        bodies = [request["body"] for request in llm.requests]
+    failed_with(job, "ended before the reply was complete (after 0 pieces)")
+    assert [(body.get("stream"), body.get("max_tokens")) for body in bodies] == [
+        (True, 64), (None, 1)] * (job.get("attempt") or 1), bodies  # at each attempt
+
+
 @pytest.mark.parametrize("kind", ["json", "sse"])
 def test_malformed_stream(make_supervisor: Callable[..., RunningSupervisor], kind: str) -> None:
     with FakeLLM(malformed=kind) as llm:

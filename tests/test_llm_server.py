@@ -188,7 +188,19 @@ def test_a_long_conversation_of_numbers_is_cut_to_the_context_the_server_counts(
     """Digits take a token each, three times the guess for prose: the earliest turns are
     left out until the server takes the prompt, not refused with a 400. A message that
     alone cannot fit says so, in words a user can act on."""
-    server, _ = model_server
+    _long_conversations_fit_or_say_so(model_server[0])
+
+
+def test_a_long_conversation_on_llama_cpp_python_is_cut_or_said_too_long(
+        fallback_server: Any) -> None:
+    """llama-cpp-python's server answers a streamed prompt longer than its context with
+    an empty stream, which failed twice as "stream ended ... after 0 pieces", whether its
+    earliest turns could go or not. Asked again unstreamed, it counts the tokens: the
+    conversation is cut, or said too long, as on llama-server."""
+    _long_conversations_fit_or_say_so(fallback_server)
+
+
+def _long_conversations_fit_or_say_so(server: Any) -> None:
     numbers = " ".join(str(n % 10) for n in range(500))  # 999 characters, 999 tokens
     turns: list[dict[str, str]] = []
     for _ in range(10):
@@ -196,18 +208,15 @@ def test_a_long_conversation_of_numbers_is_cut_to_the_context_the_server_counts(
     with server.client() as client:
         long_one = _chat(client, [*turns, {"role": "user", "content": "Say hello."}], 16)
         too_long = _chat(client, [{"role": "user", "content": numbers * 3}], 16)
-
-        def ended(job_id: str) -> Any:
-            job = client.get(f"/api/jobs/{job_id}").json()
-            return job["state"] in p.FINAL_STATES and job
-
-        done = [wait_for(functools.partial(ended, job_id), 60, 0.1, "the chat to end")
-                for job_id in (long_one, too_long)]
+        done = [wait_for(functools.partial(_ended, client, job_id), 120, 0.1,
+                         "the chat to end") for job_id in (long_one, too_long)]
     assert done[0]["state"] == "completed", json.dumps(done[0])[:800]
     assert done[0]["result"]["usage"]["prompt_tokens"] <= embedded.SLOT_CTX - 16
-    assert done[1]["state"] == "failed", json.dumps(done[1])[:800]
+    assert done[1]["state"] == "failed" and done[1]["attempt"] == 1, json.dumps(done[1])[:800]
     message = done[1]["error"]["message"]
-    assert "too long for the embedded model" in message and "increasing" not in message
+    assert message.startswith("the message is too long for the embedded model: with the "
+                              "system prompt (and its context) it takes "), message
+    assert "shorten it" in message and "increasing" not in message, message
 
 
 def test_chats_beyond_the_models_slots_wait_queued_saying_so(
@@ -318,32 +327,35 @@ def test_a_model_restarted_while_llama_server_is_missing_keeps_to_its_slots(
     assert [j["state"] for j in finals] == ["completed"] * 2, json.dumps(finals)[:1500]
 
 
-@pytest.fixture
-def another_llama_server(tmp_path: Path) -> Iterator[str]:
-    """llama-server started by hand, as another server (OPENAI_BASE_URL): its address."""
+@pytest.fixture(params=[embedded.LLAMA_SERVER, embedded.LLAMA_CPP_PYTHON])
+def another_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """llama-server, or llama-cpp-python's server, started by hand, as another server
+    (OPENAI_BASE_URL): its address."""
+    engine: str = request.param
     model = embedded.model_path(None)
-    if embedded.server_binary() is None or model is None:
+    if model is None or (engine == embedded.LLAMA_SERVER and embedded.server_binary() is None):
         pytest.skip("llama-server is not built here: run `python launch.py` (it builds it)")
     port = free_port()
-    with open(tmp_path / "llama-server.log", "ab") as out:
-        proc = subprocess.Popen(embedded.server_command(model, engine=embedded.LLAMA_SERVER),
-                                env=embedded.server_env(port, None, embedded.LLAMA_SERVER),
+    with open(tmp_path / "another-server.log", "ab") as out:
+        proc = subprocess.Popen(embedded.server_command(model, engine=engine),
+                                env=embedded.server_env(port, None, engine),
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
-        wait_for(lambda: embedded.answers(base_url, None), 120, 0.2, "llama-server to load")
+        wait_for(lambda: embedded.answers(base_url, None), 120, 0.2, f"{engine} to load")
         yield base_url
     finally:
         stop_process(proc)
 
 
 def test_a_conversation_longer_than_another_servers_context_says_so(
-        another_llama_server: str, make_server: Callable[..., Any]) -> None:
+        another_server: str, make_server: Callable[..., Any]) -> None:
     """Another server gets the whole conversation; one longer than its model's context
     failed with the server's own words, "HTTP 400 ... try increasing it" (its context,
-    which a chat's user cannot change)."""
-    server = make_server(env={"OPENAI_BASE_URL": another_llama_server})
+    which a chat's user cannot change), or, from llama-cpp-python's server, an empty
+    stream ("stream ended ... after 0 pieces")."""
+    server = make_server(env={"OPENAI_BASE_URL": another_server})
     numbers = " ".join(str(n % 10) for n in range(1500))  # a token a digit: 3,000
     with server.client() as client:
         job_id = _chat(client, [{"role": "user", "content": numbers}], 8)
@@ -351,18 +363,24 @@ def test_a_conversation_longer_than_another_servers_context_says_so(
     assert job["state"] == "failed" and job["attempt"] == 1, json.dumps(job)[:1500]
     message = job["error"]["message"]
     assert message.startswith("the conversation is too long for the model at "
-                              f"{another_llama_server}: it takes "), message
+                              f"{another_server}: it takes "), message
     assert "start a new conversation" in message and "HTTP 400" not in message, message
 
 
-def test_llama_cpp_python_server_stays_the_fallback(make_server: Callable[..., Any]) -> None:
+@pytest.fixture
+def fallback_server(make_server: Callable[..., Any]) -> Any:
+    """The embedded model on llama-cpp-python's server (OFFLOAD_LLM_ENGINE), loaded."""
     server = make_server(env={"OPENAI_BASE_URL": "", "OFFLOAD_MAX_CONCURRENT": "4",
                               "OFFLOAD_LLM_ENGINE": embedded.LLAMA_CPP_PYTHON})
     status = wait_for(lambda: (s := embedded.read_status(str(server.data_dir)) or {})
                       .get("ready") and s, 120, 0.2, "the embedded model to load")
     assert status["engine"] == embedded.LLAMA_CPP_PYTHON and status["slots"] == 1, status
     assert "llama_cpp.server" in " ".join(psutil.Process(status["pid"]).cmdline())
-    with server.client() as client:
+    return server
+
+
+def test_llama_cpp_python_server_stays_the_fallback(fallback_server: Any) -> None:
+    with fallback_server.client() as client:
         job_id = _chat(client, [{"role": "user", "content": "Say hello."}], 16)
         final = wait_for(lambda: (j := client.get(f"/api/jobs/{job_id}").json())["state"]
                          in p.FINAL_STATES and j, 120, 0.1, "the chat to end")
