@@ -257,6 +257,59 @@ def test_chats_beyond_the_models_slots_wait_queued_saying_so(
         json.dumps(finals)[:1500]
 
 
+def test_chats_held_by_their_own_cap_as_low_as_the_slots_say_both(
+        make_server: Callable[..., Any]) -> None:
+    """OFFLOAD_KIND_CAPS' chat=2 on a model of 2 slots: a third chat was said held by the
+    model's slots alone, with OFFLOAD_LLM_SLOTS as the way on, which alone starts none.
+    Both caps are named, and both ways on; once the chats' cap is raised, the slots
+    alone."""
+    from tests.test_cli import cli, start_cli
+
+    if embedded.server_binary() is None:
+        pytest.skip("llama-server is not built here: run `python launch.py` (it builds it)")
+    server = make_server(env={"OPENAI_BASE_URL": "", "OFFLOAD_MAX_CONCURRENT": "4",
+                              "OFFLOAD_LLM_SLOTS": "2", "OFFLOAD_KIND_CAPS": "train=1,chat=2",
+                              "OFFLOAD_LLM_ENGINE": "auto"})
+    wait_for(lambda: (embedded.read_status(str(server.data_dir)) or {}).get("ready"), 120,
+             0.2, "the embedded model to load")
+    with server.client() as client:
+        ids = [_chat(client, LONG, 1500) for _ in range(3)]
+
+        def third_held() -> dict[str, Any] | None:
+            job: dict[str, Any] = client.get(f"/api/jobs/{ids[2]}").json()
+            waits = job["waits_for"] or {}
+            return waits if job["state"] == "queued" and waits.get("running") == 2 else None
+
+        try:
+            waits = wait_for(third_held, 120, 0.1, "the third chat to be held")
+            listed = cli(server.url, "list", "--kind", "chat").stdout
+            waiting = start_cli(server.url, "wait", ids[2])
+            try:
+                assert waiting.stderr is not None
+                said = waiting.stderr.readline().decode()
+            finally:
+                waiting.kill()  # it waits for the chat; what it said first is all we need
+                waiting.communicate(timeout=30)
+            raised = cli(server.url, "parallel", "3", "--kind", "chat")
+            assert raised.returncode == 0, raised.stderr
+
+            def held_by_slots_alone() -> dict[str, Any] | None:
+                now = third_held()
+                return now if now and now.get("kind_cap") is None else None
+
+            after = wait_for(held_by_slots_alone, 30, 0.1, "the count with the chats' cap raised")
+            listed_after = cli(server.url, "list", "--kind", "chat").stdout
+        finally:
+            for job_id in ids:
+                client.delete(f"/api/jobs/{job_id}")
+    assert waits == {"reason": "model_slots", "model_slots": 2, "kind_cap": 2, "running": 2,
+                     "jobs": None}, waits
+    assert "held: kind chat's cap 2 and the model's 2 slots busy" in listed, listed
+    assert "raise both, with offload parallel N --kind chat and OFFLOAD_LLM_SLOTS" in said, said
+    assert after["reason"] == "model_slots" and after["model_slots"] == 2, after
+    assert "held: the embedded model's 2 slots busy" in listed_after, listed_after
+
+
 def _ended(client: httpx.Client, job_id: str) -> Any:
     job = client.get(f"/api/jobs/{job_id}").json()
     return job["state"] in p.FINAL_STATES and job

@@ -54,8 +54,12 @@ def note(job: dict[str, Any]) -> str:
         return _held(cap, waits, f"kind {kind} at its cap {cap}", f"kind {kind}'s cap {cap}")
     if reason == p.WAITS_MODEL_SLOTS:
         slots = waits.get(p.WAITS_MODEL_SLOTS)
-        return _held(slots, waits, f"the embedded model's {slots} slots busy",
-                     f"the embedded model's {slots} slots")
+        plural = "" if slots == 1 else "s"
+        if waits.get(p.WAITS_KIND_CAP) is not None:  # the chats' own cap, as low
+            both = f"kind {job.get(p.F_KIND)}'s cap {slots} and the model's {slots} slot{plural}"
+            return _held(slots, waits, f"{both} busy", both)
+        model = f"the embedded model's {slots} slot{plural}"
+        return _held(slots, waits, f"{model} busy", model)
     position = job.get(p.F_QUEUE_POSITION)
     return "" if position is None else f"{position} ahead in the queue"
 
@@ -71,11 +75,16 @@ def _held(cap: Any, waits: dict[str, Any], full: str, room_of: str) -> str:
 
 
 def remedy(job: dict[str, Any]) -> str:
-    """What gives a held job room: a higher cap of its kind, or more of the model's slots."""
+    """What gives a held job room: a higher cap of its kind, more of the model's slots,
+    or both where both hold it."""
     waits = job.get(p.F_WAITS_FOR)
-    if isinstance(waits, dict) and waits.get(p.WAITS_REASON) == p.WAITS_MODEL_SLOTS:
-        return "each chat takes one of the model's slots; OFFLOAD_LLM_SLOTS sets how many"
-    return f"offload parallel N --kind {job.get(p.F_KIND)}"
+    raise_cap = f"offload parallel N --kind {job.get(p.F_KIND)}"
+    if not isinstance(waits, dict) or waits.get(p.WAITS_REASON) != p.WAITS_MODEL_SLOTS:
+        return raise_cap
+    if waits.get(p.WAITS_KIND_CAP) is not None:
+        return (f"its kind's cap and the model's slots both hold it: raise both, with "
+                f"{raise_cap} and OFFLOAD_LLM_SLOTS")
+    return "each chat takes one of the model's slots; OFFLOAD_LLM_SLOTS sets how many"
 
 
 def _one_line(text: str, width: int) -> str:

@@ -277,7 +277,7 @@ class JobIndex:
         if self._refreshed_at is not None and now - self._refreshed_at <= max_age_s:
             return
         self._take_listing()
-        self._caps = kind_caps_now(self.dir, self.kind_caps, self.model_slots)
+        self._caps = kind_caps_now(self.dir, self.kind_caps)
         wall, looked_before = time.time(), now - QUEUED_LOOK_S
         next_in_line = self._positions[1].positions
         for job_id in list(self._watched):

@@ -29,15 +29,19 @@ class Count(NamedTuple):
 def count_positions(queued: Iterable[dict[str, Any]], running: dict[tuple[str, str], int],
                     caps: dict[str, int], model_slots: int | None = None) -> Count:
     """The places of `queued` (the jobs that wait for no other) and why each waits.
-    `running`: the live jobs by (kind, state), `caps`: the kinds' caps now (the chats' no
-    more than the embedded model's `model_slots`)."""
+    `running`: the live jobs by (kind, state), `caps`: the kinds' own caps now
+    (`kind_caps_now`); chats no more than the embedded model's `model_slots`."""
     # The supervisor's order: due jobs by priority, then submission; then the jobs
     # not due yet, soonest first. One waiting for another job has none, nor one its
     # kind's cap holds back (beyond the room its kind has now).
     now = time.time()
     ordered = sorted((_launch_order(job, now), str(job.get(p.F_KIND))) for job in queued)
-    running_now = {kind: running.get((kind, p.JobState.RUNNING.value), 0) for kind in caps}
-    room = {kind: cap - running_now[kind] for kind, cap in caps.items()}
+    in_use = dict(caps)
+    chats = embedded.kind_cap(embedded.CHAT_KIND, caps.get(embedded.CHAT_KIND), model_slots)
+    if chats is not None:
+        in_use[embedded.CHAT_KIND] = chats
+    running_now = {kind: running.get((kind, p.JobState.RUNNING.value), 0) for kind in in_use}
+    room = {kind: cap - running_now[kind] for kind, cap in in_use.items()}
     positions: dict[str, int] = {}
     waits: dict[str, dict[str, Any]] = {}
     for order, kind in ordered:
@@ -46,7 +50,8 @@ def count_positions(queued: Iterable[dict[str, Any]], running: dict[tuple[str, s
         if kind in room:
             if room[kind] <= 0:
                 if order[0] == 0.0:  # due: its kind's cap alone holds it
-                    waits[job_id] = _held(kind, caps[kind], running_now[kind], model_slots)
+                    waits[job_id] = _held(kind, in_use[kind], running_now[kind],
+                                          caps.get(kind), model_slots)
                 continue
             room[kind] -= 1
         positions[job_id] = len(positions)
@@ -54,12 +59,15 @@ def count_positions(queued: Iterable[dict[str, Any]], running: dict[tuple[str, s
     return Count(positions, waits, next_due)
 
 
-def _held(kind: str, cap: int, running: int, model_slots: int | None) -> dict[str, Any]:
-    """`waits_for` of a due job its kind's cap holds back: for chats, the embedded model's
-    slots where they are the cap."""
+def _held(kind: str, cap: int, running: int, own_cap: int | None, model_slots: int | None
+          ) -> dict[str, Any]:
+    """`waits_for` of a due job its kind's cap (`cap`, in use) holds back: for chats, the
+    embedded model's slots where they are the cap, and the chats' `own_cap` with them where
+    it is as low (more slots alone would start none)."""
     if kind == embedded.CHAT_KIND and cap == model_slots:
-        return {p.WAITS_REASON: p.WAITS_MODEL_SLOTS, p.WAITS_MODEL_SLOTS: cap,
+        held = {p.WAITS_REASON: p.WAITS_MODEL_SLOTS, p.WAITS_MODEL_SLOTS: cap,
                 "running": running}
+        return {**held, p.WAITS_KIND_CAP: own_cap} if own_cap == cap else held
     return {p.WAITS_REASON: p.WAITS_KIND_CAP, p.WAITS_KIND_CAP: cap, "running": running}
 
 
@@ -72,17 +80,14 @@ def waiting_for_jobs(job: dict[str, Any], waited: list[str]) -> dict[str, Any]:
     return {p.WAITS_REASON: p.F_AFTER, "jobs": waited}
 
 
-def kind_caps_now(jobs_dir: Path, kind_caps: dict[str, int], model_slots: int | None = None
-                  ) -> dict[str, int]:
-    """The settings' caps, and over them those set while running (`queue.cap`); chats
-    held to the embedded model's slots, as the supervisor holds them."""
+def kind_caps_now(jobs_dir: Path, kind_caps: dict[str, int]) -> dict[str, int]:
+    """The kinds' own caps: the settings', and over them those set while running
+    (`queue.cap`)."""
     try:
         _, set_now = control.queue_caps(jobs_dir.parent)
     except OSError:  # out of file handles, say: the settings' caps meanwhile
         set_now = {}
-    caps = {**kind_caps, **set_now}
-    chats = embedded.kind_cap(embedded.CHAT_KIND, caps.get(embedded.CHAT_KIND), model_slots)
-    return caps if chats is None else {**caps, embedded.CHAT_KIND: chats}
+    return {**kind_caps, **set_now}
 
 
 def awaited(job: dict[str, Any]) -> list[str]:
