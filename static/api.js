@@ -147,11 +147,11 @@ export async function errorDetail(res) {
  * JSON request that never throws. Returns {ok, status, data, error}.
  * `source` names the caller for the #net-error banner (optional).
  */
-export async function apiJSON(path, { method = "GET", body, source, signal } = {}) {
-  const options = { method, signal };
+export async function apiJSON(path, { method = "GET", body, source, signal, headers = {} } = {}) {
+  const options = { method, signal, headers };
   if (body !== undefined) {
     options.body = JSON.stringify(body);
-    options.headers = { "Content-Type": "application/json" };
+    options.headers = { ...headers, "Content-Type": "application/json" };
   }
   try {
     const res = await apiFetch(path, options);

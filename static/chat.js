@@ -122,9 +122,9 @@ async function send(text) {
   const placeholder = { placeholder: true, li };
   pending = placeholder;
   updateButtons();
-  // Sent before, its answer never came: asked again only if the server has no such turn.
+  // Sent before, its answer never came: sent again as it was, with its key, the server
+  // answers the turn it took (if it did) instead of storing the question twice.
   const lost = lostBubble(text);
-  if (lost) requestSync();
   // Turns another tab added, still loading: the question carries them.
   while (syncing) await syncing;
   const unsent = () => {
@@ -134,14 +134,19 @@ async function send(text) {
     updateButtons();
   };
   if (session !== SESSION || (lost && !lost.isConnected)) { unsent(); return; }
+  if (lost) {
+    lost.asked?.remove();  // this bubble stands for it now
+    lost.remove();
+  }
+  const key = lost ? lost.key : newId();
+  const body = lost ? lost.body : { messages: messagesFor(log, text, session), session_id: session };
   let sent;
   sending = new Promise((resolve) => { sent = resolve; });
   try {
     // No `source`: a one-off call says its failure in its bubble, not in the banner
     // (which would say "retrying" until the next message).
     const r = await askInTime("/api/ai_chat_async", {
-      method: "POST",
-      body: { messages: messagesFor(log, text, session), session_id: session },
+      method: "POST", body, headers: { "Idempotency-Key": key },
     });
     if (session !== SESSION) {
       // Forgotten while it was being sent: it goes too (it may have landed after the erase).
@@ -157,14 +162,17 @@ async function send(text) {
       setFinal(li, "failed", `Error: ${error || "no job id returned"}`,
         unanswered ? "Its reply shows here if the server took it; else send it again." : "");
       if (!input.value) input.value = text;  // to send again as it was, not typed again
-      if (unanswered) {
-        li.unanswered = text;
+      // Its key sent before may still make a turn (a server that took the first late).
+      if (unanswered || lost) {
+        Object.assign(li, { unanswered: text, key, body });
         li.cancelled = placeholder.cancelled;  // and stopped once found
         lookFor(li);
       }
       updateButtons();
       return;
     }
+    // Found meanwhile, as the turn of its key sent before: shown there already.
+    if (log.querySelector(`li.msg.assistant[data-job-id="${r.data.job_id}"]`)) { unsent(); return; }
     li.dataset.jobId = r.data.job_id;
     say("");  // a forget said done or failed, a load failed: the conversation goes on
     const p = follow(li, r.data.job_id, "queued");
@@ -279,14 +287,28 @@ function onStorage(ev) {
 async function lookFor(li) {
   for (const wait of [0, ...LOOK_AGAIN_MS]) {
     await new Promise((res) => setTimeout(res, wait));
-    if (!li.isConnected) return;  // found (or forgotten)
-    requestSync();
+    if (!li.isConnected) return;  // found, sent again (or forgotten)
+    await findLost();
   }
 }
 
-/** The reply's bubble of `question` sent here whose answer never came, if any. */
-const lostBubble = (question) => [...log.querySelectorAll("li.msg.assistant:not([data-job-id])")]
-  .find((el) => el.unanswered && el.unanswered === question);
+/** Ask the server which turn each question whose answer never came made, by its key (its
+ * text may be another tab's question too), then show the turns found in their place. */
+async function findLost() {
+  for (const li of lostBubbles()) {
+    if (li.turnId) continue;
+    const r = await askInTime("/api/ai_chat_async", { headers: { "Idempotency-Key": li.key } });
+    if (r.ok && r.data && typeof r.data.job_id === "string") li.turnId = r.data.job_id;
+  }
+  requestSync();
+}
+
+/** The reply's bubbles of questions sent here whose answer never came. */
+const lostBubbles = () => [...log.querySelectorAll("li.msg.assistant:not([data-job-id])")]
+  .filter((el) => el.unanswered);
+
+/** The one of `question`, to send again with its key, if any. */
+const lostBubble = (question) => lostBubbles().find((el) => el.unanswered === question);
 
 /** Show the server's turns of this conversation the page does not show yet, each after
  * the turns before it, following those still answering. */
@@ -299,7 +321,7 @@ function showTurns(turns) {
     const have = turn.job_id && shown.get(turn.job_id);
     if (have) { after = have; continue; }
     const li = makeTurn(turn);
-    const lost = lostBubble(turn.question);
+    const lost = turn.job_id && lostBubbles().find((el) => el.turnId === turn.job_id);
     if (lost) {
       // Sent here, its answer cut: the error it showed was this turn, which the server had.
       li.asked = lost.asked;
@@ -389,7 +411,7 @@ export function initChat() {
   // Back to this tab: what another tab added meanwhile (its news may have been missed).
   document.addEventListener("visibilitychange", () => { if (!document.hidden) requestSync(); });
   // Back online: a question taken as the network went down is looked for again.
-  window.addEventListener("online", () => requestSync());
+  window.addEventListener("online", () => { findLost().catch(() => {}); });
   if (sessionExisted) {
     // Its turns first: a message sent meanwhile went without them (and showed twice).
     restoring = true;

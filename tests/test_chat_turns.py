@@ -212,6 +212,44 @@ def test_a_conversation_is_erased_with_all_it_left(make_server: MakeServer) -> N
     assert "A chat of another session" in on_disk
 
 
+def test_a_question_sent_again_with_its_key_is_one_turn_found_by_its_key(
+        make_server: MakeServer) -> None:
+    # A question sent again after its answer was lost (a page's 30 s given up) was stored
+    # twice: the chat took no Idempotency-Key, and a lost turn could be found by its text
+    # alone, which another tab's turn could share.
+    with FakeLLM(pieces=["Fine."]) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        question = {"messages": [{"role": "user", "content": "How is the CPU?"}],
+                    "session_id": "keyed"}
+        keyed = {"Idempotency-Key": "question-1"}
+        with server.client() as client:
+            unsent = client.get("/api/ai_chat_async", headers=keyed)
+            assert unsent.status_code == 404 and "Idempotency-Key" in unsent.json()["detail"]
+            first = client.post("/api/ai_chat_async", json=question, headers=keyed)
+            again = client.post("/api/ai_chat_async", json=question, headers=keyed)
+            assert first.status_code == again.status_code == 200, again.text
+            job_id = first.json()["job_id"]
+            assert again.json() == first.json() == {"job_id": job_id, "status": "processing"}
+            assert client.get("/api/ai_chat_async", headers=keyed).json() == first.json()
+            other = client.post("/api/ai_chat_async", headers=keyed, json={
+                **question, "messages": [{"role": "user", "content": "Another one"}]})
+            assert other.status_code == 422 and job_id in other.json()["detail"], other.text
+            final(client, job_id)
+            # The seed's frontend sends no key: each of its questions is a turn.
+            final(client, ask(client, "How is the CPU?", session_id="keyed"))
+            turns = client.get("/api/sessions/keyed").json()["turns"]
+            assert [t["question"] for t in turns] == ["How is the CPU?"] * 2
+            assert turns[0]["job_id"] == job_id
+            trained = client.post("/api/jobs", json={"kind": "train", "input": {}},
+                                  headers={"Idempotency-Key": "not-a-chat"})
+            assert trained.status_code == 202, trained.text
+            assert client.get("/api/ai_chat_async",
+                              headers={"Idempotency-Key": "not-a-chat"}).status_code == 404
+            assert client.delete("/api/sessions/keyed").json()["erased"] == 2
+            assert client.get("/api/ai_chat_async", headers=keyed).status_code == 404
+    assert len(llm.requests) == 2
+
+
 def test_an_empty_session_id_is_no_conversation(make_server: MakeServer) -> None:
     """`session_id: ""` names no session: such chats do not wait for one another."""
     with FakeLLM(gated="first question") as llm:

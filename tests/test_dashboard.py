@@ -253,6 +253,21 @@ def test_a_message_that_could_not_be_sent_leaves_no_banner(page: Any, server: Se
     page.wait_for_selector("#net-error", state="hidden", timeout=30_000)
 
 
+def route_questions(page: Any, handler: Callable[[Any], Any]) -> None:
+    """Route the questions the page sends (`POST /api/ai_chat_async`) to `handler`; its
+    look-ups of a lost question's turn by its key (`GET`) go to the server."""
+    page.route("**/api/ai_chat_async", lambda route: handler(route)
+               if route.request.method == "POST" else route.continue_())
+
+
+def sent_again(server: Server, route: Any) -> httpx.Response:
+    """The question a route holds, as the stalled server takes it late: its body and key."""
+    keyed = {name: value for name, value in route.request.headers.items()
+             if name.lower() in ("content-type", "idempotency-key")}
+    return httpx.post(f"{server.url}/api/ai_chat_async", headers=keyed,
+                      content=route.request.post_data_buffer)
+
+
 @pytest.mark.parametrize("cut", ["connection reset", "proxy timeout"])
 def test_a_question_whose_answer_was_cut_shows_its_reply(page: Any, server: Server,
                                                          cut: str) -> None:
@@ -267,7 +282,7 @@ def test_a_question_whose_answer_was_cut_shows_its_reply(page: Any, server: Serv
         else:
             route.abort("connectionreset")
 
-    page.route("**/api/ai_chat_async", take_then_cut)
+    route_questions(page, take_then_cut)
     page.goto(server.url)
     page.fill("#chat-input", "How is the CPU?")
     page.press("#chat-input", "Enter")
@@ -292,7 +307,7 @@ def test_a_question_the_server_took_but_never_answered_shows_its_reply(
     # The server took the question and its answer never came: the bubble said "sending…",
     # Send stayed disabled, and the reply running on the server showed only after a reload.
     taken: list[Any] = []
-    page.route("**/api/ai_chat_async", lambda route: taken.append(route.fetch()))
+    route_questions(page, lambda route: taken.append(route.fetch()))
     page.clock.install()
     page.goto(server.url)
     page.fill("#chat-input", "How is the CPU?")
@@ -312,7 +327,7 @@ def test_a_question_the_server_took_after_the_page_gave_up_shows_its_reply(
     # A server stalled past the page's 30 s stored the question after the page had looked
     # for it: its reply ran on the server, shown nowhere until a reload.
     held: list[Any] = []
-    page.route("**/api/ai_chat_async", lambda route: held.append(route))
+    route_questions(page, lambda route: held.append(route))
     page.clock.install()
     page.goto(server.url)
     page.fill("#chat-input", "How is the CPU?")
@@ -322,10 +337,7 @@ def test_a_question_the_server_took_after_the_page_gave_up_shows_its_reply(
     page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
                            "?.dataset.state === 'failed'", timeout=20_000)
     page.wait_for_timeout(1000)  # looked for once, in vain
-    # The stalled server takes it now, as it was sent.
-    taken = httpx.post(f"{server.url}/api/ai_chat_async",
-                       content=held[0].request.post_data_buffer,
-                       headers={"Content-Type": "application/json"})
+    taken = sent_again(server, held[0])  # the stalled server takes it now, as it was sent
     assert taken.status_code == 200
     page.clock.fast_forward("02:00")
     completed_shown(page, 1)
@@ -347,7 +359,7 @@ def test_a_question_waiting_on_the_token_form_is_not_given_up(page: Any, server:
         route.fulfill(status=401, content_type="application/json",
                       body='{"detail": "a valid API token is needed"}')
 
-    page.route("**/api/ai_chat_async", refuse_once)
+    route_questions(page, refuse_once)
     page.clock.install()
     page.goto(server.url)
     page.fill("#chat-input", "How is the CPU?")
@@ -364,7 +376,7 @@ def test_a_question_never_answered_is_given_back_and_sent_once(
         page: Any, server: Server, llm: FakeLLM) -> None:
     # Held by a server that never answered, the question said "sending…" until a reload.
     held: list[Any] = []
-    page.route("**/api/ai_chat_async", lambda route: held.append(route))
+    route_questions(page, lambda route: held.append(route))
     page.clock.install()
     page.goto(server.url)
     page.fill("#chat-input", "How is the CPU?")
@@ -382,6 +394,60 @@ def test_a_question_never_answered_is_given_back_and_sent_once(
     page.wait_for_selector("#chat-log li.msg.assistant[data-state='completed']", timeout=30_000)
     assert len(llm.requests) == 1
     assert page.input_value("#chat-input") == ""
+
+
+def test_a_question_sent_again_before_the_stalled_server_stored_it_is_one_turn(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # Given up after 30 s and sent again, the question was stored twice once the stalled
+    # server took the first: two turns, two replies of the model.
+    held: list[Any] = []
+    route_questions(page, lambda route: held.append(route))
+    page.clock.install()
+    page.goto(server.url)
+    page.fill("#chat-input", "How is the CPU?")
+    page.press("#chat-input", "Enter")
+    routed(page, held, "the question sent")
+    page.clock.fast_forward("00:31")
+    page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                           "?.dataset.state === 'failed'", timeout=20_000)
+    page.unroute("**/api/ai_chat_async")
+    page.press("#chat-input", "Enter")  # sent again, as it was given back
+    completed_shown(page, 1)
+    assert sent_again(server, held[0]).status_code == 200  # the first, taken late
+    session = page.evaluate("localStorage.getItem('offload-session')")
+    turns = httpx.get(f"{server.url}/api/sessions/{session}").json()["turns"]
+    assert [turn["question"] for turn in turns] == ["How is the CPU?"]
+    assert questions_shown(page) == ["How is the CPU?"]
+    assert len(llm.requests) == 1
+
+
+def test_a_lost_question_is_not_stood_for_by_another_tabs_of_the_same_text(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # Its answer lost, a question was looked for by its text: another tab's turn asking
+    # the same stood for it, and the question, never stored, was taken out of the box.
+    route_questions(page, lambda route: route.abort("connectionreset"))  # never taken
+    page.goto(server.url)
+    page.fill("#chat-input", "How is the CPU?")
+    page.press("#chat-input", "Enter")
+    page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                           "?.dataset.state === 'failed'", timeout=20_000)
+    other = page.context.new_page()
+    other.goto(server.url)
+    other.wait_for_function("!document.querySelector('#chat-send').disabled", timeout=20_000)
+    other.fill("#chat-input", "How is the CPU?")
+    other.press("#chat-input", "Enter")
+    completed_shown(other, 1)
+    completed_shown(page, 1)  # told of it, as of any turn of another tab
+    page.wait_for_timeout(1000)
+    assert page.locator("#chat-log li.msg.assistant[data-state='failed']").count() == 1
+    assert page.input_value("#chat-input") == "How is the CPU?"
+    page.unroute("**/api/ai_chat_async")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 2)
+    session = page.evaluate("localStorage.getItem('offload-session')")
+    turns = httpx.get(f"{server.url}/api/sessions/{session}").json()["turns"]
+    assert [turn["question"] for turn in turns] == ["How is the CPU?"] * 2
+    assert len(llm.requests) == 2
 
 
 def test_a_question_too_long_for_the_server_is_said_and_kept(page: Any, server: Server) -> None:
@@ -416,7 +482,7 @@ def test_a_question_taken_as_the_network_went_down_shows_its_reply_once_it_is_ba
         page.context.set_offline(True)
         route.abort("internetdisconnected")
 
-    page.route("**/api/ai_chat_async", take_then_go_offline)
+    route_questions(page, take_then_go_offline)
     page.goto(server.url)
     page.fill("#chat-input", "How is the CPU?")
     page.press("#chat-input", "Enter")
@@ -502,6 +568,7 @@ def test_a_forget_the_server_never_answers_is_given_up(page: Any, server: Server
     page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
                            " === 'Could not forget it: no answer'", timeout=20_000)
     assert page.is_enabled("#chat-forget") and page.is_enabled("#chat-send")
+
 
 
 def test_a_conversation_forgotten_while_its_reply_stops_is_all_gone(
@@ -782,7 +849,7 @@ def test_a_reply_cancelled_while_its_question_is_sent_is_cancelled(
     with FakeLLM(pieces=["word "] * 200, delay_s=0.1) as slow:
         server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
         held: list[Any] = []
-        page.route("**/api/ai_chat_async", lambda route: held.append(route))
+        route_questions(page, lambda route: held.append(route))
         page.goto(server.url)
         page.fill("#chat-input", "Tell me everything.")
         page.press("#chat-input", "Enter")
@@ -807,7 +874,7 @@ def test_a_reply_cancelled_while_its_question_is_sent_then_cut_is_cancelled(
     with FakeLLM(pieces=["word "] * 200, delay_s=0.1) as slow:
         server = make_server(env={"OPENAI_BASE_URL": slow.base_url})
         held: list[Any] = []
-        page.route("**/api/ai_chat_async", lambda route: held.append(route))
+        route_questions(page, lambda route: held.append(route))
         page.goto(server.url)
         page.fill("#chat-input", "Tell me everything.")
         page.press("#chat-input", "Enter")

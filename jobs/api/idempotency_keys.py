@@ -52,12 +52,16 @@ def fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: 
     return hashlib.sha256(body.encode()).hexdigest()
 
 
-def find(store: JobStore, key: Key) -> dict[str, Any] | Claim | None:
-    """The job the key created; its claim if that job is not there; None if unclaimed."""
+def _claim(store: JobStore, name: str) -> Claim | None:
     try:
-        claim = store.keys.read(key.name)
+        return store.keys.read(name)
     except OSError as exc:
         raise StoreUnavailable(f"cannot read the Idempotency-Key's record: {exc}") from exc
+
+
+def find(store: JobStore, key: Key) -> dict[str, Any] | Claim | None:
+    """The job the key created; its claim if that job is not there; None if unclaimed."""
+    claim = _claim(store, key.name)
     if claim is None or claim.job_id is None:
         return claim
     if claim.fingerprint != key.fingerprint:
@@ -68,6 +72,18 @@ def find(store: JobStore, key: Key) -> dict[str, Any] | Claim | None:
         return store.read(claim.job_id)
     except JobNotFound:
         return claim
+
+
+def made_by(store: JobStore, idempotency_key: str) -> dict[str, Any] | None:
+    """The job a request with this key stored; None while there is none (never sent,
+    still being stored, or removed since)."""
+    claim = _claim(store, key_name(idempotency_key))
+    if claim is None or claim.job_id is None:
+        return None
+    try:
+        return store.read(claim.job_id)
+    except JobNotFound:
+        return None
 
 
 async def unblock(store: JobStore, key: Key, claim: Claim, give_up_at: float) -> None:

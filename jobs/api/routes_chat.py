@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path
+from fastapi import APIRouter, Header, HTTPException, Path
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
-from jobs.api.routes_jobs import REFUSED, Service
+from jobs.api.routes_jobs import REFUSED, IdempotencyKey, Service
 from jobs.inputs import ChatInput
 from jobs.models import ChatResult, ChatUsage, Submitted
 from jobs.store.job_store import JobNotFound
@@ -19,9 +19,25 @@ router = APIRouter(prefix="/api", tags=["chat"])
 
 
 @router.post("/ai_chat_async", response_model=Submitted, responses=REFUSED)
-async def ai_chat_async(body: ChatInput, service: Service) -> dict[str, Any]:
-    """Start a chat; answers at once with the job id to poll."""
-    job = await service.submit("chat", body.model_dump(mode="json", exclude_none=True), None)
+async def ai_chat_async(body: ChatInput, service: Service,
+                        idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+    """Start a chat; answers at once with the job id to poll. With an Idempotency-Key, the
+    same question sent again answers the chat the first one started."""
+    job = await service.submit("chat", body.model_dump(mode="json", exclude_none=True), None,
+                               idempotency_key)
+    return {"job_id": job[p.F_ID], "status": "processing"}
+
+
+@router.get("/ai_chat_async", response_model=Submitted,
+            responses={404: {"description": "no chat was started with this Idempotency-Key"}})
+async def chat_of_key(service: Service, idempotency_key: Annotated[str, Header(
+        alias="Idempotency-Key", min_length=1, max_length=255)]) -> dict[str, Any]:
+    """What the `POST` with this Idempotency-Key answered, without sending it again: a
+    page whose answer was lost finds its turn by the key, not by the question's text."""
+    job = await run_in_threadpool(service.chat_of_key, idempotency_key)
+    if job is None:
+        raise HTTPException(404, "no chat was started with this Idempotency-Key (yet): "
+                                 "look again in a moment, or send the question again with it")
     return {"job_id": job[p.F_ID], "status": "processing"}
 
 

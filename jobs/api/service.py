@@ -32,6 +32,7 @@ from jobs.api.idempotency_keys import (
     being_stored,
     find,
     fingerprint,
+    made_by,
     unblock,
 )
 from jobs.api.small_io import SmallIO
@@ -374,6 +375,11 @@ class JobService:
 
     def session(self, session_id: str) -> list[dict[str, Any]]:
         return self.turns.listing(session_id)
+
+    def chat_of_key(self, idempotency_key: str) -> dict[str, Any] | None:
+        """The chat a request with this Idempotency-Key stored, if there is one."""
+        job = made_by(self.store, idempotency_key)
+        return job if job is not None and job.get(p.F_KIND) == "chat" else None
 
     async def erase_session(self, session_id: str) -> tuple[int, list[str]]:
         return await self.turns.erase(session_id)
