@@ -199,6 +199,10 @@ async function cancel() {
 async function cancelReply(p) {
   if (document.activeElement === cancelBtn) input.focus();  // as updateButtons says
   cancelBtn.disabled = true;
+  if (p.unconfirmed) {
+    part(p.li, "note").textContent = "";  // asked again: the last one's word is no more
+    p.unconfirmed = false;
+  }
   const r = await askInTime(`/api/jobs/${encodeURIComponent(p.jobId)}`, { method: "DELETE" });
   if (r.ok && r.data && r.data.state === "cancelled" && !p.done) {
     // The stream will normally report it too; finishing here is idempotent.
@@ -207,9 +211,18 @@ async function cancelReply(p) {
     cancelBtn.disabled = false; // 409: already finished; the stream will tell
     // Another refusal (a data folder that cannot be written) went unsaid: it answers on.
     // Taken but not stopped yet when answered (200, `running`): the stream says its end.
-    if (!r.ok && r.status && r.status !== 409) part(p.li, "note").textContent = `Could not cancel it: ${r.error}`;
+    // No answer (given up after 30 s, a cut connection): the reply went on, nothing said.
+    const note = part(p.li, "note");
+    if (!r.ok && r.status && r.status !== 409) note.textContent = `Could not cancel it: ${r.error}`;
+    else if (!r.ok && !r.status) {
+      note.textContent = `Cancel not confirmed: ${noAnswer(r)}. Press Cancel again to be sure.`;
+      p.unconfirmed = true;
+    }
   }
 }
+
+/** What a call without an answer says: given up after ANSWER_WAIT_MS, or why it failed. */
+const noAnswer = (r) => (r.late ? `no answer from the server in ${ANSWER_WAIT_MS / 1000} s` : r.error);
 
 /** Delete this conversation from the server (its answering turns are stopped first),
  * then start a new one. */

@@ -939,10 +939,15 @@ def test_a_cancel_the_server_never_answers_can_be_pressed_again(
         page.clock.fast_forward("00:31")
         page.wait_for_function("!document.querySelector('#chat-cancel').disabled",
                                timeout=20_000)
+        # Given up, it said nothing: the reply went on as if the cancel was being done.
+        assert page.text_content("#chat-log li.msg.assistant .note") == (
+            "Cancel not confirmed: no answer from the server in 30 s. Press Cancel again to "
+            "be sure.")
         page.unroute("**/api/jobs/*")
         page.click("#chat-cancel")
         page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
                                timeout=20_000)
+        assert page.text_content("#chat-log li.msg.assistant .note") == "Cancelled."
 
 
 def test_a_long_reply_is_followed_to_its_end(page: Any,
