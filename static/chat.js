@@ -26,6 +26,7 @@ let syncing = null;         // the turns being loaded from the server (a promise
 let syncAgain = false;      // told of a change while loading: load again after
 let sending = Promise.resolve();  // a question on its way (its turn has no id yet)
 let dropping = false;       // this page's copy being dropped: its ends are not news
+let unconfirmed = null;     // the conversation whose forget had no answer: it may be gone
 
 let form, input, sendBtn, cancelBtn, forgetBtn, forgetNote, log;
 
@@ -134,6 +135,11 @@ async function send(text) {
     updateButtons();
   };
   if (session !== SESSION || (lost && !lost.isConnected)) { unsent(); return; }
+  if (unconfirmed === session && !(await stillThere(session))) {
+    unsent();
+    if (!input.value) input.value = text;
+    return;
+  }
   if (lost) {
     lost.asked?.remove();  // this bubble stands for it now
     lost.remove();
@@ -243,10 +249,23 @@ async function forget() {
   }
   forgetting = false;
   updateButtons();
-  if (!r.ok) {
-    say(`Could not forget it: ${r.error || "no answer"}`);
+  if (!r.status) {
+    // Given up, it may be done all the same: the next question asks first (it would store
+    // the forgotten turns again).
+    unconfirmed = session;
+    say(`Forget not confirmed: ${noAnswer(r)}. Press Forget again to be sure.`);
     return;
   }
+  if (!r.ok) {
+    say(`Could not forget it: ${r.error}`);
+    return;
+  }
+  forgotten(session);
+  say("Forgotten: a new conversation starts here.");
+}
+
+/** `session` is gone from the server: a new conversation starts here and in the other tabs. */
+function forgotten(session) {
   const next = newId();
   startOver(next);
   try {
@@ -255,7 +274,26 @@ async function forget() {
     localStorage.setItem(FORGOTTEN_KEY, JSON.stringify({ session, next }));
     localStorage.setItem(SESSION_KEY, next);
   } catch { /* keep in memory only */ }
-  say("Forgotten: a new conversation starts here.");
+}
+
+/** Whether the server still has every turn of `session` shown here, after a forget it did
+ * not answer; if not, the page drops them as a forget does. Said under the chat when not. */
+async function stillThere(session) {
+  const r = await askInTime(`/api/sessions/${encodeURIComponent(session)}`);
+  if (session !== SESSION) return false;
+  if (!r.ok || !r.data || !Array.isArray(r.data.turns)) {
+    say(`Not sent: whether the forget was done is not known (${noAnswer(r)}). Send it again, or press Forget again.`);
+    return false;
+  }
+  const kept = new Set(r.data.turns.map((turn) => turn.job_id));
+  const shown = [...log.querySelectorAll("li.msg.assistant[data-job-id]")];
+  if (shown.every((li) => kept.has(li.dataset.jobId))) {
+    unconfirmed = null;
+    return true;
+  }
+  forgotten(session);
+  say("Forgotten after all (the server was slow to answer): a new conversation starts here. Your question is kept in the box.");
+  return false;
 }
 
 /** This page's copy of the conversation dropped: `session` is the one that goes on. */

@@ -566,9 +566,57 @@ def test_a_forget_the_server_never_answers_is_given_up(page: Any, server: Server
     routed(page, held, "the forget sent")
     page.clock.fast_forward("00:31")
     page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
-                           " === 'Could not forget it: no answer'", timeout=20_000)
+                           ".startsWith('Forget not confirmed')", timeout=20_000)
+    assert page.text_content("#chat-forget-note") == (
+        "Forget not confirmed: no answer from the server in 30 s. Press Forget again to be "
+        "sure.")
     assert page.is_enabled("#chat-forget") and page.is_enabled("#chat-send")
 
+
+@pytest.mark.parametrize("done_late", [True, False])
+def test_a_forget_the_server_did_after_the_page_gave_up_is_not_undone_by_a_question(
+        page: Any, server: Server, llm: FakeLLM, done_late: bool) -> None:
+    # Given up after 30 s, the forget said "Could not forget it: no answer" and the page
+    # kept the conversation: the server erased it late, and the next question stored the
+    # forgotten turns again, in its input. Not done, the conversation goes on.
+    with server.client() as client:
+        first = stored_turn(client, "forgotten-late", "My secret is quokka-swordfish.")["id"]
+    held: list[Any] = []
+    page.route("**/api/sessions/**", lambda route: held.append(route)
+               if route.request.method == "DELETE" else route.continue_())
+    page.add_init_script("localStorage.setItem('offload-session', 'forgotten-late')")
+    page.clock.install()
+    page.goto(server.url)
+    page.wait_for_selector(f"#chat-log li[data-job-id='{first}'][data-state='completed']",
+                           timeout=30_000)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#chat-forget")
+    routed(page, held, "the forget sent")
+    page.clock.fast_forward("00:31")
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           ".startsWith('Forget not confirmed')", timeout=20_000)
+    page.fill("#chat-input", "What is my secret?")
+    if not done_late:
+        page.press("#chat-input", "Enter")
+        completed_shown(page, 2)
+        asked = [m["content"] for m in llm.requests[-1]["body"]["messages"]
+                 if m["role"] == "user"]
+        assert asked == ["My secret is quokka-swordfish.", "What is my secret?"], asked
+        assert page.text_content("#chat-forget-note") == ""
+        return
+    erased = httpx.delete(f"{server.url}/api/sessions/forgotten-late")  # done late
+    assert erased.json()["erased"] == 1, erased.text
+    page.press("#chat-input", "Enter")
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           ".startsWith('Forgotten after all')", timeout=20_000)
+    assert page.locator("#chat-log li").count() == 0
+    assert page.input_value("#chat-input") == "What is my secret?"
+    assert httpx.get(f"{server.url}/api/sessions/forgotten-late").json()["turns"] == []
+    assert page.evaluate("localStorage.getItem('offload-session')") != "forgotten-late"
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 1)
+    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] != "system"]
+    assert asked == ["What is my secret?"], asked
 
 
 def test_a_conversation_forgotten_while_its_reply_stops_is_all_gone(
