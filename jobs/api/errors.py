@@ -32,7 +32,8 @@ NOT_AN_OBJECT = frozenset({"missing", "model_attributes_type", "model_type", "di
 NOT_IN_BOUNDS = frozenset({"greater_than", "greater_than_equal", "less_than",
                            "less_than_equal", "finite_number", "float_parsing", "float_type"})
 NOTHING_STORED = "Nothing was stored."  # a refusal for room, of a job alone
-FREE_SPACE_ADVICE = "the data folder's disk is full: free some space on it, then retry"  # a 507's
+FREE_SPACE = "the data folder's disk is full: free some space on it"  # a 507's
+FREE_SPACE_ADVICE = f"{FREE_SPACE}, then retry"
 
 
 class _Answer(JSONResponse):
@@ -84,7 +85,8 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StoreUnavailable)
     request.app.state.service.failed_to_write(str(exc))  # /api/health says so
     if exc.disk_full:
-        return _detail(507, f"{exc}. {exc.outcome}; {FREE_SPACE_ADVICE}.")
+        return _detail(507, f"{exc}. {exc.outcome}; "
+                            f"{FREE_SPACE_ADVICE if exc.retry else FREE_SPACE}.")
     return _detail(503, f"{exc}. {exc.outcome}; check that the data folder exists, is "
                         "writable and has free space, then retry.")
 

@@ -183,8 +183,8 @@ def _server_stopping() -> HTTPException:
 @router.delete("/jobs/{job_id}", response_model=Job, responses={
     **NO_JOB, 409: {"description": "the job has finished: there is nothing to cancel"},
     503: {"description": "the data folder cannot be written: the cancel was not recorded"},
-    507: {"description": "the data folder's disk is full: the cancel was not recorded "
-                         "(the detail says if the supervisor stops the job all the same)"}})
+    507: {"description": "the data folder's disk is full: the job's final state waits "
+                         "for room (the detail says whether the cancel is recorded)"}})
 async def cancel_job(job_id: str, service: Service) -> dict[str, Any]:
     """Cancel: a queued job never starts; a running job's whole process tree is stopped."""
     return await service.cancel(job_id)

@@ -17,10 +17,15 @@ from jobs.protocol.wake import poke, ring_cancel
 from jobs.settings import CANCEL_WAIT_S, Settings
 from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
 
-# A cancel the leader took from its socket, its stop request not on disk.
+# A cancel left as an empty request (no room for its words), not final in time.
+NO_ROOM_TO_END = "no room on the data folder's disk for the job's final state"
+RECORDED = ("The cancel is recorded: the job is stopped (a queued one does not start) and "
+            "shows as cancelled once there is room")
+# A cancel the leader took from its socket, not even an empty request on disk.
 UNRECORDED = ("The supervisor stops the job all the same (a queued one does not start, a "
               "running one's runner is stopped) and records it cancelled once there is "
-              "room; a restart of the supervisor before then forgets this cancel")
+              "room; a restart of the supervisor before then forgets this cancel, so "
+              "cancel it again once there is room")
 
 
 class AlreadyFinished(Exception):
@@ -65,13 +70,14 @@ class Stops:
         return await self._wait_final(job_ids)
 
     async def _ask_stop(self, job_id: str) -> StoreUnavailable | None:
-        """Leave its stop request and ring the supervisor; where the request has no room
-        (a full disk), the leader is asked through its socket alone: then the error, to
-        say if the job is not final in time. Raised where no leader took the ring."""
+        """Leave its stop request and ring the supervisor; on a full disk, the error to
+        say if the job is not final in time. Where not even an empty request finds room
+        (no inode left), the leader is asked through its socket alone. Raised where no
+        leader took the ring."""
         try:
-            await run_in_threadpool(self.store.request_cancel, job_id)
+            whole = await run_in_threadpool(self.store.request_cancel, job_id)
         except JobNotFound:
-            pass  # deleted meanwhile: left out of the answer
+            return None  # deleted meanwhile: left out of the answer
         except StoreUnavailable as exc:
             # Not for an unwritable folder: a runaway job fills a disk, not that.
             if not exc.disk_full or not ring_cancel(self.store.dir, job_id):
@@ -79,7 +85,9 @@ class Stops:
             exc.outcome = UNRECORDED
             return exc
         poke(self.store.dir, job_id)
-        return None
+        if whole:
+            return None
+        return StoreUnavailable(NO_ROOM_TO_END, RECORDED, retry=False, no_room=True)
 
     async def _wait_final(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
         deadline = time.monotonic() + self.settings.stop_grace_s + CANCEL_WAIT_S

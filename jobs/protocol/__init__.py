@@ -24,6 +24,7 @@ renames of low-priority runners (docs/benchmarks.md has the figures).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -461,14 +462,34 @@ def _said_durable(word: str | None, listen: bool = True) -> bool:
             pass  # not ours after all
 
 
-def request_stop(job_file: StrPath, reason: str) -> None:
-    """Leave a stop request for a runner (or a queued job) to find."""
-    write_json(sibling(job_file, STOP_FILE), {"reason": reason, "at": now_iso()})
+def request_stop(job_file: StrPath, reason: str) -> bool:
+    """Leave a stop request for a runner (or a queued job) to find; False where a cancel
+    found no room for it (a full disk) and was left as an empty file, which needs no room
+    for data and is read as a cancel: it outlasts a restart as the request would."""
+    path = sibling(job_file, STOP_FILE)
+    try:
+        write_json(path, {"reason": reason, "at": now_iso()})
+        return True
+    except OSError as exc:
+        if exc.errno not in DISK_FULL or reason != JobState.CANCELLED:
+            raise
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | files.NO_FOLLOW,
+                             0o600))
+        except FileExistsError:
+            pass  # a stop was asked already: it stands
+        except OSError:
+            raise exc from None
+        return False
 
 
 def stop_reason(job_file: StrPath) -> str | None:
+    path = sibling(job_file, STOP_FILE)
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_size == 0:
+            return JobState.CANCELLED  # a cancel left with no room for its request
     try:
-        data = read_json(sibling(job_file, STOP_FILE))
+        data = read_json(path)
     except CorruptJobFile:
         return JobState.CANCELLED
     if data is None:

@@ -34,14 +34,18 @@ class StoreUnavailable(Exception):
     """The data folder cannot be written (disk full, read-only, permissions); `outcome`:
     what did not happen, for the answer."""
 
-    def __init__(self, message: str, outcome: str = "The job was not stored") -> None:
+    def __init__(self, message: str, outcome: str = "The job was not stored",
+                 retry: bool = True, no_room: bool = False) -> None:
         super().__init__(message)
         self.outcome = outcome
+        self.retry = retry  # False: what was asked goes ahead, to ask again changes nothing
+        self._no_room = no_room
 
     @property
     def disk_full(self) -> bool:
         """Whether it failed for room on the data folder's disk (raised from that OSError)."""
-        return isinstance(self.__cause__, OSError) and self.__cause__.errno in p.DISK_FULL
+        return self._no_room or (isinstance(self.__cause__, OSError)
+                                 and self.__cause__.errno in p.DISK_FULL)
 
 
 class JobStore(JobIndex):
@@ -112,12 +116,14 @@ class JobStore(JobIndex):
             raise JobNotFound(job_id)
         return data
 
-    def request_cancel(self, job_id: str) -> None:
+    def request_cancel(self, job_id: str) -> bool:
+        """Leave the job's cancel request; False where a full disk left it empty (it stands
+        all the same, but the job's final state will wait for room too)."""
         path = self.path(job_id)
         if not path.exists():
             raise JobNotFound(job_id)
         try:
-            p.request_stop(path, p.JobState.CANCELLED)
+            return p.request_stop(path, p.JobState.CANCELLED)
         except OSError as exc:
             reason = exc.strerror or exc
             raise StoreUnavailable(f"cannot record the cancel request: {reason}",
