@@ -183,6 +183,26 @@ def test_a_killed_model_server_is_said_down_at_once_and_its_chats_answered_after
     assert llm["ready"] is True and llm["model"] == "SmolLM2-135M-Instruct", llm
 
 
+def test_a_stop_while_chats_decode_stops_the_model_server_itself(
+        model_server: tuple[Any, dict[str, Any]]) -> None:
+    """llama-server asked to stop while it answers two requests never ends. The supervisor
+    waited 10 s for it, so the API killed the supervisor after 5 (every stop while chats,
+    or the start's warm-up, were answered took 5.5 s), leaving llm.json saying ready."""
+    server, status = model_server
+    with server.client() as client:
+        for _ in range(3):
+            _chat(client, LONG, 1500)
+        wait_for(lambda: sum(s["is_processing"] for s in _slots(status)) >= 2, 120, 0.1,
+                 "two chats to decode at once")
+    started = time.monotonic()
+    server.stop()
+    took = time.monotonic() - started
+    said = embedded.read_status(str(server.data_dir)) or {}
+    assert not said.get("ready") and "is stopped" in said.get("detail", ""), \
+        f"the supervisor did not stop its model server ({took:.1f} s): {said}"
+    assert not psutil.pid_exists(status["pid"])
+
+
 def test_a_long_conversation_of_numbers_is_cut_to_the_context_the_server_counts(
         model_server: tuple[Any, dict[str, Any]]) -> None:
     """Digits take a token each, three times the guess for prose: the earliest turns are

@@ -39,6 +39,9 @@ HEALTH_FAILURES = 3  # in a row, before a live but silent server is restarted
 BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 UNAVAILABLE_RECHECK_S = 60.0
 ENGINE_RECHECK_S = 1.0  # llama-server missing (a reinstall under way): looked for this often
+# llama-server asked to stop while it answers two requests or more never ends (it waits for
+# answers it no longer makes); it keeps nothing on disk, so it is killed after this.
+STOP_GRACE_S = 1.0
 LOG_FILE = "llm-server.log"  # the server's output, in the data folder; the supervisor caps it
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 ENGINE_MISSING = (
@@ -249,7 +252,10 @@ class EmbeddedServer:
             if embedded.is_server(proc.cmdline()):
                 log.info("stopping a stale embedded model server (pid %s)", pid)
                 proc.terminate()
-                proc.wait(10)
+                try:
+                    proc.wait(STOP_GRACE_S)
+                except psutil.TimeoutExpired:
+                    proc.kill()
         except psutil.Error:
             pass  # gone already, or not ours
 
@@ -270,7 +276,7 @@ class EmbeddedServer:
             with contextlib.suppress(OSError):
                 os.kill(proc.pid, signal.SIGCONT)
         try:
-            proc.wait(10)
+            proc.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(OSError):
                 proc.kill()
