@@ -892,14 +892,46 @@ def test_errors_are_one_line_with_a_meaningful_exit_code(server: Server) -> None
 
 def test_it_starts_without_loading_the_server(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("OFFLOAD_HOST=0.0.0.0\nOFFLOAD_PORT=8123\n")
-    code = ("import sys; from jobs import cli; print(cli.configured(None)[0]); "
-            "print(*sorted(sys.modules))")
+    code = ("import sys; from jobs.cli import command_line, client; "
+            "print(client.configured(None)[0]); print(*sorted(sys.modules))")
     shown = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                            text=True, check=True, env={**cli_env(None), "PYTHONPATH": str(ROOT)},
                            timeout=60).stdout.split()
     assert shown[0] == "http://127.0.0.1:8123"
     heavy = {"fastapi", "pydantic", "pydantic_settings", "uvicorn", "httpx", "psutil", "numpy"}
     assert heavy.isdisjoint(shown[1:])
+
+
+# A Ctrl+C at the moment the first of the command's modules starts loading: the audit
+# hook sends the SIGINT a terminal would, at that instant rather than at a guessed time.
+CTRL_C_AS_IT_LOADS = """
+import os, runpy, signal, sys
+sent = []
+def hook(event, args):
+    if event == "import" and args[0].startswith("jobs.cli.") and not sent:
+        sent.append(args[0])
+        os.kill(os.getpid(), signal.SIGINT)
+sys.addaudithook(hook)
+if sys.argv[1] == "-m":
+    sys.argv[1:2] = []
+    runpy.run_module("jobs", run_name="__main__", alter_sys=True)
+else:
+    sys.argv[:2] = [sys.argv[1]]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "-m"])
+def test_ctrl_c_while_it_loads_exits_130_without_a_traceback(how: str) -> None:
+    # The console script imports jobs.cli before calling main: Ctrl+C in the first
+    # tenth of a second of a command was a KeyboardInterrupt traceback.
+    assert OFFLOAD is not None, "no `offload` script: run `python launch.py --reinstall`"
+    started = subprocess.run([sys.executable, "-c", CTRL_C_AS_IT_LOADS,
+                              OFFLOAD if how == "script" else "-m", "status"],
+                             env=cli_env(free_url()), cwd=ROOT / "tests", capture_output=True,
+                             text=True, timeout=60)
+    assert started.returncode == 130, started.stderr
+    assert started.stderr == "" and started.stdout == "", started.stderr
 
 
 def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: Path) -> None:

@@ -1,0 +1,236 @@
+"""`offload`'s command line parsed, one command run, its exit code (see `jobs.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import TYPE_CHECKING, Any
+
+from jobs.cli.client import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Client,
+    Failure,
+    configured,
+    not_offload,
+)
+from jobs.cli.commands import (
+    ENDED,
+    STATES,
+    cmd_list,
+    cmd_log,
+    cmd_show,
+    cmd_status,
+    cmd_submit,
+    cmd_wait,
+)
+from jobs.cli.ids import checked_ids, whole_ids
+from jobs.cli.steer import (
+    cmd_cancel,
+    cmd_parallel,
+    cmd_pause,
+    cmd_remove,
+    cmd_resume,
+    cmd_retry,
+    cmd_schedules,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+# The request's fields the options set, as the server names them in its errors.
+OPTION_OF = {"run_at": "--at", "delay_s": "--delay", "timeout_s": "--timeout",
+             "max_attempts": "--max-attempts", "depends_on": "--after", "priority": "--priority",
+             "query.limit": "--limit", "query.before": "--before", "`before`": "--before"}
+OPTION_FIELDS = re.compile(rf"(?<![\w.])({'|'.join(map(re.escape, OPTION_OF))})(?!\w)")
+
+
+# Other names a command answers to: the API's (`/rerun`) and Pueue's (`restart`).
+ALIASES = {"retry": ["rerun", "restart"]}
+
+
+# The parser --------------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--json", action="store_true", default=default,
+                        help="print JSON for scripts instead of a table")
+    parser.add_argument("--url", default=default,
+                        help="the server (default: OFFLOAD_URL, else OFFLOAD_HOST and "
+                             "OFFLOAD_PORT, else http://127.0.0.1:8001)")
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offload", description="See and steer the jobs of a running Offload. The token "
+        "comes from OFFLOAD_API_TOKEN (or .env), never from an argument.",
+        epilog="exit codes: 0 done, 1 the job failed, was cancelled or timed out, 2 bad "
+        "usage, 3 server unreachable, 4 refused (token), 5 no such job, 6 not in a state "
+        "for it, 7 server busy or failing, 130 interrupted")
+    _common(parser, False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, run: Callable[[Client, argparse.Namespace], int],
+                text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text,
+                                  aliases=ALIASES.get(name, []))
+        _common(sub, argparse.SUPPRESS)  # after the command as before it
+        sub.set_defaults(run=run)
+        return sub
+
+    command("status", cmd_status, "health, counts by state, runners, the model (the default)")
+    listing = command("list", cmd_list, "jobs, newest first")
+    listing.add_argument("--state", choices=STATES)
+    listing.add_argument("--kind")
+    listing.add_argument("--limit", type=int, help="at most this many (1-1000; default 100)")
+    listing.add_argument("--before", metavar="ID", help="those submitted before this job: "
+                                                        "the next page")
+    listing.add_argument("--all", action="store_true", help="every one, however many")
+    command("show", cmd_show, "one job in full").add_argument("id")
+    command("wait", cmd_wait, "wait until jobs have ended, show them; exits 1 unless they "
+                              "all completed").add_argument(
+        "ids", nargs="*", metavar="id", help="the jobs (default: every job queued or running "
+                                             "now, as Pueue's wait)")
+    log = command("log", cmd_log, "a job's log (its runner's stdout and stderr)")
+    log.add_argument("id")
+    log.add_argument("--follow", "-f", action="store_true",
+                     help="instead, the job's output (a chat's reply) as it streams, and its "
+                          "progress, until it ends; exits 1 unless it completed")
+    cancel = command("cancel", cmd_cancel, "cancel jobs: queued ones never start, running "
+                                           "ones are stopped")
+    cancel.add_argument("ids", nargs="*", metavar="id")
+    cancel.add_argument("--state", choices=["queued", "running", "live"],
+                        help="instead of ids: every job in this state (live: both)")
+    cancel.add_argument("--kind", help="with --state: of this kind only")
+    remove = command("remove", cmd_remove, "delete finished jobs now, with their input, "
+                                           "output and log (as pruning does later)")
+    remove.add_argument("ids", nargs="*", metavar="id")
+    remove.add_argument("--state", choices=[*ENDED, "finished"],
+                        help="instead of ids: every job in this state (finished: all four), "
+                             "as Pueue's clean")
+    remove.add_argument("--kind", help="with --state: of this kind only")
+    for name, run, text in (("submit", cmd_submit, "submit a job; prints its id"),
+                            ("retry", cmd_retry, "run a finished job again as a new job; "
+                                                 "prints the new id")):
+        sub = command(name, run, text)
+        if name == "submit":
+            sub.add_argument("kind", help="chat, sleep, train, or a kind of your own")
+            given = sub.add_mutually_exclusive_group()
+            given.add_argument("--input",
+                               help="the input: JSON, @file.json, or - for stdin (default {})")
+            given.add_argument("--inputs", metavar="FILE",
+                               help="several jobs in one request, one input a line (JSON "
+                                    "lines; - for stdin): prints their ids in that order")
+            sub.add_argument("--priority", type=int, help="higher runs first")
+            start = sub.add_mutually_exclusive_group()
+            start.add_argument("--delay", type=_seconds, help="start no sooner than this "
+                                                              "many seconds from now")
+            start.add_argument("--at", help="start no sooner than this time (ISO 8601, "
+                                            "UTC unless it says its zone)")
+            sub.add_argument("--max-attempts", type=int,
+                             help="attempts on transient failures (default: the kind's)")
+            sub.add_argument("--key", help="an Idempotency-Key: the same key again gets "
+                                           "the same job (or jobs)")
+            sub.add_argument("--after", metavar="ID", action="append",
+                             help="start once job ID has completed, fail if it ends otherwise; "
+                                  "again (or ID,ID) for several")
+        else:
+            sub.add_argument("id")
+            sub.add_argument("--input", help="another input: JSON, @file.json or -")
+        sub.add_argument("--timeout", type=_positive, help="its deadline, seconds")
+        sub.add_argument("--wait", action="store_true",
+                         help="wait until it ends, show it; exits 1 unless it completed")
+    for name, run, text in (("pause", cmd_pause, "pause the queue (running jobs finish, "
+                                                 "queued ones wait), or one schedule"),
+                            ("resume", cmd_resume, "let queued jobs start again, or resume "
+                                                   "one schedule")):
+        command(name, run, text).add_argument("schedule", nargs="?",
+                                              help="a schedule's name (default: the queue)")
+    command("schedules", cmd_schedules, "the periodic schedules, their next and last runs")
+    parallel = command("parallel", cmd_parallel, "how many jobs run at once, of all and by "
+                                                 "kind; with a number, change it (kept across "
+                                                 "restarts)")
+    parallel.add_argument("runners", nargs="?", help="a number from 1 to 1024, or default "
+                                                     "(back to OFFLOAD_MAX_CONCURRENT, or with "
+                                                     "--kind to OFFLOAD_KIND_CAPS's)")
+    parallel.add_argument("--kind", help="of this kind only (as Pueue's groups)")
+    return parser
+
+
+def _as_options(message: str) -> str:
+    """The server's names for the fields the options set, said as those options."""
+    return OPTION_FIELDS.sub(lambda match: OPTION_OF[match.group(1)], message)
+
+
+def _quiet_broken_pipe() -> int:
+    """`offload list | head`: the reader left; no traceback, no second error on exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_OK
+
+
+def run(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a reply's characters on any console
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "run"):
+        args.run = cmd_status
+    client = None
+    if sys.stdout is None and sys.stderr is not None:  # `>&-`: nowhere to say an id or a
+        # result, so nothing is done (under pythonw neither is there: it runs, unheard)
+        sys.stderr.write("offload: its standard output is closed: give it one (> file, or "
+                         "> /dev/null to drop what it says)\n")
+        return EXIT_USAGE
+    sys.stdout = sys.stdout or open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+    sys.stderr = sys.stderr or open(os.devnull, "w")  # noqa: SIM115 (`2>&-`: unheard)
+    try:
+        checked_ids(args)
+        client = Client(*configured(args.url or None))
+        whole_ids(client, args)
+        code = int(args.run(client, args))
+        sys.stdout.flush()  # a reader that left (`| head`) is found here, not at exit
+        return code
+    except Failure as exc:
+        sys.stdout.flush()
+        sys.stderr.write(f"offload: {_as_options(exc.message)}\n")
+        return exc.code
+    except UnicodeError as exc:  # an argument of bytes the terminal could not decode, say
+        sys.stdout.flush()
+        sys.stderr.write(f"offload: an argument holds characters that cannot be sent: {exc}\n")
+        return EXIT_USAGE
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as exc:
+        # JSON of another shape than Offload's: another program answers at that address.
+        sys.stdout.flush()
+        where = client.url if client is not None else "the server"
+        said = not_offload(where, f"{type(exc).__name__}: {exc}")
+        sys.stderr.write(f"offload: {said.message}\n")
+        return said.code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except OSError as exc:  # its output cannot be written: a full disk, say (`> /dev/full`)
+        _quiet_broken_pipe()
+        sys.stderr.write(f"offload: cannot write its output ({exc.strerror or exc}); what it "
+                         "did before is done: offload list shows the jobs\n")
+        return EXIT_USAGE
+
