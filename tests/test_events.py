@@ -5,7 +5,9 @@ missed (jobs/api/events.py; docs/contract.md)."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -213,6 +215,58 @@ def test_a_get_with_wait_s_answers_once_the_job_has_ended(
             "detail": "invalid request: query.seconds: must be a number above 0 and at most "
                       "10800"}), answer.text
         assert client.get("/api/jobs/" + "0" * 32, params={"wait_s": 5}).status_code == 404
+
+
+@pytest.mark.parametrize("served_by", ["uvicorn", "gunicorn"])
+def test_a_stop_of_plain_uvicorn_or_gunicorn_ends_streams_and_waits(
+        make_server: Callable[..., Server], served_by: str) -> None:
+    """`uvicorn api_entry:app` (or gunicorn's workers) stopped while a job's stream and a
+    wait are followed: they end at once and the server stops. Uvicorn waits for requests
+    under way before the app's shutdown: it waited for as long as the job ran (gunicorn
+    for its graceful timeout, then cut them)."""
+    server = make_server(gunicorn=served_by == "gunicorn", workers=2 if served_by ==
+                         "gunicorn" else 1)
+    ended: list[str] = []
+    with server.client() as client:
+        assert client.post("/api/queue/pause").status_code == 200
+        job_id = client.post("/api/jobs", json={"kind": "sleep"}).json()["id"]
+        opened = threading.Barrier(3)
+
+        def follow() -> None:
+            try:
+                with server.client() as own, own.stream(
+                        "GET", f"/api/jobs/{job_id}/events", timeout=120) as stream:
+                    lines = stream.iter_lines()
+                    next(lines)
+                    opened.wait(30)
+                    for _ in lines:
+                        pass
+                ended.append("stream ended")
+            except httpx.HTTPError as exc:
+                ended.append(f"stream cut: {exc!r}")
+
+        def wait() -> None:
+            try:
+                with server.client() as own:
+                    opened.wait(30)
+                    answer = own.get(f"/api/jobs/{job_id}", params={"wait_s": 60}, timeout=120)
+                ended.append(f"wait answered {answer.status_code}")
+            except httpx.HTTPError as exc:
+                ended.append(f"wait cut: {exc!r}")
+
+        followers = [threading.Thread(target=follow), threading.Thread(target=wait)]
+        for each in followers:
+            each.start()
+        opened.wait(30)
+        time.sleep(0.5)  # the wait has begun (if not, it is answered 503 all the same)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(30)
+        finally:
+            for each in followers:
+                each.join(60)
+    assert sorted(ended) == ["stream ended", "wait answered 503"], ended
 
 
 def test_a_stream_asked_for_oddly_ends_and_keeps_its_slot_free(

@@ -13,14 +13,18 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI
 
 from jobs import protocol as p
-from jobs.api.follow import start_following, stop_following
+from jobs.api.follow import end_following, start_following, stop_following
 from jobs.api.history import MachineHistory
 from jobs.api.keeper import SupervisorKeeper
 from jobs.api.predictor import Predictor
@@ -39,6 +43,10 @@ from jobs.store.job_store import JobStore
 from jobs.store.private import make_private
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[int, FrameType | None], Any]
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
+                if hasattr(signal, name)]
 
 
 @contextlib.asynccontextmanager
@@ -75,7 +83,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # whose full collections over it stalled the event loop.
     gc.freeze()
     try:
-        yield
+        with _streams_end_when_asked_to_stop():
+            yield
     except asyncio.CancelledError:
         # A stop without grace (a second Ctrl+C) skips the app's shutdown, and the loop's
         # end cancels it here: cleaned up all the same below, it is no failure (passed
@@ -90,6 +99,40 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await task
         await keeper.stop()
         await stop_following()
+
+
+@contextlib.contextmanager
+def _streams_end_when_asked_to_stop() -> Iterator[None]:
+    """The server's own stop signals (uvicorn's SIGINT and SIGTERM, api_entry.py's SIGHUP)
+    end the event streams and waits as they arrive. Uvicorn runs the app's shutdown only
+    once the requests under way have ended: too late to end them there, so `uvicorn
+    api_entry:app` waited for a followed job to end before it stopped (api_entry.py's
+    server also ends them itself, for a stop without a signal: launch.py gone)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # a test's server on a thread: its signals are not its own
+        return
+    loop = asyncio.get_running_loop()
+    chained: dict[int, tuple[Handler, Handler]] = {}
+    for number in STOP_SIGNALS:
+        server_handler = signal.getsignal(number)
+        # Not Python's default Ctrl+C, SIG_DFL or SIG_IGN: no server stops on those.
+        if not callable(server_handler) or server_handler is signal.default_int_handler:
+            continue
+
+        def end_then_stop(sig: int, frame: FrameType | None,
+                          server_handler: Handler = server_handler) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to end
+                loop.call_soon_threadsafe(end_following)
+            server_handler(sig, frame)
+
+        signal.signal(number, end_then_stop)
+        chained[number] = (end_then_stop, server_handler)
+    try:
+        yield
+    finally:
+        for number, (ours, server_handler) in chained.items():
+            if signal.getsignal(number) is ours:
+                signal.signal(number, server_handler)
 
 
 async def _keep_index_fresh(store: JobStore) -> None:
