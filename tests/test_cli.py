@@ -531,6 +531,33 @@ def test_wait_without_ids_waits_for_every_job_queued_or_running(server: Server) 
     assert f"job {later} starts" in waited.stderr  # why it waits, said as for ids
 
 
+@pytest.mark.slow
+def test_wait_without_ids_asks_a_few_times_however_many_jobs_wait(server: Server) -> None:
+    # It asked for each job, then waited for each in turn: 2 requests a job, 400 here.
+    with server.client() as client:
+        assert client.post("/api/queue/pause").status_code == 200
+        stored = client.post("/api/jobs/batch", json={"jobs": [
+            {"kind": "sleep", "input": {"seconds": 0}}] * 200}, timeout=60)
+        assert stored.status_code == 202, stored.text
+        ids = [job["id"] for job in stored.json()["jobs"]]
+        asked_before = server.log.read_text().count('"GET /api/')
+        waiting = start_cli(server.url, "wait", "--json")
+        try:
+            # Once it has listed them, it asks whether the queue is paused.
+            wait_for(lambda: '"GET /api/queue ' in server.log.read_text(), 60, 0.1,
+                     "the wait to list the jobs")
+            assert client.post("/api/queue/resume").status_code == 200
+            out, err = waiting.communicate(timeout=300)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+    asked = server.log.read_text().count('"GET /api/') - asked_before
+    assert waiting.returncode == 0, err
+    assert sorted((job["id"], job["state"]) for job in json.loads(out)) == sorted(
+        (job_id, "completed") for job_id in ids)
+    assert asked <= 40, f"{asked} requests to wait for 200 jobs"
+
+
 def test_a_key_used_before_for_other_jobs_names_them(server: Server) -> None:
     # A batch sent again with a changed first line said that no job of it was stored,
     # though the first send's were: the key was spent, and on what was not said.

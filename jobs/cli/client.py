@@ -249,12 +249,13 @@ class Client:
         """`call` for an answer that is one job: checked to be Offload's (`offload_job`)."""
         return offload_job(self.url, self.call(method, path, body, headers, timeout))
 
-    def listed(self, state: str | None) -> Iterator[dict[str, Any]]:
-        """Every job (in `state`), summaries, newest first, page after page."""
+    def listed(self, state: str | None, fields: str = "summary") -> Iterator[dict[str, Any]]:
+        """Every job (in `state`), newest first, page after page: summaries, or whole jobs
+        (`fields="full"`)."""
         before = None
         while True:
             given = urllib.parse.urlencode({k: v for k, v in (
-                ("state", state), ("limit", LIST_MAX), ("fields", "summary"),
+                ("state", state), ("limit", LIST_MAX), ("fields", fields),
                 ("before", before)) if v is not None})
             page = offload_shaped(self.url, self.call("GET", f"/api/jobs?{given}"),
                                   "a listing", jobs=list)

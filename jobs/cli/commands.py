@@ -29,7 +29,7 @@ from jobs.cli.client import (
     job_path,
     offload_job,
 )
-from jobs.cli.follow import follow, until_ended
+from jobs.cli.follow import follow, live_jobs, until_all_ended, until_ended
 from jobs.cli.ids import job_id
 from jobs.cli.show import (
     cap_said,
@@ -159,20 +159,20 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
     """As `pueue wait [ID...]`: until each job (by default: each queued or running now)
     has ended; a table of them (or their JSON)."""
     ids = list(dict.fromkeys(job_path(each) for each in args.ids))
-    if not ids:
-        # Queued, running, then queued again: a job that starts (or is queued again for a
-        # retry) between two listings is in one of them.
-        live = {str(job[p.F_ID]): job for state in (p.JobState.QUEUED, p.JobState.RUNNING,
-                                                    p.JobState.QUEUED)
-                for job in client.listed(state.value)}
-        ids = [job_id for job_id, _ in sorted(live.items(), key=lambda kv: p.fifo_key(kv[1]))]
-        if not ids:
-            if args.json:
-                print_json([])
-            else:  # on stderr: stdout stays the jobs waited for, none
-                sys.stderr.write("no queued or running jobs: nothing to wait for\n")
-            return EXIT_OK
-    return _wait_all(client, ids, args)
+    if ids:
+        return _wait_all(client, ids, args)
+    # Thousands of jobs: a request for each would be thousands of requests (and a wait).
+    live = live_jobs(client)
+    if not live:
+        if args.json:
+            print_json([])
+        else:  # on stderr: stdout stays the jobs waited for, none
+            sys.stderr.write("no queued or running jobs: nothing to wait for\n")
+        return EXIT_OK
+    jobs = sorted(live.values(), key=p.fifo_key)
+    _say_why_it_waits(client, jobs, counted=True)
+    return _shown(until_all_ended(client, [str(job[p.F_ID]) for job in jobs], args.json),
+                  args)
 
 
 def _wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:
@@ -183,6 +183,11 @@ def _wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:
     for n, job in enumerate(finals):
         if job.get(p.F_STATE) not in p.FINAL_STATES:
             finals[n] = until_ended(client, ids[n])
+    return _shown(finals, args)
+
+
+def _shown(finals: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """The jobs waited for, as a table or JSON; EXIT_OK if all completed."""
     if args.json:
         print_json(finals)
     else:

@@ -86,6 +86,45 @@ def until_ended(client: Client, job_id: str) -> dict[str, Any]:
             time.sleep(1.0)
 
 
+def live_jobs(client: Client) -> dict[str, dict[str, Any]]:
+    """Every job queued or running, by id, as the listing summarises it: queued, running,
+    then queued again, so that a job that starts (or is queued again for a retry) between
+    two listings is in one of them."""
+    return {str(job[p.F_ID]): job for state in (p.JobState.QUEUED, p.JobState.RUNNING,
+                                                p.JobState.QUEUED)
+            for job in client.listed(state.value)}
+
+
+def until_all_ended(client: Client, ids: list[str], full: bool) -> list[dict[str, Any]]:
+    """The jobs `ids` once all have ended, in a few requests however many they are: of
+    those still listed live, the one that should end last is waited for (`until_ended`),
+    until none is; the others are then read from the listing of every job (whole if
+    `full`, else summaries), page after page; one not listed (removed) is asked for."""
+    finals: dict[str, dict[str, Any]] = {}
+    while len(finals) < len(ids):
+        live = live_jobs(client)
+        waiting = [job_id for job_id in ids if job_id not in finals and job_id in live]
+        if waiting:
+            last = max(waiting, key=lambda job_id: (p.run_at(live[job_id]) or 0.0,
+                                                    p.queue_key(live[job_id])))
+            finals[last] = until_ended(client, last)
+            continue
+        unread = {job_id for job_id in ids if job_id not in finals}
+        found: dict[str, dict[str, Any]] = {}
+        for job in client.listed(None, "full" if full else "summary"):
+            if job[p.F_ID] in unread:
+                found[job[p.F_ID]] = job
+                if len(found) == len(unread):
+                    break
+        for job_id in unread:
+            job = found.get(job_id) or client.job("GET", f"/api/jobs/{job_path(job_id)}")
+            if job.get(p.F_STATE) in p.FINAL_STATES:
+                finals[job_id] = job
+        if len(finals) < len(ids):  # live, though a listing missed it: look again shortly
+            time.sleep(POLL_S)
+    return [finals[job_id] for job_id in ids]
+
+
 def _apply(job: dict[str, Any], fields: dict[str, Any]) -> None:
     """An event's fields applied to the job as known so far."""
     if p.F_OUTPUT in fields:  # the whole output: the first event, or a restart
