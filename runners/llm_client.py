@@ -180,11 +180,10 @@ def _ask(config: Config, body: dict[str, Any], on_text: Callable[[str], None]) -
 def _refusal_unstreamed(config: Config, body: dict[str, Any]) -> RunnerError | None:
     """The server's refusal of `body` asked again without streaming (a prompt too long for
     its context: the tokens it counted); None if it takes it, or cannot say (then the empty
-    stream is all there is to tell). For one token where `body` limits them: a server that
-    refuses the field itself is not asked with it."""
+    stream is all there is to tell). For one token: a server that takes it makes no reply
+    to pay for and throw away."""
     plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-    if "max_tokens" in plain:
-        plain["max_tokens"] = 1
+    plain["max_tokens"] = 1
     try:
         _, conn = _request_with_retries(config, plain)
     except RunnerError as exc:

@@ -114,17 +114,20 @@ def test_stream_cut_midway_keeps_the_partial_reply(
     assert job["output"] == "one two "
 
 
+@pytest.mark.parametrize("max_tokens", [64, None])
 def test_an_empty_stream_whose_request_the_server_takes_unstreamed_says_it_was_empty(
-        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+        make_supervisor: Callable[..., RunningSupervisor], max_tokens: int | None) -> None:
     """An empty stream is asked again unstreamed, for the server's refusal (llama-cpp-python
-    names a prompt too long for its context only so); one it takes says the stream was
-    empty, not a refusal of its own making."""
+    names a prompt too long for its context only so), for one token even where the chat
+    sets no limit (a whole reply, paid for and thrown away); one it takes says the stream
+    was empty, not a refusal of its own making."""
+    limit = {"OFFLOAD_LLM_MAX_TOKENS": str(max_tokens)} if max_tokens else {}
     with FakeLLM(pieces=["one ", "two"], cut_after=0) as llm:
-        job = run_chat(make_supervisor, llm.base_url, OFFLOAD_LLM_MAX_TOKENS="64")
+        job = run_chat(make_supervisor, llm.base_url, **limit)
         bodies = [request["body"] for request in llm.requests]
     failed_with(job, "ended before the reply was complete (after 0 pieces)")
     assert [(body.get("stream"), body.get("max_tokens")) for body in bodies] == [
-        (True, 64), (None, 1)] * (job.get("attempt") or 1), bodies  # at each attempt
+        (True, max_tokens), (None, 1)] * (job.get("attempt") or 1), bodies  # at each attempt
 
 
 @pytest.mark.parametrize("kind", ["json", "sse"])
