@@ -123,9 +123,12 @@ async function send(text) {
   const placeholder = { placeholder: true, li };
   pending = placeholder;
   updateButtons();
-  // Sent before, its answer never came: sent again as it was, with its key, the server
-  // answers the turn it took (if it did) instead of storing the question twice.
-  const lost = lostBubble(text);
+  // Sent just before, its answer never came: sent again as it was, with its key, the
+  // server answers the turn it took (if it did) instead of storing the question twice. Asked
+  // again after other turns, it is a new question, on the conversation as it is now.
+  const turns = log.querySelectorAll("li.msg.assistant");
+  const newest = turns.length > 1 ? turns[turns.length - 2] : null;
+  const lost = newest && lostBubbles().includes(newest) && newest.unanswered === text ? newest : null;
   // Turns another tab added, still loading: the question carries them.
   while (syncing) await syncing;
   const unsent = () => {
@@ -219,7 +222,9 @@ async function cancelReply(p) {
     // Taken but not stopped yet when answered (200, `running`): the stream says its end.
     // No answer (given up after 30 s, a cut connection): the reply went on, nothing said.
     const note = part(p.li, "note");
-    if (!r.ok && r.status && r.status !== 409) note.textContent = `Could not cancel it: ${r.error}`;
+    // A full disk's 507 says whether the cancel goes ahead: the server's words alone.
+    if (r.status === 507) note.textContent = r.error;
+    else if (!r.ok && r.status && r.status !== 409) note.textContent = `Could not cancel it: ${r.error}`;
     else if (!r.ok && !r.status) {
       note.textContent = `Cancel not confirmed: ${noAnswer(r)}. Press Cancel again to be sure.`;
       p.unconfirmed = true;
@@ -358,9 +363,6 @@ async function findLost() {
 const lostBubbles = () => [...log.querySelectorAll("li.msg.assistant:not([data-job-id])")]
   .filter((el) => el.unanswered);
 
-/** The one of `question`, to send again with its key, if any. */
-const lostBubble = (question) => lostBubbles().find((el) => el.unanswered === question);
-
 /** Show the server's turns of this conversation the page does not show yet, each after
  * the turns before it, following those still answering. */
 function showTurns(turns) {
@@ -370,7 +372,17 @@ function showTurns(turns) {
   let added = false;
   for (const turn of turns) {
     const have = turn.job_id && shown.get(turn.job_id);
-    if (have) { after = have; continue; }
+    if (have) {
+      after = have;
+      // Shown before its key told it was this page's lost question: that bubble goes.
+      const twin = lostBubbles().find((el) => el.turnId === turn.job_id);
+      if (twin) {
+        twin.asked?.remove();
+        twin.remove();
+        if (input.value === turn.question) input.value = "";
+      }
+      continue;
+    }
     const li = makeTurn(turn);
     const lost = turn.job_id && lostBubbles().find((el) => el.turnId === turn.job_id);
     if (lost) {

@@ -334,7 +334,9 @@ async function cancelJob(btn) {
   } else if (r.status !== 409) {  // 409: it had finished; the table shows how
     btn.disabled = false;
     // A refusal (a data folder that cannot be written) went unsaid: the job ran on.
-    if (r.status) setNote({ action: `Could not cancel job ${shortId(id)}: ${r.error}` });
+    // A full disk's 507 says whether the cancel goes ahead: the server's words alone.
+    if (r.status === 507) setNote({ action: `Job ${shortId(id)}: ${r.error}` });
+    else if (r.status) setNote({ action: `Could not cancel job ${shortId(id)}: ${r.error}` });
   }
   await refresh();
 }

@@ -421,6 +421,60 @@ def test_a_question_sent_again_before_the_stalled_server_stored_it_is_one_turn(
     assert len(llm.requests) == 1
 
 
+def test_a_question_asked_again_once_its_lost_turn_was_found_is_a_new_turn(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # A lost question's turn shown by a sync before its key was looked up stayed a failed
+    # bubble too, and the same question asked again on purpose went with that old key:
+    # the server answered the turn it had, and the page dropped the new question.
+    held: list[Any] = []
+    route_questions(page, lambda route: held.append(route))
+    page.clock.install()
+    page.goto(server.url)
+    page.fill("#chat-input", "How is the CPU?")
+    page.press("#chat-input", "Enter")
+    routed(page, held, "the question sent")
+    page.clock.fast_forward("00:31")
+    page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                           "?.dataset.state === 'failed'", timeout=20_000)
+    page.wait_for_timeout(1000)  # looked up once by its key, in vain
+    page.unroute("**/api/ai_chat_async")
+    assert sent_again(server, held[0]).status_code == 200  # the stalled server takes it late
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")  # a sync first
+    completed_shown(page, 1)
+    page.clock.fast_forward("02:00")  # the look-ups by key
+    page.wait_for_function("!document.querySelector(\"#chat-log li.msg.assistant"
+                           "[data-state='failed']\")", timeout=20_000)
+    assert page.input_value("#chat-input") == ""
+    page.fill("#chat-input", "How is the CPU?")  # asked again, on purpose
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 2)
+    session = page.evaluate("localStorage.getItem('offload-session')")
+    turns = httpx.get(f"{server.url}/api/sessions/{session}").json()["turns"]
+    assert [turn["question"] for turn in turns] == ["How is the CPU?"] * 2
+    assert questions_shown(page) == ["How is the CPU?"] * 2
+
+
+def test_a_lost_question_asked_again_after_other_turns_carries_them(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # Asked again after another question was answered, a lost question went with its key
+    # and the conversation as it was then: the model never saw the turns in between.
+    route_questions(page, lambda route: route.abort("connectionreset"))  # never taken
+    page.goto(server.url)
+    page.fill("#chat-input", "Say hi.")
+    page.press("#chat-input", "Enter")
+    page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                           "?.dataset.state === 'failed'", timeout=20_000)
+    page.unroute("**/api/ai_chat_async")
+    page.fill("#chat-input", "My name is Alice.")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 1)
+    page.fill("#chat-input", "Say hi.")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 2)
+    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] == "user"]
+    assert asked == ["My name is Alice.", "Say hi."], asked
+
+
 def test_a_lost_question_is_not_stood_for_by_another_tabs_of_the_same_text(
         page: Any, server: Server, llm: FakeLLM) -> None:
     # Its answer lost, a question was looked for by its text: another tab's turn asking
@@ -996,6 +1050,44 @@ def test_a_cancel_the_server_never_answers_can_be_pressed_again(
         page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
                                timeout=20_000)
         assert page.text_content("#chat-log li.msg.assistant .note") == "Cancelled."
+
+
+def test_a_cancel_on_a_full_disk_says_it_goes_ahead(
+        page: Any, make_server: Callable[..., Server], tmp_path: Path) -> None:
+    # The disk full, the cancel goes ahead (its request left empty) and its 507 says so;
+    # the chat and the jobs table showed it as "Could not cancel it: ... The cancel is
+    # recorded".
+    from tests.conftest import small_disk
+    from tests.test_full_disk import disk_filled
+
+    with FakeLLM(pieces=["word "] * 600, delay_s=0.1) as slow, \
+            small_disk(tmp_path, "512k") as disk:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url,
+                                  "OFFLOAD_DATA_DIR": str(disk / "var")})
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                               "?.textContent.includes('word')", timeout=20_000)
+        napping = httpx.post(f"{server.url}/api/jobs", json={
+            "kind": "sleep", "input": {"seconds": 300}}).json()["id"]
+        row = f"#jobs-table tr[data-job-id='{napping}']"
+        page.wait_for_selector(f"{row}[data-state='running']", timeout=20_000)
+        note = "#chat-log li.msg.assistant:last-child .note"
+        with disk_filled(disk):
+            page.click("#chat-cancel")
+            page.wait_for_function(f"document.querySelector('{note}').textContent"
+                                   ".includes('The cancel is recorded')", timeout=60_000)
+            said = page.text_content(note)
+            assert not said.startswith("Could not cancel it"), said
+            page.click(f"{row} button.cancel-job")
+            page.wait_for_function("document.querySelector('#jobs-note').textContent"
+                                   ".includes('The cancel is recorded')", timeout=60_000)
+            said = page.text_content("#jobs-note")
+            assert said.startswith(f"Job {napping[:8]}: "), said
+        page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
+                               timeout=60_000)
+        page.wait_for_selector(f"{row}[data-state='cancelled']", timeout=60_000)
 
 
 def test_a_long_reply_is_followed_to_its_end(page: Any,
