@@ -181,13 +181,13 @@ def _refusal_unstreamed(config: Config, body: dict[str, Any]) -> RunnerError | N
     """The server's refusal of `body` asked again without streaming (a prompt too long for
     its context: the tokens it counted); None if it takes it, or cannot say (then the empty
     stream is all there is to tell). For one token: a server that takes it makes no reply
-    to pay for and throw away."""
+    to pay for and throw away; one that refuses the field says nothing of the prompt."""
     plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
     plain["max_tokens"] = 1
     try:
         _, conn = _request_with_retries(config, plain)
     except RunnerError as exc:
-        return None if exc.transient else exc
+        return None if exc.transient or "max_tokens" in exc.message else exc
     conn.close()
     return None
 

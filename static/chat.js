@@ -123,14 +123,17 @@ async function send(text) {
   const placeholder = { placeholder: true, li };
   pending = placeholder;
   updateButtons();
-  // Sent just before, its answer never came: sent again as it was, with its key, the
-  // server answers the turn it took (if it did) instead of storing the question twice. Asked
-  // again after other turns, it is a new question, on the conversation as it is now.
-  const turns = log.querySelectorAll("li.msg.assistant");
-  const newest = turns.length > 1 ? turns[turns.length - 2] : null;
-  const lost = newest && lostBubbles().includes(newest) && newest.unanswered === text ? newest : null;
   // Turns another tab added, still loading: the question carries them.
   while (syncing) await syncing;
+  // Sent just before, its answer never came: sent again as it was, with its key, the
+  // server answers the turn it took (if it did) instead of storing the question twice. Asked
+  // again once the server's turns changed (any tab's), it is a new question, on the
+  // conversation as it is now.
+  const turns = log.querySelectorAll("li.msg.assistant");
+  const newest = turns.length > 1 ? turns[turns.length - 2] : null;
+  const seen = shownTurns();
+  const lost = newest && lostBubbles().includes(newest) && newest.unanswered === text
+    && newest.seen === seen ? newest : null;
   const unsent = () => {
     asked.remove();
     li.remove();
@@ -173,7 +176,7 @@ async function send(text) {
       if (!input.value) input.value = text;  // to send again as it was, not typed again
       // Its key sent before may still make a turn (a server that took the first late).
       if (unanswered || lost) {
-        Object.assign(li, { unanswered: text, key, body });
+        Object.assign(li, { unanswered: text, key, body, seen });
         li.cancelled = placeholder.cancelled;  // and stopped once found
         lookFor(li);
       }
@@ -359,6 +362,10 @@ async function findLost() {
   requestSync();
 }
 
+/** The server's turns shown, by job id: what a question sent now carries. */
+const shownTurns = () => [...log.querySelectorAll("li.msg.assistant[data-job-id]")]
+  .map((el) => el.dataset.jobId).join(" ");
+
 /** The reply's bubbles of questions sent here whose answer never came. */
 const lostBubbles = () => [...log.querySelectorAll("li.msg.assistant:not([data-job-id])")]
   .filter((el) => el.unanswered);
@@ -380,6 +387,8 @@ function showTurns(turns) {
         twin.asked?.remove();
         twin.remove();
         if (input.value === turn.question) input.value = "";
+        const p = twin.cancelled && live.find((q) => q.jobId === turn.job_id);
+        if (p) cancelReply(p).catch(() => {});  // cancelled while it was being sent
       }
       continue;
     }

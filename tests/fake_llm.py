@@ -60,6 +60,11 @@ class _Handler(JSONHandler):
         if fake.rejects_stream and body.get("stream"):
             self._json(400, {"error": {"message": "stream is not supported"}})
             return
+        if fake.refuses_max_tokens and "max_tokens" in body:
+            self._json(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not "
+                                                  "supported with this model. Use "
+                                                  "'max_completion_tokens' instead."}})
+            return
         unknown = set(body) - KNOWN_FIELDS
         if fake.strict and unknown:
             self._json(400, {"error": {"message": f"unknown fields: {sorted(unknown)}"}})
@@ -137,7 +142,8 @@ class FakeLLM(ScriptedServer):
                  rejects_stream: bool = False, models: list[str] | None = None,
                  known_model: str | None = None, auth: str | None = None,
                  usage: dict[str, int] | None = None, strict: bool = False,
-                 gated: str | None = None, stream_error: str | None = None) -> None:
+                 gated: str | None = None, stream_error: str | None = None,
+                 refuses_max_tokens: bool = False) -> None:
         self.pieces = pieces or ["Hello", ", ", "world", "."]
         self.delay_s = delay_s
         self.status = status
@@ -159,6 +165,7 @@ class FakeLLM(ScriptedServer):
         # `gate` is set.
         self.gated = gated
         self.stream_error = stream_error  # an event sent in place of the second piece
+        self.refuses_max_tokens = refuses_max_tokens  # as OpenAI's reasoning models do
         self.gate = threading.Event()
         self.requests: list[dict[str, Any]] = []
         self.request_times: list[float] = []

@@ -531,6 +531,23 @@ def test_wait_without_ids_waits_for_every_job_queued_or_running(server: Server) 
     assert f"job {later} starts" in waited.stderr  # why it waits, said as for ids
 
 
+def test_wait_without_ids_rides_out_a_restart_of_the_server(server: Server) -> None:
+    # Its listings were plain requests: the API restarting between two of its rounds (or
+    # before its first) ended it with exit 3, where a wait for ids rides one out.
+    server.stop()
+    waiting = start_cli(server.url, "wait", "--json")
+    try:
+        time.sleep(3)  # its first listings refused
+        assert waiting.poll() is None, waiting.communicate()
+        server.start()
+        out, err = waiting.communicate(timeout=120)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert waiting.returncode == 0, err
+    assert json.loads(out) == []
+
+
 @pytest.mark.slow
 def test_wait_without_ids_asks_a_few_times_however_many_jobs_wait(server: Server) -> None:
     # It asked for each job, then waited for each in turn: 2 requests a job, 400 here.

@@ -454,22 +454,47 @@ def test_a_question_asked_again_once_its_lost_turn_was_found_is_a_new_turn(
     assert questions_shown(page) == ["How is the CPU?"] * 2
 
 
-def test_a_lost_question_asked_again_after_other_turns_carries_them(
-        page: Any, server: Server, llm: FakeLLM) -> None:
-    # Asked again after another question was answered, a lost question went with its key
-    # and the conversation as it was then: the model never saw the turns in between.
+def lose_a_question(page: Any, server: Server, question: str) -> None:
+    """`question` asked on a page just opened, its connection cut before the server took
+    it: a failed bubble, the question given back to the box."""
     route_questions(page, lambda route: route.abort("connectionreset"))  # never taken
     page.goto(server.url)
-    page.fill("#chat-input", "Say hi.")
+    page.fill("#chat-input", question)
     page.press("#chat-input", "Enter")
     page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
                            "?.dataset.state === 'failed'", timeout=20_000)
     page.unroute("**/api/ai_chat_async")
+
+
+def test_a_lost_question_asked_again_after_other_turns_carries_them(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # Asked again after another question was answered, a lost question went with its key
+    # and the conversation as it was then: the model never saw the turns in between.
+    lose_a_question(page, server, "Say hi.")
     page.fill("#chat-input", "My name is Alice.")
     page.press("#chat-input", "Enter")
     completed_shown(page, 1)
     page.fill("#chat-input", "Say hi.")
     page.press("#chat-input", "Enter")
+    completed_shown(page, 2)
+    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] == "user"]
+    assert asked == ["My name is Alice.", "Say hi."], asked
+
+
+def test_a_lost_question_asked_again_after_another_tabs_turn_carries_it(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # Another tab's turn is shown above the lost question (the page's turns come before
+    # its own unsent ones), which then still passed for the newest: asked again, it went
+    # with its first key and the conversation without that turn.
+    lose_a_question(page, server, "Say hi.")
+    other = page.context.new_page()
+    other.goto(server.url)
+    other.wait_for_function("!document.querySelector('#chat-send').disabled", timeout=20_000)
+    other.fill("#chat-input", "My name is Alice.")
+    other.press("#chat-input", "Enter")
+    completed_shown(other, 1)
+    completed_shown(page, 1)  # told of it
+    page.press("#chat-input", "Enter")  # "Say hi." again, as it was given back
     completed_shown(page, 2)
     asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] == "user"]
     assert asked == ["My name is Alice.", "Say hi."], asked

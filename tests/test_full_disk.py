@@ -177,7 +177,7 @@ def test_a_job_is_cancelled_on_a_full_disk(make_server: MakeServer, tmp_path: Pa
                 answer = client.delete(f"/api/jobs/{running['id']}")
                 said = answer.json()["detail"]
                 assert answer.status_code == 507, answer.text
-                assert "The cancel is recorded: the job is stopped" in said, said
+                assert "The cancel is recorded: the supervisor stops the job" in said, said
                 assert "free some space on it." in said, said  # not "then retry": it goes ahead
                 runner.wait(30)  # stopped, with no room to say so
                 offload = cli(server.url, "cancel", queued["id"])

@@ -123,11 +123,21 @@ def test_an_empty_stream_whose_request_the_server_takes_unstreamed_says_it_was_e
     was empty, not a refusal of its own making."""
     limit = {"OFFLOAD_LLM_MAX_TOKENS": str(max_tokens)} if max_tokens else {}
     with FakeLLM(pieces=["one ", "two"], cut_after=0) as llm:
-        job = run_chat(make_supervisor, llm.base_url, **limit)
+        job = run_chat(make_supervisor, llm.base_url, 60, **limit)
         bodies = [request["body"] for request in llm.requests]
     failed_with(job, "ended before the reply was complete (after 0 pieces)")
     assert [(body.get("stream"), body.get("max_tokens")) for body in bodies] == [
         (True, max_tokens), (None, 1)] * (job.get("attempt") or 1), bodies  # at each attempt
+
+
+def test_an_empty_stream_whose_server_refuses_max_tokens_says_it_was_empty(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    """The probe's one-token limit refused (OpenAI's reasoning models take only
+    `max_completion_tokens`) says nothing of the prompt: the empty stream stands (a
+    transient failure), not a refusal of the probe's own making."""
+    with FakeLLM(pieces=["one ", "two"], cut_after=0, refuses_max_tokens=True) as llm:
+        job = run_chat(make_supervisor, llm.base_url)
+    failed_with(job, "ended before the reply was complete (after 0 pieces)")
 
 
 @pytest.mark.parametrize("kind", ["json", "sse"])

@@ -19,8 +19,8 @@ from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
 
 # A cancel left as an empty request (no room for its words), not final in time.
 NO_ROOM_TO_END = "no room on the data folder's disk for the job's final state"
-RECORDED = ("The cancel is recorded: the job is stopped (a queued one does not start) and "
-            "shows as cancelled once there is room")
+RECORDED = ("The cancel is recorded: the supervisor stops the job (a queued one does not "
+            "start) and it shows as cancelled once there is room")
 # A cancel the leader took from its socket, not even an empty request on disk.
 UNRECORDED = ("The supervisor stops the job all the same (a queued one does not start, a "
               "running one's runner is stopped) and records it cancelled once there is "

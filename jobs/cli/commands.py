@@ -29,7 +29,7 @@ from jobs.cli.client import (
     job_path,
     offload_job,
 )
-from jobs.cli.follow import follow, live_jobs, until_all_ended, until_ended
+from jobs.cli.follow import follow, live_jobs, reconnecting, until_all_ended, until_ended
 from jobs.cli.ids import job_id
 from jobs.cli.show import (
     cap_said,
@@ -162,7 +162,7 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
     if ids:
         return _wait_all(client, ids, args)
     # Thousands of jobs: a request for each would be thousands of requests (and a wait).
-    live = live_jobs(client)
+    live = reconnecting(lambda: live_jobs(client))
     if not live:
         if args.json:
             print_json([])

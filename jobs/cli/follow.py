@@ -4,7 +4,7 @@ else long polls or reads."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from jobs import protocol as p
 
@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 
 
 from jobs.cli.client import REQUEST_TIMEOUT_S, Client, Failure, Unreachable, job_path
+
+T = TypeVar("T")
 
 RECONNECT_S = 60.0  # a dropped event stream is resumed for this long (an API restart), then not
 POLL_S = 0.5  # how often a followed job is read where the server has no event stream to spare
@@ -86,6 +88,21 @@ def until_ended(client: Client, job_id: str) -> dict[str, Any]:
             time.sleep(1.0)
 
 
+def reconnecting(ask: Callable[[], T]) -> T:
+    """`ask()`, asked again for RECONNECT_S across a dropped connection (an API restart),
+    as a wait's long polls are."""
+    dropped_at: float | None = None
+    while True:
+        try:
+            return ask()
+        except Unreachable:
+            now = time.monotonic()
+            dropped_at = dropped_at or now
+            if now - dropped_at > RECONNECT_S:
+                raise
+            time.sleep(1.0)
+
+
 def live_jobs(client: Client) -> dict[str, dict[str, Any]]:
     """Every job queued or running, by id, as the listing summarises it: queued, running,
     then queued again, so that a job that starts (or is queued again for a retry) between
@@ -102,27 +119,33 @@ def until_all_ended(client: Client, ids: list[str], full: bool) -> list[dict[str
     `full`, else summaries), page after page; one not listed (removed) is asked for."""
     finals: dict[str, dict[str, Any]] = {}
     while len(finals) < len(ids):
-        live = live_jobs(client)
-        waiting = [job_id for job_id in ids if job_id not in finals and job_id in live]
-        if waiting:
-            last = max(waiting, key=lambda job_id: (p.run_at(live[job_id]) or 0.0,
-                                                    p.queue_key(live[job_id])))
-            finals[last] = until_ended(client, last)
-            continue
-        unread = {job_id for job_id in ids if job_id not in finals}
-        found: dict[str, dict[str, Any]] = {}
-        for job in client.listed(None, "full" if full else "summary"):
-            if job[p.F_ID] in unread:
-                found[job[p.F_ID]] = job
-                if len(found) == len(unread):
-                    break
-        for job_id in unread:
-            job = found.get(job_id) or client.job("GET", f"/api/jobs/{job_path(job_id)}")
-            if job.get(p.F_STATE) in p.FINAL_STATES:
-                finals[job_id] = job
-        if len(finals) < len(ids):  # live, though a listing missed it: look again shortly
-            time.sleep(POLL_S)
+        reconnecting(lambda: _one_ended(client, ids, finals, full))
     return [finals[job_id] for job_id in ids]
+
+
+def _one_ended(client: Client, ids: list[str], finals: dict[str, dict[str, Any]],
+               full: bool) -> None:
+    """A round of `until_all_ended`: one job waited for, or the ended ones read."""
+    live = live_jobs(client)
+    waiting = [job_id for job_id in ids if job_id not in finals and job_id in live]
+    if waiting:
+        last = max(waiting, key=lambda job_id: (p.run_at(live[job_id]) or 0.0,
+                                                p.queue_key(live[job_id])))
+        finals[last] = until_ended(client, last)
+        return
+    unread = {job_id for job_id in ids if job_id not in finals}
+    found: dict[str, dict[str, Any]] = {}
+    for job in client.listed(None, "full" if full else "summary"):
+        if job[p.F_ID] in unread:
+            found[job[p.F_ID]] = job
+            if len(found) == len(unread):
+                break
+    for job_id in unread:
+        job = found.get(job_id) or client.job("GET", f"/api/jobs/{job_path(job_id)}")
+        if job.get(p.F_STATE) in p.FINAL_STATES:
+            finals[job_id] = job
+    if len(finals) < len(ids):  # live, though a listing missed it: look again shortly
+        time.sleep(POLL_S)
 
 
 def _apply(job: dict[str, Any], fields: dict[str, Any]) -> None:

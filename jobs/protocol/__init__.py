@@ -11,8 +11,9 @@ safe to read).
 Each job has a folder of its own, `<data>/jobs/<id>/`:
   job.json   the job (state, progress, output, result); one writer at a time
   job.log    the runner's stdout and stderr
-  stop.json  a stop request: {"reason": "cancelled" | "timeout", "at": ...}; written by
-             the API or the supervisor, read by the runner when it is signalled
+  stop.json  a stop request: {"reason": "cancelled" | "timeout", "at": ...}, or empty: a
+             cancel that found no room for more; written by the API or the supervisor,
+             read by the runner when it is signalled
   run.json   the claim, then the launch record: the runner's pid and create time, the
              launching supervisor's identity, when it was launched; written by the
              supervisor only, so an adopting supervisor knows what was launched
@@ -476,8 +477,8 @@ def request_stop(job_file: StrPath, reason: str) -> bool:
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | files.NO_FOLLOW,
                              0o600))
-        except FileExistsError:
-            pass  # a stop was asked already: it stands
+        except FileExistsError:  # a stop was asked already: it stands, whole or empty
+            return os.stat(path).st_size > 0
         except OSError:
             raise exc from None
         return False
