@@ -322,20 +322,27 @@ def test_a_question_the_server_took_but_never_answered_shows_its_reply(
     assert len(llm.requests) == 1
 
 
-def test_a_question_the_server_took_after_the_page_gave_up_shows_its_reply(
-        page: Any, server: Server, llm: FakeLLM) -> None:
-    # A server stalled past the page's 30 s stored the question after the page had looked
-    # for it: its reply ran on the server, shown nowhere until a reload.
+def given_up_question(page: Any, server: Server, question: str) -> list[Any]:
+    """`question` asked on a page just opened (its clock installed), held on its way to
+    the server until the page gave it up after 30 s; the route holding it."""
     held: list[Any] = []
     route_questions(page, lambda route: held.append(route))
     page.clock.install()
     page.goto(server.url)
-    page.fill("#chat-input", "How is the CPU?")
+    page.fill("#chat-input", question)
     page.press("#chat-input", "Enter")
     routed(page, held, "the question sent")
     page.clock.fast_forward("00:31")
     page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
                            "?.dataset.state === 'failed'", timeout=20_000)
+    return held
+
+
+def test_a_question_the_server_took_after_the_page_gave_up_shows_its_reply(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # A server stalled past the page's 30 s stored the question after the page had looked
+    # for it: its reply ran on the server, shown nowhere until a reload.
+    held = given_up_question(page, server, "How is the CPU?")
     page.wait_for_timeout(1000)  # looked for once, in vain
     taken = sent_again(server, held[0])  # the stalled server takes it now, as it was sent
     assert taken.status_code == 200
@@ -400,16 +407,7 @@ def test_a_question_sent_again_before_the_stalled_server_stored_it_is_one_turn(
         page: Any, server: Server, llm: FakeLLM) -> None:
     # Given up after 30 s and sent again, the question was stored twice once the stalled
     # server took the first: two turns, two replies of the model.
-    held: list[Any] = []
-    route_questions(page, lambda route: held.append(route))
-    page.clock.install()
-    page.goto(server.url)
-    page.fill("#chat-input", "How is the CPU?")
-    page.press("#chat-input", "Enter")
-    routed(page, held, "the question sent")
-    page.clock.fast_forward("00:31")
-    page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
-                           "?.dataset.state === 'failed'", timeout=20_000)
+    held = given_up_question(page, server, "How is the CPU?")
     page.unroute("**/api/ai_chat_async")
     page.press("#chat-input", "Enter")  # sent again, as it was given back
     completed_shown(page, 1)
@@ -426,16 +424,7 @@ def test_a_question_asked_again_once_its_lost_turn_was_found_is_a_new_turn(
     # A lost question's turn shown by a sync before its key was looked up stayed a failed
     # bubble too, and the same question asked again on purpose went with that old key:
     # the server answered the turn it had, and the page dropped the new question.
-    held: list[Any] = []
-    route_questions(page, lambda route: held.append(route))
-    page.clock.install()
-    page.goto(server.url)
-    page.fill("#chat-input", "How is the CPU?")
-    page.press("#chat-input", "Enter")
-    routed(page, held, "the question sent")
-    page.clock.fast_forward("00:31")
-    page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
-                           "?.dataset.state === 'failed'", timeout=20_000)
+    held = given_up_question(page, server, "How is the CPU?")
     page.wait_for_timeout(1000)  # looked up once by its key, in vain
     page.unroute("**/api/ai_chat_async")
     assert sent_again(server, held[0]).status_code == 200  # the stalled server takes it late
