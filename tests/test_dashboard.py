@@ -455,6 +455,16 @@ def lose_a_question(page: Any, server: Server, question: str) -> None:
     page.unroute("**/api/ai_chat_async")
 
 
+def asked_in_another_tab(page: Any, server: Server, question: str) -> None:
+    """`question` asked and answered in a second tab of the page's browser."""
+    other = page.context.new_page()
+    other.goto(server.url)
+    other.wait_for_function("!document.querySelector('#chat-send').disabled", timeout=20_000)
+    other.fill("#chat-input", question)
+    other.press("#chat-input", "Enter")
+    completed_shown(other, 1)
+
+
 def test_a_lost_question_asked_again_after_other_turns_carries_them(
         page: Any, server: Server, llm: FakeLLM) -> None:
     # Asked again after another question was answered, a lost question went with its key
@@ -476,12 +486,7 @@ def test_a_lost_question_asked_again_after_another_tabs_turn_carries_it(
     # its own unsent ones), which then still passed for the newest: asked again, it went
     # with its first key and the conversation without that turn.
     lose_a_question(page, server, "Say hi.")
-    other = page.context.new_page()
-    other.goto(server.url)
-    other.wait_for_function("!document.querySelector('#chat-send').disabled", timeout=20_000)
-    other.fill("#chat-input", "My name is Alice.")
-    other.press("#chat-input", "Enter")
-    completed_shown(other, 1)
+    asked_in_another_tab(page, server, "My name is Alice.")
     completed_shown(page, 1)  # told of it
     page.press("#chat-input", "Enter")  # "Say hi." again, as it was given back
     completed_shown(page, 2)
@@ -493,23 +498,12 @@ def test_a_lost_question_is_not_stood_for_by_another_tabs_of_the_same_text(
         page: Any, server: Server, llm: FakeLLM) -> None:
     # Its answer lost, a question was looked for by its text: another tab's turn asking
     # the same stood for it, and the question, never stored, was taken out of the box.
-    route_questions(page, lambda route: route.abort("connectionreset"))  # never taken
-    page.goto(server.url)
-    page.fill("#chat-input", "How is the CPU?")
-    page.press("#chat-input", "Enter")
-    page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
-                           "?.dataset.state === 'failed'", timeout=20_000)
-    other = page.context.new_page()
-    other.goto(server.url)
-    other.wait_for_function("!document.querySelector('#chat-send').disabled", timeout=20_000)
-    other.fill("#chat-input", "How is the CPU?")
-    other.press("#chat-input", "Enter")
-    completed_shown(other, 1)
+    lose_a_question(page, server, "How is the CPU?")
+    asked_in_another_tab(page, server, "How is the CPU?")
     completed_shown(page, 1)  # told of it, as of any turn of another tab
     page.wait_for_timeout(1000)
     assert page.locator("#chat-log li.msg.assistant[data-state='failed']").count() == 1
     assert page.input_value("#chat-input") == "How is the CPU?"
-    page.unroute("**/api/ai_chat_async")
     page.press("#chat-input", "Enter")
     completed_shown(page, 2)
     session = page.evaluate("localStorage.getItem('offload-session')")
