@@ -192,6 +192,24 @@ def test_only_one_supervisor_leads_a_data_folder(data_dir: Path) -> None:
         second.release()
 
 
+def test_a_stop_that_comes_with_a_wake_up_stops_the_supervisor(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    """A runner's exit wakes the supervisor as a SIGTERM cancels it (the daemon's stop):
+    the wake-up took the cancel's place, and the stopped supervisor led on, launching
+    jobs with its old settings while the next one waited for the lock."""
+    running = make_supervisor()
+    wait_for(lambda: running.supervisor.is_leader, 10, what="the supervisor to lead")
+    time.sleep(0.2)  # idle: between passes, waiting to be woken
+
+    def woken_and_stopped() -> None:
+        running.supervisor.wake()
+        assert running._task is not None
+        running._task.cancel()
+
+    running._loop.call_soon_threadsafe(woken_and_stopped)
+    wait_for(lambda: not running._thread.is_alive(), 10, what="the supervisor to stop")
+    assert not running.supervisor.is_leader
+
 def test_prune_removes_old_finished_jobs_only(supervisor: RunningSupervisor) -> None:
     done = supervisor.submit(seconds=0)
     supervisor.wait_final(done)

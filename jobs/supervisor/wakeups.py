@@ -87,11 +87,8 @@ class Wakeups:
         deadline = time.monotonic() + delay
         poked = _mtime_ns(self._wake_file)
         while (left := deadline - time.monotonic()) > 0:
-            try:
-                await asyncio.wait_for(self._event.wait(), min(left, WAKE_POLL_S))
+            if await _set_within(self._event, min(left, WAKE_POLL_S)):
                 return
-            except asyncio.TimeoutError:
-                pass
             if leading and _mtime_ns(self._wake_file) != poked:
                 self.want(ALL_JOBS)  # a poke through the file names no job
                 return
@@ -108,6 +105,18 @@ class Wakeups:
     def close(self, unlink: bool) -> None:
         """Stop listening; `unlink`: remove the socket too (not another leader's)."""
         self._doorbell.close(self._loop, unlink=unlink)
+
+
+async def _set_within(event: asyncio.Event, timeout: float) -> bool:
+    """Whether `event` is set within `timeout` s. Not `asyncio.wait_for`: before Python
+    3.12 it swallows a cancel that comes as the event is set (a runner's exit as a
+    SIGTERM), and the stopped supervisor led on."""
+    waiting = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait((waiting,), timeout=timeout)
+    finally:
+        waiting.cancel()
+    return bool(done)
 
 
 def _mtime_ns(path: Path) -> int:
