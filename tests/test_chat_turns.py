@@ -250,6 +250,19 @@ def test_a_question_sent_again_with_its_key_is_one_turn_found_by_its_key(
     assert len(llm.requests) == 2
 
 
+@pytest.mark.parametrize("headers", [{}, {"Idempotency-Key": ""}], ids=["none", "empty"])
+def test_a_chat_looked_up_without_its_key_is_told_to_send_it(
+        make_server: MakeServer, headers: dict[str, str]) -> None:
+    # It was FastAPI's 422 "header.Idempotency-Key: Field required", which said neither
+    # which key nor what the GET is for.
+    with make_server().client() as client:
+        answer = client.get("/api/ai_chat_async", headers=headers)
+    assert answer.status_code == 400, answer.text
+    assert answer.json() == {"detail": "send the Idempotency-Key header that the question's "
+                                       "POST /api/ai_chat_async was sent with: this GET "
+                                       "answers which chat that key started"}
+
+
 def test_an_empty_session_id_is_no_conversation(make_server: MakeServer) -> None:
     """`session_id: ""` names no session: such chats do not wait for one another."""
     with FakeLLM(gated="first question") as llm:

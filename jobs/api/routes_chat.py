@@ -29,11 +29,16 @@ async def ai_chat_async(body: ChatInput, service: Service,
 
 
 @router.get("/ai_chat_async", response_model=Submitted,
-            responses={404: {"description": "no chat was started with this Idempotency-Key"}})
-async def chat_of_key(service: Service, idempotency_key: Annotated[str, Header(
-        alias="Idempotency-Key", min_length=1, max_length=255)]) -> dict[str, Any]:
+            responses={400: {"description": "no Idempotency-Key header, or an empty one"},
+                       404: {"description": "no chat was started with this Idempotency-Key"}})
+async def chat_of_key(service: Service, idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", max_length=255)] = None) -> dict[str, Any]:
     """What the `POST` with this Idempotency-Key answered, without sending it again: a
     page whose answer was lost finds its turn by the key, not by the question's text."""
+    if not idempotency_key:  # FastAPI's own "Field required" says nothing of which key
+        raise HTTPException(400, "send the Idempotency-Key header that the question's POST "
+                                 "/api/ai_chat_async was sent with: this GET answers which "
+                                 "chat that key started")
     job = await run_in_threadpool(service.chat_of_key, idempotency_key)
     if job is None:
         raise HTTPException(404, "no chat was started with this Idempotency-Key (yet): "
