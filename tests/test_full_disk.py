@@ -247,3 +247,32 @@ def test_a_runner_that_finds_no_room_for_its_final_state_says_so(
         "the runner waited for room on the data folder's disk to write its final state "
         "until it gave up: its outcome is lost; free some space on it, then run the job "
         "again"), ended["error"]
+
+
+def test_a_runner_that_finds_no_room_for_a_job_with_attempts_left_says_it_runs_again(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    """Its runner gave up for a full disk, and the supervisor, finding room again, queued
+    the job again by itself: the attempt's error still said "then run the job again"."""
+    with small_disk(tmp_path, "512k") as disk:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var"),
+                                  "OFFLOAD_FINAL_WRITE_PATIENCE_S": "2"})
+        with server.client() as client:
+            job = client.post("/api/jobs", json={"kind": "sleep", "max_attempts": 2,
+                                                 "input": {"seconds": 4, "steps": 1}}).json()
+            runner = psutil.Process(wait_job(client, job["id"], "running")["pid"])
+            supervisor = server.supervisor()
+            supervisor.suspend()  # it sees the runner's exit 73 only once there is room
+            try:
+                with disk_filled(disk):
+                    wait_for(lambda: not runner.is_running()
+                             or runner.status() == psutil.STATUS_ZOMBIE, 60, 0.2,
+                             "the runner giving up on its final state")
+            finally:
+                supervisor.resume()
+            ended = wait_job(client, job["id"], timeout=60)
+    assert ended["state"] == "completed" and ended["attempt"] == 2, ended
+    assert ended["earlier_errors"][0]["type"] == "lost", ended["earlier_errors"]
+    assert ended["earlier_errors"][0]["message"] == (
+        "the runner waited for room on the data folder's disk to write its final state "
+        "until it gave up: its outcome is lost; free some space on it: the job is queued "
+        "again by itself (attempt 2 of 2)"), ended["earlier_errors"]

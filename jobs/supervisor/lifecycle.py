@@ -210,15 +210,17 @@ class JobLife:
             state = p.JobState.TIMEOUT if reason == p.JobState.TIMEOUT else p.JobState.CANCELLED
             self._write(Final(state, error["type"], error["message"], code), data)
         else:
-            failure = self._failure(data, code)
             attempt, most = p.attempts(data)
-            if attempt < most and self._requeue(data, failure, backoff(attempt)):
+            if attempt < most and self._requeue(data, self._failure(data, code, attempt + 1),
+                                                backoff(attempt)):
                 return
-            self._write(failure, data)
+            self._write(self._failure(data, code), data)
 
-    def _failure(self, data: dict[str, Any], code: int | None) -> Final:
+    def _failure(self, data: dict[str, Any], code: int | None,
+                 next_attempt: int | None = None) -> Final:
         """Why a runner ended without a final state: the transient error it recorded
-        (it left the retry to the supervisor), else it was lost."""
+        (it left the retry to the supervisor), else it was lost; said for the job queued
+        again for `next_attempt`, or (None) ending with it."""
         error = data.get(p.F_ERROR)
         if isinstance(error, dict) and isinstance(error.get("message"), str):
             return Final(p.JobState.FAILED, str(error.get("type") or p.ErrorType.RUNNER),
@@ -227,9 +229,12 @@ class JobLife:
         message = ("the runner exited without a final state "
                    f"({self.launcher.describe_exit(self.run)})")
         if code == p.EXIT_NO_ROOM:
+            then = (", then run the job again" if next_attempt is None else
+                    ": the job is queued again by itself (attempt "
+                    f"{next_attempt} of {p.attempts(data)[1]})")
             message = ("the runner waited for room on the data folder's disk to write its "
                        "final state until it gave up: its outcome is lost; free some space "
-                       "on it, then run the job again")
+                       f"on it{then}")
         if tail:
             message += f"; last log line: {tail.splitlines()[-1][:300]}"
         return Final(p.JobState.FAILED, p.ErrorType.LOST, message, code, tail)
