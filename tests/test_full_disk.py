@@ -276,3 +276,30 @@ def test_a_runner_that_finds_no_room_for_a_job_with_attempts_left_says_it_runs_a
         "the runner waited for room on the data folder's disk to write its final state "
         "until it gave up: its outcome is lost; free some space on it: the job is queued "
         "again by itself (attempt 2 of 2)"), ended["earlier_errors"]
+
+
+def test_a_cancel_on_a_full_disk_of_a_job_whose_runner_has_ended_says_what_it_shows(
+        make_server: MakeServer, data_dir: Path, tmp_path: Path) -> None:
+    """Its runner ended (it gave up on its final state) and the supervisor holds the end
+    it writes once there is room: a cancel then changes nothing, and its 507 said the job
+    "shows as cancelled once there is room"; it shows as it ended."""
+    # The jobs alone on the small disk: the supervisor's log says when it holds the end.
+    with small_disk(tmp_path, "512k", at=data_dir / "jobs") as disk:
+        server = make_server(env={"OFFLOAD_FINAL_WRITE_PATIENCE_S": "2",
+                                  "OFFLOAD_STOP_GRACE_S": "1"})
+        supervisor_log = data_dir / "supervisor.log"
+        with server.client() as client:
+            job = client.post("/api/jobs", json={"kind": "sleep", "input": {
+                "seconds": 4, "steps": 1}}).json()
+            runner = psutil.Process(wait_job(client, job["id"], "running")["pid"])
+            with disk_filled(disk):
+                runner.wait(60)  # its sleep, then 2 s of trying to write its final state
+                wait_for(lambda: f"job {job['id']}: cannot write its final state"
+                         in supervisor_log.read_text(), 60, 0.2, "the supervisor holding it")
+                answer = client.delete(f"/api/jobs/{job['id']}")
+                said = answer.json()["detail"]
+                assert answer.status_code == 507, answer.text
+                assert "The cancel is recorded" in said, said
+                assert "or as it ended, if its runner had already ended" in said, said
+            ended = wait_job(client, job["id"], timeout=60)
+    assert ended["state"] == "failed" and ended["exit_code"] == 73, ended  # as said

@@ -19,13 +19,17 @@ from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
 
 # A cancel left as an empty request (no room for its words), not final in time.
 NO_ROOM_TO_END = "no room on the data folder's disk for the job's final state"
+# Said of both: a runner that had ended keeps its own end, which the supervisor holds in
+# memory alone until there is room (the API cannot tell; a restart meanwhile forgets it).
+OR_AS_IT_ENDED = ("or as it ended, if its runner had already ended (its final state "
+                  "waiting for room too)")
 RECORDED = ("The cancel is recorded: the supervisor stops the job (a queued one does not "
-            "start) and it shows as cancelled once there is room")
+            f"start) and it shows as cancelled once there is room, {OR_AS_IT_ENDED}")
 # A cancel the leader took from its socket, not even an empty request on disk.
 UNRECORDED = ("The supervisor stops the job all the same (a queued one does not start, a "
               "running one's runner is stopped) and records it cancelled once there is "
-              "room; a restart of the supervisor before then forgets this cancel, so "
-              "cancel it again once there is room")
+              f"room, {OR_AS_IT_ENDED}; a restart of the supervisor before then forgets "
+              "this cancel, so cancel it again once there is room")
 
 
 class AlreadyFinished(Exception):
