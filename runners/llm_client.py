@@ -39,6 +39,11 @@ RETRY_BASE_S = 1.0
 UNKNOWN_FIELD_WORDS = ("stream_options", "include_usage", "unknown", "unrecognized",
                        "extra", "not permitted", "unexpected")
 RETRY_MAX_S = 30.0
+# A refusal about the prompt's length, in the servers' words (llama-server's "exceeds the
+# available context size", llama-cpp-python's and vLLM's "maximum context length"):
+# the only one an empty stream's probe keeps.
+PROMPT_LENGTH_WORDS = ("context length", "context_length", "context size", "context window",
+                       "prompt is too long", "too many tokens")
 LOADING_RETRY_S = 1.0  # a server still loading its model (503): asked again this often
 MIN_SECRET_PART = 6  # a key cut off in a message is redacted from this many characters
 
@@ -179,15 +184,18 @@ def _ask(config: Config, body: dict[str, Any], on_text: Callable[[str], None]) -
 
 def _refusal_unstreamed(config: Config, body: dict[str, Any]) -> RunnerError | None:
     """The server's refusal of `body` asked again without streaming (a prompt too long for
-    its context: the tokens it counted); None if it takes it, or cannot say (then the empty
-    stream is all there is to tell). For one token: a server that takes it makes no reply
-    to pay for and throw away; one that refuses the field says nothing of the prompt."""
+    its context: the tokens it counted); None if it takes it, or refuses it for another
+    reason (its `max_tokens`, a request that does not stream): then the empty stream is
+    all there is to tell. For one token: a server that takes it makes no reply to pay for
+    and throw away."""
     plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
     plain["max_tokens"] = 1
     try:
         _, conn = _request_with_retries(config, plain)
     except RunnerError as exc:
-        return None if exc.transient or "max_tokens" in exc.message else exc
+        said = exc.message.lower()
+        about_length = any(word in said for word in PROMPT_LENGTH_WORDS)
+        return exc if about_length and not exc.transient else None
     conn.close()
     return None
 

@@ -60,6 +60,10 @@ class _Handler(JSONHandler):
         if fake.rejects_stream and body.get("stream"):
             self._json(400, {"error": {"message": "stream is not supported"}})
             return
+        if fake.streaming_only and not body.get("stream"):
+            self._json(400, {"error": {"message": "stream must be true: only streaming is "
+                                                  "supported"}})
+            return
         if fake.refuses_max_tokens and "max_tokens" in body:
             self._json(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not "
                                                   "supported with this model. Use "
@@ -143,7 +147,7 @@ class FakeLLM(ScriptedServer):
                  known_model: str | None = None, auth: str | None = None,
                  usage: dict[str, int] | None = None, strict: bool = False,
                  gated: str | None = None, stream_error: str | None = None,
-                 refuses_max_tokens: bool = False) -> None:
+                 refuses_max_tokens: bool = False, streaming_only: bool = False) -> None:
         self.pieces = pieces or ["Hello", ", ", "world", "."]
         self.delay_s = delay_s
         self.status = status
@@ -166,6 +170,7 @@ class FakeLLM(ScriptedServer):
         self.gated = gated
         self.stream_error = stream_error  # an event sent in place of the second piece
         self.refuses_max_tokens = refuses_max_tokens  # as OpenAI's reasoning models do
+        self.streaming_only = streaming_only  # a 400 for a request that does not stream
         self.gate = threading.Event()
         self.requests: list[dict[str, Any]] = []
         self.request_times: list[float] = []

@@ -140,6 +140,20 @@ def test_an_empty_stream_whose_server_refuses_max_tokens_says_it_was_empty(
     failed_with(job, "ended before the reply was complete (after 0 pieces)")
 
 
+def test_an_empty_stream_whose_server_only_streams_says_it_was_empty(
+        make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    """A server (or proxy) that takes only streamed requests refuses the probe with words
+    of its own ("stream must be true"), which say nothing of the prompt's length: the
+    chat failed with that refusal, not the empty stream's error."""
+    with FakeLLM(pieces=["one ", "two"], cut_after=0, streaming_only=True) as llm:
+        job = run_chat(make_supervisor, llm.base_url)
+        refused = [request["body"] for request in llm.requests if not request["body"].get(
+            "stream")]
+    failed_with(job, "ended before the reply was complete (after 0 pieces)")
+    assert "stream must be true" not in job["error"]["message"], job["error"]
+    assert refused, "the probe was sent, and refused"
+
+
 @pytest.mark.parametrize("kind", ["json", "sse"])
 def test_malformed_stream(make_supervisor: Callable[..., RunningSupervisor], kind: str) -> None:
     with FakeLLM(malformed=kind) as llm:
