@@ -575,6 +575,69 @@ def test_wait_without_ids_asks_a_few_times_however_many_jobs_wait(server: Server
     assert asked <= 40, f"{asked} requests to wait for 200 jobs"
 
 
+def test_wait_without_ids_reads_past_a_removed_cursor_and_no_other_job_in_full(
+        make_server: MakeServer, data_dir: Path) -> None:
+    # The job a listing's page ended at, removed (or pruned) before the next page was asked
+    # for, made that page a 400: the wait ended with it, exit 2, though nothing was wrong.
+    # And --json read every job listed before those it waited for in full, 1000 here.
+    from http.server import ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlsplit
+
+    from jobs.protocol.control import set_queue_paused
+    from jobs.store.job_store import JobStore
+    from tests.http_fake import JSONHandler, ScriptedServer
+
+    store, ended = JobStore(data_dir / "jobs"), {p.F_STATE: "completed",
+                                                 p.F_STARTED_AT: p.iso(time.time()),
+                                                 p.F_FINISHED_AT: p.iso(time.time())}
+    oldest = store.create("sleep", {"seconds": 0}, 30)["id"]  # on the listing's second page
+    set_queue_paused(data_dir, True)
+    for _ in range(1000):
+        store.create("sleep", {"seconds": 0}, 30, fields=ended)
+    server = make_server()
+    newest = cli(server.url, "submit", "sleep").stdout.strip()
+    removed: list[str] = []
+
+    class Relay(JSONHandler):
+        """The server's answers, as a proxy passes them; the job a listing's page is asked
+        from is removed just before, once, as another user's `offload rm` would be."""
+
+        def do_GET(self) -> None:
+            before = parse_qs(urlsplit(self.path).query).get("before")
+            if urlsplit(self.path).path == "/api/jobs" and before and not removed:
+                removed.append(before[0])
+                assert httpx.post(f"{server.url}/api/jobs/{before[0]}/remove").status_code == 200
+            self._pass("GET")
+
+        def do_POST(self) -> None:
+            self._pass("POST")
+
+        def _pass(self, method: str) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            answer = httpx.request(method, f"{server.url}{self.path}", content=body or None,
+                                   headers={"Content-Type": "application/json"}, timeout=120)
+            self._json(answer.status_code, answer.content)
+
+    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), Relay)) as relay:
+        waiting = start_cli(f"http://127.0.0.1:{relay.port}", "wait", "--json")
+        try:
+            wait_for(lambda: '"GET /api/queue ' in server.log.read_text(), 60, 0.1,
+                     "the wait to list the jobs")
+            assert httpx.post(f"{server.url}/api/queue/resume").status_code == 200
+            out, err = waiting.communicate(timeout=120)
+        finally:
+            if waiting.poll() is None:
+                waiting.kill()
+    assert removed, "no second page was asked for"
+    assert waiting.returncode == 0, err
+    assert [(job["id"], job["state"]) for job in json.loads(out)] == [
+        (oldest, "completed"), (newest, "completed")]
+    assert json.loads(out)[0]["input"] == {"seconds": 0}  # in full, as `show --json` gives it
+    in_full = [line for line in server.log.read_text().splitlines()
+               if '"GET /api/jobs?' in line and "fields=summary" not in line]
+    assert in_full and all("limit=1&" in line for line in in_full), in_full
+
+
 def test_a_key_used_before_for_other_jobs_names_them(server: Server) -> None:
     # A batch sent again with a changed first line said that no job of it was stored,
     # though the first send's were: the key was spent, and on what was not said.

@@ -251,18 +251,45 @@ class Client:
 
     def listed(self, state: str | None, fields: str = "summary") -> Iterator[dict[str, Any]]:
         """Every job (in `state`), newest first, page after page: summaries, or whole jobs
-        (`fields="full"`)."""
-        before = None
+        (`fields="full"`); each once, though `pages` may start again from the top."""
+        given: set[str] = set()
+        for _, page in self.pages(state, fields):
+            for job in page:
+                if job[p.F_ID] not in given:
+                    given.add(job[p.F_ID])
+                    yield job
+
+    def pages(self, state: str | None, fields: str = "summary"
+              ) -> Iterator[tuple[str | None, list[dict[str, Any]]]]:
+        """The listing's pages (`listed`), each with the `before` it was asked from. The job
+        a page ended at, removed or pruned before the next page is asked for (a 400, as
+        docs/contract.md says), the next is asked from the newest job of that page still
+        there, or from the top again once none is."""
+        cursors: list[str] = []  # where the next page may start, best last
         while True:
-            given = urllib.parse.urlencode({k: v for k, v in (
-                ("state", state), ("limit", LIST_MAX), ("fields", fields),
-                ("before", before)) if v is not None})
-            page = offload_shaped(self.url, self.call("GET", f"/api/jobs?{given}"),
-                                  "a listing", jobs=list)
-            yield from (offload_job(self.url, job) for job in page["jobs"])
-            before = page.get("next_before")
-            if not before:
+            before = cursors[-1] if cursors else None
+            try:
+                jobs, last = self.listing(state, fields, before)
+            except Failure as exc:
+                if exc.status != 400 or before is None:
+                    raise
+                cursors.pop()  # gone: the job before it on the page
+                continue
+            yield before, jobs
+            if not last:
                 return
+            cursors = [str(job[p.F_ID]) for job in jobs if job[p.F_ID] != last] + [last]
+
+    def listing(self, state: str | None, fields: str, before: str | None,
+                limit: int = LIST_MAX) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of `GET /api/jobs`: its jobs, and the `before` of the next (None: none)."""
+        given = urllib.parse.urlencode({k: v for k, v in (
+            ("state", state), ("limit", limit), ("fields", fields), ("before", before))
+            if v is not None})
+        page = offload_shaped(self.url, self.call("GET", f"/api/jobs?{given}"), "a listing",
+                              jobs=list)
+        last = page.get("next_before")
+        return [offload_job(self.url, job) for job in page["jobs"]], str(last) if last else None
 
     def text(self, path: str) -> str:
         """A text/plain answer (a job's log), as the API's PlainTextResponse sends it."""

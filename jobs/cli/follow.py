@@ -115,8 +115,7 @@ def live_jobs(client: Client) -> dict[str, dict[str, Any]]:
 def until_all_ended(client: Client, ids: list[str], full: bool) -> list[dict[str, Any]]:
     """The jobs `ids` once all have ended, in a few requests however many they are: of
     those still listed live, the one that should end last is waited for (`until_ended`),
-    until none is; the others are then read from the listing of every job (whole if
-    `full`, else summaries), page after page; one not listed (removed) is asked for."""
+    until none is; the others are then read (`ended_ones`)."""
     finals: dict[str, dict[str, Any]] = {}
     while len(finals) < len(ids):
         reconnecting(lambda: _one_ended(client, ids, finals, full))
@@ -133,19 +132,39 @@ def _one_ended(client: Client, ids: list[str], finals: dict[str, dict[str, Any]]
                                                 p.queue_key(live[job_id])))
         finals[last] = until_ended(client, last)
         return
-    unread = {job_id for job_id in ids if job_id not in finals}
-    found: dict[str, dict[str, Any]] = {}
-    for job in client.listed(None, "full" if full else "summary"):
-        if job[p.F_ID] in unread:
-            found[job[p.F_ID]] = job
-            if len(found) == len(unread):
-                break
+    unread = [job_id for job_id in ids if job_id not in finals]
+    found = ended_ones(client, set(unread), full)
     for job_id in unread:
         job = found.get(job_id) or client.job("GET", f"/api/jobs/{job_path(job_id)}")
         if job.get(p.F_STATE) in p.FINAL_STATES:
             finals[job_id] = job
     if len(finals) < len(ids):  # live, though a listing missed it: look again shortly
         time.sleep(POLL_S)
+
+
+def ended_ones(client: Client, ids: set[str], full: bool) -> dict[str, dict[str, Any]]:
+    """The jobs `ids` as the listing of every job has them, by id: summaries, page after
+    page until all are found; if `full`, whole, the stretch of a page that holds them read
+    again (not every job listed before them, each of which can be megabytes). One not
+    found (removed) is left out."""
+    found: dict[str, dict[str, Any]] = {}
+    for before, page in client.pages(None, "summary"):
+        ours = [n for n, job in enumerate(page) if job[p.F_ID] in ids]
+        if ours and full:
+            start = str(page[ours[0] - 1][p.F_ID]) if ours[0] else before
+            try:
+                whole, _ = client.listing(None, "full", start, ours[-1] - ours[0] + 1)
+            except Failure as exc:
+                if exc.status != 400:  # the job it starts after, removed: each read alone
+                    raise
+                whole = [client.job("GET", f"/api/jobs/{job_path(page[n][p.F_ID])}")
+                         for n in ours]
+            found.update((job[p.F_ID], job) for job in whole if job[p.F_ID] in ids)
+        else:
+            found.update((page[n][p.F_ID], page[n]) for n in ours)
+        if len(found) == len(ids):
+            break
+    return found
 
 
 def _apply(job: dict[str, Any], fields: dict[str, Any]) -> None:
