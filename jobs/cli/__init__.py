@@ -13,10 +13,10 @@ The standard library only (an import contract checks it), bar python-dotenv for 
 a command starts without loading the server's libraries.
 
 Its exit codes say why it stopped: EXIT_* in client.py, listed by `offload --help`.
-The commands live in commands.py (looking, submitting) and steer.py (changing);
-command_line.py parses the command line and runs one. This module imports none of them
-until `main` runs: the console script imports it outside any handler, so a Ctrl+C while
-the command loads would be a traceback.
+The commands live in look.py (looking), wait.py (waiting), submit.py (submitting) and
+steer.py (changing); command_line.py parses the command line and runs one. This module
+imports none of them until `main` runs: the console script imports it outside any
+handler, so a Ctrl+C while the command loads would be a traceback.
 """
 
 from __future__ import annotations

@@ -17,17 +17,8 @@ from jobs.cli.client import (
     configured,
     not_offload,
 )
-from jobs.cli.commands import (
-    ENDED,
-    STATES,
-    cmd_list,
-    cmd_log,
-    cmd_show,
-    cmd_status,
-    cmd_submit,
-    cmd_wait,
-)
 from jobs.cli.ids import checked_ids, whole_ids
+from jobs.cli.look import ENDED, STATES, cmd_list, cmd_log, cmd_show, cmd_status
 from jobs.cli.steer import (
     cmd_cancel,
     cmd_parallel,
@@ -37,6 +28,8 @@ from jobs.cli.steer import (
     cmd_retry,
     cmd_schedules,
 )
+from jobs.cli.submit import cmd_submit
+from jobs.cli.wait import cmd_wait
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -29,8 +29,10 @@ from jobs.cli.client import (
     job_path,
     offload_shaped,
 )
-from jobs.cli.commands import ENDED, parse_input, wait_and_report
+from jobs.cli.look import ENDED
 from jobs.cli.show import cap_said, kind_caps_said, print_json, table, when
+from jobs.cli.submit import parse_input
+from jobs.cli.wait import wait_and_report
 
 T = TypeVar("T")
 

@@ -1,0 +1,113 @@
+"""Waiting for jobs to end: `offload wait`, and what `--wait` does for submit and retry;
+why a queued job waits, said before, and each job's outcome as an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from jobs import protocol as p
+from jobs.cli.client import EXIT_JOB_FAILED, EXIT_OK, Client, Failure, job_path
+from jobs.cli.follow import live_jobs, reconnecting, until_all_ended, until_ended
+from jobs.cli.show import job_details, job_table, note, print_json, remedy, shown
+
+
+def cmd_wait(client: Client, args: argparse.Namespace) -> int:
+    """As `pueue wait [ID...]`: until each job (by default: each queued or running now)
+    has ended; a table of them (or their JSON)."""
+    ids = list(dict.fromkeys(job_path(each) for each in args.ids))
+    if ids:
+        return wait_all(client, ids, args)
+    # Thousands of jobs: a request for each would be thousands of requests (and a wait).
+    live = reconnecting(lambda: live_jobs(client))
+    if not live:
+        if args.json:
+            print_json([])
+        else:  # on stderr: stdout stays the jobs waited for, none
+            sys.stderr.write("no queued or running jobs: nothing to wait for\n")
+        return EXIT_OK
+    jobs = sorted(live.values(), key=p.fifo_key)
+    say_why_it_waits(client, jobs, counted=True)
+    return _shown(until_all_ended(client, [str(job[p.F_ID]) for job in jobs], args.json),
+                  args)
+
+
+def wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:
+    # An unknown id exits 5 before any wait; a job ended already is kept as it is now
+    # (by the end of a long wait for another, it may have been pruned).
+    finals = [client.job("GET", f"/api/jobs/{job_id}") for job_id in ids]
+    say_why_it_waits(client, finals, counted=True)
+    for n, job in enumerate(finals):
+        if job.get(p.F_STATE) not in p.FINAL_STATES:
+            finals[n] = until_ended(client, ids[n])
+    return _shown(finals, args)
+
+
+def _shown(finals: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """The jobs waited for, as a table or JSON; EXIT_OK if all completed."""
+    if args.json:
+        print_json(finals)
+    else:
+        job_table(finals, sys.stdout)
+    return max(outcome(job) for job in finals)
+
+
+def outcome(job: dict[str, Any]) -> int:
+    """EXIT_OK for a completed job; else its error on stderr and EXIT_JOB_FAILED."""
+    if job.get(p.F_STATE) == p.JobState.COMPLETED:
+        return EXIT_OK
+    error = job.get(p.F_ERROR) or {}
+    reason = error.get("message") or error.get("type") or "no reason given"
+    sys.stderr.write(shown(f"offload: job {job.get(p.F_ID)} {job.get(p.F_STATE)}: {reason}\n",
+                            sys.stderr))
+    return EXIT_JOB_FAILED
+
+
+def wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespace) -> int:
+    if not args.wait:
+        if args.json:
+            print_json(job)
+        else:
+            sys.stdout.write(f"{job[p.F_ID]}\n")
+        return EXIT_OK
+    # Said first: Ctrl-C while it waits leaves the job running, and its id is how to reach it.
+    sys.stderr.write(f"{job[p.F_ID]} submitted; waiting for it to end (Ctrl-C stops the "
+                     "waiting, not the job)\n")
+    say_why_it_waits(client, [job])
+    final = until_ended(client, job[p.F_ID])
+    if args.json:
+        print_json(final)
+    else:
+        job_details(final, sys.stdout)
+    return outcome(final)
+
+
+def say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
+                      counted: bool = False) -> None:
+    """Before waiting for jobs: that those queued wait for the queue to be resumed, for
+    a kind's cap to leave room, or for the start time they were given (the wait would look
+    stuck). `counted`: the jobs as `GET` answers them, with why each waits."""
+    if not any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs):
+        return
+    if is_paused(client):
+        they = "it starts" if len(jobs) == 1 else "they start"
+        sys.stderr.write(f"offload: the queue is paused: {they} once resumed (offload resume)\n")
+    for job in (job for job in jobs if job.get(p.F_STATE) == p.JobState.QUEUED):
+        if not counted:  # a 202's job: why it waits is not counted yet
+            job = client.job("GET", f"/api/jobs/{job_path(str(job.get(p.F_ID)))}")
+        said = note(job)
+        if said.startswith("held: "):
+            sys.stderr.write(f"offload: job {job.get(p.F_ID)} is {said}: it starts once one "
+                             f"of them ends ({remedy(job)})\n")
+        elif said.startswith("starts "):  # --delay or --at: no sooner
+            sys.stderr.write(f"offload: job {job.get(p.F_ID)} {said}, as submitted\n")
+
+
+def is_paused(client: Client) -> bool:
+    """`GET /api/queue`: whether it is paused; not, by an older server's (no such route)."""
+    try:
+        queue = client.call("GET", "/api/queue")
+    except Failure:  # an older server, without the route: not paused
+        return False
+    return isinstance(queue, dict) and queue.get("paused") is True
