@@ -217,9 +217,13 @@ def test_a_get_with_wait_s_answers_once_the_job_has_ended(
         assert client.get("/api/jobs/" + "0" * 32, params={"wait_s": 5}).status_code == 404
 
 
-@pytest.mark.parametrize("served_by", ["uvicorn", "gunicorn"])
+@pytest.mark.parametrize(("served_by", "stop"), [
+    ("uvicorn", "SIGTERM"), ("gunicorn", "SIGTERM"),
+    # Gunicorn's quick stop: its master sends its workers SIGQUIT, which cut them (after
+    # its graceful timeout) where SIGTERM's stop answers them.
+    ("gunicorn", "SIGINT"), ("gunicorn", "SIGQUIT")])
 def test_a_stop_of_plain_uvicorn_or_gunicorn_ends_streams_and_waits(
-        make_server: Callable[..., Server], served_by: str) -> None:
+        make_server: Callable[..., Server], served_by: str, stop: str) -> None:
     """`uvicorn api_entry:app` (or gunicorn's workers) stopped while a job's stream and a
     wait are followed: they end at once and the server stops. Uvicorn waits for requests
     under way before the app's shutdown: it waited for as long as the job ran (gunicorn
@@ -260,7 +264,7 @@ def test_a_stop_of_plain_uvicorn_or_gunicorn_ends_streams_and_waits(
         opened.wait(30)
         time.sleep(0.5)  # the wait has begun (if not, it is answered 503 all the same)
         assert server.proc is not None
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(getattr(signal, stop))
         try:
             server.proc.wait(30)
         finally:

@@ -45,8 +45,10 @@ from jobs.store.private import make_private
 log = logging.getLogger(__name__)
 
 Handler = Callable[[int, FrameType | None], Any]
-STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK")
-                if hasattr(signal, name)]
+# SIGQUIT: gunicorn's quick stop (its master's SIGINT or SIGQUIT) stops its uvicorn workers
+# with it; plain uvicorn leaves it to the default, a stop without grace, chained to nothing.
+STOP_SIGNALS = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT",
+                                                   "SIGBREAK") if hasattr(signal, name)]
 
 
 @contextlib.asynccontextmanager
@@ -103,11 +105,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 @contextlib.contextmanager
 def _streams_end_when_asked_to_stop() -> Iterator[None]:
-    """The server's own stop signals (uvicorn's SIGINT and SIGTERM, api_entry.py's SIGHUP)
-    end the event streams and waits as they arrive. Uvicorn runs the app's shutdown only
-    once the requests under way have ended: too late to end them there, so `uvicorn
-    api_entry:app` waited for a followed job to end before it stopped (api_entry.py's
-    server also ends them itself, for a stop without a signal: launch.py gone)."""
+    """The server's own stop signals (uvicorn's SIGINT and SIGTERM, api_entry.py's SIGHUP,
+    gunicorn's uvicorn worker's SIGQUIT) end the event streams and waits as they arrive.
+    Uvicorn runs the app's shutdown only once the requests under way have ended: too late
+    to end them there, so `uvicorn api_entry:app` waited for a followed job to end before
+    it stopped (api_entry.py's server also ends them itself, for a stop without a signal:
+    launch.py gone)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # a test's server on a thread: its signals are not its own
         return
