@@ -398,8 +398,12 @@ class Settings(BaseSettings):
 
     @cached_property
     def embedded_engine(self) -> str:
-        """The embedded model's server, chosen once, as this process starts: the chats'
-        cap is its slots, so a restart of the model keeps to it."""
+        """The embedded model's server, chosen once, as the API starts: the chats' cap is
+        its slots, so a restart of the model keeps to it, and so does every supervisor the
+        API starts (ENGINE_ENV), even one started while llama-server is missing."""
+        chosen = os.environ.get(embedded.ENGINE_ENV)
+        if chosen in (embedded.LLAMA_SERVER, embedded.LLAMA_CPP_PYTHON):
+            return chosen
         return embedded.engine(self.llm_engine)
 
     @property

@@ -400,6 +400,48 @@ def test_a_model_restarted_while_llama_server_is_missing_keeps_to_its_slots(
     assert [j["state"] for j in finals] == ["completed"] * 2, json.dumps(finals)[:1500]
 
 
+def test_a_supervisor_started_again_while_llama_server_is_missing_runs_the_apis_engine(
+        own_environment: tuple[Path, Path], make_server: Callable[..., Any]) -> None:
+    """The API chose llama-server at its start, and keeps to its two slots. A supervisor
+    it started again (the first one killed) while llama-server was missing chose for
+    itself: llama-cpp-python's server, one slot, for its whole life, while the API said
+    and started two chats at a time. It runs the API's engine: it waits for llama-server,
+    saying so, as a restart of the model does, and comes back on it."""
+    python, link = own_environment
+    server = make_server(env={"OPENAI_BASE_URL": "", "OFFLOAD_MAX_CONCURRENT": "2",
+                              "OFFLOAD_LLM_ENGINE": "auto"}, python=str(python))
+    status = wait_for(lambda: (s := embedded.read_status(str(server.data_dir)) or {})
+                      .get("ready") and s, 120, 0.2, "the embedded model to load")
+    assert status["engine"] == embedded.LLAMA_SERVER and status["slots"] == 2, status
+    first = server.supervisor()
+    target = link.readlink()
+    link.unlink()
+    first.kill()  # its model server dies with it
+
+    def next_model() -> dict[str, Any] | None:
+        """What the next supervisor's model does: waits for llama-server, or runs."""
+        now = embedded.read_status(str(server.data_dir)) or {}
+        waits = "missing" in str(now.get("detail"))
+        return now if waits or (now.get("ready") and now.get("pid") != status["pid"]) else None
+
+    after = wait_for(next_model, 120, 0.2, "the next supervisor's model to start or wait")
+    with server.client() as client:
+        assert server.supervisor().pid != first.pid
+        assert after["engine"] == embedded.LLAMA_SERVER and after["slots"] == 2, after
+        assert not after["ready"] and "--reinstall" in after["detail"], after
+        hello = [{"role": "user", "content": "Say hello."}]
+        ids = [_chat(client, hello, 16) for _ in range(2)]
+        assert client.get("/api/queue").json()["model_slots"] == 2
+        assert client.get("/api/health").json()["llm"]["detail"] == after["detail"]
+        link.symlink_to(target)  # the reinstall is done
+        again = wait_for(lambda: (s := embedded.read_status(str(server.data_dir)) or {})
+                         .get("ready") and s, 120, 0.2, "the embedded model to start again")
+        finals = [wait_for(functools.partial(_ended, client, i), 120, 0.1, "the chats to end")
+                  for i in ids]
+    assert again["engine"] == embedded.LLAMA_SERVER and again["slots"] == 2, again
+    assert [j["state"] for j in finals] == ["completed"] * 2, json.dumps(finals)[:1500]
+
+
 @pytest.fixture(params=[embedded.LLAMA_SERVER, embedded.LLAMA_CPP_PYTHON])
 def another_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """llama-server, or llama-cpp-python's server, started by hand, as another server

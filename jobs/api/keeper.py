@@ -19,7 +19,7 @@ import sys
 from filelock import FileLock, Timeout
 
 from jobs import protocol as p
-from jobs.protocol import trust
+from jobs.protocol import embedded, trust
 from jobs.protocol.wake import OUTPUT_FILE, lock_file
 from jobs.settings import API_TOKEN_ENV, Settings
 
@@ -83,6 +83,8 @@ class SupervisorKeeper:
         # Absolute: the supervisor runs in the project's folder, not in this one.
         env = dict(os.environ, OFFLOAD_DATA_DIR=str(self.settings.data_dir),
                    OFFLOAD_SCHEDULES_FILE=str(self.settings.schedules_file),
+                   # the engine whose slots this API counts, not the one found now
+                   **{embedded.ENGINE_ENV: self.settings.embedded_engine},
                    # the settings the API read, also from .env
                    **{trust.ENV_FILE_ENV: trust.env_file()})
         env.pop(API_TOKEN_ENV, None)  # it answers no request: the token stays the API's

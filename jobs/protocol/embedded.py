@@ -36,6 +36,8 @@ STATUS_FILE = "llm.json"
 KEY_ENV = "OFFLOAD_EMBEDDED_KEY"
 LLAMA_SERVER = "llama-server"
 LLAMA_CPP_PYTHON = "llama-cpp-python"
+# Set by the API for the supervisor it starts: the engine the API chose, and keeps to.
+ENGINE_ENV = "OFFLOAD_EMBEDDED_ENGINE"
 SLOT_CTX = 2048  # tokens of context for each chat at once
 CHAT_KIND = "chat"  # the kind whose jobs the model answers, at most `chat_slots` at once
 HOW_TO = ("Ways on: start an OpenAI-compatible server such as Ollama or LM Studio and set "
