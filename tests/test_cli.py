@@ -894,9 +894,12 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     default, slots = queue["max_concurrent_default"], queue["model_slots"]
     shown = cli(url, "parallel", script=True)
     assert slots < default  # the chats the embedded model decodes at once, fewer
+    why = ("llama-cpp-python's server runs one chat at a time"  # where llama-server is not built
+           if queue["model_engine"] == "llama-cpp-python"
+           else "the embedded model's slots (OFFLOAD_LLM_SLOTS)")
     caps_shown = (f"runners at once: {default} (OFFLOAD_MAX_CONCURRENT)\n"
-                  f"chat at once: at most {slots}, the embedded model's slots "
-                  "(OFFLOAD_LLM_SLOTS); more wait queued\ntrain at once: 1 (OFFLOAD_KIND_CAPS)\n")
+                  f"chat at once: at most {slots}, {why}; more wait queued\n"
+                  "train at once: 1 (OFFLOAD_KIND_CAPS)\n")
     assert (shown.returncode, shown.stdout) == (0, caps_shown)
     raised = cli(url, "parallel", "3")
     assert (raised.returncode, raised.stdout.splitlines()[0]) == (

@@ -500,3 +500,57 @@ def test_llama_cpp_python_server_stays_the_fallback(fallback_server: Any) -> Non
         final = wait_for(lambda: (j := client.get(f"/api/jobs/{job_id}").json())["state"]
                          in p.FINAL_STATES and j, 120, 0.1, "the chat to end")
     assert final["state"] == "completed" and final["output"], json.dumps(final)[:500]
+
+
+def test_chats_held_on_llama_cpp_python_are_told_a_way_on_that_starts_them(
+        make_server: Callable[..., Any]) -> None:
+    """llama-cpp-python's server has one slot, whatever OFFLOAD_LLM_SLOTS says, yet
+    `offload parallel`, `wait` and `show` told a held chat's user to raise
+    OFFLOAD_LLM_SLOTS, which starts none. They say the server runs one chat at a time, and
+    that llama-server runs more; `/api/queue` and `/api/health` say which engine runs."""
+    from tests.test_cli import cli, start_cli
+
+    server = make_server(env={"OPENAI_BASE_URL": "", "OFFLOAD_MAX_CONCURRENT": "4",
+                              "OFFLOAD_LLM_SLOTS": "4", "OFFLOAD_KIND_CAPS": "train=1,chat=1",
+                              "OFFLOAD_LLM_ENGINE": embedded.LLAMA_CPP_PYTHON})
+    wait_for(lambda: (embedded.read_status(str(server.data_dir)) or {}).get("ready"), 120,
+             0.2, "the embedded model to load")
+    with server.client() as client:
+        ids = [_chat(client, LONG, 1500) for _ in range(2)]
+
+        def second_held(by_cap: bool) -> dict[str, Any] | None:
+            job: dict[str, Any] = client.get(f"/api/jobs/{ids[1]}").json()
+            waits = job["waits_for"] or {}
+            held = job["state"] == "queued" and waits.get("running") == 1
+            return waits if held and (waits.get("kind_cap") is not None) == by_cap else None
+
+        try:
+            wait_for(functools.partial(second_held, True), 120, 0.1, "the second chat held")
+            waiting = start_cli(server.url, "wait", ids[1])
+            try:
+                assert waiting.stderr is not None
+                said_by_both = waiting.stderr.readline().decode()
+            finally:
+                waiting.kill()  # it waits for the chat; what it said first is all we need
+                waiting.communicate(timeout=30)
+            raised = cli(server.url, "parallel", "3", "--kind", "chat")
+            assert raised.returncode == 0, raised.stderr
+            wait_for(functools.partial(second_held, False), 30, 0.1, "the chats' cap raised")
+            shown = cli(server.url, "show", ids[1]).stdout
+            queue = client.get("/api/queue").json()
+            health = client.get("/api/health").json()
+        finally:
+            for job_id in ids:
+                client.delete(f"/api/jobs/{job_id}")
+    assert queue["model_slots"] == 1 and queue["model_engine"] == embedded.LLAMA_CPP_PYTHON
+    assert health["queue"]["model_engine"] == embedded.LLAMA_CPP_PYTHON, health["queue"]
+    assert "chat at once: at most 1, llama-cpp-python's server runs one chat at a time" \
+        in raised.stdout, raised.stdout
+    assert "both hold it" in said_by_both, said_by_both
+    assert "held:" in shown, shown
+    for said in (raised.stdout, said_by_both, shown):
+        assert "whatever OFFLOAD_LLM_SLOTS says" in said or "(OFFLOAD_LLM_SLOTS" not in said
+        assert "raise both" not in said and "OFFLOAD_LLM_SLOTS sets" not in said, said
+    for said in (said_by_both, shown):
+        assert "llama-cpp-python's server has one slot, whatever OFFLOAD_LLM_SLOTS says" \
+            in said and "python launch.py --reinstall" in said, said

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from jobs import protocol as p
+from jobs.protocol import embedded
 from jobs.schedules import (
     RELOAD_CHECK_S,
     Schedule,
@@ -238,7 +239,8 @@ def test_the_paused_queue_starts_nothing_until_resumed(make_server: MakeServer) 
 # The caps by kind of the default OFFLOAD_KIND_CAPS, none set while running.
 TRAIN_ALONE = {"kind_caps": {"train": 1}, "kind_caps_default": {"train": 1}, "kind_caps_set": [],
                "kinds": ["chat", "probe", "sleep", "train"],
-               "model_slots": 1}  # the embedded model's, sized at start: one per runner
+               "model_slots": 1,  # the embedded model's, sized at start: one per runner
+               "model_engine": embedded.engine()}  # llama-server where it is built
 
 
 def test_a_kinds_cap_changes_while_it_runs(make_server: MakeServer) -> None:

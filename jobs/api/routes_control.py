@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException
 from filelock import FileLock
@@ -70,6 +70,9 @@ class QueueView(BaseModel):
     # Chats the embedded model decodes at once: no more run, whatever the caps (null:
     # chats go to the server OPENAI_BASE_URL names).
     model_slots: int | None = None
+    # The server the embedded model runs on: llama-cpp-python's has one slot, whatever
+    # OFFLOAD_LLM_SLOTS says (null: chats go to the server OPENAI_BASE_URL names).
+    model_engine: Literal["llama-server", "llama-cpp-python"] | None = None
 
 
 class QueueCap(BaseModel):
@@ -117,7 +120,8 @@ def queue_view(settings: Settings) -> dict[str, Any]:
                           if kind in known},
             "kind_caps_default": settings.kind_cap_map,
             "kind_caps_set": sorted(kind for kind in kinds if kind in known),
-            "kinds": sorted(known), "model_slots": settings.model_slots}
+            "kinds": sorted(known), "model_slots": settings.model_slots,
+            "model_engine": None if settings.openai_base_url else settings.embedded_engine}
 
 
 @router.put("/queue/cap", response_model=QueueView, responses=UNRECORDED)

@@ -32,7 +32,7 @@ from jobs.cli.show import (
     shown,
     table,
 )
-from jobs.cli.wait import is_paused, outcome, say_why_it_waits
+from jobs.cli.wait import outcome, queue_state, say_why_it_waits
 
 STATES = [state.value for state in p.JobState]
 ENDED = [state for state in STATES if state in p.FINAL_STATES]
@@ -112,7 +112,7 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
         if not (args.all and before):
             break
     paused = (any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs)
-              and is_paused(client))
+              and queue_state(client).get("paused") is True)
     if args.json:
         print_json(jobs)
     else:
@@ -137,11 +137,13 @@ def _next_page(args: argparse.Namespace, before: str) -> str:
 
 def cmd_show(client: Client, args: argparse.Namespace) -> int:
     job = client.job("GET", f"/api/jobs/{job_path(args.id)}")
+    # Queued: whether the queue is paused, and the model's engine for a held chat.
+    queue = queue_state(client) if job.get(p.F_STATE) == p.JobState.QUEUED else {}
     if args.json:
         print_json(job)
     else:
-        job_details(job, sys.stdout)
-    if job.get(p.F_STATE) == p.JobState.QUEUED and is_paused(client):
+        job_details(job, sys.stdout, queue.get("model_engine"))
+    if queue.get("paused") is True:
         sys.stderr.write("the queue is paused: it starts once resumed (offload resume)\n")
     return EXIT_OK
 

@@ -11,6 +11,11 @@ from typing import IO, Any
 from jobs import protocol as p
 
 CHAT = "chat"  # the kind the embedded model answers, no more at once than its slots
+# `/api/queue`'s `model_engine` for a model of one slot, and what gives it more.
+ONE_SLOT_ENGINE = "llama-cpp-python"
+ONE_SLOT = ("llama-cpp-python's server has one slot, whatever OFFLOAD_LLM_SLOTS says; "
+            "llama-server has more: `python launch.py --reinstall` builds it, and Offload "
+            "runs it once restarted with OFFLOAD_LLM_ENGINE unset")
 
 
 def when(value: object) -> str:
@@ -74,14 +79,18 @@ def _held(cap: Any, waits: dict[str, Any], full: str, room_of: str) -> str:
     return f"held: {room_of} ({running_said}{cap - running} queued before it)"
 
 
-def remedy(job: dict[str, Any]) -> str:
+def remedy(job: dict[str, Any], engine: str | None = None) -> str:
     """What gives a held job room: a higher cap of its kind, more of the model's slots,
-    or both where both hold it."""
+    or both where both hold it. `engine`: the model's (`/api/queue`'s `model_engine`)."""
     waits = job.get(p.F_WAITS_FOR)
     raise_cap = f"offload parallel N --kind {job.get(p.F_KIND)}"
     if not isinstance(waits, dict) or waits.get(p.WAITS_REASON) != p.WAITS_MODEL_SLOTS:
         return raise_cap
-    if waits.get(p.WAITS_KIND_CAP) is not None:
+    both = waits.get(p.WAITS_KIND_CAP) is not None
+    if engine == ONE_SLOT_ENGINE:  # no cap raised starts another chat there
+        return (f"its kind's cap and the model's one slot both hold it: {ONE_SLOT}; and "
+                f"{raise_cap} raises the cap") if both else ONE_SLOT
+    if both:
         return (f"its kind's cap and the model's slots both hold it: raise both, with "
                 f"{raise_cap} and OFFLOAD_LLM_SLOTS")
     return "each chat takes one of the model's slots; OFFLOAD_LLM_SLOTS sets how many"
@@ -110,7 +119,8 @@ def job_table(jobs: list[dict[str, Any]], out: IO[str]) -> None:
     table(rows, out)
 
 
-def job_details(job: dict[str, Any], out: IO[str]) -> None:
+def job_details(job: dict[str, Any], out: IO[str], engine: str | None = None) -> None:
+    """`engine`: the embedded model's (`/api/queue`'s `model_engine`), for a held chat."""
     def compact(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
 
@@ -131,7 +141,7 @@ def job_details(job: dict[str, Any], out: IO[str]) -> None:
     if job.get(p.F_ERROR) or job.get(p.F_PROGRESS):
         lines.append(("error" if job.get(p.F_ERROR) else "progress", note(job)))
     elif queued:
-        lines += _why_queued(job)
+        lines += _why_queued(job, engine)
     for earlier in job.get(p.F_EARLIER_ERRORS) or []:
         lines.append((f"attempt {earlier.get('attempt')}",
                       f"{earlier.get('type')}: {earlier.get('message')}"))
@@ -144,12 +154,12 @@ def job_details(job: dict[str, Any], out: IO[str]) -> None:
         out.write(shown(f"output:\n{job[p.F_OUTPUT]}\n", out))
 
 
-def _why_queued(job: dict[str, Any]) -> list[tuple[str, str]]:
+def _why_queued(job: dict[str, Any], engine: str | None) -> list[tuple[str, str]]:
     """`show`'s lines for a queued job that a kind's cap or other jobs hold back."""
     said = note(job)
     if said.startswith("held: "):
         return [("held", f"{said.removeprefix('held: ')} (starts when one of them ends; "
-                         f"{remedy(job)})")]
+                         f"{remedy(job, engine)})")]
     if said.startswith("after "):  # in full: the ids to look at
         return [("waits for", ", ".join(map(str, job[p.F_WAITS_FOR].get("jobs") or [])))]
     return []
@@ -179,8 +189,10 @@ def kind_caps_said(queue: dict[str, Any]) -> list[str]:
     slots = queue.get("model_slots")
     lines = []
     if isinstance(slots, int) and slots < queue.get("max_concurrent", 0):
-        lines.append(f"{CHAT} at once: at most {slots}, the embedded model's "
-                     "slots (OFFLOAD_LLM_SLOTS); more wait queued")
+        why = ("llama-cpp-python's server runs one chat at a time" if queue.get(
+            "model_engine") == ONE_SLOT_ENGINE else
+               "the embedded model's slots (OFFLOAD_LLM_SLOTS)")
+        lines.append(f"{CHAT} at once: at most {slots}, {why}; more wait queued")
     for kind, cap in sorted(caps.items()):
         if kind not in (queue.get("kind_caps_set") or []):
             lines.append(f"{kind} at once: {cap} (OFFLOAD_KIND_CAPS)")

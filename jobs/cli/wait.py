@@ -90,7 +90,8 @@ def say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
     stuck). `counted`: the jobs as `GET` answers them, with why each waits."""
     if not any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs):
         return
-    if is_paused(client):
+    queue = queue_state(client)
+    if queue.get("paused") is True:
         they = "it starts" if len(jobs) == 1 else "they start"
         sys.stderr.write(f"offload: the queue is paused: {they} once resumed (offload resume)\n")
     for job in (job for job in jobs if job.get(p.F_STATE) == p.JobState.QUEUED):
@@ -99,15 +100,16 @@ def say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
         said = note(job)
         if said.startswith("held: "):
             sys.stderr.write(f"offload: job {job.get(p.F_ID)} is {said}: it starts once one "
-                             f"of them ends ({remedy(job)})\n")
+                             f"of them ends ({remedy(job, queue.get('model_engine'))})\n")
         elif said.startswith("starts "):  # --delay or --at: no sooner
             sys.stderr.write(f"offload: job {job.get(p.F_ID)} {said}, as submitted\n")
 
 
-def is_paused(client: Client) -> bool:
-    """`GET /api/queue`: whether it is paused; not, by an older server's (no such route)."""
+def queue_state(client: Client) -> dict[str, Any]:
+    """`GET /api/queue` (whether it is paused, the model's engine); empty from an older
+    server (no such route): not paused."""
     try:
         queue = client.call("GET", "/api/queue")
-    except Failure:  # an older server, without the route: not paused
-        return False
-    return isinstance(queue, dict) and queue.get("paused") is True
+    except Failure:  # an older server, without the route
+        return {}
+    return queue if isinstance(queue, dict) else {}
