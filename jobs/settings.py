@@ -380,7 +380,9 @@ class Settings(BaseSettings):
                 "OFFLOAD_MAX_CONCURRENT": self.max_concurrent,
                 "OFFLOAD_KIND_CAPS": self.kind_cap_map, "OFFLOAD_KINDS": kinds,
                 "OPENAI_BASE_URL": public_url(self.openai_base_url) if self.openai_base_url
-                else None, "OFFLOAD_LLM_MODEL": self.llm_model}
+                else None, "OFFLOAD_LLM_MODEL": self.llm_model,
+                # the chats at once, as the engine chosen at start gives them
+                "OFFLOAD_LLM_ENGINE": self.model_engine, "OFFLOAD_LLM_SLOTS": self.model_slots}
 
     def attempts_for(self, kind: str) -> int:
         """How many attempts a job of `kind` gets unless its submission says."""
@@ -410,9 +412,14 @@ class Settings(BaseSettings):
     def model_slots(self) -> int | None:
         """Chats at once on the embedded model, the most the supervisor starts; None:
         chats go to the server OPENAI_BASE_URL names, which says nothing of its own."""
-        if self.openai_base_url:
+        if self.model_engine is None:
             return None
-        return embedded.chat_slots(self.embedded_slots, self.embedded_engine)
+        return embedded.chat_slots(self.embedded_slots, self.model_engine)
+
+    @property
+    def model_engine(self) -> str | None:
+        """The embedded model's server; None: chats go to the server OPENAI_BASE_URL names."""
+        return None if self.openai_base_url else self.embedded_engine
 
     @property
     def jobs_dir(self) -> Path:

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from jobs import protocol as p
+from jobs.protocol import embedded
 from tests.conftest import process_gone, wait_for
 from tests.server import Server
 
@@ -78,13 +79,15 @@ def test_gunicorn_with_uvicorn_workers(make_server: MakeServer) -> None:
 def test_a_second_api_with_other_settings_is_told_its_supervisor_does_not_share_them(
         make_server: MakeServer) -> None:
     # A second API on the same data folder, started with a cap of 1, said "1 running of
-    # 1" while the first's supervisor ran three at a time, and accepted kinds it never ran.
+    # 1" while the first's supervisor ran three at a time, and accepted kinds it never ran;
+    # and, on another engine than the first's supervisor runs, counted other slots.
     first = make_server(env={"OFFLOAD_MAX_CONCURRENT": "3"})
     with first.client() as client:
         wait_for(lambda: client.get("/api/health").json()["supervisor"] == "running", 30,
                  what="the first API's supervisor leading")
         assert client.get("/api/health").json()["problems"] == []
     second = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1",
+                              "OFFLOAD_LLM_ENGINE": embedded.LLAMA_CPP_PYTHON,
                               "OFFLOAD_KINDS": "probe=tests.probe_runner,"
                                                "echo=tests.probe_runner"})
     with second.client() as client:
@@ -93,6 +96,9 @@ def test_a_second_api_with_other_settings_is_told_its_supervisor_does_not_share_
         [problem] = health["problems"]
         assert "the supervisor leading this data folder runs with other settings" in problem
         assert "OFFLOAD_MAX_CONCURRENT 3 there, 1 here" in problem, problem
+        if embedded.engine() == embedded.LLAMA_SERVER:  # else both run the one engine
+            assert ("OFFLOAD_LLM_ENGINE llama-server there, llama-cpp-python here; "
+                    "OFFLOAD_LLM_SLOTS 3 there, 1 here") in problem, problem
         assert ("OFFLOAD_KINDS chat,probe,sleep,train there, chat,echo,probe,sleep,train here"
                 in problem), problem
     first.stop()  # its supervisor leaves; the second's leads, with the second's settings

@@ -121,7 +121,7 @@ def queue_view(settings: Settings) -> dict[str, Any]:
             "kind_caps_default": settings.kind_cap_map,
             "kind_caps_set": sorted(kind for kind in kinds if kind in known),
             "kinds": sorted(known), "model_slots": settings.model_slots,
-            "model_engine": None if settings.openai_base_url else settings.embedded_engine}
+            "model_engine": settings.model_engine}
 
 
 @router.put("/queue/cap", response_model=QueueView, responses=UNRECORDED)
