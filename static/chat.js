@@ -371,12 +371,13 @@ const lostBubbles = () => [...log.querySelectorAll("li.msg.assistant:not([data-j
   .filter((el) => el.unanswered);
 
 /** Show the server's turns of this conversation the page does not show yet, each after
- * the turns before it, following those still answering. */
+ * the turns before it, following those still answering; whether a lost question's key is
+ * to be looked up again. */
 function showTurns(turns) {
   const shown = new Map();
   for (const li of log.querySelectorAll("li.msg.assistant[data-job-id]")) shown.set(li.dataset.jobId, li);
   let after = null;  // the last of these turns placed
-  let added = false;
+  const asked = new Set();  // the questions of the turns added
   for (const turn of turns) {
     const have = turn.job_id && shown.get(turn.job_id);
     if (have) {
@@ -405,15 +406,18 @@ function showTurns(turns) {
       else log.prepend(...nodes);
     }
     after = li;
-    added = true;
+    asked.add(turn.question);
     if (turn.job_id && !FINAL_STATES.has(turn.state)) {
       const p = follow(li, turn.job_id, turn.state);
       if (lost && lost.cancelled) cancelReply(p).catch(() => {});
     }
   }
-  if (!added) return;
+  if (!asked.size) return false;
   log.scrollTop = log.scrollHeight;  // the log's own box: the page stays put
   if (!forgetting) say("");  // as when a turn is sent here
+  // A new turn asking what a lost question asked may be its turn, stored after the page's
+  // last look: its key, looked up again, tells (another tab's of the same text is not).
+  return lostBubbles().some((el) => !el.turnId && asked.has(el.unanswered));
 }
 
 /** Re-render the earlier turns of this session (oldest first). */
@@ -428,7 +432,8 @@ async function sync() {
   const asked = SESSION;
   const r = await askInTime(`/api/sessions/${encodeURIComponent(asked)}`);
   if (asked !== SESSION || forgetting) return;
-  if (r.ok && r.data && Array.isArray(r.data.turns)) showTurns(r.data.turns);
+  // Looked up before the sync ends: a question sent meanwhile waits for the answer.
+  if (r.ok && r.data && Array.isArray(r.data.turns) && showTurns(r.data.turns)) await findLost();
 }
 
 /** Load the turns with `first`, then again while told of changes meanwhile. */

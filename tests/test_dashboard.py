@@ -443,6 +443,33 @@ def test_a_question_asked_again_once_its_lost_turn_was_found_is_a_new_turn(
     assert questions_shown(page) == ["How is the CPU?"] * 2
 
 
+def test_a_lost_question_stored_after_the_pages_last_look_is_found_by_a_sync(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # Stored by the stalled server after the page's last look-up of its key (at 60 s),
+    # the turn a sync showed stood beside the question's failed bubble, the question still
+    # in the box: sent again, with a new key, it was stored twice and the model asked twice.
+    looks: list[str] = []
+    page.on("request", lambda request: looks.append(request.url)
+            if request.method == "GET" and request.url.endswith("/api/ai_chat_async")
+            else None)
+    held = given_up_question(page, server, "How is the CPU?")
+    deadline = time.monotonic() + 120
+    while len(looks) < 4 and time.monotonic() < deadline:  # at +0, +10, +30 and +60 s
+        page.clock.fast_forward("00:05")
+        page.wait_for_timeout(200)
+    assert len(looks) == 4, looks
+    page.wait_for_timeout(1000)  # the last look answered: not there yet
+    assert sent_again(server, held[0]).status_code == 200  # the stalled server takes it late
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")  # back to the tab
+    completed_shown(page, 1)
+    page.wait_for_function("!document.querySelector(\"#chat-log li.msg.assistant"
+                           "[data-state='failed']\")", timeout=20_000)
+    assert questions_shown(page) == ["How is the CPU?"]
+    assert page.input_value("#chat-input") == ""
+    assert len(looks) == 5  # its key looked up again: the text alone did not decide
+    assert len(llm.requests) == 1
+
+
 def lose_a_question(page: Any, server: Server, question: str) -> None:
     """`question` asked on a page just opened, its connection cut before the server took
     it: a failed bubble, the question given back to the box."""
