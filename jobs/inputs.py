@@ -7,6 +7,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from jobs import protocol as p
 from runners import chat, sleep, train
 
 MAX_MESSAGES = 200
@@ -57,6 +58,10 @@ class ChatInput(Request):
     on_busy: Literal["wait", "interrupt"] | None = Field(
         None, description="while an earlier answer of this session_id is queued or running: "
                           "wait for it (the default), or cancel it first")
+    follows: str | None = Field(
+        None, description="the job id of the newest turn of session_id that messages carry: "
+                          "refused (410) once that turn is gone, as when the conversation "
+                          "was forgotten")
 
     @field_validator("session_id")
     @classmethod
@@ -65,6 +70,15 @@ class ChatInput(Request):
         # be shown or forgotten.
         if value is not None and re.search("[\x00-\x1f\x7f]", value):
             raise ValueError("a session_id holds no control character (a tab, a newline)")
+        return value
+
+    @field_validator("follows")
+    @classmethod
+    def _a_turns_id(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not p.is_valid_id(value):
+            raise ValueError("follows is a turn's job id: 32 lowercase hex characters")
+        if value is not None and not info.data.get("session_id"):
+            raise ValueError("follows names a turn of the conversation: send its session_id")
         return value
 
 

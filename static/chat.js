@@ -26,7 +26,6 @@ let syncing = null;         // the turns being loaded from the server (a promise
 let syncAgain = false;      // told of a change while loading: load again after
 let sending = Promise.resolve();  // a question on its way (its turn has no id yet)
 let dropping = false;       // this page's copy being dropped: its ends are not news
-let unconfirmed = null;     // the conversation whose forget had no answer: it may be gone
 
 let form, input, sendBtn, cancelBtn, forgetBtn, forgetNote, log;
 
@@ -141,17 +140,16 @@ async function send(text) {
     updateButtons();
   };
   if (session !== SESSION || (lost && !lost.isConnected)) { unsent(); return; }
-  if (unconfirmed === session && !(await stillThere(session))) {
-    unsent();
-    if (!input.value) input.value = text;
-    return;
-  }
   if (lost) {
     lost.asked?.remove();  // this bubble stands for it now
     lost.remove();
   }
   const key = lost ? lost.key : newId();
+  // It names the newest turn it carries: once that is gone (a forget this page gave up on,
+  // done late), the server refuses it rather than store the forgotten turns again.
+  const follows = seen.split(" ").pop();
   const body = lost ? lost.body : { messages: messagesFor(log, text, session), session_id: session };
+  if (!lost && follows) body.follows = follows;
   let sent;
   sending = new Promise((resolve) => { sent = resolve; });
   try {
@@ -167,6 +165,14 @@ async function send(text) {
       return;
     }
     if (pending === placeholder) pending = newestWaited();
+    if (r.status === 410) {
+      unsent();
+      forgotten(session);
+      say("Forgotten after all: this conversation is no longer on the server (forgotten late, "
+        + "or its turns removed). A new conversation starts here; your question is kept in the box.");
+      if (!input.value) input.value = text;
+      return;
+    }
     if (!r.ok || !r.data || !r.data.job_id) {
       const error = r.late ? `no answer from the server in ${ANSWER_WAIT_MS / 1000} s` : r.error;
       // No answer (the connection cut; a proxy's 502 or 504): the server may have taken it.
@@ -258,9 +264,8 @@ async function forget() {
   forgetting = false;
   updateButtons();
   if (!r.status) {
-    // Given up, it may be done all the same: the next question asks first (it would store
-    // the forgotten turns again).
-    unconfirmed = session;
+    // Given up, it may be done all the same: the next question, which names the newest turn
+    // it carries, is refused if so (it would store the forgotten turns again).
     say(`Forget not confirmed: ${noAnswer(r)}. Press Forget again to be sure.`);
     return;
   }
@@ -282,26 +287,6 @@ function forgotten(session) {
     localStorage.setItem(FORGOTTEN_KEY, JSON.stringify({ session, next }));
     localStorage.setItem(SESSION_KEY, next);
   } catch { /* keep in memory only */ }
-}
-
-/** Whether the server still has every turn of `session` shown here, after a forget it did
- * not answer; if not, the page drops them as a forget does. Said under the chat when not. */
-async function stillThere(session) {
-  const r = await askInTime(`/api/sessions/${encodeURIComponent(session)}`);
-  if (session !== SESSION) return false;
-  if (!r.ok || !r.data || !Array.isArray(r.data.turns)) {
-    say(`Not sent: whether the forget was done is not known (${noAnswer(r)}). Send it again, or press Forget again.`);
-    return false;
-  }
-  const kept = new Set(r.data.turns.map((turn) => turn.job_id));
-  const shown = [...log.querySelectorAll("li.msg.assistant[data-job-id]")];
-  if (shown.every((li) => kept.has(li.dataset.jobId))) {
-    unconfirmed = null;
-    return true;
-  }
-  forgotten(session);
-  say("Forgotten after all (the server was slow to answer): a new conversation starts here. Your question is kept in the box.");
-  return false;
 }
 
 /** This page's copy of the conversation dropped: `session` is the one that goes on. */

@@ -250,6 +250,55 @@ def test_a_question_sent_again_with_its_key_is_one_turn_found_by_its_key(
     assert len(llm.requests) == 2
 
 
+def test_a_question_following_a_turn_that_is_gone_is_refused(make_server: MakeServer) -> None:
+    # A forget the page gave up on, done by the stalled server after the page's check (or
+    # met in progress, then sent again unchecked): the next question was stored, carrying
+    # the forgotten turns in its messages. It names the turn it follows; gone, it is refused.
+    with FakeLLM(pieces=["Noted."]) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        secret = "My secret is quokka-swordfish."
+        with server.client() as client:
+            first = final(client, ask(client, secret, session_id="mine"))["id"]
+            carried = [{"role": "user", "content": secret},
+                       {"role": "assistant", "content": "Noted."},
+                       {"role": "user", "content": "What is my secret?"}]
+            question = {"messages": carried, "session_id": "mine", "follows": first}
+            taken = client.post("/api/ai_chat_async", json=question)
+            assert taken.status_code == 200, taken.text  # the conversation as it is
+            second = final(client, taken.json()["job_id"])["id"]
+            # A re-run follows the conversation as it is then, not the turn removed since.
+            assert client.post(f"/api/jobs/{first}/remove").status_code == 200
+            rerun = client.post(f"/api/jobs/{second}/rerun")
+            assert rerun.status_code == 202, rerun.text
+            final(client, rerun.json()["id"])
+            assert client.delete("/api/sessions/mine").json()["erased"] == 2
+            late = client.post("/api/ai_chat_async", json={**question, "follows": second},
+                               headers={"Idempotency-Key": "after-the-forget"})
+            assert late.status_code == 410, late.text
+            assert late.json() == {"detail": (
+                f"the turn this question follows ({second}) is no longer in this "
+                "conversation: it was forgotten or removed. Start a new one (another "
+                "session_id) without its turns")}
+            batch = client.post("/api/jobs/batch", json={"jobs": [
+                {"kind": "chat", "input": {**question, "follows": second}}]})
+            assert batch.status_code == 410, batch.text
+            assert batch.json()["stored"] == []
+            # Another conversation's turn is not one of this one's.
+            other = final(client, ask(client, "hi", session_id="other"))["id"]
+            assert client.post("/api/ai_chat_async", json={
+                **question, "follows": other}).status_code == 410
+            assert client.get("/api/sessions/mine").json()["turns"] == []
+            for wrong, said in (({"follows": "turn-1"}, "32 lowercase hex"),
+                                ({"follows": other, "session_id": None}, "session_id")):
+                refused = client.post("/api/ai_chat_async", json={**question, **wrong})
+                assert refused.status_code == 422 and said in refused.text, refused.text
+            # The seed's frontend names no turn: its question starts the conversation anew.
+            final(client, ask(client, "What is my secret?", session_id="mine"))
+    on_disk = "\n".join(f.read_text(errors="replace") for f in server.data_dir.rglob("*")
+                        if f.is_file())
+    assert "quokka" not in on_disk
+
+
 @pytest.mark.parametrize("headers", [{}, {"Idempotency-Key": ""}], ids=["none", "empty"])
 def test_a_chat_looked_up_without_its_key_is_told_to_send_it(
         make_server: MakeServer, headers: dict[str, str]) -> None:

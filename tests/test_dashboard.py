@@ -701,6 +701,60 @@ def test_a_forget_the_server_did_after_the_page_gave_up_is_not_undone_by_a_quest
     assert asked == ["What is my secret?"], asked
 
 
+@pytest.mark.parametrize("met", ["after the erase", "during the erase"])
+def test_a_forget_done_late_while_the_next_question_was_on_its_way_is_not_undone_by_it(
+        page: Any, server: Server, llm: FakeLLM, met: str) -> None:
+    # The page checked that the conversation was still there, then sent the question; the
+    # stalled server erased it meanwhile, and then stored the question, the forgotten turns
+    # in its messages. Or the question met the erase in progress (a 409) and was sent
+    # again, unchecked. The question names the turn it follows: gone, it is refused.
+    with server.client() as client:
+        first = stored_turn(client, "forgotten-late", "My secret is quokka-swordfish.")["id"]
+    held_forget: list[Any] = []
+    held_question: list[Any] = []
+    page.route("**/api/sessions/**", lambda route: held_forget.append(route)
+               if route.request.method == "DELETE" else route.continue_())
+    route_questions(page, lambda route: held_question.append(route))
+    page.add_init_script("localStorage.setItem('offload-session', 'forgotten-late')")
+    page.clock.install()
+    page.goto(server.url)
+    page.wait_for_selector(f"#chat-log li[data-job-id='{first}'][data-state='completed']",
+                           timeout=30_000)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#chat-forget")
+    routed(page, held_forget, "the forget sent")
+    page.clock.fast_forward("00:31")
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           ".startsWith('Forget not confirmed')", timeout=20_000)
+    page.fill("#chat-input", "What is my secret?")
+    page.press("#chat-input", "Enter")
+    routed(page, held_question, "the question sent")
+    erased = httpx.delete(f"{server.url}/api/sessions/forgotten-late")  # done late
+    assert erased.json()["erased"] == 1, erased.text
+    if met == "after the erase":
+        held_question[0].continue_()
+        page.unroute("**/api/ai_chat_async")
+    else:  # scripted: the moment an erase is in progress is not had on demand
+        held_question[0].fulfill(status=409, content_type="application/json", body=json.dumps(
+            {"detail": "this conversation is being forgotten: start a new one (another "
+                       "session_id)"}))
+        page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                               "?.dataset.state === 'failed'", timeout=20_000)
+        page.unroute("**/api/ai_chat_async")
+        page.press("#chat-input", "Enter")  # sent again, as it was given back
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           ".startsWith('Forgotten after all')", timeout=20_000)
+    assert page.locator("#chat-log li").count() == 0
+    assert page.input_value("#chat-input") == "What is my secret?"
+    assert httpx.get(f"{server.url}/api/sessions/forgotten-late").json()["turns"] == []
+    assert page.evaluate("localStorage.getItem('offload-session')") != "forgotten-late"
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 1)
+    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] != "system"]
+    assert asked == ["What is my secret?"], asked
+    assert len(llm.requests) == 2  # the forgotten turn's, and this one
+
+
 def test_a_conversation_forgotten_while_its_reply_stops_is_all_gone(
         page: Any, make_server: Callable[..., Server]) -> None:
     # Answered 409 (a reply still stopping, the other turns erased), the page said "Could

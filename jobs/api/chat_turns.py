@@ -26,6 +26,10 @@ class BeingForgotten(Exception):
     """A turn sent to a conversation while it is being forgotten."""
 
 
+class TurnGone(BeingForgotten):
+    """A turn sent after a turn of its conversation that is gone (forgotten, removed)."""
+
+
 class ChatTurns:
     def __init__(self, store: JobStore, stops: Stops) -> None:
         self.store = store
@@ -40,10 +44,23 @@ class ChatTurns:
     def lock(self, session: str) -> threading.Lock:
         return self._locks[zlib.crc32(session.encode()) % len(self._locks)]
 
-    def check_not_forgotten(self, session: str | None) -> None:
+    def check_not_forgotten(self, session: str | None, job_input: dict[str, Any]) -> None:
+        """Neither being forgotten, nor following a turn that is gone (`follows`): such a
+        turn would store the forgotten ones again, in its messages."""
         if session in self._forgetting:
             raise BeingForgotten("this conversation is being forgotten: start a new one "
                                  "(another session_id)")
+        follows = job_input.get("follows")
+        if session is None or not isinstance(follows, str):
+            return
+        try:
+            turn = self.store.read(follows)
+        except JobNotFound:
+            turn = {}
+        if p.chat_session(turn.get(p.F_KIND), turn.get(p.F_INPUT)) != session:
+            raise TurnGone(f"the turn this question follows ({follows}) is no longer in this "
+                           "conversation: it was forgotten or removed. Start a new one "
+                           "(another session_id) without its turns")
 
     def take(self, session: str, job_input: dict[str, Any]) -> dict[str, Any]:
         """A chat's place in its session: after the session's newest job (the supervisor

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs import protocol as p
 from jobs.api.admission import Overloaded
-from jobs.api.chat_turns import BeingForgotten
+from jobs.api.chat_turns import BeingForgotten, TurnGone
 from jobs.api.events import public
 from jobs.api.idempotency_keys import IdempotencyConflict, KeyInFlight
 from jobs.api.service import BatchStopped, NotRerunnable
@@ -63,6 +63,10 @@ async def _conflict(request: Request, exc: Exception) -> JSONResponse:
 
 async def _refused(request: Request, exc: Exception) -> JSONResponse:
     return _detail(409, str(exc))
+
+
+async def _gone(request: Request, exc: Exception) -> JSONResponse:
+    return _detail(410, str(exc))
 
 
 async def _not_removed(request: Request, exc: Exception) -> JSONResponse:
@@ -165,7 +169,7 @@ Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
 HANDLERS: dict[type[Exception], Handler] = {
     JobNotFound: _not_found, UnknownKind: _unprocessable, InvalidInput: _unprocessable,
     IdempotencyConflict: _unprocessable, AlreadyFinished: _conflict, NotRerunnable: _refused,
-    BeingForgotten: _refused, StillNeeded: _refused, NotRemoved: _not_removed,
+    BeingForgotten: _refused, TurnGone: _gone, StillNeeded: _refused, NotRemoved: _not_removed,
     KeyInFlight: _key_in_flight, Overloaded: _overloaded, StoreUnavailable: _unavailable,
     BatchStopped: _batch_stopped, RequestValidationError: _validation,
     StarletteHTTPException: _http, Exception: _unexpected}

@@ -170,7 +170,7 @@ class JobService:
         job_input = self._with_context(kind, job_input, load.counts)
         session = p.chat_session(kind, job_input)
         with self.turns.lock(session) if session else contextlib.nullcontext():
-            self.turns.check_not_forgotten(session)
+            self.turns.check_not_forgotten(session, job_input)
             job_id = p.new_id()
             if key is not None:
                 try:
@@ -247,7 +247,7 @@ class JobService:
                     stored.append(found[p.F_ID])
                 else:
                     check_dependencies(self.store, launch)
-                    self.turns.check_not_forgotten(p.chat_session(kind, job_input))
+                    self.turns.check_not_forgotten(p.chat_session(kind, job_input), job_input)
                     unstored += [key] if key is not None else []
             except IdempotencyConflict:
                 assert idempotency_key is not None
@@ -295,6 +295,7 @@ class JobService:
         if job_input is None:
             job_input = dict(old.get(p.F_INPUT) or {})
             job_input.pop("context", None)  # the expert's summary is made anew
+            job_input.pop("follows", None)  # and it follows the conversation as it is now
         timeout = timeout_s or old.get(p.F_TIMEOUT_S)
         priority, attempts = old.get(p.F_PRIORITY), old.get(p.F_MAX_ATTEMPTS)
         launch = Launch(priority if isinstance(priority, int) else None, None,
