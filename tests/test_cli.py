@@ -711,6 +711,35 @@ def test_cancel_names_the_jobs_that_fail_with_it(server: Server) -> None:
     assert (alone.returncode, alone.stdout, alone.stderr) == (0, f"{other} cancelled\n", "")
 
 
+def test_a_job_cancelled_with_one_it_depends_on_is_cancelled_not_failed(
+        server: Server) -> None:
+    # Both cancels went at once: the first one's could fail the other (dependency) before
+    # its own came, and the command ended with exit 6, "has already finished (failed)".
+    from http.server import ThreadingHTTPServer
+
+    from tests.http_fake import PassThrough, ScriptedServer
+
+    first = cli(server.url, "submit", "sleep", "--input", '{"seconds": 120}').stdout.strip()
+    dependant = cli(server.url, "submit", "sleep", "--after", first).stdout.strip()
+
+    class Late(PassThrough):
+        """The dependant's cancel, as a slow network delivers it: after its job ended
+        (cancelled with the first), or 3 s."""
+        target = server.url
+
+        def held(self, method: str) -> None:
+            if method == "DELETE" and dependant in self.path:
+                with contextlib.suppress(AssertionError), server.client() as client:
+                    wait_job(client, dependant, timeout=3)
+
+    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), Late)) as relay:
+        done = cli(f"http://127.0.0.1:{relay.port}", "cancel", first, dependant)
+    assert done.returncode == 0, done
+    assert done.stdout.splitlines() == [f"{first} cancelled", f"{dependant} cancelled"]
+    with server.client() as client:
+        assert wait_job(client, dependant)["state"] == "cancelled"
+
+
 def test_cancel_several_and_retry(server: Server) -> None:
     url = server.url
     ids = [cli(url, "submit", "sleep", "--input", '{"seconds": 120}').stdout.strip()

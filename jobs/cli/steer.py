@@ -15,7 +15,7 @@ from jobs import protocol as p
 from jobs.protocol import control
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
 from jobs.cli.client import (
     EXIT_CONFLICT,
@@ -77,9 +77,10 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
         cancelled.append(job_id)
         return job
 
+    waves = _dependants_first(args.ids or [], dependants)
     code = _each_job(client, args, "queued, running or live", {"live": ["queued", "running"]},
                      cancel, lambda job: str(job.get(p.F_STATE)),
-                     (EXIT_CONFLICT, "had finished"))
+                     (EXIT_CONFLICT, "had finished"), waves)
     for job_id in cancelled:
         failing = [each for each in _depending_on(job_id, dependants) if each not in cancelled]
         if failing:  # on stderr: stdout stays a line for each job cancelled
@@ -101,6 +102,21 @@ def _dependants(client: Client) -> dict[str, list[str]]:
         for each in p.dependencies(job):
             dependants.setdefault(each, []).append(str(job[p.F_ID]))
     return dependants
+
+
+def _dependants_first(ids: list[str], dependants: dict[str, list[str]]) -> dict[str, int]:
+    """The wave each of `ids` is cancelled in: a job after every given one that depends
+    on it, else the cancel of the one it depends on may fail it (dependency) first."""
+    given = set(ids)
+    waves: dict[str, int] = {}
+
+    def wave(job_id: str) -> int:
+        if job_id not in waves:
+            waves[job_id] = 1 + max((wave(each) for each in _depending_on(job_id, dependants)
+                                     if each in given), default=-1)
+        return waves[job_id]
+
+    return {job_id: wave(job_id) for job_id in ids}
 
 
 def _depending_on(job_id: str, dependants: dict[str, list[str]]) -> list[str]:
@@ -133,10 +149,12 @@ def cmd_remove(client: Client, args: argparse.Namespace) -> int:
 
 def _each_job(client: Client, args: argparse.Namespace, states_said: str,
               groups: dict[str, list[str]], act: Callable[[str], Any],
-              said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str]) -> int:
-    """`act` on the jobs given by id, or on every job in --state (of --kind), saying how
-    each went; `moved_on`: the exit code of a failure that means a job listed in that
-    state changed since, leaving nothing to do, and the words for it. The exit code."""
+              said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str],
+              waves: Mapping[str, int] | None = None) -> int:
+    """`act` on the jobs given by id (in `waves`, the lowest first), or on every job
+    in --state (of --kind), saying how each went; `moved_on`: the exit code of a failure
+    that means a job listed in that state changed since, leaving nothing to do, and the
+    words for it. The exit code."""
     if args.kind and not args.state:
         raise Failure(EXIT_USAGE, f"--kind goes with --state ({states_said}): give both to "
                                   f"{args.command} every job of that kind in that state")
@@ -146,7 +164,7 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
                                   f"{', not both' if args.ids else ''}")
     done: list[dict[str, Any]] = []
     if args.ids:
-        code = _act(args, list(dict.fromkeys(args.ids)), act, said, moved_on, done)
+        code = _act(args, list(dict.fromkeys(args.ids)), act, said, moved_on, done, waves)
     else:
         states = groups.get(args.state, [args.state])
         tried: set[str] = set()
@@ -169,15 +187,20 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
 
 def _act(args: argparse.Namespace, ids: list[str], act: Callable[[str], Any],
          said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str],
-         done: list[dict[str, Any]]) -> int:
-    """`act` on `ids`, saying how each went (for --json: appended to `done`); the exit code."""
+         done: list[dict[str, Any]], waves: Mapping[str, int] | None = None) -> int:
+    """`act` on `ids`, wave after wave (`waves`; else all at once), saying how each went
+    in the order of `ids` (for --json: appended to `done`); the exit code."""
     def one(job_id: str) -> dict[str, Any] | Failure:
         try:
             return dict(act(job_id))
         except Failure as exc:
             return exc
 
-    answers = _at_once(one, ids)
+    answered: dict[str, dict[str, Any] | Failure] = {}
+    for n in sorted({(waves or {}).get(job_id, 0) for job_id in ids}):
+        wave = [job_id for job_id in ids if (waves or {}).get(job_id, 0) == n]
+        answered.update(zip(wave, _at_once(one, wave), strict=True))
+    answers = [answered[job_id] for job_id in ids]
     code = EXIT_OK
     for job_id, answer in zip(ids, answers, strict=True):
         if isinstance(answer, Failure) and args.state and answer.code == moved_on[0]:
