@@ -269,6 +269,11 @@ async function forget() {
     say(`Forget not confirmed: ${noAnswer(r)}. Press Forget again to be sure.`);
     return;
   }
+  // A full disk's 507 says what was erased and what waits for room: the server's words alone.
+  if (r.status === 507) {
+    say(r.error);
+    return;
+  }
   if (!r.ok) {
     say(`Could not forget it: ${r.error}`);
     return;

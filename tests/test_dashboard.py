@@ -1172,6 +1172,45 @@ def test_a_cancel_on_a_full_disk_says_it_goes_ahead(
         page.wait_for_selector(f"{row}[data-state='cancelled']", timeout=60_000)
 
 
+def test_a_forget_on_a_full_disk_says_what_waits_for_room(
+        page: Any, make_server: Callable[..., Server], tmp_path: Path) -> None:
+    # The disk full, the forget was answered 409 after the stop's grace and 10 s (the
+    # reply's end had no room), and the page asked again up to 30 times: "Forgetting…",
+    # Send and Forget disabled for minutes, nothing said of the disk. Its 507 is said in
+    # the server's words, and the conversation is forgotten once there is room.
+    from tests.conftest import small_disk
+    from tests.test_full_disk import disk_filled
+
+    with FakeLLM(pieces=["word "] * 600, delay_s=0.1) as slow, \
+            small_disk(tmp_path, "512k") as disk:
+        server = make_server(env={"OPENAI_BASE_URL": slow.base_url,
+                                  "OFFLOAD_DATA_DIR": str(disk / "var")})
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
+                               "?.textContent.includes('word')", timeout=20_000)
+        note = "#chat-forget-note"
+        with disk_filled(disk):
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.click("#chat-forget")
+            page.wait_for_function(f"document.querySelector('{note}').textContent"
+                                   ".includes('still answering')", timeout=20_000)
+            said = page.text_content(note)
+            assert said.startswith("no room on the data folder's disk for the final state of "
+                                   "1 turn still answering. 0 turns erased;"), said
+            assert said.endswith("free some space on it, then retry."), said
+            assert page.is_enabled("#chat-forget")
+        page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
+                               timeout=60_000)
+        page.wait_for_function("!document.querySelector('#chat-send').disabled")
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#chat-forget")
+        page.wait_for_function(f"document.querySelector('{note}').textContent"
+                               ".startsWith('Forgotten')", timeout=20_000)
+        assert page.locator("#chat-log li").count() == 0
+
+
 def test_a_long_reply_is_followed_to_its_end(page: Any,
                                              make_server: Callable[..., Server]) -> None:
     # The conversation's box stayed where it was as the reply grew past its bottom: the

@@ -303,3 +303,49 @@ def test_a_cancel_on_a_full_disk_of_a_job_whose_runner_has_ended_says_what_it_sh
                 assert "or as it ended, if its runner had already ended" in said, said
             ended = wait_job(client, job["id"], timeout=60)
     assert ended["state"] == "failed" and ended["exit_code"] == 73, ended  # as said
+
+
+def test_a_conversation_forgotten_on_a_full_disk_erases_its_ended_turns_and_says_so(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    """Its answering turn's cancel left empty (no room for its words), the forget waited
+    the stop's grace and 10 s for a final state that had no room either, then answered
+    409 "erase the conversation again in a moment", nothing said of the disk. It answers
+    at once a 507 that says what was erased and what
+    waits for room; its runner is stopped all the same, and once there is room the
+    conversation is forgotten in full."""
+    with small_disk(tmp_path, "512k") as disk, FakeLLM(pieces=["Fine", "."],
+                                                        gated="gated") as llm:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var"),
+                                  "OPENAI_BASE_URL": llm.base_url,
+                                  "OFFLOAD_STOP_GRACE_S": "10"})
+        with server.client() as client:
+            def turn(question: str) -> str:
+                return str(client.post("/api/ai_chat_async", json={
+                    "session_id": "full", "messages": [{"role": "user",
+                                                        "content": question}]}).json()["job_id"])
+
+            ended = turn("How is the CPU?")
+            assert wait_job(client, ended)["state"] == "completed"
+            answering = turn("And the gated memory?")
+            running = wait_for(lambda: (j := client.get(f"/api/jobs/{answering}").json())
+                               ["output"] and j, 60, 0.05, "the reply's first piece")
+            runner = psutil.Process(running["pid"])
+            with disk_filled(disk):
+                started = time.monotonic()
+                answer = client.delete("/api/sessions/full")
+                assert answer.status_code == 507, answer.text
+                assert time.monotonic() - started < 10  # not the stop's grace and 10 s more
+                said = answer.json()["detail"]
+                assert said == (
+                    "no room on the data folder's disk for the final state of 1 turn still "
+                    "answering. 1 turn erased; those answering are stopped all the same (a "
+                    "queued one does not start, a running one's runner is stopped) and kept "
+                    "until the conversation is forgotten again once there is room; the data "
+                    "folder's disk is full: free some space on it, then retry."), said
+                assert client.get(f"/api/jobs/{ended}").status_code == 404
+                assert client.get(f"/api/jobs/{answering}").status_code == 200  # kept
+                runner.wait(30)  # stopped: its end waits for room (or takes what the erase freed)
+            assert wait_job(client, answering, timeout=60)["state"] == "cancelled"
+            forgotten = client.delete("/api/sessions/full")
+            assert forgotten.json() == {"session_id": "full", "erased": 1}, forgotten.text
+            assert client.get("/api/sessions/full").json()["turns"] == []

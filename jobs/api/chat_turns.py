@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from jobs import protocol as p
 from jobs.api.stops import Stops
 from jobs.protocol.wake import poke
-from jobs.store.job_store import JobNotFound, JobStore
+from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
 
 TURN_LOCKS = 64
 WAITING_TURN = "waits for the previous answer in its conversation"
@@ -96,7 +96,8 @@ class ChatTurns:
         job of the session is deleted with all it left (job file, log, records, its
         Idempotency-Key). This worker takes no new turn of it meanwhile; one that another
         worker took is found by the next round. The number erased, and the turns still
-        stopping (kept)."""
+        stopping (kept). On a full disk those stopping are not waited for (their final
+        state waits for room): the others are erased, and the error says so."""
         with self.lock(session_id):
             self._forgetting[session_id] += 1
         erased = 0
@@ -106,13 +107,21 @@ class ChatTurns:
                 if not jobs:
                     break
                 live = [job[p.F_ID] for job in jobs if job.get(p.F_STATE) not in p.FINAL_STATES]
-                now = await self._stops.stopped(live) if live else {}
+                now, no_room = await self._stops.stopped(live) if live else ({}, None)
                 stopping = [job_id for job_id, job in now.items()
                             if job.get(p.F_STATE) not in p.FINAL_STATES]
                 for job in jobs:
                     if job[p.F_ID] not in stopping:
                         await run_in_threadpool(self.store.remove, job[p.F_ID])
                         erased += 1
+                if stopping and no_room is not None:
+                    raise StoreUnavailable(
+                        "no room on the data folder's disk for the final state of "
+                        f"{_turns(len(stopping))} still answering",
+                        f"{_turns(erased)} erased; those answering are stopped all the "
+                        "same (a queued one does not start, a running one's runner is "
+                        "stopped) and kept until the conversation is forgotten again once "
+                        "there is room", no_room=True)
                 if stopping:
                     return erased, stopping
             return erased, []
@@ -121,3 +130,7 @@ class ChatTurns:
                 self._forgetting[session_id] -= 1
                 if self._forgetting[session_id] <= 0:
                     del self._forgetting[session_id]
+
+
+def _turns(count: int) -> str:
+    return f"{count} turn{'' if count == 1 else 's'}"

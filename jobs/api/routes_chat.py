@@ -54,8 +54,10 @@ async def chat_session(session_id: Annotated[str, Path(max_length=200)],
     return {"session_id": session_id, "turns": turns}
 
 
-@router.delete("/sessions/{session_id:path}",
-               responses={409: {"description": "a turn still stopping: erase again shortly"}})
+@router.delete("/sessions/{session_id:path}", responses={
+    409: {"description": "a turn still stopping: erase again shortly"},
+    507: {"description": "the data folder's disk is full: the ended turns are erased, those "
+                         "answering stopped and kept: erase again once there is room"}})
 async def erase_chat_session(session_id: Annotated[str, Path(max_length=200)],
                              service: Service) -> dict[str, Any]:
     """Forget a conversation: its answering turns are cancelled, then every turn is

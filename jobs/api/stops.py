@@ -66,12 +66,16 @@ class Stops:
             raise unrecorded  # stopped, but its final state waits for room: said so
         return stopped[job_id]
 
-    async def stopped(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+    async def stopped(self, job_ids: list[str]
+                      ) -> tuple[dict[str, dict[str, Any]], StoreUnavailable | None]:
         """Ask each job to stop, and wait (without blocking) until all are final or the
-        stop's grace is over; each job as it is then (gone: left out)."""
+        stop's grace is over; each job as it is then (gone: left out). On a full disk, also
+        the error to say of those not final, which are then not waited for: their final
+        state waits for room."""
+        no_room = None
         for job_id in job_ids:
-            await self._ask_stop(job_id)
-        return await self._wait_final(job_ids)
+            no_room = await self._ask_stop(job_id) or no_room
+        return await self._wait_final(job_ids, patient=no_room is None), no_room
 
     async def _ask_stop(self, job_id: str) -> StoreUnavailable | None:
         """Leave its stop request and ring the supervisor; on a full disk, the error to
@@ -93,8 +97,11 @@ class Stops:
             return None
         return StoreUnavailable(NO_ROOM_TO_END, RECORDED, retry=False, no_room=True)
 
-    async def _wait_final(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
-        deadline = time.monotonic() + self.settings.stop_grace_s + CANCEL_WAIT_S
+    async def _wait_final(self, job_ids: list[str], patient: bool = True
+                          ) -> dict[str, dict[str, Any]]:
+        """Each job once final, or as it is past the stop's grace (not `patient`: at once)."""
+        patience = self.settings.stop_grace_s + CANCEL_WAIT_S if patient else 0.0
+        deadline = time.monotonic() + patience
         jobs: dict[str, dict[str, Any]] = {}
         while True:
             await asyncio.sleep(0.05)
