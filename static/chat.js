@@ -272,6 +272,7 @@ async function forget() {
   // A full disk's 507 says what was erased and what waits for room: the server's words alone.
   if (r.status === 507) {
     say(r.error);
+    await dropErased(session);
     return;
   }
   if (!r.ok) {
@@ -280,6 +281,19 @@ async function forget() {
   }
   forgotten(session);
   say("Forgotten: a new conversation starts here.");
+}
+
+/** Turns of `session` the server erased (a forget done in part, on a full disk) leave this
+ * page, so that its next question does not store them again. */
+async function dropErased(session) {
+  const r = await askInTime(`/api/sessions/${encodeURIComponent(session)}`);
+  if (session !== SESSION || !r.ok || !r.data || !Array.isArray(r.data.turns)) return;
+  const kept = new Set(r.data.turns.map((turn) => turn.job_id));
+  for (const li of log.querySelectorAll("li.msg.assistant[data-job-id]")) {
+    if (kept.has(li.dataset.jobId)) continue;
+    li.asked?.remove();
+    li.remove();
+  }
 }
 
 /** `session` is gone from the server: a new conversation starts here and in the other tabs. */

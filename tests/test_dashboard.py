@@ -1177,15 +1177,19 @@ def test_a_forget_on_a_full_disk_says_what_waits_for_room(
     # The disk full, the forget was answered 409 after the stop's grace and 10 s (the
     # reply's end had no room), and the page asked again up to 30 times: "Forgetting…",
     # Send and Forget disabled for minutes, nothing said of the disk. Its 507 is said in
-    # the server's words, and the conversation is forgotten once there is room.
+    # the server's words; the turns it erased leave the page (the next question would
+    # store them again), and the conversation is forgotten once there is room.
     from tests.conftest import small_disk
     from tests.test_full_disk import disk_filled
 
-    with FakeLLM(pieces=["word "] * 600, delay_s=0.1) as slow, \
-            small_disk(tmp_path, "512k") as disk:
-        server = make_server(env={"OPENAI_BASE_URL": slow.base_url,
+    with FakeLLM(pieces=["ok"], delay_s=0) as fake, small_disk(tmp_path, "512k") as disk:
+        server = make_server(env={"OPENAI_BASE_URL": fake.base_url,
                                   "OFFLOAD_DATA_DIR": str(disk / "var")})
         page.goto(server.url)
+        page.fill("#chat-input", "My secret is quokka-swordfish.")
+        page.press("#chat-input", "Enter")
+        completed_shown(page, 1)
+        fake.pieces, fake.delay_s = ["word "] * 600, 0.1
         page.fill("#chat-input", "Tell me everything.")
         page.press("#chat-input", "Enter")
         page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
@@ -1198,12 +1202,21 @@ def test_a_forget_on_a_full_disk_says_what_waits_for_room(
                                    ".includes('still answering')", timeout=20_000)
             said = page.text_content(note)
             assert said.startswith("no room on the data folder's disk for the final state of "
-                                   "1 turn still answering. 0 turns erased;"), said
+                                   "1 turn still answering. 1 turn erased;"), said
             assert said.endswith("free some space on it, then retry."), said
             assert page.is_enabled("#chat-forget")
+            page.wait_for_function("document.querySelectorAll('#chat-log li').length === 2")
+            assert questions_shown(page) == ["Tell me everything."]
         page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
                                timeout=60_000)
         page.wait_for_function("!document.querySelector('#chat-send').disabled")
+        fake.pieces, fake.delay_s = ["ok"], 0
+        page.fill("#chat-input", "What is my secret?")
+        page.press("#chat-input", "Enter")
+        completed_shown(page, 1)
+        asked = [m["content"] for m in fake.requests[-1]["body"]["messages"]
+                 if m["role"] == "user"]
+        assert asked == ["What is my secret?"], asked
         page.once("dialog", lambda dialog: dialog.accept())
         page.click("#chat-forget")
         page.wait_for_function(f"document.querySelector('{note}').textContent"
