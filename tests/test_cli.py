@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -575,17 +575,41 @@ def test_wait_without_ids_asks_a_few_times_however_many_jobs_wait(server: Server
     assert asked <= 40, f"{asked} requests to wait for 200 jobs"
 
 
+@contextlib.contextmanager
+def relay_to(url: str, before_get: Callable[[str], None]) -> Iterator[str]:
+    """The address of a proxy that passes each request on to `url`, after
+    `before_get(path)` for a GET: what another user does at that very moment."""
+    from http.server import ThreadingHTTPServer
+
+    from tests.http_fake import JSONHandler, ScriptedServer
+
+    class Relay(JSONHandler):
+        def do_GET(self) -> None:
+            before_get(self.path)
+            self._pass("GET")
+
+        def do_POST(self) -> None:
+            self._pass("POST")
+
+        def _pass(self, method: str) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            answer = httpx.request(method, f"{url}{self.path}", content=body or None,
+                                   headers={"Content-Type": "application/json"}, timeout=120)
+            self._json(answer.status_code, answer.content)
+
+    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), Relay)) as relay:
+        yield f"http://127.0.0.1:{relay.port}"
+
+
 def test_wait_without_ids_reads_past_a_removed_cursor_and_no_other_job_in_full(
         make_server: MakeServer, data_dir: Path) -> None:
     # The job a listing's page ended at, removed (or pruned) before the next page was asked
     # for, made that page a 400: the wait ended with it, exit 2, though nothing was wrong.
     # And --json read every job listed before those it waited for in full, 1000 here.
-    from http.server import ThreadingHTTPServer
     from urllib.parse import parse_qs, urlsplit
 
     from jobs.protocol.control import set_queue_paused
     from jobs.store.job_store import JobStore
-    from tests.http_fake import JSONHandler, ScriptedServer
 
     store, ended = JobStore(data_dir / "jobs"), {p.F_STATE: "completed",
                                                  p.F_STARTED_AT: p.iso(time.time()),
@@ -598,28 +622,16 @@ def test_wait_without_ids_reads_past_a_removed_cursor_and_no_other_job_in_full(
     newest = cli(server.url, "submit", "sleep").stdout.strip()
     removed: list[str] = []
 
-    class Relay(JSONHandler):
-        """The server's answers, as a proxy passes them; the job a listing's page is asked
-        from is removed just before, once, as another user's `offload rm` would be."""
+    def before_get(path: str) -> None:
+        """The job a listing's page is asked from, removed just before, once, as another
+        user's `offload rm` would be."""
+        before = parse_qs(urlsplit(path).query).get("before")
+        if urlsplit(path).path == "/api/jobs" and before and not removed:
+            removed.append(before[0])
+            assert httpx.post(f"{server.url}/api/jobs/{before[0]}/remove").status_code == 200
 
-        def do_GET(self) -> None:
-            before = parse_qs(urlsplit(self.path).query).get("before")
-            if urlsplit(self.path).path == "/api/jobs" and before and not removed:
-                removed.append(before[0])
-                assert httpx.post(f"{server.url}/api/jobs/{before[0]}/remove").status_code == 200
-            self._pass("GET")
-
-        def do_POST(self) -> None:
-            self._pass("POST")
-
-        def _pass(self, method: str) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            answer = httpx.request(method, f"{server.url}{self.path}", content=body or None,
-                                   headers={"Content-Type": "application/json"}, timeout=120)
-            self._json(answer.status_code, answer.content)
-
-    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), Relay)) as relay:
-        waiting = start_cli(f"http://127.0.0.1:{relay.port}", "wait", "--json")
+    with relay_to(server.url, before_get) as relayed:
+        waiting = start_cli(relayed, "wait", "--json")
         try:
             wait_for(lambda: '"GET /api/queue ' in server.log.read_text(), 60, 0.1,
                      "the wait to list the jobs")
@@ -636,6 +648,77 @@ def test_wait_without_ids_reads_past_a_removed_cursor_and_no_other_job_in_full(
     in_full = [line for line in server.log.read_text().splitlines()
                if '"GET /api/jobs?' in line and "fields=summary" not in line]
     assert in_full and all("limit=1&" in line for line in in_full), in_full
+
+
+@pytest.mark.parametrize("how", ["ids", "no ids", "json"])
+def test_wait_shows_a_job_removed_after_it_ended_in_its_row_and_the_others(
+        server: Server, how: str) -> None:
+    # A job that ended while the wait long-polled another, removed before it was read,
+    # ended the wait with exit 5, "no job with id ...", and no table of the others.
+    url = server.url
+    assert httpx.post(f"{url}/api/queue/pause").status_code == 200
+    short = cli(url, "submit", "sleep", "--input", '{"seconds": 0}').stdout.strip()
+    long = cli(url, "submit", "sleep", "--input", '{"seconds": 60}').stdout.strip()
+    removed: list[str] = []
+
+    def before_get(path: str) -> None:
+        """At the long job's long poll: the short one run to its end and removed, as
+        another user's `offload rm` would, then the long one cancelled."""
+        if path.startswith(f"/api/jobs/{long}?wait_s=") and not removed:
+            removed.append(short)
+            with httpx.Client(base_url=url, timeout=30) as client:
+                assert client.post("/api/queue/resume").status_code == 200
+                wait_job(client, short)
+                assert client.post(f"/api/jobs/{short}/remove").status_code == 200
+                assert client.delete(f"/api/jobs/{long}").status_code == 200
+
+    with relay_to(url, before_get) as relayed:
+        waited = cli(relayed, "wait", *{"ids": [long, short], "json": ["--json"]}.get(how, []))
+    assert removed, "the long job was not long-polled"
+    assert waited.returncode == 5, waited  # the exit code of a job that is not there
+    assert (f"offload: job {short} was removed after it ended, before it was read: how it "
+            "ended is unknown\n") in waited.stderr, waited.stderr
+    if how == "json":
+        jobs = json.loads(waited.stdout)
+        assert [(job["id"], job["state"]) for job in jobs] == [
+            (short, None), (long, "cancelled")], jobs
+        assert jobs[0] == {"id": short, "state": None, "removed": True}
+        return
+    rows = {line.split()[0]: " ".join(line.split()[1:])
+            for line in waited.stdout.splitlines()[1:]}
+    assert rows.keys() == {long, short}, waited.stdout
+    assert rows[short] == "- unknown - - removed after it ended, before it was read", rows
+    assert rows[long].startswith("sleep cancelled "), rows
+
+
+def test_wait_without_ids_keeps_a_job_read_as_ended_though_removed_later(
+        server: Server) -> None:
+    # It read the jobs that had ended only once none was left to wait for: one that ended
+    # early and was removed during a long wait for another was gone by then (exit 5).
+    url = server.url
+    assert httpx.post(f"{url}/api/queue/pause").status_code == 200
+    first = cli(url, "submit", "sleep", "--input", '{"seconds": 0}').stdout.strip()
+    long = cli(url, "submit", "sleep", "--input", '{"seconds": 60}').stdout.strip()
+    # Queued last, it is waited for first, and ends after the first one.
+    last = cli(url, "submit", "sleep", "--after", first, "--input", '{"seconds": 0}'
+               ).stdout.strip()
+    removed: list[str] = []
+
+    def before_get(path: str) -> None:
+        if path.startswith(f"/api/jobs/{last}?wait_s="):
+            assert httpx.post(f"{url}/api/queue/resume").status_code == 200
+        elif path.startswith(f"/api/jobs/{long}?wait_s=") and not removed:
+            removed.append(first)  # once the last has ended: the first was read by now
+            assert httpx.post(f"{url}/api/jobs/{first}/remove").status_code == 200
+            assert httpx.delete(f"{url}/api/jobs/{long}", timeout=30).status_code == 200
+
+    with relay_to(url, before_get) as relayed:
+        waited = cli(relayed, "wait", "--json")
+    assert removed, "the long job was not long-polled"
+    assert waited.returncode == 1, waited  # the long job was cancelled
+    assert [(job["id"], job["state"]) for job in json.loads(waited.stdout)] == [
+        (first, "completed"), (long, "cancelled"), (last, "completed")], waited.stdout
+    assert json.loads(waited.stdout)[0]["input"] == {"seconds": 0}  # in full
 
 
 def test_a_key_used_before_for_other_jobs_names_them(server: Server) -> None:

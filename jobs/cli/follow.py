@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 
 from jobs.cli.client import REQUEST_TIMEOUT_S, Client, Failure, Unreachable, job_path
+from jobs.cli.show import is_removed, removed
 
 T = TypeVar("T")
 
@@ -112,10 +113,22 @@ def live_jobs(client: Client) -> dict[str, dict[str, Any]]:
             for job in client.listed(state.value)}
 
 
+def until_ended_unless_removed(client: Client, job_id: str) -> dict[str, Any]:
+    """`until_ended`, or `removed(job_id)` for a job seen before that is gone now: only a
+    job that has ended is removed or pruned."""
+    try:
+        return until_ended(client, job_id)
+    except Failure as exc:
+        if exc.status != 404:
+            raise
+        return removed(job_id)
+
+
 def until_all_ended(client: Client, ids: list[str], full: bool) -> list[dict[str, Any]]:
     """The jobs `ids` once all have ended, in a few requests however many they are: of
     those still listed live, the one that should end last is waited for (`until_ended`),
-    until none is; the others are then read (`ended_ones`)."""
+    until none is; those that have left the live listing are read each round
+    (`ended_ones`), before a removal or pruning takes them (else: `removed`)."""
     finals: dict[str, dict[str, Any]] = {}
     while len(finals) < len(ids):
         reconnecting(lambda: _one_ended(client, ids, finals, full))
@@ -124,21 +137,21 @@ def until_all_ended(client: Client, ids: list[str], full: bool) -> list[dict[str
 
 def _one_ended(client: Client, ids: list[str], finals: dict[str, dict[str, Any]],
                full: bool) -> None:
-    """A round of `until_all_ended`: one job waited for, or the ended ones read."""
+    """A round of `until_all_ended`: the jobs that left the live listing read, then one
+    still listed waited for."""
     live = live_jobs(client)
+    left = [job_id for job_id in ids if job_id not in finals and job_id not in live]
+    found = ended_ones(client, set(left), full) if left else {}
+    for job_id in left:  # not listed: live though a listing missed it, or removed once ended
+        job = found.get(job_id) or _read_if_there(client, job_id) or removed(job_id)
+        if job.get(p.F_STATE) in p.FINAL_STATES or is_removed(job):
+            finals[job_id] = job
     waiting = [job_id for job_id in ids if job_id not in finals and job_id in live]
     if waiting:
         last = max(waiting, key=lambda job_id: (p.run_at(live[job_id]) or 0.0,
                                                 p.queue_key(live[job_id])))
-        finals[last] = until_ended(client, last)
-        return
-    unread = [job_id for job_id in ids if job_id not in finals]
-    found = ended_ones(client, set(unread), full)
-    for job_id in unread:
-        job = found.get(job_id) or client.job("GET", f"/api/jobs/{job_path(job_id)}")
-        if job.get(p.F_STATE) in p.FINAL_STATES:
-            finals[job_id] = job
-    if len(finals) < len(ids):  # live, though a listing missed it: look again shortly
+        finals[last] = until_ended_unless_removed(client, last)
+    elif len(finals) < len(ids):  # live, though a listing missed it: look again shortly
         time.sleep(POLL_S)
 
 
@@ -146,10 +159,12 @@ def ended_ones(client: Client, ids: set[str], full: bool) -> dict[str, dict[str,
     """The jobs `ids` as the listing of every job has them, by id: summaries, page after
     page until all are found; if `full`, whole, the stretch of a page that holds them read
     again (not every job listed before them, each of which can be megabytes). One not
-    found (removed) is left out."""
+    found (removed) is left out; one removed between its summary and its whole read is
+    its summary."""
     found: dict[str, dict[str, Any]] = {}
     for before, page in client.pages(None, "summary"):
         ours = [n for n, job in enumerate(page) if job[p.F_ID] in ids]
+        found.update((page[n][p.F_ID], page[n]) for n in ours)
         if ours and full:
             start = str(page[ours[0] - 1][p.F_ID]) if ours[0] else before
             try:
@@ -157,14 +172,22 @@ def ended_ones(client: Client, ids: set[str], full: bool) -> dict[str, dict[str,
             except Failure as exc:
                 if exc.status != 400:  # the job it starts after, removed: each read alone
                     raise
-                whole = [client.job("GET", f"/api/jobs/{job_path(page[n][p.F_ID])}")
-                         for n in ours]
+                whole = [job for job in (_read_if_there(client, page[n][p.F_ID]) for n in ours)
+                         if job is not None]
             found.update((job[p.F_ID], job) for job in whole if job[p.F_ID] in ids)
-        else:
-            found.update((page[n][p.F_ID], page[n]) for n in ours)
         if len(found) == len(ids):
             break
     return found
+
+
+def _read_if_there(client: Client, job_id: str) -> dict[str, Any] | None:
+    """The job in full, or None once it is removed (a 404)."""
+    try:
+        return client.job("GET", f"/api/jobs/{job_path(job_id)}")
+    except Failure as exc:
+        if exc.status != 404:
+            raise
+        return None
 
 
 def _apply(job: dict[str, Any], fields: dict[str, Any]) -> None:

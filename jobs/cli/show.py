@@ -16,6 +16,7 @@ ONE_SLOT_ENGINE = "llama-cpp-python"
 ONE_SLOT = ("llama-cpp-python's server has one slot, whatever OFFLOAD_LLM_SLOTS says; "
             "llama-server has more: `python launch.py --reinstall` builds it, and Offload "
             "runs it once restarted with OFFLOAD_LLM_ENGINE unset")
+REMOVED_SAID = "removed after it ended, before it was read"
 
 
 def when(value: object) -> str:
@@ -32,9 +33,22 @@ def _took(job: dict[str, Any]) -> str:
     return f"{max(0.0, end - p.parse_iso(str(started))):.1f}s"
 
 
+def removed(job_id: str) -> dict[str, Any]:
+    """What a wait shows of a job removed (or pruned) after it ended, before it was read:
+    its id, its state unknown."""
+    return {p.F_ID: job_id, p.F_STATE: None, "removed": True}
+
+
+def is_removed(job: dict[str, Any]) -> bool:
+    """Whether `job` is what `removed` gives, not a job as the server answers it."""
+    return job.get("removed") is True
+
+
 def note(job: dict[str, Any]) -> str:
     """What to know of a job at a glance: its error, progress, or why it has not started
     (as the server says it: `waits_for`)."""
+    if is_removed(job):
+        return REMOVED_SAID
     error = job.get(p.F_ERROR)
     if isinstance(error, dict) and error.get("message"):
         return f"{error.get('type')}: {error['message']}"
@@ -113,7 +127,8 @@ def job_table(jobs: list[dict[str, Any]], out: IO[str]) -> None:
         out.write("no jobs\n")
         return
     rows = [["ID", "KIND", "STATE", "CREATED (UTC)", "TOOK", "NOTE"]]
-    rows += [[str(job.get(p.F_ID)), str(job.get(p.F_KIND)), str(job.get(p.F_STATE)),
+    rows += [[str(job.get(p.F_ID)), str(job.get(p.F_KIND, "-")),
+              str(job.get(p.F_STATE) or "unknown"),
               when(job.get(p.F_CREATED_AT)), _took(job), _one_line(note(job), 60)]
              for job in jobs]
     table(rows, out)

@@ -8,9 +8,24 @@ import sys
 from typing import Any
 
 from jobs import protocol as p
-from jobs.cli.client import EXIT_JOB_FAILED, EXIT_OK, Client, Failure, job_path
-from jobs.cli.follow import live_jobs, reconnecting, until_all_ended, until_ended
-from jobs.cli.show import job_details, job_table, note, print_json, remedy, shown
+from jobs.cli.client import EXIT_JOB_FAILED, EXIT_NOT_FOUND, EXIT_OK, Client, Failure, job_path
+from jobs.cli.follow import (
+    live_jobs,
+    reconnecting,
+    until_all_ended,
+    until_ended,
+    until_ended_unless_removed,
+)
+from jobs.cli.show import (
+    REMOVED_SAID,
+    is_removed,
+    job_details,
+    job_table,
+    note,
+    print_json,
+    remedy,
+    shown,
+)
 
 
 def cmd_wait(client: Client, args: argparse.Namespace) -> int:
@@ -35,17 +50,18 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
 
 def wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:
     # An unknown id exits 5 before any wait; a job ended already is kept as it is now
-    # (by the end of a long wait for another, it may have been pruned).
+    # (by the end of a long wait for another, it may have been pruned). One that ends
+    # during the wait for another and is removed before it is read has its own row.
     finals = [client.job("GET", f"/api/jobs/{job_id}") for job_id in ids]
     say_why_it_waits(client, finals, counted=True)
     for n, job in enumerate(finals):
         if job.get(p.F_STATE) not in p.FINAL_STATES:
-            finals[n] = until_ended(client, ids[n])
+            finals[n] = until_ended_unless_removed(client, ids[n])
     return _shown(finals, args)
 
 
 def _shown(finals: list[dict[str, Any]], args: argparse.Namespace) -> int:
-    """The jobs waited for, as a table or JSON; EXIT_OK if all completed."""
+    """The jobs waited for, as a table or JSON; EXIT_OK if all completed (`outcome`)."""
     if args.json:
         print_json(finals)
     else:
@@ -54,9 +70,14 @@ def _shown(finals: list[dict[str, Any]], args: argparse.Namespace) -> int:
 
 
 def outcome(job: dict[str, Any]) -> int:
-    """EXIT_OK for a completed job; else its error on stderr and EXIT_JOB_FAILED."""
+    """EXIT_OK for a completed job; else its error on stderr and EXIT_JOB_FAILED; for one
+    removed after it ended, before it was read (`show.removed`), EXIT_NOT_FOUND."""
     if job.get(p.F_STATE) == p.JobState.COMPLETED:
         return EXIT_OK
+    if is_removed(job):
+        sys.stderr.write(f"offload: job {job.get(p.F_ID)} was {REMOVED_SAID}: how it "
+                         "ended is unknown\n")
+        return EXIT_NOT_FOUND
     error = job.get(p.F_ERROR) or {}
     reason = error.get("message") or error.get("type") or "no reason given"
     sys.stderr.write(shown(f"offload: job {job.get(p.F_ID)} {job.get(p.F_STATE)}: {reason}\n",
