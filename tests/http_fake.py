@@ -59,31 +59,3 @@ class ScriptedServer:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-class PassThrough(JSONHandler):
-    """A proxy to the server at `target`, as one passes requests on; a subclass's `held`
-    acts at the moment a request comes (removes a job, waits), before it is passed on."""
-
-    target = ""
-
-    def held(self, method: str) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self._pass("GET")
-
-    def do_POST(self) -> None:
-        self._pass("POST")
-
-    def do_DELETE(self) -> None:
-        self._pass("DELETE")
-
-    def _pass(self, method: str) -> None:
-        import httpx  # the tests' client; the scripted servers need none
-
-        self.held(method)
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        answer = httpx.request(method, f"{self.target}{self.path}", content=body or None,
-                               headers={"Content-Type": "application/json"}, timeout=120)
-        self._json(answer.status_code, answer.content)

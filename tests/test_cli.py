@@ -576,9 +576,11 @@ def test_wait_without_ids_asks_a_few_times_however_many_jobs_wait(server: Server
 
 
 @contextlib.contextmanager
-def relay_to(url: str, before_get: Callable[[str], None]) -> Iterator[str]:
+def relay_to(url: str, before_get: Callable[[str], None] = lambda path: None,
+             before_delete: Callable[[str], None] = lambda path: None) -> Iterator[str]:
     """The address of a proxy that passes each request on to `url`, after
-    `before_get(path)` for a GET: what another user does at that very moment."""
+    `before_get(path)` for a GET (`before_delete` for a DELETE): what another user does
+    at that very moment, or a slow network."""
     from http.server import ThreadingHTTPServer
 
     from tests.http_fake import JSONHandler, ScriptedServer
@@ -590,6 +592,10 @@ def relay_to(url: str, before_get: Callable[[str], None]) -> Iterator[str]:
 
         def do_POST(self) -> None:
             self._pass("POST")
+
+        def do_DELETE(self) -> None:
+            before_delete(self.path)
+            self._pass("DELETE")
 
         def _pass(self, method: str) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -798,25 +804,18 @@ def test_a_job_cancelled_with_one_it_depends_on_is_cancelled_not_failed(
         server: Server) -> None:
     # Both cancels went at once: the first one's could fail the other (dependency) before
     # its own came, and the command ended with exit 6, "has already finished (failed)".
-    from http.server import ThreadingHTTPServer
-
-    from tests.http_fake import PassThrough, ScriptedServer
-
     first = cli(server.url, "submit", "sleep", "--input", '{"seconds": 120}').stdout.strip()
     dependant = cli(server.url, "submit", "sleep", "--after", first).stdout.strip()
 
-    class Late(PassThrough):
+    def late(path: str) -> None:
         """The dependant's cancel, as a slow network delivers it: after its job ended
         (cancelled with the first), or 3 s."""
-        target = server.url
+        if dependant in path:
+            with contextlib.suppress(AssertionError), server.client() as client:
+                wait_job(client, dependant, timeout=3)
 
-        def held(self, method: str) -> None:
-            if method == "DELETE" and dependant in self.path:
-                with contextlib.suppress(AssertionError), server.client() as client:
-                    wait_job(client, dependant, timeout=3)
-
-    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), Late)) as relay:
-        done = cli(f"http://127.0.0.1:{relay.port}", "cancel", first, dependant)
+    with relay_to(server.url, before_delete=late) as relayed:
+        done = cli(relayed, "cancel", first, dependant)
     assert done.returncode == 0, done
     assert done.stdout.splitlines() == [f"{first} cancelled", f"{dependant} cancelled"]
     with server.client() as client:
