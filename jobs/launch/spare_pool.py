@@ -139,6 +139,7 @@ class SparePool:
                                      name=f"spare-{child.pid}").start()
                     continue
             _discard(spare, kill=True)
+            spare.pipes.stdout.close()  # no listener was started to close it
             return
 
     def _listen(self, spare: _Spare) -> None:

@@ -132,10 +132,9 @@ class EmbeddedServer:
                 embedded.server_command(model, cpus=cpus, slots=slots, engine=engine),
                 env=embedded.server_env(port, self.key, engine),
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                umask=trust.PRIVATE_UMASK, preexec_fn=_dies_with_this_process())
+                umask=trust.PRIVATE_UMASK, preexec_fn=_in_the_child(cpus))
         # At once, before the server has loaded the model: the threads it starts for it
-        # inherit both.
-        embedded.keep_to(self.proc.pid, cpus)
+        # inherit it.
         lower_priority_of(self.proc.pid)
         # Its pid before it loads: a supervisor killed meanwhile leaves it to the next one.
         self._write(False, "loading the embedded model", available=True,
@@ -283,10 +282,12 @@ class EmbeddedServer:
             proc.wait(10)
 
 
-def _dies_with_this_process() -> Callable[[], None] | None:
+def _in_the_child(cpus: set[int] | None) -> Callable[[], None] | None:
     """Linux: the server is killed when the supervisor that started it dies, even by
     SIGKILL; elsewhere the next leader stops it (`_stop_stale`). Its key lives only in
-    that supervisor and its runners, so no later one could use it anyway."""
+    that supervisor and its runners, so no later one could use it anyway. And it keeps
+    to `cpus` from its first instruction: set once it had started, a thread it started
+    first (the machine busy) kept them all."""
     if sys.platform != "linux":
         return None
     import ctypes
@@ -300,6 +301,9 @@ def _dies_with_this_process() -> Callable[[], None] | None:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # it died before the line above
             os._exit(1)
+        if cpus:
+            with contextlib.suppress(OSError):  # it runs anywhere: only the API's latency
+                os.sched_setaffinity(0, cpus)  # under load suffers
 
     return in_child
 

@@ -195,15 +195,6 @@ def model_cpus() -> set[int] | None:
     return set(allowed[1:]) if len(allowed) > 1 else None
 
 
-def keep_to(pid: int, cpus: set[int] | None) -> None:
-    """Keep a just-started process to `cpus` (threads it starts later inherit it)."""
-    if cpus and hasattr(os, "sched_setaffinity"):
-        try:
-            os.sched_setaffinity(pid, cpus)
-        except OSError:
-            pass  # it runs anywhere; only the API's latency under load suffers
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
