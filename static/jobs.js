@@ -400,6 +400,7 @@ async function openRerun(jobId) {
   }
   const input = { ...(r.data.input || {}) };
   delete input.context; // the chat expert's summary: the server makes it anew
+  delete input.follows; // and it follows the conversation as it is now
   const text = JSON.stringify(input, null, 2);
   rerunJob = { id: jobId, text };
   rerunInput.value = text;

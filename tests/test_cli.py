@@ -697,6 +697,30 @@ def test_wait_shows_a_job_removed_after_it_ended_in_its_row_and_the_others(
     assert rows[long].startswith("sleep cancelled "), rows
 
 
+def test_wait_json_gives_a_job_whole_though_another_was_submitted_as_it_read_it(
+        server: Server) -> None:
+    # The whole read of the jobs at the top of the listing was asked from the top again: a
+    # job submitted since their summaries took the place of one, which was given as its
+    # summary (its input and output left out).
+    url = server.url
+    last = cli(url, "submit", "sleep", "--delay", "3").stdout.strip()  # waited for last
+    first = cli(url, "submit", "sleep", "--input", '{"seconds": 1}').stdout.strip()
+    submitted: list[str] = []
+
+    def before_get(path: str) -> None:
+        if "fields=full" in path and "before=" not in path and not submitted:
+            submitted.append(httpx.post(f"{url}/api/jobs", json={
+                "kind": "sleep", "input": {"seconds": 0}}).json()["id"])
+
+    with relay_to(url, before_get) as relayed:
+        waited = cli(relayed, "wait", "--json")
+    assert submitted, "the jobs were not read whole from the top of the listing"
+    assert waited.returncode == 0, waited
+    jobs = {job["id"]: job for job in json.loads(waited.stdout)}
+    assert jobs.keys() == {first, last}, jobs.keys()
+    assert jobs[first]["input"] == {"seconds": 1} and jobs[first]["state"] == "completed"
+
+
 def test_wait_without_ids_keeps_a_job_read_as_ended_though_removed_later(
         server: Server) -> None:
     # It read the jobs that had ended only once none was left to wait for: one that ended
@@ -820,6 +844,25 @@ def test_a_job_cancelled_with_one_it_depends_on_is_cancelled_not_failed(
     assert done.stdout.splitlines() == [f"{first} cancelled", f"{dependant} cancelled"]
     with server.client() as client:
         assert wait_job(client, dependant)["state"] == "cancelled"
+
+
+def test_a_chain_of_hundreds_of_jobs_is_cancelled_oldest_first_given(
+        make_server: MakeServer, data_dir: Path) -> None:
+    # The order of the cancels was worked out recursively, as deep as the chain: from 333
+    # jobs on, "not shaped as Offload's (RecursionError ...)", exit 7, none cancelled.
+    from jobs.protocol.control import set_queue_paused
+    from jobs.store.job_store import JobStore
+
+    store = JobStore(data_dir / "jobs")
+    chain = [store.create("sleep", {"seconds": 0}, 30)["id"]]
+    set_queue_paused(data_dir, True)
+    for _ in range(349):
+        chain.append(store.create("sleep", {"seconds": 0}, 30,
+                                  fields={p.F_DEPENDS_ON: [chain[-1]]})["id"])
+    server = make_server()
+    done = cli(server.url, "cancel", *chain)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [f"{job_id} cancelled" for job_id in chain]
 
 
 def test_cancel_several_and_retry(server: Server) -> None:
@@ -1103,6 +1146,10 @@ def test_errors_are_one_line_with_a_meaningful_exit_code(server: Server) -> None
     assert unknown.returncode == 2 and "known kinds: chat, probe, sleep" in unknown.stderr
     missing = cli(server.url, "show", "0" * 32)
     assert missing.returncode == 5 and "no job with id" in missing.stderr
+    gone = cli(server.url, "submit", "chat", "--input", json.dumps({  # 410: not a retry's 7
+        "messages": [{"role": "user", "content": "And then?"}], "session_id": "s-gone",
+        "follows": "0" * 32}))
+    assert gone.returncode == 6 and "0" * 32 in gone.stderr, gone
     assert cli(server.url, "list", "--state", "done").returncode == 2
     assert cli(server.url, "list", "--url", "ftp://x").returncode == 2
     for address in ("http://[::1", "http://127.0.0.1:port", "http://"):  # no traceback

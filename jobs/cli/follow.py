@@ -170,11 +170,16 @@ def ended_ones(client: Client, ids: set[str], full: bool) -> dict[str, dict[str,
             try:
                 whole, _ = client.listing(None, "full", start, ours[-1] - ours[0] + 1)
             except Failure as exc:
-                if exc.status != 400:  # the job it starts after, removed: each read alone
+                if exc.status != 400:  # the job it starts after, removed
                     raise
-                whole = [job for job in (_read_if_there(client, page[n][p.F_ID]) for n in ours)
-                         if job is not None]
+                whole = []
             found.update((job[p.F_ID], job) for job in whole if job[p.F_ID] in ids)
+            # Each of them the stretch missed, read alone: the top of the listing moved
+            # (a job submitted since its summary), or the job it starts after was removed.
+            missed = [page[n][p.F_ID] for n in ours
+                      if not any(job[p.F_ID] == page[n][p.F_ID] for job in whole)]
+            found.update((job[p.F_ID], job) for job in (
+                _read_if_there(client, job_id) for job_id in missed) if job is not None)
         if len(found) == len(ids):
             break
     return found
