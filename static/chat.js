@@ -168,8 +168,10 @@ async function send(text) {
     if (r.status === 410) {
       unsent();
       forgotten(session);
-      say("Forgotten after all: this conversation is no longer on the server (forgotten late, "
-        + "or its turns removed). A new conversation starts here; your question is kept in the box.");
+      // What a forget that ended in part kept (a full disk, a reply still stopping) goes now.
+      apiJSON(`/api/sessions/${encodeURIComponent(session)}`, { method: "DELETE" });
+      say("Forgotten after all: this conversation was forgotten (late, or in another tab), or "
+        + "all its turns removed. A new conversation starts here; your question is kept in the box.");
       if (!input.value) input.value = text;
       return;
     }

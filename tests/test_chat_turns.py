@@ -276,8 +276,8 @@ def test_a_question_following_a_turn_that_is_gone_is_refused(make_server: MakeSe
                                headers={"Idempotency-Key": "after-the-forget"})
             assert late.status_code == 410, late.text
             assert late.json() == {"detail": (
-                f"the turn this question follows ({second}) is no longer in this "
-                "conversation: it was forgotten or removed. Start a new one (another "
+                "this conversation was forgotten, or all its turns removed (the turn this "
+                f"question follows, {second}, is gone): start a new one (another "
                 "session_id) without its turns")}
             batch = client.post("/api/jobs/batch", json={"jobs": [
                 {"kind": "chat", "input": {**question, "follows": second}}]})
@@ -285,8 +285,9 @@ def test_a_question_following_a_turn_that_is_gone_is_refused(make_server: MakeSe
             assert batch.json()["stored"] == []
             # Another conversation's turn is not one of this one's.
             other = final(client, ask(client, "hi", session_id="other"))["id"]
-            assert client.post("/api/ai_chat_async", json={
-                **question, "follows": other}).status_code == 410
+            elsewhere = client.post("/api/ai_chat_async", json={**question, "follows": other})
+            assert elsewhere.status_code == 410, elsewhere.text
+            assert f"the turn this question follows ({other}) is not of this" in elsewhere.text
             assert client.get("/api/sessions/mine").json()["turns"] == []
             for wrong, said in (({"follows": "turn-1"}, "32 lowercase hex"),
                                 ({"follows": other, "session_id": None}, "session_id")):
@@ -297,6 +298,38 @@ def test_a_question_following_a_turn_that_is_gone_is_refused(make_server: MakeSe
     on_disk = "\n".join(f.read_text(errors="replace") for f in server.data_dir.rglob("*")
                         if f.is_file())
     assert "quokka" not in on_disk
+
+
+def test_a_question_following_a_turn_removed_by_hand_goes_on(make_server: MakeServer) -> None:
+    # The conversation's newest turn removed (the jobs table's Remove), its next question
+    # was refused as if the conversation had been forgotten, and the page started a new
+    # one, the older turns left on the server. Its other turns are there: it goes on.
+    with FakeLLM(pieces=["Noted."]) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        with server.client() as client:
+            first = final(client, ask(client, "My name is Ada.", session_id="kept"))["id"]
+            said = [{"role": "user", "content": "My name is Ada."},
+                    {"role": "assistant", "content": "Noted."}]
+            second = final(client, ask(client, "I like tea.", session_id="kept"))["id"]
+            assert client.post(f"/api/jobs/{second}/remove").status_code == 200
+            question = {"messages": [*said, {"role": "user", "content": "I like tea."},
+                                     {"role": "assistant", "content": "Noted."},
+                                     {"role": "user", "content": "What is my name?"}],
+                        "session_id": "kept", "follows": second}
+            taken = client.post("/api/ai_chat_async", json=question)
+            assert taken.status_code == 200, taken.text
+            third = final(client, taken.json()["job_id"])
+            assert third["state"] == "completed", third
+            assert [t["job_id"] for t in client.get("/api/sessions/kept").json()["turns"]] \
+                == [first, third["id"]]
+            # Its last turns removed too, nothing is left of it: as forgotten.
+            for turn in (first, third["id"]):
+                assert client.post(f"/api/jobs/{turn}/remove").status_code == 200
+            alone = client.post("/api/ai_chat_async", json={**question,
+                                                             "follows": third["id"]})
+            assert alone.status_code == 410, alone.text
+            assert "or all its turns removed" in alone.text
+    assert len(llm.requests) == 3
 
 
 @pytest.mark.parametrize("headers", [{}, {"Idempotency-Key": ""}], ids=["none", "empty"])

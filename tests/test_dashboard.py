@@ -1177,8 +1177,10 @@ def test_a_forget_on_a_full_disk_says_what_waits_for_room(
     # The disk full, the forget was answered 409 after the stop's grace and 10 s (the
     # reply's end had no room), and the page asked again up to 30 times: "Forgetting…",
     # Send and Forget disabled for minutes, nothing said of the disk. Its 507 is said in
-    # the server's words; the turns it erased leave the page (the next question would
-    # store them again), and the conversation is forgotten once there is room.
+    # the server's words; the turns it erased leave the page. Another tab, never told, sent
+    # them again with its next question once there was room, following the turn kept: it
+    # is refused, and that tab, and this one, start a new conversation, the rest of the
+    # forgotten one erased.
     from tests.conftest import small_disk
     from tests.test_full_disk import disk_filled
 
@@ -1189,11 +1191,16 @@ def test_a_forget_on_a_full_disk_says_what_waits_for_room(
         page.fill("#chat-input", "My secret is quokka-swordfish.")
         page.press("#chat-input", "Enter")
         completed_shown(page, 1)
+        session = page.evaluate("localStorage.getItem('offload-session')")
         fake.pieces, fake.delay_s = ["word "] * 600, 0.1
         page.fill("#chat-input", "Tell me everything.")
         page.press("#chat-input", "Enter")
         page.wait_for_function("document.querySelector('#chat-log li.msg.assistant:last-child')"
                                "?.textContent.includes('word')", timeout=20_000)
+        other = page.context.new_page()
+        other.goto(server.url)
+        other.wait_for_function("document.querySelectorAll('#chat-log li').length === 4",
+                                timeout=30_000)
         note = "#chat-forget-note"
         with disk_filled(disk):
             page.once("dialog", lambda dialog: dialog.accept())
@@ -1209,14 +1216,28 @@ def test_a_forget_on_a_full_disk_says_what_waits_for_room(
             assert questions_shown(page) == ["Tell me everything."]
         page.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
                                timeout=60_000)
-        page.wait_for_function("!document.querySelector('#chat-send').disabled")
+        other.wait_for_selector("#chat-log li.msg.assistant[data-state='cancelled']",
+                                timeout=60_000)
+        other.wait_for_function("!document.querySelector('#chat-send').disabled")
         fake.pieces, fake.delay_s = ["ok"], 0
-        page.fill("#chat-input", "What is my secret?")
-        page.press("#chat-input", "Enter")
-        completed_shown(page, 1)
+        other.fill("#chat-input", "What is my secret?")
+        other.press("#chat-input", "Enter")
+        other.wait_for_function(f"document.querySelector('{note}').textContent"
+                                ".startsWith('Forgotten after all')", timeout=20_000)
+        assert other.locator("#chat-log li").count() == 0
+        assert other.input_value("#chat-input") == "What is my secret?"
+        page.wait_for_function("document.querySelectorAll('#chat-log li').length === 0",
+                               timeout=10_000)
+        with server.client() as client:  # the turn kept is erased now there is room
+            wait_for(lambda: client.get(f"/api/sessions/{session}").json()["turns"] == [],
+                     30, 0.1, "the turn kept erased")
+        other.press("#chat-input", "Enter")
+        completed_shown(other, 1)
         asked = [m["content"] for m in fake.requests[-1]["body"]["messages"]
                  if m["role"] == "user"]
         assert asked == ["What is my secret?"], asked
+        assert not [path for path in (disk / "var").rglob("*")
+                    if b"quokka" in _bytes_of(path)], "nothing of it is stored again"
         page.once("dialog", lambda dialog: dialog.accept())
         page.click("#chat-forget")
         page.wait_for_function(f"document.querySelector('{note}').textContent"

@@ -349,3 +349,52 @@ def test_a_conversation_forgotten_on_a_full_disk_erases_its_ended_turns_and_says
             forgotten = client.delete("/api/sessions/full")
             assert forgotten.json() == {"session_id": "full", "erased": 1}, forgotten.text
             assert client.get("/api/sessions/full").json()["turns"] == []
+
+
+def test_a_question_following_the_turn_a_forget_on_a_full_disk_kept_is_refused(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    """The forget kept the turn still answering, the newest: the one another tab's next
+    question names in `follows`. That question was taken once there was room, and stored
+    the erased turns again, carried in its messages."""
+    secret = "My secret is quokka-swordfish."
+    with small_disk(tmp_path, "512k") as disk, FakeLLM(pieces=["Noted", "."],
+                                                        gated="gated") as llm:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var"),
+                                  "OPENAI_BASE_URL": llm.base_url,
+                                  "OFFLOAD_STOP_GRACE_S": "10"})
+        with server.client() as client:
+            def turn(question: str) -> str:
+                return str(client.post("/api/ai_chat_async", json={
+                    "session_id": "full", "messages": [{"role": "user",
+                                                        "content": question}]}).json()["job_id"])
+
+            erased = turn(secret)
+            assert wait_job(client, erased)["state"] == "completed"
+            kept = turn("And the gated memory?")
+            wait_for(lambda: client.get(f"/api/jobs/{kept}").json()["output"], 60, 0.05,
+                     "the reply's first piece")
+            with disk_filled(disk):
+                answer = client.delete("/api/sessions/full")
+                assert answer.status_code == 507, answer.text
+                assert client.get(f"/api/jobs/{erased}").status_code == 404
+            assert wait_job(client, kept, timeout=60)["state"] == "cancelled"
+            carried = [{"role": "user", "content": secret},
+                       {"role": "assistant", "content": "Noted."},
+                       {"role": "user", "content": "And the gated memory?"},
+                       {"role": "user", "content": "What is my secret?"}]
+            late = client.post("/api/ai_chat_async", json={
+                "messages": carried, "session_id": "full", "follows": kept})
+            assert late.status_code == 410, late.text
+            assert late.json() == {"detail": (
+                f"this conversation was forgotten (the turn this question follows, {kept}, "
+                "waits to be erased): start a new one (another session_id) without its "
+                "turns")}
+            on_disk = "\n".join(f.read_text(errors="replace")
+                                for f in (disk / "var").rglob("*") if f.is_file())
+            assert "quokka" not in on_disk
+            assert [t["job_id"] for t in client.get("/api/sessions/full").json()["turns"]] \
+                == [kept]
+            forgotten = client.delete("/api/sessions/full")
+            assert forgotten.json() == {"session_id": "full", "erased": 1}, forgotten.text
+        asked = [m["content"] for r in llm.requests for m in r["body"]["messages"]]
+    assert asked.count(secret) == 1, asked  # the erased turn's own request only

@@ -27,7 +27,7 @@ class BeingForgotten(Exception):
 
 
 class TurnGone(BeingForgotten):
-    """A turn sent after a turn of its conversation that is gone (forgotten, removed)."""
+    """A turn sent after a turn of a forgotten conversation (or of another one)."""
 
 
 class ChatTurns:
@@ -45,8 +45,10 @@ class ChatTurns:
         return self._locks[zlib.crc32(session.encode()) % len(self._locks)]
 
     def check_not_forgotten(self, session: str | None, job_input: dict[str, Any]) -> None:
-        """Neither being forgotten, nor following a turn that is gone (`follows`): such a
-        turn would store the forgotten ones again, in its messages."""
+        """Neither being forgotten, nor following a turn of a forgotten conversation
+        (`follows`): such a turn would store the forgotten ones again, in its messages. A
+        turn that is gone while others of its conversation are not forgotten was removed
+        by hand: the conversation goes on."""
         if session in self._forgetting:
             raise BeingForgotten("this conversation is being forgotten: start a new one "
                                  "(another session_id)")
@@ -56,10 +58,19 @@ class ChatTurns:
         try:
             turn = self.store.read(follows)
         except JobNotFound:
-            turn = {}
+            if any(not self.store.is_forgotten(job[p.F_ID])
+                   for job in self.store.session_jobs(session)):
+                return
+            raise TurnGone(f"this conversation was forgotten, or all its turns removed (the "
+                           f"turn this question follows, {follows}, is gone): start a new "
+                           "one (another session_id) without its turns") from None
         if p.chat_session(turn.get(p.F_KIND), turn.get(p.F_INPUT)) != session:
-            raise TurnGone(f"the turn this question follows ({follows}) is no longer in this "
-                           "conversation: it was forgotten or removed. Start a new one "
+            raise TurnGone(f"the turn this question follows ({follows}) is not of this "
+                           "conversation: start a new one (another session_id) without its "
+                           "turns")
+        if self.store.is_forgotten(follows):
+            raise TurnGone(f"this conversation was forgotten (the turn this question "
+                           f"follows, {follows}, waits to be erased): start a new one "
                            "(another session_id) without its turns")
 
     def take(self, session: str, job_input: dict[str, Any]) -> dict[str, Any]:
@@ -92,12 +103,13 @@ class ChatTurns:
         return turns
 
     async def erase(self, session_id: str) -> tuple[int, list[str]]:
-        """Forget a conversation: its turns still answering are stopped first, then every
-        job of the session is deleted with all it left (job file, log, records, its
-        Idempotency-Key). This worker takes no new turn of it meanwhile; one that another
-        worker took is found by the next round. The number erased, and the turns still
-        stopping (kept). On a full disk those stopping are not waited for (their final
-        state waits for room): the others are erased, and the error says so."""
+        """Forget a conversation: every job of the session is marked as forgotten, its
+        turns still answering are stopped, then every job of the session is deleted with
+        all it left (job file, log, records, its Idempotency-Key). This worker takes no
+        new turn of it meanwhile; one that another worker took is found by the next round.
+        The number erased, and the turns still stopping (kept, marked). On a full disk
+        those stopping are not waited for (their final state waits for room): the others
+        are erased, and the error says so."""
         with self.lock(session_id):
             self._forgetting[session_id] += 1
         erased = 0
@@ -106,6 +118,10 @@ class ChatTurns:
                 jobs = await run_in_threadpool(self.store.session_jobs, session_id)
                 if not jobs:
                     break
+                # Marked first: a turn kept (still stopping, or no room to erase it) is
+                # known to be forgotten, and no question that follows it is taken.
+                for job in jobs:
+                    await run_in_threadpool(self.store.mark_forgotten, job[p.F_ID])
                 live = [job[p.F_ID] for job in jobs if job.get(p.F_STATE) not in p.FINAL_STATES]
                 now, no_room = await self._stops.stopped(live) if live else ({}, None)
                 stopping = [job_id for job_id, job in now.items()

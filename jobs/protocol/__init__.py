@@ -17,6 +17,8 @@ Each job has a folder of its own, `<data>/jobs/<id>/`:
   run.json   the claim, then the launch record: the runner's pid and create time, the
              launching supervisor's identity, when it was launched; written by the
              supervisor only, so an adopting supervisor knows what was launched
+  forgotten  empty: the job's conversation is being forgotten (a chat's turn kept by a
+             forget that ended in part); written by the API, read by the API
 
 A folder per job, not all files in one: every atomic write renames inside the folder
 it writes, and a rename locks its folder, so listing one shared folder waits for the
@@ -167,6 +169,8 @@ JOB_FILE = "job.json"
 LOG_FILE = "job.log"
 STOP_FILE = "stop.json"
 RUN_FILE = "run.json"
+# Empty, so that a forget marks its turns on a full disk too, as an empty stop.json.
+FORGOTTEN_FILE = "forgotten"
 
 LOCAL = "local"
 RAY = "ray"

@@ -6,6 +6,7 @@ Every id is validated (32 lowercase hex) before it is turned into a path.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -128,6 +129,27 @@ class JobStore(JobIndex):
             reason = exc.strerror or exc
             raise StoreUnavailable(f"cannot record the cancel request: {reason}",
                                    "The job was not cancelled") from exc
+
+    def mark_forgotten(self, job_id: str) -> None:
+        """Mark the job as a turn of a conversation being forgotten, with an empty file:
+        it needs no room for data, so a turn that a forget on a full disk keeps carries it
+        all the same. A job removed meanwhile needs no mark."""
+        folder = self.path(job_id).parent
+        try:
+            os.close(os.open(folder / p.FORGOTTEN_FILE,
+                             os.O_WRONLY | os.O_CREAT | p.files.NO_FOLLOW, 0o600))
+            p.sync_dir(folder)  # a turn kept stays marked through a power cut
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot mark turn {job_id} as forgotten: "
+                                   f"{exc.strerror or exc}",
+                                   "Nothing more was erased: forget the conversation again"
+                                   ) from exc
+
+    def is_forgotten(self, job_id: str) -> bool:
+        """Whether the job is a turn of a conversation being forgotten (`mark_forgotten`)."""
+        return os.path.lexists(self.path(job_id).parent / p.FORGOTTEN_FILE)
 
     # -- pruning -------------------------------------------------------------------
 
