@@ -392,6 +392,9 @@ def test_a_question_following_the_turn_a_forget_on_a_full_disk_kept_is_refused(
             on_disk = "\n".join(f.read_text(errors="replace")
                                 for f in (disk / "var").rglob("*") if f.is_file())
             assert "quokka" not in on_disk
+            rerun = client.post(f"/api/jobs/{kept}/rerun")
+            assert rerun.status_code == 409, rerun.text
+            assert "is a turn of a forgotten conversation" in rerun.text
             assert [t["job_id"] for t in client.get("/api/sessions/full").json()["turns"]] \
                 == [kept]
             forgotten = client.delete("/api/sessions/full")

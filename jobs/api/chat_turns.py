@@ -73,6 +73,13 @@ class ChatTurns:
                            f"follows, {follows}, waits to be erased): start a new one "
                            "(another session_id) without its turns")
 
+    def check_rerunnable(self, job_id: str) -> None:
+        """A turn a forget kept does not run again: its messages carry the forgotten turns."""
+        if self.store.is_forgotten(job_id):
+            raise BeingForgotten(f"job {job_id} is a turn of a forgotten conversation, kept "
+                                 "until it is erased: it does not run again. Ask in a new "
+                                 "conversation (another session_id)")
+
     def take(self, session: str, job_input: dict[str, Any]) -> dict[str, Any]:
         """A chat's place in its session: after the session's newest job (the supervisor
         starts it once that one has ended), whose live answers `on_busy: interrupt` cancels."""

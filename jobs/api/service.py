@@ -292,6 +292,7 @@ class JobService:
             raise NotRerunnable(
                 f"job {job_id} is {old.get(p.F_STATE)}: only a finished job (completed, "
                 "failed, cancelled or timeout) runs again; cancel it first")
+        await run_in_threadpool(self.turns.check_rerunnable, job_id)
         if job_input is None:
             job_input = dict(old.get(p.F_INPUT) or {})
             job_input.pop("context", None)  # the expert's summary is made anew
