@@ -300,6 +300,41 @@ def test_a_question_following_a_turn_that_is_gone_is_refused(make_server: MakeSe
     assert "quokka" not in on_disk
 
 
+def test_a_question_following_the_turn_a_forget_answered_409_kept_is_refused(
+        make_server: MakeServer) -> None:
+    # The forget's 409 (a reply still stopping after the wait) kept the newest turn, the
+    # one `follows` names: the next question was taken and stored the erased turns again.
+    secret = "My secret is quokka-swordfish."
+    with FakeLLM(pieces=["Noted."], gated="gated") as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url,
+                                  "OFFLOAD_STOP_GRACE_S": "0.5"})
+        with server.client() as client:
+            erased = final(client, ask(client, secret, session_id="stops"))["id"]
+            kept = ask(client, "And the gated memory?", session_id="stops")
+            wait_for(lambda: client.get(f"/api/jobs/{kept}").json()["state"] == "running",
+                     30, 0.05, "the second turn to answer")
+            supervisor = server.supervisor()
+            supervisor.suspend()  # nothing stops the reply meanwhile
+            try:
+                answer = client.delete("/api/sessions/stops", timeout=60)
+            finally:
+                supervisor.resume()
+            assert answer.status_code == 409, answer.text
+            assert final(client, kept)["state"] == "cancelled"
+            late = client.post("/api/ai_chat_async", json={
+                "messages": [{"role": "user", "content": secret},
+                             {"role": "assistant", "content": "Noted."},
+                             {"role": "user", "content": "What is my secret?"}],
+                "session_id": "stops", "follows": kept})
+            assert late.status_code == 410, late.text
+            assert client.get(f"/api/jobs/{erased}").status_code == 404
+            on_disk = "\n".join(f.read_text(errors="replace")
+                                for f in server.data_dir.rglob("*") if f.is_file())
+            assert "quokka" not in on_disk
+            assert client.delete("/api/sessions/stops").json()["erased"] == 1
+        llm.gate.set()
+
+
 def test_a_question_following_a_turn_removed_by_hand_goes_on(make_server: MakeServer) -> None:
     # The conversation's newest turn removed (the jobs table's Remove), its next question
     # was refused as if the conversation had been forgotten, and the page started a new
