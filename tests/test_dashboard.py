@@ -655,17 +655,9 @@ def test_a_forget_the_server_never_answers_is_given_up(page: Any, server: Server
     assert page.is_enabled("#chat-forget") and page.is_enabled("#chat-send")
 
 
-@pytest.mark.parametrize("done_late", [True, False])
-def test_a_forget_the_server_did_after_the_page_gave_up_is_not_undone_by_a_question(
-        page: Any, server: Server, llm: FakeLLM, done_late: bool) -> None:
-    # Given up after 30 s, the forget said "Could not forget it: no answer" and the page
-    # kept the conversation: the server erased it late, and the next question stored the
-    # forgotten turns again, in its input. Not done, the conversation goes on.
-    with server.client() as client:
-        first = stored_turn(client, "forgotten-late", "My secret is quokka-swordfish.")["id"]
-    held: list[Any] = []
-    page.route("**/api/sessions/**", lambda route: held.append(route)
-               if route.request.method == "DELETE" else route.continue_())
+def forget_left_unconfirmed(page: Any, server: Server, first: str, held: list[Any]) -> None:
+    """The page on the conversation 'forgotten-late' (its turn `first`), its Forget held
+    (the route puts it in `held`) until the page gives up on it."""
     page.add_init_script("localStorage.setItem('offload-session', 'forgotten-late')")
     page.clock.install()
     page.goto(server.url)
@@ -677,6 +669,20 @@ def test_a_forget_the_server_did_after_the_page_gave_up_is_not_undone_by_a_quest
     page.clock.fast_forward("00:31")
     page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
                            ".startsWith('Forget not confirmed')", timeout=20_000)
+
+
+@pytest.mark.parametrize("done_late", [True, False])
+def test_a_forget_the_server_did_after_the_page_gave_up_is_not_undone_by_a_question(
+        page: Any, server: Server, llm: FakeLLM, done_late: bool) -> None:
+    # Given up after 30 s, the forget said "Could not forget it: no answer" and the page
+    # kept the conversation: the server erased it late, and the next question stored the
+    # forgotten turns again, in its input. Not done, the conversation goes on.
+    with server.client() as client:
+        first = stored_turn(client, "forgotten-late", "My secret is quokka-swordfish.")["id"]
+    held: list[Any] = []
+    page.route("**/api/sessions/**", lambda route: held.append(route)
+               if route.request.method == "DELETE" else route.continue_())
+    forget_left_unconfirmed(page, server, first, held)
     page.fill("#chat-input", "What is my secret?")
     if not done_late:
         page.press("#chat-input", "Enter")
@@ -715,17 +721,7 @@ def test_a_forget_done_late_while_the_next_question_was_on_its_way_is_not_undone
     page.route("**/api/sessions/**", lambda route: held_forget.append(route)
                if route.request.method == "DELETE" else route.continue_())
     route_questions(page, lambda route: held_question.append(route))
-    page.add_init_script("localStorage.setItem('offload-session', 'forgotten-late')")
-    page.clock.install()
-    page.goto(server.url)
-    page.wait_for_selector(f"#chat-log li[data-job-id='{first}'][data-state='completed']",
-                           timeout=30_000)
-    page.once("dialog", lambda dialog: dialog.accept())
-    page.click("#chat-forget")
-    routed(page, held_forget, "the forget sent")
-    page.clock.fast_forward("00:31")
-    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
-                           ".startsWith('Forget not confirmed')", timeout=20_000)
+    forget_left_unconfirmed(page, server, first, held_forget)
     page.fill("#chat-input", "What is my secret?")
     page.press("#chat-input", "Enter")
     routed(page, held_question, "the question sent")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -305,6 +306,13 @@ def test_a_cancel_on_a_full_disk_of_a_job_whose_runner_has_ended_says_what_it_sh
     assert ended["state"] == "failed" and ended["exit_code"] == 73, ended  # as said
 
 
+def ask(client: httpx.Client, question: str) -> str:
+    """A turn of the conversation 'full': its job's id."""
+    return str(client.post("/api/ai_chat_async", json={
+        "session_id": "full", "messages": [{"role": "user", "content": question}]}
+    ).json()["job_id"])
+
+
 def test_a_conversation_forgotten_on_a_full_disk_erases_its_ended_turns_and_says_so(
         make_server: MakeServer, tmp_path: Path) -> None:
     """Its answering turn's cancel left empty (no room for its words), the forget waited
@@ -319,14 +327,9 @@ def test_a_conversation_forgotten_on_a_full_disk_erases_its_ended_turns_and_says
                                   "OPENAI_BASE_URL": llm.base_url,
                                   "OFFLOAD_STOP_GRACE_S": "10"})
         with server.client() as client:
-            def turn(question: str) -> str:
-                return str(client.post("/api/ai_chat_async", json={
-                    "session_id": "full", "messages": [{"role": "user",
-                                                        "content": question}]}).json()["job_id"])
-
-            ended = turn("How is the CPU?")
+            ended = ask(client, "How is the CPU?")
             assert wait_job(client, ended)["state"] == "completed"
-            answering = turn("And the gated memory?")
+            answering = ask(client, "And the gated memory?")
             running = wait_for(lambda: (j := client.get(f"/api/jobs/{answering}").json())
                                ["output"] and j, 60, 0.05, "the reply's first piece")
             runner = psutil.Process(running["pid"])
@@ -363,14 +366,9 @@ def test_a_question_following_the_turn_a_forget_on_a_full_disk_kept_is_refused(
                                   "OPENAI_BASE_URL": llm.base_url,
                                   "OFFLOAD_STOP_GRACE_S": "10"})
         with server.client() as client:
-            def turn(question: str) -> str:
-                return str(client.post("/api/ai_chat_async", json={
-                    "session_id": "full", "messages": [{"role": "user",
-                                                        "content": question}]}).json()["job_id"])
-
-            erased = turn(secret)
+            erased = ask(client, secret)
             assert wait_job(client, erased)["state"] == "completed"
-            kept = turn("And the gated memory?")
+            kept = ask(client, "And the gated memory?")
             wait_for(lambda: client.get(f"/api/jobs/{kept}").json()["output"], 60, 0.05,
                      "the reply's first piece")
             with disk_filled(disk):
