@@ -671,6 +671,21 @@ def forget_left_unconfirmed(page: Any, server: Server, first: str, held: list[An
                            ".startsWith('Forget not confirmed')", timeout=20_000)
 
 
+def forgotten_after_all(page: Any, server: Server, llm: FakeLLM) -> None:
+    """The question refused, the page starts a new conversation with the question kept in
+    the box, and sent again it carries only itself."""
+    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
+                           ".startsWith('Forgotten after all')", timeout=20_000)
+    assert page.locator("#chat-log li").count() == 0
+    assert page.input_value("#chat-input") == "What is my secret?"
+    assert httpx.get(f"{server.url}/api/sessions/forgotten-late").json()["turns"] == []
+    assert page.evaluate("localStorage.getItem('offload-session')") != "forgotten-late"
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 1)
+    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] != "system"]
+    assert asked == ["What is my secret?"], asked
+
+
 @pytest.mark.parametrize("done_late", [True, False])
 def test_a_forget_the_server_did_after_the_page_gave_up_is_not_undone_by_a_question(
         page: Any, server: Server, llm: FakeLLM, done_late: bool) -> None:
@@ -695,16 +710,7 @@ def test_a_forget_the_server_did_after_the_page_gave_up_is_not_undone_by_a_quest
     erased = httpx.delete(f"{server.url}/api/sessions/forgotten-late")  # done late
     assert erased.json()["erased"] == 1, erased.text
     page.press("#chat-input", "Enter")
-    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
-                           ".startsWith('Forgotten after all')", timeout=20_000)
-    assert page.locator("#chat-log li").count() == 0
-    assert page.input_value("#chat-input") == "What is my secret?"
-    assert httpx.get(f"{server.url}/api/sessions/forgotten-late").json()["turns"] == []
-    assert page.evaluate("localStorage.getItem('offload-session')") != "forgotten-late"
-    page.press("#chat-input", "Enter")
-    completed_shown(page, 1)
-    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] != "system"]
-    assert asked == ["What is my secret?"], asked
+    forgotten_after_all(page, server, llm)
 
 
 @pytest.mark.parametrize("met", ["after the erase", "during the erase"])
@@ -738,16 +744,7 @@ def test_a_forget_done_late_while_the_next_question_was_on_its_way_is_not_undone
                                "?.dataset.state === 'failed'", timeout=20_000)
         page.unroute("**/api/ai_chat_async")
         page.press("#chat-input", "Enter")  # sent again, as it was given back
-    page.wait_for_function("document.querySelector('#chat-forget-note').textContent"
-                           ".startsWith('Forgotten after all')", timeout=20_000)
-    assert page.locator("#chat-log li").count() == 0
-    assert page.input_value("#chat-input") == "What is my secret?"
-    assert httpx.get(f"{server.url}/api/sessions/forgotten-late").json()["turns"] == []
-    assert page.evaluate("localStorage.getItem('offload-session')") != "forgotten-late"
-    page.press("#chat-input", "Enter")
-    completed_shown(page, 1)
-    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] != "system"]
-    assert asked == ["What is my secret?"], asked
+    forgotten_after_all(page, server, llm)
     assert len(llm.requests) == 2  # the forgotten turn's, and this one
 
 
