@@ -277,13 +277,26 @@ def test_chats_beyond_the_models_slots_wait_queued_saying_so(
         json.dumps(finals)[:1500]
 
 
+def what_wait_says_first(url: str, job_id: str) -> str:
+    """The first line `offload wait` says of a held chat (it then waits: stopped there)."""
+    from tests.test_cli import start_cli
+
+    waiting = start_cli(url, "wait", job_id)
+    try:
+        assert waiting.stderr is not None
+        return waiting.stderr.readline().decode()
+    finally:
+        waiting.kill()
+        waiting.communicate(timeout=30)
+
+
 def test_chats_held_by_their_own_cap_as_low_as_the_slots_say_both(
         make_server: Callable[..., Any]) -> None:
     """OFFLOAD_KIND_CAPS' chat=2 on a model of 2 slots: a third chat was said held by the
     model's slots alone, with OFFLOAD_LLM_SLOTS as the way on, which alone starts none.
     Both caps are named, and both ways on; once the chats' cap is raised, the slots
     alone."""
-    from tests.test_cli import cli, start_cli
+    from tests.test_cli import cli
 
     if embedded.server_binary() is None:
         pytest.skip("llama-server is not built here: run `python launch.py` (it builds it)")
@@ -303,13 +316,7 @@ def test_chats_held_by_their_own_cap_as_low_as_the_slots_say_both(
         try:
             waits = wait_for(third_held, 120, 0.1, "the third chat to be held")
             listed = cli(server.url, "list", "--kind", "chat").stdout
-            waiting = start_cli(server.url, "wait", ids[2])
-            try:
-                assert waiting.stderr is not None
-                said = waiting.stderr.readline().decode()
-            finally:
-                waiting.kill()  # it waits for the chat; what it said first is all we need
-                waiting.communicate(timeout=30)
+            said = what_wait_says_first(server.url, ids[2])
             raised = cli(server.url, "parallel", "3", "--kind", "chat")
             assert raised.returncode == 0, raised.stderr
 
@@ -508,7 +515,7 @@ def test_chats_held_on_llama_cpp_python_are_told_a_way_on_that_starts_them(
     `offload parallel`, `wait` and `show` told a held chat's user to raise
     OFFLOAD_LLM_SLOTS, which starts none. They say the server runs one chat at a time, and
     that llama-server runs more; `/api/queue` and `/api/health` say which engine runs."""
-    from tests.test_cli import cli, start_cli
+    from tests.test_cli import cli
 
     server = make_server(env={"OPENAI_BASE_URL": "", "OFFLOAD_MAX_CONCURRENT": "4",
                               "OFFLOAD_LLM_SLOTS": "4", "OFFLOAD_KIND_CAPS": "train=1,chat=1",
@@ -526,13 +533,7 @@ def test_chats_held_on_llama_cpp_python_are_told_a_way_on_that_starts_them(
 
         try:
             wait_for(functools.partial(second_held, True), 120, 0.1, "the second chat held")
-            waiting = start_cli(server.url, "wait", ids[1])
-            try:
-                assert waiting.stderr is not None
-                said_by_both = waiting.stderr.readline().decode()
-            finally:
-                waiting.kill()  # it waits for the chat; what it said first is all we need
-                waiting.communicate(timeout=30)
+            said_by_both = what_wait_says_first(server.url, ids[1])
             raised = cli(server.url, "parallel", "3", "--kind", "chat")
             assert raised.returncode == 0, raised.stderr
             wait_for(functools.partial(second_held, False), 30, 0.1, "the chats' cap raised")
