@@ -1,6 +1,6 @@
 """The docs hold together: every relative link in the README, the changelog and docs/
-reaches a file of the repository (and a heading, when it names one), and none sends a
-reader to a file outside it."""
+reaches a file of the repository (and a heading, when it names one), none sends a
+reader to a file outside it, and the module map of docs/architecture.md is the tree's."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ HEADING = re.compile(r"^ {0,3}#{1,6}\s+(.*?)\s*#*\s*$")
 CODE_SPAN = re.compile(r"(`+)(.+?)\1")
 # Not files of this repository: a reader could not open them.
 OUTSIDE_FILES = re.compile(r"\b(?:DESIGN|CONTRACT|STYLE)\.md\b")
+MAP_ENTRY = re.compile(r"( *)([^\s,]+(?:, [^\s,]+)*)")  # a module map line's indent and name(s)
+MAPPED = ("jobs", "runners", "launcher")  # the folders whose every module the map names
 
 
 def documents() -> list[Path]:
@@ -100,6 +102,25 @@ def broken_links(path: Path, root: Path = ROOT) -> list[str]:
     return problems
 
 
+def module_map(text: str) -> set[str]:
+    """The paths the module map of docs/architecture.md names: each line's first column,
+    under the folders above it by its indent (two spaces a level)."""
+    block = text.split("## Where each module lives", 1)[1].split("```", 2)[1]
+    folders: list[str] = []
+    named = set()
+    for line in block.splitlines():
+        match = MAP_ENTRY.match(line)
+        level = len(match.group(1)) // 2 if match else 0
+        if not match or len(match.group(1)) % 2 or level > len(folders):
+            continue  # a description carried on to the next line
+        del folders[level:]
+        names = match.group(2).split(", ")
+        named |= {"".join(folders) + name for name in names}
+        if len(names) == 1 and names[0].endswith("/"):
+            folders.append(names[0])
+    return named
+
+
 @pytest.mark.parametrize("path", documents(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_link_resolves_inside_the_repository(path: Path) -> None:
     assert broken_links(path) == [], f"{path.relative_to(ROOT)} has broken links"
@@ -118,6 +139,15 @@ def test_the_readme_links_every_page_of_the_docs() -> None:
     assert pages, "docs/ has no pages"
     assert {page.resolve() for page in pages} - linked == set()
     assert (ROOT / "CHANGELOG.md").resolve() in linked
+
+
+def test_the_module_map_names_every_module_and_only_those() -> None:
+    named = module_map((ROOT / "docs" / "architecture.md").read_text(encoding="utf-8"))
+    modules = {path.relative_to(ROOT).as_posix() for folder in MAPPED
+               for path in (ROOT / folder).rglob("*.py") if path.name != "__init__.py"}
+    assert sorted(name for name in named if not (ROOT / name).exists()) == [], (
+        "docs/architecture.md names modules that are not there (moved or renamed?)")
+    assert sorted(modules - named) == [], "docs/architecture.md leaves these modules out"
 
 
 def test_a_broken_link_is_found(tmp_path: Path) -> None:
