@@ -9,6 +9,9 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from pydantic import AliasChoices
+
+from jobs.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,6 +151,16 @@ def test_the_module_map_names_every_module_and_only_those() -> None:
     assert sorted(name for name in named if not (ROOT / name).exists()) == [], (
         "docs/architecture.md names modules that are not there (moved or renamed?)")
     assert sorted(modules - named) == [], "docs/architecture.md leaves these modules out"
+
+
+def test_every_setting_is_in_the_contract() -> None:
+    section = (ROOT / "docs" / "contract.md").read_text(encoding="utf-8").split(
+        "## Environment variables", 1)[1]
+    names = [field.validation_alias.choices[0] if isinstance(  # OpenAI's own two
+                 field.validation_alias, AliasChoices) else f"{ENV_PREFIX}{name.upper()}"
+             for name, field in Settings.model_fields.items()]
+    assert [name for name in names if f"`{name}`" not in section] == [], (
+        "docs/contract.md's environment variables leave these settings out")
 
 
 def test_a_broken_link_is_found(tmp_path: Path) -> None:
