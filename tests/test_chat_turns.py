@@ -179,16 +179,16 @@ def test_a_conversation_is_erased_with_all_it_left(make_server: MakeServer) -> N
             assert client.get(f"/api/jobs/{other['id']}").status_code == 200
             again = client.delete("/api/sessions/mine")
             assert again.json()["erased"] == 0
-            # A turn sent while it is forgotten is refused, or found and erased too.
+            # A turn sent while a conversation is forgotten is refused, or found and erased too.
             llm.gate.clear()
-            busy = ask(client, "still thinking, once more", session_id="mine")
+            busy = ask(client, "still thinking, once more", session_id="mine-too")
             wait_for(lambda: client.get(f"/api/jobs/{busy}").json()["state"] == "running",
                      30, 0.05, "a new turn to answer")
             supervisor = server.supervisor()
             answers: list[httpx.Response] = []
             with httpx.Client(base_url=server.url, timeout=60) as eraser:
                 erasing = threading.Thread(target=lambda: answers.append(
-                    eraser.delete("/api/sessions/mine")))
+                    eraser.delete("/api/sessions/mine-too")))
                 supervisor.suspend()  # the answering turn's stop now takes a while
                 try:
                     erasing.start()
@@ -196,14 +196,14 @@ def test_a_conversation_is_erased_with_all_it_left(make_server: MakeServer) -> N
                              "the erase to ask the answering turn to stop")
                     late = client.post("/api/ai_chat_async", json={
                         "messages": [{"role": "user", "content": "sent while forgetting"}],
-                        "session_id": "mine"})
+                        "session_id": "mine-too"})
                 finally:
                     supervisor.resume()
                 erasing.join(60)
             assert late.status_code == 409, late.text
             assert answers[0].status_code == 200, answers[0].text
             assert "being forgotten" in late.json()["detail"]
-            assert client.get("/api/sessions/mine").json()["turns"] == []
+            assert client.get("/api/sessions/mine-too").json()["turns"] == []
         llm.gate.set()
     on_disk = "\n".join(f.read_text(errors="replace") for f in server.data_dir.rglob("*")
                         if f.is_file())
@@ -293,11 +293,53 @@ def test_a_question_following_a_turn_that_is_gone_is_refused(make_server: MakeSe
                                 ({"follows": other, "session_id": None}, "session_id")):
                 refused = client.post("/api/ai_chat_async", json={**question, **wrong})
                 assert refused.status_code == 422 and said in refused.text, refused.text
-            # The seed's frontend names no turn: its question starts the conversation anew.
-            final(client, ask(client, "What is my secret?", session_id="mine"))
+            # Naming no turn, it is refused all the same: its session_id was forgotten too.
+            unnamed = client.post("/api/ai_chat_async", json={**question, "follows": None})
+            assert unnamed.status_code == 410, unnamed.text
     on_disk = "\n".join(f.read_text(errors="replace") for f in server.data_dir.rglob("*")
                         if f.is_file())
     assert "quokka" not in on_disk
+
+
+def test_a_forgotten_conversation_takes_no_question_under_its_id_again(
+        make_server: MakeServer) -> None:
+    # A client that sent its history without `follows` after the forget re-opened the
+    # conversation: its question, carrying the erased turns, was stored and answered.
+    secret = "My secret is quokka-swordfish."
+    session = "alice-private-talk"
+    carried = {"messages": [{"role": "user", "content": secret},
+                            {"role": "assistant", "content": "Noted."},
+                            {"role": "user", "content": "What is my secret?"}],
+               "session_id": session}
+    gone = {"detail": "this conversation was forgotten, and its session_id with it: start a "
+                      "new one (another session_id) without its turns"}
+    with FakeLLM(pieces=["Noted."]) as llm:
+        first = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        with first.client() as client:
+            final(client, ask(client, secret, session_id=session))
+            assert client.delete(f"/api/sessions/{session}").json()["erased"] == 1
+            late = client.post("/api/ai_chat_async", json=carried)
+            assert late.status_code == 410, late.text
+            assert late.json() == gone
+        first.stop()
+        # Kept on disk: an API started since (a restart, another worker) refuses it too.
+        second = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        with second.client() as client:
+            for path, body in (("/api/ai_chat_async", carried),
+                               ("/api/jobs", {"kind": "chat", "input": carried}),
+                               ("/api/jobs/batch", {"jobs": [{"kind": "chat",
+                                                              "input": carried}]})):
+                refused = client.post(path, json=body)
+                assert refused.status_code == 410, (path, refused.text)
+                assert gone["detail"] in refused.json()["detail"], refused.text
+            assert client.get(f"/api/sessions/{session}").json()["turns"] == []
+            other = final(client, ask(client, "hi", session_id="another-talk"))
+            assert other["state"] == "completed", other
+    assert len(llm.requests) == 2
+    stored = [*second.data_dir.rglob("*")]
+    on_disk = "\n".join(f.read_text(errors="replace") for f in stored if f.is_file())
+    assert "quokka" not in on_disk
+    assert session not in on_disk and all(session not in str(f) for f in stored)
 
 
 def test_a_question_following_the_turn_a_forget_answered_409_kept_is_refused(
@@ -542,7 +584,7 @@ def test_a_conversation_forgotten_twice_at_once_takes_no_turn_until_both_end(
         data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The first erasure to end let turns in while the other still ran: each answered 200,
     # then the other's next round erased it. The moment is scripted: no race is won on demand.
-    from jobs.api.chat_turns import BeingForgotten
+    from jobs.api.chat_turns import BeingForgotten, TurnGone
     from jobs.api.service import JobService
     from jobs.settings import get_settings
     from jobs.store.job_store import JobStore
@@ -561,14 +603,16 @@ def test_a_conversation_forgotten_twice_at_once_takes_no_turn_until_both_end(
     monkeypatch.setattr(store, "session_jobs", first_look_waits)
     turn = {"messages": [{"role": "user", "content": "hi"}], "session_id": "mine"}
 
-    async def both() -> dict[str, Any]:
+    async def both() -> None:
         slow = asyncio.create_task(service.erase_session("mine"))
         await asyncio.to_thread(held.wait, 30)
         assert await service.erase_session("mine") == (0, [])  # the second ends first
-        with pytest.raises(BeingForgotten):
+        with pytest.raises(BeingForgotten) as refused:
             await service.submit("chat", dict(turn), None)
+        assert type(refused.value) is BeingForgotten  # 409, not TurnGone's 410
         release.set()
         assert await slow == (0, [])
-        return await service.submit("chat", dict(turn), None)  # both ended: taken
+        with pytest.raises(TurnGone):  # both ended: its session_id is forgotten
+            await service.submit("chat", dict(turn), None)
 
-    assert asyncio.run(both())[p.F_STATE] == p.JobState.QUEUED
+    asyncio.run(both())

@@ -1,6 +1,6 @@
 """A conversation's turns in order: each chat is stored to start after the one before it
 in its session (`on_busy: interrupt` stops that one), and a conversation being erased
-takes no new turn until every erasure has ended."""
+takes no new turn until every erasure has ended, nor one forgotten ever again."""
 
 from __future__ import annotations
 
@@ -45,16 +45,25 @@ class ChatTurns:
         return self._locks[zlib.crc32(session.encode()) % len(self._locks)]
 
     def check_not_forgotten(self, session: str | None, job_input: dict[str, Any]) -> None:
-        """Neither being forgotten, nor following a turn of a forgotten conversation
-        (`follows`): such a turn would store the forgotten ones again, in its messages. A
-        turn that is gone while others of its conversation are not forgotten was removed
-        by hand: the conversation goes on."""
+        """Neither being forgotten, nor forgotten (its session id is never taken again), nor
+        following a turn of a forgotten conversation (`follows`): such a turn would store
+        the forgotten ones again, in its messages."""
         if session in self._forgetting:
             raise BeingForgotten("this conversation is being forgotten: start a new one "
                                  "(another session_id)")
-        follows = job_input.get("follows")
-        if session is None or not isinstance(follows, str):
+        if session is None:
             return
+        follows = job_input.get("follows")
+        if isinstance(follows, str):
+            self._check_follows(session, follows)
+        if self.store.is_session_forgotten(session):
+            raise TurnGone("this conversation was forgotten, and its session_id with it: "
+                           "start a new one (another session_id) without its turns")
+
+    def _check_follows(self, session: str, follows: str) -> None:
+        """The turn a question follows is of its conversation, and not forgotten. A turn
+        that is gone while others of its conversation are not forgotten was removed by
+        hand: the conversation goes on."""
         try:
             turn = self.store.read(follows)
         except JobNotFound:
@@ -110,49 +119,61 @@ class ChatTurns:
         return turns
 
     async def erase(self, session_id: str) -> tuple[int, list[str]]:
-        """Forget a conversation: every job of the session is marked as forgotten, its
-        turns still answering are stopped, then every job of the session is deleted with
-        all it left (job file, log, records, its Idempotency-Key). This worker takes no
-        new turn of it meanwhile; one that another worker took is found by the next round.
-        The number erased, and the turns still stopping (kept, marked). On a full disk
-        those stopping are not waited for (their final state waits for room): the others
-        are erased, and the error says so."""
+        """Forget a conversation: its session id is marked as forgotten (no worker takes a
+        question under it from then on, after a restart too), every job of the session is
+        marked, its turns still answering are stopped, then every job of the session is
+        deleted with all it left (job file, log, records, its Idempotency-Key). This worker
+        takes no new turn of it meanwhile; one that another worker took before the mark is
+        found by the next round. The number erased, and the turns still stopping (kept,
+        marked). On a full disk those stopping are not waited for (their final state
+        waits for room): the others are erased, and the error says so."""
         with self.lock(session_id):
             self._forgetting[session_id] += 1
-        erased = 0
         try:
-            for _ in range(ERASE_ROUNDS):
-                jobs = await run_in_threadpool(self.store.session_jobs, session_id)
-                if not jobs:
-                    break
-                # Marked first: a turn kept (still stopping, or no room to erase it) is
-                # known to be forgotten, and no question that follows it is taken.
-                for job in jobs:
-                    await run_in_threadpool(self.store.mark_forgotten, job[p.F_ID])
-                live = [job[p.F_ID] for job in jobs if job.get(p.F_STATE) not in p.FINAL_STATES]
-                now, no_room = await self._stops.stopped(live) if live else ({}, None)
-                stopping = [job_id for job_id, job in now.items()
-                            if job.get(p.F_STATE) not in p.FINAL_STATES]
-                for job in jobs:
-                    if job[p.F_ID] not in stopping:
-                        await run_in_threadpool(self.store.remove, job[p.F_ID])
-                        erased += 1
-                if stopping and no_room is not None:
-                    raise StoreUnavailable(
-                        "no room on the data folder's disk for the final state of "
-                        f"{_turns(len(stopping))} still answering",
-                        f"{_turns(erased)} erased; those answering are stopped all the "
-                        "same (a queued one does not start, a running one's runner is "
-                        "stopped) and kept until the conversation is forgotten again once "
-                        "there is room", no_room=True)
-                if stopping:
-                    return erased, stopping
-            return erased, []
+            try:
+                await run_in_threadpool(self.store.mark_session_forgotten, session_id)
+                marked = True
+            except StoreUnavailable:  # no room even for an empty file: once turns are erased
+                marked = False
+            erased, stopping = await self._erase_turns(session_id)
+            if not marked:
+                await run_in_threadpool(self.store.mark_session_forgotten, session_id)
+            return erased, stopping
         finally:
             with self.lock(session_id):
                 self._forgetting[session_id] -= 1
                 if self._forgetting[session_id] <= 0:
                     del self._forgetting[session_id]
+
+    async def _erase_turns(self, session_id: str) -> tuple[int, list[str]]:
+        erased = 0
+        for _ in range(ERASE_ROUNDS):
+            jobs = await run_in_threadpool(self.store.session_jobs, session_id)
+            if not jobs:
+                break
+            # Marked first: a turn kept (still stopping, or no room to erase it) is
+            # known to be forgotten, and no question that follows it is taken.
+            for job in jobs:
+                await run_in_threadpool(self.store.mark_forgotten, job[p.F_ID])
+            live = [job[p.F_ID] for job in jobs if job.get(p.F_STATE) not in p.FINAL_STATES]
+            now, no_room = await self._stops.stopped(live) if live else ({}, None)
+            stopping = [job_id for job_id, job in now.items()
+                        if job.get(p.F_STATE) not in p.FINAL_STATES]
+            for job in jobs:
+                if job[p.F_ID] not in stopping:
+                    await run_in_threadpool(self.store.remove, job[p.F_ID])
+                    erased += 1
+            if stopping and no_room is not None:
+                raise StoreUnavailable(
+                    "no room on the data folder's disk for the final state of "
+                    f"{_turns(len(stopping))} still answering",
+                    f"{_turns(erased)} erased; those answering are stopped all the "
+                    "same (a queued one does not start, a running one's runner is "
+                    "stopped) and kept until the conversation is forgotten again once "
+                    "there is room", no_room=True)
+            if stopping:
+                return erased, stopping
+        return erased, []
 
 
 def _turns(count: int) -> str:

@@ -60,8 +60,9 @@ async def chat_session(session_id: Annotated[str, Path(max_length=200)],
                          "answering stopped and kept: erase again once there is room"}})
 async def erase_chat_session(session_id: Annotated[str, Path(max_length=200)],
                              service: Service) -> dict[str, Any]:
-    """Forget a conversation: its answering turns are cancelled, then every turn is
-    deleted from the server (questions, replies, logs)."""
+    """Forget a conversation: its session id is refused from then on, its answering
+    turns are cancelled, then every turn is deleted from the server (questions, replies,
+    logs)."""
     erased, stopping = await service.erase_session(session_id)
     if stopping:
         raise HTTPException(409, f"erased {erased} turns; {len(stopping)} still stopping: "

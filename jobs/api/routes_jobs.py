@@ -48,8 +48,8 @@ REFUSED: Responses = {
     **UNWRITABLE,
     409: {"description": "a request with this Idempotency-Key is still storing its job, or "
                          "the chat's conversation is being forgotten; retry"},
-    410: {"description": "the turn a chat `follows` is gone: its conversation was forgotten "
-                         "or that turn removed; start a new conversation"},
+    410: {"description": "the chat's conversation was forgotten (its `session_id`, or the "
+                         "turn it `follows`), or that turn removed; start a new conversation"},
     429: {"description": "too many jobs queued or kept; retry after `Retry-After` seconds"}}
 
 

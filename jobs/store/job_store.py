@@ -5,6 +5,7 @@ Every id is validated (32 lowercase hex) before it is turned into a path.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from jobs.store.index import JobIndex
 from jobs.store.reading import read_job
 
 log = logging.getLogger(__name__)
+FORGOTTEN_SESSIONS = "forgotten-sessions"  # in the data folder: one empty file a forgotten id
 
 
 class JobNotFound(Exception):
@@ -151,6 +153,29 @@ class JobStore(JobIndex):
         """Whether the job is a turn of a conversation being forgotten (`mark_forgotten`)."""
         return os.path.lexists(self.path(job_id).parent / p.FORGOTTEN_FILE)
 
+    def mark_session_forgotten(self, session_id: str) -> None:
+        """Refuse the chat session id from now on (`is_session_forgotten`): an empty file
+        named by the id's SHA-256, so the id is not kept, in every worker and restart."""
+        folder = self.dir.parent / FORGOTTEN_SESSIONS
+        try:
+            if not folder.is_dir():
+                folder.mkdir(parents=True, exist_ok=True)
+                p.sync_dir(folder.parent)
+            os.close(os.open(folder / _session_name(session_id),
+                             os.O_WRONLY | os.O_CREAT | p.files.NO_FOLLOW, 0o600))
+            p.sync_dir(folder)  # still refused after a power cut
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot mark the conversation's session_id as forgotten: "
+                                   f"{exc.strerror or exc}",
+                                   "Its turns were erased, but a question sent under "
+                                   "its session_id is still taken: forget the "
+                                   "conversation again") from exc
+
+    def is_session_forgotten(self, session_id: str) -> bool:
+        """Whether the chat session id was forgotten (`mark_session_forgotten`)."""
+        return os.path.lexists(self.dir.parent / FORGOTTEN_SESSIONS
+                               / _session_name(session_id))
+
     # -- pruning -------------------------------------------------------------------
 
     def prune(self, retention_s: float, max_jobs: int | None = None,
@@ -197,3 +222,7 @@ class JobStore(JobIndex):
         self.forget(job_id)
         return None
 
+
+
+def _session_name(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
