@@ -422,6 +422,20 @@ def test_a_chat_looked_up_without_its_key_is_told_to_send_it(
                                        "answers which chat that key started"}
 
 
+def test_the_schema_says_the_key_a_chat_is_looked_up_by_is_required(
+        make_server: MakeServer) -> None:
+    # It showed the header as optional: a client generated from /openapi.json could leave it
+    # out, and met the 400 that says to send it.
+    with make_server().client() as client:
+        schema = client.get("/openapi.json").json()
+        unsent = client.get("/api/ai_chat_async")
+    parameters = schema["paths"]["/api/ai_chat_async"]["get"]["parameters"]
+    assert [(each["name"], each["in"], each["required"]) for each in parameters] == [
+        ("Idempotency-Key", "header", True)], parameters
+    assert parameters[0]["schema"]["maxLength"] == 255
+    assert unsent.status_code == 400 and "send the Idempotency-Key" in unsent.text, unsent.text
+
+
 def test_an_empty_session_id_is_no_conversation(make_server: MakeServer) -> None:
     """`session_id: ""` names no session: such chats do not wait for one another."""
     with FakeLLM(gated="first question") as llm:

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
-from jobs.api.routes_jobs import REFUSED, IdempotencyKey, Service
+from jobs.api.routes_jobs import KEY_MAX_LENGTH, REFUSED, IdempotencyKey, Service
 from jobs.inputs import ChatInput
 from jobs.models import ChatResult, ChatUsage, Submitted
 from jobs.store.job_store import JobNotFound
@@ -28,11 +28,21 @@ async def ai_chat_async(body: ChatInput, service: Service,
     return {"job_id": job[p.F_ID], "status": "processing"}
 
 
+# Required, as the schema says (KEY_REQUIRED); read as optional so that its absence gets
+# the 400 that says which key to send, rather than FastAPI's 422 "Field required".
+ChatKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=KEY_MAX_LENGTH,
+                                       include_in_schema=False)]
+KEY_REQUIRED = {"name": "Idempotency-Key", "in": "header", "required": True,
+                "description": "the key the question's POST /api/ai_chat_async was sent with",
+                "schema": {"type": "string", "minLength": 1, "maxLength": KEY_MAX_LENGTH,
+                           "title": "Idempotency-Key"}}
+
+
 @router.get("/ai_chat_async", response_model=Submitted,
+            openapi_extra={"parameters": [KEY_REQUIRED]},
             responses={400: {"description": "no Idempotency-Key header, or an empty one"},
                        404: {"description": "no chat was started with this Idempotency-Key"}})
-async def chat_of_key(service: Service, idempotency_key: Annotated[str | None, Header(
-        alias="Idempotency-Key", max_length=255)] = None) -> dict[str, Any]:
+async def chat_of_key(service: Service, idempotency_key: ChatKey = None) -> dict[str, Any]:
     """What the `POST` with this Idempotency-Key answered, without sending it again: a
     page whose answer was lost finds its turn by the key, not by the question's text."""
     if not idempotency_key:  # FastAPI's own "Field required" says nothing of which key

@@ -36,8 +36,9 @@ async def get_service(request: Request) -> JobService:
 Service = Annotated[JobService, Depends(get_service)]
 # Not empty: an empty key would be one key, shared by every client that sends the header
 # blank.
+KEY_MAX_LENGTH = 255
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
-                                              max_length=255)]
+                                              max_length=KEY_MAX_LENGTH)]
 Responses = dict[int | str, dict[str, Any]]
 # The errors a route answers besides a 422 (each as {"detail": "what to do"}), for /docs.
 NO_JOB: Responses = {404: {"description": "no job with that id"}}
