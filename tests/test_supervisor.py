@@ -7,11 +7,13 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from jobs import protocol as p
+from jobs.protocol import embedded
 from jobs.supervisor.launch_queue import LaunchQueue
 from jobs.supervisor.loop import Supervisor
 from tests.conftest import RunningSupervisor, process_gone, wait_for
@@ -238,3 +240,25 @@ def test_a_job_put_off_is_not_taken_again_in_the_same_pass(tmp_path: Path) -> No
     assert job_id in queue and queue.pop_next() is None
     queue.release_due()  # the next pass
     assert queue.pop_next() == job_id and job_id not in queue
+
+
+def test_llm_slots_set_for_llama_cpp_python_is_said_once_to_be_ignored(
+        make_server: Callable[..., Any]) -> None:
+    # Its server answers one chat at a time: OFFLOAD_LLM_SLOTS=4 started no more, and
+    # nothing said so. Said by the leader alone, not by each API worker's supervisor.
+    server = make_server(env={"OFFLOAD_LLM_ENGINE": embedded.LLAMA_CPP_PYTHON,
+                              "OFFLOAD_LLM_SLOTS": "4",
+                              "OFFLOAD_LOCAL_MODEL": "/nonexistent/model.gguf"},  # none loads
+                         workers=2)
+    log = server.data_dir / "supervisor.log"
+
+    def said() -> list[str] | None:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return [line for line in text.splitlines() if "OFFLOAD_LLM_SLOTS" in line] or None
+
+    wait_for(said, 60, 0.2, "the supervisor's word on OFFLOAD_LLM_SLOTS")
+    time.sleep(3)  # a second supervisor, waiting its turn, would have said it by now
+    lines = said() or []
+    assert len(lines) == 1, lines
+    assert "WARNING" in lines[0] and "OFFLOAD_LLM_SLOTS=4 is ignored" in lines[0], lines
+    assert "llama-cpp-python's server, which answers one chat at a time" in lines[0], lines

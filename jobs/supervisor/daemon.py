@@ -159,6 +159,11 @@ async def _embedded_model(settings: Settings, model: llm_server.EmbeddedServer,
     """The leader runs the embedded model's server, loaded once for every chat."""
     while not supervisor.is_leader:
         await asyncio.sleep(0.2)
+    if model.engine == embedded.LLAMA_CPP_PYTHON and (settings.llm_slots or 1) > 1:
+        log.warning("OFFLOAD_LLM_SLOTS=%d is ignored: the embedded model runs on "
+                    "llama-cpp-python's server, which answers one chat at a time (the others "
+                    "wait queued); llama-server, which launch.py builds, runs that many at "
+                    "once", settings.llm_slots)
     # Before its server writes to it (each load writes some 200 KB): bounded on Windows too.
     await asyncio.to_thread(p.cap_log, settings.data_dir / llm_server.LOG_FILE,
                             settings.log_max_bytes)
