@@ -35,6 +35,7 @@ TOKEN = "a-token-of-more-than-16-characters"
 OFFLOAD = shutil.which("offload", path=str(Path(sys.executable).parent))
 OWN_VARIABLES = ("OFFLOAD_URL", "OFFLOAD_API_TOKEN", "OFFLOAD_HOST", "OFFLOAD_PORT",
                  "OFFLOAD_ENV_FILE")  # the .env of the folder it runs in
+REMOVED_SAID = "removed after it ended, before it was read"  # of a job gone unread
 
 
 def cli_env(url: str | None, token: str | None = None) -> dict[str, str]:
@@ -695,6 +696,48 @@ def test_wait_shows_a_job_removed_after_it_ended_in_its_row_and_the_others(
     assert rows.keys() == {long, short}, waited.stdout
     assert rows[short] == "- unknown - - removed after it ended, before it was read", rows
     assert rows[long].startswith("sleep cancelled "), rows
+
+
+@pytest.mark.parametrize("how", ["submit", "retry", "submit --json"])
+def test_submit_and_retry_wait_say_a_job_removed_after_it_ended(server: Server,
+                                                                 how: str) -> None:
+    # `submit --wait` and `retry --wait` of a job that ended and was removed before they
+    # read its end said "no job with id ...", not what `offload wait` says of it.
+    url = server.url
+    assert httpx.post(f"{url}/api/queue/pause").status_code == 200
+    earlier = httpx.post(f"{url}/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}})
+    removed: list[str] = []
+
+    def before_get(path: str) -> None:
+        """At the job's long poll: the job run to its end and removed, as another user's
+        `offload rm` would."""
+        job_id = path.partition("?wait_s=")[0].removeprefix("/api/jobs/")
+        if "?wait_s=" in path and job_id != earlier.json()["id"] and not removed:
+            removed.append(job_id)
+            with httpx.Client(base_url=url, timeout=30) as client:
+                assert client.post("/api/queue/resume").status_code == 200
+                wait_job(client, job_id)
+                assert client.post(f"/api/jobs/{job_id}/remove").status_code == 200
+                assert client.post("/api/queue/pause").status_code == 200
+
+    if how == "retry":  # of the earlier job, once it has ended
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.post("/api/queue/resume").status_code == 200
+            wait_job(client, earlier.json()["id"])
+            assert client.post("/api/queue/pause").status_code == 200
+    command = (["retry", earlier.json()["id"]] if how == "retry"
+               else ["submit", "sleep", "--input", '{"seconds": 0}'])
+    with relay_to(url, before_get) as relayed:
+        waited = cli(relayed, *command, "--wait", *how.split()[1:])
+    assert removed, "the job was not long-polled"
+    assert waited.returncode == 5, waited  # as `offload wait` exits for it
+    assert waited.stderr.endswith(f"offload: job {removed[0]} was {REMOVED_SAID}: how it "
+                                  "ended is unknown\n"), waited
+    if how == "submit --json":
+        assert json.loads(waited.stdout) == {"id": removed[0], "state": None, "removed": True}
+    else:  # its row, as `offload wait` shows it
+        assert waited.stdout.splitlines()[1].split() == [
+            removed[0], "-", "unknown", "-", "-", *REMOVED_SAID.split()], waited.stdout
 
 
 def test_wait_json_gives_a_job_whole_though_another_was_submitted_as_it_read_it(

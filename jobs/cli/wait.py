@@ -13,7 +13,6 @@ from jobs.cli.follow import (
     live_jobs,
     reconnecting,
     until_all_ended,
-    until_ended,
     until_ended_unless_removed,
 )
 from jobs.cli.show import (
@@ -96,9 +95,11 @@ def wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespac
     sys.stderr.write(f"{job[p.F_ID]} submitted; waiting for it to end (Ctrl-C stops the "
                      "waiting, not the job)\n")
     say_why_it_waits(client, [job])
-    final = until_ended(client, job[p.F_ID])
+    final = until_ended_unless_removed(client, job[p.F_ID])
     if args.json:
         print_json(final)
+    elif is_removed(final):  # its row, as `offload wait` shows it: all there is to say
+        job_table([final], sys.stdout)
     else:
         job_details(final, sys.stdout)
     return outcome(final)
