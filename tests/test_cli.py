@@ -657,6 +657,41 @@ def test_wait_without_ids_reads_past_a_removed_cursor_and_no_other_job_in_full(
     assert in_full and all("limit=1&" in line for line in in_full), in_full
 
 
+@pytest.mark.parametrize("how", ["table", "json"])
+def test_list_all_reads_past_a_removed_cursor(make_server: MakeServer, data_dir: Path,
+                                              how: str) -> None:
+    # The job a page of `list --all` ended at, removed (or pruned) before the next page
+    # was asked for, ended the listing with exit 7, "the listing changed as it was read:
+    # run it again", though nothing was wrong.
+    from urllib.parse import parse_qs, urlsplit
+
+    from jobs.store.job_store import JobStore
+
+    store, ended = JobStore(data_dir / "jobs"), {p.F_STATE: "completed",
+                                                 p.F_STARTED_AT: p.iso(time.time()),
+                                                 p.F_FINISHED_AT: p.iso(time.time())}
+    made = [store.create("sleep", {"seconds": 0}, 30, fields=ended)["id"] for _ in range(1200)]
+    server = make_server()
+    removed: list[str] = []
+
+    def before_get(path: str) -> None:
+        """The job a listing's page is asked from, removed just before, once, as another
+        user's `offload rm` would be."""
+        before = parse_qs(urlsplit(path).query).get("before")
+        if urlsplit(path).path == "/api/jobs" and before and not removed:
+            removed.append(before[0])
+            assert httpx.post(f"{server.url}/api/jobs/{before[0]}/remove").status_code == 200
+
+    with relay_to(server.url, before_get) as relayed:
+        listed = cli(relayed, "list", "--all", *(["--json"] if how == "json" else []))
+    assert removed, "no second page was asked for"
+    assert listed.returncode == 0 and listed.stderr == "", listed.stderr
+    ids = ([job["id"] for job in json.loads(listed.stdout)] if how == "json"
+           else [line.split()[0] for line in listed.stdout.splitlines()[1:]])
+    # Each once; the removed one as its first page had it.
+    assert len(ids) == len(set(ids)) and set(ids) == set(made), (len(ids), len(set(ids)))
+
+
 @pytest.mark.parametrize("how", ["ids", "no ids", "json"])
 def test_wait_shows_a_job_removed_after_it_ended_in_its_row_and_the_others(
         server: Server, how: str) -> None:
@@ -1431,6 +1466,33 @@ def test_a_program_that_speaks_no_http_at_the_address_is_named() -> None:
             assert (done.returncode, done.stderr) == (7, (
                 f"offload: what answers at {url} does not speak HTTP (it said "
                 "'SSH-2.0-OpenSSH_9.2'): is that Offload's address?\n")), (args, done)
+
+
+def test_a_server_before_next_before_is_listed_whole_when_one_page_holds_it() -> None:
+    """A 0.9 server gives no `next_before` and ignores `before`: `list --all` refused it
+    (exit 7) though one page held every job. It lists them; where a page is full, or
+    `--before` is given, it still says the server is older."""
+    from http.server import ThreadingHTTPServer
+
+    from tests.http_fake import JSONHandler, ScriptedServer
+
+    job = {"id": "a" * 32, "kind": "sleep", "state": "completed"}
+
+    class Older(JSONHandler):
+        def do_GET(self) -> None:
+            self._json(200, {"jobs": [job] * self.server.fake.jobs})  # type: ignore[attr-defined]
+
+    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), Older)) as older:
+        url = f"http://127.0.0.1:{older.port}"
+        older.jobs = 1  # type: ignore[attr-defined]
+        listed = cli(url, "list", "--all", "--json")
+        assert (listed.returncode, json.loads(listed.stdout)) == (0, [job]), listed
+        for args in (["--before", job["id"]], ["--all"]):
+            older.jobs = 1000 if args == ["--all"] else 1  # type: ignore[attr-defined]
+            refused = cli(url, "list", *args)
+            assert refused.returncode == 7, refused
+            assert refused.stderr.startswith("offload: this server is older: it lists no "
+                                             "further than its newest 1000 jobs"), refused
 
 
 def test_another_programs_ok_to_everything_is_no_job_nor_queue_nor_log() -> None:

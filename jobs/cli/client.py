@@ -250,29 +250,31 @@ class Client:
         """`call` for an answer that is one job: checked to be Offload's (`offload_job`)."""
         return offload_job(self.url, self.call(method, path, body, headers, timeout))
 
-    def listed(self, state: str | None, fields: str = "summary") -> Iterator[dict[str, Any]]:
-        """Every job (in `state`), newest first, page after page: summaries, or whole jobs
-        (`fields="full"`); each once, though `pages` may start again from the top."""
+    def listed(self, state: str | None, fields: str | None = "summary", kind: str | None = None,
+               start: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every job (in `state`, of `kind`, submitted before job `start`), newest first,
+        page after page: summaries, or whole jobs (`fields="full"`); each once, though
+        `pages` may start again from the top."""
         given: set[str] = set()
-        for _, page in self.pages(state, fields):
+        for _, page in self.pages(state, fields, kind, start):
             for job in page:
                 if job[p.F_ID] not in given:
                     given.add(job[p.F_ID])
                     yield job
 
-    def pages(self, state: str | None, fields: str = "summary"
-              ) -> Iterator[tuple[str | None, list[dict[str, Any]]]]:
+    def pages(self, state: str | None, fields: str | None = "summary", kind: str | None = None,
+              start: str | None = None) -> Iterator[tuple[str | None, list[dict[str, Any]]]]:
         """The listing's pages (`listed`), each with the `before` it was asked from. The job
         a page ended at, removed or pruned before the next page is asked for (a 400, as
         docs/contract.md says), the next is asked from the newest job of that page still
-        there, or from the top again once none is."""
+        there, or from the top (`start`) again once none is."""
         cursors: list[str] = []  # where the next page may start, best last
         while True:
-            before = cursors[-1] if cursors else None
+            before = cursors[-1] if cursors else start
             try:
-                jobs, last = self.listing(state, fields, before)
+                jobs, last = self.listing(state, fields, before, kind=kind, paging=True)
             except Failure as exc:
-                if exc.status != 400 or before is None:
+                if exc.status != 400 or not cursors:  # `start` is the caller's: said
                     raise
                 cursors.pop()  # gone: the job before it on the page
                 continue
@@ -281,16 +283,26 @@ class Client:
                 return
             cursors = [str(job[p.F_ID]) for job in jobs if job[p.F_ID] != last] + [last]
 
-    def listing(self, state: str | None, fields: str, before: str | None,
-                limit: int = LIST_MAX) -> tuple[list[dict[str, Any]], str | None]:
-        """A page of `GET /api/jobs`: its jobs, and the `before` of the next (None: none)."""
+    def listing(self, state: str | None, fields: str | None, before: str | None,
+                limit: int | None = LIST_MAX, kind: str | None = None,
+                paging: bool = False) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of `GET /api/jobs` (`limit` None: the server's default): its jobs, and
+        the `before` of the next (None: none). `paging`: the next is to be read too."""
         given = urllib.parse.urlencode({k: v for k, v in (
-            ("state", state), ("limit", limit), ("fields", fields), ("before", before))
-            if v is not None})
+            ("state", state), ("kind", kind), ("limit", limit), ("fields", fields),
+            ("before", before)) if v is not None})
         page = offload_shaped(self.url, self.call("GET", f"/api/jobs?{given}"), "a listing",
                               jobs=list)
+        jobs = [offload_job(self.url, job) for job in page["jobs"]]
+        # A server before `next_before` gives the top for any `before`, and no next page.
+        if "next_before" not in page and (before is not None
+                                          or (paging and limit is not None
+                                              and len(jobs) >= limit)):
+            raise Failure(EXIT_SERVER, f"this server is older: it lists no further than its "
+                                       f"newest {LIST_MAX} jobs; offload list without "
+                                       "--before and --all shows those")
         last = page.get("next_before")
-        return [offload_job(self.url, job) for job in page["jobs"]], str(last) if last else None
+        return jobs, str(last) if last else None
 
     def text(self, path: str) -> str:
         """A text/plain answer (a job's log), as the API's PlainTextResponse sends it."""

@@ -6,7 +6,6 @@ import argparse
 import json
 import shlex
 import sys
-import urllib.parse
 from typing import Any
 
 from jobs import protocol as p
@@ -14,11 +13,9 @@ from jobs.cli.client import (
     EXIT_OK,
     EXIT_SERVER,
     EXIT_USAGE,
-    LIST_MAX,
     Client,
     Failure,
     job_path,
-    offload_job,
 )
 from jobs.cli.follow import follow
 from jobs.cli.ids import job_id
@@ -88,29 +85,14 @@ def _health_code(health: dict[str, Any]) -> int:
 def cmd_list(client: Client, args: argparse.Namespace) -> int:
     if args.all and args.limit is not None:
         raise Failure(EXIT_USAGE, "give --all or --limit, not both")
-    jobs: list[dict[str, Any]] = []
-    before = job_id(args.before, "--before")
-    while True:  # with --all, page after page: a listing gives at most LIST_MAX
-        query = {"state": args.state, "kind": args.kind, "before": before,
-                 "limit": LIST_MAX if args.all else args.limit,
-                 # A table needs no input, output nor result (an older server sends them
-                 # anyway); --json prints the jobs in full.
-                 "fields": None if args.json else "summary"}
-        given = urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        try:
-            page = client.call("GET", f"/api/jobs?{given}")
-        except Failure as exc:
-            if jobs and exc.code == EXIT_USAGE:  # the page's last job pruned meanwhile
-                raise Failure(EXIT_SERVER, f"{exc.message}; the listing changed as it was "
-                                           "read: run it again") from None
-            raise
-        if (args.before or args.all) and "next_before" not in page:
-            raise Failure(EXIT_SERVER, "this server is older: it lists no further than its "
-                                       "newest 1000 jobs; leave out --before and --all")
-        jobs += [offload_job(client.url, job) for job in page["jobs"]]
-        before = page.get("next_before")
-        if not (args.all and before):
-            break
+    start = job_id(args.before, "--before")
+    # A table needs no input, output nor result; --json prints the jobs in full (as the
+    # server gives them by default).
+    fields = None if args.json else "summary"
+    if args.all:  # page after page: a listing gives at most LIST_MAX
+        jobs, before = list(client.listed(args.state, fields, args.kind, start)), None
+    else:
+        jobs, before = client.listing(args.state, fields, start, args.limit, args.kind)
     paused = (any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs)
               and queue_state(client).get("paused") is True)
     if args.json:
