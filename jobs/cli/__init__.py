@@ -16,10 +16,24 @@ Its exit codes say why it stopped: EXIT_* in client.py, listed by `offload --hel
 The commands live in look.py (looking), wait.py (waiting), submit.py (submitting) and
 steer.py (changing); command_line.py parses the command line and runs one. This module
 imports none of them until `main` runs: the console script imports it outside any
-handler, so a Ctrl+C while the command loads would be a traceback.
+handler, so a Ctrl+C while the command loads would be a traceback. One after this module
+has loaded, before `main` runs (the console script's own lines), has no handler either:
+it ends the process unsaid (`_unsaid_interrupt`).
 """
 
-from __future__ import annotations
+import sys
+import types
+
+
+def _unsaid_interrupt(kind: type[BaseException], value: BaseException,
+                      trace: types.TracebackType | None) -> None:
+    """A Ctrl+C no handler caught is no error to show; Python then ends the process by
+    SIGINT, as a shell expects of an interrupted command. Anything else, as before."""
+    if not issubclass(kind, KeyboardInterrupt):
+        _said_before(kind, value, trace)
+
+
+_said_before, sys.excepthook = sys.excepthook, _unsaid_interrupt
 
 
 def main(argv: list[str] | None = None) -> int:
