@@ -279,6 +279,53 @@ def test_a_runner_that_finds_no_room_for_a_job_with_attempts_left_says_it_runs_a
         "again by itself (attempt 2 of 2)"), ended["earlier_errors"]
 
 
+@contextlib.contextmanager
+def retry_held(client: httpx.Client, disk: Path, supervisor_log: Path) -> Iterator[str]:
+    """A job with an attempt left, its runner killed on `disk` full (the jobs' own): its
+    id, while the supervisor holds its next attempt, until the block ends (with room)."""
+    # A job file of a few pages: more than its claim, removed first, leaves free.
+    job = client.post("/api/jobs", json={"kind": "probe", "max_attempts": 2, "input": {
+        "seconds": 20, "steps": 1, "padding": "x" * 20_000}}).json()
+    runner = psutil.Process(wait_job(client, job["id"], "running")["pid"])
+    with disk_filled(disk):
+        runner.kill()  # as the kernel's OOM killer would: no final state
+        wait_for(lambda: f"job {job['id']}: cannot " in supervisor_log.read_text(),
+                 60, 0.2, "the supervisor holding it")
+        assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "running"
+        yield job["id"]
+
+
+def test_a_job_with_attempts_left_that_fails_on_a_full_disk_is_queued_again_with_room(
+        make_server: MakeServer, data_dir: Path, tmp_path: Path) -> None:
+    """Its runner killed while the disk was full, the supervisor could not queue the job
+    again for its next attempt, and wrote `failed` instead once there was room: the
+    attempts left were lost. It holds the job and queues it again once there is room."""
+    # The jobs alone on the small disk: the supervisor's log says when it holds the job.
+    with small_disk(tmp_path, "512k", at=data_dir / "jobs") as disk:
+        with make_server().client() as client:
+            with retry_held(client, disk, data_dir / "supervisor.log") as job_id:
+                pass
+            ended = wait_job(client, job_id, timeout=90)
+    assert ended["state"] == "completed" and ended["attempt"] == 2, ended
+    assert ended["earlier_errors"][0]["type"] == "lost", ended["earlier_errors"]
+
+
+def test_a_job_cancelled_while_its_next_attempt_waits_for_room_is_not_run_again(
+        make_server: MakeServer, data_dir: Path, tmp_path: Path) -> None:
+    """A cancel of a job whose next attempt waits for room (its runner's end held): it
+    ends cancelled once there is room, as the cancel's 507 says, and is not run again."""
+    with small_disk(tmp_path, "512k", at=data_dir / "jobs") as disk:
+        with make_server().client() as client:
+            with retry_held(client, disk, data_dir / "supervisor.log") as job_id:
+                # Its stop request recorded (in the page its claim left, or empty): a 507,
+                # or the job as it is once the wait is over.
+                client.delete(f"/api/jobs/{job_id}")
+            ended = wait_job(client, job_id, timeout=90)
+    assert ended["state"] == "cancelled", ended
+    assert ended["error"] == {"type": "cancelled", "message": "cancelled on request"}, ended
+    assert ended.get("attempt", 1) == 1, ended  # not run again
+
+
 def test_a_cancel_on_a_full_disk_of_a_job_whose_runner_has_ended_says_what_it_shows(
         make_server: MakeServer, data_dir: Path, tmp_path: Path) -> None:
     """Its runner ended (it gave up on its final state) and the supervisor holds the end

@@ -1,7 +1,7 @@
 """What follows a job's end, a part of the Supervisor (`jobs.supervisor.loop`): its final
-state written (or kept, and written again each full pass), a retry queued after a
-backoff, its count for /metrics, and the jobs that waited for it let go, or failed when
-a job they depend on ended without completing.
+state written, or a retry queued after a backoff (either kept, and written again each
+full pass, while it cannot be written), its count for /metrics, and the jobs that waited
+for it let go, or failed when a job they depend on ended without completing.
 """
 
 from __future__ import annotations
@@ -45,7 +45,12 @@ class Endings:
             life.finalize(self._backoff)
         finally:
             self._settle(life)
-        if life.requeued is not None:  # a transient failure with attempts left
+        self._enqueue_retry(life)
+
+    def _enqueue_retry(self, life: JobLife) -> None:
+        """A transient failure with attempts left, its job queued again on disk: on the
+        queue too."""
+        if life.requeued is not None:
             earlier = life.requeued.get(p.F_EARLIER_ERRORS) or [{}]
             self._counting.retried(life.requeued, str(earlier[-1].get("type")))
             self._enqueue(life.job_id, life.requeued)
@@ -64,8 +69,8 @@ class Endings:
         """After a final write: known final, kept to write again, or (gone) forgotten;
         the jobs that waited for it may start."""
         self._let_waiters_go(life.job_id, (life.final_job or {}).get(p.F_STATE)
-                        if life.is_final and life.unwritten is None else None)
-        if life.unwritten is not None:
+                        if life.is_final and not life.waits_for_room else None)
+        if life.waits_for_room:
             self._unwritten[life.job_id] = life
         elif life.is_final:
             self._known_final.add(life.job_id)
@@ -74,16 +79,18 @@ class Endings:
                 life.final_job = None  # counted once, however often it settles
 
     def _retry_finals(self, job_ids: set[str]) -> None:
-        """Write the final states that could not be written again (`job_ids`: on disk)."""
+        """Write the final states (or jobs queued again) that could not be written, again
+        (`job_ids`: on disk)."""
         for job_id, life in list(self._unwritten.items()):
             if job_id not in job_ids:
                 del self._unwritten[job_id]  # deleted meanwhile
                 life.release()
                 continue
             life.retry()
-            if life.unwritten is None:
+            if not life.waits_for_room:
                 del self._unwritten[job_id]
                 self._settle(life)
+                self._enqueue_retry(life)
 
     def _known_final_now(self, job_id: str, state: object = None) -> None:
         """A job found final (at a start, in any order; `state` None: no job, damaged):

@@ -15,7 +15,8 @@ stays with the supervisor.
   every pass (`retry`). A lost runner, or one that left a transient failure recorded
   without a final state (it exits with `p.EXIT_RETRY`, for one reading its log), is not
   final while its job has attempts left: the job is queued again under the same id, to
-  start after a backoff (`requeued`).
+  start after a backoff (`requeued`); where that cannot be written (a full disk), it is
+  kept and tried again every pass in the same way, not ended in its stead.
 - release: what the launcher keeps of the run, once the final state is on disk.
 
 A job cancelled or refused before it started has a life without a run: only a final
@@ -62,6 +63,8 @@ class JobLife:
         self.deadline = deadline  # time.monotonic() value
         self.stopping: str | None = None  # the reason, once a stop has begun
         self.unwritten: Final | None = None  # to write again next pass
+        # The job as its runner left it, its exit code and backoff: queued again next pass.
+        self._unqueued: tuple[dict[str, Any], int | None, float] | None = None
         self.is_final = False  # the job file needs nothing more from the supervisor
         self.requeued: dict[str, Any] | None = None  # the job file, queued again for a retry
         self.final_job: dict[str, Any] | None = None  # the job as it ended, to count once
@@ -183,6 +186,11 @@ class JobLife:
 
     # -- finalize ------------------------------------------------------------------
 
+    @property
+    def waits_for_room(self) -> bool:
+        """Whether its final state, or its job queued again, waits to be written."""
+        return self.unwritten is not None or self._unqueued is not None
+
     def finalize(self, backoff: Callable[[int], float] = lambda attempt: 0.0) -> None:
         """The runner has ended: write the final state it could not (or queue its job
         again, `backoff(attempt)` seconds from now), then release it."""
@@ -190,7 +198,7 @@ class JobLife:
             self._write_missing_final(backoff)
         finally:
             self._ended = True
-            if self.unwritten is None:
+            if not self.waits_for_room:
                 self.release()  # else once the retry writes it
 
     def _write_missing_final(self, backoff: Callable[[int], float]) -> None:
@@ -204,16 +212,22 @@ class JobLife:
                 log.info("job %s: %s%s", self.job_id, data.get(p.F_STATE),
                          f" ({error.get('type')})" if isinstance(error, dict) else "")
             return  # the runner said how it ended, or the file is gone
+        self._end(data, code, backoff(p.attempts(data)[0]))
+
+    def _end(self, data: dict[str, Any], code: int | None, delay_s: float) -> None:
+        """Write how the runner ended (`data`: its job file as it left it): stopped, queued
+        again `delay_s` from now if it has attempts left, else failed."""
         reason = self.stopping or p.stop_reason(self.job_file)
         if reason is not None:
             error = p.stop_error(reason, data.get(p.F_TIMEOUT_S))
             state = p.JobState.TIMEOUT if reason == p.JobState.TIMEOUT else p.JobState.CANCELLED
+            self._unqueued = None  # cancelled while it waited to be queued again: not run
             self._write(Final(state, error["type"], error["message"], code), data)
+            return
+        attempt, most = p.attempts(data)
+        if attempt < most:
+            self._requeue(data, code, self._failure(data, code, attempt + 1), delay_s)
         else:
-            attempt, most = p.attempts(data)
-            if attempt < most and self._requeue(data, self._failure(data, code, attempt + 1),
-                                                backoff(attempt)):
-                return
             self._write(self._failure(data, code), data)
 
     def _failure(self, data: dict[str, Any], code: int | None,
@@ -239,16 +253,18 @@ class JobLife:
             message += f"; last log line: {tail.splitlines()[-1][:300]}"
         return Final(p.JobState.FAILED, p.ErrorType.LOST, message, code, tail)
 
-    def _requeue(self, data: dict[str, Any], failure: Final, delay_s: float) -> bool:
-        """Queue the job again for its next attempt, `delay_s` from now; False if it
-        cannot be written (its final state is written instead, or kept to write)."""
+    def _requeue(self, data: dict[str, Any], code: int | None, failure: Final,
+                 delay_s: float) -> None:
+        """Queue the job again for its next attempt, `delay_s` from now; kept to try again
+        next pass if it cannot be written (a cancel meanwhile ends it instead)."""
+        original = data
         attempt, _ = p.attempts(data)
         earlier = data.get(p.F_EARLIER_ERRORS)
         earlier = list(earlier) if isinstance(earlier, list) else []
         earlier.append({"attempt": attempt, "type": failure.error_type,
                         "message": failure.message, "finished_at": p.now_iso()})
         wait = math.ceil(delay_s)
-        data = dict(data)  # the final state, should this fail, is written over the original
+        data = dict(data)  # the original stays as it was, should this fail
         data.update({
             p.F_STATE: p.JobState.QUEUED, p.F_ATTEMPT: attempt + 1,
             p.F_RUN_AT: p.iso(time.time() + delay_s), p.F_EARLIER_ERRORS: earlier,
@@ -264,23 +280,31 @@ class JobLife:
                 os.unlink(p.sibling(self.job_file, p.RUN_FILE))
             p.write_json(self.job_file, data, durable=True)
         except OSError as exc:
-            log.error("job %s: cannot queue it again (%s)", self.job_id, exc)
-            return False
+            if self._unqueued is None:
+                log.error("job %s: cannot queue it again for its next attempt (%s); "
+                          "retrying", self.job_id, exc)
+            self._unqueued = (original, code, delay_s)
+            self.is_final = False
+            return
+        self._unqueued = None
         # Its type, not its message: that may quote the user's chat, or what a server sent
         # back; it stays in the job file, deleted with the job.
         log.info("job %s: attempt %d failed (%s); attempt %d in %.1f s", self.job_id,
                  attempt, failure.error_type, attempt + 1, delay_s)
         self.is_final = False
         self.requeued = data
-        return True
 
     def finish(self, state: str, error_type: str, message: str) -> None:
         """End a job that has no runner (cancelled or refused before it started)."""
         self._write(Final(state, error_type, message))
 
     def retry(self) -> None:
-        """Try the final state that could not be written again."""
-        if self.unwritten is not None:
+        """Try the final state (or the job queued again) that could not be written again."""
+        if self._unqueued is not None:
+            self._end(*self._unqueued)
+            if not self.waits_for_room:
+                self.release()
+        elif self.unwritten is not None:
             self._write(self.unwritten)
 
     def _write(self, final: Final, data: dict[str, Any] | None = None) -> None:

@@ -130,7 +130,7 @@ class Supervisor(Discovery, Launching, Endings):
         # its launch order, so they hold up no other job.
         self._waiting: dict[str, list[str]] = {}
         self._running_chat_by_session: dict[str, str] = {}  # session id -> its running chat
-        self._unwritten: dict[str, JobLife] = {}  # ended; final state not written yet
+        self._unwritten: dict[str, JobLife] = {}  # ended; final state (or retry) not written
         self._known_final: set[str] = set()
         self._dependencies = Dependencies(self._file, self._is_live,
                                           lambda job_id: job_id in self._known_final,
@@ -315,6 +315,9 @@ class Supervisor(Discovery, Launching, Endings):
                 life = self._running[job_id]
                 if life.stopping is None and not life.timeout_held:
                     self._start_stop(life, life.stop_reason())
+            elif job_id in self._unwritten:  # ended: a retry waiting for room is not run
+                held = self._unwritten[job_id]
+                held.stopping = held.stopping or held.stop_reason()
 
     def _reap(self) -> None:
         for job_id, life in list(self._running.items()):
