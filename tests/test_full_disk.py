@@ -201,6 +201,35 @@ def test_a_job_is_cancelled_on_a_full_disk(make_server: MakeServer, tmp_path: Pa
                 assert ended.get("attempt", 1) == 1, ended  # not run again
 
 
+def test_a_cancel_on_a_full_disk_is_answered_at_once(make_server: MakeServer,
+                                                    tmp_path: Path) -> None:
+    """Its stop request left empty (no room for its words), a cancel waited the stop's
+    grace and 10 s more for a final state that had no room either, then answered its 507
+    (the dashboard's Cancel disabled meanwhile). It answers the same 507 at once."""
+    with small_disk(tmp_path, "512k") as disk:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var"),
+                                  "OFFLOAD_STOP_GRACE_S": "15"})
+        with server.client() as client:
+            running = client.post("/api/jobs", json={"kind": "sleep", "input": {
+                "seconds": 100}}).json()
+            queued = client.post("/api/jobs", json={"kind": "sleep", "delay_s": 60}).json()
+            wait_job(client, running["id"], "running")
+            with disk_filled(disk):
+                started = time.monotonic()
+                answer = client.delete(f"/api/jobs/{running['id']}")
+                assert answer.status_code == 507, answer.text
+                assert time.monotonic() - started < 10  # not the stop's grace and 10 s more
+                said = answer.json()["detail"]
+                assert "The cancel is recorded: the supervisor stops the job" in said, said
+                started = time.monotonic()
+                offload = cli(server.url, "cancel", queued["id"])
+                assert offload.returncode == 7, offload
+                assert time.monotonic() - started < 10
+                assert "The cancel is recorded" in offload.stderr, offload.stderr
+            for job in (running, queued):
+                assert wait_job(client, job["id"], timeout=60)["state"] == "cancelled"
+
+
 def test_a_model_whose_pointer_finds_no_room_is_not_left_behind(
         make_server: MakeServer, data_dir: Path, tmp_path: Path) -> None:
     """Room for the model's file but none for `latest.json`: the training failed, and left

@@ -54,12 +54,14 @@ class Stops:
         self.store = store
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
-        """Ask for the stop and wait (without blocking) until the job is final."""
+        """Ask for the stop and wait (without blocking) until the job is final; on a full
+        disk, raise at once the error that says its final state waits for room."""
         job = await run_in_threadpool(self.store.read, job_id)
         if job.get(p.F_STATE) in p.FINAL_STATES:
             raise AlreadyFinished(job)
         unrecorded = await self._ask_stop(job_id)
-        stopped = await self._wait_final([job_id])
+        # On a full disk its final state cannot be written either: not waited for.
+        stopped = await self._wait_final([job_id], patient=unrecorded is None)
         if job_id not in stopped:  # deleted meanwhile
             raise JobNotFound(job_id)
         if unrecorded is not None and stopped[job_id].get(p.F_STATE) not in p.FINAL_STATES:
