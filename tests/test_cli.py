@@ -775,6 +775,44 @@ def test_submit_and_retry_wait_say_a_job_removed_after_it_ended(server: Server,
             removed[0], "-", "unknown", "-", "-", *REMOVED_SAID.split()], waited.stdout
 
 
+@pytest.mark.parametrize("how", ["submit", "retry", "a batch"])
+def test_submit_wait_says_a_job_removed_before_it_first_read_it(server: Server,
+                                                                 how: str) -> None:
+    # Removed once ended before `--wait` first read it (to say why it waits; a batch's
+    # jobs as they are), it was "no job with id ...", and a batch's others not waited for.
+    url = server.url
+    earlier = httpx.post(f"{url}/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}})
+    with httpx.Client(base_url=url, timeout=30) as client:
+        wait_job(client, earlier.json()["id"])
+        assert client.post("/api/queue/pause").status_code == 200  # each is queued when sent
+    removed: list[str] = []
+
+    def before_get(path: str) -> None:
+        """At its first read (not a long poll): it runs to its end and is removed."""
+        job_id = path.removeprefix("/api/jobs/")
+        if path.startswith("/api/jobs/") and p.is_valid_id(job_id) and not removed:
+            removed.append(job_id)
+            with httpx.Client(base_url=url, timeout=30) as client:
+                assert client.post("/api/queue/resume").status_code == 200
+                wait_job(client, job_id)
+                assert client.post(f"/api/jobs/{job_id}/remove").status_code == 200
+
+    command = {"submit": ["submit", "sleep", "--input", '{"seconds": 0}'],
+               "retry": ["retry", earlier.json()["id"]],
+               "a batch": ["submit", "sleep", "--inputs", "-"]}[how]
+    with relay_to(url, before_get) as relayed:
+        waited = cli(relayed, *command, "--wait", stdin='{"seconds": 0}\n{"seconds": 0}\n')
+    assert removed, "no job was read"
+    assert waited.returncode == 5, waited  # as `offload wait` exits for it
+    assert waited.stderr.endswith(f"offload: job {removed[0]} was {REMOVED_SAID}: how it "
+                                  "ended is unknown\n"), waited
+    rows = {line.split()[0]: line.split()[1:] for line in waited.stdout.splitlines()[1:]}
+    assert rows[removed[0]] == ["-", "unknown", "-", "-", *REMOVED_SAID.split()], rows
+    if how == "a batch":  # the other, waited for all the same
+        assert [row[1] for job_id, row in rows.items() if job_id != removed[0]] == [
+            "completed"], rows
+
+
 def test_wait_json_gives_a_job_whole_though_another_was_submitted_as_it_read_it(
         server: Server) -> None:
     # The whole read of the jobs at the top of the listing was asked from the top again: a

@@ -143,7 +143,7 @@ def _one_ended(client: Client, ids: list[str], finals: dict[str, dict[str, Any]]
     left = [job_id for job_id in ids if job_id not in finals and job_id not in live]
     found = ended_ones(client, set(left), full) if left else {}
     for job_id in left:  # not listed: live though a listing missed it, or removed once ended
-        job = found.get(job_id) or _read_if_there(client, job_id) or removed(job_id)
+        job = found.get(job_id) or read_if_there(client, job_id) or removed(job_id)
         if job.get(p.F_STATE) in p.FINAL_STATES or is_removed(job):
             finals[job_id] = job
     waiting = [job_id for job_id in ids if job_id not in finals and job_id in live]
@@ -179,13 +179,13 @@ def ended_ones(client: Client, ids: set[str], full: bool) -> dict[str, dict[str,
             missed = [page[n][p.F_ID] for n in ours
                       if not any(job[p.F_ID] == page[n][p.F_ID] for job in whole)]
             found.update((job[p.F_ID], job) for job in (
-                _read_if_there(client, job_id) for job_id in missed) if job is not None)
+                read_if_there(client, job_id) for job_id in missed) if job is not None)
         if len(found) == len(ids):
             break
     return found
 
 
-def _read_if_there(client: Client, job_id: str) -> dict[str, Any] | None:
+def read_if_there(client: Client, job_id: str) -> dict[str, Any] | None:
     """The job in full, or None once it is removed (a 404)."""
     try:
         return client.job("GET", f"/api/jobs/{job_path(job_id)}")

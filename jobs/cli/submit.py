@@ -186,7 +186,7 @@ def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace
     # Their ids first: a Ctrl-C while it waits leaves them running, and ids reach them.
     sys.stderr.write(f"{len(ids)} jobs submitted ({' '.join(ids)}); waiting for them to end "
                      "(Ctrl-C stops the waiting, not the jobs)\n")
-    return wait_all(client, ids, args)
+    return wait_all(client, ids, args, submitted=True)
 
 
 def _by_line(message: str, lines: list[int], where: str) -> str:

@@ -11,6 +11,7 @@ from jobs import protocol as p
 from jobs.cli.client import EXIT_JOB_FAILED, EXIT_NOT_FOUND, EXIT_OK, Client, Failure, job_path
 from jobs.cli.follow import (
     live_jobs,
+    read_if_there,
     reconnecting,
     until_all_ended,
     until_ended_unless_removed,
@@ -23,6 +24,7 @@ from jobs.cli.show import (
     note,
     print_json,
     remedy,
+    removed,
     shown,
 )
 
@@ -47,14 +49,17 @@ def cmd_wait(client: Client, args: argparse.Namespace) -> int:
                   args)
 
 
-def wait_all(client: Client, ids: list[str], args: argparse.Namespace) -> int:
+def wait_all(client: Client, ids: list[str], args: argparse.Namespace,
+             submitted: bool = False) -> int:
     # An unknown id exits 5 before any wait; a job ended already is kept as it is now
     # (by the end of a long wait for another, it may have been pruned). One that ends
-    # during the wait for another and is removed before it is read has its own row.
-    finals = [client.job("GET", f"/api/jobs/{job_id}") for job_id in ids]
+    # during the wait for another and is removed before it is read has its own row, as
+    # has one `submitted` just now that is gone already.
+    finals = [(read_if_there(client, job_id) or removed(job_id)) if submitted
+              else client.job("GET", f"/api/jobs/{job_id}") for job_id in ids]
     say_why_it_waits(client, finals, counted=True)
     for n, job in enumerate(finals):
-        if job.get(p.F_STATE) not in p.FINAL_STATES:
+        if job.get(p.F_STATE) not in p.FINAL_STATES and not is_removed(job):
             finals[n] = until_ended_unless_removed(client, ids[n])
     return _shown(finals, args)
 
@@ -116,9 +121,11 @@ def say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
     if queue.get("paused") is True:
         they = "it starts" if len(jobs) == 1 else "they start"
         sys.stderr.write(f"offload: the queue is paused: {they} once resumed (offload resume)\n")
-    for job in (job for job in jobs if job.get(p.F_STATE) == p.JobState.QUEUED):
-        if not counted:  # a 202's job: why it waits is not counted yet
-            job = client.job("GET", f"/api/jobs/{job_path(str(job.get(p.F_ID)))}")
+    for queued in (job for job in jobs if job.get(p.F_STATE) == p.JobState.QUEUED):
+        # A 202's job: why it waits is not counted yet. Gone: the wait that follows says so.
+        job = queued if counted else read_if_there(client, str(queued.get(p.F_ID)))
+        if job is None:
+            continue
         said = note(job)
         if said.startswith("held: "):
             sys.stderr.write(f"offload: job {job.get(p.F_ID)} is {said}: it starts once one "
