@@ -266,8 +266,8 @@ class Client:
               start: str | None = None) -> Iterator[tuple[str | None, list[dict[str, Any]]]]:
         """The listing's pages (`listed`), each with the `before` it was asked from. The job
         a page ended at, removed or pruned before the next page is asked for (a 400, as
-        docs/contract.md says), the next is asked from the newest job of that page still
-        there, or from the top (`start`) again once none is."""
+        docs/contract.md says), the next is asked from the oldest job of that page still
+        there (the nearest to it), or from the top (`start`) again once none is."""
         cursors: list[str] = []  # where the next page may start, best last
         while True:
             before = cursors[-1] if cursors else start
