@@ -299,8 +299,9 @@ class Client:
                                           or (paging and limit is not None
                                               and len(jobs) >= limit)):
             raise Failure(EXIT_SERVER, f"this server is older: it lists no further than its "
-                                       f"newest {LIST_MAX} jobs; offload list without "
-                                       "--before and --all shows those")
+                                       f"newest {LIST_MAX} jobs, and this command needs more; "
+                                       "upgrade the server, or see those with offload list "
+                                       "(without --before and --all)")
         last = page.get("next_before")
         return jobs, str(last) if last else None
 
