@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -51,6 +53,9 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 # How long a stop waits for requests under way, but event streams and waits: those end
 # as it begins (`_Server`), as otherwise they would hold it for good.
 SHUTDOWN_GRACE_S = 5
+# Each family's loopback address: `localhost` names both, and browsers and curl try ::1
+# first, so the one the server does not listen on is held too (below).
+LOOPBACK = {socket.AF_INET: "127.0.0.1", socket.AF_INET6: "::1"}
 
 
 def create_app() -> FastAPI:
@@ -176,6 +181,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if server.started else 3  # 3: uvicorn's own code when it could not start
 
 
+class LoopbackTaken(Exception):
+    """Another program listens on the other loopback address at the server's port."""
+
+
+def hold_other_loopback(servers: list[asyncio.Server]) -> list[socket.socket]:
+    """Sockets bound, never listening, on the loopback address of each family the server
+    does not listen on, at its port: another account listening on [::1]:8001 beside our
+    127.0.0.1:8001 is where `localhost:8001` leads, and gets the dashboard's visits, their
+    chats and the token. Bound alone, it refuses connections at once, and browsers and
+    curl go on to the other address. An address this machine lacks is left."""
+    listening = [each for server in servers for each in server.sockets]
+    if not listening:
+        return []
+    port = listening[0].getsockname()[1]
+    held = []
+    for family, address in LOOPBACK.items():
+        if any(each.family == family for each in listening):
+            continue
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 in this kernel: nobody can listen on it
+            continue
+        try:
+            if family == socket.AF_INET6:  # ::1 alone, whatever the system's default
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            exclusive = getattr(socket, "SO_EXCLUSIVEADDRUSE", None)  # Windows: not shared
+            if exclusive is not None:
+                sock.setsockopt(socket.SOL_SOCKET, exclusive, 1)
+            sock.bind((address, port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                shown = f"[{address}]" if ":" in address else address
+                raise LoopbackTaken(f"{shown}:{port} is taken by another program, and "
+                                    f"localhost:{port} leads there as well as here: it would "
+                                    "get this server's visitors, their chats and token; stop "
+                                    "it, or pass another --port") from exc
+            continue  # no such address here (IPv6 turned off): nobody can listen on it
+        held.append(sock)
+    return held
+
+
 class _Server(uvicorn.Server):
     """Uvicorn's server, which ends the event streams and waits as its stop begins: a
     dashboard tab or an `offload wait` held each stop for the whole grace, then saw its
@@ -183,6 +230,7 @@ class _Server(uvicorn.Server):
     stops it as Ctrl+C does, where it cut every stream and request on the spot."""
 
     launcher: psutil.Process | None = None  # the launch.py that started it, if one did
+    held: list[socket.socket] = []  # hold_other_loopback's, kept open while it serves
 
     async def on_tick(self, counter: int) -> bool:
         # launch.py killed outright (kill -9, Task Manager): no one would stop this server.
@@ -191,6 +239,16 @@ class _Server(uvicorn.Server):
                                              self.launcher.pid)
             self.launcher, self.should_exit = None, True
         return await super().on_tick(counter)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        try:
+            self.held = hold_other_loopback(self.servers)
+        except LoopbackTaken as exc:
+            for server in self.servers:
+                server.close()
+            await self.lifespan.shutdown()
+            cannot_start(str(exc))
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         end_following()

@@ -131,13 +131,18 @@ def serve(options: argparse.Namespace, extra: list[str], release: Callable[[], N
     start lock once it answers (or has exited)."""
     host, port, browse_host = address(options)
     given_port = options.port is not None
-    if not port_free(host, port):
+
+    def usable(port: int) -> bool:
+        # Another account listening on [::1] there too: where localhost leads first.
+        return port_free(host, port) and not others_listen(port)
+
+    if not usable(port):
         taken = port
         for port in range(taken + 1, min(taken + 100, 65536)):
             # One started before, when this port was taken too, is there.
             if opened_if_running(f"http://{browse_host}:{port}", options):
                 return 0
-            if port_free(host, port):
+            if usable(port):
                 break
         else:
             last = min(taken + 99, 65535)

@@ -613,6 +613,100 @@ def test_another_account_that_uses_up_the_servers_descriptors_is_refused_all_the
         stop_process(api)
 
 
+# Listens on [::1] at a port (argv 1) for some seconds (argv 2), as another account would
+# beside the server's 127.0.0.1.
+LISTEN_ON_IPV6_LOOPBACK = ("import socket, sys, time\n"
+                           "s = socket.socket(socket.AF_INET6)\n"
+                           "s.bind(('::1', int(sys.argv[1]))); s.listen()\n"
+                           "print('listening', flush=True); time.sleep(int(sys.argv[2]))\n")
+
+
+def _ipv6_loopback() -> bool:
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        return True
+    return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="needs ::1")
+@pytest.mark.timeout(300)  # two starts of the server on a slow machine
+def test_another_account_cannot_listen_where_localhost_leads_beside_the_server(
+        other_account: str, data_dir: Path, tmp_path: Path) -> None:
+    # The server listened on 127.0.0.1:P alone: another account listening on [::1]:P was
+    # where localhost:P led (browsers and curl try ::1 first), and got the dashboard's
+    # visits, the chats typed into its page and the token sent to it.
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("needs the system's python3 to run as another account")
+    port = free_port()
+    env = {**NO_MODEL, "OFFLOAD_DATA_DIR": str(data_dir), "OFFLOAD_PORT": str(port)}
+    api = start_process(["api_entry.py"], env, tmp_path / "api.log")
+    try:
+        wait_for(lambda: _listening(port), 60, what="the API listening")
+        tried = subprocess.run(["runuser", "-u", other_account, "--", python, "-c",
+                                LISTEN_ON_IPV6_LOOPBACK, str(port), "0"],
+                               capture_output=True, text=True, timeout=60)
+        assert "Address already in use" in tried.stderr, tried.stdout + tried.stderr
+        with pytest.raises(ConnectionRefusedError):  # at once: clients go on to 127.0.0.1
+            socket.create_connection(("::1", port), 10).close()
+        assert httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=30).status_code == 200
+    finally:
+        stop_process(api)
+    # There first, it keeps the server from starting, which says why.
+    with subprocess.Popen(["runuser", "-u", other_account, "--", python, "-c",
+                           LISTEN_ON_IPV6_LOOPBACK, str(port), "120"],
+                          stdout=subprocess.PIPE, text=True) as theirs:
+        try:
+            assert theirs.stdout is not None and theirs.stdout.readline() == "listening\n"
+            api = start_process(["api_entry.py"], env, tmp_path / "refused.log")
+            try:
+                assert api.wait(120) == 3
+            finally:
+                stop_process(api)
+        finally:
+            theirs.terminate()
+    said = (tmp_path / "refused.log").read_text()
+    assert (f"Offload cannot start: [::1]:{port} is taken by another program, and "
+            f"localhost:{port} leads there as well as here") in said, said
+    assert "Traceback" not in said, said
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="needs ::1")
+@pytest.mark.timeout(300)  # launch.py, then its server on a slow machine
+def test_launch_py_moves_past_a_port_another_account_listens_on_at_ipv6_loopback(
+        other_account: str, data_dir: Path, tmp_path: Path) -> None:
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("needs the system's python3 to run as another account")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    env.update(OFFLOAD_DATA_DIR=str(data_dir), OPENAI_BASE_URL="http://127.0.0.1:9/v1")
+    log = tmp_path / "launch.log"
+    with subprocess.Popen(["runuser", "-u", other_account, "--", python, "-c",
+                           LISTEN_ON_IPV6_LOOPBACK, str(port), "120"],
+                          stdout=subprocess.PIPE, text=True) as theirs:
+        try:
+            assert theirs.stdout is not None and theirs.stdout.readline() == "listening\n"
+            with open(log, "ab") as out:
+                launcher = subprocess.Popen([sys.executable, "launch.py", "--no-browser",
+                                             "--port", str(port)], cwd=p.ROOT, env=env,
+                                            stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+            try:
+                wait_for(lambda: "using port" in log.read_text(errors="replace"), 120, 0.2,
+                         f"the move to another port: {log}")
+                said = log.read_text(errors="replace")
+                assert f"port {port} is taken by another program" in said, said
+                moved = int(said.split("using port ")[1].split()[0])
+                wait_for(lambda: _listening(moved), 120, 0.3, "the server on the next port")
+                health = httpx.get(f"http://127.0.0.1:{moved}/api/health", timeout=30)
+                assert health.status_code == 200
+            finally:
+                stop_process(launcher)
+        finally:
+            theirs.terminate()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="the caller's account is known on Linux")
 def test_a_self_test_whose_connection_fails_for_now_is_tried_again(
         monkeypatch: pytest.MonkeyPatch) -> None:
