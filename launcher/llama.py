@@ -41,7 +41,16 @@ def wheel_cache() -> Path:
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "offload"
     tag = hashlib.sha256(f"{LLAMA_REQ}|{llama_cmake_args()}".encode()).hexdigest()[:12]
-    return base / "wheels" / f"{sys.implementation.cache_tag}-{platform.machine()}-{tag}"
+    cache = base / "wheels" / f"{sys.implementation.cache_tag}-{platform.machine()}-{tag}"
+    from jobs.protocol.trust import unsafe_way  # stdlib only
+
+    # What is in it is installed and run as this account: another's wheel would be its code.
+    problem = unsafe_way(os.path.join(os.path.abspath(cache), "llama"),
+                         "a llama-cpp-python wheel or llama-server")
+    if problem:
+        sys.exit(f"[offload] refusing the build cache {base}: {problem}. Use a folder of "
+                 "your own (OFFLOAD_CACHE_DIR)")
+    return cache
 
 
 def llama_cmake_args() -> str:

@@ -279,6 +279,35 @@ def test_launch_py_does_not_take_another_accounts_server_for_offload(
         ours.wait(30)
 
 
+def test_a_build_cache_of_another_account_is_not_installed_from(other_account: str,
+                                                                tmp_path: Path) -> None:
+    # OFFLOAD_CACHE_DIR in a folder another account made (a cache shared to save the
+    # build): launch.py installed the newest wheel it found there, that account's code.
+    where = subprocess.run([sys.executable, "-c", "from launcher.llama import wheel_cache; "
+                            "print(wheel_cache())"], cwd=p.ROOT, capture_output=True,
+                           text=True, check=True,
+                           env={**os.environ, "OFFLOAD_CACHE_DIR": str(tmp_path)})
+    wheels = Path(where.stdout.strip()).relative_to(tmp_path)
+    public = Path(tempfile.mkdtemp(prefix="offload-public-"))
+    try:
+        public.chmod(0o1777)  # as /tmp: any account may make a folder in it
+        cache = public / "cache"
+        theirs = cache / wheels / "llama_cpp_python-9.9.9-cp311-cp311-linux_x86_64.whl"
+        for step in (["mkdir", "-p", str(theirs.parent)], ["touch", str(theirs)]):
+            subprocess.run(["runuser", "-u", other_account, "--", *step], check=True)
+        done = subprocess.run([sys.executable, "-c", "from launcher.llama import "
+                               "cached_wheel; print(cached_wheel())"], cwd=p.ROOT,
+                              env={**os.environ, "OFFLOAD_CACHE_DIR": str(cache)},
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(public)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "9.9.9" not in done.stdout
+    assert (f"[offload] refusing the build cache {cache}: the folder {cache} on the way "
+            "belongs to another account") in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 # Takes a file's lock as another account, and holds it: flock needs no right to write.
 HOLD = ("import fcntl, sys, time; f = open(sys.argv[1], 'rb'); "
         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)")
