@@ -475,3 +475,34 @@ def test_a_question_following_the_turn_a_forget_on_a_full_disk_kept_is_refused(
             assert forgotten.json() == {"session_id": "full", "erased": 1}, forgotten.text
         asked = [m["content"] for r in llm.requests for m in r["body"]["messages"]]
     assert asked.count(secret) == 1, asked  # the erased turn's own request only
+
+
+def test_a_turn_waits_for_the_one_before_while_its_next_attempt_waits_for_room(
+        make_server: MakeServer, data_dir: Path, tmp_path: Path) -> None:
+    """A chat's turn whose runner was killed on a full disk, its next attempt held until
+    there is room: the conversation's next turn started meanwhile (in the page the held
+    turn's claim left), and answered before the turn it follows, without its reply."""
+    supervisor_log = data_dir / "supervisor.log"
+    with small_disk(tmp_path, "512k", at=data_dir / "jobs") as disk, FakeLLM(
+            pieces=["Fine", "."], gated="gated") as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url,
+                                  "OFFLOAD_MAX_CONCURRENT": "4"})
+        with server.client() as client:
+            # A job file of a few pages: more than its claim, removed first, leaves free.
+            first = ask(client, "How is the gated CPU? " + "x" * 20_000)
+            running = wait_for(lambda: (j := client.get(f"/api/jobs/{first}").json())
+                               ["output"] and j, 60, 0.05, "the reply's first piece")
+            second = ask(client, "And the memory?")
+            with disk_filled(disk):
+                psutil.Process(running["pid"]).kill()  # as the OOM killer would
+                wait_for(lambda: f"job {first}: cannot " in supervisor_log.read_text(),
+                         60, 0.2, "the supervisor holding it")
+                llm.gate.set()  # its next attempt answers at once
+                time.sleep(2)  # passes enough to launch the next turn, were it let go
+            done = wait_job(client, first, timeout=90), wait_job(client, second, timeout=90)
+    assert [job["state"] for job in done] == ["completed", "completed"], done
+    assert done[0]["attempt"] == 2, done[0]
+    assert done[1]["started_at"] >= done[0]["finished_at"], done
+    asked = [r["body"]["messages"] for r in llm.requests]
+    assert asked[-1][-2:] == [{"role": "assistant", "content": "Fine."},
+                              {"role": "user", "content": "And the memory?"}], asked[-1]

@@ -164,8 +164,8 @@ class Launching:
     def _blocker(self, job_id: str, data: dict[str, Any]) -> str | None:
         """The live job a job must wait for: the first its `depends_on` names that has not
         ended (and had its final state written); a chat's earlier turn its `after` names
-        (queued ahead of it, or running), else its session's running chat; None: it may
-        start."""
+        (queued ahead of it, running, or its next attempt waiting for room), else its
+        session's running chat; None: it may start."""
         dependency = self._dependencies.blocker(job_id, data)
         if dependency is not None:
             return dependency
@@ -175,7 +175,8 @@ class Launching:
             if after in self._running or (ahead is not None
                                           and ahead[1:] < p.queue_key(data)[1:]):
                 return after
-            if after not in self._unwritten and self._unseen_live(after):
+            held = self._unwritten.get(after)  # its end (or its next attempt) waits for room
+            if held.runs_again if held is not None else self._unseen_live(after):
                 return after
         session = p.chat_session(data.get(p.F_KIND), data.get(p.F_INPUT))
         return self._running_chat_by_session.get(session) if session is not None else None

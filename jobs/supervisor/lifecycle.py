@@ -191,6 +191,11 @@ class JobLife:
         """Whether its final state, or its job queued again, waits to be written."""
         return self.unwritten is not None or self._unqueued is not None
 
+    @property
+    def runs_again(self) -> bool:
+        """Whether its job, queued again for its next attempt, waits to be written."""
+        return self._unqueued is not None
+
     def finalize(self, backoff: Callable[[int], float] = lambda attempt: 0.0) -> None:
         """The runner has ended: write the final state it could not (or queue its job
         again, `backoff(attempt)` seconds from now), then release it."""
