@@ -506,3 +506,31 @@ def test_a_turn_waits_for_the_one_before_while_its_next_attempt_waits_for_room(
     asked = [r["body"]["messages"] for r in llm.requests]
     assert asked[-1][-2:] == [{"role": "assistant", "content": "Fine."},
                               {"role": "user", "content": "And the memory?"}], asked[-1]
+
+
+def test_a_cancel_asked_again_on_a_full_disk_is_answered_at_once(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    """A cancel whose job's stop was asked already, whole, before the disk filled (its
+    runner in the stop's grace): it waited the grace and 10 s more for a final state that
+    had no room, then answered 200 with the job still running. It answers the 507 at
+    once, as the first cancel on a full disk does."""
+    with small_disk(tmp_path, "512k") as disk:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var"),
+                                  "OFFLOAD_STOP_GRACE_S": "15"})
+        with server.client() as client:
+            job = client.post("/api/jobs", json={"kind": "probe", "input": {
+                "seconds": 100, "ignore_sigterm": True}}).json()
+            wait_job(client, job["id"], "running")
+            with contextlib.suppress(httpx.ReadTimeout):  # it waits out the grace
+                client.delete(f"/api/jobs/{job['id']}", timeout=1)
+            stop_file = disk / "var" / "jobs" / job["id"] / "stop.json"
+            wait_for(lambda: stop_file.exists() and stop_file.stat().st_size, 30, 0.05,
+                     "the stop request")
+            with disk_filled(disk):
+                started = time.monotonic()
+                answer = client.delete(f"/api/jobs/{job['id']}")
+                assert answer.status_code == 507, answer.text
+                assert time.monotonic() - started < 10  # not the stop's grace and 10 s more
+                said = answer.json()["detail"]
+                assert "The cancel is recorded: the supervisor stops the job" in said, said
+            assert wait_job(client, job["id"], timeout=60)["state"] == "cancelled"

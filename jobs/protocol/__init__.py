@@ -470,7 +470,8 @@ def _said_durable(word: str | None, listen: bool = True) -> bool:
 def request_stop(job_file: StrPath, reason: str) -> bool:
     """Leave a stop request for a runner (or a queued job) to find; False where a cancel
     found no room for it (a full disk) and was left as an empty file, which needs no room
-    for data and is read as a cancel: it outlasts a restart as the request would."""
+    for data and is read as a cancel: it outlasts a restart as the request would (or a
+    cancel asked before stands: its final state waits for room all the same)."""
     path = sibling(job_file, STOP_FILE)
     try:
         write_json(path, {"reason": reason, "at": now_iso()})
@@ -482,7 +483,9 @@ def request_stop(job_file: StrPath, reason: str) -> bool:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | files.NO_FOLLOW,
                              0o600))
         except FileExistsError:  # a stop was asked already: it stands, whole or empty
-            return os.stat(path).st_size > 0
+            # A cancel's final state waits for room as this one's would; a deadline's
+            # request ends the job `timeout`, not the cancel the caller is told of.
+            return stop_reason(job_file) != JobState.CANCELLED
         except OSError:
             raise exc from None
         return False
