@@ -435,6 +435,30 @@ def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Pa
     assert created[1:] == [schedule.job_id(schedule.slot(now + 600))]
 
 
+def test_a_schedule_creates_no_chat_in_a_forgotten_conversation(
+        data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A forgotten conversation's session_id is refused for good by the API; a schedule
+    whose chats name it went on creating turns in it, the conversation open again."""
+    store = JobStore(data_dir / "jobs")
+    path = tmp_path / "schedules.toml"
+    path.write_text("[ask]\nkind = 'chat'\nevery = 60\ninput = {messages = [{role = 'user', "
+                    "content = 'status?'}], session_id = 'ops'}\n")
+    (schedule,) = load(path)
+    created: list[str] = []
+    scheduler = Scheduler(store, ScheduleFile(path, (schedule,)), Settings())
+    now = 1_800_000_000.0
+    scheduler.fire(created.append, now)
+    assert len(created) == 1 and store.read(created[0])["input"]["session_id"] == "ops"
+    p.write_json(store.path(created[0]), {**store.read(created[0]), "state": "completed"})
+    store.mark_session_forgotten("ops")  # as DELETE /api/sessions/ops does
+    for later in (now + 60, now + 61, now + 120):
+        scheduler.fire(created.append, later)
+    assert len(created) == 1, created
+    said = [r.getMessage() for r in caplog.records if "was forgotten" in r.getMessage()]
+    assert said == ["schedule ask: its chats' conversation (session_id) was forgotten, so "
+                    "it creates none; give it another session_id"], said
+
+
 def test_a_new_cron_series_starts_with_its_next_time_and_a_changed_timing_is_one(
         data_dir: Path, tmp_path: Path) -> None:
     store = JobStore(data_dir / "jobs")

@@ -37,6 +37,7 @@ class Scheduler:
         # schedule -> the job of its slot that exists (its id says its timing and slot)
         self._done: dict[str, str] = {}
         self._failed: dict[str, int] = {}  # schedule -> the slot whose creation was logged
+        self._forgotten_said: set[str] = set()  # schedules whose forgotten session was logged
 
     @classmethod
     def from_settings(cls, settings: Settings, store: JobStore) -> Scheduler:
@@ -79,6 +80,9 @@ class Scheduler:
             return None
         if self._still_queued(last.get("job_id")):
             return None  # looked at again on the next pass
+        if self._forgotten(schedule):
+            self._without_job(schedule, slot)
+            return None
         job_id = schedule.job_id(slot)
         # The defaults a submission gets (priority and attempts by kind), as the API fills them.
         fields = {**Launch(schedule.priority).fields(schedule.kind, self.settings, time.time()),
@@ -95,6 +99,18 @@ class Scheduler:
         self._done[schedule.name] = job_id
         log.info("schedule %s: job %s created", schedule.name, job_id)
         return job_id
+
+    def _forgotten(self, schedule: Schedule) -> bool:
+        """Whether the schedule's chats go to a conversation that was forgotten: its
+        session_id is refused for good, here as by the API (said once a schedule)."""
+        session = p.chat_session(schedule.kind, schedule.input)
+        if session is None or not self.store.is_session_forgotten(session):
+            return False
+        if schedule.name not in self._forgotten_said:
+            log.warning("schedule %s: its chats' conversation (session_id) was forgotten, "
+                        "so it creates none; give it another session_id", schedule.name)
+            self._forgotten_said.add(schedule.name)
+        return True
 
     def _without_job(self, schedule: Schedule, slot: int) -> None:
         """The slot recorded as its newest, with no job: the next slot is the first."""
