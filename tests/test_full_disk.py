@@ -534,3 +534,26 @@ def test_a_cancel_asked_again_on_a_full_disk_is_answered_at_once(
                 said = answer.json()["detail"]
                 assert "The cancel is recorded: the supervisor stops the job" in said, said
             assert wait_job(client, job["id"], timeout=60)["state"] == "cancelled"
+
+
+def test_a_cancel_whose_request_fits_but_not_its_final_state_says_so(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    """A cancel whose stop request found room (a page left) while the job's final state
+    found none: past the stop's grace and 10 s it answered 200 with the job still running,
+    and `offload cancel` asked whether the supervisor was running. It answers the 507 that
+    says the job shows as cancelled once there is room."""
+    with small_disk(tmp_path, "512k") as disk:
+        server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var"),
+                                  "OFFLOAD_STOP_GRACE_S": "1"})
+        with server.client() as client:
+            job = client.post("/api/jobs", json={"kind": "sleep", "input": {
+                "seconds": 100, "steps": 1}}).json()
+            wait_job(client, job["id"], "running")
+            with disk_filled(disk, pages=1):
+                offload = cli(server.url, "cancel", job["id"])
+                assert offload.returncode == 7, offload
+                assert "The cancel is recorded" in offload.stderr, offload.stderr
+                assert "is the supervisor running" not in offload.stderr, offload.stderr
+                stop_file = disk / "var" / "jobs" / job["id"] / "stop.json"
+                assert stop_file.stat().st_size, "the stop request was left empty"
+            assert wait_job(client, job["id"], timeout=60)["state"] == "cancelled"

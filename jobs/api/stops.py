@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
 from typing import Any
 
@@ -19,6 +20,8 @@ from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
 
 # A cancel left as an empty request (no room for its words), not final in time.
 NO_ROOM_TO_END = "no room on the data folder's disk for the job's final state"
+# Free space below a job file's size and this is taken as no room for its final state.
+ROOM_MARGIN_BYTES = 64 << 10
 # Said of both: a runner that had ended keeps its own end, which the supervisor holds in
 # memory alone until there is room (the API cannot tell; a restart meanwhile forgets it).
 OR_AS_IT_ENDED = ("or as it ended, if its runner had already ended (its final state "
@@ -64,6 +67,7 @@ class Stops:
         stopped = await self._wait_final([job_id], patient=unrecorded is None)
         if job_id not in stopped:  # deleted meanwhile
             raise JobNotFound(job_id)
+        unrecorded = unrecorded or await self._no_room_to_end(stopped)
         if unrecorded is not None and stopped[job_id].get(p.F_STATE) not in p.FINAL_STATES:
             raise unrecorded  # stopped, but its final state waits for room: said so
         return stopped[job_id]
@@ -77,7 +81,28 @@ class Stops:
         no_room = None
         for job_id in job_ids:
             no_room = await self._ask_stop(job_id) or no_room
-        return await self._wait_final(job_ids, patient=no_room is None), no_room
+        jobs = await self._wait_final(job_ids, patient=no_room is None)
+        return jobs, no_room or await self._no_room_to_end(jobs)
+
+    async def _no_room_to_end(self, jobs: dict[str, dict[str, Any]]
+                              ) -> StoreUnavailable | None:
+        """The error to say where a job asked to stop, in full, is not final past the
+        stop's grace and its disk has no room to write that: the stop request fitted,
+        its final state does not (else the answer said the job is still running, as if
+        the supervisor were not)."""
+        def no_room() -> bool:
+            try:
+                free = shutil.disk_usage(self.store.dir).free
+                return any(free < self.store.path(job_id).stat().st_size + ROOM_MARGIN_BYTES
+                           for job_id, job in jobs.items()
+                           if job.get(p.F_STATE) not in p.FINAL_STATES)
+            except OSError:
+                return False  # removed meanwhile, or the disk not known: said as it is
+        if all(job.get(p.F_STATE) in p.FINAL_STATES for job in jobs.values()):
+            return None
+        if not await run_in_threadpool(no_room):
+            return None
+        return StoreUnavailable(NO_ROOM_TO_END, RECORDED, retry=False, no_room=True)
 
     async def _ask_stop(self, job_id: str) -> StoreUnavailable | None:
         """Leave its stop request and ring the supervisor; on a full disk, the error to
