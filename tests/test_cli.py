@@ -608,13 +608,27 @@ def relay_to(url: str, before_get: Callable[[str], None] = lambda path: None,
         yield f"http://127.0.0.1:{relay.port}"
 
 
+def removing_a_cursor(url: str) -> tuple[Callable[[str], None], list[str]]:
+    """For `relay_to`: the job a listing's page is asked from, removed just before, once,
+    as another user's `offload rm` would be; and the ids it removed."""
+    from urllib.parse import parse_qs, urlsplit
+
+    removed: list[str] = []
+
+    def before_get(path: str) -> None:
+        before = parse_qs(urlsplit(path).query).get("before")
+        if urlsplit(path).path == "/api/jobs" and before and not removed:
+            removed.append(before[0])
+            assert httpx.post(f"{url}/api/jobs/{before[0]}/remove").status_code == 200
+
+    return before_get, removed
+
+
 def test_wait_without_ids_reads_past_a_removed_cursor_and_no_other_job_in_full(
         make_server: MakeServer, data_dir: Path) -> None:
     # The job a listing's page ended at, removed (or pruned) before the next page was asked
     # for, made that page a 400: the wait ended with it, exit 2, though nothing was wrong.
     # And --json read every job listed before those it waited for in full, 1000 here.
-    from urllib.parse import parse_qs, urlsplit
-
     from jobs.protocol.control import set_queue_paused
     from jobs.store.job_store import JobStore
 
@@ -627,15 +641,7 @@ def test_wait_without_ids_reads_past_a_removed_cursor_and_no_other_job_in_full(
         store.create("sleep", {"seconds": 0}, 30, fields=ended)
     server = make_server()
     newest = cli(server.url, "submit", "sleep").stdout.strip()
-    removed: list[str] = []
-
-    def before_get(path: str) -> None:
-        """The job a listing's page is asked from, removed just before, once, as another
-        user's `offload rm` would be."""
-        before = parse_qs(urlsplit(path).query).get("before")
-        if urlsplit(path).path == "/api/jobs" and before and not removed:
-            removed.append(before[0])
-            assert httpx.post(f"{server.url}/api/jobs/{before[0]}/remove").status_code == 200
+    before_get, removed = removing_a_cursor(server.url)
 
     with relay_to(server.url, before_get) as relayed:
         waiting = start_cli(relayed, "wait", "--json")
@@ -663,8 +669,6 @@ def test_list_all_reads_past_a_removed_cursor(make_server: MakeServer, data_dir:
     # The job a page of `list --all` ended at, removed (or pruned) before the next page
     # was asked for, ended the listing with exit 7, "the listing changed as it was read:
     # run it again", though nothing was wrong.
-    from urllib.parse import parse_qs, urlsplit
-
     from jobs.store.job_store import JobStore
 
     store, ended = JobStore(data_dir / "jobs"), {p.F_STATE: "completed",
@@ -672,15 +676,7 @@ def test_list_all_reads_past_a_removed_cursor(make_server: MakeServer, data_dir:
                                                  p.F_FINISHED_AT: p.iso(time.time())}
     made = [store.create("sleep", {"seconds": 0}, 30, fields=ended)["id"] for _ in range(1200)]
     server = make_server()
-    removed: list[str] = []
-
-    def before_get(path: str) -> None:
-        """The job a listing's page is asked from, removed just before, once, as another
-        user's `offload rm` would be."""
-        before = parse_qs(urlsplit(path).query).get("before")
-        if urlsplit(path).path == "/api/jobs" and before and not removed:
-            removed.append(before[0])
-            assert httpx.post(f"{server.url}/api/jobs/{before[0]}/remove").status_code == 200
+    before_get, removed = removing_a_cursor(server.url)
 
     with relay_to(server.url, before_get) as relayed:
         listed = cli(relayed, "list", "--all", *(["--json"] if how == "json" else []))

@@ -201,6 +201,17 @@ def test_a_job_is_cancelled_on_a_full_disk(make_server: MakeServer, tmp_path: Pa
                 assert ended.get("attempt", 1) == 1, ended  # not run again
 
 
+def cancel_answered_at_once(client: httpx.Client, job_id: str) -> None:
+    """A cancel on a full disk answers its 507 at once, not past the stop's grace and 10 s
+    more, saying the cancel is recorded."""
+    started = time.monotonic()
+    answer = client.delete(f"/api/jobs/{job_id}")
+    assert answer.status_code == 507, answer.text
+    assert time.monotonic() - started < 10  # not the stop's grace and 10 s more
+    said = answer.json()["detail"]
+    assert "The cancel is recorded: the supervisor stops the job" in said, said
+
+
 def test_a_cancel_on_a_full_disk_is_answered_at_once(make_server: MakeServer,
                                                     tmp_path: Path) -> None:
     """Its stop request left empty (no room for its words), a cancel waited the stop's
@@ -215,12 +226,7 @@ def test_a_cancel_on_a_full_disk_is_answered_at_once(make_server: MakeServer,
             queued = client.post("/api/jobs", json={"kind": "sleep", "delay_s": 60}).json()
             wait_job(client, running["id"], "running")
             with disk_filled(disk):
-                started = time.monotonic()
-                answer = client.delete(f"/api/jobs/{running['id']}")
-                assert answer.status_code == 507, answer.text
-                assert time.monotonic() - started < 10  # not the stop's grace and 10 s more
-                said = answer.json()["detail"]
-                assert "The cancel is recorded: the supervisor stops the job" in said, said
+                cancel_answered_at_once(client, running["id"])
                 started = time.monotonic()
                 offload = cli(server.url, "cancel", queued["id"])
                 assert offload.returncode == 7, offload
@@ -527,12 +533,7 @@ def test_a_cancel_asked_again_on_a_full_disk_is_answered_at_once(
             wait_for(lambda: stop_file.exists() and stop_file.stat().st_size, 30, 0.05,
                      "the stop request")
             with disk_filled(disk):
-                started = time.monotonic()
-                answer = client.delete(f"/api/jobs/{job['id']}")
-                assert answer.status_code == 507, answer.text
-                assert time.monotonic() - started < 10  # not the stop's grace and 10 s more
-                said = answer.json()["detail"]
-                assert "The cancel is recorded: the supervisor stops the job" in said, said
+                cancel_answered_at_once(client, job["id"])
             assert wait_job(client, job["id"], timeout=60)["state"] == "cancelled"
 
 

@@ -254,10 +254,8 @@ def test_launch_py_does_not_take_another_accounts_server_for_offload(
     from launcher import serve
 
     port = free_port()
-    system_python = shutil.which("python3", path="/usr/bin:/bin")  # not this .venv's
-    if system_python is None:
-        pytest.skip("needs the system's python3 to serve as another account")
-    theirs = subprocess.Popen(["runuser", "-u", other_account, "--", system_python, "-c",
+    python = system_python()
+    theirs = subprocess.Popen(["runuser", "-u", other_account, "--", python, "-c",
                                HEALTH_OK, str(port)])
     try:
         url = f"http://127.0.0.1:{port}"
@@ -319,9 +317,7 @@ def test_another_account_cannot_hold_up_launch_py(other_account: str,
     # in that folder wait for good ("another start of Offload ... waiting for it").
     from launcher import start_lock
 
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if python is None:
-        pytest.skip("needs the system's python3 to run as another account")
+    python = system_python()
     public = Path(tempfile.mkdtemp(prefix="offload-public-"))  # a checkout all may enter
     try:
         public.chmod(0o755)
@@ -484,9 +480,7 @@ REQUEST = ("import sys, urllib.request, urllib.error\n"
 
 
 def _request_as(user: str, url: str, method: str = "GET") -> tuple[int, str]:
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if python is None:
-        pytest.skip("needs the system's python3 to run a client as another account")
+    python = system_python()
     done = subprocess.run(["runuser", "-u", user, "--", python, "-c", REQUEST, url, method],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -545,9 +539,7 @@ ATTACK = ("import socket, struct, sys\n"
 
 def _attack_as(user: str, port: int, method: str, path: str, header: str = "",
                body: str = "", times: int = 1, end: str = "answer") -> str:
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if python is None:
-        pytest.skip("needs the system's python3 to run a client as another account")
+    python = system_python()
     done = subprocess.run(["runuser", "-u", user, "--", python, "-c", ATTACK, str(port),
                            method, path, header, body, str(times), end],
                           capture_output=True, text=True, timeout=120)
@@ -603,6 +595,15 @@ HOARD = ("import socket, sys, time\n"
          "print(held[0].makefile('rb').read().decode())\n")
 
 
+def system_python() -> str:
+    """The system's python3 (not this .venv's, which another account may not read), for a
+    program run as another account; the test is skipped without one."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("needs the system's python3 to run as another account")
+    return python
+
+
 def _listening(port: int) -> bool:
     """A connection opened and closed, no request sent: the server answers nothing."""
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
@@ -616,9 +617,7 @@ def test_another_account_that_uses_up_the_servers_descriptors_is_refused_all_the
     # The check's first lookup, failing for want of descriptors before the server's
     # first request, switched the check off for good: the other account then read and
     # erased the owner's chats.
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if python is None:
-        pytest.skip("needs the system's python3 to run a client as another account")
+    python = system_python()
     port = free_port()
     api = start_process(["api_entry.py"], {**NO_MODEL, "OFFLOAD_DATA_DIR": str(data_dir),
                                            "OFFLOAD_PORT": str(port)}, tmp_path / "api.log")
@@ -664,9 +663,7 @@ def test_another_account_cannot_listen_where_localhost_leads_beside_the_server(
     # The server listened on 127.0.0.1:P alone: another account listening on [::1]:P was
     # where localhost:P led (browsers and curl try ::1 first), and got the dashboard's
     # visits, the chats typed into its page and the token sent to it.
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if python is None:
-        pytest.skip("needs the system's python3 to run as another account")
+    python = system_python()
     port = free_port()
     env = {**NO_MODEL, "OFFLOAD_DATA_DIR": str(data_dir), "OFFLOAD_PORT": str(port)}
     api = start_process(["api_entry.py"], env, tmp_path / "api.log")
@@ -704,9 +701,7 @@ def test_another_account_cannot_listen_where_localhost_leads_beside_the_server(
 @pytest.mark.timeout(300)  # launch.py, then its server on a slow machine
 def test_launch_py_moves_past_a_port_another_account_listens_on_at_ipv6_loopback(
         other_account: str, data_dir: Path, tmp_path: Path) -> None:
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if python is None:
-        pytest.skip("needs the system's python3 to run as another account")
+    python = system_python()
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
     env.update(OFFLOAD_DATA_DIR=str(data_dir), OPENAI_BASE_URL="http://127.0.0.1:9/v1")
