@@ -550,6 +550,11 @@ def test_a_cancel_whose_request_fits_but_not_its_final_state_says_so(
             job = client.post("/api/jobs", json={"kind": "sleep", "input": {
                 "seconds": 100, "steps": 1}}).json()
             wait_job(client, job["id"], "running")
+            # The counters' save after the launch would otherwise take the page left.
+            counters = disk / "var" / "job_counters.json"
+            wait_for(lambda: counters.exists()
+                     and job["id"] in json.loads(counters.read_text() or "{}").get("running", []),
+                     30, 0.05, "the counters saved with the job running")
             with disk_filled(disk, pages=1):
                 offload = cli(server.url, "cancel", job["id"])
                 assert offload.returncode == 7, offload
