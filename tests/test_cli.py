@@ -958,6 +958,31 @@ def test_a_job_cancelled_with_one_it_depends_on_is_cancelled_not_failed(
         assert wait_job(client, dependant)["state"] == "cancelled"
 
 
+def test_every_queued_job_cancelled_by_state_reads_cancelled_not_failed(
+        server: Server) -> None:
+    # `cancel --state queued` sent every cancel at once: the one a job depends on could
+    # fail that job (dependency) first, and it said "had finished" (a third of a chain).
+    first = cli(server.url, "submit", "sleep", "--delay", "600").stdout.strip()
+    dependant = cli(server.url, "submit", "sleep", "--after", first).stdout.strip()
+    first_asked = threading.Event()
+
+    def late(path: str) -> None:
+        """The dependant's cancel, as a slow network delivers it: when the first's cancel
+        came meanwhile (within 3 s), once its job has ended (failed with the first)."""
+        if first in path:
+            first_asked.set()
+        elif dependant in path and first_asked.wait(3):
+            with server.client() as client:
+                wait_job(client, dependant)
+
+    with relay_to(server.url, before_delete=late) as relayed:
+        done = cli(relayed, "cancel", "--state", "queued")
+    assert done.returncode == 0, done
+    assert done.stdout.splitlines() == [f"{dependant} cancelled", f"{first} cancelled"]
+    with server.client() as client:
+        assert wait_job(client, dependant)["state"] == "cancelled"
+
+
 def test_a_chain_of_hundreds_of_jobs_is_cancelled_oldest_first_given(
         make_server: MakeServer, data_dir: Path) -> None:
     # The order of the cancels was worked out recursively, as deep as the chain: from 333

@@ -63,8 +63,7 @@ def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
-    # Every queued job is cancelled with --state queued or live: none is left to fail.
-    dependants = {} if args.state in ("queued", "live") and not args.kind else _dependants(client)
+    dependants = _dependants(client)
     cancelled: list[str] = []
 
     def cancel(job_id: str) -> Any:
@@ -77,10 +76,10 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
         cancelled.append(job_id)
         return job
 
-    waves = _dependants_first(args.ids or [], dependants)
     code = _each_job(client, args, "queued, running or live", {"live": ["queued", "running"]},
                      cancel, lambda job: str(job.get(p.F_STATE)),
-                     (EXIT_CONFLICT, "had finished"), waves)
+                     (EXIT_CONFLICT, "had finished"),
+                     lambda ids: _dependants_first(ids, dependants))
     for job_id in cancelled:
         failing = [each for each in _depending_on(job_id, dependants) if each not in cancelled]
         if failing:  # on stderr: stdout stays a line for each job cancelled
@@ -149,11 +148,11 @@ def cmd_remove(client: Client, args: argparse.Namespace) -> int:
 def _each_job(client: Client, args: argparse.Namespace, states_said: str,
               groups: dict[str, list[str]], act: Callable[[str], Any],
               said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str],
-              waves: Mapping[str, int] | None = None) -> int:
-    """`act` on the jobs given by id (in `waves`, the lowest first), or on every job
-    in --state (of --kind), saying how each went; `moved_on`: the exit code of a failure
-    that means a job listed in that state changed since, leaving nothing to do, and the
-    words for it. The exit code."""
+              waves_of: Callable[[list[str]], Mapping[str, int]] | None = None) -> int:
+    """`act` on the jobs given by id, or on every job in --state (of --kind), in the waves
+    `waves_of(ids)` gives (the lowest first), saying how each went; `moved_on`: the exit
+    code of a failure that means a job listed in that state changed since, leaving
+    nothing to do, and the words for it. The exit code."""
     if args.kind and not args.state:
         raise Failure(EXIT_USAGE, f"--kind goes with --state ({states_said}): give both to "
                                   f"{args.command} every job of that kind in that state")
@@ -163,7 +162,8 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
                                   f"{', not both' if args.ids else ''}")
     done: list[dict[str, Any]] = []
     if args.ids:
-        code = _act(args, list(dict.fromkeys(args.ids)), act, said, moved_on, done, waves)
+        ids = list(dict.fromkeys(args.ids))
+        code = _act(args, ids, act, said, moved_on, done, waves_of and waves_of(ids))
     else:
         states = groups.get(args.state, [args.state])
         tried: set[str] = set()
@@ -174,7 +174,8 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
             if not ids:
                 break
             tried.update(ids)
-            acted = _act(args, ids, act, said, moved_on, done)  # each page, whatever came before
+            acted = _act(args, ids, act, said, moved_on, done,  # each page, whatever came before
+                         waves_of and waves_of(ids))
             code = code or acted
         if not tried and not args.json:  # on stderr: stdout stays the jobs acted on, none
             of_kind = f" of kind {args.kind}" if args.kind else ""
