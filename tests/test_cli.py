@@ -1295,6 +1295,20 @@ def test_errors_are_one_line_with_a_meaningful_exit_code(server: Server) -> None
     assert cli(server.url, "show").returncode == 2
 
 
+def test_a_removed_job_is_said_gone_not_its_id_mistyped(server: Server) -> None:
+    # A removed or pruned job's well-formed id was answered "job ids are 32 lowercase hex
+    # characters, as returned when the job was submitted": as if the user had mistyped it.
+    job_id = cli(server.url, "submit", "sleep", "--input", '{"seconds": 0}').stdout.strip()
+    assert cli(server.url, "wait", job_id).returncode == 0
+    assert cli(server.url, "remove", job_id).returncode == 0
+    gone = f"offload: no job with id '{job_id}' (removed, pruned, or never submitted here)\n"
+    for command in (["show"], ["log"], ["log", "--follow"], ["wait"], ["cancel"], ["retry"]):
+        done = cli(server.url, *command, job_id)
+        assert (done.returncode, done.stderr) == (5, gone), (command, done)
+    with server.client() as client:  # an id of another shape: how ids look
+        assert "32 lowercase hex" in client.get("/api/jobs/A-JOB").json()["detail"]
+
+
 def test_it_starts_without_loading_the_server(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("OFFLOAD_HOST=0.0.0.0\nOFFLOAD_PORT=8123\n")
     code = ("import sys; from jobs.cli import command_line, client; "

@@ -48,6 +48,9 @@ def _detail(status: int, detail: str, **extra: Any) -> JSONResponse:
 
 
 async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, JobNotFound)
+    if p.is_valid_id(exc.job_id):  # a job's id as given: that job is gone, not mistyped
+        return _detail(404, f"{exc} (removed, pruned, or never submitted here)")
     return _detail(404, f"{exc}; job ids are 32 lowercase hex characters, as returned "
                         "when the job was submitted")
 
