@@ -466,6 +466,27 @@ def test_a_job_its_kinds_cap_holds_back_says_so(make_server: MakeServer) -> None
     cli(url, "cancel", running)
 
 
+def test_a_chat_cap_below_the_models_slots_is_the_one_said(make_server: MakeServer) -> None:
+    # `offload parallel 1 --kind chat` said "chat at once: at most 4, the embedded model's
+    # slots ...; more wait queued" and then "chat at once: 1": two caps, the first not holding.
+    url = make_server(env={"OFFLOAD_MAX_CONCURRENT": "8"}).url
+    slots = httpx.get(f"{url}/api/queue").json()["model_slots"]
+    if slots < 2:
+        pytest.skip("llama-cpp-python's server runs one chat at a time: no cap below it")
+    chat_set = "chat at once: {} (set while running, kept across restarts; without it, no " \
+               "cap of its own)"
+    lowered = cli(url, "parallel", "1", "--kind", "chat")
+    assert (lowered.returncode, lowered.stdout) == (0, "runners at once: 8 "
+            f"(OFFLOAD_MAX_CONCURRENT)\n{chat_set.format(1)}\ntrain at once: 1 "
+            "(OFFLOAD_KIND_CAPS)\n"), lowered
+    status = [" ".join(line.split()) for line in cli(url, "status").stdout.splitlines()]
+    assert [line for line in status if line.startswith("chat at")] == [chat_set.format(1)]
+    # Above the slots, they hold the chats back again, and say so.
+    raised = cli(url, "parallel", str(slots + 1), "--kind", "chat").stdout.splitlines()
+    assert [line.split(",")[0] for line in raised if line.startswith("chat at")] == [
+        f"chat at once: at most {slots}", chat_set.format(slots + 1).split(",")[0]], raised
+
+
 def test_why_a_queued_job_waits_is_the_servers_word(make_server: MakeServer) -> None:
     # The CLI guessed it from a null queue position: a job whose dependency had completed,
     # held by its kind's cap, read "after <that job>"; the second of two jobs of a kind

@@ -201,9 +201,11 @@ def kind_caps_said(queue: dict[str, Any]) -> list[str]:
     """A line for each kind with a cap of its own: its cap, and where it comes from; and
     the chats the embedded model decodes at once, where that holds them back."""
     caps, defaults = queue.get("kind_caps") or {}, queue.get("kind_caps_default") or {}
-    slots = queue.get("model_slots")
+    slots, chat_cap = queue.get("model_slots"), caps.get(CHAT)
     lines = []
-    if isinstance(slots, int) and slots < queue.get("max_concurrent", 0):
+    # Under a chat cap below them the slots hold no chat back: that cap alone is said.
+    if (isinstance(slots, int) and slots < queue.get("max_concurrent", 0)
+            and not (isinstance(chat_cap, int) and chat_cap < slots)):
         why = ("llama-cpp-python's server runs one chat at a time" if queue.get(
             "model_engine") == ONE_SLOT_ENGINE else
                "the embedded model's slots (OFFLOAD_LLM_SLOTS)")
