@@ -1231,8 +1231,8 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
         "says 1)"], status
     for kind in ("sleep", "train"):
         assert cli(url, "parallel", "default", "--kind", kind).returncode == 0
-    for runners in ("2", "default"):  # `default` of a typo printed the caps, exit 0
-        unknown = cli(url, "parallel", runners, "--kind", "nope")
+    for runners in ("2", "default", None):  # a typo's `default` or caps printed all, exit 0
+        unknown = cli(url, "parallel", *([runners] if runners else []), "--kind", "nope")
         assert unknown.returncode == 2 and "unknown job kind 'nope'" in unknown.stderr, unknown
     # An empty --kind (a script's unset variable) changed the cap on all runners.
     empty = cli(url, "parallel", "3", "--kind", "")

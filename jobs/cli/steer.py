@@ -294,6 +294,10 @@ def cmd_parallel(client: Client, args: argparse.Namespace) -> int:
             raise Failure(EXIT_SERVER, older)  # it would refuse `kind` as a bad request
         if args.runners is None:
             answer = client.call("GET", "/api/queue")
+            if args.kind is not None and args.kind not in answer.get("kinds", [args.kind]):
+                # As the server refuses a cap for it: the caps of all said nothing of a typo.
+                raise Failure(EXIT_USAGE, f"unknown job kind {args.kind!r}; known kinds: "
+                                          f"{', '.join(answer['kinds'])}")
         else:
             cap = None if args.runners == "default" else _runners(args.runners)
             answer = client.call("PUT", "/api/queue/cap", {
