@@ -1162,14 +1162,21 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     delayed_said = Reader(delayed.stderr)
     starts = f"offload: job {job['id']} starts {job['run_at'][:19].replace('T', ' ')} UTC"
     wait_for(lambda: starts in delayed_said.text, 30, 0.1, "the start time said by wait")
+    # A wait for a job after another says for which (it said nothing, as if stuck).
+    behind = cli(url, "submit", "sleep", "--after", job["id"]).stdout.strip()
+    following = start_cli(url, "wait", behind)
+    following_said = Reader(following.stderr)
+    waits = f"offload: job {behind} waits for job {job['id']} to complete (--after)"
+    wait_for(lambda: waits in following_said.text, 30, 0.1, "the job waited for said by wait")
     unstarted = cli(url, "log", job["id"])  # it said "has logged nothing", as of a job run
     assert (unstarted.returncode, unstarted.stdout) == (0, ""), unstarted
     assert "has not started yet" in unstarted.stderr, unstarted
     # When it was to start is said of a queued job only (a finished one showed it).
     assert "run at" in cli(url, "show", job["id"]).stdout
     assert cli(url, "cancel", job["id"]).returncode == 0
-    with delayed:
+    with delayed, following:
         assert delayed.wait(60) == 1, delayed_said.done()
+        assert following.wait(60) == 1, following_said.done()
     assert "run at" not in cli(url, "show", job["id"]).stdout
     # As `pueue add --after`: a job after another's success; this one was cancelled.
     after = cli(url, "submit", "sleep", "--after", f" {job['id'].upper()} ", "--wait")

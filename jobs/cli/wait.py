@@ -132,6 +132,13 @@ def say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
                              f"of them ends ({remedy(job, queue.get('model_engine'))})\n")
         elif said.startswith("starts "):  # --delay or --at: no sooner
             sys.stderr.write(f"offload: job {job.get(p.F_ID)} {said}, as submitted\n")
+        elif said.startswith("after "):  # --after, or a chat's earlier turn
+            waits = job[p.F_WAITS_FOR]
+            awaited = [str(each) for each in waits.get("jobs") or []]
+            whom = f"job{'s' if len(awaited) > 1 else ''} {', '.join(awaited)}"
+            to = ("to complete (--after)" if waits.get(p.WAITS_REASON) == p.F_DEPENDS_ON
+                  else "to end (the earlier turn of its conversation)")
+            sys.stderr.write(f"offload: job {job.get(p.F_ID)} waits for {whom} {to}\n")
 
 
 def queue_state(client: Client) -> dict[str, Any]:
