@@ -1004,6 +1004,25 @@ def test_every_queued_job_cancelled_by_state_reads_cancelled_not_failed(
         assert wait_job(client, dependant)["state"] == "cancelled"
 
 
+def test_a_wait_for_a_later_turn_of_a_chat_says_it_waits_for_the_earlier(
+        server: Server) -> None:
+    # Its note is its progress ("waits for the previous answer ..."): `offload wait` said
+    # nothing of why it waited, and looked stuck.
+    with server.client() as client:
+        client.post("/api/queue/pause")
+        turns = [client.post("/api/ai_chat_async", headers={"Idempotency-Key": key}, json={
+            "messages": [{"role": "user", "content": "How is the CPU?"}],
+            "session_id": "a-conversation"}).json()["job_id"] for key in ("one", "two")]
+    waiting = start_cli(server.url, "wait", turns[1])
+    said = Reader(waiting.stderr)
+    waits = (f"offload: job {turns[1]} waits for job {turns[0]} to end (the earlier turn of "
+             "its conversation)")
+    wait_for(lambda: waits in said.text, 30, 0.1, "the turn waited for said by wait")
+    assert cli(server.url, "cancel", *turns).returncode == 0
+    with waiting:
+        assert waiting.wait(60) == 1, said.done()
+
+
 def test_a_chain_of_hundreds_of_jobs_is_cancelled_oldest_first_given(
         make_server: MakeServer, data_dir: Path) -> None:
     # The order of the cancels was worked out recursively, as deep as the chain: from 333
@@ -1707,23 +1726,34 @@ def test_cancel_by_state_goes_past_a_listings_length(make_server: MakeServer,
     from jobs.store.job_store import JobStore
 
     store, later = JobStore(data_dir / "jobs"), p.iso(time.time() + 3600)
+    # A running job, and the oldest queued one, which depends on it: on the last page.
+    running = store.create("sleep", {"seconds": 3600}, 3600)["id"]
+    dependant = store.create("sleep", {"seconds": 0}, 30,
+                             fields={p.F_DEPENDS_ON: [running]})["id"]
     waiting = {store.create("sleep", {"seconds": 0}, 30, fields={p.F_RUN_AT: later})["id"]
                for _ in range(1100)}
+    queued = waiting | {dependant}
     server = make_server(env={"OFFLOAD_MAX_QUEUED": "5000"})
+    with server.client() as client:
+        wait_job(client, running, "running")
     # Listed past 1000 too, page after page, each job once.
     listed = cli(server.url, "list", "--state", "queued", "--all", "--json")
     assert listed.returncode == 0, listed.stderr[-2000:]
-    assert sorted(job["id"] for job in json.loads(listed.stdout)) == sorted(waiting)
+    assert sorted(job["id"] for job in json.loads(listed.stdout)) == sorted(queued)
     first = cli(None, "list", "--url", server.url, "--state", "queued", "--limit", "1000")
     hint = first.stderr.split()
     assert hint[:10] == ["older", "ones:", "offload", "list", "--url", server.url, "--state",
                          "queued", "--limit", "1000"], first.stderr  # the same listing's next
-    older = cli(server.url, "list", "--state", "queued", "--before", hint[11])
-    assert len(older.stdout.splitlines()) == 1 + 100 and older.stderr == ""
-    swept = cli(server.url, "cancel", "--state", "queued", "--json")
+    older = cli(server.url, "list", "--state", "queued", "--before", hint[11], "--limit", "200")
+    assert len(older.stdout.splitlines()) == 1 + 101 and older.stderr == ""
+    # Every queued job before the running one it depends on, on a page of its own (that
+    # one was cancelled with the first page, and the dependant failed).
+    swept = cli(server.url, "cancel", "--state", "live", "--json")
     assert swept.returncode == 0, swept.stderr[-2000:]
-    assert {job["id"] for job in json.loads(swept.stdout)} == waiting  # one JSON array
-    assert json.loads(cli(server.url, "list", "--state", "queued", "--json").stdout) == []
+    assert {job["id"]: job["state"] for job in json.loads(swept.stdout)} == {  # one array
+        job_id: "cancelled" for job_id in queued | {running}}
+    for state in ("queued", "running"):
+        assert json.loads(cli(server.url, "list", "--state", state, "--json").stdout) == []
     # Removed past 1000 too, though one on the first page cannot be (its folder made
     # immutable): the pages after it were listed and left as they were.
     newest = max(waiting, key=lambda job_id: store.read(job_id)[p.F_CREATED_AT])
@@ -1734,7 +1764,7 @@ def test_cancel_by_state_goes_past_a_listings_length(make_server: MakeServer,
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
     assert cleaned.returncode == 7 and f"job {newest} could not be removed" in cleaned.stderr
-    assert len(cleaned.stdout.splitlines()) == len(waiting) - 1
+    assert len(cleaned.stdout.splitlines()) == len(queued) + 1 - 1
     left = json.loads(cli(server.url, "list", "--json").stdout)
     assert [job["id"] for job in left] == [newest], len(left)
 

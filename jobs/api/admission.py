@@ -74,5 +74,5 @@ def check_dependencies(store: JobStore, launch: Launch) -> None:
     missing = [each for each in launch.depends_on if not store.path(each).exists()]
     if missing:
         raise InvalidInput(f"depends_on: no job {', '.join(missing[:5])}"
-                           f"{' and more' if len(missing) > 5 else ''} (pruned, or never "
+                           f"{' and more' if len(missing) > 5 else ''} (removed, pruned, or never "
                            "submitted here): give the ids of jobs this server holds")

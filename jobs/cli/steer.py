@@ -47,19 +47,14 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
     return wait_and_report(client, job, args)
 
 
-def _matching(client: Client, states: list[str], kind: str | None) -> tuple[list[str], bool]:
-    """The ids of the jobs in `states` (of `kind`), as the API lists them now, newest
-    first; and whether some listing was cut at LIST_MAX (older ones are left)."""
-    ids: list[str] = []
-    cut = False
-    for state in states:
-        given = urllib.parse.urlencode({k: v for k, v in (
-            ("state", state), ("kind", kind), ("limit", LIST_MAX), ("fields", "summary"))
-            if v is not None})  # only their ids are needed
-        listed = client.call("GET", f"/api/jobs?{given}")["jobs"]
-        ids += [job[p.F_ID] for job in listed]
-        cut = cut or len(listed) >= LIST_MAX
-    return list(dict.fromkeys(ids)), cut  # one that started between the listings: once
+def _matching(client: Client, state: str, kind: str | None) -> tuple[list[str], bool]:
+    """The ids of the jobs in `state` (of `kind`), as the API lists them now, newest
+    first; and whether the listing was cut at LIST_MAX (older ones are left)."""
+    given = urllib.parse.urlencode({k: v for k, v in (
+        ("state", state), ("kind", kind), ("limit", LIST_MAX), ("fields", "summary"))
+        if v is not None})  # only their ids are needed
+    listed = client.call("GET", f"/api/jobs?{given}")["jobs"]
+    return [job[p.F_ID] for job in listed], len(listed) >= LIST_MAX
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
@@ -80,8 +75,9 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
                      cancel, lambda job: str(job.get(p.F_STATE)),
                      (EXIT_CONFLICT, "had finished"),
                      lambda ids: _dependants_first(ids, dependants))
+    stopped = set(cancelled)  # a chain of thousands: a look-up each, not a walk
     for job_id in cancelled:
-        failing = [each for each in _depending_on(job_id, dependants) if each not in cancelled]
+        failing = [each for each in _depending_on(job_id, dependants) if each not in stopped]
         if failing:  # on stderr: stdout stays a line for each job cancelled
             sys.stderr.write(f"offload: {job_id} cancelled: {len(failing)} job(s) that depend "
                              f"on it fail with it (dependency): "
@@ -165,18 +161,21 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
         ids = list(dict.fromkeys(args.ids))
         code = _act(args, ids, act, said, moved_on, done, waves_of and waves_of(ids))
     else:
-        states = groups.get(args.state, [args.state])
         tried: set[str] = set()
-        code, cut = EXIT_OK, True
-        while cut:  # a listing holds the newest LIST_MAX: those done, older ones next
-            ids, cut = _matching(client, states, args.kind)
-            ids = [job_id for job_id in ids if job_id not in tried]
-            if not ids:
-                break
-            tried.update(ids)
-            acted = _act(args, ids, act, said, moved_on, done,  # each page, whatever came before
-                         waves_of and waves_of(ids))
-            code = code or acted
+        code = EXIT_OK
+        # `live`: every queued job before the running ones, which queued ones may depend
+        # on; one that starts meanwhile is found running.
+        for state in groups.get(args.state, [args.state]):
+            cut = True
+            while cut:  # a listing holds the newest LIST_MAX: those done, older ones next
+                ids, cut = _matching(client, state, args.kind)
+                ids = [job_id for job_id in ids if job_id not in tried]
+                if not ids:
+                    break
+                tried.update(ids)
+                acted = _act(args, ids, act, said, moved_on, done,  # each page, as it comes
+                             waves_of and waves_of(ids))
+                code = code or acted
         if not tried and not args.json:  # on stderr: stdout stays the jobs acted on, none
             of_kind = f" of kind {args.kind}" if args.kind else ""
             sys.stderr.write(f"no {args.state} jobs{of_kind}: nothing to {args.command}\n")

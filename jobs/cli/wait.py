@@ -113,8 +113,9 @@ def wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespac
 def say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
                       counted: bool = False) -> None:
     """Before waiting for jobs: that those queued wait for the queue to be resumed, for
-    a kind's cap to leave room, or for the start time they were given (the wait would look
-    stuck). `counted`: the jobs as `GET` answers them, with why each waits."""
+    the jobs they depend on (or a chat's earlier turn), for a kind's cap to leave room, or
+    for the start time they were given (the wait would look stuck). `counted`: the jobs as
+    `GET` answers them, with why each waits."""
     if not any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs):
         return
     queue = queue_state(client)
@@ -127,18 +128,19 @@ def say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
         if job is None:
             continue
         said = note(job)
-        if said.startswith("held: "):
+        waits = job.get(p.F_WAITS_FOR)
+        waits = waits if isinstance(waits, dict) else {}  # an older server has none
+        if waits.get(p.WAITS_REASON) in (p.F_DEPENDS_ON, p.F_AFTER):  # a turn's note: progress
+            awaited = [str(each) for each in waits.get("jobs") or []]
+            whom = f"job{'s' if len(awaited) > 1 else ''} {', '.join(awaited)}"
+            to = ("to complete (--after)" if waits[p.WAITS_REASON] == p.F_DEPENDS_ON
+                  else "to end (the earlier turn of its conversation)")
+            sys.stderr.write(f"offload: job {job.get(p.F_ID)} waits for {whom} {to}\n")
+        elif said.startswith("held: "):
             sys.stderr.write(f"offload: job {job.get(p.F_ID)} is {said}: it starts once one "
                              f"of them ends ({remedy(job, queue.get('model_engine'))})\n")
         elif said.startswith("starts "):  # --delay or --at: no sooner
             sys.stderr.write(f"offload: job {job.get(p.F_ID)} {said}, as submitted\n")
-        elif said.startswith("after "):  # --after, or a chat's earlier turn
-            waits = job[p.F_WAITS_FOR]
-            awaited = [str(each) for each in waits.get("jobs") or []]
-            whom = f"job{'s' if len(awaited) > 1 else ''} {', '.join(awaited)}"
-            to = ("to complete (--after)" if waits.get(p.WAITS_REASON) == p.F_DEPENDS_ON
-                  else "to end (the earlier turn of its conversation)")
-            sys.stderr.write(f"offload: job {job.get(p.F_ID)} waits for {whom} {to}\n")
 
 
 def queue_state(client: Client) -> dict[str, Any]:
