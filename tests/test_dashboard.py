@@ -864,8 +864,30 @@ COMPLETED = "#chat-log li.msg.assistant[data-state='completed']"
 
 
 def completed_shown(page: Any, count: int) -> None:
-    page.wait_for_function(f"document.querySelectorAll(\"{COMPLETED}\").length === {count}",
-                           timeout=30_000)
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    try:
+        page.wait_for_function(f"document.querySelectorAll(\"{COMPLETED}\").length === {count}",
+                               timeout=30_000)
+    except PageTimeout:
+        raise AssertionError(f"{count} completed replies not shown in 30 s: "
+                             f"{replies_and_clock(page)}") from None
+
+
+def replies_and_clock(page: Any) -> str:
+    """The replies a page shows, and whether its clock and script still run (a clue to a
+    reply not shown: the page stuck, or the server)."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    look = ("() => [Date.now(), [...document.querySelectorAll('#chat-log li.msg.assistant')]"
+            ".map((li) => `${li.dataset.state}: ${li.innerText.slice(0, 80)}`)]")
+    try:  # bounded: a page whose script is stuck never answers an evaluate
+        before = page.wait_for_function(look, timeout=5000).json_value()
+        page.wait_for_timeout(1000)
+        after = page.wait_for_function(look, timeout=5000).json_value()
+    except PageTimeout:
+        return "the page's script does not run (5 s without an answer)"
+    return f"replies {after[1]}; the page's clock moved {after[0] - before[0]} ms in 1 s"
 
 
 def questions_shown(page: Any) -> list[str]:
