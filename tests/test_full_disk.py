@@ -539,23 +539,26 @@ def test_a_cancel_asked_again_on_a_full_disk_is_answered_at_once(
 
 def test_a_cancel_whose_request_fits_but_not_its_final_state_says_so(
         make_server: MakeServer, tmp_path: Path) -> None:
-    """A cancel whose stop request found room (a page left) while the job's final state
+    """A cancel whose stop request found room (for it alone) while the job's final state
     found none: past the stop's grace and 10 s it answered 200 with the job still running,
     and `offload cancel` asked whether the supervisor was running. It answers the 507 that
     says the job shows as cancelled once there is room."""
-    with small_disk(tmp_path, "512k") as disk:
+    # A model server of its own (without OPENAI_BASE_URL) would write its log there too.
+    with small_disk(tmp_path, "512k") as disk, FakeLLM() as llm:
         server = make_server(env={"OFFLOAD_DATA_DIR": str(disk / "var"),
-                                  "OFFLOAD_STOP_GRACE_S": "1"})
+                                  "OFFLOAD_STOP_GRACE_S": "1", "OPENAI_BASE_URL": llm.base_url})
         with server.client() as client:
-            job = client.post("/api/jobs", json={"kind": "sleep", "input": {
-                "seconds": 100, "steps": 1}}).json()
+            # A job file of two pages: its final state finds no room in the one the stop
+            # request leaves, or in none (the metrics' appends take a page every ~30 s).
+            job = client.post("/api/jobs", json={"kind": "probe", "input": {
+                "seconds": 100, "steps": 1, "padding": "x" * 7000}}).json()
             wait_job(client, job["id"], "running")
-            # The counters' save after the launch would otherwise take the page left.
+            # The counters' save after the launch would otherwise take a page meanwhile.
             counters = disk / "var" / "job_counters.json"
             wait_for(lambda: counters.exists()
                      and job["id"] in json.loads(counters.read_text() or "{}").get("running", []),
                      30, 0.05, "the counters saved with the job running")
-            with disk_filled(disk, pages=1):
+            with disk_filled(disk, pages=2):
                 offload = cli(server.url, "cancel", job["id"])
                 assert offload.returncode == 7, offload
                 assert "The cancel is recorded" in offload.stderr, offload.stderr
