@@ -44,6 +44,13 @@ def is_removed(job: dict[str, Any]) -> bool:
     return job.get("removed") is True
 
 
+def waits_for(job: dict[str, Any]) -> dict[str, Any]:
+    """Why a queued job has not started, as the server says it (empty from an older
+    server, which says none)."""
+    waits = job.get(p.F_WAITS_FOR)
+    return waits if isinstance(waits, dict) else {}
+
+
 def note(job: dict[str, Any]) -> str:
     """What to know of a job at a glance: its error, progress, or why it has not started
     (as the server says it: `waits_for`)."""
@@ -59,8 +66,7 @@ def note(job: dict[str, Any]) -> str:
         return f"{percent}{progress.get('message') or ''}".strip()
     if job.get(p.F_STATE) != p.JobState.QUEUED:
         return ""
-    waits = job.get(p.F_WAITS_FOR)
-    waits = waits if isinstance(waits, dict) else {}  # an older server has none
+    waits = waits_for(job)
     reason, start_at = waits.get(p.WAITS_REASON), p.run_at(job)
     if reason in (p.F_DEPENDS_ON, p.F_AFTER):
         awaited = [str(each) for each in waits.get("jobs") or []]
@@ -96,9 +102,9 @@ def _held(cap: Any, waits: dict[str, Any], full: str, room_of: str) -> str:
 def remedy(job: dict[str, Any], engine: str | None = None) -> str:
     """What gives a held job room: a higher cap of its kind, more of the model's slots,
     or both where both hold it. `engine`: the model's (`/api/queue`'s `model_engine`)."""
-    waits = job.get(p.F_WAITS_FOR)
+    waits = waits_for(job)
     raise_cap = f"offload parallel N --kind {job.get(p.F_KIND)}"
-    if not isinstance(waits, dict) or waits.get(p.WAITS_REASON) != p.WAITS_MODEL_SLOTS:
+    if waits.get(p.WAITS_REASON) != p.WAITS_MODEL_SLOTS:
         return raise_cap
     both = waits.get(p.WAITS_KIND_CAP) is not None
     if engine == ONE_SLOT_ENGINE:  # no cap raised starts another chat there

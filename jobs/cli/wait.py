@@ -26,6 +26,7 @@ from jobs.cli.show import (
     remedy,
     removed,
     shown,
+    waits_for,
 )
 
 
@@ -128,8 +129,7 @@ def say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
         if job is None:
             continue
         said = note(job)
-        waits = job.get(p.F_WAITS_FOR)
-        waits = waits if isinstance(waits, dict) else {}  # an older server has none
+        waits = waits_for(job)
         if waits.get(p.WAITS_REASON) in (p.F_DEPENDS_ON, p.F_AFTER):  # a turn's note: progress
             awaited = [str(each) for each in waits.get("jobs") or []]
             whom = f"job{'s' if len(awaited) > 1 else ''} {', '.join(awaited)}"
