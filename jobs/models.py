@@ -44,6 +44,22 @@ def _one_as_list(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 
+def job_ids(given: object, most: int) -> list[str]:
+    """A list of 1 to `most` job ids, each in any case and kept once; said plainly if not."""
+    if not isinstance(given, list) or not 1 <= len(given) or not all(
+            isinstance(each, str) for each in given):
+        raise ValueError("give a job's id (32 hex characters, as a listing shows) or a "
+                         f"list of 1 to {most} of them")
+    ids = list(dict.fromkeys(each.strip().lower() for each in given))
+    if len(ids) > most:
+        raise ValueError(f"at most {most} jobs, not {len(ids)}")
+    wrong = next((each for each in ids if not is_valid_id(each)), None)
+    if wrong is not None:
+        raise ValueError(f"{wrong[:80]!r} is no job's id (32 hex characters, as a listing "
+                         "shows)")
+    return ids
+
+
 # Answered as the job file has it (milliseconds), not as pydantic writes a datetime.
 Time = Annotated[datetime, PlainSerializer(_iso, when_used="json"),
                  WithJsonSchema({"type": "string", "format": "date-time"})]
@@ -183,22 +199,7 @@ class JobCreate(Request):
     @field_validator("depends_on", mode="before")
     @classmethod
     def _job_ids(cls, value: object) -> list[str] | None:
-        """One id or a list, each in any case and kept once; said plainly if not."""
-        if value is None:
-            return None
-        given = _one_as_list(value)
-        if not isinstance(given, list) or not 1 <= len(given) or not all(
-                isinstance(each, str) for each in given):
-            raise ValueError("give a job's id (32 hex characters, as a listing shows) or a "
-                             "list of 1 to 100 of them")
-        ids = list(dict.fromkeys(each.strip().lower() for each in given))
-        if len(ids) > MAX_DEPENDENCIES:
-            raise ValueError(f"at most {MAX_DEPENDENCIES} jobs, not {len(ids)}")
-        wrong = next((each for each in ids if not is_valid_id(each)), None)
-        if wrong is not None:
-            raise ValueError(f"{wrong[:80]!r} is no job's id (32 hex characters, as a listing "
-                             "shows)")
-        return ids
+        return None if value is None else job_ids(_one_as_list(value), MAX_DEPENDENCIES)
 
     @model_validator(mode="after")
     def _one_start_time(self) -> JobCreate:
@@ -226,6 +227,18 @@ class JobBatch(Request):
         return value
 
 
+class JobIds(Request):
+    """Jobs named by their ids (`POST /api/jobs/cancel`)."""
+
+    ids: Annotated[list[str], WithJsonSchema({"anyOf": [JOB_ID_SCHEMA, {
+        "type": "array", "items": JOB_ID_SCHEMA, "minItems": 1, "maxItems": MAX_BATCH}]})]
+
+    @field_validator("ids", mode="before")
+    @classmethod
+    def _job_ids(cls, value: object) -> list[str]:
+        return job_ids(_one_as_list(value), MAX_BATCH)
+
+
 class JobRerun(Request):
     """Run a job again: its kind, and its input unless this gives another."""
 
@@ -250,6 +263,16 @@ class BatchAnswer(BaseModel):
     """The jobs of a batch, in its order."""
 
     jobs: list[Job]
+
+
+class CancelAnswer(BaseModel):
+    """Jobs cancelled together: each asked to stop, as it is after the wait (`cancelled`, or
+    as it ended meanwhile; still `running` where its stop outlasted the wait); those that
+    had finished already, untouched; the ids of no job here (removed, pruned, or never)."""
+
+    jobs: list[Job]
+    finished: list[Job]
+    missing: list[str]
 
 
 class BatchRefusal(BaseModel):

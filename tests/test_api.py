@@ -232,6 +232,44 @@ def test_cancel_running_queued_and_finished(make_server: MakeServer) -> None:
         assert client.get(f"/api/jobs/{queued['id']}").json()["started_at"] is None
 
 
+def test_jobs_cancelled_together_with_those_that_depend_on_them_all_read_cancelled(
+        make_server: MakeServer) -> None:
+    """As `pueue kill 1 2 3`: one request for a chain, the ids in any order. The supervisor
+    takes the stops it is rung with in no set order: one that ended the chain's head first
+    failed the job after it (dependency), its own stop standing unlooked at."""
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1"})
+    with server.client() as client:
+        done = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        assert wait_job(client, done["id"])["state"] == "completed"
+        chain = [client.post("/api/jobs", json={"kind": "sleep",
+                                                "input": {"seconds": 60}}).json()["id"]]
+        wait_job(client, chain[0], "running")
+        for _ in range(20):
+            chain.append(client.post("/api/jobs", json={
+                "kind": "sleep", "input": {"seconds": 0}, "depends_on": chain[-1]}).json()["id"])
+        gone = "0" * 32
+        given = [*chain[::2], done["id"].upper(), gone, *chain[1::2], chain[3]]
+        answer = client.post("/api/jobs/cancel", json={"ids": given})
+        assert answer.status_code == 200, answer.text
+        together = answer.json()
+        assert sorted(job["id"] for job in together["jobs"]) == sorted(chain)
+        assert {(job["state"], job["error"]["type"]) for job in together["jobs"]} == {
+            ("cancelled", "cancelled")}, together["jobs"]
+        assert [job["id"] for job in together["finished"]] == [done["id"]]
+        assert together["finished"][0]["state"] == "completed"
+        assert together["missing"] == [gone]
+        for job_id in chain:
+            assert client.get(f"/api/jobs/{job_id}").json()["state"] == "cancelled"
+        again = client.post("/api/jobs/cancel", json={"ids": chain[-1]}).json()
+        assert (again["jobs"], [job["id"] for job in again["finished"]]) == ([], [chain[-1]])
+
+        for body, said in (({"ids": []}, "a list of 1 to 1000"), ({}, "ids"),
+                           ({"ids": ["12"]}, "'12' is no job's id"),
+                           ({"ids": [f"{n:032x}" for n in range(1001)]}, "at most 1000")):
+            refused = client.post("/api/jobs/cancel", json=body)
+            assert refused.status_code == 422 and said in refused.json()["detail"], refused.text
+
+
 def test_remove_a_finished_job_now(make_server: MakeServer) -> None:
     """As `pueue remove`, RQ's `job.delete()`: a finished job goes at once, with its
     folder and Idempotency-Key; a live one, or one a queued job waits for, stays."""

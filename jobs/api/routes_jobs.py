@@ -1,5 +1,5 @@
-"""/api/jobs: submit (one or several), list, read, cancel, re-run, remove, follow
-(server-sent events), log."""
+"""/api/jobs: submit (one or several), list, read, cancel (one or several), re-run, remove,
+follow (server-sent events), log."""
 
 from __future__ import annotations
 
@@ -18,7 +18,17 @@ from jobs.api.guards import asked_head
 from jobs.api.service import JobService
 from jobs.api.summary import Fields, summary
 from jobs.kinds import UnknownKind, registry
-from jobs.models import BatchAnswer, BatchRefusal, Job, JobBatch, JobCreate, JobList, JobRerun
+from jobs.models import (
+    BatchAnswer,
+    BatchRefusal,
+    CancelAnswer,
+    Job,
+    JobBatch,
+    JobCreate,
+    JobIds,
+    JobList,
+    JobRerun,
+)
 from jobs.protocol import JobState
 from jobs.settings import MAX_WAIT_S
 from jobs.store.index import UnknownCursor
@@ -191,6 +201,21 @@ def _server_stopping() -> HTTPException:
 async def cancel_job(job_id: str, service: Service) -> dict[str, Any]:
     """Cancel: a queued job never starts; a running job's whole process tree is stopped."""
     return await service.cancel(job_id)
+
+
+@router.post("/jobs/cancel", response_model=CancelAnswer, responses={
+    503: {"description": "the data folder cannot be written: a cancel was not recorded "
+                         "(those before it stand); send them again"},
+    507: {"description": "the data folder's disk is full: a job's final state waits for "
+                         "room (the detail says whether the cancels are recorded)"}})
+async def cancel_jobs(body: JobIds, service: Service) -> dict[str, Any]:
+    """Cancel several jobs at once (up to 1000), as `DELETE /api/jobs/{id}` each, but
+    every stop is asked before any is acted on: a job cancelled with the jobs that depend
+    on it ends `cancelled`, never failing them first (`dependency`). `jobs`: those asked to
+    stop, as they are after the wait; `finished`: those that had finished, untouched;
+    `missing`: the ids of no job here (removed, pruned, or never submitted)."""
+    jobs, finished, missing = await service.cancel_many(body.ids)
+    return {"jobs": jobs, "finished": finished, "missing": missing}
 
 
 @router.post("/jobs/{job_id}/remove", response_model=Job,

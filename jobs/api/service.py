@@ -372,6 +372,10 @@ class JobService:
     async def cancel(self, job_id: str) -> dict[str, Any]:
         return await self.stops.cancel(job_id)
 
+    async def cancel_many(self, job_ids: list[str]
+                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+        return await self.stops.cancel_many(job_ids)
+
     async def remove(self, job_id: str) -> dict[str, Any]:
         return await self.stops.remove(job_id)
 

@@ -72,15 +72,46 @@ class Stops:
             raise unrecorded  # stopped, but its final state waits for room: said so
         return stopped[job_id]
 
+    async def cancel_many(self, job_ids: list[str]
+                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+        """Cancel several jobs together: the jobs asked to stop, as they are after the
+        wait; those that had finished; the ids of no job. On a full disk, raise as `cancel`
+        does where one of them is not final."""
+        def read_each() -> tuple[list[dict[str, Any]], list[str]]:
+            found, missing = [], []
+            for job_id in job_ids:
+                try:
+                    found.append(self.store.read(job_id))
+                except JobNotFound:
+                    missing.append(job_id)
+            return found, missing
+
+        found, missing = await run_in_threadpool(read_each)
+        finished = [job for job in found if job.get(p.F_STATE) in p.FINAL_STATES]
+        # Newest first: a job that depends on another is newer (only a hand-edited file
+        # has it otherwise), so its stop stands before the one it depends on is acted on.
+        live = sorted((job for job in found if job.get(p.F_STATE) not in p.FINAL_STATES),
+                      key=lambda job: str(job.get(p.F_CREATED_AT)), reverse=True)
+        stopped, no_room = await self.stopped([str(job[p.F_ID]) for job in live])
+        if no_room is not None and any(job.get(p.F_STATE) not in p.FINAL_STATES
+                                       for job in stopped.values()):
+            raise no_room  # stopped, but a final state waits for room: said so
+        missing += [str(job[p.F_ID]) for job in live if job[p.F_ID] not in stopped]
+        return [stopped[job_id] for job_id in job_ids if job_id in stopped], finished, missing
+
     async def stopped(self, job_ids: list[str]
                       ) -> tuple[dict[str, dict[str, Any]], StoreUnavailable | None]:
-        """Ask each job to stop, and wait (without blocking) until all are final or the
-        stop's grace is over; each job as it is then (gone: left out). On a full disk, also
-        the error to say of those not final, which are then not waited for: their final
-        state waits for room."""
+        """Ask each job to stop, in this order, and wait (without blocking) until all are
+        final or the stop's grace is over; each job as it is then (gone: left out). Every
+        request stands before the supervisor is rung with any: one acted on before the
+        request of a job depending on it stood would fail that job (dependency), not
+        cancel it. On a full disk, also the error to say of those not final, which are
+        then not waited for: their final state waits for room."""
         no_room = None
         for job_id in job_ids:
-            no_room = await self._ask_stop(job_id) or no_room
+            no_room = await self._ask_stop(job_id, ring=False) or no_room
+        for job_id in job_ids:
+            poke(self.store.dir, job_id)
         jobs = await self._wait_final(job_ids, patient=no_room is None)
         return jobs, no_room or await self._no_room_to_end(jobs)
 
@@ -104,9 +135,9 @@ class Stops:
             return None
         return StoreUnavailable(NO_ROOM_TO_END, RECORDED, retry=False, no_room=True)
 
-    async def _ask_stop(self, job_id: str) -> StoreUnavailable | None:
-        """Leave its stop request and ring the supervisor; on a full disk, the error to
-        say if the job is not final in time. Where not even an empty request finds room
+    async def _ask_stop(self, job_id: str, ring: bool = True) -> StoreUnavailable | None:
+        """Leave its stop request and (`ring`) ring the supervisor; on a full disk, the
+        error to say if the job is not final in time. Where not even an empty request finds room
         (no inode left), the leader is asked through its socket alone. Raised where no
         leader took the ring."""
         try:
@@ -119,7 +150,8 @@ class Stops:
                 raise  # no leader listening (or no socket, as on Windows): not cancelled
             exc.outcome = UNRECORDED
             return exc
-        poke(self.store.dir, job_id)
+        if ring:
+            poke(self.store.dir, job_id)
         if whole:
             return None
         return StoreUnavailable(NO_ROOM_TO_END, RECORDED, retry=False, no_room=True)

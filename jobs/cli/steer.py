@@ -18,12 +18,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
 from jobs.cli.client import (
+    BATCH_JOB_S,
     EXIT_CONFLICT,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_SERVER,
     EXIT_USAGE,
     LIST_MAX,
+    REQUEST_TIMEOUT_S,
     Client,
     Failure,
     job_path,
@@ -35,6 +37,7 @@ from jobs.cli.submit import parse_input
 from jobs.cli.wait import wait_and_report
 
 T = TypeVar("T")
+Answer = dict[str, Any] | Failure  # a job acted on, or why it was not
 
 
 def cmd_retry(client: Client, args: argparse.Namespace) -> int:
@@ -61,20 +64,44 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     dependants = _dependants(client)
     cancelled: list[str] = []
 
-    def cancel(job_id: str) -> Any:
-        job = client.job("DELETE", f"/api/jobs/{job_path(job_id)}")
-        state = job[p.F_STATE]
-        if state not in p.FINAL_STATES:  # the server's wait ended first: not done yet
-            raise Failure(EXIT_SERVER, f"{job_id}: cancel asked, but the job is still {state} "
-                          "after the server's wait: is the supervisor running (offload "
-                          "status)? It is cancelled once it stops", answer=job)
-        cancelled.append(job_id)
-        return job
+    def cancel(ids: list[str]) -> dict[str, dict[str, Any] | Failure]:
+        # Together: every stop stands before any is acted on, so a job cancelled with the
+        # ones that depend on it fails none of them (dependency) first.
+        try:
+            answer = client.call("POST", "/api/jobs/cancel", {"ids": ids},
+                                 timeout=REQUEST_TIMEOUT_S + BATCH_JOB_S * len(ids))
+        except Failure as exc:
+            if exc.status == 405 or (exc.status == 404
+                                     and exc.message.startswith("no API route")):
+                raise Failure(EXIT_SERVER, "this server is older: it cannot cancel jobs "
+                                           "together (POST /api/jobs/cancel); upgrade it, or "
+                                           "cancel each with DELETE /api/jobs/ID") from None
+            raise
+        answer = offload_shaped(client.url, answer, "the jobs cancelled", jobs=list,
+                                finished=list, missing=list)
+        outcome: dict[str, dict[str, Any] | Failure] = {}
+        for job in answer["jobs"]:
+            job_id, state = job[p.F_ID], job[p.F_STATE]
+            if state in p.FINAL_STATES:
+                cancelled.append(job_id)
+                outcome[job_id] = job
+            else:  # the server's wait ended first: not done yet
+                outcome[job_id] = Failure(
+                    EXIT_SERVER, f"{job_id}: cancel asked, but the job is still {state} after "
+                    "the server's wait: is the supervisor running (offload status)? It is "
+                    "cancelled once it stops", answer=job)
+        for job in answer["finished"]:
+            outcome[job[p.F_ID]] = Failure(
+                EXIT_CONFLICT, f"job {job[p.F_ID]} has already finished ({job[p.F_STATE]}): "
+                "there is nothing to cancel", answer=job)
+        for job_id in answer["missing"]:
+            outcome[job_id] = Failure(EXIT_NOT_FOUND, f"no job with id {job_id!r} (removed, "
+                                                      "pruned, or never submitted here)")
+        return outcome
 
     code = _each_job(client, args, "queued, running or live", {"live": ["queued", "running"]},
-                     cancel, lambda job: str(job.get(p.F_STATE)),
-                     (EXIT_CONFLICT, "had finished"),
-                     lambda ids: _dependants_first(ids, dependants))
+                     _in_parts(cancel), lambda job: str(job.get(p.F_STATE)),
+                     (EXIT_CONFLICT, "had finished"))
     stopped = set(cancelled)  # a chain of thousands: a look-up each, not a walk
     for job_id in cancelled:
         failing = [each for each in _depending_on(job_id, dependants) if each not in stopped]
@@ -83,6 +110,16 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
                              f"on it fail with it (dependency): "
                              f"{', '.join(each[:8] for each in failing)}\n")
     return code
+
+
+def _in_parts(act: Callable[[list[str]], dict[str, T]]) -> Callable[[list[str]], dict[str, T]]:
+    """`act` on at most LIST_MAX ids at a time (as many as a request takes)."""
+    def parts(ids: list[str]) -> dict[str, T]:
+        done: dict[str, T] = {}
+        for start in range(0, len(ids), LIST_MAX):
+            done.update(act(ids[start:start + LIST_MAX]))
+        return done
+    return parts
 
 
 def _dependants(client: Client) -> dict[str, list[str]]:
@@ -97,20 +134,6 @@ def _dependants(client: Client) -> dict[str, list[str]]:
         for each in p.dependencies(job):
             dependants.setdefault(each, []).append(str(job[p.F_ID]))
     return dependants
-
-
-def _dependants_first(ids: list[str], dependants: dict[str, list[str]]) -> dict[str, int]:
-    """The wave each of `ids` is cancelled in: a job after every given one that depends
-    on it, else the cancel of the one it depends on may fail it (dependency) first."""
-    given = set(ids)
-    depend_on_it = {job_id: [each for each in _depending_on(job_id, dependants) if each in given]
-             for job_id in ids}
-    waves: dict[str, int] = {}
-    # A dependant has fewer dependants than the job it depends on: its wave comes first.
-    # (Not recursive: a chain of a thousand given jobs is as deep.)
-    for job_id in sorted(depend_on_it, key=lambda job_id: len(depend_on_it[job_id])):
-        waves[job_id] = 1 + max((waves[each] for each in depend_on_it[job_id]), default=-1)
-    return waves
 
 
 def _depending_on(job_id: str, dependants: dict[str, list[str]]) -> list[str]:
@@ -137,17 +160,16 @@ def cmd_remove(client: Client, args: argparse.Namespace) -> int:
             raise
 
     return _each_job(client, args, "completed, failed, cancelled, timeout or finished",
-                     {"finished": ENDED}, remove, lambda job: "removed",
+                     {"finished": ENDED}, _each_at_once(remove), lambda job: "removed",
                      (EXIT_NOT_FOUND, "was gone already"))  # pruned, or removed by another
 
 
 def _each_job(client: Client, args: argparse.Namespace, states_said: str,
-              groups: dict[str, list[str]], act: Callable[[str], Any],
-              said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str],
-              waves_of: Callable[[list[str]], Mapping[str, int]] | None = None) -> int:
-    """`act` on the jobs given by id, or on every job in --state (of --kind), in the waves
-    `waves_of(ids)` gives (the lowest first), saying how each went; `moved_on`: the exit
-    code of a failure that means a job listed in that state changed since, leaving
+              groups: dict[str, list[str]], act: Callable[[list[str]], Mapping[str, Answer]],
+              said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str]) -> int:
+    """`act` on the jobs given by id, or on every job in --state (of --kind), saying how
+    each went; `act(ids)` answers each id's job, or the Failure for it. `moved_on`: the
+    exit code of a failure that means a job listed in that state changed since, leaving
     nothing to do, and the words for it. The exit code."""
     if args.kind and not args.state:
         raise Failure(EXIT_USAGE, f"--kind goes with --state ({states_said}): give both to "
@@ -159,7 +181,7 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
     done: list[dict[str, Any]] = []
     if args.ids:
         ids = list(dict.fromkeys(args.ids))
-        code = _act(args, ids, act, said, moved_on, done, waves_of and waves_of(ids))
+        code = _act(args, ids, act, said, moved_on, done)
     else:
         tried: set[str] = set()
         code = EXIT_OK
@@ -173,8 +195,7 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
                 if not ids:
                     break
                 tried.update(ids)
-                acted = _act(args, ids, act, said, moved_on, done,  # each page, as it comes
-                             waves_of and waves_of(ids))
+                acted = _act(args, ids, act, said, moved_on, done)  # each page, as it comes
                 code = code or acted
         if not tried and not args.json:  # on stderr: stdout stays the jobs acted on, none
             of_kind = f" of kind {args.kind}" if args.kind else ""
@@ -184,22 +205,19 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
     return code
 
 
-def _act(args: argparse.Namespace, ids: list[str], act: Callable[[str], Any],
+def _act(args: argparse.Namespace, ids: list[str],
+         act: Callable[[list[str]], Mapping[str, Answer]],
          said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str],
-         done: list[dict[str, Any]], waves: Mapping[str, int] | None = None) -> int:
-    """`act` on `ids`, wave after wave (`waves`; else all at once), saying how each went
-    in the order of `ids` (for --json: appended to `done`); the exit code."""
-    def one(job_id: str) -> dict[str, Any] | Failure:
-        try:
-            return dict(act(job_id))
-        except Failure as exc:
-            return exc
-
-    answered: dict[str, dict[str, Any] | Failure] = {}
-    for n in sorted({(waves or {}).get(job_id, 0) for job_id in ids}):
-        wave = [job_id for job_id in ids if (waves or {}).get(job_id, 0) == n]
-        answered.update(zip(wave, _at_once(one, wave), strict=True))
-    answers = [answered[job_id] for job_id in ids]
+         done: list[dict[str, Any]]) -> int:
+    """`act` on `ids`, saying how each went in the order of `ids` (for --json: appended
+    to `done`); the exit code."""
+    try:
+        answered = act(ids)
+    except Failure as exc:  # a request for them all: said once, and --json's list goes on
+        sys.stderr.write(f"offload: {exc.message}\n")
+        return exc.code
+    left_out = Failure(EXIT_SERVER, "the server's answer left this job out")
+    answers = [answered.get(job_id, left_out) for job_id in ids]
     code = EXIT_OK
     for job_id, answer in zip(ids, answers, strict=True):
         if isinstance(answer, Failure) and args.state and answer.code == moved_on[0]:
@@ -217,6 +235,17 @@ def _act(args: argparse.Namespace, ids: list[str], act: Callable[[str], Any],
         elif answer.answer.get(p.F_ID) == job_id:  # it failed, yet carries the job as it is
             done.append(answer.answer)
     return code
+
+
+def _each_at_once(act: Callable[[str], Any]) -> Callable[[list[str]], dict[str, Answer]]:
+    """`act` on each id, several at once: each its job, or the Failure it raised."""
+    def one(job_id: str) -> Answer:
+        try:
+            return dict(act(job_id))
+        except Failure as exc:
+            return exc
+
+    return lambda ids: dict(zip(ids, _at_once(one, ids), strict=True))
 
 
 def _at_once(one: Callable[[str], T], ids: list[str], threads: int = 8) -> list[T]:

@@ -6,6 +6,7 @@ for it let go, or failed when a job they depend on ended without completing.
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,10 @@ class Endings:
         life = JobLife(job_id, self._file(job_id), self.launcher)
         life.finish(state, error_type, message)
         self._settle(life)
+
+    def _cancel_unstarted(self, job_id: str) -> None:
+        self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
+                            "cancelled before it started")
 
     def _settle(self, life: JobLife) -> None:
         """After a final write: known final, kept to write again, or (gone) forgotten;
@@ -127,8 +132,13 @@ class Endings:
             if data is None or data.get(p.F_STATE) != p.JobState.QUEUED:
                 continue
             unmet = self._dependencies.unmet(job_id, data)
-            if unmet is not None:  # else it starts in its turn, once they all completed
-                self._queue.discard(job_id)
+            if unmet is None:
+                continue  # it starts in its turn, once they all completed
+            self._queue.discard(job_id)
+            # Its own cancel asked too (several cancelled at once, not yet rung): so it ends.
+            if os.path.exists(p.sibling(self._file(job_id), p.STOP_FILE)):
+                self._cancel_unstarted(job_id)
+            else:
                 self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.DEPENDENCY, unmet)
 
     def _is_live(self, job_id: str) -> bool:

@@ -52,6 +52,7 @@ class Launching:
         def _settle(self, life: JobLife) -> None: ...
         def _end_unstarted(self, job_id: str, state: str, error_type: str,
                            message: str) -> None: ...
+        def _cancel_unstarted(self, job_id: str) -> None: ...
         def _known_final_now(self, job_id: str, state: object = None) -> None: ...
         def _unseen_live(self, job_id: str) -> bool: ...
 
@@ -89,8 +90,7 @@ class Launching:
         if fresh and (self._hand_edited(job_id, data) or self._unknown_kind(job_id, data)):
             return None
         if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
-            self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
-                                "cancelled before it started")
+            self._cancel_unstarted(job_id)
             return None
         blocker = self._blocker(job_id, data)
         if blocker is not None:

@@ -309,8 +309,7 @@ class Supervisor(Discovery, Launching, Endings):
     def _handle_stops(self, stop_ids: set[str]) -> None:
         for job_id in stop_ids:
             if self._queue.discard(job_id):
-                self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
-                                    "cancelled before it started")
+                self._cancel_unstarted(job_id)
             elif job_id in self._running:
                 life = self._running[job_id]
                 if life.stopping is None and not life.timeout_held:
