@@ -116,6 +116,12 @@ def test_submit_get_list_and_log(server: Server) -> None:
         failed = wait_for(lambda: client.get("/api/jobs", params={"state": "failed"})
                           .json()["jobs"], 30)
         assert failed[0]["error"]["message"] == "bad luck"
+        # Given again, any of them (one of two was taken, quietly).
+        either = client.get("/api/jobs", params={"state": ["failed", "completed"],
+                                                 "kind": ["probe", "sleep"]}).json()["jobs"]
+        assert [each["id"] for each in either] == [failed[0]["id"], job["id"]], either
+        typo = client.get("/api/jobs", params={"kind": ["sleep", "slep"]})
+        assert typo.status_code == 422 and "'slep'" in typo.json()["detail"], typo.text
         log = client.get(f"/api/jobs/{failed[0]['id']}/log")
         assert log.status_code == 200 and log.headers["content-type"].startswith("text/plain")
         assert "error: bad luck" in log.text

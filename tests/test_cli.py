@@ -126,6 +126,15 @@ def test_status_submit_wait_list_show_and_log(server: Server) -> None:
                                                        "TOOK", "NOTE"]
     assert len(failures.stdout.splitlines()) == 3 and "runner: bad luck" in failures.stdout
     assert cli(url, "list", "--kind", "train").stdout == "no jobs\n"
+    # Any of several states or kinds (the server took the last one given, quietly).
+    listed = json.loads(cli(url, "list", "--json").stdout)
+    either = json.loads(cli(url, "list", "--state", "failed", "--state", "completed",
+                            "--kind", "probe", "--kind", "sleep", "--json").stdout)
+    assert [job["id"] for job in either] == [
+        job["id"] for job in listed if job["state"] in ("failed", "completed")], either
+    assert {job["state"] for job in either} == {"failed", "completed"}, either
+    older = json.loads(cli(url, "list", "--before", probes[0]["id"][:8], "--json").stdout)
+    assert older == listed[[job["id"] for job in listed].index(probes[0]["id"]) + 1:]
     # A table asks for the jobs without their input, output and result; --json, in full.
     asked = [line.split('"')[1] for line in server.log.read_text().splitlines()
              if '"GET /api/jobs?' in line]
@@ -1134,7 +1143,8 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
              "the paused queue said by log --follow and wait")
     empty = cli(url, "submit", "sleep", "--after", " ")  # a script's unset "$PREV"
     assert empty.returncode == 2 and "--after is empty" in empty.stderr, empty
-    for typo in (cli(url, "list", "--kind", "slep"),
+    for typo in (cli(url, "list", "--kind", "slep"), cli(url, "list", "--kind", "sleep",
+                                                        "--kind", "slep"),
                  cli(url, "cancel", "--state", "queued", "--kind", "slep")):
         assert (typo.returncode, typo.stdout, typo.stderr) == (
             2, "", "offload: unknown job kind 'slep'; known kinds: chat, probe, sleep, train\n")

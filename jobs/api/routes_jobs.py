@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import Field
 from starlette.types import Receive, Scope, Send
 
 from jobs import protocol as p
@@ -35,6 +36,7 @@ from jobs.store.index import UnknownCursor
 from jobs.store.reading import Signature
 
 router = APIRouter(prefix="/api", tags=["jobs"])
+MAX_KINDS_LISTED = 20  # `kind` given again: each one no job has is looked for in all
 
 
 async def get_service(request: Request) -> JobService:
@@ -117,24 +119,29 @@ async def rerun_job(job_id: str, service: Service, response: Response,
 
 @router.get("/jobs", response_model=JobList,
             responses={400: {"description": "`before` names no job listed here"}})
-async def list_jobs(service: Service, state: JobState | None = None,
-                    kind: Annotated[str | None, Query(max_length=64)] = None,
+async def list_jobs(service: Service,
+                    state: Annotated[list[JobState] | None, Query()] = None,
+                    kind: Annotated[list[Annotated[str, Field(max_length=64)]] | None,
+                                    Query(max_length=MAX_KINDS_LISTED)] = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
                     before: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
                     fields: Fields = Fields.FULL) -> dict[str, Any]:
     """Jobs, newest first; `before` (a page's `next_before`) gives the next, older page.
+    `state` and `kind` given again list the jobs in any of them (`state=queued&state=running`).
     A `kind` the server runs no more still lists its jobs; one it never ran (a typo) is a
     422 that names the kinds, as an unknown `state` is. `fields=summary`: each job without
     its `input` (the start of it in `input_preview`), `output`, `result` (but its
     `usage`) and `loss_curve`, for a table; `GET /api/jobs/{id}` gives one in full."""
+    kinds = set(kind or ())
     try:
-        jobs, next_before = await service.list_jobs(state.value if state else None, kind,
-                                                    limit, before)
+        jobs, next_before = await service.list_jobs({each.value for each in state or ()},
+                                                    kinds, limit, before)
     except UnknownCursor as exc:
         raise HTTPException(400, str(exc)) from None
-    if (kind is not None and not jobs and before is None and kind not in registry()
-            and not (await service.list_jobs(None, kind, 1))[0]):
-        raise UnknownKind(kind)
+    if before is None:  # a kind of no job listed, nor known: a typo?
+        for each in sorted(kinds - registry().keys() - {job[p.F_KIND] for job in jobs}):
+            if not (await service.list_jobs((), {each}, 1))[0]:
+                raise UnknownKind(each)
     if fields is Fields.SUMMARY:
         jobs = [summary(job) for job in jobs]
     return {"jobs": jobs, "next_before": next_before}

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import shutil
 import time
+from collections.abc import Collection
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -330,10 +331,11 @@ class JobService:
         """The job file as it is now (see `SmallIO`)."""
         return await self.small_io.run("reading a job", self.store.read, job_id)
 
-    async def list_jobs(self, state: str | None, kind: str | None, limit: int,
+    async def list_jobs(self, states: Collection[str], kinds: Collection[str], limit: int,
                         before: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
-        """A page of the listing, and the `before` of the next one (None: none left)."""
-        jobs = await run_in_threadpool(self.store.list_jobs, state, kind, limit + 1, 0.0,
+        """A page of the listing (in any of `states`, of any of `kinds`; none: all), and
+        the `before` of the next one (None: none left)."""
+        jobs = await run_in_threadpool(self.store.list_jobs, states, kinds, limit + 1, 0.0,
                                        before)
         return jobs[:limit], (str(jobs[limit - 1][p.F_ID]) if len(jobs) > limit else None)
 

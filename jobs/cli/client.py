@@ -45,6 +45,7 @@ BATCH_JOB_S = 0.1
 # route", a page another server has not) says the address is not Offload's.
 OFFLOADS_404S = ("no job with id", "no schedule named")
 JOB_STATES = frozenset(state.value for state in p.JobState)
+Filter = str | list[str] | None  # a listing's `state` or `kind`: one, any of several, or all
 
 
 class Failure(Exception):
@@ -250,7 +251,7 @@ class Client:
         """`call` for an answer that is one job: checked to be Offload's (`offload_job`)."""
         return offload_job(self.url, self.call(method, path, body, headers, timeout))
 
-    def listed(self, state: str | None, fields: str | None = "summary", kind: str | None = None,
+    def listed(self, state: Filter, fields: str | None = "summary", kind: Filter = None,
                start: str | None = None) -> Iterator[dict[str, Any]]:
         """Every job (in `state`, of `kind`, submitted before job `start`), newest first,
         page after page: summaries, or whole jobs (`fields="full"`); each once, though
@@ -262,7 +263,7 @@ class Client:
                     given.add(job[p.F_ID])
                     yield job
 
-    def pages(self, state: str | None, fields: str | None = "summary", kind: str | None = None,
+    def pages(self, state: Filter, fields: str | None = "summary", kind: Filter = None,
               start: str | None = None) -> Iterator[tuple[str | None, list[dict[str, Any]]]]:
         """The listing's pages (`listed`), each with the `before` it was asked from. The job
         a page ended at, removed or pruned before the next page is asked for (a 400, as
@@ -283,14 +284,14 @@ class Client:
                 return
             cursors = [str(job[p.F_ID]) for job in jobs if job[p.F_ID] != last] + [last]
 
-    def listing(self, state: str | None, fields: str | None, before: str | None,
-                limit: int | None = LIST_MAX, kind: str | None = None,
+    def listing(self, state: Filter, fields: str | None, before: str | None,
+                limit: int | None = LIST_MAX, kind: Filter = None,
                 paging: bool = False) -> tuple[list[dict[str, Any]], str | None]:
         """A page of `GET /api/jobs` (`limit` None: the server's default): its jobs, and
         the `before` of the next (None: none). `paging`: the next is to be read too."""
         given = urllib.parse.urlencode({k: v for k, v in (
             ("state", state), ("kind", kind), ("limit", limit), ("fields", fields),
-            ("before", before)) if v is not None})
+            ("before", before)) if v is not None}, doseq=True)
         page = offload_shaped(self.url, self.call("GET", f"/api/jobs?{given}"), "a listing",
                               jobs=list)
         jobs = [offload_job(self.url, job) for job in page["jobs"]]

@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("status", cmd_status, "health, counts by state, runners, the model (the default)")
     listing = command("list", cmd_list, "jobs, newest first")
-    listing.add_argument("--state", choices=STATES)
-    listing.add_argument("--kind")
+    listing.add_argument("--state", choices=STATES, action="append",
+                         help="again for any of several")
+    listing.add_argument("--kind", action="append", help="again for any of several")
     listing.add_argument("--limit", type=int, help="at most this many (1-1000; default 100)")
     listing.add_argument("--before", metavar="ID", help="those submitted before this job: "
                                                         "the next page")

@@ -26,11 +26,13 @@ def job_id(text: str | None, flag: str | None, start: bool = False) -> str | Non
 
 
 def checked_ids(args: argparse.Namespace) -> None:
-    """The ids given as arguments and to --after, each checked: an empty one, or one with
-    a `/`, was sent as a path and answered as another route's. --after's, a list (`ID,ID`
-    split)."""
+    """The ids given as arguments, to --after and to --before, each checked: an empty one,
+    or one with a `/`, was sent as a path and answered as another route's. --after's, a
+    list (`ID,ID` split)."""
     if isinstance(getattr(args, "id", None), str):
         args.id = job_id(args.id, None, start=True)
+    if isinstance(getattr(args, "before", None), str):
+        args.before = job_id(args.before, "--before", start=True)
     if isinstance(getattr(args, "ids", None), list):
         args.ids = [job_id(each, None, start=True) for each in args.ids]
     if isinstance(getattr(args, "after", None), list):
@@ -43,7 +45,8 @@ def checked_ids(args: argparse.Namespace) -> None:
 def whole_ids(client: Client, args: argparse.Namespace) -> None:
     """The ids given by their start made whole, from one listing of every job: each
     must start one job's id alone."""
-    given = [args.id] if isinstance(getattr(args, "id", None), str) else []
+    given = [getattr(args, name) for name in ("id", "before")
+             if isinstance(getattr(args, name, None), str)]
     given += [*(getattr(args, "ids", None) or []), *(getattr(args, "after", None) or [])]
     starts: dict[str, list[str]] = {each: [] for each in given if not p.is_valid_id(each)}
     if not starts:
@@ -60,8 +63,9 @@ def whole_ids(client: Client, args: argparse.Namespace) -> None:
             raise Failure(EXIT_USAGE, f"{start!r} starts the ids of {len(found)} jobs "
                                       f"({', '.join(found[:5])}): give more of the one meant")
     whole = {start: found[0] for start, found in starts.items()}
-    if isinstance(getattr(args, "id", None), str):
-        args.id = whole.get(args.id, args.id)
+    for name in ("id", "before"):
+        if isinstance(getattr(args, name, None), str):
+            setattr(args, name, whole.get(getattr(args, name), getattr(args, name)))
     for name in ("ids", "after"):
         if isinstance(getattr(args, name, None), list):
             setattr(args, name, [whole.get(each, each) for each in getattr(args, name)])

@@ -18,7 +18,6 @@ from jobs.cli.client import (
     job_path,
 )
 from jobs.cli.follow import follow
-from jobs.cli.ids import job_id
 from jobs.cli.show import (
     cap_said,
     job_details,
@@ -85,7 +84,7 @@ def _health_code(health: dict[str, Any]) -> int:
 def cmd_list(client: Client, args: argparse.Namespace) -> int:
     if args.all and args.limit is not None:
         raise Failure(EXIT_USAGE, "give --all or --limit, not both")
-    start = job_id(args.before, "--before")
+    start = args.before  # made whole (whole_ids)
     # A table needs no input, output nor result; --json prints the jobs in full (as the
     # server gives them by default).
     fields = None if args.json else "summary"
@@ -111,10 +110,15 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
 def _next_page(args: argparse.Namespace, before: str) -> str:
     """The `offload list` that gives the page after this one, with this one's filters."""
     given = [part for name in ("url", "state", "kind", "limit")
-             if getattr(args, name, None) not in (None, False)
-             for part in (f"--{name}", shlex.quote(str(getattr(args, name))))]
+             for value in _each(getattr(args, name, None))
+             for part in (f"--{name}", shlex.quote(str(value)))]
     return " ".join(["offload list", *given, "--before", before,
                      *(["--json"] if args.json else [])])
+
+
+def _each(value: object) -> list[object]:
+    """An option's values: none, one, or those of an option given again."""
+    return [] if value in (None, False) else value if isinstance(value, list) else [value]
 
 
 def cmd_show(client: Client, args: argparse.Namespace) -> int:

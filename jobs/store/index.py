@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +87,15 @@ class JobIndex:
 
     # -- queries -------------------------------------------------------------------
 
-    def list_jobs(self, state: str | None = None, kind: str | None = None,
+    def list_jobs(self, states: Collection[str] = (), kinds: Collection[str] = (),
                   limit: int = 100, max_age_s: float = 0.0,
                   before: str | None = None) -> list[dict[str, Any]]:
-        """Newest first, with queue positions filled in for queued jobs; with `before`,
-        those submitted before that job (the next page of a listing)."""
+        """Newest first (in any of `states`, of any of `kinds`; none given: all), with
+        queue positions filled in for queued jobs; with `before`, those submitted before
+        that job (the next page of a listing)."""
         with self._lock:
             self._refresh(max_age_s)
-            return self._newest(state, kind, limit, before)
+            return self._newest(states, kinds, limit, before)
 
     def counts(self, max_age_s: float = 0.0) -> dict[str, int]:
         with self._lock:
@@ -110,7 +112,7 @@ class JobIndex:
         """The newest jobs and the counts by state."""
         with self._lock:
             self._refresh(max_age_s)
-            return self._newest(None, None, limit), dict(self._tallies.by_state)
+            return self._newest((), (), limit), dict(self._tallies.by_state)
 
     def load(self, max_age_s: float = 0.0) -> Load:
         with self._lock:
@@ -125,7 +127,7 @@ class JobIndex:
             with self._unlisted_lock:
                 self._unlisted = {job_id: at for job_id, at in self._unlisted.items()
                                   if job_id not in self._entries}  # else listed now
-            jobs = self._newest(None, None, SNAPSHOT_JOBS)
+            jobs = self._newest((), (), SNAPSHOT_JOBS)
             load = self._tallies.load()
             self._queue_positions()
             self._snapshot = (time.monotonic(), jobs, load)
@@ -396,7 +398,7 @@ class JobIndex:
             self._remember(job_id, data)
         return data
 
-    def _newest(self, state: str | None, kind: str | None, limit: int,
+    def _newest(self, states: Collection[str], kinds: Collection[str], limit: int,
                 before: str | None = None) -> list[dict[str, Any]]:
         """Up to `limit` jobs, newest first (older than `before`, if given)."""
         self._recent_kept = max(self._recent_kept, limit)
@@ -413,8 +415,7 @@ class JobIndex:
             if len(selected) >= limit:
                 break
             entry = self._entries[job_id]
-            if (state is not None and entry.state != state) or (kind is not None
-                                                                and entry.kind != kind):
+            if (states and entry.state not in states) or (kinds and entry.kind not in kinds):
                 continue
             data = self._data(job_id, entry)
             if data is None:
