@@ -1032,6 +1032,27 @@ def test_a_wait_for_a_later_turn_of_a_chat_says_it_waits_for_the_earlier(
         assert waiting.wait(60) == 1, said.done()
 
 
+def test_a_wait_for_a_long_chain_says_why_the_first_few_wait(server: Server) -> None:
+    # A line (and a GET) for each of a chain's queued jobs, each naming the one before.
+    with server.client() as client:
+        client.post("/api/queue/pause")
+        chain = [client.post("/api/jobs", json={"kind": "sleep"}).json()["id"]]
+        for _ in range(8):
+            chain.append(client.post("/api/jobs", json={"kind": "sleep",
+                                                        "depends_on": chain[-1]}).json()["id"])
+    waiting = start_cli(server.url, "wait", *chain)
+    said = Reader(waiting.stderr)
+    more = ("offload: 3 more queued, not looked at here: offload list --state queued says why "
+            "each waits")
+    wait_for(lambda: more in said.text, 30, 0.1, "the rest of the chain counted")
+    assert said.text.splitlines()[1:6] == [
+        f"offload: job {chain[n]} waits for job {chain[n - 1]} to complete (--after)"
+        for n in range(1, 6)], said.text
+    assert cli(server.url, "cancel", *chain).returncode == 0
+    with waiting:
+        assert waiting.wait(60) == 1, said.done()
+
+
 def test_a_chain_of_hundreds_of_jobs_is_cancelled_oldest_first_given(
         make_server: MakeServer, data_dir: Path) -> None:
     # The order of the cancels was worked out recursively, as deep as the chain: from 333

@@ -111,6 +111,9 @@ def wait_and_report(client: Client, job: dict[str, Any], args: argparse.Namespac
     return outcome(final)
 
 
+MOST_TOLD = 5  # queued jobs said to wait for more than their turn; the rest counted
+
+
 def say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
                       counted: bool = False) -> None:
     """Before waiting for jobs: that those queued wait for the queue to be resumed, for
@@ -123,24 +126,37 @@ def say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
     if queue.get("paused") is True:
         they = "it starts" if len(jobs) == 1 else "they start"
         sys.stderr.write(f"offload: the queue is paused: {they} once resumed (offload resume)\n")
-    for queued in (job for job in jobs if job.get(p.F_STATE) == p.JobState.QUEUED):
+    queued = [job for job in jobs if job.get(p.F_STATE) == p.JobState.QUEUED]
+    told = 0
+    for place, each in enumerate(queued):
+        if told == MOST_TOLD:  # a chain of a thousand: not a line (and a GET) for each
+            sys.stderr.write(f"offload: {len(queued) - place} more queued, not looked at "
+                             "here: offload list --state queued says why each waits\n")
+            return
         # A 202's job: why it waits is not counted yet. Gone: the wait that follows says so.
-        job = queued if counted else read_if_there(client, str(queued.get(p.F_ID)))
-        if job is None:
-            continue
-        said = note(job)
-        waits = waits_for(job)
-        if waits.get(p.WAITS_REASON) in (p.F_DEPENDS_ON, p.F_AFTER):  # a turn's note: progress
-            awaited = [str(each) for each in waits.get("jobs") or []]
-            whom = f"job{'s' if len(awaited) > 1 else ''} {', '.join(awaited)}"
-            to = ("to complete (--after)" if waits[p.WAITS_REASON] == p.F_DEPENDS_ON
-                  else "to end (the earlier turn of its conversation)")
-            sys.stderr.write(f"offload: job {job.get(p.F_ID)} waits for {whom} {to}\n")
-        elif said.startswith("held: "):
-            sys.stderr.write(f"offload: job {job.get(p.F_ID)} is {said}: it starts once one "
-                             f"of them ends ({remedy(job, queue.get('model_engine'))})\n")
-        elif said.startswith("starts "):  # --delay or --at: no sooner
-            sys.stderr.write(f"offload: job {job.get(p.F_ID)} {said}, as submitted\n")
+        job = each if counted else read_if_there(client, str(each.get(p.F_ID)))
+        why = None if job is None else _why_it_waits(job, queue)
+        if job is not None and why is not None:
+            sys.stderr.write(f"offload: job {job.get(p.F_ID)} {why}\n")
+            told += 1
+
+
+def _why_it_waits(job: dict[str, Any], queue: dict[str, Any]) -> str | None:
+    """Why a queued job waits, where that is more than its turn."""
+    said = note(job)
+    waits = waits_for(job)
+    if waits.get(p.WAITS_REASON) in (p.F_DEPENDS_ON, p.F_AFTER):  # a turn's note: progress
+        awaited = [str(each) for each in waits.get("jobs") or []]
+        whom = f"job{'s' if len(awaited) > 1 else ''} {', '.join(awaited)}"
+        to = ("to complete (--after)" if waits[p.WAITS_REASON] == p.F_DEPENDS_ON
+              else "to end (the earlier turn of its conversation)")
+        return f"waits for {whom} {to}"
+    if said.startswith("held: "):
+        return (f"is {said}: it starts once one of them ends "
+                f"({remedy(job, queue.get('model_engine'))})")
+    if said.startswith("starts "):  # --delay or --at: no sooner
+        return f"{said}, as submitted"
+    return None
 
 
 def queue_state(client: Client) -> dict[str, Any]:
