@@ -1138,6 +1138,8 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     paused = cli(url, "pause", script=True)
     assert (paused.returncode, paused.stdout) == (0, "queue paused: queued jobs wait\n")
     assert "queue       paused" in cli(url, "status").stdout
+    on_hold = cli(url, "schedules")  # its next run said, as if the queue ran
+    assert "the queue is paused: a schedule's job waits in it" in on_hold.stderr, on_hold
     timed = cli(url, "submit", "sleep", "--input", '{"seconds": 0}', "--delay", "3600",
                 "--max-attempts", "2", "--key", "nightly-report", "--json")
     job = json.loads(timed.stdout)
@@ -1184,7 +1186,9 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
         with follower:
             assert follower.wait(60) == 0 and said.done().count("queue is paused") == 1, said.text
 
-    listed = cli(url, "schedules").stdout.splitlines()
+    shown = cli(url, "schedules")
+    assert shown.stderr == "", shown
+    listed = shown.stdout.splitlines()
     assert listed[0].split() == ["NAME", "KIND", "WHEN", "NEXT", "RUN", "(UTC)", "LAST", "JOB"]
     assert listed[1].split()[:4] == ["nightly", "sleep", "every", "1d"]
     assert cli(url, "pause", "nightly").stdout == "schedule nightly paused\n"

@@ -34,7 +34,7 @@ from jobs.cli.client import (
 from jobs.cli.look import ENDED
 from jobs.cli.show import cap_said, kind_caps_said, print_json, table, when
 from jobs.cli.submit import parse_input
-from jobs.cli.wait import wait_and_report
+from jobs.cli.wait import queue_state, wait_and_report
 
 T = TypeVar("T")
 Answer = dict[str, Any] | Failure  # a job acted on, or why it was not
@@ -370,6 +370,10 @@ def cmd_schedules(client: Client, args: argparse.Namespace) -> int:
               f"{each.get('last_job_id') or '-'} {each.get('last_state') or ''}".rstrip()]
              for each in schedules]
     table(rows, sys.stdout)
+    if (not all(each.get("paused") for each in schedules)
+            and queue_state(client).get("paused") is True):  # the times above do not hold
+        sys.stderr.write("the queue is paused: a schedule's job waits in it, and the schedule "
+                         "makes no more until that one starts (offload resume)\n")
     return code
 
 
