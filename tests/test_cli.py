@@ -1083,6 +1083,9 @@ def test_cancel_several_and_retry(server: Server) -> None:
     assert again.returncode == 6, "the first failure's code: already finished"
     assert f"job {ids[0]} has already finished (cancelled)" in again.stderr
     assert f"no job with id '{'f' * 32}'" in again.stderr
+    # --json lists the jobs it cancelled: one that had finished was listed as if it were.
+    finished = cli(url, "cancel", ids[0], "--json")
+    assert (finished.returncode, json.loads(finished.stdout)) == (6, []), finished
 
     rerun = cli(url, "retry", ids[0], script=True)
     assert rerun.returncode == 0 and p.is_valid_id(rerun.stdout.strip()), rerun

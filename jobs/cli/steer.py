@@ -90,10 +90,10 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
                     EXIT_SERVER, f"{job_id}: cancel asked, but the job is still {state} after "
                     "the server's wait: is the supervisor running (offload status)? It is "
                     "cancelled once it stops", answer=job)
-        for job in answer["finished"]:
+        for job in answer["finished"]:  # not in --json's list: this command did not end it
             outcome[job[p.F_ID]] = Failure(
                 EXIT_CONFLICT, f"job {job[p.F_ID]} has already finished ({job[p.F_STATE]}): "
-                "there is nothing to cancel", answer=job)
+                "there is nothing to cancel")
         for job_id in answer["missing"]:
             outcome[job_id] = Failure(EXIT_NOT_FOUND, f"no job with id {job_id!r} (removed, "
                                                       "pruned, or never submitted here)")
