@@ -1072,6 +1072,28 @@ def test_a_chain_of_hundreds_of_jobs_is_cancelled_oldest_first_given(
     assert done.stdout.splitlines() == [f"{job_id} cancelled" for job_id in chain]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # 1001 jobs created and cancelled
+def test_a_chain_longer_than_a_request_is_cancelled_not_failed(
+        make_server: MakeServer, data_dir: Path) -> None:
+    # The ids went 1000 a request in the order given: the first request's cancel of the
+    # link before the last failed the last (dependency), and the command exited 6.
+    from jobs.cli.client import LIST_MAX
+    from jobs.protocol.control import set_queue_paused
+    from jobs.store.job_store import JobStore
+
+    store = JobStore(data_dir / "jobs")
+    chain = [store.create("sleep", {"seconds": 0}, 30)["id"]]
+    set_queue_paused(data_dir, True)
+    for _ in range(LIST_MAX):  # one more than a request takes
+        chain.append(store.create("sleep", {"seconds": 0}, 30,
+                                  fields={p.F_DEPENDS_ON: [chain[-1]]})["id"])
+    server = make_server(env={"OFFLOAD_MAX_QUEUED": "5000"})
+    done = cli(server.url, "cancel", *chain)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr[-2000:]
+    assert done.stdout.splitlines() == [f"{job_id} cancelled" for job_id in chain]
+
+
 def test_cancel_several_and_retry(server: Server) -> None:
     url = server.url
     ids = [cli(url, "submit", "sleep", "--input", '{"seconds": 120}').stdout.strip()

@@ -61,7 +61,11 @@ def _matching(client: Client, state: str, kind: str | None) -> tuple[list[str], 
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
-    dependants = _dependants(client)
+    queued = _queued(client)
+    dependants = _dependants(queued)
+    # More ids than a request takes: the newest queued first, so a job's request is never
+    # before that of one given that depends on it (its cancel would fail that one first).
+    place = {str(job[p.F_ID]): n for n, job in enumerate(queued)}
     cancelled: list[str] = []
 
     def cancel(ids: list[str]) -> dict[str, dict[str, Any] | Failure]:
@@ -100,7 +104,8 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
         return outcome
 
     code = _each_job(client, args, "queued, running or live", {"live": ["queued", "running"]},
-                     _in_parts(cancel), lambda job: str(job.get(p.F_STATE)),
+                     _in_parts(cancel, lambda job_id: place.get(job_id, len(place))),
+                     lambda job: str(job.get(p.F_STATE)),
                      (EXIT_CONFLICT, "had finished"))
     stopped = set(cancelled)  # a chain of thousands: a look-up each, not a walk
     for job_id in cancelled:
@@ -112,9 +117,11 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     return code
 
 
-def _in_parts(act: Callable[[list[str]], dict[str, T]]) -> Callable[[list[str]], dict[str, T]]:
-    """`act` on at most LIST_MAX ids at a time (as many as a request takes)."""
+def _in_parts(act: Callable[[list[str]], dict[str, T]], order: Callable[[str], int]
+              ) -> Callable[[list[str]], dict[str, T]]:
+    """`act` on at most LIST_MAX ids at a time (as many as a request takes), in `order`."""
     def parts(ids: list[str]) -> dict[str, T]:
+        ids = sorted(ids, key=order)
         done: dict[str, T] = {}
         for start in range(0, len(ids), LIST_MAX):
             done.update(act(ids[start:start + LIST_MAX]))
@@ -122,14 +129,18 @@ def _in_parts(act: Callable[[list[str]], dict[str, T]]) -> Callable[[list[str]],
     return parts
 
 
-def _dependants(client: Client) -> dict[str, list[str]]:
-    """The queued jobs that depend on each job, oldest first, as the API lists them now;
-    none where they cannot be listed (the cancels say why, each)."""
-    dependants: dict[str, list[str]] = {}
+def _queued(client: Client) -> list[dict[str, Any]]:
+    """The queued jobs, newest first, as the API lists them now; none where they cannot
+    be listed (the cancels say why, each)."""
     try:
-        queued = list(client.listed(p.JobState.QUEUED.value))
+        return list(client.listed(p.JobState.QUEUED.value))
     except Failure:
-        return {}
+        return []
+
+
+def _dependants(queued: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """The queued jobs (`queued`, newest first) that depend on each job, oldest first."""
+    dependants: dict[str, list[str]] = {}
     for job in reversed(queued):
         for each in p.dependencies(job):
             dependants.setdefault(each, []).append(str(job[p.F_ID]))
