@@ -276,6 +276,32 @@ def test_jobs_cancelled_together_with_those_that_depend_on_them_all_read_cancell
             assert refused.status_code == 422 and said in refused.json()["detail"], refused.text
 
 
+def test_jobs_cancelled_together_one_of_them_unwritable_say_which(server: Server) -> None:
+    """A folder that takes no cancel request among several: the answer said "The job was
+    not cancelled", of no job, though the requests left before it stood, unrung until the
+    supervisor's next sweep. It names that job, and says the others were cancelled."""
+    import subprocess
+
+    with server.client() as client:
+        assert client.post("/api/queue/pause").status_code == 200
+        # Asked newest first: the newer one's request is left before the older's fails.
+        stuck, other = (client.post("/api/jobs", json={"kind": "sleep"}).json()["id"]
+                        for _ in range(2))
+        folder = server.data_dir / "jobs" / stuck
+        subprocess.run(["chattr", "+i", str(folder)], check=True)
+        try:
+            answer = client.post("/api/jobs/cancel", json={"ids": [stuck, other]})
+            assert answer.status_code == 503, answer.text
+            said = answer.json()["detail"]
+            assert f"Job {stuck} was not cancelled, nor 0 more of them; the other 1 were" in (
+                said), said
+            assert wait_job(client, other)["state"] == "cancelled"
+            assert client.get(f"/api/jobs/{stuck}").json()["state"] == "queued"
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        assert client.delete(f"/api/jobs/{stuck}").json()["state"] == "cancelled"
+
+
 def test_remove_a_finished_job_now(make_server: MakeServer) -> None:
     """As `pueue remove`, RQ's `job.delete()`: a finished job goes at once, with its
     folder and Idempotency-Key; a live one, or one a queued job waits for, stays."""

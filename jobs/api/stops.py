@@ -107,11 +107,20 @@ class Stops:
         request of a job depending on it stood would fail that job (dependency), not
         cancel it. On a full disk, also the error to say of those not final, which are
         then not waited for: their final state waits for room."""
-        no_room = None
-        for job_id in job_ids:
-            no_room = await self._ask_stop(job_id, ring=False) or no_room
-        for job_id in job_ids:
-            poke(self.store.dir, job_id)
+        no_room, asked = None, []
+        try:
+            for job_id in job_ids:
+                no_room = await self._ask_stop(job_id, ring=False) or no_room
+                asked.append(job_id)
+        except StoreUnavailable as exc:
+            if len(job_ids) > 1:  # of several: whose request was not left, and the others'
+                exc.outcome = (f"Job {job_id} was not cancelled, nor "
+                               f"{len(job_ids) - len(asked) - 1} more of them; the other "
+                               f"{len(asked)} were (they stop as asked)")
+            raise
+        finally:  # those asked stand: acted on now, not at the supervisor's next sweep
+            for each in asked:
+                poke(self.store.dir, each)
         jobs = await self._wait_final(job_ids, patient=no_room is None)
         return jobs, no_room or await self._no_room_to_end(jobs)
 
