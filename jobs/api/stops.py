@@ -62,14 +62,9 @@ class Stops:
         job = await run_in_threadpool(self.store.read, job_id)
         if job.get(p.F_STATE) in p.FINAL_STATES:
             raise AlreadyFinished(job)
-        unrecorded = await self._ask_stop(job_id)
-        # On a full disk its final state cannot be written either: not waited for.
-        stopped = await self._wait_final([job_id], patient=unrecorded is None)
+        stopped = await self._stopped_or_no_room([job_id])
         if job_id not in stopped:  # deleted meanwhile
             raise JobNotFound(job_id)
-        unrecorded = unrecorded or await self._no_room_to_end(stopped)
-        if unrecorded is not None and stopped[job_id].get(p.F_STATE) not in p.FINAL_STATES:
-            raise unrecorded  # stopped, but its final state waits for room: said so
         return stopped[job_id]
 
     async def cancel_many(self, job_ids: list[str]
@@ -92,12 +87,18 @@ class Stops:
         # has it otherwise), so its stop stands before the one it depends on is acted on.
         live = sorted((job for job in found if job.get(p.F_STATE) not in p.FINAL_STATES),
                       key=lambda job: str(job.get(p.F_CREATED_AT)), reverse=True)
-        stopped, no_room = await self.stopped([str(job[p.F_ID]) for job in live])
-        if no_room is not None and any(job.get(p.F_STATE) not in p.FINAL_STATES
-                                       for job in stopped.values()):
-            raise no_room  # stopped, but a final state waits for room: said so
+        stopped = await self._stopped_or_no_room([str(job[p.F_ID]) for job in live])
         missing += [str(job[p.F_ID]) for job in live if job[p.F_ID] not in stopped]
         return [stopped[job_id] for job_id in job_ids if job_id in stopped], finished, missing
+
+    async def _stopped_or_no_room(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """`stopped`, raising its full disk's error where a job is not final (stopped, but
+        its final state waits for room: said so)."""
+        stopped, no_room = await self.stopped(job_ids)
+        if no_room is not None and any(job.get(p.F_STATE) not in p.FINAL_STATES
+                                       for job in stopped.values()):
+            raise no_room
+        return stopped
 
     async def stopped(self, job_ids: list[str]
                       ) -> tuple[dict[str, dict[str, Any]], StoreUnavailable | None]:

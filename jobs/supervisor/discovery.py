@@ -59,7 +59,7 @@ class Discovery:
         """The jobs an event named: a new one joins the queue, a live one may be stopping."""
         for job_id in job_ids:
             if job_id in self._queue or job_id in self._running:
-                if os.path.exists(self._stop_file(job_id)):
+                if self._stop_asked(job_id):
                     self._handle_stops({job_id})
             elif (job_id not in self._known_final and job_id not in self._unwritten
                   and os.path.exists(self._file(job_id))):
@@ -75,7 +75,7 @@ class Discovery:
             self._names = names
         jobs = self._names
         live = (self._queue.ids() | self._running.keys() if sweep else self._running.keys()) & jobs
-        stops = {job_id for job_id in live if os.path.exists(self._stop_file(job_id))}
+        stops = {job_id for job_id in live if self._stop_asked(job_id)}
         return jobs, stops
 
     def _discover(self, job_ids: set[str]) -> None:
@@ -149,5 +149,7 @@ class Discovery:
     def _launched(self, job_id: str) -> bool:
         return os.path.exists(p.sibling(self._file(job_id), p.RUN_FILE))
 
-    def _stop_file(self, job_id: str) -> str:
-        return os.path.join(self._dir_name, job_id, p.STOP_FILE)  # no Path: one a job a pass
+    def _stop_asked(self, job_id: str) -> bool:
+        """Whether the job's stop request (a cancel, say) stands in its folder."""
+        # No Path: one look a job a pass.
+        return os.path.exists(os.path.join(self._dir_name, job_id, p.STOP_FILE))

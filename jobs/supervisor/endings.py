@@ -6,7 +6,6 @@ for it let go, or failed when a job they depend on ended without completing.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,9 +34,10 @@ class Endings:
     _dependencies: Dependencies
     _counting: Counting
 
-    if TYPE_CHECKING:  # the Supervisor's own (loop.py)
+    if TYPE_CHECKING:  # the Supervisor's own (loop.py, discovery.py)
         def _file(self, job_id: str) -> Path: ...
         def _enqueue(self, job_id: str, data: dict[str, Any]) -> None: ...
+        def _stop_asked(self, job_id: str) -> bool: ...
 
     # -- a job's end ---------------------------------------------------------------
 
@@ -136,7 +136,7 @@ class Endings:
                 continue  # it starts in its turn, once they all completed
             self._queue.discard(job_id)
             # Its own cancel asked too (several cancelled at once, not yet rung): so it ends.
-            if os.path.exists(p.sibling(self._file(job_id), p.STOP_FILE)):
+            if self._stop_asked(job_id):
                 self._cancel_unstarted(job_id)
             else:
                 self._end_unstarted(job_id, p.JobState.FAILED, p.ErrorType.DEPENDENCY, unmet)

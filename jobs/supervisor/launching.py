@@ -55,6 +55,7 @@ class Launching:
         def _cancel_unstarted(self, job_id: str) -> None: ...
         def _known_final_now(self, job_id: str, state: object = None) -> None: ...
         def _unseen_live(self, job_id: str) -> bool: ...
+        def _stop_asked(self, job_id: str) -> bool: ...
 
     def _launch(self) -> None:
         if queue_paused(self.dir.parent):
@@ -89,7 +90,7 @@ class Launching:
             return None
         if fresh and (self._hand_edited(job_id, data) or self._unknown_kind(job_id, data)):
             return None
-        if os.path.exists(p.sibling(job_file, p.STOP_FILE)):
+        if self._stop_asked(job_id):
             self._cancel_unstarted(job_id)
             return None
         blocker = self._blocker(job_id, data)
