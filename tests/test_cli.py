@@ -1153,6 +1153,32 @@ def test_cancel_several_and_retry(server: Server) -> None:
     cli(url, "cancel", live)
 
 
+def test_every_failed_job_retried_once_however_often_asked(server: Server) -> None:
+    # As `pueue restart --all-failed` or `rq requeue --all`: a job at a time, by its id.
+    url = server.url
+    failed = [cli(url, "submit", "probe", "--input", json.dumps({"fail": f"no {n}"})
+                  ).stdout.strip() for n in range(3)]
+    assert cli(url, "wait", *failed).returncode == 1
+    assert cli(url, "submit", "sleep", "--wait").returncode == 0  # completed: not retried
+    retried = cli(url, "retry", "--state", "failed", "--kind", "probe", "--input", "{}",
+                  "--wait")
+    assert retried.returncode == 0, retried
+    said = [line.split() for line in retried.stderr.splitlines()]
+    assert [(line[0], line[1:4]) for line in said] == [
+        (job_id, ["run", "again", "as"]) for job_id in failed], retried.stderr  # oldest first
+    table = retried.stdout.splitlines()
+    assert [line.split()[0] for line in table[1:]] == [line[4] for line in said], table
+    assert all(" completed " in line for line in table[1:]), table
+    for job_id, line in zip(failed, said, strict=True):
+        assert json.loads(cli(url, "show", line[4], "--json").stdout)["rerun_of"] == job_id
+    again = cli(url, "retry", "--state", "failed")  # each is run again already
+    assert (again.returncode, again.stdout, again.stderr) == (
+        0, "", "no failed jobs not run again already: nothing to retry\n"), again
+    assert json.loads(cli(url, "retry", "--state", "failed", "--json").stdout) == []
+    for args in ([], [failed[0], "--state", "failed"], ["--kind", "probe"]):
+        assert cli(url, "retry", *args).returncode == 2, args
+
+
 def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: MakeServer,
                                                                tmp_path: Path) -> None:
     # As `pueue pause`/`start` and RQ's scheduling: from a terminal, without curl.

@@ -121,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "as Pueue's clean")
     remove.add_argument("--kind", help="with --state: of this kind only")
     for name, run, text in (("submit", cmd_submit, "submit a job; prints its id"),
-                            ("retry", cmd_retry, "run a finished job again as a new job; "
-                                                 "prints the new id")):
+                            ("retry", cmd_retry, "run finished jobs again, each as a new "
+                                                 "job; prints the new id")):
         sub = command(name, run, text)
         if name == "submit":
             sub.add_argument("kind", help="chat, sleep, train, or a kind of your own")
@@ -146,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="start once job ID has completed, fail if it ends otherwise; "
                                   "again (or ID,ID) for several")
         else:
-            sub.add_argument("id")
+            sub.add_argument("ids", nargs="*", metavar="id")
+            sub.add_argument("--state", choices=ENDED,
+                             help="instead of ids: every job in this state not run again "
+                                  "already, oldest first (as Pueue's restart --all-failed)")
+            sub.add_argument("--kind", help="with --state: of this kind only")
             sub.add_argument("--input", help="another input: JSON, @file.json or -")
         sub.add_argument("--timeout", type=_positive, help="its deadline, seconds")
         sub.add_argument("--wait", action="store_true",

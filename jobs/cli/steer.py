@@ -9,7 +9,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from jobs import protocol as p
 from jobs.protocol import control
@@ -34,20 +34,54 @@ from jobs.cli.client import (
 from jobs.cli.look import ENDED
 from jobs.cli.show import cap_said, kind_caps_said, print_json, table, when
 from jobs.cli.submit import parse_input
-from jobs.cli.wait import queue_state, wait_and_report
+from jobs.cli.wait import queue_state, wait_all, wait_and_report
 
 T = TypeVar("T")
 Answer = dict[str, Any] | Failure  # a job acted on, or why it was not
 
 
 def cmd_retry(client: Client, args: argparse.Namespace) -> int:
+    _ids_or_state(args, "completed, failed, cancelled or timeout")
     body: dict[str, Any] = {}
     if args.input is not None:
         body["input"] = parse_input(args.input)
     if args.timeout is not None:
         body["timeout_s"] = args.timeout
-    job = client.job("POST", f"/api/jobs/{job_path(args.id)}/rerun", body or None)
-    return wait_and_report(client, job, args)
+
+    def rerun(job_id: str) -> dict[str, Any]:
+        return client.job("POST", f"/api/jobs/{job_path(job_id)}/rerun", body or None)
+
+    if len(args.ids) == 1:
+        return wait_and_report(client, rerun(args.ids[0]), args)
+    ids = list(dict.fromkeys(args.ids)) or _not_run_again(client, args.state, args.kind)
+    if not ids:
+        if args.json:
+            print_json([])
+        else:  # on stderr: stdout stays the jobs run again, none
+            of_kind = f" of kind {args.kind}" if args.kind else ""
+            sys.stderr.write(f"no {args.state} jobs{of_kind} not run again already: "
+                             "nothing to retry\n")
+        return EXIT_OK
+    # With --wait, each one's new id is said on stderr: stdout is the table of them ended.
+    as_told = argparse.Namespace(**{**vars(args), "json": args.json and not args.wait})
+    done: list[dict[str, Any]] = []
+    code = _act(as_told, ids, _each_at_once(rerun), lambda job: f"run again as {job[p.F_ID]}",
+                (EXIT_NOT_FOUND, "was gone already"), done,
+                sys.stderr if args.wait else sys.stdout)
+    if args.wait:
+        return wait_all(client, [str(job[p.F_ID]) for job in done], args, submitted=True) or code
+    if args.json:
+        print_json(done)
+    return code
+
+
+def _not_run_again(client: Client, state: str, kind: str | None) -> list[str]:
+    """The jobs in `state` (of `kind`) that no job runs again yet, oldest first: a retry
+    of them all, made twice, runs each once."""
+    every = list(client.listed(None))
+    run_again = {job.get(p.F_RERUN_OF) for job in every}
+    return [str(job[p.F_ID]) for job in reversed(every) if job.get(p.F_STATE) == state
+            and kind in (None, job.get(p.F_KIND)) and job[p.F_ID] not in run_again]
 
 
 def _matching(client: Client, state: str, kind: str | None) -> tuple[list[str], bool]:
@@ -182,13 +216,7 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
     each went; `act(ids)` answers each id's job, or the Failure for it. `moved_on`: the
     exit code of a failure that means a job listed in that state changed since, leaving
     nothing to do, and the words for it. The exit code."""
-    if args.kind and not args.state:
-        raise Failure(EXIT_USAGE, f"--kind goes with --state ({states_said}): give both to "
-                                  f"{args.command} every job of that kind in that state")
-    if bool(args.ids) == bool(args.state):
-        raise Failure(EXIT_USAGE, f"give job ids, or --state ({states_said}; and --kind) "
-                                  f"to {args.command} every job in it"
-                                  f"{', not both' if args.ids else ''}")
+    _ids_or_state(args, states_said)
     done: list[dict[str, Any]] = []
     if args.ids:
         ids = list(dict.fromkeys(args.ids))
@@ -216,12 +244,24 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
     return code
 
 
+def _ids_or_state(args: argparse.Namespace, states_said: str) -> None:
+    """Job ids given, or --state (and --kind): one of the two."""
+    if args.kind and not args.state:
+        raise Failure(EXIT_USAGE, f"--kind goes with --state ({states_said}): give both to "
+                                  f"{args.command} every job of that kind in that state")
+    if bool(args.ids) == bool(args.state):
+        raise Failure(EXIT_USAGE, f"give job ids, or --state ({states_said}; and --kind) "
+                                  f"to {args.command} every job in it"
+                                  f"{', not both' if args.ids else ''}")
+
+
 def _act(args: argparse.Namespace, ids: list[str],
          act: Callable[[list[str]], Mapping[str, Answer]],
          said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str],
-         done: list[dict[str, Any]]) -> int:
-    """`act` on `ids`, saying how each went in the order of `ids` (for --json: appended
-    to `done`); the exit code."""
+         done: list[dict[str, Any]], told: TextIO | None = None) -> int:
+    """`act` on `ids`, saying how each went in the order of `ids` on `told` (stdout; for
+    --json: appended to `done`); the exit code."""
+    told = told or sys.stdout
     try:
         answered = act(ids)
     except Failure as exc:  # a request for them all: said once, and --json's list goes on
@@ -233,13 +273,13 @@ def _act(args: argparse.Namespace, ids: list[str],
     for job_id, answer in zip(ids, answers, strict=True):
         if isinstance(answer, Failure) and args.state and answer.code == moved_on[0]:
             if not args.json:  # it changed since it was listed: nothing left to do
-                sys.stdout.write(f"{job_id} {moved_on[1]}\n")
+                told.write(f"{job_id} {moved_on[1]}\n")
         elif isinstance(answer, Failure):
             named = "" if job_id in answer.message else f"{job_id}: "
             sys.stderr.write(f"offload: {named}{answer.message}\n")
             code = code or answer.code
         elif not args.json:
-            sys.stdout.write(f"{job_id} {said(answer)}\n")
+            told.write(f"{job_id} {said(answer)}\n")
     for job_id, answer in zip(ids, answers, strict=True):
         if not isinstance(answer, Failure):
             done.append(answer)
