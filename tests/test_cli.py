@@ -1268,10 +1268,13 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     starts = f"offload: job {job['id']} starts {job['run_at'][:19].replace('T', ' ')} UTC"
     wait_for(lambda: starts in delayed_said.text, 30, 0.1, "the start time said by wait")
     # A wait for a job after another says for which (it said nothing, as if stuck).
-    behind = cli(url, "submit", "sleep", "--after", job["id"]).stdout.strip()
+    behind = cli(url, "submit", "sleep", "--after", job["id"], "--delay", "7200",
+                 "--json").stdout
+    behind, its_start = json.loads(behind)["id"], json.loads(behind)["run_at"]
     following = start_cli(url, "wait", behind)
     following_said = Reader(following.stderr)
-    waits = f"offload: job {behind} waits for job {job['id']} to complete (--after)"
+    waits = (f"offload: job {behind} waits for job {job['id']} to complete (--after), then "
+             f"starts no sooner than {its_start[:19].replace('T', ' ')} UTC")  # both said
     wait_for(lambda: waits in following_said.text, 30, 0.1, "the job waited for said by wait")
     unstarted = cli(url, "log", job["id"])  # it said "has logged nothing", as of a job run
     assert (unstarted.returncode, unstarted.stdout) == (0, ""), unstarted
