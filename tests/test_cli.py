@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1719,6 +1720,35 @@ def test_a_server_before_next_before_is_listed_whole_when_one_page_holds_it() ->
             assert refused.returncode == 7, refused
             assert refused.stderr.startswith("offload: this server is older: it lists no "
                                              "further than its newest 1000 jobs"), refused
+
+
+def test_a_server_before_next_before_is_not_asked_for_several_states_or_kinds() -> None:
+    """A 0.9 server takes the last `state` (or `kind`) given alone: `list --state queued
+    --state running` listed the running jobs, exit 0, as if none were queued."""
+    from http.server import ThreadingHTTPServer
+
+    from tests.http_fake import JSONHandler, ScriptedServer
+
+    jobs = [{"id": "a" * 32, "kind": "sleep", "state": "queued"},
+            {"id": "b" * 32, "kind": "chat", "state": "running"}]
+
+    class Older(JSONHandler):
+        def do_GET(self) -> None:
+            asked = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            last = {name: values[-1] for name, values in asked.items()}
+            self._json(200, {"jobs": [job for job in jobs if all(
+                last.get(name, job[name]) == job[name] for name in ("state", "kind"))]})
+
+    with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), Older)) as older:
+        url = f"http://127.0.0.1:{older.port}"
+        for args in (["--state", "queued", "--state", "running"],
+                     ["--kind", "sleep", "--kind", "chat", "--all"]):
+            refused = cli(url, "list", *args, "--json")
+            assert (refused.returncode, refused.stdout) == (7, ""), refused
+            assert refused.stderr.startswith("offload: this server is older: it lists the "
+                                             "jobs of one state and one kind at a time"), refused
+        once = cli(url, "list", "--state", "queued", "--state", "queued", "--json")
+        assert json.loads(once.stdout) == jobs[:1], once
 
 
 def test_another_programs_ok_to_everything_is_no_job_nor_queue_nor_log() -> None:

@@ -295,6 +295,12 @@ class Client:
         page = offload_shaped(self.url, self.call("GET", f"/api/jobs?{given}"), "a listing",
                               jobs=list)
         jobs = [offload_job(self.url, job) for job in page["jobs"]]
+        # A server before `next_before` takes the last `state` or `kind` given, quietly.
+        if "next_before" not in page and any(isinstance(each, list) and len(set(each)) > 1
+                                             for each in (state, kind)):
+            raise Failure(EXIT_SERVER, "this server is older: it lists the jobs of one "
+                                       "state and one kind at a time; give --state and "
+                                       "--kind once each, or upgrade the server")
         # A server before `next_before` gives the top for any `before`, and no next page.
         if "next_before" not in page and (before is not None
                                           or (paging and limit is not None
