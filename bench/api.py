@@ -65,7 +65,8 @@ def _wait_up(url: str | None, proc: subprocess.Popen[bytes], timeout: float = 60
 
 
 @contextlib.contextmanager
-def _process(args: list[str], env: dict[str, str], url: str | None) -> Iterator[None]:
+def _process(args: list[str], env: dict[str, str], url: str | None
+             ) -> Iterator[subprocess.Popen[bytes]]:
     # The caller's own OFFLOAD_* variables stay out: a row is what its settings say.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**inherited, **env},
@@ -73,7 +74,7 @@ def _process(args: list[str], env: dict[str, str], url: str | None) -> Iterator[
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_up(url, proc)
-        yield
+        yield proc
     finally:
         # Its supervisor process (a session of its own) and runners too, before the
         # caller removes the data folder they write to.

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 from bench.api import _free_port, _process
 from bench.core import stats
@@ -143,10 +144,42 @@ def _wait_ended(client: httpx.Client, job_id: str) -> str:
     return _wait_final(client, job_id, WAIT_S)
 
 
+class CpuSeconds:
+    """The CPU time used so far by each part of the path, each part's processes whole:
+    the client (this process), the API, the supervisor, and the launcher with its
+    runners (the fork server or the spares, each runner's time once it has exited)."""
+
+    PARTS = ("client", "API", "supervisor", "launcher and runners")
+
+    def __init__(self, api_pid: int) -> None:
+        self.api = psutil.Process(api_pid)
+        self.supervisor = next(child for child in self.api.children()
+                               if "jobs.supervisor" in child.cmdline())
+
+    def now(self) -> dict[str, float]:
+        api, supervisor = self.api.cpu_times(), self.supervisor.cpu_times()
+        launcher = supervisor.children_user + supervisor.children_system  # exited ones
+        for child in self.supervisor.children():
+            with contextlib.suppress(psutil.Error):
+                times = child.cpu_times()
+                launcher += (times.user + times.system + times.children_user
+                             + times.children_system)
+        return dict(zip(self.PARTS, (time.process_time(), api.user + api.system,
+                                     supervisor.user + supervisor.system, launcher),
+                        strict=True))
+
+    def per_job(self, before: dict[str, float], jobs: int) -> dict[str, float]:
+        """ms of CPU a job since `before`, by part."""
+        after = self.now()
+        return {part: (after[part] - before[part]) * 1000 / jobs for part in self.PARTS}
+
+
 def offload(cap: int, extra_env: dict[str, str] | None = None,
-            label: str = "", batch: bool = False) -> dict[str, Any]:
+            label: str = "", batch: bool = False, released: bool = False) -> dict[str, Any]:
     """`batch`: jobs submitted through POST /api/jobs/batch (as RQ's enqueue_many), the
-    throughput's all in one request, each latency's as a batch of one."""
+    throughput's all in one request, each latency's as a batch of one. `released`: also
+    the jobs stored with the queue paused, then let go (no client's requests meanwhile
+    but the wait for the last): what the supervisor and the runners alone can do."""
     label += ", one batch request" if batch else ""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -156,8 +189,9 @@ def offload(cap: int, extra_env: dict[str, str] | None = None,
                "OPENAI_BASE_URL": "http://127.0.0.1:9/v1", **(extra_env or {})}
         args = ["-m", "uvicorn", "api_entry:app", "--host", "127.0.0.1", "--port", str(port),
                 "--log-level", "warning"]
-        with _process(args, env, f"{url}/api/health"), \
+        with _process(args, env, f"{url}/api/health") as api, \
                 httpx.Client(base_url=url, timeout=60) as client:
+            cpu = CpuSeconds(api.pid)
 
             def submit_many(n: int) -> list[str]:
                 if batch:
@@ -182,13 +216,29 @@ def offload(cap: int, extra_env: dict[str, str] | None = None,
 
             for _ in range(WARMUP_JOBS):  # the supervisor is up and its launcher warm
                 one()
+            def let_go() -> dict[str, Any]:
+                client.post("/api/queue/pause").raise_for_status()
+                ids = submit_many(THROUGHPUT_JOBS)
+                time.sleep(0.5)  # all stored, and seen by the supervisor
+                started, before = time.perf_counter(), cpu.now()
+                client.post("/api/queue/resume").raise_for_status()
+                _wait_ended(client, ids[-1])
+                seconds, cpu_ms = time.perf_counter() - started, cpu.per_job(before, len(ids))
+                completed = [_wait_final(client, job_id) for job_id in ids].count(
+                    p.JobState.COMPLETED)
+                return {"throughput": _throughput(len(ids), seconds, completed),
+                        "cpu_ms": cpu_ms}
+
             latency, quiet = _latencies(one, LATENCY_JOBS)
+            before = cpu.now()
             throughput = _timed(lambda: all_of(_wait_final))
+            cpu_ms = cpu.per_job(before, THROUGHPUT_JOBS)
             waited = _series(lambda: one(_wait_ended), LATENCY_JOBS, 0.0)
             throughput_waited = _timed(lambda: all_of(_wait_ended))
+            let_go_run = {"let_go": let_go()} if released else {}
     return {"system": f"Offload over HTTP, cap {cap}{label}", "latency": latency,
             "latency_quiet": quiet, "throughput": throughput, "latency_waited": waited,
-            "throughput_waited": throughput_waited}
+            "throughput_waited": throughput_waited, "cpu_ms": cpu_ms, **let_go_run}
 
 
 def _peer_row(system: str, submit: Callable[[], Any], result: Callable[[Any], Any],
@@ -335,7 +385,8 @@ def celery() -> dict[str, Any] | None:
 
 
 def run() -> dict[str, Any]:
-    rows = [spawn_floor(), fork_floor(), *(offload(cap) for cap in CAPS), offload(2, *SPARES),
+    rows = [spawn_floor(), fork_floor(), *(offload(cap, released=cap == CAPS[0]) for cap in CAPS),
+            offload(2, *SPARES),
             offload(2, *NO_FSYNC), offload(2, batch=True),
             huey()]
     skipped: dict[str, str] = {}
@@ -349,7 +400,8 @@ def run() -> dict[str, Any]:
         else:
             rows.append(row)
     return {"rows": [row for row in rows if row is not None], "skipped": skipped,
-            "latency_jobs": LATENCY_JOBS, "throughput_jobs": THROUGHPUT_JOBS}
+            "latency_jobs": LATENCY_JOBS, "throughput_jobs": THROUGHPUT_JOBS,
+            "cores": os.cpu_count()}
 
 
 def report(results: dict[str, Any]) -> str:
@@ -388,7 +440,30 @@ def report(results: dict[str, Any]) -> str:
                    "default `fsync=False`) and the bench's Redis (no saving) do not.")
     for name, why in results["skipped"].items():
         rows_md.append(f"\n{name}: {why}")
+    rows_md += ["", *_where_the_cpu_goes(rows, results.get("cores") or 1)]
     return "\n".join(rows_md)
+
+
+def _where_the_cpu_goes(rows: list[dict[str, Any]], cores: int) -> list[str]:
+    """The CPU a job took in each Offload row's throughput run, by part of the path; and
+    the jobs/s that CPU allows on this machine's cores, beside the jobs/s measured."""
+    lines = ["Where the CPU goes: ms of CPU a job in each Offload row's throughput run (polled "
+             f"every {POLL_S * 1000:g} ms), by process; and the jobs/s that CPU allows on "
+             f"this machine's {cores} cores, were they never idle.", "",
+             f"| Offload | {' | '.join(CpuSeconds.PARTS)} | total | jobs/s allowed | measured |",
+             f"| --- |{' ---: |' * (len(CpuSeconds.PARTS) + 3)}"]
+    measured = [(row["system"].removeprefix("Offload over HTTP, "), row["cpu_ms"],
+                 row["throughput"]) for row in rows if "cpu_ms" in row]
+    measured += [(f"{name}, jobs stored on a paused queue, then let go", row["let_go"]["cpu_ms"],
+                  row["let_go"]["throughput"])
+                 for row in rows if "let_go" in row
+                 for name in [row["system"].removeprefix("Offload over HTTP, ")]]
+    for name, cpu_ms, throughput in measured:
+        total = sum(cpu_ms.values())
+        lines.append(f"| {name} | {' | '.join(f'{cpu_ms[part]:.1f}' for part in CpuSeconds.PARTS)} "
+                     f"| {total:.1f} | {cores * 1000 / total:.0f} "
+                     f"| {_jobs_per_s(throughput)} |")
+    return lines
 
 
 def _jobs_per_s(throughput: dict[str, Any]) -> str:

@@ -84,9 +84,16 @@ def test_http_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> Non
     offload_rows = [row for row in results["rows"] if row["system"].startswith("Offload")]
     assert all(row["throughput_waited"]["completed"] == 5 and row["latency_waited"]["n"] == 5
                for row in offload_rows), "each job waited on by GET ?wait_s= too"
+    # The CPU of each part of the path, measured: the API's, the supervisor's and the
+    # runners' each more than nothing; released from a paused queue, every job completed.
+    assert all(row["cpu_ms"]["API"] > 0 and row["cpu_ms"]["supervisor"] > 0
+               and row["cpu_ms"]["launcher and runners"] > 0 for row in offload_rows)
+    released = [row["let_go"] for row in offload_rows if "let_go" in row]
+    assert len(released) == 1 and released[0]["throughput"]["completed"] == 5, released
     table = http.report(results)
     assert "| system | jobs/s | idle latency median (ms) | p90 (ms)" in table
     assert "| blocking wait: jobs/s |" in table
+    assert "| cap 2, jobs stored on a paused queue, then let go |" in table, table
     for peer in ("RQ", "Celery"):  # measured with a redis-server, else a note says why not
         assert any(system.startswith(f"{peer}, ") for system in systems) or f"{peer}: " in table
 
