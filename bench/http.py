@@ -153,8 +153,13 @@ class CpuSeconds:
 
     def __init__(self, api_pid: int) -> None:
         self.api = psutil.Process(api_pid)
-        self.supervisor = next(child for child in self.api.children()
-                               if "jobs.supervisor" in child.cmdline())
+        deadline = time.monotonic() + TIMEOUT_S  # the health answers before it is started
+        while not (found := [child for child in self.api.children()
+                             if "jobs.supervisor" in child.cmdline()]):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the API started no supervisor")
+            time.sleep(0.05)
+        self.supervisor = found[0]
 
     def now(self) -> dict[str, float]:
         api, supervisor = self.api.cpu_times(), self.supervisor.cpu_times()
@@ -401,7 +406,8 @@ def run() -> dict[str, Any]:
             rows.append(row)
     return {"rows": [row for row in rows if row is not None], "skipped": skipped,
             "latency_jobs": LATENCY_JOBS, "throughput_jobs": THROUGHPUT_JOBS,
-            "cores": os.cpu_count()}
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count()}
 
 
 def report(results: dict[str, Any]) -> str:

@@ -1170,14 +1170,24 @@ def test_every_failed_job_retried_once_however_often_asked(server: Server) -> No
     table = retried.stdout.splitlines()
     assert [line.split()[0] for line in table[1:]] == [line[4] for line in said], table
     assert all(" completed " in line for line in table[1:]), table
-    for job_id, line in zip(failed, said, strict=True):
-        assert json.loads(cli(url, "show", line[4], "--json").stdout)["rerun_of"] == job_id
+    news = [json.loads(cli(url, "show", line[4], "--json").stdout) for line in said]
+    assert [job["rerun_of"] for job in news] == failed
+    created = [job["created_at"] for job in news]  # queued in that order: one at a time
+    assert created == sorted(created), news
     again = cli(url, "retry", "--state", "failed")  # each is run again already
     assert (again.returncode, again.stdout, again.stderr) == (
         0, "", "no failed jobs not run again already: nothing to retry\n"), again
     assert json.loads(cli(url, "retry", "--state", "failed", "--json").stdout) == []
     for args in ([], [failed[0], "--state", "failed"], ["--kind", "probe"]):
         assert cli(url, "retry", *args).returncode == 2, args
+    typo = cli(url, "retry", "--state", "failed", "--kind", "prob")  # said nothing to do
+    assert typo.returncode == 2 and "unknown job kind 'prob'" in typo.stderr, typo
+    # None run again, each refused: said so (exit 6), not a wait for no job (exit 7).
+    busy = [cli(url, "submit", "sleep", "--input", '{"seconds": 60}').stdout.strip()
+            for _ in range(2)]
+    refused = cli(url, "retry", *busy, "--wait")
+    assert refused.returncode == 6 and refused.stderr.count("cancel it first") == 2, refused
+    assert cli(url, "cancel", *busy).returncode == 0
 
 
 def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: MakeServer,

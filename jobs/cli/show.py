@@ -51,6 +51,14 @@ def waits_for(job: dict[str, Any]) -> dict[str, Any]:
     return waits if isinstance(waits, dict) else {}
 
 
+def start_ahead(job: dict[str, Any]) -> str | None:
+    """When a queued job given a later start (`--delay`, `--at`) starts, if still ahead."""
+    start_at = p.run_at(job)
+    if start_at is None or start_at <= time.time():
+        return None
+    return f"{when(p.iso(start_at))} UTC"
+
+
 def note(job: dict[str, Any]) -> str:
     """What to know of a job at a glance: its error, progress, or why it has not started
     (as the server says it: `waits_for`)."""
@@ -67,13 +75,13 @@ def note(job: dict[str, Any]) -> str:
     if job.get(p.F_STATE) != p.JobState.QUEUED:
         return ""
     waits = waits_for(job)
-    reason, start_at = waits.get(p.WAITS_REASON), p.run_at(job)
+    reason, starts = waits.get(p.WAITS_REASON), start_ahead(job)
     if reason in (p.F_DEPENDS_ON, p.F_AFTER):
         awaited = [str(each) for each in waits.get("jobs") or []]
         return (f"after {awaited[0][:8]}" if len(awaited) == 1
                 else f"after {len(awaited)} jobs")
-    if start_at is not None and start_at > time.time():
-        return f"starts {when(p.iso(start_at))} UTC"
+    if starts is not None:
+        return f"starts {starts}"
     if reason == p.WAITS_KIND_CAP:
         cap, kind = waits.get(p.WAITS_KIND_CAP), job.get(p.F_KIND)
         return _held(cap, waits, f"kind {kind} at its cap {cap}", f"kind {kind}'s cap {cap}")

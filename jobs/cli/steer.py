@@ -65,10 +65,11 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
     # With --wait, each one's new id is said on stderr: stdout is the table of them ended.
     as_told = argparse.Namespace(**{**vars(args), "json": args.json and not args.wait})
     done: list[dict[str, Any]] = []
-    code = _act(as_told, ids, _each_at_once(rerun), lambda job: f"run again as {job[p.F_ID]}",
-                (EXIT_NOT_FOUND, "was gone already"), done,
-                sys.stderr if args.wait else sys.stdout)
-    if args.wait:
+    # One at a time: the new jobs queue in the order of the old ones.
+    code = _act(as_told, ids, _each_at_once(rerun, threads=1),
+                lambda job: f"run again as {job[p.F_ID]}", (EXIT_NOT_FOUND, "was gone already"),
+                done, sys.stderr if args.wait else sys.stdout)
+    if args.wait and done:
         return wait_all(client, [str(job[p.F_ID]) for job in done], args, submitted=True) or code
     if args.json:
         print_json(done)
@@ -76,12 +77,14 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
 
 
 def _not_run_again(client: Client, state: str, kind: str | None) -> list[str]:
-    """The jobs in `state` (of `kind`) that no job runs again yet, oldest first: a retry
-    of them all, made twice, runs each once."""
-    every = list(client.listed(None))
+    """The jobs in `state` (of `kind`) that no job kept runs again yet, oldest first: a
+    retry of them all, made twice, runs each once. (A re-run has its job's kind; a file
+    that holds no job, `corrupt`, has none to run.)"""
+    every = list(client.listed(None, kind=kind))
     run_again = {job.get(p.F_RERUN_OF) for job in every}
     return [str(job[p.F_ID]) for job in reversed(every) if job.get(p.F_STATE) == state
-            and kind in (None, job.get(p.F_KIND)) and job[p.F_ID] not in run_again]
+            and job[p.F_ID] not in run_again
+            and (job.get(p.F_ERROR) or {}).get("type") != p.ErrorType.CORRUPT]
 
 
 def _matching(client: Client, state: str, kind: str | None) -> tuple[list[str], bool]:
@@ -288,15 +291,16 @@ def _act(args: argparse.Namespace, ids: list[str],
     return code
 
 
-def _each_at_once(act: Callable[[str], Any]) -> Callable[[list[str]], dict[str, Answer]]:
-    """`act` on each id, several at once: each its job, or the Failure it raised."""
+def _each_at_once(act: Callable[[str], Any], threads: int = 8
+                  ) -> Callable[[list[str]], dict[str, Answer]]:
+    """`act` on each id, `threads` at once: each its job, or the Failure it raised."""
     def one(job_id: str) -> Answer:
         try:
             return dict(act(job_id))
         except Failure as exc:
             return exc
 
-    return lambda ids: dict(zip(ids, _at_once(one, ids), strict=True))
+    return lambda ids: dict(zip(ids, _at_once(one, ids, threads), strict=True))
 
 
 def _at_once(one: Callable[[str], T], ids: list[str], threads: int = 8) -> list[T]:

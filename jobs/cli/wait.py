@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
 from jobs import protocol as p
@@ -27,8 +26,8 @@ from jobs.cli.show import (
     remedy,
     removed,
     shown,
+    start_ahead,
     waits_for,
-    when,
 )
 
 
@@ -152,9 +151,8 @@ def _why_it_waits(job: dict[str, Any], queue: dict[str, Any]) -> str | None:
         whom = f"job{'s' if len(awaited) > 1 else ''} {', '.join(awaited)}"
         to = ("to complete (--after)" if waits[p.WAITS_REASON] == p.F_DEPENDS_ON
               else "to end (the earlier turn of its conversation)")
-        start_at = p.run_at(job)  # given --delay or --at too: that comes after
-        then = (f", then starts no sooner than {when(p.iso(start_at))} UTC"
-                if start_at is not None and start_at > time.time() else "")
+        starts = start_ahead(job)  # given --delay or --at too: that comes after
+        then = "" if starts is None else f", then starts no sooner than {starts}"
         return f"waits for {whom} {to}{then}"
     if said.startswith("held: "):
         return (f"is {said}: it starts once one of them ends "
