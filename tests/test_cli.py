@@ -1200,8 +1200,9 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     paused = cli(url, "pause", script=True)
     assert (paused.returncode, paused.stdout) == (0, "queue paused: queued jobs wait\n")
     assert "queue       paused" in cli(url, "status").stdout
-    on_hold = cli(url, "schedules")  # its next run said, as if the queue ran
-    assert "the queue is paused: a schedule's job waits in it" in on_hold.stderr, on_hold
+    for on_hold in (cli(url, "schedules"), cli(url, "schedules", "--json")):
+        # Its next run said, as if the queue ran.
+        assert "the queue is paused: a schedule's job waits in it" in on_hold.stderr, on_hold
     timed = cli(url, "submit", "sleep", "--input", '{"seconds": 0}', "--delay", "3600",
                 "--max-attempts", "2", "--key", "nightly-report", "--json")
     job = json.loads(timed.stdout)

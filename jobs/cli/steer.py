@@ -412,21 +412,20 @@ def cmd_schedules(client: Client, args: argparse.Namespace) -> int:
     code = EXIT_SERVER if answer.get("error") else EXIT_OK  # the schedules run as last read
     if answer.get("error"):  # with --json too: an exit code 7 alone said nothing of why
         sys.stderr.write(f"offload: the schedules file cannot be used: {answer['error']}\n")
+    schedules = answer.get("schedules") or []
     if args.json:
         print_json(answer)
-        return code
-    schedules = answer.get("schedules") or []
-    if not schedules:
+    elif not schedules:
         sys.stdout.write("no schedules\n")
-        return code
-    rows = [["NAME", "KIND", "WHEN", "NEXT RUN (UTC)", "LAST JOB"]]
-    rows += [[str(each.get("name")), str(each.get("kind")), _timing(each),
-              "paused" if each.get("paused") else when(each.get("next_run_at")),
-              f"{each.get('last_job_id') or '-'} {each.get('last_state') or ''}".rstrip()]
-             for each in schedules]
-    table(rows, sys.stdout)
+    else:
+        rows = [["NAME", "KIND", "WHEN", "NEXT RUN (UTC)", "LAST JOB"]]
+        rows += [[str(each.get("name")), str(each.get("kind")), _timing(each),
+                  "paused" if each.get("paused") else when(each.get("next_run_at")),
+                  f"{each.get('last_job_id') or '-'} {each.get('last_state') or ''}".rstrip()]
+                 for each in schedules]
+        table(rows, sys.stdout)
     if (not all(each.get("paused") for each in schedules)
-            and queue_state(client).get("paused") is True):  # the times above do not hold
+            and queue_state(client).get("paused") is True):  # the times shown do not hold
         sys.stderr.write("the queue is paused: a schedule's job waits in it, and the schedule "
                          "makes no more until that one starts (offload resume)\n")
     return code
