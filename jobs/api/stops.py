@@ -111,7 +111,7 @@ class Stops:
         no_room, asked = None, []
         try:
             for job_id in job_ids:
-                no_room = await self._ask_stop(job_id, ring=False) or no_room
+                no_room = await self._leave_stop(job_id) or no_room
                 asked.append(job_id)
         except StoreUnavailable as exc:
             if len(job_ids) > 1:  # of several: whose request was not left, and the others'
@@ -145,10 +145,10 @@ class Stops:
             return None
         return StoreUnavailable(NO_ROOM_TO_END, RECORDED, retry=False, no_room=True)
 
-    async def _ask_stop(self, job_id: str, ring: bool = True) -> StoreUnavailable | None:
-        """Leave its stop request and (`ring`) ring the supervisor; on a full disk, the
-        error to say if the job is not final in time. Where not even an empty request finds room
-        (no inode left), the leader is asked through its socket alone. Raised where no
+    async def _leave_stop(self, job_id: str) -> StoreUnavailable | None:
+        """Leave its stop request (the caller rings the supervisor); on a full disk, the
+        error to say if the job is not final in time. Where not even an empty request finds
+        room (no inode left), the leader is asked through its socket alone. Raised where no
         leader took the ring."""
         try:
             whole = await run_in_threadpool(self.store.request_cancel, job_id)
@@ -160,8 +160,6 @@ class Stops:
                 raise  # no leader listening (or no socket, as on Windows): not cancelled
             exc.outcome = UNRECORDED
             return exc
-        if ring:
-            poke(self.store.dir, job_id)
         if whole:
             return None
         return StoreUnavailable(NO_ROOM_TO_END, RECORDED, retry=False, no_room=True)
