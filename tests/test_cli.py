@@ -1134,6 +1134,16 @@ def test_cancel_several_and_retry(server: Server) -> None:
     none = cli(url, "cancel", "--state", "queued", "--kind", "sleep")  # it said nothing
     assert (none.returncode, none.stdout, none.stderr) == (
         0, "", "no queued jobs of kind sleep: nothing to cancel\n"), none
+    # --kind again: of any of them (it took the last alone, quietly).
+    kinds = {kind: cli(url, "submit", kind, "--delay", "600").stdout.strip()
+             for kind in ("sleep", "probe", "train")}
+    both = cli(url, "cancel", "--state", "queued", "--kind", "sleep", "--kind", "probe")
+    assert both.returncode == 0, both
+    assert sorted(both.stdout.split()[::2]) == sorted([kinds["sleep"], kinds["probe"]]), both
+    assert json.loads(cli(url, "show", kinds["train"], "--json").stdout)["state"] == "queued"
+    none = cli(url, "cancel", "--state", "queued", "--kind", "sleep", "--kind", "probe")
+    assert none.stderr == "no queued jobs of kind sleep or probe: nothing to cancel\n", none
+    assert cli(url, "cancel", kinds["train"]).returncode == 0
 
     # Finished jobs removed now, as `pueue remove ID` and `pueue clean`.
     busy = cli(url, "remove", new["id"], edited_id := json.loads(edited.stdout)["id"])
@@ -1142,9 +1152,11 @@ def test_cancel_several_and_retry(server: Server) -> None:
     live = cli(url, "submit", "sleep", "--input", '{"seconds": 120}').stdout.strip()
     kept = cli(url, "remove", live)
     assert kept.returncode == 6 and "cancel it first" in kept.stderr, kept
-    cleaned = cli(url, "remove", "--state", "cancelled", "--kind", "sleep", "--json")
+    cleaned = cli(url, "remove", "--state", "cancelled", "--kind", "sleep", "--kind", "probe",
+                  "--kind", "train", "--json")
     assert cleaned.returncode == 0, cleaned
-    assert sorted(job["id"] for job in json.loads(cleaned.stdout)) == sorted([*ids, *later])
+    assert sorted(job["id"] for job in json.loads(cleaned.stdout)) == sorted(
+        [*ids, *later, *kinds.values()])
     left = json.loads(cli(url, "list", "--json").stdout)
     assert [job["id"] for job in left] == [live], left
     assert cli(url, "remove", ids[0]).returncode == 5
@@ -1188,6 +1200,15 @@ def test_every_failed_job_retried_once_however_often_asked(server: Server) -> No
     refused = cli(url, "retry", *busy, "--wait")
     assert refused.returncode == 6 and refused.stderr.count("cancel it first") == 2, refused
     assert cli(url, "cancel", *busy).returncode == 0
+    # --kind again: of any of them (it took the last alone, quietly).
+    probe = cli(url, "submit", "probe", "--delay", "600").stdout.strip()
+    assert cli(url, "cancel", probe).returncode == 0
+    both = cli(url, "retry", "--state", "cancelled", "--kind", "sleep", "--kind", "probe",
+               "--json")
+    assert both.returncode == 0, both
+    reruns = json.loads(both.stdout)
+    assert [job["rerun_of"] for job in reruns] == [*busy, probe], both
+    assert cli(url, "cancel", *(job["id"] for job in reruns[:2])).returncode == 0  # sleeps
 
 
 def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: MakeServer,

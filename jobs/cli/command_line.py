@@ -112,14 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("ids", nargs="*", metavar="id")
     cancel.add_argument("--state", choices=["queued", "running", "live"],
                         help="instead of ids: every job in this state (live: both)")
-    cancel.add_argument("--kind", help="with --state: of this kind only")
+    cancel.add_argument("--kind", action="append",
+                        help="with --state: of this kind only (again for any of several)")
     remove = command("remove", cmd_remove, "delete finished jobs now, with their input, "
                                            "output and log (as pruning does later)")
     remove.add_argument("ids", nargs="*", metavar="id")
     remove.add_argument("--state", choices=[*ENDED, "finished"],
                         help="instead of ids: every job in this state (finished: all four), "
                              "as Pueue's clean")
-    remove.add_argument("--kind", help="with --state: of this kind only")
+    remove.add_argument("--kind", action="append",
+                        help="with --state: of this kind only (again for any of several)")
     for name, run, text in (("submit", cmd_submit, "submit a job; prints its id"),
                             ("retry", cmd_retry, "run finished jobs again, each as a new "
                                                  "job; prints the new id")):
@@ -150,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--state", choices=ENDED,
                              help="instead of ids: every job in this state not run again "
                                   "already, oldest first (as Pueue's restart --all-failed)")
-            sub.add_argument("--kind", help="with --state: of this kind only")
+            sub.add_argument("--kind", action="append",
+                             help="with --state: of this kind only (again for any of "
+                                  "several)")
             sub.add_argument("--input", help="another input: JSON, @file.json or -")
         sub.add_argument("--timeout", type=_positive, help="its deadline, seconds")
         sub.add_argument("--wait", action="store_true",

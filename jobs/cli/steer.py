@@ -58,8 +58,7 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
         if args.json:
             print_json([])
         else:  # on stderr: stdout stays the jobs run again, none
-            of_kind = f" of kind {args.kind}" if args.kind else ""
-            sys.stderr.write(f"no {args.state} jobs{of_kind} not run again already: "
+            sys.stderr.write(f"no {args.state} jobs{_of_kind(args.kind)} not run again already: "
                              "nothing to retry\n")
         return EXIT_OK
     # With --wait, each one's new id is said on stderr: stdout is the table of them ended.
@@ -76,7 +75,7 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
     return code
 
 
-def _not_run_again(client: Client, state: str, kind: str | None) -> list[str]:
+def _not_run_again(client: Client, state: str, kind: list[str] | None) -> list[str]:
     """The jobs in `state` (of `kind`) that no job kept runs again yet, oldest first: a
     retry of them all, made twice, runs each once. (A re-run has its job's kind; a file
     that holds no job, `corrupt`, has none to run.)"""
@@ -87,14 +86,15 @@ def _not_run_again(client: Client, state: str, kind: str | None) -> list[str]:
             and (job.get(p.F_ERROR) or {}).get("type") != p.ErrorType.CORRUPT]
 
 
-def _matching(client: Client, state: str, kind: str | None) -> tuple[list[str], bool]:
-    """The ids of the jobs in `state` (of `kind`), as the API lists them now, newest
+def _matching(client: Client, state: str, kind: list[str] | None) -> tuple[list[str], bool]:
+    """The ids of the jobs in `state` (of any `kind`), as the API lists them now, newest
     first; and whether the listing was cut at LIST_MAX (older ones are left)."""
-    given = urllib.parse.urlencode({k: v for k, v in (
-        ("state", state), ("kind", kind), ("limit", LIST_MAX), ("fields", "summary"))
-        if v is not None})  # only their ids are needed
-    listed = client.call("GET", f"/api/jobs?{given}")["jobs"]
+    listed, _ = client.listing(state, "summary", None, kind=kind)  # only their ids needed
     return [job[p.F_ID] for job in listed], len(listed) >= LIST_MAX
+
+
+def _of_kind(kinds: list[str] | None) -> str:
+    return f" of kind {' or '.join(dict.fromkeys(kinds))}" if kinds else ""
 
 
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
@@ -240,8 +240,8 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
                 acted = _act(args, ids, act, said, moved_on, done)  # each page, as it comes
                 code = code or acted
         if not tried and not args.json:  # on stderr: stdout stays the jobs acted on, none
-            of_kind = f" of kind {args.kind}" if args.kind else ""
-            sys.stderr.write(f"no {args.state} jobs{of_kind}: nothing to {args.command}\n")
+            sys.stderr.write(f"no {args.state} jobs{_of_kind(args.kind)}: nothing to "
+                             f"{args.command}\n")
     if args.json:
         print_json(done)
     return code
