@@ -7,22 +7,25 @@ at cap 2 and cap 8, Huey (SQLite, process workers), and RQ and Celery when a
 final state seen) and throughput (jobs submitted as fast as one client can, until all
 are final). Then the same for each system's own blocking wait where it has one: Offload's
 `GET /api/jobs/{id}?wait_s=`, RQ's `Job.latest_result(timeout=)`, Celery's
-`AsyncResult.get()`.
+`AsyncResult.get()`. Last, the goals' two ratios (Offload's latency against the spawn
+floor's, its throughput against RQ's) measured in turns, round after round (`in_turns`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import psutil
@@ -35,6 +38,8 @@ LATENCY_JOBS = 100
 THROUGHPUT_JOBS = 300
 WARMUP_JOBS = 5
 CAPS = (2, 8)
+TURNS = 5  # rounds of the goals' ratios measured in turns (`in_turns`)
+TURN_LATENCY_JOBS = 30
 POLL_S = 0.001
 IDLE_GAP_S = 0.3  # quiet before each of the second latency series: the system idle
 FLOOR_PARALLEL = 2  # as many at a time as Offload's cap 2 and each peer's 2 workers
@@ -78,19 +83,21 @@ def _timed(run: Callable[[], int]) -> dict[str, Any]:
     return _throughput(THROUGHPUT_JOBS, time.perf_counter() - t0, completed)
 
 
+SPAWN = [sys.executable, "-c", "pass"]
+
+
+def _spawn_one() -> None:
+    subprocess.Popen(SPAWN).wait()
+
+
 def spawn_floor() -> dict[str, Any]:
-    command = [sys.executable, "-c", "pass"]
-
-    def one() -> None:
-        subprocess.Popen(command).wait()
-
-    latency, quiet = _latencies(one, LATENCY_JOBS)
+    latency, quiet = _latencies(_spawn_one, LATENCY_JOBS)
     t0 = time.perf_counter()
     running: list[subprocess.Popen[bytes]] = []
     for _ in range(THROUGHPUT_JOBS):
         if len(running) == FLOOR_PARALLEL:
             running.pop(0).wait()
-        running.append(subprocess.Popen(command))
+        running.append(subprocess.Popen(SPAWN))
     for proc in running:
         proc.wait()
     seconds = time.perf_counter() - t0
@@ -179,13 +186,51 @@ class CpuSeconds:
         return {part: (after[part] - before[part]) * 1000 / jobs for part in self.PARTS}
 
 
-def offload(cap: int, extra_env: dict[str, str] | None = None,
-            label: str = "", batch: bool = False, released: bool = False) -> dict[str, Any]:
-    """`batch`: jobs submitted through POST /api/jobs/batch (as RQ's enqueue_many), the
-    throughput's all in one request, each latency's as a batch of one. `released`: also
-    the jobs stored with the queue paused, then let go (no client's requests meanwhile
-    but the wait for the last): what the supervisor and the runners alone can do."""
-    label += ", one batch request" if batch else ""
+class _Offload:
+    """A client's ways with one Offload over HTTP: submit, and wait for jobs."""
+
+    def __init__(self, client: httpx.Client, batch: bool) -> None:
+        self.client, self.batch = client, batch
+
+    def submit_many(self, n: int) -> list[str]:
+        if self.batch:
+            answer = self.client.post("/api/jobs/batch", json={"jobs": [SLEEP_JOB] * n})
+            answer.raise_for_status()
+            return [str(job["id"]) for job in answer.json()["jobs"]]
+        answers = [self.client.post("/api/jobs", json=SLEEP_JOB) for _ in range(n)]
+        for answer in answers:
+            answer.raise_for_status()
+        return [str(answer.json()["id"]) for answer in answers]
+
+    def one(self, wait: Callable[[httpx.Client, str], str] = _wait_final) -> None:
+        state = wait(self.client, self.submit_many(1)[0])
+        assert state == p.JobState.COMPLETED, state
+
+    def all_of(self, wait: Callable[[httpx.Client, str], str] = _wait_final) -> int:
+        ids = self.submit_many(THROUGHPUT_JOBS)
+        return [wait(self.client, job_id) for job_id in ids].count(p.JobState.COMPLETED)
+
+    def let_go(self, cpu: CpuSeconds) -> dict[str, Any]:
+        """THROUGHPUT_JOBS stored with the queue paused, then let go (no client's requests
+        meanwhile but the wait for the last): what the supervisor and the runners alone
+        can do."""
+        self.client.post("/api/queue/pause").raise_for_status()
+        ids = self.submit_many(THROUGHPUT_JOBS)
+        time.sleep(0.5)  # all stored, and seen by the supervisor
+        started, before = time.perf_counter(), cpu.now()
+        self.client.post("/api/queue/resume").raise_for_status()
+        _wait_ended(self.client, ids[-1])
+        seconds, cpu_ms = time.perf_counter() - started, cpu.per_job(before, len(ids))
+        completed = [_wait_final(self.client, job_id) for job_id in ids].count(
+            p.JobState.COMPLETED)
+        return {"throughput": _throughput(len(ids), seconds, completed), "cpu_ms": cpu_ms}
+
+
+@contextlib.contextmanager
+def _offload_up(cap: int, extra_env: dict[str, str] | None = None,
+                batch: bool = False) -> Iterator[tuple[_Offload, CpuSeconds]]:
+    """Offload served by uvicorn with its own supervisor, warmed up; a client's ways with
+    it, and the CPU of each part of its path."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="offload-bench-http-") as tmp:
@@ -197,77 +242,62 @@ def offload(cap: int, extra_env: dict[str, str] | None = None,
         with _process(args, env, f"{url}/api/health") as api, \
                 httpx.Client(base_url=url, timeout=60) as client:
             cpu = CpuSeconds(api.pid)
-
-            def submit_many(n: int) -> list[str]:
-                if batch:
-                    answer = client.post("/api/jobs/batch", json={"jobs": [SLEEP_JOB] * n})
-                    answer.raise_for_status()
-                    return [str(job["id"]) for job in answer.json()["jobs"]]
-                answers = [client.post("/api/jobs", json=SLEEP_JOB) for _ in range(n)]
-                for answer in answers:
-                    answer.raise_for_status()
-                return [str(answer.json()["id"]) for answer in answers]
-
-            def submit() -> str:
-                return submit_many(1)[0]
-
-            def one(wait: Callable[[httpx.Client, str], str] = _wait_final) -> None:
-                state = wait(client, submit())
-                assert state == p.JobState.COMPLETED, state
-
-            def all_of(wait: Callable[[httpx.Client, str], str]) -> int:
-                ids = submit_many(THROUGHPUT_JOBS)
-                return [wait(client, job_id) for job_id in ids].count(p.JobState.COMPLETED)
-
+            offload = _Offload(client, batch)
             for _ in range(WARMUP_JOBS):  # the supervisor is up and its launcher warm
-                one()
-            def let_go() -> dict[str, Any]:
-                client.post("/api/queue/pause").raise_for_status()
-                ids = submit_many(THROUGHPUT_JOBS)
-                time.sleep(0.5)  # all stored, and seen by the supervisor
-                started, before = time.perf_counter(), cpu.now()
-                client.post("/api/queue/resume").raise_for_status()
-                _wait_ended(client, ids[-1])
-                seconds, cpu_ms = time.perf_counter() - started, cpu.per_job(before, len(ids))
-                completed = [_wait_final(client, job_id) for job_id in ids].count(
-                    p.JobState.COMPLETED)
-                return {"throughput": _throughput(len(ids), seconds, completed),
-                        "cpu_ms": cpu_ms}
+                offload.one()
+            yield offload, cpu
 
-            latency, quiet = _latencies(one, LATENCY_JOBS)
-            before = cpu.now()
-            throughput = _timed(lambda: all_of(_wait_final))
-            cpu_ms = cpu.per_job(before, THROUGHPUT_JOBS)
-            waited = _series(lambda: one(_wait_ended), LATENCY_JOBS, 0.0)
-            throughput_waited = _timed(lambda: all_of(_wait_ended))
-            let_go_run = {"let_go": let_go()} if released else {}
+
+def offload(cap: int, extra_env: dict[str, str] | None = None,
+            label: str = "", batch: bool = False, released: bool = False) -> dict[str, Any]:
+    """`batch`: jobs submitted through POST /api/jobs/batch (as RQ's enqueue_many), the
+    throughput's all in one request, each latency's as a batch of one. `released`: also
+    the jobs stored with the queue paused, then let go (`_Offload.let_go`)."""
+    label += ", one batch request" if batch else ""
+    with _offload_up(cap, extra_env, batch) as (up, cpu):
+        latency, quiet = _latencies(up.one, LATENCY_JOBS)
+        before = cpu.now()
+        throughput = _timed(up.all_of)
+        cpu_ms = cpu.per_job(before, THROUGHPUT_JOBS)
+        waited = _series(lambda: up.one(_wait_ended), LATENCY_JOBS, 0.0)
+        throughput_waited = _timed(lambda: up.all_of(_wait_ended))
+        let_go_run = {"let_go": up.let_go(cpu)} if released else {}
     return {"system": f"Offload over HTTP, cap {cap}{label}", "latency": latency,
             "latency_quiet": quiet, "throughput": throughput, "latency_waited": waited,
             "throughput_waited": throughput_waited, "cpu_ms": cpu_ms, **let_go_run}
 
 
-def _peer_row(system: str, submit: Callable[[], Any], result: Callable[[Any], Any],
-              waited: Callable[[Any], Any] | None = None) -> dict[str, Any]:
-    """Latency and throughput of a peer whose `submit()` returns a handle that
-    `result(handle)` waits on (polling every POLL_S), the no-op's True once done; then
-    the same through `waited(handle)`, the peer's own blocking wait, where it has one."""
+class _Peer(NamedTuple):
+    """A peer's ways: `submit()` returns a handle that `result(handle)` waits on (polling
+    every POLL_S), the no-op's True once done; `waited(handle)`, the peer's own blocking
+    wait, where it has one."""
 
-    def one(wait: Callable[[Any], Any] = result) -> None:
-        assert wait(submit()) is True
+    submit: Callable[[], Any]
+    result: Callable[[Any], Any]
+    waited: Callable[[Any], Any] | None = None
 
-    def all_of(wait: Callable[[Any], Any]) -> int:
-        pending = [submit() for _ in range(THROUGHPUT_JOBS)]
-        return sum(1 for handle in pending if wait(handle) is True)
+    def one(self, wait: Callable[[Any], Any] | None = None) -> None:
+        assert (wait or self.result)(self.submit()) is True
 
-    # The first waits for the workers to start.
-    for _ in range(WARMUP_JOBS):
-        one()
-    latency, quiet = _latencies(one, LATENCY_JOBS)
+    def all_of(self, wait: Callable[[Any], Any] | None = None) -> int:
+        pending = [self.submit() for _ in range(THROUGHPUT_JOBS)]
+        return sum(1 for handle in pending if (wait or self.result)(handle) is True)
+
+    def warm_up(self) -> None:  # the first waits for the workers to start
+        for _ in range(WARMUP_JOBS):
+            self.one()
+
+
+def _peer_row(system: str, peer: _Peer) -> dict[str, Any]:
+    """Latency and throughput of a peer, polled; then the same through its own wait."""
+    peer.warm_up()
+    latency, quiet = _latencies(peer.one, LATENCY_JOBS)
     row = {"system": system, "latency": latency, "latency_quiet": quiet,
-           "throughput": _timed(lambda: all_of(result))}
-    if waited is not None:
-        row["latency_waited"] = _series(lambda: one(waited), LATENCY_JOBS, 0.0)
-        row["throughput_waited"] = _timed(lambda: all_of(waited))
+           "throughput": _timed(peer.all_of)}
+    if peer.waited is not None:
+        waited = peer.waited
+        row["latency_waited"] = _series(lambda: peer.one(waited), LATENCY_JOBS, 0.0)
+        row["throughput_waited"] = _timed(lambda: peer.all_of(waited))
     return row
 
 
@@ -298,7 +328,8 @@ def huey() -> dict[str, Any] | None:
                 _poll(lambda: pending.get() is not None, "Huey")
                 return pending.get()  # kept by the handle once read
 
-            row = _peer_row(f"Huey, SQLite, {HUEY_WORKERS} process workers", noop, result)
+            row = _peer_row(f"Huey, SQLite, {HUEY_WORKERS} process workers",
+                            _Peer(noop, result))
         app.storage.close()
     return row
 
@@ -334,13 +365,20 @@ def _redis_server() -> Iterator[str]:
             proc.wait(10)
 
 
-def rq() -> dict[str, Any] | None:
-    try:
-        from rq.job import JobStatus
+RQ_SYSTEM = f"RQ, {RQ_WORKERS} fork-per-job workers (Redis)"
 
-        from bench.baselines import rq_app
-    except ImportError:
-        return None
+
+def _rq_installed() -> bool:
+    return importlib.util.find_spec("rq") is not None
+
+
+@contextlib.contextmanager
+def _rq_up() -> Iterator[_Peer]:
+    """RQ_WORKERS classic workers on a Redis of the bench's own; RQ's ways, warmed up."""
+    from rq.job import JobStatus
+
+    from bench.baselines import rq_app
+
     with _redis_server() as url, contextlib.ExitStack() as workers:
         queue = rq_app.connect(url)
         # The classic Worker: it waits on a blocking pop (woken at once by an enqueue)
@@ -358,10 +396,17 @@ def rq() -> dict[str, Any] | None:
             outcome = job.latest_result(timeout=WAIT_S)  # a blocking read of Redis
             return None if outcome is None else outcome.return_value
 
-        row = _peer_row(f"RQ, {RQ_WORKERS} fork-per-job workers (Redis)",
-                        lambda: queue.enqueue(rq_app.noop), result, waited)
-        queue.connection.close()
-    return row
+        try:
+            yield _Peer(lambda: queue.enqueue(rq_app.noop), result, waited)
+        finally:
+            queue.connection.close()
+
+
+def rq() -> dict[str, Any] | None:
+    if not _rq_installed():
+        return None
+    with _rq_up() as peer:
+        return _peer_row(RQ_SYSTEM, peer)
 
 
 def celery() -> dict[str, Any] | None:
@@ -383,10 +428,37 @@ def celery() -> dict[str, Any] | None:
                 return pending.result
 
             row = _peer_row(f"Celery, prefork pool of {CELERY_PROCESSES} "
-                            "(Redis; no process per job)", noop.delay, result,
-                            lambda pending: pending.get(timeout=WAIT_S))  # Redis pub/sub
+                            "(Redis; no process per job)",
+                            _Peer(noop.delay, result,
+                                  lambda pending: pending.get(timeout=WAIT_S)))  # pub/sub
         app.close()
     return row
+
+
+def in_turns(rounds: int) -> dict[str, Any]:
+    """The goals' two ratios, each of the same minute: Offload at cap 2 and RQ both up
+    throughout, and in each round, one after the other, the spawn floor's latency and
+    Offload's (TURN_LATENCY_JOBS back to back each), then Offload's throughput and RQ's
+    (THROUGHPUT_JOBS each, polled). This host's speed drifts from minute to minute more
+    than the rows above differ, so a ratio across rows can mislead."""
+    turns: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as up:
+        offload_up, _ = up.enter_context(_offload_up(CAPS[0]))
+        rq_up = up.enter_context(_rq_up()) if _rq_up_possible() else None
+        if rq_up is not None:
+            rq_up.warm_up()
+        for _ in range(rounds):
+            turn = {"floor": _series(_spawn_one, TURN_LATENCY_JOBS, 0.0),
+                    "offload": _series(offload_up.one, TURN_LATENCY_JOBS, 0.0),
+                    "offload_throughput": _timed(offload_up.all_of)}
+            if rq_up is not None:
+                turn["rq_throughput"] = _timed(rq_up.all_of)
+            turns.append(turn)
+    return {"rounds": turns, "rq": rq_up is not None}
+
+
+def _rq_up_possible() -> bool:
+    return shutil.which("redis-server") is not None and _rq_installed()
 
 
 def run() -> dict[str, Any]:
@@ -405,6 +477,7 @@ def run() -> dict[str, Any]:
         else:
             rows.append(row)
     return {"rows": [row for row in rows if row is not None], "skipped": skipped,
+            "in_turns": in_turns(TURNS),
             "latency_jobs": LATENCY_JOBS, "throughput_jobs": THROUGHPUT_JOBS,
             "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count()}
@@ -446,8 +519,39 @@ def report(results: dict[str, Any]) -> str:
                    "default `fsync=False`) and the bench's Redis (no saving) do not.")
     for name, why in results["skipped"].items():
         rows_md.append(f"\n{name}: {why}")
+    if "in_turns" in results:
+        rows_md += ["", *_in_turns_table(results["in_turns"])]
     rows_md += ["", *_where_the_cpu_goes(rows, results.get("cores") or 1)]
     return "\n".join(rows_md)
+
+
+def _in_turns_table(in_turns: dict[str, Any]) -> list[str]:
+    """Each round of `in_turns`, and the median of the rounds' ratios."""
+    lines = [f"The goals' ratios measured in turns ({len(in_turns['rounds'])} rounds; Offload "
+             f"at cap {CAPS[0]} and RQ up throughout; in each round, one after the other, "
+             f"{TURN_LATENCY_JOBS} jobs back to back on the spawn floor and on Offload, then "
+             f"{THROUGHPUT_JOBS} jobs on Offload and on RQ, polled every {POLL_S * 1000:g} ms):",
+             "", "| round | spawn floor: median (ms) | Offload: median (ms) | latency vs floor "
+             "| Offload: jobs/s | RQ: jobs/s | throughput vs RQ |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    latency_ratios, throughput_ratios = [], []
+    for number, turn in enumerate(in_turns["rounds"], 1):
+        floor, ours = turn["floor"]["median"], turn["offload"]["median"]
+        latency_ratios.append(ours / floor)
+        mine = turn["offload_throughput"]
+        theirs, versus = "-", "-"
+        if "rq_throughput" in turn:
+            throughput_ratios.append(mine["jobs_per_s"] / turn["rq_throughput"]["jobs_per_s"])
+            theirs, versus = _jobs_per_s(turn["rq_throughput"]), f"{throughput_ratios[-1]:.2f}x"
+        lines.append(f"| {number} | {floor * 1000:.1f} | {ours * 1000:.1f} "
+                     f"| {latency_ratios[-1]:.2f}x | {_jobs_per_s(mine)} | {theirs} | {versus} |")
+    versus = f"{statistics.median(throughput_ratios):.2f}x" if throughput_ratios else "-"
+    lines.append(f"| median of the rounds | | | {statistics.median(latency_ratios):.2f}x | | "
+                 f"| {versus} |")
+    if not in_turns["rq"]:
+        lines.append("\nRQ: not measured in turns (no redis-server on the PATH, or RQ not "
+                     "installed)")
+    return lines
 
 
 def _where_the_cpu_goes(rows: list[dict[str, Any]], cores: int) -> list[str]:

@@ -74,6 +74,8 @@ def test_http_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(http, "THROUGHPUT_JOBS", 5)
     monkeypatch.setattr(http, "WARMUP_JOBS", 1)
     monkeypatch.setattr(http, "IDLE_GAP_S", 0)
+    monkeypatch.setattr(http, "TURNS", 2)
+    monkeypatch.setattr(http, "TURN_LATENCY_JOBS", 3)
     results = http.run()
     systems = [row["system"] for row in results["rows"]]
     assert "Offload over HTTP, cap 2" in systems and "Offload over HTTP, cap 8" in systems
@@ -96,6 +98,15 @@ def test_http_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "| cap 2, jobs stored on a paused queue, then let go |" in table, table
     for peer in ("RQ", "Celery"):  # measured with a redis-server, else a note says why not
         assert any(system.startswith(f"{peer}, ") for system in systems) or f"{peer}: " in table
+    # The goals' ratios, each of the same minute: the systems measured in turns.
+    turns = results["in_turns"]["rounds"]
+    assert len(turns) == 2 and all(turn["offload"]["n"] == 3 and turn["floor"]["n"] == 3
+                                   and turn["offload_throughput"]["completed"] == 5
+                                   for turn in turns), turns
+    assert results["in_turns"]["rq"] == any(system.startswith("RQ, ") for system in systems)
+    assert all(turn["rq_throughput"]["completed"] == 5 for turn in turns
+               if results["in_turns"]["rq"]), turns
+    assert "| median of the rounds |" in table, table
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server on the PATH")
