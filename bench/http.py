@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import httpx
 import psutil
@@ -33,6 +33,8 @@ import psutil
 from bench.api import _free_port, _process
 from bench.core import stats
 from jobs import protocol as p
+
+T = TypeVar("T")
 
 LATENCY_JOBS = 100
 THROUGHPUT_JOBS = 300
@@ -374,13 +376,15 @@ def _rq_installed() -> bool:
 
 @contextlib.contextmanager
 def _rq_up() -> Iterator[_Peer]:
-    """RQ_WORKERS classic workers on a Redis of the bench's own; RQ's ways, warmed up."""
+    """RQ_WORKERS classic workers on a Redis of the bench's own; RQ's ways (not warmed
+    up: the first job waits for the workers to start)."""
     from rq.job import JobStatus
 
     from bench.baselines import rq_app
 
     with _redis_server() as url, contextlib.ExitStack() as workers:
         queue = rq_app.connect(url)
+        workers.callback(queue.connection.close)  # after the workers (a stack)
         # The classic Worker: it waits on a blocking pop (woken at once by an enqueue)
         # and forks a work-horse per job.
         args = ["-m", "rq.cli", "worker", "--url", url, "--worker-class", "rq.Worker",
@@ -396,10 +400,7 @@ def _rq_up() -> Iterator[_Peer]:
             outcome = job.latest_result(timeout=WAIT_S)  # a blocking read of Redis
             return None if outcome is None else outcome.return_value
 
-        try:
-            yield _Peer(lambda: queue.enqueue(rq_app.noop), result, waited)
-        finally:
-            queue.connection.close()
+        yield _Peer(lambda: queue.enqueue(rq_app.noop), result, waited)
 
 
 def rq() -> dict[str, Any] | None:
@@ -437,28 +438,50 @@ def celery() -> dict[str, Any] | None:
 
 def in_turns(rounds: int) -> dict[str, Any]:
     """The goals' two ratios, each of the same minute: Offload at cap 2 and RQ both up
-    throughout, and in each round, one after the other, the spawn floor's latency and
-    Offload's (TURN_LATENCY_JOBS back to back each), then Offload's throughput and RQ's
-    (THROUGHPUT_JOBS each, polled). This host's speed drifts from minute to minute more
-    than the rows above differ, so a ratio across rows can mislead."""
+    throughout, and in each round the spawn floor's latency and Offload's
+    (TURN_LATENCY_JOBS back to back each), then Offload's throughput and RQ's
+    (THROUGHPUT_JOBS each, polled), each pair in the other order every other round. This
+    host's speed drifts from minute to minute more than the rows above differ, so a ratio
+    across rows can mislead. An idle Offload still wakes (its index, its supervisor): the
+    CPU it takes while RQ runs is measured too."""
     turns: list[dict[str, Any]] = []
     with contextlib.ExitStack() as up:
-        offload_up, _ = up.enter_context(_offload_up(CAPS[0]))
-        rq_up = up.enter_context(_rq_up()) if _rq_up_possible() else None
-        if rq_up is not None:
-            rq_up.warm_up()
-        for _ in range(rounds):
-            turn = {"floor": _series(_spawn_one, TURN_LATENCY_JOBS, 0.0),
-                    "offload": _series(offload_up.one, TURN_LATENCY_JOBS, 0.0),
-                    "offload_throughput": _timed(offload_up.all_of)}
-            if rq_up is not None:
-                turn["rq_throughput"] = _timed(rq_up.all_of)
+        offload, cpu = up.enter_context(_offload_up(CAPS[0]))
+        rq_peer = up.enter_context(_rq_up()) if _redis_server_here() and _rq_installed() else None
+        if rq_peer is not None:
+            rq_peer.warm_up()
+
+        def rq_turn() -> dict[str, Any]:
+            assert rq_peer is not None
+            before, started = cpu.now(), time.perf_counter()
+            throughput = _timed(rq_peer.all_of)
+            seconds, after = time.perf_counter() - started, cpu.now()
+            offload_cpu = sum(after[part] - before[part] for part in CpuSeconds.PARTS[1:])
+            return {"rq_throughput": throughput, "offload_idle_cores": offload_cpu / seconds}
+
+        def offload_turn() -> dict[str, Any]:
+            return {"offload_throughput": _timed(offload.all_of)}
+
+        latencies = {"floor": lambda: _series(_spawn_one, TURN_LATENCY_JOBS, 0.0),
+                     "offload": lambda: _series(offload.one, TURN_LATENCY_JOBS, 0.0)}
+        throughputs = [offload_turn, *([rq_turn] if rq_peer is not None else [])]
+        for number in range(rounds):
+            turn: dict[str, Any] = {}
+            for name in _in_order(list(latencies), number):
+                turn[name] = latencies[name]()
+            for measure in _in_order(throughputs, number):
+                turn.update(measure())
             turns.append(turn)
-    return {"rounds": turns, "rq": rq_up is not None}
+    return {"rounds": turns, "rq": rq_peer is not None}
 
 
-def _rq_up_possible() -> bool:
-    return shutil.which("redis-server") is not None and _rq_installed()
+def _in_order(items: list[T], number: int) -> list[T]:
+    """`items` as given in even rounds, the other way round in odd ones."""
+    return items if number % 2 == 0 else items[::-1]
+
+
+def _redis_server_here() -> bool:
+    return shutil.which("redis-server") is not None
 
 
 def run() -> dict[str, Any]:
@@ -468,7 +491,7 @@ def run() -> dict[str, Any]:
             huey()]
     skipped: dict[str, str] = {}
     for name, peer in (("RQ", rq), ("Celery", celery)):
-        if shutil.which("redis-server") is None:
+        if not _redis_server_here():
             skipped[name] = "skipped: no redis-server on the PATH"
             continue
         row = peer()
@@ -527,28 +550,36 @@ def report(results: dict[str, Any]) -> str:
 
 def _in_turns_table(in_turns: dict[str, Any]) -> list[str]:
     """Each round of `in_turns`, and the median of the rounds' ratios."""
-    lines = [f"The goals' ratios measured in turns ({len(in_turns['rounds'])} rounds; Offload "
-             f"at cap {CAPS[0]} and RQ up throughout; in each round, one after the other, "
-             f"{TURN_LATENCY_JOBS} jobs back to back on the spawn floor and on Offload, then "
-             f"{THROUGHPUT_JOBS} jobs on Offload and on RQ, polled every {POLL_S * 1000:g} ms):",
+    rounds = in_turns["rounds"]
+    with_rq = in_turns["rq"]
+    latency_jobs, jobs = rounds[0]["floor"]["n"], rounds[0]["offload_throughput"]["jobs"]
+    lines = [f"The goals' ratios measured in turns ({len(rounds)} rounds; Offload at cap "
+             f"{CAPS[0]}{' and RQ' if with_rq else ''} up throughout; in each round "
+             f"{latency_jobs} jobs back to back on the spawn floor and on Offload, then "
+             f"{jobs} jobs on Offload{' and on RQ' if with_rq else ''}, polled every "
+             f"{POLL_S * 1000:g} ms; each pair in the other order every other round):",
              "", "| round | spawn floor: median (ms) | Offload: median (ms) | latency vs floor "
-             "| Offload: jobs/s | RQ: jobs/s | throughput vs RQ |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| Offload: jobs/s | RQ: jobs/s | throughput vs RQ "
+             "| idle Offload's CPU while RQ ran (cores) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     latency_ratios, throughput_ratios = [], []
-    for number, turn in enumerate(in_turns["rounds"], 1):
-        floor, ours = turn["floor"]["median"], turn["offload"]["median"]
-        latency_ratios.append(ours / floor)
-        mine = turn["offload_throughput"]
-        theirs, versus = "-", "-"
+    for number, turn in enumerate(rounds, 1):
+        floor_ms, offload_ms = turn["floor"]["median"], turn["offload"]["median"]
+        latency_ratios.append(offload_ms / floor_ms)
+        offload_jobs = turn["offload_throughput"]
+        rq_jobs, versus, idle = "-", "-", "-"
         if "rq_throughput" in turn:
-            throughput_ratios.append(mine["jobs_per_s"] / turn["rq_throughput"]["jobs_per_s"])
-            theirs, versus = _jobs_per_s(turn["rq_throughput"]), f"{throughput_ratios[-1]:.2f}x"
-        lines.append(f"| {number} | {floor * 1000:.1f} | {ours * 1000:.1f} "
-                     f"| {latency_ratios[-1]:.2f}x | {_jobs_per_s(mine)} | {theirs} | {versus} |")
+            throughput_ratios.append(offload_jobs["jobs_per_s"]
+                                     / turn["rq_throughput"]["jobs_per_s"])
+            rq_jobs, versus = _jobs_per_s(turn["rq_throughput"]), f"{throughput_ratios[-1]:.2f}x"
+            idle = f"{turn['offload_idle_cores']:.3f}"
+        lines.append(f"| {number} | {floor_ms * 1000:.1f} | {offload_ms * 1000:.1f} "
+                     f"| {latency_ratios[-1]:.2f}x | {_jobs_per_s(offload_jobs)} | {rq_jobs} "
+                     f"| {versus} | {idle} |")
     versus = f"{statistics.median(throughput_ratios):.2f}x" if throughput_ratios else "-"
     lines.append(f"| median of the rounds | | | {statistics.median(latency_ratios):.2f}x | | "
-                 f"| {versus} |")
-    if not in_turns["rq"]:
+                 f"| {versus} | |")
+    if not with_rq:
         lines.append("\nRQ: not measured in turns (no redis-server on the PATH, or RQ not "
                      "installed)")
     return lines

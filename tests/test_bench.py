@@ -104,9 +104,13 @@ def test_http_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> Non
                                    and turn["offload_throughput"]["completed"] == 5
                                    for turn in turns), turns
     assert results["in_turns"]["rq"] == any(system.startswith("RQ, ") for system in systems)
-    assert all(turn["rq_throughput"]["completed"] == 5 for turn in turns
-               if results["in_turns"]["rq"]), turns
+    assert all(turn["rq_throughput"]["completed"] == 5 and turn["offload_idle_cores"] >= 0
+               for turn in turns if results["in_turns"]["rq"]), turns
     assert "| median of the rounds |" in table, table
+    alone = {"rq": False, "rounds": [{name: turn[name] for name in (
+        "floor", "offload", "offload_throughput")} for turn in turns]}  # as without Redis
+    said = http._in_turns_table(alone)
+    assert "RQ" not in said[0] and said[-1].startswith("\nRQ: not measured in turns"), said
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server on the PATH")

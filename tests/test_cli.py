@@ -1781,6 +1781,13 @@ def test_a_server_before_next_before_is_not_asked_for_several_states_or_kinds() 
                                              "jobs of one state and one kind at a time"), refused
         once = cli(url, "list", "--state", "queued", "--state", "queued", "--json")
         assert json.loads(once.stdout) == jobs[:1], once
+        # Nor those that act on what it lists: `cancel --state queued --kind sleep --kind
+        # chat` found no queued chat and said nothing was to be cancelled, exit 0.
+        for command, state in (("cancel", "queued"), ("remove", "finished"),
+                               ("retry", "failed")):
+            refused = cli(url, command, "--state", state, "--kind", "sleep", "--kind", "chat")
+            assert refused.returncode == 7, refused
+            assert refused.stderr.startswith("offload: this server is older"), refused
 
 
 def test_another_programs_ok_to_everything_is_no_job_nor_queue_nor_log() -> None:

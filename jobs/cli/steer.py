@@ -76,7 +76,7 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
 
 
 def _not_run_again(client: Client, state: str, kind: list[str] | None) -> list[str]:
-    """The jobs in `state` (of `kind`) that no job kept runs again yet, oldest first: a
+    """The jobs in `state` (of any `kind`) that no job kept runs again yet, oldest first: a
     retry of them all, made twice, runs each once. (A re-run has its job's kind; a file
     that holds no job, `corrupt`, has none to run.)"""
     every = list(client.listed(None, kind=kind))
