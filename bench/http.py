@@ -453,11 +453,13 @@ def in_turns(rounds: int) -> dict[str, Any]:
 
         def rq_turn() -> dict[str, Any]:
             assert rq_peer is not None
-            before, started = cpu.now(), time.perf_counter()
+            before = cpu.now()
             throughput = _timed(rq_peer.all_of)
-            seconds, after = time.perf_counter() - started, cpu.now()
+            after = cpu.now()
+            # Offload's processes, not the client (this process: RQ's client meanwhile).
             offload_cpu = sum(after[part] - before[part] for part in CpuSeconds.PARTS[1:])
-            return {"rq_throughput": throughput, "offload_idle_cores": offload_cpu / seconds}
+            return {"rq_throughput": throughput,
+                    "offload_idle_cores": offload_cpu / throughput["seconds"]}
 
         def offload_turn() -> dict[str, Any]:
             return {"offload_throughput": _timed(offload.all_of)}
