@@ -7,8 +7,9 @@ at cap 2 and cap 8, Huey (SQLite, process workers), and RQ and Celery when a
 final state seen) and throughput (jobs submitted as fast as one client can, until all
 are final). Then the same for each system's own blocking wait where it has one: Offload's
 `GET /api/jobs/{id}?wait_s=`, RQ's `Job.latest_result(timeout=)`, Celery's
-`AsyncResult.get()`. Last, the goals' two ratios (Offload's latency against the spawn
-floor's, its throughput against RQ's) measured in turns, round after round (`in_turns`).
+`AsyncResult.get()`. Last, the goals' ratios (Offload's latency against the spawn
+floor's, its warm spares' against its fork path's, its throughput against RQ's, cap 8's
+against cap 2's) measured in turns, round after round (`in_turns`).
 """
 
 from __future__ import annotations
@@ -437,36 +438,41 @@ def celery() -> dict[str, Any] | None:
 
 
 def in_turns(rounds: int) -> dict[str, Any]:
-    """The goals' two ratios, each of the same minute: Offload at cap 2 and RQ both up
-    throughout, and in each round the spawn floor's latency and Offload's
-    (TURN_LATENCY_JOBS back to back each), then Offload's throughput and RQ's
-    (THROUGHPUT_JOBS each, polled), each pair in the other order every other round. This
-    host's speed drifts from minute to minute more than the rows above differ, so a ratio
-    across rows can mislead. An idle Offload still wakes (its index, its supervisor): the
-    CPU it takes while RQ runs is measured too."""
+    """The goals' ratios, each of the same minute. Up throughout: Offload at cap 2, at cap
+    8, and at cap 2 with warm spares, and RQ. In each round: TURN_LATENCY_JOBS back to
+    back on the spawn floor, on Offload's fork path (cap 2) and on its warm spares; then
+    THROUGHPUT_JOBS (polled) on Offload at cap 2, at cap 8, and on RQ; each series in the
+    other order every other round. This host's speed drifts from minute to minute more
+    than the rows above differ, so a ratio across rows can mislead. An idle Offload still
+    wakes (its index, its supervisor): the CPU the three take while RQ runs is measured
+    too."""
     turns: list[dict[str, Any]] = []
     with contextlib.ExitStack() as up:
         offload, cpu = up.enter_context(_offload_up(CAPS[0]))
+        cap8, cap8_cpu = up.enter_context(_offload_up(CAPS[1]))
+        spares, spares_cpu = up.enter_context(_offload_up(CAPS[0], SPARES[0]))
         rq_peer = up.enter_context(_rq_up()) if _redis_server_here() and _rq_installed() else None
         if rq_peer is not None:
             rq_peer.warm_up()
 
         def rq_turn() -> dict[str, Any]:
             assert rq_peer is not None
-            before = cpu.now()
+            offloads = (cpu, cap8_cpu, spares_cpu)
+            before = [each.now() for each in offloads]
             throughput = _timed(rq_peer.all_of)
-            after = cpu.now()
             # Offload's processes, not the client (this process: RQ's client meanwhile).
-            offload_cpu = sum(after[part] - before[part] for part in CpuSeconds.PARTS[1:])
+            idle = sum(after[part] - earlier[part]
+                       for each, earlier in zip(offloads, before, strict=True)
+                       for after in [each.now()] for part in CpuSeconds.PARTS[1:])
             return {"rq_throughput": throughput,
-                    "offload_idle_cores": offload_cpu / throughput["seconds"]}
-
-        def offload_turn() -> dict[str, Any]:
-            return {"offload_throughput": _timed(offload.all_of)}
+                    "offload_idle_cores": idle / throughput["seconds"]}
 
         latencies = {"floor": lambda: _series(_spawn_one, TURN_LATENCY_JOBS, 0.0),
-                     "offload": lambda: _series(offload.one, TURN_LATENCY_JOBS, 0.0)}
-        throughputs = [offload_turn, *([rq_turn] if rq_peer is not None else [])]
+                     "offload": lambda: _series(offload.one, TURN_LATENCY_JOBS, 0.0),
+                     "spares": lambda: _series(spares.one, TURN_LATENCY_JOBS, 0.0)}
+        throughputs = [lambda: {"offload_throughput": _timed(offload.all_of)},
+                       lambda: {"cap8_throughput": _timed(cap8.all_of)},
+                       *([rq_turn] if rq_peer is not None else [])]
         for number in range(rounds):
             turn: dict[str, Any] = {}
             for name in _in_order(list(latencies), number):
@@ -551,36 +557,52 @@ def report(results: dict[str, Any]) -> str:
 
 
 def _in_turns_table(in_turns: dict[str, Any]) -> list[str]:
-    """Each round of `in_turns`, and the median of the rounds' ratios."""
+    """Each round of `in_turns`, and the median of the rounds' ratios: latency, then
+    throughput."""
     rounds = in_turns["rounds"]
     with_rq = in_turns["rq"]
     latency_jobs, jobs = rounds[0]["floor"]["n"], rounds[0]["offload_throughput"]["jobs"]
     lines = [f"The goals' ratios measured in turns ({len(rounds)} rounds; Offload at cap "
-             f"{CAPS[0]}{' and RQ' if with_rq else ''} up throughout; in each round "
-             f"{latency_jobs} jobs back to back on the spawn floor and on Offload, then "
-             f"{jobs} jobs on Offload{' and on RQ' if with_rq else ''}, polled every "
-             f"{POLL_S * 1000:g} ms; each pair in the other order every other round):",
-             "", "| round | spawn floor: median (ms) | Offload: median (ms) | latency vs floor "
-             "| Offload: jobs/s | RQ: jobs/s | throughput vs RQ "
-             "| idle Offload's CPU while RQ ran (cores) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    latency_ratios, throughput_ratios = [], []
+             f"{CAPS[0]}, at cap {CAPS[1]} and at cap {CAPS[0]} with warm spares"
+             f"{' and RQ' if with_rq else ''} up throughout; in each round {latency_jobs} "
+             "jobs back to back on the spawn floor, on Offload's fork path and on its warm "
+             f"spares, then {jobs} jobs on Offload at cap {CAPS[0]} and at cap {CAPS[1]}"
+             f"{' and on RQ' if with_rq else ''}, polled every {POLL_S * 1000:g} ms; each "
+             "series in the other order every other round):",
+             "", f"| round | spawn floor: median (ms) | Offload, cap {CAPS[0]} (ms) "
+             "| latency vs floor | warm spares (ms) | warm spares vs the fork path |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    ratios: dict[str, list[float]] = {"floor": [], "spares": [], "cap8": [], "rq": []}
+
+    def ratio(name: str, value: float) -> str:
+        ratios[name].append(value)
+        return f"{value:.2f}x"
+
+    def median(name: str) -> str:
+        return f"{statistics.median(ratios[name]):.2f}x" if ratios[name] else "-"
+
     for number, turn in enumerate(rounds, 1):
         floor_ms, offload_ms = turn["floor"]["median"], turn["offload"]["median"]
-        latency_ratios.append(offload_ms / floor_ms)
-        offload_jobs = turn["offload_throughput"]
+        spares_ms = turn["spares"]["median"]
+        lines.append(f"| {number} | {floor_ms * 1000:.1f} | {offload_ms * 1000:.1f} "
+                     f"| {ratio('floor', offload_ms / floor_ms)} | {spares_ms * 1000:.1f} "
+                     f"| {ratio('spares', spares_ms / offload_ms)} |")
+    lines += [f"| median of the rounds | | | {median('floor')} | | {median('spares')} |", "",
+              f"| round | Offload, cap {CAPS[0]}: jobs/s | cap {CAPS[1]}: jobs/s "
+              f"| cap {CAPS[1]} vs cap {CAPS[0]} | RQ: jobs/s | cap {CAPS[0]} vs RQ "
+              "| idle Offloads' CPU while RQ ran (cores) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for number, turn in enumerate(rounds, 1):
+        cap2, cap8 = turn["offload_throughput"], turn["cap8_throughput"]
         rq_jobs, versus, idle = "-", "-", "-"
         if "rq_throughput" in turn:
-            throughput_ratios.append(offload_jobs["jobs_per_s"]
-                                     / turn["rq_throughput"]["jobs_per_s"])
-            rq_jobs, versus = _jobs_per_s(turn["rq_throughput"]), f"{throughput_ratios[-1]:.2f}x"
+            rq_jobs = _jobs_per_s(turn["rq_throughput"])
+            versus = ratio("rq", cap2["jobs_per_s"] / turn["rq_throughput"]["jobs_per_s"])
             idle = f"{turn['offload_idle_cores']:.3f}"
-        lines.append(f"| {number} | {floor_ms * 1000:.1f} | {offload_ms * 1000:.1f} "
-                     f"| {latency_ratios[-1]:.2f}x | {_jobs_per_s(offload_jobs)} | {rq_jobs} "
-                     f"| {versus} | {idle} |")
-    versus = f"{statistics.median(throughput_ratios):.2f}x" if throughput_ratios else "-"
-    lines.append(f"| median of the rounds | | | {statistics.median(latency_ratios):.2f}x | | "
-                 f"| {versus} | |")
+        lines.append(f"| {number} | {_jobs_per_s(cap2)} | {_jobs_per_s(cap8)} "
+                     f"| {ratio('cap8', cap8['jobs_per_s'] / cap2['jobs_per_s'])} "
+                     f"| {rq_jobs} | {versus} | {idle} |")
+    lines.append(f"| median of the rounds | | | {median('cap8')} | | {median('rq')} | |")
     if not with_rq:
         lines.append("\nRQ: not measured in turns (no redis-server on the PATH, or RQ not "
                      "installed)")

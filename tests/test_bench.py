@@ -87,9 +87,11 @@ def test_http_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> Non
     assert all(row["throughput_waited"]["completed"] == 5 and row["latency_waited"]["n"] == 5
                for row in offload_rows), "each job waited on by GET ?wait_s= too"
     # The CPU of each part of the path, measured: the API's, the supervisor's and the
-    # runners' each more than nothing; released from a paused queue, every job completed.
-    assert all(row["cpu_ms"]["API"] > 0 and row["cpu_ms"]["supervisor"] > 0
-               and row["cpu_ms"]["launcher and runners"] > 0 for row in offload_rows)
+    # runners' each more than nothing over the rows (the clock's tick, 10 ms, can hide
+    # one row's five jobs); released from a paused queue, every job completed.
+    parts = ("API", "supervisor", "launcher and runners")
+    assert all(row["cpu_ms"][part] >= 0 for row in offload_rows for part in parts)
+    assert all(sum(row["cpu_ms"][part] for row in offload_rows) > 0 for part in parts)
     released = [row["let_go"] for row in offload_rows if "let_go" in row]
     assert len(released) == 1 and released[0]["throughput"]["completed"] == 5, released
     table = http.report(results)
@@ -100,15 +102,17 @@ def test_http_benchmark_runs_and_reports(monkeypatch: pytest.MonkeyPatch) -> Non
         assert any(system.startswith(f"{peer}, ") for system in systems) or f"{peer}: " in table
     # The goals' ratios, each of the same minute: the systems measured in turns.
     turns = results["in_turns"]["rounds"]
-    assert len(turns) == 2 and all(turn["offload"]["n"] == 3 and turn["floor"]["n"] == 3
-                                   and turn["offload_throughput"]["completed"] == 5
-                                   for turn in turns), turns
+    assert len(turns) == 2 and all(
+        turn["offload"]["n"] == turn["floor"]["n"] == turn["spares"]["n"] == 3
+        and turn["offload_throughput"]["completed"] == turn["cap8_throughput"]["completed"] == 5
+        for turn in turns), turns
     assert results["in_turns"]["rq"] == any(system.startswith("RQ, ") for system in systems)
     assert all(turn["rq_throughput"]["completed"] == 5 and turn["offload_idle_cores"] >= 0
                for turn in turns if results["in_turns"]["rq"]), turns
-    assert "| median of the rounds |" in table, table
+    assert table.count("| median of the rounds |") == 2, table
     alone = {"rq": False, "rounds": [{name: turn[name] for name in (
-        "floor", "offload", "offload_throughput")} for turn in turns]}  # as without Redis
+        "floor", "offload", "spares", "offload_throughput", "cap8_throughput")}
+        for turn in turns]}  # as without Redis
     said = http._in_turns_table(alone)
     assert "RQ" not in said[0] and said[-1].startswith("\nRQ: not measured in turns"), said
 
