@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "offload.kinds"
 _NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+MAX_NAME_SHOWN = 40  # characters of a field's name an error repeats
 
 
 @dataclass(frozen=True)
@@ -143,10 +145,18 @@ def validate_input(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
     return model.model_dump(mode="json", exclude_unset=True)
 
 
+def error_location(parts: Iterable[Any]) -> str:
+    """Where a pydantic error is, `input.messages.0.role`, each name cut to MAX_NAME_SHOWN
+    characters: an unknown field is named, and its name may be most of a megabyte's body."""
+    names = [str(part) for part in parts]
+    return ".".join(name if len(name) <= MAX_NAME_SHOWN else f"{name[:MAX_NAME_SHOWN]}…"
+                    for name in names)
+
+
 def _explain(kind: str, exc: ValidationError, model: type[BaseModel]) -> str:
     problems = []
     for error in exc.errors()[:5]:
-        where = ".".join(["input", *(str(part) for part in error["loc"])])  # a key: no loc
+        where = error_location(["input", *error["loc"]])  # a key: no loc
         # Pydantic says "unable to parse raw data as a unicode string".
         said = p.NOT_TEXT if error["type"] == "string_unicode" else error["msg"]
         problems.append(f"{where}: {said}")

@@ -554,6 +554,37 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
     assert not list((server.data_dir / "jobs").glob("*/job.json")), "nothing was stored"
 
 
+def test_an_unknown_field_is_named_briefly_with_the_fields_taken(server: Server) -> None:
+    """A field no body takes is named, cut short (its whole name, of most of a megabyte,
+    was said back), with the fields its object takes, at any depth of any body."""
+    long_name = "x" * 900_000
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("/api/jobs", {"kind": "sleep", long_name: 1},
+         "(the body takes only: kind, input, timeout_s, priority, run_at, delay_s, "
+         "max_attempts, depends_on)"),
+        ("/api/jobs", {"kind": "sleep", "input": {long_name: 1}},
+         "(a 'sleep' job takes only: seconds, steps)"),
+        ("/api/jobs/batch", {"jobs": [{"kind": "sleep", long_name: 1}]},
+         "(jobs.0 takes only: kind, input, timeout_s"),
+        ("/api/ai_chat_async", {"messages": [{"role": "user", "content": "x", long_name: 1}]},
+         "(messages.0 takes only: role, content)"),
+        ("/api/jobs/cancel", {"ids": [p.new_id()], long_name: 1}, "(the body takes only: ids)"),
+    ]
+    with server.client() as client:
+        for path, body, taken in cases:
+            answer = client.post(path, json=body)
+            assert answer.status_code == 422, (path, answer.text[:300])
+            detail = answer.json()["detail"]
+            assert len(detail) < 400, (path, detail[:300])
+            assert "x" * 40 + "…: Extra inputs are not permitted" in detail, detail
+            assert taken in detail, detail
+        cap = client.put("/api/queue/cap", json={"max_concurrent": 2, "knd": "sleep"})
+        assert cap.status_code == 422, cap.text
+        assert "knd: Extra inputs are not permitted (the body takes only: max_concurrent, " \
+               "kind)" in cap.json()["detail"], cap.text
+    assert not list((server.data_dir / "jobs").glob("*/job.json")), "nothing was stored"
+
+
 def test_idempotency_key_returns_the_first_job(server: Server) -> None:
     with server.client() as client:
         body = {"kind": "sleep", "input": {"seconds": 0.1}}

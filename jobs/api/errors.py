@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,7 +22,7 @@ from jobs.api.events import public
 from jobs.api.idempotency_keys import IdempotencyConflict, KeyInFlight
 from jobs.api.service import BatchStopped, NotRerunnable
 from jobs.api.stops import AlreadyFinished, NotRemoved, StillNeeded
-from jobs.kinds import InvalidInput, UnknownKind
+from jobs.kinds import InvalidInput, UnknownKind, error_location
 from jobs.store.job_store import JobNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
     problems = []
     for error in exc.errors()[:8]:
         loc = tuple(error.get("loc", ()))
-        where = ".".join(str(part) for part in loc if part != "body")
+        where = error_location(part for part in loc if part != "body")
         if error.get("type") == "json_invalid":  # loc: ("body", the character)
             reason = (error.get("ctx") or {}).get("error")
             problems.append(f"the body is not valid JSON ({reason} at character {where}); "
@@ -115,6 +117,8 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
         elif (error.get("type") in NOT_IN_BOUNDS and loc[:1] == ("query",)
               and (bounds := _number_bounds(request, str(loc[-1]))) is not None):
             problems.append(f"{where}: must be a number {bounds}")
+        elif error.get("type") == "extra_forbidden" and loc[:1] == ("body",):
+            problems.append(f"{where}: {error.get('msg')}{_fields_taken(request, loc[1:-1])}")
         else:
             problems.append(f"{where or 'body'}: {error.get('msg')}")
     return _detail(422, "invalid request: " + "; ".join(problems))
@@ -134,6 +138,32 @@ def _number_bounds(request: Request, name: str) -> str | None:
             said = {"gt": "above", "ge": "at least", "lt": "below", "le": "at most"}
             return " and ".join(f"{said[key]} {value:g}" for key, value in limits.items())
     return None
+
+
+def _fields_taken(request: Request, path: tuple[Any, ...]) -> str:
+    """" (jobs.0 takes only: kind, input, ...)": the fields of the body's object at `path`,
+    where a field unknown to it was sent; "" where that object is no model."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    bodies: list[Any] = getattr(dependant, "body_params", [])
+    model = _model_in(bodies[0].field_info.annotation) if len(bodies) == 1 else None
+    for part in path:
+        if model is None:
+            return ""
+        if not isinstance(part, int):  # an int: an item of a list, of the list's model
+            field = model.model_fields.get(str(part))
+            model = _model_in(field.annotation) if field is not None else None
+    if model is None:
+        return ""
+    where = error_location(path) or "the body"
+    return f" ({where} takes only: {', '.join(model.model_fields)})"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds: `JobRerun | None`, `list[JobCreate]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((model for arg in typing.get_args(annotation)
+                 if (model := _model_in(arg)) is not None), None)
 
 
 async def _http(request: Request, exc: Exception) -> JSONResponse:
