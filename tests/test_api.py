@@ -483,6 +483,9 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
             ('{"kind": "sleep", "input": {"seconds": "\\ud800"}}', 422,
              "job: input.seconds: holds half of a surrogate pair (not text)"),
             ('{"kind": "\\ud800"}', 422, "kind: holds half of a surrogate pair (not text)"),
+            # Said as "invalid request: : holds half ...", of no place.
+            ('{"kind": "sleep", "\\ud800": 1}', 422,
+             "invalid request: a field's name holds half of a surrogate pair (not text)"),
             ({"kind": "sleep", "timeout_s": -1}, 422, "timeout_s"),
             ({"kind": "sleep", "extra": 1}, 422, "extra"),
             ({"kind": "chat", "input": {"messages": [{"role": "robot", "content": "x"}]}},

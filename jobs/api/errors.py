@@ -111,7 +111,8 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
             problems.append(f"the body is not valid JSON ({reason} at character {where}); "
                             f"{SEND_JSON}")
         elif error.get("type") == "string_unicode":  # "unable to parse raw data as a …"
-            problems.append(f"{where}: {p.NOT_TEXT}")
+            # No place: the name of one of the body's own fields is no text.
+            problems.append(f"{where}: {p.NOT_TEXT}" if where else f"a field's name {p.NOT_TEXT}")
         elif loc == ("body",) and error.get("type") in NOT_AN_OBJECT:  # or another Content-Type
             problems.append(f"body: {error.get('msg')}; {SEND_JSON}")
         elif (error.get("type") in NOT_IN_BOUNDS and loc[:1] == ("query",)
