@@ -443,6 +443,23 @@ def test_bad_ids_are_404_for_every_job_route(server: Server, path: str) -> None:
             assert len(answer.text) < 500  # the message quotes no whole id sent
 
 
+def test_a_path_that_is_not_utf8_names_no_other_session(server: Server) -> None:
+    """`%FF` (no UTF-8) was read as U+FFFD, so a GET or a DELETE of such a path read or
+    forgot the conversation whose id is "\ufffd"; it is a 400 that says how to encode."""
+    with server.client() as client:
+        turn = client.post("/api/ai_chat_async", json={
+            "messages": [{"role": "user", "content": "hi"}], "session_id": "\ufffd"})
+        assert turn.status_code == 200, turn.text
+        for path in ("/api/sessions/%FF", "/api/sessions/%ED%A0%80", "/api/jobs/%FF"):
+            for method in ("GET", "DELETE"):
+                answer = client.request(method, path)
+                assert answer.status_code == 400, (method, path, answer.text[:200])
+                assert "percent-encode the UTF-8 bytes" in answer.json()["detail"], answer.text
+        kept = client.get("/api/sessions/%EF%BF%BD")  # U+FFFD itself, encoded
+        assert kept.status_code == 200, kept.text
+        assert [t["job_id"] for t in kept.json()["turns"]] == [turn.json()["job_id"]]
+
+
 def test_a_wrong_method_is_405_and_an_unknown_path_404(server: Server) -> None:
     # Every method: OPTIONS, TRACE and methods of one's own reached the static files, whose
     # 405 said `Allow: GET, HEAD` for any path.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
+from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -126,6 +127,9 @@ class RequestGuard:
         """The status and detail a request is refused with, if it is."""
         if _CONTROL.search(scope["path"]):  # `/metrics%0A`: a route's `$` matches before a
             return 400, "the path holds a control character"  # final newline, `==` not
+        if not _utf8_path(scope):  # `%FF` was read as U+FFFD: another session's id
+            return 400, ("the path is not UTF-8: percent-encode the UTF-8 bytes of each "
+                         "character (é is %C3%A9)")
         sent = [name for name, _ in scope["headers"] if name in _ONCE]
         if len(sent) != len(set(sent)):  # this guard reads the last, the framework the first
             return 400, "send at most one Origin and one Authorization header"
@@ -273,6 +277,14 @@ async def _refuse_websocket(scope: Scope, send: Send, status: int, detail: str) 
                             (b"content-length", str(len(body)).encode()),
                             *REFUSAL_HEADERS.get(status, [])]})
     await send({"type": "websocket.http.response.body", "body": body})
+
+
+def _utf8_path(scope: Scope) -> bool:
+    try:
+        unquote_to_bytes(scope.get("raw_path") or b"").decode("utf-8")
+    except UnicodeDecodeError:  # a byte of no character, or half of a surrogate pair
+        return False
+    return True
 
 
 async def _send(send: Send, status: int, body: bytes, content_type: bytes,
