@@ -23,7 +23,7 @@ from typing import NoReturn
 
 import psutil
 import uvicorn
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
@@ -38,6 +38,7 @@ from jobs.api import (
     routes_jobs,
     routes_metrics,
     routes_status,
+    single_values,
 )
 from jobs.api.body_limit import BodyLimit
 from jobs.api.follow import end_following
@@ -64,7 +65,8 @@ def create_app() -> FastAPI:
     # token. No /redoc: ReDoc loads its logo from its CDN, whatever its options.
     app = FastAPIOffline(title="Offload", version=routes_status.VERSION, lifespan=lifespan,
                          description="Slow jobs in short-lived subprocesses; the API never "
-                                     "blocks.", redoc_url=None)
+                                     "blocks.", redoc_url=None,
+                         dependencies=[Depends(single_values.each_given_once)])
     routers = [routes_chat.router, routes_jobs.router, routes_control.router,
                routes_metrics.router, routes_status.router]  # last: its /api catch-all
     for router in routers:

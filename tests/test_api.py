@@ -460,6 +460,37 @@ def test_a_path_that_is_not_utf8_names_no_other_session(server: Server) -> None:
         assert [t["job_id"] for t in kept.json()["turns"]] == [turn.json()["job_id"]]
 
 
+def test_a_parameter_taken_once_and_sent_twice_is_a_422(server: Server) -> None:
+    """The framework took one of them quietly: `fields=summary&fields=full` answered in
+    full, `limit=1&limit=1000` a thousand jobs. Those taken again (`state`, `kind`) list
+    the jobs of any of them, as before."""
+    with server.client() as client:
+        job_id = client.post("/api/jobs", json={"kind": "sleep", "input": {}}).json()["id"]
+        twice: list[tuple[str, dict[str, list[str]], str]] = [
+            ("/api/jobs", {"fields": ["summary", "full"]}, "query.fields"),
+            ("/api/jobs", {"limit": ["1", "1000"]}, "query.limit"),
+            ("/api/jobs", {"before": [job_id, job_id]}, "query.before"),
+            (f"/api/jobs/{job_id}", {"wait_s": ["0", "1"]}, "query.wait_s"),
+            (f"/api/jobs/{job_id}/events", {"after": ["0", "1"]}, "query.after"),
+            ("/api/history", {"seconds": ["5", "6"]}, "query.seconds"),
+            ("/api/predict", {"horizon": ["1", "2"]}, "query.horizon"),
+        ]
+        for path, params, named in twice:
+            answer = client.get(path, params=params)
+            assert answer.status_code == 422, (path, params, answer.text[:200])
+            assert answer.json()["detail"] == (f"invalid request: {named}: given 2 times; "
+                                               "give it once"), answer.text
+        keys = client.post("/api/jobs", json={"kind": "sleep", "input": {}},
+                           headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")])
+        assert keys.status_code == 422, keys.text
+        assert "Idempotency-Key: given 2 times; give it once" in keys.json()["detail"]
+        either = client.get("/api/jobs", params={
+            "state": ["queued", "running", "completed"], "kind": ["sleep", "chat"]})
+        assert either.status_code == 200, either.text
+        assert [job["id"] for job in either.json()["jobs"]] == [job_id]
+    assert len(list((server.data_dir / "jobs").glob("*/job.json"))) == 1
+
+
 def test_a_wrong_method_is_405_and_an_unknown_path_404(server: Server) -> None:
     # Every method: OPTIONS, TRACE and methods of one's own reached the static files, whose
     # 405 said `Allow: GET, HEAD` for any path.
