@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -217,6 +218,20 @@ def test_foreign_host_is_refused_without_a_token(make_server: MakeServer) -> Non
         assert remover.status_code == 200
         assert remover.headers["content-type"].startswith("text/javascript")
         assert "unregister()" in remover.text
+
+
+def test_a_request_without_host_is_told_to_send_one(make_server: MakeServer) -> None:
+    """HTTP/1.0 may leave `Host` out: it was told to add '' to OFFLOAD_ALLOWED_HOSTS."""
+    server = make_server()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall(b"GET /api/health HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].endswith(b" 421 Misdirected Request"), answer[:300]
+    detail = json.loads(body)["detail"]
+    assert "send a Host header" in detail and "OFFLOAD_ALLOWED_HOSTS" not in detail, detail
 
 
 def test_with_a_token_any_host_meets_the_token(make_server: MakeServer) -> None:

@@ -138,6 +138,10 @@ class RequestGuard:
                    if self.check_host else None)
         if refusal:
             return (503 if refusal == UNKNOWN_DETAIL else 403), refusal
+        if self.check_host and not host:  # HTTP/1.0 may leave it out
+            return 421, ("this server has no OFFLOAD_API_TOKEN, so it answers only requests "
+                         "that name it: send a Host header (Host: 127.0.0.1, localhost or "
+                         "[::1], with the port)")
         if self.check_host and not self._host_allowed(host):
             return 421, (
                 "this server has no OFFLOAD_API_TOKEN, so it answers only requests for "
