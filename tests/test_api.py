@@ -161,6 +161,11 @@ def test_a_listing_pages_through_every_job(make_server: Callable[..., Server],
         assert gone.status_code == 400
         assert "list again without `before`" in gone.json()["detail"]
         assert client.get("/api/jobs", params={"before": "x" * 65}).status_code == 422
+        # No id at all: it was said to be a job pruned since.
+        typo = client.get("/api/jobs", params={"before": "3f2a9c0e"})
+        assert typo.status_code == 400, typo.text
+        assert typo.json()["detail"] == ("'3f2a9c0e' is no job's id (32 lowercase hex "
+                                         "characters): give `before` a listing's `next_before`")
 
 
 def test_times_are_iso_utc_with_milliseconds_on_every_route(server: Server) -> None:

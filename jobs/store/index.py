@@ -405,6 +405,9 @@ class JobIndex:
         order = self._order.ids()
         end = len(order)
         if before is not None:
+            if not p.is_valid_id(before):  # a typo, not a job pruned since
+                raise UnknownCursor(f"{before[:64]!r} is no job's id (32 lowercase hex "
+                                    "characters): give `before` a listing's `next_before`")
             if before not in self._entries:
                 raise UnknownCursor(f"no job {before[:64]!r} to list from: it was pruned, "
                                     "or is no job of this server; list again without `before`")
