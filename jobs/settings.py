@@ -125,7 +125,9 @@ def host_name(host: str) -> str:
     '' for what is no name and port ('[::1].evil.com', 'localhost:evil')."""
     host = host.strip().lower()
     if host.startswith("["):
-        name, _, rest = host[1:].partition("]")
+        name, bracket, rest = host[1:].partition("]")
+        if not bracket:  # '[::1': no address closed
+            return ""
     else:
         name, colon, port = host.partition(":")
         rest = colon + port

@@ -198,7 +198,8 @@ def test_foreign_host_is_refused_without_a_token(make_server: MakeServer) -> Non
                          f"offload.test.attacker.example:{port}",
                          # Read loosely, these named loopback (no browser sends them).
                          "[::1].attacker.example", "[::1]@attacker.example",
-                         "127.0.0.1%attacker.example", "localhost:attacker"):
+                         "127.0.0.1%attacker.example", "localhost:attacker", "[::1",
+                         f"[::1:{port}"):
                 answer = client.get(path, headers={"Host": host})
                 assert answer.status_code == 421, (path, host, answer.status_code)
                 assert "OFFLOAD_ALLOWED_HOSTS" in answer.json()["detail"]
