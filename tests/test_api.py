@@ -489,6 +489,10 @@ def test_a_parameter_taken_once_and_sent_twice_is_a_422(server: Server) -> None:
                            headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "b")])
         assert keys.status_code == 422, keys.text
         assert "Idempotency-Key: given 2 times; give it once" in keys.json()["detail"]
+        resumed = client.get(f"/api/jobs/{job_id}/events",
+                             headers=[("Last-Event-ID", "0"), ("Last-Event-ID", "1")])
+        assert resumed.status_code == 422, resumed.text[:200]
+        assert "last-event-id: given 2 times; give it once" in resumed.json()["detail"]
         either = client.get("/api/jobs", params={
             "state": ["queued", "running", "completed"], "kind": ["sleep", "chat"]})
         assert either.status_code == 200, either.text
