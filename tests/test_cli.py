@@ -1548,6 +1548,9 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             (["submit", "sleep", "--key", "ключ"], "Idempotency-Key holds characters"),
             (["submit", "sleep", "--key", "a\nb"], "Idempotency-Key holds characters"),
             (["submit", "sleep", "--key", ""], "--key is empty"),
+            # `--url "$UNSET"` went to OFFLOAD_URL's server, or the default one, unsaid.
+            (["status", "--url", ""], "--url is empty: give the server's address"),
+            (["cancel", "--state", "live", "--url", " "], "--url is empty"),
             (["show", os.fsdecode(b"\xff")], "is no job's id"),  # bytes a terminal sent
             # Sent as a path: "this server is older", or "is that Offload's address?"
             (["show", ""], "'' is no job's id"), (["remove", "a/b"], "'a/b' is no job's id"),

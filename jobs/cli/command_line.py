@@ -206,6 +206,10 @@ def run(argv: list[str] | None = None) -> int:
     sys.stderr = sys.stderr or open(os.devnull, "w")  # noqa: SIM115 (`2>&-`: unheard)
     try:
         checked_ids(args)
+        if isinstance(args.url, str) and not args.url.strip():  # `--url "$UNSET"`: not the
+            # default server, which a cancel or remove would then act on
+            raise Failure(EXIT_USAGE, "--url is empty: give the server's address, like "
+                                      "http://127.0.0.1:8001, or leave --url out")
         client = Client(*configured(args.url or None))
         whole_ids(client, args)
         code = int(args.run(client, args))
