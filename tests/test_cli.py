@@ -1548,6 +1548,8 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             (["submit", "sleep", "--key", "ключ"], "Idempotency-Key holds characters"),
             (["submit", "sleep", "--key", "a\nb"], "Idempotency-Key holds characters"),
             (["submit", "sleep", "--key", ""], "--key is empty"),
+            # Said as the header's name, `header.Idempotency-Key`, not as the option.
+            (["submit", "sleep", "--key", "k" * 256], "request: --key: String should have"),
             # `--url "$UNSET"` went to OFFLOAD_URL's server, or the default one, unsaid.
             (["status", "--url", ""], "--url is empty: give the server's address"),
             (["cancel", "--state", "live", "--url", " "], "--url is empty"),
@@ -1587,6 +1589,26 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
     env_file = cli(None, "status", cwd=tmp_path)
     assert env_file.returncode == 2 and "cannot read .env" in env_file.stderr
     assert cli(server.url, "list").returncode == 0  # and nothing was submitted meanwhile
+    assert json.loads(cli(server.url, "list", "--json").stdout) == []
+
+
+def test_a_number_option_that_is_none_and_a_schedule_no_route_takes_are_said(
+        server: Server) -> None:
+    # "argument --delay: invalid _seconds value: ''": the name of a function of the parser.
+    for option in ("--delay", "--timeout"):
+        for value in ("", "soon"):
+            done = cli(server.url, "submit", "sleep", option, value)
+            said = done.stderr.splitlines()[-1]
+            assert done.returncode == 2, done
+            assert said.endswith(f"argument {option}: must be a number of seconds, "
+                                 f"{'0 or more' if option == '--delay' else 'above 0'}, "
+                                 f"not {value!r}"), said
+    # A name with a line break was refused by the server as a path: exit 2, "the path holds
+    # a control character"; no schedule is so named (a name is [a-z0-9_-]).
+    for command in ("pause", "resume"):
+        done = cli(server.url, command, "night\nly")
+        assert (done.returncode, done.stderr) == (
+            5, "offload: no schedule is named 'night\\nly'; see them with: offload schedules\n")
     assert json.loads(cli(server.url, "list", "--json").stdout) == []
 
 

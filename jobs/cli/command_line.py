@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -37,7 +38,8 @@ if TYPE_CHECKING:
 # The request's fields the options set, as the server names them in its errors.
 OPTION_OF = {"run_at": "--at", "delay_s": "--delay", "timeout_s": "--timeout",
              "max_attempts": "--max-attempts", "depends_on": "--after", "priority": "--priority",
-             "query.limit": "--limit", "query.before": "--before", "`before`": "--before"}
+             "query.limit": "--limit", "query.before": "--before", "`before`": "--before",
+             "header.Idempotency-Key": "--key"}
 OPTION_FIELDS = re.compile(rf"(?<![\w.])({'|'.join(map(re.escape, OPTION_OF))})(?!\w)")
 
 
@@ -57,16 +59,20 @@ def _common(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
-    return value
+    return _seconds_where(text, "above 0", lambda value: value > 0)
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, not {text}")
+    return _seconds_where(text, "0 or more", lambda value: value >= 0)
+
+
+def _seconds_where(text: str, bounds: str, fits: Callable[[float], bool]) -> float:
+    try:
+        value = float(text)
+    except ValueError:  # argparse would say "invalid _seconds value": this function's name
+        value = math.nan
+    if not fits(value):  # nan fits none
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, {bounds}, not {text!r}")
     return value
 
 

@@ -4,6 +4,7 @@ parallel, and the schedules."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import threading
 import urllib.error
@@ -351,7 +352,8 @@ def _steer(client: Client, args: argparse.Namespace, action: str) -> int:
         said = "paused: queued jobs wait" if answer.get("paused") else "running"
         what = f"queue {said}"
     else:
-        if not args.schedule or "/" in args.schedule:  # no route would take it: said so
+        if not args.schedule or re.search(r"[/\x00-\x1f\x7f]", args.schedule):  # no route
+            # would take it (the server refuses a control character in a path): said so
             raise Failure(EXIT_NOT_FOUND, f"no schedule is named {args.schedule!r}; "
                           "see them with: offload schedules")
         name = urllib.parse.quote(args.schedule, safe="")
