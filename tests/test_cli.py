@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from jobs import protocol as p
+from jobs.cli.follow import RECONNECT_S
 from tests.conftest import ROOT, free_port, small_disk, wait_for, wait_job
 from tests.fake_llm import FakeLLM
 from tests.server import Server
@@ -348,6 +349,36 @@ def test_a_wait_goes_on_across_an_api_restart(data_dir: Path, tmp_path: Path,
     finally:
         first.stop()
         second.stop()
+
+
+def test_a_wait_gives_up_a_minute_after_the_api_stopped_not_two(data_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """Its long poll answered 503 as the API stops, `offload wait` followed the job's
+    reads, which rode out a minute without an answer; then the wait rode out a minute
+    of its own: exit 3 two minutes after the stop, where a minute was said."""
+    # Room for the waiter's long poll only: once it is held, a HEAD of the job's events
+    # (which takes no room) is refused.
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "OFFLOAD_MAX_EVENT_STREAMS": "1"}
+    api = StartedAsUsersDo(data_dir, tmp_path / "api.log", env).start()
+    job_id = cli(api.url, "submit", "sleep", "--input", '{"seconds": 300}').stdout.strip()
+    try:
+        with start_cli(api.url, "wait", job_id) as waiter:
+            err = Reader(waiter.stderr)
+            wait_for(lambda: httpx.head(f"{api.url}/api/jobs/{job_id}/events", timeout=30)
+                     .status_code == 503, 60, 0.1, "the waiter's long poll under way")
+            api.stop()
+            assert f"GET /api/jobs/{job_id}?wait_s=25 HTTP/1.1\" 503" in api.log.read_text()
+            stopped = time.monotonic()
+            try:
+                assert waiter.wait(RECONNECT_S + 40) == 3, err.done()
+            finally:
+                waiter.kill()
+            assert time.monotonic() - stopped < RECONNECT_S + 40
+            assert err.done().startswith("offload: cannot reach Offload at"), err.text
+    finally:
+        api.start()  # its runner goes on without the API: stopped with it
+        cli(api.url, "cancel", job_id)
+        api.stop()
 
 
 def test_a_second_ctrl_c_stops_the_api_without_a_traceback(data_dir: Path,

@@ -23,6 +23,14 @@ STREAM_AGAIN_S = 10.0  # and how long, before its event stream is asked for agai
 WAIT_S = 25  # each long poll's wait (`GET /api/jobs/{id}?wait_s=`): within proxies' 30 s
 
 
+class RodeOut(Unreachable):
+    """Unreachable for RECONNECT_S already: a loop around it rides out no second minute."""
+
+
+def _gave_up(exc: Unreachable) -> RodeOut:
+    return exc if isinstance(exc, RodeOut) else RodeOut(exc.message, exc.reason)
+
+
 def follow(client: Client, job_id: str,
            on_event: Callable[[dict[str, Any], dict[str, Any]], None]) -> dict[str, Any]:
     """Follow a job's event stream until its final state, resuming a dropped connection
@@ -43,13 +51,14 @@ def follow(client: Client, job_id: str,
                 on_event(fields, job)
                 if job.get(p.F_STATE) in p.FINAL_STATES:
                     return job
-        except Unreachable:
-            if not job or (dropped_at is not None
-                           and time.monotonic() - dropped_at > RECONNECT_S):
+        except Unreachable as exc:
+            if isinstance(exc, RodeOut) or not job:
                 raise
+            if dropped_at is not None and time.monotonic() - dropped_at > RECONNECT_S:
+                raise _gave_up(exc) from None
         if dropped_at is not None and time.monotonic() - dropped_at > RECONNECT_S:
-            raise Unreachable(f"the event stream from {client.url} kept ending before job "
-                              f"{job_id} did; see it with: offload show {job_id}")
+            raise RodeOut(f"the event stream from {client.url} kept ending before job "
+                          f"{job_id} did; see it with: offload show {job_id}")
         # Dropped, or closed before the final state: resume where it stopped.
         if dropped_at is None:
             dropped_at, pause = time.monotonic(), 0.25
@@ -81,11 +90,11 @@ def until_ended(client: Client, job_id: str) -> dict[str, Any]:
                 follow(client, job_id, lambda event, job: None)
                 return client.job("GET", f"/api/jobs/{job_path(job_id)}")  # in full
             dropped_at = None
-        except Unreachable:
+        except Unreachable as exc:
             now = time.monotonic()  # from the failure: a request can take WAIT_S to fail
             dropped_at = dropped_at or now
-            if now - dropped_at > RECONNECT_S:
-                raise
+            if isinstance(exc, RodeOut) or now - dropped_at > RECONNECT_S:
+                raise _gave_up(exc) from None
             time.sleep(1.0)
 
 
@@ -96,11 +105,11 @@ def reconnecting(ask: Callable[[], T]) -> T:
     while True:
         try:
             return ask()
-        except Unreachable:
+        except Unreachable as exc:
             now = time.monotonic()
             dropped_at = dropped_at or now
-            if now - dropped_at > RECONNECT_S:
-                raise
+            if isinstance(exc, RodeOut) or now - dropped_at > RECONNECT_S:
+                raise _gave_up(exc) from None
             time.sleep(1.0)
 
 
