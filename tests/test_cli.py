@@ -1267,6 +1267,8 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     note = next(" ".join(line.split()) for line in cli(url, "list").stdout.splitlines()
                 if line.startswith(job["id"]))
     assert "starts 20" in note and " UTC" in note and "ahead" not in note, note
+    in_full = cli(url, "show", job["id"]).stdout  # as its other times (it read ...T...Z)
+    assert f"run at:         {job['run_at'][:19].replace('T', ' ')}\n" in in_full, in_full
     # A job submitted with --wait on a paused queue says why it waits.
     waiting = start_cli(url, "submit", "sleep", "--input", '{"seconds": 0}', "--delay", "0",
                         "--wait")

@@ -165,8 +165,9 @@ def job_details(job: dict[str, Any], out: IO[str], engine: str | None = None) ->
             continue  # when a queued job starts (a retry's backoff left it in the file)
         if name == "depends_on" and job.get(name) is not None:
             lines.append(("depends on", ", ".join(p.dependencies(job))))
-        elif job.get(name) is not None:
-            lines.append((name.replace("_", " "), job[name]))
+        elif job.get(name) is not None:  # a start as the times above it, UTC
+            lines.append((name.replace("_", " "), when(job[name]) if name == "run_at"
+                          else job[name]))
     if job.get(p.F_ERROR) or job.get(p.F_PROGRESS):
         lines.append(("error" if job.get(p.F_ERROR) else "progress", note(job)))
     elif queued:
