@@ -35,7 +35,8 @@ RECENT_KEPT = 256  # finished jobs kept whole in memory, most recently read, at 
 SNAPSHOT_JOBS = 50  # newest jobs in the snapshot that `refresh` leaves for the event loop
 # A refresh looks at every live job's file but the queued ones past the first NEXT_IN_LINE
 # (and those waiting for another job): each of those once QUEUED_LOOK_S has passed since
-# its last look. A stat each, every refresh, took a third of a CPU with 5,000 jobs queued.
+# its last look: a stat of each, every refresh, cost the API worker almost half a CPU with
+# 5,000 queued (docs/benchmarks.md).
 NEXT_IN_LINE = 64
 QUEUED_LOOK_S = 1.0
 
