@@ -46,6 +46,28 @@ def test_the_api_reports_the_version_of_pyproject() -> None:
     assert VERSION == declared.group(1), "stale install: run `python launch.py --reinstall`"
 
 
+@pytest.mark.parametrize("contract", [
+    "The protocol imports nothing of the project, nor the libraries the other rooms use",
+    "Runners import only the protocol (and their own helpers)",
+])
+def test_the_protocol_and_the_runners_are_forbidden_every_other_module_of_jobs(
+        contract: str) -> None:
+    # A forbidden list names modules: one left off (a new one) would be importable unseen.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - the same parser, as a package, before 3.11
+        import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    forbidden = next(c for c in contracts["contracts"]
+                     if c["name"] == contract)["forbidden_modules"]
+    others = {f"jobs.{path.stem if path.is_file() else path.name}"
+              for path in (ROOT / "jobs").iterdir()
+              if (path.suffix == ".py" or (path / "__init__.py").is_file())
+              and path.name not in ("__init__.py", "__main__.py", "protocol")}
+    assert others - set(forbidden) == set()
+
+
 @pytest.mark.parametrize("modules", [
     ["jobs.protocol", "jobs.protocol.embedded", "jobs.protocol.remote", "jobs.protocol.urls",
      "jobs.protocol.wake"],
