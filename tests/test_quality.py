@@ -3,6 +3,7 @@ import contracts of pyproject.toml (import-linter): one room per process."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -66,6 +67,16 @@ def test_the_protocol_and_the_runners_are_forbidden_every_other_module_of_jobs(
               if (path.suffix == ".py" or (path / "__init__.py").is_file())
               and path.name not in ("__init__.py", "__main__.py", "protocol")}
     assert others - set(forbidden) == set()
+
+
+def test_settings_exported_for_ones_own_server_stay_out_of_the_tests() -> None:
+    # README's Configuration invites `export OFFLOAD_...`; the suite's servers must not obey.
+    env = {**os.environ, "OFFLOAD_JOB_TIMEOUT_S": "0.001"}  # every job would time out
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_api.py::test_seed_frontend_flow"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("modules", [
