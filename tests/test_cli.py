@@ -1595,6 +1595,8 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             (["submit", "sleep", "--max-attempts", "0"], "--max-attempts: Input should be"),
             (["list", "--limit", "0"], "request: --limit: Input should be greater"),
             (["submit", "sleep", "--at", "2020-01-01T00:00:00Z"], "or leave --at out to"),
+            # "Input should be a valid datetime or date, input is too short"
+            (["submit", "sleep", "--at", "23:59"], "--at: not a time: give it in ISO 8601"),
             (["submit", "sleep", "--priority", "99999"], "request: --priority: Input should"),
             (["list", "--before", "0" * 32], "list again without --before"),
             (["list", "--kind", os.fsdecode(b"\xfe")], "cannot be sent"),

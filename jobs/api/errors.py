@@ -33,6 +33,8 @@ NOT_AN_OBJECT = frozenset({"missing", "model_attributes_type", "model_type", "di
 # Pydantic's error types for a number out of bounds, or none at all (NaN, "abc").
 NOT_IN_BOUNDS = frozenset({"greater_than", "greater_than_equal", "less_than",
                            "less_than_equal", "finite_number", "float_parsing", "float_type"})
+# Pydantic's error types for a time it cannot read ("23:59", "tomorrow"): it says why, not how.
+NOT_A_TIME = frozenset({"datetime_from_date_parsing", "datetime_parsing", "datetime_type"})
 NOTHING_STORED = "Nothing was stored."  # a refusal for room, of a job alone
 FREE_SPACE = "the data folder's disk is full: free some space on it"  # a 507's
 FREE_SPACE_ADVICE = f"{FREE_SPACE}, then retry"
@@ -120,6 +122,9 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
             problems.append(f"{where}: must be a number {bounds}")
         elif error.get("type") == "extra_forbidden" and loc[:1] == ("body",):
             problems.append(f"{where}: {error.get('msg')}{_fields_taken(request, loc[1:-1])}")
+        elif error.get("type") in NOT_A_TIME:
+            problems.append(f"{where}: not a time: give it in ISO 8601, such as "
+                            "2026-12-24T18:00:00Z (UTC unless it names its zone)")
         else:
             problems.append(f"{where or 'body'}: {error.get('msg')}")
     return _detail(422, "invalid request: " + "; ".join(problems))
