@@ -642,6 +642,8 @@ def test_an_unknown_field_is_named_briefly_with_the_fields_taken(server: Server)
         assert cap.status_code == 422, cap.text
         assert "knd: Extra inputs are not permitted (the body takes only: max_concurrent, " \
                "kind)" in cap.json()["detail"], cap.text
+        two = client.post("/api/jobs", json={"kind": "sleep", "xx": 1, "yy": 2})
+        assert two.json()["detail"].count("takes only") == 1, two.text  # said once
     assert not list((server.data_dir / "jobs").glob("*/job.json")), "nothing was stored"
 
 

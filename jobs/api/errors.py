@@ -105,6 +105,7 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
 async def _validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = []
+    listed: set[tuple[Any, ...]] = set()  # the places whose fields taken are said already
     for error in exc.errors()[:8]:
         loc = tuple(error.get("loc", ()))
         where = error_location(part for part in loc if part != "body")
@@ -121,7 +122,9 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
               and (bounds := _number_bounds(request, str(loc[-1]))) is not None):
             problems.append(f"{where}: must be a number {bounds}")
         elif error.get("type") == "extra_forbidden" and loc[:1] == ("body",):
-            problems.append(f"{where}: {error.get('msg')}{_fields_taken(request, loc[1:-1])}")
+            taken = "" if loc[1:-1] in listed else _fields_taken(request, loc[1:-1])
+            listed.add(loc[1:-1])
+            problems.append(f"{where}: {error.get('msg')}{taken}")
         elif error.get("type") in NOT_A_TIME:
             problems.append(f"{where}: not a time: give it in ISO 8601, such as "
                             "2026-12-24T18:00:00Z (UTC unless it names its zone)")

@@ -138,10 +138,12 @@ class RequestGuard:
                    if self.check_host else None)
         if refusal:
             return (503 if refusal == UNKNOWN_DETAIL else 403), refusal
-        if self.check_host and not host:  # HTTP/1.0 may leave it out
+        if self.check_host and not host_name(host.decode("latin-1")):
+            # None (HTTP/1.0 may leave it out), or no name and port: none to allow either.
+            said = f" ({host.decode('latin-1')[:100]!r} is no host name and port)" if host else ""
             return 421, ("this server has no OFFLOAD_API_TOKEN, so it answers only requests "
-                         "that name it: send a Host header (Host: 127.0.0.1, localhost or "
-                         "[::1], with the port)")
+                         f"that name it{said}: send a Host header (Host: 127.0.0.1, "
+                         "localhost or [::1], with the port)")
         if self.check_host and not self._host_allowed(host):
             return 421, (
                 "this server has no OFFLOAD_API_TOKEN, so it answers only requests for "

@@ -17,10 +17,7 @@ async def each_given_once(request: Request) -> None:
         for param in params:
             if _takes_many(param.field_info.annotation):  # `state=a&state=b`: any of them
                 continue
-            name = param.alias
-            if where == "header" and getattr(param.field_info, "convert_underscores", False):
-                name = name.replace("_", "-")  # as the framework reads it: Last-Event-ID
-            times = len(sent(name))
+            times = len(sent(param.alias))
             if times > 1:
                 raise HTTPException(422, f"invalid request: {where}.{param.alias}: given "
                                          f"{times} times; give it once")
