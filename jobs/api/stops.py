@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
 from jobs.protocol.wake import poke, ring_cancel
-from jobs.settings import CANCEL_WAIT_S, Settings
+from jobs.settings import CANCEL_WAIT_JOB_S, CANCEL_WAIT_S, Settings
 from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
 
 # A cancel left as an empty request (no room for its words), not final in time.
@@ -167,7 +167,8 @@ class Stops:
     async def _wait_final(self, job_ids: list[str], patient: bool = True
                           ) -> dict[str, dict[str, Any]]:
         """Each job once final, or as it is past the stop's grace (not `patient`: at once)."""
-        patience = self.settings.stop_grace_s + CANCEL_WAIT_S if patient else 0.0
+        patience = (self.settings.stop_grace_s + CANCEL_WAIT_S
+                    + CANCEL_WAIT_JOB_S * len(job_ids)) if patient else 0.0
         deadline = time.monotonic() + patience
         jobs: dict[str, dict[str, Any]] = {}
         while True:
