@@ -80,7 +80,7 @@ NOTIFIER_LINGER_S = 10.0  # an API worker's inotify descriptor outlives its last
 MAX_WAIT_S = 60.0  # the longest wait of `GET /api/jobs/{id}?wait_s=`: as proxies allow
 DEFAULT_LLM_SLOTS = 4  # llama-server's slots at most, by default: each keeps a chat's context
 CANCEL_WAIT_S = 10.0  # DELETE waits this long past the stop's grace for the final state
-CANCEL_WAIT_JOB_S = 0.02  # and a cancel of several, this much more a job: each is written
+CANCEL_WAIT_JOB_S = 0.02  # and a cancel of several, this much more a job past the first
 HISTORY_SAMPLE_S = 1.0
 SUPERVISOR_STALLED_S = 15.0  # a leading supervisor without a sample this long is "stalled"
 HISTORY_KEEP_S = 3 * 3600.0  # the metrics series kept on disk

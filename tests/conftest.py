@@ -25,22 +25,14 @@ from jobs.supervisor.thread import SupervisorThread
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
-# The OFFLOAD_* variables a test may take from outside: the suite's own kind (tests/__init__),
-# launch.py's build cache, and the suite's knobs.
-KEPT_FROM_OUTSIDE = frozenset({
-    "OFFLOAD_KINDS", "OFFLOAD_CACHE_DIR", "OFFLOAD_CHROMIUM", "OFFLOAD_SOAK_JOBS"})
 
 
 @pytest.fixture(autouse=True)
 def data_dir(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
              monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Every test gets its own data folder, and no settings leak in from outside: no
-    OFFLOAD_* setting, LLM or token from the environment, none from a `.env` or
-    `schedules.toml` a developer keeps in the project's folder (where the servers of the
-    tests run)."""
-    for name in [n for n in os.environ
-                 if n.startswith("OFFLOAD_") and n not in KEPT_FROM_OUTSIDE]:
-        monkeypatch.delenv(name)  # exported for one's own server (a deadline, a cap)
+    """Every test gets its own data folder, and no settings leak in from outside (none
+    from the environment: tests/__init__.py), none from a `.env` or `schedules.toml` a
+    developer keeps in the project's folder (where the servers of the tests run)."""
     folder = tmp_path / "data"
     monkeypatch.setenv("OFFLOAD_DATA_DIR", str(folder))
     shared = tmp_path_factory.getbasetemp()  # not tmp_path: tests look at what it holds
@@ -49,8 +41,6 @@ def data_dir(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
     if not no_schedules.exists():
         no_schedules.write_text("# none\n")
     monkeypatch.setenv("OFFLOAD_SCHEDULES_FILE", str(no_schedules))
-    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY"):
-        monkeypatch.delenv(name, raising=False)
     get_settings.cache_clear()
     yield folder
     get_settings.cache_clear()

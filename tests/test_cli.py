@@ -373,7 +373,8 @@ def test_a_wait_gives_up_a_minute_after_the_api_stopped_not_two(data_dir: Path,
                 assert waiter.wait(RECONNECT_S + 40) == 3, err.done()
             finally:
                 waiter.kill()
-            assert time.monotonic() - stopped < RECONNECT_S + 40
+            # A minute ridden out, not less (nor two: the wait above would have ended it).
+            assert time.monotonic() - stopped >= RECONNECT_S - 5
             assert err.done().startswith("offload: cannot reach Offload at"), err.text
     finally:
         api.start()  # its runner goes on without the API: stopped with it

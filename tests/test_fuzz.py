@@ -19,8 +19,12 @@ calls: list[int] = []
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("fuzz")
+    (folder / "no-schedules.toml").write_text("# none\n")
+    # As each test's own (conftest.data_dir): no `.env` or schedules of the project's folder.
     server = Server(folder / "data", folder / "server.log",
-                    {"OFFLOAD_MAX_CONCURRENT": "4", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+                    {"OFFLOAD_MAX_CONCURRENT": "4", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+                     "OFFLOAD_ENV_FILE": str(folder / "no.env"),
+                     "OFFLOAD_SCHEDULES_FILE": str(folder / "no-schedules.toml")})
     server.start()
     yield server
     server.stop()

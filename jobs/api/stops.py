@@ -168,7 +168,7 @@ class Stops:
                           ) -> dict[str, dict[str, Any]]:
         """Each job once final, or as it is past the stop's grace (not `patient`: at once)."""
         patience = (self.settings.stop_grace_s + CANCEL_WAIT_S
-                    + CANCEL_WAIT_JOB_S * len(job_ids)) if patient else 0.0
+                    + CANCEL_WAIT_JOB_S * (len(job_ids) - 1)) if patient else 0.0
         deadline = time.monotonic() + patience
         jobs: dict[str, dict[str, Any]] = {}
         while True:
