@@ -22,6 +22,7 @@ from jobs.settings import get_settings
 from jobs.store.job_store import JobStore
 from jobs.supervisor.loop import Supervisor
 from jobs.supervisor.thread import SupervisorThread
+from tests import KEPT_FROM_OUTSIDE
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -33,6 +34,12 @@ def data_dir(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
     """Every test gets its own data folder, and no settings leak in from outside (none
     from the environment: tests/__init__.py), none from a `.env` or `schedules.toml` a
     developer keeps in the project's folder (where the servers of the tests run)."""
+    # Cleared again for each test: code a test runs in-process (a runner, the API's
+    # start) sets some for its own children (OPENAI_BASE_URL, OFFLOAD_HOST).
+    for name in [n for n in os.environ if (n.startswith("OFFLOAD_")
+                                           and n not in KEPT_FROM_OUTSIDE)
+                 or n in ("OPENAI_BASE_URL", "OPENAI_API_KEY")]:
+        monkeypatch.delenv(name)
     folder = tmp_path / "data"
     monkeypatch.setenv("OFFLOAD_DATA_DIR", str(folder))
     shared = tmp_path_factory.getbasetemp()  # not tmp_path: tests look at what it holds
