@@ -22,23 +22,37 @@ from jobs.settings import get_settings
 from jobs.store.job_store import JobStore
 from jobs.supervisor.loop import Supervisor
 from jobs.supervisor.thread import SupervisorThread
-from tests import KEPT_FROM_OUTSIDE
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+# The OFFLOAD_* variables a test may take from outside: the suite's own kind (tests/__init__),
+# launch.py's build cache, and the suite's knobs.
+KEPT_FROM_OUTSIDE = frozenset({
+    "OFFLOAD_KINDS", "OFFLOAD_CACHE_DIR", "OFFLOAD_CHROMIUM", "OFFLOAD_SOAK_JOBS"})
+
+
+def _exported_settings() -> list[str]:
+    """Settings exported for one's own server (a deadline, a cap, a token, a model)."""
+    return [name for name in os.environ
+            if (name.startswith("OFFLOAD_") and name not in KEPT_FROM_OUTSIDE)
+            or name in ("OPENAI_BASE_URL", "OPENAI_API_KEY")]
+
+
+# As the suite starts, before any server a module or the session shares (not in
+# tests/__init__: a runner of the tests' own kind imports it, and takes its job from these).
+for _name in _exported_settings():
+    del os.environ[_name]
 
 
 @pytest.fixture(autouse=True)
 def data_dir(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
              monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Every test gets its own data folder, and no settings leak in from outside (none
-    from the environment: tests/__init__.py), none from a `.env` or `schedules.toml` a
-    developer keeps in the project's folder (where the servers of the tests run)."""
+    """Every test gets its own data folder, and no settings leak in from outside: none
+    from the environment, none from a `.env` or `schedules.toml` a developer keeps in the
+    project's folder (where the servers of the tests run)."""
     # Cleared again for each test: code a test runs in-process (a runner, the API's
     # start) sets some for its own children (OPENAI_BASE_URL, OFFLOAD_HOST).
-    for name in [n for n in os.environ if (n.startswith("OFFLOAD_")
-                                           and n not in KEPT_FROM_OUTSIDE)
-                 or n in ("OPENAI_BASE_URL", "OPENAI_API_KEY")]:
+    for name in _exported_settings():
         monkeypatch.delenv(name)
     folder = tmp_path / "data"
     monkeypatch.setenv("OFFLOAD_DATA_DIR", str(folder))
