@@ -508,13 +508,25 @@ def test_a_wrong_method_is_405_and_an_unknown_path_404(server: Server) -> None:
                                     ("POST", "/api/history", "GET, HEAD"),
                                     ("TRACE", "/api/queue/pause", "POST"),
                                     ("FOO", "/api/jobs", "GET, HEAD, POST"),
-                                    ("PATCH", "/api/jobs/" + "a" * 32, "DELETE, GET, HEAD")]:
+                                    ("PATCH", "/api/jobs/" + "a" * 32, "DELETE, GET, HEAD"),
+                                    # Routes of their own, no job's id: each was a 404 that
+                                    # said `batch` was no job id, or listed a job's methods.
+                                    ("GET", "/api/jobs/batch", "POST"),
+                                    ("DELETE", "/api/jobs/cancel", "POST"),
+                                    ("HEAD", "/api/jobs/cancel", "POST"),
+                                    ("PUT", "/api/jobs/batch", "POST")]:
             answer = client.request(method, path)
             assert answer.status_code == 405, (method, path, answer.text[:200])
             assert answer.headers["allow"] == ", ".join(sorted([*takes.split(", "), "OPTIONS"]))
-            assert f"takes {takes}, not {method}" in answer.json()["detail"]
+            if method != "HEAD":
+                assert f"takes {takes}, not {method}" in answer.json()["detail"]
         options = client.options("/api/jobs")
         assert options.status_code == 204 and options.headers["allow"] == "GET, HEAD, OPTIONS, POST"
+        options = client.options("/api/jobs/batch")
+        assert options.status_code == 204 and options.headers["allow"] == "OPTIONS, POST"
+        # A word that is no job's id, nor a route's, is still a job id mistyped.
+        mistyped = client.get("/api/jobs/batches")
+        assert mistyped.status_code == 404 and "32 lowercase hex" in mistyped.json()["detail"]
         # A route whose id may hold a slash is one too (it was said to be no route).
         session = client.options("/api/sessions/team%2Falice")
         assert session.status_code == 204, session.text

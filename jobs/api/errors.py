@@ -8,7 +8,7 @@ import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -19,6 +19,7 @@ from jobs import protocol as p
 from jobs.api.admission import Overloaded
 from jobs.api.chat_turns import BeingForgotten, TurnGone
 from jobs.api.events import public
+from jobs.api.guards import route_path
 from jobs.api.idempotency_keys import IdempotencyConflict, KeyInFlight
 from jobs.api.service import BatchStopped, NotRerunnable
 from jobs.api.stops import AlreadyFinished, NotRemoved, StillNeeded
@@ -51,8 +52,31 @@ def _detail(status: int, detail: str, **extra: Any) -> JSONResponse:
     return _Answer({"detail": detail, **extra}, status_code=status)
 
 
-async def _not_found(request: Request, exc: Exception) -> JSONResponse:
+def methods_at(request: Request, literal: bool = False) -> set[str]:
+    """The methods of the API's routes on the request's path; `literal`: only of those
+    whose path has no parameter (`/api/jobs/batch`, not `/api/jobs/{job_id}`)."""
+    path = route_path(request.scope)
+    return {method for route in request.app.state.api_routes
+            if route.path_regex.match(path) and not (literal and route.param_convertors)
+            for method in route.methods}
+
+
+def not_allowed(request: Request, methods: set[str]) -> Response:
+    """A 405 naming the methods the path takes (an OPTIONS: their list alone)."""
+    if "GET" in methods:
+        methods = {*methods, "HEAD"}  # the guard answers it as a GET without the body
+    allow = {"Allow": ", ".join(sorted({*methods, "OPTIONS"}))}
+    if request.method == "OPTIONS":
+        return Response(status_code=204, headers=allow)
+    path = route_path(request.scope)[:104]
+    return JSONResponse({"detail": f"{path} takes {', '.join(sorted(methods))}, not "
+                                   f"{request.method}"}, status_code=405, headers=allow)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, JobNotFound)
+    if not p.is_valid_id(exc.job_id) and (methods := methods_at(request, literal=True)):
+        return not_allowed(request, methods)  # `GET /api/jobs/batch`: no job id, a route
     if p.is_valid_id(exc.job_id):  # a job's id as given: that job is gone, not mistyped
         return _detail(404, f"{exc} (removed, pruned, or never submitted here)")
     return _detail(404, f"{exc}; job ids are 32 lowercase hex characters, as returned "
@@ -207,7 +231,7 @@ async def _batch_stopped(request: Request, exc: Exception) -> JSONResponse:
     return _Answer(answer, status_code=alone.status_code, headers=retry_after)
 
 
-Handler = Callable[[Request, Exception], Awaitable[JSONResponse]]
+Handler = Callable[[Request, Exception], Awaitable[Response]]
 HANDLERS: dict[type[Exception], Handler] = {
     JobNotFound: _not_found, UnknownKind: _unprocessable, InvalidInput: _unprocessable,
     IdempotencyConflict: _unprocessable, AlreadyFinished: _conflict, NotRerunnable: _refused,

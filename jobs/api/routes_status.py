@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
 
 from jobs import protocol as p
-from jobs.api.guards import route_path
+from jobs.api.errors import methods_at, not_allowed
 from jobs.api.history import MachineHistory, short_job
 from jobs.api.keeper import SupervisorKeeper
 from jobs.api.predictor import NoModel, Predictor
@@ -127,20 +127,12 @@ def _setting(value: Any) -> str:
 async def unknown_route(request: Request) -> Response:
     """Anything else under /api, whatever its method: a 404 in JSON (never the dashboard's
     static files); on a route's path, OPTIONS answers the route's methods, and any other
-    method is a 405 naming them."""
-    rest = str(request.path_params["rest"])[:100]
-    path = route_path(request.scope)
-    methods = {method for route in request.app.state.api_routes
-               if route.path_regex.match(path) for method in route.methods}
+    method is a 405 naming them (`/api/jobs/batch` is no job's id: its own route's)."""
+    methods = methods_at(request, literal=True) or methods_at(request)
     if not methods:
+        rest = str(request.path_params["rest"])[:100]
         raise HTTPException(404, f"no API route /api/{rest}; see /docs for the routes")
-    if "GET" in methods:
-        methods.add("HEAD")  # the guard answers it as a GET without the body
-    allow = {"Allow": ", ".join(sorted({*methods, "OPTIONS"}))}
-    if request.method == "OPTIONS":
-        return Response(status_code=204, headers=allow)
-    raise HTTPException(405, f"/api/{rest} takes {', '.join(sorted(methods))}, not "
-                             f"{request.method}", headers=allow)
+    return not_allowed(request, methods)
 
 
 # Last, after every route of every router, and for any method (a Starlette route whose
