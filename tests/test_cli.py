@@ -2029,3 +2029,41 @@ def test_a_jobs_escape_sequences_are_not_played_on_a_terminal(make_server: MakeS
         assert "\x1b" not in shown and "\x07" not in shown, shown
         assert "\\x1b]0;PWNED\\x07\\x1b[2J\\x1b[31mred" in shown, shown
         assert attack in cli(url, command, job["id"]).stdout, "into a pipe as it is"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP")
+@pytest.mark.timeout(120)  # the health calls a supervisor stalled after 15 s of silence
+def test_a_wait_for_a_job_a_stalled_supervisor_holds_says_so(make_server: MakeServer) -> None:
+    # The wait said nothing: a queued job that no supervisor starts looked like a long queue.
+    server = make_server()
+    assert server.proc is not None
+    supervisor = next(each for each in psutil.Process(server.proc.pid).children()
+                      if "jobs.supervisor" in each.cmdline())
+    with server.client() as client:
+        def until_supervisor(said: str) -> None:
+            deadline = time.monotonic() + 60
+            while (health := client.get("/api/health").json())["supervisor"] != said:
+                assert time.monotonic() < deadline, (said, health["supervisor"])
+                time.sleep(0.5)
+
+        until_supervisor("running")  # it leads: stopped before, it would be "starting"
+        samples = server.data_dir / "history" / "metrics.jsonl"
+        deadline = time.monotonic() + 30
+        while not samples.exists():  # stalled is said of a leader silent since its last
+            assert time.monotonic() < deadline, "the supervisor recorded no sample"
+            time.sleep(0.2)
+        supervisor.suspend()
+        try:
+            until_supervisor("stalled")
+            with start_cli(server.url, "submit", "sleep", "--wait") as waiter:
+                said = Reader(waiter.stderr)
+                deadline = time.monotonic() + 60
+                while "stalled" not in said.text:
+                    assert time.monotonic() < deadline and waiter.poll() is None, said.text
+                    time.sleep(0.1)
+                assert ("offload: the supervisor is stalled (stopped or hung): it starts once "
+                        "it runs again; see offload status\n") in said.text
+                supervisor.resume()
+                assert waiter.wait(60) == 0, said.done()
+        finally:
+            supervisor.resume()

@@ -124,9 +124,12 @@ def say_why_it_waits(client: Client, jobs: list[dict[str, Any]],
     if not any(job.get(p.F_STATE) == p.JobState.QUEUED for job in jobs):
         return
     queue = queue_state(client)
+    they = "it starts" if len(jobs) == 1 else "they start"
     if queue.get("paused") is True:
-        they = "it starts" if len(jobs) == 1 else "they start"
         sys.stderr.write(f"offload: the queue is paused: {they} once resumed (offload resume)\n")
+    if _supervisor_stalled(client):
+        sys.stderr.write(f"offload: the supervisor is stalled (stopped or hung): {they} once "
+                         "it runs again; see offload status\n")
     queued = [job for job in jobs if job.get(p.F_STATE) == p.JobState.QUEUED]
     told = 0
     for place, each in enumerate(queued):
@@ -160,6 +163,15 @@ def _why_it_waits(job: dict[str, Any], queue: dict[str, Any]) -> str | None:
     if said.startswith("starts "):  # --delay or --at: no sooner
         return f"{said}, as submitted"
     return None
+
+
+def _supervisor_stalled(client: Client) -> bool:
+    """Whether the server's health says its supervisor is stalled: no queued job starts."""
+    try:
+        health = client.call("GET", "/api/health")
+    except Failure:
+        return False
+    return isinstance(health, dict) and health.get("supervisor") == "stalled"
 
 
 def queue_state(client: Client) -> dict[str, Any]:
