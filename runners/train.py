@@ -184,6 +184,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lags", type=int, default=LAGS[0])
     parser.add_argument("--seconds", type=float, default=0, help="learn from the last N s")
     parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE[0])
+    parser.add_argument("--validation", type=float, default=VALIDATION[0],
+                        help="the most recent fraction of the history, held out to score "
+                             f"the model (default: {VALIDATION[0]:g})")
     parser.add_argument("--data-dir", default=os.environ.get("OFFLOAD_DATA_DIR", "var"),
                         help="Offload's data folder (its history/metrics.jsonl)")
 
@@ -193,7 +196,8 @@ def _direct_input(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--data-dir {args.data_dir} is no folder: give Offload's data "
                          "folder (its history/metrics.jsonl)")
     job_input = {"epochs": args.epochs, "lags": args.lags, "seconds": args.seconds,
-                 "learning_rate": args.learning_rate, "data_dir": args.data_dir}
+                 "learning_rate": args.learning_rate, "validation": args.validation,
+                 "data_dir": args.data_dir}
     _options(job_input)  # out of bounds: bad usage, as the API's 422
     return job_input
 

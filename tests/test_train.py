@@ -253,6 +253,18 @@ def test_direct_cli_trains_and_prints_progress(data_dir: Path) -> None:
                            text=True, timeout=120, env=env)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["version"] == 2
+    # Every option of the job's input has its own (--validation had none).
+    held_out = subprocess.run([sys.executable, "-m", "runners.train", "--epochs", "2",
+                               "--validation", "0.5", "--data-dir", str(data_dir)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    assert held_out.returncode == 0, held_out.stderr
+    assert json.loads(held_out.stdout)["version"] == 3
+    beyond = subprocess.run([sys.executable, "-m", "runners.train", "--validation", "0.9",
+                             "--data-dir", str(data_dir)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert beyond.returncode == 2, beyond.stderr
+    assert beyond.stderr.splitlines()[-1].endswith(
+        "error: 'validation' must be a number from 0.05 to 0.5"), beyond.stderr
 
 
 def test_trainings_ending_at_once_each_publish_a_model_of_their_own(data_dir: Path) -> None:
