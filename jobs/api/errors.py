@@ -75,10 +75,10 @@ def not_allowed(request: Request, methods: set[str]) -> Response:
 
 async def _not_found(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, JobNotFound)
-    if not p.is_valid_id(exc.job_id) and (methods := methods_at(request, literal=True)):
-        return not_allowed(request, methods)  # `GET /api/jobs/batch`: no job id, a route
     if p.is_valid_id(exc.job_id):  # a job's id as given: that job is gone, not mistyped
         return _detail(404, f"{exc} (removed, pruned, or never submitted here)")
+    if methods := methods_at(request, literal=True):
+        return not_allowed(request, methods)  # `GET /api/jobs/batch`: no job id, a route
     return _detail(404, f"{exc}; job ids are 32 lowercase hex characters, as returned "
                         "when the job was submitted")
 
