@@ -28,7 +28,7 @@ from bench.scale import write_finished_jobs
 from jobs import protocol as p
 from jobs.protocol.wake import OUTPUT_FILE
 from jobs.store.job_store import JobStore
-from tests.conftest import ROOT, RunningSupervisor, wait_for
+from tests.conftest import ROOT, RunningSupervisor, start_process, stop_process, wait_for
 from tests.fake_llm import FakeLLM
 from tests.server import Server
 
@@ -280,6 +280,63 @@ def test_a_supervisor_lock_no_process_can_take_is_said_by_the_health(
                  "the health to be ok again")
         job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
         assert _final(client, job["id"])["state"] == "completed"
+
+
+def test_a_folder_in_place_of_the_machine_history_is_said_by_the_health(
+        make_server: MakeServer) -> None:
+    """The health, the history, the forecast and a chat for the expert all read the
+    machine's history: with a folder in its place each answered a 500."""
+    server = make_server()
+    history = Path(p.metrics_file(server.data_dir))
+    with server.client() as client:
+        wait_for(lambda: client.get("/api/history").json()["metrics"]["samples"], 20, 0.2,
+                 "the supervisor's first sample")
+        history.unlink()
+        history.mkdir()
+        health = _degraded(client, "the health to say the history cannot be read")
+        assert health["supervisor"] == "running", health
+        said = " ".join(health["problems"])
+        assert "history" in said and "cannot be read (Is a directory)" in said, health
+        assert "remove it: the supervisor starts a new one" in said, health
+        answer = client.get("/api/history")
+        assert answer.status_code == 200 and answer.json()["metrics"]["samples"] == [], answer.text
+        assert client.get("/api/predict").status_code == 409
+        chat = client.post("/api/jobs", json={"kind": "chat", "input": {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}})
+        assert chat.status_code == 202, chat.text
+        assert "No machine metrics recorded yet." in chat.json()["input"]["context"]
+        history.rmdir()
+        wait_for(lambda: client.get("/api/history").json()["metrics"]["samples"], 20, 0.2,
+                 "the supervisor's new history")
+        assert client.get("/api/health").json()["status"] == "ok"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP")
+@pytest.mark.timeout(120)  # the health calls a supervisor stalled after 15 s of silence
+def test_a_leader_hung_before_this_api_read_a_sample_of_it_is_said_stalled(
+        make_server: MakeServer, data_dir: Path, tmp_path: Path) -> None:
+    """A leading supervisor that this API never saw sample the machine (hung before its
+    first sample, or its history removed) was said `running` for good: the health timed
+    its silence from its latest sample alone."""
+    env = {"OFFLOAD_DATA_DIR": str(data_dir)}
+    by_hand = start_process(["-m", "jobs.supervisor"], env, tmp_path / "supervisor.out")
+    try:
+        samples = Path(p.metrics_file(data_dir))
+        wait_for(samples.exists, 60, 0.1, "the supervisor's first sample")
+        psutil.Process(by_hand.pid).suspend()
+        samples.unlink()
+        server = make_server()  # it leaves the lead to the one that holds it
+        with server.client() as client:
+            assert client.get("/api/health").json()["supervisor"] == "running"
+            wait_for(lambda: client.get("/api/health").json()["supervisor"] == "stalled",
+                     60, 0.5, "the health to say the supervisor is stalled")
+            psutil.Process(by_hand.pid).resume()
+            wait_for(lambda: client.get("/api/health").json()["supervisor"] == "running",
+                     30, 0.2, "the health to say the supervisor runs again")
+    finally:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(by_hand.pid).resume()
+        stop_process(by_hand)
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ class MachineHistory:
         self._inode: int | None = None
         self._partial = b""
         self._lock = threading.Lock()  # read from several worker threads
+        self.problem: str | None = None  # why the file cannot be read, while it cannot
 
     def read(self, seconds: float) -> list[dict[str, Any]]:
         cutoff = time.time() - seconds
@@ -38,11 +39,11 @@ class MachineHistory:
             self._catch_up()
             return [s for s in self._samples if s["t"] >= cutoff]
 
-    def last_sample_age_s(self) -> float | None:
-        """Seconds since the supervisor's latest sample; None before its first."""
+    def last_sample_at(self) -> float | None:
+        """When the supervisor took its latest sample; None before its first."""
         with self._lock:
             self._catch_up()
-            return time.time() - self._samples[-1]["t"] if self._samples else None
+            return float(self._samples[-1]["t"]) if self._samples else None
 
     def kept(self) -> int:
         """How many samples are kept (on disk, all of them: what a training run reads)."""
@@ -51,10 +52,24 @@ class MachineHistory:
             return len(self._samples)
 
     def _catch_up(self) -> None:
+        # A folder in its place or a file this user may not read: the chart, the chats'
+        # context and the forecast go on without it, and the health says why.
         try:
-            st = os.stat(self.path)
+            self._read_new()
         except FileNotFoundError:
-            return
+            self.problem = None
+        except OSError as exc:  # read from the start once it can be
+            self._samples.clear()
+            self._offset, self._inode, self._partial = 0, None, b""
+            self.problem = (f"the machine's history at {self.path} cannot be read "
+                            f"({exc.strerror or exc}): the chart, the forecast and training "
+                            "go without it. Make it a file this user can read, or remove it: "
+                            "the supervisor starts a new one")
+        else:
+            self.problem = None
+
+    def _read_new(self) -> None:
+        st = os.stat(self.path)
         if st.st_ino != self._inode or st.st_size < self._offset:
             self._samples.clear()
             self._offset, self._inode, self._partial = 0, st.st_ino, b""

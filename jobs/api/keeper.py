@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 from filelock import FileLock, Timeout
 
@@ -43,6 +44,8 @@ class SupervisorKeeper:
         self.start_problem: str | None = None
         # Why the lock cannot be taken at all (None: it can): no supervisor started leads.
         self.lock_problem: str | None = None
+        # When this worker first saw the lock held, since it last saw it free.
+        self.led_since: float | None = None
 
     def led(self) -> bool:
         """Whether some supervisor holds the lock (blocking: call it from a thread). A lock
@@ -53,11 +56,15 @@ class SupervisorKeeper:
         try:
             probe.acquire(timeout=0)
         except Timeout:
+            if self.led_since is None:
+                self.led_since = time.time()
             return True
         except OSError as exc:
             self.lock_problem = _problem("no supervisor can take its lock", exc)
+            self.led_since = None
             return False
         probe.release()
+        self.led_since = None
         return False
 
     async def run(self) -> None:

@@ -3,6 +3,7 @@ JSON for any other /api path."""
 
 from __future__ import annotations
 
+import time
 from importlib import metadata
 from typing import Annotated, Any
 
@@ -76,12 +77,17 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
     history: MachineHistory = request.app.state.machine_history
     supervisor = "starting"
     led = await run_in_threadpool(keeper.led)
+    sampled = await run_in_threadpool(history.last_sample_at)
     if led:
-        # It samples the machine every second: silence says it is stopped or hung.
-        age = await run_in_threadpool(history.last_sample_age_s)
-        supervisor = "stalled" if age is not None and age > SUPERVISOR_STALLED_S else "running"
+        # It samples the machine every second: silence since its latest sample, or since
+        # it took the lead, says it is stopped or hung (unless the samples cannot be read).
+        alive = max(sampled or 0.0, keeper.led_since or time.time())
+        silent = history.problem is None and time.time() - alive > SUPERVISOR_STALLED_S
+        supervisor = "stalled" if silent else "running"
     queue = await run_in_threadpool(queue_view, service.settings)
     problems = await run_in_threadpool(_problems, service)
+    if history.problem is not None:
+        problems.append(history.problem)
     if not led and (why := keeper.problem()) is not None:  # "starting" for good
         problems.append(why)
     return {
