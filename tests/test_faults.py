@@ -311,6 +311,40 @@ def test_a_folder_in_place_of_the_machine_history_is_said_by_the_health(
         assert client.get("/api/health").json()["status"] == "ok"
 
 
+def test_a_file_in_place_of_the_jobs_folder_is_said_not_a_500(make_server: MakeServer) -> None:
+    """Every request that lists the jobs (the health, the history, the list, /metrics, a
+    submission) answered a 500, the API logged a traceback ten times a second and the
+    supervisor four times a second."""
+    server = make_server()
+    jobs = server.data_dir / "jobs"
+    with server.client() as client:
+        done = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        assert _final(client, done["id"])["state"] == "completed"
+        jobs.rename(jobs.with_name("jobs.moved"))
+        jobs.write_text("")
+        health = _degraded(client, "the health to say the jobs cannot be listed")
+        said = " ".join(health["problems"])
+        assert "cannot list the jobs in" in said and "move away the file in its place" in said
+        for answer in (client.get("/api/jobs"), client.get("/api/history"),
+                       client.get("/metrics"),
+                       client.post("/api/jobs", json={"kind": "sleep"})):
+            assert answer.status_code == 503, answer.text
+            assert "move away the file in its place. Nothing was read or stored" in answer.text
+        time.sleep(1.5)  # some passes of the supervisor and refreshes of the index
+        jobs.unlink()
+        jobs.with_name("jobs.moved").rename(jobs)
+        assert [job["id"] for job in client.get("/api/jobs").json()["jobs"]] == [done["id"]]
+        job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        assert _final(client, job["id"])["state"] == "completed"
+        # ok again once a job is stored (the failed requests are said until then)
+        assert client.get("/api/health").json()["status"] == "ok"
+    said = server.log.read_text(errors="replace")
+    assert "Traceback" not in said, said[-3000:]
+    assert said.count("the job index cannot be refreshed: cannot list the jobs in") == 1, said
+    supervisor = (server.data_dir / "supervisor.log").read_text(errors="replace")
+    assert supervisor.count("supervisor pass failed: cannot list the jobs in") == 1, supervisor
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP")
 @pytest.mark.timeout(120)  # the health calls a supervisor stalled after 15 s of silence
 def test_a_leader_hung_before_this_api_read_a_sample_of_it_is_said_stalled(

@@ -39,6 +39,7 @@ from jobs.settings import (
     INDEX_REFRESH_S,
     get_settings,
 )
+from jobs.store.errors import StoreUnavailable
 from jobs.store.job_store import JobStore
 from jobs.store.private import make_private
 
@@ -142,9 +143,15 @@ async def _keep_index_fresh(store: JobStore) -> None:
     """The job index refreshed in a worker thread several times a second, so that
     `/api/history` and `/api/health` answer from its snapshot and never wait for a
     refresh (under load one reads dozens of changed job files)."""
+    said = None
     while True:
         try:
             await asyncio.to_thread(store.refresh)
+            said = None
+        except StoreUnavailable as exc:  # once, not ten times a second: the health says it
+            if str(exc) != said:
+                log.warning("the job index cannot be refreshed: %s", exc)
+                said = str(exc)
         except Exception:
             log.exception("refreshing the job index failed; retrying")
         await asyncio.sleep(INDEX_REFRESH_S)

@@ -23,6 +23,7 @@ from jobs.kinds import registry
 from jobs.llm.status import LLMStatus
 from jobs.protocol import control
 from jobs.settings import HISTORY_KEEP_S, HISTORY_SAMPLE_S, SUPERVISOR_STALLED_S
+from jobs.store.errors import StoreUnavailable
 from runners import train
 
 
@@ -71,7 +72,11 @@ async def predict(request: Request,
 
 @router.get("/health")
 async def health(request: Request, service: Service) -> dict[str, Any]:
-    counts = await service.counts()
+    unlisted = None
+    try:
+        counts = await service.counts()
+    except StoreUnavailable as exc:  # the jobs folder cannot be listed: said, never a 500
+        counts, unlisted = {state.value: 0 for state in p.JobState}, str(exc)
     llm: LLMStatus = request.app.state.llm
     keeper: SupervisorKeeper = request.app.state.keeper
     history: MachineHistory = request.app.state.machine_history
@@ -86,8 +91,7 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
         supervisor = "stalled" if silent else "running"
     queue = await run_in_threadpool(queue_view, service.settings)
     problems = await run_in_threadpool(_problems, service)
-    if history.problem is not None:
-        problems.append(history.problem)
+    problems += [each for each in (unlisted, history.problem) if each is not None]
     if not led and (why := keeper.problem()) is not None:  # "starting" for good
         problems.append(why)
     return {

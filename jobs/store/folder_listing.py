@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from jobs import protocol as p
+from jobs.store.errors import StoreUnavailable
 
 DIR_SETTLE_S = 0.1  # a folder listing is trusted once the folder's mtime is this old
 RELIST_S = 10.0  # and listed again at least this often anyway
@@ -33,13 +35,20 @@ class DirListing:
         kept, checking each name cost more than listing the folder)."""
         try:
             st = os.stat(self.folder)
+            now = time.monotonic()
+            if (self._stable and st.st_mtime_ns == self._mtime_ns
+                    and now - self._listed_at < RELIST_S):
+                return None
+            listed = set(os.listdir(self.folder))
         except FileNotFoundError:
             self._mtime_ns, self._stable = None, False
             return set()
-        now = time.monotonic()
-        if self._stable and st.st_mtime_ns == self._mtime_ns and now - self._listed_at < RELIST_S:
-            return None
-        listed = set(os.listdir(self.folder))
+        except OSError as exc:  # a file in its place, or no permission to read it
+            what_to_do = ("move away the file in its place" if exc.errno == errno.ENOTDIR
+                          else "make it readable by this user")
+            raise StoreUnavailable(f"cannot list the jobs in {self.folder} "
+                                   f"({exc.strerror or exc}): {what_to_do}",
+                                   "Nothing was read or stored") from exc
         names = (listed & known) | {name for name in listed - known if p.is_valid_id(name)}
         self._mtime_ns = st.st_mtime_ns
         self._stable = time.time() - st.st_mtime > DIR_SETTLE_S

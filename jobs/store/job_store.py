@@ -17,6 +17,7 @@ from typing import Any
 
 from jobs import protocol as p
 from jobs.kinds import UnknownKind, registry
+from jobs.store.errors import StoreUnavailable as StoreUnavailable
 from jobs.store.idempotency import Keys, being_stored
 from jobs.store.index import JobIndex
 from jobs.store.reading import read_job
@@ -31,24 +32,6 @@ class JobNotFound(Exception):
         shown = job_id if len(job_id) <= 64 else job_id[:64] + "..."
         super().__init__(f"no job with id {shown!r}")
         self.job_id = job_id
-
-
-class StoreUnavailable(Exception):
-    """The data folder cannot be written (disk full, read-only, permissions); `outcome`:
-    what did not happen, for the answer."""
-
-    def __init__(self, message: str, outcome: str = "The job was not stored",
-                 retry: bool = True, no_room: bool = False) -> None:
-        super().__init__(message)
-        self.outcome = outcome
-        self.retry = retry  # False: what was asked goes ahead, to ask again changes nothing
-        self._no_room = no_room
-
-    @property
-    def disk_full(self) -> bool:
-        """Whether it failed for room on the data folder's disk (raised from that OSError)."""
-        return self._no_room or (isinstance(self.__cause__, OSError)
-                                 and self.__cause__.errno in p.DISK_FULL)
 
 
 class JobStore(JobIndex):

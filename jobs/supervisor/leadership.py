@@ -23,6 +23,7 @@ class Leadership:
         # The mode said: filelock 3.x gives its files 0o644 whatever the umask.
         self._lock = FileLock(str(lock_file(jobs_dir)), thread_local=False, mode=0o600)
         self._said_waiting = False
+        self.problem: str | None = None  # why it cannot even try (a file where a folder goes)
 
     @property
     def lock_file(self) -> str:
@@ -30,19 +31,28 @@ class Leadership:
 
     def take(self) -> bool:
         """Lead if no other supervisor does; at once, never waiting."""
+        problem = None
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            if not self._said_waiting:  # once: it looks at the lock every pass
-                self._said_waiting = True
-                log.info("another supervisor leads %s: this one waits to take over when it "
-                         "leaves", self._dir)
-            return False
         except OSError as exc:
-            log.warning("cannot take the supervisor lock: %s", exc)
-            return False
-        return True
+            problem = f"cannot make the jobs folder {self._dir}: {exc.strerror or exc}"
+        else:
+            try:
+                self._lock.acquire(timeout=0)
+            except Timeout:
+                if not self._said_waiting:  # once: it looks at the lock every pass
+                    self._said_waiting = True
+                    log.info("another supervisor leads %s: this one waits to take over when "
+                             "it leaves", self._dir)
+            except OSError as exc:
+                problem = f"cannot take the supervisor lock: {exc}"
+            else:
+                self.problem = None
+                return True
+        if problem is not None and problem != self.problem:  # once, not every second
+            log.warning("%s", problem)
+        self.problem = problem
+        return False
 
     def still_here(self) -> bool:
         """Whether the lock held is still the file at its path: one removed (as a stale

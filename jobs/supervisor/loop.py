@@ -54,6 +54,7 @@ from jobs.settings import (
     Settings,
     kind_numbers,
 )
+from jobs.store.errors import StoreUnavailable
 from jobs.store.folder_listing import DirListing
 from jobs.store.job_store import JobStore
 from jobs.supervisor.counting import Counting
@@ -120,6 +121,7 @@ class Supervisor(Discovery, Launching, Endings):
         self.lock_lost = False  # its lock file was removed or replaced: it leaves
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
+        self._said_unusable: str | None = None  # the data folder's problem, said once
         self._read_now: dict[str, dict[str, Any]] = {}  # queued jobs read in this pass
         self._next_full = 0.0
         self._next_sweep = 0.0  # of the queued jobs' stop requests
@@ -169,7 +171,11 @@ class Supervisor(Discovery, Launching, Endings):
         try:
             while True:
                 if give_up_at is not None and not self.is_leader and time.monotonic() > give_up_at:
-                    log.info("another supervisor leads %s; leaving", self.dir)
+                    if self._leadership.problem is not None:
+                        log.warning("cannot lead %s (%s); leaving", self.dir,
+                                    self._leadership.problem)
+                    else:
+                        log.info("another supervisor leads %s; leaving", self.dir)
                     return
                 self._wakeups.before_pass()
                 await self._pass()
@@ -199,10 +205,15 @@ class Supervisor(Discovery, Launching, Endings):
             return  # the next pass tries again: the supervisor lives on
         try:
             await asyncio.shield(tick)
+            self._said_unusable = None
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await tick
             raise
+        except StoreUnavailable as exc:  # once, not four times a second
+            if str(exc) != self._said_unusable:
+                log.warning("supervisor pass failed: %s; retrying", exc)
+                self._said_unusable = str(exc)
         except Exception:
             log.exception("supervisor pass failed; retrying")
 
