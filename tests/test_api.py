@@ -1036,6 +1036,27 @@ def test_a_history_line_edited_to_no_number_is_left_out(server: Server) -> None:
         assert samples and all(isinstance(each["cpu"], float) for each in samples), samples
 
 
+def test_a_history_line_that_is_no_utf8_is_dropped_at_the_next_start(
+        make_server: MakeServer) -> None:
+    # A supervisor's first sample compacts the history: a line of bytes that are no UTF-8
+    # failed that, and the recording started again every 5 s with a traceback, for good.
+    first = make_server()
+    with first.client() as client:
+        wait_for(lambda: client.get("/api/history").json()["metrics"]["samples"][1:], 15)
+    first.stop()
+    history = Path(p.metrics_file(first.data_dir))
+    with open(history, "ab") as damaged:
+        damaged.write(b'{"t": 1, "cpu": 5, "mem": 5}\x9a\xff\n')
+    second = make_server()
+    with second.client() as client:
+        before = len(client.get("/api/history").json()["metrics"]["samples"])
+        wait_for(lambda: len(client.get("/api/history").json()["metrics"]["samples"])
+                 >= before + 4, 15, what="a sample a second again")
+    said = (second.data_dir / "supervisor.log").read_text(errors="replace")
+    assert "recording metrics failed" not in said, said[-2000:]
+    assert b"\x9a\xff" not in history.read_bytes()
+
+
 def test_stopping_the_api_leaves_runners_and_next_start_adopts_them(
         make_server: MakeServer, data_dir: Path) -> None:
     first = make_server()

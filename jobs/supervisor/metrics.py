@@ -41,18 +41,18 @@ class MetricsRecorder:
 
     def _compact(self, cutoff: float) -> None:
         try:
-            with open(self.path, encoding="utf-8") as f:
+            with open(self.path, "rb") as f:  # a line that is no UTF-8 is damaged: dropped
                 lines = f.readlines()
         except OSError:
             return
         kept = [line for line in lines if _time_of(line) >= cutoff]
         if len(kept) == len(lines):
             return
-        p.write_atomic(self.path, "".join(kept).encode("utf-8"))
+        p.write_atomic(self.path, b"".join(kept))
 
 
-def _time_of(line: str) -> float:
+def _time_of(line: bytes) -> float:
     try:
         return float(json.loads(line)["t"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
         return 0.0
