@@ -88,6 +88,7 @@ DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"  # a Ray head's dashboard (Jobs RE
 RAY_POLL_S = 0.2  # how often a remote job's poller asks Ray (the runner writes 5 a second)
 RAY_UNREACHABLE_S = 60.0  # a remote job whose Ray stays unreachable this long is lost
 RAY_HTTP_TIMEOUT_S = 10.0
+RAY_DELETE_PAUSES_S = (1.0, 2.0, 4.0, 8.0)  # between tries to delete an ended job's record
 LOG_BACKUPS = 3  # supervisor.log rotates at OFFLOAD_LOG_MAX_MB; this many older files kept
 OUTPUT_CAP_S = 5.0  # how often the supervisor cuts the outputs of its helper processes
 # Never sent to Ray: its job records keep runtime_env and entrypoint, and its dashboard

@@ -82,7 +82,8 @@ def test_running_then_completed_with_rising_progress(launched: MakeLaunched,
     if isinstance(sup.supervisor.launcher, RayLauncher):
         client = sup.supervisor.launcher.client
         # Released once the local file is final.
-        wait_for(lambda: _unknown(client, submission_id(job_id)), 10, what="Ray's record deleted")
+        wait_for(lambda: _unknown(client, submission_id(job_id)), 30,
+                 what="Ray's record deleted (tried again while its head fails)")
 
 
 def test_stop_mid_run_cancels_and_ends_runner_and_grandchild(launched: MakeLaunched) -> None:

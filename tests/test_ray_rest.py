@@ -162,6 +162,27 @@ def test_final_snapshot_wins_and_a_deadline_reads_as_timeout(
     wait_for(lambda: sid not in fake.jobs, what="Ray's record deleted after the final state")
 
 
+def test_a_record_ray_fails_to_delete_is_deleted_when_it_answers_again(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=ray_launcher.__name__)
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    job_id = sup.submit(seconds=60)
+    sid = submission_id(job_id)
+    wait_for(lambda: sid in fake.jobs, what="the job submitted")
+    deleting = ("DELETE", f"/api/jobs/{sid}")
+    fake.scripted[deleting] = (500, TRACEBACK_500)  # a busy head fails the first delete
+    with fake.lock:
+        fake.logs[sid] = _running_snapshot(fake, job_id, 1, p.JobState.COMPLETED, exit_code=0)
+        fake.jobs[sid].update(status="SUCCEEDED", driver_exit_code=0)
+    assert sup.wait_final(job_id)["state"] == "completed"
+    wait_for(lambda: deleting in [r[:2] for r in fake.requests], what="a delete asked for")
+    with fake.lock:
+        del fake.scripted[deleting]
+    wait_for(lambda: sid not in fake.jobs, what="Ray's record deleted on a later try")
+    assert "Ray's record not deleted (Ray" in caplog.text and "trying again" in caplog.text
+
+
 def test_remote_job_travels_in_the_environment_whatever_its_size(tmp_path: Path) -> None:
     big = os.urandom(150_000).hex()  # more than one variable may hold on Linux (128 KiB)
     job = p.new_job("b" * 32, "sleep", {"seconds": 0, "tag": big, "fail": None}, 30)

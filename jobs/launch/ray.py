@@ -48,6 +48,7 @@ from jobs.launch.ray_client import (
 from jobs.protocol import remote
 from jobs.protocol.remote import REMOTE_FLAG, job_env
 from jobs.settings import (
+    RAY_DELETE_PAUSES_S,
     RAY_POLL_S,
     RAY_UNREACHABLE_S,
     Settings,
@@ -196,10 +197,26 @@ class RayLauncher(Launcher):
         sid = _remote(run).submission_id
         with self._lock:
             self._runs.pop(run.job_id, None)
-        try:
-            self.client.delete(sid)
-        except RayError as exc:
-            log.info("job %s: Ray's record not deleted: %s", sid, exc)
+        # Off the caller's thread: a busy head may take the whole HTTP timeout to answer.
+        threading.Thread(target=self._delete, args=(sid,), daemon=True,
+                         name=f"ray-delete-{run.job_id[:8]}").start()
+
+    def _delete(self, sid: str) -> None:
+        """Delete Ray's record of an ended job, trying again while the head fails."""
+        for pause in (*RAY_DELETE_PAUSES_S, None):
+            try:
+                self.client.delete(sid)
+                return
+            except RayJobNotFound:
+                return  # deleted already
+            except RayError as exc:
+                if pause is None:
+                    log.warning("job %s: Ray's record not deleted after %d tries: %s",
+                                sid, len(RAY_DELETE_PAUSES_S) + 1, exc)
+                    return
+                log.info("job %s: Ray's record not deleted (%s); trying again", sid, exc)
+            if self._closing.wait(pause):
+                return
 
     def close(self) -> None:
         self._closing.set()
