@@ -345,6 +345,45 @@ def test_a_file_in_place_of_the_jobs_folder_is_said_not_a_500(make_server: MakeS
     assert supervisor.count("supervisor pass failed: cannot list the jobs in") == 1, supervisor
 
 
+def test_a_job_file_damaged_then_mended_is_listed_and_run_as_it_is_again(
+        make_server: MakeServer) -> None:
+    """A damaged job file quiet for 5 s was listed and counted failed (corrupt) until the
+    API restarted, mended or not, and a queued job mended never ran: each side took it
+    for a final state and never read it again."""
+    server = make_server()
+    with server.client() as client:
+        done = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        assert _final(client, done["id"])["state"] == "completed"
+        assert client.post("/api/queue/pause").status_code == 200
+        waiting = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        files = {job["id"]: Path(p.job_path(server.data_dir / "jobs", job["id"]))
+                 for job in (done, waiting)}
+        kept = {job_id: file.read_bytes() for job_id, file in files.items()}
+        quiet = time.time() - 60  # each file as if long unchanged: settled at once
+
+        def write(file: Path, data: bytes) -> None:
+            file.with_suffix(".new").write_bytes(data)
+            os.utime(file.with_suffix(".new"), (quiet, quiet))
+            os.replace(file.with_suffix(".new"), file)
+
+        def listed() -> dict[str, str]:
+            return {job["id"]: job["state"] for job in client.get("/api/jobs").json()["jobs"]}
+
+        for file in files.values():
+            write(file, b'{"id": "damaged')
+        wait_for(lambda: set(listed().values()) == {"failed"}, 10, what="both listed failed")
+        assert client.post("/api/queue/resume").status_code == 200
+        time.sleep(1.5)  # the supervisor's passes find the queued one damaged
+        assert client.get("/api/history").json()["counts"]["failed"] == 2
+        for job_id, file in files.items():
+            write(file, kept[job_id])
+        wait_for(lambda: listed()[done["id"]] == "completed", 10, what="the mended one listed")
+        assert _final(client, waiting["id"])["state"] == "completed", "the queued one ran"
+        assert listed() == {done["id"]: "completed", waiting["id"]: "completed"}
+        counts = client.get("/api/history").json()["counts"]
+        assert (counts["completed"], counts["failed"]) == (2, 0), counts
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP")
 @pytest.mark.timeout(120)  # the health calls a supervisor stalled after 15 s of silence
 def test_a_leader_hung_before_this_api_read_a_sample_of_it_is_said_stalled(

@@ -284,9 +284,8 @@ class JobService:
         """A new job of `job_id`'s kind with its input (or `job_input`) and its timeout
         (or `timeout_s`); the old job is left as it is."""
         old = await self.read(job_id)
-        kind, error = old.get(p.F_KIND), old.get(p.F_ERROR)
-        if not isinstance(kind, str) or (isinstance(error, dict)
-                                         and error.get("type") == p.ErrorType.CORRUPT):
+        kind = old.get(p.F_KIND)
+        if not isinstance(kind, str) or p.holds_no_job(old):
             raise NotRerunnable(f"job {job_id}'s file holds no job to run again; submit a "
                                 "new one with POST /api/jobs")
         if old.get(p.F_STATE) not in p.FINAL_STATES:

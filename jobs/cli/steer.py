@@ -84,7 +84,7 @@ def _not_run_again(client: Client, state: str, kind: list[str] | None) -> list[s
     run_again = {job.get(p.F_RERUN_OF) for job in every}
     return [str(job[p.F_ID]) for job in reversed(every) if job.get(p.F_STATE) == state
             and job[p.F_ID] not in run_again
-            and (job.get(p.F_ERROR) or {}).get("type") != p.ErrorType.CORRUPT]
+            and not p.holds_no_job(job)]
 
 
 def _matching(client: Client, state: str, kind: list[str] | None) -> tuple[list[str], bool]:

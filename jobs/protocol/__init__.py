@@ -301,6 +301,12 @@ def new_job(job_id: str, kind: str, job_input: dict[str, Any], timeout_s: float,
     return job
 
 
+def holds_no_job(job: dict[str, Any]) -> bool:
+    """Whether `job` is what a reader shows for a file that holds no job (`corrupt`)."""
+    error = job.get(F_ERROR)
+    return isinstance(error, dict) and error.get("type") == ErrorType.CORRUPT
+
+
 def fifo_key(job: dict[str, Any]) -> tuple[int, str]:
     """Submission order: by creation time, ties broken by id."""
     created = job.get(F_CREATED_NS)

@@ -337,7 +337,7 @@ class JobIndex:
         live.looked_at = time.monotonic()
         if stat_signature(st) != live.signature:
             self._load(job_id)
-        elif self._entries[job_id].state in p.FINAL_STATES and wall - st.st_mtime > SETTLE_S:
+        elif self._settled(job_id, live.data, st.st_mtime_ns, wall):
             self._remember(job_id, live.data)
             self._stop_watching(job_id)
 
@@ -367,8 +367,14 @@ class JobIndex:
         if entry.session is not None:
             self._turns.track(job_id, entry, p.fifo_key(data))
         self._usage.seen(job_id, entry, data)
-        if entry.state in p.FINAL_STATES and time.time() - live.mtime_ns / 1e9 > SETTLE_S:
+        if self._settled(job_id, data, live.mtime_ns, time.time()):
             self._stop_watching(job_id)
+
+    def _settled(self, job_id: str, data: dict[str, Any], mtime_ns: int, wall: float) -> bool:
+        """Finished, its file quiet for SETTLE_S, and a job: a damaged file stays watched,
+        so that one mended by hand is listed as it is again."""
+        return (self._entries[job_id].state in p.FINAL_STATES
+                and wall - mtime_ns / 1e9 > SETTLE_S and not p.holds_no_job(data))
 
     def _drop(self, job_id: str) -> None:
         self._missing.discard(job_id)

@@ -15,6 +15,7 @@ from jobs import protocol as p
 from jobs.launch.base import Launcher
 from jobs.launch.pick import adopting_launcher
 from jobs.store.folder_listing import DirListing
+from jobs.store.reading import Signature, stat_job_file, stat_signature
 from jobs.supervisor.counting import Counting
 from jobs.supervisor.dependencies import Dependencies
 from jobs.supervisor.launch_queue import LaunchQueue
@@ -42,6 +43,7 @@ class Discovery:
     _known_final: set[str]
     _dependencies: Dependencies
     _unreadable: set[str]
+    _damaged: dict[str, Signature]
     _counting: Counting
 
     if TYPE_CHECKING:  # the Supervisor's other parts (loop.py, launching.py, endings.py)
@@ -90,6 +92,7 @@ class Discovery:
                 log.info("job %s was deleted while it ran; its runner is stopped", gone)
                 self._start_stop(life, p.JobState.CANCELLED)
         self._known_final &= job_ids
+        self._look_at_damaged(job_ids)
         new = (job_ids - self._known_final - self._queue.ids() - self._running.keys()
                - self._unwritten.keys())
         for job_id in new:
@@ -109,7 +112,7 @@ class Discovery:
         except (p.CorruptJobFile, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno not in p.NO_FILE_TO_READ:
                 raise
-            self._known_final_now(job_id)  # reads as failed/corrupt; nothing to run
+            self._known_damaged(job_id)  # reads as failed/corrupt; nothing to run
             return
         if data is None:
             return
@@ -122,10 +125,33 @@ class Discovery:
                 self._read_now[job_id] = data
         elif state in (p.JobState.QUEUED, p.JobState.RUNNING):
             self._adopt(job_id, data)
-        else:  # final, or no state at all (the API reads it as corrupt): never rewritten
+        elif state in p.FINAL_STATES:  # never rewritten
             self._known_final_now(job_id, state)
-            if state in p.FINAL_STATES:
-                self._counting.found_final(job_id, data)
+            self._counting.found_final(job_id, data)
+        else:  # no state it may have: the API reads it as corrupt
+            self._known_damaged(job_id)
+
+    def _known_damaged(self, job_id: str) -> None:
+        """A job file that holds no job: known final (failed, corrupt) until it is
+        written again, mended by hand say, when it is taken on anew."""
+        self._known_final_now(job_id)
+        try:
+            self._damaged[job_id] = stat_signature(stat_job_file(str(self._file(job_id))))
+        except OSError:
+            self._known_final.discard(job_id)  # gone or replaced meanwhile: looked at anew
+
+    def _look_at_damaged(self, job_ids: set[str]) -> None:
+        """The damaged job files written since: forgotten, to be taken on anew."""
+        for job_id, signature in list(self._damaged.items()):
+            try:
+                same = (job_id in job_ids and stat_signature(
+                    stat_job_file(str(self._file(job_id)))) == signature)
+            except OSError:
+                same = False
+            if not same:
+                del self._damaged[job_id]
+                self._known_final.discard(job_id)
+                self._unreadable.discard(job_id)
 
     def _adopt(self, job_id: str, data: dict[str, Any]) -> None:
         """A job launched by an earlier supervisor: watch it if alive, else it is lost."""

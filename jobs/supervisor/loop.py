@@ -57,6 +57,7 @@ from jobs.settings import (
 from jobs.store.errors import StoreUnavailable
 from jobs.store.folder_listing import DirListing
 from jobs.store.job_store import JobStore
+from jobs.store.reading import Signature
 from jobs.supervisor.counting import Counting
 from jobs.supervisor.dependencies import Dependencies
 from jobs.supervisor.discovery import Discovery
@@ -138,6 +139,7 @@ class Supervisor(Discovery, Launching, Endings):
                                           lambda job_id: job_id in self._known_final,
                                           self._queue.key_of)
         self._unreadable: set[str] = set()  # said once in the log; looked at each full pass
+        self._damaged: dict[str, Signature] = {}  # known final as no job, until rewritten
         self._blocked = False  # the last launch could not write to the data folder
         self._pruning = Pruning(self.store, retention_s, max_jobs, min_retention_s,
                                 lambda: self._dependencies.keep_for(self._queue.ids()))
