@@ -28,6 +28,7 @@ from bench.scale import write_finished_jobs
 from jobs import protocol as p
 from jobs.protocol.wake import OUTPUT_FILE
 from jobs.store.job_store import JobStore
+from jobs.supervisor.daemon import LAUNCH_PROBLEM_S
 from tests.conftest import ROOT, RunningSupervisor, start_process, stop_process, wait_for
 from tests.fake_llm import FakeLLM
 from tests.server import Server
@@ -257,6 +258,39 @@ def test_a_data_folder_unwritable_at_start_is_said_by_the_health(
                  "the health to be ok again")
         job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
         assert _final(client, job["id"])["state"] == "completed"
+
+
+def test_folders_in_place_of_the_supervisors_records_are_said_by_the_health(
+        make_server: MakeServer) -> None:
+    """A folder in place of the leader's settings or its launcher's problem, there at the
+    start: the supervisor logged a traceback every 5 s and the health said `ok`, so the
+    API never checked its settings against the leader's. The caps set while the server
+    ran, damaged, were taken as unset, also with the health `ok`."""
+    server = make_server()
+    data = server.data_dir
+    server.stop()
+    records = {"supervisor.json": "remove it", "launcher.problem": "remove it",
+               "queue.cap": "set them again"}  # and what the health says to do
+    for name in records:
+        (data / name).mkdir()
+    server.start()
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        assert _final(client, job["id"])["state"] == "completed", "jobs run meanwhile"
+        health = _degraded(client, "the health to say the records are damaged")
+        for name, advice in records.items():
+            damaged = [each for each in health["problems"] if f"{data / name} is damaged" in each]
+            assert len(damaged) == 1, health
+            assert "(a folder, not a file)" in damaged[0] and advice in damaged[0], damaged
+        time.sleep(2 * LAUNCH_PROBLEM_S)  # the supervisor tries to write them again
+        for name in records:
+            (data / name).rmdir()
+        wait_for(lambda: (data / "supervisor.json").is_file(), 10, what="the settings written")
+        assert client.get("/api/health").json()["status"] == "ok"
+    said = (data / "supervisor.log").read_text(errors="replace")
+    assert "Traceback" not in said, said[-3000:]
+    assert said.count("cannot tell the API what this supervisor runs with") == 1, said
+    assert "the API is told what this supervisor runs with again" in said, said
 
 
 def test_a_supervisor_lock_no_process_can_take_is_said_by_the_health(

@@ -114,6 +114,7 @@ def _problems(service: JobService) -> list[str]:
         theirs = control.leader_settings(service.settings.data_dir)
     except OSError as exc:
         return [*problems, f"the supervisor's word cannot be read: {exc.strerror or exc}"]
+    problems += control.damaged(service.settings.data_dir)
     if launching:
         problems.append(launching)
     mine = service.settings.shared(sorted(registry()))

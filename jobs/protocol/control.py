@@ -23,7 +23,14 @@ from __future__ import annotations
 import contextlib
 import os
 
-from jobs.protocol import NO_FILE_TO_READ, now_iso, read_json_or_none, write_json
+from jobs.protocol import (
+    NO_FILE_TO_READ,
+    CorruptJobFile,
+    now_iso,
+    read_json,
+    read_json_or_none,
+    write_json,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -37,6 +44,35 @@ MAX_CAP = 1024  # as OFFLOAD_MAX_CONCURRENT's bound
 SCHEDULES_FOLDER = "schedules"
 LAUNCHER_PROBLEM_FILE = "launcher.problem"
 LEADER_FILE = "supervisor.json"
+
+
+# The records read above that are taken as absent where damaged, and what to do then.
+DAMAGE_ADVICE = {
+    QUEUE_CAP_FILE: "the caps set while the server runs are not in force (the settings' "
+                    "are): set them again (PUT /api/queue/cap) or remove it",
+    LAUNCHER_PROBLEM_FILE: "remove it: the leading supervisor writes there what keeps its "
+                           "launcher from running jobs",
+    LEADER_FILE: "remove it: the leading supervisor writes its settings there, which this "
+                 "API checks against its own",
+}
+
+
+def damaged(data_dir: StrPath) -> list[str]:
+    """Those of the records above that are there but hold none (a folder in a file's
+    place, a file that is no JSON object), each in words with what to do."""
+    said = []
+    for name, advice in DAMAGE_ADVICE.items():
+        path = os.path.join(data_dir, name)
+        try:
+            read_json(path)
+        except CorruptJobFile as exc:
+            why = str(exc).removeprefix(f"{name}: ")
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+        else:
+            continue
+        said.append(f"{path} is damaged ({why}): {advice}")
+    return said
 
 
 def queue_paused(data_dir: StrPath) -> bool:

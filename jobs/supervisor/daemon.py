@@ -116,29 +116,45 @@ async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> N
 async def tell_the_api(settings: Settings, supervisor: Supervisor) -> None:
     """Once it leads, the leader's shared settings and its launcher's problem (Ray not
     reachable), written where /api/health reads them; what an earlier leader left is
-    replaced once this one leads, and removed as it leaves."""
-    told: str | None = None
-    led = False
+    replaced once this one leads, and removed as it leaves. A write that fails (a folder
+    put in a file's place) is said once and tried again: the health says what to do."""
+    told: str | None = None  # the launcher's problem as written
+    settings_told = problem_told = False
+    failing: str | None = None
     try:
         while not supervisor.is_leader:
             await asyncio.sleep(LAUNCH_PROBLEM_S)
-        led = True
-        await asyncio.to_thread(control.set_leader_settings, settings.data_dir,
-                                settings.shared(sorted(registry())))
-        await asyncio.to_thread(control.set_launcher_problem, settings.data_dir, None)
         while True:
             problem = supervisor.launch_problem() if supervisor.is_leader else None
-            if problem != told:
-                await asyncio.to_thread(control.set_launcher_problem, settings.data_dir,
-                                        problem)
-                told = problem
+            try:
+                if not settings_told:
+                    await asyncio.to_thread(control.set_leader_settings, settings.data_dir,
+                                            settings.shared(sorted(registry())))
+                    settings_told = True
+                if problem != told or not problem_told:
+                    await asyncio.to_thread(control.set_launcher_problem, settings.data_dir,
+                                            problem)
+                    told, problem_told = problem, True
+            except OSError as exc:  # its target, not the temporary file's random name
+                target = exc.filename2 or exc.filename
+                why = f"{exc.strerror}: {target}" if exc.strerror else str(exc)
+                if why != failing:
+                    log.warning("cannot tell the API what this supervisor runs with (%s); "
+                                "trying again every %g s", why, LAUNCH_PROBLEM_S)
+                    failing = why
+            else:
+                if failing is not None:
+                    log.info("the API is told what this supervisor runs with again")
+                failing = None
             await asyncio.sleep(LAUNCH_PROBLEM_S)
     finally:
         if not supervisor.lock_lost:  # else those files are the next leader's
-            if told is not None:
-                control.set_launcher_problem(settings.data_dir, None)
-            if led:
-                control.set_leader_settings(settings.data_dir, None)
+            if told is not None:  # a failure was said above; the next leader replaces it
+                with contextlib.suppress(OSError):
+                    control.set_launcher_problem(settings.data_dir, None)
+            if settings_told:
+                with contextlib.suppress(OSError):
+                    control.set_leader_settings(settings.data_dir, None)
 
 
 async def cap_outputs(settings: Settings, supervisor: Supervisor) -> None:
