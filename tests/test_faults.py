@@ -293,6 +293,85 @@ def test_folders_in_place_of_the_supervisors_records_are_said_by_the_health(
     assert "the API is told what this supervisor runs with again" in said, said
 
 
+def test_a_file_in_place_of_the_marks_of_forgotten_conversations_refuses_their_chats(
+        make_server: MakeServer) -> None:
+    """With a file in place of `forgotten-sessions/`, a forgotten conversation took new
+    turns again, its session_id no longer refused, and the health said `ok`."""
+    with FakeLLM() as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        marks = server.data_dir / "forgotten-sessions"
+
+        def ask(session: str | None) -> httpx.Response:
+            turn = {"messages": [{"role": "user", "content": "hi"}]}
+            return client.post("/api/ai_chat_async",
+                               json={**turn, **({"session_id": session} if session else {})})
+
+        with server.client() as client:
+            assert _final(client, ask("mine").json()["job_id"])["state"] == "completed"
+            assert client.delete("/api/sessions/mine").status_code == 200
+            assert ask("mine").status_code == 410
+            marks.rename(marks.with_name("marks.moved"))
+            marks.write_text("")
+            stored = len(client.get("/api/jobs").json()["jobs"])
+            for session in ("mine", "another"):
+                refused = ask(session)
+                assert refused.status_code == 503, refused.text
+                assert f"{marks}, where forgotten conversations are marked" in refused.text
+                assert "move it away" in refused.text and "Nothing was stored" in refused.text
+            assert len(client.get("/api/jobs").json()["jobs"]) == stored
+            health = _degraded(client, "the health to say the marks cannot be read")
+            assert any(f"{marks} is no folder" in each for each in health["problems"]), health
+            assert _final(client, ask(None).json()["job_id"])["state"] == "completed"
+            marks.unlink()
+            marks.with_name("marks.moved").rename(marks)
+            assert ask("mine").status_code == 410
+            assert client.get("/api/health").json()["status"] == "ok"
+
+
+def test_a_file_in_place_of_the_schedules_folder_creates_nothing_and_is_said(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    """With a file in place of `schedules/`, a paused schedule created jobs again and the
+    health said `ok`; pausing it, or the queue with a folder in `queue.paused`'s place, was
+    a 503 that named no file."""
+    path = tmp_path / "schedules.toml"
+    path.write_text('[tick]\nkind = "sleep"\nevery = 1\ninput = {seconds = 0}\n')
+    server = make_server(env={"OFFLOAD_SCHEDULES_FILE": str(path)})
+    folder = server.data_dir / "schedules"
+
+    def ticks() -> int:
+        return sum(job.get("schedule") == "tick"
+                   for job in client.get("/api/jobs").json()["jobs"])
+
+    with server.client() as client:
+        wait_for(ticks, 30, 0.1, "a first job")
+        assert client.post("/api/schedules/tick/pause").status_code == 200
+        time.sleep(1.5)  # a job of the slot the pause came in may still be created
+        folder.rename(folder.with_name("schedules.moved"))
+        folder.write_text("")
+        created = ticks()
+        health = _degraded(client, "the health to say the schedules folder is no folder")
+        assert any(f"{folder} is no folder" in each for each in health["problems"]), health
+        for answer in (client.get("/api/schedules"), client.post("/api/schedules/tick/resume")):
+            assert answer.status_code == 503, answer.text
+            assert str(folder) in answer.text and "move it away" in answer.text, answer.text
+        time.sleep(3)  # three slots
+        assert ticks() == created, "a paused schedule created jobs"
+        folder.unlink()
+        folder.with_name("schedules.moved").rename(folder)
+        time.sleep(2)
+        assert ticks() == created, "still paused"
+        assert client.post("/api/schedules/tick/resume").status_code == 200
+        wait_for(lambda: ticks() > created, 30, 0.1, "a job once resumed")
+        (server.data_dir / "queue.paused").mkdir()
+        refused = client.post("/api/queue/resume")
+        assert refused.status_code == 503, refused.text
+        assert f"{server.data_dir / 'queue.paused'}: Is a directory" in refused.text
+        assert "move it away" in refused.text
+    said = (server.data_dir / "supervisor.log").read_text(errors="replace")
+    assert "Traceback" not in said, said[-3000:]
+    assert "cannot tell whether the schedule is paused (retrying)" in said, said[-3000:]
+
+
 def test_a_supervisor_lock_no_process_can_take_is_said_by_the_health(
         make_server: MakeServer) -> None:
     """A folder in place of the supervisor's lock file: every supervisor started waits its

@@ -9,6 +9,7 @@ at once.
 
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -189,16 +190,29 @@ def _write(switch: Any, *args: Any) -> None:
     try:
         switch(*args)
     except OSError as exc:
-        said = f"cannot record the switch in the data folder: {exc.strerror or exc}"
-        if exc.errno in p.DISK_FULL:
-            raise HTTPException(507, f"{said}; {FREE_SPACE_ADVICE}") from exc
-        raise HTTPException(503, f"{said}; check that it is writable and has free space, "
-                                 "then retry") from exc
+        raise _unusable(exc, "cannot record the switch in") from exc
+
+
+def _unusable(exc: OSError, doing: str) -> HTTPException:
+    """A 503 (507 for a full disk) that names the file the switch needs and what to do."""
+    where = exc.filename2 or exc.filename  # a replace's target, not its temporary file
+    said = f"{doing} {where or 'the data folder'}: {exc.strerror or exc}"
+    if exc.errno in p.DISK_FULL:
+        return HTTPException(507, f"{said}; {FREE_SPACE_ADVICE}")
+    if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+        return HTTPException(503, f"{said}: a folder is where a file goes, or a file where a "
+                                  "folder goes; move it away, then retry")
+    return HTTPException(503, f"{said}; check that the data folder is writable and has free "
+                              "space, then retry")
 
 
 def _view(store: JobStore, schedule: Schedule) -> dict[str, Any]:
     data_dir = store.dir.parent
-    paused = control.schedule_paused(data_dir, schedule.name)
+    try:
+        paused = control.schedule_paused(data_dir, schedule.name)
+    except OSError as exc:
+        raise _unusable(exc, f"cannot tell whether schedule {schedule.name} is paused: "
+                             "cannot read") from exc
     last = control.last_fired(data_dir, schedule.name) or {}
     last_job_id = last.get("job_id") if isinstance(last.get("job_id"), str) else None
     last_state = None

@@ -105,6 +105,9 @@ class JobService:
             if ago < UNWRITABLE_SAID_S:
                 problems.append(f"the data folder failed a request {ago:.0f} s ago: "
                                 f"{self._unwritable[1]}")
+        forgotten = self.store.forgotten_marks_problem()
+        if forgotten is not None:
+            problems.append(forgotten)
         # The jobs folder is made with the first job: until then, the disk of the nearest
         # folder that is there.
         there = next((each for each in (self.store.dir, *self.store.dir.parents)

@@ -59,7 +59,8 @@ DAMAGE_ADVICE = {
 
 def damaged(data_dir: StrPath) -> list[str]:
     """Those of the records above that are there but hold none (a folder in a file's
-    place, a file that is no JSON object), each in words with what to do."""
+    place, a file that is no JSON object), and a file in the schedules folder's place,
+    each in words with what to do."""
     said = []
     for name, advice in DAMAGE_ADVICE.items():
         path = os.path.join(data_dir, name)
@@ -72,6 +73,10 @@ def damaged(data_dir: StrPath) -> list[str]:
         else:
             continue
         said.append(f"{path} is damaged ({why}): {advice}")
+    folder = os.path.join(data_dir, SCHEDULES_FOLDER)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        said.append(f"{folder} is no folder, so whether a schedule is paused cannot be told "
+                    "and no schedule creates jobs: move it away (the pauses it held are lost)")
     return said
 
 
@@ -153,7 +158,13 @@ def set_leader_settings(data_dir: StrPath, settings: dict[str, Any] | None) -> N
 
 
 def schedule_paused(data_dir: StrPath, name: str) -> bool:
-    return os.path.exists(_schedule_file(data_dir, name, ".paused"))
+    """Raises OSError where it cannot be told (a file in the schedules folder's place):
+    a paused schedule must not create jobs."""
+    try:
+        os.stat(_schedule_file(data_dir, name, ".paused"))
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def set_schedule_paused(data_dir: StrPath, name: str, paused: bool) -> None:

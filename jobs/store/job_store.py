@@ -154,10 +154,31 @@ class JobStore(JobIndex):
                                    "its session_id is still taken: forget the "
                                    "conversation again") from exc
 
+    def forgotten_marks_problem(self) -> str | None:
+        """Why no chat with a session_id is taken now (`is_session_forgotten`), or None."""
+        folder = self.dir.parent / FORGOTTEN_SESSIONS
+        if not os.path.lexists(folder) or folder.is_dir():
+            return None
+        return (f"{folder} is no folder, so whether a conversation was forgotten cannot be "
+                "told and no chat with a session_id is taken: move it away (the marks it "
+                "held are lost)")
+
     def is_session_forgotten(self, session_id: str) -> bool:
-        """Whether the chat session id was forgotten (`mark_session_forgotten`)."""
-        return os.path.lexists(self.dir.parent / FORGOTTEN_SESSIONS
-                               / _session_name(session_id))
+        """Whether the chat session id was forgotten (`mark_session_forgotten`); where the
+        marks cannot be read (a file in their folder's place), it raises: a forgotten
+        conversation must not be taken again."""
+        folder = self.dir.parent / FORGOTTEN_SESSIONS
+        try:
+            os.lstat(folder / _session_name(session_id))
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"cannot tell whether this conversation was forgotten: {folder}, where "
+                f"forgotten conversations are marked, cannot be read ({exc.strerror or exc}); "
+                "if a file is in its place, move it away (the marks it held are lost)",
+                "Nothing was stored") from exc
+        return True
 
     # -- pruning -------------------------------------------------------------------
 

@@ -60,7 +60,11 @@ class Scheduler:
             slot = schedule.slot(now)
             if self._done.get(schedule.name) == schedule.job_id(slot):
                 continue
-            if control.schedule_paused(self.data_dir, schedule.name):
+            try:
+                if control.schedule_paused(self.data_dir, schedule.name):
+                    continue
+            except OSError as exc:
+                self._failed_to(schedule, slot, "tell whether the schedule is paused", exc)
                 continue
             job_id = self._fire_one(schedule, slot, now)
             if job_id is not None:
@@ -80,21 +84,21 @@ class Scheduler:
             return None
         if self._still_queued(last.get("job_id")):
             return None  # looked at again on the next pass
-        if self._forgotten(schedule):
-            self._without_job(schedule, slot)
-            return None
         job_id = schedule.job_id(slot)
         # The defaults a submission gets (priority and attempts by kind), as the API fills them.
         fields = {**Launch(schedule.priority).fields(schedule.kind, self.settings, time.time()),
                   p.F_SCHEDULE: schedule.name}
         try:
+            if self._forgotten(schedule):
+                self._without_job(schedule, slot)
+                return None
             if not self.store.path(job_id).exists():
                 self.store.create(schedule.kind, schedule.input,
                                   schedule.timeout_s or self.timeout_s, job_id=job_id,
                                   fields=fields)
             control.record_fired(self.data_dir, schedule.name, slot, job_id, schedule.timing())
         except (StoreUnavailable, OSError) as exc:
-            self._failed_to(schedule, slot, exc)
+            self._failed_to(schedule, slot, "create its job", exc)
             return None
         self._done[schedule.name] = job_id
         log.info("schedule %s: job %s created", schedule.name, job_id)
@@ -117,14 +121,14 @@ class Scheduler:
         try:
             control.record_fired(self.data_dir, schedule.name, slot, None, schedule.timing())
         except OSError as exc:
-            self._failed_to(schedule, slot, exc)
+            self._failed_to(schedule, slot, "record it", exc)
             return
         self._done[schedule.name] = schedule.job_id(slot)
 
-    def _failed_to(self, schedule: Schedule, slot: int, exc: Exception) -> None:
+    def _failed_to(self, schedule: Schedule, slot: int, what: str, exc: Exception) -> None:
         if self._failed.get(schedule.name) != slot:
-            log.warning("schedule %s: cannot record its slot at %s (retrying): %s",
-                        schedule.name, p.iso(schedule.starts(slot)), exc)
+            log.warning("schedule %s, slot at %s: cannot %s (retrying): %s",
+                        schedule.name, p.iso(schedule.starts(slot)), what, exc)
         self._failed[schedule.name] = slot
 
     def _still_queued(self, job_id: object) -> bool:
