@@ -281,7 +281,7 @@ def test_folders_in_place_of_the_supervisors_records_are_said_by_the_health(
         for name, advice in records.items():
             damaged = [each for each in health["problems"] if f"{data / name} is damaged" in each]
             assert len(damaged) == 1, health
-            assert "(a folder, not a file)" in damaged[0] and advice in damaged[0], damaged
+            assert advice in damaged[0], damaged
         time.sleep(2 * LAUNCH_PROBLEM_S)  # the supervisor tries to write them again
         for name in records:
             (data / name).rmdir()
@@ -316,7 +316,7 @@ def test_a_file_in_place_of_the_marks_of_forgotten_conversations_refuses_their_c
             for session in ("mine", "another"):
                 refused = ask(session)
                 assert refused.status_code == 503, refused.text
-                assert f"{marks}, where forgotten conversations are marked" in refused.text
+                assert f"{marks} is no folder" in refused.text
                 assert "move it away" in refused.text and "Nothing was stored" in refused.text
             assert len(client.get("/api/jobs").json()["jobs"]) == stored
             health = _degraded(client, "the health to say the marks cannot be read")
@@ -365,11 +365,12 @@ def test_a_file_in_place_of_the_schedules_folder_creates_nothing_and_is_said(
         (server.data_dir / "queue.paused").mkdir()
         refused = client.post("/api/queue/resume")
         assert refused.status_code == 503, refused.text
-        assert f"{server.data_dir / 'queue.paused'}: Is a directory" in refused.text
+        assert str(server.data_dir / "queue.paused") in refused.text
         assert "move it away" in refused.text
     said = (server.data_dir / "supervisor.log").read_text(errors="replace")
     assert "Traceback" not in said, said[-3000:]
-    assert "cannot tell whether the schedule is paused (retrying)" in said, said[-3000:]
+    cannot_tell = "schedule tick creates no jobs while it cannot be told whether it is paused"
+    assert said.count(cannot_tell) == 1 and str(folder) in said, said[-3000:]
 
 
 def test_a_supervisor_lock_no_process_can_take_is_said_by_the_health(

@@ -10,6 +10,7 @@ at once.
 from __future__ import annotations
 
 import errno
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -199,7 +200,8 @@ def _unusable(exc: OSError, doing: str) -> HTTPException:
     said = f"{doing} {where or 'the data folder'}: {exc.strerror or exc}"
     if exc.errno in p.DISK_FULL:
         return HTTPException(507, f"{said}; {FREE_SPACE_ADVICE}")
-    if exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST):
+    misplaced = exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST)
+    if misplaced or (where is not None and os.path.isdir(where)):  # Windows: access denied
         return HTTPException(503, f"{said}: a folder is where a file goes, or a file where a "
                                   "folder goes; move it away, then retry")
     return HTTPException(503, f"{said}; check that the data folder is writable and has free "

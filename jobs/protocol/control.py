@@ -21,6 +21,7 @@ once never overwrite each other's choice, and every write is atomic.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 
 from jobs.protocol import (
@@ -31,6 +32,7 @@ from jobs.protocol import (
     read_json_or_none,
     write_json,
 )
+from jobs.protocol.files import not_a_folder
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -74,7 +76,7 @@ def damaged(data_dir: StrPath) -> list[str]:
             continue
         said.append(f"{path} is damaged ({why}): {advice}")
     folder = os.path.join(data_dir, SCHEDULES_FOLDER)
-    if os.path.lexists(folder) and not os.path.isdir(folder):
+    if not_a_folder(folder):
         said.append(f"{folder} is no folder, so whether a schedule is paused cannot be told "
                     "and no schedule creates jobs: move it away (the pauses it held are lost)")
     return said
@@ -158,11 +160,14 @@ def set_leader_settings(data_dir: StrPath, settings: dict[str, Any] | None) -> N
 
 
 def schedule_paused(data_dir: StrPath, name: str) -> bool:
-    """Raises OSError where it cannot be told (a file in the schedules folder's place):
-    a paused schedule must not create jobs."""
+    """Raises OSError where it cannot be told (a file in the schedules folder's place,
+    which it names): a paused schedule must not create jobs."""
     try:
         os.stat(_schedule_file(data_dir, name, ".paused"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        folder = os.path.join(data_dir, SCHEDULES_FOLDER)
+        if not_a_folder(folder):  # on Windows too, where the stat finds no file
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder) from None
         return False
     return True
 

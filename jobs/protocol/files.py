@@ -195,6 +195,11 @@ def read_json_or_none(path: StrPath) -> dict[str, Any] | None:
 NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not through a link put in a log's place
 
 
+def not_a_folder(path: StrPath) -> bool:
+    """Whether something other than a folder is where the folder `path` goes."""
+    return os.path.lexists(path) and not os.path.isdir(path)
+
+
 def read_tail(path: StrPath, max_bytes: int) -> tuple[bytes, int]:
     """The last `max_bytes` of a file and its size. Opened without waiting and without
     following a link, and a file only: a pipe in a log's place held its reader for good."""

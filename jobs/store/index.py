@@ -36,7 +36,7 @@ SNAPSHOT_JOBS = 50  # newest jobs in the snapshot that `refresh` leaves for the 
 # A refresh looks at every live job's file but the queued ones past the first NEXT_IN_LINE
 # (and those waiting for another job): each of those once QUEUED_LOOK_S has passed since
 # its last look: a stat of each, every refresh, cost the API worker almost half a CPU with
-# 5,000 queued (docs/benchmarks.md).
+# 5,000 queued (docs/benchmarks.md). So are the damaged files, watched for a mend.
 NEXT_IN_LINE = 64
 QUEUED_LOOK_S = 1.0
 
@@ -284,10 +284,11 @@ class JobIndex:
         wall, looked_before = time.time(), now - QUEUED_LOOK_S
         next_in_line = self._positions[1].positions
         for job_id in list(self._watched):
-            entry = self._entries[job_id]
-            if (entry.state == p.JobState.QUEUED and entry.live is not None
-                    and entry.live.looked_at > looked_before
-                    and next_in_line.get(job_id, NEXT_IN_LINE) >= NEXT_IN_LINE):
+            entry, live = self._entries[job_id], self._entries[job_id].live
+            if live is not None and live.looked_at > looked_before and (
+                    (entry.state == p.JobState.QUEUED
+                     and next_in_line.get(job_id, NEXT_IN_LINE) >= NEXT_IN_LINE)
+                    or (entry.state == p.JobState.FAILED and p.holds_no_job(live.data))):
                 continue
             self._check(job_id, wall)
         self._refreshed_at = now

@@ -157,7 +157,7 @@ class JobStore(JobIndex):
     def forgotten_marks_problem(self) -> str | None:
         """Why no chat with a session_id is taken now (`is_session_forgotten`), or None."""
         folder = self.dir.parent / FORGOTTEN_SESSIONS
-        if not os.path.lexists(folder) or folder.is_dir():
+        if not p.files.not_a_folder(folder):
             return None
         return (f"{folder} is no folder, so whether a conversation was forgotten cannot be "
                 "told and no chat with a session_id is taken: move it away (the marks it "
@@ -170,13 +170,15 @@ class JobStore(JobIndex):
         folder = self.dir.parent / FORGOTTEN_SESSIONS
         try:
             os.lstat(folder / _session_name(session_id))
-        except FileNotFoundError:
-            return False
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            problem = self.forgotten_marks_problem()  # on Windows too: no file found there
+            if problem is None:
+                return False
+            raise StoreUnavailable(problem, "Nothing was stored") from exc
         except OSError as exc:
             raise StoreUnavailable(
                 f"cannot tell whether this conversation was forgotten: {folder}, where "
-                f"forgotten conversations are marked, cannot be read ({exc.strerror or exc}); "
-                "if a file is in its place, move it away (the marks it held are lost)",
+                f"forgotten conversations are marked, cannot be read ({exc.strerror or exc})",
                 "Nothing was stored") from exc
         return True
 

@@ -22,8 +22,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
+from typing import Any
 
 from jobs import protocol as p
 from jobs.kinds import UnusableKinds, registry
@@ -120,32 +122,20 @@ async def tell_the_api(settings: Settings, supervisor: Supervisor) -> None:
     put in a file's place) is said once and tried again: the health says what to do."""
     told: str | None = None  # the launcher's problem as written
     settings_told = problem_told = False
-    failing: str | None = None
+    failing: dict[str, str] = {}  # what could not be told -> why, as said
     try:
         while not supervisor.is_leader:
             await asyncio.sleep(LAUNCH_PROBLEM_S)
         while True:
+            if not settings_told:
+                settings_told = await _tell(
+                    "what this supervisor runs with", failing, control.set_leader_settings,
+                    settings.data_dir, settings.shared(sorted(registry())))
             problem = supervisor.launch_problem() if supervisor.is_leader else None
-            try:
-                if not settings_told:
-                    await asyncio.to_thread(control.set_leader_settings, settings.data_dir,
-                                            settings.shared(sorted(registry())))
-                    settings_told = True
-                if problem != told or not problem_told:
-                    await asyncio.to_thread(control.set_launcher_problem, settings.data_dir,
-                                            problem)
-                    told, problem_told = problem, True
-            except OSError as exc:  # its target, not the temporary file's random name
-                target = exc.filename2 or exc.filename
-                why = f"{exc.strerror}: {target}" if exc.strerror else str(exc)
-                if why != failing:
-                    log.warning("cannot tell the API what this supervisor runs with (%s); "
-                                "trying again every %g s", why, LAUNCH_PROBLEM_S)
-                    failing = why
-            else:
-                if failing is not None:
-                    log.info("the API is told what this supervisor runs with again")
-                failing = None
+            if (problem != told or not problem_told) and await _tell(
+                    "what keeps its launcher from running jobs", failing,
+                    control.set_launcher_problem, settings.data_dir, problem):
+                told, problem_told = problem, True
             await asyncio.sleep(LAUNCH_PROBLEM_S)
     finally:
         if not supervisor.lock_lost:  # else those files are the next leader's
@@ -155,6 +145,25 @@ async def tell_the_api(settings: Settings, supervisor: Supervisor) -> None:
             if settings_told:
                 with contextlib.suppress(OSError):
                     control.set_leader_settings(settings.data_dir, None)
+
+
+async def _tell(what: str, failing: dict[str, str], write: Callable[..., None],
+                *args: Any) -> bool:
+    """`write(*args)` in a thread; whether it was written. A failure is said once, until
+    it is written (or fails otherwise)."""
+    try:
+        await asyncio.to_thread(write, *args)
+    except OSError as exc:  # its target, not the temporary file's random name
+        target = exc.filename2 or exc.filename
+        why = f"{exc.strerror}: {target}" if exc.strerror else str(exc)
+        if failing.get(what) != why:
+            log.warning("cannot tell the API %s (%s); trying again every %g s", what, why,
+                        LAUNCH_PROBLEM_S)
+            failing[what] = why
+        return False
+    if failing.pop(what, None) is not None:
+        log.info("the API is told %s again", what)
+    return True
 
 
 async def cap_outputs(settings: Settings, supervisor: Supervisor) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ from jobs.supervisor.lifecycle import JobLife
 from jobs.supervisor.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
+
+DAMAGED_LOOK_S = 1.0  # how often the damaged job files are looked at for a change
 
 
 class Discovery:
@@ -44,6 +47,7 @@ class Discovery:
     _dependencies: Dependencies
     _unreadable: set[str]
     _damaged: dict[str, Signature]
+    _next_damaged_look: float
     _counting: Counting
 
     if TYPE_CHECKING:  # the Supervisor's other parts (loop.py, launching.py, endings.py)
@@ -52,7 +56,8 @@ class Discovery:
         def _now_running(self, job_id: str, life: JobLife, data: dict[str, Any]) -> None: ...
         def _handle_stops(self, stop_ids: set[str]) -> None: ...
         def _start_stop(self, life: JobLife, reason: str) -> None: ...
-        def _hand_edited(self, job_id: str, data: dict[str, Any]) -> bool: ...
+        def _hand_edited(self, job_id: str, data: dict[str, Any],
+                         seen: Signature | None = None) -> bool: ...
         def _unknown_kind(self, job_id: str, data: dict[str, Any]) -> bool: ...
         def _known_final_now(self, job_id: str, state: object = None) -> None: ...
         def _finalize(self, life: JobLife) -> None: ...
@@ -107,18 +112,23 @@ class Discovery:
                 self._unreadable.add(job_id)
 
     def _take_on(self, job_id: str) -> None:
+        path = self._file(job_id)
+        try:  # before the read: a file mended after it is seen changed
+            seen: Signature | None = stat_signature(stat_job_file(str(path)))
+        except OSError:
+            seen = None  # gone (nothing to read) or unreadable (damaged, below)
         try:
-            data = p.read_json(self._file(job_id))
+            data = p.read_json(path)
         except (p.CorruptJobFile, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno not in p.NO_FILE_TO_READ:
                 raise
-            self._known_damaged(job_id)  # reads as failed/corrupt; nothing to run
+            self._known_damaged(job_id, seen)  # reads as failed/corrupt; nothing to run
             return
         if data is None:
             return
         state = data.get(p.F_STATE)
         if state == p.JobState.QUEUED and not self._launched(job_id):
-            if self._hand_edited(job_id, data) or self._unknown_kind(job_id, data):
+            if self._hand_edited(job_id, data, seen) or self._unknown_kind(job_id, data):
                 return
             self._enqueue(job_id, data)
             if len(self._read_now) < self._cap_now:  # no more can launch in a pass
@@ -129,19 +139,25 @@ class Discovery:
             self._known_final_now(job_id, state)
             self._counting.found_final(job_id, data)
         else:  # no state it may have: the API reads it as corrupt
-            self._known_damaged(job_id)
+            self._known_damaged(job_id, seen)
 
-    def _known_damaged(self, job_id: str) -> None:
-        """A job file that holds no job: known final (failed, corrupt) until it is
-        written again, mended by hand say, when it is taken on anew."""
+    def _known_damaged(self, job_id: str, seen: Signature | None) -> None:
+        """A job file that holds no job (as it was `seen` before it was read; None: as it
+        is now): known final (failed, corrupt) until it is written again, mended by hand
+        say, when it is taken on anew."""
         self._known_final_now(job_id)
         try:
-            self._damaged[job_id] = stat_signature(stat_job_file(str(self._file(job_id))))
+            self._damaged[job_id] = seen or stat_signature(stat_job_file(str(self._file(job_id))))
         except OSError:
             self._known_final.discard(job_id)  # gone or replaced meanwhile: looked at anew
 
     def _look_at_damaged(self, job_ids: set[str]) -> None:
-        """The damaged job files written since: forgotten, to be taken on anew."""
+        """The damaged job files written since: forgotten, to be taken on anew. At most
+        every DAMAGED_LOOK_S: a stat each, and a change of the model may damage thousands."""
+        now = time.monotonic()
+        if now < self._next_damaged_look:
+            return
+        self._next_damaged_look = now + DAMAGED_LOOK_S
         for job_id, signature in list(self._damaged.items()):
             try:
                 same = (job_id in job_ids and stat_signature(

@@ -18,7 +18,7 @@ from jobs import protocol as p
 from jobs.launch.base import CannotStartNow, ClaimFailed, Launcher
 from jobs.protocol.control import queue_paused
 from jobs.settings import CLAIM_RETRY_S
-from jobs.store.reading import not_a_job
+from jobs.store.reading import Signature, not_a_job
 from jobs.supervisor.counting import Counting
 from jobs.supervisor.dependencies import Dependencies
 from jobs.supervisor.launch_queue import LaunchQueue
@@ -53,7 +53,7 @@ class Launching:
         def _end_unstarted(self, job_id: str, state: str, error_type: str,
                            message: str) -> None: ...
         def _cancel_unstarted(self, job_id: str) -> None: ...
-        def _known_damaged(self, job_id: str) -> None: ...
+        def _known_damaged(self, job_id: str, seen: Signature | None) -> None: ...
         def _unseen_live(self, job_id: str) -> bool: ...
         def _stop_asked(self, job_id: str) -> bool: ...
 
@@ -142,13 +142,15 @@ class Launching:
     def _retry_later(self, job_id: str, data: dict[str, Any], delay_s: float) -> None:
         self._queue.add_later(job_id, data, time.time() + delay_s)
 
-    def _hand_edited(self, job_id: str, data: dict[str, Any]) -> bool:
-        """Whether a queued job's file is no job the API can show (edited by hand, say a
-        `timeout_s` of "abc"): the API reads it as failed, corrupt, so it never runs."""
+    def _hand_edited(self, job_id: str, data: dict[str, Any],
+                     seen: Signature | None = None) -> bool:
+        """Whether a queued job's file (as it was `seen` before it was read) is no job the
+        API can show (edited by hand, say a `timeout_s` of "abc"): the API reads it as
+        failed, corrupt, so it never runs (until it is written again)."""
         if not_a_job(job_id, data) is None:
             return False
         self._queue.discard(job_id)
-        self._known_damaged(job_id)  # the jobs that depend on it fail
+        self._known_damaged(job_id, seen)  # the jobs that depend on it fail
         return True
 
     def _unknown_kind(self, job_id: str, data: dict[str, Any]) -> bool:

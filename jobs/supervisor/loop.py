@@ -140,6 +140,7 @@ class Supervisor(Discovery, Launching, Endings):
                                           self._queue.key_of)
         self._unreadable: set[str] = set()  # said once in the log; looked at each full pass
         self._damaged: dict[str, Signature] = {}  # known final as no job, until rewritten
+        self._next_damaged_look = 0.0
         self._blocked = False  # the last launch could not write to the data folder
         self._pruning = Pruning(self.store, retention_s, max_jobs, min_retention_s,
                                 lambda: self._dependencies.keep_for(self._queue.ids()))

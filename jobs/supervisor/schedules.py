@@ -37,6 +37,7 @@ class Scheduler:
         # schedule -> the job of its slot that exists (its id says its timing and slot)
         self._done: dict[str, str] = {}
         self._failed: dict[str, int] = {}  # schedule -> the slot whose creation was logged
+        self._pause_unknown: dict[str, str] = {}  # schedule -> why, as logged
         self._forgotten_said: set[str] = set()  # schedules whose forgotten session was logged
 
     @classmethod
@@ -61,10 +62,15 @@ class Scheduler:
             if self._done.get(schedule.name) == schedule.job_id(slot):
                 continue
             try:
-                if control.schedule_paused(self.data_dir, schedule.name):
-                    continue
-            except OSError as exc:
-                self._failed_to(schedule, slot, "tell whether the schedule is paused", exc)
+                paused = control.schedule_paused(self.data_dir, schedule.name)
+            except OSError as exc:  # said once, not every slot: the health says it too
+                if self._pause_unknown.get(schedule.name) != str(exc):
+                    log.warning("schedule %s creates no jobs while it cannot be told whether "
+                                "it is paused: %s", schedule.name, exc)
+                    self._pause_unknown[schedule.name] = str(exc)
+                continue
+            self._pause_unknown.pop(schedule.name, None)
+            if paused:
                 continue
             job_id = self._fire_one(schedule, slot, now)
             if job_id is not None:
