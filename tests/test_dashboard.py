@@ -2384,7 +2384,8 @@ def test_a_schedule_that_cannot_be_paused_says_why(page: Any, make_server: Calla
         page.wait_for_selector("#schedules-switch-error:not([hidden])", timeout=10_000)
         said = page.text_content("#schedules-switch-error") or ""
         assert said.startswith("Could not pause schedule nightly-train: cannot record the "
-                               "switch in the data folder"), said
+                               f"switch in {switches}: "), said
+        assert "check that the data folder is writable" in said, said
         assert page.get_attribute(row, "data-paused") == "false"
     finally:
         subprocess.run(["chattr", "-i", str(switches)], check=True)

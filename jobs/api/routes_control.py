@@ -196,12 +196,16 @@ def _write(switch: Any, *args: Any) -> None:
 
 def _unusable(exc: OSError, doing: str) -> HTTPException:
     """A 503 (507 for a full disk) that names the file the switch needs and what to do."""
-    where = exc.filename2 or exc.filename  # a replace's target, not its temporary file
+    where = exc.filename2 or exc.filename  # a replace's target
+    # A folder in a switch's place (Windows denies access to it: no EISDIR there).
+    misplaced = exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST) or (
+        isinstance(where, str) and not where.endswith(p.TMP_SUFFIX) and os.path.isdir(where))
+    if isinstance(where, str) and where.endswith(p.TMP_SUFFIX):  # a temporary file's random
+        where = os.path.dirname(where)  # name: the folder it could not be made in
     said = f"{doing} {where or 'the data folder'}: {exc.strerror or exc}"
     if exc.errno in p.DISK_FULL:
         return HTTPException(507, f"{said}; {FREE_SPACE_ADVICE}")
-    misplaced = exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST)
-    if misplaced or (where is not None and os.path.isdir(where)):  # Windows: access denied
+    if misplaced:
         return HTTPException(503, f"{said}: a folder is where a file goes, or a file where a "
                                   "folder goes; move it away, then retry")
     return HTTPException(503, f"{said}; check that the data folder is writable and has free "
