@@ -16,6 +16,7 @@ import pytest
 
 from jobs import protocol as p
 from jobs.models import Job
+from jobs.store.errors import StoreUnavailable
 from jobs.store.job_store import JobNotFound, JobStore
 from tests.conftest import ROOT
 
@@ -262,3 +263,15 @@ def test_a_chat_turn_waiting_for_the_turn_before_it_has_no_queue_position(
     assert [store.queue_place(i, 0) for i in (first, second, other)] == [
         (0, {"reason": "queue_position"}), (None, {"reason": "after", "jobs": [first]}),
         (1, {"reason": "queue_position"})]
+
+
+def test_a_file_in_place_of_the_data_folder_is_named_not_the_jobs_folder(
+        data_dir: Path) -> None:
+    # The listing's 503 said to move away the file in place of `jobs`, where there was none.
+    store = JobStore(data_dir / "jobs")
+    store.create("sleep", {}, 10)
+    data_dir.rename(data_dir.with_name("data.moved"))
+    data_dir.write_text("")
+    with pytest.raises(StoreUnavailable) as raised:
+        store.list_jobs()
+    assert f"move away the file in place of the folder {data_dir}" in str(raised.value)
