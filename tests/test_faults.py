@@ -320,7 +320,8 @@ def test_a_file_in_place_of_the_marks_of_forgotten_conversations_refuses_their_c
                 assert "move it away" in refused.text and "Nothing was stored" in refused.text
             assert len(client.get("/api/jobs").json()["jobs"]) == stored
             health = _degraded(client, "the health to say the marks cannot be read")
-            assert any(f"{marks} is no folder" in each for each in health["problems"]), health
+            said = [each for each in health["problems"] if str(marks) in each]
+            assert len(said) == 1 and said[0].startswith(f"{marks} is no folder"), health
             assert _final(client, ask(None).json()["job_id"])["state"] == "completed"
             marks.unlink()
             marks.with_name("marks.moved").rename(marks)
