@@ -460,6 +460,27 @@ def test_a_file_in_place_of_the_jobs_folder_is_said_not_a_500(make_server: MakeS
     assert supervisor.count("supervisor pass failed: cannot list the jobs in") == 1, supervisor
 
 
+def test_a_file_in_place_of_the_jobs_folder_at_start_is_named_with_what_to_do(
+        make_server: MakeServer, data_dir: Path) -> None:
+    """Each supervisor started logged "cannot make the jobs folder ...: File exists", which
+    sent one looking for a folder, not for the file in its way."""
+    jobs = data_dir / "jobs"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    jobs.write_text("")
+    server = make_server()
+    with server.client() as client:
+        health = _degraded(client, "the health to say the jobs cannot be listed")
+        assert any("move away the file in its place" in each for each in health["problems"])
+        supervisor = data_dir / "supervisor.log"
+        wait_for(lambda: supervisor.exists() and f"(a file is in place of the folder {jobs}: "
+                 "move it away)" in supervisor.read_text(errors="replace"), 20, 0.2,
+                 "the supervisor to name the file in the way")
+        jobs.unlink()
+        job = wait_for(lambda: client.post("/api/jobs", json={"kind": "sleep"}).json()
+                       .get("id"), 20, 0.2, "a job stored once the file is gone")
+        assert _final(client, job)["state"] == "completed"
+
+
 def test_a_job_file_damaged_then_mended_is_listed_and_run_as_it_is_again(
         make_server: MakeServer) -> None:
     """A damaged job file quiet for 5 s was listed and counted failed (corrupt) until the

@@ -17,6 +17,7 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from pathlib import Path
     from typing import Any, TypeAlias
 
     StrPath: TypeAlias = str | os.PathLike[str]
@@ -198,6 +199,11 @@ NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not through a link put in a log's pl
 def not_a_folder(path: StrPath) -> bool:
     """Whether something other than a folder is where the folder `path` goes."""
     return os.path.lexists(path) and not os.path.isdir(path)
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """What stands where `folder`, or a folder above it, goes (a file), if anything."""
+    return next((each for each in (folder, *folder.parents) if not_a_folder(each)), None)
 
 
 def read_tail(path: StrPath, max_bytes: int) -> tuple[bytes, int]:

@@ -46,8 +46,7 @@ class DirListing:
         except OSError as exc:  # a file in its place, or no permission to read it
             what_to_do = "make it readable by this user"
             if exc.errno == errno.ENOTDIR:  # the jobs folder, or the data folder above it
-                misplaced = next((f for f in (self.folder, *self.folder.parents)
-                                  if p.files.not_a_folder(f)), self.folder)
+                misplaced = p.files.file_in_the_way(self.folder) or self.folder
                 what_to_do = ("move away the file in its place" if misplaced == self.folder
                               else f"move away the file in place of the folder {misplaced}")
             raise StoreUnavailable(f"cannot list the jobs in {self.folder} "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from jobs import protocol as p
 from jobs.protocol.wake import lock_file
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class Leadership:
             self._dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             problem = f"cannot make the jobs folder {self._dir}: {exc.strerror or exc}"
+            misplaced = p.files.file_in_the_way(self._dir)
+            if misplaced is not None:  # "File exists" alone sent one looking for a folder
+                problem += f" (a file is in place of the folder {misplaced}: move it away)"
         else:
             try:
                 self._lock.acquire(timeout=0)
