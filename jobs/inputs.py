@@ -70,7 +70,9 @@ class ChatInput(Request):
         # be shown or forgotten.
         if value is not None and re.search("[\x00-\x1f\x7f]", value):
             raise ValueError("a session_id holds no control character (a tab, a newline)")
-        return value
+        # Empty is none, as a client without a conversation may send it: a conversation
+        # under "" could be neither shown nor forgotten (/api/sessions/ names none).
+        return value or None
 
     @field_validator("follows")
     @classmethod

@@ -122,6 +122,8 @@ def test_submit_get_list_and_log(server: Server) -> None:
         assert [each["id"] for each in either] == [failed[0]["id"], job["id"]], either
         typo = client.get("/api/jobs", params={"kind": ["sleep", "slep"]})
         assert typo.status_code == 422 and "'slep'" in typo.json()["detail"], typo.text
+        typo = client.get("/api/jobs", params={"kind": "slep", "before": job["id"]})
+        assert typo.status_code == 422, "a next page's typo too: not an empty page"
         log = client.get(f"/api/jobs/{failed[0]['id']}/log")
         assert log.status_code == 200 and log.headers["content-type"].startswith("text/plain")
         assert "error: bad luck" in log.text

@@ -450,6 +450,12 @@ def test_an_empty_session_id_is_no_conversation(make_server: MakeServer) -> None
         finally:
             llm.gate.set()
     assert other["state"] == "completed" and other.get("after") is None, other
+    # nor one that can be forgotten: it was, and its chats were taken all the same
+    with server.client() as client:
+        for method in ("GET", "DELETE"):
+            answer = client.request(method, "/api/sessions/")
+            assert answer.status_code == 422 and "session_id" in answer.text, answer.text
+        assert not (server.data_dir / "forgotten-sessions").exists()
 
 
 def test_interrupt_cancels_the_answer_in_progress(make_server: MakeServer) -> None:

@@ -56,10 +56,18 @@ async def chat_of_key(service: Service, idempotency_key: ChatKey = None) -> dict
     return {"job_id": job[p.F_ID], "status": "processing"}
 
 
+def _named(session_id: str) -> None:
+    """A conversation's route names one: a chat with `session_id: ""` is in none."""
+    if not session_id:
+        raise HTTPException(422, "name the conversation: /api/sessions/{session_id}, with "
+                                 "the session_id its chats were sent with")
+
+
 @router.get("/sessions/{session_id:path}")  # an id may hold a slash
 async def chat_session(session_id: Annotated[str, Path(max_length=200)],
                        service: Service) -> dict[str, Any]:
     """A chat session's turns, oldest first, so a reloaded page shows the conversation."""
+    _named(session_id)
     turns = await run_in_threadpool(service.session, session_id)
     return {"session_id": session_id, "turns": turns}
 
@@ -73,6 +81,7 @@ async def erase_chat_session(session_id: Annotated[str, Path(max_length=200)],
     """Forget a conversation: its session id is refused from then on, its answering
     turns are cancelled, then every turn is deleted from the server (questions, replies,
     logs)."""
+    _named(session_id)
     erased, stopping = await service.erase_session(session_id)
     if stopping:
         raise HTTPException(409, f"erased {erased} turns; {len(stopping)} still stopping: "

@@ -138,10 +138,11 @@ async def list_jobs(service: Service,
                                                     kinds, limit, before)
     except UnknownCursor as exc:
         raise HTTPException(400, str(exc)) from None
-    if before is None:  # a kind of no job listed, nor known: a typo?
-        for each in sorted(kinds - registry().keys() - {job[p.F_KIND] for job in jobs}):
-            if not (await service.list_jobs((), {each}, 1))[0]:
-                raise UnknownKind(each)
+    # a kind of no job listed, nor known: a typo? (on every page: the first may have been
+    # asked without it)
+    for each in sorted(kinds - registry().keys() - {job[p.F_KIND] for job in jobs}):
+        if not (await service.list_jobs((), {each}, 1))[0]:
+            raise UnknownKind(each)
     if fields is Fields.SUMMARY:
         jobs = [summary(job) for job in jobs]
     return {"jobs": jobs, "next_before": next_before}
