@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -1605,11 +1607,15 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             (["status", "--url", f"{server.url}?x=1"], "(from --url) has a query or fragment"),
             # "cannot reach Offload at http://user:pw@...: Name or service not known", exit 3
             *((["status", "--url", server.url.replace("//", f"//user:{pw}@")],
-               f"{server.url}' (from --url) holds a user or password")
+               "the server's address (from --url) holds a user or password")
               for pw in ("pw", "p/w", "p#w", "12/3")),
             # Taken as host `me`, port 8080, where the token went.
             (["status", "--url", "http://me:8080/s3cret@127.0.0.1"],
-             "'http://127.0.0.1' (from --url) holds a user or password"),
+             "the server's address (from --url) holds a user or password"),
+            # Said as no URL, the password shown with it.
+            *((["status", "--url", url], "(from --url) holds a user or password")
+              for url in ("user:pw@127.0.0.1:8001", "http:/user:pw@127.0.0.1",
+                          "//user:pw@127.0.0.1", "http:\\\\user:pw@127.0.0.1")),
             # "cannot reach Offload ... URL can't contain control characters", exit 3
             (["status", "--url", "http://exa mple"], "holds a space or a control character"),
             # "cannot reach Offload ...: [SSL: WRONG_VERSION_NUMBER] wrong version number", 3
@@ -1619,11 +1625,21 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
         assert done.returncode == 2, (args, done.returncode, done.stdout, done.stderr)
         assert said in done.stderr and len(done.stderr.splitlines()) == 1, (args, done.stderr)
         assert "w@" not in done.stderr and "user:" not in done.stderr, done.stderr
+        assert "s3cret" not in done.stderr, done.stderr
     token = cli(server.url, "status", token="tökén€" * 4)
     assert token.returncode == 2 and "OFFLOAD_API_TOKEN holds characters" in token.stderr
     (tmp_path / ".env").write_bytes(b"OFFLOAD_PORT=8001\nX=caf\xe9\n")
     env_file = cli(None, "status", cwd=tmp_path)
-    assert env_file.returncode == 2 and "cannot read .env" in env_file.stderr
+    assert env_file.returncode == 2, env_file
+    assert f"cannot read {tmp_path / '.env'}: it is not UTF-8 text" in env_file.stderr
+    # "cannot read .env ([Errno 21] Is a directory: 3); it must be UTF-8 text"
+    (tmp_path / ".env").unlink()
+    (tmp_path / ".env").mkdir()
+    env_file = cli(None, "status", cwd=tmp_path)
+    assert env_file.returncode == 2, env_file
+    assert env_file.stderr == (f"offload: cannot read {tmp_path / '.env'}: not a regular "
+                               "file: a folder, a pipe or a device; make it a file of "
+                               "settings, or set OFFLOAD_ENV_FILE to one\n")
     assert cli(server.url, "list").returncode == 0  # and nothing was submitted meanwhile
     assert json.loads(cli(server.url, "list", "--json").stdout) == []
 
@@ -2067,3 +2083,51 @@ def test_a_wait_for_a_job_a_stalled_supervisor_holds_says_so(make_server: MakeSe
                 assert waiter.wait(60) == 0, said.done()
         finally:
             supervisor.resume()
+
+
+def test_a_gone_working_folder_a_gone_reader_and_an_untrusted_server_are_said(
+        server: Server, tmp_path: Path) -> None:
+    """A deleted working folder was said as "cannot write its output"; the ids of jobs
+    just stored, written to a pipe whose reader had left, were lost with exit 0; a server
+    whose certificate is not trusted was "cannot reach Offload ... Is it running?"."""
+    gone = subprocess.run(  # a shell's `cd d; rmdir ../d; offload list`
+        ["sh", "-c", 'mkdir gone && cd gone && rmdir ../gone && exec "$0" -m jobs list',
+         sys.executable], env=cli_env(server.url), cwd=tmp_path, capture_output=True,
+        text=True, timeout=120)
+    assert (gone.returncode, gone.stderr) == (0, ""), gone
+    for args, code in ((["submit", "sleep", "--delay", "3600"], 2), (["list"], 0)):
+        read, write = os.pipe()
+        os.close(read)  # `offload submit ... | (exec 0<&-; ...)`: the reader has left
+        try:
+            done = subprocess.run([sys.executable, "-m", "jobs", *args], env=cli_env(server.url),
+                                  cwd=ROOT / "tests", stdout=write, stderr=subprocess.PIPE,
+                                  text=True, timeout=120)
+        finally:
+            os.close(write)
+        assert "Traceback" not in done.stderr, done.stderr
+        assert done.returncode == code, (args, done)
+        if code:
+            assert done.stderr == ("offload: its output was not read (the reader left); the "
+                                   "jobs are stored: offload list shows them\n"), done.stderr
+    assert len(json.loads(cli(server.url, "list", "--json").stdout)) == 1
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl makes the test's certificate (Debian's openssl package)"
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def answer() -> None:  # a handshake the client gives up on
+            conn, _ = listener.accept()
+            with contextlib.suppress(OSError), tls.wrap_socket(conn, server_side=True):
+                pass
+
+        threading.Thread(target=answer, daemon=True).start()
+        url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+        untrusted = cli(url, "status")
+    assert untrusted.returncode == 2, untrusted
+    assert f"offload: no secure connection to {url}: " in untrusted.stderr, untrusted.stderr
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, untrusted.stderr
+    assert "Give the server a certificate this machine trusts" in untrusted.stderr

@@ -96,15 +96,21 @@ class Unreachable(Failure):
 
 
 def _env_file() -> dict[str, str | None]:
-    path = trust.env_file()  # as the server's
+    try:
+        path = trust.env_file()  # as the server's
+    except OSError:  # the working folder was deleted: it holds no .env
+        return {}
     try:
         return trust.env_file_values(path)
     except trust.UnsafeSettingsFile as exc:  # it could send the token to another's listener
         raise Failure(EXIT_USAGE, f"refusing to read {path}: {exc}. It could send your "
                       "token to another account's server. Run from a folder of your own, "
                       "or set OFFLOAD_ENV_FILE to a file of yours") from None
-    except (OSError, UnicodeError) as exc:
-        raise Failure(EXIT_USAGE, f"cannot read .env ({exc}); it must be UTF-8 text") from None
+    except UnicodeError as exc:
+        raise Failure(EXIT_USAGE, f"cannot read {path}: it is not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise Failure(EXIT_USAGE, f"cannot read {path}: {exc.strerror or exc}; make it a file "
+                                  "of settings, or set OFFLOAD_ENV_FILE to one") from None
 
 
 def configured(url: str | None) -> tuple[str, str | None]:
@@ -137,12 +143,10 @@ def configured(url: str | None) -> tuple[str, str | None]:
 def _checked(url: str, source: str) -> str:
     """`url` as the server's address, or a Failure that says what is wrong with it."""
     url = url.strip().rstrip("/")
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:  # looked at first: no other message may show a password
-        shown = f"{scheme}://{rest.rpartition('@')[2]}"
-        raise Failure(EXIT_USAGE, f"the server's address {shown!r} (from {source}) holds a user "
-                                  "or password, which Offload does not take: give the address "
-                                  "alone, and the token in OFFLOAD_API_TOKEN")
+    if "@" in url:  # looked at first, and not shown: however garbled, it may hold a password
+        raise Failure(EXIT_USAGE, f"the server's address (from {source}) holds a user or "
+                                  "password (an @), which Offload does not take: give the "
+                                  "address alone, and the token in OFFLOAD_API_TOKEN")
     address = f"the server's address {url!r} (from {source})"
     try:
         parts = urllib.parse.urlsplit(url)
@@ -209,6 +213,10 @@ class Client:
             if isinstance(reason, ssl.SSLError) and reason.reason == "WRONG_VERSION_NUMBER":
                 raise Failure(EXIT_USAGE, f"{self.url} answers plain HTTP, not HTTPS: give its "
                                           "address with http://") from None
+            if isinstance(reason, ssl.SSLError):  # it answers, but not as one trusted
+                raise Failure(EXIT_USAGE, f"no secure connection to {self.url}: {reason}. "
+                                          "Give the server a certificate this machine trusts "
+                                          "(or name its CA in SSL_CERT_FILE)") from None
             raise Unreachable(f"cannot reach Offload at {self.url}: {reason}. Is it running "
                               "(python launch.py)? Else give its address: --url or "
                               "OFFLOAD_URL", reason) from None

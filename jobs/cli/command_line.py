@@ -187,11 +187,20 @@ def _as_options(message: str) -> str:
     return OPTION_FIELDS.sub(lambda match: OPTION_OF[match.group(1)], message)
 
 
-def _quiet_broken_pipe() -> int:
+def _quiet_broken_pipe() -> None:
     """`offload list | head`: the reader left; no traceback, no second error on exit."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
-    return EXIT_OK
+
+
+def _reader_left(args: argparse.Namespace) -> int:
+    """Quiet, as `offload list | head` wants, unless the ids of jobs just stored were lost."""
+    _quiet_broken_pipe()
+    if args.run not in (cmd_submit, cmd_retry):
+        return EXIT_OK
+    sys.stderr.write("offload: its output was not read (the reader left); the jobs are "
+                     "stored: offload list shows them\n")
+    return EXIT_USAGE
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -239,7 +248,7 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        return _quiet_broken_pipe()
+        return _reader_left(args)
     except OSError as exc:  # its output cannot be written: a full disk, say (`> /dev/full`)
         _quiet_broken_pipe()
         sys.stderr.write(f"offload: cannot write its output ({exc.strerror or exc}); what it "

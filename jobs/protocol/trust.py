@@ -119,10 +119,11 @@ def read_settings_file(path: str, what: str = "a settings file") -> bytes | None
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # a pipe would not end; a folder reads as an error
+        os.close(fd)
+        raise OSError("not a regular file: a folder, a pipe or a device")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(f"{path} is not a regular file")  # a pipe would not end
         if sys.platform != "win32":
             if st.st_uid not in {*trusted_owners(), 0}:
                 raise UnsafeSettingsFile(f"it belongs to another account (uid {st.st_uid})")
