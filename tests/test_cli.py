@@ -2131,3 +2131,36 @@ def test_a_gone_working_folder_a_gone_reader_and_an_untrusted_server_are_said(
     assert f"offload: no secure connection to {url}: " in untrusted.stderr, untrusted.stderr
     assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, untrusted.stderr
     assert "Give the server a certificate this machine trusts" in untrusted.stderr
+
+
+def test_a_submission_whose_answer_is_lost_is_sent_again_without_a_second_job(
+        server: Server) -> None:
+    """It said "cannot reach Offload ... Is it running?" while the job was stored, and
+    sent again as said, the job was stored twice."""
+    def answer_lost(listener: socket.socket) -> None:  # each request to the server, its
+        while True:                                    # answer read and dropped
+            conn, _ = listener.accept()
+            with conn, socket.create_connection(("127.0.0.1", server.port)) as upstream:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:")))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                upstream.sendall(head + b"\r\n\r\n" + body)
+                upstream.recv(65536)  # the 202, never passed on
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=answer_lost, args=(listener,), daemon=True).start()
+        lost = cli(f"http://127.0.0.1:{listener.getsockname()[1]}", "submit", "sleep",
+                   "--delay", "3600")
+    assert lost.returncode == 3, lost
+    assert "; the job may be stored: the same command again with --key " in lost.stderr
+    key = lost.stderr.split("--key ")[1].split()[0]
+    stored = json.loads(cli(server.url, "list", "--json").stdout)
+    assert len(stored) == 1, "the request reached the server"
+    again = cli(server.url, "submit", "sleep", "--delay", "3600", "--key", key)
+    assert (again.returncode, again.stdout.strip()) == (0, stored[0]["id"]), again
+    assert len(json.loads(cli(server.url, "list", "--json").stdout)) == 1

@@ -117,14 +117,30 @@ def cmd_submit(client: Client, args: argparse.Namespace) -> int:
                                   "characters), or leave --key out")
     if args.inputs is None:
         body["input"] = parse_input(args.input if args.input is not None else "{}")
-        headers = {"Idempotency-Key": args.key} if args.key else None
+        key = args.key or _own_key()  # so that the command sent again stores no job twice
         try:
-            job = client.job("POST", "/api/jobs", body, headers)
+            job = client.job("POST", "/api/jobs", body, {"Idempotency-Key": key})
+        except Unreachable as exc:
+            raise _unanswered(exc, client.url, key, "the job may be stored",
+                              "stores it only if it is not") from None
         except Failure as exc:
             exc.message = _as_key(exc.message, args.key)
             raise
         return wait_and_report(client, job, args)
     return _submit_batch(client, body, args)
+
+
+def _own_key() -> str:
+    return f"offload-submit-{secrets.token_hex(16)}"
+
+
+def _unanswered(exc: Unreachable, url: str, key: str, stored: str, again: str) -> Unreachable:
+    """A submission sent that got no answer: what may be stored, and the command that
+    stores the rest (`exc` itself when it was never sent)."""
+    if isinstance(exc.reason, (ConnectionRefusedError, socket.gaierror)):
+        return exc
+    return Unreachable(f"no answer from {url} ({exc.reason or exc}); {stored}: the same "
+                       f"command again with --key {shlex.quote(key)} {again}")
 
 
 def _as_key(message: str, key: str | None) -> str:
@@ -139,17 +155,14 @@ def _submit_batch(client: Client, body: dict[str, Any], args: argparse.Namespace
     """`submit --inputs`: one job a line, in one request; with a key of its own if none is
     given, so that the command sent again after a lost answer stores no job twice."""
     where, inputs = parse_inputs(args.inputs)
-    key = args.key or f"offload-submit-{secrets.token_hex(16)}"
+    key = args.key or _own_key()
     try:
         jobs = client.call("POST", "/api/jobs/batch",
                            {"jobs": [{**body, "input": each} for _, each in inputs]},
                            {"Idempotency-Key": key},
                            REQUEST_TIMEOUT_S + BATCH_JOB_S * len(inputs))["jobs"]
     except Unreachable as exc:
-        if isinstance(exc.reason, (ConnectionRefusedError, socket.gaierror)):  # never sent
-            raise
-        raise Unreachable(f"no answer to the batch from {client.url} ({exc.reason or exc}); some "
-                          f"of its jobs may be stored: the same command again with --key {key} "
+        raise _unanswered(exc, client.url, key, "some of its jobs may be stored",
                           "stores only those that are not") from None
     except Failure as exc:
         if exc.status == 405:  # /api/jobs/{id} takes no POST: no batch route there
