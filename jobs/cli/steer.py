@@ -50,7 +50,11 @@ def cmd_retry(client: Client, args: argparse.Namespace) -> int:
         body["timeout_s"] = args.timeout
 
     def rerun(job_id: str) -> dict[str, Any]:
-        return client.job("POST", f"/api/jobs/{job_path(job_id)}/rerun", body or None)
+        try:
+            return client.job("POST", f"/api/jobs/{job_path(job_id)}/rerun", body or None)
+        except Failure as exc:  # a file that holds no job: the server's words for the API
+            exc.message = exc.message.replace("with POST /api/jobs", "with offload submit")
+            raise
 
     if len(args.ids) == 1:
         return wait_and_report(client, rerun(args.ids[0]), args)
