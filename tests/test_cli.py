@@ -1151,10 +1151,10 @@ def test_cancel_several_and_retry(server: Server) -> None:
     busy = cli(url, "retry", new["id"])
     assert busy.returncode == 6 and "cancel it first" in busy.stderr
     damaged = p.job_path(server.data_dir / "jobs", ids[2])
-    kept = Path(damaged).read_bytes()
+    whole = Path(damaged).read_bytes()
     Path(damaged).write_text('{"id": "damaged')
     corrupt = cli(url, "retry", ids[2])  # the API's words were said: "with POST /api/jobs"
-    Path(damaged).write_bytes(kept)
+    Path(damaged).write_bytes(whole)
     assert corrupt.returncode == 6 and corrupt.stderr.endswith(
         "holds no job to run again; submit a new one with offload submit\n"), corrupt
     edited = cli(url, "retry", ids[1], "--input", '{"seconds": 0}', "--wait", "--json")
