@@ -30,6 +30,7 @@ from pydantic_core import InitErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobs.protocol import FINAL_WRITE_PATIENCE_ENV, FINAL_WRITE_PATIENCE_S, ROOT, embedded
+from jobs.protocol.files import file_in_the_way
 from jobs.protocol.trust import (
     UnsafeSettingsFile,
     env_file,
@@ -291,7 +292,7 @@ class Settings(BaseSettings):
             # Its jobs/ would be the code's, and all of it made private to its owner.
             raise ValueError(f"{path} holds Offload's own files: set OFFLOAD_DATA_DIR to a "
                              "folder of its own, such as ./var")
-        if info.field_name == "data_dir" and (file := _a_file_on_the_way(path)) is not None:
+        if info.field_name == "data_dir" and (file := file_in_the_way(path)) is not None:
             # It could never be made: every request would fail, and the start said nothing.
             raise ValueError(f"{file} is a file, not a folder: set OFFLOAD_DATA_DIR to a "
                              "folder (one not there yet is made)")
@@ -469,13 +470,6 @@ class Settings(BaseSettings):
             if value is not None:
                 env[name] = str(value)
         return env
-
-
-def _a_file_on_the_way(folder: Path) -> Path | None:
-    """The nearest of `folder` and the folders above it that is there, if it is no folder."""
-    # os.path's: a folder on the way it may not search reads as not there, not as an error.
-    there = next((each for each in (folder, *folder.parents) if os.path.exists(each)), None)
-    return None if there is None or os.path.isdir(there) else there
 
 
 def _naming_variables(exc: ValidationError) -> ValidationError:

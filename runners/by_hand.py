@@ -82,14 +82,12 @@ def read_env_file() -> str | None:
     where it sets one empty): the model server and its key, say; only the names the server
     reads (OFFLOAD_*, OPENAI_*; any case, as it reads them), and never the API's token,
     which no runner is given. Why it is not read, if it is not to be."""
-    path = trust.env_file()
     try:
-        values = trust.env_file_values(path)
+        values = trust.env_file_values()
     except trust.UnsafeSettingsFile as exc:  # it could send the chat to another's listener
-        return (f"refusing to read {path}: {exc}. Run from a folder of your own, or set "
-                "OFFLOAD_ENV_FILE to a file of yours")
-    except (OSError, UnicodeError) as exc:
-        return f"cannot read {path} ({exc}); it must be UTF-8 text"
+        return f"{exc}. Run from a folder of your own, or set OFFLOAD_ENV_FILE to a file of yours"
+    except trust.UnreadableSettingsFile as exc:
+        return str(exc)
     for name, value in values.items():
         name = name.upper()
         if (value is not None and name.startswith(("OFFLOAD_", "OPENAI_"))
@@ -97,5 +95,5 @@ def read_env_file() -> str | None:
             try:
                 os.environ[name] = value
             except ValueError:  # a NUL in it: no environment can hold it
-                return f"{path} sets {name} to a value with a NUL character in it"
+                return f"{trust.env_file()} sets {name} to a value with a NUL character in it"
     return None

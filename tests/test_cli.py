@@ -1644,9 +1644,9 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
     (tmp_path / ".env").mkdir()
     env_file = cli(None, "status", cwd=tmp_path)
     assert env_file.returncode == 2, env_file
-    assert env_file.stderr == (f"offload: cannot read {tmp_path / '.env'}: not a regular "
-                               "file: a folder, a pipe or a device; make it a file of "
-                               "settings, or set OFFLOAD_ENV_FILE to one\n")
+    assert env_file.stderr.startswith(f"offload: cannot read {tmp_path / '.env'}: ")
+    assert env_file.stderr.endswith("; make it a file of settings, or set OFFLOAD_ENV_FILE "
+                                    "to one\n"), env_file.stderr  # Windows: access denied
     assert cli(server.url, "list").returncode == 0  # and nothing was submitted meanwhile
     assert json.loads(cli(server.url, "list", "--json").stdout) == []
 
@@ -2092,6 +2092,7 @@ def test_a_wait_for_a_job_a_stalled_supervisor_holds_says_so(make_server: MakeSe
             supervisor.resume()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="a working folder in use is not deleted")
 def test_a_gone_working_folder_a_gone_reader_and_an_untrusted_server_are_said(
         server: Server, tmp_path: Path) -> None:
     """A deleted working folder was said as "cannot write its output"; the ids of jobs
@@ -2116,7 +2117,16 @@ def test_a_gone_working_folder_a_gone_reader_and_an_untrusted_server_are_said(
         if code:
             assert done.stderr == ("offload: its output was not read (the reader left); the "
                                    "jobs are stored: offload list shows them\n"), done.stderr
-    assert len(json.loads(cli(server.url, "list", "--json").stdout)) == 1
+    read, write = os.pipe()
+    os.close(read)
+    try:  # `2>&1 | head`: nowhere to say it either; a traceback, exit 1
+        both = subprocess.run([sys.executable, "-m", "jobs", "submit", "sleep", "--delay",
+                               "3600"], env=cli_env(server.url), cwd=ROOT / "tests",
+                              stdout=write, stderr=write, timeout=120)
+    finally:
+        os.close(write)
+    assert both.returncode == 2, both
+    assert len(json.loads(cli(server.url, "list", "--json").stdout)) == 2
     openssl = shutil.which("openssl")
     assert openssl, "openssl makes the test's certificate (Debian's openssl package)"
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"

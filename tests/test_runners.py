@@ -233,6 +233,14 @@ def test_a_chat_by_hand_reads_the_env_file_the_server_reads(tmp_path: Path) -> N
                                  timeout=60)
         assert refused.returncode == 2, refused.stderr
         assert f"refusing to read {dotenv}: every account can write it" in refused.stderr
+        dotenv.unlink()
+        dotenv.mkdir()  # "cannot read .env ([Errno 21] Is a directory: 3); it must be UTF-8"
+        refused = subprocess.run([sys.executable, "-m", "runners.chat", "hello?"],
+                                 cwd=tmp_path, capture_output=True, text=True, env=env,
+                                 timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert f"cannot read {dotenv}: " in refused.stderr, refused.stderr
+        assert "; make it a file of settings, or set OFFLOAD_ENV_FILE" in refused.stderr
         assert len(llm.requests) == 1
 
 

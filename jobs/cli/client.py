@@ -97,20 +97,13 @@ class Unreachable(Failure):
 
 def _env_file() -> dict[str, str | None]:
     try:
-        path = trust.env_file()  # as the server's
-    except OSError:  # the working folder was deleted: it holds no .env
-        return {}
-    try:
-        return trust.env_file_values(path)
+        return trust.env_file_values()  # as the server's
     except trust.UnsafeSettingsFile as exc:  # it could send the token to another's listener
-        raise Failure(EXIT_USAGE, f"refusing to read {path}: {exc}. It could send your "
-                      "token to another account's server. Run from a folder of your own, "
-                      "or set OFFLOAD_ENV_FILE to a file of yours") from None
-    except UnicodeError as exc:
-        raise Failure(EXIT_USAGE, f"cannot read {path}: it is not UTF-8 text ({exc})") from None
-    except OSError as exc:
-        raise Failure(EXIT_USAGE, f"cannot read {path}: {exc.strerror or exc}; make it a file "
-                                  "of settings, or set OFFLOAD_ENV_FILE to one") from None
+        raise Failure(EXIT_USAGE, f"{exc}. It could send your token to another account's "
+                      "server. Run from a folder of your own, or set OFFLOAD_ENV_FILE to a "
+                      "file of yours") from None
+    except trust.UnreadableSettingsFile as exc:
+        raise Failure(EXIT_USAGE, str(exc)) from None
 
 
 def configured(url: str | None) -> tuple[str, str | None]:
@@ -146,7 +139,8 @@ def _checked(url: str, source: str) -> str:
     if "@" in url:  # looked at first, and not shown: however garbled, it may hold a password
         raise Failure(EXIT_USAGE, f"the server's address (from {source}) holds a user or "
                                   "password (an @), which Offload does not take: give the "
-                                  "address alone, and the token in OFFLOAD_API_TOKEN")
+                                  "address alone, and the token in OFFLOAD_API_TOKEN (an @ "
+                                  "of a path: write it %40)")
     address = f"the server's address {url!r} (from {source})"
     try:
         parts = urllib.parse.urlsplit(url)
@@ -213,7 +207,7 @@ class Client:
             if isinstance(reason, ssl.SSLError) and reason.reason == "WRONG_VERSION_NUMBER":
                 raise Failure(EXIT_USAGE, f"{self.url} answers plain HTTP, not HTTPS: give its "
                                           "address with http://") from None
-            if isinstance(reason, ssl.SSLError):  # it answers, but not as one trusted
+            if isinstance(reason, ssl.SSLCertVerificationError):  # it answers, untrusted
                 raise Failure(EXIT_USAGE, f"no secure connection to {self.url}: {reason}. "
                                           "Give the server a certificate this machine trusts "
                                           "(or name its CA in SSL_CERT_FILE)") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -196,10 +197,11 @@ def _quiet_broken_pipe() -> None:
 def _reader_left(args: argparse.Namespace) -> int:
     """Quiet, as `offload list | head` wants, unless the ids of jobs just stored were lost."""
     _quiet_broken_pipe()
-    if args.run not in (cmd_submit, cmd_retry):
+    if args.run not in (cmd_submit, cmd_retry) or args.wait:  # --wait: ids said on stderr
         return EXIT_OK
-    sys.stderr.write("offload: its output was not read (the reader left); the jobs are "
-                     "stored: offload list shows them\n")
+    with contextlib.suppress(OSError):  # `2>&1 | head`: stderr has no reader either
+        sys.stderr.write("offload: its output was not read (the reader left); the jobs are "
+                         "stored: offload list shows them\n")
     return EXIT_USAGE
 
 

@@ -202,8 +202,11 @@ def not_a_folder(path: StrPath) -> bool:
 
 
 def file_in_the_way(folder: Path) -> Path | None:
-    """What stands where `folder`, or a folder above it, goes (a file), if anything."""
-    return next((each for each in (folder, *folder.parents) if not_a_folder(each)), None)
+    """The nearest of `folder` and the folders above it that is there, if it is no folder
+    (a file, a pipe, a link to nothing): what keeps `folder` from being made or listed."""
+    # os.path's: a folder on the way it may not search reads as not there, not as an error.
+    there = next((each for each in (folder, *folder.parents) if os.path.lexists(each)), None)
+    return None if there is None or os.path.isdir(there) else there
 
 
 def read_tail(path: StrPath, max_bytes: int) -> tuple[bytes, int]:

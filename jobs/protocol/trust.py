@@ -166,12 +166,31 @@ def not_utf8(data: bytes) -> str | None:
     return None
 
 
-def env_file_values(path: str) -> dict[str, str | None]:
-    """What the `.env` at `path` sets, read as the server's parser (python-dotenv) reads
-    it; {} if there is none. UnsafeSettingsFile, OSError or UnicodeError if it cannot be."""
-    data = read_settings_file(path)
-    if data is None:
+class UnreadableSettingsFile(Exception):
+    """A settings file that cannot be read; the message names it and says what to do."""
+
+
+def env_file_values() -> dict[str, str | None]:
+    """What the `.env` read beside the environment (`env_file`) sets, read as the server's
+    parser (python-dotenv) reads it; {} if there is none, nor a working folder to hold one.
+    UnsafeSettingsFile ("refusing to read PATH: why") if it is not to be read,
+    UnreadableSettingsFile if it cannot be."""
+    try:
+        path = env_file()
+    except OSError:  # the working folder was deleted: it holds no .env
         return {}
+    try:
+        data = read_settings_file(path)
+        if data is None:
+            return {}
+        problem = not_utf8(data)
+    except UnsafeSettingsFile as exc:
+        raise UnsafeSettingsFile(f"refusing to read {path}: {exc}") from None
+    except OSError as exc:
+        raise UnreadableSettingsFile(f"cannot read {path}: {exc.strerror or exc}; make it a "
+                                     "file of settings, or set OFFLOAD_ENV_FILE to one") from None
+    if problem is not None:
+        raise UnreadableSettingsFile(f"cannot read {path}: {problem}")
     import io
 
     from dotenv import dotenv_values

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from collections.abc import Set as AbstractSet
@@ -40,15 +39,16 @@ class DirListing:
                     and now - self._listed_at < RELIST_S):
                 return None
             listed = set(os.listdir(self.folder))
-        except FileNotFoundError:
-            self._mtime_ns, self._stable = None, False
-            return set()
-        except OSError as exc:  # a file in its place, or no permission to read it
-            what_to_do = "make it readable by this user"
-            if exc.errno == errno.ENOTDIR:  # the jobs folder, or the data folder above it
-                misplaced = p.files.file_in_the_way(self.folder) or self.folder
-                what_to_do = ("move away the file in its place" if misplaced == self.folder
-                              else f"move away the file in place of the folder {misplaced}")
+        except OSError as exc:  # none yet, a file in its way, or no permission to read it
+            misplaced = p.files.file_in_the_way(self.folder)
+            if isinstance(exc, FileNotFoundError) and misplaced is None:  # made with a job
+                self._mtime_ns, self._stable = None, False
+                return set()
+            # Looked at, not told by the error: Windows says "not found" where Linux says
+            # "not a directory".
+            what_to_do = ("make it readable by this user" if misplaced is None
+                          else "move away the file in its place" if misplaced == self.folder
+                          else f"move away the file in place of the folder {misplaced}")
             raise StoreUnavailable(f"cannot list the jobs in {self.folder} "
                                    f"({exc.strerror or exc}): {what_to_do}",
                                    "Nothing was read or stored") from exc
