@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from jobs import protocol as p
 from jobs.kinds import Launch
 from jobs.settings import MAX_BATCH
 from jobs.store.idempotency import PENDING_S, Claim, key_name
@@ -56,7 +57,17 @@ def _claim(store: JobStore, name: str) -> Claim | None:
     try:
         return store.keys.read(name)
     except OSError as exc:
-        raise StoreUnavailable(f"cannot read the Idempotency-Key's record: {exc}") from exc
+        raise unusable_keys(store, "read", exc) from exc
+
+
+def unusable_keys(store: JobStore, doing: str, exc: OSError) -> StoreUnavailable:
+    """An Idempotency-Key's record that cannot be read or written, said with its folder
+    (a client that sent no key of its own, as `offload submit`, knows of no key)."""
+    folder = store.keys.folder
+    misplaced = p.files.file_in_the_way(folder)
+    return StoreUnavailable(
+        f"cannot {doing} the Idempotency-Key's record in {folder}: {exc.strerror or exc}"
+        + ("" if misplaced is None else f" (move away the file at {misplaced})"))
 
 
 def find(store: JobStore, key: Key) -> dict[str, Any] | Claim | None:

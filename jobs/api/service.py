@@ -35,6 +35,7 @@ from jobs.api.idempotency_keys import (
     fingerprint,
     made_by,
     unblock,
+    unusable_keys,
 )
 from jobs.api.small_io import SmallIO
 from jobs.api.stops import Stops
@@ -181,8 +182,7 @@ class JobService:
                 try:
                     claimed = self.store.keys.claim(key.name, job_id, key.fingerprint)
                 except OSError as exc:
-                    raise StoreUnavailable("cannot record the Idempotency-Key: "
-                                           f"{exc.strerror or exc}") from exc
+                    raise unusable_keys(self.store, "write", exc) from exc
                 if not claimed:  # another request claimed it a moment ago
                     return find(self.store, key) or Claim(None, None, 0.0)
             created = time.time()  # stamped as its created_at; a delay_s counts from it
