@@ -2137,13 +2137,19 @@ def test_a_gone_working_folder_a_gone_reader_and_an_untrusted_server_are_said(
     tls.load_cert_chain(cert, key)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         def answer() -> None:  # a handshake the client gives up on
-            conn, _ = listener.accept()
-            with contextlib.suppress(OSError), tls.wrap_socket(conn, server_side=True):
-                pass
+            with contextlib.suppress(OSError):  # the listener closed, the handshake failed
+                conn, _ = listener.accept()
+                with conn, tls.wrap_socket(conn, server_side=True):
+                    pass
 
-        threading.Thread(target=answer, daemon=True).start()
+        # Ended before the listener closes: a thread left in accept() took the number of
+        # a later test's socket.
+        listener.settimeout(60)
+        handshake = threading.Thread(target=answer, daemon=True)
+        handshake.start()
         url = f"https://127.0.0.1:{listener.getsockname()[1]}"
         untrusted = cli(url, "status")
+        handshake.join(60)
     assert untrusted.returncode == 2, untrusted
     assert f"offload: no secure connection to {url}: " in untrusted.stderr, untrusted.stderr
     assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, untrusted.stderr
@@ -2154,8 +2160,8 @@ def test_a_submission_whose_answer_is_lost_is_sent_again_without_a_second_job(
         server: Server) -> None:
     """It said "cannot reach Offload ... Is it running?" while the job was stored, and
     sent again as said, the job was stored twice."""
-    def answer_lost(listener: socket.socket) -> None:  # each request to the server, its
-        while True:                                    # answer read and dropped
+    def answer_lost(listener: socket.socket) -> None:  # the submission passed on to the
+        with contextlib.suppress(OSError):             # server, its answer dropped
             conn, _ = listener.accept()
             with conn, socket.create_connection(("127.0.0.1", server.port)) as upstream:
                 data = b""
@@ -2170,9 +2176,12 @@ def test_a_submission_whose_answer_is_lost_is_sent_again_without_a_second_job(
                 upstream.recv(65536)  # the 202, never passed on
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        threading.Thread(target=answer_lost, args=(listener,), daemon=True).start()
+        listener.settimeout(60)  # ended before the listener closes, as in the test above
+        proxy = threading.Thread(target=answer_lost, args=(listener,), daemon=True)
+        proxy.start()
         lost = cli(f"http://127.0.0.1:{listener.getsockname()[1]}", "submit", "sleep",
                    "--delay", "3600")
+        proxy.join(60)
     assert lost.returncode == 3, lost
     assert "; the job may be stored: the same command again with --key " in lost.stderr
     key = lost.stderr.split("--key ")[1].split()[0]
