@@ -1785,16 +1785,20 @@ def test_a_program_that_speaks_no_http_at_the_address_is_named() -> None:
     # its line break and carriage return in the message, exit 3, "Is it running?".
     import socket
 
+    over = threading.Event()
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
+        # Ended before the listener closes: a thread left in accept() can take the number
+        # of a later test's socket.
+        listener.settimeout(0.2)
 
         def greet() -> None:
-            while True:
+            while not over.is_set():
                 try:
                     connection, _ = listener.accept()
-                except OSError:  # closed: the test is over
-                    return
+                except TimeoutError:
+                    continue
                 with connection:
                     connection.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
                     connection.settimeout(30)
@@ -1802,13 +1806,19 @@ def test_a_program_that_speaks_no_http_at_the_address_is_named() -> None:
                         while connection.recv(65536):
                             pass
 
-        threading.Thread(target=greet, daemon=True).start()
+        greeter = threading.Thread(target=greet, daemon=True)
+        greeter.start()
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        for args in (["status"], ["wait", "0" * 32], ["submit", "sleep"]):
-            done = cli(url, *args)
-            assert (done.returncode, done.stderr) == (7, (
-                f"offload: what answers at {url} does not speak HTTP (it said "
-                "'SSH-2.0-OpenSSH_9.2'): is that Offload's address?\n")), (args, done)
+        try:
+            said = [cli(url, *args) for args in (["status"], ["wait", "0" * 32],
+                                                 ["submit", "sleep"])]
+        finally:
+            over.set()
+            greeter.join(60)
+    for done in said:
+        assert (done.returncode, done.stderr) == (7, (
+            f"offload: what answers at {url} does not speak HTTP (it said "
+            "'SSH-2.0-OpenSSH_9.2'): is that Offload's address?\n")), done
 
 
 def test_a_server_before_next_before_is_listed_whole_when_one_page_holds_it() -> None:
