@@ -118,7 +118,8 @@ async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.error("store unavailable: %s", exc)
     assert isinstance(exc, StoreUnavailable)
-    request.app.state.service.failed_to_write(str(exc))  # /api/health says so
+    if not exc.standing:  # /api/health says so; a standing problem it says by itself
+        request.app.state.service.failed_to_write(str(exc))
     if exc.disk_full:
         return _detail(507, f"{exc}. {exc.outcome}; "
                             f"{FREE_SPACE_ADVICE if exc.retry else FREE_SPACE}.")

@@ -101,13 +101,12 @@ class JobService:
     def storage_problems(self) -> list[str]:
         """What keeps jobs from being stored now, in words (blocking: a statvfs)."""
         problems = []
-        forgotten = self.store.forgotten_marks_problem()
-        # a chat refused for that problem is no other failure: said once, not twice
-        if self._unwritable is not None and self._unwritable[1] != forgotten:
+        if self._unwritable is not None:
             ago = time.monotonic() - self._unwritable[0]
             if ago < UNWRITABLE_SAID_S:
                 problems.append(f"the data folder failed a request {ago:.0f} s ago: "
                                 f"{self._unwritable[1]}")
+        forgotten = self.store.forgotten_marks_problem()
         if forgotten is not None:
             problems.append(forgotten)
         # The jobs folder is made with the first job: until then, the disk of the nearest

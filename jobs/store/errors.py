@@ -11,11 +11,13 @@ class StoreUnavailable(Exception):
     file where a folder goes); `outcome`: what did not happen, for the answer."""
 
     def __init__(self, message: str, outcome: str = "The job was not stored",
-                 retry: bool = True, no_room: bool = False) -> None:
+                 retry: bool = True, no_room: bool = False, standing: bool = False) -> None:
         super().__init__(message)
         self.outcome = outcome
         self.retry = retry  # False: what was asked goes ahead, to ask again changes nothing
         self._no_room = no_room
+        # True: a problem /api/health looks for and says by itself while it lasts
+        self.standing = standing
 
     @property
     def disk_full(self) -> bool:

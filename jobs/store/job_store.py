@@ -174,7 +174,7 @@ class JobStore(JobIndex):
             problem = self.forgotten_marks_problem()  # on Windows too: no file found there
             if problem is None:
                 return False
-            raise StoreUnavailable(problem, "Nothing was stored") from exc
+            raise StoreUnavailable(problem, "Nothing was stored", standing=True) from exc
         except OSError as exc:
             raise StoreUnavailable(
                 f"cannot tell whether this conversation was forgotten: {folder}, where "
