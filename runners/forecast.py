@@ -24,6 +24,9 @@ import numpy as np
 from jobs import protocol as p
 
 SERIES = ("cpu", "mem")
+EXTRA_FIELDS = ("mem_used_mb",)  # kept where a line has it; any other field is left out
+# A sample's line is about 70 bytes: a longer one was written by hand, and is left out.
+MAX_SAMPLE_LINE = 1024
 MODELS_DIR = "models"
 LATEST = "latest.json"
 
@@ -38,21 +41,28 @@ def load_samples(data_dir: str) -> list[dict[str, float]]:
     try:
         with open(path, "rb") as f:  # a line that is no UTF-8 is damaged, as a torn one
             for line in f:
-                try:
-                    sample = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line, or one with a byte that is no UTF-8
-                if is_sample(sample):  # else edited by hand: as damaged, left out
+                sample = sample_of(line)
+                if sample is not None:
                     samples.append(sample)
     except FileNotFoundError:
         pass
     return samples
 
 
-def is_sample(sample: object) -> bool:
-    """A line of the history that is a sample: a finite number for each of its time and
-    series (the training and the API's readers both leave out any other)."""
-    return isinstance(sample, dict) and all(_finite(sample.get(k)) for k in ("t", *SERIES))
+def sample_of(line: bytes) -> dict[str, float] | None:
+    """A line of the history as a sample: its time and series, each a finite number, and
+    its known extra fields that are; None for a line torn by a crash, with a byte that is
+    no UTF-8, or edited by hand (the training's and the API's readers both leave it out:
+    one edited to "cpu": "abc" failed every chat)."""
+    if len(line) > MAX_SAMPLE_LINE:
+        return None
+    try:
+        found = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(found, dict) or not all(_finite(found.get(k)) for k in ("t", *SERIES)):
+        return None
+    return {k: float(found[k]) for k in ("t", *SERIES, *EXTRA_FIELDS) if _finite(found.get(k))}
 
 
 def _finite(value: object) -> bool:

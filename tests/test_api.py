@@ -1025,17 +1025,27 @@ def test_history_survives_a_restart(make_server: MakeServer) -> None:
 
 def test_a_history_line_edited_to_no_number_is_left_out(server: Server) -> None:
     # Read as a sample, it made every chat's submission a 500 for ten minutes (its
-    # summary for the expert: "could not convert string to float: 'abc'").
+    # summary for the expert: "could not convert string to float: 'abc'"); so did a
+    # last sample whose "mem_used_mb" was null. Any other field was served to every
+    # poll of the chart, a line of 300 MB whole.
     with server.client() as client:
         wait_for(lambda: client.get("/api/history").json()["metrics"]["samples"][1:], 15)
+        now = time.time()
         with open(server.data_dir / "history" / "metrics.jsonl", "a") as history:
-            history.write(json.dumps({"t": time.time(), "cpu": "abc", "mem": 5}) + "\n")
+            for edited in ({"t": now, "cpu": "abc", "mem": 5},
+                           {"t": now, "cpu": 1, "mem": 2, "mine": "x" * 2000},
+                           {"t": now, "cpu": 1, "mem": 2, "mine": "x" * 3_000_000},
+                           {"t": now, "cpu": 1, "mem": 2, "mine": "x"},
+                           {"t": now, "cpu": 1, "mem": 2, "mem_used_mb": None}):
+                history.write(json.dumps(edited) + "\n")
         chat = client.post("/api/jobs", json={"kind": "chat", "input": {
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}})
         assert chat.status_code == 202, chat.text
         assert "CPU over the last" in chat.json()["input"]["context"]
         samples = client.get("/api/history").json()["metrics"]["samples"]
         assert samples and all(isinstance(each["cpu"], float) for each in samples), samples
+        assert {"t", "cpu", "mem"} in [set(each) for each in samples], "the last two"
+        assert all(set(each) <= {"t", "cpu", "mem", "mem_used_mb"} for each in samples)
 
 
 def test_a_history_line_that_is_no_utf8_is_dropped_at_the_next_start(

@@ -7,7 +7,6 @@ worker answers `/api/history`, and the series survives restarts.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -17,6 +16,8 @@ from typing import Any
 
 from jobs import protocol as p
 from runners import forecast
+
+READ_CHUNK = 1 << 20
 
 
 class MachineHistory:
@@ -30,6 +31,7 @@ class MachineHistory:
         self._offset = 0
         self._inode: int | None = None
         self._partial = b""
+        self._overlong = False  # within a line too long for a sample
         self._lock = threading.Lock()  # read from several worker threads
         self.problem: str | None = None  # why the file cannot be read, while it cannot
 
@@ -60,7 +62,7 @@ class MachineHistory:
             self.problem = None
         except OSError as exc:  # read from the start once it can be
             self._samples.clear()
-            self._offset, self._inode, self._partial = 0, None, b""
+            self._offset, self._inode, self._partial, self._overlong = 0, None, b"", False
             self.problem = (f"the machine's history at {self.path} cannot be read "
                             f"({exc.strerror or exc}): the chart, the forecast and training "
                             "go without it. Make it a file this user can read, or remove it: "
@@ -72,21 +74,27 @@ class MachineHistory:
         st = os.stat(self.path)
         if st.st_ino != self._inode or st.st_size < self._offset:
             self._samples.clear()
-            self._offset, self._inode, self._partial = 0, st.st_ino, b""
+            self._offset, self._inode, self._partial, self._overlong = 0, st.st_ino, b"", False
         if st.st_size == self._offset:
             return
         with open(self.path, "rb") as f:
             f.seek(self._offset)
-            data = self._partial + f.read()
+            while chunk := f.read(READ_CHUNK):
+                self._take(chunk)
             self._offset = f.tell()
-        *lines, self._partial = data.split(b"\n")
+
+    def _take(self, chunk: bytes) -> None:
+        """The samples of the lines `chunk` ends; a line too long for a sample (written by
+        hand) is not kept in memory while the rest of it is read."""
+        *lines, rest = (self._partial + chunk).split(b"\n")
+        if self._overlong and lines:  # the end of the line too long: not a sample
+            lines, self._overlong = lines[1:], False
         for line in lines:
-            try:
-                sample = json.loads(line)
-            except ValueError:
-                continue  # a torn line after a crash; skip it
-            if forecast.is_sample(sample):  # one edited to "cpu": "abc" failed every chat
+            sample = forecast.sample_of(line)
+            if sample is not None:
                 self._samples.append(sample)
+        self._overlong = self._overlong or len(rest) > forecast.MAX_SAMPLE_LINE
+        self._partial = b"" if self._overlong else rest
 
 
 def short_job(job: dict[str, Any]) -> dict[str, Any]:
