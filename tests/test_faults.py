@@ -400,7 +400,8 @@ def test_a_supervisor_lock_no_process_can_take_is_said_by_the_health(
 def test_a_folder_in_place_of_the_machine_history_is_said_by_the_health(
         make_server: MakeServer) -> None:
     """The health, the history, the forecast and a chat for the expert all read the
-    machine's history: with a folder in its place each answered a 500."""
+    machine's history: with a folder in its place each answered a 500, and the
+    supervisor said it could not record it once a second, for as long as it lasted."""
     server = make_server()
     history = Path(p.metrics_file(server.data_dir))
     with server.client() as client:
@@ -408,6 +409,7 @@ def test_a_folder_in_place_of_the_machine_history_is_said_by_the_health(
                  "the supervisor's first sample")
         history.unlink()
         history.mkdir()
+        in_place = time.monotonic()
         health = _degraded(client, "the health to say the history cannot be read")
         assert health["supervisor"] == "running", health
         said = " ".join(health["problems"])
@@ -420,10 +422,14 @@ def test_a_folder_in_place_of_the_machine_history_is_said_by_the_health(
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}})
         assert chat.status_code == 202, chat.text
         assert "No machine metrics recorded yet." in chat.json()["input"]["context"]
+        time.sleep(max(0.0, in_place + 3.5 - time.monotonic()))  # three samples' tries
         history.rmdir()
         wait_for(lambda: client.get("/api/history").json()["metrics"]["samples"], 20, 0.2,
                  "the supervisor's new history")
         assert client.get("/api/health").json()["status"] == "ok"
+    said = (server.data_dir / "supervisor.log").read_text()
+    assert said.count("cannot record metrics") == 1, said[-3000:]
+    assert "metrics are recorded again" in said, said[-3000:]
 
 
 def test_a_file_in_place_of_the_jobs_folder_is_said_not_a_500(make_server: MakeServer) -> None:

@@ -326,6 +326,52 @@ def test_a_damaged_counters_file_starts_again_from_zero(tmp_path: Path) -> None:
     again = JobCounters.load(path)
     assert again.finished == {"sleep": {"completed": 1}} and again.saved_at == 1.0
     assert again.duration == {}  # its histograms start again; the counts stay
+    # Edited by hand: a negative count, a flag and a sum that is no number were shown
+    # (-5.0, 1.0, NaN), and OpenMetrics' readers refused the whole scrape.
+    p.write_json(path, {**saved, "finished": {"sleep": {"completed": -5, "failed": True,
+                                                        "cancelled": 2}},
+                        "tokens": {"prompt": -100, "completion": 7},
+                        "duration": {"sleep": {**saved["duration"]["sleep"],
+                                               "sum": float("nan")}}})
+    edited = JobCounters.load(path)
+    assert edited.finished == {"sleep": {"cancelled": 2}}, edited.finished
+    assert edited.tokens == {"prompt": 0, "completion": 7}
+    assert edited.duration["sleep"].sum == 0 and sum(edited.duration["sleep"].counts) == 0
+
+
+def test_a_counters_file_removed_or_in_the_way_while_a_supervisor_leads(
+        make_server: MakeServer) -> None:
+    # Removed to start from zero, the leader wrote the counts it kept back at its next
+    # save: 2, then 0, then 3 (two resets to Prometheus, where one was asked for). With
+    # a folder in its place, scrapes showed zeros, not a 503.
+    server = make_server(env=NO_LLM)
+    path = Path(counters_file(server.data_dir))
+
+    def completed(client: httpx.Client) -> float:
+        return value(scrape(client), "offload_jobs_finished_total", kind="sleep",
+                     state="completed")
+
+    with server.client() as client:
+        for _ in range(2):
+            wait_state(client, submit(client, seconds=0), p.FINAL_STATES)
+        wait_for(lambda: completed(client) == 2, 20, 0.1, "two jobs counted")
+        path.unlink()
+        assert completed(client) == 0
+        wait_state(client, submit(client, seconds=0), p.FINAL_STATES)
+        wait_for(lambda: path.exists(), 20, 0.05, "the counters saved again")
+        assert completed(client) == 1, "from zero, for good"
+        path.unlink()
+        path.mkdir()
+        answer = client.get("/metrics")
+        assert answer.status_code == 503, answer.text[:300]
+        assert f"a folder is in the place of {path}: move it away" in answer.json()["detail"]
+        wait_state(client, submit(client, seconds=0), p.FINAL_STATES)
+        path.rmdir()
+        wait_state(client, submit(client, seconds=0), p.FINAL_STATES)
+        wait_for(lambda: path.exists() and completed(client) == 2, 20, 0.05,
+                 "the counts since the folder went in its place, from zero")
+    said = (server.data_dir / "supervisor.log").read_text()
+    assert "the job counters file was changed or removed by another hand" in said, said[-3000:]
 
 
 def test_counters_that_cannot_be_read_are_neither_shown_as_zeros_nor_lost(

@@ -14,6 +14,7 @@ Standard library only, like the rest of the protocol.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 
@@ -67,8 +68,8 @@ class Histogram:
         if isinstance(value, dict):
             counts, total = value.get("counts"), value.get("sum")
             if (isinstance(counts, list) and len(counts) == len(BUCKETS_S) + 1
-                    and all(isinstance(c, int) and c >= 0 for c in counts)
-                    and isinstance(total, (int, float))):
+                    and all(_count(c) for c in counts) and isinstance(total, (int, float))
+                    and not isinstance(total, bool) and 0 <= total < math.inf):
                 return cls(list(counts), float(total))
         return cls()  # another version's buckets, or damaged: this histogram starts again
 
@@ -182,11 +183,8 @@ class JobCounters:
         (out of file handles, say) raises OSError: zeros would read as a reset, and a
         leader that saved them would lose the counts for good."""
         counters = cls()
-        try:
-            data = p.read_json(path)
-        except p.CorruptJobFile:
-            data = None
-        if not isinstance(data, dict):
+        data = _saved(path)
+        if data is None:
             return counters
         if isinstance(data.get("since"), str):
             counters.since = data["since"]
@@ -206,9 +204,24 @@ class JobCounters:
         tokens = data.get("tokens")
         if isinstance(tokens, dict):
             for direction in TOKEN_FIELDS:
-                if isinstance(tokens.get(direction), int):
+                if _count(tokens.get(direction)):
                     counters.tokens[direction] = tokens[direction]
         return counters
+
+
+def _saved(path: p.StrPath) -> dict[str, Any] | None:
+    """The file's object; None where there is none or it is damaged. Raises OSError where
+    it cannot be read for now, or by this account (another's, say), or a folder is in its
+    place: zeros would be saved over its counts, or never saved."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"a folder is in the place of {path}: move it "
+                                              "away")
+    try:
+        return p.read_json(path)
+    except p.CorruptJobFile as exc:
+        if isinstance(exc.__cause__, PermissionError):
+            raise exc.__cause__ from None
+        return None
 
 
 def _kind(job: dict[str, Any]) -> str:
@@ -227,5 +240,10 @@ def _time(value: object) -> float | None:
 def _nested_counts(value: object) -> dict[str, dict[str, int]]:
     if not isinstance(value, dict):
         return {}
-    return {str(outer): {str(k): n for k, n in inner.items() if isinstance(n, int)}
+    return {str(outer): {str(k): n for k, n in inner.items() if _count(n)}
             for outer, inner in value.items() if isinstance(inner, dict)}
+
+
+def _count(value: object) -> bool:
+    """A count as saved: a whole number, not negative, and not a flag (edited by hand)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -143,7 +143,7 @@ def read_json(path: StrPath) -> dict[str, Any] | None:
                     return _readable_all(data) if _HALF_ESCAPE.search(raw) else data
                 last_error = ValueError("not a JSON object")
         time.sleep(0.002 * (attempt + 1))
-    raise CorruptJobFile(f"{os.path.basename(path)}: {last_error}")
+    raise CorruptJobFile(f"{os.path.basename(path)}: {last_error}") from last_error
 
 
 # What `read_json` raises for a link that loops or a socket: no file behind the name,

@@ -105,12 +105,20 @@ async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> N
     """Only the leader records, so one series is written however many workers run."""
     loop = asyncio.get_running_loop()
     next_at = loop.time()
+    failing = False  # said once, not every second (the health says it while it lasts)
     while True:
         if supervisor.is_leader:
             try:
                 await asyncio.to_thread(recorder.record)
             except OSError as exc:
-                log.warning("cannot record metrics: %s", exc)
+                if not failing:
+                    log.warning("cannot record metrics (tried again every %g s): %s",
+                                recorder.interval_s, exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("metrics are recorded again")
+                failing = False
         next_at = max(next_at + recorder.interval_s, loop.time())
         await asyncio.sleep(next_at - loop.time())
 
