@@ -3,6 +3,7 @@ The fields are those of docs/contract.md; each kind's input model is in `jobs.in
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -37,6 +38,7 @@ def _iso(value: datetime) -> str:
     return iso(value.timestamp())
 
 
+_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")  # as pydantic reads one
 JOB_ID_SCHEMA = {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"}
 
 
@@ -181,19 +183,32 @@ class JobCreate(Request):
                           "have all completed, and fails (error type `dependency`) as soon "
                           "as one ends otherwise")
 
+    @field_validator("run_at", mode="before")
+    @classmethod
+    def _a_time_not_a_number(cls, value: object) -> object:
+        # pydantic takes a number as POSIX seconds or milliseconds: "3600" meant as a delay
+        # was a time in 1970, "give a time zone".
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and \
+                _NUMBER.fullmatch(str(value)):
+            raise ValueError("run_at is a time in ISO 8601, such as 2026-12-24T18:00:00Z, "
+                             "not a number; to start in a number of seconds, give delay_s")
+        return value
+
     @field_validator("run_at")
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
+        zoned = value.tzinfo is not None
+        if not zoned:
             value = value.replace(tzinfo=timezone.utc)
         ahead = (value - datetime.now(timezone.utc)).total_seconds()
         if ahead > MAX_DELAY_S:
             raise ValueError(f"run_at is more than {MAX_DELAY_S / 86400:g} days ahead")
         if ahead < -RUN_AT_PAST_S:
-            raise ValueError(f"run_at is {-ahead / 3600:.1f} h in the past; give a time zone "
-                             "(a time without one is UTC), or leave run_at out to start now")
+            hint = "" if zoned else "give a time zone (a time without one is UTC), or "
+            raise ValueError(f"run_at is {-ahead / 3600:.1f} h in the past; {hint}leave "
+                             "run_at out to start now")
         return value
 
     @field_validator("depends_on", mode="before")

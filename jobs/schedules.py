@@ -54,6 +54,9 @@ else:  # pragma: no cover - the same parser, as a package, before 3.11
 log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # a file name on every system, and a URL part
+# ... but for these, which Windows takes for devices whatever follows them (nul.json).
+WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{n}" for n in range(1, 10)),
+                             *(f"lpt{n}" for n in range(1, 10))})
 _EVERY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_EVERY_S = 1.0
@@ -140,16 +143,19 @@ def _zone(name: str | None) -> tzinfo:
 def parse_every(value: object) -> float:
     """'6h' -> 21600.0; a number is seconds. Raises ValueError saying what is accepted."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value) if abs(value) < 2 ** 1000 else math.inf  # no OverflowError
+        # no OverflowError, and the sign kept: -2e301 is too small, not too large
+        seconds = (float(value) if abs(value) < 2 ** 1000
+                   else math.inf if value > 0 else -math.inf)  # NaN: -inf, no number
     elif isinstance(value, str) and (match := _EVERY.fullmatch(value.lower())):
         seconds = float(match[1]) * _UNIT_S[match[2]]
     else:
         raise ValueError(f"`every` must be a number of seconds or a string such as "
-                         f"\"90s\", \"30m\", \"6h\" or \"1d\", not {value!r}")
+                         f"\"90s\", \"30m\", \"6h\" or \"1d\", not {_shown(value)}")
     if not math.isnan(seconds) and seconds > MAX_EVERY_S:  # 1e308 in hours is infinite
-        raise ValueError(f"`every` must be at most \"36500d\" (a hundred years), not {value!r}")
+        raise ValueError(f"`every` must be at most \"36500d\" (a hundred years), not "
+                         f"{_shown(value)}")
     if not math.isfinite(seconds) or seconds < MIN_EVERY_S:
-        raise ValueError(f"`every` must be at least {MIN_EVERY_S:g} s, not {value!r}")
+        raise ValueError(f"`every` must be at least {MIN_EVERY_S:g} s, not {_shown(value)}")
     return seconds
 
 
@@ -209,7 +215,7 @@ def load(path: Path) -> tuple[Schedule, ...]:
         data = read_settings_file(os.path.abspath(path), "a schedules file")
         if data is None:
             return ()
-        tables = tomllib.loads(data.decode("utf-8"))
+        tables = tomllib.loads(data.decode("utf-8-sig"))  # Notepad's BOM too
     except UnsafeSettingsFile as exc:  # it would have this account run its jobs, with its keys
         raise ScheduleError(f"refusing to read the schedules file {os.path.abspath(path)}: "
                             f"{exc}") from None
@@ -230,6 +236,9 @@ def _schedule(name: str, table: object) -> Schedule:
     if not NAME.fullmatch(name):
         raise ValueError("a schedule's name is 1 to 64 lowercase letters, digits, - and _, "
                          "starting with a letter or digit")
+    if name in WINDOWS_DEVICES:
+        raise ValueError(f"a schedule's name cannot be {name}, the name of a device on "
+                         "Windows; call it another")
     unknown = sorted(set(table) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown field {', '.join(unknown)}; a schedule has: "

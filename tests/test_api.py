@@ -611,6 +611,16 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
         both = client.post("/api/jobs", json={"kind": "sleep", "delay_s": 1, "run_at": soon})
         assert both.status_code == 422 and "not both" in both.json()["detail"], both.text
         assert "Content-Type" not in both.json()["detail"], both.text
+        # A number was taken as POSIX seconds: 3600 meant as a delay was "3.1e5 h in the
+        # past; give a time zone", and a time in the future in seconds was taken.
+        for number in (3600, str(int(time.time()) + 600)):
+            answer = client.post("/api/jobs", json={"kind": "sleep", "run_at": number})
+            assert answer.status_code == 422, answer.text
+            assert "not a number; to start in a number of seconds, give delay_s" in \
+                answer.json()["detail"], answer.text
+        zoned = client.post("/api/jobs", json={"kind": "sleep",
+                                               "run_at": "2026-01-01T00:00:00+14:00"})
+        assert zoned.status_code == 422 and "time zone" not in zoned.json()["detail"], zoned.text
         huge = {"kind": "probe", "input": {"fail": "x" * 2_000_000}}
         answer = client.post("/api/jobs", json=huge)
         assert answer.status_code == 413

@@ -424,15 +424,20 @@ def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Pa
     assert created == [schedule.job_id(schedule.slot(now))]
     job = store.read(created[0])
     assert job["schedule"] == "often" and job["state"] == "queued" and job["timeout_s"] == 30
-    # Still queued: a later slot waits for it rather than piling up a second job.
+    # Still queued: a later slot waits for it rather than piling up a second job, and is
+    # run by it: once it ran, the slot it ran in made a second job, back to back.
     scheduler.fire(created.append, now + 600)
     assert len(created) == 1
     p.write_json(store.path(created[0]), {**job, "state": "completed"})
-    # Ten slots later, from a new scheduler (a restart): one job, for the current slot.
+    scheduler.fire(created.append, now + 601)
+    assert len(created) == 1
+    # From a new scheduler (a restart) too; the next slot has a job of its own.
     again = Scheduler(store, ScheduleFile(path, (schedule,)), Settings(OFFLOAD_JOB_TIMEOUT_S=30))
-    again.fire(created.append, now + 600)
-    again.fire(created.append, now + 601)
-    assert created[1:] == [schedule.job_id(schedule.slot(now + 600))]
+    again.fire(created.append, now + 602)
+    assert len(created) == 1
+    again.fire(created.append, now + 660)
+    again.fire(created.append, now + 661)
+    assert created[1:] == [schedule.job_id(schedule.slot(now + 660))]
 
 
 def test_a_schedule_creates_no_chat_in_a_forgotten_conversation(
@@ -548,6 +553,10 @@ def test_a_clock_that_was_ahead_stops_no_schedule(data_dir: Path, tmp_path: Path
     ("[a]\nkind = 'probe'\nevery = 5\ninput = {x = [{t = 07:32:00}]}\n",
      "(a time) is no JSON value"),
     ("[A]\nkind = 'sleep'\nevery = 5\n", "schedule [A]: a schedule's name is"),
+    ("[nul]\nkind = 'sleep'\nevery = 5\n", "schedule [nul]: a schedule's name cannot be "
+                                          "nul, the name of a device on Windows"),
+    ("[a]\nkind = 'sleep'\nevery = -2e301\n", "schedule [a]: `every` must be at least 1 s"),
+    ("[a]\nkind = 'sleep'\nevery = nan\n", "schedule [a]: `every` must be at least 1 s"),
     ("[a]\nkind = 'sleep'\nevery = 5\npriority = 'high'\n", "`priority` must be a whole"),
     ("[a]\nkind = 'sleep'\nevery = 5\npriority = 5000\n", "from -1000 to 1000"),
     ("[a\n", "cannot read the schedules file"),
@@ -717,10 +726,14 @@ def test_cron_times_and_what_a_cron_schedule_refuses(tmp_path: Path) -> None:
             load(path)
 
 
-def test_intervals() -> None:
+def test_intervals(tmp_path: Path) -> None:
     assert [parse_every(v) for v in ("90s", "30m", "6h", "1d", "1.5h", 2, 2.5)] == [
         90, 1800, 21600, 86400, 5400, 2, 2.5]
     assert load(Path("no-such-file.toml")) == ()
+    # Saved by Notepad, with a BOM: "Invalid statement (at line 1, column 1)".
+    bom = tmp_path / "schedules.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[a]\nkind = 'sleep'\nevery = '1h'\n")
+    assert [each.every_s for each in load(bom)] == [3600]
 
 
 def test_the_api_refuses_to_start_on_a_bad_schedules_file(data_dir: Path,

@@ -1,7 +1,8 @@
 """The leader's part of the periodic schedules (`jobs.schedules`): on each full pass,
 each schedule of the file as it is now, unless paused, gets the job of the slot it is
-in, unless that slot's job exists already or its previous job is still queued (a paused
-queue or a long wait never piles up jobs of one schedule).
+in, unless that slot's job exists already or its previous job is still queued: that job
+is then the slot's run too (a paused queue or a long wait never piles up jobs of one
+schedule, nor runs two back to back once it goes on).
 
 What was created is on disk (`jobs.protocol.control`): the schedule's newest slot, and
 the slot's job itself, whose id follows from the slot. The memory here only saves
@@ -88,8 +89,10 @@ class Scheduler:
             # next time, as crontab would: a nightly job added at noon waits for the night.
             self._without_job(schedule, slot)
             return None
-        if self._still_queued(last.get("job_id")):
-            return None  # looked at again on the next pass
+        held = last.get("job_id")
+        if self._still_queued(held):
+            self._record(schedule, slot, held)
+            return None
         job_id = schedule.job_id(slot)
         # The defaults a submission gets (priority and attempts by kind), as the API fills them.
         fields = {**Launch(schedule.priority).fields(schedule.kind, self.settings, time.time()),
@@ -98,17 +101,19 @@ class Scheduler:
             if self._forgotten(schedule):
                 self._without_job(schedule, slot)
                 return None
-            if not self.store.path(job_id).exists():
+            new = not self.store.path(job_id).exists()  # else created before its record
+            if new:
                 self.store.create(schedule.kind, schedule.input,
                                   schedule.timeout_s or self.timeout_s, job_id=job_id,
                                   fields=fields)
-            control.record_fired(self.data_dir, schedule.name, slot, job_id, schedule.timing())
         except (StoreUnavailable, OSError) as exc:
             self._failed_to(schedule, slot, "create its job", exc)
             return None
-        self._done[schedule.name] = job_id
-        log.info("schedule %s: job %s created", schedule.name, job_id)
-        return job_id
+        if new:
+            log.info("schedule %s: job %s created", schedule.name, job_id)
+        if not self._record(schedule, slot, job_id):
+            return None
+        return job_id if new else None
 
     def _forgotten(self, schedule: Schedule) -> bool:
         """Whether the schedule's chats go to a conversation that was forgotten: its
@@ -124,12 +129,17 @@ class Scheduler:
 
     def _without_job(self, schedule: Schedule, slot: int) -> None:
         """The slot recorded as its newest, with no job: the next slot is the first."""
+        self._record(schedule, slot, None)
+
+    def _record(self, schedule: Schedule, slot: int, job_id: str | None) -> bool:
+        """The slot recorded as its newest, run by `job_id` (None: by none)."""
         try:
-            control.record_fired(self.data_dir, schedule.name, slot, None, schedule.timing())
+            control.record_fired(self.data_dir, schedule.name, slot, job_id, schedule.timing())
         except OSError as exc:
-            self._failed_to(schedule, slot, "record it", exc)
-            return
+            self._failed_to(schedule, slot, "record its slot", exc)
+            return False
         self._done[schedule.name] = schedule.job_id(slot)
+        return True
 
     def _failed_to(self, schedule: Schedule, slot: int, what: str, exc: Exception) -> None:
         if self._failed.get(schedule.name) != slot:
