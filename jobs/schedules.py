@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadDateError, croniter
@@ -45,6 +45,9 @@ from croniter import CroniterBadDateError, croniter
 from jobs.kinds import InvalidInput, registry, validate_input
 from jobs.protocol.trust import UnsafeSettingsFile, read_settings_file
 from jobs.settings import MAX_PRIORITY, MAX_TIMEOUT_S, Settings, get_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -211,15 +214,27 @@ def _shown(value: object) -> str:
 
 def load(path: Path) -> tuple[Schedule, ...]:
     """The schedules of a TOML file, each checked; none when the file does not exist."""
+    return parse(path, read(path))
+
+
+def read(path: Path) -> bytes | None:
+    """A schedules file's bytes; None when it does not exist."""
     try:
-        data = read_settings_file(os.path.abspath(path), "a schedules file")
-        if data is None:
-            return ()
-        tables = tomllib.loads(data.decode("utf-8-sig"))  # Notepad's BOM too
+        return read_settings_file(os.path.abspath(path), "a schedules file")
     except UnsafeSettingsFile as exc:  # it would have this account run its jobs, with its keys
         raise ScheduleError(f"refusing to read the schedules file {os.path.abspath(path)}: "
                             f"{exc}") from None
-    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not TOML, not UTF-8
+    except OSError as exc:
+        raise ScheduleError(f"cannot read the schedules file {path}: {exc}") from None
+
+
+def parse(path: Path, data: bytes | None) -> tuple[Schedule, ...]:
+    """The schedules of the file `path` whose bytes are `data`, each checked."""
+    if data is None:
+        return ()
+    try:
+        tables = tomllib.loads(data.decode("utf-8-sig"))  # Notepad's BOM too
+    except (ValueError, RecursionError) as exc:  # ValueError: not TOML, not UTF-8
         raise ScheduleError(f"cannot read the schedules file {path}: {exc}") from None
     schedules = []
     for name, table in tables.items():
@@ -289,12 +304,14 @@ class ScheduleFile:
     """The schedules of one file, read again once it changed (looked at no more often
     than every RELOAD_CHECK_S). A change that cannot be used keeps the last good
     schedules: `error` says why until the file is fixed, read at each look meanwhile.
-    Thread-safe."""
+    `applied(data)` is told each file applied (its bytes; None: no file). Thread-safe."""
 
     def __init__(self, path: Path, schedules: tuple[Schedule, ...],
-                 error: str | None = None) -> None:
+                 error: str | None = None,
+                 applied: Callable[[bytes | None], None] | None = None) -> None:
         self.path = path
         self.error = error
+        self._applied = applied
         self._schedules = schedules
         # `schedules` was read before any look here: the first look reads the file again.
         self._seen: tuple[int, int, int] | None = _NOT_LOOKED
@@ -314,13 +331,16 @@ class ScheduleFile:
                 return self._schedules
             self._seen = seen
             try:
-                schedules = load(self.path)  # removed: no schedules
+                data = read(self.path)  # removed: no schedules
+                schedules = parse(self.path, data)
             except ScheduleError as exc:
-                error = f"{exc}; the last good schedules stay until the file is fixed"
+                error = f"{exc}; {LAST_GOOD_STAY}"
                 if error != self.error:
                     log.error("schedules file not applied: %s", error)
                 self.error = error
                 return self._schedules
+            if self._applied is not None:
+                self._applied(data)
             if schedules != self._schedules or self.error is not None:
                 log.info("schedules file changed: %d schedules from %s", len(schedules),
                          self.path)
@@ -330,6 +350,7 @@ class ScheduleFile:
 
 
 _NOT_LOOKED = (-1, -1, -1)  # no file's signature
+LAST_GOOD_STAY = "the last good schedules stay until the file is fixed"
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:

@@ -101,6 +101,30 @@ def test_a_schedule_fires_and_survives_a_restart(make_server: MakeServer,
         assert p.parse_iso(rare_entry["next_run_at"]) > time.time()
 
 
+def test_a_supervisor_started_again_while_the_file_is_broken_goes_on_with_the_last_good(
+        make_server: MakeServer, tmp_path: Path) -> None:
+    # Every schedule stopped ("no schedules: ..."), while the API listed them and said
+    # "the last good schedules stay until the file is fixed".
+    env = schedules_env(tmp_path)
+    server = make_server(env=env)
+    with server.client() as client:
+        wait_for(lambda: jobs_of(client, "tick"), 60, 0.1, "a tick job")
+        Path(env["OFFLOAD_SCHEDULES_FILE"]).write_text(SCHEDULES + "bogus = 1\n")
+        wait_for(lambda: client.get("/api/schedules").json()["error"], 30, 0.1,
+                 "the file's error")
+        time.sleep(3 * RELOAD_CHECK_S)  # the supervisor has read it too
+        killed = server.supervisor()
+        killed.kill()
+        killed.wait(10)
+        wait_for(lambda: server.supervisor().pid != killed.pid, 30, 0.1,
+                 "a supervisor started again")
+        before = {job["id"] for job in jobs_of(client, "tick")}
+        wait_for(lambda: len({job["id"] for job in jobs_of(client, "tick")} - before) >= 2,
+                 60, 0.1, "tick jobs from the supervisor started again")
+    said = (server.data_dir / "supervisor.log").read_text()
+    assert "unknown field bogus" in said and "(2 schedules go on, as last applied)" in said
+
+
 def test_a_slot_whose_creation_stopped_halfway_is_created(make_server: MakeServer,
                                                           data_dir: Path,
                                                           tmp_path: Path) -> None:

@@ -6,19 +6,31 @@ schedule, nor runs two back to back once it goes on).
 
 What was created is on disk (`jobs.protocol.control`): the schedule's newest slot, and
 the slot's job itself, whose id follows from the slot. The memory here only saves
-reading that record again within a slot.
+reading that record again within a slot. So is a copy of the schedules file last
+applied: a supervisor started again while the file cannot be used goes on with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from jobs import protocol as p
 from jobs.kinds import Launch
 from jobs.protocol import control
-from jobs.schedules import Schedule, ScheduleError, ScheduleFile, load
+from jobs.schedules import (
+    LAST_GOOD_STAY,
+    Schedule,
+    ScheduleError,
+    ScheduleFile,
+    load,
+    parse,
+    read,
+)
 from jobs.settings import Settings
 from jobs.store.job_store import JobStore, StoreUnavailable
 
@@ -27,6 +39,7 @@ log = logging.getLogger(__name__)
 # A new cron series runs its latest time only this soon after it (else it waits for the
 # next): added on the minute of its time, a schedule runs then.
 CRON_GRACE_S = 60.0
+APPLIED_COPY = "applied.toml"  # in the schedules folder, beside the schedules' records
 
 class Scheduler:
     def __init__(self, store: JobStore, schedules: ScheduleFile, settings: Settings) -> None:
@@ -43,17 +56,22 @@ class Scheduler:
 
     @classmethod
     def from_settings(cls, settings: Settings, store: JobStore) -> Scheduler:
+        copy = store.dir.parent / control.SCHEDULES_FOLDER / APPLIED_COPY
         error = None
         try:
             # Always named here (the API passes its absolute path): a missing file is none.
-            schedules = load(settings.schedules_file)
+            data = read(settings.schedules_file)
+            schedules = parse(settings.schedules_file, data)
+            _keep(copy, data)
         except ScheduleError as exc:
             # The API refuses to start on it; a file spoiled since then stops no jobs.
-            log.error("no schedules: %s", exc)
-            schedules, error = (), str(exc)
-        if schedules:
+            schedules, error = _last_applied(copy), f"{exc}; {LAST_GOOD_STAY}"
+            log.error("schedules file not applied: %s (%d schedules go on, as last applied)",
+                      error, len(schedules))
+        if schedules and error is None:
             log.info("%d schedules from %s", len(schedules), settings.schedules_file)
-        return cls(store, ScheduleFile(settings.schedules_file, schedules, error), settings)
+        return cls(store, ScheduleFile(settings.schedules_file, schedules, error,
+                                       applied=lambda data: _keep(copy, data)), settings)
 
     def fire(self, created: Callable[[str], None], now: float | None = None) -> None:
         """Create the due jobs; `created(job_id)` for each new one."""
@@ -153,3 +171,25 @@ class Scheduler:
         job = p.read_json_or_none(self.store.path(job_id)) or {}
         return job.get(p.F_STATE) == p.JobState.QUEUED
 
+
+
+def _last_applied(copy: Path) -> tuple[Schedule, ...]:
+    """The schedules of the file as last applied; none if there is no usable copy."""
+    try:
+        return load(copy)
+    except ScheduleError as exc:
+        log.warning("no schedules go on: %s", exc)
+        return ()
+
+
+def _keep(copy: Path, data: bytes | None) -> None:
+    """A copy of the schedules file just applied (`data`; None: no file, no copy)."""
+    try:
+        if data is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(copy)
+        else:
+            os.makedirs(copy.parent, exist_ok=True)
+            p.write_atomic(copy, data, durable=True)
+    except OSError as exc:  # only a restart while the file cannot be used needs it
+        log.warning("cannot keep a copy of the schedules applied at %s: %s", copy, exc)
