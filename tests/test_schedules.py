@@ -16,10 +16,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
+import psutil
 import pytest
 
 from jobs import protocol as p
-from jobs.protocol import embedded
+from jobs.protocol import control, embedded
 from jobs.schedules import (
     RELOAD_CHECK_S,
     Schedule,
@@ -116,8 +117,14 @@ def test_a_supervisor_started_again_while_the_file_is_broken_goes_on_with_the_la
         killed = server.supervisor()
         killed.kill()
         killed.wait(10)
-        wait_for(lambda: server.supervisor().pid != killed.pid, 30, 0.1,
-                 "a supervisor started again")
+
+        def started_again() -> bool:
+            try:
+                return server.supervisor().pid != killed.pid
+            except (StopIteration, psutil.Error):  # none yet, or one going
+                return False
+
+        wait_for(started_again, 30, 0.1, "a supervisor started again")
         before = {job["id"] for job in jobs_of(client, "tick")}
         wait_for(lambda: len({job["id"] for job in jobs_of(client, "tick")} - before) >= 2,
                  60, 0.1, "tick jobs from the supervisor started again")
@@ -452,7 +459,8 @@ def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Pa
     # run by it: once it ran, the slot it ran in made a second job, back to back.
     scheduler.fire(created.append, now + 600)
     assert len(created) == 1
-    p.write_json(store.path(created[0]), {**job, "state": "completed"})
+    p.write_json(store.path(created[0]), {**job, "state": "completed",
+                                          "started_at": p.iso(now + 600.5)})
     scheduler.fire(created.append, now + 601)
     assert len(created) == 1
     # From a new scheduler (a restart) too; the next slot has a job of its own.
@@ -462,6 +470,13 @@ def test_missed_slots_are_one_job_and_a_slot_is_never_created_twice(data_dir: Pa
     again.fire(created.append, now + 660)
     again.fire(created.append, now + 661)
     assert created[1:] == [schedule.job_id(schedule.slot(now + 660))]
+    # A slot's job made before its record (a crash between), the one before queued again
+    # (a retry): the slot's job is its run, not the queued one (both would run).
+    p.write_json(store.path(created[1]), {**store.read(created[1]), "state": "queued"})
+    mine = schedule.job_id(schedule.slot(now + 720))
+    store.create("sleep", {"seconds": 0}, 30, job_id=mine)
+    again.fire(created.append, now + 720)
+    assert (control.last_fired(data_dir, "often") or {}).get("job_id") == mine
 
 
 def test_a_schedule_creates_no_chat_in_a_forgotten_conversation(

@@ -17,13 +17,14 @@ from __future__ import annotations
 import errno
 import math
 import os
+import sys
 
 from jobs import protocol as p
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
-    from typing import Any
+    from typing import Any, TypeGuard
 
 COUNTERS_FILE = "job_counters.json"
 SAVE_EVERY_S = 0.25  # a crash loses at most this much of the counts
@@ -68,8 +69,7 @@ class Histogram:
         if isinstance(value, dict):
             counts, total = value.get("counts"), value.get("sum")
             if (isinstance(counts, list) and len(counts) == len(BUCKETS_S) + 1
-                    and all(_count(c) for c in counts) and isinstance(total, (int, float))
-                    and not isinstance(total, bool) and 0 <= total < math.inf):
+                    and all(_count(c) for c in counts) and _amount(total)):
                 return cls(list(counts), float(total))
         return cls()  # another version's buckets, or damaged: this histogram starts again
 
@@ -188,7 +188,7 @@ class JobCounters:
             return counters
         if isinstance(data.get("since"), str):
             counters.since = data["since"]
-        if isinstance(data.get("saved_at"), (int, float)):
+        if _amount(data.get("saved_at")):
             counters.saved_at = float(data["saved_at"])
         if isinstance(data.get("running"), list):
             counters.running = frozenset(str(job_id) for job_id in data["running"])
@@ -245,5 +245,13 @@ def _nested_counts(value: object) -> dict[str, dict[str, int]]:
 
 
 def _count(value: object) -> bool:
-    """A count as saved: a whole number, not negative, and not a flag (edited by hand)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A count as saved: a whole number, not negative, not a flag, and one a float holds
+    (edited by hand: -5 was shown, 10**400 failed every scrape and the leader's saves)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2 ** 63
+
+
+def _amount(value: object) -> TypeGuard[float]:
+    """A sum or a time as saved: a number, not negative, finite, as a float (compared, not
+    converted: 10**400 is no float)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 0 <= value <= sys.float_info.max)

@@ -1,8 +1,8 @@
 """The leader's part of the periodic schedules (`jobs.schedules`): on each full pass,
 each schedule of the file as it is now, unless paused, gets the job of the slot it is
-in, unless that slot's job exists already or its previous job is still queued: that job
-is then the slot's run too (a paused queue or a long wait never piles up jobs of one
-schedule, nor runs two back to back once it goes on).
+in, unless that slot's job exists already or its previous job is still queued (a paused
+queue or a long wait never piles up jobs of one schedule), or started in this slot after
+it was held: that job is this slot's run (not two back to back once the queue goes on).
 
 What was created is on disk (`jobs.protocol.control`): the schedule's newest slot, and
 the slot's job itself, whose id follows from the slot. The memory here only saves
@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jobs import protocol as p
 from jobs.kinds import Launch
@@ -107,11 +109,17 @@ class Scheduler:
             # next time, as crontab would: a nightly job added at noon waits for the night.
             self._without_job(schedule, slot)
             return None
-        held = last.get("job_id")
-        if self._still_queued(held):
-            self._record(schedule, slot, held)
-            return None
         job_id = schedule.job_id(slot)
+        new = not self.store.path(job_id).exists()  # else created before its record
+        held = last.get("job_id")
+        earlier = self._job(held) if new else {}
+        if earlier.get(p.F_STATE) == p.JobState.QUEUED:
+            return None  # looked at again on the next pass
+        if _started_at(earlier) >= schedule.starts(slot):
+            # Held through the slots before (a paused queue, a long wait), it started in
+            # this one: it is this slot's run, not one more back to back.
+            self._record(schedule, slot, str(held))
+            return None
         # The defaults a submission gets (priority and attempts by kind), as the API fills them.
         fields = {**Launch(schedule.priority).fields(schedule.kind, self.settings, time.time()),
                   p.F_SCHEDULE: schedule.name}
@@ -119,7 +127,6 @@ class Scheduler:
             if self._forgotten(schedule):
                 self._without_job(schedule, slot)
                 return None
-            new = not self.store.path(job_id).exists()  # else created before its record
             if new:
                 self.store.create(schedule.kind, schedule.input,
                                   schedule.timeout_s or self.timeout_s, job_id=job_id,
@@ -165,12 +172,21 @@ class Scheduler:
                         schedule.name, p.iso(schedule.starts(slot)), what, exc)
         self._failed[schedule.name] = slot
 
-    def _still_queued(self, job_id: object) -> bool:
+    def _job(self, job_id: object) -> dict[str, Any]:
+        """The job the schedule's record names, as on disk; {} if none."""
         if not isinstance(job_id, str) or not p.is_valid_id(job_id):
-            return False
-        job = p.read_json_or_none(self.store.path(job_id)) or {}
-        return job.get(p.F_STATE) == p.JobState.QUEUED
+            return {}
+        return p.read_json_or_none(self.store.path(job_id)) or {}
 
+
+
+def _started_at(job: dict[str, Any]) -> float:
+    """When the job started (POSIX time); -inf if it has not, or says no time."""
+    started = job.get(p.F_STARTED_AT)
+    try:
+        return p.parse_iso(started) if isinstance(started, str) else -math.inf
+    except ValueError:
+        return -math.inf
 
 
 def _last_applied(copy: Path) -> tuple[Schedule, ...]:
