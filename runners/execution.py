@@ -93,7 +93,7 @@ class Stopper:
 def run(job: Job, execute: Execute, stopper: Stopper, timeout: float | None) -> int:
     """`execute` run, and its outcome written as the job's final state; the exit code."""
     sink = job.sink
-    if timeout is not None and stopper.job_file is None:
+    if stopper.job_file is None:  # by hand: a SIGTERM says "cancelled" too, as a Ctrl+C
         stopper.install(timeout)
     try:
         try:

@@ -27,6 +27,7 @@ SERIES = ("cpu", "mem")
 EXTRA_FIELDS = ("mem_used_mb",)  # kept where a line has it; any other field is left out
 # A sample's line is about 70 bytes: a longer one was written by hand, and is left out.
 MAX_SAMPLE_LINE = 1024
+READ_CHUNK = 1 << 20  # how much of the file a reader takes at a time
 MODELS_DIR = "models"
 LATEST = "latest.json"
 
@@ -40,8 +41,13 @@ def load_samples(data_dir: str) -> list[dict[str, float]]:
     samples = []
     try:
         with open(path, "rb") as f:  # a line that is no UTF-8 is damaged, as a torn one
-            for line in f:
-                sample = sample_of(line)
+            while line := f.readline(MAX_SAMPLE_LINE + 1):
+                if not line.endswith(b"\n") and len(line) > MAX_SAMPLE_LINE:
+                    # too long for a sample: its rest is read a piece at a time, not kept
+                    while (rest := f.readline(READ_CHUNK)) and not rest.endswith(b"\n"):
+                        pass
+                    continue
+                sample = sample_of(line.removesuffix(b"\n"))
                 if sample is not None:
                     samples.append(sample)
     except FileNotFoundError:
@@ -125,7 +131,9 @@ def save(data_dir: str, model: dict[str, Any]) -> int:
     folder = models_dir(data_dir)
     os.makedirs(folder, exist_ok=True)
     _remove_abandoned_claims(folder)
-    version = latest_version(data_dir) + 1
+    # Past every version on disk too: below one (the pointer set back, say), this model
+    # would be saved and the older one, numbered higher, pointed at.
+    version = max([latest_version(data_dir), *_versions(folder)]) + 1
     while True:  # claimed by creating it: two trainings saving at once took the same one
         try:
             os.close(os.open(os.path.join(folder, _file(version)),
@@ -191,8 +199,7 @@ def _point_at_newest(folder: str, version: int) -> None:
     its older pointer, is pointed at again."""
     pointed = 0
     while True:
-        newer = sorted((int(found[1]) for name in os.listdir(folder)
-                        if (found := _VERSIONED.fullmatch(name))), reverse=True)
+        newer = sorted(_versions(folder), reverse=True)
         # Claimed but not yet written (empty): its training points at it once it is whole.
         newest = next((each for each in newer if each >= version and
                        p.read_json_or_none(os.path.join(folder, _file(each))) is not None),
@@ -203,9 +210,17 @@ def _point_at_newest(folder: str, version: int) -> None:
         pointed = newest
 
 
+def _versions(folder: str) -> list[int]:
+    """The versions of the model files in `folder` (claimed or whole)."""
+    return [int(found[1]) for name in os.listdir(folder) if (found := _VERSIONED.fullmatch(name))]
+
+
 def latest_version(data_dir: str) -> int:
+    """The version `latest.json` points at; 0 if none, or if it is damaged (edited to a
+    version that is no whole number)."""
     pointer = p.read_json_or_none(os.path.join(models_dir(data_dir), LATEST))
-    return int(pointer.get("version", 0)) if pointer else 0
+    version = pointer.get("version") if pointer else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else 0
 
 
 def load_latest(data_dir: str) -> dict[str, Any] | None:

@@ -144,13 +144,16 @@ class _Fit:
     def epoch(self, rate: float, rng: Any) -> float:
         np = self.np
         order = rng.permutation(len(self.y_train))
-        for start in range(0, len(order), BATCH):
-            batch = order[start:start + BATCH]
-            x, y = self.x_train[batch], self.y_train[batch]
-            error = x @ self.weights[:-1] + self.weights[-1] - y
-            grad = np.append(x.T @ error, error.sum()) / len(batch)
-            self.weights -= rate * grad
-        return float(np.mean((self._predict(self.x_train) - self.y_train) ** 2))
+        # A diverging fit overflows: its loss is no number, which the caller says, without
+        # numpy's warnings (and its source lines) in the job's output before it.
+        with np.errstate(over="ignore", invalid="ignore"):
+            for start in range(0, len(order), BATCH):
+                batch = order[start:start + BATCH]
+                x, y = self.x_train[batch], self.y_train[batch]
+                error = x @ self.weights[:-1] + self.weights[-1] - y
+                grad = np.append(x.T @ error, error.sum()) / len(batch)
+                self.weights -= rate * grad
+            return float(np.mean((self._predict(self.x_train) - self.y_train) ** 2))
 
     def _predict(self, x: np.ndarray) -> np.ndarray:
         predicted: np.ndarray = x @ self.weights[:-1] + self.weights[-1]

@@ -102,14 +102,28 @@ def test_a_sleep_by_hand_out_of_bounds_is_bad_usage(args: list[str], said: str) 
 def test_sigterm_to_a_foreground_runner_writes_cancelled(data_dir: Path) -> None:
     store = JobStore(data_dir / "jobs")
     job_id = store.create("sleep", {"seconds": 60}, 120)["id"]
+    # Named by its bare name, from its folder: "cannot put the job's claim on disk (No
+    # such file or directory)" (the folder of "job.json" taken as "" to sync).
+    (store.path(job_id).parent / p.RUN_FILE).write_text("{}")
     proc = subprocess.Popen([sys.executable, "-m", "runners.sleep", "--job-file",
-                             str(store.path(job_id))], cwd=ROOT)
+                             p.JOB_FILE], cwd=store.path(job_id).parent,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     wait_for(lambda: store.read(job_id)["state"] == "running", what="running")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 3
     job = store.read(job_id)
     assert job["state"] == "cancelled"
     assert job["exit_code"] == 3
+    # Without a job file nor a --timeout, a SIGTERM ended it unsaid (143); with one, it
+    # said "cancelled".
+    direct = subprocess.Popen([sys.executable, "-m", "runners.sleep", "60", "--steps", "600"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert direct.stderr is not None
+    first = direct.stderr.read(1)  # its first step's progress: it runs
+    direct.send_signal(signal.SIGTERM)
+    _, rest = direct.communicate(timeout=10)
+    said = (first + rest).decode()
+    assert direct.returncode == 3 and "cancelled" in said, (direct.returncode, said)
 
 
 def test_a_job_cancelled_as_it_was_launched_never_runs(data_dir: Path) -> None:

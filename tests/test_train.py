@@ -7,6 +7,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -161,6 +162,18 @@ def test_predict_serves_the_latest_model(data_dir: Path,
             assert "cannot be read: train one again" in damaged.json()["detail"], damage
         latest.write_bytes(kept)
         assert client.get("/api/predict").json()["version"] == 2
+        # A pointer edited to no version failed every training ("int() argument must be
+        # ... not 'NoneType'"): the next training is one past the models on disk.
+        latest.write_bytes(b'{"version": null, "file": "gone.json"}')
+        third = _train(client, epochs=5, lags=5)
+        assert third["state"] == "completed" and third["result"]["version"] == 3, third
+        assert client.get("/api/predict").json()["version"] == 3
+        # A model numbered past the pointer (copied back, say): the next training was
+        # saved below it, and that older model pointed at and served.
+        shutil.copy(latest.with_name("forecast-v1.json"), latest.with_name("forecast-v8.json"))
+        fourth = _train(client, epochs=5, lags=5)
+        assert fourth["result"]["version"] == 9, fourth
+        assert client.get("/api/predict").json()["version"] == 9
 
 
 def _peak_rss_mb(pid: int) -> float | None:
@@ -416,6 +429,9 @@ def test_a_diverging_training_fails_and_keeps_the_previous_model(
         # Its last loss before NaN, near 1e300, was said in all its 300 digits.
         said = diverged["progress"]["message"]
         assert re.fullmatch(r"epoch \d+/2000 loss \S{1,12}", said), said
+        # numpy's "RuntimeWarning: overflow encountered in square", with its source line.
+        output = client.get(f"/api/jobs/{diverged['id']}/log").text
+        assert "RuntimeWarning" not in output and "training diverged" in output, output
         assert client.get("/api/predict").json()["version"] == 1
         # Blown up short of NaN (RMSE 1e13 against the naive 17): it completed and was
         # published, and /api/predict swung between 0 and 100 %.

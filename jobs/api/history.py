@@ -17,8 +17,6 @@ from typing import Any
 from jobs import protocol as p
 from runners import forecast
 
-READ_CHUNK = 1 << 20
-
 
 class MachineHistory:
     """The machine's samples the supervisor recorded (what `/api/history` serves, not
@@ -79,7 +77,7 @@ class MachineHistory:
             return
         with open(self.path, "rb") as f:
             f.seek(self._offset)
-            while chunk := f.read(READ_CHUNK):
+            while chunk := f.read(forecast.READ_CHUNK):
                 self._take(chunk)
             self._offset = f.tell()
 

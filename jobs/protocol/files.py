@@ -91,7 +91,7 @@ def sync_dir(folder: StrPath) -> None:
     POSIX only: Windows cannot open a folder for it (os.open refuses folders there)."""
     if os.name != "posix" or not FSYNC:
         return
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder or os.curdir, os.O_RDONLY)  # "": a bare file name's, the working one
     try:
         os.fsync(fd)
     except OSError as exc:
