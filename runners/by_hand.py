@@ -48,6 +48,14 @@ def run_by_hand(kind: str, execute: Execute, add_arguments: DirectParser,
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.job_file is not None:
+        # A job file runs as it is: its options were taken for it, unsaid (--data-dir too).
+        given = [action.option_strings[0] if action.option_strings else action.dest
+                 for action in parser._actions
+                 if action.dest not in ("help", "job_file", "force")
+                 and getattr(args, action.dest) != action.default]
+        if given:
+            parser.error(f"{', '.join(given)} cannot go with --job-file: a job file runs "
+                         "with its own input and timeout, in the data folder it is in")
         return run_job_file(args.job_file, execute, force=args.force)
     try:  # before anything starts (the chat's model server): bad usage, exit 2
         job_input = direct_input(args)

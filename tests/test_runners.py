@@ -89,6 +89,9 @@ def test_direct_form_prints_progress_and_result() -> None:
     (["1", "--steps", "0"], "'steps' must be a whole number from 1 to 10000"),
     (["0", "--timeout", "-1"], "argument --timeout: must be a number of seconds above 0, not -1"),
     (["0", "--timeout", "nan"], "argument --timeout: must be a number of seconds above 0, not nan"),
+    # Taken for the job file's, unsaid: its own input ran (and --data-dir was ignored).
+    (["5", "--steps", "2", "--job-file", "job.json"], "seconds, --steps cannot go with "
+     "--job-file: a job file runs with its own input and timeout, in the data folder it is in"),
 ])
 def test_a_sleep_by_hand_out_of_bounds_is_bad_usage(args: list[str], said: str) -> None:
     # Out of the API's bounds it exited 1 ("failed"), but for -1 (2); a --timeout of -1 or
