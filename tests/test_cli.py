@@ -1604,7 +1604,10 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             # The server's names for the fields were said: max_attempts, query.limit.
             (["submit", "sleep", "--max-attempts", "0"], "--max-attempts: Input should be"),
             (["list", "--limit", "0"], "request: --limit: Input should be greater"),
-            (["submit", "sleep", "--at", "2020-01-01T00:00:00Z"], "or leave --at out to"),
+            (["submit", "sleep", "--at", "2020-01-01T00:00:00Z"], "in the past; leave --at out"),
+            # Taken as POSIX seconds: "499059.9 h in the past; give a time zone".
+            (["submit", "sleep", "--at", "3600"], "not a number; to start in a number of "
+                                                 "seconds, give --delay"),
             # "Input should be a valid datetime or date, input is too short"
             (["submit", "sleep", "--at", "23:59"], "--at: not a time: give it in ISO 8601"),
             (["submit", "sleep", "--priority", "99999"], "request: --priority: Input should"),
