@@ -304,7 +304,8 @@ class ScheduleFile:
     """The schedules of one file, read again once it changed (looked at no more often
     than every RELOAD_CHECK_S). A change that cannot be used keeps the last good
     schedules: `error` says why until the file is fixed, read at each look meanwhile.
-    `applied(data)` is told each file applied (its bytes; None: no file). Thread-safe."""
+    `applied(data)` is told each new set of schedules applied (its file's bytes; None: no
+    file). Thread-safe."""
 
     def __init__(self, path: Path, schedules: tuple[Schedule, ...],
                  error: str | None = None,
@@ -339,9 +340,10 @@ class ScheduleFile:
                     log.error("schedules file not applied: %s", error)
                 self.error = error
                 return self._schedules
-            if self._applied is not None:
-                self._applied(data)
+            # Same schedules (a comment edited, the first look after the start): kept already.
             if schedules != self._schedules or self.error is not None:
+                if self._applied is not None:
+                    self._applied(data)
                 log.info("schedules file changed: %d schedules from %s", len(schedules),
                          self.path)
             self.error = None

@@ -634,6 +634,25 @@ def test_a_schedules_file_in_error_is_read_again_until_fixed(
     assert schedules.error is None
 
 
+def test_a_copy_is_kept_of_each_new_set_of_schedules_only(
+        data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each look after a start, or after a comment edited, wrote the copy again, durably.
+    monkeypatch.setattr("jobs.schedules.RELOAD_CHECK_S", 0.0)
+    path = tmp_path / "schedules.toml"
+    path.write_text("[a]\nkind = 'sleep'\nevery = 5\n")
+    kept: list[bytes | None] = []
+    schedules = ScheduleFile(path, load(path), applied=kept.append)
+    schedules.current()
+    path.write_text("# nightly\n[a]\nkind = 'sleep'\nevery = 5\n")
+    schedules.current()
+    assert kept == []
+    path.write_text("[a]\nkind = 'sleep'\nevery = 7\n")
+    schedules.current()
+    path.unlink()
+    schedules.current()
+    assert kept == [b"[a]\nkind = 'sleep'\nevery = 7\n", None]
+
+
 def test_a_change_while_the_file_was_first_read_applies(
         data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("jobs.schedules.RELOAD_CHECK_S", 0.0)
