@@ -170,7 +170,7 @@ export async function apiJSON(path, { method = "GET", body, source, signal, head
     if (err && err.name === "AbortError") {
       return { ok: false, status: 0, data: null, error: "aborted" };
     }
-    if (source) reportFailure(source, `Cannot reach the server (${source}). Retrying…`);
+    if (source) reportFailure(source, "Cannot reach the server. Retrying…");
     return { ok: false, status: 0, data: null, error: "network error" };
   }
 }

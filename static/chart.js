@@ -41,7 +41,7 @@ function colours(canvas) {
   };
 }
 
-/** Draw one polyline; points are [x, y] in canvas pixels. */
+/** Draw one polyline; points are [x, y] in canvas pixels, null where it breaks off. */
 function line(ctx, points, colour, dashed) {
   if (points.length === 0) return;
   ctx.save();
@@ -50,10 +50,39 @@ function line(ctx, points, colour, dashed) {
   ctx.lineJoin = "round";
   ctx.setLineDash(dashed ? [6, 4] : []);
   ctx.beginPath();
-  points.forEach(([x, y], i) => (i === 0 ? ctx.moveTo(x, y) : ctx.lineTo(x, y)));
-  if (points.length === 1) ctx.lineTo(points[0][0] + 1, points[0][1]);
+  let run = 0;  // points drawn since the line last broke off
+  for (const point of points) {
+    if (point === null) {
+      run = 0;
+      continue;
+    }
+    if (run === 0) ctx.moveTo(point[0], point[1]);
+    else ctx.lineTo(point[0], point[1]);
+    run += 1;
+  }
+  // A point alone (the first after a gap, say) is drawn as a dot.
+  points.forEach((point, i) => {
+    if (point && !points[i - 1] && !points[i + 1]) {
+      ctx.moveTo(point[0], point[1]);
+      ctx.lineTo(point[0] + 1, point[1]);
+    }
+  });
   ctx.stroke();
   ctx.restore();
+}
+
+// Samples come about every second: more than this between two, none was taken (Offload
+// was stopped), and no line is drawn across.
+const GAP_S = 5;
+
+/** The points of `key` of the samples, broken off where samples are missing. */
+function pointsOf(samples, key, xOf, yOf) {
+  const points = [];
+  samples.forEach((s, i) => {
+    if (i > 0 && s.t - samples[i - 1].t > GAP_S) points.push(null);
+    points.push([xOf(s.t), yOf(s[key])]);
+  });
+  return points;
 }
 
 const clampPct = (v) => Math.max(0, Math.min(100, Number(v) || 0));
@@ -122,8 +151,8 @@ export function drawHistory(canvas, samples, forecast, windowS = 300) {
 
   // Data.
   const visible = samples.filter((s) => s.t >= tStart);
-  line(ctx, visible.map((s) => [xOf(s.t), yOf(s.cpu)]), c.cpu, false);
-  line(ctx, visible.map((s) => [xOf(s.t), yOf(s.mem)]), c.mem, false);
+  line(ctx, pointsOf(visible, "cpu", xOf, yOf), c.cpu, false);
+  line(ctx, pointsOf(visible, "mem", xOf, yOf), c.mem, false);
 
   let drew = false;
   if (fc) {

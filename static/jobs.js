@@ -5,7 +5,8 @@
 import { apiJSON, apiText, FINAL_STATES } from "./api.js";
 
 const REFRESH_MS = 2000;
-const LIMIT = 50;
+const LIMIT = 50;       // jobs listed at first, and more each time older ones are asked for
+const MAX_LIMIT = 1000;  // the most the server lists at once
 const ACTIVE = new Set(["queued", "running"]);
 // The server's default priorities (issue 18: chat 10, every other kind 0): others are shown.
 const DEFAULT_PRIORITY = { chat: 10 };
@@ -17,6 +18,9 @@ let filterKind, filterState, filterText;
 let jobs = [];               // the last list the server answered, before the text filter
 const selected = new Set();  // ids of the live jobs ticked for "Cancel selected"
 let refreshSeq = 0;          // answers to an older filter are dropped
+let limit = LIMIT;           // how many of the newest jobs are listed
+let older = false;           // whether the server holds older jobs that match, not listed
+let olderBtn;
 
 /** ISO string or unix seconds -> ms since epoch, or null. */
 function toMs(v) {
@@ -66,9 +70,21 @@ export function tokens(job) {
   return `${approx}${u.prompt_tokens ?? "?"} → ${approx}${u.completion_tokens}${rate}`;
 }
 
-/** Retries, a start time to come, a priority that is not the default, and the job's origin. */
+const ENDED_BADLY = new Set(["failed", "timeout", "lost"]);
+
+/** An error in a few words: its type and the start of its message. */
+function errorWords(e) {
+  const message = e && typeof e.message === "string" ? e.message : "";
+  const short = message.length > 80 ? `${message.slice(0, 79)}…` : message;
+  return [(e && e.type) || "error", short].filter(Boolean).join(": ");
+}
+
+/** Why it ended (failed, timed out, lost), retries, a start time to come, a priority that
+ * is not the default, and the job's origin. */
 export function notes(job, now = Date.now()) {
   const parts = [];
+  // A timeout's log is empty: the job's own error is the only place that says why.
+  if (ENDED_BADLY.has(job.state) && job.error) parts.push(errorWords(job.error));
   const attempt = typeof job.attempt === "number" ? job.attempt : 1;
   const earlier = Array.isArray(job.earlier_errors) ? job.earlier_errors : [];
   if (attempt > 1 || earlier.length) {
@@ -81,12 +97,7 @@ export function notes(job, now = Date.now()) {
     parts.push(attempt > 1 ? `retrying in ${Math.ceil(wait)} s` : `starts in ${fmtIn(wait)}`);
   }
   if (earlier.length) {
-    const said = earlier.map((e) => {
-      const message = e && typeof e.message === "string" ? e.message : "";
-      const short = message.length > 80 ? `${message.slice(0, 79)}…` : message;
-      return [(e && e.type) || "error", short].filter(Boolean).join(": ");
-    });
-    parts.push(`earlier: ${said.join("; ")}`);
+    parts.push(`earlier: ${earlier.map(errorWords).join("; ")}`);
   }
   if (typeof job.priority === "number" && job.priority !== (DEFAULT_PRIORITY[job.kind] ?? 0)) {
     parts.push(`priority ${job.priority}`);
@@ -238,13 +249,16 @@ function render() {
   const live = new Set(shown.filter((j) => ACTIVE.has(j.state)).map((j) => j.id));
   for (const id of [...selected]) if (!live.has(id)) selected.delete(id);
   renderSelection(live);
+  olderBtn.hidden = !older || limit >= MAX_LIMIT;
+  // Only the newest are listed: a job the filters look for may be among older ones.
+  const among = older ? ` of the newest ${limit} listed` : "";
   if (rows.length === 0) {
-    renderEmpty(filtersActive() ? "No jobs match these filters." : "No jobs yet.");
-    setNote({ filter: filtersActive() ? "No jobs match." : "" });
+    renderEmpty(filtersActive() ? `No jobs match these filters${among}.` : "No jobs yet.");
+    setNote({ filter: filtersActive() ? `No jobs match${among}.` : "" });
     return;
   }
   renderEmpty("");
-  setNote({ filter: filtersActive() ? `${rows.length} ${rows.length === 1 ? "job matches" : "jobs match"}.` : "" });
+  setNote({ filter: filtersActive() ? `${rows.length} ${rows.length === 1 ? "job matches" : "jobs match"}${among}.` : "" });
   // Re-order only if needed: moving a node can drop keyboard focus.
   const current = [...tbody.children];
   if (current.length !== rows.length || rows.some((tr, i) => current[i] !== tr)) {
@@ -282,13 +296,14 @@ async function refresh() {
   const seq = ++refreshSeq;
   // Each job without its input, output and result: 50 chats of long conversations in full
   // were 45 MB a poll. The re-run dialog asks for its one job in full.
-  const query = new URLSearchParams({ limit: String(LIMIT), fields: "summary" });
+  const query = new URLSearchParams({ limit: String(limit), fields: "summary" });
   if (filterKind.value) query.set("kind", filterKind.value);
   if (filterState.value) query.set("state", filterState.value);
   const r = await apiJSON(`/api/jobs?${query}`, { source: "jobs" });
   if (seq !== refreshSeq) return; // the filters changed while this was asked
   if (r.ok && r.data && Array.isArray(r.data.jobs)) {
     jobs = r.data.jobs;
+    older = Boolean(r.data.next_before);
     learnKinds(jobs);
     render();
   }
@@ -460,6 +475,7 @@ export function initJobs() {
   filterKind = document.getElementById("filter-kind");
   filterState = document.getElementById("filter-state");
   filterText = document.getElementById("filter-text");
+  olderBtn = document.getElementById("jobs-older");
   rerunDialog = document.getElementById("rerun-dialog");
   rerunInput = document.getElementById("rerun-input");
   rerunError = document.getElementById("rerun-error");
@@ -498,6 +514,10 @@ export function initJobs() {
     render();
   });
   cancelSelectedBtn.addEventListener("click", () => { cancelSelected().catch(() => {}); });
+  olderBtn.addEventListener("click", () => {
+    limit = Math.min(limit + LIMIT, MAX_LIMIT);
+    refresh().catch(() => {});
+  });
 
   document.getElementById("jobs-filter").addEventListener("submit", (ev) => ev.preventDefault());
   filterText.addEventListener("input", () => render());

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -1019,6 +1020,24 @@ def test_history_and_health(server: Server) -> None:
         assert health["launcher"] == "local"
         assert health["llm"]["provider"] == "openai-compatible"
         assert health["llm"]["ready"] is True
+
+
+def test_the_history_says_a_busy_machine_is_busy_from_its_first_samples(
+        make_server: MakeServer) -> None:
+    # psutil keeps its last CPU reading per thread: samples taken on threads new to it
+    # said 0.0 % for the first seconds after each start, busy as the machine was.
+    spinning = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        server = make_server()
+        with server.client() as client:
+            samples = wait_for(lambda: (kept := client.get("/api/history").json()
+                                        ["metrics"]["samples"])[7:] and kept, 60)
+    finally:
+        spinning.kill()
+        spinning.wait()
+    # One core of the machine's spins throughout.
+    least = 100 / (psutil.cpu_count() or 1) / 2
+    assert all(sample["cpu"] >= least for sample in samples), samples
 
 
 def test_history_survives_a_restart(make_server: MakeServer) -> None:

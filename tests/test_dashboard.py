@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -110,6 +111,40 @@ def test_history_chart_stays_live_while_five_chats_stream(page: Any, server: Ser
     assert page.evaluate("window.wentLate") is False, "no update for LATE_S meanwhile"
     assert "late" not in (page.get_attribute("#history-age", "class") or "")
     assert len(ids) == 5
+
+
+# The moves and lines chart.js draws the history with: samples 25 s apart in the middle
+# (Offload stopped meanwhile), CPU at 40 %, memory at 20 %.
+DRAW_A_GAP = """async () => {
+    const { drawHistory } = await import('/chart.js');
+    const canvas = document.createElement('canvas');
+    canvas.style.width = '600px';
+    canvas.style.height = '200px';
+    document.body.append(canvas);
+    const ctx = canvas.getContext('2d');
+    const drawn = [];
+    for (const name of ['moveTo', 'lineTo']) {
+        const real = ctx[name].bind(ctx);
+        ctx[name] = (x, y) => { drawn.push([name, x, y]); real(x, y); };
+    }
+    const at = [0, 1, 2, 3, 4, 30, 31, 32, 33, 34].map((s) => 1e9 + s);
+    drawHistory(canvas, at.map((t) => ({ t, cpu: 40, mem: 20 })), null, 300);
+    canvas.remove();
+    return drawn;
+}"""
+
+
+def test_the_history_chart_draws_no_line_across_a_time_without_samples(
+        page: Any, server: Server) -> None:
+    # A straight line across the 25 s Offload was stopped, as if it had measured them.
+    page.goto(server.url)
+    drawn = page.evaluate(DRAW_A_GAP)
+    heights = Counter(y for _, _, y in drawn)
+    series = [y for y, count in heights.items() if count >= 10]
+    assert len(series) == 2, drawn  # CPU's and memory's
+    for y in series:
+        moves = [x for name, x, at in drawn if at == y and name == "moveTo"]
+        assert len(moves) == 2, f"the line at {y} starts {len(moves)} times: {drawn}"
 
 
 # From now on: whether #history-age is ever marked late (no update for LATE_S, app.js).
@@ -917,6 +952,30 @@ def test_a_turn_asked_in_one_tab_is_shown_and_carried_by_the_other(
     assert asked == ["My name is Alice.", "I live in Lyon.", "Where do I live?"], asked
     completed_shown(page, 3)
     assert questions_shown(page) == asked
+
+
+def test_a_page_brought_back_by_back_shows_the_turns_taken_since(
+        page: Any, server: Server, llm: FakeLLM) -> None:
+    # Its conversation came from the browser's cache as the page first loaded it: a turn
+    # vanished, and the next question went without it.
+    page.goto(server.url)
+    page.fill("#chat-input", "My name is Alice.")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 1)
+    page.reload()  # the page asks the server for the conversation's turns
+    completed_shown(page, 1)
+    page.fill("#chat-input", "I live in Lyon.")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 2)
+    page.goto(f"{server.url}/docs")
+    page.go_back()
+    completed_shown(page, 2)
+    assert questions_shown(page) == ["My name is Alice.", "I live in Lyon."]
+    page.fill("#chat-input", "Where do I live?")
+    page.press("#chat-input", "Enter")
+    completed_shown(page, 3)
+    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] == "user"]
+    assert asked == ["My name is Alice.", "I live in Lyon.", "Where do I live?"], asked
 
 
 def test_a_tab_whose_storage_was_cleared_leaves_the_others_conversation_alone(
@@ -2427,3 +2486,27 @@ def test_the_page_passes_an_axe_audit(browser: Any, make_server: Callable[..., S
     found = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:5], v["help"])
              for v in closed + dialog]
     assert found == [], found
+
+
+def test_why_a_job_ended_is_shown_and_jobs_past_the_newest_are_found(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # A timeout's reason was nowhere on the page (its log is empty), and a job past the 50
+    # newest was "No jobs match." with no way to look further.
+    server = make_server()
+    timed_out = httpx.post(f"{server.url}/api/jobs", json={
+        "kind": "sleep", "input": {"seconds": 30}, "timeout_s": 1}).json()["id"]
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        ended = wait_job(client, timed_out)
+        assert ended["state"] == "timeout"
+        client.post("/api/queue/pause").raise_for_status()
+        for _ in range(50):  # they wait in the paused queue
+            client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}})
+    page.goto(server.url)
+    page.fill("#filter-text", timed_out[:8])
+    page.wait_for_function("document.querySelector('#jobs-note').textContent"
+                           " === 'No jobs match of the newest 50 listed.'", timeout=20_000)
+    page.click("#jobs-older")
+    assert note_of(page, timed_out) == f"timeout: {ended['error']['message']}"
+    page.wait_for_function("document.querySelector('#jobs-note').textContent"
+                           " === '1 job matches.'", timeout=20_000)
+    assert page.is_hidden("#jobs-older")

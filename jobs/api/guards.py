@@ -34,6 +34,7 @@ self.addEventListener("activate", (event) => event.waitUntil((async () => {
 # whole disk cache for it, and it empties the cache of every server of this host name.
 CLEAR_CACHE = (b"clear-site-data", b'"cache"')
 OPENED_BY_LAUNCHER = re.compile(rb"(^|&)opened=")
+NO_STORE = (b"cache-control", b"no-store")
 CLOSED_DETAIL = "the connection closed before its account could be told"
 UNKNOWN_DETAIL = ("this Offload answers only the account that runs it, and could not tell "
                   "whose this connection is just now (the server is short of file "
@@ -102,13 +103,13 @@ class RequestGuard:
             return
         if scope["method"] == "GET" and (b"service-worker", b"script") in scope["headers"]:
             await _send(send, 200, WORKER_REMOVER, b"text/javascript; charset=utf-8",
-                        [(b"cache-control", b"no-store")])
+                        [NO_STORE])
             return
         if scope["method"] == "HEAD":  # a copy: the server still knows it for a HEAD
             # (routes such as /docs take GET only)
             scope = {**scope, "method": "GET", HEAD_ASKED: True}
         if _api_path(scope):  # JSON and event streams: nothing to click
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _not_stored(send))
             return
 
         clear_cache = bool(OPENED_BY_LAUNCHER.search(scope.get("query_string", b"")))
@@ -258,6 +259,20 @@ def route_path(scope: Scope) -> str:
     if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
         return path[len(root):]
     return path
+
+
+def _not_stored(send: Send) -> Send:
+    """`send`, with answers the browser keeps no copy of: a page brought back by Back
+    read a conversation's turns from its cache, without the turns taken since."""
+
+    async def send_not_stored(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", ()))
+            if not any(name.lower() == b"cache-control" for name, _ in headers):
+                message = {**message, "headers": [*headers, NO_STORE]}
+        await send(message)
+
+    return send_not_stored
 
 
 def _api_path(scope: Scope) -> bool:

@@ -107,9 +107,12 @@ async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> N
     next_at = loop.time()
     failing = False  # said once, not every second (the health says it while it lasts)
     while True:
+        # Each CPU reading is of the time since the one before: the first, since the prime.
+        next_at = max(next_at + recorder.interval_s, loop.time())
+        await asyncio.sleep(next_at - loop.time())
         if supervisor.is_leader:
             try:
-                await asyncio.to_thread(recorder.record)
+                await recorder.record()
             except OSError as exc:
                 if not failing:
                     log.warning("cannot record metrics (tried again every %g s): %s",
@@ -119,8 +122,6 @@ async def record_metrics(recorder: MetricsRecorder, supervisor: Supervisor) -> N
                 if failing:
                     log.info("metrics are recorded again")
                 failing = False
-        next_at = max(next_at + recorder.interval_s, loop.time())
-        await asyncio.sleep(next_at - loop.time())
 
 
 async def tell_the_api(settings: Settings, supervisor: Supervisor) -> None:

@@ -4,8 +4,10 @@ samples dropped now and then (`jobs.api.history` reads them)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -19,14 +21,21 @@ class MetricsRecorder:
         self.keep_s = keep_s
         self.interval_s = interval_s
         self._appended = 0
-        psutil.cpu_percent(interval=None)  # the first reading is meaningless; prime it
+        # psutil keeps its last CPU reading per thread, and a thread's first reading says
+        # 0.0: every reading is taken on this one thread, primed here.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="metrics")
+        self._thread.submit(psutil.cpu_percent, None)
 
     def sample(self) -> dict[str, float]:
         mem = psutil.virtual_memory()
         return {"t": round(time.time(), 3), "cpu": psutil.cpu_percent(interval=None),
                 "mem": mem.percent, "mem_used_mb": round(mem.used / 2**20, 1)}
 
-    def record(self) -> dict[str, float]:
+    async def record(self) -> dict[str, float]:
+        """Take a sample and append it, on the recorder's own thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._record)
+
+    def _record(self) -> dict[str, float]:
         """Take a sample and append it; now and then drop what is older than `keep_s`."""
         sample = self.sample()
         self.path.parent.mkdir(parents=True, exist_ok=True)
