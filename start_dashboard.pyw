@@ -6,7 +6,9 @@ Everything `launch.py` prints goes to var/launch.log; the browser opens by itsel
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +23,31 @@ def open_log(log_dir: Path) -> int:
     log_dir.mkdir(mode=0o700, exist_ok=True)
     path = log_dir / "launch.log"
     with contextlib.suppress(OSError):  # none yet, or held open (Windows): appended to
-        if path.stat().st_size > LOG_KEPT_BYTES:
+        if path.lstat().st_size > LOG_KEPT_BYTES:
             os.replace(path, log_dir / "launch.log.1")
-    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.chmod(path, 0o600)  # made by an earlier version, open to all
-    return log_fd
+    if sys.platform == "win32":  # no links another account makes there, nor such modes
+        return os.open(path, APPEND, 0o600)
+    try:
+        log_fd = os.open(path, APPEND, 0o600)
+    except OSError as exc:  # a link (ELOOP), a pipe that no one reads (ENXIO)
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):
+            raise
+    else:
+        found = os.fstat(log_fd)
+        if found.st_uid == os.geteuid() and stat.S_ISREG(found.st_mode):
+            os.fchmod(log_fd, 0o600)  # made by an earlier version, open to all
+            return log_fd
+        os.close(log_fd)
+    # Another account's, in a `var` open to it: never written through (a link of its would
+    # send this output, and a change of mode, to a file of its choosing). A file of ours
+    # takes its place.
+    os.unlink(path)
+    return os.open(path, APPEND | os.O_EXCL, 0o600)
+
+
+# Created the owner's only; never through a link, nor into a pipe (that would wait).
+APPEND = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+          | getattr(os, "O_NONBLOCK", 0))
 
 
 def main() -> int:

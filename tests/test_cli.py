@@ -2054,17 +2054,22 @@ def _on_a_terminal(url: str, *args: str) -> str:
 def test_a_jobs_escape_sequences_are_not_played_on_a_terminal(make_server: MakeServer) -> None:
     # A model's reply (or any job's error or log) held sequences that retitled the
     # terminal and cleared it: `offload show` and `offload log` wrote them out raw.
+    # A carriage return wrote over what the line showed, and U+202E turned the text around.
     url = make_server().url
-    attack = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mred"
+    attack = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mred FAILED\rOK \u202eevil"
     job = json.loads(cli(url, "submit", "probe", "--input", json.dumps({"fail": attack}),
                          "--wait", "--json").stdout)
     assert job["error"]["message"] == attack
     assert "\x1b" not in _on_a_terminal(url, "list")  # its NOTE: the error
     for command in ("show", "log"):
         shown = _on_a_terminal(url, command, job["id"])
-        assert "\x1b" not in shown and "\x07" not in shown, shown
-        assert "\\x1b]0;PWNED\\x07\\x1b[2J\\x1b[31mred" in shown, shown
-        assert attack in cli(url, command, job["id"]).stdout, "into a pipe as it is"
+        assert "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown, shown
+        assert "\\x1b]0;PWNED\\x07\\x1b[2J\\x1b[31mred FAILED" in shown, shown
+        assert "OK \\u202eevil" in shown, shown
+        # A runner's own log keeps its carriage returns: they redraw its progress bars.
+        assert ("FAILED\\x0dOK" in shown) is (command == "show"), shown
+        # Into a pipe as it is (read here as text: its carriage return as a newline).
+        assert attack.replace("\r", "\n") in cli(url, command, job["id"]).stdout
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP")

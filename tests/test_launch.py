@@ -49,9 +49,8 @@ def test_launch_py_the_server_and_offload_default_to_one_address() -> None:
     assert int(serve.DEFAULT_PORT) == int(client.DEFAULT_PORT) == settings.DEFAULT_PORT
 
 
-def test_pyw_sets_its_log_aside_once_past_its_bound(tmp_path: Path) -> None:
-    # Appended to at every start and never cut, launch.log grew for as long as Offload
-    # was used.
+def start_dashboard_pyw() -> Any:
+    """start_dashboard.pyw, imported as a module."""
     import importlib.machinery
     import importlib.util
 
@@ -61,6 +60,13 @@ def test_pyw_sets_its_log_aside_once_past_its_bound(tmp_path: Path) -> None:
     assert spec is not None
     pyw = importlib.util.module_from_spec(spec)
     loader.exec_module(pyw)
+    return pyw
+
+
+def test_pyw_sets_its_log_aside_once_past_its_bound(tmp_path: Path) -> None:
+    # Appended to at every start and never cut, launch.log grew for as long as Offload
+    # was used.
+    pyw = start_dashboard_pyw()
     log = tmp_path / "var" / "launch.log"
     os.close(pyw.open_log(log.parent))
     assert log.stat().st_mode & 0o777 == 0o600

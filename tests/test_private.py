@@ -31,6 +31,7 @@ from jobs import protocol as p
 from jobs.protocol.counters import COUNTERS_FILE
 from tests.conftest import free_port, start_process, stop_process, wait_for
 from tests.server import Server
+from tests.test_launch import start_dashboard_pyw
 
 pytestmark = pytest.mark.skipif(os.name != "posix",
                                 reason="POSIX modes; on Windows the profile's ACLs decide")
@@ -304,6 +305,33 @@ def test_a_build_cache_of_another_account_is_not_installed_from(other_account: s
     assert (f"[offload] refusing the build cache {cache}: the folder {cache} on the way "
             "belongs to another account") in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_start_dashboard_pyw_writes_through_no_link_of_another_account(
+        other_account: str) -> None:
+    # In a `var` open to it, another account's link in place of launch.log had the .pyw
+    # append launch.py's output to a file of its choosing (an authorized_keys), and make
+    # that file 0600.
+    public = Path(tempfile.mkdtemp(prefix="offload-public-"))
+    try:
+        public.chmod(0o755)
+        var, victim = public / "var", public / "authorized_keys"
+        var.mkdir(mode=0o777)
+        var.chmod(0o777)
+        victim.write_bytes(b"the owner's key\n")
+        victim.chmod(0o644)
+        subprocess.run(["runuser", "-u", other_account, "--", "ln", "-s", str(victim),
+                        str(var / "launch.log")], check=True)
+        log_fd = start_dashboard_pyw().open_log(var)
+        os.write(log_fd, b"what launch.py said\n")
+        os.close(log_fd)
+        assert victim.read_bytes() == b"the owner's key\n"
+        assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+        log = var / "launch.log"
+        assert not log.is_symlink() and log.read_bytes() == b"what launch.py said\n"
+        assert log.stat().st_uid == os.geteuid() and stat.S_IMODE(log.stat().st_mode) == 0o600
+    finally:
+        shutil.rmtree(public)
 
 
 # Takes a file's lock as another account, and holds it: flock needs no right to write.
@@ -868,12 +896,18 @@ class _Listener:
         self.sock.close()
 
 
-@pytest.mark.parametrize("how", ["in their folder", "their file", "a file all can write"])
+@pytest.mark.parametrize("how", ["in their folder", "their file", "a file all can write",
+                                 "a file their group can write",
+                                 "in a folder their group can write"])
 def test_a_settings_file_another_account_could_have_written_is_not_read(
         how: str, other_account: str, tmp_path: Path) -> None:
     # A .env left where one starts Offload (/tmp, a shared checkout) named a listener of
     # another account as the server: the CLI sent it the token. As the model server, it
-    # would have had every chat.
+    # would have had every chat. Of a group another account is of (a project folder
+    # shared with the usual umask 002), it was read.
+    import pwd  # POSIX only
+
+    their_group = pwd.getpwnam(other_account).pw_gid
     listener = _Listener()
     folder = tmp_path / "shared"
     folder.mkdir()
@@ -885,9 +919,18 @@ def test_a_settings_file_another_account_could_have_written_is_not_read(
     elif how == "their file":
         shutil.chown(env_file, other_account)
         said = "it belongs to another account"
-    else:
+    elif how == "a file all can write":
         env_file.chmod(0o666)
         said = "every account can write it"
+    elif how == "a file their group can write":
+        os.chown(env_file, -1, their_group)
+        env_file.chmod(0o664)
+        said = f"another account of its group (gid {their_group}) can write it (chmod g-w it)"
+    else:
+        os.chown(folder, -1, their_group)
+        folder.chmod(0o2775)
+        said = (f"the folder {folder} on the way can be written by another account of its "
+                f"group (gid {their_group})")
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_")}
     env.update({"OFFLOAD_API_TOKEN": uuid.uuid4().hex, "OFFLOAD_DATA_DIR": str(tmp_path / "var")})
     starts = {"cli": ["-m", "jobs", "list"],
@@ -912,19 +955,24 @@ def test_a_settings_file_another_account_could_have_written_is_not_read(
         schedules.chmod(0o666)
     elif how == "their file":
         shutil.chown(schedules, other_account)
+    elif how == "a file their group can write":
+        os.chown(schedules, -1, their_group)
+        schedules.chmod(0o664)
     done = subprocess.run([sys.executable, starts["api"][0], "--port", "0"], cwd=folder,
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, done.stderr
-    if how == "in their folder":  # with no .env there: they could put one in meanwhile
+    if how.startswith("in "):  # with no .env there: they could put one in meanwhile
         assert f"refusing to read {env_file}: {said}" in done.stderr, done.stderr
     else:
         assert f"refusing to read the schedules file {schedules}: {said}" in done.stderr
     schedules.unlink()
     env_file.write_text("")
-    # The same file, the user's own and theirs alone, is read.
-    shutil.chown(folder, os.geteuid())
-    shutil.chown(env_file, os.geteuid())
-    env_file.chmod(0o600)
+    # The same file, the user's own and theirs alone, is read: written by its group too,
+    # where that group is the user's alone.
+    os.chown(folder, os.geteuid(), os.getegid())
+    folder.chmod(0o775)
+    os.chown(env_file, os.geteuid(), os.getegid())
+    env_file.chmod(0o660)
     closed = f"http://127.0.0.1:{free_port()}"
     env_file.write_text(f"OFFLOAD_URL={closed}\n")
     done = subprocess.run([sys.executable, "-m", "jobs", "list"], cwd=folder, env=env,
@@ -1035,6 +1083,22 @@ def test_an_open_data_folder_holding_another_accounts_link_is_refused(
     assert "which belongs to another account" in said
     assert mine.read_text() == "mine\n"
     assert list(theirs.iterdir()) == []
+
+
+def test_the_name_of_another_accounts_file_is_said_with_its_control_characters_written_out(
+        other_account: str, data_dir: Path, tmp_path: Path) -> None:
+    # Said raw, a name could clear the owner's terminal, or start a line of its own in the
+    # log the message went to (a key line, in a file the log was linked to).
+    data_dir.mkdir()
+    data_dir.chmod(0o777)
+    planted = data_dir / "x\nssh-ed25519 AAAA attacker\n\x1b]0;HACKED\x07\u202eevil"
+    planted.write_text("")
+    shutil.chown(planted, other_account)
+    said = _refused_start("api", data_dir, tmp_path).read_text()
+    assert (f"and holds {data_dir}/x\\x0assh-ed25519 AAAA attacker\\x0a\\x1b]0;HACKED"
+            "\\x07\\u202eevil, which belongs to another account") in said, said
+    assert "\x1b" not in said and "\u202e" not in said
+    assert not any(line.startswith("ssh-ed25519") for line in said.splitlines())
 
 
 @pytest.mark.parametrize("first", ["api", "supervisor"])

@@ -140,7 +140,7 @@ def cmd_log(client: Client, args: argparse.Namespace) -> int:
         if args.json:
             print_json({"id": args.id, "log": text})
         elif text:
-            sys.stdout.write(shown(text, sys.stdout))
+            sys.stdout.write(shown(text, sys.stdout, progress_bars=True))
         elif client.job("GET", f"/api/jobs/{job_path(args.id)}")[p.F_STATE] == p.JobState.QUEUED:
             sys.stderr.write(f"offload: job {args.id} has not started yet, so has logged "
                              "nothing (offload log ID --follow waits for it)\n")

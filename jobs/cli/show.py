@@ -9,6 +9,7 @@ import time
 from typing import IO, Any
 
 from jobs import protocol as p
+from jobs.protocol import trust
 
 CHAT = "chat"  # the kind the embedded model answers, no more at once than its slots
 # `/api/queue`'s `model_engine` for a model of one slot, and what gives it more.
@@ -195,17 +196,23 @@ def _why_queued(job: dict[str, Any], engine: str | None) -> list[tuple[str, str]
     return []
 
 
-# Control characters but tab, newline and carriage return (a progress line).
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# Control characters but tab and newline, and the marks that turn the direction of the
+# text around (U+202E shows "exe.txt" as "txt.exe"). A carriage return goes back over what
+# the line showed ("FAILED\rOK    "): written out but before a newline (Windows' line end).
+_CONTROL = f"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f{trust.DIRECTION_MARKS}]"
+_SHOWN_ALONE = re.compile(f"{_CONTROL}|\r(?!\n)")
+_SHOWN_ALONE_BUT_CR = re.compile(_CONTROL)
 
 
-def shown(text: str, stream: IO[str]) -> str:
+def shown(text: str, stream: IO[str], progress_bars: bool = False) -> str:
     """`text` for `stream`: on a terminal, control characters written out (`\\x1b`), as
     a model's reply or a job's log can hold escape sequences that retitle the window or
-    clear the screen; into a file or a pipe, as it is."""
+    clear the screen; into a file or a pipe, as it is. `progress_bars`: a runner's own
+    output, whose carriage returns redraw its progress line."""
     if not stream.isatty():
         return text
-    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+    found = _SHOWN_ALONE_BUT_CR if progress_bars else _SHOWN_ALONE
+    return found.sub(trust.written_out, text)
 
 
 def print_json(value: Any) -> None:

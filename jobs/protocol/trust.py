@@ -24,6 +24,24 @@ SECRET_SETTING = re.compile(
     rb"|OPENAI_BASE_URL[ \t]*=[ \t]*['\"]?[a-z][a-z0-9+.-]*://[^\s/?#'\"]*@)", re.I | re.M)
 
 
+# The marks that turn the text's direction around (U+202E shows "exe.txt" as "txt.exe").
+DIRECTION_MARKS = "\u202a-\u202e\u2066-\u2069"
+# Control characters too: a name another account gave a file could clear the terminal,
+# or start a line of its own in a file the message is written to.
+_UNPRINTABLE = re.compile(f"[\x00-\x1f\x7f-\x9f{DIRECTION_MARKS}]")
+
+
+def written_out(found: re.Match[str]) -> str:
+    """A character found, written out: `\\x1b`, `\\u202e`."""
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def named(path: object) -> str:
+    """A path in a message, its unprintable characters written out (see `written_out`)."""
+    return _UNPRINTABLE.sub(written_out, str(path))
+
+
 def private_files() -> None:
     """From now on this process creates folders 0700 and files 0600: chats, logs and
     results are their owner's only. Windows has no such modes: its ACLs decide there."""
@@ -41,6 +59,27 @@ def trusted_owners() -> set[int]:
     with contextlib.suppress(OSError):
         owners.add(os.stat(ROOT).st_uid)
     return owners
+
+
+def another_in_group(gid: int) -> bool:
+    """Whether an account Offload does not trust is of group `gid` (listed in it, or its
+    own group): one that may write what that group may. A group of one's own (most Linux
+    accounts have one) holds no other."""
+    if sys.platform == "win32":  # no such groups: the profile's ACLs decide
+        return False
+    import grp
+    import pwd
+
+    trusted = {*trusted_owners(), 0}
+    with contextlib.suppress(KeyError):  # a group no name is given for lists no one
+        for name in grp.getgrgid(gid).gr_mem:
+            try:
+                if pwd.getpwnam(name).pw_uid not in trusted:
+                    return True
+            except KeyError:  # listed, yet no such account: none to write
+                continue
+    return any(account.pw_gid == gid and account.pw_uid not in trusted
+               for account in pwd.getpwall())
 
 
 def unsafe_way(path: str, what: str = "the data folder") -> str | None:
@@ -62,12 +101,18 @@ def unsafe_way(path: str, what: str = "the data folder") -> str | None:
             continue
         entry = os.path.join(here, part)
         try:
-            owner: int | None = os.stat(here).st_uid
+            folder: os.stat_result | None = os.stat(here)
         except OSError:  # below a folder not there yet: made by this account
-            owner = None
-        if owner is not None and owner not in trusted:
-            return (f"the folder {here} on the way belongs to another account (uid {owner}), "
-                    f"which could put {what} of its own in its place")
+            folder = None
+        if folder is not None and folder.st_uid not in trusted:
+            return (f"the folder {named(here)} on the way belongs to another account "
+                    f"(uid {folder.st_uid}), which could put {what} of its own in its place")
+        # A group's folder without the sticky bit: any of the group may rename what is in it.
+        if (folder is not None and folder.st_mode & stat.S_IWGRP
+                and not folder.st_mode & stat.S_ISVTX and another_in_group(folder.st_gid)):
+            return (f"the folder {named(here)} on the way can be written by another account "
+                    f"of its group (gid {folder.st_gid}), which could put {what} of its own in "
+                    f"its place: chmod g-w it, or choose another folder")
         try:
             st = os.lstat(entry)
         except OSError:  # not there yet: made by this account (a `..` may lead back)
@@ -77,7 +122,7 @@ def unsafe_way(path: str, what: str = "the data folder") -> str | None:
             here = entry
             continue
         if st.st_uid not in trusted:
-            return (f"{entry} is a link of another account (uid {st.st_uid}), which could "
+            return (f"{named(entry)} is a link of another account (uid {st.st_uid}), which could "
                     f"send {what} elsewhere")
         links += 1
         try:
@@ -85,7 +130,7 @@ def unsafe_way(path: str, what: str = "the data folder") -> str | None:
                 raise OSError("too many links")
             target = os.readlink(entry)
         except OSError:
-            return f"{entry} leads through links that do not end (a loop)"
+            return f"{named(entry)} leads through links that do not end (a loop)"
         here = os.sep if target.startswith(os.sep) else here
         pending.extend([each for each in target.split(os.sep) if each][::-1])
     return None
@@ -129,6 +174,9 @@ def read_settings_file(path: str, what: str = "a settings file") -> bytes | None
                 raise UnsafeSettingsFile(f"it belongs to another account (uid {st.st_uid})")
             if st.st_mode & stat.S_IWOTH:
                 raise UnsafeSettingsFile("every account can write it (chmod o-w it)")
+            if st.st_mode & stat.S_IWGRP and another_in_group(st.st_gid):
+                raise UnsafeSettingsFile(f"another account of its group (gid {st.st_gid}) "
+                                         "can write it (chmod g-w it)")
         data = f.read()
         # Readable by a group only: shared on purpose (a service account of that group).
         if st.st_mode & stat.S_IROTH and SECRET_SETTING.search(data):

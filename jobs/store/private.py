@@ -125,8 +125,8 @@ def refuse_planted(data_dir: Path, opened: Opened | None = None) -> None:
     path, owner = foreign
     was = ("may have been open to other accounts" if opened is None else
            f"was open to other accounts ({opened[0]}: mode {opened[1]:03o})")
-    raise UnsafeDataFolder(f"the data folder {data_dir} {was} and holds {path}, which "
-                           f"belongs to another account (uid {owner}): a link or a job of "
+    raise UnsafeDataFolder(f"the data folder {data_dir} {was} and holds {trust.named(path)}, "
+                           f"which belongs to another account (uid {owner}): a link or a job of "
                            "theirs would have Offload write where they choose or run what "
                            "they put there. Look at it, remove it, then start again")
 
