@@ -36,6 +36,8 @@ EXPERT_PROMPT = (
 EMBEDDED_WAIT_S = 120.0  # a chat sent while the embedded model loads waits this long
 EMBEDDED_WAIT_MARGIN_S = 5.0  # and gives up this long before its deadline, saying why
 EMBEDDED_MAX_TOKENS = 512
+GONE_WITHIN_S = 2.0  # an embedded model that failed a chat is said stopped within this
+RESTARTS_WAITED = 3  # a chat waits for at most this many starts of the embedded model
 # max_tokens' lowest and highest: checked by hand here and, before a job is created, by
 # the API's ChatInput (jobs/inputs.py), which is built from them.
 MAX_TOKENS = (1, 32_768)
@@ -73,8 +75,8 @@ def execute(job: base.Job) -> dict[str, Any]:
         raise base.RunnerError("the job input has no messages to send")
     options = _options(job.input)  # before any server is asked
     messages = [_without_notice(m) for m in _with_earlier_turns(job, messages)]
-    config = _config(job)
-    embedded_used = not os.environ.get("OPENAI_BASE_URL")
+    config, server = _config(job)
+    embedded_used = server is not None
     # The packaged model only: OFFLOAD_LOCAL_MODEL may serve one that speaks the language.
     notice = ENGLISH_ONLY if embedded_used and not os.environ.get(
         "OFFLOAD_LOCAL_MODEL") and not is_english(_question(messages)) else ""
@@ -83,15 +85,35 @@ def execute(job: base.Job) -> dict[str, Any]:
         options["max_tokens"] = EMBEDDED_MAX_TOKENS
     full = _with_expert(job.input, messages)
     # The embedded model's context has a known size: a long conversation's first turns go.
-    room = embedded.SLOT_CTX - int(options["max_tokens"]) if embedded_used else 0
-    asked = _fitting(full, room) if embedded_used else full
+    # A reply asked longer than the default takes no turn's room (a `max_tokens` of 32768
+    # left out every turn): it gets what the context has left.
+    wanted = int(options.get("max_tokens") or 0)  # set on the embedded model (above)
+    least = min(wanted, EMBEDDED_MAX_TOKENS)  # the reply's room, whatever the turns take
+    asked = _fitting(full, embedded.SLOT_CTX - least) if embedded_used else full
     _say_asking(job, config, len(full) - len(asked))
     job.emit(notice)
+    spoken = [False]  # whether the model has said anything to this chat
+
+    def emit(text: str) -> None:
+        spoken[0] = spoken[0] or bool(text)
+        job.emit(text)
+
+    restarts_waited = 0
     while True:
+        if embedded_used:  # a server refuses a prompt and reply its context cannot hold
+            options["max_tokens"] = min(wanted, max(
+                least, embedded.SLOT_CTX - sum(map(_tokens, asked))))
         try:
-            reply = llm_client.chat(config, asked, job.emit, **options)
+            reply = llm_client.chat(config, asked, emit, **options)
             break
         except base.RunnerError as exc:
+            # The embedded model died as this chat was let go to it (its slot freed as the
+            # chats it held died with it): the chat waits for its next start instead.
+            if (server is not None and exc.transient and not spoken[0]
+                    and restarts_waited < RESTARTS_WAITED and _gone(job, server)):
+                restarts_waited += 1
+                config, server = _config(job)
+                continue
             counted = _refused_as_too_long(exc.message)
             if counted is None:
                 raise
@@ -104,12 +126,13 @@ def execute(job: base.Job) -> dict[str, Any]:
                     "provider") from None
             # The guess was short (digits, code, emoji take more tokens than prose): the
             # server's own count says by how much; more of the earliest turns go.
-            fewer = _fewer(full, asked, room * sum(map(_tokens, asked)) // max(counted, 1))
+            fewer = _fewer(full, asked, (embedded.SLOT_CTX - least) * sum(map(_tokens, asked))
+                           // max(counted, 1))
             if fewer is None:
                 raise base.RunnerError(
                     f"the message is too long for the embedded model: with the system prompt "
                     f"(and its context) it takes {counted} tokens, and a chat's context holds "
-                    f"{embedded.SLOT_CTX}, its answer ({options['max_tokens']} tokens at most) "
+                    f"{embedded.SLOT_CTX}, its answer ({least} tokens at most) "
                     "included; shorten it, or set OPENAI_BASE_URL to a model with a longer "
                     "context",
                     "provider") from None
@@ -209,7 +232,23 @@ def _with_earlier_turns(job: base.Job, messages: list[dict[str, Any]]
             turns[:0] = [{"role": "user", "content": str(questions[-1].get("content"))},
                          {"role": "assistant", "content": reply}]
         after = earlier.get(p.F_AFTER)
-    return [*messages[:-1], *turns, messages[-1]] if turns else messages
+    if not turns:
+        return messages
+    return [*_without_questions_of(messages[:-1], turns), *turns, messages[-1]]
+
+
+def _without_questions_of(history: list[dict[str, Any]], turns: list[dict[str, Any]]
+                          ) -> list[dict[str, Any]]:
+    """`history` less the questions of `turns` it ends with, unanswered: a client that
+    keeps its history as OpenAI's API has it sent [Q1, Q2] while Q1 was answered, and the
+    model would have been asked Q1 twice."""
+    asked = [str(turn["content"]).strip() for turn in turns if turn["role"] == "user"]
+    for count in range(min(len(asked), len(history)), 0, -1):
+        tail = history[-count:]
+        if (all(m.get("role") == "user" for m in tail)
+                and [str(m.get("content") or "").strip() for m in tail] == asked[-count:]):
+            return history[:-count]
+    return history
 
 
 def _ended_after(job_data: dict[str, Any], created_at: object) -> bool:
@@ -291,9 +330,10 @@ def _tokens(message: dict[str, Any]) -> int:
     return ascii_chars // 3 + 2 * (len(text) - ascii_chars) + 8
 
 
-def _config(job: base.Job) -> llm_client.Config:
+def _config(job: base.Job) -> tuple[llm_client.Config, dict[str, Any] | None]:
+    """The server to ask, and the embedded model's status where it is that one's."""
     if os.environ.get("OPENAI_BASE_URL"):
-        return llm_client.Config.from_env(os.environ)
+        return llm_client.Config.from_env(os.environ), None
     data_dir = job.data_dir
     if data_dir is None:
         raise base.RunnerError(
@@ -308,7 +348,20 @@ def _config(job: base.Job) -> llm_client.Config:
     status = _wait_for_embedded(job, data_dir, key)
     config = llm_client.Config.from_env(os.environ, base_url=str(status["base_url"]))
     config.api_key = key
-    return config
+    return config, status
+
+
+def _gone(job: base.Job, status: dict[str, Any]) -> bool:
+    """Whether the embedded model of `status` has stopped, or stops within GONE_WITHIN_S
+    (its supervisor says so a moment after it dies)."""
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while True:
+        now = embedded.read_status(str(job.data_dir)) or {}
+        if any(now.get(key) != status.get(key) for key in ("ready", "base_url", "pid")):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _wait_for_embedded(job: base.Job, data_dir: str, key: str) -> dict[str, Any]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
+import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,8 +109,13 @@ def running_with_output(client: httpx.Client, job_id: str) -> dict[str, Any]:
     return wait_for(check, 60, 0.05, f"job {job_id} to start answering")
 
 
+# A client that keeps its history as OpenAI's API has it sends the question still being
+# answered with the next ([Q1, Q2]): the turn Q1, A1 went in before Q2, and the model was
+# asked Q1 twice.
+@pytest.mark.parametrize("history", [[], [{"role": "user", "content": "first question"}]],
+                         ids=["without the first question", "with the first question"])
 def test_a_second_message_waits_for_the_first_and_sees_its_reply(
-        make_server: MakeServer) -> None:
+        make_server: MakeServer, history: list[dict[str, str]]) -> None:
     with FakeLLM(gated="first question") as llm:
         server = make_server(env={"OPENAI_BASE_URL": llm.base_url,
                                   "OFFLOAD_MAX_CONCURRENT": "4"})
@@ -116,7 +124,8 @@ def test_a_second_message_waits_for_the_first_and_sees_its_reply(
                 first = ask(client, "first question", session_id="s-1")
                 running_with_output(client, first)
                 # Sent before the first reply existed: its history lacks that reply.
-                second = ask(client, "second question", session_id="s-1")
+                second = client.post("/api/ai_chat_async", json={"session_id": "s-1", "messages": [
+                    *history, {"role": "user", "content": "second question"}]}).json()["job_id"]
                 waiting = client.get(f"/api/jobs/{second}").json()
                 other = final(client, ask(client, "another conversation", session_id="s-2"))
                 still = client.get(f"/api/jobs/{second}").json()
@@ -533,6 +542,21 @@ def test_a_question_not_in_english_is_told_the_embedded_model_speaks_english(
         "the model does not read the word back"
 
 
+def asked_of_the_embedded_model(make_supervisor: Callable[..., RunningSupervisor],
+                                data_dir: Path, **chat_input: Any
+                                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A chat run on the embedded model (a fake one, its status written as its supervisor
+    writes it) once it has ended, and the body of the model's first request."""
+    with FakeLLM() as llm:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        p.write_json(data_dir / "llm.json", {"available": True, "ready": True,
+                                             "base_url": llm.base_url,
+                                             "key_id": embedded.key_id("test-key")})
+        sup = make_supervisor(runner_env={embedded.KEY_ENV: "test-key"})
+        job = sup.wait_final(sup.submit("chat", **chat_input), 60)
+        return job, llm.requests[0]["body"]
+
+
 def test_a_long_conversation_fits_the_embedded_models_context(
         make_supervisor: Callable[..., RunningSupervisor], data_dir: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -544,20 +568,64 @@ def test_a_long_conversation_fits_the_embedded_models_context(
         history += [{"role": "user", "content": f"question {turn} " + "why " * 150},
                     {"role": "assistant", "content": f"answer {turn} " + "because " * 150}]
     last = {"role": "user", "content": "And the last question?"}
-    with FakeLLM() as llm:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        p.write_json(data_dir / "llm.json", {"available": True, "ready": True,
-                                             "base_url": llm.base_url,
-                                             "key_id": embedded.key_id("test-key")})
-        sup = make_supervisor(runner_env={embedded.KEY_ENV: "test-key"})
-        job = sup.wait_final(sup.submit("chat", messages=[*history, last]), 60)
-        asked = llm.requests[0]["body"]
+    job, asked = asked_of_the_embedded_model(make_supervisor, data_dir,
+                                             messages=[*history, last])
     assert job["state"] == "completed", job
     sent = asked["messages"]
     assert sent[0]["role"] == "system" and sent[-1] == last
     assert sent[-3]["content"].startswith("question 11") and len(sent) < len(history)
     # Within the context, as the server counts (about four characters a token here).
     assert sum(len(m["content"]) for m in sent) / 4 + asked["max_tokens"] < embedded.SLOT_CTX
+
+
+def test_a_long_reply_asked_of_the_embedded_model_keeps_the_conversation(
+        make_supervisor: Callable[..., RunningSupervisor], data_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `max_tokens` near the context's size left every earlier turn out of a short
+    conversation: the model no longer knew what it had been told."""
+    monkeypatch.delenv("OFFLOAD_LOCAL_MODEL", raising=False)
+    conversation = [{"role": "user", "content": "My favourite colour is teal."},
+                    {"role": "assistant", "content": "Noted, teal."},
+                    {"role": "user", "content": "What is my favourite colour? Then an essay."}]
+    job, asked = asked_of_the_embedded_model(make_supervisor, data_dir,
+                                             messages=conversation, max_tokens=32768)
+    assert job["state"] == "completed", job
+    assert asked["messages"][1:] == conversation
+    # The rest of the context, as the server counts (about four characters a token here).
+    assert 1500 < asked["max_tokens"] < embedded.SLOT_CTX - sum(
+        len(m["content"]) for m in asked["messages"]) / 4
+
+
+def test_a_chat_let_go_to_an_embedded_model_as_it_died_waits_for_its_next_start(
+        make_supervisor: Callable[..., RunningSupervisor], data_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its slot freed as the chats it held died with it, a waiting chat was let go to the
+    dead server before its supervisor said so: it failed, or spent an attempt."""
+    monkeypatch.delenv("OFFLOAD_LOCAL_MODEL", raising=False)
+    status = data_dir / "llm.json"
+    dying = socket.create_server(("127.0.0.1", 0))
+    with FakeLLM() as llm:
+
+        def die_as_asked() -> None:  # the model's supervisor says so a moment later
+            conn, _ = dying.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # reset: "closed the connection before answering"
+            time.sleep(0.3)
+            p.write_json(status, {**ready, "base_url": llm.base_url, "pid": 2})
+
+        ready = {"available": True, "ready": True, "pid": 1,
+                 "base_url": f"http://127.0.0.1:{dying.getsockname()[1]}/v1",
+                 "key_id": embedded.key_id("test-key")}
+        data_dir.mkdir(parents=True, exist_ok=True)
+        p.write_json(status, ready)
+        threading.Thread(target=die_as_asked, daemon=True).start()
+        sup = make_supervisor(runner_env={embedded.KEY_ENV: "test-key"})
+        job = sup.wait_final(sup.submit("chat", messages=[
+            {"role": "user", "content": "hi"}]), 60)
+    dying.close()
+    assert job["state"] == "completed", job
+    assert job["attempt"] == 1 and not job.get("earlier_errors"), job
+    assert len(llm.requests) == 1
 
 
 @pytest.mark.llm

@@ -929,26 +929,32 @@ def questions_shown(page: Any) -> list[str]:
     return [text.strip() for text in page.locator("#chat-log li.msg.user").all_inner_texts()]
 
 
+def ask_in(page: Any, question: str, replies: int) -> None:
+    """Ask `question` on `page`, and wait until it shows `replies` completed replies."""
+    page.fill("#chat-input", question)
+    page.press("#chat-input", "Enter")
+    completed_shown(page, replies)
+
+
+def users_asked(llm: FakeLLM) -> list[str]:
+    """The questions of the conversation the model was last asked."""
+    return [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] == "user"]
+
+
 def test_a_turn_asked_in_one_tab_is_shown_and_carried_by_the_other(
         page: Any, server: Server, llm: FakeLLM) -> None:
     # The other tab went on with the conversation as it had loaded it: its next question
     # went without this tab's newer turns, which it showed only after a reload.
     page.goto(server.url)
-    page.fill("#chat-input", "My name is Alice.")
-    page.press("#chat-input", "Enter")
-    completed_shown(page, 1)
+    ask_in(page, "My name is Alice.", 1)
     other = page.context.new_page()
     other.goto(server.url)
     completed_shown(other, 1)
-    page.fill("#chat-input", "I live in Lyon.")
-    page.press("#chat-input", "Enter")
-    completed_shown(page, 2)
+    ask_in(page, "I live in Lyon.", 2)
     completed_shown(other, 2)
     assert questions_shown(other) == ["My name is Alice.", "I live in Lyon."]
-    other.fill("#chat-input", "Where do I live?")
-    other.press("#chat-input", "Enter")
-    completed_shown(other, 3)
-    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] == "user"]
+    ask_in(other, "Where do I live?", 3)
+    asked = users_asked(llm)
     assert asked == ["My name is Alice.", "I live in Lyon.", "Where do I live?"], asked
     completed_shown(page, 3)
     assert questions_shown(page) == asked
@@ -959,22 +965,16 @@ def test_a_page_brought_back_by_back_shows_the_turns_taken_since(
     # Its conversation came from the browser's cache as the page first loaded it: a turn
     # vanished, and the next question went without it.
     page.goto(server.url)
-    page.fill("#chat-input", "My name is Alice.")
-    page.press("#chat-input", "Enter")
-    completed_shown(page, 1)
+    ask_in(page, "My name is Alice.", 1)
     page.reload()  # the page asks the server for the conversation's turns
     completed_shown(page, 1)
-    page.fill("#chat-input", "I live in Lyon.")
-    page.press("#chat-input", "Enter")
-    completed_shown(page, 2)
+    ask_in(page, "I live in Lyon.", 2)
     page.goto(f"{server.url}/docs")
     page.go_back()
     completed_shown(page, 2)
     assert questions_shown(page) == ["My name is Alice.", "I live in Lyon."]
-    page.fill("#chat-input", "Where do I live?")
-    page.press("#chat-input", "Enter")
-    completed_shown(page, 3)
-    asked = [m["content"] for m in llm.requests[-1]["body"]["messages"] if m["role"] == "user"]
+    ask_in(page, "Where do I live?", 3)
+    asked = users_asked(llm)
     assert asked == ["My name is Alice.", "I live in Lyon.", "Where do I live?"], asked
 
 
