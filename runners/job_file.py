@@ -8,6 +8,7 @@ import errno
 import os
 import signal
 import sys
+import time
 
 from jobs import protocol as p
 from jobs.protocol import remote
@@ -77,6 +78,17 @@ def _other_runner(data: dict[str, Any]) -> str | None:
     return f"pid {pid}" if pid != os.getpid() and _alive(pid) else None
 
 
+def _claim_by_hand(path: str) -> None:
+    """This runner's claim of a queued job (FileExistsError if a supervisor made one): a
+    supervisor about to launch it finds the claim and watches this runner instead, as
+    it watches the runners it finds after a restart."""
+    from runners.resources import created
+
+    record = {"pid": os.getpid(), "create_time": created(), "launched_ns": time.time_ns(),
+              "by_hand": True}
+    p.write_json(p.sibling(path, p.RUN_FILE), p.launch_record(path, record), exclusive=True)
+
+
 def _alive(pid: int) -> bool:
     if sys.platform == "win32":
         import ctypes
@@ -118,6 +130,20 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
         print(f"error: job {p.id_of(path)} is running ({runner}); cancel it first "
               f"(offload cancel {p.id_of(path)}) or wait for it to end", file=sys.stderr)
         return EXIT_USAGE
+    launched = os.environ.pop(p.LAUNCHED_ENV, None) is not None or emit_key is not None
+    if not launched and data.get(p.F_STATE) == p.JobState.QUEUED:
+        try:  # a supervisor launches queued jobs too: one claim of the two is made
+            _claim_by_hand(path)
+        except FileExistsError:
+            print(f"error: job {p.id_of(path)} is being started by a supervisor (its claim "
+                  f"{p.RUN_FILE} is there); wait for it (offload wait {p.id_of(path)}), or "
+                  "pause the queue (offload pause) before running a queued job by hand",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as exc:
+            print(f"error: cannot put the job's claim on disk ({exc.strerror or exc}); "
+                  "nothing of the job ran", file=sys.stderr)
+            return EXIT_RETRY
     try:
         p.sync_claim(path)  # nothing of the job runs before its claim is on disk
     except OSError as exc:

@@ -9,7 +9,8 @@ Input: {"seconds": float, "steps": int (progress updates, default 10),
         "fail": str (raise an error with this message),
         "spew": bool (print lines to the log as fast as it can for the whole time),
         "linger_s": float (live on this long after its final state is written),
-        "emit": int (emit this many characters of output, in pieces of 100,000)}
+        "emit": int (emit this many characters of output, in pieces of 100,000),
+        "count_to": str (append the job's id and this runner's pid to this file, at start)}
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 
 def execute(job: base.Job) -> dict[str, Any]:
     child = None
+    if job.input.get("count_to"):  # each run of the job, counted
+        with open(str(job.input["count_to"]), "a") as runs:
+            runs.write(f"{job.data['id']} {os.getpid()}\n")
     if job.input.get("linger_s"):
         import threading
 

@@ -26,7 +26,9 @@ from tests.conftest import (
     start_process,
     stop_process,
     wait_for,
+    wait_job,
 )
+from tests.server import Server
 
 
 def test_second_supervisor_adopts_runners_of_a_killed_one(
@@ -115,7 +117,8 @@ def test_a_runner_its_claim_does_not_name_is_adopted_by_the_pid_it_wrote(
     ahead.kill()
     ahead.wait(10)
     p.write_json(p.sibling(job_file, p.RUN_FILE), Runner(job_id, ahead.pid, created).record())
-    runner = start_process(["-m", "runners.sleep", "--job-file", str(job_file)])
+    runner = start_process(["-m", "runners.sleep", "--job-file", str(job_file)],
+                           env={p.LAUNCHED_ENV: "1"})  # by the supervisor that was killed
     try:
         wait_for(lambda: store.read(job_id).get("pid") == runner.pid, timeout=30,
                  what="the runner running, its pid in the job file")
@@ -156,7 +159,8 @@ def test_a_runner_that_has_not_yet_said_its_pid_is_adopted_not_run_again(
     listen, word = os.pipe()
     runner = subprocess.Popen(
         [sys.executable, "-m", "runners.sleep", "--job-file", str(job_file)], cwd=ROOT,
-        env={**os.environ, p.CLAIM_WORD_ENV: str(listen)}, pass_fds=(listen,),
+        env={**os.environ, p.CLAIM_WORD_ENV: str(listen), p.LAUNCHED_ENV: "1"},
+        pass_fds=(listen,),
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(listen)
     try:
@@ -263,3 +267,31 @@ def test_a_killed_supervisor_takes_its_model_server_with_it(data_dir: Path) -> N
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     wait_for(lambda: process_gone(server.pid), timeout=30, what="the model server to go")
+
+
+def test_queued_jobs_run_by_hand_as_their_supervisor_launches_them_run_once(
+        make_server: Callable[..., Server], tmp_path: Path) -> None:
+    # Run by hand as the queue went on, a job ran twice at once: the runner by hand and
+    # the supervisor's each read it queued before the other's claim. Others were logged
+    # "failed (lost)" while their runner by hand completed them.
+    runs = tmp_path / "runs.txt"
+    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "16"})
+    with server.client() as client:
+        client.post("/api/queue/pause").raise_for_status()
+        ids = [client.post("/api/jobs", json={"kind": "probe", "input": {
+            "seconds": 0.5, "steps": 1, "count_to": str(runs)}}).json()["id"]
+            for _ in range(12)]
+        client.post("/api/queue/resume").raise_for_status()
+        by_hand = [subprocess.Popen(
+            [sys.executable, "-m", "tests.probe_runner", "--job-file",
+             str(server.data_dir / "jobs" / job_id / p.JOB_FILE)], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for job_id in ids]
+        said = [proc.communicate(timeout=120)[1] for proc in by_hand]
+        finals = [wait_job(client, job_id) for job_id in ids]
+    counted = [line.split()[0] for line in runs.read_text().splitlines()]
+    assert sorted(counted) == sorted(ids), "each job ran once"
+    assert [job["state"] for job in finals] == ["completed"] * len(ids), finals
+    for proc, stderr in zip(by_hand, said, strict=True):  # ran it, or said who does
+        assert proc.returncode == 0 or (proc.returncode == 2 and (
+            "is being started by a supervisor" in stderr or "is running" in stderr)), stderr
+    assert "lost" not in _log(server.data_dir)

@@ -22,18 +22,20 @@ import pytest
 
 from jobs import protocol as p
 from tests.conftest import wait_for
-from tests.tracing import RENAMES, Call, TracedServer, parse
+from tests.tracing import PUT_IN_PLACE, Call, TracedServer, parse
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
-SYSCALLS = "openat,fsync,fdatasync,rename,renameat,renameat2,sendto,sendmsg,write,writev"
+SYSCALLS = ("openat,fsync,fdatasync,rename,renameat,renameat2,link,linkat,sendto,sendmsg,"
+            "write,writev")
 FSYNCS = ("fsync", "fdatasync")
 
 
 def _renames_to(calls: list[Call], target: Path) -> list[tuple[Call, str]]:
-    """Successful renames onto `target`, with the temp file each moved."""
+    """Temp files put in place at `target` (renamed onto it, or linked), each with its
+    call."""
     found = []
     for call in calls:
-        if call.name in RENAMES and call.text.rstrip().endswith("= 0"):
+        if call.name in PUT_IN_PLACE and call.text.rstrip().endswith("= 0"):
             paths = re.findall(r'"([^"]+)"', call.text)
             if len(paths) >= 2 and paths[1] == str(target):
                 found.append((call, paths[0]))

@@ -109,8 +109,8 @@ def test_sigterm_to_a_foreground_runner_writes_cancelled(data_dir: Path) -> None
     # such file or directory)" (the folder of "job.json" taken as "" to sync).
     (store.path(job_id).parent / p.RUN_FILE).write_text("{}")
     proc = subprocess.Popen([sys.executable, "-m", "runners.sleep", "--job-file",
-                             p.JOB_FILE], cwd=store.path(job_id).parent,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                             p.JOB_FILE], cwd=store.path(job_id).parent,  # as launched
+                            env={**os.environ, "PYTHONPATH": str(ROOT), p.LAUNCHED_ENV: "1"})
     wait_for(lambda: store.read(job_id)["state"] == "running", what="running")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 3

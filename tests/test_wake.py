@@ -16,7 +16,7 @@ from jobs import protocol as p
 from jobs.protocol.wake import CAN_LISTEN, RING_READ, SOCKET_FILE, WAKE_FILE
 from tests.conftest import wait_for
 from tests.server import Server
-from tests.tracing import RENAMES, TracedServer, parse
+from tests.tracing import PUT_IN_PLACE, TracedServer, parse
 
 pytestmark = pytest.mark.skipif(not CAN_LISTEN, reason="no Unix sockets on this platform")
 
@@ -96,7 +96,8 @@ def test_a_ring_launches_its_job_without_looking_at_the_others(
     the job folder nor opens another job's file (strace on the real server)."""
     trace = tmp_path / "strace.txt"
     jobs = short_data_dir / "jobs"
-    server = TracedServer(strace, trace, "getdents64,openat,recvfrom,rename,renameat,renameat2",
+    server = TracedServer(strace, trace,
+                          "getdents64,openat,recvfrom,rename,renameat,renameat2,link,linkat",
                           short_data_dir, tmp_path / "server.log", NO_MODEL)
     ids = []
     try:
@@ -114,7 +115,7 @@ def test_a_ring_launches_its_job_without_looking_at_the_others(
     calls = parse(trace.read_text())
     quiet = 0
     for job_id in ids:
-        claim = next(c for c in calls if c.name in RENAMES and c.text.rstrip().endswith("= 0")
+        claim = next(c for c in calls if c.name in PUT_IN_PLACE and c.text.rstrip().endswith("= 0")
                      and f'"{jobs / job_id / p.RUN_FILE}"' in c.text)
         # The doorbell's read: the id alone is the datagram (an HTTP read holds more).
         rings = [c.start for c in calls[:calls.index(claim)] if c.name == "recvfrom"

@@ -10,7 +10,8 @@ from typing import Any
 
 from tests.server import Server
 
-RENAMES = ("rename", "renameat", "renameat2")
+# A file put at its name: renamed onto it, or linked to it (a claim made only if none is).
+PUT_IN_PLACE = ("rename", "renameat", "renameat2", "link", "linkat")
 
 
 class TracedServer(Server):

@@ -32,12 +32,17 @@ class CannotStartNow(ClaimFailed):
     started, the claim was taken back, and the job stays queued until there is room."""
 
 
-def claim(job_file: Path, record: dict[str, Any], durable: bool = True) -> None:
+def claim(job_file: Path, record: dict[str, Any], durable: bool = True,
+          exclusive: bool = False) -> None:
     """Write the launch claim; not `durable`: its runner makes it so (`p.sync_claim`)
-    before it runs anything of the job."""
+    before it runs anything of the job. `exclusive`: FileExistsError where a claim is
+    there already (a runner started by hand made its own)."""
     run_file = p.sibling(job_file, p.RUN_FILE)
     try:
-        p.write_json(run_file, p.launch_record(job_file, record), durable=durable)
+        p.write_json(run_file, p.launch_record(job_file, record), durable=durable,
+                     exclusive=exclusive)
+    except FileExistsError:
+        raise
     except OSError as exc:
         raise ClaimFailed(exc.errno, f"cannot write {run_file}: {exc.strerror or exc}") from exc
 

@@ -90,7 +90,10 @@ class LocalLauncher(Launcher):
         # the job (`p.sync_claim`).
         record = {"pid": None, "claimed_by": os.getpid(), "launched_ns": time.time_ns()} \
             if ahead is None else processes.Runner(p.id_of(job_file), *ahead).record()
-        claim(job_file, record, durable=False)
+        try:
+            claim(job_file, record, durable=False, exclusive=True)
+        except FileExistsError:  # a runner started by hand claimed it a moment before
+            return self.adopt(job_file, p.read_json(run_file) or {}, data, on_exit)
         started: Future[processes.Runner] = Future()
         try:
             # Its waiter first: a runner that no thread could watch would look alive for good.

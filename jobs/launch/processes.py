@@ -82,6 +82,7 @@ def runner_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.pop(API_TOKEN_ENV, None)  # the API's alone (a supervisor started by hand has it)
     env.update(extra or {})
     env["PYTHONUNBUFFERED"] = "1"
+    env[p.LAUNCHED_ENV] = "1"
     env.setdefault("PYTHONIOENCODING", "utf-8")
     # `python -m runners.<kind>` finds the project from any working folder.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [p.ROOT, env.get("PYTHONPATH")]))

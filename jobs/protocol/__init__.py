@@ -182,6 +182,8 @@ LAUNCHER_PID_ENV = "OFFLOAD_LAUNCHER_PID"
 # Set by a launcher that puts a runner's claim on disk itself: DURABLE once it has, or
 # the number of a pipe on which it writes DURABLE_WORD when it has (closed: do it yourself).
 CLAIM_WORD_ENV = "OFFLOAD_CLAIM_WORD"
+# Set for the runners a supervisor starts: a runner without it was started by hand.
+LAUNCHED_ENV = "OFFLOAD_LAUNCHED"
 DURABLE = "durable"
 DURABLE_WORD = f"{DURABLE}\n".encode()
 CLAIM_WORD_TIMEOUT_S = 5.0  # then the runner syncs its claim itself

@@ -46,25 +46,28 @@ def readable(text: str) -> str:
 
 
 def write_json(path: StrPath, data: dict[str, Any], durable: bool = False,
-               sync_folder: bool = True) -> None:
+               sync_folder: bool = True, exclusive: bool = False) -> None:
     """Atomically replace `path`: a reader sees the old file or the new one, never half.
-    `durable`: on disk before this returns (see `write_atomic`)."""
+    `durable`: on disk before this returns; `exclusive`: FileExistsError if there is one
+    (see `write_atomic`)."""
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     try:
         payload = text.encode()
     except UnicodeEncodeError:  # a surrogate half: written readable rather than lost
         payload = readable(text).encode()
-    write_atomic(path, payload, durable, sync_folder)
+    write_atomic(path, payload, durable, sync_folder, exclusive)
 
 
 def write_atomic(path: StrPath, payload: bytes, durable: bool = False,
-                 sync_folder: bool = True) -> None:
+                 sync_folder: bool = True, exclusive: bool = False) -> None:
     """Write a temp file in the same folder, then replace `path` with it.
 
     `durable` (a job's creation, its final state, a claim): the temp file is
     fsync'd before the rename, so a power loss leaves the old file or the whole new one,
     never an empty one; the folder is fsync'd after it (unless `sync_folder` is False:
-    the caller does it), so the rename itself survives.
+    the caller does it), so the rename itself survives. `exclusive` (a claim that two
+    processes may make at once): made only if there is no file at `path` (else
+    FileExistsError), never seen half-written (a hard link to the temp file).
     """
     folder, name = os.path.split(os.fspath(path))
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{os.urandom(4).hex()}{TMP_SUFFIX}")
@@ -75,7 +78,10 @@ def write_atomic(path: StrPath, payload: bytes, durable: bool = False,
             if durable:
                 f.flush()
                 os.fsync(f.fileno())  # Windows: FlushFileBuffers
-        _replace(tmp, path)
+        if exclusive:
+            _link_new(tmp, path, payload)
+        else:
+            _replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -84,6 +90,18 @@ def write_atomic(path: StrPath, payload: bytes, durable: bool = False,
         raise
     if durable and sync_folder:
         sync_dir(folder)
+
+
+def _link_new(tmp: str, path: StrPath, payload: bytes) -> None:
+    """`tmp` made `path` if there is none (FileExistsError else), then removed."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links (FAT): made there, then written
+        with open(path, "xb") as f:
+            f.write(payload)
+    os.unlink(tmp)
 
 
 def sync_dir(folder: StrPath) -> None:
