@@ -102,10 +102,12 @@ def usable_settings() -> Settings:
         refuse_planted(settings.data_dir)
     except (UnusableSettings, UnusableKinds, ScheduleError, UnsafeDataFolder) as exc:
         cannot_start(str(exc))
-    unknown = sorted(set(settings.kind_cap_map) - set(registry()))
-    if unknown:  # a typo (`trian=1`) left the kind it meant without its cap
-        cannot_start(f"OFFLOAD_KIND_CAPS names {', '.join(map(repr, unknown))}, no job kind "
-                     f"here; the kinds are {', '.join(sorted(registry()))}")
+    for variable, by_kind in (("OFFLOAD_KIND_CAPS", settings.kind_cap_map),
+                              ("OFFLOAD_MAX_ATTEMPTS", settings.attempts_map)):
+        unknown = sorted(set(by_kind) - set(registry()))
+        if unknown:  # a typo (`trian=1`) left the kind it meant without its number
+            cannot_start(f"{variable} names {', '.join(map(repr, unknown))}, no job kind "
+                         f"here; the kinds are {', '.join(sorted(registry()))}")
     if not settings.host_is_loopback and settings.api_token is None:
         cannot_start(f"refusing to serve on {settings.host} without OFFLOAD_API_TOKEN: "
                      "anyone on the network could run jobs. Set OFFLOAD_API_TOKEN (make one "

@@ -177,6 +177,8 @@ def kind_numbers(value: str, variable: str, low: int, high: int) -> dict[str, in
             raise ValueError(
                 f"{variable} must be kind=number pairs separated by commas, each number "
                 f"from {low} to {high} (for example train=1,sleep=4), not {piece.strip()!r}")
+        if kind in found:  # the last would win unsaid
+            raise ValueError(f"{variable} names {kind!r} twice; keep one of them")
         found[kind] = int(number)
     return found
 
@@ -389,10 +391,13 @@ class Settings(BaseSettings):
                 # the chats at once, as the engine chosen at start gives them
                 "OFFLOAD_LLM_ENGINE": self.model_engine, "OFFLOAD_LLM_SLOTS": self.model_slots}
 
+    @property
+    def attempts_map(self) -> dict[str, int]:
+        return kind_numbers(self.max_attempts, "OFFLOAD_MAX_ATTEMPTS", 1, MAX_ATTEMPTS)
+
     def attempts_for(self, kind: str) -> int:
         """How many attempts a job of `kind` gets unless its submission says."""
-        return kind_numbers(self.max_attempts, "OFFLOAD_MAX_ATTEMPTS", 1,
-                            MAX_ATTEMPTS).get(kind, 1)
+        return self.attempts_map.get(kind, 1)
 
     @field_validator("ray_address")
     @classmethod

@@ -199,7 +199,17 @@ def until_stopped(proc: subprocess.Popen[bytes]) -> int:
             stop_asked = True
     # Once stopped, uvicorn raises the signals it was sent again (a closed terminal's
     # SIGHUP too): a stop asked for is no failure (0, as before, not 241).
-    return 0 if stop_asked and code <= 0 else code
+    if stop_asked and code <= 0:
+        return 0
+    if code < 0:  # killed (out of memory, kill -9): said nowhere else
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        say(f"the server was stopped by {name}, not from here; its supervisor leaves with it "
+            "and running jobs run on: start it again with python launch.py")
+        return 128 - code  # as a shell says a death by a signal
+    return code
 
 
 def fresh_url(url: str) -> str:

@@ -96,6 +96,13 @@ ONE_VARIABLE = {
     # A typo left `train` without its cap, silently.
     "caps": ("OFFLOAD_KIND_CAPS", "trian=1",
              "OFFLOAD_KIND_CAPS names 'trian', no job kind here; the kinds are chat"),
+    # A typo left chats with one attempt, silently.
+    "attempts": ("OFFLOAD_MAX_ATTEMPTS", "chats=3",
+                 "OFFLOAD_MAX_ATTEMPTS names 'chats', no job kind here; the kinds are chat"),
+    # The last of the two won, silently.
+    "twice": ("OFFLOAD_KIND_CAPS", "chat=1,chat=3", "a setting is wrong (set in the "
+              "environment or in .env):\n  OFFLOAD_KIND_CAPS: Value error, OFFLOAD_KIND_CAPS "
+              "names 'chat' twice; keep one of them"),
     # Read as '' before, it let every Host that reads as '' in.
     "hosts": ("OFFLOAD_ALLOWED_HOSTS", "offload.test, http://offload.test",
               "a setting is wrong"),
@@ -118,7 +125,8 @@ ONE_VARIABLE = {
 @pytest.mark.parametrize(("how", "problem"), [
     ("uvicorn", "open"), ("api_entry", "open"), ("uvicorn", "kind"), ("api_entry", "schedule"),
     ("uvicorn", "hosts"), ("uvicorn", "cors"), ("api_entry", "cors"), ("uvicorn", "ages"),
-    ("uvicorn", "caps"), ("api_entry", "port"), ("supervisor", "hosts"),
+    ("uvicorn", "caps"), ("uvicorn", "attempts"), ("api_entry", "twice"),
+    ("api_entry", "port"), ("supervisor", "hosts"),
     ("api_entry", "endless"), ("api_entry", "tokens"), ("supervisor", "kinds"),
     ("api_entry", "file"),
     ("supervisor", "file"), ("api_entry", "llm"), ("supervisor", "llm")])

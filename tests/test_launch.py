@@ -323,16 +323,36 @@ def test_the_newest_cached_llama_wheel_is_picked_by_its_version(
 
 
 def _launched(tmp_path: Path, port: int, before: tuple[str, ...] = (),
-              ) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+              log: Path | None = None) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     """`python launch.py` as a user starts it (a process group of its own, as in its
-    terminal; `before`: a command it is given to, such as nohup), and its environment."""
+    terminal; `before`: a command it is given to, such as nohup), and its environment;
+    what it says goes to `log`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
     env.update(OFFLOAD_DATA_DIR=str(tmp_path / "var"), OPENAI_BASE_URL="http://127.0.0.1:9/v1")
-    launcher = subprocess.Popen([*before, sys.executable, "launch.py", "--no-browser", "--port",
-                                 str(port), "--no-access-log"], cwd=ROOT, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    with open(log or os.devnull, "ab") as out:
+        launcher = subprocess.Popen([*before, sys.executable, "launch.py", "--no-browser",
+                                     "--port", str(port), "--no-access-log"], cwd=ROOT, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
     return launcher, env
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_a_server_killed_under_launch_py_is_said(tmp_path: Path) -> None:
+    # Killed outright (out of memory, say), it left launch.py exiting 247 without a word.
+    port, log = free_port(), tmp_path / "launch.log"
+    launcher, _ = _launched(tmp_path, port, log=log)
+    try:
+        wait_for(lambda: _health(port), 120, 0.3, f"the server on {port}")
+        server = next(proc for proc in psutil.Process(launcher.pid).children()
+                      if "api_entry.py" in " ".join(proc.cmdline()))
+        server.kill()
+        assert launcher.wait(30) == 128 + signal.SIGKILL
+    finally:
+        stop_process(launcher)
+    assert ("[offload] the server was stopped by SIGKILL, not from here; its supervisor "
+            "leaves with it and running jobs run on: start it again with python launch.py"
+            ) in log.read_text()
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
