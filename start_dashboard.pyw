@@ -34,7 +34,9 @@ def open_log(log_dir: Path) -> int:
             raise
     else:
         found = os.fstat(log_fd)
-        if found.st_uid == os.geteuid() and stat.S_ISREG(found.st_mode):
+        # One name only: a hard link of another account's would lead to a file of yours.
+        if (found.st_uid == os.geteuid() and stat.S_ISREG(found.st_mode)
+                and found.st_nlink == 1):
             os.fchmod(log_fd, 0o600)  # made by an earlier version, open to all
             return log_fd
         os.close(log_fd)

@@ -4,6 +4,7 @@ room for dropped); or sent by the Ray launcher in the environment, its snapshots
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -78,15 +79,37 @@ def _other_runner(data: dict[str, Any]) -> str | None:
     return f"pid {pid}" if pid != os.getpid() and _alive(pid) else None
 
 
-def _claim_by_hand(path: str) -> None:
-    """This runner's claim of a queued job (FileExistsError if a supervisor made one): a
-    supervisor about to launch it finds the claim and watches this runner instead, as
-    it watches the runners it finds after a restart."""
-    from runners.resources import created
-
-    record = {"pid": os.getpid(), "create_time": created(), "launched_ns": time.time_ns(),
+def _claim_by_hand(path: str) -> int | None:
+    """This runner's claim of a queued job; where one is there already (a supervisor's),
+    or it cannot be written, the exit code, said why. A supervisor about to launch the
+    job finds the claim and watches this runner instead, as it watches the runners it
+    finds after a restart."""
+    # Its pid alone, as a supervisor's bare claim: its start shows in the job file (or its
+    # command line) to tell it from a process that took its pid later.
+    record = {"pid": os.getpid(), "claimed_by": os.getpid(), "launched_ns": time.time_ns(),
               "by_hand": True}
-    p.write_json(p.sibling(path, p.RUN_FILE), p.launch_record(path, record), exclusive=True)
+    path = os.path.abspath(path)  # taken from the supervisor's folder, not this one's
+    try:
+        p.write_json(p.sibling(path, p.RUN_FILE), p.launch_record(path, record),
+                     exclusive=True)
+    except FileExistsError:
+        print(f"error: job {p.id_of(path)} is claimed already (its {p.RUN_FILE}): a "
+              "supervisor is starting it, or one stopped as it did and the next takes it "
+              f"on; wait for it (offload wait {p.id_of(path)}), and pause the queue "
+              "(offload pause) before running a queued job by hand", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"error: cannot put the job's claim on disk ({exc.strerror or exc}); "
+              "nothing of the job ran", file=sys.stderr)
+        return EXIT_RETRY
+    return None
+
+
+def _take_back_claim(path: str) -> None:
+    """Remove this runner's claim by hand, under which nothing ran: the job stays queued,
+    for a supervisor (or another run by hand) to start."""
+    with contextlib.suppress(OSError):
+        os.unlink(p.sibling(path, p.RUN_FILE))
 
 
 def _alive(pid: int) -> bool:
@@ -131,23 +154,16 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
               f"(offload cancel {p.id_of(path)}) or wait for it to end", file=sys.stderr)
         return EXIT_USAGE
     launched = os.environ.pop(p.LAUNCHED_ENV, None) is not None or emit_key is not None
-    if not launched and data.get(p.F_STATE) == p.JobState.QUEUED:
-        try:  # a supervisor launches queued jobs too: one claim of the two is made
-            _claim_by_hand(path)
-        except FileExistsError:
-            print(f"error: job {p.id_of(path)} is being started by a supervisor (its claim "
-                  f"{p.RUN_FILE} is there); wait for it (offload wait {p.id_of(path)}), or "
-                  "pause the queue (offload pause) before running a queued job by hand",
-                  file=sys.stderr)
-            return EXIT_USAGE
-        except OSError as exc:
-            print(f"error: cannot put the job's claim on disk ({exc.strerror or exc}); "
-                  "nothing of the job ran", file=sys.stderr)
-            return EXIT_RETRY
+    # A supervisor launches queued jobs too: one claim of the two is made.
+    by_hand = not launched and data.get(p.F_STATE) == p.JobState.QUEUED
+    if by_hand and (refused := _claim_by_hand(path)) is not None:
+        return refused
     try:
         p.sync_claim(path)  # nothing of the job runs before its claim is on disk
     except OSError as exc:
         # A transient failure: queued again while the job has attempts left.
+        if by_hand:
+            _take_back_claim(path)
         print(f"error: cannot put the job's claim on disk ({exc.strerror or exc}); "
               "nothing of the job ran", file=sys.stderr)
         return EXIT_RETRY

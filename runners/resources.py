@@ -46,12 +46,3 @@ def _resources_psutil() -> dict[str, float] | None:
     mem = proc.memory_info()
     peak = getattr(mem, "peak_wset", mem.rss)
     return {"cpu_s": round(times.user + times.system, 3), "peak_rss_mb": round(peak / 2**20, 1)}
-
-
-def created() -> float | None:
-    """This process's create time as psutil tells it (a launch record's), or None."""
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return float(psutil.Process().create_time())

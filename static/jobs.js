@@ -70,7 +70,7 @@ export function tokens(job) {
   return `${approx}${u.prompt_tokens ?? "?"} → ${approx}${u.completion_tokens}${rate}`;
 }
 
-const ENDED_BADLY = new Set(["failed", "timeout", "lost"]);
+const ENDED_BADLY = new Set(["failed", "timeout"]);  // a lost job is `failed`
 
 /** An error in a few words: its type and the start of its message. */
 function errorWords(e) {
@@ -79,7 +79,7 @@ function errorWords(e) {
   return [(e && e.type) || "error", short].filter(Boolean).join(": ");
 }
 
-/** Why it ended (failed, timed out, lost), retries, a start time to come, a priority that
+/** Why it ended (failed, lost, timed out), retries, a start time to come, a priority that
  * is not the default, and the job's origin. */
 export function notes(job, now = Date.now()) {
   const parts = [];

@@ -93,7 +93,7 @@ class LocalLauncher(Launcher):
         try:
             claim(job_file, record, durable=False, exclusive=True)
         except FileExistsError:  # a runner started by hand claimed it a moment before
-            return self.adopt(job_file, p.read_json(run_file) or {}, data, on_exit)
+            return self.adopt(job_file, p.read_json_or_none(run_file) or {}, data, on_exit)
         started: Future[processes.Runner] = Future()
         try:
             # Its waiter first: a runner that no thread could watch would look alive for good.
@@ -152,6 +152,7 @@ class LocalLauncher(Launcher):
                         break
             else:
                 runner = _runner_showing(job_file) or runner
+        runner.own_group = not record.get("by_hand")
         # When the job was given to it: a spare was started long before.
         launched_ns = record.get("launched_ns")
         started = launched_ns / 1e9 if isinstance(launched_ns, int) else runner.create_time

@@ -66,6 +66,9 @@ class Runner:
     pid: int
     create_time: float | None
     child: Child | None = field(default=None, repr=False)  # None: adopted, not our child
+    # Started in a group of its own, ours to kill; not one run by hand (its group is its
+    # shell's pipeline: `... | tee out`).
+    own_group: bool = True
 
     def record(self) -> dict[str, object]:
         return {"pid": self.pid, "create_time": self.create_time, **identity(),
@@ -349,7 +352,7 @@ def kill_group(runner: Runner) -> None:
     The group bears the runner's pid, and no new process gets a pid that a group still
     bears: if another process has that pid now, the runner's group is gone, and the
     group of that number is another's."""
-    if IS_WINDOWS or taken_by_another(runner.pid, runner.create_time):
+    if IS_WINDOWS or not runner.own_group or taken_by_another(runner.pid, runner.create_time):
         return
     try:
         os.killpg(runner.pid, signal.SIGKILL)  # type: ignore[attr-defined,unused-ignore]

@@ -8,6 +8,7 @@ The package `jobs.protocol` gives these under its own name (`p.write_json`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -100,8 +101,14 @@ def _link_new(tmp: str, path: StrPath, payload: bytes) -> None:
         raise
     except OSError:  # a file system without hard links (FAT): made there, then written
         with open(path, "xb") as f:
-            f.write(payload)
-    os.unlink(tmp)
+            try:
+                f.write(payload)
+            except BaseException:
+                os.unlink(path)  # no half claim left behind
+                raise
+    # Made: a temp file held a moment (a scanner, on Windows) is the pass's to clean.
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def sync_dir(folder: StrPath) -> None:
