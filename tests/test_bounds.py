@@ -161,6 +161,18 @@ def test_cap_reached_with_nothing_prunable_answers_429(make_server: MakeServer) 
         assert [client.get(f"/api/jobs/{j}").status_code for j in kept[1:]] == [200] * 2
 
 
+def test_cap_reached_by_a_running_job_says_to_retry_after_the_minimum_retention(
+        make_server: MakeServer) -> None:
+    # It said "Retry after 5 s", yet a job that ends then is kept ten minutes more.
+    server = make_server(env={"OFFLOAD_MAX_JOBS": "1", "OFFLOAD_MIN_RETENTION_S": "600"})
+    with server.client() as client:
+        running = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 60}})
+        _counted(client, lambda counts: sum(counts.values()) == 1)
+        retry_after = _assert_429(client.post("/api/jobs", json=QUICK), "OFFLOAD_MAX_JOBS")
+        assert 599 <= retry_after <= 600
+        client.delete(f"/api/jobs/{running.json()['id']}")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_the_job_cap_never_prunes_a_fresh_result(make_server: MakeServer,

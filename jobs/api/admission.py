@@ -49,7 +49,8 @@ def admit(settings: Settings, load: Load, jobs: int = 1) -> None:
     now = time.time()
     if must_go <= 0 or load.finished_before(now - settings.min_retention_s) >= must_go:
         return
-    wait: float = RETRY_AFTER_S  # live jobs must finish first
+    # Live jobs must finish first, then be kept the minimum retention.
+    wait: float = max(RETRY_AFTER_S, settings.min_retention_s)
     if len(load.finished) >= must_go:
         wait = load.finished[must_go - 1] + settings.min_retention_s - now
     raise Overloaded(
