@@ -536,5 +536,6 @@ def get_settings() -> Settings:
     except ValidationError as exc:
         lines = [f"  {'.'.join(map(str, error['loc']))}: {error['msg']}"
                  for error in exc.errors()]
+        where = "the environment" if data is None else f"the environment or in {path}"
         raise UnusableSettings("\n".join(
-            ["a setting is wrong (set in the environment or in .env):", *lines])) from None
+            [f"a setting is wrong (set in {where}):", *lines])) from None

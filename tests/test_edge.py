@@ -101,7 +101,7 @@ ONE_VARIABLE = {
                  "OFFLOAD_MAX_ATTEMPTS names 'chats', no job kind here; the kinds are chat"),
     # The last of the two won, silently.
     "twice": ("OFFLOAD_KIND_CAPS", "chat=1,chat=3", "a setting is wrong (set in the "
-              "environment or in .env):\n  OFFLOAD_KIND_CAPS: Value error, OFFLOAD_KIND_CAPS "
+              "environment):\n  OFFLOAD_KIND_CAPS: Value error, OFFLOAD_KIND_CAPS "
               "names 'chat' twice; keep one of them"),
     # Read as '' before, it let every Host that reads as '' in.
     "hosts": ("OFFLOAD_ALLOWED_HOSTS", "offload.test, http://offload.test",
@@ -110,15 +110,15 @@ ONE_VARIABLE = {
     "kinds": ("OFFLOAD_KINDS", "x=nonexistent.module",
               "OFFLOAD_KINDS holds 'x=nonexistent.module', but no module 'nonexistent'"),
     # It started, and logged the model's probe failing with a traceback every 5 s.
-    "llm": ("OPENAI_BASE_URL", "notaurl", "a setting is wrong (set in the environment or in "
-            ".env):\n  OPENAI_BASE_URL: Value error, not an http:// or https:// address"),
+    "llm": ("OPENAI_BASE_URL", "notaurl", "a setting is wrong (set in the environment):"
+            "\n  OPENAI_BASE_URL: Value error, not an http:// or https:// address"),
     # It started, and every chat failed (sent 40000 to its server, or refused by its runner).
-    "tokens": ("OFFLOAD_LLM_MAX_TOKENS", "40000", "a setting is wrong (set in the environment "
-               "or in .env):\n  OFFLOAD_LLM_MAX_TOKENS: Input should be less than or equal to "
+    "tokens": ("OFFLOAD_LLM_MAX_TOKENS", "40000", "a setting is wrong (set in the environment):"
+               "\n  OFFLOAD_LLM_MAX_TOKENS: Input should be less than or equal to "
                "32768"),
     # It started, and every job was lost at its runner's start.
     "endless": ("OFFLOAD_JOB_TIMEOUT_S", "inf",
-                "a setting is wrong (set in the environment or in .env):\n  "
+                "a setting is wrong (set in the environment):\n  "
                 "OFFLOAD_JOB_TIMEOUT_S")}
 
 
@@ -129,7 +129,8 @@ ONE_VARIABLE = {
     ("api_entry", "port"), ("supervisor", "hosts"),
     ("api_entry", "endless"), ("api_entry", "tokens"), ("supervisor", "kinds"),
     ("api_entry", "file"),
-    ("supervisor", "file"), ("api_entry", "llm"), ("supervisor", "llm")])
+    ("supervisor", "file"), ("api_entry", "llm"), ("supervisor", "llm"),
+    ("api_entry", "elsewhere"), ("supervisor", "elsewhere")])
 def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp_path: Path,
                                                      data_dir: Path) -> None:
     """Settings that stop the start are said as such, not as a traceback."""
@@ -155,12 +156,18 @@ def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp
         bad_schedules.write_text('[beat]\nkind = "sleep"\nevery = 1e300\n')
         env["OFFLOAD_SCHEDULES_FILE"] = str(bad_schedules)
         said = f"{bad_schedules}, schedule [beat]: `every` must be at most \"36500d\""
+    elif problem == "elsewhere":  # it said "set in the environment or in .env"
+        settings = tmp_path / "offload.env"
+        settings.write_text("OFFLOAD_LLM_MAX_TOKENS=40000\n")
+        env["OFFLOAD_ENV_FILE"] = str(settings)
+        said = (f"a setting is wrong (set in the environment or in {settings}):\n"
+                "  OFFLOAD_LLM_MAX_TOKENS: Input should be less than or equal to 32768")
     elif problem == "port":  # uvicorn's traceback, exit 1
         command += ["--port", "99999"]
         said = "a port is a number from 0 to 65535, not '99999'"
     elif problem == "file":  # it served, and every request was a 500
         env["OFFLOAD_DATA_DIR"] = str(bad_schedules / "var")
-        said = (f"a setting is wrong (set in the environment or in .env):\n  OFFLOAD_DATA_DIR: "
+        said = (f"a setting is wrong (set in the environment):\n  OFFLOAD_DATA_DIR: "
                 f"Value error, {bad_schedules} is a file, not a folder: set OFFLOAD_DATA_DIR to "
                 "a folder")
     else:
