@@ -75,7 +75,8 @@ def execute(job: base.Job) -> dict[str, Any]:
         raise base.RunnerError("the job input has no messages to send")
     options = _options(job.input)  # before any server is asked
     messages = [_without_notice(m) for m in _with_earlier_turns(job, messages)]
-    config, server = _config(job)
+    waits_until = time.monotonic() + _patience(job)  # one patience over every wait
+    config, server = _config(job, waits_until)
     embedded_used = server is not None
     # The packaged model only: OFFLOAD_LOCAL_MODEL may serve one that speaks the language.
     notice = ENGLISH_ONLY if embedded_used and not os.environ.get(
@@ -112,7 +113,7 @@ def execute(job: base.Job) -> dict[str, Any]:
             if (server is not None and exc.transient and not spoken[0]
                     and restarts_waited < RESTARTS_WAITED and _gone(job, server)):
                 restarts_waited += 1
-                config, server = _config(job)
+                config, server = _config(job, waits_until)
                 continue
             counted = _refused_as_too_long(exc.message)
             if counted is None:
@@ -330,8 +331,10 @@ def _tokens(message: dict[str, Any]) -> int:
     return ascii_chars // 3 + 2 * (len(text) - ascii_chars) + 8
 
 
-def _config(job: base.Job) -> tuple[llm_client.Config, dict[str, Any] | None]:
-    """The server to ask, and the embedded model's status where it is that one's."""
+def _config(job: base.Job, waits_until: float,
+            ) -> tuple[llm_client.Config, dict[str, Any] | None]:
+    """The server to ask, and the embedded model's status where it is that one's (waited
+    for until the monotonic `waits_until` at most)."""
     if os.environ.get("OPENAI_BASE_URL"):
         return llm_client.Config.from_env(os.environ), None
     data_dir = job.data_dir
@@ -345,7 +348,7 @@ def _config(job: base.Job) -> tuple[llm_client.Config, dict[str, Any] | None]:
             "the embedded model answers only the chats that Offload's supervisor starts (it "
             "hands them its key): submit this chat through Offload, or set OPENAI_BASE_URL",
             "provider")
-    status = _wait_for_embedded(job, data_dir, key)
+    status = _wait_for_embedded(job, data_dir, key, waits_until)
     config = llm_client.Config.from_env(os.environ, base_url=str(status["base_url"]))
     config.api_key = key
     return config, status
@@ -364,16 +367,21 @@ def _gone(job: base.Job, status: dict[str, Any]) -> bool:
         time.sleep(0.1)
 
 
-def _wait_for_embedded(job: base.Job, data_dir: str, key: str) -> dict[str, Any]:
+def _patience(job: base.Job) -> float:
+    """How long in all a chat waits for the embedded model to be ready: EMBEDDED_WAIT_S,
+    or less, so as to say why before its deadline."""
+    timeout = job.data.get(p.F_TIMEOUT_S)
+    if isinstance(timeout, (int, float)) and timeout > 0:
+        return min(EMBEDDED_WAIT_S, max(1.0, timeout - EMBEDDED_WAIT_MARGIN_S))
+    return EMBEDDED_WAIT_S
+
+
+def _wait_for_embedded(job: base.Job, data_dir: str, key: str,
+                       waits_until: float) -> dict[str, Any]:
     """The status of the embedded model once it is ready, and the one this chat's key is
     for: a status left by a supervisor killed outright names a port that anyone may hold
     now, and the chat's prompt and key must not go there."""
     started = time.time()
-    timeout = job.data.get(p.F_TIMEOUT_S)
-    patience = EMBEDDED_WAIT_S
-    if isinstance(timeout, (int, float)) and timeout > 0:  # say why before the deadline
-        patience = min(patience, max(1.0, timeout - EMBEDDED_WAIT_MARGIN_S))
-    deadline = time.monotonic() + patience
     waited = False
     while True:
         status = embedded.read_status(data_dir) or {}
@@ -387,9 +395,9 @@ def _wait_for_embedded(job: base.Job, data_dir: str, key: str) -> dict[str, Any]
                     transient=True)
         elif status.get("available") is False:
             raise base.RunnerError(str(status.get("detail")), "provider")
-        if time.monotonic() > deadline:
+        if time.monotonic() > waits_until:
             raise base.RunnerError(
-                f"the embedded model is not ready after {patience:g} s "
+                f"the embedded model is not ready after {_patience(job):g} s "
                 f"({status.get('detail') or 'no supervisor is running it'}); see "
                 "var/llm-server.log, or set OPENAI_BASE_URL to another server", "provider",
                 transient=True)

@@ -628,6 +628,42 @@ def test_a_chat_let_go_to_an_embedded_model_as_it_died_waits_for_its_next_start(
     assert len(llm.requests) == 1
 
 
+def test_a_chat_waits_for_the_embedded_model_one_patience_in_all(
+        make_supervisor: Callable[..., RunningSupervisor], data_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each wait for the model's next start took a fresh patience: a model that died,
+    loaded slowly, and died again took the chat past its deadline, a `timeout` that said
+    nothing of the model."""
+    monkeypatch.delenv("OFFLOAD_LOCAL_MODEL", raising=False)
+    status = data_dir / "llm.json"
+    dying = socket.create_server(("127.0.0.1", 0))
+    ready = {"available": True, "ready": True, "pid": 1,
+             "base_url": f"http://127.0.0.1:{dying.getsockname()[1]}/v1",
+             "key_id": embedded.key_id("test-key")}
+    loading = {"available": True, "ready": False, "detail": "loading the model"}
+
+    def die_twice() -> None:
+        for pid in (2, 3):
+            conn, _ = dying.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # reset: "closed the connection before answering"
+            p.write_json(status, {**loading, "pid": pid})
+            if pid == 2:  # a slow load, then ready: most of the chat's patience is spent
+                time.sleep(6)
+                p.write_json(status, {**ready, "pid": pid})
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    p.write_json(status, ready)
+    threading.Thread(target=die_twice, daemon=True).start()
+    sup = make_supervisor(runner_env={embedded.KEY_ENV: "test-key"})
+    job = sup.wait_final(sup.submit("chat", timeout_s=12, messages=[
+        {"role": "user", "content": "hi"}]), 60)
+    dying.close()
+    # 12 s less the margin: 7 s over both waits, before the job's deadline.
+    assert job["state"] == "failed", job
+    assert "the embedded model is not ready after 7 s" in job["error"]["message"], job
+
+
 @pytest.mark.llm
 @pytest.mark.slow
 def test_the_real_embedded_model_says_so_for_chinese_only(make_server: MakeServer) -> None:
