@@ -10,7 +10,8 @@ Input: {"seconds": float, "steps": int (progress updates, default 10),
         "spew": bool (print lines to the log as fast as it can for the whole time),
         "linger_s": float (live on this long after its final state is written),
         "emit": int (emit this many characters of output, in pieces of 100,000),
-        "count_to": str (append the job's id and this runner's pid to this file, at start)}
+        "count_to": str (append the job's id and this runner's pid to this file, at start),
+        "pieces": [str] (emit each as output, "piece_gap_s" (default 1) apart, at start)}
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def execute(job: base.Job) -> dict[str, Any]:
     if job.input.get("count_to"):  # each run of the job, counted
         with open(str(job.input["count_to"]), "a") as runs:
             runs.write(f"{job.data['id']} {os.getpid()}\n")
+    for number, piece in enumerate(job.input.get("pieces") or []):
+        if number:
+            time.sleep(float(job.input.get("piece_gap_s", 1)))
+        job.emit(str(piece))
     if job.input.get("linger_s"):
         import threading
 

@@ -2072,6 +2072,20 @@ def test_a_jobs_escape_sequences_are_not_played_on_a_terminal(make_server: MakeS
         assert attack.replace("\r", "\n") in cli(url, command, job["id"]).stdout
 
 
+def test_a_line_end_split_between_two_pieces_of_a_reply_is_followed_as_one(
+        make_server: MakeServer) -> None:
+    # A CRLF whose CR ended one piece streamed, and whose LF began the next, was shown as
+    # a lone carriage return: `\x0d`.
+    url = make_server().url
+    pieces = ["start\r\n", "line one\r", "\nline two\r", "\n"]
+    job_id = cli(url, "submit", "probe", "--input", json.dumps(
+        {"pieces": pieces, "piece_gap_s": 1})).stdout.strip()
+    shown = _on_a_terminal(url, "log", "--follow", job_id)
+    # The terminal turns each LF into CR LF.
+    assert "start\r\r\nline one\r\r\nline two\r\r\n" in shown, repr(shown)
+    assert "\\x0d" not in shown, repr(shown)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP")
 @pytest.mark.timeout(120)  # the health calls a supervisor stalled after 15 s of silence
 def test_a_wait_for_a_job_a_stalled_supervisor_holds_says_so(make_server: MakeServer) -> None:

@@ -157,13 +157,15 @@ def _follow_log(client: Client, args: argparse.Namespace) -> int:
 
     attempt_shown: list[Any] = [None]
     line_open = [False]  # the output printed so far does not end a line
+    held = [""]  # a carriage return the next piece may end as a CRLF: not a lone one yet
 
     def show(event: dict[str, Any], job: dict[str, Any]) -> None:
         attempt = job.get(p.F_ATTEMPT) or 1
         if attempt_shown[0] is not None and attempt != attempt_shown[0] and not args.json:
             # A retry starts its output afresh: the earlier attempt's stays, marked as such.
             if line_open[0]:
-                sys.stdout.write("\n")
+                sys.stdout.write(shown(held[0], sys.stdout) + "\n")
+                held[0] = ""
             earlier = (job.get(p.F_EARLIER_ERRORS) or [{}])[-1]
             said = (f"[attempt {attempt - 1} failed ({earlier.get('message', '?')}); "
                     f"attempt {attempt} of {job.get(p.F_MAX_ATTEMPTS) or '?'}]\n")
@@ -173,8 +175,9 @@ def _follow_log(client: Client, args: argparse.Namespace) -> int:
         if args.json:
             sys.stdout.write(json.dumps(event, ensure_ascii=False) + "\n")
         elif p.F_OUTPUT in event or p.OUTPUT_DELTA in event:
-            text = event.get(p.F_OUTPUT, event.get(p.OUTPUT_DELTA)) or ""
-            sys.stdout.write(shown(text, sys.stdout))
+            text = held[0] + (event.get(p.F_OUTPUT, event.get(p.OUTPUT_DELTA)) or "")
+            held[0] = "\r" if text.endswith("\r") else ""
+            sys.stdout.write(shown(text[:len(text) - len(held[0])], sys.stdout))
             if text:
                 line_open[0] = not text.endswith("\n")
         sys.stdout.flush()
@@ -190,6 +193,7 @@ def _follow_log(client: Client, args: argparse.Namespace) -> int:
         show(event, job)
 
     job = follow(client, args.id, first)
+    sys.stdout.write(shown(held[0], sys.stdout))
     if not args.json and job.get(p.F_OUTPUT) and not str(job[p.F_OUTPUT]).endswith("\n"):
         sys.stdout.write("\n")
     return outcome(job)
