@@ -75,9 +75,26 @@ function setField(name, text, cls) {
   if (cls !== undefined) el.className = cls;
 }
 
+let healthAt = null; // when the panel's figures were read
+
+/** While the server cannot be asked, the panel says its figures are old, and how old. */
+function markHealthStale(stale) {
+  const note = document.getElementById("status-stale");
+  statusEl.classList.toggle("stale", stale);
+  note.hidden = !stale;
+  note.textContent = !stale ? ""
+    : healthAt ? `As of ${healthAt.toLocaleTimeString()}: newer figures could not be read.`
+      : "The figures could not be read.";
+}
+
 async function refreshHealth() {
   const r = await apiJSON("/api/health", { source: "health" });
-  if (!r.ok || !r.data) return;
+  if (!r.ok || !r.data) {
+    markHealthStale(true);
+    return;
+  }
+  healthAt = new Date();
+  markHealthStale(false);
   const h = r.data;
   const llm = h.llm || {};
   setField("provider", llm.provider || "—");

@@ -284,8 +284,17 @@ def test_a_message_that_could_not_be_sent_leaves_no_banner(page: Any, server: Se
                            "?.textContent.startsWith('Error:')", timeout=20_000)
     # Taken out of the box when sent, it was lost: it had to be typed again to retry.
     assert page.input_value("#chat-input") == "Are you there?"
+    # The banner named whichever poll failed first; the Status panel showed its last
+    # figures as if they were current.
+    page.wait_for_selector("#status-stale", state="visible", timeout=20_000)
+    assert page.text_content("#net-error") == "Cannot reach the server. Retrying…"
+    stale = page.text_content("#status-stale") or ""
+    assert stale.startswith("As of ") and stale.endswith("newer figures could not be read."), stale
+    assert "stale" in (page.get_attribute("#status", "class") or "")
     server.start()
     page.wait_for_selector("#net-error", state="hidden", timeout=30_000)
+    page.wait_for_selector("#status-stale", state="hidden", timeout=20_000)
+    assert "stale" not in (page.get_attribute("#status", "class") or "")
 
 
 def route_questions(page: Any, handler: Callable[[Any], Any]) -> None:
