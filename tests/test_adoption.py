@@ -269,13 +269,20 @@ def test_a_killed_supervisor_takes_its_model_server_with_it(data_dir: Path) -> N
     wait_for(lambda: process_gone(server.pid), timeout=30, what="the model server to go")
 
 
+@pytest.mark.parametrize("launcher", ["local", pytest.param("ray", marks=pytest.mark.ray)])
 def test_queued_jobs_run_by_hand_as_their_supervisor_launches_them_run_once(
-        make_server: Callable[..., Server], tmp_path: Path) -> None:
+        launcher: str, make_server: Callable[..., Server], tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
     # Run by hand as the queue went on, a job ran twice at once: the runner by hand and
     # the supervisor's each read it queued before the other's claim. Others were logged
-    # "failed (lost)" while their runner by hand completed them.
+    # "failed (lost)" while their runner by hand completed them. The Ray launcher wrote
+    # its claim over the one by hand, and sent the job to Ray too.
     runs = tmp_path / "runs.txt"
-    server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "16"})
+    env = {"OFFLOAD_MAX_CONCURRENT": "16"}
+    if launcher == "ray":
+        env.update(OFFLOAD_LAUNCHER="ray",
+                   OFFLOAD_RAY_ADDRESS=request.getfixturevalue("ray_head").address)
+    server = make_server(env=env)
     with server.client() as client:
         client.post("/api/queue/pause").raise_for_status()
         ids = [client.post("/api/jobs", json={"kind": "probe", "input": {

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -271,6 +272,29 @@ def test_starting_twice_submits_once(fake: FakeRay,
         assert [m for m, path, _ in fake.requests if m == "POST"] == ["POST"]
     finally:
         launcher.close()
+
+
+def test_a_job_claimed_by_hand_as_ray_launches_it_runs_once(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    """The Ray launcher wrote its claim over one a runner by hand made a moment before,
+    and sent the job to Ray too: it ran twice."""
+    by_hand: list[subprocess.Popen[str]] = []
+
+    class LateByHand(RayLauncher):  # the runner by hand claims just as the job launches
+        def start(self, module: str, job_file: Path, data: dict[str, Any],
+                  on_exit: Callable[[], None]) -> Any:
+            by_hand.append(subprocess.Popen(
+                [sys.executable, "-m", "runners.sleep", "--job-file", str(job_file)],
+                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            wait_for(lambda: os.path.exists(p.sibling(job_file, p.RUN_FILE)), what="its claim")
+            return super().start(module, job_file, data, on_exit)
+
+    sup = make_supervisor(launcher=LateByHand(fake.address, poll_s=0.02))
+    final = sup.wait_final(sup.submit(seconds=1), 60)
+    stderr = by_hand[0].communicate(timeout=60)[1]
+    assert by_hand[0].returncode == 0, stderr
+    assert final["state"] == "completed" and final["pid"] == by_hand[0].pid, final
+    assert not [m for m, _, _ in fake.requests if m == "POST"], "sent to Ray too"
 
 
 def test_a_job_cancelled_before_ray_has_it_never_runs(

@@ -47,6 +47,11 @@ def claim(job_file: Path, record: dict[str, Any], durable: bool = True,
         raise ClaimFailed(exc.errno, f"cannot write {run_file}: {exc.strerror or exc}") from exc
 
 
+class ClaimedAlready(Exception):
+    """The job was claimed a moment before by a runner started by hand, which this
+    launcher cannot watch: it is adopted with the launcher its claim names."""
+
+
 @dataclass
 class Run:
     """One started runner, as its launcher knows it."""

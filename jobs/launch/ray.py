@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
-from jobs.launch.base import Launcher, OnExit, Run, claim
+from jobs.launch.base import ClaimedAlready, Launcher, OnExit, Run, claim
 from jobs.launch.ray_client import (
     RayError,
     RayJob,
@@ -122,7 +122,10 @@ class RayLauncher(Launcher):
             if watched is not None and not watched.ended.is_set():
                 return watched
             sid, key = submission_id(job_id, p.attempts(data)[0]), secrets.token_hex(16)
-            claim(job_file, self._record(sid, key))
+            try:
+                claim(job_file, self._record(sid, key), exclusive=True)
+            except FileExistsError:  # a runner started by hand claimed it a moment before
+                raise ClaimedAlready(job_id) from None
             run = RemoteRun(job_id, job_file, self.name, time.time(), sid, key,
                             to_submit=(module, data))
             self._runs[job_id] = run

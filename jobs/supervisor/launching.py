@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jobs import protocol as p
-from jobs.launch.base import CannotStartNow, ClaimFailed, Launcher
+from jobs.launch.base import CannotStartNow, ClaimedAlready, ClaimFailed, Launcher
 from jobs.protocol.control import queue_paused
 from jobs.settings import CLAIM_RETRY_S
 from jobs.store.reading import Signature, not_a_job
@@ -49,6 +49,7 @@ class Launching:
         def _file(self, job_id: str) -> Path: ...
         def _enqueue(self, job_id: str, data: dict[str, Any]) -> None: ...
         def _now_running(self, job_id: str, life: JobLife, data: dict[str, Any]) -> None: ...
+        def _adopt(self, job_id: str, data: dict[str, Any]) -> None: ...
         def _settle(self, life: JobLife) -> None: ...
         def _end_unstarted(self, job_id: str, state: str, error_type: str,
                            message: str) -> None: ...
@@ -110,6 +111,10 @@ class Launching:
         life = JobLife(job_id, self._file(job_id), self.launcher)
         try:
             started = life.start(self.kinds[data[p.F_KIND]], data, self._wakeups.nudge)
+        except ClaimedAlready:  # by a runner started by hand: watched as one of ours
+            self._counting.started(data)
+            self._adopt(job_id, data)
+            return True
         except ClaimFailed as exc:
             if self._own_folder_refuses(job_id, exc):
                 self._retry_later(job_id, data, CLAIM_RETRY_S)
