@@ -105,6 +105,10 @@ async function refreshHealth() {
   setField("queued", String(h.queued ?? "—"));
   setField("max", String(h.max_concurrent ?? "—"));
   setField("version", String(h.version ?? "—"));
+  const model = h.forecast_version;
+  setField("forecast", model == null ? "none yet (Train model)" : `version ${model}`);
+  // Trained here or elsewhere (the CLI, another page): its forecast is drawn.
+  if (model != null && (!forecast || forecast.version !== model)) fetchForecast(true).catch(() => {});
   // A full disk or a data folder that cannot be written: new jobs are refused meanwhile.
   if (Array.isArray(h.problems)) {
     setField("storage", h.problems.length ? h.problems.join("; ") : "ok", h.problems.length ? "warn" : "ok");

@@ -148,16 +148,11 @@ export function initTrain(options = {}) {
   renderStart();
   redrawLoss();
 
-  // On load: resume a training job that is still active, and show an existing model.
+  // On load: resume a training job that is still active (the model's forecast is asked
+  // for once /api/health names one).
   (async () => {
-    const r = await apiJSON("/api/jobs?limit=50&fields=summary");
-    const jobs = r.ok && r.data && Array.isArray(r.data.jobs) ? r.data.jobs : [];
-    const active = jobs.find((j) => j.kind === "train" && (j.state === "queued" || j.state === "running"));
+    const r = await apiJSON("/api/jobs?kind=train&state=queued&state=running&limit=1&fields=summary");
+    const active = r.ok && r.data && Array.isArray(r.data.jobs) ? r.data.jobs[0] : null;
     if (active && !following) await follow(active.id);
-    // Only ask for a forecast when a model may exist (avoids a 409 on every load).
-    // (a full page of 50 may hide an older training job, so ask then too).
-    else if (jobs.length >= 50 || jobs.some((j) => j.kind === "train" && j.state === "completed")) {
-      await fetchForecast(true);
-    }
   })().catch(() => {});
 }

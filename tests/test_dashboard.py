@@ -1528,6 +1528,38 @@ def test_training_shows_progress_then_a_forecast(page: Any, data_dir: Path,
     assert "completed" in page.inner_text("#train-status").lower()
 
 
+def test_the_forecast_is_asked_for_only_once_a_model_exists(
+        page: Any, data_dir: Path, make_server: Callable[..., Server]) -> None:
+    # With 50 jobs or more listed, the page asked for a forecast on load whether or not a
+    # model existed (a 409); with fewer, it never drew the forecast of a model whose
+    # training job was removed, or trained from the CLI after the page loaded.
+    record_history(data_dir, seconds=10_800)
+    server = make_server(env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    asked: list[int] = []
+    page.on("response", lambda answer: asked.append(answer.status)
+            if "/api/predict" in answer.url else None)
+    with server.client() as client:
+        client.post("/api/jobs/batch", json={"jobs": [
+            {"kind": "sleep", "input": {"seconds": 0}}] * 55}).raise_for_status()
+        page.goto(server.url)
+        page.wait_for_function("document.querySelector('#status [data-field=forecast]')"
+                               ".textContent.startsWith('none yet')", timeout=20_000)
+        page.wait_for_timeout(1000)
+        assert asked == [], asked
+        trained = client.post("/api/jobs", json={"kind": "train", "input": {}}).json()["id"]
+        wait_for(lambda: client.get(f"/api/jobs/{trained}").json()["state"] == "completed",
+                 120, 0.2, "the model to be trained")
+        client.post(f"/api/jobs/{trained}/remove").raise_for_status()
+        # Trained elsewhere: drawn at the next look at the server's health.
+        page.wait_for_function("document.querySelector('#history-chart').dataset.forecast"
+                               " === '1'", timeout=20_000)
+        assert page.text_content("#status [data-field=forecast]") == "version 1"
+        page.reload()  # its job gone, the model still draws
+        page.wait_for_function("document.querySelector('#history-chart').dataset.forecast"
+                               " === '1'", timeout=20_000)
+    assert asked and set(asked) == {200}, asked
+
+
 def test_seed_frontend_snippet_gets_its_reply(page: Any, server: Server) -> None:
     """The seed's frontend code, run as it is in the page (its `this` given an
     _appendMessage that records what it shows)."""

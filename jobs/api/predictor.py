@@ -50,6 +50,14 @@ class Predictor:
                 raise NoModel(damaged=seen is not None)
             return self._model
 
+    def version(self) -> int | None:
+        """The latest usable model's version; None while there is none."""
+        try:
+            version = self.model().get("version")
+        except NoModel:
+            return None
+        return version if isinstance(version, int) else None
+
     def predict(self, horizon: int) -> dict[str, Any]:
         model = self.model()
         lags = int(model["lags"])

@@ -80,6 +80,7 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
     llm: LLMStatus = request.app.state.llm
     keeper: SupervisorKeeper = request.app.state.keeper
     history: MachineHistory = request.app.state.machine_history
+    predictor: Predictor = request.app.state.predictor
     supervisor = "starting"
     led = await run_in_threadpool(keeper.led)
     sampled = await run_in_threadpool(history.last_sample_at)
@@ -100,6 +101,7 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
         "max_concurrent": queue["max_concurrent"],
         "supervisor": supervisor,
         "launcher": service.settings.launcher,
+        "forecast_version": await run_in_threadpool(predictor.version),
         "llm": await run_in_threadpool(llm.now),
         "usage": service.store.usage_totals(),
         "queue": queue,
