@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ def test_counts_by_kind_and_state_failures_histograms_and_tokens(
             for name in ("offload_job_failures_total", "offload_job_retries_total"):
                 for error_type in ("lost", "timeout", "provider", "runner"):  # each type too
                     assert before[(name, (("kind", "chat"), ("type", error_type)))] == 0
+                # Shown at zero for good: no job ends so (a damaged file only reads so).
+                assert (name, (("kind", "chat"), ("type", "corrupt"))) not in before
             completed = [submit(client, seconds=0.1) for _ in range(2)]
             timed_out = submit(client, seconds=60, timeout_s=1)
             cancelled = submit(client, seconds=60)
@@ -131,6 +134,61 @@ def test_counts_by_kind_and_state_failures_histograms_and_tokens(
         assert value(after, "offload_kind_max_concurrent", kind="train") == 1
         client.put("/api/queue/cap", json={"max_concurrent": 2, "kind": "sleep"})
         assert value(scrape(client), "offload_kind_max_concurrent", kind="sleep") == 2
+
+
+def test_jobs_removed_as_their_runners_end_are_counted(make_server: MakeServer) -> None:
+    # A job removed (or its conversation forgotten) the moment a client saw it end, while
+    # its runner still exited, was never counted: the supervisor found its file gone.
+    # The supervisor's log said it "was deleted while it ran".
+    with FakeLLM(usage=USAGE) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        with server.client() as client:
+            lingered = []
+            for _ in range(3):  # its runner lives on a second after its final state
+                job_id = submit(client, "probe", seconds=0, linger_s=1)
+                lingered.append(job_id)
+                ended = client.get(f"/api/jobs/{job_id}", params={"wait_s": 30}).json()
+                assert ended["state"] == "completed"
+                assert client.post(f"/api/jobs/{job_id}/remove").status_code == 200
+            for turn in range(3):
+                session = f"forget-{turn}"
+                job_id = client.post("/api/ai_chat_async", json={"session_id": session,
+                    "messages": [{"role": "user", "content": "How is the CPU?"}]}).json()["job_id"]
+                client.get(f"/api/jobs/{job_id}", params={"wait_s": 30}).raise_for_status()
+                assert client.delete(f"/api/sessions/{session}").status_code == 200
+
+            def counted() -> Samples | None:
+                samples = scrape(client)
+                return samples if value(samples, "offload_jobs", kind="probe",
+                                        state="running") == 0 else None
+
+            after = wait_for(counted, 30, 0.1, "the runners to end")
+            time.sleep(1)  # a count still missing would have come by now
+            after = scrape(client)
+    assert value(after, "offload_jobs_finished_total", kind="probe", state="completed") == 3
+    assert value(after, "offload_job_duration_seconds_count", kind="probe") == 3
+    assert value(after, "offload_jobs_finished_total", kind="chat", state="completed") == 3
+    assert value(after, "offload_llm_tokens_total", direction="prompt") == 3 * 31
+    assert "deleted while it ran" not in (server.data_dir / "supervisor.log").read_text()
+    # What the counters take of each was noted as it was removed, and taken once used (a
+    # note of a job counted before goes in ten minutes).
+    notes = {path.stem for path in (server.data_dir / "removed").iterdir()}
+    assert not notes & set(lingered), notes
+
+
+def test_notes_of_removed_jobs_go_after_ten_minutes(make_server: MakeServer,
+                                                   data_dir: Path) -> None:
+    notes = data_dir / "removed"
+    notes.mkdir(parents=True)
+    old, fresh = notes / f"{p.new_id()}.json", notes / f"{p.new_id()}.json"
+    for note in (old, fresh):
+        note.write_text('{"kind": "sleep", "state": "completed"}')
+    then = time.time() - 11 * 60
+    os.utime(old, (then, then))
+    server = make_server(env=NO_LLM)  # its supervisor's first pass prunes
+    wait_for(lambda: not old.exists(), 30, 0.1, "the old note to go")
+    assert fresh.exists()
+    server.stop()
 
 
 def test_a_retried_attempt_is_counted_as_a_retry_not_a_finished_job(

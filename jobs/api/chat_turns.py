@@ -161,7 +161,8 @@ class ChatTurns:
                         if job.get(p.F_STATE) not in p.FINAL_STATES]
             for job in jobs:
                 if job[p.F_ID] not in stopping:
-                    await run_in_threadpool(self.store.remove, job[p.F_ID])
+                    await run_in_threadpool(self.store.remove, job[p.F_ID],
+                                            now.get(job[p.F_ID], job))
                     erased += 1
             if stopping and no_room is not None:
                 raise StoreUnavailable(

@@ -69,7 +69,10 @@ async def metrics(request: Request, service: Service) -> Response:
 
 
 # What a job that failed can say it was (`cancelled` is no failure: someone asked for it).
-FAILURE_TYPES = frozenset(str(t) for t in p.ErrorType) - {str(p.ErrorType.CANCELLED)}
+# No job ends `corrupt`: a job file damaged by hand only reads so (mended, it runs, and
+# is counted then).
+FAILURE_TYPES = frozenset(str(t) for t in p.ErrorType) - {
+    str(p.ErrorType.CANCELLED), str(p.ErrorType.CORRUPT)}
 
 
 class JobMetrics:

@@ -199,7 +199,7 @@ class Stops:
                 f"job {job_id} is kept: {len(needing)} job(s) not ended need it "
                 f"({', '.join(needing[:5])}): they depend on it, or are turns of its chat; "
                 "remove it once they have ended, or cancel them first")
-        problem = await run_in_threadpool(self.store.remove, job_id)
+        problem = await run_in_threadpool(self.store.remove, job_id, job)
         if problem is not None:  # a file held open (Windows), say: not a full disk
             raise NotRemoved(f"job {job_id} could not be removed in full ({problem}); what "
                              "is left goes with another try, or with pruning")

@@ -40,6 +40,66 @@ def counters_file(data_dir: p.StrPath) -> str:
     return os.path.join(data_dir, COUNTERS_FILE)
 
 
+# A job removed (or its conversation forgotten) as its runner ended: what the leader counts
+# of it, left where it looks once it finds the job file gone. Kept this long at most.
+REMOVED_DIR = "removed"
+REMOVED_NOTE_S = 600.0
+
+
+def removed_note_path(job_file: p.StrPath) -> str:
+    """The note of the job of `job_file` (`<data>/jobs/<id>/job.json`) removed."""
+    data_dir = os.path.dirname(os.path.dirname(os.path.dirname(os.fspath(job_file))))
+    return os.path.join(data_dir, REMOVED_DIR, f"{p.id_of(job_file)}.json")
+
+
+def note_removed(job_file: p.StrPath, job: dict[str, Any], now: float) -> None:
+    """Leave what the counters take of `job`, a finished job about to be removed, unless
+    it ended too long ago for its runner's end to be uncounted still. Best effort: a
+    count missed is no reason to keep a job its owner removes."""
+    finished = _time(job.get(p.F_FINISHED_AT))
+    if finished is None or now - finished > REMOVED_NOTE_S:
+        return
+    error, result = job.get(p.F_ERROR), job.get(p.F_RESULT)
+    usage = result.get("usage") if isinstance(result, dict) else None
+    counted = {key: job.get(key) for key in (p.F_ID, p.F_KIND, p.F_STATE, p.F_STARTED_AT,
+                                             p.F_FINISHED_AT)}
+    counted[p.F_ERROR] = {"type": error.get("type")} if isinstance(error, dict) else None
+    counted[p.F_RESULT] = {"usage": usage} if isinstance(usage, dict) else None
+    path = removed_note_path(job_file)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        p.write_json(path, counted, durable=False)
+    except OSError:
+        pass
+
+
+def take_removed_note(job_file: p.StrPath) -> dict[str, Any] | None:
+    """The note of the job of `job_file` removed as it ended, taken away; None if none."""
+    path = removed_note_path(job_file)
+    try:
+        note = p.read_json_or_none(path)
+        os.unlink(path)
+    except OSError:
+        return None
+    return note if isinstance(note, dict) else None
+
+
+def prune_removed_notes(data_dir: p.StrPath, now: float) -> None:
+    """Notes older than REMOVED_NOTE_S: of jobs counted before they were removed."""
+    folder = os.path.join(data_dir, REMOVED_DIR)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            if now - os.stat(path).st_mtime > REMOVED_NOTE_S:
+                os.unlink(path)
+        except OSError:
+            continue
+
+
 class Histogram:
     """Observations per bucket (not cumulative; the last one is above every bound)."""
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from jobs import protocol as p
 from jobs.kinds import UnknownKind, registry
+from jobs.protocol.counters import note_removed
 from jobs.store.errors import StoreUnavailable as StoreUnavailable
 from jobs.store.idempotency import Keys, being_stored
 from jobs.store.index import JobIndex
@@ -206,12 +207,15 @@ class JobStore(JobIndex):
             missing = list(self._missing)
         return {job_id for job_id in missing if not being_stored(self.path(job_id).parent)}
 
-    def remove(self, job_id: str) -> str | None:
+    def remove(self, job_id: str, ended: dict[str, Any] | None = None) -> str | None:
         """Release the idempotency key that created the job, then delete the job's folder
         (job file, log, stop and run records): once the folder is gone, so is its key. A
         pruned job is past its retention, so a retry with its key may make a new one.
-        Why the folder is not gone, if it is not."""
+        `ended`: the job as read, removed at a client's word (not pruned), perhaps before
+        the supervisor has counted its end. Why the folder is not gone, if it is not."""
         folder = self.path(job_id).parent
+        if ended is not None:
+            note_removed(self.path(job_id), ended, time.time())
         key_name = Keys.linked(folder)
         if key_name is not None:
             try:

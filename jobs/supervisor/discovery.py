@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from jobs import protocol as p
 from jobs.launch.base import Launcher
 from jobs.launch.pick import adopting_launcher
+from jobs.protocol.counters import removed_note_path
 from jobs.store.folder_listing import DirListing
 from jobs.store.reading import Signature, stat_job_file, stat_signature
 from jobs.supervisor.counting import Counting
@@ -93,7 +94,9 @@ class Discovery:
             life = self._running[gone]
             # Its folder deleted by hand: the job is no more, and its runner held a slot
             # until its deadline. (The listing may be a moment old: the folder tells.)
-            if not life.stopping and not os.path.exists(os.path.dirname(life.job_file)):
+            # (Removed at a client's word, it had ended: its runner is ending too.)
+            if not life.stopping and not os.path.exists(os.path.dirname(life.job_file)) \
+                    and not os.path.exists(removed_note_path(life.job_file)):
                 log.info("job %s was deleted while it ran; its runner is stopped", gone)
                 self._start_stop(life, p.JobState.CANCELLED)
         self._known_final &= job_ids

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 
 from jobs import protocol as p
 from jobs.launch.processes import IS_WINDOWS
+from jobs.protocol.counters import prune_removed_notes
 from jobs.settings import PRUNE_INTERVAL_S, PRUNE_OVER_CAP_S
 from jobs.store.job_store import JobStore
 from jobs.supervisor.lifecycle import JobLife
@@ -54,6 +55,7 @@ class Pruning:
             return
         self._next_prune = now + PRUNE_INTERVAL_S
         self._pruned_at = now
+        prune_removed_notes(self.store.dir.parent, time.time())
         removed = self.store.prune(self.retention_s, self.max_jobs,
                                    min_retention_s=self.min_retention_s, keep=self._keep())
         if removed:

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 from jobs import protocol as p
 from jobs.launch.base import ClaimFailed, Launcher, OnExit, Run
+from jobs.protocol.counters import take_removed_note
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,8 @@ class JobLife:
     def _write_missing_final(self, backoff: Callable[[int], float]) -> None:
         code = self.launcher.exit_code(self.run)
         data = p.read_json_or_none(self.job_file)
+        if data is None:  # removed as its runner ended (its end still to count), or by hand
+            data = take_removed_note(self.job_file)
         self.is_final = True
         if data is None or data.get(p.F_STATE) in p.FINAL_STATES:
             self.final_job = data
