@@ -117,7 +117,15 @@ def execute(job: base.Job) -> dict[str, Any]:
                 continue
             counted = _refused_as_too_long(exc.message)
             if counted is None:
-                raise
+                if not spoken[0]:
+                    raise
+                # Said of the reply cut short: the job's output, unless another attempt
+                # starts it afresh.
+                attempt, most = p.attempts(job.data)
+                fate = ("it is not kept: the chat is tried again" if exc.transient
+                        and attempt < most else "the partial reply is kept")
+                raise base.RunnerError(f"{exc.message}; {fate}", exc.error_type,
+                                       exc.transient) from exc
             if not embedded_used:  # its context's size unknown here: no turns left out
                 raise base.RunnerError(
                     f"the conversation is too long for the model at {config.base_url}: it "

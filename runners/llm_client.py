@@ -354,15 +354,14 @@ def _stream(config: Config, response: http.client.HTTPResponse,
                         f"{config.first_token_s:g} s (OFFLOAD_LLM_FIRST_TOKEN_S sets this "
                         "limit)", transient=True) from exc
         raise _fail(f"the LLM server stopped sending for {STALL_TIMEOUT_S:g} s after "
-                    f"{len(parts)} pieces; the partial reply is kept", transient=True) from exc
+                    f"{len(parts)} pieces", transient=True) from exc
     except (OSError, http.client.HTTPException) as exc:
         raise _fail(f"the LLM server's stream was cut after {len(parts)} pieces "
-                    f"({_reason(exc)}); the partial reply is kept", transient=True) from exc
+                    f"({_reason(exc)})", transient=True) from exc
     if not finished and reply.finish_reason is None:
         ended = EmptyStream if not parts else RunnerError
         raise ended(f"the LLM server's stream ended before the reply was complete (after "
-                    f"{len(parts)} pieces); the partial reply is kept", p.ErrorType.PROVIDER,
-                    transient=True)
+                    f"{len(parts)} pieces)", p.ErrorType.PROVIDER, transient=True)
     tail = p.readable(held)  # a first half never followed by its second: U+FFFD, or none
     on_text(tail)
     reply.text = "".join(parts) + tail

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningSupervisor
+from tests.conftest import RunningSupervisor, wait_job
 from tests.fake_llm import FakeLLM
+from tests.server import Server
 
 SECRET = "sk-fault-test-secret-0042"
 QUESTION: dict[str, Any] = {"messages": [{"role": "user", "content": "How is the CPU?"}]}
@@ -112,6 +113,21 @@ def test_stream_cut_midway_keeps_the_partial_reply(
         job = run_chat(make_supervisor, llm.base_url)
     failed_with(job, "ended before the reply was complete", "partial reply is kept")
     assert job["output"] == "one two "
+
+
+def test_a_reply_cut_short_says_whether_it_is_kept(make_server: Callable[..., Server]) -> None:
+    # Every attempt said "the partial reply is kept", and the next one started afresh.
+    with FakeLLM(pieces=["one ", "two ", "three ", "four"], cut_after=2) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        with server.client() as client:
+            job_id = client.post("/api/jobs", json={"kind": "chat", "max_attempts": 2,
+                                                    "input": QUESTION}).json()["id"]
+            job = wait_job(client, job_id)
+    failed_with(job, "ended before the reply was complete (after 2 pieces); the partial "
+                     "reply is kept")
+    assert job["output"] == "one two "
+    earlier = job["earlier_errors"][0]["message"]
+    assert earlier.endswith("(after 2 pieces); it is not kept: the chat is tried again"), earlier
 
 
 @pytest.mark.parametrize("max_tokens", [64, None])
