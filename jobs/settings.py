@@ -90,6 +90,13 @@ RAY_POLL_S = 0.2  # how often a remote job's poller asks Ray (the runner writes 
 RAY_UNREACHABLE_S = 60.0  # a remote job whose Ray stays unreachable this long is lost
 RAY_HTTP_TIMEOUT_S = 10.0
 RAY_DELETE_PAUSES_S = (1.0, 2.0, 4.0, 8.0)  # between tries to delete an ended job's record
+# Ray writes a record again for a job deleted before its supervisor actor died (FAILED,
+# "Job supervisor actor died"): looked for this long after each delete, and deleted again.
+RAY_DELETED_LOOKS_S = (3.0, 10.0)
+# Ray hands a job's environment to its worker as one argument of a command line, which
+# Linux caps at 128 KiB: a job whose environment takes more never starts there.
+RAY_ENV_MAX_CHARS = 100_000
+RAY_PENDING_STOP_S = 3.0  # a stopped job Ray still has waiting for a place then ends here
 LOG_BACKUPS = 3  # supervisor.log rotates at OFFLOAD_LOG_MAX_MB; this many older files kept
 OUTPUT_CAP_S = 5.0  # how often the supervisor cuts the outputs of its helper processes
 # Never sent to Ray: its job records keep runtime_env and entrypoint, and its dashboard
@@ -508,6 +515,13 @@ def _unreadable_line(text: str) -> str | None:
     return None
 
 
+def _said(error: Any) -> str:
+    """A setting's problem: a check of ours says it all, without pydantic's "Value error, "
+    before it."""
+    ours = (error.get("ctx") or {}).get("error") if error.get("type") == "value_error" else None
+    return str(ours) if ours is not None else str(error.get("msg"))
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The settings, read once; UnusableSettings if they cannot be used."""
@@ -534,7 +548,7 @@ def get_settings() -> Settings:
             copy.write_bytes(data)
             return Settings(_env_file=copy)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, error['loc']))}: {error['msg']}"
+        lines = [f"  {'.'.join(map(str, error['loc']))}: {_said(error)}"
                  for error in exc.errors()]
         where = "the environment" if data is None else f"the environment or in {path}"
         raise UnusableSettings("\n".join(

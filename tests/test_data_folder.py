@@ -196,5 +196,5 @@ def test_a_data_folder_empty_or_holding_the_project_is_refused(named: str,
     said = done.stdout + done.stderr
     assert done.returncode == 3, said[-3000:]
     expected = "is empty" if not named else f"{named} holds Offload's own files"
-    assert f"OFFLOAD_DATA_DIR: Value error, {expected}" in said, said[-3000:]
+    assert f"OFFLOAD_DATA_DIR: {expected}" in said, said[-3000:]
     assert not list(tmp_path.iterdir())

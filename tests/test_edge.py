@@ -101,7 +101,7 @@ ONE_VARIABLE = {
                  "OFFLOAD_MAX_ATTEMPTS names 'chats', no job kind here; the kinds are chat"),
     # The last of the two won, silently.
     "twice": ("OFFLOAD_KIND_CAPS", "chat=1,chat=3", "a setting is wrong (set in the "
-              "environment):\n  OFFLOAD_KIND_CAPS: Value error, OFFLOAD_KIND_CAPS "
+              "environment):\n  OFFLOAD_KIND_CAPS: OFFLOAD_KIND_CAPS "
               "names 'chat' twice; keep one of them"),
     # Read as '' before, it let every Host that reads as '' in.
     "hosts": ("OFFLOAD_ALLOWED_HOSTS", "offload.test, http://offload.test",
@@ -111,7 +111,7 @@ ONE_VARIABLE = {
               "OFFLOAD_KINDS holds 'x=nonexistent.module', but no module 'nonexistent'"),
     # It started, and logged the model's probe failing with a traceback every 5 s.
     "llm": ("OPENAI_BASE_URL", "notaurl", "a setting is wrong (set in the environment):"
-            "\n  OPENAI_BASE_URL: Value error, not an http:// or https:// address"),
+            "\n  OPENAI_BASE_URL: not an http:// or https:// address"),
     # It started, and every chat failed (sent 40000 to its server, or refused by its runner).
     "tokens": ("OFFLOAD_LLM_MAX_TOKENS", "40000", "a setting is wrong (set in the environment):"
                "\n  OFFLOAD_LLM_MAX_TOKENS: Input should be less than or equal to "
@@ -168,7 +168,7 @@ def test_a_start_that_cannot_serve_says_what_to_mend(how: str, problem: str, tmp
     elif problem == "file":  # it served, and every request was a 500
         env["OFFLOAD_DATA_DIR"] = str(bad_schedules / "var")
         said = (f"a setting is wrong (set in the environment):\n  OFFLOAD_DATA_DIR: "
-                f"Value error, {bad_schedules} is a file, not a folder: set OFFLOAD_DATA_DIR to "
+                f"{bad_schedules} is a file, not a folder: set OFFLOAD_DATA_DIR to "
                 "a folder")
     else:
         env["OFFLOAD_SCHEDULES_FILE"] = str(bad_schedules)

@@ -3,9 +3,11 @@ against the session's Ray head; routes, events, log and cancel as on the local o
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import process_gone, wait_for
@@ -44,3 +46,9 @@ def test_api_runs_cancels_and_streams_jobs_on_ray(
         listed = client.get("/api/jobs", params={"state": "completed"}).json()["jobs"]
         assert [j["launcher"] for j in listed] == ["ray"]
         assert client.get("/api/health").json()["launcher"] == "ray"
+    # Ray's records of the ended jobs go, and stay gone: Ray wrote a deleted one again,
+    # FAILED, as its supervisor actor died.
+    time.sleep(12)
+    left = [job["submission_id"] for job in httpx.get(f"{ray_head.address}/api/jobs/").json()
+            if str(job.get("submission_id")).startswith("offload-")]
+    assert left == [], left

@@ -3,11 +3,14 @@ errors, duplicates, a head that forgets its jobs, what is sent. Runs everywhere.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -72,6 +75,27 @@ def test_errors_say_what_went_wrong(fake: FakeRay) -> None:
         RayJobsClient(f"http://127.0.0.1:{free_port()}").version()
     with pytest.raises(ValueError, match="not a Ray dashboard address"):
         RayJobsClient("ray://127.0.0.1:10001")
+
+
+def test_an_address_that_answers_no_http_is_said_so() -> None:
+    # Ray's GCS port (6379) taken for the dashboard's: its bytes were said raw, in the
+    # health's problems, the log and the job's error.
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00\xfe\x03\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        with pytest.raises(RayUnavailable) as said:
+            RayJobsClient(f"http://127.0.0.1:{listener.getsockname()[1]}").info("s1")
+    finally:
+        listener.close()
+    assert "no HTTP server" in str(said.value) and "8265" in str(said.value)
+    assert "\\x00" not in str(said.value) and "\x00" not in str(said.value)
 
 
 def test_address_setting_is_the_dashboards_http_address() -> None:
@@ -295,6 +319,57 @@ def test_a_job_claimed_by_hand_as_ray_launches_it_runs_once(
     assert by_hand[0].returncode == 0, stderr
     assert final["state"] == "completed" and final["pid"] == by_hand[0].pid, final
     assert not [m for m, _, _ in fake.requests if m == "POST"], "sent to Ray too"
+
+
+def test_a_job_too_big_for_ray_fails_at_once_saying_so(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    # Ray hands a job's environment to its worker as one argument: one past Linux's
+    # 128 KiB never started, held a CPU of the cluster, and ignored its deadline.
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    noise = base64.b64encode(os.urandom(150_000)).decode()  # zlib leaves it as long
+    final = sup.wait_final(sup.submit("chat", messages=[{"role": "user", "content": noise}]))
+    assert final["state"] == "failed"
+    assert "never started: the job takes" in final["error"]["message"], final["error"]
+    assert "128 KiB" in final["error"]["message"]
+    assert not [m for m, path, _ in fake.requests if m == "POST" and path == "/api/jobs/"]
+
+
+def test_a_job_ray_keeps_waiting_ends_at_its_deadline(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    # Ray answers a stop of a job it has no place for (a GPU asked of a cluster without)
+    # and keeps it waiting: it stayed queued, minutes past its deadline, and a cancel too.
+    fake.stop_ends_job = False
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    job_id = sup.submit(seconds=60, timeout_s=1)
+    final = sup.wait_final(job_id, 30)
+    assert final["state"] == "timeout", final
+    assert submission_id(job_id) in fake.stopped
+
+
+def test_a_record_ray_writes_again_after_its_delete_is_deleted_again(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    # Deleted while its supervisor actor still lived, Ray wrote the record again as the
+    # actor died: "FAILED, Job supervisor actor died", one for every job run.
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    job_id = sup.submit(seconds=1)
+    sid = submission_id(job_id)
+    wait_for(lambda: sid in fake.jobs, what="submitted")
+    with fake.lock:
+        fake.jobs[sid]["status"] = "SUCCEEDED"
+    written_again = threading.Event()
+
+    def actor_dies() -> None:
+        wait_for(lambda: sid not in fake.jobs, 30, what="its first delete")
+        time.sleep(0.5)
+        with fake.lock:
+            fake.jobs[sid] = {"submission_id": sid, "status": "FAILED", "start_time": 0,
+                              "message": "Job supervisor actor died: INTENDED_USER_EXIT"}
+        written_again.set()
+
+    threading.Thread(target=actor_dies, daemon=True).start()
+    sup.wait_final(job_id, 30)
+    assert written_again.wait(30)
+    wait_for(lambda: sid not in fake.jobs, 20, what="the record written again to go")
 
 
 def test_a_job_cancelled_before_ray_has_it_never_runs(

@@ -154,7 +154,10 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
             problems.append(f"{where}: not a time: give it in ISO 8601, such as "
                             "2026-12-24T18:00:00Z (UTC unless it names its zone)")
         else:
-            problems.append(f"{where or 'body'}: {error.get('msg')}")
+            # A check of ours says it all: pydantic's "Value error, " before it says nothing.
+            said = (error.get("ctx") or {}).get("error") if error.get("type") == "value_error" \
+                else None
+            problems.append(f"{where or 'body'}: {said if said is not None else error.get('msg')}")
     return _detail(422, "invalid request: " + "; ".join(problems))
 
 

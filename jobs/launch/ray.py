@@ -49,6 +49,9 @@ from jobs.protocol import remote
 from jobs.protocol.remote import REMOTE_FLAG, job_env
 from jobs.settings import (
     RAY_DELETE_PAUSES_S,
+    RAY_DELETED_LOOKS_S,
+    RAY_ENV_MAX_CHARS,
+    RAY_PENDING_STOP_S,
     RAY_POLL_S,
     RAY_UNREACHABLE_S,
     Settings,
@@ -77,6 +80,7 @@ class RemoteRun(Run):
     ended: threading.Event = field(default_factory=threading.Event)
     to_submit: tuple[str, dict[str, Any]] | None = None  # (module, job) until submitted
     stop_asked: bool = False
+    stop_asked_at: float | None = None  # time.monotonic() of the first stop asked
     code: int | None = None
     how: str = ""
 
@@ -174,16 +178,26 @@ class RayLauncher(Launcher):
             return
         if info.status != RayJobStatus.PENDING:
             self._apply_log(ray_run, self.client.logs(ray_run.submission_id))
+        elif (ray_run.stop_asked_at is not None
+              and time.monotonic() - ray_run.stop_asked_at > RAY_PENDING_STOP_S):
+            # Ray stops a job it has no place for (or whose worker cannot start) only once
+            # it runs: it never started, so it ends here (its record goes once Ray lets it).
+            self._end(ray_run, None, "stopped while Ray still had it waiting to start")
+            return
         if info.terminal:
             self._end(ray_run, info.exit_code, _describe(info))
 
     def stop(self, run: Run, grace_s: float) -> None:
         ray_run = _remote(run)
         ray_run.stop_asked = True  # not submitted yet: its poller will not, or stops it
+        if ray_run.stop_asked_at is None:
+            ray_run.stop_asked_at = time.monotonic()
         try:
             self.client.stop(ray_run.submission_id)
         except RayJobNotFound:
             pass  # not submitted yet, or gone already: its poller says how it ended
+        except RayError as exc:  # Ray down: its poller ends the job, when Ray answers or not
+            log.warning("job %s: cannot ask Ray to stop it now: %s", run.job_id, exc)
         # Ray: SIGTERM, then SIGKILL after its own grace; its poller sees the end.
         deadline = time.monotonic() + grace_s + 10
         while not ray_run.ended.wait(0.05) and not self._closing.is_set():
@@ -205,21 +219,37 @@ class RayLauncher(Launcher):
                          name=f"ray-delete-{run.job_id[:8]}").start()
 
     def _delete(self, sid: str) -> None:
-        """Delete Ray's record of an ended job, trying again while the head fails."""
+        """Delete Ray's record of an ended job, trying again while the head fails, and
+        again where Ray writes it anew (as its supervisor actor dies)."""
+        if not self._delete_once(sid):
+            return
+        for pause in RAY_DELETED_LOOKS_S:
+            if self._closing.wait(pause):
+                return
+            try:
+                back = self._lookup(sid) is not None
+            except RayError:
+                return  # looked for no more: a record left is only a record
+            if back and not self._delete_once(sid):
+                return
+
+    def _delete_once(self, sid: str) -> bool:
+        """Whether Ray's record of `sid` is deleted (or was not there)."""
         for pause in (*RAY_DELETE_PAUSES_S, None):
             try:
                 self.client.delete(sid)
-                return
+                return True
             except RayJobNotFound:
-                return  # deleted already
+                return True  # deleted already
             except RayError as exc:
                 if pause is None:
                     log.warning("job %s: Ray's record not deleted after %d tries: %s",
                                 sid, len(RAY_DELETE_PAUSES_S) + 1, exc)
-                    return
+                    return False
                 log.info("job %s: Ray's record not deleted (%s); trying again", sid, exc)
             if self._closing.wait(pause):
-                return
+                return False
+        return False
 
     def close(self) -> None:
         self._closing.set()
@@ -337,6 +367,13 @@ class RayLauncher(Launcher):
         entrypoint = " ".join([shlex.quote(self.python), "-m", module, REMOTE_FLAG])
         gpus = self.train_gpus if data.get(p.F_KIND) == "train" else 0.0
         env = {**self.env, remote.SNAPSHOT_KEY_ENV: key, **job_env(data)}
+        size = sum(len(name) + len(value) + 6 for name, value in env.items())  # JSON's
+        if size > RAY_ENV_MAX_CHARS:  # else it waits in Ray for good, holding a CPU
+            raise RayError(
+                f"the job takes {size // 1000} KB once encoded for Ray, which hands it to "
+                f"its worker on one command line, capped at 128 KiB by Linux (at most "
+                f"{RAY_ENV_MAX_CHARS // 1000} KB here): send less (a shorter conversation), "
+                "or run it with the local launcher")
         try:
             self.client.submit(sid, entrypoint, env_vars=env, num_cpus=self.num_cpus,
                                num_gpus=gpus, metadata={"offload_job_id": str(data.get(p.F_ID)),

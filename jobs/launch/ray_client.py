@@ -157,6 +157,9 @@ def _ray_job(data: dict[str, Any], submission_id: str) -> RayJob:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, http.client.BadStatusLine):  # its bytes say nothing to a reader
+        return ("what answers there is no HTTP server: give the address of the Ray "
+                "dashboard (port 8265 unless `ray start --dashboard-port` moved it)")
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused (is the Ray head running, with its dashboard?)"
     if isinstance(exc, socket.gaierror):
