@@ -69,8 +69,9 @@ def execute(job: base.Job) -> dict[str, Any]:
         # No Offload ever ran on it (a --data-dir elsewhere); a new one's comes within a second.
         raise base.RunnerError(
             f"no history to learn from at {p.metrics_file(data_dir)}: is {data_dir!r} "
-            "Offload's data folder (--data-dir, OFFLOAD_DATA_DIR)? The dashboard records a "
-            "sample a second there")
+            "Offload's data folder (--data-dir, OFFLOAD_DATA_DIR; on a Ray node, "
+            "OFFLOAD_DATA_DIR where `ray start` runs)? The dashboard records a sample a "
+            "second there")
     if len(samples) < samples_needed(lags):
         if recorded >= samples_needed(lags):  # there is enough: 'seconds' left it out
             raise base.RunnerError(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from jobs import protocol as p
@@ -174,6 +175,20 @@ def test_predict_serves_the_latest_model(data_dir: Path,
         fourth = _train(client, epochs=5, lags=5)
         assert fourth["result"]["version"] == 9, fourth
         assert client.get("/api/predict").json()["version"] == 9
+        # No sample for the model's lags (its supervisor stopped): it answered the model's
+        # training mean as the machine's forecast, from nothing (`from_t` null).
+        assert server.proc is not None
+        supervisor = next(each for each in psutil.Process(server.proc.pid).children()
+                          if "jobs.supervisor" in each.cmdline())
+        supervisor.suspend()
+        try:
+            stale = wait_for(lambda: (answer := client.get("/api/predict")).status_code == 409
+                             and answer, 60, 0.5, "no recent sample to forecast from")
+            assert "no sample of the machine in the last 10 s" in stale.json()["detail"]
+        finally:
+            supervisor.resume()
+        wait_for(lambda: client.get("/api/predict").status_code == 200, 30, 0.2,
+                 "samples again")
 
 
 def _peak_rss_mb(pid: int) -> float | None:

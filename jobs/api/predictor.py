@@ -18,7 +18,18 @@ from runners import forecast
 TRAIN = ('POST /api/jobs with {"kind": "train"}, or the dashboard\'s Train button')
 
 
-class NoModel(Exception):
+class NoForecast(Exception):
+    """No forecast can be made now: a 409 that says why."""
+
+
+class NoRecentSamples(NoForecast):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"no sample of the machine in the last {seconds:g} s to forecast from: the "
+            "supervisor records one a second; is it running (offload status)?")
+
+
+class NoModel(NoForecast):
     def __init__(self, damaged: bool = False) -> None:
         super().__init__(
             f"the forecasting model ({forecast.MODELS_DIR}/{forecast.LATEST}, or the file it "
@@ -62,6 +73,8 @@ class Predictor:
         model = self.model()
         lags = int(model["lags"])
         samples = self.history.read((lags + 5) * HISTORY_SAMPLE_S)
+        if not samples:  # else the model's mean, said as the machine's forecast
+            raise NoRecentSamples((lags + 5) * HISTORY_SAMPLE_S)
         recent = {name: [float(s[name]) for s in samples] for name in forecast.SERIES}
         values = forecast.predict(model, recent, horizon)
         last_t = samples[-1]["t"] if samples else None

@@ -15,7 +15,7 @@ from jobs import protocol as p
 from jobs.api.errors import methods_at, not_allowed
 from jobs.api.history import MachineHistory, short_job
 from jobs.api.keeper import SupervisorKeeper
-from jobs.api.predictor import NoModel, Predictor
+from jobs.api.predictor import NoForecast, Predictor
 from jobs.api.routes_control import queue_view
 from jobs.api.routes_jobs import Service
 from jobs.api.service import JobService
@@ -66,7 +66,7 @@ async def predict(request: Request,
     predictor: Predictor = request.app.state.predictor
     try:
         return await run_in_threadpool(predictor.predict, horizon)
-    except NoModel as exc:
+    except NoForecast as exc:
         raise HTTPException(409, str(exc)) from None
 
 
