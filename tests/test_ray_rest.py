@@ -372,6 +372,27 @@ def test_a_record_ray_writes_again_after_its_delete_is_deleted_again(
     wait_for(lambda: sid not in fake.jobs, 20, what="the record written again to go")
 
 
+def test_a_job_claimed_by_a_supervisor_that_stopped_before_ray_had_it_is_sent(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+    # Claimed while Ray did not answer, by a supervisor killed then: the next one found
+    # Ray without the job and said it "lost: ... no longer knows job", never sent.
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    sup.stop()
+    job_id = sup.store.create("sleep", {"seconds": 1}, 60)["id"]
+    job_file = sup.supervisor.dir / job_id / p.JOB_FILE
+    sid = submission_id(job_id)
+    p.write_json(p.sibling(job_file, p.RUN_FILE), p.launch_record(job_file, {
+        "launcher": "ray", "submission_id": sid, "address": fake.address,
+        "claimed_by": 1, "launched_ns": time.time_ns(), "snapshot_key": "k" * 32}))
+    again = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    wait_for(lambda: sid in fake.jobs, 30, what="the job sent to Ray")
+    assert again.job(job_id)["state"] == "queued"
+    assert (p.read_json(p.sibling(job_file, p.RUN_FILE)) or {})["submitted"] is True
+    with fake.lock:
+        fake.jobs[sid]["status"] = "FAILED"  # its end, as Ray says it
+    assert again.wait_final(job_id, 30)["error"]["message"].endswith("Ray job FAILED)")
+
+
 def test_a_job_cancelled_before_ray_has_it_never_runs(
         fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
     fake.submit_delay_s = 1.0

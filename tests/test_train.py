@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 
@@ -182,8 +183,11 @@ def test_predict_serves_the_latest_model(data_dir: Path,
                           if "jobs.supervisor" in each.cmdline())
         supervisor.suspend()
         try:
-            stale = wait_for(lambda: (answer := client.get("/api/predict")).status_code == 409
-                             and answer, 60, 0.5, "no recent sample to forecast from")
+            def refused() -> httpx.Response | None:
+                answer = client.get("/api/predict")
+                return answer if answer.status_code == 409 else None
+
+            stale = wait_for(refused, 60, 0.5, "no recent sample to forecast from")
             assert "no sample of the machine in the last 10 s" in stale.json()["detail"]
         finally:
             supervisor.resume()

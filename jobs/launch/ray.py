@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
+from jobs.kinds import runner_modules
 from jobs.launch.base import ClaimedAlready, Launcher, OnExit, Run, claim
 from jobs.launch.ray_client import (
     RayError,
@@ -62,6 +63,7 @@ from jobs.settings import (
 log = logging.getLogger(__name__)
 
 SUBMISSION_PREFIX = "offload-"
+SUBMITTED = "submitted"  # in run.json, once Ray has the job
 _RAY_ECHO = "Running entrypoint for job "
 
 
@@ -139,6 +141,11 @@ class RayLauncher(Launcher):
               on_exit: OnExit) -> Run:
         job_id = p.id_of(job_file)
         launched = record.get("launched_ns")
+        # Claimed by a supervisor that stopped before Ray had it (Ray unreachable, say):
+        # sent now, as it would have been (looked up first, as every submission is).
+        module = runner_modules().get(str(data.get(p.F_KIND)))
+        unsent = (module, data) if module is not None and not record.get(SUBMITTED) \
+            and data.get(p.F_STATE) == p.JobState.QUEUED else None
         with self._lock:
             watched = self._runs.get(job_id)
             if watched is not None and not watched.ended.is_set():
@@ -147,7 +154,7 @@ class RayLauncher(Launcher):
                             launched / 1e9 if isinstance(launched, int) else None,
                             str(record.get("submission_id")
                                 or submission_id(job_id, p.attempts(data)[0])),
-                            str(record.get("snapshot_key") or ""))
+                            str(record.get("snapshot_key") or ""), to_submit=unsent)
             self._runs[job_id] = run
         # Its poller reads Ray's whole log again: the log file is rebuilt, and the
         # latest snapshot rewritten (the newest there is, never an older one).
@@ -167,6 +174,7 @@ class RayLauncher(Launcher):
             if self._lookup(ray_run.submission_id) is None:  # idempotent: look up first
                 self._submit(ray_run.submission_id, ray_run.key, module, data)
             ray_run.to_submit = None
+            self._say_submitted(ray_run)
             if ray_run.stop_asked:  # asked while it was being submitted
                 self.client.stop(ray_run.submission_id)
         try:
@@ -356,6 +364,16 @@ class RayLauncher(Launcher):
         return {"launcher": self.name, "submission_id": sid, "address": self.address,
                 "claimed_by": os.getpid(), "launched_ns": time.time_ns(),
                 "snapshot_key": key}
+
+    def _say_submitted(self, run: RemoteRun) -> None:
+        """Mark the claim: Ray has the job (an adopting supervisor sends one unmarked)."""
+        run_file = p.sibling(run.job_file, p.RUN_FILE)
+        try:
+            record = p.read_json(run_file) or {}
+            if record.get("submission_id") == run.submission_id:
+                p.write_json(run_file, {**record, SUBMITTED: True}, durable=False)
+        except (OSError, p.CorruptJobFile) as exc:  # then sent again: looked up first
+            log.warning("job %s: cannot mark its claim as sent to Ray: %s", run.job_id, exc)
 
     def _lookup(self, sid: str) -> RayJob | None:
         try:
