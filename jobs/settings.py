@@ -97,6 +97,8 @@ RAY_DELETED_LOOKS_S = (3.0, 10.0)
 # Linux caps at 128 KiB: a job whose environment takes more never starts there.
 RAY_ENV_MAX_CHARS = 100_000
 RAY_PENDING_STOP_S = 3.0  # a stopped job Ray still has waiting for a place then ends here
+RAY_END_WAIT_S = 1200.0  # its record is deleted once Ray has ended it, looked for this long
+RAY_END_LOOK_S = 10.0  # every this often
 LOG_BACKUPS = 3  # supervisor.log rotates at OFFLOAD_LOG_MAX_MB; this many older files kept
 OUTPUT_CAP_S = 5.0  # how often the supervisor cuts the outputs of its helper processes
 # Never sent to Ray: its job records keep runtime_env and entrypoint, and its dashboard

@@ -89,6 +89,9 @@ class FakeRay(ScriptedServer):
                 self.jobs[sid]["status"] = "STOPPED"
             return 200, {"stopped": True}
         if method == "DELETE" and not tail:
+            if self.jobs[sid]["status"] in ("PENDING", "RUNNING"):  # as Ray refuses it
+                return 400, (f"Traceback (most recent call last):\n  ...\nRuntimeError: Job "
+                             f"{sid} is not in a terminal state")
             del self.jobs[sid]
             return 200, {"deleted": True}
         return 404, "no such route"

@@ -327,23 +327,44 @@ def test_a_job_too_big_for_ray_fails_at_once_saying_so(
     # 128 KiB never started, held a CPU of the cluster, and ignored its deadline.
     sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
     noise = base64.b64encode(os.urandom(150_000)).decode()  # zlib leaves it as long
-    final = sup.wait_final(sup.submit("chat", messages=[{"role": "user", "content": noise}]))
-    assert final["state"] == "failed"
+    job_id = sup.store.create("chat", {"messages": [{"role": "user", "content": noise}]}, 60,
+                              fields={"max_attempts": 2})["id"]
+    sup.supervisor.wake(job_id)
+    final = sup.wait_final(job_id)
+    # Failed for good: another attempt, refused again, was counted a `lost` retry.
+    assert final["state"] == "failed" and final["error"]["type"] == "runner", final
+    assert final["attempt"] == 1 and not final.get("earlier_errors"), final
     assert "never started: the job takes" in final["error"]["message"], final["error"]
     assert "128 KiB" in final["error"]["message"]
     assert not [m for m, path, _ in fake.requests if m == "POST" and path == "/api/jobs/"]
 
 
 def test_a_job_ray_keeps_waiting_ends_at_its_deadline(
-        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     # Ray answers a stop of a job it has no place for (a GPU asked of a cluster without)
     # and keeps it waiting: it stayed queued, minutes past its deadline, and a cancel too.
+    monkeypatch.setattr(ray_launcher, "RAY_END_LOOK_S", 0.1)
     fake.stop_ends_job = False
     sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
     job_id = sup.submit(seconds=60, timeout_s=1)
+    sid = submission_id(job_id)
+    # A stop Ray did not take (its head busy) is sent again; until Ray takes one, the job
+    # is not ended here (Ray would run it, unwatched).
+    fake.scripted[("POST", f"/api/jobs/{sid}/stop")] = (503, "busy")
+    wait_for(lambda: sum(path.endswith("/stop") for _, path, _ in list(fake.requests)) >= 3,
+             30, what="the stop asked again")
+    assert sup.job(job_id)["state"] == "queued"
+    del fake.scripted[("POST", f"/api/jobs/{sid}/stop")]
     final = sup.wait_final(job_id, 30)
     assert final["state"] == "timeout", final
-    assert submission_id(job_id) in fake.stopped
+    assert sid in fake.stopped
+    # Ray refuses to delete a job it has not ended: its record goes once Ray ends it.
+    time.sleep(0.5)
+    assert sid in fake.jobs
+    with fake.lock:
+        fake.jobs[sid]["status"] = "STOPPED"
+    wait_for(lambda: sid not in fake.jobs, 30, what="its record deleted once Ray ended it")
 
 
 def test_a_record_ray_writes_again_after_its_delete_is_deleted_again(
@@ -391,6 +412,18 @@ def test_a_job_claimed_by_a_supervisor_that_stopped_before_ray_had_it_is_sent(
     with fake.lock:
         fake.jobs[sid]["status"] = "FAILED"  # its end, as Ray says it
     assert again.wait_final(job_id, 30)["error"]["message"].endswith("Ray job FAILED)")
+    again.stop()
+    # One cancelled meanwhile is not sent.
+    cancelled = sup.store.create("sleep", {"seconds": 1}, 60)["id"]
+    cancelled_file = sup.supervisor.dir / cancelled / p.JOB_FILE
+    p.write_json(p.sibling(cancelled_file, p.RUN_FILE), p.launch_record(cancelled_file, {
+        "launcher": "ray", "submission_id": submission_id(cancelled), "address": fake.address,
+        "claimed_by": 1, "launched_ns": time.time_ns(), "snapshot_key": "k" * 32}))
+    sup.store.request_cancel(cancelled)
+    third = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    assert third.wait_final(cancelled, 30)["state"] == "cancelled"
+    assert not [body for method, path, body in list(fake.requests) if method == "POST"
+                and path == "/api/jobs/" and body["submission_id"] == submission_id(cancelled)]
 
 
 def test_a_job_cancelled_before_ray_has_it_never_runs(

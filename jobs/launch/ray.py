@@ -44,6 +44,7 @@ from jobs.launch.ray_client import (
     RayJobNotFound,
     RayJobsClient,
     RayJobStatus,
+    RayRefused,
     RayUnavailable,
 )
 from jobs.protocol import remote
@@ -51,6 +52,8 @@ from jobs.protocol.remote import REMOTE_FLAG, job_env
 from jobs.settings import (
     RAY_DELETE_PAUSES_S,
     RAY_DELETED_LOOKS_S,
+    RAY_END_LOOK_S,
+    RAY_END_WAIT_S,
     RAY_ENV_MAX_CHARS,
     RAY_PENDING_STOP_S,
     RAY_POLL_S,
@@ -82,7 +85,7 @@ class RemoteRun(Run):
     ended: threading.Event = field(default_factory=threading.Event)
     to_submit: tuple[str, dict[str, Any]] | None = None  # (module, job) until submitted
     stop_asked: bool = False
-    stop_asked_at: float | None = None  # time.monotonic() of the first stop asked
+    stop_sent_at: float | None = None  # time.monotonic() when Ray took the stop
     code: int | None = None
     how: str = ""
 
@@ -150,11 +153,14 @@ class RayLauncher(Launcher):
             watched = self._runs.get(job_id)
             if watched is not None and not watched.ended.is_set():
                 return watched
-            run = RemoteRun(job_id, job_file, self.name,
-                            launched / 1e9 if isinstance(launched, int) else None,
+            # An unsent job's deadline counts from its sending, as any job's on Ray.
+            started = time.time() if unsent else (
+                launched / 1e9 if isinstance(launched, int) else None)
+            run = RemoteRun(job_id, job_file, self.name, started,
                             str(record.get("submission_id")
                                 or submission_id(job_id, p.attempts(data)[0])),
-                            str(record.get("snapshot_key") or ""), to_submit=unsent)
+                            str(record.get("snapshot_key") or ""), to_submit=unsent,
+                            stop_asked=unsent is not None and p.stop_reason(job_file) is not None)
             self._runs[job_id] = run
         # Its poller reads Ray's whole log again: the log file is rebuilt, and the
         # latest snapshot rewritten (the newest there is, never an older one).
@@ -175,8 +181,10 @@ class RayLauncher(Launcher):
                 self._submit(ray_run.submission_id, ray_run.key, module, data)
             ray_run.to_submit = None
             self._say_submitted(ray_run)
-            if ray_run.stop_asked:  # asked while it was being submitted
-                self.client.stop(ray_run.submission_id)
+        if ray_run.stop_asked and ray_run.stop_sent_at is None:
+            # Asked while it was being submitted, or while Ray did not answer: sent until
+            # Ray takes it (a RayError here is the poller's, as any look's).
+            self._send_stop(ray_run)
         try:
             info = self.client.info(ray_run.submission_id)
         except RayJobNotFound:
@@ -186,10 +194,11 @@ class RayLauncher(Launcher):
             return
         if info.status != RayJobStatus.PENDING:
             self._apply_log(ray_run, self.client.logs(ray_run.submission_id))
-        elif (ray_run.stop_asked_at is not None
-              and time.monotonic() - ray_run.stop_asked_at > RAY_PENDING_STOP_S):
+        elif (ray_run.stop_sent_at is not None
+              and time.monotonic() - ray_run.stop_sent_at > RAY_PENDING_STOP_S):
             # Ray stops a job it has no place for (or whose worker cannot start) only once
-            # it runs: it never started, so it ends here (its record goes once Ray lets it).
+            # it runs: it never started, so it ends here (its record goes once Ray has
+            # ended it: `_delete` waits for that).
             self._end(ray_run, None, "stopped while Ray still had it waiting to start")
             return
         if info.terminal:
@@ -198,19 +207,27 @@ class RayLauncher(Launcher):
     def stop(self, run: Run, grace_s: float) -> None:
         ray_run = _remote(run)
         ray_run.stop_asked = True  # not submitted yet: its poller will not, or stops it
-        if ray_run.stop_asked_at is None:
-            ray_run.stop_asked_at = time.monotonic()
         try:
-            self.client.stop(ray_run.submission_id)
-        except RayJobNotFound:
-            pass  # not submitted yet, or gone already: its poller says how it ended
-        except RayError as exc:  # Ray down: its poller ends the job, when Ray answers or not
-            log.warning("job %s: cannot ask Ray to stop it now: %s", run.job_id, exc)
+            self._send_stop(ray_run)
+        except RayError as exc:  # Ray down: its poller sends the stop once Ray answers
+            log.warning("job %s: cannot ask Ray to stop it now (asked again as its poller "
+                        "reaches Ray): %s", run.job_id, exc)
         # Ray: SIGTERM, then SIGKILL after its own grace; its poller sees the end.
         deadline = time.monotonic() + grace_s + 10
         while not ray_run.ended.wait(0.05) and not self._closing.is_set():
             if time.monotonic() > deadline:
                 break
+
+    def _send_stop(self, run: RemoteRun) -> None:
+        """Ask Ray to stop the job; RayError if it did not take the stop."""
+        if run.to_submit is not None:
+            return  # not sent yet: its poller never sends it
+        try:
+            self.client.stop(run.submission_id)
+        except RayJobNotFound:
+            pass  # gone already: its poller says how it ended
+        if run.stop_sent_at is None:
+            run.stop_sent_at = time.monotonic()
 
     def exit_code(self, run: Run) -> int | None:
         return _remote(run).code
@@ -229,7 +246,7 @@ class RayLauncher(Launcher):
     def _delete(self, sid: str) -> None:
         """Delete Ray's record of an ended job, trying again while the head fails, and
         again where Ray writes it anew (as its supervisor actor dies)."""
-        if not self._delete_once(sid):
+        if not self._ended_in_ray(sid) or not self._delete_once(sid):
             return
         for pause in RAY_DELETED_LOOKS_S:
             if self._closing.wait(pause):
@@ -240,6 +257,25 @@ class RayLauncher(Launcher):
                 return  # looked for no more: a record left is only a record
             if back and not self._delete_once(sid):
                 return
+
+    def _ended_in_ray(self, sid: str) -> bool:
+        """Whether Ray has ended the job, or holds no record of it: it deletes no other. A
+        job stopped while Ray had it waiting ends there once it can run, or at Ray's own
+        start timeout (15 min by default)."""
+        deadline = time.monotonic() + RAY_END_WAIT_S
+        while True:
+            try:
+                info = self._lookup(sid)
+            except RayError:
+                return True  # the delete tries again while the head fails, and says so
+            if info is None or info.terminal:
+                return True
+            if time.monotonic() > deadline:
+                log.warning("job %s: Ray has not ended it after %.0f s; its record is left "
+                            "there", sid, RAY_END_WAIT_S)
+                return False
+            if self._closing.wait(RAY_END_LOOK_S):
+                return False
 
     def _delete_once(self, sid: str) -> bool:
         """Whether Ray's record of `sid` is deleted (or was not there)."""
@@ -302,9 +338,11 @@ class RayLauncher(Launcher):
                         self._unreachable[run.job_id] = str(exc)
                     else:
                         self._unreachable.pop(run.job_id, None)
-                if run.to_submit is not None and isinstance(exc, RayError) \
+                if run.to_submit is not None and isinstance(exc, RayRefused):
+                    self._refused(run, f"never started: {exc}")
+                elif run.to_submit is not None and isinstance(exc, RayError) \
                         and not isinstance(exc, RayUnavailable):
-                    self._end(run, None, f"never started: {exc}")  # Ray refused the job
+                    self._end(run, None, f"never started: {exc}")  # Ray failed: tried again
                 elif failing_since is None:  # said once: it polled the log full, 5 a second
                     failing_since = time.monotonic()
                     log.warning("job %s: %s; trying again for up to %.0f s", run.job_id, exc,
@@ -354,6 +392,20 @@ class RayLauncher(Launcher):
             data[p.F_ERROR] = p.stop_error(p.JobState.TIMEOUT, data.get(p.F_TIMEOUT_S))
         return data
 
+    def _refused(self, run: RemoteRun, why: str) -> None:
+        """A job Ray will not take: failed for good (not `lost`, tried again to be refused
+        again), its error `why`."""
+        try:
+            data = p.read_json(run.job_file)
+            if data is not None and data.get(p.F_STATE) not in p.FINAL_STATES:
+                p.write_json(run.job_file, {
+                    **data, p.F_STATE: p.JobState.FAILED, p.F_LAUNCHER: self.name,
+                    p.F_ERROR: {"type": p.ErrorType.RUNNER, "message": why},
+                    p.F_FINISHED_AT: p.now_iso()})
+        except (OSError, p.CorruptJobFile) as exc:  # then ended as any: `lost`, with `why`
+            log.warning("job %s: cannot write that Ray refused it: %s", run.job_id, exc)
+        self._end(run, None, why)
+
     def _end(self, run: RemoteRun, code: int | None, how: str) -> None:
         run.code, run.how = code, how
         run.ended.set()
@@ -387,7 +439,7 @@ class RayLauncher(Launcher):
         env = {**self.env, remote.SNAPSHOT_KEY_ENV: key, **job_env(data)}
         size = sum(len(name) + len(value) + 6 for name, value in env.items())  # JSON's
         if size > RAY_ENV_MAX_CHARS:  # else it waits in Ray for good, holding a CPU
-            raise RayError(
+            raise RayRefused(
                 f"the job takes {size // 1000} KB once encoded for Ray, which hands it to "
                 f"its worker on one command line, capped at 128 KiB by Linux (at most "
                 f"{RAY_ENV_MAX_CHARS // 1000} KB here): send less (a shorter conversation), "

@@ -37,6 +37,11 @@ class RayError(OSError):
     """Ray answered something unusable (an error status, not JSON); the message says what."""
 
 
+class RayRefused(RayError):
+    """Ray answered a request with a 4xx (a job it will not take, say): asking again is
+    refused again."""
+
+
 class RayUnavailable(RayError):
     """Nothing answers at the address (refused, unresolved, timed out)."""
 
@@ -132,8 +137,9 @@ class RayJobsClient:
         if response.status == 404:
             raise RayJobNotFound(f"Ray at {self.address}: {_last_line(text) or 'not found'}")
         if response.status >= 400:
-            raise RayError(f"Ray at {self.address} answered {method} {path} with "
-                           f"{response.status}: {_last_line(text)}")
+            error = RayRefused if response.status < 500 else RayError
+            raise error(f"Ray at {self.address} answered {method} {path} with "
+                        f"{response.status}: {_last_line(text)}")
         try:
             return json.loads(text)
         except ValueError as exc:
