@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import protocol as p
 from jobs.protocol.counters import JobCounters, counters_file
+from jobs.store.job_store import JobStore
 from tests.conftest import ROOT, RunningSupervisor, free_port, wait_for
 from tests.fake_llm import FakeLLM
 from tests.server import Server
@@ -473,11 +474,13 @@ def test_counters_that_cannot_be_read_are_neither_shown_as_zeros_nor_lost(
     assert value(samples, "offload_jobs_finished_total", kind="probe", state="completed") == 1
 
 
+@pytest.mark.parametrize("removed", [False, True], ids=["kept", "removed meanwhile"])
 def test_a_job_whose_runner_was_still_exiting_at_a_handover_is_counted(
-        make_server: MakeServer) -> None:
+        removed: bool, make_server: MakeServer) -> None:
     # A job is counted once its runner is gone. One whose final state was written before
     # the leader's last save, its runner still exiting, looked counted to the next leader
-    # (it finished before that save), and was never counted.
+    # (it finished before that save), and was never counted. Removed (by another API
+    # worker) before the next leader came, it was not counted either: no leader saw it.
     first = make_server(env=NO_LLM)
     path = counters_file(first.data_dir)
     with first.client() as client:
@@ -488,6 +491,9 @@ def test_a_job_whose_runner_was_still_exiting_at_a_handover_is_counted(
                  20, 0.05, "the sleep counted, and the counters saved")
     first.stop()
     assert JobCounters.load(path).finished.get("probe") is None  # its runner still lingers
+    if removed:  # as POST /api/jobs/{id}/remove does
+        store = JobStore(first.data_dir / "jobs")
+        assert store.remove(lingering, store.read(lingering)) is None
     second = make_server(env=NO_LLM)
     with second.client() as client:
         def counted() -> Samples | None:

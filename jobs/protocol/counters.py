@@ -84,6 +84,25 @@ def take_removed_note(job_file: p.StrPath) -> dict[str, Any] | None:
     return note if isinstance(note, dict) else None
 
 
+def removed_notes(data_dir: p.StrPath) -> list[dict[str, Any]]:
+    """Every note of a job removed as it ended (a leader taking over counts those no
+    leader did: their runners ended while none watched)."""
+    folder = os.path.join(data_dir, REMOVED_DIR)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    notes = []
+    for name in names:
+        try:
+            note = p.read_json_or_none(os.path.join(folder, name))
+        except OSError:
+            continue
+        if isinstance(note, dict):
+            notes.append(note)
+    return notes
+
+
 def prune_removed_notes(data_dir: p.StrPath, now: float) -> None:
     """Notes older than REMOVED_NOTE_S: of jobs counted before they were removed."""
     folder = os.path.join(data_dir, REMOVED_DIR)

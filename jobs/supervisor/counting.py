@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs import protocol as p
-from jobs.protocol.counters import SAVE_EVERY_S, JobCounters, counters_file
+from jobs.protocol.counters import SAVE_EVERY_S, JobCounters, counters_file, removed_notes
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class Counting:
     """The leader's counters: counted as jobs start, retry and end; saved now and then."""
 
     def __init__(self, data_dir: Path, job_file: Callable[[str], Path]) -> None:
+        self._data_dir = data_dir
         self._file = counters_file(data_dir)
         self._job_file = job_file
         self.counters = JobCounters()  # read from its file once this supervisor leads
@@ -34,6 +35,7 @@ class Counting:
         self._read = False
         self._unread = False  # said so in the log
         self._unsure_final: list[str] = []  # final jobs found before the file was read
+        self._removed: list[dict[str, Any]] = []  # notes of removed jobs, at a takeover
         self._unsaved = False  # the last save failed (said once)
         self._saved = 0.0
 
@@ -41,6 +43,9 @@ class Counting:
         """This supervisor leads now: on from the counts as the last leader left them."""
         self.counters, self._since_save, self._wrote = JobCounters(), JobCounters(), None
         self._read, self._unsure_final = False, []
+        # Jobs removed as their runners ended while no leader watched: counted below, if
+        # the last leader did not.
+        self._removed = removed_notes(self._data_dir)
         self._read_file()
 
     def started(self, data: dict[str, Any]) -> None:
@@ -126,7 +131,10 @@ class Counting:
             data = p.read_json_or_none(self._job_file(job_id))
             if data is not None and data.get(p.F_STATE) in p.FINAL_STATES and saved.missed(data):
                 saved.ended(data)
-        self._unsure_final = []
+        for note in self._removed:
+            if note.get(p.F_STATE) in p.FINAL_STATES and saved.missed(note):
+                saved.ended(note)
+        self._unsure_final, self._removed = [], []
         saved.add(self.counters)
         self.counters, self._read = saved, True
         return True

@@ -94,10 +94,10 @@ class Discovery:
             life = self._running[gone]
             # Its folder deleted by hand: the job is no more, and its runner held a slot
             # until its deadline. (The listing may be a moment old: the folder tells.)
-            # (Removed at a client's word, it had ended: its runner is ending too.)
-            if not life.stopping and not os.path.exists(os.path.dirname(life.job_file)) \
-                    and not os.path.exists(removed_note_path(life.job_file)):
-                log.info("job %s was deleted while it ran; its runner is stopped", gone)
+            if not life.stopping and not os.path.exists(os.path.dirname(life.job_file)):
+                # Removed at a client's word, it had ended (its runner lingers): not said.
+                if not os.path.exists(removed_note_path(life.job_file)):
+                    log.info("job %s was deleted while it ran; its runner is stopped", gone)
                 self._start_stop(life, p.JobState.CANCELLED)
         self._known_final &= job_ids
         self._look_at_damaged(job_ids)
