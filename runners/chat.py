@@ -405,7 +405,8 @@ def _wait_for_embedded(job: base.Job, data_dir: str, key: str,
             raise base.RunnerError(str(status.get("detail")), "provider")
         if time.monotonic() > waits_until:
             raise base.RunnerError(
-                f"the embedded model is not ready after {_patience(job):g} s "
+                f"the embedded model is not ready within the {_patience(job):g} s a chat "
+                "waits for it "
                 f"({status.get('detail') or 'no supervisor is running it'}); see "
                 "var/llm-server.log, or set OPENAI_BASE_URL to another server", "provider",
                 transient=True)

@@ -21,6 +21,7 @@ const statusEl = document.getElementById("status");
 
 let samples = [];
 let forecast = null;
+let forecastAsked = null; // the model version a forecast was last asked of
 let updates = 0;
 let lastUpdate = 0;
 const pageStart = Date.now();
@@ -107,8 +108,17 @@ async function refreshHealth() {
   setField("version", String(h.version ?? "—"));
   const model = h.forecast_version;
   setField("forecast", model == null ? "none yet (Train model)" : `version ${model}`);
-  // Trained here or elsewhere (the CLI, another page): its forecast is drawn.
-  if (model != null && (!forecast || forecast.version !== model)) fetchForecast(true).catch(() => {});
+  // Trained here or elsewhere (the CLI, another page): its forecast is drawn, asked once
+  // a version (the 30 s refresh asks again where it could not be made).
+  if (model != null && model !== forecastAsked) {
+    forecastAsked = model;
+    fetchForecast(true).catch(() => {});
+  } else if (model == null && forecast) {  // its model removed: no forecast of it drawn
+    forecast = null;
+    forecastAsked = null;
+    delete historyCanvas.dataset.forecast;
+    redrawHistory();
+  }
   // A full disk or a data folder that cannot be written: new jobs are refused meanwhile.
   if (Array.isArray(h.problems)) {
     setField("storage", h.problems.length ? h.problems.join("; ") : "ok", h.problems.length ? "warn" : "ok");
@@ -144,7 +154,7 @@ function init() {
   every(HEALTH_MS, refreshHealth);
   setInterval(renderAge, 500);
   setInterval(() => {
-    if (forecast) fetchForecast(true).catch(() => {});
+    if (forecast || forecastAsked != null) fetchForecast(true).catch(() => {});
   }, FORECAST_REFRESH_MS);
 
   // Redraw charts on resize and when the colour scheme changes.

@@ -661,7 +661,8 @@ def test_a_chat_waits_for_the_embedded_model_one_patience_in_all(
     dying.close()
     # 12 s less the margin: 7 s over both waits, before the job's deadline.
     assert job["state"] == "failed", job
-    assert "the embedded model is not ready after 7 s" in job["error"]["message"], job
+    assert "the embedded model is not ready within the 7 s a chat waits for it" in (
+        job["error"]["message"]), job
 
 
 @pytest.mark.llm

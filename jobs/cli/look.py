@@ -164,7 +164,7 @@ def _follow_log(client: Client, args: argparse.Namespace) -> int:
         if attempt_shown[0] is not None and attempt != attempt_shown[0] and not args.json:
             # A retry starts its output afresh: the earlier attempt's stays, marked as such.
             if line_open[0]:
-                sys.stdout.write(shown(held[0], sys.stdout) + "\n")
+                sys.stdout.write(shown(held[0] + "\n", sys.stdout))
                 held[0] = ""
             earlier = (job.get(p.F_EARLIER_ERRORS) or [{}])[-1]
             said = (f"[attempt {attempt - 1} failed ({earlier.get('message', '?')}); "
@@ -193,7 +193,6 @@ def _follow_log(client: Client, args: argparse.Namespace) -> int:
         show(event, job)
 
     job = follow(client, args.id, first)
-    sys.stdout.write(shown(held[0], sys.stdout))
-    if not args.json and job.get(p.F_OUTPUT) and not str(job[p.F_OUTPUT]).endswith("\n"):
-        sys.stdout.write("\n")
+    ends_open = not args.json and job.get(p.F_OUTPUT) and not str(job[p.F_OUTPUT]).endswith("\n")
+    sys.stdout.write(shown(held[0] + ("\n" if ends_open else ""), sys.stdout))
     return outcome(job)
