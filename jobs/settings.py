@@ -517,9 +517,9 @@ def _unreadable_line(text: str) -> str | None:
     return None
 
 
-def _said(error: Any) -> str:
-    """A setting's problem: a check of ours says it all, without pydantic's "Value error, "
-    before it."""
+def problem_said(error: Any) -> str:
+    """A validation error of pydantic's, in words: a check of ours says it all, without
+    pydantic's "Value error, " before it."""
     ours = (error.get("ctx") or {}).get("error") if error.get("type") == "value_error" else None
     return str(ours) if ours is not None else str(error.get("msg"))
 
@@ -550,7 +550,7 @@ def get_settings() -> Settings:
             copy.write_bytes(data)
             return Settings(_env_file=copy)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, error['loc']))}: {_said(error)}"
+        lines = [f"  {'.'.join(map(str, error['loc']))}: {problem_said(error)}"
                  for error in exc.errors()]
         where = "the environment" if data is None else f"the environment or in {path}"
         raise UnusableSettings("\n".join(

@@ -24,6 +24,7 @@ from jobs.api.idempotency_keys import IdempotencyConflict, KeyInFlight
 from jobs.api.service import BatchStopped, NotRerunnable
 from jobs.api.stops import AlreadyFinished, NotRemoved, StillNeeded
 from jobs.kinds import InvalidInput, UnknownKind, error_location
+from jobs.settings import problem_said
 from jobs.store.job_store import JobNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -154,10 +155,7 @@ async def _validation(request: Request, exc: Exception) -> JSONResponse:
             problems.append(f"{where}: not a time: give it in ISO 8601, such as "
                             "2026-12-24T18:00:00Z (UTC unless it names its zone)")
         else:
-            # A check of ours says it all: pydantic's "Value error, " before it says nothing.
-            said = (error.get("ctx") or {}).get("error") if error.get("type") == "value_error" \
-                else None
-            problems.append(f"{where or 'body'}: {said if said is not None else error.get('msg')}")
+            problems.append(f"{where or 'body'}: {problem_said(error)}")
     return _detail(422, "invalid request: " + "; ".join(problems))
 
 
