@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from jobs import protocol as p
 from jobs.inputs import ChatInput, SleepInput, TrainInput
-from jobs.settings import DEFAULT_PRIORITY, Settings, get_settings
+from jobs.settings import DEFAULT_PRIORITY, Settings, get_settings, problem_said
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _explain(kind: str, exc: ValidationError, model: type[BaseModel]) -> str:
     for error in exc.errors()[:5]:
         where = error_location(["input", *error["loc"]])  # a key: no loc
         # Pydantic says "unable to parse raw data as a unicode string".
-        said = p.NOT_TEXT if error["type"] == "string_unicode" else error["msg"]
+        said = p.NOT_TEXT if error["type"] == "string_unicode" else problem_said(error)
         problems.append(f"{where}: {said}")
     message = f"invalid input for a {kind!r} job: " + "; ".join(problems)
     if any(e["type"] == "extra_forbidden" and len(e["loc"]) == 1 for e in exc.errors()):

@@ -303,3 +303,34 @@ def test_queued_jobs_run_by_hand_as_their_supervisor_launches_them_run_once(
             why in stderr for why in ("is claimed already", "is running", "has already finished"))
         ), stderr
     assert "lost" not in _log(server.data_dir)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups")
+def test_a_runner_by_hand_leaves_the_rest_of_its_process_group_alone(
+        make_server: Callable[..., Server]) -> None:
+    """A runner run by hand leads its shell's pipeline (`... | tee log`): the supervisor
+    that watched it to its end killed its group, as it does a runner of its own whose
+    children outlived it, and the `tee` with it."""
+    server = make_server()
+    with server.client() as client:
+        client.post("/api/queue/pause").raise_for_status()  # it runs by hand alone
+        job_id = client.post("/api/jobs", json={"kind": "sleep", "input": {
+            "seconds": 1, "steps": 1}}).json()["id"]
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "runners.sleep", "--job-file",
+             str(server.data_dir / "jobs" / job_id / p.JOB_FILE)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, preexec_fn=os.setpgrp)  # as a shell's job
+        pipeline = subprocess.Popen(["sleep", "600"],
+                                    preexec_fn=lambda: os.setpgid(0, runner.pid))
+        try:
+            wait_for(lambda: f"job {job_id}" in _log(server.data_dir), 30, 0.05,
+                     "the supervisor to watch the job")
+            assert runner.wait(timeout=60) == 0
+            assert wait_job(client, job_id)["state"] == "completed"
+            wait_for(lambda: f"job {job_id}: completed" in _log(server.data_dir), 30, 0.05,
+                     "the supervisor to see the job end")
+            time.sleep(0.5)
+            assert pipeline.poll() is None, "the pipeline's other process was killed"
+        finally:
+            pipeline.kill()
+            pipeline.wait()

@@ -281,6 +281,26 @@ def test_log_follow_marks_where_a_retry_starts_its_output_again(
     assert "attempt 1:" in shown, shown
 
 
+def test_a_retry_waiting_its_turn_says_when_it_starts_not_a_count_down_of_its_start(
+        make_server: MakeServer) -> None:
+    """`list` showed "retrying in 600 s" for the ten minutes of the wait: the line the
+    supervisor wrote when it queued the retry. It says the retry's start now, and why."""
+    server = make_server(env={"OFFLOAD_RETRY_BASE_S": "600", "OFFLOAD_RETRY_MAX_S": "600"})
+    job_id = cli(server.url, "submit", "probe", "--input", '{"exit_code": 9}',
+                 "--max-attempts", "2").stdout.strip()
+    client = httpx.Client(base_url=server.url)
+    wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["attempt"] == 2, 60, 0.1,
+             "the retry queued")
+    run_at = client.get(f"/api/jobs/{job_id}").json()["run_at"][:19].replace("T", " ")
+    listed = cli(server.url, "list").stdout
+    line = next(line for line in listed.splitlines() if line.startswith(job_id[:8]))
+    assert f"retrying: starts {run_at} UTC (after " in line, listed
+    assert "retrying in" not in listed, listed
+    shown = cli(server.url, "show", job_id).stdout
+    assert "retrying in" not in shown and f"run at:         {run_at}" in shown, shown
+    assert "attempt 1:" in shown, shown
+
+
 def test_log_follow_resumes_across_an_api_restart(make_server: MakeServer, data_dir: Path,
                                                   tmp_path: Path) -> None:
     """The stream drops with the API; the follower comes back with Last-Event-ID and
@@ -1913,7 +1933,7 @@ def test_another_programs_ok_to_everything_is_no_job_nor_queue_nor_log() -> None
                ["show", job_id], ["wait", job_id], ["list"], ["cancel", job_id]]
     on_queue = [["pause"], ["resume"], ["pause", "nightly"], ["resume", "nightly"],
                 ["schedules"]]
-    every = [*on_jobs, *on_queue, ["log", job_id]]
+    every = [*on_jobs, *on_queue, ["log", job_id], ["status"]]
     with ScriptedServer(ThreadingHTTPServer(("127.0.0.1", 0), OkToAll)) as other:
         url = f"http://127.0.0.1:{other.port}"
         for answer, commands in (
@@ -1937,6 +1957,7 @@ def test_another_programs_ok_to_everything_is_no_job_nor_queue_nor_log() -> None
                 assert done.stderr.startswith("offload: "), said
                 assert done.stderr.endswith(": is it Offload?\n"), said
                 assert done.stderr.count("\n") == 1, said
+                assert "Error" not in done.stderr, said  # what is wrong, not an exception
         other.answer = (b'{"id": 5}', "application/json")  # type: ignore[attr-defined]
         done = cli(url, "submit", "sleep")
         assert done.stderr == (f"offload: the answer from {url} is not shaped as Offload's "

@@ -80,6 +80,26 @@ def test_pyw_sets_its_log_aside_once_past_its_bound(tmp_path: Path) -> None:
     assert log.read_bytes() == b"this start\nthe next\n"
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes and links")
+def test_pyw_writes_no_file_its_log_is_a_hard_link_to(tmp_path: Path) -> None:
+    """launch.log as a second name of another file (a hard link another account made, in
+    a `var` open to it): the .pyw's output went there, and the file was made 0600."""
+    pyw = start_dashboard_pyw()
+    var = tmp_path / "var"
+    var.mkdir()
+    victim = tmp_path / "authorized_keys"
+    victim.write_bytes(b"ssh-ed25519 AAAA the owner's key\n")
+    victim.chmod(0o644)
+    os.link(victim, var / "launch.log")
+    with open(pyw.open_log(var), "ab") as out:
+        out.write(b"this start\n")
+    assert victim.read_bytes() == b"ssh-ed25519 AAAA the owner's key\n"
+    assert victim.stat().st_mode & 0o777 == 0o644 and victim.stat().st_nlink == 1
+    log = (var / "launch.log").stat()
+    assert (log.st_nlink, log.st_mode & 0o777) == (1, 0o600)
+    assert (var / "launch.log").read_bytes() == b"this start\n"
+
+
 def test_the_browser_opens_on_a_server_with_a_token(make_server: Callable[..., Any],
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     # Its /api/health asks for the token (401): that was taken for "not up yet", for good.

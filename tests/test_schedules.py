@@ -534,6 +534,8 @@ def test_a_new_cron_series_starts_with_its_next_time_and_a_changed_timing_is_one
     nightly.schedules = berlin.schedules
     nightly.fire(created.append, tomorrow + 120)
     assert len(created) == 1
+    # Its newest job is still its last (`last_job_id`): the new series' slot has none.
+    assert (control.last_fired(data_dir, "nightly") or {}).get("job_id") == created[0]
     # Added on the minute of its time, it runs then.
     minute, each = scheduler('cron = "* * * * *"')
     minute.fire(created.append, tomorrow + 125)

@@ -16,6 +16,7 @@ from jobs.cli.client import (
     Client,
     Failure,
     job_path,
+    offload_shaped,
 )
 from jobs.cli.follow import follow
 from jobs.cli.show import (
@@ -35,10 +36,13 @@ ENDED = [state for state in STATES if state in p.FINAL_STATES]
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
-    health = client.call("GET", "/api/health")
-    counts = client.call("GET", "/api/history?seconds=5&jobs=0")
-    running = client.call("GET", "/api/jobs?state=running&limit=1000"
-                                 + ("" if args.json else "&fields=summary"))["jobs"]
+    health = offload_shaped(client.url, client.call("GET", "/api/health"), "a health report",
+                            status=str, supervisor=str)
+    counts = offload_shaped(client.url, client.call("GET", "/api/history?seconds=5&jobs=0"),
+                            "a history", counts=dict)
+    running = offload_shaped(client.url, client.call(
+        "GET", "/api/jobs?state=running&limit=1000" + ("" if args.json else "&fields=summary")),
+        "a list of jobs", jobs=list)["jobs"]
     if args.json:
         print_json({"url": client.url, "health": health, "counts": counts["counts"],
                      "running": running})

@@ -68,12 +68,14 @@ def note(job: dict[str, Any]) -> str:
     error = job.get(p.F_ERROR)
     if isinstance(error, dict) and error.get("message"):
         return f"{error.get('type')}: {error['message']}"
+    queued = job.get(p.F_STATE) == p.JobState.QUEUED
     progress = job.get(p.F_PROGRESS)
-    if isinstance(progress, dict):
+    # A retry's "retrying in N s" was true when it was written: its run_at says when.
+    if isinstance(progress, dict) and not (queued and p.attempts(job)[0] > 1):
         fraction = progress.get("fraction")
         percent = f"{fraction:.0%} " if isinstance(fraction, (int, float)) else ""
         return f"{percent}{progress.get('message') or ''}".strip()
-    if job.get(p.F_STATE) != p.JobState.QUEUED:
+    if not queued:
         return ""
     waits = waits_for(job)
     reason, starts = waits.get(p.WAITS_REASON), start_ahead(job)
@@ -81,6 +83,12 @@ def note(job: dict[str, Any]) -> str:
         awaited = [str(each) for each in waits.get("jobs") or []]
         return (f"after {awaited[0][:8]}" if len(awaited) == 1
                 else f"after {len(awaited)} jobs")
+    if starts is not None and p.attempts(job)[0] > 1:
+        earlier = job.get(p.F_EARLIER_ERRORS)
+        last = earlier[-1] if isinstance(earlier, list) and earlier else None
+        failed = (f" (after {last.get('type')}: {last.get('message')})"
+                  if isinstance(last, dict) and last.get("message") else "")
+        return f"retrying: starts {starts}{failed}"
     if starts is not None:
         return f"starts {starts}"
     if reason == p.WAITS_KIND_CAP:
@@ -169,7 +177,7 @@ def job_details(job: dict[str, Any], out: IO[str], engine: str | None = None) ->
         elif job.get(name) is not None:  # a start as the times above it, UTC
             lines.append((name.replace("_", " "), when(job[name]) if name == "run_at"
                           else job[name]))
-    if job.get(p.F_ERROR) or job.get(p.F_PROGRESS):
+    if job.get(p.F_ERROR) or (job.get(p.F_PROGRESS) and not queued):
         lines.append(("error" if job.get(p.F_ERROR) else "progress", note(job)))
     elif queued:
         lines += _why_queued(job, engine)

@@ -185,7 +185,8 @@ def last_fired(data_dir: StrPath, name: str) -> dict[str, Any] | None:
 
 def record_fired(data_dir: StrPath, name: str, slot: int, job_id: str | None,
                  timing: dict[str, Any]) -> None:
-    """`job_id` None: the slot has no job (a new cron series starts with its next time)."""
+    """`job_id`: the newest job the schedule created, that slot's or, for a slot without
+    a job (a new cron series starts with its next time), an earlier one's (None: none)."""
     os.makedirs(os.path.join(data_dir, SCHEDULES_FOLDER), exist_ok=True)
     write_json(_schedule_file(data_dir, name, ".json"),
                {"slot": slot, "job_id": job_id, **timing, "at": now_iso()}, durable=True)

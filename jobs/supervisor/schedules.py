@@ -107,7 +107,7 @@ class Scheduler:
                 and now - schedule.starts(slot) >= CRON_GRACE_S):
             # A new cron series (a schedule added, or its times changed) starts with its
             # next time, as crontab would: a nightly job added at noon waits for the night.
-            self._without_job(schedule, slot)
+            self._without_job(schedule, slot, last)
             return None
         job_id = schedule.job_id(slot)
         new = not self.store.path(job_id).exists()  # else created before its record
@@ -125,7 +125,7 @@ class Scheduler:
                   p.F_SCHEDULE: schedule.name}
         try:
             if self._forgotten(schedule):
-                self._without_job(schedule, slot)
+                self._without_job(schedule, slot, last)
                 return None
             if new:
                 self.store.create(schedule.kind, schedule.input,
@@ -152,9 +152,11 @@ class Scheduler:
             self._forgotten_said.add(schedule.name)
         return True
 
-    def _without_job(self, schedule: Schedule, slot: int) -> None:
-        """The slot recorded as its newest, with no job: the next slot is the first."""
-        self._record(schedule, slot, None)
+    def _without_job(self, schedule: Schedule, slot: int, last: dict[str, Any]) -> None:
+        """The slot recorded as its newest, with no job of its own: the next slot is the
+        first. The newest job the schedule created stays named (`last_job_id`)."""
+        held = last.get("job_id")
+        self._record(schedule, slot, held if isinstance(held, str) else None)
 
     def _record(self, schedule: Schedule, slot: int, job_id: str | None) -> bool:
         """The slot recorded as its newest, run by `job_id` (None: by none)."""
