@@ -1628,6 +1628,12 @@ def test_jobs_table_shows_a_failed_job_and_its_log(page: Any, server: Server) ->
     page.wait_for_selector(f"{row}[data-state='failed']", timeout=20_000)
     where = page.text_content(f"{row} td[data-col=where]") or ""
     assert where.startswith("local · "), f"the row says where the job ran: {where!r}"
+    # At 1200 px the table scrolled sideways, the Remove button out of sight.
+    assert page.evaluate("""row => {
+        const wrap = document.querySelector('#jobs-table').parentElement.getBoundingClientRect();
+        const button = document.querySelector(`${row} button.remove-job`).getBoundingClientRect();
+        return button.right <= wrap.right;
+    }""", row), "every action in sight without scrolling"
     page.click(f"{row} button.show-log")
     page.wait_for_function("document.querySelector('#log-viewer').textContent"
                            ".includes('disk on fire')", timeout=10_000)
