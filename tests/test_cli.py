@@ -288,10 +288,10 @@ def test_a_retry_waiting_its_turn_says_when_it_starts_not_a_count_down_of_its_st
     server = make_server(env={"OFFLOAD_RETRY_BASE_S": "600", "OFFLOAD_RETRY_MAX_S": "600"})
     job_id = cli(server.url, "submit", "probe", "--input", '{"exit_code": 9}',
                  "--max-attempts", "2").stdout.strip()
-    client = httpx.Client(base_url=server.url)
-    wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["attempt"] == 2, 60, 0.1,
-             "the retry queued")
-    run_at = client.get(f"/api/jobs/{job_id}").json()["run_at"][:19].replace("T", " ")
+    with server.client() as client:
+        wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["attempt"] == 2, 60, 0.1,
+                 "the retry queued")
+        run_at = client.get(f"/api/jobs/{job_id}").json()["run_at"][:19].replace("T", " ")
     listed = cli(server.url, "list").stdout
     line = next(line for line in listed.splitlines() if line.startswith(job_id[:8]))
     assert f"retrying: starts {run_at} UTC (after " in line, listed

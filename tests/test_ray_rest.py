@@ -25,7 +25,7 @@ from jobs.launch.ray import RayLauncher, submission_id
 from jobs.launch.ray_client import RayError, RayJobsClient, RayUnavailable
 from jobs.protocol import remote
 from jobs.settings import Settings
-from tests.conftest import ROOT, RunningSupervisor, free_port, wait_for
+from tests.conftest import ROOT, RunningSupervisor, free_port, wait_for, wait_job
 from tests.fake_ray import FakeRay
 from tests.server import Server
 from tests.test_cli import cli
@@ -491,3 +491,40 @@ def test_a_ray_nobody_answers_at_makes_the_health_degraded_until_it_answers_agai
                 del back.scripted[("GET", f"/api/jobs/{sid}")]
             assert cli(server.url, "status").returncode == 0
             assert client.delete(f"/api/jobs/{job_id}").json()["state"] == "cancelled"
+
+
+def test_records_an_earlier_start_left_in_ray_are_deleted_at_the_next(
+        fake: FakeRay, make_server: Callable[..., Server]) -> None:
+    """Offload stopped while deleting the record of a job that had just ended (or Ray
+    wrote one again after): it stayed in Ray for good. The next start deletes such
+    records of its own jobs, and leaves those of other folders and of Ray's own users."""
+    env = {"OFFLOAD_LAUNCHER": "ray", "OFFLOAD_RAY_ADDRESS": fake.address}
+    theirs = {"offload-" + "ab" * 16: "SUCCEEDED", "raysubmit_n4Kq7": "FAILED"}
+    with fake.lock:
+        for sid, status in theirs.items():
+            fake.jobs[sid] = {"submission_id": sid, "status": status, "start_time": 0}
+    first = make_server(env=env)
+    with first.client() as client:
+        job_id = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 60}}
+                             ).json()["id"]
+        sid = submission_id(job_id)
+        wait_for(lambda: sid in fake.jobs, 30, what="the job sent to Ray")
+        deleting = ("DELETE", f"/api/jobs/{sid}")
+        with fake.lock:
+            fake.scripted[deleting] = (500, TRACEBACK_500)  # a busy head, as Offload stops
+            fake.logs[sid] = _running_snapshot(fake, job_id, 1, p.JobState.COMPLETED,
+                                               exit_code=0)
+            fake.jobs[sid].update(status="SUCCEEDED", driver_exit_code=0)
+        assert wait_job(client, job_id)["state"] == "completed"
+        wait_for(lambda: deleting in [r[:2] for r in fake.requests], 30, what="a delete")
+    first.stop()
+    assert sid in fake.jobs, "the record left"
+    with fake.lock:
+        del fake.scripted[deleting]
+    second = Server(first.data_dir, first.log.with_name("second.log"), env).start()
+    try:
+        wait_for(lambda: sid not in fake.jobs, 30, what="the record left deleted")
+        time.sleep(1)  # what it would delete of the others, it would have by now
+        assert set(theirs) <= set(fake.jobs), "another's records are left"
+    finally:
+        second.stop()

@@ -24,6 +24,7 @@ cluster through its Jobs REST API (`jobs.launch.ray_client`; no `import ray` her
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -95,7 +96,10 @@ class RayLauncher(Launcher):
 
     def __init__(self, address: str, runner_env: dict[str, str] | None = None, *,
                  python: str | None = None, num_cpus: float = 1.0, train_gpus: float = 0.0,
-                 poll_s: float = RAY_POLL_S, log_max_bytes: int | None = None) -> None:
+                 poll_s: float = RAY_POLL_S, log_max_bytes: int | None = None,
+                 jobs_dir: Path | None = None) -> None:
+        """`jobs_dir`: the data folder's jobs, whose ended runs' records left in Ray by an
+        earlier start are deleted (none looked for without it)."""
         self.client = RayJobsClient(address)
         self.address = self.client.address
         self.local_head = is_loopback(self.client.host)
@@ -113,12 +117,15 @@ class RayLauncher(Launcher):
         self._lock = threading.Lock()
         self._runs: dict[str, RemoteRun] = {}  # watched here, by job id
         self._unreachable: dict[str, str] = {}  # job id -> why its poller cannot reach Ray
+        if jobs_dir is not None:
+            threading.Thread(target=self._sweep, args=(jobs_dir,), daemon=True,
+                             name="ray-sweep").start()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RayLauncher:
         return cls(settings.ray_address, settings.runner_env(), python=settings.ray_python,
                    num_cpus=settings.ray_num_cpus, train_gpus=settings.ray_train_gpus,
-                   log_max_bytes=settings.log_max_bytes)
+                   log_max_bytes=settings.log_max_bytes, jobs_dir=settings.jobs_dir)
 
     # -- the launcher interface -----------------------------------------------------
 
@@ -242,6 +249,38 @@ class RayLauncher(Launcher):
         # Off the caller's thread: a busy head may take the whole HTTP timeout to answer.
         threading.Thread(target=self._delete, args=(sid,), daemon=True,
                          name=f"ray-delete-{run.job_id[:8]}").start()
+
+    def _sweep(self, jobs_dir: Path) -> None:
+        """Delete the records an earlier start left in Ray (it stopped while deleting
+        them, or Ray wrote one again after): runs of this folder's jobs that have ended
+        here, or been tried again. A run still going there is stopped first: its job ended
+        here, and nothing watches it. Another folder's (a shared cluster) are left."""
+        try:
+            records = self.client.jobs()
+        except RayError as exc:
+            log.info("cannot list Ray's jobs to delete those left by an earlier start: %s", exc)
+            return
+        for info in sorted(records, key=lambda info: not info.terminal):  # the quick first
+            attempt = _attempt_here(jobs_dir, info.submission_id)
+            if attempt is None or self._closing.is_set():
+                continue
+            job_file, tried = attempt
+            try:
+                data = p.read_json_or_none(job_file) or {}
+            except OSError:
+                continue
+            ended = data.get(p.F_STATE) in p.FINAL_STATES or p.attempts(data)[0] > tried
+            with self._lock:
+                watched = any(run.submission_id == info.submission_id
+                              for run in self._runs.values())
+            if not data or not ended or watched:
+                continue
+            log.info("job %s: deleting Ray's record left by an earlier start",
+                     info.submission_id)
+            if not info.terminal:
+                with contextlib.suppress(RayError):
+                    self.client.stop(info.submission_id)
+            self._delete(info.submission_id)
 
     def _delete(self, sid: str) -> None:
         """Delete Ray's record of an ended job, trying again while the head fails, and
@@ -455,6 +494,21 @@ class RayLauncher(Launcher):
                 found = None
             if found is None:
                 raise exc from None
+
+def _attempt_here(jobs_dir: Path, sid: str) -> tuple[Path, int] | None:
+    """The job file and attempt of a submission of Offload's (`submission_id`) whose job
+    is of this folder's; None for any other."""
+    if not sid.startswith(SUBMISSION_PREFIX):
+        return None
+    job_id, _, attempt = sid.removeprefix(SUBMISSION_PREFIX).partition("-")
+    if attempt and not (attempt.isdigit() and attempt.isascii()):
+        return None
+    try:
+        job_file = Path(p.job_path(jobs_dir, job_id))
+    except ValueError:  # no job id
+        return None
+    return (job_file, int(attempt or 1)) if job_file.parent.is_dir() else None
+
 
 def _remote(run: Run) -> RemoteRun:
     assert isinstance(run, RemoteRun), run
