@@ -145,6 +145,14 @@ def validate_input(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
     return model.model_dump(mode="json", exclude_unset=True)
 
 
+def input_filled(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
+    """A valid input with its kind's defaults filled in: what the runner takes it as."""
+    spec = registry().get(kind)
+    if spec is None or spec.input_model is None:
+        return job_input
+    return spec.input_model.model_validate(job_input).model_dump(mode="json")
+
+
 def error_location(parts: Iterable[Any]) -> str:
     """Where a pydantic error is, `input.messages.0.role`, each name cut to MAX_NAME_SHOWN
     characters: an unknown field is named, and its name may be most of a megabyte's body."""

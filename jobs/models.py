@@ -274,6 +274,12 @@ class ChatResult(BaseModel):
     message: str | None = None
 
 
+class ChatResultRefused(ChatResult):
+    """A malformed id's `not_found` (a 404): what is wrong with it, as every error says."""
+
+    detail: str
+
+
 class BatchAnswer(BaseModel):
     """The jobs of a batch, in its order."""
 

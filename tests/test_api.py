@@ -76,7 +76,9 @@ def test_chat_result_errors_and_unknown_ids(make_server: MakeServer) -> None:
             "status": "not_found", "state": None, "reply": None, "usage": None,
             "message": None}
         bad = client.get("/api/ai_chat_result/not-an-id")
-        assert bad.status_code == 404 and bad.json()["status"] == "not_found"
+        assert bad.status_code == 404 and bad.json() == {  # its fields always there too
+            "status": "not_found", "state": None, "reply": None, "usage": None,
+            "message": None, "detail": "job ids are 32 lowercase hex characters"}
         # A result that is not a chat's (a kind of one's own, a hand edit) answered 500.
         other = client.post("/api/jobs", json={"kind": "probe", "input": {}}).json()["id"]
         wait_for(lambda: client.get(f"/api/jobs/{other}").json()["state"] == "completed", 30)
@@ -221,6 +223,14 @@ def test_rerun_a_finished_job_as_it_was_or_edited(make_server: MakeServer) -> No
         unknown = client.post(f"/api/jobs/{'0' * 32}/rerun")
         assert unknown.status_code == 404
         assert client.get(f"/api/jobs/{first['id']}").json()["state"] == "cancelled"
+
+        # Sent again with its key once the old job was removed: a 404, not the re-run made.
+        keyed = client.post(f"/api/jobs/{edited['id']}/rerun", headers={"Idempotency-Key": "r"})
+        assert client.post(f"/api/jobs/{edited['id']}/remove").status_code == 200
+        resent = client.post(f"/api/jobs/{edited['id']}/rerun", headers={"Idempotency-Key": "r"})
+        assert resent.status_code == 202 and resent.json()["id"] == keyed.json()["id"], resent.text
+        other = client.post(f"/api/jobs/{edited['id']}/rerun", headers={"Idempotency-Key": "s"})
+        assert other.status_code == 404, other.text  # a key of nothing: the job is gone
 
 
 def test_cancel_running_queued_and_finished(make_server: MakeServer) -> None:
@@ -692,6 +702,18 @@ def test_idempotency_key_returns_the_first_job(server: Server) -> None:
                             headers={"Idempotency-Key": "d"})
         assert later.status_code == 422, later.text
         assert len(client.get("/api/jobs").json()["jobs"]) == 2
+        # A default sent is the default left out: they were "a different request body".
+        plain = client.post("/api/jobs", json={"kind": "sleep"}, headers={"Idempotency-Key": "e"})
+        for same in ({"priority": 0}, {"max_attempts": 1}, {"timeout_s": 120},
+                     {"input": {"seconds": 0, "steps": 10}}, {"depends_on": None}):
+            again = client.post("/api/jobs", json={"kind": "sleep", **same},
+                                headers={"Idempotency-Key": "e"})
+            assert again.status_code == 202, (same, again.text)
+            assert again.json()["id"] == plain.json()["id"], same
+        for other_body in ({"priority": 1}, {"max_attempts": 2}, {"input": {"seconds": 2}}):
+            refused = client.post("/api/jobs", json={"kind": "sleep", **other_body},
+                                  headers={"Idempotency-Key": "e"})
+            assert refused.status_code == 422, (other_body, refused.text)
 
 
 def test_a_body_over_the_limit_is_answered_413_however_it_is_sent(server: Server) -> None:

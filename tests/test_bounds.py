@@ -146,6 +146,11 @@ def test_cap_reached_with_nothing_prunable_answers_429(make_server: MakeServer) 
         refused = client.post("/api/jobs", json=QUICK)
         retry_after = _assert_429(refused, "OFFLOAD_MAX_JOBS", "OFFLOAD_MIN_RETENTION_S")
         assert retry_after <= 11
+        assert "OFFLOAD_MAX_JOBS is 3: no finished job may be pruned" in refused.text
+        # A batch's said in words: "and OFFLOAD_MAX_JOBS is 3, and not 2 may be pruned".
+        two = client.post("/api/jobs/batch", json={"jobs": [QUICK, QUICK]})
+        _assert_429(two, "3 jobs are kept, these 2 would make 5, and OFFLOAD_MAX_JOBS is 3: "
+                         "fewer than 2 finished jobs may be pruned to make room yet")
         _assert_429(client.post("/api/ai_chat_async", json=CHAT), "OFFLOAD_MAX_JOBS")
         # Nothing accepted is lost: all three stay readable over the prune interval.
         until = time.monotonic() + PRUNE_OVER_CAP_S + 1

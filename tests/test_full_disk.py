@@ -194,7 +194,7 @@ def test_a_job_is_cancelled_on_a_full_disk(make_server: MakeServer, tmp_path: Pa
         server.start()
         with server.client() as client:
             for job, said in ((running, "cancelled on request"),
-                              (queued, "cancelled before it started")):
+                              (queued, "cancelled while queued")):
                 ended = wait_job(client, job["id"], timeout=60)
                 assert ended["state"] == "cancelled", ended
                 assert ended["error"] == {"type": "cancelled", "message": said}, ended

@@ -242,6 +242,33 @@ def test_a_job_that_depends_on_several_waits_for_all_and_fails_at_the_first_fail
             assert needle in answer.json()["detail"], answer.text
 
 
+def test_a_completed_dependency_deleted_as_its_dependent_waits_fails_it(
+        make_server: MakeServer) -> None:
+    """A completed job deleted (by hand, or with its conversation forgotten) once the
+    supervisor had seen a job that depends on it: that job ran, and completed, as though
+    the job it depends on were there; a moment earlier, it failed."""
+    with FakeLLM(pieces=["Noted."]) as llm:
+        server = make_server(env={"OPENAI_BASE_URL": llm.base_url})
+        with server.client() as client:
+            done = wait_job(client, submit(client, input={"seconds": 0})["id"])
+            turn = wait_job(client, submit(client, "chat", input={
+                "messages": [{"role": "user", "content": "hi"}], "session_id": "mine"})["id"])
+            assert (done["state"], turn["state"]) == ("completed", "completed")
+            client.post("/api/queue/pause").raise_for_status()
+            dependents = [submit(client, input={"seconds": 0}, depends_on=each["id"])
+                          for each in (done, turn)]
+            time.sleep(1.5)  # seen by the supervisor, its dependency read as completed
+            shutil.rmtree(server.data_dir / "jobs" / done["id"])
+            assert client.delete("/api/sessions/mine").json()["erased"] == 1
+            client.post("/api/queue/resume").raise_for_status()
+            for dependent, gone in zip(dependents, (done, turn), strict=True):
+                failed = wait_job(client, dependent["id"], timeout=30)
+                assert failed["state"] == "failed" and failed["started_at"] is None, failed
+                assert failed["error"]["type"] == "dependency", failed
+                assert failed["error"]["message"].endswith(
+                    f"{gone['id']}, is gone (deleted)"), failed
+
+
 def test_dependents_fail_at_once_have_no_queue_position_and_keep_their_dependency(
         make_server: MakeServer) -> None:
     server = make_server(env={"OFFLOAD_MAX_CONCURRENT": "1", "OFFLOAD_MAX_JOBS": "4",

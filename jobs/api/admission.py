@@ -53,12 +53,13 @@ def admit(settings: Settings, load: Load, jobs: int = 1) -> None:
     wait: float = max(RETRY_AFTER_S, settings.min_retention_s)
     if len(load.finished) >= must_go:
         wait = load.finished[must_go - 1] + settings.min_retention_s - now
+    prunable = "no finished job" if must_go == 1 else f"fewer than {must_go} finished jobs"
     raise Overloaded(
         f"{load.total} jobs are kept{these(load.total + jobs)} and OFFLOAD_MAX_JOBS "
-        f"is {settings.max_jobs}, and {'none' if jobs == 1 else f'not {must_go}'} may be "
-        "pruned to make room yet: a queued or running job never is, a "
+        f"is {settings.max_jobs}: {prunable} "
+        "may be pruned to make room yet (a queued or running job never is, a "
         f"finished one only OFFLOAD_MIN_RETENTION_S ({settings.min_retention_s:g} s) "
-        "after it finished, so that its result can be read. Retry after Retry-After "
+        "after it finished, so that its result can be read). Retry after Retry-After "
         "seconds, or raise OFFLOAD_MAX_JOBS", wait)
 
 

@@ -14,8 +14,8 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from jobs import protocol as p
-from jobs.kinds import Launch
-from jobs.settings import MAX_BATCH
+from jobs.kinds import Launch, input_filled
+from jobs.settings import MAX_BATCH, Settings
 from jobs.store.idempotency import PENDING_S, Claim, key_name
 from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
 
@@ -42,10 +42,13 @@ class Key:
 
 
 def fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch,
-                fields: dict[str, Any]) -> str:
-    asked = [launch.priority, launch.max_attempts]
+                fields: dict[str, Any], settings: Settings) -> str:
+    """Of what the request asks, a default the same whether sent or left out."""
+    defaults = Launch().fields(kind, settings, 0)
+    asked = [None if launch.priority == defaults[p.F_PRIORITY] else launch.priority,
+             None if launch.max_attempts == defaults[p.F_MAX_ATTEMPTS] else launch.max_attempts]
     start = [launch.start_at, launch.delay_s]  # as asked: a delay, not the time it gives
-    body = json.dumps([kind, job_input, timeout_s, *(asked if any(
+    body = json.dumps([kind, input_filled(kind, job_input), timeout_s, *(asked if any(
         each is not None for each in asked) else []), *(["start", *start] if any(
             each is not None for each in start) else []), *([fields] if fields else []),
         *(["depends_on", sorted(launch.depends_on)] if launch.depends_on else [])],

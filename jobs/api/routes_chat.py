@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from jobs import protocol as p
 from jobs.api.routes_jobs import KEY_MAX_LENGTH, REFUSED, IdempotencyKey, Service
 from jobs.inputs import ChatInput
-from jobs.models import ChatResult, ChatUsage, Submitted
+from jobs.models import ChatResult, ChatResultRefused, ChatUsage, Submitted
 from jobs.store.job_store import JobNotFound
 
 router = APIRouter(prefix="/api", tags=["chat"])
@@ -97,13 +97,14 @@ def _usage(value: object) -> ChatUsage | None:
 
 
 @router.get("/ai_chat_result/{job_id}", response_model=ChatResult,
-            responses={404: {"model": ChatResult}})
+            responses={404: {"model": ChatResultRefused}})
 async def ai_chat_result(job_id: str, service: Service) -> Any:
     """`processing` with its `state`, `completed` with `reply`, `error` with `message`, or
     `not_found`."""
     if not p.is_valid_id(job_id):
-        return JSONResponse({"status": "not_found",
-                             "detail": "job ids are 32 lowercase hex characters"}, 404)
+        refused = ChatResultRefused(status="not_found",
+                                    detail="job ids are 32 lowercase hex characters")
+        return JSONResponse(refused.model_dump(mode="json"), 404)
     try:
         job = await service.get(job_id)
     except JobNotFound:

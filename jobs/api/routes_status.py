@@ -59,7 +59,8 @@ async def history(request: Request, service: Service,
     }
 
 
-@router.get("/predict", responses={409: {"description": "no model trained yet"}})
+@router.get("/predict", responses={409: {"description": "no model trained yet, its file damaged, "
+                                                     "or no recent sample to forecast from"}})
 async def predict(request: Request,
                   horizon: Annotated[int, Query(ge=1, le=3600)] = 60) -> dict[str, Any]:
     """CPU and memory forecast for the next `horizon` samples (about a second each)."""

@@ -137,7 +137,7 @@ class JobService:
         launch = launch or Launch()
         key = None if idempotency_key is None else Key(
             key_name(idempotency_key), fingerprint(kind, job_input, timeout, launch,
-                                                   fields or {}))
+                                                   fields or {}, self.settings))
         fields = fields or {}
         give_up_at = time.monotonic() + KEY_WAIT_S
         while True:
@@ -245,7 +245,7 @@ class JobService:
                 timeout = timeout_s or self.settings.job_timeout_s
                 key = None if idempotency_key is None else Key(
                     batch_key_name(idempotency_key, n),
-                    fingerprint(kind, job_input, timeout, launch, {}))
+                    fingerprint(kind, job_input, timeout, launch, {}, self.settings))
                 found = None if key is None else find(self.store, key)
                 if isinstance(found, dict):
                     stored.append(found[p.F_ID])
@@ -286,7 +286,15 @@ class JobService:
                     ) -> dict[str, Any]:
         """A new job of `job_id`'s kind with its input (or `job_input`) and its timeout
         (or `timeout_s`); the old job is left as it is."""
-        old = await self.read(job_id)
+        try:
+            old = await self.read(job_id)
+        except JobNotFound:
+            # Sent again with its key after the old job was removed: the re-run it made.
+            made = None if idempotency_key is None else await run_in_threadpool(
+                made_by, self.store, idempotency_key)
+            if made is None or made.get(p.F_RERUN_OF) != job_id:
+                raise
+            return made
         kind = old.get(p.F_KIND)
         if not isinstance(kind, str) or p.holds_no_job(old):
             raise NotRerunnable(f"job {job_id}'s file holds no job to run again; submit a "

@@ -9,6 +9,7 @@ looks for one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,14 @@ class Dependencies:
             self._look_at.update(each for each in dependents
                                  if job_id in self._depends_on.get(each, ()))
 
+    def gone(self, job_ids: set[str]) -> None:
+        """Jobs deleted after they ended (by hand, or with a conversation forgotten): the
+        jobs that depend on them are looked at, and fail."""
+        for job_id in job_ids & self._dependents.keys():
+            self._completed.discard(job_id)
+            self._look_at.update(each for each in self._dependents[job_id]
+                                 if job_id in self._depends_on.get(each, ()))
+
     def to_look_at(self) -> Iterator[str]:
         """The queued jobs to look at, each once (a job the caller ends meanwhile has its
         own dependents looked at in the same go)."""
@@ -84,8 +93,11 @@ class Dependencies:
         if job_id in on or self._in_a_circle(job_id, data):
             return f"its dependencies go round in a circle back to it (through {on[0]})"
         for each in on:
-            if each in self._completed or self._is_live(each):
-                continue  # completed, or it may complete yet (a retry, say)
+            if each in self._completed and os.path.exists(self._job_file(each)):
+                continue  # completed (a stat, at a launch: deleted since, it is gone)
+            self._completed.discard(each)
+            if self._is_live(each):
+                continue  # it may complete yet (a retry, say)
             ended = read_job(each, self._job_file(each)) if p.is_valid_id(each) else None
             if ended is None:
                 return f"the job it depends on, {each[:64]}, is gone (deleted)"

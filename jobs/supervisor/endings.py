@@ -68,7 +68,7 @@ class Endings:
 
     def _cancel_unstarted(self, job_id: str) -> None:
         self._end_unstarted(job_id, p.JobState.CANCELLED, p.ErrorType.CANCELLED,
-                            "cancelled before it started")
+                            "cancelled while queued")  # a retry waiting its turn too
 
     def _settle(self, life: JobLife) -> None:
         """After a final write: known final, kept to write again, or (gone) forgotten;
