@@ -71,7 +71,8 @@ class FakeRay(ScriptedServer):
                              "different submission_id.")
             self.jobs[sid] = {"submission_id": sid, "status": "PENDING", "message": "",
                               "entrypoint": body["entrypoint"], "start_time": 0,
-                              "runtime_env": body["runtime_env"]}
+                              "runtime_env": body["runtime_env"],
+                              "metadata": body.get("metadata") or {}}
             return 200, {"submission_id": sid, "job_id": None}
         if method == "GET" and parts == ["api", "jobs"]:
             return 200, list(self.jobs.values())

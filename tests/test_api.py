@@ -224,11 +224,17 @@ def test_rerun_a_finished_job_as_it_was_or_edited(make_server: MakeServer) -> No
         assert unknown.status_code == 404
         assert client.get(f"/api/jobs/{first['id']}").json()["state"] == "cancelled"
 
-        # Sent again with its key once the old job was removed: a 404, not the re-run made.
+        # Sent again with its key once the old job was removed: it answered a 404, where it
+        # now answers the re-run it made; another body with that key is still refused.
         keyed = client.post(f"/api/jobs/{edited['id']}/rerun", headers={"Idempotency-Key": "r"})
         assert client.post(f"/api/jobs/{edited['id']}/remove").status_code == 200
         resent = client.post(f"/api/jobs/{edited['id']}/rerun", headers={"Idempotency-Key": "r"})
         assert resent.status_code == 202 and resent.json()["id"] == keyed.json()["id"], resent.text
+        for otherwise in ({"input": {"seconds": 0.2}}, {"timeout_s": 7}):
+            refused = client.post(f"/api/jobs/{edited['id']}/rerun", json=otherwise,
+                                  headers={"Idempotency-Key": "r"})
+            assert refused.status_code == 422, (otherwise, refused.text)
+            assert "different request body" in refused.json()["detail"], refused.text
         other = client.post(f"/api/jobs/{edited['id']}/rerun", headers={"Idempotency-Key": "s"})
         assert other.status_code == 404, other.text  # a key of nothing: the job is gone
 
@@ -714,6 +720,17 @@ def test_idempotency_key_returns_the_first_job(server: Server) -> None:
             refused = client.post("/api/jobs", json={"kind": "sleep", **other_body},
                                   headers={"Idempotency-Key": "e"})
             assert refused.status_code == 422, (other_body, refused.text)
+        # A key claimed before 0.10, whose fingerprint was of the body as sent: sent again
+        # after the upgrade, it was "a different request body".
+        from jobs.store.idempotency import key_name
+        from jobs.store.job_store import JobStore
+        earlier = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 1}}).json()
+        JobStore(server.data_dir / "jobs").keys.claim(
+            key_name("from-0.9"), earlier["id"],
+            "a2bc09155829ba9d796017515f9646bc5c5f642ee8ca67e2f9b6fce82a37ab20")  # as 0.9 made it
+        again = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 1}},
+                            headers={"Idempotency-Key": "from-0.9"})
+        assert again.status_code == 202 and again.json()["id"] == earlier["id"], again.text
 
 
 def test_a_body_over_the_limit_is_answered_413_however_it_is_sent(server: Server) -> None:

@@ -147,7 +147,7 @@ def test_cap_reached_with_nothing_prunable_answers_429(make_server: MakeServer) 
         retry_after = _assert_429(refused, "OFFLOAD_MAX_JOBS", "OFFLOAD_MIN_RETENTION_S")
         assert retry_after <= 11
         assert "OFFLOAD_MAX_JOBS is 3: no finished job may be pruned" in refused.text
-        # A batch's said in words: "and OFFLOAD_MAX_JOBS is 3, and not 2 may be pruned".
+        # A batch's in words too (it said "and OFFLOAD_MAX_JOBS is 3, and not 2 may be pruned").
         two = client.post("/api/jobs/batch", json={"jobs": [QUICK, QUICK]})
         _assert_429(two, "3 jobs are kept, these 2 would make 5, and OFFLOAD_MAX_JOBS is 3: "
                          "fewer than 2 finished jobs may be pruned to make room yet")

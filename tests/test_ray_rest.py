@@ -505,6 +505,21 @@ def test_records_an_earlier_start_left_in_ray_are_deleted_at_the_next(
             fake.jobs[sid] = {"submission_id": sid, "status": status, "start_time": 0}
     first = make_server(env=env)
     with first.client() as client:
+        # A schedule's job has the same id in every folder: another's run of it, running.
+        copied = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}
+                             ).json()["id"]
+        wait_for(lambda: submission_id(copied) in fake.jobs, 30, what="the job sent to Ray")
+        with fake.lock:
+            fake.logs[submission_id(copied)] = _running_snapshot(
+                fake, copied, 1, p.JobState.COMPLETED, exit_code=0)
+            fake.jobs[submission_id(copied)].update(status="SUCCEEDED", driver_exit_code=0)
+        assert wait_job(client, copied)["state"] == "completed"
+        wait_for(lambda: submission_id(copied) not in fake.jobs, 30, what="its record deleted")
+        with fake.lock:
+            theirs[submission_id(copied)] = "RUNNING"
+            fake.jobs[submission_id(copied)] = {
+                "submission_id": submission_id(copied), "status": "RUNNING", "start_time": 0,
+                "metadata": {"offload_job_id": copied, "offload_folder": "0123456789abcdef"}}
         job_id = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 60}}
                              ).json()["id"]
         sid = submission_id(job_id)
@@ -526,5 +541,6 @@ def test_records_an_earlier_start_left_in_ray_are_deleted_at_the_next(
         wait_for(lambda: sid not in fake.jobs, 30, what="the record left deleted")
         time.sleep(1)  # what it would delete of the others, it would have by now
         assert set(theirs) <= set(fake.jobs), "another's records are left"
+        assert submission_id(copied) not in fake.stopped, "another's run goes on"
     finally:
         second.stop()

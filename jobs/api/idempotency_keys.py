@@ -39,16 +39,25 @@ class KeyInFlight(Exception):
 class Key:
     name: str  # the key file's name: a hash of the key, which is never stored
     fingerprint: str  # of the request's body
+    earlier: str  # the same, as versions before 0.10 made it: a key they claimed names it
 
 
-def fingerprint(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch,
-                fields: dict[str, Any], settings: Settings) -> str:
-    """Of what the request asks, a default the same whether sent or left out."""
+def fingerprints(kind: str, job_input: dict[str, Any], timeout_s: float, launch: Launch,
+                 fields: dict[str, Any], settings: Settings) -> tuple[str, str]:
+    """Of what the request asks, a default the same whether sent or left out; and of what
+    it sent, as versions before 0.10 made it (`Key.earlier`)."""
     defaults = Launch().fields(kind, settings, 0)
     asked = [None if launch.priority == defaults[p.F_PRIORITY] else launch.priority,
              None if launch.max_attempts == defaults[p.F_MAX_ATTEMPTS] else launch.max_attempts]
+    return (_hash(kind, input_filled(kind, job_input), timeout_s, asked, launch, fields),
+            _hash(kind, job_input, timeout_s, [launch.priority, launch.max_attempts], launch,
+                  fields))
+
+
+def _hash(kind: str, job_input: dict[str, Any], timeout_s: float, asked: list[int | None],
+          launch: Launch, fields: dict[str, Any]) -> str:
     start = [launch.start_at, launch.delay_s]  # as asked: a delay, not the time it gives
-    body = json.dumps([kind, input_filled(kind, job_input), timeout_s, *(asked if any(
+    body = json.dumps([kind, job_input, timeout_s, *(asked if any(
         each is not None for each in asked) else []), *(["start", *start] if any(
             each is not None for each in start) else []), *([fields] if fields else []),
         *(["depends_on", sorted(launch.depends_on)] if launch.depends_on else [])],
@@ -78,14 +87,18 @@ def find(store: JobStore, key: Key) -> dict[str, Any] | Claim | None:
     claim = _claim(store, key.name)
     if claim is None or claim.job_id is None:
         return claim
-    if claim.fingerprint != key.fingerprint:
-        raise IdempotencyConflict(
-            f"this Idempotency-Key was already used with a different request body, for job "
-            f"{claim.job_id}; use a new key for a new job")
+    if claim.fingerprint not in (key.fingerprint, key.earlier):
+        raise used_otherwise(claim.job_id)
     try:
         return store.read(claim.job_id)
     except JobNotFound:
         return claim
+
+
+def used_otherwise(job_id: str) -> IdempotencyConflict:
+    """A key sent again with another body than the one that made job `job_id`."""
+    return IdempotencyConflict(f"this Idempotency-Key was already used with a different "
+                               f"request body, for job {job_id}; use a new key for a new job")
 
 
 def made_by(store: JobStore, idempotency_key: str) -> dict[str, Any] | None:

@@ -32,10 +32,11 @@ from jobs.api.idempotency_keys import (
     batch_key_name,
     being_stored,
     find,
-    fingerprint,
+    fingerprints,
     made_by,
     unblock,
     unusable_keys,
+    used_otherwise,
 )
 from jobs.api.small_io import SmallIO
 from jobs.api.stops import Stops
@@ -136,8 +137,8 @@ class JobService:
         timeout = timeout_s or self.settings.job_timeout_s
         launch = launch or Launch()
         key = None if idempotency_key is None else Key(
-            key_name(idempotency_key), fingerprint(kind, job_input, timeout, launch,
-                                                   fields or {}, self.settings))
+            key_name(idempotency_key), *fingerprints(kind, job_input, timeout, launch,
+                                                     fields or {}, self.settings))
         fields = fields or {}
         give_up_at = time.monotonic() + KEY_WAIT_S
         while True:
@@ -245,7 +246,7 @@ class JobService:
                 timeout = timeout_s or self.settings.job_timeout_s
                 key = None if idempotency_key is None else Key(
                     batch_key_name(idempotency_key, n),
-                    fingerprint(kind, job_input, timeout, launch, {}, self.settings))
+                    *fingerprints(kind, job_input, timeout, launch, {}, self.settings))
                 found = None if key is None else find(self.store, key)
                 if isinstance(found, dict):
                     stored.append(found[p.F_ID])
@@ -294,6 +295,12 @@ class JobService:
                 made_by, self.store, idempotency_key)
             if made is None or made.get(p.F_RERUN_OF) != job_id:
                 raise
+            asked_otherwise = (
+                job_input is not None and validate_input(str(made.get(p.F_KIND)), job_input)
+                != made.get(p.F_INPUT)) or (timeout_s is not None
+                                            and timeout_s != made.get(p.F_TIMEOUT_S))
+            if asked_otherwise:  # what the key's record would say, had the old job been read
+                raise used_otherwise(str(made[p.F_ID])) from None
             return made
         kind = old.get(p.F_KIND)
         if not isinstance(kind, str) or p.holds_no_job(old):

@@ -102,5 +102,8 @@ class Launcher(ABC):
     def release(self, run: Run) -> None:  # noqa: B027
         """Called once the local job file is final."""
 
+    def leading(self) -> None:  # noqa: B027
+        """This supervisor now leads the data folder: what a launcher does once for it."""
+
     def close(self) -> None:  # noqa: B027
         """The supervisor leaves: stop watching (runners keep running)."""

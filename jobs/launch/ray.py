@@ -25,10 +25,12 @@ cluster through its Jobs REST API (`jobs.launch.ray_client`; no `import ray` her
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
 import shlex
+import socket
 import sys
 import threading
 import time
@@ -68,6 +70,7 @@ log = logging.getLogger(__name__)
 
 SUBMISSION_PREFIX = "offload-"
 SUBMITTED = "submitted"  # in run.json, once Ray has the job
+FOLDER_MARK = "offload_folder"  # in a run's metadata in Ray: which data folder sent it
 _RAY_ECHO = "Running entrypoint for job "
 
 
@@ -98,8 +101,8 @@ class RayLauncher(Launcher):
                  python: str | None = None, num_cpus: float = 1.0, train_gpus: float = 0.0,
                  poll_s: float = RAY_POLL_S, log_max_bytes: int | None = None,
                  jobs_dir: Path | None = None) -> None:
-        """`jobs_dir`: the data folder's jobs, whose ended runs' records left in Ray by an
-        earlier start are deleted (none looked for without it)."""
+        """`jobs_dir`: the data folder's jobs: its runs are marked as its own in Ray, and
+        their records an earlier start left are deleted once this one leads (`leading`)."""
         self.client = RayJobsClient(address)
         self.address = self.client.address
         self.local_head = is_loopback(self.client.host)
@@ -117,9 +120,10 @@ class RayLauncher(Launcher):
         self._lock = threading.Lock()
         self._runs: dict[str, RemoteRun] = {}  # watched here, by job id
         self._unreachable: dict[str, str] = {}  # job id -> why its poller cannot reach Ray
-        if jobs_dir is not None:
-            threading.Thread(target=self._sweep, args=(jobs_dir,), daemon=True,
-                             name="ray-sweep").start()
+        self.jobs_dir = jobs_dir
+        # Schedules' job ids are the same in every data folder: the folder's own mark.
+        self.folder_mark = None if jobs_dir is None else hashlib.sha256(
+            f"{socket.gethostname()}\n{jobs_dir.resolve()}".encode()).hexdigest()[:16]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RayLauncher:
@@ -250,37 +254,59 @@ class RayLauncher(Launcher):
         threading.Thread(target=self._delete, args=(sid,), daemon=True,
                          name=f"ray-delete-{run.job_id[:8]}").start()
 
+    def leading(self) -> None:
+        if self.jobs_dir is not None:
+            threading.Thread(target=self._sweep, args=(self.jobs_dir,), daemon=True,
+                             name="ray-sweep").start()
+
     def _sweep(self, jobs_dir: Path) -> None:
         """Delete the records an earlier start left in Ray (it stopped while deleting
-        them, or Ray wrote one again after): runs of this folder's jobs that have ended
-        here, or been tried again. A run still going there is stopped first: its job ended
-        here, and nothing watches it. Another folder's (a shared cluster) are left."""
+        them, or Ray wrote one again after): runs of this folder (by its mark) whose jobs
+        have ended here, or been tried again. A run still going there is stopped first:
+        its job ended here, and nothing watches it."""
         try:
             records = self.client.jobs()
         except RayError as exc:
             log.info("cannot list Ray's jobs to delete those left by an earlier start: %s", exc)
             return
-        for info in sorted(records, key=lambda info: not info.terminal):  # the quick first
-            attempt = _attempt_here(jobs_dir, info.submission_id)
-            if attempt is None or self._closing.is_set():
-                continue
-            job_file, tried = attempt
+        for info in records:
+            if self._closing.is_set():
+                return
+            if info.metadata.get(FOLDER_MARK) != self.folder_mark:
+                continue  # another folder's, or Ray's other users'
             try:
-                data = p.read_json_or_none(job_file) or {}
-            except OSError:
-                continue
-            ended = data.get(p.F_STATE) in p.FINAL_STATES or p.attempts(data)[0] > tried
-            with self._lock:
-                watched = any(run.submission_id == info.submission_id
-                              for run in self._runs.values())
-            if not data or not ended or watched:
-                continue
-            log.info("job %s: deleting Ray's record left by an earlier start",
-                     info.submission_id)
-            if not info.terminal:
-                with contextlib.suppress(RayError):
-                    self.client.stop(info.submission_id)
-            self._delete(info.submission_id)
+                if self._left_here(jobs_dir, info.submission_id):
+                    self._sweep_one(info)
+            except Exception:  # one record's surprise leaves the others to delete
+                log.exception("job %s: cannot delete Ray's record left by an earlier start",
+                              info.submission_id)
+
+    def _left_here(self, jobs_dir: Path, sid: str) -> bool:
+        """Whether Ray's record `sid` is of a run no one here watches, of a job that has
+        ended here or gone on to a later attempt."""
+        attempt = _attempt_here(jobs_dir, sid)
+        if attempt is None:
+            return False
+        job_file, tried = attempt
+        data = p.read_json_or_none(job_file)
+        if data is None:
+            return False
+        state = data.get(p.F_STATE)
+        ended = (isinstance(state, str) and state in p.FINAL_STATES) or p.attempts(data)[0] > tried
+        with self._lock:
+            watched = any(run.submission_id == sid for run in self._runs.values())
+        return ended and not watched
+
+    def _sweep_one(self, info: RayJob) -> None:
+        log.info("job %s: deleting Ray's record left by an earlier start", info.submission_id)
+        if info.terminal:
+            self._delete_once(info.submission_id)
+            return
+        with contextlib.suppress(RayError):
+            self.client.stop(info.submission_id)
+        # Deleted once Ray has ended it, as a run released here is.
+        threading.Thread(target=self._delete, args=(info.submission_id,), daemon=True,
+                         name=f"ray-delete-{info.submission_id[8:16]}").start()
 
     def _delete(self, sid: str) -> None:
         """Delete Ray's record of an ended job, trying again while the head fails, and
@@ -466,6 +492,12 @@ class RayLauncher(Launcher):
         except (OSError, p.CorruptJobFile) as exc:  # then sent again: looked up first
             log.warning("job %s: cannot mark its claim as sent to Ray: %s", run.job_id, exc)
 
+    def _metadata(self, data: dict[str, Any]) -> dict[str, str]:
+        metadata = {"offload_job_id": str(data.get(p.F_ID)), "kind": str(data.get(p.F_KIND))}
+        if self.folder_mark is not None:
+            metadata[FOLDER_MARK] = self.folder_mark
+        return metadata
+
     def _lookup(self, sid: str) -> RayJob | None:
         try:
             return self.client.info(sid)
@@ -485,8 +517,7 @@ class RayLauncher(Launcher):
                 "or run it with the local launcher")
         try:
             self.client.submit(sid, entrypoint, env_vars=env, num_cpus=self.num_cpus,
-                               num_gpus=gpus, metadata={"offload_job_id": str(data.get(p.F_ID)),
-                                                        "kind": str(data.get(p.F_KIND))})
+                               num_gpus=gpus, metadata=self._metadata(data))
         except RayError as exc:
             try:
                 found = self._lookup(sid)  # the answer may be lost, not the job

@@ -9,7 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -57,6 +57,7 @@ class RayJob:
     message: str
     exit_code: int | None
     start_time: float | None  # seconds since the epoch
+    metadata: dict[str, str] = field(default_factory=dict)  # as submitted
 
     @property
     def terminal(self) -> bool:
@@ -153,12 +154,15 @@ def _ray_job(data: dict[str, Any], submission_id: str) -> RayJob:
         raise RayError(f"Ray answered a job without a status: {str(data)[:200]}")
     code = data.get("driver_exit_code")
     start = data.get("start_time")
+    metadata = data.get("metadata")
     return RayJob(
         submission_id=str(data.get("submission_id") or submission_id),
         status=status,
         message=str(data.get("message") or ""),
         exit_code=code if isinstance(code, int) and not isinstance(code, bool) else None,
         start_time=start / 1000 if isinstance(start, (int, float)) and start else None,
+        metadata={str(k): str(v) for k, v in metadata.items()}
+        if isinstance(metadata, dict) else {},
     )
 
 

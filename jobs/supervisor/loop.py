@@ -303,6 +303,7 @@ class Supervisor(Discovery, Launching, Endings):
         self.is_leader = True
         self._counting.take_over()
         log.info("supervisor leads %s (pid %s)", self.dir, os.getpid())
+        self.launcher.leading()
         return True
 
     def _enqueue(self, job_id: str, data: dict[str, Any]) -> None:
