@@ -69,9 +69,10 @@ def note(job: dict[str, Any]) -> str:
     if isinstance(error, dict) and error.get("message"):
         return f"{error.get('type')}: {error['message']}"
     queued = job.get(p.F_STATE) == p.JobState.QUEUED
+    retry = queued and p.attempts(job)[0] > 1
     progress = job.get(p.F_PROGRESS)
     # A retry's "retrying in N s" was true when it was written: its run_at says when.
-    if isinstance(progress, dict) and not (queued and p.attempts(job)[0] > 1):
+    if isinstance(progress, dict) and not retry:
         fraction = progress.get("fraction")
         percent = f"{fraction:.0%} " if isinstance(fraction, (int, float)) else ""
         return f"{percent}{progress.get('message') or ''}".strip()
@@ -83,7 +84,7 @@ def note(job: dict[str, Any]) -> str:
         awaited = [str(each) for each in waits.get("jobs") or []]
         return (f"after {awaited[0][:8]}" if len(awaited) == 1
                 else f"after {len(awaited)} jobs")
-    if starts is not None and p.attempts(job)[0] > 1:
+    if starts is not None and retry:
         earlier = job.get(p.F_EARLIER_ERRORS)
         last = earlier[-1] if isinstance(earlier, list) and earlier else None
         failed = (f" (after {last.get('type')}: {last.get('message')})"

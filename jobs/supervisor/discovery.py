@@ -99,8 +99,10 @@ class Discovery:
                 if not os.path.exists(removed_note_path(life.job_file)):
                     log.info("job %s was deleted while it ran; its runner is stopped", gone)
                 self._start_stop(life, p.JobState.CANCELLED)
-        self._dependencies.gone(self._known_final - job_ids)  # deleted after they ended
-        self._known_final &= job_ids
+        deleted = self._known_final - job_ids  # after they ended
+        if deleted:
+            self._dependencies.gone(deleted)
+            self._known_final -= deleted
         self._look_at_damaged(job_ids)
         new = (job_ids - self._known_final - self._queue.ids() - self._running.keys()
                - self._unwritten.keys())
