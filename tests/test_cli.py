@@ -1621,6 +1621,10 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             (["show", ""], "'' is no job's id"), (["remove", "a/b"], "'a/b' is no job's id"),
             (["wait", "0" * 32, "0123"], "'0123' is no job's id"),
             (["cancel", "--kind", "sleep"], "--kind goes with --state"),  # said "not both"
+            # A start of an id looked up first: "no job's id starts with 'abcdef'", exit 5.
+            *(([command, "--state", state, "abcdef"], "not both")
+              for command, state in (("cancel", "live"), ("remove", "failed"),
+                                     ("retry", "failed"))),
             # The server's names for the fields were said: max_attempts, query.limit.
             (["submit", "sleep", "--max-attempts", "0"], "--max-attempts: Input should be"),
             (["list", "--limit", "0"], "request: --limit: Input should be greater"),

@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("ids", nargs="*", metavar="id")
     cancel.add_argument("--state", choices=["queued", "running", "live"],
                         help="instead of ids: every job in this state (live: both)")
+    cancel.set_defaults(states_said="queued, running or live")
     cancel.add_argument("--kind", action="append",
                         help="with --state: of this kind only (again for any of several)")
     remove = command("remove", cmd_remove, "delete finished jobs now, with their input, "
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--state", choices=[*ENDED, "finished"],
                         help="instead of ids: every job in this state (finished: all four), "
                              "as Pueue's clean")
+    remove.set_defaults(states_said="completed, failed, cancelled, timeout or finished")
     remove.add_argument("--kind", action="append",
                         help="with --state: of this kind only (again for any of several)")
     for name, run, text in (("submit", cmd_submit, "submit a job; prints its id"),
@@ -163,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="with --state: of this kind only (again for any of "
                                   "several)")
             sub.add_argument("--input", help="another input: JSON, @file.json or -")
+            sub.set_defaults(states_said="completed, failed, cancelled or timeout")
         sub.add_argument("--timeout", type=_positive, help="its deadline, seconds")
         sub.add_argument("--wait", action="store_true",
                          help="wait until it ends, show it; exits 1 unless it completed")

@@ -28,7 +28,9 @@ def job_id(text: str | None, flag: str | None, start: bool = False) -> str | Non
 def checked_ids(args: argparse.Namespace) -> None:
     """The ids given as arguments, to --after and to --before, each checked: an empty one,
     or one with a `/`, was sent as a path and answered as another route's. --after's, a
-    list (`ID,ID` split)."""
+    list (`ID,ID` split). A command that takes ids or --state: one of the two."""
+    if getattr(args, "states_said", None):
+        _ids_or_state(args, args.states_said)
     if isinstance(getattr(args, "id", None), str):
         args.id = job_id(args.id, None, start=True)
     if isinstance(getattr(args, "before", None), str):
@@ -69,6 +71,17 @@ def whole_ids(client: Client, args: argparse.Namespace) -> None:
     for name in ("ids", "after"):
         if isinstance(getattr(args, name, None), list):
             setattr(args, name, [whole.get(each, each) for each in getattr(args, name)])
+
+
+def _ids_or_state(args: argparse.Namespace, states_said: str) -> None:
+    """Job ids given, or --state (and --kind): one of the two, before an id is looked up."""
+    if args.kind and not args.state:
+        raise Failure(EXIT_USAGE, f"--kind goes with --state ({states_said}): give both to "
+                                  f"{args.command} every job of that kind in that state")
+    if bool(args.ids) == bool(args.state):
+        raise Failure(EXIT_USAGE, f"give job ids, or --state ({states_said}; and --kind) "
+                                  f"to {args.command} every job in it"
+                                  f"{', not both' if args.ids else ''}")
 
 
 def _a_start(text: str) -> bool:

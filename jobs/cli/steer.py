@@ -42,7 +42,6 @@ Answer = dict[str, Any] | Failure  # a job acted on, or why it was not
 
 
 def cmd_retry(client: Client, args: argparse.Namespace) -> int:
-    _ids_or_state(args, "completed, failed, cancelled or timeout")
     body: dict[str, Any] = {}
     if args.input is not None:
         body["input"] = parse_input(args.input)
@@ -145,7 +144,7 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
                                                       "pruned, or never submitted here)")
         return outcome
 
-    code = _each_job(client, args, "queued, running or live", {"live": ["queued", "running"]},
+    code = _each_job(client, args, {"live": ["queued", "running"]},
                      _in_parts(cancel, lambda job_id: place.get(job_id, len(place))),
                      lambda job: str(job.get(p.F_STATE)),
                      (EXIT_CONFLICT, "had finished"))
@@ -212,19 +211,18 @@ def cmd_remove(client: Client, args: argparse.Namespace) -> int:
                                            "go with pruning)") from None
             raise
 
-    return _each_job(client, args, "completed, failed, cancelled, timeout or finished",
-                     {"finished": ENDED}, _each_at_once(remove), lambda job: "removed",
-                     (EXIT_NOT_FOUND, "was gone already"))  # pruned, or removed by another
+    # "gone already": pruned, or removed by another
+    return _each_job(client, args, {"finished": ENDED}, _each_at_once(remove),
+                     lambda job: "removed", (EXIT_NOT_FOUND, "was gone already"))
 
 
-def _each_job(client: Client, args: argparse.Namespace, states_said: str,
-              groups: dict[str, list[str]], act: Callable[[list[str]], Mapping[str, Answer]],
+def _each_job(client: Client, args: argparse.Namespace, groups: dict[str, list[str]],
+              act: Callable[[list[str]], Mapping[str, Answer]],
               said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str]) -> int:
     """`act` on the jobs given by id, or on every job in --state (of --kind), saying how
     each went; `act(ids)` answers each id's job, or the Failure for it. `moved_on`: the
     exit code of a failure that means a job listed in that state changed since, leaving
     nothing to do, and the words for it. The exit code."""
-    _ids_or_state(args, states_said)
     done: list[dict[str, Any]] = []
     if args.ids:
         ids = list(dict.fromkeys(args.ids))
@@ -250,17 +248,6 @@ def _each_job(client: Client, args: argparse.Namespace, states_said: str,
     if args.json:
         print_json(done)
     return code
-
-
-def _ids_or_state(args: argparse.Namespace, states_said: str) -> None:
-    """Job ids given, or --state (and --kind): one of the two."""
-    if args.kind and not args.state:
-        raise Failure(EXIT_USAGE, f"--kind goes with --state ({states_said}): give both to "
-                                  f"{args.command} every job of that kind in that state")
-    if bool(args.ids) == bool(args.state):
-        raise Failure(EXIT_USAGE, f"give job ids, or --state ({states_said}; and --kind) "
-                                  f"to {args.command} every job in it"
-                                  f"{', not both' if args.ids else ''}")
 
 
 def _act(args: argparse.Namespace, ids: list[str],
