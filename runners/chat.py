@@ -424,14 +424,18 @@ def _written_since(status: dict[str, Any], moment: float) -> bool:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("question", nargs="?", help="what to ask")
+    parser.add_argument("question", nargs="?",
+                        help="what to ask; - reads it from stdin, where other local accounts "
+                             "cannot see it (they can see a command line)")
     parser.add_argument("--system", help="a system prompt")
     parser.add_argument("--max-tokens", type=int, default=None)
 
 
 def _direct_input(args: argparse.Namespace) -> dict[str, Any]:
+    if args.question == "-":
+        args.question = sys.stdin.read().strip()
     if not args.question:
-        raise ValueError("give a question, e.g. python -m runners.chat \"Hello?\"")
+        raise ValueError("give a question, e.g. echo \"Hello?\" | python -m runners.chat -")
     messages = []
     if args.system:
         messages.append({"role": "system", "content": args.system})

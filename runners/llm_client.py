@@ -19,7 +19,7 @@ import json
 import math
 import socket
 import time
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from jobs import protocol as p
 from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url, usable_key
@@ -106,12 +106,13 @@ class Config:
 
 
 def _written_forms(secret: str | None) -> list[str]:
-    """A secret as a server may send it back: as it is, or escaped in JSON ("/" as "\\/",
-    each character as \\uXXXX), the longest first."""
+    """A secret as a server may send it back: as it is, escaped in JSON ("/" as "\\/",
+    each character as \\uXXXX), percent-encoded or in base64, the longest first."""
     if not secret:
         return []
     forms = {secret, json.dumps(secret)[1:-1], secret.replace("/", "\\/"),
-             "".join(f"\\u{ord(c):04x}" for c in secret)}
+             "".join(f"\\u{ord(c):04x}" for c in secret), quote(secret, safe=""),
+             base64.b64encode(secret.encode()).decode()}
     return sorted(forms, key=len, reverse=True)
 
 

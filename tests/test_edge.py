@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 import httpx
 import pytest
@@ -429,6 +429,24 @@ def test_another_site_cannot_frame_a_page(rebinding_browser: Any,
         page.close()
 
 
+def test_no_answer_is_sniffed_into_a_page_or_a_script(make_server: MakeServer) -> None:
+    # A job's log is text/plain of whatever its runner printed (`<script>...`): a browser
+    # that sniffs could take it, or a job's JSON, for a page or a script.
+    server = make_server()
+    with server.client() as client:
+        job_id = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}
+                             ).json()["id"]
+        wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["state"] == "completed",
+                 60, 0.1, "the job")
+        for path in ("/", "/docs", "/openapi.json", "/api/health", f"/api/jobs/{job_id}",
+                     f"/api/jobs/{job_id}/log", "/api/jobs/0/log", "/metrics"):
+            answer = client.get(path)
+            assert answer.headers.get("x-content-type-options") == "nosniff", (path, answer)
+        refused = client.get("/api/health", headers={"Host": "rebound.example"})
+        assert refused.status_code == 421
+        assert refused.headers.get("x-content-type-options") == "nosniff"
+
+
 # -- 13. credentials in OPENAI_BASE_URL: used to connect, never shown ---------------------
 
 USER, PASSWORD = "offload", "pw-sentinel-5f1c9e"
@@ -503,6 +521,9 @@ def _escaped(text: str) -> str:
     return "".join(f"\\u{ord(c):04x}" for c in text)
 
 
+_QUOTED, _BASE64 = quote(KEY, safe=""), base64.b64encode(KEY.encode()).decode()
+
+
 @pytest.mark.parametrize("echo", [
     # After the first piece, an error event naming the header it was sent.
     {"stream_error": json.dumps({"error": {"message": f"rejected Bearer {KEY} for: hi"}})},
@@ -515,7 +536,11 @@ def _escaped(text: str) -> str:
     # A body cut short, so not JSON: shown as it came, the key escaped in it.
     {"status": 400, "error_body": '{"error": {"message": "bad key Bearer '
                                   + KEY.replace("/", "\\/") + '", "param": nul'},
-], ids=["mid-reply", "slash-escaped", "unicode-escaped", "cut-off", "escaped-not-json"])
+    # Percent-encoded, or in base64, as a server quoting a URL or a header may.
+    {"status": 400, "error_body": json.dumps({"error": {"message": f"bad key {_QUOTED}"}})},
+    {"status": 400, "error_body": json.dumps({"error": {"message": f"bad key {_BASE64}"}})},
+], ids=["mid-reply", "slash-escaped", "unicode-escaped", "cut-off", "escaped-not-json",
+        "percent-encoded", "base64"])
 def test_a_key_the_server_sends_back_is_never_shown(make_server: MakeServer,
                                                      echo: dict[str, Any]) -> None:
     with FakeLLM(pieces=["one ", "two"], auth=f"Bearer {KEY}", fail_times=None, **echo) as llm:
@@ -525,7 +550,7 @@ def test_a_key_the_server_sends_back_is_never_shown(make_server: MakeServer,
             assert job["state"] == "failed", job
             assert "[redacted]" in job["error"]["message"], job["error"]
             shown = _everything_shown(server, client, job["id"])
-    written = (KEY, KEY.replace("/", "\\/"), _escaped(KEY))  # as it is, or JSON-escaped
+    written = (KEY, KEY.replace("/", "\\/"), _escaped(KEY), _QUOTED, _BASE64)
     assert not [text[:300] for text in shown if any(form[:12] in text for form in written)]
 
 

@@ -94,9 +94,9 @@ def test_four_concurrent_chats_complete(
 
 
 def test_chat_cli_prints_a_reply(llama_server: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "runners.chat", "Say hello.", "--max-tokens", "24",
-         "--system", "You are brief."],
+    done = subprocess.run(  # the question on stdin: no other account sees it in `ps`
+        [sys.executable, "-m", "runners.chat", "-", "--max-tokens", "24",
+         "--system", "You are brief."], input="Say hello.",
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={"OPENAI_BASE_URL": llama_server, "PATH": "", "PYTHONPATH": str(Path(ROOT))})
     assert done.returncode == 0, done.stderr

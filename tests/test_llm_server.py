@@ -30,14 +30,16 @@ pytestmark = [pytest.mark.llm, pytest.mark.slow]
 # A long answer (greedy decoding repeats itself past 1500 tokens): each chat still
 # decodes when the others start, and past a deadline of a few seconds.
 LONG = [{"role": "user", "content": "List 200 animals, one per line, numbered."}]
+OTHER_KEY = "sk-another-servers-key-5e0c"
 
 
 @pytest.fixture
 def model_server(make_server: Callable[..., Any]) -> tuple[Any, dict[str, Any]]:
     if embedded.server_binary() is None:
         pytest.skip("llama-server is not built here: run `python launch.py` (it builds it)")
+    # A key of another server's in the environment (a shell's, say): never the model's.
     server = make_server(env={"OPENAI_BASE_URL": "", "OFFLOAD_MAX_CONCURRENT": "4",
-                              "OFFLOAD_LLM_ENGINE": "auto"})
+                              "OFFLOAD_LLM_ENGINE": "auto", "OPENAI_API_KEY": OTHER_KEY})
     status = wait_for(lambda: (s := embedded.read_status(str(server.data_dir)) or {})
                       .get("ready") and s, 120, 0.2, "the embedded model to load")
     assert status["engine"] == embedded.LLAMA_SERVER and status["slots"] == 4, status
@@ -48,6 +50,7 @@ def _slots(status: dict[str, Any]) -> list[dict[str, Any]]:
     """llama-server's slots, asked with its key (in its environment: never on its command
     line, which every local account can read)."""
     proc = psutil.Process(status["pid"])
+    assert OTHER_KEY not in str(proc.environ())
     key = proc.environ()["LLAMA_API_KEY"]
     assert key not in " ".join(proc.cmdline())
     base = status["base_url"].removesuffix("/v1")

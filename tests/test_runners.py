@@ -24,10 +24,10 @@ from tests.fake_llm import FakeLLM
 SENTINEL = "sk-sentinel-3f9a1c0d5e7b4a2f"
 
 
-def run(args: list[str], env: dict[str, str] | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], env: dict[str, str] | None = None, timeout: float = 60,
+        stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+                          env={**os.environ, **(env or {})}, timeout=timeout, input=stdin)
 
 
 def test_job_file_runs_in_the_foreground(data_dir: Path) -> None:
@@ -102,7 +102,8 @@ def test_a_sleep_by_hand_out_of_bounds_is_bad_usage(args: list[str], said: str) 
     assert "slept_s" not in done.stdout
 
 
-def test_sigterm_to_a_foreground_runner_writes_cancelled(data_dir: Path) -> None:
+@pytest.mark.parametrize("asked", [True, False], ids=["cancel asked", "not asked"])
+def test_sigterm_to_a_foreground_runner_writes_cancelled(data_dir: Path, asked: bool) -> None:
     store = JobStore(data_dir / "jobs")
     job_id = store.create("sleep", {"seconds": 60}, 120)["id"]
     # Named by its bare name, from its folder: "cannot put the job's claim on disk (No
@@ -112,11 +113,15 @@ def test_sigterm_to_a_foreground_runner_writes_cancelled(data_dir: Path) -> None
                              p.JOB_FILE], cwd=store.path(job_id).parent,  # as launched
                             env={**os.environ, "PYTHONPATH": str(ROOT), p.LAUNCHED_ENV: "1"})
     wait_for(lambda: store.read(job_id)["state"] == "running", what="running")
+    if asked:  # as a cancel asks, before the supervisor's SIGTERM
+        p.request_stop(store.path(job_id), p.JobState.CANCELLED)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(10) == 3
-    job = store.read(job_id)
-    assert job["state"] == "cancelled"
-    assert job["exit_code"] == 3
+    code, job = proc.wait(10), store.read(job_id)
+    # Not asked for (a `kill`, a shutdown): the runner lost, not a cancel.
+    assert (code, job["state"], job["error"]["type"], job["exit_code"]) == (
+        (3, "cancelled", "cancelled", 3) if asked else (1, "failed", "lost", 1)), job
+    if not asked:
+        return
     # Without a job file nor a --timeout, a SIGTERM ended it unsaid (143); with one, it
     # said "cancelled".
     direct = subprocess.Popen([sys.executable, "-m", "runners.sleep", "60", "--steps", "600"],
@@ -207,6 +212,11 @@ def test_chat_cli_without_a_server_says_what_to_do() -> None:
     usage = run(["-m", "runners.chat"])
     assert usage.returncode == 2
     assert "give a question" in usage.stderr
+    # On stdin (`-`), off the command line that every local account can read.
+    piped = run(["-m", "runners.chat", "-"], env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"},
+                stdin="hello?\n")
+    assert piped.returncode == 1 and "not reachable" in piped.stderr, piped.stderr
+    assert run(["-m", "runners.chat", "-"], stdin=" \n").returncode == 2
     # Out of the API's bounds: said before the embedded model starts (then its HTTP 400).
     for tokens in ("-5", "0", "40000"):
         bad = run(["-m", "runners.chat", "hi", "--max-tokens", tokens])

@@ -35,6 +35,8 @@ self.addEventListener("activate", (event) => event.waitUntil((async () => {
 CLEAR_CACHE = (b"clear-site-data", b'"cache"')
 OPENED_BY_LAUNCHER = re.compile(rb"(^|&)opened=")
 NO_STORE = (b"cache-control", b"no-store")
+# A log or a job's text is never taken for a page or a script, whatever it holds.
+NO_SNIFF = (b"x-content-type-options", b"nosniff")
 CLOSED_DETAIL = "the connection closed before its account could be told"
 UNKNOWN_DETAIL = ("this Offload answers only the account that runs it, and could not tell "
                   "whose this connection is just now (the server is short of file "
@@ -84,7 +86,7 @@ class RequestGuard:
         ancestors = " ".join(each for each in settings.cors_origin_list
                              if each not in ("*", "null")) or "'none'"
         self.frame_headers = [(b"content-security-policy", f"frame-ancestors {ancestors}".encode()),
-                              (b"x-frame-options", b"DENY")]
+                              (b"x-frame-options", b"DENY"), NO_SNIFF]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):  # lifespan
@@ -267,9 +269,10 @@ def _not_stored(send: Send) -> Send:
 
     async def send_not_stored(message: Message) -> None:
         if message["type"] == "http.response.start":
-            headers = list(message.get("headers", ()))
+            headers = [*message.get("headers", ()), NO_SNIFF]
             if not any(name.lower() == b"cache-control" for name, _ in headers):
-                message = {**message, "headers": [*headers, NO_STORE]}
+                headers.append(NO_STORE)
+            message = {**message, "headers": headers}
         await send(message)
 
     return send_not_stored
@@ -312,5 +315,6 @@ async def _send(send: Send, status: int, body: bytes, content_type: bytes,
                 headers: list[tuple[bytes, bytes]]) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", content_type),
-                            (b"content-length", str(len(body)).encode()), *headers]})
+                            (b"content-length", str(len(body)).encode()), NO_SNIFF,
+                            *headers]})
     await send({"type": "http.response.body", "body": body})

@@ -165,6 +165,8 @@ def server_env(port: int, key: str | None, engine: str = LLAMA_CPP_PYTHON) -> di
     names = (("LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_API_KEY") if engine == LLAMA_SERVER
              else ("HOST", "PORT", "API_KEY"))
     env = dict(os.environ, **{names[0]: "127.0.0.1", names[1]: str(port)})
+    for secret in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):  # another server's, never its own
+        env.pop(secret, None)
     if key is None:
         env.pop(names[2], None)
     else:
