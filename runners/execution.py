@@ -29,19 +29,29 @@ EXIT_RETRY = p.EXIT_RETRY
 EXIT_NO_ROOM = p.EXIT_NO_ROOM
 
 
-class StopRequested(BaseException):
-    """Raised in the main thread when the runner is told to stop (signal or deadline)."""
+# The reason of a launched runner's stop that no cancel or deadline asked for: a signal
+# from outside Offload (a `kill`, a shutdown), taken as a runner lost, not a cancel.
+UNASKED = "unasked"
 
-    def __init__(self, reason: str) -> None:
+
+class StopRequested(BaseException):
+    """Raised in the main thread when the runner is told to stop (signal or deadline);
+    `signal_name`, the signal's where no one asked Offload for the stop (UNASKED)."""
+
+    def __init__(self, reason: str, signal_name: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.signal_name = signal_name
 
 
 class Stopper:
-    """Turns SIGTERM / CTRL_BREAK / the runner's own deadline into `StopRequested`."""
+    """Turns SIGTERM / CTRL_BREAK / the runner's own deadline into `StopRequested`.
+    `launched`: by a supervisor, which asks for each stop it sends in the job's stop file;
+    by hand, a Ctrl+C or a SIGTERM is the user's cancel."""
 
-    def __init__(self, job_file: str | None) -> None:
+    def __init__(self, job_file: str | None, launched: bool = False) -> None:
         self.job_file = job_file
+        self.launched = launched
         self.finishing = False
         self.deadline_passed = False
 
@@ -80,13 +90,14 @@ class Stopper:
         if self.finishing:
             return  # already writing the final state; let it complete
         self.finishing = True  # one stop is enough; ignore the repeats
-        raise StopRequested(self.reason())
+        raise StopRequested(self.reason(), signal.Signals(signum).name)
 
     def reason(self) -> str:
         if self.deadline_passed:
             return p.JobState.TIMEOUT
         if self.job_file is not None:
-            return p.stop_reason(self.job_file) or p.JobState.CANCELLED
+            return p.stop_reason(self.job_file) or (
+                UNASKED if self.launched else p.JobState.CANCELLED)
         return p.JobState.CANCELLED
 
 
@@ -103,17 +114,12 @@ def run(job: Job, execute: Execute, stopper: Stopper, timeout: float | None) -> 
             stopper.finishing = True  # the deadline's, on Windows: one stop is enough
             raise StopRequested(stopper.reason()) from exc
     except StopRequested as stop:
-        return stopped(job, stop.reason, stopper)
+        return stopped(job, stop, stopper)
     except RunnerError as exc:
         if not isinstance(sink, ConsoleSink):  # by hand, `finish` says it, once
             print(f"error: {exc.message}", file=sys.stderr)
-        error = {"type": exc.error_type, "message": exc.message}
-        attempt, most = p.attempts(job.data)
-        if exc.transient and attempt < most and stopper.job_file is not None:
-            # Not final: the supervisor queues the job again, and a client polling it
-            # sees it still in progress meanwhile.
-            return finish(job, sink, p.JobState.RUNNING, None, error, EXIT_RETRY, stopper)
-        return finish(job, sink, p.JobState.FAILED, None, error, EXIT_FAILED, stopper)
+        return failed(job, {"type": exc.error_type, "message": exc.message}, exc.transient,
+                      stopper)
     except Exception as exc:
         import traceback
 
@@ -124,9 +130,23 @@ def run(job: Job, execute: Execute, stopper: Stopper, timeout: float | None) -> 
     return finish(job, sink, p.JobState.COMPLETED, result or {}, None, EXIT_OK, stopper)
 
 
-def stopped(job: Job, reason: str, stopper: Stopper) -> int:
-    error = p.stop_error(reason, job.data.get(p.F_TIMEOUT_S))
-    return finish(job, job.sink, reason, None, error, EXIT_STOPPED, stopper)
+def failed(job: Job, error: dict[str, Any], transient: bool, stopper: Stopper) -> int:
+    """The job failed with `error`; `transient`: tried again while it has attempts left."""
+    attempt, most = p.attempts(job.data)
+    if transient and attempt < most and stopper.job_file is not None:
+        # Not final: the supervisor queues the job again, and a client polling it sees it
+        # still in progress meanwhile.
+        return finish(job, job.sink, p.JobState.RUNNING, None, error, EXIT_RETRY, stopper)
+    return finish(job, job.sink, p.JobState.FAILED, None, error, EXIT_FAILED, stopper)
+
+
+def stopped(job: Job, stop: StopRequested, stopper: Stopper) -> int:
+    if stop.reason == UNASKED:
+        return failed(job, {"type": p.ErrorType.LOST, "message": (
+            f"its runner was stopped by {stop.signal_name or 'a signal'}, which Offload did "
+            "not send (no cancel was asked, no deadline had passed)")}, True, stopper)
+    error = p.stop_error(stop.reason, job.data.get(p.F_TIMEOUT_S))
+    return finish(job, job.sink, stop.reason, None, error, EXIT_STOPPED, stopper)
 
 
 def finish(job: Job, sink: Sink, state: str, result: dict[str, Any] | None,

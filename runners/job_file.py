@@ -168,7 +168,7 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
               "nothing of the job ran", file=sys.stderr)
         return EXIT_RETRY
     queued = data.get(p.F_STATE) == p.JobState.QUEUED  # as launched (a finished one: --force)
-    stopper = Stopper(path)
+    stopper = Stopper(path, launched)
     if hasattr(signal, "SIGHUP"):
         # The API's terminal closing must not end the job (it is not a new session).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -191,7 +191,7 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
         sink.start(job)
     except StopRequested as stop:
         # Stopped before it could even say it runs: record that, then leave.
-        return stopped(job, stop.reason, stopper)
+        return stopped(job, stop, stopper)
     return run(job, execute, stopper, None)
 
 

@@ -223,6 +223,43 @@ def test_a_result_held_past_its_deadline_by_an_unwritable_folder_lands(
     assert final["result"]["slept_s"] == 1
 
 
+def test_a_runner_stopped_by_a_signal_offload_did_not_send_is_lost_not_cancelled(
+        make_server: MakeServer) -> None:
+    # A `kill PID` of a runner (or a shutdown's SIGTERM to every process) read as
+    # "cancelled on request", which no one had asked: its attempts left were thrown away.
+    server = make_server(env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+
+    def started(client: httpx.Client, job_id: str, attempt: int) -> int:
+        def running() -> int | None:
+            job = client.get(f"/api/jobs/{job_id}").json()
+            return job["pid"] if job["state"] == "running" and job["attempt"] == attempt \
+                and job["pid"] else None
+
+        return int(wait_for(running, 60, 0.05, f"attempt {attempt} of {job_id} to run"))
+
+    def submitted(client: httpx.Client, attempts: int) -> str:
+        return str(client.post("/api/jobs", json={
+            "kind": "sleep", "input": {"seconds": 60}, "max_attempts": attempts}).json()["id"])
+
+    said = "stopped by SIGTERM, which Offload did not send"
+    with server.client() as client:
+        again = submitted(client, 2)
+        os.kill(started(client, again, 1), signal.SIGTERM)
+        started(client, again, 2)  # tried again
+        earlier = client.get(f"/api/jobs/{again}").json()["earlier_errors"]
+        assert [error["type"] for error in earlier] == ["lost"], earlier
+        assert said in earlier[0]["message"], earlier
+        assert client.delete(f"/api/jobs/{again}").status_code == 200  # a cancel is one
+        cancelled = _final(client, again)
+        assert (cancelled["state"], cancelled["error"]["message"]) == (
+            "cancelled", "cancelled on request"), cancelled
+        last = submitted(client, 1)
+        os.kill(started(client, last, 1), signal.SIGTERM)
+        failed = _final(client, last)
+    assert (failed["state"], failed["error"]["type"]) == ("failed", "lost"), failed
+    assert said in failed["error"]["message"], failed
+
+
 def _degraded(client: httpx.Client, what: str) -> dict[str, Any]:
     def degraded() -> dict[str, Any] | None:
         health = client.get("/api/health").json()
