@@ -190,8 +190,9 @@ class JobCreate(Request):
         # was a time in 1970, "give a time zone".
         if isinstance(value, (int, float, str)) and not isinstance(value, bool) and \
                 _NUMBER.fullmatch(str(value)):
-            raise ValueError("run_at is a time in ISO 8601, such as 2026-12-24T18:00:00Z, "
-                             "not a number; to start in a number of seconds, give delay_s")
+            raise ValueError("not a number but a time in ISO 8601, such as "
+                             "2026-12-24T18:00:00Z; to start in a number of seconds, give "
+                             "delay_s")
         return value
 
     @field_validator("run_at")
@@ -204,10 +205,10 @@ class JobCreate(Request):
             value = value.replace(tzinfo=timezone.utc)
         ahead = (value - datetime.now(timezone.utc)).total_seconds()
         if ahead > MAX_DELAY_S:
-            raise ValueError(f"run_at is more than {MAX_DELAY_S / 86400:g} days ahead")
+            raise ValueError(f"more than {MAX_DELAY_S / 86400:g} days ahead")
         if ahead < -RUN_AT_PAST_S:
             hint = "" if zoned else "give a time zone (a time without one is UTC), or "
-            raise ValueError(f"run_at is {-ahead / 3600:.1f} h in the past; {hint}leave "
+            raise ValueError(f"{-ahead / 3600:.1f} h in the past; {hint}leave "
                              "run_at out to start now")
         return value
 

@@ -8,7 +8,6 @@ its tokens on the embedded model) are in runners/.
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import os
 import tempfile
@@ -34,8 +33,8 @@ from jobs.protocol.files import file_in_the_way
 from jobs.protocol.trust import (
     UnsafeSettingsFile,
     env_file,
-    not_utf8,
     read_settings_file,
+    unreadable_as_settings,
     unsafe_way,
 )
 from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url, usable_key
@@ -502,21 +501,6 @@ class UnusableSettings(Exception):
     """Settings a process cannot start with, said as what to mend (not as a traceback)."""
 
 
-def _unreadable_line(text: str) -> str | None:
-    """The first line of a `.env` that python-dotenv cannot read, said, or None."""
-    from dotenv.parser import parse_stream
-
-    for binding in parse_stream(io.StringIO(text)):
-        if binding.error:
-            said = binding.original.string
-            number = binding.original.line + said[:len(said) - len(said.lstrip())].count("\n")
-            name, equals, _ = said.strip().partition("=")  # not its value: it may be a key
-            named = f" ({name.strip()[:60]}=...)" if equals and name.strip() else ""
-            return (f"line {number}{named} cannot be read as NAME=value: close a quote it "
-                    "opens, or remove the line")
-    return None
-
-
 def problem_said(error: Any) -> str:
     """A validation error of pydantic's, in words: a check of ours says it all, without
     pydantic's "Value error, " before it."""
@@ -537,7 +521,7 @@ def get_settings() -> Settings:
             "OFFLOAD_ENV_FILE to a file of yours") from None
     except OSError as exc:
         raise UnusableSettings(f"cannot read {path}: {exc}") from None
-    if data is not None and (problem := not_utf8(data) or _unreadable_line(data.decode())):
+    if data is not None and (problem := unreadable_as_settings(data)):
         # python-dotenv: a traceback, or a warning that names no file and a line left out
         raise UnusableSettings(f"cannot read {path}: {problem}")
     try:

@@ -158,6 +158,14 @@ def test_status_submit_wait_list_show_and_log(server: Server) -> None:
         assert json.loads(again.stdout)["rerun_of"] == failed_job["id"], again
     wait_for(lambda: json.loads(cli(url, "show", job_id, "--json").stdout)["state"]
              == "completed", 60, 0.2)
+    # Groups of states, as cancel and remove take them (it was a usage error).
+    later = cli(url, "submit", "sleep", "--delay", "3600").stdout.strip()
+    live = json.loads(cli(url, "list", "--state", "live", "--json").stdout)
+    finished = json.loads(cli(url, "list", "--state", "finished", "--json").stdout)
+    assert later in [job["id"] for job in live] and {job["state"] for job in live} <= {
+        "queued", "running"}, live
+    assert failed_job["id"] in [job["id"] for job in finished], finished
+    assert {job["state"] for job in finished} == {"completed", "failed"}, finished
 
 
 def test_submit_several_jobs_in_one_request(server: Server, tmp_path: Path) -> None:
@@ -297,7 +305,7 @@ def test_a_retry_waiting_its_turn_says_when_it_starts_not_a_count_down_of_its_st
     assert f"retrying: starts {run_at} UTC (after " in line, listed
     assert "retrying in" not in listed, listed
     shown = cli(server.url, "show", job_id).stdout
-    assert "retrying in" not in shown and f"run at:         {run_at}" in shown, shown
+    assert "retrying in" not in shown and f"run at:         {run_at} UTC" in shown, shown
     assert "attempt 1:" in shown, shown
 
 
@@ -1298,7 +1306,8 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
                 if line.startswith(job["id"]))
     assert "starts 20" in note and " UTC" in note and "ahead" not in note, note
     in_full = cli(url, "show", job["id"]).stdout  # as its other times (it read ...T...Z)
-    assert f"run at:         {job['run_at'][:19].replace('T', ' ')}\n" in in_full, in_full
+    assert f"run at:         {job['run_at'][:19].replace('T', ' ')} UTC\n" in in_full, in_full
+    assert f"created:        {job['created_at'][:19].replace('T', ' ')} UTC\n" in in_full
     # A job submitted with --wait on a paused queue says why it waits.
     waiting = start_cli(url, "submit", "sleep", "--input", '{"seconds": 0}', "--delay", "0",
                         "--wait")
@@ -1630,8 +1639,9 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
             (["list", "--limit", "0"], "request: --limit: Input should be greater"),
             (["submit", "sleep", "--at", "2020-01-01T00:00:00Z"], "in the past; leave --at out"),
             # Taken as POSIX seconds: "499059.9 h in the past; give a time zone".
-            (["submit", "sleep", "--at", "3600"], "not a number; to start in a number of "
-                                                 "seconds, give --delay"),
+            (["submit", "sleep", "--at", "3600"], "--at: not a number but a time in ISO "
+                                                 "8601, such as 2026-12-24T18:00:00Z; to start "
+                                                 "in a number of seconds, give --delay"),
             # "Input should be a valid datetime or date, input is too short"
             (["submit", "sleep", "--at", "23:59"], "--at: not a time: give it in ISO 8601"),
             (["submit", "sleep", "--priority", "99999"], "request: --priority: Input should"),
@@ -1659,6 +1669,7 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
         assert done.returncode == 2, (args, done.returncode, done.stdout, done.stderr)
         assert said in done.stderr and len(done.stderr.splitlines()) == 1, (args, done.stderr)
         assert "w@" not in done.stderr and "user:" not in done.stderr, done.stderr
+        assert "--at: --at" not in done.stderr, done.stderr  # the field's name said twice
         assert "s3cret" not in done.stderr, done.stderr
     token = cli(server.url, "status", token="tökén€" * 4)
     assert token.returncode == 2 and "OFFLOAD_API_TOKEN holds characters" in token.stderr
@@ -1666,6 +1677,13 @@ def test_odd_arguments_and_settings_are_usage_errors(server: Server, tmp_path: P
     env_file = cli(None, "status", cwd=tmp_path)
     assert env_file.returncode == 2, env_file
     assert f"cannot read {tmp_path / '.env'}: it is not UTF-8 text" in env_file.stderr
+    # python-dotenv's warning naming no file, the line left out: the default server asked.
+    (tmp_path / ".env").write_text('OFFLOAD_PORT="8001\n')
+    env_file = cli(None, "status", cwd=tmp_path)
+    assert env_file.returncode == 2, env_file
+    assert env_file.stderr == (f"offload: cannot read {tmp_path / '.env'}: line 1 "
+                               "(OFFLOAD_PORT=...) cannot be read as NAME=value: close a quote "
+                               "it opens, or remove the line\n"), env_file.stderr
     # "cannot read .env ([Errno 21] Is a directory: 3); it must be UTF-8 text"
     (tmp_path / ".env").unlink()
     (tmp_path / ".env").mkdir()

@@ -20,7 +20,7 @@ from jobs.cli.client import (
     not_offload,
 )
 from jobs.cli.ids import checked_ids, whole_ids
-from jobs.cli.look import ENDED, STATES, cmd_list, cmd_log, cmd_show, cmd_status
+from jobs.cli.look import ENDED, GROUPS, STATES, cmd_list, cmd_log, cmd_show, cmd_status
 from jobs.cli.steer import (
     cmd_cancel,
     cmd_parallel,
@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("status", cmd_status, "health, counts by state, runners, the model (the default)")
     listing = command("list", cmd_list, "jobs, newest first")
-    listing.add_argument("--state", choices=STATES, action="append",
-                         help="again for any of several")
+    listing.add_argument("--state", choices=[*STATES, *GROUPS], action="append",
+                         help="again for any of several (live: queued and running; "
+                              "finished: the four that have ended)")
     listing.add_argument("--kind", action="append", help="again for any of several")
     listing.add_argument("--limit", type=int, help="at most this many (1-1000; default 100)")
     listing.add_argument("--before", metavar="ID", help="those submitted before this job: "
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = command("cancel", cmd_cancel, "cancel jobs: queued ones never start, running "
                                            "ones are stopped")
     cancel.add_argument("ids", nargs="*", metavar="id")
-    cancel.add_argument("--state", choices=["queued", "running", "live"],
+    cancel.add_argument("--state", choices=[*GROUPS["live"], "live"],
                         help="instead of ids: every job in this state (live: both)")
     cancel.set_defaults(states_said="queued, running or live")
     cancel.add_argument("--kind", action="append",

@@ -33,6 +33,9 @@ from jobs.cli.wait import outcome, queue_state, say_why_it_waits
 
 STATES = [state.value for state in p.JobState]
 ENDED = [state for state in STATES if state in p.FINAL_STATES]
+# Names for several states at once, as `--state` takes them; `live` queued ones first,
+# which may depend on running ones.
+GROUPS = {"live": [p.JobState.QUEUED.value, p.JobState.RUNNING.value], "finished": ENDED}
 
 
 def cmd_status(client: Client, args: argparse.Namespace) -> int:
@@ -89,6 +92,9 @@ def cmd_list(client: Client, args: argparse.Namespace) -> int:
     if args.all and args.limit is not None:
         raise Failure(EXIT_USAGE, "give --all or --limit, not both")
     start = args.before  # made whole (whole_ids)
+    if args.state:
+        args.state = list(dict.fromkeys(state for given in args.state
+                                        for state in GROUPS.get(given, [given])))
     # A table needs no input, output nor result; --json prints the jobs in full (as the
     # server gives them by default).
     fields = None if args.json else "summary"

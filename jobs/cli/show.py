@@ -25,6 +25,11 @@ def when(value: object) -> str:
     return str(value)[:19].replace("T", " ") if value else "-"
 
 
+def utc(value: object) -> str:
+    """`when`, said to be UTC: a reader's own zone is not the API's."""
+    return f"{when(value)} UTC" if value else when(value)
+
+
 def _took(job: dict[str, Any]) -> str:
     started = job.get(p.F_STARTED_AT)
     if not started:
@@ -57,7 +62,7 @@ def start_ahead(job: dict[str, Any]) -> str | None:
     start_at = p.run_at(job)
     if start_at is None or start_at <= time.time():
         return None
-    return f"{when(p.iso(start_at))} UTC"
+    return utc(p.iso(start_at))
 
 
 def note(job: dict[str, Any]) -> str:
@@ -164,9 +169,9 @@ def job_details(job: dict[str, Any], out: IO[str], engine: str | None = None) ->
         return json.dumps(value, ensure_ascii=False)
 
     lines = [("id", job.get(p.F_ID)), ("kind", job.get(p.F_KIND)), ("state", job.get(p.F_STATE)),
-             ("created", when(job.get(p.F_CREATED_AT))),
-             ("started", when(job.get(p.F_STARTED_AT))),
-             ("finished", when(job.get(p.F_FINISHED_AT))), ("took", _took(job)),
+             ("created", utc(job.get(p.F_CREATED_AT))),
+             ("started", utc(job.get(p.F_STARTED_AT))),
+             ("finished", utc(job.get(p.F_FINISHED_AT))), ("took", _took(job)),
              ("timeout", f"{job.get(p.F_TIMEOUT_S)}s")]
     queued = job.get(p.F_STATE) == p.JobState.QUEUED
     for name in ("queue_position", "attempt", "max_attempts", "priority", "run_at", "schedule",
@@ -175,8 +180,8 @@ def job_details(job: dict[str, Any], out: IO[str], engine: str | None = None) ->
             continue  # when a queued job starts (a retry's backoff left it in the file)
         if name == "depends_on" and job.get(name) is not None:
             lines.append(("depends on", ", ".join(p.dependencies(job))))
-        elif job.get(name) is not None:  # a start as the times above it, UTC
-            lines.append((name.replace("_", " "), when(job[name]) if name == "run_at"
+        elif job.get(name) is not None:  # a start as the times above it
+            lines.append((name.replace("_", " "), utc(job[name]) if name == "run_at"
                           else job[name]))
     if job.get(p.F_ERROR) or (job.get(p.F_PROGRESS) and not queued):
         lines.append(("error" if job.get(p.F_ERROR) else "progress", note(job)))

@@ -32,7 +32,7 @@ from jobs.cli.client import (
     job_path,
     offload_shaped,
 )
-from jobs.cli.look import ENDED
+from jobs.cli.look import GROUPS
 from jobs.cli.show import cap_said, kind_caps_said, print_json, table, when
 from jobs.cli.submit import parse_input
 from jobs.cli.wait import queue_state, wait_all, wait_and_report
@@ -144,7 +144,7 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
                                                       "pruned, or never submitted here)")
         return outcome
 
-    code = _each_job(client, args, {"live": ["queued", "running"]},
+    code = _each_job(client, args,
                      _in_parts(cancel, lambda job_id: place.get(job_id, len(place))),
                      lambda job: str(job.get(p.F_STATE)),
                      (EXIT_CONFLICT, "had finished"))
@@ -212,11 +212,11 @@ def cmd_remove(client: Client, args: argparse.Namespace) -> int:
             raise
 
     # "gone already": pruned, or removed by another
-    return _each_job(client, args, {"finished": ENDED}, _each_at_once(remove),
+    return _each_job(client, args, _each_at_once(remove),
                      lambda job: "removed", (EXIT_NOT_FOUND, "was gone already"))
 
 
-def _each_job(client: Client, args: argparse.Namespace, groups: dict[str, list[str]],
+def _each_job(client: Client, args: argparse.Namespace,
               act: Callable[[list[str]], Mapping[str, Answer]],
               said: Callable[[dict[str, Any]], str], moved_on: tuple[int, str]) -> int:
     """`act` on the jobs given by id, or on every job in --state (of --kind), saying how
@@ -232,7 +232,7 @@ def _each_job(client: Client, args: argparse.Namespace, groups: dict[str, list[s
         code = EXIT_OK
         # `live`: every queued job before the running ones, which queued ones may depend
         # on; one that starts meanwhile is found running.
-        for state in groups.get(args.state, [args.state]):
+        for state in GROUPS.get(args.state, [args.state]):
             cut = True
             while cut:  # a listing holds the newest LIST_MAX: those done, older ones next
                 ids, cut = _matching(client, state, args.kind)

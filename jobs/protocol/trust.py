@@ -203,6 +203,13 @@ def _keep_secret(fd: int, path: str, mode: int) -> None:
                 mode, private)
 
 
+def unreadable_as_settings(data: bytes) -> str | None:
+    """Why a settings file's bytes cannot be read as settings, said, or None: python-dotenv
+    skips a line it cannot read with a warning that names no file (and a CLI or runner
+    then went on without the setting, to another server, say)."""
+    return not_utf8(data) or _unreadable_line(data.decode("utf-8"))
+
+
 def not_utf8(data: bytes) -> str | None:
     """Why a settings file's bytes are no UTF-8 text (saved as UTF-16 by PowerShell or
     Notepad, say), or None."""
@@ -211,6 +218,23 @@ def not_utf8(data: bytes) -> str | None:
     except UnicodeDecodeError as exc:
         return (f"it is not UTF-8 text (byte {data[exc.start]:#04x} at position {exc.start}); "
                 "save it as UTF-8 (in Notepad: Save As, Encoding UTF-8)")
+    return None
+
+
+def _unreadable_line(text: str) -> str | None:
+    """The first line of a `.env` that python-dotenv cannot read, said, or None."""
+    import io
+
+    from dotenv.parser import parse_stream
+
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            said = binding.original.string
+            number = binding.original.line + said[:len(said) - len(said.lstrip())].count("\n")
+            name, equals, _ = said.strip().partition("=")  # not its value: it may be a key
+            named = f" ({name.strip()[:60]}=...)" if equals and name.strip() else ""
+            return (f"line {number}{named} cannot be read as NAME=value: close a quote it "
+                    "opens, or remove the line")
     return None
 
 
@@ -231,7 +255,7 @@ def env_file_values() -> dict[str, str | None]:
         data = read_settings_file(path)
         if data is None:
             return {}
-        problem = not_utf8(data)
+        problem = unreadable_as_settings(data)
     except UnsafeSettingsFile as exc:
         raise UnsafeSettingsFile(f"refusing to read {path}: {exc}") from None
     except OSError as exc:
