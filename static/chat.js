@@ -491,6 +491,10 @@ export function initChat() {
   cancelBtn.addEventListener("click", () => { cancel().catch(() => {}); });
   forgetBtn.addEventListener("click", () => { forget().catch(() => {}); });
   window.addEventListener("storage", onStorage);
+  // A turn this page added elsewhere (a chat re-run from the jobs table).
+  window.addEventListener("offload:turns", (ev) => {
+    if (ev.detail && ev.detail.session === SESSION) requestSync();
+  });
   // Back to this tab: what another tab added meanwhile (its news may have been missed).
   document.addEventListener("visibilitychange", () => { if (!document.hidden) requestSync(); });
   // Back online: a question taken as the network went down is looked for again.

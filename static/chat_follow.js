@@ -85,7 +85,9 @@ export function followReply(li, jobId, state, { stalled, resumed, ended }) {
     } else {
       const msg = (job.error && job.error.message) ||
         (job.state === "timeout" ? "the job ran out of time" : "the job failed");
-      finish(job.state, `Error: ${msg}`, "");
+      // A reply cut midway is kept (the error says so): shown, with the error under it.
+      if (out) finish(job.state, out, `Error: ${msg}`);
+      else finish(job.state, `Error: ${msg}`, "");
     }
   }
 

@@ -81,7 +81,9 @@ export function makeTurn(turn) {
       setFinal(li, "cancelled", turn.reply || "", "Cancelled.");
     } else {
       const msg = turn.error && (turn.error.message || turn.error);
-      setFinal(li, turn.state, `Error: ${typeof msg === "string" ? msg : "the job failed"}`, "");
+      const said = `Error: ${typeof msg === "string" ? msg : "the job failed"}`;
+      if (turn.reply) setFinal(li, turn.state, turn.reply, said);  // its partial reply kept
+      else setFinal(li, turn.state, said, "");
     }
   } else if (!turn.job_id) {
     part(li, "note").textContent = `(${turn.state || "unknown"})`;

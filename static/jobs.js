@@ -104,6 +104,16 @@ export function notes(job, now = Date.now()) {
   }
   if (job.schedule) parts.push(`schedule ${job.schedule}`);
   if (job.rerun_of) parts.push(`re-run of ${shortId(job.rerun_of)}`);
+  // Held by a cap (a kind's, or the embedded model's slots for a chat), as `offload list` says.
+  const held = job.state === "queued" && job.waits_for;
+  if (held && held.reason === "model_slots") {
+    const slots = `${held.model_slots} slot${held.model_slots === 1 ? "" : "s"}`;
+    parts.push(typeof held.kind_cap === "number"
+      ? `held: kind ${job.kind}'s cap ${held.model_slots} and the model's ${slots} busy`
+      : `held: the embedded model's ${slots} busy`);
+  } else if (held && held.reason === "kind_cap") {
+    parts.push(`held: kind ${job.kind} at its cap ${held.kind_cap}`);
+  }
   const waitsFor = job.depends_on || [];
   if (waitsFor.length && job.state === "queued") {
     parts.push(waitsFor.length === 1 ? `after ${shortId(waitsFor[0])}` : `after ${waitsFor.length} jobs`);
@@ -458,6 +468,9 @@ async function submitRerun() {
     rerunJob = null;
     closeDialog(rerunDialog);
     setNote({ action: `Started job ${r.data && r.data.id}, a re-run of ${id}.` });
+    // A chat's re-run is a new turn of its conversation: the chat shows it if it is this page's.
+    const session = r.data && r.data.input && r.data.input.session_id;
+    if (session) window.dispatchEvent(new CustomEvent("offload:turns", { detail: { session } }));
     await refresh();
   } finally {
     rerunSubmit.disabled = false;

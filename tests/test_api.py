@@ -1118,6 +1118,21 @@ def test_a_history_line_edited_to_no_number_is_left_out(server: Server) -> None:
         assert all(set(each) <= {"t", "cpu", "mem", "mem_used_mb"} for each in samples)
 
 
+def test_a_history_line_cut_short_loses_no_sample_after_it(server: Server) -> None:
+    # A crash or a full disk partway into an append: the next sample was glued onto the
+    # cut line (`{"t": 17966{"t": ...}`), and both were lost.
+    history = server.data_dir / "history" / "metrics.jsonl"
+    with server.client() as client:
+        wait_for(lambda: client.get("/api/history").json()["metrics"]["samples"][1:], 15)
+        with open(history, "a") as cut:
+            cut.write('{"t": 17966')
+        wait_for(lambda: history.read_text().splitlines()[-1] != '{"t": 17966', 15, 0.1,
+                 "the next sample")
+        lines = history.read_text().splitlines()
+    at = lines.index('{"t": 17966')
+    assert lines[at + 1:] and all(json.loads(line)["t"] > 0 for line in lines[at + 1:]), lines
+
+
 def test_a_history_line_that_is_no_utf8_is_dropped_at_the_next_start(
         make_server: MakeServer) -> None:
     # A supervisor's first sample compacts the history: a line of bytes that are no UTF-8

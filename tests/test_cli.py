@@ -2153,6 +2153,15 @@ def test_a_wait_for_a_job_a_stalled_supervisor_holds_says_so(make_server: MakeSe
         supervisor.suspend()
         try:
             until_supervisor("stalled")
+            # A monitor that reads the status alone saw "ok"; and the way on is said.
+            health = client.get("/api/health").json()
+            assert health["status"] == "degraded", health
+            assert health["problems"] == [
+                f"the supervisor leading this data folder (pid {supervisor.pid}) has shown "
+                "no sign of life for 15 s (stopped or hung): no job starts or ends; end its "
+                "process and another takes the lead within seconds, or restart the server"]
+            status = cli(server.url, "status")
+            assert status.returncode == 7 and health["problems"][0] in status.stderr, status
             with start_cli(server.url, "submit", "sleep", "--wait") as waiter:
                 said = Reader(waiter.stderr)
                 deadline = time.monotonic() + 60

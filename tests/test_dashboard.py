@@ -182,6 +182,28 @@ def test_chat_reply_appears_token_by_token(page: Any, server: Server) -> None:
     assert "The CPU is busy" in page.inner_text("#chat-log"), "kept across a reload"
 
 
+def test_a_chat_run_again_from_the_jobs_table_shows_in_its_conversation(
+        page: Any, server: Server) -> None:
+    # The re-run is the conversation's next turn, as the server lists it: the chat showed
+    # it only once the page was loaded again, and took questions meanwhile.
+    page.goto(server.url)
+    page.fill("#chat-input", "How is the CPU?")
+    page.press("#chat-input", "Enter")
+    page.wait_for_selector("#chat-log li.msg.assistant[data-state='completed']",
+                           timeout=30_000)
+    first = page.get_attribute("#chat-log li.msg.assistant", "data-job-id")
+    page.click(f"#jobs-table tr[data-job-id='{first}'] button.rerun-job")
+    page.wait_for_function("document.querySelector('#rerun-input').value.includes('CPU')",
+                           timeout=10_000)
+    page.click("#rerun-submit")
+    page.wait_for_function("document.querySelectorAll('#chat-log li.msg.assistant').length"
+                           " === 2", timeout=20_000)
+    again = page.get_attribute("#chat-log li.msg.assistant:last-child", "data-job-id")
+    assert again not in (None, first)
+    page.wait_for_selector(f"#chat-log li.msg.assistant[data-job-id='{again}']"
+                           "[data-state='completed']", timeout=30_000)
+
+
 def test_a_chat_waiting_in_a_paused_queue_gets_its_reply(page: Any, server: Server) -> None:
     # Its time in the queue counted as silence: after 120 s the bubble said no answer and
     # stopped following, and the reply, once the queue went on, never showed.
@@ -1109,6 +1131,27 @@ def test_cancel_stops_a_chat(page: Any, make_server: Callable[..., Server]) -> N
     assert job["state"] == "cancelled"
 
 
+def test_a_reply_cut_midway_keeps_its_words_under_its_error(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # The error says "the partial reply is kept"; the bubble put the error in its place,
+    # and so did the page reloaded.
+    with FakeLLM(pieces=["some ", "words ", "then ", "more"], cut_after=2, delay_s=0) as cut:
+        server = make_server(env={"OPENAI_BASE_URL": cut.base_url,
+                                  "OFFLOAD_RETRY_BASE_S": "0.1"})
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        for shown in ("as it ends", "once the page is loaded again"):
+            if shown != "as it ends":
+                page.reload()
+            page.wait_for_selector("#chat-log li.msg.assistant[data-state='failed']",
+                                   timeout=60_000)
+            reply = "#chat-log li.msg.assistant"
+            assert page.text_content(f"{reply} .text") == "some words ", shown
+            note = page.text_content(f"{reply} .note") or ""
+            assert note.startswith("Error: ") and "partial reply is kept" in note, (shown, note)
+
+
 def test_a_reply_cancelled_while_its_question_is_sent_is_cancelled(
         page: Any, make_server: Callable[..., Server]) -> None:
     # "Cancel reply" showed while a slow server took the question, and did nothing when
@@ -1628,12 +1671,18 @@ def test_jobs_table_shows_a_failed_job_and_its_log(page: Any, server: Server) ->
     page.wait_for_selector(f"{row}[data-state='failed']", timeout=20_000)
     where = page.text_content(f"{row} td[data-col=where]") or ""
     assert where.startswith("local · "), f"the row says where the job ran: {where!r}"
-    # At 1200 px the table scrolled sideways, the Remove button out of sight.
-    assert page.evaluate("""row => {
-        const wrap = document.querySelector('#jobs-table').parentElement.getBoundingClientRect();
-        const button = document.querySelector(`${row} button.remove-job`).getBoundingClientRect();
-        return button.right <= wrap.right;
-    }""", row), "every action in sight without scrolling"
+    # At 1200 px the table scrolled sideways, the Remove button out of sight; at 800 px
+    # it scrolls, and its actions stay in sight at its right edge.
+    for width in (1200, 800):
+        page.set_viewport_size({"width": width, "height": 900})
+        assert page.evaluate("""row => {
+            const wrap = document.querySelector('#jobs-table').parentElement
+                .getBoundingClientRect();
+            const button = document.querySelector(`${row} button.remove-job`)
+                .getBoundingClientRect();
+            return button.left >= wrap.left && button.right <= wrap.right;
+        }""", row), f"every action in sight without scrolling at {width} px"
+    page.set_viewport_size({"width": 1200, "height": 900})
     page.click(f"{row} button.show-log")
     page.wait_for_function("document.querySelector('#log-viewer').textContent"
                            ".includes('disk on fire')", timeout=10_000)
@@ -2439,6 +2488,16 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
     assert httpx.get(f"{server.url}/api/queue").json()["kind_caps"]["sleep"] == 1
     assert httpx.get(f"{server.url}/api/queue").json()["max_concurrent_set"] is False
     page.wait_for_selector("#queue-cap-default:not([hidden])", timeout=10_000)
+    # A job its kind's cap holds back says so, as `offload list` does (its note was "—").
+    both = [httpx.post(f"{server.url}/api/jobs", json={
+        "kind": "sleep", "input": {"seconds": 60}}).json()["id"] for _ in range(2)]
+    page.wait_for_function("id => { const c = document.querySelector("
+                           "`#jobs-table tr[data-job-id='${id}'] td[data-col=notes]`);"
+                           " return c && c.textContent.startsWith('held'); }",
+                           arg=both[1], timeout=30_000)
+    assert note_of(page, both[1]) == "held: kind sleep at its cap 1"
+    for job_id in both:
+        httpx.delete(f"{server.url}/api/jobs/{job_id}").raise_for_status()
     page.select_option("#queue-cap-kind", "")  # the cap on all is shown again, untouched
     assert page.input_value("#queue-cap") == str(default)
     assert page.is_hidden("#queue-cap-default")

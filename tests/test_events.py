@@ -5,6 +5,7 @@ missed (jobs/api/events.py; docs/contract.md)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import threading
@@ -18,6 +19,7 @@ import pytest
 
 from jobs.api.body_limit import DRAIN_S
 from jobs.api.events import change_event, first_event, resume_position
+from tests.conftest import wait_for
 from tests.fake_llm import FakeLLM
 from tests.server import Event, Server, applied, read_events
 
@@ -151,6 +153,35 @@ def test_a_new_attempt_sends_the_job_in_full_and_ids_name_their_attempt() -> Non
     # A resume from the first attempt's position gets the job in full, not a delta.
     assert '"output":"abcdef"' in first_event(again, resume_position("3", None))
     assert '"output_delta":"def"' in first_event(again, resume_position("2.3", None))
+
+
+def test_a_stream_follows_a_job_into_its_next_attempt_and_to_its_end(
+        server: Server) -> None:
+    # The next attempt's output starts again: each of its reads, a prefix of the last
+    # attempt's output, was taken for an old one and left out; the stream said nothing of
+    # the retry, and closed without the final state when that came in the meantime.
+    with server.client() as client:
+        job_id = client.post("/api/jobs", json={"kind": "probe", "max_attempts": 2, "input": {
+            "pieces": ["said in attempt 1"], "seconds": 60}}).json()["id"]
+        with ThreadPoolExecutor(1) as pool:
+            stream = pool.submit(read_events, client, job_id)
+
+            def running_with_output() -> int | None:
+                job = client.get(f"/api/jobs/{job_id}").json()
+                return job["pid"] if job["state"] == "running" and job["output"] else None
+
+            pid = wait_for(running_with_output, 60, 0.05, "the first attempt's output")
+            client.post("/api/queue/pause").raise_for_status()  # its retry waits, queued
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: client.get(f"/api/jobs/{job_id}").json()["attempt"] == 2, 60,
+                     0.05, "the job queued again")
+            assert client.delete(f"/api/jobs/{job_id}").status_code == 200
+            events = stream.result(60)
+    seen = applied(events)
+    assert list(dict.fromkeys((job["state"], job["attempt"]) for job in seen
+                              if job["attempt"] == 2)) == [("queued", 2), ("cancelled", 2)], \
+        [event.fields for event in events]
+    assert seen[-1]["output"] == "" and seen[-1]["earlier_errors"][0]["type"] == "lost"
 
 
 def test_a_get_with_wait_s_answers_once_the_job_has_ended(

@@ -315,11 +315,11 @@ async def _follow(service: JobService, job_id: str, path: str, job: dict[str, An
         while not final:
             await watch.wait(version, beats)
             if watch.version != version:
-                version, final = watch.version, watch.final
-                latest = watch.snapshot
+                version, latest = watch.version, watch.snapshot
                 assert latest is not None
                 if _older(latest, mine):  # the watch read before the route's own read
                     continue
+                final = watch.final
                 # The shared event fits a client that holds its base; any other encodes its own.
                 text = watch.text if mine is watch.base else change_event(mine, latest)
                 mine = latest
@@ -384,7 +384,11 @@ async def _gone(request: Request) -> None:
 
 
 def _older(job: dict[str, Any], than: dict[str, Any]) -> bool:
-    """Whether `job` is an earlier read of `than`: its output a strict prefix (output is
-    only ever appended to)."""
+    """Whether `job` is an earlier read of `than`: of an earlier attempt, or of the same one
+    with its output a strict prefix (an attempt's output is only ever appended to; the
+    next attempt's starts again)."""
+    attempt, later_attempt = p.attempts(job)[0], p.attempts(than)[0]
+    if attempt != later_attempt:
+        return attempt < later_attempt
     output, later = str(job.get(p.F_OUTPUT) or ""), str(than.get(p.F_OUTPUT) or "")
     return len(output) < len(later) and later.startswith(output)

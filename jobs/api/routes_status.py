@@ -96,6 +96,8 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
     problems += [each for each in (unlisted, history.problem) if each is not None]
     if not led and (why := keeper.problem()) is not None:  # "starting" for good
         problems.append(why)
+    if supervisor == "stalled":
+        problems.append(await run_in_threadpool(_stalled, service))
     return {
         "status": "degraded" if problems else "ok", "problems": problems, "version": VERSION,
         "running": counts[p.JobState.RUNNING], "queued": counts[p.JobState.QUEUED],
@@ -107,6 +109,19 @@ async def health(request: Request, service: Service) -> dict[str, Any]:
         "usage": service.store.usage_totals(),
         "queue": queue,
     }
+
+
+def _stalled(service: JobService) -> str:
+    """A leading supervisor stopped or hung, said with the way on: a hung one writes
+    nothing to its log."""
+    try:
+        pid = control.leader_pid(service.settings.data_dir)
+    except OSError:
+        pid = None
+    which = f" (pid {pid})" if pid is not None else ""
+    return (f"the supervisor leading this data folder{which} has shown no sign of life for "
+            f"{SUPERVISOR_STALLED_S:g} s (stopped or hung): no job starts or ends; end its "
+            "process and another takes the lead within seconds, or restart the server")
 
 
 def _problems(service: JobService) -> list[str]:

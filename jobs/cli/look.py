@@ -80,9 +80,9 @@ def _health_code(health: dict[str, Any]) -> int:
     """A script's `offload status && ...`: a supervisor that is stalled launches nothing,
     a data folder that cannot be written stores nothing."""
     problems = list(health.get("problems") or [])
-    if health.get("supervisor") == "stalled":
+    if health.get("supervisor") == "stalled" and not problems:  # a server before 0.10
         problems.append("the supervisor is stalled (no sign of life for 15 s): nothing "
-                        "starts; see supervisor.log in the data folder")
+                        "starts; end its process, or restart the server")
     for problem in problems:
         sys.stderr.write(f"offload: {problem}\n")
     return EXIT_SERVER if problems else EXIT_OK

@@ -153,6 +153,13 @@ def leader_settings(data_dir: StrPath) -> dict[str, Any] | None:
     return settings if isinstance(settings, dict) else None
 
 
+def leader_pid(data_dir: StrPath) -> int | None:
+    """The leading supervisor's process id, if it said."""
+    saved = _read(os.path.join(data_dir, LEADER_FILE))
+    pid = saved.get("pid") if isinstance(saved, dict) else None
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+
+
 def set_leader_settings(data_dir: StrPath, settings: dict[str, Any] | None) -> None:
     """Said by a supervisor as it starts to lead (None: as it leaves)."""
     _put(os.path.join(data_dir, LEADER_FILE), None if settings is None else

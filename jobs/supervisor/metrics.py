@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,8 +40,14 @@ class MetricsRecorder:
         """Take a sample and append it; now and then drop what is older than `keep_s`."""
         sample = self.sample()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(sample, separators=(",", ":")) + "\n")
+        line = json.dumps(sample, separators=(",", ":")).encode() + b"\n"
+        with open(self.path, "ab+") as f:  # appended wherever it reads
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":  # a line cut short (a crash, a full disk): ended
+                    line = b"\n" + line
+            f.write(line)
         # Also at a recorder's first sample: leaders that each lasted less than the
         # 600 would otherwise never drop a line.
         if self._appended % 600 == 0:
