@@ -12,6 +12,10 @@
    first token of each of 4 chats submitted together (on its event stream, as the
    dashboard sees it), aggregate tokens/s of 4 against one alone, and `/api/history`
    meanwhile; several bursts, as which chats share the model's first batch varies.
+6. The seed app's frontend's chats (`python -m bench.llm seed`): 8 sent together through
+   `/api/ai_chat_async`, each polled every second for 30 s and then given up, as its
+   snippet does; the embedded model's default answer length against the earlier one, in
+   turns, round after round.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import httpx
 from bench.api import ROOT, _free_port, _process
 from bench.core import _supervised, _wait_final, stats
 from jobs import protocol as p
+from runners.chat import EMBEDDED_MAX_TOKENS
 from tests.fake_llm import FakeLLM
 
 CLIENT_SCRIPTS = {
@@ -279,9 +284,70 @@ def concurrency(chats: int = 4, bursts: int = 5, idle_s: float = 10.0) -> dict[s
     return out
 
 
+SEED_CHATS = 8
+SEED_GIVES_UP_S = 30.0  # the original frontend's setTimeout
+SEED_POLL_S = 1.0  # and its setInterval
+EARLIER_MAX_TOKENS = 512  # the embedded model's default answer length before 0.10
+
+
+def _seed_chat(url: str, number: int) -> float | None:
+    """A chat as the original frontend sends and polls it: seconds until its answer was
+    seen, or None where it gave up first."""
+    with httpx.Client(base_url=url, timeout=SEED_GIVES_UP_S) as client:
+        started = time.monotonic()
+        job_id = client.post("/api/ai_chat_async", json={"messages": [{
+            "role": "user", "content": f"Tell me about CPU usage on a server, number {number}."
+        }], "session_id": f"seed-{number}"}).json()["job_id"]
+        while time.monotonic() - started < SEED_GIVES_UP_S:
+            time.sleep(SEED_POLL_S)
+            if client.get(f"/api/ai_chat_result/{job_id}").json()["status"] == "completed":
+                return time.monotonic() - started
+    return None
+
+
+def seed_frontend(rounds: int = 2) -> dict[str, Any]:
+    """SEED_CHATS chats sent together as the original frontend does, on the embedded
+    model with its default answer length and with the earlier one, in turns."""
+    out: dict[str, Any] = {"chats": SEED_CHATS, "rounds": []}
+    for _ in range(rounds):
+        this_round = {}
+        for name, max_tokens in (("default", None), ("earlier", EARLIER_MAX_TOKENS)):
+            with tempfile.TemporaryDirectory() as tmp:
+                port = _free_port()
+                url = f"http://127.0.0.1:{port}"
+                env = {"OFFLOAD_DATA_DIR": str(Path(tmp) / "var"), "OPENAI_BASE_URL": "",
+                       **({"OFFLOAD_LLM_MAX_TOKENS": str(max_tokens)} if max_tokens else {})}
+                with _process(["-m", "uvicorn", "api_entry:app", "--port", str(port),
+                               "--log-level", "warning"], env, f"{url}/api/health"), \
+                        httpx.Client(base_url=url, timeout=30) as client:
+                    _until_the_model_is_ready(client)
+                    with concurrent.futures.ThreadPoolExecutor(SEED_CHATS) as pool:
+                        this_round[name] = list(pool.map(
+                            lambda n, url=url: _seed_chat(url, n), range(SEED_CHATS)))
+        out["rounds"].append(this_round)
+    return out
+
+
+def seed_report(s: dict[str, Any]) -> str:
+    rows = [f"{s['chats']} chats sent together through `/api/ai_chat_async`, each polled "
+            f"every {SEED_POLL_S:g} s and given up after {SEED_GIVES_UP_S:g} s, as the "
+            "seed app's frontend does (the embedded model):", "",
+            "| round | answer length | answers seen | seconds until each was seen |",
+            "| --- | --- | ---: | --- |"]
+    for number, this_round in enumerate(s["rounds"], 1):
+        for name, label in (("default", f"default ({EMBEDDED_MAX_TOKENS} tokens)"),
+                            ("earlier", f"{EARLIER_MAX_TOKENS} tokens (before 0.10)")):
+            seen = this_round[name]
+            rows.append(f"| {number} | {label} | {sum(t is not None for t in seen)} of "
+                        f"{len(seen)} | " + ", ".join(
+                            "-" if t is None else f"{t:.0f}" for t in seen) + " |")
+    return "\n".join(rows)
+
+
 def run() -> dict[str, Any]:
     return {"clients": clients(), "overhead": overhead(), "events": first_token_on_events(),
-            "embedded": embedded_history(), "concurrency": concurrency()}
+            "embedded": embedded_history(), "concurrency": concurrency(),
+            "seed": seed_frontend()}
 
 
 def concurrency_report(c: dict[str, Any]) -> str:
@@ -345,11 +411,15 @@ def report(results: dict[str, Any]) -> str:
              f"max {m['load']['max'] / m['idle']['p99']:.2f}x (goal <= 3x) |"]
     if "concurrency" in results:
         rows += ["", concurrency_report(results["concurrency"])]
+    if "seed" in results:
+        rows += ["", seed_report(results["seed"])]
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["concurrency"]:
         print(concurrency_report(concurrency()))
+    elif sys.argv[1:] == ["seed"]:
+        print(seed_report(seed_frontend()))
     else:
         print(report(run()))

@@ -42,6 +42,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadDateError, croniter
 
+from jobs import protocol as p
 from jobs.kinds import InvalidInput, registry, validate_input
 from jobs.protocol.trust import UnsafeSettingsFile, read_settings_file
 from jobs.settings import MAX_PRIORITY, MAX_TIMEOUT_S, Settings, get_settings
@@ -60,8 +61,6 @@ NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # a file name on every system, a
 # ... but for these, which Windows takes for devices whatever follows them (nul.json).
 WINDOWS_DEVICES = frozenset({"con", "prn", "aux", "nul", *(f"com{n}" for n in range(1, 10)),
                              *(f"lpt{n}" for n in range(1, 10))})
-_EVERY = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
-_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_EVERY_S = 1.0
 MAX_EVERY_S = 36500 * 86400.0  # a hundred years: its next run is still a date
 FIELDS = ("kind", "every", "cron", "timezone", "input", "priority", "timeout_s")
@@ -149,8 +148,8 @@ def parse_every(value: object) -> float:
         # no OverflowError, and the sign kept: -2e301 is too small, not too large
         seconds = (float(value) if abs(value) < 2 ** 1000
                    else math.inf if value > 0 else -math.inf)  # NaN: -inf, no number
-    elif isinstance(value, str) and (match := _EVERY.fullmatch(value.lower())):
-        seconds = float(match[1]) * _UNIT_S[match[2]]
+    elif isinstance(value, str) and (given := p.duration_s(value)) is not None:
+        seconds = given
     else:
         raise ValueError(f"`every` must be a number of seconds or a string such as "
                          f"\"90s\", \"30m\", \"6h\" or \"1d\", not {_shown(value)}")

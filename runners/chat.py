@@ -35,7 +35,7 @@ EXPERT_PROMPT = (
     "briefly and concretely; when the data does not say, say so.")
 EMBEDDED_WAIT_S = 120.0  # a chat sent while the embedded model loads waits this long
 EMBEDDED_WAIT_MARGIN_S = 5.0  # and gives up this long before its deadline, saying why
-EMBEDDED_MAX_TOKENS = 512
+EMBEDDED_MAX_TOKENS = 256  # eight chats in the seed frontend's 30 s of polling (docs/llm.md)
 GONE_WITHIN_S = 2.0  # an embedded model that failed a chat is said stopped within this
 RESTARTS_WAITED = 3  # a chat waits for at most this many starts of the embedded model
 # max_tokens' lowest and highest: checked by hand here and, before a job is created, by

@@ -29,8 +29,9 @@ EXIT_RETRY = p.EXIT_RETRY
 EXIT_NO_ROOM = p.EXIT_NO_ROOM
 
 
-# The reason of a launched runner's stop that no cancel or deadline asked for: a signal
-# from outside Offload (a `kill`, a shutdown), taken as a runner lost, not a cancel.
+# The reason of a launched runner's stop that no stop request here asks for: a signal from
+# outside Offload (a `kill`, a shutdown: the runner lost, not a cancel), or a stop asked
+# where the runner cannot see it (Ray's node); its supervisor tells which.
 UNASKED = "unasked"
 
 
@@ -142,9 +143,14 @@ def failed(job: Job, error: dict[str, Any], transient: bool, stopper: Stopper) -
 
 def stopped(job: Job, stop: StopRequested, stopper: Stopper) -> int:
     if stop.reason == UNASKED:
-        return failed(job, {"type": p.ErrorType.LOST, "message": (
-            f"its runner was stopped by {stop.signal_name or 'a signal'}, which Offload did "
-            "not send (no cancel was asked, no deadline had passed)")}, True, stopper)
+        # Not final, whatever attempts are left: the supervisor alone knows whether it
+        # asked (a stop through Ray, a cancel rung through its socket with no room for a
+        # stop file, leave none here). It ends the job cancelled or timeout, queues it
+        # again, or fails it `lost` with this error.
+        error = {"type": p.ErrorType.LOST, "message": (
+            f"its runner was stopped by {stop.signal_name or 'a signal'}, which no cancel "
+            "or deadline of Offload's asked for")}
+        return finish(job, job.sink, p.JobState.RUNNING, None, error, EXIT_RETRY, stopper)
     error = p.stop_error(stop.reason, job.data.get(p.F_TIMEOUT_S))
     return finish(job, job.sink, stop.reason, None, error, EXIT_STOPPED, stopper)
 

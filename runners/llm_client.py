@@ -17,6 +17,7 @@ import encodings.idna  # noqa: F401 (a host's codec: loaded once, in the fork se
 import http.client
 import json
 import math
+import re
 import socket
 import time
 from urllib.parse import quote, unquote, urlsplit
@@ -110,10 +111,23 @@ def _written_forms(secret: str | None) -> list[str]:
     each character as \\uXXXX), percent-encoded or in base64, the longest first."""
     if not secret:
         return []
+    quoted = quote(secret, safe="")
     forms = {secret, json.dumps(secret)[1:-1], secret.replace("/", "\\/"),
-             "".join(f"\\u{ord(c):04x}" for c in secret), quote(secret, safe=""),
-             base64.b64encode(secret.encode()).decode()}
+             "".join(f"\\u{ord(c):04x}" for c in secret), quoted,
+             re.sub(r"%[0-9A-F]{2}", lambda escape: escape.group().lower(), quoted),
+             *_in_base64(secret)}
     return sorted(forms, key=len, reverse=True)
+
+
+def _in_base64(secret: str) -> list[str]:
+    """The secret's base64 wherever it stands in a longer text encoded whole (`user:key`,
+    `Bearer key`): at each of the 3 offsets, less the characters its neighbours share."""
+    raw, forms = secret.encode(), []
+    for shift in range(3):
+        encoded = base64.b64encode(b"\0" * shift + raw).decode().rstrip("=")
+        shared_end = 1 if (shift + len(raw)) % 3 else 0
+        forms.append(encoded[(shift * 4 + 2) // 3:len(encoded) - shared_end])
+    return forms
 
 
 def _userinfo(url: str) -> tuple[str | None, str | None]:

@@ -81,6 +81,16 @@ function errorWords(e) {
 
 /** Why it ended (failed, lost, timed out), retries, a start time to come, a priority that
  * is not the default, and the job's origin. */
+/** A cap holding a job back: `full` with jobs running, or to be by those queued before it
+ * (`roomOf` the cap's name), as the CLI says it. */
+function heldBy(waits, cap, full, roomOf) {
+  const running = waits.running;
+  if (typeof cap !== "number" || typeof running !== "number" || running >= cap) {
+    return `held: ${full}`;
+  }
+  return `held: ${roomOf} (${running ? `${running} running, ` : ""}${cap - running} queued before it)`;
+}
+
 export function notes(job, now = Date.now()) {
   const parts = [];
   // A timeout's log is empty: the job's own error is the only place that says why.
@@ -108,11 +118,13 @@ export function notes(job, now = Date.now()) {
   const held = job.state === "queued" && job.waits_for;
   if (held && held.reason === "model_slots") {
     const slots = `${held.model_slots} slot${held.model_slots === 1 ? "" : "s"}`;
-    parts.push(typeof held.kind_cap === "number"
-      ? `held: kind ${job.kind}'s cap ${held.model_slots} and the model's ${slots} busy`
-      : `held: the embedded model's ${slots} busy`);
+    const both = typeof held.kind_cap === "number"
+      ? `kind ${job.kind}'s cap ${held.model_slots} and the model's ${slots}`
+      : `the embedded model's ${slots}`;
+    parts.push(heldBy(held, held.model_slots, `${both} busy`, both));
   } else if (held && held.reason === "kind_cap") {
-    parts.push(`held: kind ${job.kind} at its cap ${held.kind_cap}`);
+    parts.push(heldBy(held, held.kind_cap, `kind ${job.kind} at its cap ${held.kind_cap}`,
+                      `kind ${job.kind}'s cap ${held.kind_cap}`));
   }
   const waitsFor = job.depends_on || [];
   if (waitsFor.length && job.state === "queued") {

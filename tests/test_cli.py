@@ -159,8 +159,10 @@ def test_status_submit_wait_list_show_and_log(server: Server) -> None:
     wait_for(lambda: json.loads(cli(url, "show", job_id, "--json").stdout)["state"]
              == "completed", 60, 0.2)
     # Groups of states, as cancel and remove take them (it was a usage error).
-    later = cli(url, "submit", "sleep", "--delay", "3600").stdout.strip()
+    later = cli(url, "submit", "sleep", "--delay", "1h").stdout.strip()  # as Pueue's --delay
     live = json.loads(cli(url, "list", "--state", "live", "--json").stdout)
+    job = next(job for job in live if job["id"] == later)
+    assert 3590 < p.parse_iso(job["run_at"]) - p.parse_iso(job["created_at"]) <= 3600, job
     finished = json.loads(cli(url, "list", "--state", "finished", "--json").stdout)
     assert later in [job["id"] for job in live] and {job["state"] for job in live} <= {
         "queued", "running"}, live
@@ -1330,7 +1332,7 @@ def test_the_queue_and_schedules_steered_and_a_submission_timed(make_server: Mak
     with_a_path = cli(url, "--url", f"{url}/api", "status")
     assert with_a_path.returncode == 7 and "without /api" in with_a_path.stderr, with_a_path
     at = cli(url, "submit", "sleep", "--at", "2099-01-01T00:00:00Z")
-    assert at.returncode == 2 and "--at is more than" in at.stderr
+    assert at.returncode == 2 and "--at: more than 30 days ahead" in at.stderr
     assert cli(url, "submit", "sleep", "--delay", "5", "--at", "x").returncode == 2
     queued = cli(url, "list", "--state", "queued")  # "0 ahead in the queue", and no more
     assert "the queue is paused: queued jobs start once resumed" in queued.stderr, queued
@@ -1705,8 +1707,8 @@ def test_a_number_option_that_is_none_and_a_schedule_no_route_takes_are_said(
             said = done.stderr.splitlines()[-1]
             assert done.returncode == 2, done
             assert said.endswith(f"argument {option}: must be a number of seconds, "
-                                 f"{'0 or more' if option == '--delay' else 'above 0'}, "
-                                 f"not {value!r}"), said
+                                 f"{'0 or more' if option == '--delay' else 'above 0'}, or "
+                                 f"a length such as 90s, 30m, 6h or 1d, not {value!r}"), said
     # A name with a line break was refused by the server as a path: exit 2, "the path holds
     # a control character"; no schedule is so named (a name is [a-z0-9_-]).
     for command in ("pause", "resume"):

@@ -2496,6 +2496,12 @@ def test_retries_start_times_queue_pause_and_schedules_are_shown_and_steered(
                            " return c && c.textContent.startsWith('held'); }",
                            arg=both[1], timeout=30_000)
     assert note_of(page, both[1]) == "held: kind sleep at its cap 1"
+    # Room under the cap that jobs queued before it take: said as the CLI says it.
+    assert page.evaluate("""async () => {
+        const { notes } = await import('/jobs.js');
+        return notes({state: "queued", kind: "sleep", waits_for: {
+            reason: "kind_cap", kind_cap: 3, running: 1}});
+    }""") == "held: kind sleep's cap 3 (1 running, 2 queued before it)"
     for job_id in both:
         httpx.delete(f"{server.url}/api/jobs/{job_id}").raise_for_status()
     page.select_option("#queue-cap-kind", "")  # the cap on all is shown again, untouched

@@ -522,6 +522,7 @@ def _escaped(text: str) -> str:
 
 
 _QUOTED, _BASE64 = quote(KEY, safe=""), base64.b64encode(KEY.encode()).decode()
+_IN_BASE64 = base64.b64encode(f"Bearer {KEY}".encode()).decode()  # a header encoded whole
 
 
 @pytest.mark.parametrize("echo", [
@@ -539,8 +540,10 @@ _QUOTED, _BASE64 = quote(KEY, safe=""), base64.b64encode(KEY.encode()).decode()
     # Percent-encoded, or in base64, as a server quoting a URL or a header may.
     {"status": 400, "error_body": json.dumps({"error": {"message": f"bad key {_QUOTED}"}})},
     {"status": 400, "error_body": json.dumps({"error": {"message": f"bad key {_BASE64}"}})},
+    {"status": 400, "error_body": json.dumps({"error": {"message": f"bad {_IN_BASE64}"}})},
+    {"status": 400, "error_body": json.dumps({"error": {"message": f"bad {_QUOTED.lower()}"}})},
 ], ids=["mid-reply", "slash-escaped", "unicode-escaped", "cut-off", "escaped-not-json",
-        "percent-encoded", "base64"])
+        "percent-encoded", "base64", "within-base64", "percent-encoded-lowercase"])
 def test_a_key_the_server_sends_back_is_never_shown(make_server: MakeServer,
                                                      echo: dict[str, Any]) -> None:
     with FakeLLM(pieces=["one ", "two"], auth=f"Bearer {KEY}", fail_times=None, **echo) as llm:
@@ -550,7 +553,8 @@ def test_a_key_the_server_sends_back_is_never_shown(make_server: MakeServer,
             assert job["state"] == "failed", job
             assert "[redacted]" in job["error"]["message"], job["error"]
             shown = _everything_shown(server, client, job["id"])
-    written = (KEY, KEY.replace("/", "\\/"), _escaped(KEY), _QUOTED, _BASE64)
+    written = (KEY, KEY.replace("/", "\\/"), _escaped(KEY), _QUOTED, _QUOTED.lower(), _BASE64,
+               _IN_BASE64[12:])
     assert not [text[:300] for text in shown if any(form[:12] in text for form in written)]
 
 

@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -163,8 +164,20 @@ def test_poller_writes_snapshots_and_log_then_a_forgotten_job_is_lost(
     assert final["progress"]["fraction"] == 0.2, "what was seen is kept"
 
 
+# The runner's last word once Ray stops it: it cannot see the stop request, so since 0.10
+# it leaves its end to the supervisor (`running`, the signal as a `lost` error, exit 75);
+# before, it said `cancelled` (exit 3), which a runner of an earlier version still may.
+STOPPED_SAYS = {
+    "unfinal": (p.JobState.RUNNING, 75, {"type": p.ErrorType.LOST, "message": (
+        "its runner was stopped by SIGTERM, which no cancel or deadline of Offload's asked "
+        "for")}),
+    "cancelled": (p.JobState.CANCELLED, 3, {"type": p.ErrorType.CANCELLED,
+                                            "message": "cancelled on request"})}
+
+
+@pytest.mark.parametrize("says", list(STOPPED_SAYS))
 def test_final_snapshot_wins_and_a_deadline_reads_as_timeout(
-        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor]) -> None:
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor], says: str) -> None:
     fake.stop_ends_job = False
     sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
     job_id = sup.submit(seconds=60, timeout_s=0.5)
@@ -174,17 +187,67 @@ def test_final_snapshot_wins_and_a_deadline_reads_as_timeout(
         fake.jobs[sid]["status"] = "RUNNING"
         fake.logs[sid] = _running_snapshot(fake, job_id, 1)
     sup.wait_state(job_id, "running")
-    # The deadline passes: Offload asks Ray to stop it; the runner, signalled, says
-    # "cancelled" (it cannot know why); the poller knows it was the deadline.
+    # The deadline passes: Offload asks Ray to stop it; the runner, signalled, cannot know
+    # why; the supervisor knows it was the deadline.
     wait_for(lambda: sid in fake.stopped, what="a stop sent")
+    state, code, error = STOPPED_SAYS[says]
     with fake.lock:
-        fake.logs[sid] += _running_snapshot(fake, job_id, 2, p.JobState.CANCELLED, exit_code=3,
-                                            output="part")
-        fake.jobs[sid].update(status="STOPPED", driver_exit_code=3)
+        fake.logs[sid] += _running_snapshot(fake, job_id, 2, state, exit_code=code,
+                                            output="part", error=error)
+        fake.jobs[sid].update(status="STOPPED", driver_exit_code=code)
     final = sup.wait_final(job_id)
     assert final["state"] == "timeout", final
     assert final["error"]["type"] == "timeout" and final["output"] == "part"
     wait_for(lambda: sid not in fake.jobs, what="Ray's record deleted after the final state")
+
+
+@pytest.mark.parametrize("why", ["cancel", "deadline"])
+def test_the_real_runner_stopped_through_ray_ends_as_offload_asked(
+        fake: FakeRay, make_supervisor: Callable[..., RunningSupervisor], why: str) -> None:
+    # The runner as Ray runs it (its entrypoint and environment, its output read as Ray's
+    # log), stopped as Ray's stop does it: with no stop file on its node, a stop read as
+    # one no one asked for ended the job `failed`/`lost` on its last attempt.
+    fake.stop_ends_job = False
+    sup = make_supervisor(launcher=RayLauncher(fake.address, poll_s=0.02))
+    job_id = sup.submit(seconds=60, timeout_s=3 if why == "deadline" else 600)
+    sid = submission_id(job_id)
+    wait_for(lambda: sid in fake.jobs, what="the job submitted")
+    launch = fake.jobs[sid]
+    runner = subprocess.Popen(
+        launch["entrypoint"].split(), cwd=ROOT, text=True, start_new_session=True,
+        env={**os.environ, **launch["runtime_env"]["env_vars"], "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with fake.lock:
+        fake.jobs[sid]["status"], fake.logs[sid] = "RUNNING", ""
+
+    def ray_log() -> None:
+        assert runner.stdout is not None
+        for line in runner.stdout:
+            with fake.lock:
+                fake.logs[sid] += line
+
+    reading = threading.Thread(target=ray_log, daemon=True)
+    reading.start()
+    try:
+        sup.wait_state(job_id, "running")
+        if why == "cancel":
+            assert sup.store.request_cancel(job_id)
+        wait_for(lambda: sid in fake.stopped, 30, what="Ray asked to stop it")
+        os.killpg(runner.pid, signal.SIGTERM)  # Ray's stop
+        runner.wait(30)
+        reading.join(10)
+        with fake.lock:
+            fake.jobs[sid].update(status="STOPPED", driver_exit_code=runner.returncode)
+        final = sup.wait_final(job_id)
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
+        reading.join(10)
+        assert runner.stdout is not None
+        runner.stdout.close()
+    assert (final["state"], final["error"]["type"]) == (
+        ("cancelled", "cancelled") if why == "cancel" else ("timeout", "timeout")), final
 
 
 def test_a_record_ray_fails_to_delete_is_deleted_when_it_answers_again(

@@ -10,6 +10,7 @@ import re
 import sys
 from typing import TYPE_CHECKING, Any
 
+from jobs import protocol as p
 from jobs.cli.client import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -68,12 +69,16 @@ def _seconds(text: str) -> float:
 
 
 def _seconds_where(text: str, bounds: str, fits: Callable[[float], bool]) -> float:
+    """Seconds, or a length of time as a schedule's `every` takes it (`90s`, `30m`, `6h`,
+    `1d`, as Pueue's --delay)."""
     try:
         value = float(text)
     except ValueError:  # argparse would say "invalid _seconds value": this function's name
-        value = math.nan
+        given = p.duration_s(text)
+        value = math.nan if given is None else given
     if not fits(value):  # nan fits none
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, {bounds}, not {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, {bounds}, or a "
+                                         f"length such as 90s, 30m, 6h or 1d, not {text!r}")
     return value
 
 
@@ -118,18 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = command("cancel", cmd_cancel, "cancel jobs: queued ones never start, running "
                                            "ones are stopped")
     cancel.add_argument("ids", nargs="*", metavar="id")
-    cancel.add_argument("--state", choices=[*GROUPS["live"], "live"],
-                        help="instead of ids: every job in this state (live: both)")
-    cancel.set_defaults(states_said="queued, running or live")
+    cancel.set_defaults(state_choices=cancel.add_argument(
+        "--state", choices=[*GROUPS["live"], "live"],
+        help="instead of ids: every job in this state (live: both)").choices)
     cancel.add_argument("--kind", action="append",
                         help="with --state: of this kind only (again for any of several)")
     remove = command("remove", cmd_remove, "delete finished jobs now, with their input, "
                                            "output and log (as pruning does later)")
     remove.add_argument("ids", nargs="*", metavar="id")
-    remove.add_argument("--state", choices=[*ENDED, "finished"],
-                        help="instead of ids: every job in this state (finished: all four), "
-                             "as Pueue's clean")
-    remove.set_defaults(states_said="completed, failed, cancelled, timeout or finished")
+    remove.set_defaults(state_choices=remove.add_argument(
+        "--state", choices=[*ENDED, "finished"],
+        help="instead of ids: every job in this state (finished: all four), as Pueue's "
+             "clean").choices)
     remove.add_argument("--kind", action="append",
                         help="with --state: of this kind only (again for any of several)")
     for name, run, text in (("submit", cmd_submit, "submit a job; prints its id"),
@@ -147,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--priority", type=int, help="higher runs first")
             start = sub.add_mutually_exclusive_group()
             start.add_argument("--delay", type=_seconds, help="start no sooner than this "
-                                                              "many seconds from now")
+                                                              "many seconds from now (or 90s, "
+                                                              "30m, 6h, 1d)")
             start.add_argument("--at", help="start no sooner than this time (ISO 8601, "
                                             "UTC unless it says its zone)")
             sub.add_argument("--max-attempts", type=int,
@@ -159,14 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   "again (or ID,ID) for several")
         else:
             sub.add_argument("ids", nargs="*", metavar="id")
-            sub.add_argument("--state", choices=ENDED,
-                             help="instead of ids: every job in this state not run again "
-                                  "already, oldest first (as Pueue's restart --all-failed)")
+            sub.set_defaults(state_choices=sub.add_argument(
+                "--state", choices=ENDED,
+                help="instead of ids: every job in this state not run again already, oldest "
+                     "first (as Pueue's restart --all-failed)").choices)
             sub.add_argument("--kind", action="append",
                              help="with --state: of this kind only (again for any of "
                                   "several)")
             sub.add_argument("--input", help="another input: JSON, @file.json or -")
-            sub.set_defaults(states_said="completed, failed, cancelled or timeout")
         sub.add_argument("--timeout", type=_positive, help="its deadline, seconds")
         sub.add_argument("--wait", action="store_true",
                          help="wait until it ends, show it; exits 1 unless it completed")

@@ -28,9 +28,11 @@ def job_id(text: str | None, flag: str | None, start: bool = False) -> str | Non
 def checked_ids(args: argparse.Namespace) -> None:
     """The ids given as arguments, to --after and to --before, each checked: an empty one,
     or one with a `/`, was sent as a path and answered as another route's. --after's, a
-    list (`ID,ID` split). A command that takes ids or --state: one of the two."""
-    if getattr(args, "states_said", None):
-        _ids_or_state(args, args.states_said)
+    list (`ID,ID` split). A command that takes ids or --state (`state_choices`): one of
+    the two."""
+    if getattr(args, "state_choices", None):
+        *first, last = args.state_choices
+        _ids_or_state(args, f"{', '.join(first)} or {last}")
     if isinstance(getattr(args, "id", None), str):
         args.id = job_id(args.id, None, start=True)
     if isinstance(getattr(args, "before", None), str):

@@ -80,7 +80,8 @@ def _health_code(health: dict[str, Any]) -> int:
     """A script's `offload status && ...`: a supervisor that is stalled launches nothing,
     a data folder that cannot be written stores nothing."""
     problems = list(health.get("problems") or [])
-    if health.get("supervisor") == "stalled" and not problems:  # a server before 0.10
+    if health.get("supervisor") == "stalled" and not any("stalled" in each for each in problems):
+        # a server before 0.10 says it in `supervisor` alone
         problems.append("the supervisor is stalled (no sign of life for 15 s): nothing "
                         "starts; end its process, or restart the server")
     for problem in problems:

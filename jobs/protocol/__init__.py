@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import sys
 import time
 from enum import Enum
@@ -249,6 +250,17 @@ def unique_ns() -> int:
     global _last_ns
     _last_ns = max(time.time_ns(), _last_ns + 1)
     return _last_ns
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> float | None:
+    """'6h' -> 21600.0, as schedules and the CLI take a length of time ('90s', '30m',
+    '1d'; a bare number is seconds); None for anything else."""
+    match = _DURATION.fullmatch(text.lower())
+    return float(match[1]) * _UNIT_S[match[2]] if match else None
 
 
 def iso(timestamp: float) -> str:
