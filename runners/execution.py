@@ -119,8 +119,13 @@ def run(job: Job, execute: Execute, stopper: Stopper, timeout: float | None) -> 
     except RunnerError as exc:
         if not isinstance(sink, ConsoleSink):  # by hand, `finish` says it, once
             print(f"error: {exc.message}", file=sys.stderr)
-        return failed(job, {"type": exc.error_type, "message": exc.message}, exc.transient,
-                      stopper)
+        error = {"type": exc.error_type, "message": exc.message}
+        attempt, most = p.attempts(job.data)
+        if exc.transient and attempt < most and stopper.job_file is not None:
+            # Not final: the supervisor queues the job again, and a client polling it
+            # sees it still in progress meanwhile.
+            return finish(job, sink, p.JobState.RUNNING, None, error, EXIT_RETRY, stopper)
+        return finish(job, sink, p.JobState.FAILED, None, error, EXIT_FAILED, stopper)
     except Exception as exc:
         import traceback
 
@@ -129,16 +134,6 @@ def run(job: Job, execute: Execute, stopper: Stopper, timeout: float | None) -> 
         error = {"type": p.ErrorType.RUNNER, "message": message}
         return finish(job, sink, p.JobState.FAILED, None, error, EXIT_FAILED, stopper)
     return finish(job, sink, p.JobState.COMPLETED, result or {}, None, EXIT_OK, stopper)
-
-
-def failed(job: Job, error: dict[str, Any], transient: bool, stopper: Stopper) -> int:
-    """The job failed with `error`; `transient`: tried again while it has attempts left."""
-    attempt, most = p.attempts(job.data)
-    if transient and attempt < most and stopper.job_file is not None:
-        # Not final: the supervisor queues the job again, and a client polling it sees it
-        # still in progress meanwhile.
-        return finish(job, job.sink, p.JobState.RUNNING, None, error, EXIT_RETRY, stopper)
-    return finish(job, job.sink, p.JobState.FAILED, None, error, EXIT_FAILED, stopper)
 
 
 def stopped(job: Job, stop: StopRequested, stopper: Stopper) -> int:
