@@ -300,8 +300,9 @@ def _seed_chat(url: str, number: int) -> float | None:
         }], "session_id": f"seed-{number}"}).json()["job_id"]
         while time.monotonic() - started < SEED_GIVES_UP_S:
             time.sleep(SEED_POLL_S)
-            if client.get(f"/api/ai_chat_result/{job_id}").json()["status"] == "completed":
-                return time.monotonic() - started
+            status = client.get(f"/api/ai_chat_result/{job_id}").json()["status"]
+            if status in ("completed", "error"):  # as the frontend: an error ends its polls
+                return time.monotonic() - started if status == "completed" else None
     return None
 
 

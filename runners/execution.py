@@ -139,9 +139,8 @@ def run(job: Job, execute: Execute, stopper: Stopper, timeout: float | None) -> 
 def stopped(job: Job, stop: StopRequested, stopper: Stopper) -> int:
     if stop.reason == UNASKED:
         # Not final, whatever attempts are left: the supervisor alone knows whether it
-        # asked (a stop through Ray, a cancel rung through its socket with no room for a
-        # stop file, leave none here). It ends the job cancelled or timeout, queues it
-        # again, or fails it `lost` with this error.
+        # asked (a stop through Ray leaves no stop file here). It ends the job cancelled
+        # or timeout, queues it again, or fails it `lost` with this error.
         error = {"type": p.ErrorType.LOST, "message": (
             f"its runner was stopped by {stop.signal_name or 'a signal'}, which no cancel "
             "or deadline of Offload's asked for")}

@@ -115,7 +115,7 @@ def _written_forms(secret: str | None) -> list[str]:
     forms = {secret, json.dumps(secret)[1:-1], secret.replace("/", "\\/"),
              "".join(f"\\u{ord(c):04x}" for c in secret), quoted,
              re.sub(r"%[0-9A-F]{2}", lambda escape: escape.group().lower(), quoted),
-             *_in_base64(secret)}
+             base64.b64encode(secret.encode()).decode(), *_in_base64(secret)}
     return sorted(forms, key=len, reverse=True)
 
 
@@ -126,7 +126,9 @@ def _in_base64(secret: str) -> list[str]:
     for shift in range(3):
         encoded = base64.b64encode(b"\0" * shift + raw).decode().rstrip("=")
         shared_end = 1 if (shift + len(raw)) % 3 else 0
-        forms.append(encoded[(shift * 4 + 2) // 3:len(encoded) - shared_end])
+        form = encoded[(shift * 4 + 2) // 3:len(encoded) - shared_end]
+        if len(form) >= MIN_SECRET_PART:  # a shorter one is in any text (a 1-character key's: "")
+            forms.append(form)
     return forms
 
 

@@ -79,8 +79,6 @@ function errorWords(e) {
   return [(e && e.type) || "error", short].filter(Boolean).join(": ");
 }
 
-/** Why it ended (failed, lost, timed out), retries, a start time to come, a priority that
- * is not the default, and the job's origin. */
 /** A cap holding a job back: `full` with jobs running, or to be by those queued before it
  * (`roomOf` the cap's name), as the CLI says it. */
 function heldBy(waits, cap, full, roomOf) {
@@ -91,6 +89,8 @@ function heldBy(waits, cap, full, roomOf) {
   return `held: ${roomOf} (${running ? `${running} running, ` : ""}${cap - running} queued before it)`;
 }
 
+/** Why it ended (failed, lost, timed out), retries, a start time to come, a priority that
+ * is not the default, and the job's origin. */
 export function notes(job, now = Date.now()) {
   const parts = [];
   // A timeout's log is empty: the job's own error is the only place that says why.

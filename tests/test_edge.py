@@ -555,6 +555,7 @@ def test_a_key_the_server_sends_back_is_never_shown(make_server: MakeServer,
             shown = _everything_shown(server, client, job["id"])
     written = (KEY, KEY.replace("/", "\\/"), _escaped(KEY), _QUOTED, _QUOTED.lower(), _BASE64,
                _IN_BASE64[12:])
+    assert f"[redacted]{_BASE64[-2:]}" not in job["error"]["message"], job["error"]  # its end
     assert not [text[:300] for text in shown if any(form[:12] in text for form in written)]
 
 

@@ -206,7 +206,10 @@ def test_a_stop_on_the_heels_of_the_deadline_is_one_stop() -> None:
 
 
 def test_chat_cli_without_a_server_says_what_to_do() -> None:
-    done = run(["-m", "runners.chat", "hello?"], env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    # A key of one character (as Ollama and LM Studio take any): each of its forms left out
+    # of what is said, not an empty one, which put "[redacted]" between every character.
+    done = run(["-m", "runners.chat", "hello?"], env={"OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+                                                       "OPENAI_API_KEY": "k"})
     assert done.returncode == 1
     assert "LLM server not reachable at http://127.0.0.1:9" in done.stderr
     assert done.stderr.count("not reachable") == 1, done.stderr  # one clear line

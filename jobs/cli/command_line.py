@@ -61,11 +61,11 @@ def _common(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def _positive(text: str) -> float:
-    return _seconds_where(text, "above 0", lambda value: value > 0)
+    return _seconds_where(text, "above 0", lambda value: 0 < value < math.inf)
 
 
 def _seconds(text: str) -> float:
-    return _seconds_where(text, "0 or more", lambda value: value >= 0)
+    return _seconds_where(text, "0 or more", lambda value: 0 <= value < math.inf)
 
 
 def _seconds_where(text: str, bounds: str, fits: Callable[[float], bool]) -> float:
@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="with --state: of this kind only (again for any of "
                                   "several)")
             sub.add_argument("--input", help="another input: JSON, @file.json or -")
-        sub.add_argument("--timeout", type=_positive, help="its deadline, seconds")
+        sub.add_argument("--timeout", type=_positive, help="its deadline, seconds (or 90s, "
+                                                           "30m, 6h, 1d)")
         sub.add_argument("--wait", action="store_true",
                          help="wait until it ends, show it; exits 1 unless it completed")
     for name, run, text in (("pause", cmd_pause, "pause the queue (running jobs finish, "

@@ -220,6 +220,8 @@ class JobLife:
                 log.info("job %s: %s%s", self.job_id, data.get(p.F_STATE),
                          f" ({error.get('type')})" if isinstance(error, dict) else "")
             return  # the runner said how it ended, or the file is gone
+        if code is None and isinstance(data.get(p.F_EXIT_CODE), int):
+            code = data[p.F_EXIT_CODE]  # an adopted runner's, as it wrote it (75: not final)
         self._end(data, code, backoff(p.attempts(data)[0]))
 
     def _end(self, data: dict[str, Any], code: int | None, delay_s: float) -> None:
