@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -216,7 +215,7 @@ def hold_other_loopback(servers: list[asyncio.Server]) -> list[socket.socket]:
             sock.bind((address, port))
         except OSError as exc:
             sock.close()
-            if exc.errno == errno.EADDRINUSE:
+            if p.port_taken(exc):
                 shown = f"[{address}]" if ":" in address else address
                 raise LoopbackTaken(f"{shown}:{port} is taken by another program, and "
                                     f"localhost:{port} leads there as well as here: it would "

@@ -1,6 +1,7 @@
 """Start Offload without a console window (double-click on Windows: pythonw runs it).
 
-Everything `launch.py` prints goes to var/launch.log; the browser opens by itself.
+Everything `launch.py` prints goes to var/launch.log; the browser opens by itself. A
+failure is also said in a window.
 """
 
 from __future__ import annotations
@@ -65,5 +66,29 @@ def main() -> int:
                                creationflags=flags)
 
 
+def tell(text: str) -> None:
+    """`text` in a window: pythonw has no console to print it in."""
+    if sys.platform == "win32":
+        import ctypes
+
+        ctypes.windll.user32.MessageBoxW(None, text, "Offload", 0x10)  # MB_ICONERROR
+    elif sys.stderr is not None:
+        print(text, file=sys.stderr)
+
+
+def started() -> int:
+    """`main()`, and a failure said where the one who double-clicked sees it."""
+    log = ROOT / "var" / "launch.log"
+    try:
+        code = main()
+    except Exception as exc:  # before launch.py could write a word: nothing in its log
+        tell(f"Offload could not start: {exc}")
+        return 1
+    if code != 0:
+        tell(f"Offload stopped with an error (exit code {code}). What it said is in "
+             f"{log}; start_dashboard.bat shows it in a window.")
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(started())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -27,6 +27,9 @@ class Request(BaseModel):
     client's flag sent in the wrong place would pass unseen)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # What a field left out (None) means, where that is not None itself: a body that
+    # writes it out is the same request (an Idempotency-Key's fingerprint).
+    implied: ClassVar[dict[str, Any]] = {}
 
     @field_validator("*", mode="before")
     @classmethod
@@ -46,6 +49,8 @@ class ChatMessage(Request):
 
 class ChatInput(Request):
     """What a chat job needs (the seed's request body, plus optional model options)."""
+
+    implied: ClassVar[dict[str, Any]] = {"expert": True, "on_busy": "wait"}
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     session_id: str | None = Field(None, max_length=200)

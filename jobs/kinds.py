@@ -62,9 +62,9 @@ class InvalidInput(ValueError):
 
 
 BUILT_IN: dict[str, Kind] = {
-    "chat": Kind("runners.chat", ChatInput),
-    "sleep": Kind("runners.sleep", SleepInput),
-    "train": Kind("runners.train", TrainInput),
+    "chat": Kind(p.BUILT_IN_KINDS["chat"], ChatInput),
+    "sleep": Kind(p.BUILT_IN_KINDS["sleep"], SleepInput),
+    "train": Kind(p.BUILT_IN_KINDS["train"], TrainInput),
 }
 
 
@@ -150,7 +150,10 @@ def input_filled(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
     spec = registry().get(kind)
     if spec is None or spec.input_model is None:
         return job_input
-    return spec.input_model.model_validate(job_input).model_dump(mode="json")
+    filled = spec.input_model.model_validate(job_input).model_dump(mode="json")
+    implied = getattr(spec.input_model, "implied", {})
+    return {name: None if name in implied and value == implied[name] else value
+            for name, value in filled.items()}
 
 
 def error_location(parts: Iterable[Any]) -> str:

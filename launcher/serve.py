@@ -4,7 +4,6 @@ found, and api_entry.py started, waited for and stopped."""
 from __future__ import annotations
 
 import argparse
-import errno
 import ipaddress
 import json
 import os
@@ -85,12 +84,20 @@ def setting(name: str) -> str | None:
     if data is not None and (problem := not_utf8(data)):  # its port was taken for none
         sys.exit(f"[offload] cannot read {path}: {problem}")
     lines = [] if data is None else data.decode("utf-8-sig").splitlines()  # Notepad's BOM
-    found = None
+    values: dict[str, str] = {}  # the last line that sets a name counts
     for line in lines:
         key, sep, value = line.strip().removeprefix("export ").partition("=")
-        if sep and key.strip() == name:
-            found = _dotenv_value(value) or None
-    return found
+        if sep:
+            values[key.strip()] = _expanded(_dotenv_value(value), {**os.environ, **values})
+    return values.get(name) or None
+
+
+# python-dotenv's ${NAME} and ${NAME:-default}: from the lines above, else the environment.
+_VARIABLE = re.compile(r"\$\{(?P<name>[^}:]*)(?::-(?P<default>[^}]*))?\}")
+
+
+def _expanded(value: str, known: dict[str, str]) -> str:
+    return _VARIABLE.sub(lambda found: known.get(found["name"], found["default"] or ""), value)
 
 
 def _dotenv_value(raw: str) -> str:
@@ -277,9 +284,9 @@ def port_free(host: str, port: int) -> bool:
         try:
             s.bind((host, port))
         except OSError as exc:
-            # Windows says EACCES for a port another program holds for itself alone.
-            if exc.errno == errno.EADDRINUSE or (os.name == "nt" and exc.errno in (
-                    errno.EACCES, getattr(errno, "WSAEACCES", None))):
+            from jobs.protocol import port_taken  # the standard library only
+
+            if port_taken(exc):
                 return False
             sys.exit(f"[offload] cannot serve on {host} port {port}: "
                      f"{exc.strerror or exc}; pass another --host or --port")

@@ -41,7 +41,7 @@ def main(
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 2 and argv[0] == "--job-file":
         # The launcher's exact form: skip argparse, every millisecond of start counts.
-        return run_job_file(argv[1], execute)
+        return run_job_file(argv[1], execute, kind)
     if argv == [remote.REMOTE_FLAG]:
         return run_remote(execute)
     return run_by_hand(kind, execute, add_arguments, direct_input, argv, direct_context)

@@ -56,7 +56,7 @@ def run_by_hand(kind: str, execute: Execute, add_arguments: DirectParser,
         if given:
             parser.error(f"{', '.join(given)} cannot go with --job-file: a job file runs "
                          "with its own input and timeout, in the data folder it is in")
-        return run_job_file(args.job_file, execute, force=args.force)
+        return run_job_file(args.job_file, execute, kind, force=args.force)
     try:  # before anything starts (the chat's model server): bad usage, exit 2
         job_input = direct_input(args)
     except (ValueError, RunnerError) as exc:

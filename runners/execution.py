@@ -33,6 +33,12 @@ EXIT_NO_ROOM = p.EXIT_NO_ROOM
 # outside Offload (a `kill`, a shutdown: the runner lost, not a cancel), or a stop asked
 # where the runner cannot see it (Ray's node); its supervisor tells which.
 UNASKED = "unasked"
+# Windows: a supervisor's CTRL_BREAK reaches only the processes of its own console, and a
+# runner is started without a window, in a console of its own. There a launched runner
+# watches for the stop request itself, which the supervisor writes before any stop.
+WATCHES_STOP_FILE = sys.platform == "win32"
+STOP_FILE_POLL_S = 0.1
+STOP_SIGNAL = getattr(signal, "SIGBREAK", signal.SIGTERM)  # its handler raises the stop
 
 
 class StopRequested(BaseException):
@@ -72,6 +78,20 @@ class Stopper:
                 timer = threading.Timer(timeout_s, self._interrupt_main)
                 timer.daemon = True
                 timer.start()
+        if WATCHES_STOP_FILE and self.launched and self.job_file is not None:
+            threading.Thread(target=self._watch_stop_file, args=(self.job_file,),
+                             name="stop request", daemon=True).start()
+
+    @staticmethod
+    def _watch_stop_file(job_file: str) -> None:
+        import _thread
+        import os
+        import time
+
+        stop_file = p.sibling(job_file, p.STOP_FILE)
+        while not os.path.exists(stop_file):
+            time.sleep(STOP_FILE_POLL_S)
+        _thread.interrupt_main(STOP_SIGNAL)  # as the signal would: its handler reads why
 
     def _interrupt_main(self) -> None:
         import _thread
@@ -112,7 +132,7 @@ def run(job: Job, execute: Execute, stopper: Stopper, timeout: float | None) -> 
             result = execute(job)
             stopper.finishing = True
         except KeyboardInterrupt as exc:
-            stopper.finishing = True  # the deadline's, on Windows: one stop is enough
+            stopper.finishing = True  # a Ctrl+C the job's own code let through
             raise StopRequested(stopper.reason()) from exc
     except StopRequested as stop:
         return stopped(job, stop, stopper)

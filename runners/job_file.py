@@ -133,8 +133,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def run_job_file(path: str, execute: Execute, force: bool = False,
+def run_job_file(path: str, execute: Execute, kind: str | None = None, force: bool = False,
                  emit_key: str | None = None) -> int:
+    """`kind`: the runner's own; a job of another built-in kind is refused (one's own kinds
+    may share a runner: `OFFLOAD_KINDS=nap=runners.sleep`)."""
     log_output(path)
     try:
         data = p.read_json(path)
@@ -143,6 +145,12 @@ def run_job_file(path: str, execute: Execute, force: bool = False,
         return EXIT_USAGE
     if data is None:
         print(f"error: no job file at {path}", file=sys.stderr)
+        return EXIT_USAGE
+    its_kind = data.get(p.F_KIND)
+    if kind is not None and its_kind != kind and its_kind in p.BUILT_IN_KINDS:
+        # Its input run by another runner: a finished chat's reply replaced by a sleep's.
+        print(f"error: job {p.id_of(path)} is a {its_kind} job, not a {kind} one: run it with "
+              f"python -m {p.BUILT_IN_KINDS[its_kind]} --job-file {path}", file=sys.stderr)
         return EXIT_USAGE
     if data.get(p.F_STATE) in p.FINAL_STATES and not force:
         print(f"error: job {p.id_of(path)} has already finished ({data.get(p.F_STATE)}); "
@@ -248,6 +256,8 @@ def log_output(job_file: str) -> None:
     try:
         max_bytes = max(0, int(os.environ.get("OFFLOAD_LOG_MAX_BYTES", "")))
     except ValueError:
+        max_bytes = 0
+    if not p.LOGS_CUT_WHILE_WRITTEN:
         max_bytes = 0
     log_path = p.sibling(job_file, p.LOG_FILE)
     written = [0]

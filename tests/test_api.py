@@ -96,6 +96,10 @@ def test_chat_result_errors_and_unknown_ids(make_server: MakeServer) -> None:
             answer = client.get(f"/api/ai_chat_result/{other}")
             assert answer.status_code == 200, answer.text
             assert answer.json()["status"] == "completed" and answer.json()["usage"] is None
+        # A sleep's id: no chat has it (it answered "completed" with an empty reply).
+        nap = client.post("/api/jobs", json={"kind": "sleep", "input": {"seconds": 0}}).json()
+        wait_for(lambda: client.get(f"/api/jobs/{nap['id']}").json()["state"] == "completed", 30)
+        assert client.get(f"/api/ai_chat_result/{nap['id']}").json()["status"] == "not_found"
         empty = client.post("/api/ai_chat_async", json={"messages": []})
         assert empty.status_code == 422
         assert "messages" in empty.json()["detail"]
@@ -712,7 +716,8 @@ def test_idempotency_key_returns_the_first_job(server: Server) -> None:
         # A default sent is the default left out: they were "a different request body".
         plain = client.post("/api/jobs", json={"kind": "sleep"}, headers={"Idempotency-Key": "e"})
         for same in ({"priority": 0}, {"max_attempts": 1}, {"timeout_s": 120},
-                     {"input": {"seconds": 0, "steps": 10}}, {"depends_on": None}):
+                     {"input": {"seconds": 0, "steps": 10}}, {"depends_on": None},
+                     {"delay_s": 0}):
             again = client.post("/api/jobs", json={"kind": "sleep", **same},
                                 headers={"Idempotency-Key": "e"})
             assert again.status_code == 202, (same, again.text)
@@ -721,6 +726,16 @@ def test_idempotency_key_returns_the_first_job(server: Server) -> None:
             refused = client.post("/api/jobs", json={"kind": "sleep", **other_body},
                                   headers={"Idempotency-Key": "e"})
             assert refused.status_code == 422, (other_body, refused.text)
+        assert plain.json()["run_at"] is None  # a delay of 0 s too: it may start at once
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        asked = client.post("/api/jobs", json={"kind": "chat", "input": chat},
+                            headers={"Idempotency-Key": "f"}).json()
+        for option, same_or_not in (({"expert": True}, 202), ({"on_busy": "wait"}, 202),
+                                    ({"expert": False}, 422), ({"on_busy": "interrupt"}, 422)):
+            again = client.post("/api/jobs", json={"kind": "chat", "input": {**chat, **option}},
+                                headers={"Idempotency-Key": "f"})
+            assert again.status_code == same_or_not, (option, again.text)
+            assert same_or_not == 422 or again.json()["id"] == asked["id"]
         # A key claimed before 0.10, whose fingerprint was of the body as sent: sent again
         # after the upgrade, it was "a different request body".
         from jobs.store.idempotency import key_name

@@ -80,6 +80,27 @@ def test_pyw_sets_its_log_aside_once_past_its_bound(tmp_path: Path) -> None:
     assert log.read_bytes() == b"this start\nthe next\n"
 
 
+def test_pyw_says_a_failed_start_in_a_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under pythonw there is no console: a start that failed (a port range all taken, a
+    # failed install) ended without a word on screen.
+    pyw = start_dashboard_pyw()
+    told: list[str] = []
+    monkeypatch.setattr(pyw, "tell", told.append)
+    monkeypatch.setattr(pyw, "main", lambda: 0)
+    assert pyw.started() == 0 and told == []
+    monkeypatch.setattr(pyw, "main", lambda: 2)
+    assert pyw.started() == 2
+    assert told[-1].startswith("Offload stopped with an error (exit code 2). What it said is "
+                               "in ") and "launch.log" in told[-1]
+
+    def fails() -> int:
+        raise PermissionError(13, "Permission denied", "var")
+
+    monkeypatch.setattr(pyw, "main", fails)
+    assert pyw.started() == 1
+    assert told[-1] == "Offload could not start: [Errno 13] Permission denied: 'var'"
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX modes and links")
 def test_pyw_writes_no_file_its_log_is_a_hard_link_to(tmp_path: Path) -> None:
     """launch.log as a second name of another file (a hard link another account made, in
@@ -171,6 +192,17 @@ def test_host_and_port_are_read_from_dotenv_as_the_server_reads_them(
     (tmp_path / ".env").write_text("OFFLOAD_PORT=18560\n", encoding="utf-8-sig")
     assert serve.address(options)[:2] == ("127.0.0.1", 18560)
     assert dotenv_values(tmp_path / ".env") == {"OFFLOAD_PORT": "18560"}
+    # ${NAME}, from a line above or the environment: the launcher read it as it stands,
+    # "not a port", where the server took the port it names.
+    monkeypatch.setenv("THE_HOST", "::1")
+    (tmp_path / ".env").write_text("MYPORT=18561\nOFFLOAD_PORT=${MYPORT}\n"
+                                   "OFFLOAD_HOST=${THE_HOST:-127.0.0.1}\n")
+    assert serve.address(options)[:2] == ("::1", 18561)
+    assert dotenv_values(tmp_path / ".env") == {"MYPORT": "18561", "OFFLOAD_PORT": "18561",
+                                                "OFFLOAD_HOST": "::1"}
+    (tmp_path / ".env").write_text("OFFLOAD_PORT=${NO_SUCH:-18562}\n")
+    assert serve.address(options)[:2] == ("127.0.0.1", 18562)
+    assert dotenv_values(tmp_path / ".env") == {"OFFLOAD_PORT": "18562"}
 
 
 def test_a_port_that_is_no_port_is_said_so() -> None:
@@ -366,8 +398,14 @@ def test_a_server_killed_under_launch_py_is_said(tmp_path: Path) -> None:
         wait_for(lambda: _health(port), 120, 0.3, f"the server on {port}")
         server = next(proc for proc in psutil.Process(launcher.pid).children()
                       if "api_entry.py" in " ".join(proc.cmdline()))
+        supervisor = wait_for(lambda: next((proc for proc in server.children()
+                                            if "jobs.supervisor" in proc.cmdline()), None),
+                              60, what="its supervisor")
         server.kill()
         assert launcher.wait(30) == 128 + signal.SIGKILL
+        # It watches the API by its pid and create time, and leaves once it has ended.
+        psutil.wait_procs([supervisor], timeout=30)
+        assert not supervisor.is_running()
     finally:
         stop_process(launcher)
     assert ("[offload] the server was stopped by SIGKILL, not from here; its supervisor "

@@ -167,3 +167,22 @@ def _unknown(client: RayJobsClient, sid: str) -> bool:
     except RayJobNotFound:
         return True
     return False
+
+
+def test_children_start_on_the_real_interpreter_of_a_windows_venv(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A venv's python.exe on Windows is a redirector that starts the interpreter as its
+    # own child: the supervisor started through it saw the redirector as its parent, not
+    # the API it watches, and left at once; a runner's pid was the redirector's.
+    import sys
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(sys, "executable", r"C:\app\.venv\Scripts\python.exe")
+    monkeypatch.setattr(sys, "_base_executable", r"C:\Python312\python.exe", raising=False)
+    assert p._python_for_children() == (r"C:\Python312\python.exe",
+                                        {"__PYVENV_LAUNCHER__": r"C:\app\.venv\Scripts\python.exe"})
+    monkeypatch.setattr(sys, "_base_executable", r"C:\app\.venv\Scripts\python.exe")
+    assert p._python_for_children() == (r"C:\app\.venv\Scripts\python.exe", {})  # no venv
+    monkeypatch.setattr(sys, "platform", "linux")  # a venv's python there is the interpreter
+    monkeypatch.setattr(sys, "_base_executable", "/usr/bin/python3")
+    assert p._python_for_children() == (r"C:\app\.venv\Scripts\python.exe", {})

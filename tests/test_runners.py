@@ -44,7 +44,16 @@ def test_job_file_runs_in_the_foreground(data_dir: Path) -> None:
     assert "already finished" in again.stderr and "--force" in again.stderr
     forced = run(["-m", "runners.sleep", "--job-file", str(store.path(job_id)), "--force"])
     assert forced.returncode == 0
-    assert store.read(job_id)["pid"] != job["pid"]
+    done_again = store.read(job_id)
+    assert done_again["pid"] != job["pid"]
+    # Another kind's runner: a finished chat's reply was replaced by a sleep's empty one.
+    for args in (["--force"], []):  # the launcher's bare form too
+        other = run(["-m", "runners.train", "--job-file", str(store.path(job_id)), *args])
+        assert other.returncode == 2, other.stderr
+        assert other.stderr.strip().endswith(
+            f"is a sleep job, not a train one: run it with python -m runners.sleep "
+            f"--job-file {store.path(job_id)}"), other.stderr
+    assert store.read(job_id) == done_again
 
 
 def test_a_job_running_is_not_run_again_by_hand(make_server: Callable[..., Any]) -> None:
@@ -203,6 +212,32 @@ def test_a_stop_on_the_heels_of_the_deadline_is_one_stop() -> None:
         stopper._on_deadline(signal.SIGALRM, None)
     assert stopped.value.reason == "timeout"
     stopper._on_signal(signal.SIGTERM, None)  # ignored: the timeout is being written
+
+
+def test_a_runner_no_signal_reaches_stops_at_its_stop_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Windows: the supervisor's CTRL_BREAK reaches no runner (each runs in a console of its
+    # own), so a cancel waited out the grace and killed it, its partial output unsaved.
+    # There the runner watches for the stop request: here that watch, switched on.
+    from runners import execution
+
+    monkeypatch.setattr(execution, "WATCHES_STOP_FILE", True)
+    job_file = tmp_path / "jobs" / "a" / "job.json"
+    job_file.parent.mkdir(parents=True)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stopper = execution.Stopper(str(job_file), launched=True)
+        stopper.install(None)
+        time.sleep(0.3)
+        assert p.request_stop(job_file, "cancelled")  # as the API's cancel writes it
+        with pytest.raises(execution.StopRequested) as stopped:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert stopped.value.reason == "cancelled"
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_chat_cli_without_a_server_says_what_to_do() -> None:

@@ -14,7 +14,6 @@ import errno
 import logging
 import os
 import subprocess
-import sys
 import time
 
 from filelock import FileLock, Timeout
@@ -88,7 +87,7 @@ class SupervisorKeeper:
         # handles do not append); the leader also cuts it while it runs elsewhere.
         p.cap_log(out_path, self.settings.log_max_bytes)
         # Absolute: the supervisor runs in the project's folder, not in this one.
-        env = dict(os.environ, OFFLOAD_DATA_DIR=str(self.settings.data_dir),
+        env = dict(os.environ, **p.PYTHON_ENV, OFFLOAD_DATA_DIR=str(self.settings.data_dir),
                    OFFLOAD_SCHEDULES_FILE=str(self.settings.schedules_file),
                    # the engine whose slots this API counts, not the one found now
                    **{embedded.ENGINE_ENV: self.settings.embedded_engine},
@@ -97,7 +96,7 @@ class SupervisorKeeper:
         env.pop(API_TOKEN_ENV, None)  # it answers no request: the token stays the API's
         with open(out_path, "ab") as out:
             self._child = subprocess.Popen(
-                [sys.executable, "-m", "jobs.supervisor", "--parent", str(os.getpid())],
+                [p.PYTHON, "-m", "jobs.supervisor", "--parent", str(os.getpid())],
                 cwd=p.ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
                 # A session of its own is, on Linux, an autogroup of its own, which the
                 # supervisor lowers: its bursts of launching then weigh little against

@@ -109,6 +109,8 @@ async def ai_chat_result(job_id: str, service: Service) -> Any:
         job = await service.get(job_id)
     except JobNotFound:
         return {"status": "not_found"}
+    if job.get(p.F_KIND) != "chat" and job.get(p.F_KIND) in p.BUILT_IN_KINDS:
+        return {"status": "not_found"}  # a sleep or a training: no chat has that id
     state = job.get(p.F_STATE)
     if state == p.JobState.COMPLETED:
         # Not a chat's result (a kind of one's own, a hand edit): its output, no usage,

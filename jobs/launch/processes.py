@@ -76,12 +76,11 @@ class Runner:
 
 
 def command(module: str, job_file: Path) -> list[str]:
-    # sys.executable, never a bare "python": PATH may hold shims or another interpreter.
-    return [sys.executable, "-m", module, "--job-file", str(job_file)]
+    return [p.PYTHON, "-m", module, "--job-file", str(job_file)]
 
 
 def runner_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ, **p.PYTHON_ENV)
     env.pop(API_TOKEN_ENV, None)  # the API's alone (a supervisor started by hand has it)
     env.update(extra or {})
     env["PYTHONUNBUFFERED"] = "1"

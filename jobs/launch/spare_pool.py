@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from jobs import protocol as p
 from jobs.launch import processes
 from jobs.launch.spare import READY
 from jobs.launch.warm import TITLE_ROOM, TITLE_ROOM_ENV
@@ -121,7 +121,7 @@ class SparePool:
                     return
                 modules = self._modules
             try:
-                argv = [sys.executable, "-m", "jobs.launch.spare", *modules]
+                argv = [p.PYTHON, "-m", "jobs.launch.spare", *modules]
                 child, pipes = processes.new_interpreter(argv, self._env, None)
             except OSError as exc:
                 with self._changed:

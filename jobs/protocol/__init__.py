@@ -28,6 +28,7 @@ renames of low-priority runners (docs/benchmarks.md has the figures).
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import re
@@ -39,6 +40,7 @@ from enum import Enum
 from jobs.protocol import files
 from jobs.protocol.files import (
     DISK_FULL as DISK_FULL,
+    LOGS_CUT_WHILE_WRITTEN as LOGS_CUT_WHILE_WRITTEN,
     NO_FILE_TO_READ as NO_FILE_TO_READ,
     SURROGATE_HALF,
     TMP_SUFFIX as TMP_SUFFIX,
@@ -176,8 +178,37 @@ FORGOTTEN_FILE = "forgotten"
 LOCAL = "local"
 RAY = "ray"
 
+# The kinds that come with Offload, and the module that runs each.
+BUILT_IN_KINDS = {"chat": "runners.chat", "sleep": "runners.sleep", "train": "runners.train"}
+
 # The project's folder (the one holding jobs/ and runners/): where its processes start.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+
+
+def _python_for_children() -> tuple[str, dict[str, str]]:
+    """The interpreter to start a project's Python child with, and what its environment
+    needs for it. On Windows a venv's python.exe is a redirector that starts the real
+    interpreter as a child of its own (bpo-35797): started through it, a child's pid is
+    not the one Popen gives, nor is its parent the process that started it. As
+    multiprocessing does there, the base interpreter is started, told the venv by
+    __PYVENV_LAUNCHER__."""
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    if sys.platform == "win32" and os.path.normcase(base) != os.path.normcase(sys.executable):
+        return base, {"__PYVENV_LAUNCHER__": sys.executable}
+    return sys.executable, {}
+
+
+# Never a bare "python" from PATH: it may be a shim, or another interpreter.
+PYTHON, PYTHON_ENV = _python_for_children()
+
+
+def port_taken(exc: OSError) -> bool:
+    """Whether a bind failed because another program listens there: Windows says EACCES
+    for a port another program holds for itself alone."""
+    return exc.errno == errno.EADDRINUSE or (os.name == "nt" and exc.errno in (
+        errno.EACCES, getattr(errno, "WSAEACCES", None)))
+
+
 # Set by launch.py for the server it starts: its pid, whose end stops that server.
 LAUNCHER_PID_ENV = "OFFLOAD_LAUNCHER_PID"
 # Set by a launcher that puts a runner's claim on disk itself: DURABLE once it has, or

@@ -141,7 +141,7 @@ def server_command(model: str, cpus: set[int] | None = None, slots: int = 1,
             command += ["--threads", str(max(1, len(cpus) // 2)),
                         "--threads-batch", str(len(cpus))]
         return command
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", model,
+    command = [p.PYTHON, "-m", "llama_cpp.server", "--model", model,
                "--model_alias", model_name(model), "--n_ctx", str(SLOT_CTX),
                # Queue concurrent chats; by default a new request cuts the one streaming.
                "--interrupt_requests", "False"]
@@ -164,7 +164,7 @@ def server_env(port: int, key: str | None, engine: str = LLAMA_CPP_PYTHON) -> di
     and LLAMA_API_KEY where no option is given, so they are set here."""
     names = (("LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_API_KEY") if engine == LLAMA_SERVER
              else ("HOST", "PORT", "API_KEY"))
-    env = dict(os.environ, **{names[0]: "127.0.0.1", names[1]: str(port)})
+    env = dict(os.environ, **p.PYTHON_ENV, **{names[0]: "127.0.0.1", names[1]: str(port)})
     for secret in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):  # another server's, never its own
         env.pop(secret, None)
     if key is None:

@@ -253,6 +253,12 @@ def open_log(path: StrPath) -> int:
     return os.open(path, flags, 0o600)
 
 
+# Whether a log that a process writes through an inherited handle may be cut while it
+# writes: only where that handle appends (POSIX's O_APPEND). A Windows handle goes on
+# writing at its old offset, past the new end, and fills the gap with NULs.
+LOGS_CUT_WHILE_WRITTEN = os.name == "posix"
+
+
 def cap_log(path: StrPath, max_bytes: int) -> int:
     """Shrink a log over `max_bytes` in place to its head, a note of what was dropped,
     and its latest output; returns the bytes dropped. The runner appends (O_APPEND), so

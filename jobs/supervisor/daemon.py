@@ -27,10 +27,12 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from jobs import protocol as p
 from jobs.kinds import UnusableKinds, registry
+from jobs.launch import pids
 from jobs.launch.local import LocalLauncher
-from jobs.launch.processes import IS_WINDOWS
 from jobs.llm import server as llm_server
 from jobs.protocol import control, embedded
 from jobs.protocol.trust import private_files
@@ -83,7 +85,7 @@ async def serve(settings: Settings, parent: int | None = None) -> bool:
     if model is not None:
         helpers.append(asyncio.create_task(resilient("the embedded model", lambda: _embedded_model(
             settings, model, supervisor)), name="llm"))
-    if not IS_WINDOWS:  # there an inherited handle does not append: cut only before a start
+    if p.LOGS_CUT_WHILE_WRITTEN:  # elsewhere cut only before a start
         helpers.append(asyncio.create_task(resilient("capping outputs", lambda: cap_outputs(
             settings, supervisor)), name="output caps"))
     if parent is not None:
@@ -215,7 +217,14 @@ def _give_key_to_runners(supervisor: Supervisor, key: str) -> None:
 
 
 async def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
+    """Until the API process `parent` has ended. Known by its pid and create time, not by
+    `os.getppid()`: on Windows that goes on naming a parent that has exited, whose pid
+    another process may have by then."""
+    try:
+        born: float | None = pids.created(parent)
+    except psutil.Error:
+        born = None  # gone before this supervisor looked
+    while born is not None and pids.find(parent, born) is not None:
         await asyncio.sleep(PARENT_CHECK_S)
     log.info("the API process %s is gone; the supervisor leaves (runners keep running)",
              parent)
@@ -232,8 +241,6 @@ def _lower_priority(nice: int) -> None:
             except OSError:
                 pass  # no autogroups here: the nice value is what counts
         else:  # Windows
-            import psutil
-
             psutil.Process().nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)  # type: ignore[attr-defined,unused-ignore]
     except OSError as exc:
         log.debug("could not lower the supervisor's priority: %s", exc)

@@ -83,7 +83,7 @@ class Endings:
                 self._counting.ended(life.final_job)
                 life.final_job = None  # counted once, however often it settles
 
-    def _retry_finals(self, job_ids: set[str]) -> None:
+    def _write_held_finals(self, job_ids: set[str]) -> None:
         """Write the final states (or jobs queued again) that could not be written, again
         (`job_ids`: on disk)."""
         for job_id, life in list(self._unwritten.items()):
@@ -91,7 +91,7 @@ class Endings:
                 del self._unwritten[job_id]  # deleted meanwhile
                 life.release()
                 continue
-            life.retry()
+            life.write_held()
             if not life.waits_for_room:
                 del self._unwritten[job_id]
                 self._settle(life)

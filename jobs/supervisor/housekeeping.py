@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Iterable
 
 from jobs import protocol as p
-from jobs.launch.processes import IS_WINDOWS
 from jobs.protocol.counters import prune_removed_notes
 from jobs.settings import PRUNE_INTERVAL_S, PRUNE_OVER_CAP_S
 from jobs.store.job_store import JobStore
@@ -20,9 +19,7 @@ log = logging.getLogger(__name__)
 
 def cap_logs(running: Iterable[JobLife], log_max_bytes: int | None) -> None:
     """A runner printing without end: its log keeps its head and its latest output."""
-    if log_max_bytes is None or IS_WINDOWS:
-        # Windows: a runner's inherited log handle is not an append handle, so a
-        # cut would leave it writing past the new end; logs are not capped there.
+    if log_max_bytes is None or not p.LOGS_CUT_WHILE_WRITTEN:
         return
     for life in running:
         if life.run.launcher != p.LOCAL:

@@ -308,7 +308,7 @@ class JobLife:
         """End a job that has no runner (cancelled or refused before it started)."""
         self._write(Final(state, error_type, message))
 
-    def retry(self) -> None:
+    def write_held(self) -> None:
         """Try the final state (or the job queued again) that could not be written again."""
         if self._unqueued is not None:
             self._end(*self._unqueued)

@@ -278,7 +278,7 @@ class Supervisor(Discovery, Launching, Endings):
                     self.scheduler.fire(self.wake)
                 job_ids, stop_ids = self._scan(sweep)
                 self._discover(job_ids)
-                self._retry_finals(job_ids)
+                self._write_held_finals(job_ids)
                 self._handle_stops(stop_ids)
             else:
                 self._look_at(hinted)
