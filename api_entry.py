@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -215,7 +216,9 @@ def hold_other_loopback(servers: list[asyncio.Server]) -> list[socket.socket]:
             sock.bind((address, port))
         except OSError as exc:
             sock.close()
-            if p.port_taken(exc):
+            # Windows' EACCES also marks a port it reserves, where no one can listen.
+            if p.port_taken(exc) and (exc.errno == errno.EADDRINUSE
+                                      or _answers(family, address, port)):
                 shown = f"[{address}]" if ":" in address else address
                 raise LoopbackTaken(f"{shown}:{port} is taken by another program, and "
                                     f"localhost:{port} leads there as well as here: it would "
@@ -224,6 +227,17 @@ def hold_other_loopback(servers: list[asyncio.Server]) -> list[socket.socket]:
             continue  # no such address here (IPv6 turned off): nobody can listen on it
         held.append(sock)
     return held
+
+
+def _answers(family: socket.AddressFamily, address: str, port: int) -> bool:
+    """Whether something listens at the address."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            probe.connect((address, port))
+    except OSError:
+        return False
+    return True
 
 
 class _Server(uvicorn.Server):

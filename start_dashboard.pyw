@@ -53,17 +53,28 @@ APPEND = (os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
           | getattr(os, "O_NONBLOCK", 0))
 
 
-def main() -> int:
+UP_SAID = b"[offload] the dashboard is up at "  # what launch.py says once it serves
+
+
+def main() -> tuple[int, bool]:
+    """launch.py's exit code, and whether the dashboard came up before it ended."""
     python = Path(sys.executable)
     if python.name.lower() == "pythonw.exe":  # launch.py's output needs a console-less python
         python = python.with_name("python.exe")
     flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
     # No line for each request in it, or it would grow with every poll of the dashboard.
     with open(open_log(ROOT / "var"), "ab") as log:
-        return subprocess.call([str(python), str(ROOT / "launch.py"), "--no-access-log",
+        since = log.seek(0, os.SEEK_END)
+        code = subprocess.call([str(python), str(ROOT / "launch.py"), "--no-access-log",
                                 *sys.argv[1:]], cwd=ROOT, stdout=log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                creationflags=flags)
+    try:
+        with open(ROOT / "var" / "launch.log", "rb") as said:
+            said.seek(since)
+            return code, UP_SAID in said.read()
+    except OSError:
+        return code, False
 
 
 def tell(text: str) -> None:
@@ -77,14 +88,16 @@ def tell(text: str) -> None:
 
 
 def started() -> int:
-    """`main()`, and a failure said where the one who double-clicked sees it."""
+    """`main()`, and a start that failed said where the one who double-clicked sees it.
+    Once the dashboard was up, the only stops are Task Manager's and the session's end:
+    no failure of a start, nothing said."""
     log = ROOT / "var" / "launch.log"
     try:
-        code = main()
+        code, came_up = main()
     except Exception as exc:  # before launch.py could write a word: nothing in its log
         tell(f"Offload could not start: {exc}")
         return 1
-    if code != 0:
+    if code != 0 and not came_up:
         tell(f"Offload stopped with an error (exit code {code}). What it said is in "
              f"{log}; start_dashboard.bat shows it in a window.")
     return code

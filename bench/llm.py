@@ -418,9 +418,16 @@ def report(results: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["concurrency"]:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.llm", description=(
+        "The chat path, measured: with no part named, parts 1-5 of this module's "
+        "description; part 5 alone, or part 6 alone, as named."))
+    parser.add_argument("part", nargs="?", choices=["concurrency", "seed"])
+    part = parser.parse_args().part
+    if part == "concurrency":
         print(concurrency_report(concurrency()))
-    elif sys.argv[1:] == ["seed"]:
+    elif part == "seed":
         print(seed_report(seed_frontend()))
     else:
         print(report(run()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, ClassVar, Literal, get_args
 
@@ -23,8 +24,9 @@ def _within(bounds: tuple[float, float, float], **options: Any) -> Any:
 
 class Request(BaseModel):
     """A request's body or input: no unknown field, no NaN or Infinity (JSON has neither),
-    and no true or false where a number goes (pydantic would take them for 1 and 0, so a
-    client's flag sent in the wrong place would pass unseen)."""
+    and each value of its JSON type: no true or false where a number goes, no text where a
+    number or a flag goes (pydantic would take true for 1, "5" for 5 and "no" for false,
+    so a client's value of the wrong type would pass unseen, stored as another)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     # What a field left out (None) means, where that is not None itself: a body that
@@ -33,12 +35,22 @@ class Request(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_flag_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, bool) and info.field_name is not None:
-            annotation = cls.model_fields[info.field_name].annotation
-            if {int, float} & {annotation, *get_args(annotation)}:
-                raise ValueError(f"{str(value).lower()} is no {info.field_name}: give a number")
+    def _of_its_json_type(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name is None or value is None:
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        types = {annotation, *get_args(annotation)}
+        if {int, float} & types and isinstance(value, (bool, str)):
+            raise ValueError(f"{_said(value)} is no {info.field_name}: give a number")
+        if bool in types and not isinstance(value, bool):
+            raise ValueError(f"{_said(value)} is no {info.field_name}: give true or false")
         return value
+
+
+def _said(value: Any) -> str:
+    """A value as JSON has it, cut short: `true`, `"5"`."""
+    said = json.dumps(value, ensure_ascii=True)
+    return said if len(said) <= 40 else f"{said[:40]}…"
 
 
 class ChatMessage(Request):

@@ -159,7 +159,10 @@ def input_filled(kind: str, job_input: dict[str, Any]) -> dict[str, Any]:
 def error_location(parts: Iterable[Any]) -> str:
     """Where a pydantic error is, `input.messages.0.role`, each name cut to MAX_NAME_SHOWN
     characters: an unknown field is named, and its name may be most of a megabyte's body."""
-    names = [str(part) for part in parts]
+    # Escaped where it holds what no terminal should act on (a NUL, a right-to-left
+    # override), as a kind's name is.
+    names = [name if name.isprintable() else name.encode("unicode_escape").decode("ascii")
+             for name in map(str, parts)]
     return ".".join(name if len(name) <= MAX_NAME_SHOWN else f"{name[:MAX_NAME_SHOWN]}…"
                     for name in names)
 
@@ -194,7 +197,7 @@ class Launch:
             p.F_PRIORITY: (self.priority if self.priority is not None
                            else DEFAULT_PRIORITY.get(kind, 0)),
             p.F_MAX_ATTEMPTS: self.max_attempts or settings.attempts_for(kind)}
-        start_at = self.start_at if self.delay_s is None else created + self.delay_s
+        start_at = self.start_at if not self.delay_s else created + self.delay_s  # 0: at once
         if start_at is not None:
             fields[p.F_RUN_AT] = p.iso(start_at)
         if self.depends_on:

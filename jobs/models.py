@@ -226,8 +226,7 @@ class JobCreate(Request):
     def launch(self) -> Launch:
         """When and how often it runs: a `delay_s` counts from the job's creation."""
         return Launch(self.priority, None if self.run_at is None else self.run_at.timestamp(),
-                      self.max_attempts, self.delay_s or None,  # 0: no delay, no run_at
-                      tuple(self.depends_on or ()))
+                      self.max_attempts, self.delay_s, tuple(self.depends_on or ()))
 
 
 class JobBatch(Request):

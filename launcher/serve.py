@@ -172,6 +172,8 @@ def serve(options: argparse.Namespace, extra: list[str], release: Callable[[], N
     def when_up() -> None:
         up = wait_until_up(url, 600.0, proc)  # the embedded model may be compiling
         release()
+        if up:
+            say(f"the dashboard is up at {url}")  # start_dashboard.pyw looks for it
         if up and not options.no_browser:
             webbrowser.open(fresh_url(url))
 

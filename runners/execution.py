@@ -38,7 +38,6 @@ UNASKED = "unasked"
 # watches for the stop request itself, which the supervisor writes before any stop.
 WATCHES_STOP_FILE = sys.platform == "win32"
 STOP_FILE_POLL_S = 0.1
-STOP_SIGNAL = getattr(signal, "SIGBREAK", signal.SIGTERM)  # its handler raises the stop
 
 
 class StopRequested(BaseException):
@@ -84,14 +83,15 @@ class Stopper:
 
     @staticmethod
     def _watch_stop_file(job_file: str) -> None:
-        import _thread
         import os
         import time
 
         stop_file = p.sibling(job_file, p.STOP_FILE)
         while not os.path.exists(stop_file):
             time.sleep(STOP_FILE_POLL_S)
-        _thread.interrupt_main(STOP_SIGNAL)  # as the signal would: its handler reads why
+        # A SIGINT raised, not _thread.interrupt_main's, which only marks one pending: on
+        # Windows a real one also wakes a main thread in time.sleep. Its handler reads why.
+        signal.raise_signal(signal.SIGINT)
 
     def _interrupt_main(self) -> None:
         import _thread

@@ -195,6 +195,7 @@ def run_job_file(path: str, execute: Execute, kind: str | None = None, force: bo
         if queued and (reason := p.stop_reason(path)) is not None:
             # Cancelled between its launch and now: left to the supervisor's next pass,
             # a supervisor stalled or restarting meanwhile let it run to its end.
+            stopper.finishing = True  # one stop: a signal or the stop's watch now is none
             raise StopRequested(reason)
         sink.start(job)
     except StopRequested as stop:

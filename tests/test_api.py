@@ -573,7 +573,7 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
             ('{"kind": "sleep", "input": {"\\ud800": 1}}', 422,
              "job: input: holds half of a surrogate pair (not text)"),
             ('{"kind": "sleep", "input": {"seconds": "\\ud800"}}', 422,
-             "job: input.seconds: holds half of a surrogate pair (not text)"),
+             'job: input.seconds: "\\ud800" is no seconds: give a number'),
             ('{"kind": "\\ud800"}', 422, "kind: holds half of a surrogate pair (not text)"),
             # Said as "invalid request: : holds half ...", of no place.
             ('{"kind": "sleep", "\\ud800": 1}', 422,
@@ -585,6 +585,15 @@ def test_bad_bodies_get_clear_4xx(server: Server) -> None:
             ("not json", 422, "invalid request"),
             # A flag where a number goes was taken for 1; NaN was said to be too large.
             ({"kind": "sleep", "priority": True}, 422, "true is no priority: give a number"),
+            # Text where a number or a flag goes: "5" taken for 5, "no" for false.
+            ({"kind": "sleep", "input": {"seconds": "5"}}, 422, '"5" is no seconds: give a '
+                                                                 "number"),
+            ({"kind": "sleep", "delay_s": "5"}, 422, '"5" is no delay_s: give a number'),
+            ({"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}],
+                                        "expert": "no"}}, 422,
+             '"no" is no expert: give true or false'),
+            ({"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}],
+                                        "expert": 0}}, 422, "0 is no expert: give true or false"),
             ({"kind": "sleep", "input": {"steps": False}}, 422, "false is no steps"),
             ({"kind": "chat", "input": {"messages": [{"role": "user", "content": "x"}],
                                         "max_tokens": True}}, 422, "true is no max_tokens"),
@@ -685,6 +694,14 @@ def test_an_unknown_field_is_named_briefly_with_the_fields_taken(server: Server)
             assert len(detail) < 400, (path, detail[:300])
             assert "x" * 40 + "…: Extra inputs are not permitted" in detail, detail
             assert taken in detail, detail
+        # A right-to-left override and a NUL in a name: said back escaped, as a kind is,
+        # never for a terminal that shows the detail (`offload`) to act on.
+        for body in ({"kind": "sleep", "\u202e0\x00": 1},
+                     {"kind": "sleep", "input": {"\u202e0\x00": 1}}):
+            odd = client.post("/api/jobs", json=body)
+            assert odd.status_code == 422, odd.text
+            assert "\\u202e0\\x00: Extra inputs are not permitted" in odd.json()["detail"]
+            assert "\u202e" not in odd.json()["detail"] and "\x00" not in odd.json()["detail"]
         cap = client.put("/api/queue/cap", json={"max_concurrent": 2, "knd": "sleep"})
         assert cap.status_code == 422, cap.text
         assert "knd: Extra inputs are not permitted (the body takes only: max_concurrent, " \

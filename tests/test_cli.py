@@ -2189,7 +2189,11 @@ def test_a_gone_working_folder_a_gone_reader_and_an_untrusted_server_are_said(
          sys.executable], env=cli_env(server.url), cwd=tmp_path, capture_output=True,
         text=True, timeout=120)
     assert (gone.returncode, gone.stderr) == (0, ""), gone
-    for args, code in ((["submit", "sleep", "--delay", "3600"], 2), (["list"], 0)):
+    # A job waited for that failed, its reader gone (`offload wait ID | true`): exit 0,
+    # unsaid, where a script tells a failure by the exit code.
+    for args, code in ((["submit", "sleep", "--delay", "3600"], 2), (["list"], 0),
+                       (["submit", "sleep", "--input", '{"seconds": 30}', "--timeout", "0.5",
+                         "--wait"], 1)):
         read, write = os.pipe()
         os.close(read)  # `offload submit ... | (exec 0<&-; ...)`: the reader has left
         try:
@@ -2200,7 +2204,9 @@ def test_a_gone_working_folder_a_gone_reader_and_an_untrusted_server_are_said(
             os.close(write)
         assert "Traceback" not in done.stderr, done.stderr
         assert done.returncode == code, (args, done)
-        if code:
+        if code == 1:
+            assert "timeout" in done.stderr, done.stderr
+        elif code:
             assert done.stderr == ("offload: its output was not read (the reader left); the "
                                    "jobs are stored: offload list shows them\n"), done.stderr
     read, write = os.pipe()
@@ -2212,7 +2218,7 @@ def test_a_gone_working_folder_a_gone_reader_and_an_untrusted_server_are_said(
     finally:
         os.close(write)
     assert both.returncode == 2, both
-    assert len(json.loads(cli(server.url, "list", "--json").stdout)) == 2
+    assert len(json.loads(cli(server.url, "list", "--json").stdout)) == 3
     openssl = shutil.which("openssl")
     assert openssl, "openssl makes the test's certificate (Debian's openssl package)"
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"

@@ -86,9 +86,11 @@ def test_pyw_says_a_failed_start_in_a_window(monkeypatch: pytest.MonkeyPatch) ->
     pyw = start_dashboard_pyw()
     told: list[str] = []
     monkeypatch.setattr(pyw, "tell", told.append)
-    monkeypatch.setattr(pyw, "main", lambda: 0)
+    monkeypatch.setattr(pyw, "main", lambda: (0, True))
     assert pyw.started() == 0 and told == []
-    monkeypatch.setattr(pyw, "main", lambda: 2)
+    monkeypatch.setattr(pyw, "main", lambda: (1, True))  # ended from Task Manager, once up
+    assert pyw.started() == 1 and told == []
+    monkeypatch.setattr(pyw, "main", lambda: (2, False))
     assert pyw.started() == 2
     assert told[-1].startswith("Offload stopped with an error (exit code 2). What it said is "
                                "in ") and "launch.log" in told[-1]
@@ -401,6 +403,9 @@ def test_a_server_killed_under_launch_py_is_said(tmp_path: Path) -> None:
         supervisor = wait_for(lambda: next((proc for proc in server.children()
                                             if "jobs.supervisor" in proc.cmdline()), None),
                               60, what="its supervisor")
+        # Said once up: start_dashboard.pyw then says no failure of a start at its end.
+        up_said = start_dashboard_pyw().UP_SAID.decode()
+        wait_for(lambda: up_said in log.read_text(), 60, what="the dashboard said up")
         server.kill()
         assert launcher.wait(30) == 128 + signal.SIGKILL
         # It watches the API by its pid and create time, and leaves once it has ended.

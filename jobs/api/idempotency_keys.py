@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -49,7 +49,8 @@ def fingerprints(kind: str, job_input: dict[str, Any], timeout_s: float, launch:
     defaults = Launch().fields(kind, settings, 0)
     asked = [None if launch.priority == defaults[p.F_PRIORITY] else launch.priority,
              None if launch.max_attempts == defaults[p.F_MAX_ATTEMPTS] else launch.max_attempts]
-    return (_hash(kind, input_filled(kind, job_input), timeout_s, asked, launch, fields),
+    at_once = replace(launch, delay_s=launch.delay_s or None)  # a delay of 0 is none
+    return (_hash(kind, input_filled(kind, job_input), timeout_s, asked, at_once, fields),
             _hash(kind, job_input, timeout_s, [launch.priority, launch.max_attempts], launch,
                   fields))
 

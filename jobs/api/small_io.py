@@ -17,6 +17,9 @@ INLINE_PAUSE_S = 60.0  # after one that took longer, worker threads for this lon
 # One slow operation is a hiccup (an fsync after a quiet spell); another this soon after
 # the last says the disk is slow, a warning.
 SLOW_AGAIN_S = 600.0
+# Under it, a busy CPU (a share of two cores) explains the time as well as a disk does:
+# said once a minute on a loaded machine with a local disk, as a warning, it cried wolf.
+SLOW_DISK_S = 0.05
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,7 +52,8 @@ class SmallIO:
             took = time.perf_counter() - started
             if took > INLINE_MAX_S:
                 now = time.monotonic()
-                again = self._slow_at is not None and now - self._slow_at < SLOW_AGAIN_S
+                again = (self._slow_at is not None and now - self._slow_at < SLOW_AGAIN_S
+                         and took > SLOW_DISK_S)
                 self._slow_at, self._inline_from = now, now + INLINE_PAUSE_S
                 log.log(logging.WARNING if again else logging.INFO,
                         "%s took %.1f ms%s; the API touches job files from worker threads "

@@ -205,6 +205,42 @@ def _quiet_broken_pipe() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
+class _ReaderMayLeave:
+    """stdout, whose reader may leave (`offload wait | true`): the command then goes on to
+    its end unheard, and exits with its own code (a failed job's 1, a stalled supervisor's
+    7), its errors said on stderr. Where it `streams`, it stops there instead
+    (`offload log --follow | head`, `list --all | head`)."""
+
+    def __init__(self, stream: Any, streams: bool) -> None:
+        self._stream = stream
+        self._streams = streams
+        self.left = False
+
+    def write(self, text: str) -> int:
+        if not self.left:
+            try:
+                return int(self._stream.write(text))
+            except BrokenPipeError:
+                self._reader_gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.left:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        self.left = True
+        _quiet_broken_pipe()  # what is still buffered goes nowhere, quietly, at exit
+        if self._streams:
+            raise BrokenPipeError
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty, fileno: the stream's
+        return getattr(self._stream, name)
+
+
 def _reader_left(args: argparse.Namespace) -> int:
     """Quiet, as `offload list | head` wants, unless the ids of jobs just stored were lost."""
     _quiet_broken_pipe()
@@ -214,6 +250,13 @@ def _reader_left(args: argparse.Namespace) -> int:
         sys.stderr.write("offload: its output was not read (the reader left); the jobs are "
                          "stored: offload list shows them\n")
     return EXIT_USAGE
+
+
+def _code_unread(args: argparse.Namespace, code: int) -> int:
+    """The exit code of a command whose reader left: its own, and the ids of jobs it just
+    stored said lost whatever it is (`_reader_left`)."""
+    said = _reader_left(args)
+    return said if code == EXIT_OK else code
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -231,6 +274,9 @@ def run(argv: list[str] | None = None) -> int:
                          "> /dev/null to drop what it says)\n")
         return EXIT_USAGE
     sys.stdout = sys.stdout or open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+    out = _ReaderMayLeave(sys.stdout, args.run is cmd_list or (
+        args.run is cmd_log and getattr(args, "follow", False)))
+    sys.stdout = out
     sys.stderr = sys.stderr or open(os.devnull, "w")  # noqa: SIM115 (`2>&-`: unheard)
     try:
         checked_ids(args)
@@ -242,7 +288,7 @@ def run(argv: list[str] | None = None) -> int:
         whole_ids(client, args)
         code = int(args.run(client, args))
         sys.stdout.flush()  # a reader that left (`| head`) is found here, not at exit
-        return code
+        return _code_unread(args, code) if out.left else code
     except Failure as exc:
         sys.stdout.flush()
         sys.stderr.write(f"offload: {_as_options(exc.message)}\n")

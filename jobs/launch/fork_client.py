@@ -78,6 +78,7 @@ class ForkServer:
         self._runners: set[int] = set()
         self._generation = 0  # which server a child belongs to
         self._alive: set[int] = set()  # generations still running
+        self._closed = False  # its supervisor leaves: a runner's exit code is the next one's
         # The child forked ahead, as the server announced it: (generation, pid, create time).
         self._ahead: tuple[int, int, float] | None = None
 
@@ -154,14 +155,16 @@ class ForkServer:
             self._runners.discard(pid)  # an exit reported from now on is nobody's
             if pid in self._exits:
                 return self._exits.pop(pid)
-        log.warning("runner %s: its fork server ended or stalled first; its exit code is "
-                    "lost", pid)
+        if not self._closed:  # at a stop, every runner's: the next supervisor adopts them
+            log.warning("runner %s: its fork server ended or stalled first; its exit code "
+                        "is lost", pid)
         while _running(pid, create_time):
             time.sleep(0.1)
         return None
 
     def close(self) -> None:
         """Stop the server (its runners run on)."""
+        self._closed = True
         with self._lock:
             if self._proc is not None:
                 _close_stdin(self._proc)

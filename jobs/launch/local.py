@@ -177,6 +177,26 @@ class LocalLauncher(Launcher):
         if _runner(run).pid:
             processes.kill_group(_runner(run))  # grandchildren that outlived the runner
 
+    def release_unwatched(self, job_file: Path, data: dict[str, Any]) -> None:
+        pid = data.get(p.F_PID)
+        # A look at its group first (a syscall): the launch record is a file to read.
+        if not isinstance(pid, int) or pid <= 0 or not processes.group_exists(pid):
+            return
+        record = p.read_json_or_none(p.sibling(job_file, p.RUN_FILE)) or {}
+        create_time = record.get("create_time")
+        if (record.get("pid") != pid or record.get("by_hand")
+                or not isinstance(create_time, (int, float))
+                or p.launched_elsewhere(job_file, record) is not None):
+            return  # not a runner of ours in a group of its own, or not known well enough
+        born = pids.recorded(create_time, record)
+        try:
+            ended = p.parse_iso(str(data.get(p.F_FINISHED_AT)))
+        except ValueError:
+            return
+        # Launched before a reboot, or still on its way out (left to its own end).
+        if born is not None and pids.find(pid, born) is None:
+            processes.kill_left_in_group(pid, born, ended)
+
     def close(self) -> None:
         self._claims.shutdown(wait=False)
         if self._forker is not None:
@@ -246,8 +266,10 @@ def _runs(argv: list[str] | None, job_file: Path) -> bool:
 def _create_time_of_its_runner(pid: int, started_at: object, job_file: Path
                                ) -> float | None:
     """Without a launch record: accept the pid only if it started with the job, or if
-    its command line says it runs this job (a warm spare takes its job long after it
-    starts; a step of the clock moves a create time and not a written start)."""
+    its command line says it runs this job (a step of the clock moves a create time and
+    not a written start), or is a warm spare's that was there before the job started (a
+    spare takes its job long after its start, and shows the job in its command line on
+    Linux only)."""
     if not isinstance(started_at, str):
         return None
     try:
@@ -261,8 +283,9 @@ def _create_time_of_its_runner(pid: int, started_at: object, job_file: Path
         # On the clock, as the job's start was written (a step of the clock since moves
         # one and not the other: then its command line says whether it runs the job).
         on_the_clock = proc.create_time()
-        if abs(on_the_clock - started) < ADOPT_START_TOLERANCE_S or _runs(proc.cmdline(),
-                                                                          job_file):
+        argv = proc.cmdline()
+        if abs(on_the_clock - started) < ADOPT_START_TOLERANCE_S or _runs(argv, job_file) or (
+                on_the_clock < started and spare_pool.SPARE_MODULE in argv):
             return pids.created(pid)
         return None
     except Exception:

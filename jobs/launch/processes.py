@@ -29,8 +29,8 @@ from jobs.settings import API_TOKEN_ENV
 log = logging.getLogger(__name__)
 
 _CAN_SPAWN_IDLE = sys.platform == "linux"
+_SAME_TIME_S = 1.0  # a create time and a time written in a job file, compared
 RUNNER_NICE = 19  # the API must always win the CPU; runners take what it leaves
-IS_WINDOWS = sys.platform == "win32"
 
 
 class Child(Protocol):
@@ -231,12 +231,9 @@ _idle_spawner = _IdleSpawner()
 def _popen(argv: list[str], env: dict[str, str],
            log_path: str | None) -> subprocess.Popen[bytes]:
     kwargs: dict[str, object] = {}
-    if IS_WINDOWS:
+    if sys.platform == "win32":
         kwargs["creationflags"] = (
-            subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW  # type: ignore[attr-defined,unused-ignore]
-        )
-    elif sys.platform == "win32":
-        pass  # unreachable: IS_WINDOWS above; tells the type checker
+            subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW)
     elif sys.version_info >= (3, 11):
         # Its own process group: Ctrl+C in the API's terminal does not reach it, it
         # outlives the API, and killpg stops it with its children. Not a new session:
@@ -244,7 +241,9 @@ def _popen(argv: list[str], env: dict[str, str],
         # equally with the API's, whatever the runner's priority.
         kwargs["process_group"] = 0
     else:
-        kwargs["preexec_fn"] = os.setpgrp
+        # macOS on Python 3.10 (Linux spawns with posix_spawn): a session of its own, which
+        # also leads a group of its number; preexec_fn may deadlock in a process with threads.
+        kwargs["start_new_session"] = True
     if log_path is None:
         return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, close_fds=True,
@@ -273,7 +272,7 @@ def _lower_priority(proc: psutil.Process) -> None:
     nice 19, or BELOW_NORMAL_PRIORITY_CLASS on Windows.
     """
     try:
-        if IS_WINDOWS:
+        if sys.platform == "win32":
             proc.nice(psutil.BELOW_NORMAL_PRIORITY_CLASS)  # type: ignore[attr-defined,unused-ignore]
         else:
             proc.nice(RUNNER_NICE)
@@ -330,9 +329,10 @@ def _wait_gone(runner: Runner, procs: list[psutil.Process],
 
 
 def _terminate(proc: psutil.Process, tree: list[psutil.Process]) -> None:
-    if IS_WINDOWS:
+    if sys.platform == "win32":
         try:
-            # The runner turns CTRL_BREAK into a clean `cancelled`/`timeout` final state.
+            # A runner of this console turns it into its `cancelled`/`timeout`; one in a
+            # console of its own (no window) finds the stop request itself, within 0.1 s.
             os.kill(proc.pid, signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined,unused-ignore]
         except OSError:
             pass
@@ -346,12 +346,39 @@ def _terminate(proc: psutil.Process, tree: list[psutil.Process]) -> None:
             pass  # already gone; fine
 
 
+def group_exists(pgid: int) -> bool:
+    """Whether a process group of ours bears this number (POSIX)."""
+    if sys.platform == "win32":
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except OSError:  # none (ESRCH), or another account's (EPERM)
+        return False
+    return True
+
+
+def kill_left_in_group(pgid: int, born: float, ended: float) -> None:
+    """The processes of group `pgid` that its leader, a runner started at `born` whose job
+    ended at `ended` (on the clock), left there: those started in that time. A group of
+    that number formed later (its pid taken by another since) has none started then."""
+    for proc in psutil.process_iter():
+        try:
+            started = created(proc.pid)
+            if (os.getpgid(proc.pid) == pgid  # type: ignore[attr-defined,unused-ignore]
+                    and born - _SAME_TIME_S <= started <= ended + _SAME_TIME_S):
+                log.info("killing %s, left in its group by runner %s", proc.pid, pgid)
+                proc.kill()
+        except (psutil.Error, OSError):
+            pass  # ended meanwhile, or not ours to look at
+
+
 def kill_group(runner: Runner) -> None:
     """POSIX: kill what is left of the runner's process group (orphaned grandchildren).
     The group bears the runner's pid, and no new process gets a pid that a group still
     bears: if another process has that pid now, the runner's group is gone, and the
     group of that number is another's."""
-    if IS_WINDOWS or not runner.own_group or taken_by_another(runner.pid, runner.create_time):
+    if (sys.platform == "win32" or not runner.own_group
+            or taken_by_another(runner.pid, runner.create_time)):
         return
     try:
         os.killpg(runner.pid, signal.SIGKILL)  # type: ignore[attr-defined,unused-ignore]

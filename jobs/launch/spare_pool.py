@@ -22,6 +22,8 @@ from jobs.launch.warm import TITLE_ROOM, TITLE_ROOM_ENV
 
 log = logging.getLogger(__name__)
 
+SPARE_MODULE = "jobs.launch.spare"  # what a spare's command line shows until it takes a job
+
 SPARES = 2  # warm at a time: a job and the next find one; more only wait on the same CPUs
 # After a spare could not be started, or ended before it was warm (a broken environment,
 # a project file mid-edit): the next waits this long, twice as long after each further
@@ -121,7 +123,7 @@ class SparePool:
                     return
                 modules = self._modules
             try:
-                argv = [p.PYTHON, "-m", "jobs.launch.spare", *modules]
+                argv = [p.PYTHON, "-m", SPARE_MODULE, *modules]
                 child, pipes = processes.new_interpreter(argv, self._env, None)
             except OSError as exc:
                 with self._changed:

@@ -144,6 +144,8 @@ class Discovery:
         elif state in p.FINAL_STATES:  # never rewritten
             self._known_final_now(job_id, state)
             self._counting.found_final(job_id, data)
+            if data.get(p.F_LAUNCHER) == p.LOCAL:  # what its runner left in its group
+                self._launcher_for({}).release_unwatched(path, data)
         else:  # no state it may have: the API reads it as corrupt
             self._known_damaged(job_id, seen)
 

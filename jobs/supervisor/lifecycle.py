@@ -63,6 +63,7 @@ class JobLife:
         self._run = run
         self.deadline = deadline  # time.monotonic() value
         self.stopping: str | None = None  # the reason, once a stop has begun
+        self.stop_failed = False  # the last stop raised: the next pass tries it again
         self.unwritten: Final | None = None  # to write again next pass
         # The job as its runner left it, its exit code and backoff: queued again next pass.
         self._unqueued: tuple[dict[str, Any], int | None, float] | None = None
@@ -129,7 +130,12 @@ class JobLife:
 
     def is_overdue(self, now: float) -> bool:
         """Past its deadline and not stopping yet (`now`: time.monotonic())."""
-        return self.stopping is None and self.deadline is not None and now > self.deadline
+        return self.may_stop and self.deadline is not None and now > self.deadline
+
+    @property
+    def may_stop(self) -> bool:
+        """No stop under way: none begun, or the last one failed."""
+        return self.stopping is None or self.stop_failed
 
     # -- stop ----------------------------------------------------------------------
 
@@ -172,7 +178,7 @@ class JobLife:
     def begin_stop(self, reason: str, grace_s: float,
                    then: Callable[[], None]) -> threading.Thread:
         """Stop the runner on a thread of its own; `then` is called once it is gone."""
-        self.stopping = reason
+        self.stopping, self.stop_failed = self.stopping or reason, False
         thread = threading.Thread(target=self.stop, args=(grace_s, then), daemon=True,
                                   name=f"stop-{self.job_id[:8]}")
         thread.start()
@@ -182,7 +188,9 @@ class JobLife:
         try:
             self.launcher.stop(self.run, grace_s)
         except Exception:
-            log.exception("job %s: stopping its runner failed", self.job_id)
+            log.exception("job %s: stopping its runner failed; tried again at the next full "
+                          "pass", self.job_id)
+            self.stop_failed = True  # its reason kept: the runner may have stopped all the same
         then()
 
     # -- finalize ------------------------------------------------------------------

@@ -327,7 +327,7 @@ class Supervisor(Discovery, Launching, Endings):
                 self._cancel_unstarted(job_id)
             elif job_id in self._running:
                 life = self._running[job_id]
-                if life.stopping is None and not life.timeout_held:
+                if life.may_stop and not life.timeout_held:
                     self._start_stop(life, life.stop_reason())
             elif job_id in self._unwritten:  # ended: a retry waiting for room is not run
                 held = self._unwritten[job_id]
