@@ -63,18 +63,15 @@ def main() -> tuple[int, bool]:
         python = python.with_name("python.exe")
     flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
     # No line for each request in it, or it would grow with every poll of the dashboard.
-    with open(open_log(ROOT / "var"), "ab") as log:
-        since = log.seek(0, os.SEEK_END)
+    # Read back through a handle of its own: a start meanwhile may set the file aside.
+    with open(open_log(ROOT / "var"), "ab") as log, \
+            open(ROOT / "var" / "launch.log", "rb") as said:
+        said.seek(0, os.SEEK_END)
         code = subprocess.call([str(python), str(ROOT / "launch.py"), "--no-access-log",
                                 *sys.argv[1:]], cwd=ROOT, stdout=log,
                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                creationflags=flags)
-    try:
-        with open(ROOT / "var" / "launch.log", "rb") as said:
-            said.seek(since)
-            return code, UP_SAID in said.read()
-    except OSError:
-        return code, False
+        return code, UP_SAID in said.read()
 
 
 def tell(text: str) -> None:

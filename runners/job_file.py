@@ -137,6 +137,7 @@ def run_job_file(path: str, execute: Execute, kind: str | None = None, force: bo
                  emit_key: str | None = None) -> int:
     """`kind`: the runner's own; a job of another built-in kind is refused (one's own kinds
     may share a runner: `OFFLOAD_KINDS=nap=runners.sleep`)."""
+    parent = os.getppid()  # its launcher's: another at its end if that one has left
     log_output(path)
     try:
         data = p.read_json(path)
@@ -200,8 +201,38 @@ def run_job_file(path: str, execute: Execute, kind: str | None = None, force: bo
         sink.start(job)
     except StopRequested as stop:
         # Stopped before it could even say it runs: record that, then leave.
-        return stopped(job, stop, stopper)
-    return run(job, execute, stopper, None)
+        return _leaving(stopped(job, stop, stopper), launched, parent)
+    return _leaving(run(job, execute, stopper, None), launched, parent)
+
+
+def _leaving(code: int, launched: bool, parent: int) -> int:
+    """`code`, once a launched runner whose launcher has left (a supervisor's restart) has
+    killed what it started and left in its process group, as that supervisor does at a
+    runner's end it watches. Its group is its own while it lives: nobody else's is in it."""
+    if sys.platform == "win32":  # no process groups
+        return code
+    me = os.getpid()
+    if not launched or os.getppid() == parent or os.getpgrp() != me:
+        return code
+    for pid in _in_group(me):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return code
+
+
+def _in_group(pgid: int) -> list[int]:
+    """The other processes of process group `pgid`, as /proc lists them (Linux; elsewhere
+    none is found: a runner imports no psutil)."""
+    found = []
+    for name in os.listdir("/proc") if sys.platform == "linux" else ():
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()  # state, ppid, pgrp, ...
+            if name.isdigit() and int(fields[2]) == pgid and int(name) != pgid:
+                found.append(int(name))
+        except (OSError, IndexError, ValueError):
+            continue  # not a process, or ended meanwhile
+    return found
 
 
 

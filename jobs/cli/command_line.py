@@ -199,10 +199,10 @@ def _as_options(message: str) -> str:
     return OPTION_FIELDS.sub(lambda match: OPTION_OF[match.group(1)], message)
 
 
-def _quiet_broken_pipe() -> None:
+def _quiet_broken_pipe(stream: Any = None) -> None:
     """`offload list | head`: the reader left; no traceback, no second error on exit."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, (stream or sys.stdout).fileno())
 
 
 class _ReaderMayLeave:
@@ -233,7 +233,7 @@ class _ReaderMayLeave:
 
     def _reader_gone(self) -> None:
         self.left = True
-        _quiet_broken_pipe()  # what is still buffered goes nowhere, quietly, at exit
+        _quiet_broken_pipe(self._stream)  # what is still buffered goes nowhere, quietly
         if self._streams:
             raise BrokenPipeError
 
@@ -274,10 +274,11 @@ def run(argv: list[str] | None = None) -> int:
                          "> /dev/null to drop what it says)\n")
         return EXIT_USAGE
     sys.stdout = sys.stdout or open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+    sys.stderr = sys.stderr or open(os.devnull, "w")  # noqa: SIM115 (`2>&-`: unheard)
     out = _ReaderMayLeave(sys.stdout, args.run is cmd_list or (
         args.run is cmd_log and getattr(args, "follow", False)))
     sys.stdout = out
-    sys.stderr = sys.stderr or open(os.devnull, "w")  # noqa: SIM115 (`2>&-`: unheard)
+    sys.stderr = _ReaderMayLeave(sys.stderr, False)  # `2>&1 | head -1`: each failed job's line
     try:
         checked_ids(args)
         if isinstance(args.url, str) and not args.url.strip():  # `--url "$UNSET"`: not the

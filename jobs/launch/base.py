@@ -102,11 +102,6 @@ class Launcher(ABC):
     def release(self, run: Run) -> None:  # noqa: B027
         """Called once the local job file is final."""
 
-    def release_unwatched(self, job_file: Path, data: dict[str, Any]) -> None:  # noqa: B027
-        """A job found final whose runner ended while no supervisor watched it: `release`
-        what it left, as at an end watched. Called for every job found final, so cheap
-        where nothing is left."""
-
     def leading(self) -> None:  # noqa: B027
         """This supervisor now leads the data folder: what a launcher does once for it."""
 

@@ -9,6 +9,7 @@ import errno
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -26,6 +27,10 @@ from jobs.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 ADOPT_START_TOLERANCE_S = 5.0
+# A spare that has taken a job shows it in its command line on Linux only; elsewhere one
+# is known by having been there before its job started (not on Linux: a step of the clock
+# back could make a spare started since look older).
+SPARES_SHOW_NO_JOB = sys.platform != "linux"
 # What a fork, a spawn or a new thread fails with while the machine has no room for one
 # now (a limit on processes or open files, memory): the job waits rather than fails.
 NO_ROOM_ERRNOS = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
@@ -177,26 +182,6 @@ class LocalLauncher(Launcher):
         if _runner(run).pid:
             processes.kill_group(_runner(run))  # grandchildren that outlived the runner
 
-    def release_unwatched(self, job_file: Path, data: dict[str, Any]) -> None:
-        pid = data.get(p.F_PID)
-        # A look at its group first (a syscall): the launch record is a file to read.
-        if not isinstance(pid, int) or pid <= 0 or not processes.group_exists(pid):
-            return
-        record = p.read_json_or_none(p.sibling(job_file, p.RUN_FILE)) or {}
-        create_time = record.get("create_time")
-        if (record.get("pid") != pid or record.get("by_hand")
-                or not isinstance(create_time, (int, float))
-                or p.launched_elsewhere(job_file, record) is not None):
-            return  # not a runner of ours in a group of its own, or not known well enough
-        born = pids.recorded(create_time, record)
-        try:
-            ended = p.parse_iso(str(data.get(p.F_FINISHED_AT)))
-        except ValueError:
-            return
-        # Launched before a reboot, or still on its way out (left to its own end).
-        if born is not None and pids.find(pid, born) is None:
-            processes.kill_left_in_group(pid, born, ended)
-
     def close(self) -> None:
         self._claims.shutdown(wait=False)
         if self._forker is not None:
@@ -285,7 +270,8 @@ def _create_time_of_its_runner(pid: int, started_at: object, job_file: Path
         on_the_clock = proc.create_time()
         argv = proc.cmdline()
         if abs(on_the_clock - started) < ADOPT_START_TOLERANCE_S or _runs(argv, job_file) or (
-                on_the_clock < started and spare_pool.SPARE_MODULE in argv):
+                SPARES_SHOW_NO_JOB and on_the_clock < started
+                and spare_pool.SPARE_MODULE in argv):
             return pids.created(pid)
         return None
     except Exception:

@@ -29,7 +29,6 @@ from jobs.settings import API_TOKEN_ENV
 log = logging.getLogger(__name__)
 
 _CAN_SPAWN_IDLE = sys.platform == "linux"
-_SAME_TIME_S = 1.0  # a create time and a time written in a job file, compared
 RUNNER_NICE = 19  # the API must always win the CPU; runners take what it leaves
 
 
@@ -344,32 +343,6 @@ def _terminate(proc: psutil.Process, tree: list[psutil.Process]) -> None:
             each.terminate()
         except psutil.Error:
             pass  # already gone; fine
-
-
-def group_exists(pgid: int) -> bool:
-    """Whether a process group of ours bears this number (POSIX)."""
-    if sys.platform == "win32":
-        return False
-    try:
-        os.killpg(pgid, 0)
-    except OSError:  # none (ESRCH), or another account's (EPERM)
-        return False
-    return True
-
-
-def kill_left_in_group(pgid: int, born: float, ended: float) -> None:
-    """The processes of group `pgid` that its leader, a runner started at `born` whose job
-    ended at `ended` (on the clock), left there: those started in that time. A group of
-    that number formed later (its pid taken by another since) has none started then."""
-    for proc in psutil.process_iter():
-        try:
-            started = created(proc.pid)
-            if (os.getpgid(proc.pid) == pgid  # type: ignore[attr-defined,unused-ignore]
-                    and born - _SAME_TIME_S <= started <= ended + _SAME_TIME_S):
-                log.info("killing %s, left in its group by runner %s", proc.pid, pgid)
-                proc.kill()
-        except (psutil.Error, OSError):
-            pass  # ended meanwhile, or not ours to look at
 
 
 def kill_group(runner: Runner) -> None:

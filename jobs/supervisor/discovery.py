@@ -94,7 +94,7 @@ class Discovery:
             life = self._running[gone]
             # Its folder deleted by hand: the job is no more, and its runner held a slot
             # until its deadline. (The listing may be a moment old: the folder tells.)
-            if not life.stopping and not os.path.exists(os.path.dirname(life.job_file)):
+            if life.may_stop and not os.path.exists(os.path.dirname(life.job_file)):
                 # Removed at a client's word, it had ended (its runner lingers): not said.
                 if not os.path.exists(removed_note_path(life.job_file)):
                     log.info("job %s was deleted while it ran; its runner is stopped", gone)
@@ -144,8 +144,6 @@ class Discovery:
         elif state in p.FINAL_STATES:  # never rewritten
             self._known_final_now(job_id, state)
             self._counting.found_final(job_id, data)
-            if data.get(p.F_LAUNCHER) == p.LOCAL:  # what its runner left in its group
-                self._launcher_for({}).release_unwatched(path, data)
         else:  # no state it may have: the API reads it as corrupt
             self._known_damaged(job_id, seen)
 

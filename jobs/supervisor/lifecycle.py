@@ -41,6 +41,8 @@ from jobs.protocol.counters import take_removed_note
 
 log = logging.getLogger(__name__)
 
+STOP_RETRY_S = 5.0  # a stop that raised is tried again after this
+
 
 class Final(NamedTuple):
     """A final state the supervisor writes into a job file."""
@@ -63,7 +65,8 @@ class JobLife:
         self._run = run
         self.deadline = deadline  # time.monotonic() value
         self.stopping: str | None = None  # the reason, once a stop has begun
-        self.stop_failed = False  # the last stop raised: the next pass tries it again
+        self.stop_failed_at: float | None = None  # the last stop raised then: tried again
+        self._stop_failure_said = False
         self.unwritten: Final | None = None  # to write again next pass
         # The job as its runner left it, its exit code and backoff: queued again next pass.
         self._unqueued: tuple[dict[str, Any], int | None, float] | None = None
@@ -134,8 +137,9 @@ class JobLife:
 
     @property
     def may_stop(self) -> bool:
-        """No stop under way: none begun, or the last one failed."""
-        return self.stopping is None or self.stop_failed
+        """No stop under way: none begun, or the last one failed STOP_RETRY_S ago."""
+        return self.stopping is None or (self.stop_failed_at is not None
+                                         and time.monotonic() > self.stop_failed_at + STOP_RETRY_S)
 
     # -- stop ----------------------------------------------------------------------
 
@@ -178,7 +182,7 @@ class JobLife:
     def begin_stop(self, reason: str, grace_s: float,
                    then: Callable[[], None]) -> threading.Thread:
         """Stop the runner on a thread of its own; `then` is called once it is gone."""
-        self.stopping, self.stop_failed = self.stopping or reason, False
+        self.stopping, self.stop_failed_at = self.stopping or reason, None
         thread = threading.Thread(target=self.stop, args=(grace_s, then), daemon=True,
                                   name=f"stop-{self.job_id[:8]}")
         thread.start()
@@ -188,9 +192,12 @@ class JobLife:
         try:
             self.launcher.stop(self.run, grace_s)
         except Exception:
-            log.exception("job %s: stopping its runner failed; tried again at the next full "
-                          "pass", self.job_id)
-            self.stop_failed = True  # its reason kept: the runner may have stopped all the same
+            if not self._stop_failure_said:
+                self._stop_failure_said = True
+                log.exception("job %s: stopping its runner failed; tried again every %g s",
+                              self.job_id, STOP_RETRY_S)
+            # Its reason kept: the runner may have stopped all the same.
+            self.stop_failed_at = time.monotonic()
         then()
 
     # -- finalize ------------------------------------------------------------------

@@ -342,7 +342,9 @@ class Supervisor(Discovery, Launching, Endings):
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
         for life in self._running.values():
-            if life.is_overdue(now) and life.request_timeout(now, self.final_write_patience_s):
+            # A cancel's stop tried again keeps its request: not rewritten as a timeout.
+            if life.is_overdue(now) and (life.stopping is not None or life.request_timeout(
+                    now, self.final_write_patience_s)):
                 self._start_stop(life, p.JobState.TIMEOUT)
 
     def _start_stop(self, life: JobLife, reason: str) -> None:
