@@ -13,6 +13,7 @@ installed.
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,26 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+def run_suite(cmd: list[str]) -> int:
+    """The suite's exit code, once it has ended: stopped, it stops the servers it started
+    first (subprocess.call killed it outright at a Ctrl+C, and a SIGTERM to launch.py alone
+    left it running)."""
+    suite = subprocess.Popen(cmd, cwd=ROOT)
+
+    def pass_on(number: int, _: object) -> None:
+        suite.send_signal(number)
+
+    for name in ("SIGTERM", "SIGHUP"):  # as `python launch.py` passes them to its server
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, pass_on)
+    while True:
+        try:
+            return suite.wait()
+        except KeyboardInterrupt:  # a terminal's Ctrl+C reached the suite too
+            continue
+
+
 def main(argv: list[str]) -> int:
     if sys.version_info < (3, 10):  # noqa: UP036 - launch.py may meet any Python
         sys.exit("[offload] Python 3.10 or newer is needed")
@@ -67,8 +88,7 @@ def main(argv: list[str]) -> int:
         if options.command == "test":
             install({"test", "bench", "llm", "llm-server", "ray"})
             release()  # the suite starts launch.py itself
-            cmd = [str(venv_python()), "-m", "pytest", *extra]
-            return subprocess.call(cmd, cwd=ROOT)
+            return run_suite([str(venv_python()), "-m", "pytest", *extra])
         install({"llm", "llm-server"})
         return serve(options, extra, release)
 

@@ -38,6 +38,26 @@ def _exported_settings() -> list[str]:
             or name in ("OPENAI_BASE_URL", "OPENAI_API_KEY")]
 
 
+def _stopped_as_by_ctrl_c() -> None:
+    """A SIGTERM or SIGHUP ends the suite as Ctrl+C does, the servers its tests started
+    stopped by their teardown (they died with it, these left running). Only the first:
+    one sent to the whole group and passed on by launch.py too would cut that short."""
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, stop)
+
+
+_stopped_as_by_ctrl_c()
+
 # As the suite starts, before any server a module or the session shares (not in
 # tests/__init__: a runner of the tests' own kind imports it, and takes its job from these).
 for _name in _exported_settings():

@@ -3,6 +3,7 @@ port, and the Windows files (their line endings and the commands they call)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -507,6 +508,42 @@ def test_launch_py_stopped_with_a_signal_stops_its_server(tmp_path: Path, sig: s
         stop_process(launcher)
         if waiting is not None:
             stop_process(waiting)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+@pytest.mark.parametrize("stop", ["SIGTERM to launch.py", "SIGTERM to all", "Ctrl+C"])
+def test_the_suite_stopped_under_launch_py_stops_the_servers_it_started(
+        tmp_path: Path, stop: str) -> None:
+    # A CI's time limit or a process manager (a SIGTERM to launch.py, or to its whole
+    # group) left the suite's servers running, as did a Ctrl+C (launch.py killed the
+    # suite outright while it stopped them).
+    started = tmp_path / "server.pid"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "OPENAI_"))}
+    suite = subprocess.Popen(
+        [sys.executable, "launch.py", "test", "-p", "no:cacheprovider",
+         f"--basetemp={tmp_path / 'inner'}", "tests/fixtures/stopped_suite.py"],
+        cwd=ROOT, env={**env, "STOPPED_SUITE_SERVER_PID": str(started)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    started_by_it: list[psutil.Process] = []
+    try:
+        wait_for(lambda: started.exists() and started.read_text() != "", 120, 0.2,
+                 "the suite's server")
+        server = psutil.Process(int(started.read_text()))
+        started_by_it += [server, *server.children(recursive=True)]
+        assert any("jobs.supervisor" in proc.cmdline() for proc in started_by_it)
+        if stop == "SIGTERM to launch.py":
+            suite.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(suite.pid, signal.SIGTERM if stop == "SIGTERM to all" else signal.SIGINT)
+        suite.wait(60)
+        _, running = psutil.wait_procs(started_by_it, timeout=30)
+        assert not running, [proc.cmdline() for proc in running]
+    finally:
+        stop_process(suite)
+        for proc in started_by_it:  # what a failure left
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
