@@ -386,3 +386,24 @@ def test_what_a_runner_left_when_no_supervisor_watched_its_end_is_stopped_by_it(
     wait_for(lambda: process_gone(child), 10, what="the child it left stopped by the runner")
     # A stop is no fault: "its fork server ended or stalled first" was said of each runner.
     assert "stalled first" not in _log(server.data_dir)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="starting a process as another account takes root")
+def test_another_accounts_process_is_never_adopted_as_a_runner(tmp_path: Path) -> None:
+    # Known only by a pid (no launch record), a process of another account that started
+    # with the job and even shows its job file (a reused pid) was taken for its runner:
+    # a cancel would then stop it, or fail to, and the job wait on it.
+    from jobs.launch.local import _create_time_of_its_runner
+
+    job_file = tmp_path / "jobs" / ("a" * 32) / p.JOB_FILE
+    started = p.iso(time.time())
+    stranger = subprocess.Popen(["sh", "-c", "sleep 60; :", "sh", "--job-file", str(job_file)],
+                                user=65534, group=65534, cwd="/")
+    try:
+        wait_for(lambda: psutil.Process(stranger.pid).username() != psutil.Process().username(),
+                 timeout=10, what="the process as another account")
+        assert _create_time_of_its_runner(stranger.pid, started, job_file) is None
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -444,3 +444,62 @@ def test_a_chat_never_goes_to_a_port_a_stale_status_names(data_dir: Path) -> Non
     final = store.read(job["id"])
     assert done.returncode != 0 and final["state"] == "failed", final
     assert "embedded model is not ready" in final["error"]["message"]
+
+
+# A server (an echoing proxy, a gateway that names the caller's credential in its model
+# list or in each chunk's `model`) that put the key it was sent into a model's name had it
+# shown in `/api/health`'s `llm.model`, `offload status` and a chat's `result.model`, to
+# every holder of the API's token.
+ECHOED_KEY = "sk-sentinel-model-name-0123456789"
+
+
+class _EchoingHandler(JSONHandler):
+    def _key(self) -> str:
+        return self.headers.get("Authorization", "").partition(" ")[2]
+
+    def do_GET(self) -> None:
+        self._json(200, {"object": "list", "data": [{"id": f"proxy-for-{self._key()}"}]})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        model = f"proxy-for-{self._key()}"
+        chunks = [{"model": model, "choices": [{"index": 0, "delta": {"content": "Hello"}}]},
+                  {"model": model, "choices": [{"index": 0, "delta": {},
+                                                "finish_reason": "stop"}]}]
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        self._answer(200, body.encode(), "text/event-stream", None)
+
+
+class _KeyEchoingServer(ScriptedServer):
+    def __init__(self) -> None:
+        super().__init__(ThreadingHTTPServer(("127.0.0.1", 0), _EchoingHandler))
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+def test_health_names_the_model_without_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    with _KeyEchoingServer() as fake:
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", ECHOED_KEY)
+        get_settings.cache_clear()
+        status = LLMStatus(get_settings())
+        assert status.probe() is True
+    assert status.model is not None and status.model.startswith("proxy-for-")
+    assert ECHOED_KEY not in json.dumps(status.as_dict())
+
+
+def test_a_chats_result_names_the_model_without_the_key(data_dir: Path) -> None:
+    with _KeyEchoingServer() as fake:
+        store = JobStore(data_dir / "jobs")
+        job = store.create("chat", {"messages": [{"role": "user", "content": "hi"}]}, 60)
+        env = {**os.environ, "OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": ECHOED_KEY}
+        subprocess.run([sys.executable, "-m", "runners.chat", "--job-file",
+                        str(store.path(job["id"]))],
+                       cwd=ROOT, env=env, capture_output=True, timeout=60)
+        done = store.read(job["id"])
+    assert done["state"] == "completed", done
+    assert str(done["result"]["model"]).startswith("proxy-for-"), done["result"]
+    assert ECHOED_KEY not in json.dumps(done)
+    assert ECHOED_KEY not in (data_dir / "jobs" / job["id"] / "job.json").read_text()

@@ -265,6 +265,8 @@ def _create_time_of_its_runner(pid: int, started_at: object, job_file: Path
     if proc is None:
         return None
     try:
+        if proc.username() != psutil.Process().username():
+            return None  # another account's, whatever it shows: never a runner of ours
         # On the clock, as the job's start was written (a step of the clock since moves
         # one and not the other: then its command line says whether it runs the job).
         on_the_clock = proc.create_time()

@@ -70,7 +70,10 @@ class LLMStatus:
                 '{"data": [...]}; is OPENAI_BASE_URL an OpenAI-compatible API (ending in /v1)?')
             return False
         if not self.model and models and isinstance(models[0], dict):
-            self.model = str(models[0].get("id", "")) or None
+            # The server's own words, as an error's: a model's name that quotes the key it
+            # was sent (an echoing proxy, a misconfigured gateway) goes to /api/health and
+            # `offload status` without it.
+            self.model = self._server.redact(str(models[0].get("id", ""))) or None
         self.ready, self.detail = True, "ok"
         return True
 
