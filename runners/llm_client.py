@@ -24,6 +24,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from jobs import protocol as p
 from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url, usable_key
+from runners import execution
 from runners.base import RunnerError
 
 TYPE_CHECKING = False
@@ -252,6 +253,8 @@ def _request_with_retries(config: Config, body: dict[str, Any]
     while True:
         attempt += 1
         conn = _connect(config)
+        if conn.sock is not None:
+            execution.end_at_stop(conn.sock)  # its answer waited for (Windows)
         response = _send(config, conn, body)
         status = response.status
         if status == 200:
@@ -334,6 +337,9 @@ def _send(config: Config, conn: http.client.HTTPConnection,
         conn.close()
         raise _fail(f"the LLM server at {config.base_url} closed the connection before "
                     f"answering: {_reason(exc)}", transient=True) from exc
+    except BaseException:  # a stop while it waits
+        conn.close()
+        raise
 
 
 def _stream(config: Config, response: http.client.HTTPResponse,

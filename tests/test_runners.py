@@ -6,8 +6,10 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -238,6 +240,33 @@ def test_a_runner_no_signal_reaches_stops_at_its_stop_request(
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_a_chat_waiting_for_its_first_token_stops_at_its_stop_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Windows: the stop watch's SIGINT runs in the main thread only once it runs Python
+    # again, and a chat waiting for its first token waits in a socket read: it was killed
+    # after the grace. Here too a signal raised by another thread wakes no read.
+    from runners import execution, llm_client
+
+    monkeypatch.setattr(execution, "WATCHES_STOP_FILE", True)
+    job_file = tmp_path / "jobs" / "a" / "job.json"
+    job_file.parent.mkdir(parents=True)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # takes the request, never answers
+        config = llm_client.Config(f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
+                                   first_token_s=100)
+        try:
+            execution.Stopper(str(job_file), launched=True).install(None)
+            threading.Timer(0.5, p.request_stop, (job_file, "cancelled")).start()
+            started = time.monotonic()
+            with pytest.raises(execution.StopRequested) as stopped:
+                llm_client.chat(config, [{"role": "user", "content": "hi"}], lambda _: None)
+            assert stopped.value.reason == "cancelled"
+            assert time.monotonic() - started < 30, "woken by the stop, not the time limit"
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
 
 
 def test_chat_cli_without_a_server_says_what_to_do() -> None:
