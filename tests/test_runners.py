@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,11 +216,11 @@ def test_a_stop_on_the_heels_of_the_deadline_is_one_stop() -> None:
     stopper._on_signal(signal.SIGTERM, None)  # ignored: the timeout is being written
 
 
-def test_a_runner_no_signal_reaches_stops_at_its_stop_request(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Windows: the supervisor's CTRL_BREAK reaches no runner (each runs in a console of its
-    # own), so a cancel waited out the grace and killed it, its partial output unsaved.
-    # There the runner watches for the stop request: here that watch, switched on.
+@pytest.fixture
+def watched_stop_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Windows: the supervisor's CTRL_BREAK reaches no runner (each runs in a console of
+    its own), so a launched runner watches for its stop request itself. Here that watch,
+    switched on in this process, for the job file given; its signal handlers put back."""
     from runners import execution
 
     monkeypatch.setattr(execution, "WATCHES_STOP_FILE", True)
@@ -228,45 +228,43 @@ def test_a_runner_no_signal_reaches_stops_at_its_stop_request(
     job_file.parent.mkdir(parents=True)
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        stopper = execution.Stopper(str(job_file), launched=True)
-        stopper.install(None)
-        time.sleep(0.3)
-        assert p.request_stop(job_file, "cancelled")  # as the API's cancel writes it
-        with pytest.raises(execution.StopRequested) as stopped:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                time.sleep(0.01)
-        assert stopped.value.reason == "cancelled"
+        execution.Stopper(str(job_file), launched=True).install(None)
+        yield job_file
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
 
 
+def test_a_runner_no_signal_reaches_stops_at_its_stop_request(watched_stop_file: Path) -> None:
+    # Without the watch, a cancel waited out the grace and killed it, its partial output
+    # unsaved.
+    from runners import execution
+
+    time.sleep(0.3)
+    assert p.request_stop(watched_stop_file, "cancelled")  # as the API's cancel writes it
+    with pytest.raises(execution.StopRequested) as stopped:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert stopped.value.reason == "cancelled"
+
+
 def test_a_chat_waiting_for_its_first_token_stops_at_its_stop_request(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Windows: the stop watch's SIGINT runs in the main thread only once it runs Python
-    # again, and a chat waiting for its first token waits in a socket read: it was killed
-    # after the grace. Here too a signal raised by another thread wakes no read.
+        watched_stop_file: Path) -> None:
+    # The watch's SIGINT runs in the main thread only once it runs Python again, and a
+    # chat waiting for its first token waits in a socket read: it was killed after the
+    # grace. Here too a signal raised by another thread wakes no read.
     from runners import execution, llm_client
 
-    monkeypatch.setattr(execution, "WATCHES_STOP_FILE", True)
-    job_file = tmp_path / "jobs" / "a" / "job.json"
-    job_file.parent.mkdir(parents=True)
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     with socket.create_server(("127.0.0.1", 0)) as silent:  # takes the request, never answers
         config = llm_client.Config(f"http://127.0.0.1:{silent.getsockname()[1]}/v1",
                                    first_token_s=100)
-        try:
-            execution.Stopper(str(job_file), launched=True).install(None)
-            threading.Timer(0.5, p.request_stop, (job_file, "cancelled")).start()
-            started = time.monotonic()
-            with pytest.raises(execution.StopRequested) as stopped:
-                llm_client.chat(config, [{"role": "user", "content": "hi"}], lambda _: None)
-            assert stopped.value.reason == "cancelled"
-            assert time.monotonic() - started < 30, "woken by the stop, not the time limit"
-        finally:
-            for sig, handler in before.items():
-                signal.signal(sig, handler)
+        threading.Timer(0.5, p.request_stop, (watched_stop_file, "cancelled")).start()
+        started = time.monotonic()
+        with pytest.raises(execution.StopRequested) as stopped:
+            llm_client.chat(config, [{"role": "user", "content": "hi"}], lambda _: None)
+    assert stopped.value.reason == "cancelled"
+    assert time.monotonic() - started < 30, "woken by the stop, not the time limit"
 
 
 def test_chat_cli_without_a_server_says_what_to_do() -> None:
