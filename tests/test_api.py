@@ -372,6 +372,61 @@ def test_remove_a_finished_job_now(make_server: MakeServer) -> None:
         client.delete(f"/api/jobs/{later['id']}")
 
 
+def test_a_job_removed_as_another_is_stored_depending_on_it_is_one_or_the_other(
+        make_server: MakeServer) -> None:
+    """A removal and a submission that depends on the removed job, at the same moment:
+    either the submission is refused (422, no such job) and the removal done, or the job is
+    stored and the removal refused (409, a job not ended needs it). Never both: a job
+    stored (202) whose dependency is removed a moment after its check fails `dependency`
+    ("is gone") for a job it was told was there."""
+    import threading
+
+    server = make_server()
+    both = []
+
+    def at_once(start: threading.Barrier, answers: dict[str, Any], name: str, method: str,
+                path: str, body: dict[str, Any] | None = None) -> threading.Thread:
+        def send() -> None:
+            with server.client() as own:
+                start.wait()
+                answers[name] = own.request(method, path, json=body)
+        thread = threading.Thread(target=send)
+        thread.start()
+        return thread
+
+    with server.client() as client:
+        for _ in range(30):
+            done = client.post("/api/jobs", json={"kind": "sleep", "input": {}}).json()
+            assert wait_job(client, done["id"])["state"] == "completed"
+            answers: dict[str, Any] = {}
+            start = threading.Barrier(2)
+            threads = [
+                at_once(start, answers, "submit", "POST", "/api/jobs", {
+                    "kind": "sleep", "input": {}, "delay_s": 3600, "depends_on": done["id"]}),
+                at_once(start, answers, "remove", "POST", f"/api/jobs/{done['id']}/remove")]
+            for thread in threads:
+                thread.join()
+            stored, removed = answers["submit"], answers["remove"]
+            assert (stored.status_code, removed.status_code) in ((202, 409), (422, 200)), (
+                stored.text, removed.text)
+            if stored.status_code == 202:
+                both.append(stored.json()["id"])
+        for job_id in both:  # each still waits for its dependency, not failed for its loss
+            job = client.get(f"/api/jobs/{job_id}").json()
+            assert job["state"] == "queued", job
+            client.delete(f"/api/jobs/{job_id}")
+        # One job removed by several requests at once: one removes it, the others find
+        # no job (as they would a moment later), not each "removed".
+        done = client.post("/api/jobs", json={"kind": "sleep", "input": {}}).json()
+        assert wait_job(client, done["id"])["state"] == "completed"
+        answers, start = {}, threading.Barrier(4)
+        threads = [at_once(start, answers, str(n), "POST", f"/api/jobs/{done['id']}/remove")
+                   for n in range(4)]
+        for thread in threads:
+            thread.join()
+        assert sorted(answer.status_code for answer in answers.values()) == [200, 404, 404, 404]
+
+
 def test_a_job_cancelled_far_back_in_the_queue_is_so_at_once(make_server: MakeServer) -> None:
     # The index looks at a queued job past the first 64 in line once a second: one
     # cancelled there was listed queued a moment more, and kept the job it depends on.

@@ -259,6 +259,23 @@ def test_the_index_knows_what_may_be_pruned(data_dir: Path) -> None:
     assert store.load().finished_before(time.time()) == 3
 
 
+
+def test_pruning_keeps_a_job_that_a_job_stored_a_moment_ago_depends_on(data_dir: Path) -> None:
+    """The supervisor's `keep` (the dependencies of the jobs in its queue) may not hold a
+    job stored since its last pass: the store keeps what every live job on disk depends
+    on all the same, so that job does not fail `dependency` ("is gone") for a job its
+    submission was told was there."""
+    store = JobStore(data_dir / "jobs")
+    old = write_finished_jobs(store.dir, 3)  # an hour ago
+    waiting = store.create("sleep", {}, 10, fields={p.F_DEPENDS_ON: [old[0]]})["id"]
+    assert store.prune(retention_s=60, keep=set()) == 2
+    assert {j["id"] for j in store.list_jobs()} == {old[0], waiting}
+    # Over the cap too.
+    more = write_finished_jobs(store.dir, 3)
+    assert store.prune(retention_s=3600 * 24, max_jobs=1, keep=set()) == 3
+    assert old[0] in {j["id"] for j in store.list_jobs()}, more
+
+
 # -- item 6: idempotency keys ----------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from jobs.api.service import BatchStopped, NotRerunnable
 from jobs.api.stops import AlreadyFinished, NotRemoved, StillNeeded
 from jobs.kinds import InvalidInput, UnknownKind, error_location
 from jobs.settings import problem_said
+from jobs.store.dependency_lock import DependenciesBusy
 from jobs.store.job_store import JobNotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ async def _gone(request: Request, exc: Exception) -> JSONResponse:
     return _detail(410, str(exc))
 
 
-async def _not_removed(request: Request, exc: Exception) -> JSONResponse:
+async def _try_again_soon(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
 
@@ -237,7 +238,8 @@ Handler = Callable[[Request, Exception], Awaitable[Response]]
 HANDLERS: dict[type[Exception], Handler] = {
     JobNotFound: _not_found, UnknownKind: _unprocessable, InvalidInput: _unprocessable,
     IdempotencyConflict: _unprocessable, AlreadyFinished: _conflict, NotRerunnable: _refused,
-    BeingForgotten: _refused, TurnGone: _gone, StillNeeded: _refused, NotRemoved: _not_removed,
+    BeingForgotten: _refused, TurnGone: _gone, StillNeeded: _refused,
+    NotRemoved: _try_again_soon, DependenciesBusy: _try_again_soon,
     KeyInFlight: _key_in_flight, Overloaded: _overloaded, StoreUnavailable: _unavailable,
     BatchStopped: _batch_stopped, RequestValidationError: _validation,
     StarletteHTTPException: _http, Exception: _unexpected}

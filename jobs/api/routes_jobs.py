@@ -230,7 +230,8 @@ async def cancel_jobs(body: JobIds, service: Service) -> dict[str, Any]:
              responses={**NO_JOB, 409: {"description": "the job has not finished, or a job "
                                                        "not ended needs it (one that depends "
                                                        "on it, a turn of its chat)"},
-                        503: {"description": "its files could not all be deleted; retry"}})
+                        503: {"description": "its files could not all be deleted, or the "
+                                             "pruning of old jobs held it up; retry"}})
 async def remove_job(job_id: str, service: Service) -> dict[str, Any]:
     """Delete a finished job now (its file, log and records; a chat turn's question and
     reply), as pruning would later; answers the job as it was."""

@@ -43,6 +43,7 @@ from jobs.api.stops import Stops
 from jobs.kinds import InvalidInput, Launch, UnknownKind, validate_input
 from jobs.protocol.wake import poke
 from jobs.settings import Settings
+from jobs.store.dependency_lock import DependenciesBusy, dependencies_held
 from jobs.store.idempotency import Claim, key_name
 from jobs.store.index import Load
 from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
@@ -143,9 +144,10 @@ class JobService:
         give_up_at = time.monotonic() + KEY_WAIT_S
         while True:
             # On the event loop only with the index snapshot's counts: never wait for the
-            # index lock there (nor for a session's newest job, counted now).
-            load = None if p.chat_session(kind, job_input) else self.store.cached_load(
-                OVERVIEW_MAX_AGE_S)
+            # index lock there (nor for a session's newest job, counted now, nor for the
+            # lock a job with dependencies is stored under).
+            load = None if p.chat_session(kind, job_input) or launch.depends_on else (
+                self.store.cached_load(OVERVIEW_MAX_AGE_S))
             outcome = None
             if load is not None:
                 with contextlib.suppress(Overloaded):  # refused only on a count made now
@@ -172,7 +174,17 @@ class JobService:
         if load is None:
             load = self.store.load(0.0)
         admit(self.settings, load)
-        check_dependencies(self.store, launch)
+        if not launch.depends_on:
+            return self._store_new(kind, job_input, timeout_s, key, load, launch, fields)
+        # Checked and stored under the lock a removal takes: a job it depends on is not
+        # removed between the look and the job's file (it would fail, told it was there).
+        with dependencies_held(self.store.dir.parent, "the job was not stored"):
+            check_dependencies(self.store, launch)
+            return self._store_new(kind, job_input, timeout_s, key, load, launch, fields)
+
+    def _store_new(self, kind: str, job_input: dict[str, Any], timeout_s: float,
+                   key: Key | None, load: Load, launch: Launch,
+                   fields: dict[str, Any]) -> dict[str, Any] | Claim:
         job_input = self._with_context(kind, job_input, load.counts)
         session = p.chat_session(kind, job_input)
         with self.turns.lock(session) if session else contextlib.nullcontext():
@@ -220,8 +232,8 @@ class JobService:
                         self._submit, kind, job_input, timeout, key, load, launch, {}), Claim):
                     assert key is not None
                     await unblock(self.store, key, outcome, give_up_at)
-            except (StoreUnavailable, KeyInFlight, IdempotencyConflict, BeingForgotten,
-                    InvalidInput, Overloaded) as exc:
+            except (StoreUnavailable, DependenciesBusy, KeyInFlight, IdempotencyConflict,
+                    BeingForgotten, InvalidInput, Overloaded) as exc:
                 raise BatchStopped(exc, n, [job[p.F_ID] for job in stored],
                                    idempotency_key is not None) from None
             stored.append(outcome)

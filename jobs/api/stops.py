@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from jobs import protocol as p
 from jobs.protocol.wake import poke, ring_cancel
 from jobs.settings import CANCEL_WAIT_JOB_S, CANCEL_WAIT_S, Settings
+from jobs.store.dependency_lock import dependencies_held
 from jobs.store.job_store import JobNotFound, JobStore, StoreUnavailable
 
 # A cancel left as an empty request (no room for its words), not final in time.
@@ -193,14 +194,24 @@ class Stops:
         if state not in p.FINAL_STATES:
             raise StillNeeded(f"job {job_id} is {state}: only a finished job is removed; "
                               "cancel it first")
-        needing = await run_in_threadpool(self.store.needing, job_id)
-        if needing:
-            raise StillNeeded(
-                f"job {job_id} is kept: {len(needing)} job(s) not ended need it "
-                f"({', '.join(needing[:5])}): they depend on it, or are turns of its chat; "
-                "remove it once they have ended, or cancel them first")
-        problem = await run_in_threadpool(self.store.remove, job_id, job)
+        problem = await run_in_threadpool(self._remove_unneeded, job_id, job)
         if problem is not None:  # a file held open (Windows), say: not a full disk
             raise NotRemoved(f"job {job_id} could not be removed in full ({problem}); what "
                              "is left goes with another try, or with pruning")
         return job
+
+    def _remove_unneeded(self, job_id: str, job: dict[str, Any]) -> str | None:
+        """Removed unless a job not ended needs it, looked at and removed under the lock
+        that a submission with `depends_on` holds to check and store: no job is stored
+        depending on this one between the look and the removal (it would fail
+        `dependency`, told at its submission that the job was there)."""
+        with dependencies_held(self.store.dir.parent, "the job was not removed"):
+            if not self.store.path(job_id).exists():  # removed meanwhile, by another request
+                raise JobNotFound(job_id)
+            needing = self.store.needing(job_id)
+            if needing:
+                raise StillNeeded(
+                    f"job {job_id} is kept: {len(needing)} job(s) not ended need it "
+                    f"({', '.join(needing[:5])}): they depend on it, or are turns of its "
+                    "chat; remove it once they have ended, or cancel them first")
+            return self.store.remove(job_id, job)

@@ -235,6 +235,16 @@ class JobIndex:
                              if needs(i) and (live := self._entries[i].live) is not None)
             return [each for _, each in needing if each != job_id]
 
+    def _depended_on(self) -> set[str]:
+        """The jobs that the live (queued or running) ones depend on."""
+        needed: set[str] = set()
+        for i in self._watched:
+            entry = self._entries.get(i)
+            if (entry is not None and entry.live is not None
+                    and entry.state in (p.JobState.QUEUED, p.JobState.RUNNING)):
+                needed.update(p.dependencies(entry.live.data))
+        return needed
+
     def look_at(self, job_ids: list[str]) -> None:
         """These jobs brought up to date now, whenever they were last looked at: a caller
         that has just seen them change (a cancel that waited for their final states)."""
@@ -249,6 +259,9 @@ class JobIndex:
         one in `keep` (the next oldest goes in its place)."""
         with self._lock:
             self._refresh(0.0)
+            # And those a live job depends on, as this refresh found them: one stored a
+            # moment ago may not be in the supervisor's queue yet (its `keep`).
+            keep = set(keep) | self._depended_on()
             finished = [i for i in self._order.ids() if self._entries[i].state in p.FINAL_STATES
                         and self._entries[i].finished_ts < young and i not in keep]
             doomed = {job_id for job_id in finished

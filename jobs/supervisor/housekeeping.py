@@ -11,10 +11,14 @@ from collections.abc import Callable, Iterable
 from jobs import protocol as p
 from jobs.protocol.counters import prune_removed_notes
 from jobs.settings import PRUNE_INTERVAL_S, PRUNE_OVER_CAP_S
+from jobs.store.dependency_lock import DependenciesBusy, dependencies_held
+from jobs.store.errors import StoreUnavailable
 from jobs.store.job_store import JobStore
 from jobs.supervisor.lifecycle import JobLife
 
 log = logging.getLogger(__name__)
+
+PRUNE_LOCK_WAIT_S = 2.0  # the dependencies' lock, waited for no longer by a pass
 
 
 def cap_logs(running: Iterable[JobLife], log_max_bytes: int | None) -> None:
@@ -53,8 +57,18 @@ class Pruning:
         self._next_prune = now + PRUNE_INTERVAL_S
         self._pruned_at = now
         prune_removed_notes(self.store.dir.parent, time.time())
-        removed = self.store.prune(self.retention_s, self.max_jobs,
-                                   min_retention_s=self.min_retention_s, keep=self._keep())
+        try:
+            # Under the lock a submission with `depends_on` holds from its check to its
+            # file: no job is stored depending on one pruned meanwhile.
+            with dependencies_held(self.store.dir.parent, "nothing was pruned",
+                                   PRUNE_LOCK_WAIT_S):
+                removed = self.store.prune(self.retention_s, self.max_jobs,
+                                           min_retention_s=self.min_retention_s,
+                                           keep=self._keep())
+        except (DependenciesBusy, StoreUnavailable) as exc:  # pruned with a later pass
+            self._next_prune = now + PRUNE_OVER_CAP_S
+            log.warning("pruning put off: %s", exc)
+            return
         if removed:
             log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs; none "
                      "younger than %.0f s)", removed, self.retention_s / 3600, self.max_jobs,
