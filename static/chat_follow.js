@@ -68,11 +68,26 @@ export function followReply(li, jobId, state, { stalled, resumed, ended }) {
       resumed(p);
     }
     if (job.state) p.state = job.state;
+    sayAttempt(job);
     if (typeof job.output === "string" && job.output !== p.output) {
       p.output = job.output;
       keepingEnd(li, () => { part(li, "text").textContent = job.output; });
     }
     if (FINAL_STATES.has(job.state)) finishFromJob(job);
+  }
+
+  /** A reply tried again (its stream cut, the model restarted, Offload restarted) starts
+   * over: its words so far went away without a word said. Say why, and that it comes
+   * again. */
+  function sayAttempt(job) {
+    if (typeof job.attempt !== "number" || job.attempt === p.attempt) return;
+    p.attempt = job.attempt;
+    if (job.attempt < 2 || FINAL_STATES.has(job.state)) return;
+    const errors = Array.isArray(job.earlier_errors) ? job.earlier_errors : [];
+    const last = errors.length ? errors[errors.length - 1] : null;
+    const why = last && typeof last.message === "string" ? `: ${last.message}` : "";
+    const of = typeof job.max_attempts === "number" ? ` of ${job.max_attempts}` : "";
+    part(li, "note").textContent = `Answering again (attempt ${job.attempt}${of})${why}`;
   }
 
   function finishFromJob(job) {

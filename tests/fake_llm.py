@@ -100,7 +100,9 @@ class _Handler(JSONHandler):
             self.wfile.flush()
             time.sleep(0.5)
         for i, piece in enumerate(fake.pieces):
-            if fake.cut_after is not None and i == fake.cut_after:
+            if fake.cut_after is not None and i == fake.cut_after and (
+                    fake.cut_times is None or fake.cuts < fake.cut_times):
+                fake.cuts += 1
                 self.wfile.flush()
                 self.connection.shutdown(2)  # cut midway: no [DONE]
                 return
@@ -147,7 +149,8 @@ class FakeLLM(ScriptedServer):
                  known_model: str | None = None, auth: str | None = None,
                  usage: dict[str, int] | None = None, strict: bool = False,
                  gated: str | None = None, stream_error: str | None = None,
-                 refuses_max_tokens: bool = False, streaming_only: bool = False) -> None:
+                 refuses_max_tokens: bool = False, streaming_only: bool = False,
+                 cut_times: int | None = None) -> None:
         self.pieces = pieces or ["Hello", ", ", "world", "."]
         self.delay_s = delay_s
         self.status = status
@@ -155,6 +158,8 @@ class FakeLLM(ScriptedServer):
         self.fail_times = fail_times  # None: the error status every time
         self.retry_after = retry_after
         self.cut_after = cut_after
+        self.cut_times = cut_times  # None: every stream cut (with cut_after); else the first n
+        self.cuts = 0
         self.malformed = malformed  # "json" or "sse"
         self.hang_s = hang_s
         self.keepalive_s = keepalive_s  # then comments alone this long before the first piece

@@ -1152,6 +1152,28 @@ def test_a_reply_cut_midway_keeps_its_words_under_its_error(
             assert note.startswith("Error: ") and "partial reply is kept" in note, (shown, note)
 
 
+def test_a_reply_tried_again_says_why_its_words_started_over(
+        page: Any, make_server: Callable[..., Server]) -> None:
+    # A reply whose stream was cut (the model server killed or restarted, an API restart
+    # stopping the embedded model) is tried again: its words went away and came again
+    # from the start, under "thinking…", with nothing said.
+    with FakeLLM(pieces=["word "] * 30, cut_after=3, cut_times=1, delay_s=0.1) as cut:
+        server = make_server(env={"OPENAI_BASE_URL": cut.base_url,
+                                  "OFFLOAD_RETRY_BASE_S": "0.1"})
+        page.goto(server.url)
+        page.fill("#chat-input", "Tell me everything.")
+        page.press("#chat-input", "Enter")
+        reply = "#chat-log li.msg.assistant"
+        page.wait_for_function(
+            f"(document.querySelector('{reply} .note') || {{}}).textContent"
+            "?.startsWith('Answering again (attempt 2 of 2): ')", timeout=60_000)
+        note = page.text_content(f"{reply} .note") or ""
+        assert "stream ended before the reply was complete" in note, note
+        page.wait_for_selector(f"{reply}[data-state='completed']", timeout=60_000)
+        assert page.text_content(f"{reply} .text") == "word " * 30
+        assert page.text_content(f"{reply} .note") == ""
+
+
 def test_a_reply_cancelled_while_its_question_is_sent_is_cancelled(
         page: Any, make_server: Callable[..., Server]) -> None:
     # "Cancel reply" showed while a slow server took the question, and did nothing when

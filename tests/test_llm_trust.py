@@ -503,3 +503,59 @@ def test_a_chats_result_names_the_model_without_the_key(data_dir: Path) -> None:
     assert str(done["result"]["model"]).startswith("proxy-for-"), done["result"]
     assert ECHOED_KEY not in json.dumps(done)
     assert ECHOED_KEY not in (data_dir / "jobs" / job["id"] / "job.json").read_text()
+
+
+# -- the status as a supervisor leaves -------------------------------------------------
+
+
+def _leaving(data_dir: Path, next_leader: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An embedded model that said itself ready, then its supervisor left (cancelled, as
+    `serve` cancels it once the lock is released); `next_leader`, where given, is the
+    status the next leader wrote meanwhile. The status file as it is left."""
+    from jobs.llm import server as llm_server
+
+    model = llm_server.EmbeddedServer(data_dir, 4, embedded.LLAMA_SERVER)
+    said_ready = threading.Event()
+
+    async def serve_once(_model: str, _on_ready: Any) -> None:
+        model.base_url = "http://127.0.0.1:9/v1"
+        model._write(True, "ok", available=True)
+        said_ready.set()
+        await asyncio.sleep(3600)
+
+    async def servable() -> str:
+        return "model.gguf"
+
+    model._stop_stale = lambda: None  # type: ignore[method-assign]
+    model._servable = servable  # type: ignore[method-assign]
+    model._serve_once = serve_once  # type: ignore[method-assign,assignment]
+
+    async def scenario() -> None:
+        task = asyncio.create_task(model.run())
+        while not said_ready.is_set():
+            await asyncio.sleep(0.01)
+        if next_leader is not None:
+            p.write_json(embedded.status_path(str(data_dir)), next_leader)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    return embedded.read_status(str(data_dir))
+
+
+def test_a_leaving_supervisor_says_its_model_stopped(data_dir: Path) -> None:
+    status = _leaving(data_dir, None)
+    assert status is not None and status["ready"] is False, status
+    assert "stopped" in status["detail"]
+
+
+def test_a_leaving_supervisor_leaves_the_next_leaders_status_alone(data_dir: Path) -> None:
+    # The API restarted (or its leading worker ended): the next supervisor took the lock
+    # as this one released it, started its own model server and said it ready, before
+    # this one had stopped its own. Saying "stopped" over that status held every chat
+    # back (waiting for a ready model, up to two minutes) while the new server ran.
+    theirs = {"ready": True, "detail": "ok", "base_url": "http://127.0.0.1:10/v1",
+              "pid": None, "key_id": embedded.key_id("the next leader's key"),
+              "data_dir": str(data_dir), "updated_at": p.now_iso()}
+    assert _leaving(data_dir, theirs) == theirs

@@ -95,7 +95,17 @@ class EmbeddedServer:
                 await asyncio.sleep(delay)
         finally:
             await asyncio.to_thread(self.stop)
-            self._write(False, "the embedded model server is stopped (Offload is not running)")
+            if self._status_is_ours():
+                self._write(False, "the embedded model server is stopped (Offload is not "
+                                   "running)")
+
+    def _status_is_ours(self) -> bool:
+        """Whether llm.json is still this supervisor's (or is not there): once it has
+        released its lock, the next leader may have started its own server and said it
+        ready while this one was stopping; saying "stopped" over that would hold every
+        chat back (they wait for a ready model) while the new server runs."""
+        status = embedded.read_status(str(self.data_dir))
+        return status is None or status.get("key_id") == embedded.key_id(self.key)
 
     async def _servable(self) -> str:
         """The model file to serve, once it can be served; until then llm.json says why."""
