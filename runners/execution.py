@@ -7,7 +7,6 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-import weakref
 
 from jobs import protocol as p
 from runners.job import Job, RunnerError, Sink
@@ -17,7 +16,6 @@ from runners.sinks import ConsoleSink
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from socket import socket
     from types import FrameType
     from typing import Any, TypeAlias
 
@@ -40,26 +38,14 @@ UNASKED = "unasked"
 # watches for the stop request itself, which the supervisor writes before any stop.
 WATCHES_STOP_FILE = sys.platform == "win32"
 STOP_FILE_POLL_S = 0.1
-# A stop raised from another thread (that watch, Windows' deadline timer) runs in the main
-# thread only once it runs Python again: a read it waits in (a chat's first token) is
-# ended by shutting its socket down.
-_ENDED_AT_STOP: weakref.WeakSet[socket] = weakref.WeakSet()
-
-
-def end_at_stop(sock: socket) -> None:
-    """A read of `sock` is ended by a stop raised from another thread."""
-    _ENDED_AT_STOP.add(sock)
 
 
 def _stop_main() -> None:
     """A SIGINT raised, not _thread.interrupt_main's, which only marks one pending: on
-    Windows a real one also wakes a main thread in time.sleep. Its handler reads why."""
+    Windows a real one also wakes a main thread in time.sleep. Its handler reads why, in
+    the main thread, once that runs Python again (a wait for a socket is in slices:
+    llm_client)."""
     signal.raise_signal(signal.SIGINT)
-    for sock in list(_ENDED_AT_STOP):
-        try:
-            sock.shutdown(2)  # SHUT_RDWR, everywhere
-        except OSError:
-            pass  # closed already
 
 
 class StopRequested(BaseException):

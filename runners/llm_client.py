@@ -18,13 +18,13 @@ import http.client
 import json
 import math
 import re
+import select
 import socket
 import time
 from urllib.parse import quote, unquote, urlsplit
 
 from jobs import protocol as p
 from jobs.protocol.urls import USERINFO_HELP, misplaced_userinfo, public_url, usable_key
-from runners import execution
 from runners.base import RunnerError
 
 TYPE_CHECKING = False
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 CONNECT_TIMEOUT_S = 10.0
 FIRST_TOKEN_TIMEOUT_S = 60.0  # from request sent to the first piece of the reply
+ANSWER_WAIT_SLICE_S = 0.25  # a stop raised meanwhile is handled within this (_answer_awaited)
 STALL_TIMEOUT_S = 60.0  # between two pieces of a streaming reply
 RETRIES = 3  # for 429 and 5xx answers
 RETRY_BASE_S = 1.0
@@ -253,8 +254,6 @@ def _request_with_retries(config: Config, body: dict[str, Any]
     while True:
         attempt += 1
         conn = _connect(config)
-        if conn.sock is not None:
-            execution.end_at_stop(conn.sock)  # its answer waited for (Windows)
         response = _send(config, conn, body)
         status = response.status
         if status == 200:
@@ -326,6 +325,8 @@ def _send(config: Config, conn: http.client.HTTPConnection,
         if conn.sock is not None:
             conn.sock.settimeout(config.first_token_s)
         conn.request("POST", path, json.dumps(body).encode(), headers)
+        if conn.sock is not None:
+            _answer_awaited(conn.sock, config.first_token_s)
         return conn.getresponse()
     except TimeoutError as exc:
         conn.close()
@@ -340,6 +341,17 @@ def _send(config: Config, conn: http.client.HTTPConnection,
     except BaseException:  # a stop while it waits
         conn.close()
         raise
+
+
+def _answer_awaited(sock: socket.socket, seconds: float) -> None:
+    """Returns once the server's answer starts; TimeoutError after `seconds`. Waited for
+    in slices: a stop raised from another thread (Windows' stop watch and deadline timer)
+    runs in this one only between two, where one read would hold it until the first
+    token (a long prompt: the supervisor killed the runner after the grace)."""
+    deadline = time.monotonic() + seconds
+    while not select.select([sock], [], [], min(ANSWER_WAIT_SLICE_S, seconds))[0]:
+        if time.monotonic() >= deadline:
+            raise TimeoutError
 
 
 def _stream(config: Config, response: http.client.HTTPResponse,
