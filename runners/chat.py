@@ -149,7 +149,7 @@ def execute(job: base.Job) -> dict[str, Any]:
             _say_asking(job, config, len(full) - len(asked))
     job.progress(1.0, "reply complete")
     # The model's name is the server's word, as an error's is: never the key it was sent.
-    model = config.redact(reply.model) if isinstance(reply.model, str) else reply.model
+    model = config.model_named(reply.model) if isinstance(reply.model, str) else reply.model
     return {"reply": notice + reply.text, "model": model,
             "finish_reason": reply.finish_reason, "usage": reply.usage, "streamed": reply.streamed,
             "session_id": job.input.get("session_id")}

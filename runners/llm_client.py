@@ -49,6 +49,7 @@ PROMPT_LENGTH_WORDS = ("context length", "context_length", "context size", "cont
                        "prompt is too long", "too many tokens")
 LOADING_RETRY_S = 1.0  # a server still loading its model (503): asked again this often
 MIN_SECRET_PART = 6  # a key cut off in a message is redacted from this many characters
+MIN_KEY_IN_NAME = 8  # shorter ("ollama"), a key is no secret to cut out of a model's name
 
 
 class Config:
@@ -84,6 +85,16 @@ class Config:
                         text = body[:-n] + "[redacted]" + text[len(body):]
                         break
         return text
+
+    def model_named(self, name: str) -> str:
+        """A model's name as the server gave it, redacted only where a key of ours shows in
+        it whole: not a short one (any key does for Ollama), nor a cut-off part, which
+        would mangle names ("x" in "mixtral-8x7b")."""
+        for secret in (self.api_key, self._secret, self._basic):
+            if secret and len(secret) >= MIN_KEY_IN_NAME and any(
+                    form in name for form in _written_forms(secret)):
+                return self.redact(name)
+        return name
 
     def __repr__(self) -> str:
         return f"Config(base_url={self.base_url!r}, model={self.model!r})"

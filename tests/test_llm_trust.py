@@ -488,6 +488,15 @@ def test_health_names_the_model_without_the_key(monkeypatch: pytest.MonkeyPatch)
         assert status.probe() is True
     assert status.model is not None and status.model.startswith("proxy-for-")
     assert ECHOED_KEY not in json.dumps(status.as_dict())
+    # A short key (any does for Ollama) is no secret to cut out of every name: "x" made
+    # "mixtral-8x7b" "mi[redacted]tral-8[redacted]7b".
+    with _KeyEchoingServer() as fake:
+        monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", "x")
+        get_settings.cache_clear()
+        status = LLMStatus(get_settings())
+        assert status.probe() is True
+    assert status.model == "proxy-for-x"
 
 
 def test_a_chats_result_names_the_model_without_the_key(data_dir: Path) -> None:

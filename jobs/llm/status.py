@@ -73,7 +73,7 @@ class LLMStatus:
             # The server's own words, as an error's: a model's name that quotes the key it
             # was sent (an echoing proxy, a misconfigured gateway) goes to /api/health and
             # `offload status` without it.
-            self.model = self._server.redact(str(models[0].get("id", ""))) or None
+            self.model = self._server.model_named(str(models[0].get("id", ""))) or None
         self.ready, self.detail = True, "ok"
         return True
 
