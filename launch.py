@@ -59,15 +59,23 @@ def run_suite(cmd: list[str]) -> int:
     """The suite's exit code, once it has ended: stopped, it stops the servers it started
     first (subprocess.call killed it outright at a Ctrl+C, and a SIGTERM to launch.py alone
     left it running)."""
-    suite = subprocess.Popen(cmd, cwd=ROOT)
+    started: list[subprocess.Popen[bytes]] = []
+    arrived: list[int] = []  # before it started: passed on once it has
 
     def pass_on(number: int, _: object) -> None:
-        suite.send_signal(number)
+        if started:
+            started[0].send_signal(number)
+        else:
+            arrived.append(number)
 
     for name in ("SIGTERM", "SIGHUP"):  # as `python launch.py` passes them to its server
         number = getattr(signal, name, None)
         if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
             signal.signal(number, pass_on)
+    suite = subprocess.Popen(cmd, cwd=ROOT)
+    started.append(suite)
+    for number in arrived[:1]:
+        suite.send_signal(number)
     while True:
         try:
             return suite.wait()

@@ -174,11 +174,10 @@ class JobService:
         if load is None:
             load = self.store.load(0.0)
         admit(self.settings, load)
-        if not launch.depends_on:
-            return self._store_new(kind, job_input, timeout_s, key, load, launch, fields)
         # Checked and stored under the lock a removal takes: a job it depends on is not
         # removed between the look and the job's file (it would fail, told it was there).
-        with dependencies_held(self.store.dir.parent, "the job was not stored"):
+        with (dependencies_held(self.store.dir.parent, "the job was not stored")
+              if launch.depends_on else contextlib.nullcontext()):
             check_dependencies(self.store, launch)
             return self._store_new(kind, job_input, timeout_s, key, load, launch, fields)
 

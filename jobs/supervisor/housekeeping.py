@@ -4,6 +4,7 @@ are capped, and old finished jobs are pruned.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -12,13 +13,10 @@ from jobs import protocol as p
 from jobs.protocol.counters import prune_removed_notes
 from jobs.settings import PRUNE_INTERVAL_S, PRUNE_OVER_CAP_S
 from jobs.store.dependency_lock import DependenciesBusy, dependencies_held
-from jobs.store.errors import StoreUnavailable
 from jobs.store.job_store import JobStore
 from jobs.supervisor.lifecycle import JobLife
 
 log = logging.getLogger(__name__)
-
-PRUNE_LOCK_WAIT_S = 2.0  # the dependencies' lock, waited for no longer by a pass
 
 
 def cap_logs(running: Iterable[JobLife], log_max_bytes: int | None) -> None:
@@ -57,18 +55,18 @@ class Pruning:
         self._next_prune = now + PRUNE_INTERVAL_S
         self._pruned_at = now
         prune_removed_notes(self.store.dir.parent, time.time())
-        try:
-            # Under the lock a submission with `depends_on` holds from its check to its
-            # file: no job is stored depending on one pruned meanwhile.
-            with dependencies_held(self.store.dir.parent, "nothing was pruned",
-                                   PRUNE_LOCK_WAIT_S):
-                removed = self.store.prune(self.retention_s, self.max_jobs,
-                                           min_retention_s=self.min_retention_s,
-                                           keep=self._keep())
-        except (DependenciesBusy, StoreUnavailable) as exc:  # pruned with a later pass
-            self._next_prune = now + PRUNE_OVER_CAP_S
-            log.warning("pruning put off: %s", exc)
-            return
+        with contextlib.ExitStack() as held:
+            try:
+                # Under the lock a submission with `depends_on` holds from its check to its
+                # file: no job is stored depending on one pruned meanwhile. Not waited for
+                # (this pass launches and stops jobs): a later pass prunes.
+                held.enter_context(dependencies_held(self.store.dir.parent,
+                                                     "nothing was pruned", wait_s=0))
+            except DependenciesBusy:
+                self._next_prune = now + PRUNE_OVER_CAP_S
+                return
+            removed = self.store.prune(self.retention_s, self.max_jobs,
+                                       min_retention_s=self.min_retention_s, keep=self._keep())
         if removed:
             log.info("pruned %d finished jobs (older than %.0f h, or beyond %s jobs; none "
                      "younger than %.0f s)", removed, self.retention_s / 3600, self.max_jobs,
