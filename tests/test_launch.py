@@ -461,6 +461,10 @@ def test_launch_py_killed_outright_does_not_leave_its_server_running(tmp_path: P
         url = f"http://127.0.0.1:{port}"
         job_id = httpx.post(f"{url}/api/jobs", json={"kind": "sleep", "input": {
             "seconds": 4}}).json()["id"]
+        # Running (on a loaded machine the kill came before its launch: queued, it waits
+        # for the next start).
+        wait_for(lambda: httpx.get(f"{url}/api/jobs/{job_id}").json()["state"] == "running",
+                 30, 0.1, "the job to start")
         launcher.kill()
         launcher.wait(10)
         gone, alive = psutil.wait_procs([server, supervisor], timeout=30)
